@@ -1,0 +1,384 @@
+//! Per-log segment files: record batches appended back to back, named by their first offset.
+//! An in-memory sparse index (one entry per `INDEX_INTERVAL_BYTES`) finds a batch by offset.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{FormatError, OpenError, ReadError};
+use crate::format::{BATCH_HEADER_LEN, BatchHeader, Record, check_batch, decode_records};
+
+/// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
+pub const INDEX_INTERVAL_BYTES: u64 = 4096;
+const READ_CHUNK: usize = 256 << 10;
+
+pub(crate) struct Segment {
+    pub base: u64,
+    /// Next offset after the last batch in this segment.
+    pub end: u64,
+    /// Bytes of valid batches.
+    pub len: u64,
+    pub path: PathBuf,
+    pub file: Arc<File>,
+    /// (first offset of a batch, its byte position), ascending.
+    index: Vec<(u64, u64)>,
+    last_indexed_pos: u64,
+}
+
+impl Segment {
+    fn note_batch(&mut self, base_offset: u64, pos: u64) {
+        if self.index.is_empty() || pos >= self.last_indexed_pos + INDEX_INTERVAL_BYTES {
+            self.index.push((base_offset, pos));
+            self.last_indexed_pos = pos;
+        }
+    }
+
+    /// Byte position of an indexed batch at or before `offset`.
+    fn position_before(&self, offset: u64) -> u64 {
+        let idx = self.index.partition_point(|&(o, _)| o <= offset);
+        if idx == 0 { 0 } else { self.index[idx - 1].1 }
+    }
+}
+
+/// The segments of one log. Shared by the writer (appends) and readers behind an RwLock;
+/// file I/O happens outside the lock on `Arc<File>` handles.
+pub(crate) struct LogFiles {
+    pub uid: u64,
+    pub dir: PathBuf,
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SegmentMark {
+    base: u64,
+    len: u64,
+    end: u64,
+    index_len: usize,
+}
+
+pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.seg"))
+}
+
+fn open_rw(path: &Path, create: bool) -> Result<File, std::io::Error> {
+    OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)
+}
+
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl LogFiles {
+    /// Creates the directory and its first segment.
+    pub fn create(dir: PathBuf, uid: u64, first_offset: u64) -> Result<LogFiles, OpenError> {
+        fs::create_dir_all(&dir).map_err(|e| OpenError::io(&dir, e))?;
+        let mut files = LogFiles { uid, dir, segments: Vec::new() };
+        files.roll(first_offset).map_err(|e| OpenError::io(&files.dir, e))?;
+        Ok(files)
+    }
+
+    /// Opens a log's directory, checking every batch. A bad or torn batch truncates the log
+    /// there (later segments are removed); the journal holds everything after the last
+    /// checkpoint, so only data at or above `durable_floor` may be cut.
+    pub fn open(dir: PathBuf, uid: u64, durable_floor: u64) -> Result<LogFiles, OpenError> {
+        if !dir.exists() {
+            return LogFiles::create(dir, uid, durable_floor);
+        }
+        let mut bases: Vec<u64> = Vec::new();
+        for item in fs::read_dir(&dir).map_err(|e| OpenError::io(&dir, e))? {
+            let item = item.map_err(|e| OpenError::io(&dir, e))?;
+            let name = item.file_name();
+            let name = name.to_string_lossy();
+            if let Some(stem) = name.strip_suffix(".seg")
+                && let Ok(base) = stem.parse::<u64>()
+            {
+                bases.push(base);
+            }
+        }
+        bases.sort_unstable();
+        let mut files = LogFiles { uid, dir, segments: Vec::new() };
+        let mut cut = false;
+        for base in bases {
+            let path = segment_path(&files.dir, base);
+            if cut {
+                fs::remove_file(&path).map_err(|e| OpenError::io(&path, e))?;
+                continue;
+            }
+            let expected = files.segments.last().map_or(base, |s: &Segment| s.end);
+            if base != expected {
+                return Err(OpenError::Corrupt {
+                    path,
+                    position: 0,
+                    reason: format!("segment starts at offset {base}, expected {expected}"),
+                });
+            }
+            let segment = scan_segment(&path, uid, base)?;
+            let physical = segment.file.metadata().map_err(|e| OpenError::io(&path, e))?.len();
+            if physical != segment.len {
+                if segment.end < durable_floor {
+                    return Err(OpenError::Corrupt {
+                        path,
+                        position: segment.len,
+                        reason: format!("invalid batch below the checkpointed end {durable_floor}"),
+                    });
+                }
+                tracing::warn!(path = %path.display(), valid = segment.len, physical, "truncating torn segment tail");
+                segment.file.set_len(segment.len).map_err(|e| OpenError::io(&path, e))?;
+                segment.file.sync_all().map_err(|e| OpenError::io(&path, e))?;
+                cut = true;
+            }
+            files.segments.push(segment);
+        }
+        if files.segments.is_empty() {
+            files.roll(durable_floor).map_err(|e| OpenError::io(&files.dir, e))?;
+        }
+        Ok(files)
+    }
+
+    pub fn end(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.end)
+    }
+
+    pub fn active(&self) -> &Segment {
+        self.segments.last().expect("a log always has an active segment")
+    }
+
+    /// Starts a new active segment at `base` (the current end).
+    pub fn roll(&mut self, base: u64) -> std::io::Result<()> {
+        let path = segment_path(&self.dir, base);
+        let file = open_rw(&path, true)?;
+        file.set_len(0)?;
+        fsync_dir(&self.dir)?;
+        self.segments.push(Segment {
+            base,
+            end: base,
+            len: 0,
+            path,
+            file: Arc::new(file),
+            index: Vec::new(),
+            last_indexed_pos: 0,
+        });
+        Ok(())
+    }
+
+    /// Records batches just written at the end of the active segment.
+    pub fn note_appended(&mut self, batches: &[(u64, u64)], new_len: u64, new_end: u64) {
+        let active = self.segments.last_mut().expect("active segment");
+        let start = active.len;
+        for &(base_offset, rel_pos) in batches {
+            active.note_batch(base_offset, start + rel_pos);
+        }
+        active.len = new_len;
+        active.end = new_end;
+    }
+
+    /// Cuts the log back to end at `offset` (a batch boundary). Used on recovery when a
+    /// segment holds batches whose journal entries never became durable.
+    pub fn truncate_to(&mut self, offset: u64) -> Result<(), OpenError> {
+        while self.segments.len() > 1 && self.active().base >= offset {
+            let seg = self.segments.pop().unwrap();
+            fs::remove_file(&seg.path).map_err(|e| OpenError::io(&seg.path, e))?;
+        }
+        let active = self.segments.last_mut().unwrap();
+        if active.end == offset {
+            return Ok(());
+        }
+        let rescanned = scan_segment_until(&active.path, self.uid, active.base, Some(offset))?;
+        if rescanned.end != offset {
+            return Err(OpenError::Corrupt {
+                path: active.path.clone(),
+                position: rescanned.len,
+                reason: format!("no batch boundary at offset {offset}"),
+            });
+        }
+        rescanned.file.set_len(rescanned.len).map_err(|e| OpenError::io(&rescanned.path, e))?;
+        rescanned.file.sync_all().map_err(|e| OpenError::io(&rescanned.path, e))?;
+        *active = rescanned;
+        Ok(())
+    }
+
+    /// Removes sealed segments whose every offset is below `floor`; returns their paths.
+    pub fn remove_settled(&mut self, floor: u64) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        while self.segments.len() > 1 && self.segments[0].end <= floor {
+            removed.push(self.segments.remove(0).path);
+        }
+        removed
+    }
+
+    /// Where the log ends now, to undo an append that failed half-way.
+    pub fn mark(&self) -> SegmentMark {
+        let active = self.active();
+        SegmentMark { base: active.base, len: active.len, end: active.end, index_len: active.index.len() }
+    }
+
+    /// Undoes every append after `mark`: removes segments rolled since and cuts the file.
+    pub fn rollback(&mut self, mark: SegmentMark) -> std::io::Result<()> {
+        while self.segments.len() > 1 && self.active().base > mark.base {
+            let seg = self.segments.pop().unwrap();
+            fs::remove_file(&seg.path)?;
+        }
+        let active = self.segments.last_mut().unwrap();
+        active.len = mark.len;
+        active.end = mark.end;
+        active.index.truncate(mark.index_len);
+        active.last_indexed_pos = active.index.last().map_or(0, |&(_, pos)| pos);
+        active.file.set_len(mark.len)
+    }
+
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+}
+
+fn scan_segment(path: &Path, uid: u64, base: u64) -> Result<Segment, OpenError> {
+    scan_segment_until(path, uid, base, None)
+}
+
+/// Walks a segment's batches from the start, stopping at the first invalid one (or at
+/// `stop_at` offset). Returns the segment with `len` = bytes of valid batches.
+fn scan_segment_until(path: &Path, uid: u64, base: u64, stop_at: Option<u64>) -> Result<Segment, OpenError> {
+    let file = open_rw(path, false).map_err(|e| OpenError::io(path, e))?;
+    let physical = file.metadata().map_err(|e| OpenError::io(path, e))?.len();
+    let mut segment = Segment {
+        base,
+        end: base,
+        len: 0,
+        path: path.to_path_buf(),
+        file: Arc::new(file),
+        index: Vec::new(),
+        last_indexed_pos: 0,
+    };
+    let mut header_buf = [0u8; BATCH_HEADER_LEN];
+    let mut body = Vec::new();
+    while segment.len + BATCH_HEADER_LEN as u64 <= physical {
+        if stop_at.is_some_and(|stop| segment.end >= stop) {
+            break;
+        }
+        let pos = segment.len;
+        if segment.file.read_exact_at(&mut header_buf, pos).is_err() {
+            break;
+        }
+        let Ok(header) = BatchHeader::decode(&header_buf) else { break };
+        if header.log_uid != uid || header.base_offset != segment.end {
+            break;
+        }
+        if pos + header.total_len() as u64 > physical {
+            break;
+        }
+        body.resize(header.body_len as usize, 0);
+        if segment.file.read_exact_at(&mut body, pos + BATCH_HEADER_LEN as u64).is_err() {
+            break;
+        }
+        if crc32c::crc32c(&body) != header.body_crc {
+            break;
+        }
+        segment.note_batch(header.base_offset, pos);
+        segment.len = pos + header.total_len() as u64;
+        segment.end = header.base_offset + header.count as u64;
+    }
+    Ok(segment)
+}
+
+/// Reads records `[from, limit)` of a log into `out`, at most `max_count` of them and about
+/// `max_bytes` of payload (at least one record is returned when one exists).
+pub(crate) fn read_records(
+    files: &std::sync::RwLock<LogFiles>,
+    from: u64,
+    limit: u64,
+    max_count: usize,
+    max_bytes: usize,
+    out: &mut Vec<Record>,
+) -> Result<(), ReadError> {
+    let mut next = from;
+    let mut bytes = 0usize;
+    let start_len = out.len();
+    let mut buf = Vec::new();
+    let mut decoded = Vec::new();
+    while next < limit && out.len() - start_len < max_count && (bytes < max_bytes || out.len() == start_len) {
+        let (file, path, mut pos, seg_len) = {
+            let files = files.read().unwrap_or_else(|e| e.into_inner());
+            let idx = files.segments.partition_point(|s| s.base <= next);
+            if idx == 0 {
+                // Below the first segment: those offsets were deleted (settled); skip ahead.
+                match files.segments.first() {
+                    Some(first) if first.base < limit => {
+                        next = first.base;
+                        continue;
+                    }
+                    _ => return Ok(()),
+                }
+            }
+            let seg = &files.segments[idx - 1];
+            if next >= seg.end {
+                if idx < files.segments.len() {
+                    next = files.segments[idx].base;
+                    continue;
+                }
+                return Ok(());
+            }
+            (seg.file.clone(), seg.path.clone(), seg.position_before(next), seg.len)
+        };
+        // Walk batches from the indexed position until past `next`.
+        let mut progressed = false;
+        while pos < seg_len && next < limit && out.len() - start_len < max_count {
+            let want = READ_CHUNK.min((seg_len - pos) as usize);
+            buf.resize(want, 0);
+            file.read_exact_at(&mut buf, pos).map_err(|source| ReadError::Io { path: path.clone(), source })?;
+            let mut at = 0usize;
+            while at + BATCH_HEADER_LEN <= buf.len() {
+                let header = BatchHeader::decode(&buf[at..]).map_err(|reason| corrupt(&path, pos + at as u64, reason))?;
+                let total = header.total_len();
+                if at + total > buf.len() {
+                    if at == 0 {
+                        // One batch larger than the chunk: read it whole.
+                        buf.resize(total, 0);
+                        file.read_exact_at(&mut buf, pos)
+                            .map_err(|source| ReadError::Io { path: path.clone(), source })?;
+                        continue;
+                    }
+                    break;
+                }
+                let batch_end = header.base_offset + header.count as u64;
+                if batch_end > next {
+                    let batch = &buf[at..at + total];
+                    check_batch(batch).map_err(|reason| corrupt(&path, pos + at as u64, reason))?;
+                    decoded.clear();
+                    decode_records(&header, &batch[BATCH_HEADER_LEN..], &mut decoded)
+                        .map_err(|reason| corrupt(&path, pos + at as u64, reason))?;
+                    for record in decoded.drain(..) {
+                        if record.offset < next || record.offset >= limit {
+                            continue;
+                        }
+                        if out.len() - start_len >= max_count || (bytes >= max_bytes && out.len() > start_len) {
+                            return Ok(());
+                        }
+                        bytes += record.body.len();
+                        next = record.offset + 1;
+                        out.push(record);
+                    }
+                    next = next.max(batch_end.min(limit));
+                }
+                at += total;
+                progressed = true;
+                if next >= limit || out.len() - start_len >= max_count {
+                    return Ok(());
+                }
+            }
+            pos += at as u64;
+            if at == 0 {
+                break;
+            }
+        }
+        if !progressed {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn corrupt(path: &Path, position: u64, reason: FormatError) -> ReadError {
+    ReadError::Corrupt { path: path.to_path_buf(), position, reason }
+}
+

@@ -1,0 +1,192 @@
+//! Durable facts about each log, rebuilt on recovery and written in checkpoints: its name
+//! and configuration, its end offset, which offsets are settled, and retry history.
+//! Leases are deliberately absent: they are volatile (see ARCHITECTURE.md).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
+
+use crate::error::FormatError;
+use crate::format::{Cursor, put_string};
+use crate::ranges::RangeSet;
+
+/// Error texts kept per message (the newest ones).
+pub const MAX_ERRORS_KEPT: usize = 5;
+
+/// What is known about a message that was delivered and not acked.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RetryInfo {
+    pub delivery_count: u32,
+    /// When it may be delivered again (ms since the epoch).
+    pub deliver_at_ms: i64,
+    /// (when, error text), oldest first, at most `MAX_ERRORS_KEPT`.
+    pub errors: VecDeque<(i64, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogState {
+    pub uid: u64,
+    pub name: String,
+    /// Opaque to storage (JSON written by the core).
+    pub config: String,
+    /// Offset the next appended message gets.
+    pub next_offset: u64,
+    /// Every offset below is settled.
+    pub ack_floor: u64,
+    /// Settled offsets at or above the floor.
+    pub settled: RangeSet,
+    pub retries: BTreeMap<u64, RetryInfo>,
+}
+
+impl LogState {
+    pub fn new(uid: u64, name: String, config: String) -> Self {
+        LogState {
+            uid,
+            name,
+            config,
+            next_offset: 0,
+            ack_floor: 0,
+            settled: RangeSet::new(),
+            retries: BTreeMap::new(),
+        }
+    }
+
+    /// Number of appended messages that are not settled.
+    pub fn unsettled(&self) -> u64 {
+        self.next_offset - self.ack_floor - self.settled.len()
+    }
+
+    pub fn settle(&mut self, ranges: &[Range<u64>]) {
+        for range in ranges {
+            let start = range.start.max(self.ack_floor);
+            let end = range.end.min(self.next_offset);
+            if start >= end {
+                continue;
+            }
+            self.settled.insert(start..end);
+            let stale: Vec<u64> = self.retries.range(start..end).map(|(&o, _)| o).collect();
+            for offset in stale {
+                self.retries.remove(&offset);
+            }
+        }
+        let floor = self.settled.end_of_run(self.ack_floor);
+        if floor != self.ack_floor {
+            self.ack_floor = floor;
+            self.settled.remove_below(floor);
+        }
+    }
+
+    pub fn record_retry(&mut self, offset: u64, deliver_at_ms: i64, delivery_count: u32, at_ms: i64, error: &str) {
+        if offset < self.ack_floor || offset >= self.next_offset || self.settled.contains(offset) {
+            return;
+        }
+        let info = self.retries.entry(offset).or_default();
+        info.delivery_count = info.delivery_count.max(delivery_count);
+        info.deliver_at_ms = deliver_at_ms;
+        if !error.is_empty() {
+            if info.errors.len() == MAX_ERRORS_KEPT {
+                info.errors.pop_front();
+            }
+            info.errors.push_back((at_ms, error.to_string()));
+        }
+    }
+
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.uid.to_le_bytes());
+        put_string(out, &self.name);
+        put_string(out, &self.config);
+        out.extend_from_slice(&self.next_offset.to_le_bytes());
+        out.extend_from_slice(&self.ack_floor.to_le_bytes());
+        out.extend_from_slice(&(self.settled.range_count() as u64).to_le_bytes());
+        for range in self.settled.iter() {
+            out.extend_from_slice(&range.start.to_le_bytes());
+            out.extend_from_slice(&range.end.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.retries.len() as u64).to_le_bytes());
+        for (offset, info) in &self.retries {
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&info.delivery_count.to_le_bytes());
+            out.extend_from_slice(&info.deliver_at_ms.to_le_bytes());
+            out.push(info.errors.len() as u8);
+            for (at, text) in &info.errors {
+                out.extend_from_slice(&at.to_le_bytes());
+                put_string(out, text);
+            }
+        }
+    }
+
+    pub(crate) fn decode(cur: &mut Cursor<'_>) -> Result<LogState, FormatError> {
+        let uid = cur.u64()?;
+        let name = cur.string()?;
+        let config = cur.string()?;
+        let mut state = LogState::new(uid, name, config);
+        state.next_offset = cur.u64()?;
+        state.ack_floor = cur.u64()?;
+        let n_ranges = cur.u64()?;
+        for _ in 0..n_ranges {
+            let start = cur.u64()?;
+            let end = cur.u64()?;
+            if end < start {
+                return Err(FormatError::BadLength);
+            }
+            state.settled.insert(start..end);
+        }
+        let n_retries = cur.u64()?;
+        for _ in 0..n_retries {
+            let offset = cur.u64()?;
+            let mut info = RetryInfo { delivery_count: cur.u32()?, deliver_at_ms: cur.i64()?, errors: VecDeque::new() };
+            let n_errors = cur.u8()?;
+            for _ in 0..n_errors {
+                let at = cur.i64()?;
+                info.errors.push_back((at, cur.string()?));
+            }
+            state.retries.insert(offset, info);
+        }
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settling_advances_the_floor_and_forgets_retries() {
+        let mut state = LogState::new(1, "q".into(), "{}".into());
+        state.next_offset = 10;
+        state.record_retry(1, 50, 2, 40, "timeout");
+        state.settle(&[2..4]);
+        assert_eq!((state.ack_floor, state.unsettled()), (0, 8));
+        state.settle(&[0..2]);
+        assert_eq!((state.ack_floor, state.unsettled()), (4, 6));
+        assert!(state.retries.is_empty());
+        // Ranges beyond the end are clipped, not trusted.
+        state.settle(&[8..100]);
+        assert_eq!(state.unsettled(), 4);
+    }
+
+    #[test]
+    fn error_history_is_bounded() {
+        let mut state = LogState::new(1, "q".into(), "{}".into());
+        state.next_offset = 1;
+        for attempt in 0..20 {
+            state.record_retry(0, 0, attempt, attempt as i64, &format!("error {attempt}"));
+        }
+        let info = &state.retries[&0];
+        assert_eq!(info.errors.len(), MAX_ERRORS_KEPT);
+        assert_eq!(info.errors.back().unwrap().1, "error 19");
+        assert_eq!(info.delivery_count, 19);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut state = LogState::new(9, "orders".into(), "{\"a\":1}".into());
+        state.next_offset = 100;
+        state.settle(&[0..10, 20..30]);
+        state.record_retry(15, 99, 3, 98, "boom");
+        let mut buf = Vec::new();
+        state.encode(&mut buf);
+        let mut cur = Cursor { buf: &buf, pos: 0 };
+        assert_eq!(LogState::decode(&mut cur).unwrap(), state);
+        assert!(cur.done());
+    }
+}

@@ -1,0 +1,1109 @@
+//! The store: one data directory, one writer thread, one syncer thread.
+//!
+//! Write path: callers `submit` a request (a list of ops) with an ack level. The writer
+//! thread drains many requests, stages their journal entries in one buffer, writes it with
+//! one `pwrite`, writes the same batches through to each log's active segment (page cache
+//! only), applies the durable state, then answers `written` requests. The syncer runs one
+//! `fdatasync` of the journal covering everything written while the previous one ran (group
+//! commit), then answers `durable` requests and publishes each log's durable end.
+//!
+//! Segments are made durable lazily by checkpoints: fsync the segments written since the
+//! last checkpoint, write a snapshot of every log's state, start a new journal file and drop
+//! the old ones. Recovery = last checkpoint + replay of the journals after it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{FormatError, OpenError, ReadError, WriteError};
+use crate::format::{BatchHeader, Cursor, Record, check_batch, stamp_batch};
+use crate::journal::{Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, decode_entry, encode_entry, journal_header};
+use crate::segment::{LogFiles, fsync_dir, read_records};
+use crate::state::LogState;
+
+const CHECKPOINT_MAGIC: &[u8; 8] = b"TWCKPT01";
+
+/// When the store answers a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckLevel {
+    /// After write(2): survives a killed process, not a power loss.
+    Written,
+    /// After fdatasync: survives a power loss.
+    Durable,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// fdatasync for real. Only tests that do not test durability turn this off.
+    pub fsync: bool,
+    /// Roll the journal (and checkpoint) once it holds this many bytes.
+    pub journal_roll_bytes: u64,
+    /// Start a new segment once the active one holds this many bytes.
+    pub segment_roll_bytes: u64,
+    /// Checkpoint at least this often while anything changed.
+    pub checkpoint_interval: Duration,
+    /// Requests waiting for the writer; a full queue refuses with `WriteError::Overloaded`.
+    pub write_queue_capacity: usize,
+    /// Bytes staged per writer round (one larger request is written alone).
+    pub max_round_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            fsync: true,
+            journal_roll_bytes: 64 << 20,
+            segment_roll_bytes: 64 << 20,
+            checkpoint_interval: Duration::from_secs(30),
+            write_queue_capacity: 16_384,
+            max_round_bytes: 4 << 20,
+        }
+    }
+}
+
+/// One change, as submitted.
+#[derive(Debug, Clone)]
+pub enum Op {
+    CreateLog { name: String, config: String },
+    UpdateConfig { uid: u64, config: String },
+    DeleteLog { uid: u64 },
+    /// An encoded batch (see `BatchBuilder`); the writer stamps its base offset.
+    Append { uid: u64, batch: Vec<u8> },
+    Settle { uid: u64, ranges: Vec<Range<u64>> },
+    Retry { uid: u64, offset: u64, deliver_at_ms: i64, delivery_count: u32, at_ms: i64, error: String },
+}
+
+impl Op {
+    fn is_meta(&self) -> bool {
+        matches!(self, Op::CreateLog { .. } | Op::UpdateConfig { .. } | Op::DeleteLog { .. })
+    }
+}
+
+/// What one op did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpResult {
+    Created { uid: u64 },
+    Appended { base_offset: u64, count: u32 },
+    Done,
+}
+
+pub type Completion = Box<dyn FnOnce(Result<Vec<OpResult>, WriteError>) + Send>;
+/// Called by the syncer with (log uid, durable end) after each group commit.
+pub type DurableListener = Arc<dyn Fn(&[(u64, u64)]) + Send + Sync>;
+/// Called once when the store poisons itself (a failed fsync).
+pub type FatalListener = Arc<dyn Fn(&str) + Send + Sync>;
+
+struct Request {
+    ops: Vec<Op>,
+    level: AckLevel,
+    done: Completion,
+}
+
+enum Command {
+    Write(Request),
+    Shutdown(std::sync::mpsc::Sender<()>),
+}
+
+/// A recovered log, handed to the layer above on open.
+pub use crate::state::LogState as RecoveredLog;
+
+struct LogShared {
+    files: RwLock<LogFiles>,
+    durable_end: AtomicU64,
+}
+
+struct SyncState {
+    journal: Arc<File>,
+    written_seq: u64,
+    synced_seq: u64,
+    /// Durable requests waiting for a sync: (seq, completion, results).
+    pending: VecDeque<(u64, Completion, Vec<OpResult>)>,
+    /// Log ends to publish once synced: (seq, uid, end).
+    ends: VecDeque<(u64, u64, u64)>,
+    stop: bool,
+}
+
+struct Shared {
+    dir: PathBuf,
+    opts: StoreOptions,
+    logs: RwLock<HashMap<u64, Arc<LogShared>>>,
+    poisoned: AtomicBool,
+    sync: Mutex<SyncState>,
+    sync_cv: Condvar,
+    listener: OnceLock<DurableListener>,
+    fatal: OnceLock<FatalListener>,
+    /// Bytes in the journal and segments, for metrics and the disk watermark.
+    journal_bytes: AtomicU64,
+}
+
+impl Shared {
+    fn poison(&self, what: &str) {
+        if !self.poisoned.swap(true, Ordering::SeqCst) {
+            tracing::error!("{what}; the store refuses every write from now on");
+            if let Some(fatal) = self.fatal.get() {
+                fatal(what);
+            }
+        }
+    }
+}
+
+/// An open data directory.
+pub struct Store {
+    shared: Arc<Shared>,
+    tx: SyncSender<Command>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    _lock: File,
+}
+
+/// Reads one log's records; cheap to clone.
+#[derive(Clone)]
+pub struct LogReader {
+    log: Arc<LogShared>,
+}
+
+impl LogReader {
+    /// Offsets below this are durable and may be delivered.
+    pub fn durable_end(&self) -> u64 {
+        self.log.durable_end.load(Ordering::Acquire)
+    }
+
+    /// Reads durable records from `from` on: at most `max_count` records and about
+    /// `max_bytes` of bodies. Offsets deleted by retention are skipped.
+    pub fn read(&self, from: u64, max_count: usize, max_bytes: usize) -> Result<Vec<Record>, ReadError> {
+        let mut out = Vec::new();
+        read_records(&self.log.files, from, self.durable_end(), max_count, max_bytes, &mut out)?;
+        Ok(out)
+    }
+
+    /// Bytes of segment files of this log.
+    pub fn disk_bytes(&self) -> u64 {
+        self.log.files.read().unwrap_or_else(|e| e.into_inner()).disk_bytes()
+    }
+}
+
+impl Store {
+    /// Opens (recovering) a data directory and starts the writer and syncer threads.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, Vec<RecoveredLog>), OpenError> {
+        for sub in ["journal", "checkpoint", "logs"] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(|e| OpenError::io(&path, e))?;
+        }
+        let lock = lock_dir(dir)?;
+        let recovered = recover(dir, &opts)?;
+        let Recovered { logs, next_uid, journal_id } = recovered;
+
+        let (journal, journal_len) = create_journal(dir, journal_id).map_err(|e| OpenError::io(dir, e))?;
+        let journal = Arc::new(journal);
+        let mut shared_logs = HashMap::new();
+        let mut writer_logs = HashMap::new();
+        for (state, files) in logs {
+            let end = state.next_offset;
+            let log = Arc::new(LogShared { files: RwLock::new(files), durable_end: AtomicU64::new(end) });
+            shared_logs.insert(state.uid, log.clone());
+            // Replayed appends are in the page cache only: the first checkpoint syncs them.
+            writer_logs.insert(state.uid, WriterLog { state, shared: log, dirty: true });
+        }
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            opts: opts.clone(),
+            logs: RwLock::new(shared_logs),
+            poisoned: AtomicBool::new(false),
+            sync: Mutex::new(SyncState {
+                journal: journal.clone(),
+                written_seq: 0,
+                synced_seq: 0,
+                pending: VecDeque::new(),
+                ends: VecDeque::new(),
+                stop: false,
+            }),
+            sync_cv: Condvar::new(),
+            listener: OnceLock::new(),
+            fatal: OnceLock::new(),
+            journal_bytes: AtomicU64::new(journal_len),
+        });
+        let mut writer = Writer {
+            shared: shared.clone(),
+            logs: writer_logs,
+            next_uid,
+            journal,
+            journal_id,
+            journal_len,
+            seq: 0,
+            last_checkpoint: Instant::now(),
+            changed_since_checkpoint: true,
+            deleted_dirs: Vec::new(),
+        };
+        // A first checkpoint makes replayed data durable in segments and drops old journals.
+        writer.checkpoint().map_err(|e| OpenError::io(dir, e))?;
+        let recovered: Vec<RecoveredLog> = writer.logs.values().map(|l| l.state.clone()).collect();
+
+        let (tx, rx) = sync_channel(opts.write_queue_capacity);
+        let syncer_shared = shared.clone();
+        let syncer = std::thread::Builder::new()
+            .name("tidewater-syncer".into())
+            .spawn(move || syncer_loop(&syncer_shared))
+            .map_err(|e| OpenError::io(dir, e))?;
+        let writer_thread = std::thread::Builder::new()
+            .name("tidewater-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| OpenError::io(dir, e))?;
+        let store = Store { shared, tx, threads: Mutex::new(vec![writer_thread, syncer]), _lock: lock };
+        Ok((store, recovered))
+    }
+
+    pub fn set_durable_listener(&self, listener: DurableListener) {
+        let _ = self.shared.listener.set(listener);
+    }
+
+    pub fn set_fatal_listener(&self, listener: FatalListener) {
+        let _ = self.shared.fatal.set(listener);
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// Queues a request; `done` runs on a store thread once it is written or durable, as
+    /// asked. Refuses at once when the write queue is full or the store is poisoned.
+    pub fn submit(&self, ops: Vec<Op>, level: AckLevel, done: Completion) {
+        if self.is_poisoned() {
+            return done(Err(WriteError::Poisoned));
+        }
+        match self.tx.try_send(Command::Write(Request { ops, level, done })) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Command::Write(req))) => (req.done)(Err(WriteError::Overloaded)),
+            Err(TrySendError::Disconnected(Command::Write(req))) => (req.done)(Err(WriteError::ShuttingDown)),
+            Err(_) => unreachable!("only writes are sent here"),
+        }
+    }
+
+    /// Submits and blocks the calling thread until done (for tools and tests).
+    pub fn submit_wait(&self, ops: Vec<Op>, level: AckLevel) -> Result<Vec<OpResult>, WriteError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.submit(ops, level, Box::new(move |result| drop(tx.send(result))));
+        rx.recv().unwrap_or(Err(WriteError::ShuttingDown))
+    }
+
+    pub fn reader(&self, uid: u64) -> Option<LogReader> {
+        let logs = self.shared.logs.read().unwrap_or_else(|e| e.into_inner());
+        logs.get(&uid).map(|log| LogReader { log: log.clone() })
+    }
+
+    /// Bytes in the current journal file.
+    pub fn journal_bytes(&self) -> u64 {
+        self.shared.journal_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Finishes queued writes, syncs, checkpoints and stops the threads.
+    pub fn shutdown(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Command::Shutdown(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+        let threads: Vec<_> = self.threads.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Free bytes for unprivileged writers on the file system holding `path`.
+pub fn disk_free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+fn lock_dir(dir: &Path) -> Result<File, OpenError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| OpenError::io(&path, e))?;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(OpenError::Locked(dir.to_path_buf()));
+    }
+    Ok(file)
+}
+
+fn journal_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join("journal").join(format!("{id:020}.jnl"))
+}
+
+fn log_dir(dir: &Path, uid: u64) -> PathBuf {
+    dir.join("logs").join(format!("{uid:016x}"))
+}
+
+fn list_ids(dir: &Path, suffix: &str) -> std::io::Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    for item in fs::read_dir(dir)? {
+        let name = item?.file_name();
+        if let Some(stem) = name.to_string_lossy().strip_suffix(suffix)
+            && let Ok(id) = stem.parse()
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+fn create_journal(dir: &Path, id: u64) -> std::io::Result<(File, u64)> {
+    let path = journal_path(dir, id);
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    file.write_all_at(&journal_header(id), 0)?;
+    file.sync_all()?;
+    fsync_dir(&dir.join("journal"))?;
+    Ok((file, JOURNAL_HEADER_LEN as u64))
+}
+
+struct Recovered {
+    logs: Vec<(LogState, LogFiles)>,
+    next_uid: u64,
+    journal_id: u64,
+}
+
+fn corrupt(path: &Path, position: u64, reason: impl ToString) -> OpenError {
+    OpenError::Corrupt { path: path.to_path_buf(), position, reason: reason.to_string() }
+}
+
+/// Loads the newest checkpoint, checks segments and replays the journals after it.
+fn recover(dir: &Path, opts: &StoreOptions) -> Result<Recovered, OpenError> {
+    let ckpt_dir = dir.join("checkpoint");
+    let ckpts = list_ids(&ckpt_dir, ".ckpt").map_err(|e| OpenError::io(&ckpt_dir, e))?;
+    let mut states: HashMap<u64, LogState> = HashMap::new();
+    let mut next_uid = 1;
+    let mut replay_from = 0;
+    if let Some(&id) = ckpts.last() {
+        let path = ckpt_dir.join(format!("{id:020}.ckpt"));
+        let bytes = fs::read(&path).map_err(|e| OpenError::io(&path, e))?;
+        let (uid, logs) = decode_checkpoint(&bytes).map_err(|e| corrupt(&path, 0, e))?;
+        next_uid = uid;
+        replay_from = id;
+        for log in logs {
+            states.insert(log.uid, log);
+        }
+    }
+    let mut files: HashMap<u64, LogFiles> = HashMap::new();
+    for state in states.values() {
+        let log_files = LogFiles::open(log_dir(dir, state.uid), state.uid, state.next_offset)?;
+        if log_files.end() < state.next_offset {
+            return Err(corrupt(&log_files.dir, 0, format!("log ends at {} below its checkpoint {}", log_files.end(), state.next_offset)));
+        }
+        files.insert(state.uid, log_files);
+    }
+
+    let jdir = dir.join("journal");
+    let journals: Vec<u64> =
+        list_ids(&jdir, ".jnl").map_err(|e| OpenError::io(&jdir, e))?.into_iter().filter(|&id| id >= replay_from).collect();
+    let mut next_journal = replay_from.max(1);
+    for (idx, &id) in journals.iter().enumerate() {
+        let last = idx + 1 == journals.len();
+        let path = journal_path(dir, id);
+        let bytes = fs::read(&path).map_err(|e| OpenError::io(&path, e))?;
+        next_journal = id + 1;
+        if bytes.len() < JOURNAL_HEADER_LEN || &bytes[..8] != JOURNAL_MAGIC {
+            if last {
+                continue; // created but never written: nothing in it was ever acknowledged
+            }
+            return Err(corrupt(&path, 0, "bad journal header"));
+        }
+        let mut pos = JOURNAL_HEADER_LEN;
+        while pos < bytes.len() {
+            match decode_entry(&bytes[pos..]) {
+                Ok((entry, len)) => {
+                    apply_replayed(dir, &mut states, &mut files, &mut next_uid, entry).map_err(|e| match e {
+                        ReplayError::Open(e) => e,
+                        ReplayError::Corrupt(reason) => corrupt(&path, pos as u64, reason),
+                    })?;
+                    pos += len;
+                }
+                Err(err) if last => {
+                    tracing::warn!(path = %path.display(), position = pos, error = %err, "truncating torn journal tail");
+                    break;
+                }
+                Err(err) => return Err(corrupt(&path, pos as u64, err)),
+            }
+        }
+    }
+    // Segments may hold batches whose journal entries were lost with the page cache: those
+    // were never acknowledged, so cut them.
+    let mut logs = Vec::new();
+    for (uid, state) in states {
+        let mut log_files = files.remove(&uid).expect("files for every log");
+        if log_files.end() > state.next_offset {
+            tracing::warn!(log = uid, segment_end = log_files.end(), journal_end = state.next_offset, "cutting unacknowledged segment tail");
+            log_files.truncate_to(state.next_offset)?;
+        }
+        logs.push((state, log_files));
+    }
+    // Directories of logs that no longer exist (deleted before the checkpoint).
+    let logs_dir = dir.join("logs");
+    let live: HashSet<PathBuf> = logs.iter().map(|(_, f)| f.dir.clone()).collect();
+    for item in fs::read_dir(&logs_dir).map_err(|e| OpenError::io(&logs_dir, e))? {
+        let path = item.map_err(|e| OpenError::io(&logs_dir, e))?.path();
+        if !live.contains(&path) {
+            fs::remove_dir_all(&path).map_err(|e| OpenError::io(&path, e))?;
+        }
+    }
+    let _ = opts;
+    Ok(Recovered { logs, next_uid, journal_id: next_journal })
+}
+
+enum ReplayError {
+    Open(OpenError),
+    Corrupt(String),
+}
+
+fn apply_replayed(
+    dir: &Path,
+    states: &mut HashMap<u64, LogState>,
+    files: &mut HashMap<u64, LogFiles>,
+    next_uid: &mut u64,
+    entry: Entry<'_>,
+) -> Result<(), ReplayError> {
+    match entry {
+        Entry::CreateLog { uid, name, config } => {
+            *next_uid = (*next_uid).max(uid + 1);
+            let path = log_dir(dir, uid);
+            let _ = fs::remove_dir_all(&path); // a fresh log starts empty
+            let log_files = LogFiles::create(path, uid, 0).map_err(ReplayError::Open)?;
+            files.insert(uid, log_files);
+            states.insert(uid, LogState::new(uid, name.to_string(), config.to_string()));
+        }
+        Entry::UpdateConfig { uid, config } => {
+            if let Some(state) = states.get_mut(&uid) {
+                state.config = config.to_string();
+            }
+        }
+        Entry::DeleteLog { uid } => {
+            states.remove(&uid);
+            files.remove(&uid);
+        }
+        Entry::Data { batch } => {
+            let header = BatchHeader::decode(batch).map_err(|e| ReplayError::Corrupt(e.to_string()))?;
+            let Some(state) = states.get_mut(&header.log_uid) else {
+                return Err(ReplayError::Corrupt(format!("data for unknown log {}", header.log_uid)));
+            };
+            let log_files = files.get_mut(&header.log_uid).expect("files for every log");
+            if header.base_offset != state.next_offset {
+                return Err(ReplayError::Corrupt(format!(
+                    "batch at offset {} but the log is at {}",
+                    header.base_offset, state.next_offset
+                )));
+            }
+            let end = header.base_offset + header.count as u64;
+            let seg_end = log_files.end();
+            if seg_end == header.base_offset {
+                append_to_segment(log_files, batch, u64::MAX).map_err(|e| ReplayError::Open(OpenError::io(&log_files.dir, e)))?;
+            } else if seg_end < header.base_offset {
+                return Err(ReplayError::Corrupt(format!("segment ends at {seg_end}, before replayed batch {}", header.base_offset)));
+            }
+            state.next_offset = end;
+        }
+        Entry::Settle { uid, ranges } => {
+            if let Some(state) = states.get_mut(&uid) {
+                state.settle(&ranges);
+            }
+        }
+        Entry::Retry { uid, offset, deliver_at_ms, delivery_count, at_ms, error } => {
+            if let Some(state) = states.get_mut(&uid) {
+                state.record_retry(offset, deliver_at_ms, delivery_count, at_ms, error);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends encoded batches (back to back) to a log's active segment, rolling first when the
+/// active segment is over `roll_bytes`.
+fn append_to_segment(files: &mut LogFiles, batches: &[u8], roll_bytes: u64) -> std::io::Result<()> {
+    if files.active().len >= roll_bytes {
+        let end = files.end();
+        files.roll(end)?;
+    }
+    let mut positions = Vec::new();
+    let mut at = 0;
+    let mut end = files.end();
+    while at < batches.len() {
+        let header = BatchHeader::decode(&batches[at..]).map_err(std::io::Error::other)?;
+        positions.push((header.base_offset, at as u64));
+        end = header.base_offset + header.count as u64;
+        at += header.total_len();
+    }
+    let active = files.active();
+    let start = active.len;
+    if let Err(err) = active.file.write_all_at(batches, start) {
+        let _ = active.file.set_len(start);
+        return Err(err);
+    }
+    files.note_appended(&positions, start + batches.len() as u64, end);
+    Ok(())
+}
+
+fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&next_uid.to_le_bytes());
+    payload.extend_from_slice(&(logs.len() as u64).to_le_bytes());
+    for log in logs {
+        log.encode(&mut payload);
+    }
+    let mut out = Vec::with_capacity(payload.len() + 20);
+    out.extend_from_slice(CHECKPOINT_MAGIC);
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), FormatError> {
+    let mut cur = Cursor { buf: bytes, pos: 0 };
+    if cur.bytes(8)? != CHECKPOINT_MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    let len = cur.u64()? as usize;
+    let crc = cur.u32()?;
+    let payload = cur.bytes(len)?;
+    if crc32c::crc32c(payload) != crc {
+        return Err(FormatError::BadChecksum);
+    }
+    let mut cur = Cursor { buf: payload, pos: 0 };
+    let next_uid = cur.u64()?;
+    let n = cur.u64()?;
+    let mut logs = Vec::new();
+    for _ in 0..n {
+        logs.push(LogState::decode(&mut cur)?);
+    }
+    if !cur.done() {
+        return Err(FormatError::BadLength);
+    }
+    Ok((next_uid, logs))
+}
+
+struct WriterLog {
+    state: LogState,
+    shared: Arc<LogShared>,
+    /// Segment bytes written since the last checkpoint (need an fsync then).
+    dirty: bool,
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    logs: HashMap<u64, WriterLog>,
+    next_uid: u64,
+    journal: Arc<File>,
+    journal_id: u64,
+    journal_len: u64,
+    seq: u64,
+    last_checkpoint: Instant,
+    changed_since_checkpoint: bool,
+    deleted_dirs: Vec<PathBuf>,
+}
+
+/// A request staged for the current round.
+struct Staged {
+    req: Request,
+    results: Vec<OpResult>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Command>) {
+        let mut shutdown_reply = None;
+        let mut carry: Option<Command> = None;
+        while shutdown_reply.is_none() {
+            let first = match carry.take() {
+                Some(cmd) => cmd,
+                None => match rx.recv_timeout(self.shared.opts.checkpoint_interval.min(Duration::from_secs(1))) {
+                    Ok(cmd) => cmd,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.maybe_checkpoint();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            let mut round: Vec<Request> = Vec::new();
+            let mut round_bytes = 0usize;
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Command::Shutdown(reply) => {
+                        shutdown_reply = Some(reply);
+                        break;
+                    }
+                    Command::Write(req) => {
+                        if req.ops.iter().any(Op::is_meta) {
+                            // Meta changes go alone, after what is staged.
+                            self.write_round(std::mem::take(&mut round));
+                            self.write_meta(req);
+                        } else {
+                            round_bytes += req.ops.iter().map(op_size).sum::<usize>();
+                            round.push(req);
+                        }
+                    }
+                }
+                if round_bytes < self.shared.opts.max_round_bytes {
+                    match rx.try_recv() {
+                        Ok(cmd) => next = Some(cmd),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.write_round(round);
+            self.maybe_checkpoint();
+        }
+        // Drain what is left, then a final checkpoint and stop the syncer.
+        while let Ok(Command::Write(req)) = rx.try_recv() {
+            self.write_round(vec![req]);
+        }
+        if !self.shared.poisoned.load(Ordering::SeqCst) {
+            self.changed_since_checkpoint = true;
+            if let Err(err) = self.checkpoint() {
+                self.shared.poison(&format!("final checkpoint failed: {err}"));
+            }
+        }
+        {
+            let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+            sync.stop = true;
+            self.shared.sync_cv.notify_all();
+        }
+        if let Some(reply) = shutdown_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    fn maybe_checkpoint(&mut self) {
+        if self.shared.poisoned.load(Ordering::SeqCst) {
+            return;
+        }
+        let due = self.journal_len >= self.shared.opts.journal_roll_bytes
+            || (self.changed_since_checkpoint && self.last_checkpoint.elapsed() >= self.shared.opts.checkpoint_interval);
+        if due && let Err(err) = self.checkpoint() {
+            self.shared.poison(&format!("checkpoint failed: {err}"));
+        }
+    }
+
+    /// Stages, writes and applies one round of data requests.
+    fn write_round(&mut self, round: Vec<Request>) {
+        if round.is_empty() {
+            return;
+        }
+        if self.shared.poisoned.load(Ordering::SeqCst) {
+            for req in round {
+                (req.done)(Err(WriteError::Poisoned));
+            }
+            return;
+        }
+        let mut jbuf = Vec::with_capacity(round.iter().map(|r| r.ops.iter().map(op_size).sum::<usize>() + 64).sum());
+        // Per log: tentative next offset and the batches to write through to its segment.
+        let mut next: HashMap<u64, u64> = HashMap::new();
+        let mut seg_bufs: HashMap<u64, Vec<u8>> = HashMap::new();
+        let mut staged: Vec<Staged> = Vec::with_capacity(round.len());
+        for mut req in round {
+            match self.stage(&mut req, &mut jbuf, &mut next, &mut seg_bufs) {
+                Ok(results) => staged.push(Staged { req, results }),
+                Err(err) => (req.done)(Err(err)),
+            }
+        }
+        if staged.is_empty() {
+            return;
+        }
+        // Write: journal first, then segments. On failure undo everything of this round.
+        let journal_start = self.journal_len;
+        let mut marks = Vec::new();
+        let mut result = self.journal.write_all_at(&jbuf, journal_start);
+        if result.is_ok() {
+            for (uid, bytes) in &seg_bufs {
+                let log = self.logs.get_mut(uid).expect("staged log exists");
+                let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
+                marks.push((*uid, files.mark()));
+                log.dirty = true;
+                if let Err(err) = append_to_segment(&mut files, bytes, self.shared.opts.segment_roll_bytes) {
+                    result = Err(err);
+                    break;
+                }
+            }
+        }
+        if let Err(err) = result {
+            tracing::error!(error = %err, "write failed; refusing this round's requests");
+            let _ = self.journal.set_len(journal_start);
+            for (uid, mark) in marks {
+                let log = &self.logs[&uid];
+                let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
+                if let Err(undo) = files.rollback(mark) {
+                    self.shared.poison(&format!("could not undo a failed write: {undo}"));
+                }
+            }
+            let error = WriteError::from_io(&err);
+            for s in staged {
+                (s.req.done)(Err(error.clone()));
+            }
+            return;
+        }
+        self.journal_len += jbuf.len() as u64;
+        self.shared.journal_bytes.store(self.journal_len, Ordering::Relaxed);
+        self.changed_since_checkpoint = true;
+        // Apply the durable state in order.
+        for s in &staged {
+            for op in &s.req.ops {
+                match op {
+                    Op::Append { .. } => {}
+                    Op::Settle { uid, ranges } => self.logs.get_mut(uid).unwrap().state.settle(ranges),
+                    Op::Retry { uid, offset, deliver_at_ms, delivery_count, at_ms, error } => {
+                        self.logs.get_mut(uid).unwrap().state.record_retry(*offset, *deliver_at_ms, *delivery_count, *at_ms, error)
+                    }
+                    _ => unreachable!("meta ops are written alone"),
+                }
+            }
+        }
+        for (uid, end) in &next {
+            self.logs.get_mut(uid).unwrap().state.next_offset = *end;
+        }
+        self.publish(staged, next.into_iter().collect());
+    }
+
+    /// Validates one request and encodes it into the round's buffers.
+    fn stage(
+        &self,
+        req: &mut Request,
+        jbuf: &mut Vec<u8>,
+        next: &mut HashMap<u64, u64>,
+        seg_bufs: &mut HashMap<u64, Vec<u8>>,
+    ) -> Result<Vec<OpResult>, WriteError> {
+        // Validate first so that a refused request leaves no bytes behind.
+        let mut tentative: HashMap<u64, u64> = HashMap::new();
+        for op in &req.ops {
+            let uid = op_uid(op);
+            let log = self.logs.get(&uid).ok_or(WriteError::UnknownLog(uid))?;
+            let end = *tentative.entry(uid).or_insert_with(|| *next.get(&uid).unwrap_or(&log.state.next_offset));
+            match op {
+                Op::Append { batch, .. } => {
+                    let header = check_batch(batch).map_err(|e| WriteError::Invalid(format!("bad batch: {e}")))?;
+                    if header.log_uid != uid || header.total_len() != batch.len() {
+                        return Err(WriteError::Invalid("batch does not match its log".into()));
+                    }
+                    tentative.insert(uid, end + header.count as u64);
+                }
+                Op::Settle { ranges, .. } => {
+                    if ranges.iter().any(|r| r.start > r.end || r.end > end) {
+                        return Err(WriteError::Invalid("settle range beyond the log end".into()));
+                    }
+                }
+                Op::Retry { offset, .. } => {
+                    if *offset >= end {
+                        return Err(WriteError::Invalid("retry beyond the log end".into()));
+                    }
+                }
+                _ => unreachable!("meta ops are written alone"),
+            }
+        }
+        let mut results = Vec::with_capacity(req.ops.len());
+        for op in &mut req.ops {
+            match op {
+                Op::Append { uid, batch } => {
+                    let end = next.entry(*uid).or_insert(self.logs[uid].state.next_offset);
+                    stamp_batch(batch, *end);
+                    let header = BatchHeader::decode(batch).expect("checked above");
+                    encode_entry(jbuf, &Entry::Data { batch });
+                    seg_bufs.entry(*uid).or_default().extend_from_slice(batch);
+                    results.push(OpResult::Appended { base_offset: *end, count: header.count });
+                    *end += header.count as u64;
+                }
+                Op::Settle { uid, ranges } => {
+                    encode_entry(jbuf, &Entry::Settle { uid: *uid, ranges: ranges.clone() });
+                    results.push(OpResult::Done);
+                }
+                Op::Retry { uid, offset, deliver_at_ms, delivery_count, at_ms, error } => {
+                    encode_entry(
+                        jbuf,
+                        &Entry::Retry {
+                            uid: *uid,
+                            offset: *offset,
+                            deliver_at_ms: *deliver_at_ms,
+                            delivery_count: *delivery_count,
+                            at_ms: *at_ms,
+                            error,
+                        },
+                    );
+                    results.push(OpResult::Done);
+                }
+                _ => unreachable!(),
+            }
+        }
+        Ok(results)
+    }
+
+    /// Answers `written` requests now and hands the rest to the syncer.
+    fn publish(&mut self, staged: Vec<Staged>, ends: Vec<(u64, u64)>) {
+        self.seq += 1;
+        let seq = self.seq;
+        let mut now = Vec::new();
+        {
+            let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+            for s in staged {
+                match s.req.level {
+                    AckLevel::Written => now.push((s.req.done, s.results)),
+                    AckLevel::Durable => sync.pending.push_back((seq, s.req.done, s.results)),
+                }
+            }
+            for (uid, end) in ends {
+                sync.ends.push_back((seq, uid, end));
+            }
+            sync.written_seq = seq;
+            self.shared.sync_cv.notify_all();
+        }
+        for (done, results) in now {
+            done(Ok(results));
+        }
+    }
+
+    fn write_meta(&mut self, mut req: Request) {
+        if self.shared.poisoned.load(Ordering::SeqCst) {
+            return (req.done)(Err(WriteError::Poisoned));
+        }
+        let mut jbuf = Vec::new();
+        let mut results = Vec::new();
+        let mut created: Vec<(LogState, LogFiles)> = Vec::new();
+        let mut deleted = Vec::new();
+        let mut updated = Vec::new();
+        for op in &mut req.ops {
+            match op {
+                Op::CreateLog { name, config } => {
+                    let uid = self.next_uid + created.len() as u64;
+                    let files = match LogFiles::create(log_dir(&self.shared.dir, uid), uid, 0) {
+                        Ok(files) => files,
+                        Err(OpenError::Io { source, .. }) => return (req.done)(Err(WriteError::from_io(&source))),
+                        Err(other) => return (req.done)(Err(WriteError::Io(other.to_string()))),
+                    };
+                    encode_entry(&mut jbuf, &Entry::CreateLog { uid, name, config });
+                    created.push((LogState::new(uid, name.clone(), config.clone()), files));
+                    results.push(OpResult::Created { uid });
+                }
+                Op::UpdateConfig { uid, config } => {
+                    if !self.logs.contains_key(uid) {
+                        return (req.done)(Err(WriteError::UnknownLog(*uid)));
+                    }
+                    encode_entry(&mut jbuf, &Entry::UpdateConfig { uid: *uid, config });
+                    updated.push((*uid, config.clone()));
+                    results.push(OpResult::Done);
+                }
+                Op::DeleteLog { uid } => {
+                    if !self.logs.contains_key(uid) {
+                        return (req.done)(Err(WriteError::UnknownLog(*uid)));
+                    }
+                    encode_entry(&mut jbuf, &Entry::DeleteLog { uid: *uid });
+                    deleted.push(*uid);
+                    results.push(OpResult::Done);
+                }
+                _ => return (req.done)(Err(WriteError::Invalid("data ops cannot share a request with meta ops".into()))),
+            }
+        }
+        if let Err(err) = self.journal.write_all_at(&jbuf, self.journal_len) {
+            let _ = self.journal.set_len(self.journal_len);
+            for (_, files) in created {
+                let _ = fs::remove_dir_all(&files.dir);
+            }
+            return (req.done)(Err(WriteError::from_io(&err)));
+        }
+        self.journal_len += jbuf.len() as u64;
+        self.changed_since_checkpoint = true;
+        self.next_uid += created.len() as u64;
+        let mut shared_logs = self.shared.logs.write().unwrap_or_else(|e| e.into_inner());
+        for (state, files) in created {
+            let shared = Arc::new(LogShared { files: RwLock::new(files), durable_end: AtomicU64::new(0) });
+            shared_logs.insert(state.uid, shared.clone());
+            self.logs.insert(state.uid, WriterLog { state, shared, dirty: false });
+        }
+        for (uid, config) in updated {
+            if let Some(log) = self.logs.get_mut(&uid) {
+                log.state.config = config;
+            }
+        }
+        for uid in deleted {
+            shared_logs.remove(&uid);
+            if self.logs.remove(&uid).is_some() {
+                self.deleted_dirs.push(log_dir(&self.shared.dir, uid));
+            }
+        }
+        drop(shared_logs);
+        let staged = vec![Staged { results, req }];
+        self.publish(staged, Vec::new());
+    }
+
+    /// Makes everything written so far durable without the journal, then starts a new
+    /// journal and deletes the old ones, settled segments and deleted logs.
+    fn checkpoint(&mut self) -> std::io::Result<()> {
+        if !self.changed_since_checkpoint {
+            self.last_checkpoint = Instant::now();
+            return Ok(());
+        }
+        let fsync = self.shared.opts.fsync;
+        for log in self.logs.values_mut() {
+            if log.dirty {
+                let files = log.shared.files.read().unwrap_or_else(|e| e.into_inner());
+                if fsync {
+                    for seg in &files.segments {
+                        seg.file.sync_data()?;
+                    }
+                }
+                log.dirty = false;
+            }
+        }
+        let new_id = self.journal_id + 1;
+        let dir = self.shared.dir.clone();
+        let (journal, journal_len) = create_journal(&dir, new_id)?;
+        let mut states: Vec<&LogState> = self.logs.values().map(|l| &l.state).collect();
+        states.sort_by_key(|s| s.uid);
+        let bytes = encode_checkpoint(self.next_uid, &states);
+        let ckpt_dir = dir.join("checkpoint");
+        let tmp = ckpt_dir.join("checkpoint.tmp");
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        file.write_all_at(&bytes, 0)?;
+        if fsync {
+            file.sync_all()?;
+        }
+        fs::rename(&tmp, ckpt_dir.join(format!("{new_id:020}.ckpt")))?;
+        if fsync {
+            fsync_dir(&ckpt_dir)?;
+        }
+        // The checkpoint is durable: switch journals, then clean up.
+        let journal = Arc::new(journal);
+        {
+            let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+            sync.journal = journal.clone();
+        }
+        self.journal = journal;
+        self.journal_id = new_id;
+        self.journal_len = journal_len;
+        self.shared.journal_bytes.store(journal_len, Ordering::Relaxed);
+        for id in list_ids(&ckpt_dir, ".ckpt")? {
+            if id < new_id {
+                fs::remove_file(ckpt_dir.join(format!("{id:020}.ckpt")))?;
+            }
+        }
+        for id in list_ids(&dir.join("journal"), ".jnl")? {
+            if id < new_id {
+                fs::remove_file(journal_path(&dir, id))?;
+            }
+        }
+        for log in self.logs.values() {
+            let removed = log.shared.files.write().unwrap_or_else(|e| e.into_inner()).remove_settled(log.state.ack_floor);
+            for path in removed {
+                fs::remove_file(&path)?;
+            }
+        }
+        for path in self.deleted_dirs.drain(..) {
+            fs::remove_dir_all(&path)?;
+        }
+        self.changed_since_checkpoint = false;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+}
+
+fn op_uid(op: &Op) -> u64 {
+    match op {
+        Op::Append { uid, .. } | Op::Settle { uid, .. } | Op::Retry { uid, .. } => *uid,
+        Op::UpdateConfig { uid, .. } | Op::DeleteLog { uid } => *uid,
+        Op::CreateLog { .. } => 0,
+    }
+}
+
+fn op_size(op: &Op) -> usize {
+    match op {
+        Op::Append { batch, .. } => batch.len() + 16,
+        Op::Settle { ranges, .. } => ranges.len() * 16 + 24,
+        Op::Retry { error, .. } => error.len() + 48,
+        _ => 64,
+    }
+}
+
+fn syncer_loop(shared: &Shared) {
+    loop {
+        let (target, journal) = {
+            let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+            while sync.written_seq == sync.synced_seq && !sync.stop {
+                sync = shared.sync_cv.wait(sync).unwrap_or_else(|e| e.into_inner());
+            }
+            if sync.written_seq == sync.synced_seq && sync.stop {
+                return;
+            }
+            (sync.written_seq, sync.journal.clone())
+        };
+        let failed = if shared.poisoned.load(Ordering::SeqCst) {
+            true
+        } else if shared.opts.fsync
+            && let Err(err) = journal.sync_data()
+        {
+            // Never retry an fsync: the kernel may have dropped the dirty pages already.
+            shared.poison(&format!("fdatasync of the journal failed: {err}"));
+            true
+        } else {
+            false
+        };
+        if failed {
+            let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+            let pending: Vec<_> = sync.pending.drain(..).collect();
+            sync.synced_seq = sync.written_seq;
+            drop(sync);
+            for (_, done, _) in pending {
+                done(Err(WriteError::Poisoned));
+            }
+            continue;
+        }
+        let mut done = Vec::new();
+        let mut ends = Vec::new();
+        {
+            let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+            sync.synced_seq = target;
+            while sync.pending.front().is_some_and(|p| p.0 <= target) {
+                let (_, completion, results) = sync.pending.pop_front().unwrap();
+                done.push((completion, results));
+            }
+            while sync.ends.front().is_some_and(|e| e.0 <= target) {
+                let (_, uid, end) = sync.ends.pop_front().unwrap();
+                ends.push((uid, end));
+            }
+        }
+        if !ends.is_empty() {
+            {
+                let logs = shared.logs.read().unwrap_or_else(|e| e.into_inner());
+                for &(uid, end) in &ends {
+                    if let Some(log) = logs.get(&uid) {
+                        log.durable_end.fetch_max(end, Ordering::AcqRel);
+                    }
+                }
+            }
+            if let Some(listener) = shared.listener.get() {
+                listener(&ends);
+            }
+        }
+        for (completion, results) in done {
+            completion(Ok(results));
+        }
+    }
+}
