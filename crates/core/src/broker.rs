@@ -1,0 +1,1098 @@
+//! The broker: named queues over one store. Async (tokio) but free of HTTP: the server and
+//! tests drive it through these methods.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tidewater_storage::format::{MAX_BATCH_BODY, RECORD_FLAG_GENERATED_ID};
+use tidewater_storage::{AckLevel, BatchBuilder, LogReader, NewRecord, Op, OpResult, Record, Store, StoreOptions};
+use tokio::sync::Notify;
+
+use crate::clock::{Clock, Jitter, RandomJitter, SystemClock};
+use crate::config::{ConfigPatch, Limits, MAX_LEASE_MS, QueueConfig, validate_queue_name};
+use crate::error::{BrokerError, ErrorCode};
+use crate::queue::{Delivery, QueueState, QueueStats, Unacked};
+
+/// Headers added to a dead-lettered message.
+pub const HEADER_SOURCE_QUEUE: &str = "tidewater-source-queue";
+pub const HEADER_DELIVERY_COUNT: &str = "tidewater-delivery-count";
+pub const HEADER_LAST_ERROR: &str = "tidewater-last-error";
+pub const HEADER_ERRORS: &str = "tidewater-errors";
+pub const HEADER_PUBLISHED_AT: &str = "tidewater-published-at";
+pub const HEADER_DEAD_LETTERED_AT: &str = "tidewater-dead-lettered-at";
+const LEASE_EXPIRED_ERROR: &str = "lease expired";
+/// Redrives remembered for progress queries.
+const MAX_REDRIVES_KEPT: usize = 100;
+
+/// Receives latency observations (the server turns them into histograms).
+pub trait Observer: Send + Sync {
+    fn publish_latency(&self, _queue: &str, _seconds: f64) {}
+    fn publish_to_ack(&self, _queue: &str, _seconds: &[f64]) {}
+}
+
+pub struct NoopObserver;
+impl Observer for NoopObserver {}
+
+pub struct BrokerOptions {
+    pub limits: Limits,
+    pub store: StoreOptions,
+    pub clock: Arc<dyn Clock>,
+    pub jitter: Arc<dyn Jitter>,
+    pub observer: Arc<dyn Observer>,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        BrokerOptions {
+            limits: Limits::default(),
+            store: StoreOptions::default(),
+            clock: Arc::new(SystemClock),
+            jitter: Arc::new(RandomJitter),
+            observer: Arc::new(NoopObserver),
+        }
+    }
+}
+
+/// When a published message becomes deliverable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delay {
+    #[default]
+    None,
+    AfterMs(u64),
+    AtMs(i64),
+}
+
+/// A message to publish, as parsed by the API layer.
+#[derive(Debug, Clone, Default)]
+pub struct NewMessage {
+    pub id: Option<String>,
+    pub body: Vec<u8>,
+    pub key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub delay: Delay,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct SettleReply {
+    pub ok: u64,
+    pub failed: Vec<ReceiptFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReceiptFailure {
+    pub receipt: String,
+    pub code: &'static str,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueInfo {
+    pub name: String,
+    pub config: QueueConfig,
+    pub stats: QueueStats,
+    #[serde(skip)]
+    pub refused: Vec<(&'static str, u64)>,
+    #[serde(skip)]
+    pub disk_bytes: u64,
+}
+
+/// A message seen without leasing it.
+#[derive(Debug, Clone)]
+pub struct Peeked {
+    pub record: Record,
+    pub delivery_count: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RedriveRequest {
+    /// Target queue; None = each message's source queue.
+    pub to: Option<String>,
+    pub rate_per_s: u64,
+    /// 0 = all.
+    pub max: u64,
+    /// Only messages with this key.
+    pub key: Option<String>,
+    /// Only messages whose last error contains this text.
+    pub error_contains: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RedriveProgress {
+    pub id: String,
+    pub queue: String,
+    pub moved: u64,
+    pub remaining: u64,
+    pub skipped: u64,
+    pub state: &'static str,
+    pub error: Option<String>,
+}
+
+pub struct QueueHandle {
+    pub uid: u64,
+    pub name: String,
+    state: Mutex<QueueState>,
+    notify: Notify,
+    reader: LogReader,
+    deleted: AtomicBool,
+}
+
+struct Inner {
+    store: Store,
+    queues: RwLock<HashMap<String, Arc<QueueHandle>>>,
+    by_uid: RwLock<HashMap<u64, Arc<QueueHandle>>>,
+    limits: Limits,
+    clock: Arc<dyn Clock>,
+    jitter: Arc<dyn Jitter>,
+    observer: Arc<dyn Observer>,
+    /// Serializes queue creation, configuration and deletion.
+    admin: tokio::sync::Mutex<()>,
+    disk_free: AtomicU64,
+    disk_probe: Mutex<Box<dyn Fn() -> std::io::Result<u64> + Send + Sync>>,
+    redrives: Mutex<Vec<Arc<Mutex<RedriveProgress>>>>,
+    next_redrive: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+fn storage_error(err: impl std::fmt::Display) -> BrokerError {
+    BrokerError::new(ErrorCode::StorageFailed, err.to_string())
+}
+
+impl Broker {
+    /// Opens (recovers) the data directory and rebuilds every queue.
+    pub fn open(dir: &Path, options: BrokerOptions) -> Result<Broker, tidewater_storage::OpenError> {
+        let (store, recovered) = Store::open(dir, options.store.clone())?;
+        let now = options.clock.now_ms();
+        let mut queues = HashMap::new();
+        let mut by_uid = HashMap::new();
+        for log in recovered {
+            let config: QueueConfig = match serde_json::from_str(&log.config) {
+                Ok(config) => config,
+                Err(err) => {
+                    tracing::error!(queue = %log.name, error = %err, "stored configuration unreadable; using defaults");
+                    QueueConfig::defaults_for(&log.name, &options.limits)
+                }
+            };
+            let reader = store.reader(log.uid).expect("recovered log has a reader");
+            let state = QueueState::recover(&log, config, &reader, now).map_err(|e| tidewater_storage::OpenError::Corrupt {
+                path: dir.to_path_buf(),
+                position: 0,
+                reason: e.to_string(),
+            })?;
+            let handle = Arc::new(QueueHandle {
+                uid: log.uid,
+                name: log.name.clone(),
+                state: Mutex::new(state),
+                notify: Notify::new(),
+                reader,
+                deleted: AtomicBool::new(false),
+            });
+            queues.insert(log.name.clone(), handle.clone());
+            by_uid.insert(log.uid, handle);
+        }
+        let probe_dir = dir.to_path_buf();
+        let inner = Arc::new(Inner {
+            store,
+            queues: RwLock::new(queues),
+            by_uid: RwLock::new(by_uid),
+            limits: options.limits,
+            clock: options.clock,
+            jitter: options.jitter,
+            observer: options.observer,
+            admin: tokio::sync::Mutex::new(()),
+            disk_free: AtomicU64::new(u64::MAX),
+            disk_probe: Mutex::new(Box::new(move || tidewater_storage::disk_free_bytes(&probe_dir))),
+            redrives: Mutex::new(Vec::new()),
+            next_redrive: AtomicU64::new(1),
+        });
+        // Durable data becomes visible to consumers; wake their long-polls.
+        let weak = Arc::downgrade(&inner);
+        inner.store.set_durable_listener(Arc::new(move |ends| {
+            let Some(inner) = weak.upgrade() else { return };
+            let by_uid = inner.by_uid.read();
+            for &(uid, end) in ends {
+                if let Some(handle) = by_uid.get(&uid) {
+                    handle.state.lock().set_visible_end(end);
+                    handle.notify.notify_waiters();
+                }
+            }
+        }));
+        let broker = Broker { inner };
+        broker.refresh_disk();
+        Ok(broker)
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Replaces the free-space probe (tests inject a full disk this way).
+    pub fn set_disk_probe(&self, probe: Box<dyn Fn() -> std::io::Result<u64> + Send + Sync>) {
+        *self.inner.disk_probe.lock() = probe;
+        self.refresh_disk();
+    }
+
+    pub fn refresh_disk(&self) {
+        let free = (self.inner.disk_probe.lock())();
+        match free {
+            Ok(free) => self.inner.disk_free.store(free, Ordering::Relaxed),
+            Err(err) => tracing::warn!(error = %err, "cannot read free disk space"),
+        }
+    }
+
+    pub fn disk_free_bytes(&self) -> u64 {
+        self.inner.disk_free.load(Ordering::Relaxed)
+    }
+
+    fn check_disk(&self) -> Result<(), BrokerError> {
+        let free = self.disk_free_bytes();
+        let min = self.inner.limits.min_free_disk_bytes;
+        if free < min {
+            return Err(BrokerError::new(
+                ErrorCode::DiskFull,
+                format!(
+                    "free disk space {} MiB is below the watermark {} MiB: publishing is paused, receive/ack/purge still work",
+                    free >> 20,
+                    min >> 20
+                ),
+            )
+            .retry_after(5_000));
+        }
+        Ok(())
+    }
+
+    fn queue(&self, name: &str) -> Result<Arc<QueueHandle>, BrokerError> {
+        self.inner.queues.read().get(name).cloned().ok_or_else(|| BrokerError::queue_not_found(name))
+    }
+
+    async fn write(&self, ops: Vec<Op>, level: AckLevel) -> Result<Vec<OpResult>, BrokerError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.store.submit(ops, level, Box::new(move |result| drop(tx.send(result))));
+        match rx.await {
+            Ok(result) => result.map_err(BrokerError::from),
+            Err(_) => Err(BrokerError::new(ErrorCode::ShuttingDown, "the store stopped before answering")),
+        }
+    }
+
+    // ---- queues ----
+
+    /// Creates a queue, or updates the configuration of an existing one. Returns whether
+    /// it was created.
+    pub async fn put_queue(&self, name: &str, patch: &ConfigPatch) -> Result<(bool, QueueInfo), BrokerError> {
+        validate_queue_name(name)?;
+        let _admin = self.inner.admin.lock().await;
+        if let Ok(handle) = self.queue(name) {
+            let current = handle.state.lock().config.clone();
+            let next = current.apply(patch);
+            next.validate(name, &self.inner.limits)?;
+            if next != current {
+                let config = serde_json::to_string(&next).expect("config serializes");
+                self.write(vec![Op::UpdateConfig { uid: handle.uid, config }], AckLevel::Durable).await?;
+                handle.state.lock().config = next;
+                handle.notify.notify_waiters();
+            }
+            return Ok((false, self.info(&handle)));
+        }
+        let config = QueueConfig::defaults_for(name, &self.inner.limits).apply(patch);
+        config.validate(name, &self.inner.limits)?;
+        let handle = self.create_locked(name, config).await?;
+        Ok((true, self.info(&handle)))
+    }
+
+    async fn create_locked(&self, name: &str, config: QueueConfig) -> Result<Arc<QueueHandle>, BrokerError> {
+        if self.inner.queues.read().len() >= self.inner.limits.max_queues {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidRequest,
+                format!("the broker holds its maximum of {} queues (max_queues)", self.inner.limits.max_queues),
+            ));
+        }
+        let json = serde_json::to_string(&config).expect("config serializes");
+        let results = self.write(vec![Op::CreateLog { name: name.to_string(), config: json }], AckLevel::Durable).await?;
+        let Some(OpResult::Created { uid }) = results.first() else {
+            return Err(BrokerError::new(ErrorCode::Internal, "storage did not return the new log"));
+        };
+        let reader = self.inner.store.reader(*uid).ok_or_else(|| BrokerError::new(ErrorCode::Internal, "new log has no reader"))?;
+        let handle = Arc::new(QueueHandle {
+            uid: *uid,
+            name: name.to_string(),
+            state: Mutex::new(QueueState::new(*uid, name.to_string(), config)),
+            notify: Notify::new(),
+            reader,
+            deleted: AtomicBool::new(false),
+        });
+        self.inner.queues.write().insert(name.to_string(), handle.clone());
+        self.inner.by_uid.write().insert(*uid, handle.clone());
+        Ok(handle)
+    }
+
+    /// The dead-letter queue for `name`, created with DLQ defaults when missing.
+    async fn dead_letter_target(&self, dlq: &str) -> Result<Arc<QueueHandle>, BrokerError> {
+        if let Ok(handle) = self.queue(dlq) {
+            return Ok(handle);
+        }
+        let _admin = self.inner.admin.lock().await;
+        if let Ok(handle) = self.queue(dlq) {
+            return Ok(handle);
+        }
+        tracing::info!(queue = dlq, "creating dead-letter queue");
+        self.create_locked(dlq, QueueConfig::for_dead_letter_queue(dlq, &self.inner.limits)).await
+    }
+
+    pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        let _admin = self.inner.admin.lock().await;
+        let handle = self.queue(name)?;
+        self.write(vec![Op::DeleteLog { uid: handle.uid }], AckLevel::Durable).await?;
+        self.inner.queues.write().remove(name);
+        self.inner.by_uid.write().remove(&handle.uid);
+        handle.deleted.store(true, Ordering::SeqCst);
+        handle.notify.notify_waiters();
+        Ok(())
+    }
+
+    fn info(&self, handle: &QueueHandle) -> QueueInfo {
+        let mut state = handle.state.lock();
+        state.refresh_oldest(&handle.reader);
+        let mut refused: Vec<_> = state.counters.refused.iter().map(|(k, v)| (*k, *v)).collect();
+        refused.sort();
+        QueueInfo {
+            name: handle.name.clone(),
+            config: state.config.clone(),
+            stats: state.stats(self.now_ms()),
+            refused,
+            disk_bytes: handle.reader.disk_bytes(),
+        }
+    }
+
+    pub fn get_queue(&self, name: &str) -> Result<QueueInfo, BrokerError> {
+        let handle = self.queue(name)?;
+        Ok(self.info(&handle))
+    }
+
+    pub fn list_queues(&self) -> Vec<QueueInfo> {
+        let handles: Vec<_> = self.inner.queues.read().values().cloned().collect();
+        let mut out: Vec<_> = handles.iter().map(|h| self.info(h)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    // ---- messages ----
+
+    fn validate_message(&self, idx: usize, msg: &NewMessage, now: i64) -> Result<Option<i64>, BrokerError> {
+        let limits = &self.inner.limits;
+        let bad = |what: String| Err(BrokerError::new(ErrorCode::InvalidMessage, format!("message {idx}: {what}")));
+        if msg.body.len() > limits.max_message_bytes {
+            return Err(BrokerError::new(
+                ErrorCode::MessageTooLarge,
+                format!("message {idx}: body of {} bytes exceeds max_message_bytes {}", msg.body.len(), limits.max_message_bytes),
+            ));
+        }
+        if let Some(id) = &msg.id
+            && (id.is_empty() || id.len() > limits.max_id_bytes.min(255))
+        {
+            return bad(format!("id must be 1..={} bytes", limits.max_id_bytes.min(255)));
+        }
+        if let Some(key) = &msg.key
+            && key.len() > limits.max_key_bytes
+        {
+            return bad(format!("key of {} bytes exceeds max_key_bytes {}", key.len(), limits.max_key_bytes));
+        }
+        if msg.headers.len() > limits.max_headers {
+            return bad(format!("{} headers exceed max_headers {}", msg.headers.len(), limits.max_headers));
+        }
+        for (name, value) in &msg.headers {
+            if name.is_empty() || name.len() > limits.max_header_bytes || value.len() > limits.max_header_bytes {
+                return bad(format!("header names must be 1..={0} bytes and values at most {0} bytes", limits.max_header_bytes));
+            }
+        }
+        match msg.delay {
+            Delay::None => Ok(None),
+            Delay::AfterMs(ms) if ms > limits.max_delay_ms => bad(format!("delay_ms {ms} exceeds max_delay_ms {}", limits.max_delay_ms)),
+            Delay::AfterMs(0) => Ok(None),
+            Delay::AfterMs(ms) => Ok(Some(now + ms as i64)),
+            Delay::AtMs(at) if at - now > limits.max_delay_ms as i64 => {
+                bad(format!("deliver_at is more than max_delay_ms {} ahead", limits.max_delay_ms))
+            }
+            Delay::AtMs(at) if at <= now => Ok(None),
+            Delay::AtMs(at) => Ok(Some(at)),
+        }
+    }
+
+    /// Publishes a batch, whole or not at all; returns the ids in order.
+    pub async fn publish(&self, queue: &str, messages: &[NewMessage], level: AckLevel) -> Result<Vec<String>, BrokerError> {
+        let started = std::time::Instant::now();
+        let limits = &self.inner.limits;
+        if messages.is_empty() {
+            return Err(BrokerError::invalid("a publish needs at least one message"));
+        }
+        if messages.len() > limits.max_batch_messages {
+            return Err(BrokerError::new(
+                ErrorCode::BatchTooLarge,
+                format!("{} messages exceed max_batch_messages {}", messages.len(), limits.max_batch_messages),
+            ));
+        }
+        let handle = self.queue(queue)?;
+        if let Err(err) = self.check_disk() {
+            handle.state.lock().count_refusal("disk_full");
+            return Err(err);
+        }
+        let now = self.now_ms();
+        let mut builder = BatchBuilder::new(handle.uid, now);
+        let mut ids = Vec::with_capacity(messages.len());
+        let mut delays = Vec::new();
+        let mut bytes = 0u64;
+        for (idx, msg) in messages.iter().enumerate() {
+            let deliver_at = self.validate_message(idx, msg, now)?;
+            if let Some(at) = deliver_at {
+                delays.push((idx as u32, at));
+            }
+            let headers: Vec<(&[u8], &[u8])> = msg.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
+            let generated;
+            let (id, is_generated): (&[u8], bool) = match &msg.id {
+                Some(id) => {
+                    ids.push(id.clone());
+                    (id.as_bytes(), false)
+                }
+                None => {
+                    generated = new_message_id(now);
+                    ids.push(hex(&generated));
+                    (&generated, true)
+                }
+            };
+            let record = NewRecord {
+                id,
+                generated_id: is_generated,
+                key: msg.key.as_deref().map(str::as_bytes),
+                headers,
+                deliver_at_ms: deliver_at.unwrap_or(0),
+                body: &msg.body,
+            };
+            bytes += (msg.body.len() + msg.key.as_ref().map_or(0, |k| k.len()) + msg.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()) as u64;
+            builder.push(&record);
+            if builder.encoded_len() > MAX_BATCH_BODY {
+                return Err(BrokerError::new(ErrorCode::RequestTooLarge, "the batch exceeds 256 MiB once encoded"));
+            }
+        }
+        let n = messages.len() as u64;
+        handle.state.lock().admit(n, bytes, now)?;
+        let result = self.write(vec![Op::Append { uid: handle.uid, batch: builder.finish() }], level).await;
+        let mut state = handle.state.lock();
+        match result {
+            Ok(results) => {
+                let Some(&OpResult::Appended { base_offset, .. }) = results.first() else {
+                    state.published(n, bytes, None);
+                    return Err(BrokerError::new(ErrorCode::Internal, "storage did not report offsets"));
+                };
+                state.published(n, bytes, Some((base_offset, &delays)));
+                drop(state);
+                self.inner.observer.publish_latency(&handle.name, started.elapsed().as_secs_f64());
+                Ok(ids)
+            }
+            Err(err) => {
+                state.published(n, bytes, None);
+                state.count_refusal(match err.code {
+                    ErrorCode::DiskFull => "disk_full",
+                    ErrorCode::Overloaded => "overloaded",
+                    _ => "storage",
+                });
+                Err(err)
+            }
+        }
+    }
+
+    /// Expires leases and fires timers of one queue; dead-letters what ran out of deliveries.
+    async fn maintain(&self, handle: &Arc<QueueHandle>) {
+        let now = self.now_ms();
+        let (retries, to_dlq, woke) = {
+            let mut state = handle.state.lock();
+            let expired = state.expire_leases(now);
+            let (retries, to_dlq) = self.plan_retries(&mut state, expired, None, Some(LEASE_EXPIRED_ERROR), now);
+            let before = state.stats(now).depth;
+            state.fire_timers(now);
+            let woke = !retries.is_empty() || state.stats(now).depth > before;
+            (retries, to_dlq, woke)
+        };
+        if !retries.is_empty() {
+            // Best effort: a lost retry record only under-counts deliveries after a crash.
+            self.inner.store.submit(retries, AckLevel::Written, Box::new(|_| {}));
+        }
+        if !to_dlq.is_empty() {
+            self.dead_letter(handle, to_dlq).await;
+        }
+        if woke {
+            handle.notify.notify_waiters();
+        }
+    }
+
+    /// Decides, for each released message, another delivery later or the DLQ.
+    fn plan_retries(
+        &self,
+        state: &mut QueueState,
+        released: Vec<Unacked>,
+        delay_ms: Option<u64>,
+        error: Option<&str>,
+        now: i64,
+    ) -> (Vec<Op>, Vec<Unacked>) {
+        let mut ops = Vec::new();
+        let mut to_dlq = Vec::new();
+        let max = state.config.max_deliveries;
+        for msg in released {
+            let error_text = error.unwrap_or("").to_string();
+            let error_entry = (!error_text.is_empty()).then(|| (now, error_text.clone()));
+            if max > 0 && msg.delivery_count >= max && state.config.dead_letter_queue.is_some() {
+                state.record_attempt(msg.offset, msg.delivery_count, error_entry);
+                to_dlq.push(msg);
+                continue;
+            }
+            let wait = delay_ms.unwrap_or_else(|| state.config.backoff.delay_ms(msg.delivery_count, self.inner.jitter.unit()));
+            let deliver_at = now + wait as i64;
+            state.schedule_retry(msg.offset, msg.delivery_count, deliver_at, error_entry, now);
+            ops.push(Op::Retry {
+                uid: state.uid,
+                offset: msg.offset,
+                deliver_at_ms: deliver_at,
+                delivery_count: msg.delivery_count,
+                at_ms: now,
+                error: error_text,
+            });
+        }
+        let dlq_offsets: Vec<u64> = to_dlq.iter().map(|m| m.offset).collect();
+        state.begin_settle(&dlq_offsets);
+        (ops, to_dlq)
+    }
+
+    /// Moves messages to their queue's dead-letter queue with their history.
+    async fn dead_letter(&self, handle: &Arc<QueueHandle>, items: Vec<Unacked>) {
+        let settle: Vec<(u64, u64)> = items.iter().map(|m| (m.offset, m.size)).collect();
+        let result = self.try_dead_letter(handle, &items).await;
+        let now = self.now_ms();
+        let mut state = handle.state.lock();
+        match result {
+            Ok(()) => {
+                state.counters.dead_lettered += items.len() as u64;
+                state.finish_settle(&settle, true, now);
+            }
+            Err(err) => {
+                tracing::warn!(queue = %handle.name, error = %err, "dead-lettering failed; the messages stay in the queue");
+                state.finish_settle(&settle, false, now);
+            }
+        }
+    }
+
+    async fn try_dead_letter(&self, handle: &Arc<QueueHandle>, items: &[Unacked]) -> Result<(), BrokerError> {
+        let dlq_name = handle.state.lock().config.dead_letter_queue.clone().ok_or_else(|| BrokerError::invalid("no dead-letter queue"))?;
+        let dlq = self.dead_letter_target(&dlq_name).await?;
+        let now = self.now_ms();
+        let mut records = Vec::with_capacity(items.len());
+        for item in items {
+            let Some(record) = handle.reader.read(item.offset, 1, 1).map_err(storage_error)?.pop() else { continue };
+            let history = handle.state.lock().history(item.offset).cloned().unwrap_or_default();
+            let mut headers: Vec<(String, String)> = record
+                .headers
+                .iter()
+                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+                .filter(|(k, _)| !k.starts_with("tidewater-"))
+                .collect();
+            let errors: Vec<serde_json::Value> =
+                history.errors.iter().map(|(at, text)| serde_json::json!({"at": at, "error": text})).collect();
+            headers.push((HEADER_SOURCE_QUEUE.into(), handle.name.clone()));
+            headers.push((HEADER_DELIVERY_COUNT.into(), item.delivery_count.to_string()));
+            headers.push((HEADER_LAST_ERROR.into(), history.errors.back().map(|(_, e)| e.clone()).unwrap_or_default()));
+            headers.push((HEADER_ERRORS.into(), serde_json::Value::Array(errors).to_string()));
+            headers.push((HEADER_PUBLISHED_AT.into(), record.published_at_ms.to_string()));
+            headers.push((HEADER_DEAD_LETTERED_AT.into(), now.to_string()));
+            records.push((record, headers));
+        }
+        self.move_records(&dlq, handle, records).await
+    }
+
+    /// Appends records to `target` and settles them in `source`, in one journal write.
+    async fn move_records(
+        &self,
+        target: &Arc<QueueHandle>,
+        source: &Arc<QueueHandle>,
+        records: Vec<(Record, Vec<(String, String)>)>,
+    ) -> Result<(), BrokerError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let now = self.now_ms();
+        let mut builder = BatchBuilder::new(target.uid, now);
+        let mut bytes = 0;
+        let mut offsets = Vec::with_capacity(records.len());
+        for (record, headers) in &records {
+            let header_refs: Vec<(&[u8], &[u8])> = headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
+            builder.push(&NewRecord {
+                id: &record.id,
+                generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,
+                key: record.key.as_deref(),
+                headers: header_refs,
+                deliver_at_ms: 0,
+                body: &record.body,
+            });
+            bytes += (record.body.len() + record.key.as_ref().map_or(0, |k| k.len()) + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()) as u64;
+            offsets.push(record.offset);
+        }
+        let n = records.len() as u64;
+        // Moves bypass capacity: a message already accepted is never dropped to make room.
+        target.state.lock().reserve_unchecked(n, bytes);
+        let ops = vec![
+            Op::Append { uid: target.uid, batch: builder.finish() },
+            Op::Settle { uid: source.uid, ranges: to_ranges(&offsets) },
+        ];
+        let result = self.write(ops, AckLevel::Durable).await;
+        let mut state = target.state.lock();
+        match result {
+            Ok(results) => {
+                if let Some(&OpResult::Appended { base_offset, .. }) = results.first() {
+                    state.published(n, bytes, Some((base_offset, &[])));
+                }
+                Ok(())
+            }
+            Err(err) => {
+                state.published(n, bytes, None);
+                Err(err)
+            }
+        }
+    }
+
+    /// Long-polls for up to `max` messages, leased for `lease_ms` (or the queue's default).
+    pub async fn receive(&self, queue: &str, max: usize, wait_ms: u64, lease_ms: Option<u64>) -> Result<Vec<Delivery>, BrokerError> {
+        let limits = &self.inner.limits;
+        if max == 0 || max > limits.max_receive_messages {
+            return Err(BrokerError::invalid(format!("max must be 1..={} (max_receive_messages)", limits.max_receive_messages)));
+        }
+        if wait_ms > limits.max_wait_ms {
+            return Err(BrokerError::invalid(format!("wait_ms must be at most {} (max_wait_ms)", limits.max_wait_ms)));
+        }
+        if let Some(lease) = lease_ms
+            && !(1..=MAX_LEASE_MS).contains(&lease)
+        {
+            return Err(BrokerError::invalid(format!("lease_ms must be 1..={MAX_LEASE_MS} (12 h)")));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        loop {
+            let handle = self.queue(queue)?;
+            let notified = handle.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.maintain(&handle).await;
+            let (deliveries, wakeup) = {
+                let mut state = handle.state.lock();
+                let now = self.now_ms();
+                let lease = lease_ms.unwrap_or(state.config.lease_ms);
+                let deliveries = state.deliver(&handle.reader, now, max, lease).map_err(storage_error)?;
+                (deliveries, state.next_wakeup().map(|at| (at - now).max(1) as u64))
+            };
+            if !deliveries.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(deliveries);
+            }
+            let mut sleep_until = deadline;
+            if let Some(ms) = wakeup {
+                sleep_until = sleep_until.min(tokio::time::Instant::now() + Duration::from_millis(ms));
+            }
+            let _ = tokio::time::timeout_at(sleep_until, notified).await;
+            if handle.deleted.load(Ordering::SeqCst) {
+                return Err(BrokerError::queue_not_found(queue));
+            }
+        }
+    }
+
+    /// Validates receipts and ends their leases; returns (released, failures).
+    fn release_receipts(&self, handle: &QueueHandle, receipts: &[String], now: i64) -> Result<(Vec<(u64, crate::queue::Lease)>, Vec<ReceiptFailure>), BrokerError> {
+        let limits = &self.inner.limits;
+        if receipts.len() > limits.max_receive_messages {
+            return Err(BrokerError::new(
+                ErrorCode::BatchTooLarge,
+                format!("{} receipts exceed the limit of {} per request", receipts.len(), limits.max_receive_messages),
+            ));
+        }
+        let mut state = handle.state.lock();
+        let mut released = Vec::with_capacity(receipts.len());
+        let mut failed = Vec::new();
+        for receipt in receipts {
+            match state.check_receipt(receipt, now) {
+                Ok(parsed) => {
+                    if let Some(lease) = state.release(parsed.offset) {
+                        released.push((parsed.offset, lease));
+                    }
+                }
+                Err(code) => failed.push(ReceiptFailure { receipt: receipt.clone(), code: code.as_str() }),
+            }
+        }
+        Ok((released, failed))
+    }
+
+    /// Settles leased messages for good. Replies after the settle record is durable.
+    pub async fn ack(&self, queue: &str, receipts: &[String]) -> Result<SettleReply, BrokerError> {
+        let handle = self.queue(queue)?;
+        let now = self.now_ms();
+        let (released, failed) = self.release_receipts(&handle, receipts, now)?;
+        if released.is_empty() {
+            return Ok(SettleReply { ok: 0, failed });
+        }
+        let offsets: Vec<u64> = released.iter().map(|(o, _)| *o).collect();
+        handle.state.lock().begin_settle(&offsets);
+        let result = self.write(vec![Op::Settle { uid: handle.uid, ranges: to_ranges(&offsets) }], AckLevel::Durable).await;
+        let sizes: Vec<(u64, u64)> = released.iter().map(|(o, l)| (*o, l.size)).collect();
+        let now = self.now_ms();
+        let mut state = handle.state.lock();
+        state.finish_settle(&sizes, result.is_ok(), now);
+        result?;
+        state.counters.acked += released.len() as u64;
+        drop(state);
+        let latencies: Vec<f64> = released.iter().map(|(_, l)| (now - l.published_at_ms).max(0) as f64 / 1000.0).collect();
+        self.inner.observer.publish_to_ack(&handle.name, &latencies);
+        Ok(SettleReply { ok: released.len() as u64, failed })
+    }
+
+    /// Ends leases without success: another delivery after `delay_ms` (or the queue's
+    /// backoff), or the dead-letter queue once `max_deliveries` is reached.
+    pub async fn nack(&self, queue: &str, receipts: &[String], delay_ms: Option<u64>, error: Option<&str>) -> Result<SettleReply, BrokerError> {
+        if let Some(delay) = delay_ms
+            && delay > self.inner.limits.max_delay_ms
+        {
+            return Err(BrokerError::invalid(format!("delay_ms must be at most {} (max_delay_ms)", self.inner.limits.max_delay_ms)));
+        }
+        let handle = self.queue(queue)?;
+        let now = self.now_ms();
+        let (released, failed) = self.release_receipts(&handle, receipts, now)?;
+        let n = released.len() as u64;
+        let (ops, to_dlq) = {
+            let mut state = handle.state.lock();
+            state.counters.nacked += n;
+            let unacked = released.into_iter().map(|(offset, l)| Unacked { offset, delivery_count: l.delivery_count, size: l.size }).collect();
+            self.plan_retries(&mut state, unacked, delay_ms, error, now)
+        };
+        if !ops.is_empty() {
+            // The retry is already scheduled in memory; a failed write only loses history.
+            if let Err(err) = self.write(ops, AckLevel::Durable).await {
+                tracing::warn!(queue, error = %err, "could not journal nack");
+            }
+        }
+        if !to_dlq.is_empty() {
+            self.dead_letter(&handle, to_dlq).await;
+        }
+        handle.notify.notify_waiters();
+        Ok(SettleReply { ok: n, failed })
+    }
+
+    /// Extends leases to `lease_ms` from now (or the queue's default).
+    pub fn extend(&self, queue: &str, receipts: &[String], lease_ms: Option<u64>) -> Result<SettleReply, BrokerError> {
+        if let Some(lease) = lease_ms
+            && !(1..=MAX_LEASE_MS).contains(&lease)
+        {
+            return Err(BrokerError::invalid(format!("lease_ms must be 1..={MAX_LEASE_MS} (12 h)")));
+        }
+        let handle = self.queue(queue)?;
+        if receipts.len() > self.inner.limits.max_receive_messages {
+            return Err(BrokerError::new(ErrorCode::BatchTooLarge, "too many receipts in one request"));
+        }
+        let now = self.now_ms();
+        let mut state = handle.state.lock();
+        let lease = lease_ms.unwrap_or(state.config.lease_ms);
+        let mut reply = SettleReply::default();
+        for receipt in receipts {
+            match state.check_receipt(receipt, now) {
+                Ok(parsed) => {
+                    state.extend(parsed.offset, now, lease);
+                    reply.ok += 1;
+                }
+                Err(code) => reply.failed.push(ReceiptFailure { receipt: receipt.clone(), code: code.as_str() }),
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Settles every message accepted so far (leased ones included; their receipts go stale).
+    pub async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let handle = self.queue(queue)?;
+        let range = handle.state.lock().purge_range();
+        if !range.is_empty() {
+            self.write(vec![Op::Settle { uid: handle.uid, ranges: vec![range.clone()] }], AckLevel::Durable).await?;
+        }
+        let removed = handle.state.lock().apply_purge(range);
+        handle.notify.notify_waiters();
+        Ok(removed)
+    }
+
+    /// Up to `max` unleased messages from offset `from` on, without leasing them.
+    pub fn peek(&self, queue: &str, from: u64, max: usize) -> Result<Vec<Peeked>, BrokerError> {
+        let handle = self.queue(queue)?;
+        if max == 0 || max > self.inner.limits.max_receive_messages {
+            return Err(BrokerError::invalid(format!("max must be 1..={}", self.inner.limits.max_receive_messages)));
+        }
+        let (offsets, counts): (Vec<u64>, Vec<u32>) = {
+            let state = handle.state.lock();
+            let offsets = state.pending_offsets(from, max);
+            let counts = offsets.iter().map(|o| state.history(*o).map_or(0, |h| h.delivery_count)).collect();
+            (offsets, counts)
+        };
+        let mut out = Vec::with_capacity(offsets.len());
+        for (offset, delivery_count) in offsets.into_iter().zip(counts) {
+            if let Some(record) = handle.reader.read(offset, 1, 1).map_err(storage_error)?.pop()
+                && record.offset == offset
+            {
+                out.push(Peeked { record, delivery_count });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs lease expiry, timers and the disk probe for every queue; the server calls
+    /// this periodically (tests call it after moving their clock).
+    pub async fn run_maintenance(&self) {
+        let handles: Vec<_> = self.inner.queues.read().values().cloned().collect();
+        for handle in handles {
+            self.maintain(&handle).await;
+        }
+    }
+
+    /// Starts the periodic maintenance task on the current tokio runtime.
+    pub fn spawn_maintenance(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                broker.run_maintenance().await;
+                n += 1;
+                if n % 10 == 0 {
+                    broker.refresh_disk();
+                }
+            }
+        })
+    }
+
+    // ---- redrive ----
+
+    /// Starts moving messages out of a dead-letter queue at a bounded rate.
+    pub fn start_redrive(&self, dlq: &str, req: RedriveRequest) -> Result<RedriveProgress, BrokerError> {
+        let handle = self.queue(dlq)?;
+        if req.rate_per_s == 0 || req.rate_per_s > 100_000 {
+            return Err(BrokerError::invalid("rate_per_s must be 1..=100000"));
+        }
+        if let Some(to) = &req.to {
+            self.queue(to)?;
+        }
+        let id = format!("rd-{}", self.inner.next_redrive.fetch_add(1, Ordering::Relaxed));
+        let total = handle.state.lock().unsettled();
+        let progress = Arc::new(Mutex::new(RedriveProgress {
+            id: id.clone(),
+            queue: dlq.to_string(),
+            moved: 0,
+            remaining: if req.max > 0 { total.min(req.max) } else { total },
+            skipped: 0,
+            state: "running",
+            error: None,
+        }));
+        {
+            let mut redrives = self.inner.redrives.lock();
+            if redrives.len() >= MAX_REDRIVES_KEPT {
+                redrives.remove(0);
+            }
+            redrives.push(progress.clone());
+        }
+        let broker = self.clone();
+        let snapshot = progress.lock().clone();
+        tokio::spawn(async move {
+            let result = broker.run_redrive(&handle, &req, &progress).await;
+            let mut p = progress.lock();
+            match result {
+                Ok(()) => {
+                    p.state = "done";
+                    p.remaining = 0;
+                }
+                Err(err) => {
+                    p.state = "failed";
+                    p.error = Some(err.to_string());
+                }
+            }
+        });
+        Ok(snapshot)
+    }
+
+    pub fn redrive_progress(&self, id: &str) -> Result<RedriveProgress, BrokerError> {
+        let redrives = self.inner.redrives.lock();
+        redrives
+            .iter()
+            .find(|p| p.lock().id == id)
+            .map(|p| p.lock().clone())
+            .ok_or_else(|| BrokerError::new(ErrorCode::RedriveNotFound, format!("no redrive '{id}'")))
+    }
+
+    async fn run_redrive(&self, dlq: &Arc<QueueHandle>, req: &RedriveRequest, progress: &Mutex<RedriveProgress>) -> Result<(), BrokerError> {
+        let steps_per_s = req.rate_per_s.clamp(1, 10);
+        let per_step = (req.rate_per_s / steps_per_s).clamp(1, 1_000) as usize;
+        let mut tick = tokio::time::interval(Duration::from_millis(1_000 / steps_per_s));
+        let mut scan_from = 0u64;
+        let mut moved_total = 0u64;
+        loop {
+            tick.tick().await;
+            let budget = if req.max > 0 { (req.max - moved_total).min(per_step as u64) as usize } else { per_step };
+            if budget == 0 {
+                return Ok(());
+            }
+            let offsets = dlq.state.lock().pending_offsets(scan_from, budget * 4);
+            let Some(&last) = offsets.last() else { return Ok(()) };
+            scan_from = last + 1;
+            // Read, filter, group by target.
+            let mut by_target: HashMap<String, Vec<Record>> = HashMap::new();
+            let mut skipped = 0;
+            for offset in offsets {
+                if by_target.values().map(Vec::len).sum::<usize>() >= budget {
+                    scan_from = offset;
+                    break;
+                }
+                let Some(record) = dlq.reader.read(offset, 1, 1).map_err(storage_error)?.pop() else { continue };
+                if record.offset != offset || !redrive_matches(&record, req) {
+                    skipped += 1;
+                    continue;
+                }
+                let target = req.to.clone().or_else(|| header(&record, HEADER_SOURCE_QUEUE));
+                match target {
+                    Some(target) => by_target.entry(target).or_default().push(record),
+                    None => skipped += 1,
+                }
+            }
+            let mut moved = 0;
+            for (target_name, records) in by_target {
+                let Ok(target) = self.queue(&target_name) else {
+                    skipped += records.len() as u64;
+                    continue;
+                };
+                let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
+                let claimed = dlq.state.lock().claim(&offsets);
+                let records: Vec<(Record, Vec<(String, String)>)> = records
+                    .into_iter()
+                    .filter(|r| claimed.contains(&r.offset))
+                    .map(|r| {
+                        let headers = r
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+                            .collect();
+                        (r, headers)
+                    })
+                    .collect();
+                let sizes: Vec<(u64, u64)> = records.iter().map(|(r, _)| (r.offset, r.size())).collect();
+                let result = self.move_records(&target, dlq, records).await;
+                let now = self.now_ms();
+                dlq.state.lock().finish_settle(&sizes, result.is_ok(), now);
+                result?;
+                moved += sizes.len() as u64;
+                target.notify.notify_waiters();
+            }
+            moved_total += moved;
+            let remaining = dlq.state.lock().unsettled();
+            let mut p = progress.lock();
+            p.moved = moved_total;
+            p.skipped += skipped;
+            p.remaining = remaining.saturating_sub(p.skipped);
+            if req.max > 0 {
+                p.remaining = p.remaining.min(req.max - moved_total);
+            }
+            dlq.state.lock().counters.redriven += moved;
+        }
+    }
+
+    /// Stops the store: finishes queued writes, syncs and checkpoints.
+    pub fn shutdown(&self) {
+        self.inner.store.shutdown();
+    }
+
+    /// Checks every queue's internal invariants (tests).
+    pub fn debug_check_consistency(&self) {
+        for handle in self.inner.queues.read().values() {
+            handle.state.lock().debug_check_consistency();
+        }
+    }
+}
+
+fn redrive_matches(record: &Record, req: &RedriveRequest) -> bool {
+    if let Some(key) = &req.key
+        && record.key.as_deref() != Some(key.as_bytes())
+    {
+        return false;
+    }
+    if let Some(text) = &req.error_contains
+        && !header(record, HEADER_LAST_ERROR).is_some_and(|e| e.contains(text.as_str()))
+    {
+        return false;
+    }
+    true
+}
+
+pub fn header(record: &Record, name: &str) -> Option<String> {
+    record.headers.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Sorted offsets as coalesced ranges.
+fn to_ranges(offsets: &[u64]) -> Vec<Range<u64>> {
+    let mut sorted = offsets.to_vec();
+    sorted.sort_unstable();
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for offset in sorted {
+        match out.last_mut() {
+            Some(last) if last.end == offset => last.end += 1,
+            Some(last) if last.end > offset => {}
+            _ => out.push(offset..offset + 1),
+        }
+    }
+    out
+}
+
+/// 16 bytes: 6 of milliseconds (sortable by time) and 10 random.
+fn new_message_id(now_ms: i64) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[..6].copy_from_slice(&(now_ms as u64).to_be_bytes()[2..]);
+    id[6..14].copy_from_slice(&fastrand::u64(..).to_le_bytes());
+    id[14..].copy_from_slice(&fastrand::u16(..).to_le_bytes());
+    id
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out
+}
+
+/// The id of a record as shown to clients.
+pub fn record_id(record: &Record) -> String {
+    if record.flags & RECORD_FLAG_GENERATED_ID != 0 {
+        hex(&record.id)
+    } else {
+        String::from_utf8_lossy(&record.id).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_coalesce() {
+        assert_eq!(to_ranges(&[5, 1, 2, 3, 9, 2]), vec![1..4, 5..6, 9..10]);
+        assert!(to_ranges(&[]).is_empty());
+    }
+}

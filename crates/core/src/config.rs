@@ -1,0 +1,287 @@
+//! Queue configuration (persisted with the queue) and broker-wide limits.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::{BrokerError, ErrorCode};
+
+pub const MAX_QUEUE_NAME_LEN: usize = 200;
+const DLQ_SUFFIX: &str = "-dlq";
+/// Longest lease: 12 hours (as SQS's visibility timeout).
+pub const MAX_LEASE_MS: u64 = 12 * 3600 * 1000;
+
+/// Checks a queue name: 1 to 200 characters of `[A-Za-z0-9._-]`.
+pub fn validate_queue_name(name: &str) -> Result<(), BrokerError> {
+    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if name.is_empty() || name.len() > MAX_QUEUE_NAME_LEN || !ok_chars {
+        let shown: String = name.chars().take(40).collect();
+        return Err(BrokerError::new(
+            ErrorCode::InvalidQueueName,
+            format!("invalid queue name '{shown}': use 1 to {MAX_QUEUE_NAME_LEN} characters of A-Z a-z 0-9 . _ -"),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    /// Delay before the second delivery (before jitter).
+    pub base_ms: u64,
+    /// Growth per further delivery.
+    pub multiplier: f64,
+    /// Cap on the delay.
+    pub max_ms: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { base_ms: 1_000, multiplier: 2.0, max_ms: 300_000 }
+    }
+}
+
+impl Backoff {
+    /// Full jitter: a uniform delay in [0, min(max, base * multiplier^(deliveries-1))].
+    pub fn delay_ms(&self, delivery_count: u32, unit: f64) -> u64 {
+        let exp = self.multiplier.powi(delivery_count.saturating_sub(1).min(64) as i32);
+        let cap = (self.base_ms as f64 * exp).min(self.max_ms as f64);
+        (cap * unit.clamp(0.0, 1.0)).round() as u64
+    }
+}
+
+/// A queue's configuration, as stored and as shown in the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueConfig {
+    /// Default lease (visibility timeout) of a receive.
+    pub lease_ms: u64,
+    /// Deliveries before a message moves to the dead-letter queue; 0 = unlimited.
+    pub max_deliveries: u32,
+    pub backoff: Backoff,
+    /// Where messages go after `max_deliveries`; null = nowhere (they are retried forever).
+    pub dead_letter_queue: Option<String>,
+    /// Capacity: publishes beyond are refused with 429.
+    pub max_messages: u64,
+    pub max_bytes: u64,
+    /// Messages leased at once; receives beyond get fewer messages.
+    pub max_in_flight: u64,
+}
+
+/// A configuration change: every field optional. `dead_letter_queue: null` disables it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigPatch {
+    pub lease_ms: Option<u64>,
+    pub max_deliveries: Option<u32>,
+    pub backoff: Option<BackoffPatch>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub dead_letter_queue: Option<Option<String>>,
+    pub max_messages: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub max_in_flight: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffPatch {
+    pub base_ms: Option<u64>,
+    pub multiplier: Option<f64>,
+    pub max_ms: Option<u64>,
+}
+
+fn explicit_null<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Ok(Some(Option::deserialize(d)?))
+}
+
+impl QueueConfig {
+    /// Defaults for a new queue named `name`.
+    pub fn defaults_for(name: &str, limits: &Limits) -> QueueConfig {
+        QueueConfig {
+            lease_ms: 30_000,
+            max_deliveries: 10,
+            backoff: Backoff::default(),
+            dead_letter_queue: Some(format!("{name}{DLQ_SUFFIX}")),
+            max_messages: limits.default_max_messages,
+            max_bytes: limits.default_max_bytes,
+            max_in_flight: limits.default_max_in_flight,
+        }
+    }
+
+    /// Configuration of a dead-letter queue created on demand: keeps messages until
+    /// redriven or purged, never dead-letters further.
+    pub fn for_dead_letter_queue(name: &str, limits: &Limits) -> QueueConfig {
+        QueueConfig { max_deliveries: 0, dead_letter_queue: None, ..QueueConfig::defaults_for(name, limits) }
+    }
+
+    pub fn apply(&self, patch: &ConfigPatch) -> QueueConfig {
+        let mut out = self.clone();
+        if let Some(v) = patch.lease_ms {
+            out.lease_ms = v;
+        }
+        if let Some(v) = patch.max_deliveries {
+            out.max_deliveries = v;
+        }
+        if let Some(b) = &patch.backoff {
+            out.backoff.base_ms = b.base_ms.unwrap_or(out.backoff.base_ms);
+            out.backoff.multiplier = b.multiplier.unwrap_or(out.backoff.multiplier);
+            out.backoff.max_ms = b.max_ms.unwrap_or(out.backoff.max_ms);
+        }
+        if let Some(v) = &patch.dead_letter_queue {
+            out.dead_letter_queue = v.clone();
+        }
+        if let Some(v) = patch.max_messages {
+            out.max_messages = v;
+        }
+        if let Some(v) = patch.max_bytes {
+            out.max_bytes = v;
+        }
+        if let Some(v) = patch.max_in_flight {
+            out.max_in_flight = v;
+        }
+        out
+    }
+
+    pub fn validate(&self, queue: &str, limits: &Limits) -> Result<(), BrokerError> {
+        let bad = |msg: String| Err(BrokerError::new(ErrorCode::InvalidConfig, msg));
+        if !(1..=MAX_LEASE_MS).contains(&self.lease_ms) {
+            return bad(format!("lease_ms must be 1..={MAX_LEASE_MS} (12 h), got {}", self.lease_ms));
+        }
+        if self.max_deliveries > 1_000 {
+            return bad(format!("max_deliveries must be 0 (unlimited) ..=1000, got {}", self.max_deliveries));
+        }
+        let b = &self.backoff;
+        if !(b.multiplier.is_finite() && (1.0..=10.0).contains(&b.multiplier)) {
+            return bad(format!("backoff.multiplier must be 1.0..=10.0, got {}", b.multiplier));
+        }
+        if b.max_ms > 7 * 86_400_000 || b.base_ms > b.max_ms {
+            return bad(format!("backoff needs base_ms <= max_ms <= 604800000 (7 days), got base_ms {} max_ms {}", b.base_ms, b.max_ms));
+        }
+        if let Some(dlq) = &self.dead_letter_queue {
+            validate_queue_name(dlq).map_err(|e| {
+                BrokerError::new(ErrorCode::InvalidConfig, format!("dead_letter_queue: {}; long queue names need an explicit dead_letter_queue", e.message))
+            })?;
+            if dlq == queue {
+                return Err(BrokerError::new(ErrorCode::ConfigConflict, "a queue cannot be its own dead_letter_queue"));
+            }
+        }
+        if self.max_messages == 0 || self.max_messages > limits.max_queue_messages {
+            return bad(format!("max_messages must be 1..={}, got {}", limits.max_queue_messages, self.max_messages));
+        }
+        if self.max_bytes == 0 || self.max_bytes > limits.max_queue_bytes {
+            return bad(format!("max_bytes must be 1..={}, got {}", limits.max_queue_bytes, self.max_bytes));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > limits.max_in_flight {
+            return bad(format!("max_in_flight must be 1..={}, got {}", limits.max_in_flight, self.max_in_flight));
+        }
+        Ok(())
+    }
+}
+
+/// Broker-wide limits. Every one is configurable (docs/configuration.md lists them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Messages per publish request.
+    pub max_batch_messages: usize,
+    /// Bytes of one message body.
+    pub max_message_bytes: usize,
+    /// Receipts per ack/nack/extend request and messages per receive.
+    pub max_receive_messages: usize,
+    /// Longest long-poll.
+    pub max_wait_ms: u64,
+    /// Longest delay of a message.
+    pub max_delay_ms: u64,
+    /// Bytes of a key.
+    pub max_key_bytes: usize,
+    /// Headers per message, and bytes of one header name and value.
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    /// Bytes of a client-chosen message id.
+    pub max_id_bytes: usize,
+    /// Number of queues.
+    pub max_queues: usize,
+    /// Ceilings and defaults of per-queue capacity.
+    pub max_queue_messages: u64,
+    pub max_queue_bytes: u64,
+    pub default_max_messages: u64,
+    pub default_max_bytes: u64,
+    pub max_in_flight: u64,
+    pub default_max_in_flight: u64,
+    /// Publishes are refused while the data directory's disk has less free space.
+    pub min_free_disk_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_batch_messages: 10_000,
+            max_message_bytes: 1 << 20,
+            max_receive_messages: 10_000,
+            max_wait_ms: 60_000,
+            max_delay_ms: 7 * 86_400_000,
+            max_key_bytes: 1024,
+            max_headers: 64,
+            max_header_bytes: 4096,
+            max_id_bytes: 128,
+            max_queues: 10_000,
+            max_queue_messages: 1_000_000_000,
+            max_queue_bytes: 1 << 40,
+            default_max_messages: 10_000_000,
+            default_max_bytes: 10 << 30,
+            max_in_flight: 1_000_000,
+            default_max_in_flight: 100_000,
+            min_free_disk_bytes: 256 << 20,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let b = Backoff { base_ms: 100, multiplier: 2.0, max_ms: 1_000 };
+        assert_eq!([1, 2, 3, 4, 5, 30].map(|n| b.delay_ms(n, 1.0)), [100, 200, 400, 800, 1_000, 1_000]);
+        assert_eq!(b.delay_ms(3, 0.5), 200);
+        assert_eq!(b.delay_ms(3, 0.0), 0);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "orders.v2", "A_b-c", &"x".repeat(200)] {
+            assert!(validate_queue_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "é", "a/b", &"x".repeat(201)] {
+            assert!(matches!(validate_queue_name(bad), Err(e) if e.code == ErrorCode::InvalidQueueName), "{bad}");
+        }
+    }
+
+    #[test]
+    fn patches_apply_and_null_disables_the_dlq() {
+        let limits = Limits::default();
+        let config = QueueConfig::defaults_for("q", &limits);
+        assert_eq!(config.dead_letter_queue.as_deref(), Some("q-dlq"));
+        let patch: ConfigPatch = serde_json::from_str(r#"{"lease_ms": 5, "dead_letter_queue": null, "backoff": {"base_ms": 7}}"#).unwrap();
+        let next = config.apply(&patch);
+        assert_eq!((next.lease_ms, next.dead_letter_queue.clone(), next.backoff.base_ms, next.backoff.max_ms), (5, None, 7, 300_000));
+        let untouched: ConfigPatch = serde_json::from_str(r#"{"lease_ms": 5}"#).unwrap();
+        assert_eq!(config.apply(&untouched).dead_letter_queue.as_deref(), Some("q-dlq"));
+        assert!(serde_json::from_str::<ConfigPatch>(r#"{"lease": 5}"#).is_err());
+    }
+
+    #[test]
+    fn absurd_values_are_refused_with_the_field_named() {
+        let limits = Limits::default();
+        let base = QueueConfig::defaults_for("q", &limits);
+        let cases = [
+            QueueConfig { lease_ms: 0, ..base.clone() },
+            QueueConfig { lease_ms: MAX_LEASE_MS + 1, ..base.clone() },
+            QueueConfig { backoff: Backoff { multiplier: f64::NAN, ..base.backoff }, ..base.clone() },
+            QueueConfig { max_messages: 0, ..base.clone() },
+            QueueConfig { dead_letter_queue: Some("q".into()), ..base.clone() },
+        ];
+        for case in cases {
+            assert!(case.validate("q", &limits).is_err(), "{case:?}");
+        }
+        assert!(base.validate("q", &limits).is_ok());
+    }
+}

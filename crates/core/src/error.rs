@@ -1,0 +1,189 @@
+//! Stable error codes. A code keeps its meaning forever; a retired code is never reused.
+//! The full list with statuses is documented in docs/errors.md.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidRequest,
+    InvalidQueueName,
+    InvalidConfig,
+    InvalidMessage,
+    InvalidReceipt,
+    StaleReceipt,
+    MessageTooLarge,
+    BatchTooLarge,
+    RequestTooLarge,
+    QueueNotFound,
+    RedriveNotFound,
+    NotFound,
+    MethodNotAllowed,
+    ConfigConflict,
+    QueueFull,
+    Overloaded,
+    DiskFull,
+    StorageFailed,
+    NotReady,
+    ShuttingDown,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidQueueName,
+        ErrorCode::InvalidConfig,
+        ErrorCode::InvalidMessage,
+        ErrorCode::InvalidReceipt,
+        ErrorCode::StaleReceipt,
+        ErrorCode::MessageTooLarge,
+        ErrorCode::BatchTooLarge,
+        ErrorCode::RequestTooLarge,
+        ErrorCode::QueueNotFound,
+        ErrorCode::RedriveNotFound,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::ConfigConflict,
+        ErrorCode::QueueFull,
+        ErrorCode::Overloaded,
+        ErrorCode::DiskFull,
+        ErrorCode::StorageFailed,
+        ErrorCode::NotReady,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidQueueName => "invalid_queue_name",
+            ErrorCode::InvalidConfig => "invalid_config",
+            ErrorCode::InvalidMessage => "invalid_message",
+            ErrorCode::InvalidReceipt => "invalid_receipt",
+            ErrorCode::StaleReceipt => "stale_receipt",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::BatchTooLarge => "batch_too_large",
+            ErrorCode::RequestTooLarge => "request_too_large",
+            ErrorCode::QueueNotFound => "queue_not_found",
+            ErrorCode::RedriveNotFound => "redrive_not_found",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::ConfigConflict => "config_conflict",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::DiskFull => "disk_full",
+            ErrorCode::StorageFailed => "storage_failed",
+            ErrorCode::NotReady => "not_ready",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status this code travels with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidJson
+            | ErrorCode::InvalidRequest
+            | ErrorCode::InvalidQueueName
+            | ErrorCode::InvalidConfig
+            | ErrorCode::InvalidMessage
+            | ErrorCode::InvalidReceipt
+            | ErrorCode::StaleReceipt => 400,
+            ErrorCode::QueueNotFound | ErrorCode::RedriveNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::ConfigConflict => 409,
+            ErrorCode::MessageTooLarge | ErrorCode::BatchTooLarge | ErrorCode::RequestTooLarge => 413,
+            ErrorCode::QueueFull | ErrorCode::Overloaded => 429,
+            ErrorCode::DiskFull => 507,
+            ErrorCode::StorageFailed | ErrorCode::Internal => 500,
+            ErrorCode::NotReady | ErrorCode::ShuttingDown => 503,
+        }
+    }
+
+    /// What a person should do about it (for docs/errors.md).
+    pub fn meaning(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "The body is not valid JSON. Fix the request body.",
+            ErrorCode::InvalidRequest => "A field is missing, unknown or out of range. The message names it.",
+            ErrorCode::InvalidQueueName => "Queue names are 1 to 200 characters of A-Z a-z 0-9 . _ -",
+            ErrorCode::InvalidConfig => "A queue configuration value is invalid. The message names the field and its range.",
+            ErrorCode::InvalidMessage => "A message is malformed (bad base64, both or neither of body/body_base64, bad delay). The whole batch was refused.",
+            ErrorCode::InvalidReceipt => "The receipt cannot be parsed or belongs to another queue. Use the receipt exactly as delivered.",
+            ErrorCode::StaleReceipt => "The lease of this receipt expired or was settled; the message may be leased to someone else now.",
+            ErrorCode::MessageTooLarge => "A message is larger than the configured limit (max_message_bytes).",
+            ErrorCode::BatchTooLarge => "The batch has more messages or receipts than the configured limit.",
+            ErrorCode::RequestTooLarge => "The request body exceeds the configured limit (max_request_bytes).",
+            ErrorCode::QueueNotFound => "No queue has this name. Create it with PUT /v1/queues/{queue}.",
+            ErrorCode::RedriveNotFound => "No redrive has this id (ids are kept in memory until restart).",
+            ErrorCode::NotFound => "No such endpoint. See /v1/openapi.json.",
+            ErrorCode::MethodNotAllowed => "This endpoint does not take this method.",
+            ErrorCode::ConfigConflict => "The configuration conflicts with the queue's state (for example, a queue cannot be its own dead-letter queue).",
+            ErrorCode::QueueFull => "The queue is at its capacity (max_messages or max_bytes). Retry after Retry-After; nothing was stored.",
+            ErrorCode::Overloaded => "The broker's write queue is full. Retry after Retry-After; nothing was stored.",
+            ErrorCode::DiskFull => "Free disk space is below the watermark; publishes are refused while receive, ack, delete and purge work. Free space or consume.",
+            ErrorCode::StorageFailed => "The storage engine failed; the operation was not applied. The server log has the cause.",
+            ErrorCode::NotReady => "The server is still recovering. Retry shortly.",
+            ErrorCode::ShuttingDown => "The server is shutting down. Retry against the restarted server.",
+            ErrorCode::Internal => "A bug. The server log has details.",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error for a client: a stable code, a message for a person, and when to retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl BrokerError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        BrokerError { code, message: message.into(), retry_after_ms: None }
+    }
+
+    pub fn retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
+    }
+
+    pub fn queue_not_found(name: &str) -> Self {
+        BrokerError::new(ErrorCode::QueueNotFound, format!("queue '{name}' does not exist"))
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        BrokerError::new(ErrorCode::InvalidRequest, message)
+    }
+}
+
+impl fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for BrokerError {}
+
+impl From<tidewater_storage::WriteError> for BrokerError {
+    fn from(err: tidewater_storage::WriteError) -> Self {
+        use tidewater_storage::WriteError as W;
+        match err {
+            W::NoSpace => BrokerError::new(ErrorCode::DiskFull, "the disk is full; nothing was stored").retry_after(5_000),
+            W::Overloaded => {
+                BrokerError::new(ErrorCode::Overloaded, "the write queue is full; nothing was stored").retry_after(100)
+            }
+            W::UnknownLog(_) => BrokerError::new(ErrorCode::QueueNotFound, "the queue was deleted"),
+            W::ShuttingDown => BrokerError::new(ErrorCode::ShuttingDown, "the server is shutting down"),
+            other => BrokerError::new(ErrorCode::StorageFailed, other.to_string()),
+        }
+    }
+}

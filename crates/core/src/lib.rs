@@ -1,0 +1,16 @@
+//! tidewater's queues over the embedded storage engine.
+//!
+//! Architecture invariant: this crate knows nothing of HTTP. It speaks in `BrokerError`s
+//! with stable `ErrorCode`s; the server maps them to statuses.
+
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod queue;
+pub mod receipt;
+
+pub use broker::{Broker, BrokerOptions, Delay, NewMessage, Observer, QueueInfo, RedriveProgress, RedriveRequest, SettleReply};
+pub use config::{ConfigPatch, Limits, QueueConfig};
+pub use error::{BrokerError, ErrorCode};
+pub use tidewater_storage::AckLevel;

@@ -1,0 +1,625 @@
+//! The delivery state of one queue: which messages are ready, leased, delayed or settled.
+//!
+//! Sans-IO: records are read through `RecordSource`, time is passed in, and the caller
+//! writes the durable facts (settle, retry) to storage. Every unsettled message behind the
+//! scan cursor is in exactly one of: `leases`, `ready`, `timers`, `settling`
+//! (checked by `debug_check_consistency`).
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Range;
+
+use tidewater_storage::{LogState, ReadError, Record, RangeSet, RetryInfo};
+
+use crate::config::QueueConfig;
+use crate::error::{BrokerError, ErrorCode};
+use crate::receipt::Receipt;
+
+/// Bytes read ahead per scan step when looking for deliverable messages.
+const SCAN_BYTES: usize = 4 << 20;
+
+/// Where a queue's records come from (a storage log reader, or a model in tests).
+pub trait RecordSource {
+    /// Records at offsets >= `from`, at most `max_count`, about `max_bytes` of bodies.
+    fn read(&self, from: u64, max_count: usize, max_bytes: usize) -> Result<Vec<Record>, ReadError>;
+}
+
+impl RecordSource for tidewater_storage::LogReader {
+    fn read(&self, from: u64, max_count: usize, max_bytes: usize) -> Result<Vec<Record>, ReadError> {
+        tidewater_storage::LogReader::read(self, from, max_count, max_bytes)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub nonce: u64,
+    pub deadline_ms: i64,
+    pub delivery_count: u32,
+    pub size: u64,
+    pub published_at_ms: i64,
+}
+
+/// Delivery count and errors of a message that was delivered and not settled.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub delivery_count: u32,
+    pub errors: VecDeque<(i64, String)>,
+}
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub receipt: String,
+    pub delivery_count: u32,
+    pub record: Record,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub published: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub nacked: u64,
+    pub expired: u64,
+    pub dead_lettered: u64,
+    pub redriven: u64,
+    pub purged: u64,
+    /// Refused publishes by reason (a fixed, small set of reasons).
+    pub refused: HashMap<&'static str, u64>,
+}
+
+/// A message whose lease ran out or that was nacked: what to do with it next.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unacked {
+    pub offset: u64,
+    pub delivery_count: u32,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueStats {
+    /// Messages ready for delivery now.
+    pub depth: u64,
+    pub in_flight: u64,
+    pub delayed: u64,
+    /// Every unsettled message (depth + in_flight + delayed).
+    pub total: u64,
+    pub bytes: u64,
+    pub oldest_age_ms: u64,
+    pub published: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub nacked: u64,
+    pub expired: u64,
+    pub dead_lettered: u64,
+    pub redriven: u64,
+    pub purged: u64,
+}
+
+/// Settlements per second, measured over windows of at least a second.
+#[derive(Debug, Clone, Default)]
+struct DrainMeter {
+    rate_per_s: f64,
+    window_start_ms: i64,
+    window_count: u64,
+}
+
+impl DrainMeter {
+    fn record(&mut self, n: u64, now_ms: i64) {
+        if self.window_start_ms == 0 {
+            self.window_start_ms = now_ms;
+        }
+        self.window_count += n;
+        let elapsed = now_ms - self.window_start_ms;
+        if elapsed >= 1_000 {
+            let rate = self.window_count as f64 * 1_000.0 / elapsed as f64;
+            self.rate_per_s = if self.rate_per_s == 0.0 { rate } else { 0.5 * self.rate_per_s + 0.5 * rate };
+            self.window_start_ms = now_ms;
+            self.window_count = 0;
+        }
+    }
+
+    /// How long until `excess` messages have drained at the measured rate, 1 s..=5 min.
+    fn wait_ms(&self, excess: u64, now_ms: i64) -> u64 {
+        let stale = now_ms - self.window_start_ms > 10_000;
+        if self.rate_per_s <= 0.0 || stale {
+            return 30_000;
+        }
+        ((excess as f64 / self.rate_per_s) * 1_000.0).clamp(1_000.0, 300_000.0) as u64
+    }
+}
+
+pub struct QueueState {
+    pub uid: u64,
+    pub name: String,
+    pub config: QueueConfig,
+    /// Offsets below are durable and deliverable.
+    visible_end: u64,
+    /// Offsets below were assigned to accepted publishes.
+    accepted_end: u64,
+    ack_floor: u64,
+    /// Settled offsets at or above the floor.
+    settled: RangeSet,
+    /// Settlements written but not yet confirmed by storage.
+    settling: HashSet<u64>,
+    /// Next offset never looked at for a first delivery.
+    cursor: u64,
+    leases: HashMap<u64, Lease>,
+    lease_expiry: BTreeSet<(i64, u64)>,
+    timers: BTreeSet<(i64, u64)>,
+    timer_at: HashMap<u64, i64>,
+    /// Redeliverable now, served before new messages.
+    ready: VecDeque<u64>,
+    history: HashMap<u64, History>,
+    backlog_bytes: i64,
+    reserved_messages: u64,
+    reserved_bytes: u64,
+    pub counters: Counters,
+    drain: DrainMeter,
+    /// (ack floor, published_at of the message there), cached for oldest-age.
+    oldest: Option<(u64, i64)>,
+}
+
+impl QueueState {
+    pub fn new(uid: u64, name: String, config: QueueConfig) -> Self {
+        QueueState {
+            uid,
+            name,
+            config,
+            visible_end: 0,
+            accepted_end: 0,
+            ack_floor: 0,
+            settled: RangeSet::new(),
+            settling: HashSet::new(),
+            cursor: 0,
+            leases: HashMap::new(),
+            lease_expiry: BTreeSet::new(),
+            timers: BTreeSet::new(),
+            timer_at: HashMap::new(),
+            ready: VecDeque::new(),
+            history: HashMap::new(),
+            backlog_bytes: 0,
+            reserved_messages: 0,
+            reserved_bytes: 0,
+            counters: Counters::default(),
+            drain: DrainMeter::default(),
+            oldest: None,
+        }
+    }
+
+    /// Rebuilds the state of a recovered log: leases are gone, so every unsettled message
+    /// is deliverable (or delayed, if its retry or publish time is still ahead).
+    pub fn recover(log: &LogState, config: QueueConfig, source: &impl RecordSource, now_ms: i64) -> Result<Self, ReadError> {
+        let mut state = QueueState::new(log.uid, log.name.clone(), config);
+        state.visible_end = log.next_offset;
+        state.accepted_end = log.next_offset;
+        state.ack_floor = log.ack_floor;
+        state.settled = log.settled.clone();
+        state.cursor = log.ack_floor;
+        for (&offset, info) in &log.retries {
+            let RetryInfo { delivery_count, deliver_at_ms, errors } = info;
+            state.history.insert(offset, History { delivery_count: *delivery_count, errors: errors.clone() });
+            if *deliver_at_ms > now_ms {
+                state.add_timer(offset, *deliver_at_ms);
+            }
+        }
+        // One pass over the backlog for its size and its delayed messages.
+        let mut from = log.ack_floor;
+        while from < log.next_offset {
+            let records = source.read(from, usize::MAX, SCAN_BYTES)?;
+            let Some(last) = records.last() else { break };
+            from = last.offset + 1;
+            for record in records {
+                if state.settled.contains(record.offset) {
+                    continue;
+                }
+                state.backlog_bytes += record.size() as i64;
+                if record.deliver_at_ms > now_ms && !state.timer_at.contains_key(&record.offset) {
+                    state.add_timer(record.offset, record.deliver_at_ms);
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    fn log_end(&self) -> u64 {
+        self.accepted_end.max(self.visible_end)
+    }
+
+    /// Messages accepted and not settled.
+    pub fn unsettled(&self) -> u64 {
+        self.log_end().saturating_sub(self.ack_floor).saturating_sub(self.settled.len())
+    }
+
+    pub fn set_visible_end(&mut self, end: u64) {
+        self.visible_end = self.visible_end.max(end);
+    }
+
+    pub fn visible_end(&self) -> u64 {
+        self.visible_end
+    }
+
+    pub fn ack_floor(&self) -> u64 {
+        self.ack_floor
+    }
+
+    /// Reserves room for a publish or refuses it with a retry-after from the drain rate.
+    pub fn admit(&mut self, n: u64, bytes: u64, now_ms: i64) -> Result<(), BrokerError> {
+        let messages = self.unsettled() + self.reserved_messages + n;
+        let total_bytes = self.backlog_bytes.max(0) as u64 + self.reserved_bytes + bytes;
+        if messages > self.config.max_messages || total_bytes > self.config.max_bytes {
+            *self.counters.refused.entry("queue_full").or_default() += 1;
+            let excess = messages.saturating_sub(self.config.max_messages).max(n);
+            let wait = self.drain.wait_ms(excess, now_ms);
+            let what = if messages > self.config.max_messages {
+                format!("{} of max_messages {}", self.unsettled(), self.config.max_messages)
+            } else {
+                format!("{} bytes of max_bytes {}", self.backlog_bytes.max(0), self.config.max_bytes)
+            };
+            return Err(BrokerError::new(
+                ErrorCode::QueueFull,
+                format!("queue '{}' is full ({what}); nothing was stored, retry in {} s", self.name, wait.div_ceil(1000)),
+            )
+            .retry_after(wait));
+        }
+        self.reserved_messages += n;
+        self.reserved_bytes += bytes;
+        Ok(())
+    }
+
+    /// Reserves room without a capacity check (moves of already-accepted messages).
+    pub fn reserve_unchecked(&mut self, n: u64, bytes: u64) {
+        self.reserved_messages += n;
+        self.reserved_bytes += bytes;
+    }
+
+    pub fn count_refusal(&mut self, reason: &'static str) {
+        *self.counters.refused.entry(reason).or_default() += 1;
+    }
+
+    /// Ends a reservation; on success the messages at `base..base+n` join the backlog.
+    /// `delays` are (index in batch, deliver_at) of delayed messages.
+    pub fn published(&mut self, n: u64, bytes: u64, appended: Option<(u64, &[(u32, i64)])>) {
+        self.reserved_messages -= n;
+        self.reserved_bytes -= bytes;
+        if let Some((base, delays)) = appended {
+            self.accepted_end = self.accepted_end.max(base + n);
+            self.backlog_bytes += bytes as i64;
+            self.counters.published += n;
+            for &(idx, at) in delays {
+                // Behind the cursor the scan has seen it already (and timed or delivered it).
+                let offset = base + idx as u64;
+                if offset >= self.cursor && !self.is_settled_or_busy(offset) {
+                    self.add_timer(offset, at);
+                }
+            }
+        }
+    }
+
+    fn add_timer(&mut self, offset: u64, at: i64) {
+        if let Some(old) = self.timer_at.insert(offset, at) {
+            self.timers.remove(&(old, offset));
+        }
+        self.timers.insert((at, offset));
+    }
+
+    fn is_settled_or_busy(&self, offset: u64) -> bool {
+        offset < self.ack_floor
+            || self.settled.contains(offset)
+            || self.settling.contains(&offset)
+            || self.leases.contains_key(&offset)
+    }
+
+    /// Moves due timers to the ready queue; returns the earliest pending due time.
+    pub fn fire_timers(&mut self, now_ms: i64) -> Option<i64> {
+        while let Some(&(at, offset)) = self.timers.first() {
+            if at > now_ms {
+                return Some(at);
+            }
+            self.timers.pop_first();
+            self.timer_at.remove(&offset);
+            // Below the cursor it needs the ready queue; above it the scan finds it.
+            if offset < self.cursor && !self.is_settled_or_busy(offset) {
+                self.ready.push_back(offset);
+            }
+        }
+        None
+    }
+
+    /// Earliest time something changes on its own (a timer or a lease deadline).
+    pub fn next_wakeup(&self) -> Option<i64> {
+        let timer = self.timers.first().map(|&(at, _)| at);
+        let lease = self.lease_expiry.first().map(|&(at, _)| at);
+        match (timer, lease) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Takes leases on up to `max` messages: redeliveries first, then new messages in
+    /// publish order.
+    pub fn deliver(
+        &mut self,
+        source: &impl RecordSource,
+        now_ms: i64,
+        max: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<Delivery>, ReadError> {
+        self.fire_timers(now_ms);
+        let room = (self.config.max_in_flight.saturating_sub(self.leases.len() as u64) as usize).min(max);
+        let mut out = Vec::new();
+        while out.len() < room {
+            let Some(offset) = self.ready.pop_front() else { break };
+            if self.is_settled_or_busy(offset) || self.timer_at.contains_key(&offset) {
+                continue;
+            }
+            match source.read(offset, 1, 1)?.pop() {
+                Some(record) if record.offset == offset => out.push(self.lease(record, now_ms, lease_ms)),
+                _ => {} // deleted with its segment: it was settled
+            }
+        }
+        while out.len() < room && self.cursor < self.visible_end {
+            let records = source.read(self.cursor, room - out.len(), SCAN_BYTES)?;
+            if records.is_empty() {
+                break;
+            }
+            for record in records {
+                if record.offset >= self.visible_end {
+                    break;
+                }
+                self.cursor = record.offset + 1;
+                if self.is_settled_or_busy(record.offset) || self.timer_at.contains_key(&record.offset) {
+                    continue;
+                }
+                if record.deliver_at_ms > now_ms {
+                    self.add_timer(record.offset, record.deliver_at_ms);
+                    continue;
+                }
+                out.push(self.lease(record, now_ms, lease_ms));
+                if out.len() == room {
+                    break;
+                }
+            }
+        }
+        self.counters.delivered += out.len() as u64;
+        Ok(out)
+    }
+
+    fn lease(&mut self, record: Record, now_ms: i64, lease_ms: u64) -> Delivery {
+        let delivery_count = self.history.get(&record.offset).map_or(0, |h| h.delivery_count) + 1;
+        let nonce = fastrand::u64(..);
+        let deadline_ms = now_ms + lease_ms as i64;
+        self.leases.insert(
+            record.offset,
+            Lease { nonce, deadline_ms, delivery_count, size: record.size(), published_at_ms: record.published_at_ms },
+        );
+        self.lease_expiry.insert((deadline_ms, record.offset));
+        let receipt = Receipt { log_uid: self.uid, offset: record.offset, nonce }.encode();
+        Delivery { receipt, delivery_count, record }
+    }
+
+    /// Checks a receipt against the current lease of its message.
+    pub fn check_receipt(&self, receipt: &str, now_ms: i64) -> Result<Receipt, ErrorCode> {
+        let parsed = Receipt::decode(receipt).ok_or(ErrorCode::InvalidReceipt)?;
+        if parsed.log_uid != self.uid {
+            return Err(ErrorCode::InvalidReceipt);
+        }
+        match self.leases.get(&parsed.offset) {
+            Some(lease) if lease.nonce == parsed.nonce && lease.deadline_ms > now_ms => Ok(parsed),
+            _ => Err(ErrorCode::StaleReceipt),
+        }
+    }
+
+    /// Ends a valid lease; the message is now being settled or rescheduled by the caller.
+    pub fn release(&mut self, offset: u64) -> Option<Lease> {
+        let lease = self.leases.remove(&offset)?;
+        self.lease_expiry.remove(&(lease.deadline_ms, offset));
+        Some(lease)
+    }
+
+    pub fn extend(&mut self, offset: u64, now_ms: i64, lease_ms: u64) -> Option<i64> {
+        let lease = self.leases.get_mut(&offset)?;
+        self.lease_expiry.remove(&(lease.deadline_ms, offset));
+        lease.deadline_ms = now_ms + lease_ms as i64;
+        self.lease_expiry.insert((lease.deadline_ms, offset));
+        Some(lease.deadline_ms)
+    }
+
+    /// Marks released messages as being settled (their settle record is in flight).
+    pub fn begin_settle(&mut self, offsets: &[u64]) {
+        self.settling.extend(offsets.iter().copied());
+    }
+
+    /// Storage confirmed (or refused) a settle. `sizes` are the messages' bytes.
+    pub fn finish_settle(&mut self, offsets: &[(u64, u64)], ok: bool, now_ms: i64) {
+        for &(offset, size) in offsets {
+            self.settling.remove(&offset);
+            if ok {
+                if offset >= self.ack_floor && self.settled.insert_one(offset) {
+                    self.backlog_bytes -= size as i64;
+                }
+                self.history.remove(&offset);
+            } else if !self.is_settled_or_busy(offset) {
+                self.ready.push_back(offset);
+            }
+        }
+        if ok {
+            self.drain.record(offsets.len() as u64, now_ms);
+            self.advance_floor();
+        }
+    }
+
+    fn advance_floor(&mut self) {
+        let floor = self.settled.end_of_run(self.ack_floor);
+        if floor != self.ack_floor {
+            self.ack_floor = floor;
+            self.settled.remove_below(floor);
+            self.cursor = self.cursor.max(floor);
+        }
+    }
+
+    /// Leases whose deadline passed, removed from the lease table.
+    pub fn expire_leases(&mut self, now_ms: i64) -> Vec<Unacked> {
+        let mut out = Vec::new();
+        while let Some(&(deadline, offset)) = self.lease_expiry.first() {
+            if deadline > now_ms {
+                break;
+            }
+            self.lease_expiry.pop_first();
+            if let Some(lease) = self.leases.remove(&offset) {
+                out.push(Unacked { offset, delivery_count: lease.delivery_count, size: lease.size });
+            }
+        }
+        self.counters.expired += out.len() as u64;
+        out
+    }
+
+    /// Schedules another delivery of a released message.
+    pub fn schedule_retry(&mut self, offset: u64, delivery_count: u32, deliver_at_ms: i64, error: Option<(i64, String)>, now_ms: i64) {
+        self.record_attempt(offset, delivery_count, error);
+        if deliver_at_ms > now_ms {
+            self.add_timer(offset, deliver_at_ms);
+        } else {
+            self.ready.push_back(offset);
+        }
+    }
+
+    /// Remembers a delivery that ended without an ack, and why.
+    pub fn record_attempt(&mut self, offset: u64, delivery_count: u32, error: Option<(i64, String)>) {
+        let history = self.history.entry(offset).or_default();
+        history.delivery_count = history.delivery_count.max(delivery_count);
+        if let Some(error) = error {
+            if history.errors.len() == tidewater_storage::state::MAX_ERRORS_KEPT {
+                history.errors.pop_front();
+            }
+            history.errors.push_back(error);
+        }
+    }
+
+    pub fn history(&self, offset: u64) -> Option<&History> {
+        self.history.get(&offset)
+    }
+
+    /// Everything accepted so far, to settle for a purge.
+    pub fn purge_range(&self) -> Range<u64> {
+        self.ack_floor..self.log_end()
+    }
+
+    /// Applies a purge that storage confirmed; returns how many messages it removed.
+    pub fn apply_purge(&mut self, range: Range<u64>) -> u64 {
+        let removed = (range.end.saturating_sub(self.ack_floor)).saturating_sub(self.settled.count_in(self.ack_floor..range.end));
+        let offsets: Vec<u64> = self.leases.keys().copied().filter(|o| range.contains(o)).collect();
+        for offset in offsets {
+            self.release(offset);
+        }
+        let timed: Vec<u64> = self.timer_at.keys().copied().filter(|o| range.contains(o)).collect();
+        for offset in timed {
+            let at = self.timer_at.remove(&offset).unwrap();
+            self.timers.remove(&(at, offset));
+        }
+        self.ready.retain(|o| !range.contains(o));
+        self.history.retain(|o, _| !range.contains(o));
+        self.settled.insert(range.clone());
+        self.advance_floor();
+        self.cursor = self.cursor.max(range.end);
+        self.backlog_bytes = if self.unsettled() == 0 { 0 } else { self.backlog_bytes.max(0) / 2 };
+        self.counters.purged += removed;
+        removed
+    }
+
+    /// Unsettled, unleased offsets from `from` on, oldest first (for peek and redrive).
+    pub fn pending_offsets(&self, from: u64, max: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut offset = from.max(self.ack_floor);
+        while out.len() < max && offset < self.visible_end {
+            offset = self.settled.next_absent(offset);
+            if offset >= self.visible_end {
+                break;
+            }
+            if !self.settling.contains(&offset) && !self.leases.contains_key(&offset) {
+                out.push(offset);
+            }
+            offset += 1;
+        }
+        out
+    }
+
+    /// Takes unleased messages out of scheduling before moving them elsewhere (redrive).
+    pub fn claim(&mut self, offsets: &[u64]) -> Vec<u64> {
+        let mut claimed = Vec::new();
+        for &offset in offsets {
+            if self.is_settled_or_busy(offset) || offset >= self.visible_end {
+                continue;
+            }
+            if let Some(at) = self.timer_at.remove(&offset) {
+                self.timers.remove(&(at, offset));
+            }
+            self.settling.insert(offset);
+            claimed.push(offset);
+        }
+        claimed
+    }
+
+    pub fn stats(&self, now_ms: i64) -> QueueStats {
+        let unsettled = self.unsettled();
+        let in_flight = self.leases.len() as u64;
+        let delayed = self.timers.len() as u64;
+        let oldest_age_ms = match self.oldest {
+            Some((floor, at)) if floor == self.ack_floor && unsettled > 0 => (now_ms - at).max(0) as u64,
+            _ => 0,
+        };
+        QueueStats {
+            depth: unsettled.saturating_sub(in_flight + delayed + self.settling.len() as u64),
+            in_flight,
+            delayed,
+            total: unsettled,
+            bytes: self.backlog_bytes.max(0) as u64,
+            oldest_age_ms,
+            published: self.counters.published,
+            delivered: self.counters.delivered,
+            acked: self.counters.acked,
+            nacked: self.counters.nacked,
+            expired: self.counters.expired,
+            dead_lettered: self.counters.dead_lettered,
+            redriven: self.counters.redriven,
+            purged: self.counters.purged,
+        }
+    }
+
+    /// Refreshes the cached publish time of the oldest unsettled message.
+    pub fn refresh_oldest(&mut self, source: &impl RecordSource) {
+        if self.oldest.is_some_and(|(floor, _)| floor == self.ack_floor) || self.unsettled() == 0 {
+            return;
+        }
+        if let Ok(records) = source.read(self.ack_floor, 1, 1)
+            && let Some(record) = records.first()
+        {
+            self.oldest = Some((self.ack_floor, record.published_at_ms));
+        }
+    }
+
+    /// Checks the invariants that tie the structures together (tests and debug builds).
+    pub fn debug_check_consistency(&self) {
+        for offset in self.leases.keys() {
+            assert!(!self.timer_at.contains_key(offset), "leased message {offset} also has a timer");
+            assert!(!self.settled.contains(*offset) && *offset >= self.ack_floor, "leased message {offset} is settled");
+        }
+        assert_eq!(self.timers.len(), self.timer_at.len());
+        assert_eq!(self.lease_expiry.len(), self.leases.len());
+        assert!(self.cursor >= self.ack_floor);
+        // Behind the cursor, an unsettled message must be reachable.
+        let ready: HashSet<u64> = self.ready.iter().copied().collect();
+        let mut offset = self.ack_floor;
+        while offset < self.cursor.min(self.visible_end) {
+            offset = self.settled.next_absent(offset);
+            if offset >= self.cursor.min(self.visible_end) {
+                break;
+            }
+            let reachable = self.leases.contains_key(&offset)
+                || ready.contains(&offset)
+                || self.timer_at.contains_key(&offset)
+                || self.settling.contains(&offset);
+            assert!(reachable, "message {offset} behind the cursor {} is lost from scheduling", self.cursor);
+            offset += 1;
+        }
+    }
+}
