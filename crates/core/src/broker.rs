@@ -154,6 +154,8 @@ struct Inner {
     disk_probe: Mutex<Box<dyn Fn() -> std::io::Result<u64> + Send + Sync>>,
     redrives: Mutex<Vec<Arc<Mutex<RedriveProgress>>>>,
     next_redrive: AtomicU64,
+    /// Set on shutdown: long-polls answer at once.
+    closing: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -211,6 +213,7 @@ impl Broker {
             disk_probe: Mutex::new(Box::new(move || tidewater_storage::disk_free_bytes(&probe_dir))),
             redrives: Mutex::new(Vec::new()),
             next_redrive: AtomicU64::new(1),
+            closing: AtomicBool::new(false),
         });
         // Durable data becomes visible to consumers; wake their long-polls.
         let weak = Arc::downgrade(&inner);
@@ -698,7 +701,7 @@ impl Broker {
                 let deliveries = state.deliver(&handle.reader, now, max, lease).map_err(storage_error)?;
                 (deliveries, state.next_wakeup().map(|at| (at - now).max(1) as u64))
             };
-            if !deliveries.is_empty() || tokio::time::Instant::now() >= deadline {
+            if !deliveries.is_empty() || tokio::time::Instant::now() >= deadline || self.inner.closing.load(Ordering::SeqCst) {
                 return Ok(deliveries);
             }
             let mut sleep_until = deadline;
@@ -1009,6 +1012,14 @@ impl Broker {
                 p.remaining = p.remaining.min(req.max - moved_total);
             }
             dlq.state.lock().counters.redriven += moved;
+        }
+    }
+
+    /// Ends every long-poll now (empty replies) and makes new ones answer at once.
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+        for handle in self.inner.queues.read().values() {
+            handle.notify.notify_waiters();
         }
     }
 

@@ -1,0 +1,183 @@
+//! JSON shapes of the HTTP API v1 (../shared/design/api.md is the core contract).
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+use tidewater_core::broker::record_id;
+use tidewater_core::queue::Delivery;
+use tidewater_core::{AckLevel, BrokerError, Delay, ErrorCode, NewMessage};
+use tidewater_storage::Record;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    pub messages: Vec<InMessage>,
+    #[serde(default)]
+    pub ack: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InMessage {
+    pub body: Option<String>,
+    pub body_base64: Option<String>,
+    pub key: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub delay_ms: Option<u64>,
+    pub deliver_at: Option<i64>,
+    pub id: Option<String>,
+}
+
+pub fn ack_level(ack: Option<&str>) -> Result<AckLevel, BrokerError> {
+    match ack {
+        None | Some("durable") => Ok(AckLevel::Durable),
+        Some("written") => Ok(AckLevel::Written),
+        Some(other) => Err(BrokerError::invalid(format!("ack must be \"durable\" or \"written\", got \"{other}\""))),
+    }
+}
+
+impl InMessage {
+    pub fn into_message(self, idx: usize) -> Result<NewMessage, BrokerError> {
+        let bad = |what: &str| BrokerError::new(ErrorCode::InvalidMessage, format!("message {idx}: {what}"));
+        let body = match (self.body, self.body_base64) {
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(b64)) => BASE64.decode(b64.as_bytes()).map_err(|e| bad(&format!("body_base64 is not valid base64 ({e})")))?,
+            (Some(_), Some(_)) => return Err(bad("give either body or body_base64, not both")),
+            (None, None) => return Err(bad("body or body_base64 is required")),
+        };
+        let delay = match (self.delay_ms, self.deliver_at) {
+            (Some(_), Some(_)) => return Err(bad("give either delay_ms or deliver_at, not both")),
+            (Some(ms), None) => Delay::AfterMs(ms),
+            (None, Some(at)) => Delay::AtMs(at),
+            (None, None) => Delay::None,
+        };
+        Ok(NewMessage { id: self.id, body, key: self.key, headers: self.headers.into_iter().collect(), delay })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct PublishReply {
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveRequest {
+    pub max: Option<usize>,
+    pub wait_ms: Option<u64>,
+    pub lease_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptsRequest {
+    pub receipts: Vec<String>,
+    pub delay_ms: Option<u64>,
+    pub error: Option<String>,
+    pub lease_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveBody {
+    pub to: Option<String>,
+    pub rate_per_s: Option<u64>,
+    pub max: Option<u64>,
+    #[serde(default)]
+    pub filter: RedriveFilter,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveFilter {
+    pub key: Option<String>,
+    pub error_contains: Option<String>,
+}
+
+/// A message in a receive or peek reply.
+pub struct OutMessage<'a> {
+    pub record: &'a Record,
+    pub receipt: Option<&'a str>,
+    pub delivery_count: u32,
+}
+
+impl<'a> OutMessage<'a> {
+    pub fn delivered(delivery: &'a Delivery) -> Self {
+        OutMessage { record: &delivery.record, receipt: Some(&delivery.receipt), delivery_count: delivery.delivery_count }
+    }
+}
+
+impl Serialize for OutMessage<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let record = self.record;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("id", &record_id(record))?;
+        if let Some(receipt) = self.receipt {
+            map.serialize_entry("receipt", receipt)?;
+        }
+        match std::str::from_utf8(&record.body) {
+            Ok(text) => map.serialize_entry("body", text)?,
+            Err(_) => map.serialize_entry("body_base64", &BASE64.encode(&record.body))?,
+        }
+        if let Some(key) = &record.key {
+            map.serialize_entry("key", &String::from_utf8_lossy(key))?;
+        }
+        map.serialize_entry("headers", &Headers(&record.headers))?;
+        map.serialize_entry("delivery_count", &self.delivery_count)?;
+        map.serialize_entry("published_at", &record.published_at_ms)?;
+        map.serialize_entry("offset", &record.offset)?;
+        map.end()
+    }
+}
+
+struct Headers<'a>(&'a [(Vec<u8>, Vec<u8>)]);
+
+impl Serialize for Headers<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            map.serialize_entry(&String::from_utf8_lossy(name), &String::from_utf8_lossy(value))?;
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+pub struct ErrorBody<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(json: &str) -> Result<NewMessage, BrokerError> {
+        serde_json::from_str::<InMessage>(json).unwrap().into_message(3)
+    }
+
+    #[test]
+    fn bodies_are_text_or_base64_never_both() {
+        assert_eq!(message(r#"{"body": "hi"}"#).unwrap().body, b"hi");
+        assert_eq!(message(r#"{"body_base64": "AAEC"}"#).unwrap().body, vec![0, 1, 2]);
+        for bad in [r#"{"body_base64": "@@@"}"#, r#"{"body": "a", "body_base64": "AA=="}"#, r#"{}"#, r#"{"body": "a", "delay_ms": 1, "deliver_at": 5}"#] {
+            let err = message(bad).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidMessage, "{bad}");
+            assert!(err.message.starts_with("message 3:"), "{}", err.message);
+        }
+        assert!(serde_json::from_str::<InMessage>(r#"{"body": "a", "bdy": 1}"#).is_err());
+    }
+
+    #[test]
+    fn ack_levels() {
+        assert_eq!(ack_level(None).unwrap(), AckLevel::Durable);
+        assert_eq!(ack_level(Some("written")).unwrap(), AckLevel::Written);
+        assert!(ack_level(Some("fast")).is_err());
+    }
+}

@@ -1,0 +1,261 @@
+//! `tidewater bench`: publish N messages durably over HTTP in batches, then receive and ack
+//! them; report msgs/s, publish latency percentiles, and the server's peak RSS and CPU.
+//! A benchmark, never a test: numbers go to BENCHMARKS.md with the command and machine.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::client::Client;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Benchmark a running server instead of starting one.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Messages to publish and consume.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub messages: u64,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Messages per publish request.
+    #[arg(long, default_value_t = 5_000)]
+    pub batch: usize,
+    /// Concurrent publishing connections.
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
+    /// Concurrent consuming connections.
+    #[arg(long, default_value_t = 4)]
+    pub consumers: usize,
+    /// Messages per receive (and receipts per ack).
+    #[arg(long, default_value_t = 2_000)]
+    pub receive_batch: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Server process started for the run (killed on drop).
+struct Spawned {
+    child: Child,
+    _dir: tempfile_dir::Dir,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SIGTERM for a clean shutdown, then make sure.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory without a dev-dependency in the binary.
+mod tempfile_dir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> std::io::Result<Dir> {
+            let path = std::env::temp_dir().join(format!("tidewater-bench-{}-{}", std::process::id(), fastrand::u32(..)));
+            std::fs::create_dir_all(&path)?;
+            Ok(Dir(path))
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn_server() -> anyhow::Result<(String, Spawned)> {
+    let dir = tempfile_dir::Dir::new()?;
+    let port = free_port()?;
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .args(["serve", "--data"])
+        .arg(&dir.0)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("TIDEWATER_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the server")?;
+    let url = format!("http://127.0.0.1:{port}");
+    let client = Client::new(&url);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get("/readyz").is_err() {
+        if Instant::now() > deadline {
+            bail!("the server did not become ready in 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((url, Spawned { child, _dir: dir }))
+}
+
+/// (peak RSS bytes, CPU seconds) of a process, from /proc.
+fn process_usage(pid: u32) -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (fields[11].parse::<f64>().ok()? + fields[12].parse::<f64>().ok()?) / ticks;
+    Some((hwm_kb * 1024, cpu))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[derive(Deserialize)]
+struct Received {
+    messages: Vec<ReceivedMessage>,
+}
+
+#[derive(Deserialize)]
+struct ReceivedMessage {
+    receipt: String,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.batch == 0 || args.producers == 0 || args.consumers == 0 || args.receive_batch == 0 {
+        bail!("--batch, --producers, --consumers and --receive-batch must be at least 1");
+    }
+    let (url, spawned) = match &args.server {
+        Some(url) => (url.clone(), None),
+        None => {
+            let (url, spawned) = spawn_server()?;
+            (url, Some(spawned))
+        }
+    };
+    let pid = spawned.as_ref().map(|s| s.child.id());
+    let client = Client::new(&url);
+    let queue = format!("bench-{}", fastrand::u32(..));
+    let capacity = (args.messages * 2).max(1_000);
+    client.call("PUT", &format!("/v1/queues/{queue}"), Some(json!({"max_messages": capacity, "max_bytes": 1u64 << 40}).to_string().as_bytes()))?;
+    let cpu_before = pid.and_then(process_usage).map_or(0.0, |u| u.1);
+
+    // Publish: every request carries the same pre-encoded batch (ids are assigned by the server).
+    let body = "x".repeat(args.size);
+    let one = json!({"body": body}).to_string();
+    let batch_body = |n: usize| format!("{{\"ack\":\"durable\",\"messages\":[{}]}}", vec![one.as_str(); n].join(","));
+    let full = Arc::new(batch_body(args.batch));
+    let remaining = Arc::new(AtomicU64::new(args.messages));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.producers {
+        let (client, full, remaining, queue) = (Client::new(&url), full.clone(), remaining.clone(), queue.clone());
+        let batch = args.batch as u64;
+        let size_one = one.clone();
+        workers.push(std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+            let mut latencies = Vec::new();
+            let path = format!("/v1/queues/{queue}/messages");
+            loop {
+                let take = remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| if r == 0 { None } else { Some(r - r.min(batch)) });
+                let Ok(before) = take else { break };
+                let n = before.min(batch) as usize;
+                let started = Instant::now();
+                if n as u64 == batch {
+                    client.call_raw("POST", &path, Some(full.as_bytes()))?;
+                } else {
+                    let body = format!("{{\"ack\":\"durable\",\"messages\":[{}]}}", vec![size_one.as_str(); n].join(","));
+                    client.call_raw("POST", &path, Some(body.as_bytes()))?;
+                }
+                latencies.push(started.elapsed().as_secs_f64());
+            }
+            Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.join().map_err(|_| anyhow::anyhow!("producer panicked"))??);
+    }
+    let publish_s = started.elapsed().as_secs_f64();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let usage_after_publish = pid.and_then(process_usage);
+
+    // Consume: receive a batch, ack its receipts, until everything is acked.
+    let acked = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.consumers {
+        let (client, acked, queue) = (Client::new(&url), acked.clone(), queue.clone());
+        let (total, max) = (args.messages, args.receive_batch);
+        workers.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            let receive = json!({"max": max, "wait_ms": 200}).to_string();
+            while acked.load(Ordering::SeqCst) < total {
+                let (_, bytes) = client.call_raw("POST", &format!("/v1/queues/{queue}/receive"), Some(receive.as_bytes()))?;
+                let got: Received = serde_json::from_slice(&bytes)?;
+                if got.messages.is_empty() {
+                    continue;
+                }
+                let receipts: Vec<&str> = got.messages.iter().map(|m| m.receipt.as_str()).collect();
+                let body = serde_json::to_vec(&json!({ "receipts": receipts }))?;
+                let (_, reply) = client.call("POST", &format!("/v1/queues/{queue}/ack"), Some(&body))?;
+                acked.fetch_add(reply["ok"].as_u64().unwrap_or(0), Ordering::SeqCst);
+            }
+            Ok(())
+        }));
+    }
+    for worker in workers {
+        worker.join().map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+    }
+    let consume_s = started.elapsed().as_secs_f64();
+    let usage_end = pid.and_then(process_usage);
+    let _ = client.call("DELETE", &format!("/v1/queues/{queue}"), None);
+
+    let n = args.messages as f64;
+    let result = json!({
+        "messages": args.messages,
+        "size": args.size,
+        "batch": args.batch,
+        "producers": args.producers,
+        "consumers": args.consumers,
+        "receive_batch": args.receive_batch,
+        "publish_msgs_per_s": (n / publish_s).round(),
+        "publish_latency_p50_ms": percentile(&latencies, 0.5) * 1000.0,
+        "publish_latency_p99_ms": percentile(&latencies, 0.99) * 1000.0,
+        "consume_ack_msgs_per_s": (n / consume_s).round(),
+        "server_peak_rss_mib": usage_end.map(|u| u.0 as f64 / (1 << 20) as f64),
+        "server_rss_after_publish_mib": usage_after_publish.map(|u| u.0 as f64 / (1 << 20) as f64),
+        "server_cpu_s": usage_end.map(|u| u.1 - cpu_before),
+        "server_cpu_us_per_msg": usage_end.map(|u| (u.1 - cpu_before) * 1e6 / (2.0 * n)),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        println!("tidewater bench: {} messages of {} B, publish batches of {}, {} producers, {} consumers (receive {})",
+            args.messages, args.size, args.batch, args.producers, args.consumers, args.receive_batch);
+        println!("  publish (durable)   {:>10.0} msgs/s   request p50 {:.1} ms  p99 {:.1} ms",
+            n / publish_s, percentile(&latencies, 0.5) * 1000.0, percentile(&latencies, 0.99) * 1000.0);
+        println!("  receive + ack       {:>10.0} msgs/s", n / consume_s);
+        if let Some((rss, cpu)) = usage_end {
+            println!("  server peak RSS     {:>10.1} MiB", rss as f64 / (1 << 20) as f64);
+            println!("  server CPU          {:>10.2} s  ({:.2} us per message published + consumed)", cpu - cpu_before, (cpu - cpu_before) * 1e6 / (2.0 * n));
+        } else {
+            println!("  (server RSS and CPU are measured only when bench starts the server itself)");
+        }
+    }
+    drop(spawned);
+    Ok(())
+}

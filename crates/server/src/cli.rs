@@ -1,0 +1,640 @@
+//! Client commands: queue, publish, consume, dlq. Tables for people, `--json` for scripts.
+
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::client::{Client, ClientError, path_segment};
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigFlags {
+    /// Default lease (visibility timeout) in milliseconds.
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// Deliveries before dead-lettering (0 = unlimited).
+    #[arg(long)]
+    pub max_deliveries: Option<u32>,
+    /// Dead-letter queue name (default <queue>-dlq).
+    #[arg(long, conflicts_with = "no_dead_letter_queue")]
+    pub dead_letter_queue: Option<String>,
+    /// Never dead-letter: retry forever.
+    #[arg(long)]
+    pub no_dead_letter_queue: bool,
+    /// Capacity in messages; publishes beyond are refused with 429.
+    #[arg(long)]
+    pub max_messages: Option<u64>,
+    /// Capacity in bytes.
+    #[arg(long)]
+    pub max_bytes: Option<u64>,
+    /// Backoff before the second delivery, in milliseconds.
+    #[arg(long)]
+    pub backoff_base_ms: Option<u64>,
+    /// Longest backoff in milliseconds.
+    #[arg(long)]
+    pub backoff_max_ms: Option<u64>,
+    /// Any configuration as JSON, e.g. '{"backoff": {"multiplier": 3}}' (flags win).
+    #[arg(long)]
+    pub config: Option<String>,
+}
+
+impl ConfigFlags {
+    fn patch(&self) -> anyhow::Result<Value> {
+        let mut patch = match &self.config {
+            Some(text) => serde_json::from_str(text).context("--config is not valid JSON")?,
+            None => json!({}),
+        };
+        if !patch.is_object() {
+            anyhow::bail!("--config must be a JSON object");
+        }
+        let set = |patch: &mut Value, key: &str, value: Value| patch[key] = value;
+        if let Some(v) = self.lease_ms {
+            set(&mut patch, "lease_ms", json!(v));
+        }
+        if let Some(v) = self.max_deliveries {
+            set(&mut patch, "max_deliveries", json!(v));
+        }
+        if let Some(v) = &self.dead_letter_queue {
+            set(&mut patch, "dead_letter_queue", json!(v));
+        }
+        if self.no_dead_letter_queue {
+            set(&mut patch, "dead_letter_queue", Value::Null);
+        }
+        if let Some(v) = self.max_messages {
+            set(&mut patch, "max_messages", json!(v));
+        }
+        if let Some(v) = self.max_bytes {
+            set(&mut patch, "max_bytes", json!(v));
+        }
+        if self.backoff_base_ms.is_some() || self.backoff_max_ms.is_some() {
+            if !patch["backoff"].is_object() {
+                patch["backoff"] = json!({});
+            }
+            if let Some(v) = self.backoff_base_ms {
+                patch["backoff"]["base_ms"] = json!(v);
+            }
+            if let Some(v) = self.backoff_max_ms {
+                patch["backoff"]["max_ms"] = json!(v);
+            }
+        }
+        Ok(patch)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.patch().map(|p| p.as_object().is_some_and(|o| o.is_empty())).unwrap_or(false)
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum QueueCommand {
+    /// Create a queue (or update an existing one's configuration).
+    Create {
+        name: String,
+        #[command(flatten)]
+        config: ConfigFlags,
+    },
+    /// List queues with their depth and counters.
+    List,
+    /// Show one queue's stats.
+    Stats { name: String },
+    /// Show a queue's configuration, or change it with flags.
+    Config {
+        name: String,
+        #[command(flatten)]
+        config: ConfigFlags,
+    },
+    /// Delete a queue and all its messages.
+    Delete { name: String },
+    /// Remove every message of a queue (leased ones included).
+    Purge { name: String },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DlqCommand {
+    /// Show messages in a dead-letter queue (without leasing them).
+    List {
+        /// The dead-letter queue, e.g. orders-dlq.
+        dlq: String,
+        #[arg(long, default_value_t = 20)]
+        max: usize,
+    },
+    /// Move messages back to their source queue at a bounded rate.
+    Redrive {
+        dlq: String,
+        /// Target queue (default: each message's source queue).
+        #[arg(long)]
+        to: Option<String>,
+        /// Messages per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Stop after this many (0 = all).
+        #[arg(long, default_value_t = 0)]
+        max: u64,
+        /// Only messages with this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only messages whose last error contains this text.
+        #[arg(long)]
+        error_contains: Option<String>,
+        /// Start and print the redrive id without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    pub queue: String,
+    /// Message bodies; without any, one message per line of --file or standard input.
+    pub bodies: Vec<String>,
+    /// Read one message per line from this file.
+    #[arg(long, conflicts_with = "bodies")]
+    pub file: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub key: Option<String>,
+    /// A header, name=value (repeatable).
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
+    /// Deliver no earlier than this many milliseconds from now.
+    #[arg(long)]
+    pub delay_ms: Option<u64>,
+    /// Messages per request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// durable (after fsync) or written (after write(2)).
+    #[arg(long, default_value = "durable", value_parser = ["durable", "written"])]
+    pub ack: String,
+    /// Give up on backpressure (429/507) after this many seconds of retrying.
+    #[arg(long, default_value_t = 300)]
+    pub retry_for_s: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConsumeArgs {
+    pub queue: String,
+    /// Stop after this many messages (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max: u64,
+    /// Messages per receive.
+    #[arg(long, default_value_t = 10)]
+    pub batch: usize,
+    /// Long-poll wait in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub wait_ms: u64,
+    /// Lease in milliseconds (default: the queue's).
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// Nack instead of ack (the queue's backoff applies).
+    #[arg(long)]
+    pub nack: bool,
+    /// Run this shell command per message (body on stdin; TIDEWATER_* variables set):
+    /// ack when it exits 0, nack with its stderr otherwise.
+    #[arg(long)]
+    pub exec: Option<String>,
+    /// Keep waiting for messages instead of stopping when the queue is empty.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+fn queue_path(name: &str) -> String {
+    format!("/v1/queues/{}", path_segment(name))
+}
+
+/// Prints rows as an aligned table.
+fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn num(v: &Value) -> String {
+    v.as_u64().map(|n| n.to_string()).unwrap_or_else(|| v.to_string())
+}
+
+fn age(ms: u64) -> String {
+    match ms {
+        0 => "-".into(),
+        ms if ms < 1_000 => format!("{ms}ms"),
+        ms if ms < 60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        ms if ms < 3_600_000 => format!("{}m{}s", ms / 60_000, ms % 60_000 / 1000),
+        ms => format!("{}h{}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+fn print_json(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).expect("json"));
+}
+
+fn clip(text: &str, max: usize) -> String {
+    let one_line = text.replace('\n', "\\n");
+    if one_line.chars().count() <= max { one_line } else { format!("{}…", one_line.chars().take(max).collect::<String>()) }
+}
+
+pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::Result<()> {
+    match command {
+        QueueCommand::Config { name, config } if config.is_empty() => {
+            let info = client.get(&queue_path(&name))?;
+            if as_json {
+                print_json(&info["config"]);
+            } else {
+                print_config(&info["config"]);
+            }
+            Ok(())
+        }
+        QueueCommand::Create { name, config } | QueueCommand::Config { name, config } => {
+            let (status, info) = client.call("PUT", &queue_path(&name), Some(&serde_json::to_vec(&config.patch()?)?))?;
+            if as_json {
+                print_json(&info);
+            } else {
+                println!("{} queue '{}'", if status == 201 { "created" } else { "updated" }, name);
+                print_config(&info["config"]);
+            }
+            Ok(())
+        }
+        QueueCommand::List => {
+            let reply = client.get("/v1/queues")?;
+            if as_json {
+                print_json(&reply);
+                return Ok(());
+            }
+            let empty = vec![];
+            let queues = reply["queues"].as_array().unwrap_or(&empty);
+            if queues.is_empty() {
+                println!("no queues yet: create one with `tidewater queue create NAME`");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = queues
+                .iter()
+                .map(|q| {
+                    let s = &q["stats"];
+                    vec![
+                        q["name"].as_str().unwrap_or("?").to_string(),
+                        num(&s["depth"]),
+                        num(&s["in_flight"]),
+                        num(&s["delayed"]),
+                        age(s["oldest_age_ms"].as_u64().unwrap_or(0)),
+                        num(&s["published"]),
+                        num(&s["acked"]),
+                        num(&s["dead_lettered"]),
+                    ]
+                })
+                .collect();
+            table(&["QUEUE", "DEPTH", "IN FLIGHT", "DELAYED", "OLDEST", "PUBLISHED", "ACKED", "DEAD-LETTERED"], &rows);
+            Ok(())
+        }
+        QueueCommand::Stats { name } => {
+            let info = client.get(&queue_path(&name))?;
+            if as_json {
+                print_json(&info);
+                return Ok(());
+            }
+            let order = [
+                "depth", "in_flight", "delayed", "total", "bytes", "oldest_age_ms", "published", "delivered", "acked", "nacked",
+                "expired", "dead_lettered", "redriven", "purged",
+            ];
+            let stats = &info["stats"];
+            let rows: Vec<Vec<String>> = order
+                .iter()
+                .filter(|k| !stats[**k].is_null())
+                .map(|k| vec![k.to_string(), if *k == "oldest_age_ms" { age(stats[*k].as_u64().unwrap_or(0)) } else { num(&stats[*k]) }])
+                .collect();
+            println!("queue '{name}'");
+            table(&["STAT", "VALUE"], &rows);
+            Ok(())
+        }
+        QueueCommand::Delete { name } => {
+            client.call("DELETE", &queue_path(&name), None)?;
+            if as_json {
+                print_json(&json!({"deleted": name}));
+            } else {
+                println!("deleted queue '{name}'");
+            }
+            Ok(())
+        }
+        QueueCommand::Purge { name } => {
+            let reply = client.post(&format!("{}/purge", queue_path(&name)), &json!({}))?;
+            if as_json {
+                print_json(&reply);
+            } else {
+                println!("purged {} messages from '{name}'", num(&reply["purged"]));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_config(config: &Value) {
+    let Some(map) = config.as_object() else { return };
+    let rows: Vec<Vec<String>> = map.iter().map(|(k, v)| vec![k.clone(), if v.is_string() { v.as_str().unwrap().to_string() } else { v.to_string() }]).collect();
+    table(&["SETTING", "VALUE"], &rows);
+}
+
+fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(n) => indicatif::ProgressBar::new(n).with_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
+                .expect("template")
+                .progress_chars("=> "),
+        ),
+        None => indicatif::ProgressBar::new_spinner()
+            .with_style(indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} ({per_sec})").expect("template")),
+    };
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Sends one request, waiting out backpressure (429/507) for up to `retry_for`.
+fn send_with_backpressure(client: &Client, path: &str, body: &[u8], retry_for: Duration, bar: &indicatif::ProgressBar) -> Result<Value, ClientError> {
+    let started = Instant::now();
+    loop {
+        match client.call("POST", path, Some(body)) {
+            Ok((_, value)) => return Ok(value),
+            Err(err) => match err.retry_after() {
+                Some(wait) if started.elapsed() + wait <= retry_for => {
+                    bar.suspend(|| eprintln!("refused ({err}); retrying in {:.1}s", wait.as_secs_f64()));
+                    std::thread::sleep(wait);
+                }
+                _ => return Err(err),
+            },
+        }
+    }
+}
+
+pub fn publish(client: &Client, args: PublishArgs, as_json: bool) -> anyhow::Result<()> {
+    if args.batch == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
+    let mut headers = serde_json::Map::new();
+    for h in &args.headers {
+        let (name, value) = h.split_once('=').with_context(|| format!("--header '{h}' must look like name=value"))?;
+        headers.insert(name.to_string(), json!(value));
+    }
+    let path = format!("{}/messages", queue_path(&args.queue));
+    let retry_for = Duration::from_secs(args.retry_for_s);
+    let make = |body: String| {
+        let mut m = json!({"body": body});
+        if let Some(k) = &args.key {
+            m["key"] = json!(k);
+        }
+        if !headers.is_empty() {
+            m["headers"] = Value::Object(headers.clone());
+        }
+        if let Some(d) = args.delay_ms {
+            m["delay_ms"] = json!(d);
+        }
+        m
+    };
+    let mut all_ids: Vec<Value> = Vec::new();
+    let mut published = 0u64;
+    let mut flush = |batch: &mut Vec<Value>, bar: &indicatif::ProgressBar, keep_ids: bool| -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&json!({"messages": batch, "ack": args.ack}))?;
+        let reply = send_with_backpressure(client, &path, &body, retry_for, bar)?;
+        let ids = reply["ids"].as_array().cloned().unwrap_or_default();
+        published += ids.len() as u64;
+        bar.inc(ids.len() as u64);
+        if keep_ids {
+            all_ids.extend(ids);
+        }
+        batch.clear();
+        Ok(())
+    };
+    let mut batch = Vec::with_capacity(args.batch);
+    if !args.bodies.is_empty() {
+        let bar = indicatif::ProgressBar::hidden();
+        for body in &args.bodies {
+            batch.push(make(body.clone()));
+            if batch.len() == args.batch {
+                flush(&mut batch, &bar, true)?;
+            }
+        }
+        flush(&mut batch, &bar, true)?;
+        if as_json {
+            print_json(&json!({"published": published, "ids": all_ids}));
+        } else {
+            for id in &all_ids {
+                println!("{}", id.as_str().unwrap_or_default());
+            }
+        }
+        return Ok(());
+    }
+    let (reader, len): (Box<dyn BufRead>, Option<u64>) = match &args.file {
+        Some(path) => {
+            let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let lines = std::io::BufReader::new(&file).lines().count() as u64;
+            let file = std::fs::File::open(path)?;
+            (Box::new(std::io::BufReader::new(file)), Some(lines))
+        }
+        None => {
+            if std::io::stdin().is_terminal() {
+                eprintln!("reading one message per line from standard input (Ctrl-D to end)");
+            }
+            (Box::new(std::io::BufReader::new(std::io::stdin())), None)
+        }
+    };
+    let bar = progress_bar(len, &format!("publishing to {}", args.queue));
+    for line in reader.lines() {
+        batch.push(make(line.context("reading input")?));
+        if batch.len() == args.batch {
+            flush(&mut batch, &bar, false)?;
+        }
+    }
+    flush(&mut batch, &bar, false)?;
+    bar.finish_and_clear();
+    if as_json {
+        print_json(&json!({"published": published}));
+    } else {
+        println!("published {published} messages to '{}'", args.queue);
+    }
+    Ok(())
+}
+
+/// Runs the --exec command for one message; Ok(()) to ack, Err(text) to nack.
+fn run_handler(command: &str, queue: &str, message: &Value) -> Result<(), String> {
+    let body = message["body"].as_str().map(|s| s.as_bytes().to_vec()).unwrap_or_else(|| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.decode(message["body_base64"].as_str().unwrap_or("")).unwrap_or_default()
+    });
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("TIDEWATER_QUEUE", queue)
+        .env("TIDEWATER_MESSAGE_ID", message["id"].as_str().unwrap_or(""))
+        .env("TIDEWATER_MESSAGE_KEY", message["key"].as_str().unwrap_or(""))
+        .env("TIDEWATER_DELIVERY_COUNT", message["delivery_count"].to_string())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run '{command}': {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&body);
+    }
+    let mut stderr = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        let tail: String = stderr.trim().chars().rev().take(500).collect::<Vec<_>>().into_iter().rev().collect();
+        Err(format!("{status}: {tail}"))
+    }
+}
+
+pub fn consume(client: &Client, args: ConsumeArgs, as_json: bool) -> anyhow::Result<()> {
+    let base = queue_path(&args.queue);
+    let mut done = 0u64;
+    let (mut acked, mut nacked) = (0u64, 0u64);
+    loop {
+        let want = if args.max > 0 { (args.max - done).min(args.batch as u64) as usize } else { args.batch };
+        if want == 0 {
+            break;
+        }
+        let mut request = json!({"max": want, "wait_ms": args.wait_ms});
+        if let Some(lease) = args.lease_ms {
+            request["lease_ms"] = json!(lease);
+        }
+        let reply = client.post(&format!("{base}/receive"), &request)?;
+        let messages = reply["messages"].as_array().cloned().unwrap_or_default();
+        if messages.is_empty() {
+            if args.follow {
+                continue;
+            }
+            break;
+        }
+        let mut to_ack = Vec::new();
+        let mut to_nack: Vec<(String, String)> = Vec::new();
+        for message in &messages {
+            if as_json {
+                println!("{}", serde_json::to_string(message)?);
+            } else {
+                let body = message["body"].as_str().map(str::to_string).unwrap_or_else(|| format!("base64:{}", message["body_base64"].as_str().unwrap_or("")));
+                println!("{}\t{}\t{}", message["id"].as_str().unwrap_or("?"), message["delivery_count"], body);
+            }
+            let receipt = message["receipt"].as_str().unwrap_or_default().to_string();
+            match (&args.exec, args.nack) {
+                (Some(command), _) => match run_handler(command, &args.queue, message) {
+                    Ok(()) => to_ack.push(receipt),
+                    Err(error) => to_nack.push((receipt, error)),
+                },
+                (None, true) => to_nack.push((receipt, "nacked by tidewater consume --nack".into())),
+                (None, false) => to_ack.push(receipt),
+            }
+        }
+        std::io::stdout().flush()?;
+        if !to_ack.is_empty() {
+            let reply = client.post(&format!("{base}/ack"), &json!({"receipts": to_ack}))?;
+            acked += reply["ok"].as_u64().unwrap_or(0);
+            report_failures(&reply);
+        }
+        for (receipt, error) in to_nack {
+            let reply = client.post(&format!("{base}/nack"), &json!({"receipts": [receipt], "error": error}))?;
+            nacked += reply["ok"].as_u64().unwrap_or(0);
+            report_failures(&reply);
+        }
+        done += messages.len() as u64;
+    }
+    if !as_json {
+        eprintln!("consumed {done} messages from '{}': {acked} acked, {nacked} nacked", args.queue);
+    }
+    Ok(())
+}
+
+fn report_failures(reply: &Value) {
+    for failure in reply["failed"].as_array().into_iter().flatten() {
+        eprintln!("warning: receipt refused ({}): the lease expired before the handler finished; raise --lease-ms", failure["code"].as_str().unwrap_or("?"));
+    }
+}
+
+pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List { dlq, max } => {
+            let reply = client.get(&format!("{}/messages?max={max}", queue_path(&dlq)))?;
+            if as_json {
+                print_json(&reply);
+                return Ok(());
+            }
+            let messages = reply["messages"].as_array().cloned().unwrap_or_default();
+            if messages.is_empty() {
+                println!("'{dlq}' is empty");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = messages
+                .iter()
+                .map(|m| {
+                    let h = &m["headers"];
+                    vec![
+                        m["id"].as_str().unwrap_or("?").to_string(),
+                        h["tidewater-source-queue"].as_str().unwrap_or("-").to_string(),
+                        h["tidewater-delivery-count"].as_str().unwrap_or("-").to_string(),
+                        clip(h["tidewater-last-error"].as_str().unwrap_or("-"), 40),
+                        clip(m["body"].as_str().unwrap_or("(binary)"), 40),
+                    ]
+                })
+                .collect();
+            table(&["ID", "SOURCE", "DELIVERIES", "LAST ERROR", "BODY"], &rows);
+            Ok(())
+        }
+        DlqCommand::Redrive { dlq, to, rate, max, key, error_contains, no_wait } => {
+            let mut body = json!({"rate_per_s": rate, "max": max, "filter": {}});
+            if let Some(to) = to {
+                body["to"] = json!(to);
+            }
+            if let Some(key) = key {
+                body["filter"]["key"] = json!(key);
+            }
+            if let Some(text) = error_contains {
+                body["filter"]["error_contains"] = json!(text);
+            }
+            let started = client.post(&format!("{}/redrive", queue_path(&dlq)), &body)?;
+            let id = started["id"].as_str().unwrap_or_default().to_string();
+            if no_wait {
+                if as_json {
+                    print_json(&started);
+                } else {
+                    println!("redrive {id} started; follow it with GET /v1/redrives/{id}");
+                }
+                return Ok(());
+            }
+            let total = started["remaining"].as_u64().unwrap_or(0);
+            let bar = progress_bar(Some(total), &format!("redriving {dlq}"));
+            let last = loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let progress = client.get(&format!("/v1/redrives/{id}"))?;
+                bar.set_position(progress["moved"].as_u64().unwrap_or(0));
+                if progress["state"] != "running" {
+                    break progress;
+                }
+            };
+            bar.finish_and_clear();
+            if as_json {
+                print_json(&last);
+            } else {
+                println!("redrive {id} {}: moved {}, skipped {}", last["state"].as_str().unwrap_or("?"), num(&last["moved"]), num(&last["skipped"]));
+            }
+            if last["state"] == "failed" {
+                anyhow::bail!("redrive failed: {}", last["error"].as_str().unwrap_or("unknown error"));
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! A small blocking HTTP client for the CLI and the benchmark.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Exit codes of client commands (documented in the README).
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILED: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const NOT_FOUND: i32 = 3;
+    pub const REFUSED: i32 = 4;
+    pub const UNREACHABLE: i32 = 5;
+}
+
+#[derive(Debug)]
+pub enum ClientError {
+    /// The server answered with an error body.
+    Api { status: u16, code: String, message: String, retry_after_ms: Option<u64> },
+    /// No answer (connection refused, timeout, DNS).
+    Unreachable(String),
+    Other(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Api { status, code, message, .. } => write!(f, "{message} ({code}, HTTP {status})"),
+            ClientError::Unreachable(what) => write!(f, "cannot reach the server: {what}. Is `tidewater serve` running? (--server or TIDEWATER_SERVER)"),
+            ClientError::Other(what) => f.write_str(what),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl ClientError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Api { status: 404, .. } => exit::NOT_FOUND,
+            ClientError::Api { status: 429 | 507, .. } => exit::REFUSED,
+            ClientError::Api { status: 400 | 413, .. } => exit::USAGE,
+            ClientError::Unreachable(_) => exit::UNREACHABLE,
+            _ => exit::FAILED,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Api { status: 429 | 507, retry_after_ms, .. } => Some(Duration::from_millis(retry_after_ms.unwrap_or(1_000))),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+}
+
+const MAX_REPLY_BYTES: u64 = 1 << 30;
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        Client { agent, base: base.trim_end_matches('/').to_string() }
+    }
+
+    /// Sends a request with an optional raw JSON body; returns status and parsed reply.
+    pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Value), ClientError> {
+        let bytes = self.call_raw(method, path, body)?;
+        let value = if bytes.1.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes.1).map_err(|e| ClientError::Other(format!("unreadable reply: {e}")))?
+        };
+        Ok((bytes.0, value))
+    }
+
+    pub fn call_raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Vec<u8>), ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(&url).call(),
+            ("DELETE", _) => self.agent.delete(&url).call(),
+            ("PUT", body) => self.agent.put(&url).header("content-type", "application/json").send(body.unwrap_or(b"")),
+            (_, body) => self.agent.post(&url).header("content-type", "application/json").send(body.unwrap_or(b"")),
+        };
+        let mut response = result.map_err(|e| match e {
+            ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::Timeout(_) => {
+                ClientError::Unreachable(format!("{url}: {e}"))
+            }
+            other => ClientError::Other(format!("{url}: {other}")),
+        })?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_REPLY_BYTES)
+            .read_to_vec()
+            .map_err(|e| ClientError::Unreachable(format!("{url}: reading reply: {e}")))?;
+        if status >= 400 {
+            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            return Err(ClientError::Api {
+                status,
+                code: value["code"].as_str().unwrap_or("unknown").to_string(),
+                message: value["message"].as_str().map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+                retry_after_ms: value["retry_after_ms"].as_u64(),
+            });
+        }
+        Ok((status, bytes))
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
+        Ok(self.call("GET", path, None)?.1)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        Ok(self.call("POST", path, Some(&serde_json::to_vec(body).expect("json")))?.1)
+    }
+}
+
+/// Percent-encodes a queue name for a URL path (names are restricted, but be safe).
+pub fn path_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,167 @@
+//! Prometheus metrics. Labels are the queue name (bounded by `max_queues`) and, for
+//! refusals, a fixed set of reasons: never a message id, key or tenant.
+
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tidewater_core::{Broker, Observer};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabel {
+    queue: String,
+    reason: String,
+}
+
+type HistogramFamily = Family<QueueLabel, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    publish_latency: HistogramFamily,
+    publish_to_ack: HistogramFamily,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 us .. ~52 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+fn age_histogram() -> Histogram {
+    // 1 ms .. ~9 h
+    Histogram::new(exponential_buckets(0.001, 2.0, 25))
+}
+
+impl Metrics {
+    pub fn new(broker: Arc<OnceLock<Broker>>) -> Metrics {
+        let mut registry = Registry::with_prefix("tidewater");
+        let publish_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let publish_to_ack: HistogramFamily = Family::new_with_constructor(age_histogram);
+        registry.register("publish_latency_seconds", "Time to accept a publish request, at its ack level", publish_latency.clone());
+        registry.register("publish_to_ack_seconds", "Time from a message's publish to its ack", publish_to_ack.clone());
+        registry.register_collector(Box::new(QueueCollector { broker }));
+        Metrics { registry, publish_latency, publish_to_ack }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String cannot fail");
+        out
+    }
+}
+
+impl Observer for Metrics {
+    fn publish_latency(&self, queue: &str, seconds: f64) {
+        self.publish_latency.get_or_create(&QueueLabel { queue: queue.to_string() }).observe(seconds);
+    }
+
+    fn publish_to_ack(&self, queue: &str, seconds: &[f64]) {
+        let histogram = self.publish_to_ack.get_or_create(&QueueLabel { queue: queue.to_string() });
+        for &s in seconds {
+            histogram.observe(s);
+        }
+    }
+}
+
+/// Reads every queue's stats at scrape time.
+struct QueueCollector {
+    broker: Arc<OnceLock<Broker>>,
+}
+
+impl std::fmt::Debug for QueueCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueueCollector")
+    }
+}
+
+impl Collector for QueueCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(broker) = self.broker.get() else {
+            return Ok(());
+        };
+        let queues = broker.list_queues();
+        let gauges: [(&str, &str, fn(&tidewater_core::QueueInfo) -> i64); 7] = [
+            ("queue_depth", "Messages ready for delivery", |q| q.stats.depth as i64),
+            ("queue_in_flight", "Messages leased to consumers", |q| q.stats.in_flight as i64),
+            ("queue_delayed", "Messages waiting for their delivery time", |q| q.stats.delayed as i64),
+            ("queue_messages", "Unsettled messages (ready, in flight and delayed)", |q| q.stats.total as i64),
+            ("queue_bytes", "Bytes of unsettled messages", |q| q.stats.bytes as i64),
+            ("queue_disk_bytes", "Bytes of the queue's segment files", |q| q.disk_bytes as i64),
+            ("queue_oldest_age_ms", "Age of the oldest unsettled message in milliseconds", |q| q.stats.oldest_age_ms as i64),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            for q in &queues {
+                ConstGauge::new(value(q)).encode(family.encode_family(&QueueLabel { queue: q.name.clone() })?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "queue_oldest_age_seconds",
+            "Age of the oldest unsettled message in seconds",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for q in &queues {
+            ConstGauge::new(q.stats.oldest_age_ms as f64 / 1000.0).encode(family.encode_family(&QueueLabel { queue: q.name.clone() })?)?;
+        }
+        // Dead-letter depth: the depth of each queue's dead-letter queue, under the source's name.
+        let mut family = encoder.encode_descriptor(
+            "queue_dead_letter_depth",
+            "Unsettled messages in the queue's dead-letter queue",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for q in &queues {
+            if let Some(dlq) = &q.config.dead_letter_queue {
+                let depth = queues.iter().find(|d| &d.name == dlq).map_or(0, |d| d.stats.total);
+                ConstGauge::new(depth as i64).encode(family.encode_family(&QueueLabel { queue: q.name.clone() })?)?;
+            }
+        }
+        let counters: [(&str, &str, fn(&tidewater_core::QueueInfo) -> u64); 8] = [
+            ("published", "Messages accepted", |q| q.stats.published),
+            ("delivered", "Deliveries (first and repeated)", |q| q.stats.delivered),
+            ("acked", "Messages acknowledged", |q| q.stats.acked),
+            ("nacked", "Messages negatively acknowledged", |q| q.stats.nacked),
+            ("lease_expired", "Leases that ran out", |q| q.stats.expired),
+            ("dead_lettered", "Messages moved to the dead-letter queue", |q| q.stats.dead_lettered),
+            ("redriven", "Messages moved out of this queue by redrive", |q| q.stats.redriven),
+            ("purged", "Messages removed by purge", |q| q.stats.purged),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for q in &queues {
+                ConstCounter::new(value(q)).encode(family.encode_family(&QueueLabel { queue: q.name.clone() })?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor("refused", "Publishes refused, by reason", None, prometheus_client::metrics::MetricType::Counter)?;
+        for q in &queues {
+            for (reason, n) in &q.refused {
+                ConstCounter::new(*n).encode(family.encode_family(&RefusedLabel { queue: q.name.clone(), reason: reason.to_string() })?)?;
+            }
+        }
+        let family = encoder.encode_descriptor(
+            "disk_free_bytes",
+            "Free bytes on the data directory's file system",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        ConstGauge::new(broker.disk_free_bytes().min(i64::MAX as u64) as i64).encode(family)?;
+        let family = encoder.encode_descriptor(
+            "journal_bytes",
+            "Bytes in the current journal file",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        ConstGauge::new(broker.store().journal_bytes() as i64).encode(family)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,99 @@
+//! The OpenAPI 3.1 description served at /v1/openapi.json.
+
+use serde_json::{Value, json};
+use tidewater_core::ErrorCode;
+
+fn error_responses(codes: &[u16]) -> Value {
+    let mut out = serde_json::Map::new();
+    for code in codes {
+        out.insert(code.to_string(), json!({"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}));
+    }
+    Value::Object(out)
+}
+
+fn op(summary: &str, body: Option<&str>, ok: (u16, &str), errors: &[u16]) -> Value {
+    let mut responses = error_responses(errors);
+    responses[ok.0.to_string()] = json!({"description": "success", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{}", ok.1)}}}});
+    let mut operation = json!({"summary": summary, "responses": responses});
+    if let Some(body) = body {
+        operation["requestBody"] = json!({"content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{body}")}}}});
+    }
+    operation
+}
+
+pub fn document() -> Value {
+    let queue_param = json!([{"name": "queue", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,200}$"}}]);
+    let codes: Vec<Value> = ErrorCode::ALL.iter().map(|c| json!(c.as_str())).collect();
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "tidewater", "version": "1", "description": "Durable work queues. Errors are {code, message}; codes are listed in docs/errors.md."},
+        "paths": {
+            "/v1/queues": {"get": op("List queues", None, (200, "QueueList"), &[503])},
+            "/v1/queues/{queue}": {
+                "parameters": queue_param,
+                "put": op("Create a queue or update its configuration (201 created, 200 updated)", Some("QueueConfig"), (200, "Queue"), &[400, 409, 503]),
+                "get": op("Get a queue with its stats", None, (200, "Queue"), &[404]),
+                "delete": {"summary": "Delete a queue and its messages", "responses": {"204": {"description": "deleted"}, "404": {"description": "unknown queue"}}}
+            },
+            "/v1/queues/{queue}/purge": {"parameters": queue_param, "post": op("Remove every message", None, (200, "Purged"), &[404])},
+            "/v1/queues/{queue}/messages": {
+                "parameters": queue_param,
+                "post": op("Publish a batch, whole or not at all", Some("PublishRequest"), (200, "PublishReply"), &[400, 404, 413, 429, 507]),
+                "get": {"summary": "Peek at unleased messages without leasing them", "parameters": [
+                    {"name": "max", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                    {"name": "from", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
+                    "responses": {"200": {"description": "messages", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Messages"}}}}}}
+            },
+            "/v1/queues/{queue}/receive": {"parameters": queue_param, "post": op("Lease up to max messages, waiting up to wait_ms", Some("ReceiveRequest"), (200, "Messages"), &[400, 404])},
+            "/v1/queues/{queue}/ack": {"parameters": queue_param, "post": op("Acknowledge by receipt", Some("Receipts"), (200, "SettleReply"), &[400, 404])},
+            "/v1/queues/{queue}/nack": {"parameters": queue_param, "post": op("Negatively acknowledge; retry after delay_ms or the backoff", Some("Receipts"), (200, "SettleReply"), &[400, 404])},
+            "/v1/queues/{queue}/extend": {"parameters": queue_param, "post": op("Extend leases to lease_ms from now", Some("Receipts"), (200, "SettleReply"), &[400, 404])},
+            "/v1/queues/{queue}/redrive": {"parameters": queue_param, "post": op("Move dead-lettered messages back at a bounded rate", Some("RedriveRequest"), (202, "Redrive"), &[400, 404])},
+            "/v1/redrives/{id}": {"parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}], "get": op("Redrive progress", None, (200, "Redrive"), &[404])},
+            "/healthz": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "alive"}}}},
+            "/readyz": {"get": {"summary": "Recovered and serving", "responses": {"200": {"description": "ready"}, "503": {"description": "recovering"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (OpenMetrics text)", "responses": {"200": {"description": "metrics"}}}}
+        },
+        "components": {"schemas": {
+            "Error": {"type": "object", "required": ["code", "message"], "properties": {
+                "code": {"type": "string", "enum": codes}, "message": {"type": "string"}, "retry_after_ms": {"type": "integer"}}},
+            "QueueConfig": {"type": "object", "additionalProperties": false, "properties": {
+                "lease_ms": {"type": "integer", "minimum": 1, "maximum": 43200000, "default": 30000},
+                "max_deliveries": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 10, "description": "0 = unlimited"},
+                "backoff": {"type": "object", "properties": {"base_ms": {"type": "integer", "default": 1000}, "multiplier": {"type": "number", "default": 2.0}, "max_ms": {"type": "integer", "default": 300000}}},
+                "dead_letter_queue": {"type": ["string", "null"], "description": "default <queue>-dlq; null disables"},
+                "max_messages": {"type": "integer", "minimum": 1}, "max_bytes": {"type": "integer", "minimum": 1},
+                "max_in_flight": {"type": "integer", "minimum": 1}}},
+            "Queue": {"type": "object", "properties": {"name": {"type": "string"}, "config": {"$ref": "#/components/schemas/QueueConfig"}, "stats": {"$ref": "#/components/schemas/QueueStats"}}},
+            "QueueStats": {"type": "object", "properties": {
+                "depth": {"type": "integer"}, "in_flight": {"type": "integer"}, "delayed": {"type": "integer"}, "total": {"type": "integer"},
+                "bytes": {"type": "integer"}, "oldest_age_ms": {"type": "integer"}, "published": {"type": "integer"}, "delivered": {"type": "integer"},
+                "acked": {"type": "integer"}, "nacked": {"type": "integer"}, "expired": {"type": "integer"}, "dead_lettered": {"type": "integer"},
+                "redriven": {"type": "integer"}, "purged": {"type": "integer"}}},
+            "QueueList": {"type": "object", "properties": {"queues": {"type": "array", "items": {"$ref": "#/components/schemas/Queue"}}}},
+            "Purged": {"type": "object", "properties": {"purged": {"type": "integer"}}},
+            "PublishRequest": {"type": "object", "required": ["messages"], "properties": {
+                "ack": {"type": "string", "enum": ["durable", "written"], "default": "durable"},
+                "messages": {"type": "array", "items": {"type": "object", "additionalProperties": false, "properties": {
+                    "body": {"type": "string"}, "body_base64": {"type": "string"}, "key": {"type": "string"},
+                    "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "delay_ms": {"type": "integer", "minimum": 0}, "deliver_at": {"type": "integer"}, "id": {"type": "string"}}}}}},
+            "PublishReply": {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "string"}}}},
+            "ReceiveRequest": {"type": "object", "additionalProperties": false, "properties": {
+                "max": {"type": "integer", "minimum": 1, "default": 1}, "wait_ms": {"type": "integer", "minimum": 0, "default": 0}, "lease_ms": {"type": "integer", "minimum": 1}}},
+            "Messages": {"type": "object", "properties": {"messages": {"type": "array", "items": {"type": "object", "properties": {
+                "id": {"type": "string"}, "receipt": {"type": "string"}, "body": {"type": "string"}, "body_base64": {"type": "string"},
+                "key": {"type": "string"}, "headers": {"type": "object"}, "delivery_count": {"type": "integer"},
+                "published_at": {"type": "integer"}, "offset": {"type": "integer"}}}}}},
+            "Receipts": {"type": "object", "required": ["receipts"], "properties": {
+                "receipts": {"type": "array", "items": {"type": "string"}}, "delay_ms": {"type": "integer"}, "error": {"type": "string"}, "lease_ms": {"type": "integer"}}},
+            "SettleReply": {"type": "object", "properties": {"ok": {"type": "integer"}, "failed": {"type": "array", "items": {"type": "object", "properties": {
+                "receipt": {"type": "string"}, "code": {"type": "string", "enum": ["invalid_receipt", "stale_receipt"]}}}}}},
+            "RedriveRequest": {"type": "object", "properties": {
+                "to": {"type": "string"}, "rate_per_s": {"type": "integer", "default": 1000}, "max": {"type": "integer", "default": 0},
+                "filter": {"type": "object", "properties": {"key": {"type": "string"}, "error_contains": {"type": "string"}}}}},
+            "Redrive": {"type": "object", "properties": {"id": {"type": "string"}, "queue": {"type": "string"}, "moved": {"type": "integer"},
+                "remaining": {"type": "integer"}, "skipped": {"type": "integer"}, "state": {"type": "string", "enum": ["running", "done", "failed"]}, "error": {"type": ["string", "null"]}}}
+        }}
+    })
+}

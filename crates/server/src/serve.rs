@@ -1,0 +1,208 @@
+//! `tidewater serve`: configuration, startup (listen first, recover, then serve), and a
+//! clean shutdown on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use tidewater_core::{Broker, BrokerOptions, Limits};
+use tidewater_storage::StoreOptions;
+
+use crate::http::{AppState, router};
+use crate::metrics::Metrics;
+
+/// Exit status when the store fails an fsync (EX_IOERR).
+pub const EXIT_STORAGE_FAILED: i32 = 74;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Data directory (created if missing).
+    #[arg(long, env = "TIDEWATER_DATA")]
+    pub data: Option<PathBuf>,
+    /// Address to listen on. Loopback by default; use 0.0.0.0:7070 to listen on all interfaces.
+    #[arg(long, env = "TIDEWATER_LISTEN")]
+    pub listen: Option<String>,
+    /// TOML configuration file (see docs/configuration.md).
+    #[arg(long, env = "TIDEWATER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format: text (for people) or json (for log pipelines).
+    #[arg(long, env = "TIDEWATER_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+}
+
+/// The TOML file. Every field is optional; flags and environment variables win over it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub data: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub log_format: Option<String>,
+    /// Largest HTTP request body in bytes.
+    pub max_request_bytes: Option<usize>,
+    pub limits: Limits,
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Turning fsync off gives up durability on power loss. For throwaway test servers only.
+    pub fsync: bool,
+    pub journal_roll_bytes: u64,
+    pub segment_roll_bytes: u64,
+    pub checkpoint_interval_ms: u64,
+    pub write_queue_capacity: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        let d = StoreOptions::default();
+        StorageConfig {
+            fsync: d.fsync,
+            journal_roll_bytes: d.journal_roll_bytes,
+            segment_roll_bytes: d.segment_roll_bytes,
+            checkpoint_interval_ms: d.checkpoint_interval.as_millis() as u64,
+            write_queue_capacity: d.write_queue_capacity,
+        }
+    }
+}
+
+pub struct Settings {
+    pub data: PathBuf,
+    pub listen: SocketAddr,
+    pub log_format: String,
+    pub max_request_bytes: usize,
+    pub limits: Limits,
+    pub store: StoreOptions,
+}
+
+pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let listen_text = args.listen.clone().or(file.listen).unwrap_or_else(|| "127.0.0.1:7070".to_string());
+    let listen: SocketAddr = listen_text
+        .parse()
+        .with_context(|| format!("--listen '{listen_text}' is not an address like 127.0.0.1:7070"))?;
+    let s = &file.storage;
+    if s.journal_roll_bytes < 1 << 20 || s.segment_roll_bytes < 64 << 10 || s.write_queue_capacity == 0 {
+        bail!("storage: journal_roll_bytes must be >= 1 MiB, segment_roll_bytes >= 64 KiB, write_queue_capacity >= 1");
+    }
+    Ok(Settings {
+        data: args.data.clone().or(file.data).unwrap_or_else(|| PathBuf::from("data")),
+        listen,
+        log_format: args.log_format.clone().or(file.log_format).unwrap_or_else(|| "text".to_string()),
+        max_request_bytes: file.max_request_bytes.unwrap_or(64 << 20),
+        limits: file.limits,
+        store: StoreOptions {
+            fsync: s.fsync,
+            journal_roll_bytes: s.journal_roll_bytes,
+            segment_roll_bytes: s.segment_roll_bytes,
+            checkpoint_interval: Duration::from_millis(s.checkpoint_interval_ms.max(100)),
+            write_queue_capacity: s.write_queue_capacity,
+            ..StoreOptions::default()
+        },
+    })
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEWATER_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = settings(&args)?;
+    init_logging(&settings.log_format);
+    let cell: Arc<OnceLock<Broker>> = Arc::new(OnceLock::new());
+    let metrics = Arc::new(Metrics::new(cell.clone()));
+    let state = AppState { broker: cell.clone(), metrics: metrics.clone(), max_request_bytes: settings.max_request_bytes };
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (in use? try --listen 127.0.0.1:7071)", settings.listen))?;
+    tracing::info!(listen = %settings.listen, data = %settings.data.display(), "tidewater listening; recovering data");
+
+    // Recover in the background: /healthz answers now, the API says not_ready until done.
+    let options = BrokerOptions {
+        limits: settings.limits.clone(),
+        store: settings.store.clone(),
+        observer: metrics.clone(),
+        ..BrokerOptions::default()
+    };
+    let data = settings.data.clone();
+    std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
+    let opened = tokio::task::spawn_blocking(move || Broker::open(&data, options));
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal(cell.clone()));
+    let serving = tokio::spawn(async move { server.await });
+
+    let broker = opened.await?.with_context(|| format!("opening data directory {}", settings.data.display()))?;
+    broker.store().set_fatal_listener(Arc::new(|what| {
+        eprintln!("tidewater: fatal storage error: {what}. Exiting; restart to recover from the journal.");
+        std::process::exit(EXIT_STORAGE_FAILED);
+    }));
+    let queues = broker.list_queues().len();
+    let _ = cell.set(broker.clone());
+    let maintenance = broker.spawn_maintenance(Duration::from_millis(100));
+    tracing::info!(queues, "ready");
+
+    serving.await??;
+    maintenance.abort();
+    tracing::info!("stopped accepting requests; syncing and checkpointing");
+    tokio::task::spawn_blocking(move || broker.shutdown()).await?;
+    tracing::info!("clean shutdown");
+    Ok(())
+}
+
+async fn shutdown_signal(broker: Arc<OnceLock<Broker>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    if let Some(broker) = broker.get() {
+        broker.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata = \"/tmp/x\"\n[limits]\nmax_batch_messages = 5\n[storage]\nsegment_roll_bytes = 1048576\n").unwrap();
+        let args = ServeArgs { data: Some("/tmp/y".into()), listen: None, config: Some(path), log_format: None };
+        let s = settings(&args).unwrap();
+        assert_eq!(s.data, PathBuf::from("/tmp/y"));
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(s.limits.max_batch_messages, 5);
+        assert_eq!(s.limits.max_receive_messages, Limits::default().max_receive_messages);
+        assert_eq!(s.store.segment_roll_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_unknown_keys_are_errors() {
+        let s = settings(&ServeArgs { data: None, listen: None, config: None, log_format: None }).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:7070");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, "listn = \"x\"\n").unwrap();
+        let err = settings(&ServeArgs { data: None, listen: None, config: Some(path), log_format: None }).err().unwrap();
+        assert!(format!("{err:#}").contains("listn"), "{err:#}");
+    }
+}
