@@ -263,6 +263,8 @@ impl Broker {
     }
 
     fn check_disk(&self) -> Result<(), BrokerError> {
+        // statvfs is a cheap syscall: read it per publish so a burst cannot overshoot.
+        self.refresh_disk();
         let free = self.disk_free_bytes();
         let min = self.inner.limits.min_free_disk_bytes;
         if free < min {
@@ -845,12 +847,19 @@ impl Broker {
             let counts = offsets.iter().map(|o| state.history(*o).map_or(0, |h| h.delivery_count)).collect();
             (offsets, counts)
         };
+        // One sequential read over the span, keeping the pending offsets.
         let mut out = Vec::with_capacity(offsets.len());
-        for (offset, delivery_count) in offsets.into_iter().zip(counts) {
-            if let Some(record) = handle.reader.read(offset, 1, 1).map_err(storage_error)?.pop()
-                && record.offset == offset
-            {
-                out.push(Peeked { record, delivery_count });
+        let (Some(&first), Some(&last)) = (offsets.first(), offsets.last()) else { return Ok(out) };
+        let wanted: HashMap<u64, u32> = offsets.into_iter().zip(counts).collect();
+        let mut from = first;
+        while from <= last {
+            let records = handle.reader.read(from, (last - from + 1) as usize, 16 << 20).map_err(storage_error)?;
+            let Some(end) = records.last().map(|r| r.offset + 1) else { break };
+            from = end;
+            for record in records {
+                if let Some(&delivery_count) = wanted.get(&record.offset) {
+                    out.push(Peeked { record, delivery_count });
+                }
             }
         }
         Ok(out)

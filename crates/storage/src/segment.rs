@@ -11,7 +11,6 @@ use crate::format::{BATCH_HEADER_LEN, BatchHeader, Record, check_batch, decode_r
 
 /// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
-const READ_CHUNK: usize = 256 << 10;
 
 pub(crate) struct Segment {
     pub base: u64,
@@ -283,6 +282,9 @@ fn scan_segment_until(path: &Path, uid: u64, base: u64, stop_at: Option<u64>) ->
 
 /// Reads records `[from, limit)` of a log into `out`, at most `max_count` of them and about
 /// `max_bytes` of payload (at least one record is returned when one exists).
+///
+/// Walks batch headers from the sparse index entry before `from` and reads only the batches
+/// that hold wanted records, so a one-record read costs one small and one batch-sized pread.
 pub(crate) fn read_records(
     files: &std::sync::RwLock<LogFiles>,
     from: u64,
@@ -294,16 +296,18 @@ pub(crate) fn read_records(
     let mut next = from;
     let mut bytes = 0usize;
     let start_len = out.len();
-    let mut buf = Vec::new();
+    let full = |out: &Vec<Record>, bytes: usize| out.len() - start_len >= max_count || (bytes >= max_bytes && out.len() > start_len);
+    let mut header_buf = [0u8; BATCH_HEADER_LEN];
+    let mut batch = Vec::new();
     let mut decoded = Vec::new();
-    while next < limit && out.len() - start_len < max_count && (bytes < max_bytes || out.len() == start_len) {
-        let (file, path, mut pos, seg_len) = {
+    while next < limit && !full(out, bytes) {
+        let (file, path, mut pos, seg_len, seg_end) = {
             let files = files.read().unwrap_or_else(|e| e.into_inner());
             let idx = files.segments.partition_point(|s| s.base <= next);
             if idx == 0 {
                 // Below the first segment: those offsets were deleted (settled); skip ahead.
                 match files.segments.first() {
-                    Some(first) if first.base < limit => {
+                    Some(first) if first.base < limit && first.base > next => {
                         next = first.base;
                         continue;
                     }
@@ -312,67 +316,44 @@ pub(crate) fn read_records(
             }
             let seg = &files.segments[idx - 1];
             if next >= seg.end {
-                if idx < files.segments.len() {
-                    next = files.segments[idx].base;
-                    continue;
-                }
-                return Ok(());
-            }
-            (seg.file.clone(), seg.path.clone(), seg.position_before(next), seg.len)
-        };
-        // Walk batches from the indexed position until past `next`.
-        let mut progressed = false;
-        while pos < seg_len && next < limit && out.len() - start_len < max_count {
-            let want = READ_CHUNK.min((seg_len - pos) as usize);
-            buf.resize(want, 0);
-            file.read_exact_at(&mut buf, pos).map_err(|source| ReadError::Io { path: path.clone(), source })?;
-            let mut at = 0usize;
-            while at + BATCH_HEADER_LEN <= buf.len() {
-                let header = BatchHeader::decode(&buf[at..]).map_err(|reason| corrupt(&path, pos + at as u64, reason))?;
-                let total = header.total_len();
-                if at + total > buf.len() {
-                    if at == 0 {
-                        // One batch larger than the chunk: read it whole.
-                        buf.resize(total, 0);
-                        file.read_exact_at(&mut buf, pos)
-                            .map_err(|source| ReadError::Io { path: path.clone(), source })?;
+                match files.segments.get(idx) {
+                    Some(following) => {
+                        next = following.base;
                         continue;
                     }
-                    break;
+                    None => return Ok(()),
                 }
-                let batch_end = header.base_offset + header.count as u64;
-                if batch_end > next {
-                    let batch = &buf[at..at + total];
-                    check_batch(batch).map_err(|reason| corrupt(&path, pos + at as u64, reason))?;
-                    decoded.clear();
-                    decode_records(&header, &batch[BATCH_HEADER_LEN..], &mut decoded)
-                        .map_err(|reason| corrupt(&path, pos + at as u64, reason))?;
-                    for record in decoded.drain(..) {
-                        if record.offset < next || record.offset >= limit {
-                            continue;
-                        }
-                        if out.len() - start_len >= max_count || (bytes >= max_bytes && out.len() > start_len) {
-                            return Ok(());
-                        }
-                        bytes += record.body.len();
-                        next = record.offset + 1;
-                        out.push(record);
+            }
+            (seg.file.clone(), seg.path.clone(), seg.position_before(next), seg.len, seg.end)
+        };
+        while pos < seg_len && next < limit && !full(out, bytes) {
+            file.read_exact_at(&mut header_buf, pos).map_err(|source| ReadError::Io { path: path.clone(), source })?;
+            let header = BatchHeader::decode(&header_buf).map_err(|reason| corrupt(&path, pos, reason))?;
+            let total = header.total_len();
+            let batch_end = header.base_offset + header.count as u64;
+            if batch_end > next {
+                batch.resize(total, 0);
+                file.read_exact_at(&mut batch, pos).map_err(|source| ReadError::Io { path: path.clone(), source })?;
+                check_batch(&batch).map_err(|reason| corrupt(&path, pos, reason))?;
+                decoded.clear();
+                decode_records(&header, &batch[BATCH_HEADER_LEN..], &mut decoded).map_err(|reason| corrupt(&path, pos, reason))?;
+                for record in decoded.drain(..) {
+                    if record.offset < next || record.offset >= limit {
+                        continue;
                     }
-                    next = next.max(batch_end.min(limit));
+                    if full(out, bytes) {
+                        return Ok(());
+                    }
+                    bytes += record.body.len();
+                    next = record.offset + 1;
+                    out.push(record);
                 }
-                at += total;
-                progressed = true;
-                if next >= limit || out.len() - start_len >= max_count {
-                    return Ok(());
-                }
+                next = next.max(batch_end.min(limit));
             }
-            pos += at as u64;
-            if at == 0 {
-                break;
-            }
+            pos += total as u64;
         }
-        if !progressed {
-            return Ok(());
+        if next < seg_end && pos >= seg_len {
+            return Ok(()); // the segment ended early (being appended): nothing more yet
         }
     }
     Ok(())

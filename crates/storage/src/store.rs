@@ -238,10 +238,16 @@ impl Store {
             seq: 0,
             last_checkpoint: Instant::now(),
             changed_since_checkpoint: true,
+            checkpoint_retry_at: Instant::now(),
             deleted_dirs: Vec::new(),
         };
         // A first checkpoint makes replayed data durable in segments and drops old journals.
-        writer.checkpoint().map_err(|e| OpenError::io(dir, e))?;
+        match writer.checkpoint() {
+            Ok(()) => {}
+            Err(CheckpointError::Sync(e)) => return Err(OpenError::io(dir, e)),
+            // Typically a full disk: serve from the replayed journal and checkpoint later.
+            Err(CheckpointError::Io(e)) => tracing::warn!(error = %e, "initial checkpoint failed; continuing on the journal"),
+        }
         let recovered: Vec<RecoveredLog> = writer.logs.values().map(|l| l.state.clone()).collect();
 
         let (tx, rx) = sync_channel(opts.write_queue_capacity);
@@ -621,6 +627,7 @@ struct Writer {
     seq: u64,
     last_checkpoint: Instant,
     changed_since_checkpoint: bool,
+    checkpoint_retry_at: Instant,
     deleted_dirs: Vec<PathBuf>,
 }
 
@@ -682,9 +689,7 @@ impl Writer {
         }
         if !self.shared.poisoned.load(Ordering::SeqCst) {
             self.changed_since_checkpoint = true;
-            if let Err(err) = self.checkpoint() {
-                self.shared.poison(&format!("final checkpoint failed: {err}"));
-            }
+            self.run_checkpoint();
         }
         {
             let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
@@ -700,10 +705,24 @@ impl Writer {
         if self.shared.poisoned.load(Ordering::SeqCst) {
             return;
         }
+        if Instant::now() < self.checkpoint_retry_at {
+            return;
+        }
         let due = self.journal_len >= self.shared.opts.journal_roll_bytes
             || (self.changed_since_checkpoint && self.last_checkpoint.elapsed() >= self.shared.opts.checkpoint_interval);
-        if due && let Err(err) = self.checkpoint() {
-            self.shared.poison(&format!("checkpoint failed: {err}"));
+        if due {
+            self.run_checkpoint();
+        }
+    }
+
+    fn run_checkpoint(&mut self) {
+        match self.checkpoint() {
+            Ok(()) => {}
+            Err(CheckpointError::Sync(err)) => self.shared.poison(&format!("checkpoint fsync failed: {err}")),
+            Err(CheckpointError::Io(err)) => {
+                tracing::warn!(error = %err, "checkpoint failed; the journal keeps everything, retrying in 1 s");
+                self.checkpoint_retry_at = Instant::now() + Duration::from_secs(1);
+            }
         }
     }
 
@@ -956,7 +975,7 @@ impl Writer {
 
     /// Makes everything written so far durable without the journal, then starts a new
     /// journal and deletes the old ones, settled segments and deleted logs.
-    fn checkpoint(&mut self) -> std::io::Result<()> {
+    fn checkpoint(&mut self) -> Result<(), CheckpointError> {
         if !self.changed_since_checkpoint {
             self.last_checkpoint = Instant::now();
             return Ok(());
@@ -967,7 +986,7 @@ impl Writer {
                 let files = log.shared.files.read().unwrap_or_else(|e| e.into_inner());
                 if fsync {
                     for seg in &files.segments {
-                        seg.file.sync_data()?;
+                        seg.file.sync_data().map_err(CheckpointError::Sync)?;
                     }
                 }
                 log.dirty = false;
@@ -975,20 +994,36 @@ impl Writer {
         }
         let new_id = self.journal_id + 1;
         let dir = self.shared.dir.clone();
-        let (journal, journal_len) = create_journal(&dir, new_id)?;
+        let ckpt_dir = dir.join("checkpoint");
+        let tmp = ckpt_dir.join("checkpoint.tmp");
+        let (journal, journal_len) = create_journal(&dir, new_id).map_err(|e| {
+            let _ = fs::remove_file(journal_path(&dir, new_id));
+            CheckpointError::Io(e)
+        })?;
         let mut states: Vec<&LogState> = self.logs.values().map(|l| &l.state).collect();
         states.sort_by_key(|s| s.uid);
         let bytes = encode_checkpoint(self.next_uid, &states);
-        let ckpt_dir = dir.join("checkpoint");
-        let tmp = ckpt_dir.join("checkpoint.tmp");
-        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        file.write_all_at(&bytes, 0)?;
+        let written = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .and_then(|file| file.write_all_at(&bytes, 0).map(|()| file));
+        let file = match written {
+            Ok(file) => file,
+            Err(err) => {
+                // Typically ENOSPC: keep the old journal and checkpoint, try again later.
+                let _ = fs::remove_file(&tmp);
+                let _ = fs::remove_file(journal_path(&dir, new_id));
+                return Err(CheckpointError::Io(err));
+            }
+        };
         if fsync {
-            file.sync_all()?;
+            file.sync_all().map_err(CheckpointError::Sync)?;
         }
-        fs::rename(&tmp, ckpt_dir.join(format!("{new_id:020}.ckpt")))?;
+        fs::rename(&tmp, ckpt_dir.join(format!("{new_id:020}.ckpt"))).map_err(CheckpointError::Io)?;
         if fsync {
-            fsync_dir(&ckpt_dir)?;
+            fsync_dir(&ckpt_dir).map_err(CheckpointError::Sync)?;
         }
         // The checkpoint is durable: switch journals, then clean up.
         let journal = Arc::new(journal);
@@ -1000,14 +1035,25 @@ impl Writer {
         self.journal_id = new_id;
         self.journal_len = journal_len;
         self.shared.journal_bytes.store(journal_len, Ordering::Relaxed);
+        self.changed_since_checkpoint = false;
+        self.last_checkpoint = Instant::now();
+        if let Err(err) = self.remove_obsolete(&dir, new_id) {
+            tracing::warn!(error = %err, "could not remove obsolete files; will retry at the next checkpoint");
+        }
+        Ok(())
+    }
+
+    /// Deletes journals and checkpoints before `current`, settled segments, deleted logs.
+    fn remove_obsolete(&mut self, dir: &Path, current: u64) -> std::io::Result<()> {
+        let ckpt_dir = dir.join("checkpoint");
         for id in list_ids(&ckpt_dir, ".ckpt")? {
-            if id < new_id {
+            if id < current {
                 fs::remove_file(ckpt_dir.join(format!("{id:020}.ckpt")))?;
             }
         }
         for id in list_ids(&dir.join("journal"), ".jnl")? {
-            if id < new_id {
-                fs::remove_file(journal_path(&dir, id))?;
+            if id < current {
+                fs::remove_file(journal_path(dir, id))?;
             }
         }
         for log in self.logs.values() {
@@ -1016,12 +1062,29 @@ impl Writer {
                 fs::remove_file(&path)?;
             }
         }
-        for path in self.deleted_dirs.drain(..) {
-            fs::remove_dir_all(&path)?;
+        while let Some(path) = self.deleted_dirs.pop() {
+            if let Err(err) = fs::remove_dir_all(&path) {
+                self.deleted_dirs.push(path);
+                return Err(err);
+            }
         }
-        self.changed_since_checkpoint = false;
-        self.last_checkpoint = Instant::now();
         Ok(())
+    }
+}
+
+/// Why a checkpoint failed: a failed fsync is fatal, any other I/O error is retried later.
+#[derive(Debug)]
+enum CheckpointError {
+    Sync(std::io::Error),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckpointError::Sync(e) => write!(f, "fsync failed: {e}"),
+            CheckpointError::Io(e) => write!(f, "{e}"),
+        }
     }
 }
 

@@ -1,0 +1,92 @@
+//! The CLI as a user runs it: real binary, real server.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+
+use crate::support::{BIN, Server};
+
+fn run(server: &Server, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("TIDEWATER_SERVER", &server.url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn queue_publish_consume_and_dlq_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+
+    let (code, out, err) = run(&server, &["queue", "create", "tasks", "--max-deliveries", "1", "--lease-ms", "60000"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("created queue 'tasks'"), "{out}");
+    let (code, out, _) = run(&server, &["publish", "tasks", "alpha", "beta"], None);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 2, "one id per message: {out}");
+    let lines: String = (0..250).map(|i| format!("line {i}\n")).collect();
+    let (code, out, _) = run(&server, &["publish", "tasks", "--batch", "100"], Some(&lines));
+    assert_eq!(code, 0);
+    assert!(out.contains("published 250 messages"), "{out}");
+
+    let (code, out, _) = run(&server, &["--json", "queue", "stats", "tasks"], None);
+    assert_eq!(code, 0);
+    let info: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["stats"]["total"], 252);
+    let (_, out, _) = run(&server, &["queue", "list"], None);
+    assert!(out.starts_with("QUEUE") && out.contains("tasks"), "{out}");
+
+    // A handler that fails on "beta": beta is nacked and (max_deliveries 1) dead-lettered.
+    let (code, out, err) = run(&server, &["consume", "tasks", "--max", "2", "--batch", "2", "--exec", "grep -qv beta"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("alpha") && out.contains("beta"), "{out}");
+    assert!(err.contains("1 acked, 1 nacked"), "{err}");
+    let (code, out, _) = run(&server, &["--json", "consume", "tasks", "--max", "3", "--wait-ms", "0"], None);
+    assert_eq!(code, 0);
+    let first: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(first["body"], "line 0");
+
+    let (code, out, _) = run(&server, &["dlq", "list", "tasks-dlq"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("beta") && out.contains("tasks"), "{out}");
+    let (code, out, err) = run(&server, &["dlq", "redrive", "tasks-dlq", "--rate", "100"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("moved 1"), "{out}");
+
+    let (_, out, _) = run(&server, &["queue", "config", "tasks"], None);
+    assert!(out.contains("lease_ms") && out.contains("60000"), "{out}");
+    let (code, out, _) = run(&server, &["queue", "purge", "tasks"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("purged 248"), "{out}");
+    let (code, _, _) = run(&server, &["queue", "delete", "tasks"], None);
+    assert_eq!(code, 0);
+
+    // Exit codes that mean something.
+    let (code, _, err) = run(&server, &["queue", "stats", "tasks"], None);
+    assert_eq!(code, 3, "not found: {err}");
+    let (code, _, err) = run(&server, &["queue", "create", "x", "--lease-ms", "0"], None);
+    assert_eq!(code, 2, "bad input: {err}");
+    assert!(err.contains("lease_ms"), "{err}");
+    server.create_queue("tiny", json!({"max_messages": 1}));
+    server.publish("tiny", json!([{"body": "x"}]));
+    let (code, _, err) = run(&server, &["publish", "tiny", "y", "--retry-for-s", "0"], None);
+    assert_eq!(code, 4, "refused by backpressure: {err}");
+    let (code, _, err) = run(&server, &["--server", "http://127.0.0.1:9", "queue", "list"], None);
+    assert_eq!(code, 5, "unreachable: {err}");
+    assert!(err.contains("tidewater serve"), "{err}");
+    let (code, out, _) = run(&server, &["--help"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("serve") && out.contains("publish") && out.contains("consume"));
+}

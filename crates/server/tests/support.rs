@@ -1,0 +1,173 @@
+//! Starting, killing and talking to a real server process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tidewater");
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub data: PathBuf,
+    config: Option<PathBuf>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Server {
+    /// Starts a server on `data` with an optional TOML config text, and waits until ready.
+    pub fn start(data: &Path, config: Option<&str>) -> Server {
+        let config = config.map(|text| {
+            let path = data.with_extension("toml");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        Server::start_with(data, config)
+    }
+
+    fn start_with(data: &Path, config: Option<PathBuf>) -> Server {
+        let port = free_port();
+        let mut command = Command::new(BIN);
+        command.args(["serve", "--data"]).arg(data).args(["--listen", &format!("127.0.0.1:{port}")]);
+        if let Some(path) = &config {
+            command.arg("--config").arg(path);
+        }
+        let child = command.env("TIDEWATER_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
+        let server = Server { child, url: format!("http://127.0.0.1:{port}"), data: data.to_path_buf(), config };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = server.try_call("GET", "/readyz", None) {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "server did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, then start again on the same data and config.
+    pub fn kill_and_restart(&mut self) {
+        self.kill9();
+        let config = self.config.clone();
+        *self = Server::start_with(&self.data.clone(), config);
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> i32 {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap().code().unwrap_or(-1)
+    }
+
+    pub fn try_call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), String> {
+        call(&self.url, method, path, body)
+    }
+
+    /// A call that must succeed with a 2xx.
+    pub fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, value) = self.try_call(method, path, body.as_ref()).unwrap();
+        assert!((200..300).contains(&status), "{method} {path} -> {status} {value}");
+        value
+    }
+
+    /// A call that must fail with this status and code.
+    pub fn err(&self, method: &str, path: &str, body: Option<Value>, status: u16, code: &str) -> Value {
+        let (got, value) = self.try_call(method, path, body.as_ref()).unwrap();
+        assert_eq!((got, value["code"].as_str().unwrap_or("")), (status, code), "{method} {path}: {value}");
+        assert!(value["message"].as_str().is_some_and(|m| !m.is_empty()), "error without a message: {value}");
+        value
+    }
+
+    pub fn create_queue(&self, name: &str, config: Value) {
+        self.ok("PUT", &format!("/v1/queues/{name}"), Some(config));
+    }
+
+    pub fn publish(&self, queue: &str, messages: Value) -> Vec<String> {
+        let reply = self.ok("POST", &format!("/v1/queues/{queue}/messages"), Some(json!({ "messages": messages })));
+        reply["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+    }
+
+    pub fn receive(&self, queue: &str, max: usize, wait_ms: u64, lease_ms: Option<u64>) -> Vec<Value> {
+        let mut body = json!({"max": max, "wait_ms": wait_ms});
+        if let Some(lease) = lease_ms {
+            body["lease_ms"] = json!(lease);
+        }
+        self.ok("POST", &format!("/v1/queues/{queue}/receive"), Some(body))["messages"].as_array().unwrap().clone()
+    }
+
+    pub fn stats(&self, queue: &str) -> Value {
+        self.ok("GET", &format!("/v1/queues/{queue}"), None)["stats"].clone()
+    }
+
+    /// Every unleased message of a queue, by paging through peek.
+    pub fn peek_all(&self, queue: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        loop {
+            let reply = self.ok("GET", &format!("/v1/queues/{queue}/messages?max=1000&from={from}"), None);
+            let messages = reply["messages"].as_array().unwrap();
+            if messages.is_empty() {
+                return out;
+            }
+            from = reply["next_from"].as_u64().unwrap();
+            out.extend(messages.iter().cloned());
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+thread_local! {
+    static AGENT: ureq::Agent = agent();
+}
+
+pub fn call(base: &str, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), String> {
+    let url = format!("{base}{path}");
+    let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
+    call_raw(&url, method, bytes.as_deref())
+}
+
+pub fn call_raw(url: &str, method: &str, body: Option<&[u8]>) -> Result<(u16, Value), String> {
+    AGENT.with(|agent| {
+        let result = match method {
+            "GET" => agent.get(url).call(),
+            "DELETE" => agent.delete(url).call(),
+            "PUT" => agent.put(url).send(body.unwrap_or(b"")),
+            "PATCH" => agent.patch(url).send(body.unwrap_or(b"")),
+            _ => agent.post(url).send(body.unwrap_or(b"")),
+        };
+        let mut response = result.map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().with_config().limit(1 << 30).read_to_vec().map_err(|e| e.to_string())?;
+        let value = if text.is_empty() { Value::Null } else { serde_json::from_slice(&text).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&text)))? };
+        Ok((status, value))
+    })
+}
+
+pub fn receipts(messages: &[Value]) -> Vec<String> {
+    messages.iter().map(|m| m["receipt"].as_str().unwrap().to_string()).collect()
+}
+
+pub fn ids(messages: &[Value]) -> Vec<String> {
+    messages.iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+}
