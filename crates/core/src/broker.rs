@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use tidewater_storage::format::{MAX_BATCH_BODY, RECORD_FLAG_GENERATED_ID};
-use tidewater_storage::{AckLevel, BatchBuilder, LogReader, NewRecord, Op, OpResult, Record, Store, StoreOptions};
+use tidewater_storage::{
+    AckLevel, BatchBuilder, LogReader, NewRecord, Op, OpResult, Record, Store, StoreOptions,
+};
 use tokio::sync::Notify;
 
 use crate::clock::{Clock, Jitter, RandomJitter, SystemClock};
@@ -131,6 +133,9 @@ pub struct RedriveProgress {
     pub error: Option<String>,
 }
 
+/// Leases ended by a request (offset, lease) and the receipts it refused.
+type Released = (Vec<(u64, crate::queue::Lease)>, Vec<ReceiptFailure>);
+
 pub struct QueueHandle {
     pub uid: u64,
     pub name: String,
@@ -169,7 +174,10 @@ fn storage_error(err: impl std::fmt::Display) -> BrokerError {
 
 impl Broker {
     /// Opens (recovers) the data directory and rebuilds every queue.
-    pub fn open(dir: &Path, options: BrokerOptions) -> Result<Broker, tidewater_storage::OpenError> {
+    pub fn open(
+        dir: &Path,
+        options: BrokerOptions,
+    ) -> Result<Broker, tidewater_storage::OpenError> {
         let (store, recovered) = Store::open(dir, options.store.clone())?;
         let now = options.clock.now_ms();
         let mut queues = HashMap::new();
@@ -183,10 +191,12 @@ impl Broker {
                 }
             };
             let reader = store.reader(log.uid).expect("recovered log has a reader");
-            let state = QueueState::recover(&log, config, &reader, now).map_err(|e| tidewater_storage::OpenError::Corrupt {
-                path: dir.to_path_buf(),
-                position: 0,
-                reason: e.to_string(),
+            let state = QueueState::recover(&log, config, &reader, now).map_err(|e| {
+                tidewater_storage::OpenError::Corrupt {
+                    path: dir.to_path_buf(),
+                    position: 0,
+                    reason: e.to_string(),
+                }
             })?;
             let handle = Arc::new(QueueHandle {
                 uid: log.uid,
@@ -210,7 +220,9 @@ impl Broker {
             observer: options.observer,
             admin: tokio::sync::Mutex::new(()),
             disk_free: AtomicU64::new(u64::MAX),
-            disk_probe: Mutex::new(Box::new(move || tidewater_storage::disk_free_bytes(&probe_dir))),
+            disk_probe: Mutex::new(Box::new(move || {
+                tidewater_storage::disk_free_bytes(&probe_dir)
+            })),
             redrives: Mutex::new(Vec::new()),
             next_redrive: AtomicU64::new(1),
             closing: AtomicBool::new(false),
@@ -282,15 +294,25 @@ impl Broker {
     }
 
     fn queue(&self, name: &str) -> Result<Arc<QueueHandle>, BrokerError> {
-        self.inner.queues.read().get(name).cloned().ok_or_else(|| BrokerError::queue_not_found(name))
+        self.inner
+            .queues
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::queue_not_found(name))
     }
 
     async fn write(&self, ops: Vec<Op>, level: AckLevel) -> Result<Vec<OpResult>, BrokerError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner.store.submit(ops, level, Box::new(move |result| drop(tx.send(result))));
+        self.inner
+            .store
+            .submit(ops, level, Box::new(move |result| drop(tx.send(result))));
         match rx.await {
             Ok(result) => result.map_err(BrokerError::from),
-            Err(_) => Err(BrokerError::new(ErrorCode::ShuttingDown, "the store stopped before answering")),
+            Err(_) => Err(BrokerError::new(
+                ErrorCode::ShuttingDown,
+                "the store stopped before answering",
+            )),
         }
     }
 
@@ -298,7 +320,11 @@ impl Broker {
 
     /// Creates a queue, or updates the configuration of an existing one. Returns whether
     /// it was created.
-    pub async fn put_queue(&self, name: &str, patch: &ConfigPatch) -> Result<(bool, QueueInfo), BrokerError> {
+    pub async fn put_queue(
+        &self,
+        name: &str,
+        patch: &ConfigPatch,
+    ) -> Result<(bool, QueueInfo), BrokerError> {
         validate_queue_name(name)?;
         let _admin = self.inner.admin.lock().await;
         if let Ok(handle) = self.queue(name) {
@@ -307,7 +333,14 @@ impl Broker {
             next.validate(name, &self.inner.limits)?;
             if next != current {
                 let config = serde_json::to_string(&next).expect("config serializes");
-                self.write(vec![Op::UpdateConfig { uid: handle.uid, config }], AckLevel::Durable).await?;
+                self.write(
+                    vec![Op::UpdateConfig {
+                        uid: handle.uid,
+                        config,
+                    }],
+                    AckLevel::Durable,
+                )
+                .await?;
                 handle.state.lock().config = next;
                 handle.notify.notify_waiters();
             }
@@ -319,19 +352,41 @@ impl Broker {
         Ok((true, self.info(&handle)))
     }
 
-    async fn create_locked(&self, name: &str, config: QueueConfig) -> Result<Arc<QueueHandle>, BrokerError> {
+    async fn create_locked(
+        &self,
+        name: &str,
+        config: QueueConfig,
+    ) -> Result<Arc<QueueHandle>, BrokerError> {
         if self.inner.queues.read().len() >= self.inner.limits.max_queues {
             return Err(BrokerError::new(
                 ErrorCode::InvalidRequest,
-                format!("the broker holds its maximum of {} queues (max_queues)", self.inner.limits.max_queues),
+                format!(
+                    "the broker holds its maximum of {} queues (max_queues)",
+                    self.inner.limits.max_queues
+                ),
             ));
         }
         let json = serde_json::to_string(&config).expect("config serializes");
-        let results = self.write(vec![Op::CreateLog { name: name.to_string(), config: json }], AckLevel::Durable).await?;
+        let results = self
+            .write(
+                vec![Op::CreateLog {
+                    name: name.to_string(),
+                    config: json,
+                }],
+                AckLevel::Durable,
+            )
+            .await?;
         let Some(OpResult::Created { uid }) = results.first() else {
-            return Err(BrokerError::new(ErrorCode::Internal, "storage did not return the new log"));
+            return Err(BrokerError::new(
+                ErrorCode::Internal,
+                "storage did not return the new log",
+            ));
         };
-        let reader = self.inner.store.reader(*uid).ok_or_else(|| BrokerError::new(ErrorCode::Internal, "new log has no reader"))?;
+        let reader = self
+            .inner
+            .store
+            .reader(*uid)
+            .ok_or_else(|| BrokerError::new(ErrorCode::Internal, "new log has no reader"))?;
         let handle = Arc::new(QueueHandle {
             uid: *uid,
             name: name.to_string(),
@@ -340,7 +395,10 @@ impl Broker {
             reader,
             deleted: AtomicBool::new(false),
         });
-        self.inner.queues.write().insert(name.to_string(), handle.clone());
+        self.inner
+            .queues
+            .write()
+            .insert(name.to_string(), handle.clone());
         self.inner.by_uid.write().insert(*uid, handle.clone());
         Ok(handle)
     }
@@ -355,13 +413,18 @@ impl Broker {
             return Ok(handle);
         }
         tracing::info!(queue = dlq, "creating dead-letter queue");
-        self.create_locked(dlq, QueueConfig::for_dead_letter_queue(dlq, &self.inner.limits)).await
+        self.create_locked(
+            dlq,
+            QueueConfig::for_dead_letter_queue(dlq, &self.inner.limits),
+        )
+        .await
     }
 
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         let _admin = self.inner.admin.lock().await;
         let handle = self.queue(name)?;
-        self.write(vec![Op::DeleteLog { uid: handle.uid }], AckLevel::Durable).await?;
+        self.write(vec![Op::DeleteLog { uid: handle.uid }], AckLevel::Durable)
+            .await?;
         self.inner.queues.write().remove(name);
         self.inner.by_uid.write().remove(&handle.uid);
         handle.deleted.store(true, Ordering::SeqCst);
@@ -372,7 +435,12 @@ impl Broker {
     fn info(&self, handle: &QueueHandle) -> QueueInfo {
         let mut state = handle.state.lock();
         state.refresh_oldest(&handle.reader);
-        let mut refused: Vec<_> = state.counters.refused.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut refused: Vec<_> = state
+            .counters
+            .refused
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
         refused.sort();
         QueueInfo {
             name: handle.name.clone(),
@@ -397,48 +465,88 @@ impl Broker {
 
     // ---- messages ----
 
-    fn validate_message(&self, idx: usize, msg: &NewMessage, now: i64) -> Result<Option<i64>, BrokerError> {
+    fn validate_message(
+        &self,
+        idx: usize,
+        msg: &NewMessage,
+        now: i64,
+    ) -> Result<Option<i64>, BrokerError> {
         let limits = &self.inner.limits;
-        let bad = |what: String| Err(BrokerError::new(ErrorCode::InvalidMessage, format!("message {idx}: {what}")));
+        let bad = |what: String| {
+            Err(BrokerError::new(
+                ErrorCode::InvalidMessage,
+                format!("message {idx}: {what}"),
+            ))
+        };
         if msg.body.len() > limits.max_message_bytes {
             return Err(BrokerError::new(
                 ErrorCode::MessageTooLarge,
-                format!("message {idx}: body of {} bytes exceeds max_message_bytes {}", msg.body.len(), limits.max_message_bytes),
+                format!(
+                    "message {idx}: body of {} bytes exceeds max_message_bytes {}",
+                    msg.body.len(),
+                    limits.max_message_bytes
+                ),
             ));
         }
         if let Some(id) = &msg.id
             && (id.is_empty() || id.len() > limits.max_id_bytes.min(255))
         {
-            return bad(format!("id must be 1..={} bytes", limits.max_id_bytes.min(255)));
+            return bad(format!(
+                "id must be 1..={} bytes",
+                limits.max_id_bytes.min(255)
+            ));
         }
         if let Some(key) = &msg.key
             && key.len() > limits.max_key_bytes
         {
-            return bad(format!("key of {} bytes exceeds max_key_bytes {}", key.len(), limits.max_key_bytes));
+            return bad(format!(
+                "key of {} bytes exceeds max_key_bytes {}",
+                key.len(),
+                limits.max_key_bytes
+            ));
         }
         if msg.headers.len() > limits.max_headers {
-            return bad(format!("{} headers exceed max_headers {}", msg.headers.len(), limits.max_headers));
+            return bad(format!(
+                "{} headers exceed max_headers {}",
+                msg.headers.len(),
+                limits.max_headers
+            ));
         }
         for (name, value) in &msg.headers {
-            if name.is_empty() || name.len() > limits.max_header_bytes || value.len() > limits.max_header_bytes {
-                return bad(format!("header names must be 1..={0} bytes and values at most {0} bytes", limits.max_header_bytes));
+            if name.is_empty()
+                || name.len() > limits.max_header_bytes
+                || value.len() > limits.max_header_bytes
+            {
+                return bad(format!(
+                    "header names must be 1..={0} bytes and values at most {0} bytes",
+                    limits.max_header_bytes
+                ));
             }
         }
         match msg.delay {
             Delay::None => Ok(None),
-            Delay::AfterMs(ms) if ms > limits.max_delay_ms => bad(format!("delay_ms {ms} exceeds max_delay_ms {}", limits.max_delay_ms)),
+            Delay::AfterMs(ms) if ms > limits.max_delay_ms => bad(format!(
+                "delay_ms {ms} exceeds max_delay_ms {}",
+                limits.max_delay_ms
+            )),
             Delay::AfterMs(0) => Ok(None),
             Delay::AfterMs(ms) => Ok(Some(now + ms as i64)),
-            Delay::AtMs(at) if at - now > limits.max_delay_ms as i64 => {
-                bad(format!("deliver_at is more than max_delay_ms {} ahead", limits.max_delay_ms))
-            }
+            Delay::AtMs(at) if at - now > limits.max_delay_ms as i64 => bad(format!(
+                "deliver_at is more than max_delay_ms {} ahead",
+                limits.max_delay_ms
+            )),
             Delay::AtMs(at) if at <= now => Ok(None),
             Delay::AtMs(at) => Ok(Some(at)),
         }
     }
 
     /// Publishes a batch, whole or not at all; returns the ids in order.
-    pub async fn publish(&self, queue: &str, messages: &[NewMessage], level: AckLevel) -> Result<Vec<String>, BrokerError> {
+    pub async fn publish(
+        &self,
+        queue: &str,
+        messages: &[NewMessage],
+        level: AckLevel,
+    ) -> Result<Vec<String>, BrokerError> {
         let started = std::time::Instant::now();
         let limits = &self.inner.limits;
         if messages.is_empty() {
@@ -447,7 +555,11 @@ impl Broker {
         if messages.len() > limits.max_batch_messages {
             return Err(BrokerError::new(
                 ErrorCode::BatchTooLarge,
-                format!("{} messages exceed max_batch_messages {}", messages.len(), limits.max_batch_messages),
+                format!(
+                    "{} messages exceed max_batch_messages {}",
+                    messages.len(),
+                    limits.max_batch_messages
+                ),
             ));
         }
         let handle = self.queue(queue)?;
@@ -465,7 +577,11 @@ impl Broker {
             if let Some(at) = deliver_at {
                 delays.push((idx as u32, at));
             }
-            let headers: Vec<(&[u8], &[u8])> = msg.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
+            let headers: Vec<(&[u8], &[u8])> = msg
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+                .collect();
             let generated;
             let (id, is_generated): (&[u8], bool) = match &msg.id {
                 Some(id) => {
@@ -486,25 +602,47 @@ impl Broker {
                 deliver_at_ms: deliver_at.unwrap_or(0),
                 body: &msg.body,
             };
-            bytes += (msg.body.len() + msg.key.as_ref().map_or(0, |k| k.len()) + msg.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()) as u64;
+            bytes += (msg.body.len()
+                + msg.key.as_ref().map_or(0, |k| k.len())
+                + msg
+                    .headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()) as u64;
             builder.push(&record);
             if builder.encoded_len() > MAX_BATCH_BODY {
-                return Err(BrokerError::new(ErrorCode::RequestTooLarge, "the batch exceeds 256 MiB once encoded"));
+                return Err(BrokerError::new(
+                    ErrorCode::RequestTooLarge,
+                    "the batch exceeds 256 MiB once encoded",
+                ));
             }
         }
         let n = messages.len() as u64;
         handle.state.lock().admit(n, bytes, now)?;
-        let result = self.write(vec![Op::Append { uid: handle.uid, batch: builder.finish() }], level).await;
+        let result = self
+            .write(
+                vec![Op::Append {
+                    uid: handle.uid,
+                    batch: builder.finish(),
+                }],
+                level,
+            )
+            .await;
         let mut state = handle.state.lock();
         match result {
             Ok(results) => {
                 let Some(&OpResult::Appended { base_offset, .. }) = results.first() else {
                     state.published(n, bytes, None);
-                    return Err(BrokerError::new(ErrorCode::Internal, "storage did not report offsets"));
+                    return Err(BrokerError::new(
+                        ErrorCode::Internal,
+                        "storage did not report offsets",
+                    ));
                 };
                 state.published(n, bytes, Some((base_offset, &delays)));
                 drop(state);
-                self.inner.observer.publish_latency(&handle.name, started.elapsed().as_secs_f64());
+                self.inner
+                    .observer
+                    .publish_latency(&handle.name, started.elapsed().as_secs_f64());
                 Ok(ids)
             }
             Err(err) => {
@@ -525,7 +663,8 @@ impl Broker {
         let (retries, to_dlq, woke) = {
             let mut state = handle.state.lock();
             let expired = state.expire_leases(now);
-            let (retries, to_dlq) = self.plan_retries(&mut state, expired, None, Some(LEASE_EXPIRED_ERROR), now);
+            let (retries, to_dlq) =
+                self.plan_retries(&mut state, expired, None, Some(LEASE_EXPIRED_ERROR), now);
             let before = state.stats(now).depth;
             state.fire_timers(now);
             let woke = !retries.is_empty() || state.stats(now).depth > before;
@@ -533,7 +672,9 @@ impl Broker {
         };
         if !retries.is_empty() {
             // Best effort: a lost retry record only under-counts deliveries after a crash.
-            self.inner.store.submit(retries, AckLevel::Written, Box::new(|_| {}));
+            self.inner
+                .store
+                .submit(retries, AckLevel::Written, Box::new(|_| {}));
         }
         if !to_dlq.is_empty() {
             self.dead_letter(handle, to_dlq).await;
@@ -563,7 +704,12 @@ impl Broker {
                 to_dlq.push(msg);
                 continue;
             }
-            let wait = delay_ms.unwrap_or_else(|| state.config.backoff.delay_ms(msg.delivery_count, self.inner.jitter.unit()));
+            let wait = delay_ms.unwrap_or_else(|| {
+                state
+                    .config
+                    .backoff
+                    .delay_ms(msg.delivery_count, self.inner.jitter.unit())
+            });
             let deliver_at = now + wait as i64;
             state.schedule_retry(msg.offset, msg.delivery_count, deliver_at, error_entry, now);
             ops.push(Op::Retry {
@@ -598,27 +744,73 @@ impl Broker {
         }
     }
 
-    async fn try_dead_letter(&self, handle: &Arc<QueueHandle>, items: &[Unacked]) -> Result<(), BrokerError> {
-        let dlq_name = handle.state.lock().config.dead_letter_queue.clone().ok_or_else(|| BrokerError::invalid("no dead-letter queue"))?;
+    async fn try_dead_letter(
+        &self,
+        handle: &Arc<QueueHandle>,
+        items: &[Unacked],
+    ) -> Result<(), BrokerError> {
+        let dlq_name = handle
+            .state
+            .lock()
+            .config
+            .dead_letter_queue
+            .clone()
+            .ok_or_else(|| BrokerError::invalid("no dead-letter queue"))?;
         let dlq = self.dead_letter_target(&dlq_name).await?;
         let now = self.now_ms();
         let mut records = Vec::with_capacity(items.len());
         for item in items {
-            let Some(record) = handle.reader.read(item.offset, 1, 1).map_err(storage_error)?.pop() else { continue };
-            let history = handle.state.lock().history(item.offset).cloned().unwrap_or_default();
+            let Some(record) = handle
+                .reader
+                .read(item.offset, 1, 1)
+                .map_err(storage_error)?
+                .pop()
+            else {
+                continue;
+            };
+            let history = handle
+                .state
+                .lock()
+                .history(item.offset)
+                .cloned()
+                .unwrap_or_default();
             let mut headers: Vec<(String, String)> = record
                 .headers
                 .iter()
-                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8_lossy(k).into_owned(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )
+                })
                 .filter(|(k, _)| !k.starts_with("tidewater-"))
                 .collect();
-            let errors: Vec<serde_json::Value> =
-                history.errors.iter().map(|(at, text)| serde_json::json!({"at": at, "error": text})).collect();
+            let errors: Vec<serde_json::Value> = history
+                .errors
+                .iter()
+                .map(|(at, text)| serde_json::json!({"at": at, "error": text}))
+                .collect();
             headers.push((HEADER_SOURCE_QUEUE.into(), handle.name.clone()));
-            headers.push((HEADER_DELIVERY_COUNT.into(), item.delivery_count.to_string()));
-            headers.push((HEADER_LAST_ERROR.into(), history.errors.back().map(|(_, e)| e.clone()).unwrap_or_default()));
-            headers.push((HEADER_ERRORS.into(), serde_json::Value::Array(errors).to_string()));
-            headers.push((HEADER_PUBLISHED_AT.into(), record.published_at_ms.to_string()));
+            headers.push((
+                HEADER_DELIVERY_COUNT.into(),
+                item.delivery_count.to_string(),
+            ));
+            headers.push((
+                HEADER_LAST_ERROR.into(),
+                history
+                    .errors
+                    .back()
+                    .map(|(_, e)| e.clone())
+                    .unwrap_or_default(),
+            ));
+            headers.push((
+                HEADER_ERRORS.into(),
+                serde_json::Value::Array(errors).to_string(),
+            ));
+            headers.push((
+                HEADER_PUBLISHED_AT.into(),
+                record.published_at_ms.to_string(),
+            ));
             headers.push((HEADER_DEAD_LETTERED_AT.into(), now.to_string()));
             records.push((record, headers));
         }
@@ -640,7 +832,10 @@ impl Broker {
         let mut bytes = 0;
         let mut offsets = Vec::with_capacity(records.len());
         for (record, headers) in &records {
-            let header_refs: Vec<(&[u8], &[u8])> = headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
+            let header_refs: Vec<(&[u8], &[u8])> = headers
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+                .collect();
             builder.push(&NewRecord {
                 id: &record.id,
                 generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,
@@ -649,15 +844,26 @@ impl Broker {
                 deliver_at_ms: 0,
                 body: &record.body,
             });
-            bytes += (record.body.len() + record.key.as_ref().map_or(0, |k| k.len()) + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()) as u64;
+            bytes += (record.body.len()
+                + record.key.as_ref().map_or(0, |k| k.len())
+                + headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()) as u64;
             offsets.push(record.offset);
         }
         let n = records.len() as u64;
         // Moves bypass capacity: a message already accepted is never dropped to make room.
         target.state.lock().reserve_unchecked(n, bytes);
         let ops = vec![
-            Op::Append { uid: target.uid, batch: builder.finish() },
-            Op::Settle { uid: source.uid, ranges: to_ranges(&offsets) },
+            Op::Append {
+                uid: target.uid,
+                batch: builder.finish(),
+            },
+            Op::Settle {
+                uid: source.uid,
+                ranges: to_ranges(&offsets),
+            },
         ];
         let result = self.write(ops, AckLevel::Durable).await;
         let mut state = target.state.lock();
@@ -676,18 +882,32 @@ impl Broker {
     }
 
     /// Long-polls for up to `max` messages, leased for `lease_ms` (or the queue's default).
-    pub async fn receive(&self, queue: &str, max: usize, wait_ms: u64, lease_ms: Option<u64>) -> Result<Vec<Delivery>, BrokerError> {
+    pub async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait_ms: u64,
+        lease_ms: Option<u64>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
         let limits = &self.inner.limits;
         if max == 0 || max > limits.max_receive_messages {
-            return Err(BrokerError::invalid(format!("max must be 1..={} (max_receive_messages)", limits.max_receive_messages)));
+            return Err(BrokerError::invalid(format!(
+                "max must be 1..={} (max_receive_messages)",
+                limits.max_receive_messages
+            )));
         }
         if wait_ms > limits.max_wait_ms {
-            return Err(BrokerError::invalid(format!("wait_ms must be at most {} (max_wait_ms)", limits.max_wait_ms)));
+            return Err(BrokerError::invalid(format!(
+                "wait_ms must be at most {} (max_wait_ms)",
+                limits.max_wait_ms
+            )));
         }
         if let Some(lease) = lease_ms
             && !(1..=MAX_LEASE_MS).contains(&lease)
         {
-            return Err(BrokerError::invalid(format!("lease_ms must be 1..={MAX_LEASE_MS} (12 h)")));
+            return Err(BrokerError::invalid(format!(
+                "lease_ms must be 1..={MAX_LEASE_MS} (12 h)"
+            )));
         }
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         loop {
@@ -700,15 +920,24 @@ impl Broker {
                 let mut state = handle.state.lock();
                 let now = self.now_ms();
                 let lease = lease_ms.unwrap_or(state.config.lease_ms);
-                let deliveries = state.deliver(&handle.reader, now, max, lease).map_err(storage_error)?;
-                (deliveries, state.next_wakeup().map(|at| (at - now).max(1) as u64))
+                let deliveries = state
+                    .deliver(&handle.reader, now, max, lease)
+                    .map_err(storage_error)?;
+                (
+                    deliveries,
+                    state.next_wakeup().map(|at| (at - now).max(1) as u64),
+                )
             };
-            if !deliveries.is_empty() || tokio::time::Instant::now() >= deadline || self.inner.closing.load(Ordering::SeqCst) {
+            if !deliveries.is_empty()
+                || tokio::time::Instant::now() >= deadline
+                || self.inner.closing.load(Ordering::SeqCst)
+            {
                 return Ok(deliveries);
             }
             let mut sleep_until = deadline;
             if let Some(ms) = wakeup {
-                sleep_until = sleep_until.min(tokio::time::Instant::now() + Duration::from_millis(ms));
+                sleep_until =
+                    sleep_until.min(tokio::time::Instant::now() + Duration::from_millis(ms));
             }
             let _ = tokio::time::timeout_at(sleep_until, notified).await;
             if handle.deleted.load(Ordering::SeqCst) {
@@ -718,12 +947,21 @@ impl Broker {
     }
 
     /// Validates receipts and ends their leases; returns (released, failures).
-    fn release_receipts(&self, handle: &QueueHandle, receipts: &[String], now: i64) -> Result<(Vec<(u64, crate::queue::Lease)>, Vec<ReceiptFailure>), BrokerError> {
+    fn release_receipts(
+        &self,
+        handle: &QueueHandle,
+        receipts: &[String],
+        now: i64,
+    ) -> Result<Released, BrokerError> {
         let limits = &self.inner.limits;
         if receipts.len() > limits.max_receive_messages {
             return Err(BrokerError::new(
                 ErrorCode::BatchTooLarge,
-                format!("{} receipts exceed the limit of {} per request", receipts.len(), limits.max_receive_messages),
+                format!(
+                    "{} receipts exceed the limit of {} per request",
+                    receipts.len(),
+                    limits.max_receive_messages
+                ),
             ));
         }
         let mut state = handle.state.lock();
@@ -736,7 +974,10 @@ impl Broker {
                         released.push((parsed.offset, lease));
                     }
                 }
-                Err(code) => failed.push(ReceiptFailure { receipt: receipt.clone(), code: code.as_str() }),
+                Err(code) => failed.push(ReceiptFailure {
+                    receipt: receipt.clone(),
+                    code: code.as_str(),
+                }),
             }
         }
         Ok((released, failed))
@@ -752,7 +993,15 @@ impl Broker {
         }
         let offsets: Vec<u64> = released.iter().map(|(o, _)| *o).collect();
         handle.state.lock().begin_settle(&offsets);
-        let result = self.write(vec![Op::Settle { uid: handle.uid, ranges: to_ranges(&offsets) }], AckLevel::Durable).await;
+        let result = self
+            .write(
+                vec![Op::Settle {
+                    uid: handle.uid,
+                    ranges: to_ranges(&offsets),
+                }],
+                AckLevel::Durable,
+            )
+            .await;
         let sizes: Vec<(u64, u64)> = released.iter().map(|(o, l)| (*o, l.size)).collect();
         let now = self.now_ms();
         let mut state = handle.state.lock();
@@ -760,18 +1009,33 @@ impl Broker {
         result?;
         state.counters.acked += released.len() as u64;
         drop(state);
-        let latencies: Vec<f64> = released.iter().map(|(_, l)| (now - l.published_at_ms).max(0) as f64 / 1000.0).collect();
+        let latencies: Vec<f64> = released
+            .iter()
+            .map(|(_, l)| (now - l.published_at_ms).max(0) as f64 / 1000.0)
+            .collect();
         self.inner.observer.publish_to_ack(&handle.name, &latencies);
-        Ok(SettleReply { ok: released.len() as u64, failed })
+        Ok(SettleReply {
+            ok: released.len() as u64,
+            failed,
+        })
     }
 
     /// Ends leases without success: another delivery after `delay_ms` (or the queue's
     /// backoff), or the dead-letter queue once `max_deliveries` is reached.
-    pub async fn nack(&self, queue: &str, receipts: &[String], delay_ms: Option<u64>, error: Option<&str>) -> Result<SettleReply, BrokerError> {
+    pub async fn nack(
+        &self,
+        queue: &str,
+        receipts: &[String],
+        delay_ms: Option<u64>,
+        error: Option<&str>,
+    ) -> Result<SettleReply, BrokerError> {
         if let Some(delay) = delay_ms
             && delay > self.inner.limits.max_delay_ms
         {
-            return Err(BrokerError::invalid(format!("delay_ms must be at most {} (max_delay_ms)", self.inner.limits.max_delay_ms)));
+            return Err(BrokerError::invalid(format!(
+                "delay_ms must be at most {} (max_delay_ms)",
+                self.inner.limits.max_delay_ms
+            )));
         }
         let handle = self.queue(queue)?;
         let now = self.now_ms();
@@ -780,7 +1044,14 @@ impl Broker {
         let (ops, to_dlq) = {
             let mut state = handle.state.lock();
             state.counters.nacked += n;
-            let unacked = released.into_iter().map(|(offset, l)| Unacked { offset, delivery_count: l.delivery_count, size: l.size }).collect();
+            let unacked = released
+                .into_iter()
+                .map(|(offset, l)| Unacked {
+                    offset,
+                    delivery_count: l.delivery_count,
+                    size: l.size,
+                })
+                .collect();
             self.plan_retries(&mut state, unacked, delay_ms, error, now)
         };
         if !ops.is_empty() {
@@ -797,15 +1068,25 @@ impl Broker {
     }
 
     /// Extends leases to `lease_ms` from now (or the queue's default).
-    pub fn extend(&self, queue: &str, receipts: &[String], lease_ms: Option<u64>) -> Result<SettleReply, BrokerError> {
+    pub fn extend(
+        &self,
+        queue: &str,
+        receipts: &[String],
+        lease_ms: Option<u64>,
+    ) -> Result<SettleReply, BrokerError> {
         if let Some(lease) = lease_ms
             && !(1..=MAX_LEASE_MS).contains(&lease)
         {
-            return Err(BrokerError::invalid(format!("lease_ms must be 1..={MAX_LEASE_MS} (12 h)")));
+            return Err(BrokerError::invalid(format!(
+                "lease_ms must be 1..={MAX_LEASE_MS} (12 h)"
+            )));
         }
         let handle = self.queue(queue)?;
         if receipts.len() > self.inner.limits.max_receive_messages {
-            return Err(BrokerError::new(ErrorCode::BatchTooLarge, "too many receipts in one request"));
+            return Err(BrokerError::new(
+                ErrorCode::BatchTooLarge,
+                "too many receipts in one request",
+            ));
         }
         let now = self.now_ms();
         let mut state = handle.state.lock();
@@ -817,7 +1098,10 @@ impl Broker {
                     state.extend(parsed.offset, now, lease);
                     reply.ok += 1;
                 }
-                Err(code) => reply.failed.push(ReceiptFailure { receipt: receipt.clone(), code: code.as_str() }),
+                Err(code) => reply.failed.push(ReceiptFailure {
+                    receipt: receipt.clone(),
+                    code: code.as_str(),
+                }),
             }
         }
         Ok(reply)
@@ -828,7 +1112,14 @@ impl Broker {
         let handle = self.queue(queue)?;
         let range = handle.state.lock().purge_range();
         if !range.is_empty() {
-            self.write(vec![Op::Settle { uid: handle.uid, ranges: vec![range.clone()] }], AckLevel::Durable).await?;
+            self.write(
+                vec![Op::Settle {
+                    uid: handle.uid,
+                    ranges: vec![range.clone()],
+                }],
+                AckLevel::Durable,
+            )
+            .await?;
         }
         let removed = handle.state.lock().apply_purge(range);
         handle.notify.notify_waiters();
@@ -839,26 +1130,42 @@ impl Broker {
     pub fn peek(&self, queue: &str, from: u64, max: usize) -> Result<Vec<Peeked>, BrokerError> {
         let handle = self.queue(queue)?;
         if max == 0 || max > self.inner.limits.max_receive_messages {
-            return Err(BrokerError::invalid(format!("max must be 1..={}", self.inner.limits.max_receive_messages)));
+            return Err(BrokerError::invalid(format!(
+                "max must be 1..={}",
+                self.inner.limits.max_receive_messages
+            )));
         }
         let (offsets, counts): (Vec<u64>, Vec<u32>) = {
             let state = handle.state.lock();
             let offsets = state.pending_offsets(from, max);
-            let counts = offsets.iter().map(|o| state.history(*o).map_or(0, |h| h.delivery_count)).collect();
+            let counts = offsets
+                .iter()
+                .map(|o| state.history(*o).map_or(0, |h| h.delivery_count))
+                .collect();
             (offsets, counts)
         };
         // One sequential read over the span, keeping the pending offsets.
         let mut out = Vec::with_capacity(offsets.len());
-        let (Some(&first), Some(&last)) = (offsets.first(), offsets.last()) else { return Ok(out) };
+        let (Some(&first), Some(&last)) = (offsets.first(), offsets.last()) else {
+            return Ok(out);
+        };
         let wanted: HashMap<u64, u32> = offsets.into_iter().zip(counts).collect();
         let mut from = first;
         while from <= last {
-            let records = handle.reader.read(from, (last - from + 1) as usize, 16 << 20).map_err(storage_error)?;
-            let Some(end) = records.last().map(|r| r.offset + 1) else { break };
+            let records = handle
+                .reader
+                .read(from, (last - from + 1) as usize, 16 << 20)
+                .map_err(storage_error)?;
+            let Some(end) = records.last().map(|r| r.offset + 1) else {
+                break;
+            };
             from = end;
             for record in records {
                 if let Some(&delivery_count) = wanted.get(&record.offset) {
-                    out.push(Peeked { record, delivery_count });
+                    out.push(Peeked {
+                        record,
+                        delivery_count,
+                    });
                 }
             }
         }
@@ -885,7 +1192,7 @@ impl Broker {
                 tick.tick().await;
                 broker.run_maintenance().await;
                 n += 1;
-                if n % 10 == 0 {
+                if n.is_multiple_of(10) {
                     broker.refresh_disk();
                 }
             }
@@ -895,7 +1202,11 @@ impl Broker {
     // ---- redrive ----
 
     /// Starts moving messages out of a dead-letter queue at a bounded rate.
-    pub fn start_redrive(&self, dlq: &str, req: RedriveRequest) -> Result<RedriveProgress, BrokerError> {
+    pub fn start_redrive(
+        &self,
+        dlq: &str,
+        req: RedriveRequest,
+    ) -> Result<RedriveProgress, BrokerError> {
         let handle = self.queue(dlq)?;
         if req.rate_per_s == 0 || req.rate_per_s > 100_000 {
             return Err(BrokerError::invalid("rate_per_s must be 1..=100000"));
@@ -903,13 +1214,20 @@ impl Broker {
         if let Some(to) = &req.to {
             self.queue(to)?;
         }
-        let id = format!("rd-{}", self.inner.next_redrive.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "rd-{}",
+            self.inner.next_redrive.fetch_add(1, Ordering::Relaxed)
+        );
         let total = handle.state.lock().unsettled();
         let progress = Arc::new(Mutex::new(RedriveProgress {
             id: id.clone(),
             queue: dlq.to_string(),
             moved: 0,
-            remaining: if req.max > 0 { total.min(req.max) } else { total },
+            remaining: if req.max > 0 {
+                total.min(req.max)
+            } else {
+                total
+            },
             skipped: 0,
             state: "running",
             error: None,
@@ -946,10 +1264,17 @@ impl Broker {
             .iter()
             .find(|p| p.lock().id == id)
             .map(|p| p.lock().clone())
-            .ok_or_else(|| BrokerError::new(ErrorCode::RedriveNotFound, format!("no redrive '{id}'")))
+            .ok_or_else(|| {
+                BrokerError::new(ErrorCode::RedriveNotFound, format!("no redrive '{id}'"))
+            })
     }
 
-    async fn run_redrive(&self, dlq: &Arc<QueueHandle>, req: &RedriveRequest, progress: &Mutex<RedriveProgress>) -> Result<(), BrokerError> {
+    async fn run_redrive(
+        &self,
+        dlq: &Arc<QueueHandle>,
+        req: &RedriveRequest,
+        progress: &Mutex<RedriveProgress>,
+    ) -> Result<(), BrokerError> {
         let steps_per_s = req.rate_per_s.clamp(1, 10);
         let per_step = (req.rate_per_s / steps_per_s).clamp(1, 1_000) as usize;
         let mut tick = tokio::time::interval(Duration::from_millis(1_000 / steps_per_s));
@@ -957,12 +1282,18 @@ impl Broker {
         let mut moved_total = 0u64;
         loop {
             tick.tick().await;
-            let budget = if req.max > 0 { (req.max - moved_total).min(per_step as u64) as usize } else { per_step };
+            let budget = if req.max > 0 {
+                (req.max - moved_total).min(per_step as u64) as usize
+            } else {
+                per_step
+            };
             if budget == 0 {
                 return Ok(());
             }
             let offsets = dlq.state.lock().pending_offsets(scan_from, budget * 4);
-            let Some(&last) = offsets.last() else { return Ok(()) };
+            let Some(&last) = offsets.last() else {
+                return Ok(());
+            };
             scan_from = last + 1;
             // Read, filter, group by target.
             let mut by_target: HashMap<String, Vec<Record>> = HashMap::new();
@@ -972,12 +1303,18 @@ impl Broker {
                     scan_from = offset;
                     break;
                 }
-                let Some(record) = dlq.reader.read(offset, 1, 1).map_err(storage_error)?.pop() else { continue };
+                let Some(record) = dlq.reader.read(offset, 1, 1).map_err(storage_error)?.pop()
+                else {
+                    continue;
+                };
                 if record.offset != offset || !redrive_matches(&record, req) {
                     skipped += 1;
                     continue;
                 }
-                let target = req.to.clone().or_else(|| header(&record, HEADER_SOURCE_QUEUE));
+                let target = req
+                    .to
+                    .clone()
+                    .or_else(|| header(&record, HEADER_SOURCE_QUEUE));
                 match target {
                     Some(target) => by_target.entry(target).or_default().push(record),
                     None => skipped += 1,
@@ -998,12 +1335,18 @@ impl Broker {
                         let headers = r
                             .headers
                             .iter()
-                            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+                            .map(|(k, v)| {
+                                (
+                                    String::from_utf8_lossy(k).into_owned(),
+                                    String::from_utf8_lossy(v).into_owned(),
+                                )
+                            })
                             .collect();
                         (r, headers)
                     })
                     .collect();
-                let sizes: Vec<(u64, u64)> = records.iter().map(|(r, _)| (r.offset, r.size())).collect();
+                let sizes: Vec<(u64, u64)> =
+                    records.iter().map(|(r, _)| (r.offset, r.size())).collect();
                 let result = self.move_records(&target, dlq, records).await;
                 let now = self.now_ms();
                 dlq.state.lock().finish_settle(&sizes, result.is_ok(), now);
@@ -1060,7 +1403,11 @@ fn redrive_matches(record: &Record, req: &RedriveRequest) -> bool {
 }
 
 pub fn header(record: &Record, name: &str) -> Option<String> {
-    record.headers.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    record
+        .headers
+        .iter()
+        .find(|(k, _)| k == name.as_bytes())
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Sorted offsets as coalesced ranges.

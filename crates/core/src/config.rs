@@ -11,12 +11,16 @@ pub const MAX_LEASE_MS: u64 = 12 * 3600 * 1000;
 
 /// Checks a queue name: 1 to 200 characters of `[A-Za-z0-9._-]`.
 pub fn validate_queue_name(name: &str) -> Result<(), BrokerError> {
-    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if name.is_empty() || name.len() > MAX_QUEUE_NAME_LEN || !ok_chars {
         let shown: String = name.chars().take(40).collect();
         return Err(BrokerError::new(
             ErrorCode::InvalidQueueName,
-            format!("invalid queue name '{shown}': use 1 to {MAX_QUEUE_NAME_LEN} characters of A-Z a-z 0-9 . _ -"),
+            format!(
+                "invalid queue name '{shown}': use 1 to {MAX_QUEUE_NAME_LEN} characters of A-Z a-z 0-9 . _ -"
+            ),
         ));
     }
     Ok(())
@@ -35,14 +39,20 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { base_ms: 1_000, multiplier: 2.0, max_ms: 300_000 }
+        Backoff {
+            base_ms: 1_000,
+            multiplier: 2.0,
+            max_ms: 300_000,
+        }
     }
 }
 
 impl Backoff {
     /// Full jitter: a uniform delay in [0, min(max, base * multiplier^(deliveries-1))].
     pub fn delay_ms(&self, delivery_count: u32, unit: f64) -> u64 {
-        let exp = self.multiplier.powi(delivery_count.saturating_sub(1).min(64) as i32);
+        let exp = self
+            .multiplier
+            .powi(delivery_count.saturating_sub(1).min(64) as i32);
         let cap = (self.base_ms as f64 * exp).min(self.max_ms as f64);
         (cap * unit.clamp(0.0, 1.0)).round() as u64
     }
@@ -108,7 +118,11 @@ impl QueueConfig {
     /// Configuration of a dead-letter queue created on demand: keeps messages until
     /// redriven or purged, never dead-letters further.
     pub fn for_dead_letter_queue(name: &str, limits: &Limits) -> QueueConfig {
-        QueueConfig { max_deliveries: 0, dead_letter_queue: None, ..QueueConfig::defaults_for(name, limits) }
+        QueueConfig {
+            max_deliveries: 0,
+            dead_letter_queue: None,
+            ..QueueConfig::defaults_for(name, limits)
+        }
     }
 
     pub fn apply(&self, patch: &ConfigPatch) -> QueueConfig {
@@ -142,34 +156,58 @@ impl QueueConfig {
     pub fn validate(&self, queue: &str, limits: &Limits) -> Result<(), BrokerError> {
         let bad = |msg: String| Err(BrokerError::new(ErrorCode::InvalidConfig, msg));
         if !(1..=MAX_LEASE_MS).contains(&self.lease_ms) {
-            return bad(format!("lease_ms must be 1..={MAX_LEASE_MS} (12 h), got {}", self.lease_ms));
+            return bad(format!(
+                "lease_ms must be 1..={MAX_LEASE_MS} (12 h), got {}",
+                self.lease_ms
+            ));
         }
         if self.max_deliveries > 1_000 {
-            return bad(format!("max_deliveries must be 0 (unlimited) ..=1000, got {}", self.max_deliveries));
+            return bad(format!(
+                "max_deliveries must be 0 (unlimited) ..=1000, got {}",
+                self.max_deliveries
+            ));
         }
         let b = &self.backoff;
         if !(b.multiplier.is_finite() && (1.0..=10.0).contains(&b.multiplier)) {
-            return bad(format!("backoff.multiplier must be 1.0..=10.0, got {}", b.multiplier));
+            return bad(format!(
+                "backoff.multiplier must be 1.0..=10.0, got {}",
+                b.multiplier
+            ));
         }
         if b.max_ms > 7 * 86_400_000 || b.base_ms > b.max_ms {
-            return bad(format!("backoff needs base_ms <= max_ms <= 604800000 (7 days), got base_ms {} max_ms {}", b.base_ms, b.max_ms));
+            return bad(format!(
+                "backoff needs base_ms <= max_ms <= 604800000 (7 days), got base_ms {} max_ms {}",
+                b.base_ms, b.max_ms
+            ));
         }
         if let Some(dlq) = &self.dead_letter_queue {
             validate_queue_name(dlq).map_err(|e| {
                 BrokerError::new(ErrorCode::InvalidConfig, format!("dead_letter_queue: {}; long queue names need an explicit dead_letter_queue", e.message))
             })?;
             if dlq == queue {
-                return Err(BrokerError::new(ErrorCode::ConfigConflict, "a queue cannot be its own dead_letter_queue"));
+                return Err(BrokerError::new(
+                    ErrorCode::ConfigConflict,
+                    "a queue cannot be its own dead_letter_queue",
+                ));
             }
         }
         if self.max_messages == 0 || self.max_messages > limits.max_queue_messages {
-            return bad(format!("max_messages must be 1..={}, got {}", limits.max_queue_messages, self.max_messages));
+            return bad(format!(
+                "max_messages must be 1..={}, got {}",
+                limits.max_queue_messages, self.max_messages
+            ));
         }
         if self.max_bytes == 0 || self.max_bytes > limits.max_queue_bytes {
-            return bad(format!("max_bytes must be 1..={}, got {}", limits.max_queue_bytes, self.max_bytes));
+            return bad(format!(
+                "max_bytes must be 1..={}, got {}",
+                limits.max_queue_bytes, self.max_bytes
+            ));
         }
         if self.max_in_flight == 0 || self.max_in_flight > limits.max_in_flight {
-            return bad(format!("max_in_flight must be 1..={}, got {}", limits.max_in_flight, self.max_in_flight));
+            return bad(format!(
+                "max_in_flight must be 1..={}, got {}",
+                limits.max_in_flight, self.max_in_flight
+            ));
         }
         Ok(())
     }
@@ -239,8 +277,15 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() {
-        let b = Backoff { base_ms: 100, multiplier: 2.0, max_ms: 1_000 };
-        assert_eq!([1, 2, 3, 4, 5, 30].map(|n| b.delay_ms(n, 1.0)), [100, 200, 400, 800, 1_000, 1_000]);
+        let b = Backoff {
+            base_ms: 100,
+            multiplier: 2.0,
+            max_ms: 1_000,
+        };
+        assert_eq!(
+            [1, 2, 3, 4, 5, 30].map(|n| b.delay_ms(n, 1.0)),
+            [100, 200, 400, 800, 1_000, 1_000]
+        );
         assert_eq!(b.delay_ms(3, 0.5), 200);
         assert_eq!(b.delay_ms(3, 0.0), 0);
     }
@@ -251,7 +296,10 @@ mod tests {
             assert!(validate_queue_name(good).is_ok(), "{good}");
         }
         for bad in ["", "a b", "é", "a/b", &"x".repeat(201)] {
-            assert!(matches!(validate_queue_name(bad), Err(e) if e.code == ErrorCode::InvalidQueueName), "{bad}");
+            assert!(
+                matches!(validate_queue_name(bad), Err(e) if e.code == ErrorCode::InvalidQueueName),
+                "{bad}"
+            );
         }
     }
 
@@ -260,11 +308,25 @@ mod tests {
         let limits = Limits::default();
         let config = QueueConfig::defaults_for("q", &limits);
         assert_eq!(config.dead_letter_queue.as_deref(), Some("q-dlq"));
-        let patch: ConfigPatch = serde_json::from_str(r#"{"lease_ms": 5, "dead_letter_queue": null, "backoff": {"base_ms": 7}}"#).unwrap();
+        let patch: ConfigPatch = serde_json::from_str(
+            r#"{"lease_ms": 5, "dead_letter_queue": null, "backoff": {"base_ms": 7}}"#,
+        )
+        .unwrap();
         let next = config.apply(&patch);
-        assert_eq!((next.lease_ms, next.dead_letter_queue.clone(), next.backoff.base_ms, next.backoff.max_ms), (5, None, 7, 300_000));
+        assert_eq!(
+            (
+                next.lease_ms,
+                next.dead_letter_queue.clone(),
+                next.backoff.base_ms,
+                next.backoff.max_ms
+            ),
+            (5, None, 7, 300_000)
+        );
         let untouched: ConfigPatch = serde_json::from_str(r#"{"lease_ms": 5}"#).unwrap();
-        assert_eq!(config.apply(&untouched).dead_letter_queue.as_deref(), Some("q-dlq"));
+        assert_eq!(
+            config.apply(&untouched).dead_letter_queue.as_deref(),
+            Some("q-dlq")
+        );
         assert!(serde_json::from_str::<ConfigPatch>(r#"{"lease": 5}"#).is_err());
     }
 
@@ -273,11 +335,29 @@ mod tests {
         let limits = Limits::default();
         let base = QueueConfig::defaults_for("q", &limits);
         let cases = [
-            QueueConfig { lease_ms: 0, ..base.clone() },
-            QueueConfig { lease_ms: MAX_LEASE_MS + 1, ..base.clone() },
-            QueueConfig { backoff: Backoff { multiplier: f64::NAN, ..base.backoff }, ..base.clone() },
-            QueueConfig { max_messages: 0, ..base.clone() },
-            QueueConfig { dead_letter_queue: Some("q".into()), ..base.clone() },
+            QueueConfig {
+                lease_ms: 0,
+                ..base.clone()
+            },
+            QueueConfig {
+                lease_ms: MAX_LEASE_MS + 1,
+                ..base.clone()
+            },
+            QueueConfig {
+                backoff: Backoff {
+                    multiplier: f64::NAN,
+                    ..base.backoff
+                },
+                ..base.clone()
+            },
+            QueueConfig {
+                max_messages: 0,
+                ..base.clone()
+            },
+            QueueConfig {
+                dead_letter_queue: Some("q".into()),
+                ..base.clone()
+            },
         ];
         for case in cases {
             assert!(case.validate("q", &limits).is_err(), "{case:?}");

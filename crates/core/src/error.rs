@@ -95,7 +95,9 @@ impl ErrorCode {
             ErrorCode::QueueNotFound | ErrorCode::RedriveNotFound | ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::ConfigConflict => 409,
-            ErrorCode::MessageTooLarge | ErrorCode::BatchTooLarge | ErrorCode::RequestTooLarge => 413,
+            ErrorCode::MessageTooLarge | ErrorCode::BatchTooLarge | ErrorCode::RequestTooLarge => {
+                413
+            }
             ErrorCode::QueueFull | ErrorCode::Overloaded => 429,
             ErrorCode::DiskFull => 507,
             ErrorCode::StorageFailed | ErrorCode::Internal => 500,
@@ -107,26 +109,60 @@ impl ErrorCode {
     pub fn meaning(self) -> &'static str {
         match self {
             ErrorCode::InvalidJson => "The body is not valid JSON. Fix the request body.",
-            ErrorCode::InvalidRequest => "A field is missing, unknown or out of range. The message names it.",
-            ErrorCode::InvalidQueueName => "Queue names are 1 to 200 characters of A-Z a-z 0-9 . _ -",
-            ErrorCode::InvalidConfig => "A queue configuration value is invalid. The message names the field and its range.",
-            ErrorCode::InvalidMessage => "A message is malformed (bad base64, both or neither of body/body_base64, bad delay). The whole batch was refused.",
-            ErrorCode::InvalidReceipt => "The receipt cannot be parsed or belongs to another queue. Use the receipt exactly as delivered.",
-            ErrorCode::StaleReceipt => "The lease of this receipt expired or was settled; the message may be leased to someone else now.",
-            ErrorCode::MessageTooLarge => "A message is larger than the configured limit (max_message_bytes).",
-            ErrorCode::BatchTooLarge => "The batch has more messages or receipts than the configured limit.",
-            ErrorCode::RequestTooLarge => "The request body exceeds the configured limit (max_request_bytes).",
-            ErrorCode::QueueNotFound => "No queue has this name. Create it with PUT /v1/queues/{queue}.",
-            ErrorCode::RedriveNotFound => "No redrive has this id (ids are kept in memory until restart).",
+            ErrorCode::InvalidRequest => {
+                "A field is missing, unknown or out of range. The message names it."
+            }
+            ErrorCode::InvalidQueueName => {
+                "Queue names are 1 to 200 characters of A-Z a-z 0-9 . _ -"
+            }
+            ErrorCode::InvalidConfig => {
+                "A queue configuration value is invalid. The message names the field and its range."
+            }
+            ErrorCode::InvalidMessage => {
+                "A message is malformed (bad base64, both or neither of body/body_base64, bad delay). The whole batch was refused."
+            }
+            ErrorCode::InvalidReceipt => {
+                "The receipt cannot be parsed or belongs to another queue. Use the receipt exactly as delivered."
+            }
+            ErrorCode::StaleReceipt => {
+                "The lease of this receipt expired or was settled; the message may be leased to someone else now."
+            }
+            ErrorCode::MessageTooLarge => {
+                "A message is larger than the configured limit (max_message_bytes)."
+            }
+            ErrorCode::BatchTooLarge => {
+                "The batch has more messages or receipts than the configured limit."
+            }
+            ErrorCode::RequestTooLarge => {
+                "The request body exceeds the configured limit (max_request_bytes)."
+            }
+            ErrorCode::QueueNotFound => {
+                "No queue has this name. Create it with PUT /v1/queues/{queue}."
+            }
+            ErrorCode::RedriveNotFound => {
+                "No redrive has this id (ids are kept in memory until restart)."
+            }
             ErrorCode::NotFound => "No such endpoint. See /v1/openapi.json.",
             ErrorCode::MethodNotAllowed => "This endpoint does not take this method.",
-            ErrorCode::ConfigConflict => "The configuration conflicts with the queue's state (for example, a queue cannot be its own dead-letter queue).",
-            ErrorCode::QueueFull => "The queue is at its capacity (max_messages or max_bytes). Retry after Retry-After; nothing was stored.",
-            ErrorCode::Overloaded => "The broker's write queue is full. Retry after Retry-After; nothing was stored.",
-            ErrorCode::DiskFull => "Free disk space is below the watermark; publishes are refused while receive, ack, delete and purge work. Free space or consume.",
-            ErrorCode::StorageFailed => "The storage engine failed; the operation was not applied. The server log has the cause.",
+            ErrorCode::ConfigConflict => {
+                "The configuration conflicts with the queue's state (for example, a queue cannot be its own dead-letter queue)."
+            }
+            ErrorCode::QueueFull => {
+                "The queue is at its capacity (max_messages or max_bytes). Retry after Retry-After; nothing was stored."
+            }
+            ErrorCode::Overloaded => {
+                "The broker's write queue is full. Retry after Retry-After; nothing was stored."
+            }
+            ErrorCode::DiskFull => {
+                "Free disk space is below the watermark; publishes are refused while receive, ack, delete and purge work. Free space or consume."
+            }
+            ErrorCode::StorageFailed => {
+                "The storage engine failed; the operation was not applied. The server log has the cause."
+            }
             ErrorCode::NotReady => "The server is still recovering. Retry shortly.",
-            ErrorCode::ShuttingDown => "The server is shutting down. Retry against the restarted server.",
+            ErrorCode::ShuttingDown => {
+                "The server is shutting down. Retry against the restarted server."
+            }
             ErrorCode::Internal => "A bug. The server log has details.",
         }
     }
@@ -148,7 +184,11 @@ pub struct BrokerError {
 
 impl BrokerError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        BrokerError { code, message: message.into(), retry_after_ms: None }
+        BrokerError {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
     }
 
     pub fn retry_after(mut self, ms: u64) -> Self {
@@ -157,7 +197,10 @@ impl BrokerError {
     }
 
     pub fn queue_not_found(name: &str) -> Self {
-        BrokerError::new(ErrorCode::QueueNotFound, format!("queue '{name}' does not exist"))
+        BrokerError::new(
+            ErrorCode::QueueNotFound,
+            format!("queue '{name}' does not exist"),
+        )
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -177,12 +220,19 @@ impl From<tidewater_storage::WriteError> for BrokerError {
     fn from(err: tidewater_storage::WriteError) -> Self {
         use tidewater_storage::WriteError as W;
         match err {
-            W::NoSpace => BrokerError::new(ErrorCode::DiskFull, "the disk is full; nothing was stored").retry_after(5_000),
-            W::Overloaded => {
-                BrokerError::new(ErrorCode::Overloaded, "the write queue is full; nothing was stored").retry_after(100)
+            W::NoSpace => {
+                BrokerError::new(ErrorCode::DiskFull, "the disk is full; nothing was stored")
+                    .retry_after(5_000)
             }
+            W::Overloaded => BrokerError::new(
+                ErrorCode::Overloaded,
+                "the write queue is full; nothing was stored",
+            )
+            .retry_after(100),
             W::UnknownLog(_) => BrokerError::new(ErrorCode::QueueNotFound, "the queue was deleted"),
-            W::ShuttingDown => BrokerError::new(ErrorCode::ShuttingDown, "the server is shutting down"),
+            W::ShuttingDown => {
+                BrokerError::new(ErrorCode::ShuttingDown, "the server is shutting down")
+            }
             other => BrokerError::new(ErrorCode::StorageFailed, other.to_string()),
         }
     }

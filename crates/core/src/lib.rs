@@ -10,7 +10,10 @@ pub mod error;
 pub mod queue;
 pub mod receipt;
 
-pub use broker::{Broker, BrokerOptions, Delay, NewMessage, Observer, QueueInfo, RedriveProgress, RedriveRequest, SettleReply};
+pub use broker::{
+    Broker, BrokerOptions, Delay, NewMessage, Observer, QueueInfo, RedriveProgress, RedriveRequest,
+    SettleReply,
+};
 pub use config::{ConfigPatch, Limits, QueueConfig};
 pub use error::{BrokerError, ErrorCode};
 pub use tidewater_storage::AckLevel;

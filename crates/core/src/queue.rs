@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 
-use tidewater_storage::{LogState, ReadError, Record, RangeSet, RetryInfo};
+use tidewater_storage::{LogState, RangeSet, ReadError, Record, RetryInfo};
 
 use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
@@ -20,11 +20,17 @@ const SCAN_BYTES: usize = 4 << 20;
 /// Where a queue's records come from (a storage log reader, or a model in tests).
 pub trait RecordSource {
     /// Records at offsets >= `from`, at most `max_count`, about `max_bytes` of bodies.
-    fn read(&self, from: u64, max_count: usize, max_bytes: usize) -> Result<Vec<Record>, ReadError>;
+    fn read(&self, from: u64, max_count: usize, max_bytes: usize)
+    -> Result<Vec<Record>, ReadError>;
 }
 
 impl RecordSource for tidewater_storage::LogReader {
-    fn read(&self, from: u64, max_count: usize, max_bytes: usize) -> Result<Vec<Record>, ReadError> {
+    fn read(
+        &self,
+        from: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, ReadError> {
         tidewater_storage::LogReader::read(self, from, max_count, max_bytes)
     }
 }
@@ -112,7 +118,11 @@ impl DrainMeter {
         let elapsed = now_ms - self.window_start_ms;
         if elapsed >= 1_000 {
             let rate = self.window_count as f64 * 1_000.0 / elapsed as f64;
-            self.rate_per_s = if self.rate_per_s == 0.0 { rate } else { 0.5 * self.rate_per_s + 0.5 * rate };
+            self.rate_per_s = if self.rate_per_s == 0.0 {
+                rate
+            } else {
+                0.5 * self.rate_per_s + 0.5 * rate
+            };
             self.window_start_ms = now_ms;
             self.window_count = 0;
         }
@@ -188,7 +198,12 @@ impl QueueState {
 
     /// Rebuilds the state of a recovered log: leases are gone, so every unsettled message
     /// is deliverable (or delayed, if its retry or publish time is still ahead).
-    pub fn recover(log: &LogState, config: QueueConfig, source: &impl RecordSource, now_ms: i64) -> Result<Self, ReadError> {
+    pub fn recover(
+        log: &LogState,
+        config: QueueConfig,
+        source: &impl RecordSource,
+        now_ms: i64,
+    ) -> Result<Self, ReadError> {
         let mut state = QueueState::new(log.uid, log.name.clone(), config);
         state.visible_end = log.next_offset;
         state.accepted_end = log.next_offset;
@@ -196,8 +211,18 @@ impl QueueState {
         state.settled = log.settled.clone();
         state.cursor = log.ack_floor;
         for (&offset, info) in &log.retries {
-            let RetryInfo { delivery_count, deliver_at_ms, errors } = info;
-            state.history.insert(offset, History { delivery_count: *delivery_count, errors: errors.clone() });
+            let RetryInfo {
+                delivery_count,
+                deliver_at_ms,
+                errors,
+            } = info;
+            state.history.insert(
+                offset,
+                History {
+                    delivery_count: *delivery_count,
+                    errors: errors.clone(),
+                },
+            );
             if *deliver_at_ms > now_ms {
                 state.add_timer(offset, *deliver_at_ms);
             }
@@ -227,7 +252,9 @@ impl QueueState {
 
     /// Messages accepted and not settled.
     pub fn unsettled(&self) -> u64 {
-        self.log_end().saturating_sub(self.ack_floor).saturating_sub(self.settled.len())
+        self.log_end()
+            .saturating_sub(self.ack_floor)
+            .saturating_sub(self.settled.len())
     }
 
     pub fn set_visible_end(&mut self, end: u64) {
@@ -251,13 +278,25 @@ impl QueueState {
             let excess = messages.saturating_sub(self.config.max_messages).max(n);
             let wait = self.drain.wait_ms(excess, now_ms);
             let what = if messages > self.config.max_messages {
-                format!("{} of max_messages {}", self.unsettled(), self.config.max_messages)
+                format!(
+                    "{} of max_messages {}",
+                    self.unsettled(),
+                    self.config.max_messages
+                )
             } else {
-                format!("{} bytes of max_bytes {}", self.backlog_bytes.max(0), self.config.max_bytes)
+                format!(
+                    "{} bytes of max_bytes {}",
+                    self.backlog_bytes.max(0),
+                    self.config.max_bytes
+                )
             };
             return Err(BrokerError::new(
                 ErrorCode::QueueFull,
-                format!("queue '{}' is full ({what}); nothing was stored, retry in {} s", self.name, wait.div_ceil(1000)),
+                format!(
+                    "queue '{}' is full ({what}); nothing was stored, retry in {} s",
+                    self.name,
+                    wait.div_ceil(1000)
+                ),
             )
             .retry_after(wait));
         }
@@ -345,15 +384,23 @@ impl QueueState {
         lease_ms: u64,
     ) -> Result<Vec<Delivery>, ReadError> {
         self.fire_timers(now_ms);
-        let room = (self.config.max_in_flight.saturating_sub(self.leases.len() as u64) as usize).min(max);
+        let room = (self
+            .config
+            .max_in_flight
+            .saturating_sub(self.leases.len() as u64) as usize)
+            .min(max);
         let mut out = Vec::new();
         while out.len() < room {
-            let Some(offset) = self.ready.pop_front() else { break };
+            let Some(offset) = self.ready.pop_front() else {
+                break;
+            };
             if self.is_settled_or_busy(offset) || self.timer_at.contains_key(&offset) {
                 continue;
             }
             match source.read(offset, 1, 1)?.pop() {
-                Some(record) if record.offset == offset => out.push(self.lease(record, now_ms, lease_ms)),
+                Some(record) if record.offset == offset => {
+                    out.push(self.lease(record, now_ms, lease_ms))
+                }
                 _ => {} // deleted with its segment: it was settled
             }
         }
@@ -367,7 +414,9 @@ impl QueueState {
                     break;
                 }
                 self.cursor = record.offset + 1;
-                if self.is_settled_or_busy(record.offset) || self.timer_at.contains_key(&record.offset) {
+                if self.is_settled_or_busy(record.offset)
+                    || self.timer_at.contains_key(&record.offset)
+                {
                     continue;
                 }
                 if record.deliver_at_ms > now_ms {
@@ -385,16 +434,35 @@ impl QueueState {
     }
 
     fn lease(&mut self, record: Record, now_ms: i64, lease_ms: u64) -> Delivery {
-        let delivery_count = self.history.get(&record.offset).map_or(0, |h| h.delivery_count) + 1;
+        let delivery_count = self
+            .history
+            .get(&record.offset)
+            .map_or(0, |h| h.delivery_count)
+            + 1;
         let nonce = fastrand::u64(..);
         let deadline_ms = now_ms + lease_ms as i64;
         self.leases.insert(
             record.offset,
-            Lease { nonce, deadline_ms, delivery_count, size: record.size(), published_at_ms: record.published_at_ms },
+            Lease {
+                nonce,
+                deadline_ms,
+                delivery_count,
+                size: record.size(),
+                published_at_ms: record.published_at_ms,
+            },
         );
         self.lease_expiry.insert((deadline_ms, record.offset));
-        let receipt = Receipt { log_uid: self.uid, offset: record.offset, nonce }.encode();
-        Delivery { receipt, delivery_count, record }
+        let receipt = Receipt {
+            log_uid: self.uid,
+            offset: record.offset,
+            nonce,
+        }
+        .encode();
+        Delivery {
+            receipt,
+            delivery_count,
+            record,
+        }
     }
 
     /// Checks a receipt against the current lease of its message.
@@ -466,7 +534,11 @@ impl QueueState {
             }
             self.lease_expiry.pop_first();
             if let Some(lease) = self.leases.remove(&offset) {
-                out.push(Unacked { offset, delivery_count: lease.delivery_count, size: lease.size });
+                out.push(Unacked {
+                    offset,
+                    delivery_count: lease.delivery_count,
+                    size: lease.size,
+                });
             }
         }
         self.counters.expired += out.len() as u64;
@@ -474,7 +546,14 @@ impl QueueState {
     }
 
     /// Schedules another delivery of a released message.
-    pub fn schedule_retry(&mut self, offset: u64, delivery_count: u32, deliver_at_ms: i64, error: Option<(i64, String)>, now_ms: i64) {
+    pub fn schedule_retry(
+        &mut self,
+        offset: u64,
+        delivery_count: u32,
+        deliver_at_ms: i64,
+        error: Option<(i64, String)>,
+        now_ms: i64,
+    ) {
         self.record_attempt(offset, delivery_count, error);
         if deliver_at_ms > now_ms {
             self.add_timer(offset, deliver_at_ms);
@@ -484,7 +563,12 @@ impl QueueState {
     }
 
     /// Remembers a delivery that ended without an ack, and why.
-    pub fn record_attempt(&mut self, offset: u64, delivery_count: u32, error: Option<(i64, String)>) {
+    pub fn record_attempt(
+        &mut self,
+        offset: u64,
+        delivery_count: u32,
+        error: Option<(i64, String)>,
+    ) {
         let history = self.history.entry(offset).or_default();
         history.delivery_count = history.delivery_count.max(delivery_count);
         if let Some(error) = error {
@@ -506,12 +590,23 @@ impl QueueState {
 
     /// Applies a purge that storage confirmed; returns how many messages it removed.
     pub fn apply_purge(&mut self, range: Range<u64>) -> u64 {
-        let removed = (range.end.saturating_sub(self.ack_floor)).saturating_sub(self.settled.count_in(self.ack_floor..range.end));
-        let offsets: Vec<u64> = self.leases.keys().copied().filter(|o| range.contains(o)).collect();
+        let removed = (range.end.saturating_sub(self.ack_floor))
+            .saturating_sub(self.settled.count_in(self.ack_floor..range.end));
+        let offsets: Vec<u64> = self
+            .leases
+            .keys()
+            .copied()
+            .filter(|o| range.contains(o))
+            .collect();
         for offset in offsets {
             self.release(offset);
         }
-        let timed: Vec<u64> = self.timer_at.keys().copied().filter(|o| range.contains(o)).collect();
+        let timed: Vec<u64> = self
+            .timer_at
+            .keys()
+            .copied()
+            .filter(|o| range.contains(o))
+            .collect();
         for offset in timed {
             let at = self.timer_at.remove(&offset).unwrap();
             self.timers.remove(&(at, offset));
@@ -521,7 +616,11 @@ impl QueueState {
         self.settled.insert(range.clone());
         self.advance_floor();
         self.cursor = self.cursor.max(range.end);
-        self.backlog_bytes = if self.unsettled() == 0 { 0 } else { self.backlog_bytes.max(0) / 2 };
+        self.backlog_bytes = if self.unsettled() == 0 {
+            0
+        } else {
+            self.backlog_bytes.max(0) / 2
+        };
         self.counters.purged += removed;
         removed
     }
@@ -564,7 +663,9 @@ impl QueueState {
         let in_flight = self.leases.len() as u64;
         let delayed = self.timers.len() as u64;
         let oldest_age_ms = match self.oldest {
-            Some((floor, at)) if floor == self.ack_floor && unsettled > 0 => (now_ms - at).max(0) as u64,
+            Some((floor, at)) if floor == self.ack_floor && unsettled > 0 => {
+                (now_ms - at).max(0) as u64
+            }
             _ => 0,
         };
         QueueStats {
@@ -587,7 +688,11 @@ impl QueueState {
 
     /// Refreshes the cached publish time of the oldest unsettled message.
     pub fn refresh_oldest(&mut self, source: &impl RecordSource) {
-        if self.oldest.is_some_and(|(floor, _)| floor == self.ack_floor) || self.unsettled() == 0 {
+        if self
+            .oldest
+            .is_some_and(|(floor, _)| floor == self.ack_floor)
+            || self.unsettled() == 0
+        {
             return;
         }
         if let Ok(records) = source.read(self.ack_floor, 1, 1)
@@ -600,8 +705,14 @@ impl QueueState {
     /// Checks the invariants that tie the structures together (tests and debug builds).
     pub fn debug_check_consistency(&self) {
         for offset in self.leases.keys() {
-            assert!(!self.timer_at.contains_key(offset), "leased message {offset} also has a timer");
-            assert!(!self.settled.contains(*offset) && *offset >= self.ack_floor, "leased message {offset} is settled");
+            assert!(
+                !self.timer_at.contains_key(offset),
+                "leased message {offset} also has a timer"
+            );
+            assert!(
+                !self.settled.contains(*offset) && *offset >= self.ack_floor,
+                "leased message {offset} is settled"
+            );
         }
         assert_eq!(self.timers.len(), self.timer_at.len());
         assert_eq!(self.lease_expiry.len(), self.leases.len());
@@ -618,7 +729,11 @@ impl QueueState {
                 || ready.contains(&offset)
                 || self.timer_at.contains_key(&offset)
                 || self.settling.contains(&offset);
-            assert!(reachable, "message {offset} behind the cursor {} is lost from scheduling", self.cursor);
+            assert!(
+                reachable,
+                "message {offset} behind the cursor {} is lost from scheduling",
+                self.cursor
+            );
             offset += 1;
         }
     }

@@ -63,12 +63,19 @@ mod tests {
 
     #[test]
     fn receipts_round_trip_and_reject_damage() {
-        let receipt = Receipt { log_uid: 3, offset: 1 << 40, nonce: 0xdead_beef };
+        let receipt = Receipt {
+            log_uid: 3,
+            offset: 1 << 40,
+            nonce: 0xdead_beef,
+        };
         let text = receipt.encode();
         assert_eq!(Receipt::decode(&text), Some(receipt));
         let mut damaged = text.clone().into_bytes();
         damaged[10] = if damaged[10] == b'A' { b'B' } else { b'A' };
-        assert_eq!(Receipt::decode(std::str::from_utf8(&damaged).unwrap()), None);
+        assert_eq!(
+            Receipt::decode(std::str::from_utf8(&damaged).unwrap()),
+            None
+        );
         for junk in ["", "x", "!!!!", &"A".repeat(500), &text[..text.len() - 1]] {
             assert_eq!(Receipt::decode(junk), None);
         }

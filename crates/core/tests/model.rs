@@ -9,7 +9,9 @@ use proptest::prelude::*;
 use tidewater_core::broker::record_id;
 use tidewater_core::clock::{FixedJitter, ManualClock};
 use tidewater_core::config::BackoffPatch;
-use tidewater_core::{AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NewMessage, RedriveRequest};
+use tidewater_core::{
+    AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NewMessage, RedriveRequest,
+};
 use tidewater_storage::StoreOptions;
 
 const QUEUE: &str = "work";
@@ -21,14 +23,32 @@ const BACKOFF_MAX_MS: u64 = 1_000;
 
 #[derive(Debug, Clone)]
 enum Action {
-    Publish { n: usize, delay_ms: Option<u64> },
-    Receive { max: usize, lease_ms: Option<u64> },
-    Ack { pick: usize },
-    Nack { pick: usize, delay_ms: Option<u64> },
-    Extend { pick: usize, lease_ms: u64 },
-    Advance { ms: i64 },
+    Publish {
+        n: usize,
+        delay_ms: Option<u64>,
+    },
+    Receive {
+        max: usize,
+        lease_ms: Option<u64>,
+    },
+    Ack {
+        pick: usize,
+    },
+    Nack {
+        pick: usize,
+        delay_ms: Option<u64>,
+    },
+    Extend {
+        pick: usize,
+        lease_ms: u64,
+    },
+    Advance {
+        ms: i64,
+    },
     /// Time passes with no maintenance run: leases past their deadline are not yet expired.
-    AdvanceQuiet { ms: i64 },
+    AdvanceQuiet {
+        ms: i64,
+    },
     Purge,
     Redrive,
     Restart,
@@ -52,8 +72,13 @@ fn action() -> impl Strategy<Value = Action> {
 #[derive(Debug, Clone, PartialEq)]
 enum State {
     /// Deliverable from this time on.
-    Ready { at: i64 },
-    Leased { receipt: String, deadline: i64 },
+    Ready {
+        at: i64,
+    },
+    Leased {
+        receipt: String,
+        deadline: i64,
+    },
     Done,
     Dead,
 }
@@ -81,12 +106,18 @@ struct Model {
 
 fn backoff(count: u32) -> i64 {
     let exp = 2f64.powi(count.saturating_sub(1) as i32);
-    (BACKOFF_BASE_MS as f64 * exp).min(BACKOFF_MAX_MS as f64).round() as i64
+    (BACKOFF_BASE_MS as f64 * exp)
+        .min(BACKOFF_MAX_MS as f64)
+        .round() as i64
 }
 
 impl Model {
     fn find(&mut self, id: &str) -> &mut Msg {
-        self.msgs.iter_mut().rev().find(|m| m.id == id && !matches!(m.state, State::Done)).expect("known message")
+        self.msgs
+            .iter_mut()
+            .rev()
+            .find(|m| m.id == id && !matches!(m.state, State::Done))
+            .expect("known message")
     }
 
     /// After a delivery ends without an ack: retry later or dead-letter.
@@ -95,7 +126,9 @@ impl Model {
         if msg.count >= MAX_DELIVERIES {
             msg.state = State::Dead;
         } else {
-            msg.state = State::Ready { at: now + delay.unwrap_or_else(|| backoff(msg.count)) };
+            msg.state = State::Ready {
+                at: now + delay.unwrap_or_else(|| backoff(msg.count)),
+            };
         }
     }
 
@@ -123,7 +156,10 @@ struct Harness {
 impl Harness {
     fn open(&mut self) {
         let options = BrokerOptions {
-            store: StoreOptions { fsync: false, ..StoreOptions::default() },
+            store: StoreOptions {
+                fsync: false,
+                ..StoreOptions::default()
+            },
             clock: Arc::new(self.clock.clone()),
             jitter: Arc::new(FixedJitter(1.0)),
             ..BrokerOptions::default()
@@ -137,14 +173,26 @@ impl Harness {
 }
 
 fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
     rt.block_on(async move {
-        let mut h = Harness { dir: tempfile::tempdir().unwrap(), clock: ManualClock::new(1_000_000), broker: None };
+        let mut h = Harness {
+            dir: tempfile::tempdir().unwrap(),
+            clock: ManualClock::new(1_000_000),
+            broker: None,
+        };
         h.open();
         let patch = ConfigPatch {
             lease_ms: Some(LEASE_MS),
             max_deliveries: Some(MAX_DELIVERIES),
-            backoff: Some(BackoffPatch { base_ms: Some(BACKOFF_BASE_MS), multiplier: Some(2.0), max_ms: Some(BACKOFF_MAX_MS) }),
+            backoff: Some(BackoffPatch {
+                base_ms: Some(BACKOFF_BASE_MS),
+                multiplier: Some(2.0),
+                max_ms: Some(BACKOFF_MAX_MS),
+            }),
             ..ConfigPatch::default()
         };
         h.broker().put_queue(QUEUE, &patch).await.unwrap();
@@ -161,12 +209,22 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                             ..NewMessage::default()
                         })
                         .collect();
-                    let ids = h.broker().publish(QUEUE, &msgs, AckLevel::Durable).await.unwrap();
+                    let ids = h
+                        .broker()
+                        .publish(QUEUE, &msgs, AckLevel::Durable)
+                        .await
+                        .unwrap();
                     prop_assert_eq!(ids.len(), n);
                     for id in ids {
                         model.next_id += 1;
                         let at = now + delay_ms.unwrap_or(0) as i64;
-                        model.msgs.push(Msg { id, state: State::Ready { at }, count: 0, journaled: 0, delayed: delay_ms.is_some() });
+                        model.msgs.push(Msg {
+                            id,
+                            state: State::Ready { at },
+                            count: 0,
+                            journaled: 0,
+                            delayed: delay_ms.is_some(),
+                        });
                     }
                 }
                 Action::Receive { max, lease_ms } => {
@@ -178,36 +236,65 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                         .filter(|m| matches!(m.state, State::Ready { at } if at <= now))
                         .map(|m| m.id.clone())
                         .collect();
-                    prop_assert_eq!(got.len(), max.min(deliverable.len()), "deliverable {:?}", deliverable);
+                    prop_assert_eq!(
+                        got.len(),
+                        max.min(deliverable.len()),
+                        "deliverable {:?}",
+                        deliverable
+                    );
                     // First deliveries of undelayed messages come in publish order, oldest first.
                     let fresh: Vec<String> = model
                         .msgs
                         .iter()
-                        .filter(|m| m.count == 0 && !m.delayed && matches!(m.state, State::Ready { at } if at <= now))
+                        .filter(|m| {
+                            m.count == 0
+                                && !m.delayed
+                                && matches!(m.state, State::Ready { at } if at <= now)
+                        })
                         .map(|m| m.id.clone())
                         .collect();
-                    let got_fresh: Vec<String> =
-                        got.iter().map(|d| record_id(&d.record)).filter(|id| fresh.contains(id)).collect();
+                    let got_fresh: Vec<String> = got
+                        .iter()
+                        .map(|d| record_id(&d.record))
+                        .filter(|id| fresh.contains(id))
+                        .collect();
                     prop_assert_eq!(&got_fresh[..], &fresh[..got_fresh.len()]);
                     let lease = lease_ms.unwrap_or(LEASE_MS) as i64;
                     for delivery in got {
                         let id = record_id(&delivery.record);
                         prop_assert!(deliverable.contains(&id), "{} was not deliverable", id);
-                        prop_assert_eq!(delivery.record.body.clone(), format!("body {}", &id[1..]).into_bytes());
+                        prop_assert_eq!(
+                            delivery.record.body.clone(),
+                            format!("body {}", &id[1..]).into_bytes()
+                        );
                         let msg = model.find(&id);
                         msg.count += 1;
-                        prop_assert_eq!(delivery.delivery_count, msg.count, "delivery count of {}", id);
-                        msg.state = State::Leased { receipt: delivery.receipt.clone(), deadline: now + lease };
+                        prop_assert_eq!(
+                            delivery.delivery_count,
+                            msg.count,
+                            "delivery count of {}",
+                            id
+                        );
+                        msg.state = State::Leased {
+                            receipt: delivery.receipt.clone(),
+                            deadline: now + lease,
+                        };
                         model.receipts.push((id, delivery.receipt));
                     }
                 }
-                Action::Ack { pick } | Action::Nack { pick, .. } | Action::Extend { pick, .. } if model.receipts.is_empty() => {
+                Action::Ack { pick } | Action::Nack { pick, .. } | Action::Extend { pick, .. }
+                    if model.receipts.is_empty() =>
+                {
                     let _ = pick;
                 }
                 Action::Ack { pick } => {
                     let (id, receipt) = model.receipts[pick % model.receipts.len()].clone();
                     let valid = model.valid_lease(&id, &receipt, now);
-                    let reply = h.broker().ack(QUEUE, std::slice::from_ref(&receipt)).await.unwrap();
+                    let reply = h
+                        .broker()
+                        .ack(QUEUE, std::slice::from_ref(&receipt))
+                        .await
+                        .unwrap();
                     prop_assert_eq!(reply.ok, valid as u64, "ack of {}", id);
                     if valid {
                         model.find(&id).state = State::Done;
@@ -218,7 +305,16 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                 Action::Nack { pick, delay_ms } => {
                     let (id, receipt) = model.receipts[pick % model.receipts.len()].clone();
                     let valid = model.valid_lease(&id, &receipt, now);
-                    let reply = h.broker().nack(QUEUE, std::slice::from_ref(&receipt), delay_ms, Some("boom")).await.unwrap();
+                    let reply = h
+                        .broker()
+                        .nack(
+                            QUEUE,
+                            std::slice::from_ref(&receipt),
+                            delay_ms,
+                            Some("boom"),
+                        )
+                        .await
+                        .unwrap();
                     prop_assert_eq!(reply.ok, valid as u64);
                     if valid {
                         Model::unacked(model.find(&id), now, delay_ms.map(|d| d as i64));
@@ -227,7 +323,10 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                 Action::Extend { pick, lease_ms } => {
                     let (id, receipt) = model.receipts[pick % model.receipts.len()].clone();
                     let valid = model.valid_lease(&id, &receipt, now);
-                    let reply = h.broker().extend(QUEUE, std::slice::from_ref(&receipt), Some(lease_ms)).unwrap();
+                    let reply = h
+                        .broker()
+                        .extend(QUEUE, std::slice::from_ref(&receipt), Some(lease_ms))
+                        .unwrap();
                     prop_assert_eq!(reply.ok, valid as u64);
                     if valid && let State::Leased { deadline, .. } = &mut model.find(&id).state {
                         *deadline = now + lease_ms as i64;
@@ -254,7 +353,16 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                     if h.broker().get_queue(DLQ).is_err() {
                         continue;
                     }
-                    let progress = h.broker().start_redrive(DLQ, RedriveRequest { rate_per_s: 1_000, ..Default::default() }).unwrap();
+                    let progress = h
+                        .broker()
+                        .start_redrive(
+                            DLQ,
+                            RedriveRequest {
+                                rate_per_s: 1_000,
+                                ..Default::default()
+                            },
+                        )
+                        .unwrap();
                     let done = loop {
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         let p = h.broker().redrive_progress(&progress.id).unwrap();
@@ -263,12 +371,20 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                         }
                     };
                     prop_assert_eq!(done.state, "done", "{:?}", done.error);
-                    let dead: Vec<usize> = (0..model.msgs.len()).filter(|&i| model.msgs[i].state == State::Dead).collect();
+                    let dead: Vec<usize> = (0..model.msgs.len())
+                        .filter(|&i| model.msgs[i].state == State::Dead)
+                        .collect();
                     prop_assert_eq!(done.moved, dead.len() as u64);
                     for i in dead {
                         let id = model.msgs[i].id.clone();
                         model.msgs[i].state = State::Done;
-                        model.msgs.push(Msg { id, state: State::Ready { at: now }, count: 0, journaled: 0, delayed: false });
+                        model.msgs.push(Msg {
+                            id,
+                            state: State::Ready { at: now },
+                            count: 0,
+                            journaled: 0,
+                            delayed: false,
+                        });
                     }
                 }
                 Action::Restart => {
@@ -284,8 +400,16 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
             }
             h.broker().debug_check_consistency();
             let info = h.broker().get_queue(QUEUE).unwrap();
-            let live = model.msgs.iter().filter(|m| !matches!(m.state, State::Done | State::Dead)).count() as u64;
-            let leased = model.msgs.iter().filter(|m| matches!(m.state, State::Leased { .. })).count() as u64;
+            let live = model
+                .msgs
+                .iter()
+                .filter(|m| !matches!(m.state, State::Done | State::Dead))
+                .count() as u64;
+            let leased = model
+                .msgs
+                .iter()
+                .filter(|m| matches!(m.state, State::Leased { .. }))
+                .count() as u64;
             prop_assert_eq!(info.stats.total, live, "unsettled messages");
             prop_assert_eq!(info.stats.in_flight, leased, "leased messages");
             let dead = model.msgs.iter().filter(|m| m.state == State::Dead).count() as u64;
@@ -295,9 +419,13 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
         // Dead-lettered messages carry their history.
         if let Ok(peeked) = h.broker().peek(DLQ, 0, 100) {
             for p in peeked {
-                let count = tidewater_core::broker::header(&p.record, "tidewater-delivery-count").unwrap();
+                let count =
+                    tidewater_core::broker::header(&p.record, "tidewater-delivery-count").unwrap();
                 prop_assert_eq!(count, MAX_DELIVERIES.to_string());
-                prop_assert_eq!(tidewater_core::broker::header(&p.record, "tidewater-source-queue").unwrap(), QUEUE);
+                prop_assert_eq!(
+                    tidewater_core::broker::header(&p.record, "tidewater-source-queue").unwrap(),
+                    QUEUE
+                );
             }
         }
         h.broker.take().unwrap().shutdown();
@@ -319,13 +447,28 @@ fn long_scripted_run_with_every_action() {
     let mut script = Vec::new();
     for round in 0..30 {
         script.extend([
-            Publish { n: 3, delay_ms: (round % 3 == 0).then_some(500) },
-            Receive { max: 4, lease_ms: None },
+            Publish {
+                n: 3,
+                delay_ms: (round % 3 == 0).then_some(500),
+            },
+            Receive {
+                max: 4,
+                lease_ms: None,
+            },
             Ack { pick: round },
-            Nack { pick: round + 1, delay_ms: None },
+            Nack {
+                pick: round + 1,
+                delay_ms: None,
+            },
             Advance { ms: 1_100 },
-            Receive { max: 2, lease_ms: Some(200) },
-            Extend { pick: round + 2, lease_ms: 2_000 },
+            Receive {
+                max: 2,
+                lease_ms: Some(200),
+            },
+            Extend {
+                pick: round + 2,
+                lease_ms: 2_000,
+            },
         ]);
         if round % 7 == 3 {
             script.push(Restart);
@@ -340,7 +483,11 @@ fn long_scripted_run_with_every_action() {
 
 #[test]
 fn history_survives_restart_into_the_dead_letter_queue() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(5_000);
@@ -348,7 +495,10 @@ fn history_survives_restart_into_the_dead_letter_queue() {
             Broker::open(
                 dir.path(),
                 BrokerOptions {
-                    store: StoreOptions { fsync: false, ..StoreOptions::default() },
+                    store: StoreOptions {
+                        fsync: false,
+                        ..StoreOptions::default()
+                    },
                     clock: Arc::new(clock.clone()),
                     jitter: Arc::new(FixedJitter(0.0)),
                     ..BrokerOptions::default()
@@ -357,16 +507,51 @@ fn history_survives_restart_into_the_dead_letter_queue() {
             .unwrap()
         };
         let broker = open();
-        broker.put_queue("q", &ConfigPatch { max_deliveries: Some(2), ..ConfigPatch::default() }).await.unwrap();
-        broker.publish("q", &[NewMessage { body: b"poison".to_vec(), ..NewMessage::default() }], AckLevel::Durable).await.unwrap();
+        broker
+            .put_queue(
+                "q",
+                &ConfigPatch {
+                    max_deliveries: Some(2),
+                    ..ConfigPatch::default()
+                },
+            )
+            .await
+            .unwrap();
+        broker
+            .publish(
+                "q",
+                &[NewMessage {
+                    body: b"poison".to_vec(),
+                    ..NewMessage::default()
+                }],
+                AckLevel::Durable,
+            )
+            .await
+            .unwrap();
         let first = broker.receive("q", 1, 0, None).await.unwrap();
-        broker.nack("q", &[first[0].receipt.clone()], Some(0), Some("parse error: bad byte")).await.unwrap();
+        broker
+            .nack(
+                "q",
+                &[first[0].receipt.clone()],
+                Some(0),
+                Some("parse error: bad byte"),
+            )
+            .await
+            .unwrap();
         broker.shutdown();
         drop(broker);
         let broker = open();
         let second = broker.receive("q", 1, 0, None).await.unwrap();
         assert_eq!(second[0].delivery_count, 2);
-        broker.nack("q", &[second[0].receipt.clone()], None, Some("parse error again")).await.unwrap();
+        broker
+            .nack(
+                "q",
+                &[second[0].receipt.clone()],
+                None,
+                Some("parse error again"),
+            )
+            .await
+            .unwrap();
         let dead = broker.peek("q-dlq", 0, 10).unwrap();
         assert_eq!(dead.len(), 1);
         let record = &dead[0].record;

@@ -36,16 +36,22 @@ pub fn ack_level(ack: Option<&str>) -> Result<AckLevel, BrokerError> {
     match ack {
         None | Some("durable") => Ok(AckLevel::Durable),
         Some("written") => Ok(AckLevel::Written),
-        Some(other) => Err(BrokerError::invalid(format!("ack must be \"durable\" or \"written\", got \"{other}\""))),
+        Some(other) => Err(BrokerError::invalid(format!(
+            "ack must be \"durable\" or \"written\", got \"{other}\""
+        ))),
     }
 }
 
 impl InMessage {
     pub fn into_message(self, idx: usize) -> Result<NewMessage, BrokerError> {
-        let bad = |what: &str| BrokerError::new(ErrorCode::InvalidMessage, format!("message {idx}: {what}"));
+        let bad = |what: &str| {
+            BrokerError::new(ErrorCode::InvalidMessage, format!("message {idx}: {what}"))
+        };
         let body = match (self.body, self.body_base64) {
             (Some(text), None) => text.into_bytes(),
-            (None, Some(b64)) => BASE64.decode(b64.as_bytes()).map_err(|e| bad(&format!("body_base64 is not valid base64 ({e})")))?,
+            (None, Some(b64)) => BASE64
+                .decode(b64.as_bytes())
+                .map_err(|e| bad(&format!("body_base64 is not valid base64 ({e})")))?,
             (Some(_), Some(_)) => return Err(bad("give either body or body_base64, not both")),
             (None, None) => return Err(bad("body or body_base64 is required")),
         };
@@ -55,7 +61,13 @@ impl InMessage {
             (None, Some(at)) => Delay::AtMs(at),
             (None, None) => Delay::None,
         };
-        Ok(NewMessage { id: self.id, body, key: self.key, headers: self.headers.into_iter().collect(), delay })
+        Ok(NewMessage {
+            id: self.id,
+            body,
+            key: self.key,
+            headers: self.headers.into_iter().collect(),
+            delay,
+        })
     }
 }
 
@@ -107,7 +119,11 @@ pub struct OutMessage<'a> {
 
 impl<'a> OutMessage<'a> {
     pub fn delivered(delivery: &'a Delivery) -> Self {
-        OutMessage { record: &delivery.record, receipt: Some(&delivery.receipt), delivery_count: delivery.delivery_count }
+        OutMessage {
+            record: &delivery.record,
+            receipt: Some(&delivery.receipt),
+            delivery_count: delivery.delivery_count,
+        }
     }
 }
 
@@ -140,7 +156,10 @@ impl Serialize for Headers<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.0.len()))?;
         for (name, value) in self.0 {
-            map.serialize_entry(&String::from_utf8_lossy(name), &String::from_utf8_lossy(value))?;
+            map.serialize_entry(
+                &String::from_utf8_lossy(name),
+                &String::from_utf8_lossy(value),
+            )?;
         }
         map.end()
     }
@@ -159,14 +178,24 @@ mod tests {
     use super::*;
 
     fn message(json: &str) -> Result<NewMessage, BrokerError> {
-        serde_json::from_str::<InMessage>(json).unwrap().into_message(3)
+        serde_json::from_str::<InMessage>(json)
+            .unwrap()
+            .into_message(3)
     }
 
     #[test]
     fn bodies_are_text_or_base64_never_both() {
         assert_eq!(message(r#"{"body": "hi"}"#).unwrap().body, b"hi");
-        assert_eq!(message(r#"{"body_base64": "AAEC"}"#).unwrap().body, vec![0, 1, 2]);
-        for bad in [r#"{"body_base64": "@@@"}"#, r#"{"body": "a", "body_base64": "AA=="}"#, r#"{}"#, r#"{"body": "a", "delay_ms": 1, "deliver_at": 5}"#] {
+        assert_eq!(
+            message(r#"{"body_base64": "AAEC"}"#).unwrap().body,
+            vec![0, 1, 2]
+        );
+        for bad in [
+            r#"{"body_base64": "@@@"}"#,
+            r#"{"body": "a", "body_base64": "AA=="}"#,
+            r#"{}"#,
+            r#"{"body": "a", "delay_ms": 1, "deliver_at": 5}"#,
+        ] {
             let err = message(bad).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidMessage, "{bad}");
             assert!(err.message.starts_with("message 3:"), "{}", err.message);

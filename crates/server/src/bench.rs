@@ -68,7 +68,11 @@ mod tempfile_dir {
     pub struct Dir(pub std::path::PathBuf);
     impl Dir {
         pub fn new() -> std::io::Result<Dir> {
-            let path = std::env::temp_dir().join(format!("tidewater-bench-{}-{}", std::process::id(), fastrand::u32(..)));
+            let path = std::env::temp_dir().join(format!(
+                "tidewater-bench-{}-{}",
+                std::process::id(),
+                fastrand::u32(..)
+            ));
             std::fs::create_dir_all(&path)?;
             Ok(Dir(path))
         }
@@ -81,7 +85,9 @@ mod tempfile_dir {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn spawn_server() -> anyhow::Result<(String, Spawned)> {
@@ -111,7 +117,13 @@ fn spawn_server() -> anyhow::Result<(String, Spawned)> {
 /// (peak RSS bytes, CPU seconds) of a process, from /proc.
 fn process_usage(pid: u32) -> Option<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm_kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let hwm_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
@@ -152,33 +164,56 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let client = Client::new(&url);
     let queue = format!("bench-{}", fastrand::u32(..));
     let capacity = (args.messages * 2).max(1_000);
-    client.call("PUT", &format!("/v1/queues/{queue}"), Some(json!({"max_messages": capacity, "max_bytes": 1u64 << 40}).to_string().as_bytes()))?;
+    client.call(
+        "PUT",
+        &format!("/v1/queues/{queue}"),
+        Some(
+            json!({"max_messages": capacity, "max_bytes": 1u64 << 40})
+                .to_string()
+                .as_bytes(),
+        ),
+    )?;
     let cpu_before = pid.and_then(process_usage).map_or(0.0, |u| u.1);
 
     // Publish: every request carries the same pre-encoded batch (ids are assigned by the server).
     let body = "x".repeat(args.size);
     let one = json!({"body": body}).to_string();
-    let batch_body = |n: usize| format!("{{\"ack\":\"durable\",\"messages\":[{}]}}", vec![one.as_str(); n].join(","));
+    let batch_body = |n: usize| {
+        format!(
+            "{{\"ack\":\"durable\",\"messages\":[{}]}}",
+            vec![one.as_str(); n].join(",")
+        )
+    };
     let full = Arc::new(batch_body(args.batch));
     let remaining = Arc::new(AtomicU64::new(args.messages));
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.producers {
-        let (client, full, remaining, queue) = (Client::new(&url), full.clone(), remaining.clone(), queue.clone());
+        let (client, full, remaining, queue) = (
+            Client::new(&url),
+            full.clone(),
+            remaining.clone(),
+            queue.clone(),
+        );
         let batch = args.batch as u64;
         let size_one = one.clone();
         workers.push(std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
             let mut latencies = Vec::new();
             let path = format!("/v1/queues/{queue}/messages");
             loop {
-                let take = remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| if r == 0 { None } else { Some(r - r.min(batch)) });
+                let take = remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| {
+                    if r == 0 { None } else { Some(r - r.min(batch)) }
+                });
                 let Ok(before) = take else { break };
                 let n = before.min(batch) as usize;
                 let started = Instant::now();
                 if n as u64 == batch {
                     client.call_raw("POST", &path, Some(full.as_bytes()))?;
                 } else {
-                    let body = format!("{{\"ack\":\"durable\",\"messages\":[{}]}}", vec![size_one.as_str(); n].join(","));
+                    let body = format!(
+                        "{{\"ack\":\"durable\",\"messages\":[{}]}}",
+                        vec![size_one.as_str(); n].join(",")
+                    );
                     client.call_raw("POST", &path, Some(body.as_bytes()))?;
                 }
                 latencies.push(started.elapsed().as_secs_f64());
@@ -188,7 +223,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let mut latencies = Vec::new();
     for worker in workers {
-        latencies.extend(worker.join().map_err(|_| anyhow::anyhow!("producer panicked"))??);
+        latencies.extend(
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("producer panicked"))??,
+        );
     }
     let publish_s = started.elapsed().as_secs_f64();
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -204,21 +243,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         workers.push(std::thread::spawn(move || -> anyhow::Result<()> {
             let receive = json!({"max": max, "wait_ms": 200}).to_string();
             while acked.load(Ordering::SeqCst) < total {
-                let (_, bytes) = client.call_raw("POST", &format!("/v1/queues/{queue}/receive"), Some(receive.as_bytes()))?;
+                let (_, bytes) = client.call_raw(
+                    "POST",
+                    &format!("/v1/queues/{queue}/receive"),
+                    Some(receive.as_bytes()),
+                )?;
                 let got: Received = serde_json::from_slice(&bytes)?;
                 if got.messages.is_empty() {
                     continue;
                 }
                 let receipts: Vec<&str> = got.messages.iter().map(|m| m.receipt.as_str()).collect();
                 let body = serde_json::to_vec(&json!({ "receipts": receipts }))?;
-                let (_, reply) = client.call("POST", &format!("/v1/queues/{queue}/ack"), Some(&body))?;
+                let (_, reply) =
+                    client.call("POST", &format!("/v1/queues/{queue}/ack"), Some(&body))?;
                 acked.fetch_add(reply["ok"].as_u64().unwrap_or(0), Ordering::SeqCst);
             }
             Ok(())
         }));
     }
     for worker in workers {
-        worker.join().map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
     }
     let consume_s = started.elapsed().as_secs_f64();
     let usage_end = pid.and_then(process_usage);
@@ -244,16 +290,36 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
-        println!("tidewater bench: {} messages of {} B, publish batches of {}, {} producers, {} consumers (receive {})",
-            args.messages, args.size, args.batch, args.producers, args.consumers, args.receive_batch);
-        println!("  publish (durable)   {:>10.0} msgs/s   request p50 {:.1} ms  p99 {:.1} ms",
-            n / publish_s, percentile(&latencies, 0.5) * 1000.0, percentile(&latencies, 0.99) * 1000.0);
+        println!(
+            "tidewater bench: {} messages of {} B, publish batches of {}, {} producers, {} consumers (receive {})",
+            args.messages,
+            args.size,
+            args.batch,
+            args.producers,
+            args.consumers,
+            args.receive_batch
+        );
+        println!(
+            "  publish (durable)   {:>10.0} msgs/s   request p50 {:.1} ms  p99 {:.1} ms",
+            n / publish_s,
+            percentile(&latencies, 0.5) * 1000.0,
+            percentile(&latencies, 0.99) * 1000.0
+        );
         println!("  receive + ack       {:>10.0} msgs/s", n / consume_s);
         if let Some((rss, cpu)) = usage_end {
-            println!("  server peak RSS     {:>10.1} MiB", rss as f64 / (1 << 20) as f64);
-            println!("  server CPU          {:>10.2} s  ({:.2} us per message published + consumed)", cpu - cpu_before, (cpu - cpu_before) * 1e6 / (2.0 * n));
+            println!(
+                "  server peak RSS     {:>10.1} MiB",
+                rss as f64 / (1 << 20) as f64
+            );
+            println!(
+                "  server CPU          {:>10.2} s  ({:.2} us per message published + consumed)",
+                cpu - cpu_before,
+                (cpu - cpu_before) * 1e6 / (2.0 * n)
+            );
         } else {
-            println!("  (server RSS and CPU are measured only when bench starts the server itself)");
+            println!(
+                "  (server RSS and CPU are measured only when bench starts the server itself)"
+            );
         }
     }
     drop(spawned);

@@ -83,7 +83,9 @@ impl ConfigFlags {
     }
 
     fn is_empty(&self) -> bool {
-        self.patch().map(|p| p.as_object().is_some_and(|o| o.is_empty())).unwrap_or(false)
+        self.patch()
+            .map(|p| p.as_object().is_some_and(|o| o.is_empty()))
+            .unwrap_or(false)
     }
 }
 
@@ -211,7 +213,11 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -221,7 +227,9 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
 }
 
 fn num(v: &Value) -> String {
-    v.as_u64().map(|n| n.to_string()).unwrap_or_else(|| v.to_string())
+    v.as_u64()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| v.to_string())
 }
 
 fn age(ms: u64) -> String {
@@ -240,7 +248,11 @@ fn print_json(value: &Value) {
 
 fn clip(text: &str, max: usize) -> String {
     let one_line = text.replace('\n', "\\n");
-    if one_line.chars().count() <= max { one_line } else { format!("{}…", one_line.chars().take(max).collect::<String>()) }
+    if one_line.chars().count() <= max {
+        one_line
+    } else {
+        format!("{}…", one_line.chars().take(max).collect::<String>())
+    }
 }
 
 pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::Result<()> {
@@ -255,11 +267,19 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             Ok(())
         }
         QueueCommand::Create { name, config } | QueueCommand::Config { name, config } => {
-            let (status, info) = client.call("PUT", &queue_path(&name), Some(&serde_json::to_vec(&config.patch()?)?))?;
+            let (status, info) = client.call(
+                "PUT",
+                &queue_path(&name),
+                Some(&serde_json::to_vec(&config.patch()?)?),
+            )?;
             if as_json {
                 print_json(&info);
             } else {
-                println!("{} queue '{}'", if status == 201 { "created" } else { "updated" }, name);
+                println!(
+                    "{} queue '{}'",
+                    if status == 201 { "created" } else { "updated" },
+                    name
+                );
                 print_config(&info["config"]);
             }
             Ok(())
@@ -292,7 +312,19 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
                     ]
                 })
                 .collect();
-            table(&["QUEUE", "DEPTH", "IN FLIGHT", "DELAYED", "OLDEST", "PUBLISHED", "ACKED", "DEAD-LETTERED"], &rows);
+            table(
+                &[
+                    "QUEUE",
+                    "DEPTH",
+                    "IN FLIGHT",
+                    "DELAYED",
+                    "OLDEST",
+                    "PUBLISHED",
+                    "ACKED",
+                    "DEAD-LETTERED",
+                ],
+                &rows,
+            );
             Ok(())
         }
         QueueCommand::Stats { name } => {
@@ -302,14 +334,35 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
                 return Ok(());
             }
             let order = [
-                "depth", "in_flight", "delayed", "total", "bytes", "oldest_age_ms", "published", "delivered", "acked", "nacked",
-                "expired", "dead_lettered", "redriven", "purged",
+                "depth",
+                "in_flight",
+                "delayed",
+                "total",
+                "bytes",
+                "oldest_age_ms",
+                "published",
+                "delivered",
+                "acked",
+                "nacked",
+                "expired",
+                "dead_lettered",
+                "redriven",
+                "purged",
             ];
             let stats = &info["stats"];
             let rows: Vec<Vec<String>> = order
                 .iter()
                 .filter(|k| !stats[**k].is_null())
-                .map(|k| vec![k.to_string(), if *k == "oldest_age_ms" { age(stats[*k].as_u64().unwrap_or(0)) } else { num(&stats[*k]) }])
+                .map(|k| {
+                    vec![
+                        k.to_string(),
+                        if *k == "oldest_age_ms" {
+                            age(stats[*k].as_u64().unwrap_or(0))
+                        } else {
+                            num(&stats[*k])
+                        },
+                    ]
+                })
                 .collect();
             println!("queue '{name}'");
             table(&["STAT", "VALUE"], &rows);
@@ -337,8 +390,22 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
 }
 
 fn print_config(config: &Value) {
-    let Some(map) = config.as_object() else { return };
-    let rows: Vec<Vec<String>> = map.iter().map(|(k, v)| vec![k.clone(), if v.is_string() { v.as_str().unwrap().to_string() } else { v.to_string() }]).collect();
+    let Some(map) = config.as_object() else {
+        return;
+    };
+    let rows: Vec<Vec<String>> = map
+        .iter()
+        .map(|(k, v)| {
+            vec![
+                k.clone(),
+                if v.is_string() {
+                    v.as_str().unwrap().to_string()
+                } else {
+                    v.to_string()
+                },
+            ]
+        })
+        .collect();
     table(&["SETTING", "VALUE"], &rows);
 }
 
@@ -348,26 +415,38 @@ fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
     }
     let bar = match len {
         Some(n) => indicatif::ProgressBar::new(n).with_style(
-            indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
-                .expect("template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         ),
-        None => indicatif::ProgressBar::new_spinner()
-            .with_style(indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} ({per_sec})").expect("template")),
+        None => indicatif::ProgressBar::new_spinner().with_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} ({per_sec})")
+                .expect("template"),
+        ),
     };
     bar.set_message(what.to_string());
     bar
 }
 
 /// Sends one request, waiting out backpressure (429/507) for up to `retry_for`.
-fn send_with_backpressure(client: &Client, path: &str, body: &[u8], retry_for: Duration, bar: &indicatif::ProgressBar) -> Result<Value, ClientError> {
+fn send_with_backpressure(
+    client: &Client,
+    path: &str,
+    body: &[u8],
+    retry_for: Duration,
+    bar: &indicatif::ProgressBar,
+) -> Result<Value, ClientError> {
     let started = Instant::now();
     loop {
         match client.call("POST", path, Some(body)) {
             Ok((_, value)) => return Ok(value),
             Err(err) => match err.retry_after() {
                 Some(wait) if started.elapsed() + wait <= retry_for => {
-                    bar.suspend(|| eprintln!("refused ({err}); retrying in {:.1}s", wait.as_secs_f64()));
+                    bar.suspend(|| {
+                        eprintln!("refused ({err}); retrying in {:.1}s", wait.as_secs_f64())
+                    });
                     std::thread::sleep(wait);
                 }
                 _ => return Err(err),
@@ -382,7 +461,9 @@ pub fn publish(client: &Client, args: PublishArgs, as_json: bool) -> anyhow::Res
     }
     let mut headers = serde_json::Map::new();
     for h in &args.headers {
-        let (name, value) = h.split_once('=').with_context(|| format!("--header '{h}' must look like name=value"))?;
+        let (name, value) = h
+            .split_once('=')
+            .with_context(|| format!("--header '{h}' must look like name=value"))?;
         headers.insert(name.to_string(), json!(value));
     }
     let path = format!("{}/messages", queue_path(&args.queue));
@@ -402,7 +483,10 @@ pub fn publish(client: &Client, args: PublishArgs, as_json: bool) -> anyhow::Res
     };
     let mut all_ids: Vec<Value> = Vec::new();
     let mut published = 0u64;
-    let mut flush = |batch: &mut Vec<Value>, bar: &indicatif::ProgressBar, keep_ids: bool| -> anyhow::Result<()> {
+    let mut flush = |batch: &mut Vec<Value>,
+                     bar: &indicatif::ProgressBar,
+                     keep_ids: bool|
+     -> anyhow::Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -438,7 +522,8 @@ pub fn publish(client: &Client, args: PublishArgs, as_json: bool) -> anyhow::Res
     }
     let (reader, len): (Box<dyn BufRead>, Option<u64>) = match &args.file {
         Some(path) => {
-            let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
             let lines = std::io::BufReader::new(&file).lines().count() as u64;
             let file = std::fs::File::open(path)?;
             (Box::new(std::io::BufReader::new(file)), Some(lines))
@@ -469,17 +554,28 @@ pub fn publish(client: &Client, args: PublishArgs, as_json: bool) -> anyhow::Res
 
 /// Runs the --exec command for one message; Ok(()) to ack, Err(text) to nack.
 fn run_handler(command: &str, queue: &str, message: &Value) -> Result<(), String> {
-    let body = message["body"].as_str().map(|s| s.as_bytes().to_vec()).unwrap_or_else(|| {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.decode(message["body_base64"].as_str().unwrap_or("")).unwrap_or_default()
-    });
+    let body = message["body"]
+        .as_str()
+        .map(|s| s.as_bytes().to_vec())
+        .unwrap_or_else(|| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(message["body_base64"].as_str().unwrap_or(""))
+                .unwrap_or_default()
+        });
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(command)
         .env("TIDEWATER_QUEUE", queue)
         .env("TIDEWATER_MESSAGE_ID", message["id"].as_str().unwrap_or(""))
-        .env("TIDEWATER_MESSAGE_KEY", message["key"].as_str().unwrap_or(""))
-        .env("TIDEWATER_DELIVERY_COUNT", message["delivery_count"].to_string())
+        .env(
+            "TIDEWATER_MESSAGE_KEY",
+            message["key"].as_str().unwrap_or(""),
+        )
+        .env(
+            "TIDEWATER_DELIVERY_COUNT",
+            message["delivery_count"].to_string(),
+        )
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -495,7 +591,15 @@ fn run_handler(command: &str, queue: &str, message: &Value) -> Result<(), String
     if status.success() {
         Ok(())
     } else {
-        let tail: String = stderr.trim().chars().rev().take(500).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = stderr
+            .trim()
+            .chars()
+            .rev()
+            .take(500)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         Err(format!("{status}: {tail}"))
     }
 }
@@ -505,7 +609,11 @@ pub fn consume(client: &Client, args: ConsumeArgs, as_json: bool) -> anyhow::Res
     let mut done = 0u64;
     let (mut acked, mut nacked) = (0u64, 0u64);
     loop {
-        let want = if args.max > 0 { (args.max - done).min(args.batch as u64) as usize } else { args.batch };
+        let want = if args.max > 0 {
+            (args.max - done).min(args.batch as u64) as usize
+        } else {
+            args.batch
+        };
         if want == 0 {
             break;
         }
@@ -527,8 +635,18 @@ pub fn consume(client: &Client, args: ConsumeArgs, as_json: bool) -> anyhow::Res
             if as_json {
                 println!("{}", serde_json::to_string(message)?);
             } else {
-                let body = message["body"].as_str().map(str::to_string).unwrap_or_else(|| format!("base64:{}", message["body_base64"].as_str().unwrap_or("")));
-                println!("{}\t{}\t{}", message["id"].as_str().unwrap_or("?"), message["delivery_count"], body);
+                let body = message["body"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| {
+                        format!("base64:{}", message["body_base64"].as_str().unwrap_or(""))
+                    });
+                println!(
+                    "{}\t{}\t{}",
+                    message["id"].as_str().unwrap_or("?"),
+                    message["delivery_count"],
+                    body
+                );
             }
             let receipt = message["receipt"].as_str().unwrap_or_default().to_string();
             match (&args.exec, args.nack) {
@@ -536,7 +654,9 @@ pub fn consume(client: &Client, args: ConsumeArgs, as_json: bool) -> anyhow::Res
                     Ok(()) => to_ack.push(receipt),
                     Err(error) => to_nack.push((receipt, error)),
                 },
-                (None, true) => to_nack.push((receipt, "nacked by tidewater consume --nack".into())),
+                (None, true) => {
+                    to_nack.push((receipt, "nacked by tidewater consume --nack".into()))
+                }
                 (None, false) => to_ack.push(receipt),
             }
         }
@@ -547,21 +667,30 @@ pub fn consume(client: &Client, args: ConsumeArgs, as_json: bool) -> anyhow::Res
             report_failures(&reply);
         }
         for (receipt, error) in to_nack {
-            let reply = client.post(&format!("{base}/nack"), &json!({"receipts": [receipt], "error": error}))?;
+            let reply = client.post(
+                &format!("{base}/nack"),
+                &json!({"receipts": [receipt], "error": error}),
+            )?;
             nacked += reply["ok"].as_u64().unwrap_or(0);
             report_failures(&reply);
         }
         done += messages.len() as u64;
     }
     if !as_json {
-        eprintln!("consumed {done} messages from '{}': {acked} acked, {nacked} nacked", args.queue);
+        eprintln!(
+            "consumed {done} messages from '{}': {acked} acked, {nacked} nacked",
+            args.queue
+        );
     }
     Ok(())
 }
 
 fn report_failures(reply: &Value) {
     for failure in reply["failed"].as_array().into_iter().flatten() {
-        eprintln!("warning: receipt refused ({}): the lease expired before the handler finished; raise --lease-ms", failure["code"].as_str().unwrap_or("?"));
+        eprintln!(
+            "warning: receipt refused ({}): the lease expired before the handler finished; raise --lease-ms",
+            failure["code"].as_str().unwrap_or("?")
+        );
     }
 }
 
@@ -584,8 +713,14 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
                     let h = &m["headers"];
                     vec![
                         m["id"].as_str().unwrap_or("?").to_string(),
-                        h["tidewater-source-queue"].as_str().unwrap_or("-").to_string(),
-                        h["tidewater-delivery-count"].as_str().unwrap_or("-").to_string(),
+                        h["tidewater-source-queue"]
+                            .as_str()
+                            .unwrap_or("-")
+                            .to_string(),
+                        h["tidewater-delivery-count"]
+                            .as_str()
+                            .unwrap_or("-")
+                            .to_string(),
                         clip(h["tidewater-last-error"].as_str().unwrap_or("-"), 40),
                         clip(m["body"].as_str().unwrap_or("(binary)"), 40),
                     ]
@@ -594,7 +729,15 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
             table(&["ID", "SOURCE", "DELIVERIES", "LAST ERROR", "BODY"], &rows);
             Ok(())
         }
-        DlqCommand::Redrive { dlq, to, rate, max, key, error_contains, no_wait } => {
+        DlqCommand::Redrive {
+            dlq,
+            to,
+            rate,
+            max,
+            key,
+            error_contains,
+            no_wait,
+        } => {
             let mut body = json!({"rate_per_s": rate, "max": max, "filter": {}});
             if let Some(to) = to {
                 body["to"] = json!(to);
@@ -629,10 +772,18 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
             if as_json {
                 print_json(&last);
             } else {
-                println!("redrive {id} {}: moved {}, skipped {}", last["state"].as_str().unwrap_or("?"), num(&last["moved"]), num(&last["skipped"]));
+                println!(
+                    "redrive {id} {}: moved {}, skipped {}",
+                    last["state"].as_str().unwrap_or("?"),
+                    num(&last["moved"]),
+                    num(&last["skipped"])
+                );
             }
             if last["state"] == "failed" {
-                anyhow::bail!("redrive failed: {}", last["error"].as_str().unwrap_or("unknown error"));
+                anyhow::bail!(
+                    "redrive failed: {}",
+                    last["error"].as_str().unwrap_or("unknown error")
+                );
             }
             Ok(())
         }

@@ -17,7 +17,12 @@ pub mod exit {
 #[derive(Debug)]
 pub enum ClientError {
     /// The server answered with an error body.
-    Api { status: u16, code: String, message: String, retry_after_ms: Option<u64> },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        retry_after_ms: Option<u64>,
+    },
     /// No answer (connection refused, timeout, DNS).
     Unreachable(String),
     Other(String),
@@ -26,8 +31,16 @@ pub enum ClientError {
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ClientError::Api { status, code, message, .. } => write!(f, "{message} ({code}, HTTP {status})"),
-            ClientError::Unreachable(what) => write!(f, "cannot reach the server: {what}. Is `tidewater serve` running? (--server or TIDEWATER_SERVER)"),
+            ClientError::Api {
+                status,
+                code,
+                message,
+                ..
+            } => write!(f, "{message} ({code}, HTTP {status})"),
+            ClientError::Unreachable(what) => write!(
+                f,
+                "cannot reach the server: {what}. Is `tidewater serve` running? (--server or TIDEWATER_SERVER)"
+            ),
             ClientError::Other(what) => f.write_str(what),
         }
     }
@@ -39,8 +52,12 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Api { status: 404, .. } => exit::NOT_FOUND,
-            ClientError::Api { status: 429 | 507, .. } => exit::REFUSED,
-            ClientError::Api { status: 400 | 413, .. } => exit::USAGE,
+            ClientError::Api {
+                status: 429 | 507, ..
+            } => exit::REFUSED,
+            ClientError::Api {
+                status: 400 | 413, ..
+            } => exit::USAGE,
             ClientError::Unreachable(_) => exit::UNREACHABLE,
             _ => exit::FAILED,
         }
@@ -48,7 +65,11 @@ impl ClientError {
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            ClientError::Api { status: 429 | 507, retry_after_ms, .. } => Some(Duration::from_millis(retry_after_ms.unwrap_or(1_000))),
+            ClientError::Api {
+                status: 429 | 507,
+                retry_after_ms,
+                ..
+            } => Some(Duration::from_millis(retry_after_ms.unwrap_or(1_000))),
             _ => None,
         }
     }
@@ -70,32 +91,55 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(120)))
             .build()
             .into();
-        Client { agent, base: base.trim_end_matches('/').to_string() }
+        Client {
+            agent,
+            base: base.trim_end_matches('/').to_string(),
+        }
     }
 
     /// Sends a request with an optional raw JSON body; returns status and parsed reply.
-    pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Value), ClientError> {
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Value), ClientError> {
         let bytes = self.call_raw(method, path, body)?;
         let value = if bytes.1.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes.1).map_err(|e| ClientError::Other(format!("unreadable reply: {e}")))?
+            serde_json::from_slice(&bytes.1)
+                .map_err(|e| ClientError::Other(format!("unreadable reply: {e}")))?
         };
         Ok((bytes.0, value))
     }
 
-    pub fn call_raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Vec<u8>), ClientError> {
+    pub fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
         let url = format!("{}{}", self.base, path);
         let result = match (method, body) {
             ("GET", _) => self.agent.get(&url).call(),
             ("DELETE", _) => self.agent.delete(&url).call(),
-            ("PUT", body) => self.agent.put(&url).header("content-type", "application/json").send(body.unwrap_or(b"")),
-            (_, body) => self.agent.post(&url).header("content-type", "application/json").send(body.unwrap_or(b"")),
+            ("PUT", body) => self
+                .agent
+                .put(&url)
+                .header("content-type", "application/json")
+                .send(body.unwrap_or(b"")),
+            (_, body) => self
+                .agent
+                .post(&url)
+                .header("content-type", "application/json")
+                .send(body.unwrap_or(b"")),
         };
         let mut response = result.map_err(|e| match e {
-            ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::Timeout(_) => {
-                ClientError::Unreachable(format!("{url}: {e}"))
-            }
+            ureq::Error::Io(_)
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::HostNotFound
+            | ureq::Error::Timeout(_) => ClientError::Unreachable(format!("{url}: {e}")),
             other => ClientError::Other(format!("{url}: {other}")),
         })?;
         let status = response.status().as_u16();
@@ -110,7 +154,10 @@ impl Client {
             return Err(ClientError::Api {
                 status,
                 code: value["code"].as_str().unwrap_or("unknown").to_string(),
-                message: value["message"].as_str().map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+                message: value["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
                 retry_after_ms: value["retry_after_ms"].as_u64(),
             });
         }
@@ -122,7 +169,9 @@ impl Client {
     }
 
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        Ok(self.call("POST", path, Some(&serde_json::to_vec(body).expect("json")))?.1)
+        Ok(self
+            .call("POST", path, Some(&serde_json::to_vec(body).expect("json")))?
+            .1)
     }
 }
 

@@ -25,7 +25,12 @@ pub struct AppState {
 
 impl AppState {
     fn broker(&self) -> Result<&Broker, ApiError> {
-        self.broker.get().ok_or_else(|| ApiError(BrokerError::new(ErrorCode::NotReady, "the server is still recovering its data")))
+        self.broker.get().ok_or_else(|| {
+            ApiError(BrokerError::new(
+                ErrorCode::NotReady,
+                "the server is still recovering its data",
+            ))
+        })
     }
 }
 
@@ -41,12 +46,19 @@ impl From<BrokerError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let err = self.0;
-        let status = StatusCode::from_u16(err.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = ErrorBody { code: err.code.as_str(), message: &err.message, retry_after_ms: err.retry_after_ms };
+        let status = StatusCode::from_u16(err.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            code: err.code.as_str(),
+            message: &err.message,
+            retry_after_ms: err.retry_after_ms,
+        };
         let mut response = (status, json_body(&body)).into_response();
         if let Some(ms) = err.retry_after_ms {
             let secs = ms.div_ceil(1000).max(1);
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -56,7 +68,14 @@ type ApiResult = Result<Response, ApiError>;
 
 fn json_body<T: Serialize>(value: &T) -> Response {
     let bytes = serde_json::to_vec(value).expect("replies serialize");
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        bytes,
+    )
+        .into_response()
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> ApiResult {
@@ -66,13 +85,22 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> ApiResult {
 }
 
 /// Reads a bounded body and parses it; an empty body parses as `default`.
-async fn parse_body<T: DeserializeOwned>(state: &AppState, body: Body, default: Option<T>) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, state.max_request_bytes).await.map_err(|_| {
-        ApiError(BrokerError::new(
-            ErrorCode::RequestTooLarge,
-            format!("the request body exceeds max_request_bytes ({} bytes)", state.max_request_bytes),
-        ))
-    })?;
+async fn parse_body<T: DeserializeOwned>(
+    state: &AppState,
+    body: Body,
+    default: Option<T>,
+) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(body, state.max_request_bytes)
+        .await
+        .map_err(|_| {
+            ApiError(BrokerError::new(
+                ErrorCode::RequestTooLarge,
+                format!(
+                    "the request body exceeds max_request_bytes ({} bytes)",
+                    state.max_request_bytes
+                ),
+            ))
+        })?;
     if bytes.iter().all(u8::is_ascii_whitespace)
         && let Some(default) = default
     {
@@ -94,7 +122,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/queues", get(list_queues))
-        .route("/v1/queues/{queue}", get(get_queue).put(put_queue).delete(delete_queue))
+        .route(
+            "/v1/queues/{queue}",
+            get(get_queue).put(put_queue).delete(delete_queue),
+        )
         .route("/v1/queues/{queue}/purge", post(purge))
         .route("/v1/queues/{queue}/messages", post(publish).get(peek))
         .route("/v1/queues/{queue}/receive", post(receive))
@@ -109,11 +140,17 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn not_found() -> ApiError {
-    ApiError(BrokerError::new(ErrorCode::NotFound, "no such endpoint; the API is described at /v1/openapi.json"))
+    ApiError(BrokerError::new(
+        ErrorCode::NotFound,
+        "no such endpoint; the API is described at /v1/openapi.json",
+    ))
 }
 
 async fn method_not_allowed(method: Method) -> ApiError {
-    ApiError(BrokerError::new(ErrorCode::MethodNotAllowed, format!("this endpoint does not take {method}")))
+    ApiError(BrokerError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("this endpoint does not take {method}"),
+    ))
 }
 
 async fn healthz() -> ApiResult {
@@ -123,14 +160,23 @@ async fn healthz() -> ApiResult {
 async fn readyz(State(state): State<AppState>) -> ApiResult {
     let broker = state.broker()?;
     if broker.store().is_poisoned() {
-        return Err(ApiError(BrokerError::new(ErrorCode::StorageFailed, "the store failed an fsync and refuses writes")));
+        return Err(ApiError(BrokerError::new(
+            ErrorCode::StorageFailed,
+            "the store failed an fsync and refuses writes",
+        )));
     }
     json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let text = state.metrics.render();
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"))], text)
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        text,
+    )
         .into_response()
 }
 
@@ -147,20 +193,37 @@ async fn get_queue(State(state): State<AppState>, Path(queue): Path<String>) -> 
     json(StatusCode::OK, &state.broker()?.get_queue(&queue)?)
 }
 
-async fn put_queue(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
+async fn put_queue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> ApiResult {
     let broker = state.broker()?;
     let value: serde_json::Value = parse_body(&state, body, Some(serde_json::json!({}))).await?;
     // Accept the config object itself, or {"config": {...}} as GET returns it.
     let config = match value {
-        serde_json::Value::Object(mut map) if map.len() == 1 && map.get("config").is_some_and(|c| c.is_object()) => {
+        serde_json::Value::Object(mut map)
+            if map.len() == 1 && map.get("config").is_some_and(|c| c.is_object()) =>
+        {
             map.remove("config").unwrap()
         }
         other => other,
     };
-    let patch: ConfigPatch = serde_json::from_value(config)
-        .map_err(|e| ApiError(BrokerError::new(ErrorCode::InvalidConfig, format!("queue configuration: {e}"))))?;
+    let patch: ConfigPatch = serde_json::from_value(config).map_err(|e| {
+        ApiError(BrokerError::new(
+            ErrorCode::InvalidConfig,
+            format!("queue configuration: {e}"),
+        ))
+    })?;
     let (created, info) = broker.put_queue(&queue, &patch).await?;
-    json(if created { StatusCode::CREATED } else { StatusCode::OK }, &info)
+    json(
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        &info,
+    )
 }
 
 async fn delete_queue(State(state): State<AppState>, Path(queue): Path<String>) -> ApiResult {
@@ -173,11 +236,20 @@ async fn purge(State(state): State<AppState>, Path(queue): Path<String>) -> ApiR
     json(StatusCode::OK, &serde_json::json!({ "purged": purged }))
 }
 
-async fn publish(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
+async fn publish(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> ApiResult {
     let broker = state.broker()?;
     let request: api::PublishRequest = parse_body(&state, body, None).await?;
     let level = api::ack_level(request.ack.as_deref())?;
-    let messages = request.messages.into_iter().enumerate().map(|(idx, m)| m.into_message(idx)).collect::<Result<Vec<_>, _>>()?;
+    let messages = request
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(idx, m)| m.into_message(idx))
+        .collect::<Result<Vec<_>, _>>()?;
     let ids = broker.publish(&queue, &messages, level).await?;
     json(StatusCode::OK, &api::PublishReply { ids })
 }
@@ -189,18 +261,45 @@ struct PeekQuery {
     from: Option<u64>,
 }
 
-async fn peek(State(state): State<AppState>, Path(queue): Path<String>, Query(query): Query<PeekQuery>) -> ApiResult {
-    let peeked = state.broker()?.peek(&queue, query.from.unwrap_or(0), query.max.unwrap_or(10))?;
+async fn peek(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    Query(query): Query<PeekQuery>,
+) -> ApiResult {
+    let peeked = state
+        .broker()?
+        .peek(&queue, query.from.unwrap_or(0), query.max.unwrap_or(10))?;
     let next_from = peeked.last().map(|p| p.record.offset + 1);
-    let messages: Vec<OutMessage> =
-        peeked.iter().map(|p| OutMessage { record: &p.record, receipt: None, delivery_count: p.delivery_count }).collect();
-    json(StatusCode::OK, &serde_json::json!({ "messages": messages, "next_from": next_from }))
+    let messages: Vec<OutMessage> = peeked
+        .iter()
+        .map(|p| OutMessage {
+            record: &p.record,
+            receipt: None,
+            delivery_count: p.delivery_count,
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "messages": messages, "next_from": next_from }),
+    )
 }
 
-async fn receive(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
+async fn receive(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> ApiResult {
     let broker = state.broker()?;
-    let request: api::ReceiveRequest = parse_body(&state, body, Some(api::ReceiveRequest::default())).await?;
-    let deliveries = broker.receive(&queue, request.max.unwrap_or(1), request.wait_ms.unwrap_or(0), request.lease_ms).await?;
+    let request: api::ReceiveRequest =
+        parse_body(&state, body, Some(api::ReceiveRequest::default())).await?;
+    let deliveries = broker
+        .receive(
+            &queue,
+            request.max.unwrap_or(1),
+            request.wait_ms.unwrap_or(0),
+            request.lease_ms,
+        )
+        .await?;
     let messages: Vec<OutMessage> = deliveries.iter().map(OutMessage::delivered).collect();
     json(StatusCode::OK, &serde_json::json!({ "messages": messages }))
 }
@@ -212,25 +311,43 @@ async fn receipts_body(state: &AppState, body: Body) -> Result<api::ReceiptsRequ
 async fn ack(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
     let broker = state.broker()?;
     let request = receipts_body(&state, body).await?;
-    json(StatusCode::OK, &broker.ack(&queue, &request.receipts).await?)
+    json(
+        StatusCode::OK,
+        &broker.ack(&queue, &request.receipts).await?,
+    )
 }
 
 async fn nack(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
     let broker = state.broker()?;
     let request = receipts_body(&state, body).await?;
-    let reply = broker.nack(&queue, &request.receipts, request.delay_ms, request.error.as_deref()).await?;
+    let reply = broker
+        .nack(
+            &queue,
+            &request.receipts,
+            request.delay_ms,
+            request.error.as_deref(),
+        )
+        .await?;
     json(StatusCode::OK, &reply)
 }
 
 async fn extend(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
     let broker = state.broker()?;
     let request = receipts_body(&state, body).await?;
-    json(StatusCode::OK, &broker.extend(&queue, &request.receipts, request.lease_ms)?)
+    json(
+        StatusCode::OK,
+        &broker.extend(&queue, &request.receipts, request.lease_ms)?,
+    )
 }
 
-async fn redrive(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
+async fn redrive(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> ApiResult {
     let broker = state.broker()?;
-    let request: api::RedriveBody = parse_body(&state, body, Some(api::RedriveBody::default())).await?;
+    let request: api::RedriveBody =
+        parse_body(&state, body, Some(api::RedriveBody::default())).await?;
     let progress = broker.start_redrive(
         &queue,
         RedriveRequest {

@@ -14,12 +14,23 @@ use clap::{Parser, Subcommand};
 use crate::client::{Client, ClientError, exit};
 
 #[derive(Parser)]
-#[command(name = "tidewater", version, about = "A durable message broker for the moment producers outrun consumers.")]
-#[command(after_help = "Start a server with `tidewater serve`, then use the client commands against it.\n\
-Client exit codes: 0 ok, 1 failed, 2 bad input, 3 not found, 4 refused by backpressure (retry later), 5 server unreachable.")]
+#[command(
+    name = "tidewater",
+    version,
+    about = "A durable message broker for the moment producers outrun consumers."
+)]
+#[command(
+    after_help = "Start a server with `tidewater serve`, then use the client commands against it.\n\
+Client exit codes: 0 ok, 1 failed, 2 bad input, 3 not found, 4 refused by backpressure (retry later), 5 server unreachable."
+)]
 struct Cli {
     /// Server URL for client commands.
-    #[arg(long, global = true, env = "TIDEWATER_SERVER", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "TIDEWATER_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     server: String,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
@@ -50,7 +61,11 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Commands::Serve(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             match runtime.block_on(serve::run(args)) {
                 Ok(()) => exit::OK,
                 Err(err) => {
@@ -82,7 +97,8 @@ fn report(result: anyhow::Result<()>) -> i32 {
         Ok(()) => exit::OK,
         Err(err) => {
             eprintln!("error: {err:#}");
-            err.downcast_ref::<ClientError>().map_or(exit::FAILED, ClientError::exit_code)
+            err.downcast_ref::<ClientError>()
+                .map_or(exit::FAILED, ClientError::exit_code)
         }
     }
 }

@@ -46,31 +46,57 @@ impl Metrics {
         let mut registry = Registry::with_prefix("tidewater");
         let publish_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let publish_to_ack: HistogramFamily = Family::new_with_constructor(age_histogram);
-        registry.register("publish_latency_seconds", "Time to accept a publish request, at its ack level", publish_latency.clone());
-        registry.register("publish_to_ack_seconds", "Time from a message's publish to its ack", publish_to_ack.clone());
+        registry.register(
+            "publish_latency_seconds",
+            "Time to accept a publish request, at its ack level",
+            publish_latency.clone(),
+        );
+        registry.register(
+            "publish_to_ack_seconds",
+            "Time from a message's publish to its ack",
+            publish_to_ack.clone(),
+        );
         registry.register_collector(Box::new(QueueCollector { broker }));
-        Metrics { registry, publish_latency, publish_to_ack }
+        Metrics {
+            registry,
+            publish_latency,
+            publish_to_ack,
+        }
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding to a String cannot fail");
         out
     }
 }
 
 impl Observer for Metrics {
     fn publish_latency(&self, queue: &str, seconds: f64) {
-        self.publish_latency.get_or_create(&QueueLabel { queue: queue.to_string() }).observe(seconds);
+        self.publish_latency
+            .get_or_create(&QueueLabel {
+                queue: queue.to_string(),
+            })
+            .observe(seconds);
     }
 
     fn publish_to_ack(&self, queue: &str, seconds: &[f64]) {
-        let histogram = self.publish_to_ack.get_or_create(&QueueLabel { queue: queue.to_string() });
+        let histogram = self.publish_to_ack.get_or_create(&QueueLabel {
+            queue: queue.to_string(),
+        });
         for &s in seconds {
             histogram.observe(s);
         }
     }
 }
+
+/// (metric name, help, how to read it from a queue).
+type Stat<T> = (
+    &'static str,
+    &'static str,
+    fn(&tidewater_core::QueueInfo) -> T,
+);
 
 /// Reads every queue's stats at scrape time.
 struct QueueCollector {
@@ -89,19 +115,48 @@ impl Collector for QueueCollector {
             return Ok(());
         };
         let queues = broker.list_queues();
-        let gauges: [(&str, &str, fn(&tidewater_core::QueueInfo) -> i64); 7] = [
-            ("queue_depth", "Messages ready for delivery", |q| q.stats.depth as i64),
-            ("queue_in_flight", "Messages leased to consumers", |q| q.stats.in_flight as i64),
-            ("queue_delayed", "Messages waiting for their delivery time", |q| q.stats.delayed as i64),
-            ("queue_messages", "Unsettled messages (ready, in flight and delayed)", |q| q.stats.total as i64),
-            ("queue_bytes", "Bytes of unsettled messages", |q| q.stats.bytes as i64),
-            ("queue_disk_bytes", "Bytes of the queue's segment files", |q| q.disk_bytes as i64),
-            ("queue_oldest_age_ms", "Age of the oldest unsettled message in milliseconds", |q| q.stats.oldest_age_ms as i64),
+        let gauges: [Stat<i64>; 7] = [
+            ("queue_depth", "Messages ready for delivery", |q| {
+                q.stats.depth as i64
+            }),
+            ("queue_in_flight", "Messages leased to consumers", |q| {
+                q.stats.in_flight as i64
+            }),
+            (
+                "queue_delayed",
+                "Messages waiting for their delivery time",
+                |q| q.stats.delayed as i64,
+            ),
+            (
+                "queue_messages",
+                "Unsettled messages (ready, in flight and delayed)",
+                |q| q.stats.total as i64,
+            ),
+            ("queue_bytes", "Bytes of unsettled messages", |q| {
+                q.stats.bytes as i64
+            }),
+            (
+                "queue_disk_bytes",
+                "Bytes of the queue's segment files",
+                |q| q.disk_bytes as i64,
+            ),
+            (
+                "queue_oldest_age_ms",
+                "Age of the oldest unsettled message in milliseconds",
+                |q| q.stats.oldest_age_ms as i64,
+            ),
         ];
         for (name, help, value) in gauges {
-            let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
             for q in &queues {
-                ConstGauge::new(value(q)).encode(family.encode_family(&QueueLabel { queue: q.name.clone() })?)?;
+                ConstGauge::new(value(q)).encode(family.encode_family(&QueueLabel {
+                    queue: q.name.clone(),
+                })?)?;
             }
         }
         let mut family = encoder.encode_descriptor(
@@ -111,7 +166,11 @@ impl Collector for QueueCollector {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         for q in &queues {
-            ConstGauge::new(q.stats.oldest_age_ms as f64 / 1000.0).encode(family.encode_family(&QueueLabel { queue: q.name.clone() })?)?;
+            ConstGauge::new(q.stats.oldest_age_ms as f64 / 1000.0).encode(
+                family.encode_family(&QueueLabel {
+                    queue: q.name.clone(),
+                })?,
+            )?;
         }
         // Dead-letter depth: the depth of each queue's dead-letter queue, under the source's name.
         let mut family = encoder.encode_descriptor(
@@ -122,30 +181,62 @@ impl Collector for QueueCollector {
         )?;
         for q in &queues {
             if let Some(dlq) = &q.config.dead_letter_queue {
-                let depth = queues.iter().find(|d| &d.name == dlq).map_or(0, |d| d.stats.total);
-                ConstGauge::new(depth as i64).encode(family.encode_family(&QueueLabel { queue: q.name.clone() })?)?;
+                let depth = queues
+                    .iter()
+                    .find(|d| &d.name == dlq)
+                    .map_or(0, |d| d.stats.total);
+                ConstGauge::new(depth as i64).encode(family.encode_family(&QueueLabel {
+                    queue: q.name.clone(),
+                })?)?;
             }
         }
-        let counters: [(&str, &str, fn(&tidewater_core::QueueInfo) -> u64); 8] = [
+        let counters: [Stat<u64>; 8] = [
             ("published", "Messages accepted", |q| q.stats.published),
-            ("delivered", "Deliveries (first and repeated)", |q| q.stats.delivered),
+            ("delivered", "Deliveries (first and repeated)", |q| {
+                q.stats.delivered
+            }),
             ("acked", "Messages acknowledged", |q| q.stats.acked),
-            ("nacked", "Messages negatively acknowledged", |q| q.stats.nacked),
+            ("nacked", "Messages negatively acknowledged", |q| {
+                q.stats.nacked
+            }),
             ("lease_expired", "Leases that ran out", |q| q.stats.expired),
-            ("dead_lettered", "Messages moved to the dead-letter queue", |q| q.stats.dead_lettered),
-            ("redriven", "Messages moved out of this queue by redrive", |q| q.stats.redriven),
+            (
+                "dead_lettered",
+                "Messages moved to the dead-letter queue",
+                |q| q.stats.dead_lettered,
+            ),
+            (
+                "redriven",
+                "Messages moved out of this queue by redrive",
+                |q| q.stats.redriven,
+            ),
             ("purged", "Messages removed by purge", |q| q.stats.purged),
         ];
         for (name, help, value) in counters {
-            let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
             for q in &queues {
-                ConstCounter::new(value(q)).encode(family.encode_family(&QueueLabel { queue: q.name.clone() })?)?;
+                ConstCounter::new(value(q)).encode(family.encode_family(&QueueLabel {
+                    queue: q.name.clone(),
+                })?)?;
             }
         }
-        let mut family = encoder.encode_descriptor("refused", "Publishes refused, by reason", None, prometheus_client::metrics::MetricType::Counter)?;
+        let mut family = encoder.encode_descriptor(
+            "refused",
+            "Publishes refused, by reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
         for q in &queues {
             for (reason, n) in &q.refused {
-                ConstCounter::new(*n).encode(family.encode_family(&RefusedLabel { queue: q.name.clone(), reason: reason.to_string() })?)?;
+                ConstCounter::new(*n).encode(family.encode_family(&RefusedLabel {
+                    queue: q.name.clone(),
+                    reason: reason.to_string(),
+                })?)?;
             }
         }
         let family = encoder.encode_descriptor(

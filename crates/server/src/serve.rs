@@ -82,23 +82,42 @@ pub struct Settings {
 pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
     let file: FileConfig = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("parsing config file {}", path.display()))?
         }
         None => FileConfig::default(),
     };
-    let listen_text = args.listen.clone().or(file.listen).unwrap_or_else(|| "127.0.0.1:7070".to_string());
-    let listen: SocketAddr = listen_text
-        .parse()
-        .with_context(|| format!("--listen '{listen_text}' is not an address like 127.0.0.1:7070"))?;
+    let listen_text = args
+        .listen
+        .clone()
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:7070".to_string());
+    let listen: SocketAddr = listen_text.parse().with_context(|| {
+        format!("--listen '{listen_text}' is not an address like 127.0.0.1:7070")
+    })?;
     let s = &file.storage;
-    if s.journal_roll_bytes < 1 << 20 || s.segment_roll_bytes < 64 << 10 || s.write_queue_capacity == 0 {
-        bail!("storage: journal_roll_bytes must be >= 1 MiB, segment_roll_bytes >= 64 KiB, write_queue_capacity >= 1");
+    if s.journal_roll_bytes < 1 << 20
+        || s.segment_roll_bytes < 64 << 10
+        || s.write_queue_capacity == 0
+    {
+        bail!(
+            "storage: journal_roll_bytes must be >= 1 MiB, segment_roll_bytes >= 64 KiB, write_queue_capacity >= 1"
+        );
     }
     Ok(Settings {
-        data: args.data.clone().or(file.data).unwrap_or_else(|| PathBuf::from("data")),
+        data: args
+            .data
+            .clone()
+            .or(file.data)
+            .unwrap_or_else(|| PathBuf::from("data")),
         listen,
-        log_format: args.log_format.clone().or(file.log_format).unwrap_or_else(|| "text".to_string()),
+        log_format: args
+            .log_format
+            .clone()
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".to_string()),
         max_request_bytes: file.max_request_bytes.unwrap_or(64 << 20),
         limits: file.limits,
         store: StoreOptions {
@@ -113,8 +132,11 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEWATER_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEWATER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -127,10 +149,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&settings.log_format);
     let cell: Arc<OnceLock<Broker>> = Arc::new(OnceLock::new());
     let metrics = Arc::new(Metrics::new(cell.clone()));
-    let state = AppState { broker: cell.clone(), metrics: metrics.clone(), max_request_bytes: settings.max_request_bytes };
+    let state = AppState {
+        broker: cell.clone(),
+        metrics: metrics.clone(),
+        max_request_bytes: settings.max_request_bytes,
+    };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (in use? try --listen 127.0.0.1:7071)", settings.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (in use? try --listen 127.0.0.1:7071)",
+                settings.listen
+            )
+        })?;
     tracing::info!(listen = %settings.listen, data = %settings.data.display(), "tidewater listening; recovering data");
 
     // Recover in the background: /healthz answers now, the API says not_ready until done.
@@ -141,14 +172,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..BrokerOptions::default()
     };
     let data = settings.data.clone();
-    std::fs::create_dir_all(&data).with_context(|| format!("creating data directory {}", data.display()))?;
+    std::fs::create_dir_all(&data)
+        .with_context(|| format!("creating data directory {}", data.display()))?;
     let opened = tokio::task::spawn_blocking(move || Broker::open(&data, options));
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal(cell.clone()));
+    let server =
+        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal(cell.clone()));
     let serving = tokio::spawn(async move { server.await });
 
-    let broker = opened.await?.with_context(|| format!("opening data directory {}", settings.data.display()))?;
+    let broker = opened
+        .await?
+        .with_context(|| format!("opening data directory {}", settings.data.display()))?;
     broker.store().set_fatal_listener(Arc::new(|what| {
-        eprintln!("tidewater: fatal storage error: {what}. Exiting; restart to recover from the journal.");
+        eprintln!(
+            "tidewater: fatal storage error: {what}. Exiting; restart to recover from the journal."
+        );
         std::process::exit(EXIT_STORAGE_FAILED);
     }));
     let queues = broker.list_queues().len();
@@ -186,23 +223,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.toml");
         std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata = \"/tmp/x\"\n[limits]\nmax_batch_messages = 5\n[storage]\nsegment_roll_bytes = 1048576\n").unwrap();
-        let args = ServeArgs { data: Some("/tmp/y".into()), listen: None, config: Some(path), log_format: None };
+        let args = ServeArgs {
+            data: Some("/tmp/y".into()),
+            listen: None,
+            config: Some(path),
+            log_format: None,
+        };
         let s = settings(&args).unwrap();
         assert_eq!(s.data, PathBuf::from("/tmp/y"));
         assert_eq!(s.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(s.limits.max_batch_messages, 5);
-        assert_eq!(s.limits.max_receive_messages, Limits::default().max_receive_messages);
+        assert_eq!(
+            s.limits.max_receive_messages,
+            Limits::default().max_receive_messages
+        );
         assert_eq!(s.store.segment_roll_bytes, 1 << 20);
     }
 
     #[test]
     fn defaults_are_loopback_and_unknown_keys_are_errors() {
-        let s = settings(&ServeArgs { data: None, listen: None, config: None, log_format: None }).unwrap();
+        let s = settings(&ServeArgs {
+            data: None,
+            listen: None,
+            config: None,
+            log_format: None,
+        })
+        .unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:7070");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.toml");
         std::fs::write(&path, "listn = \"x\"\n").unwrap();
-        let err = settings(&ServeArgs { data: None, listen: None, config: Some(path), log_format: None }).err().unwrap();
+        let err = settings(&ServeArgs {
+            data: None,
+            listen: None,
+            config: Some(path),
+            log_format: None,
+        })
+        .err()
+        .unwrap();
         assert!(format!("{err:#}").contains("listn"), "{err:#}");
     }
 }

@@ -22,7 +22,11 @@ fn run(server: &Server, args: &[&str], stdin: Option<&str>) -> (i32, String, Str
     }
     drop(input);
     let out = child.wait_with_output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -30,14 +34,30 @@ fn queue_publish_consume_and_dlq_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), None);
 
-    let (code, out, err) = run(&server, &["queue", "create", "tasks", "--max-deliveries", "1", "--lease-ms", "60000"], None);
+    let (code, out, err) = run(
+        &server,
+        &[
+            "queue",
+            "create",
+            "tasks",
+            "--max-deliveries",
+            "1",
+            "--lease-ms",
+            "60000",
+        ],
+        None,
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("created queue 'tasks'"), "{out}");
     let (code, out, _) = run(&server, &["publish", "tasks", "alpha", "beta"], None);
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 2, "one id per message: {out}");
     let lines: String = (0..250).map(|i| format!("line {i}\n")).collect();
-    let (code, out, _) = run(&server, &["publish", "tasks", "--batch", "100"], Some(&lines));
+    let (code, out, _) = run(
+        &server,
+        &["publish", "tasks", "--batch", "100"],
+        Some(&lines),
+    );
     assert_eq!(code, 0);
     assert!(out.contains("published 250 messages"), "{out}");
 
@@ -49,11 +69,28 @@ fn queue_publish_consume_and_dlq_from_the_command_line() {
     assert!(out.starts_with("QUEUE") && out.contains("tasks"), "{out}");
 
     // A handler that fails on "beta": beta is nacked and (max_deliveries 1) dead-lettered.
-    let (code, out, err) = run(&server, &["consume", "tasks", "--max", "2", "--batch", "2", "--exec", "grep -qv beta"], None);
+    let (code, out, err) = run(
+        &server,
+        &[
+            "consume",
+            "tasks",
+            "--max",
+            "2",
+            "--batch",
+            "2",
+            "--exec",
+            "grep -qv beta",
+        ],
+        None,
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("alpha") && out.contains("beta"), "{out}");
     assert!(err.contains("1 acked, 1 nacked"), "{err}");
-    let (code, out, _) = run(&server, &["--json", "consume", "tasks", "--max", "3", "--wait-ms", "0"], None);
+    let (code, out, _) = run(
+        &server,
+        &["--json", "consume", "tasks", "--max", "3", "--wait-ms", "0"],
+        None,
+    );
     assert_eq!(code, 0);
     let first: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(first["body"], "line 0");
@@ -61,7 +98,11 @@ fn queue_publish_consume_and_dlq_from_the_command_line() {
     let (code, out, _) = run(&server, &["dlq", "list", "tasks-dlq"], None);
     assert_eq!(code, 0);
     assert!(out.contains("beta") && out.contains("tasks"), "{out}");
-    let (code, out, err) = run(&server, &["dlq", "redrive", "tasks-dlq", "--rate", "100"], None);
+    let (code, out, err) = run(
+        &server,
+        &["dlq", "redrive", "tasks-dlq", "--rate", "100"],
+        None,
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("moved 1"), "{out}");
 
@@ -81,9 +122,17 @@ fn queue_publish_consume_and_dlq_from_the_command_line() {
     assert!(err.contains("lease_ms"), "{err}");
     server.create_queue("tiny", json!({"max_messages": 1}));
     server.publish("tiny", json!([{"body": "x"}]));
-    let (code, _, err) = run(&server, &["publish", "tiny", "y", "--retry-for-s", "0"], None);
+    let (code, _, err) = run(
+        &server,
+        &["publish", "tiny", "y", "--retry-for-s", "0"],
+        None,
+    );
     assert_eq!(code, 4, "refused by backpressure: {err}");
-    let (code, _, err) = run(&server, &["--server", "http://127.0.0.1:9", "queue", "list"], None);
+    let (code, _, err) = run(
+        &server,
+        &["--server", "http://127.0.0.1:9", "queue", "list"],
+        None,
+    );
     assert_eq!(code, 5, "unreachable: {err}");
     assert!(err.contains("tidewater serve"), "{err}");
     let (code, out, _) = run(&server, &["--help"], None);

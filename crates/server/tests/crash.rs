@@ -27,16 +27,35 @@ struct Ledger {
     redelivered_after_ack: Vec<String>,
 }
 
-fn producer(url: String, round: u32, worker: u32, ack: &'static str, stop: Arc<AtomicBool>, ledger: Arc<Mutex<Ledger>>) {
+fn producer(
+    url: String,
+    round: u32,
+    worker: u32,
+    ack: &'static str,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
     let mut n = 0;
     while !stop.load(Ordering::SeqCst) {
-        let ids: Vec<String> = (0..20).map(|i| format!("r{round}-w{worker}-b{n}-{i}")).collect();
+        let ids: Vec<String> = (0..20)
+            .map(|i| format!("r{round}-w{worker}-b{n}-{i}"))
+            .collect();
         n += 1;
         ledger.lock().unwrap().attempted.extend(ids.iter().cloned());
         let messages: Vec<Value> = ids.iter().map(|id| json!({"id": id, "body": id})).collect();
-        match call(&url, "POST", "/v1/queues/crash/messages", Some(&json!({"messages": messages, "ack": ack}))) {
+        match call(
+            &url,
+            "POST",
+            "/v1/queues/crash/messages",
+            Some(&json!({"messages": messages, "ack": ack})),
+        ) {
             Ok((200, reply)) => {
-                let got: Vec<String> = reply["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+                let got: Vec<String> = reply["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect();
                 assert_eq!(got, ids);
                 ledger.lock().unwrap().published.extend(ids);
             }
@@ -46,15 +65,34 @@ fn producer(url: String, round: u32, worker: u32, ack: &'static str, stop: Arc<A
     }
 }
 
-fn consumer(url: String, stop: Arc<AtomicBool>, earlier_acks: Arc<HashSet<String>>, ledger: Arc<Mutex<Ledger>>) {
+fn consumer(
+    url: String,
+    stop: Arc<AtomicBool>,
+    earlier_acks: Arc<HashSet<String>>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
     while !stop.load(Ordering::SeqCst) {
-        let Ok((200, reply)) = call(&url, "POST", "/v1/queues/crash/receive", Some(&json!({"max": 50, "wait_ms": 50}))) else { return };
+        let Ok((200, reply)) = call(
+            &url,
+            "POST",
+            "/v1/queues/crash/receive",
+            Some(&json!({"max": 50, "wait_ms": 50})),
+        ) else {
+            return;
+        };
         let messages = reply["messages"].as_array().unwrap().clone();
         if messages.is_empty() {
             continue;
         }
-        let pairs: Vec<(String, String)> =
-            messages.iter().map(|m| (m["id"].as_str().unwrap().to_string(), m["receipt"].as_str().unwrap().to_string())).collect();
+        let pairs: Vec<(String, String)> = messages
+            .iter()
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap().to_string(),
+                    m["receipt"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
         {
             let mut ledger = ledger.lock().unwrap();
             for (id, _) in &pairs {
@@ -64,11 +102,25 @@ fn consumer(url: String, stop: Arc<AtomicBool>, earlier_acks: Arc<HashSet<String
             }
         }
         let receipts: Vec<&String> = pairs.iter().map(|(_, r)| r).collect();
-        let Ok((200, reply)) = call(&url, "POST", "/v1/queues/crash/ack", Some(&json!({"receipts": receipts}))) else {
-            ledger.lock().unwrap().ack_in_doubt.extend(pairs.into_iter().map(|(id, _)| id));
+        let Ok((200, reply)) = call(
+            &url,
+            "POST",
+            "/v1/queues/crash/ack",
+            Some(&json!({"receipts": receipts})),
+        ) else {
+            ledger
+                .lock()
+                .unwrap()
+                .ack_in_doubt
+                .extend(pairs.into_iter().map(|(id, _)| id));
             return;
         };
-        let failed: HashSet<&str> = reply["failed"].as_array().unwrap().iter().map(|f| f["receipt"].as_str().unwrap()).collect();
+        let failed: HashSet<&str> = reply["failed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["receipt"].as_str().unwrap())
+            .collect();
         let mut ledger = ledger.lock().unwrap();
         for (id, receipt) in pairs {
             if !failed.contains(receipt.as_str()) {
@@ -79,31 +131,67 @@ fn consumer(url: String, stop: Arc<AtomicBool>, earlier_acks: Arc<HashSet<String
 }
 
 fn verify(server: &Server, ledger: &Ledger, round: u32) {
-    let present: Vec<String> = server.peek_all("crash").iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    let present: Vec<String> = server
+        .peek_all("crash")
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
     let unique: HashSet<&String> = present.iter().collect();
-    assert_eq!(unique.len(), present.len(), "round {round}: a message is present twice");
+    assert_eq!(
+        unique.len(),
+        present.len(),
+        "round {round}: a message is present twice"
+    );
     for id in &ledger.published {
         if !ledger.acked.contains(id) && !ledger.ack_in_doubt.contains(id) {
-            assert!(unique.contains(id), "round {round}: acknowledged publish {id} was lost");
+            assert!(
+                unique.contains(id),
+                "round {round}: acknowledged publish {id} was lost"
+            );
         }
     }
     for id in &ledger.acked {
-        assert!(!unique.contains(id), "round {round}: acked message {id} came back");
+        assert!(
+            !unique.contains(id),
+            "round {round}: acked message {id} came back"
+        );
     }
     for id in &present {
-        assert!(ledger.attempted.contains(id), "round {round}: {id} was never published");
+        assert!(
+            ledger.attempted.contains(id),
+            "round {round}: {id} was never published"
+        );
     }
-    assert!(ledger.redelivered_after_ack.is_empty(), "round {round}: acked messages delivered again: {:?}", ledger.redelivered_after_ack);
+    assert!(
+        ledger.redelivered_after_ack.is_empty(),
+        "round {round}: acked messages delivered again: {:?}",
+        ledger.redelivered_after_ack
+    );
     let stats = server.stats("crash");
-    assert_eq!(stats["total"].as_u64().unwrap(), present.len() as u64, "round {round}: stats disagree with the contents");
-    assert_eq!(stats["in_flight"], 0, "round {round}: leases must not survive a crash");
+    assert_eq!(
+        stats["total"].as_u64().unwrap(),
+        present.len() as u64,
+        "round {round}: stats disagree with the contents"
+    );
+    assert_eq!(
+        stats["in_flight"], 0,
+        "round {round}: leases must not survive a crash"
+    );
 }
 
 #[test]
 fn acknowledged_data_survives_sigkill_at_random_points() {
-    let seed: u64 = std::env::var("TIDEWATER_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
-    let rounds: u32 = std::env::var("TIDEWATER_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
-    eprintln!("crash test: seed {seed}, {rounds} rounds (TIDEWATER_CRASH_SEED / TIDEWATER_CRASH_ROUNDS to change)");
+    let seed: u64 = std::env::var("TIDEWATER_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let rounds: u32 = std::env::var("TIDEWATER_CRASH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    eprintln!(
+        "crash test: seed {seed}, {rounds} rounds (TIDEWATER_CRASH_SEED / TIDEWATER_CRASH_ROUNDS to change)"
+    );
     let mut rng = fastrand::Rng::with_seed(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(&dir.path().join("data"), Some(CONFIG));
@@ -115,10 +203,14 @@ fn acknowledged_data_survives_sigkill_at_random_points() {
         let mut threads = Vec::new();
         for (worker, ack) in [(0, "durable"), (1, "durable"), (2, "written")] {
             let (url, stop, ledger) = (server.url.clone(), stop.clone(), ledger.clone());
-            threads.push(std::thread::spawn(move || producer(url, round, worker, ack, stop, ledger)));
+            threads.push(std::thread::spawn(move || {
+                producer(url, round, worker, ack, stop, ledger)
+            }));
         }
         let (url, stop2, ledger2) = (server.url.clone(), stop.clone(), ledger.clone());
-        threads.push(std::thread::spawn(move || consumer(url, stop2, earlier_acks, ledger2)));
+        threads.push(std::thread::spawn(move || {
+            consumer(url, stop2, earlier_acks, ledger2)
+        }));
         std::thread::sleep(Duration::from_millis(rng.u64(50..700)));
         server.kill9();
         stop.store(true, Ordering::SeqCst);
@@ -136,5 +228,8 @@ fn acknowledged_data_survives_sigkill_at_random_points() {
         );
     }
     let ledger = ledger.lock().unwrap();
-    assert!(ledger.published.len() > 100 && !ledger.acked.is_empty(), "the test did too little work to mean anything");
+    assert!(
+        ledger.published.len() > 100 && !ledger.acked.is_empty(),
+        "the test did too little work to mean anything"
+    );
 }

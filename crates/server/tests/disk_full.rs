@@ -14,24 +14,64 @@ fn at_the_watermark_publishes_are_refused_and_reads_acks_purges_work() {
     let data = dir.path().join("data");
     let mut server = Server::start(&data, None);
     server.create_queue("q", json!({}));
-    let published = server.publish("q", json!([{"body": "1"}, {"body": "2"}, {"body": "3"}, {"body": "4"}]));
+    let published = server.publish(
+        "q",
+        json!([{"body": "1"}, {"body": "2"}, {"body": "3"}, {"body": "4"}]),
+    );
     assert_eq!(server.stop(), 0);
 
     // A watermark above any disk's free space: the real free-space probe says "too full".
-    let mut server = Server::start(&data, Some("[limits]\nmin_free_disk_bytes = 4611686018427387904\n"));
-    let err = server.err("POST", "/v1/queues/q/messages", Some(json!({"messages": [{"body": "5"}]})), 507, "disk_full");
+    let mut server = Server::start(
+        &data,
+        Some("[limits]\nmin_free_disk_bytes = 4611686018427387904\n"),
+    );
+    let err = server.err(
+        "POST",
+        "/v1/queues/q/messages",
+        Some(json!({"messages": [{"body": "5"}]})),
+        507,
+        "disk_full",
+    );
     assert!(err["retry_after_ms"].as_u64().is_some());
-    assert!(err["message"].as_str().unwrap().contains("receive/ack/purge still work"));
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("receive/ack/purge still work")
+    );
     let got = server.receive("q", 2, 0, None);
     assert_eq!(ids(&got), published[..2]);
-    assert_eq!(server.ok("POST", "/v1/queues/q/ack", Some(json!({"receipts": receipts(&got[..1])})))["ok"], 1);
-    assert_eq!(server.ok("POST", "/v1/queues/q/nack", Some(json!({"receipts": receipts(&got[1..]), "delay_ms": 0})))["ok"], 1);
+    assert_eq!(
+        server.ok(
+            "POST",
+            "/v1/queues/q/ack",
+            Some(json!({"receipts": receipts(&got[..1])}))
+        )["ok"],
+        1
+    );
+    assert_eq!(
+        server.ok(
+            "POST",
+            "/v1/queues/q/nack",
+            Some(json!({"receipts": receipts(&got[1..]), "delay_ms": 0}))
+        )["ok"],
+        1
+    );
     server.create_queue("scratch", json!({}));
     server.ok("DELETE", "/v1/queues/scratch", None);
     assert_eq!(server.stats("q")["total"], 3);
     let agent = crate::support::agent();
-    let metrics = agent.get(&format!("{}/metrics", server.url)).call().unwrap().body_mut().read_to_string().unwrap();
-    assert!(metrics.contains("tidewater_refused_total{queue=\"q\",reason=\"disk_full\"} 1"), "{metrics}");
+    let metrics = agent
+        .get(&format!("{}/metrics", server.url))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("tidewater_refused_total{queue=\"q\",reason=\"disk_full\"} 1"),
+        "{metrics}"
+    );
     assert_eq!(server.stop(), 0);
 
     let server = Server::start(&data, None);
@@ -41,7 +81,10 @@ fn at_the_watermark_publishes_are_refused_and_reads_acks_purges_work() {
 }
 
 fn run(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd).args(args).status().is_ok_and(|s| s.success())
+    Command::new(cmd)
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 struct Mount<'a>(&'a Path);
@@ -56,7 +99,17 @@ fn a_really_full_disk_refuses_writes_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
-    if !run("mount", &["-t", "tmpfs", "-o", "size=6m", "tmpfs", mnt.to_str().unwrap()]) {
+    if !run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=6m",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ],
+    ) {
         // Needs root (CI and the dev machines run as root); the watermark test above runs everywhere.
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
         return;
@@ -71,10 +124,24 @@ fn a_really_full_disk_refuses_writes_and_loses_nothing() {
     let mut accepted: Vec<String> = Vec::new();
     let mut refusal: Option<Value> = None;
     for batch in 0..200 {
-        let messages: Vec<Value> = (0..50).map(|i| json!({"id": format!("b{batch}-{i}"), "body": body})).collect();
-        let (status, reply) = server.try_call("POST", "/v1/queues/fill/messages", Some(&json!({"messages": messages}))).unwrap();
+        let messages: Vec<Value> = (0..50)
+            .map(|i| json!({"id": format!("b{batch}-{i}"), "body": body}))
+            .collect();
+        let (status, reply) = server
+            .try_call(
+                "POST",
+                "/v1/queues/fill/messages",
+                Some(&json!({"messages": messages})),
+            )
+            .unwrap();
         if status == 200 {
-            accepted.extend(reply["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()));
+            accepted.extend(
+                reply["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string()),
+            );
         } else {
             refusal = Some(json!({"status": status, "reply": reply}));
             break;
@@ -91,7 +158,10 @@ fn a_really_full_disk_refuses_writes_and_loses_nothing() {
     server.kill9();
 
     // The operator makes room; a restart recovers every accepted message.
-    assert!(run("mount", &["-o", "remount,size=64m", mnt.to_str().unwrap()]));
+    assert!(run(
+        "mount",
+        &["-o", "remount,size=64m", mnt.to_str().unwrap()]
+    ));
     let server = Server::start(&data, Some(config));
     assert_eq!(ids(&server.peek_all("fill")), accepted);
 }

@@ -26,7 +26,13 @@ fn receive_eventually(server: &Server, queue: &str, want: usize) -> Vec<Value> {
 fn publish_receive_ack_lifecycle() {
     let (_dir, server) = server();
     server.err("GET", "/v1/queues/orders", None, 404, "queue_not_found");
-    let (status, created) = server.try_call("PUT", "/v1/queues/orders", Some(&json!({"lease_ms": 60000}))).unwrap();
+    let (status, created) = server
+        .try_call(
+            "PUT",
+            "/v1/queues/orders",
+            Some(&json!({"lease_ms": 60000})),
+        )
+        .unwrap();
     assert_eq!(status, 201);
     assert_eq!(created["config"]["lease_ms"], 60000);
     assert_eq!(created["config"]["dead_letter_queue"], "orders-dlq");
@@ -44,26 +50,54 @@ fn publish_receive_ack_lifecycle() {
     assert_eq!(published[0], "client-1");
     assert_eq!(published.len(), 3);
     let got = server.receive("orders", 10, 0, None);
-    assert_eq!(ids(&got), published, "first deliveries come in publish order");
+    assert_eq!(
+        ids(&got),
+        published,
+        "first deliveries come in publish order"
+    );
     assert_eq!(got[0]["body"], "first");
     assert_eq!(got[0]["key"], "k1");
     assert_eq!(got[0]["headers"]["trace"], "abc");
     assert_eq!(got[0]["delivery_count"], 1);
-    assert_eq!(got[1]["body_base64"], "/wAB", "non-UTF-8 bodies come back as base64");
+    assert_eq!(
+        got[1]["body_base64"], "/wAB",
+        "non-UTF-8 bodies come back as base64"
+    );
     assert!(got[0]["published_at"].as_i64().unwrap() > 1_700_000_000_000);
 
     let stats = server.stats("orders");
-    assert_eq!((stats["in_flight"].as_u64(), stats["depth"].as_u64()), (Some(3), Some(0)));
-    let reply = server.ok("POST", "/v1/queues/orders/ack", Some(json!({"receipts": receipts(&got)})));
+    assert_eq!(
+        (stats["in_flight"].as_u64(), stats["depth"].as_u64()),
+        (Some(3), Some(0))
+    );
+    let reply = server.ok(
+        "POST",
+        "/v1/queues/orders/ack",
+        Some(json!({"receipts": receipts(&got)})),
+    );
     assert_eq!(reply["ok"], 3);
-    let again = server.ok("POST", "/v1/queues/orders/ack", Some(json!({"receipts": receipts(&got[..1]), "error": null})));
+    let again = server.ok(
+        "POST",
+        "/v1/queues/orders/ack",
+        Some(json!({"receipts": receipts(&got[..1]), "error": null})),
+    );
     assert_eq!(again["failed"][0]["code"], "stale_receipt");
     let stats = server.stats("orders");
-    assert_eq!((stats["total"].as_u64(), stats["acked"].as_u64(), stats["published"].as_u64()), (Some(0), Some(3), Some(3)));
+    assert_eq!(
+        (
+            stats["total"].as_u64(),
+            stats["acked"].as_u64(),
+            stats["published"].as_u64()
+        ),
+        (Some(0), Some(3), Some(3))
+    );
 
     let list = server.ok("GET", "/v1/queues", None);
     assert_eq!(list["queues"][0]["name"], "orders");
-    assert_eq!(server.ok("POST", "/v1/queues/orders/purge", None)["purged"], 0);
+    assert_eq!(
+        server.ok("POST", "/v1/queues/orders/purge", None)["purged"],
+        0
+    );
     server.ok("DELETE", "/v1/queues/orders", None);
     server.err("GET", "/v1/queues/orders", None, 404, "queue_not_found");
 }
@@ -74,36 +108,75 @@ fn nack_redelivers_with_a_higher_count_and_expired_leases_come_back() {
     server.create_queue("jobs", json!({"backoff": {"base_ms": 1, "max_ms": 1}}));
     server.publish("jobs", json!([{"body": "a"}]));
     let first = server.receive("jobs", 1, 0, None);
-    let reply = server.ok("POST", "/v1/queues/jobs/nack", Some(json!({"receipts": receipts(&first), "delay_ms": 0, "error": "db down"})));
+    let reply = server.ok(
+        "POST",
+        "/v1/queues/jobs/nack",
+        Some(json!({"receipts": receipts(&first), "delay_ms": 0, "error": "db down"})),
+    );
     assert_eq!(reply["ok"], 1);
     let second = receive_eventually(&server, "jobs", 1);
     assert_eq!(second[0]["delivery_count"], 2);
     assert_eq!(second[0]["id"], first[0]["id"]);
     // The old receipt is stale: it cannot ack the new lease.
-    let stale = server.ok("POST", "/v1/queues/jobs/ack", Some(json!({"receipts": receipts(&first)})));
-    assert_eq!((stale["ok"].as_u64(), stale["failed"][0]["code"].as_str()), (Some(0), Some("stale_receipt")));
+    let stale = server.ok(
+        "POST",
+        "/v1/queues/jobs/ack",
+        Some(json!({"receipts": receipts(&first)})),
+    );
+    assert_eq!(
+        (stale["ok"].as_u64(), stale["failed"][0]["code"].as_str()),
+        (Some(0), Some("stale_receipt"))
+    );
     // Extend works on the live lease; then let a short lease run out.
-    let extended = server.ok("POST", "/v1/queues/jobs/extend", Some(json!({"receipts": receipts(&second), "lease_ms": 50})));
+    let extended = server.ok(
+        "POST",
+        "/v1/queues/jobs/extend",
+        Some(json!({"receipts": receipts(&second), "lease_ms": 50})),
+    );
     assert_eq!(extended["ok"], 1);
     let third = receive_eventually(&server, "jobs", 1);
     assert_eq!(third[0]["delivery_count"], 3);
-    let late = server.ok("POST", "/v1/queues/jobs/ack", Some(json!({"receipts": receipts(&second)})));
-    assert_eq!(late["failed"][0]["code"], "stale_receipt", "an expired lease's receipt cannot ack");
-    assert_eq!(server.ok("POST", "/v1/queues/jobs/ack", Some(json!({"receipts": receipts(&third)})))["ok"], 1);
+    let late = server.ok(
+        "POST",
+        "/v1/queues/jobs/ack",
+        Some(json!({"receipts": receipts(&second)})),
+    );
+    assert_eq!(
+        late["failed"][0]["code"], "stale_receipt",
+        "an expired lease's receipt cannot ack"
+    );
+    assert_eq!(
+        server.ok(
+            "POST",
+            "/v1/queues/jobs/ack",
+            Some(json!({"receipts": receipts(&third)}))
+        )["ok"],
+        1
+    );
     assert!(server.stats("jobs")["expired"].as_u64().unwrap() >= 1);
 }
 
 #[test]
 fn poison_messages_go_to_the_dead_letter_queue_and_redrive_brings_them_back() {
     let (_dir, server) = server();
-    server.create_queue("mail", json!({"max_deliveries": 2, "backoff": {"base_ms": 1, "max_ms": 1}}));
-    server.publish("mail", json!([{"body": "poison", "key": "p"}, {"body": "also poison", "key": "q"}]));
+    server.create_queue(
+        "mail",
+        json!({"max_deliveries": 2, "backoff": {"base_ms": 1, "max_ms": 1}}),
+    );
+    server.publish(
+        "mail",
+        json!([{"body": "poison", "key": "p"}, {"body": "also poison", "key": "q"}]),
+    );
     for attempt in 1..=2 {
         let got = receive_eventually(&server, "mail", 2);
         assert_eq!(got.len(), 2);
         assert!(got.iter().all(|m| m["delivery_count"] == attempt));
         let error = format!("smtp 550 attempt {attempt}");
-        server.ok("POST", "/v1/queues/mail/nack", Some(json!({"receipts": receipts(&got), "delay_ms": 0, "error": error})));
+        server.ok(
+            "POST",
+            "/v1/queues/mail/nack",
+            Some(json!({"receipts": receipts(&got), "delay_ms": 0, "error": error})),
+        );
     }
     let dead = server.peek_all("mail-dlq");
     assert_eq!(dead.len(), 2);
@@ -111,21 +184,39 @@ fn poison_messages_go_to_the_dead_letter_queue_and_redrive_brings_them_back() {
     assert_eq!(headers["tidewater-source-queue"], "mail");
     assert_eq!(headers["tidewater-delivery-count"], "2");
     assert_eq!(headers["tidewater-last-error"], "smtp 550 attempt 2");
-    assert!(headers["tidewater-errors"].as_str().unwrap().contains("attempt 1"));
+    assert!(
+        headers["tidewater-errors"]
+            .as_str()
+            .unwrap()
+            .contains("attempt 1")
+    );
     assert_eq!(dead[0]["body"], "poison");
     assert_eq!(server.stats("mail")["dead_lettered"], 2);
     assert_eq!(server.stats("mail")["total"], 0);
 
     // Redrive only key "p", then the rest.
-    let started = server.ok("POST", "/v1/queues/mail-dlq/redrive", Some(json!({"rate_per_s": 100, "filter": {"key": "p"}})));
+    let started = server.ok(
+        "POST",
+        "/v1/queues/mail-dlq/redrive",
+        Some(json!({"rate_per_s": 100, "filter": {"key": "p"}})),
+    );
     let id = started["id"].as_str().unwrap().to_string();
     let progress = wait_redrive(&server, &id);
-    assert_eq!((progress["state"].as_str(), progress["moved"].as_u64()), (Some("done"), Some(1)));
+    assert_eq!(
+        (progress["state"].as_str(), progress["moved"].as_u64()),
+        (Some("done"), Some(1))
+    );
     let back = server.receive("mail", 10, 0, None);
     assert_eq!(back.len(), 1);
-    assert_eq!((back[0]["body"].as_str(), back[0]["delivery_count"].as_u64()), (Some("poison"), Some(1)));
+    assert_eq!(
+        (back[0]["body"].as_str(), back[0]["delivery_count"].as_u64()),
+        (Some("poison"), Some(1))
+    );
     assert_eq!(server.stats("mail-dlq")["total"], 1);
-    let id = server.ok("POST", "/v1/queues/mail-dlq/redrive", Some(json!({})))["id"].as_str().unwrap().to_string();
+    let id = server.ok("POST", "/v1/queues/mail-dlq/redrive", Some(json!({})))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(wait_redrive(&server, &id)["moved"], 1);
     assert_eq!(server.stats("mail-dlq")["total"], 0);
     server.err("GET", "/v1/redrives/rd-999", None, 404, "redrive_not_found");
@@ -146,14 +237,36 @@ fn wait_redrive(server: &Server, id: &str) -> Value {
 fn a_full_queue_refuses_with_retry_after_and_keeps_what_it_accepted() {
     let (_dir, server) = server();
     server.create_queue("small", json!({"max_messages": 5}));
-    let accepted = server.publish("small", json!([{"body": "1"}, {"body": "2"}, {"body": "3"}, {"body": "4"}]));
-    let err = server.err("POST", "/v1/queues/small/messages", Some(json!({"messages": [{"body": "5"}, {"body": "6"}]})), 429, "queue_full");
+    let accepted = server.publish(
+        "small",
+        json!([{"body": "1"}, {"body": "2"}, {"body": "3"}, {"body": "4"}]),
+    );
+    let err = server.err(
+        "POST",
+        "/v1/queues/small/messages",
+        Some(json!({"messages": [{"body": "5"}, {"body": "6"}]})),
+        429,
+        "queue_full",
+    );
     assert!(err["retry_after_ms"].as_u64().unwrap() >= 1000);
     // The Retry-After header is there too.
     let agent = crate::support::agent();
-    let response = agent.post(&format!("{}/v1/queues/small/messages", server.url)).send(r#"{"messages":[{"body":"5"},{"body":"6"}]}"#).unwrap();
+    let response = agent
+        .post(&format!("{}/v1/queues/small/messages", server.url))
+        .send(r#"{"messages":[{"body":"5"},{"body":"6"}]}"#)
+        .unwrap();
     assert_eq!(response.status().as_u16(), 429);
-    assert!(response.headers().get("retry-after").unwrap().to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert!(
+        response
+            .headers()
+            .get("retry-after")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
     // One more fits; the batch is all or nothing.
     server.publish("small", json!([{"body": "5"}]));
     let all = server.peek_all("small");
@@ -168,7 +281,13 @@ fn long_poll_returns_as_soon_as_a_message_is_published() {
     server.create_queue("wait", json!({}));
     let url = server.url.clone();
     let waiter = std::thread::spawn(move || {
-        crate::support::call(&url, "POST", "/v1/queues/wait/receive", Some(&json!({"max": 5, "wait_ms": 30000}))).unwrap()
+        crate::support::call(
+            &url,
+            "POST",
+            "/v1/queues/wait/receive",
+            Some(&json!({"max": 5, "wait_ms": 30000})),
+        )
+        .unwrap()
     });
     std::thread::sleep(Duration::from_millis(200));
     server.publish("wait", json!([{"body": "wake up"}]));
@@ -180,38 +299,155 @@ fn long_poll_returns_as_soon_as_a_message_is_published() {
 #[test]
 fn bad_input_gets_a_clear_error_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let config = "max_request_bytes = 20000\n[limits]\nmax_batch_messages = 50\nmax_message_bytes = 1000\n";
+    let config =
+        "max_request_bytes = 20000\n[limits]\nmax_batch_messages = 50\nmax_message_bytes = 1000\n";
     let server = Server::start(&dir.path().join("data"), Some(config));
     server.create_queue("q", json!({}));
     let kept = server.publish("q", json!([{"body": "keep me"}]));
-    let post = |path: &str, body: &[u8]| call_raw(&format!("{}{path}", server.url), "POST", Some(body)).unwrap();
+    let post = |path: &str, body: &[u8]| {
+        call_raw(&format!("{}{path}", server.url), "POST", Some(body)).unwrap()
+    };
 
     let (status, err) = post("/v1/queues/q/messages", b"{\"messages\": [");
     assert_eq!((status, err["code"].as_str()), (400, Some("invalid_json")));
     let (status, err) = post("/v1/queues/q/messages", b"not json");
     assert_eq!((status, err["code"].as_str()), (400, Some("invalid_json")));
-    server.err("POST", "/v1/queues/q/messages", Some(json!({"messages": [{"body_base64": "%%%"}]})), 400, "invalid_message");
-    server.err("POST", "/v1/queues/q/messages", Some(json!({"messages": [{"body": "a", "body_base64": "YQ=="}]})), 400, "invalid_message");
-    server.err("POST", "/v1/queues/q/messages", Some(json!({"messages": []})), 400, "invalid_request");
-    server.err("POST", "/v1/queues/q/messages", Some(json!({"messages": [{"body": "x"}], "ack": "maybe"})), 400, "invalid_request");
-    server.err("POST", "/v1/queues/q/messages", Some(json!({"messages": [{"body": "x".repeat(1001)}]})), 413, "message_too_large");
+    server.err(
+        "POST",
+        "/v1/queues/q/messages",
+        Some(json!({"messages": [{"body_base64": "%%%"}]})),
+        400,
+        "invalid_message",
+    );
+    server.err(
+        "POST",
+        "/v1/queues/q/messages",
+        Some(json!({"messages": [{"body": "a", "body_base64": "YQ=="}]})),
+        400,
+        "invalid_message",
+    );
+    server.err(
+        "POST",
+        "/v1/queues/q/messages",
+        Some(json!({"messages": []})),
+        400,
+        "invalid_request",
+    );
+    server.err(
+        "POST",
+        "/v1/queues/q/messages",
+        Some(json!({"messages": [{"body": "x"}], "ack": "maybe"})),
+        400,
+        "invalid_request",
+    );
+    server.err(
+        "POST",
+        "/v1/queues/q/messages",
+        Some(json!({"messages": [{"body": "x".repeat(1001)}]})),
+        413,
+        "message_too_large",
+    );
     let many: Vec<Value> = (0..51).map(|_| json!({"body": "x"})).collect();
-    server.err("POST", "/v1/queues/q/messages", Some(json!({"messages": many})), 413, "batch_too_large");
-    let huge = format!("{{\"messages\": [{{\"body\": \"{}\"}}]}}", "y".repeat(30_000));
+    server.err(
+        "POST",
+        "/v1/queues/q/messages",
+        Some(json!({"messages": many})),
+        413,
+        "batch_too_large",
+    );
+    let huge = format!(
+        "{{\"messages\": [{{\"body\": \"{}\"}}]}}",
+        "y".repeat(30_000)
+    );
     let (status, err) = post("/v1/queues/q/messages", huge.as_bytes());
-    assert_eq!((status, err["code"].as_str()), (413, Some("request_too_large")));
-    server.err("POST", "/v1/queues/q/messages", Some(json!({"messages": [{"body": "x", "delay_ms": 999_999_999_999u64}]})), 400, "invalid_message");
-    server.err("POST", "/v1/queues/nope/messages", Some(json!({"messages": [{"body": "x"}]})), 404, "queue_not_found");
-    server.err("PUT", "/v1/queues/has%20space", Some(json!({})), 400, "invalid_queue_name");
-    server.err("PUT", &format!("/v1/queues/{}", "x".repeat(201)), Some(json!({})), 400, "invalid_queue_name");
-    server.err("PUT", "/v1/queues/q", Some(json!({"lease_ms": 0})), 400, "invalid_config");
-    server.err("PUT", "/v1/queues/q", Some(json!({"lease_ms": "soon"})), 400, "invalid_config");
-    server.err("PUT", "/v1/queues/q", Some(json!({"no_such_setting": 1})), 400, "invalid_config");
-    server.err("PUT", "/v1/queues/q", Some(json!({"dead_letter_queue": "q"})), 409, "config_conflict");
-    server.err("POST", "/v1/queues/q/receive", Some(json!({"max": 0})), 400, "invalid_request");
-    server.err("POST", "/v1/queues/q/receive", Some(json!({"lease_ms": 999_999_999_999u64})), 400, "invalid_request");
-    server.err("POST", "/v1/queues/q/receive", Some(json!({"wait_ms": 99_999_999})), 400, "invalid_request");
-    server.err("POST", "/v1/queues/q/receive", Some(json!({"max": "ten"})), 400, "invalid_request");
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (413, Some("request_too_large"))
+    );
+    server.err(
+        "POST",
+        "/v1/queues/q/messages",
+        Some(json!({"messages": [{"body": "x", "delay_ms": 999_999_999_999u64}]})),
+        400,
+        "invalid_message",
+    );
+    server.err(
+        "POST",
+        "/v1/queues/nope/messages",
+        Some(json!({"messages": [{"body": "x"}]})),
+        404,
+        "queue_not_found",
+    );
+    server.err(
+        "PUT",
+        "/v1/queues/has%20space",
+        Some(json!({})),
+        400,
+        "invalid_queue_name",
+    );
+    server.err(
+        "PUT",
+        &format!("/v1/queues/{}", "x".repeat(201)),
+        Some(json!({})),
+        400,
+        "invalid_queue_name",
+    );
+    server.err(
+        "PUT",
+        "/v1/queues/q",
+        Some(json!({"lease_ms": 0})),
+        400,
+        "invalid_config",
+    );
+    server.err(
+        "PUT",
+        "/v1/queues/q",
+        Some(json!({"lease_ms": "soon"})),
+        400,
+        "invalid_config",
+    );
+    server.err(
+        "PUT",
+        "/v1/queues/q",
+        Some(json!({"no_such_setting": 1})),
+        400,
+        "invalid_config",
+    );
+    server.err(
+        "PUT",
+        "/v1/queues/q",
+        Some(json!({"dead_letter_queue": "q"})),
+        409,
+        "config_conflict",
+    );
+    server.err(
+        "POST",
+        "/v1/queues/q/receive",
+        Some(json!({"max": 0})),
+        400,
+        "invalid_request",
+    );
+    server.err(
+        "POST",
+        "/v1/queues/q/receive",
+        Some(json!({"lease_ms": 999_999_999_999u64})),
+        400,
+        "invalid_request",
+    );
+    server.err(
+        "POST",
+        "/v1/queues/q/receive",
+        Some(json!({"wait_ms": 99_999_999})),
+        400,
+        "invalid_request",
+    );
+    server.err(
+        "POST",
+        "/v1/queues/q/receive",
+        Some(json!({"max": "ten"})),
+        400,
+        "invalid_request",
+    );
     // Forged and foreign receipts are refused per receipt.
     server.create_queue("other", json!({}));
     server.publish("other", json!([{"body": "o"}]));
@@ -220,13 +456,35 @@ fn bad_input_gets_a_clear_error_and_loses_nothing() {
     let mut damaged = own.clone().into_bytes();
     damaged[12] = if damaged[12] == b'A' { b'B' } else { b'A' };
     let damaged = String::from_utf8(damaged).unwrap();
-    let reply = server.ok("POST", "/v1/queues/q/ack", Some(json!({"receipts": ["forged", damaged, foreign[0]]})));
+    let reply = server.ok(
+        "POST",
+        "/v1/queues/q/ack",
+        Some(json!({"receipts": ["forged", damaged, foreign[0]]})),
+    );
     assert_eq!(reply["ok"], 0);
-    let codes: Vec<&str> = reply["failed"].as_array().unwrap().iter().map(|f| f["code"].as_str().unwrap()).collect();
-    assert_eq!(codes, ["invalid_receipt", "invalid_receipt", "invalid_receipt"]);
+    let codes: Vec<&str> = reply["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        ["invalid_receipt", "invalid_receipt", "invalid_receipt"]
+    );
     // Release the lease taken above so the message is unleased again.
-    server.ok("POST", "/v1/queues/q/nack", Some(json!({"receipts": [own], "delay_ms": 0})));
-    server.err("POST", "/v1/queues/q/ack", Some(json!({"receipt": "x"})), 400, "invalid_request");
+    server.ok(
+        "POST",
+        "/v1/queues/q/nack",
+        Some(json!({"receipts": [own], "delay_ms": 0})),
+    );
+    server.err(
+        "POST",
+        "/v1/queues/q/ack",
+        Some(json!({"receipt": "x"})),
+        400,
+        "invalid_request",
+    );
     server.err("PATCH", "/v1/queues/q", None, 405, "method_not_allowed");
     server.err("GET", "/v2/anything", None, 404, "not_found");
 
@@ -240,17 +498,36 @@ fn queues_and_messages_survive_a_clean_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(&dir.path().join("data"), None);
     server.create_queue("keep", json!({"lease_ms": 12345, "max_deliveries": 7}));
-    let published = server.publish("keep", json!([{"body": "a"}, {"body": "b", "delay_ms": 600000}, {"body": "c"}]));
+    let published = server.publish(
+        "keep",
+        json!([{"body": "a"}, {"body": "b", "delay_ms": 600000}, {"body": "c"}]),
+    );
     let first = server.receive("keep", 1, 0, None);
-    server.ok("POST", "/v1/queues/keep/ack", Some(json!({"receipts": receipts(&first)})));
+    server.ok(
+        "POST",
+        "/v1/queues/keep/ack",
+        Some(json!({"receipts": receipts(&first)})),
+    );
     let leased = server.receive("keep", 1, 0, Some(600000));
     assert_eq!(leased[0]["body"], "c");
     assert_eq!(server.stop(), 0, "SIGTERM shuts down cleanly");
 
     let server = Server::start(&dir.path().join("data"), None);
     let info = server.ok("GET", "/v1/queues/keep", None);
-    assert_eq!((info["config"]["lease_ms"].as_u64(), info["config"]["max_deliveries"].as_u64()), (Some(12345), Some(7)));
-    assert_eq!((info["stats"]["total"].as_u64(), info["stats"]["delayed"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(
+        (
+            info["config"]["lease_ms"].as_u64(),
+            info["config"]["max_deliveries"].as_u64()
+        ),
+        (Some(12345), Some(7))
+    );
+    assert_eq!(
+        (
+            info["stats"]["total"].as_u64(),
+            info["stats"]["delayed"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
     // The lease did not survive; the delayed message is still delayed.
     let got = server.receive("keep", 10, 0, None);
     assert_eq!(ids(&got), vec![published[2].clone()]);
@@ -262,13 +539,23 @@ fn operations_endpoints() {
     server.create_queue("m", json!({}));
     server.publish("m", json!([{"body": "x"}]));
     let got = server.receive("m", 1, 0, None);
-    server.ok("POST", "/v1/queues/m/ack", Some(json!({"receipts": receipts(&got)})));
+    server.ok(
+        "POST",
+        "/v1/queues/m/ack",
+        Some(json!({"receipts": receipts(&got)})),
+    );
     assert_eq!(server.ok("GET", "/healthz", None)["status"], "alive");
     let spec = server.ok("GET", "/v1/openapi.json", None);
     assert_eq!(spec["openapi"], "3.1.0");
     assert!(spec["paths"]["/v1/queues/{queue}/receive"]["post"].is_object());
     let agent = crate::support::agent();
-    let text = agent.get(&format!("{}/metrics", server.url)).call().unwrap().body_mut().read_to_string().unwrap();
+    let text = agent
+        .get(&format!("{}/metrics", server.url))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
     for needle in [
         "tidewater_queue_depth{queue=\"m\"} 0",
         "tidewater_published_total{queue=\"m\"} 1",

@@ -16,7 +16,11 @@ pub struct Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Server {
@@ -33,12 +37,25 @@ impl Server {
     fn start_with(data: &Path, config: Option<PathBuf>) -> Server {
         let port = free_port();
         let mut command = Command::new(BIN);
-        command.args(["serve", "--data"]).arg(data).args(["--listen", &format!("127.0.0.1:{port}")]);
+        command
+            .args(["serve", "--data"])
+            .arg(data)
+            .args(["--listen", &format!("127.0.0.1:{port}")]);
         if let Some(path) = &config {
             command.arg("--config").arg(path);
         }
-        let child = command.env("TIDEWATER_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
-        let server = Server { child, url: format!("http://127.0.0.1:{port}"), data: data.to_path_buf(), config };
+        let child = command
+            .env("TIDEWATER_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let server = Server {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            data: data.to_path_buf(),
+            config,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok((200, _)) = server.try_call("GET", "/readyz", None) {
@@ -67,22 +84,44 @@ impl Server {
         self.child.wait().unwrap().code().unwrap_or(-1)
     }
 
-    pub fn try_call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), String> {
+    pub fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), String> {
         call(&self.url, method, path, body)
     }
 
     /// A call that must succeed with a 2xx.
     pub fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let (status, value) = self.try_call(method, path, body.as_ref()).unwrap();
-        assert!((200..300).contains(&status), "{method} {path} -> {status} {value}");
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path} -> {status} {value}"
+        );
         value
     }
 
     /// A call that must fail with this status and code.
-    pub fn err(&self, method: &str, path: &str, body: Option<Value>, status: u16, code: &str) -> Value {
+    pub fn err(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        status: u16,
+        code: &str,
+    ) -> Value {
         let (got, value) = self.try_call(method, path, body.as_ref()).unwrap();
-        assert_eq!((got, value["code"].as_str().unwrap_or("")), (status, code), "{method} {path}: {value}");
-        assert!(value["message"].as_str().is_some_and(|m| !m.is_empty()), "error without a message: {value}");
+        assert_eq!(
+            (got, value["code"].as_str().unwrap_or("")),
+            (status, code),
+            "{method} {path}: {value}"
+        );
+        assert!(
+            value["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "error without a message: {value}"
+        );
         value
     }
 
@@ -91,16 +130,34 @@ impl Server {
     }
 
     pub fn publish(&self, queue: &str, messages: Value) -> Vec<String> {
-        let reply = self.ok("POST", &format!("/v1/queues/{queue}/messages"), Some(json!({ "messages": messages })));
-        reply["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+        let reply = self.ok(
+            "POST",
+            &format!("/v1/queues/{queue}/messages"),
+            Some(json!({ "messages": messages })),
+        );
+        reply["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
     }
 
-    pub fn receive(&self, queue: &str, max: usize, wait_ms: u64, lease_ms: Option<u64>) -> Vec<Value> {
+    pub fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait_ms: u64,
+        lease_ms: Option<u64>,
+    ) -> Vec<Value> {
         let mut body = json!({"max": max, "wait_ms": wait_ms});
         if let Some(lease) = lease_ms {
             body["lease_ms"] = json!(lease);
         }
-        self.ok("POST", &format!("/v1/queues/{queue}/receive"), Some(body))["messages"].as_array().unwrap().clone()
+        self.ok("POST", &format!("/v1/queues/{queue}/receive"), Some(body))["messages"]
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     pub fn stats(&self, queue: &str) -> Value {
@@ -112,7 +169,11 @@ impl Server {
         let mut out = Vec::new();
         let mut from = 0;
         loop {
-            let reply = self.ok("GET", &format!("/v1/queues/{queue}/messages?max=1000&from={from}"), None);
+            let reply = self.ok(
+                "GET",
+                &format!("/v1/queues/{queue}/messages?max=1000&from={from}"),
+                None,
+            );
             let messages = reply["messages"].as_array().unwrap();
             if messages.is_empty() {
                 return out;
@@ -141,7 +202,12 @@ thread_local! {
     static AGENT: ureq::Agent = agent();
 }
 
-pub fn call(base: &str, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), String> {
+pub fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Value), String> {
     let url = format!("{base}{path}");
     let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
     call_raw(&url, method, bytes.as_deref())
@@ -158,16 +224,32 @@ pub fn call_raw(url: &str, method: &str, body: Option<&[u8]>) -> Result<(u16, Va
         };
         let mut response = result.map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
-        let text = response.body_mut().with_config().limit(1 << 30).read_to_vec().map_err(|e| e.to_string())?;
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_slice(&text).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&text)))? };
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .map_err(|e| e.to_string())?;
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&text)
+                .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&text)))?
+        };
         Ok((status, value))
     })
 }
 
 pub fn receipts(messages: &[Value]) -> Vec<String> {
-    messages.iter().map(|m| m["receipt"].as_str().unwrap().to_string()).collect()
+    messages
+        .iter()
+        .map(|m| m["receipt"].as_str().unwrap().to_string())
+        .collect()
 }
 
 pub fn ids(messages: &[Value]) -> Vec<String> {
-    messages.iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+    messages
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
 }

@@ -31,13 +31,22 @@ pub enum OpenError {
     },
     #[error("data directory {0} is in use by another tidewater process")]
     Locked(PathBuf),
-    #[error("{path}: corrupt data at byte {position}: {reason} (acknowledged data would be lost; refusing to start)")]
-    Corrupt { path: PathBuf, position: u64, reason: String },
+    #[error(
+        "{path}: corrupt data at byte {position}: {reason} (acknowledged data would be lost; refusing to start)"
+    )]
+    Corrupt {
+        path: PathBuf,
+        position: u64,
+        reason: String,
+    },
 }
 
 impl OpenError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        OpenError::Io { path: path.into(), source }
+        OpenError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -84,7 +93,11 @@ pub enum ReadError {
         source: io::Error,
     },
     #[error("{path}: corrupt batch at byte {position}: {reason}")]
-    Corrupt { path: PathBuf, position: u64, reason: FormatError },
+    Corrupt {
+        path: PathBuf,
+        position: u64,
+        reason: FormatError,
+    },
     #[error("unknown log {0}")]
     UnknownLog(u64),
 }

@@ -152,7 +152,12 @@ impl BatchBuilder {
     pub fn new(log_uid: u64, published_at_ms: i64) -> Self {
         let mut buf = Vec::with_capacity(4096);
         buf.resize(BATCH_HEADER_LEN, 0);
-        BatchBuilder { buf, count: 0, log_uid, published_at_ms }
+        BatchBuilder {
+            buf,
+            count: 0,
+            log_uid,
+            published_at_ms,
+        }
     }
 
     /// Appends one record. Callers validate lengths first (see the `MAX_*` constants).
@@ -162,27 +167,37 @@ impl BatchBuilder {
         assert!(record.headers.len() <= u16::MAX as usize);
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; 4]);
-        let flags = if record.generated_id { RECORD_FLAG_GENERATED_ID } else { 0 };
+        let flags = if record.generated_id {
+            RECORD_FLAG_GENERATED_ID
+        } else {
+            0
+        };
         self.buf.push(flags);
-        self.buf.extend_from_slice(&record.deliver_at_ms.to_le_bytes());
+        self.buf
+            .extend_from_slice(&record.deliver_at_ms.to_le_bytes());
         self.buf.push(record.id.len() as u8);
         self.buf.extend_from_slice(record.id);
         match record.key {
             Some(key) => {
                 self.buf.push(1);
-                self.buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
+                self.buf
+                    .extend_from_slice(&(key.len() as u16).to_le_bytes());
                 self.buf.extend_from_slice(key);
             }
             None => self.buf.push(0),
         }
-        self.buf.extend_from_slice(&(record.headers.len() as u16).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(record.headers.len() as u16).to_le_bytes());
         for (name, value) in &record.headers {
-            self.buf.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            self.buf
+                .extend_from_slice(&(name.len() as u16).to_le_bytes());
             self.buf.extend_from_slice(name);
-            self.buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            self.buf
+                .extend_from_slice(&(value.len() as u32).to_le_bytes());
             self.buf.extend_from_slice(value);
         }
-        self.buf.extend_from_slice(&(record.body.len() as u32).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(record.body.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(record.body);
         let len = (self.buf.len() - start - 4) as u32;
         self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -230,7 +245,11 @@ pub fn check_batch(batch: &[u8]) -> Result<BatchHeader, FormatError> {
 }
 
 /// Decodes every record of a checked batch.
-pub fn decode_records(header: &BatchHeader, body: &[u8], out: &mut Vec<Record>) -> Result<(), FormatError> {
+pub fn decode_records(
+    header: &BatchHeader,
+    body: &[u8],
+    out: &mut Vec<Record>,
+) -> Result<(), FormatError> {
     let mut cur = Cursor { buf: body, pos: 0 };
     for idx in 0..header.count {
         let len = cur.u32()? as usize;
@@ -341,7 +360,11 @@ mod tests {
 
     fn sample_batch() -> Vec<u8> {
         let mut builder = BatchBuilder::new(7, 1_000);
-        builder.push(&NewRecord { id: b"a", body: b"hello", ..Default::default() });
+        builder.push(&NewRecord {
+            id: b"a",
+            body: b"hello",
+            ..Default::default()
+        });
         builder.push(&NewRecord {
             id: &[1; 16],
             generated_id: true,
@@ -358,7 +381,10 @@ mod tests {
         let mut batch = sample_batch();
         stamp_batch(&mut batch, 42);
         let header = check_batch(&batch).unwrap();
-        assert_eq!((header.log_uid, header.base_offset, header.count), (7, 42, 2));
+        assert_eq!(
+            (header.log_uid, header.base_offset, header.count),
+            (7, 42, 2)
+        );
         let mut records = Vec::new();
         decode_records(&header, &batch[BATCH_HEADER_LEN..], &mut records).unwrap();
         assert_eq!(records[0].offset, 42);
@@ -367,7 +393,10 @@ mod tests {
         assert_eq!(records[1].key.as_deref(), Some(&b"k"[..]));
         assert_eq!(records[1].headers, vec![(b"h".to_vec(), b"v".to_vec())]);
         assert_eq!(records[1].deliver_at_ms, 5_000);
-        assert_eq!(records[1].flags & RECORD_FLAG_GENERATED_ID, RECORD_FLAG_GENERATED_ID);
+        assert_eq!(
+            records[1].flags & RECORD_FLAG_GENERATED_ID,
+            RECORD_FLAG_GENERATED_ID
+        );
     }
 
     #[test]
@@ -376,7 +405,10 @@ mod tests {
         for byte in 0..batch.len() {
             let mut corrupt = batch.clone();
             corrupt[byte] ^= 0x10;
-            assert!(check_batch(&corrupt).is_err(), "flip at byte {byte} went unnoticed");
+            assert!(
+                check_batch(&corrupt).is_err(),
+                "flip at byte {byte} went unnoticed"
+            );
         }
     }
 

@@ -29,15 +29,36 @@ const KIND_RETRY: u8 = 6;
 /// One journal entry, borrowed from the buffer it was decoded from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry<'a> {
-    CreateLog { uid: u64, name: &'a str, config: &'a str },
-    UpdateConfig { uid: u64, config: &'a str },
-    DeleteLog { uid: u64 },
+    CreateLog {
+        uid: u64,
+        name: &'a str,
+        config: &'a str,
+    },
+    UpdateConfig {
+        uid: u64,
+        config: &'a str,
+    },
+    DeleteLog {
+        uid: u64,
+    },
     /// A whole record batch (its header names the log and base offset).
-    Data { batch: &'a [u8] },
+    Data {
+        batch: &'a [u8],
+    },
     /// Offsets that are settled for good (acked, dead-lettered, purged, moved).
-    Settle { uid: u64, ranges: Vec<Range<u64>> },
+    Settle {
+        uid: u64,
+        ranges: Vec<Range<u64>>,
+    },
     /// A delivery attempt ended without an ack: the count so far, when to deliver next, why.
-    Retry { uid: u64, offset: u64, deliver_at_ms: i64, delivery_count: u32, at_ms: i64, error: &'a str },
+    Retry {
+        uid: u64,
+        offset: u64,
+        deliver_at_ms: i64,
+        delivery_count: u32,
+        at_ms: i64,
+        error: &'a str,
+    },
 }
 
 pub fn journal_header(journal_id: u64) -> [u8; JOURNAL_HEADER_LEN] {
@@ -80,7 +101,14 @@ pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry<'_>) {
                 out.extend_from_slice(&range.end.to_le_bytes());
             }
         }
-        Entry::Retry { uid, offset, deliver_at_ms, delivery_count, at_ms, error } => {
+        Entry::Retry {
+            uid,
+            offset,
+            deliver_at_ms,
+            delivery_count,
+            at_ms,
+            error,
+        } => {
             out.push(KIND_RETRY);
             out.extend_from_slice(&uid.to_le_bytes());
             out.extend_from_slice(&offset.to_le_bytes());
@@ -126,7 +154,10 @@ pub fn decode_entry(buf: &[u8]) -> Result<(Entry<'_>, usize), FormatError> {
     if crc32c::crc32c(body) != crc {
         return Err(FormatError::BadChecksum);
     }
-    let mut cur = Cursor { buf: &body[1..], pos: 0 };
+    let mut cur = Cursor {
+        buf: &body[1..],
+        pos: 0,
+    };
     let entry = match body[0] {
         KIND_CREATE_LOG => {
             let uid = cur.u64()?;
@@ -136,7 +167,10 @@ pub fn decode_entry(buf: &[u8]) -> Result<(Entry<'_>, usize), FormatError> {
         }
         KIND_UPDATE_CONFIG => {
             let uid = cur.u64()?;
-            Entry::UpdateConfig { uid, config: str_from(&mut cur)? }
+            Entry::UpdateConfig {
+                uid,
+                config: str_from(&mut cur)?,
+            }
         }
         KIND_DELETE_LOG => Entry::DeleteLog { uid: cur.u64()? },
         KIND_DATA => {
@@ -191,14 +225,35 @@ mod tests {
     #[test]
     fn entries_round_trip_and_detect_damage() {
         let mut builder = BatchBuilder::new(3, 9);
-        builder.push(&NewRecord { id: b"x", body: b"payload", ..Default::default() });
+        builder.push(&NewRecord {
+            id: b"x",
+            body: b"payload",
+            ..Default::default()
+        });
         let batch = builder.finish();
         let entries = vec![
-            Entry::CreateLog { uid: 3, name: "orders", config: "{}" },
-            Entry::UpdateConfig { uid: 3, config: "{\"lease_ms\":5}" },
+            Entry::CreateLog {
+                uid: 3,
+                name: "orders",
+                config: "{}",
+            },
+            Entry::UpdateConfig {
+                uid: 3,
+                config: "{\"lease_ms\":5}",
+            },
             Entry::Data { batch: &batch },
-            Entry::Settle { uid: 3, ranges: vec![0..4, 9..10] },
-            Entry::Retry { uid: 3, offset: 2, deliver_at_ms: 77, delivery_count: 2, at_ms: 70, error: "boom" },
+            Entry::Settle {
+                uid: 3,
+                ranges: vec![0..4, 9..10],
+            },
+            Entry::Retry {
+                uid: 3,
+                offset: 2,
+                deliver_at_ms: 77,
+                delivery_count: 2,
+                at_ms: 70,
+                error: "boom",
+            },
             Entry::DeleteLog { uid: 3 },
         ];
         let mut buf = Vec::new();

@@ -17,6 +17,6 @@ pub use format::{BatchBuilder, NewRecord, Record};
 pub use ranges::RangeSet;
 pub use state::{LogState, RetryInfo};
 pub use store::{
-    AckLevel, Completion, DurableListener, FatalListener, LogReader, Op, OpResult, RecoveredLog, Store, StoreOptions,
-    disk_free_bytes,
+    AckLevel, Completion, DurableListener, FatalListener, LogReader, Op, OpResult, RecoveredLog,
+    Store, StoreOptions, disk_free_bytes,
 };

@@ -30,7 +30,10 @@ impl RangeSet {
     }
 
     pub fn contains(&self, offset: u64) -> bool {
-        self.ranges.range(..=offset).next_back().is_some_and(|(_, &end)| offset < end)
+        self.ranges
+            .range(..=offset)
+            .next_back()
+            .is_some_and(|(_, &end)| offset < end)
     }
 
     /// Inserts a range; returns how many offsets were new.
@@ -41,14 +44,14 @@ impl RangeSet {
         let (mut start, mut end) = (range.start, range.end);
         let mut covered = 0;
         // Merge with a range that starts before and reaches into or touches `start`.
-        if let Some((&s, &e)) = self.ranges.range(..=start).next_back() {
-            if e >= start {
-                covered += e.min(end).saturating_sub(start);
-                start = s;
-                end = end.max(e);
-                self.ranges.remove(&s);
-                self.len -= e - s;
-            }
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back()
+            && e >= start
+        {
+            covered += e.min(end).saturating_sub(start);
+            start = s;
+            end = end.max(e);
+            self.ranges.remove(&s);
+            self.len -= e - s;
         }
         // Merge with every range starting inside [start, end].
         while let Some((&s, &e)) = self.ranges.range(start..=end).next() {

@@ -61,7 +61,12 @@ pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
 }
 
 fn open_rw(path: &Path, create: bool) -> Result<File, std::io::Error> {
-    OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
 }
 
 pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -72,8 +77,14 @@ impl LogFiles {
     /// Creates the directory and its first segment.
     pub fn create(dir: PathBuf, uid: u64, first_offset: u64) -> Result<LogFiles, OpenError> {
         fs::create_dir_all(&dir).map_err(|e| OpenError::io(&dir, e))?;
-        let mut files = LogFiles { uid, dir, segments: Vec::new() };
-        files.roll(first_offset).map_err(|e| OpenError::io(&files.dir, e))?;
+        let mut files = LogFiles {
+            uid,
+            dir,
+            segments: Vec::new(),
+        };
+        files
+            .roll(first_offset)
+            .map_err(|e| OpenError::io(&files.dir, e))?;
         Ok(files)
     }
 
@@ -96,7 +107,11 @@ impl LogFiles {
             }
         }
         bases.sort_unstable();
-        let mut files = LogFiles { uid, dir, segments: Vec::new() };
+        let mut files = LogFiles {
+            uid,
+            dir,
+            segments: Vec::new(),
+        };
         let mut cut = false;
         for base in bases {
             let path = segment_path(&files.dir, base);
@@ -113,7 +128,11 @@ impl LogFiles {
                 });
             }
             let segment = scan_segment(&path, uid, base)?;
-            let physical = segment.file.metadata().map_err(|e| OpenError::io(&path, e))?.len();
+            let physical = segment
+                .file
+                .metadata()
+                .map_err(|e| OpenError::io(&path, e))?
+                .len();
             if physical != segment.len {
                 if segment.end < durable_floor {
                     return Err(OpenError::Corrupt {
@@ -123,14 +142,22 @@ impl LogFiles {
                     });
                 }
                 tracing::warn!(path = %path.display(), valid = segment.len, physical, "truncating torn segment tail");
-                segment.file.set_len(segment.len).map_err(|e| OpenError::io(&path, e))?;
-                segment.file.sync_all().map_err(|e| OpenError::io(&path, e))?;
+                segment
+                    .file
+                    .set_len(segment.len)
+                    .map_err(|e| OpenError::io(&path, e))?;
+                segment
+                    .file
+                    .sync_all()
+                    .map_err(|e| OpenError::io(&path, e))?;
                 cut = true;
             }
             files.segments.push(segment);
         }
         if files.segments.is_empty() {
-            files.roll(durable_floor).map_err(|e| OpenError::io(&files.dir, e))?;
+            files
+                .roll(durable_floor)
+                .map_err(|e| OpenError::io(&files.dir, e))?;
         }
         Ok(files)
     }
@@ -140,7 +167,9 @@ impl LogFiles {
     }
 
     pub fn active(&self) -> &Segment {
-        self.segments.last().expect("a log always has an active segment")
+        self.segments
+            .last()
+            .expect("a log always has an active segment")
     }
 
     /// Starts a new active segment at `base` (the current end).
@@ -191,8 +220,14 @@ impl LogFiles {
                 reason: format!("no batch boundary at offset {offset}"),
             });
         }
-        rescanned.file.set_len(rescanned.len).map_err(|e| OpenError::io(&rescanned.path, e))?;
-        rescanned.file.sync_all().map_err(|e| OpenError::io(&rescanned.path, e))?;
+        rescanned
+            .file
+            .set_len(rescanned.len)
+            .map_err(|e| OpenError::io(&rescanned.path, e))?;
+        rescanned
+            .file
+            .sync_all()
+            .map_err(|e| OpenError::io(&rescanned.path, e))?;
         *active = rescanned;
         Ok(())
     }
@@ -209,7 +244,12 @@ impl LogFiles {
     /// Where the log ends now, to undo an append that failed half-way.
     pub fn mark(&self) -> SegmentMark {
         let active = self.active();
-        SegmentMark { base: active.base, len: active.len, end: active.end, index_len: active.index.len() }
+        SegmentMark {
+            base: active.base,
+            len: active.len,
+            end: active.end,
+            index_len: active.index.len(),
+        }
     }
 
     /// Undoes every append after `mark`: removes segments rolled since and cuts the file.
@@ -237,7 +277,12 @@ fn scan_segment(path: &Path, uid: u64, base: u64) -> Result<Segment, OpenError> 
 
 /// Walks a segment's batches from the start, stopping at the first invalid one (or at
 /// `stop_at` offset). Returns the segment with `len` = bytes of valid batches.
-fn scan_segment_until(path: &Path, uid: u64, base: u64, stop_at: Option<u64>) -> Result<Segment, OpenError> {
+fn scan_segment_until(
+    path: &Path,
+    uid: u64,
+    base: u64,
+    stop_at: Option<u64>,
+) -> Result<Segment, OpenError> {
     let file = open_rw(path, false).map_err(|e| OpenError::io(path, e))?;
     let physical = file.metadata().map_err(|e| OpenError::io(path, e))?.len();
     let mut segment = Segment {
@@ -259,7 +304,9 @@ fn scan_segment_until(path: &Path, uid: u64, base: u64, stop_at: Option<u64>) ->
         if segment.file.read_exact_at(&mut header_buf, pos).is_err() {
             break;
         }
-        let Ok(header) = BatchHeader::decode(&header_buf) else { break };
+        let Ok(header) = BatchHeader::decode(&header_buf) else {
+            break;
+        };
         if header.log_uid != uid || header.base_offset != segment.end {
             break;
         }
@@ -267,7 +314,11 @@ fn scan_segment_until(path: &Path, uid: u64, base: u64, stop_at: Option<u64>) ->
             break;
         }
         body.resize(header.body_len as usize, 0);
-        if segment.file.read_exact_at(&mut body, pos + BATCH_HEADER_LEN as u64).is_err() {
+        if segment
+            .file
+            .read_exact_at(&mut body, pos + BATCH_HEADER_LEN as u64)
+            .is_err()
+        {
             break;
         }
         if crc32c::crc32c(&body) != header.body_crc {
@@ -296,7 +347,9 @@ pub(crate) fn read_records(
     let mut next = from;
     let mut bytes = 0usize;
     let start_len = out.len();
-    let full = |out: &Vec<Record>, bytes: usize| out.len() - start_len >= max_count || (bytes >= max_bytes && out.len() > start_len);
+    let full = |out: &Vec<Record>, bytes: usize| {
+        out.len() - start_len >= max_count || (bytes >= max_bytes && out.len() > start_len)
+    };
     let mut header_buf = [0u8; BATCH_HEADER_LEN];
     let mut batch = Vec::new();
     let mut decoded = Vec::new();
@@ -324,19 +377,35 @@ pub(crate) fn read_records(
                     None => return Ok(()),
                 }
             }
-            (seg.file.clone(), seg.path.clone(), seg.position_before(next), seg.len, seg.end)
+            (
+                seg.file.clone(),
+                seg.path.clone(),
+                seg.position_before(next),
+                seg.len,
+                seg.end,
+            )
         };
         while pos < seg_len && next < limit && !full(out, bytes) {
-            file.read_exact_at(&mut header_buf, pos).map_err(|source| ReadError::Io { path: path.clone(), source })?;
-            let header = BatchHeader::decode(&header_buf).map_err(|reason| corrupt(&path, pos, reason))?;
+            file.read_exact_at(&mut header_buf, pos)
+                .map_err(|source| ReadError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            let header =
+                BatchHeader::decode(&header_buf).map_err(|reason| corrupt(&path, pos, reason))?;
             let total = header.total_len();
             let batch_end = header.base_offset + header.count as u64;
             if batch_end > next {
                 batch.resize(total, 0);
-                file.read_exact_at(&mut batch, pos).map_err(|source| ReadError::Io { path: path.clone(), source })?;
+                file.read_exact_at(&mut batch, pos)
+                    .map_err(|source| ReadError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
                 check_batch(&batch).map_err(|reason| corrupt(&path, pos, reason))?;
                 decoded.clear();
-                decode_records(&header, &batch[BATCH_HEADER_LEN..], &mut decoded).map_err(|reason| corrupt(&path, pos, reason))?;
+                decode_records(&header, &batch[BATCH_HEADER_LEN..], &mut decoded)
+                    .map_err(|reason| corrupt(&path, pos, reason))?;
                 for record in decoded.drain(..) {
                     if record.offset < next || record.offset >= limit {
                         continue;
@@ -360,6 +429,9 @@ pub(crate) fn read_records(
 }
 
 fn corrupt(path: &Path, position: u64, reason: FormatError) -> ReadError {
-    ReadError::Corrupt { path: path.to_path_buf(), position, reason }
+    ReadError::Corrupt {
+        path: path.to_path_buf(),
+        position,
+        reason,
+    }
 }
-

@@ -75,7 +75,14 @@ impl LogState {
         }
     }
 
-    pub fn record_retry(&mut self, offset: u64, deliver_at_ms: i64, delivery_count: u32, at_ms: i64, error: &str) {
+    pub fn record_retry(
+        &mut self,
+        offset: u64,
+        deliver_at_ms: i64,
+        delivery_count: u32,
+        at_ms: i64,
+        error: &str,
+    ) {
         if offset < self.ack_floor || offset >= self.next_offset || self.settled.contains(offset) {
             return;
         }
@@ -133,7 +140,11 @@ impl LogState {
         let n_retries = cur.u64()?;
         for _ in 0..n_retries {
             let offset = cur.u64()?;
-            let mut info = RetryInfo { delivery_count: cur.u32()?, deliver_at_ms: cur.i64()?, errors: VecDeque::new() };
+            let mut info = RetryInfo {
+                delivery_count: cur.u32()?,
+                deliver_at_ms: cur.i64()?,
+                errors: VecDeque::new(),
+            };
             let n_errors = cur.u8()?;
             for _ in 0..n_errors {
                 let at = cur.i64()?;

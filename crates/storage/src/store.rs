@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{FormatError, OpenError, ReadError, WriteError};
 use crate::format::{BatchHeader, Cursor, Record, check_batch, stamp_batch};
-use crate::journal::{Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, decode_entry, encode_entry, journal_header};
+use crate::journal::{
+    Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, decode_entry, encode_entry, journal_header,
+};
 use crate::segment::{LogFiles, fsync_dir, read_records};
 use crate::state::LogState;
 
@@ -71,18 +73,42 @@ impl Default for StoreOptions {
 /// One change, as submitted.
 #[derive(Debug, Clone)]
 pub enum Op {
-    CreateLog { name: String, config: String },
-    UpdateConfig { uid: u64, config: String },
-    DeleteLog { uid: u64 },
+    CreateLog {
+        name: String,
+        config: String,
+    },
+    UpdateConfig {
+        uid: u64,
+        config: String,
+    },
+    DeleteLog {
+        uid: u64,
+    },
     /// An encoded batch (see `BatchBuilder`); the writer stamps its base offset.
-    Append { uid: u64, batch: Vec<u8> },
-    Settle { uid: u64, ranges: Vec<Range<u64>> },
-    Retry { uid: u64, offset: u64, deliver_at_ms: i64, delivery_count: u32, at_ms: i64, error: String },
+    Append {
+        uid: u64,
+        batch: Vec<u8>,
+    },
+    Settle {
+        uid: u64,
+        ranges: Vec<Range<u64>>,
+    },
+    Retry {
+        uid: u64,
+        offset: u64,
+        deliver_at_ms: i64,
+        delivery_count: u32,
+        at_ms: i64,
+        error: String,
+    },
 }
 
 impl Op {
     fn is_meta(&self) -> bool {
-        matches!(self, Op::CreateLog { .. } | Op::UpdateConfig { .. } | Op::DeleteLog { .. })
+        matches!(
+            self,
+            Op::CreateLog { .. } | Op::UpdateConfig { .. } | Op::DeleteLog { .. }
+        )
     }
 }
 
@@ -176,15 +202,31 @@ impl LogReader {
 
     /// Reads durable records from `from` on: at most `max_count` records and about
     /// `max_bytes` of bodies. Offsets deleted by retention are skipped.
-    pub fn read(&self, from: u64, max_count: usize, max_bytes: usize) -> Result<Vec<Record>, ReadError> {
+    pub fn read(
+        &self,
+        from: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, ReadError> {
         let mut out = Vec::new();
-        read_records(&self.log.files, from, self.durable_end(), max_count, max_bytes, &mut out)?;
+        read_records(
+            &self.log.files,
+            from,
+            self.durable_end(),
+            max_count,
+            max_bytes,
+            &mut out,
+        )?;
         Ok(out)
     }
 
     /// Bytes of segment files of this log.
     pub fn disk_bytes(&self) -> u64 {
-        self.log.files.read().unwrap_or_else(|e| e.into_inner()).disk_bytes()
+        self.log
+            .files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .disk_bytes()
     }
 }
 
@@ -197,18 +239,33 @@ impl Store {
         }
         let lock = lock_dir(dir)?;
         let recovered = recover(dir, &opts)?;
-        let Recovered { logs, next_uid, journal_id } = recovered;
+        let Recovered {
+            logs,
+            next_uid,
+            journal_id,
+        } = recovered;
 
-        let (journal, journal_len) = create_journal(dir, journal_id).map_err(|e| OpenError::io(dir, e))?;
+        let (journal, journal_len) =
+            create_journal(dir, journal_id).map_err(|e| OpenError::io(dir, e))?;
         let journal = Arc::new(journal);
         let mut shared_logs = HashMap::new();
         let mut writer_logs = HashMap::new();
         for (state, files) in logs {
             let end = state.next_offset;
-            let log = Arc::new(LogShared { files: RwLock::new(files), durable_end: AtomicU64::new(end) });
+            let log = Arc::new(LogShared {
+                files: RwLock::new(files),
+                durable_end: AtomicU64::new(end),
+            });
             shared_logs.insert(state.uid, log.clone());
             // Replayed appends are in the page cache only: the first checkpoint syncs them.
-            writer_logs.insert(state.uid, WriterLog { state, shared: log, dirty: true });
+            writer_logs.insert(
+                state.uid,
+                WriterLog {
+                    state,
+                    shared: log,
+                    dirty: true,
+                },
+            );
         }
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
@@ -246,7 +303,9 @@ impl Store {
             Ok(()) => {}
             Err(CheckpointError::Sync(e)) => return Err(OpenError::io(dir, e)),
             // Typically a full disk: serve from the replayed journal and checkpoint later.
-            Err(CheckpointError::Io(e)) => tracing::warn!(error = %e, "initial checkpoint failed; continuing on the journal"),
+            Err(CheckpointError::Io(e)) => {
+                tracing::warn!(error = %e, "initial checkpoint failed; continuing on the journal")
+            }
         }
         let recovered: Vec<RecoveredLog> = writer.logs.values().map(|l| l.state.clone()).collect();
 
@@ -260,7 +319,12 @@ impl Store {
             .name("tidewater-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| OpenError::io(dir, e))?;
-        let store = Store { shared, tx, threads: Mutex::new(vec![writer_thread, syncer]), _lock: lock };
+        let store = Store {
+            shared,
+            tx,
+            threads: Mutex::new(vec![writer_thread, syncer]),
+            _lock: lock,
+        };
         Ok((store, recovered))
     }
 
@@ -282,10 +346,15 @@ impl Store {
         if self.is_poisoned() {
             return done(Err(WriteError::Poisoned));
         }
-        match self.tx.try_send(Command::Write(Request { ops, level, done })) {
+        match self
+            .tx
+            .try_send(Command::Write(Request { ops, level, done }))
+        {
             Ok(()) => {}
             Err(TrySendError::Full(Command::Write(req))) => (req.done)(Err(WriteError::Overloaded)),
-            Err(TrySendError::Disconnected(Command::Write(req))) => (req.done)(Err(WriteError::ShuttingDown)),
+            Err(TrySendError::Disconnected(Command::Write(req))) => {
+                (req.done)(Err(WriteError::ShuttingDown))
+            }
             Err(_) => unreachable!("only writes are sent here"),
         }
     }
@@ -317,7 +386,12 @@ impl Store {
         if self.tx.send(Command::Shutdown(tx)).is_ok() {
             let _ = rx.recv();
         }
-        let threads: Vec<_> = self.threads.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
         for thread in threads {
             let _ = thread.join();
         }
@@ -347,7 +421,12 @@ pub fn disk_free_bytes(path: &Path) -> std::io::Result<u64> {
 fn lock_dir(dir: &Path) -> Result<File, OpenError> {
     use std::os::fd::AsRawFd;
     let path = dir.join("LOCK");
-    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| OpenError::io(&path, e))?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| OpenError::io(&path, e))?;
     // SAFETY: flock on a file descriptor we own.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -380,7 +459,12 @@ fn list_ids(dir: &Path, suffix: &str) -> std::io::Result<Vec<u64>> {
 
 fn create_journal(dir: &Path, id: u64) -> std::io::Result<(File, u64)> {
     let path = journal_path(dir, id);
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
     file.write_all_at(&journal_header(id), 0)?;
     file.sync_all()?;
     fsync_dir(&dir.join("journal"))?;
@@ -394,7 +478,11 @@ struct Recovered {
 }
 
 fn corrupt(path: &Path, position: u64, reason: impl ToString) -> OpenError {
-    OpenError::Corrupt { path: path.to_path_buf(), position, reason: reason.to_string() }
+    OpenError::Corrupt {
+        path: path.to_path_buf(),
+        position,
+        reason: reason.to_string(),
+    }
 }
 
 /// Loads the newest checkpoint, checks segments and replays the journals after it.
@@ -418,14 +506,25 @@ fn recover(dir: &Path, opts: &StoreOptions) -> Result<Recovered, OpenError> {
     for state in states.values() {
         let log_files = LogFiles::open(log_dir(dir, state.uid), state.uid, state.next_offset)?;
         if log_files.end() < state.next_offset {
-            return Err(corrupt(&log_files.dir, 0, format!("log ends at {} below its checkpoint {}", log_files.end(), state.next_offset)));
+            return Err(corrupt(
+                &log_files.dir,
+                0,
+                format!(
+                    "log ends at {} below its checkpoint {}",
+                    log_files.end(),
+                    state.next_offset
+                ),
+            ));
         }
         files.insert(state.uid, log_files);
     }
 
     let jdir = dir.join("journal");
-    let journals: Vec<u64> =
-        list_ids(&jdir, ".jnl").map_err(|e| OpenError::io(&jdir, e))?.into_iter().filter(|&id| id >= replay_from).collect();
+    let journals: Vec<u64> = list_ids(&jdir, ".jnl")
+        .map_err(|e| OpenError::io(&jdir, e))?
+        .into_iter()
+        .filter(|&id| id >= replay_from)
+        .collect();
     let mut next_journal = replay_from.max(1);
     for (idx, &id) in journals.iter().enumerate() {
         let last = idx + 1 == journals.len();
@@ -442,10 +541,12 @@ fn recover(dir: &Path, opts: &StoreOptions) -> Result<Recovered, OpenError> {
         while pos < bytes.len() {
             match decode_entry(&bytes[pos..]) {
                 Ok((entry, len)) => {
-                    apply_replayed(dir, &mut states, &mut files, &mut next_uid, entry).map_err(|e| match e {
-                        ReplayError::Open(e) => e,
-                        ReplayError::Corrupt(reason) => corrupt(&path, pos as u64, reason),
-                    })?;
+                    apply_replayed(dir, &mut states, &mut files, &mut next_uid, entry).map_err(
+                        |e| match e {
+                            ReplayError::Open(e) => e,
+                            ReplayError::Corrupt(reason) => corrupt(&path, pos as u64, reason),
+                        },
+                    )?;
                     pos += len;
                 }
                 Err(err) if last => {
@@ -462,7 +563,12 @@ fn recover(dir: &Path, opts: &StoreOptions) -> Result<Recovered, OpenError> {
     for (uid, state) in states {
         let mut log_files = files.remove(&uid).expect("files for every log");
         if log_files.end() > state.next_offset {
-            tracing::warn!(log = uid, segment_end = log_files.end(), journal_end = state.next_offset, "cutting unacknowledged segment tail");
+            tracing::warn!(
+                log = uid,
+                segment_end = log_files.end(),
+                journal_end = state.next_offset,
+                "cutting unacknowledged segment tail"
+            );
             log_files.truncate_to(state.next_offset)?;
         }
         logs.push((state, log_files));
@@ -477,7 +583,11 @@ fn recover(dir: &Path, opts: &StoreOptions) -> Result<Recovered, OpenError> {
         }
     }
     let _ = opts;
-    Ok(Recovered { logs, next_uid, journal_id: next_journal })
+    Ok(Recovered {
+        logs,
+        next_uid,
+        journal_id: next_journal,
+    })
 }
 
 enum ReplayError {
@@ -499,7 +609,10 @@ fn apply_replayed(
             let _ = fs::remove_dir_all(&path); // a fresh log starts empty
             let log_files = LogFiles::create(path, uid, 0).map_err(ReplayError::Open)?;
             files.insert(uid, log_files);
-            states.insert(uid, LogState::new(uid, name.to_string(), config.to_string()));
+            states.insert(
+                uid,
+                LogState::new(uid, name.to_string(), config.to_string()),
+            );
         }
         Entry::UpdateConfig { uid, config } => {
             if let Some(state) = states.get_mut(&uid) {
@@ -511,9 +624,13 @@ fn apply_replayed(
             files.remove(&uid);
         }
         Entry::Data { batch } => {
-            let header = BatchHeader::decode(batch).map_err(|e| ReplayError::Corrupt(e.to_string()))?;
+            let header =
+                BatchHeader::decode(batch).map_err(|e| ReplayError::Corrupt(e.to_string()))?;
             let Some(state) = states.get_mut(&header.log_uid) else {
-                return Err(ReplayError::Corrupt(format!("data for unknown log {}", header.log_uid)));
+                return Err(ReplayError::Corrupt(format!(
+                    "data for unknown log {}",
+                    header.log_uid
+                )));
             };
             let log_files = files.get_mut(&header.log_uid).expect("files for every log");
             if header.base_offset != state.next_offset {
@@ -525,9 +642,13 @@ fn apply_replayed(
             let end = header.base_offset + header.count as u64;
             let seg_end = log_files.end();
             if seg_end == header.base_offset {
-                append_to_segment(log_files, batch, u64::MAX).map_err(|e| ReplayError::Open(OpenError::io(&log_files.dir, e)))?;
+                append_to_segment(log_files, batch, u64::MAX)
+                    .map_err(|e| ReplayError::Open(OpenError::io(&log_files.dir, e)))?;
             } else if seg_end < header.base_offset {
-                return Err(ReplayError::Corrupt(format!("segment ends at {seg_end}, before replayed batch {}", header.base_offset)));
+                return Err(ReplayError::Corrupt(format!(
+                    "segment ends at {seg_end}, before replayed batch {}",
+                    header.base_offset
+                )));
             }
             state.next_offset = end;
         }
@@ -536,7 +657,14 @@ fn apply_replayed(
                 state.settle(&ranges);
             }
         }
-        Entry::Retry { uid, offset, deliver_at_ms, delivery_count, at_ms, error } => {
+        Entry::Retry {
+            uid,
+            offset,
+            deliver_at_ms,
+            delivery_count,
+            at_ms,
+            error,
+        } => {
             if let Some(state) = states.get_mut(&uid) {
                 state.record_retry(offset, deliver_at_ms, delivery_count, at_ms, error);
             }
@@ -597,7 +725,10 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), FormatError> 
     if crc32c::crc32c(payload) != crc {
         return Err(FormatError::BadChecksum);
     }
-    let mut cur = Cursor { buf: payload, pos: 0 };
+    let mut cur = Cursor {
+        buf: payload,
+        pos: 0,
+    };
     let next_uid = cur.u64()?;
     let n = cur.u64()?;
     let mut logs = Vec::new();
@@ -644,7 +775,12 @@ impl Writer {
         while shutdown_reply.is_none() {
             let first = match carry.take() {
                 Some(cmd) => cmd,
-                None => match rx.recv_timeout(self.shared.opts.checkpoint_interval.min(Duration::from_secs(1))) {
+                None => match rx.recv_timeout(
+                    self.shared
+                        .opts
+                        .checkpoint_interval
+                        .min(Duration::from_secs(1)),
+                ) {
                     Ok(cmd) => cmd,
                     Err(RecvTimeoutError::Timeout) => {
                         self.maybe_checkpoint();
@@ -709,7 +845,8 @@ impl Writer {
             return;
         }
         let due = self.journal_len >= self.shared.opts.journal_roll_bytes
-            || (self.changed_since_checkpoint && self.last_checkpoint.elapsed() >= self.shared.opts.checkpoint_interval);
+            || (self.changed_since_checkpoint
+                && self.last_checkpoint.elapsed() >= self.shared.opts.checkpoint_interval);
         if due {
             self.run_checkpoint();
         }
@@ -718,7 +855,9 @@ impl Writer {
     fn run_checkpoint(&mut self) {
         match self.checkpoint() {
             Ok(()) => {}
-            Err(CheckpointError::Sync(err)) => self.shared.poison(&format!("checkpoint fsync failed: {err}")),
+            Err(CheckpointError::Sync(err)) => self
+                .shared
+                .poison(&format!("checkpoint fsync failed: {err}")),
             Err(CheckpointError::Io(err)) => {
                 tracing::warn!(error = %err, "checkpoint failed; the journal keeps everything, retrying in 1 s");
                 self.checkpoint_retry_at = Instant::now() + Duration::from_secs(1);
@@ -737,7 +876,12 @@ impl Writer {
             }
             return;
         }
-        let mut jbuf = Vec::with_capacity(round.iter().map(|r| r.ops.iter().map(op_size).sum::<usize>() + 64).sum());
+        let mut jbuf = Vec::with_capacity(
+            round
+                .iter()
+                .map(|r| r.ops.iter().map(op_size).sum::<usize>() + 64)
+                .sum(),
+        );
         // Per log: tentative next offset and the batches to write through to its segment.
         let mut next: HashMap<u64, u64> = HashMap::new();
         let mut seg_bufs: HashMap<u64, Vec<u8>> = HashMap::new();
@@ -761,7 +905,9 @@ impl Writer {
                 let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
                 marks.push((*uid, files.mark()));
                 log.dirty = true;
-                if let Err(err) = append_to_segment(&mut files, bytes, self.shared.opts.segment_roll_bytes) {
+                if let Err(err) =
+                    append_to_segment(&mut files, bytes, self.shared.opts.segment_roll_bytes)
+                {
                     result = Err(err);
                     break;
                 }
@@ -774,7 +920,8 @@ impl Writer {
                 let log = &self.logs[&uid];
                 let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
                 if let Err(undo) = files.rollback(mark) {
-                    self.shared.poison(&format!("could not undo a failed write: {undo}"));
+                    self.shared
+                        .poison(&format!("could not undo a failed write: {undo}"));
                 }
             }
             let error = WriteError::from_io(&err);
@@ -784,17 +931,32 @@ impl Writer {
             return;
         }
         self.journal_len += jbuf.len() as u64;
-        self.shared.journal_bytes.store(self.journal_len, Ordering::Relaxed);
+        self.shared
+            .journal_bytes
+            .store(self.journal_len, Ordering::Relaxed);
         self.changed_since_checkpoint = true;
         // Apply the durable state in order.
         for s in &staged {
             for op in &s.req.ops {
                 match op {
                     Op::Append { .. } => {}
-                    Op::Settle { uid, ranges } => self.logs.get_mut(uid).unwrap().state.settle(ranges),
-                    Op::Retry { uid, offset, deliver_at_ms, delivery_count, at_ms, error } => {
-                        self.logs.get_mut(uid).unwrap().state.record_retry(*offset, *deliver_at_ms, *delivery_count, *at_ms, error)
+                    Op::Settle { uid, ranges } => {
+                        self.logs.get_mut(uid).unwrap().state.settle(ranges)
                     }
+                    Op::Retry {
+                        uid,
+                        offset,
+                        deliver_at_ms,
+                        delivery_count,
+                        at_ms,
+                        error,
+                    } => self.logs.get_mut(uid).unwrap().state.record_retry(
+                        *offset,
+                        *deliver_at_ms,
+                        *delivery_count,
+                        *at_ms,
+                        error,
+                    ),
                     _ => unreachable!("meta ops are written alone"),
                 }
             }
@@ -818,10 +980,13 @@ impl Writer {
         for op in &req.ops {
             let uid = op_uid(op);
             let log = self.logs.get(&uid).ok_or(WriteError::UnknownLog(uid))?;
-            let end = *tentative.entry(uid).or_insert_with(|| *next.get(&uid).unwrap_or(&log.state.next_offset));
+            let end = *tentative
+                .entry(uid)
+                .or_insert_with(|| *next.get(&uid).unwrap_or(&log.state.next_offset));
             match op {
                 Op::Append { batch, .. } => {
-                    let header = check_batch(batch).map_err(|e| WriteError::Invalid(format!("bad batch: {e}")))?;
+                    let header = check_batch(batch)
+                        .map_err(|e| WriteError::Invalid(format!("bad batch: {e}")))?;
                     if header.log_uid != uid || header.total_len() != batch.len() {
                         return Err(WriteError::Invalid("batch does not match its log".into()));
                     }
@@ -829,7 +994,9 @@ impl Writer {
                 }
                 Op::Settle { ranges, .. } => {
                     if ranges.iter().any(|r| r.start > r.end || r.end > end) {
-                        return Err(WriteError::Invalid("settle range beyond the log end".into()));
+                        return Err(WriteError::Invalid(
+                            "settle range beyond the log end".into(),
+                        ));
                     }
                 }
                 Op::Retry { offset, .. } => {
@@ -849,14 +1016,30 @@ impl Writer {
                     let header = BatchHeader::decode(batch).expect("checked above");
                     encode_entry(jbuf, &Entry::Data { batch });
                     seg_bufs.entry(*uid).or_default().extend_from_slice(batch);
-                    results.push(OpResult::Appended { base_offset: *end, count: header.count });
+                    results.push(OpResult::Appended {
+                        base_offset: *end,
+                        count: header.count,
+                    });
                     *end += header.count as u64;
                 }
                 Op::Settle { uid, ranges } => {
-                    encode_entry(jbuf, &Entry::Settle { uid: *uid, ranges: ranges.clone() });
+                    encode_entry(
+                        jbuf,
+                        &Entry::Settle {
+                            uid: *uid,
+                            ranges: ranges.clone(),
+                        },
+                    );
                     results.push(OpResult::Done);
                 }
-                Op::Retry { uid, offset, deliver_at_ms, delivery_count, at_ms, error } => {
+                Op::Retry {
+                    uid,
+                    offset,
+                    deliver_at_ms,
+                    delivery_count,
+                    at_ms,
+                    error,
+                } => {
                     encode_entry(
                         jbuf,
                         &Entry::Retry {
@@ -915,7 +1098,9 @@ impl Writer {
                     let uid = self.next_uid + created.len() as u64;
                     let files = match LogFiles::create(log_dir(&self.shared.dir, uid), uid, 0) {
                         Ok(files) => files,
-                        Err(OpenError::Io { source, .. }) => return (req.done)(Err(WriteError::from_io(&source))),
+                        Err(OpenError::Io { source, .. }) => {
+                            return (req.done)(Err(WriteError::from_io(&source)));
+                        }
                         Err(other) => return (req.done)(Err(WriteError::Io(other.to_string()))),
                     };
                     encode_entry(&mut jbuf, &Entry::CreateLog { uid, name, config });
@@ -938,7 +1123,11 @@ impl Writer {
                     deleted.push(*uid);
                     results.push(OpResult::Done);
                 }
-                _ => return (req.done)(Err(WriteError::Invalid("data ops cannot share a request with meta ops".into()))),
+                _ => {
+                    return (req.done)(Err(WriteError::Invalid(
+                        "data ops cannot share a request with meta ops".into(),
+                    )));
+                }
             }
         }
         if let Err(err) = self.journal.write_all_at(&jbuf, self.journal_len) {
@@ -953,9 +1142,19 @@ impl Writer {
         self.next_uid += created.len() as u64;
         let mut shared_logs = self.shared.logs.write().unwrap_or_else(|e| e.into_inner());
         for (state, files) in created {
-            let shared = Arc::new(LogShared { files: RwLock::new(files), durable_end: AtomicU64::new(0) });
+            let shared = Arc::new(LogShared {
+                files: RwLock::new(files),
+                durable_end: AtomicU64::new(0),
+            });
             shared_logs.insert(state.uid, shared.clone());
-            self.logs.insert(state.uid, WriterLog { state, shared, dirty: false });
+            self.logs.insert(
+                state.uid,
+                WriterLog {
+                    state,
+                    shared,
+                    dirty: false,
+                },
+            );
         }
         for (uid, config) in updated {
             if let Some(log) = self.logs.get_mut(&uid) {
@@ -1021,7 +1220,8 @@ impl Writer {
         if fsync {
             file.sync_all().map_err(CheckpointError::Sync)?;
         }
-        fs::rename(&tmp, ckpt_dir.join(format!("{new_id:020}.ckpt"))).map_err(CheckpointError::Io)?;
+        fs::rename(&tmp, ckpt_dir.join(format!("{new_id:020}.ckpt")))
+            .map_err(CheckpointError::Io)?;
         if fsync {
             fsync_dir(&ckpt_dir).map_err(CheckpointError::Sync)?;
         }
@@ -1034,7 +1234,9 @@ impl Writer {
         self.journal = journal;
         self.journal_id = new_id;
         self.journal_len = journal_len;
-        self.shared.journal_bytes.store(journal_len, Ordering::Relaxed);
+        self.shared
+            .journal_bytes
+            .store(journal_len, Ordering::Relaxed);
         self.changed_since_checkpoint = false;
         self.last_checkpoint = Instant::now();
         if let Err(err) = self.remove_obsolete(&dir, new_id) {
@@ -1057,7 +1259,12 @@ impl Writer {
             }
         }
         for log in self.logs.values() {
-            let removed = log.shared.files.write().unwrap_or_else(|e| e.into_inner()).remove_settled(log.state.ack_floor);
+            let removed = log
+                .shared
+                .files
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove_settled(log.state.ack_floor);
             for path in removed {
                 fs::remove_file(&path)?;
             }

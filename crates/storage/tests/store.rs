@@ -7,19 +7,36 @@ use std::time::Duration;
 use tidewater_storage::{AckLevel, BatchBuilder, NewRecord, Op, OpResult, Store, StoreOptions};
 
 fn opts() -> StoreOptions {
-    StoreOptions { fsync: false, checkpoint_interval: Duration::from_secs(3600), ..StoreOptions::default() }
+    StoreOptions {
+        fsync: false,
+        checkpoint_interval: Duration::from_secs(3600),
+        ..StoreOptions::default()
+    }
 }
 
 fn batch(uid: u64, bodies: &[&str]) -> Vec<u8> {
     let mut builder = BatchBuilder::new(uid, 1_000);
     for body in bodies {
-        builder.push(&NewRecord { id: body.as_bytes(), body: body.as_bytes(), ..Default::default() });
+        builder.push(&NewRecord {
+            id: body.as_bytes(),
+            body: body.as_bytes(),
+            ..Default::default()
+        });
     }
     builder.finish()
 }
 
 fn create(store: &Store, name: &str) -> u64 {
-    match store.submit_wait(vec![Op::CreateLog { name: name.into(), config: "{}".into() }], AckLevel::Durable).unwrap()[0] {
+    match store
+        .submit_wait(
+            vec![Op::CreateLog {
+                name: name.into(),
+                config: "{}".into(),
+            }],
+            AckLevel::Durable,
+        )
+        .unwrap()[0]
+    {
         OpResult::Created { uid } => uid,
         ref other => panic!("unexpected {other:?}"),
     }
@@ -27,7 +44,12 @@ fn create(store: &Store, name: &str) -> u64 {
 
 fn bodies(store: &Store, uid: u64, from: u64) -> Vec<String> {
     let reader = store.reader(uid).unwrap();
-    reader.read(from, usize::MAX, usize::MAX).unwrap().into_iter().map(|r| String::from_utf8(r.body).unwrap()).collect()
+    reader
+        .read(from, usize::MAX, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|r| String::from_utf8(r.body).unwrap())
+        .collect()
 }
 
 #[test]
@@ -38,16 +60,60 @@ fn appended_batches_survive_reopen_with_offsets_and_settled_state() {
         let (store, recovered) = Store::open(dir.path(), opts()).unwrap();
         assert!(recovered.is_empty());
         uid = create(&store, "orders");
-        let first = store.submit_wait(vec![Op::Append { uid, batch: batch(uid, &["a", "b", "c"]) }], AckLevel::Durable).unwrap();
-        assert_eq!(first, vec![OpResult::Appended { base_offset: 0, count: 3 }]);
-        let second = store.submit_wait(vec![Op::Append { uid, batch: batch(uid, &["d"]) }], AckLevel::Written).unwrap();
-        assert_eq!(second, vec![OpResult::Appended { base_offset: 3, count: 1 }]);
-        store.submit_wait(vec![Op::Settle { uid, ranges: vec![0..1, 2..3] }], AckLevel::Durable).unwrap();
-        store.submit_wait(
-            vec![Op::Retry { uid, offset: 1, deliver_at_ms: 50, delivery_count: 2, at_ms: 40, error: "nope".into() }],
-            AckLevel::Durable,
-        )
-        .unwrap();
+        let first = store
+            .submit_wait(
+                vec![Op::Append {
+                    uid,
+                    batch: batch(uid, &["a", "b", "c"]),
+                }],
+                AckLevel::Durable,
+            )
+            .unwrap();
+        assert_eq!(
+            first,
+            vec![OpResult::Appended {
+                base_offset: 0,
+                count: 3
+            }]
+        );
+        let second = store
+            .submit_wait(
+                vec![Op::Append {
+                    uid,
+                    batch: batch(uid, &["d"]),
+                }],
+                AckLevel::Written,
+            )
+            .unwrap();
+        assert_eq!(
+            second,
+            vec![OpResult::Appended {
+                base_offset: 3,
+                count: 1
+            }]
+        );
+        store
+            .submit_wait(
+                vec![Op::Settle {
+                    uid,
+                    ranges: vec![0..1, 2..3],
+                }],
+                AckLevel::Durable,
+            )
+            .unwrap();
+        store
+            .submit_wait(
+                vec![Op::Retry {
+                    uid,
+                    offset: 1,
+                    deliver_at_ms: 50,
+                    delivery_count: 2,
+                    at_ms: 40,
+                    error: "nope".into(),
+                }],
+                AckLevel::Durable,
+            )
+            .unwrap();
         assert_eq!(bodies(&store, uid, 0), ["a", "b", "c", "d"]);
         assert_eq!(bodies(&store, uid, 2), ["c", "d"]);
         // No clean shutdown: drop the process state by leaking the store's threads' work.
@@ -61,14 +127,31 @@ fn appended_batches_survive_reopen_with_offsets_and_settled_state() {
     let (store, recovered) = Store::open(copy.path(), opts()).unwrap();
     assert_eq!(recovered.len(), 1);
     let log = &recovered[0];
-    assert_eq!((log.uid, log.name.as_str(), log.next_offset, log.ack_floor), (uid, "orders", 4, 1));
+    assert_eq!(
+        (log.uid, log.name.as_str(), log.next_offset, log.ack_floor),
+        (uid, "orders", 4, 1)
+    );
     assert!(log.settled.contains(2));
     assert_eq!(log.retries[&1].delivery_count, 2);
     assert_eq!(log.retries[&1].errors[0].1, "nope");
     // Settled offsets are still readable until their segment is deleted.
     assert_eq!(bodies(&store, uid, 0), ["a", "b", "c", "d"]);
-    let next = store.submit_wait(vec![Op::Append { uid, batch: batch(uid, &["e"]) }], AckLevel::Durable).unwrap();
-    assert_eq!(next, vec![OpResult::Appended { base_offset: 4, count: 1 }]);
+    let next = store
+        .submit_wait(
+            vec![Op::Append {
+                uid,
+                batch: batch(uid, &["e"]),
+            }],
+            AckLevel::Durable,
+        )
+        .unwrap();
+    assert_eq!(
+        next,
+        vec![OpResult::Appended {
+            base_offset: 4,
+            count: 1
+        }]
+    );
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -91,7 +174,15 @@ fn a_torn_journal_tail_is_cut_and_earlier_entries_kept() {
     {
         let (store, _) = Store::open(dir.path(), opts()).unwrap();
         uid = create(&store, "q");
-        store.submit_wait(vec![Op::Append { uid, batch: batch(uid, &["one", "two"]) }], AckLevel::Durable).unwrap();
+        store
+            .submit_wait(
+                vec![Op::Append {
+                    uid,
+                    batch: batch(uid, &["one", "two"]),
+                }],
+                AckLevel::Durable,
+            )
+            .unwrap();
         std::mem::forget(store);
     }
     let copy = tempfile::tempdir().unwrap();
@@ -99,20 +190,54 @@ fn a_torn_journal_tail_is_cut_and_earlier_entries_kept() {
     fs::remove_file(copy.path().join("LOCK")).unwrap();
     // Garbage and a half entry after the last good one, and the segment lost its tail.
     let journal_dir = copy.path().join("journal");
-    let newest = fs::read_dir(&journal_dir).unwrap().map(|e| e.unwrap().path()).max().unwrap();
+    let newest = fs::read_dir(&journal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
     let mut file = OpenOptions::new().append(true).open(&newest).unwrap();
-    file.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 4, 9, 9]).unwrap();
+    file.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 4, 9, 9])
+        .unwrap();
     drop(file);
-    let log_dir = fs::read_dir(copy.path().join("logs")).unwrap().next().unwrap().unwrap().path();
-    let seg = fs::read_dir(&log_dir).unwrap().next().unwrap().unwrap().path();
+    let log_dir = fs::read_dir(copy.path().join("logs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let seg = fs::read_dir(&log_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let len = fs::metadata(&seg).unwrap().len();
-    OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 3).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
 
     let (store, recovered) = Store::open(copy.path(), opts()).unwrap();
     assert_eq!(recovered[0].next_offset, 2);
     assert_eq!(bodies(&store, uid, 0), ["one", "two"]);
-    let next = store.submit_wait(vec![Op::Append { uid, batch: batch(uid, &["three"]) }], AckLevel::Durable).unwrap();
-    assert_eq!(next, vec![OpResult::Appended { base_offset: 2, count: 1 }]);
+    let next = store
+        .submit_wait(
+            vec![Op::Append {
+                uid,
+                batch: batch(uid, &["three"]),
+            }],
+            AckLevel::Durable,
+        )
+        .unwrap();
+    assert_eq!(
+        next,
+        vec![OpResult::Appended {
+            base_offset: 2,
+            count: 1
+        }]
+    );
     drop(store);
     let (store, _) = Store::open(copy.path(), opts()).unwrap();
     assert_eq!(bodies(&store, uid, 0), ["one", "two", "three"]);
@@ -121,28 +246,71 @@ fn a_torn_journal_tail_is_cut_and_earlier_entries_kept() {
 #[test]
 fn settled_segments_are_deleted_at_checkpoint_and_reads_skip_them() {
     let dir = tempfile::tempdir().unwrap();
-    let small = StoreOptions { segment_roll_bytes: 1024, journal_roll_bytes: 16 << 10, ..opts() };
+    let small = StoreOptions {
+        segment_roll_bytes: 1024,
+        journal_roll_bytes: 16 << 10,
+        ..opts()
+    };
     let (store, _) = Store::open(dir.path(), small.clone()).unwrap();
     let uid = create(&store, "q");
     let body = "x".repeat(200);
     for _ in 0..200 {
-        store.submit_wait(vec![Op::Append { uid, batch: batch(uid, &[&body]) }], AckLevel::Durable).unwrap();
+        store
+            .submit_wait(
+                vec![Op::Append {
+                    uid,
+                    batch: batch(uid, &[&body]),
+                }],
+                AckLevel::Durable,
+            )
+            .unwrap();
     }
-    let log_dir = fs::read_dir(dir.path().join("logs")).unwrap().next().unwrap().unwrap().path();
+    let log_dir = fs::read_dir(dir.path().join("logs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let segments_before = fs::read_dir(&log_dir).unwrap().count();
     assert!(segments_before > 10, "{segments_before} segments");
-    store.submit_wait(vec![Op::Settle { uid, ranges: vec![0..190] }], AckLevel::Durable).unwrap();
+    store
+        .submit_wait(
+            vec![Op::Settle {
+                uid,
+                ranges: vec![0..190],
+            }],
+            AckLevel::Durable,
+        )
+        .unwrap();
     // Enough journal traffic to roll the journal and so checkpoint.
     for _ in 0..400 {
-        store.submit_wait(vec![Op::Settle { uid, ranges: vec![0..190] }], AckLevel::Durable).unwrap();
+        store
+            .submit_wait(
+                vec![Op::Settle {
+                    uid,
+                    ranges: vec![0..190],
+                }],
+                AckLevel::Durable,
+            )
+            .unwrap();
     }
     let segments_after = fs::read_dir(&log_dir).unwrap().count();
-    assert!(segments_after < 5, "{segments_before} -> {segments_after} segments");
-    let remaining = store.reader(uid).unwrap().read(0, usize::MAX, usize::MAX).unwrap();
+    assert!(
+        segments_after < 5,
+        "{segments_before} -> {segments_after} segments"
+    );
+    let remaining = store
+        .reader(uid)
+        .unwrap()
+        .read(0, usize::MAX, usize::MAX)
+        .unwrap();
     assert!(remaining.first().unwrap().offset <= 190 && remaining.last().unwrap().offset == 199);
     drop(store);
     let (_store, recovered) = Store::open(dir.path(), small).unwrap();
-    assert_eq!((recovered[0].ack_floor, recovered[0].next_offset), (190, 200));
+    assert_eq!(
+        (recovered[0].ack_floor, recovered[0].next_offset),
+        (190, 200)
+    );
 }
 
 #[test]
@@ -153,11 +321,49 @@ fn a_refused_request_leaves_nothing_behind() {
     let mut bad = batch(uid, &["x"]);
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    assert!(store.submit_wait(vec![Op::Append { uid, batch: bad }], AckLevel::Durable).is_err());
-    assert!(store.submit_wait(vec![Op::Settle { uid, ranges: vec![0..5] }], AckLevel::Durable).is_err());
-    assert!(store.submit_wait(vec![Op::Append { uid: 99, batch: batch(99, &["x"]) }], AckLevel::Durable).is_err());
-    let ok = store.submit_wait(vec![Op::Append { uid, batch: batch(uid, &["y"]) }], AckLevel::Durable).unwrap();
-    assert_eq!(ok, vec![OpResult::Appended { base_offset: 0, count: 1 }]);
+    assert!(
+        store
+            .submit_wait(vec![Op::Append { uid, batch: bad }], AckLevel::Durable)
+            .is_err()
+    );
+    assert!(
+        store
+            .submit_wait(
+                vec![Op::Settle {
+                    uid,
+                    ranges: vec![0..5]
+                }],
+                AckLevel::Durable
+            )
+            .is_err()
+    );
+    assert!(
+        store
+            .submit_wait(
+                vec![Op::Append {
+                    uid: 99,
+                    batch: batch(99, &["x"])
+                }],
+                AckLevel::Durable
+            )
+            .is_err()
+    );
+    let ok = store
+        .submit_wait(
+            vec![Op::Append {
+                uid,
+                batch: batch(uid, &["y"]),
+            }],
+            AckLevel::Durable,
+        )
+        .unwrap();
+    assert_eq!(
+        ok,
+        vec![OpResult::Appended {
+            base_offset: 0,
+            count: 1
+        }]
+    );
     drop(store);
     let (store, recovered) = Store::open(dir.path(), opts()).unwrap();
     assert_eq!(recovered[0].next_offset, 1);
@@ -170,11 +376,24 @@ fn deleted_logs_lose_their_files_and_stay_deleted() {
     let (store, _) = Store::open(dir.path(), opts()).unwrap();
     let keep = create(&store, "keep");
     let gone = create(&store, "gone");
-    store.submit_wait(vec![Op::Append { uid: gone, batch: batch(gone, &["x"]) }], AckLevel::Durable).unwrap();
-    store.submit_wait(vec![Op::DeleteLog { uid: gone }], AckLevel::Durable).unwrap();
+    store
+        .submit_wait(
+            vec![Op::Append {
+                uid: gone,
+                batch: batch(gone, &["x"]),
+            }],
+            AckLevel::Durable,
+        )
+        .unwrap();
+    store
+        .submit_wait(vec![Op::DeleteLog { uid: gone }], AckLevel::Durable)
+        .unwrap();
     assert!(store.reader(gone).is_none());
     drop(store);
     let (_store, recovered) = Store::open(dir.path(), opts()).unwrap();
-    assert_eq!(recovered.iter().map(|l| l.uid).collect::<Vec<_>>(), vec![keep]);
+    assert_eq!(
+        recovered.iter().map(|l| l.uid).collect::<Vec<_>>(),
+        vec![keep]
+    );
     assert_eq!(fs::read_dir(dir.path().join("logs")).unwrap().count(), 1);
 }
