@@ -237,3 +237,57 @@ impl From<tidewater_storage::WriteError> for BrokerError {
         }
     }
 }
+
+/// The text of docs/errors.md (kept in sync by a test).
+pub fn errors_markdown() -> String {
+    let mut out = String::from(
+        "# Error codes\n\n\
+         Every non-2xx reply of the HTTP API has the body `{\"code\": \"...\", \"message\": \"...\"}`; refusals\n\
+         that should be retried (429, 507) also carry `retry_after_ms` and a `Retry-After` header (seconds).\n\
+         Codes are stable: a code keeps its meaning forever and a retired code is never reused.\n\
+         Per-receipt failures of ack, nack and extend use `invalid_receipt` and `stale_receipt` inside a 200 reply.\n\n\
+         This file is generated from `crates/core/src/error.rs` by `UPDATE_DOCS=1 cargo test -p tidewater-core docs`.\n\n\
+         | code | HTTP status | meaning and what to do |\n|---|---|---|\n",
+    );
+    for code in ErrorCode::ALL {
+        out.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            code.as_str(),
+            code.http_status(),
+            code.meaning()
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "duplicate {code}");
+            assert!(
+                code.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+            );
+        }
+    }
+
+    #[test]
+    fn docs_errors_md_is_up_to_date() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/errors.md");
+        let expected = errors_markdown();
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            std::fs::write(path, &expected).unwrap();
+        }
+        let actual = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            actual == expected,
+            "docs/errors.md is stale: run `UPDATE_DOCS=1 cargo test -p tidewater-core docs`"
+        );
+    }
+}

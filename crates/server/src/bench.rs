@@ -15,9 +15,10 @@ use crate::client::Client;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Benchmark a running server instead of starting one.
-    #[arg(long)]
-    pub server: Option<String>,
+    /// Benchmark a running server at this URL instead of starting one (RSS and CPU are then
+    /// not measured).
+    #[arg(long, value_name = "URL")]
+    pub target: Option<String>,
     /// Messages to publish and consume.
     #[arg(long, default_value_t = 1_000_000)]
     pub messages: u64,
@@ -153,7 +154,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.batch == 0 || args.producers == 0 || args.consumers == 0 || args.receive_batch == 0 {
         bail!("--batch, --producers, --consumers and --receive-batch must be at least 1");
     }
-    let (url, spawned) = match &args.server {
+    let (url, spawned) = match &args.target {
         Some(url) => (url.clone(), None),
         None => {
             let (url, spawned) = spawn_server()?;

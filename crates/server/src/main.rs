@@ -53,7 +53,7 @@ enum Commands {
     /// Inspect and redrive dead-letter queues.
     #[command(subcommand)]
     Dlq(cli::DlqCommand),
-    /// Benchmark publish and receive+ack over HTTP (starts its own server unless --server-url).
+    /// Benchmark publish and receive+ack over HTTP (starts its own server unless --target URL).
     Bench(bench::BenchArgs),
 }
 

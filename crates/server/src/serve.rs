@@ -264,3 +264,30 @@ mod tests {
         assert!(format!("{err:#}").contains("listn"), "{err:#}");
     }
 }
+
+#[cfg(test)]
+mod docs {
+    #[test]
+    fn configuration_md_lists_every_setting() {
+        let doc = include_str!("../../../docs/configuration.md");
+        let limits = serde_json::to_value(tidewater_core::Limits::default()).unwrap();
+        let mut keys: Vec<String> = limits.as_object().unwrap().keys().cloned().collect();
+        keys.extend(
+            [
+                "fsync",
+                "journal_roll_bytes",
+                "segment_roll_bytes",
+                "checkpoint_interval_ms",
+                "write_queue_capacity",
+                "max_request_bytes",
+            ]
+            .map(String::from),
+        );
+        for key in keys {
+            assert!(
+                doc.contains(&format!("`{key}`")),
+                "docs/configuration.md does not document `{key}`"
+            );
+        }
+    }
+}
