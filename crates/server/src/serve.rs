@@ -126,6 +126,10 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             segment_roll_bytes: s.segment_roll_bytes,
             checkpoint_interval: Duration::from_millis(s.checkpoint_interval_ms.max(100)),
             write_queue_capacity: s.write_queue_capacity,
+            // Fault injection for the test suite only; not a configuration setting.
+            fail_fsync_at: std::env::var("TIDEWATER_FAULT_FAIL_FSYNC_AT")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             ..StoreOptions::default()
         },
     })

@@ -165,3 +165,26 @@ fn a_really_full_disk_refuses_writes_and_loses_nothing() {
     let server = Server::start(&data, Some(config));
     assert_eq!(ids(&server.peek_all("fill")), accepted);
 }
+
+#[test]
+fn a_failed_fsync_stops_the_process_with_a_clear_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // fsync #1 covers the queue's creation; #2 (the publish) fails.
+    let mut server = Server::start_env(&data, None, &[("TIDEWATER_FAULT_FAIL_FSYNC_AT", "2")]);
+    server.create_queue("q", json!({}));
+    let result = server.try_call(
+        "POST",
+        "/v1/queues/q/messages",
+        Some(&json!({"messages": [{"body": "x"}]})),
+    );
+    assert!(
+        !matches!(result, Ok((200, _))),
+        "a publish whose fsync failed must not be acknowledged: {result:?}"
+    );
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(74), "exit status EX_IOERR");
+    // Restart recovers from the journal and serves again.
+    let server = Server::start(&data, None);
+    server.publish("q", json!([{"body": "after restart"}]));
+}

@@ -35,8 +35,14 @@ impl Server {
     }
 
     fn start_with(data: &Path, config: Option<PathBuf>) -> Server {
+        Server::start_env(data, config, &[])
+    }
+
+    /// Starts with extra environment variables (fault injection).
+    pub fn start_env(data: &Path, config: Option<PathBuf>, env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let mut command = Command::new(BIN);
+        command.envs(env.iter().copied());
         command
             .args(["serve", "--data"])
             .arg(data)

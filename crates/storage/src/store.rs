@@ -55,6 +55,8 @@ pub struct StoreOptions {
     pub write_queue_capacity: usize,
     /// Bytes staged per writer round (one larger request is written alone).
     pub max_round_bytes: usize,
+    /// Fault injection for tests: the journal fsync number N (1-based) fails with EIO.
+    pub fail_fsync_at: Option<u64>,
 }
 
 impl Default for StoreOptions {
@@ -66,6 +68,7 @@ impl Default for StoreOptions {
             checkpoint_interval: Duration::from_secs(30),
             write_queue_capacity: 16_384,
             max_round_bytes: 4 << 20,
+            fail_fsync_at: None,
         }
     }
 }
@@ -1313,6 +1316,7 @@ fn op_size(op: &Op) -> usize {
 }
 
 fn syncer_loop(shared: &Shared) {
+    let mut n_syncs: u64 = 0;
     loop {
         let (target, journal) = {
             let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
@@ -1327,7 +1331,13 @@ fn syncer_loop(shared: &Shared) {
         let failed = if shared.poisoned.load(Ordering::SeqCst) {
             true
         } else if shared.opts.fsync
-            && let Err(err) = journal.sync_data()
+            && let Err(err) = {
+                n_syncs += 1;
+                match shared.opts.fail_fsync_at {
+                    Some(at) if at == n_syncs => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+                    _ => journal.sync_data(),
+                }
+            }
         {
             // Never retry an fsync: the kernel may have dropped the dirty pages already.
             shared.poison(&format!("fdatasync of the journal failed: {err}"));

@@ -397,3 +397,70 @@ fn deleted_logs_lose_their_files_and_stay_deleted() {
     );
     assert_eq!(fs::read_dir(dir.path().join("logs")).unwrap().count(), 1);
 }
+
+#[test]
+fn a_failed_fsync_poisons_the_store_and_is_never_retried() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    // fsync #1 covers the create; #2 fails.
+    let options = StoreOptions {
+        fsync: true,
+        fail_fsync_at: Some(2),
+        ..opts()
+    };
+    let (store, _) = Store::open(dir.path(), options).unwrap();
+    let fatal_calls = Arc::new(AtomicUsize::new(0));
+    let counter = fatal_calls.clone();
+    store.set_fatal_listener(Arc::new(move |what| {
+        assert!(what.contains("fdatasync"), "{what}");
+        counter.fetch_add(1, Ordering::SeqCst);
+    }));
+    let uid = create(&store, "q");
+    let failed = store.submit_wait(
+        vec![Op::Append {
+            uid,
+            batch: batch(uid, &["lost?"]),
+        }],
+        AckLevel::Durable,
+    );
+    assert!(
+        matches!(failed, Err(tidewater_storage::WriteError::Poisoned)),
+        "{failed:?}"
+    );
+    assert!(store.is_poisoned());
+    for level in [AckLevel::Durable, AckLevel::Written] {
+        let refused = store.submit_wait(
+            vec![Op::Append {
+                uid,
+                batch: batch(uid, &["after"]),
+            }],
+            level,
+        );
+        assert!(
+            matches!(refused, Err(tidewater_storage::WriteError::Poisoned)),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(
+        fatal_calls.load(Ordering::SeqCst),
+        1,
+        "the fatal listener runs once"
+    );
+    drop(store);
+    // A restart recovers from the journal: the write whose fsync failed was never acknowledged,
+    // so whether it is there or not, the store opens and accepts writes again.
+    let (store, recovered) = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(recovered.len(), 1);
+    assert!(
+        store
+            .submit_wait(
+                vec![Op::Append {
+                    uid,
+                    batch: batch(uid, &["again"])
+                }],
+                AckLevel::Durable
+            )
+            .is_ok()
+    );
+}
