@@ -946,6 +946,20 @@ impl Broker {
         }
     }
 
+    fn check_receipt_count(&self, receipts: &[String]) -> Result<(), BrokerError> {
+        let max = self.inner.limits.max_receive_messages;
+        if receipts.len() > max {
+            return Err(BrokerError::new(
+                ErrorCode::BatchTooLarge,
+                format!(
+                    "{} receipts exceed the limit of {max} per request (max_receive_messages)",
+                    receipts.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Validates receipts and ends their leases; returns (released, failures).
     fn release_receipts(
         &self,
@@ -953,17 +967,7 @@ impl Broker {
         receipts: &[String],
         now: i64,
     ) -> Result<Released, BrokerError> {
-        let limits = &self.inner.limits;
-        if receipts.len() > limits.max_receive_messages {
-            return Err(BrokerError::new(
-                ErrorCode::BatchTooLarge,
-                format!(
-                    "{} receipts exceed the limit of {} per request",
-                    receipts.len(),
-                    limits.max_receive_messages
-                ),
-            ));
-        }
+        self.check_receipt_count(receipts)?;
         let mut state = handle.state.lock();
         let mut released = Vec::with_capacity(receipts.len());
         let mut failed = Vec::new();
@@ -1082,12 +1086,7 @@ impl Broker {
             )));
         }
         let handle = self.queue(queue)?;
-        if receipts.len() > self.inner.limits.max_receive_messages {
-            return Err(BrokerError::new(
-                ErrorCode::BatchTooLarge,
-                "too many receipts in one request",
-            ));
-        }
+        self.check_receipt_count(receipts)?;
         let now = self.now_ms();
         let mut state = handle.state.lock();
         let lease = lease_ms.unwrap_or(state.config.lease_ms);
@@ -1110,7 +1109,7 @@ impl Broker {
     /// Settles every message accepted so far (leased ones included; their receipts go stale).
     pub async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let handle = self.queue(queue)?;
-        let range = handle.state.lock().purge_range();
+        let (range, bytes) = handle.state.lock().purge_range();
         if !range.is_empty() {
             self.write(
                 vec![Op::Settle {
@@ -1121,7 +1120,7 @@ impl Broker {
             )
             .await?;
         }
-        let removed = handle.state.lock().apply_purge(range);
+        let removed = handle.state.lock().apply_purge(range, bytes);
         handle.notify.notify_waiters();
         Ok(removed)
     }

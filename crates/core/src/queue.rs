@@ -583,13 +583,14 @@ impl QueueState {
         self.history.get(&offset)
     }
 
-    /// Everything accepted so far, to settle for a purge.
-    pub fn purge_range(&self) -> Range<u64> {
-        self.ack_floor..self.log_end()
+    /// Everything accepted so far, to settle for a purge, with the bytes it holds now.
+    pub fn purge_range(&self) -> (Range<u64>, i64) {
+        (self.ack_floor..self.log_end(), self.backlog_bytes)
     }
 
     /// Applies a purge that storage confirmed; returns how many messages it removed.
-    pub fn apply_purge(&mut self, range: Range<u64>) -> u64 {
+    /// `bytes` is the backlog size taken with the range: later publishes keep theirs.
+    pub fn apply_purge(&mut self, range: Range<u64>, bytes: i64) -> u64 {
         let removed = (range.end.saturating_sub(self.ack_floor))
             .saturating_sub(self.settled.count_in(self.ack_floor..range.end));
         let offsets: Vec<u64> = self
@@ -619,7 +620,7 @@ impl QueueState {
         self.backlog_bytes = if self.unsettled() == 0 {
             0
         } else {
-            self.backlog_bytes.max(0) / 2
+            (self.backlog_bytes - bytes).max(0)
         };
         self.counters.purged += removed;
         removed

@@ -93,6 +93,8 @@ struct Msg {
     journaled: u32,
     /// Published with a delay (first deliveries of these may leave publish order).
     delayed: bool,
+    /// Bytes it counts against max_bytes; None after a redrive (it gained DLQ headers).
+    size: Option<u64>,
 }
 
 #[derive(Default)]
@@ -218,12 +220,14 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                     for id in ids {
                         model.next_id += 1;
                         let at = now + delay_ms.unwrap_or(0) as i64;
+                        let size = Some(format!("body {}", &id[1..]).len() as u64);
                         model.msgs.push(Msg {
                             id,
                             state: State::Ready { at },
                             count: 0,
                             journaled: 0,
                             delayed: delay_ms.is_some(),
+                            size,
                         });
                     }
                 }
@@ -384,6 +388,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                             count: 0,
                             journaled: 0,
                             delayed: false,
+                            size: None,
                         });
                     }
                 }
@@ -412,6 +417,15 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                 .count() as u64;
             prop_assert_eq!(info.stats.total, live, "unsettled messages");
             prop_assert_eq!(info.stats.in_flight, leased, "leased messages");
+            let sizes: Option<u64> = model
+                .msgs
+                .iter()
+                .filter(|m| !matches!(m.state, State::Done | State::Dead))
+                .map(|m| m.size)
+                .sum();
+            if let Some(bytes) = sizes {
+                prop_assert_eq!(info.stats.bytes, bytes, "backlog bytes");
+            }
             let dead = model.msgs.iter().filter(|m| m.state == State::Dead).count() as u64;
             let dlq_total = h.broker().get_queue(DLQ).map_or(0, |q| q.stats.total);
             prop_assert_eq!(dlq_total, dead, "dead-lettered messages");

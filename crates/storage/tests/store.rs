@@ -42,6 +42,24 @@ fn create(store: &Store, name: &str) -> u64 {
     }
 }
 
+/// Appends one batch durably; returns where it landed.
+fn append(store: &Store, uid: u64, bodies: &[&str]) -> OpResult {
+    let mut results = store
+        .submit_wait(
+            vec![Op::Append {
+                uid,
+                batch: batch(uid, bodies),
+            }],
+            AckLevel::Durable,
+        )
+        .unwrap();
+    results.remove(0)
+}
+
+fn appended(base_offset: u64, count: u32) -> OpResult {
+    OpResult::Appended { base_offset, count }
+}
+
 fn bodies(store: &Store, uid: u64, from: u64) -> Vec<String> {
     let reader = store.reader(uid).unwrap();
     reader
@@ -60,22 +78,7 @@ fn appended_batches_survive_reopen_with_offsets_and_settled_state() {
         let (store, recovered) = Store::open(dir.path(), opts()).unwrap();
         assert!(recovered.is_empty());
         uid = create(&store, "orders");
-        let first = store
-            .submit_wait(
-                vec![Op::Append {
-                    uid,
-                    batch: batch(uid, &["a", "b", "c"]),
-                }],
-                AckLevel::Durable,
-            )
-            .unwrap();
-        assert_eq!(
-            first,
-            vec![OpResult::Appended {
-                base_offset: 0,
-                count: 3
-            }]
-        );
+        assert_eq!(append(&store, uid, &["a", "b", "c"]), appended(0, 3));
         let second = store
             .submit_wait(
                 vec![Op::Append {
@@ -136,22 +139,7 @@ fn appended_batches_survive_reopen_with_offsets_and_settled_state() {
     assert_eq!(log.retries[&1].errors[0].1, "nope");
     // Settled offsets are still readable until their segment is deleted.
     assert_eq!(bodies(&store, uid, 0), ["a", "b", "c", "d"]);
-    let next = store
-        .submit_wait(
-            vec![Op::Append {
-                uid,
-                batch: batch(uid, &["e"]),
-            }],
-            AckLevel::Durable,
-        )
-        .unwrap();
-    assert_eq!(
-        next,
-        vec![OpResult::Appended {
-            base_offset: 4,
-            count: 1
-        }]
-    );
+    assert_eq!(append(&store, uid, &["e"]), appended(4, 1));
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -174,15 +162,7 @@ fn a_torn_journal_tail_is_cut_and_earlier_entries_kept() {
     {
         let (store, _) = Store::open(dir.path(), opts()).unwrap();
         uid = create(&store, "q");
-        store
-            .submit_wait(
-                vec![Op::Append {
-                    uid,
-                    batch: batch(uid, &["one", "two"]),
-                }],
-                AckLevel::Durable,
-            )
-            .unwrap();
+        append(&store, uid, &["one", "two"]);
         std::mem::forget(store);
     }
     let copy = tempfile::tempdir().unwrap();
@@ -222,22 +202,7 @@ fn a_torn_journal_tail_is_cut_and_earlier_entries_kept() {
     let (store, recovered) = Store::open(copy.path(), opts()).unwrap();
     assert_eq!(recovered[0].next_offset, 2);
     assert_eq!(bodies(&store, uid, 0), ["one", "two"]);
-    let next = store
-        .submit_wait(
-            vec![Op::Append {
-                uid,
-                batch: batch(uid, &["three"]),
-            }],
-            AckLevel::Durable,
-        )
-        .unwrap();
-    assert_eq!(
-        next,
-        vec![OpResult::Appended {
-            base_offset: 2,
-            count: 1
-        }]
-    );
+    assert_eq!(append(&store, uid, &["three"]), appended(2, 1));
     drop(store);
     let (store, _) = Store::open(copy.path(), opts()).unwrap();
     assert_eq!(bodies(&store, uid, 0), ["one", "two", "three"]);
@@ -255,15 +220,7 @@ fn settled_segments_are_deleted_at_checkpoint_and_reads_skip_them() {
     let uid = create(&store, "q");
     let body = "x".repeat(200);
     for _ in 0..200 {
-        store
-            .submit_wait(
-                vec![Op::Append {
-                    uid,
-                    batch: batch(uid, &[&body]),
-                }],
-                AckLevel::Durable,
-            )
-            .unwrap();
+        append(&store, uid, &[&body]);
     }
     let log_dir = fs::read_dir(dir.path().join("logs"))
         .unwrap()
@@ -348,22 +305,7 @@ fn a_refused_request_leaves_nothing_behind() {
             )
             .is_err()
     );
-    let ok = store
-        .submit_wait(
-            vec![Op::Append {
-                uid,
-                batch: batch(uid, &["y"]),
-            }],
-            AckLevel::Durable,
-        )
-        .unwrap();
-    assert_eq!(
-        ok,
-        vec![OpResult::Appended {
-            base_offset: 0,
-            count: 1
-        }]
-    );
+    assert_eq!(append(&store, uid, &["y"]), appended(0, 1));
     drop(store);
     let (store, recovered) = Store::open(dir.path(), opts()).unwrap();
     assert_eq!(recovered[0].next_offset, 1);
