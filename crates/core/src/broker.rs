@@ -618,32 +618,98 @@ impl Broker {
             }
         }
         let n = messages.len() as u64;
-        handle.state.lock().admit(n, bytes, now)?;
-        let result = self
-            .write(
-                vec![Op::Append {
-                    uid: handle.uid,
-                    batch: builder.finish(),
-                }],
-                level,
-            )
-            .await;
+        self.append_batch(&handle, builder.finish(), n, bytes, &delays, level, started).await?;
+        Ok(ids)
+    }
+
+    /// Publishes a batch built by a client in the storage format (binary protocol). Every
+    /// record is checked against the same limits as a JSON publish; only the header is
+    /// rewritten (log and publish time). Returns (base offset, count).
+    pub async fn publish_batch(&self, queue: &str, mut batch: Vec<u8>, level: AckLevel) -> Result<(u64, u32), BrokerError> {
+        let started = std::time::Instant::now();
+        let handle = self.queue(queue)?;
+        if let Err(err) = self.check_disk() {
+            handle.state.lock().count_refusal("disk_full");
+            return Err(err);
+        }
+        let now = self.now_ms();
+        let header = tidewater_storage::format::restamp_batch(&mut batch, handle.uid, now)
+            .map_err(|e| BrokerError::new(ErrorCode::InvalidMessage, format!("the record batch is invalid: {e}")))?;
+        let limits = &self.inner.limits;
+        if header.count as usize > limits.max_batch_messages {
+            return Err(BrokerError::new(
+                ErrorCode::BatchTooLarge,
+                format!("{} messages exceed max_batch_messages {}", header.count, limits.max_batch_messages),
+            ));
+        }
+        let mut records = Vec::with_capacity(header.count as usize);
+        tidewater_storage::format::decode_records(&header, &batch[tidewater_storage::format::BATCH_HEADER_LEN..], &mut records)
+            .map_err(|e| BrokerError::new(ErrorCode::InvalidMessage, format!("a record is malformed: {e}")))?;
+        let mut bytes = 0;
+        let mut delays = Vec::new();
+        for (idx, record) in records.iter().enumerate() {
+            let message = NewMessage {
+                id: Some(String::from_utf8_lossy(&record.id).into_owned()),
+                body: Vec::new(),
+                key: None,
+                headers: Vec::new(),
+                delay: if record.deliver_at_ms > 0 { Delay::AtMs(record.deliver_at_ms) } else { Delay::None },
+            };
+            self.validate_message(idx, &message, now)?;
+            let oversize = |what: &str, len: usize, max: usize| {
+                BrokerError::new(ErrorCode::InvalidMessage, format!("message {idx}: {what} of {len} bytes exceeds {max}"))
+            };
+            if record.body.len() > limits.max_message_bytes {
+                return Err(BrokerError::new(
+                    ErrorCode::MessageTooLarge,
+                    format!("message {idx}: body of {} bytes exceeds max_message_bytes {}", record.body.len(), limits.max_message_bytes),
+                ));
+            }
+            if let Some(key) = &record.key
+                && key.len() > limits.max_key_bytes
+            {
+                return Err(oversize("key", key.len(), limits.max_key_bytes));
+            }
+            if record.headers.len() > limits.max_headers
+                || record.headers.iter().any(|(k, v)| k.is_empty() || k.len() > limits.max_header_bytes || v.len() > limits.max_header_bytes)
+            {
+                return Err(BrokerError::new(ErrorCode::InvalidMessage, format!("message {idx}: headers exceed max_headers or max_header_bytes")));
+            }
+            if record.deliver_at_ms > now {
+                delays.push((idx as u32, record.deliver_at_ms));
+            }
+            bytes += record.size();
+        }
+        let n = header.count as u64;
+        let base = self.append_batch(&handle, batch, n, bytes, &delays, level, started).await?;
+        Ok((base, header.count))
+    }
+
+    /// Admits, writes and accounts one encoded batch; returns its base offset.
+    #[allow(clippy::too_many_arguments)]
+    async fn append_batch(
+        &self,
+        handle: &QueueHandle,
+        batch: Vec<u8>,
+        n: u64,
+        bytes: u64,
+        delays: &[(u32, i64)],
+        level: AckLevel,
+        started: std::time::Instant,
+    ) -> Result<u64, BrokerError> {
+        handle.state.lock().admit(n, bytes, self.now_ms())?;
+        let result = self.write(vec![Op::Append { uid: handle.uid, batch }], level).await;
         let mut state = handle.state.lock();
         match result {
             Ok(results) => {
                 let Some(&OpResult::Appended { base_offset, .. }) = results.first() else {
                     state.published(n, bytes, None);
-                    return Err(BrokerError::new(
-                        ErrorCode::Internal,
-                        "storage did not report offsets",
-                    ));
+                    return Err(BrokerError::new(ErrorCode::Internal, "storage did not report offsets"));
                 };
-                state.published(n, bytes, Some((base_offset, &delays)));
+                state.published(n, bytes, Some((base_offset, delays)));
                 drop(state);
-                self.inner
-                    .observer
-                    .publish_latency(&handle.name, started.elapsed().as_secs_f64());
-                Ok(ids)
+                self.inner.observer.publish_latency(&handle.name, started.elapsed().as_secs_f64());
+                Ok(base_offset)
             }
             Err(err) => {
                 state.published(n, bytes, None);
@@ -1364,6 +1430,10 @@ impl Broker {
             }
             dlq.state.lock().counters.redriven += moved;
         }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.inner.closing.load(Ordering::SeqCst)
     }
 
     /// Ends every long-poll now (empty replies) and makes new ones answer at once.

@@ -27,6 +27,9 @@ pub enum ErrorCode {
     NotReady,
     ShuttingDown,
     Internal,
+    InvalidFrame,
+    FrameTooLarge,
+    UnsupportedVersion,
 }
 
 impl ErrorCode {
@@ -53,6 +56,9 @@ impl ErrorCode {
         ErrorCode::NotReady,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
+        ErrorCode::InvalidFrame,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::UnsupportedVersion,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -79,6 +85,9 @@ impl ErrorCode {
             ErrorCode::NotReady => "not_ready",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
+            ErrorCode::InvalidFrame => "invalid_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
         }
     }
 
@@ -102,6 +111,8 @@ impl ErrorCode {
             ErrorCode::DiskFull => 507,
             ErrorCode::StorageFailed | ErrorCode::Internal => 500,
             ErrorCode::NotReady | ErrorCode::ShuttingDown => 503,
+            ErrorCode::InvalidFrame | ErrorCode::UnsupportedVersion => 400,
+            ErrorCode::FrameTooLarge => 413,
         }
     }
 
@@ -164,6 +175,9 @@ impl ErrorCode {
                 "The server is shutting down. Retry against the restarted server."
             }
             ErrorCode::Internal => "A bug. The server log has details.",
+            ErrorCode::InvalidFrame => "Binary protocol: the frame is malformed (docs/protocol.md). The server closes the connection after this error.",
+            ErrorCode::FrameTooLarge => "Binary protocol: the frame exceeds max_frame_bytes. The server closes the connection after this error.",
+            ErrorCode::UnsupportedVersion => "Binary protocol: the client speaks a protocol version this server does not. Upgrade the client or the server.",
         }
     }
 }

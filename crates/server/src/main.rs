@@ -2,6 +2,7 @@
 
 mod api;
 mod bench;
+mod binary;
 mod cli;
 mod client;
 mod http;

@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// TOML configuration file (see docs/configuration.md).
     #[arg(long, env = "TIDEWATER_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Address of the binary protocol (docs/protocol.md). Loopback by default.
+    #[arg(long, env = "TIDEWATER_PROTOCOL_LISTEN")]
+    pub protocol_listen: Option<String>,
     /// Log format: text (for people) or json (for log pipelines).
     #[arg(long, env = "TIDEWATER_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
@@ -39,9 +42,12 @@ pub struct ServeArgs {
 pub struct FileConfig {
     pub data: Option<PathBuf>,
     pub listen: Option<String>,
+    pub protocol_listen: Option<String>,
     pub log_format: Option<String>,
     /// Largest HTTP request body in bytes.
     pub max_request_bytes: Option<usize>,
+    /// Largest binary protocol frame in bytes.
+    pub max_frame_bytes: Option<usize>,
     pub limits: Limits,
     pub storage: StorageConfig,
 }
@@ -73,6 +79,8 @@ impl Default for StorageConfig {
 pub struct Settings {
     pub data: PathBuf,
     pub listen: SocketAddr,
+    pub protocol_listen: SocketAddr,
+    pub max_frame_bytes: usize,
     pub log_format: String,
     pub max_request_bytes: usize,
     pub limits: Limits,
@@ -97,6 +105,10 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
     let listen: SocketAddr = listen_text.parse().with_context(|| {
         format!("--listen '{listen_text}' is not an address like 127.0.0.1:7070")
     })?;
+    let protocol_text = args.protocol_listen.clone().or(file.protocol_listen).unwrap_or_else(|| "127.0.0.1:7071".to_string());
+    let protocol_listen: SocketAddr = protocol_text
+        .parse()
+        .with_context(|| format!("--protocol-listen '{protocol_text}' is not an address like 127.0.0.1:7071"))?;
     let s = &file.storage;
     if s.journal_roll_bytes < 1 << 20
         || s.segment_roll_bytes < 64 << 10
@@ -113,6 +125,8 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             .or(file.data)
             .unwrap_or_else(|| PathBuf::from("data")),
         listen,
+        protocol_listen,
+        max_frame_bytes: file.max_frame_bytes.unwrap_or(crate::binary::MAX_FRAME_DEFAULT),
         log_format: args
             .log_format
             .clone()
@@ -166,7 +180,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 settings.listen
             )
         })?;
-    tracing::info!(listen = %settings.listen, data = %settings.data.display(), "tidewater listening; recovering data");
+    let protocol = tokio::net::TcpListener::bind(settings.protocol_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the binary protocol (in use? try --protocol-listen)", settings.protocol_listen))?;
+    tracing::info!(listen = %settings.listen, protocol = %settings.protocol_listen, data = %settings.data.display(), "tidewater listening; recovering data");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let binary = tokio::spawn(crate::binary::serve(protocol, cell.clone(), settings.max_frame_bytes, stop_rx));
 
     // Recover in the background: /healthz answers now, the API says not_ready until done.
     let options = BrokerOptions {
@@ -180,7 +199,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating data directory {}", data.display()))?;
     let opened = tokio::task::spawn_blocking(move || Broker::open(&data, options));
     let server =
-        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal(cell.clone()));
+        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal(cell.clone(), stop_tx));
     let serving = tokio::spawn(async move { server.await });
 
     let broker = opened
@@ -198,6 +217,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(queues, "ready");
 
     serving.await??;
+    let _ = binary.await;
     maintenance.abort();
     tracing::info!("stopped accepting requests; syncing and checkpointing");
     tokio::task::spawn_blocking(move || broker.shutdown()).await?;
@@ -205,7 +225,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal(broker: Arc<OnceLock<Broker>>) {
+async fn shutdown_signal(broker: Arc<OnceLock<Broker>>, stop: tokio::sync::watch::Sender<bool>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -216,6 +236,7 @@ async fn shutdown_signal(broker: Arc<OnceLock<Broker>>) {
     if let Some(broker) = broker.get() {
         broker.close();
     }
+    let _ = stop.send(true);
 }
 
 #[cfg(test)]
@@ -229,7 +250,7 @@ mod tests {
         std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata = \"/tmp/x\"\n[limits]\nmax_batch_messages = 5\n[storage]\nsegment_roll_bytes = 1048576\n").unwrap();
         let args = ServeArgs {
             data: Some("/tmp/y".into()),
-            listen: None,
+            listen: None, protocol_listen: None,
             config: Some(path),
             log_format: None,
         };
@@ -248,7 +269,7 @@ mod tests {
     fn defaults_are_loopback_and_unknown_keys_are_errors() {
         let s = settings(&ServeArgs {
             data: None,
-            listen: None,
+            listen: None, protocol_listen: None,
             config: None,
             log_format: None,
         })
@@ -259,7 +280,7 @@ mod tests {
         std::fs::write(&path, "listn = \"x\"\n").unwrap();
         let err = settings(&ServeArgs {
             data: None,
-            listen: None,
+            listen: None, protocol_listen: None,
             config: Some(path),
             log_format: None,
         })
@@ -284,6 +305,8 @@ mod docs {
                 "checkpoint_interval_ms",
                 "write_queue_capacity",
                 "max_request_bytes",
+            "max_frame_bytes",
+            "protocol_listen",
             ]
             .map(String::from),
         );

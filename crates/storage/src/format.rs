@@ -100,6 +100,20 @@ fn header_crc(header: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&header[0..4]), &header[8..BATCH_HEADER_LEN])
 }
 
+/// Rewrites who and when of a client-built batch: the log it goes to and its publish
+/// time. Header only (the body and its CRC are kept as sent); returns the checked header.
+pub fn restamp_batch(batch: &mut [u8], log_uid: u64, published_at_ms: i64) -> Result<BatchHeader, FormatError> {
+    let header = check_batch(batch)?;
+    if header.total_len() != batch.len() {
+        return Err(FormatError::BadLength);
+    }
+    batch[8..16].copy_from_slice(&log_uid.to_le_bytes());
+    batch[32..40].copy_from_slice(&published_at_ms.to_le_bytes());
+    let crc = header_crc(batch);
+    batch[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(BatchHeader { log_uid, published_at_ms, ..header })
+}
+
 /// A message as handed to the batch builder.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NewRecord<'a> {
@@ -162,45 +176,7 @@ impl BatchBuilder {
 
     /// Appends one record. Callers validate lengths first (see the `MAX_*` constants).
     pub fn push(&mut self, record: &NewRecord<'_>) {
-        assert!(record.id.len() <= MAX_ID_LEN);
-        assert!(record.key.is_none_or(|k| k.len() <= MAX_KEY_LEN));
-        assert!(record.headers.len() <= u16::MAX as usize);
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&[0; 4]);
-        let flags = if record.generated_id {
-            RECORD_FLAG_GENERATED_ID
-        } else {
-            0
-        };
-        self.buf.push(flags);
-        self.buf
-            .extend_from_slice(&record.deliver_at_ms.to_le_bytes());
-        self.buf.push(record.id.len() as u8);
-        self.buf.extend_from_slice(record.id);
-        match record.key {
-            Some(key) => {
-                self.buf.push(1);
-                self.buf
-                    .extend_from_slice(&(key.len() as u16).to_le_bytes());
-                self.buf.extend_from_slice(key);
-            }
-            None => self.buf.push(0),
-        }
-        self.buf
-            .extend_from_slice(&(record.headers.len() as u16).to_le_bytes());
-        for (name, value) in &record.headers {
-            self.buf
-                .extend_from_slice(&(name.len() as u16).to_le_bytes());
-            self.buf.extend_from_slice(name);
-            self.buf
-                .extend_from_slice(&(value.len() as u32).to_le_bytes());
-            self.buf.extend_from_slice(value);
-        }
-        self.buf
-            .extend_from_slice(&(record.body.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(record.body);
-        let len = (self.buf.len() - start - 4) as u32;
-        self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        encode_record(&mut self.buf, record);
         self.count += 1;
     }
 
@@ -231,6 +207,100 @@ impl BatchBuilder {
     }
 }
 
+/// Appends one record in the batch record layout (also the wire layout of a delivery).
+pub fn encode_record(buf: &mut Vec<u8>, record: &NewRecord<'_>) {
+    assert!(record.id.len() <= MAX_ID_LEN);
+    assert!(record.key.is_none_or(|k| k.len() <= MAX_KEY_LEN));
+    assert!(record.headers.len() <= u16::MAX as usize);
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    buf.push(if record.generated_id { RECORD_FLAG_GENERATED_ID } else { 0 });
+    buf.extend_from_slice(&record.deliver_at_ms.to_le_bytes());
+    buf.push(record.id.len() as u8);
+    buf.extend_from_slice(record.id);
+    match record.key {
+        Some(key) => {
+            buf.push(1);
+            buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
+            buf.extend_from_slice(key);
+        }
+        None => buf.push(0),
+    }
+    buf.extend_from_slice(&(record.headers.len() as u16).to_le_bytes());
+    for (name, value) in &record.headers {
+        buf.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        buf.extend_from_slice(name);
+        buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        buf.extend_from_slice(value);
+    }
+    buf.extend_from_slice(&(record.body.len() as u32).to_le_bytes());
+    buf.extend_from_slice(record.body);
+    let len = (buf.len() - start - 4) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+impl Record {
+    /// Re-encodes this record in the record layout (for a delivery on the wire).
+    pub fn encode(&self, buf: &mut Vec<u8>) {
+        let headers = self.headers.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+        encode_record(
+            buf,
+            &NewRecord {
+                id: &self.id,
+                generated_id: self.flags & RECORD_FLAG_GENERATED_ID != 0,
+                key: self.key.as_deref(),
+                headers,
+                deliver_at_ms: self.deliver_at_ms,
+                body: &self.body,
+            },
+        );
+    }
+}
+
+/// Decodes one record (length prefix included) that must fill `buf` exactly.
+pub fn decode_record(buf: &[u8], offset: u64, published_at_ms: i64) -> Result<Record, FormatError> {
+    let mut cur = Cursor { buf, pos: 0 };
+    let record = decode_one(&mut cur, offset, published_at_ms)?;
+    if !cur.done() {
+        return Err(FormatError::BadLength);
+    }
+    Ok(record)
+}
+
+fn decode_one(cur: &mut Cursor<'_>, offset: u64, published_at_ms: i64) -> Result<Record, FormatError> {
+    let len = cur.u32()? as usize;
+    let end = cur.pos.checked_add(len).ok_or(FormatError::BadLength)?;
+    if end > cur.buf.len() {
+        return Err(FormatError::Truncated);
+    }
+    let flags = cur.u8()?;
+    let deliver_at_ms = cur.i64()?;
+    let id_len = cur.u8()? as usize;
+    let id = cur.bytes(id_len)?.to_vec();
+    let key = match cur.u8()? {
+        0 => None,
+        _ => {
+            let key_len = cur.u16()? as usize;
+            Some(cur.bytes(key_len)?.to_vec())
+        }
+    };
+    let n_headers = cur.u16()? as usize;
+    let mut headers = Vec::with_capacity(n_headers.min(1024));
+    for _ in 0..n_headers {
+        let name_len = cur.u16()? as usize;
+        let name = cur.bytes(name_len)?.to_vec();
+        let value_len = cur.u32()? as usize;
+        let value = cur.bytes(value_len)?.to_vec();
+        headers.push((name, value));
+    }
+    let body_len = cur.u32()? as usize;
+    let body = cur.bytes(body_len)?.to_vec();
+    if cur.pos != end {
+        return Err(FormatError::BadLength);
+    }
+    Ok(Record { offset, published_at_ms, flags, deliver_at_ms, id, key, headers, body })
+}
+
 /// Checks a whole encoded batch (both CRCs) and returns its header.
 pub fn check_batch(batch: &[u8]) -> Result<BatchHeader, FormatError> {
     let header = BatchHeader::decode(batch)?;
@@ -252,46 +322,7 @@ pub fn decode_records(
 ) -> Result<(), FormatError> {
     let mut cur = Cursor { buf: body, pos: 0 };
     for idx in 0..header.count {
-        let len = cur.u32()? as usize;
-        let end = cur.pos.checked_add(len).ok_or(FormatError::BadLength)?;
-        if end > body.len() {
-            return Err(FormatError::Truncated);
-        }
-        let flags = cur.u8()?;
-        let deliver_at_ms = cur.i64()?;
-        let id_len = cur.u8()? as usize;
-        let id = cur.bytes(id_len)?.to_vec();
-        let key = match cur.u8()? {
-            0 => None,
-            _ => {
-                let key_len = cur.u16()? as usize;
-                Some(cur.bytes(key_len)?.to_vec())
-            }
-        };
-        let n_headers = cur.u16()? as usize;
-        let mut headers = Vec::with_capacity(n_headers);
-        for _ in 0..n_headers {
-            let name_len = cur.u16()? as usize;
-            let name = cur.bytes(name_len)?.to_vec();
-            let value_len = cur.u32()? as usize;
-            let value = cur.bytes(value_len)?.to_vec();
-            headers.push((name, value));
-        }
-        let body_len = cur.u32()? as usize;
-        let message_body = cur.bytes(body_len)?.to_vec();
-        if cur.pos != end {
-            return Err(FormatError::BadLength);
-        }
-        out.push(Record {
-            offset: header.base_offset + idx as u64,
-            published_at_ms: header.published_at_ms,
-            flags,
-            deliver_at_ms,
-            id,
-            key,
-            headers,
-            body: message_body,
-        });
+        out.push(decode_one(&mut cur, header.base_offset + idx as u64, header.published_at_ms)?);
     }
     if cur.pos != body.len() {
         return Err(FormatError::BadLength);

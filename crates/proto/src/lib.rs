@@ -1,0 +1,496 @@
+//! tidewater's binary protocol: frames and their codec (docs/protocol.md). No I/O.
+//!
+//! ```text
+//! frame: len u32 (bytes after this field) | kind u8 | flags u8 (0) | request_id u32 | body
+//! ```
+//! Integers are little endian. Strings are UTF-8 with a length prefix (u8 for queue names
+//! and receipts, u16 for codes, messages and error texts). Produce frames carry a record
+//! batch in the on-disk format (docs/storage-format.md), appended by the broker unchanged
+//! except for its header.
+
+use std::fmt;
+
+/// Protocol version spoken by this crate.
+pub const PROTOCOL_VERSION: u16 = 1;
+pub const HELLO_MAGIC: &[u8; 8] = b"TIDEWATR";
+/// Bytes before the body: kind, flags, request id.
+pub const FRAME_HEADER_LEN: usize = 6;
+/// Default largest frame (after the length field) a peer accepts.
+pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
+
+/// How durable a produce must be before it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    Durable = 1,
+    Written = 2,
+}
+
+/// A receipt failure inside `Settled`: which receipt (its index in the request) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub index: u32,
+    pub code: String,
+}
+
+/// A delivered message: lease receipt, delivery count, and the record as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireDelivery {
+    pub receipt: String,
+    pub delivery_count: u32,
+    pub offset: u64,
+    pub published_at_ms: i64,
+    /// One record in the batch record layout (docs/storage-format.md), length prefix included.
+    pub record: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    // client -> server
+    Hello { version: u16, client: String },
+    Produce { queue: String, ack: Ack, batch: Vec<u8> },
+    Subscribe { queue: String, lease_ms: u64, credit: u32 },
+    Credit { subscription: u32, credit: u32 },
+    Ack { queue: String, receipts: Vec<String> },
+    /// `delay_ms` < 0: the queue's backoff applies.
+    Nack { queue: String, delay_ms: i64, error: String, receipts: Vec<String> },
+    Extend { queue: String, lease_ms: u64, receipts: Vec<String> },
+    Unsubscribe { subscription: u32 },
+    Ping,
+    // server -> client
+    HelloOk { version: u16, max_frame: u32, server: String },
+    Produced { base_offset: u64, count: u32 },
+    Subscribed { subscription: u32 },
+    Deliver { deliveries: Vec<WireDelivery> },
+    Settled { ok: u32, failed: Vec<Failure> },
+    /// Refused by backpressure: nothing was done; retry after the wait.
+    Throttle { retry_after_ms: u64, code: String, message: String },
+    Error { code: String, message: String },
+    Pong,
+    Ok,
+}
+
+mod kind {
+    pub const HELLO: u8 = 0x01;
+    pub const PRODUCE: u8 = 0x02;
+    pub const SUBSCRIBE: u8 = 0x03;
+    pub const CREDIT: u8 = 0x04;
+    pub const ACK: u8 = 0x05;
+    pub const NACK: u8 = 0x06;
+    pub const EXTEND: u8 = 0x07;
+    pub const UNSUBSCRIBE: u8 = 0x08;
+    pub const PING: u8 = 0x09;
+    pub const HELLO_OK: u8 = 0x81;
+    pub const PRODUCED: u8 = 0x82;
+    pub const SUBSCRIBED: u8 = 0x83;
+    pub const DELIVER: u8 = 0x84;
+    pub const SETTLED: u8 = 0x85;
+    pub const THROTTLE: u8 = 0x86;
+    pub const ERROR: u8 = 0x87;
+    pub const PONG: u8 = 0x88;
+    pub const OK: u8 = 0x89;
+}
+
+/// Why bytes are not a valid frame. Any of these closes the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtoError {
+    TooLarge { len: usize, max: usize },
+    UnknownKind(u8),
+    /// The body does not match its kind's layout.
+    Malformed(&'static str),
+}
+
+impl fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtoError::TooLarge { len, max } => write!(f, "frame of {len} bytes exceeds the limit of {max}"),
+            ProtoError::UnknownKind(k) => write!(f, "unknown frame kind 0x{k:02x}"),
+            ProtoError::Malformed(what) => write!(f, "malformed frame: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for ProtoError {}
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    /// u8-prefixed string; longer input is cut (callers validate lengths first).
+    fn short(&mut self, s: &str) {
+        let bytes = &s.as_bytes()[..s.len().min(255)];
+        self.u8(bytes.len() as u8);
+        self.0.extend_from_slice(bytes);
+    }
+    /// u16-prefixed string.
+    fn text(&mut self, s: &str) {
+        let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        self.u16(bytes.len() as u16);
+        self.0.extend_from_slice(bytes);
+    }
+    fn receipts(&mut self, receipts: &[String]) {
+        self.u32(receipts.len() as u32);
+        for r in receipts {
+            self.short(r);
+        }
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+type R<T> = Result<T, ProtoError>;
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> R<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(ProtoError::Malformed("truncated body"))?;
+        let out = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn u8(&mut self) -> R<u8> {
+        Ok(self.bytes(1)?[0])
+    }
+    fn u16(&mut self) -> R<u16> {
+        Ok(u16::from_le_bytes(self.bytes(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> R<u32> {
+        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> R<u64> {
+        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().unwrap()))
+    }
+    fn i64(&mut self) -> R<i64> {
+        Ok(i64::from_le_bytes(self.bytes(8)?.try_into().unwrap()))
+    }
+    fn string(&mut self, n: usize) -> R<String> {
+        String::from_utf8(self.bytes(n)?.to_vec()).map_err(|_| ProtoError::Malformed("invalid UTF-8"))
+    }
+    fn short(&mut self) -> R<String> {
+        let n = self.u8()? as usize;
+        self.string(n)
+    }
+    fn text(&mut self) -> R<String> {
+        let n = self.u16()? as usize;
+        self.string(n)
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        let out = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        out
+    }
+    /// A count that cannot claim more items than bytes remain (each item >= `min_item` bytes).
+    fn count(&mut self, min_item: usize) -> R<usize> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_item) > self.buf.len() - self.pos {
+            return Err(ProtoError::Malformed("count larger than the frame"));
+        }
+        Ok(n)
+    }
+    fn receipts(&mut self) -> R<Vec<String>> {
+        let n = self.count(1)?;
+        (0..n).map(|_| self.short()).collect()
+    }
+    fn done(&self) -> R<()> {
+        if self.pos == self.buf.len() { Ok(()) } else { Err(ProtoError::Malformed("trailing bytes")) }
+    }
+}
+
+impl Frame {
+    /// Appends the encoded frame (length prefix included) to `out`.
+    pub fn encode(&self, request_id: u32, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let mut w = Writer(out);
+        let kind = self.kind();
+        w.u8(kind);
+        w.u8(0);
+        w.u32(request_id);
+        match self {
+            Frame::Hello { version, client } => {
+                w.0.extend_from_slice(HELLO_MAGIC);
+                w.u16(*version);
+                w.text(client);
+            }
+            Frame::Produce { queue, ack, batch } => {
+                w.short(queue);
+                w.u8(*ack as u8);
+                w.0.extend_from_slice(batch);
+            }
+            Frame::Subscribe { queue, lease_ms, credit } => {
+                w.short(queue);
+                w.u64(*lease_ms);
+                w.u32(*credit);
+            }
+            Frame::Credit { subscription, credit } => {
+                w.u32(*subscription);
+                w.u32(*credit);
+            }
+            Frame::Ack { queue, receipts } => {
+                w.short(queue);
+                w.receipts(receipts);
+            }
+            Frame::Nack { queue, delay_ms, error, receipts } => {
+                w.short(queue);
+                w.i64(*delay_ms);
+                w.text(error);
+                w.receipts(receipts);
+            }
+            Frame::Extend { queue, lease_ms, receipts } => {
+                w.short(queue);
+                w.u64(*lease_ms);
+                w.receipts(receipts);
+            }
+            Frame::Unsubscribe { subscription } => w.u32(*subscription),
+            Frame::HelloOk { version, max_frame, server } => {
+                w.u16(*version);
+                w.u32(*max_frame);
+                w.text(server);
+            }
+            Frame::Produced { base_offset, count } => {
+                w.u64(*base_offset);
+                w.u32(*count);
+            }
+            Frame::Subscribed { subscription } => w.u32(*subscription),
+            Frame::Deliver { deliveries } => {
+                w.u32(deliveries.len() as u32);
+                for d in deliveries {
+                    w.short(&d.receipt);
+                    w.u32(d.delivery_count);
+                    w.u64(d.offset);
+                    w.i64(d.published_at_ms);
+                    w.0.extend_from_slice(&d.record);
+                }
+            }
+            Frame::Settled { ok, failed } => {
+                w.u32(*ok);
+                w.u32(failed.len() as u32);
+                for f in failed {
+                    w.u32(f.index);
+                    w.short(&f.code);
+                }
+            }
+            Frame::Throttle { retry_after_ms, code, message } => {
+                w.u64(*retry_after_ms);
+                w.short(code);
+                w.text(message);
+            }
+            Frame::Error { code, message } => {
+                w.short(code);
+                w.text(message);
+            }
+            Frame::Ping | Frame::Pong | Frame::Ok => {}
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    pub fn kind(&self) -> u8 {
+        match self {
+            Frame::Hello { .. } => kind::HELLO,
+            Frame::Produce { .. } => kind::PRODUCE,
+            Frame::Subscribe { .. } => kind::SUBSCRIBE,
+            Frame::Credit { .. } => kind::CREDIT,
+            Frame::Ack { .. } => kind::ACK,
+            Frame::Nack { .. } => kind::NACK,
+            Frame::Extend { .. } => kind::EXTEND,
+            Frame::Unsubscribe { .. } => kind::UNSUBSCRIBE,
+            Frame::Ping => kind::PING,
+            Frame::HelloOk { .. } => kind::HELLO_OK,
+            Frame::Produced { .. } => kind::PRODUCED,
+            Frame::Subscribed { .. } => kind::SUBSCRIBED,
+            Frame::Deliver { .. } => kind::DELIVER,
+            Frame::Settled { .. } => kind::SETTLED,
+            Frame::Throttle { .. } => kind::THROTTLE,
+            Frame::Error { .. } => kind::ERROR,
+            Frame::Pong => kind::PONG,
+            Frame::Ok => kind::OK,
+        }
+    }
+}
+
+/// Decodes the first frame of `buf`: `Ok(None)` while it is incomplete, else the frame, its
+/// request id and the bytes it used. A frame announcing more than `max_frame` bytes is an
+/// error at once (before its body arrives).
+pub fn decode_frame(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, u32, usize)>, ProtoError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+    if len > max_frame {
+        return Err(ProtoError::TooLarge { len, max: max_frame });
+    }
+    if len < FRAME_HEADER_LEN {
+        return Err(ProtoError::Malformed("frame shorter than its header"));
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    let body = &buf[4..4 + len];
+    let kind = body[0];
+    let request_id = u32::from_le_bytes(body[2..6].try_into().unwrap());
+    let mut r = Reader { buf: &body[FRAME_HEADER_LEN..], pos: 0 };
+    let frame = match kind {
+        kind::HELLO => {
+            if r.bytes(8)? != HELLO_MAGIC {
+                return Err(ProtoError::Malformed("bad hello magic: not a tidewater client"));
+            }
+            Frame::Hello { version: r.u16()?, client: r.text()? }
+        }
+        kind::PRODUCE => {
+            let queue = r.short()?;
+            let ack = match r.u8()? {
+                1 => Ack::Durable,
+                2 => Ack::Written,
+                _ => return Err(ProtoError::Malformed("unknown ack level")),
+            };
+            Frame::Produce { queue, ack, batch: r.rest().to_vec() }
+        }
+        kind::SUBSCRIBE => Frame::Subscribe { queue: r.short()?, lease_ms: r.u64()?, credit: r.u32()? },
+        kind::CREDIT => Frame::Credit { subscription: r.u32()?, credit: r.u32()? },
+        kind::ACK => Frame::Ack { queue: r.short()?, receipts: r.receipts()? },
+        kind::NACK => Frame::Nack { queue: r.short()?, delay_ms: r.i64()?, error: r.text()?, receipts: r.receipts()? },
+        kind::EXTEND => Frame::Extend { queue: r.short()?, lease_ms: r.u64()?, receipts: r.receipts()? },
+        kind::UNSUBSCRIBE => Frame::Unsubscribe { subscription: r.u32()? },
+        kind::PING => Frame::Ping,
+        kind::HELLO_OK => Frame::HelloOk { version: r.u16()?, max_frame: r.u32()?, server: r.text()? },
+        kind::PRODUCED => Frame::Produced { base_offset: r.u64()?, count: r.u32()? },
+        kind::SUBSCRIBED => Frame::Subscribed { subscription: r.u32()? },
+        kind::DELIVER => {
+            let n = r.count(1 + 4 + 8 + 8 + 4)?;
+            let mut deliveries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let receipt = r.short()?;
+                let delivery_count = r.u32()?;
+                let offset = r.u64()?;
+                let published_at_ms = r.i64()?;
+                let record_len = u32::from_le_bytes(r.bytes(4)?.try_into().unwrap()) as usize;
+                r.pos -= 4;
+                let record = r.bytes(4usize.checked_add(record_len).ok_or(ProtoError::Malformed("record length"))?)?.to_vec();
+                deliveries.push(WireDelivery { receipt, delivery_count, offset, published_at_ms, record });
+            }
+            Frame::Deliver { deliveries }
+        }
+        kind::SETTLED => {
+            let ok = r.u32()?;
+            let n = r.count(5)?;
+            let failed = (0..n).map(|_| Ok(Failure { index: r.u32()?, code: r.short()? })).collect::<R<Vec<_>>>()?;
+            Frame::Settled { ok, failed }
+        }
+        kind::THROTTLE => Frame::Throttle { retry_after_ms: r.u64()?, code: r.short()?, message: r.text()? },
+        kind::ERROR => Frame::Error { code: r.short()?, message: r.text()? },
+        kind::PONG => Frame::Pong,
+        kind::OK => Frame::Ok,
+        other => return Err(ProtoError::UnknownKind(other)),
+    };
+    r.done()?;
+    Ok(Some((frame, request_id, 4 + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Frame> {
+        let s = |t: &str| t.to_string();
+        vec![
+            Frame::Hello { version: 1, client: s("test") },
+            Frame::Produce { queue: s("q"), ack: Ack::Written, batch: vec![1, 2, 3] },
+            Frame::Subscribe { queue: s("q"), lease_ms: 30_000, credit: 500 },
+            Frame::Credit { subscription: 7, credit: 100 },
+            Frame::Ack { queue: s("q"), receipts: vec![s("a"), s("bb")] },
+            Frame::Nack { queue: s("q"), delay_ms: -1, error: s("boom"), receipts: vec![s("r")] },
+            Frame::Extend { queue: s("q"), lease_ms: 5, receipts: vec![] },
+            Frame::Unsubscribe { subscription: 7 },
+            Frame::Ping,
+            Frame::HelloOk { version: 1, max_frame: 1 << 20, server: s("tidewater") },
+            Frame::Produced { base_offset: 42, count: 3 },
+            Frame::Subscribed { subscription: 9 },
+            Frame::Deliver {
+                deliveries: vec![WireDelivery {
+                    receipt: s("rc"),
+                    delivery_count: 2,
+                    offset: 5,
+                    published_at_ms: 77,
+                    record: vec![3, 0, 0, 0, 9, 9, 9],
+                }],
+            },
+            Frame::Settled { ok: 3, failed: vec![Failure { index: 1, code: s("stale_receipt") }] },
+            Frame::Throttle { retry_after_ms: 250, code: s("queue_full"), message: s("full") },
+            Frame::Error { code: s("queue_not_found"), message: s("no such queue") },
+            Frame::Pong,
+            Frame::Ok,
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips_and_is_incomplete_until_whole() {
+        for (id, frame) in samples().into_iter().enumerate() {
+            let mut buf = Vec::new();
+            frame.encode(id as u32, &mut buf);
+            let (decoded, request_id, used) = decode_frame(&buf, DEFAULT_MAX_FRAME).unwrap().unwrap();
+            assert_eq!((decoded, request_id as usize, used), (frame.clone(), id, buf.len()));
+            for cut in 0..buf.len() {
+                assert_eq!(decode_frame(&buf[..cut], DEFAULT_MAX_FRAME), Ok(None), "{frame:?} cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_their_body_arrives() {
+        let announced = (100u32).to_le_bytes();
+        assert_eq!(decode_frame(&announced, 50), Err(ProtoError::TooLarge { len: 100, max: 50 }));
+    }
+
+    #[test]
+    fn pipelined_frames_decode_one_after_another() {
+        let mut buf = Vec::new();
+        for (id, frame) in samples().iter().enumerate() {
+            frame.encode(id as u32, &mut buf);
+        }
+        let mut at = 0;
+        let mut n = 0;
+        while let Some((_, id, used)) = decode_frame(&buf[at..], DEFAULT_MAX_FRAME).unwrap() {
+            assert_eq!(id, n);
+            at += used;
+            n += 1;
+        }
+        assert_eq!((at, n as usize), (buf.len(), samples().len()));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_frame(&bytes, 1 << 16);
+        }
+
+        #[test]
+        fn corrupted_frames_never_panic(idx in 0usize..18, flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
+            let mut buf = Vec::new();
+            samples()[idx].encode(1, &mut buf);
+            for (at, byte) in flips {
+                let at = 4 + at % (buf.len() - 4);
+                buf[at] = byte;
+            }
+            let cut = cut % (buf.len() + 1);
+            let _ = decode_frame(&buf[..cut], DEFAULT_MAX_FRAME);
+            let _ = decode_frame(&buf, DEFAULT_MAX_FRAME);
+        }
+    }
+}
