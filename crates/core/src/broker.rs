@@ -618,14 +618,20 @@ impl Broker {
             }
         }
         let n = messages.len() as u64;
-        self.append_batch(&handle, builder.finish(), n, bytes, &delays, level, started).await?;
+        self.append_batch(&handle, builder.finish(), n, bytes, &delays, level, started)
+            .await?;
         Ok(ids)
     }
 
     /// Publishes a batch built by a client in the storage format (binary protocol). Every
     /// record is checked against the same limits as a JSON publish; only the header is
     /// rewritten (log and publish time). Returns (base offset, count).
-    pub async fn publish_batch(&self, queue: &str, mut batch: Vec<u8>, level: AckLevel) -> Result<(u64, u32), BrokerError> {
+    pub async fn publish_batch(
+        &self,
+        queue: &str,
+        mut batch: Vec<u8>,
+        level: AckLevel,
+    ) -> Result<(u64, u32), BrokerError> {
         let started = std::time::Instant::now();
         let handle = self.queue(queue)?;
         if let Err(err) = self.check_disk() {
@@ -634,17 +640,34 @@ impl Broker {
         }
         let now = self.now_ms();
         let header = tidewater_storage::format::restamp_batch(&mut batch, handle.uid, now)
-            .map_err(|e| BrokerError::new(ErrorCode::InvalidMessage, format!("the record batch is invalid: {e}")))?;
+            .map_err(|e| {
+                BrokerError::new(
+                    ErrorCode::InvalidMessage,
+                    format!("the record batch is invalid: {e}"),
+                )
+            })?;
         let limits = &self.inner.limits;
         if header.count as usize > limits.max_batch_messages {
             return Err(BrokerError::new(
                 ErrorCode::BatchTooLarge,
-                format!("{} messages exceed max_batch_messages {}", header.count, limits.max_batch_messages),
+                format!(
+                    "{} messages exceed max_batch_messages {}",
+                    header.count, limits.max_batch_messages
+                ),
             ));
         }
         let mut records = Vec::with_capacity(header.count as usize);
-        tidewater_storage::format::decode_records(&header, &batch[tidewater_storage::format::BATCH_HEADER_LEN..], &mut records)
-            .map_err(|e| BrokerError::new(ErrorCode::InvalidMessage, format!("a record is malformed: {e}")))?;
+        tidewater_storage::format::decode_records(
+            &header,
+            &batch[tidewater_storage::format::BATCH_HEADER_LEN..],
+            &mut records,
+        )
+        .map_err(|e| {
+            BrokerError::new(
+                ErrorCode::InvalidMessage,
+                format!("a record is malformed: {e}"),
+            )
+        })?;
         let mut bytes = 0;
         let mut delays = Vec::new();
         for (idx, record) in records.iter().enumerate() {
@@ -653,16 +676,27 @@ impl Broker {
                 body: Vec::new(),
                 key: None,
                 headers: Vec::new(),
-                delay: if record.deliver_at_ms > 0 { Delay::AtMs(record.deliver_at_ms) } else { Delay::None },
+                delay: if record.deliver_at_ms > 0 {
+                    Delay::AtMs(record.deliver_at_ms)
+                } else {
+                    Delay::None
+                },
             };
             self.validate_message(idx, &message, now)?;
             let oversize = |what: &str, len: usize, max: usize| {
-                BrokerError::new(ErrorCode::InvalidMessage, format!("message {idx}: {what} of {len} bytes exceeds {max}"))
+                BrokerError::new(
+                    ErrorCode::InvalidMessage,
+                    format!("message {idx}: {what} of {len} bytes exceeds {max}"),
+                )
             };
             if record.body.len() > limits.max_message_bytes {
                 return Err(BrokerError::new(
                     ErrorCode::MessageTooLarge,
-                    format!("message {idx}: body of {} bytes exceeds max_message_bytes {}", record.body.len(), limits.max_message_bytes),
+                    format!(
+                        "message {idx}: body of {} bytes exceeds max_message_bytes {}",
+                        record.body.len(),
+                        limits.max_message_bytes
+                    ),
                 ));
             }
             if let Some(key) = &record.key
@@ -671,9 +705,16 @@ impl Broker {
                 return Err(oversize("key", key.len(), limits.max_key_bytes));
             }
             if record.headers.len() > limits.max_headers
-                || record.headers.iter().any(|(k, v)| k.is_empty() || k.len() > limits.max_header_bytes || v.len() > limits.max_header_bytes)
+                || record.headers.iter().any(|(k, v)| {
+                    k.is_empty()
+                        || k.len() > limits.max_header_bytes
+                        || v.len() > limits.max_header_bytes
+                })
             {
-                return Err(BrokerError::new(ErrorCode::InvalidMessage, format!("message {idx}: headers exceed max_headers or max_header_bytes")));
+                return Err(BrokerError::new(
+                    ErrorCode::InvalidMessage,
+                    format!("message {idx}: headers exceed max_headers or max_header_bytes"),
+                ));
             }
             if record.deliver_at_ms > now {
                 delays.push((idx as u32, record.deliver_at_ms));
@@ -681,7 +722,9 @@ impl Broker {
             bytes += record.size();
         }
         let n = header.count as u64;
-        let base = self.append_batch(&handle, batch, n, bytes, &delays, level, started).await?;
+        let base = self
+            .append_batch(&handle, batch, n, bytes, &delays, level, started)
+            .await?;
         Ok((base, header.count))
     }
 
@@ -698,17 +741,30 @@ impl Broker {
         started: std::time::Instant,
     ) -> Result<u64, BrokerError> {
         handle.state.lock().admit(n, bytes, self.now_ms())?;
-        let result = self.write(vec![Op::Append { uid: handle.uid, batch }], level).await;
+        let result = self
+            .write(
+                vec![Op::Append {
+                    uid: handle.uid,
+                    batch,
+                }],
+                level,
+            )
+            .await;
         let mut state = handle.state.lock();
         match result {
             Ok(results) => {
                 let Some(&OpResult::Appended { base_offset, .. }) = results.first() else {
                     state.published(n, bytes, None);
-                    return Err(BrokerError::new(ErrorCode::Internal, "storage did not report offsets"));
+                    return Err(BrokerError::new(
+                        ErrorCode::Internal,
+                        "storage did not report offsets",
+                    ));
                 };
                 state.published(n, bytes, Some((base_offset, delays)));
                 drop(state);
-                self.inner.observer.publish_latency(&handle.name, started.elapsed().as_secs_f64());
+                self.inner
+                    .observer
+                    .publish_latency(&handle.name, started.elapsed().as_secs_f64());
                 Ok(base_offset)
             }
             Err(err) => {

@@ -175,9 +175,15 @@ impl ErrorCode {
                 "The server is shutting down. Retry against the restarted server."
             }
             ErrorCode::Internal => "A bug. The server log has details.",
-            ErrorCode::InvalidFrame => "Binary protocol: the frame is malformed (docs/protocol.md). The server closes the connection after this error.",
-            ErrorCode::FrameTooLarge => "Binary protocol: the frame exceeds max_frame_bytes. The server closes the connection after this error.",
-            ErrorCode::UnsupportedVersion => "Binary protocol: the client speaks a protocol version this server does not. Upgrade the client or the server.",
+            ErrorCode::InvalidFrame => {
+                "Binary protocol: the frame is malformed (docs/protocol.md). The server closes the connection after this error."
+            }
+            ErrorCode::FrameTooLarge => {
+                "Binary protocol: the frame exceeds max_frame_bytes. The server closes the connection after this error."
+            }
+            ErrorCode::UnsupportedVersion => {
+                "Binary protocol: the client speaks a protocol version this server does not. Upgrade the client or the server."
+            }
         }
     }
 }

@@ -128,13 +128,14 @@ impl DrainMeter {
         }
     }
 
-    /// How long until `excess` messages have drained at the measured rate, 1 s..=5 min.
+    /// How long until `excess` messages have drained at the measured rate (100 ms ..= 5 min).
+    /// Without a recent measurement: 1 s (a refused publish is cheap to retry).
     fn wait_ms(&self, excess: u64, now_ms: i64) -> u64 {
         let stale = now_ms - self.window_start_ms > 10_000;
         if self.rate_per_s <= 0.0 || stale {
-            return 30_000;
+            return 1_000;
         }
-        ((excess as f64 / self.rate_per_s) * 1_000.0).clamp(1_000.0, 300_000.0) as u64
+        ((excess as f64 / self.rate_per_s) * 1_000.0).clamp(100.0, 300_000.0) as u64
     }
 }
 

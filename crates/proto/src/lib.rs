@@ -15,6 +15,9 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const HELLO_MAGIC: &[u8; 8] = b"TIDEWATR";
 /// Bytes before the body: kind, flags, request id.
 pub const FRAME_HEADER_LEN: usize = 6;
+/// Subscription ids (assigned by the server) have this bit set; request ids (chosen by the
+/// client) never do, so a server frame's id says which of the two it answers.
+pub const SUBSCRIPTION_ID_BIT: u32 = 0x8000_0000;
 /// Default largest frame (after the length field) a peer accepts.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 
@@ -46,25 +49,74 @@ pub struct WireDelivery {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     // client -> server
-    Hello { version: u16, client: String },
-    Produce { queue: String, ack: Ack, batch: Vec<u8> },
-    Subscribe { queue: String, lease_ms: u64, credit: u32 },
-    Credit { subscription: u32, credit: u32 },
-    Ack { queue: String, receipts: Vec<String> },
+    Hello {
+        version: u16,
+        client: String,
+    },
+    Produce {
+        queue: String,
+        ack: Ack,
+        batch: Vec<u8>,
+    },
+    Subscribe {
+        queue: String,
+        lease_ms: u64,
+        credit: u32,
+    },
+    Credit {
+        subscription: u32,
+        credit: u32,
+    },
+    Ack {
+        queue: String,
+        receipts: Vec<String>,
+    },
     /// `delay_ms` < 0: the queue's backoff applies.
-    Nack { queue: String, delay_ms: i64, error: String, receipts: Vec<String> },
-    Extend { queue: String, lease_ms: u64, receipts: Vec<String> },
-    Unsubscribe { subscription: u32 },
+    Nack {
+        queue: String,
+        delay_ms: i64,
+        error: String,
+        receipts: Vec<String>,
+    },
+    Extend {
+        queue: String,
+        lease_ms: u64,
+        receipts: Vec<String>,
+    },
+    Unsubscribe {
+        subscription: u32,
+    },
     Ping,
     // server -> client
-    HelloOk { version: u16, max_frame: u32, server: String },
-    Produced { base_offset: u64, count: u32 },
-    Subscribed { subscription: u32 },
-    Deliver { deliveries: Vec<WireDelivery> },
-    Settled { ok: u32, failed: Vec<Failure> },
+    HelloOk {
+        version: u16,
+        max_frame: u32,
+        server: String,
+    },
+    Produced {
+        base_offset: u64,
+        count: u32,
+    },
+    Subscribed {
+        subscription: u32,
+    },
+    Deliver {
+        deliveries: Vec<WireDelivery>,
+    },
+    Settled {
+        ok: u32,
+        failed: Vec<Failure>,
+    },
     /// Refused by backpressure: nothing was done; retry after the wait.
-    Throttle { retry_after_ms: u64, code: String, message: String },
-    Error { code: String, message: String },
+    Throttle {
+        retry_after_ms: u64,
+        code: String,
+        message: String,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
     Pong,
     Ok,
 }
@@ -93,7 +145,10 @@ mod kind {
 /// Why bytes are not a valid frame. Any of these closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProtoError {
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        len: usize,
+        max: usize,
+    },
     UnknownKind(u8),
     /// The body does not match its kind's layout.
     Malformed(&'static str),
@@ -102,7 +157,9 @@ pub enum ProtoError {
 impl fmt::Display for ProtoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProtoError::TooLarge { len, max } => write!(f, "frame of {len} bytes exceeds the limit of {max}"),
+            ProtoError::TooLarge { len, max } => {
+                write!(f, "frame of {len} bytes exceeds the limit of {max}")
+            }
             ProtoError::UnknownKind(k) => write!(f, "unknown frame kind 0x{k:02x}"),
             ProtoError::Malformed(what) => write!(f, "malformed frame: {what}"),
         }
@@ -158,7 +215,11 @@ type R<T> = Result<T, ProtoError>;
 
 impl<'a> Reader<'a> {
     fn bytes(&mut self, n: usize) -> R<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(ProtoError::Malformed("truncated body"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(ProtoError::Malformed("truncated body"))?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -179,7 +240,8 @@ impl<'a> Reader<'a> {
         Ok(i64::from_le_bytes(self.bytes(8)?.try_into().unwrap()))
     }
     fn string(&mut self, n: usize) -> R<String> {
-        String::from_utf8(self.bytes(n)?.to_vec()).map_err(|_| ProtoError::Malformed("invalid UTF-8"))
+        String::from_utf8(self.bytes(n)?.to_vec())
+            .map_err(|_| ProtoError::Malformed("invalid UTF-8"))
     }
     fn short(&mut self) -> R<String> {
         let n = self.u8()? as usize;
@@ -207,7 +269,11 @@ impl<'a> Reader<'a> {
         (0..n).map(|_| self.short()).collect()
     }
     fn done(&self) -> R<()> {
-        if self.pos == self.buf.len() { Ok(()) } else { Err(ProtoError::Malformed("trailing bytes")) }
+        if self.pos == self.buf.len() {
+            Ok(())
+        } else {
+            Err(ProtoError::Malformed("trailing bytes"))
+        }
     }
 }
 
@@ -232,12 +298,19 @@ impl Frame {
                 w.u8(*ack as u8);
                 w.0.extend_from_slice(batch);
             }
-            Frame::Subscribe { queue, lease_ms, credit } => {
+            Frame::Subscribe {
+                queue,
+                lease_ms,
+                credit,
+            } => {
                 w.short(queue);
                 w.u64(*lease_ms);
                 w.u32(*credit);
             }
-            Frame::Credit { subscription, credit } => {
+            Frame::Credit {
+                subscription,
+                credit,
+            } => {
                 w.u32(*subscription);
                 w.u32(*credit);
             }
@@ -245,19 +318,32 @@ impl Frame {
                 w.short(queue);
                 w.receipts(receipts);
             }
-            Frame::Nack { queue, delay_ms, error, receipts } => {
+            Frame::Nack {
+                queue,
+                delay_ms,
+                error,
+                receipts,
+            } => {
                 w.short(queue);
                 w.i64(*delay_ms);
                 w.text(error);
                 w.receipts(receipts);
             }
-            Frame::Extend { queue, lease_ms, receipts } => {
+            Frame::Extend {
+                queue,
+                lease_ms,
+                receipts,
+            } => {
                 w.short(queue);
                 w.u64(*lease_ms);
                 w.receipts(receipts);
             }
             Frame::Unsubscribe { subscription } => w.u32(*subscription),
-            Frame::HelloOk { version, max_frame, server } => {
+            Frame::HelloOk {
+                version,
+                max_frame,
+                server,
+            } => {
                 w.u16(*version);
                 w.u32(*max_frame);
                 w.text(server);
@@ -285,7 +371,11 @@ impl Frame {
                     w.short(&f.code);
                 }
             }
-            Frame::Throttle { retry_after_ms, code, message } => {
+            Frame::Throttle {
+                retry_after_ms,
+                code,
+                message,
+            } => {
                 w.u64(*retry_after_ms);
                 w.short(code);
                 w.text(message);
@@ -327,13 +417,19 @@ impl Frame {
 /// Decodes the first frame of `buf`: `Ok(None)` while it is incomplete, else the frame, its
 /// request id and the bytes it used. A frame announcing more than `max_frame` bytes is an
 /// error at once (before its body arrives).
-pub fn decode_frame(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, u32, usize)>, ProtoError> {
+pub fn decode_frame(
+    buf: &[u8],
+    max_frame: usize,
+) -> Result<Option<(Frame, u32, usize)>, ProtoError> {
     if buf.len() < 4 {
         return Ok(None);
     }
     let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
     if len > max_frame {
-        return Err(ProtoError::TooLarge { len, max: max_frame });
+        return Err(ProtoError::TooLarge {
+            len,
+            max: max_frame,
+        });
     }
     if len < FRAME_HEADER_LEN {
         return Err(ProtoError::Malformed("frame shorter than its header"));
@@ -344,13 +440,21 @@ pub fn decode_frame(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, u32, 
     let body = &buf[4..4 + len];
     let kind = body[0];
     let request_id = u32::from_le_bytes(body[2..6].try_into().unwrap());
-    let mut r = Reader { buf: &body[FRAME_HEADER_LEN..], pos: 0 };
+    let mut r = Reader {
+        buf: &body[FRAME_HEADER_LEN..],
+        pos: 0,
+    };
     let frame = match kind {
         kind::HELLO => {
             if r.bytes(8)? != HELLO_MAGIC {
-                return Err(ProtoError::Malformed("bad hello magic: not a tidewater client"));
+                return Err(ProtoError::Malformed(
+                    "bad hello magic: not a tidewater client",
+                ));
             }
-            Frame::Hello { version: r.u16()?, client: r.text()? }
+            Frame::Hello {
+                version: r.u16()?,
+                client: r.text()?,
+            }
         }
         kind::PRODUCE => {
             let queue = r.short()?;
@@ -359,18 +463,52 @@ pub fn decode_frame(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, u32, 
                 2 => Ack::Written,
                 _ => return Err(ProtoError::Malformed("unknown ack level")),
             };
-            Frame::Produce { queue, ack, batch: r.rest().to_vec() }
+            Frame::Produce {
+                queue,
+                ack,
+                batch: r.rest().to_vec(),
+            }
         }
-        kind::SUBSCRIBE => Frame::Subscribe { queue: r.short()?, lease_ms: r.u64()?, credit: r.u32()? },
-        kind::CREDIT => Frame::Credit { subscription: r.u32()?, credit: r.u32()? },
-        kind::ACK => Frame::Ack { queue: r.short()?, receipts: r.receipts()? },
-        kind::NACK => Frame::Nack { queue: r.short()?, delay_ms: r.i64()?, error: r.text()?, receipts: r.receipts()? },
-        kind::EXTEND => Frame::Extend { queue: r.short()?, lease_ms: r.u64()?, receipts: r.receipts()? },
-        kind::UNSUBSCRIBE => Frame::Unsubscribe { subscription: r.u32()? },
+        kind::SUBSCRIBE => Frame::Subscribe {
+            queue: r.short()?,
+            lease_ms: r.u64()?,
+            credit: r.u32()?,
+        },
+        kind::CREDIT => Frame::Credit {
+            subscription: r.u32()?,
+            credit: r.u32()?,
+        },
+        kind::ACK => Frame::Ack {
+            queue: r.short()?,
+            receipts: r.receipts()?,
+        },
+        kind::NACK => Frame::Nack {
+            queue: r.short()?,
+            delay_ms: r.i64()?,
+            error: r.text()?,
+            receipts: r.receipts()?,
+        },
+        kind::EXTEND => Frame::Extend {
+            queue: r.short()?,
+            lease_ms: r.u64()?,
+            receipts: r.receipts()?,
+        },
+        kind::UNSUBSCRIBE => Frame::Unsubscribe {
+            subscription: r.u32()?,
+        },
         kind::PING => Frame::Ping,
-        kind::HELLO_OK => Frame::HelloOk { version: r.u16()?, max_frame: r.u32()?, server: r.text()? },
-        kind::PRODUCED => Frame::Produced { base_offset: r.u64()?, count: r.u32()? },
-        kind::SUBSCRIBED => Frame::Subscribed { subscription: r.u32()? },
+        kind::HELLO_OK => Frame::HelloOk {
+            version: r.u16()?,
+            max_frame: r.u32()?,
+            server: r.text()?,
+        },
+        kind::PRODUCED => Frame::Produced {
+            base_offset: r.u64()?,
+            count: r.u32()?,
+        },
+        kind::SUBSCRIBED => Frame::Subscribed {
+            subscription: r.u32()?,
+        },
         kind::DELIVER => {
             let n = r.count(1 + 4 + 8 + 8 + 4)?;
             let mut deliveries = Vec::with_capacity(n);
@@ -381,19 +519,45 @@ pub fn decode_frame(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, u32, 
                 let published_at_ms = r.i64()?;
                 let record_len = u32::from_le_bytes(r.bytes(4)?.try_into().unwrap()) as usize;
                 r.pos -= 4;
-                let record = r.bytes(4usize.checked_add(record_len).ok_or(ProtoError::Malformed("record length"))?)?.to_vec();
-                deliveries.push(WireDelivery { receipt, delivery_count, offset, published_at_ms, record });
+                let record = r
+                    .bytes(
+                        4usize
+                            .checked_add(record_len)
+                            .ok_or(ProtoError::Malformed("record length"))?,
+                    )?
+                    .to_vec();
+                deliveries.push(WireDelivery {
+                    receipt,
+                    delivery_count,
+                    offset,
+                    published_at_ms,
+                    record,
+                });
             }
             Frame::Deliver { deliveries }
         }
         kind::SETTLED => {
             let ok = r.u32()?;
             let n = r.count(5)?;
-            let failed = (0..n).map(|_| Ok(Failure { index: r.u32()?, code: r.short()? })).collect::<R<Vec<_>>>()?;
+            let failed = (0..n)
+                .map(|_| {
+                    Ok(Failure {
+                        index: r.u32()?,
+                        code: r.short()?,
+                    })
+                })
+                .collect::<R<Vec<_>>>()?;
             Frame::Settled { ok, failed }
         }
-        kind::THROTTLE => Frame::Throttle { retry_after_ms: r.u64()?, code: r.short()?, message: r.text()? },
-        kind::ERROR => Frame::Error { code: r.short()?, message: r.text()? },
+        kind::THROTTLE => Frame::Throttle {
+            retry_after_ms: r.u64()?,
+            code: r.short()?,
+            message: r.text()?,
+        },
+        kind::ERROR => Frame::Error {
+            code: r.short()?,
+            message: r.text()?,
+        },
         kind::PONG => Frame::Pong,
         kind::OK => Frame::Ok,
         other => return Err(ProtoError::UnknownKind(other)),
@@ -410,17 +574,50 @@ mod tests {
     fn samples() -> Vec<Frame> {
         let s = |t: &str| t.to_string();
         vec![
-            Frame::Hello { version: 1, client: s("test") },
-            Frame::Produce { queue: s("q"), ack: Ack::Written, batch: vec![1, 2, 3] },
-            Frame::Subscribe { queue: s("q"), lease_ms: 30_000, credit: 500 },
-            Frame::Credit { subscription: 7, credit: 100 },
-            Frame::Ack { queue: s("q"), receipts: vec![s("a"), s("bb")] },
-            Frame::Nack { queue: s("q"), delay_ms: -1, error: s("boom"), receipts: vec![s("r")] },
-            Frame::Extend { queue: s("q"), lease_ms: 5, receipts: vec![] },
+            Frame::Hello {
+                version: 1,
+                client: s("test"),
+            },
+            Frame::Produce {
+                queue: s("q"),
+                ack: Ack::Written,
+                batch: vec![1, 2, 3],
+            },
+            Frame::Subscribe {
+                queue: s("q"),
+                lease_ms: 30_000,
+                credit: 500,
+            },
+            Frame::Credit {
+                subscription: 7,
+                credit: 100,
+            },
+            Frame::Ack {
+                queue: s("q"),
+                receipts: vec![s("a"), s("bb")],
+            },
+            Frame::Nack {
+                queue: s("q"),
+                delay_ms: -1,
+                error: s("boom"),
+                receipts: vec![s("r")],
+            },
+            Frame::Extend {
+                queue: s("q"),
+                lease_ms: 5,
+                receipts: vec![],
+            },
             Frame::Unsubscribe { subscription: 7 },
             Frame::Ping,
-            Frame::HelloOk { version: 1, max_frame: 1 << 20, server: s("tidewater") },
-            Frame::Produced { base_offset: 42, count: 3 },
+            Frame::HelloOk {
+                version: 1,
+                max_frame: 1 << 20,
+                server: s("tidewater"),
+            },
+            Frame::Produced {
+                base_offset: 42,
+                count: 3,
+            },
             Frame::Subscribed { subscription: 9 },
             Frame::Deliver {
                 deliveries: vec![WireDelivery {
@@ -431,9 +628,22 @@ mod tests {
                     record: vec![3, 0, 0, 0, 9, 9, 9],
                 }],
             },
-            Frame::Settled { ok: 3, failed: vec![Failure { index: 1, code: s("stale_receipt") }] },
-            Frame::Throttle { retry_after_ms: 250, code: s("queue_full"), message: s("full") },
-            Frame::Error { code: s("queue_not_found"), message: s("no such queue") },
+            Frame::Settled {
+                ok: 3,
+                failed: vec![Failure {
+                    index: 1,
+                    code: s("stale_receipt"),
+                }],
+            },
+            Frame::Throttle {
+                retry_after_ms: 250,
+                code: s("queue_full"),
+                message: s("full"),
+            },
+            Frame::Error {
+                code: s("queue_not_found"),
+                message: s("no such queue"),
+            },
             Frame::Pong,
             Frame::Ok,
         ]
@@ -444,10 +654,18 @@ mod tests {
         for (id, frame) in samples().into_iter().enumerate() {
             let mut buf = Vec::new();
             frame.encode(id as u32, &mut buf);
-            let (decoded, request_id, used) = decode_frame(&buf, DEFAULT_MAX_FRAME).unwrap().unwrap();
-            assert_eq!((decoded, request_id as usize, used), (frame.clone(), id, buf.len()));
+            let (decoded, request_id, used) =
+                decode_frame(&buf, DEFAULT_MAX_FRAME).unwrap().unwrap();
+            assert_eq!(
+                (decoded, request_id as usize, used),
+                (frame.clone(), id, buf.len())
+            );
             for cut in 0..buf.len() {
-                assert_eq!(decode_frame(&buf[..cut], DEFAULT_MAX_FRAME), Ok(None), "{frame:?} cut at {cut}");
+                assert_eq!(
+                    decode_frame(&buf[..cut], DEFAULT_MAX_FRAME),
+                    Ok(None),
+                    "{frame:?} cut at {cut}"
+                );
             }
         }
     }
@@ -455,7 +673,10 @@ mod tests {
     #[test]
     fn oversized_frames_are_refused_before_their_body_arrives() {
         let announced = (100u32).to_le_bytes();
-        assert_eq!(decode_frame(&announced, 50), Err(ProtoError::TooLarge { len: 100, max: 50 }));
+        assert_eq!(
+            decode_frame(&announced, 50),
+            Err(ProtoError::TooLarge { len: 100, max: 50 })
+        );
     }
 
     #[test]

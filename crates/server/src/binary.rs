@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tidewater_core::{AckLevel, Broker, BrokerError, ErrorCode};
-use tidewater_proto::{Ack, DEFAULT_MAX_FRAME, Failure, Frame, PROTOCOL_VERSION, ProtoError, WireDelivery, decode_frame};
+use tidewater_proto::{
+    Ack, DEFAULT_MAX_FRAME, Failure, Frame, PROTOCOL_VERSION, ProtoError, SUBSCRIPTION_ID_BIT,
+    WireDelivery, decode_frame,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
@@ -21,7 +24,12 @@ const MAX_DELIVER_BATCH: u32 = 1000;
 /// Outgoing frames queued per connection before handlers wait for the socket.
 const OUTBOX_FRAMES: usize = 1024;
 
-pub async fn serve(listener: TcpListener, broker: Arc<OnceLock<Broker>>, max_frame: usize, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<OnceLock<Broker>>,
+    max_frame: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -51,9 +59,16 @@ fn encode(frame: &Frame, request_id: u32) -> Vec<u8> {
 fn error_frame(err: &BrokerError) -> Frame {
     match (err.code, err.retry_after_ms) {
         (ErrorCode::QueueFull | ErrorCode::Overloaded | ErrorCode::DiskFull, Some(ms)) => {
-            Frame::Throttle { retry_after_ms: ms, code: err.code.as_str().into(), message: err.message.clone() }
+            Frame::Throttle {
+                retry_after_ms: ms,
+                code: err.code.as_str().into(),
+                message: err.message.clone(),
+            }
         }
-        _ => Frame::Error { code: err.code.as_str().into(), message: err.message.clone() },
+        _ => Frame::Error {
+            code: err.code.as_str().into(),
+            message: err.message.clone(),
+        },
     }
 }
 
@@ -73,8 +88,9 @@ async fn connection(
     let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut greeted = false;
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
-    let mut subscriptions: HashMap<u32, (Arc<Subscription>, tokio::task::JoinHandle<()>)> = HashMap::new();
-    let mut next_subscription = 1u32;
+    let mut subscriptions: HashMap<u32, (Arc<Subscription>, tokio::task::JoinHandle<()>)> =
+        HashMap::new();
+    let mut next_subscription = SUBSCRIPTION_ID_BIT | 1;
     let mut tasks = tokio::task::JoinSet::new();
 
     let result: std::io::Result<()> = async {
@@ -134,7 +150,7 @@ async fn connection(
                             continue;
                         }
                         let id = next_subscription;
-                        next_subscription += 1;
+                        next_subscription = SUBSCRIPTION_ID_BIT | next_subscription.wrapping_add(1);
                         let sub = Arc::new(Subscription { credit: AtomicU32::new(credit), wake: Notify::new() });
                         let _ = tx.send(encode(&Frame::Subscribed { subscription: id }, request_id)).await;
                         let lease = (lease_ms > 0).then_some(lease_ms);
@@ -230,23 +246,50 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
         failed: reply
             .failed
             .iter()
-            .map(|f| Failure { index: receipts.iter().position(|r| *r == f.receipt).unwrap_or(0) as u32, code: f.code.into() })
+            .map(|f| Failure {
+                index: receipts.iter().position(|r| *r == f.receipt).unwrap_or(0) as u32,
+                code: f.code.into(),
+            })
             .collect(),
     };
     let result = match frame {
         Frame::Produce { queue, ack, batch } => {
-            let level = if ack == Ack::Written { AckLevel::Written } else { AckLevel::Durable };
-            broker.publish_batch(&queue, batch, level).await.map(|(base_offset, count)| Frame::Produced { base_offset, count })
+            let level = if ack == Ack::Written {
+                AckLevel::Written
+            } else {
+                AckLevel::Durable
+            };
+            broker
+                .publish_batch(&queue, batch, level)
+                .await
+                .map(|(base_offset, count)| Frame::Produced { base_offset, count })
         }
-        Frame::Ack { queue, receipts } => broker.ack(&queue, &receipts).await.map(|r| settled(r, &receipts)),
-        Frame::Nack { queue, delay_ms, error, receipts } => {
+        Frame::Ack { queue, receipts } => broker
+            .ack(&queue, &receipts)
+            .await
+            .map(|r| settled(r, &receipts)),
+        Frame::Nack {
+            queue,
+            delay_ms,
+            error,
+            receipts,
+        } => {
             let delay = (delay_ms >= 0).then_some(delay_ms as u64);
             let error = (!error.is_empty()).then_some(error.as_str());
-            broker.nack(&queue, &receipts, delay, error).await.map(|r| settled(r, &receipts))
+            broker
+                .nack(&queue, &receipts, delay, error)
+                .await
+                .map(|r| settled(r, &receipts))
         }
-        Frame::Extend { queue, lease_ms, receipts } => {
+        Frame::Extend {
+            queue,
+            lease_ms,
+            receipts,
+        } => {
             let lease = (lease_ms > 0).then_some(lease_ms);
-            broker.extend(&queue, &receipts, lease).map(|r| settled(r, &receipts))
+            broker
+                .extend(&queue, &receipts, lease)
+                .map(|r| settled(r, &receipts))
         }
         _ => unreachable!("only requests are passed here"),
     };
@@ -255,7 +298,14 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
 
 /// Pushes deliveries while the consumer has credit; ends with an error frame if the queue
 /// goes away.
-async fn subscription(broker: Broker, queue: String, lease_ms: Option<u64>, id: u32, sub: Arc<Subscription>, tx: mpsc::Sender<Vec<u8>>) {
+async fn subscription(
+    broker: Broker,
+    queue: String,
+    lease_ms: Option<u64>,
+    id: u32,
+    sub: Arc<Subscription>,
+    tx: mpsc::Sender<Vec<u8>>,
+) {
     loop {
         let credit = sub.credit.load(Ordering::SeqCst);
         if credit == 0 {
@@ -269,7 +319,8 @@ async fn subscription(broker: Broker, queue: String, lease_ms: Option<u64>, id: 
         match broker.receive(&queue, max, 1_000, lease_ms).await {
             Ok(deliveries) if deliveries.is_empty() => continue,
             Ok(deliveries) => {
-                sub.credit.fetch_sub(deliveries.len() as u32, Ordering::SeqCst);
+                sub.credit
+                    .fetch_sub(deliveries.len() as u32, Ordering::SeqCst);
                 let wire = deliveries
                     .iter()
                     .map(|d| {
@@ -284,7 +335,11 @@ async fn subscription(broker: Broker, queue: String, lease_ms: Option<u64>, id: 
                         }
                     })
                     .collect();
-                if tx.send(encode(&Frame::Deliver { deliveries: wire }, id)).await.is_err() {
+                if tx
+                    .send(encode(&Frame::Deliver { deliveries: wire }, id))
+                    .await
+                    .is_err()
+                {
                     return; // connection gone: the leases expire and the messages come back
                 }
             }

@@ -105,10 +105,14 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
     let listen: SocketAddr = listen_text.parse().with_context(|| {
         format!("--listen '{listen_text}' is not an address like 127.0.0.1:7070")
     })?;
-    let protocol_text = args.protocol_listen.clone().or(file.protocol_listen).unwrap_or_else(|| "127.0.0.1:7071".to_string());
-    let protocol_listen: SocketAddr = protocol_text
-        .parse()
-        .with_context(|| format!("--protocol-listen '{protocol_text}' is not an address like 127.0.0.1:7071"))?;
+    let protocol_text = args
+        .protocol_listen
+        .clone()
+        .or(file.protocol_listen)
+        .unwrap_or_else(|| "127.0.0.1:7071".to_string());
+    let protocol_listen: SocketAddr = protocol_text.parse().with_context(|| {
+        format!("--protocol-listen '{protocol_text}' is not an address like 127.0.0.1:7071")
+    })?;
     let s = &file.storage;
     if s.journal_roll_bytes < 1 << 20
         || s.segment_roll_bytes < 64 << 10
@@ -126,7 +130,9 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             .unwrap_or_else(|| PathBuf::from("data")),
         listen,
         protocol_listen,
-        max_frame_bytes: file.max_frame_bytes.unwrap_or(crate::binary::MAX_FRAME_DEFAULT),
+        max_frame_bytes: file
+            .max_frame_bytes
+            .unwrap_or(crate::binary::MAX_FRAME_DEFAULT),
         log_format: args
             .log_format
             .clone()
@@ -182,10 +188,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         })?;
     let protocol = tokio::net::TcpListener::bind(settings.protocol_listen)
         .await
-        .with_context(|| format!("cannot listen on {} for the binary protocol (in use? try --protocol-listen)", settings.protocol_listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the binary protocol (in use? try --protocol-listen)",
+                settings.protocol_listen
+            )
+        })?;
     tracing::info!(listen = %settings.listen, protocol = %settings.protocol_listen, data = %settings.data.display(), "tidewater listening; recovering data");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let binary = tokio::spawn(crate::binary::serve(protocol, cell.clone(), settings.max_frame_bytes, stop_rx));
+    let binary = tokio::spawn(crate::binary::serve(
+        protocol,
+        cell.clone(),
+        settings.max_frame_bytes,
+        stop_rx,
+    ));
 
     // Recover in the background: /healthz answers now, the API says not_ready until done.
     let options = BrokerOptions {
@@ -198,8 +214,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data)
         .with_context(|| format!("creating data directory {}", data.display()))?;
     let opened = tokio::task::spawn_blocking(move || Broker::open(&data, options));
-    let server =
-        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal(cell.clone(), stop_tx));
+    let server = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal(cell.clone(), stop_tx));
     let serving = tokio::spawn(async move { server.await });
 
     let broker = opened
@@ -250,7 +266,8 @@ mod tests {
         std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata = \"/tmp/x\"\n[limits]\nmax_batch_messages = 5\n[storage]\nsegment_roll_bytes = 1048576\n").unwrap();
         let args = ServeArgs {
             data: Some("/tmp/y".into()),
-            listen: None, protocol_listen: None,
+            listen: None,
+            protocol_listen: None,
             config: Some(path),
             log_format: None,
         };
@@ -269,7 +286,8 @@ mod tests {
     fn defaults_are_loopback_and_unknown_keys_are_errors() {
         let s = settings(&ServeArgs {
             data: None,
-            listen: None, protocol_listen: None,
+            listen: None,
+            protocol_listen: None,
             config: None,
             log_format: None,
         })
@@ -280,7 +298,8 @@ mod tests {
         std::fs::write(&path, "listn = \"x\"\n").unwrap();
         let err = settings(&ServeArgs {
             data: None,
-            listen: None, protocol_listen: None,
+            listen: None,
+            protocol_listen: None,
             config: Some(path),
             log_format: None,
         })
@@ -305,8 +324,8 @@ mod docs {
                 "checkpoint_interval_ms",
                 "write_queue_capacity",
                 "max_request_bytes",
-            "max_frame_bytes",
-            "protocol_listen",
+                "max_frame_bytes",
+                "protocol_listen",
             ]
             .map(String::from),
         );

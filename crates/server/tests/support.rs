@@ -11,11 +11,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tidewater");
 pub struct Server {
     pub child: Child,
     pub url: String,
+    /// host:port of the binary protocol.
+    pub protocol: String,
     pub data: PathBuf,
     config: Option<PathBuf>,
+    ports: (u16, u16),
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -40,13 +43,24 @@ impl Server {
 
     /// Starts with extra environment variables (fault injection).
     pub fn start_env(data: &Path, config: Option<PathBuf>, env: &[(&str, &str)]) -> Server {
-        let port = free_port();
+        Server::start_on(data, config, env, (free_port(), free_port()))
+    }
+
+    /// Starts on given (HTTP, binary protocol) ports.
+    pub fn start_on(
+        data: &Path,
+        config: Option<PathBuf>,
+        env: &[(&str, &str)],
+        ports: (u16, u16),
+    ) -> Server {
+        let (port, protocol_port) = ports;
         let mut command = Command::new(BIN);
         command.envs(env.iter().copied());
         command
             .args(["serve", "--data"])
             .arg(data)
             .args(["--listen", &format!("127.0.0.1:{port}")]);
+        command.args(["--protocol-listen", &format!("127.0.0.1:{protocol_port}")]);
         if let Some(path) = &config {
             command.arg("--config").arg(path);
         }
@@ -59,8 +73,10 @@ impl Server {
         let server = Server {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            protocol: format!("127.0.0.1:{protocol_port}"),
             data: data.to_path_buf(),
             config,
+            ports,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -72,11 +88,18 @@ impl Server {
         }
     }
 
-    /// SIGKILL, then start again on the same data and config.
+    /// SIGKILL, then start again on the same data, config and ports.
     pub fn kill_and_restart(&mut self) {
         self.kill9();
         let config = self.config.clone();
-        *self = Server::start_with(&self.data.clone(), config);
+        *self = Server::start_on(&self.data.clone(), config, &[], self.ports);
+    }
+
+    /// SIGTERM, then start again on the same data, config and ports.
+    pub fn restart(&mut self) {
+        assert_eq!(self.stop(), 0);
+        let config = self.config.clone();
+        *self = Server::start_on(&self.data.clone(), config, &[], self.ports);
     }
 
     pub fn kill9(&mut self) {

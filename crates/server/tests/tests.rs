@@ -2,6 +2,7 @@
 
 mod support;
 
+mod binary;
 mod cli;
 mod crash;
 mod disk_full;

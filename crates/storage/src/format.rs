@@ -102,7 +102,11 @@ fn header_crc(header: &[u8]) -> u32 {
 
 /// Rewrites who and when of a client-built batch: the log it goes to and its publish
 /// time. Header only (the body and its CRC are kept as sent); returns the checked header.
-pub fn restamp_batch(batch: &mut [u8], log_uid: u64, published_at_ms: i64) -> Result<BatchHeader, FormatError> {
+pub fn restamp_batch(
+    batch: &mut [u8],
+    log_uid: u64,
+    published_at_ms: i64,
+) -> Result<BatchHeader, FormatError> {
     let header = check_batch(batch)?;
     if header.total_len() != batch.len() {
         return Err(FormatError::BadLength);
@@ -111,7 +115,11 @@ pub fn restamp_batch(batch: &mut [u8], log_uid: u64, published_at_ms: i64) -> Re
     batch[32..40].copy_from_slice(&published_at_ms.to_le_bytes());
     let crc = header_crc(batch);
     batch[4..8].copy_from_slice(&crc.to_le_bytes());
-    Ok(BatchHeader { log_uid, published_at_ms, ..header })
+    Ok(BatchHeader {
+        log_uid,
+        published_at_ms,
+        ..header
+    })
 }
 
 /// A message as handed to the batch builder.
@@ -214,7 +222,11 @@ pub fn encode_record(buf: &mut Vec<u8>, record: &NewRecord<'_>) {
     assert!(record.headers.len() <= u16::MAX as usize);
     let start = buf.len();
     buf.extend_from_slice(&[0; 4]);
-    buf.push(if record.generated_id { RECORD_FLAG_GENERATED_ID } else { 0 });
+    buf.push(if record.generated_id {
+        RECORD_FLAG_GENERATED_ID
+    } else {
+        0
+    });
     buf.extend_from_slice(&record.deliver_at_ms.to_le_bytes());
     buf.push(record.id.len() as u8);
     buf.extend_from_slice(record.id);
@@ -242,7 +254,11 @@ pub fn encode_record(buf: &mut Vec<u8>, record: &NewRecord<'_>) {
 impl Record {
     /// Re-encodes this record in the record layout (for a delivery on the wire).
     pub fn encode(&self, buf: &mut Vec<u8>) {
-        let headers = self.headers.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+        let headers = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
         encode_record(
             buf,
             &NewRecord {
@@ -267,7 +283,11 @@ pub fn decode_record(buf: &[u8], offset: u64, published_at_ms: i64) -> Result<Re
     Ok(record)
 }
 
-fn decode_one(cur: &mut Cursor<'_>, offset: u64, published_at_ms: i64) -> Result<Record, FormatError> {
+fn decode_one(
+    cur: &mut Cursor<'_>,
+    offset: u64,
+    published_at_ms: i64,
+) -> Result<Record, FormatError> {
     let len = cur.u32()? as usize;
     let end = cur.pos.checked_add(len).ok_or(FormatError::BadLength)?;
     if end > cur.buf.len() {
@@ -298,7 +318,16 @@ fn decode_one(cur: &mut Cursor<'_>, offset: u64, published_at_ms: i64) -> Result
     if cur.pos != end {
         return Err(FormatError::BadLength);
     }
-    Ok(Record { offset, published_at_ms, flags, deliver_at_ms, id, key, headers, body })
+    Ok(Record {
+        offset,
+        published_at_ms,
+        flags,
+        deliver_at_ms,
+        id,
+        key,
+        headers,
+        body,
+    })
 }
 
 /// Checks a whole encoded batch (both CRCs) and returns its header.
@@ -322,7 +351,11 @@ pub fn decode_records(
 ) -> Result<(), FormatError> {
     let mut cur = Cursor { buf: body, pos: 0 };
     for idx in 0..header.count {
-        out.push(decode_one(&mut cur, header.base_offset + idx as u64, header.published_at_ms)?);
+        out.push(decode_one(
+            &mut cur,
+            header.base_offset + idx as u64,
+            header.published_at_ms,
+        )?);
     }
     if cur.pos != body.len() {
         return Err(FormatError::BadLength);

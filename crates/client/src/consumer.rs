@@ -1,0 +1,299 @@
+//! Credit-based consumer: the broker pushes up to `prefetch` deliveries ahead of the
+//! application; acks are batched behind the scenes; a lost connection resubscribes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tidewater_proto::Frame;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::{Client, ClientError, backoff};
+
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Deliveries the broker may push ahead of the application.
+    pub prefetch: u32,
+    /// Lease per delivery; None = the queue's default.
+    pub lease_ms: Option<u64>,
+    /// Acks wait this long for company before they are sent.
+    pub ack_linger: Duration,
+    pub ack_batch: usize,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            prefetch: 1_000,
+            lease_ms: None,
+            ack_linger: Duration::from_millis(2),
+            ack_batch: 1_000,
+        }
+    }
+}
+
+/// A leased message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: String,
+    pub receipt: String,
+    pub body: Vec<u8>,
+    pub key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub delivery_count: u32,
+    pub offset: u64,
+    pub published_at_ms: i64,
+}
+
+enum AckCmd {
+    Ack(String),
+    Flush(oneshot::Sender<()>),
+}
+
+pub struct Consumer {
+    client: Client,
+    queue: String,
+    rx: mpsc::Receiver<Result<Delivery, ClientError>>,
+    consumed: Arc<AtomicU32>,
+    credit_threshold: u32,
+    wake: Arc<Notify>,
+    acks: mpsc::UnboundedSender<AckCmd>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Consumer {
+    pub(crate) fn start(client: Client, queue: String, opts: ConsumerOptions) -> Consumer {
+        let prefetch = opts.prefetch.max(1);
+        let (tx, rx) = mpsc::channel(prefetch as usize);
+        let consumed = Arc::new(AtomicU32::new(0));
+        let wake = Arc::new(Notify::new());
+        let (acks, ack_rx) = mpsc::unbounded_channel();
+        let subscriber = tokio::spawn(subscriber(
+            client.clone(),
+            queue.clone(),
+            opts.clone(),
+            tx,
+            consumed.clone(),
+            wake.clone(),
+        ));
+        let acker = tokio::spawn(acker(client.clone(), queue.clone(), opts, ack_rx));
+        Consumer {
+            client,
+            queue,
+            rx,
+            consumed,
+            credit_threshold: (prefetch / 4).max(1),
+            wake,
+            acks,
+            tasks: vec![subscriber, acker],
+        }
+    }
+
+    /// The next delivery; None when the consumer ended (after an error it reported).
+    pub async fn next(&mut self) -> Option<Result<Delivery, ClientError>> {
+        let item = self.rx.recv().await?;
+        if item.is_ok() && self.consumed.fetch_add(1, Ordering::SeqCst) + 1 >= self.credit_threshold
+        {
+            self.wake.notify_one();
+        }
+        Some(item)
+    }
+
+    /// Acks a delivery; acks are sent in batches. See `flush` to wait for them.
+    pub fn ack(&self, delivery: &Delivery) {
+        let _ = self.acks.send(AckCmd::Ack(delivery.receipt.clone()));
+    }
+
+    /// Waits until every ack given so far was answered by the broker.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.acks.send(AckCmd::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Ends the lease without success: another delivery after `delay` (None = the queue's
+    /// backoff), or the dead-letter queue once max deliveries is reached.
+    pub async fn nack(
+        &self,
+        delivery: &Delivery,
+        delay: Option<Duration>,
+        error: &str,
+    ) -> Result<bool, ClientError> {
+        let delay_ms = delay.map_or(-1, |d| d.as_millis() as i64);
+        let frame = Frame::Nack {
+            queue: self.queue.clone(),
+            delay_ms,
+            error: error.into(),
+            receipts: vec![delivery.receipt.clone()],
+        };
+        settled_one(self.client.request(frame).await?)
+    }
+
+    /// Extends the lease to `lease` from now; false when the lease already expired.
+    pub async fn extend(&self, delivery: &Delivery, lease: Duration) -> Result<bool, ClientError> {
+        let frame = Frame::Extend {
+            queue: self.queue.clone(),
+            lease_ms: lease.as_millis().max(1) as u64,
+            receipts: vec![delivery.receipt.clone()],
+        };
+        settled_one(self.client.request(frame).await?)
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // The subscription ends with the connection's task; unacked leases expire and the
+        // messages come back. Queued acks are still sent by the acker before it stops.
+        self.tasks[0].abort();
+    }
+}
+
+fn settled_one(reply: Frame) -> Result<bool, ClientError> {
+    match reply {
+        Frame::Settled { ok, .. } => Ok(ok == 1),
+        other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+    }
+}
+
+fn decode(d: tidewater_proto::WireDelivery) -> Result<Delivery, ClientError> {
+    let record = tidewater_storage::format::decode_record(&d.record, d.offset, d.published_at_ms)
+        .map_err(|e| ClientError::Protocol(format!("bad record in a delivery: {e}")))?;
+    let id = if record.flags & tidewater_storage::format::RECORD_FLAG_GENERATED_ID != 0 {
+        record.id.iter().map(|b| format!("{b:02x}")).collect()
+    } else {
+        String::from_utf8_lossy(&record.id).into_owned()
+    };
+    let text = |b: Vec<u8>| {
+        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    };
+    Ok(Delivery {
+        id,
+        receipt: d.receipt,
+        body: record.body,
+        key: record.key.map(text),
+        headers: record
+            .headers
+            .into_iter()
+            .map(|(k, v)| (text(k), text(v)))
+            .collect(),
+        delivery_count: d.delivery_count,
+        offset: d.offset,
+        published_at_ms: d.published_at_ms,
+    })
+}
+
+async fn subscriber(
+    client: Client,
+    queue: String,
+    opts: ConsumerOptions,
+    out: mpsc::Sender<Result<Delivery, ClientError>>,
+    consumed: Arc<AtomicU32>,
+    wake: Arc<Notify>,
+) {
+    let prefetch = opts.prefetch.max(1);
+    let mut attempt = 0;
+    loop {
+        // Credit for what the application does not hold yet.
+        let buffered = (out.max_capacity() - out.capacity()) as u32;
+        consumed.store(0, Ordering::SeqCst);
+        let credit = prefetch.saturating_sub(buffered).max(1);
+        let (sink, mut frames) = mpsc::unbounded_channel();
+        let subscribe = Frame::Subscribe {
+            queue: queue.clone(),
+            lease_ms: opts.lease_ms.unwrap_or(0),
+            credit,
+        };
+        let (subscription, conn) = match client.request_with(subscribe, Some(sink)).await {
+            Ok((Frame::Subscribed { subscription }, conn)) => (subscription, conn),
+            Ok((other, _)) => {
+                let _ = out
+                    .send(Err(ClientError::Protocol(format!(
+                        "unexpected reply {other:?}"
+                    ))))
+                    .await;
+                return;
+            }
+            Err(err @ ClientError::Server { .. }) => {
+                let _ = out.send(Err(err)).await;
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(backoff(&client.inner.opts, attempt)).await;
+                attempt += 1;
+                continue;
+            }
+        };
+        attempt = 0;
+        loop {
+            tokio::select! {
+                frame = frames.recv() => match frame {
+                    Some(Frame::Deliver { deliveries }) => {
+                        for d in deliveries {
+                            if out.send(decode(d)).await.is_err() {
+                                return; // the consumer was dropped
+                            }
+                        }
+                    }
+                    Some(Frame::Error { code, message }) => {
+                        let _ = out.send(Err(ClientError::Server { code, message })).await;
+                        return;
+                    }
+                    Some(_) => {}
+                    None => break, // connection lost: resubscribe
+                },
+                _ = wake.notified() => {
+                    let n = consumed.swap(0, Ordering::SeqCst);
+                    if n > 0 && conn.send(&Frame::Credit { subscription, credit: n }).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn acker(
+    client: Client,
+    queue: String,
+    opts: ConsumerOptions,
+    mut rx: mpsc::UnboundedReceiver<AckCmd>,
+) {
+    let mut receipts = Vec::new();
+    let mut flushes = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let deadline = tokio::time::Instant::now() + opts.ack_linger;
+        while let Some(cmd) = next.take() {
+            match cmd {
+                AckCmd::Ack(receipt) => receipts.push(receipt),
+                AckCmd::Flush(done) => flushes.push(done),
+            }
+            if receipts.len() >= opts.ack_batch || !flushes.is_empty() {
+                break;
+            }
+            if let Ok(Some(cmd)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                next = Some(cmd);
+            }
+        }
+        if !receipts.is_empty() {
+            let frame = Frame::Ack {
+                queue: queue.clone(),
+                receipts: std::mem::take(&mut receipts),
+            };
+            let failed = match client.request(frame).await {
+                Ok(Frame::Settled { failed, .. }) => failed.len() as u64,
+                Ok(_) | Err(_) => 1,
+            };
+            // A failed ack only means a redelivery later (at-least-once).
+            client
+                .inner
+                .stats
+                .ack_failures
+                .fetch_add(failed, Ordering::Relaxed);
+        }
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}

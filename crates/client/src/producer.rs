@@ -1,0 +1,251 @@
+//! Batching producer: messages sent close together travel in one record batch.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tidewater_proto::{Ack, Frame};
+use tidewater_storage::{BatchBuilder, NewRecord};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::{Client, ClientError};
+
+#[derive(Debug, Clone)]
+pub struct ProducerOptions {
+    /// How long the first message of a batch waits for company.
+    pub linger: Duration,
+    pub max_batch_messages: usize,
+    pub max_batch_bytes: usize,
+    /// Batches awaiting their reply at once. 1 keeps this producer's messages in order.
+    pub max_in_flight_batches: usize,
+    /// Durable (after fsync, the default) or written (after write(2)).
+    pub ack: Ack,
+    /// Messages waiting to be batched; `send` waits when it is full.
+    pub buffer: usize,
+    /// Give up on a batch the broker keeps refusing with throttle replies after this long.
+    pub max_throttle_wait: Duration,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        ProducerOptions {
+            linger: Duration::from_millis(1),
+            max_batch_messages: 1_000,
+            max_batch_bytes: 1 << 20,
+            max_in_flight_batches: 8,
+            ack: Ack::Durable,
+            buffer: 100_000,
+            max_throttle_wait: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, Default)]
+pub struct Message {
+    /// Your id for it (at most 255 bytes); a random one is generated otherwise.
+    pub id: Option<String>,
+    pub body: Vec<u8>,
+    pub key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    /// Deliver no earlier than this time (ms since the epoch); 0 = at once.
+    pub deliver_at_ms: i64,
+}
+
+impl Message {
+    pub fn new(body: impl Into<Vec<u8>>) -> Message {
+        Message {
+            body: body.into(),
+            ..Message::default()
+        }
+    }
+    pub fn with_key(mut self, key: impl Into<String>) -> Message {
+        self.key = Some(key.into());
+        self
+    }
+    pub fn with_id(mut self, id: impl Into<String>) -> Message {
+        self.id = Some(id.into());
+        self
+    }
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Message {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+    fn size(&self) -> usize {
+        self.body.len()
+            + self.key.as_ref().map_or(0, |k| k.len())
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + 32
+    }
+}
+
+type Pending = (Message, oneshot::Sender<Result<String, ClientError>>);
+
+/// Publishes to one queue. Dropping it stops batching once queued messages are sent.
+pub struct Producer {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Producer {
+    pub(crate) fn start(client: Client, queue: String, opts: ProducerOptions) -> Producer {
+        let (tx, rx) = mpsc::channel(opts.buffer.max(1));
+        tokio::spawn(batcher(client, queue, opts, rx));
+        Producer { tx }
+    }
+
+    /// Queues a message; the future resolves to its id once the broker acknowledged it at
+    /// the producer's ack level.
+    pub fn send(
+        &self,
+        message: Message,
+    ) -> impl Future<Output = Result<String, ClientError>> + Send + 'static {
+        let tx = self.tx.clone();
+        async move {
+            if message
+                .id
+                .as_ref()
+                .is_some_and(|id| id.is_empty() || id.len() > 255)
+            {
+                return Err(ClientError::Server {
+                    code: "invalid_message".into(),
+                    message: "ids are 1 to 255 bytes".into(),
+                });
+            }
+            if message
+                .key
+                .as_ref()
+                .is_some_and(|k| k.len() > u16::MAX as usize)
+            {
+                return Err(ClientError::Server {
+                    code: "invalid_message".into(),
+                    message: "key too long".into(),
+                });
+            }
+            let (done, wait) = oneshot::channel();
+            tx.send((message, done))
+                .await
+                .map_err(|_| ClientError::Unavailable("producer stopped".into()))?;
+            wait.await.map_err(|_| ClientError::Disconnected)?
+        }
+    }
+}
+
+async fn batcher(
+    client: Client,
+    queue: String,
+    opts: ProducerOptions,
+    mut rx: mpsc::Receiver<Pending>,
+) {
+    let permits = Arc::new(Semaphore::new(opts.max_in_flight_batches.max(1)));
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.0.size();
+        let mut batch = vec![first];
+        let deadline = Instant::now() + opts.linger;
+        while batch.len() < opts.max_batch_messages && bytes < opts.max_batch_bytes {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(next)) => {
+                    bytes += next.0.size();
+                    batch.push(next);
+                }
+                _ => break,
+            }
+        }
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        let (client, queue, opts) = (client.clone(), queue.clone(), opts.clone());
+        tokio::spawn(async move {
+            send_batch(&client, queue, &opts, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn generated_id() -> [u8; 16] {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut id = [0u8; 16];
+    id[..6].copy_from_slice(&now.to_be_bytes()[2..]);
+    id[6..14].copy_from_slice(&fastrand::u64(..).to_le_bytes());
+    id[14..].copy_from_slice(&fastrand::u16(..).to_le_bytes());
+    id
+}
+
+async fn send_batch(client: &Client, queue: String, opts: &ProducerOptions, batch: Vec<Pending>) {
+    let mut builder = BatchBuilder::new(0, 0);
+    let mut ids = Vec::with_capacity(batch.len());
+    for (message, _) in &batch {
+        let generated;
+        let (id, is_generated): (&[u8], bool) = match &message.id {
+            Some(id) => (id.as_bytes(), false),
+            None => {
+                generated = generated_id();
+                (&generated, true)
+            }
+        };
+        ids.push(if is_generated {
+            hex(id)
+        } else {
+            message.id.clone().unwrap_or_default()
+        });
+        builder.push(&NewRecord {
+            id,
+            generated_id: is_generated,
+            key: message.key.as_deref().map(str::as_bytes),
+            headers: message
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+                .collect(),
+            deliver_at_ms: message.deliver_at_ms,
+            body: &message.body,
+        });
+    }
+    let bytes = builder.finish();
+    let started = Instant::now();
+    let result = loop {
+        let frame = Frame::Produce {
+            queue: queue.clone(),
+            ack: opts.ack,
+            batch: bytes.clone(),
+        };
+        match client.request(frame).await {
+            Ok(Frame::Produced { .. }) => break Ok(()),
+            // Refused whole, nothing stored: waiting and resending cannot duplicate.
+            Ok(Frame::Throttle {
+                retry_after_ms,
+                code,
+                message,
+            }) => {
+                client.inner.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                let wait = Duration::from_millis(retry_after_ms.max(1));
+                if started.elapsed() + wait > opts.max_throttle_wait {
+                    break Err(ClientError::Server { code, message });
+                }
+                tokio::time::sleep(wait).await;
+            }
+            Ok(other) => {
+                break Err(ClientError::Protocol(format!(
+                    "unexpected reply to produce: {other:?}"
+                )));
+            }
+            Err(err) => break Err(err),
+        }
+    };
+    for ((_, done), id) in batch.into_iter().zip(ids) {
+        let _ = done.send(result.clone().map(|()| id));
+    }
+}
