@@ -98,38 +98,54 @@ impl Producer {
         Producer { tx }
     }
 
-    /// Queues a message; the future resolves to its id once the broker acknowledged it at
-    /// the producer's ack level.
+    /// Queues a message now (when the buffer has room) and returns a future that resolves
+    /// to its id once the broker acknowledged it at the producer's ack level. Holding many
+    /// such futures costs no task each; they travel in shared batches.
     pub fn send(
         &self,
         message: Message,
     ) -> impl Future<Output = Result<String, ClientError>> + Send + 'static {
+        let invalid = if message
+            .id
+            .as_ref()
+            .is_some_and(|id| id.is_empty() || id.len() > 255)
+        {
+            Some("ids are 1 to 255 bytes")
+        } else if message
+            .key
+            .as_ref()
+            .is_some_and(|k| k.len() > u16::MAX as usize)
+        {
+            Some("keys are at most 65535 bytes")
+        } else {
+            None
+        };
+        let (done, wait) = oneshot::channel();
+        // Enqueue eagerly; only a full buffer makes the future wait for room.
+        let pending = match invalid {
+            Some(_) => None,
+            None => match self.tx.try_send((message, done)) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(item)) => Some(Ok(item)),
+                Err(mpsc::error::TrySendError::Closed(_)) => Some(Err(())),
+            },
+        };
         let tx = self.tx.clone();
         async move {
-            if message
-                .id
-                .as_ref()
-                .is_some_and(|id| id.is_empty() || id.len() > 255)
-            {
+            if let Some(why) = invalid {
                 return Err(ClientError::Server {
                     code: "invalid_message".into(),
-                    message: "ids are 1 to 255 bytes".into(),
+                    message: why.into(),
                 });
             }
-            if message
-                .key
-                .as_ref()
-                .is_some_and(|k| k.len() > u16::MAX as usize)
-            {
-                return Err(ClientError::Server {
-                    code: "invalid_message".into(),
-                    message: "key too long".into(),
-                });
+            match pending {
+                None => {}
+                Some(Ok(item)) => tx
+                    .send(item)
+                    .await
+                    .map_err(|_| ClientError::Unavailable("producer stopped".into()))?,
+                Some(Err(())) => return Err(ClientError::Unavailable("producer stopped".into())),
             }
-            let (done, wait) = oneshot::channel();
-            tx.send((message, done))
-                .await
-                .map_err(|_| ClientError::Unavailable("producer stopped".into()))?;
             wait.await.map_err(|_| ClientError::Disconnected)?
         }
     }

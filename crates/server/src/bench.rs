@@ -37,6 +37,12 @@ pub struct BenchArgs {
     /// Messages per receive (and receipts per ack).
     #[arg(long, default_value_t = 2_000)]
     pub receive_batch: usize,
+    /// http (JSON API) or binary (the data-plane protocol through tidewater-client).
+    #[arg(long, default_value = "http", value_parser = ["http", "binary"])]
+    pub protocol: String,
+    /// With --target: the binary protocol address of that server.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7071")]
+    pub target_protocol: String,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -91,14 +97,16 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn spawn_server() -> anyhow::Result<(String, Spawned)> {
+fn spawn_server() -> anyhow::Result<(String, String, Spawned)> {
     let dir = tempfile_dir::Dir::new()?;
     let port = free_port()?;
+    let protocol_port = free_port()?;
     let exe = std::env::current_exe()?;
     let child = Command::new(exe)
         .args(["serve", "--data"])
         .arg(&dir.0)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--protocol-listen", &format!("127.0.0.1:{protocol_port}")])
         .env("TIDEWATER_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -112,7 +120,11 @@ fn spawn_server() -> anyhow::Result<(String, Spawned)> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok((url, Spawned { child, _dir: dir }))
+    Ok((
+        url,
+        format!("127.0.0.1:{protocol_port}"),
+        Spawned { child, _dir: dir },
+    ))
 }
 
 /// (peak RSS bytes, CPU seconds) of a process, from /proc.
@@ -154,11 +166,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.batch == 0 || args.producers == 0 || args.consumers == 0 || args.receive_batch == 0 {
         bail!("--batch, --producers, --consumers and --receive-batch must be at least 1");
     }
-    let (url, spawned) = match &args.target {
-        Some(url) => (url.clone(), None),
+    let (url, protocol_addr, spawned) = match &args.target {
+        Some(url) => (url.clone(), args.target_protocol.clone(), None),
         None => {
-            let (url, spawned) = spawn_server()?;
-            (url, Some(spawned))
+            let (url, protocol_addr, spawned) = spawn_server()?;
+            (url, protocol_addr, Some(spawned))
         }
     };
     let pid = spawned.as_ref().map(|s| s.child.id());
@@ -176,96 +188,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     )?;
     let cpu_before = pid.and_then(process_usage).map_or(0.0, |u| u.1);
 
-    // Publish: every request carries the same pre-encoded batch (ids are assigned by the server).
-    let body = "x".repeat(args.size);
-    let one = json!({"body": body}).to_string();
-    let batch_body = |n: usize| {
-        format!(
-            "{{\"ack\":\"durable\",\"messages\":[{}]}}",
-            vec![one.as_str(); n].join(",")
-        )
-    };
-    let full = Arc::new(batch_body(args.batch));
-    let remaining = Arc::new(AtomicU64::new(args.messages));
     let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..args.producers {
-        let (client, full, remaining, queue) = (
-            Client::new(&url),
-            full.clone(),
-            remaining.clone(),
-            queue.clone(),
-        );
-        let batch = args.batch as u64;
-        let size_one = one.clone();
-        workers.push(std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
-            let mut latencies = Vec::new();
-            let path = format!("/v1/queues/{queue}/messages");
-            loop {
-                let take = remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| {
-                    if r == 0 { None } else { Some(r - r.min(batch)) }
-                });
-                let Ok(before) = take else { break };
-                let n = before.min(batch) as usize;
-                let started = Instant::now();
-                if n as u64 == batch {
-                    client.call_raw("POST", &path, Some(full.as_bytes()))?;
-                } else {
-                    let body = format!(
-                        "{{\"ack\":\"durable\",\"messages\":[{}]}}",
-                        vec![size_one.as_str(); n].join(",")
-                    );
-                    client.call_raw("POST", &path, Some(body.as_bytes()))?;
-                }
-                latencies.push(started.elapsed().as_secs_f64());
-            }
-            Ok(latencies)
-        }));
-    }
-    let mut latencies = Vec::new();
-    for worker in workers {
-        latencies.extend(
-            worker
-                .join()
-                .map_err(|_| anyhow::anyhow!("producer panicked"))??,
-        );
-    }
+    let mut latencies = if args.protocol == "binary" {
+        binary_publish(&args, &protocol_addr, &queue)?
+    } else {
+        http_publish(&args, &url, &queue)?
+    };
     let publish_s = started.elapsed().as_secs_f64();
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let usage_after_publish = pid.and_then(process_usage);
 
-    // Consume: receive a batch, ack its receipts, until everything is acked.
-    let acked = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..args.consumers {
-        let (client, acked, queue) = (Client::new(&url), acked.clone(), queue.clone());
-        let (total, max) = (args.messages, args.receive_batch);
-        workers.push(std::thread::spawn(move || -> anyhow::Result<()> {
-            let receive = json!({"max": max, "wait_ms": 200}).to_string();
-            while acked.load(Ordering::SeqCst) < total {
-                let (_, bytes) = client.call_raw(
-                    "POST",
-                    &format!("/v1/queues/{queue}/receive"),
-                    Some(receive.as_bytes()),
-                )?;
-                let got: Received = serde_json::from_slice(&bytes)?;
-                if got.messages.is_empty() {
-                    continue;
-                }
-                let receipts: Vec<&str> = got.messages.iter().map(|m| m.receipt.as_str()).collect();
-                let body = serde_json::to_vec(&json!({ "receipts": receipts }))?;
-                let (_, reply) =
-                    client.call("POST", &format!("/v1/queues/{queue}/ack"), Some(&body))?;
-                acked.fetch_add(reply["ok"].as_u64().unwrap_or(0), Ordering::SeqCst);
-            }
-            Ok(())
-        }));
-    }
-    for worker in workers {
-        worker
-            .join()
-            .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+    if args.protocol == "binary" {
+        binary_consume(&args, &protocol_addr, &queue)?;
+    } else {
+        http_consume(&args, &url, &queue)?;
     }
     let consume_s = started.elapsed().as_secs_f64();
     let usage_end = pid.and_then(process_usage);
@@ -325,4 +262,203 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     drop(spawned);
     Ok(())
+}
+
+/// Publishes with pre-encoded JSON batches from `producers` threads; returns request latencies.
+fn http_publish(args: &BenchArgs, url: &str, queue: &str) -> anyhow::Result<Vec<f64>> {
+    // Publish: every request carries the same pre-encoded batch (ids are assigned by the server).
+    let body = "x".repeat(args.size);
+    let one = json!({"body": body}).to_string();
+    let batch_body = |n: usize| {
+        format!(
+            "{{\"ack\":\"durable\",\"messages\":[{}]}}",
+            vec![one.as_str(); n].join(",")
+        )
+    };
+    let full = Arc::new(batch_body(args.batch));
+    let remaining = Arc::new(AtomicU64::new(args.messages));
+    let mut workers = Vec::new();
+    for _ in 0..args.producers {
+        let (client, full, remaining, queue) = (
+            Client::new(url),
+            full.clone(),
+            remaining.clone(),
+            queue.to_string(),
+        );
+        let batch = args.batch as u64;
+        let size_one = one.clone();
+        workers.push(std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+            let mut latencies = Vec::new();
+            let path = format!("/v1/queues/{queue}/messages");
+            loop {
+                let take = remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| {
+                    if r == 0 { None } else { Some(r - r.min(batch)) }
+                });
+                let Ok(before) = take else { break };
+                let n = before.min(batch) as usize;
+                let started = Instant::now();
+                if n as u64 == batch {
+                    client.call_raw("POST", &path, Some(full.as_bytes()))?;
+                } else {
+                    let body = format!(
+                        "{{\"ack\":\"durable\",\"messages\":[{}]}}",
+                        vec![size_one.as_str(); n].join(",")
+                    );
+                    client.call_raw("POST", &path, Some(body.as_bytes()))?;
+                }
+                latencies.push(started.elapsed().as_secs_f64());
+            }
+            Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("producer panicked"))??,
+        );
+    }
+    Ok(latencies)
+}
+
+/// Receives and acks with `consumers` threads until everything is acked.
+fn http_consume(args: &BenchArgs, url: &str, queue: &str) -> anyhow::Result<()> {
+    // Consume: receive a batch, ack its receipts, until everything is acked.
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..args.consumers {
+        let (client, acked, queue) = (Client::new(url), acked.clone(), queue.to_string());
+        let (total, max) = (args.messages, args.receive_batch);
+        workers.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            let receive = json!({"max": max, "wait_ms": 200}).to_string();
+            while acked.load(Ordering::SeqCst) < total {
+                let (_, bytes) = client.call_raw(
+                    "POST",
+                    &format!("/v1/queues/{queue}/receive"),
+                    Some(receive.as_bytes()),
+                )?;
+                let got: Received = serde_json::from_slice(&bytes)?;
+                if got.messages.is_empty() {
+                    continue;
+                }
+                let receipts: Vec<&str> = got.messages.iter().map(|m| m.receipt.as_str()).collect();
+                let body = serde_json::to_vec(&json!({ "receipts": receipts }))?;
+                let (_, reply) =
+                    client.call("POST", &format!("/v1/queues/{queue}/ack"), Some(&body))?;
+                acked.fetch_add(reply["ok"].as_u64().unwrap_or(0), Ordering::SeqCst);
+            }
+            Ok(())
+        }));
+    }
+    for worker in workers {
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+    }
+    Ok(())
+}
+
+/// Publishes through tidewater-client: `producers` producers, each sending its share as
+/// individual messages (the client batches them); returns per-message send-to-ack latencies.
+fn binary_publish(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result<Vec<f64>> {
+    use tidewater_client::{Client as BinaryClient, ClientOptions, Message, ProducerOptions};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = BinaryClient::new(addr, ClientOptions::default());
+        let body = vec![b'x'; args.size];
+        let per_producer = args.messages / args.producers as u64;
+        let mut tasks = Vec::new();
+        for p in 0..args.producers {
+            let n = if p == 0 {
+                args.messages - per_producer * (args.producers as u64 - 1)
+            } else {
+                per_producer
+            };
+            let opts = ProducerOptions {
+                max_batch_messages: args.batch,
+                max_batch_bytes: 16 << 20,
+                ..ProducerOptions::default()
+            };
+            let producer = client.producer(queue, opts);
+            let body = body.clone();
+            tasks.push(tokio::spawn(async move {
+                // A window of sends in flight; sample the latency of every 100th message.
+                let mut window = std::collections::VecDeque::new();
+                let mut latencies = Vec::new();
+                for i in 0..n {
+                    let started = Instant::now();
+                    window.push_back((
+                        i,
+                        started,
+                        Box::pin(producer.send(Message::new(body.clone()))),
+                    ));
+                    if window.len() >= 20_000 {
+                        let (i, started, send) = window.pop_front().unwrap();
+                        send.await?;
+                        if i % 100 == 0 {
+                            latencies.push(started.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+                for (i, started, send) in window {
+                    send.await?;
+                    if i % 100 == 0 {
+                        latencies.push(started.elapsed().as_secs_f64());
+                    }
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            }));
+        }
+        let mut latencies = Vec::new();
+        for task in tasks {
+            latencies.extend(task.await??);
+        }
+        Ok(latencies)
+    })
+}
+
+/// Consumes through tidewater-client with `consumers` consumers until everything is acked.
+fn binary_consume(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result<()> {
+    use tidewater_client::{Client as BinaryClient, ClientOptions, ConsumerOptions};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = BinaryClient::new(addr, ClientOptions::default());
+        let received = Arc::new(AtomicU64::new(0));
+        let total = args.messages;
+        let mut tasks = Vec::new();
+        for _ in 0..args.consumers {
+            let opts = ConsumerOptions {
+                prefetch: args.receive_batch as u32,
+                ack_batch: args.receive_batch,
+                ..ConsumerOptions::default()
+            };
+            let mut consumer = client.consumer(queue, opts);
+            let received = received.clone();
+            tasks.push(tokio::spawn(async move {
+                while received.load(Ordering::SeqCst) < total {
+                    match tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+                        Ok(Some(delivery)) => {
+                            consumer.ack(&delivery?);
+                            received.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(None) => anyhow::bail!("the subscription ended"),
+                        Err(_) => {} // idle: check whether the others finished
+                    }
+                }
+                consumer.flush().await;
+                Ok(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        Ok(())
+    })
 }
