@@ -19,6 +19,9 @@ pub struct ConsumerOptions {
     /// Acks wait this long for company before they are sent.
     pub ack_linger: Duration,
     pub ack_batch: usize,
+    /// Stop asking for deliveries after this many (credit never exceeds it): for a
+    /// consumer that handles N messages and exits without leaving others leased.
+    pub max_messages: Option<u64>,
 }
 
 impl Default for ConsumerOptions {
@@ -28,6 +31,7 @@ impl Default for ConsumerOptions {
             lease_ms: None,
             ack_linger: Duration::from_millis(2),
             ack_batch: 1_000,
+            max_messages: None,
         }
     }
 }
@@ -58,6 +62,7 @@ pub struct Consumer {
     credit_threshold: u32,
     wake: Arc<Notify>,
     acks: mpsc::UnboundedSender<AckCmd>,
+    close: Option<oneshot::Sender<oneshot::Sender<()>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -68,6 +73,7 @@ impl Consumer {
         let consumed = Arc::new(AtomicU32::new(0));
         let wake = Arc::new(Notify::new());
         let (acks, ack_rx) = mpsc::unbounded_channel();
+        let (close, close_rx) = oneshot::channel();
         let subscriber = tokio::spawn(subscriber(
             client.clone(),
             queue.clone(),
@@ -75,6 +81,7 @@ impl Consumer {
             tx,
             consumed.clone(),
             wake.clone(),
+            close_rx,
         ));
         let acker = tokio::spawn(acker(client.clone(), queue.clone(), opts, ack_rx));
         Consumer {
@@ -85,6 +92,7 @@ impl Consumer {
             credit_threshold: (prefetch / 4).max(1),
             wake,
             acks,
+            close: Some(close),
             tasks: vec![subscriber, acker],
         }
     }
@@ -110,6 +118,33 @@ impl Consumer {
         if self.acks.send(AckCmd::Flush(done)).is_ok() {
             let _ = wait.await;
         }
+    }
+
+    /// Stops the subscription, releases deliveries that were pushed but never handed to the
+    /// application (so they are not left leased until their lease runs out), and sends
+    /// pending acks. Released messages keep the delivery they were counted for.
+    pub async fn close(mut self) {
+        if let Some(close) = self.close.take() {
+            let (done, wait) = oneshot::channel();
+            if close.send(done).is_ok() {
+                let _ = wait.await;
+            }
+        }
+        self.rx.close();
+        let mut unused = Vec::new();
+        while let Ok(Ok(delivery)) = self.rx.try_recv() {
+            unused.push(delivery.receipt);
+        }
+        if !unused.is_empty() {
+            let frame = Frame::Nack {
+                queue: self.queue.clone(),
+                delay_ms: 0,
+                error: String::new(),
+                receipts: unused,
+            };
+            let _ = self.client.request(frame).await;
+        }
+        self.flush().await;
     }
 
     /// Ends the lease without success: another delivery after `delay` (None = the queue's
@@ -190,14 +225,29 @@ async fn subscriber(
     out: mpsc::Sender<Result<Delivery, ClientError>>,
     consumed: Arc<AtomicU32>,
     wake: Arc<Notify>,
+    mut close: oneshot::Receiver<oneshot::Sender<()>>,
 ) {
     let prefetch = opts.prefetch.max(1);
     let mut attempt = 0;
+    // Deliveries this consumer may still ask for (max_messages).
+    let mut allowance = opts.max_messages.unwrap_or(u64::MAX);
+    let grant = |wanted: u32, allowance: &mut u64| {
+        let n = (wanted as u64).min(*allowance) as u32;
+        *allowance -= n as u64;
+        n
+    };
     loop {
         // Credit for what the application does not hold yet.
         let buffered = (out.max_capacity() - out.capacity()) as u32;
         consumed.store(0, Ordering::SeqCst);
-        let credit = prefetch.saturating_sub(buffered).max(1);
+        let credit = grant(prefetch.saturating_sub(buffered).max(1), &mut allowance);
+        if credit == 0 {
+            // Everything allowed was asked for; wait for close.
+            if let Ok(done) = close.await {
+                let _ = done.send(());
+            }
+            return;
+        }
         let (sink, mut frames) = mpsc::unbounded_channel();
         let subscribe = Frame::Subscribe {
             queue: queue.clone(),
@@ -243,10 +293,26 @@ async fn subscriber(
                     None => break, // connection lost: resubscribe
                 },
                 _ = wake.notified() => {
-                    let n = consumed.swap(0, Ordering::SeqCst);
+                    let n = grant(consumed.swap(0, Ordering::SeqCst), &mut allowance);
                     if n > 0 && conn.send(&Frame::Credit { subscription, credit: n }).await.is_err() {
                         break;
                     }
+                }
+                done = &mut close => {
+                    // Stop the pushes; deliveries already on their way arrive before the
+                    // reply (one ordered outbox), land in `out`, and close() releases them.
+                    let _ = client.request(Frame::Unsubscribe { subscription }).await;
+                    while let Ok(frame) = frames.try_recv() {
+                        if let Frame::Deliver { deliveries } = frame {
+                            for d in deliveries {
+                                let _ = out.try_send(decode(d));
+                            }
+                        }
+                    }
+                    if let Ok(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
                 }
             }
         }

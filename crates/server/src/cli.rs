@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Value, json};
@@ -430,158 +430,184 @@ fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// Sends one request, waiting out backpressure (429/507) for up to `retry_for`.
-fn send_with_backpressure(
-    client: &Client,
-    path: &str,
-    body: &[u8],
-    retry_for: Duration,
-    bar: &indicatif::ProgressBar,
-) -> Result<Value, ClientError> {
-    let started = Instant::now();
-    loop {
-        match client.call("POST", path, Some(body)) {
-            Ok((_, value)) => return Ok(value),
-            Err(err) => match err.retry_after() {
-                Some(wait) if started.elapsed() + wait <= retry_for => {
-                    bar.suspend(|| {
-                        eprintln!("refused ({err}); retrying in {:.1}s", wait.as_secs_f64())
-                    });
-                    std::thread::sleep(wait);
-                }
-                _ => return Err(err),
-            },
+/// A binary-protocol client error as a CLI error with a meaningful exit code.
+fn binary_error(err: tidewater_client::ClientError) -> anyhow::Error {
+    use tidewater_client::ClientError as E;
+    let (status, code, message) = match &err {
+        E::Server { code, message } => {
+            let status = match code.as_str() {
+                "queue_not_found" => 404,
+                "queue_full" | "overloaded" | "disk_full" => 429,
+                c if c.starts_with("invalid") || c.ends_with("too_large") => 400,
+                _ => 500,
+            };
+            (status, code.clone(), message.clone())
         }
-    }
+        E::Unavailable(_) | E::CircuitOpen => {
+            return anyhow::Error::new(ClientError::Unreachable(format!(
+                "{err}. Is `tidewater serve` running, with its binary protocol at --protocol-server?"
+            )));
+        }
+        other => return anyhow::anyhow!("{other}"),
+    };
+    anyhow::Error::new(ClientError::Api {
+        status,
+        code,
+        message,
+    })
 }
 
-pub fn publish(client: &Client, args: PublishArgs, as_json: bool) -> anyhow::Result<()> {
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn binary_client(addr: &str) -> tidewater_client::Client {
+    tidewater_client::Client::new(
+        addr,
+        tidewater_client::ClientOptions {
+            request_timeout: Duration::from_secs(30),
+            breaker_failures: 3,
+            ..Default::default()
+        },
+    )
+}
+
+/// Publishes over the binary protocol; the client batches and waits out throttle replies
+/// for up to --retry-for-s.
+pub fn publish(protocol: &str, args: PublishArgs, as_json: bool) -> anyhow::Result<()> {
+    use tidewater_client::{Message, ProducerOptions};
     if args.batch == 0 {
         anyhow::bail!("--batch must be at least 1");
     }
-    let mut headers = serde_json::Map::new();
+    let mut headers = Vec::new();
     for h in &args.headers {
         let (name, value) = h
             .split_once('=')
             .with_context(|| format!("--header '{h}' must look like name=value"))?;
-        headers.insert(name.to_string(), json!(value));
+        headers.push((name.to_string(), value.to_string()));
     }
-    let path = format!("{}/messages", queue_path(&args.queue));
-    let retry_for = Duration::from_secs(args.retry_for_s);
-    let make = |body: String| {
-        let mut m = json!({"body": body});
-        if let Some(k) = &args.key {
-            m["key"] = json!(k);
+    let deliver_at_ms = match args.delay_ms {
+        Some(ms) => {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as i64
+                + ms as i64
         }
-        if !headers.is_empty() {
-            m["headers"] = Value::Object(headers.clone());
-        }
-        if let Some(d) = args.delay_ms {
-            m["delay_ms"] = json!(d);
-        }
-        m
+        None => 0,
     };
-    let mut all_ids: Vec<Value> = Vec::new();
-    let mut published = 0u64;
-    let mut flush = |batch: &mut Vec<Value>,
-                     bar: &indicatif::ProgressBar,
-                     keep_ids: bool|
-     -> anyhow::Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let body = serde_json::to_vec(&json!({"messages": batch, "ack": args.ack}))?;
-        let reply = send_with_backpressure(client, &path, &body, retry_for, bar)?;
-        let ids = reply["ids"].as_array().cloned().unwrap_or_default();
-        published += ids.len() as u64;
-        bar.inc(ids.len() as u64);
-        if keep_ids {
-            all_ids.extend(ids);
-        }
-        batch.clear();
-        Ok(())
+    let make = |body: String| Message {
+        id: None,
+        body: body.into_bytes(),
+        key: args.key.clone(),
+        headers: headers.clone(),
+        deliver_at_ms,
     };
-    let mut batch = Vec::with_capacity(args.batch);
-    if !args.bodies.is_empty() {
-        let bar = indicatif::ProgressBar::hidden();
-        for body in &args.bodies {
-            batch.push(make(body.clone()));
-            if batch.len() == args.batch {
-                flush(&mut batch, &bar, true)?;
-            }
-        }
-        flush(&mut batch, &bar, true)?;
-        if as_json {
-            print_json(&json!({"published": published, "ids": all_ids}));
-        } else {
-            for id in &all_ids {
-                println!("{}", id.as_str().unwrap_or_default());
-            }
-        }
-        return Ok(());
-    }
-    let (reader, len): (Box<dyn BufRead>, Option<u64>) = match &args.file {
-        Some(path) => {
-            let file =
-                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let lines = std::io::BufReader::new(&file).lines().count() as u64;
-            let file = std::fs::File::open(path)?;
-            (Box::new(std::io::BufReader::new(file)), Some(lines))
-        }
-        None => {
-            if std::io::stdin().is_terminal() {
-                eprintln!("reading one message per line from standard input (Ctrl-D to end)");
-            }
-            (Box::new(std::io::BufReader::new(std::io::stdin())), None)
-        }
-    };
-    let bar = progress_bar(len, &format!("publishing to {}", args.queue));
-    for line in reader.lines() {
-        batch.push(make(line.context("reading input")?));
-        if batch.len() == args.batch {
-            flush(&mut batch, &bar, false)?;
-        }
-    }
-    flush(&mut batch, &bar, false)?;
-    bar.finish_and_clear();
-    if as_json {
-        print_json(&json!({"published": published}));
+    let (lines, len): (
+        Box<dyn Iterator<Item = std::io::Result<String>>>,
+        Option<u64>,
+    ) = if !args.bodies.is_empty() {
+        let n = args.bodies.len() as u64;
+        (Box::new(args.bodies.clone().into_iter().map(Ok)), Some(n))
+    } else if let Some(path) = &args.file {
+        let count = std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        )
+        .lines()
+        .count();
+        let file = std::fs::File::open(path)?;
+        (
+            Box::new(std::io::BufReader::new(file).lines()),
+            Some(count as u64),
+        )
     } else {
-        println!("published {published} messages to '{}'", args.queue);
+        if std::io::stdin().is_terminal() {
+            eprintln!("reading one message per line from standard input (Ctrl-D to end)");
+        }
+        (
+            Box::new(std::io::BufReader::new(std::io::stdin()).lines()),
+            None,
+        )
+    };
+    let show_ids = !args.bodies.is_empty();
+    let bar = if show_ids {
+        indicatif::ProgressBar::hidden()
+    } else {
+        progress_bar(len, &format!("publishing to {}", args.queue))
+    };
+    let ack = if args.ack == "written" {
+        tidewater_proto::Ack::Written
+    } else {
+        tidewater_proto::Ack::Durable
+    };
+    let opts = ProducerOptions {
+        max_batch_messages: args.batch,
+        max_throttle_wait: Duration::from_secs(args.retry_for_s),
+        ack,
+        ..ProducerOptions::default()
+    };
+    let runtime = runtime()?;
+    let ids: Vec<String> = runtime.block_on(async {
+        let client = binary_client(protocol);
+        let producer = client.producer(&args.queue, opts);
+        let mut window = std::collections::VecDeque::new();
+        let mut ids = Vec::new();
+        for line in lines {
+            window.push_back(producer.send(make(line.context("reading input")?)));
+            if window.len() >= args.batch * 4 {
+                let id = window.pop_front().unwrap().await.map_err(binary_error)?;
+                bar.inc(1);
+                if show_ids {
+                    ids.push(id);
+                }
+            }
+        }
+        for send in window {
+            let id = send.await.map_err(binary_error)?;
+            bar.inc(1);
+            if show_ids {
+                ids.push(id);
+            }
+        }
+        anyhow::Ok(ids)
+    })?;
+    let published = bar.position();
+    bar.finish_and_clear();
+    match (as_json, show_ids) {
+        (true, true) => print_json(&json!({"published": ids.len(), "ids": ids})),
+        (true, false) => print_json(&json!({"published": published})),
+        (false, true) => ids.iter().for_each(|id| println!("{id}")),
+        (false, false) => println!("published {published} messages to '{}'", args.queue),
     }
     Ok(())
 }
 
 /// Runs the --exec command for one message; Ok(()) to ack, Err(text) to nack.
-fn run_handler(command: &str, queue: &str, message: &Value) -> Result<(), String> {
-    let body = message["body"]
-        .as_str()
-        .map(|s| s.as_bytes().to_vec())
-        .unwrap_or_else(|| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD
-                .decode(message["body_base64"].as_str().unwrap_or(""))
-                .unwrap_or_default()
-        });
+fn run_handler(
+    command: &str,
+    queue: &str,
+    delivery: &tidewater_client::Delivery,
+) -> Result<(), String> {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(command)
         .env("TIDEWATER_QUEUE", queue)
-        .env("TIDEWATER_MESSAGE_ID", message["id"].as_str().unwrap_or(""))
+        .env("TIDEWATER_MESSAGE_ID", &delivery.id)
         .env(
             "TIDEWATER_MESSAGE_KEY",
-            message["key"].as_str().unwrap_or(""),
+            delivery.key.as_deref().unwrap_or(""),
         )
         .env(
             "TIDEWATER_DELIVERY_COUNT",
-            message["delivery_count"].to_string(),
+            delivery.delivery_count.to_string(),
         )
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run '{command}': {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(&body);
+        let _ = stdin.write_all(&delivery.body);
     }
     let mut stderr = String::new();
     if let Some(mut err) = child.stderr.take() {
@@ -604,78 +630,88 @@ fn run_handler(command: &str, queue: &str, message: &Value) -> Result<(), String
     }
 }
 
-pub fn consume(client: &Client, args: ConsumeArgs, as_json: bool) -> anyhow::Result<()> {
-    let base = queue_path(&args.queue);
-    let mut done = 0u64;
-    let (mut acked, mut nacked) = (0u64, 0u64);
-    loop {
-        let want = if args.max > 0 {
-            (args.max - done).min(args.batch as u64) as usize
-        } else {
-            args.batch
-        };
-        if want == 0 {
-            break;
+fn delivery_json(d: &tidewater_client::Delivery) -> Value {
+    use base64::Engine;
+    let mut m = json!({
+        "id": d.id,
+        "receipt": d.receipt,
+        "delivery_count": d.delivery_count,
+        "published_at": d.published_at_ms,
+        "offset": d.offset,
+        "headers": Value::Object(d.headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
+    });
+    match std::str::from_utf8(&d.body) {
+        Ok(text) => m["body"] = json!(text),
+        Err(_) => {
+            m["body_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&d.body))
         }
-        let mut request = json!({"max": want, "wait_ms": args.wait_ms});
-        if let Some(lease) = args.lease_ms {
-            request["lease_ms"] = json!(lease);
-        }
-        let reply = client.post(&format!("{base}/receive"), &request)?;
-        let messages = reply["messages"].as_array().cloned().unwrap_or_default();
-        if messages.is_empty() {
-            if args.follow {
-                continue;
-            }
-            break;
-        }
-        let mut to_ack = Vec::new();
-        let mut to_nack: Vec<(String, String)> = Vec::new();
-        for message in &messages {
-            if as_json {
-                println!("{}", serde_json::to_string(message)?);
-            } else {
-                let body = message["body"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| {
-                        format!("base64:{}", message["body_base64"].as_str().unwrap_or(""))
-                    });
-                println!(
-                    "{}\t{}\t{}",
-                    message["id"].as_str().unwrap_or("?"),
-                    message["delivery_count"],
-                    body
-                );
-            }
-            let receipt = message["receipt"].as_str().unwrap_or_default().to_string();
-            match (&args.exec, args.nack) {
-                (Some(command), _) => match run_handler(command, &args.queue, message) {
-                    Ok(()) => to_ack.push(receipt),
-                    Err(error) => to_nack.push((receipt, error)),
-                },
-                (None, true) => {
-                    to_nack.push((receipt, "nacked by tidewater consume --nack".into()))
-                }
-                (None, false) => to_ack.push(receipt),
-            }
-        }
-        std::io::stdout().flush()?;
-        if !to_ack.is_empty() {
-            let reply = client.post(&format!("{base}/ack"), &json!({"receipts": to_ack}))?;
-            acked += reply["ok"].as_u64().unwrap_or(0);
-            report_failures(&reply);
-        }
-        for (receipt, error) in to_nack {
-            let reply = client.post(
-                &format!("{base}/nack"),
-                &json!({"receipts": [receipt], "error": error}),
-            )?;
-            nacked += reply["ok"].as_u64().unwrap_or(0);
-            report_failures(&reply);
-        }
-        done += messages.len() as u64;
     }
+    if let Some(key) = &d.key {
+        m["key"] = json!(key);
+    }
+    m
+}
+
+/// Consumes over the binary protocol: a credit-based subscription, batched acks.
+pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Result<()> {
+    use tidewater_client::ConsumerOptions;
+    let runtime = runtime()?;
+    let (done, acked, nacked) = runtime.block_on(async {
+        let client = binary_client(protocol);
+        let prefetch = if args.max > 0 { (args.max as u32).min(args.batch as u32) } else { args.batch as u32 }.max(1);
+        let max_messages = (args.max > 0).then_some(args.max);
+        let mut consumer =
+            client.consumer(&args.queue, ConsumerOptions { prefetch, lease_ms: args.lease_ms, max_messages, ..ConsumerOptions::default() });
+        let (mut done, mut acked, mut nacked) = (0u64, 0u64, 0u64);
+        while args.max == 0 || done < args.max {
+            let next = tokio::time::timeout(Duration::from_millis(args.wait_ms.max(1)), consumer.next()).await;
+            let delivery = match next {
+                Ok(Some(delivery)) => delivery.map_err(binary_error)?,
+                Ok(None) => break,
+                Err(_) if args.follow => continue,
+                Err(_) => break, // nothing for --wait-ms: the queue is drained
+            };
+            if as_json {
+                println!("{}", serde_json::to_string(&delivery_json(&delivery))?);
+            } else {
+                let body = match std::str::from_utf8(&delivery.body) {
+                    Ok(text) => text.to_string(),
+                    Err(_) => {
+                        use base64::Engine;
+                        format!("base64:{}", base64::engine::general_purpose::STANDARD.encode(&delivery.body))
+                    }
+                };
+                println!("{}\t{}\t{}", delivery.id, delivery.delivery_count, body);
+            }
+            std::io::stdout().flush()?;
+            let verdict = match (&args.exec, args.nack) {
+                (Some(command), _) => run_handler(command, &args.queue, &delivery),
+                (None, true) => Err("nacked by tidewater consume --nack".to_string()),
+                (None, false) => Ok(()),
+            };
+            match verdict {
+                Ok(()) => {
+                    consumer.ack(&delivery);
+                    acked += 1;
+                }
+                Err(error) => {
+                    if consumer.nack(&delivery, None, &error).await.map_err(binary_error)? {
+                        nacked += 1;
+                    } else {
+                        eprintln!("warning: the lease expired before the handler finished; raise --lease-ms");
+                    }
+                }
+            }
+            done += 1;
+        }
+        // Release what was pushed but not handled, and send the last acks.
+        consumer.close().await;
+        let failures = client.stats().ack_failures.load(std::sync::atomic::Ordering::Relaxed);
+        if failures > 0 {
+            eprintln!("warning: {failures} acks were refused (leases expired); those messages will be delivered again");
+        }
+        anyhow::Ok((done, acked.saturating_sub(failures), nacked))
+    })?;
     if !as_json {
         eprintln!(
             "consumed {done} messages from '{}': {acked} acked, {nacked} nacked",
@@ -683,15 +719,6 @@ pub fn consume(client: &Client, args: ConsumeArgs, as_json: bool) -> anyhow::Res
         );
     }
     Ok(())
-}
-
-fn report_failures(reply: &Value) {
-    for failure in reply["failed"].as_array().into_iter().flatten() {
-        eprintln!(
-            "warning: receipt refused ({}): the lease expired before the handler finished; raise --lease-ms",
-            failure["code"].as_str().unwrap_or("?")
-        );
-    }
 }
 
 pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Result<()> {

@@ -21,7 +21,6 @@ pub enum ClientError {
         status: u16,
         code: String,
         message: String,
-        retry_after_ms: Option<u64>,
     },
     /// No answer (connection refused, timeout, DNS).
     Unreachable(String),
@@ -60,17 +59,6 @@ impl ClientError {
             } => exit::USAGE,
             ClientError::Unreachable(_) => exit::UNREACHABLE,
             _ => exit::FAILED,
-        }
-    }
-
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            ClientError::Api {
-                status: 429 | 507,
-                retry_after_ms,
-                ..
-            } => Some(Duration::from_millis(retry_after_ms.unwrap_or(1_000))),
-            _ => None,
         }
     }
 }
@@ -158,7 +146,6 @@ impl Client {
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
-                retry_after_ms: value["retry_after_ms"].as_u64(),
             });
         }
         Ok((status, bytes))

@@ -33,6 +33,14 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     server: String,
+    /// Binary protocol address for publish and consume.
+    #[arg(
+        long,
+        global = true,
+        env = "TIDEWATER_PROTOCOL_SERVER",
+        default_value = "127.0.0.1:7071"
+    )]
+    protocol_server: String,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
@@ -83,8 +91,8 @@ fn main() {
             let client = Client::new(&cli.server);
             report(match command {
                 Commands::Queue(c) => cli::queue(&client, c, cli.json),
-                Commands::Publish(a) => cli::publish(&client, a, cli.json),
-                Commands::Consume(a) => cli::consume(&client, a, cli.json),
+                Commands::Publish(a) => cli::publish(&cli.protocol_server, a, cli.json),
+                Commands::Consume(a) => cli::consume(&cli.protocol_server, a, cli.json),
                 Commands::Dlq(c) => cli::dlq(&client, c, cli.json),
                 Commands::Serve(_) | Commands::Bench(_) => unreachable!(),
             })

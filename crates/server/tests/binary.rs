@@ -440,3 +440,72 @@ fn the_circuit_breaker_opens_and_closes() {
         assert_eq!(client.breaker_state(), BreakerState::Closed);
     });
 }
+
+#[test]
+fn closing_a_consumer_releases_what_it_never_handed_out() {
+    let (_dir, server) = server();
+    server.create_queue("c", json!({"lease_ms": 600000}));
+    runtime().block_on(async {
+        let client = Client::new(&server.protocol, quick_options());
+        let producer = client.producer("c", ProducerOptions::default());
+        let sends: Vec<_> = (0..20)
+            .map(|i| producer.send(Message::new(format!("m{i}"))))
+            .collect();
+        for send in sends {
+            send.await.unwrap();
+        }
+        let mut consumer = client.consumer(
+            "c",
+            ConsumerOptions {
+                prefetch: 10,
+                ..ConsumerOptions::default()
+            },
+        );
+        let first = consumer.next().await.unwrap().unwrap();
+        consumer.ack(&first);
+        // Wait until the broker pushed a full prefetch (10 leased) before closing.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.stats("c")["in_flight"].as_u64().unwrap() < 9 {
+            assert!(Instant::now() < deadline, "prefetch never arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        consumer.close().await;
+    });
+    let stats = server.stats("c");
+    assert_eq!(
+        (
+            stats["in_flight"].as_u64(),
+            stats["total"].as_u64(),
+            stats["acked"].as_u64()
+        ),
+        (Some(0), Some(19), Some(1))
+    );
+
+    // max_messages: a consumer that wants 3 never leases a 4th.
+    runtime().block_on(async {
+        let client = Client::new(&server.protocol, quick_options());
+        let opts = ConsumerOptions {
+            prefetch: 10,
+            max_messages: Some(3),
+            ..ConsumerOptions::default()
+        };
+        let mut consumer = client.consumer("c", opts);
+        for _ in 0..3 {
+            let d = consumer.next().await.unwrap().unwrap();
+            consumer.ack(&d);
+        }
+        consumer.flush().await;
+        // Without the cap, the initial credit of 10 would have leased 7 more with the first 3.
+        assert_eq!(
+            server.stats("c")["in_flight"],
+            0,
+            "no delivery beyond max_messages"
+        );
+        consumer.close().await;
+    });
+    let stats = server.stats("c");
+    assert_eq!(
+        (stats["in_flight"].as_u64(), stats["total"].as_u64()),
+        (Some(0), Some(16))
+    );
+}

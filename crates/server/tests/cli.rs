@@ -11,6 +11,7 @@ fn run(server: &Server, args: &[&str], stdin: Option<&str>) -> (i32, String, Str
     let mut child = Command::new(BIN)
         .args(args)
         .env("TIDEWATER_SERVER", &server.url)
+        .env("TIDEWATER_PROTOCOL_SERVER", &server.protocol)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
