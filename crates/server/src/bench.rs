@@ -40,6 +40,16 @@ pub struct BenchArgs {
     /// http (JSON API) or binary (the data-plane protocol through tidewater-client).
     #[arg(long, default_value = "http", value_parser = ["http", "binary"])]
     pub protocol: String,
+    /// throughput (publish a backlog, then drain it) or latency (a fixed publish rate,
+    /// end-to-end latency measured at the consumer; binary protocol).
+    #[arg(long, default_value = "throughput", value_parser = ["throughput", "latency"])]
+    pub workload: String,
+    /// Latency workload: messages per second.
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Latency workload: seconds of paced publishing.
+    #[arg(long, default_value_t = 10)]
+    pub duration_s: u64,
     /// With --target: the binary protocol address of that server.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7071")]
     pub target_protocol: String,
@@ -187,6 +197,44 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         ),
     )?;
     let cpu_before = pid.and_then(process_usage).map_or(0.0, |u| u.1);
+    if args.workload == "latency" {
+        let mut latencies = latency_workload(&args, &protocol_addr, &queue)?;
+        latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let usage_end = pid.and_then(process_usage);
+        let _ = client.call("DELETE", &format!("/v1/queues/{queue}"), None);
+        let ms = |p: f64| percentile(&latencies, p) * 1000.0;
+        let max_ms = latencies.last().copied().unwrap_or(0.0) * 1000.0;
+        let result = json!({
+            "workload": "latency",
+            "rate": args.rate,
+            "duration_s": args.duration_s,
+            "size": args.size,
+            "messages": latencies.len(),
+            "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": max_ms,
+            "server_cpu_us_per_msg": usage_end.map(|u| (u.1 - cpu_before) * 1e6 / latencies.len().max(1) as f64),
+        });
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        } else {
+            println!(
+                "tidewater bench latency: {} msgs/s for {} s, {} B, durable, binary protocol ({} messages)",
+                args.rate,
+                args.duration_s,
+                args.size,
+                latencies.len()
+            );
+            println!(
+                "  end to end: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+                ms(0.5),
+                ms(0.9),
+                ms(0.99),
+                ms(0.999),
+                max_ms
+            );
+        }
+        drop(spawned);
+        return Ok(());
+    }
 
     let started = Instant::now();
     let mut latencies = if args.protocol == "binary" {
@@ -460,5 +508,69 @@ fn binary_consume(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result<(
             task.await??;
         }
         Ok(())
+    })
+}
+
+/// Publishes at a fixed rate (a burst of rate/1000 every 1 ms tick, each body starting with
+/// its send time) and measures publish-to-delivery latency at one consumer that acks all.
+fn latency_workload(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result<Vec<f64>> {
+    use tidewater_client::{
+        Client as BinaryClient, ClientOptions, ConsumerOptions, Message, ProducerOptions,
+    };
+    if args.rate == 0 || args.duration_s == 0 || args.size < 8 {
+        bail!("--rate and --duration-s must be at least 1 and --size at least 8");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = BinaryClient::new(addr, ClientOptions::default());
+        let epoch = Instant::now();
+        let total = args.rate * args.duration_s;
+        let mut consumer = client.consumer(
+            queue,
+            ConsumerOptions {
+                prefetch: 2_000,
+                ..ConsumerOptions::default()
+            },
+        );
+        let receiver = tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(total as usize);
+            while (latencies.len() as u64) < total {
+                let delivery = match tokio::time::timeout(Duration::from_secs(30), consumer.next())
+                    .await
+                {
+                    Ok(Some(delivery)) => delivery?,
+                    _ => anyhow::bail!("deliveries stopped after {} of {total}", latencies.len()),
+                };
+                let sent_ns = u64::from_le_bytes(delivery.body[..8].try_into().unwrap());
+                latencies
+                    .push((epoch.elapsed().as_nanos() as u64).saturating_sub(sent_ns) as f64 / 1e9);
+                consumer.ack(&delivery);
+            }
+            consumer.close().await;
+            Ok(latencies)
+        });
+        let producer = client.producer(queue, ProducerOptions::default());
+        let per_tick = (args.rate / 1000).max(1);
+        let ticks = total.div_ceil(per_tick);
+        let mut interval = tokio::time::interval(Duration::from_millis(1));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut pending = Vec::with_capacity(total as usize);
+        let mut sent = 0;
+        for _ in 0..ticks {
+            interval.tick().await;
+            for _ in 0..per_tick.min(total - sent) {
+                let mut body = vec![b'x'; args.size];
+                body[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+                pending.push(producer.send(Message::new(body)));
+                sent += 1;
+            }
+        }
+        for send in pending {
+            send.await?;
+        }
+        receiver.await?
     })
 }
