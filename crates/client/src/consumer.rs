@@ -195,7 +195,7 @@ fn decode(d: tidewater_proto::WireDelivery) -> Result<Delivery, ClientError> {
     let record = tidewater_storage::format::decode_record(&d.record, d.offset, d.published_at_ms)
         .map_err(|e| ClientError::Protocol(format!("bad record in a delivery: {e}")))?;
     let id = if record.flags & tidewater_storage::format::RECORD_FLAG_GENERATED_ID != 0 {
-        record.id.iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex(&record.id)
     } else {
         String::from_utf8_lossy(&record.id).into_owned()
     };

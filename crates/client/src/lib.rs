@@ -285,6 +285,17 @@ impl Client {
     }
 }
 
+/// Lowercase hex of generated ids (a table lookup: this runs once per message).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out
+}
+
 /// Full jitter: uniform in [0, min(max, base * 2^attempt)].
 pub(crate) fn backoff(opts: &ClientOptions, attempt: u32) -> Duration {
     let cap = opts

@@ -9,7 +9,7 @@ use tidewater_storage::{BatchBuilder, NewRecord};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::{Client, ClientError};
+use crate::{Client, ClientError, hex};
 
 #[derive(Debug, Clone)]
 pub struct ProducerOptions {
@@ -182,10 +182,6 @@ async fn batcher(
             drop(permit);
         });
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn generated_id() -> [u8; 16] {

@@ -471,6 +471,31 @@ impl Broker {
         msg: &NewMessage,
         now: i64,
     ) -> Result<Option<i64>, BrokerError> {
+        let headers = msg.headers.iter().map(|(k, v)| (k.len(), v.len()));
+        self.check_message(
+            idx,
+            msg.body.len(),
+            msg.id.as_ref().map(String::len),
+            msg.key.as_ref().map(String::len),
+            headers,
+            msg.delay,
+            now,
+        )
+    }
+
+    /// The per-message limits, shared by JSON publishes and binary record batches. Returns
+    /// the delivery time of a delayed message.
+    #[allow(clippy::too_many_arguments)]
+    fn check_message(
+        &self,
+        idx: usize,
+        body_len: usize,
+        id_len: Option<usize>,
+        key_len: Option<usize>,
+        headers: impl ExactSizeIterator<Item = (usize, usize)>,
+        delay: Delay,
+        now: i64,
+    ) -> Result<Option<i64>, BrokerError> {
         let limits = &self.inner.limits;
         let bad = |what: String| {
             Err(BrokerError::new(
@@ -478,52 +503,45 @@ impl Broker {
                 format!("message {idx}: {what}"),
             ))
         };
-        if msg.body.len() > limits.max_message_bytes {
+        if body_len > limits.max_message_bytes {
             return Err(BrokerError::new(
                 ErrorCode::MessageTooLarge,
                 format!(
-                    "message {idx}: body of {} bytes exceeds max_message_bytes {}",
-                    msg.body.len(),
+                    "message {idx}: body of {body_len} bytes exceeds max_message_bytes {}",
                     limits.max_message_bytes
                 ),
             ));
         }
-        if let Some(id) = &msg.id
-            && (id.is_empty() || id.len() > limits.max_id_bytes.min(255))
+        let max_id = limits.max_id_bytes.min(255);
+        if let Some(len) = id_len
+            && (len == 0 || len > max_id)
         {
-            return bad(format!(
-                "id must be 1..={} bytes",
-                limits.max_id_bytes.min(255)
-            ));
+            return bad(format!("id must be 1..={max_id} bytes"));
         }
-        if let Some(key) = &msg.key
-            && key.len() > limits.max_key_bytes
+        if let Some(len) = key_len
+            && len > limits.max_key_bytes
         {
             return bad(format!(
-                "key of {} bytes exceeds max_key_bytes {}",
-                key.len(),
+                "key of {len} bytes exceeds max_key_bytes {}",
                 limits.max_key_bytes
             ));
         }
-        if msg.headers.len() > limits.max_headers {
+        if headers.len() > limits.max_headers {
             return bad(format!(
                 "{} headers exceed max_headers {}",
-                msg.headers.len(),
+                headers.len(),
                 limits.max_headers
             ));
         }
-        for (name, value) in &msg.headers {
-            if name.is_empty()
-                || name.len() > limits.max_header_bytes
-                || value.len() > limits.max_header_bytes
-            {
+        for (name, value) in headers {
+            if name == 0 || name > limits.max_header_bytes || value > limits.max_header_bytes {
                 return bad(format!(
                     "header names must be 1..={0} bytes and values at most {0} bytes",
                     limits.max_header_bytes
                 ));
             }
         }
-        match msg.delay {
+        match delay {
             Delay::None => Ok(None),
             Delay::AfterMs(ms) if ms > limits.max_delay_ms => bad(format!(
                 "delay_ms {ms} exceeds max_delay_ms {}",
@@ -656,71 +674,36 @@ impl Broker {
                 ),
             ));
         }
-        let mut records = Vec::with_capacity(header.count as usize);
-        tidewater_storage::format::decode_records(
-            &header,
-            &batch[tidewater_storage::format::BATCH_HEADER_LEN..],
-            &mut records,
-        )
-        .map_err(|e| {
-            BrokerError::new(
-                ErrorCode::InvalidMessage,
-                format!("a record is malformed: {e}"),
-            )
-        })?;
         let mut bytes = 0;
         let mut delays = Vec::new();
-        for (idx, record) in records.iter().enumerate() {
-            let message = NewMessage {
-                id: Some(String::from_utf8_lossy(&record.id).into_owned()),
-                body: Vec::new(),
-                key: None,
-                headers: Vec::new(),
-                delay: if record.deliver_at_ms > 0 {
-                    Delay::AtMs(record.deliver_at_ms)
-                } else {
-                    Delay::None
-                },
+        let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
+        let mut idx = 0;
+        tidewater_storage::format::visit_records(&header, body, |record| {
+            let delay = if record.deliver_at_ms > 0 {
+                Delay::AtMs(record.deliver_at_ms)
+            } else {
+                Delay::None
             };
-            self.validate_message(idx, &message, now)?;
-            let oversize = |what: &str, len: usize, max: usize| {
-                BrokerError::new(
-                    ErrorCode::InvalidMessage,
-                    format!("message {idx}: {what} of {len} bytes exceeds {max}"),
-                )
-            };
-            if record.body.len() > limits.max_message_bytes {
-                return Err(BrokerError::new(
-                    ErrorCode::MessageTooLarge,
-                    format!(
-                        "message {idx}: body of {} bytes exceeds max_message_bytes {}",
-                        record.body.len(),
-                        limits.max_message_bytes
-                    ),
-                ));
-            }
-            if let Some(key) = &record.key
-                && key.len() > limits.max_key_bytes
-            {
-                return Err(oversize("key", key.len(), limits.max_key_bytes));
-            }
-            if record.headers.len() > limits.max_headers
-                || record.headers.iter().any(|(k, v)| {
-                    k.is_empty()
-                        || k.len() > limits.max_header_bytes
-                        || v.len() > limits.max_header_bytes
-                })
-            {
-                return Err(BrokerError::new(
-                    ErrorCode::InvalidMessage,
-                    format!("message {idx}: headers exceed max_headers or max_header_bytes"),
-                ));
-            }
-            if record.deliver_at_ms > now {
-                delays.push((idx as u32, record.deliver_at_ms));
+            let headers = record
+                .headers()
+                .map(|(k, v)| (k.len(), v.len()))
+                .collect::<Vec<_>>();
+            let at = self.check_message(
+                idx,
+                record.body.len(),
+                Some(record.id.len()),
+                record.key.map(<[u8]>::len),
+                headers.into_iter(),
+                delay,
+                now,
+            )?;
+            if let Some(at) = at {
+                delays.push((idx as u32, at));
             }
             bytes += record.size();
-        }
+            idx += 1;
+            Ok::<(), BrokerError>(())
+        })?;
         let n = header.count as u64;
         let base = self
             .append_batch(&handle, batch, n, bytes, &delays, level, started)

@@ -236,6 +236,16 @@ impl fmt::Display for BrokerError {
 
 impl std::error::Error for BrokerError {}
 
+impl From<tidewater_storage::FormatError> for BrokerError {
+    /// Bytes from a client that do not parse as records.
+    fn from(err: tidewater_storage::FormatError) -> Self {
+        BrokerError::new(
+            ErrorCode::InvalidMessage,
+            format!("a record in the batch is malformed: {err}"),
+        )
+    }
+}
+
 impl From<tidewater_storage::WriteError> for BrokerError {
     fn from(err: tidewater_storage::WriteError) -> Self {
         use tidewater_storage::WriteError as W;

@@ -14,6 +14,29 @@ use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
 use crate::receipt::Receipt;
 
+/// Hashes broker-assigned offsets cheaply (SipHash showed up in profiles). Keys are never
+/// chosen by clients (receipts are only looked up), so flooding one bucket is not possible.
+#[derive(Default, Clone, Copy)]
+pub struct OffsetHasher(u64);
+
+impl std::hash::Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0 ^ b as u64);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        let h = (x ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 29);
+    }
+}
+
+type OffsetMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<OffsetHasher>>;
+type OffsetSet = HashSet<u64, std::hash::BuildHasherDefault<OffsetHasher>>;
+
 /// Bytes read ahead per scan step when looking for deliverable messages.
 const SCAN_BYTES: usize = 4 << 20;
 
@@ -151,16 +174,16 @@ pub struct QueueState {
     /// Settled offsets at or above the floor.
     settled: RangeSet,
     /// Settlements written but not yet confirmed by storage.
-    settling: HashSet<u64>,
+    settling: OffsetSet,
     /// Next offset never looked at for a first delivery.
     cursor: u64,
-    leases: HashMap<u64, Lease>,
+    leases: OffsetMap<Lease>,
     lease_expiry: BTreeSet<(i64, u64)>,
     timers: BTreeSet<(i64, u64)>,
-    timer_at: HashMap<u64, i64>,
+    timer_at: OffsetMap<i64>,
     /// Redeliverable now, served before new messages.
     ready: VecDeque<u64>,
-    history: HashMap<u64, History>,
+    history: OffsetMap<History>,
     backlog_bytes: i64,
     reserved_messages: u64,
     reserved_bytes: u64,
@@ -180,14 +203,14 @@ impl QueueState {
             accepted_end: 0,
             ack_floor: 0,
             settled: RangeSet::new(),
-            settling: HashSet::new(),
+            settling: OffsetSet::default(),
             cursor: 0,
-            leases: HashMap::new(),
+            leases: OffsetMap::default(),
             lease_expiry: BTreeSet::new(),
             timers: BTreeSet::new(),
-            timer_at: HashMap::new(),
+            timer_at: OffsetMap::default(),
             ready: VecDeque::new(),
-            history: HashMap::new(),
+            history: OffsetMap::default(),
             backlog_bytes: 0,
             reserved_messages: 0,
             reserved_bytes: 0,

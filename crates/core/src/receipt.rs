@@ -31,8 +31,9 @@ impl Receipt {
         if text.len() > 64 {
             return None;
         }
-        let raw = URL_SAFE_NO_PAD.decode(text).ok()?;
-        if raw.len() != RECEIPT_LEN || raw[0] != RECEIPT_VERSION {
+        let mut raw = [0u8; 48];
+        let n = URL_SAFE_NO_PAD.decode_slice(text, &mut raw).ok()?;
+        if n != RECEIPT_LEN || raw[0] != RECEIPT_VERSION {
             return None;
         }
         if checksum(&raw[..25]).to_le_bytes() != raw[25..29] {

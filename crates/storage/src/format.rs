@@ -288,6 +288,84 @@ fn decode_one(
     offset: u64,
     published_at_ms: i64,
 ) -> Result<Record, FormatError> {
+    Ok(parse_view(cur, offset)?.to_record(published_at_ms))
+}
+
+/// Decodes the records of a checked batch from offset `from` on, handing each to `take`
+/// until it returns false. Records before `from` are skipped without allocating, so reading
+/// a few records out of a large batch costs little.
+pub fn decode_records_from(
+    header: &BatchHeader,
+    body: &[u8],
+    from: u64,
+    mut take: impl FnMut(Record) -> bool,
+) -> Result<(), FormatError> {
+    let mut cur = Cursor { buf: body, pos: 0 };
+    for idx in 0..header.count {
+        let view = parse_view(&mut cur, header.base_offset + idx as u64)?;
+        if view.offset >= from && !take(view.to_record(header.published_at_ms)) {
+            return Ok(());
+        }
+    }
+    if cur.pos != body.len() {
+        return Err(FormatError::BadLength);
+    }
+    Ok(())
+}
+
+/// A record borrowed from the bytes it was parsed from (no allocation).
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub offset: u64,
+    pub flags: u8,
+    pub deliver_at_ms: i64,
+    pub id: &'a [u8],
+    pub key: Option<&'a [u8]>,
+    pub header_count: u16,
+    /// The encoded headers (name u16 len, name, value u32 len, value)*, already checked.
+    headers_raw: &'a [u8],
+    pub body: &'a [u8],
+}
+
+impl<'a> RecordView<'a> {
+    pub fn headers(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let mut cur = Cursor {
+            buf: self.headers_raw,
+            pos: 0,
+        };
+        (0..self.header_count).map(move |_| {
+            // Checked when the view was parsed.
+            let name_len = cur.u16().expect("checked") as usize;
+            let name = cur.bytes(name_len).expect("checked");
+            let value_len = cur.u32().expect("checked") as usize;
+            (name, cur.bytes(value_len).expect("checked"))
+        })
+    }
+
+    pub fn to_record(&self, published_at_ms: i64) -> Record {
+        Record {
+            offset: self.offset,
+            published_at_ms,
+            flags: self.flags,
+            deliver_at_ms: self.deliver_at_ms,
+            id: self.id.to_vec(),
+            key: self.key.map(<[u8]>::to_vec),
+            headers: self
+                .headers()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
+            body: self.body.to_vec(),
+        }
+    }
+
+    /// Bytes this message counts against a queue's `max_bytes` (body, key, headers).
+    pub fn size(&self) -> u64 {
+        let headers: usize = self.headers().map(|(k, v)| k.len() + v.len()).sum();
+        (self.body.len() + self.key.map_or(0, <[u8]>::len) + headers) as u64
+    }
+}
+
+fn parse_view<'a>(cur: &mut Cursor<'a>, offset: u64) -> Result<RecordView<'a>, FormatError> {
     let len = cur.u32()? as usize;
     let end = cur.pos.checked_add(len).ok_or(FormatError::BadLength)?;
     if end > cur.buf.len() {
@@ -296,38 +374,54 @@ fn decode_one(
     let flags = cur.u8()?;
     let deliver_at_ms = cur.i64()?;
     let id_len = cur.u8()? as usize;
-    let id = cur.bytes(id_len)?.to_vec();
+    let id = cur.bytes(id_len)?;
     let key = match cur.u8()? {
         0 => None,
         _ => {
             let key_len = cur.u16()? as usize;
-            Some(cur.bytes(key_len)?.to_vec())
+            Some(cur.bytes(key_len)?)
         }
     };
-    let n_headers = cur.u16()? as usize;
-    let mut headers = Vec::with_capacity(n_headers.min(1024));
-    for _ in 0..n_headers {
+    let header_count = cur.u16()?;
+    let headers_start = cur.pos;
+    for _ in 0..header_count {
         let name_len = cur.u16()? as usize;
-        let name = cur.bytes(name_len)?.to_vec();
+        cur.bytes(name_len)?;
         let value_len = cur.u32()? as usize;
-        let value = cur.bytes(value_len)?.to_vec();
-        headers.push((name, value));
+        cur.bytes(value_len)?;
     }
+    let headers_raw = &cur.buf[headers_start..cur.pos];
     let body_len = cur.u32()? as usize;
-    let body = cur.bytes(body_len)?.to_vec();
+    let body = cur.bytes(body_len)?;
     if cur.pos != end {
         return Err(FormatError::BadLength);
     }
-    Ok(Record {
+    Ok(RecordView {
         offset,
-        published_at_ms,
         flags,
         deliver_at_ms,
         id,
         key,
-        headers,
+        header_count,
+        headers_raw,
         body,
     })
+}
+
+/// Calls `visit` with a borrowed view of every record of a checked batch, in order.
+pub fn visit_records<'a, E: From<FormatError>>(
+    header: &BatchHeader,
+    body: &'a [u8],
+    mut visit: impl FnMut(RecordView<'a>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut cur = Cursor { buf: body, pos: 0 };
+    for idx in 0..header.count {
+        visit(parse_view(&mut cur, header.base_offset + idx as u64)?)?;
+    }
+    if cur.pos != body.len() {
+        return Err(FormatError::BadLength.into());
+    }
+    Ok(())
 }
 
 /// Checks a whole encoded batch (both CRCs) and returns its header.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{FormatError, OpenError, ReadError};
-use crate::format::{BATCH_HEADER_LEN, BatchHeader, Record, check_batch, decode_records};
+use crate::format::{BATCH_HEADER_LEN, BatchHeader, Record, check_batch, decode_records_from};
 
 /// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
@@ -352,7 +352,6 @@ pub(crate) fn read_records(
     };
     let mut header_buf = [0u8; BATCH_HEADER_LEN];
     let mut batch = Vec::new();
-    let mut decoded = Vec::new();
     while next < limit && !full(out, bytes) {
         let (file, path, mut pos, seg_len, seg_end) = {
             let files = files.read().unwrap_or_else(|e| e.into_inner());
@@ -403,19 +402,20 @@ pub(crate) fn read_records(
                         source,
                     })?;
                 check_batch(&batch).map_err(|reason| corrupt(&path, pos, reason))?;
-                decoded.clear();
-                decode_records(&header, &batch[BATCH_HEADER_LEN..], &mut decoded)
-                    .map_err(|reason| corrupt(&path, pos, reason))?;
-                for record in decoded.drain(..) {
-                    if record.offset < next || record.offset >= limit {
-                        continue;
-                    }
-                    if full(out, bytes) {
-                        return Ok(());
+                let mut stopped = false;
+                decode_records_from(&header, &batch[BATCH_HEADER_LEN..], next, |record| {
+                    if record.offset >= limit || full(out, bytes) {
+                        stopped = true;
+                        return false;
                     }
                     bytes += record.body.len();
                     next = record.offset + 1;
                     out.push(record);
+                    true
+                })
+                .map_err(|reason| corrupt(&path, pos, reason))?;
+                if stopped {
+                    return Ok(());
                 }
                 next = next.max(batch_end.min(limit));
             }
