@@ -1,10 +1,12 @@
 //! Credit-based consumer: the broker pushes up to `prefetch` deliveries ahead of the
 //! application; acks are batched behind the scenes; a lost connection resubscribes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tidewater_proto::Frame;
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -19,6 +21,10 @@ pub struct ConsumerOptions {
     /// Acks wait this long for company before they are sent.
     pub ack_linger: Duration,
     pub ack_batch: usize,
+    /// Keep extending the lease of every delivery the application holds (received, not yet
+    /// acked or nacked), every third of `lease_ms`, so a slow handler does not lose its
+    /// message to another consumer. Needs `lease_ms`.
+    pub auto_extend: bool,
     /// Stop asking for deliveries after this many (credit never exceeds it): for a
     /// consumer that handles N messages and exits without leaving others leased.
     pub max_messages: Option<u64>,
@@ -32,6 +38,7 @@ impl Default for ConsumerOptions {
             ack_linger: Duration::from_millis(2),
             ack_batch: 1_000,
             max_messages: None,
+            auto_extend: false,
         }
     }
 }
@@ -63,6 +70,8 @@ pub struct Consumer {
     wake: Arc<Notify>,
     acks: mpsc::UnboundedSender<AckCmd>,
     close: Option<oneshot::Sender<oneshot::Sender<()>>>,
+    /// Receipts held by the application, when auto-extending.
+    held: Option<Arc<Mutex<HashSet<String>>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -83,7 +92,30 @@ impl Consumer {
             wake.clone(),
             close_rx,
         ));
-        let acker = tokio::spawn(acker(client.clone(), queue.clone(), opts, ack_rx));
+        let mut tasks = vec![subscriber];
+        let held = match (opts.auto_extend, opts.lease_ms) {
+            (true, Some(lease_ms)) => {
+                let held = Arc::new(Mutex::new(HashSet::new()));
+                tasks.push(tokio::spawn(extender(
+                    client.clone(),
+                    queue.clone(),
+                    lease_ms,
+                    held.clone(),
+                )));
+                Some(held)
+            }
+            (true, None) => {
+                tracing::warn!("auto_extend needs lease_ms; not extending");
+                None
+            }
+            _ => None,
+        };
+        tasks.push(tokio::spawn(acker(
+            client.clone(),
+            queue.clone(),
+            opts,
+            ack_rx,
+        )));
         Consumer {
             client,
             queue,
@@ -93,13 +125,24 @@ impl Consumer {
             wake,
             acks,
             close: Some(close),
-            tasks: vec![subscriber, acker],
+            held,
+            tasks,
+        }
+    }
+
+    /// The application is done with a delivery: stop extending it.
+    fn release(&self, delivery: &Delivery) {
+        if let Some(held) = &self.held {
+            held.lock().remove(&delivery.receipt);
         }
     }
 
     /// The next delivery; None when the consumer ended (after an error it reported).
     pub async fn next(&mut self) -> Option<Result<Delivery, ClientError>> {
         let item = self.rx.recv().await?;
+        if let (Some(held), Ok(delivery)) = (&self.held, &item) {
+            held.lock().insert(delivery.receipt.clone());
+        }
         if item.is_ok() && self.consumed.fetch_add(1, Ordering::SeqCst) + 1 >= self.credit_threshold
         {
             self.wake.notify_one();
@@ -109,6 +152,7 @@ impl Consumer {
 
     /// Acks a delivery; acks are sent in batches. See `flush` to wait for them.
     pub fn ack(&self, delivery: &Delivery) {
+        self.release(delivery);
         let _ = self.acks.send(AckCmd::Ack(delivery.receipt.clone()));
     }
 
@@ -155,6 +199,7 @@ impl Consumer {
         delay: Option<Duration>,
         error: &str,
     ) -> Result<bool, ClientError> {
+        self.release(delivery);
         let delay_ms = delay.map_or(-1, |d| d.as_millis() as i64);
         let frame = Frame::Nack {
             queue: self.queue.clone(),
@@ -181,6 +226,9 @@ impl Drop for Consumer {
         // The subscription ends with the connection's task; unacked leases expire and the
         // messages come back. Queued acks are still sent by the acker before it stops.
         self.tasks[0].abort();
+        if self.held.is_some() {
+            self.tasks[1].abort(); // the extender
+        }
     }
 }
 
@@ -360,6 +408,34 @@ async fn acker(
         }
         for done in flushes.drain(..) {
             let _ = done.send(());
+        }
+    }
+}
+
+/// Extends the leases of held deliveries every third of the lease; a receipt the broker
+/// refuses (the lease was lost anyway) stops being extended.
+async fn extender(client: Client, queue: String, lease_ms: u64, held: Arc<Mutex<HashSet<String>>>) {
+    let period = Duration::from_millis((lease_ms / 3).max(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let receipts: Vec<String> = held.lock().iter().cloned().collect();
+        for chunk in receipts.chunks(1_000) {
+            let frame = Frame::Extend {
+                queue: queue.clone(),
+                lease_ms,
+                receipts: chunk.to_vec(),
+            };
+            if let Ok(Frame::Settled { failed, .. }) = client.request(frame).await {
+                let mut held = held.lock();
+                for failure in failed {
+                    if let Some(receipt) = chunk.get(failure.index as usize) {
+                        held.remove(receipt);
+                    }
+                }
+            }
         }
     }
 }

@@ -509,3 +509,72 @@ fn closing_a_consumer_releases_what_it_never_handed_out() {
         (Some(0), Some(16))
     );
 }
+
+#[test]
+fn auto_extend_keeps_a_slow_handlers_lease() {
+    let (_dir, server) = server();
+    server.create_queue("slow", json!({"backoff": {"base_ms": 0, "max_ms": 0}}));
+    let hold = Duration::from_millis(2_500);
+    runtime().block_on(async {
+        let client = Client::new(&server.protocol, quick_options());
+        client
+            .producer("slow", ProducerOptions::default())
+            .send(Message::new("big job"))
+            .await
+            .unwrap();
+
+        // Without auto-extend, holding it for 2.5 leases loses it.
+        let opts = ConsumerOptions {
+            prefetch: 1,
+            lease_ms: Some(1_000),
+            max_messages: Some(1),
+            ..ConsumerOptions::default()
+        };
+        let mut plain = client.consumer("slow", opts.clone());
+        let first = plain.next().await.unwrap().unwrap();
+        tokio::time::sleep(hold).await;
+        plain.ack(&first);
+        plain.flush().await;
+        assert_eq!(
+            client
+                .stats()
+                .ack_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "the lease ran out"
+        );
+        plain.close().await;
+
+        // With auto-extend, the same hold keeps the lease and the ack lands.
+        let mut extended = client.consumer(
+            "slow",
+            ConsumerOptions {
+                auto_extend: true,
+                ..opts
+            },
+        );
+        let second = extended.next().await.unwrap().unwrap();
+        assert_eq!(second.delivery_count, 2);
+        tokio::time::sleep(hold).await;
+        extended.ack(&second);
+        extended.flush().await;
+        assert_eq!(
+            client
+                .stats()
+                .ack_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "no new failure"
+        );
+        extended.close().await;
+    });
+    let stats = server.stats("slow");
+    assert_eq!(
+        (
+            stats["total"].as_u64(),
+            stats["acked"].as_u64(),
+            stats["expired"].as_u64()
+        ),
+        (Some(0), Some(1), Some(1))
+    );
+}
