@@ -17,7 +17,9 @@ pub struct ProducerOptions {
     pub linger: Duration,
     pub max_batch_messages: usize,
     pub max_batch_bytes: usize,
-    /// Batches awaiting their reply at once. 1 keeps this producer's messages in order.
+    /// Batches awaiting their reply at once. Batches are appended in send order; only a
+    /// batch resent after a throttle reply can land after later ones (set 1 for strict order
+    /// under backpressure too).
     pub max_in_flight_batches: usize,
     /// Durable (after fsync, the default) or written (after write(2)).
     pub ack: Ack,

@@ -303,16 +303,28 @@ impl Broker {
     }
 
     async fn write(&self, ops: Vec<Op>, level: AckLevel) -> Result<Vec<OpResult>, BrokerError> {
+        self.submit(ops, level).await
+    }
+
+    /// Hands ops to the store now (so submissions keep their order) and returns a future
+    /// for the outcome.
+    fn submit(
+        &self,
+        ops: Vec<Op>,
+        level: AckLevel,
+    ) -> impl Future<Output = Result<Vec<OpResult>, BrokerError>> + Send + 'static {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner
             .store
             .submit(ops, level, Box::new(move |result| drop(tx.send(result))));
-        match rx.await {
-            Ok(result) => result.map_err(BrokerError::from),
-            Err(_) => Err(BrokerError::new(
-                ErrorCode::ShuttingDown,
-                "the store stopped before answering",
-            )),
+        async move {
+            match rx.await {
+                Ok(result) => result.map_err(BrokerError::from),
+                Err(_) => Err(BrokerError::new(
+                    ErrorCode::ShuttingDown,
+                    "the store stopped before answering",
+                )),
+            }
         }
     }
 
@@ -647,9 +659,22 @@ impl Broker {
     pub async fn publish_batch(
         &self,
         queue: &str,
-        mut batch: Vec<u8>,
+        batch: Vec<u8>,
         level: AckLevel,
     ) -> Result<(u64, u32), BrokerError> {
+        self.start_publish_batch(queue, batch, level)?.await
+    }
+
+    /// Validates and submits a client-built batch now, in call order (a connection's
+    /// batches are appended in the order they arrived even with many in flight), and
+    /// returns a future for its (base offset, count).
+    pub fn start_publish_batch(
+        &self,
+        queue: &str,
+        mut batch: Vec<u8>,
+        level: AckLevel,
+    ) -> Result<impl Future<Output = Result<(u64, u32), BrokerError>> + Send + 'static, BrokerError>
+    {
         let started = std::time::Instant::now();
         let handle = self.queue(queue)?;
         if let Err(err) = self.check_disk() {
@@ -705,17 +730,16 @@ impl Broker {
             Ok::<(), BrokerError>(())
         })?;
         let n = header.count as u64;
-        let base = self
-            .append_batch(&handle, batch, n, bytes, &delays, level, started)
-            .await?;
-        Ok((base, header.count))
+        let count = header.count;
+        let appended = self.start_append(handle, batch, n, bytes, delays, level, started)?;
+        Ok(async move { appended.await.map(|base| (base, count)) })
     }
 
     /// Admits, writes and accounts one encoded batch; returns its base offset.
     #[allow(clippy::too_many_arguments)]
     async fn append_batch(
         &self,
-        handle: &QueueHandle,
+        handle: &Arc<QueueHandle>,
         batch: Vec<u8>,
         n: u64,
         bytes: u64,
@@ -723,43 +747,67 @@ impl Broker {
         level: AckLevel,
         started: std::time::Instant,
     ) -> Result<u64, BrokerError> {
+        self.start_append(
+            handle.clone(),
+            batch,
+            n,
+            bytes,
+            delays.to_vec(),
+            level,
+            started,
+        )?
+        .await
+    }
+
+    /// Admits and submits a batch now; the future accounts for the outcome.
+    #[allow(clippy::too_many_arguments)]
+    fn start_append(
+        &self,
+        handle: Arc<QueueHandle>,
+        batch: Vec<u8>,
+        n: u64,
+        bytes: u64,
+        delays: Vec<(u32, i64)>,
+        level: AckLevel,
+        started: std::time::Instant,
+    ) -> Result<impl Future<Output = Result<u64, BrokerError>> + Send + 'static, BrokerError> {
         handle.state.lock().admit(n, bytes, self.now_ms())?;
-        let result = self
-            .write(
-                vec![Op::Append {
-                    uid: handle.uid,
-                    batch,
-                }],
-                level,
-            )
-            .await;
-        let mut state = handle.state.lock();
-        match result {
-            Ok(results) => {
-                let Some(&OpResult::Appended { base_offset, .. }) = results.first() else {
+        let written = self.submit(
+            vec![Op::Append {
+                uid: handle.uid,
+                batch,
+            }],
+            level,
+        );
+        let observer = self.inner.observer.clone();
+        Ok(async move {
+            let result = written.await;
+            let mut state = handle.state.lock();
+            match result {
+                Ok(results) => {
+                    let Some(&OpResult::Appended { base_offset, .. }) = results.first() else {
+                        state.published(n, bytes, None);
+                        return Err(BrokerError::new(
+                            ErrorCode::Internal,
+                            "storage did not report offsets",
+                        ));
+                    };
+                    state.published(n, bytes, Some((base_offset, &delays)));
+                    drop(state);
+                    observer.publish_latency(&handle.name, started.elapsed().as_secs_f64());
+                    Ok(base_offset)
+                }
+                Err(err) => {
                     state.published(n, bytes, None);
-                    return Err(BrokerError::new(
-                        ErrorCode::Internal,
-                        "storage did not report offsets",
-                    ));
-                };
-                state.published(n, bytes, Some((base_offset, delays)));
-                drop(state);
-                self.inner
-                    .observer
-                    .publish_latency(&handle.name, started.elapsed().as_secs_f64());
-                Ok(base_offset)
+                    state.count_refusal(match err.code {
+                        ErrorCode::DiskFull => "disk_full",
+                        ErrorCode::Overloaded => "overloaded",
+                        _ => "storage",
+                    });
+                    Err(err)
+                }
             }
-            Err(err) => {
-                state.published(n, bytes, None);
-                state.count_refusal(match err.code {
-                    ErrorCode::DiskFull => "disk_full",
-                    ErrorCode::Overloaded => "overloaded",
-                    _ => "storage",
-                });
-                Err(err)
-            }
-        }
+        })
     }
 
     /// Expires leases and fires timers of one queue; dead-letters what ran out of deliveries.

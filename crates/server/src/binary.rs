@@ -172,7 +172,29 @@ async fn connection(
                     Frame::Ping => {
                         let _ = tx.send(encode(&Frame::Pong, request_id)).await;
                     }
-                    Frame::Produce { .. } | Frame::Ack { .. } | Frame::Nack { .. } | Frame::Extend { .. } => {
+                    Frame::Produce { queue, ack, batch } => {
+                        // Submitted here, in frame order, so a connection's batches are
+                        // appended in the order they were sent; only the wait is concurrent.
+                        let permit = permits.clone().acquire_owned().await.expect("semaphore open");
+                        let level = if ack == Ack::Written { AckLevel::Written } else { AckLevel::Durable };
+                        match broker.start_publish_batch(&queue, batch, level) {
+                            Ok(appended) => {
+                                let tx = tx.clone();
+                                tasks.spawn(async move {
+                                    let reply = match appended.await {
+                                        Ok((base_offset, count)) => Frame::Produced { base_offset, count },
+                                        Err(err) => error_frame(&err),
+                                    };
+                                    let _ = tx.send(encode(&reply, request_id)).await;
+                                    drop(permit);
+                                });
+                            }
+                            Err(err) => {
+                                let _ = tx.send(encode(&error_frame(&err), request_id)).await;
+                            }
+                        }
+                    }
+                    Frame::Ack { .. } | Frame::Nack { .. } | Frame::Extend { .. } => {
                         let permit = permits.clone().acquire_owned().await.expect("semaphore open");
                         let tx = tx.clone();
                         tasks.spawn(async move {
@@ -253,17 +275,6 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
             .collect(),
     };
     let result = match frame {
-        Frame::Produce { queue, ack, batch } => {
-            let level = if ack == Ack::Written {
-                AckLevel::Written
-            } else {
-                AckLevel::Durable
-            };
-            broker
-                .publish_batch(&queue, batch, level)
-                .await
-                .map(|(base_offset, count)| Frame::Produced { base_offset, count })
-        }
         Frame::Ack { queue, receipts } => broker
             .ack(&queue, &receipts)
             .await
