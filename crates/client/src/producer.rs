@@ -53,9 +53,17 @@ pub struct Message {
     pub headers: Vec<(String, String)>,
     /// Deliver no earlier than this time (ms since the epoch); 0 = at once.
     pub deliver_at_ms: i64,
+    /// This message's ack level; None = the producer's (`ProducerOptions::ack`).
+    pub ack: Option<Ack>,
 }
 
 impl Message {
+    /// Acknowledge this message at `ack` (durable: after fsync; written: after write(2)).
+    pub fn with_ack(mut self, ack: Ack) -> Message {
+        self.ack = Some(ack);
+        self
+    }
+
     pub fn new(body: impl Into<Vec<u8>>) -> Message {
         Message {
             body: body.into(),
@@ -198,7 +206,35 @@ fn generated_id() -> [u8; 16] {
     id
 }
 
+/// Sends a batch; messages asking for different ack levels travel in separate frames.
 async fn send_batch(client: &Client, queue: String, opts: &ProducerOptions, batch: Vec<Pending>) {
+    if batch
+        .iter()
+        .all(|(m, _)| m.ack.unwrap_or(opts.ack) == opts.ack)
+    {
+        return send_frame(client, queue, opts.ack, opts, batch).await;
+    }
+    let (same, other): (Vec<Pending>, Vec<Pending>) = batch
+        .into_iter()
+        .partition(|(m, _)| m.ack.unwrap_or(opts.ack) == opts.ack);
+    let other_ack = if opts.ack == Ack::Durable {
+        Ack::Written
+    } else {
+        Ack::Durable
+    };
+    if !same.is_empty() {
+        send_frame(client, queue.clone(), opts.ack, opts, same).await;
+    }
+    send_frame(client, queue, other_ack, opts, other).await;
+}
+
+async fn send_frame(
+    client: &Client,
+    queue: String,
+    ack: Ack,
+    opts: &ProducerOptions,
+    batch: Vec<Pending>,
+) {
     let mut builder = BatchBuilder::new(0, 0);
     let mut ids = Vec::with_capacity(batch.len());
     for (message, _) in &batch {
@@ -233,7 +269,7 @@ async fn send_batch(client: &Client, queue: String, opts: &ProducerOptions, batc
     let result = loop {
         let frame = Frame::Produce {
             queue: queue.clone(),
-            ack: opts.ack,
+            ack,
             batch: bytes.clone(),
         };
         match client.request(frame).await {

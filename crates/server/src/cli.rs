@@ -503,6 +503,7 @@ pub fn publish(protocol: &str, args: PublishArgs, as_json: bool) -> anyhow::Resu
         key: args.key.clone(),
         headers: headers.clone(),
         deliver_at_ms,
+        ack: None,
     };
     let (lines, len): (
         Box<dyn Iterator<Item = std::io::Result<String>>>,

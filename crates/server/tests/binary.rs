@@ -578,3 +578,36 @@ fn auto_extend_keeps_a_slow_handlers_lease() {
         (Some(0), Some(1), Some(1))
     );
 }
+
+#[test]
+/// A batch whose messages ask for different ack levels goes out as one frame per level;
+/// every message lands once.
+fn mixed_ack_levels_split_into_frames_and_all_land() {
+    let (_dir, server) = server();
+    server.create_queue("mixed", json!({}));
+    runtime().block_on(async {
+        let client = Client::new(&server.protocol, quick_options());
+        let producer = client.producer("mixed", ProducerOptions::default());
+        let sends: Vec<_> = (0..10)
+            .map(|i| {
+                let message = Message::new(format!("m{i}"));
+                producer.send(if i % 2 == 0 {
+                    message.with_ack(tidewater_proto::Ack::Written)
+                } else {
+                    message
+                })
+            })
+            .collect();
+        for send in sends {
+            send.await.unwrap();
+        }
+    });
+    let bodies: Vec<String> = server
+        .peek_all("mixed")
+        .iter()
+        .map(|m| m["body"].as_str().unwrap().to_string())
+        .collect();
+    let mut sorted = bodies.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
+}
