@@ -541,35 +541,28 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("tidewater ...");
         results.push(tidewater(&addr, pid, &args).await.context("tidewater")?);
     }
-    if let Some(spec) = &args.redis_always {
-        let (addr, pid) = split(spec)?;
-        eprintln!("redis (appendfsync always) ...");
-        results.push(
-            redis_system(
-                "Redis 7.0 Streams, AOF always",
-                "fsync before reply",
-                &addr,
-                pid,
-                &args,
-            )
-            .await
-            .context("redis always")?,
-        );
-    }
-    if let Some(spec) = &args.redis_everysec {
-        let (addr, pid) = split(spec)?;
-        eprintln!("redis (appendfsync everysec) ...");
-        results.push(
-            redis_system(
-                "Redis 7.0 Streams, AOF everysec",
-                "write(2) before reply, fsync every 1 s",
-                &addr,
-                pid,
-                &args,
-            )
-            .await
-            .context("redis everysec")?,
-        );
+    let redis_modes = [
+        (
+            &args.redis_always,
+            "Redis 7.0 Streams, AOF always",
+            "fsync before reply",
+        ),
+        (
+            &args.redis_everysec,
+            "Redis 7.0 Streams, AOF everysec",
+            "write(2) before reply, fsync every 1 s",
+        ),
+    ];
+    for (spec, name, durability) in redis_modes {
+        if let Some(spec) = spec {
+            let (addr, pid) = split(spec)?;
+            eprintln!("{name} ...");
+            results.push(
+                redis_system(name, durability, &addr, pid, &args)
+                    .await
+                    .context(name)?,
+            );
+        }
     }
     if let Some(spec) = &args.jetstream {
         let (addr, pid) = split(spec)?;
