@@ -722,17 +722,37 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
     Ok(())
 }
 
+/// Whether some queue names `name` as its dead-letter queue.
+fn is_named_dead_letter_queue(client: &Client, name: &str) -> Result<bool, ClientError> {
+    let queues = client.get("/v1/queues")?;
+    Ok(queues["queues"]
+        .as_array()
+        .is_some_and(|qs| qs.iter().any(|q| q["config"]["dead_letter_queue"] == name)))
+}
+
 pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Result<()> {
     match command {
         DlqCommand::List { dlq, max } => {
-            let reply = client.get(&format!("{}/messages?max={max}", queue_path(&dlq)))?;
+            let reply = match client.get(&format!("{}/messages?max={max}", queue_path(&dlq))) {
+                Ok(reply) => reply,
+                // A dead-letter queue is created when its first message arrives: if a queue
+                // names it, it is simply empty so far.
+                Err(ClientError::Api { status: 404, .. })
+                    if is_named_dead_letter_queue(client, &dlq)? =>
+                {
+                    json!({"messages": []})
+                }
+                Err(err) => return Err(err.into()),
+            };
             if as_json {
                 print_json(&reply);
                 return Ok(());
             }
             let messages = reply["messages"].as_array().cloned().unwrap_or_default();
             if messages.is_empty() {
-                println!("'{dlq}' is empty");
+                println!(
+                    "'{dlq}' is empty (a dead-letter queue is created when its first message arrives)"
+                );
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = messages

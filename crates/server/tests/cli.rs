@@ -99,6 +99,13 @@ fn queue_publish_consume_and_dlq_from_the_command_line() {
     let (code, out, _) = run(&server, &["dlq", "list", "tasks-dlq"], None);
     assert_eq!(code, 0);
     assert!(out.contains("beta") && out.contains("tasks"), "{out}");
+    // A dead-letter queue that no message reached yet is empty, not an error.
+    server.create_queue("calm", json!({}));
+    let (code, out, _) = run(&server, &["dlq", "list", "calm-dlq"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("is empty"), "{out}");
+    let (code, _, _) = run(&server, &["dlq", "list", "no-such-dlq"], None);
+    assert_eq!(code, 3, "a name no queue uses is still not found");
     let (code, out, err) = run(
         &server,
         &["dlq", "redrive", "tasks-dlq", "--rate", "100"],
