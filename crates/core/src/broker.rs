@@ -656,15 +656,6 @@ impl Broker {
     /// Publishes a batch built by a client in the storage format (binary protocol). Every
     /// record is checked against the same limits as a JSON publish; only the header is
     /// rewritten (log and publish time). Returns (base offset, count).
-    pub async fn publish_batch(
-        &self,
-        queue: &str,
-        batch: Vec<u8>,
-        level: AckLevel,
-    ) -> Result<(u64, u32), BrokerError> {
-        self.start_publish_batch(queue, batch, level)?.await
-    }
-
     /// Validates and submits a client-built batch now, in call order (a connection's
     /// batches are appended in the order they arrived even with many in flight), and
     /// returns a future for its (base offset, count).

@@ -294,16 +294,9 @@ fn throttle_replies_slow_the_producer_down_instead_of_failing_it() {
     let url = server.url.clone();
     // A consumer over HTTP starts draining only once the broker has refused the producer.
     let drained = std::thread::spawn(move || {
-        let agent = crate::support::agent();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let text = agent
-                .get(&format!("{url}/metrics"))
-                .call()
-                .unwrap()
-                .body_mut()
-                .read_to_string()
-                .unwrap();
+            let text = crate::support::metrics_text(&url);
             if text.contains("tidewater_refused_total{queue=\"narrow\",reason=\"queue_full\"}") {
                 break;
             }

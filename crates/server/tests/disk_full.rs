@@ -60,14 +60,7 @@ fn at_the_watermark_publishes_are_refused_and_reads_acks_purges_work() {
     server.create_queue("scratch", json!({}));
     server.ok("DELETE", "/v1/queues/scratch", None);
     assert_eq!(server.stats("q")["total"], 3);
-    let agent = crate::support::agent();
-    let metrics = agent
-        .get(&format!("{}/metrics", server.url))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = crate::support::metrics_text(&server.url);
     assert!(
         metrics.contains("tidewater_refused_total{queue=\"q\",reason=\"disk_full\"} 1"),
         "{metrics}"

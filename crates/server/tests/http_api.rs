@@ -548,14 +548,7 @@ fn operations_endpoints() {
     let spec = server.ok("GET", "/v1/openapi.json", None);
     assert_eq!(spec["openapi"], "3.1.0");
     assert!(spec["paths"]["/v1/queues/{queue}/receive"]["post"].is_object());
-    let agent = crate::support::agent();
-    let text = agent
-        .get(&format!("{}/metrics", server.url))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let text = crate::support::metrics_text(&server.url);
     for needle in [
         "tidewater_queue_depth{queue=\"m\"} 0",
         "tidewater_published_total{queue=\"m\"} 1",

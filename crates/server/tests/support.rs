@@ -219,6 +219,17 @@ impl Drop for Server {
     }
 }
 
+/// The Prometheus text of a server.
+pub fn metrics_text(base: &str) -> String {
+    agent()
+        .get(&format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
 pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)

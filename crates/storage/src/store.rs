@@ -241,7 +241,7 @@ impl Store {
             fs::create_dir_all(&path).map_err(|e| OpenError::io(&path, e))?;
         }
         let lock = lock_dir(dir)?;
-        let recovered = recover(dir, &opts)?;
+        let recovered = recover(dir)?;
         let Recovered {
             logs,
             next_uid,
@@ -489,7 +489,7 @@ fn corrupt(path: &Path, position: u64, reason: impl ToString) -> OpenError {
 }
 
 /// Loads the newest checkpoint, checks segments and replays the journals after it.
-fn recover(dir: &Path, opts: &StoreOptions) -> Result<Recovered, OpenError> {
+fn recover(dir: &Path) -> Result<Recovered, OpenError> {
     let ckpt_dir = dir.join("checkpoint");
     let ckpts = list_ids(&ckpt_dir, ".ckpt").map_err(|e| OpenError::io(&ckpt_dir, e))?;
     let mut states: HashMap<u64, LogState> = HashMap::new();
@@ -585,7 +585,6 @@ fn recover(dir: &Path, opts: &StoreOptions) -> Result<Recovered, OpenError> {
             fs::remove_dir_all(&path).map_err(|e| OpenError::io(&path, e))?;
         }
     }
-    let _ = opts;
     Ok(Recovered {
         logs,
         next_uid,
