@@ -18,12 +18,22 @@ pub struct Server {
     ports: (u16, u16),
 }
 
+/// A port that is free now, chosen below the kernel's ephemeral range so that
+/// no outgoing connection (which takes its local port from that range) can
+/// occupy it between this call and the server's bind. Port 0 would not do:
+/// restarts must come back on the same port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let range = 10_000..ephemeral_low.max(10_001);
+    loop {
+        let port = fastrand::u16(range.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Server {
@@ -43,16 +53,41 @@ impl Server {
 
     /// Starts with extra environment variables (fault injection).
     pub fn start_env(data: &Path, config: Option<PathBuf>, env: &[(&str, &str)]) -> Server {
-        Server::start_on(data, config, env, (free_port(), free_port()))
+        for _ in 0..5 {
+            match Server::try_start(data, config.clone(), env, (free_port(), free_port())) {
+                Ok(server) => return server,
+                // Another test took a port between our check and the bind: new ports.
+                Err(status) => eprintln!("server exited before ready ({status}); new ports"),
+            }
+        }
+        panic!("server did not start on five sets of free ports");
     }
 
-    /// Starts on given (HTTP, binary protocol) ports.
+    /// Starts on given (HTTP, binary protocol) ports, retrying a while if the
+    /// ports are still held (a killed predecessor's sockets).
     pub fn start_on(
         data: &Path,
         config: Option<PathBuf>,
         env: &[(&str, &str)],
         ports: (u16, u16),
     ) -> Server {
+        for _ in 0..50 {
+            match Server::try_start(data, config.clone(), env, ports) {
+                Ok(server) => return server,
+                Err(status) => eprintln!("server exited before ready ({status}); retrying"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("server did not start on ports {ports:?}");
+    }
+
+    /// Starts one process and waits until it is ready; Err if it exits first.
+    fn try_start(
+        data: &Path,
+        config: Option<PathBuf>,
+        env: &[(&str, &str)],
+        ports: (u16, u16),
+    ) -> Result<Server, std::process::ExitStatus> {
         let (port, protocol_port) = ports;
         let mut command = Command::new(BIN);
         command.envs(env.iter().copied());
@@ -78,10 +113,14 @@ impl Server {
             config,
             ports,
         };
+        let mut server = server;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok((200, _)) = server.try_call("GET", "/readyz", None) {
-                return server;
+                return Ok(server);
+            }
+            if let Some(status) = server.child.try_wait().unwrap() {
+                return Err(status);
             }
             assert!(Instant::now() < deadline, "server did not become ready");
             std::thread::sleep(Duration::from_millis(20));
