@@ -185,6 +185,7 @@ impl Consumer {
                 delay_ms: 0,
                 error: String::new(),
                 receipts: unused,
+                overloaded: false,
             };
             let _ = self.client.request(frame).await;
         }
@@ -199,6 +200,26 @@ impl Consumer {
         delay: Option<Duration>,
         error: &str,
     ) -> Result<bool, ClientError> {
+        self.nack_with(delivery, delay, error, false).await
+    }
+
+    /// Gives the message back because the handler, or what is behind it, is overloaded:
+    /// on a queue with adaptive throttling the broker slows its dispatch rate.
+    pub async fn nack_overloaded(
+        &self,
+        delivery: &Delivery,
+        delay: Option<Duration>,
+    ) -> Result<bool, ClientError> {
+        self.nack_with(delivery, delay, "overloaded", true).await
+    }
+
+    async fn nack_with(
+        &self,
+        delivery: &Delivery,
+        delay: Option<Duration>,
+        error: &str,
+        overloaded: bool,
+    ) -> Result<bool, ClientError> {
         self.release(delivery);
         let delay_ms = delay.map_or(-1, |d| d.as_millis() as i64);
         let frame = Frame::Nack {
@@ -206,6 +227,7 @@ impl Consumer {
             delay_ms,
             error: error.into(),
             receipts: vec![delivery.receipt.clone()],
+            overloaded,
         };
         settled_one(self.client.request(frame).await?)
     }

@@ -82,6 +82,27 @@ impl Message {
         self.headers.push((name.into(), value.into()));
         self
     }
+    /// Deliver no earlier than `delay` from now.
+    pub fn with_delay(mut self, delay: Duration) -> Message {
+        self.deliver_at_ms = now_ms() + delay.as_millis() as i64;
+        self
+    }
+    /// Adds a random delay of up to `jitter` (after any delay), to spread bursts such as
+    /// every cron job firing on the hour.
+    pub fn with_jitter(mut self, jitter: Duration) -> Message {
+        let base = if self.deliver_at_ms > 0 {
+            self.deliver_at_ms
+        } else {
+            now_ms()
+        };
+        self.deliver_at_ms = base + fastrand::i64(0..=jitter.as_millis() as i64);
+        self
+    }
+    /// Drop (or dead-letter, as the queue says) the message if not delivered within `ttl`
+    /// of its publish. Sent as the reserved header `tidewater-ttl-ms`.
+    pub fn with_ttl(self, ttl: Duration) -> Message {
+        self.with_header("tidewater-ttl-ms", ttl.as_millis().to_string())
+    }
     fn size(&self) -> usize {
         self.body.len()
             + self.key.as_ref().map_or(0, |k| k.len())
@@ -298,4 +319,10 @@ async fn send_frame(
     for ((_, done), id) in batch.into_iter().zip(ids) {
         let _ = done.send(result.clone().map(|()| id));
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -16,9 +16,11 @@ use tidewater_storage::{
 use tokio::sync::Notify;
 
 use crate::clock::{Clock, Jitter, RandomJitter, SystemClock};
-use crate::config::{ConfigPatch, Limits, MAX_LEASE_MS, QueueConfig, validate_queue_name};
+use crate::config::{
+    ConfigPatch, Limits, MAX_LEASE_MS, MAX_TTL_MS, OnExpire, QueueConfig, validate_queue_name,
+};
 use crate::error::{BrokerError, ErrorCode};
-use crate::queue::{Delivery, QueueState, QueueStats, Unacked};
+use crate::queue::{Delivery, HEADER_TTL_MS, QueueState, QueueStats, Unacked};
 
 /// Headers added to a dead-lettered message.
 pub const HEADER_SOURCE_QUEUE: &str = "tidewater-source-queue";
@@ -28,6 +30,7 @@ pub const HEADER_ERRORS: &str = "tidewater-errors";
 pub const HEADER_PUBLISHED_AT: &str = "tidewater-published-at";
 pub const HEADER_DEAD_LETTERED_AT: &str = "tidewater-dead-lettered-at";
 const LEASE_EXPIRED_ERROR: &str = "lease expired";
+const TTL_EXPIRED_ERROR: &str = "expired: older than its ttl_ms";
 /// Redrives remembered for progress queries.
 const MAX_REDRIVES_KEPT: usize = 100;
 
@@ -69,6 +72,28 @@ pub enum Delay {
     AtMs(i64),
 }
 
+/// Why a consumer gave a message back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NackReason {
+    /// The handler failed (the default).
+    #[default]
+    Failed,
+    /// The consumer or what is behind it is overloaded: adaptive throttling slows down.
+    Overloaded,
+}
+
+impl NackReason {
+    pub fn parse(reason: Option<&str>) -> Result<Self, BrokerError> {
+        match reason {
+            None | Some("failed") => Ok(NackReason::Failed),
+            Some("overloaded") => Ok(NackReason::Overloaded),
+            Some(other) => Err(BrokerError::invalid(format!(
+                "unknown nack reason '{other}': use \"failed\" or \"overloaded\""
+            ))),
+        }
+    }
+}
+
 /// A message to publish, as parsed by the API layer.
 #[derive(Debug, Clone, Default)]
 pub struct NewMessage {
@@ -77,6 +102,10 @@ pub struct NewMessage {
     pub key: Option<String>,
     pub headers: Vec<(String, String)>,
     pub delay: Delay,
+    /// A random extra delay of up to this many ms (spreads cron bursts).
+    pub jitter_ms: Option<u64>,
+    /// This message's time to live from its publish.
+    pub ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
@@ -353,7 +382,7 @@ impl Broker {
                     AckLevel::Durable,
                 )
                 .await?;
-                handle.state.lock().config = next;
+                handle.state.lock().set_config(next);
                 handle.notify.notify_waiters();
             }
             return Ok((false, self.info(&handle)));
@@ -484,7 +513,8 @@ impl Broker {
         now: i64,
     ) -> Result<Option<i64>, BrokerError> {
         let headers = msg.headers.iter().map(|(k, v)| (k.len(), v.len()));
-        self.check_message(
+        let limits = &self.inner.limits;
+        let at = self.check_message(
             idx,
             msg.body.len(),
             msg.id.as_ref().map(String::len),
@@ -492,7 +522,24 @@ impl Broker {
             headers,
             msg.delay,
             now,
-        )
+        )?;
+        if let Some(ttl) = msg.ttl_ms {
+            check_ttl(idx, ttl.to_string().as_bytes())?;
+        }
+        match msg.jitter_ms {
+            None | Some(0) => Ok(at),
+            Some(jitter) if jitter > limits.max_delay_ms => Err(BrokerError::new(
+                ErrorCode::InvalidMessage,
+                format!(
+                    "message {idx}: jitter_ms {jitter} exceeds max_delay_ms {}",
+                    limits.max_delay_ms
+                ),
+            )),
+            Some(jitter) => {
+                let extra = (jitter as f64 * self.inner.jitter.unit()).round() as i64;
+                Ok(Some(at.unwrap_or(now) + extra).filter(|&at| at > now))
+            }
+        }
     }
 
     /// The per-message limits, shared by JSON publishes and binary record batches. Returns
@@ -607,10 +654,15 @@ impl Broker {
             if let Some(at) = deliver_at {
                 delays.push((idx as u32, at));
             }
+            let ttl = msg.ttl_ms.map(|ttl| ttl.to_string());
             let headers: Vec<(&[u8], &[u8])> = msg
                 .headers
                 .iter()
                 .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+                .chain(
+                    ttl.as_ref()
+                        .map(|v| (HEADER_TTL_MS.as_bytes(), v.as_bytes())),
+                )
                 .collect();
             let generated;
             let (id, is_generated): (&[u8], bool) = match &msg.id {
@@ -634,7 +686,7 @@ impl Broker {
             };
             bytes += (msg.body.len()
                 + msg.key.as_ref().map_or(0, |k| k.len())
-                + msg
+                + record
                     .headers
                     .iter()
                     .map(|(k, v)| k.len() + v.len())
@@ -700,10 +752,13 @@ impl Broker {
             } else {
                 Delay::None
             };
-            let headers = record
-                .headers()
-                .map(|(k, v)| (k.len(), v.len()))
-                .collect::<Vec<_>>();
+            let mut headers = Vec::new();
+            for (name, value) in record.headers() {
+                if name == HEADER_TTL_MS.as_bytes() {
+                    check_ttl(idx, value)?;
+                }
+                headers.push((name.len(), value.len()));
+            }
             let at = self.check_message(
                 idx,
                 record.body.len(),
@@ -804,16 +859,24 @@ impl Broker {
     /// Expires leases and fires timers of one queue; dead-letters what ran out of deliveries.
     async fn maintain(&self, handle: &Arc<QueueHandle>) {
         let now = self.now_ms();
-        let (retries, to_dlq, woke) = {
+        let (retries, to_dlq, woke, too_old) = {
             let mut state = handle.state.lock();
             let expired = state.expire_leases(now);
+            if !expired.is_empty() {
+                state.overloaded(now);
+            }
+            if let Err(err) = state.expire_head(&handle.reader, now) {
+                tracing::warn!(queue = %handle.name, error = %err, "could not read the queue head for ttl_ms");
+            }
+            let too_old = state.take_expired();
             let (retries, to_dlq) =
                 self.plan_retries(&mut state, expired, None, Some(LEASE_EXPIRED_ERROR), now);
             let before = state.stats(now).depth;
             state.fire_timers(now);
             let woke = !retries.is_empty() || state.stats(now).depth > before;
-            (retries, to_dlq, woke)
+            (retries, to_dlq, woke, too_old)
         };
+        self.settle_expired(handle, too_old).await;
         if !retries.is_empty() {
             // Best effort: a lost retry record only under-counts deliveries after a crash.
             self.inner
@@ -826,6 +889,48 @@ impl Broker {
         if woke {
             handle.notify.notify_waiters();
         }
+    }
+
+    /// Drops or dead-letters messages past their time to live (already settling).
+    async fn settle_expired(&self, handle: &Arc<QueueHandle>, items: Vec<Unacked>) {
+        if items.is_empty() {
+            return;
+        }
+        let n = items.len() as u64;
+        let now = self.now_ms();
+        let on_expire = {
+            let mut state = handle.state.lock();
+            state.counters.ttl_expired += n;
+            for item in &items {
+                state.record_attempt(
+                    item.offset,
+                    item.delivery_count,
+                    Some((now, TTL_EXPIRED_ERROR.to_string())),
+                );
+            }
+            state.config.on_expire
+        };
+        if on_expire == OnExpire::DeadLetter {
+            return self.dead_letter(handle, items).await;
+        }
+        let offsets: Vec<u64> = items.iter().map(|m| m.offset).collect();
+        let result = self
+            .write(
+                vec![Op::Settle {
+                    uid: handle.uid,
+                    ranges: to_ranges(&offsets),
+                }],
+                AckLevel::Written,
+            )
+            .await;
+        if let Err(err) = &result {
+            tracing::warn!(queue = %handle.name, error = %err, "could not drop expired messages; they stay queued");
+        }
+        let settle: Vec<(u64, u64)> = items.iter().map(|m| (m.offset, m.size)).collect();
+        handle
+            .state
+            .lock()
+            .finish_settle(&settle, result.is_ok(), self.now_ms());
     }
 
     /// Decides, for each released message, another delivery later or the DLQ.
@@ -1060,7 +1165,7 @@ impl Broker {
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.maintain(&handle).await;
-            let (deliveries, wakeup) = {
+            let (deliveries, wakeup, too_old) = {
                 let mut state = handle.state.lock();
                 let now = self.now_ms();
                 let lease = lease_ms.unwrap_or(state.config.lease_ms);
@@ -1070,8 +1175,15 @@ impl Broker {
                 (
                     deliveries,
                     state.next_wakeup().map(|at| (at - now).max(1) as u64),
+                    state.take_expired(),
                 )
             };
+            if !too_old.is_empty() {
+                self.settle_expired(&handle, too_old).await;
+                if deliveries.is_empty() {
+                    continue; // look again at once: what followed them may be deliverable
+                }
+            }
             if !deliveries.is_empty()
                 || tokio::time::Instant::now() >= deadline
                 || self.inner.closing.load(Ordering::SeqCst)
@@ -1156,6 +1268,7 @@ impl Broker {
         state.finish_settle(&sizes, result.is_ok(), now);
         result?;
         state.counters.acked += released.len() as u64;
+        state.succeeded(now);
         drop(state);
         let latencies: Vec<f64> = released
             .iter()
@@ -1176,6 +1289,7 @@ impl Broker {
         receipts: &[String],
         delay_ms: Option<u64>,
         error: Option<&str>,
+        reason: NackReason,
     ) -> Result<SettleReply, BrokerError> {
         if let Some(delay) = delay_ms
             && delay > self.inner.limits.max_delay_ms
@@ -1192,6 +1306,9 @@ impl Broker {
         let (ops, to_dlq) = {
             let mut state = handle.state.lock();
             state.counters.nacked += n;
+            if reason == NackReason::Overloaded && n > 0 {
+                state.overloaded(now);
+            }
             let unacked = released
                 .into_iter()
                 .map(|(offset, l)| Unacked {
@@ -1532,6 +1649,23 @@ impl Broker {
         for handle in self.inner.queues.read().values() {
             handle.state.lock().debug_check_consistency();
         }
+    }
+}
+
+/// A message's own ttl_ms (JSON field, or the reserved header in a record batch).
+fn check_ttl(idx: usize, value: &[u8]) -> Result<(), BrokerError> {
+    match std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(ttl) if (1..=MAX_TTL_MS).contains(&ttl) => Ok(()),
+        _ => Err(BrokerError::new(
+            ErrorCode::InvalidMessage,
+            format!(
+                "message {idx}: ttl_ms ({HEADER_TTL_MS}) must be 1..={MAX_TTL_MS} (30 days), got '{}'",
+                String::from_utf8_lossy(value)
+            ),
+        )),
     }
 }
 

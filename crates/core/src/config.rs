@@ -8,6 +8,11 @@ pub const MAX_QUEUE_NAME_LEN: usize = 200;
 const DLQ_SUFFIX: &str = "-dlq";
 /// Longest lease: 12 hours (as SQS's visibility timeout).
 pub const MAX_LEASE_MS: u64 = 12 * 3600 * 1000;
+/// Bounds of dispatch rates (messages per second).
+pub const MIN_RATE: f64 = 0.001;
+pub const MAX_RATE: f64 = 10_000_000.0;
+/// Longest time to live: 30 days.
+pub const MAX_TTL_MS: u64 = 30 * 86_400_000;
 
 /// Checks a queue name: 1 to 200 characters of `[A-Za-z0-9._-]`.
 pub fn validate_queue_name(name: &str) -> Result<(), BrokerError> {
@@ -58,6 +63,36 @@ impl Backoff {
     }
 }
 
+/// Deliveries per second from a queue (GCRA): `burst` may go at once.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchRate {
+    pub per_s: f64,
+    #[serde(default = "one")]
+    pub burst: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// Adaptive throttling: the dispatch rate moves between these bounds (AIMD).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adaptive {
+    pub min_per_s: f64,
+    pub max_per_s: f64,
+}
+
+/// What happens to a message older than its time to live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExpire {
+    #[default]
+    Drop,
+    DeadLetter,
+}
+
 /// A queue's configuration, as stored and as shown in the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueueConfig {
@@ -73,6 +108,17 @@ pub struct QueueConfig {
     pub max_bytes: u64,
     /// Messages leased at once; receives beyond get fewer messages.
     pub max_in_flight: u64,
+    /// Deliveries per second; null = unlimited.
+    #[serde(default)]
+    pub dispatch_rate: Option<DispatchRate>,
+    /// AIMD on the dispatch rate, driven by overloaded nacks and expired leases.
+    #[serde(default)]
+    pub adaptive: Option<Adaptive>,
+    /// Maximum age of a message (from its publish); null = forever.
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+    #[serde(default)]
+    pub on_expire: OnExpire,
 }
 
 /// A configuration change: every field optional. `dead_letter_queue: null` disables it.
@@ -87,6 +133,13 @@ pub struct ConfigPatch {
     pub max_messages: Option<u64>,
     pub max_bytes: Option<u64>,
     pub max_in_flight: Option<u64>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub dispatch_rate: Option<Option<DispatchRate>>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub adaptive: Option<Option<Adaptive>>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub ttl_ms: Option<Option<u64>>,
+    pub on_expire: Option<OnExpire>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -97,7 +150,10 @@ pub struct BackoffPatch {
     pub max_ms: Option<u64>,
 }
 
-fn explicit_null<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+/// Tells "absent" (None) from "null" (Some(None)) in a patch.
+fn explicit_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
     Ok(Some(Option::deserialize(d)?))
 }
 
@@ -112,6 +168,10 @@ impl QueueConfig {
             max_messages: limits.default_max_messages,
             max_bytes: limits.default_max_bytes,
             max_in_flight: limits.default_max_in_flight,
+            dispatch_rate: None,
+            adaptive: None,
+            ttl_ms: None,
+            on_expire: OnExpire::Drop,
         }
     }
 
@@ -149,6 +209,18 @@ impl QueueConfig {
         }
         if let Some(v) = patch.max_in_flight {
             out.max_in_flight = v;
+        }
+        if let Some(v) = patch.dispatch_rate {
+            out.dispatch_rate = v;
+        }
+        if let Some(v) = patch.adaptive {
+            out.adaptive = v;
+        }
+        if let Some(v) = patch.ttl_ms {
+            out.ttl_ms = v;
+        }
+        if let Some(v) = patch.on_expire {
+            out.on_expire = v;
         }
         out
     }
@@ -207,6 +279,42 @@ impl QueueConfig {
             return bad(format!(
                 "max_in_flight must be 1..={}, got {}",
                 limits.max_in_flight, self.max_in_flight
+            ));
+        }
+        let rate_ok = |r: f64| r.is_finite() && (MIN_RATE..=MAX_RATE).contains(&r);
+        if let Some(rate) = &self.dispatch_rate {
+            if !rate_ok(rate.per_s) {
+                return bad(format!(
+                    "dispatch_rate.per_s must be {MIN_RATE}..={MAX_RATE}, got {}",
+                    rate.per_s
+                ));
+            }
+            if !(1..=limits.max_receive_messages as u64).contains(&rate.burst) {
+                return bad(format!(
+                    "dispatch_rate.burst must be 1..={} (max_receive_messages), got {}",
+                    limits.max_receive_messages, rate.burst
+                ));
+            }
+        }
+        if let Some(a) = &self.adaptive
+            && !(rate_ok(a.min_per_s) && rate_ok(a.max_per_s) && a.min_per_s <= a.max_per_s)
+        {
+            return bad(format!(
+                "adaptive needs {MIN_RATE} <= min_per_s <= max_per_s <= {MAX_RATE}, got min_per_s {} max_per_s {}",
+                a.min_per_s, a.max_per_s
+            ));
+        }
+        if let Some(ttl) = self.ttl_ms
+            && !(1..=MAX_TTL_MS).contains(&ttl)
+        {
+            return bad(format!(
+                "ttl_ms must be 1..={MAX_TTL_MS} (30 days) or null, got {ttl}"
+            ));
+        }
+        if self.on_expire == OnExpire::DeadLetter && self.dead_letter_queue.is_none() {
+            return Err(BrokerError::new(
+                ErrorCode::ConfigConflict,
+                "on_expire dead_letter needs a dead_letter_queue",
             ));
         }
         Ok(())

@@ -7,12 +7,13 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod policy;
 pub mod queue;
 pub mod receipt;
 
 pub use broker::{
-    Broker, BrokerOptions, Delay, NewMessage, Observer, QueueInfo, RedriveProgress, RedriveRequest,
-    SettleReply,
+    Broker, BrokerOptions, Delay, NackReason, NewMessage, Observer, QueueInfo, RedriveProgress,
+    RedriveRequest, SettleReply,
 };
 pub use config::{ConfigPatch, Limits, QueueConfig};
 pub use error::{BrokerError, ErrorCode};

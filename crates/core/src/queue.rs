@@ -12,6 +12,7 @@ use tidewater_storage::{LogState, RangeSet, ReadError, Record, RetryInfo};
 
 use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
+use crate::policy::{Aimd, Gcra};
 use crate::receipt::Receipt;
 
 /// Hashes broker-assigned offsets cheaply (SipHash showed up in profiles). Keys are never
@@ -39,6 +40,9 @@ type OffsetSet = HashSet<u64, std::hash::BuildHasherDefault<OffsetHasher>>;
 
 /// Bytes read ahead per scan step when looking for deliverable messages.
 const SCAN_BYTES: usize = 4 << 20;
+
+/// Reserved header holding a message's own time to live (ms from its publish).
+pub const HEADER_TTL_MS: &str = "tidewater-ttl-ms";
 
 /// Where a queue's records come from (a storage log reader, or a model in tests).
 pub trait RecordSource {
@@ -92,6 +96,11 @@ pub struct Counters {
     pub dead_lettered: u64,
     pub redriven: u64,
     pub purged: u64,
+    /// Messages older than their time to live, dropped or dead-lettered.
+    pub ttl_expired: u64,
+    /// Dispatch rate cuts and raises by adaptive throttling.
+    pub throttle_cuts: u64,
+    pub throttle_raises: u64,
     /// Refused publishes by reason (a fixed, small set of reasons).
     pub refused: HashMap<&'static str, u64>,
 }
@@ -104,7 +113,7 @@ pub struct Unacked {
     pub size: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct QueueStats {
     /// Messages ready for delivery now.
     pub depth: u64,
@@ -122,6 +131,12 @@ pub struct QueueStats {
     pub dead_lettered: u64,
     pub redriven: u64,
     pub purged: u64,
+    pub ttl_expired: u64,
+    pub throttle_cuts: u64,
+    pub throttle_raises: u64,
+    /// The dispatch rate in force (messages/s; adaptive throttling moves it), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispatch_rate_per_s: Option<f64>,
 }
 
 /// Settlements per second, measured over windows of at least a second.
@@ -191,6 +206,13 @@ pub struct QueueState {
     drain: DrainMeter,
     /// (ack floor, published_at of the message there), cached for oldest-age.
     oldest: Option<(u64, i64)>,
+    /// Dispatch rate limit and its adaptive controller (None when unused: no cost).
+    rate: Option<Gcra>,
+    aimd: Option<Aimd>,
+    /// Set when the rate limit held back deliveries: when the next one conforms.
+    rate_wakeup: Option<i64>,
+    /// Messages found past their time to live, being settled or dead-lettered by the caller.
+    expired: Vec<Unacked>,
 }
 
 impl QueueState {
@@ -217,7 +239,147 @@ impl QueueState {
             counters: Counters::default(),
             drain: DrainMeter::default(),
             oldest: None,
+            rate: None,
+            aimd: None,
+            rate_wakeup: None,
+            expired: Vec::new(),
         }
+        .with_policies()
+    }
+
+    /// Applies a new configuration; policy state (spent rate, adaptive rate) carries over.
+    pub fn set_config(&mut self, config: QueueConfig) {
+        self.config = config;
+        self.apply_policies();
+    }
+
+    fn with_policies(mut self) -> Self {
+        self.apply_policies();
+        self
+    }
+
+    fn apply_policies(&mut self) {
+        self.aimd = match (self.config.adaptive, self.aimd.take()) {
+            (None, _) => None,
+            (Some(a), Some(mut aimd)) => {
+                aimd.reconfigure(a.min_per_s, a.max_per_s);
+                Some(aimd)
+            }
+            (Some(a), None) => Some(Aimd::new(a.min_per_s, a.max_per_s)),
+        };
+        self.rate = match (self.dispatch_limit(), self.rate.take()) {
+            (None, _) => None,
+            (Some((per_s, burst)), Some(mut gcra)) => {
+                gcra.reconfigure(per_s, burst);
+                Some(gcra)
+            }
+            (Some((per_s, burst)), None) => Some(Gcra::new(per_s, burst)),
+        };
+    }
+
+    /// (per second, burst) in force: the adaptive rate if adaptive, else the configured one.
+    fn dispatch_limit(&self) -> Option<(f64, u64)> {
+        let burst = self.config.dispatch_rate.map(|r| r.burst);
+        match (&self.aimd, self.config.dispatch_rate) {
+            // Without a configured burst, 100 ms worth of the current rate.
+            (Some(aimd), _) => Some((
+                aimd.rate(),
+                burst.unwrap_or(((aimd.rate() / 10.0) as u64).max(1)),
+            )),
+            (None, Some(rate)) => Some((rate.per_s, rate.burst)),
+            (None, None) => None,
+        }
+    }
+
+    /// A consumer signalled overload (nack reason `overloaded`, or leases expired).
+    pub fn overloaded(&mut self, now_ms: i64) {
+        if let Some(aimd) = &mut self.aimd
+            && aimd.overloaded(now_ms)
+        {
+            self.counters.throttle_cuts += 1;
+            self.apply_policies();
+        }
+    }
+
+    /// Consumers acknowledged messages.
+    pub fn succeeded(&mut self, now_ms: i64) {
+        if let Some(aimd) = &mut self.aimd
+            && aimd.succeeded(now_ms)
+        {
+            self.counters.throttle_raises += 1;
+            self.apply_policies();
+        }
+    }
+
+    /// When a message expires, if it has a time to live (queue-wide or its own).
+    fn expires_at(&self, record: &Record) -> Option<i64> {
+        let own = if record.headers.is_empty() {
+            None
+        } else {
+            record
+                .headers
+                .iter()
+                .find(|(k, _)| k == HEADER_TTL_MS.as_bytes())
+                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+        };
+        let ttl = match (self.config.ttl_ms, own) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(record.published_at_ms.saturating_add(ttl as i64))
+    }
+
+    /// Takes a message past its time to live out of scheduling; the caller settles it.
+    fn expire(&mut self, record: &Record) {
+        let delivery_count = self
+            .history
+            .get(&record.offset)
+            .map_or(0, |h| h.delivery_count);
+        self.settling.insert(record.offset);
+        self.expired.push(Unacked {
+            offset: record.offset,
+            delivery_count,
+            size: record.size(),
+        });
+    }
+
+    /// Messages found past their time to live since the last call (already settling).
+    pub fn take_expired(&mut self) -> Vec<Unacked> {
+        std::mem::take(&mut self.expired)
+    }
+
+    /// Expires messages at the head of the queue that outlived the queue's `ttl_ms`, even
+    /// with no consumer receiving. Stops at the first message still alive.
+    pub fn expire_head(
+        &mut self,
+        source: &impl RecordSource,
+        now_ms: i64,
+    ) -> Result<(), ReadError> {
+        let Some(ttl) = self.config.ttl_ms else {
+            return Ok(());
+        };
+        while self.cursor < self.visible_end {
+            let records = source.read(self.cursor, 1_000, SCAN_BYTES)?;
+            if records.is_empty() {
+                break;
+            }
+            for record in records {
+                if record.offset >= self.visible_end
+                    || record.published_at_ms.saturating_add(ttl as i64) > now_ms
+                {
+                    return Ok(());
+                }
+                self.cursor = record.offset + 1;
+                if self.is_settled_or_busy(record.offset) {
+                    continue;
+                }
+                if let Some(at) = self.timer_at.remove(&record.offset) {
+                    self.timers.remove(&(at, record.offset));
+                }
+                self.expire(&record);
+            }
+        }
+        Ok(())
     }
 
     /// Rebuilds the state of a recovered log: leases are gone, so every unsettled message
@@ -392,10 +554,7 @@ impl QueueState {
     pub fn next_wakeup(&self) -> Option<i64> {
         let timer = self.timers.first().map(|&(at, _)| at);
         let lease = self.lease_expiry.first().map(|&(at, _)| at);
-        match (timer, lease) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [timer, lease, self.rate_wakeup].into_iter().flatten().min()
     }
 
     /// Takes leases on up to `max` messages: redeliveries first, then new messages in
@@ -408,11 +567,25 @@ impl QueueState {
         lease_ms: u64,
     ) -> Result<Vec<Delivery>, ReadError> {
         self.fire_timers(now_ms);
-        let room = (self
+        let mut room = (self
             .config
             .max_in_flight
             .saturating_sub(self.leases.len() as u64) as usize)
             .min(max);
+        self.rate_wakeup = None;
+        if let Some(rate) = &self.rate {
+            let allowed = rate.available(now_ms, room);
+            if allowed < room {
+                // Held back by the rate: wake the long-poll when the next one conforms.
+                let at = if allowed == 0 {
+                    rate.next_ms()
+                } else {
+                    now_ms + 1
+                };
+                self.rate_wakeup = Some(at.max(now_ms + 1));
+            }
+            room = allowed;
+        }
         let mut out = Vec::new();
         while out.len() < room {
             let Some(offset) = self.ready.pop_front() else {
@@ -423,7 +596,11 @@ impl QueueState {
             }
             match source.read(offset, 1, 1)?.pop() {
                 Some(record) if record.offset == offset => {
-                    out.push(self.lease(record, now_ms, lease_ms))
+                    if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
+                        self.expire(&record);
+                    } else {
+                        out.push(self.lease(record, now_ms, lease_ms))
+                    }
                 }
                 _ => {} // deleted with its segment: it was settled
             }
@@ -447,6 +624,10 @@ impl QueueState {
                     self.add_timer(record.offset, record.deliver_at_ms);
                     continue;
                 }
+                if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
+                    self.expire(&record);
+                    continue;
+                }
                 out.push(self.lease(record, now_ms, lease_ms));
                 if out.len() == room {
                     break;
@@ -454,6 +635,9 @@ impl QueueState {
             }
         }
         self.counters.delivered += out.len() as u64;
+        if let Some(rate) = &mut self.rate {
+            rate.take(now_ms, out.len());
+        }
         Ok(out)
     }
 
@@ -708,6 +892,10 @@ impl QueueState {
             dead_lettered: self.counters.dead_lettered,
             redriven: self.counters.redriven,
             purged: self.counters.purged,
+            ttl_expired: self.counters.ttl_expired,
+            throttle_cuts: self.counters.throttle_cuts,
+            throttle_raises: self.counters.throttle_raises,
+            dispatch_rate_per_s: self.dispatch_limit().map(|(per_s, _)| per_s),
         }
     }
 

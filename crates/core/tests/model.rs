@@ -10,7 +10,7 @@ use tidewater_core::broker::record_id;
 use tidewater_core::clock::{FixedJitter, ManualClock};
 use tidewater_core::config::BackoffPatch;
 use tidewater_core::{
-    AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NewMessage, RedriveRequest,
+    AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NackReason, NewMessage, RedriveRequest,
 };
 use tidewater_storage::StoreOptions;
 
@@ -316,6 +316,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                             std::slice::from_ref(&receipt),
                             delay_ms,
                             Some("boom"),
+                            NackReason::Failed,
                         )
                         .await
                         .unwrap();
@@ -549,6 +550,7 @@ fn history_survives_restart_into_the_dead_letter_queue() {
                 &[first[0].receipt.clone()],
                 Some(0),
                 Some("parse error: bad byte"),
+                NackReason::Failed,
             )
             .await
             .unwrap();
@@ -563,6 +565,7 @@ fn history_survives_restart_into_the_dead_letter_queue() {
                 &[second[0].receipt.clone()],
                 None,
                 Some("parse error again"),
+                NackReason::Failed,
             )
             .await
             .unwrap();

@@ -71,12 +71,14 @@ pub enum Frame {
         queue: String,
         receipts: Vec<String>,
     },
-    /// `delay_ms` < 0: the queue's backoff applies.
+    /// `delay_ms` < 0: the queue's backoff applies. `overloaded`: the consumer is
+    /// overloaded (adaptive throttling slows dispatch); an optional trailing byte.
     Nack {
         queue: String,
         delay_ms: i64,
         error: String,
         receipts: Vec<String>,
+        overloaded: bool,
     },
     Extend {
         queue: String,
@@ -323,11 +325,15 @@ impl Frame {
                 delay_ms,
                 error,
                 receipts,
+                overloaded,
             } => {
                 w.short(queue);
                 w.i64(*delay_ms);
                 w.text(error);
                 w.receipts(receipts);
+                if *overloaded {
+                    w.u8(NACK_OVERLOADED);
+                }
             }
             Frame::Extend {
                 queue,
@@ -417,6 +423,9 @@ impl Frame {
 /// Decodes the first frame of `buf`: `Ok(None)` while it is incomplete, else the frame, its
 /// request id and the bytes it used. A frame announcing more than `max_frame` bytes is an
 /// error at once (before its body arrives).
+/// The optional reason byte of a Nack frame: the consumer is overloaded.
+const NACK_OVERLOADED: u8 = 1;
+
 pub fn decode_frame(
     buf: &[u8],
     max_frame: usize,
@@ -487,6 +496,7 @@ pub fn decode_frame(
             delay_ms: r.i64()?,
             error: r.text()?,
             receipts: r.receipts()?,
+            overloaded: r.pos < r.buf.len() && r.u8()? == NACK_OVERLOADED,
         },
         kind::EXTEND => Frame::Extend {
             queue: r.short()?,
@@ -601,6 +611,14 @@ mod tests {
                 delay_ms: -1,
                 error: s("boom"),
                 receipts: vec![s("r")],
+                overloaded: false,
+            },
+            Frame::Nack {
+                queue: s("q"),
+                delay_ms: 5,
+                error: s(""),
+                receipts: vec![s("r")],
+                overloaded: true,
             },
             Frame::Extend {
                 queue: s("q"),

@@ -30,6 +30,10 @@ pub struct InMessage {
     pub delay_ms: Option<u64>,
     pub deliver_at: Option<i64>,
     pub id: Option<String>,
+    /// Up to this many ms added at random to the delivery time (spreads bursts).
+    pub jitter_ms: Option<u64>,
+    /// This message's own time to live (the queue's ttl_ms still applies if shorter).
+    pub ttl_ms: Option<u64>,
 }
 
 pub fn ack_level(ack: Option<&str>) -> Result<AckLevel, BrokerError> {
@@ -67,6 +71,8 @@ impl InMessage {
             key: self.key,
             headers: self.headers.into_iter().collect(),
             delay,
+            jitter_ms: self.jitter_ms,
+            ttl_ms: self.ttl_ms,
         })
     }
 }
@@ -90,6 +96,8 @@ pub struct ReceiptsRequest {
     pub receipts: Vec<String>,
     pub delay_ms: Option<u64>,
     pub error: Option<String>,
+    /// Nack only: "overloaded" slows the queue's dispatch (adaptive throttling).
+    pub reason: Option<String>,
     pub lease_ms: Option<u64>,
 }
 

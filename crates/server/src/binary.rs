@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tidewater_core::{AckLevel, Broker, BrokerError, ErrorCode};
+use tidewater_core::{AckLevel, Broker, BrokerError, ErrorCode, NackReason};
 use tidewater_proto::{
     Ack, DEFAULT_MAX_FRAME, Failure, Frame, PROTOCOL_VERSION, ProtoError, SUBSCRIPTION_ID_BIT,
     WireDelivery, decode_frame,
@@ -284,11 +284,17 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
             delay_ms,
             error,
             receipts,
+            overloaded,
         } => {
             let delay = (delay_ms >= 0).then_some(delay_ms as u64);
             let error = (!error.is_empty()).then_some(error.as_str());
+            let reason = if overloaded {
+                NackReason::Overloaded
+            } else {
+                NackReason::Failed
+            };
             broker
-                .nack(&queue, &receipts, delay, error)
+                .nack(&queue, &receipts, delay, error, reason)
                 .await
                 .map(|r| settled(r, &receipts))
         }

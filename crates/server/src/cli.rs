@@ -35,9 +35,39 @@ pub struct ConfigFlags {
     /// Longest backoff in milliseconds.
     #[arg(long)]
     pub backoff_max_ms: Option<u64>,
+    /// Messages leased at once.
+    #[arg(long)]
+    pub max_in_flight: Option<u64>,
+    /// Set any field, dotted for nested ones; the value is JSON or else a string, e.g.
+    /// --set dispatch_rate.per_s=100 --set ttl_ms=60000 --set on_expire=dead_letter
+    #[arg(long, value_name = "FIELD=VALUE")]
+    pub set: Vec<String>,
+    /// Turn a policy off (set it to null), e.g. --unset dispatch_rate
+    #[arg(long, value_name = "FIELD")]
+    pub unset: Vec<String>,
     /// Any configuration as JSON, e.g. '{"backoff": {"multiplier": 3}}' (flags win).
     #[arg(long)]
     pub config: Option<String>,
+}
+
+/// Sets `path` (dotted) in a JSON object, creating objects on the way.
+fn set_path(root: &mut Value, path: &str, value: Value) -> anyhow::Result<()> {
+    let mut node = root;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if part.is_empty() {
+            anyhow::bail!("'{path}' is not a field name (use e.g. dispatch_rate.per_s)");
+        }
+        if !node.is_object() {
+            *node = json!({});
+        }
+        if i == parts.len() - 1 {
+            node[*part] = value;
+            return Ok(());
+        }
+        node = &mut node[*part];
+    }
+    Ok(())
 }
 
 impl ConfigFlags {
@@ -67,6 +97,21 @@ impl ConfigFlags {
         }
         if let Some(v) = self.max_bytes {
             set(&mut patch, "max_bytes", json!(v));
+        }
+        if let Some(v) = self.max_in_flight {
+            set(&mut patch, "max_in_flight", json!(v));
+        }
+        for item in &self.set {
+            let Some((path, text)) = item.split_once('=') else {
+                anyhow::bail!(
+                    "--set takes FIELD=VALUE, e.g. --set dispatch_rate.per_s=100; got '{item}'"
+                );
+            };
+            let value = serde_json::from_str(text).unwrap_or_else(|_| json!(text));
+            set_path(&mut patch, path, value)?;
+        }
+        for path in &self.unset {
+            set_path(&mut patch, path, Value::Null)?;
         }
         if self.backoff_base_ms.is_some() || self.backoff_max_ms.is_some() {
             if !patch["backoff"].is_object() {
@@ -350,16 +395,23 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
                 "purged",
             ];
             let stats = &info["stats"];
+            // Known figures in a stable order, then whatever else the server reports.
+            let extra: Vec<&str> = stats
+                .as_object()
+                .map(|o| o.keys().map(String::as_str).collect())
+                .unwrap_or_default();
             let rows: Vec<Vec<String>> = order
                 .iter()
-                .filter(|k| !stats[**k].is_null())
+                .copied()
+                .chain(extra.into_iter().filter(|k| !order.contains(k)))
+                .filter(|k| !stats[*k].is_null())
                 .map(|k| {
                     vec![
                         k.to_string(),
-                        if *k == "oldest_age_ms" {
-                            age(stats[*k].as_u64().unwrap_or(0))
+                        if k == "oldest_age_ms" {
+                            age(stats[k].as_u64().unwrap_or(0))
                         } else {
-                            num(&stats[*k])
+                            num(&stats[k])
                         },
                     ]
                 })

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tidewater_core::{Broker, BrokerError, ConfigPatch, ErrorCode, RedriveRequest};
+use tidewater_core::{Broker, BrokerError, ConfigPatch, ErrorCode, NackReason, RedriveRequest};
 
 use crate::api::{self, ErrorBody, OutMessage};
 use crate::metrics::Metrics;
@@ -326,6 +326,7 @@ async fn nack(State(state): State<AppState>, Path(queue): Path<String>, body: Bo
             &request.receipts,
             request.delay_ms,
             request.error.as_deref(),
+            NackReason::parse(request.reason.as_deref())?,
         )
         .await?;
     json(StatusCode::OK, &reply)

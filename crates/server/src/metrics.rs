@@ -190,7 +190,20 @@ impl Collector for QueueCollector {
                 })?)?;
             }
         }
-        let counters: [Stat<u64>; 8] = [
+        let mut family = encoder.encode_descriptor(
+            "queue_dispatch_rate_per_second",
+            "Dispatch rate limit in force (adaptive throttling moves it); absent when unlimited",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for q in &queues {
+            if let Some(rate) = q.stats.dispatch_rate_per_s {
+                ConstGauge::new(rate).encode(family.encode_family(&QueueLabel {
+                    queue: q.name.clone(),
+                })?)?;
+            }
+        }
+        let counters: [Stat<u64>; 11] = [
             ("published", "Messages accepted", |q| q.stats.published),
             ("delivered", "Deliveries (first and repeated)", |q| {
                 q.stats.delivered
@@ -211,6 +224,21 @@ impl Collector for QueueCollector {
                 |q| q.stats.redriven,
             ),
             ("purged", "Messages removed by purge", |q| q.stats.purged),
+            (
+                "ttl_expired",
+                "Messages older than their ttl_ms, dropped or dead-lettered",
+                |q| q.stats.ttl_expired,
+            ),
+            (
+                "throttle_cuts",
+                "Dispatch rate halvings by adaptive throttling",
+                |q| q.stats.throttle_cuts,
+            ),
+            (
+                "throttle_raises",
+                "Dispatch rate raises by adaptive throttling",
+                |q| q.stats.throttle_raises,
+            ),
         ];
         for (name, help, value) in counters {
             let mut family = encoder.encode_descriptor(

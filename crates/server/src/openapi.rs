@@ -63,13 +63,21 @@ pub fn document() -> Value {
                 "backoff": {"type": "object", "properties": {"base_ms": {"type": "integer", "default": 1000}, "multiplier": {"type": "number", "default": 2.0}, "max_ms": {"type": "integer", "default": 300000}}},
                 "dead_letter_queue": {"type": ["string", "null"], "description": "default <queue>-dlq; null disables"},
                 "max_messages": {"type": "integer", "minimum": 1}, "max_bytes": {"type": "integer", "minimum": 1},
-                "max_in_flight": {"type": "integer", "minimum": 1}}},
+                "max_in_flight": {"type": "integer", "minimum": 1},
+                "dispatch_rate": {"type": ["object", "null"], "description": "deliveries per second (GCRA); null = unlimited", "properties": {
+                    "per_s": {"type": "number", "minimum": 0.001}, "burst": {"type": "integer", "minimum": 1, "default": 1}}},
+                "adaptive": {"type": ["object", "null"], "description": "AIMD on the dispatch rate, driven by overloaded nacks and expired leases", "properties": {
+                    "min_per_s": {"type": "number"}, "max_per_s": {"type": "number"}}},
+                "ttl_ms": {"type": ["integer", "null"], "minimum": 1, "maximum": 2_592_000_000u64, "description": "maximum age of a message; null = forever"},
+                "on_expire": {"type": "string", "enum": ["drop", "dead_letter"], "default": "drop"}}},
             "Queue": {"type": "object", "properties": {"name": {"type": "string"}, "config": {"$ref": "#/components/schemas/QueueConfig"}, "stats": {"$ref": "#/components/schemas/QueueStats"}}},
             "QueueStats": {"type": "object", "properties": {
                 "depth": {"type": "integer"}, "in_flight": {"type": "integer"}, "delayed": {"type": "integer"}, "total": {"type": "integer"},
                 "bytes": {"type": "integer"}, "oldest_age_ms": {"type": "integer"}, "published": {"type": "integer"}, "delivered": {"type": "integer"},
                 "acked": {"type": "integer"}, "nacked": {"type": "integer"}, "expired": {"type": "integer"}, "dead_lettered": {"type": "integer"},
-                "redriven": {"type": "integer"}, "purged": {"type": "integer"}}},
+                "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"},
+                "throttle_cuts": {"type": "integer"}, "throttle_raises": {"type": "integer"},
+                "dispatch_rate_per_s": {"type": "number", "description": "the rate limit in force; absent when unlimited"}}},
             "QueueList": {"type": "object", "properties": {"queues": {"type": "array", "items": {"$ref": "#/components/schemas/Queue"}}}},
             "Purged": {"type": "object", "properties": {"purged": {"type": "integer"}}},
             "PublishRequest": {"type": "object", "required": ["messages"], "properties": {
@@ -77,7 +85,9 @@ pub fn document() -> Value {
                 "messages": {"type": "array", "items": {"type": "object", "additionalProperties": false, "properties": {
                     "body": {"type": "string"}, "body_base64": {"type": "string"}, "key": {"type": "string"},
                     "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "delay_ms": {"type": "integer", "minimum": 0}, "deliver_at": {"type": "integer"}, "id": {"type": "string"}}}}}},
+                    "delay_ms": {"type": "integer", "minimum": 0}, "deliver_at": {"type": "integer"}, "id": {"type": "string"},
+                    "jitter_ms": {"type": "integer", "minimum": 0, "description": "up to this many ms added at random to the delivery time"},
+                    "ttl_ms": {"type": "integer", "minimum": 1, "description": "this message's time to live"}}}}}},
             "PublishReply": {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "string"}}}},
             "ReceiveRequest": {"type": "object", "additionalProperties": false, "properties": {
                 "max": {"type": "integer", "minimum": 1, "default": 1}, "wait_ms": {"type": "integer", "minimum": 0, "default": 0}, "lease_ms": {"type": "integer", "minimum": 1}}},
@@ -86,7 +96,8 @@ pub fn document() -> Value {
                 "key": {"type": "string"}, "headers": {"type": "object"}, "delivery_count": {"type": "integer"},
                 "published_at": {"type": "integer"}, "offset": {"type": "integer"}}}}}},
             "Receipts": {"type": "object", "required": ["receipts"], "properties": {
-                "receipts": {"type": "array", "items": {"type": "string"}}, "delay_ms": {"type": "integer"}, "error": {"type": "string"}, "lease_ms": {"type": "integer"}}},
+                "receipts": {"type": "array", "items": {"type": "string"}}, "delay_ms": {"type": "integer"}, "error": {"type": "string"}, "lease_ms": {"type": "integer"},
+                "reason": {"type": "string", "enum": ["failed", "overloaded"], "description": "nack only: overloaded slows an adaptive queue's dispatch"}}},
             "SettleReply": {"type": "object", "properties": {"ok": {"type": "integer"}, "failed": {"type": "array", "items": {"type": "object", "properties": {
                 "receipt": {"type": "string"}, "code": {"type": "string", "enum": ["invalid_receipt", "stale_receipt"]}}}}}},
             "RedriveRequest": {"type": "object", "properties": {

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::support::{BIN, Server};
 
-fn run(server: &Server, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+pub fn run(server: &Server, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("TIDEWATER_SERVER", &server.url)

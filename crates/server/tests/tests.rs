@@ -7,3 +7,4 @@ mod cli;
 mod crash;
 mod disk_full;
 mod http_api;
+mod policies;

@@ -1,0 +1,338 @@
+//! Flow-control policies, one by one, against a real broker with a manual clock: every
+//! figure below is exact because time only moves when the test says so.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tidewater_core::broker::header;
+use tidewater_core::clock::{FixedJitter, ManualClock};
+use tidewater_core::{AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NackReason, NewMessage};
+use tidewater_storage::StoreOptions;
+
+const START_MS: i64 = 1_700_000_000_000;
+
+struct Harness {
+    dir: tempfile::TempDir,
+    clock: ManualClock,
+    jitter: f64,
+    broker: Option<Broker>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness::with_jitter(1.0)
+    }
+
+    fn with_jitter(jitter: f64) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(START_MS);
+        let broker = open(&dir, &clock, jitter);
+        Harness {
+            dir,
+            clock,
+            jitter,
+            broker: Some(broker),
+        }
+    }
+
+    fn broker(&self) -> &Broker {
+        self.broker.as_ref().unwrap()
+    }
+
+    fn restart(&mut self) {
+        self.broker.take().unwrap().shutdown();
+        self.broker = Some(open(&self.dir, &self.clock, self.jitter));
+    }
+
+    async fn queue(&self, name: &str, config: serde_json::Value) {
+        let patch: ConfigPatch = serde_json::from_value(config).unwrap();
+        self.broker().put_queue(name, &patch).await.unwrap();
+    }
+
+    async fn publish(&self, queue: &str, messages: Vec<NewMessage>) -> Vec<String> {
+        self.broker()
+            .publish(queue, &messages, AckLevel::Durable)
+            .await
+            .unwrap()
+    }
+
+    async fn receive(&self, queue: &str, max: usize) -> Vec<tidewater_core::queue::Delivery> {
+        self.broker().receive(queue, max, 0, None).await.unwrap()
+    }
+
+    fn stats(&self, queue: &str) -> tidewater_core::queue::QueueStats {
+        self.broker().get_queue(queue).unwrap().stats
+    }
+}
+
+fn open(dir: &tempfile::TempDir, clock: &ManualClock, jitter: f64) -> Broker {
+    let options = BrokerOptions {
+        store: StoreOptions {
+            fsync: false,
+            ..StoreOptions::default()
+        },
+        clock: Arc::new(clock.clone()),
+        jitter: Arc::new(FixedJitter(jitter)),
+        ..BrokerOptions::default()
+    };
+    Broker::open(dir.path(), options).unwrap()
+}
+
+fn msgs(n: usize) -> Vec<NewMessage> {
+    (0..n)
+        .map(|i| NewMessage {
+            body: format!("m{i}").into_bytes(),
+            ..NewMessage::default()
+        })
+        .collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn dispatch_rate_never_exceeds_rate_plus_burst_in_any_second() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        h.queue(
+            "mail",
+            json!({"dispatch_rate": {"per_s": 100, "burst": 10}}),
+        )
+        .await;
+        h.publish("mail", msgs(1_000)).await;
+        // A greedy consumer asks every 5 ms for 3 seconds and acks at once.
+        let mut delivered_at = Vec::new();
+        for step in 0..600 {
+            for d in h.receive("mail", 1_000).await {
+                delivered_at.push(step * 5);
+                h.broker().ack("mail", &[d.receipt]).await.unwrap();
+            }
+            h.clock.advance(5);
+        }
+        assert_eq!(delivered_at.iter().filter(|&&t| t == 0).count(), 10);
+        for start in (0..2_000).step_by(5) {
+            let window = delivered_at
+                .iter()
+                .filter(|&&t| t >= start && t < start + 1_000)
+                .count();
+            assert!(
+                window <= 110,
+                "{window} deliveries in the second from {start} ms"
+            );
+        }
+        // Burst then 100/s: 10 + 3 s x 100, less the last interval.
+        assert!(
+            (305..=310).contains(&delivered_at.len()),
+            "{}",
+            delivered_at.len()
+        );
+        assert_eq!(h.stats("mail").dispatch_rate_per_s, Some(100.0));
+    });
+}
+
+#[test]
+fn dispatch_rate_changes_at_run_time_and_survives_restart() {
+    runtime().block_on(async {
+        let mut h = Harness::new();
+        h.queue("q", json!({})).await;
+        h.publish("q", msgs(50)).await;
+        assert_eq!(h.receive("q", 20).await.len(), 20, "no limit yet");
+        h.queue("q", json!({"dispatch_rate": {"per_s": 1, "burst": 5}}))
+            .await;
+        assert_eq!(h.receive("q", 20).await.len(), 5);
+        assert_eq!(h.receive("q", 20).await.len(), 0);
+        h.restart();
+        let config = h.broker().get_queue("q").unwrap().config;
+        assert_eq!(
+            config.dispatch_rate.map(|r| (r.per_s, r.burst)),
+            Some((1.0, 5))
+        );
+        // The restarted broker starts with a full burst, then 1/s.
+        assert_eq!(h.receive("q", 50).await.len(), 5);
+        h.clock.advance(1_000);
+        assert_eq!(h.receive("q", 50).await.len(), 1);
+        h.queue("q", json!({"dispatch_rate": null})).await;
+        assert_eq!(h.receive("q", 50).await.len(), 50 - 5 - 1, "limit removed");
+    });
+}
+
+#[test]
+fn adaptive_throttling_halves_on_overload_and_recovers_on_success() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        h.queue(
+            "api",
+            json!({"adaptive": {"min_per_s": 10, "max_per_s": 100}, "lease_ms": 1500}),
+        )
+        .await;
+        h.publish("api", msgs(500)).await;
+        assert_eq!(h.stats("api").dispatch_rate_per_s, Some(100.0));
+        let got = h.receive("api", 4).await;
+        let receipts: Vec<String> = got.iter().map(|d| d.receipt.clone()).collect();
+        h.broker()
+            .nack("api", &receipts[..1], Some(0), None, NackReason::Overloaded)
+            .await
+            .unwrap();
+        assert_eq!(h.stats("api").dispatch_rate_per_s, Some(50.0));
+        h.broker()
+            .nack(
+                "api",
+                &receipts[1..2],
+                Some(0),
+                None,
+                NackReason::Overloaded,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            h.stats("api").dispatch_rate_per_s,
+            Some(50.0),
+            "one cut per second"
+        );
+        // A plain failure is not an overload signal.
+        h.clock.advance(1_000);
+        h.broker()
+            .nack("api", &receipts[2..3], Some(0), None, NackReason::Failed)
+            .await
+            .unwrap();
+        assert_eq!(h.stats("api").dispatch_rate_per_s, Some(50.0));
+        // An expired lease is.
+        h.clock.advance(1_000);
+        h.broker().run_maintenance().await;
+        assert_eq!(h.stats("api").dispatch_rate_per_s, Some(25.0));
+        // Success raises it by a twentieth of the range per second.
+        h.clock.advance(1_000);
+        let got = h.receive("api", 1).await;
+        h.broker()
+            .ack("api", &[got[0].receipt.clone()])
+            .await
+            .unwrap();
+        assert_eq!(h.stats("api").dispatch_rate_per_s, Some(29.5));
+        assert_eq!(h.stats("api").nacked, 3, "overloaded nacks are nacks too");
+    });
+}
+
+#[test]
+fn queue_ttl_drops_old_messages_even_without_consumers() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        h.queue("t", json!({"ttl_ms": 1000})).await;
+        h.publish("t", msgs(3)).await;
+        h.clock.advance(600);
+        h.publish("t", msgs(2)).await;
+        h.clock.advance(400);
+        h.broker().run_maintenance().await;
+        let stats = h.stats("t");
+        assert_eq!((stats.ttl_expired, stats.total), (3, 2));
+        let got = h.receive("t", 10).await;
+        assert_eq!(got.len(), 2);
+        // A leased message that outlives its ttl is dropped at its next delivery.
+        h.broker()
+            .nack(
+                "t",
+                &[got[0].receipt.clone()],
+                Some(0),
+                None,
+                NackReason::Failed,
+            )
+            .await
+            .unwrap();
+        h.clock.advance(600);
+        assert!(h.receive("t", 10).await.is_empty());
+        let stats = h.stats("t");
+        assert_eq!((stats.ttl_expired, stats.total, stats.in_flight), (4, 1, 1));
+        assert!(
+            h.broker().get_queue("t-dlq").is_err(),
+            "dropped, not dead-lettered"
+        );
+    });
+}
+
+#[test]
+fn a_message_ttl_dead_letters_with_the_reason() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        h.queue("t", json!({"on_expire": "dead_letter"})).await;
+        let mut batch = msgs(2);
+        batch[0].ttl_ms = Some(100);
+        h.publish("t", batch).await;
+        h.clock.advance(100);
+        let got = h.receive("t", 10).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].record.body, b"m1");
+        assert_eq!(h.stats("t").ttl_expired, 1);
+        let dead = h.broker().peek("t-dlq", 0, 10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].record.body, b"m0");
+        assert_eq!(
+            header(&dead[0].record, "tidewater-last-error").as_deref(),
+            Some("expired: older than its ttl_ms")
+        );
+        // A bad ttl is refused with the message named.
+        let mut bad = msgs(1);
+        bad[0].ttl_ms = Some(0);
+        let err = h
+            .broker()
+            .publish("t", &bad, AckLevel::Durable)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code.as_str(), "invalid_message");
+    });
+}
+
+#[test]
+fn jitter_spreads_delivery_times_within_the_bound() {
+    runtime().block_on(async {
+        // The injected jitter draws 0.5: half of jitter_ms is added.
+        let h = Harness::with_jitter(0.5);
+        h.queue("cron", json!({})).await;
+        let mut batch = msgs(2);
+        batch[0].jitter_ms = Some(1_000);
+        batch[1].jitter_ms = Some(1_000);
+        batch[1].delay = Delay::AfterMs(2_000);
+        h.publish("cron", batch).await;
+        assert_eq!(h.stats("cron").delayed, 2);
+        h.clock.advance(499);
+        assert!(h.receive("cron", 10).await.is_empty());
+        h.clock.advance(1);
+        assert_eq!(h.receive("cron", 10).await[0].record.body, b"m0");
+        h.clock.advance(2_000);
+        assert_eq!(h.receive("cron", 10).await[0].record.body, b"m1");
+    });
+}
+
+#[test]
+fn invalid_policies_are_refused_with_the_field_named() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        for (config, field) in [
+            (
+                json!({"dispatch_rate": {"per_s": 0}}),
+                "dispatch_rate.per_s",
+            ),
+            (
+                json!({"dispatch_rate": {"per_s": 5, "burst": 0}}),
+                "dispatch_rate.burst",
+            ),
+            (
+                json!({"adaptive": {"min_per_s": 50, "max_per_s": 10}}),
+                "adaptive",
+            ),
+            (json!({"ttl_ms": 0}), "ttl_ms"),
+            (
+                json!({"on_expire": "dead_letter", "dead_letter_queue": null}),
+                "dead_letter",
+            ),
+        ] {
+            let patch: ConfigPatch = serde_json::from_value(config.clone()).unwrap();
+            let err = h.broker().put_queue("p", &patch).await.unwrap_err();
+            assert!(err.message.contains(field), "{config}: {}", err.message);
+        }
+        assert!(serde_json::from_value::<ConfigPatch>(json!({"on_expire": "explode"})).is_err());
+    });
+}

@@ -1,0 +1,163 @@
+//! Flow-control policies through every surface: CLI `queue config`, HTTP, the binary
+//! protocol's nack reason, /metrics, and a restart. Exact behaviour under a manual clock
+//! is in crates/core/tests/policies.rs; here nothing depends on timing.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tidewater_client::{Client, ClientOptions, ConsumerOptions, Message, ProducerOptions};
+
+use crate::cli::run;
+use crate::support::{Server, metrics_text, receipts};
+
+#[test]
+fn dispatch_rate_and_ttl_from_the_cli_survive_restart_and_show_in_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("data"), None);
+    let (code, _, err) = run(
+        &server,
+        &[
+            "queue",
+            "create",
+            "mail",
+            "--set",
+            "dispatch_rate.per_s=0.01",
+            "--set",
+            "dispatch_rate.burst=3",
+            "--set",
+            "ttl_ms=600000",
+            "--set",
+            "on_expire=dead_letter",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(&server, &["queue", "config", "mail", "--json"], None);
+    assert_eq!(code, 0);
+    let config: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(config["dispatch_rate"], json!({"per_s": 0.01, "burst": 3}));
+    assert_eq!(
+        (config["ttl_ms"].as_u64(), config["on_expire"].as_str()),
+        (Some(600_000), Some("dead_letter"))
+    );
+
+    let messages: Vec<Value> = (0..10).map(|i| json!({"body": format!("m{i}")})).collect();
+    server.publish("mail", json!(messages));
+    // The burst goes at once; the next delivery conforms only in 100 s.
+    assert_eq!(server.receive("mail", 10, 0, None).len(), 3);
+    assert!(server.receive("mail", 10, 0, None).is_empty());
+    assert_eq!(server.stats("mail")["dispatch_rate_per_s"], json!(0.01));
+    assert!(
+        metrics_text(&server.url)
+            .contains("tidewater_queue_dispatch_rate_per_second{queue=\"mail\"} 0.01"),
+        "rate gauge missing"
+    );
+    let (code, out, _) = run(&server, &["queue", "stats", "mail"], None);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("dispatch_rate_per_s") && out.contains("ttl_expired"),
+        "{out}"
+    );
+
+    server.restart();
+    let config = server.ok("GET", "/v1/queues/mail", None)["config"].clone();
+    assert_eq!(config["dispatch_rate"]["burst"], 3, "persisted");
+    let (code, _, err) = run(
+        &server,
+        &["queue", "config", "mail", "--unset", "dispatch_rate"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(server.stats("mail").get("dispatch_rate_per_s").is_none());
+    assert_eq!(
+        server.receive("mail", 10, 0, None).len(),
+        10,
+        "unlimited now; leases were lost in the restart"
+    );
+
+    // Bad values are refused with the field named, and a bad --set is a usage error.
+    let err = server.err(
+        "PUT",
+        "/v1/queues/mail",
+        Some(json!({"ttl_ms": 0})),
+        400,
+        "invalid_config",
+    );
+    assert!(err["message"].as_str().unwrap().contains("ttl_ms"));
+    let (code, _, err) = run(
+        &server,
+        &["queue", "config", "mail", "--set", "ttl_ms"],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("FIELD=VALUE"), "{err}");
+}
+
+#[test]
+fn overloaded_nacks_slow_an_adaptive_queue_over_http_and_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue(
+        "api",
+        json!({"adaptive": {"min_per_s": 1, "max_per_s": 1000}, "dispatch_rate": {"per_s": 1000, "burst": 100}}),
+    );
+    let messages: Vec<Value> = (0..20).map(|i| json!({"body": format!("m{i}")})).collect();
+    server.publish("api", json!(messages));
+    let got = server.receive("api", 2, 0, Some(60_000));
+    let receipts = receipts(&got);
+    server.err(
+        "POST",
+        "/v1/queues/api/nack",
+        Some(json!({"receipts": [receipts[0]], "reason": "tired"})),
+        400,
+        "invalid_request",
+    );
+    server.ok(
+        "POST",
+        "/v1/queues/api/nack",
+        Some(json!({"receipts": [receipts[0]], "reason": "overloaded", "delay_ms": 0})),
+    );
+    let stats = server.stats("api");
+    assert_eq!(
+        (
+            stats["dispatch_rate_per_s"].as_f64(),
+            stats["throttle_cuts"].as_u64()
+        ),
+        (Some(500.0), Some(1))
+    );
+
+    // The same signal through the binary protocol (cuts are at most one a second, so
+    // wait for the second one on the broker's own counter).
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let client = Client::new(&server.protocol, ClientOptions::default());
+            client
+                .producer("api", ProducerOptions::default())
+                .send(Message::new("x"))
+                .await
+                .unwrap();
+            let mut consumer = client.consumer("api", ConsumerOptions::default());
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while server.stats("api")["throttle_cuts"].as_u64() < Some(2) {
+                assert!(std::time::Instant::now() < deadline, "no second cut");
+                let delivery = consumer.next().await.unwrap().unwrap();
+                assert!(
+                    consumer
+                        .nack_overloaded(&delivery, Some(Duration::ZERO))
+                        .await
+                        .unwrap()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            consumer.close().await;
+        });
+    assert_eq!(
+        server.stats("api")["dispatch_rate_per_s"].as_f64(),
+        Some(250.0)
+    );
+    assert!(metrics_text(&server.url).contains("tidewater_throttle_cuts_total{queue=\"api\"} 2"));
+}
