@@ -98,6 +98,11 @@ impl Message {
         self.deliver_at_ms = base + fastrand::i64(0..=jitter.as_millis() as i64);
         self
     }
+    /// The producer this message counts against (quotas, fairness). Sent as the reserved
+    /// header `tidewater-tenant`.
+    pub fn with_tenant(self, tenant: impl Into<String>) -> Message {
+        self.with_header("tidewater-tenant", tenant)
+    }
     /// Drop (or dead-letter, as the queue says) the message if not delivered within `ttl`
     /// of its publish. Sent as the reserved header `tidewater-ttl-ms`.
     pub fn with_ttl(self, ttl: Duration) -> Message {

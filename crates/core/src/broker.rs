@@ -1,6 +1,7 @@
 //! The broker: named queues over one store. Async (tokio) but free of HTTP: the server and
 //! tests drive it through these methods.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
@@ -17,10 +18,13 @@ use tokio::sync::Notify;
 
 use crate::clock::{Clock, Jitter, RandomJitter, SystemClock};
 use crate::config::{
-    ConfigPatch, Limits, MAX_LEASE_MS, MAX_TTL_MS, OnExpire, QueueConfig, validate_queue_name,
+    ConfigPatch, Limits, MAX_LEASE_MS, MAX_TENANT_LEN, MAX_TTL_MS, OnExpire, QueueConfig,
+    validate_queue_name,
 };
 use crate::error::{BrokerError, ErrorCode};
-use crate::queue::{Delivery, HEADER_TTL_MS, QueueState, QueueStats, Unacked};
+use crate::queue::{
+    ANONYMOUS_TENANT, Delivery, HEADER_TENANT, HEADER_TTL_MS, QueueState, QueueStats, Unacked,
+};
 
 /// Headers added to a dead-lettered message.
 pub const HEADER_SOURCE_QUEUE: &str = "tidewater-source-queue";
@@ -106,6 +110,31 @@ pub struct NewMessage {
     pub jitter_ms: Option<u64>,
     /// This message's time to live from its publish.
     pub ttl_ms: Option<u64>,
+    /// The producer, for quotas and fairness.
+    pub tenant: Option<String>,
+}
+
+/// Messages and bytes per tenant of one publish, for quotas (empty when the queue has none).
+#[derive(Default)]
+struct Demand(HashMap<String, (u64, u64)>);
+
+impl Demand {
+    fn add(&mut self, tenant: Option<&[u8]>, bytes: u64) {
+        let tenant = tenant.map_or(Cow::Borrowed(ANONYMOUS_TENANT), String::from_utf8_lossy);
+        let entry = match self.0.get_mut(tenant.as_ref()) {
+            Some(entry) => entry,
+            None => self.0.entry(tenant.into_owned()).or_default(),
+        };
+        entry.0 += 1;
+        entry.1 += bytes;
+    }
+
+    fn as_slice(&self) -> Vec<(&str, u64, u64)> {
+        self.0
+            .iter()
+            .map(|(t, &(m, b))| (t.as_str(), m, b))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
@@ -127,6 +156,9 @@ pub struct QueueInfo {
     pub stats: QueueStats,
     #[serde(skip)]
     pub refused: Vec<(&'static str, u64)>,
+    /// Publishes refused by quota per tenant (top tenants, then "other").
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub quota_refused: std::collections::BTreeMap<String, u64>,
     #[serde(skip)]
     pub disk_bytes: u64,
 }
@@ -488,6 +520,7 @@ impl Broker {
             config: state.config.clone(),
             stats: state.stats(self.now_ms()),
             refused,
+            quota_refused: state.quota_refusals(),
             disk_bytes: handle.reader.disk_bytes(),
         }
     }
@@ -525,6 +558,9 @@ impl Broker {
         )?;
         if let Some(ttl) = msg.ttl_ms {
             check_ttl(idx, ttl.to_string().as_bytes())?;
+        }
+        if let Some(tenant) = &msg.tenant {
+            check_tenant(idx, tenant.as_bytes())?;
         }
         match msg.jitter_ms {
             None | Some(0) => Ok(at),
@@ -645,6 +681,8 @@ impl Broker {
             return Err(err);
         }
         let now = self.now_ms();
+        let with_quota = handle.state.lock().config.quota.is_some();
+        let mut demand = Demand::default();
         let mut builder = BatchBuilder::new(handle.uid, now);
         let mut ids = Vec::with_capacity(messages.len());
         let mut delays = Vec::new();
@@ -658,10 +696,16 @@ impl Broker {
             let headers: Vec<(&[u8], &[u8])> = msg
                 .headers
                 .iter()
+                .filter(|(k, _)| k != HEADER_TENANT && k != HEADER_TTL_MS)
                 .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
                 .chain(
                     ttl.as_ref()
                         .map(|v| (HEADER_TTL_MS.as_bytes(), v.as_bytes())),
+                )
+                .chain(
+                    msg.tenant
+                        .as_ref()
+                        .map(|t| (HEADER_TENANT.as_bytes(), t.as_bytes())),
                 )
                 .collect();
             let generated;
@@ -684,13 +728,17 @@ impl Broker {
                 deliver_at_ms: deliver_at.unwrap_or(0),
                 body: &msg.body,
             };
-            bytes += (msg.body.len()
+            let size = (msg.body.len()
                 + msg.key.as_ref().map_or(0, |k| k.len())
                 + record
                     .headers
                     .iter()
                     .map(|(k, v)| k.len() + v.len())
                     .sum::<usize>()) as u64;
+            bytes += size;
+            if with_quota {
+                demand.add(msg.tenant.as_deref().map(str::as_bytes), size);
+            }
             builder.push(&record);
             if builder.encoded_len() > MAX_BATCH_BODY {
                 return Err(BrokerError::new(
@@ -700,7 +748,8 @@ impl Broker {
             }
         }
         let n = messages.len() as u64;
-        self.append_batch(&handle, builder.finish(), n, bytes, &delays, level, started)
+        let batch = builder.finish();
+        self.start_append(handle, batch, (n, bytes), demand, delays, level, started)?
             .await?;
         Ok(ids)
     }
@@ -744,6 +793,8 @@ impl Broker {
         }
         let mut bytes = 0;
         let mut delays = Vec::new();
+        let with_quota = handle.state.lock().config.quota.is_some();
+        let mut demand = Demand::default();
         let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
         let mut idx = 0;
         tidewater_storage::format::visit_records(&header, body, |record| {
@@ -753,11 +804,18 @@ impl Broker {
                 Delay::None
             };
             let mut headers = Vec::new();
+            let mut tenant = None;
             for (name, value) in record.headers() {
                 if name == HEADER_TTL_MS.as_bytes() {
                     check_ttl(idx, value)?;
+                } else if name == HEADER_TENANT.as_bytes() {
+                    check_tenant(idx, value)?;
+                    tenant = Some(value);
                 }
                 headers.push((name.len(), value.len()));
+            }
+            if with_quota {
+                demand.add(tenant, record.size());
             }
             let at = self.check_message(
                 idx,
@@ -777,32 +835,9 @@ impl Broker {
         })?;
         let n = header.count as u64;
         let count = header.count;
-        let appended = self.start_append(handle, batch, n, bytes, delays, level, started)?;
+        let appended =
+            self.start_append(handle, batch, (n, bytes), demand, delays, level, started)?;
         Ok(async move { appended.await.map(|base| (base, count)) })
-    }
-
-    /// Admits, writes and accounts one encoded batch; returns its base offset.
-    #[allow(clippy::too_many_arguments)]
-    async fn append_batch(
-        &self,
-        handle: &Arc<QueueHandle>,
-        batch: Vec<u8>,
-        n: u64,
-        bytes: u64,
-        delays: &[(u32, i64)],
-        level: AckLevel,
-        started: std::time::Instant,
-    ) -> Result<u64, BrokerError> {
-        self.start_append(
-            handle.clone(),
-            batch,
-            n,
-            bytes,
-            delays.to_vec(),
-            level,
-            started,
-        )?
-        .await
     }
 
     /// Admits and submits a batch now; the future accounts for the outcome.
@@ -811,13 +846,21 @@ impl Broker {
         &self,
         handle: Arc<QueueHandle>,
         batch: Vec<u8>,
-        n: u64,
-        bytes: u64,
+        (n, bytes): (u64, u64),
+        demand: Demand,
         delays: Vec<(u32, i64)>,
         level: AckLevel,
         started: std::time::Instant,
     ) -> Result<impl Future<Output = Result<u64, BrokerError>> + Send + 'static, BrokerError> {
-        handle.state.lock().admit(n, bytes, self.now_ms())?;
+        {
+            let now = self.now_ms();
+            let mut state = handle.state.lock();
+            state.admit(n, bytes, now)?;
+            if let Err(err) = state.admit_quota(&demand.as_slice(), now) {
+                state.published(n, bytes, None);
+                return Err(err);
+            }
+        }
         let written = self.submit(
             vec![Op::Append {
                 uid: handle.uid,
@@ -1650,6 +1693,19 @@ impl Broker {
             handle.state.lock().debug_check_consistency();
         }
     }
+}
+
+/// A message's tenant (JSON field, or the reserved header in a record batch).
+fn check_tenant(idx: usize, value: &[u8]) -> Result<(), BrokerError> {
+    if value.is_empty() || value.len() > MAX_TENANT_LEN || std::str::from_utf8(value).is_err() {
+        return Err(BrokerError::new(
+            ErrorCode::InvalidMessage,
+            format!(
+                "message {idx}: tenant ({HEADER_TENANT}) must be 1..={MAX_TENANT_LEN} bytes of UTF-8"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A message's own ttl_ms (JSON field, or the reserved header in a record batch).

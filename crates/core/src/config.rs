@@ -84,6 +84,97 @@ pub struct Adaptive {
     pub max_per_s: f64,
 }
 
+/// Producer token buckets of one tenant; an absent field means no limit on that axis.
+/// A missing burst is one second's worth of the rate.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msgs_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_msgs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_bytes: Option<u64>,
+}
+
+/// Producer quotas per tenant: the top level is the default for any tenant, `tenants`
+/// overrides it field by field for named ones.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msgs_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_msgs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_bytes: Option<u64>,
+    #[serde(default)]
+    pub tenants: std::collections::BTreeMap<String, QuotaLimits>,
+}
+
+/// Named tenants in one quota, and the length of a tenant name.
+pub const MAX_QUOTA_TENANTS: usize = 1_000;
+pub const MAX_TENANT_LEN: usize = 128;
+
+impl Quota {
+    /// The limits that apply to `tenant`.
+    pub fn limits_for(&self, tenant: &str) -> QuotaLimits {
+        let own = self.tenants.get(tenant).copied().unwrap_or_default();
+        QuotaLimits {
+            msgs_per_s: own.msgs_per_s.or(self.msgs_per_s),
+            bytes_per_s: own.bytes_per_s.or(self.bytes_per_s),
+            burst_msgs: own.burst_msgs.or(self.burst_msgs),
+            burst_bytes: own.burst_bytes.or(self.burst_bytes),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let check = |who: &str, l: &QuotaLimits| -> Result<(), String> {
+            for (name, rate) in [("msgs_per_s", l.msgs_per_s), ("bytes_per_s", l.bytes_per_s)] {
+                if let Some(r) = rate
+                    && !(r.is_finite() && (MIN_RATE..=1e12).contains(&r))
+                {
+                    return Err(format!(
+                        "quota{who}.{name} must be {MIN_RATE}..=1e12, got {r}"
+                    ));
+                }
+            }
+            for (name, burst) in [("burst_msgs", l.burst_msgs), ("burst_bytes", l.burst_bytes)] {
+                if burst == Some(0) {
+                    return Err(format!("quota{who}.{name} must be at least 1"));
+                }
+            }
+            Ok(())
+        };
+        let top = QuotaLimits {
+            msgs_per_s: self.msgs_per_s,
+            bytes_per_s: self.bytes_per_s,
+            burst_msgs: self.burst_msgs,
+            burst_bytes: self.burst_bytes,
+        };
+        check("", &top)?;
+        if self.tenants.len() > MAX_QUOTA_TENANTS {
+            return Err(format!(
+                "quota.tenants names at most {MAX_QUOTA_TENANTS} tenants, got {}",
+                self.tenants.len()
+            ));
+        }
+        for (tenant, limits) in &self.tenants {
+            if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN {
+                return Err(format!(
+                    "quota.tenants: names are 1..={MAX_TENANT_LEN} bytes"
+                ));
+            }
+            check(&format!(".tenants.{tenant}"), limits)?;
+        }
+        Ok(())
+    }
+}
+
 /// What happens to a message older than its time to live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -108,6 +199,9 @@ pub struct QueueConfig {
     pub max_bytes: u64,
     /// Messages leased at once; receives beyond get fewer messages.
     pub max_in_flight: u64,
+    /// Producer token buckets per tenant; null = none.
+    #[serde(default)]
+    pub quota: Option<Quota>,
     /// Deliveries per second; null = unlimited.
     #[serde(default)]
     pub dispatch_rate: Option<DispatchRate>,
@@ -133,6 +227,8 @@ pub struct ConfigPatch {
     pub max_messages: Option<u64>,
     pub max_bytes: Option<u64>,
     pub max_in_flight: Option<u64>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub quota: Option<Option<Quota>>,
     #[serde(default, deserialize_with = "explicit_null")]
     pub dispatch_rate: Option<Option<DispatchRate>>,
     #[serde(default, deserialize_with = "explicit_null")]
@@ -168,6 +264,7 @@ impl QueueConfig {
             max_messages: limits.default_max_messages,
             max_bytes: limits.default_max_bytes,
             max_in_flight: limits.default_max_in_flight,
+            quota: None,
             dispatch_rate: None,
             adaptive: None,
             ttl_ms: None,
@@ -209,6 +306,9 @@ impl QueueConfig {
         }
         if let Some(v) = patch.max_in_flight {
             out.max_in_flight = v;
+        }
+        if let Some(v) = &patch.quota {
+            out.quota = v.clone();
         }
         if let Some(v) = patch.dispatch_rate {
             out.dispatch_rate = v;
@@ -280,6 +380,9 @@ impl QueueConfig {
                 "max_in_flight must be 1..={}, got {}",
                 limits.max_in_flight, self.max_in_flight
             ));
+        }
+        if let Some(quota) = &self.quota {
+            quota.validate().or_else(bad)?;
         }
         let rate_ok = |r: f64| r.is_finite() && (MIN_RATE..=MAX_RATE).contains(&r);
         if let Some(rate) = &self.dispatch_rate {

@@ -30,6 +30,7 @@ pub enum ErrorCode {
     InvalidFrame,
     FrameTooLarge,
     UnsupportedVersion,
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -58,6 +59,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::InvalidFrame,
         ErrorCode::FrameTooLarge,
+        ErrorCode::QuotaExceeded,
         ErrorCode::UnsupportedVersion,
     ];
 
@@ -79,6 +81,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ConfigConflict => "config_conflict",
             ErrorCode::QueueFull => "queue_full",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::DiskFull => "disk_full",
             ErrorCode::StorageFailed => "storage_failed",
@@ -107,7 +110,7 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge | ErrorCode::BatchTooLarge | ErrorCode::RequestTooLarge => {
                 413
             }
-            ErrorCode::QueueFull | ErrorCode::Overloaded => 429,
+            ErrorCode::QueueFull | ErrorCode::Overloaded | ErrorCode::QuotaExceeded => 429,
             ErrorCode::DiskFull => 507,
             ErrorCode::StorageFailed | ErrorCode::Internal => 500,
             ErrorCode::NotReady | ErrorCode::ShuttingDown => 503,
@@ -180,6 +183,9 @@ impl ErrorCode {
             }
             ErrorCode::FrameTooLarge => {
                 "Binary protocol: the frame exceeds max_frame_bytes. The server closes the connection after this error."
+            }
+            ErrorCode::QuotaExceeded => {
+                "The tenant published faster than the queue's quota allows. Retry after Retry-After (the exact time until enough tokens exist); nothing was stored."
             }
             ErrorCode::UnsupportedVersion => {
                 "Binary protocol: the client speaks a protocol version this server does not. Upgrade the client or the server."

@@ -2,6 +2,10 @@
 //! quotas, GCRA for dispatch rates, AIMD for adaptive throttling. Time is passed in (ms
 //! since the epoch), so every rule is tested with exact figures.
 
+use std::collections::HashMap;
+
+use crate::config::Quota;
+
 /// A token bucket (producer quotas). It may go into debt by one request larger than its
 /// burst, so a batch bigger than the burst is admitted once the bucket is full, and the
 /// rate still holds on average; a refusal says exactly when enough tokens exist.
@@ -51,6 +55,111 @@ impl TokenBucket {
     pub fn is_full(&mut self, now_ms: i64) -> bool {
         self.refill(now_ms);
         self.tokens >= self.capacity
+    }
+}
+
+/// Token buckets tracked per queue; past this, full buckets are forgotten (a full bucket
+/// is the same as a new one) and, if none is full, further tenants share one bucket.
+pub const MAX_TRACKED_TENANTS: usize = 10_000;
+/// Tenants with their own refusal counter (metric label); the rest count as "other".
+pub const MAX_TENANT_LABELS: usize = 20;
+const SHARED_TENANT: &str = "(other)";
+
+/// The producer quotas of one queue: a msgs/s and a bytes/s bucket per tenant.
+#[derive(Debug, Default)]
+pub struct TenantQuotas {
+    buckets: HashMap<String, [Option<TokenBucket>; 2]>,
+    /// Refused publishes per tenant (bounded; see `MAX_TENANT_LABELS`).
+    pub refused: HashMap<String, u64>,
+}
+
+/// A refused publish: whose quota, and how long until it would pass.
+#[derive(Debug, PartialEq)]
+pub struct OverQuota {
+    pub tenant: String,
+    pub wait_ms: u64,
+    pub what: &'static str,
+}
+
+impl TenantQuotas {
+    /// Forgets buckets (after a quota change: every tenant starts full).
+    pub fn reset(&mut self) {
+        self.buckets.clear();
+    }
+
+    /// Admits `(tenant, messages, bytes)` demands whole, or refuses with the longest wait.
+    pub fn admit(
+        &mut self,
+        quota: &Quota,
+        demand: &[(&str, u64, u64)],
+        now_ms: i64,
+    ) -> Result<(), OverQuota> {
+        let mut worst: Option<OverQuota> = None;
+        for &(tenant, msgs, bytes) in demand {
+            let key = self.key_for(tenant, now_ms);
+            let limits = quota.limits_for(tenant);
+            let buckets = self.buckets.entry(key).or_insert_with(|| {
+                let bucket = |rate: Option<f64>, burst: Option<u64>| {
+                    rate.map(|r| {
+                        TokenBucket::new(r, burst.map_or(r.max(1.0), |b| b as f64), now_ms)
+                    })
+                };
+                [
+                    bucket(limits.msgs_per_s, limits.burst_msgs),
+                    bucket(limits.bytes_per_s, limits.burst_bytes),
+                ]
+            });
+            for (i, (n, what)) in [(msgs, "msgs_per_s"), (bytes, "bytes_per_s")]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(bucket) = &mut buckets[i] {
+                    let wait_ms = bucket.wait_ms(n as f64, now_ms);
+                    if wait_ms > 0 && worst.as_ref().is_none_or(|w| w.wait_ms < wait_ms) {
+                        worst = Some(OverQuota {
+                            tenant: tenant.to_string(),
+                            wait_ms,
+                            what,
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(over) = worst {
+            let label = if self.refused.contains_key(&over.tenant)
+                || self.refused.len() < MAX_TENANT_LABELS
+            {
+                over.tenant.clone()
+            } else {
+                "other".to_string()
+            };
+            *self.refused.entry(label).or_default() += 1;
+            return Err(over);
+        }
+        for &(tenant, msgs, bytes) in demand {
+            let key = self.key_for(tenant, now_ms);
+            let buckets = self.buckets.get_mut(&key).expect("created above");
+            for (i, n) in [msgs, bytes].into_iter().enumerate() {
+                if let Some(bucket) = &mut buckets[i] {
+                    bucket.take(n as f64);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The bucket key of a tenant, keeping the map bounded.
+    fn key_for(&mut self, tenant: &str, now_ms: i64) -> String {
+        if self.buckets.contains_key(tenant) || self.buckets.len() < MAX_TRACKED_TENANTS {
+            return tenant.to_string();
+        }
+        self.buckets
+            .retain(|_, b| !b.iter_mut().flatten().all(|b| b.is_full(now_ms)));
+        if self.buckets.len() < MAX_TRACKED_TENANTS {
+            tenant.to_string()
+        } else {
+            SHARED_TENANT.to_string()
+        }
     }
 }
 

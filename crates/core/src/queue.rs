@@ -12,7 +12,7 @@ use tidewater_storage::{LogState, RangeSet, ReadError, Record, RetryInfo};
 
 use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
-use crate::policy::{Aimd, Gcra};
+use crate::policy::{Aimd, Gcra, TenantQuotas};
 use crate::receipt::Receipt;
 
 /// Hashes broker-assigned offsets cheaply (SipHash showed up in profiles). Keys are never
@@ -43,6 +43,10 @@ const SCAN_BYTES: usize = 4 << 20;
 
 /// Reserved header holding a message's own time to live (ms from its publish).
 pub const HEADER_TTL_MS: &str = "tidewater-ttl-ms";
+/// Reserved header naming the producer (tenant) of a message.
+pub const HEADER_TENANT: &str = "tidewater-tenant";
+/// The tenant of messages that name none.
+pub const ANONYMOUS_TENANT: &str = "anonymous";
 
 /// Where a queue's records come from (a storage log reader, or a model in tests).
 pub trait RecordSource {
@@ -213,6 +217,8 @@ pub struct QueueState {
     rate_wakeup: Option<i64>,
     /// Messages found past their time to live, being settled or dead-lettered by the caller.
     expired: Vec<Unacked>,
+    /// Producer token buckets per tenant.
+    quotas: TenantQuotas,
 }
 
 impl QueueState {
@@ -243,14 +249,50 @@ impl QueueState {
             aimd: None,
             rate_wakeup: None,
             expired: Vec::new(),
+            quotas: TenantQuotas::default(),
         }
         .with_policies()
     }
 
     /// Applies a new configuration; policy state (spent rate, adaptive rate) carries over.
     pub fn set_config(&mut self, config: QueueConfig) {
+        if config.quota != self.config.quota {
+            self.quotas.reset();
+        }
         self.config = config;
         self.apply_policies();
+    }
+
+    /// Takes quota tokens for a publish of `(tenant, messages, bytes)`, or refuses it whole
+    /// with the exact time until the tokens exist.
+    pub fn admit_quota(
+        &mut self,
+        demand: &[(&str, u64, u64)],
+        now_ms: i64,
+    ) -> Result<(), BrokerError> {
+        let Some(quota) = &self.config.quota else {
+            return Ok(());
+        };
+        self.quotas.admit(quota, demand, now_ms).map_err(|over| {
+            *self.counters.refused.entry("quota").or_default() += 1;
+            BrokerError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "tenant '{}' is over its {} quota on queue '{}'; nothing was stored, retry in {} ms",
+                    over.tenant, over.what, self.name, over.wait_ms
+                ),
+            )
+            .retry_after(over.wait_ms)
+        })
+    }
+
+    /// Publishes refused by quota, per tenant (the top tenants, then "other").
+    pub fn quota_refusals(&self) -> std::collections::BTreeMap<String, u64> {
+        self.quotas
+            .refused
+            .iter()
+            .map(|(t, n)| (t.clone(), *n))
+            .collect()
     }
 
     fn with_policies(mut self) -> Self {

@@ -56,6 +56,15 @@ impl Harness {
             .unwrap()
     }
 
+    async fn try_publish(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<String>, tidewater_core::BrokerError> {
+        self.broker()
+            .publish("q", &messages, AckLevel::Durable)
+            .await
+    }
+
     async fn receive(&self, queue: &str, max: usize) -> Vec<tidewater_core::queue::Delivery> {
         self.broker().receive(queue, max, 0, None).await.unwrap()
     }
@@ -334,5 +343,86 @@ fn invalid_policies_are_refused_with_the_field_named() {
             assert!(err.message.contains(field), "{config}: {}", err.message);
         }
         assert!(serde_json::from_value::<ConfigPatch>(json!({"on_expire": "explode"})).is_err());
+    });
+}
+
+fn from(tenant: &str, n: usize) -> Vec<NewMessage> {
+    (0..n)
+        .map(|i| NewMessage {
+            body: vec![b'x'; 10],
+            tenant: Some(tenant.to_string()),
+            id: Some(format!("{tenant}-{i}")),
+            ..NewMessage::default()
+        })
+        .collect()
+}
+
+#[test]
+fn quotas_refuse_with_the_exact_wait_per_tenant() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        h.queue(
+            "q",
+            json!({"quota": {"msgs_per_s": 10, "burst_msgs": 5,
+                "tenants": {"big": {"msgs_per_s": 100, "burst_msgs": 50}, "thin": {"bytes_per_s": 100, "burst_bytes": 100}}}}),
+        )
+        .await;
+        h.try_publish(from("a", 5)).await.unwrap();
+        let err = h.try_publish(from("a", 1)).await.unwrap_err();
+        assert_eq!(err.code.as_str(), "quota_exceeded");
+        assert_eq!(err.retry_after_ms, Some(100), "one token at 10/s");
+        assert!(err.message.contains("tenant 'a'"), "{}", err.message);
+        // Another tenant has its own bucket of the default size; a named one its own limits.
+        h.try_publish(from("b", 5)).await.unwrap();
+        h.try_publish(from("big", 50)).await.unwrap();
+        // Bytes: a message counts 30 (body and tenant header); 3 nearly empty thin's 100.
+        h.try_publish(from("thin", 3)).await.unwrap();
+        let err = h.try_publish(from("thin", 1)).await.unwrap_err();
+        assert!(err.message.contains("bytes_per_s"), "{}", err.message);
+        assert_eq!(err.retry_after_ms, Some(200), "20 bytes missing at 100/s");
+        // A batch is admitted whole or refused whole: one over-quota tenant refuses it all.
+        let mut mixed = from("c", 2);
+        mixed.extend(from("a", 1));
+        assert!(h.try_publish(mixed).await.is_err());
+        h.try_publish(from("c", 5)).await.expect("c spent nothing on the refused batch");
+        h.clock.advance(300);
+        h.try_publish(from("a", 3)).await.expect("refilled");
+        assert_eq!(h.stats("q").total, 5 + 5 + 50 + 3 + 5 + 3);
+        let info = h.broker().get_queue("q").unwrap();
+        assert_eq!(
+            info.quota_refused.into_iter().collect::<Vec<_>>(),
+            vec![("a".to_string(), 2), ("thin".to_string(), 1)]
+        );
+        // Messages without a tenant share the "anonymous" bucket of the default size.
+        h.try_publish(msgs(5)).await.unwrap();
+        assert!(h.try_publish(msgs(1)).await.is_err());
+        // Removing the quota lets everything through.
+        h.queue("q", json!({"quota": null})).await;
+        h.try_publish(msgs(100)).await.unwrap();
+    });
+}
+
+#[test]
+fn quota_refusal_labels_are_bounded() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        h.queue("q", json!({"quota": {"msgs_per_s": 1, "burst_msgs": 1}}))
+            .await;
+        for t in 0..50 {
+            let tenant = format!("t{t}");
+            h.broker()
+                .publish("q", &from(&tenant, 1), AckLevel::Durable)
+                .await
+                .unwrap();
+            assert!(
+                h.broker()
+                    .publish("q", &from(&tenant, 1), AckLevel::Durable)
+                    .await
+                    .is_err()
+            );
+        }
+        let refused = h.broker().get_queue("q").unwrap().quota_refused;
+        assert_eq!(refused.len(), 21, "20 tenants and other");
+        assert_eq!(refused["other"], 30);
     });
 }

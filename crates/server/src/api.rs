@@ -17,6 +17,9 @@ pub struct PublishRequest {
     pub messages: Vec<InMessage>,
     #[serde(default)]
     pub ack: Option<String>,
+    /// The producer (for quotas and fairness) of messages that do not name their own.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -34,6 +37,8 @@ pub struct InMessage {
     pub jitter_ms: Option<u64>,
     /// This message's own time to live (the queue's ttl_ms still applies if shorter).
     pub ttl_ms: Option<u64>,
+    /// The producer, for quotas and fairness (while auth is off).
+    pub tenant: Option<String>,
 }
 
 pub fn ack_level(ack: Option<&str>) -> Result<AckLevel, BrokerError> {
@@ -73,6 +78,7 @@ impl InMessage {
             delay,
             jitter_ms: self.jitter_ms,
             ttl_ms: self.ttl_ms,
+            tenant: self.tenant,
         })
     }
 }

@@ -58,13 +58,17 @@ fn encode(frame: &Frame, request_id: u32) -> Vec<u8> {
 /// A broker error as a reply frame: backpressure becomes `Throttle`, the rest `Error`.
 fn error_frame(err: &BrokerError) -> Frame {
     match (err.code, err.retry_after_ms) {
-        (ErrorCode::QueueFull | ErrorCode::Overloaded | ErrorCode::DiskFull, Some(ms)) => {
-            Frame::Throttle {
-                retry_after_ms: ms,
-                code: err.code.as_str().into(),
-                message: err.message.clone(),
-            }
-        }
+        (
+            ErrorCode::QueueFull
+            | ErrorCode::Overloaded
+            | ErrorCode::DiskFull
+            | ErrorCode::QuotaExceeded,
+            Some(ms),
+        ) => Frame::Throttle {
+            retry_after_ms: ms,
+            code: err.code.as_str().into(),
+            message: err.message.clone(),
+        },
         _ => Frame::Error {
             code: err.code.as_str().into(),
             message: err.message.clone(),

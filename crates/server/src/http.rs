@@ -249,6 +249,12 @@ async fn publish(
         .into_iter()
         .enumerate()
         .map(|(idx, m)| m.into_message(idx))
+        .map(|m| {
+            m.map(|mut m| {
+                m.tenant = m.tenant.or_else(|| request.tenant.clone());
+                m
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let ids = broker.publish(&queue, &messages, level).await?;
     json(StatusCode::OK, &api::PublishReply { ids })

@@ -1,5 +1,6 @@
-//! Prometheus metrics. Labels are the queue name (bounded by `max_queues`) and, for
-//! refusals, a fixed set of reasons: never a message id, key or tenant.
+//! Prometheus metrics. Labels are the queue name (bounded by `max_queues`), for
+//! refusals a fixed set of reasons, and for quota refusals at most 20 tenants per queue
+//! plus "other": never a message id or key.
 
 use std::sync::{Arc, OnceLock};
 
@@ -21,6 +22,12 @@ struct QueueLabel {
 struct RefusedLabel {
     queue: String,
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabel {
+    queue: String,
+    tenant: String,
 }
 
 type HistogramFamily = Family<QueueLabel, Histogram, fn() -> Histogram>;
@@ -264,6 +271,20 @@ impl Collector for QueueCollector {
                 ConstCounter::new(*n).encode(family.encode_family(&RefusedLabel {
                     queue: q.name.clone(),
                     reason: reason.to_string(),
+                })?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "quota_refused",
+            "Publishes refused by quota, per tenant (the first 20 tenants refused, then \"other\")",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for q in &queues {
+            for (tenant, n) in &q.quota_refused {
+                ConstCounter::new(*n).encode(family.encode_family(&TenantLabel {
+                    queue: q.name.clone(),
+                    tenant: tenant.clone(),
                 })?)?;
             }
         }

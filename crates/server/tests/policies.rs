@@ -161,3 +161,47 @@ fn overloaded_nacks_slow_an_adaptive_queue_over_http_and_binary() {
     );
     assert!(metrics_text(&server.url).contains("tidewater_throttle_cuts_total{queue=\"api\"} 2"));
 }
+
+#[test]
+fn quotas_refuse_per_tenant_with_429_and_count_in_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue(
+        "events",
+        json!({"quota": {"msgs_per_s": 0.01, "burst_msgs": 2}}),
+    );
+    let path = "/v1/queues/events/messages";
+    let batch =
+        |tenant: &str| json!({"tenant": tenant, "messages": [{"body": "a"}, {"body": "b"}]});
+    server.ok("POST", path, Some(batch("noisy")));
+    let err = server.err("POST", path, Some(batch("noisy")), 429, "quota_exceeded");
+    // Two tokens at 0.01/s: 200 s less the moments since (exact figures: core tests).
+    let wait = err["retry_after_ms"].as_u64().unwrap();
+    assert!((190_000..=200_000).contains(&wait), "{wait}");
+    server.ok("POST", path, Some(batch("quiet")));
+    // A message may name its own tenant, overriding the request's.
+    server.err(
+        "POST",
+        path,
+        Some(json!({"tenant": "fresh", "messages": [{"body": "c", "tenant": "noisy"}]})),
+        429,
+        "quota_exceeded",
+    );
+    server.err(
+        "POST",
+        path,
+        Some(json!({"messages": [{"body": "c", "tenant": ""}]})),
+        400,
+        "invalid_message",
+    );
+    let info = server.ok("GET", "/v1/queues/events", None);
+    assert_eq!(info["quota_refused"], json!({"noisy": 2}));
+    let metrics = metrics_text(&server.url);
+    assert!(
+        metrics.contains("tidewater_quota_refused_total{queue=\"events\",tenant=\"noisy\"} 2"),
+        "per-tenant refusals missing"
+    );
+    // The stored message carries its tenant for consumers (and for fairness).
+    let got = server.receive("events", 1, 0, None);
+    assert_eq!(got[0]["headers"]["tidewater-tenant"], "noisy");
+}
