@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
+use tidewater_storage::FormatError;
 use tidewater_storage::format::{MAX_BATCH_BODY, RECORD_FLAG_GENERATED_ID};
 use tidewater_storage::{
     AckLevel, BatchBuilder, LogReader, NewRecord, Op, OpResult, Record, Store, StoreOptions,
@@ -112,6 +113,69 @@ pub struct NewMessage {
     pub ttl_ms: Option<u64>,
     /// The producer, for quotas and fairness.
     pub tenant: Option<String>,
+}
+
+/// The ids of a publish, in order, and the indexes of duplicates (acknowledged, not
+/// enqueued again: their id was accepted within the queue's dedup window).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Published {
+    pub ids: Vec<String>,
+    pub duplicates: Vec<usize>,
+}
+
+/// Tells storage how long to remember a queue's client-chosen ids (deduplication).
+fn id_window_op(uid: u64, config: &QueueConfig, limits: &Limits) -> Op {
+    Op::IdWindow {
+        uid,
+        window_ms: config.dedup_window_ms,
+        max: limits.max_dedup_ids,
+    }
+}
+
+/// What scanning a client-built batch found.
+#[derive(Default)]
+struct BatchScan {
+    bytes: u64,
+    delays: Vec<(u32, i64)>,
+    demand: Demand,
+    /// Per record: its id if client-chosen and the queue deduplicates.
+    client_ids: Vec<Option<Vec<u8>>>,
+}
+
+/// A copy of `batch` without the records marked in `skip` (already checked).
+fn without(
+    header: &tidewater_storage::format::BatchHeader,
+    batch: &[u8],
+    skip: &[bool],
+    now: i64,
+) -> Vec<u8> {
+    let mut builder = BatchBuilder::new(header.log_uid, now);
+    let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
+    let mut idx = 0;
+    let _ = tidewater_storage::format::visit_records::<FormatError>(header, body, |record| {
+        if !skip[idx] {
+            builder.push(&NewRecord {
+                id: record.id,
+                generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,
+                key: record.key,
+                headers: record.headers().collect(),
+                deliver_at_ms: record.deliver_at_ms,
+                body: record.body,
+            });
+        }
+        idx += 1;
+        Ok(())
+    });
+    builder.finish()
+}
+
+/// What a publish asks of admission: its size, its quota demand, and the ids it claimed
+/// for deduplication (released if it is not stored).
+struct Admission {
+    n: u64,
+    bytes: u64,
+    demand: Demand,
+    claimed: Vec<Vec<u8>>,
 }
 
 /// Messages and bytes per tenant of one publish, for quotas (empty when the queue has none).
@@ -252,6 +316,15 @@ impl Broker {
                 }
             };
             let reader = store.reader(log.uid).expect("recovered log has a reader");
+            let window = (config.dedup_window_ms, options.limits.max_dedup_ids);
+            if (log.recent_ids.window_ms, log.recent_ids.max) != window {
+                // Created before this window was set (or the limit changed): tell storage.
+                store.submit(
+                    vec![id_window_op(log.uid, &config, &options.limits)],
+                    AckLevel::Written,
+                    Box::new(|_| {}),
+                );
+            }
             let state = QueueState::recover(&log, config, &reader, now).map_err(|e| {
                 tidewater_storage::OpenError::Corrupt {
                     path: dir.to_path_buf(),
@@ -406,14 +479,14 @@ impl Broker {
             next.validate(name, &self.inner.limits)?;
             if next != current {
                 let config = serde_json::to_string(&next).expect("config serializes");
-                self.write(
-                    vec![Op::UpdateConfig {
-                        uid: handle.uid,
-                        config,
-                    }],
-                    AckLevel::Durable,
-                )
-                .await?;
+                let mut ops = vec![Op::UpdateConfig {
+                    uid: handle.uid,
+                    config,
+                }];
+                if next.dedup_window_ms != current.dedup_window_ms {
+                    ops.push(id_window_op(handle.uid, &next, &self.inner.limits));
+                }
+                self.write(ops, AckLevel::Durable).await?;
                 handle.state.lock().set_config(next);
                 handle.notify.notify_waiters();
             }
@@ -460,6 +533,13 @@ impl Broker {
             .store
             .reader(*uid)
             .ok_or_else(|| BrokerError::new(ErrorCode::Internal, "new log has no reader"))?;
+        if config.dedup_window_ms > 0 {
+            self.write(
+                vec![id_window_op(*uid, &config, &self.inner.limits)],
+                AckLevel::Durable,
+            )
+            .await?;
+        }
         let handle = Arc::new(QueueHandle {
             uid: *uid,
             name: name.to_string(),
@@ -653,13 +733,14 @@ impl Broker {
         }
     }
 
-    /// Publishes a batch, whole or not at all; returns the ids in order.
+    /// Publishes a batch, whole or not at all; returns the ids in order and which messages
+    /// were duplicates (acknowledged, not enqueued again).
     pub async fn publish(
         &self,
         queue: &str,
         messages: &[NewMessage],
         level: AckLevel,
-    ) -> Result<Vec<String>, BrokerError> {
+    ) -> Result<Published, BrokerError> {
         let started = std::time::Instant::now();
         let limits = &self.inner.limits;
         if messages.is_empty() {
@@ -681,17 +762,42 @@ impl Broker {
             return Err(err);
         }
         let now = self.now_ms();
-        let with_quota = handle.state.lock().config.quota.is_some();
+        let mut deliver_ats = Vec::with_capacity(messages.len());
+        for (idx, msg) in messages.iter().enumerate() {
+            deliver_ats.push(self.validate_message(idx, msg, now)?);
+        }
+        let client_ids: Vec<Option<&[u8]>> = messages
+            .iter()
+            .map(|m| m.id.as_deref().map(str::as_bytes))
+            .collect();
+        let (with_quota, dups) = {
+            let mut state = handle.state.lock();
+            let dups = state.claim_ids(&client_ids, self.inner.limits.max_dedup_ids, now);
+            (state.config.quota.is_some(), dups)
+        };
+        let claimed: Vec<Vec<u8>> = client_ids
+            .iter()
+            .zip(&dups)
+            .filter_map(|(id, dup)| id.filter(|_| !dup).map(<[u8]>::to_vec))
+            .collect();
         let mut demand = Demand::default();
         let mut builder = BatchBuilder::new(handle.uid, now);
         let mut ids = Vec::with_capacity(messages.len());
+        let mut duplicates = Vec::new();
         let mut delays = Vec::new();
         let mut bytes = 0u64;
+        let mut n = 0u64;
         for (idx, msg) in messages.iter().enumerate() {
-            let deliver_at = self.validate_message(idx, msg, now)?;
-            if let Some(at) = deliver_at {
-                delays.push((idx as u32, at));
+            if dups[idx] {
+                ids.push(msg.id.clone().expect("only client ids are duplicates"));
+                duplicates.push(idx);
+                continue;
             }
+            let deliver_at = deliver_ats[idx];
+            if let Some(at) = deliver_at {
+                delays.push((n as u32, at));
+            }
+            n += 1;
             let ttl = msg.ttl_ms.map(|ttl| ttl.to_string());
             let headers: Vec<(&[u8], &[u8])> = msg
                 .headers
@@ -741,17 +847,25 @@ impl Broker {
             }
             builder.push(&record);
             if builder.encoded_len() > MAX_BATCH_BODY {
+                handle.state.lock().release_ids(&claimed);
                 return Err(BrokerError::new(
                     ErrorCode::RequestTooLarge,
                     "the batch exceeds 256 MiB once encoded",
                 ));
             }
         }
-        let n = messages.len() as u64;
-        let batch = builder.finish();
-        self.start_append(handle, batch, (n, bytes), demand, delays, level, started)?
-            .await?;
-        Ok(ids)
+        if n > 0 {
+            let batch = builder.finish();
+            let admission = Admission {
+                n,
+                bytes,
+                demand,
+                claimed,
+            };
+            self.start_append(handle, batch, admission, delays, level, started)?
+                .await?;
+        }
+        Ok(Published { ids, duplicates })
     }
 
     /// Publishes a batch built by a client in the storage format (binary protocol). Every
@@ -763,10 +877,31 @@ impl Broker {
     pub fn start_publish_batch(
         &self,
         queue: &str,
-        mut batch: Vec<u8>,
+        batch: Vec<u8>,
         level: AckLevel,
     ) -> Result<impl Future<Output = Result<(u64, u32), BrokerError>> + Send + 'static, BrokerError>
     {
+        let started = self.admit_batch(queue, batch, level)?;
+        Ok(async move {
+            match started {
+                Ok(appended) => appended.await,
+                // Every record was a duplicate: nothing to append, (log end, 0).
+                Err(end) => Ok((end, 0)),
+            }
+        })
+    }
+
+    /// The work of `start_publish_batch`: Ok(Err(log end)) when nothing is appended.
+    #[allow(clippy::type_complexity)]
+    fn admit_batch(
+        &self,
+        queue: &str,
+        mut batch: Vec<u8>,
+        level: AckLevel,
+    ) -> Result<
+        Result<impl Future<Output = Result<(u64, u32), BrokerError>> + Send + 'static, u64>,
+        BrokerError,
+    > {
         let started = std::time::Instant::now();
         let handle = self.queue(queue)?;
         if let Err(err) = self.check_disk() {
@@ -791,13 +926,68 @@ impl Broker {
                 ),
             ));
         }
-        let mut bytes = 0;
-        let mut delays = Vec::new();
-        let with_quota = handle.state.lock().config.quota.is_some();
-        let mut demand = Demand::default();
+        let (with_quota, dedup) = {
+            let state = handle.state.lock();
+            (
+                state.config.quota.is_some(),
+                state.config.dedup_window_ms > 0,
+            )
+        };
+        let mut scan = self.scan_batch(&header, &batch, with_quota, dedup, now)?;
+        let dups = {
+            let ids: Vec<Option<&[u8]>> = scan.client_ids.iter().map(|id| id.as_deref()).collect();
+            handle
+                .state
+                .lock()
+                .claim_ids(&ids, limits.max_dedup_ids, now)
+        };
+        let claimed: Vec<Vec<u8>> = std::mem::take(&mut scan.client_ids)
+            .into_iter()
+            .zip(&dups)
+            .filter_map(|(id, dup)| id.filter(|_| !dup))
+            .collect();
+        if dups.contains(&true) {
+            // Rare: rebuild the batch without its duplicates (acknowledged, not enqueued).
+            batch = without(&header, &batch, &dups, now);
+            if dups.iter().all(|&d| d) {
+                let end = handle.state.lock().visible_end();
+                return Ok(Err(end));
+            }
+            let rebuilt = tidewater_storage::format::restamp_batch(&mut batch, handle.uid, now)
+                .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
+            scan = self.scan_batch(&rebuilt, &batch, with_quota, false, now)?;
+        }
+        let count = (dups.len() - dups.iter().filter(|&&d| d).count()) as u32;
+        let admission = Admission {
+            n: count as u64,
+            bytes: scan.bytes,
+            demand: scan.demand,
+            claimed,
+        };
+        let appended = self.start_append(handle, batch, admission, scan.delays, level, started)?;
+        Ok(Ok(async move { appended.await.map(|base| (base, count)) }))
+    }
+
+    /// Checks every record of a client-built batch against the limits, and gathers what
+    /// admission needs (sizes, delays, quota demand, client-chosen ids when deduplicating).
+    fn scan_batch(
+        &self,
+        header: &tidewater_storage::format::BatchHeader,
+        batch: &[u8],
+        with_quota: bool,
+        dedup: bool,
+        now: i64,
+    ) -> Result<BatchScan, BrokerError> {
+        let mut scan = BatchScan::default();
+        let BatchScan {
+            bytes,
+            delays,
+            demand,
+            client_ids,
+        } = &mut scan;
         let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
         let mut idx = 0;
-        tidewater_storage::format::visit_records(&header, body, |record| {
+        tidewater_storage::format::visit_records(header, body, |record| {
             let delay = if record.deliver_at_ms > 0 {
                 Delay::AtMs(record.deliver_at_ms)
             } else {
@@ -829,15 +1019,18 @@ impl Broker {
             if let Some(at) = at {
                 delays.push((idx as u32, at));
             }
-            bytes += record.size();
+            if dedup {
+                let generated = record.flags & RECORD_FLAG_GENERATED_ID != 0;
+                client_ids.push((!generated).then(|| record.id.to_vec()));
+            }
+            *bytes += record.size();
             idx += 1;
             Ok::<(), BrokerError>(())
         })?;
-        let n = header.count as u64;
-        let count = header.count;
-        let appended =
-            self.start_append(handle, batch, (n, bytes), demand, delays, level, started)?;
-        Ok(async move { appended.await.map(|base| (base, count)) })
+        if !dedup {
+            client_ids.resize(header.count as usize, None);
+        }
+        Ok(scan)
     }
 
     /// Admits and submits a batch now; the future accounts for the outcome.
@@ -846,18 +1039,27 @@ impl Broker {
         &self,
         handle: Arc<QueueHandle>,
         batch: Vec<u8>,
-        (n, bytes): (u64, u64),
-        demand: Demand,
+        admission: Admission,
         delays: Vec<(u32, i64)>,
         level: AckLevel,
         started: std::time::Instant,
     ) -> Result<impl Future<Output = Result<u64, BrokerError>> + Send + 'static, BrokerError> {
+        let Admission {
+            n,
+            bytes,
+            demand,
+            claimed,
+        } = admission;
         {
             let now = self.now_ms();
             let mut state = handle.state.lock();
-            state.admit(n, bytes, now)?;
-            if let Err(err) = state.admit_quota(&demand.as_slice(), now) {
-                state.published(n, bytes, None);
+            let admitted = state.admit(n, bytes, now).and_then(|()| {
+                state.admit_quota(&demand.as_slice(), now).inspect_err(|_| {
+                    state.published(n, bytes, None);
+                })
+            });
+            if let Err(err) = admitted {
+                state.release_ids(&claimed);
                 return Err(err);
             }
         }
@@ -888,6 +1090,7 @@ impl Broker {
                 }
                 Err(err) => {
                     state.published(n, bytes, None);
+                    state.release_ids(&claimed);
                     state.count_refusal(match err.code {
                         ErrorCode::DiskFull => "disk_full",
                         ErrorCode::Overloaded => "overloaded",

@@ -76,6 +76,15 @@ fn one() -> u64 {
     1
 }
 
+/// Five minutes, as SQS FIFO's deduplication interval.
+pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 300_000;
+/// Longest dedup window: one day.
+pub const MAX_DEDUP_WINDOW_MS: u64 = 86_400_000;
+
+fn default_dedup_window_ms() -> u64 {
+    DEFAULT_DEDUP_WINDOW_MS
+}
+
 /// Adaptive throttling: the dispatch rate moves between these bounds (AIMD).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -202,6 +211,10 @@ pub struct QueueConfig {
     /// Producer token buckets per tenant; null = none.
     #[serde(default)]
     pub quota: Option<Quota>,
+    /// A message whose client-chosen id was accepted this recently is not enqueued again;
+    /// 0 = no deduplication.
+    #[serde(default = "default_dedup_window_ms")]
+    pub dedup_window_ms: u64,
     /// Deliveries per second; null = unlimited.
     #[serde(default)]
     pub dispatch_rate: Option<DispatchRate>,
@@ -229,6 +242,7 @@ pub struct ConfigPatch {
     pub max_in_flight: Option<u64>,
     #[serde(default, deserialize_with = "explicit_null")]
     pub quota: Option<Option<Quota>>,
+    pub dedup_window_ms: Option<u64>,
     #[serde(default, deserialize_with = "explicit_null")]
     pub dispatch_rate: Option<Option<DispatchRate>>,
     #[serde(default, deserialize_with = "explicit_null")]
@@ -265,6 +279,7 @@ impl QueueConfig {
             max_bytes: limits.default_max_bytes,
             max_in_flight: limits.default_max_in_flight,
             quota: None,
+            dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
             dispatch_rate: None,
             adaptive: None,
             ttl_ms: None,
@@ -309,6 +324,9 @@ impl QueueConfig {
         }
         if let Some(v) = &patch.quota {
             out.quota = v.clone();
+        }
+        if let Some(v) = patch.dedup_window_ms {
+            out.dedup_window_ms = v;
         }
         if let Some(v) = patch.dispatch_rate {
             out.dispatch_rate = v;
@@ -384,6 +402,12 @@ impl QueueConfig {
         if let Some(quota) = &self.quota {
             quota.validate().or_else(bad)?;
         }
+        if self.dedup_window_ms > MAX_DEDUP_WINDOW_MS {
+            return bad(format!(
+                "dedup_window_ms must be 0 (off) ..={MAX_DEDUP_WINDOW_MS} (1 day), got {}",
+                self.dedup_window_ms
+            ));
+        }
         let rate_ok = |r: f64| r.is_finite() && (MIN_RATE..=MAX_RATE).contains(&r);
         if let Some(rate) = &self.dispatch_rate {
             if !rate_ok(rate.per_s) {
@@ -456,6 +480,8 @@ pub struct Limits {
     pub default_max_in_flight: u64,
     /// Publishes are refused while the data directory's disk has less free space.
     pub min_free_disk_bytes: u64,
+    /// Message ids remembered per queue for deduplication (the oldest are forgotten first).
+    pub max_dedup_ids: u32,
 }
 
 impl Default for Limits {
@@ -478,6 +504,7 @@ impl Default for Limits {
             max_in_flight: 1_000_000,
             default_max_in_flight: 100_000,
             min_free_disk_bytes: 256 << 20,
+            max_dedup_ids: 1_000_000,
         }
     }
 }

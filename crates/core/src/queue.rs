@@ -12,7 +12,7 @@ use tidewater_storage::{LogState, RangeSet, ReadError, Record, RetryInfo};
 
 use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
-use crate::policy::{Aimd, Gcra, TenantQuotas};
+use crate::policy::{Aimd, DedupWindow, Gcra, TenantQuotas};
 use crate::receipt::Receipt;
 
 /// Hashes broker-assigned offsets cheaply (SipHash showed up in profiles). Keys are never
@@ -102,6 +102,8 @@ pub struct Counters {
     pub purged: u64,
     /// Messages older than their time to live, dropped or dead-lettered.
     pub ttl_expired: u64,
+    /// Publishes acknowledged but not enqueued: their id was seen within the dedup window.
+    pub deduplicated: u64,
     /// Dispatch rate cuts and raises by adaptive throttling.
     pub throttle_cuts: u64,
     pub throttle_raises: u64,
@@ -136,6 +138,7 @@ pub struct QueueStats {
     pub redriven: u64,
     pub purged: u64,
     pub ttl_expired: u64,
+    pub deduplicated: u64,
     pub throttle_cuts: u64,
     pub throttle_raises: u64,
     /// The dispatch rate in force (messages/s; adaptive throttling moves it), if any.
@@ -219,6 +222,8 @@ pub struct QueueState {
     expired: Vec<Unacked>,
     /// Producer token buckets per tenant.
     quotas: TenantQuotas,
+    /// Client-chosen ids accepted within `dedup_window_ms`.
+    dedup: DedupWindow,
 }
 
 impl QueueState {
@@ -250,6 +255,7 @@ impl QueueState {
             rate_wakeup: None,
             expired: Vec::new(),
             quotas: TenantQuotas::default(),
+            dedup: DedupWindow::default(),
         }
         .with_policies()
     }
@@ -258,6 +264,9 @@ impl QueueState {
     pub fn set_config(&mut self, config: QueueConfig) {
         if config.quota != self.config.quota {
             self.quotas.reset();
+        }
+        if config.dedup_window_ms == 0 {
+            self.dedup.clear();
         }
         self.config = config;
         self.apply_policies();
@@ -284,6 +293,32 @@ impl QueueState {
             )
             .retry_after(over.wait_ms)
         })
+    }
+
+    /// For each client-chosen id (None: generated), whether it is a duplicate of one
+    /// accepted within the dedup window; the others are claimed until `release_ids`.
+    pub fn claim_ids(&mut self, ids: &[Option<&[u8]>], max_ids: u32, now_ms: i64) -> Vec<bool> {
+        let window = self.config.dedup_window_ms;
+        if window == 0 {
+            return vec![false; ids.len()];
+        }
+        self.dedup.prune(window, max_ids as usize, now_ms);
+        let dups: Vec<bool> = ids
+            .iter()
+            .map(|id| id.is_some_and(|id| self.dedup.check_and_claim(id, now_ms)))
+            .collect();
+        self.counters.deduplicated += dups.iter().filter(|&&d| d).count() as u64;
+        dups
+    }
+
+    /// Forgets claims of a publish that was refused or failed.
+    pub fn release_ids(&mut self, ids: &[Vec<u8>]) {
+        self.dedup.release(ids);
+    }
+
+    /// Ids remembered for deduplication now.
+    pub fn remembered_ids(&self) -> usize {
+        self.dedup.len()
     }
 
     /// Publishes refused by quota, per tenant (the top tenants, then "other").
@@ -433,6 +468,11 @@ impl QueueState {
         now_ms: i64,
     ) -> Result<Self, ReadError> {
         let mut state = QueueState::new(log.uid, log.name.clone(), config);
+        if state.config.dedup_window_ms > 0 {
+            for (at, id) in &log.recent_ids.ids {
+                state.dedup.restore(*at, id);
+            }
+        }
         state.visible_end = log.next_offset;
         state.accepted_end = log.next_offset;
         state.ack_floor = log.ack_floor;
@@ -935,6 +975,7 @@ impl QueueState {
             redriven: self.counters.redriven,
             purged: self.counters.purged,
             ttl_expired: self.counters.ttl_expired,
+            deduplicated: self.counters.deduplicated,
             throttle_cuts: self.counters.throttle_cuts,
             throttle_raises: self.counters.throttle_raises,
             dispatch_rate_per_s: self.dispatch_limit().map(|(per_s, _)| per_s),

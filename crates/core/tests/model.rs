@@ -215,7 +215,8 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                         .broker()
                         .publish(QUEUE, &msgs, AckLevel::Durable)
                         .await
-                        .unwrap();
+                        .unwrap()
+                        .ids;
                     prop_assert_eq!(ids.len(), n);
                     for id in ids {
                         model.next_id += 1;

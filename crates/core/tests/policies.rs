@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use serde_json::json;
+use tidewater_core::broker::Published;
 use tidewater_core::broker::header;
 use tidewater_core::clock::{FixedJitter, ManualClock};
 use tidewater_core::{AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NackReason, NewMessage};
@@ -49,7 +50,7 @@ impl Harness {
         self.broker().put_queue(name, &patch).await.unwrap();
     }
 
-    async fn publish(&self, queue: &str, messages: Vec<NewMessage>) -> Vec<String> {
+    async fn publish(&self, queue: &str, messages: Vec<NewMessage>) -> Published {
         self.broker()
             .publish(queue, &messages, AckLevel::Durable)
             .await
@@ -59,7 +60,7 @@ impl Harness {
     async fn try_publish(
         &self,
         messages: Vec<NewMessage>,
-    ) -> Result<Vec<String>, tidewater_core::BrokerError> {
+    ) -> Result<Published, tidewater_core::BrokerError> {
         self.broker()
             .publish("q", &messages, AckLevel::Durable)
             .await
@@ -346,12 +347,17 @@ fn invalid_policies_are_refused_with_the_field_named() {
     });
 }
 
+/// Messages from `tenant`, each with a fresh id (so none is a duplicate).
 fn from(tenant: &str, n: usize) -> Vec<NewMessage> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     (0..n)
-        .map(|i| NewMessage {
+        .map(|_| NewMessage {
             body: vec![b'x'; 10],
             tenant: Some(tenant.to_string()),
-            id: Some(format!("{tenant}-{i}")),
+            id: Some(format!(
+                "{:03}",
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1000
+            )),
             ..NewMessage::default()
         })
         .collect()
@@ -424,5 +430,71 @@ fn quota_refusal_labels_are_bounded() {
         let refused = h.broker().get_queue("q").unwrap().quota_refused;
         assert_eq!(refused.len(), 21, "20 tenants and other");
         assert_eq!(refused["other"], 30);
+    });
+}
+
+fn with_ids(ids: &[&str]) -> Vec<NewMessage> {
+    ids.iter()
+        .map(|id| NewMessage {
+            id: Some(id.to_string()),
+            body: format!("body of {id}").into_bytes(),
+            ..NewMessage::default()
+        })
+        .collect()
+}
+
+#[test]
+fn duplicates_within_the_window_are_acknowledged_not_enqueued_even_after_restart() {
+    runtime().block_on(async {
+        let mut h = Harness::new();
+        h.queue("d", json!({"dedup_window_ms": 10_000})).await;
+        let first = h.publish("d", with_ids(&["a", "b"])).await;
+        assert_eq!((first.ids.len(), first.duplicates.len()), (2, 0));
+        // One repeat, one new, and a repeat inside the same batch.
+        let second = h.publish("d", with_ids(&["b", "c", "c"])).await;
+        assert_eq!(second.ids, vec!["b", "c", "c"]);
+        assert_eq!(second.duplicates, vec![0, 2]);
+        assert_eq!(h.stats("d").total, 3);
+        // Settled messages are still remembered; the window survives a restart.
+        for d in h.receive("d", 10).await {
+            h.broker().ack("d", &[d.receipt]).await.unwrap();
+        }
+        h.restart();
+        h.clock.advance(9_000);
+        let third = h.publish("d", with_ids(&["a", "b", "c"])).await;
+        assert_eq!(third.duplicates, vec![0, 1, 2]);
+        assert_eq!(h.stats("d").total, 0);
+        assert_eq!(h.stats("d").deduplicated, 3, "counters restart from zero");
+        // Past the window an id is new again.
+        h.clock.advance(1_001);
+        let fourth = h.publish("d", with_ids(&["a"])).await;
+        assert!(fourth.duplicates.is_empty());
+        assert_eq!(h.stats("d").total, 1);
+    });
+}
+
+#[test]
+fn a_refused_publish_does_not_claim_its_ids() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        h.queue("d", json!({"max_messages": 2})).await;
+        h.publish("d", with_ids(&["a", "b"])).await;
+        let err = h
+            .broker()
+            .publish("d", &with_ids(&["c"]), AckLevel::Durable)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code.as_str(), "queue_full");
+        h.queue("d", json!({"max_messages": 10})).await;
+        let retry = h.publish("d", with_ids(&["c"])).await;
+        assert!(
+            retry.duplicates.is_empty(),
+            "the refused copy was not stored"
+        );
+        assert_eq!(h.stats("d").total, 3);
+        // Turning deduplication off enqueues repeats.
+        h.queue("d", json!({"dedup_window_ms": 0})).await;
+        assert!(h.publish("d", with_ids(&["a"])).await.duplicates.is_empty());
+        assert_eq!(h.stats("d").total, 4);
     });
 }

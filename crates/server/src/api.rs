@@ -86,6 +86,9 @@ impl InMessage {
 #[derive(Debug, Serialize)]
 pub struct PublishReply {
     pub ids: Vec<String>,
+    /// Indexes of messages whose id was accepted within the dedup window: acknowledged,
+    /// not enqueued again.
+    pub duplicates: Vec<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -256,8 +256,14 @@ async fn publish(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let ids = broker.publish(&queue, &messages, level).await?;
-    json(StatusCode::OK, &api::PublishReply { ids })
+    let published = broker.publish(&queue, &messages, level).await?;
+    json(
+        StatusCode::OK,
+        &api::PublishReply {
+            ids: published.ids,
+            duplicates: published.duplicates,
+        },
+    )
 }
 
 #[derive(serde::Deserialize)]

@@ -210,7 +210,7 @@ impl Collector for QueueCollector {
                 })?)?;
             }
         }
-        let counters: [Stat<u64>; 11] = [
+        let counters: [Stat<u64>; 12] = [
             ("published", "Messages accepted", |q| q.stats.published),
             ("delivered", "Deliveries (first and repeated)", |q| {
                 q.stats.delivered
@@ -231,6 +231,11 @@ impl Collector for QueueCollector {
                 |q| q.stats.redriven,
             ),
             ("purged", "Messages removed by purge", |q| q.stats.purged),
+            (
+                "deduplicated",
+                "Publishes acknowledged but not enqueued: their id was seen within the dedup window",
+                |q| q.stats.deduplicated,
+            ),
             (
                 "ttl_expired",
                 "Messages older than their ttl_ms, dropped or dead-lettered",

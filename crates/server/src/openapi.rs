@@ -64,6 +64,10 @@ pub fn document() -> Value {
                 "dead_letter_queue": {"type": ["string", "null"], "description": "default <queue>-dlq; null disables"},
                 "max_messages": {"type": "integer", "minimum": 1}, "max_bytes": {"type": "integer", "minimum": 1},
                 "max_in_flight": {"type": "integer", "minimum": 1},
+                "dedup_window_ms": {"type": "integer", "minimum": 0, "maximum": 86400000, "default": 300000, "description": "client-chosen ids accepted this recently are not enqueued again; 0 = off"},
+                "quota": {"type": ["object", "null"], "description": "producer token buckets per tenant; the top level is the default, tenants override it", "properties": {
+                    "msgs_per_s": {"type": "number"}, "bytes_per_s": {"type": "number"}, "burst_msgs": {"type": "integer"}, "burst_bytes": {"type": "integer"},
+                    "tenants": {"type": "object", "additionalProperties": {"type": "object"}}}},
                 "dispatch_rate": {"type": ["object", "null"], "description": "deliveries per second (GCRA); null = unlimited", "properties": {
                     "per_s": {"type": "number", "minimum": 0.001}, "burst": {"type": "integer", "minimum": 1, "default": 1}}},
                 "adaptive": {"type": ["object", "null"], "description": "AIMD on the dispatch rate, driven by overloaded nacks and expired leases", "properties": {
@@ -75,20 +79,23 @@ pub fn document() -> Value {
                 "depth": {"type": "integer"}, "in_flight": {"type": "integer"}, "delayed": {"type": "integer"}, "total": {"type": "integer"},
                 "bytes": {"type": "integer"}, "oldest_age_ms": {"type": "integer"}, "published": {"type": "integer"}, "delivered": {"type": "integer"},
                 "acked": {"type": "integer"}, "nacked": {"type": "integer"}, "expired": {"type": "integer"}, "dead_lettered": {"type": "integer"},
-                "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"},
+                "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"}, "deduplicated": {"type": "integer"},
                 "throttle_cuts": {"type": "integer"}, "throttle_raises": {"type": "integer"},
                 "dispatch_rate_per_s": {"type": "number", "description": "the rate limit in force; absent when unlimited"}}},
             "QueueList": {"type": "object", "properties": {"queues": {"type": "array", "items": {"$ref": "#/components/schemas/Queue"}}}},
             "Purged": {"type": "object", "properties": {"purged": {"type": "integer"}}},
             "PublishRequest": {"type": "object", "required": ["messages"], "properties": {
                 "ack": {"type": "string", "enum": ["durable", "written"], "default": "durable"},
+                "tenant": {"type": "string", "description": "tenant of messages that name none"},
                 "messages": {"type": "array", "items": {"type": "object", "additionalProperties": false, "properties": {
                     "body": {"type": "string"}, "body_base64": {"type": "string"}, "key": {"type": "string"},
                     "headers": {"type": "object", "additionalProperties": {"type": "string"}},
                     "delay_ms": {"type": "integer", "minimum": 0}, "deliver_at": {"type": "integer"}, "id": {"type": "string"},
                     "jitter_ms": {"type": "integer", "minimum": 0, "description": "up to this many ms added at random to the delivery time"},
-                    "ttl_ms": {"type": "integer", "minimum": 1, "description": "this message's time to live"}}}}}},
-            "PublishReply": {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "string"}}}},
+                    "ttl_ms": {"type": "integer", "minimum": 1, "description": "this message's time to live"},
+                    "tenant": {"type": "string", "description": "the producer, for quotas (default: the request's tenant)"}}}}}},
+            "PublishReply": {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "string"}},
+                "duplicates": {"type": "array", "items": {"type": "integer"}, "description": "indexes of messages acknowledged but not enqueued (id seen within dedup_window_ms)"}}},
             "ReceiveRequest": {"type": "object", "additionalProperties": false, "properties": {
                 "max": {"type": "integer", "minimum": 1, "default": 1}, "wait_ms": {"type": "integer", "minimum": 0, "default": 0}, "lease_ms": {"type": "integer", "minimum": 1}}},
             "Messages": {"type": "object", "properties": {"messages": {"type": "array", "items": {"type": "object", "properties": {

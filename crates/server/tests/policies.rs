@@ -205,3 +205,55 @@ fn quotas_refuse_per_tenant_with_429_and_count_in_metrics() {
     let got = server.receive("events", 1, 0, None);
     assert_eq!(got[0]["headers"]["tidewater-tenant"], "noisy");
 }
+
+#[test]
+fn duplicates_are_marked_over_http_and_dropped_on_the_binary_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("orders", json!({}));
+    let path = "/v1/queues/orders/messages";
+    let reply = server.ok(
+        "POST",
+        path,
+        Some(json!({"messages": [{"body": "a", "id": "order-1"}]})),
+    );
+    assert_eq!(reply["duplicates"], json!([]));
+    let reply = server.ok(
+        "POST",
+        path,
+        Some(json!({"messages": [{"body": "b", "id": "order-2"}, {"body": "a again", "id": "order-1"}]})),
+    );
+    assert_eq!(
+        (reply["ids"].clone(), reply["duplicates"].clone()),
+        (json!(["order-2", "order-1"]), json!([1]))
+    );
+    server.kill_and_restart();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let client = Client::new(&server.protocol, ClientOptions::default());
+            let producer = client.producer("orders", ProducerOptions::default());
+            // Same ids again, after a crash, through the binary protocol: acknowledged.
+            let sends: Vec<_> = ["order-1", "order-3", "order-2"]
+                .iter()
+                .map(|id| producer.send(Message::new("x").with_id(*id)))
+                .collect();
+            for send in sends {
+                send.await.unwrap();
+            }
+        });
+    let stats = server.stats("orders");
+    assert_eq!(
+        (stats["total"].as_u64(), stats["deduplicated"].as_u64()),
+        (Some(3), Some(2))
+    );
+    let bodies: Vec<String> = server
+        .peek_all("orders")
+        .iter()
+        .map(|m| m["body"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(bodies, ["a", "b", "x"], "only order-3 was new");
+}

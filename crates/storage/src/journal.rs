@@ -25,6 +25,7 @@ const KIND_DELETE_LOG: u8 = 3;
 const KIND_DATA: u8 = 4;
 const KIND_SETTLE: u8 = 5;
 const KIND_RETRY: u8 = 6;
+const KIND_ID_WINDOW: u8 = 7;
 
 /// One journal entry, borrowed from the buffer it was decoded from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,12 @@ pub enum Entry<'a> {
     Settle {
         uid: u64,
         ranges: Vec<Range<u64>>,
+    },
+    /// Remember client-chosen message ids of this log for `window_ms`, at most `max`.
+    IdWindow {
+        uid: u64,
+        window_ms: u64,
+        max: u32,
     },
     /// A delivery attempt ended without an ack: the count so far, when to deliver next, why.
     Retry {
@@ -87,6 +94,16 @@ pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry<'_>) {
         Entry::DeleteLog { uid } => {
             out.push(KIND_DELETE_LOG);
             out.extend_from_slice(&uid.to_le_bytes());
+        }
+        Entry::IdWindow {
+            uid,
+            window_ms,
+            max,
+        } => {
+            out.push(KIND_ID_WINDOW);
+            out.extend_from_slice(&uid.to_le_bytes());
+            out.extend_from_slice(&window_ms.to_le_bytes());
+            out.extend_from_slice(&max.to_le_bytes());
         }
         Entry::Data { batch } => {
             out.push(KIND_DATA);
@@ -173,6 +190,11 @@ pub fn decode_entry(buf: &[u8]) -> Result<(Entry<'_>, usize), FormatError> {
             }
         }
         KIND_DELETE_LOG => Entry::DeleteLog { uid: cur.u64()? },
+        KIND_ID_WINDOW => Entry::IdWindow {
+            uid: cur.u64()?,
+            window_ms: cur.u64()?,
+            max: cur.u32()?,
+        },
         KIND_DATA => {
             let batch = &body[1..];
             let header = check_batch(batch)?;

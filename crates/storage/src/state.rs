@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
 use crate::error::FormatError;
-use crate::format::{Cursor, put_string};
+use crate::format::{
+    BATCH_HEADER_LEN, BatchHeader, Cursor, RECORD_FLAG_GENERATED_ID, put_string, visit_records,
+};
 use crate::ranges::RangeSet;
 
 /// Error texts kept per message (the newest ones).
@@ -22,6 +24,55 @@ pub struct RetryInfo {
     pub errors: VecDeque<(i64, String)>,
 }
 
+/// Client-chosen message ids appended within a time window, oldest first (for the
+/// broker's deduplication; generated ids are never remembered). Bounded by `max`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecentIds {
+    pub window_ms: u64,
+    pub max: u32,
+    /// (publish time, id)
+    pub ids: VecDeque<(i64, Box<[u8]>)>,
+}
+
+impl RecentIds {
+    pub fn set_window(&mut self, window_ms: u64, max: u32) {
+        self.window_ms = window_ms;
+        self.max = max;
+        if window_ms == 0 {
+            self.ids.clear();
+        }
+        self.prune(self.ids.back().map_or(0, |(at, _)| *at));
+    }
+
+    /// Remembers the client-chosen ids of an appended batch.
+    pub fn remember_batch(&mut self, batch: &[u8]) {
+        if self.window_ms == 0 {
+            return;
+        }
+        let Ok(header) = BatchHeader::decode(batch) else {
+            return;
+        };
+        let at = header.published_at_ms;
+        let _ = visit_records::<FormatError>(&header, &batch[BATCH_HEADER_LEN..], |record| {
+            if record.flags & RECORD_FLAG_GENERATED_ID == 0 {
+                self.ids.push_back((at, record.id.into()));
+            }
+            Ok(())
+        });
+        self.prune(at);
+    }
+
+    /// Forgets ids older than the window before `now_ms`, and the oldest beyond `max`.
+    fn prune(&mut self, now_ms: i64) {
+        let horizon = now_ms.saturating_sub(self.window_ms as i64);
+        while let Some((at, _)) = self.ids.front()
+            && (*at < horizon || self.ids.len() > self.max as usize)
+        {
+            self.ids.pop_front();
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogState {
     pub uid: u64,
@@ -35,6 +86,7 @@ pub struct LogState {
     /// Settled offsets at or above the floor.
     pub settled: RangeSet,
     pub retries: BTreeMap<u64, RetryInfo>,
+    pub recent_ids: RecentIds,
 }
 
 impl LogState {
@@ -47,6 +99,7 @@ impl LogState {
             ack_floor: 0,
             settled: RangeSet::new(),
             retries: BTreeMap::new(),
+            recent_ids: RecentIds::default(),
         }
     }
 
@@ -119,6 +172,15 @@ impl LogState {
                 put_string(out, text);
             }
         }
+        let ids = &self.recent_ids;
+        out.extend_from_slice(&ids.window_ms.to_le_bytes());
+        out.extend_from_slice(&ids.max.to_le_bytes());
+        out.extend_from_slice(&(ids.ids.len() as u64).to_le_bytes());
+        for (at, id) in &ids.ids {
+            out.extend_from_slice(&at.to_le_bytes());
+            out.push(id.len() as u8);
+            out.extend_from_slice(id);
+        }
     }
 
     pub(crate) fn decode(cur: &mut Cursor<'_>) -> Result<LogState, FormatError> {
@@ -151,6 +213,14 @@ impl LogState {
                 info.errors.push_back((at, cur.string()?));
             }
             state.retries.insert(offset, info);
+        }
+        state.recent_ids.window_ms = cur.u64()?;
+        state.recent_ids.max = cur.u32()?;
+        let n_ids = cur.u64()?;
+        for _ in 0..n_ids {
+            let at = cur.i64()?;
+            let len = cur.u8()? as usize;
+            state.recent_ids.ids.push_back((at, cur.bytes(len)?.into()));
         }
         Ok(state)
     }
@@ -194,6 +264,8 @@ mod tests {
         state.next_offset = 100;
         state.settle(&[0..10, 20..30]);
         state.record_retry(15, 99, 3, 98, "boom");
+        state.recent_ids.set_window(1_000, 10);
+        state.recent_ids.ids.push_back((5, (*b"id-1").into()));
         let mut buf = Vec::new();
         state.encode(&mut buf);
         let mut cur = Cursor { buf: &buf, pos: 0 };

@@ -30,7 +30,8 @@ use crate::journal::{
 use crate::segment::{LogFiles, fsync_dir, read_records};
 use crate::state::LogState;
 
-const CHECKPOINT_MAGIC: &[u8; 8] = b"TWCKPT01";
+/// Version 02 added remembered message ids per log.
+const CHECKPOINT_MAGIC: &[u8; 8] = b"TWCKPT02";
 
 /// When the store answers a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +88,13 @@ pub enum Op {
     DeleteLog {
         uid: u64,
     },
+    /// Remember client-chosen ids appended to this log for `window_ms` (at most `max`),
+    /// in its durable state: deduplication that survives a restart. 0 = forget them.
+    IdWindow {
+        uid: u64,
+        window_ms: u64,
+        max: u32,
+    },
     /// An encoded batch (see `BatchBuilder`); the writer stamps its base offset.
     Append {
         uid: u64,
@@ -110,7 +118,10 @@ impl Op {
     fn is_meta(&self) -> bool {
         matches!(
             self,
-            Op::CreateLog { .. } | Op::UpdateConfig { .. } | Op::DeleteLog { .. }
+            Op::CreateLog { .. }
+                | Op::UpdateConfig { .. }
+                | Op::DeleteLog { .. }
+                | Op::IdWindow { .. }
         )
     }
 }
@@ -625,6 +636,15 @@ fn apply_replayed(
             states.remove(&uid);
             files.remove(&uid);
         }
+        Entry::IdWindow {
+            uid,
+            window_ms,
+            max,
+        } => {
+            if let Some(state) = states.get_mut(&uid) {
+                state.recent_ids.set_window(window_ms, max);
+            }
+        }
         Entry::Data { batch } => {
             let header =
                 BatchHeader::decode(batch).map_err(|e| ReplayError::Corrupt(e.to_string()))?;
@@ -653,6 +673,7 @@ fn apply_replayed(
                 )));
             }
             state.next_offset = end;
+            state.recent_ids.remember_batch(batch);
         }
         Entry::Settle { uid, ranges } => {
             if let Some(state) = states.get_mut(&uid) {
@@ -941,7 +962,13 @@ impl Writer {
         for s in &staged {
             for op in &s.req.ops {
                 match op {
-                    Op::Append { .. } => {}
+                    Op::Append { uid, batch } => self
+                        .logs
+                        .get_mut(uid)
+                        .unwrap()
+                        .state
+                        .recent_ids
+                        .remember_batch(batch),
                     Op::Settle { uid, ranges } => {
                         self.logs.get_mut(uid).unwrap().state.settle(ranges)
                     }
@@ -1094,6 +1121,7 @@ impl Writer {
         let mut created: Vec<(LogState, LogFiles)> = Vec::new();
         let mut deleted = Vec::new();
         let mut updated = Vec::new();
+        let mut windows = Vec::new();
         for op in &mut req.ops {
             match op {
                 Op::CreateLog { name, config } => {
@@ -1115,6 +1143,25 @@ impl Writer {
                     }
                     encode_entry(&mut jbuf, &Entry::UpdateConfig { uid: *uid, config });
                     updated.push((*uid, config.clone()));
+                    results.push(OpResult::Done);
+                }
+                Op::IdWindow {
+                    uid,
+                    window_ms,
+                    max,
+                } => {
+                    if !self.logs.contains_key(uid) {
+                        return (req.done)(Err(WriteError::UnknownLog(*uid)));
+                    }
+                    encode_entry(
+                        &mut jbuf,
+                        &Entry::IdWindow {
+                            uid: *uid,
+                            window_ms: *window_ms,
+                            max: *max,
+                        },
+                    );
+                    windows.push((*uid, *window_ms, *max));
                     results.push(OpResult::Done);
                 }
                 Op::DeleteLog { uid } => {
@@ -1161,6 +1208,11 @@ impl Writer {
         for (uid, config) in updated {
             if let Some(log) = self.logs.get_mut(&uid) {
                 log.state.config = config;
+            }
+        }
+        for (uid, window_ms, max) in windows {
+            if let Some(log) = self.logs.get_mut(&uid) {
+                log.state.recent_ids.set_window(window_ms, max);
             }
         }
         for uid in deleted {
@@ -1300,7 +1352,7 @@ impl std::fmt::Display for CheckpointError {
 fn op_uid(op: &Op) -> u64 {
     match op {
         Op::Append { uid, .. } | Op::Settle { uid, .. } | Op::Retry { uid, .. } => *uid,
-        Op::UpdateConfig { uid, .. } | Op::DeleteLog { uid } => *uid,
+        Op::UpdateConfig { uid, .. } | Op::DeleteLog { uid } | Op::IdWindow { uid, .. } => *uid,
         Op::CreateLog { .. } => 0,
     }
 }

@@ -78,6 +78,17 @@ fn appended_batches_survive_reopen_with_offsets_and_settled_state() {
         let (store, recovered) = Store::open(dir.path(), opts()).unwrap();
         assert!(recovered.is_empty());
         uid = create(&store, "orders");
+        // Remember client ids for a minute, at most 3 of them.
+        store
+            .submit_wait(
+                vec![Op::IdWindow {
+                    uid,
+                    window_ms: 60_000,
+                    max: 3,
+                }],
+                AckLevel::Durable,
+            )
+            .unwrap();
         assert_eq!(append(&store, uid, &["a", "b", "c"]), appended(0, 3));
         let second = store
             .submit_wait(
@@ -137,6 +148,9 @@ fn appended_batches_survive_reopen_with_offsets_and_settled_state() {
     assert!(log.settled.contains(2));
     assert_eq!(log.retries[&1].delivery_count, 2);
     assert_eq!(log.retries[&1].errors[0].1, "nope");
+    let ids: Vec<&[u8]> = log.recent_ids.ids.iter().map(|(_, id)| &id[..]).collect();
+    assert_eq!(ids, [b"b", b"c", b"d"], "replayed ids, bounded by max");
+    assert_eq!(log.recent_ids.window_ms, 60_000);
     // Settled offsets are still readable until their segment is deleted.
     assert_eq!(bodies(&store, uid, 0), ["a", "b", "c", "d"]);
     assert_eq!(append(&store, uid, &["e"]), appended(4, 1));
