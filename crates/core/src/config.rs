@@ -215,6 +215,10 @@ pub struct QueueConfig {
     /// 0 = no deduplication.
     #[serde(default = "default_dedup_window_ms")]
     pub dedup_window_ms: u64,
+    /// Messages with one key leased (or awaiting a retry) at once; 1 = strict per-key
+    /// order. null = no limit.
+    #[serde(default)]
+    pub key_concurrency: Option<u32>,
     /// Deliveries per second; null = unlimited.
     #[serde(default)]
     pub dispatch_rate: Option<DispatchRate>,
@@ -243,6 +247,8 @@ pub struct ConfigPatch {
     #[serde(default, deserialize_with = "explicit_null")]
     pub quota: Option<Option<Quota>>,
     pub dedup_window_ms: Option<u64>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub key_concurrency: Option<Option<u32>>,
     #[serde(default, deserialize_with = "explicit_null")]
     pub dispatch_rate: Option<Option<DispatchRate>>,
     #[serde(default, deserialize_with = "explicit_null")]
@@ -280,6 +286,7 @@ impl QueueConfig {
             max_in_flight: limits.default_max_in_flight,
             quota: None,
             dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
+            key_concurrency: None,
             dispatch_rate: None,
             adaptive: None,
             ttl_ms: None,
@@ -327,6 +334,9 @@ impl QueueConfig {
         }
         if let Some(v) = patch.dedup_window_ms {
             out.dedup_window_ms = v;
+        }
+        if let Some(v) = patch.key_concurrency {
+            out.key_concurrency = v;
         }
         if let Some(v) = patch.dispatch_rate {
             out.dispatch_rate = v;
@@ -401,6 +411,13 @@ impl QueueConfig {
         }
         if let Some(quota) = &self.quota {
             quota.validate().or_else(bad)?;
+        }
+        if let Some(k) = self.key_concurrency
+            && !(1..=10_000).contains(&k)
+        {
+            return bad(format!(
+                "key_concurrency must be 1..=10000 or null, got {k}"
+            ));
         }
         if self.dedup_window_ms > MAX_DEDUP_WINDOW_MS {
             return bad(format!(

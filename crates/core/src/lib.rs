@@ -7,6 +7,7 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod keys;
 pub mod policy;
 pub mod queue;
 pub mod receipt;

@@ -12,7 +12,11 @@ use tidewater_storage::{LogState, RangeSet, ReadError, Record, RetryInfo};
 
 use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
+use crate::keys::KeyGate;
 use crate::policy::{Aimd, DedupWindow, Gcra, TenantQuotas};
+
+/// Messages parked behind their key's slots, per queue; at this many the scan waits.
+pub const MAX_PARKED: usize = 100_000;
 use crate::receipt::Receipt;
 
 /// Hashes broker-assigned offsets cheaply (SipHash showed up in profiles). Keys are never
@@ -35,7 +39,7 @@ impl std::hash::Hasher for OffsetHasher {
     }
 }
 
-type OffsetMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<OffsetHasher>>;
+pub(crate) type OffsetMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<OffsetHasher>>;
 type OffsetSet = HashSet<u64, std::hash::BuildHasherDefault<OffsetHasher>>;
 
 /// Bytes read ahead per scan step when looking for deliverable messages.
@@ -140,6 +144,12 @@ pub struct QueueStats {
     pub ttl_expired: u64,
     pub deduplicated: u64,
     pub throttle_cuts: u64,
+    /// Per-key concurrency: keys with a message leased or awaiting a retry, and keys with
+    /// messages waiting behind them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_in_flight: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_blocked: Option<u64>,
     pub throttle_raises: u64,
     /// The dispatch rate in force (messages/s; adaptive throttling moves it), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -224,6 +234,8 @@ pub struct QueueState {
     quotas: TenantQuotas,
     /// Client-chosen ids accepted within `dedup_window_ms`.
     dedup: DedupWindow,
+    /// Per-key concurrency (None when `key_concurrency` is not set).
+    keys: Option<KeyGate>,
 }
 
 impl QueueState {
@@ -256,6 +268,7 @@ impl QueueState {
             expired: Vec::new(),
             quotas: TenantQuotas::default(),
             dedup: DedupWindow::default(),
+            keys: None,
         }
         .with_policies()
     }
@@ -336,6 +349,17 @@ impl QueueState {
     }
 
     fn apply_policies(&mut self) {
+        match (self.config.key_concurrency, &mut self.keys) {
+            (Some(limit), Some(gate)) => gate.set_limit(limit),
+            (Some(limit), None) => self.keys = Some(KeyGate::new(limit)),
+            (None, Some(gate)) => {
+                // Waiting messages are behind the cursor: hand them to the ready queue.
+                let waiting = gate.drain_waiting();
+                self.ready.extend(waiting);
+                self.keys = None;
+            }
+            (None, None) => {}
+        }
         self.aimd = match (self.config.adaptive, self.aimd.take()) {
             (None, _) => None,
             (Some(a), Some(mut aimd)) => {
@@ -493,6 +517,19 @@ impl QueueState {
             );
             if *deliver_at_ms > now_ms {
                 state.add_timer(offset, *deliver_at_ms);
+            }
+        }
+        // Messages awaiting a retry keep their key's slot across the restart.
+        if state.keys.is_some() {
+            for &offset in log.retries.keys() {
+                if let Some(record) = source.read(offset, 1, 1)?.pop()
+                    && record.offset == offset
+                {
+                    let key = state.key_hash(&record);
+                    if let Some(gate) = &mut state.keys {
+                        gate.hold(offset, key);
+                    }
+                }
             }
         }
         // One pass over the backlog for its size and its delayed messages.
@@ -680,21 +717,53 @@ impl QueueState {
                 Some(record) if record.offset == offset => {
                     if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
                         self.expire(&record);
-                    } else {
+                    } else if !self.park_if_blocked(&record) {
                         out.push(self.lease(record, now_ms, lease_ms))
                     }
                 }
                 _ => {} // deleted with its segment: it was settled
             }
         }
-        while out.len() < room && self.cursor < self.visible_end {
-            let records = source.read(self.cursor, room - out.len(), SCAN_BYTES)?;
+        // Messages whose key got a free slot (they already hold it).
+        while out.len() < room
+            && let Some(offset) = self.keys.as_mut().and_then(KeyGate::next_released)
+        {
+            let record = match source.read(offset, 1, 1)?.pop() {
+                Some(record) if record.offset == offset && !self.is_settled_or_busy(offset) => {
+                    record
+                }
+                _ => {
+                    // Gone meanwhile (settled): free its slot for the next in line.
+                    if let Some(gate) = &mut self.keys {
+                        gate.settled(offset);
+                    }
+                    continue;
+                }
+            };
+            if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
+                self.expire(&record);
+            } else {
+                out.push(self.lease(record, now_ms, lease_ms));
+            }
+        }
+        // With per-key limits many scanned messages may park: read ahead in larger steps.
+        let min_read = if self.keys.is_some() { 256 } else { 1 };
+        'scan: while out.len() < room && self.cursor < self.visible_end {
+            let want = (room - out.len()).max(min_read);
+            let records = source.read(self.cursor, want, SCAN_BYTES)?;
             if records.is_empty() {
                 break;
             }
             for record in records {
                 if record.offset >= self.visible_end {
                     break;
+                }
+                if self
+                    .keys
+                    .as_ref()
+                    .is_some_and(|gate| gate.parked_len() >= MAX_PARKED)
+                {
+                    break 'scan; // bounded lookahead: wait for parked keys to move
                 }
                 self.cursor = record.offset + 1;
                 if self.is_settled_or_busy(record.offset)
@@ -710,6 +779,9 @@ impl QueueState {
                     self.expire(&record);
                     continue;
                 }
+                if self.park_if_blocked(&record) {
+                    continue;
+                }
                 out.push(self.lease(record, now_ms, lease_ms));
                 if out.len() == room {
                     break;
@@ -723,7 +795,28 @@ impl QueueState {
         Ok(out)
     }
 
+    fn key_hash(&self, record: &Record) -> Option<u64> {
+        let gate = self.keys.as_ref()?;
+        record.key.as_deref().map(|key| gate.hash(key))
+    }
+
+    /// Parks a message whose key has no free slot; false if it may be delivered.
+    fn park_if_blocked(&mut self, record: &Record) -> bool {
+        let key = self.key_hash(record);
+        match (&mut self.keys, key) {
+            (Some(gate), Some(key)) if !gate.admits(record.offset, Some(key)) => {
+                gate.park(record.offset, key);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn lease(&mut self, record: Record, now_ms: i64, lease_ms: u64) -> Delivery {
+        let key = self.key_hash(&record);
+        if let Some(gate) = &mut self.keys {
+            gate.hold(record.offset, key);
+        }
         let delivery_count = self
             .history
             .get(&record.offset)
@@ -796,6 +889,9 @@ impl QueueState {
                     self.backlog_bytes -= size as i64;
                 }
                 self.history.remove(&offset);
+                if let Some(gate) = &mut self.keys {
+                    gate.settled(offset);
+                }
             } else if !self.is_settled_or_busy(offset) {
                 self.ready.push_back(offset);
             }
@@ -904,6 +1000,9 @@ impl QueueState {
         }
         self.ready.retain(|o| !range.contains(o));
         self.history.retain(|o, _| !range.contains(o));
+        if let Some(gate) = &mut self.keys {
+            gate.forget_below(range.end);
+        }
         self.settled.insert(range.clone());
         self.advance_floor();
         self.cursor = self.cursor.max(range.end);
@@ -976,6 +1075,8 @@ impl QueueState {
             purged: self.counters.purged,
             ttl_expired: self.counters.ttl_expired,
             deduplicated: self.counters.deduplicated,
+            keys_in_flight: self.keys.as_ref().map(|g| g.keys_in_flight() as u64),
+            keys_blocked: self.keys.as_ref().map(|g| g.keys_blocked() as u64),
             throttle_cuts: self.counters.throttle_cuts,
             throttle_raises: self.counters.throttle_raises,
             dispatch_rate_per_s: self.dispatch_limit().map(|(per_s, _)| per_s),
@@ -1014,7 +1115,10 @@ impl QueueState {
         assert_eq!(self.lease_expiry.len(), self.leases.len());
         assert!(self.cursor >= self.ack_floor);
         // Behind the cursor, an unsettled message must be reachable.
-        let ready: HashSet<u64> = self.ready.iter().copied().collect();
+        let mut ready: HashSet<u64> = self.ready.iter().copied().collect();
+        if let Some(gate) = &self.keys {
+            ready.extend(gate.waiting_offsets());
+        }
         let mut offset = self.ack_floor;
         while offset < self.cursor.min(self.visible_end) {
             offset = self.settled.next_absent(offset);

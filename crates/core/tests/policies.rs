@@ -498,3 +498,218 @@ fn a_refused_publish_does_not_claim_its_ids() {
         assert_eq!(h.stats("d").total, 4);
     });
 }
+
+fn keyed(keys: &[&str]) -> Vec<NewMessage> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| NewMessage {
+            key: Some(k.to_string()),
+            body: format!("{k}{i}").into_bytes(),
+            ..NewMessage::default()
+        })
+        .collect()
+}
+
+#[test]
+fn key_concurrency_one_keeps_per_key_order_across_retries_and_lets_other_keys_pass() {
+    runtime().block_on(async {
+        let mut h = Harness::new();
+        h.queue("k", json!({"key_concurrency": 1, "lease_ms": 1000}))
+            .await;
+        h.publish("k", keyed(&["a", "a", "b", "a", "c"])).await;
+        let got = h.receive("k", 10).await;
+        let bodies: Vec<&[u8]> = got.iter().map(|d| &d.record.body[..]).collect();
+        assert_eq!(
+            bodies,
+            [b"a0", b"b2", b"c4"],
+            "one per key; b and c pass a's line"
+        );
+        let stats = h.stats("k");
+        assert_eq!(
+            (stats.keys_in_flight, stats.keys_blocked),
+            (Some(3), Some(1))
+        );
+        // a0 fails and is retried later: a1 still waits behind it.
+        h.broker()
+            .nack(
+                "k",
+                &[got[0].receipt.clone()],
+                Some(500),
+                None,
+                NackReason::Failed,
+            )
+            .await
+            .unwrap();
+        assert!(h.receive("k", 10).await.is_empty());
+        h.clock.advance(500);
+        let again = h.receive("k", 10).await;
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].record.body, b"a0");
+        // A restart forgets leases, not order.
+        h.restart();
+        let after = h.receive("k", 10).await;
+        let bodies: Vec<&[u8]> = after.iter().map(|d| &d.record.body[..]).collect();
+        assert_eq!(bodies, [b"a0", b"b2", b"c4"]);
+        h.broker()
+            .ack("k", &[after[0].receipt.clone()])
+            .await
+            .unwrap();
+        let next = h.receive("k", 10).await;
+        assert_eq!(next[0].record.body, b"a1", "a0 settled: a1 is next");
+        // Turning the limit off hands the waiting a3 out at once.
+        h.queue("k", json!({"key_concurrency": null})).await;
+        let rest = h.receive("k", 10).await;
+        assert_eq!(rest[0].record.body, b"a3");
+        assert_eq!(h.stats("k").keys_in_flight, None);
+    });
+}
+
+mod key_model {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Publish(Vec<u8>),
+        Receive(usize),
+        Ack(usize),
+        Nack(usize, u64),
+        Advance(i64),
+        Restart,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => prop::collection::vec(0u8..4, 1..5).prop_map(Step::Publish),
+            4 => (1usize..6).prop_map(Step::Receive),
+            3 => any::<usize>().prop_map(Step::Ack),
+            2 => (any::<usize>(), 0u64..800).prop_map(|(i, d)| Step::Nack(i, d)),
+            2 => (1i64..1_500).prop_map(Step::Advance),
+            1 => Just(Step::Restart),
+        ]
+    }
+
+    /// With key_concurrency 2, never more than two messages of a key leased at once;
+    /// each key's messages start in publish order (a message's first delivery comes
+    /// after every earlier message of its key but one has started); nothing is lost.
+    fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
+        runtime().block_on(async move {
+            let mut h = Harness::new();
+            h.queue(
+                "k",
+                json!({"key_concurrency": 2, "lease_ms": 1000, "max_deliveries": 0}),
+            )
+            .await;
+            let mut published: Vec<(u8,)> = Vec::new();
+            let mut acked: Vec<bool> = Vec::new();
+            let mut started: Vec<bool> = Vec::new();
+            let mut leased: Vec<(usize, String, i64)> = Vec::new(); // (index, receipt, deadline)
+            for step in steps {
+                let now = h.clock.now();
+                leased.retain(|(_, _, deadline)| *deadline > now);
+                match step {
+                    Step::Publish(keys) => {
+                        // The body is the message's index in `published`.
+                        let msgs: Vec<NewMessage> = keys
+                            .iter()
+                            .enumerate()
+                            .map(|(i, k)| NewMessage {
+                                key: Some(format!("k{k}")),
+                                body: (published.len() + i).to_string().into_bytes(),
+                                ..NewMessage::default()
+                            })
+                            .collect();
+                        h.publish("k", msgs).await;
+                        for k in keys {
+                            published.push((k,));
+                            acked.push(false);
+                            started.push(false);
+                        }
+                    }
+                    Step::Receive(max) => {
+                        for d in h.receive("k", max).await {
+                            let i: usize = String::from_utf8(d.record.body.clone())
+                                .unwrap()
+                                .parse()
+                                .unwrap();
+                            let key = published[i].0;
+                            if !started[i] {
+                                // Earlier unstarted messages of this key would be overtaken.
+                                let overtaken = (0..i)
+                                    .filter(|&j| published[j].0 == key && !started[j])
+                                    .count();
+                                prop_assert_eq!(
+                                    overtaken,
+                                    0,
+                                    "message {} overtook its key-mates",
+                                    i
+                                );
+                                started[i] = true;
+                            }
+                            leased.push((i, d.receipt, now + 1000));
+                            let in_flight = leased
+                                .iter()
+                                .filter(|(j, _, _)| published[*j].0 == key)
+                                .count();
+                            prop_assert!(
+                                in_flight <= 2,
+                                "{} messages of key {} leased",
+                                in_flight,
+                                key
+                            );
+                        }
+                    }
+                    Step::Ack(pick) if !leased.is_empty() => {
+                        let (i, receipt, _) = leased.remove(pick % leased.len());
+                        h.broker().ack("k", &[receipt]).await.unwrap();
+                        acked[i] = true;
+                    }
+                    Step::Nack(pick, delay) if !leased.is_empty() => {
+                        let (_, receipt, _) = leased.remove(pick % leased.len());
+                        h.broker()
+                            .nack("k", &[receipt], Some(delay), None, NackReason::Failed)
+                            .await
+                            .unwrap();
+                    }
+                    Step::Ack(_) | Step::Nack(..) => {}
+                    Step::Advance(ms) => {
+                        h.clock.advance(ms);
+                        h.broker().run_maintenance().await;
+                    }
+                    Step::Restart => {
+                        h.restart();
+                        leased.clear();
+                    }
+                }
+                h.broker().debug_check_consistency();
+                let open = acked.iter().filter(|a| !**a).count() as u64;
+                prop_assert_eq!(h.stats("k").total, open);
+            }
+            // Drain: everything not acked is delivered eventually, in key order.
+            let mut rounds = 0;
+            while acked.iter().any(|a| !a) {
+                rounds += 1;
+                prop_assert!(rounds < 200, "messages stuck: {:?}", acked);
+                h.clock.advance(2_000);
+                h.broker().run_maintenance().await;
+                for d in h.receive("k", 100).await {
+                    let i: usize = String::from_utf8(d.record.body.clone())
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    h.broker().ack("k", &[d.receipt]).await.unwrap();
+                    acked[i] = true;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 1_000, ..ProptestConfig::default() })]
+        #[test]
+        fn per_key_limits_hold_and_lose_nothing(steps in prop::collection::vec(step(), 1..50)) {
+            run(steps)?;
+        }
+    }
+}

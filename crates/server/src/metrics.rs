@@ -210,6 +210,33 @@ impl Collector for QueueCollector {
                 })?)?;
             }
         }
+        let key_gauges: [Stat<Option<u64>>; 2] = [
+            (
+                "queue_keys_in_flight",
+                "Keys with a message leased or awaiting a retry (queues with key_concurrency)",
+                |q| q.stats.keys_in_flight,
+            ),
+            (
+                "queue_keys_blocked",
+                "Keys with messages waiting for their key's slots (queues with key_concurrency)",
+                |q| q.stats.keys_blocked,
+            ),
+        ];
+        for (name, help, value) in key_gauges {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for q in &queues {
+                if let Some(v) = value(q) {
+                    ConstGauge::new(v as i64).encode(family.encode_family(&QueueLabel {
+                        queue: q.name.clone(),
+                    })?)?;
+                }
+            }
+        }
         let counters: [Stat<u64>; 12] = [
             ("published", "Messages accepted", |q| q.stats.published),
             ("delivered", "Deliveries (first and repeated)", |q| {

@@ -64,6 +64,7 @@ pub fn document() -> Value {
                 "dead_letter_queue": {"type": ["string", "null"], "description": "default <queue>-dlq; null disables"},
                 "max_messages": {"type": "integer", "minimum": 1}, "max_bytes": {"type": "integer", "minimum": 1},
                 "max_in_flight": {"type": "integer", "minimum": 1},
+                "key_concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000, "description": "messages with one key leased or awaiting a retry at once; 1 = strict per-key order"},
                 "dedup_window_ms": {"type": "integer", "minimum": 0, "maximum": 86400000, "default": 300000, "description": "client-chosen ids accepted this recently are not enqueued again; 0 = off"},
                 "quota": {"type": ["object", "null"], "description": "producer token buckets per tenant; the top level is the default, tenants override it", "properties": {
                     "msgs_per_s": {"type": "number"}, "bytes_per_s": {"type": "number"}, "burst_msgs": {"type": "integer"}, "burst_bytes": {"type": "integer"},
@@ -80,6 +81,7 @@ pub fn document() -> Value {
                 "bytes": {"type": "integer"}, "oldest_age_ms": {"type": "integer"}, "published": {"type": "integer"}, "delivered": {"type": "integer"},
                 "acked": {"type": "integer"}, "nacked": {"type": "integer"}, "expired": {"type": "integer"}, "dead_lettered": {"type": "integer"},
                 "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"}, "deduplicated": {"type": "integer"},
+                "keys_in_flight": {"type": "integer"}, "keys_blocked": {"type": "integer"},
                 "throttle_cuts": {"type": "integer"}, "throttle_raises": {"type": "integer"},
                 "dispatch_rate_per_s": {"type": "number", "description": "the rate limit in force; absent when unlimited"}}},
             "QueueList": {"type": "object", "properties": {"queues": {"type": "array", "items": {"$ref": "#/components/schemas/Queue"}}}},

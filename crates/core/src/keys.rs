@@ -1,0 +1,213 @@
+//! Per-key concurrency: at most `limit` messages with one key hold a slot at once. A slot
+//! is taken at a message's first delivery and kept until the message is settled (acked,
+//! dead-lettered, expired, moved), so with `limit` 1 the messages of a key are processed
+//! strictly one after another, redeliveries included. Messages whose key is full are
+//! parked by offset, per key, and released in order when a slot frees; other keys flow
+//! past them. Parked offsets are bounded by the queue's lookahead.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+
+use crate::queue::OffsetMap;
+
+#[derive(Debug)]
+pub struct KeyGate {
+    limit: u32,
+    /// Randomly keyed, so a producer cannot aim many keys at one slot.
+    hasher: std::collections::hash_map::RandomState,
+    /// Messages holding a slot: offset -> key hash.
+    holders: OffsetMap<u64>,
+    /// Slots held per key.
+    active: HashMap<u64, u32>,
+    /// Offsets waiting for a slot of their key, oldest first.
+    parked: HashMap<u64, VecDeque<u64>>,
+    parked_len: usize,
+    /// Offsets whose key got a free slot: deliver these before new messages.
+    released: VecDeque<u64>,
+}
+
+impl KeyGate {
+    pub fn new(limit: u32) -> Self {
+        KeyGate {
+            limit,
+            hasher: Default::default(),
+            holders: OffsetMap::default(),
+            active: HashMap::new(),
+            parked: HashMap::new(),
+            parked_len: 0,
+            released: VecDeque::new(),
+        }
+    }
+
+    pub fn set_limit(&mut self, limit: u32) {
+        self.limit = limit;
+        let keys: Vec<u64> = self.parked.keys().copied().collect();
+        for key in keys {
+            self.release_waiting(key);
+        }
+    }
+
+    pub fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// True if the message at `offset` may be delivered now (it holds a slot, or its key
+    /// has a free one, or it has no key).
+    pub fn admits(&self, offset: u64, key: Option<u64>) -> bool {
+        let Some(key) = key else { return true };
+        self.holders.contains_key(&offset)
+            || self.active.get(&key).copied().unwrap_or(0) < self.limit
+    }
+
+    /// The message is being delivered: it takes (or keeps) its key's slot.
+    pub fn hold(&mut self, offset: u64, key: Option<u64>) {
+        if let Some(key) = key
+            && self.holders.insert(offset, key).is_none()
+        {
+            *self.active.entry(key).or_default() += 1;
+        }
+    }
+
+    /// Waits behind its key's slots.
+    pub fn park(&mut self, offset: u64, key: u64) {
+        self.parked.entry(key).or_default().push_back(offset);
+        self.parked_len += 1;
+    }
+
+    /// Parked offsets (the scan stops while this is at the lookahead bound).
+    pub fn parked_len(&self) -> usize {
+        self.parked_len
+    }
+
+    /// The message is settled (or gone): its slot frees, and the next waiting message of
+    /// its key is released.
+    pub fn settled(&mut self, offset: u64) {
+        let Some(key) = self.holders.remove(&offset) else {
+            return;
+        };
+        if let Some(n) = self.active.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.active.remove(&key);
+            }
+        }
+        self.release_waiting(key);
+    }
+
+    /// Releases waiting messages of `key` while it has free slots; a released message
+    /// takes its slot at once (a later key-mate cannot overtake it).
+    fn release_waiting(&mut self, key: u64) {
+        while self.active.get(&key).copied().unwrap_or(0) < self.limit {
+            let Some(waiting) = self.parked.get_mut(&key) else {
+                return;
+            };
+            let Some(offset) = waiting.pop_front() else {
+                return;
+            };
+            if waiting.is_empty() {
+                self.parked.remove(&key);
+            }
+            self.parked_len -= 1;
+            self.hold(offset, Some(key));
+            self.released.push_back(offset);
+        }
+    }
+
+    /// A released message (it holds its slot): deliver it before new messages. If it
+    /// turns out to be gone, call `settled` for it.
+    pub fn next_released(&mut self) -> Option<u64> {
+        self.released.pop_front()
+    }
+
+    /// Keys with a message leased or awaiting a retry.
+    pub fn keys_in_flight(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Keys with messages waiting behind their key's slots.
+    pub fn keys_blocked(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Every offset the gate keeps out of the ready queue (parked or released).
+    pub fn waiting_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.parked
+            .values()
+            .flatten()
+            .copied()
+            .chain(self.released.iter().copied())
+    }
+
+    /// Forgets everything below `end` (a purge settled it).
+    pub fn forget_below(&mut self, end: u64) {
+        // Waiting ones first, so that freed slots do not release them.
+        for waiting in self.parked.values_mut() {
+            waiting.retain(|&o| o >= end);
+        }
+        self.parked.retain(|_, w| !w.is_empty());
+        self.parked_len = self.parked.values().map(VecDeque::len).sum();
+        self.released.retain(|&o| o >= end);
+        let gone: Vec<u64> = self.holders.keys().copied().filter(|&o| o < end).collect();
+        for offset in gone {
+            self.settled(offset);
+        }
+    }
+
+    /// Empties the gate (the policy was turned off); returns the offsets that were waiting.
+    pub fn drain_waiting(&mut self) -> Vec<u64> {
+        let mut out: Vec<u64> = self.waiting_offsets().collect();
+        out.sort_unstable();
+        self.parked.clear();
+        self.released.clear();
+        self.parked_len = 0;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_slot_per_key_releases_in_order() {
+        let mut gate = KeyGate::new(1);
+        let (a, b) = (gate.hash(b"a"), gate.hash(b"b"));
+        assert!(gate.admits(0, Some(a)));
+        gate.hold(0, Some(a));
+        assert!(
+            gate.admits(0, Some(a)),
+            "the holder keeps its slot (redelivery)"
+        );
+        assert!(!gate.admits(1, Some(a)));
+        gate.park(1, a);
+        gate.park(2, a);
+        assert!(gate.admits(3, Some(b)), "other keys are not blocked");
+        gate.hold(3, Some(b));
+        assert!(gate.admits(4, None), "no key, no limit");
+        assert_eq!((gate.keys_in_flight(), gate.keys_blocked()), (2, 1));
+        gate.settled(0);
+        assert_eq!(gate.next_released(), Some(1));
+        assert_eq!(gate.next_released(), None, "one slot: one release");
+        gate.hold(1, Some(a));
+        gate.settled(1);
+        assert_eq!(gate.next_released(), Some(2));
+        assert_eq!(gate.parked_len(), 0);
+    }
+
+    #[test]
+    fn a_wider_limit_and_a_purge() {
+        let mut gate = KeyGate::new(2);
+        let k = gate.hash(b"k");
+        gate.hold(0, Some(k));
+        gate.hold(1, Some(k));
+        gate.park(2, k);
+        gate.park(3, k);
+        gate.park(9, k);
+        gate.set_limit(3);
+        assert_eq!(gate.next_released(), Some(2));
+        gate.forget_below(4);
+        // 9 took a freed slot.
+        assert_eq!((gate.keys_in_flight(), gate.parked_len()), (1, 0));
+        assert_eq!(gate.drain_waiting(), vec![9]);
+    }
+}
