@@ -138,8 +138,17 @@ struct BatchScan {
     bytes: u64,
     delays: Vec<(u32, i64)>,
     demand: Demand,
-    /// Per record: its id if client-chosen and the queue deduplicates.
-    client_ids: Vec<Option<Vec<u8>>>,
+    /// (index, id) of the records with a client-chosen id.
+    client_ids: Vec<(usize, Vec<u8>)>,
+}
+
+/// `n` flags, set at `indexes`.
+fn marks(n: usize, indexes: &[usize]) -> Vec<bool> {
+    let mut out = vec![false; n];
+    for &idx in indexes {
+        out[idx] = true;
+    }
+    out
 }
 
 /// A copy of `batch` without the records marked in `skip` (already checked).
@@ -766,19 +775,20 @@ impl Broker {
         for (idx, msg) in messages.iter().enumerate() {
             deliver_ats.push(self.validate_message(idx, msg, now)?);
         }
-        let client_ids: Vec<Option<&[u8]>> = messages
+        let client_ids: Vec<(usize, &[u8])> = messages
             .iter()
-            .map(|m| m.id.as_deref().map(str::as_bytes))
+            .enumerate()
+            .filter_map(|(idx, m)| Some((idx, m.id.as_deref()?.as_bytes())))
             .collect();
         let (with_quota, dups) = {
             let mut state = handle.state.lock();
             let dups = state.claim_ids(&client_ids, self.inner.limits.max_dedup_ids, now);
-            (state.config.quota.is_some(), dups)
+            (state.config.quota.is_some(), marks(messages.len(), &dups))
         };
         let claimed: Vec<Vec<u8>> = client_ids
             .iter()
-            .zip(&dups)
-            .filter_map(|(id, dup)| id.filter(|_| !dup).map(<[u8]>::to_vec))
+            .filter(|(idx, _)| !dups[*idx])
+            .map(|(_, id)| id.to_vec())
             .collect();
         let mut demand = Demand::default();
         let mut builder = BatchBuilder::new(handle.uid, now);
@@ -926,38 +936,37 @@ impl Broker {
                 ),
             ));
         }
-        let (with_quota, dedup) = {
-            let state = handle.state.lock();
-            (
-                state.config.quota.is_some(),
-                state.config.dedup_window_ms > 0,
-            )
-        };
-        let mut scan = self.scan_batch(&header, &batch, with_quota, dedup, now)?;
+        let with_quota = handle.state.lock().config.quota.is_some();
+        let mut scan = self.scan_batch(&header, &batch, with_quota, now)?;
+        // Tell storage whether to look for ids to remember (clients need not set it).
+        tidewater_storage::format::set_client_ids_flag(&mut batch, !scan.client_ids.is_empty());
         let dups = {
-            let ids: Vec<Option<&[u8]>> = scan.client_ids.iter().map(|id| id.as_deref()).collect();
+            let ids: Vec<(usize, &[u8])> = scan
+                .client_ids
+                .iter()
+                .map(|(idx, id)| (*idx, id.as_slice()))
+                .collect();
             handle
                 .state
                 .lock()
                 .claim_ids(&ids, limits.max_dedup_ids, now)
         };
-        let claimed: Vec<Vec<u8>> = std::mem::take(&mut scan.client_ids)
-            .into_iter()
-            .zip(&dups)
-            .filter_map(|(id, dup)| id.filter(|_| !dup))
-            .collect();
-        if dups.contains(&true) {
+        let mut claimed = std::mem::take(&mut scan.client_ids);
+        let count = header.count - dups.len() as u32;
+        if !dups.is_empty() {
             // Rare: rebuild the batch without its duplicates (acknowledged, not enqueued).
-            batch = without(&header, &batch, &dups, now);
-            if dups.iter().all(|&d| d) {
+            let skip = marks(header.count as usize, &dups);
+            claimed.retain(|(idx, _)| !skip[*idx]);
+            if count == 0 {
                 let end = handle.state.lock().visible_end();
                 return Ok(Err(end));
             }
+            batch = without(&header, &batch, &skip, now);
             let rebuilt = tidewater_storage::format::restamp_batch(&mut batch, handle.uid, now)
                 .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
-            scan = self.scan_batch(&rebuilt, &batch, with_quota, false, now)?;
+            scan = self.scan_batch(&rebuilt, &batch, with_quota, now)?;
         }
-        let count = (dups.len() - dups.iter().filter(|&&d| d).count()) as u32;
+        let claimed: Vec<Vec<u8>> = claimed.into_iter().map(|(_, id)| id).collect();
         let admission = Admission {
             n: count as u64,
             bytes: scan.bytes,
@@ -975,7 +984,6 @@ impl Broker {
         header: &tidewater_storage::format::BatchHeader,
         batch: &[u8],
         with_quota: bool,
-        dedup: bool,
         now: i64,
     ) -> Result<BatchScan, BrokerError> {
         let mut scan = BatchScan::default();
@@ -1019,17 +1027,13 @@ impl Broker {
             if let Some(at) = at {
                 delays.push((idx as u32, at));
             }
-            if dedup {
-                let generated = record.flags & RECORD_FLAG_GENERATED_ID != 0;
-                client_ids.push((!generated).then(|| record.id.to_vec()));
+            if record.flags & RECORD_FLAG_GENERATED_ID == 0 {
+                client_ids.push((idx, record.id.to_vec()));
             }
             *bytes += record.size();
             idx += 1;
             Ok::<(), BrokerError>(())
         })?;
-        if !dedup {
-            client_ids.resize(header.count as usize, None);
-        }
         Ok(scan)
     }
 

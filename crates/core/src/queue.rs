@@ -308,19 +308,20 @@ impl QueueState {
         })
     }
 
-    /// For each client-chosen id (None: generated), whether it is a duplicate of one
+    /// Of these (index in batch, client-chosen id), the indexes that duplicate an id
     /// accepted within the dedup window; the others are claimed until `release_ids`.
-    pub fn claim_ids(&mut self, ids: &[Option<&[u8]>], max_ids: u32, now_ms: i64) -> Vec<bool> {
+    pub fn claim_ids(&mut self, ids: &[(usize, &[u8])], max_ids: u32, now_ms: i64) -> Vec<usize> {
         let window = self.config.dedup_window_ms;
-        if window == 0 {
-            return vec![false; ids.len()];
+        if window == 0 || ids.is_empty() {
+            return Vec::new();
         }
         self.dedup.prune(window, max_ids as usize, now_ms);
-        let dups: Vec<bool> = ids
+        let dups: Vec<usize> = ids
             .iter()
-            .map(|id| id.is_some_and(|id| self.dedup.check_and_claim(id, now_ms)))
+            .filter(|(_, id)| self.dedup.check_and_claim(id, now_ms))
+            .map(|&(idx, _)| idx)
             .collect();
-        self.counters.deduplicated += dups.iter().filter(|&&d| d).count() as u64;
+        self.counters.deduplicated += dups.len() as u64;
         dups
     }
 

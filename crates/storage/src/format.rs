@@ -95,6 +95,27 @@ pub fn stamp_batch(batch: &mut [u8], base_offset: u64) {
     batch[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Batch header flag: some record carries a client-chosen id (storage remembers those
+/// for deduplication; batches without it are not walked).
+pub const BATCH_FLAG_CLIENT_IDS: u16 = 0b1;
+
+/// Sets or clears `BATCH_FLAG_CLIENT_IDS` (header only; its CRC is recomputed).
+pub fn set_client_ids_flag(batch: &mut [u8], on: bool) {
+    let flags = u16::from_le_bytes([batch[2], batch[3]]);
+    let flags = if on {
+        flags | BATCH_FLAG_CLIENT_IDS
+    } else {
+        flags & !BATCH_FLAG_CLIENT_IDS
+    };
+    batch[2..4].copy_from_slice(&flags.to_le_bytes());
+    let crc = header_crc(batch);
+    batch[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+pub fn has_client_ids(batch: &[u8]) -> bool {
+    batch.len() >= 4 && u16::from_le_bytes([batch[2], batch[3]]) & BATCH_FLAG_CLIENT_IDS != 0
+}
+
 /// CRC32C of the header without its own CRC field.
 fn header_crc(header: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&header[0..4]), &header[8..BATCH_HEADER_LEN])
@@ -163,6 +184,7 @@ pub struct BatchBuilder {
     count: u32,
     log_uid: u64,
     published_at_ms: i64,
+    client_ids: bool,
 }
 
 /// Largest key (bytes); keys are length-prefixed with a u16.
@@ -179,6 +201,7 @@ impl BatchBuilder {
             count: 0,
             log_uid,
             published_at_ms,
+            client_ids: false,
         }
     }
 
@@ -186,6 +209,7 @@ impl BatchBuilder {
     pub fn push(&mut self, record: &NewRecord<'_>) {
         encode_record(&mut self.buf, record);
         self.count += 1;
+        self.client_ids |= !record.generated_id;
     }
 
     pub fn count(&self) -> u32 {
@@ -211,6 +235,9 @@ impl BatchBuilder {
             epoch: 0,
         };
         header.encode(&mut self.buf[..BATCH_HEADER_LEN]);
+        if self.client_ids {
+            set_client_ids_flag(&mut self.buf, true);
+        }
         self.buf
     }
 }

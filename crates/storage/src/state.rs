@@ -7,7 +7,8 @@ use std::ops::Range;
 
 use crate::error::FormatError;
 use crate::format::{
-    BATCH_HEADER_LEN, BatchHeader, Cursor, RECORD_FLAG_GENERATED_ID, put_string, visit_records,
+    BATCH_HEADER_LEN, BatchHeader, Cursor, RECORD_FLAG_GENERATED_ID, has_client_ids, put_string,
+    visit_records,
 };
 use crate::ranges::RangeSet;
 
@@ -46,7 +47,7 @@ impl RecentIds {
 
     /// Remembers the client-chosen ids of an appended batch.
     pub fn remember_batch(&mut self, batch: &[u8]) {
-        if self.window_ms == 0 {
+        if self.window_ms == 0 || !has_client_ids(batch) {
             return;
         }
         let Ok(header) = BatchHeader::decode(batch) else {
