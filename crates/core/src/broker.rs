@@ -140,6 +140,8 @@ struct BatchScan {
     demand: Demand,
     /// (index, id) of the records with a client-chosen id.
     client_ids: Vec<(usize, Vec<u8>)>,
+    /// (index, key, bytes) of keyed records, on supersede queues.
+    keyed: Vec<(u32, Vec<u8>, u64)>,
 }
 
 /// `n` flags, set at `indexes`.
@@ -185,6 +187,8 @@ struct Admission {
     bytes: u64,
     demand: Demand,
     claimed: Vec<Vec<u8>>,
+    /// (index in batch, key, bytes) of keyed messages, on supersede queues.
+    keyed: Vec<(u32, Vec<u8>, u64)>,
 }
 
 /// Messages and bytes per tenant of one publish, for quotas (empty when the queue has none).
@@ -214,6 +218,9 @@ impl Demand {
 pub struct SettleReply {
     pub ok: u64,
     pub failed: Vec<ReceiptFailure>,
+    /// Acked receipts whose message a newer one with its key had superseded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -780,11 +787,16 @@ impl Broker {
             .enumerate()
             .filter_map(|(idx, m)| Some((idx, m.id.as_deref()?.as_bytes())))
             .collect();
-        let (with_quota, dups) = {
+        let (with_quota, with_supersede, dups) = {
             let mut state = handle.state.lock();
             let dups = state.claim_ids(&client_ids, self.inner.limits.max_dedup_ids, now);
-            (state.config.quota.is_some(), marks(messages.len(), &dups))
+            (
+                state.config.quota.is_some(),
+                state.config.supersede,
+                marks(messages.len(), &dups),
+            )
         };
+        let mut keyed = Vec::new();
         let claimed: Vec<Vec<u8>> = client_ids
             .iter()
             .filter(|(idx, _)| !dups[*idx])
@@ -855,6 +867,9 @@ impl Broker {
             if with_quota {
                 demand.add(msg.tenant.as_deref().map(str::as_bytes), size);
             }
+            if with_supersede && let Some(key) = &msg.key {
+                keyed.push((n as u32 - 1, key.as_bytes().to_vec(), size));
+            }
             builder.push(&record);
             if builder.encoded_len() > MAX_BATCH_BODY {
                 handle.state.lock().release_ids(&claimed);
@@ -871,6 +886,7 @@ impl Broker {
                 bytes,
                 demand,
                 claimed,
+                keyed,
             };
             self.start_append(handle, batch, admission, delays, level, started)?
                 .await?;
@@ -936,8 +952,11 @@ impl Broker {
                 ),
             ));
         }
-        let with_quota = handle.state.lock().config.quota.is_some();
-        let mut scan = self.scan_batch(&header, &batch, with_quota, now)?;
+        let (with_quota, with_supersede) = {
+            let state = handle.state.lock();
+            (state.config.quota.is_some(), state.config.supersede)
+        };
+        let mut scan = self.scan_batch(&header, &batch, with_quota, with_supersede, now)?;
         // Tell storage whether to look for ids to remember (clients need not set it).
         tidewater_storage::format::set_client_ids_flag(&mut batch, !scan.client_ids.is_empty());
         let dups = {
@@ -964,7 +983,7 @@ impl Broker {
             batch = without(&header, &batch, &skip, now);
             let rebuilt = tidewater_storage::format::restamp_batch(&mut batch, handle.uid, now)
                 .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
-            scan = self.scan_batch(&rebuilt, &batch, with_quota, now)?;
+            scan = self.scan_batch(&rebuilt, &batch, with_quota, with_supersede, now)?;
         }
         let claimed: Vec<Vec<u8>> = claimed.into_iter().map(|(_, id)| id).collect();
         let admission = Admission {
@@ -972,6 +991,7 @@ impl Broker {
             bytes: scan.bytes,
             demand: scan.demand,
             claimed,
+            keyed: scan.keyed,
         };
         let appended = self.start_append(handle, batch, admission, scan.delays, level, started)?;
         Ok(Ok(async move { appended.await.map(|base| (base, count)) }))
@@ -984,6 +1004,7 @@ impl Broker {
         header: &tidewater_storage::format::BatchHeader,
         batch: &[u8],
         with_quota: bool,
+        with_supersede: bool,
         now: i64,
     ) -> Result<BatchScan, BrokerError> {
         let mut scan = BatchScan::default();
@@ -992,6 +1013,7 @@ impl Broker {
             delays,
             demand,
             client_ids,
+            keyed,
         } = &mut scan;
         let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
         let mut idx = 0;
@@ -1030,6 +1052,9 @@ impl Broker {
             if record.flags & RECORD_FLAG_GENERATED_ID == 0 {
                 client_ids.push((idx, record.id.to_vec()));
             }
+            if with_supersede && let Some(key) = record.key {
+                keyed.push((idx as u32, key.to_vec(), record.size()));
+            }
             *bytes += record.size();
             idx += 1;
             Ok::<(), BrokerError>(())
@@ -1053,7 +1078,9 @@ impl Broker {
             bytes,
             demand,
             claimed,
+            keyed,
         } = admission;
+        let broker = self.clone();
         {
             let now = self.now_ms();
             let mut state = handle.state.lock();
@@ -1077,32 +1104,43 @@ impl Broker {
         let observer = self.inner.observer.clone();
         Ok(async move {
             let result = written.await;
-            let mut state = handle.state.lock();
-            match result {
-                Ok(results) => {
-                    let Some(&OpResult::Appended { base_offset, .. }) = results.first() else {
+            let outcome = {
+                let mut state = handle.state.lock();
+                match result {
+                    Ok(results) => match results.first() {
+                        Some(&OpResult::Appended { base_offset, .. }) => {
+                            state.published(n, bytes, Some((base_offset, &delays)));
+                            if !keyed.is_empty() {
+                                state.supersede(base_offset, &keyed);
+                            }
+                            Ok((base_offset, state.take_cancelled()))
+                        }
+                        _ => {
+                            state.published(n, bytes, None);
+                            Err(BrokerError::new(
+                                ErrorCode::Internal,
+                                "storage did not report offsets",
+                            ))
+                        }
+                    },
+                    Err(err) => {
                         state.published(n, bytes, None);
-                        return Err(BrokerError::new(
-                            ErrorCode::Internal,
-                            "storage did not report offsets",
-                        ));
-                    };
-                    state.published(n, bytes, Some((base_offset, &delays)));
-                    drop(state);
-                    observer.publish_latency(&handle.name, started.elapsed().as_secs_f64());
-                    Ok(base_offset)
+                        state.release_ids(&claimed);
+                        state.count_refusal(match err.code {
+                            ErrorCode::DiskFull => "disk_full",
+                            ErrorCode::Overloaded => "overloaded",
+                            _ => "storage",
+                        });
+                        Err(err)
+                    }
                 }
-                Err(err) => {
-                    state.published(n, bytes, None);
-                    state.release_ids(&claimed);
-                    state.count_refusal(match err.code {
-                        ErrorCode::DiskFull => "disk_full",
-                        ErrorCode::Overloaded => "overloaded",
-                        _ => "storage",
-                    });
-                    Err(err)
-                }
-            }
+            };
+            let (base_offset, replaced) = outcome?;
+            observer.publish_latency(&handle.name, started.elapsed().as_secs_f64());
+            // The messages it replaced are settled before the publish is answered (one
+            // unsynced write; if a crash loses it, recovery cancels them again).
+            broker.drop_superseded(&handle, replaced).await;
+            Ok(base_offset)
         })
     }
 
@@ -1119,14 +1157,16 @@ impl Broker {
                 tracing::warn!(queue = %handle.name, error = %err, "could not read the queue head for ttl_ms");
             }
             let too_old = state.take_expired();
+            let replaced = state.take_cancelled();
             let (retries, to_dlq) =
                 self.plan_retries(&mut state, expired, None, Some(LEASE_EXPIRED_ERROR), now);
             let before = state.stats(now).depth;
             state.fire_timers(now);
             let woke = !retries.is_empty() || state.stats(now).depth > before;
-            (retries, to_dlq, woke, too_old)
+            (retries, to_dlq, woke, (too_old, replaced))
         };
-        self.settle_expired(handle, too_old).await;
+        self.settle_expired(handle, too_old.0).await;
+        self.drop_superseded(handle, too_old.1).await;
         if !retries.is_empty() {
             // Best effort: a lost retry record only under-counts deliveries after a crash.
             self.inner
@@ -1163,6 +1203,14 @@ impl Broker {
         if on_expire == OnExpire::DeadLetter {
             return self.dead_letter(handle, items).await;
         }
+        self.drop_settling(handle, items, "expired").await;
+    }
+
+    /// Settles messages already marked settling (expired, superseded), without moving them.
+    async fn drop_settling(&self, handle: &Arc<QueueHandle>, items: Vec<Unacked>, why: &str) {
+        if items.is_empty() {
+            return;
+        }
         let offsets: Vec<u64> = items.iter().map(|m| m.offset).collect();
         let result = self
             .write(
@@ -1174,13 +1222,22 @@ impl Broker {
             )
             .await;
         if let Err(err) = &result {
-            tracing::warn!(queue = %handle.name, error = %err, "could not drop expired messages; they stay queued");
+            tracing::warn!(queue = %handle.name, error = %err, "could not drop {why} messages; they stay queued");
         }
         let settle: Vec<(u64, u64)> = items.iter().map(|m| (m.offset, m.size)).collect();
         handle
             .state
             .lock()
             .finish_settle(&settle, result.is_ok(), self.now_ms());
+    }
+
+    /// Drops messages superseded by a newer one with their key, and counts them.
+    async fn drop_superseded(&self, handle: &Arc<QueueHandle>, items: Vec<Unacked>) {
+        if items.is_empty() {
+            return;
+        }
+        handle.state.lock().counters.superseded += items.len() as u64;
+        self.drop_settling(handle, items, "superseded").await;
     }
 
     /// Decides, for each released message, another delivery later or the DLQ.
@@ -1497,9 +1554,29 @@ impl Broker {
     pub async fn ack(&self, queue: &str, receipts: &[String]) -> Result<SettleReply, BrokerError> {
         let handle = self.queue(queue)?;
         let now = self.now_ms();
+        let superseded: Vec<String> = {
+            let state = handle.state.lock();
+            if state.config.supersede {
+                receipts
+                    .iter()
+                    .filter(|r| {
+                        state
+                            .check_receipt(r, now)
+                            .is_ok_and(|p| state.is_superseded(p.offset))
+                    })
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        };
         let (released, failed) = self.release_receipts(&handle, receipts, now)?;
         if released.is_empty() {
-            return Ok(SettleReply { ok: 0, failed });
+            return Ok(SettleReply {
+                ok: 0,
+                failed,
+                superseded,
+            });
         }
         let offsets: Vec<u64> = released.iter().map(|(o, _)| *o).collect();
         handle.state.lock().begin_settle(&offsets);
@@ -1528,6 +1605,7 @@ impl Broker {
         Ok(SettleReply {
             ok: released.len() as u64,
             failed,
+            superseded,
         })
     }
 
@@ -1579,7 +1657,11 @@ impl Broker {
             self.dead_letter(&handle, to_dlq).await;
         }
         handle.notify.notify_waiters();
-        Ok(SettleReply { ok: n, failed })
+        Ok(SettleReply {
+            ok: n,
+            failed,
+            ..SettleReply::default()
+        })
     }
 
     /// Extends leases to `lease_ms` from now (or the queue's default).
@@ -1604,6 +1686,13 @@ impl Broker {
         let mut reply = SettleReply::default();
         for receipt in receipts {
             match state.check_receipt(receipt, now) {
+                // A newer message replaced it: tell the consumer to stop (CI "cancel in progress").
+                Ok(parsed) if state.is_superseded(parsed.offset) => {
+                    reply.failed.push(ReceiptFailure {
+                        receipt: receipt.clone(),
+                        code: ErrorCode::Superseded.as_str(),
+                    })
+                }
                 Ok(parsed) => {
                     state.extend(parsed.offset, now, lease);
                     reply.ok += 1;

@@ -215,6 +215,9 @@ pub struct QueueConfig {
     /// 0 = no deduplication.
     #[serde(default = "default_dedup_window_ms")]
     pub dedup_window_ms: u64,
+    /// A newer message with a key cancels pending older ones with that key.
+    #[serde(default)]
+    pub supersede: bool,
     /// Messages with one key leased (or awaiting a retry) at once; 1 = strict per-key
     /// order. null = no limit.
     #[serde(default)]
@@ -247,6 +250,7 @@ pub struct ConfigPatch {
     #[serde(default, deserialize_with = "explicit_null")]
     pub quota: Option<Option<Quota>>,
     pub dedup_window_ms: Option<u64>,
+    pub supersede: Option<bool>,
     #[serde(default, deserialize_with = "explicit_null")]
     pub key_concurrency: Option<Option<u32>>,
     #[serde(default, deserialize_with = "explicit_null")]
@@ -286,6 +290,7 @@ impl QueueConfig {
             max_in_flight: limits.default_max_in_flight,
             quota: None,
             dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
+            supersede: false,
             key_concurrency: None,
             dispatch_rate: None,
             adaptive: None,
@@ -334,6 +339,9 @@ impl QueueConfig {
         }
         if let Some(v) = patch.dedup_window_ms {
             out.dedup_window_ms = v;
+        }
+        if let Some(v) = patch.supersede {
+            out.supersede = v;
         }
         if let Some(v) = patch.key_concurrency {
             out.key_concurrency = v;

@@ -31,6 +31,7 @@ pub enum ErrorCode {
     FrameTooLarge,
     UnsupportedVersion,
     QuotaExceeded,
+    Superseded,
 }
 
 impl ErrorCode {
@@ -60,6 +61,7 @@ impl ErrorCode {
         ErrorCode::InvalidFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::QuotaExceeded,
+        ErrorCode::Superseded,
         ErrorCode::UnsupportedVersion,
     ];
 
@@ -82,6 +84,7 @@ impl ErrorCode {
             ErrorCode::ConfigConflict => "config_conflict",
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::Superseded => "superseded",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::DiskFull => "disk_full",
             ErrorCode::StorageFailed => "storage_failed",
@@ -111,6 +114,7 @@ impl ErrorCode {
                 413
             }
             ErrorCode::QueueFull | ErrorCode::Overloaded | ErrorCode::QuotaExceeded => 429,
+            ErrorCode::Superseded => 409,
             ErrorCode::DiskFull => 507,
             ErrorCode::StorageFailed | ErrorCode::Internal => 500,
             ErrorCode::NotReady | ErrorCode::ShuttingDown => 503,
@@ -186,6 +190,9 @@ impl ErrorCode {
             }
             ErrorCode::QuotaExceeded => {
                 "The tenant published faster than the queue's quota allows. Retry after Retry-After (the exact time until enough tokens exist); nothing was stored."
+            }
+            ErrorCode::Superseded => {
+                "A newer message with the same key was published to this supersede queue: stop working on this one and ack it (extend is refused)."
             }
             ErrorCode::UnsupportedVersion => {
                 "Binary protocol: the client speaks a protocol version this server does not. Upgrade the client or the server."

@@ -17,6 +17,19 @@ use crate::policy::{Aimd, DedupWindow, Gcra, TenantQuotas};
 
 /// Messages parked behind their key's slots, per queue; at this many the scan waits.
 pub const MAX_PARKED: usize = 100_000;
+/// Keys whose newest message a supersede queue tracks; beyond, new keys are not tracked.
+pub const MAX_SUPERSEDE_KEYS: usize = 1_000_000;
+
+/// Supersede: the newest message per key, and leased messages that a newer one replaced.
+#[derive(Debug, Default)]
+struct Supersede {
+    /// Randomly keyed, so a producer cannot aim many keys at one entry.
+    hasher: std::collections::hash_map::RandomState,
+    /// key hash -> (offset, bytes) of the newest accepted message with that key.
+    latest: HashMap<u64, (u64, u64)>,
+    /// Leased when superseded: their consumer learns it on extend or ack.
+    flagged: OffsetSet,
+}
 use crate::receipt::Receipt;
 
 /// Hashes broker-assigned offsets cheaply (SipHash showed up in profiles). Keys are never
@@ -108,6 +121,8 @@ pub struct Counters {
     pub ttl_expired: u64,
     /// Publishes acknowledged but not enqueued: their id was seen within the dedup window.
     pub deduplicated: u64,
+    /// Pending messages cancelled by a newer one with their key (supersede).
+    pub superseded: u64,
     /// Dispatch rate cuts and raises by adaptive throttling.
     pub throttle_cuts: u64,
     pub throttle_raises: u64,
@@ -143,6 +158,7 @@ pub struct QueueStats {
     pub purged: u64,
     pub ttl_expired: u64,
     pub deduplicated: u64,
+    pub superseded: u64,
     pub throttle_cuts: u64,
     /// Per-key concurrency: keys with a message leased or awaiting a retry, and keys with
     /// messages waiting behind them.
@@ -236,6 +252,10 @@ pub struct QueueState {
     dedup: DedupWindow,
     /// Per-key concurrency (None when `key_concurrency` is not set).
     keys: Option<KeyGate>,
+    /// Newest message per key (None unless `supersede`).
+    supersede: Option<Supersede>,
+    /// Pending messages superseded by a newer one, being settled by the caller.
+    cancelled: Vec<Unacked>,
 }
 
 impl QueueState {
@@ -269,6 +289,8 @@ impl QueueState {
             quotas: TenantQuotas::default(),
             dedup: DedupWindow::default(),
             keys: None,
+            supersede: None,
+            cancelled: Vec::new(),
         }
         .with_policies()
     }
@@ -350,6 +372,11 @@ impl QueueState {
     }
 
     fn apply_policies(&mut self) {
+        match (self.config.supersede, self.supersede.is_some()) {
+            (true, false) => self.supersede = Some(Supersede::default()),
+            (false, true) => self.supersede = None,
+            _ => {}
+        }
         match (self.config.key_concurrency, &mut self.keys) {
             (Some(limit), Some(gate)) => gate.set_limit(limit),
             (Some(limit), None) => self.keys = Some(KeyGate::new(limit)),
@@ -443,6 +470,64 @@ impl QueueState {
             delivery_count,
             size: record.size(),
         });
+    }
+
+    /// Records that a batch with these keyed messages (index in batch, key, bytes) was
+    /// appended at `base`: older pending messages with the same keys are cancelled (see
+    /// `take_cancelled`), older leased ones are flagged.
+    pub fn supersede(&mut self, base: u64, keyed: &[(u32, Vec<u8>, u64)]) {
+        for (idx, key, size) in keyed {
+            self.supersede_one(base + *idx as u64, key, *size);
+        }
+    }
+
+    fn supersede_one(&mut self, offset: u64, key: &[u8], size: u64) {
+        let Some(s) = &mut self.supersede else { return };
+        let hash = std::hash::BuildHasher::hash_one(&s.hasher, key);
+        if s.latest.len() >= MAX_SUPERSEDE_KEYS && !s.latest.contains_key(&hash) {
+            let (floor, settled) = (self.ack_floor, &self.settled);
+            s.latest
+                .retain(|_, (o, _)| *o >= floor && !settled.contains(*o));
+            if s.latest.len() >= MAX_SUPERSEDE_KEYS {
+                return;
+            }
+        }
+        let Some((older, older_size)) = s.latest.insert(hash, (offset, size)) else {
+            return;
+        };
+        if older >= offset
+            || older < self.ack_floor
+            || self.settled.contains(older)
+            || self.settling.contains(&older)
+        {
+            return;
+        }
+        if self.leases.contains_key(&older) {
+            s.flagged.insert(older);
+            return;
+        }
+        if let Some(at) = self.timer_at.remove(&older) {
+            self.timers.remove(&(at, older));
+        }
+        let delivery_count = self.history.get(&older).map_or(0, |h| h.delivery_count);
+        self.settling.insert(older);
+        self.cancelled.push(Unacked {
+            offset: older,
+            delivery_count,
+            size: older_size,
+        });
+    }
+
+    /// Pending messages superseded since the last call (already settling).
+    pub fn take_cancelled(&mut self) -> Vec<Unacked> {
+        std::mem::take(&mut self.cancelled)
+    }
+
+    /// True if a newer message with its key replaced this leased one.
+    pub fn is_superseded(&self, offset: u64) -> bool {
+        self.supersede
+            .as_ref()
+            .is_some_and(|s| s.flagged.contains(&offset))
     }
 
     /// Messages found past their time to live since the last call (already settling).
@@ -544,6 +629,10 @@ impl QueueState {
                     continue;
                 }
                 state.backlog_bytes += record.size() as i64;
+                if let Some(key) = &record.key {
+                    // Two pending messages with one key: a cancel was lost in a crash.
+                    state.supersede_one(record.offset, key, record.size());
+                }
                 if record.deliver_at_ms > now_ms && !state.timer_at.contains_key(&record.offset) {
                     state.add_timer(record.offset, record.deliver_at_ms);
                 }
@@ -893,6 +982,9 @@ impl QueueState {
                 if let Some(gate) = &mut self.keys {
                     gate.settled(offset);
                 }
+                if let Some(s) = &mut self.supersede {
+                    s.flagged.remove(&offset);
+                }
             } else if !self.is_settled_or_busy(offset) {
                 self.ready.push_back(offset);
             }
@@ -1076,6 +1168,7 @@ impl QueueState {
             purged: self.counters.purged,
             ttl_expired: self.counters.ttl_expired,
             deduplicated: self.counters.deduplicated,
+            superseded: self.counters.superseded,
             keys_in_flight: self.keys.as_ref().map(|g| g.keys_in_flight() as u64),
             keys_blocked: self.keys.as_ref().map(|g| g.keys_blocked() as u64),
             throttle_cuts: self.counters.throttle_cuts,

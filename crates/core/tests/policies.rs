@@ -713,3 +713,54 @@ mod key_model {
         }
     }
 }
+
+#[test]
+fn supersede_cancels_pending_and_flags_leased_older_messages() {
+    runtime().block_on(async {
+        let mut h = Harness::new();
+        h.queue("ci", json!({"supersede": true})).await;
+        // Three pushes to one branch, one to another: only the newest of each is built.
+        h.publish("ci", keyed(&["main", "dev", "main"])).await;
+        h.publish("ci", keyed(&["main"])).await;
+        h.broker().run_maintenance().await;
+        let stats = h.stats("ci");
+        assert_eq!((stats.superseded, stats.total), (2, 2));
+        let got = h.receive("ci", 10).await;
+        let bodies: Vec<&[u8]> = got.iter().map(|d| &d.record.body[..]).collect();
+        assert_eq!(
+            bodies,
+            [&b"dev1"[..], &b"main0"[..]],
+            "the newest main is its second batch's 0"
+        );
+        // A push while main is being built: the running build learns it on extend and ack.
+        h.publish("ci", keyed(&["main"])).await;
+        let main = got[1].receipt.clone();
+        let reply = h
+            .broker()
+            .extend("ci", std::slice::from_ref(&main), None)
+            .unwrap();
+        assert_eq!((reply.ok, reply.failed[0].code), (0, "superseded"));
+        let reply = h
+            .broker()
+            .ack("ci", std::slice::from_ref(&main))
+            .await
+            .unwrap();
+        assert_eq!((reply.ok, reply.superseded.clone()), (1, vec![main]));
+        let dev = got[0].receipt.clone();
+        let reply = h.broker().ack("ci", &[dev]).await.unwrap();
+        assert!(reply.superseded.is_empty());
+        assert_eq!(
+            h.receive("ci", 10).await.len(),
+            1,
+            "the newest main is pending"
+        );
+        // Two pending messages of one key after a restart (turned on late): the older goes.
+        h.queue("late", json!({})).await;
+        h.publish("late", keyed(&["k", "k", "j"])).await;
+        h.queue("late", json!({"supersede": true})).await;
+        h.restart();
+        h.broker().run_maintenance().await;
+        let stats = h.stats("late");
+        assert_eq!((stats.superseded, stats.total), (1, 2));
+    });
+}

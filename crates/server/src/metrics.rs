@@ -237,7 +237,7 @@ impl Collector for QueueCollector {
                 }
             }
         }
-        let counters: [Stat<u64>; 12] = [
+        let counters: [Stat<u64>; 13] = [
             ("published", "Messages accepted", |q| q.stats.published),
             ("delivered", "Deliveries (first and repeated)", |q| {
                 q.stats.delivered
@@ -258,6 +258,11 @@ impl Collector for QueueCollector {
                 |q| q.stats.redriven,
             ),
             ("purged", "Messages removed by purge", |q| q.stats.purged),
+            (
+                "superseded",
+                "Pending messages cancelled by a newer one with the same key",
+                |q| q.stats.superseded,
+            ),
             (
                 "deduplicated",
                 "Publishes acknowledged but not enqueued: their id was seen within the dedup window",

@@ -64,6 +64,7 @@ pub fn document() -> Value {
                 "dead_letter_queue": {"type": ["string", "null"], "description": "default <queue>-dlq; null disables"},
                 "max_messages": {"type": "integer", "minimum": 1}, "max_bytes": {"type": "integer", "minimum": 1},
                 "max_in_flight": {"type": "integer", "minimum": 1},
+                "supersede": {"type": "boolean", "default": false, "description": "a newer message with a key cancels pending older ones with that key; leased ones learn it on extend/ack"},
                 "key_concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000, "description": "messages with one key leased or awaiting a retry at once; 1 = strict per-key order"},
                 "dedup_window_ms": {"type": "integer", "minimum": 0, "maximum": 86400000, "default": 300000, "description": "client-chosen ids accepted this recently are not enqueued again; 0 = off"},
                 "quota": {"type": ["object", "null"], "description": "producer token buckets per tenant; the top level is the default, tenants override it", "properties": {
@@ -80,7 +81,7 @@ pub fn document() -> Value {
                 "depth": {"type": "integer"}, "in_flight": {"type": "integer"}, "delayed": {"type": "integer"}, "total": {"type": "integer"},
                 "bytes": {"type": "integer"}, "oldest_age_ms": {"type": "integer"}, "published": {"type": "integer"}, "delivered": {"type": "integer"},
                 "acked": {"type": "integer"}, "nacked": {"type": "integer"}, "expired": {"type": "integer"}, "dead_lettered": {"type": "integer"},
-                "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"}, "deduplicated": {"type": "integer"},
+                "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"}, "deduplicated": {"type": "integer"}, "superseded": {"type": "integer"},
                 "keys_in_flight": {"type": "integer"}, "keys_blocked": {"type": "integer"},
                 "throttle_cuts": {"type": "integer"}, "throttle_raises": {"type": "integer"},
                 "dispatch_rate_per_s": {"type": "number", "description": "the rate limit in force; absent when unlimited"}}},
@@ -108,7 +109,8 @@ pub fn document() -> Value {
                 "receipts": {"type": "array", "items": {"type": "string"}}, "delay_ms": {"type": "integer"}, "error": {"type": "string"}, "lease_ms": {"type": "integer"},
                 "reason": {"type": "string", "enum": ["failed", "overloaded"], "description": "nack only: overloaded slows an adaptive queue's dispatch"}}},
             "SettleReply": {"type": "object", "properties": {"ok": {"type": "integer"}, "failed": {"type": "array", "items": {"type": "object", "properties": {
-                "receipt": {"type": "string"}, "code": {"type": "string", "enum": ["invalid_receipt", "stale_receipt"]}}}}}},
+                "receipt": {"type": "string"}, "code": {"type": "string", "enum": ["invalid_receipt", "stale_receipt", "superseded"]}}}},
+                "superseded": {"type": "array", "items": {"type": "string"}, "description": "ack only: receipts whose message a newer one with its key superseded"}}},
             "RedriveRequest": {"type": "object", "properties": {
                 "to": {"type": "string"}, "rate_per_s": {"type": "integer", "default": 1000}, "max": {"type": "integer", "default": 0},
                 "filter": {"type": "object", "properties": {"key": {"type": "string"}, "error_contains": {"type": "string"}}}}},
