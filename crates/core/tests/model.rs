@@ -49,6 +49,10 @@ enum Action {
     AdvanceQuiet {
         ms: i64,
     },
+    /// Publishes again a message id published before (within the dedup window).
+    Republish {
+        pick: usize,
+    },
     Purge,
     Redrive,
     Restart,
@@ -63,6 +67,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => (any::<usize>(), 1u64..3_000).prop_map(|(pick, lease_ms)| Action::Extend { pick, lease_ms }),
         3 => (1i64..2_000).prop_map(|ms| Action::Advance { ms }),
         2 => (1i64..1_500).prop_map(|ms| Action::AdvanceQuiet { ms }),
+        1 => any::<usize>().prop_map(|pick| Action::Republish { pick }),
         1 => Just(Action::Purge),
         1 => Just(Action::Redrive),
         1 => Just(Action::Restart),
@@ -344,6 +349,25 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                     model.expire(h.clock.now());
                 }
                 Action::AdvanceQuiet { ms } => h.clock.advance(ms),
+                Action::Republish { pick } => {
+                    if model.next_id == 0 {
+                        continue;
+                    }
+                    let n = pick % model.next_id;
+                    let msg = NewMessage {
+                        id: Some(format!("m{n}")),
+                        body: b"a repeat".to_vec(),
+                        ..NewMessage::default()
+                    };
+                    let reply = h
+                        .broker()
+                        .publish(QUEUE, &[msg], AckLevel::Durable)
+                        .await
+                        .unwrap();
+                    // Every id is younger than the 5-minute default window: a duplicate,
+                    // even after restarts, acked or not.
+                    prop_assert_eq!(reply.duplicates, vec![0], "m{} again", n);
+                }
                 Action::Purge => {
                     let removed = h.broker().purge(QUEUE).await.unwrap();
                     let mut expected = 0;
