@@ -98,6 +98,11 @@ impl Message {
         self.deliver_at_ms = base + fastrand::i64(0..=jitter.as_millis() as i64);
         self
     }
+    /// Priority level (0 = lowest) on queues with several `priority_levels`. Sent as the
+    /// reserved header `tidewater-priority`.
+    pub fn with_priority(self, priority: u8) -> Message {
+        self.with_header("tidewater-priority", priority.to_string())
+    }
     /// The producer this message counts against (quotas, fairness). Sent as the reserved
     /// header `tidewater-tenant`.
     pub fn with_tenant(self, tenant: impl Into<String>) -> Message {

@@ -24,7 +24,8 @@ use crate::config::{
 };
 use crate::error::{BrokerError, ErrorCode};
 use crate::queue::{
-    ANONYMOUS_TENANT, Delivery, HEADER_TENANT, HEADER_TTL_MS, QueueState, QueueStats, Unacked,
+    ANONYMOUS_TENANT, Delivery, HEADER_PRIORITY, HEADER_TENANT, HEADER_TTL_MS, QueueState,
+    QueueStats, Unacked,
 };
 
 /// Headers added to a dead-lettered message.
@@ -113,6 +114,8 @@ pub struct NewMessage {
     pub ttl_ms: Option<u64>,
     /// The producer, for quotas and fairness.
     pub tenant: Option<String>,
+    /// Priority level (0 = lowest) on queues with `priority_levels` > 1.
+    pub priority: Option<u8>,
 }
 
 /// The ids of a publish, in order, and the indexes of duplicates (acknowledged, not
@@ -821,10 +824,11 @@ impl Broker {
             }
             n += 1;
             let ttl = msg.ttl_ms.map(|ttl| ttl.to_string());
+            let priority = msg.priority.map(|p| p.to_string());
             let headers: Vec<(&[u8], &[u8])> = msg
                 .headers
                 .iter()
-                .filter(|(k, _)| k != HEADER_TENANT && k != HEADER_TTL_MS)
+                .filter(|(k, _)| k != HEADER_TENANT && k != HEADER_TTL_MS && k != HEADER_PRIORITY)
                 .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
                 .chain(
                     ttl.as_ref()
@@ -834,6 +838,11 @@ impl Broker {
                     msg.tenant
                         .as_ref()
                         .map(|t| (HEADER_TENANT.as_bytes(), t.as_bytes())),
+                )
+                .chain(
+                    priority
+                        .as_ref()
+                        .map(|p| (HEADER_PRIORITY.as_bytes(), p.as_bytes())),
                 )
                 .collect();
             let generated;
@@ -1031,6 +1040,16 @@ impl Broker {
                 } else if name == HEADER_TENANT.as_bytes() {
                     check_tenant(idx, value)?;
                     tenant = Some(value);
+                } else if name == HEADER_PRIORITY.as_bytes()
+                    && std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|v| v.parse::<u8>().ok())
+                        .is_none()
+                {
+                    return Err(BrokerError::new(
+                        ErrorCode::InvalidMessage,
+                        format!("message {idx}: {HEADER_PRIORITY} must be a number 0..=255"),
+                    ));
                 }
                 headers.push((name.len(), value.len()));
             }

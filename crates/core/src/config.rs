@@ -76,6 +76,14 @@ fn one() -> u64 {
     1
 }
 
+fn one_level() -> u8 {
+    1
+}
+
+fn default_min_share() -> f64 {
+    0.1
+}
+
 /// Five minutes, as SQS FIFO's deduplication interval.
 pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 300_000;
 /// Longest dedup window: one day.
@@ -184,6 +192,26 @@ impl Quota {
     }
 }
 
+/// Weighted fair scheduling: deficit round robin across the values of `by`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fairness {
+    /// "tenant", "key", or "header:<name>".
+    #[serde(default = "default_fairness_by")]
+    pub by: String,
+    /// Weight per value (default 1): a value with weight 3 gets three deliveries for
+    /// every one of a value with weight 1 while both wait.
+    #[serde(default)]
+    pub weights: std::collections::BTreeMap<String, f64>,
+}
+
+fn default_fairness_by() -> String {
+    "tenant".into()
+}
+
+/// Most priority levels a queue may have.
+pub const MAX_PRIORITY_LEVELS: u8 = 10;
+
 /// What happens to a message older than its time to live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -218,6 +246,15 @@ pub struct QueueConfig {
     /// A newer message with a key cancels pending older ones with that key.
     #[serde(default)]
     pub supersede: bool,
+    /// Priority levels (1 = none); messages carry `priority` 0 (lowest) ..levels-1.
+    #[serde(default = "one_level")]
+    pub priority_levels: u8,
+    /// Share of deliveries kept for lower levels while higher ones wait.
+    #[serde(default = "default_min_share")]
+    pub priority_min_share: f64,
+    /// Weighted fair scheduling across tenants, keys or a header's values.
+    #[serde(default)]
+    pub fairness: Option<Fairness>,
     /// Messages with one key leased (or awaiting a retry) at once; 1 = strict per-key
     /// order. null = no limit.
     #[serde(default)]
@@ -251,6 +288,10 @@ pub struct ConfigPatch {
     pub quota: Option<Option<Quota>>,
     pub dedup_window_ms: Option<u64>,
     pub supersede: Option<bool>,
+    pub priority_levels: Option<u8>,
+    pub priority_min_share: Option<f64>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub fairness: Option<Option<Fairness>>,
     #[serde(default, deserialize_with = "explicit_null")]
     pub key_concurrency: Option<Option<u32>>,
     #[serde(default, deserialize_with = "explicit_null")]
@@ -291,6 +332,9 @@ impl QueueConfig {
             quota: None,
             dedup_window_ms: DEFAULT_DEDUP_WINDOW_MS,
             supersede: false,
+            priority_levels: 1,
+            priority_min_share: default_min_share(),
+            fairness: None,
             key_concurrency: None,
             dispatch_rate: None,
             adaptive: None,
@@ -342,6 +386,15 @@ impl QueueConfig {
         }
         if let Some(v) = patch.supersede {
             out.supersede = v;
+        }
+        if let Some(v) = patch.priority_levels {
+            out.priority_levels = v;
+        }
+        if let Some(v) = patch.priority_min_share {
+            out.priority_min_share = v;
+        }
+        if let Some(v) = &patch.fairness {
+            out.fairness = v.clone();
         }
         if let Some(v) = patch.key_concurrency {
             out.key_concurrency = v;
@@ -419,6 +472,40 @@ impl QueueConfig {
         }
         if let Some(quota) = &self.quota {
             quota.validate().or_else(bad)?;
+        }
+        if !(1..=MAX_PRIORITY_LEVELS).contains(&self.priority_levels) {
+            return bad(format!(
+                "priority_levels must be 1..={MAX_PRIORITY_LEVELS}, got {}",
+                self.priority_levels
+            ));
+        }
+        if !(0.0..=0.5).contains(&self.priority_min_share) {
+            return bad(format!(
+                "priority_min_share must be 0.0..=0.5, got {}",
+                self.priority_min_share
+            ));
+        }
+        if let Some(f) = &self.fairness {
+            let by_ok = matches!(f.by.as_str(), "tenant" | "key")
+                || f.by.strip_prefix("header:").is_some_and(|h| !h.is_empty());
+            if !by_ok {
+                return bad(format!(
+                    "fairness.by must be \"tenant\", \"key\" or \"header:<name>\", got \"{}\"",
+                    f.by
+                ));
+            }
+            if f.weights.len() > 10_000 {
+                return bad("fairness.weights names at most 10000 values".into());
+            }
+            if let Some((value, w)) = f
+                .weights
+                .iter()
+                .find(|(_, w)| !(w.is_finite() && (0.01..=1000.0).contains(*w)))
+            {
+                return bad(format!(
+                    "fairness.weights.{value} must be 0.01..=1000, got {w}"
+                ));
+            }
         }
         if let Some(k) = self.key_concurrency
             && !(1..=10_000).contains(&k)

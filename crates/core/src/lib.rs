@@ -11,6 +11,7 @@ pub mod keys;
 pub mod policy;
 pub mod queue;
 pub mod receipt;
+pub mod shaper;
 
 pub use broker::{
     Broker, BrokerOptions, Delay, NackReason, NewMessage, Observer, QueueInfo, RedriveProgress,

@@ -14,9 +14,15 @@ use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
 use crate::keys::KeyGate;
 use crate::policy::{Aimd, DedupWindow, Gcra, TenantQuotas};
+use crate::shaper::Shaper;
 
 /// Messages parked behind their key's slots, per queue; at this many the scan waits.
 pub const MAX_PARKED: usize = 100_000;
+/// Messages sorted into priority/fairness lanes per receive, at most (bounds its latency).
+const SHAPER_SCAN_STEP: usize = 50_000;
+/// Reserved header holding a message's priority (0 = lowest).
+pub const HEADER_PRIORITY: &str = "tidewater-priority";
+
 /// Keys whose newest message a supersede queue tracks; beyond, new keys are not tracked.
 pub const MAX_SUPERSEDE_KEYS: usize = 1_000_000;
 
@@ -166,6 +172,12 @@ pub struct QueueStats {
     pub keys_in_flight: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keys_blocked: Option<u64>,
+    /// Priorities: messages sorted and waiting per level, highest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_by_priority: Option<Vec<u64>>,
+    /// Fair scheduling: values (tenants, keys, ...) with messages waiting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fair_flows: Option<u64>,
     pub throttle_raises: u64,
     /// The dispatch rate in force (messages/s; adaptive throttling moves it), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -254,6 +266,8 @@ pub struct QueueState {
     keys: Option<KeyGate>,
     /// Newest message per key (None unless `supersede`).
     supersede: Option<Supersede>,
+    /// Priority levels and fair scheduling (None unless configured).
+    shaper: Option<Shaper>,
     /// Pending messages superseded by a newer one, being settled by the caller.
     cancelled: Vec<Unacked>,
 }
@@ -290,6 +304,7 @@ impl QueueState {
             dedup: DedupWindow::default(),
             keys: None,
             supersede: None,
+            shaper: None,
             cancelled: Vec::new(),
         }
         .with_policies()
@@ -372,6 +387,32 @@ impl QueueState {
     }
 
     fn apply_policies(&mut self) {
+        let levels = self.config.priority_levels.max(1);
+        let wants_shaper = levels > 1 || self.config.fairness.is_some();
+        let weights: HashMap<String, f64> = self
+            .config
+            .fairness
+            .as_ref()
+            .map(|f| f.weights.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default();
+        let min_share = self.config.priority_min_share;
+        let rebuild = match &self.shaper {
+            Some(shaper) => !wants_shaper || shaper.levels() != levels as usize,
+            None => wants_shaper,
+        };
+        if rebuild {
+            // Messages already sorted are behind the cursor: serve them first, in order.
+            if let Some(old) = self.shaper.take() {
+                let mut waiting: Vec<u64> = old.offsets().collect();
+                waiting.sort_unstable();
+                self.ready.extend(waiting);
+            }
+            if wants_shaper {
+                self.shaper = Some(Shaper::new(levels, min_share, weights));
+            }
+        } else if let Some(shaper) = &mut self.shaper {
+            shaper.reconfigure(min_share, weights);
+        }
         match (self.config.supersede, self.supersede.is_some()) {
             (true, false) => self.supersede = Some(Supersede::default()),
             (false, true) => self.supersede = None,
@@ -836,9 +877,31 @@ impl QueueState {
                 out.push(self.lease(record, now_ms, lease_ms));
             }
         }
+        if self.shaper.is_some() {
+            self.fill_shaper(source, now_ms)?;
+            while out.len() < room {
+                let Some(offset) = self.shaper.as_mut().and_then(Shaper::pop) else {
+                    break;
+                };
+                if self.is_settled_or_busy(offset) || self.timer_at.contains_key(&offset) {
+                    continue;
+                }
+                let Some(record) = source.read(offset, 1, 1)?.pop() else {
+                    continue;
+                };
+                if record.offset != offset {
+                    continue; // deleted with its segment: it was settled
+                }
+                if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
+                    self.expire(&record);
+                } else if !self.park_if_blocked(&record) {
+                    out.push(self.lease(record, now_ms, lease_ms));
+                }
+            }
+        }
         // With per-key limits many scanned messages may park: read ahead in larger steps.
         let min_read = if self.keys.is_some() { 256 } else { 1 };
-        'scan: while out.len() < room && self.cursor < self.visible_end {
+        'scan: while self.shaper.is_none() && out.len() < room && self.cursor < self.visible_end {
             let want = (room - out.len()).max(min_read);
             let records = source.read(self.cursor, want, SCAN_BYTES)?;
             if records.is_empty() {
@@ -883,6 +946,75 @@ impl QueueState {
             rate.take(now_ms, out.len());
         }
         Ok(out)
+    }
+
+    /// Sorts newly scanned messages into the shaper's lanes, a bounded step at a time.
+    fn fill_shaper(&mut self, source: &impl RecordSource, now_ms: i64) -> Result<(), ReadError> {
+        let mut budget = SHAPER_SCAN_STEP;
+        while budget > 0
+            && self.cursor < self.visible_end
+            && !self.shaper.as_ref().is_some_and(Shaper::is_full)
+        {
+            let records = source.read(self.cursor, budget.min(4_096), SCAN_BYTES)?;
+            if records.is_empty() {
+                break;
+            }
+            for record in records {
+                if record.offset >= self.visible_end
+                    || self.shaper.as_ref().is_some_and(Shaper::is_full)
+                {
+                    break;
+                }
+                self.cursor = record.offset + 1;
+                budget = budget.saturating_sub(1);
+                if self.is_settled_or_busy(record.offset)
+                    || self.timer_at.contains_key(&record.offset)
+                {
+                    continue;
+                }
+                if record.deliver_at_ms > now_ms {
+                    self.add_timer(record.offset, record.deliver_at_ms);
+                    continue;
+                }
+                let (priority, flow) = self.lane_of(&record);
+                if let Some(shaper) = &mut self.shaper {
+                    shaper.push(record.offset, priority, &flow);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// (priority level, fairness value) of a message.
+    fn lane_of(&self, record: &Record) -> (u8, String) {
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .find(|(k, _)| k == name.as_bytes())
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        let priority = if self.config.priority_levels > 1 {
+            header(HEADER_PRIORITY)
+                .and_then(|p| p.parse::<u8>().ok())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let flow = match self.config.fairness.as_ref().map(|f| f.by.as_str()) {
+            None => String::new(),
+            Some("tenant") => header(HEADER_TENANT).unwrap_or_else(|| ANONYMOUS_TENANT.into()),
+            Some("key") => record
+                .key
+                .as_deref()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default(),
+            Some(by) => by
+                .strip_prefix("header:")
+                .and_then(header)
+                .unwrap_or_default(),
+        };
+        (priority, flow)
     }
 
     fn key_hash(&self, record: &Record) -> Option<u64> {
@@ -1096,6 +1228,9 @@ impl QueueState {
         if let Some(gate) = &mut self.keys {
             gate.forget_below(range.end);
         }
+        if let Some(shaper) = &mut self.shaper {
+            shaper.forget_below(range.end);
+        }
         self.settled.insert(range.clone());
         self.advance_floor();
         self.cursor = self.cursor.max(range.end);
@@ -1171,6 +1306,16 @@ impl QueueState {
             superseded: self.counters.superseded,
             keys_in_flight: self.keys.as_ref().map(|g| g.keys_in_flight() as u64),
             keys_blocked: self.keys.as_ref().map(|g| g.keys_blocked() as u64),
+            waiting_by_priority: self
+                .shaper
+                .as_ref()
+                .filter(|s| s.levels() > 1)
+                .map(Shaper::depth_by_level),
+            fair_flows: self
+                .shaper
+                .as_ref()
+                .filter(|_| self.config.fairness.is_some())
+                .map(|s| s.active_flows() as u64),
             throttle_cuts: self.counters.throttle_cuts,
             throttle_raises: self.counters.throttle_raises,
             dispatch_rate_per_s: self.dispatch_limit().map(|(per_s, _)| per_s),
@@ -1212,6 +1357,9 @@ impl QueueState {
         let mut ready: HashSet<u64> = self.ready.iter().copied().collect();
         if let Some(gate) = &self.keys {
             ready.extend(gate.waiting_offsets());
+        }
+        if let Some(shaper) = &self.shaper {
+            ready.extend(shaper.offsets());
         }
         let mut offset = self.ack_floor;
         while offset < self.cursor.min(self.visible_end) {

@@ -39,6 +39,8 @@ pub struct InMessage {
     pub ttl_ms: Option<u64>,
     /// The producer, for quotas and fairness (while auth is off).
     pub tenant: Option<String>,
+    /// Priority level, 0 = lowest (queues with priority_levels > 1).
+    pub priority: Option<u8>,
 }
 
 pub fn ack_level(ack: Option<&str>) -> Result<AckLevel, BrokerError> {
@@ -79,6 +81,7 @@ impl InMessage {
             jitter_ms: self.jitter_ms,
             ttl_ms: self.ttl_ms,
             tenant: self.tenant,
+            priority: self.priority,
         })
     }
 }

@@ -25,6 +25,12 @@ struct RefusedLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabel {
+    queue: String,
+    priority: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TenantLabel {
     queue: String,
     tenant: String,
@@ -210,7 +216,12 @@ impl Collector for QueueCollector {
                 })?)?;
             }
         }
-        let key_gauges: [Stat<Option<u64>>; 2] = [
+        let key_gauges: [Stat<Option<u64>>; 3] = [
+            (
+                "queue_fair_flows",
+                "Fairness values (tenants, keys, ...) with messages waiting (queues with fairness)",
+                |q| q.stats.fair_flows,
+            ),
             (
                 "queue_keys_in_flight",
                 "Keys with a message leased or awaiting a retry (queues with key_concurrency)",
@@ -233,6 +244,23 @@ impl Collector for QueueCollector {
                 if let Some(v) = value(q) {
                     ConstGauge::new(v as i64).encode(family.encode_family(&QueueLabel {
                         queue: q.name.clone(),
+                    })?)?;
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "queue_waiting_by_priority",
+            "Messages sorted and waiting per priority level (queues with priority_levels > 1)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for q in &queues {
+            if let Some(levels) = &q.stats.waiting_by_priority {
+                for (i, n) in levels.iter().enumerate() {
+                    let priority = (levels.len() - 1 - i).to_string();
+                    ConstGauge::new(*n as i64).encode(family.encode_family(&PriorityLabel {
+                        queue: q.name.clone(),
+                        priority,
                     })?)?;
                 }
             }
