@@ -1,6 +1,7 @@
 //! The broker: named queues over one store. Async (tokio) but free of HTTP: the server and
 //! tests drive it through these methods.
 
+use base64::Engine;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -24,8 +25,8 @@ use crate::config::{
 };
 use crate::error::{BrokerError, ErrorCode};
 use crate::queue::{
-    ANONYMOUS_TENANT, Delivery, HEADER_PRIORITY, HEADER_TENANT, HEADER_TTL_MS, QueueState,
-    QueueStats, Unacked,
+    ANONYMOUS_TENANT, Delivery, HEADER_MERGED, HEADER_PRIORITY, HEADER_TENANT, HEADER_TTL_MS,
+    QueueState, QueueStats, Unacked,
 };
 
 /// Headers added to a dead-lettered message.
@@ -795,7 +796,7 @@ impl Broker {
             let dups = state.claim_ids(&client_ids, self.inner.limits.max_dedup_ids, now);
             (
                 state.config.quota.is_some(),
-                state.config.supersede,
+                state.config.supersede || state.config.coalesce.is_some(),
                 marks(messages.len(), &dups),
             )
         };
@@ -963,7 +964,10 @@ impl Broker {
         }
         let (with_quota, with_supersede) = {
             let state = handle.state.lock();
-            (state.config.quota.is_some(), state.config.supersede)
+            (
+                state.config.quota.is_some(),
+                state.config.supersede || state.config.coalesce.is_some(),
+            )
         };
         let mut scan = self.scan_batch(&header, &batch, with_quota, with_supersede, now)?;
         // Tell storage whether to look for ids to remember (clients need not set it).
@@ -1131,6 +1135,7 @@ impl Broker {
                             state.published(n, bytes, Some((base_offset, &delays)));
                             if !keyed.is_empty() {
                                 state.supersede(base_offset, &keyed);
+                                state.coalesce(base_offset, &keyed, broker.now_ms());
                             }
                             Ok((base_offset, state.take_cancelled()))
                         }
@@ -1177,15 +1182,27 @@ impl Broker {
             }
             let too_old = state.take_expired();
             let replaced = state.take_cancelled();
+            let (coalesced, merges) = state.close_windows(now);
             let (retries, to_dlq) =
                 self.plan_retries(&mut state, expired, None, Some(LEASE_EXPIRED_ERROR), now);
             let before = state.stats(now).depth;
             state.fire_timers(now);
             let woke = !retries.is_empty() || state.stats(now).depth > before;
-            (retries, to_dlq, woke, (too_old, replaced))
+            let woke = woke || !coalesced.is_empty() || !merges.is_empty();
+            (
+                retries,
+                to_dlq,
+                woke,
+                (too_old, replaced, coalesced, merges),
+            )
         };
-        self.settle_expired(handle, too_old.0).await;
-        self.drop_superseded(handle, too_old.1).await;
+        let (too_old, replaced, coalesced, merges) = too_old;
+        self.settle_expired(handle, too_old).await;
+        self.drop_superseded(handle, replaced).await;
+        self.drop_settling(handle, coalesced, "coalesced").await;
+        for window in merges {
+            self.merge_window(handle, window).await;
+        }
         if !retries.is_empty() {
             // Best effort: a lost retry record only under-counts deliveries after a crash.
             self.inner
@@ -1248,6 +1265,91 @@ impl Broker {
             .state
             .lock()
             .finish_settle(&settle, result.is_ok(), self.now_ms());
+    }
+
+    /// Replaces a closed `merge` window's messages by one message whose body is a JSON
+    /// array of their distinct bodies (strings when UTF-8, else `{"base64": ...}`), in one
+    /// journal write: append the merged message, settle the members. If the write fails
+    /// the members are delivered one by one instead.
+    async fn merge_window(&self, handle: &Arc<QueueHandle>, window: crate::coalesce::Closed) {
+        let members = window.members;
+        let mut bodies: Vec<serde_json::Value> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut tenant = None;
+        for &(offset, _) in &members {
+            let Ok(mut records) = handle.reader.read(offset, 1, 1) else {
+                continue;
+            };
+            let Some(record) = records.pop().filter(|r| r.offset == offset) else {
+                continue;
+            };
+            tenant = header(&record, HEADER_TENANT).or(tenant);
+            if seen.insert(record.body.clone()) {
+                bodies.push(match String::from_utf8(record.body) {
+                    Ok(text) => serde_json::Value::String(text),
+                    Err(e) => serde_json::json!({"base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes())}),
+                });
+            }
+        }
+        let body = serde_json::Value::Array(bodies).to_string().into_bytes();
+        let count = members.len().to_string();
+        let now = self.now_ms();
+        let id = new_message_id(now);
+        let mut headers: Vec<(&[u8], &[u8])> = vec![(HEADER_MERGED.as_bytes(), count.as_bytes())];
+        if let Some(tenant) = &tenant {
+            headers.push((HEADER_TENANT.as_bytes(), tenant.as_bytes()));
+        }
+        let bytes = (body.len()
+            + window.key.len()
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()) as u64;
+        let mut builder = BatchBuilder::new(handle.uid, now);
+        builder.push(&NewRecord {
+            id: &id,
+            generated_id: true,
+            key: Some(&window.key),
+            headers,
+            deliver_at_ms: 0,
+            body: &body,
+        });
+        let offsets: Vec<u64> = members.iter().map(|m| m.0).collect();
+        // A merge replaces accepted messages: it bypasses capacity, like a DLQ move.
+        handle.state.lock().reserve_unchecked(1, bytes);
+        let result = self
+            .write(
+                vec![
+                    Op::Append {
+                        uid: handle.uid,
+                        batch: builder.finish(),
+                    },
+                    Op::Settle {
+                        uid: handle.uid,
+                        ranges: to_ranges(&offsets),
+                    },
+                ],
+                AckLevel::Durable,
+            )
+            .await;
+        let now = self.now_ms();
+        let mut state = handle.state.lock();
+        match result {
+            Ok(results) => {
+                if let Some(&OpResult::Appended { base_offset, .. }) = results.first() {
+                    state.published(1, bytes, Some((base_offset, &[])));
+                    state.make_ready(base_offset);
+                } else {
+                    state.published(1, bytes, None);
+                }
+                state.finish_settle(&members, true, now);
+            }
+            Err(err) => {
+                tracing::warn!(queue = %handle.name, error = %err, "could not merge a coalescing window; its messages go out one by one");
+                state.published(1, bytes, None);
+                state.finish_settle(&members, false, now);
+            }
+        }
     }
 
     /// Drops messages superseded by a newer one with their key, and counts them.

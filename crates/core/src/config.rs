@@ -209,6 +209,37 @@ fn default_fairness_by() -> String {
     "tenant".into()
 }
 
+/// How a coalescing window's messages become one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoalesceMode {
+    /// The newest message; the others are dropped.
+    #[default]
+    Latest,
+    /// One new message whose body is a JSON array of every distinct body of the window.
+    Merge,
+}
+
+/// Debounce by key.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Coalesce {
+    /// Quiet time after a key's newest message before its window closes.
+    pub window_ms: u64,
+    #[serde(default)]
+    pub mode: CoalesceMode,
+    /// Longest a window stays open however steady the stream (default 10 x window_ms).
+    #[serde(default)]
+    pub max_wait_ms: Option<u64>,
+}
+
+impl Coalesce {
+    pub fn max_wait(&self) -> u64 {
+        self.max_wait_ms
+            .unwrap_or(self.window_ms.saturating_mul(10))
+    }
+}
+
 /// Most priority levels a queue may have.
 pub const MAX_PRIORITY_LEVELS: u8 = 10;
 
@@ -255,6 +286,9 @@ pub struct QueueConfig {
     /// Weighted fair scheduling across tenants, keys or a header's values.
     #[serde(default)]
     pub fairness: Option<Fairness>,
+    /// Debounce by key: a window's messages become one delivery.
+    #[serde(default)]
+    pub coalesce: Option<Coalesce>,
     /// Messages with one key leased (or awaiting a retry) at once; 1 = strict per-key
     /// order. null = no limit.
     #[serde(default)]
@@ -292,6 +326,8 @@ pub struct ConfigPatch {
     pub priority_min_share: Option<f64>,
     #[serde(default, deserialize_with = "explicit_null")]
     pub fairness: Option<Option<Fairness>>,
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub coalesce: Option<Option<Coalesce>>,
     #[serde(default, deserialize_with = "explicit_null")]
     pub key_concurrency: Option<Option<u32>>,
     #[serde(default, deserialize_with = "explicit_null")]
@@ -335,6 +371,7 @@ impl QueueConfig {
             priority_levels: 1,
             priority_min_share: default_min_share(),
             fairness: None,
+            coalesce: None,
             key_concurrency: None,
             dispatch_rate: None,
             adaptive: None,
@@ -395,6 +432,9 @@ impl QueueConfig {
         }
         if let Some(v) = &patch.fairness {
             out.fairness = v.clone();
+        }
+        if let Some(v) = patch.coalesce {
+            out.coalesce = v;
         }
         if let Some(v) = patch.key_concurrency {
             out.key_concurrency = v;
@@ -506,6 +546,16 @@ impl QueueConfig {
                     "fairness.weights.{value} must be 0.01..=1000, got {w}"
                 ));
             }
+        }
+        if let Some(c) = &self.coalesce
+            && !((1..=3_600_000).contains(&c.window_ms)
+                && (c.window_ms..=86_400_000).contains(&c.max_wait()))
+        {
+            return bad(format!(
+                "coalesce needs 1 <= window_ms <= 3600000 (1 h) and window_ms <= max_wait_ms <= 86400000 (1 day), got window_ms {} max_wait_ms {}",
+                c.window_ms,
+                c.max_wait()
+            ));
         }
         if let Some(k) = self.key_concurrency
             && !(1..=10_000).contains(&k)

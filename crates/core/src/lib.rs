@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod clock;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod keys;

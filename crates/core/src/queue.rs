@@ -10,6 +10,8 @@ use std::ops::Range;
 
 use tidewater_storage::{LogState, RangeSet, ReadError, Record, RetryInfo};
 
+use crate::coalesce::{Closed, Coalescer};
+use crate::config::CoalesceMode;
 use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
 use crate::keys::KeyGate;
@@ -66,6 +68,8 @@ const SCAN_BYTES: usize = 4 << 20;
 
 /// Reserved header holding a message's own time to live (ms from its publish).
 pub const HEADER_TTL_MS: &str = "tidewater-ttl-ms";
+/// Reserved header of a merged (coalesced) message: how many messages it replaced.
+pub const HEADER_MERGED: &str = "tidewater-merged";
 /// Reserved header naming the producer (tenant) of a message.
 pub const HEADER_TENANT: &str = "tidewater-tenant";
 /// The tenant of messages that name none.
@@ -129,6 +133,9 @@ pub struct Counters {
     pub deduplicated: u64,
     /// Pending messages cancelled by a newer one with their key (supersede).
     pub superseded: u64,
+    /// Coalescing: messages that entered a window, and deliveries windows produced.
+    pub coalesced_in: u64,
+    pub coalesced_out: u64,
     /// Dispatch rate cuts and raises by adaptive throttling.
     pub throttle_cuts: u64,
     pub throttle_raises: u64,
@@ -165,6 +172,11 @@ pub struct QueueStats {
     pub ttl_expired: u64,
     pub deduplicated: u64,
     pub superseded: u64,
+    pub coalesced_in: u64,
+    pub coalesced_out: u64,
+    /// Coalescing windows open now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coalesce_windows: Option<u64>,
     pub throttle_cuts: u64,
     /// Per-key concurrency: keys with a message leased or awaiting a retry, and keys with
     /// messages waiting behind them.
@@ -268,6 +280,8 @@ pub struct QueueState {
     supersede: Option<Supersede>,
     /// Priority levels and fair scheduling (None unless configured).
     shaper: Option<Shaper>,
+    /// Debounce windows by key (None unless `coalesce`).
+    coalescer: Option<Coalescer>,
     /// Pending messages superseded by a newer one, being settled by the caller.
     cancelled: Vec<Unacked>,
 }
@@ -305,6 +319,7 @@ impl QueueState {
             keys: None,
             supersede: None,
             shaper: None,
+            coalescer: None,
             cancelled: Vec::new(),
         }
         .with_policies()
@@ -387,6 +402,15 @@ impl QueueState {
     }
 
     fn apply_policies(&mut self) {
+        match (self.config.coalesce.is_some(), &mut self.coalescer) {
+            (true, None) => self.coalescer = Some(Coalescer::default()),
+            (false, Some(coalescer)) => {
+                let held = coalescer.release_all();
+                self.ready.extend(held);
+                self.coalescer = None;
+            }
+            _ => {}
+        }
         let levels = self.config.priority_levels.max(1);
         let wants_shaper = levels > 1 || self.config.fairness.is_some();
         let weights: HashMap<String, f64> = self
@@ -557,6 +581,69 @@ impl QueueState {
             delivery_count,
             size: older_size,
         });
+    }
+
+    /// Holds newly published keyed messages (index in batch, key, bytes) appended at
+    /// `base` in their key's coalescing window.
+    pub fn coalesce(&mut self, base: u64, keyed: &[(u32, Vec<u8>, u64)], now_ms: i64) {
+        let Some(c) = self.config.coalesce else {
+            return;
+        };
+        for (idx, key, size) in keyed {
+            let offset = base + *idx as u64;
+            // Delayed messages keep their own time; cancelled ones are gone.
+            if self.is_settled_or_busy(offset) || self.timer_at.contains_key(&offset) {
+                continue;
+            }
+            if let Some(coalescer) = &mut self.coalescer
+                && coalescer.hold(offset, key, *size, now_ms, c.window_ms, c.max_wait())
+            {
+                self.counters.coalesced_in += 1;
+            }
+        }
+    }
+
+    /// Closes due coalescing windows. `latest`: the newest member becomes deliverable and
+    /// the others are returned to drop (already settling). `merge`: windows of several
+    /// members are returned whole (already settling) for the caller to merge.
+    pub fn close_windows(&mut self, now_ms: i64) -> (Vec<Unacked>, Vec<Closed>) {
+        let (Some(coalescer), Some(c)) = (&mut self.coalescer, self.config.coalesce) else {
+            return (Vec::new(), Vec::new());
+        };
+        let closed = coalescer.close_due(now_ms);
+        let mut dropped = Vec::new();
+        let mut merges = Vec::new();
+        for mut window in closed {
+            window
+                .members
+                .retain(|&(offset, _)| !self.is_settled_or_busy(offset));
+            let Some(&(newest, _)) = window.members.last() else {
+                continue;
+            };
+            self.counters.coalesced_out += 1;
+            if c.mode == CoalesceMode::Latest || window.members.len() == 1 {
+                for &(offset, size) in &window.members[..window.members.len() - 1] {
+                    self.settling.insert(offset);
+                    dropped.push(Unacked {
+                        offset,
+                        delivery_count: 0,
+                        size,
+                    });
+                }
+                self.ready.push_back(newest);
+            } else {
+                for &(offset, _) in &window.members {
+                    self.settling.insert(offset);
+                }
+                merges.push(window);
+            }
+        }
+        (dropped, merges)
+    }
+
+    /// Makes a message deliverable ahead of the scan (a merged message just appended).
+    pub fn make_ready(&mut self, offset: u64) {
+        self.ready.push_back(offset);
     }
 
     /// Pending messages superseded since the last call (already settling).
@@ -782,6 +869,7 @@ impl QueueState {
             || self.settled.contains(offset)
             || self.settling.contains(&offset)
             || self.leases.contains_key(&offset)
+            || self.coalescer.as_ref().is_some_and(|c| c.is_held(offset))
     }
 
     /// Moves due timers to the ready queue; returns the earliest pending due time.
@@ -804,7 +892,11 @@ impl QueueState {
     pub fn next_wakeup(&self) -> Option<i64> {
         let timer = self.timers.first().map(|&(at, _)| at);
         let lease = self.lease_expiry.first().map(|&(at, _)| at);
-        [timer, lease, self.rate_wakeup].into_iter().flatten().min()
+        let window = self.coalescer.as_ref().and_then(Coalescer::next_due);
+        [timer, lease, self.rate_wakeup, window]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Takes leases on up to `max` messages: redeliveries first, then new messages in
@@ -1231,6 +1323,9 @@ impl QueueState {
         if let Some(shaper) = &mut self.shaper {
             shaper.forget_below(range.end);
         }
+        if let Some(coalescer) = &mut self.coalescer {
+            coalescer.forget_below(range.end);
+        }
         self.settled.insert(range.clone());
         self.advance_floor();
         self.cursor = self.cursor.max(range.end);
@@ -1279,7 +1374,12 @@ impl QueueState {
     pub fn stats(&self, now_ms: i64) -> QueueStats {
         let unsettled = self.unsettled();
         let in_flight = self.leases.len() as u64;
-        let delayed = self.timers.len() as u64;
+        // Messages held in a coalescing window wait for their time like delayed ones.
+        let held = self
+            .coalescer
+            .as_ref()
+            .map_or(0, |c| c.held_offsets().count() as u64);
+        let delayed = self.timers.len() as u64 + held;
         let oldest_age_ms = match self.oldest {
             Some((floor, at)) if floor == self.ack_floor && unsettled > 0 => {
                 (now_ms - at).max(0) as u64
@@ -1304,6 +1404,9 @@ impl QueueState {
             ttl_expired: self.counters.ttl_expired,
             deduplicated: self.counters.deduplicated,
             superseded: self.counters.superseded,
+            coalesced_in: self.counters.coalesced_in,
+            coalesced_out: self.counters.coalesced_out,
+            coalesce_windows: self.coalescer.as_ref().map(|c| c.open_windows() as u64),
             keys_in_flight: self.keys.as_ref().map(|g| g.keys_in_flight() as u64),
             keys_blocked: self.keys.as_ref().map(|g| g.keys_blocked() as u64),
             waiting_by_priority: self
@@ -1360,6 +1463,9 @@ impl QueueState {
         }
         if let Some(shaper) = &self.shaper {
             ready.extend(shaper.offsets());
+        }
+        if let Some(coalescer) = &self.coalescer {
+            ready.extend(coalescer.held_offsets());
         }
         let mut offset = self.ack_floor;
         while offset < self.cursor.min(self.visible_end) {

@@ -892,3 +892,128 @@ fn weights_and_priorities_shape_the_order() {
         assert_eq!(low, 5, "one in six while the high level waits");
     });
 }
+
+fn bodies_of(ds: &[tidewater_core::queue::Delivery]) -> Vec<String> {
+    ds.iter()
+        .map(|d| String::from_utf8(d.record.body.clone()).unwrap())
+        .collect()
+}
+
+#[test]
+fn coalescing_latest_keeps_the_newest_per_key_and_window() {
+    runtime().block_on(async {
+        let mut h = Harness::new();
+        h.queue(
+            "cache",
+            json!({"coalesce": {"window_ms": 100, "mode": "latest", "max_wait_ms": 300}}),
+        )
+        .await;
+        h.publish("cache", keyed(&["k", "k", "j"])).await;
+        assert!(
+            h.receive("cache", 10).await.is_empty(),
+            "held in their windows"
+        );
+        assert_eq!(h.stats("cache").delayed, 3);
+        h.clock.advance(100);
+        let got = h.receive("cache", 10).await;
+        assert_eq!(bodies_of(&got), ["k1", "j2"]);
+        let stats = h.stats("cache");
+        assert_eq!(
+            (stats.coalesced_in, stats.coalesced_out, stats.total),
+            (3, 2, 2)
+        );
+        // A steady stream cannot postpone delivery past max_wait_ms.
+        for step in 0..8 {
+            h.publish("cache", keyed(&["s"])).await;
+            h.clock.advance(50);
+            let got = h.receive("cache", 10).await;
+            if step < 5 {
+                assert!(got.is_empty(), "step {step}");
+            } else if step == 5 {
+                assert_eq!(bodies_of(&got), ["s0"], "closed at 300 ms");
+                break;
+            }
+        }
+        // Held messages are ordinary pending messages after a restart.
+        h.publish("cache", keyed(&["r", "r"])).await;
+        h.restart();
+        let after = bodies_of(&h.receive("cache", 10).await);
+        assert!(
+            after.contains(&"r0".to_string()) && after.contains(&"r1".to_string()),
+            "{after:?}"
+        );
+    });
+}
+
+#[test]
+fn coalescing_merge_delivers_every_distinct_body_once() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        h.queue(
+            "inv",
+            json!({"coalesce": {"window_ms": 100, "mode": "merge"}}),
+        )
+        .await;
+        let msgs = |bodies: &[&str]| -> Vec<NewMessage> {
+            bodies
+                .iter()
+                .map(|b| NewMessage {
+                    key: Some("user:42".into()),
+                    body: b.as_bytes().to_vec(),
+                    ..NewMessage::default()
+                })
+                .collect()
+        };
+        h.publish("inv", msgs(&["profile", "avatar", "profile"]))
+            .await;
+        h.clock.advance(50);
+        h.publish("inv", msgs(&["settings"])).await;
+        h.clock.advance(100);
+        let got = h.receive("inv", 10).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(bodies_of(&got), [r#"["profile","avatar","settings"]"#]);
+        assert_eq!(
+            header(&got[0].record, "tidewater-merged").as_deref(),
+            Some("4")
+        );
+        assert_eq!(got[0].record.key.as_deref(), Some(&b"user:42"[..]));
+        assert_eq!(h.stats("inv").total, 1, "the four were replaced by one");
+        h.broker()
+            .ack("inv", &[got[0].receipt.clone()])
+            .await
+            .unwrap();
+        assert_eq!(h.stats("inv").total, 0);
+    });
+}
+
+#[test]
+fn an_invalidation_storm_is_coalesced_to_one_delivery_per_key_and_window() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        h.queue(
+            "storm",
+            json!({"coalesce": {"window_ms": 1000, "mode": "latest"}}),
+        )
+        .await;
+        // 10,000 events over 1,000 keys within one window.
+        for round in 0..10 {
+            let keys: Vec<String> = (0..1_000).map(|k| format!("key{k}")).collect();
+            let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            h.publish("storm", keyed(&refs)).await;
+            h.clock.advance(50);
+            assert!(h.receive("storm", 100).await.is_empty(), "round {round}");
+        }
+        h.clock.advance(1_000);
+        let mut delivered = 0;
+        loop {
+            let got = h.receive("storm", 1_000).await;
+            if got.is_empty() {
+                break;
+            }
+            delivered += got.len();
+        }
+        assert_eq!(delivered, 1_000);
+        let stats = h.stats("storm");
+        assert_eq!((stats.coalesced_in, stats.coalesced_out), (10_000, 1_000));
+    });
+}

@@ -216,7 +216,12 @@ impl Collector for QueueCollector {
                 })?)?;
             }
         }
-        let key_gauges: [Stat<Option<u64>>; 3] = [
+        let key_gauges: [Stat<Option<u64>>; 4] = [
+            (
+                "queue_coalesce_windows",
+                "Coalescing windows open (queues with coalesce)",
+                |q| q.stats.coalesce_windows,
+            ),
             (
                 "queue_fair_flows",
                 "Fairness values (tenants, keys, ...) with messages waiting (queues with fairness)",
@@ -265,7 +270,17 @@ impl Collector for QueueCollector {
                 }
             }
         }
-        let counters: [Stat<u64>; 13] = [
+        let counters: [Stat<u64>; 15] = [
+            (
+                "coalesced_in",
+                "Messages that entered a coalescing window",
+                |q| q.stats.coalesced_in,
+            ),
+            (
+                "coalesced_out",
+                "Deliveries coalescing windows produced",
+                |q| q.stats.coalesced_out,
+            ),
             ("published", "Messages accepted", |q| q.stats.published),
             ("delivered", "Deliveries (first and repeated)", |q| {
                 q.stats.delivered

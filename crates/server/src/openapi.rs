@@ -69,6 +69,9 @@ pub fn document() -> Value {
                 "fairness": {"type": ["object", "null"], "description": "weighted fair scheduling (deficit round robin)", "properties": {
                     "by": {"type": "string", "description": "tenant | key | header:<name>", "default": "tenant"},
                     "weights": {"type": "object", "additionalProperties": {"type": "number"}}}},
+                "coalesce": {"type": ["object", "null"], "description": "debounce by key", "properties": {
+                    "window_ms": {"type": "integer", "minimum": 1}, "mode": {"type": "string", "enum": ["latest", "merge"], "default": "latest"},
+                    "max_wait_ms": {"type": "integer", "description": "default 10 x window_ms"}}},
                 "supersede": {"type": "boolean", "default": false, "description": "a newer message with a key cancels pending older ones with that key; leased ones learn it on extend/ack"},
                 "key_concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000, "description": "messages with one key leased or awaiting a retry at once; 1 = strict per-key order"},
                 "dedup_window_ms": {"type": "integer", "minimum": 0, "maximum": 86400000, "default": 300000, "description": "client-chosen ids accepted this recently are not enqueued again; 0 = off"},
@@ -86,7 +89,7 @@ pub fn document() -> Value {
                 "depth": {"type": "integer"}, "in_flight": {"type": "integer"}, "delayed": {"type": "integer"}, "total": {"type": "integer"},
                 "bytes": {"type": "integer"}, "oldest_age_ms": {"type": "integer"}, "published": {"type": "integer"}, "delivered": {"type": "integer"},
                 "acked": {"type": "integer"}, "nacked": {"type": "integer"}, "expired": {"type": "integer"}, "dead_lettered": {"type": "integer"},
-                "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"}, "deduplicated": {"type": "integer"}, "superseded": {"type": "integer"},
+                "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"}, "deduplicated": {"type": "integer"}, "superseded": {"type": "integer"}, "coalesced_in": {"type": "integer"}, "coalesced_out": {"type": "integer"}, "coalesce_windows": {"type": "integer"},
                 "keys_in_flight": {"type": "integer"}, "keys_blocked": {"type": "integer"},
                 "waiting_by_priority": {"type": "array", "items": {"type": "integer"}, "description": "highest level first"}, "fair_flows": {"type": "integer"},
                 "throttle_cuts": {"type": "integer"}, "throttle_raises": {"type": "integer"},
