@@ -257,3 +257,89 @@ fn duplicates_are_marked_over_http_and_dropped_on_the_binary_path() {
         .collect();
     assert_eq!(bodies, ["a", "b", "x"], "only order-3 was new");
 }
+
+#[test]
+fn priorities_fairness_and_coalescing_through_cli_http_and_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    let (code, _, err) = run(
+        &server,
+        &[
+            "queue",
+            "create",
+            "mixed",
+            "--set",
+            "priority_levels=2",
+            "--set",
+            "priority_min_share=0",
+            "--set",
+            r#"fairness={"by": "tenant"}"#,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let path = "/v1/queues/mixed/messages";
+    server.ok(
+        "POST",
+        path,
+        Some(
+            json!({"tenant": "big", "messages": [{"body": "b1"}, {"body": "b2"}, {"body": "b3"}]}),
+        ),
+    );
+    server.ok(
+        "POST",
+        path,
+        Some(json!({"tenant": "small", "messages": [{"body": "s1"}]})),
+    );
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let client = Client::new(&server.protocol, ClientOptions::default());
+            client
+                .producer("mixed", ProducerOptions::default())
+                .send(Message::new("urgent").with_priority(1).with_tenant("big"))
+                .await
+                .unwrap();
+        });
+    let stats = server.stats("mixed");
+    assert_eq!(
+        stats["waiting_by_priority"],
+        json!([0, 0]),
+        "sorted only when receives scan"
+    );
+    let bodies: Vec<String> = server
+        .receive("mixed", 5, 0, None)
+        .iter()
+        .map(|m| m["body"].as_str().unwrap().to_string())
+        .collect();
+    // Highest level first; then the two tenants alternate.
+    assert_eq!(bodies, ["urgent", "b1", "s1", "b2", "b3"]);
+
+    server.create_queue(
+        "debounce",
+        json!({"coalesce": {"window_ms": 60000, "mode": "merge"}}),
+    );
+    server.ok(
+        "POST",
+        "/v1/queues/debounce/messages",
+        Some(json!({"messages": [{"body": "a", "key": "k"}, {"body": "b", "key": "k"}]})),
+    );
+    let stats = server.stats("debounce");
+    assert_eq!(
+        (
+            stats["coalesce_windows"].as_u64(),
+            stats["delayed"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    assert!(
+        server.receive("debounce", 5, 0, None).is_empty(),
+        "held for the window"
+    );
+    assert!(
+        metrics_text(&server.url).contains("tidewater_coalesced_in_total{queue=\"debounce\"} 2")
+    );
+}
