@@ -8,6 +8,7 @@ mod client;
 mod http;
 mod metrics;
 mod openapi;
+mod scenario;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -64,6 +65,8 @@ enum Commands {
     Dlq(cli::DlqCommand),
     /// Benchmark publish and receive+ack over HTTP (starts its own server unless --target URL).
     Bench(bench::BenchArgs),
+    /// Replay an incident without and with the policy that answers it (simulated time).
+    Scenario(scenario::ScenarioArgs),
 }
 
 fn main() {
@@ -84,6 +87,7 @@ fn main() {
             }
         }
         Commands::Bench(args) => report(bench::run(args)),
+        Commands::Scenario(args) => report(scenario::run(args, cli.json)),
         command => {
             // Like any Unix tool: `tidewater queue list | head` ends quietly.
             // SAFETY: setting a signal disposition before any thread starts.
@@ -94,7 +98,9 @@ fn main() {
                 Commands::Publish(a) => cli::publish(&cli.protocol_server, a, cli.json),
                 Commands::Consume(a) => cli::consume(&cli.protocol_server, a, cli.json),
                 Commands::Dlq(c) => cli::dlq(&client, c, cli.json),
-                Commands::Serve(_) | Commands::Bench(_) => unreachable!(),
+                Commands::Serve(_) | Commands::Bench(_) | Commands::Scenario(_) => {
+                    unreachable!()
+                }
             })
         }
     };
