@@ -234,6 +234,43 @@ impl DrainMeter {
     }
 }
 
+/// Reads the records at `offsets` (any order), grouping nearby offsets into one read.
+fn read_offsets(
+    source: &impl RecordSource,
+    offsets: &[u64],
+) -> Result<OffsetMap<Record>, ReadError> {
+    /// Offsets this close together are read in one pass rather than looked up apart.
+    const GAP: u64 = 1_024;
+    let mut sorted = offsets.to_vec();
+    sorted.sort_unstable();
+    let wanted: OffsetSet = sorted.iter().copied().collect();
+    let mut out = OffsetMap::default();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] - end <= GAP {
+            i += 1;
+            end = sorted[i];
+        }
+        i += 1;
+        let mut from = start;
+        while from <= end {
+            let records = source.read(from, (end - from + 1) as usize, SCAN_BYTES)?;
+            let Some(last) = records.last().map(|r| r.offset) else {
+                break;
+            };
+            for record in records {
+                if wanted.contains(&record.offset) {
+                    out.insert(record.offset, record);
+                }
+            }
+            from = last + 1;
+        }
+    }
+    Ok(out)
+}
+
 pub struct QueueState {
     pub uid: u64,
     pub name: String,
@@ -972,22 +1009,30 @@ impl QueueState {
         if self.shaper.is_some() {
             self.fill_shaper(source, now_ms)?;
             while out.len() < room {
-                let Some(offset) = self.shaper.as_mut().and_then(Shaper::pop) else {
+                // Pick what the lanes say, then read the picks in few sequential reads.
+                let mut picked = Vec::new();
+                while picked.len() < room - out.len() {
+                    let Some(offset) = self.shaper.as_mut().and_then(Shaper::pop) else {
+                        break;
+                    };
+                    if !self.is_settled_or_busy(offset) && !self.timer_at.contains_key(&offset) {
+                        picked.push(offset);
+                    }
+                }
+                if picked.is_empty() {
                     break;
-                };
-                if self.is_settled_or_busy(offset) || self.timer_at.contains_key(&offset) {
-                    continue;
                 }
-                let Some(record) = source.read(offset, 1, 1)?.pop() else {
-                    continue;
-                };
-                if record.offset != offset {
-                    continue; // deleted with its segment: it was settled
-                }
-                if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
-                    self.expire(&record);
-                } else if !self.park_if_blocked(&record) {
-                    out.push(self.lease(record, now_ms, lease_ms));
+                let mut records = read_offsets(source, &picked)?;
+                for offset in picked {
+                    // None: deleted with its segment, so it was settled.
+                    let Some(record) = records.remove(&offset) else {
+                        continue;
+                    };
+                    if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
+                        self.expire(&record);
+                    } else if !self.park_if_blocked(&record) {
+                        out.push(self.lease(record, now_ms, lease_ms));
+                    }
                 }
             }
         }

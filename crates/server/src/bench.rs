@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::client::Client;
 
@@ -50,6 +50,16 @@ pub struct BenchArgs {
     /// Latency workload: seconds of paced publishing.
     #[arg(long, default_value_t = 10)]
     pub duration_s: u64,
+    /// Extra configuration of the bench queue as JSON (flow-control policies), e.g.
+    /// '{"fairness": {"by": "tenant"}, "key_concurrency": 4}'.
+    #[arg(long, value_name = "JSON")]
+    pub queue_config: Option<String>,
+    /// Binary protocol: spread messages over this many tenants, half of them from the first.
+    #[arg(long, default_value_t = 0)]
+    pub tenants: u64,
+    /// Binary protocol: spread messages over this many keys, half of them on the first.
+    #[arg(long, default_value_t = 0)]
+    pub keys: u64,
     /// With --target: the binary protocol address of that server.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7071")]
     pub target_protocol: String,
@@ -187,14 +197,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let client = Client::new(&url);
     let queue = format!("bench-{}", fastrand::u32(..));
     let capacity = (args.messages * 2).max(1_000);
+    let mut config = json!({"max_messages": capacity, "max_bytes": 1u64 << 40});
+    if let Some(extra) = &args.queue_config {
+        let extra: Value = serde_json::from_str(extra).context("--queue-config is not JSON")?;
+        let Some(extra) = extra.as_object() else {
+            anyhow::bail!("--queue-config must be a JSON object");
+        };
+        for (k, v) in extra {
+            config[k] = v.clone();
+        }
+    }
+    if (args.tenants > 0 || args.keys > 0) && args.protocol != "binary" {
+        anyhow::bail!("--tenants and --keys need --protocol binary");
+    }
     client.call(
         "PUT",
         &format!("/v1/queues/{queue}"),
-        Some(
-            json!({"max_messages": capacity, "max_bytes": 1u64 << 40})
-                .to_string()
-                .as_bytes(),
-        ),
+        Some(config.to_string().as_bytes()),
     )?;
     let cpu_before = pid.and_then(process_usage).map_or(0.0, |u| u.1);
     if args.workload == "latency" {
@@ -433,17 +452,15 @@ fn binary_publish(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result<V
             };
             let producer = client.producer(queue, opts);
             let body = body.clone();
+            let (tenants, keys) = (args.tenants, args.keys);
             tasks.push(tokio::spawn(async move {
                 // A window of sends in flight; sample the latency of every 100th message.
                 let mut window = std::collections::VecDeque::new();
                 let mut latencies = Vec::new();
                 for i in 0..n {
                     let started = Instant::now();
-                    window.push_back((
-                        i,
-                        started,
-                        Box::pin(producer.send(Message::new(body.clone()))),
-                    ));
+                    let message = skewed(Message::new(body.clone()), i, tenants, keys);
+                    window.push_back((i, started, Box::pin(producer.send(message))));
                     if window.len() >= 20_000 {
                         let (i, started, send) = window.pop_front().unwrap();
                         send.await?;
@@ -573,4 +590,29 @@ fn latency_workload(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result
         }
         receiver.await?
     })
+}
+
+/// Gives message `i` a tenant and a key when asked: half of all messages go to the first
+/// tenant and key (the skew), the rest spread evenly over the others.
+fn skewed(
+    message: tidewater_client::Message,
+    i: u64,
+    tenants: u64,
+    keys: u64,
+) -> tidewater_client::Message {
+    let pick = |n: u64| {
+        if i.is_multiple_of(2) || n < 2 {
+            0
+        } else {
+            1 + i / 2 % (n - 1)
+        }
+    };
+    let mut message = message;
+    if tenants > 0 {
+        message = message.with_tenant(format!("tenant-{}", pick(tenants)));
+    }
+    if keys > 0 {
+        message = message.with_key(format!("key-{}", pick(keys)));
+    }
+    message
 }

@@ -175,9 +175,11 @@ impl Sim {
         Ok(())
     }
 
+    /// Publishes durably: a message is deliverable once durable, and the simulated clock
+    /// must not run ahead of the (real-time) storage threads.
     async fn publish(&self, queue: &str, messages: Vec<NewMessage>) -> anyhow::Result<()> {
         for chunk in messages.chunks(5_000) {
-            self.broker.publish(queue, chunk, AckLevel::Written).await?;
+            self.broker.publish(queue, chunk, AckLevel::Durable).await?;
         }
         Ok(())
     }
@@ -528,7 +530,7 @@ async fn slow_consumer(scale: usize) -> anyhow::Result<Report> {
                 .collect();
             match sim
                 .broker
-                .publish("orders", &batch, AckLevel::Written)
+                .publish("orders", &batch, AckLevel::Durable)
                 .await
             {
                 Ok(_) => {}

@@ -340,6 +340,20 @@ pub fn decode_records_from(
     Ok(())
 }
 
+/// Decodes the one record that `bytes` holds exactly (length prefix included).
+pub fn decode_record_at(
+    bytes: &[u8],
+    offset: u64,
+    published_at_ms: i64,
+) -> Result<Record, FormatError> {
+    let mut cur = Cursor { buf: bytes, pos: 0 };
+    let view = parse_view(&mut cur, offset)?;
+    if cur.pos != bytes.len() {
+        return Err(FormatError::BadLength);
+    }
+    Ok(view.to_record(published_at_ms))
+}
+
 /// A record borrowed from the bytes it was parsed from (no allocation).
 #[derive(Debug, Clone, Copy)]
 pub struct RecordView<'a> {

@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{FormatError, OpenError, ReadError};
-use crate::format::{BATCH_HEADER_LEN, BatchHeader, Record, check_batch, decode_records_from};
+use crate::format::{BATCH_HEADER_LEN, BatchHeader, Record, decode_record_at};
 
 /// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
+/// Bytes read at a time from inside a batch.
+const READ_CHUNK: u64 = 64 << 10;
 
 pub(crate) struct Segment {
     pub base: u64,
@@ -20,23 +22,70 @@ pub(crate) struct Segment {
     pub len: u64,
     pub path: PathBuf,
     pub file: Arc<File>,
-    /// (first offset of a batch, its byte position), ascending.
-    index: Vec<(u64, u64)>,
+    /// Sparse index, ascending by offset: batch starts and record marks inside batches.
+    index: Vec<Mark>,
     last_indexed_pos: u64,
 }
 
+/// Where reading can start for an offset: a batch header, or a record inside a batch (so
+/// that one record of a 5,000-record batch is read without the whole batch).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Mark {
+    offset: u64,
+    pos: u64,
+    /// 0: `pos` is a batch header. Otherwise `pos` is a record of the batch that ends at
+    /// this byte position and was published at `published_at_ms`.
+    batch_end: u64,
+    published_at_ms: i64,
+}
+
 impl Segment {
-    fn note_batch(&mut self, base_offset: u64, pos: u64) {
+    /// Indexes a batch at `pos` whose records are `records` (the bytes after the header).
+    fn note_batch(&mut self, header: &BatchHeader, pos: u64, records: &[u8]) {
         if self.index.is_empty() || pos >= self.last_indexed_pos + INDEX_INTERVAL_BYTES {
-            self.index.push((base_offset, pos));
+            self.index.push(Mark {
+                offset: header.base_offset,
+                pos,
+                batch_end: 0,
+                published_at_ms: 0,
+            });
             self.last_indexed_pos = pos;
+        }
+        // Marks inside a large batch, at record boundaries (each record starts with its
+        // length, so walking them reads 4 bytes per record).
+        let batch_end = pos + BATCH_HEADER_LEN as u64 + records.len() as u64;
+        let mut rel = 0usize;
+        let mut offset = header.base_offset;
+        while rel + 4 <= records.len() {
+            let record_pos = pos + BATCH_HEADER_LEN as u64 + rel as u64;
+            if record_pos >= self.last_indexed_pos + INDEX_INTERVAL_BYTES {
+                self.index.push(Mark {
+                    offset,
+                    pos: record_pos,
+                    batch_end,
+                    published_at_ms: header.published_at_ms,
+                });
+                self.last_indexed_pos = record_pos;
+            }
+            let len = u32::from_le_bytes(records[rel..rel + 4].try_into().unwrap()) as usize;
+            rel += 4 + len;
+            offset += 1;
         }
     }
 
-    /// Byte position of an indexed batch at or before `offset`.
-    fn position_before(&self, offset: u64) -> u64 {
-        let idx = self.index.partition_point(|&(o, _)| o <= offset);
-        if idx == 0 { 0 } else { self.index[idx - 1].1 }
+    /// The indexed place at or before `offset` to start reading from.
+    fn mark_before(&self, offset: u64) -> Mark {
+        let idx = self.index.partition_point(|m| m.offset <= offset);
+        if idx == 0 {
+            Mark {
+                offset: self.base,
+                pos: 0,
+                batch_end: 0,
+                published_at_ms: 0,
+            }
+        } else {
+            self.index[idx - 1]
+        }
     }
 }
 
@@ -191,11 +240,20 @@ impl LogFiles {
     }
 
     /// Records batches just written at the end of the active segment.
-    pub fn note_appended(&mut self, batches: &[(u64, u64)], new_len: u64, new_end: u64) {
+    /// Indexes batches just written at the end of the active segment (`bytes`, back to
+    /// back, checked by the caller).
+    pub fn note_appended(&mut self, bytes: &[u8], new_len: u64, new_end: u64) {
         let active = self.segments.last_mut().expect("active segment");
         let start = active.len;
-        for &(base_offset, rel_pos) in batches {
-            active.note_batch(base_offset, start + rel_pos);
+        let mut at = 0;
+        while at < bytes.len() {
+            let Ok(header) = BatchHeader::decode(&bytes[at..]) else {
+                break;
+            };
+            let total = header.total_len();
+            let records = &bytes[at + BATCH_HEADER_LEN..at + total];
+            active.note_batch(&header, start + at as u64, records);
+            at += total;
         }
         active.len = new_len;
         active.end = new_end;
@@ -262,7 +320,7 @@ impl LogFiles {
         active.len = mark.len;
         active.end = mark.end;
         active.index.truncate(mark.index_len);
-        active.last_indexed_pos = active.index.last().map_or(0, |&(_, pos)| pos);
+        active.last_indexed_pos = active.index.last().map_or(0, |m| m.pos);
         active.file.set_len(mark.len)
     }
 
@@ -324,7 +382,7 @@ fn scan_segment_until(
         if crc32c::crc32c(&body) != header.body_crc {
             break;
         }
-        segment.note_batch(header.base_offset, pos);
+        segment.note_batch(&header, pos, &body);
         segment.len = pos + header.total_len() as u64;
         segment.end = header.base_offset + header.count as u64;
     }
@@ -351,9 +409,9 @@ pub(crate) fn read_records(
         out.len() - start_len >= max_count || (bytes >= max_bytes && out.len() > start_len)
     };
     let mut header_buf = [0u8; BATCH_HEADER_LEN];
-    let mut batch = Vec::new();
+    let mut chunk = Vec::new();
     while next < limit && !full(out, bytes) {
-        let (file, path, mut pos, seg_len, seg_end) = {
+        let (file, path, mark, seg_len, seg_end) = {
             let files = files.read().unwrap_or_else(|e| e.into_inner());
             let idx = files.segments.partition_point(|s| s.base <= next);
             if idx == 0 {
@@ -379,47 +437,86 @@ pub(crate) fn read_records(
             (
                 seg.file.clone(),
                 seg.path.clone(),
-                seg.position_before(next),
+                seg.mark_before(next),
                 seg.len,
                 seg.end,
             )
         };
+        let io = |source| ReadError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut pos = mark.pos;
+        // (end of the batch's bytes, its publish time, the offset of the record at `pos`)
+        let mut in_batch =
+            (mark.batch_end != 0).then_some((mark.batch_end, mark.published_at_ms, mark.offset));
         while pos < seg_len && next < limit && !full(out, bytes) {
-            file.read_exact_at(&mut header_buf, pos)
-                .map_err(|source| ReadError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-            let header =
-                BatchHeader::decode(&header_buf).map_err(|reason| corrupt(&path, pos, reason))?;
-            let total = header.total_len();
-            let batch_end = header.base_offset + header.count as u64;
-            if batch_end > next {
-                batch.resize(total, 0);
-                file.read_exact_at(&mut batch, pos)
-                    .map_err(|source| ReadError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                check_batch(&batch).map_err(|reason| corrupt(&path, pos, reason))?;
-                let mut stopped = false;
-                decode_records_from(&header, &batch[BATCH_HEADER_LEN..], next, |record| {
-                    if record.offset >= limit || full(out, bytes) {
-                        stopped = true;
-                        return false;
+            let (batch_end, published_at_ms, mut offset) = match in_batch.take() {
+                Some(batch) => batch,
+                None => {
+                    file.read_exact_at(&mut header_buf, pos).map_err(io)?;
+                    let header = BatchHeader::decode(&header_buf)
+                        .map_err(|reason| corrupt(&path, pos, reason))?;
+                    let total = header.total_len() as u64;
+                    if header.base_offset + header.count as u64 <= next {
+                        pos += total; // nothing wanted in this batch
+                        continue;
                     }
-                    bytes += record.body.len();
-                    next = record.offset + 1;
-                    out.push(record);
-                    true
-                })
-                .map_err(|reason| corrupt(&path, pos, reason))?;
-                if stopped {
-                    return Ok(());
+                    let batch = (pos + total, header.published_at_ms, header.base_offset);
+                    pos += BATCH_HEADER_LEN as u64;
+                    batch
                 }
-                next = next.max(batch_end.min(limit));
+            };
+            // The batch's records, a chunk at a time: each starts with its length, so
+            // records before `next` are stepped over without decoding. (The header CRC
+            // was checked; the body's when the batch entered this process: at append, or
+            // in the scan at open. Re-hashing a batch per read dominated reads.)
+            while pos < batch_end {
+                let want = (batch_end - pos).min(READ_CHUNK);
+                chunk.resize(want as usize, 0);
+                file.read_exact_at(&mut chunk, pos).map_err(io)?;
+                let mut rel = 0usize;
+                while rel + 4 <= chunk.len() {
+                    let len = u32::from_le_bytes(chunk[rel..rel + 4].try_into().unwrap()) as usize;
+                    let record_len = 4 + len;
+                    if rel + record_len > chunk.len() {
+                        if rel > 0 {
+                            break; // read the rest from this record on
+                        }
+                        // One record larger than a chunk: read it whole.
+                        if pos + record_len as u64 > batch_end {
+                            return Err(corrupt(&path, pos, FormatError::BadLength));
+                        }
+                        chunk.resize(record_len, 0);
+                        file.read_exact_at(&mut chunk, pos).map_err(io)?;
+                        continue;
+                    }
+                    if offset >= next {
+                        if offset >= limit || full(out, bytes) {
+                            return Ok(());
+                        }
+                        let record = decode_record_at(
+                            &chunk[rel..rel + record_len],
+                            offset,
+                            published_at_ms,
+                        )
+                        .map_err(|reason| corrupt(&path, pos + rel as u64, reason))?;
+                        bytes += record.body.len();
+                        next = offset + 1;
+                        out.push(record);
+                    }
+                    rel += record_len;
+                    offset += 1;
+                }
+                if rel == 0 {
+                    return Err(corrupt(&path, pos, FormatError::Truncated));
+                }
+                pos += rel as u64;
             }
-            pos += total as u64;
+            if pos != batch_end {
+                return Err(corrupt(&path, pos, FormatError::BadLength));
+            }
+            next = next.max(offset.min(limit));
         }
         if next < seg_end && pos >= seg_len {
             return Ok(()); // the segment ended early (being appended): nothing more yet

@@ -703,12 +703,10 @@ fn append_to_segment(files: &mut LogFiles, batches: &[u8], roll_bytes: u64) -> s
         let end = files.end();
         files.roll(end)?;
     }
-    let mut positions = Vec::new();
     let mut at = 0;
     let mut end = files.end();
     while at < batches.len() {
         let header = BatchHeader::decode(&batches[at..]).map_err(std::io::Error::other)?;
-        positions.push((header.base_offset, at as u64));
         end = header.base_offset + header.count as u64;
         at += header.total_len();
     }
@@ -718,7 +716,7 @@ fn append_to_segment(files: &mut LogFiles, batches: &[u8], roll_bytes: u64) -> s
         let _ = active.file.set_len(start);
         return Err(err);
     }
-    files.note_appended(&positions, start + batches.len() as u64, end);
+    files.note_appended(batches, start + batches.len() as u64, end);
     Ok(())
 }
 
