@@ -1717,7 +1717,13 @@ impl Broker {
         result?;
         state.counters.acked += released.len() as u64;
         state.succeeded(now);
+        // Settling can make messages deliverable: a key's next message, or room under
+        // max_in_flight. Wake long-polls so they do not sleep until their timeout.
+        let unblocked = state.may_deliver_after_settle();
         drop(state);
+        if unblocked {
+            handle.notify.notify_waiters();
+        }
         let latencies: Vec<f64> = released
             .iter()
             .map(|(_, l)| (now - l.published_at_ms).max(0) as f64 / 1000.0)

@@ -119,6 +119,11 @@ impl KeyGate {
         self.released.pop_front()
     }
 
+    /// Released messages wait to be delivered.
+    pub fn has_released(&self) -> bool {
+        !self.released.is_empty()
+    }
+
     /// Keys with a message leased or awaiting a retry.
     pub fn keys_in_flight(&self) -> usize {
         self.active.len()

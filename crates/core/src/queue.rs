@@ -678,6 +678,13 @@ impl QueueState {
         (dropped, merges)
     }
 
+    /// After a settlement: true if it may have made messages deliverable that a waiting
+    /// receive would not otherwise notice (released by their key, or in-flight room).
+    pub fn may_deliver_after_settle(&self) -> bool {
+        self.keys.as_ref().is_some_and(KeyGate::has_released)
+            || self.leases.len() as u64 + 1 >= self.config.max_in_flight
+    }
+
     /// Makes a message deliverable ahead of the scan (a merged message just appended).
     pub fn make_ready(&mut self, offset: u64) {
         self.ready.push_back(offset);

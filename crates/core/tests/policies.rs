@@ -1017,3 +1017,35 @@ fn an_invalidation_storm_is_coalesced_to_one_delivery_per_key_and_window() {
         assert_eq!((stats.coalesced_in, stats.coalesced_out), (10_000, 1_000));
     });
 }
+
+#[test]
+fn an_ack_that_frees_a_key_wakes_a_waiting_receive() {
+    // Real time here: paused time would jump to the receive's deadline while the ack
+    // waits for the storage threads.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let h = Harness::new();
+        h.queue("k", json!({"key_concurrency": 1})).await;
+        h.publish("k", keyed(&["a", "a"])).await;
+        let first = h.receive("k", 10).await;
+        assert_eq!(first.len(), 1);
+        let broker = h.broker().clone();
+        let waiting = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let got = broker.receive("k", 10, 30_000, None).await.unwrap();
+            (got.len(), started.elapsed())
+        });
+        tokio::task::yield_now().await;
+        h.broker()
+            .ack("k", &[first[0].receipt.clone()])
+            .await
+            .unwrap();
+        let (n, waited) = waiting.await.unwrap();
+        assert_eq!(n, 1);
+        // Woken by the ack, not by its 30 s timeout (a generous bound, not a timing test).
+        assert!(waited < std::time::Duration::from_secs(20), "{waited:?}");
+    });
+}
