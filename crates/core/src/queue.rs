@@ -80,6 +80,18 @@ pub trait RecordSource {
     /// Records at offsets >= `from`, at most `max_count`, about `max_bytes` of bodies.
     fn read(&self, from: u64, max_count: usize, max_bytes: usize)
     -> Result<Vec<Record>, ReadError>;
+
+    /// The records in `from..end` whose offset `want` accepts.
+    fn read_where(
+        &self,
+        from: u64,
+        end: u64,
+        want: &dyn Fn(u64) -> bool,
+    ) -> Result<Vec<Record>, ReadError> {
+        let mut records = self.read(from, end.saturating_sub(from) as usize, usize::MAX)?;
+        records.retain(|r| r.offset < end && want(r.offset));
+        Ok(records)
+    }
 }
 
 impl RecordSource for tidewater_storage::LogReader {
@@ -90,6 +102,15 @@ impl RecordSource for tidewater_storage::LogReader {
         max_bytes: usize,
     ) -> Result<Vec<Record>, ReadError> {
         tidewater_storage::LogReader::read(self, from, max_count, max_bytes)
+    }
+
+    fn read_where(
+        &self,
+        from: u64,
+        end: u64,
+        want: &dyn Fn(u64) -> bool,
+    ) -> Result<Vec<Record>, ReadError> {
+        tidewater_storage::LogReader::read_where(self, from, end, want)
     }
 }
 
@@ -254,18 +275,8 @@ fn read_offsets(
             end = sorted[i];
         }
         i += 1;
-        let mut from = start;
-        while from <= end {
-            let records = source.read(from, (end - from + 1) as usize, SCAN_BYTES)?;
-            let Some(last) = records.last().map(|r| r.offset) else {
-                break;
-            };
-            for record in records {
-                if wanted.contains(&record.offset) {
-                    out.insert(record.offset, record);
-                }
-            }
-            from = last + 1;
+        for record in source.read_where(start, end + 1, &|o| wanted.contains(&o))? {
+            out.insert(record.offset, record);
         }
     }
     Ok(out)
@@ -1130,13 +1141,13 @@ impl QueueState {
     }
 
     /// (priority level, fairness value) of a message.
-    fn lane_of(&self, record: &Record) -> (u8, String) {
+    fn lane_of<'r>(&self, record: &'r Record) -> (u8, std::borrow::Cow<'r, str>) {
         let header = |name: &str| {
             record
                 .headers
                 .iter()
                 .find(|(k, _)| k == name.as_bytes())
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .map(|(_, v)| String::from_utf8_lossy(v))
         };
         let priority = if self.config.priority_levels > 1 {
             header(HEADER_PRIORITY)
@@ -1146,12 +1157,12 @@ impl QueueState {
             0
         };
         let flow = match self.config.fairness.as_ref().map(|f| f.by.as_str()) {
-            None => String::new(),
-            Some("tenant") => header(HEADER_TENANT).unwrap_or_else(|| ANONYMOUS_TENANT.into()),
+            None => "".into(),
+            Some("tenant") => header(HEADER_TENANT).unwrap_or(ANONYMOUS_TENANT.into()),
             Some("key") => record
                 .key
                 .as_deref()
-                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .map(String::from_utf8_lossy)
                 .unwrap_or_default(),
             Some(by) => by
                 .strip_prefix("header:")

@@ -55,9 +55,11 @@ impl Lane {
 
 #[derive(Debug, Default)]
 struct Level {
-    lanes: HashMap<String, Lane>,
-    /// Flows with messages, in round-robin order; the front is being served.
-    active: VecDeque<String>,
+    /// Lanes by flow; a flow keeps its lane (bounded by `MAX_FLOWS`).
+    lanes: Vec<Lane>,
+    flows: HashMap<String, usize>,
+    /// Lanes with messages, in round-robin order; the front is being served.
+    active: VecDeque<usize>,
     len: u64,
 }
 
@@ -66,8 +68,7 @@ impl Level {
     /// deficit lasts, then goes to the back and the next one gets its quantum (weight).
     fn pop(&mut self, runs: &mut usize) -> Option<u64> {
         loop {
-            let flow = self.active.front()?.clone();
-            let lane = self.lanes.get_mut(&flow).expect("active flows have lanes");
+            let lane = &mut self.lanes[*self.active.front()?];
             if lane.len == 0 {
                 lane.active = false;
                 lane.deficit = 0.0;
@@ -139,28 +140,35 @@ impl Shaper {
     pub fn push(&mut self, offset: u64, priority: u8, flow: &str) {
         let top = self.levels.len() - 1;
         let level = &mut self.levels[(priority as usize).min(top)];
-        let flow = if level.lanes.contains_key(flow) || level.lanes.len() < MAX_FLOWS {
-            flow
-        } else {
-            OTHER_FLOW
+        let idx = match level.flows.get(flow) {
+            Some(&idx) => idx,
+            None => {
+                let flow = if level.lanes.len() < MAX_FLOWS {
+                    flow
+                } else {
+                    OTHER_FLOW
+                };
+                match level.flows.get(flow) {
+                    Some(&idx) => idx,
+                    None => {
+                        let weight = self.weights.get(flow).copied().unwrap_or(1.0);
+                        level.lanes.push(Lane {
+                            weight,
+                            ..Lane::default()
+                        });
+                        level.flows.insert(flow.to_string(), level.lanes.len() - 1);
+                        level.lanes.len() - 1
+                    }
+                }
+            }
         };
-        if !level.lanes.contains_key(flow) {
-            let weight = self.weights.get(flow).copied().unwrap_or(1.0);
-            level.lanes.insert(
-                flow.to_string(),
-                Lane {
-                    weight,
-                    ..Lane::default()
-                },
-            );
-        }
-        let lane = level.lanes.get_mut(flow).expect("inserted above");
+        let lane = &mut level.lanes[idx];
         if lane.push(offset) {
             self.runs += 1;
         }
         if !lane.active {
             lane.active = true;
-            level.active.push_back(flow.to_string());
+            level.active.push_back(idx);
         }
         level.len += 1;
     }
@@ -192,8 +200,8 @@ impl Shaper {
     pub fn reconfigure(&mut self, min_share: f64, weights: HashMap<String, f64>) {
         self.min_share = min_share;
         for level in &mut self.levels {
-            for (flow, lane) in &mut level.lanes {
-                lane.weight = weights.get(flow).copied().unwrap_or(1.0);
+            for (flow, &idx) in &level.flows {
+                level.lanes[idx].weight = weights.get(flow).copied().unwrap_or(1.0);
             }
         }
         self.weights = weights;
@@ -207,14 +215,14 @@ impl Shaper {
     pub fn offsets(&self) -> impl Iterator<Item = u64> + '_ {
         self.levels
             .iter()
-            .flat_map(|l| l.lanes.values())
+            .flat_map(|l| l.lanes.iter())
             .flat_map(|lane| lane.runs.iter().cloned().flatten())
     }
 
     /// Forgets offsets below `end` (a purge settled them).
     pub fn forget_below(&mut self, end: u64) {
         for level in &mut self.levels {
-            for lane in level.lanes.values_mut() {
+            for lane in &mut level.lanes {
                 while let Some(run) = lane.runs.front_mut() {
                     if run.end <= end {
                         lane.len -= run.end - run.start;
@@ -229,7 +237,7 @@ impl Shaper {
                     }
                 }
             }
-            level.len = level.lanes.values().map(|l| l.len).sum();
+            level.len = level.lanes.iter().map(|l| l.len).sum();
         }
     }
 

@@ -394,12 +394,15 @@ fn scan_segment_until(
 ///
 /// Walks batch headers from the sparse index entry before `from` and reads only the batches
 /// that hold wanted records, so a one-record read costs one small and one batch-sized pread.
+/// Only records whose offset `want` accepts are decoded and returned (the others are
+/// stepped over by their length).
 pub(crate) fn read_records(
     files: &std::sync::RwLock<LogFiles>,
     from: u64,
     limit: u64,
     max_count: usize,
     max_bytes: usize,
+    want: &dyn Fn(u64) -> bool,
     out: &mut Vec<Record>,
 ) -> Result<(), ReadError> {
     let mut next = from;
@@ -472,8 +475,8 @@ pub(crate) fn read_records(
             // was checked; the body's when the batch entered this process: at append, or
             // in the scan at open. Re-hashing a batch per read dominated reads.)
             while pos < batch_end {
-                let want = (batch_end - pos).min(READ_CHUNK);
-                chunk.resize(want as usize, 0);
+                let size = (batch_end - pos).min(READ_CHUNK);
+                chunk.resize(size as usize, 0);
                 file.read_exact_at(&mut chunk, pos).map_err(io)?;
                 let mut rel = 0usize;
                 while rel + 4 <= chunk.len() {
@@ -491,7 +494,9 @@ pub(crate) fn read_records(
                         file.read_exact_at(&mut chunk, pos).map_err(io)?;
                         continue;
                     }
-                    if offset >= next {
+                    if offset >= next && !want(offset) {
+                        next = offset + 1;
+                    } else if offset >= next {
                         if offset >= limit || full(out, bytes) {
                             return Ok(());
                         }

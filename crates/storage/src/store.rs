@@ -229,6 +229,28 @@ impl LogReader {
             self.durable_end(),
             max_count,
             max_bytes,
+            &|_| true,
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    /// Reads the durable records in `from..end` whose offset `want` accepts, decoding
+    /// only those (for scattered picks: one pass instead of a read per record).
+    pub fn read_where(
+        &self,
+        from: u64,
+        end: u64,
+        want: &dyn Fn(u64) -> bool,
+    ) -> Result<Vec<Record>, ReadError> {
+        let mut out = Vec::new();
+        read_records(
+            &self.log.files,
+            from,
+            end.min(self.durable_end()),
+            usize::MAX,
+            usize::MAX,
+            want,
             &mut out,
         )?;
         Ok(out)

@@ -438,6 +438,10 @@ fn single_records_are_read_from_inside_large_batches() {
         assert_eq!(got[0].body, bodies[offset as usize].as_bytes());
         assert_eq!(got[0].published_at_ms, 1_000);
     }
+    let picked = reader.read_where(10, 2_600, &|o| o % 500 == 0).unwrap();
+    let offsets: Vec<u64> = picked.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [500, 1_000, 1_500, 2_000, 2_500]);
+    assert_eq!(picked[2].body, bodies[1_500].as_bytes());
     let span = reader.read(995, 10, usize::MAX).unwrap();
     let offsets: Vec<u64> = span.iter().map(|r| r.offset).collect();
     assert_eq!(offsets, (995..1_005).collect::<Vec<_>>());
