@@ -26,7 +26,7 @@ use crate::config::{
 use crate::error::{BrokerError, ErrorCode};
 use crate::queue::{
     ANONYMOUS_TENANT, Delivery, HEADER_MERGED, HEADER_PRIORITY, HEADER_TENANT, HEADER_TTL_MS,
-    QueueState, QueueStats, Unacked,
+    QueueState, QueueStats, SCAN_BYTES, Unacked,
 };
 
 /// Headers added to a dead-lettered message.
@@ -157,6 +157,47 @@ fn marks(n: usize, indexes: &[usize]) -> Vec<bool> {
     out
 }
 
+/// The records of `batch` marked in `take`, as a batch for the delay log `uid`.
+fn parked_part(
+    header: &tidewater_storage::format::BatchHeader,
+    batch: &[u8],
+    take: &[bool],
+    uid: u64,
+    now: i64,
+) -> ParkedPart {
+    let mut builder = BatchBuilder::new(uid, now);
+    let mut part = ParkedPart {
+        uid,
+        batch: Vec::new(),
+        entries: Vec::new(),
+        n: 0,
+        bytes: 0,
+    };
+    let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
+    let mut idx = 0;
+    let _ = tidewater_storage::format::visit_records::<FormatError>(header, body, |record| {
+        if take[idx] {
+            let size = record.size();
+            part.entries
+                .push((part.n as u32, record.deliver_at_ms, size));
+            part.n += 1;
+            part.bytes += size;
+            builder.push(&NewRecord {
+                id: record.id,
+                generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,
+                key: record.key,
+                headers: record.headers().collect(),
+                deliver_at_ms: record.deliver_at_ms,
+                body: record.body,
+            });
+        }
+        idx += 1;
+        Ok(())
+    });
+    part.batch = builder.finish();
+    part
+}
+
 /// A copy of `batch` without the records marked in `skip` (already checked).
 fn without(
     header: &tidewater_storage::format::BatchHeader,
@@ -193,6 +234,18 @@ struct Admission {
     claimed: Vec<Vec<u8>>,
     /// (index in batch, key, bytes) of keyed messages, on supersede queues.
     keyed: Vec<(u32, Vec<u8>, u64)>,
+    /// Long delays bound for the delay log.
+    parked: Option<ParkedPart>,
+}
+
+/// The part of a publish that goes to the queue's delay log.
+struct ParkedPart {
+    uid: u64,
+    batch: Vec<u8>,
+    /// (index in that batch, due time, bytes)
+    entries: Vec<(u32, i64, u64)>,
+    n: u64,
+    bytes: u64,
 }
 
 /// Messages and bytes per tenant of one publish, for quotas (empty when the queue has none).
@@ -288,6 +341,24 @@ pub struct QueueHandle {
     notify: Notify,
     reader: LogReader,
     deleted: AtomicBool,
+    /// The queue's delay log, where long delays wait apart from the main log.
+    delay: Mutex<Option<DelayLog>>,
+}
+
+/// A hidden log holding a queue's long-delayed messages until they are due, so that a
+/// message due in a week does not hold the main log's ack floor (and every segment after
+/// it) for a week.
+#[derive(Clone)]
+struct DelayLog {
+    uid: u64,
+    reader: LogReader,
+}
+
+/// The delay log of queue `uid` is named so that no queue can have its name.
+const DELAY_LOG_PREFIX: &str = "#delay/";
+
+fn delay_log_name(queue_uid: u64) -> String {
+    format!("{DELAY_LOG_PREFIX}{queue_uid}")
 }
 
 struct Inner {
@@ -327,6 +398,9 @@ impl Broker {
         let now = options.clock.now_ms();
         let mut queues = HashMap::new();
         let mut by_uid = HashMap::new();
+        let (delay_logs, recovered): (Vec<_>, Vec<_>) = recovered
+            .into_iter()
+            .partition(|log| log.name.starts_with(DELAY_LOG_PREFIX));
         for log in recovered {
             let config: QueueConfig = match serde_json::from_str(&log.config) {
                 Ok(config) => config,
@@ -359,9 +433,50 @@ impl Broker {
                 notify: Notify::new(),
                 reader,
                 deleted: AtomicBool::new(false),
+                delay: Mutex::new(None),
             });
             queues.insert(log.name.clone(), handle.clone());
             by_uid.insert(log.uid, handle);
+        }
+        for log in delay_logs {
+            let owner = log.name[DELAY_LOG_PREFIX.len()..]
+                .parse::<u64>()
+                .ok()
+                .and_then(|uid| by_uid.get(&uid).cloned());
+            let Some(owner) = owner else {
+                // Its queue was deleted and a crash came between the two deletes.
+                store.submit(
+                    vec![Op::DeleteLog { uid: log.uid }],
+                    AckLevel::Written,
+                    Box::new(|_| {}),
+                );
+                continue;
+            };
+            let reader = store.reader(log.uid).expect("recovered log has a reader");
+            let mut from = log.ack_floor;
+            while from < log.next_offset {
+                let records = reader.read(from, 10_000, SCAN_BYTES).map_err(|e| {
+                    tidewater_storage::OpenError::Corrupt {
+                        path: dir.to_path_buf(),
+                        position: 0,
+                        reason: e.to_string(),
+                    }
+                })?;
+                let Some(last) = records.last().map(|r| r.offset) else {
+                    break;
+                };
+                let mut state = owner.state.lock();
+                for record in records {
+                    if !log.settled.contains(record.offset) {
+                        state.park_at(record.offset, record.deliver_at_ms, record.size());
+                    }
+                }
+                from = last + 1;
+            }
+            *owner.delay.lock() = Some(DelayLog {
+                uid: log.uid,
+                reader,
+            });
         }
         let probe_dir = dir.to_path_buf();
         let inner = Arc::new(Inner {
@@ -567,13 +682,122 @@ impl Broker {
             notify: Notify::new(),
             reader,
             deleted: AtomicBool::new(false),
+            delay: Mutex::new(None),
         });
+        self.create_delay_log(&handle).await?;
         self.inner
             .queues
             .write()
             .insert(name.to_string(), handle.clone());
         self.inner.by_uid.write().insert(*uid, handle.clone());
         Ok(handle)
+    }
+
+    /// Creates the queue's delay log (new queues, and at first maintenance for queues made
+    /// before delay logs existed). Caller holds the admin lock or owns a new handle.
+    async fn create_delay_log(&self, handle: &Arc<QueueHandle>) -> Result<(), BrokerError> {
+        if handle.delay.lock().is_some() {
+            return Ok(());
+        }
+        let results = self
+            .write(
+                vec![Op::CreateLog {
+                    name: delay_log_name(handle.uid),
+                    config: "{}".into(),
+                }],
+                AckLevel::Durable,
+            )
+            .await?;
+        let Some(&OpResult::Created { uid }) = results.first() else {
+            return Err(BrokerError::new(
+                ErrorCode::Internal,
+                "storage did not return the delay log",
+            ));
+        };
+        let reader = self
+            .inner
+            .store
+            .reader(uid)
+            .ok_or_else(|| BrokerError::new(ErrorCode::Internal, "delay log has no reader"))?;
+        *handle.delay.lock() = Some(DelayLog { uid, reader });
+        Ok(())
+    }
+
+    /// Moves parked messages that are due from the delay log to the main log, in one
+    /// journal write (append there, settle here).
+    async fn unpark_due(&self, handle: &Arc<QueueHandle>, now: i64) {
+        let Some(delay) = handle.delay.lock().clone() else {
+            return;
+        };
+        let due = handle.state.lock().take_due_parked(now, 5_000);
+        if due.is_empty() {
+            return;
+        }
+        let (first, last) = (due[0], due[due.len() - 1]);
+        let wanted: std::collections::HashSet<u64> = due.iter().copied().collect();
+        let records = match delay
+            .reader
+            .read_where(first.min(last), first.max(last) + 1, &|o| {
+                wanted.contains(&o)
+            }) {
+            Ok(records) => records,
+            Err(err) => {
+                tracing::warn!(queue = %handle.name, error = %err, "could not read due delayed messages; retrying");
+                handle.state.lock().unparked(&due, false);
+                return;
+            }
+        };
+        let mut builder = BatchBuilder::new(handle.uid, now);
+        let mut bytes = 0;
+        for record in &records {
+            builder.push(&NewRecord {
+                id: &record.id,
+                generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,
+                key: record.key.as_deref(),
+                headers: record
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (&k[..], &v[..]))
+                    .collect(),
+                deliver_at_ms: 0,
+                body: &record.body,
+            });
+            bytes += record.size();
+        }
+        let n = records.len() as u64;
+        let mut ops = Vec::new();
+        if n > 0 {
+            handle.state.lock().reserve_unchecked(n, bytes);
+            ops.push(Op::Append {
+                uid: handle.uid,
+                batch: builder.finish(),
+            });
+        }
+        ops.push(Op::Settle {
+            uid: delay.uid,
+            ranges: to_ranges(&due),
+        });
+        let result = self.write(ops, AckLevel::Durable).await;
+        let mut state = handle.state.lock();
+        match result {
+            Ok(results) => {
+                if let Some(&OpResult::Appended { base_offset, .. }) =
+                    results.first().filter(|_| n > 0)
+                {
+                    state.published(n, bytes, Some((base_offset, &[])));
+                }
+                state.unparked(&due, true);
+                drop(state);
+                handle.notify.notify_waiters();
+            }
+            Err(err) => {
+                tracing::warn!(queue = %handle.name, error = %err, "could not move due delayed messages; retrying");
+                if n > 0 {
+                    state.published(n, bytes, None);
+                }
+                state.unparked(&due, false);
+            }
+        }
     }
 
     /// The dead-letter queue for `name`, created with DLQ defaults when missing.
@@ -596,8 +820,11 @@ impl Broker {
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         let _admin = self.inner.admin.lock().await;
         let handle = self.queue(name)?;
-        self.write(vec![Op::DeleteLog { uid: handle.uid }], AckLevel::Durable)
-            .await?;
+        let mut ops = vec![Op::DeleteLog { uid: handle.uid }];
+        if let Some(delay) = handle.delay.lock().as_ref() {
+            ops.push(Op::DeleteLog { uid: delay.uid });
+        }
+        self.write(ops, AckLevel::Durable).await?;
         self.inner.queues.write().remove(name);
         self.inner.by_uid.write().remove(&handle.uid);
         handle.deleted.store(true, Ordering::SeqCst);
@@ -808,6 +1035,16 @@ impl Broker {
             .collect();
         let mut demand = Demand::default();
         let mut builder = BatchBuilder::new(handle.uid, now);
+        let delay_uid = handle.delay.lock().as_ref().map(|d| d.uid);
+        let park_from = now.saturating_add(self.inner.limits.park_delay_ms as i64);
+        let mut parked = delay_uid.map(|uid| ParkedPart {
+            uid,
+            batch: Vec::new(),
+            entries: Vec::new(),
+            n: 0,
+            bytes: 0,
+        });
+        let mut parked_builder = delay_uid.map(|uid| BatchBuilder::new(uid, now));
         let mut ids = Vec::with_capacity(messages.len());
         let mut duplicates = Vec::new();
         let mut delays = Vec::new();
@@ -820,10 +1057,14 @@ impl Broker {
                 continue;
             }
             let deliver_at = deliver_ats[idx];
-            if let Some(at) = deliver_at {
-                delays.push((n as u32, at));
+            // A long delay waits in the delay log, not in the main log.
+            let park = parked.is_some() && deliver_at.is_some_and(|at| at >= park_from);
+            if !park {
+                if let Some(at) = deliver_at {
+                    delays.push((n as u32, at));
+                }
+                n += 1;
             }
-            n += 1;
             let ttl = msg.ttl_ms.map(|ttl| ttl.to_string());
             let priority = msg.priority.map(|p| p.to_string());
             let headers: Vec<(&[u8], &[u8])> = msg
@@ -873,10 +1114,20 @@ impl Broker {
                     .iter()
                     .map(|(k, v)| k.len() + v.len())
                     .sum::<usize>()) as u64;
-            bytes += size;
             if with_quota {
                 demand.add(msg.tenant.as_deref().map(str::as_bytes), size);
             }
+            if let (true, Some(part), Some(parked_builder)) =
+                (park, parked.as_mut(), parked_builder.as_mut())
+            {
+                part.entries
+                    .push((part.n as u32, deliver_at.unwrap_or(now), size));
+                part.n += 1;
+                part.bytes += size;
+                parked_builder.push(&record);
+                continue;
+            }
+            bytes += size;
             if with_supersede && let Some(key) = &msg.key {
                 keyed.push((n as u32 - 1, key.as_bytes().to_vec(), size));
             }
@@ -889,14 +1140,22 @@ impl Broker {
                 ));
             }
         }
-        if n > 0 {
-            let batch = builder.finish();
+        let parked = match (parked, parked_builder) {
+            (Some(mut part), Some(parked_builder)) if part.n > 0 => {
+                part.batch = parked_builder.finish();
+                Some(part)
+            }
+            _ => None,
+        };
+        if n > 0 || parked.is_some() {
+            let batch = (n > 0).then(|| builder.finish());
             let admission = Admission {
                 n,
                 bytes,
                 demand,
                 claimed,
                 keyed,
+                parked,
             };
             self.start_append(handle, batch, admission, delays, level, started)?
                 .await?;
@@ -985,6 +1244,7 @@ impl Broker {
         };
         let mut claimed = std::mem::take(&mut scan.client_ids);
         let count = header.count - dups.len() as u32;
+        let mut header = header;
         if !dups.is_empty() {
             // Rare: rebuild the batch without its duplicates (acknowledged, not enqueued).
             let skip = marks(header.count as usize, &dups);
@@ -994,19 +1254,51 @@ impl Broker {
                 return Ok(Err(end));
             }
             batch = without(&header, &batch, &skip, now);
-            let rebuilt = tidewater_storage::format::restamp_batch(&mut batch, handle.uid, now)
+            header = tidewater_storage::format::restamp_batch(&mut batch, handle.uid, now)
                 .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
-            scan = self.scan_batch(&rebuilt, &batch, with_quota, with_supersede, now)?;
+            scan = self.scan_batch(&header, &batch, with_quota, with_supersede, now)?;
         }
         let claimed: Vec<Vec<u8>> = claimed.into_iter().map(|(_, id)| id).collect();
+        // Long delays go to the delay log (rare on this path: the batch is rebuilt).
+        let park_from = now.saturating_add(limits.park_delay_ms as i64);
+        let delay_uid = handle.delay.lock().as_ref().map(|d| d.uid);
+        let mut parked = None;
+        let mut main = Some(batch);
+        if let Some(delay_uid) = delay_uid
+            && scan.delays.iter().any(|&(_, at)| at >= park_from)
+        {
+            let mut skip = vec![false; header.count as usize];
+            for &(idx, at) in &scan.delays {
+                skip[idx as usize] = at >= park_from;
+            }
+            let batch = main.take().expect("set above");
+            let part = parked_part(&header, &batch, &skip, delay_uid, now);
+            if part.n < header.count as u64 {
+                let mut rest = without(&header, &batch, &skip, now);
+                let rest_header =
+                    tidewater_storage::format::restamp_batch(&mut rest, handle.uid, now)
+                        .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
+                let demand = std::mem::take(&mut scan.demand);
+                scan = self.scan_batch(&rest_header, &rest, false, with_supersede, now)?;
+                scan.demand = demand; // quotas count the parked messages too
+                main = Some(rest);
+            } else {
+                scan.bytes = 0;
+                scan.delays.clear();
+                scan.keyed.clear();
+            }
+            parked = Some(part);
+        }
+        let main_n = count as u64 - parked.as_ref().map_or(0, |p| p.n);
         let admission = Admission {
-            n: count as u64,
+            n: main_n,
             bytes: scan.bytes,
             demand: scan.demand,
             claimed,
             keyed: scan.keyed,
+            parked,
         };
-        let appended = self.start_append(handle, batch, admission, scan.delays, level, started)?;
+        let appended = self.start_append(handle, main, admission, scan.delays, level, started)?;
         Ok(Ok(async move { appended.await.map(|base| (base, count)) }))
     }
 
@@ -1085,12 +1377,13 @@ impl Broker {
         Ok(scan)
     }
 
-    /// Admits and submits a batch now; the future accounts for the outcome.
-    #[allow(clippy::too_many_arguments)]
+    /// Admits and submits a batch now (its main-log part, and its long delays for the delay
+    /// log, in one write); the future accounts for the outcome and gives the main part's
+    /// base offset (the log's end when everything was parked).
     fn start_append(
         &self,
         handle: Arc<QueueHandle>,
-        batch: Vec<u8>,
+        batch: Option<Vec<u8>>,
         admission: Admission,
         delays: Vec<(u32, i64)>,
         level: AckLevel,
@@ -1102,14 +1395,17 @@ impl Broker {
             demand,
             claimed,
             keyed,
+            parked,
         } = admission;
+        let (parked_n, parked_bytes) = parked.as_ref().map_or((0, 0), |p| (p.n, p.bytes));
+        let (all_n, all_bytes) = (n + parked_n, bytes + parked_bytes);
         let broker = self.clone();
         {
             let now = self.now_ms();
             let mut state = handle.state.lock();
-            let admitted = state.admit(n, bytes, now).and_then(|()| {
+            let admitted = state.admit(all_n, all_bytes, now).and_then(|()| {
                 state.admit_quota(&demand.as_slice(), now).inspect_err(|_| {
-                    state.published(n, bytes, None);
+                    state.published(all_n, all_bytes, None);
                 })
             });
             if let Err(err) = admitted {
@@ -1117,38 +1413,53 @@ impl Broker {
                 return Err(err);
             }
         }
-        let written = self.submit(
-            vec![Op::Append {
+        let mut ops = Vec::new();
+        if let Some(batch) = batch {
+            ops.push(Op::Append {
                 uid: handle.uid,
                 batch,
-            }],
-            level,
-        );
+            });
+        }
+        let parked_entries = parked.map(|p| {
+            ops.push(Op::Append {
+                uid: p.uid,
+                batch: p.batch,
+            });
+            p.entries
+        });
+        let written = self.submit(ops, level);
         let observer = self.inner.observer.clone();
         Ok(async move {
             let result = written.await;
             let outcome = {
                 let mut state = handle.state.lock();
                 match result {
-                    Ok(results) => match results.first() {
-                        Some(&OpResult::Appended { base_offset, .. }) => {
-                            state.published(n, bytes, Some((base_offset, &delays)));
-                            if !keyed.is_empty() {
-                                state.supersede(base_offset, &keyed);
-                                state.coalesce(base_offset, &keyed, broker.now_ms());
-                            }
-                            Ok((base_offset, state.take_cancelled()))
+                    Ok(results) => {
+                        let mut bases = results.iter().filter_map(|r| match r {
+                            OpResult::Appended { base_offset, .. } => Some(*base_offset),
+                            _ => None,
+                        });
+                        let main_base = if n > 0 { bases.next() } else { None };
+                        let parked_base = parked_entries.as_ref().and_then(|_| bases.next());
+                        state.published(n, bytes, main_base.map(|b| (b, &delays[..])));
+                        state.published(parked_n, parked_bytes, None);
+                        if let (Some(base), Some(entries)) = (parked_base, &parked_entries) {
+                            state.park(base, entries);
+                            state.counters.published += parked_n;
                         }
-                        _ => {
-                            state.published(n, bytes, None);
-                            Err(BrokerError::new(
-                                ErrorCode::Internal,
-                                "storage did not report offsets",
-                            ))
+                        if let Some(base) = main_base
+                            && !keyed.is_empty()
+                        {
+                            state.supersede(base, &keyed);
+                            state.coalesce(base, &keyed, broker.now_ms());
                         }
-                    },
+                        Ok((
+                            main_base.unwrap_or(state.visible_end()),
+                            state.take_cancelled(),
+                        ))
+                    }
                     Err(err) => {
-                        state.published(n, bytes, None);
+                        state.published(all_n, all_bytes, None);
                         state.release_ids(&claimed);
                         state.count_refusal(match err.code {
                             ErrorCode::DiskFull => "disk_full",
@@ -1197,6 +1508,14 @@ impl Broker {
             )
         };
         let (too_old, replaced, coalesced, merges) = too_old;
+        if handle.delay.lock().is_none()
+            && let Ok(_admin) = self.inner.admin.try_lock()
+            && !handle.deleted.load(Ordering::SeqCst)
+            && let Err(err) = self.create_delay_log(handle).await
+        {
+            tracing::warn!(queue = %handle.name, error = %err, "could not create the delay log; long delays stay in the main log");
+        }
+        self.unpark_due(handle, now).await;
         self.settle_expired(handle, too_old).await;
         self.drop_superseded(handle, replaced).await;
         self.drop_settling(handle, coalesced, "coalesced").await;
@@ -1836,18 +2155,38 @@ impl Broker {
     /// Settles every message accepted so far (leased ones included; their receipts go stale).
     pub async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let handle = self.queue(queue)?;
-        let (range, bytes) = handle.state.lock().purge_range();
+        let ((range, bytes), parked) = {
+            let state = handle.state.lock();
+            (state.purge_range(), state.parked_offsets())
+        };
+        let mut ops = Vec::new();
         if !range.is_empty() {
-            self.write(
-                vec![Op::Settle {
-                    uid: handle.uid,
-                    ranges: vec![range.clone()],
-                }],
-                AckLevel::Durable,
-            )
-            .await?;
+            ops.push(Op::Settle {
+                uid: handle.uid,
+                ranges: vec![range.clone()],
+            });
         }
-        let removed = handle.state.lock().apply_purge(range, bytes);
+        let delay_uid = handle.delay.lock().as_ref().map(|d| d.uid);
+        if let Some(uid) = delay_uid
+            && !parked.is_empty()
+        {
+            ops.push(Op::Settle {
+                uid,
+                ranges: to_ranges(&parked),
+            });
+        }
+        if !ops.is_empty() {
+            self.write(ops, AckLevel::Durable).await?;
+        }
+        let removed = {
+            let mut state = handle.state.lock();
+            let mut removed = state.apply_purge(range, bytes);
+            if !parked.is_empty() {
+                removed += state.forget_parked();
+                state.counters.purged += parked.len() as u64;
+            }
+            removed
+        };
         handle.notify.notify_waiters();
         Ok(removed)
     }

@@ -644,6 +644,9 @@ pub struct Limits {
     pub min_free_disk_bytes: u64,
     /// Message ids remembered per queue for deduplication (the oldest are forgotten first).
     pub max_dedup_ids: u32,
+    /// Messages delayed at least this long wait in the queue's delay log, apart from the
+    /// main log, so they do not hold its segments on disk.
+    pub park_delay_ms: u64,
 }
 
 impl Default for Limits {
@@ -667,6 +670,7 @@ impl Default for Limits {
             default_max_in_flight: 100_000,
             min_free_disk_bytes: 256 << 20,
             max_dedup_ids: 1_000_000,
+            park_delay_ms: 15 * 60_000,
         }
     }
 }

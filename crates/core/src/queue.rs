@@ -64,7 +64,7 @@ pub(crate) type OffsetMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<Off
 type OffsetSet = HashSet<u64, std::hash::BuildHasherDefault<OffsetHasher>>;
 
 /// Bytes read ahead per scan step when looking for deliverable messages.
-const SCAN_BYTES: usize = 4 << 20;
+pub(crate) const SCAN_BYTES: usize = 4 << 20;
 
 /// Reserved header holding a message's own time to live (ms from its publish).
 pub const HEADER_TTL_MS: &str = "tidewater-ttl-ms";
@@ -178,6 +178,8 @@ pub struct QueueStats {
     pub depth: u64,
     pub in_flight: u64,
     pub delayed: u64,
+    /// Of `delayed`: long delays parked in the delay log.
+    pub parked: u64,
     /// Every unsettled message (depth + in_flight + delayed).
     pub total: u64,
     pub bytes: u64,
@@ -330,6 +332,11 @@ pub struct QueueState {
     shaper: Option<Shaper>,
     /// Debounce windows by key (None unless `coalesce`).
     coalescer: Option<Coalescer>,
+    /// Long-delayed messages parked in the queue's delay log: (due, offset there), and
+    /// offset -> (due, bytes) for those and for ones being moved to the main log.
+    parked: BTreeSet<(i64, u64)>,
+    parked_info: OffsetMap<(i64, u64)>,
+    parked_bytes: u64,
     /// Pending messages superseded by a newer one, being settled by the caller.
     cancelled: Vec<Unacked>,
 }
@@ -368,6 +375,9 @@ impl QueueState {
             supersede: None,
             shaper: None,
             coalescer: None,
+            parked: BTreeSet::new(),
+            parked_info: OffsetMap::default(),
+            parked_bytes: 0,
             cancelled: Vec::new(),
         }
         .with_policies()
@@ -696,6 +706,64 @@ impl QueueState {
             || self.leases.len() as u64 + 1 >= self.config.max_in_flight
     }
 
+    /// Records messages appended to the delay log at `base`: (index, due, bytes).
+    pub fn park(&mut self, base: u64, entries: &[(u32, i64, u64)]) {
+        for &(idx, due, size) in entries {
+            self.park_at(base + idx as u64, due, size);
+        }
+    }
+
+    /// Records one message of the delay log (also used to rebuild at recovery).
+    pub fn park_at(&mut self, offset: u64, due: i64, size: u64) {
+        if self.parked_info.insert(offset, (due, size)).is_none() {
+            self.parked.insert((due, offset));
+            self.parked_bytes += size;
+        }
+    }
+
+    /// Offsets of every parked message (a purge settles them).
+    pub fn parked_offsets(&self) -> Vec<u64> {
+        let mut out: Vec<u64> = self.parked_info.keys().copied().collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Parked messages due by `now_ms` (at most `max`), taken out of the due set while the
+    /// caller moves them to the main log.
+    pub fn take_due_parked(&mut self, now_ms: i64, max: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        while out.len() < max
+            && let Some(&(due, offset)) = self.parked.first()
+            && due <= now_ms
+        {
+            self.parked.pop_first();
+            out.push(offset);
+        }
+        out
+    }
+
+    /// The move of parked messages finished: gone from the delay log, or back in line.
+    pub fn unparked(&mut self, offsets: &[u64], ok: bool) {
+        for &offset in offsets {
+            if ok {
+                if let Some((_, size)) = self.parked_info.remove(&offset) {
+                    self.parked_bytes -= size;
+                }
+            } else if let Some(&(due, _)) = self.parked_info.get(&offset) {
+                self.parked.insert((due, offset));
+            }
+        }
+    }
+
+    /// Forgets every parked message (a purge settled the delay log).
+    pub fn forget_parked(&mut self) -> u64 {
+        let n = self.parked_info.len() as u64;
+        self.parked.clear();
+        self.parked_info.clear();
+        self.parked_bytes = 0;
+        n
+    }
+
     /// Makes a message deliverable ahead of the scan (a merged message just appended).
     pub fn make_ready(&mut self, offset: u64) {
         self.ready.push_back(offset);
@@ -849,8 +917,10 @@ impl QueueState {
 
     /// Reserves room for a publish or refuses it with a retry-after from the drain rate.
     pub fn admit(&mut self, n: u64, bytes: u64, now_ms: i64) -> Result<(), BrokerError> {
-        let messages = self.unsettled() + self.reserved_messages + n;
-        let total_bytes = self.backlog_bytes.max(0) as u64 + self.reserved_bytes + bytes;
+        let messages =
+            self.unsettled() + self.parked_info.len() as u64 + self.reserved_messages + n;
+        let total_bytes =
+            self.backlog_bytes.max(0) as u64 + self.parked_bytes + self.reserved_bytes + bytes;
         if messages > self.config.max_messages || total_bytes > self.config.max_bytes {
             *self.counters.refused.entry("queue_full").or_default() += 1;
             let excess = messages.saturating_sub(self.config.max_messages).max(n);
@@ -948,7 +1018,8 @@ impl QueueState {
         let timer = self.timers.first().map(|&(at, _)| at);
         let lease = self.lease_expiry.first().map(|&(at, _)| at);
         let window = self.coalescer.as_ref().and_then(Coalescer::next_due);
-        [timer, lease, self.rate_wakeup, window]
+        let parked = self.parked.first().map(|&(due, _)| due);
+        [timer, lease, self.rate_wakeup, window, parked]
             .into_iter()
             .flatten()
             .min()
@@ -1442,7 +1513,8 @@ impl QueueState {
             .coalescer
             .as_ref()
             .map_or(0, |c| c.held_offsets().count() as u64);
-        let delayed = self.timers.len() as u64 + held;
+        let waiting = self.timers.len() as u64 + held;
+        let parked = self.parked_info.len() as u64;
         let oldest_age_ms = match self.oldest {
             Some((floor, at)) if floor == self.ack_floor && unsettled > 0 => {
                 (now_ms - at).max(0) as u64
@@ -1450,11 +1522,12 @@ impl QueueState {
             _ => 0,
         };
         QueueStats {
-            depth: unsettled.saturating_sub(in_flight + delayed + self.settling.len() as u64),
+            depth: unsettled.saturating_sub(in_flight + waiting + self.settling.len() as u64),
             in_flight,
-            delayed,
-            total: unsettled,
-            bytes: self.backlog_bytes.max(0) as u64,
+            delayed: waiting + parked,
+            parked,
+            total: unsettled + parked,
+            bytes: self.backlog_bytes.max(0) as u64 + self.parked_bytes,
             oldest_age_ms,
             published: self.counters.published,
             delivered: self.counters.delivered,

@@ -1049,3 +1049,72 @@ fn an_ack_that_frees_a_key_wakes_a_waiting_receive() {
         assert!(waited < std::time::Duration::from_secs(20), "{waited:?}");
     });
 }
+
+#[test]
+fn long_delays_wait_in_the_delay_log_and_come_back_when_due() {
+    runtime().block_on(async {
+        let mut h = Harness::new();
+        h.queue("later", json!({})).await;
+        let mut batch = msgs(3);
+        batch.push(NewMessage {
+            id: Some("reminder-1".into()),
+            key: Some("user:7".into()),
+            body: b"renew your plan".to_vec(),
+            delay: Delay::AfterMs(2 * 3_600_000),
+            ..NewMessage::default()
+        });
+        batch.push(NewMessage {
+            body: b"soon".to_vec(),
+            delay: Delay::AfterMs(60_000),
+            ..NewMessage::default()
+        });
+        h.publish("later", batch).await;
+        let stats = h.stats("later");
+        assert_eq!((stats.total, stats.delayed, stats.parked), (5, 2, 1));
+        // The main log holds only what is due within the parking threshold.
+        assert_eq!(h.broker().peek("later", 0, 10).unwrap().len(), 4);
+        for d in h.receive("later", 10).await {
+            h.broker().ack("later", &[d.receipt]).await.unwrap();
+        }
+        h.clock.advance(60_000);
+        let soon = h.receive("later", 10).await;
+        assert_eq!(bodies_of(&soon), ["soon"]);
+        h.broker()
+            .ack("later", &[soon[0].receipt.clone()])
+            .await
+            .unwrap();
+        // Parked messages survive a restart.
+        h.restart();
+        let stats = h.stats("later");
+        assert_eq!((stats.total, stats.parked), (1, 1));
+        assert!(h.receive("later", 10).await.is_empty());
+        h.clock.advance(2 * 3_600_000);
+        h.broker().run_maintenance().await;
+        let got = h.receive("later", 10).await;
+        assert_eq!(bodies_of(&got), ["renew your plan"]);
+        assert_eq!(
+            tidewater_core::broker::record_id(&got[0].record),
+            "reminder-1"
+        );
+        assert_eq!(got[0].record.key.as_deref(), Some(&b"user:7"[..]));
+        assert_eq!(got[0].delivery_count, 1);
+        assert_eq!(h.stats("later").parked, 0);
+        // Purge reaches the delay log too.
+        h.publish(
+            "later",
+            vec![NewMessage {
+                body: b"next year".to_vec(),
+                delay: Delay::AfterMs(7 * 86_400_000),
+                ..NewMessage::default()
+            }],
+        )
+        .await;
+        assert_eq!(h.broker().purge("later").await.unwrap(), 2);
+        let stats = h.stats("later");
+        assert_eq!((stats.total, stats.parked), (0, 0));
+        // Deleting the queue deletes its delay log; nothing of it shows after a restart.
+        h.broker().delete_queue("later").await.unwrap();
+        h.restart();
+        assert!(h.broker().list_queues().is_empty());
+    });
+}

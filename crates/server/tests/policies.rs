@@ -343,3 +343,41 @@ fn priorities_fairness_and_coalescing_through_cli_http_and_client() {
         metrics_text(&server.url).contains("tidewater_coalesced_in_total{queue=\"debounce\"} 2")
     );
 }
+
+#[test]
+fn long_delays_from_the_client_are_parked_and_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("reminders", json!({}));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let client = Client::new(&server.protocol, ClientOptions::default());
+            let producer = client.producer("reminders", ProducerOptions::default());
+            let later =
+                producer.send(Message::new("in two hours").with_delay(Duration::from_secs(7_200)));
+            let now = producer.send(Message::new("now"));
+            later.await.unwrap();
+            now.await.unwrap();
+        });
+    let stats = server.stats("reminders");
+    assert_eq!(
+        (stats["total"].as_u64(), stats["parked"].as_u64()),
+        (Some(2), Some(1))
+    );
+    server.kill_and_restart();
+    let stats = server.stats("reminders");
+    assert_eq!(
+        (stats["total"].as_u64(), stats["parked"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let got = server.receive("reminders", 10, 0, None);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["body"], "now");
+    // The delay log is not a queue.
+    let queues = server.ok("GET", "/v1/queues", None);
+    assert_eq!(queues["queues"].as_array().unwrap().len(), 1);
+}
