@@ -165,10 +165,9 @@ fn parked_part(
     uid: u64,
     now: i64,
 ) -> ParkedPart {
-    let mut builder = BatchBuilder::new(uid, now);
     let mut part = ParkedPart {
         uid,
-        batch: Vec::new(),
+        batch: select(header, batch, take, uid, now),
         entries: Vec::new(),
         n: 0,
         bytes: 0,
@@ -182,19 +181,10 @@ fn parked_part(
                 .push((part.n as u32, record.deliver_at_ms, size));
             part.n += 1;
             part.bytes += size;
-            builder.push(&NewRecord {
-                id: record.id,
-                generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,
-                key: record.key,
-                headers: record.headers().collect(),
-                deliver_at_ms: record.deliver_at_ms,
-                body: record.body,
-            });
         }
         idx += 1;
         Ok(())
     });
-    part.batch = builder.finish();
     part
 }
 
@@ -205,11 +195,23 @@ fn without(
     skip: &[bool],
     now: i64,
 ) -> Vec<u8> {
-    let mut builder = BatchBuilder::new(header.log_uid, now);
+    let keep: Vec<bool> = skip.iter().map(|s| !s).collect();
+    select(header, batch, &keep, header.log_uid, now)
+}
+
+/// The records of `batch` marked in `keep` (already checked), as a batch for log `uid`.
+fn select(
+    header: &tidewater_storage::format::BatchHeader,
+    batch: &[u8],
+    keep: &[bool],
+    uid: u64,
+    now: i64,
+) -> Vec<u8> {
+    let mut builder = BatchBuilder::new(uid, now);
     let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
     let mut idx = 0;
     let _ = tidewater_storage::format::visit_records::<FormatError>(header, body, |record| {
-        if !skip[idx] {
+        if keep[idx] {
             builder.push(&NewRecord {
                 id: record.id,
                 generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,

@@ -128,35 +128,56 @@ impl Collector for QueueCollector {
             return Ok(());
         };
         let queues = broker.list_queues();
-        let gauges: [Stat<i64>; 7] = [
+        // Per-queue gauges; None: not shown for that queue (a policy it does not use).
+        let gauges: [Stat<Option<u64>>; 11] = [
             ("queue_depth", "Messages ready for delivery", |q| {
-                q.stats.depth as i64
+                Some(q.stats.depth)
             }),
             ("queue_in_flight", "Messages leased to consumers", |q| {
-                q.stats.in_flight as i64
+                Some(q.stats.in_flight)
             }),
             (
                 "queue_delayed",
                 "Messages waiting for their delivery time",
-                |q| q.stats.delayed as i64,
+                |q| Some(q.stats.delayed),
             ),
             (
                 "queue_messages",
                 "Unsettled messages (ready, in flight and delayed)",
-                |q| q.stats.total as i64,
+                |q| Some(q.stats.total),
             ),
             ("queue_bytes", "Bytes of unsettled messages", |q| {
-                q.stats.bytes as i64
+                Some(q.stats.bytes)
             }),
             (
                 "queue_disk_bytes",
                 "Bytes of the queue's segment files",
-                |q| q.disk_bytes as i64,
+                |q| Some(q.disk_bytes),
             ),
             (
                 "queue_oldest_age_ms",
                 "Age of the oldest unsettled message in milliseconds",
-                |q| q.stats.oldest_age_ms as i64,
+                |q| Some(q.stats.oldest_age_ms),
+            ),
+            (
+                "queue_coalesce_windows",
+                "Coalescing windows open (queues with coalesce)",
+                |q| q.stats.coalesce_windows,
+            ),
+            (
+                "queue_fair_flows",
+                "Fairness values (tenants, keys, ...) with messages waiting (queues with fairness)",
+                |q| q.stats.fair_flows,
+            ),
+            (
+                "queue_keys_in_flight",
+                "Keys with a message leased or awaiting a retry (queues with key_concurrency)",
+                |q| q.stats.keys_in_flight,
+            ),
+            (
+                "queue_keys_blocked",
+                "Keys with messages waiting for their key's slots (queues with key_concurrency)",
+                |q| q.stats.keys_blocked,
             ),
         ];
         for (name, help, value) in gauges {
@@ -167,9 +188,13 @@ impl Collector for QueueCollector {
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
             for q in &queues {
-                ConstGauge::new(value(q)).encode(family.encode_family(&QueueLabel {
-                    queue: q.name.clone(),
-                })?)?;
+                if let Some(v) = value(q) {
+                    ConstGauge::new(v.min(i64::MAX as u64) as i64).encode(
+                        family.encode_family(&QueueLabel {
+                            queue: q.name.clone(),
+                        })?,
+                    )?;
+                }
             }
         }
         let mut family = encoder.encode_descriptor(
@@ -214,43 +239,6 @@ impl Collector for QueueCollector {
                 ConstGauge::new(rate).encode(family.encode_family(&QueueLabel {
                     queue: q.name.clone(),
                 })?)?;
-            }
-        }
-        let key_gauges: [Stat<Option<u64>>; 4] = [
-            (
-                "queue_coalesce_windows",
-                "Coalescing windows open (queues with coalesce)",
-                |q| q.stats.coalesce_windows,
-            ),
-            (
-                "queue_fair_flows",
-                "Fairness values (tenants, keys, ...) with messages waiting (queues with fairness)",
-                |q| q.stats.fair_flows,
-            ),
-            (
-                "queue_keys_in_flight",
-                "Keys with a message leased or awaiting a retry (queues with key_concurrency)",
-                |q| q.stats.keys_in_flight,
-            ),
-            (
-                "queue_keys_blocked",
-                "Keys with messages waiting for their key's slots (queues with key_concurrency)",
-                |q| q.stats.keys_blocked,
-            ),
-        ];
-        for (name, help, value) in key_gauges {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for q in &queues {
-                if let Some(v) = value(q) {
-                    ConstGauge::new(v as i64).encode(family.encode_family(&QueueLabel {
-                        queue: q.name.clone(),
-                    })?)?;
-                }
             }
         }
         let mut family = encoder.encode_descriptor(
