@@ -11,7 +11,7 @@ use tidewater_proto::{DEFAULT_MAX_FRAME, Frame, PROTOCOL_VERSION, decode_frame};
 
 use crate::support::{Server, free_port};
 
-fn runtime() -> tokio::runtime::Runtime {
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

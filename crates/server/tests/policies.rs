@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tidewater_client::{Client, ClientOptions, ConsumerOptions, Message, ProducerOptions};
 
+use crate::binary::runtime;
 use crate::cli::run;
 use crate::support::{Server, metrics_text, receipts};
 
@@ -128,33 +129,28 @@ fn overloaded_nacks_slow_an_adaptive_queue_over_http_and_binary() {
 
     // The same signal through the binary protocol (cuts are at most one a second, so
     // wait for the second one on the broker's own counter).
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let client = Client::new(&server.protocol, ClientOptions::default());
-            client
-                .producer("api", ProducerOptions::default())
-                .send(Message::new("x"))
-                .await
-                .unwrap();
-            let mut consumer = client.consumer("api", ConsumerOptions::default());
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while server.stats("api")["throttle_cuts"].as_u64() < Some(2) {
-                assert!(std::time::Instant::now() < deadline, "no second cut");
-                let delivery = consumer.next().await.unwrap().unwrap();
-                assert!(
-                    consumer
-                        .nack_overloaded(&delivery, Some(Duration::ZERO))
-                        .await
-                        .unwrap()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            consumer.close().await;
-        });
+    runtime().block_on(async {
+        let client = Client::new(&server.protocol, ClientOptions::default());
+        client
+            .producer("api", ProducerOptions::default())
+            .send(Message::new("x"))
+            .await
+            .unwrap();
+        let mut consumer = client.consumer("api", ConsumerOptions::default());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while server.stats("api")["throttle_cuts"].as_u64() < Some(2) {
+            assert!(std::time::Instant::now() < deadline, "no second cut");
+            let delivery = consumer.next().await.unwrap().unwrap();
+            assert!(
+                consumer
+                    .nack_overloaded(&delivery, Some(Duration::ZERO))
+                    .await
+                    .unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        consumer.close().await;
+    });
     assert_eq!(
         server.stats("api")["dispatch_rate_per_s"].as_f64(),
         Some(250.0)
@@ -228,23 +224,18 @@ fn duplicates_are_marked_over_http_and_dropped_on_the_binary_path() {
         (json!(["order-2", "order-1"]), json!([1]))
     );
     server.kill_and_restart();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let client = Client::new(&server.protocol, ClientOptions::default());
-            let producer = client.producer("orders", ProducerOptions::default());
-            // Same ids again, after a crash, through the binary protocol: acknowledged.
-            let sends: Vec<_> = ["order-1", "order-3", "order-2"]
-                .iter()
-                .map(|id| producer.send(Message::new("x").with_id(*id)))
-                .collect();
-            for send in sends {
-                send.await.unwrap();
-            }
-        });
+    runtime().block_on(async {
+        let client = Client::new(&server.protocol, ClientOptions::default());
+        let producer = client.producer("orders", ProducerOptions::default());
+        // Same ids again, after a crash, through the binary protocol: acknowledged.
+        let sends: Vec<_> = ["order-1", "order-3", "order-2"]
+            .iter()
+            .map(|id| producer.send(Message::new("x").with_id(*id)))
+            .collect();
+        for send in sends {
+            send.await.unwrap();
+        }
+    });
     let stats = server.stats("orders");
     assert_eq!(
         (stats["total"].as_u64(), stats["deduplicated"].as_u64()),
@@ -291,19 +282,14 @@ fn priorities_fairness_and_coalescing_through_cli_http_and_client() {
         path,
         Some(json!({"tenant": "small", "messages": [{"body": "s1"}]})),
     );
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let client = Client::new(&server.protocol, ClientOptions::default());
-            client
-                .producer("mixed", ProducerOptions::default())
-                .send(Message::new("urgent").with_priority(1).with_tenant("big"))
-                .await
-                .unwrap();
-        });
+    runtime().block_on(async {
+        let client = Client::new(&server.protocol, ClientOptions::default());
+        client
+            .producer("mixed", ProducerOptions::default())
+            .send(Message::new("urgent").with_priority(1).with_tenant("big"))
+            .await
+            .unwrap();
+    });
     let stats = server.stats("mixed");
     assert_eq!(
         stats["waiting_by_priority"],
@@ -349,20 +335,15 @@ fn long_delays_from_the_client_are_parked_and_survive_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(&dir.path().join("data"), None);
     server.create_queue("reminders", json!({}));
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let client = Client::new(&server.protocol, ClientOptions::default());
-            let producer = client.producer("reminders", ProducerOptions::default());
-            let later =
-                producer.send(Message::new("in two hours").with_delay(Duration::from_secs(7_200)));
-            let now = producer.send(Message::new("now"));
-            later.await.unwrap();
-            now.await.unwrap();
-        });
+    runtime().block_on(async {
+        let client = Client::new(&server.protocol, ClientOptions::default());
+        let producer = client.producer("reminders", ProducerOptions::default());
+        let later =
+            producer.send(Message::new("in two hours").with_delay(Duration::from_secs(7_200)));
+        let now = producer.send(Message::new("now"));
+        later.await.unwrap();
+        now.await.unwrap();
+    });
     let stats = server.stats("reminders");
     assert_eq!(
         (stats["total"].as_u64(), stats["parked"].as_u64()),
