@@ -20,6 +20,7 @@ pub struct ConsumerOptions {
     pub lease_ms: Option<u64>,
     /// Acks wait this long for company before they are sent.
     pub ack_linger: Duration,
+    /// Acks per request, at most (capped at `MAX_ACK_BATCH`).
     pub ack_batch: usize,
     /// Keep extending the lease of every delivery the application holds (received, not yet
     /// acked or nacked), every third of `lease_ms`, so a slow handler does not lose its
@@ -389,6 +390,9 @@ async fn subscriber(
     }
 }
 
+/// Receipts per ack request at most: the server's default `max_receive_messages`.
+pub const MAX_ACK_BATCH: usize = 10_000;
+
 async fn acker(
     client: Client,
     queue: String,
@@ -397,6 +401,8 @@ async fn acker(
 ) {
     let mut receipts = Vec::new();
     let mut flushes = Vec::new();
+    // The server refuses larger ack requests (its max_receive_messages, 10,000 by default).
+    let batch_limit = opts.ack_batch.clamp(1, MAX_ACK_BATCH);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let deadline = tokio::time::Instant::now() + opts.ack_linger;
@@ -405,7 +411,7 @@ async fn acker(
                 AckCmd::Ack(receipt) => receipts.push(receipt),
                 AckCmd::Flush(done) => flushes.push(done),
             }
-            if receipts.len() >= opts.ack_batch || !flushes.is_empty() {
+            if receipts.len() >= batch_limit || !flushes.is_empty() {
                 break;
             }
             if let Ok(Some(cmd)) = tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -413,13 +419,14 @@ async fn acker(
             }
         }
         if !receipts.is_empty() {
+            let sent = receipts.len() as u64;
             let frame = Frame::Ack {
                 queue: queue.clone(),
                 receipts: std::mem::take(&mut receipts),
             };
             let failed = match client.request(frame).await {
                 Ok(Frame::Settled { failed, .. }) => failed.len() as u64,
-                Ok(_) | Err(_) => 1,
+                Ok(_) | Err(_) => sent,
             };
             // A failed ack only means a redelivery later (at-least-once).
             client

@@ -604,3 +604,42 @@ fn mixed_ack_levels_split_into_frames_and_all_land() {
     sorted.sort();
     assert_eq!(sorted, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
 }
+
+#[test]
+fn acks_are_split_below_the_servers_request_limit() {
+    let (_dir, server) = server();
+    server.create_queue("many", json!({}));
+    runtime().block_on(async {
+        let client = Client::new(&server.protocol, quick_options());
+        let producer = client.producer("many", ProducerOptions::default());
+        let sends: Vec<_> = (0..12_000)
+            .map(|i| producer.send(Message::new(format!("m{i}"))))
+            .collect();
+        for send in sends {
+            send.await.unwrap();
+        }
+        // More than the server's 10,000 receipts per request, asked for in one batch.
+        let mut consumer = client.consumer(
+            "many",
+            ConsumerOptions {
+                prefetch: 12_000,
+                ack_batch: 20_000,
+                ack_linger: Duration::from_secs(5),
+                ..ConsumerOptions::default()
+            },
+        );
+        for _ in 0..12_000 {
+            let delivery = consumer.next().await.unwrap().unwrap();
+            consumer.ack(&delivery);
+        }
+        consumer.close().await;
+        assert_eq!(
+            client
+                .stats()
+                .ack_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    });
+    assert_eq!(server.stats("many")["total"], 0);
+}
