@@ -13,6 +13,9 @@ use crate::format::{BATCH_HEADER_LEN, BatchHeader, Record, decode_record_at};
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
 /// Bytes read at a time from inside a batch.
 const READ_CHUNK: u64 = 64 << 10;
+/// Bytes read at a time when only a few offsets are wanted (a record mark is at most
+/// 4 KiB before the first; larger records are read whole anyway).
+const SMALL_READ_CHUNK: u64 = 16 << 10;
 
 pub(crate) struct Segment {
     pub base: u64,
@@ -475,7 +478,12 @@ pub(crate) fn read_records(
             // was checked; the body's when the batch entered this process: at append, or
             // in the scan at open. Re-hashing a batch per read dominated reads.)
             while pos < batch_end {
-                let size = (batch_end - pos).min(READ_CHUNK);
+                let chunk_size = if limit.saturating_sub(next) <= 64 {
+                    SMALL_READ_CHUNK
+                } else {
+                    READ_CHUNK
+                };
+                let size = (batch_end - pos).min(chunk_size);
                 chunk.resize(size as usize, 0);
                 file.read_exact_at(&mut chunk, pos).map_err(io)?;
                 let mut rel = 0usize;
