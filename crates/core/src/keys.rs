@@ -5,10 +5,13 @@
 //! parked by offset, per key, and released in order when a slot frees; other keys flow
 //! past them. Parked offsets are bounded by the queue's lookahead.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
 use crate::queue::OffsetMap;
+
+/// Maps keyed by a key's hash (already a keyed hash: a cheap mixer is enough).
+type HashKeyed<V> = OffsetMap<V>;
 
 #[derive(Debug)]
 pub struct KeyGate {
@@ -18,9 +21,9 @@ pub struct KeyGate {
     /// Messages holding a slot: offset -> key hash.
     holders: OffsetMap<u64>,
     /// Slots held per key.
-    active: HashMap<u64, u32>,
+    active: HashKeyed<u32>,
     /// Offsets waiting for a slot of their key, oldest first.
-    parked: HashMap<u64, VecDeque<u64>>,
+    parked: HashKeyed<VecDeque<u64>>,
     parked_len: usize,
     /// Offsets whose key got a free slot: deliver these before new messages.
     released: VecDeque<u64>,
@@ -32,8 +35,8 @@ impl KeyGate {
             limit,
             hasher: Default::default(),
             holders: OffsetMap::default(),
-            active: HashMap::new(),
-            parked: HashMap::new(),
+            active: HashKeyed::default(),
+            parked: HashKeyed::default(),
             parked_len: 0,
             released: VecDeque::new(),
         }

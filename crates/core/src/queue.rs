@@ -1249,7 +1249,8 @@ impl QueueState {
         record.key.as_deref().map(|key| gate.hash(key))
     }
 
-    /// Parks a message whose key has no free slot; false if it may be delivered.
+    /// Parks a message whose key has no free slot (true); otherwise it takes (or keeps)
+    /// its key's slot and may be leased (false). Every lease passes here first.
     fn park_if_blocked(&mut self, record: &Record) -> bool {
         let key = self.key_hash(record);
         match (&mut self.keys, key) {
@@ -1257,15 +1258,15 @@ impl QueueState {
                 gate.park(record.offset, key);
                 true
             }
+            (Some(gate), key) => {
+                gate.hold(record.offset, key);
+                false
+            }
             _ => false,
         }
     }
 
     fn lease(&mut self, record: Record, now_ms: i64, lease_ms: u64) -> Delivery {
-        let key = self.key_hash(&record);
-        if let Some(gate) = &mut self.keys {
-            gate.hold(record.offset, key);
-        }
         let delivery_count = self
             .history
             .get(&record.offset)
