@@ -415,7 +415,7 @@ pub(crate) fn read_records(
         out.len() - start_len >= max_count || (bytes >= max_bytes && out.len() > start_len)
     };
     let mut header_buf = [0u8; BATCH_HEADER_LEN];
-    let mut chunk = Vec::new();
+    let mut chunk = ReadBuffer::take();
     while next < limit && !full(out, bytes) {
         let (file, path, mark, seg_len, seg_end) = {
             let files = files.read().unwrap_or_else(|e| e.into_inner());
@@ -483,14 +483,17 @@ pub(crate) fn read_records(
                 } else {
                     READ_CHUNK
                 };
-                let size = (batch_end - pos).min(chunk_size);
-                chunk.resize(size as usize, 0);
-                file.read_exact_at(&mut chunk, pos).map_err(io)?;
+                let mut filled = (batch_end - pos).min(chunk_size) as usize;
+                // The buffer only grows (no zero-filling per read); `filled` bytes are valid.
+                if chunk.len() < filled {
+                    chunk.resize(filled, 0);
+                }
+                file.read_exact_at(&mut chunk[..filled], pos).map_err(io)?;
                 let mut rel = 0usize;
-                while rel + 4 <= chunk.len() {
+                while rel + 4 <= filled {
                     let len = u32::from_le_bytes(chunk[rel..rel + 4].try_into().unwrap()) as usize;
                     let record_len = 4 + len;
-                    if rel + record_len > chunk.len() {
+                    if rel + record_len > filled {
                         if rel > 0 {
                             break; // read the rest from this record on
                         }
@@ -498,8 +501,12 @@ pub(crate) fn read_records(
                         if pos + record_len as u64 > batch_end {
                             return Err(corrupt(&path, pos, FormatError::BadLength));
                         }
-                        chunk.resize(record_len, 0);
-                        file.read_exact_at(&mut chunk, pos).map_err(io)?;
+                        if chunk.len() < record_len {
+                            chunk.resize(record_len, 0);
+                        }
+                        file.read_exact_at(&mut chunk[..record_len], pos)
+                            .map_err(io)?;
+                        filled = record_len;
                         continue;
                     }
                     if offset >= next && !want(offset) {
@@ -536,6 +543,42 @@ pub(crate) fn read_records(
         }
     }
     Ok(())
+}
+
+thread_local! {
+    /// One read buffer per thread, kept between reads so it is not zero-filled each time.
+    static READ_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The thread's read buffer, given back when dropped.
+struct ReadBuffer(Vec<u8>);
+
+impl ReadBuffer {
+    fn take() -> ReadBuffer {
+        ReadBuffer(READ_BUFFER.with(|b| b.take()))
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        // Keep at most a few chunks' worth (one huge record must not pin memory).
+        if self.0.len() <= 4 * READ_CHUNK as usize {
+            READ_BUFFER.with(|b| b.set(std::mem::take(&mut self.0)));
+        }
+    }
+}
+
+impl std::ops::Deref for ReadBuffer {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ReadBuffer {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
 }
 
 fn corrupt(path: &Path, position: u64, reason: FormatError) -> ReadError {
