@@ -15,7 +15,7 @@ pub const INDEX_INTERVAL_BYTES: u64 = 4096;
 const READ_CHUNK: u64 = 64 << 10;
 /// Bytes read at a time when only a few offsets are wanted (a record mark is at most
 /// 4 KiB before the first; larger records are read whole anyway).
-const SMALL_READ_CHUNK: u64 = 16 << 10;
+const SMALL_READ_CHUNK: u64 = 8 << 10;
 
 pub(crate) struct Segment {
     pub base: u64,
