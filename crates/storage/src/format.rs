@@ -318,42 +318,6 @@ fn decode_one(
     Ok(parse_view(cur, offset)?.to_record(published_at_ms))
 }
 
-/// Decodes the records of a checked batch from offset `from` on, handing each to `take`
-/// until it returns false. Records before `from` are skipped without allocating, so reading
-/// a few records out of a large batch costs little.
-pub fn decode_records_from(
-    header: &BatchHeader,
-    body: &[u8],
-    from: u64,
-    mut take: impl FnMut(Record) -> bool,
-) -> Result<(), FormatError> {
-    let mut cur = Cursor { buf: body, pos: 0 };
-    for idx in 0..header.count {
-        let view = parse_view(&mut cur, header.base_offset + idx as u64)?;
-        if view.offset >= from && !take(view.to_record(header.published_at_ms)) {
-            return Ok(());
-        }
-    }
-    if cur.pos != body.len() {
-        return Err(FormatError::BadLength);
-    }
-    Ok(())
-}
-
-/// Decodes the one record that `bytes` holds exactly (length prefix included).
-pub fn decode_record_at(
-    bytes: &[u8],
-    offset: u64,
-    published_at_ms: i64,
-) -> Result<Record, FormatError> {
-    let mut cur = Cursor { buf: bytes, pos: 0 };
-    let view = parse_view(&mut cur, offset)?;
-    if cur.pos != bytes.len() {
-        return Err(FormatError::BadLength);
-    }
-    Ok(view.to_record(published_at_ms))
-}
-
 /// A record borrowed from the bytes it was parsed from (no allocation).
 #[derive(Debug, Clone, Copy)]
 pub struct RecordView<'a> {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{FormatError, OpenError, ReadError};
-use crate::format::{BATCH_HEADER_LEN, BatchHeader, Record, decode_record_at};
+use crate::format::{BATCH_HEADER_LEN, BatchHeader, Record, decode_record};
 
 /// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
@@ -515,12 +515,9 @@ pub(crate) fn read_records(
                         if offset >= limit || full(out, bytes) {
                             return Ok(());
                         }
-                        let record = decode_record_at(
-                            &chunk[rel..rel + record_len],
-                            offset,
-                            published_at_ms,
-                        )
-                        .map_err(|reason| corrupt(&path, pos + rel as u64, reason))?;
+                        let record =
+                            decode_record(&chunk[rel..rel + record_len], offset, published_at_ms)
+                                .map_err(|reason| corrupt(&path, pos + rel as u64, reason))?;
                         bytes += record.body.len();
                         next = offset + 1;
                         out.push(record);
