@@ -195,6 +195,8 @@ pub struct QueueStats {
     pub ttl_expired: u64,
     pub deduplicated: u64,
     pub superseded: u64,
+    /// Client-chosen ids remembered for deduplication now (memory: see max_dedup_ids).
+    pub dedup_ids: u64,
     pub coalesced_in: u64,
     pub coalesced_out: u64,
     /// Coalescing windows open now.
@@ -439,11 +441,6 @@ impl QueueState {
     /// Forgets claims of a publish that was refused or failed.
     pub fn release_ids(&mut self, ids: &[Vec<u8>]) {
         self.dedup.release(ids);
-    }
-
-    /// Ids remembered for deduplication now.
-    pub fn remembered_ids(&self) -> usize {
-        self.dedup.len()
     }
 
     /// Publishes refused by quota, per tenant (the top tenants, then "other").
@@ -1542,6 +1539,7 @@ impl QueueState {
             ttl_expired: self.counters.ttl_expired,
             deduplicated: self.counters.deduplicated,
             superseded: self.counters.superseded,
+            dedup_ids: self.dedup.len() as u64,
             coalesced_in: self.counters.coalesced_in,
             coalesced_out: self.counters.coalesced_out,
             coalesce_windows: self.coalescer.as_ref().map(|c| c.open_windows() as u64),

@@ -128,12 +128,10 @@ impl Shaper {
         self.runs >= MAX_RUNS
     }
 
-    pub fn len(&self) -> u64 {
+    /// Offsets held (tests).
+    #[cfg(test)]
+    fn len(&self) -> u64 {
         self.levels.iter().map(|l| l.len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Adds a scanned message to its lane (priority is clamped to the levels there are).

@@ -468,6 +468,7 @@ fn duplicates_within_the_window_are_acknowledged_not_enqueued_even_after_restart
         assert_eq!(third.duplicates, vec![0, 1, 2]);
         assert_eq!(h.stats("d").total, 0);
         assert_eq!(h.stats("d").deduplicated, 3, "counters restart from zero");
+        assert_eq!(h.stats("d").dedup_ids, 3, "a, b and c are remembered");
         // Past the window an id is new again.
         h.clock.advance(1_001);
         let fourth = h.publish("d", with_ids(&["a"])).await;

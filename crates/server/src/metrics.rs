@@ -129,7 +129,7 @@ impl Collector for QueueCollector {
         };
         let queues = broker.list_queues();
         // Per-queue gauges; None: not shown for that queue (a policy it does not use).
-        let gauges: [Stat<Option<u64>>; 11] = [
+        let gauges: [Stat<Option<u64>>; 12] = [
             ("queue_depth", "Messages ready for delivery", |q| {
                 Some(q.stats.depth)
             }),
@@ -158,6 +158,11 @@ impl Collector for QueueCollector {
                 "queue_oldest_age_ms",
                 "Age of the oldest unsettled message in milliseconds",
                 |q| Some(q.stats.oldest_age_ms),
+            ),
+            (
+                "queue_dedup_ids",
+                "Client-chosen message ids remembered for deduplication",
+                |q| Some(q.stats.dedup_ids),
             ),
             (
                 "queue_coalesce_windows",

@@ -29,7 +29,7 @@ pub fn document() -> Value {
                 "depth": {"type": "integer"}, "in_flight": {"type": "integer"}, "delayed": {"type": "integer"}, "total": {"type": "integer"},
                 "bytes": {"type": "integer"}, "oldest_age_ms": {"type": "integer"}, "published": {"type": "integer"}, "delivered": {"type": "integer"},
                 "acked": {"type": "integer"}, "nacked": {"type": "integer"}, "expired": {"type": "integer"}, "dead_lettered": {"type": "integer"},
-                "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"}, "deduplicated": {"type": "integer"}, "parked": {"type": "integer", "description": "of delayed: long delays waiting in the delay log"}, "superseded": {"type": "integer"}, "coalesced_in": {"type": "integer"}, "coalesced_out": {"type": "integer"}, "coalesce_windows": {"type": "integer"},
+                "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"}, "deduplicated": {"type": "integer"}, "parked": {"type": "integer", "description": "of delayed: long delays waiting in the delay log"}, "superseded": {"type": "integer"}, "dedup_ids": {"type": "integer", "description": "client ids remembered for deduplication"}, "coalesced_in": {"type": "integer"}, "coalesced_out": {"type": "integer"}, "coalesce_windows": {"type": "integer"},
                 "keys_in_flight": {"type": "integer"}, "keys_blocked": {"type": "integer"},
                 "waiting_by_priority": {"type": "array", "items": {"type": "integer"}, "description": "highest level first"}, "fair_flows": {"type": "integer"},
                 "throttle_cuts": {"type": "integer"}, "throttle_raises": {"type": "integer"},
