@@ -2,8 +2,9 @@
 //!
 //! Sans-IO: records are read through `RecordSource`, time is passed in, and the caller
 //! writes the durable facts (settle, retry) to storage. Every unsettled message behind the
-//! scan cursor is in exactly one of: `leases`, `ready`, `timers`, `settling`
-//! (checked by `debug_check_consistency`).
+//! scan cursor is reachable from `leases`, `ready`, `timers`, `settling`, or a policy's
+//! waiting structure (key gate, shaper lanes, coalescing windows); checked by
+//! `debug_check_consistency`.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;

@@ -265,8 +265,64 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
+    /// Runs `ops` (start, len, single?) against the set and a `BTreeSet`, compares every
+    /// query at `probes` (counting `span` offsets from each), then `remove_below(floor)`.
+    fn check_against_model(
+        ops: Vec<(u64, u64, bool)>,
+        probes: impl Iterator<Item = u64>,
+        span: u64,
+        floor: u64,
+    ) -> Result<(), TestCaseError> {
+        let mut set = RangeSet::new();
+        let mut model = BTreeSet::new();
+        for (start, len, one) in ops {
+            let range = if one {
+                start..start + 1
+            } else {
+                start..start + len
+            };
+            let added = set.insert(range.clone());
+            let before = model.len();
+            model.extend(range);
+            prop_assert_eq!(added as usize, model.len() - before);
+            prop_assert_eq!(set.len() as usize, model.len());
+        }
+        for probe in probes {
+            prop_assert_eq!(set.contains(probe), model.contains(&probe));
+            let next = (probe..).find(|o| !model.contains(o)).unwrap();
+            prop_assert_eq!(set.next_absent(probe), next);
+            prop_assert_eq!(
+                set.count_in(probe..probe + span) as usize,
+                model.range(probe..probe + span).count()
+            );
+        }
+        set.remove_below(floor);
+        model.retain(|&o| o >= floor);
+        prop_assert_eq!(set.len() as usize, model.len());
+        let ranges: Vec<_> = set.iter().collect();
+        prop_assert_eq!(
+            ranges.iter().cloned().flatten().collect::<Vec<_>>(),
+            model.into_iter().collect::<Vec<_>>()
+        );
+        // Ranges never touch.
+        for pair in ranges.windows(2) {
+            prop_assert!(pair[0].end < pair[1].start);
+        }
+        Ok(())
+    }
+
     proptest! {
-        // Large sets: fewer cases keep the suite quick.
+        #[test]
+        fn behaves_like_a_btreeset(
+            ops in prop::collection::vec((0u64..200, 1u64..20, any::<bool>()), 1..60),
+            floor in 0u64..200,
+        ) {
+            check_against_model(ops, 0..230, 17, floor)?;
+        }
+    }
+
+    proptest! {
+        // Sets over several 4,096-offset chunks: fewer cases keep the suite quick.
         #![proptest_config(ProptestConfig::with_cases(40))]
         #[test]
         fn behaves_like_a_btreeset_across_chunks(
@@ -274,61 +330,8 @@ mod tests {
             floor in 0u64..13_000,
             probes in prop::collection::vec(0u64..18_000, 40),
         ) {
-            let mut set = RangeSet::new();
-            let mut model = BTreeSet::new();
-            for (start, len, one) in ops {
-                let range = if one { start..start + 1 } else { start..start + len };
-                let added = set.insert(range.clone());
-                let before = model.len();
-                model.extend(range);
-                prop_assert_eq!(added as usize, model.len() - before);
-            }
             let boundaries = [0, 4_095, 4_096, 4_097, 8_191, 8_192, 12_288];
-            for &probe in probes.iter().chain(&boundaries) {
-                prop_assert_eq!(set.contains(probe), model.contains(&probe));
-                let next = (probe..).find(|o| !model.contains(o)).unwrap();
-                prop_assert_eq!(set.next_absent(probe), next);
-                prop_assert_eq!(set.count_in(probe..probe + 5_000) as usize, model.range(probe..probe + 5_000).count());
-            }
-            set.remove_below(floor);
-            model.retain(|&o| o >= floor);
-            prop_assert_eq!(set.len() as usize, model.len());
-            let ranges: Vec<_> = set.iter().collect();
-            prop_assert_eq!(ranges.iter().cloned().flatten().collect::<Vec<_>>(), model.into_iter().collect::<Vec<_>>());
-            for pair in ranges.windows(2) {
-                prop_assert!(pair[0].end < pair[1].start);
-            }
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn behaves_like_a_btreeset(ops in prop::collection::vec((0u64..200, 1u64..20, any::<bool>()), 1..60), floor in 0u64..200) {
-            let mut set = RangeSet::new();
-            let mut model = BTreeSet::new();
-            for (start, len, one) in ops {
-                let range = if one { start..start + 1 } else { start..start + len };
-                let added = set.insert(range.clone());
-                let before = model.len();
-                model.extend(range);
-                prop_assert_eq!(added as usize, model.len() - before);
-                prop_assert_eq!(set.len() as usize, model.len());
-            }
-            for probe in 0..230 {
-                prop_assert_eq!(set.contains(probe), model.contains(&probe));
-                let next = (probe..).find(|o| !model.contains(o)).unwrap();
-                prop_assert_eq!(set.next_absent(probe), next);
-                prop_assert_eq!(set.count_in(probe..probe + 17) as usize, model.range(probe..probe + 17).count());
-            }
-            // ranges never touch
-            let ranges: Vec<_> = set.iter().collect();
-            for pair in ranges.windows(2) {
-                prop_assert!(pair[0].end < pair[1].start);
-            }
-            set.remove_below(floor);
-            model.retain(|&o| o >= floor);
-            prop_assert_eq!(set.len() as usize, model.len());
-            prop_assert_eq!(set.iter().flatten().collect::<Vec<_>>(), model.into_iter().collect::<Vec<_>>());
+            check_against_model(ops, probes.into_iter().chain(boundaries), 5_000, floor)?;
         }
     }
 }
