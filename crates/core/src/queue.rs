@@ -260,32 +260,39 @@ impl DrainMeter {
     }
 }
 
-/// Reads the records at `offsets` (any order), grouping nearby offsets into one read.
+/// The records at `offsets` (any order), read in few sequential passes, in the order
+/// asked; None where a record is gone (deleted with its segment: it was settled).
 fn read_offsets(
     source: &impl RecordSource,
     offsets: &[u64],
-) -> Result<OffsetMap<Record>, ReadError> {
+) -> Result<Vec<Option<Record>>, ReadError> {
     /// Offsets this close together are read in one pass rather than looked up apart
     /// (about 10 KiB of 150-byte messages: a chunk read either way).
     const GAP: u64 = 64;
     let mut sorted = offsets.to_vec();
     sorted.sort_unstable();
-    let wanted: OffsetSet = sorted.iter().copied().collect();
-    let mut out = OffsetMap::default();
+    sorted.dedup();
+    let mut found: Vec<Option<Record>> = Vec::new();
+    found.resize_with(sorted.len(), || None);
     let mut i = 0;
     while i < sorted.len() {
-        let start = sorted[i];
-        let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] - end <= GAP {
+        let first = i;
+        while i + 1 < sorted.len() && sorted[i + 1] - sorted[i] <= GAP {
             i += 1;
-            end = sorted[i];
         }
+        let run = &sorted[first..=i];
         i += 1;
-        for record in source.read_where(start, end + 1, &|o| wanted.contains(&o))? {
-            out.insert(record.offset, record);
+        let want = |o: u64| run.binary_search(&o).is_ok();
+        for record in source.read_where(run[0], run[run.len() - 1] + 1, &want)? {
+            if let Ok(at) = sorted.binary_search(&record.offset) {
+                found[at] = Some(record);
+            }
         }
     }
-    Ok(out)
+    Ok(offsets
+        .iter()
+        .map(|o| sorted.binary_search(o).ok().and_then(|at| found[at].take()))
+        .collect())
 }
 
 pub struct QueueState {
@@ -1054,44 +1061,54 @@ impl QueueState {
             room = allowed;
         }
         let mut out = Vec::new();
-        while out.len() < room {
-            let Some(offset) = self.ready.pop_front() else {
-                break;
-            };
-            if self.is_settled_or_busy(offset) || self.timer_at.contains_key(&offset) {
-                continue;
-            }
-            match source.read(offset, 1, 1)?.pop() {
-                Some(record) if record.offset == offset => {
-                    if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
-                        self.expire(&record);
-                    } else if !self.park_if_blocked(&record) {
-                        out.push(self.lease(record, now_ms, lease_ms))
-                    }
+        // Redeliveries and messages moved back to the ready queue.
+        loop {
+            let mut picked = Vec::new();
+            while out.len() + picked.len() < room {
+                let Some(offset) = self.ready.pop_front() else {
+                    break;
+                };
+                if !self.is_settled_or_busy(offset) && !self.timer_at.contains_key(&offset) {
+                    picked.push(offset);
                 }
-                _ => {} // deleted with its segment: it was settled
+            }
+            if picked.is_empty() {
+                break;
+            }
+            for record in read_offsets(source, &picked)?.into_iter().flatten() {
+                if let Some(record) = self.screen(record, now_ms) {
+                    out.push(self.lease(record, now_ms, lease_ms));
+                }
             }
         }
         // Messages whose key got a free slot (they already hold it).
-        while out.len() < room
-            && let Some(offset) = self.keys.as_mut().and_then(KeyGate::next_released)
-        {
-            let record = match source.read(offset, 1, 1)?.pop() {
-                Some(record) if record.offset == offset && !self.is_settled_or_busy(offset) => {
-                    record
-                }
-                _ => {
-                    // Gone meanwhile (settled): free its slot for the next in line.
-                    if let Some(gate) = &mut self.keys {
-                        gate.settled(offset);
+        loop {
+            let mut picked = Vec::new();
+            while out.len() + picked.len() < room
+                && let Some(offset) = self.keys.as_mut().and_then(KeyGate::next_released)
+            {
+                picked.push(offset);
+            }
+            if picked.is_empty() {
+                break;
+            }
+            let records = read_offsets(source, &picked)?;
+            for (offset, record) in picked.into_iter().zip(records) {
+                let record = match record {
+                    Some(record) if !self.is_settled_or_busy(offset) => record,
+                    _ => {
+                        // Gone meanwhile (settled): free its slot for the next in line.
+                        if let Some(gate) = &mut self.keys {
+                            gate.settled(offset);
+                        }
+                        continue;
                     }
-                    continue;
+                };
+                if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
+                    self.expire(&record);
+                } else {
+                    out.push(self.lease(record, now_ms, lease_ms));
                 }
-            };
-            if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
-                self.expire(&record);
-            } else {
-                out.push(self.lease(record, now_ms, lease_ms));
             }
         }
         if self.shaper.is_some() {
@@ -1110,15 +1127,8 @@ impl QueueState {
                 if picked.is_empty() {
                     break;
                 }
-                let mut records = read_offsets(source, &picked)?;
-                for offset in picked {
-                    // None: deleted with its segment, so it was settled.
-                    let Some(record) = records.remove(&offset) else {
-                        continue;
-                    };
-                    if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
-                        self.expire(&record);
-                    } else if !self.park_if_blocked(&record) {
+                for record in read_offsets(source, &picked)?.into_iter().flatten() {
+                    if let Some(record) = self.screen(record, now_ms) {
                         out.push(self.lease(record, now_ms, lease_ms));
                     }
                 }
@@ -1153,13 +1163,9 @@ impl QueueState {
                     self.add_timer(record.offset, record.deliver_at_ms);
                     continue;
                 }
-                if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
-                    self.expire(&record);
+                let Some(record) = self.screen(record, now_ms) else {
                     continue;
-                }
-                if self.park_if_blocked(&record) {
-                    continue;
-                }
+                };
                 out.push(self.lease(record, now_ms, lease_ms));
                 if out.len() == room {
                     break;
@@ -1240,6 +1246,19 @@ impl QueueState {
                 .unwrap_or_default(),
         };
         (priority, flow)
+    }
+
+    /// A message about to be leased: expired ones are dropped or dead-lettered, ones whose
+    /// key has no free slot are parked; the rest return.
+    fn screen(&mut self, record: Record, now_ms: i64) -> Option<Record> {
+        if self.expires_at(&record).is_some_and(|at| at <= now_ms) {
+            self.expire(&record);
+            None
+        } else if self.park_if_blocked(&record) {
+            None
+        } else {
+            Some(record)
+        }
     }
 
     fn key_hash(&self, record: &Record) -> Option<u64> {
