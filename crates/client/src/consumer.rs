@@ -270,13 +270,11 @@ fn decode(d: tidewater_proto::WireDelivery) -> Result<Delivery, ClientError> {
     } else {
         String::from_utf8_lossy(&record.id).into_owned()
     };
-    let text = |b: Vec<u8>| {
-        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-    };
+    let text = |b: bytes::Bytes| String::from_utf8_lossy(&b).into_owned();
     Ok(Delivery {
         id,
         receipt: d.receipt,
-        body: record.body,
+        body: record.body.to_vec(),
         key: record.key.map(text),
         headers: record
             .headers

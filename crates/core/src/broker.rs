@@ -1606,9 +1606,9 @@ impl Broker {
             };
             tenant = header(&record, HEADER_TENANT).or(tenant);
             if seen.insert(record.body.clone()) {
-                bodies.push(match String::from_utf8(record.body) {
-                    Ok(text) => serde_json::Value::String(text),
-                    Err(e) => serde_json::json!({"base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes())}),
+                bodies.push(match std::str::from_utf8(&record.body) {
+                    Ok(text) => serde_json::Value::String(text.to_string()),
+                    Err(_) => serde_json::json!({"base64": base64::engine::general_purpose::STANDARD.encode(&record.body)}),
                 });
             }
         }

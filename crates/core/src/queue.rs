@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 
+use tidewater_storage::format::RecordView;
 use tidewater_storage::{LogState, RangeSet, ReadError, Record, RetryInfo};
 
 use crate::coalesce::{Closed, Coalescer};
@@ -88,11 +89,16 @@ pub trait RecordSource {
         from: u64,
         end: u64,
         want: &dyn Fn(u64) -> bool,
-    ) -> Result<Vec<Record>, ReadError> {
-        let mut records = self.read(from, end.saturating_sub(from) as usize, usize::MAX)?;
-        records.retain(|r| r.offset < end && want(r.offset));
-        Ok(records)
-    }
+    ) -> Result<Vec<Record>, ReadError>;
+
+    /// Shows `visit` borrowed views of the records from `from` on, at most `max_count`,
+    /// with their publish time, until it returns false.
+    fn scan(
+        &self,
+        from: u64,
+        max_count: usize,
+        visit: &mut dyn FnMut(&RecordView<'_>, i64) -> bool,
+    ) -> Result<(), ReadError>;
 }
 
 impl RecordSource for tidewater_storage::LogReader {
@@ -112,6 +118,15 @@ impl RecordSource for tidewater_storage::LogReader {
         want: &dyn Fn(u64) -> bool,
     ) -> Result<Vec<Record>, ReadError> {
         tidewater_storage::LogReader::read_where(self, from, end, want)
+    }
+
+    fn scan(
+        &self,
+        from: u64,
+        max_count: usize,
+        visit: &mut dyn FnMut(&RecordView<'_>, i64) -> bool,
+    ) -> Result<(), ReadError> {
+        tidewater_storage::LogReader::scan(self, from, max_count, visit)
     }
 }
 
@@ -1180,49 +1195,50 @@ impl QueueState {
     }
 
     /// Sorts newly scanned messages into the shaper's lanes, a bounded step at a time.
+    /// Only metadata is looked at: the scan borrows views, it decodes nothing.
     fn fill_shaper(&mut self, source: &impl RecordSource, now_ms: i64) -> Result<(), ReadError> {
         let mut budget = SHAPER_SCAN_STEP;
         while budget > 0
             && self.cursor < self.visible_end
             && !self.shaper.as_ref().is_some_and(Shaper::is_full)
         {
-            let records = source.read(self.cursor, budget.min(4_096), SCAN_BYTES)?;
-            if records.is_empty() {
-                break;
-            }
-            for record in records {
+            let before = self.cursor;
+            source.scan(self.cursor, budget.min(4_096), &mut |record, _| {
                 if record.offset >= self.visible_end
                     || self.shaper.as_ref().is_some_and(Shaper::is_full)
                 {
-                    break;
+                    return false;
                 }
                 self.cursor = record.offset + 1;
                 budget = budget.saturating_sub(1);
                 if self.is_settled_or_busy(record.offset)
                     || self.timer_at.contains_key(&record.offset)
                 {
-                    continue;
+                    return true;
                 }
                 if record.deliver_at_ms > now_ms {
                     self.add_timer(record.offset, record.deliver_at_ms);
-                    continue;
+                    return true;
                 }
-                let (priority, flow) = self.lane_of(&record);
+                let (priority, flow) = self.lane_of(record);
                 if let Some(shaper) = &mut self.shaper {
                     shaper.push(record.offset, priority, &flow);
                 }
+                true
+            })?;
+            if self.cursor == before {
+                break;
             }
         }
         Ok(())
     }
 
     /// (priority level, fairness value) of a message.
-    fn lane_of<'r>(&self, record: &'r Record) -> (u8, std::borrow::Cow<'r, str>) {
+    fn lane_of<'r>(&self, record: &RecordView<'r>) -> (u8, std::borrow::Cow<'r, str>) {
         let header = |name: &str| {
             record
-                .headers
-                .iter()
-                .find(|(k, _)| k == name.as_bytes())
+                .headers()
+                .find(|(k, _)| *k == name.as_bytes())
                 .map(|(_, v)| String::from_utf8_lossy(v))
         };
         let priority = if self.config.priority_levels > 1 {
@@ -1235,11 +1251,7 @@ impl QueueState {
         let flow = match self.config.fairness.as_ref().map(|f| f.by.as_str()) {
             None => "".into(),
             Some("tenant") => header(HEADER_TENANT).unwrap_or(ANONYMOUS_TENANT.into()),
-            Some("key") => record
-                .key
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default(),
+            Some("key") => record.key.map(String::from_utf8_lossy).unwrap_or_default(),
             Some(by) => by
                 .strip_prefix("header:")
                 .and_then(header)

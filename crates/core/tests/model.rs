@@ -650,7 +650,7 @@ fn history_survives_restart_into_the_dead_letter_queue() {
         let dead = broker.peek("q-dlq", 0, 10).unwrap();
         assert_eq!(dead.len(), 1);
         let record = &dead[0].record;
-        assert_eq!(record.body, b"poison");
+        assert_eq!(&record.body[..], b"poison");
         let header = |name| tidewater_core::broker::header(record, name).unwrap();
         assert_eq!(header("tidewater-delivery-count"), "2");
         assert_eq!(header("tidewater-last-error"), "parse error again");

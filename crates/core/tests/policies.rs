@@ -277,11 +277,11 @@ fn a_message_ttl_dead_letters_with_the_reason() {
         h.clock.advance(100);
         let got = h.receive("t", 10).await;
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].record.body, b"m1");
+        assert_eq!(&got[0].record.body[..], b"m1");
         assert_eq!(h.stats("t").ttl_expired, 1);
         let dead = h.broker().peek("t-dlq", 0, 10).unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].record.body, b"m0");
+        assert_eq!(&dead[0].record.body[..], b"m0");
         assert_eq!(
             header(&dead[0].record, "tidewater-last-error").as_deref(),
             Some("expired: older than its ttl_ms")
@@ -313,9 +313,9 @@ fn jitter_spreads_delivery_times_within_the_bound() {
         h.clock.advance(499);
         assert!(h.receive("cron", 10).await.is_empty());
         h.clock.advance(1);
-        assert_eq!(h.receive("cron", 10).await[0].record.body, b"m0");
+        assert_eq!(&h.receive("cron", 10).await[0].record.body[..], b"m0");
         h.clock.advance(2_000);
-        assert_eq!(h.receive("cron", 10).await[0].record.body, b"m1");
+        assert_eq!(&h.receive("cron", 10).await[0].record.body[..], b"m1");
     });
 }
 
@@ -548,7 +548,7 @@ fn key_concurrency_one_keeps_per_key_order_across_retries_and_lets_other_keys_pa
         h.clock.advance(500);
         let again = h.receive("k", 10).await;
         assert_eq!(again.len(), 1);
-        assert_eq!(again[0].record.body, b"a0");
+        assert_eq!(&again[0].record.body[..], b"a0");
         // A restart forgets leases, not order.
         h.restart();
         let after = h.receive("k", 10).await;
@@ -559,11 +559,11 @@ fn key_concurrency_one_keeps_per_key_order_across_retries_and_lets_other_keys_pa
             .await
             .unwrap();
         let next = h.receive("k", 10).await;
-        assert_eq!(next[0].record.body, b"a1", "a0 settled: a1 is next");
+        assert_eq!(&next[0].record.body[..], b"a1", "a0 settled: a1 is next");
         // Turning the limit off hands the waiting a3 out at once.
         h.queue("k", json!({"key_concurrency": null})).await;
         let rest = h.receive("k", 10).await;
-        assert_eq!(rest[0].record.body, b"a3");
+        assert_eq!(&rest[0].record.body[..], b"a3");
         assert_eq!(h.stats("k").keys_in_flight, None);
     });
 }
@@ -633,7 +633,7 @@ mod key_model {
                     }
                     Step::Receive(max) => {
                         for d in h.receive("k", max).await {
-                            let i: usize = String::from_utf8(d.record.body.clone())
+                            let i: usize = String::from_utf8(d.record.body.to_vec())
                                 .unwrap()
                                 .parse()
                                 .unwrap();
@@ -698,7 +698,7 @@ mod key_model {
                 h.clock.advance(2_000);
                 h.broker().run_maintenance().await;
                 for d in h.receive("k", 100).await {
-                    let i: usize = String::from_utf8(d.record.body.clone())
+                    let i: usize = String::from_utf8(d.record.body.to_vec())
                         .unwrap()
                         .parse()
                         .unwrap();
@@ -859,7 +859,7 @@ fn weights_and_priorities_shape_the_order() {
         h.publish("p", msgs).await;
         let bodies = |ds: Vec<tidewater_core::queue::Delivery>| -> Vec<String> {
             ds.iter()
-                .map(|d| String::from_utf8(d.record.body.clone()).unwrap())
+                .map(|d| String::from_utf8(d.record.body.to_vec()).unwrap())
                 .collect()
         };
         assert_eq!(
@@ -898,7 +898,7 @@ fn weights_and_priorities_shape_the_order() {
 
 fn bodies_of(ds: &[tidewater_core::queue::Delivery]) -> Vec<String> {
     ds.iter()
-        .map(|d| String::from_utf8(d.record.body.clone()).unwrap())
+        .map(|d| String::from_utf8(d.record.body.to_vec()).unwrap())
         .collect()
 }
 

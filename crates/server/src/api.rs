@@ -170,7 +170,7 @@ impl Serialize for OutMessage<'_> {
     }
 }
 
-struct Headers<'a>(&'a [(Vec<u8>, Vec<u8>)]);
+struct Headers<'a>(&'a [(axum::body::Bytes, axum::body::Bytes)]);
 
 impl Serialize for Headers<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

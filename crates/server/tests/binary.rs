@@ -382,7 +382,7 @@ fn the_client_reconnects_after_a_server_restart() {
                 .unwrap()
                 .unwrap();
             consumer.ack(&d);
-            bodies.push(String::from_utf8(d.body).unwrap());
+            bodies.push(String::from_utf8(d.body.to_vec()).unwrap());
         }
         consumer.flush().await;
         assert_eq!(bodies, ["before restart", "after restart"]);

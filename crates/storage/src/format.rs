@@ -4,6 +4,7 @@
 //! recovery can tell data from a torn or zeroed tail.
 
 use crate::error::FormatError;
+use bytes::Bytes;
 
 /// First byte of every record batch.
 pub const BATCH_MAGIC: u8 = 0xB7;
@@ -156,17 +157,18 @@ pub struct NewRecord<'a> {
     pub body: &'a [u8],
 }
 
-/// A decoded message read back from a log.
+/// A decoded message read back from a log. Its byte fields are slices of one buffer
+/// holding the record (one allocation per record, not one per field).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub offset: u64,
     pub published_at_ms: i64,
     pub flags: u8,
     pub deliver_at_ms: i64,
-    pub id: Vec<u8>,
-    pub key: Option<Vec<u8>>,
-    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
-    pub body: Vec<u8>,
+    pub id: Bytes,
+    pub key: Option<Bytes>,
+    pub headers: Vec<(Bytes, Bytes)>,
+    pub body: Bytes,
 }
 
 impl Record {
@@ -244,20 +246,40 @@ impl BatchBuilder {
 
 /// Appends one record in the batch record layout (also the wire layout of a delivery).
 pub fn encode_record(buf: &mut Vec<u8>, record: &NewRecord<'_>) {
-    assert!(record.id.len() <= MAX_ID_LEN);
-    assert!(record.key.is_none_or(|k| k.len() <= MAX_KEY_LEN));
-    assert!(record.headers.len() <= u16::MAX as usize);
+    encode_parts(
+        buf,
+        record.generated_id,
+        record.deliver_at_ms,
+        record.id,
+        record.key,
+        record.headers.iter().copied(),
+        record.body,
+    );
+}
+
+fn encode_parts<'a>(
+    buf: &mut Vec<u8>,
+    generated_id: bool,
+    deliver_at_ms: i64,
+    id: &[u8],
+    key: Option<&[u8]>,
+    headers: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])>,
+    body: &[u8],
+) {
+    assert!(id.len() <= MAX_ID_LEN);
+    assert!(key.is_none_or(|k| k.len() <= MAX_KEY_LEN));
+    assert!(headers.len() <= u16::MAX as usize);
     let start = buf.len();
     buf.extend_from_slice(&[0; 4]);
-    buf.push(if record.generated_id {
+    buf.push(if generated_id {
         RECORD_FLAG_GENERATED_ID
     } else {
         0
     });
-    buf.extend_from_slice(&record.deliver_at_ms.to_le_bytes());
-    buf.push(record.id.len() as u8);
-    buf.extend_from_slice(record.id);
-    match record.key {
+    buf.extend_from_slice(&deliver_at_ms.to_le_bytes());
+    buf.push(id.len() as u8);
+    buf.extend_from_slice(id);
+    match key {
         Some(key) => {
             buf.push(1);
             buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
@@ -265,15 +287,15 @@ pub fn encode_record(buf: &mut Vec<u8>, record: &NewRecord<'_>) {
         }
         None => buf.push(0),
     }
-    buf.extend_from_slice(&(record.headers.len() as u16).to_le_bytes());
-    for (name, value) in &record.headers {
+    buf.extend_from_slice(&(headers.len() as u16).to_le_bytes());
+    for (name, value) in headers {
         buf.extend_from_slice(&(name.len() as u16).to_le_bytes());
         buf.extend_from_slice(name);
         buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
         buf.extend_from_slice(value);
     }
-    buf.extend_from_slice(&(record.body.len() as u32).to_le_bytes());
-    buf.extend_from_slice(record.body);
+    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    buf.extend_from_slice(body);
     let len = (buf.len() - start - 4) as u32;
     buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
@@ -281,41 +303,41 @@ pub fn encode_record(buf: &mut Vec<u8>, record: &NewRecord<'_>) {
 impl Record {
     /// Re-encodes this record in the record layout (for a delivery on the wire).
     pub fn encode(&self, buf: &mut Vec<u8>) {
-        let headers = self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
-        encode_record(
+        encode_parts(
             buf,
-            &NewRecord {
-                id: &self.id,
-                generated_id: self.flags & RECORD_FLAG_GENERATED_ID != 0,
-                key: self.key.as_deref(),
-                headers,
-                deliver_at_ms: self.deliver_at_ms,
-                body: &self.body,
-            },
+            self.flags & RECORD_FLAG_GENERATED_ID != 0,
+            self.deliver_at_ms,
+            &self.id,
+            self.key.as_deref(),
+            self.headers.iter().map(|(k, v)| (&k[..], &v[..])),
+            &self.body,
         );
     }
 }
 
-/// Decodes one record (length prefix included) that must fill `buf` exactly.
-pub fn decode_record(buf: &[u8], offset: u64, published_at_ms: i64) -> Result<Record, FormatError> {
+/// A borrowed view of one record (length prefix included) that must fill `buf` exactly.
+pub fn view_record(buf: &[u8], offset: u64) -> Result<RecordView<'_>, FormatError> {
     let mut cur = Cursor { buf, pos: 0 };
-    let record = decode_one(&mut cur, offset, published_at_ms)?;
+    let view = parse_view(&mut cur, offset)?;
+    if !cur.done() {
+        return Err(FormatError::BadLength);
+    }
+    Ok(view)
+}
+
+/// Decodes one record (length prefix included) that must fill `buf` exactly; the record
+/// owns a copy of those bytes.
+pub fn decode_record(buf: &[u8], offset: u64, published_at_ms: i64) -> Result<Record, FormatError> {
+    let owned = Bytes::copy_from_slice(buf);
+    let mut cur = Cursor {
+        buf: &owned,
+        pos: 0,
+    };
+    let record = parse_view(&mut cur, offset)?.to_record_in(&owned, published_at_ms);
     if !cur.done() {
         return Err(FormatError::BadLength);
     }
     Ok(record)
-}
-
-fn decode_one(
-    cur: &mut Cursor<'_>,
-    offset: u64,
-    published_at_ms: i64,
-) -> Result<Record, FormatError> {
-    Ok(parse_view(cur, offset)?.to_record(published_at_ms))
 }
 
 /// A record borrowed from the bytes it was parsed from (no allocation).
@@ -347,19 +369,25 @@ impl<'a> RecordView<'a> {
         })
     }
 
-    pub fn to_record(&self, published_at_ms: i64) -> Record {
+    /// An owned record whose fields are slices of `buf`, the bytes this view was parsed
+    /// from (panics if they are not).
+    pub fn to_record_in(&self, buf: &Bytes, published_at_ms: i64) -> Record {
+        let slice = |part: &[u8]| {
+            if part.is_empty() {
+                Bytes::new()
+            } else {
+                buf.slice_ref(part)
+            }
+        };
         Record {
             offset: self.offset,
             published_at_ms,
             flags: self.flags,
             deliver_at_ms: self.deliver_at_ms,
-            id: self.id.to_vec(),
-            key: self.key.map(<[u8]>::to_vec),
-            headers: self
-                .headers()
-                .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .collect(),
-            body: self.body.to_vec(),
+            id: slice(self.id),
+            key: self.key.map(slice),
+            headers: self.headers().map(|(k, v)| (slice(k), slice(v))).collect(),
+            body: slice(self.body),
         }
     }
 
@@ -442,19 +470,20 @@ pub fn check_batch(batch: &[u8]) -> Result<BatchHeader, FormatError> {
     Ok(header)
 }
 
-/// Decodes every record of a checked batch.
+/// Decodes every record of a checked batch (the records share one copy of `body`).
 pub fn decode_records(
     header: &BatchHeader,
     body: &[u8],
     out: &mut Vec<Record>,
 ) -> Result<(), FormatError> {
-    let mut cur = Cursor { buf: body, pos: 0 };
+    let owned = Bytes::copy_from_slice(body);
+    let mut cur = Cursor {
+        buf: &owned,
+        pos: 0,
+    };
     for idx in 0..header.count {
-        out.push(decode_one(
-            &mut cur,
-            header.base_offset + idx as u64,
-            header.published_at_ms,
-        )?);
+        let view = parse_view(&mut cur, header.base_offset + idx as u64)?;
+        out.push(view.to_record_in(&owned, header.published_at_ms));
     }
     if cur.pos != body.len() {
         return Err(FormatError::BadLength);
@@ -551,10 +580,13 @@ mod tests {
         let mut records = Vec::new();
         decode_records(&header, &batch[BATCH_HEADER_LEN..], &mut records).unwrap();
         assert_eq!(records[0].offset, 42);
-        assert_eq!(records[0].body, b"hello");
+        assert_eq!(&records[0].body[..], b"hello");
         assert_eq!(records[1].offset, 43);
         assert_eq!(records[1].key.as_deref(), Some(&b"k"[..]));
-        assert_eq!(records[1].headers, vec![(b"h".to_vec(), b"v".to_vec())]);
+        assert_eq!(
+            records[1].headers,
+            vec![(Bytes::from_static(b"h"), Bytes::from_static(b"v"))]
+        );
         assert_eq!(records[1].deliver_at_ms, 5_000);
         assert_eq!(
             records[1].flags & RECORD_FLAG_GENERATED_ID,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{FormatError, OpenError, ReadError};
-use crate::format::{BATCH_HEADER_LEN, BatchHeader, Record, decode_record};
+use crate::format::{BATCH_HEADER_LEN, BatchHeader};
 
 /// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
@@ -392,13 +392,17 @@ fn scan_segment_until(
     Ok(segment)
 }
 
-/// Reads records `[from, limit)` of a log into `out`, at most `max_count` of them and about
-/// `max_bytes` of payload (at least one record is returned when one exists).
+/// What a read does with each wanted record: gets its bytes (length prefix included),
+/// offset and publish time; `Ok(false)` ends the read.
+pub(crate) type Sink<'s> = &'s mut dyn FnMut(&[u8], u64, i64) -> Result<bool, FormatError>;
+
+/// Hands records `[from, limit)` of a log to `sink`, at most `max_count` of them and about
+/// `max_bytes` (at least one record when one exists).
 ///
 /// Walks batch headers from the sparse index entry before `from` and reads only the batches
 /// that hold wanted records, so a one-record read costs one small and one batch-sized pread.
-/// Only records whose offset `want` accepts are decoded and returned (the others are
-/// stepped over by their length).
+/// Only records whose offset `want` accepts reach the sink (the others are stepped over by
+/// their length).
 pub(crate) fn read_records(
     files: &std::sync::RwLock<LogFiles>,
     from: u64,
@@ -406,17 +410,15 @@ pub(crate) fn read_records(
     max_count: usize,
     max_bytes: usize,
     want: &dyn Fn(u64) -> bool,
-    out: &mut Vec<Record>,
+    sink: Sink<'_>,
 ) -> Result<(), ReadError> {
     let mut next = from;
     let mut bytes = 0usize;
-    let start_len = out.len();
-    let full = |out: &Vec<Record>, bytes: usize| {
-        out.len() - start_len >= max_count || (bytes >= max_bytes && out.len() > start_len)
-    };
+    let mut count = 0usize;
+    let full = |count: usize, bytes: usize| count >= max_count || (bytes >= max_bytes && count > 0);
     let mut header_buf = [0u8; BATCH_HEADER_LEN];
     let mut chunk = ReadBuffer::take();
-    while next < limit && !full(out, bytes) {
+    while next < limit && !full(count, bytes) {
         let (file, path, mark, seg_len, seg_end) = {
             let files = files.read().unwrap_or_else(|e| e.into_inner());
             let idx = files.segments.partition_point(|s| s.base <= next);
@@ -456,7 +458,7 @@ pub(crate) fn read_records(
         // (end of the batch's bytes, its publish time, the offset of the record at `pos`)
         let mut in_batch =
             (mark.batch_end != 0).then_some((mark.batch_end, mark.published_at_ms, mark.offset));
-        while pos < seg_len && next < limit && !full(out, bytes) {
+        while pos < seg_len && next < limit && !full(count, bytes) {
             let (batch_end, published_at_ms, mut offset) = match in_batch.take() {
                 Some(batch) => batch,
                 None => {
@@ -512,15 +514,17 @@ pub(crate) fn read_records(
                     if offset >= next && !want(offset) {
                         next = offset + 1;
                     } else if offset >= next {
-                        if offset >= limit || full(out, bytes) {
+                        if offset >= limit || full(count, bytes) {
                             return Ok(());
                         }
-                        let record =
-                            decode_record(&chunk[rel..rel + record_len], offset, published_at_ms)
-                                .map_err(|reason| corrupt(&path, pos + rel as u64, reason))?;
-                        bytes += record.body.len();
+                        let go_on = sink(&chunk[rel..rel + record_len], offset, published_at_ms)
+                            .map_err(|reason| corrupt(&path, pos + rel as u64, reason))?;
+                        bytes += record_len;
+                        count += 1;
                         next = offset + 1;
-                        out.push(record);
+                        if !go_on {
+                            return Ok(());
+                        }
                     }
                     rel += record_len;
                     offset += 1;

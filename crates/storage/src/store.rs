@@ -23,7 +23,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{FormatError, OpenError, ReadError, WriteError};
-use crate::format::{BatchHeader, Cursor, Record, check_batch, stamp_batch};
+use crate::format::{
+    BatchHeader, Cursor, Record, RecordView, check_batch, decode_record, stamp_batch, view_record,
+};
 use crate::journal::{
     Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, decode_entry, encode_entry, journal_header,
 };
@@ -208,6 +210,16 @@ pub struct LogReader {
     log: Arc<LogShared>,
 }
 
+/// A read sink that decodes each record into `out`.
+fn decode_into(
+    out: &mut Vec<Record>,
+) -> impl FnMut(&[u8], u64, i64) -> Result<bool, FormatError> + '_ {
+    |bytes, offset, published_at_ms| {
+        out.push(decode_record(bytes, offset, published_at_ms)?);
+        Ok(true)
+    }
+}
+
 impl LogReader {
     /// Offsets below this are durable and may be delivered.
     pub fn durable_end(&self) -> u64 {
@@ -215,7 +227,7 @@ impl LogReader {
     }
 
     /// Reads durable records from `from` on: at most `max_count` records and about
-    /// `max_bytes` of bodies. Offsets deleted by retention are skipped.
+    /// `max_bytes` of them. Offsets deleted by retention are skipped.
     pub fn read(
         &self,
         from: u64,
@@ -230,9 +242,31 @@ impl LogReader {
             max_count,
             max_bytes,
             &|_| true,
-            &mut out,
+            &mut decode_into(&mut out),
         )?;
         Ok(out)
+    }
+
+    /// Shows `visit` the durable records from `from` on, at most `max_count`, as views
+    /// borrowed from the read buffer (nothing is allocated per record), until it returns
+    /// false. For scans that only look at a record's metadata.
+    pub fn scan(
+        &self,
+        from: u64,
+        max_count: usize,
+        visit: &mut dyn FnMut(&RecordView<'_>, i64) -> bool,
+    ) -> Result<(), ReadError> {
+        read_records(
+            &self.log.files,
+            from,
+            self.durable_end(),
+            max_count,
+            usize::MAX,
+            &|_| true,
+            &mut |bytes: &[u8], offset, published_at_ms| {
+                Ok(visit(&view_record(bytes, offset)?, published_at_ms))
+            },
+        )
     }
 
     /// Reads the durable records in `from..end` whose offset `want` accepts, decoding
@@ -251,7 +285,7 @@ impl LogReader {
             usize::MAX,
             usize::MAX,
             want,
-            &mut out,
+            &mut decode_into(&mut out),
         )?;
         Ok(out)
     }

@@ -66,7 +66,7 @@ fn bodies(store: &Store, uid: u64, from: u64) -> Vec<String> {
         .read(from, usize::MAX, usize::MAX)
         .unwrap()
         .into_iter()
-        .map(|r| String::from_utf8(r.body).unwrap())
+        .map(|r| String::from_utf8(r.body.to_vec()).unwrap())
         .collect()
 }
 
