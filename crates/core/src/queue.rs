@@ -57,8 +57,12 @@ impl std::hash::Hasher for OffsetHasher {
         }
     }
     fn write_u64(&mut self, x: u64) {
-        let h = (x ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = h ^ (h >> 29);
+        // Blocks of 64 offsets land in unrelated places, but the offsets of one block land
+        // side by side: walking offsets in order (leases, acks) touches a few cache lines
+        // instead of one per entry.
+        let h = ((x >> 6) ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let h = h ^ (h >> 29);
+        self.0 = (h & !63) | ((h ^ x) & 63);
     }
 }
 
