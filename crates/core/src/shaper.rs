@@ -114,6 +114,15 @@ struct Lane {
 }
 
 impl Lane {
+    /// True if `offset` directly follows the lane's newest message (it extends a run).
+    fn follows(&self, offset: u64) -> bool {
+        match self.entries.back() {
+            Some(Entry::Run(run)) => run.end == offset,
+            Some(Entry::Kept(kept)) => kept.offset + 1 == offset,
+            None => false,
+        }
+    }
+
     /// Adds a message; true if that took a new entry.
     fn push(&mut self, offset: u64, kept: Option<Kept>) -> bool {
         self.len += 1;
@@ -219,6 +228,8 @@ pub struct Shaper {
     cache: CacheBudget,
     /// Bytes of kept messages (charged to `cache`).
     kept_bytes: u64,
+    /// (level, flow, lane) of the last push: skips hashing the flow for a lane's next one.
+    last_lane: Option<(usize, String, usize)>,
 }
 
 impl Drop for Shaper {
@@ -242,6 +253,7 @@ impl Shaper {
             runs: 0,
             cache,
             kept_bytes: 0,
+            last_lane: None,
         }
     }
 
@@ -261,24 +273,20 @@ impl Shaper {
         self.levels.iter().map(|l| l.len).sum()
     }
 
-    /// Adds a scanned message to its lane (priority is clamped to the levels there are),
-    /// with its encoded record if the cache budget has room for a copy.
+    /// Adds a scanned message to its lane (priority is clamped to the levels there are).
+    /// A message that does not directly follow its lane's newest one keeps a copy of its
+    /// encoded record if the cache budget has room: read back, it would cost a read of its
+    /// own. (Runs of consecutive messages are read back in one sequential pass, cheaply.)
     pub fn push(&mut self, offset: u64, priority: u8, flow: &str, record: Option<(&[u8], i64)>) {
-        let kept = record.and_then(|(bytes, published_at_ms)| {
-            let cost = Kept::cost_of(bytes.len());
-            self.cache.try_take(cost).then(|| {
-                self.kept_bytes += cost;
-                Kept {
-                    offset,
-                    published_at_ms,
-                    record: Bytes::copy_from_slice(bytes),
-                }
-            })
-        });
         let top = self.levels.len() - 1;
-        let level = &mut self.levels[(priority as usize).min(top)];
-        let idx = match level.flows.get(flow) {
-            Some(&idx) => idx,
+        let level_idx = (priority as usize).min(top);
+        let level = &mut self.levels[level_idx];
+        let cached = match &self.last_lane {
+            Some((l, f, idx)) if *l == level_idx && f == flow => Some(*idx),
+            _ => None,
+        };
+        let idx = match cached.or_else(|| level.flows.get(flow).copied()) {
+            Some(idx) => idx,
             None => {
                 let flow = if level.lanes.len() < MAX_FLOWS {
                     flow
@@ -299,7 +307,24 @@ impl Shaper {
                 }
             }
         };
+        if cached.is_none() {
+            // Consecutive messages mostly share a lane (one priority, a flooding tenant).
+            self.last_lane = Some((level_idx, flow.to_string(), idx));
+        }
         let lane = &mut level.lanes[idx];
+        let kept = record
+            .filter(|_| !lane.follows(offset))
+            .and_then(|(bytes, published_at_ms)| {
+                let cost = Kept::cost_of(bytes.len());
+                self.cache.try_take(cost).then(|| {
+                    self.kept_bytes += cost;
+                    Kept {
+                        offset,
+                        published_at_ms,
+                        record: Bytes::copy_from_slice(bytes),
+                    }
+                })
+            });
         if lane.push(offset, kept) {
             self.runs += 1;
         }
@@ -517,10 +542,10 @@ mod tests {
         let budget = CacheBudget::new(3 * cost);
         let mut a = Shaper::new(1, 0.0, HashMap::new(), budget.clone());
         let mut b = Shaper::new(1, 0.0, HashMap::new(), budget.clone());
-        for offset in 0..2 {
+        for offset in [0, 2] {
             a.push(offset, 0, "t", Some((&record, 5)));
         }
-        for offset in 10..12 {
+        for offset in [10, 12] {
             b.push(offset, 0, "t", Some((&record, 5))); // the second is over budget
         }
         assert_eq!(budget.used(), 3 * cost);
@@ -534,10 +559,14 @@ mod tests {
         }
         assert_eq!(budget.used(), 2 * cost);
         assert!(matches!(b.pop(), Some(Pick::Kept(k)) if k.offset == 10));
-        assert!(matches!(b.pop(), Some(Pick::Offset(11))));
-        a.forget_below(2);
+        assert!(matches!(b.pop(), Some(Pick::Offset(12))));
+        a.forget_below(3);
         assert_eq!((a.kept_bytes(), budget.used()), (0, 0));
+        // A message right after its lane's newest is read back with it: no copy.
         a.push(20, 0, "t", Some((&record, 5)));
+        a.push(21, 0, "t", Some((&record, 5)));
+        a.push(22, 0, "u", Some((&record, 5))); // another lane: its first message
+        assert_eq!(a.kept_bytes(), 2 * cost);
         drop(a);
         assert_eq!(budget.used(), 0, "a dropped shaper gives its bytes back");
     }

@@ -345,7 +345,7 @@ async fn subscription(
                 let wire = deliveries
                     .iter()
                     .map(|d| {
-                        let mut record = Vec::with_capacity(d.record.body.len() + 64);
+                        let mut record = Vec::with_capacity(d.record.encoded_len());
                         d.record.encode(&mut record);
                         WireDelivery {
                             receipt: d.receipt.clone(),

@@ -301,6 +301,17 @@ fn encode_parts<'a>(
 }
 
 impl Record {
+    /// Bytes of `encode`'s output.
+    pub fn encoded_len(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| 6 + k.len() + v.len())
+            .sum();
+        let key = self.key.as_ref().map_or(0, |k| 2 + k.len());
+        4 + 1 + 8 + 1 + self.id.len() + 1 + key + 2 + headers + 4 + self.body.len()
+    }
+
     /// Re-encodes this record in the record layout (for a delivery on the wire).
     pub fn encode(&self, buf: &mut Vec<u8>) {
         encode_parts(
@@ -589,6 +600,15 @@ mod tests {
             vec![(Bytes::from_static(b"h"), Bytes::from_static(b"v"))]
         );
         assert_eq!(records[1].deliver_at_ms, 5_000);
+        for record in &records {
+            let mut wire = Vec::new();
+            record.encode(&mut wire);
+            assert_eq!(wire.len(), record.encoded_len());
+            assert_eq!(
+                decode_record(&wire, record.offset, record.published_at_ms).as_ref(),
+                Ok(record)
+            );
+        }
         assert_eq!(
             records[1].flags & RECORD_FLAG_GENERATED_ID,
             RECORD_FLAG_GENERATED_ID
