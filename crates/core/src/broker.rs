@@ -28,7 +28,6 @@ use crate::queue::{
     ANONYMOUS_TENANT, Delivery, HEADER_MERGED, HEADER_PRIORITY, HEADER_TENANT, HEADER_TTL_MS,
     QueueState, QueueStats, SCAN_BYTES, Unacked,
 };
-use crate::shaper::CacheBudget;
 
 /// Headers added to a dead-lettered message.
 pub const HEADER_SOURCE_QUEUE: &str = "tidewater-source-queue";
@@ -369,8 +368,6 @@ struct Inner {
     queues: RwLock<HashMap<String, Arc<QueueHandle>>>,
     by_uid: RwLock<HashMap<u64, Arc<QueueHandle>>>,
     limits: Limits,
-    /// Byte budget of the messages kept in every queue's priority/fairness lanes.
-    cache: CacheBudget,
     clock: Arc<dyn Clock>,
     jitter: Arc<dyn Jitter>,
     observer: Arc<dyn Observer>,
@@ -401,7 +398,6 @@ impl Broker {
     ) -> Result<Broker, tidewater_storage::OpenError> {
         let (store, recovered) = Store::open(dir, options.store.clone())?;
         let now = options.clock.now_ms();
-        let cache = CacheBudget::new(options.limits.record_cache_bytes);
         let mut queues = HashMap::new();
         let mut by_uid = HashMap::new();
         let (delay_logs, recovered): (Vec<_>, Vec<_>) = recovered
@@ -425,14 +421,13 @@ impl Broker {
                     Box::new(|_| {}),
                 );
             }
-            let state =
-                QueueState::recover(&log, config, &reader, now, cache.clone()).map_err(|e| {
-                    tidewater_storage::OpenError::Corrupt {
-                        path: dir.to_path_buf(),
-                        position: 0,
-                        reason: e.to_string(),
-                    }
-                })?;
+            let state = QueueState::recover(&log, config, &reader, now).map_err(|e| {
+                tidewater_storage::OpenError::Corrupt {
+                    path: dir.to_path_buf(),
+                    position: 0,
+                    reason: e.to_string(),
+                }
+            })?;
             let handle = Arc::new(QueueHandle {
                 uid: log.uid,
                 name: log.name.clone(),
@@ -491,7 +486,6 @@ impl Broker {
             queues: RwLock::new(queues),
             by_uid: RwLock::new(by_uid),
             limits: options.limits,
-            cache,
             clock: options.clock,
             jitter: options.jitter,
             observer: options.observer,
@@ -523,11 +517,6 @@ impl Broker {
 
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
-    }
-
-    /// Bytes of messages kept in memory in priority/fairness lanes, over all queues.
-    pub fn record_cache_bytes(&self) -> u64 {
-        self.inner.cache.used()
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -691,12 +680,7 @@ impl Broker {
         let handle = Arc::new(QueueHandle {
             uid: *uid,
             name: name.to_string(),
-            state: Mutex::new(QueueState::new(
-                *uid,
-                name.to_string(),
-                config,
-                self.inner.cache.clone(),
-            )),
+            state: Mutex::new(QueueState::new(*uid, name.to_string(), config)),
             notify: Notify::new(),
             reader,
             deleted: AtomicBool::new(false),

@@ -647,9 +647,6 @@ pub struct Limits {
     /// Messages delayed at least this long wait in the queue's delay log, apart from the
     /// main log, so they do not hold its segments on disk.
     pub park_delay_ms: u64,
-    /// Bytes of messages kept in memory, over all queues, for messages waiting in
-    /// priority/fairness lanes (beyond, they are read back from disk when picked).
-    pub record_cache_bytes: u64,
 }
 
 impl Default for Limits {
@@ -674,7 +671,6 @@ impl Default for Limits {
             min_free_disk_bytes: 256 << 20,
             max_dedup_ids: 1_000_000,
             park_delay_ms: 15 * 60_000,
-            record_cache_bytes: 256 << 20,
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 
-use tidewater_storage::format::{RecordView, decode_owned};
+use tidewater_storage::format::RecordView;
 use tidewater_storage::{LogState, RangeSet, ReadError, Record, RetryInfo};
 
 use crate::coalesce::{Closed, Coalescer};
@@ -18,7 +18,7 @@ use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
 use crate::keys::KeyGate;
 use crate::policy::{Aimd, DedupWindow, Gcra, TenantQuotas};
-use crate::shaper::{CacheBudget, Pick, Shaper};
+use crate::shaper::Shaper;
 
 /// Messages parked behind their key's slots, per queue; at this many the scan waits.
 pub const MAX_PARKED: usize = 100_000;
@@ -369,12 +369,10 @@ pub struct QueueState {
     parked_bytes: u64,
     /// Pending messages superseded by a newer one, being settled by the caller.
     cancelled: Vec<Unacked>,
-    /// The broker's budget for messages kept in the shaper's lanes.
-    cache: CacheBudget,
 }
 
 impl QueueState {
-    pub fn new(uid: u64, name: String, config: QueueConfig, cache: CacheBudget) -> Self {
+    pub fn new(uid: u64, name: String, config: QueueConfig) -> Self {
         QueueState {
             uid,
             name,
@@ -411,7 +409,6 @@ impl QueueState {
             parked_info: OffsetMap::default(),
             parked_bytes: 0,
             cancelled: Vec::new(),
-            cache,
         }
         .with_policies()
     }
@@ -518,8 +515,7 @@ impl QueueState {
                 self.ready.extend(waiting);
             }
             if wants_shaper {
-                let cache = self.cache.clone();
-                self.shaper = Some(Shaper::new(levels, min_share, weights, cache));
+                self.shaper = Some(Shaper::new(levels, min_share, weights));
             }
         } else if let Some(shaper) = &mut self.shaper {
             shaper.reconfigure(min_share, weights);
@@ -856,9 +852,8 @@ impl QueueState {
         config: QueueConfig,
         source: &impl RecordSource,
         now_ms: i64,
-        cache: CacheBudget,
     ) -> Result<Self, ReadError> {
-        let mut state = QueueState::new(log.uid, log.name.clone(), config, cache);
+        let mut state = QueueState::new(log.uid, log.name.clone(), config);
         if state.config.dedup_window_ms > 0 {
             for (at, id) in &log.recent_ids.ids {
                 state.dedup.restore(*at, id);
@@ -1138,45 +1133,21 @@ impl QueueState {
         if self.shaper.is_some() {
             self.fill_shaper(source, now_ms)?;
             while out.len() < room {
-                // Pick what the lanes say; read the picks not kept in few sequential reads.
+                // Pick what the lanes say, then read the picks in few sequential reads.
                 let mut picked = Vec::new();
                 while picked.len() < room - out.len() {
-                    let Some(pick) = self.shaper.as_mut().and_then(Shaper::pop) else {
+                    let Some(offset) = self.shaper.as_mut().and_then(Shaper::pop) else {
                         break;
                     };
-                    let offset = pick.offset();
                     if !self.is_settled_or_busy(offset) && !self.timer_at.contains_key(&offset) {
-                        picked.push(pick);
+                        picked.push(offset);
                     }
                 }
                 if picked.is_empty() {
                     break;
                 }
-                let to_read: Vec<u64> = picked
-                    .iter()
-                    .filter_map(|pick| match pick {
-                        Pick::Offset(offset) => Some(*offset),
-                        Pick::Kept(_) => None,
-                    })
-                    .collect();
-                let mut read = read_offsets(source, &to_read)?.into_iter();
-                for pick in picked {
-                    let record = match pick {
-                        Pick::Offset(_) => read.next().flatten(),
-                        // (The scan parsed these bytes; should they not decode, the
-                        // message is read back from its segment instead.)
-                        Pick::Kept(kept) => {
-                            let offset = kept.offset;
-                            let decoded =
-                                decode_owned(kept.record, offset, kept.published_at_ms).ok();
-                            if decoded.is_none() {
-                                self.ready.push_back(offset);
-                            }
-                            decoded
-                        }
-                    };
-                    // None: deleted with its segment, so it was settled.
-                    if let Some(record) = record.and_then(|r| self.screen(r, now_ms)) {
+                for record in read_offsets(source, &picked)?.into_iter().flatten() {
+                    if let Some(record) = self.screen(record, now_ms) {
                         out.push(self.lease(record, now_ms, lease_ms));
                     }
                 }
@@ -1236,34 +1207,29 @@ impl QueueState {
             && !self.shaper.as_ref().is_some_and(Shaper::is_full)
         {
             let before = self.cursor;
-            source.scan(
-                self.cursor,
-                budget.min(4_096),
-                &mut |record, published_at_ms| {
-                    if record.offset >= self.visible_end
-                        || self.shaper.as_ref().is_some_and(Shaper::is_full)
-                    {
-                        return false;
-                    }
-                    self.cursor = record.offset + 1;
-                    budget = budget.saturating_sub(1);
-                    if self.is_settled_or_busy(record.offset)
-                        || self.timer_at.contains_key(&record.offset)
-                    {
-                        return true;
-                    }
-                    if record.deliver_at_ms > now_ms {
-                        self.add_timer(record.offset, record.deliver_at_ms);
-                        return true;
-                    }
-                    let (priority, flow) = self.lane_of(record);
-                    if let Some(shaper) = &mut self.shaper {
-                        let encoded = (record.encoded, published_at_ms);
-                        shaper.push(record.offset, priority, &flow, Some(encoded));
-                    }
-                    true
-                },
-            )?;
+            source.scan(self.cursor, budget.min(4_096), &mut |record, _| {
+                if record.offset >= self.visible_end
+                    || self.shaper.as_ref().is_some_and(Shaper::is_full)
+                {
+                    return false;
+                }
+                self.cursor = record.offset + 1;
+                budget = budget.saturating_sub(1);
+                if self.is_settled_or_busy(record.offset)
+                    || self.timer_at.contains_key(&record.offset)
+                {
+                    return true;
+                }
+                if record.deliver_at_ms > now_ms {
+                    self.add_timer(record.offset, record.deliver_at_ms);
+                    return true;
+                }
+                let (priority, flow) = self.lane_of(record);
+                if let Some(shaper) = &mut self.shaper {
+                    shaper.push(record.offset, priority, &flow);
+                }
+                true
+            })?;
             if self.cursor == before {
                 break;
             }

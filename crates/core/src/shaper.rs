@@ -4,109 +4,21 @@
 //! levels get at least `priority_min_share` of deliveries while they wait) and, within it,
 //! a flow by deficit round robin with per-value weights. Lanes hold offsets as runs
 //! (`start..end`), so a flooding tenant whose messages arrive back to back costs a few
-//! bytes per run, not per message. Entries are bounded; at the bound the scan waits.
-//!
-//! While the broker's record cache has room, a lane also keeps the bytes of the messages
-//! the scan sorted into it: fair picks hop across the log (one tenant's message here,
-//! another's 2,000 offsets on), and reading each back from its segment cost more than the
-//! rest of a delivery. Past the budget, messages are kept as offsets and read back.
+//! bytes per run, not per message. Runs are bounded; at the bound the scan waits.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
-
-/// Entries (runs and kept messages) across all lanes of a queue; at this many the scan
-/// stops until some drain.
+/// Runs held across all lanes of a queue; at this many the scan stops until some drain.
 pub const MAX_RUNS: usize = 1_000_000;
 /// Distinct fairness values per level; beyond, new values share the flow "(other)".
 pub const MAX_FLOWS: usize = 10_000;
 const OTHER_FLOW: &str = "(other)";
 
-/// The broker-wide byte budget of the messages lanes keep (`limits.record_cache_bytes`).
-#[derive(Debug, Clone, Default)]
-pub struct CacheBudget {
-    used: Arc<AtomicU64>,
-    limit: u64,
-}
-
-impl CacheBudget {
-    pub fn new(limit: u64) -> CacheBudget {
-        CacheBudget {
-            used: Arc::new(AtomicU64::new(0)),
-            limit,
-        }
-    }
-
-    /// Bytes kept, over all queues.
-    pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    fn try_take(&self, bytes: u64) -> bool {
-        if self.limit == 0 {
-            return false;
-        }
-        let before = self.used.fetch_add(bytes, Ordering::Relaxed);
-        if before + bytes > self.limit {
-            self.used.fetch_sub(bytes, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    fn give(&self, bytes: u64) {
-        self.used.fetch_sub(bytes, Ordering::Relaxed);
-    }
-}
-
-/// A message kept in its lane: its encoded record (length prefix included).
-#[derive(Debug, Clone)]
-pub struct Kept {
-    pub offset: u64,
-    pub published_at_ms: i64,
-    pub record: Bytes,
-}
-
-impl Kept {
-    /// Budget charged: the bytes plus their allocation and entry (estimated).
-    fn cost_of(len: usize) -> u64 {
-        len as u64 + 64
-    }
-
-    fn cost(&self) -> u64 {
-        Kept::cost_of(self.record.len())
-    }
-}
-
-/// What the shaper picked: an offset to read back, or a message it kept.
-#[derive(Debug)]
-pub enum Pick {
-    Offset(u64),
-    Kept(Kept),
-}
-
-impl Pick {
-    pub fn offset(&self) -> u64 {
-        match self {
-            Pick::Offset(offset) => *offset,
-            Pick::Kept(kept) => kept.offset,
-        }
-    }
-}
-
-#[derive(Debug)]
-enum Entry {
-    Run(Range<u64>),
-    Kept(Kept),
-}
-
-/// Messages of one flow at one priority level, oldest first.
+/// Offsets of one flow at one priority level, oldest first, as runs.
 #[derive(Debug, Default)]
 struct Lane {
-    entries: VecDeque<Entry>,
+    runs: VecDeque<Range<u64>>,
     len: u64,
     deficit: f64,
     weight: f64,
@@ -114,57 +26,30 @@ struct Lane {
 }
 
 impl Lane {
-    /// True if `offset` directly follows the lane's newest message (it extends a run).
-    fn follows(&self, offset: u64) -> bool {
-        match self.entries.back() {
-            Some(Entry::Run(run)) => run.end == offset,
-            Some(Entry::Kept(kept)) => kept.offset + 1 == offset,
-            None => false,
-        }
-    }
-
-    /// Adds a message; true if that took a new entry.
-    fn push(&mut self, offset: u64, kept: Option<Kept>) -> bool {
+    fn push(&mut self, offset: u64) -> bool {
         self.len += 1;
-        if let Some(kept) = kept {
-            self.entries.push_back(Entry::Kept(kept));
-            return true;
-        }
-        match self.entries.back_mut() {
-            Some(Entry::Run(run)) if run.end == offset => {
+        match self.runs.back_mut() {
+            Some(run) if run.end == offset => {
                 run.end += 1;
                 false
             }
             _ => {
-                self.entries.push_back(Entry::Run(offset..offset + 1));
+                self.runs.push_back(offset..offset + 1);
                 true
             }
         }
     }
 
-    /// The oldest message, and whether that emptied an entry.
-    fn pop(&mut self) -> Option<(Pick, bool)> {
-        let pick = match self.entries.front_mut()? {
-            Entry::Run(run) => {
-                let offset = run.start;
-                run.start += 1;
-                if !run.is_empty() {
-                    self.len -= 1;
-                    return Some((Pick::Offset(offset), false));
-                }
-                Pick::Offset(offset)
-            }
-            Entry::Kept(_) => match self.entries.pop_front() {
-                Some(Entry::Kept(kept)) => {
-                    self.len -= 1;
-                    return Some((Pick::Kept(kept), true));
-                }
-                _ => unreachable!("the front entry was a kept message"),
-            },
-        };
-        self.entries.pop_front();
+    fn pop(&mut self) -> Option<(u64, bool)> {
+        let run = self.runs.front_mut()?;
+        let offset = run.start;
+        run.start += 1;
         self.len -= 1;
-        Some((pick, true))
+        let emptied = run.is_empty();
+        if emptied {
+            self.runs.pop_front();
+        }
+        Some((offset, emptied))
     }
 }
 
@@ -181,7 +66,7 @@ struct Level {
 impl Level {
     /// Deficit round robin over the active flows: the front flow is served while its
     /// deficit lasts, then goes to the back and the next one gets its quantum (weight).
-    fn pop(&mut self, runs: &mut usize) -> Option<Pick> {
+    fn pop(&mut self, runs: &mut usize) -> Option<u64> {
         loop {
             let lane = &mut self.lanes[*self.active.front()?];
             if lane.len == 0 {
@@ -198,7 +83,7 @@ impl Level {
                     continue;
                 }
             }
-            let (pick, emptied) = lane.pop().expect("non-empty lane");
+            let (offset, emptied) = lane.pop().expect("non-empty lane");
             if emptied {
                 *runs -= 1;
             }
@@ -211,7 +96,7 @@ impl Level {
             } else if lane.deficit < 1.0 {
                 self.active.rotate_left(1);
             }
-            return Some(pick);
+            return Some(offset);
         }
     }
 }
@@ -225,41 +110,20 @@ pub struct Shaper {
     owed: f64,
     weights: HashMap<String, f64>,
     runs: usize,
-    cache: CacheBudget,
-    /// Bytes of kept messages (charged to `cache`).
-    kept_bytes: u64,
     /// (level, flow, lane) of the last push: skips hashing the flow for a lane's next one.
     last_lane: Option<(usize, String, usize)>,
 }
 
-impl Drop for Shaper {
-    fn drop(&mut self) {
-        self.cache.give(self.kept_bytes);
-    }
-}
-
 impl Shaper {
-    pub fn new(
-        levels: u8,
-        min_share: f64,
-        weights: HashMap<String, f64>,
-        cache: CacheBudget,
-    ) -> Shaper {
+    pub fn new(levels: u8, min_share: f64, weights: HashMap<String, f64>) -> Shaper {
         Shaper {
             levels: (0..levels.max(1)).map(|_| Level::default()).collect(),
             min_share,
             owed: 0.0,
             weights,
             runs: 0,
-            cache,
-            kept_bytes: 0,
             last_lane: None,
         }
-    }
-
-    /// Bytes of the messages kept in lanes.
-    pub fn kept_bytes(&self) -> u64 {
-        self.kept_bytes
     }
 
     /// True when the lanes hold as many runs as allowed (the scan should wait).
@@ -274,10 +138,7 @@ impl Shaper {
     }
 
     /// Adds a scanned message to its lane (priority is clamped to the levels there are).
-    /// A message that does not directly follow its lane's newest one keeps a copy of its
-    /// encoded record if the cache budget has room: read back, it would cost a read of its
-    /// own. (Runs of consecutive messages are read back in one sequential pass, cheaply.)
-    pub fn push(&mut self, offset: u64, priority: u8, flow: &str, record: Option<(&[u8], i64)>) {
+    pub fn push(&mut self, offset: u64, priority: u8, flow: &str) {
         let top = self.levels.len() - 1;
         let level_idx = (priority as usize).min(top);
         let level = &mut self.levels[level_idx];
@@ -312,20 +173,7 @@ impl Shaper {
             self.last_lane = Some((level_idx, flow.to_string(), idx));
         }
         let lane = &mut level.lanes[idx];
-        let kept = record
-            .filter(|_| !lane.follows(offset))
-            .and_then(|(bytes, published_at_ms)| {
-                let cost = Kept::cost_of(bytes.len());
-                self.cache.try_take(cost).then(|| {
-                    self.kept_bytes += cost;
-                    Kept {
-                        offset,
-                        published_at_ms,
-                        record: Bytes::copy_from_slice(bytes),
-                    }
-                })
-            });
-        if lane.push(offset, kept) {
+        if lane.push(offset) {
             self.runs += 1;
         }
         if !lane.active {
@@ -335,8 +183,8 @@ impl Shaper {
         level.len += 1;
     }
 
-    /// The next message to deliver, or None when every lane is empty.
-    pub fn pop(&mut self) -> Option<Pick> {
+    /// The next offset to deliver, or None when every lane is empty.
+    pub fn pop(&mut self) -> Option<u64> {
         let top = self.levels.iter().rposition(|l| l.len > 0)?;
         let lower = self.levels[..top].iter().rposition(|l| l.len > 0);
         let level = match lower {
@@ -354,12 +202,7 @@ impl Shaper {
                 top
             }
         };
-        let pick = self.levels[level].pop(&mut self.runs)?;
-        if let Pick::Kept(kept) = &pick {
-            self.kept_bytes -= kept.cost();
-            self.cache.give(kept.cost());
-        }
-        Some(pick)
+        self.levels[level].pop(&mut self.runs)
     }
 
     /// Changes weights and minimum share in place; a change of level count rebuilds the
@@ -383,36 +226,25 @@ impl Shaper {
         self.levels
             .iter()
             .flat_map(|l| l.lanes.iter())
-            .flat_map(|lane| lane.entries.iter())
-            .flat_map(|entry| match entry {
-                Entry::Run(run) => run.clone(),
-                Entry::Kept(kept) => kept.offset..kept.offset + 1,
-            })
+            .flat_map(|lane| lane.runs.iter().cloned().flatten())
     }
 
     /// Forgets offsets below `end` (a purge settled them).
     pub fn forget_below(&mut self, end: u64) {
         for level in &mut self.levels {
             for lane in &mut level.lanes {
-                while let Some(entry) = lane.entries.front_mut() {
-                    match entry {
-                        Entry::Run(run) if run.end <= end => lane.len -= run.end - run.start,
-                        Entry::Run(run) => {
-                            if run.start < end {
-                                lane.len -= end - run.start;
-                                run.start = end;
-                            }
-                            break;
+                while let Some(run) = lane.runs.front_mut() {
+                    if run.end <= end {
+                        lane.len -= run.end - run.start;
+                        lane.runs.pop_front();
+                        self.runs -= 1;
+                    } else {
+                        if run.start < end {
+                            lane.len -= end - run.start;
+                            run.start = end;
                         }
-                        Entry::Kept(kept) if kept.offset < end => {
-                            lane.len -= 1;
-                            self.kept_bytes -= kept.cost();
-                            self.cache.give(kept.cost());
-                        }
-                        Entry::Kept(_) => break,
+                        break;
                     }
-                    lane.entries.pop_front();
-                    self.runs -= 1;
                 }
             }
             level.len = level.lanes.iter().map(|l| l.len).sum();
@@ -445,14 +277,12 @@ mod tests {
     use super::*;
 
     fn drain(shaper: &mut Shaper, n: usize) -> Vec<u64> {
-        (0..n)
-            .map_while(|_| shaper.pop().map(|p| p.offset()))
-            .collect()
+        (0..n).map_while(|_| shaper.pop()).collect()
     }
 
     #[test]
     fn equal_weights_share_evenly_despite_a_flood() {
-        let mut shaper = Shaper::new(1, 0.0, HashMap::new(), CacheBudget::default());
+        let mut shaper = Shaper::new(1, 0.0, HashMap::new());
         // 95% from "big", 5% spread over four others, interleaved as they arrive.
         let mut flow_of = HashMap::new();
         for offset in 0..20_000u64 {
@@ -462,7 +292,7 @@ mod tests {
                 "big"
             };
             flow_of.insert(offset, flow);
-            shaper.push(offset, 0, flow, None);
+            shaper.push(offset, 0, flow);
         }
         // Runs: the flood is kept as runs between the others' messages, not per message.
         assert_eq!(shaper.runs, 2_000, "20,000 messages");
@@ -488,14 +318,9 @@ mod tests {
     #[test]
     fn weights_set_the_shares() {
         let weights = HashMap::from([("gold".to_string(), 3.0), ("tin".to_string(), 0.5)]);
-        let mut shaper = Shaper::new(1, 0.0, weights, CacheBudget::default());
+        let mut shaper = Shaper::new(1, 0.0, weights);
         for offset in 0..3_000u64 {
-            shaper.push(
-                offset,
-                0,
-                ["gold", "plain", "tin"][(offset % 3) as usize],
-                None,
-            );
+            shaper.push(offset, 0, ["gold", "plain", "tin"][(offset % 3) as usize]);
         }
         let got = drain(&mut shaper, 900);
         let count = |r: u64| got.iter().filter(|o| **o % 3 == r).count();
@@ -505,9 +330,9 @@ mod tests {
 
     #[test]
     fn higher_levels_first_with_a_minimum_share_below() {
-        let mut shaper = Shaper::new(3, 0.1, HashMap::new(), CacheBudget::default());
+        let mut shaper = Shaper::new(3, 0.1, HashMap::new());
         for offset in 0..1_000u64 {
-            shaper.push(offset, (offset % 3) as u8, "t", None);
+            shaper.push(offset, (offset % 3) as u8, "t");
         }
         let got = drain(&mut shaper, 110);
         let level = |o: &u64| o % 3;
@@ -516,59 +341,23 @@ mod tests {
         assert_eq!(high, 100);
         assert_eq!(got.iter().filter(|o| level(o) == 1).count(), 10);
         // Without a minimum share, strict priority.
-        let mut strict = Shaper::new(2, 0.0, HashMap::new(), CacheBudget::default());
-        strict.push(0, 0, "t", None);
-        strict.push(1, 1, "t", None);
-        strict.push(2, 9, "t", None); // clamped to the top level
+        let mut strict = Shaper::new(2, 0.0, HashMap::new());
+        strict.push(0, 0, "t");
+        strict.push(1, 1, "t");
+        strict.push(2, 9, "t"); // clamped to the top level
         assert_eq!(drain(&mut strict, 3), vec![1, 2, 0]);
     }
 
     #[test]
     fn a_purge_forgets_what_it_settled() {
-        let mut shaper = Shaper::new(1, 0.0, HashMap::new(), CacheBudget::default());
+        let mut shaper = Shaper::new(1, 0.0, HashMap::new());
         for offset in [1, 2, 3, 7, 8] {
-            shaper.push(offset, 0, "t", None);
+            shaper.push(offset, 0, "t");
         }
         shaper.forget_below(3);
         assert_eq!(shaper.len(), 3);
         assert_eq!(drain(&mut shaper, 10), vec![3, 7, 8]);
         assert_eq!(shaper.runs, 0);
-    }
-
-    #[test]
-    fn messages_are_kept_within_the_shared_budget_and_given_back() {
-        let record = [7u8; 100];
-        let cost = Kept::cost_of(record.len());
-        let budget = CacheBudget::new(3 * cost);
-        let mut a = Shaper::new(1, 0.0, HashMap::new(), budget.clone());
-        let mut b = Shaper::new(1, 0.0, HashMap::new(), budget.clone());
-        for offset in [0, 2] {
-            a.push(offset, 0, "t", Some((&record, 5)));
-        }
-        for offset in [10, 12] {
-            b.push(offset, 0, "t", Some((&record, 5))); // the second is over budget
-        }
-        assert_eq!(budget.used(), 3 * cost);
-        assert_eq!((a.kept_bytes(), b.kept_bytes()), (2 * cost, cost));
-        match a.pop() {
-            Some(Pick::Kept(kept)) => {
-                assert_eq!((kept.offset, kept.published_at_ms), (0, 5));
-                assert_eq!(&kept.record[..], &record[..]);
-            }
-            other => panic!("expected a kept message, got {other:?}"),
-        }
-        assert_eq!(budget.used(), 2 * cost);
-        assert!(matches!(b.pop(), Some(Pick::Kept(k)) if k.offset == 10));
-        assert!(matches!(b.pop(), Some(Pick::Offset(12))));
-        a.forget_below(3);
-        assert_eq!((a.kept_bytes(), budget.used()), (0, 0));
-        // A message right after its lane's newest is read back with it: no copy.
-        a.push(20, 0, "t", Some((&record, 5)));
-        a.push(21, 0, "t", Some((&record, 5)));
-        a.push(22, 0, "u", Some((&record, 5))); // another lane: its first message
-        assert_eq!(a.kept_bytes(), 2 * cost);
-        drop(a);
-        assert_eq!(budget.used(), 0, "a dropped shaper gives its bytes back");
     }
 
     #[test]

@@ -375,13 +375,6 @@ impl Collector for QueueCollector {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         ConstGauge::new(broker.store().journal_bytes() as i64).encode(family)?;
-        let family = encoder.encode_descriptor(
-            "record_cache_bytes",
-            "Bytes of messages kept in memory in priority/fairness lanes, over all queues (limits.record_cache_bytes)",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        ConstGauge::new(broker.record_cache_bytes().min(i64::MAX as u64) as i64).encode(family)?;
         Ok(())
     }
 }

@@ -339,13 +339,16 @@ pub fn view_record(buf: &[u8], offset: u64) -> Result<RecordView<'_>, FormatErro
 /// Decodes one record (length prefix included) that must fill `buf` exactly; the record
 /// owns a copy of those bytes.
 pub fn decode_record(buf: &[u8], offset: u64, published_at_ms: i64) -> Result<Record, FormatError> {
-    decode_owned(Bytes::copy_from_slice(buf), offset, published_at_ms)
-}
-
-/// Decodes one record (length prefix included) that must fill `buf` exactly, its fields
-/// slices of `buf` (no copy).
-pub fn decode_owned(buf: Bytes, offset: u64, published_at_ms: i64) -> Result<Record, FormatError> {
-    Ok(view_record(&buf, offset)?.to_record_in(&buf, published_at_ms))
+    let owned = Bytes::copy_from_slice(buf);
+    let mut cur = Cursor {
+        buf: &owned,
+        pos: 0,
+    };
+    let record = parse_view(&mut cur, offset)?.to_record_in(&owned, published_at_ms);
+    if !cur.done() {
+        return Err(FormatError::BadLength);
+    }
+    Ok(record)
 }
 
 /// A record borrowed from the bytes it was parsed from (no allocation).
@@ -360,8 +363,6 @@ pub struct RecordView<'a> {
     /// The encoded headers (name u16 len, name, value u32 len, value)*, already checked.
     headers_raw: &'a [u8],
     pub body: &'a [u8],
-    /// The whole encoded record, length prefix included.
-    pub encoded: &'a [u8],
 }
 
 impl<'a> RecordView<'a> {
@@ -409,7 +410,6 @@ impl<'a> RecordView<'a> {
 }
 
 fn parse_view<'a>(cur: &mut Cursor<'a>, offset: u64) -> Result<RecordView<'a>, FormatError> {
-    let start = cur.pos;
     let len = cur.u32()? as usize;
     let end = cur.pos.checked_add(len).ok_or(FormatError::BadLength)?;
     if end > cur.buf.len() {
@@ -449,7 +449,6 @@ fn parse_view<'a>(cur: &mut Cursor<'a>, offset: u64) -> Result<RecordView<'a>, F
         header_count,
         headers_raw,
         body,
-        encoded: &cur.buf[start..end],
     })
 }
 
