@@ -1081,25 +1081,9 @@ impl QueueState {
         }
         let mut out = Vec::new();
         // Redeliveries and messages moved back to the ready queue.
-        loop {
-            let mut picked = Vec::new();
-            while out.len() + picked.len() < room {
-                let Some(offset) = self.ready.pop_front() else {
-                    break;
-                };
-                if !self.is_settled_or_busy(offset) && !self.timer_at.contains_key(&offset) {
-                    picked.push(offset);
-                }
-            }
-            if picked.is_empty() {
-                break;
-            }
-            for record in read_offsets(source, &picked)?.into_iter().flatten() {
-                if let Some(record) = self.screen(record, now_ms) {
-                    out.push(self.lease(record, now_ms, lease_ms));
-                }
-            }
-        }
+        self.deliver_picks(source, room, &mut out, now_ms, lease_ms, |q| {
+            q.ready.pop_front()
+        })?;
         // Messages whose key got a free slot (they already hold it).
         loop {
             let mut picked = Vec::new();
@@ -1131,27 +1115,11 @@ impl QueueState {
             }
         }
         if self.shaper.is_some() {
+            // What the lanes pick, in their order.
             self.fill_shaper(source, now_ms)?;
-            while out.len() < room {
-                // Pick what the lanes say, then read the picks in few sequential reads.
-                let mut picked = Vec::new();
-                while picked.len() < room - out.len() {
-                    let Some(offset) = self.shaper.as_mut().and_then(Shaper::pop) else {
-                        break;
-                    };
-                    if !self.is_settled_or_busy(offset) && !self.timer_at.contains_key(&offset) {
-                        picked.push(offset);
-                    }
-                }
-                if picked.is_empty() {
-                    break;
-                }
-                for record in read_offsets(source, &picked)?.into_iter().flatten() {
-                    if let Some(record) = self.screen(record, now_ms) {
-                        out.push(self.lease(record, now_ms, lease_ms));
-                    }
-                }
-            }
+            self.deliver_picks(source, room, &mut out, now_ms, lease_ms, |q| {
+                q.shaper.as_mut().and_then(Shaper::pop)
+            })?;
         }
         // With per-key limits many scanned messages may park: read ahead in larger steps.
         let min_read = if self.keys.is_some() { 256 } else { 1 };
@@ -1196,6 +1164,38 @@ impl QueueState {
             rate.take(now_ms, out.len());
         }
         Ok(out)
+    }
+
+    /// Leases the messages `next` hands out (skipping settled, leased and timed ones) until
+    /// `out` holds `room`, reading each batch of picks in few sequential passes.
+    fn deliver_picks(
+        &mut self,
+        source: &impl RecordSource,
+        room: usize,
+        out: &mut Vec<Delivery>,
+        now_ms: i64,
+        lease_ms: u64,
+        mut next: impl FnMut(&mut Self) -> Option<u64>,
+    ) -> Result<(), ReadError> {
+        loop {
+            let mut picked = Vec::new();
+            while out.len() + picked.len() < room {
+                let Some(offset) = next(self) else {
+                    break;
+                };
+                if !self.is_settled_or_busy(offset) && !self.timer_at.contains_key(&offset) {
+                    picked.push(offset);
+                }
+            }
+            if picked.is_empty() {
+                return Ok(());
+            }
+            for record in read_offsets(source, &picked)?.into_iter().flatten() {
+                if let Some(record) = self.screen(record, now_ms) {
+                    out.push(self.lease(record, now_ms, lease_ms));
+                }
+            }
+        }
     }
 
     /// Sorts newly scanned messages into the shaper's lanes, a bounded step at a time.
