@@ -96,12 +96,12 @@ pub trait RecordSource {
     ) -> Result<Vec<Record>, ReadError>;
 
     /// Shows `visit` borrowed views of the records from `from` on, at most `max_count`,
-    /// with their publish time, until it returns false.
+    /// until it returns false.
     fn scan(
         &self,
         from: u64,
         max_count: usize,
-        visit: &mut dyn FnMut(&RecordView<'_>, i64) -> bool,
+        visit: &mut dyn FnMut(&RecordView<'_>) -> bool,
     ) -> Result<(), ReadError>;
 }
 
@@ -128,7 +128,7 @@ impl RecordSource for tidewater_storage::LogReader {
         &self,
         from: u64,
         max_count: usize,
-        visit: &mut dyn FnMut(&RecordView<'_>, i64) -> bool,
+        visit: &mut dyn FnMut(&RecordView<'_>) -> bool,
     ) -> Result<(), ReadError> {
         tidewater_storage::LogReader::scan(self, from, max_count, visit)
     }
@@ -1207,7 +1207,7 @@ impl QueueState {
             && !self.shaper.as_ref().is_some_and(Shaper::is_full)
         {
             let before = self.cursor;
-            source.scan(self.cursor, budget.min(4_096), &mut |record, _| {
+            source.scan(self.cursor, budget.min(4_096), &mut |record| {
                 if record.offset >= self.visible_end
                     || self.shaper.as_ref().is_some_and(Shaper::is_full)
                 {

@@ -110,8 +110,10 @@ pub struct Shaper {
     owed: f64,
     weights: HashMap<String, f64>,
     runs: usize,
-    /// (level, flow, lane) of the last push: skips hashing the flow for a lane's next one.
-    last_lane: Option<(usize, String, usize)>,
+    /// (level, lane) and flow of the last push: a lane's next message skips hashing its
+    /// flow. (The String is reused, so switching lanes allocates nothing.)
+    last_lane: Option<(usize, usize)>,
+    last_flow: String,
 }
 
 impl Shaper {
@@ -123,6 +125,7 @@ impl Shaper {
             weights,
             runs: 0,
             last_lane: None,
+            last_flow: String::new(),
         }
     }
 
@@ -142,8 +145,8 @@ impl Shaper {
         let top = self.levels.len() - 1;
         let level_idx = (priority as usize).min(top);
         let level = &mut self.levels[level_idx];
-        let cached = match &self.last_lane {
-            Some((l, f, idx)) if *l == level_idx && f == flow => Some(*idx),
+        let cached = match self.last_lane {
+            Some((l, idx)) if l == level_idx && self.last_flow == flow => Some(idx),
             _ => None,
         };
         let idx = match cached.or_else(|| level.flows.get(flow).copied()) {
@@ -170,7 +173,9 @@ impl Shaper {
         };
         if cached.is_none() {
             // Consecutive messages mostly share a lane (one priority, a flooding tenant).
-            self.last_lane = Some((level_idx, flow.to_string(), idx));
+            self.last_lane = Some((level_idx, idx));
+            self.last_flow.clear();
+            self.last_flow.push_str(flow);
         }
         let lane = &mut level.lanes[idx];
         if lane.push(offset) {

@@ -340,15 +340,7 @@ pub fn view_record(buf: &[u8], offset: u64) -> Result<RecordView<'_>, FormatErro
 /// owns a copy of those bytes.
 pub fn decode_record(buf: &[u8], offset: u64, published_at_ms: i64) -> Result<Record, FormatError> {
     let owned = Bytes::copy_from_slice(buf);
-    let mut cur = Cursor {
-        buf: &owned,
-        pos: 0,
-    };
-    let record = parse_view(&mut cur, offset)?.to_record_in(&owned, published_at_ms);
-    if !cur.done() {
-        return Err(FormatError::BadLength);
-    }
-    Ok(record)
+    Ok(view_record(&owned, offset)?.to_record_in(&owned, published_at_ms))
 }
 
 /// A record borrowed from the bytes it was parsed from (no allocation).

@@ -254,7 +254,7 @@ impl LogReader {
         &self,
         from: u64,
         max_count: usize,
-        visit: &mut dyn FnMut(&RecordView<'_>, i64) -> bool,
+        visit: &mut dyn FnMut(&RecordView<'_>) -> bool,
     ) -> Result<(), ReadError> {
         read_records(
             &self.log.files,
@@ -263,9 +263,7 @@ impl LogReader {
             max_count,
             usize::MAX,
             &|_| true,
-            &mut |bytes: &[u8], offset, published_at_ms| {
-                Ok(visit(&view_record(bytes, offset)?, published_at_ms))
-            },
+            &mut |bytes: &[u8], offset, _| Ok(visit(&view_record(bytes, offset)?)),
         )
     }
 
