@@ -300,6 +300,9 @@ pub struct QueueInfo {
     pub quota_refused: std::collections::BTreeMap<String, u64>,
     #[serde(skip)]
     pub disk_bytes: u64,
+    /// Bytes read back from the queue's segments (metrics: read amplification).
+    #[serde(skip)]
+    pub read_bytes: u64,
 }
 
 /// A message seen without leasing it.
@@ -851,6 +854,7 @@ impl Broker {
             refused,
             quota_refused: state.quota_refusals(),
             disk_bytes: handle.reader.disk_bytes(),
+            read_bytes: handle.reader.bytes_read(),
         }
     }
 

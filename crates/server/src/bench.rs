@@ -276,6 +276,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = client.call("DELETE", &format!("/v1/queues/{queue}"), None);
 
     let n = args.messages as f64;
+    // Server CPU of the receive + ack phase alone (what a shaping policy adds shows here).
+    let consume_cpu_s = usage_after_publish
+        .zip(usage_end)
+        .map(|(after, end)| end.1 - after.1);
     let result = json!({
         "messages": args.messages,
         "size": args.size,
@@ -291,6 +295,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "server_rss_after_publish_mib": usage_after_publish.map(|u| u.0 as f64 / (1 << 20) as f64),
         "server_cpu_s": usage_end.map(|u| u.1 - cpu_before),
         "server_cpu_us_per_msg": usage_end.map(|u| (u.1 - cpu_before) * 1e6 / (2.0 * n)),
+        "server_cpu_us_per_msg_consumed": consume_cpu_s.map(|s| s * 1e6 / n),
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
@@ -321,6 +326,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 cpu - cpu_before,
                 (cpu - cpu_before) * 1e6 / (2.0 * n)
             );
+            if let Some(consume) = consume_cpu_s {
+                println!(
+                    "    of which consume {:>10.2} s  ({:.2} us per message received + acked)",
+                    consume,
+                    consume * 1e6 / n
+                );
+            }
         } else {
             println!(
                 "  (server RSS and CPU are measured only when bench starts the server itself)"

@@ -263,7 +263,7 @@ impl Collector for QueueCollector {
                 }
             }
         }
-        let counters: [Stat<u64>; 15] = [
+        let counters: [Stat<u64>; 16] = [
             (
                 "coalesced_in",
                 "Messages that entered a coalescing window",
@@ -294,6 +294,11 @@ impl Collector for QueueCollector {
                 |q| q.stats.redriven,
             ),
             ("purged", "Messages removed by purge", |q| q.stats.purged),
+            (
+                "queue_read_bytes",
+                "Bytes read back from the queue's segment files (compare with published bytes: read amplification)",
+                |q| q.read_bytes,
+            ),
             (
                 "superseded",
                 "Pending messages cancelled by a newer one with the same key",

@@ -11,11 +11,10 @@ use crate::format::{BATCH_HEADER_LEN, BatchHeader};
 
 /// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
-/// Bytes read at a time from inside a batch.
+/// Most bytes read at a time from inside a batch.
 const READ_CHUNK: u64 = 64 << 10;
-/// Bytes read at a time when only a few offsets are wanted (a record mark is at most
-/// 4 KiB before the first; larger records are read whole anyway).
-const SMALL_READ_CHUNK: u64 = 8 << 10;
+/// Fewest bytes read at a time (below this, the system call costs more than the copy).
+const MIN_READ_CHUNK: u64 = 4 << 10;
 
 pub(crate) struct Segment {
     pub base: u64,
@@ -397,12 +396,12 @@ fn scan_segment_until(
 pub(crate) type Sink<'s> = &'s mut dyn FnMut(&[u8], u64, i64) -> Result<bool, FormatError>;
 
 /// Hands records `[from, limit)` of a log to `sink`, at most `max_count` of them and about
-/// `max_bytes` (at least one record when one exists).
+/// `max_bytes` (at least one record when one exists). Returns the bytes read from files.
 ///
-/// Walks batch headers from the sparse index entry before `from` and reads only the batches
-/// that hold wanted records, so a one-record read costs one small and one batch-sized pread.
-/// Only records whose offset `want` accepts reach the sink (the others are stepped over by
-/// their length).
+/// Starts at the sparse index entry before `from`, skips batches with nothing wanted by
+/// their header, and reads inside a batch about as far as the wanted records reach, so a
+/// one-record read costs a pread of a few KiB. Only records whose offset `want` accepts
+/// reach the sink (the others are stepped over by their length).
 pub(crate) fn read_records(
     files: &std::sync::RwLock<LogFiles>,
     from: u64,
@@ -411,15 +410,19 @@ pub(crate) fn read_records(
     max_bytes: usize,
     want: &dyn Fn(u64) -> bool,
     sink: Sink<'_>,
-) -> Result<(), ReadError> {
+) -> Result<u64, ReadError> {
+    let bytes_read = std::cell::Cell::new(0u64);
+    let count_read = |n: usize| bytes_read.set(bytes_read.get() + n as u64);
     let mut next = from;
     let mut bytes = 0usize;
     let mut count = 0usize;
     let full = |count: usize, bytes: usize| count >= max_count || (bytes >= max_bytes && count > 0);
     let mut header_buf = [0u8; BATCH_HEADER_LEN];
     let mut chunk = ReadBuffer::take();
+    // Bytes read and records stepped over, for sizing chunks to what is still wanted.
+    let (mut seen_bytes, mut seen_records) = (0u64, 0u64);
     while next < limit && !full(count, bytes) {
-        let (file, path, mark, seg_len, seg_end) = {
+        let (file, path, mark, seg_len, seg_end, seg_records) = {
             let files = files.read().unwrap_or_else(|e| e.into_inner());
             let idx = files.segments.partition_point(|s| s.base <= next);
             if idx == 0 {
@@ -429,7 +432,7 @@ pub(crate) fn read_records(
                         next = first.base;
                         continue;
                     }
-                    _ => return Ok(()),
+                    _ => return Ok(bytes_read.get()),
                 }
             }
             let seg = &files.segments[idx - 1];
@@ -439,7 +442,7 @@ pub(crate) fn read_records(
                         next = following.base;
                         continue;
                     }
-                    None => return Ok(()),
+                    None => return Ok(bytes_read.get()),
                 }
             }
             (
@@ -448,6 +451,7 @@ pub(crate) fn read_records(
                 seg.mark_before(next),
                 seg.len,
                 seg.end,
+                seg.end - seg.base,
             )
         };
         let io = |source| ReadError::Io {
@@ -463,6 +467,7 @@ pub(crate) fn read_records(
                 Some(batch) => batch,
                 None => {
                     file.read_exact_at(&mut header_buf, pos).map_err(io)?;
+                    count_read(BATCH_HEADER_LEN);
                     let header = BatchHeader::decode(&header_buf)
                         .map_err(|reason| corrupt(&path, pos, reason))?;
                     let total = header.total_len() as u64;
@@ -480,17 +485,27 @@ pub(crate) fn read_records(
             // was checked; the body's when the batch entered this process: at append, or
             // in the scan at open. Re-hashing a batch per read dominated reads.)
             while pos < batch_end {
-                let chunk_size = if limit.saturating_sub(next) <= 64 {
-                    SMALL_READ_CHUNK
-                } else {
-                    READ_CHUNK
+                // Read about as far as the records still wanted reach (from `pos`, which
+                // may be a record mark before `next`), estimated from the sizes seen so
+                // far: a read of a few offsets must not copy a whole chunk past them.
+                let records_left = limit
+                    .min(next.saturating_add(max_count.saturating_sub(count) as u64))
+                    .saturating_sub(offset);
+                // (Until this read has seen records, the segment's average size.)
+                let avg = match seen_records {
+                    0 => seg_len.div_ceil(seg_records.max(1)),
+                    n => seen_bytes.div_ceil(n),
                 };
+                let chunk_size = records_left
+                    .saturating_mul(avg + avg / 4)
+                    .clamp(MIN_READ_CHUNK, READ_CHUNK);
                 let mut filled = (batch_end - pos).min(chunk_size) as usize;
                 // The buffer only grows (no zero-filling per read); `filled` bytes are valid.
                 if chunk.len() < filled {
                     chunk.resize(filled, 0);
                 }
                 file.read_exact_at(&mut chunk[..filled], pos).map_err(io)?;
+                count_read(filled);
                 let mut rel = 0usize;
                 while rel + 4 <= filled {
                     let len = u32::from_le_bytes(chunk[rel..rel + 4].try_into().unwrap()) as usize;
@@ -508,30 +523,36 @@ pub(crate) fn read_records(
                         }
                         file.read_exact_at(&mut chunk[..record_len], pos)
                             .map_err(io)?;
+                        count_read(record_len);
                         filled = record_len;
                         continue;
                     }
-                    if offset >= next && !want(offset) {
-                        next = offset + 1;
-                    } else if offset >= next {
+                    if offset >= next {
+                        // Past the end whether wanted or not (an unwanted record past
+                        // `limit` used to keep the read going to the end of its batch).
                         if offset >= limit || full(count, bytes) {
-                            return Ok(());
+                            return Ok(bytes_read.get());
                         }
-                        let go_on = sink(&chunk[rel..rel + record_len], offset, published_at_ms)
-                            .map_err(|reason| corrupt(&path, pos + rel as u64, reason))?;
-                        bytes += record_len;
-                        count += 1;
                         next = offset + 1;
-                        if !go_on {
-                            return Ok(());
+                        if want(offset) {
+                            let go_on =
+                                sink(&chunk[rel..rel + record_len], offset, published_at_ms)
+                                    .map_err(|reason| corrupt(&path, pos + rel as u64, reason))?;
+                            bytes += record_len;
+                            count += 1;
+                            if !go_on {
+                                return Ok(bytes_read.get());
+                            }
                         }
                     }
                     rel += record_len;
                     offset += 1;
+                    seen_records += 1;
                 }
                 if rel == 0 {
                     return Err(corrupt(&path, pos, FormatError::Truncated));
                 }
+                seen_bytes += rel as u64;
                 pos += rel as u64;
             }
             if pos != batch_end {
@@ -540,10 +561,10 @@ pub(crate) fn read_records(
             next = next.max(offset.min(limit));
         }
         if next < seg_end && pos >= seg_len {
-            return Ok(()); // the segment ended early (being appended): nothing more yet
+            return Ok(bytes_read.get()); // the segment ended early (being appended): nothing more yet
         }
     }
-    Ok(())
+    Ok(bytes_read.get())
 }
 
 thread_local! {

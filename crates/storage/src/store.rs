@@ -29,7 +29,7 @@ use crate::format::{
 use crate::journal::{
     Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, decode_entry, encode_entry, journal_header,
 };
-use crate::segment::{LogFiles, fsync_dir, read_records};
+use crate::segment::{LogFiles, Sink, fsync_dir, read_records};
 use crate::state::LogState;
 
 /// Version 02 added remembered message ids per log.
@@ -159,6 +159,8 @@ pub use crate::state::LogState as RecoveredLog;
 struct LogShared {
     files: RwLock<LogFiles>,
     durable_end: AtomicU64,
+    /// Bytes read from segment files by readers (metrics; tests of read amplification).
+    bytes_read: AtomicU64,
 }
 
 struct SyncState {
@@ -235,12 +237,10 @@ impl LogReader {
         max_bytes: usize,
     ) -> Result<Vec<Record>, ReadError> {
         let mut out = Vec::new();
-        read_records(
-            &self.log.files,
+        self.read_records(
             from,
             self.durable_end(),
-            max_count,
-            max_bytes,
+            (max_count, max_bytes),
             &|_| true,
             &mut decode_into(&mut out),
         )?;
@@ -256,12 +256,10 @@ impl LogReader {
         max_count: usize,
         visit: &mut dyn FnMut(&RecordView<'_>) -> bool,
     ) -> Result<(), ReadError> {
-        read_records(
-            &self.log.files,
+        self.read_records(
             from,
             self.durable_end(),
-            max_count,
-            usize::MAX,
+            (max_count, usize::MAX),
             &|_| true,
             &mut |bytes: &[u8], offset, _| Ok(visit(&view_record(bytes, offset)?)),
         )
@@ -276,16 +274,41 @@ impl LogReader {
         want: &dyn Fn(u64) -> bool,
     ) -> Result<Vec<Record>, ReadError> {
         let mut out = Vec::new();
-        read_records(
-            &self.log.files,
+        self.read_records(
             from,
             end.min(self.durable_end()),
-            usize::MAX,
-            usize::MAX,
+            (usize::MAX, usize::MAX),
             want,
             &mut decode_into(&mut out),
         )?;
         Ok(out)
+    }
+
+    /// `segment::read_records` on this log, counting the bytes it read.
+    fn read_records(
+        &self,
+        from: u64,
+        limit: u64,
+        (max_count, max_bytes): (usize, usize),
+        want: &dyn Fn(u64) -> bool,
+        sink: Sink<'_>,
+    ) -> Result<(), ReadError> {
+        let read = read_records(
+            &self.log.files,
+            from,
+            limit,
+            max_count,
+            max_bytes,
+            want,
+            sink,
+        )?;
+        self.log.bytes_read.fetch_add(read, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes read from this log's segment files so far, by every reader of it.
+    pub fn bytes_read(&self) -> u64 {
+        self.log.bytes_read.load(Ordering::Relaxed)
     }
 
     /// Bytes of segment files of this log.
@@ -323,6 +346,7 @@ impl Store {
             let log = Arc::new(LogShared {
                 files: RwLock::new(files),
                 durable_end: AtomicU64::new(end),
+                bytes_read: AtomicU64::new(0),
             });
             shared_logs.insert(state.uid, log.clone());
             // Replayed appends are in the page cache only: the first checkpoint syncs them.
@@ -1246,6 +1270,7 @@ impl Writer {
             let shared = Arc::new(LogShared {
                 files: RwLock::new(files),
                 durable_end: AtomicU64::new(0),
+                bytes_read: AtomicU64::new(0),
             });
             shared_logs.insert(state.uid, shared.clone());
             self.logs.insert(

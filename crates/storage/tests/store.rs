@@ -421,6 +421,41 @@ fn a_failed_fsync_poisons_the_store_and_is_never_retried() {
     );
 }
 
+/// Reads of a few records copy about those records (from the record mark before them),
+/// not the rest of their batch: a read that filters with `want` once ran to the end of
+/// the batch, and a one-record read copied a 64 KiB chunk.
+#[test]
+fn reads_stop_near_the_records_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), opts()).unwrap();
+    let uid = create(&store, "amplification");
+    let bodies: Vec<String> = (0..5_000).map(|i| format!("{i:0>150}")).collect();
+    let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+    assert_eq!(append(&store, uid, &refs), appended(0, 5_000));
+    let reader = store.reader(uid).unwrap();
+    let record = reader.disk_bytes() / 5_000;
+    let cost = |read: &dyn Fn() -> usize, expect: usize| {
+        let before = reader.bytes_read();
+        assert_eq!(read(), expect);
+        reader.bytes_read() - before
+    };
+    // Every other record of 100 (a fairness round's picks), then a single record.
+    let picks: Vec<u64> = (1_000..1_100).step_by(2).collect();
+    let want = |o: u64| picks.binary_search(&o).is_ok();
+    let spread = cost(
+        &|| reader.read_where(1_000, 1_100, &want).unwrap().len(),
+        50,
+    );
+    assert!(
+        spread < 2 * 100 * record,
+        "{spread} bytes read for 100 records"
+    );
+    let one = cost(&|| reader.read(2_500, 1, 1).unwrap().len(), 1);
+    assert!(one <= 8 * 1024, "{one} bytes read for one record");
+    let run = cost(&|| reader.read(3_000, 500, usize::MAX).unwrap().len(), 500);
+    assert!(run < 2 * 500 * record, "{run} bytes read for 500 records");
+}
+
 #[test]
 fn single_records_are_read_from_inside_large_batches() {
     let dir = tempfile::tempdir().unwrap();
