@@ -288,11 +288,14 @@ fn read_offsets(
     /// Offsets this close together are read in one pass rather than looked up apart
     /// (about 10 KiB of 150-byte messages: a chunk read either way).
     const GAP: u64 = 64;
+    // Picks mostly come sorted (one lane, or the ready queue): then no reordering.
+    let in_order = offsets.is_sorted_by(|a, b| a < b);
     let mut sorted = offsets.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut found: Vec<Option<Record>> = Vec::new();
-    found.resize_with(sorted.len(), || None);
+    if !in_order {
+        sorted.sort_unstable();
+        sorted.dedup();
+    }
+    let mut found: Vec<Option<Record>> = Vec::with_capacity(sorted.len());
     let mut i = 0;
     while i < sorted.len() {
         let first = i;
@@ -301,12 +304,26 @@ fn read_offsets(
         }
         let run = &sorted[first..=i];
         i += 1;
-        let want = |o: u64| run.binary_search(&o).is_ok();
-        for record in source.read_where(run[0], run[run.len() - 1] + 1, &want)? {
-            if let Ok(at) = sorted.binary_search(&record.offset) {
-                found[at] = Some(record);
+        // Records come in offset order: `want` walks the run instead of searching it.
+        let at = std::cell::Cell::new(0);
+        let want = |o: u64| {
+            let mut k = at.get();
+            while k < run.len() && run[k] < o {
+                k += 1;
             }
+            at.set(k);
+            k < run.len() && run[k] == o
+        };
+        let mut records = source
+            .read_where(run[0], run[run.len() - 1] + 1, &want)?
+            .into_iter()
+            .peekable();
+        for &o in run {
+            found.push(records.next_if(|r| r.offset == o));
         }
+    }
+    if in_order {
+        return Ok(found);
     }
     Ok(offsets
         .iter()
@@ -1656,5 +1673,78 @@ impl QueueState {
             );
             offset += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records at the offsets given (others are gone); counts the passes asked of it.
+    struct Holes {
+        present: Vec<u64>,
+        passes: std::cell::Cell<usize>,
+    }
+
+    impl RecordSource for Holes {
+        fn read(&self, _: u64, _: usize, _: usize) -> Result<Vec<Record>, ReadError> {
+            unreachable!("read_offsets reads with read_where")
+        }
+
+        fn read_where(
+            &self,
+            from: u64,
+            end: u64,
+            want: &dyn Fn(u64) -> bool,
+        ) -> Result<Vec<Record>, ReadError> {
+            self.passes.set(self.passes.get() + 1);
+            let record = |offset| Record {
+                offset,
+                published_at_ms: 0,
+                flags: 0,
+                deliver_at_ms: 0,
+                id: Default::default(),
+                key: None,
+                headers: Vec::new(),
+                body: offset.to_string().into_bytes().into(),
+            };
+            let present = self.present.iter().copied();
+            Ok(present
+                .filter(|&o| (from..end).contains(&o) && want(o))
+                .map(record)
+                .collect())
+        }
+
+        fn scan(
+            &self,
+            _: u64,
+            _: usize,
+            _: &mut dyn FnMut(&RecordView<'_>) -> bool,
+        ) -> Result<(), ReadError> {
+            unreachable!("read_offsets reads with read_where")
+        }
+    }
+
+    #[test]
+    fn read_offsets_answers_in_the_order_asked() {
+        let source = Holes {
+            present: (0..1_000).filter(|o| o % 7 != 3).collect(),
+            passes: Default::default(),
+        };
+        let got = |asked: &[u64]| -> Vec<Option<u64>> {
+            let records = read_offsets(&source, asked).unwrap();
+            assert_eq!(records.len(), asked.len());
+            records.into_iter().map(|r| r.map(|r| r.offset)).collect()
+        };
+        // Sorted: three passes (gaps over 64 split them); 3 and 10 are gone.
+        let asked = [1, 2, 3, 10, 60, 200, 201, 900];
+        let expect = asked.map(|o| (o % 7 != 3).then_some(o));
+        assert_eq!(got(&asked), expect);
+        assert_eq!(source.passes.replace(0), 3);
+        // Any order, with a repeat (the second ask of 201 gets nothing) and past the end.
+        let asked = [900, 201, 5, 3, 201, 2_000, 0];
+        let expect = [Some(900), Some(201), Some(5), None, None, None, Some(0)];
+        assert_eq!(got(&asked), expect);
+        assert_eq!(source.passes.replace(0), 4);
     }
 }
