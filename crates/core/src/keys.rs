@@ -54,20 +54,29 @@ impl KeyGate {
         self.hasher.hash_one(key)
     }
 
-    /// True if the message at `offset` may be delivered now (it holds a slot, or its key
-    /// has a free one, or it has no key).
-    pub fn admits(&self, offset: u64, key: Option<u64>) -> bool {
-        let Some(key) = key else { return true };
-        self.holders.contains_key(&offset)
-            || self.active.get(&key).copied().unwrap_or(0) < self.limit
-    }
-
     /// The message is being delivered: it takes (or keeps) its key's slot.
     pub fn hold(&mut self, offset: u64, key: Option<u64>) {
         if let Some(key) = key
             && self.holders.insert(offset, key).is_none()
         {
             *self.active.entry(key).or_default() += 1;
+        }
+    }
+
+    /// `admits` then `hold` in one pass over the maps (every keyed delivery comes here):
+    /// true if the message holds a slot of its key now.
+    pub fn try_hold(&mut self, offset: u64, key: u64) -> bool {
+        match self.holders.entry(offset) {
+            std::collections::hash_map::Entry::Occupied(_) => true,
+            std::collections::hash_map::Entry::Vacant(holder) => {
+                let held = self.active.entry(key).or_default();
+                if *held >= self.limit {
+                    return false;
+                }
+                *held += 1;
+                holder.insert(key);
+                true
+            }
         }
     }
 
@@ -94,7 +103,9 @@ impl KeyGate {
                 self.active.remove(&key);
             }
         }
-        self.release_waiting(key);
+        if self.parked_len > 0 {
+            self.release_waiting(key);
+        }
     }
 
     /// Releases waiting messages of `key` while it has free slots; a released message
@@ -180,23 +191,20 @@ mod tests {
     fn one_slot_per_key_releases_in_order() {
         let mut gate = KeyGate::new(1);
         let (a, b) = (gate.hash(b"a"), gate.hash(b"b"));
-        assert!(gate.admits(0, Some(a)));
-        gate.hold(0, Some(a));
+        assert!(gate.try_hold(0, a));
         assert!(
-            gate.admits(0, Some(a)),
+            gate.try_hold(0, a),
             "the holder keeps its slot (redelivery)"
         );
-        assert!(!gate.admits(1, Some(a)));
+        assert!(!gate.try_hold(1, a));
         gate.park(1, a);
         gate.park(2, a);
-        assert!(gate.admits(3, Some(b)), "other keys are not blocked");
-        gate.hold(3, Some(b));
-        assert!(gate.admits(4, None), "no key, no limit");
+        assert!(gate.try_hold(3, b), "other keys are not blocked");
         assert_eq!((gate.keys_in_flight(), gate.keys_blocked()), (2, 1));
         gate.settled(0);
         assert_eq!(gate.next_released(), Some(1));
         assert_eq!(gate.next_released(), None, "one slot: one release");
-        gate.hold(1, Some(a));
+        assert!(!gate.try_hold(9, a), "the released message took the slot");
         gate.settled(1);
         assert_eq!(gate.next_released(), Some(2));
         assert_eq!(gate.parked_len(), 0);

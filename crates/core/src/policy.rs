@@ -2,6 +2,7 @@
 //! quotas, GCRA for dispatch rates, AIMD for adaptive throttling. Time is passed in (ms
 //! since the epoch), so every rule is tested with exact figures.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -96,20 +97,16 @@ impl TenantQuotas {
         now_ms: i64,
     ) -> Result<(), OverQuota> {
         let mut worst: Option<OverQuota> = None;
-        for &(tenant, msgs, bytes) in demand {
-            let key = self.key_for(tenant, now_ms);
-            let limits = quota.limits_for(tenant);
-            let buckets = self.buckets.entry(key).or_insert_with(|| {
-                let bucket = |rate: Option<f64>, burst: Option<u64>| {
-                    rate.map(|r| {
-                        TokenBucket::new(r, burst.map_or(r.max(1.0), |b| b as f64), now_ms)
-                    })
-                };
-                [
-                    bucket(limits.msgs_per_s, limits.burst_msgs),
-                    bucket(limits.bytes_per_s, limits.burst_bytes),
-                ]
-            });
+        // Bucket keys: the tenant itself once tracked (no allocation per publish).
+        let keys: Vec<Cow<'_, str>> = demand
+            .iter()
+            .map(|&(tenant, _, _)| self.key_for(quota, tenant, now_ms))
+            .collect();
+        for (&(tenant, msgs, bytes), key) in demand.iter().zip(&keys) {
+            let buckets = self
+                .buckets
+                .get_mut(key.as_ref())
+                .expect("created by key_for");
             for (i, (n, what)) in [(msgs, "msgs_per_s"), (bytes, "bytes_per_s")]
                 .into_iter()
                 .enumerate()
@@ -137,9 +134,11 @@ impl TenantQuotas {
             *self.refused.entry(label).or_default() += 1;
             return Err(over);
         }
-        for &(tenant, msgs, bytes) in demand {
-            let key = self.key_for(tenant, now_ms);
-            let buckets = self.buckets.get_mut(&key).expect("created above");
+        for (&(_, msgs, bytes), key) in demand.iter().zip(&keys) {
+            let buckets = self
+                .buckets
+                .get_mut(key.as_ref())
+                .expect("created by key_for");
             for (i, n) in [msgs, bytes].into_iter().enumerate() {
                 if let Some(bucket) = &mut buckets[i] {
                     bucket.take(n as f64);
@@ -149,18 +148,35 @@ impl TenantQuotas {
         Ok(())
     }
 
-    /// The bucket key of a tenant, keeping the map bounded.
-    fn key_for(&mut self, tenant: &str, now_ms: i64) -> String {
-        if self.buckets.contains_key(tenant) || self.buckets.len() < MAX_TRACKED_TENANTS {
-            return tenant.to_string();
+    /// The bucket key of a tenant, its buckets created (full) on first sight; the map
+    /// stays bounded.
+    fn key_for<'t>(&mut self, quota: &Quota, tenant: &'t str, now_ms: i64) -> Cow<'t, str> {
+        if self.buckets.contains_key(tenant) {
+            return Cow::Borrowed(tenant);
         }
-        self.buckets
-            .retain(|_, b| !b.iter_mut().flatten().all(|b| b.is_full(now_ms)));
-        if self.buckets.len() < MAX_TRACKED_TENANTS {
-            tenant.to_string()
+        if self.buckets.len() >= MAX_TRACKED_TENANTS {
+            self.buckets
+                .retain(|_, b| !b.iter_mut().flatten().all(|b| b.is_full(now_ms)));
+        }
+        let key = if self.buckets.len() < MAX_TRACKED_TENANTS {
+            tenant
         } else {
-            SHARED_TENANT.to_string()
+            SHARED_TENANT
+        };
+        if !self.buckets.contains_key(key) {
+            let limits = quota.limits_for(key);
+            let bucket = |rate: Option<f64>, burst: Option<u64>| {
+                rate.map(|r| TokenBucket::new(r, burst.map_or(r.max(1.0), |b| b as f64), now_ms))
+            };
+            self.buckets.insert(
+                key.to_string(),
+                [
+                    bucket(limits.msgs_per_s, limits.burst_msgs),
+                    bucket(limits.bytes_per_s, limits.burst_bytes),
+                ],
+            );
         }
+        Cow::Borrowed(key)
     }
 }
 

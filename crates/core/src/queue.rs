@@ -1304,13 +1304,12 @@ impl QueueState {
     fn park_if_blocked(&mut self, record: &Record) -> bool {
         let key = self.key_hash(record);
         match (&mut self.keys, key) {
-            (Some(gate), Some(key)) if !gate.admits(record.offset, Some(key)) => {
-                gate.park(record.offset, key);
-                true
-            }
-            (Some(gate), key) => {
-                gate.hold(record.offset, key);
-                false
+            (Some(gate), Some(key)) => {
+                let blocked = !gate.try_hold(record.offset, key);
+                if blocked {
+                    gate.park(record.offset, key);
+                }
+                blocked
             }
             _ => false,
         }
