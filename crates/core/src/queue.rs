@@ -22,6 +22,8 @@ use crate::shaper::Shaper;
 
 /// Messages parked behind their key's slots, per queue; at this many the scan waits.
 pub const MAX_PARKED: usize = 100_000;
+/// Most records a delivery reads beyond its room when messages are being passed over.
+const SCAN_AHEAD: usize = 4_096;
 /// Messages sorted into priority/fairness lanes per receive, at most (bounds its latency).
 const SHAPER_SCAN_STEP: usize = 50_000;
 /// Reserved header holding a message's priority (0 = lowest).
@@ -1135,13 +1137,19 @@ impl QueueState {
             // What the lanes pick, in their order.
             self.fill_shaper(source, now_ms)?;
             self.deliver_picks(source, room, &mut out, now_ms, lease_ms, |q| {
+                let gate = q.keys.as_ref();
+                if gate.is_some_and(|gate| gate.parked_len() >= MAX_PARKED) {
+                    return None; // bounded: wait for parked keys to move
+                }
                 q.shaper.as_mut().and_then(Shaper::pop)
             })?;
         }
-        // With per-key limits many scanned messages may park: read ahead in larger steps.
-        let min_read = if self.keys.is_some() { 256 } else { 1 };
+        // Read what the room takes, plus as many as this call has seen passed over
+        // (parked behind their key, settled, timed): records read past the room are read
+        // again next time, so a fixed read-ahead costs a consumer taking a few at a time.
+        let mut passed = 0usize;
         'scan: while self.shaper.is_none() && out.len() < room && self.cursor < self.visible_end {
-            let want = (room - out.len()).max(min_read);
+            let want = room - out.len() + passed.min(SCAN_AHEAD);
             let records = source.read(self.cursor, want, SCAN_BYTES)?;
             if records.is_empty() {
                 break;
@@ -1158,6 +1166,7 @@ impl QueueState {
                     break 'scan; // bounded lookahead: wait for parked keys to move
                 }
                 self.cursor = record.offset + 1;
+                passed += 1;
                 if self.is_settled_or_busy(record.offset)
                     || self.timer_at.contains_key(&record.offset)
                 {
@@ -1170,6 +1179,7 @@ impl QueueState {
                 let Some(record) = self.screen(record, now_ms) else {
                     continue;
                 };
+                passed -= 1;
                 out.push(self.lease(record, now_ms, lease_ms));
                 if out.len() == room {
                     break;
