@@ -1406,7 +1406,7 @@ impl Broker {
         let (parked_n, parked_bytes) = parked.as_ref().map_or((0, 0), |p| (p.n, p.bytes));
         let (all_n, all_bytes) = (n + parked_n, bytes + parked_bytes);
         let broker = self.clone();
-        {
+        let lanes = {
             let now = self.now_ms();
             let mut state = handle.state.lock();
             let admitted = state.admit(all_n, all_bytes, now).and_then(|()| {
@@ -1418,7 +1418,9 @@ impl Broker {
                 state.release_ids(&claimed);
                 return Err(err);
             }
-        }
+            // Priority/fairness lanes, resolved while the records are at hand.
+            batch.as_deref().and_then(|b| state.lanes_of_batch(b))
+        };
         let mut ops = Vec::new();
         if let Some(batch) = batch {
             ops.push(Op::Append {
@@ -1448,6 +1450,9 @@ impl Broker {
                         let main_base = if n > 0 { bases.next() } else { None };
                         let parked_base = parked_entries.as_ref().and_then(|_| bases.next());
                         state.published(n, bytes, main_base.map(|b| (b, &delays[..])));
+                        if let (Some(base), Some(lanes)) = (main_base, lanes) {
+                            state.stage(base, lanes);
+                        }
                         state.published(parked_n, parked_bytes, None);
                         if let (Some(base), Some(entries)) = (parked_base, &parked_entries) {
                             state.park(base, entries);

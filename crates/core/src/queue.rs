@@ -18,7 +18,7 @@ use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
 use crate::keys::KeyGate;
 use crate::policy::{Aimd, DedupWindow, Gcra, TenantQuotas};
-use crate::shaper::Shaper;
+use crate::shaper::{Shaper, Staged, StagedLanes};
 
 /// Messages parked behind their key's slots, per queue; at this many the scan waits.
 pub const MAX_PARKED: usize = 100_000;
@@ -1225,19 +1225,44 @@ impl QueueState {
         }
     }
 
-    /// Sorts newly scanned messages into the shaper's lanes, a bounded step at a time.
-    /// Only metadata is looked at: the scan borrows views, it decodes nothing.
+    /// Sorts newly scanned messages into the shaper's lanes, a bounded step at a time:
+    /// batches whose lanes were staged at publish go straight in; the rest is scanned,
+    /// looking only at metadata (the scan borrows views, it decodes nothing).
     fn fill_shaper(&mut self, source: &impl RecordSource, now_ms: i64) -> Result<(), ReadError> {
         let mut budget = SHAPER_SCAN_STEP;
         while budget > 0
             && self.cursor < self.visible_end
             && !self.shaper.as_ref().is_some_and(Shaper::is_full)
         {
+            let Some(shaper) = &mut self.shaper else {
+                return Ok(());
+            };
+            let scan_end = match shaper.staged_at(self.cursor, self.visible_end) {
+                Staged::Here(base, lanes) => {
+                    for (offset, lane) in (base..).zip(lanes) {
+                        if offset < self.cursor {
+                            continue;
+                        }
+                        self.cursor = offset + 1;
+                        budget = budget.saturating_sub(1);
+                        // As the scan below: delayed messages wait on their timer (set
+                        // at publish), others join their lane.
+                        if !self.is_settled_or_busy(offset)
+                            && !self.timer_at.contains_key(&offset)
+                            && let Some(shaper) = &mut self.shaper
+                        {
+                            shaper.push_to(offset, lane);
+                        }
+                    }
+                    continue;
+                }
+                Staged::Until(base) => base.min(self.visible_end),
+                Staged::Nothing => self.visible_end,
+            };
             let before = self.cursor;
-            source.scan(self.cursor, budget.min(4_096), &mut |record| {
-                if record.offset >= self.visible_end
-                    || self.shaper.as_ref().is_some_and(Shaper::is_full)
-                {
+            let count = budget.min(4_096).min((scan_end - self.cursor) as usize);
+            source.scan(self.cursor, count, &mut |record| {
+                if record.offset >= scan_end || self.shaper.as_ref().is_some_and(Shaper::is_full) {
                     return false;
                 }
                 self.cursor = record.offset + 1;
@@ -1262,6 +1287,34 @@ impl QueueState {
             }
         }
         Ok(())
+    }
+
+    /// Resolves the lanes of a batch about to be appended (None without lanes, or past
+    /// the staging bound): `stage` them once the batch has its offsets.
+    pub fn lanes_of_batch(&mut self, batch: &[u8]) -> Option<StagedLanes> {
+        use tidewater_storage::format::{BATCH_HEADER_LEN, BatchHeader, visit_records};
+        let header = BatchHeader::decode(batch).ok()?;
+        let body = batch.get(BATCH_HEADER_LEN..header.total_len())?;
+        // (Out of `self` while `lane_of` reads the config.)
+        let mut shaper = self.shaper.take()?;
+        let mut lanes = Vec::with_capacity(header.count as usize);
+        let resolved = shaper.room_to_stage(header.count as usize)
+            && visit_records(&header, body, |record| {
+                let (priority, flow) = self.lane_of(&record);
+                lanes.push(shaper.lane(priority, &flow));
+                Ok::<(), tidewater_storage::FormatError>(())
+            })
+            .is_ok();
+        let staged = resolved.then(|| shaper.staged(lanes));
+        self.shaper = Some(shaper);
+        staged
+    }
+
+    /// A batch whose lanes were resolved by `lanes_of_batch` was appended at `base`.
+    pub fn stage(&mut self, base: u64, lanes: StagedLanes) {
+        if let Some(shaper) = &mut self.shaper {
+            shaper.stage(base, lanes);
+        }
     }
 
     /// (priority level, fairness value) of a message.

@@ -5,15 +5,46 @@
 //! a flow by deficit round robin with per-value weights. Lanes hold offsets as runs
 //! (`start..end`), so a flooding tenant whose messages arrive back to back costs a few
 //! bytes per run, not per message. Runs are bounded; at the bound the scan waits.
+//!
+//! A published batch's lanes are resolved at publish, while its records are at hand, and
+//! staged by base offset: when the scan cursor reaches a staged batch it sorts it in
+//! without reading the log back (the scan reads only what was not staged: after a
+//! restart, a shaper rebuilt meanwhile, or past the staging bound).
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Runs held across all lanes of a queue; at this many the scan stops until some drain.
 pub const MAX_RUNS: usize = 1_000_000;
 /// Distinct fairness values per level; beyond, new values share the flow "(other)".
 pub const MAX_FLOWS: usize = 10_000;
 const OTHER_FLOW: &str = "(other)";
+/// Messages whose lanes are staged ahead of the scan, at most (4 bytes each).
+pub const MAX_STAGED: usize = 1_000_000;
+
+/// A lane resolved at publish: level in the top 8 bits, index in the level below.
+pub type LaneRef = u32;
+
+/// Tells shapers apart, so lanes resolved by one are never staged into its successor.
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Lanes of a batch resolved at publish, for `Shaper::stage` once it has its offsets.
+#[derive(Debug)]
+pub struct StagedLanes {
+    generation: u64,
+    lanes: Vec<LaneRef>,
+}
+
+/// What the scan cursor finds staged (see `Shaper::staged_at`).
+#[derive(Debug, PartialEq)]
+pub enum Staged {
+    /// Lanes of the messages from this base offset on (some may be behind the cursor).
+    Here(u64, Vec<LaneRef>),
+    /// Nothing staged at the cursor; the next staged batch starts here.
+    Until(u64),
+    Nothing,
+}
 
 /// Offsets of one flow at one priority level, oldest first, as runs.
 #[derive(Debug, Default)]
@@ -121,6 +152,10 @@ pub struct Shaper {
     /// flow. (The String is reused, so switching lanes allocates nothing.)
     last_lane: Option<(usize, usize)>,
     last_flow: String,
+    generation: u64,
+    /// (base offset, lanes) of published batches ahead of the scan, by base offset.
+    staged: VecDeque<(u64, Vec<LaneRef>)>,
+    staged_len: usize,
 }
 
 impl Shaper {
@@ -133,6 +168,9 @@ impl Shaper {
             runs: 0,
             last_lane: None,
             last_flow: String::new(),
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            staged: VecDeque::new(),
+            staged_len: 0,
         }
     }
 
@@ -149,6 +187,27 @@ impl Shaper {
 
     /// Adds a scanned message to its lane (priority is clamped to the levels there are).
     pub fn push(&mut self, offset: u64, priority: u8, flow: &str) {
+        let lane = self.lane(priority, flow);
+        self.push_to(offset, lane);
+    }
+
+    /// Adds a message to a lane resolved before (`lane`, or staged).
+    pub fn push_to(&mut self, offset: u64, lane: LaneRef) {
+        let level = &mut self.levels[(lane >> 24) as usize];
+        let idx = (lane & 0x00ff_ffff) as usize;
+        let lane = &mut level.lanes[idx];
+        if lane.push(offset) {
+            self.runs += 1;
+        }
+        if !lane.active {
+            lane.active = true;
+            level.active.push_back(idx);
+        }
+        level.len += 1;
+    }
+
+    /// The lane of `flow` at `priority` (clamped to the levels there are), created if new.
+    pub fn lane(&mut self, priority: u8, flow: &str) -> LaneRef {
         let top = self.levels.len() - 1;
         let level_idx = (priority as usize).min(top);
         let level = &mut self.levels[level_idx];
@@ -184,15 +243,56 @@ impl Shaper {
             self.last_flow.clear();
             self.last_flow.push_str(flow);
         }
-        let lane = &mut level.lanes[idx];
-        if lane.push(offset) {
-            self.runs += 1;
+        // (MAX_FLOWS lanes per level fit in 24 bits.)
+        ((level_idx as u32) << 24) | idx as u32
+    }
+
+    /// True if `n` more messages may have their lanes staged (past the bound, the scan
+    /// reads them back).
+    pub fn room_to_stage(&self, n: usize) -> bool {
+        self.staged_len + n <= MAX_STAGED
+    }
+
+    /// A batch's lanes (from `lane`, one per message), to `stage` at its base offset.
+    pub fn staged(&self, lanes: Vec<LaneRef>) -> StagedLanes {
+        StagedLanes {
+            generation: self.generation,
+            lanes,
         }
-        if !lane.active {
-            lane.active = true;
-            level.active.push_back(idx);
+    }
+
+    /// Stages a published batch's lanes at its base offset (dropped if this is not the
+    /// shaper that resolved them).
+    pub fn stage(&mut self, base: u64, staged: StagedLanes) {
+        if staged.generation != self.generation || staged.lanes.is_empty() {
+            return;
         }
-        level.len += 1;
+        self.staged_len += staged.lanes.len();
+        // Batches mostly complete in offset order.
+        let at = self.staged.partition_point(|(b, _)| *b < base);
+        self.staged.insert(at, (base, staged.lanes));
+    }
+
+    /// What is staged at the scan cursor: forgets batches the cursor has passed, and
+    /// hands out the one the cursor is in when all of it is below `end` (visible).
+    pub fn staged_at(&mut self, cursor: u64, end: u64) -> Staged {
+        while let Some((base, lanes)) = self.staged.front() {
+            let batch_end = base + lanes.len() as u64;
+            if batch_end > cursor {
+                return match *base {
+                    base if base > cursor => Staged::Until(base),
+                    _ if batch_end > end => Staged::Nothing,
+                    _ => {
+                        let (base, lanes) = self.staged.pop_front().expect("front");
+                        self.staged_len -= lanes.len();
+                        Staged::Here(base, lanes)
+                    }
+                };
+            }
+            let (_, lanes) = self.staged.pop_front().expect("front");
+            self.staged_len -= lanes.len();
+        }
+        Staged::Nothing
     }
 
     /// The next offset to deliver, or None when every lane is empty.
@@ -370,6 +470,51 @@ mod tests {
         assert_eq!(shaper.len(), 3);
         assert_eq!(drain(&mut shaper, 10), vec![3, 7, 8]);
         assert_eq!(shaper.runs, 0);
+    }
+
+    #[test]
+    fn staged_lanes_meet_the_scan_cursor() {
+        let mut shaper = Shaper::new(2, 0.0, HashMap::new());
+        let lanes = |shaper: &mut Shaper, flows: &[(u8, &str)]| {
+            let lanes = flows.iter().map(|&(p, f)| shaper.lane(p, f)).collect();
+            shaper.staged(lanes)
+        };
+        let a = lanes(&mut shaper, &[(0, "x"), (1, "y")]);
+        let b = lanes(&mut shaper, &[(0, "x"), (0, "z"), (0, "x")]);
+        // Completions may come out of order; the cursor meets them in offset order.
+        shaper.stage(12, b);
+        shaper.stage(10, a);
+        assert_eq!(
+            shaper.staged_at(5, 100),
+            Staged::Until(10),
+            "scan 5..10 first"
+        );
+        let Staged::Here(10, first) = shaper.staged_at(10, 100) else {
+            panic!("the batch at 10")
+        };
+        assert_eq!(first.len(), 2);
+        assert_eq!(
+            shaper.staged_at(12, 13),
+            Staged::Nothing,
+            "not all visible yet"
+        );
+        let Staged::Here(12, second) = shaper.staged_at(13, 15) else {
+            panic!("the batch at 12, partly behind the cursor")
+        };
+        for (offset, lane) in (10..).zip(first.into_iter().chain(second)) {
+            shaper.push_to(offset, lane);
+        }
+        // Level 1 first, then "x" and "z" in turns at level 0.
+        assert_eq!(drain(&mut shaper, 10), vec![11, 10, 13, 12, 14]);
+        // Passed batches are forgotten; a successor shaper drops lanes it did not resolve.
+        let old = lanes(&mut shaper, &[(0, "x")]);
+        let passed = lanes(&mut shaper, &[(0, "x")]);
+        shaper.stage(20, passed);
+        assert_eq!(shaper.staged_at(21, 100), Staged::Nothing);
+        let mut rebuilt = Shaper::new(2, 0.0, HashMap::new());
+        rebuilt.stage(30, old);
+        assert_eq!(rebuilt.staged_at(30, 100), Staged::Nothing);
+        assert_eq!(shaper.staged_len + rebuilt.staged_len, 0);
     }
 
     #[test]
