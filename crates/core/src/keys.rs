@@ -97,14 +97,27 @@ impl KeyGate {
         let Some(key) = self.holders.remove(&offset) else {
             return;
         };
-        if let Some(n) = self.active.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.active.remove(&key);
+        let Some(held) = self.active.get_mut(&key) else {
+            return;
+        };
+        // The slot passes straight to the key's next waiting message (unless a lowered
+        // limit wants it back): one lookup each instead of a release round.
+        if *held <= self.limit
+            && self.parked_len > 0
+            && let Some(waiting) = self.parked.get_mut(&key)
+            && let Some(next) = waiting.pop_front()
+        {
+            if waiting.is_empty() {
+                self.parked.remove(&key);
             }
+            self.parked_len -= 1;
+            self.holders.insert(next, key);
+            self.released.push_back(next);
+            return;
         }
-        if self.parked_len > 0 {
-            self.release_waiting(key);
+        *held -= 1;
+        if *held == 0 {
+            self.active.remove(&key);
         }
     }
 

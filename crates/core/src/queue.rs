@@ -348,6 +348,8 @@ pub struct QueueState {
     settling: OffsetSet,
     /// Next offset never looked at for a first delivery.
     cursor: u64,
+    /// Share of recently scanned messages that were leased (sizes the scan's reads).
+    scan_yield: f64,
     leases: OffsetMap<Lease>,
     lease_expiry: BTreeSet<(i64, u64)>,
     timers: BTreeSet<(i64, u64)>,
@@ -402,6 +404,7 @@ impl QueueState {
             settled: RangeSet::new(),
             settling: OffsetSet::default(),
             cursor: 0,
+            scan_yield: 1.0,
             leases: OffsetMap::default(),
             lease_expiry: BTreeSet::new(),
             timers: BTreeSet::new(),
@@ -1144,12 +1147,14 @@ impl QueueState {
                 q.shaper.as_mut().and_then(Shaper::pop)
             })?;
         }
-        // Read what the room takes, plus as many as this call has seen passed over
-        // (parked behind their key, settled, timed): records read past the room are read
-        // again next time, so a fixed read-ahead costs a consumer taking a few at a time.
-        let mut passed = 0usize;
+        // Read about what the room takes at the share of scanned messages recently leased
+        // (the rest were parked behind their key, settled, timed): records read past the
+        // room are read again next time, so a fixed read-ahead costs a consumer taking a
+        // few at a time, and no read-ahead costs a read per leased few behind a hot key.
+        let (mut scanned, mut taken) = (0usize, 0usize);
         'scan: while self.shaper.is_none() && out.len() < room && self.cursor < self.visible_end {
-            let want = room - out.len() + passed.min(SCAN_AHEAD);
+            let left = room - out.len();
+            let want = ((left as f64 / self.scan_yield).ceil() as usize).min(left + SCAN_AHEAD);
             let records = source.read(self.cursor, want, SCAN_BYTES)?;
             if records.is_empty() {
                 break;
@@ -1166,7 +1171,7 @@ impl QueueState {
                     break 'scan; // bounded lookahead: wait for parked keys to move
                 }
                 self.cursor = record.offset + 1;
-                passed += 1;
+                scanned += 1;
                 if self.is_settled_or_busy(record.offset)
                     || self.timer_at.contains_key(&record.offset)
                 {
@@ -1179,12 +1184,16 @@ impl QueueState {
                 let Some(record) = self.screen(record, now_ms) else {
                     continue;
                 };
-                passed -= 1;
+                taken += 1;
                 out.push(self.lease(record, now_ms, lease_ms));
                 if out.len() == room {
                     break;
                 }
             }
+        }
+        if scanned > 0 {
+            let seen = taken as f64 / scanned as f64;
+            self.scan_yield = (0.5 * self.scan_yield + 0.5 * seen).clamp(0.05, 1.0);
         }
         self.counters.delivered += out.len() as u64;
         if let Some(rate) = &mut self.rate {
