@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use tidewater_core::{AckLevel, Broker, BrokerError, ErrorCode, NackReason};
 use tidewater_proto::{
-    Ack, DEFAULT_MAX_FRAME, Failure, Frame, PROTOCOL_VERSION, ProtoError, SUBSCRIPTION_ID_BIT,
-    WireDelivery, decode_frame,
+    Ack, DEFAULT_MAX_FRAME, DeliverWriter, Failure, Frame, PROTOCOL_VERSION, ProtoError,
+    SUBSCRIPTION_ID_BIT, decode_frame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -342,25 +342,23 @@ async fn subscription(
             Ok(deliveries) => {
                 sub.credit
                     .fetch_sub(deliveries.len() as u32, Ordering::SeqCst);
-                let wire = deliveries
+                // Records are encoded straight into the frame (sized up front).
+                let size = deliveries
                     .iter()
-                    .map(|d| {
-                        let mut record = Vec::with_capacity(d.record.encoded_len());
-                        d.record.encode(&mut record);
-                        WireDelivery {
-                            receipt: d.receipt.clone(),
-                            delivery_count: d.delivery_count,
-                            offset: d.record.offset,
-                            published_at_ms: d.record.published_at_ms,
-                            record,
-                        }
-                    })
-                    .collect();
-                if tx
-                    .send(encode(&Frame::Deliver { deliveries: wire }, id))
-                    .await
-                    .is_err()
-                {
+                    .map(|d| DeliverWriter::overhead(&d.receipt) + d.record.encoded_len())
+                    .sum();
+                let mut frame = DeliverWriter::new(id, size);
+                for d in &deliveries {
+                    let record = &d.record;
+                    frame.push(
+                        &d.receipt,
+                        d.delivery_count,
+                        record.offset,
+                        record.published_at_ms,
+                        |buf| record.encode(buf),
+                    );
+                }
+                if tx.send(frame.finish()).await.is_err() {
                     return; // connection gone: the leases expire and the messages come back
                 }
             }
