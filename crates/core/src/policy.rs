@@ -2,7 +2,6 @@
 //! quotas, GCRA for dispatch rates, AIMD for adaptive throttling. Time is passed in (ms
 //! since the epoch), so every rule is tested with exact figures.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -97,16 +96,21 @@ impl TenantQuotas {
         now_ms: i64,
     ) -> Result<(), OverQuota> {
         let mut worst: Option<OverQuota> = None;
+        // Make room first: a prune between resolving two tenants' buckets could drop the
+        // first (full buckets go), and both passes below need every bucket they resolved.
+        if self.buckets.len() + demand.len() > MAX_TRACKED_TENANTS {
+            self.buckets
+                .retain(|_, b| !b.iter_mut().flatten().all(|b| b.is_full(now_ms)));
+        }
         // Bucket keys: the tenant itself once tracked (no allocation per publish).
-        let keys: Vec<Cow<'_, str>> = demand
+        let keys: Vec<&str> = demand
             .iter()
             .map(|&(tenant, _, _)| self.key_for(quota, tenant, now_ms))
             .collect();
         for (&(tenant, msgs, bytes), key) in demand.iter().zip(&keys) {
-            let buckets = self
-                .buckets
-                .get_mut(key.as_ref())
-                .expect("created by key_for");
+            let Some(buckets) = self.buckets.get_mut(*key) else {
+                continue; // (key_for created it, and nothing removes buckets here)
+            };
             for (i, (n, what)) in [(msgs, "msgs_per_s"), (bytes, "bytes_per_s")]
                 .into_iter()
                 .enumerate()
@@ -135,10 +139,9 @@ impl TenantQuotas {
             return Err(over);
         }
         for (&(_, msgs, bytes), key) in demand.iter().zip(&keys) {
-            let buckets = self
-                .buckets
-                .get_mut(key.as_ref())
-                .expect("created by key_for");
+            let Some(buckets) = self.buckets.get_mut(*key) else {
+                continue;
+            };
             for (i, n) in [msgs, bytes].into_iter().enumerate() {
                 if let Some(bucket) = &mut buckets[i] {
                     bucket.take(n as f64);
@@ -148,15 +151,11 @@ impl TenantQuotas {
         Ok(())
     }
 
-    /// The bucket key of a tenant, its buckets created (full) on first sight; the map
-    /// stays bounded.
-    fn key_for<'t>(&mut self, quota: &Quota, tenant: &'t str, now_ms: i64) -> Cow<'t, str> {
+    /// The bucket key of a tenant, its buckets created (full) on first sight; past
+    /// `MAX_TRACKED_TENANTS` new tenants share one bucket.
+    fn key_for<'t>(&mut self, quota: &Quota, tenant: &'t str, now_ms: i64) -> &'t str {
         if self.buckets.contains_key(tenant) {
-            return Cow::Borrowed(tenant);
-        }
-        if self.buckets.len() >= MAX_TRACKED_TENANTS {
-            self.buckets
-                .retain(|_, b| !b.iter_mut().flatten().all(|b| b.is_full(now_ms)));
+            return tenant;
         }
         let key = if self.buckets.len() < MAX_TRACKED_TENANTS {
             tenant
@@ -176,7 +175,7 @@ impl TenantQuotas {
                 ],
             );
         }
-        Cow::Borrowed(key)
+        key
     }
 }
 
@@ -384,6 +383,31 @@ mod tests {
         assert_eq!(bucket.wait_ms(1.0, 500), 400);
         assert!(!bucket.is_full(500));
         assert!(bucket.is_full(1_300));
+    }
+
+    /// Past the tracked bound, full buckets are forgotten before a publish's tenants are
+    /// resolved (a prune in between once dropped a bucket resolved for the same publish).
+    #[test]
+    fn pruning_quota_buckets_keeps_the_tenants_of_the_publish_at_hand() {
+        let quota = Quota {
+            msgs_per_s: Some(10.0),
+            burst_msgs: Some(10),
+            ..Quota::default()
+        };
+        let mut quotas = TenantQuotas::default();
+        let tenants: Vec<String> = (0..MAX_TRACKED_TENANTS).map(|i| format!("t{i}")).collect();
+        for tenant in &tenants {
+            assert!(quotas.admit(&quota, &[(tenant, 1, 0)], 0).is_ok());
+        }
+        assert_eq!(quotas.buckets.len(), MAX_TRACKED_TENANTS);
+        // All full again a second later, except t0 which publishes its whole burst now.
+        assert!(quotas.admit(&quota, &[("t0", 9, 0)], 1_000).is_ok());
+        let demand = [("t1", 1, 0), ("new", 1, 0), ("t0", 2, 0)];
+        let over = quotas.admit(&quota, &demand, 1_000).unwrap_err();
+        assert_eq!((over.tenant.as_str(), over.wait_ms), ("t0", 100));
+        // Only t0's bucket was not full: the others went, and this publish's came back.
+        assert_eq!(quotas.buckets.len(), 3);
+        assert!(quotas.admit(&quota, &demand[..2], 1_000).is_ok());
     }
 
     #[test]

@@ -1255,7 +1255,8 @@ impl QueueState {
                         self.cursor = offset + 1;
                         budget = budget.saturating_sub(1);
                         // As the scan below: delayed messages wait on their timer (set
-                        // at publish), others join their lane.
+                        // at publish), others join their lane. (A staged batch goes in
+                        // whole: the step and run bounds may be passed by one batch.)
                         if !self.is_settled_or_busy(offset)
                             && !self.timer_at.contains_key(&offset)
                             && let Some(shaper) = &mut self.shaper

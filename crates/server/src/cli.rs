@@ -227,7 +227,8 @@ pub struct ConsumeArgs {
     /// Messages per receive.
     #[arg(long, default_value_t = 10)]
     pub batch: usize,
-    /// Long-poll wait in milliseconds.
+    /// How long to wait for the next message before stopping, in milliseconds (the first
+    /// may take up to 500 ms more: connecting and subscribing).
     #[arg(long, default_value_t = 5000)]
     pub wait_ms: u64,
     /// Lease in milliseconds (default: the queue's).
@@ -706,6 +707,9 @@ fn delivery_json(d: &tidewater_client::Delivery) -> Value {
 }
 
 /// Consumes over the binary protocol: a credit-based subscription, batched acks.
+/// Time allowed on top of `--wait-ms` for the first message (connect, subscribe, first push).
+const FIRST_MESSAGE_GRACE_MS: u64 = 500;
+
 pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Result<()> {
     use tidewater_client::ConsumerOptions;
     let runtime = runtime()?;
@@ -717,7 +721,11 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
             client.consumer(&args.queue, ConsumerOptions { prefetch, lease_ms: args.lease_ms, max_messages, ..ConsumerOptions::default() });
         let (mut done, mut acked, mut nacked) = (0u64, 0u64, 0u64);
         while args.max == 0 || done < args.max {
-            let next = tokio::time::timeout(Duration::from_millis(args.wait_ms.max(1)), consumer.next()).await;
+            // The first message also waits for the connection and subscription: with
+            // `--wait-ms 0`, a queue with messages must not look empty.
+            let connecting = if done == 0 { FIRST_MESSAGE_GRACE_MS } else { 0 };
+            let wait = Duration::from_millis(args.wait_ms.max(1) + connecting);
+            let next = tokio::time::timeout(wait, consumer.next()).await;
             let delivery = match next {
                 Ok(Some(delivery)) => delivery.map_err(binary_error)?,
                 Ok(None) => break,
