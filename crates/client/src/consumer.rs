@@ -185,7 +185,7 @@ impl Consumer {
                 queue: self.queue.clone(),
                 delay_ms: 0,
                 error: String::new(),
-                receipts: unused,
+                receipts: unused.into(),
                 overloaded: false,
             };
             let _ = self.client.request(frame).await;
@@ -227,7 +227,7 @@ impl Consumer {
             queue: self.queue.clone(),
             delay_ms,
             error: error.into(),
-            receipts: vec![delivery.receipt.clone()],
+            receipts: [&delivery.receipt].into_iter().collect(),
             overloaded,
         };
         settled_one(self.client.request(frame).await?)
@@ -238,7 +238,7 @@ impl Consumer {
         let frame = Frame::Extend {
             queue: self.queue.clone(),
             lease_ms: lease.as_millis().max(1) as u64,
-            receipts: vec![delivery.receipt.clone()],
+            receipts: [&delivery.receipt].into_iter().collect(),
         };
         settled_one(self.client.request(frame).await?)
     }
@@ -420,7 +420,7 @@ async fn acker(
             let sent = receipts.len() as u64;
             let frame = Frame::Ack {
                 queue: queue.clone(),
-                receipts: std::mem::take(&mut receipts),
+                receipts: std::mem::take(&mut receipts).into(),
             };
             let failed = match client.request(frame).await {
                 Ok(Frame::Settled { failed, .. }) => failed.len() as u64,
@@ -453,7 +453,7 @@ async fn extender(client: Client, queue: String, lease_ms: u64, held: Arc<Mutex<
             let frame = Frame::Extend {
                 queue: queue.clone(),
                 lease_ms,
-                receipts: chunk.to_vec(),
+                receipts: chunk.iter().collect(),
             };
             if let Ok(Frame::Settled { failed, .. }) = client.request(frame).await {
                 let mut held = held.lock();

@@ -1960,7 +1960,7 @@ impl Broker {
         }
     }
 
-    fn check_receipt_count(&self, receipts: &[String]) -> Result<(), BrokerError> {
+    fn check_receipt_count<S>(&self, receipts: &[S]) -> Result<(), BrokerError> {
         let max = self.inner.limits.max_receive_messages;
         if receipts.len() > max {
             return Err(BrokerError::new(
@@ -1975,17 +1975,17 @@ impl Broker {
     }
 
     /// Validates receipts and ends their leases; returns (released, failures).
-    fn release_receipts(
+    fn release_receipts<S: AsRef<str>>(
         &self,
         handle: &QueueHandle,
-        receipts: &[String],
+        receipts: &[S],
         now: i64,
     ) -> Result<Released, BrokerError> {
         self.check_receipt_count(receipts)?;
         let mut state = handle.state.lock();
         let mut released = Vec::with_capacity(receipts.len());
         let mut failed = Vec::new();
-        for receipt in receipts {
+        for receipt in receipts.iter().map(AsRef::as_ref) {
             match state.check_receipt(receipt, now) {
                 Ok(parsed) => {
                     if let Some(lease) = state.release(parsed.offset) {
@@ -1993,7 +1993,7 @@ impl Broker {
                     }
                 }
                 Err(code) => failed.push(ReceiptFailure {
-                    receipt: receipt.clone(),
+                    receipt: receipt.to_string(),
                     code: code.as_str(),
                 }),
             }
@@ -2002,7 +2002,12 @@ impl Broker {
     }
 
     /// Settles leased messages for good. Replies after the settle record is durable.
-    pub async fn ack(&self, queue: &str, receipts: &[String]) -> Result<SettleReply, BrokerError> {
+    /// (Receipts as `String`s or borrowed `&str`s.)
+    pub async fn ack<S: AsRef<str> + Sync>(
+        &self,
+        queue: &str,
+        receipts: &[S],
+    ) -> Result<SettleReply, BrokerError> {
         let handle = self.queue(queue)?;
         let now = self.now_ms();
         let superseded: Vec<String> = {
@@ -2010,12 +2015,13 @@ impl Broker {
             if state.config.supersede {
                 receipts
                     .iter()
+                    .map(AsRef::as_ref)
                     .filter(|r| {
                         state
                             .check_receipt(r, now)
                             .is_ok_and(|p| state.is_superseded(p.offset))
                     })
-                    .cloned()
+                    .map(str::to_string)
                     .collect()
             } else {
                 Vec::new()
@@ -2068,10 +2074,10 @@ impl Broker {
 
     /// Ends leases without success: another delivery after `delay_ms` (or the queue's
     /// backoff), or the dead-letter queue once `max_deliveries` is reached.
-    pub async fn nack(
+    pub async fn nack<S: AsRef<str> + Sync>(
         &self,
         queue: &str,
-        receipts: &[String],
+        receipts: &[S],
         delay_ms: Option<u64>,
         error: Option<&str>,
         reason: NackReason,
@@ -2122,10 +2128,10 @@ impl Broker {
     }
 
     /// Extends leases to `lease_ms` from now (or the queue's default).
-    pub fn extend(
+    pub fn extend<S: AsRef<str>>(
         &self,
         queue: &str,
-        receipts: &[String],
+        receipts: &[S],
         lease_ms: Option<u64>,
     ) -> Result<SettleReply, BrokerError> {
         if let Some(lease) = lease_ms
@@ -2141,12 +2147,12 @@ impl Broker {
         let mut state = handle.state.lock();
         let lease = lease_ms.unwrap_or(state.config.lease_ms);
         let mut reply = SettleReply::default();
-        for receipt in receipts {
+        for receipt in receipts.iter().map(AsRef::as_ref) {
             match state.check_receipt(receipt, now) {
                 // A newer message replaced it: tell the consumer to stop (CI "cancel in progress").
                 Ok(parsed) if state.is_superseded(parsed.offset) => {
                     reply.failed.push(ReceiptFailure {
-                        receipt: receipt.clone(),
+                        receipt: receipt.to_string(),
                         code: ErrorCode::Superseded.as_str(),
                     })
                 }
@@ -2155,7 +2161,7 @@ impl Broker {
                     reply.ok += 1;
                 }
                 Err(code) => reply.failed.push(ReceiptFailure {
-                    receipt: receipt.clone(),
+                    receipt: receipt.to_string(),
                     code: code.as_str(),
                 }),
             }

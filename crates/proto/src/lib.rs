@@ -46,6 +46,70 @@ pub struct WireDelivery {
     pub record: Vec<u8>,
 }
 
+/// The receipts of an Ack, Nack or Extend frame, held in one buffer: decoding a frame of
+/// 5,000 receipts allocates twice, not 5,000 times (a `String` each was a tenth of the
+/// server's CPU per message acked).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Receipts {
+    text: String,
+    /// End of each receipt in `text`.
+    ends: Vec<u32>,
+}
+
+impl Receipts {
+    fn with_capacity(count: usize, bytes: usize) -> Receipts {
+        Receipts {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(count),
+        }
+    }
+
+    pub fn push(&mut self, receipt: &str) {
+        self.text.push_str(receipt);
+        self.ends.push(self.text.len() as u32);
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.ends.len()).map(|i| self.get(i).expect("in range"))
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)? as usize;
+        let start = i.checked_sub(1).map_or(0, |p| self.ends[p] as usize);
+        Some(&self.text[start..end])
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for Receipts {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Receipts {
+        let mut receipts = Receipts::default();
+        for r in iter {
+            receipts.push(r.as_ref());
+        }
+        receipts
+    }
+}
+
+impl From<Vec<String>> for Receipts {
+    fn from(receipts: Vec<String>) -> Receipts {
+        receipts.iter().collect()
+    }
+}
+
+impl std::fmt::Debug for Receipts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     // client -> server
@@ -69,7 +133,7 @@ pub enum Frame {
     },
     Ack {
         queue: String,
-        receipts: Vec<String>,
+        receipts: Receipts,
     },
     /// `delay_ms` < 0: the queue's backoff applies. `overloaded`: the consumer is
     /// overloaded (adaptive throttling slows dispatch); an optional trailing byte.
@@ -77,13 +141,13 @@ pub enum Frame {
         queue: String,
         delay_ms: i64,
         error: String,
-        receipts: Vec<String>,
+        receipts: Receipts,
         overloaded: bool,
     },
     Extend {
         queue: String,
         lease_ms: u64,
-        receipts: Vec<String>,
+        receipts: Receipts,
     },
     Unsubscribe {
         subscription: u32,
@@ -200,9 +264,9 @@ impl Writer<'_> {
         self.u16(bytes.len() as u16);
         self.0.extend_from_slice(bytes);
     }
-    fn receipts(&mut self, receipts: &[String]) {
+    fn receipts(&mut self, receipts: &Receipts) {
         self.u32(receipts.len() as u32);
-        for r in receipts {
+        for r in receipts.iter() {
             self.short(r);
         }
     }
@@ -266,9 +330,16 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
-    fn receipts(&mut self) -> R<Vec<String>> {
+    fn receipts(&mut self) -> R<Receipts> {
         let n = self.count(1)?;
-        (0..n).map(|_| self.short()).collect()
+        let mut receipts = Receipts::with_capacity(n, self.buf.len() - self.pos);
+        for _ in 0..n {
+            let len = self.u8()? as usize;
+            let text = std::str::from_utf8(self.bytes(len)?)
+                .map_err(|_| ProtoError::Malformed("invalid UTF-8"))?;
+            receipts.push(text);
+        }
+        Ok(receipts)
     }
     fn done(&self) -> R<()> {
         if self.pos == self.buf.len() {
@@ -666,26 +737,26 @@ mod tests {
             },
             Frame::Ack {
                 queue: s("q"),
-                receipts: vec![s("a"), s("bb")],
+                receipts: vec![s("a"), s("bb")].into(),
             },
             Frame::Nack {
                 queue: s("q"),
                 delay_ms: -1,
                 error: s("boom"),
-                receipts: vec![s("r")],
+                receipts: vec![s("r")].into(),
                 overloaded: false,
             },
             Frame::Nack {
                 queue: s("q"),
                 delay_ms: 5,
                 error: s(""),
-                receipts: vec![s("r")],
+                receipts: vec![s("r")].into(),
                 overloaded: true,
             },
             Frame::Extend {
                 queue: s("q"),
                 lease_ms: 5,
-                receipts: vec![],
+                receipts: Receipts::default(),
             },
             Frame::Unsubscribe { subscription: 7 },
             Frame::Ping,

@@ -267,22 +267,39 @@ async fn close_with(
 }
 
 async fn request(broker: &Broker, frame: Frame) -> Frame {
-    let settled = |reply: tidewater_core::SettleReply, receipts: &[String]| Frame::Settled {
-        ok: reply.ok as u32,
-        failed: reply
+    // Failures come in receipt order: find each one's index from the previous one on.
+    let settled = |reply: tidewater_core::SettleReply, receipts: &[&str]| {
+        let mut from = 0;
+        let failed = reply
             .failed
             .iter()
-            .map(|f| Failure {
-                index: receipts.iter().position(|r| *r == f.receipt).unwrap_or(0) as u32,
-                code: f.code.into(),
+            .map(|f| {
+                let at = receipts[from..]
+                    .iter()
+                    .position(|r| *r == f.receipt)
+                    .map(|i| from + i)
+                    .or_else(|| receipts.iter().position(|r| *r == f.receipt))
+                    .unwrap_or(0);
+                from = at + 1;
+                Failure {
+                    index: at as u32,
+                    code: f.code.into(),
+                }
             })
-            .collect(),
+            .collect();
+        Frame::Settled {
+            ok: reply.ok as u32,
+            failed,
+        }
     };
     let result = match frame {
-        Frame::Ack { queue, receipts } => broker
-            .ack(&queue, &receipts)
-            .await
-            .map(|r| settled(r, &receipts)),
+        Frame::Ack { queue, receipts } => {
+            let receipts: Vec<&str> = receipts.iter().collect();
+            broker
+                .ack(&queue, &receipts)
+                .await
+                .map(|r| settled(r, &receipts))
+        }
         Frame::Nack {
             queue,
             delay_ms,
@@ -297,6 +314,7 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
             } else {
                 NackReason::Failed
             };
+            let receipts: Vec<&str> = receipts.iter().collect();
             broker
                 .nack(&queue, &receipts, delay, error, reason)
                 .await
@@ -308,6 +326,7 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
             receipts,
         } => {
             let lease = (lease_ms > 0).then_some(lease_ms);
+            let receipts: Vec<&str> = receipts.iter().collect();
             broker
                 .extend(&queue, &receipts, lease)
                 .map(|r| settled(r, &receipts))

@@ -643,3 +643,54 @@ fn acks_are_split_below_the_servers_request_limit() {
     });
     assert_eq!(server.stats("many")["total"], 0);
 }
+
+/// A Settled reply names each refused receipt by its place in the request (receipts are
+/// decoded into one buffer and failures matched in order).
+#[test]
+fn settled_replies_index_the_refused_receipts() {
+    let (_dir, server) = server();
+    server.create_queue("q", json!({}));
+    server.publish("q", json!([{"body": "a"}, {"body": "b"}]));
+    let receipts: Vec<String> = server
+        .receive("q", 2, 0, None)
+        .iter()
+        .map(|m| m["receipt"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(receipts.len(), 2);
+    let mut stream = std::net::TcpStream::connect(&server.protocol).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut out = Vec::new();
+    Frame::Hello {
+        version: PROTOCOL_VERSION,
+        client: "raw".into(),
+    }
+    .encode(1, &mut out);
+    let asked = [&receipts[0], "not-a-receipt", &receipts[1], &receipts[0]];
+    Frame::Ack {
+        queue: "q".into(),
+        receipts: asked.into_iter().collect(),
+    }
+    .encode(2, &mut out);
+    stream.write_all(&out).unwrap();
+    let mut bytes = Vec::new();
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "the server closed the connection: {frames:?}");
+        bytes.extend_from_slice(&chunk[..n]);
+        while let Ok(Some((frame, _, used))) = decode_frame(&bytes, DEFAULT_MAX_FRAME) {
+            frames.push(frame);
+            bytes.drain(..used);
+        }
+    }
+    let Frame::Settled { ok, failed } = &frames[1] else {
+        panic!("expected Settled, got {:?}", frames[1]);
+    };
+    assert_eq!(*ok, 2);
+    let failed: Vec<(u32, &str)> = failed.iter().map(|f| (f.index, f.code.as_str())).collect();
+    // The repeat of the first receipt is stale: its lease ended with the first ack.
+    assert_eq!(failed, [(1, "invalid_receipt"), (3, "stale_receipt")]);
+}
