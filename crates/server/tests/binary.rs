@@ -158,18 +158,24 @@ fn nack_and_extend_work_through_the_client() {
     assert_eq!(dead[0]["headers"]["tidewater-last-error"], "still bad");
 }
 
-/// Writes raw bytes on a fresh connection (after a proper hello) and reads until close.
-fn raw_exchange(addr: &str, hello_version: u16, payload: &[u8]) -> Vec<Frame> {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+/// A connection that has sent a hello of `version` (request id 1), reads time out in 10 s.
+fn raw_connection(addr: &str, version: u16) -> (std::net::TcpStream, Vec<u8>) {
+    let stream = std::net::TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut out = Vec::new();
     Frame::Hello {
-        version: hello_version,
+        version,
         client: "raw".into(),
     }
     .encode(1, &mut out);
+    (stream, out)
+}
+
+/// Writes raw bytes on a fresh connection (after a proper hello) and reads until close.
+fn raw_exchange(addr: &str, hello_version: u16, payload: &[u8]) -> Vec<Frame> {
+    let (mut stream, mut out) = raw_connection(addr, hello_version);
     out.extend_from_slice(payload);
     stream.write_all(&out).unwrap();
     let mut bytes = Vec::new();
@@ -657,16 +663,7 @@ fn settled_replies_index_the_refused_receipts() {
         .map(|m| m["receipt"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(receipts.len(), 2);
-    let mut stream = std::net::TcpStream::connect(&server.protocol).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut out = Vec::new();
-    Frame::Hello {
-        version: PROTOCOL_VERSION,
-        client: "raw".into(),
-    }
-    .encode(1, &mut out);
+    let (mut stream, mut out) = raw_connection(&server.protocol, PROTOCOL_VERSION);
     let asked = [&receipts[0], "not-a-receipt", &receipts[1], &receipts[0]];
     Frame::Ack {
         queue: "q".into(),
