@@ -601,12 +601,20 @@ fn mixed_ack_levels_split_into_frames_and_all_land() {
             send.await.unwrap();
         }
     });
-    let bodies: Vec<String> = server
-        .peek_all("mixed")
-        .iter()
-        .map(|m| m["body"].as_str().unwrap().to_string())
-        .collect();
-    let mut sorted = bodies.clone();
+    // Peek shows durable messages only, and the `Written` ones were acknowledged before
+    // their fsync: wait (bounded) for the group commit that follows.
+    let mut sorted = Vec::new();
+    for _ in 0..200 {
+        sorted = server
+            .peek_all("mixed")
+            .iter()
+            .map(|m| m["body"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>();
+        if sorted.len() == 10 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
     sorted.sort();
     assert_eq!(sorted, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
 }
