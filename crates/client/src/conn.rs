@@ -93,8 +93,22 @@ impl Conn {
             alive: AtomicBool::new(true),
         });
         let writer_conn = conn.clone();
+        let heartbeat = opts
+            .heartbeat_interval
+            .max(std::time::Duration::from_millis(100));
         tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
+            loop {
+                let first = match tokio::time::timeout(heartbeat, rx.recv()).await {
+                    Ok(Some(first)) => first,
+                    Ok(None) => break,
+                    Err(_) => {
+                        // Quiet for a while: a Ping keeps the server's idle timeout away
+                        // (its Pong matches no waiting request and is dropped).
+                        let mut ping = Vec::new();
+                        Frame::Ping.encode(writer_conn.request_id(), &mut ping);
+                        ping
+                    }
+                };
                 let mut out = first;
                 while out.len() < (1 << 20) {
                     match rx.try_recv() {
@@ -174,6 +188,17 @@ impl Conn {
         self.subscriptions.lock().clear(); // consumers see their channel close and resubscribe
     }
 
+    /// A fresh request id. Ids live in 1..2^31; 0 is connection-level, the high bit marks
+    /// subscriptions.
+    fn request_id(&self) -> u32 {
+        loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed) & !SUBSCRIPTION_ID_BIT;
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
     /// Sends a request and waits for its reply.
     pub(crate) async fn call(
         &self,
@@ -183,13 +208,7 @@ impl Conn {
         if !self.is_alive() {
             return Err(ClientError::Unavailable("connection closed".into()));
         }
-        // Request ids live in 1..2^31; 0 is connection-level, the high bit marks subscriptions.
-        let id = loop {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed) & !SUBSCRIPTION_ID_BIT;
-            if id != 0 {
-                break id;
-            }
-        };
+        let id = self.request_id();
         let (reply, wait) = oneshot::channel();
         self.waiting.lock().insert(
             id,

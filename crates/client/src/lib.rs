@@ -54,6 +54,9 @@ pub struct ClientOptions {
     pub breaker_failures: u32,
     pub breaker_open_for: Duration,
     pub client_name: String,
+    /// A connection that sent nothing for this long sends a Ping, so the server's
+    /// `idle_timeout_ms` (5 min by default, at least 1 s) never closes a quiet subscriber.
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for ClientOptions {
@@ -66,6 +69,7 @@ impl Default for ClientOptions {
             breaker_failures: 5,
             breaker_open_for: Duration::from_secs(5),
             client_name: format!("tidewater-client {}", env!("CARGO_PKG_VERSION")),
+            heartbeat_interval: Duration::from_secs(10),
         }
     }
 }

@@ -45,6 +45,8 @@ const MAX_REDRIVES_KEPT: usize = 100;
 pub trait Observer: Send + Sync {
     fn publish_latency(&self, _queue: &str, _seconds: f64) {}
     fn publish_to_ack(&self, _queue: &str, _seconds: &[f64]) {}
+    /// The queue is gone: forget what is kept per queue (its metric series).
+    fn queue_deleted(&self, _queue: &str) {}
 }
 
 pub struct NoopObserver;
@@ -834,6 +836,7 @@ impl Broker {
         self.inner.by_uid.write().remove(&handle.uid);
         handle.deleted.store(true, Ordering::SeqCst);
         handle.notify.notify_waiters();
+        self.inner.observer.queue_deleted(name);
         Ok(())
     }
 
@@ -1909,13 +1912,7 @@ impl Broker {
                 limits.max_wait_ms
             )));
         }
-        if let Some(lease) = lease_ms
-            && !(1..=MAX_LEASE_MS).contains(&lease)
-        {
-            return Err(BrokerError::invalid(format!(
-                "lease_ms must be 1..={MAX_LEASE_MS} (12 h)"
-            )));
-        }
+        check_lease_ms(lease_ms)?;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         loop {
             let handle = self.queue(queue)?;
@@ -2134,13 +2131,7 @@ impl Broker {
         receipts: &[S],
         lease_ms: Option<u64>,
     ) -> Result<SettleReply, BrokerError> {
-        if let Some(lease) = lease_ms
-            && !(1..=MAX_LEASE_MS).contains(&lease)
-        {
-            return Err(BrokerError::invalid(format!(
-                "lease_ms must be 1..={MAX_LEASE_MS} (12 h)"
-            )));
-        }
+        check_lease_ms(lease_ms)?;
         let handle = self.queue(queue)?;
         self.check_receipt_count(receipts)?;
         let now = self.now_ms();
@@ -2449,6 +2440,11 @@ impl Broker {
         }
     }
 
+    /// Checks a subscription's lease before it is confirmed (the same rule as receive).
+    pub fn check_lease_ms(&self, lease_ms: Option<u64>) -> Result<(), BrokerError> {
+        check_lease_ms(lease_ms)
+    }
+
     pub fn is_closing(&self) -> bool {
         self.inner.closing.load(Ordering::SeqCst)
     }
@@ -2566,6 +2562,16 @@ pub fn record_id(record: &Record) -> String {
         hex(&record.id)
     } else {
         String::from_utf8_lossy(&record.id).into_owned()
+    }
+}
+
+/// A requested lease, if any, is 1..=MAX_LEASE_MS.
+fn check_lease_ms(lease_ms: Option<u64>) -> Result<(), BrokerError> {
+    match lease_ms {
+        Some(lease) if !(1..=MAX_LEASE_MS).contains(&lease) => Err(BrokerError::invalid(format!(
+            "lease_ms must be 1..={MAX_LEASE_MS} (12 h)"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -21,6 +21,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     ConfigConflict,
     QueueFull,
+    ExceedsCapacity,
     Overloaded,
     DiskFull,
     StorageFailed,
@@ -30,6 +31,7 @@ pub enum ErrorCode {
     InvalidFrame,
     FrameTooLarge,
     UnsupportedVersion,
+    ConnectionTimeout,
     QuotaExceeded,
     Superseded,
 }
@@ -52,6 +54,7 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::ConfigConflict,
         ErrorCode::QueueFull,
+        ErrorCode::ExceedsCapacity,
         ErrorCode::Overloaded,
         ErrorCode::DiskFull,
         ErrorCode::StorageFailed,
@@ -63,6 +66,7 @@ impl ErrorCode {
         ErrorCode::QuotaExceeded,
         ErrorCode::Superseded,
         ErrorCode::UnsupportedVersion,
+        ErrorCode::ConnectionTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +87,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ConfigConflict => "config_conflict",
             ErrorCode::QueueFull => "queue_full",
+            ErrorCode::ExceedsCapacity => "exceeds_capacity",
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Superseded => "superseded",
             ErrorCode::Overloaded => "overloaded",
@@ -94,6 +99,7 @@ impl ErrorCode {
             ErrorCode::InvalidFrame => "invalid_frame",
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::ConnectionTimeout => "connection_timeout",
         }
     }
 
@@ -110,15 +116,17 @@ impl ErrorCode {
             ErrorCode::QueueNotFound | ErrorCode::RedriveNotFound | ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::ConfigConflict => 409,
-            ErrorCode::MessageTooLarge | ErrorCode::BatchTooLarge | ErrorCode::RequestTooLarge => {
-                413
-            }
+            ErrorCode::MessageTooLarge
+            | ErrorCode::BatchTooLarge
+            | ErrorCode::RequestTooLarge
+            | ErrorCode::ExceedsCapacity => 413,
             ErrorCode::QueueFull | ErrorCode::Overloaded | ErrorCode::QuotaExceeded => 429,
             ErrorCode::Superseded => 409,
             ErrorCode::DiskFull => 507,
             ErrorCode::StorageFailed | ErrorCode::Internal => 500,
             ErrorCode::NotReady | ErrorCode::ShuttingDown => 503,
             ErrorCode::InvalidFrame | ErrorCode::UnsupportedVersion => 400,
+            ErrorCode::ConnectionTimeout => 408,
             ErrorCode::FrameTooLarge => 413,
         }
     }
@@ -168,6 +176,9 @@ impl ErrorCode {
             ErrorCode::QueueFull => {
                 "The queue is at its capacity (max_messages or max_bytes). Retry after Retry-After; nothing was stored."
             }
+            ErrorCode::ExceedsCapacity => {
+                "The publish alone is larger than the queue's whole capacity (more messages than max_messages, or more bytes than max_bytes): it can never be accepted, so do not retry it. Split the batch or raise the queue's limits; nothing was stored."
+            }
             ErrorCode::Overloaded => {
                 "The broker's write queue is full. Retry after Retry-After; nothing was stored."
             }
@@ -193,6 +204,9 @@ impl ErrorCode {
             }
             ErrorCode::Superseded => {
                 "A newer message with the same key was published to this supersede queue: stop working on this one and ack it (extend is refused)."
+            }
+            ErrorCode::ConnectionTimeout => {
+                "The connection sent nothing in time: no Hello within handshake_timeout_ms, or no frame within idle_timeout_ms (send Ping to keep an idle connection open), or over HTTP the request head or body arrived too slowly. The server closes the connection after this error."
             }
             ErrorCode::UnsupportedVersion => {
                 "Binary protocol: the client speaks a protocol version this server does not. Upgrade the client or the server."

@@ -964,6 +964,22 @@ impl QueueState {
 
     /// Reserves room for a publish or refuses it with a retry-after from the drain rate.
     pub fn admit(&mut self, n: u64, bytes: u64, now_ms: i64) -> Result<(), BrokerError> {
+        if n > self.config.max_messages || bytes > self.config.max_bytes {
+            // Not even an empty queue takes it: a retry would be refused forever.
+            *self.counters.refused.entry("exceeds_capacity").or_default() += 1;
+            let what = if n > self.config.max_messages {
+                format!("{n} messages, max_messages is {}", self.config.max_messages)
+            } else {
+                format!("{bytes} bytes, max_bytes is {}", self.config.max_bytes)
+            };
+            return Err(BrokerError::new(
+                ErrorCode::ExceedsCapacity,
+                format!(
+                    "the publish is larger than queue '{}' can ever hold ({what}); nothing was stored, and a retry cannot succeed: split it or raise the limit",
+                    self.name
+                ),
+            ));
+        }
         let messages =
             self.unsettled() + self.parked_info.len() as u64 + self.reserved_messages + n;
         let total_bytes =

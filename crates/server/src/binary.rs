@@ -1,9 +1,20 @@
-//! The binary protocol listener (docs/protocol.md): one reader loop and one writer task per
-//! connection; requests are served concurrently and answered by request id (pipelining).
+//! The binary protocol listener (docs/protocol.md).
+//!
+//! Each connection has a reader (the connection's task: decodes requests and starts them)
+//! and a writer task, the only drain of the connection's outbox, which waits on nothing but
+//! the socket. The outbox is bounded in bytes: whoever queues a reply (the reader for inline
+//! replies, request tasks, subscriptions) waits for room, and room comes only from the
+//! writer. So a client that pipelines any number of requests gets every reply, and the only
+//! backpressure is TCP's when the client itself stops reading.
+//!
+//! Every connection is bounded: a cap per listener, a handshake deadline, a small frame
+//! limit until `Hello`, an idle timeout, requests in flight, bytes queued to write, and
+//! what subscriptions lease (only what the outbox can take).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tidewater_core::{AckLevel, Broker, BrokerError, ErrorCode, NackReason};
 use tidewater_proto::{
@@ -11,42 +22,136 @@ use tidewater_proto::{
     SUBSCRIPTION_ID_BIT, decode_frame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 /// Requests one connection may have in flight; beyond, the server stops reading (TCP
 /// backpressure) until some finish.
-const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
 /// Subscriptions per connection.
 const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 64;
 /// Deliveries per frame.
-const MAX_DELIVER_BATCH: u32 = 1000;
-/// Outgoing frames queued per connection before handlers wait for the socket.
-const OUTBOX_FRAMES: usize = 1024;
+const MAX_DELIVER_BATCH: usize = 1000;
+/// Largest frame before `Hello` succeeds (a Hello is a few dozen bytes).
+pub const HANDSHAKE_MAX_FRAME: usize = 4096;
+/// How long a closing connection may take to hand its last replies to the socket.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// The writer coalesces queued frames into writes of about this size.
+const WRITE_CHUNK: usize = 1 << 20;
+
+/// Default largest frame.
+pub const MAX_FRAME_DEFAULT: usize = DEFAULT_MAX_FRAME;
+
+/// The listener's limits (docs/configuration.md, `[protocol]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame: usize,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub outbox_bytes: usize,
+    /// How long shutdown waits for connections to finish what they started.
+    pub shutdown_timeout: Duration,
+}
+
+/// Live figures of a listener (binary or HTTP), for /metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
+    pub closed_idle: AtomicU64,
+    pub accept_errors: AtomicU64,
+}
+
+/// Counts a connection open for as long as it lives.
+pub struct OpenGuard(pub Arc<Stats>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<OnceLock<Broker>>,
-    max_frame: usize,
+    limits: Limits,
+    stats: Arc<Stats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let limits = Arc::new(limits);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    let mut backoff = Duration::ZERO;
+    let mut last_warning: Option<Instant> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    backoff = Duration::ZERO;
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        stats.refused.fetch_add(1, Ordering::Relaxed);
+                        refuse(&stream, limits.max_connections);
+                        continue;
+                    };
+                    stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    stats.open.fetch_add(1, Ordering::Relaxed);
+                    let guard = OpenGuard(stats.clone());
                     let _ = stream.set_nodelay(true);
-                    let (broker, shutdown) = (broker.clone(), shutdown.clone());
-                    tokio::spawn(async move {
-                        if let Err(err) = connection(stream, broker, max_frame, shutdown).await {
-                            tracing::debug!(%peer, error = %err, "binary connection ended");
+                    let (broker, limits, stats, shutdown) =
+                        (broker.clone(), limits.clone(), stats.clone(), shutdown.clone());
+                    connections.spawn(async move {
+                        match connection(stream, broker, &limits, &stats, shutdown).await {
+                            End::Told(frame) => tracing::debug!(%peer, ?frame, "binary connection closed by the server"),
+                            end => tracing::debug!(%peer, ?end, "binary connection ended"),
                         }
+                        drop((slot, guard));
                     });
                 }
-                Err(err) => tracing::warn!(error = %err, "accept failed"),
+                Err(err) => {
+                    stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    // Out of file descriptors (or a transient error): wait, do not spin.
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                        last_warning = Some(Instant::now());
+                        tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "binary protocol: accept failed; backing off (further failures are counted in tidewater_connection_accept_errors_total)");
+                    }
+                    tokio::time::sleep(backoff).await;
+                }
             },
-            _ = shutdown.changed() => return,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = shutdown.changed() => break,
         }
     }
+    drop(listener);
+    // Each connection saw the signal itself: give them the grace period, then cut them off.
+    let drained = tokio::time::timeout(limits.shutdown_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = connections.len(),
+            "binary protocol: connections still open at the shutdown deadline; closing them"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// Tells a connection over the cap why it is closed, without waiting for it.
+fn refuse(stream: &TcpStream, max: usize) {
+    let frame = Frame::Error {
+        code: ErrorCode::Overloaded.as_str().into(),
+        message: format!(
+            "the server holds its maximum of {max} binary protocol connections (max_connections); retry later or reuse a connection"
+        ),
+    };
+    // A small frame fits in an empty socket buffer; if it does not, the close says enough.
+    let _ = stream.try_write(&encode(&frame, 0));
 }
 
 fn encode(frame: &Frame, request_id: u32) -> Vec<u8> {
@@ -76,33 +181,148 @@ fn error_frame(err: &BrokerError) -> Frame {
     }
 }
 
+fn connection_error(code: ErrorCode, message: impl Into<String>) -> Frame {
+    Frame::Error {
+        code: code.as_str().into(),
+        message: message.into(),
+    }
+}
+
+/// The connection is gone (its writer ended).
+#[derive(Debug)]
+struct Closed;
+
+/// Frames waiting for the writer, bounded in bytes: a frame takes its size in permits (at
+/// least 1, at most the whole capacity) and gives them back once written.
+#[derive(Clone)]
+struct Outbox {
+    frames: mpsc::UnboundedSender<(Vec<u8>, OwnedSemaphorePermit)>,
+    room: Arc<Semaphore>,
+    capacity: usize,
+}
+
+impl Outbox {
+    fn permits(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.clamp(1, self.capacity)).unwrap_or(u32::MAX)
+    }
+
+    /// Queues a frame once there is room for it.
+    async fn send(&self, frame: Vec<u8>) -> Result<(), Closed> {
+        let permit = self
+            .room
+            .clone()
+            .acquire_many_owned(self.permits(frame.len()))
+            .await
+            .map_err(|_| Closed)?;
+        self.frames.send((frame, permit)).map_err(|_| Closed)
+    }
+
+    async fn reply(&self, frame: &Frame, request_id: u32) -> Result<(), Closed> {
+        self.send(encode(frame, request_id)).await
+    }
+
+    /// Waits until at least `bytes` are free (without taking them).
+    async fn wait_for_room(&self, bytes: usize) -> Result<(), Closed> {
+        let permit = self
+            .room
+            .acquire_many(self.permits(bytes))
+            .await
+            .map_err(|_| Closed)?;
+        drop(permit);
+        Ok(())
+    }
+}
+
+/// The only drain of the outbox: writes what is queued, gives the room back, and ends the
+/// socket (FIN) when every sender is gone. A client that takes nothing for `stalled` is
+/// cut off (its connection fails: whoever waits for room is woken with `Closed`).
+async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    mut frames: mpsc::UnboundedReceiver<(Vec<u8>, OwnedSemaphorePermit)>,
+    room: Arc<Semaphore>,
+    stalled: Duration,
+) {
+    let mut held = Vec::new();
+    while let Some((first, permit)) = frames.recv().await {
+        let mut out = first;
+        held.push(permit);
+        while out.len() < WRITE_CHUNK {
+            match frames.try_recv() {
+                Ok((more, permit)) => {
+                    out.extend_from_slice(&more);
+                    held.push(permit);
+                }
+                Err(_) => break,
+            }
+        }
+        match tokio::time::timeout(stalled, writer.write_all(&out)).await {
+            Ok(Ok(())) => held.clear(),
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    // Wake and fail anyone waiting for room: nothing will be written any more.
+    room.close();
+    let _ = writer.shutdown().await;
+}
+
 struct Subscription {
     credit: AtomicU32,
     wake: Notify,
 }
 
-async fn connection(
-    mut stream: TcpStream,
-    broker: Arc<OnceLock<Broker>>,
-    max_frame: usize,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let (mut reader, mut writer) = stream.split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUTBOX_FRAMES);
-    let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
-    let mut greeted = false;
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
-    let mut subscriptions: HashMap<u32, (Arc<Subscription>, tokio::task::JoinHandle<()>)> =
-        HashMap::new();
-    let mut next_subscription = SUBSCRIPTION_ID_BIT | 1;
-    let mut tasks = tokio::task::JoinSet::new();
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client closed its side; what it asked for was answered.
+    Eof,
+    /// The socket failed or the writer is gone.
+    Broken,
+    /// A protocol violation, a timeout or shutdown: told with a final error frame.
+    Told(Frame),
+}
 
-    let result: std::io::Result<()> = async {
+async fn connection(
+    stream: TcpStream,
+    broker: Arc<OnceLock<Broker>>,
+    limits: &Limits,
+    stats: &Stats,
+    mut shutdown: watch::Receiver<bool>,
+) -> End {
+    let (mut reader, writer) = stream.into_split();
+    let (frames, frames_rx) = mpsc::unbounded_channel();
+    let room = Arc::new(Semaphore::new(limits.outbox_bytes.max(1)));
+    let writer = tokio::spawn(write_loop(
+        writer,
+        frames_rx,
+        room.clone(),
+        limits.idle_timeout,
+    ));
+    let outbox = Outbox {
+        frames,
+        room,
+        capacity: limits.outbox_bytes.max(1),
+    };
+    let mut session = Session {
+        broker,
+        outbox: outbox.clone(),
+        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION)),
+        tasks: JoinSet::new(),
+        subscriptions: HashMap::new(),
+        next_subscription: SUBSCRIPTION_ID_BIT | 1,
+        max_frame: limits.max_frame,
+    };
+
+    let handshake_deadline = Instant::now() + limits.handshake_timeout;
+    let mut greeted = false;
+    let mut last_frame = Instant::now();
+    let mut buf: Vec<u8> = Vec::with_capacity(HANDSHAKE_MAX_FRAME);
+    let outcome: Result<End, Frame> = async {
         loop {
-            // Decode every complete frame in the buffer.
+            // Serve every complete frame in the buffer.
             let mut used = 0;
             loop {
-                let decoded = match decode_frame(&buf[used..], max_frame) {
+                let limit = if greeted { limits.max_frame } else { HANDSHAKE_MAX_FRAME };
+                let (frame, request_id, len) = match decode_frame(&buf[used..], limit) {
                     Ok(Some(decoded)) => decoded,
                     Ok(None) => break,
                     Err(err) => {
@@ -110,160 +330,264 @@ async fn connection(
                             ProtoError::TooLarge { .. } => ErrorCode::FrameTooLarge,
                             _ => ErrorCode::InvalidFrame,
                         };
-                        let frame = Frame::Error { code: code.as_str().into(), message: err.to_string() };
-                        return close_with(&tx, &mut rx, &mut writer, frame).await;
+                        let message = if greeted {
+                            err.to_string()
+                        } else {
+                            format!("{err} (before Hello, frames are at most {HANDSHAKE_MAX_FRAME} bytes)")
+                        };
+                        return Err(connection_error(code, message));
                     }
                 };
-                let (frame, request_id, len) = decoded;
                 used += len;
+                last_frame = Instant::now();
                 if !greeted {
                     match frame {
                         Frame::Hello { version: PROTOCOL_VERSION, .. } => {
                             greeted = true;
-                            let ok = Frame::HelloOk { version: PROTOCOL_VERSION, max_frame: max_frame as u32, server: format!("tidewater {}", env!("CARGO_PKG_VERSION")) };
-                            writer.write_all(&encode(&ok, request_id)).await?;
+                            buf.reserve(64 << 10);
+                            let ok = Frame::HelloOk {
+                                version: PROTOCOL_VERSION,
+                                max_frame: u32::try_from(limits.max_frame).unwrap_or(u32::MAX),
+                                server: format!("tidewater {}", env!("CARGO_PKG_VERSION")),
+                            };
+                            if outbox.reply(&ok, request_id).await.is_err() {
+                                return Ok(End::Broken);
+                            }
                             continue;
                         }
                         Frame::Hello { version, .. } => {
-                            let frame = Frame::Error {
-                                code: ErrorCode::UnsupportedVersion.as_str().into(),
-                                message: format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
-                            };
-                            return close_with(&tx, &mut rx, &mut writer, frame).await;
+                            return Err(connection_error(ErrorCode::UnsupportedVersion, format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}")));
                         }
-                        _ => {
-                            let frame = Frame::Error { code: ErrorCode::InvalidFrame.as_str().into(), message: "the first frame must be Hello".into() };
-                            return close_with(&tx, &mut rx, &mut writer, frame).await;
-                        }
+                        _ => return Err(connection_error(ErrorCode::InvalidFrame, "the first frame must be Hello")),
                     }
                 }
-                let Some(broker) = broker.get().cloned() else {
-                    let frame = Frame::Error { code: ErrorCode::NotReady.as_str().into(), message: "the server is still recovering".into() };
-                    let _ = tx.send(encode(&frame, request_id)).await;
-                    continue;
-                };
-                match frame {
-                    Frame::Subscribe { queue, lease_ms, credit } => {
-                        if subscriptions.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION {
-                            let err = BrokerError::invalid(format!("at most {MAX_SUBSCRIPTIONS_PER_CONNECTION} subscriptions per connection"));
-                            let _ = tx.send(encode(&error_frame(&err), request_id)).await;
-                            continue;
-                        }
-                        if let Err(err) = broker.get_queue(&queue) {
-                            let _ = tx.send(encode(&error_frame(&err), request_id)).await;
-                            continue;
-                        }
-                        let id = next_subscription;
-                        next_subscription = SUBSCRIPTION_ID_BIT | next_subscription.wrapping_add(1);
-                        let sub = Arc::new(Subscription { credit: AtomicU32::new(credit), wake: Notify::new() });
-                        let _ = tx.send(encode(&Frame::Subscribed { subscription: id }, request_id)).await;
-                        let lease = (lease_ms > 0).then_some(lease_ms);
-                        let task = tokio::spawn(subscription(broker, queue, lease, id, sub.clone(), tx.clone()));
-                        subscriptions.insert(id, (sub, task));
-                    }
-                    Frame::Credit { subscription, credit } => {
-                        if let Some((sub, _)) = subscriptions.get(&subscription) {
-                            sub.credit.fetch_add(credit, Ordering::SeqCst);
-                            sub.wake.notify_one();
-                        }
-                    }
-                    Frame::Unsubscribe { subscription } => {
-                        if let Some((_, task)) = subscriptions.remove(&subscription) {
-                            task.abort();
-                        }
-                        let _ = tx.send(encode(&Frame::Ok, request_id)).await;
-                    }
-                    Frame::Ping => {
-                        let _ = tx.send(encode(&Frame::Pong, request_id)).await;
-                    }
-                    Frame::Produce { queue, ack, batch } => {
-                        // Submitted here, in frame order, so a connection's batches are
-                        // appended in the order they were sent; only the wait is concurrent.
-                        let permit = permits.clone().acquire_owned().await.expect("semaphore open");
-                        let level = if ack == Ack::Written { AckLevel::Written } else { AckLevel::Durable };
-                        match broker.start_publish_batch(&queue, batch, level) {
-                            Ok(appended) => {
-                                let tx = tx.clone();
-                                tasks.spawn(async move {
-                                    let reply = match appended.await {
-                                        Ok((base_offset, count)) => Frame::Produced { base_offset, count },
-                                        Err(err) => error_frame(&err),
-                                    };
-                                    let _ = tx.send(encode(&reply, request_id)).await;
-                                    drop(permit);
-                                });
-                            }
-                            Err(err) => {
-                                let _ = tx.send(encode(&error_frame(&err), request_id)).await;
-                            }
-                        }
-                    }
-                    Frame::Ack { .. } | Frame::Nack { .. } | Frame::Extend { .. } => {
-                        let permit = permits.clone().acquire_owned().await.expect("semaphore open");
-                        let tx = tx.clone();
-                        tasks.spawn(async move {
-                            let reply = request(&broker, frame).await;
-                            let _ = tx.send(encode(&reply, request_id)).await;
-                            drop(permit);
-                        });
-                    }
-                    other => {
-                        let frame = Frame::Error {
-                            code: ErrorCode::InvalidFrame.as_str().into(),
-                            message: format!("frame kind 0x{:02x} is sent by servers, not clients", other.kind()),
-                        };
-                        return close_with(&tx, &mut rx, &mut writer, frame).await;
-                    }
+                match session.serve(frame, request_id).await {
+                    Ok(()) => {}
+                    Err(Stop::Closed) => return Ok(End::Broken),
+                    Err(Stop::Violation(frame)) => return Err(frame),
                 }
             }
             buf.drain(..used);
-            while tasks.try_join_next().is_some() {}
-            // Flush queued replies, then wait for more bytes or more replies.
+            if buf.capacity() > (1 << 20) && buf.len() < (64 << 10) {
+                buf.shrink_to(64 << 10); // a large frame does not pin its buffer for life
+            }
+            let deadline = if greeted { last_frame + limits.idle_timeout } else { handshake_deadline };
             tokio::select! {
-                read = reader.read_buf(&mut buf) => {
-                    if read? == 0 {
-                        return Ok(());
-                    }
-                }
-                Some(first) = rx.recv() => {
-                    let mut out = first;
-                    while out.len() < (1 << 20) {
-                        match rx.try_recv() {
-                            Ok(more) => out.extend_from_slice(&more),
-                            Err(_) => break,
-                        }
-                    }
-                    writer.write_all(&out).await?;
+                read = reader.read_buf(&mut buf) => match read {
+                    Ok(0) => return Ok(End::Eof),
+                    Ok(_) => {}
+                    Err(_) => return Ok(End::Broken),
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(if greeted {
+                        stats.closed_idle.fetch_add(1, Ordering::Relaxed);
+                        connection_error(ErrorCode::ConnectionTimeout, format!("idle for {} ms (idle_timeout_ms): closing; send Ping to keep an idle connection open", limits.idle_timeout.as_millis()))
+                    } else {
+                        connection_error(ErrorCode::ConnectionTimeout, format!("no Hello within {} ms (handshake_timeout_ms)", limits.handshake_timeout.as_millis()))
+                    });
                 }
                 _ = shutdown.changed() => {
-                    let frame = Frame::Error { code: ErrorCode::ShuttingDown.as_str().into(), message: "the server is shutting down".into() };
-                    return close_with(&tx, &mut rx, &mut writer, frame).await;
+                    return Err(connection_error(ErrorCode::ShuttingDown, "the server is shutting down"));
                 }
             }
         }
     }
     .await;
-    for (_, (_, task)) in subscriptions {
-        task.abort();
+
+    // Stop pushing deliveries; let requests already started answer (bounded), then the
+    // final error frame if any, then the writer drains and closes the socket.
+    session.stop_subscriptions().await;
+    let end = match outcome {
+        Ok(End::Broken) => {
+            session.tasks.shutdown().await;
+            End::Broken
+        }
+        Ok(end) => {
+            session.finish_requests(limits.shutdown_timeout).await;
+            end
+        }
+        Err(frame) => {
+            session.finish_requests(limits.shutdown_timeout).await;
+            let _ = tokio::time::timeout(CLOSE_LINGER, outbox.reply(&frame, 0)).await;
+            End::Told(frame)
+        }
+    };
+    drop(outbox);
+    drop(session);
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_LINGER, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort(); // the client stopped reading: drop what it did not take
     }
-    tasks.abort_all();
-    let _ = stream.shutdown().await;
-    result
+    end
 }
 
-/// Sends what is queued, then a final connection-level error frame (request id 0).
-async fn close_with(
-    tx: &mpsc::Sender<Vec<u8>>,
-    rx: &mut mpsc::Receiver<Vec<u8>>,
-    writer: &mut tokio::net::tcp::WriteHalf<'_>,
-    frame: Frame,
-) -> std::io::Result<()> {
-    let _ = tx;
-    while let Ok(queued) = rx.try_recv() {
-        writer.write_all(&queued).await?;
+/// Why serving a frame stops the connection.
+enum Stop {
+    Closed,
+    Violation(Frame),
+}
+
+impl From<Closed> for Stop {
+    fn from(_: Closed) -> Stop {
+        Stop::Closed
     }
-    writer.write_all(&encode(&frame, 0)).await?;
-    writer.flush().await
+}
+
+/// A greeted connection's requests and subscriptions.
+struct Session {
+    broker: Arc<OnceLock<Broker>>,
+    outbox: Outbox,
+    in_flight: Arc<Semaphore>,
+    tasks: JoinSet<()>,
+    subscriptions: HashMap<u32, (Arc<Subscription>, tokio::task::JoinHandle<()>)>,
+    next_subscription: u32,
+    max_frame: usize,
+}
+
+impl Session {
+    async fn serve(&mut self, frame: Frame, request_id: u32) -> Result<(), Stop> {
+        while self.tasks.try_join_next().is_some() {}
+        let Some(broker) = self.broker.get().cloned() else {
+            let frame = connection_error(ErrorCode::NotReady, "the server is still recovering");
+            return Ok(self.outbox.reply(&frame, request_id).await?);
+        };
+        match frame {
+            Frame::Subscribe {
+                queue,
+                lease_ms,
+                credit,
+            } => {
+                let lease = (lease_ms > 0).then_some(lease_ms);
+                let checked = if self.subscriptions.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION {
+                    Err(BrokerError::invalid(format!(
+                        "at most {MAX_SUBSCRIPTIONS_PER_CONNECTION} subscriptions per connection"
+                    )))
+                } else {
+                    broker
+                        .check_lease_ms(lease)
+                        .and_then(|()| broker.get_queue(&queue).map(|_| ()))
+                };
+                if let Err(err) = checked {
+                    return Ok(self.outbox.reply(&error_frame(&err), request_id).await?);
+                }
+                let id = self.next_subscription;
+                self.next_subscription =
+                    SUBSCRIPTION_ID_BIT | self.next_subscription.wrapping_add(1);
+                let sub = Arc::new(Subscription {
+                    credit: AtomicU32::new(credit),
+                    wake: Notify::new(),
+                });
+                self.outbox
+                    .reply(&Frame::Subscribed { subscription: id }, request_id)
+                    .await?;
+                let task = tokio::spawn(subscription(
+                    broker,
+                    queue,
+                    lease,
+                    id,
+                    sub.clone(),
+                    self.outbox.clone(),
+                    self.max_frame,
+                ));
+                self.subscriptions.insert(id, (sub, task));
+            }
+            Frame::Credit {
+                subscription,
+                credit,
+            } => {
+                if let Some((sub, _)) = self.subscriptions.get(&subscription) {
+                    // Saturates: a client granting "everything" twice does not wrap to little.
+                    let _ = sub
+                        .credit
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                            Some(c.saturating_add(credit))
+                        });
+                    sub.wake.notify_one();
+                }
+            }
+            Frame::Unsubscribe { subscription } => {
+                if let Some((_, task)) = self.subscriptions.remove(&subscription) {
+                    task.abort();
+                }
+                self.outbox.reply(&Frame::Ok, request_id).await?;
+            }
+            Frame::Ping => self.outbox.reply(&Frame::Pong, request_id).await?,
+            Frame::Produce { queue, ack, batch } => {
+                // Submitted here, in frame order, so a connection's batches are appended in
+                // the order they were sent; only the wait is concurrent.
+                let permit = self
+                    .in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Closed)?;
+                let level = if ack == Ack::Written {
+                    AckLevel::Written
+                } else {
+                    AckLevel::Durable
+                };
+                match broker.start_publish_batch(&queue, batch, level) {
+                    Ok(appended) => {
+                        let outbox = self.outbox.clone();
+                        self.tasks.spawn(async move {
+                            let reply = match appended.await {
+                                Ok((base_offset, count)) => Frame::Produced { base_offset, count },
+                                Err(err) => error_frame(&err),
+                            };
+                            let _ = outbox.reply(&reply, request_id).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(err) => self.outbox.reply(&error_frame(&err), request_id).await?,
+                }
+            }
+            Frame::Ack { .. } | Frame::Nack { .. } | Frame::Extend { .. } => {
+                let permit = self
+                    .in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Closed)?;
+                let outbox = self.outbox.clone();
+                self.tasks.spawn(async move {
+                    let reply = request(&broker, frame).await;
+                    let _ = outbox.reply(&reply, request_id).await;
+                    drop(permit);
+                });
+            }
+            other => {
+                return Err(Stop::Violation(connection_error(
+                    ErrorCode::InvalidFrame,
+                    format!(
+                        "frame kind 0x{:02x} is sent by servers, not clients",
+                        other.kind()
+                    ),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop_subscriptions(&mut self) {
+        for (_, (_, task)) in self.subscriptions.drain() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Waits (bounded) for started requests to put their replies in the outbox.
+    async fn finish_requests(&mut self, within: Duration) {
+        let tasks = &mut self.tasks;
+        let finished =
+            tokio::time::timeout(within, async { while tasks.join_next().await.is_some() {} })
+                .await;
+        if finished.is_err() {
+            self.tasks.shutdown().await;
+        }
+    }
 }
 
 async fn request(broker: &Broker, frame: Frame) -> Frame {
@@ -282,13 +606,13 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
                     .unwrap_or(0);
                 from = at + 1;
                 Failure {
-                    index: at as u32,
+                    index: u32::try_from(at).unwrap_or(u32::MAX),
                     code: f.code.into(),
                 }
             })
             .collect();
         Frame::Settled {
-            ok: reply.ok as u32,
+            ok: u32::try_from(reply.ok).unwrap_or(u32::MAX),
             failed,
         }
     };
@@ -307,7 +631,7 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
             receipts,
             overloaded,
         } => {
-            let delay = (delay_ms >= 0).then_some(delay_ms as u64);
+            let delay = u64::try_from(delay_ms).ok();
             let error = (!error.is_empty()).then_some(error.as_str());
             let reason = if overloaded {
                 NackReason::Overloaded
@@ -336,7 +660,10 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
     result.unwrap_or_else(|err| error_frame(&err))
 }
 
-/// Pushes deliveries while the consumer has credit; ends with an error frame if the queue
+/// Pushes deliveries while the consumer has credit and its connection has room: a
+/// subscription leases only what its outbox can take (half of it per batch, sized by the
+/// messages seen so far), so a client that grants endless credit and never reads holds at
+/// most about one outbox of messages, not the queue. Ends with an error frame if the queue
 /// goes away.
 async fn subscription(
     broker: Broker,
@@ -344,8 +671,12 @@ async fn subscription(
     lease_ms: Option<u64>,
     id: u32,
     sub: Arc<Subscription>,
-    tx: mpsc::Sender<Vec<u8>>,
+    outbox: Outbox,
+    max_frame: usize,
 ) {
+    let window = (outbox.capacity / 2).clamp(1, max_frame);
+    // Average encoded delivery size seen so far; starts small so the first batch is full.
+    let mut average = 256usize;
     loop {
         let credit = sub.credit.load(Ordering::SeqCst);
         if credit == 0 {
@@ -355,17 +686,29 @@ async fn subscription(
         if broker.is_closing() {
             return;
         }
-        let max = credit.min(MAX_DELIVER_BATCH) as usize;
+        if outbox.wait_for_room(window).await.is_err() {
+            return;
+        }
+        let by_room = (window / average.max(1)).max(1);
+        let max = usize::try_from(credit)
+            .unwrap_or(usize::MAX)
+            .min(MAX_DELIVER_BATCH)
+            .min(by_room);
         match broker.receive(&queue, max, 1_000, lease_ms).await {
             Ok(deliveries) if deliveries.is_empty() => continue,
             Ok(deliveries) => {
-                sub.credit
-                    .fetch_sub(deliveries.len() as u32, Ordering::SeqCst);
+                let n = u32::try_from(deliveries.len()).unwrap_or(u32::MAX);
+                let _ = sub
+                    .credit
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                        Some(c.saturating_sub(n))
+                    });
                 // Records are encoded straight into the frame (sized up front).
-                let size = deliveries
+                let size: usize = deliveries
                     .iter()
                     .map(|d| DeliverWriter::overhead(&d.receipt) + d.record.encoded_len())
                     .sum();
+                average = (size / deliveries.len()).max(1);
                 let mut frame = DeliverWriter::new(id, size);
                 for d in &deliveries {
                     let record = &d.record;
@@ -377,17 +720,14 @@ async fn subscription(
                         |buf| record.encode(buf),
                     );
                 }
-                if tx.send(frame.finish()).await.is_err() {
+                if outbox.send(frame.finish()).await.is_err() {
                     return; // connection gone: the leases expire and the messages come back
                 }
             }
             Err(err) => {
-                let _ = tx.send(encode(&error_frame(&err), id)).await;
+                let _ = outbox.reply(&error_frame(&err), id).await;
                 return;
             }
         }
     }
 }
-
-/// Default largest frame.
-pub const MAX_FRAME_DEFAULT: usize = DEFAULT_MAX_FRAME;

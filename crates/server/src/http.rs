@@ -1,6 +1,8 @@
 //! HTTP API v1 over the broker. Thin glue: parse, call the broker, shape the reply.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -12,7 +14,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tidewater_core::{Broker, BrokerError, ConfigPatch, ErrorCode, NackReason, RedriveRequest};
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
 use crate::api::{self, ErrorBody, OutMessage};
+use crate::binary::{OpenGuard, Stats};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -21,6 +31,8 @@ pub struct AppState {
     pub broker: Arc<OnceLock<Broker>>,
     pub metrics: Arc<Metrics>,
     pub max_request_bytes: usize,
+    /// A request body must arrive within this long.
+    pub body_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -90,17 +102,29 @@ async fn parse_body<T: DeserializeOwned>(
     body: Body,
     default: Option<T>,
 ) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, state.max_request_bytes)
-        .await
-        .map_err(|_| {
-            ApiError(BrokerError::new(
-                ErrorCode::RequestTooLarge,
-                format!(
-                    "the request body exceeds max_request_bytes ({} bytes)",
-                    state.max_request_bytes
-                ),
-            ))
-        })?;
+    let read = tokio::time::timeout(
+        state.body_timeout,
+        axum::body::to_bytes(body, state.max_request_bytes),
+    )
+    .await
+    .map_err(|_| {
+        ApiError(BrokerError::new(
+            ErrorCode::ConnectionTimeout,
+            format!(
+                "the request body did not arrive within {} ms (body_timeout_ms)",
+                state.body_timeout.as_millis()
+            ),
+        ))
+    })?;
+    let bytes = read.map_err(|_| {
+        ApiError(BrokerError::new(
+            ErrorCode::RequestTooLarge,
+            format!(
+                "the request body exceeds max_request_bytes ({} bytes)",
+                state.max_request_bytes
+            ),
+        ))
+    })?;
     if bytes.iter().all(u8::is_ascii_whitespace)
         && let Some(default) = default
     {
@@ -113,6 +137,105 @@ async fn parse_body<T: DeserializeOwned>(
         };
         ApiError(BrokerError::new(code, format!("request body: {e}")))
     })
+}
+
+/// The HTTP listener's limits (docs/configuration.md, `[http]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// A request head (and, between requests, the next one) must arrive within this long.
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+/// Serves HTTP/1.1 with a connection cap, header and body deadlines, and a shutdown that
+/// ends within `shutdown_timeout` whatever clients do (in-flight requests finish first).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    stats: Arc<Stats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    let mut backoff = Duration::ZERO;
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    backoff = Duration::ZERO;
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        stats.refused.fetch_add(1, Ordering::Relaxed);
+                        refuse(&stream, limits.max_connections);
+                        continue;
+                    };
+                    stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    stats.open.fetch_add(1, Ordering::Relaxed);
+                    let open = OpenGuard(stats.clone());
+                    let _ = stream.set_nodelay(true);
+                    let service = TowerToHyperService::new(router.clone());
+                    let mut stop = shutdown.clone();
+                    let header_timeout = limits.header_timeout;
+                    connections.spawn(async move {
+                        let mut builder = hyper::server::conn::http1::Builder::new();
+                        builder
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(header_timeout)
+                            .keep_alive(true);
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        tokio::pin!(conn);
+                        tokio::select! {
+                            _ = conn.as_mut() => {}
+                            _ = stop.changed() => {
+                                // Finish the request in progress, then close.
+                                conn.as_mut().graceful_shutdown();
+                                let _ = conn.as_mut().await;
+                            }
+                        }
+                        drop((slot, open));
+                    });
+                }
+                Err(err) => {
+                    stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                        last_warning = Some(Instant::now());
+                        tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "HTTP: accept failed; backing off (further failures are counted in tidewater_connection_accept_errors_total)");
+                    }
+                    tokio::time::sleep(backoff).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(limits.shutdown_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = connections.len(),
+            "HTTP: connections still open at the shutdown deadline; closing them"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// Answers a connection over the cap with a 503 and closes it, without waiting for it.
+fn refuse(stream: &TcpStream, max: usize) {
+    let body = format!(
+        "{{\"code\":\"overloaded\",\"message\":\"the server holds its maximum of {max} HTTP connections (http.max_connections); retry later\",\"retry_after_ms\":1000}}"
+    );
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
 }
 
 pub fn router(state: AppState) -> Router {

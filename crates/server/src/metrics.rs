@@ -13,6 +13,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tidewater_core::{Broker, Observer};
 
+use crate::binary::Stats as ListenerStats;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabel {
     queue: String,
@@ -55,7 +57,11 @@ fn age_histogram() -> Histogram {
 }
 
 impl Metrics {
-    pub fn new(broker: Arc<OnceLock<Broker>>) -> Metrics {
+    pub fn new(
+        broker: Arc<OnceLock<Broker>>,
+        protocol: Arc<ListenerStats>,
+        http: Arc<ListenerStats>,
+    ) -> Metrics {
         let mut registry = Registry::with_prefix("tidewater");
         let publish_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let publish_to_ack: HistogramFamily = Family::new_with_constructor(age_histogram);
@@ -70,6 +76,9 @@ impl Metrics {
             publish_to_ack.clone(),
         );
         registry.register_collector(Box::new(QueueCollector { broker }));
+        registry.register_collector(Box::new(ListenerCollector {
+            listeners: [("binary", protocol), ("http", http)],
+        }));
         Metrics {
             registry,
             publish_latency,
@@ -86,6 +95,14 @@ impl Metrics {
 }
 
 impl Observer for Metrics {
+    fn queue_deleted(&self, queue: &str) {
+        let label = QueueLabel {
+            queue: queue.to_string(),
+        };
+        self.publish_latency.remove(&label);
+        self.publish_to_ack.remove(&label);
+    }
+
     fn publish_latency(&self, queue: &str, seconds: f64) {
         self.publish_latency
             .get_or_create(&QueueLabel {
@@ -380,6 +397,73 @@ impl Collector for QueueCollector {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         ConstGauge::new(broker.store().journal_bytes() as i64).encode(family)?;
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+/// Connections of the two listeners (a fixed label set: `binary`, `http`).
+#[derive(Debug)]
+struct ListenerCollector {
+    listeners: [(&'static str, Arc<ListenerStats>); 2],
+}
+
+impl Collector for ListenerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        type Read = fn(&ListenerStats) -> u64;
+        let gauges: [(&str, &str, Read); 1] =
+            [("connections", "Open connections, per listener", |s| {
+                s.open.load(Relaxed)
+            })];
+        let counters: [(&str, &str, Read); 4] = [
+            ("connections_accepted", "Connections accepted", |s| {
+                s.accepted.load(Relaxed)
+            }),
+            (
+                "connections_refused",
+                "Connections refused at the listener's max_connections",
+                |s| s.refused.load(Relaxed),
+            ),
+            (
+                "connections_idle_closed",
+                "Connections closed for sending nothing within idle_timeout_ms",
+                |s| s.closed_idle.load(Relaxed),
+            ),
+            (
+                "connection_accept_errors",
+                "Failed accepts (out of file descriptors, ...); the listener backs off",
+                |s| s.accept_errors.load(Relaxed),
+            ),
+        ];
+        for (name, help, read) in gauges {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (listener, stats) in &self.listeners {
+                ConstGauge::new(read(stats).min(i64::MAX as u64) as i64)
+                    .encode(family.encode_family(&ListenerLabel { listener })?)?;
+            }
+        }
+        for (name, help, read) in counters {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (listener, stats) in &self.listeners {
+                ConstCounter::new(read(stats))
+                    .encode(family.encode_family(&ListenerLabel { listener })?)?;
+            }
+        }
         Ok(())
     }
 }

@@ -48,8 +48,52 @@ pub struct FileConfig {
     pub max_request_bytes: Option<usize>,
     /// Largest binary protocol frame in bytes.
     pub max_frame_bytes: Option<usize>,
+    /// How long shutdown waits for connections to finish what they started.
+    pub shutdown_timeout_ms: Option<u64>,
     pub limits: Limits,
     pub storage: StorageConfig,
+    pub protocol: ProtocolConfig,
+    pub http: HttpConfig,
+}
+
+/// Bounds of the binary protocol listener (docs/configuration.md).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProtocolConfig {
+    pub max_connections: usize,
+    pub handshake_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub outbox_bytes: usize,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig {
+            max_connections: 4096,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            outbox_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Bounds of the HTTP listener (docs/configuration.md).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub max_connections: usize,
+    pub header_timeout_ms: u64,
+    pub body_timeout_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_connections: 1024,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,7 +124,8 @@ pub struct Settings {
     pub data: PathBuf,
     pub listen: SocketAddr,
     pub protocol_listen: SocketAddr,
-    pub max_frame_bytes: usize,
+    pub protocol: crate::binary::Limits,
+    pub http: crate::http::Limits,
     pub log_format: String,
     pub max_request_bytes: usize,
     pub limits: Limits,
@@ -122,6 +167,31 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             "storage: journal_roll_bytes must be >= 1 MiB, segment_roll_bytes >= 64 KiB, write_queue_capacity >= 1"
         );
     }
+    let p = &file.protocol;
+    if p.max_connections == 0
+        || p.handshake_timeout_ms == 0
+        || p.idle_timeout_ms < 1000
+        || !(64 << 10..=1 << 30).contains(&p.outbox_bytes)
+    {
+        bail!(
+            "protocol: max_connections must be >= 1, handshake_timeout_ms >= 1, idle_timeout_ms >= 1000, outbox_bytes 64 KiB..=1 GiB"
+        );
+    }
+    let h = &file.http;
+    if h.max_connections == 0 || h.header_timeout_ms == 0 || h.body_timeout_ms == 0 {
+        bail!("http: max_connections, header_timeout_ms and body_timeout_ms must be >= 1");
+    }
+    let shutdown_timeout = Duration::from_millis(file.shutdown_timeout_ms.unwrap_or(10_000));
+    let max_frame = file
+        .max_frame_bytes
+        .unwrap_or(crate::binary::MAX_FRAME_DEFAULT);
+    if !(crate::binary::HANDSHAKE_MAX_FRAME..=u32::MAX as usize).contains(&max_frame) {
+        bail!(
+            "max_frame_bytes must be {}..={}",
+            crate::binary::HANDSHAKE_MAX_FRAME,
+            u32::MAX
+        );
+    }
     Ok(Settings {
         data: args
             .data
@@ -130,9 +200,20 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             .unwrap_or_else(|| PathBuf::from("data")),
         listen,
         protocol_listen,
-        max_frame_bytes: file
-            .max_frame_bytes
-            .unwrap_or(crate::binary::MAX_FRAME_DEFAULT),
+        protocol: crate::binary::Limits {
+            max_frame,
+            max_connections: p.max_connections,
+            handshake_timeout: Duration::from_millis(p.handshake_timeout_ms),
+            idle_timeout: Duration::from_millis(p.idle_timeout_ms),
+            outbox_bytes: p.outbox_bytes,
+            shutdown_timeout,
+        },
+        http: crate::http::Limits {
+            max_connections: h.max_connections,
+            header_timeout: Duration::from_millis(h.header_timeout_ms),
+            body_timeout: Duration::from_millis(h.body_timeout_ms),
+            shutdown_timeout,
+        },
         log_format: args
             .log_format
             .clone()
@@ -171,12 +252,21 @@ fn init_logging(format: &str) {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let settings = settings(&args)?;
     init_logging(&settings.log_format);
+    let open_files = raise_open_files_limit();
+    check_open_files(&settings, open_files)?;
     let cell: Arc<OnceLock<Broker>> = Arc::new(OnceLock::new());
-    let metrics = Arc::new(Metrics::new(cell.clone()));
+    let protocol_stats = Arc::new(crate::binary::Stats::default());
+    let http_stats = Arc::new(crate::binary::Stats::default());
+    let metrics = Arc::new(Metrics::new(
+        cell.clone(),
+        protocol_stats.clone(),
+        http_stats.clone(),
+    ));
     let state = AppState {
         broker: cell.clone(),
         metrics: metrics.clone(),
         max_request_bytes: settings.max_request_bytes,
+        body_timeout: settings.http.body_timeout,
     };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -199,9 +289,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let binary = tokio::spawn(crate::binary::serve(
         protocol,
         cell.clone(),
-        settings.max_frame_bytes,
+        settings.protocol.clone(),
+        protocol_stats,
+        stop_rx.clone(),
+    ));
+    let serving = tokio::spawn(crate::http::serve(
+        listener,
+        router(state),
+        settings.http.clone(),
+        http_stats,
         stop_rx,
     ));
+    let signal = tokio::spawn(shutdown_signal(cell.clone(), stop_tx));
 
     // Recover in the background: /healthz answers now, the API says not_ready until done.
     let options = BrokerOptions {
@@ -214,10 +313,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data)
         .with_context(|| format!("creating data directory {}", data.display()))?;
     let opened = tokio::task::spawn_blocking(move || Broker::open(&data, options));
-    let server = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal(cell.clone(), stop_tx));
-    let serving = tokio::spawn(async move { server.await });
-
     let broker = opened
         .await?
         .with_context(|| format!("opening data directory {}", settings.data.display()))?;
@@ -232,12 +327,67 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let maintenance = broker.spawn_maintenance(Duration::from_millis(100));
     tracing::info!(queues, "ready");
 
-    serving.await??;
+    // Both listeners end within the shutdown deadline, whatever their clients do.
+    let _ = serving.await;
     let _ = binary.await;
+    signal.abort();
     maintenance.abort();
     tracing::info!("stopped accepting requests; syncing and checkpointing");
     tokio::task::spawn_blocking(move || broker.shutdown()).await?;
     tracing::info!("clean shutdown");
+    Ok(())
+}
+
+/// Raises the soft limit of open files to the hard limit; returns the limit in force.
+fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// File descriptors kept for the journal, checkpoints, segments being rolled and listeners.
+const STORAGE_FILES_RESERVE: u64 = 256;
+
+/// Refuses to start when the connection caps cannot fit in the open-files limit (they
+/// would fail at accept, under load, instead of now); warns when the queues may not.
+fn check_open_files(settings: &Settings, open_files: u64) -> anyhow::Result<()> {
+    let connections = (settings.protocol.max_connections + settings.http.max_connections) as u64;
+    if connections + STORAGE_FILES_RESERVE > open_files {
+        bail!(
+            "the open-files limit ({open_files}, `ulimit -Hn`) cannot hold the configured connections: \
+             [protocol] max_connections {} + [http] max_connections {} + {STORAGE_FILES_RESERVE} for storage. \
+             Lower them in the config file or raise the hard limit",
+            settings.protocol.max_connections,
+            settings.http.max_connections
+        );
+    }
+    let per_queue = 2;
+    let queues_fit = (open_files - connections - STORAGE_FILES_RESERVE) / per_queue;
+    if (settings.limits.max_queues as u64) > queues_fit {
+        tracing::info!(
+            open_files,
+            max_queues = settings.limits.max_queues,
+            queues_fit,
+            "each queue holding data keeps 2 files open: with every connection in use, only {queues_fit} such queues fit in the open-files limit; raise `ulimit -Hn` or lower limits.max_queues"
+        );
+    }
     Ok(())
 }
 
@@ -326,6 +476,13 @@ mod docs {
                 "max_request_bytes",
                 "max_frame_bytes",
                 "protocol_listen",
+                "max_connections",
+                "handshake_timeout_ms",
+                "idle_timeout_ms",
+                "outbox_bytes",
+                "header_timeout_ms",
+                "body_timeout_ms",
+                "shutdown_timeout_ms",
             ]
             .map(String::from),
         );

@@ -8,3 +8,4 @@ mod crash;
 mod disk_full;
 mod http_api;
 mod policies;
+mod regression;

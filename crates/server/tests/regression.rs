@@ -1,0 +1,540 @@
+//! Regression tests of the hardening issue (an outside client, an attack run and a code
+//! review): one test per defect, named for the behaviour it pins. Each failed before its fix.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tidewater_proto::{DEFAULT_MAX_FRAME, Frame, PROTOCOL_VERSION, decode_frame};
+
+use crate::support::{Server, call_raw, metrics_text};
+
+fn server(config: Option<&str>) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), config);
+    (dir, server)
+}
+
+fn encode(frame: &Frame, request_id: u32, out: &mut Vec<u8>) {
+    frame.encode(request_id, out);
+}
+
+/// A connection that said Hello (request id 1) and read its HelloOk; reads time out in 20 s.
+fn greeted(addr: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut hello = Vec::new();
+    encode(
+        &Frame::Hello {
+            version: PROTOCOL_VERSION,
+            client: "regression".into(),
+        },
+        1,
+        &mut hello,
+    );
+    stream.write_all(&hello).unwrap();
+    let mut reader = FrameReader::default();
+    let (frame, _) = reader.next(&mut stream).expect("HelloOk");
+    assert!(matches!(frame, Frame::HelloOk { .. }), "{frame:?}");
+    assert!(reader.buf.is_empty());
+    stream
+}
+
+/// Reads frames one at a time from a blocking stream.
+#[derive(Default)]
+struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// The next frame and its request id; None when the peer closed (or the read timed out).
+    fn next(&mut self, stream: &mut TcpStream) -> Option<(Frame, u32)> {
+        loop {
+            if let Some((frame, id, used)) = decode_frame(&self.buf, DEFAULT_MAX_FRAME).unwrap() {
+                self.buf.drain(..used);
+                return Some((frame, id));
+            }
+            let mut chunk = [0u8; 64 << 10];
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+fn code_of(frame: &Frame) -> &str {
+    match frame {
+        Frame::Error { code, .. } | Frame::Throttle { code, .. } => code,
+        _ => "",
+    }
+}
+
+/// Pipelined requests beyond the outbox (1,024 frames) all get replies: the reader used to
+/// block on its own full outbox, which only it emptied.
+#[test]
+fn every_pipelined_request_gets_its_reply_however_many_are_sent_at_once() {
+    let (_dir, server) = server(None);
+    server.create_queue("full", json!({"max_messages": 10}));
+
+    // 5,000 pings in one write.
+    let mut stream = greeted(&server.protocol);
+    let mut out = Vec::new();
+    for id in 0..5_000u32 {
+        encode(&Frame::Ping, 2 + id, &mut out);
+    }
+    stream.write_all(&out).unwrap();
+    let mut reader = FrameReader::default();
+    for _ in 0..5_000 {
+        let (frame, _) = reader.next(&mut stream).expect("a Pong for every Ping");
+        assert_eq!(frame, Frame::Pong);
+    }
+
+    // 1,100 produces into a queue that takes 10, and 2,049 acks of unknown receipts.
+    let mut out = Vec::new();
+    for id in 0..1_100u32 {
+        let mut batch = tidewater_storage::BatchBuilder::new(0, 0);
+        batch.push(&tidewater_storage::NewRecord {
+            id: format!("m{id}").as_bytes(),
+            body: b"x",
+            ..Default::default()
+        });
+        encode(
+            &Frame::Produce {
+                queue: "full".into(),
+                ack: tidewater_proto::Ack::Durable,
+                batch: batch.finish(),
+            },
+            10_000 + id,
+            &mut out,
+        );
+    }
+    for id in 0..2_049u32 {
+        encode(
+            &Frame::Ack {
+                queue: "full".into(),
+                receipts: {
+                    let mut receipts = tidewater_proto::Receipts::default();
+                    receipts.push("nope");
+                    receipts
+                },
+            },
+            20_000 + id,
+            &mut out,
+        );
+    }
+    stream.write_all(&out).unwrap();
+    let (mut produced, mut throttled, mut settled) = (0, 0, 0);
+    for _ in 0..(1_100 + 2_049) {
+        match reader.next(&mut stream).expect("a reply to every request") {
+            (Frame::Produced { count: 1, .. }, _) => produced += 1,
+            (Frame::Throttle { code, .. }, _) if code == "queue_full" => throttled += 1,
+            (Frame::Settled { ok: 0, failed }, _) if failed.len() == 1 => settled += 1,
+            (other, id) => panic!("unexpected reply to {id}: {other:?}"),
+        }
+    }
+    assert_eq!((produced, throttled, settled), (10, 1_090, 2_049));
+    assert_eq!(server.stats("full")["total"], 10);
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Connections whose peer closed are closed on the server too, even when the peer went
+/// away in the middle of a pipelined burst it never read (they stayed in CLOSE-WAIT).
+#[test]
+fn connections_closed_by_their_peer_give_back_their_sockets() {
+    let (_dir, server) = server(None);
+    let pid = server.child.id();
+    let before = open_fds(pid);
+    for _ in 0..20 {
+        let mut stream = greeted(&server.protocol);
+        let mut out = Vec::new();
+        for id in 0..3_000u32 {
+            encode(&Frame::Ping, 2 + id, &mut out);
+        }
+        stream.write_all(&out).unwrap();
+        drop(stream);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while open_fds(pid) > before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the server still holds {} file descriptors (it had {before})",
+            open_fds(pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = metrics_text(&server.url);
+    assert!(
+        metrics.contains("tidewater_connections{listener=\"binary\"} 0"),
+        "{metrics}"
+    );
+}
+
+/// A connection cap per listener, refused with a clear error; a small frame limit and a
+/// deadline before Hello; an idle timeout after it that a heartbeat keeps away.
+#[test]
+fn binary_connections_are_capped_and_timed_out() {
+    let (_dir, server) = server(Some(
+        "[protocol]\nmax_connections = 4\nhandshake_timeout_ms = 300\nidle_timeout_ms = 1500\n",
+    ));
+    // Before Hello, a frame may not announce more than 4 KiB (max_frame_bytes is 64 MiB).
+    let mut stream = TcpStream::connect(&server.protocol).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(&(1u32 << 20).to_le_bytes()).unwrap();
+    let (frame, id) = FrameReader::default().next(&mut stream).unwrap();
+    assert_eq!((code_of(&frame), id), ("frame_too_large", 0), "{frame:?}");
+
+    // No Hello in time: told, then closed.
+    let mut silent = TcpStream::connect(&server.protocol).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut reader = FrameReader::default();
+    let (frame, _) = reader.next(&mut silent).expect("an error before the close");
+    assert_eq!(code_of(&frame), "connection_timeout", "{frame:?}");
+    assert!(reader.next(&mut silent).is_none(), "closed after the error");
+
+    // Idle after Hello: told, then closed.
+    let mut idle = greeted(&server.protocol);
+    let (frame, _) = reader.next(&mut idle).expect("an error before the close");
+    assert_eq!(code_of(&frame), "connection_timeout", "{frame:?}");
+    assert!(
+        matches!(&frame, Frame::Error { message, .. } if message.contains("Ping")),
+        "{frame:?}"
+    );
+
+    // Four connections fill the listener; the fifth is refused and told why. The Rust
+    // client's heartbeat keeps its quiet connection open past the idle timeout.
+    super::binary::runtime().block_on(async {
+        let client = tidewater_client::Client::new(
+            &server.protocol,
+            tidewater_client::ClientOptions {
+                heartbeat_interval: Duration::from_millis(200),
+                breaker_failures: 1_000,
+                ..tidewater_client::ClientOptions::default()
+            },
+        );
+        client.ping().await.unwrap();
+        let mut held: Vec<TcpStream> = (0..3).map(|_| greeted(&server.protocol)).collect();
+        let mut over = TcpStream::connect(&server.protocol).unwrap();
+        over.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let (frame, id) = FrameReader::default()
+            .next(&mut over)
+            .expect("refused with a frame");
+        assert_eq!((code_of(&frame), id), ("overloaded", 0), "{frame:?}");
+        assert!(
+            matches!(&frame, Frame::Error { message, .. } if message.contains("max_connections")),
+            "{frame:?}"
+        );
+        // A slot comes back when a connection ends.
+        held.pop();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut stream = TcpStream::connect(&server.protocol).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut hello = Vec::new();
+            encode(
+                &Frame::Hello {
+                    version: PROTOCOL_VERSION,
+                    client: "again".into(),
+                },
+                1,
+                &mut hello,
+            );
+            stream.write_all(&hello).unwrap();
+            match FrameReader::default().next(&mut stream) {
+                Some((Frame::HelloOk { .. }, _)) => break,
+                other => {
+                    assert!(Instant::now() < deadline, "no slot came back: {other:?}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        // Quiet for longer than the idle timeout (which closed the raw connections).
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        client
+            .ping()
+            .await
+            .expect("the heartbeat kept the connection");
+        drop(held);
+    });
+    let metrics = metrics_text(&server.url);
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tidewater_connections_refused_total{listener=\"binary\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 1, "{metrics}");
+}
+
+/// A subscriber that grants endless credit and never reads holds only what its connection
+/// can take, not the queue; credit saturates instead of wrapping; reading again recovers.
+#[test]
+fn a_subscriber_that_stops_reading_is_leased_only_what_its_connection_takes() {
+    let (_dir, server) = server(Some("[protocol]\noutbox_bytes = 65536\n"));
+    server.create_queue("big", json!({"lease_ms": 600000}));
+    let body = "x".repeat(20_000);
+    let total = 3_000;
+    for chunk in 0..(total / 500) {
+        let messages: Vec<_> = (0..500)
+            .map(|i| json!({"body": body, "id": format!("m{}", chunk * 500 + i)}))
+            .collect();
+        server.publish("big", json!(messages));
+    }
+    // The kernel's buffers hold some too: the server's send buffer (up to tcp_wmem's max)
+    // and ours (set small below).
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20);
+    let bound = (wmem_max + (256 << 10) + 2 * 65536) / 20_000 + 100;
+    assert!(
+        bound < total / 2,
+        "the test needs a queue larger than the bound ({bound})"
+    );
+
+    super::binary::runtime().block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 << 10).unwrap();
+        let stream = socket
+            .connect(server.protocol.parse().unwrap())
+            .await
+            .unwrap();
+        let mut stream = stream.into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut out = Vec::new();
+        encode(
+            &Frame::Hello {
+                version: PROTOCOL_VERSION,
+                client: "greedy".into(),
+            },
+            1,
+            &mut out,
+        );
+        encode(
+            &Frame::Subscribe {
+                queue: "big".into(),
+                lease_ms: 0,
+                credit: u32::MAX,
+            },
+            2,
+            &mut out,
+        );
+        stream.write_all(&out).unwrap();
+        // Leases settle at what the connection holds; wait until they stop growing.
+        let mut last = u64::MAX;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = server.stats("big")["in_flight"].as_u64().unwrap();
+            if now == last && now > 0 {
+                break;
+            }
+            last = now;
+        }
+        let in_flight = server.stats("big")["in_flight"].as_u64().unwrap() as usize;
+        assert!(
+            in_flight <= bound,
+            "{in_flight} of {total} messages leased to a client that read nothing (bound {bound})"
+        );
+        // More credit on top of endless credit saturates: then every message still arrives.
+        let mut credit = Vec::new();
+        let mut reader = FrameReader::default();
+        let (frame, _) = reader.next(&mut stream).unwrap();
+        assert!(matches!(frame, Frame::HelloOk { .. }));
+        let (frame, _) = reader.next(&mut stream).unwrap();
+        let Frame::Subscribed { subscription } = frame else {
+            panic!("{frame:?}")
+        };
+        encode(
+            &Frame::Credit {
+                subscription,
+                credit: u32::MAX,
+            },
+            0,
+            &mut credit,
+        );
+        stream.write_all(&credit).unwrap();
+        let mut delivered = 0;
+        while delivered < total {
+            match reader.next(&mut stream) {
+                Some((Frame::Deliver { deliveries, .. }, _)) => delivered += deliveries.len(),
+                other => panic!("after {delivered} deliveries: {other:?}"),
+            }
+        }
+        assert_eq!(server.stats("big")["in_flight"], total as u64);
+    });
+}
+
+/// A Subscribe with a lease out of range is refused before any `Subscribed`.
+#[test]
+fn a_subscribe_with_an_impossible_lease_is_refused_before_it_is_confirmed() {
+    let (_dir, server) = server(None);
+    server.create_queue("q", json!({}));
+    let mut stream = greeted(&server.protocol);
+    let mut out = Vec::new();
+    encode(
+        &Frame::Subscribe {
+            queue: "q".into(),
+            lease_ms: 100 * 86_400_000,
+            credit: 10,
+        },
+        2,
+        &mut out,
+    );
+    stream.write_all(&out).unwrap();
+    let (frame, id) = FrameReader::default().next(&mut stream).unwrap();
+    assert_eq!((code_of(&frame), id), ("invalid_request", 2), "{frame:?}");
+}
+
+/// A publish that no queue state could ever take is refused for good, not "retry in 1 s".
+#[test]
+fn a_publish_larger_than_the_whole_queue_is_refused_for_good() {
+    let (_dir, server) = server(None);
+    server.create_queue("small", json!({"max_messages": 5, "max_bytes": 100000}));
+    let six: Vec<_> = (0..6).map(|i| json!({"body": format!("m{i}")})).collect();
+    let url = format!("{}/v1/queues/small/messages", server.url);
+    let (status, body) = call_raw(
+        &url,
+        "POST",
+        Some(json!({"messages": six}).to_string().as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (413, Some("exceeds_capacity")),
+        "{body}"
+    );
+    assert!(
+        body.get("retry_after_ms").is_none_or(|v| v.is_null()),
+        "{body}"
+    );
+    let huge = json!({"messages": [{"body": "y".repeat(200_000)}]});
+    let (status, body) = call_raw(&url, "POST", Some(huge.to_string().as_bytes())).unwrap();
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (413, Some("exceeds_capacity")),
+        "{body}"
+    );
+
+    // The binary protocol says Error, not Throttle.
+    let mut stream = greeted(&server.protocol);
+    let mut batch = tidewater_storage::BatchBuilder::new(0, 0);
+    for i in 0..6 {
+        batch.push(&tidewater_storage::NewRecord {
+            id: format!("b{i}").as_bytes(),
+            body: b"x",
+            ..Default::default()
+        });
+    }
+    let mut out = Vec::new();
+    encode(
+        &Frame::Produce {
+            queue: "small".into(),
+            ack: tidewater_proto::Ack::Durable,
+            batch: batch.finish(),
+        },
+        2,
+        &mut out,
+    );
+    stream.write_all(&out).unwrap();
+    let (frame, _) = FrameReader::default().next(&mut stream).unwrap();
+    assert!(
+        matches!(&frame, Frame::Error { code, .. } if code == "exceeds_capacity"),
+        "{frame:?}"
+    );
+    assert_eq!(server.stats("small")["total"], 0);
+}
+
+fn http_exchange(stream: &mut TcpStream) -> String {
+    let mut text = Vec::new();
+    let _ = stream.read_to_end(&mut text);
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// Slowloris: half-sent heads and bodies are cut off, connections are capped, and a
+/// SIGTERM ends the server within its deadline whatever the clients do.
+#[test]
+fn slow_http_clients_are_cut_off_and_cannot_hold_shutdown() {
+    let connect = |server: &Server| {
+        let stream = TcpStream::connect(server.url.trim_start_matches("http://")).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream
+    };
+    let (_dir, server) = server(Some(
+        "[http]\nheader_timeout_ms = 500\nbody_timeout_ms = 500\n",
+    ));
+    // Half a head: closed.
+    let mut half = connect(&server);
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let _ = http_exchange(&mut half);
+    // A body that stops: 408 connection_timeout.
+    let mut slow = connect(&server);
+    slow.write_all(
+        b"POST /v1/queues/q/messages HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\n{\"messages\"",
+    )
+    .unwrap();
+    let reply = http_exchange(&mut slow);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("connection_timeout"), "{reply}");
+    drop(server);
+
+    drop(_dir);
+    let (_dir, mut server) = self::server(Some(
+        "shutdown_timeout_ms = 1000\n[http]\nmax_connections = 6\nheader_timeout_ms = 600000\n",
+    ));
+    // Six connections in the middle of their heads hold the listener; the seventh is
+    // answered 503 at once.
+    let held: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut s = connect(&server);
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHos").unwrap();
+            s
+        })
+        .collect();
+    let mut over = connect(&server);
+    let reply = http_exchange(&mut over);
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(reply.contains("max_connections"), "{reply}");
+    // SIGTERM ends the server although they never finish (and would wait 10 minutes).
+    let started = Instant::now();
+    assert_eq!(server.stop(), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    drop(held);
+}
+
+/// Deleting a queue removes its metric series.
+#[test]
+fn deleted_queues_leave_no_metric_series_behind() {
+    let (_dir, server) = server(None);
+    for i in 0..3 {
+        let name = format!("gone-{i}");
+        server.create_queue(&name, json!({}));
+        server.publish(&name, json!([{"body": "x"}]));
+        server.ok("DELETE", &format!("/v1/queues/{name}"), None);
+    }
+    let metrics = metrics_text(&server.url);
+    assert!(!metrics.contains("gone-"), "{metrics}");
+}
