@@ -1508,8 +1508,10 @@ impl Broker {
             let too_old = state.take_expired();
             let replaced = state.take_cancelled();
             let (coalesced, merges) = state.close_windows(now);
+            // An expired lease is deliverable again at once (as with SQS's visibility
+            // timeout): the lease was the wait. Backoff is for nacks.
             let (retries, to_dlq) =
-                self.plan_retries(&mut state, expired, None, Some(LEASE_EXPIRED_ERROR), now);
+                self.plan_retries(&mut state, expired, Some(0), Some(LEASE_EXPIRED_ERROR), now);
             let before = state.stats(now).depth;
             state.fire_timers(now);
             let woke = !retries.is_empty() || state.stats(now).depth > before;

@@ -106,7 +106,13 @@ struct Msg {
     /// Past this time it is never delivered; the broker drops it when it comes across it,
     /// so until purge the model cannot tell whether it is still counted ("limbo").
     expires_at: Option<i64>,
+    /// When it went to the dead-letter queue (a sequence number): redrive brings messages
+    /// back in that order.
+    dead_seq: u64,
 }
+
+/// Sequence of moves to the dead-letter queue.
+static DEAD_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Msg {
     fn expired(&self, now: i64) -> bool {
@@ -149,6 +155,7 @@ impl Model {
         msg.journaled = msg.count;
         if msg.count >= MAX_DELIVERIES {
             msg.state = State::Dead;
+            msg.dead_seq = DEAD_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
             msg.state = State::Ready {
                 at: now + delay.unwrap_or_else(|| backoff(msg.count)),
@@ -157,12 +164,17 @@ impl Model {
     }
 
     fn expire(&mut self, now: i64) {
-        for msg in &mut self.msgs {
-            if let State::Leased { deadline, .. } = msg.state
-                && deadline <= now
-            {
-                Model::unacked(msg, now, None);
-            }
+        // In the broker's order: by deadline, then offset (publish order).
+        let mut expired: Vec<(i64, usize)> = (0..self.msgs.len())
+            .filter_map(|i| match self.msgs[i].state {
+                State::Leased { deadline, .. } if deadline <= now => Some((deadline, i)),
+                _ => None,
+            })
+            .collect();
+        expired.sort_unstable();
+        for (_, i) in expired {
+            // Deliverable again at once: no backoff after an expired lease.
+            Model::unacked(&mut self.msgs[i], now, Some(0));
         }
     }
 
@@ -253,6 +265,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                             ttl_ms.map_or(0, |t| "tidewater-ttl-ms".len() + t.to_string().len());
                         let size = Some((format!("body {}", &id[1..]).len() + ttl_header) as u64);
                         model.msgs.push(Msg {
+                            dead_seq: 0,
                             id,
                             state: State::Ready { at },
                             count: 0,
@@ -441,14 +454,16 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                         }
                     };
                     prop_assert_eq!(done.state, "done", "{:?}", done.error);
-                    let dead: Vec<usize> = (0..model.msgs.len())
+                    let mut dead: Vec<usize> = (0..model.msgs.len())
                         .filter(|&i| model.msgs[i].state == State::Dead)
                         .collect();
+                    dead.sort_by_key(|&i| model.msgs[i].dead_seq);
                     prop_assert_eq!(done.moved, dead.len() as u64);
                     for i in dead {
                         let id = model.msgs[i].id.clone();
                         model.msgs[i].state = State::Done;
                         model.msgs.push(Msg {
+                            dead_seq: 0,
                             id,
                             state: State::Ready { at: now },
                             count: 0,

@@ -1162,3 +1162,26 @@ fn long_delays_wait_in_the_delay_log_and_come_back_when_due() {
         assert!(h.broker().list_queues().is_empty());
     });
 }
+
+/// An expired lease makes the message deliverable again at the lease's deadline, exactly:
+/// not after a backoff (that is for nacks), which made expiry up to `base_ms` late.
+#[test]
+fn an_expired_lease_is_deliverable_again_at_its_deadline() {
+    let h = Harness::new();
+    runtime().block_on(async {
+        h.queue("q", json!({"backoff": {"base_ms": 60000}})).await;
+        h.publish("q", msgs(1)).await;
+        let first = h.broker().receive("q", 1, 0, Some(1000)).await.unwrap();
+        assert_eq!(first.len(), 1);
+        h.clock.advance(999);
+        assert!(
+            h.receive("q", 1).await.is_empty(),
+            "leased until its deadline"
+        );
+        h.clock.advance(1);
+        let again = h.receive("q", 1).await;
+        assert_eq!(again.len(), 1, "deliverable at the deadline");
+        assert_eq!(again[0].delivery_count, 2);
+        assert_eq!(h.stats("q").expired, 1);
+    });
+}
