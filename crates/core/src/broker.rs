@@ -338,6 +338,21 @@ pub struct RedriveProgress {
     pub error: Option<String>,
 }
 
+/// A redrive kept for progress queries and cancellation.
+struct RedriveTask {
+    progress: Mutex<RedriveProgress>,
+    /// The fixed target, if any (None: each message's source queue).
+    to: Option<String>,
+    cancel: AtomicBool,
+    wake: Notify,
+}
+
+impl RedriveTask {
+    fn running(&self) -> bool {
+        self.progress.lock().state == "running"
+    }
+}
+
 /// Leases ended by a request (offset, lease) and the receipts it refused.
 type Released = (Vec<(u64, crate::queue::Lease)>, Vec<ReceiptFailure>);
 
@@ -380,7 +395,7 @@ struct Inner {
     admin: tokio::sync::Mutex<()>,
     disk_free: AtomicU64,
     disk_probe: Mutex<Box<dyn Fn() -> std::io::Result<u64> + Send + Sync>>,
-    redrives: Mutex<Vec<Arc<Mutex<RedriveProgress>>>>,
+    redrives: Mutex<Vec<Arc<RedriveTask>>>,
     next_redrive: AtomicU64,
     /// Set on shutdown: long-polls answer at once.
     closing: AtomicBool,
@@ -2276,7 +2291,9 @@ impl Broker {
 
     // ---- redrive ----
 
-    /// Starts moving messages out of a dead-letter queue at a bounded rate.
+    /// Starts moving messages out of a dead-letter queue at a bounded rate. A redrive moves
+    /// only what the queue held when it started (never what arrives later, so it ends), never
+    /// into the queue it reads from, and never against a running redrive the other way.
     pub fn start_redrive(
         &self,
         dlq: &str,
@@ -2288,38 +2305,73 @@ impl Broker {
         }
         if let Some(to) = &req.to {
             self.queue(to)?;
+            if to == dlq {
+                return Err(BrokerError::new(
+                    ErrorCode::ConfigConflict,
+                    format!("a redrive cannot move messages from '{dlq}' into '{dlq}' itself"),
+                ));
+            }
+        }
+        let mut redrives = self.inner.redrives.lock();
+        if let Some(to) = &req.to
+            && let Some(other) = redrives.iter().find(|r| {
+                r.running() && r.to.as_deref() == Some(dlq) && r.progress.lock().queue == *to
+            })
+        {
+            return Err(BrokerError::new(
+                ErrorCode::ConfigConflict,
+                format!(
+                    "redrive {} is moving messages from '{to}' into '{dlq}': this one would move them back (a cycle); cancel it first",
+                    other.progress.lock().id
+                ),
+            ));
+        }
+        if redrives.len() >= MAX_REDRIVES_KEPT {
+            // Forget the oldest finished one; if all are running, refuse.
+            let Some(at) = redrives.iter().position(|r| !r.running()) else {
+                return Err(BrokerError::new(
+                    ErrorCode::Overloaded,
+                    format!("{MAX_REDRIVES_KEPT} redrives are running; wait for one to finish or cancel one"),
+                )
+                .retry_after(1_000));
+            };
+            redrives.remove(at);
         }
         let id = format!(
             "rd-{}",
             self.inner.next_redrive.fetch_add(1, Ordering::Relaxed)
         );
-        let total = handle.state.lock().unsettled();
-        let progress = Arc::new(Mutex::new(RedriveProgress {
-            id: id.clone(),
-            queue: dlq.to_string(),
-            moved: 0,
-            remaining: if req.max > 0 {
-                total.min(req.max)
-            } else {
-                total
-            },
-            skipped: 0,
-            state: "running",
-            error: None,
-        }));
-        {
-            let mut redrives = self.inner.redrives.lock();
-            if redrives.len() >= MAX_REDRIVES_KEPT {
-                redrives.remove(0);
-            }
-            redrives.push(progress.clone());
-        }
+        let (total, end) = {
+            let state = handle.state.lock();
+            (state.unsettled(), state.visible_end())
+        };
+        let task = Arc::new(RedriveTask {
+            progress: Mutex::new(RedriveProgress {
+                id: id.clone(),
+                queue: dlq.to_string(),
+                moved: 0,
+                remaining: if req.max > 0 {
+                    total.min(req.max)
+                } else {
+                    total
+                },
+                skipped: 0,
+                state: "running",
+                error: None,
+            }),
+            to: req.to.clone(),
+            cancel: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        redrives.push(task.clone());
+        drop(redrives);
         let broker = self.clone();
-        let snapshot = progress.lock().clone();
+        let snapshot = task.progress.lock().clone();
         tokio::spawn(async move {
-            let result = broker.run_redrive(&handle, &req, &progress).await;
-            let mut p = progress.lock();
+            let result = broker.run_redrive(&handle, &req, end, &task).await;
+            let mut p = task.progress.lock();
             match result {
+                Ok(()) if task.cancel.load(Ordering::SeqCst) => p.state = "cancelled",
                 Ok(()) => {
                     p.state = "done";
                     p.remaining = 0;
@@ -2334,29 +2386,63 @@ impl Broker {
     }
 
     pub fn redrive_progress(&self, id: &str) -> Result<RedriveProgress, BrokerError> {
+        self.find_redrive(id).map(|r| r.progress.lock().clone())
+    }
+
+    fn find_redrive(&self, id: &str) -> Result<Arc<RedriveTask>, BrokerError> {
         let redrives = self.inner.redrives.lock();
         redrives
             .iter()
-            .find(|p| p.lock().id == id)
-            .map(|p| p.lock().clone())
+            .find(|r| r.progress.lock().id == id)
+            .cloned()
             .ok_or_else(|| {
                 BrokerError::new(ErrorCode::RedriveNotFound, format!("no redrive '{id}'"))
             })
+    }
+
+    /// Redrives kept (the last 100), oldest first.
+    pub fn list_redrives(&self) -> Vec<RedriveProgress> {
+        let redrives = self.inner.redrives.lock();
+        redrives.iter().map(|r| r.progress.lock().clone()).collect()
+    }
+
+    /// Stops a running redrive after the step in progress (what it moved stays moved).
+    /// Cancelling a finished one changes nothing.
+    pub async fn cancel_redrive(&self, id: &str) -> Result<RedriveProgress, BrokerError> {
+        let task = self.find_redrive(id)?;
+        task.cancel.store(true, Ordering::SeqCst);
+        task.wake.notify_one();
+        // The task notices within one step; wait (bounded) so the reply shows the end.
+        for _ in 0..100 {
+            if !task.running() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(task.progress.lock().clone())
     }
 
     async fn run_redrive(
         &self,
         dlq: &Arc<QueueHandle>,
         req: &RedriveRequest,
-        progress: &Mutex<RedriveProgress>,
+        end: u64,
+        task: &RedriveTask,
     ) -> Result<(), BrokerError> {
+        let progress = &task.progress;
         let steps_per_s = req.rate_per_s.clamp(1, 10);
         let per_step = (req.rate_per_s / steps_per_s).clamp(1, 1_000) as usize;
         let mut tick = tokio::time::interval(Duration::from_millis(1_000 / steps_per_s));
         let mut scan_from = 0u64;
         let mut moved_total = 0u64;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = task.wake.notified() => {}
+            }
+            if task.cancel.load(Ordering::SeqCst) || dlq.deleted.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let budget = if req.max > 0 {
                 (req.max - moved_total).min(per_step as u64) as usize
             } else {
@@ -2365,7 +2451,9 @@ impl Broker {
             if budget == 0 {
                 return Ok(());
             }
-            let offsets = dlq.state.lock().pending_offsets(scan_from, budget * 4);
+            // Only what the queue held at the start: a redrive always ends.
+            let mut offsets = dlq.state.lock().pending_offsets(scan_from, budget * 4);
+            offsets.retain(|&offset| offset < end);
             let Some(&last) = offsets.last() else {
                 return Ok(());
             };
@@ -2391,8 +2479,11 @@ impl Broker {
                     .clone()
                     .or_else(|| header(&record, HEADER_SOURCE_QUEUE));
                 match target {
-                    Some(target) => by_target.entry(target).or_default().push(record),
-                    None => skipped += 1,
+                    // Never into the queue it reads from.
+                    Some(target) if target != dlq.name => {
+                        by_target.entry(target).or_default().push(record);
+                    }
+                    _ => skipped += 1,
                 }
             }
             let mut moved = 0;

@@ -167,6 +167,13 @@ pub enum DlqCommand {
         #[arg(long, default_value_t = 20)]
         max: usize,
     },
+    /// List redrives (running and the last finished ones).
+    Redrives,
+    /// Cancel a running redrive; what it moved stays moved.
+    Cancel {
+        /// The redrive id, e.g. rd-3.
+        id: String,
+    },
     /// Move messages back to their source queue at a bounded rate.
     Redrive {
         dlq: String,
@@ -835,6 +842,47 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
                 })
                 .collect();
             table(&["ID", "SOURCE", "DELIVERIES", "LAST ERROR", "BODY"], &rows);
+            Ok(())
+        }
+        DlqCommand::Redrives => {
+            let reply = client.get("/v1/redrives")?;
+            if as_json {
+                print_json(&reply);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = reply["redrives"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|r| {
+                    vec![
+                        r["id"].as_str().unwrap_or("").to_string(),
+                        r["queue"].as_str().unwrap_or("").to_string(),
+                        r["state"].as_str().unwrap_or("").to_string(),
+                        num(&r["moved"]),
+                        num(&r["remaining"]),
+                        num(&r["skipped"]),
+                    ]
+                })
+                .collect();
+            table(
+                &["ID", "FROM", "STATE", "MOVED", "REMAINING", "SKIPPED"],
+                &rows,
+            );
+            Ok(())
+        }
+        DlqCommand::Cancel { id } => {
+            let reply = client.delete(&format!("/v1/redrives/{}", path_segment(&id)))?;
+            if as_json {
+                print_json(&reply);
+            } else {
+                println!(
+                    "redrive {id} {}: moved {}",
+                    reply["state"].as_str().unwrap_or("?"),
+                    num(&reply["moved"])
+                );
+            }
             Ok(())
         }
         DlqCommand::Redrive {

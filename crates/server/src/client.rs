@@ -155,6 +155,10 @@ impl Client {
         Ok(self.call("GET", path, None)?.1)
     }
 
+    pub fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        Ok(self.call("DELETE", path, None)?.1)
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         Ok(self
             .call("POST", path, Some(&serde_json::to_vec(body).expect("json")))?

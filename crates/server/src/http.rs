@@ -256,7 +256,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/nack", post(nack))
         .route("/v1/queues/{queue}/extend", post(extend))
         .route("/v1/queues/{queue}/redrive", post(redrive))
-        .route("/v1/redrives/{id}", get(redrive_progress))
+        .route("/v1/redrives", get(list_redrives))
+        .route(
+            "/v1/redrives/{id}",
+            get(redrive_progress).delete(cancel_redrive),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -499,4 +503,13 @@ async fn redrive(
 
 async fn redrive_progress(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult {
     json(StatusCode::OK, &state.broker()?.redrive_progress(&id)?)
+}
+
+async fn list_redrives(State(state): State<AppState>) -> ApiResult {
+    let redrives = state.broker()?.list_redrives();
+    json(StatusCode::OK, &serde_json::json!({ "redrives": redrives }))
+}
+
+async fn cancel_redrive(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    json(StatusCode::OK, &state.broker()?.cancel_redrive(&id).await?)
 }

@@ -58,8 +58,11 @@ pub fn document() -> Value {
             "/v1/queues/{queue}/ack": {"parameters": queue_param, "post": op("Acknowledge by receipt", Some("Receipts"), (200, "SettleReply"), &[400, 404])},
             "/v1/queues/{queue}/nack": {"parameters": queue_param, "post": op("Negatively acknowledge; retry after delay_ms or the backoff", Some("Receipts"), (200, "SettleReply"), &[400, 404])},
             "/v1/queues/{queue}/extend": {"parameters": queue_param, "post": op("Extend leases to lease_ms from now", Some("Receipts"), (200, "SettleReply"), &[400, 404])},
-            "/v1/queues/{queue}/redrive": {"parameters": queue_param, "post": op("Move dead-lettered messages back at a bounded rate", Some("RedriveRequest"), (202, "Redrive"), &[400, 404])},
-            "/v1/redrives/{id}": {"parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}], "get": op("Redrive progress", None, (200, "Redrive"), &[404])},
+            "/v1/queues/{queue}/redrive": {"parameters": queue_param, "post": op("Move dead-lettered messages back at a bounded rate (only those held at the start; never into the source itself)", Some("RedriveRequest"), (202, "Redrive"), &[400, 404, 409, 429])},
+            "/v1/redrives": {"get": op("Redrives kept (the last 100), oldest first", None, (200, "RedriveList"), &[503])},
+            "/v1/redrives/{id}": {"parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "get": op("Redrive progress", None, (200, "Redrive"), &[404]),
+                "delete": op("Cancel a redrive after its current step (what it moved stays moved)", None, (200, "Redrive"), &[404])},
             "/healthz": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Recovered and serving", "responses": {"200": {"description": "ready"}, "503": {"description": "recovering"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (OpenMetrics text)", "responses": {"200": {"description": "metrics"}}}}
@@ -127,7 +130,8 @@ pub fn document() -> Value {
                 "to": {"type": "string"}, "rate_per_s": {"type": "integer", "default": 1000}, "max": {"type": "integer", "default": 0},
                 "filter": {"type": "object", "properties": {"key": {"type": "string"}, "error_contains": {"type": "string"}}}}},
             "Redrive": {"type": "object", "properties": {"id": {"type": "string"}, "queue": {"type": "string"}, "moved": {"type": "integer"},
-                "remaining": {"type": "integer"}, "skipped": {"type": "integer"}, "state": {"type": "string", "enum": ["running", "done", "failed"]}, "error": {"type": ["string", "null"]}}}
+                "remaining": {"type": "integer"}, "skipped": {"type": "integer"}, "state": {"type": "string", "enum": ["running", "done", "failed", "cancelled"]}, "error": {"type": ["string", "null"]}}},
+            "RedriveList": {"type": "object", "properties": {"redrives": {"type": "array", "items": {"$ref": "#/components/schemas/Redrive"}}}}
         }}
     })
 }
