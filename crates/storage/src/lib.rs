@@ -5,6 +5,7 @@
 //! offsets, retry history), and answers writes at the asked ack level.
 
 pub mod error;
+pub mod faults;
 pub mod format;
 pub mod journal;
 pub mod ranges;
@@ -13,6 +14,7 @@ pub mod state;
 mod store;
 
 pub use error::{FormatError, OpenError, ReadError, WriteError};
+pub use faults::Faults;
 pub use format::{BatchBuilder, NewRecord, Record};
 pub use ranges::RangeSet;
 pub use state::{LogState, RetryInfo};

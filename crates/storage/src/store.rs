@@ -23,6 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{FormatError, OpenError, ReadError, WriteError};
+use crate::faults::Faults;
 use crate::format::{
     BatchHeader, Cursor, Record, RecordView, check_batch, decode_record, stamp_batch, view_record,
 };
@@ -60,6 +61,8 @@ pub struct StoreOptions {
     pub max_round_bytes: usize,
     /// Fault injection for tests: the journal fsync number N (1-based) fails with EIO.
     pub fail_fsync_at: Option<u64>,
+    /// Fault injection for tests (nothing armed by default).
+    pub faults: Arc<Faults>,
 }
 
 impl Default for StoreOptions {
@@ -72,6 +75,7 @@ impl Default for StoreOptions {
             write_queue_capacity: 16_384,
             max_round_bytes: 4 << 20,
             fail_fsync_at: None,
+            faults: Arc::new(Faults::default()),
         }
     }
 }
@@ -139,7 +143,7 @@ pub enum OpResult {
 pub type Completion = Box<dyn FnOnce(Result<Vec<OpResult>, WriteError>) + Send>;
 /// Called by the syncer with (log uid, durable end) after each group commit.
 pub type DurableListener = Arc<dyn Fn(&[(u64, u64)]) + Send + Sync>;
-/// Called once when the store poisons itself (a failed fsync).
+/// Called once when the store poisons itself (a failed fsync, a dead storage thread).
 pub type FatalListener = Arc<dyn Fn(&str) + Send + Sync>;
 
 struct Request {
@@ -172,6 +176,8 @@ struct SyncState {
     /// Log ends to publish once synced: (seq, uid, end).
     ends: VecDeque<(u64, u64, u64)>,
     stop: bool,
+    /// The syncer thread died: durable requests are refused instead of queued.
+    syncer_dead: bool,
 }
 
 struct Shared {
@@ -183,6 +189,10 @@ struct Shared {
     sync_cv: Condvar,
     listener: OnceLock<DurableListener>,
     fatal: OnceLock<FatalListener>,
+    /// Why the store is poisoned (set once, with `poisoned`).
+    poison_reason: Mutex<Option<String>>,
+    /// The fatal listener ran (it runs once, whichever of poison and listener came first).
+    fatal_fired: AtomicBool,
     /// Bytes in the journal and segments, for metrics and the disk watermark.
     journal_bytes: AtomicU64,
 }
@@ -190,11 +200,63 @@ struct Shared {
 impl Shared {
     fn poison(&self, what: &str) {
         if !self.poisoned.swap(true, Ordering::SeqCst) {
+            *self.poison_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(what.into());
             tracing::error!("{what}; the store refuses every write from now on");
-            if let Some(fatal) = self.fatal.get() {
-                fatal(what);
-            }
+            self.fire_fatal();
         }
+    }
+
+    /// Runs the fatal listener once the store is poisoned and a listener is set (the store
+    /// may poison itself before the server has set its listener).
+    fn fire_fatal(&self) {
+        let Some(fatal) = self.fatal.get() else {
+            return;
+        };
+        let Some(reason) = self
+            .poison_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        if !self.fatal_fired.swap(true, Ordering::SeqCst) {
+            fatal(&reason);
+        }
+    }
+
+    /// A storage thread died: poison the store (readiness fails, the fatal listener ends
+    /// the process) and answer every durable request waiting for a sync that will not come.
+    fn thread_died(&self, thread: &str, panic: &(dyn std::any::Any + Send)) {
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        self.poison(&format!("the storage {thread} thread panicked: {message}"));
+        let pending: Vec<_> = {
+            let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+            sync.stop = true;
+            if thread == "syncer" {
+                sync.syncer_dead = true;
+            }
+            self.sync_cv.notify_all();
+            if thread == "syncer" {
+                sync.pending.drain(..).collect()
+            } else {
+                Vec::new() // the syncer answers them (refused: the store is poisoned)
+            }
+        };
+        for (_, done, _) in pending {
+            done(Err(WriteError::Poisoned));
+        }
+    }
+}
+
+/// Runs a storage thread's body; its death by panic poisons the store.
+fn guarded(shared: &Shared, thread: &str, body: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        shared.thread_died(thread, panic.as_ref());
     }
 }
 
@@ -371,10 +433,13 @@ impl Store {
                 pending: VecDeque::new(),
                 ends: VecDeque::new(),
                 stop: false,
+                syncer_dead: false,
             }),
             sync_cv: Condvar::new(),
             listener: OnceLock::new(),
             fatal: OnceLock::new(),
+            poison_reason: Mutex::new(None),
+            fatal_fired: AtomicBool::new(false),
             journal_bytes: AtomicU64::new(journal_len),
         });
         let mut writer = Writer {
@@ -405,11 +470,22 @@ impl Store {
         let syncer_shared = shared.clone();
         let syncer = std::thread::Builder::new()
             .name("tidewater-syncer".into())
-            .spawn(move || syncer_loop(&syncer_shared))
+            .spawn(move || guarded(&syncer_shared, "syncer", || syncer_loop(&syncer_shared)))
             .map_err(|e| OpenError::io(dir, e))?;
+        let writer_shared = shared.clone();
         let writer_thread = std::thread::Builder::new()
             .name("tidewater-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                let rx = rx;
+                guarded(&writer_shared, "writer", || writer.run(&rx));
+                // After a panic: refuse what is still queued (the store is poisoned now).
+                while let Ok(cmd) = rx.try_recv() {
+                    match cmd {
+                        Command::Write(req) => (req.done)(Err(WriteError::Poisoned)),
+                        Command::Shutdown(reply) => drop(reply.send(())),
+                    }
+                }
+            })
             .map_err(|e| OpenError::io(dir, e))?;
         let store = Store {
             shared,
@@ -424,12 +500,24 @@ impl Store {
         let _ = self.shared.listener.set(listener);
     }
 
+    /// Sets the listener called once when the store poisons itself; called at once if
+    /// it already has.
     pub fn set_fatal_listener(&self, listener: FatalListener) {
         let _ = self.shared.fatal.set(listener);
+        self.shared.fire_fatal();
     }
 
     pub fn is_poisoned(&self) -> bool {
         self.shared.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// Why the store is poisoned (a failed fsync, a dead storage thread), if it is.
+    pub fn poison_reason(&self) -> Option<String> {
+        self.shared
+            .poison_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Queues a request; `done` runs on a store thread once it is written or durable, as
@@ -868,7 +956,7 @@ struct Staged {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<Command>) {
+    fn run(mut self, rx: &Receiver<Command>) {
         let mut shutdown_reply = None;
         let mut carry: Option<Command> = None;
         while shutdown_reply.is_none() {
@@ -968,6 +1056,9 @@ impl Writer {
     fn write_round(&mut self, round: Vec<Request>) {
         if round.is_empty() {
             return;
+        }
+        if Faults::take(&self.shared.opts.faults.panic_writer) {
+            panic!("injected fault: the writer thread panics");
         }
         if self.shared.poisoned.load(Ordering::SeqCst) {
             for req in round {
@@ -1169,11 +1260,14 @@ impl Writer {
         self.seq += 1;
         let seq = self.seq;
         let mut now = Vec::new();
+        let mut refused = Vec::new();
         {
             let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
             for s in staged {
                 match s.req.level {
                     AckLevel::Written => now.push((s.req.done, s.results)),
+                    // No syncer will ever answer it.
+                    AckLevel::Durable if sync.syncer_dead => refused.push(s.req.done),
                     AckLevel::Durable => sync.pending.push_back((seq, s.req.done, s.results)),
                 }
             }
@@ -1185,6 +1279,9 @@ impl Writer {
         }
         for (done, results) in now {
             done(Ok(results));
+        }
+        for done in refused {
+            done(Err(WriteError::Poisoned));
         }
     }
 
@@ -1456,6 +1553,9 @@ fn syncer_loop(shared: &Shared) {
             }
             (sync.written_seq, sync.journal.clone())
         };
+        if Faults::take(&shared.opts.faults.panic_syncer) {
+            panic!("injected fault: the syncer thread panics");
+        }
         let failed = if shared.poisoned.load(Ordering::SeqCst) {
             true
         } else if shared.opts.fsync

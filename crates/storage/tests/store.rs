@@ -490,3 +490,121 @@ fn single_records_are_read_from_inside_large_batches() {
         assert_eq!(reader.read(offset, 1, 1).unwrap()[0].offset, offset);
     }
 }
+
+/// Counts the fatal listener's calls and keeps the last reason.
+fn fatal_counter(store: &Store) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    store.set_fatal_listener(std::sync::Arc::new(move |what| {
+        seen.lock().unwrap().push(what.to_string());
+    }));
+    calls
+}
+
+/// A panic on the writer thread poisons the store (readiness reads `is_poisoned`), calls
+/// the fatal listener, and every later write is refused instead of queued for nobody.
+#[test]
+fn a_panic_on_the_writer_thread_poisons_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = std::sync::Arc::new(tidewater_storage::Faults::default());
+    let options = StoreOptions {
+        faults: faults.clone(),
+        ..opts()
+    };
+    let (store, _) = Store::open(dir.path(), options).unwrap();
+    let fatal = fatal_counter(&store);
+    let uid = create(&store, "q");
+    assert_eq!(append(&store, uid, &["before"]), appended(0, 1));
+    faults
+        .panic_writer
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = store.submit_wait(
+        vec![Op::Append {
+            uid,
+            batch: batch(uid, &["during"]),
+        }],
+        AckLevel::Durable,
+    );
+    assert!(failed.is_err(), "{failed:?}");
+    // The round's requests are dropped while the thread unwinds, just before it poisons.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !store.is_poisoned() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(store.is_poisoned());
+    let reasons = fatal.lock().unwrap().clone();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].contains("writer thread panicked"), "{reasons:?}");
+    assert_eq!(store.poison_reason().as_deref(), Some(reasons[0].as_str()));
+    for level in [AckLevel::Durable, AckLevel::Written] {
+        let refused = store.submit_wait(
+            vec![Op::Append {
+                uid,
+                batch: batch(uid, &["after"]),
+            }],
+            level,
+        );
+        assert!(
+            matches!(refused, Err(tidewater_storage::WriteError::Poisoned)),
+            "{refused:?}"
+        );
+    }
+    // A listener set after the fact still hears of it (the server sets its own after open).
+    let late = fatal_counter(&store);
+    assert_eq!(
+        late.lock().unwrap().len(),
+        0,
+        "the fatal listener runs once"
+    );
+    drop(store);
+    let (store, recovered) = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(recovered[0].next_offset, 1);
+    assert_eq!(bodies(&store, uid, 0), ["before"]);
+}
+
+/// A panic on the syncer thread poisons the store: durable writes are answered (refused),
+/// not left waiting for a sync that will never come.
+#[test]
+fn a_panic_on_the_syncer_thread_poisons_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = std::sync::Arc::new(tidewater_storage::Faults::default());
+    let options = StoreOptions {
+        faults: faults.clone(),
+        ..opts()
+    };
+    let (store, _) = Store::open(dir.path(), options).unwrap();
+    let uid = create(&store, "q");
+    faults
+        .panic_syncer
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = store.submit_wait(
+        vec![Op::Append {
+            uid,
+            batch: batch(uid, &["during"]),
+        }],
+        AckLevel::Durable,
+    );
+    assert!(
+        matches!(failed, Err(tidewater_storage::WriteError::Poisoned)),
+        "{failed:?}"
+    );
+    assert!(store.is_poisoned());
+    // Set after the poisoning: called at once.
+    let fatal = fatal_counter(&store);
+    let reasons = fatal.lock().unwrap().clone();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].contains("syncer thread panicked"), "{reasons:?}");
+    for level in [AckLevel::Durable, AckLevel::Written] {
+        let refused = store.submit_wait(
+            vec![Op::Append {
+                uid,
+                batch: batch(uid, &["after"]),
+            }],
+            level,
+        );
+        assert!(
+            matches!(refused, Err(tidewater_storage::WriteError::Poisoned)),
+            "{refused:?}"
+        );
+    }
+}

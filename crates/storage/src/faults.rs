@@ -1,0 +1,23 @@
+//! A test seam: fault injection into the store's threads and file operations. Everything is
+//! off by default; a check costs one relaxed atomic load, and only on rare paths (once per
+//! writer round or sync, once per checkpoint).
+//!
+//! Tests keep an `Arc<Faults>`, pass it in `StoreOptions::faults` and arm faults while the
+//! store runs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// The writer thread panics at the start of its next round.
+    pub panic_writer: AtomicBool,
+    /// The syncer thread panics before its next fdatasync.
+    pub panic_syncer: AtomicBool,
+}
+
+impl Faults {
+    /// Whether `flag` is armed; disarms it (a fault fires once).
+    pub(crate) fn take(flag: &AtomicBool) -> bool {
+        flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::SeqCst)
+    }
+}
