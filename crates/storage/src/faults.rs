@@ -5,7 +5,7 @@
 //! Tests keep an `Arc<Faults>`, pass it in `StoreOptions::faults` and arm faults while the
 //! store runs.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
 pub struct Faults {
@@ -13,11 +13,21 @@ pub struct Faults {
     pub panic_writer: AtomicBool,
     /// The syncer thread panics before its next fdatasync.
     pub panic_syncer: AtomicBool,
+    /// This many next opens of the checkpoint directory (for its fsync) fail with EMFILE.
+    pub checkpoint_dir_open_failures: AtomicU64,
 }
 
 impl Faults {
     /// Whether `flag` is armed; disarms it (a fault fires once).
     pub(crate) fn take(flag: &AtomicBool) -> bool {
         flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::SeqCst)
+    }
+
+    /// Counts `counter` down; true while it was above zero.
+    pub(crate) fn take_count(counter: &AtomicU64) -> bool {
+        counter.load(Ordering::Relaxed) > 0
+            && counter
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
     }
 }

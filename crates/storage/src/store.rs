@@ -195,6 +195,8 @@ struct Shared {
     fatal_fired: AtomicBool,
     /// Bytes in the journal and segments, for metrics and the disk watermark.
     journal_bytes: AtomicU64,
+    /// Checkpoints that failed without poisoning (retried later), for metrics.
+    checkpoint_failures: AtomicU64,
 }
 
 impl Shared {
@@ -441,6 +443,7 @@ impl Store {
             poison_reason: Mutex::new(None),
             fatal_fired: AtomicBool::new(false),
             journal_bytes: AtomicU64::new(journal_len),
+            checkpoint_failures: AtomicU64::new(0),
         });
         let mut writer = Writer {
             shared: shared.clone(),
@@ -453,6 +456,7 @@ impl Store {
             last_checkpoint: Instant::now(),
             changed_since_checkpoint: true,
             checkpoint_retry_at: Instant::now(),
+            checkpoint_unsynced: false,
             deleted_dirs: Vec::new(),
         };
         // A first checkpoint makes replayed data durable in segments and drops old journals.
@@ -461,6 +465,7 @@ impl Store {
             Err(CheckpointError::Sync(e)) => return Err(OpenError::io(dir, e)),
             // Typically a full disk: serve from the replayed journal and checkpoint later.
             Err(CheckpointError::Io(e)) => {
+                shared.checkpoint_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "initial checkpoint failed; continuing on the journal")
             }
         }
@@ -549,6 +554,12 @@ impl Store {
     pub fn reader(&self, uid: u64) -> Option<LogReader> {
         let logs = self.shared.logs.read().unwrap_or_else(|e| e.into_inner());
         logs.get(&uid).map(|log| LogReader { log: log.clone() })
+    }
+
+    /// Checkpoints that failed with an error other than a failed fsync (for example, no
+    /// file descriptor left to open a directory): logged and retried a second later.
+    pub fn checkpoint_failures(&self) -> u64 {
+        self.shared.checkpoint_failures.load(Ordering::Relaxed)
     }
 
     /// Bytes in the current journal file.
@@ -946,6 +957,9 @@ struct Writer {
     last_checkpoint: Instant,
     changed_since_checkpoint: bool,
     checkpoint_retry_at: Instant,
+    /// The newest checkpoint was renamed into place but its directory is not fsynced yet:
+    /// nothing it replaces may be deleted until it is.
+    checkpoint_unsynced: bool,
     deleted_dirs: Vec<PathBuf>,
 }
 
@@ -1032,6 +1046,7 @@ impl Writer {
             return;
         }
         let due = self.journal_len >= self.shared.opts.journal_roll_bytes
+            || self.checkpoint_unsynced
             || (self.changed_since_checkpoint
                 && self.last_checkpoint.elapsed() >= self.shared.opts.checkpoint_interval);
         if due {
@@ -1046,6 +1061,9 @@ impl Writer {
                 .shared
                 .poison(&format!("checkpoint fsync failed: {err}")),
             Err(CheckpointError::Io(err)) => {
+                self.shared
+                    .checkpoint_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %err, "checkpoint failed; the journal keeps everything, retrying in 1 s");
                 self.checkpoint_retry_at = Instant::now() + Duration::from_secs(1);
             }
@@ -1405,6 +1423,9 @@ impl Writer {
     fn checkpoint(&mut self) -> Result<(), CheckpointError> {
         if !self.changed_since_checkpoint {
             self.last_checkpoint = Instant::now();
+            if self.checkpoint_unsynced {
+                return self.finish_checkpoint();
+            }
             return Ok(());
         }
         let fsync = self.shared.opts.fsync;
@@ -1448,12 +1469,15 @@ impl Writer {
         if fsync {
             file.sync_all().map_err(CheckpointError::Sync)?;
         }
-        fs::rename(&tmp, ckpt_dir.join(format!("{new_id:020}.ckpt")))
-            .map_err(CheckpointError::Io)?;
-        if fsync {
-            fsync_dir(&ckpt_dir).map_err(CheckpointError::Sync)?;
+        if let Err(err) = fs::rename(&tmp, ckpt_dir.join(format!("{new_id:020}.ckpt"))) {
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(journal_path(&dir, new_id));
+            return Err(CheckpointError::Io(err));
         }
-        // The checkpoint is durable: switch journals, then clean up.
+        // The checkpoint is in place: switch journals. Recovery from it replays the new
+        // journal; recovery from the one before (should the rename not survive a power
+        // loss) replays the old journal and the new one, so both hold until the directory
+        // is fsynced and the old files are deleted (`finish_checkpoint`).
         let journal = Arc::new(journal);
         {
             let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
@@ -1467,7 +1491,33 @@ impl Writer {
             .store(journal_len, Ordering::Relaxed);
         self.changed_since_checkpoint = false;
         self.last_checkpoint = Instant::now();
-        if let Err(err) = self.remove_obsolete(&dir, new_id) {
+        self.checkpoint_unsynced = true;
+        self.finish_checkpoint()
+    }
+
+    /// Makes the newest checkpoint's name durable (fsync of its directory), then deletes
+    /// the journals, checkpoints, segments and logs it replaces. Failing to open the
+    /// directory (say EMFILE) is retried later; a failed fsync poisons.
+    fn finish_checkpoint(&mut self) -> Result<(), CheckpointError> {
+        let dir = self.shared.dir.clone();
+        if self.shared.opts.fsync {
+            let ckpt_dir = dir.join("checkpoint");
+            let handle =
+                if Faults::take_count(&self.shared.opts.faults.checkpoint_dir_open_failures) {
+                    Err(std::io::Error::from_raw_os_error(libc::EMFILE))
+                } else {
+                    File::open(&ckpt_dir)
+                };
+            let handle = handle.map_err(|e| {
+                CheckpointError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("opening {} to fsync it: {e}", ckpt_dir.display()),
+                ))
+            })?;
+            handle.sync_all().map_err(CheckpointError::Sync)?;
+        }
+        self.checkpoint_unsynced = false;
+        if let Err(err) = self.remove_obsolete(&dir, self.journal_id) {
             tracing::warn!(error = %err, "could not remove obsolete files; will retry at the next checkpoint");
         }
         Ok(())

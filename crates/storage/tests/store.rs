@@ -608,3 +608,50 @@ fn a_panic_on_the_syncer_thread_poisons_the_store() {
         );
     }
 }
+
+/// A checkpoint that cannot open its directory (no file descriptor left) is not a failed
+/// fsync: it is counted, retried a second later, and the store goes on. Nothing it would
+/// replace is deleted until the directory is fsynced.
+#[test]
+fn a_checkpoint_that_cannot_open_its_directory_is_retried_not_fatal() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let faults = std::sync::Arc::new(tidewater_storage::Faults::default());
+    let options = StoreOptions {
+        fsync: true,
+        checkpoint_interval: Duration::from_millis(20),
+        faults: faults.clone(),
+        ..opts()
+    };
+    let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
+    let fatal = fatal_counter(&store);
+    faults
+        .checkpoint_dir_open_failures
+        .store(2, Ordering::SeqCst);
+    let uid = create(&store, "q");
+    assert_eq!(append(&store, uid, &["a"]), appended(0, 1));
+    let count = |sub: &str| fs::read_dir(dir.path().join(sub)).unwrap().count();
+    let mut next = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while (faults.checkpoint_dir_open_failures.load(Ordering::SeqCst) > 0
+        || count("journal") > 1
+        || count("checkpoint") > 1)
+        && std::time::Instant::now() < deadline
+    {
+        assert!(!store.is_poisoned(), "{:?}", store.poison_reason());
+        next += 1;
+        assert_eq!(append(&store, uid, &["more"]), appended(next, 1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        faults.checkpoint_dir_open_failures.load(Ordering::SeqCst),
+        0
+    );
+    assert_eq!(store.checkpoint_failures(), 2);
+    assert!(!store.is_poisoned(), "{:?}", store.poison_reason());
+    assert!(fatal.lock().unwrap().is_empty());
+    assert_eq!((count("journal"), count("checkpoint")), (1, 1));
+    drop(store);
+    let (_store, recovered) = Store::open(dir.path(), options).unwrap();
+    assert_eq!(recovered[0].next_offset, next + 1);
+}
