@@ -14,7 +14,7 @@ pub mod state;
 mod store;
 
 pub use error::{FormatError, OpenError, ReadError, WriteError};
-pub use faults::Faults;
+pub use faults::{Faults, FsOp};
 pub use format::{BatchBuilder, NewRecord, Record};
 pub use ranges::RangeSet;
 pub use state::{LogState, RetryInfo};

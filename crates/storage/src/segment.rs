@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{FormatError, OpenError, ReadError};
+use crate::faults::{Faults, FsOp};
 use crate::format::{BATCH_HEADER_LEN, BatchHeader};
 
 /// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
@@ -97,6 +98,7 @@ pub(crate) struct LogFiles {
     pub uid: u64,
     pub dir: PathBuf,
     pub segments: Vec<Segment>,
+    faults: Arc<Faults>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -120,18 +122,38 @@ fn open_rw(path: &Path, create: bool) -> Result<File, std::io::Error> {
         .open(path)
 }
 
-pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+/// Makes the names in `dir` durable (created, renamed and removed files).
+pub(crate) fn fsync_dir(dir: &Path, faults: &Faults) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()?;
+    faults.note(|| FsOp::SyncDir(dir.to_path_buf()));
+    Ok(())
+}
+
+/// Removes a file, noting it for tests.
+fn remove_file(path: &Path, faults: &Faults) -> std::io::Result<()> {
+    fs::remove_file(path)?;
+    faults.note(|| FsOp::Remove(path.to_path_buf()));
+    Ok(())
 }
 
 impl LogFiles {
-    /// Creates the directory and its first segment.
-    pub fn create(dir: PathBuf, uid: u64, first_offset: u64) -> Result<LogFiles, OpenError> {
+    /// Creates the directory (durably: its parent is fsynced) and its first segment.
+    pub fn create(
+        dir: PathBuf,
+        uid: u64,
+        first_offset: u64,
+        faults: Arc<Faults>,
+    ) -> Result<LogFiles, OpenError> {
         fs::create_dir_all(&dir).map_err(|e| OpenError::io(&dir, e))?;
+        faults.note(|| FsOp::CreateDir(dir.clone()));
+        if let Some(parent) = dir.parent() {
+            fsync_dir(parent, &faults).map_err(|e| OpenError::io(parent, e))?;
+        }
         let mut files = LogFiles {
             uid,
             dir,
             segments: Vec::new(),
+            faults,
         };
         files
             .roll(first_offset)
@@ -142,9 +164,14 @@ impl LogFiles {
     /// Opens a log's directory, checking every batch. A bad or torn batch truncates the log
     /// there (later segments are removed); the journal holds everything after the last
     /// checkpoint, so only data at or above `durable_floor` may be cut.
-    pub fn open(dir: PathBuf, uid: u64, durable_floor: u64) -> Result<LogFiles, OpenError> {
+    pub fn open(
+        dir: PathBuf,
+        uid: u64,
+        durable_floor: u64,
+        faults: Arc<Faults>,
+    ) -> Result<LogFiles, OpenError> {
         if !dir.exists() {
-            return LogFiles::create(dir, uid, durable_floor);
+            return LogFiles::create(dir, uid, durable_floor, faults);
         }
         let mut bases: Vec<u64> = Vec::new();
         for item in fs::read_dir(&dir).map_err(|e| OpenError::io(&dir, e))? {
@@ -162,12 +189,15 @@ impl LogFiles {
             uid,
             dir,
             segments: Vec::new(),
+            faults,
         };
         let mut cut = false;
+        let mut removed = false;
         for base in bases {
             let path = segment_path(&files.dir, base);
             if cut {
-                fs::remove_file(&path).map_err(|e| OpenError::io(&path, e))?;
+                remove_file(&path, &files.faults).map_err(|e| OpenError::io(&path, e))?;
+                removed = true;
                 continue;
             }
             let expected = files.segments.last().map_or(base, |s: &Segment| s.end);
@@ -205,6 +235,10 @@ impl LogFiles {
             }
             files.segments.push(segment);
         }
+        if removed {
+            // Removed segments must not come back after a power loss, behind the cut.
+            fsync_dir(&files.dir, &files.faults).map_err(|e| OpenError::io(&files.dir, e))?;
+        }
         if files.segments.is_empty() {
             files
                 .roll(durable_floor)
@@ -227,8 +261,9 @@ impl LogFiles {
     pub fn roll(&mut self, base: u64) -> std::io::Result<()> {
         let path = segment_path(&self.dir, base);
         let file = open_rw(&path, true)?;
+        self.faults.note(|| FsOp::CreateFile(path.clone()));
         file.set_len(0)?;
-        fsync_dir(&self.dir)?;
+        fsync_dir(&self.dir, &self.faults)?;
         self.segments.push(Segment {
             base,
             end: base,
@@ -264,9 +299,14 @@ impl LogFiles {
     /// Cuts the log back to end at `offset` (a batch boundary). Used on recovery when a
     /// segment holds batches whose journal entries never became durable.
     pub fn truncate_to(&mut self, offset: u64) -> Result<(), OpenError> {
+        let mut removed = false;
         while self.segments.len() > 1 && self.active().base >= offset {
             let seg = self.segments.pop().unwrap();
-            fs::remove_file(&seg.path).map_err(|e| OpenError::io(&seg.path, e))?;
+            remove_file(&seg.path, &self.faults).map_err(|e| OpenError::io(&seg.path, e))?;
+            removed = true;
+        }
+        if removed {
+            fsync_dir(&self.dir, &self.faults).map_err(|e| OpenError::io(&self.dir, e))?;
         }
         let active = self.segments.last_mut().unwrap();
         if active.end == offset {

@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{FormatError, OpenError, ReadError, WriteError};
-use crate::faults::Faults;
+use crate::faults::{Faults, FsOp};
 use crate::format::{
     BatchHeader, Cursor, Record, RecordView, check_batch, decode_record, stamp_batch, view_record,
 };
@@ -388,12 +388,21 @@ impl LogReader {
 impl Store {
     /// Opens (recovering) a data directory and starts the writer and syncer threads.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, Vec<RecoveredLog>), OpenError> {
+        let faults = &opts.faults;
+        let mut created = false;
         for sub in ["journal", "checkpoint", "logs"] {
             let path = dir.join(sub);
-            fs::create_dir_all(&path).map_err(|e| OpenError::io(&path, e))?;
+            if !path.is_dir() {
+                fs::create_dir_all(&path).map_err(|e| OpenError::io(&path, e))?;
+                faults.note(|| FsOp::CreateDir(path.clone()));
+                created = true;
+            }
+        }
+        if created {
+            fsync_dir(dir, faults).map_err(|e| OpenError::io(dir, e))?;
         }
         let lock = lock_dir(dir)?;
-        let recovered = recover(dir)?;
+        let recovered = recover(dir, faults)?;
         let Recovered {
             logs,
             next_uid,
@@ -401,7 +410,7 @@ impl Store {
         } = recovered;
 
         let (journal, journal_len) =
-            create_journal(dir, journal_id).map_err(|e| OpenError::io(dir, e))?;
+            create_journal(dir, journal_id, faults).map_err(|e| OpenError::io(dir, e))?;
         let journal = Arc::new(journal);
         let mut shared_logs = HashMap::new();
         let mut writer_logs = HashMap::new();
@@ -648,7 +657,7 @@ fn list_ids(dir: &Path, suffix: &str) -> std::io::Result<Vec<u64>> {
     Ok(ids)
 }
 
-fn create_journal(dir: &Path, id: u64) -> std::io::Result<(File, u64)> {
+fn create_journal(dir: &Path, id: u64, faults: &Faults) -> std::io::Result<(File, u64)> {
     let path = journal_path(dir, id);
     let file = OpenOptions::new()
         .read(true)
@@ -656,9 +665,10 @@ fn create_journal(dir: &Path, id: u64) -> std::io::Result<(File, u64)> {
         .create(true)
         .truncate(true)
         .open(&path)?;
+    faults.note(|| FsOp::CreateFile(path.clone()));
     file.write_all_at(&journal_header(id), 0)?;
     file.sync_all()?;
-    fsync_dir(&dir.join("journal"))?;
+    fsync_dir(&dir.join("journal"), faults)?;
     Ok((file, JOURNAL_HEADER_LEN as u64))
 }
 
@@ -677,7 +687,7 @@ fn corrupt(path: &Path, position: u64, reason: impl ToString) -> OpenError {
 }
 
 /// Loads the newest checkpoint, checks segments and replays the journals after it.
-fn recover(dir: &Path) -> Result<Recovered, OpenError> {
+fn recover(dir: &Path, faults: &Arc<Faults>) -> Result<Recovered, OpenError> {
     let ckpt_dir = dir.join("checkpoint");
     let ckpts = list_ids(&ckpt_dir, ".ckpt").map_err(|e| OpenError::io(&ckpt_dir, e))?;
     let mut states: HashMap<u64, LogState> = HashMap::new();
@@ -695,7 +705,12 @@ fn recover(dir: &Path) -> Result<Recovered, OpenError> {
     }
     let mut files: HashMap<u64, LogFiles> = HashMap::new();
     for state in states.values() {
-        let log_files = LogFiles::open(log_dir(dir, state.uid), state.uid, state.next_offset)?;
+        let log_files = LogFiles::open(
+            log_dir(dir, state.uid),
+            state.uid,
+            state.next_offset,
+            faults.clone(),
+        )?;
         if log_files.end() < state.next_offset {
             return Err(corrupt(
                 &log_files.dir,
@@ -732,12 +747,11 @@ fn recover(dir: &Path) -> Result<Recovered, OpenError> {
         while pos < bytes.len() {
             match decode_entry(&bytes[pos..]) {
                 Ok((entry, len)) => {
-                    apply_replayed(dir, &mut states, &mut files, &mut next_uid, entry).map_err(
-                        |e| match e {
+                    apply_replayed(dir, faults, &mut states, &mut files, &mut next_uid, entry)
+                        .map_err(|e| match e {
                             ReplayError::Open(e) => e,
                             ReplayError::Corrupt(reason) => corrupt(&path, pos as u64, reason),
-                        },
-                    )?;
+                        })?;
                     pos += len;
                 }
                 Err(err) if last => {
@@ -787,6 +801,7 @@ enum ReplayError {
 
 fn apply_replayed(
     dir: &Path,
+    faults: &Arc<Faults>,
     states: &mut HashMap<u64, LogState>,
     files: &mut HashMap<u64, LogFiles>,
     next_uid: &mut u64,
@@ -797,7 +812,8 @@ fn apply_replayed(
             *next_uid = (*next_uid).max(uid + 1);
             let path = log_dir(dir, uid);
             let _ = fs::remove_dir_all(&path); // a fresh log starts empty
-            let log_files = LogFiles::create(path, uid, 0).map_err(ReplayError::Open)?;
+            let log_files =
+                LogFiles::create(path, uid, 0, faults.clone()).map_err(ReplayError::Open)?;
             files.insert(uid, log_files);
             states.insert(
                 uid,
@@ -1317,7 +1333,12 @@ impl Writer {
             match op {
                 Op::CreateLog { name, config } => {
                     let uid = self.next_uid + created.len() as u64;
-                    let files = match LogFiles::create(log_dir(&self.shared.dir, uid), uid, 0) {
+                    let files = match LogFiles::create(
+                        log_dir(&self.shared.dir, uid),
+                        uid,
+                        0,
+                        self.shared.opts.faults.clone(),
+                    ) {
                         Ok(files) => files,
                         Err(OpenError::Io { source, .. }) => {
                             return (req.done)(Err(WriteError::from_io(&source)));
@@ -1444,7 +1465,14 @@ impl Writer {
         let dir = self.shared.dir.clone();
         let ckpt_dir = dir.join("checkpoint");
         let tmp = ckpt_dir.join("checkpoint.tmp");
-        let (journal, journal_len) = create_journal(&dir, new_id).map_err(|e| {
+        let faults = &self.shared.opts.faults;
+        if fsync {
+            // Until the new checkpoint's name is durable, recovery may start from the
+            // previous one and replay this journal in full: its tail must not be torn.
+            self.journal.sync_data().map_err(CheckpointError::Sync)?;
+            faults.note(|| FsOp::SyncFile(journal_path(&dir, self.journal_id)));
+        }
+        let (journal, journal_len) = create_journal(&dir, new_id, faults).map_err(|e| {
             let _ = fs::remove_file(journal_path(&dir, new_id));
             CheckpointError::Io(e)
         })?;
@@ -1469,11 +1497,16 @@ impl Writer {
         if fsync {
             file.sync_all().map_err(CheckpointError::Sync)?;
         }
-        if let Err(err) = fs::rename(&tmp, ckpt_dir.join(format!("{new_id:020}.ckpt"))) {
+        let ckpt_path = ckpt_dir.join(format!("{new_id:020}.ckpt"));
+        if let Err(err) = fs::rename(&tmp, &ckpt_path) {
             let _ = fs::remove_file(&tmp);
             let _ = fs::remove_file(journal_path(&dir, new_id));
             return Err(CheckpointError::Io(err));
         }
+        faults.note(|| FsOp::Rename {
+            from: tmp.clone(),
+            to: ckpt_path.clone(),
+        });
         // The checkpoint is in place: switch journals. Recovery from it replays the new
         // journal; recovery from the one before (should the rename not survive a power
         // loss) replays the old journal and the new one, so both hold until the directory
@@ -1515,6 +1548,10 @@ impl Writer {
                 ))
             })?;
             handle.sync_all().map_err(CheckpointError::Sync)?;
+            self.shared
+                .opts
+                .faults
+                .note(|| FsOp::SyncDir(ckpt_dir.clone()));
         }
         self.checkpoint_unsynced = false;
         if let Err(err) = self.remove_obsolete(&dir, self.journal_id) {

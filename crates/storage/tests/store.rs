@@ -655,3 +655,74 @@ fn a_checkpoint_that_cannot_open_its_directory_is_retried_not_fatal() {
     let (_store, recovered) = Store::open(dir.path(), options).unwrap();
     assert_eq!(recovered[0].next_offset, next + 1);
 }
+
+/// Every new name (log directory, segment, journal, checkpoint) is followed by an fsync of
+/// its directory before anything depends on it; a checkpoint's rename is preceded by a
+/// sync of the journal that recovery would replay if the rename were lost. (A log
+/// directory's parent was not fsynced: after a power loss the checkpointed log could vanish.)
+#[test]
+fn new_names_are_made_durable_by_a_directory_fsync() {
+    use tidewater_storage::FsOp;
+    let dir = tempfile::tempdir().unwrap();
+    let faults = std::sync::Arc::new(tidewater_storage::Faults::default());
+    faults
+        .record_fs_ops
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let options = StoreOptions {
+        fsync: true,
+        segment_roll_bytes: 1024,
+        journal_roll_bytes: 16 << 10,
+        faults: faults.clone(),
+        ..opts()
+    };
+    let data = dir.path().join("data");
+    let (store, _) = Store::open(&data, options.clone()).unwrap();
+    let uid = create(&store, "q");
+    let body = "x".repeat(200);
+    for _ in 0..100 {
+        append(&store, uid, &[&body]);
+    }
+    drop(store);
+    // Recovery of a log created after the last checkpoint recreates its directory.
+    let (store, _) = Store::open(&data, options).unwrap();
+    create(&store, "r");
+    drop(store);
+    let ops = faults.fs_ops.lock().unwrap().clone();
+    let synced_after = |at: usize, dir: &std::path::Path| {
+        ops[at + 1..]
+            .iter()
+            .any(|op| matches!(op, FsOp::SyncDir(d) if d == dir))
+    };
+    let mut checked = 0;
+    for (at, op) in ops.iter().enumerate() {
+        let path = match op {
+            FsOp::CreateDir(p) | FsOp::CreateFile(p) | FsOp::Rename { to: p, .. } => p,
+            _ => continue,
+        };
+        let parent = path.parent().unwrap();
+        assert!(
+            synced_after(at, parent),
+            "{op:?} is not followed by an fsync of {}",
+            parent.display()
+        );
+        checked += 1;
+    }
+    let created_logs = ops
+        .iter()
+        .filter(|op| matches!(op, FsOp::CreateDir(p) if p.parent().unwrap().ends_with("logs")))
+        .count();
+    assert!(created_logs >= 2, "{ops:#?}");
+    assert!(checked > 10, "{ops:#?}");
+    for (at, op) in ops.iter().enumerate() {
+        if let FsOp::Rename { .. } = op {
+            assert!(
+                ops[..at]
+                    .iter()
+                    .rev()
+                    .take_while(|op| !matches!(op, FsOp::Rename { .. }))
+                    .any(|op| matches!(op, FsOp::SyncFile(p) if p.extension().unwrap() == "jnl")),
+                "{op:?} without a sync of the journal before it"
+            );
+        }
+    }
+}
