@@ -13,7 +13,7 @@ mod segment;
 pub mod state;
 mod store;
 
-pub use error::{FormatError, OpenError, ReadError, WriteError};
+pub use error::{FormatError, MissingData, OpenError, ReadError, WriteError};
 pub use faults::{Faults, FsOp};
 pub use format::{BatchBuilder, NewRecord, Record};
 pub use ranges::RangeSet;

@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::error::{FormatError, OpenError, ReadError, WriteError};
+use crate::error::{FormatError, MissingData, OpenError, ReadError, WriteError};
 use crate::faults::{Faults, FsOp};
 use crate::format::{
     BatchHeader, Cursor, Record, RecordView, check_batch, decode_record, stamp_batch, view_record,
@@ -30,7 +30,7 @@ use crate::format::{
 use crate::journal::{
     Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, decode_entry, encode_entry, journal_header,
 };
-use crate::segment::{LogFiles, Sink, fsync_dir, read_records};
+use crate::segment::{Gap, LogFiles, Opened, Sink, fsync_dir, read_records};
 use crate::state::LogState;
 
 /// Version 02 added remembered message ids per log.
@@ -63,6 +63,11 @@ pub struct StoreOptions {
     pub fail_fsync_at: Option<u64>,
     /// Fault injection for tests (nothing armed by default).
     pub faults: Arc<Faults>,
+    /// Repair on open: when the checkpoint and journal say a log holds unsettled messages
+    /// that no file holds (a lost directory or segment file, a cut segment), settle them
+    /// (drop them) and report what was dropped (`Store::repair_report`) instead of refusing
+    /// to start with `OpenError::Missing`. An operator's choice, never a default.
+    pub repair_missing: bool,
 }
 
 impl Default for StoreOptions {
@@ -76,6 +81,7 @@ impl Default for StoreOptions {
             max_round_bytes: 4 << 20,
             fail_fsync_at: None,
             faults: Arc::new(Faults::default()),
+            repair_missing: false,
         }
     }
 }
@@ -267,6 +273,7 @@ pub struct Store {
     shared: Arc<Shared>,
     tx: SyncSender<Command>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    repair_report: Vec<MissingData>,
     _lock: File,
 }
 
@@ -402,11 +409,12 @@ impl Store {
             fsync_dir(dir, faults).map_err(|e| OpenError::io(dir, e))?;
         }
         let lock = lock_dir(dir)?;
-        let recovered = recover(dir, faults)?;
+        let recovered = recover(dir, faults, opts.repair_missing)?;
         let Recovered {
             logs,
             next_uid,
             journal_id,
+            dropped,
         } = recovered;
 
         let (journal, journal_len) =
@@ -472,6 +480,13 @@ impl Store {
         match writer.checkpoint() {
             Ok(()) => {}
             Err(CheckpointError::Sync(e)) => return Err(OpenError::io(dir, e)),
+            // A repair is durable only in a checkpoint (the files still lack what it dropped).
+            Err(CheckpointError::Io(e)) if !dropped.is_empty() => {
+                return Err(OpenError::io(
+                    dir,
+                    std::io::Error::new(e.kind(), format!("checkpoint of the repair: {e}")),
+                ));
+            }
             // Typically a full disk: serve from the replayed journal and checkpoint later.
             Err(CheckpointError::Io(e)) => {
                 shared.checkpoint_failures.fetch_add(1, Ordering::Relaxed);
@@ -505,6 +520,7 @@ impl Store {
             shared,
             tx,
             threads: Mutex::new(vec![writer_thread, syncer]),
+            repair_report: dropped,
             _lock: lock,
         };
         Ok((store, recovered))
@@ -563,6 +579,12 @@ impl Store {
     pub fn reader(&self, uid: u64) -> Option<LogReader> {
         let logs = self.shared.logs.read().unwrap_or_else(|e| e.into_inner());
         logs.get(&uid).map(|log| LogReader { log: log.clone() })
+    }
+
+    /// What the open dropped as missing, with `StoreOptions::repair_missing` (empty
+    /// otherwise: missing data refuses the open).
+    pub fn repair_report(&self) -> &[MissingData] {
+        &self.repair_report
     }
 
     /// Checkpoints that failed with an error other than a failed fsync (for example, no
@@ -676,6 +698,47 @@ struct Recovered {
     logs: Vec<(LogState, LogFiles)>,
     next_uid: u64,
     journal_id: u64,
+    /// Unsettled messages no file held, settled by a repair.
+    dropped: Vec<MissingData>,
+}
+
+/// The offsets of `range` that `state` does not have settled.
+fn unsettled_in(state: &LogState, range: &Range<u64>) -> Vec<Range<u64>> {
+    let start = range.start.max(state.ack_floor);
+    if start >= range.end {
+        return Vec::new();
+    }
+    if state.settled.count_in(start..range.end) == 0 {
+        return vec![start..range.end];
+    }
+    let mut out = Vec::new();
+    let mut at = start;
+    for settled in state.settled.iter() {
+        if settled.end <= at {
+            continue;
+        }
+        if settled.start >= range.end {
+            break;
+        }
+        if settled.start > at {
+            out.push(at..settled.start);
+        }
+        at = settled.end;
+    }
+    if at < range.end {
+        out.push(at..range.end);
+    }
+    out
+}
+
+fn missing_data(state: &LogState, gap: Gap) -> MissingData {
+    MissingData {
+        log_uid: state.uid,
+        log_name: state.name.clone(),
+        offsets: unsettled_in(state, &gap.offsets),
+        path: gap.path,
+        detail: gap.detail,
+    }
 }
 
 fn corrupt(path: &Path, position: u64, reason: impl ToString) -> OpenError {
@@ -687,7 +750,7 @@ fn corrupt(path: &Path, position: u64, reason: impl ToString) -> OpenError {
 }
 
 /// Loads the newest checkpoint, checks segments and replays the journals after it.
-fn recover(dir: &Path, faults: &Arc<Faults>) -> Result<Recovered, OpenError> {
+fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, OpenError> {
     let ckpt_dir = dir.join("checkpoint");
     let ckpts = list_ids(&ckpt_dir, ".ckpt").map_err(|e| OpenError::io(&ckpt_dir, e))?;
     let mut states: HashMap<u64, LogState> = HashMap::new();
@@ -704,13 +767,41 @@ fn recover(dir: &Path, faults: &Arc<Faults>) -> Result<Recovered, OpenError> {
         }
     }
     let mut files: HashMap<u64, LogFiles> = HashMap::new();
-    for state in states.values() {
-        let log_files = LogFiles::open(
+    let mut missing = Vec::new();
+    let mut dropped = Vec::new();
+    let mut uids: Vec<u64> = states.keys().copied().collect();
+    uids.sort_unstable();
+    for uid in uids {
+        let state = &states[&uid];
+        let hole_ok = |range: &Range<u64>| repair || unsettled_in(state, range).is_empty();
+        let opened = LogFiles::open(
             log_dir(dir, state.uid),
             state.uid,
-            state.next_offset,
+            (state.ack_floor, state.next_offset),
             faults.clone(),
+            &hole_ok,
         )?;
+        let log_files = match opened {
+            Opened::Files(log_files, holes) => {
+                let lost: Vec<MissingData> = holes
+                    .into_iter()
+                    .map(|gap| missing_data(state, gap))
+                    .filter(|m| !m.offsets.is_empty())
+                    .collect();
+                let state = states.get_mut(&uid).expect("listed");
+                for m in lost {
+                    tracing::error!("repair: dropping missing messages: {m}");
+                    state.settle(&m.offsets);
+                    dropped.push(m);
+                }
+                log_files
+            }
+            Opened::Missing(gaps) => {
+                missing.extend(gaps.into_iter().map(|gap| missing_data(state, gap)));
+                continue;
+            }
+        };
+        let state = &states[&uid];
         if log_files.end() < state.next_offset {
             return Err(corrupt(
                 &log_files.dir,
@@ -723,6 +814,9 @@ fn recover(dir: &Path, faults: &Arc<Faults>) -> Result<Recovered, OpenError> {
             ));
         }
         files.insert(state.uid, log_files);
+    }
+    if !missing.is_empty() {
+        return Err(OpenError::Missing(missing));
     }
 
     let jdir = dir.join("journal");
@@ -791,6 +885,7 @@ fn recover(dir: &Path, faults: &Arc<Faults>) -> Result<Recovered, OpenError> {
         logs,
         next_uid,
         journal_id: next_journal,
+        dropped,
     })
 }
 

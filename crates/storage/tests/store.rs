@@ -726,3 +726,182 @@ fn new_names_are_made_durable_by_a_directory_fsync() {
         }
     }
 }
+
+/// A store with 20 single-message segments (offsets 0..20) of log "q", cleanly shut down.
+fn twenty_segments(dir: &std::path::Path) -> (u64, std::path::PathBuf, Vec<std::path::PathBuf>) {
+    let options = StoreOptions {
+        segment_roll_bytes: 60,
+        ..opts()
+    };
+    let (store, _) = Store::open(dir, options).unwrap();
+    let uid = create(&store, "q");
+    for i in 0..20 {
+        let body = format!("m{i:02}");
+        assert_eq!(append(&store, uid, &[&body]), appended(i, 1));
+    }
+    // Offsets 5..7 are acked: nothing is lost if they are missing.
+    store
+        .submit_wait(
+            vec![Op::Settle {
+                uid,
+                ranges: vec![5..7],
+            }],
+            AckLevel::Durable,
+        )
+        .unwrap();
+    drop(store);
+    let log_dir = dir.join("logs").join(format!("{uid:016x}"));
+    let mut segments: Vec<_> = fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert_eq!(segments.len(), 20, "{segments:?}");
+    (uid, log_dir, segments)
+}
+
+fn repair_opts() -> StoreOptions {
+    StoreOptions {
+        repair_missing: true,
+        ..opts()
+    }
+}
+
+/// Opens, expecting a refusal that names the log, the place and the offsets; then repairs,
+/// checks the report, and reopens without the repair option (nothing unsettled is missing
+/// any more). Returns the store after the repair.
+fn refused_then_repaired(
+    dir: &std::path::Path,
+    uid: u64,
+    place: &str,
+    expect: Vec<std::ops::Range<u64>>,
+) -> Store {
+    let err = match Store::open(dir, opts()) {
+        Err(err) => err,
+        Ok(_) => panic!("opened with missing data"),
+    };
+    let text = err.to_string();
+    let tidewater_storage::OpenError::Missing(missing) = err else {
+        panic!("{text}");
+    };
+    assert_eq!(missing.len(), 1, "{text}");
+    assert_eq!(missing[0].log_uid, uid);
+    assert_eq!(missing[0].offsets, expect, "{text}");
+    assert!(text.contains("log 'q'"), "{text}");
+    assert!(text.contains(place), "{text}");
+    assert!(text.contains("repair_missing"), "{text}");
+    {
+        let (store, _) = Store::open(dir, repair_opts()).unwrap();
+        let report = store.repair_report();
+        assert_eq!(report.len(), 1, "{report:?}");
+        assert_eq!(report[0].offsets, expect);
+    }
+    let (store, recovered) = Store::open(dir, opts()).unwrap();
+    assert!(store.repair_report().is_empty());
+    for range in &expect {
+        for offset in range.clone() {
+            assert!(
+                offset < recovered[0].ack_floor || recovered[0].settled.contains(offset),
+                "dropped offset {offset} is settled"
+            );
+        }
+    }
+    assert_eq!(recovered[0].next_offset, 20);
+    store
+}
+
+fn offsets(store: &Store, uid: u64) -> Vec<u64> {
+    let reader = store.reader(uid).unwrap();
+    let records = reader.read(0, usize::MAX, usize::MAX).unwrap();
+    records.iter().map(|r| r.offset).collect()
+}
+
+#[test]
+fn a_missing_log_directory_refuses_the_open_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, log_dir, _) = twenty_segments(dir.path());
+    fs::remove_dir_all(&log_dir).unwrap();
+    let store = refused_then_repaired(dir.path(), uid, "directory is missing", vec![0..5, 7..20]);
+    assert!(offsets(&store, uid).is_empty());
+    assert_eq!(append(&store, uid, &["new"]), appended(20, 1));
+    assert_eq!(offsets(&store, uid), [20]);
+}
+
+#[test]
+fn missing_leading_segments_refuse_the_open_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, _, segments) = twenty_segments(dir.path());
+    for segment in &segments[..3] {
+        fs::remove_file(segment).unwrap();
+    }
+    let store = refused_then_repaired(dir.path(), uid, "00000000000000000003.seg", vec![0..3]);
+    assert_eq!(offsets(&store, uid), (3..20).collect::<Vec<_>>());
+}
+
+#[test]
+fn missing_middle_segments_refuse_the_open_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, _, segments) = twenty_segments(dir.path());
+    for segment in &segments[4..10] {
+        fs::remove_file(segment).unwrap();
+    }
+    let store = refused_then_repaired(
+        dir.path(),
+        uid,
+        "00000000000000000003.seg ends at offset 4",
+        vec![4..5, 7..10],
+    );
+    let expect: Vec<u64> = (0..4).chain(10..20).collect();
+    assert_eq!(offsets(&store, uid), expect);
+}
+
+#[test]
+fn missing_trailing_segments_and_a_cut_segment_refuse_the_open_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, _, segments) = twenty_segments(dir.path());
+    for segment in &segments[17..] {
+        fs::remove_file(segment).unwrap();
+    }
+    // The segment of offset 12 loses half of its batch.
+    let len = fs::metadata(&segments[12]).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&segments[12])
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = match Store::open(dir.path(), opts()) {
+        Err(err) => err.to_string(),
+        Ok(_) => panic!("opened with missing data"),
+    };
+    assert!(err.contains("offsets 12..13"), "{err}");
+    assert!(err.contains("offsets 17..20"), "{err}");
+    let (store, _) = Store::open(dir.path(), repair_opts()).unwrap();
+    let dropped: Vec<_> = store
+        .repair_report()
+        .iter()
+        .flat_map(|m| m.offsets.clone())
+        .collect();
+    assert_eq!(dropped, [12..13, 17..20]);
+    let expect: Vec<u64> = (0..12).chain(13..17).collect();
+    assert_eq!(offsets(&store, uid), expect);
+    assert_eq!(append(&store, uid, &["new"]), appended(20, 1));
+    drop(store);
+    let (store, _) = Store::open(dir.path(), opts()).unwrap();
+    let expect: Vec<u64> = (0..12).chain(13..17).chain([20]).collect();
+    assert_eq!(offsets(&store, uid), expect);
+}
+
+/// Missing files that held only settled messages lose nothing: the open goes on.
+#[test]
+fn missing_settled_segments_are_no_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, _, segments) = twenty_segments(dir.path());
+    for segment in &segments[5..7] {
+        fs::remove_file(segment).unwrap();
+    }
+    let (store, _) = Store::open(dir.path(), opts()).unwrap();
+    assert!(store.repair_report().is_empty());
+    let expect: Vec<u64> = (0..5).chain(7..20).collect();
+    assert_eq!(offsets(&store, uid), expect);
+}
