@@ -403,6 +403,10 @@ impl Broker {
         dir: &Path,
         options: BrokerOptions,
     ) -> Result<Broker, tidewater_storage::OpenError> {
+        options
+            .limits
+            .validate()
+            .map_err(tidewater_storage::OpenError::Config)?;
         let (store, recovered) = Store::open(dir, options.store.clone())?;
         let now = options.clock.now_ms();
         let mut queues = HashMap::new();

@@ -39,6 +39,9 @@ pub enum OpenError {
         position: u64,
         reason: String,
     },
+    /// The configuration asks for what the format cannot hold.
+    #[error("invalid configuration: {0}")]
+    Config(String),
     /// The checkpoint and journal say these messages exist; no file holds them.
     #[error(
         "acknowledged messages are missing from the data directory (refusing to start; the storage option repair_missing drops them and reports what it dropped, see docs/storage-format.md): {}",
