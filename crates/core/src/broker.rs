@@ -18,7 +18,7 @@ use tidewater_storage::{
 };
 use tokio::sync::Notify;
 
-use crate::clock::{Clock, Jitter, RandomJitter, SystemClock};
+use crate::clock::{Clock, Jitter, NonceSource, OsNonces, RandomJitter, SystemClock};
 use crate::config::{
     ConfigPatch, Limits, MAX_LEASE_MS, MAX_TENANT_LEN, MAX_TTL_MS, OnExpire, QueueConfig,
     validate_queue_name,
@@ -58,6 +58,8 @@ pub struct BrokerOptions {
     pub clock: Arc<dyn Clock>,
     pub jitter: Arc<dyn Jitter>,
     pub observer: Arc<dyn Observer>,
+    /// Lease nonces: receipts are capabilities, so a CSPRNG by default (`OsNonces`).
+    pub nonces: Arc<dyn NonceSource>,
 }
 
 impl Default for BrokerOptions {
@@ -68,6 +70,7 @@ impl Default for BrokerOptions {
             clock: Arc::new(SystemClock),
             jitter: Arc::new(RandomJitter),
             observer: Arc::new(NoopObserver),
+            nonces: Arc::new(OsNonces),
         }
     }
 }
@@ -391,6 +394,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     jitter: Arc<dyn Jitter>,
     observer: Arc<dyn Observer>,
+    nonces: Arc<dyn NonceSource>,
     /// Serializes queue creation, configuration and deletion.
     admin: tokio::sync::Mutex<()>,
     disk_free: AtomicU64,
@@ -416,6 +420,10 @@ impl Broker {
         dir: &Path,
         options: BrokerOptions,
     ) -> Result<Broker, tidewater_storage::OpenError> {
+        options
+            .limits
+            .validate()
+            .map_err(tidewater_storage::OpenError::Config)?;
         let (store, recovered) = Store::open(dir, options.store.clone())?;
         let now = options.clock.now_ms();
         let mut queues = HashMap::new();
@@ -441,13 +449,14 @@ impl Broker {
                     Box::new(|_| {}),
                 );
             }
-            let state = QueueState::recover(&log, config, &reader, now).map_err(|e| {
+            let mut state = QueueState::recover(&log, config, &reader, now).map_err(|e| {
                 tidewater_storage::OpenError::Corrupt {
                     path: dir.to_path_buf(),
                     position: 0,
                     reason: e.to_string(),
                 }
             })?;
+            state.set_nonce_source(options.nonces.clone());
             let handle = Arc::new(QueueHandle {
                 uid: log.uid,
                 name: log.name.clone(),
@@ -509,6 +518,7 @@ impl Broker {
             clock: options.clock,
             jitter: options.jitter,
             observer: options.observer,
+            nonces: options.nonces,
             admin: tokio::sync::Mutex::new(()),
             disk_free: AtomicU64::new(u64::MAX),
             disk_probe: Mutex::new(Box::new(move || {
@@ -700,7 +710,11 @@ impl Broker {
         let handle = Arc::new(QueueHandle {
             uid: *uid,
             name: name.to_string(),
-            state: Mutex::new(QueueState::new(*uid, name.to_string(), config)),
+            state: Mutex::new({
+                let mut state = QueueState::new(*uid, name.to_string(), config);
+                state.set_nonce_source(self.inner.nonces.clone());
+                state
+            }),
             notify: Notify::new(),
             reader,
             deleted: AtomicBool::new(false),

@@ -42,6 +42,44 @@ impl Clock for ManualClock {
     }
 }
 
+/// Where lease nonces come from. A receipt is a capability (whoever holds it can ack, nack
+/// or extend that lease), so its nonce must be unguessable: the default is a
+/// cryptographically secure generator. A simulation may inject a seeded one.
+pub trait NonceSource: Send + Sync {
+    fn nonce(&self) -> u64;
+}
+
+/// ChaCha12 seeded from the operating system, one per thread and reseeded periodically
+/// (rand's `ThreadRng`): a CSPRNG without a system call per nonce.
+#[derive(Debug, Default)]
+pub struct OsNonces;
+
+impl NonceSource for OsNonces {
+    fn nonce(&self) -> u64 {
+        rand::Rng::next_u64(&mut rand::rng())
+    }
+}
+
+/// ChaCha12 from a fixed seed: the same nonces on every run, for deterministic simulations
+/// and tests only (anyone who knows the seed can forge receipts).
+#[derive(Debug)]
+pub struct SeededNonces(std::sync::Mutex<rand::rngs::StdRng>);
+
+impl SeededNonces {
+    pub fn new(seed: u64) -> Self {
+        SeededNonces(std::sync::Mutex::new(rand::SeedableRng::seed_from_u64(
+            seed,
+        )))
+    }
+}
+
+impl NonceSource for SeededNonces {
+    fn nonce(&self) -> u64 {
+        let mut rng = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        rand::Rng::next_u64(&mut *rng)
+    }
+}
+
 /// Source of the jitter in retry backoff.
 pub trait Jitter: Send + Sync {
     /// A number in [0, 1].

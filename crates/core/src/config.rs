@@ -649,6 +649,32 @@ pub struct Limits {
     pub park_delay_ms: u64,
 }
 
+impl Limits {
+    /// Checks the limits against what the record format can hold (a key length is a u16
+    /// field, so is a header count and a header name's length): a limit past that would be
+    /// accepted and then fail mid-publish.
+    pub fn validate(&self) -> Result<(), String> {
+        use tidewater_storage::format::{MAX_HEADER_NAME_LEN, MAX_HEADERS, MAX_KEY_LEN};
+        let checks = [
+            ("max_key_bytes", self.max_key_bytes, MAX_KEY_LEN),
+            ("max_headers", self.max_headers, MAX_HEADERS),
+            (
+                "max_header_bytes",
+                self.max_header_bytes,
+                MAX_HEADER_NAME_LEN,
+            ),
+        ];
+        for (name, value, max) in checks {
+            if value > max {
+                return Err(format!(
+                    "limits.{name} = {value} is more than the storage format holds ({max})"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -678,6 +704,47 @@ impl Default for Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Limits past the format's fields were accepted, then tripped an assert mid-publish
+    /// (a key or header count over 65,535) or were cut into an unreadable record (a header
+    /// name over 65,535 bytes).
+    #[test]
+    fn limits_past_the_format_are_refused_with_the_field_named() {
+        assert!(Limits::default().validate().is_ok());
+        for (limits, field) in [
+            (
+                Limits {
+                    max_key_bytes: 65_536,
+                    ..Limits::default()
+                },
+                "max_key_bytes",
+            ),
+            (
+                Limits {
+                    max_headers: 70_000,
+                    ..Limits::default()
+                },
+                "max_headers",
+            ),
+            (
+                Limits {
+                    max_header_bytes: 65_536,
+                    ..Limits::default()
+                },
+                "max_header_bytes",
+            ),
+        ] {
+            let err = limits.validate().unwrap_err();
+            assert!(err.contains(field), "{err}");
+        }
+        let edge = Limits {
+            max_key_bytes: 65_535,
+            max_headers: 65_535,
+            max_header_bytes: 65_535,
+            ..Limits::default()
+        };
+        assert!(edge.validate().is_ok());
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -8,10 +8,12 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
+use std::sync::Arc;
 
 use tidewater_storage::format::RecordView;
 use tidewater_storage::{LogState, RangeSet, ReadError, Record, RetryInfo};
 
+use crate::clock::{NonceSource, OsNonces};
 use crate::coalesce::{Closed, Coalescer};
 use crate::config::CoalesceMode;
 use crate::config::QueueConfig;
@@ -334,6 +336,8 @@ fn read_offsets(
 }
 
 pub struct QueueState {
+    /// Lease nonces (a CSPRNG unless a simulation injects one).
+    nonces: Arc<dyn NonceSource>,
     pub uid: u64,
     pub name: String,
     pub config: QueueConfig,
@@ -393,8 +397,14 @@ pub struct QueueState {
 }
 
 impl QueueState {
+    /// Draws lease nonces from `nonces` from now on (the broker passes its own).
+    pub fn set_nonce_source(&mut self, nonces: Arc<dyn NonceSource>) {
+        self.nonces = nonces;
+    }
+
     pub fn new(uid: u64, name: String, config: QueueConfig) -> Self {
         QueueState {
+            nonces: Arc::new(OsNonces),
             uid,
             name,
             config,
@@ -1410,7 +1420,7 @@ impl QueueState {
             .get(&record.offset)
             .map_or(0, |h| h.delivery_count)
             + 1;
-        let nonce = fastrand::u64(..);
+        let nonce = self.nonces.nonce();
         let deadline_ms = now_ms + lease_ms as i64;
         self.leases.insert(
             record.offset,

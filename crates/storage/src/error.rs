@@ -39,6 +39,56 @@ pub enum OpenError {
         position: u64,
         reason: String,
     },
+    /// The configuration asks for what the format cannot hold.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The checkpoint and journal say these messages exist; no file holds them.
+    #[error(
+        "acknowledged messages are missing from the data directory (refusing to start; the storage option repair_missing drops them and reports what it dropped, see docs/storage-format.md): {}",
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    Missing(Vec<MissingData>),
+}
+
+/// Unsettled messages that the checkpoint and journal say a log holds and no file holds:
+/// refused at open, or dropped by a repair (`StoreOptions::repair_missing`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingData {
+    pub log_uid: u64,
+    pub log_name: String,
+    /// The file or directory where they should be.
+    pub path: PathBuf,
+    /// The unsettled offsets, ascending and disjoint.
+    pub offsets: Vec<std::ops::Range<u64>>,
+    /// What is missing, in words.
+    pub detail: String,
+}
+
+impl MissingData {
+    /// Number of messages.
+    pub fn count(&self) -> u64 {
+        self.offsets.iter().map(|r| r.end - r.start).sum()
+    }
+}
+
+impl std::fmt::Display for MissingData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges: Vec<String> = self
+            .offsets
+            .iter()
+            .map(|r| format!("{}..{}", r.start, r.end))
+            .collect();
+        write!(
+            f,
+            "log '{}' (uid {}): {} unsettled messages at offsets {} ({}: {})",
+            self.log_name,
+            self.log_uid,
+            self.count(),
+            ranges.join(", "),
+            self.path.display(),
+            self.detail
+        )
+    }
 }
 
 impl OpenError {
@@ -100,4 +150,10 @@ pub enum ReadError {
     },
     #[error("unknown log {0}")]
     UnknownLog(u64),
+    /// No file holds these offsets, and they were not accepted as missing at open.
+    #[error("{path}: offsets {}..{} are missing from the log's files", offsets.start, offsets.end)]
+    Missing {
+        path: PathBuf,
+        offsets: std::ops::Range<u64>,
+    },
 }

@@ -193,6 +193,9 @@ pub struct BatchBuilder {
 pub const MAX_KEY_LEN: usize = u16::MAX as usize;
 /// Largest id (bytes); ids are length-prefixed with a u8.
 pub const MAX_ID_LEN: usize = u8::MAX as usize;
+/// Most headers per record, and the longest header name (bytes): both are u16 fields.
+pub const MAX_HEADERS: usize = u16::MAX as usize;
+pub const MAX_HEADER_NAME_LEN: usize = u16::MAX as usize;
 
 impl BatchBuilder {
     pub fn new(log_uid: u64, published_at_ms: i64) -> Self {

@@ -5,6 +5,7 @@
 //! offsets, retry history), and answers writes at the asked ack level.
 
 pub mod error;
+pub mod faults;
 pub mod format;
 pub mod journal;
 pub mod ranges;
@@ -12,7 +13,8 @@ mod segment;
 pub mod state;
 mod store;
 
-pub use error::{FormatError, OpenError, ReadError, WriteError};
+pub use error::{FormatError, MissingData, OpenError, ReadError, WriteError};
+pub use faults::{Faults, FsOp};
 pub use format::{BatchBuilder, NewRecord, Record};
 pub use ranges::RangeSet;
 pub use state::{LogState, RetryInfo};

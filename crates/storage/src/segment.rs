@@ -2,11 +2,13 @@
 //! An in-memory sparse index (one entry per `INDEX_INTERVAL_BYTES`) finds a batch by offset.
 
 use std::fs::{self, File, OpenOptions};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{FormatError, OpenError, ReadError};
+use crate::faults::{Faults, FsOp};
 use crate::format::{BATCH_HEADER_LEN, BatchHeader};
 
 /// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
@@ -97,6 +99,27 @@ pub(crate) struct LogFiles {
     pub uid: u64,
     pub dir: PathBuf,
     pub segments: Vec<Segment>,
+    /// Offsets between segments that no file holds and that were accepted at open
+    /// (settled, or dropped by a repair); reads step over them and over nothing else.
+    holes: Vec<Range<u64>>,
+    faults: Arc<Faults>,
+}
+
+/// Offsets that the checkpoint says a log holds and its files do not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Gap {
+    pub offsets: Range<u64>,
+    /// The file or directory where they should be.
+    pub path: PathBuf,
+    pub detail: String,
+}
+
+/// What opening a log's files found.
+pub(crate) enum Opened {
+    /// The files, and the gaps accepted as holes.
+    Files(LogFiles, Vec<Gap>),
+    /// Gaps not accepted; nothing was changed on disk.
+    Missing(Vec<Gap>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -120,18 +143,39 @@ fn open_rw(path: &Path, create: bool) -> Result<File, std::io::Error> {
         .open(path)
 }
 
-pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+/// Makes the names in `dir` durable (created, renamed and removed files).
+pub(crate) fn fsync_dir(dir: &Path, faults: &Faults) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()?;
+    faults.note(|| FsOp::SyncDir(dir.to_path_buf()));
+    Ok(())
+}
+
+/// Removes a file, noting it for tests.
+fn remove_file(path: &Path, faults: &Faults) -> std::io::Result<()> {
+    fs::remove_file(path)?;
+    faults.note(|| FsOp::Remove(path.to_path_buf()));
+    Ok(())
 }
 
 impl LogFiles {
-    /// Creates the directory and its first segment.
-    pub fn create(dir: PathBuf, uid: u64, first_offset: u64) -> Result<LogFiles, OpenError> {
+    /// Creates the directory (durably: its parent is fsynced) and its first segment.
+    pub fn create(
+        dir: PathBuf,
+        uid: u64,
+        first_offset: u64,
+        faults: Arc<Faults>,
+    ) -> Result<LogFiles, OpenError> {
         fs::create_dir_all(&dir).map_err(|e| OpenError::io(&dir, e))?;
+        faults.note(|| FsOp::CreateDir(dir.clone()));
+        if let Some(parent) = dir.parent() {
+            fsync_dir(parent, &faults).map_err(|e| OpenError::io(parent, e))?;
+        }
         let mut files = LogFiles {
             uid,
             dir,
             segments: Vec::new(),
+            holes: Vec::new(),
+            faults,
         };
         files
             .roll(first_offset)
@@ -139,12 +183,40 @@ impl LogFiles {
         Ok(files)
     }
 
-    /// Opens a log's directory, checking every batch. A bad or torn batch truncates the log
-    /// there (later segments are removed); the journal holds everything after the last
-    /// checkpoint, so only data at or above `durable_floor` may be cut.
-    pub fn open(dir: PathBuf, uid: u64, durable_floor: u64) -> Result<LogFiles, OpenError> {
+    /// Opens a log's directory, checking every batch, and compares what the files hold
+    /// with what the last checkpoint says the log holds: offsets `from` (its ack floor) up
+    /// to `floor` (its end). Offsets at or above `floor` are in the journal too, so a bad or
+    /// torn batch there truncates the log (later segments are removed) for the journal to
+    /// refill. Offsets below it that no file holds (a missing directory, missing segment
+    /// files at the start or in the middle, a segment shorter than its content) are a `Gap`:
+    /// one that `hole_ok` accepts (nothing unsettled is in it, or the operator asked for a
+    /// repair) becomes a hole that reads step over; any other makes this return
+    /// `Opened::Missing`, having changed nothing on disk.
+    pub fn open(
+        dir: PathBuf,
+        uid: u64,
+        (from, floor): (u64, u64),
+        faults: Arc<Faults>,
+        hole_ok: &dyn Fn(&Range<u64>) -> bool,
+    ) -> Result<Opened, OpenError> {
+        let from = from.min(floor);
         if !dir.exists() {
-            return LogFiles::create(dir, uid, durable_floor);
+            let gap = Gap {
+                offsets: from..floor,
+                path: dir.clone(),
+                detail: "the log's directory is missing".into(),
+            };
+            if !gap.offsets.is_empty() && !hole_ok(&gap.offsets) {
+                return Ok(Opened::Missing(vec![gap]));
+            }
+            let mut files = LogFiles::create(dir, uid, floor, faults)?;
+            let gaps = if gap.offsets.is_empty() {
+                Vec::new()
+            } else {
+                files.holes.push(gap.offsets.clone());
+                vec![gap]
+            };
+            return Ok(Opened::Files(files, gaps));
         }
         let mut bases: Vec<u64> = Vec::new();
         for item in fs::read_dir(&dir).map_err(|e| OpenError::io(&dir, e))? {
@@ -162,21 +234,85 @@ impl LogFiles {
             uid,
             dir,
             segments: Vec::new(),
+            holes: Vec::new(),
+            faults,
+        };
+        // Changes are applied only once nothing is refused.
+        let mut truncate: Vec<(usize, u64)> = Vec::new();
+        let mut remove: Vec<PathBuf> = Vec::new();
+        let (mut gaps, mut refused) = (Vec::new(), Vec::new());
+        let mut note_gap = |gap: Gap| {
+            if hole_ok(&gap.offsets) {
+                gaps.push(gap);
+            } else {
+                refused.push(gap);
+            }
         };
         let mut cut = false;
         for base in bases {
             let path = segment_path(&files.dir, base);
             if cut {
-                fs::remove_file(&path).map_err(|e| OpenError::io(&path, e))?;
+                remove.push(path);
                 continue;
             }
-            let expected = files.segments.last().map_or(base, |s: &Segment| s.end);
-            if base != expected {
-                return Err(OpenError::Corrupt {
-                    path,
-                    position: 0,
-                    reason: format!("segment starts at offset {base}, expected {expected}"),
-                });
+            let name = |p: &Path| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .to_string()
+            };
+            match files.segments.last() {
+                Some(prev) if base < prev.end => {
+                    return Err(OpenError::Corrupt {
+                        path,
+                        position: 0,
+                        reason: format!("segment starts at offset {base}, expected {}", prev.end),
+                    });
+                }
+                Some(prev) if base > prev.end && prev.end >= floor => {
+                    // Past the checkpointed end: the journal has it.
+                    cut = true;
+                    remove.push(path);
+                    continue;
+                }
+                Some(prev) if base > prev.end => {
+                    if base > floor {
+                        // What is below `floor` is reported as the log's short end.
+                        cut = true;
+                        remove.push(path);
+                        continue;
+                    }
+                    let lost = prev.end.max(from)..base;
+                    if !lost.is_empty() {
+                        note_gap(Gap {
+                            offsets: lost,
+                            path: prev.path.clone(),
+                            detail: format!(
+                                "segment {} ends at offset {}, the next file is {}",
+                                name(&prev.path),
+                                prev.end,
+                                name(&path)
+                            ),
+                        });
+                    }
+                    files.holes.push(prev.end..base);
+                }
+                None if base > from => {
+                    if base > floor {
+                        cut = true;
+                        remove.push(path);
+                        continue;
+                    }
+                    note_gap(Gap {
+                        offsets: from..base,
+                        path: files.dir.clone(),
+                        detail: format!(
+                            "no segment file holds offsets from {from} on (the first is {})",
+                            name(&path)
+                        ),
+                    });
+                }
+                _ => {}
             }
             let segment = scan_segment(&path, uid, base)?;
             let physical = segment
@@ -185,32 +321,79 @@ impl LogFiles {
                 .map_err(|e| OpenError::io(&path, e))?
                 .len();
             if physical != segment.len {
-                if segment.end < durable_floor {
-                    return Err(OpenError::Corrupt {
-                        path,
-                        position: segment.len,
-                        reason: format!("invalid batch below the checkpointed end {durable_floor}"),
-                    });
+                if segment.end >= floor {
+                    tracing::warn!(path = %path.display(), valid = segment.len, physical, "truncating torn segment tail");
+                    cut = true;
+                } else {
+                    // Short of its content: the offsets after its valid batches are a gap
+                    // (found with the next file, or at the log's end).
+                    tracing::error!(path = %path.display(), valid = segment.len, physical, end = segment.end, "invalid batch below the checkpointed end");
                 }
-                tracing::warn!(path = %path.display(), valid = segment.len, physical, "truncating torn segment tail");
-                segment
-                    .file
-                    .set_len(segment.len)
-                    .map_err(|e| OpenError::io(&path, e))?;
-                segment
-                    .file
-                    .sync_all()
-                    .map_err(|e| OpenError::io(&path, e))?;
-                cut = true;
+                truncate.push((files.segments.len(), segment.len));
             }
             files.segments.push(segment);
         }
-        if files.segments.is_empty() {
+        let end = files.segments.last().map_or(from, |s| s.end.max(from));
+        if end < floor {
+            let detail = match files.segments.last() {
+                Some(last) => format!(
+                    "the last valid batch of {} ends at offset {}, the log ends at {floor}",
+                    last.path.file_name().unwrap_or_default().to_string_lossy(),
+                    last.end
+                ),
+                None => "no segment files".into(),
+            };
+            note_gap(Gap {
+                offsets: end..floor,
+                path: files
+                    .segments
+                    .last()
+                    .map_or(files.dir.clone(), |s| s.path.clone()),
+                detail,
+            });
+        }
+        if !refused.is_empty() {
+            return Ok(Opened::Missing(refused));
+        }
+        for (idx, len) in truncate {
+            let segment = &files.segments[idx];
+            segment
+                .file
+                .set_len(len)
+                .map_err(|e| OpenError::io(&segment.path, e))?;
+            segment
+                .file
+                .sync_all()
+                .map_err(|e| OpenError::io(&segment.path, e))?;
+        }
+        for path in &remove {
+            remove_file(path, &files.faults).map_err(|e| OpenError::io(path, e))?;
+        }
+        if !remove.is_empty() {
+            // Removed segments must not come back after a power loss, behind the cut.
+            fsync_dir(&files.dir, &files.faults).map_err(|e| OpenError::io(&files.dir, e))?;
+        }
+        if files.end() < floor {
+            // An accepted gap at the end: the journal appends from `floor` on.
+            if let Some(last) = files.segments.last() {
+                files.holes.push(last.end..floor);
+            }
             files
-                .roll(durable_floor)
+                .roll(floor)
+                .map_err(|e| OpenError::io(&files.dir, e))?;
+        } else if files.segments.is_empty() {
+            files
+                .roll(floor)
                 .map_err(|e| OpenError::io(&files.dir, e))?;
         }
-        Ok(files)
+        Ok(Opened::Files(files, gaps))
+    }
+
+    /// Whether offsets `range` between two segments are a known hole (accepted at open).
+    pub fn is_hole(&self, range: &Range<u64>) -> bool {
+        self.holes
+            .iter()
+            .any(|h| h.start <= range.start && range.end <= h.end)
     }
 
     pub fn end(&self) -> u64 {
@@ -227,8 +410,9 @@ impl LogFiles {
     pub fn roll(&mut self, base: u64) -> std::io::Result<()> {
         let path = segment_path(&self.dir, base);
         let file = open_rw(&path, true)?;
+        self.faults.note(|| FsOp::CreateFile(path.clone()));
         file.set_len(0)?;
-        fsync_dir(&self.dir)?;
+        fsync_dir(&self.dir, &self.faults)?;
         self.segments.push(Segment {
             base,
             end: base,
@@ -264,9 +448,14 @@ impl LogFiles {
     /// Cuts the log back to end at `offset` (a batch boundary). Used on recovery when a
     /// segment holds batches whose journal entries never became durable.
     pub fn truncate_to(&mut self, offset: u64) -> Result<(), OpenError> {
+        let mut removed = false;
         while self.segments.len() > 1 && self.active().base >= offset {
             let seg = self.segments.pop().unwrap();
-            fs::remove_file(&seg.path).map_err(|e| OpenError::io(&seg.path, e))?;
+            remove_file(&seg.path, &self.faults).map_err(|e| OpenError::io(&seg.path, e))?;
+            removed = true;
+        }
+        if removed {
+            fsync_dir(&self.dir, &self.faults).map_err(|e| OpenError::io(&self.dir, e))?;
         }
         let active = self.segments.last_mut().unwrap();
         if active.end == offset {
@@ -439,6 +628,14 @@ pub(crate) fn read_records(
             if next >= seg.end {
                 match files.segments.get(idx) {
                     Some(following) => {
+                        let between = seg.end..following.base;
+                        if !between.is_empty() && !files.is_hole(&between) {
+                            // Never taken for settled: only holes accepted at open are.
+                            return Err(ReadError::Missing {
+                                path: seg.path.clone(),
+                                offsets: between,
+                            });
+                        }
                         next = following.base;
                         continue;
                     }

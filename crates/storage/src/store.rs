@@ -22,14 +22,15 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::error::{FormatError, OpenError, ReadError, WriteError};
+use crate::error::{FormatError, MissingData, OpenError, ReadError, WriteError};
+use crate::faults::{Faults, FsOp};
 use crate::format::{
     BatchHeader, Cursor, Record, RecordView, check_batch, decode_record, stamp_batch, view_record,
 };
 use crate::journal::{
     Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, decode_entry, encode_entry, journal_header,
 };
-use crate::segment::{LogFiles, Sink, fsync_dir, read_records};
+use crate::segment::{Gap, LogFiles, Opened, Sink, fsync_dir, read_records};
 use crate::state::LogState;
 
 /// Version 02 added remembered message ids per log.
@@ -60,6 +61,13 @@ pub struct StoreOptions {
     pub max_round_bytes: usize,
     /// Fault injection for tests: the journal fsync number N (1-based) fails with EIO.
     pub fail_fsync_at: Option<u64>,
+    /// Fault injection for tests (nothing armed by default).
+    pub faults: Arc<Faults>,
+    /// Repair on open: when the checkpoint and journal say a log holds unsettled messages
+    /// that no file holds (a lost directory or segment file, a cut segment), settle them
+    /// (drop them) and report what was dropped (`Store::repair_report`) instead of refusing
+    /// to start with `OpenError::Missing`. An operator's choice, never a default.
+    pub repair_missing: bool,
 }
 
 impl Default for StoreOptions {
@@ -72,6 +80,8 @@ impl Default for StoreOptions {
             write_queue_capacity: 16_384,
             max_round_bytes: 4 << 20,
             fail_fsync_at: None,
+            faults: Arc::new(Faults::default()),
+            repair_missing: false,
         }
     }
 }
@@ -139,7 +149,7 @@ pub enum OpResult {
 pub type Completion = Box<dyn FnOnce(Result<Vec<OpResult>, WriteError>) + Send>;
 /// Called by the syncer with (log uid, durable end) after each group commit.
 pub type DurableListener = Arc<dyn Fn(&[(u64, u64)]) + Send + Sync>;
-/// Called once when the store poisons itself (a failed fsync).
+/// Called once when the store poisons itself (a failed fsync, a dead storage thread).
 pub type FatalListener = Arc<dyn Fn(&str) + Send + Sync>;
 
 struct Request {
@@ -172,6 +182,8 @@ struct SyncState {
     /// Log ends to publish once synced: (seq, uid, end).
     ends: VecDeque<(u64, u64, u64)>,
     stop: bool,
+    /// The syncer thread died: durable requests are refused instead of queued.
+    syncer_dead: bool,
 }
 
 struct Shared {
@@ -183,18 +195,76 @@ struct Shared {
     sync_cv: Condvar,
     listener: OnceLock<DurableListener>,
     fatal: OnceLock<FatalListener>,
+    /// Why the store is poisoned (set once, with `poisoned`).
+    poison_reason: Mutex<Option<String>>,
+    /// The fatal listener ran (it runs once, whichever of poison and listener came first).
+    fatal_fired: AtomicBool,
     /// Bytes in the journal and segments, for metrics and the disk watermark.
     journal_bytes: AtomicU64,
+    /// Checkpoints that failed without poisoning (retried later), for metrics.
+    checkpoint_failures: AtomicU64,
 }
 
 impl Shared {
     fn poison(&self, what: &str) {
         if !self.poisoned.swap(true, Ordering::SeqCst) {
+            *self.poison_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(what.into());
             tracing::error!("{what}; the store refuses every write from now on");
-            if let Some(fatal) = self.fatal.get() {
-                fatal(what);
-            }
+            self.fire_fatal();
         }
+    }
+
+    /// Runs the fatal listener once the store is poisoned and a listener is set (the store
+    /// may poison itself before the server has set its listener).
+    fn fire_fatal(&self) {
+        let Some(fatal) = self.fatal.get() else {
+            return;
+        };
+        let Some(reason) = self
+            .poison_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        if !self.fatal_fired.swap(true, Ordering::SeqCst) {
+            fatal(&reason);
+        }
+    }
+
+    /// A storage thread died: poison the store (readiness fails, the fatal listener ends
+    /// the process) and answer every durable request waiting for a sync that will not come.
+    fn thread_died(&self, thread: &str, panic: &(dyn std::any::Any + Send)) {
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        self.poison(&format!("the storage {thread} thread panicked: {message}"));
+        let pending: Vec<_> = {
+            let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+            sync.stop = true;
+            if thread == "syncer" {
+                sync.syncer_dead = true;
+            }
+            self.sync_cv.notify_all();
+            if thread == "syncer" {
+                sync.pending.drain(..).collect()
+            } else {
+                Vec::new() // the syncer answers them (refused: the store is poisoned)
+            }
+        };
+        for (_, done, _) in pending {
+            done(Err(WriteError::Poisoned));
+        }
+    }
+}
+
+/// Runs a storage thread's body; its death by panic poisons the store.
+fn guarded(shared: &Shared, thread: &str, body: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        shared.thread_died(thread, panic.as_ref());
     }
 }
 
@@ -203,6 +273,7 @@ pub struct Store {
     shared: Arc<Shared>,
     tx: SyncSender<Command>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    repair_report: Vec<MissingData>,
     _lock: File,
 }
 
@@ -324,20 +395,30 @@ impl LogReader {
 impl Store {
     /// Opens (recovering) a data directory and starts the writer and syncer threads.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, Vec<RecoveredLog>), OpenError> {
+        let faults = &opts.faults;
+        let mut created = false;
         for sub in ["journal", "checkpoint", "logs"] {
             let path = dir.join(sub);
-            fs::create_dir_all(&path).map_err(|e| OpenError::io(&path, e))?;
+            if !path.is_dir() {
+                fs::create_dir_all(&path).map_err(|e| OpenError::io(&path, e))?;
+                faults.note(|| FsOp::CreateDir(path.clone()));
+                created = true;
+            }
+        }
+        if created {
+            fsync_dir(dir, faults).map_err(|e| OpenError::io(dir, e))?;
         }
         let lock = lock_dir(dir)?;
-        let recovered = recover(dir)?;
+        let recovered = recover(dir, faults, opts.repair_missing)?;
         let Recovered {
             logs,
             next_uid,
             journal_id,
+            dropped,
         } = recovered;
 
         let (journal, journal_len) =
-            create_journal(dir, journal_id).map_err(|e| OpenError::io(dir, e))?;
+            create_journal(dir, journal_id, faults).map_err(|e| OpenError::io(dir, e))?;
         let journal = Arc::new(journal);
         let mut shared_logs = HashMap::new();
         let mut writer_logs = HashMap::new();
@@ -371,11 +452,15 @@ impl Store {
                 pending: VecDeque::new(),
                 ends: VecDeque::new(),
                 stop: false,
+                syncer_dead: false,
             }),
             sync_cv: Condvar::new(),
             listener: OnceLock::new(),
             fatal: OnceLock::new(),
+            poison_reason: Mutex::new(None),
+            fatal_fired: AtomicBool::new(false),
             journal_bytes: AtomicU64::new(journal_len),
+            checkpoint_failures: AtomicU64::new(0),
         });
         let mut writer = Writer {
             shared: shared.clone(),
@@ -388,14 +473,23 @@ impl Store {
             last_checkpoint: Instant::now(),
             changed_since_checkpoint: true,
             checkpoint_retry_at: Instant::now(),
+            checkpoint_unsynced: false,
             deleted_dirs: Vec::new(),
         };
         // A first checkpoint makes replayed data durable in segments and drops old journals.
         match writer.checkpoint() {
             Ok(()) => {}
             Err(CheckpointError::Sync(e)) => return Err(OpenError::io(dir, e)),
+            // A repair is durable only in a checkpoint (the files still lack what it dropped).
+            Err(CheckpointError::Io(e)) if !dropped.is_empty() => {
+                return Err(OpenError::io(
+                    dir,
+                    std::io::Error::new(e.kind(), format!("checkpoint of the repair: {e}")),
+                ));
+            }
             // Typically a full disk: serve from the replayed journal and checkpoint later.
             Err(CheckpointError::Io(e)) => {
+                shared.checkpoint_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "initial checkpoint failed; continuing on the journal")
             }
         }
@@ -405,16 +499,28 @@ impl Store {
         let syncer_shared = shared.clone();
         let syncer = std::thread::Builder::new()
             .name("tidewater-syncer".into())
-            .spawn(move || syncer_loop(&syncer_shared))
+            .spawn(move || guarded(&syncer_shared, "syncer", || syncer_loop(&syncer_shared)))
             .map_err(|e| OpenError::io(dir, e))?;
+        let writer_shared = shared.clone();
         let writer_thread = std::thread::Builder::new()
             .name("tidewater-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                let rx = rx;
+                guarded(&writer_shared, "writer", || writer.run(&rx));
+                // After a panic: refuse what is still queued (the store is poisoned now).
+                while let Ok(cmd) = rx.try_recv() {
+                    match cmd {
+                        Command::Write(req) => (req.done)(Err(WriteError::Poisoned)),
+                        Command::Shutdown(reply) => drop(reply.send(())),
+                    }
+                }
+            })
             .map_err(|e| OpenError::io(dir, e))?;
         let store = Store {
             shared,
             tx,
             threads: Mutex::new(vec![writer_thread, syncer]),
+            repair_report: dropped,
             _lock: lock,
         };
         Ok((store, recovered))
@@ -424,12 +530,24 @@ impl Store {
         let _ = self.shared.listener.set(listener);
     }
 
+    /// Sets the listener called once when the store poisons itself; called at once if
+    /// it already has.
     pub fn set_fatal_listener(&self, listener: FatalListener) {
         let _ = self.shared.fatal.set(listener);
+        self.shared.fire_fatal();
     }
 
     pub fn is_poisoned(&self) -> bool {
         self.shared.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// Why the store is poisoned (a failed fsync, a dead storage thread), if it is.
+    pub fn poison_reason(&self) -> Option<String> {
+        self.shared
+            .poison_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Queues a request; `done` runs on a store thread once it is written or durable, as
@@ -461,6 +579,18 @@ impl Store {
     pub fn reader(&self, uid: u64) -> Option<LogReader> {
         let logs = self.shared.logs.read().unwrap_or_else(|e| e.into_inner());
         logs.get(&uid).map(|log| LogReader { log: log.clone() })
+    }
+
+    /// What the open dropped as missing, with `StoreOptions::repair_missing` (empty
+    /// otherwise: missing data refuses the open).
+    pub fn repair_report(&self) -> &[MissingData] {
+        &self.repair_report
+    }
+
+    /// Checkpoints that failed with an error other than a failed fsync (for example, no
+    /// file descriptor left to open a directory): logged and retried a second later.
+    pub fn checkpoint_failures(&self) -> u64 {
+        self.shared.checkpoint_failures.load(Ordering::Relaxed)
     }
 
     /// Bytes in the current journal file.
@@ -549,7 +679,7 @@ fn list_ids(dir: &Path, suffix: &str) -> std::io::Result<Vec<u64>> {
     Ok(ids)
 }
 
-fn create_journal(dir: &Path, id: u64) -> std::io::Result<(File, u64)> {
+fn create_journal(dir: &Path, id: u64, faults: &Faults) -> std::io::Result<(File, u64)> {
     let path = journal_path(dir, id);
     let file = OpenOptions::new()
         .read(true)
@@ -557,9 +687,10 @@ fn create_journal(dir: &Path, id: u64) -> std::io::Result<(File, u64)> {
         .create(true)
         .truncate(true)
         .open(&path)?;
+    faults.note(|| FsOp::CreateFile(path.clone()));
     file.write_all_at(&journal_header(id), 0)?;
     file.sync_all()?;
-    fsync_dir(&dir.join("journal"))?;
+    fsync_dir(&dir.join("journal"), faults)?;
     Ok((file, JOURNAL_HEADER_LEN as u64))
 }
 
@@ -567,6 +698,47 @@ struct Recovered {
     logs: Vec<(LogState, LogFiles)>,
     next_uid: u64,
     journal_id: u64,
+    /// Unsettled messages no file held, settled by a repair.
+    dropped: Vec<MissingData>,
+}
+
+/// The offsets of `range` that `state` does not have settled.
+fn unsettled_in(state: &LogState, range: &Range<u64>) -> Vec<Range<u64>> {
+    let start = range.start.max(state.ack_floor);
+    if start >= range.end {
+        return Vec::new();
+    }
+    if state.settled.count_in(start..range.end) == 0 {
+        return vec![start..range.end];
+    }
+    let mut out = Vec::new();
+    let mut at = start;
+    for settled in state.settled.iter() {
+        if settled.end <= at {
+            continue;
+        }
+        if settled.start >= range.end {
+            break;
+        }
+        if settled.start > at {
+            out.push(at..settled.start);
+        }
+        at = settled.end;
+    }
+    if at < range.end {
+        out.push(at..range.end);
+    }
+    out
+}
+
+fn missing_data(state: &LogState, gap: Gap) -> MissingData {
+    MissingData {
+        log_uid: state.uid,
+        log_name: state.name.clone(),
+        offsets: unsettled_in(state, &gap.offsets),
+        path: gap.path,
+        detail: gap.detail,
+    }
 }
 
 fn corrupt(path: &Path, position: u64, reason: impl ToString) -> OpenError {
@@ -578,7 +750,7 @@ fn corrupt(path: &Path, position: u64, reason: impl ToString) -> OpenError {
 }
 
 /// Loads the newest checkpoint, checks segments and replays the journals after it.
-fn recover(dir: &Path) -> Result<Recovered, OpenError> {
+fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, OpenError> {
     let ckpt_dir = dir.join("checkpoint");
     let ckpts = list_ids(&ckpt_dir, ".ckpt").map_err(|e| OpenError::io(&ckpt_dir, e))?;
     let mut states: HashMap<u64, LogState> = HashMap::new();
@@ -595,8 +767,41 @@ fn recover(dir: &Path) -> Result<Recovered, OpenError> {
         }
     }
     let mut files: HashMap<u64, LogFiles> = HashMap::new();
-    for state in states.values() {
-        let log_files = LogFiles::open(log_dir(dir, state.uid), state.uid, state.next_offset)?;
+    let mut missing = Vec::new();
+    let mut dropped = Vec::new();
+    let mut uids: Vec<u64> = states.keys().copied().collect();
+    uids.sort_unstable();
+    for uid in uids {
+        let state = &states[&uid];
+        let hole_ok = |range: &Range<u64>| repair || unsettled_in(state, range).is_empty();
+        let opened = LogFiles::open(
+            log_dir(dir, state.uid),
+            state.uid,
+            (state.ack_floor, state.next_offset),
+            faults.clone(),
+            &hole_ok,
+        )?;
+        let log_files = match opened {
+            Opened::Files(log_files, holes) => {
+                let lost: Vec<MissingData> = holes
+                    .into_iter()
+                    .map(|gap| missing_data(state, gap))
+                    .filter(|m| !m.offsets.is_empty())
+                    .collect();
+                let state = states.get_mut(&uid).expect("listed");
+                for m in lost {
+                    tracing::error!("repair: dropping missing messages: {m}");
+                    state.settle(&m.offsets);
+                    dropped.push(m);
+                }
+                log_files
+            }
+            Opened::Missing(gaps) => {
+                missing.extend(gaps.into_iter().map(|gap| missing_data(state, gap)));
+                continue;
+            }
+        };
+        let state = &states[&uid];
         if log_files.end() < state.next_offset {
             return Err(corrupt(
                 &log_files.dir,
@@ -609,6 +814,9 @@ fn recover(dir: &Path) -> Result<Recovered, OpenError> {
             ));
         }
         files.insert(state.uid, log_files);
+    }
+    if !missing.is_empty() {
+        return Err(OpenError::Missing(missing));
     }
 
     let jdir = dir.join("journal");
@@ -633,12 +841,11 @@ fn recover(dir: &Path) -> Result<Recovered, OpenError> {
         while pos < bytes.len() {
             match decode_entry(&bytes[pos..]) {
                 Ok((entry, len)) => {
-                    apply_replayed(dir, &mut states, &mut files, &mut next_uid, entry).map_err(
-                        |e| match e {
+                    apply_replayed(dir, faults, &mut states, &mut files, &mut next_uid, entry)
+                        .map_err(|e| match e {
                             ReplayError::Open(e) => e,
                             ReplayError::Corrupt(reason) => corrupt(&path, pos as u64, reason),
-                        },
-                    )?;
+                        })?;
                     pos += len;
                 }
                 Err(err) if last => {
@@ -678,6 +885,7 @@ fn recover(dir: &Path) -> Result<Recovered, OpenError> {
         logs,
         next_uid,
         journal_id: next_journal,
+        dropped,
     })
 }
 
@@ -688,6 +896,7 @@ enum ReplayError {
 
 fn apply_replayed(
     dir: &Path,
+    faults: &Arc<Faults>,
     states: &mut HashMap<u64, LogState>,
     files: &mut HashMap<u64, LogFiles>,
     next_uid: &mut u64,
@@ -698,7 +907,8 @@ fn apply_replayed(
             *next_uid = (*next_uid).max(uid + 1);
             let path = log_dir(dir, uid);
             let _ = fs::remove_dir_all(&path); // a fresh log starts empty
-            let log_files = LogFiles::create(path, uid, 0).map_err(ReplayError::Open)?;
+            let log_files =
+                LogFiles::create(path, uid, 0, faults.clone()).map_err(ReplayError::Open)?;
             files.insert(uid, log_files);
             states.insert(
                 uid,
@@ -858,6 +1068,9 @@ struct Writer {
     last_checkpoint: Instant,
     changed_since_checkpoint: bool,
     checkpoint_retry_at: Instant,
+    /// The newest checkpoint was renamed into place but its directory is not fsynced yet:
+    /// nothing it replaces may be deleted until it is.
+    checkpoint_unsynced: bool,
     deleted_dirs: Vec<PathBuf>,
 }
 
@@ -868,7 +1081,7 @@ struct Staged {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<Command>) {
+    fn run(mut self, rx: &Receiver<Command>) {
         let mut shutdown_reply = None;
         let mut carry: Option<Command> = None;
         while shutdown_reply.is_none() {
@@ -944,6 +1157,7 @@ impl Writer {
             return;
         }
         let due = self.journal_len >= self.shared.opts.journal_roll_bytes
+            || self.checkpoint_unsynced
             || (self.changed_since_checkpoint
                 && self.last_checkpoint.elapsed() >= self.shared.opts.checkpoint_interval);
         if due {
@@ -958,6 +1172,9 @@ impl Writer {
                 .shared
                 .poison(&format!("checkpoint fsync failed: {err}")),
             Err(CheckpointError::Io(err)) => {
+                self.shared
+                    .checkpoint_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %err, "checkpoint failed; the journal keeps everything, retrying in 1 s");
                 self.checkpoint_retry_at = Instant::now() + Duration::from_secs(1);
             }
@@ -968,6 +1185,9 @@ impl Writer {
     fn write_round(&mut self, round: Vec<Request>) {
         if round.is_empty() {
             return;
+        }
+        if Faults::take(&self.shared.opts.faults.panic_writer) {
+            panic!("injected fault: the writer thread panics");
         }
         if self.shared.poisoned.load(Ordering::SeqCst) {
             for req in round {
@@ -1169,11 +1389,14 @@ impl Writer {
         self.seq += 1;
         let seq = self.seq;
         let mut now = Vec::new();
+        let mut refused = Vec::new();
         {
             let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
             for s in staged {
                 match s.req.level {
                     AckLevel::Written => now.push((s.req.done, s.results)),
+                    // No syncer will ever answer it.
+                    AckLevel::Durable if sync.syncer_dead => refused.push(s.req.done),
                     AckLevel::Durable => sync.pending.push_back((seq, s.req.done, s.results)),
                 }
             }
@@ -1185,6 +1408,9 @@ impl Writer {
         }
         for (done, results) in now {
             done(Ok(results));
+        }
+        for done in refused {
+            done(Err(WriteError::Poisoned));
         }
     }
 
@@ -1202,7 +1428,12 @@ impl Writer {
             match op {
                 Op::CreateLog { name, config } => {
                     let uid = self.next_uid + created.len() as u64;
-                    let files = match LogFiles::create(log_dir(&self.shared.dir, uid), uid, 0) {
+                    let files = match LogFiles::create(
+                        log_dir(&self.shared.dir, uid),
+                        uid,
+                        0,
+                        self.shared.opts.faults.clone(),
+                    ) {
                         Ok(files) => files,
                         Err(OpenError::Io { source, .. }) => {
                             return (req.done)(Err(WriteError::from_io(&source)));
@@ -1308,6 +1539,9 @@ impl Writer {
     fn checkpoint(&mut self) -> Result<(), CheckpointError> {
         if !self.changed_since_checkpoint {
             self.last_checkpoint = Instant::now();
+            if self.checkpoint_unsynced {
+                return self.finish_checkpoint();
+            }
             return Ok(());
         }
         let fsync = self.shared.opts.fsync;
@@ -1326,7 +1560,14 @@ impl Writer {
         let dir = self.shared.dir.clone();
         let ckpt_dir = dir.join("checkpoint");
         let tmp = ckpt_dir.join("checkpoint.tmp");
-        let (journal, journal_len) = create_journal(&dir, new_id).map_err(|e| {
+        let faults = &self.shared.opts.faults;
+        if fsync {
+            // Until the new checkpoint's name is durable, recovery may start from the
+            // previous one and replay this journal in full: its tail must not be torn.
+            self.journal.sync_data().map_err(CheckpointError::Sync)?;
+            faults.note(|| FsOp::SyncFile(journal_path(&dir, self.journal_id)));
+        }
+        let (journal, journal_len) = create_journal(&dir, new_id, faults).map_err(|e| {
             let _ = fs::remove_file(journal_path(&dir, new_id));
             CheckpointError::Io(e)
         })?;
@@ -1351,12 +1592,20 @@ impl Writer {
         if fsync {
             file.sync_all().map_err(CheckpointError::Sync)?;
         }
-        fs::rename(&tmp, ckpt_dir.join(format!("{new_id:020}.ckpt")))
-            .map_err(CheckpointError::Io)?;
-        if fsync {
-            fsync_dir(&ckpt_dir).map_err(CheckpointError::Sync)?;
+        let ckpt_path = ckpt_dir.join(format!("{new_id:020}.ckpt"));
+        if let Err(err) = fs::rename(&tmp, &ckpt_path) {
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(journal_path(&dir, new_id));
+            return Err(CheckpointError::Io(err));
         }
-        // The checkpoint is durable: switch journals, then clean up.
+        faults.note(|| FsOp::Rename {
+            from: tmp.clone(),
+            to: ckpt_path.clone(),
+        });
+        // The checkpoint is in place: switch journals. Recovery from it replays the new
+        // journal; recovery from the one before (should the rename not survive a power
+        // loss) replays the old journal and the new one, so both hold until the directory
+        // is fsynced and the old files are deleted (`finish_checkpoint`).
         let journal = Arc::new(journal);
         {
             let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
@@ -1370,7 +1619,37 @@ impl Writer {
             .store(journal_len, Ordering::Relaxed);
         self.changed_since_checkpoint = false;
         self.last_checkpoint = Instant::now();
-        if let Err(err) = self.remove_obsolete(&dir, new_id) {
+        self.checkpoint_unsynced = true;
+        self.finish_checkpoint()
+    }
+
+    /// Makes the newest checkpoint's name durable (fsync of its directory), then deletes
+    /// the journals, checkpoints, segments and logs it replaces. Failing to open the
+    /// directory (say EMFILE) is retried later; a failed fsync poisons.
+    fn finish_checkpoint(&mut self) -> Result<(), CheckpointError> {
+        let dir = self.shared.dir.clone();
+        if self.shared.opts.fsync {
+            let ckpt_dir = dir.join("checkpoint");
+            let handle =
+                if Faults::take_count(&self.shared.opts.faults.checkpoint_dir_open_failures) {
+                    Err(std::io::Error::from_raw_os_error(libc::EMFILE))
+                } else {
+                    File::open(&ckpt_dir)
+                };
+            let handle = handle.map_err(|e| {
+                CheckpointError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("opening {} to fsync it: {e}", ckpt_dir.display()),
+                ))
+            })?;
+            handle.sync_all().map_err(CheckpointError::Sync)?;
+            self.shared
+                .opts
+                .faults
+                .note(|| FsOp::SyncDir(ckpt_dir.clone()));
+        }
+        self.checkpoint_unsynced = false;
+        if let Err(err) = self.remove_obsolete(&dir, self.journal_id) {
             tracing::warn!(error = %err, "could not remove obsolete files; will retry at the next checkpoint");
         }
         Ok(())
@@ -1456,6 +1735,9 @@ fn syncer_loop(shared: &Shared) {
             }
             (sync.written_seq, sync.journal.clone())
         };
+        if Faults::take(&shared.opts.faults.panic_syncer) {
+            panic!("injected fault: the syncer thread panics");
+        }
         let failed = if shared.poisoned.load(Ordering::SeqCst) {
             true
         } else if shared.opts.fsync

@@ -490,3 +490,418 @@ fn single_records_are_read_from_inside_large_batches() {
         assert_eq!(reader.read(offset, 1, 1).unwrap()[0].offset, offset);
     }
 }
+
+/// Counts the fatal listener's calls and keeps the last reason.
+fn fatal_counter(store: &Store) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    store.set_fatal_listener(std::sync::Arc::new(move |what| {
+        seen.lock().unwrap().push(what.to_string());
+    }));
+    calls
+}
+
+/// A panic on the writer thread poisons the store (readiness reads `is_poisoned`), calls
+/// the fatal listener, and every later write is refused instead of queued for nobody.
+#[test]
+fn a_panic_on_the_writer_thread_poisons_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = std::sync::Arc::new(tidewater_storage::Faults::default());
+    let options = StoreOptions {
+        faults: faults.clone(),
+        ..opts()
+    };
+    let (store, _) = Store::open(dir.path(), options).unwrap();
+    let fatal = fatal_counter(&store);
+    let uid = create(&store, "q");
+    assert_eq!(append(&store, uid, &["before"]), appended(0, 1));
+    faults
+        .panic_writer
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = store.submit_wait(
+        vec![Op::Append {
+            uid,
+            batch: batch(uid, &["during"]),
+        }],
+        AckLevel::Durable,
+    );
+    assert!(failed.is_err(), "{failed:?}");
+    // The round's requests are dropped while the thread unwinds, just before it poisons.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !store.is_poisoned() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(store.is_poisoned());
+    let reasons = fatal.lock().unwrap().clone();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].contains("writer thread panicked"), "{reasons:?}");
+    assert_eq!(store.poison_reason().as_deref(), Some(reasons[0].as_str()));
+    for level in [AckLevel::Durable, AckLevel::Written] {
+        let refused = store.submit_wait(
+            vec![Op::Append {
+                uid,
+                batch: batch(uid, &["after"]),
+            }],
+            level,
+        );
+        assert!(
+            matches!(refused, Err(tidewater_storage::WriteError::Poisoned)),
+            "{refused:?}"
+        );
+    }
+    // A listener set after the fact still hears of it (the server sets its own after open).
+    let late = fatal_counter(&store);
+    assert_eq!(
+        late.lock().unwrap().len(),
+        0,
+        "the fatal listener runs once"
+    );
+    drop(store);
+    let (store, recovered) = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(recovered[0].next_offset, 1);
+    assert_eq!(bodies(&store, uid, 0), ["before"]);
+}
+
+/// A panic on the syncer thread poisons the store: durable writes are answered (refused),
+/// not left waiting for a sync that will never come.
+#[test]
+fn a_panic_on_the_syncer_thread_poisons_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = std::sync::Arc::new(tidewater_storage::Faults::default());
+    let options = StoreOptions {
+        faults: faults.clone(),
+        ..opts()
+    };
+    let (store, _) = Store::open(dir.path(), options).unwrap();
+    let uid = create(&store, "q");
+    faults
+        .panic_syncer
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = store.submit_wait(
+        vec![Op::Append {
+            uid,
+            batch: batch(uid, &["during"]),
+        }],
+        AckLevel::Durable,
+    );
+    assert!(
+        matches!(failed, Err(tidewater_storage::WriteError::Poisoned)),
+        "{failed:?}"
+    );
+    assert!(store.is_poisoned());
+    // Set after the poisoning: called at once.
+    let fatal = fatal_counter(&store);
+    let reasons = fatal.lock().unwrap().clone();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].contains("syncer thread panicked"), "{reasons:?}");
+    for level in [AckLevel::Durable, AckLevel::Written] {
+        let refused = store.submit_wait(
+            vec![Op::Append {
+                uid,
+                batch: batch(uid, &["after"]),
+            }],
+            level,
+        );
+        assert!(
+            matches!(refused, Err(tidewater_storage::WriteError::Poisoned)),
+            "{refused:?}"
+        );
+    }
+}
+
+/// A checkpoint that cannot open its directory (no file descriptor left) is not a failed
+/// fsync: it is counted, retried a second later, and the store goes on. Nothing it would
+/// replace is deleted until the directory is fsynced.
+#[test]
+fn a_checkpoint_that_cannot_open_its_directory_is_retried_not_fatal() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let faults = std::sync::Arc::new(tidewater_storage::Faults::default());
+    let options = StoreOptions {
+        fsync: true,
+        checkpoint_interval: Duration::from_millis(20),
+        faults: faults.clone(),
+        ..opts()
+    };
+    let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
+    let fatal = fatal_counter(&store);
+    faults
+        .checkpoint_dir_open_failures
+        .store(2, Ordering::SeqCst);
+    let uid = create(&store, "q");
+    assert_eq!(append(&store, uid, &["a"]), appended(0, 1));
+    let count = |sub: &str| fs::read_dir(dir.path().join(sub)).unwrap().count();
+    let mut next = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while (faults.checkpoint_dir_open_failures.load(Ordering::SeqCst) > 0
+        || count("journal") > 1
+        || count("checkpoint") > 1)
+        && std::time::Instant::now() < deadline
+    {
+        assert!(!store.is_poisoned(), "{:?}", store.poison_reason());
+        next += 1;
+        assert_eq!(append(&store, uid, &["more"]), appended(next, 1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        faults.checkpoint_dir_open_failures.load(Ordering::SeqCst),
+        0
+    );
+    assert_eq!(store.checkpoint_failures(), 2);
+    assert!(!store.is_poisoned(), "{:?}", store.poison_reason());
+    assert!(fatal.lock().unwrap().is_empty());
+    assert_eq!((count("journal"), count("checkpoint")), (1, 1));
+    drop(store);
+    let (_store, recovered) = Store::open(dir.path(), options).unwrap();
+    assert_eq!(recovered[0].next_offset, next + 1);
+}
+
+/// Every new name (log directory, segment, journal, checkpoint) is followed by an fsync of
+/// its directory before anything depends on it; a checkpoint's rename is preceded by a
+/// sync of the journal that recovery would replay if the rename were lost. (A log
+/// directory's parent was not fsynced: after a power loss the checkpointed log could vanish.)
+#[test]
+fn new_names_are_made_durable_by_a_directory_fsync() {
+    use tidewater_storage::FsOp;
+    let dir = tempfile::tempdir().unwrap();
+    let faults = std::sync::Arc::new(tidewater_storage::Faults::default());
+    faults
+        .record_fs_ops
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let options = StoreOptions {
+        fsync: true,
+        segment_roll_bytes: 1024,
+        journal_roll_bytes: 16 << 10,
+        faults: faults.clone(),
+        ..opts()
+    };
+    let data = dir.path().join("data");
+    let (store, _) = Store::open(&data, options.clone()).unwrap();
+    let uid = create(&store, "q");
+    let body = "x".repeat(200);
+    for _ in 0..100 {
+        append(&store, uid, &[&body]);
+    }
+    drop(store);
+    // Recovery of a log created after the last checkpoint recreates its directory.
+    let (store, _) = Store::open(&data, options).unwrap();
+    create(&store, "r");
+    drop(store);
+    let ops = faults.fs_ops.lock().unwrap().clone();
+    let synced_after = |at: usize, dir: &std::path::Path| {
+        ops[at + 1..]
+            .iter()
+            .any(|op| matches!(op, FsOp::SyncDir(d) if d == dir))
+    };
+    let mut checked = 0;
+    for (at, op) in ops.iter().enumerate() {
+        let path = match op {
+            FsOp::CreateDir(p) | FsOp::CreateFile(p) | FsOp::Rename { to: p, .. } => p,
+            _ => continue,
+        };
+        let parent = path.parent().unwrap();
+        assert!(
+            synced_after(at, parent),
+            "{op:?} is not followed by an fsync of {}",
+            parent.display()
+        );
+        checked += 1;
+    }
+    let created_logs = ops
+        .iter()
+        .filter(|op| matches!(op, FsOp::CreateDir(p) if p.parent().unwrap().ends_with("logs")))
+        .count();
+    assert!(created_logs >= 2, "{ops:#?}");
+    assert!(checked > 10, "{ops:#?}");
+    for (at, op) in ops.iter().enumerate() {
+        if let FsOp::Rename { .. } = op {
+            assert!(
+                ops[..at]
+                    .iter()
+                    .rev()
+                    .take_while(|op| !matches!(op, FsOp::Rename { .. }))
+                    .any(|op| matches!(op, FsOp::SyncFile(p) if p.extension().unwrap() == "jnl")),
+                "{op:?} without a sync of the journal before it"
+            );
+        }
+    }
+}
+
+/// A store with 20 single-message segments (offsets 0..20) of log "q", cleanly shut down.
+fn twenty_segments(dir: &std::path::Path) -> (u64, std::path::PathBuf, Vec<std::path::PathBuf>) {
+    let options = StoreOptions {
+        segment_roll_bytes: 60,
+        ..opts()
+    };
+    let (store, _) = Store::open(dir, options).unwrap();
+    let uid = create(&store, "q");
+    for i in 0..20 {
+        let body = format!("m{i:02}");
+        assert_eq!(append(&store, uid, &[&body]), appended(i, 1));
+    }
+    // Offsets 5..7 are acked: nothing is lost if they are missing.
+    store
+        .submit_wait(
+            vec![Op::Settle {
+                uid,
+                ranges: vec![5..7],
+            }],
+            AckLevel::Durable,
+        )
+        .unwrap();
+    drop(store);
+    let log_dir = dir.join("logs").join(format!("{uid:016x}"));
+    let mut segments: Vec<_> = fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert_eq!(segments.len(), 20, "{segments:?}");
+    (uid, log_dir, segments)
+}
+
+fn repair_opts() -> StoreOptions {
+    StoreOptions {
+        repair_missing: true,
+        ..opts()
+    }
+}
+
+/// Opens, expecting a refusal that names the log, the place and the offsets; then repairs,
+/// checks the report, and reopens without the repair option (nothing unsettled is missing
+/// any more). Returns the store after the repair.
+fn refused_then_repaired(
+    dir: &std::path::Path,
+    uid: u64,
+    place: &str,
+    expect: Vec<std::ops::Range<u64>>,
+) -> Store {
+    let err = match Store::open(dir, opts()) {
+        Err(err) => err,
+        Ok(_) => panic!("opened with missing data"),
+    };
+    let text = err.to_string();
+    let tidewater_storage::OpenError::Missing(missing) = err else {
+        panic!("{text}");
+    };
+    assert_eq!(missing.len(), 1, "{text}");
+    assert_eq!(missing[0].log_uid, uid);
+    assert_eq!(missing[0].offsets, expect, "{text}");
+    assert!(text.contains("log 'q'"), "{text}");
+    assert!(text.contains(place), "{text}");
+    assert!(text.contains("repair_missing"), "{text}");
+    {
+        let (store, _) = Store::open(dir, repair_opts()).unwrap();
+        let report = store.repair_report();
+        assert_eq!(report.len(), 1, "{report:?}");
+        assert_eq!(report[0].offsets, expect);
+    }
+    let (store, recovered) = Store::open(dir, opts()).unwrap();
+    assert!(store.repair_report().is_empty());
+    for range in &expect {
+        for offset in range.clone() {
+            assert!(
+                offset < recovered[0].ack_floor || recovered[0].settled.contains(offset),
+                "dropped offset {offset} is settled"
+            );
+        }
+    }
+    assert_eq!(recovered[0].next_offset, 20);
+    store
+}
+
+fn offsets(store: &Store, uid: u64) -> Vec<u64> {
+    let reader = store.reader(uid).unwrap();
+    let records = reader.read(0, usize::MAX, usize::MAX).unwrap();
+    records.iter().map(|r| r.offset).collect()
+}
+
+#[test]
+fn a_missing_log_directory_refuses_the_open_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, log_dir, _) = twenty_segments(dir.path());
+    fs::remove_dir_all(&log_dir).unwrap();
+    let store = refused_then_repaired(dir.path(), uid, "directory is missing", vec![0..5, 7..20]);
+    assert!(offsets(&store, uid).is_empty());
+    assert_eq!(append(&store, uid, &["new"]), appended(20, 1));
+    assert_eq!(offsets(&store, uid), [20]);
+}
+
+#[test]
+fn missing_leading_segments_refuse_the_open_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, _, segments) = twenty_segments(dir.path());
+    for segment in &segments[..3] {
+        fs::remove_file(segment).unwrap();
+    }
+    let store = refused_then_repaired(dir.path(), uid, "00000000000000000003.seg", vec![0..3]);
+    assert_eq!(offsets(&store, uid), (3..20).collect::<Vec<_>>());
+}
+
+#[test]
+fn missing_middle_segments_refuse_the_open_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, _, segments) = twenty_segments(dir.path());
+    for segment in &segments[4..10] {
+        fs::remove_file(segment).unwrap();
+    }
+    let store = refused_then_repaired(
+        dir.path(),
+        uid,
+        "00000000000000000003.seg ends at offset 4",
+        vec![4..5, 7..10],
+    );
+    let expect: Vec<u64> = (0..4).chain(10..20).collect();
+    assert_eq!(offsets(&store, uid), expect);
+}
+
+#[test]
+fn missing_trailing_segments_and_a_cut_segment_refuse_the_open_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, _, segments) = twenty_segments(dir.path());
+    for segment in &segments[17..] {
+        fs::remove_file(segment).unwrap();
+    }
+    // The segment of offset 12 loses half of its batch.
+    let len = fs::metadata(&segments[12]).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&segments[12])
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = match Store::open(dir.path(), opts()) {
+        Err(err) => err.to_string(),
+        Ok(_) => panic!("opened with missing data"),
+    };
+    assert!(err.contains("offsets 12..13"), "{err}");
+    assert!(err.contains("offsets 17..20"), "{err}");
+    let (store, _) = Store::open(dir.path(), repair_opts()).unwrap();
+    let dropped: Vec<_> = store
+        .repair_report()
+        .iter()
+        .flat_map(|m| m.offsets.clone())
+        .collect();
+    assert_eq!(dropped, [12..13, 17..20]);
+    let expect: Vec<u64> = (0..12).chain(13..17).collect();
+    assert_eq!(offsets(&store, uid), expect);
+    assert_eq!(append(&store, uid, &["new"]), appended(20, 1));
+    drop(store);
+    let (store, _) = Store::open(dir.path(), opts()).unwrap();
+    let expect: Vec<u64> = (0..12).chain(13..17).chain([20]).collect();
+    assert_eq!(offsets(&store, uid), expect);
+}
+
+/// Missing files that held only settled messages lose nothing: the open goes on.
+#[test]
+fn missing_settled_segments_are_no_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, _, segments) = twenty_segments(dir.path());
+    for segment in &segments[5..7] {
+        fs::remove_file(segment).unwrap();
+    }
+    let (store, _) = Store::open(dir.path(), opts()).unwrap();
+    assert!(store.repair_report().is_empty());
+    let expect: Vec<u64> = (0..5).chain(7..20).collect();
+    assert_eq!(offsets(&store, uid), expect);
+}
