@@ -287,9 +287,13 @@ async fn healthz() -> ApiResult {
 async fn readyz(State(state): State<AppState>) -> ApiResult {
     let broker = state.broker()?;
     if broker.store().is_poisoned() {
+        let why = broker
+            .store()
+            .poison_reason()
+            .unwrap_or_else(|| "a storage failure".to_string());
         return Err(ApiError(BrokerError::new(
             ErrorCode::StorageFailed,
-            "the store failed an fsync and refuses writes",
+            format!("the store refuses writes after {why}"),
         )));
     }
     json(StatusCode::OK, &serde_json::json!({"status": "ready"}))

@@ -397,6 +397,13 @@ impl Collector for QueueCollector {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         ConstGauge::new(broker.store().journal_bytes() as i64).encode(family)?;
+        let family = encoder.encode_descriptor(
+            "checkpoint_failures",
+            "Checkpoints that failed short of an fsync (e.g. no file descriptor left); retried",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(broker.store().checkpoint_failures()).encode(family)?;
         Ok(())
     }
 }

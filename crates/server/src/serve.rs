@@ -31,6 +31,11 @@ pub struct ServeArgs {
     /// Address of the binary protocol (docs/protocol.md). Loopback by default.
     #[arg(long, env = "TIDEWATER_PROTOCOL_LISTEN")]
     pub protocol_listen: Option<String>,
+    /// Open even though data the checkpoints and journal know of is missing from the files:
+    /// the missing messages are dropped (settled) and each dropped range is printed. Without
+    /// it, the server refuses to start and names what is missing (docs/storage-format.md).
+    #[arg(long)]
+    pub repair_missing: bool,
     /// Log format: text (for people) or json (for log pipelines).
     #[arg(long, env = "TIDEWATER_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
@@ -228,6 +233,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             checkpoint_interval: Duration::from_millis(s.checkpoint_interval_ms.max(100)),
             write_queue_capacity: s.write_queue_capacity,
             // Fault injection for the test suite only; not a configuration setting.
+            repair_missing: args.repair_missing,
             fail_fsync_at: std::env::var("TIDEWATER_FAULT_FAIL_FSYNC_AT")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -322,6 +328,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
         std::process::exit(EXIT_STORAGE_FAILED);
     }));
+    for dropped in broker.store().repair_report() {
+        tracing::warn!("--repair-missing dropped: {dropped}");
+        eprintln!("tidewater: --repair-missing dropped: {dropped}");
+    }
     let queues = broker.list_queues().len();
     let _ = cell.set(broker.clone());
     let maintenance = broker.spawn_maintenance(Duration::from_millis(100));
@@ -420,6 +430,7 @@ mod tests {
             protocol_listen: None,
             config: Some(path),
             log_format: None,
+            repair_missing: false,
         };
         let s = settings(&args).unwrap();
         assert_eq!(s.data, PathBuf::from("/tmp/y"));
@@ -440,6 +451,7 @@ mod tests {
             protocol_listen: None,
             config: None,
             log_format: None,
+            repair_missing: false,
         })
         .unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:7070");
@@ -452,6 +464,7 @@ mod tests {
             protocol_listen: None,
             config: Some(path),
             log_format: None,
+            repair_missing: false,
         })
         .err()
         .unwrap();

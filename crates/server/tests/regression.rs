@@ -630,3 +630,103 @@ fn redrives_always_end_never_cycle_and_can_be_listed_and_cancelled() {
         "redrive_not_found",
     );
 }
+
+/// Missing segment files are never passed over: the server refuses to start and names
+/// them; `--repair-missing` starts, dropping exactly what is missing, and says what.
+#[test]
+fn missing_segments_refuse_the_start_until_an_explicit_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = "[storage]\nsegment_roll_bytes = 65536\n";
+    let mut server = Server::start(&data, Some(config));
+    server.create_queue("q", json!({}));
+    let body = "z".repeat(1000);
+    for _ in 0..4 {
+        let batch: Vec<_> = (0..100).map(|_| json!({"body": body})).collect();
+        server.publish("q", json!(batch));
+    }
+    assert_eq!(server.stop(), 0);
+    // The first segment of the log with the most segments (q's).
+    let mut logs: Vec<_> = std::fs::read_dir(data.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    logs.sort_by_key(|p| std::fs::read_dir(p).unwrap().count());
+    let log = logs.last().unwrap();
+    let mut segments: Vec<_> = std::fs::read_dir(log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "{segments:?}");
+    std::fs::remove_file(&segments[0]).unwrap();
+
+    let serve = |repair: bool| {
+        let mut command = std::process::Command::new(crate::support::BIN);
+        command
+            .args(["serve", "--data"])
+            .arg(&data)
+            .args(["--config"])
+            .arg(data.with_extension("toml"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", crate::support::free_port()),
+            ])
+            .args([
+                "--protocol-listen",
+                &format!("127.0.0.1:{}", crate::support::free_port()),
+            ])
+            .env("TIDEWATER_LOG", "error");
+        if repair {
+            command.arg("--repair-missing");
+        }
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let refused = serve(false).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    let name = segments[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        stderr.contains(&name) || stderr.contains("missing"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--repair-missing") || stderr.contains("repair"),
+        "{stderr}"
+    );
+
+    // With the repair: it starts, and says what it dropped.
+    let mut repaired = serve(true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stderr = repaired.stderr.take().unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while !text.contains("dropped") {
+        assert!(Instant::now() < deadline, "no repair report: {text}");
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "exited: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let _ = repaired.kill();
+    let _ = repaired.wait();
+    // A later start needs no repair, and holds what was not dropped.
+    let server = Server::start_on(
+        &data,
+        Some(data.with_extension("toml")),
+        &[],
+        (crate::support::free_port(), crate::support::free_port()),
+    );
+    let total = server.stats("q")["total"].as_u64().unwrap();
+    assert!(
+        total > 0 && total < 400,
+        "{total} of 400 left after the repair"
+    );
+}

@@ -44,7 +44,7 @@ pub enum OpenError {
     Config(String),
     /// The checkpoint and journal say these messages exist; no file holds them.
     #[error(
-        "acknowledged messages are missing from the data directory (refusing to start; the storage option repair_missing drops them and reports what it dropped, see docs/storage-format.md): {}",
+        "acknowledged messages are missing from the data directory (refusing to start; `tidewater serve --repair-missing` (StoreOptions::repair_missing) drops them and reports what it dropped, see docs/storage-format.md): {}",
         .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     )]
     Missing(Vec<MissingData>),
