@@ -1,7 +1,7 @@
 //! Priorities and weighted fair scheduling within one queue. The scan cursor sorts new
 //! messages into lanes by (priority level, fairness value) instead of handing them out in
-//! log order; a delivery then picks a level (the highest with messages, except that lower
-//! levels get at least `priority_min_share` of deliveries while they wait) and, within it,
+//! log order; a delivery then picks a level (the highest with messages, except that every
+//! lower level gets `priority_min_share` of deliveries while it waits) and, within it,
 //! a flow by deficit round robin with per-value weights. Lanes hold offsets as runs
 //! (`start..end`), so a flooding tenant whose messages arrive back to back costs a few
 //! bytes per run, not per message. Runs are bounded; at the bound the scan waits.
@@ -144,8 +144,9 @@ pub struct Shaper {
     /// Index = priority (0 = lowest).
     levels: Vec<Level>,
     min_share: f64,
-    /// Deliveries owed to lower levels (grows by `min_share` per higher delivery).
-    owed: f64,
+    /// Deliveries owed to each level below the top, by index (each waiting one earns its
+    /// share of every delivery).
+    owed: Vec<f64>,
     weights: HashMap<String, f64>,
     runs: usize,
     /// (level, lane) and flow of the last push: a lane's next message skips hashing its
@@ -163,7 +164,7 @@ impl Shaper {
         Shaper {
             levels: (0..levels.max(1)).map(|_| Level::default()).collect(),
             min_share,
-            owed: 0.0,
+            owed: vec![0.0; usize::from(levels.max(1))],
             weights,
             runs: 0,
             last_lane: None,
@@ -295,25 +296,36 @@ impl Shaper {
         Staged::Nothing
     }
 
-    /// The next offset to deliver, or None when every lane is empty.
+    /// The next offset to deliver, or None when every lane is empty. While the top level
+    /// waits, every waiting level below it earns `min_share` of each delivery (scaled down to
+    /// 1/(k+1) when k waiting lower levels would leave the top less than each of them), and
+    /// a level owed a whole delivery gets it; the top gets the rest.
     pub fn pop(&mut self) -> Option<u64> {
         let top = self.levels.iter().rposition(|l| l.len > 0)?;
-        let lower = self.levels[..top].iter().rposition(|l| l.len > 0);
-        let level = match lower {
-            // (A hair under 1: ten additions of 0.1 are 0.9999999999999999.)
-            Some(lower) if self.owed >= 1.0 - 1e-9 => {
-                self.owed -= 1.0;
-                lower
+        let waiting = self.levels[..top].iter().filter(|l| l.len > 0).count();
+        let mut level = top;
+        if waiting > 0 && self.min_share > 0.0 {
+            let share = self.min_share.min(1.0 / (waiting as f64 + 1.0));
+            let mut most = 0.0;
+            for (idx, owed) in self.owed[..top].iter_mut().enumerate() {
+                if self.levels[idx].len == 0 {
+                    *owed = 0.0; // a level owed nothing while it has nothing waiting
+                    continue;
+                }
+                *owed += share;
+                // (A hair under 1: ten additions of 0.1 are 0.9999999999999999.) Ties go
+                // to the higher level.
+                if *owed >= 1.0 - 1e-9 && *owed >= most {
+                    most = *owed;
+                    level = idx;
+                }
             }
-            Some(_) => {
-                self.owed += self.min_share;
-                top
+            if level != top {
+                self.owed[level] -= 1.0;
             }
-            None => {
-                self.owed = 0.0;
-                top
-            }
-        };
+        } else {
+            self.owed.fill(0.0);
+        }
         self.levels[level].pop(&mut self.runs)
     }
 
@@ -449,15 +461,68 @@ mod tests {
         let got = drain(&mut shaper, 110);
         let level = |o: &u64| o % 3;
         let high = got.iter().filter(|o| level(o) == 2).count();
-        // One in eleven deliveries goes below while the top level waits.
-        assert_eq!(high, 100);
-        assert_eq!(got.iter().filter(|o| level(o) == 1).count(), 10);
+        // One in ten deliveries goes to each lower level while the top level waits.
+        assert_eq!(high, 89);
+        assert_eq!(got.iter().filter(|o| level(o) == 1).count(), 11);
+        assert_eq!(got.iter().filter(|o| level(o) == 0).count(), 10);
         // Without a minimum share, strict priority.
         let mut strict = Shaper::new(2, 0.0, HashMap::new());
         strict.push(0, 0, "t");
         strict.push(1, 1, "t");
         strict.push(2, 9, "t"); // clamped to the top level
         assert_eq!(drain(&mut strict, 3), vec![1, 2, 0]);
+    }
+
+    /// 3 levels, min share 0.1, 2,000 waiting in each: the lowest level got nothing in the
+    /// first 1,500 deliveries (1,364 / 136 / 0): the share went to the next level down only.
+    #[test]
+    fn every_waiting_level_gets_its_minimum_share() {
+        let mut shaper = Shaper::new(3, 0.1, HashMap::new());
+        for offset in 0..6_000u64 {
+            shaper.push(offset, (offset % 3) as u8, "t");
+        }
+        let got = drain(&mut shaper, 1_500);
+        let count = |level: u64| got.iter().filter(|o| *o % 3 == level).count();
+        for level in [0, 1] {
+            assert!(
+                (149..=150).contains(&count(level)),
+                "level {level}: {} of 1,500",
+                count(level)
+            );
+        }
+        assert_eq!(count(0) + count(1) + count(2), 1_500);
+    }
+
+    proptest::proptest! {
+        /// Whatever the levels and share, while every level waits, each level below the top
+        /// gets its share of deliveries (scaled down only when the shares of the waiting
+        /// levels would leave the top less than any of them), and the top the rest.
+        #[test]
+        fn shares_per_level_hold_while_levels_wait(
+            levels in 2u8..=10,
+            min_share in 0.01f64..=0.5,
+            n in 100usize..2_000,
+        ) {
+            let mut shaper = Shaper::new(levels, min_share, HashMap::new());
+            let per_level = n as u64; // every level outlasts the drain
+            for offset in 0..per_level * u64::from(levels) {
+                shaper.push(offset, (offset % u64::from(levels)) as u8, "t");
+            }
+            let got = drain(&mut shaper, n);
+            let lower = f64::from(levels - 1);
+            let share = min_share.min(1.0 / (lower + 1.0));
+            for level in 0..u64::from(levels) - 1 {
+                let count = got.iter().filter(|o| *o % u64::from(levels) == level).count();
+                let expected = share * n as f64;
+                proptest::prop_assert!(
+                    (count as f64 - expected).abs() <= 2.0,
+                    "level {} of {}: {} of {} deliveries, expected {:.1}",
+                    level, levels, count, n, expected
+                );
+            }
+            let top = got.iter().filter(|o| *o % u64::from(levels) == u64::from(levels) - 1).count();
+            proptest::prop_assert!(top as f64 >= share * n as f64 - 2.0, "top {} of {}", top, n);
+        }
     }
 
     #[test]
