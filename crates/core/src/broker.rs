@@ -680,11 +680,15 @@ impl Broker {
             ));
         }
         let json = serde_json::to_string(&config).expect("config serializes");
+        // One write: a create that fails leaves nothing behind its error reply.
+        let id_window = (config.dedup_window_ms > 0)
+            .then_some((config.dedup_window_ms, self.inner.limits.max_dedup_ids));
         let results = self
             .write(
                 vec![Op::CreateLog {
                     name: name.to_string(),
                     config: json,
+                    id_window,
                 }],
                 AckLevel::Durable,
             )
@@ -700,13 +704,6 @@ impl Broker {
             .store
             .reader(*uid)
             .ok_or_else(|| BrokerError::new(ErrorCode::Internal, "new log has no reader"))?;
-        if config.dedup_window_ms > 0 {
-            self.write(
-                vec![id_window_op(*uid, &config, &self.inner.limits)],
-                AckLevel::Durable,
-            )
-            .await?;
-        }
         let handle = Arc::new(QueueHandle {
             uid: *uid,
             name: name.to_string(),
@@ -720,7 +717,12 @@ impl Broker {
             deleted: AtomicBool::new(false),
             delay: Mutex::new(None),
         });
-        self.create_delay_log(&handle).await?;
+        // The queue exists from here on (its log is durable): a delay log that cannot be
+        // made now is made at a later maintenance, and long delays wait in the main log
+        // meanwhile. Failing the create here would answer an error for a queue that exists.
+        if let Err(err) = self.create_delay_log(&handle).await {
+            tracing::warn!(queue = %name, error = %err, "could not create the delay log; retried at maintenance");
+        }
         self.inner
             .queues
             .write()
@@ -740,6 +742,7 @@ impl Broker {
                 vec![Op::CreateLog {
                     name: delay_log_name(handle.uid),
                     config: "{}".into(),
+                    id_window: None,
                 }],
                 AckLevel::Durable,
             )

@@ -186,7 +186,7 @@ impl ErrorCode {
                 "Free disk space is below the watermark; publishes are refused while receive, ack, delete and purge work. Free space or consume."
             }
             ErrorCode::StorageFailed => {
-                "The storage engine failed; the operation was not applied. The server log has the cause."
+                "The storage engine failed. The message says what happened: \"nothing was stored\" when the operation was refused before it was written; \"may or may not be there after a restart\" when it was written and the fsync that would make it durable failed (check after the restart; the server exits with status 74 right after answering). The server log has the cause."
             }
             ErrorCode::NotReady => "The server is still recovering. Retry shortly.",
             ErrorCode::ShuttingDown => {

@@ -16,6 +16,9 @@ use crate::metrics::Metrics;
 
 /// Exit status when the store fails an fsync (EX_IOERR).
 pub const EXIT_STORAGE_FAILED: i32 = 74;
+/// How long the process answers (refusing every write) before it exits after a fatal
+/// storage error.
+const FATAL_EXIT_GRACE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -326,7 +329,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!(
             "tidewater: fatal storage error: {what}. Exiting; restart to recover from the journal."
         );
-        std::process::exit(EXIT_STORAGE_FAILED);
+        // The store refuses every write from now on; a moment lets the requests in flight
+        // get their answer (refused, or "may or may not be there") instead of a dropped
+        // connection.
+        std::thread::spawn(|| {
+            std::thread::sleep(FATAL_EXIT_GRACE);
+            std::process::exit(EXIT_STORAGE_FAILED);
+        });
     }));
     for dropped in broker.store().repair_report() {
         tracing::warn!("--repair-missing dropped: {dropped}");

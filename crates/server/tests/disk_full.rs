@@ -163,9 +163,9 @@ fn a_really_full_disk_refuses_writes_and_loses_nothing() {
 fn a_failed_fsync_stops_the_process_with_a_clear_status() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // fsyncs #1 to #3 cover the queue's creation (log, dedup window, delay log); #4 (the
-    // publish) fails.
-    let mut server = Server::start_env(&data, None, &[("TIDEWATER_FAULT_FAIL_FSYNC_AT", "4")]);
+    // fsyncs #1 and #2 cover the queue's creation (log with its dedup window, delay log);
+    // #3 (the publish) fails.
+    let mut server = Server::start_env(&data, None, &[("TIDEWATER_FAULT_FAIL_FSYNC_AT", "3")]);
     server.create_queue("q", json!({}));
     let result = server.try_call(
         "POST",

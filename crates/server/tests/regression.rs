@@ -730,3 +730,30 @@ fn missing_segments_refuse_the_start_until_an_explicit_repair() {
         "{total} of 400 left after the repair"
     );
 }
+
+/// A queue create whose fsync failed answered "storage_failed" (documented as "not
+/// applied") and the queue existed after a restart: the reply must say the outcome is
+/// unknown, because the write reached the file before its fsync failed.
+#[test]
+fn a_write_whose_fsync_failed_says_its_outcome_is_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start_env(&data, None, &[("TIDEWATER_FAULT_FAIL_FSYNC_AT", "1")]);
+    let (status, body) = server
+        .try_call("PUT", "/v1/queues/q", Some(&json!({})))
+        .unwrap();
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (500, Some("storage_failed")),
+        "{body}"
+    );
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("may or may not"), "{message}");
+    assert!(!message.contains("nothing was stored"), "{message}");
+    let _ = server.child.wait();
+    // The truth after the restart: here the write had reached the file.
+    let server = Server::start(&data, None);
+    assert!(server.try_call("GET", "/v1/queues/q", None).unwrap().0 == 200);
+    let meaning = tidewater_core::ErrorCode::StorageFailed.meaning();
+    assert!(!meaning.contains("not applied"), "{meaning}");
+}

@@ -112,6 +112,12 @@ pub enum WriteError {
     /// An fsync failed earlier: the store refuses every write until restarted and recovered.
     #[error("the store is poisoned after a failed fsync; restart to recover from the journal")]
     Poisoned,
+    /// Written to the journal, but the fdatasync that would make it durable failed: it may
+    /// or may not be there after a restart. The store is poisoned.
+    #[error(
+        "written, but the journal's fdatasync failed: it may or may not be there after a restart (the store refuses writes until restarted)"
+    )]
+    SyncFailed,
     /// The writer's queue is full: retry shortly.
     #[error("the write queue is full")]
     Overloaded,

@@ -17,6 +17,9 @@ pub struct Faults {
     pub panic_syncer: AtomicBool,
     /// This many next opens of the checkpoint directory (for its fsync) fail with EMFILE.
     pub checkpoint_dir_open_failures: AtomicU64,
+    /// The journal write of the Nth next meta request (create, config, delete) fails with
+    /// ENOSPC (1 = the next one; 0 = off).
+    pub fail_meta_write_at: AtomicU64,
     /// Record the file system operations whose durability matters in `fs_ops`.
     pub record_fs_ops: AtomicBool,
     pub fs_ops: Mutex<Vec<FsOp>>,
@@ -48,6 +51,14 @@ impl Faults {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(op());
         }
+    }
+
+    /// Counts `at` down; true when it reaches zero now (the armed operation is this one).
+    pub(crate) fn take_at(at: &AtomicU64) -> bool {
+        at.load(Ordering::Relaxed) > 0
+            && at
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok_and(|before| before == 1)
     }
 
     /// Counts `counter` down; true while it was above zero.

@@ -92,6 +92,9 @@ pub enum Op {
     CreateLog {
         name: String,
         config: String,
+        /// The id window (window_ms, max ids), journaled with the create in one write:
+        /// the log never exists without it.
+        id_window: Option<(u64, u32)>,
     },
     UpdateConfig {
         uid: u64,
@@ -1426,7 +1429,11 @@ impl Writer {
         let mut windows = Vec::new();
         for op in &mut req.ops {
             match op {
-                Op::CreateLog { name, config } => {
+                Op::CreateLog {
+                    name,
+                    config,
+                    id_window,
+                } => {
                     let uid = self.next_uid + created.len() as u64;
                     let files = match LogFiles::create(
                         log_dir(&self.shared.dir, uid),
@@ -1441,6 +1448,17 @@ impl Writer {
                         Err(other) => return (req.done)(Err(WriteError::Io(other.to_string()))),
                     };
                     encode_entry(&mut jbuf, &Entry::CreateLog { uid, name, config });
+                    if let Some((window_ms, max)) = *id_window {
+                        encode_entry(
+                            &mut jbuf,
+                            &Entry::IdWindow {
+                                uid,
+                                window_ms,
+                                max,
+                            },
+                        );
+                        windows.push((uid, window_ms, max));
+                    }
                     created.push((LogState::new(uid, name.clone(), config.clone()), files));
                     results.push(OpResult::Created { uid });
                 }
@@ -1486,7 +1504,12 @@ impl Writer {
                 }
             }
         }
-        if let Err(err) = self.journal.write_all_at(&jbuf, self.journal_len) {
+        let written = if Faults::take_at(&self.shared.opts.faults.fail_meta_write_at) {
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        } else {
+            self.journal.write_all_at(&jbuf, self.journal_len)
+        };
+        if let Err(err) = written {
             let _ = self.journal.set_len(self.journal_len);
             for (_, files) in created {
                 let _ = fs::remove_dir_all(&files.dir);
@@ -1760,8 +1783,9 @@ fn syncer_loop(shared: &Shared) {
             let pending: Vec<_> = sync.pending.drain(..).collect();
             sync.synced_seq = sync.written_seq;
             drop(sync);
+            // Written before the sync that failed: their outcome is unknown, not "refused".
             for (_, done, _) in pending {
-                done(Err(WriteError::Poisoned));
+                done(Err(WriteError::SyncFailed));
             }
             continue;
         }
