@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use http_body_util::BodyExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tidewater_core::{Broker, BrokerError, ConfigPatch, ErrorCode, NackReason, RedriveRequest};
@@ -17,7 +19,7 @@ use tidewater_core::{Broker, BrokerError, ConfigPatch, ErrorCode, NackReason, Re
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -31,6 +33,9 @@ pub struct AppState {
     pub broker: Arc<OnceLock<Broker>>,
     pub metrics: Arc<Metrics>,
     pub max_request_bytes: usize,
+    /// Bytes of request bodies in flight, across connections (in KiB permits).
+    pub body_budget: Arc<Semaphore>,
+    pub max_request_bytes_in_flight: usize,
     /// A request body must arrive within this long.
     pub body_timeout: std::time::Duration,
 }
@@ -96,27 +101,46 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> ApiResult {
     Ok(response)
 }
 
-/// Reads a bounded body and parses it; an empty body parses as `default`.
-async fn parse_body<T: DeserializeOwned>(
+/// Request bodies being read or handled hold this much of the broker-wide budget
+/// (`max_request_bytes_in_flight`); dropped when the handler returns.
+pub struct BodyPermit(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+/// Reserves `kib` more of the body budget, or refuses at once (overloaded, Retry-After).
+fn reserve(
     state: &AppState,
-    body: Body,
-    default: Option<T>,
-) -> Result<T, ApiError> {
-    let read = tokio::time::timeout(
-        state.body_timeout,
-        axum::body::to_bytes(body, state.max_request_bytes),
-    )
-    .await
-    .map_err(|_| {
-        ApiError(BrokerError::new(
-            ErrorCode::ConnectionTimeout,
-            format!(
-                "the request body did not arrive within {} ms (body_timeout_ms)",
-                state.body_timeout.as_millis()
-            ),
-        ))
-    })?;
-    let bytes = read.map_err(|_| {
+    held: &mut Option<OwnedSemaphorePermit>,
+    kib: u32,
+) -> Result<(), ApiError> {
+    if kib == 0 {
+        return Ok(());
+    }
+    let more = state
+        .body_budget
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| {
+            ApiError(
+                BrokerError::new(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "request bodies in flight hold the server's budget of {} bytes (max_request_bytes_in_flight); nothing was done, retry shortly",
+                        state.max_request_bytes_in_flight
+                    ),
+                )
+                .retry_after(1_000),
+            )
+        })?;
+    match held {
+        Some(permit) => permit.merge(more),
+        None => *held = Some(more),
+    }
+    Ok(())
+}
+
+/// Reads a body within max_request_bytes and body_timeout_ms, holding its size of the
+/// broker-wide budget (all of a declared Content-Length at once, else as it arrives).
+async fn read_body(state: &AppState, body: Body) -> Result<(Bytes, BodyPermit), ApiError> {
+    let too_large = || {
         ApiError(BrokerError::new(
             ErrorCode::RequestTooLarge,
             format!(
@@ -124,20 +148,182 @@ async fn parse_body<T: DeserializeOwned>(
                 state.max_request_bytes
             ),
         ))
-    })?;
+    };
+    let kib = |bytes: u64| u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+    let mut held = None;
+    let mut body = body;
+    if let Some(declared) = http_body::Body::size_hint(&body).exact() {
+        if declared > state.max_request_bytes as u64 {
+            return Err(too_large());
+        }
+        if let Err(refused) = reserve(state, &mut held, kib(declared)) {
+            // Read and drop the body (it costs no memory) so the client, still sending,
+            // gets the refusal instead of a broken pipe. (The same below, as it arrives.)
+            let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+            let _ = tokio::time::timeout(state.body_timeout, drain).await;
+            return Err(refused);
+        }
+    }
+    let read = async {
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError(BrokerError::invalid(format!(
+                    "the request body could not be read: {e}"
+                )))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            if buf.len() + data.len() > state.max_request_bytes {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
+            let have = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+            let need = kib(buf.len() as u64) as usize;
+            if need > have {
+                reserve(
+                    state,
+                    &mut held,
+                    u32::try_from(need - have).unwrap_or(u32::MAX),
+                )?;
+            }
+        }
+        Ok(Bytes::from(buf))
+    };
+    let bytes = tokio::time::timeout(state.body_timeout, read)
+        .await
+        .map_err(|_| {
+            ApiError(BrokerError::new(
+                ErrorCode::ConnectionTimeout,
+                format!(
+                    "the request body did not arrive within {} ms (body_timeout_ms)",
+                    state.body_timeout.as_millis()
+                ),
+            ))
+        })?;
+    let bytes = match bytes {
+        Err(ApiError(err)) if err.code == ErrorCode::Overloaded => {
+            let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+            let _ = tokio::time::timeout(state.body_timeout, drain).await;
+            return Err(ApiError(err));
+        }
+        other => other?,
+    };
+    Ok((bytes, BodyPermit(held)))
+}
+
+/// Refuses a document of more than `max` JSON values before anything is built from it
+/// (a scan that allocates nothing): parsed structures cost tens of bytes per value, so a
+/// body of millions of tiny values would cost many times its size.
+fn check_value_count(bytes: &[u8], max: usize) -> Result<(), ApiError> {
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use std::cell::Cell;
+
+    struct Count<'a>(&'a Cell<usize>);
+    impl Count<'_> {
+        fn tick<E: serde::de::Error>(&self) -> Result<(), E> {
+            let left = self.0.get();
+            if left == 0 {
+                return Err(E::custom("too many values"));
+            }
+            self.0.set(left - 1);
+            Ok(())
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Count<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Count<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+            self.tick()
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+            self.tick()
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+            self.tick()
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+            self.tick()
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+            self.tick()
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+            self.tick()
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            self.tick()?;
+            while seq.next_element_seed(Count(self.0))?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            self.tick()?;
+            while map.next_key::<IgnoredAny>()?.is_some() {
+                self.tick()?; // the key
+                map.next_value_seed(Count(self.0))?;
+            }
+            Ok(())
+        }
+    }
+
+    let left = Cell::new(max);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match Count(&left).deserialize(&mut de) {
+        Err(e) if left.get() == 0 && e.to_string().starts_with("too many values") => {
+            Err(ApiError(BrokerError::new(
+                ErrorCode::RequestTooLarge,
+                format!(
+                    "the request body holds more than {max} JSON values, more than this request can use (see max_batch_messages, max_headers, max_receive_messages)"
+                ),
+            )))
+        }
+        _ => Ok(()), // malformed JSON: the parse below says where
+    }
+}
+
+/// Reads a bounded body and parses it; an empty body parses as `default`. `max_values`
+/// bounds the JSON values the body may hold (what the request can use, plus a margin).
+async fn parse_body<T: DeserializeOwned>(
+    state: &AppState,
+    body: Body,
+    default: Option<T>,
+    max_values: usize,
+) -> Result<(T, BodyPermit), ApiError> {
+    let (bytes, permit) = read_body(state, body).await?;
     if bytes.iter().all(u8::is_ascii_whitespace)
         && let Some(default) = default
     {
-        return Ok(default);
+        return Ok((default, permit));
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
+    check_value_count(&bytes, max_values)?;
+    let value = serde_json::from_slice(&bytes).map_err(|e| {
         let code = match e.classify() {
             serde_json::error::Category::Data => ErrorCode::InvalidRequest,
             _ => ErrorCode::InvalidJson,
         };
         ApiError(BrokerError::new(code, format!("request body: {e}")))
-    })
+    })?;
+    Ok((value, permit))
 }
+
+/// JSON values a publish may hold: per message its fields and headers.
+fn publish_values(limits: &tidewater_core::Limits) -> usize {
+    (limits.max_batch_messages + 1).saturating_mul(24 + 2 * limits.max_headers) + 64
+}
+
+/// JSON values of a queue configuration (weights and per-tenant quotas included).
+const CONFIG_VALUES: usize = 20_000;
+/// JSON values of the small request bodies (receive, redrive).
+const SMALL_VALUES: usize = 256;
 
 /// The HTTP listener's limits (docs/configuration.md, `[http]`).
 #[derive(Debug, Clone)]
@@ -330,7 +516,8 @@ async fn put_queue(
     body: Body,
 ) -> ApiResult {
     let broker = state.broker()?;
-    let value: serde_json::Value = parse_body(&state, body, Some(serde_json::json!({}))).await?;
+    let (value, _permit): (serde_json::Value, _) =
+        parse_body(&state, body, Some(serde_json::json!({})), CONFIG_VALUES).await?;
     // Accept the config object itself, or {"config": {...}} as GET returns it.
     let config = match value {
         serde_json::Value::Object(mut map)
@@ -373,7 +560,8 @@ async fn publish(
     body: Body,
 ) -> ApiResult {
     let broker = state.broker()?;
-    let request: api::PublishRequest = parse_body(&state, body, None).await?;
+    let (request, _permit): (api::PublishRequest, _) =
+        parse_body(&state, body, None, publish_values(broker.limits())).await?;
     let level = api::ack_level(request.ack.as_deref())?;
     let messages = request
         .messages
@@ -433,8 +621,13 @@ async fn receive(
     body: Body,
 ) -> ApiResult {
     let broker = state.broker()?;
-    let request: api::ReceiveRequest =
-        parse_body(&state, body, Some(api::ReceiveRequest::default())).await?;
+    let (request, _permit): (api::ReceiveRequest, _) = parse_body(
+        &state,
+        body,
+        Some(api::ReceiveRequest::default()),
+        SMALL_VALUES,
+    )
+    .await?;
     let deliveries = broker
         .receive(
             &queue,
@@ -447,13 +640,18 @@ async fn receive(
     json(StatusCode::OK, &serde_json::json!({ "messages": messages }))
 }
 
-async fn receipts_body(state: &AppState, body: Body) -> Result<api::ReceiptsRequest, ApiError> {
-    parse_body(state, body, None).await
+async fn receipts_body(
+    state: &AppState,
+    broker: &Broker,
+    body: Body,
+) -> Result<(api::ReceiptsRequest, BodyPermit), ApiError> {
+    let max = broker.limits().max_receive_messages + SMALL_VALUES;
+    parse_body(state, body, None, max).await
 }
 
 async fn ack(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
     let broker = state.broker()?;
-    let request = receipts_body(&state, body).await?;
+    let (request, _permit) = receipts_body(&state, broker, body).await?;
     json(
         StatusCode::OK,
         &broker.ack(&queue, &request.receipts).await?,
@@ -462,7 +660,7 @@ async fn ack(State(state): State<AppState>, Path(queue): Path<String>, body: Bod
 
 async fn nack(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
     let broker = state.broker()?;
-    let request = receipts_body(&state, body).await?;
+    let (request, _permit) = receipts_body(&state, broker, body).await?;
     let reply = broker
         .nack(
             &queue,
@@ -477,7 +675,7 @@ async fn nack(State(state): State<AppState>, Path(queue): Path<String>, body: Bo
 
 async fn extend(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
     let broker = state.broker()?;
-    let request = receipts_body(&state, body).await?;
+    let (request, _permit) = receipts_body(&state, broker, body).await?;
     json(
         StatusCode::OK,
         &broker.extend(&queue, &request.receipts, request.lease_ms)?,
@@ -490,8 +688,13 @@ async fn redrive(
     body: Body,
 ) -> ApiResult {
     let broker = state.broker()?;
-    let request: api::RedriveBody =
-        parse_body(&state, body, Some(api::RedriveBody::default())).await?;
+    let (request, _permit): (api::RedriveBody, _) = parse_body(
+        &state,
+        body,
+        Some(api::RedriveBody::default()),
+        SMALL_VALUES,
+    )
+    .await?;
     let progress = broker.start_redrive(
         &queue,
         RedriveRequest {

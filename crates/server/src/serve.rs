@@ -54,6 +54,8 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// Largest HTTP request body in bytes.
     pub max_request_bytes: Option<usize>,
+    /// Bytes of HTTP request bodies being read or handled at once, across connections.
+    pub max_request_bytes_in_flight: Option<usize>,
     /// Largest binary protocol frame in bytes.
     pub max_frame_bytes: Option<usize>,
     /// How long shutdown waits for connections to finish what they started.
@@ -136,6 +138,7 @@ pub struct Settings {
     pub http: crate::http::Limits,
     pub log_format: String,
     pub max_request_bytes: usize,
+    pub max_request_bytes_in_flight: usize,
     pub limits: Limits,
     pub store: StoreOptions,
 }
@@ -200,6 +203,13 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             u32::MAX
         );
     }
+    let max_request_bytes = file.max_request_bytes.unwrap_or(16 << 20);
+    let max_request_bytes_in_flight = file.max_request_bytes_in_flight.unwrap_or(256 << 20);
+    if max_request_bytes == 0 || max_request_bytes_in_flight < max_request_bytes.min(1 << 20) {
+        bail!(
+            "max_request_bytes must be >= 1 and max_request_bytes_in_flight at least max_request_bytes (or 1 MiB)"
+        );
+    }
     Ok(Settings {
         data: args
             .data
@@ -227,7 +237,8 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             .clone()
             .or(file.log_format)
             .unwrap_or_else(|| "text".to_string()),
-        max_request_bytes: file.max_request_bytes.unwrap_or(64 << 20),
+        max_request_bytes,
+        max_request_bytes_in_flight,
         limits: file.limits,
         store: StoreOptions {
             fsync: s.fsync,
@@ -275,6 +286,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         broker: cell.clone(),
         metrics: metrics.clone(),
         max_request_bytes: settings.max_request_bytes,
+        body_budget: Arc::new(tokio::sync::Semaphore::new(
+            settings.max_request_bytes_in_flight.div_ceil(1024),
+        )),
+        max_request_bytes_in_flight: settings.max_request_bytes_in_flight,
         body_timeout: settings.http.body_timeout,
     };
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -496,6 +511,7 @@ mod docs {
                 "checkpoint_interval_ms",
                 "write_queue_capacity",
                 "max_request_bytes",
+                "max_request_bytes_in_flight",
                 "max_frame_bytes",
                 "protocol_listen",
                 "max_connections",
