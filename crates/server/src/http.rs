@@ -213,14 +213,34 @@ async fn read_body(state: &AppState, body: Body) -> Result<(Bytes, BodyPermit), 
     Ok((bytes, BodyPermit(held)))
 }
 
+/// Rewrites numbers like `820.0` (a float with no fraction, within i64/u64) as integers.
+fn integral_floats_to_integers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0) {
+                if f >= 0.0 && f < u64::MAX as f64 {
+                    *n = serde_json::Number::from(f as u64);
+                } else if f < 0.0 && f >= i64::MIN as f64 {
+                    *n = serde_json::Number::from(f as i64);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(integral_floats_to_integers),
+        _ => {}
+    }
+}
+
 /// Refuses a document of more than `max` JSON values before anything is built from it
 /// (a scan that allocates nothing): parsed structures cost tens of bytes per value, so a
-/// body of millions of tiny values would cost many times its size.
-fn check_value_count(bytes: &[u8], max: usize) -> Result<(), ApiError> {
+/// body of millions of tiny values would cost many times its size. Returns whether it
+/// holds a float with no fraction (`820.0`), which typed parsing would refuse as an
+/// integer.
+fn check_value_count(bytes: &[u8], max: usize) -> Result<bool, ApiError> {
     use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
     use std::cell::Cell;
 
-    struct Count<'a>(&'a Cell<usize>);
+    struct Count<'a>(&'a Cell<usize>, &'a Cell<bool>);
     impl Count<'_> {
         fn tick<E: serde::de::Error>(&self) -> Result<(), E> {
             let left = self.0.get();
@@ -251,7 +271,10 @@ fn check_value_count(bytes: &[u8], max: usize) -> Result<(), ApiError> {
         fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
             self.tick()
         }
-        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+            if v.fract() == 0.0 {
+                self.1.set(true);
+            }
             self.tick()
         }
         fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
@@ -262,22 +285,23 @@ fn check_value_count(bytes: &[u8], max: usize) -> Result<(), ApiError> {
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             self.tick()?;
-            while seq.next_element_seed(Count(self.0))?.is_some() {}
+            while seq.next_element_seed(Count(self.0, self.1))?.is_some() {}
             Ok(())
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             self.tick()?;
             while map.next_key::<IgnoredAny>()?.is_some() {
                 self.tick()?; // the key
-                map.next_value_seed(Count(self.0))?;
+                map.next_value_seed(Count(self.0, self.1))?;
             }
             Ok(())
         }
     }
 
     let left = Cell::new(max);
+    let integral_floats = Cell::new(false);
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    match Count(&left).deserialize(&mut de) {
+    match Count(&left, &integral_floats).deserialize(&mut de) {
         Err(e) if left.get() == 0 && e.to_string().starts_with("too many values") => {
             Err(ApiError(BrokerError::new(
                 ErrorCode::RequestTooLarge,
@@ -286,7 +310,7 @@ fn check_value_count(bytes: &[u8], max: usize) -> Result<(), ApiError> {
                 ),
             )))
         }
-        _ => Ok(()), // malformed JSON: the parse below says where
+        _ => Ok(integral_floats.get()), // malformed JSON: the parse below says where
     }
 }
 
@@ -304,14 +328,23 @@ async fn parse_body<T: DeserializeOwned>(
     {
         return Ok((default, permit));
     }
-    check_value_count(&bytes, max_values)?;
-    let value = serde_json::from_slice(&bytes).map_err(|e| {
+    let integral_floats = check_value_count(&bytes, max_values)?;
+    let invalid = |e: serde_json::Error| {
         let code = match e.classify() {
             serde_json::error::Category::Data => ErrorCode::InvalidRequest,
             _ => ErrorCode::InvalidJson,
         };
         ApiError(BrokerError::new(code, format!("request body: {e}")))
-    })?;
+    };
+    let value = if integral_floats {
+        // JSON has one number type: 820.0 is the integer 820 (JSON Schema agrees). Rare:
+        // only such bodies take the slower way through a Value.
+        let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(invalid)?;
+        integral_floats_to_integers(&mut value);
+        serde_json::from_value(value).map_err(invalid)?
+    } else {
+        serde_json::from_slice(&bytes).map_err(invalid)?
+    };
     Ok((value, permit))
 }
 
@@ -449,7 +482,44 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Every error is `{code, message}`: rejections made before a handler runs (a query string
+/// that does not parse, a path that is not UTF-8) come as plain text from axum, and are
+/// wrapped here with the code their status means.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (_, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status.as_u16() {
+        404 => ErrorCode::NotFound,
+        405 => ErrorCode::MethodNotAllowed,
+        408 => ErrorCode::ConnectionTimeout,
+        413 => ErrorCode::RequestTooLarge,
+        503 => ErrorCode::NotReady,
+        500..=599 => ErrorCode::Internal,
+        _ => ErrorCode::InvalidRequest,
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut response = ApiError(BrokerError::new(code, message)).into_response();
+    *response.status_mut() = status;
+    response
 }
 
 async fn not_found() -> ApiError {

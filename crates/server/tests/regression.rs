@@ -847,3 +847,42 @@ fn request_bodies_in_flight_share_a_budget() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Errors from the query string and from a path that is not UTF-8 were plain text; every
+/// error is `{code, message}`. A number written `820.0` is the integer 820, as in JSON.
+#[test]
+fn every_error_is_json_and_integral_floats_are_integers() {
+    let (_dir, server) = server(None);
+    server.create_queue("q", json!({}));
+    for path in [
+        "/v1/queues/q/messages?max=abc",
+        "/v1/queues/q/messages?unknown=1",
+        "/v1/queues/%FF%FE/messages",
+    ] {
+        let (status, body) = call_raw(&format!("{}{path}", server.url), "GET", None).unwrap();
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["code"], "invalid_request", "{path}: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+    let (status, body) = call_raw(
+        &format!("{}/v1/queues/q/receive", server.url),
+        "POST",
+        Some(br#"{"max": 2.0, "wait_ms": 0.0}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call_raw(
+        &format!("{}/v1/queues/q", server.url),
+        "PUT",
+        Some(br#"{"lease_ms": 820.0}"#),
+    )
+    .unwrap();
+    assert_eq!(
+        (status, body["config"]["lease_ms"].as_u64()),
+        (200, Some(820)),
+        "{body}"
+    );
+}
