@@ -210,11 +210,16 @@ struct Shared {
 
 impl Shared {
     fn poison(&self, what: &str) {
-        if !self.poisoned.swap(true, Ordering::SeqCst) {
-            *self.poison_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(what.into());
-            tracing::error!("{what}; the store refuses every write from now on");
-            self.fire_fatal();
+        // The reason is in place before the flag: whoever sees the store poisoned can say why.
+        let mut reason = self.poison_reason.lock().unwrap_or_else(|e| e.into_inner());
+        if reason.is_some() {
+            return;
         }
+        *reason = Some(what.into());
+        drop(reason);
+        self.poisoned.store(true, Ordering::SeqCst);
+        tracing::error!("{what}; the store refuses every write from now on");
+        self.fire_fatal();
     }
 
     /// Runs the fatal listener once the store is poisoned and a listener is set (the store

@@ -530,7 +530,8 @@ fn a_panic_on_the_writer_thread_poisons_the_store() {
     assert!(failed.is_err(), "{failed:?}");
     // The round's requests are dropped while the thread unwinds, just before it poisons.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !store.is_poisoned() && std::time::Instant::now() < deadline {
+    // (The listener runs just after the store is marked poisoned.)
+    while fatal.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(store.is_poisoned());
