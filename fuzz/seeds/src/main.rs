@@ -280,7 +280,15 @@ fn main() {
         ("config", serde_json::to_string(&full).unwrap()),
         ("limits", serde_json::to_string(&limits).unwrap()),
     ];
-    for (name, body) in bodies {
+    for (name, body) in &bodies {
         write(dir, "json", name, body.as_bytes());
     }
+
+    // publish: a JSON publish body (first byte even) and a client-built batch (odd).
+    let mut json = vec![0u8];
+    json.extend_from_slice(bodies[0].1.as_bytes());
+    write(dir, "publish", "json", &json);
+    let mut produce = vec![1u8];
+    produce.extend_from_slice(&batch(0, 0));
+    write(dir, "publish", "batch", &produce);
 }
