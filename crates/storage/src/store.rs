@@ -1016,7 +1016,7 @@ fn append_to_segment(files: &mut LogFiles, batches: &[u8], roll_bytes: u64) -> s
     Ok(())
 }
 
-fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
+pub(crate) fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
     let mut payload = Vec::new();
     payload.extend_from_slice(&next_uid.to_le_bytes());
     payload.extend_from_slice(&(logs.len() as u64).to_le_bytes());
@@ -1031,7 +1031,7 @@ fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
     out
 }
 
-fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), FormatError> {
+pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), FormatError> {
     let mut cur = Cursor { buf: bytes, pos: 0 };
     if cur.bytes(8)? != CHECKPOINT_MAGIC {
         return Err(FormatError::BadMagic);
