@@ -11,6 +11,7 @@ pub mod fs;
 pub mod journal;
 pub mod ranges;
 mod segment;
+pub mod sim;
 pub mod state;
 mod store;
 
