@@ -432,6 +432,7 @@ impl Store {
             next_uid,
             journal_id,
             dropped,
+            obsolete_dirs,
         } = recovered;
 
         let (journal, journal_len) =
@@ -490,7 +491,7 @@ impl Store {
             changed_since_checkpoint: true,
             checkpoint_retry_at: Instant::now(),
             checkpoint_unsynced: false,
-            deleted_dirs: Vec::new(),
+            deleted_dirs: obsolete_dirs,
         };
         // A first checkpoint makes replayed data durable in segments and drops old journals.
         match writer.checkpoint() {
@@ -736,6 +737,8 @@ struct Recovered {
     journal_id: u64,
     /// Unsettled messages no file held, settled by a repair.
     dropped: Vec<MissingData>,
+    /// Directories of logs deleted since the checkpoint: removed after the next one.
+    obsolete_dirs: Vec<PathBuf>,
 }
 
 /// The offsets of `range` that `state` does not have settled.
@@ -803,6 +806,9 @@ fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
             states.insert(log.uid, log);
         }
     }
+    // Logs the checkpoint holds: should the journal delete one, its directory goes only
+    // once a checkpoint without it is durable (as at run time).
+    let checkpointed: HashSet<PathBuf> = states.keys().map(|&uid| log_dir(dir, uid)).collect();
     let mut files: HashMap<u64, LogFiles> = HashMap::new();
     let mut missing = Vec::new();
     let mut dropped = Vec::new();
@@ -870,7 +876,13 @@ fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
         next_journal = id + 1;
         if bytes.len() < JOURNAL_HEADER_LEN || &bytes[..8] != JOURNAL_MAGIC {
             if last {
-                continue; // created but never written: nothing in it was ever acknowledged
+                // Created but never written: nothing in it was ever acknowledged. Removed
+                // (durably, before the next journal is created) so that it is never an
+                // earlier journal with a bad header.
+                tracing::warn!(path = %path.display(), "removing a journal whose header never became durable");
+                fs.remove_file(&path).map_err(|e| OpenError::io(&path, e))?;
+                fsync_dir(io, &jdir).map_err(|e| OpenError::io(&jdir, e))?;
+                continue;
             }
             return Err(corrupt(&path, 0, "bad journal header"));
         }
@@ -886,7 +898,18 @@ fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
                     pos += len;
                 }
                 Err(err) if last => {
+                    // A torn tail: never acknowledged. Cut it, durably, before the next
+                    // journal is created: once that exists this journal is no longer the
+                    // last, and a tear in an earlier journal is corruption (a recovery
+                    // cut by a power loss after creating the next journal used to leave
+                    // a data directory that refused to open).
                     tracing::warn!(path = %path.display(), position = pos, error = %err, "truncating torn journal tail");
+                    let file = fs
+                        .open(&path, OpenHow::READ_WRITE)
+                        .map_err(|e| OpenError::io(&path, e))?;
+                    file.set_len(pos as u64)
+                        .and_then(|()| file.sync_all())
+                        .map_err(|e| OpenError::io(&path, e))?;
                     break;
                 }
                 Err(err) => return Err(corrupt(&path, pos as u64, err)),
@@ -913,24 +936,33 @@ fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
         }
         logs.push((state, log_files));
     }
-    // Directories of logs that no longer exist (deleted before the checkpoint).
+    // Directories of logs that no longer exist. Those of logs deleted before the checkpoint
+    // (or never created in it) go now; those of logs the checkpoint holds and the journal
+    // deleted only after the first checkpoint (`Recovered::obsolete_dirs`): a power loss in
+    // the middle of removing one used to leave the checkpoint naming a log without its
+    // files, and the next open refused (`OpenError::Missing`).
     let logs_dir = dir.join("logs");
     let live: HashSet<PathBuf> = logs.iter().map(|(_, f)| f.dir.clone()).collect();
+    let mut obsolete_dirs = Vec::new();
     for name in fs
         .read_dir(&logs_dir)
         .map_err(|e| OpenError::io(&logs_dir, e))?
     {
         let path = logs_dir.join(name);
-        if !live.contains(&path) {
+        if checkpointed.contains(&path) && !live.contains(&path) {
+            obsolete_dirs.push(path);
+        } else if !live.contains(&path) {
             fs.remove_dir_all(&path)
                 .map_err(|e| OpenError::io(&path, e))?;
         }
     }
+    obsolete_dirs.sort();
     Ok(Recovered {
         logs,
         next_uid,
         journal_id: next_journal,
         dropped,
+        obsolete_dirs,
     })
 }
 
