@@ -453,6 +453,11 @@ impl SimFs {
         disk.cut_at = Some(disk.ops + n);
     }
 
+    /// Forgets a cut point not reached yet.
+    pub fn disarm(&self) {
+        self.lock().cut_at = None;
+    }
+
     /// Whether the power is cut (a cut point was reached).
     pub fn is_cut(&self) -> bool {
         self.lock().cut

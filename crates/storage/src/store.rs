@@ -65,6 +65,11 @@ pub struct StoreOptions {
     /// The file system (chosen once, at open): the real one by default, a simulated disk
     /// (`crate::sim::SimFs`) in power-loss tests.
     pub fs: Arc<dyn Fs>,
+    /// For simulations: one request per writer round, and the next round only once the
+    /// syncer's fdatasync of this one returned, so that requests submitted concurrently
+    /// (the broker submits some without waiting) cannot change the order or the number of
+    /// file operations. No group commit: never for production.
+    pub lockstep: bool,
     /// Repair on open: when the checkpoint and journal say a log holds unsettled messages
     /// that no file holds (a lost directory or segment file, a cut segment), settle them
     /// (drop them) and report what was dropped (`Store::repair_report`) instead of refusing
@@ -84,6 +89,7 @@ impl Default for StoreOptions {
             fail_fsync_at: None,
             faults: Arc::new(Faults::default()),
             fs: Arc::new(RealFs),
+            lockstep: false,
             repair_missing: false,
         }
     }
@@ -165,6 +171,8 @@ enum Command {
     Write(Request),
     /// Checkpoint now (after what is queued before it) and answer.
     Checkpoint(std::sync::mpsc::Sender<Result<(), WriteError>>),
+    /// Answer once everything queued before it is written (`Store::wait_idle`).
+    Barrier(std::sync::mpsc::Sender<()>),
     Shutdown(std::sync::mpsc::Sender<()>),
 }
 
@@ -211,6 +219,18 @@ struct Shared {
 }
 
 impl Shared {
+    /// Waits until everything written so far went through the syncer (or it stopped, or
+    /// the store is poisoned).
+    fn wait_synced(&self) {
+        let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        while sync.synced_seq < sync.written_seq
+            && !sync.stop
+            && !self.poisoned.load(Ordering::SeqCst)
+        {
+            sync = self.sync_cv.wait(sync).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     fn io(&self) -> Io {
         Io {
             fs: self.opts.fs.clone(),
@@ -510,7 +530,10 @@ impl Store {
                 tracing::warn!(error = %e, "initial checkpoint failed; continuing on the journal")
             }
         }
-        let recovered: Vec<RecoveredLog> = writer.logs.values().map(|l| l.state.clone()).collect();
+        // In uid order: the layer above rebuilds (and writes) in the same order every run.
+        let mut recovered: Vec<RecoveredLog> =
+            writer.logs.values().map(|l| l.state.clone()).collect();
+        recovered.sort_unstable_by_key(|l| l.uid);
 
         let (tx, rx) = sync_channel(opts.write_queue_capacity);
         let syncer_shared = shared.clone();
@@ -529,6 +552,7 @@ impl Store {
                     match cmd {
                         Command::Write(req) => (req.done)(Err(WriteError::Poisoned)),
                         Command::Checkpoint(reply) => drop(reply.send(Err(WriteError::Poisoned))),
+                        Command::Barrier(reply) => drop(reply.send(())),
                         Command::Shutdown(reply) => drop(reply.send(())),
                     }
                 }
@@ -607,14 +631,18 @@ impl Store {
     /// request answered before this call: a simulation whose driver waits for this after
     /// each answer sees the same file-system operations in the same order every run.
     pub fn wait_synced(&self) {
-        let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
-        while sync.synced_seq < sync.written_seq && !sync.stop && !self.is_poisoned() {
-            sync = self
-                .shared
-                .sync_cv
-                .wait(sync)
-                .unwrap_or_else(|e| e.into_inner());
+        self.shared.wait_synced();
+    }
+
+    /// Waits until every request submitted before this call is written and through the
+    /// syncer's fdatasync (or refused), answered or not: `wait_synced` for callers that do
+    /// not wait for every answer (the broker submits some writes without waiting).
+    pub fn wait_idle(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Command::Barrier(tx)).is_ok() {
+            let _ = rx.recv();
         }
+        self.wait_synced();
     }
 
     /// The file system this store runs on (`StoreOptions::fs`).
@@ -1198,6 +1226,11 @@ impl Writer {
                         };
                         let _ = reply.send(result);
                     }
+                    Command::Barrier(reply) => {
+                        self.write_round(std::mem::take(&mut round));
+                        round_bytes = 0;
+                        let _ = reply.send(());
+                    }
                     Command::Write(req) => {
                         if req.ops.iter().any(Op::is_meta) {
                             // Meta changes go alone, after what is staged.
@@ -1209,7 +1242,7 @@ impl Writer {
                         }
                     }
                 }
-                if round_bytes < self.shared.opts.max_round_bytes {
+                if round_bytes < self.shared.opts.max_round_bytes && !self.shared.opts.lockstep {
                     match rx.try_recv() {
                         Ok(cmd) => next = Some(cmd),
                         Err(_) => break,
@@ -1217,6 +1250,9 @@ impl Writer {
                 }
             }
             self.write_round(round);
+            if self.shared.opts.lockstep {
+                self.shared.wait_synced();
+            }
             self.maybe_checkpoint();
         }
         // Drain what is left, then a final checkpoint and stop the syncer.

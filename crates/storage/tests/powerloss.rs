@@ -45,6 +45,7 @@ fn options(fs: &SimFs) -> StoreOptions {
         // Small segments: rolls, and deletion of settled ones, happen often.
         segment_roll_bytes: 2_048,
         fs: Arc::new(fs.clone()),
+        lockstep: true,
         ..StoreOptions::default()
     }
 }
