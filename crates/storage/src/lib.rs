@@ -7,15 +7,18 @@
 pub mod error;
 pub mod faults;
 pub mod format;
+pub mod fs;
 pub mod journal;
 pub mod ranges;
 mod segment;
+pub mod sim;
 pub mod state;
 mod store;
 
 pub use error::{FormatError, MissingData, OpenError, ReadError, WriteError};
 pub use faults::{Faults, FsOp};
 pub use format::{BatchBuilder, NewRecord, Record};
+pub use fs::{FileRef, Fs, FsFile, OpenHow, RealFs};
 pub use ranges::RangeSet;
 pub use state::{LogState, RetryInfo};
 pub use store::{
