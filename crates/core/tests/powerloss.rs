@@ -145,6 +145,7 @@ impl Run {
                 self.fs.disarm();
                 if self.fs.is_cut() {
                     self.note("open returned on a dead disk".into());
+                    broker.shutdown(); // frees the directory now (see power_loss)
                     return Ok(false);
                 }
                 self.broker = Some(broker);
@@ -154,7 +155,11 @@ impl Run {
     }
 
     fn power_loss(&mut self) {
-        self.broker = None;
+        // Stop the store's threads here: a completion still holding a handle would
+        // otherwise drop the last one later, on a store thread, while the next open runs.
+        if let Some(broker) = self.broker.take() {
+            broker.shutdown();
+        }
         let report = self.fs.power_loss();
         self.power_losses += 1;
         self.note(report);
@@ -449,7 +454,11 @@ impl Run {
                 Err(e) => Err(format!("checkpoint: {e}")),
             },
             Kind::Restart => {
-                self.broker = None;
+                // A clean restart shuts down (as the server does on SIGTERM): dropping the
+                // handle alone leaves the store to whichever completion drops the last one.
+                if let Some(broker) = self.broker.take() {
+                    broker.shutdown();
+                }
                 self.leases.clear();
                 if self.fs.is_cut() {
                     Err("restart: the disk is dead".into())

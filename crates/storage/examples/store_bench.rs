@@ -29,6 +29,7 @@ fn create(store: &Store) -> u64 {
     let op = Op::CreateLog {
         name: "bench".into(),
         config: "{}".into(),
+        id_window: None,
     };
     match store.submit_wait(vec![op], AckLevel::Durable).unwrap()[0] {
         OpResult::Created { uid } => uid,

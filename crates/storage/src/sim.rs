@@ -237,6 +237,9 @@ impl Disk {
 
     fn power_loss(&mut self) -> String {
         self.power_losses += 1;
+        // Every process dies with the power: no lock survives (a guard dropped later, of a
+        // store that outlived the cut, must not free a lock taken since: generations).
+        self.locks.clear();
         let sector = self.sector;
         let mut rng = self.rng.clone();
         // How much of what was not synced survives, this time: nothing, everything, or

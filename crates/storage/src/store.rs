@@ -193,6 +193,9 @@ struct SyncState {
     journal: FileRef,
     written_seq: u64,
     synced_seq: u64,
+    /// Synced and published: durable ends applied and completions run (what
+    /// `Store::wait_synced` waits for, so a read after it sees what was synced).
+    applied_seq: u64,
     /// Durable requests waiting for a sync: (seq, completion, results).
     pending: VecDeque<(u64, Completion, Vec<OpResult>)>,
     /// Log ends to publish once synced: (seq, uid, end).
@@ -226,10 +229,8 @@ impl Shared {
     /// the store is poisoned).
     fn wait_synced(&self) {
         let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
-        while sync.synced_seq < sync.written_seq
-            && !sync.stop
-            && !self.poisoned.load(Ordering::SeqCst)
-        {
+        let target = sync.written_seq;
+        while sync.applied_seq < target && !sync.stop && !self.poisoned.load(Ordering::SeqCst) {
             sync = self.sync_cv.wait(sync).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -314,7 +315,9 @@ pub struct Store {
     tx: SyncSender<Command>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     repair_report: Vec<MissingData>,
-    _lock: LockGuard,
+    /// Held until `shutdown` has stopped the threads (not until the last handle goes: a
+    /// completion may keep one a while, and the directory must be free to reopen at once).
+    lock: Mutex<Option<LockGuard>>,
 }
 
 /// Reads one log's records; cheap to clone.
@@ -494,6 +497,7 @@ impl Store {
                 journal: journal.clone(),
                 written_seq: 0,
                 synced_seq: 0,
+                applied_seq: 0,
                 pending: VecDeque::new(),
                 ends: VecDeque::new(),
                 stop: false,
@@ -571,7 +575,7 @@ impl Store {
             tx,
             threads: Mutex::new(vec![writer_thread, syncer]),
             repair_report: dropped,
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         };
         Ok((store, recovered))
     }
@@ -698,18 +702,28 @@ impl Store {
 
     /// Finishes queued writes, syncs, checkpoints and stops the threads.
     pub fn shutdown(&self) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        if self.tx.send(Command::Shutdown(tx)).is_ok() {
-            let _ = rx.recv();
-        }
         let threads: Vec<_> = self
             .threads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain(..)
             .collect();
+        // The last handle may be dropped by a completion running on one of the store's own
+        // threads: that thread must neither wait for its own reply nor join itself (it ends
+        // on its own once the shutdown is processed).
+        let me = std::thread::current().id();
+        let on_own_thread = threads.iter().any(|t| t.thread().id() == me);
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Command::Shutdown(tx)).is_ok() && !on_own_thread {
+            let _ = rx.recv();
+        }
         for thread in threads {
-            let _ = thread.join();
+            if thread.thread().id() != me {
+                let _ = thread.join();
+            }
+        }
+        if !on_own_thread {
+            self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
     }
 }
@@ -1918,12 +1932,14 @@ fn syncer_loop(shared: &Shared) {
             let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
             let pending: Vec<_> = sync.pending.drain(..).collect();
             sync.synced_seq = sync.written_seq;
-            shared.sync_cv.notify_all(); // for `Store::wait_synced`
             drop(sync);
             // Written before the sync that failed: their outcome is unknown, not "refused".
             for (_, done, _) in pending {
                 done(Err(WriteError::SyncFailed));
             }
+            let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+            sync.applied_seq = sync.applied_seq.max(sync.synced_seq);
+            shared.sync_cv.notify_all(); // for `Store::wait_synced`
             continue;
         }
         let mut done = Vec::new();
@@ -1931,7 +1947,6 @@ fn syncer_loop(shared: &Shared) {
         {
             let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
             sync.synced_seq = target;
-            shared.sync_cv.notify_all(); // for `Store::wait_synced`
             while sync.pending.front().is_some_and(|p| p.0 <= target) {
                 let (_, completion, results) = sync.pending.pop_front().unwrap();
                 done.push((completion, results));
@@ -1957,5 +1972,8 @@ fn syncer_loop(shared: &Shared) {
         for (completion, results) in done {
             completion(Ok(results));
         }
+        let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+        sync.applied_seq = sync.applied_seq.max(target);
+        shared.sync_cv.notify_all(); // for `Store::wait_synced`
     }
 }
