@@ -1,4 +1,6 @@
 //! Client commands: queue, publish, consume, dlq. Tables for people, `--json` for scripts.
+// Output goes through `outln!`/`errln!`: `println!` panics on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::process::{Command, Stdio};
@@ -7,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::client::{Client, ClientError, path_segment};
+use crate::client::{Client, ClientError, errln, outln, path_segment};
 
 #[derive(Debug, clap::Args)]
 pub struct ConfigFlags {
@@ -271,7 +273,7 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -296,7 +298,7 @@ fn age(ms: u64) -> String {
 }
 
 fn print_json(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).expect("json"));
+    outln!("{}", serde_json::to_string_pretty(value).expect("json"));
 }
 
 fn clip(text: &str, max: usize) -> String {
@@ -328,7 +330,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             if as_json {
                 print_json(&info);
             } else {
-                println!(
+                outln!(
                     "{} queue '{}'",
                     if status == 201 { "created" } else { "updated" },
                     name
@@ -346,7 +348,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             let empty = vec![];
             let queues = reply["queues"].as_array().unwrap_or(&empty);
             if queues.is_empty() {
-                println!("no queues yet: create one with `tidewater queue create NAME`");
+                outln!("no queues yet: create one with `tidewater queue create NAME`");
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = queues
@@ -424,7 +426,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
                     ]
                 })
                 .collect();
-            println!("queue '{name}'");
+            outln!("queue '{name}'");
             table(&["STAT", "VALUE"], &rows);
             Ok(())
         }
@@ -433,7 +435,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             if as_json {
                 print_json(&json!({"deleted": name}));
             } else {
-                println!("deleted queue '{name}'");
+                outln!("deleted queue '{name}'");
             }
             Ok(())
         }
@@ -442,7 +444,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             if as_json {
                 print_json(&reply);
             } else {
-                println!("purged {} messages from '{name}'", num(&reply["purged"]));
+                outln!("purged {} messages from '{name}'", num(&reply["purged"]));
             }
             Ok(())
         }
@@ -584,7 +586,7 @@ pub fn publish(protocol: &str, args: PublishArgs, as_json: bool) -> anyhow::Resu
         )
     } else {
         if std::io::stdin().is_terminal() {
-            eprintln!("reading one message per line from standard input (Ctrl-D to end)");
+            errln!("reading one message per line from standard input (Ctrl-D to end)");
         }
         (
             Box::new(std::io::BufReader::new(std::io::stdin()).lines()),
@@ -638,8 +640,8 @@ pub fn publish(protocol: &str, args: PublishArgs, as_json: bool) -> anyhow::Resu
     match (as_json, show_ids) {
         (true, true) => print_json(&json!({"published": ids.len(), "ids": ids})),
         (true, false) => print_json(&json!({"published": published})),
-        (false, true) => ids.iter().for_each(|id| println!("{id}")),
-        (false, false) => println!("published {published} messages to '{}'", args.queue),
+        (false, true) => ids.iter().for_each(|id| outln!("{id}")),
+        (false, false) => outln!("published {published} messages to '{}'", args.queue),
     }
     Ok(())
 }
@@ -739,8 +741,8 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
                 Err(_) if args.follow => continue,
                 Err(_) => break, // nothing for --wait-ms: the queue is drained
             };
-            if as_json {
-                println!("{}", serde_json::to_string(&delivery_json(&delivery))?);
+            let line = if as_json {
+                serde_json::to_string(&delivery_json(&delivery))?
             } else {
                 let body = match std::str::from_utf8(&delivery.body) {
                     Ok(text) => text.to_string(),
@@ -749,9 +751,15 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
                         format!("base64:{}", base64::engine::general_purpose::STANDARD.encode(&delivery.body))
                     }
                 };
-                println!("{}\t{}\t{}", delivery.id, delivery.delivery_count, body);
+                format!("{}\t{}\t{}", delivery.id, delivery.delivery_count, body)
+            };
+            if let Err(err) = crate::client::try_write_stdout(format_args!("{line}\n")) {
+                // Nobody reads any more (`| head`): this message was not handled. Give it
+                // back at once, send the acks of those that were, release the prefetched.
+                let _ = consumer.nack(&delivery, Some(Duration::ZERO), "tidewater consume: standard output closed").await;
+                consumer.close().await;
+                crate::client::stdout_failed(err);
             }
-            std::io::stdout().flush()?;
             let verdict = match (&args.exec, args.nack) {
                 (Some(command), _) => run_handler(command, &args.queue, &delivery),
                 (None, true) => Err("nacked by tidewater consume --nack".to_string()),
@@ -766,7 +774,7 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
                     if consumer.nack(&delivery, None, &error).await.map_err(binary_error)? {
                         nacked += 1;
                     } else {
-                        eprintln!("warning: the lease expired before the handler finished; raise --lease-ms");
+                        errln!("warning: the lease expired before the handler finished; raise --lease-ms");
                     }
                 }
             }
@@ -776,12 +784,12 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
         consumer.close().await;
         let failures = client.stats().ack_failures.load(std::sync::atomic::Ordering::Relaxed);
         if failures > 0 {
-            eprintln!("warning: {failures} acks were refused (leases expired); those messages will be delivered again");
+            errln!("warning: {failures} acks were refused (leases expired); those messages will be delivered again");
         }
         anyhow::Ok((done, acked.saturating_sub(failures), nacked))
     })?;
     if !as_json {
-        eprintln!(
+        errln!(
             "consumed {done} messages from '{}': {acked} acked, {nacked} nacked",
             args.queue
         );
@@ -817,7 +825,7 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
             }
             let messages = reply["messages"].as_array().cloned().unwrap_or_default();
             if messages.is_empty() {
-                println!(
+                outln!(
                     "'{dlq}' is empty (a dead-letter queue is created when its first message arrives)"
                 );
                 return Ok(());
@@ -877,7 +885,7 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
             if as_json {
                 print_json(&reply);
             } else {
-                println!(
+                outln!(
                     "redrive {id} {}: moved {}",
                     reply["state"].as_str().unwrap_or("?"),
                     num(&reply["moved"])
@@ -910,7 +918,7 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
                 if as_json {
                     print_json(&started);
                 } else {
-                    println!("redrive {id} started; follow it with GET /v1/redrives/{id}");
+                    outln!("redrive {id} started; follow it with GET /v1/redrives/{id}");
                 }
                 return Ok(());
             }
@@ -928,7 +936,7 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
             if as_json {
                 print_json(&last);
             } else {
-                println!(
+                outln!(
                     "redrive {id} {}: moved {}, skipped {}",
                     last["state"].as_str().unwrap_or("?"),
                     num(&last["moved"]),

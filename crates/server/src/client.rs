@@ -1,5 +1,7 @@
-//! A small blocking HTTP client for the CLI and the benchmark.
+//! A small blocking HTTP client for the CLI and the benchmark, the CLI's exit codes and
+//! error classification, and its output functions.
 
+use std::io::Write;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -13,6 +15,64 @@ pub mod exit {
     pub const REFUSED: i32 = 4;
     pub const UNREACHABLE: i32 = 5;
 }
+
+/// Standard output for client commands, `scenario` and `bench` (never `println!`, which
+/// panics when the reader went away).
+///
+/// Why not `SIGPIPE` back to `SIG_DFL` for the whole process: the signal does not know which
+/// pipe broke. `consume --exec` writes each body to its handler's stdin, and a handler that
+/// exits without reading it (`--exec true`) would kill the consumer mid-stream, with acks
+/// unsent. So the signal stays ignored (Rust's default), every write to standard output
+/// goes through here, and only a broken standard output ends the process, the way any Unix
+/// filter ends under `| head`: quietly, by SIGPIPE (status 141 in a shell).
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    if let Err(err) = try_write_stdout(args) {
+        stdout_failed(err);
+    }
+}
+
+/// Like `write_stdout`, but returns the error (for callers that clean up first, such as
+/// `consume`, which must not ack a message it could not print), then `stdout_failed`.
+pub fn try_write_stdout(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)?;
+    out.flush()
+}
+
+/// Ends the process after a failed write to standard output: by SIGPIPE when the reader
+/// went away, else with an error and exit code 1 (a full disk, say).
+pub fn stdout_failed(err: std::io::Error) -> ! {
+    if err.kind() == std::io::ErrorKind::BrokenPipe {
+        // SAFETY: restoring the default disposition and raising the signal; nothing else
+        // runs in between that could observe the disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+        std::process::exit(128 + libc::SIGPIPE);
+    }
+    write_stderr(format_args!("error: writing standard output: {err}\n"));
+    std::process::exit(exit::FAILED);
+}
+
+/// Standard error: a failure to write there cannot be reported anywhere, so it is ignored
+/// (`eprintln!` would panic).
+pub fn write_stderr(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// `println!` for client commands: see `write_stdout`.
+macro_rules! outln {
+    () => { $crate::client::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::client::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `eprintln!` for client commands: see `write_stderr`.
+macro_rules! errln {
+    ($($arg:tt)*) => { $crate::client::write_stderr(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+pub(crate) use {errln, outln};
 
 #[derive(Debug)]
 pub enum ClientError {

@@ -13,7 +13,7 @@ mod serve;
 
 use clap::{Parser, Subcommand};
 
-use crate::client::{Client, ClientError, exit};
+use crate::client::{Client, ClientError, errln, exit};
 
 #[derive(Parser)]
 #[command(
@@ -81,7 +81,7 @@ fn main() {
             match runtime.block_on(serve::run(args)) {
                 Ok(()) => exit::OK,
                 Err(err) => {
-                    eprintln!("tidewater: {err:#}");
+                    errln!("tidewater: {err:#}");
                     exit::FAILED
                 }
             }
@@ -89,9 +89,9 @@ fn main() {
         Commands::Bench(args) => report(bench::run(args)),
         Commands::Scenario(args) => report(scenario::run(args, cli.json)),
         command => {
-            // Like any Unix tool: `tidewater queue list | head` ends quietly.
-            // SAFETY: setting a signal disposition before any thread starts.
-            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            // `tidewater queue list | head` ends quietly: every command writes standard
+            // output through client::write_stdout, which ends the process by SIGPIPE when
+            // the reader went away. SIGPIPE itself stays ignored (see write_stdout).
             let client = Client::new(&cli.server);
             report(match command {
                 Commands::Queue(c) => cli::queue(&client, c, cli.json),
@@ -111,7 +111,7 @@ fn report(result: anyhow::Result<()>) -> i32 {
     match result {
         Ok(()) => exit::OK,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            errln!("error: {err:#}");
             err.downcast_ref::<ClientError>()
                 .map_or(exit::FAILED, ClientError::exit_code)
         }

@@ -1,7 +1,8 @@
 //! The CLI as a user runs it: real binary, real server.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, ExitStatus, Stdio};
 
 use serde_json::{Value, json};
 
@@ -146,4 +147,70 @@ fn queue_publish_consume_and_dlq_from_the_command_line() {
     let (code, out, _) = run(&server, &["--help"], None);
     assert_eq!(code, 0);
     assert!(out.contains("serve") && out.contains("publish") && out.contains("consume"));
+}
+
+/// Runs the binary with its standard output a pipe nobody reads (`| head` after it exited).
+fn run_with_closed_stdout(server: Option<&Server>, args: &[&str]) -> (ExitStatus, String) {
+    let mut command = Command::new(BIN);
+    if let Some(server) = server {
+        command
+            .env("TIDEWATER_SERVER", &server.url)
+            .env("TIDEWATER_PROTOCOL_SERVER", &server.protocol);
+    }
+    let mut child = command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_closed_standard_output_ends_every_command_quietly() {
+    // `tidewater scenario all | head -1` used to panic (exit 101): println! on EPIPE.
+    let (status, err) = run_with_closed_stdout(None, &["scenario", "all", "--small"]);
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (status, err) = run_with_closed_stdout(None, &["--json", "scenario", "tenant-skew"]);
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("q", json!({}));
+    for args in [&["queue", "list"][..], &["--json", "queue", "stats", "q"]] {
+        let (status, err) = run_with_closed_stdout(Some(&server), args);
+        assert_eq!(status.signal(), Some(libc::SIGPIPE), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+    // consume stops at the first message it cannot print, and gives that one back.
+    server.publish("q", json!([{"body": "one"}, {"body": "two"}]));
+    let (status, err) = run_with_closed_stdout(Some(&server), &["consume", "q", "--wait-ms", "0"]);
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
+    assert_eq!(server.stats("q")["acked"], 0);
+    assert_eq!(server.stats("q")["depth"], 2, "{}", server.stats("q"));
+}
+
+#[test]
+fn a_handler_that_does_not_read_its_message_does_not_kill_consume() {
+    // SIGPIPE is not reset to SIG_DFL for the process (see client::write_stdout): the
+    // handler's stdin is a pipe too, and a handler may exit without reading it.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("jobs", json!({}));
+    let big = "x".repeat(512 * 1024); // far more than a pipe's buffer
+    server.publish("jobs", json!([{"body": big}, {"body": big}]));
+    let (code, _, err) = run(
+        &server,
+        &["consume", "jobs", "--wait-ms", "0", "--exec", "exit 0"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("2 acked, 0 nacked"), "{err}");
 }
