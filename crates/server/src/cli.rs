@@ -495,27 +495,12 @@ fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
 /// A binary-protocol client error as a CLI error with a meaningful exit code.
 fn binary_error(err: tidewater_client::ClientError) -> anyhow::Error {
     use tidewater_client::ClientError as E;
-    let (status, code, message) = match &err {
-        E::Server { code, message } => {
-            let status = match code.as_str() {
-                "queue_not_found" => 404,
-                "queue_full" | "overloaded" | "disk_full" => 429,
-                c if c.starts_with("invalid") || c.ends_with("too_large") => 400,
-                _ => 500,
-            };
-            (status, code.clone(), message.clone())
-        }
-        E::Unavailable(_) | E::CircuitOpen => {
-            return anyhow::Error::new(ClientError::Unreachable(format!(
-                "{err}. Is `tidewater serve` running, with its binary protocol at --protocol-server?"
-            )));
-        }
-        other => return anyhow::anyhow!("{other}"),
-    };
-    anyhow::Error::new(ClientError::Api {
-        status,
-        code,
-        message,
+    anyhow::Error::new(match err {
+        E::Server { code, message } => ClientError::from_server_code(code, message),
+        E::Unavailable(_) | E::CircuitOpen => ClientError::Unreachable(format!(
+            "{err}. Is `tidewater serve` running, with its binary protocol at --protocol-server?"
+        )),
+        other => ClientError::Other(other.to_string()),
     })
 }
 

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use serde_json::Value;
+use tidewater_core::ErrorCode;
 
 /// Exit codes of client commands (documented in the README).
 pub mod exit {
@@ -107,18 +108,51 @@ impl std::fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
+/// The HTTP status a server error code travels with (`ErrorCode::http_status`, the table
+/// of docs/errors.md); None for a code this build does not know (a newer server).
+pub fn status_of_code(code: &str) -> Option<u16> {
+    ErrorCode::ALL
+        .iter()
+        .find(|c| c.as_str() == code)
+        .map(|c| c.http_status())
+}
+
+/// The exit code for an error status: the one table behind every client command's exit
+/// code, whichever protocol the command speaks.
+pub fn exit_code_of_status(status: u16) -> i32 {
+    match status {
+        404 => exit::NOT_FOUND,
+        // Backpressure and a full disk: nothing was stored, retry later.
+        429 | 507 => exit::REFUSED,
+        400 | 413 => exit::USAGE,
+        _ => exit::FAILED,
+    }
+}
+
 impl ClientError {
+    /// An error the server answered over the binary protocol (an `Error` frame, or the
+    /// last throttle reply once the client stopped waiting): labelled with the status the
+    /// code has over HTTP, so both protocols report, and exit, alike.
+    pub fn from_server_code(code: String, message: String) -> ClientError {
+        match status_of_code(&code) {
+            Some(status) => ClientError::Api {
+                status,
+                code,
+                message,
+            },
+            None => ClientError::Other(format!("{message} ({code})")),
+        }
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
-            ClientError::Api { status: 404, .. } => exit::NOT_FOUND,
-            ClientError::Api {
-                status: 429 | 507, ..
-            } => exit::REFUSED,
-            ClientError::Api {
-                status: 400 | 413, ..
-            } => exit::USAGE,
+            // The code decides when known: HTTP answers `overloaded` with 503 at its
+            // connection cap, and that is backpressure (4) like its 429.
+            ClientError::Api { status, code, .. } => {
+                exit_code_of_status(status_of_code(code).unwrap_or(*status))
+            }
             ClientError::Unreachable(_) => exit::UNREACHABLE,
-            _ => exit::FAILED,
+            ClientError::Other(_) => exit::FAILED,
         }
     }
 }
@@ -237,4 +271,44 @@ pub fn path_segment(name: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_codes_are_labelled_with_their_real_status_and_exit_alike() {
+        // Every code the server can send over the binary protocol gets the status it has
+        // over HTTP, and the exit code of that status.
+        for code in ErrorCode::ALL {
+            let err = ClientError::from_server_code(code.as_str().into(), "m".into());
+            let shown = err.to_string();
+            assert!(
+                shown.contains(&format!("HTTP {}", code.http_status())),
+                "{code:?}: {shown}"
+            );
+            assert_eq!(err.exit_code(), exit_code_of_status(code.http_status()));
+        }
+        let exit = |code: &str| ClientError::from_server_code(code.into(), "m".into());
+        assert_eq!(exit("quota_exceeded").exit_code(), exit::REFUSED);
+        assert!(exit("quota_exceeded").to_string().contains("HTTP 429"));
+        assert_eq!(exit("disk_full").exit_code(), exit::REFUSED);
+        assert!(exit("disk_full").to_string().contains("HTTP 507"));
+        assert_eq!(exit("queue_full").exit_code(), exit::REFUSED);
+        assert_eq!(exit("queue_not_found").exit_code(), exit::NOT_FOUND);
+        assert_eq!(exit("exceeds_capacity").exit_code(), exit::USAGE);
+        assert_eq!(exit("internal").exit_code(), exit::FAILED);
+        // A code this build does not know is not given a made-up status.
+        let unknown = exit("some_new_code");
+        assert_eq!(unknown.exit_code(), exit::FAILED);
+        assert!(!unknown.to_string().contains("HTTP"), "{unknown}");
+        // HTTP's connection cap answers `overloaded` with 503: still backpressure.
+        let capped = ClientError::Api {
+            status: 503,
+            code: "overloaded".into(),
+            message: "m".into(),
+        };
+        assert_eq!(capped.exit_code(), exit::REFUSED);
+    }
 }

@@ -214,3 +214,41 @@ fn a_handler_that_does_not_read_its_message_does_not_kill_consume() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("2 acked, 0 nacked"), "{err}");
 }
+
+#[test]
+fn publish_refusals_exit_4_with_the_real_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue(
+        "metered",
+        json!({"quota": {"msgs_per_s": 0.01, "burst_msgs": 1}}),
+    );
+    server.publish("metered", json!([{"body": "uses the burst"}]));
+    let (code, _, err) = run(
+        &server,
+        &["publish", "metered", "over", "--retry-for-s", "0"],
+        None,
+    );
+    assert_eq!(code, 4, "over quota is backpressure: {err}");
+    assert!(
+        err.contains("quota_exceeded") && err.contains("429") && !err.contains("500"),
+        "{err}"
+    );
+    drop(server);
+
+    // A full disk: 507 over HTTP, so 507 here too (it was labelled 429).
+    let server = Server::start(
+        &dir.path().join("full"),
+        Some("[limits]\nmin_free_disk_bytes = 4611686018427387904\n"),
+    );
+    server.create_queue("q", json!({}));
+    let (code, _, err) = run(&server, &["publish", "q", "x", "--retry-for-s", "0"], None);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("disk_full") && err.contains("507"), "{err}");
+    let (code, _, err) = run(&server, &["publish", "nope", "x"], None);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("queue_not_found") && err.contains("404"),
+        "{err}"
+    );
+}
