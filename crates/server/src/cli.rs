@@ -709,6 +709,10 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
     let runtime = runtime()?;
     let (done, acked, nacked) = runtime.block_on(async {
         let client = binary_client(protocol);
+        // An unreachable server is an error (exit 5), not an empty queue: the consumer
+        // itself would keep reconnecting quietly.
+        client.ping().await.map_err(binary_error)?;
+        let mut unreachable_warned = false;
         let prefetch = if args.max > 0 { (args.max as u32).min(args.batch as u32) } else { args.batch as u32 }.max(1);
         let max_messages = (args.max > 0).then_some(args.max);
         let mut consumer =
@@ -723,8 +727,23 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
             let delivery = match next {
                 Ok(Some(delivery)) => delivery.map_err(binary_error)?,
                 Ok(None) => break,
-                Err(_) if args.follow => continue,
-                Err(_) => break, // nothing for --wait-ms: the queue is drained
+                Err(_) if args.follow => {
+                    // Following: the consumer reconnects by itself; say so once.
+                    match client.ping().await {
+                        Err(err) if !unreachable_warned => {
+                            errln!("warning: {}; still trying", binary_error(err));
+                            unreachable_warned = true;
+                        }
+                        Err(_) => {}
+                        Ok(()) => unreachable_warned = false,
+                    }
+                    continue;
+                }
+                // Nothing for --wait-ms: the queue is drained, unless the server went away.
+                Err(_) => {
+                    client.ping().await.map_err(binary_error)?;
+                    break;
+                }
             };
             let line = if as_json {
                 serde_json::to_string(&delivery_json(&delivery))?

@@ -252,3 +252,33 @@ fn publish_refusals_exit_4_with_the_real_status() {
         "{err}"
     );
 }
+
+#[test]
+fn consume_from_an_unreachable_server_exits_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("q", json!({}));
+    for json in [false, true] {
+        let mut args = vec!["--protocol-server", "127.0.0.1:9", "consume", "q"];
+        if json {
+            args.insert(0, "--json");
+        }
+        let (code, out, err) = run(&server, &args, None);
+        assert_eq!(code, 5, "unreachable: {out} {err}");
+        assert!(!err.contains("consumed 0"), "{err}");
+        assert!(err.contains("tidewater serve"), "{err}");
+    }
+    let (code, _, err) = run(
+        &server,
+        &["--protocol-server", "127.0.0.1:9", "publish", "q", "x"],
+        None,
+    );
+    assert_eq!(code, 5, "{err}");
+    // Reachable and empty is still fine; a server gone by the end is not.
+    let (code, _, err) = run(&server, &["consume", "q", "--wait-ms", "0"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("consumed 0 messages"), "{err}");
+    server.kill9();
+    let (code, _, err) = run(&server, &["consume", "q", "--wait-ms", "0"], None);
+    assert_eq!(code, 5, "{err}");
+}
