@@ -282,3 +282,47 @@ fn consume_from_an_unreachable_server_exits_5() {
     let (code, _, err) = run(&server, &["consume", "q", "--wait-ms", "0"], None);
     assert_eq!(code, 5, "{err}");
 }
+
+#[test]
+fn server_logs_carry_no_colours_when_not_on_a_terminal() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::support::free_port();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--data"])
+        .arg(dir.path().join("data"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--protocol-listen",
+            &format!("127.0.0.1:{}", crate::support::free_port()),
+        ])
+        .env("TIDEWATER_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !matches!(
+        crate::support::call(&url, "GET", "/readyz", None),
+        Ok((200, _))
+    ) {
+        assert!(std::time::Instant::now() < deadline, "server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    child.wait().unwrap();
+    assert!(log.contains("ready"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a piped log: {log:?}"
+    );
+}
