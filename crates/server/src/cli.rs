@@ -41,13 +41,16 @@ pub struct ConfigFlags {
     #[arg(long)]
     pub max_in_flight: Option<u64>,
     /// Set any field, dotted for nested ones; the value is JSON or else a string, e.g.
-    /// --set dispatch_rate.per_s=100 --set ttl_ms=60000 --set on_expire=dead_letter
+    /// --set dispatch_rate.per_s=100 --set ttl_ms=60000 --set on_expire=dead_letter.
+    /// Merged into the current value: the policy's other fields stay.
     #[arg(long, value_name = "FIELD=VALUE")]
     pub set: Vec<String>,
-    /// Turn a policy off (set it to null), e.g. --unset dispatch_rate
+    /// Turn a policy off (set it to null), e.g. --unset dispatch_rate; a nested field is
+    /// removed (back to its default), e.g. --unset quota.tenants.acme
     #[arg(long, value_name = "FIELD")]
     pub unset: Vec<String>,
-    /// Any configuration as JSON, e.g. '{"backoff": {"multiplier": 3}}' (flags win).
+    /// Any configuration as JSON, e.g. '{"backoff": {"multiplier": 3}}' (flags win), merged
+    /// into the current value like --set.
     #[arg(long)]
     pub config: Option<String>,
 }
@@ -310,7 +313,50 @@ fn clip(text: &str, max: usize) -> String {
     }
 }
 
+/// The top-level fields a patch touches, each merged into the queue's current value:
+/// objects merge member by member (at any depth), anything else replaces. Below the top
+/// level a null removes the member (JSON merge patch, RFC 7396: a tenant's quota, a
+/// fairness weight, a field back to its default); at the top level null is sent as is,
+/// which the API reads as "policy off".
+fn merge_into_current(current: &Value, patch: Value) -> Value {
+    fn merge(target: &mut Value, patch: Value) {
+        match (target.as_object_mut(), patch) {
+            (Some(target), Value::Object(patch)) => {
+                for (key, value) in patch {
+                    if value.is_null() {
+                        target.remove(&key);
+                    } else {
+                        merge(target.entry(key).or_insert(Value::Null), value);
+                    }
+                }
+            }
+            (None, Value::Object(patch)) => {
+                *target = json!({});
+                merge(target, Value::Object(patch));
+            }
+            (_, patch) => *target = patch,
+        }
+    }
+    let Value::Object(patch) = patch else {
+        return patch;
+    };
+    let mut out = serde_json::Map::new();
+    for (key, value) in patch {
+        let merged = if value.is_object() {
+            let mut base = current.get(&key).cloned().unwrap_or(Value::Null);
+            merge(&mut base, value);
+            base
+        } else {
+            value
+        };
+        out.insert(key, merged);
+    }
+    Value::Object(out)
+}
+
 pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::Result<()> {
+    // `queue config` changes a queue that exists; only `queue create` creates.
+    let creating = matches!(command, QueueCommand::Create { .. });
     match command {
         QueueCommand::Config { name, config } if config.is_empty() => {
             let info = client.get(&queue_path(&name))?;
@@ -322,11 +368,16 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             Ok(())
         }
         QueueCommand::Create { name, config } | QueueCommand::Config { name, config } => {
-            let (status, info) = client.call(
-                "PUT",
-                &queue_path(&name),
-                Some(&serde_json::to_vec(&config.patch()?)?),
-            )?;
+            let patch = config.patch()?;
+            // The server replaces a policy object whole: merge the change into the
+            // queue's current value here, so --set quota.msgs_per_s=5 keeps the rest.
+            let body = match client.get(&queue_path(&name)) {
+                Ok(info) => merge_into_current(&info["config"], patch),
+                Err(ClientError::Api { status: 404, .. }) if creating => patch,
+                Err(err) => return Err(err.into()),
+            };
+            let (status, info) =
+                client.call("PUT", &queue_path(&name), Some(&serde_json::to_vec(&body)?))?;
             if as_json {
                 print_json(&info);
             } else {

@@ -326,3 +326,82 @@ fn server_logs_carry_no_colours_when_not_on_a_terminal() {
         "ANSI escapes in a piped log: {log:?}"
     );
 }
+
+#[test]
+fn queue_config_set_merges_into_the_current_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue(
+        "q",
+        json!({"quota": {"msgs_per_s": 100, "burst_msgs": 50, "tenants": {"acme": {"msgs_per_s": 5}, "zeta": {"msgs_per_s": 7}}},
+               "dispatch_rate": {"per_s": 10, "burst": 4}}),
+    );
+    let (code, _, err) = run(
+        &server,
+        &[
+            "queue",
+            "config",
+            "q",
+            "--set",
+            "quota.msgs_per_s=200",
+            "--set",
+            "dispatch_rate.per_s=20",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let config = server.ok("GET", "/v1/queues/q", None)["config"].clone();
+    assert_eq!(
+        config["quota"],
+        json!({"msgs_per_s": 200.0, "burst_msgs": 50, "tenants": {"acme": {"msgs_per_s": 5.0}, "zeta": {"msgs_per_s": 7.0}}}),
+        "{config}"
+    );
+    assert_eq!(config["dispatch_rate"], json!({"per_s": 20.0, "burst": 4}));
+    // A nested --unset removes the member; a top-level one turns the policy off.
+    let (code, _, err) = run(
+        &server,
+        &[
+            "queue",
+            "config",
+            "q",
+            "--unset",
+            "quota.tenants.acme",
+            "--unset",
+            "dispatch_rate",
+            "--config",
+            r#"{"quota": {"tenants": {"zeta": {"burst_msgs": 3}}}}"#,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let config = server.ok("GET", "/v1/queues/q", None)["config"].clone();
+    assert_eq!(
+        config["quota"],
+        json!({"msgs_per_s": 200.0, "burst_msgs": 50, "tenants": {"zeta": {"msgs_per_s": 7.0, "burst_msgs": 3}}}),
+        "{config}"
+    );
+    assert!(config["dispatch_rate"].is_null(), "{config}");
+    // A policy that was off starts from nothing.
+    let (code, _, err) = run(
+        &server,
+        &["queue", "config", "q", "--set", "coalesce.window_ms=50"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let config = server.ok("GET", "/v1/queues/q", None)["config"].clone();
+    assert_eq!(config["coalesce"]["window_ms"], 50, "{config}");
+    // `queue config` never creates a queue; `queue create` does.
+    let (code, _, err) = run(
+        &server,
+        &["queue", "config", "nope", "--set", "lease_ms=5"],
+        None,
+    );
+    assert_eq!(code, 3, "{err}");
+    server.err("GET", "/v1/queues/nope", None, 404, "queue_not_found");
+    let (code, _, err) = run(
+        &server,
+        &["queue", "create", "fresh", "--set", "dispatch_rate.per_s=5"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+}
