@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::client::{Client, ClientError, errln, outln, path_segment};
+use crate::client::{Client, ClientError, bad_input, errln, outln, path_segment};
 
 #[derive(Debug, clap::Args)]
 pub struct ConfigFlags {
@@ -217,8 +217,28 @@ pub struct PublishArgs {
     #[arg(long = "header", value_name = "NAME=VALUE")]
     pub headers: Vec<String>,
     /// Deliver no earlier than this many milliseconds from now.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "deliver_at")]
     pub delay_ms: Option<u64>,
+    /// Deliver no earlier than this time, in milliseconds since the Unix epoch.
+    #[arg(long, value_name = "EPOCH_MS")]
+    pub deliver_at: Option<i64>,
+    /// Add a random delay of up to this many milliseconds to each message (after any
+    /// delay), to spread a burst.
+    #[arg(long)]
+    pub jitter_ms: Option<u64>,
+    /// The producer the messages count against (quotas, fairness); 1 to 128 bytes.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Priority level, 0 = lowest (on queues with priority_levels > 1).
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Time to live in milliseconds: dropped (or dead-lettered) if not delivered by then.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ttl_ms: Option<u64>,
+    /// The message's id, for deduplication (1 to 255 bytes); repeat it to give one per
+    /// message, in order: as many ids as messages.
+    #[arg(long = "id", value_name = "ID")]
+    pub ids: Vec<String>,
     /// Messages per request.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
@@ -577,31 +597,63 @@ fn binary_client(addr: &str) -> tidewater_client::Client {
 pub fn publish(protocol: &str, args: PublishArgs, as_json: bool) -> anyhow::Result<()> {
     use tidewater_client::{Message, ProducerOptions};
     if args.batch == 0 {
-        anyhow::bail!("--batch must be at least 1");
+        return Err(bad_input("--batch must be at least 1"));
     }
     let mut headers = Vec::new();
     for h in &args.headers {
-        let (name, value) = h
-            .split_once('=')
-            .with_context(|| format!("--header '{h}' must look like name=value"))?;
+        let Some((name, value)) = h.split_once('=') else {
+            return Err(bad_input(format!(
+                "--header '{h}' must look like name=value"
+            )));
+        };
         headers.push((name.to_string(), value.to_string()));
     }
-    let deliver_at_ms = match args.delay_ms {
-        Some(ms) => {
+    if let Some(tenant) = &args.tenant
+        && !(1..=128).contains(&tenant.len())
+    {
+        return Err(bad_input("--tenant is 1 to 128 bytes"));
+    }
+    if let Some(id) = args.ids.iter().find(|id| !(1..=255).contains(&id.len())) {
+        return Err(bad_input(format!("--id '{id}': ids are 1 to 255 bytes")));
+    }
+    let deliver_at_ms = match (args.delay_ms, args.deliver_at) {
+        (Some(ms), _) => {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_millis() as i64
                 + ms as i64
         }
-        None => 0,
+        (None, Some(at)) if at <= 0 => {
+            return Err(bad_input(
+                "--deliver-at is milliseconds since the Unix epoch, above 0",
+            ));
+        }
+        (None, Some(at)) => at,
+        (None, None) => 0,
     };
-    let make = |body: String| Message {
-        id: None,
-        body: body.into_bytes(),
-        key: args.key.clone(),
-        headers: headers.clone(),
-        deliver_at_ms,
-        ack: None,
+    let mut ids = args.ids.clone().into_iter();
+    let mut make = |body: String| {
+        let mut message = Message {
+            id: ids.next(),
+            body: body.into_bytes(),
+            key: args.key.clone(),
+            headers: headers.clone(),
+            deliver_at_ms,
+            ack: None,
+        };
+        if let Some(jitter) = args.jitter_ms.filter(|ms| *ms > 0) {
+            message = message.with_jitter(Duration::from_millis(jitter));
+        }
+        if let Some(tenant) = &args.tenant {
+            message = message.with_tenant(tenant);
+        }
+        if let Some(priority) = args.priority {
+            message = message.with_priority(priority);
+        }
+        if let Some(ttl) = args.ttl_ms {
+            message = message.with_ttl(Duration::from_millis(ttl));
+        }
+        message
     };
     let (lines, len): (
         Box<dyn Iterator<Item = std::io::Result<String>>>,
@@ -628,6 +680,32 @@ pub fn publish(protocol: &str, args: PublishArgs, as_json: bool) -> anyhow::Resu
             Box::new(std::io::BufReader::new(std::io::stdin()).lines()),
             None,
         )
+    };
+    // With --id, one per message: read the messages first (as many as ids, and one more
+    // to tell), so a mismatch publishes nothing.
+    let (lines, len) = if args.ids.is_empty() {
+        (lines, len)
+    } else {
+        let read: Vec<String> = lines
+            .take(args.ids.len() + 1)
+            .collect::<std::io::Result<_>>()
+            .context("reading input")?;
+        if read.len() != args.ids.len() {
+            return Err(bad_input(format!(
+                "--id was given {} times for {}{} messages: give one per message",
+                args.ids.len(),
+                read.len(),
+                if read.len() > args.ids.len() {
+                    " or more"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let n = read.len() as u64;
+        let lines: Box<dyn Iterator<Item = std::io::Result<String>>> =
+            Box::new(read.into_iter().map(Ok));
+        (lines, Some(n))
     };
     let show_ids = !args.bodies.is_empty();
     let bar = if show_ids {

@@ -85,7 +85,14 @@ pub enum ClientError {
     },
     /// No answer (connection refused, timeout, DNS).
     Unreachable(String),
+    /// The command line asks for something impossible; nothing was sent.
+    Usage(String),
     Other(String),
+}
+
+/// A bad-input error (exit 2) for a command line the server never sees.
+pub fn bad_input(what: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(ClientError::Usage(what.into()))
 }
 
 impl std::fmt::Display for ClientError {
@@ -101,7 +108,7 @@ impl std::fmt::Display for ClientError {
                 f,
                 "cannot reach the server: {what}. Is `tidewater serve` running? (--server or TIDEWATER_SERVER)"
             ),
-            ClientError::Other(what) => f.write_str(what),
+            ClientError::Usage(what) | ClientError::Other(what) => f.write_str(what),
         }
     }
 }
@@ -152,6 +159,7 @@ impl ClientError {
                 exit_code_of_status(status_of_code(code).unwrap_or(*status))
             }
             ClientError::Unreachable(_) => exit::UNREACHABLE,
+            ClientError::Usage(_) => exit::USAGE,
             ClientError::Other(_) => exit::FAILED,
         }
     }

@@ -405,3 +405,95 @@ fn queue_config_set_merges_into_the_current_policy() {
     );
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn publish_sets_tenant_priority_id_ttl_jitter_and_deliver_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("q", json!({"priority_levels": 3}));
+    let (code, out, err) = run(
+        &server,
+        &[
+            "publish",
+            "q",
+            "one",
+            "two",
+            "--tenant",
+            "acme",
+            "--priority",
+            "2",
+            "--ttl-ms",
+            "60000",
+            "--id",
+            "order-1",
+            "--id",
+            "order-2",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["order-1", "order-2"]);
+    let peeked = server.peek_all("q");
+    assert_eq!(peeked.len(), 2);
+    for (m, id) in peeked.iter().zip(["order-1", "order-2"]) {
+        assert_eq!(m["id"], id);
+        let h = &m["headers"];
+        assert_eq!(h["tidewater-tenant"], "acme", "{m}");
+        assert_eq!(h["tidewater-priority"], "2", "{m}");
+        assert_eq!(h["tidewater-ttl-ms"], "60000", "{m}");
+    }
+    // The same id again is deduplicated: acknowledged, not enqueued.
+    let (code, _, err) = run(&server, &["publish", "q", "again", "--id", "order-1"], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(server.stats("q")["total"], 2);
+
+    // deliver_at in the future and jitter: delayed, not deliverable now.
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 3_600_000;
+    let (code, _, err) = run(
+        &server,
+        &["publish", "q", "later", "--deliver-at", &later.to_string()],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(
+        &server,
+        &[
+            "publish",
+            "q",
+            "spread-1",
+            "spread-2",
+            "--jitter-ms",
+            "3600000",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(server.stats("q")["delayed"], 3, "{}", server.stats("q"));
+
+    // Bad input is refused before anything is sent, with exit 2.
+    for bad in [
+        &["publish", "q", "a", "b", "--id", "only-one"][..],
+        &["publish", "q", "a", "--tenant", ""],
+        &["publish", "q", "a", "--ttl-ms", "0"],
+        &["publish", "q", "a", "--priority", "256"],
+        &["publish", "q", "a", "--delay-ms", "5", "--deliver-at", "5"],
+    ] {
+        let (code, _, err) = run(&server, bad, None);
+        assert_eq!(code, 2, "{bad:?}: {err}");
+    }
+    let (code, _, err) = run(
+        &server,
+        &["publish", "q", "--id", "x", "--id", "y"],
+        Some("l1\nl2\nl3\n"),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--id was given 2 times for 3 or more messages"),
+        "{err}"
+    );
+    assert_eq!(server.stats("q")["total"], 5);
+}
