@@ -817,11 +817,10 @@ fn delivery_json(d: &tidewater_client::Delivery) -> Value {
         "offset": d.offset,
         "headers": Value::Object(d.headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
     });
-    match std::str::from_utf8(&d.body) {
-        Ok(text) => m["body"] = json!(text),
-        Err(_) => {
-            m["body_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&d.body))
-        }
+    // The HTTP API's rule (api::BodyEncoding), so both protocols print a body alike.
+    match crate::api::BodyEncoding::Auto.as_text(&d.body) {
+        Some(text) => m["body"] = json!(text),
+        None => m["body_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&d.body)),
     }
     if let Some(key) = &d.key {
         m["key"] = json!(key);
