@@ -828,6 +828,37 @@ fn delivery_json(d: &tidewater_client::Delivery) -> Value {
     m
 }
 
+/// One line of `consume`'s table: columns padded for the usual widths (a generated id is
+/// 32 characters), the body last and whole.
+fn consume_row(id: &str, deliveries: &str, key: &str, body: &str) -> String {
+    format!("{id:<32}  {deliveries:>8}  {key:<16}  {body}")
+}
+
+/// A delivery as a row for people: one line whatever the body (backslash, tab, CR and LF
+/// escaped; a body that is not plain text as base64:...).
+fn delivery_row(d: &tidewater_client::Delivery) -> String {
+    let body = match crate::api::BodyEncoding::Auto.as_text(&d.body) {
+        Some(text) => text
+            .replace('\\', "\\\\")
+            .replace('\t', "\\t")
+            .replace('\r', "\\r")
+            .replace('\n', "\\n"),
+        None => {
+            use base64::Engine;
+            format!(
+                "base64:{}",
+                base64::engine::general_purpose::STANDARD.encode(&d.body)
+            )
+        }
+    };
+    consume_row(
+        &d.id,
+        &d.delivery_count.to_string(),
+        d.key.as_deref().unwrap_or("-"),
+        &body,
+    )
+}
+
 /// Consumes over the binary protocol: a credit-based subscription, batched acks.
 /// Time allowed on top of `--wait-ms` for the first message (connect, subscribe, first push).
 const FIRST_MESSAGE_GRACE_MS: u64 = 500;
@@ -875,15 +906,10 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
             };
             let line = if as_json {
                 serde_json::to_string(&delivery_json(&delivery))?
+            } else if done == 0 {
+                format!("{}\n{}", consume_row("ID", "DELIVERY", "KEY", "BODY"), delivery_row(&delivery))
             } else {
-                let body = match std::str::from_utf8(&delivery.body) {
-                    Ok(text) => text.to_string(),
-                    Err(_) => {
-                        use base64::Engine;
-                        format!("base64:{}", base64::engine::general_purpose::STANDARD.encode(&delivery.body))
-                    }
-                };
-                format!("{}\t{}\t{}", delivery.id, delivery.delivery_count, body)
+                delivery_row(&delivery)
             };
             if let Err(err) = crate::client::try_write_stdout(format_args!("{line}\n")) {
                 // Nobody reads any more (`| head`): this message was not handled. Give it

@@ -497,3 +497,41 @@ fn publish_sets_tenant_priority_id_ttl_jitter_and_deliver_at() {
     );
     assert_eq!(server.stats("q")["total"], 5);
 }
+
+#[test]
+fn consume_prints_labelled_columns_for_people_and_json_for_scripts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("q", json!({}));
+    server.publish(
+        "q",
+        json!([{"body": "first", "key": "k1", "id": "m-1"}, {"body": "two\nlines", "id": "m-2"}, {"body_base64": "AAE=", "id": "m-3"}]),
+    );
+    let (code, out, err) = run(&server, &["consume", "q", "--max", "3", "--nack"], None);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "a header and one line per message: {out}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["ID", "DELIVERY", "KEY", "BODY"], "{out}");
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row, ["m-1", "1", "k1", "first"], "{out}");
+    assert!(
+        lines[2].starts_with("m-2")
+            && lines[2].ends_with(r"two\nlines")
+            && lines[2].contains(" - "),
+        "{out}"
+    );
+    assert!(lines[3].ends_with("base64:AAE="), "{out}");
+    // --json: one object per line, no header.
+    server.create_queue("j", json!({}));
+    server.publish("j", json!([{"body": "first"}, {"body_base64": "AAE="}]));
+    let (code, out, err) = run(&server, &["--json", "consume", "j", "--max", "2"], None);
+    assert_eq!(code, 0, "{err}");
+    let got: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 2, "{out}");
+    assert_eq!(got[0]["body"], "first");
+    assert_eq!(got[1]["body_base64"], "AAE=");
+}
