@@ -535,3 +535,66 @@ fn consume_prints_labelled_columns_for_people_and_json_for_scripts() {
     assert_eq!(got[0]["body"], "first");
     assert_eq!(got[1]["body_base64"], "AAE=");
 }
+
+#[test]
+fn json_errors_are_one_json_object_on_standard_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("tiny", json!({"max_messages": 1}));
+    server.publish("tiny", json!([{"body": "x"}]));
+    let cases: [(&[&str], i32, &str); 7] = [
+        (&["--json", "queue", "stats", "nope"], 3, "queue_not_found"),
+        (
+            &["--json", "publish", "tiny", "y", "--retry-for-s", "0"],
+            4,
+            "queue_full",
+        ),
+        (
+            &["--json", "queue", "create", "x", "--lease-ms", "0"],
+            2,
+            "invalid_config",
+        ),
+        (
+            &["--json", "--server", "http://127.0.0.1:9", "queue", "list"],
+            5,
+            "unreachable",
+        ),
+        (
+            &[
+                "--json",
+                "--protocol-server",
+                "127.0.0.1:9",
+                "consume",
+                "tiny",
+            ],
+            5,
+            "unreachable",
+        ),
+        (
+            &["--json", "publish", "tiny", "a", "b", "--id", "one"],
+            2,
+            "usage",
+        ),
+        // clap's own refusals too
+        (&["--json", "queue", "create"], 2, "usage"),
+    ];
+    for (args, exit_code, code) in cases {
+        let (got, out, err) = run(&server, args, None);
+        assert_eq!(got, exit_code, "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?}: errors never go to stdout: {out}");
+        let error: Value = serde_json::from_str(err.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: not one JSON object ({e}): {err}"));
+        assert_eq!(error["code"], code, "{args:?}: {error}");
+        assert_eq!(error["exit_code"], exit_code, "{error}");
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{error}"
+        );
+    }
+    let (_, _, err) = run(&server, &["--json", "queue", "stats", "nope"], None);
+    assert_eq!(serde_json::from_str::<Value>(&err).unwrap()["status"], 404);
+    // Help is not an error.
+    let (code, out, _) = run(&server, &["--json", "--help"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("Usage"), "{out}");
+}
