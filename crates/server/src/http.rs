@@ -680,6 +680,7 @@ async fn publish(
 struct PeekQuery {
     max: Option<usize>,
     from: Option<u64>,
+    encoding: Option<api::BodyEncoding>,
 }
 
 async fn peek(
@@ -697,6 +698,7 @@ async fn peek(
             record: &p.record,
             receipt: None,
             delivery_count: p.delivery_count,
+            encoding: query.encoding.unwrap_or_default(),
         })
         .collect();
     json(
@@ -726,7 +728,10 @@ async fn receive(
             request.lease_ms,
         )
         .await?;
-    let messages: Vec<OutMessage> = deliveries.iter().map(OutMessage::delivered).collect();
+    let messages: Vec<OutMessage> = deliveries
+        .iter()
+        .map(|d| OutMessage::delivered(d, request.encoding))
+        .collect();
     json(StatusCode::OK, &serde_json::json!({ "messages": messages }))
 }
 

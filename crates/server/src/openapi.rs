@@ -51,7 +51,8 @@ pub fn document() -> Value {
                 "post": op("Publish a batch, whole or not at all", Some("PublishRequest"), (200, "PublishReply"), &[400, 404, 413, 429, 507]),
                 "get": {"summary": "Peek at unleased messages without leasing them", "parameters": [
                     {"name": "max", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-                    {"name": "from", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
+                    {"name": "from", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "encoding", "in": "query", "schema": {"type": "string", "enum": ["auto", "base64"], "default": "auto"}, "description": "base64: body_base64 for every message (see Messages)"}],
                     "responses": {"200": {"description": "messages", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Messages"}}}}}}
             },
             "/v1/queues/{queue}/receive": {"parameters": queue_param, "post": op("Lease up to max messages, waiting up to wait_ms", Some("ReceiveRequest"), (200, "Messages"), &[400, 404])},
@@ -115,8 +116,9 @@ pub fn document() -> Value {
             "PublishReply": {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "string"}},
                 "duplicates": {"type": "array", "items": {"type": "integer"}, "description": "indexes of messages acknowledged but not enqueued (id seen within dedup_window_ms)"}}},
             "ReceiveRequest": {"type": "object", "additionalProperties": false, "properties": {
-                "max": {"type": "integer", "minimum": 1, "default": 1}, "wait_ms": {"type": "integer", "minimum": 0, "default": 0}, "lease_ms": {"type": "integer", "minimum": 1}}},
-            "Messages": {"type": "object", "properties": {"messages": {"type": "array", "items": {"type": "object", "properties": {
+                "max": {"type": "integer", "minimum": 1, "default": 1}, "wait_ms": {"type": "integer", "minimum": 0, "default": 0}, "lease_ms": {"type": "integer", "minimum": 1},
+                "encoding": {"type": "string", "enum": ["auto", "base64"], "default": "auto", "description": "base64: body_base64 for every message (see Messages)"}}},
+            "Messages": {"type": "object", "description": "Each message has exactly one of body and body_base64. With encoding auto (the default), body (a JSON string) when the bytes are valid UTF-8 with no control character (U+0000-U+001F, U+007F-U+009F) other than tab, line feed and carriage return, else body_base64 (standard alphabet, padded); the empty body is \"body\": \"\". With encoding base64, body_base64 always.", "properties": {"messages": {"type": "array", "items": {"type": "object", "properties": {
                 "id": {"type": "string"}, "receipt": {"type": "string"}, "body": {"type": "string"}, "body_base64": {"type": "string"},
                 "key": {"type": "string"}, "headers": {"type": "object"}, "delivery_count": {"type": "integer"},
                 "published_at": {"type": "integer"}, "offset": {"type": "integer"}}}}}},
