@@ -1053,3 +1053,79 @@ fn an_intact_entry_of_an_unknown_kind_refuses_the_open_even_in_the_last_journal(
     }
     assert_eq!(fs.read(&journal).unwrap().len() as u64, after + 8 + 4);
 }
+
+/// Checkpoints are written as version 03 (the journals after them may hold groups, which a
+/// binary knowing only 02 must refuse rather than cut off); version 02 still reads, and so
+/// do the journals written before groups (single entries are unchanged).
+#[test]
+fn checkpoints_are_written_as_03_and_02_still_reads() {
+    use tidewater_storage::fuzzing::{decode_checkpoint, encode_checkpoint};
+    let log = tidewater_storage::LogState::new(4, "q".into(), "{}".into());
+    let mut bytes = encode_checkpoint(5, &[&log]);
+    assert_eq!(&bytes[..8], b"TWCKPT03");
+    bytes[..8].copy_from_slice(b"TWCKPT02");
+    let (next_uid, logs) = decode_checkpoint(&bytes).unwrap();
+    assert_eq!((next_uid, logs), (5, vec![log]));
+    bytes[..8].copy_from_slice(b"TWCKPT04");
+    assert!(decode_checkpoint(&bytes).is_err());
+}
+
+/// Until this process has a version 03 checkpoint in place (the open's checkpoint failed:
+/// here, its directory could not be opened for the fsync), a multi-entry request is written
+/// unframed, as before groups: an older binary recovering from the version 02 checkpoint
+/// would otherwise cut the journal at the first group. The next checkpoint turns groups on.
+#[test]
+fn groups_are_written_only_once_a_checkpoint_of_this_version_is_in_place() {
+    use std::sync::atomic::Ordering;
+    let fs = tidewater_storage::sim::SimFs::new(3);
+    let data = std::path::Path::new("/data");
+    fs.create_dir_durable(data).unwrap();
+    {
+        let (store, _) = Store::open(data, sim_opts(&fs)).unwrap();
+        create(&store, "src");
+    } // a clean shutdown: a checkpoint, so the next open's has work to do
+    let opts = sim_opts(&fs);
+    let faults = opts.faults.clone();
+    // (Retried by the writer until it succeeds: keep it failing for a while.)
+    faults
+        .checkpoint_dir_open_failures
+        .store(1_000, Ordering::SeqCst);
+    let (store, logs) = Store::open(data, opts).unwrap();
+    assert!(store.checkpoint_failures() >= 1);
+    let (src, dst) = (logs[0].uid, create(&store, "dst"));
+    append(&store, src, &["a"]);
+    let move_ops = |n: &str| {
+        vec![
+            Op::Append {
+                uid: dst,
+                batch: batch(dst, &[n]),
+            },
+            Op::Settle {
+                uid: src,
+                ranges: vec![0..1],
+            },
+        ]
+    };
+    let groups = || {
+        use tidewater_storage::Fs;
+        let jdir = data.join("journal");
+        let last = fs.read_dir(&jdir).unwrap().into_iter().max().unwrap();
+        let bytes = fs.read(&jdir.join(last)).unwrap();
+        let mut pos = 16;
+        let mut groups = 0;
+        while pos < bytes.len() {
+            let (unit, len) = tidewater_storage::journal::decode_unit(&bytes[pos..]).unwrap();
+            groups += matches!(unit, tidewater_storage::journal::Unit::Group(_)) as usize;
+            pos += len;
+        }
+        groups
+    };
+    store.submit_wait(move_ops("a"), AckLevel::Durable).unwrap();
+    assert_eq!(groups(), 0, "no group before a checkpoint of this version");
+    faults
+        .checkpoint_dir_open_failures
+        .store(0, Ordering::SeqCst);
+    store.checkpoint().unwrap();
+    store.submit_wait(move_ops("b"), AckLevel::Durable).unwrap();
+    assert_eq!(groups(), 1);
+}
