@@ -173,9 +173,14 @@ pub fn begin_group(out: &mut Vec<u8>) -> usize {
 /// Fills in the header reserved at `at` for the `count` entries encoded after it.
 pub fn finish_group(out: &mut [u8], at: usize, count: u32) {
     let len = (out.len() - at - GROUP_HEADER_LEN) as u64;
-    let mut header = Vec::with_capacity(GROUP_HEADER_LEN);
-    encode_entry(&mut header, &Entry::Group { count, len });
-    out[at..at + GROUP_HEADER_LEN].copy_from_slice(&header);
+    // As `encode_entry(Entry::Group { count, len })` writes it, in place.
+    let header = &mut out[at..at + GROUP_HEADER_LEN];
+    header[0..4].copy_from_slice(&((GROUP_HEADER_LEN - ENTRY_PREFIX_LEN) as u32).to_le_bytes());
+    header[8] = KIND_GROUP;
+    header[9..13].copy_from_slice(&count.to_le_bytes());
+    header[13..21].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c(&header[ENTRY_PREFIX_LEN..]);
+    header[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// What replay applies at once: one entry, or the entries of a whole group.
@@ -475,8 +480,12 @@ mod tests {
                 Unit::Entry(after)
             ]
         );
-        // The header alone, as `decode_entry` (and an older reader) sees it.
+        // The header alone, as `decode_entry` (and an older reader) sees it, and as
+        // `encode_entry` writes it.
         let (header, len) = decode_entry(&group).unwrap();
+        let mut encoded = Vec::new();
+        encode_entry(&mut encoded, &header);
+        assert_eq!(encoded, group[..GROUP_HEADER_LEN]);
         assert_eq!(len, GROUP_HEADER_LEN);
         let members_len = (group.len() - GROUP_HEADER_LEN) as u64;
         assert_eq!(
