@@ -5,7 +5,9 @@
 //! Phases: 100,000 single-record appends at level `written` (pipelined, fsync off: the
 //! CPU path, where dispatch overhead would show), 2,000 durable appends (fsync on, one at a
 //! time: the system-call path), and reading every record of the first phase back one at a
-//! time (pread per read).
+//! time (pread per read). Then 50,000 moves at level `written` (an append to a second log
+//! and a settle of one offset of the first, in one request, as dead-lettering does: the
+//! multi-entry request path), pipelined like the first phase.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +39,7 @@ fn create(store: &Store) -> u64 {
     }
 }
 
-fn run(fsync: bool) -> (Duration, Duration, Duration) {
+fn run(fsync: bool) -> (Duration, Duration, Duration, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let opts = StoreOptions {
         fsync,
@@ -92,7 +94,40 @@ fn run(fsync: bool) -> (Duration, Duration, Duration) {
         assert_eq!(records[0].offset, offset);
     }
     let read = start.elapsed();
-    (written, durable, read)
+    let target = create(&store);
+    const MOVES: u64 = 50_000;
+    let start = Instant::now();
+    let done = Arc::new(AtomicU64::new(0));
+    let mut i = 0;
+    while i < MOVES {
+        let sent = done.clone();
+        store.submit(
+            vec![
+                Op::Append {
+                    uid: target,
+                    batch: batch(target, i),
+                },
+                Op::Settle {
+                    uid,
+                    ranges: vec![i..i + 1],
+                },
+            ],
+            AckLevel::Written,
+            Box::new(move |r| {
+                r.unwrap();
+                sent.fetch_add(1, Ordering::Release);
+            }),
+        );
+        i += 1;
+        while i - done.load(Ordering::Acquire) > 1_000 {
+            std::hint::spin_loop();
+        }
+    }
+    while done.load(Ordering::Acquire) < MOVES {
+        std::thread::yield_now();
+    }
+    let moved = start.elapsed();
+    (written, durable, read, moved)
 }
 
 fn main() {
@@ -100,20 +135,22 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(5);
-    let mut best = (Duration::MAX, Duration::MAX, Duration::MAX);
+    let mut best = (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
     for _ in 0..rounds {
-        let (w, _, r) = run(false);
-        let (_, d, _) = run(true);
-        best = (best.0.min(w), best.1.min(d), best.2.min(r));
-        println!("run: written {:?}, durable {:?}, read {:?}", w, d, r);
+        let (w, _, r, m) = run(false);
+        let (_, d, _, _) = run(true);
+        best = (best.0.min(w), best.1.min(d), best.2.min(r), best.3.min(m));
+        println!("run: written {w:?}, durable {d:?}, read {r:?}, moves {m:?}");
     }
     println!(
-        "best of {rounds}: 100k written appends {:.1} ms ({:.0}/s); 2k durable appends {:.1} ms ({:.0} us each); 100k single-record reads {:.1} ms ({:.0} ns each)",
+        "best of {rounds}: 100k written appends {:.1} ms ({:.0}/s); 2k durable appends {:.1} ms ({:.0} us each); 100k single-record reads {:.1} ms ({:.0} ns each); 50k written moves {:.1} ms ({:.0}/s)",
         best.0.as_secs_f64() * 1e3,
         100_000.0 / best.0.as_secs_f64(),
         best.1.as_secs_f64() * 1e3,
         best.1.as_secs_f64() * 1e6 / 2_000.0,
         best.2.as_secs_f64() * 1e3,
         best.2.as_secs_f64() * 1e9 / 100_000.0,
+        best.3.as_secs_f64() * 1e3,
+        50_000.0 / best.3.as_secs_f64(),
     );
 }

@@ -18,6 +18,8 @@ pub enum FormatError {
     BadUtf8,
     #[error("unknown record kind {0}")]
     UnknownKind(u8),
+    #[error("a journal group inside a group")]
+    NestedGroup,
 }
 
 /// Errors of opening (recovering) a data directory.

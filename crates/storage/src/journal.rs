@@ -3,8 +3,14 @@
 //! ```text
 //! file:  magic "TWJRNL01" (8) | journal_id u64 | entries...
 //! entry: len u32 (of kind + payload) | crc32c u32 (of kind + payload) | kind u8 | payload
+//! group: an entry of kind 8 (count u32, len u64) followed by `count` entries, `len` bytes
 //! ```
 //! A zeroed or torn tail fails the length or CRC check; recovery truncates there.
+//!
+//! The unit of replay is a request: a single entry, or a group (a request of two or more
+//! entries, framed by a group header). A group is replayed only if its header and every one
+//! of its entries check out; otherwise replay stops at the group's start, as at a torn entry
+//! (a power loss may keep any prefix of the one write that holds a request's entries).
 
 use std::ops::Range;
 
@@ -26,6 +32,9 @@ const KIND_DATA: u8 = 4;
 const KIND_SETTLE: u8 = 5;
 const KIND_RETRY: u8 = 6;
 const KIND_ID_WINDOW: u8 = 7;
+const KIND_GROUP: u8 = 8;
+/// A group header's encoded length: prefix, kind, count u32, len u64.
+pub const GROUP_HEADER_LEN: usize = ENTRY_PREFIX_LEN + 1 + 4 + 8;
 
 /// One journal entry, borrowed from the buffer it was decoded from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +74,13 @@ pub enum Entry<'a> {
         delivery_count: u32,
         at_ms: i64,
         error: &'a str,
+    },
+    /// The header of a group: the next `count` entries, `len` bytes, are one request,
+    /// replayed all or nothing. Written by `begin_group`/`finish_group`; `decode_unit`
+    /// reads it with its entries.
+    Group {
+        count: u32,
+        len: u64,
     },
 }
 
@@ -134,11 +150,95 @@ pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry<'_>) {
             out.extend_from_slice(&at_ms.to_le_bytes());
             put_string(out, truncate_utf8(error, MAX_ERROR_LEN));
         }
+        Entry::Group { count, len } => {
+            out.push(KIND_GROUP);
+            out.extend_from_slice(&count.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+        }
     }
     let len = (out.len() - start - ENTRY_PREFIX_LEN) as u32;
     let crc = crc32c::crc32c(&out[start + ENTRY_PREFIX_LEN..]);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Starts a group (a request of two or more entries) at the end of `out`: reserves its
+/// header, to be filled in by `finish_group` once the group's entries follow it.
+pub fn begin_group(out: &mut Vec<u8>) -> usize {
+    let at = out.len();
+    out.resize(at + GROUP_HEADER_LEN, 0);
+    at
+}
+
+/// Fills in the header reserved at `at` for the `count` entries encoded after it.
+pub fn finish_group(out: &mut [u8], at: usize, count: u32) {
+    let len = (out.len() - at - GROUP_HEADER_LEN) as u64;
+    // As `encode_entry(Entry::Group { count, len })` writes it, in place.
+    let header = &mut out[at..at + GROUP_HEADER_LEN];
+    header[0..4].copy_from_slice(&((GROUP_HEADER_LEN - ENTRY_PREFIX_LEN) as u32).to_le_bytes());
+    header[8] = KIND_GROUP;
+    header[9..13].copy_from_slice(&count.to_le_bytes());
+    header[13..21].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c(&header[ENTRY_PREFIX_LEN..]);
+    header[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// What replay applies at once: one entry, or the entries of a whole group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unit<'a> {
+    Entry(Entry<'a>),
+    Group(Vec<Entry<'a>>),
+}
+
+/// Why replay stops at a position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    /// The bytes end early or do not check out (length, CRC), here or inside the group
+    /// that starts here: what a torn write leaves, never acknowledged. The end of the last
+    /// journal; corruption in an earlier one.
+    #[error("{0}")]
+    Torn(FormatError),
+    /// Entries that check out (length and CRC) but cannot be replayed: a kind this version
+    /// does not know (written by a newer one), or a malformed group. A torn write cannot
+    /// produce these: the open refuses in any journal.
+    #[error("{0} in an entry that checks out (written by a newer version?)")]
+    Invalid(FormatError),
+}
+
+/// Decodes the unit of replay at the start of `buf` (an entry, or a group header with all
+/// its entries); returns it and its encoded length.
+pub fn decode_unit(buf: &[u8]) -> Result<(Unit<'_>, usize), UnitError> {
+    let (body, total) = check_frame(buf).map_err(UnitError::Torn)?;
+    let entry = parse_body(body).map_err(UnitError::Invalid)?;
+    let Entry::Group { count, len } = entry else {
+        return Ok((Unit::Entry(entry), total));
+    };
+    if count == 0 {
+        return Err(UnitError::Invalid(FormatError::BadLength));
+    }
+    let len = usize::try_from(len).map_err(|_| UnitError::Torn(FormatError::Truncated))?;
+    let members = buf
+        .get(total..)
+        .and_then(|rest| rest.get(..len))
+        .ok_or(UnitError::Torn(FormatError::Truncated))?;
+    let mut entries = Vec::with_capacity((count as usize).min(64));
+    let mut pos = 0;
+    for _ in 0..count {
+        if pos == members.len() {
+            // Every byte is there and checks out, but fewer entries than announced.
+            return Err(UnitError::Invalid(FormatError::BadLength));
+        }
+        let (body, n) = check_frame(&members[pos..]).map_err(UnitError::Torn)?;
+        match parse_body(body).map_err(UnitError::Invalid)? {
+            Entry::Group { .. } => return Err(UnitError::Invalid(FormatError::NestedGroup)),
+            entry => entries.push(entry),
+        }
+        pos += n;
+    }
+    if pos != members.len() {
+        return Err(UnitError::Invalid(FormatError::BadLength));
+    }
+    Ok((Unit::Group(entries), total + len))
 }
 
 /// Cuts a string to at most `max` bytes on a character boundary.
@@ -153,8 +253,16 @@ pub fn truncate_utf8(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-/// Decodes the entry at the start of `buf`; returns it and its encoded length.
+/// Decodes the entry at the start of `buf`; returns it and its encoded length. (A group
+/// header comes back alone, as `Entry::Group`; replay reads groups with `decode_unit`.)
 pub fn decode_entry(buf: &[u8]) -> Result<(Entry<'_>, usize), FormatError> {
+    let (body, total) = check_frame(buf)?;
+    Ok((parse_body(body)?, total))
+}
+
+/// Checks an entry's length and CRC; returns its body (kind + payload) and encoded length.
+/// Every error here is what a torn or zeroed write leaves.
+fn check_frame(buf: &[u8]) -> Result<(&[u8], usize), FormatError> {
     if buf.len() < ENTRY_PREFIX_LEN {
         return Err(FormatError::Truncated);
     }
@@ -171,6 +279,11 @@ pub fn decode_entry(buf: &[u8]) -> Result<(Entry<'_>, usize), FormatError> {
     if crc32c::crc32c(body) != crc {
         return Err(FormatError::BadChecksum);
     }
+    Ok((body, total))
+}
+
+/// Decodes an entry's body (kind + payload) that passed `check_frame`.
+fn parse_body(body: &[u8]) -> Result<Entry<'_>, FormatError> {
     let mut cur = Cursor {
         buf: &body[1..],
         pos: 0,
@@ -226,12 +339,16 @@ pub fn decode_entry(buf: &[u8]) -> Result<(Entry<'_>, usize), FormatError> {
             at_ms: cur.i64()?,
             error: str_from(&mut cur)?,
         },
+        KIND_GROUP => Entry::Group {
+            count: cur.u32()?,
+            len: cur.u64()?,
+        },
         other => return Err(FormatError::UnknownKind(other)),
     };
     if !cur.done() {
         return Err(FormatError::BadLength);
     }
-    Ok((entry, total))
+    Ok(entry)
 }
 
 fn str_from<'a>(cur: &mut Cursor<'a>) -> Result<&'a str, FormatError> {
@@ -299,6 +416,163 @@ mod tests {
             assert!(pos <= cut);
         }
         assert!(decode_entry(&[0u8; 64]).is_err());
+    }
+
+    /// A move as the writer stages it: a group of an append and a settle.
+    fn move_group(batch: &[u8]) -> (Vec<u8>, Vec<Entry<'_>>) {
+        let entries = vec![
+            Entry::Data { batch },
+            Entry::Settle {
+                uid: 2,
+                ranges: vec![5..6],
+            },
+        ];
+        let mut buf = Vec::new();
+        let at = begin_group(&mut buf);
+        for entry in &entries {
+            encode_entry(&mut buf, entry);
+        }
+        finish_group(&mut buf, at, entries.len() as u32);
+        (buf, entries)
+    }
+
+    /// Replays `buf` as recovery does: the units up to the first error.
+    fn replay(buf: &[u8]) -> (Vec<Unit<'_>>, usize, Option<UnitError>) {
+        let (mut units, mut pos) = (Vec::new(), 0);
+        while pos < buf.len() {
+            match decode_unit(&buf[pos..]) {
+                Ok((unit, len)) => {
+                    units.push(unit);
+                    pos += len;
+                }
+                Err(err) => return (units, pos, Some(err)),
+            }
+        }
+        (units, pos, None)
+    }
+
+    #[test]
+    fn a_group_round_trips_and_a_torn_group_replays_as_nothing_of_it() {
+        let mut builder = BatchBuilder::new(3, 9);
+        builder.push(&NewRecord {
+            id: b"x",
+            body: &[7; 700],
+            ..Default::default()
+        });
+        let batch = builder.finish();
+        let (group, members) = move_group(&batch);
+        // An entry before and after: single entries are not framed.
+        let (before, after) = (Entry::DeleteLog { uid: 9 }, Entry::DeleteLog { uid: 10 });
+        let mut buf = Vec::new();
+        encode_entry(&mut buf, &before);
+        let start = buf.len();
+        assert_eq!(start, ENTRY_PREFIX_LEN + 9, "a single entry costs no frame");
+        buf.extend_from_slice(&group);
+        let end = buf.len();
+        encode_entry(&mut buf, &after);
+        let (units, pos, err) = replay(&buf);
+        assert_eq!((pos, err), (buf.len(), None));
+        assert_eq!(
+            units,
+            vec![
+                Unit::Entry(before.clone()),
+                Unit::Group(members.clone()),
+                Unit::Entry(after)
+            ]
+        );
+        // The header alone, as `decode_entry` (and an older reader) sees it, and as
+        // `encode_entry` writes it.
+        let (header, len) = decode_entry(&group).unwrap();
+        let mut encoded = Vec::new();
+        encode_entry(&mut encoded, &header);
+        assert_eq!(encoded, group[..GROUP_HEADER_LEN]);
+        assert_eq!(len, GROUP_HEADER_LEN);
+        let members_len = (group.len() - GROUP_HEADER_LEN) as u64;
+        assert_eq!(
+            header,
+            Entry::Group {
+                count: 2,
+                len: members_len
+            }
+        );
+        // Torn at every byte: cut there, or the rest zeroed (the size kept), or only the
+        // sectors (here: 16-byte pieces) from the cut on lost while later ones survive.
+        // Replay keeps the entry before and nothing of the group, and stops at its start.
+        for cut in start..end {
+            let mut zeroed = buf[..end].to_vec();
+            zeroed[cut..].fill(0);
+            let mut holed = buf.clone();
+            holed[cut..(cut + 16).min(end)].fill(0);
+            for torn in [&buf[..cut], &zeroed[..], &holed[..]] {
+                if torn.len() >= end && torn[start..end] == buf[start..end] {
+                    continue; // zeros over zeros: not torn at all
+                }
+                let (units, pos, err) = replay(torn);
+                assert_eq!(units, vec![Unit::Entry(before.clone())], "cut at {cut}");
+                assert_eq!(pos, start, "cut at {cut}");
+                // (Nothing to read at all when cut right at the group's start.)
+                let ends_clean = torn.len() == start;
+                assert!(
+                    matches!(err, Some(UnitError::Torn(_))) || ends_clean && err.is_none(),
+                    "cut at {cut}: {err:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_intact_but_malformed_group_or_unknown_kind_is_invalid_not_torn() {
+        let mut builder = BatchBuilder::new(3, 9);
+        builder.push(&NewRecord {
+            id: b"x",
+            body: b"y",
+            ..Default::default()
+        });
+        let batch = builder.finish();
+        let (group, _) = move_group(&batch);
+        let header_with = |count: u32, len: u64| {
+            let mut out = Vec::new();
+            encode_entry(&mut out, &Entry::Group { count, len });
+            out
+        };
+        let members = &group[GROUP_HEADER_LEN..];
+        let n = members.len() as u64;
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("no entries", header_with(0, 0)),
+            (
+                "more entries announced",
+                [header_with(3, n), members.to_vec()].concat(),
+            ),
+            (
+                "fewer entries announced",
+                [header_with(1, n), members.to_vec()].concat(),
+            ),
+            (
+                "a group in a group",
+                [header_with(1, GROUP_HEADER_LEN as u64 + n), group.clone()].concat(),
+            ),
+        ];
+        // An entry of a kind this version does not know, alone or in a group.
+        let mut unknown = vec![5, 0, 0, 0, 0, 0, 0, 0, 99, 1, 2, 3, 4];
+        let crc = crc32c::crc32c(&unknown[8..]);
+        unknown[4..8].copy_from_slice(&crc.to_le_bytes());
+        cases.push(("an unknown kind", unknown.clone()));
+        let mut data = Vec::new();
+        encode_entry(&mut data, &Entry::Data { batch: &batch });
+        let len = (data.len() + unknown.len()) as u64;
+        cases.push((
+            "an unknown kind in a group",
+            [header_with(2, len), data, unknown].concat(),
+        ));
+        for (what, bytes) in cases {
+            match decode_unit(&bytes) {
+                Err(UnitError::Invalid(_)) => {}
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // Announced bytes beyond the end: torn (the group's write cut short).
+        let short = [header_with(2, n + 1), members.to_vec()].concat();
+        assert!(matches!(decode_unit(&short), Err(UnitError::Torn(_))));
     }
 
     #[test]

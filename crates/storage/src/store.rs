@@ -27,13 +27,19 @@ use crate::format::{
 };
 use crate::fs::{FileRef, Fs, Io, LockGuard, OpenHow, RealFs};
 use crate::journal::{
-    Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, decode_entry, encode_entry, journal_header,
+    Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, Unit, UnitError, begin_group, decode_unit,
+    encode_entry, finish_group, journal_header,
 };
 use crate::segment::{Gap, LogFiles, Opened, Sink, fsync_dir, read_records};
 use crate::state::LogState;
 
 /// Version 02 added remembered message ids per log.
-const CHECKPOINT_MAGIC: &[u8; 8] = b"TWCKPT02";
+/// Version 03 has the payload of 02; it says that the journals after it may hold groups
+/// (journal entry kind 8), so that a binary that knows only 02 refuses to start ("bad
+/// magic") rather than cut the last journal at the first group as if it were torn. Both
+/// are read.
+const CHECKPOINT_MAGIC: &[u8; 8] = b"TWCKPT03";
+const CHECKPOINT_MAGIC_02: &[u8; 8] = b"TWCKPT02";
 
 /// When the store answers a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -523,6 +529,7 @@ impl Store {
             changed_since_checkpoint: true,
             checkpoint_retry_at: Instant::now(),
             checkpoint_unsynced: false,
+            frame_groups: false,
             deleted_dirs: obsolete_dirs,
         };
         // A first checkpoint makes replayed data durable in segments and drops old journals.
@@ -938,21 +945,34 @@ fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
         }
         let mut pos = JOURNAL_HEADER_LEN;
         while pos < bytes.len() {
-            match decode_entry(&bytes[pos..]) {
-                Ok((entry, len)) => {
-                    apply_replayed(dir, io, &mut states, &mut files, &mut next_uid, entry)
-                        .map_err(|e| match e {
-                            ReplayError::Open(e) => e,
-                            ReplayError::Corrupt(reason) => corrupt(&path, pos as u64, reason),
-                        })?;
+            // A unit is one request: an entry, or a group replayed whole (or, torn, not at
+            // all: a power loss may keep a prefix of the write that held it).
+            match decode_unit(&bytes[pos..]) {
+                Ok((unit, len)) => {
+                    let mut apply = |entry| {
+                        apply_replayed(dir, io, &mut states, &mut files, &mut next_uid, entry)
+                            .map_err(|e| match e {
+                                ReplayError::Open(e) => e,
+                                ReplayError::Corrupt(reason) => corrupt(&path, pos as u64, reason),
+                            })
+                    };
+                    match unit {
+                        Unit::Entry(entry) => apply(entry)?,
+                        Unit::Group(entries) => {
+                            for entry in entries {
+                                apply(entry)?;
+                            }
+                        }
+                    }
                     pos += len;
                 }
-                Err(err) if last => {
+                Err(UnitError::Torn(err)) if last => {
                     // A torn tail: never acknowledged. Cut it, durably, before the next
                     // journal is created: once that exists this journal is no longer the
                     // last, and a tear in an earlier journal is corruption (a recovery
                     // cut by a power loss after creating the next journal used to leave
-                    // a data directory that refused to open).
+                    // a data directory that refused to open). A torn group is cut at its
+                    // start: nothing of it is replayed.
                     tracing::warn!(path = %path.display(), position = pos, error = %err, "truncating torn journal tail");
                     let file = fs
                         .open(&path, OpenHow::READ_WRITE)
@@ -962,6 +982,8 @@ fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
                         .map_err(|e| OpenError::io(&path, e))?;
                     break;
                 }
+                // Intact entries this version cannot replay (a newer version's kind): refused
+                // in any journal, never cut off as if torn.
                 Err(err) => return Err(corrupt(&path, pos as u64, err)),
             }
         }
@@ -1107,6 +1129,10 @@ fn apply_replayed(
                 state.record_retry(offset, deliver_at_ms, delivery_count, at_ms, error);
             }
         }
+        // `decode_unit` reads a group's header with its entries.
+        Entry::Group { .. } => {
+            return Err(ReplayError::Corrupt("a group header out of place".into()));
+        }
     }
     Ok(())
 }
@@ -1152,7 +1178,8 @@ pub(crate) fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
 
 pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), FormatError> {
     let mut cur = Cursor { buf: bytes, pos: 0 };
-    if cur.bytes(8)? != CHECKPOINT_MAGIC {
+    let magic = cur.bytes(8)?;
+    if magic != CHECKPOINT_MAGIC && magic != CHECKPOINT_MAGIC_02 {
         return Err(FormatError::BadMagic);
     }
     let len = cur.u64()? as usize;
@@ -1198,6 +1225,13 @@ struct Writer {
     /// The newest checkpoint was renamed into place but its directory is not fsynced yet:
     /// nothing it replaces may be deleted until it is.
     checkpoint_unsynced: bool,
+    /// A request of two or more journal entries is written as a group (replayed all or
+    /// nothing). Only once this process has a checkpoint (version 03) in place, durably:
+    /// before that (the open's checkpoint failed, a full disk say) recovery by an older
+    /// binary could start from a version 02 checkpoint and cut the journal at the first
+    /// group as a torn tail, so requests are written unframed (replayed entry by entry,
+    /// as before groups: a torn move may keep its copy without its settle).
+    frame_groups: bool,
     deleted_dirs: Vec<PathBuf>,
 }
 
@@ -1483,6 +1517,9 @@ impl Writer {
             }
         }
         let mut results = Vec::with_capacity(req.ops.len());
+        // Two or more entries: one group, replayed all or nothing (a single entry is whole
+        // or torn by itself and needs no frame).
+        let group = (req.ops.len() > 1 && self.frame_groups).then(|| begin_group(jbuf));
         for op in &mut req.ops {
             match op {
                 Op::Append { uid, batch } => {
@@ -1531,6 +1568,9 @@ impl Writer {
                 _ => unreachable!(),
             }
         }
+        if let Some(at) = group {
+            finish_group(jbuf, at, req.ops.len() as u32);
+        }
         Ok(results)
     }
 
@@ -1574,6 +1614,15 @@ impl Writer {
         let mut deleted = Vec::new();
         let mut updated = Vec::new();
         let mut windows = Vec::new();
+        let entries: usize = req
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::CreateLog { id_window, .. } => 1 + id_window.is_some() as usize,
+                _ => 1,
+            })
+            .sum();
+        let group = (entries > 1 && self.frame_groups).then(|| begin_group(&mut jbuf));
         for op in &mut req.ops {
             match op {
                 Op::CreateLog {
@@ -1650,6 +1699,9 @@ impl Writer {
                     )));
                 }
             }
+        }
+        if let Some(at) = group {
+            finish_group(&mut jbuf, at, entries as u32);
         }
         let written = if Faults::take_at(&self.shared.opts.faults.fail_meta_write_at) {
             Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
@@ -1819,6 +1871,7 @@ impl Writer {
                 .note(|| FsOp::SyncDir(ckpt_dir.clone()));
         }
         self.checkpoint_unsynced = false;
+        self.frame_groups = true;
         if let Err(err) = self.remove_obsolete(&dir, self.journal_id) {
             tracing::warn!(error = %err, "could not remove obsolete files; will retry at the next checkpoint");
         }
