@@ -241,7 +241,7 @@ impl BatchBuilder {
             log_uid: self.log_uid,
             base_offset: 0,
             count: self.count,
-            body_len: body_len as u32,
+            body_len: crate::narrow(body_len, "a batch body"),
             published_at_ms: self.published_at_ms,
             body_crc: crc32c::crc32c(&self.buf[BATCH_HEADER_LEN..]),
             epoch: 0,
@@ -287,26 +287,26 @@ fn encode_parts<'a>(
         0
     });
     buf.extend_from_slice(&deliver_at_ms.to_le_bytes());
-    buf.push(id.len() as u8);
+    buf.push(crate::narrow(id.len(), "a record id"));
     buf.extend_from_slice(id);
     match key {
         Some(key) => {
             buf.push(1);
-            buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
+            buf.extend_from_slice(&crate::narrow::<u16>(key.len(), "a key").to_le_bytes());
             buf.extend_from_slice(key);
         }
         None => buf.push(0),
     }
-    buf.extend_from_slice(&(headers.len() as u16).to_le_bytes());
+    buf.extend_from_slice(&crate::narrow::<u16>(headers.len(), "a header count").to_le_bytes());
     for (name, value) in headers {
-        buf.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        buf.extend_from_slice(&crate::narrow::<u16>(name.len(), "a header name").to_le_bytes());
         buf.extend_from_slice(name);
-        buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&crate::narrow::<u32>(value.len(), "a header value").to_le_bytes());
         buf.extend_from_slice(value);
     }
-    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&crate::narrow::<u32>(body.len(), "a body").to_le_bytes());
     buf.extend_from_slice(body);
-    let len = (buf.len() - start - 4) as u32;
+    let len: u32 = crate::narrow(buf.len() - start - 4, "a record");
     buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
 
@@ -545,7 +545,7 @@ impl<'a> Cursor<'a> {
 }
 
 pub(crate) fn put_string(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crate::narrow::<u32>(s.len(), "a string").to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 

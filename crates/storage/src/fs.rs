@@ -72,7 +72,7 @@ pub trait Fs: Send + Sync + std::fmt::Debug {
     /// The whole file.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         let file = self.open(path, OpenHow::READ)?;
-        let mut buf = vec![0; file.size()? as usize];
+        let mut buf = vec![0; crate::usize_of(file.size()?)];
         file.read_exact_at(&mut buf, 0)?;
         Ok(buf)
     }

@@ -128,7 +128,9 @@ pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry<'_>) {
         Entry::Settle { uid, ranges } => {
             out.push(KIND_SETTLE);
             out.extend_from_slice(&uid.to_le_bytes());
-            out.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+            out.extend_from_slice(
+                &crate::narrow::<u32>(ranges.len(), "a range count").to_le_bytes(),
+            );
             for range in ranges {
                 out.extend_from_slice(&range.start.to_le_bytes());
                 out.extend_from_slice(&range.end.to_le_bytes());
@@ -156,7 +158,7 @@ pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry<'_>) {
             out.extend_from_slice(&len.to_le_bytes());
         }
     }
-    let len = (out.len() - start - ENTRY_PREFIX_LEN) as u32;
+    let len: u32 = crate::narrow(out.len() - start - ENTRY_PREFIX_LEN, "a journal entry");
     let crc = crc32c::crc32c(&out[start + ENTRY_PREFIX_LEN..]);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -175,7 +177,9 @@ pub fn finish_group(out: &mut [u8], at: usize, count: u32) {
     let len = (out.len() - at - GROUP_HEADER_LEN) as u64;
     // As `encode_entry(Entry::Group { count, len })` writes it, in place.
     let header = &mut out[at..at + GROUP_HEADER_LEN];
-    header[0..4].copy_from_slice(&((GROUP_HEADER_LEN - ENTRY_PREFIX_LEN) as u32).to_le_bytes());
+    header[0..4].copy_from_slice(
+        &crate::narrow::<u32>(GROUP_HEADER_LEN - ENTRY_PREFIX_LEN, "a group header").to_le_bytes(),
+    );
     header[8] = KIND_GROUP;
     header[9..13].copy_from_slice(&count.to_le_bytes());
     header[13..21].copy_from_slice(&len.to_le_bytes());

@@ -4,6 +4,10 @@
 //! tokio. It stores logs of record batches and the durable facts about them (settled
 //! offsets, retry history), and answers writes at the asked ack level.
 
+// A narrowing `as` cast silently cuts a length into a record that passes its CRC and cannot
+// be read: every narrowing goes through `narrow` (checked) or `usize_of` (proven).
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
+
 pub mod error;
 pub mod faults;
 pub mod format;
@@ -40,4 +44,20 @@ pub mod fuzzing {
     pub fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
         crate::store::encode_checkpoint(next_uid, logs)
     }
+}
+
+/// A length or count into a narrower field of the format. Callers check lengths against the
+/// format first (limits are validated at open), so a failure is a bug: it panics rather than
+/// write a record that cannot be read back.
+pub(crate) fn narrow<T: TryFrom<usize>>(n: usize, what: &str) -> T {
+    T::try_from(n).unwrap_or_else(|_| panic!("{what} of {n} does not fit the storage format"))
+}
+
+// Offsets, sizes and file positions are u64; memory is indexed by usize: 64-bit only.
+const _: () = assert!(usize::BITS >= u64::BITS);
+
+/// A u64 that indexes memory (a size read from a file, a position in a buffer).
+#[allow(clippy::cast_possible_truncation)] // proven by the assertion above
+pub(crate) const fn usize_of(n: u64) -> usize {
+    n as usize
 }

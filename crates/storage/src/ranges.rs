@@ -176,7 +176,10 @@ impl RangeSet {
                 }
             }
         }
-        *chunk = Chunk::Some(words, remaining as u32);
+        *chunk = Chunk::Some(
+            words,
+            crate::narrow(crate::usize_of(remaining), "a chunk count"),
+        );
     }
 
     /// If `floor` is inside the set, the end of its run (the next offset not in the set).

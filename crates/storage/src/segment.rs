@@ -692,7 +692,7 @@ pub(crate) fn read_records(
                 let chunk_size = records_left
                     .saturating_mul(avg + avg / 4)
                     .clamp(MIN_READ_CHUNK, READ_CHUNK);
-                let mut filled = (batch_end - pos).min(chunk_size) as usize;
+                let mut filled = crate::usize_of((batch_end - pos).min(chunk_size));
                 // The buffer only grows (no zero-filling per read); `filled` bytes are valid.
                 if chunk.len() < filled {
                     chunk.resize(filled, 0);
@@ -777,7 +777,7 @@ impl ReadBuffer {
 impl Drop for ReadBuffer {
     fn drop(&mut self) {
         // Keep at most a few chunks' worth (one huge record must not pin memory).
-        if self.0.len() <= 4 * READ_CHUNK as usize {
+        if self.0.len() <= 4 * crate::usize_of(READ_CHUNK) {
             READ_BUFFER.with(|b| b.set(std::mem::take(&mut self.0)));
         }
     }

@@ -263,7 +263,7 @@ impl Disk {
                         // Grown, and cut at a sector boundary in between.
                         let lo = old.len().div_ceil(sector);
                         let hi = new.len().div_ceil(sector);
-                        let at = lo + rng.below((hi - lo + 1) as u64) as usize;
+                        let at = lo + crate::usize_of(rng.below((hi - lo + 1) as u64));
                         (at * sector).clamp(old.len(), new.len())
                     } else if rng.chance(bias) {
                         new.len()
@@ -272,7 +272,7 @@ impl Disk {
                     };
                     let n_sectors = len.div_ceil(sector);
                     let by_prefix = rng.chance(0.25);
-                    let prefix = rng.below(n_sectors as u64 + 1) as usize;
+                    let prefix = crate::usize_of(rng.below(n_sectors as u64 + 1));
                     let mut out = vec![0u8; len];
                     let mut kept = 0;
                     let mut lost = 0;
@@ -512,7 +512,7 @@ impl FsFile for SimFile {
         let mut disk = self.lock();
         disk.alive(self.generation)?;
         let file = disk.file_mut(self.ino)?;
-        let start = offset as usize;
+        let start = crate::usize_of(offset);
         let end = start
             .checked_add(buf.len())
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -541,7 +541,7 @@ impl FsFile for SimFile {
             )
         })?;
         let file = disk.file_mut(self.ino)?;
-        let start = offset as usize;
+        let start = crate::usize_of(offset);
         let end = start + buf.len();
         let old_len = file.data.len();
         if file.data.len() < end {
@@ -560,7 +560,7 @@ impl FsFile for SimFile {
         disk.alive(self.generation)?;
         disk.step(|| format!("ftruncate {} {len}", self.path.display()))?;
         let file = disk.file_mut(self.ino)?;
-        let len = len as usize;
+        let len = crate::usize_of(len);
         let old = file.data.len();
         file.data.resize(len, 0);
         file.mark(old.min(len), old.max(len));

@@ -167,7 +167,7 @@ impl LogState {
             out.extend_from_slice(&offset.to_le_bytes());
             out.extend_from_slice(&info.delivery_count.to_le_bytes());
             out.extend_from_slice(&info.deliver_at_ms.to_le_bytes());
-            out.push(info.errors.len() as u8);
+            out.push(crate::narrow(info.errors.len(), "an error count"));
             for (at, text) in &info.errors {
                 out.extend_from_slice(&at.to_le_bytes());
                 put_string(out, text);
@@ -179,7 +179,7 @@ impl LogState {
         out.extend_from_slice(&(ids.ids.len() as u64).to_le_bytes());
         for (at, id) in &ids.ids {
             out.extend_from_slice(&at.to_le_bytes());
-            out.push(id.len() as u8);
+            out.push(crate::narrow(id.len(), "a remembered id"));
             out.extend_from_slice(id);
         }
     }

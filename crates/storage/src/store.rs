@@ -1182,7 +1182,7 @@ pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), Fo
     if magic != CHECKPOINT_MAGIC && magic != CHECKPOINT_MAGIC_02 {
         return Err(FormatError::BadMagic);
     }
-    let len = cur.u64()? as usize;
+    let len = crate::usize_of(cur.u64()?);
     let crc = cur.u32()?;
     let payload = cur.bytes(len)?;
     if crc32c::crc32c(payload) != crc {
@@ -1569,7 +1569,7 @@ impl Writer {
             }
         }
         if let Some(at) = group {
-            finish_group(jbuf, at, req.ops.len() as u32);
+            finish_group(jbuf, at, crate::narrow(req.ops.len(), "a request's ops"));
         }
         Ok(results)
     }
@@ -1701,7 +1701,7 @@ impl Writer {
             }
         }
         if let Some(at) = group {
-            finish_group(&mut jbuf, at, entries as u32);
+            finish_group(&mut jbuf, at, crate::narrow(entries, "a request's entries"));
         }
         let written = if Faults::take_at(&self.shared.opts.faults.fail_meta_write_at) {
             Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
