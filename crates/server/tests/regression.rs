@@ -886,3 +886,21 @@ fn every_error_is_json_and_integral_floats_are_integers() {
         "{body}"
     );
 }
+
+/// A `deliver_at` far in the past (i64::MIN) overflowed `deliver_at - now`: the handler
+/// panicked and the client saw the connection close with no reply (schemathesis found it).
+/// A past time means "now", over HTTP and over the binary protocol alike.
+#[test]
+fn a_deliver_at_far_in_the_past_is_now_not_a_dropped_connection() {
+    let (_dir, server) = server(None);
+    server.create_queue("q", json!({}));
+    let ids = server.publish(
+        "q",
+        json!([{"body": "a", "deliver_at": i64::MIN}, {"body": "b", "deliver_at": -1}]),
+    );
+    assert_eq!(ids.len(), 2);
+    let got = server.receive("q", 2, 0, None);
+    assert_eq!(got.len(), 2, "{got:?}");
+    // The server is still there.
+    assert_eq!(server.ok("GET", "/readyz", None)["status"], "ready");
+}
