@@ -353,8 +353,12 @@ fn publish_values(limits: &tidewater_core::Limits) -> usize {
     (limits.max_batch_messages + 1).saturating_mul(24 + 2 * limits.max_headers) + 64
 }
 
-/// JSON values of a queue configuration (weights and per-tenant quotas included).
-const CONFIG_VALUES: usize = 20_000;
+/// JSON values of the largest valid queue configuration: every fairness weight (a key and
+/// a value each), every tenant of a quota with its four limits (ten values each), and a
+/// margin for the other fields.
+const CONFIG_VALUES: usize = 2 * tidewater_core::config::MAX_FAIRNESS_WEIGHTS
+    + 10 * tidewater_core::config::MAX_QUOTA_TENANTS
+    + 1_000;
 /// JSON values of the small request bodies (receive, redrive).
 const SMALL_VALUES: usize = 256;
 

@@ -904,3 +904,45 @@ fn a_deliver_at_far_in_the_past_is_now_not_a_dropped_connection() {
     // The server is still there.
     assert_eq!(server.ok("GET", "/readyz", None)["status"], "ready");
 }
+
+/// The largest valid queue configuration (10,000 fairness weights, 1,000 quota tenants with
+/// their four limits) holds about 30,000 JSON values; the cap on a configuration's values was
+/// 20,000, so a valid configuration was refused 413 request_too_large, and one weight too many
+/// was refused 413 instead of 400 invalid_config (schemathesis found it).
+#[test]
+fn the_largest_valid_queue_configuration_is_accepted() {
+    let (_dir, server) = server(None);
+    let weights: serde_json::Map<String, serde_json::Value> =
+        (0..10_000).map(|i| (format!("w{i}"), json!(2.5))).collect();
+    let tenants: serde_json::Map<String, serde_json::Value> = (0..1_000)
+        .map(|i| {
+            let limits = json!({"msgs_per_s": 10.0, "bytes_per_s": 1000.0, "burst_msgs": 5, "burst_bytes": 500});
+            (format!("t{i}"), limits)
+        })
+        .collect();
+    let config = json!({"config": {
+        "fairness": {"by": "tenant", "weights": weights},
+        "quota": {"msgs_per_s": 100.0, "tenants": tenants},
+    }});
+    let body = serde_json::to_vec(&config).unwrap();
+    let (status, reply) =
+        call_raw(&format!("{}/v1/queues/big", server.url), "PUT", Some(&body)).unwrap();
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(
+        reply["config"]["fairness"]["weights"]
+            .as_object()
+            .unwrap()
+            .len(),
+        10_000
+    );
+    let mut too_many = config;
+    too_many["config"]["fairness"]["weights"]["one-more"] = json!(1.0);
+    let body = serde_json::to_vec(&too_many).unwrap();
+    let (status, reply) =
+        call_raw(&format!("{}/v1/queues/big", server.url), "PUT", Some(&body)).unwrap();
+    assert_eq!(
+        (status, reply["code"].as_str()),
+        (400, Some("invalid_config")),
+        "{reply}"
+    );
+}
