@@ -38,6 +38,8 @@ pub struct AppState {
     pub max_request_bytes_in_flight: usize,
     /// A request body must arrive within this long.
     pub body_timeout: std::time::Duration,
+    /// The broker's limits (known before recovery ends): /v1/openapi.json states them.
+    pub limits: Arc<tidewater_core::Limits>,
 }
 
 impl AppState {
@@ -571,8 +573,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
-    json_body(&crate::openapi::document())
+async fn openapi(State(state): State<AppState>) -> Response {
+    json_body(&crate::openapi::document(&state.limits))
 }
 
 async fn list_queues(State(state): State<AppState>) -> ApiResult {
