@@ -673,9 +673,12 @@ async fn peek(
     Path(queue): Path<String>,
     Query(query): Query<PeekQuery>,
 ) -> ApiResult {
-    let peeked = state
-        .broker()?
-        .peek(&queue, query.from.unwrap_or(0), query.max.unwrap_or(10))?;
+    let broker = state.broker()?;
+    // The default page is 10, or max_receive_messages when that is lower.
+    let max = query
+        .max
+        .unwrap_or(10.min(broker.limits().max_receive_messages));
+    let peeked = broker.peek(&queue, query.from.unwrap_or(0), max)?;
     let next_from = peeked.last().map(|p| p.record.offset + 1);
     let messages: Vec<OutMessage> = peeked
         .iter()

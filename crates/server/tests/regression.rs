@@ -946,3 +946,24 @@ fn the_largest_valid_queue_configuration_is_accepted() {
         "{reply}"
     );
 }
+
+/// Peek's default page of 10 was refused (400) by a server whose max_receive_messages is
+/// lower: a request with no parameters failed. The default is now at most that limit.
+#[test]
+fn peek_without_max_works_under_a_low_max_receive_messages() {
+    let (_dir, server) = server(Some("[limits]\nmax_receive_messages = 3\n"));
+    server.create_queue("q", json!({}));
+    server.publish(
+        "q",
+        json!([{"body": "a"}, {"body": "b"}, {"body": "c"}, {"body": "d"}]),
+    );
+    let page = server.ok("GET", "/v1/queues/q/messages", None);
+    assert_eq!(page["messages"].as_array().unwrap().len(), 3, "{page}");
+    assert_eq!(page["next_from"], 3, "{page}");
+    let spec = server.ok("GET", "/v1/openapi.json", None);
+    let max = &spec["paths"]["/v1/queues/{queue}/messages"]["get"]["parameters"][0]["schema"];
+    assert_eq!(
+        (max["maximum"].as_u64(), max["default"].as_u64()),
+        (Some(3), Some(3))
+    );
+}
