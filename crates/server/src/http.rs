@@ -215,16 +215,24 @@ async fn read_body(state: &AppState, body: Body) -> Result<(Bytes, BodyPermit), 
     Ok((bytes, BodyPermit(held)))
 }
 
-/// Rewrites numbers like `820.0` (a float with no fraction, within i64/u64) as integers.
+/// Rewrites numbers like `820.0` (a float with no fraction) as integers, when that is exact:
+/// below 2^53 in magnitude every integer is a float, so the float is the number written.
+/// Beyond, one float stands for many integers (`-9223372036854775809` parses as the float of
+/// i64::MIN): it stays a float, which an integer field refuses, instead of becoming another
+/// number.
 fn integral_floats_to_integers(value: &mut serde_json::Value) {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
     match value {
         serde_json::Value::Number(n) => {
-            if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0) {
-                if f >= 0.0 && f < u64::MAX as f64 {
-                    *n = serde_json::Number::from(f as u64);
-                } else if f < 0.0 && f >= i64::MIN as f64 {
-                    *n = serde_json::Number::from(f as i64);
-                }
+            if let Some(f) = n
+                .as_f64()
+                .filter(|f| n.is_f64() && f.fract() == 0.0 && f.abs() < EXACT)
+            {
+                *n = if f >= 0.0 {
+                    serde_json::Number::from(f as u64)
+                } else {
+                    serde_json::Number::from(f as i64)
+                };
             }
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),

@@ -967,3 +967,34 @@ fn peek_without_max_works_under_a_low_max_receive_messages() {
         (Some(3), Some(3))
     );
 }
+
+/// `-9223372036854775809` (one below i64::MIN) parses as a float, and the conversion of
+/// integral floats (`820.0` is 820) turned it into i64::MIN: a number out of range was
+/// accepted as another number (schemathesis found it). Integral floats become integers only
+/// below 2^53 in magnitude, where the conversion is exact.
+#[test]
+fn integers_out_of_range_are_refused_not_rounded_into_range() {
+    let (_dir, server) = server(None);
+    server.create_queue("q", json!({}));
+    let url = format!("{}/v1/queues/q/messages", server.url);
+    for body in [
+        r#"{"messages": [{"body": "a", "deliver_at": -9223372036854775809}]}"#,
+        r#"{"messages": [{"body": "a", "delay_ms": 18446744073709551616}]}"#,
+        r#"{"messages": [{"body": "a", "delay_ms": 9007199254740993.0}]}"#,
+    ] {
+        let (status, reply) = call_raw(&url, "POST", Some(body.as_bytes())).unwrap();
+        assert_eq!(
+            (status, reply["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{body}: {reply}"
+        );
+    }
+    let (status, reply) = call_raw(
+        &url,
+        "POST",
+        Some(br#"{"messages": [{"body": "a", "delay_ms": 1000.0, "deliver_at": null}]}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(server.stats("q")["delayed"], 1);
+}
