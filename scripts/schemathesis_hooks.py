@@ -17,6 +17,9 @@ stands. The rules (each is also in the document's descriptions):
   adaptive.min_per_s <= adaptive.max_per_s;
 - time: deliver_at may be at most max_delay_ms ahead of now;
 - the whole body: at most max_request_bytes;
+- how a number is written: an integer written as a float (`820.0`) is taken below 2^53 in
+  magnitude, where the float is exactly the number written; past that one float stands for
+  many integers, and an integer field refuses it (400; README: write an integer as one);
 - the queue's state: a batch larger than the queue's whole capacity (max_messages, max_bytes:
   its configuration, which the stateful phase may have set to 1) is 413 exceeds_capacity.
 """
@@ -27,9 +30,12 @@ import base64
 import binascii
 import json
 import os
+import re
 from typing import Any
 
 import schemathesis
+
+_FLOAT_FOR_INTEGER = re.compile(r"invalid type: floating point `([-+0-9.eE]+)`, expected [ui](?:8|16|32|64|size)")
 
 # Set to a file path to have each excused failure's reason appended there (one per line).
 _LOG = os.environ.get("SCHEMATHESIS_HOOKS_LOG")
@@ -168,6 +174,9 @@ def filter_failure(context, failure, case, response) -> bool:
     label = f"{operation.method.upper()} {operation.path}"
     code, message = _error(response)
     request = _sent(response)
+    written = _FLOAT_FOR_INTEGER.search(message)
+    if code == "invalid_request" and written and abs(float(written.group(1))) >= 2**53:
+        return _excuse("an integer written as a float past 2^53")
     if code == "request_too_large" and "exceeds max_request_bytes" in message:
         return _excuse("body over max_request_bytes")
     if label == "POST /v1/queues/{queue}/messages":
