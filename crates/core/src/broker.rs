@@ -2690,6 +2690,29 @@ fn check_lease_ms(lease_ms: Option<u64>) -> Result<(), BrokerError> {
 mod tests {
     use super::*;
 
+    /// Found by fuzzing (fuzz target `publish`): a JSON publish whose `deliver_at` was far
+    /// in the past (i64::MIN) overflowed `at - now`: a panic where overflow is checked, and
+    /// a refusal as "too far ahead" where it wraps. It is due at once.
+    #[tokio::test]
+    async fn a_deliver_at_far_in_the_past_is_due_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(dir.path(), BrokerOptions::default()).unwrap();
+        broker
+            .put_queue("q", &ConfigPatch::default())
+            .await
+            .unwrap();
+        let message = NewMessage {
+            body: b"x".to_vec(),
+            delay: Delay::AtMs(i64::MIN),
+            ..Default::default()
+        };
+        broker
+            .publish("q", &[message], AckLevel::Durable)
+            .await
+            .unwrap();
+        broker.shutdown();
+    }
+
     #[test]
     fn ranges_coalesce() {
         assert_eq!(to_ranges(&[5, 1, 2, 3, 9, 2]), vec![1..4, 5..6, 9..10]);

@@ -8,7 +8,26 @@
 //! batch in the on-disk format (docs/storage-format.md), appended by the broker unchanged
 //! except for its header.
 
+// A narrowing `as` cast silently cuts a length into a frame that decodes wrong: every
+// narrowing is checked or proven (see `len_u32`).
+#![deny(clippy::cast_possible_truncation)]
+
 use std::fmt;
+
+/// A length or count inside a frame. Frames are bounded by `max_frame_bytes`, itself a u32,
+/// so this cannot fail for a frame that may be sent; a caller building a larger one is a bug.
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).expect("a frame cannot exceed 4 GiB (max_frame_bytes is a u32)")
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn cut(s: &str, max: usize) -> &[u8] {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s.as_bytes()[..end]
+}
 
 /// Protocol version spoken by this crate.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -66,7 +85,7 @@ impl Receipts {
 
     pub fn push(&mut self, receipt: &str) {
         self.text.push_str(receipt);
-        self.ends.push(self.text.len() as u32);
+        self.ends.push(len_u32(self.text.len()));
     }
 
     pub fn len(&self) -> usize {
@@ -252,20 +271,21 @@ impl Writer<'_> {
     fn i64(&mut self, v: i64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    /// u8-prefixed string; longer input is cut (callers validate lengths first).
+    /// u8-prefixed string; longer input is cut at a character boundary (callers validate
+    /// lengths first: queue names, receipts and codes are shorter).
     fn short(&mut self, s: &str) {
-        let bytes = &s.as_bytes()[..s.len().min(255)];
-        self.u8(bytes.len() as u8);
+        let bytes = cut(s, usize::from(u8::MAX));
+        self.u8(u8::try_from(bytes.len()).expect("cut to 255"));
         self.0.extend_from_slice(bytes);
     }
-    /// u16-prefixed string.
+    /// u16-prefixed string; longer input (an error text) is cut at a character boundary.
     fn text(&mut self, s: &str) {
-        let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
-        self.u16(bytes.len() as u16);
+        let bytes = cut(s, usize::from(u16::MAX));
+        self.u16(u16::try_from(bytes.len()).expect("cut to 65535"));
         self.0.extend_from_slice(bytes);
     }
     fn receipts(&mut self, receipts: &Receipts) {
-        self.u32(receipts.len() as u32);
+        self.u32(len_u32(receipts.len()));
         for r in receipts.iter() {
             self.short(r);
         }
@@ -437,7 +457,7 @@ impl Frame {
                     .map(|d| 2 + d.receipt.len() + 20 + d.record.len())
                     .sum();
                 w.0.reserve(4 + size);
-                w.u32(deliveries.len() as u32);
+                w.u32(len_u32(deliveries.len()));
                 for d in deliveries {
                     w.short(&d.receipt);
                     w.u32(d.delivery_count);
@@ -448,7 +468,7 @@ impl Frame {
             }
             Frame::Settled { ok, failed } => {
                 w.u32(*ok);
-                w.u32(failed.len() as u32);
+                w.u32(len_u32(failed.len()));
                 for f in failed {
                     w.u32(f.index);
                     w.short(&f.code);
@@ -469,7 +489,7 @@ impl Frame {
             }
             Frame::Ping | Frame::Pong | Frame::Ok => {}
         }
-        let len = (out.len() - start - 4) as u32;
+        let len = len_u32(out.len() - start - 4);
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
 
@@ -546,7 +566,7 @@ impl DeliverWriter {
 
     /// The encoded frame.
     pub fn finish(mut self) -> Vec<u8> {
-        let len = (self.out.len() - 4) as u32;
+        let len = len_u32(self.out.len() - 4);
         self.out[..4].copy_from_slice(&len.to_le_bytes());
         self.out[Self::COUNT_AT..Self::COUNT_AT + 4].copy_from_slice(&self.count.to_le_bytes());
         self.out
@@ -712,6 +732,31 @@ pub fn decode_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long text was cut at byte 65,535 whatever the character there: the frame then
+    /// held invalid UTF-8 and its decoder refused it (a connection error for the peer).
+    #[test]
+    fn long_texts_are_cut_at_a_character_boundary() {
+        let message = "é".repeat(40_000); // 80,000 bytes
+        let mut buf = Vec::new();
+        Frame::Error {
+            code: "x".repeat(300), // cut to 255
+            message: message.clone(),
+        }
+        .encode(7, &mut buf);
+        let (frame, id, used) = decode_frame(&buf, DEFAULT_MAX_FRAME).unwrap().unwrap();
+        assert_eq!((id, used), (7, buf.len()));
+        let Frame::Error { code, message: got } = frame else {
+            panic!("{frame:?}")
+        };
+        assert_eq!(code.len(), 255);
+        assert_eq!(
+            got.len(),
+            65_534,
+            "the last whole character before 65,535 bytes"
+        );
+        assert!(message.starts_with(&got));
+    }
     use proptest::prelude::*;
 
     fn samples() -> Vec<Frame> {
@@ -804,7 +849,7 @@ mod tests {
     fn every_frame_round_trips_and_is_incomplete_until_whole() {
         for (id, frame) in samples().into_iter().enumerate() {
             let mut buf = Vec::new();
-            frame.encode(id as u32, &mut buf);
+            frame.encode(u32::try_from(id).unwrap(), &mut buf);
             let (decoded, request_id, used) =
                 decode_frame(&buf, DEFAULT_MAX_FRAME).unwrap().unwrap();
             assert_eq!(
@@ -866,7 +911,7 @@ mod tests {
     fn pipelined_frames_decode_one_after_another() {
         let mut buf = Vec::new();
         for (id, frame) in samples().iter().enumerate() {
-            frame.encode(id as u32, &mut buf);
+            frame.encode(u32::try_from(id).unwrap(), &mut buf);
         }
         let mut at = 0;
         let mut n = 0;

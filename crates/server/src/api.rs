@@ -100,6 +100,35 @@ pub struct ReceiveRequest {
     pub max: Option<usize>,
     pub wait_ms: Option<u64>,
     pub lease_ms: Option<u64>,
+    #[serde(default)]
+    pub encoding: BodyEncoding,
+}
+
+/// How a message body appears in a receive or peek reply. Every message has exactly one
+/// of `body` and `body_base64`:
+/// - `auto` (the default): `body` (a JSON string) when the bytes are valid UTF-8 with no
+///   control character (Unicode category Cc: U+0000..U+001F, U+007F..U+009F) other than
+///   tab, line feed and carriage return; otherwise `body_base64` (standard alphabet,
+///   padded). The empty body is `"body": ""`.
+/// - `base64`: `body_base64` for every message, whatever its bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BodyEncoding {
+    #[default]
+    Auto,
+    Base64,
+}
+
+impl BodyEncoding {
+    /// The text of `body` when it goes out as `body`, None when as `body_base64`.
+    pub fn as_text(self, body: &[u8]) -> Option<&str> {
+        if self == BodyEncoding::Base64 {
+            return None;
+        }
+        let text = std::str::from_utf8(body).ok()?;
+        let plain = |c: char| !c.is_control() || matches!(c, '\t' | '\n' | '\r');
+        text.chars().all(plain).then_some(text)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,14 +164,16 @@ pub struct OutMessage<'a> {
     pub record: &'a Record,
     pub receipt: Option<&'a str>,
     pub delivery_count: u32,
+    pub encoding: BodyEncoding,
 }
 
 impl<'a> OutMessage<'a> {
-    pub fn delivered(delivery: &'a Delivery) -> Self {
+    pub fn delivered(delivery: &'a Delivery, encoding: BodyEncoding) -> Self {
         OutMessage {
             record: &delivery.record,
             receipt: Some(&delivery.receipt),
             delivery_count: delivery.delivery_count,
+            encoding,
         }
     }
 }
@@ -155,9 +186,9 @@ impl Serialize for OutMessage<'_> {
         if let Some(receipt) = self.receipt {
             map.serialize_entry("receipt", receipt)?;
         }
-        match std::str::from_utf8(&record.body) {
-            Ok(text) => map.serialize_entry("body", text)?,
-            Err(_) => map.serialize_entry("body_base64", &BASE64.encode(&record.body))?,
+        match self.encoding.as_text(&record.body) {
+            Some(text) => map.serialize_entry("body", text)?,
+            None => map.serialize_entry("body_base64", &BASE64.encode(&record.body))?,
         }
         if let Some(key) = &record.key {
             map.serialize_entry("key", &String::from_utf8_lossy(key))?;
@@ -221,6 +252,34 @@ mod tests {
             assert!(err.message.starts_with("message 3:"), "{}", err.message);
         }
         assert!(serde_json::from_str::<InMessage>(r#"{"body": "a", "bdy": 1}"#).is_err());
+    }
+
+    #[test]
+    fn bodies_go_out_as_text_only_when_plain_utf8() {
+        let auto = BodyEncoding::Auto;
+        assert_eq!(auto.as_text(b"order 1"), Some("order 1"));
+        assert_eq!(auto.as_text(b""), Some(""));
+        assert_eq!(auto.as_text(b"a\tb\r\nc"), Some("a\tb\r\nc"));
+        assert_eq!(auto.as_text("caf\u{e9}".as_bytes()), Some("caf\u{e9}"));
+        for binary in [
+            &b"a\0b"[..],
+            b"\x1b[31m",
+            b"\x7f",
+            "\u{85}".as_bytes(),
+            b"\xff\xfe",
+            b"\xe9t\xe9",
+        ] {
+            assert_eq!(auto.as_text(binary), None, "{binary:?}");
+        }
+        assert_eq!(BodyEncoding::Base64.as_text(b"order 1"), None);
+        assert_eq!(BodyEncoding::Base64.as_text(b""), None);
+        let parse = |s: &str| serde_json::from_str::<ReceiveRequest>(s).map(|r| r.encoding);
+        assert_eq!(parse("{}").unwrap(), BodyEncoding::Auto);
+        assert_eq!(
+            parse(r#"{"encoding": "base64"}"#).unwrap(),
+            BodyEncoding::Base64
+        );
+        assert!(parse(r#"{"encoding": "hex"}"#).is_err());
     }
 
     #[test]

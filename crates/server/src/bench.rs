@@ -1,6 +1,8 @@
 //! `tidewater bench`: publish N messages durably over HTTP in batches, then receive and ack
 //! them; report msgs/s, publish latency percentiles, and the server's peak RSS and CPU.
 //! A benchmark, never a test: numbers go to BENCHMARKS.md with the command and machine.
+// Output goes through `outln!`: `println!` panics on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::client::Client;
+use crate::client::{Client, outln};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -233,16 +235,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "server_cpu_us_per_msg": usage_end.map(|u| (u.1 - cpu_before) * 1e6 / latencies.len().max(1) as f64),
         });
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&result)?);
+            outln!("{}", serde_json::to_string_pretty(&result)?);
         } else {
-            println!(
+            outln!(
                 "tidewater bench latency: {} msgs/s for {} s, {} B, durable, binary protocol ({} messages)",
                 args.rate,
                 args.duration_s,
                 args.size,
                 latencies.len()
             );
-            println!(
+            outln!(
                 "  end to end: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
                 ms(0.5),
                 ms(0.9),
@@ -298,9 +300,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "server_cpu_us_per_msg_consumed": consume_cpu_s.map(|s| s * 1e6 / n),
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        outln!("{}", serde_json::to_string_pretty(&result)?);
     } else {
-        println!(
+        outln!(
             "tidewater bench: {} messages of {} B, publish batches of {}, {} producers, {} consumers (receive {})",
             args.messages,
             args.size,
@@ -309,34 +311,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.consumers,
             args.receive_batch
         );
-        println!(
+        outln!(
             "  publish (durable)   {:>10.0} msgs/s   request p50 {:.1} ms  p99 {:.1} ms",
             n / publish_s,
             percentile(&latencies, 0.5) * 1000.0,
             percentile(&latencies, 0.99) * 1000.0
         );
-        println!("  receive + ack       {:>10.0} msgs/s", n / consume_s);
+        outln!("  receive + ack       {:>10.0} msgs/s", n / consume_s);
         if let Some((rss, cpu)) = usage_end {
-            println!(
+            outln!(
                 "  server peak RSS     {:>10.1} MiB",
                 rss as f64 / (1 << 20) as f64
             );
-            println!(
+            outln!(
                 "  server CPU          {:>10.2} s  ({:.2} us per message published + consumed)",
                 cpu - cpu_before,
                 (cpu - cpu_before) * 1e6 / (2.0 * n)
             );
             if let Some(consume) = consume_cpu_s {
-                println!(
+                outln!(
                     "    of which consume {:>10.2} s  ({:.2} us per message received + acked)",
                     consume,
                     consume * 1e6 / n
                 );
             }
         } else {
-            println!(
-                "  (server RSS and CPU are measured only when bench starts the server itself)"
-            );
+            outln!("  (server RSS and CPU are measured only when bench starts the server itself)");
         }
     }
     drop(spawned);

@@ -291,12 +291,13 @@ async fn connection(
     let (mut reader, writer) = stream.into_split();
     let (frames, frames_rx) = mpsc::unbounded_channel();
     let room = Arc::new(Semaphore::new(limits.outbox_bytes.max(1)));
-    let writer = tokio::spawn(write_loop(
+    // Aborted if this task is (at the shutdown deadline), so nothing outlives the connection.
+    let mut writer = AbortOnDrop(tokio::spawn(write_loop(
         writer,
         frames_rx,
         room.clone(),
         limits.idle_timeout,
-    ));
+    )));
     let outbox = Outbox {
         frames,
         room,
@@ -414,14 +415,18 @@ async fn connection(
     };
     drop(outbox);
     drop(session);
-    let mut writer = writer;
-    if tokio::time::timeout(CLOSE_LINGER, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort(); // the client stopped reading: drop what it did not take
-    }
+    // If the client stopped reading, what it did not take is dropped with the writer.
+    let _ = tokio::time::timeout(CLOSE_LINGER, &mut writer.0).await;
     end
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Why serving a frame stops the connection.
@@ -445,6 +450,16 @@ struct Session {
     subscriptions: HashMap<u32, (Arc<Subscription>, tokio::task::JoinHandle<()>)>,
     next_subscription: u32,
     max_frame: usize,
+}
+
+impl Drop for Session {
+    /// Subscriptions lease messages: none may outlive its connection (the connection's task
+    /// is aborted at the shutdown deadline).
+    fn drop(&mut self) {
+        for (_, (_, task)) in self.subscriptions.drain() {
+            task.abort();
+        }
+    }
 }
 
 impl Session {

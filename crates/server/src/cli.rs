@@ -1,4 +1,6 @@
 //! Client commands: queue, publish, consume, dlq. Tables for people, `--json` for scripts.
+// Output goes through `outln!`/`errln!`: `println!` panics on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::process::{Command, Stdio};
@@ -7,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::client::{Client, ClientError, path_segment};
+use crate::client::{Client, ClientError, bad_input, errln, outln, path_segment};
 
 #[derive(Debug, clap::Args)]
 pub struct ConfigFlags {
@@ -39,13 +41,16 @@ pub struct ConfigFlags {
     #[arg(long)]
     pub max_in_flight: Option<u64>,
     /// Set any field, dotted for nested ones; the value is JSON or else a string, e.g.
-    /// --set dispatch_rate.per_s=100 --set ttl_ms=60000 --set on_expire=dead_letter
+    /// --set dispatch_rate.per_s=100 --set ttl_ms=60000 --set on_expire=dead_letter.
+    /// Merged into the current value: the policy's other fields stay.
     #[arg(long, value_name = "FIELD=VALUE")]
     pub set: Vec<String>,
-    /// Turn a policy off (set it to null), e.g. --unset dispatch_rate
+    /// Turn a policy off (set it to null), e.g. --unset dispatch_rate; a nested field is
+    /// removed (back to its default), e.g. --unset quota.tenants.acme
     #[arg(long, value_name = "FIELD")]
     pub unset: Vec<String>,
-    /// Any configuration as JSON, e.g. '{"backoff": {"multiplier": 3}}' (flags win).
+    /// Any configuration as JSON, e.g. '{"backoff": {"multiplier": 3}}' (flags win), merged
+    /// into the current value like --set.
     #[arg(long)]
     pub config: Option<String>,
 }
@@ -212,8 +217,28 @@ pub struct PublishArgs {
     #[arg(long = "header", value_name = "NAME=VALUE")]
     pub headers: Vec<String>,
     /// Deliver no earlier than this many milliseconds from now.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "deliver_at")]
     pub delay_ms: Option<u64>,
+    /// Deliver no earlier than this time, in milliseconds since the Unix epoch.
+    #[arg(long, value_name = "EPOCH_MS")]
+    pub deliver_at: Option<i64>,
+    /// Add a random delay of up to this many milliseconds to each message (after any
+    /// delay), to spread a burst.
+    #[arg(long)]
+    pub jitter_ms: Option<u64>,
+    /// The producer the messages count against (quotas, fairness); 1 to 128 bytes.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Priority level, 0 = lowest (on queues with priority_levels > 1).
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Time to live in milliseconds: dropped (or dead-lettered) if not delivered by then.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ttl_ms: Option<u64>,
+    /// The message's id, for deduplication (1 to 255 bytes); repeat it to give one per
+    /// message, in order: as many ids as messages.
+    #[arg(long = "id", value_name = "ID")]
+    pub ids: Vec<String>,
     /// Messages per request.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
@@ -271,7 +296,7 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -296,7 +321,7 @@ fn age(ms: u64) -> String {
 }
 
 fn print_json(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).expect("json"));
+    outln!("{}", serde_json::to_string_pretty(value).expect("json"));
 }
 
 fn clip(text: &str, max: usize) -> String {
@@ -308,7 +333,50 @@ fn clip(text: &str, max: usize) -> String {
     }
 }
 
+/// The top-level fields a patch touches, each merged into the queue's current value:
+/// objects merge member by member (at any depth), anything else replaces. Below the top
+/// level a null removes the member (JSON merge patch, RFC 7396: a tenant's quota, a
+/// fairness weight, a field back to its default); at the top level null is sent as is,
+/// which the API reads as "policy off".
+fn merge_into_current(current: &Value, patch: Value) -> Value {
+    fn merge(target: &mut Value, patch: Value) {
+        match (target.as_object_mut(), patch) {
+            (Some(target), Value::Object(patch)) => {
+                for (key, value) in patch {
+                    if value.is_null() {
+                        target.remove(&key);
+                    } else {
+                        merge(target.entry(key).or_insert(Value::Null), value);
+                    }
+                }
+            }
+            (None, Value::Object(patch)) => {
+                *target = json!({});
+                merge(target, Value::Object(patch));
+            }
+            (_, patch) => *target = patch,
+        }
+    }
+    let Value::Object(patch) = patch else {
+        return patch;
+    };
+    let mut out = serde_json::Map::new();
+    for (key, value) in patch {
+        let merged = if value.is_object() {
+            let mut base = current.get(&key).cloned().unwrap_or(Value::Null);
+            merge(&mut base, value);
+            base
+        } else {
+            value
+        };
+        out.insert(key, merged);
+    }
+    Value::Object(out)
+}
+
 pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::Result<()> {
+    // `queue config` changes a queue that exists; only `queue create` creates.
+    let creating = matches!(command, QueueCommand::Create { .. });
     match command {
         QueueCommand::Config { name, config } if config.is_empty() => {
             let info = client.get(&queue_path(&name))?;
@@ -320,15 +388,20 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             Ok(())
         }
         QueueCommand::Create { name, config } | QueueCommand::Config { name, config } => {
-            let (status, info) = client.call(
-                "PUT",
-                &queue_path(&name),
-                Some(&serde_json::to_vec(&config.patch()?)?),
-            )?;
+            let patch = config.patch()?;
+            // The server replaces a policy object whole: merge the change into the
+            // queue's current value here, so --set quota.msgs_per_s=5 keeps the rest.
+            let body = match client.get(&queue_path(&name)) {
+                Ok(info) => merge_into_current(&info["config"], patch),
+                Err(ClientError::Api { status: 404, .. }) if creating => patch,
+                Err(err) => return Err(err.into()),
+            };
+            let (status, info) =
+                client.call("PUT", &queue_path(&name), Some(&serde_json::to_vec(&body)?))?;
             if as_json {
                 print_json(&info);
             } else {
-                println!(
+                outln!(
                     "{} queue '{}'",
                     if status == 201 { "created" } else { "updated" },
                     name
@@ -346,7 +419,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             let empty = vec![];
             let queues = reply["queues"].as_array().unwrap_or(&empty);
             if queues.is_empty() {
-                println!("no queues yet: create one with `tidewater queue create NAME`");
+                outln!("no queues yet: create one with `tidewater queue create NAME`");
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = queues
@@ -424,7 +497,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
                     ]
                 })
                 .collect();
-            println!("queue '{name}'");
+            outln!("queue '{name}'");
             table(&["STAT", "VALUE"], &rows);
             Ok(())
         }
@@ -433,7 +506,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             if as_json {
                 print_json(&json!({"deleted": name}));
             } else {
-                println!("deleted queue '{name}'");
+                outln!("deleted queue '{name}'");
             }
             Ok(())
         }
@@ -442,7 +515,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             if as_json {
                 print_json(&reply);
             } else {
-                println!("purged {} messages from '{name}'", num(&reply["purged"]));
+                outln!("purged {} messages from '{name}'", num(&reply["purged"]));
             }
             Ok(())
         }
@@ -493,27 +566,12 @@ fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
 /// A binary-protocol client error as a CLI error with a meaningful exit code.
 fn binary_error(err: tidewater_client::ClientError) -> anyhow::Error {
     use tidewater_client::ClientError as E;
-    let (status, code, message) = match &err {
-        E::Server { code, message } => {
-            let status = match code.as_str() {
-                "queue_not_found" => 404,
-                "queue_full" | "overloaded" | "disk_full" => 429,
-                c if c.starts_with("invalid") || c.ends_with("too_large") => 400,
-                _ => 500,
-            };
-            (status, code.clone(), message.clone())
-        }
-        E::Unavailable(_) | E::CircuitOpen => {
-            return anyhow::Error::new(ClientError::Unreachable(format!(
-                "{err}. Is `tidewater serve` running, with its binary protocol at --protocol-server?"
-            )));
-        }
-        other => return anyhow::anyhow!("{other}"),
-    };
-    anyhow::Error::new(ClientError::Api {
-        status,
-        code,
-        message,
+    anyhow::Error::new(match err {
+        E::Server { code, message } => ClientError::from_server_code(code, message),
+        E::Unavailable(_) | E::CircuitOpen => ClientError::Unreachable(format!(
+            "{err}. Is `tidewater serve` running, with its binary protocol at --protocol-server?"
+        )),
+        other => ClientError::Other(other.to_string()),
     })
 }
 
@@ -539,31 +597,63 @@ fn binary_client(addr: &str) -> tidewater_client::Client {
 pub fn publish(protocol: &str, args: PublishArgs, as_json: bool) -> anyhow::Result<()> {
     use tidewater_client::{Message, ProducerOptions};
     if args.batch == 0 {
-        anyhow::bail!("--batch must be at least 1");
+        return Err(bad_input("--batch must be at least 1"));
     }
     let mut headers = Vec::new();
     for h in &args.headers {
-        let (name, value) = h
-            .split_once('=')
-            .with_context(|| format!("--header '{h}' must look like name=value"))?;
+        let Some((name, value)) = h.split_once('=') else {
+            return Err(bad_input(format!(
+                "--header '{h}' must look like name=value"
+            )));
+        };
         headers.push((name.to_string(), value.to_string()));
     }
-    let deliver_at_ms = match args.delay_ms {
-        Some(ms) => {
+    if let Some(tenant) = &args.tenant
+        && !(1..=128).contains(&tenant.len())
+    {
+        return Err(bad_input("--tenant is 1 to 128 bytes"));
+    }
+    if let Some(id) = args.ids.iter().find(|id| !(1..=255).contains(&id.len())) {
+        return Err(bad_input(format!("--id '{id}': ids are 1 to 255 bytes")));
+    }
+    let deliver_at_ms = match (args.delay_ms, args.deliver_at) {
+        (Some(ms), _) => {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_millis() as i64
                 + ms as i64
         }
-        None => 0,
+        (None, Some(at)) if at <= 0 => {
+            return Err(bad_input(
+                "--deliver-at is milliseconds since the Unix epoch, above 0",
+            ));
+        }
+        (None, Some(at)) => at,
+        (None, None) => 0,
     };
-    let make = |body: String| Message {
-        id: None,
-        body: body.into_bytes(),
-        key: args.key.clone(),
-        headers: headers.clone(),
-        deliver_at_ms,
-        ack: None,
+    let mut ids = args.ids.clone().into_iter();
+    let mut make = |body: String| {
+        let mut message = Message {
+            id: ids.next(),
+            body: body.into_bytes(),
+            key: args.key.clone(),
+            headers: headers.clone(),
+            deliver_at_ms,
+            ack: None,
+        };
+        if let Some(jitter) = args.jitter_ms.filter(|ms| *ms > 0) {
+            message = message.with_jitter(Duration::from_millis(jitter));
+        }
+        if let Some(tenant) = &args.tenant {
+            message = message.with_tenant(tenant);
+        }
+        if let Some(priority) = args.priority {
+            message = message.with_priority(priority);
+        }
+        if let Some(ttl) = args.ttl_ms {
+            message = message.with_ttl(Duration::from_millis(ttl));
+        }
+        message
     };
     let (lines, len): (
         Box<dyn Iterator<Item = std::io::Result<String>>>,
@@ -584,12 +674,38 @@ pub fn publish(protocol: &str, args: PublishArgs, as_json: bool) -> anyhow::Resu
         )
     } else {
         if std::io::stdin().is_terminal() {
-            eprintln!("reading one message per line from standard input (Ctrl-D to end)");
+            errln!("reading one message per line from standard input (Ctrl-D to end)");
         }
         (
             Box::new(std::io::BufReader::new(std::io::stdin()).lines()),
             None,
         )
+    };
+    // With --id, one per message: read the messages first (as many as ids, and one more
+    // to tell), so a mismatch publishes nothing.
+    let (lines, len) = if args.ids.is_empty() {
+        (lines, len)
+    } else {
+        let read: Vec<String> = lines
+            .take(args.ids.len() + 1)
+            .collect::<std::io::Result<_>>()
+            .context("reading input")?;
+        if read.len() != args.ids.len() {
+            return Err(bad_input(format!(
+                "--id was given {} times for {}{} messages: give one per message",
+                args.ids.len(),
+                read.len(),
+                if read.len() > args.ids.len() {
+                    " or more"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let n = read.len() as u64;
+        let lines: Box<dyn Iterator<Item = std::io::Result<String>>> =
+            Box::new(read.into_iter().map(Ok));
+        (lines, Some(n))
     };
     let show_ids = !args.bodies.is_empty();
     let bar = if show_ids {
@@ -638,8 +754,8 @@ pub fn publish(protocol: &str, args: PublishArgs, as_json: bool) -> anyhow::Resu
     match (as_json, show_ids) {
         (true, true) => print_json(&json!({"published": ids.len(), "ids": ids})),
         (true, false) => print_json(&json!({"published": published})),
-        (false, true) => ids.iter().for_each(|id| println!("{id}")),
-        (false, false) => println!("published {published} messages to '{}'", args.queue),
+        (false, true) => ids.iter().for_each(|id| outln!("{id}")),
+        (false, false) => outln!("published {published} messages to '{}'", args.queue),
     }
     Ok(())
 }
@@ -701,16 +817,46 @@ fn delivery_json(d: &tidewater_client::Delivery) -> Value {
         "offset": d.offset,
         "headers": Value::Object(d.headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
     });
-    match std::str::from_utf8(&d.body) {
-        Ok(text) => m["body"] = json!(text),
-        Err(_) => {
-            m["body_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&d.body))
-        }
+    // The HTTP API's rule (api::BodyEncoding), so both protocols print a body alike.
+    match crate::api::BodyEncoding::Auto.as_text(&d.body) {
+        Some(text) => m["body"] = json!(text),
+        None => m["body_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&d.body)),
     }
     if let Some(key) = &d.key {
         m["key"] = json!(key);
     }
     m
+}
+
+/// One line of `consume`'s table: columns padded for the usual widths (a generated id is
+/// 32 characters), the body last and whole.
+fn consume_row(id: &str, deliveries: &str, key: &str, body: &str) -> String {
+    format!("{id:<32}  {deliveries:>8}  {key:<16}  {body}")
+}
+
+/// A delivery as a row for people: one line whatever the body (backslash, tab, CR and LF
+/// escaped; a body that is not plain text as base64:...).
+fn delivery_row(d: &tidewater_client::Delivery) -> String {
+    let body = match crate::api::BodyEncoding::Auto.as_text(&d.body) {
+        Some(text) => text
+            .replace('\\', "\\\\")
+            .replace('\t', "\\t")
+            .replace('\r', "\\r")
+            .replace('\n', "\\n"),
+        None => {
+            use base64::Engine;
+            format!(
+                "base64:{}",
+                base64::engine::general_purpose::STANDARD.encode(&d.body)
+            )
+        }
+    };
+    consume_row(
+        &d.id,
+        &d.delivery_count.to_string(),
+        d.key.as_deref().unwrap_or("-"),
+        &body,
+    )
 }
 
 /// Consumes over the binary protocol: a credit-based subscription, batched acks.
@@ -722,6 +868,10 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
     let runtime = runtime()?;
     let (done, acked, nacked) = runtime.block_on(async {
         let client = binary_client(protocol);
+        // An unreachable server is an error (exit 5), not an empty queue: the consumer
+        // itself would keep reconnecting quietly.
+        client.ping().await.map_err(binary_error)?;
+        let mut unreachable_warned = false;
         let prefetch = if args.max > 0 { (args.max as u32).min(args.batch as u32) } else { args.batch as u32 }.max(1);
         let max_messages = (args.max > 0).then_some(args.max);
         let mut consumer =
@@ -736,22 +886,38 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
             let delivery = match next {
                 Ok(Some(delivery)) => delivery.map_err(binary_error)?,
                 Ok(None) => break,
-                Err(_) if args.follow => continue,
-                Err(_) => break, // nothing for --wait-ms: the queue is drained
-            };
-            if as_json {
-                println!("{}", serde_json::to_string(&delivery_json(&delivery))?);
-            } else {
-                let body = match std::str::from_utf8(&delivery.body) {
-                    Ok(text) => text.to_string(),
-                    Err(_) => {
-                        use base64::Engine;
-                        format!("base64:{}", base64::engine::general_purpose::STANDARD.encode(&delivery.body))
+                Err(_) if args.follow => {
+                    // Following: the consumer reconnects by itself; say so once.
+                    match client.ping().await {
+                        Err(err) if !unreachable_warned => {
+                            errln!("warning: {}; still trying", binary_error(err));
+                            unreachable_warned = true;
+                        }
+                        Err(_) => {}
+                        Ok(()) => unreachable_warned = false,
                     }
-                };
-                println!("{}\t{}\t{}", delivery.id, delivery.delivery_count, body);
+                    continue;
+                }
+                // Nothing for --wait-ms: the queue is drained, unless the server went away.
+                Err(_) => {
+                    client.ping().await.map_err(binary_error)?;
+                    break;
+                }
+            };
+            let line = if as_json {
+                serde_json::to_string(&delivery_json(&delivery))?
+            } else if done == 0 {
+                format!("{}\n{}", consume_row("ID", "DELIVERY", "KEY", "BODY"), delivery_row(&delivery))
+            } else {
+                delivery_row(&delivery)
+            };
+            if let Err(err) = crate::client::try_write_stdout(format_args!("{line}\n")) {
+                // Nobody reads any more (`| head`): this message was not handled. Give it
+                // back at once, send the acks of those that were, release the prefetched.
+                let _ = consumer.nack(&delivery, Some(Duration::ZERO), "tidewater consume: standard output closed").await;
+                consumer.close().await;
+                crate::client::stdout_failed(err);
             }
-            std::io::stdout().flush()?;
             let verdict = match (&args.exec, args.nack) {
                 (Some(command), _) => run_handler(command, &args.queue, &delivery),
                 (None, true) => Err("nacked by tidewater consume --nack".to_string()),
@@ -766,7 +932,7 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
                     if consumer.nack(&delivery, None, &error).await.map_err(binary_error)? {
                         nacked += 1;
                     } else {
-                        eprintln!("warning: the lease expired before the handler finished; raise --lease-ms");
+                        errln!("warning: the lease expired before the handler finished; raise --lease-ms");
                     }
                 }
             }
@@ -776,12 +942,12 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
         consumer.close().await;
         let failures = client.stats().ack_failures.load(std::sync::atomic::Ordering::Relaxed);
         if failures > 0 {
-            eprintln!("warning: {failures} acks were refused (leases expired); those messages will be delivered again");
+            errln!("warning: {failures} acks were refused (leases expired); those messages will be delivered again");
         }
         anyhow::Ok((done, acked.saturating_sub(failures), nacked))
     })?;
     if !as_json {
-        eprintln!(
+        errln!(
             "consumed {done} messages from '{}': {acked} acked, {nacked} nacked",
             args.queue
         );
@@ -817,7 +983,7 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
             }
             let messages = reply["messages"].as_array().cloned().unwrap_or_default();
             if messages.is_empty() {
-                println!(
+                outln!(
                     "'{dlq}' is empty (a dead-letter queue is created when its first message arrives)"
                 );
                 return Ok(());
@@ -877,7 +1043,7 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
             if as_json {
                 print_json(&reply);
             } else {
-                println!(
+                outln!(
                     "redrive {id} {}: moved {}",
                     reply["state"].as_str().unwrap_or("?"),
                     num(&reply["moved"])
@@ -910,7 +1076,7 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
                 if as_json {
                     print_json(&started);
                 } else {
-                    println!("redrive {id} started; follow it with GET /v1/redrives/{id}");
+                    outln!("redrive {id} started; follow it with GET /v1/redrives/{id}");
                 }
                 return Ok(());
             }
@@ -928,7 +1094,7 @@ pub fn dlq(client: &Client, command: DlqCommand, as_json: bool) -> anyhow::Resul
             if as_json {
                 print_json(&last);
             } else {
-                println!(
+                outln!(
                     "redrive {id} {}: moved {}, skipped {}",
                     last["state"].as_str().unwrap_or("?"),
                     num(&last["moved"]),

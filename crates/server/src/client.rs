@@ -1,8 +1,11 @@
-//! A small blocking HTTP client for the CLI and the benchmark.
+//! A small blocking HTTP client for the CLI and the benchmark, the CLI's exit codes and
+//! error classification, and its output functions.
 
+use std::io::Write;
 use std::time::Duration;
 
 use serde_json::Value;
+use tidewater_core::ErrorCode;
 
 /// Exit codes of client commands (documented in the README).
 pub mod exit {
@@ -14,6 +17,64 @@ pub mod exit {
     pub const UNREACHABLE: i32 = 5;
 }
 
+/// Standard output for client commands, `scenario` and `bench` (never `println!`, which
+/// panics when the reader went away).
+///
+/// Why not `SIGPIPE` back to `SIG_DFL` for the whole process: the signal does not know which
+/// pipe broke. `consume --exec` writes each body to its handler's stdin, and a handler that
+/// exits without reading it (`--exec true`) would kill the consumer mid-stream, with acks
+/// unsent. So the signal stays ignored (Rust's default), every write to standard output
+/// goes through here, and only a broken standard output ends the process, the way any Unix
+/// filter ends under `| head`: quietly, by SIGPIPE (status 141 in a shell).
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    if let Err(err) = try_write_stdout(args) {
+        stdout_failed(err);
+    }
+}
+
+/// Like `write_stdout`, but returns the error (for callers that clean up first, such as
+/// `consume`, which must not ack a message it could not print), then `stdout_failed`.
+pub fn try_write_stdout(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)?;
+    out.flush()
+}
+
+/// Ends the process after a failed write to standard output: by SIGPIPE when the reader
+/// went away, else with an error and exit code 1 (a full disk, say).
+pub fn stdout_failed(err: std::io::Error) -> ! {
+    if err.kind() == std::io::ErrorKind::BrokenPipe {
+        // SAFETY: restoring the default disposition and raising the signal; nothing else
+        // runs in between that could observe the disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+        std::process::exit(128 + libc::SIGPIPE);
+    }
+    write_stderr(format_args!("error: writing standard output: {err}\n"));
+    std::process::exit(exit::FAILED);
+}
+
+/// Standard error: a failure to write there cannot be reported anywhere, so it is ignored
+/// (`eprintln!` would panic).
+pub fn write_stderr(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// `println!` for client commands: see `write_stdout`.
+macro_rules! outln {
+    () => { $crate::client::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::client::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `eprintln!` for client commands: see `write_stderr`.
+macro_rules! errln {
+    ($($arg:tt)*) => { $crate::client::write_stderr(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+pub(crate) use {errln, outln};
+
 #[derive(Debug)]
 pub enum ClientError {
     /// The server answered with an error body.
@@ -24,7 +85,14 @@ pub enum ClientError {
     },
     /// No answer (connection refused, timeout, DNS).
     Unreachable(String),
+    /// The command line asks for something impossible; nothing was sent.
+    Usage(String),
     Other(String),
+}
+
+/// A bad-input error (exit 2) for a command line the server never sees.
+pub fn bad_input(what: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(ClientError::Usage(what.into()))
 }
 
 impl std::fmt::Display for ClientError {
@@ -40,25 +108,59 @@ impl std::fmt::Display for ClientError {
                 f,
                 "cannot reach the server: {what}. Is `tidewater serve` running? (--server or TIDEWATER_SERVER)"
             ),
-            ClientError::Other(what) => f.write_str(what),
+            ClientError::Usage(what) | ClientError::Other(what) => f.write_str(what),
         }
     }
 }
 
 impl std::error::Error for ClientError {}
 
+/// The HTTP status a server error code travels with (`ErrorCode::http_status`, the table
+/// of docs/errors.md); None for a code this build does not know (a newer server).
+pub fn status_of_code(code: &str) -> Option<u16> {
+    ErrorCode::ALL
+        .iter()
+        .find(|c| c.as_str() == code)
+        .map(|c| c.http_status())
+}
+
+/// The exit code for an error status: the one table behind every client command's exit
+/// code, whichever protocol the command speaks.
+pub fn exit_code_of_status(status: u16) -> i32 {
+    match status {
+        404 => exit::NOT_FOUND,
+        // Backpressure and a full disk: nothing was stored, retry later.
+        429 | 507 => exit::REFUSED,
+        400 | 413 => exit::USAGE,
+        _ => exit::FAILED,
+    }
+}
+
 impl ClientError {
+    /// An error the server answered over the binary protocol (an `Error` frame, or the
+    /// last throttle reply once the client stopped waiting): labelled with the status the
+    /// code has over HTTP, so both protocols report, and exit, alike.
+    pub fn from_server_code(code: String, message: String) -> ClientError {
+        match status_of_code(&code) {
+            Some(status) => ClientError::Api {
+                status,
+                code,
+                message,
+            },
+            None => ClientError::Other(format!("{message} ({code})")),
+        }
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
-            ClientError::Api { status: 404, .. } => exit::NOT_FOUND,
-            ClientError::Api {
-                status: 429 | 507, ..
-            } => exit::REFUSED,
-            ClientError::Api {
-                status: 400 | 413, ..
-            } => exit::USAGE,
+            // The code decides when known: HTTP answers `overloaded` with 503 at its
+            // connection cap, and that is backpressure (4) like its 429.
+            ClientError::Api { status, code, .. } => {
+                exit_code_of_status(status_of_code(code).unwrap_or(*status))
+            }
             ClientError::Unreachable(_) => exit::UNREACHABLE,
-            _ => exit::FAILED,
+            ClientError::Usage(_) => exit::USAGE,
+            ClientError::Other(_) => exit::FAILED,
         }
     }
 }
@@ -177,4 +279,44 @@ pub fn path_segment(name: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_codes_are_labelled_with_their_real_status_and_exit_alike() {
+        // Every code the server can send over the binary protocol gets the status it has
+        // over HTTP, and the exit code of that status.
+        for code in ErrorCode::ALL {
+            let err = ClientError::from_server_code(code.as_str().into(), "m".into());
+            let shown = err.to_string();
+            assert!(
+                shown.contains(&format!("HTTP {}", code.http_status())),
+                "{code:?}: {shown}"
+            );
+            assert_eq!(err.exit_code(), exit_code_of_status(code.http_status()));
+        }
+        let exit = |code: &str| ClientError::from_server_code(code.into(), "m".into());
+        assert_eq!(exit("quota_exceeded").exit_code(), exit::REFUSED);
+        assert!(exit("quota_exceeded").to_string().contains("HTTP 429"));
+        assert_eq!(exit("disk_full").exit_code(), exit::REFUSED);
+        assert!(exit("disk_full").to_string().contains("HTTP 507"));
+        assert_eq!(exit("queue_full").exit_code(), exit::REFUSED);
+        assert_eq!(exit("queue_not_found").exit_code(), exit::NOT_FOUND);
+        assert_eq!(exit("exceeds_capacity").exit_code(), exit::USAGE);
+        assert_eq!(exit("internal").exit_code(), exit::FAILED);
+        // A code this build does not know is not given a made-up status.
+        let unknown = exit("some_new_code");
+        assert_eq!(unknown.exit_code(), exit::FAILED);
+        assert!(!unknown.to_string().contains("HTTP"), "{unknown}");
+        // HTTP's connection cap answers `overloaded` with 503: still backpressure.
+        let capped = ClientError::Api {
+            status: 503,
+            code: "overloaded".into(),
+            message: "m".into(),
+        };
+        assert_eq!(capped.exit_code(), exit::REFUSED);
+    }
 }

@@ -155,14 +155,13 @@ async fn read_body(state: &AppState, body: Body) -> Result<(Bytes, BodyPermit), 
     let mut held = None;
     let mut body = body;
     if let Some(declared) = http_body::Body::size_hint(&body).exact() {
-        if declared > state.max_request_bytes as u64 {
-            return Err(too_large());
-        }
-        if let Err(refused) = reserve(state, &mut held, kib(declared)) {
-            // Read and drop the body (it costs no memory) so the client, still sending,
-            // gets the refusal instead of a broken pipe. (The same below, as it arrives.)
-            let drain = async { while let Some(Ok(_)) = body.frame().await {} };
-            let _ = tokio::time::timeout(state.body_timeout, drain).await;
+        let refused = if declared > state.max_request_bytes as u64 {
+            Err(too_large())
+        } else {
+            reserve(state, &mut held, kib(declared))
+        };
+        if let Err(refused) = refused {
+            drain(state, &mut body).await;
             return Err(refused);
         }
     }
@@ -205,15 +204,36 @@ async fn read_body(state: &AppState, body: Body) -> Result<(Bytes, BodyPermit), 
             ))
         })?;
     let bytes = match bytes {
-        Err(ApiError(err)) if err.code == ErrorCode::Overloaded => {
-            let drain = async { while let Some(Ok(_)) = body.frame().await {} };
-            let _ = tokio::time::timeout(state.body_timeout, drain).await;
+        Err(ApiError(err))
+            if matches!(err.code, ErrorCode::Overloaded | ErrorCode::RequestTooLarge) =>
+        {
+            drain(state, &mut body).await;
             return Err(ApiError(err));
         }
         other => other?,
     };
     Ok((bytes, BodyPermit(held)))
 }
+
+/// Reads and drops the rest of a refused body (it costs no memory) for at most
+/// `DRAIN_BYTES` and `body_timeout_ms`, so a client still sending it gets the refusal
+/// instead of a broken pipe (a "lingering close").
+async fn drain(state: &AppState, body: &mut Body) {
+    let drain = async {
+        let mut left = DRAIN_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            let n = frame.data_ref().map_or(0, Bytes::len);
+            if n >= left {
+                break;
+            }
+            left -= n;
+        }
+    };
+    let _ = tokio::time::timeout(state.body_timeout, drain).await;
+}
+
+/// Most bytes of a refused body read and dropped before the connection is closed.
+const DRAIN_BYTES: usize = 64 << 20;
 
 /// Rewrites numbers like `820.0` (a float with no fraction) as integers, when that is exact:
 /// below 2^53 in magnitude every integer is a float, so the float is the number written.
@@ -674,6 +694,7 @@ async fn publish(
 struct PeekQuery {
     max: Option<usize>,
     from: Option<u64>,
+    encoding: Option<api::BodyEncoding>,
 }
 
 async fn peek(
@@ -694,6 +715,7 @@ async fn peek(
             record: &p.record,
             receipt: None,
             delivery_count: p.delivery_count,
+            encoding: query.encoding.unwrap_or_default(),
         })
         .collect();
     json(
@@ -723,7 +745,10 @@ async fn receive(
             request.lease_ms,
         )
         .await?;
-    let messages: Vec<OutMessage> = deliveries.iter().map(OutMessage::delivered).collect();
+    let messages: Vec<OutMessage> = deliveries
+        .iter()
+        .map(|d| OutMessage::delivered(d, request.encoding))
+        .collect();
     json(StatusCode::OK, &serde_json::json!({ "messages": messages }))
 }
 

@@ -13,7 +13,7 @@ mod serve;
 
 use clap::{Parser, Subcommand};
 
-use crate::client::{Client, ClientError, exit};
+use crate::client::{Client, ClientError, errln, exit};
 
 #[derive(Parser)]
 #[command(
@@ -70,7 +70,25 @@ enum Commands {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // With --json, a command line clap refuses is a JSON error too (help and version
+    // are not errors and print as usual).
+    let json_requested = std::env::args_os().skip(1).any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            use clap::error::ErrorKind;
+            let shown = matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            );
+            if json_requested && !shown {
+                let error = ClientError::Usage(err.render().to_string().trim().to_string());
+                errln!("{}", error_json(&anyhow::Error::new(error)));
+                std::process::exit(exit::USAGE);
+            }
+            err.exit()
+        }
+    };
     let code = match cli.command {
         Commands::Serve(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -81,39 +99,69 @@ fn main() {
             match runtime.block_on(serve::run(args)) {
                 Ok(()) => exit::OK,
                 Err(err) => {
-                    eprintln!("tidewater: {err:#}");
+                    errln!("tidewater: {err:#}");
                     exit::FAILED
                 }
             }
         }
-        Commands::Bench(args) => report(bench::run(args)),
-        Commands::Scenario(args) => report(scenario::run(args, cli.json)),
+        Commands::Bench(args) => report(bench::run(args), cli.json),
+        Commands::Scenario(args) => report(scenario::run(args, cli.json), cli.json),
         command => {
-            // Like any Unix tool: `tidewater queue list | head` ends quietly.
-            // SAFETY: setting a signal disposition before any thread starts.
-            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            // `tidewater queue list | head` ends quietly: every command writes standard
+            // output through client::write_stdout, which ends the process by SIGPIPE when
+            // the reader went away. SIGPIPE itself stays ignored (see write_stdout).
             let client = Client::new(&cli.server);
-            report(match command {
-                Commands::Queue(c) => cli::queue(&client, c, cli.json),
-                Commands::Publish(a) => cli::publish(&cli.protocol_server, a, cli.json),
-                Commands::Consume(a) => cli::consume(&cli.protocol_server, a, cli.json),
-                Commands::Dlq(c) => cli::dlq(&client, c, cli.json),
-                Commands::Serve(_) | Commands::Bench(_) | Commands::Scenario(_) => {
-                    unreachable!()
-                }
-            })
+            report(
+                match command {
+                    Commands::Queue(c) => cli::queue(&client, c, cli.json),
+                    Commands::Publish(a) => cli::publish(&cli.protocol_server, a, cli.json),
+                    Commands::Consume(a) => cli::consume(&cli.protocol_server, a, cli.json),
+                    Commands::Dlq(c) => cli::dlq(&client, c, cli.json),
+                    Commands::Serve(_) | Commands::Bench(_) | Commands::Scenario(_) => {
+                        unreachable!()
+                    }
+                },
+                cli.json,
+            )
         }
     };
     std::process::exit(code);
 }
 
-fn report(result: anyhow::Result<()>) -> i32 {
+/// Prints a command's error on standard error (plain, or one JSON object with --json)
+/// and returns the exit code.
+fn report(result: anyhow::Result<()>, json: bool) -> i32 {
     match result {
         Ok(()) => exit::OK,
+        Err(err) if json => {
+            errln!("{}", error_json(&err));
+            exit_code(&err)
+        }
         Err(err) => {
-            eprintln!("error: {err:#}");
-            err.downcast_ref::<ClientError>()
-                .map_or(exit::FAILED, ClientError::exit_code)
+            errln!("error: {err:#}");
+            exit_code(&err)
         }
     }
+}
+
+fn exit_code(err: &anyhow::Error) -> i32 {
+    err.downcast_ref::<ClientError>()
+        .map_or(exit::FAILED, ClientError::exit_code)
+}
+
+/// `{"code", "message", "status"?, "exit_code"}`: the server's code and HTTP status when
+/// the server answered, else `unreachable`, `usage` or `failed`.
+fn error_json(err: &anyhow::Error) -> serde_json::Value {
+    let exit_code = exit_code(err);
+    let mut out = serde_json::json!({"message": format!("{err:#}"), "exit_code": exit_code});
+    match err.downcast_ref::<ClientError>() {
+        Some(ClientError::Api { status, code, .. }) => {
+            out["code"] = serde_json::json!(code);
+            out["status"] = serde_json::json!(status);
+        }
+        Some(ClientError::Unreachable(_)) => out["code"] = serde_json::json!("unreachable"),
+        Some(ClientError::Usage(_)) => out["code"] = serde_json::json!("usage"),
+        Some(ClientError::Other(_)) | None => out["code"] = serde_json::json!("failed"),
+    }
+    out
 }

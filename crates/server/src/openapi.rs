@@ -219,6 +219,10 @@ fn described(mut schema: Value, description: &str) -> Value {
     schema
 }
 
+/// A body sent as text: no control character but tab, line feed and carriage return.
+const PLAIN_TEXT_PATTERN: &str =
+    "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$";
+
 /// Base64 as the server decodes it: the standard alphabet, padded, canonical.
 const BASE64_PATTERN: &str =
     "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
@@ -432,8 +436,10 @@ fn message_schemas(limits: &Limits) -> Value {
         let mut required = vec!["id", "headers", "delivery_count", "published_at", "offset"];
         let mut properties = json!({
             "id": {"type": "string"},
-            "body": {"type": "string", "description": "the body when it is valid UTF-8"},
-            "body_base64": {"type": "string", "pattern": BASE64_PATTERN, "description": "the body when it is not valid UTF-8"},
+            "body": {"type": "string", "pattern": PLAIN_TEXT_PATTERN,
+                "description": "the body, with encoding auto (the default), when its bytes are valid UTF-8 with no control character (U+0000-U+001F, U+007F-U+009F) other than tab, line feed and carriage return; the empty body is \"\""},
+            "body_base64": {"type": "string", "pattern": BASE64_PATTERN,
+                "description": "the body otherwise (standard alphabet, padded), and always with encoding base64"},
             "key": {"type": "string"},
             "headers": out_headers.clone(),
             "delivery_count": {"type": "integer", "minimum": if receipt { 1 } else { 0 }},
@@ -457,7 +463,9 @@ fn message_schemas(limits: &Limits) -> Value {
             "max": {"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_receive_messages, "default": 1},
             "wait_ms": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_wait_ms, "default": 0,
                 "description": "long-poll for the first message up to this long"},
-            "lease_ms": described(int_or_null(1, MAX_LEASE_MS), "default: the queue's lease_ms")}},
+            "lease_ms": described(int_or_null(1, MAX_LEASE_MS), "default: the queue's lease_ms"),
+            "encoding": {"type": "string", "enum": ["auto", "base64"], "default": "auto",
+                "description": "how bodies come back: base64 gives body_base64 for every message (see DeliveredMessage)"}}},
         "DeliveredMessage": out(true),
         "PeekedMessage": out(false),
         "Messages": {"type": "object", "additionalProperties": false, "required": ["messages"], "properties": {
@@ -724,7 +732,9 @@ pub fn document(limits: &Limits) -> Value {
         );
         op["parameters"] = json!([
             {"name": "max", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": max_receive, "default": max_receive.min(10)}},
-            {"name": "from", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0}}]);
+            {"name": "from", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0}},
+            {"name": "encoding", "in": "query", "schema": {"type": "string", "enum": ["auto", "base64"], "default": "auto"},
+                "description": "base64: body_base64 for every message (see PeekedMessage)"}]);
         op
     };
 

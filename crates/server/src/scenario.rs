@@ -2,6 +2,8 @@
 //! twice, without and with the policy that answers it, and prints the figures from the
 //! broker's own counters side by side. Time is simulated (a manual clock), so a scenario of
 //! minutes runs in seconds and gives the same figures on any machine.
+// Output goes through `outln!`: `println!` panics on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +13,8 @@ use serde_json::{Value, json};
 use tidewater_core::clock::{ManualClock, RandomJitter};
 use tidewater_core::queue::Delivery;
 use tidewater_core::{AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NewMessage};
+
+use crate::client::outln;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Name {
@@ -88,30 +92,30 @@ pub fn run(args: ScenarioArgs, json_out: bool) -> anyhow::Result<()> {
         reports.push(report);
     }
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        outln!("{}", serde_json::to_string_pretty(&reports)?);
     }
     Ok(())
 }
 
 fn print_report(report: &Report) {
-    println!("== {}: {}", report.scenario, report.incident);
-    println!("   policy: {}", report.policy);
+    outln!("== {}: {}", report.scenario, report.incident);
+    outln!("   policy: {}", report.policy);
     let width = report
         .figures
         .iter()
         .map(|f| f.what.len())
         .max()
         .unwrap_or(0);
-    println!("   {:width$}  {:>12}  {:>12}", "", "before", "after");
+    outln!("   {:width$}  {:>12}  {:>12}", "", "before", "after");
     for f in &report.figures {
-        println!(
+        outln!(
             "   {:width$}  {:>12}  {:>12}",
             f.what,
             show(f.before),
             show(f.after)
         );
     }
-    println!();
+    outln!();
 }
 
 fn show(x: f64) -> String {

@@ -562,3 +562,69 @@ fn operations_endpoints() {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
 }
+
+#[test]
+fn bodies_come_back_by_one_documented_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("q", json!({}));
+    // plain text, text with NUL, invalid UTF-8, empty, an escape sequence, tabs and newlines
+    let bodies: [&[u8]; 6] = [
+        b"order 1",
+        b"a\0b",
+        b"\xff\xfe",
+        b"",
+        b"\x1b[31m",
+        b"a\tb\r\n",
+    ];
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let messages: Vec<Value> = bodies
+        .iter()
+        .map(|b| json!({"body_base64": b64(b)}))
+        .collect();
+    server.publish("q", json!(messages));
+    let expect_auto = [
+        json!({"body": "order 1"}),
+        json!({"body_base64": b64(b"a\0b")}),
+        json!({"body_base64": b64(b"\xff\xfe")}),
+        json!({"body": ""}),
+        json!({"body_base64": b64(b"\x1b[31m")}),
+        json!({"body": "a\tb\r\n"}),
+    ];
+    let body_fields = |m: &Value| {
+        let mut out = serde_json::Map::new();
+        for key in ["body", "body_base64"] {
+            if let Some(v) = m.get(key) {
+                out.insert(key.into(), v.clone());
+            }
+        }
+        Value::Object(out)
+    };
+    let peeked = server.ok("GET", "/v1/queues/q/messages?max=10", None)["messages"].clone();
+    let got: Vec<Value> = peeked.as_array().unwrap().iter().map(body_fields).collect();
+    assert_eq!(got, expect_auto);
+    let peeked = server.ok("GET", "/v1/queues/q/messages?max=10&encoding=base64", None);
+    for (m, body) in peeked["messages"].as_array().unwrap().iter().zip(bodies) {
+        assert_eq!(body_fields(m), json!({"body_base64": b64(body)}));
+    }
+    server.err(
+        "POST",
+        "/v1/queues/q/receive",
+        Some(json!({"max": 10, "encoding": "hex"})),
+        400,
+        "invalid_request",
+    );
+    let got = server.ok(
+        "POST",
+        "/v1/queues/q/receive",
+        Some(json!({"max": 3, "encoding": "base64"})),
+    )["messages"]
+        .clone();
+    for (m, body) in got.as_array().unwrap().iter().zip(bodies) {
+        assert_eq!(body_fields(m), json!({"body_base64": b64(body)}));
+    }
+    let got = server.receive("q", 3, 0, None);
+    let got: Vec<Value> = got.iter().map(body_fields).collect();
+    assert_eq!(got, expect_auto[3..]);
+}

@@ -276,7 +276,8 @@ fn real_replies_match_the_document() {
         Some(json!({"messages": [
             {"body": "text", "key": "k", "headers": {"h": "v"}, "id": "one", "priority": 2},
             {"body_base64": "/wAB", "delay_ms": 0},
-            {"body": "later", "deliver_at": 1}],
+            {"body": "later", "deliver_at": 1},
+            {"body": "bell \u{7}"}],
             "ack": "written"})),
     );
     assert_eq!(published.0, 200);
@@ -302,6 +303,8 @@ fn real_replies_match_the_document() {
     };
     go(peek(""), None);
     go(peek("?max=1&from=1"), None);
+    go(peek("?encoding=base64"), None);
+    go(peek("?encoding=hex"), None);
     go(peek("?max=0"), None);
     go(peek("?max=x"), None);
 
@@ -319,6 +322,14 @@ fn real_replies_match_the_document() {
     let got = got["messages"].as_array().unwrap().clone();
     assert!(got.len() >= 2, "{got:?}");
     go(r("/v1/queues/{queue}/receive", "work"), None);
+    go(
+        r("/v1/queues/{queue}/receive", "work"),
+        Some(json!({"encoding": "base64", "max": 1})),
+    );
+    go(
+        r("/v1/queues/{queue}/receive", "work"),
+        Some(json!({"encoding": null})),
+    );
     go(
         r("/v1/queues/{queue}/receive", "work"),
         Some(json!({"max": 51})),

@@ -77,7 +77,14 @@ impl BatchHeader {
             body_crc: u32_at(buf, 40),
             epoch: u32_at(buf, 44),
         };
-        if header.body_len as usize > MAX_BATCH_BODY || header.count == 0 {
+        // The last offset must exist: readers compute `base_offset + index`.
+        if header.body_len as usize > MAX_BATCH_BODY
+            || header.count == 0
+            || header
+                .base_offset
+                .checked_add(header.count as u64)
+                .is_none()
+        {
             return Err(FormatError::BadLength);
         }
         Ok(header)
@@ -620,6 +627,26 @@ mod tests {
                 "flip at byte {byte} went unnoticed"
             );
         }
+    }
+
+    /// Found by fuzzing (fuzz target `batch`): a batch whose offsets run past u64::MAX
+    /// passed its checks, then reading its records overflowed `base_offset + index` (a
+    /// panic in debug builds; a produce frame's client-chosen base offset got there).
+    #[test]
+    fn a_batch_whose_offsets_overflow_is_refused() {
+        let mut batch = sample_batch();
+        stamp_batch(&mut batch, u64::MAX);
+        assert_eq!(check_batch(&batch), Err(FormatError::BadLength));
+        assert_eq!(
+            restamp_batch(&mut batch, 1, 2).map(|_| ()),
+            Err(FormatError::BadLength)
+        );
+        // The last offset itself is fine.
+        stamp_batch(&mut batch, u64::MAX - 2);
+        let header = check_batch(&batch).unwrap();
+        let mut records = Vec::new();
+        decode_records(&header, &batch[BATCH_HEADER_LEN..], &mut records).unwrap();
+        assert_eq!(records[1].offset, u64::MAX - 1);
     }
 
     #[test]

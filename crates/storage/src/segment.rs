@@ -1,15 +1,13 @@
 //! Per-log segment files: record batches appended back to back, named by their first offset.
 //! An in-memory sparse index (one entry per `INDEX_INTERVAL_BYTES`) finds a batch by offset.
 
-use std::fs::{self, File, OpenOptions};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::error::{FormatError, OpenError, ReadError};
-use crate::faults::{Faults, FsOp};
+use crate::faults::FsOp;
 use crate::format::{BATCH_HEADER_LEN, BatchHeader};
+use crate::fs::{FileRef, Io, OpenHow};
 
 /// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
@@ -25,7 +23,7 @@ pub(crate) struct Segment {
     /// Bytes of valid batches.
     pub len: u64,
     pub path: PathBuf,
-    pub file: Arc<File>,
+    pub file: FileRef,
     /// Sparse index, ascending by offset: batch starts and record marks inside batches.
     index: Vec<Mark>,
     last_indexed_pos: u64,
@@ -94,7 +92,7 @@ impl Segment {
 }
 
 /// The segments of one log. Shared by the writer (appends) and readers behind an RwLock;
-/// file I/O happens outside the lock on `Arc<File>` handles.
+/// file I/O happens outside the lock on `FileRef` handles.
 pub(crate) struct LogFiles {
     pub uid: u64,
     pub dir: PathBuf,
@@ -102,7 +100,7 @@ pub(crate) struct LogFiles {
     /// Offsets between segments that no file holds and that were accepted at open
     /// (settled, or dropped by a repair); reads step over them and over nothing else.
     holes: Vec<Range<u64>>,
-    faults: Arc<Faults>,
+    io: Io,
 }
 
 /// Offsets that the checkpoint says a log holds and its files do not.
@@ -134,26 +132,26 @@ pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.seg"))
 }
 
-fn open_rw(path: &Path, create: bool) -> Result<File, std::io::Error> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .open(path)
+fn open_rw(io: &Io, path: &Path, create: bool) -> Result<FileRef, std::io::Error> {
+    let how = if create {
+        OpenHow::CREATE
+    } else {
+        OpenHow::READ_WRITE
+    };
+    io.fs.open(path, how)
 }
 
 /// Makes the names in `dir` durable (created, renamed and removed files).
-pub(crate) fn fsync_dir(dir: &Path, faults: &Faults) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()?;
-    faults.note(|| FsOp::SyncDir(dir.to_path_buf()));
+pub(crate) fn fsync_dir(io: &Io, dir: &Path) -> std::io::Result<()> {
+    io.fs.open_dir(dir)?.sync_all()?;
+    io.faults.note(|| FsOp::SyncDir(dir.to_path_buf()));
     Ok(())
 }
 
 /// Removes a file, noting it for tests.
-fn remove_file(path: &Path, faults: &Faults) -> std::io::Result<()> {
-    fs::remove_file(path)?;
-    faults.note(|| FsOp::Remove(path.to_path_buf()));
+fn remove_file(io: &Io, path: &Path) -> std::io::Result<()> {
+    io.fs.remove_file(path)?;
+    io.faults.note(|| FsOp::Remove(path.to_path_buf()));
     Ok(())
 }
 
@@ -163,19 +161,21 @@ impl LogFiles {
         dir: PathBuf,
         uid: u64,
         first_offset: u64,
-        faults: Arc<Faults>,
+        io: Io,
     ) -> Result<LogFiles, OpenError> {
-        fs::create_dir_all(&dir).map_err(|e| OpenError::io(&dir, e))?;
-        faults.note(|| FsOp::CreateDir(dir.clone()));
+        io.fs
+            .create_dir_all(&dir)
+            .map_err(|e| OpenError::io(&dir, e))?;
+        io.faults.note(|| FsOp::CreateDir(dir.clone()));
         if let Some(parent) = dir.parent() {
-            fsync_dir(parent, &faults).map_err(|e| OpenError::io(parent, e))?;
+            fsync_dir(&io, parent).map_err(|e| OpenError::io(parent, e))?;
         }
         let mut files = LogFiles {
             uid,
             dir,
             segments: Vec::new(),
             holes: Vec::new(),
-            faults,
+            io,
         };
         files
             .roll(first_offset)
@@ -196,11 +196,11 @@ impl LogFiles {
         dir: PathBuf,
         uid: u64,
         (from, floor): (u64, u64),
-        faults: Arc<Faults>,
+        io: Io,
         hole_ok: &dyn Fn(&Range<u64>) -> bool,
     ) -> Result<Opened, OpenError> {
         let from = from.min(floor);
-        if !dir.exists() {
+        if !io.fs.exists(&dir) {
             let gap = Gap {
                 offsets: from..floor,
                 path: dir.clone(),
@@ -209,7 +209,7 @@ impl LogFiles {
             if !gap.offsets.is_empty() && !hole_ok(&gap.offsets) {
                 return Ok(Opened::Missing(vec![gap]));
             }
-            let mut files = LogFiles::create(dir, uid, floor, faults)?;
+            let mut files = LogFiles::create(dir, uid, floor, io)?;
             let gaps = if gap.offsets.is_empty() {
                 Vec::new()
             } else {
@@ -219,9 +219,7 @@ impl LogFiles {
             return Ok(Opened::Files(files, gaps));
         }
         let mut bases: Vec<u64> = Vec::new();
-        for item in fs::read_dir(&dir).map_err(|e| OpenError::io(&dir, e))? {
-            let item = item.map_err(|e| OpenError::io(&dir, e))?;
-            let name = item.file_name();
+        for name in io.fs.read_dir(&dir).map_err(|e| OpenError::io(&dir, e))? {
             let name = name.to_string_lossy();
             if let Some(stem) = name.strip_suffix(".seg")
                 && let Ok(base) = stem.parse::<u64>()
@@ -235,7 +233,7 @@ impl LogFiles {
             dir,
             segments: Vec::new(),
             holes: Vec::new(),
-            faults,
+            io,
         };
         // Changes are applied only once nothing is refused.
         let mut truncate: Vec<(usize, u64)> = Vec::new();
@@ -314,12 +312,8 @@ impl LogFiles {
                 }
                 _ => {}
             }
-            let segment = scan_segment(&path, uid, base)?;
-            let physical = segment
-                .file
-                .metadata()
-                .map_err(|e| OpenError::io(&path, e))?
-                .len();
+            let segment = scan_segment(&files.io, &path, uid, base)?;
+            let physical = segment.file.size().map_err(|e| OpenError::io(&path, e))?;
             if physical != segment.len {
                 if segment.end >= floor {
                     tracing::warn!(path = %path.display(), valid = segment.len, physical, "truncating torn segment tail");
@@ -367,11 +361,11 @@ impl LogFiles {
                 .map_err(|e| OpenError::io(&segment.path, e))?;
         }
         for path in &remove {
-            remove_file(path, &files.faults).map_err(|e| OpenError::io(path, e))?;
+            remove_file(&files.io, path).map_err(|e| OpenError::io(path, e))?;
         }
         if !remove.is_empty() {
             // Removed segments must not come back after a power loss, behind the cut.
-            fsync_dir(&files.dir, &files.faults).map_err(|e| OpenError::io(&files.dir, e))?;
+            fsync_dir(&files.io, &files.dir).map_err(|e| OpenError::io(&files.dir, e))?;
         }
         if files.end() < floor {
             // An accepted gap at the end: the journal appends from `floor` on.
@@ -409,16 +403,16 @@ impl LogFiles {
     /// Starts a new active segment at `base` (the current end).
     pub fn roll(&mut self, base: u64) -> std::io::Result<()> {
         let path = segment_path(&self.dir, base);
-        let file = open_rw(&path, true)?;
-        self.faults.note(|| FsOp::CreateFile(path.clone()));
+        let file = open_rw(&self.io, &path, true)?;
+        self.io.faults.note(|| FsOp::CreateFile(path.clone()));
         file.set_len(0)?;
-        fsync_dir(&self.dir, &self.faults)?;
+        fsync_dir(&self.io, &self.dir)?;
         self.segments.push(Segment {
             base,
             end: base,
             len: 0,
             path,
-            file: Arc::new(file),
+            file,
             index: Vec::new(),
             last_indexed_pos: 0,
         });
@@ -451,17 +445,18 @@ impl LogFiles {
         let mut removed = false;
         while self.segments.len() > 1 && self.active().base >= offset {
             let seg = self.segments.pop().unwrap();
-            remove_file(&seg.path, &self.faults).map_err(|e| OpenError::io(&seg.path, e))?;
+            remove_file(&self.io, &seg.path).map_err(|e| OpenError::io(&seg.path, e))?;
             removed = true;
         }
         if removed {
-            fsync_dir(&self.dir, &self.faults).map_err(|e| OpenError::io(&self.dir, e))?;
+            fsync_dir(&self.io, &self.dir).map_err(|e| OpenError::io(&self.dir, e))?;
         }
         let active = self.segments.last_mut().unwrap();
         if active.end == offset {
             return Ok(());
         }
-        let rescanned = scan_segment_until(&active.path, self.uid, active.base, Some(offset))?;
+        let rescanned =
+            scan_segment_until(&self.io, &active.path, self.uid, active.base, Some(offset))?;
         if rescanned.end != offset {
             return Err(OpenError::Corrupt {
                 path: active.path.clone(),
@@ -505,7 +500,7 @@ impl LogFiles {
     pub fn rollback(&mut self, mark: SegmentMark) -> std::io::Result<()> {
         while self.segments.len() > 1 && self.active().base > mark.base {
             let seg = self.segments.pop().unwrap();
-            fs::remove_file(&seg.path)?;
+            self.io.fs.remove_file(&seg.path)?;
         }
         let active = self.segments.last_mut().unwrap();
         active.len = mark.len;
@@ -520,26 +515,27 @@ impl LogFiles {
     }
 }
 
-fn scan_segment(path: &Path, uid: u64, base: u64) -> Result<Segment, OpenError> {
-    scan_segment_until(path, uid, base, None)
+fn scan_segment(io: &Io, path: &Path, uid: u64, base: u64) -> Result<Segment, OpenError> {
+    scan_segment_until(io, path, uid, base, None)
 }
 
 /// Walks a segment's batches from the start, stopping at the first invalid one (or at
 /// `stop_at` offset). Returns the segment with `len` = bytes of valid batches.
 fn scan_segment_until(
+    io: &Io,
     path: &Path,
     uid: u64,
     base: u64,
     stop_at: Option<u64>,
 ) -> Result<Segment, OpenError> {
-    let file = open_rw(path, false).map_err(|e| OpenError::io(path, e))?;
-    let physical = file.metadata().map_err(|e| OpenError::io(path, e))?.len();
+    let file = open_rw(io, path, false).map_err(|e| OpenError::io(path, e))?;
+    let physical = file.size().map_err(|e| OpenError::io(path, e))?;
     let mut segment = Segment {
         base,
         end: base,
         len: 0,
         path: path.to_path_buf(),
-        file: Arc::new(file),
+        file,
         index: Vec::new(),
         last_indexed_pos: 0,
     };

@@ -191,13 +191,20 @@ impl LogState {
         let mut state = LogState::new(uid, name, config);
         state.next_offset = cur.u64()?;
         state.ack_floor = cur.u64()?;
+        if state.ack_floor > state.next_offset {
+            return Err(FormatError::BadLength);
+        }
         let n_ranges = cur.u64()?;
+        let mut last_end = state.ack_floor;
         for _ in 0..n_ranges {
             let start = cur.u64()?;
             let end = cur.u64()?;
-            if end < start {
+            // As written: in order, apart, between the floor and the end (a range beyond
+            // the end cost memory and time in proportion to its length: 0..u64::MAX hung).
+            if end < start || start < last_end || end > state.next_offset {
                 return Err(FormatError::BadLength);
             }
+            last_end = end;
             state.settled.insert(start..end);
         }
         let n_retries = cur.u64()?;
@@ -257,6 +264,56 @@ mod tests {
         assert_eq!(info.errors.len(), MAX_ERRORS_KEPT);
         assert_eq!(info.errors.back().unwrap().1, "error 19");
         assert_eq!(info.delivery_count, 19);
+    }
+
+    /// A log's state laid out by hand: (next_offset, ack_floor, settled ranges).
+    fn encoded(next_offset: u64, ack_floor: u64, ranges: &[(u64, u64)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&3u64.to_le_bytes());
+        put_string(&mut out, "q");
+        put_string(&mut out, "{}");
+        out.extend_from_slice(&next_offset.to_le_bytes());
+        out.extend_from_slice(&ack_floor.to_le_bytes());
+        out.extend_from_slice(&(ranges.len() as u64).to_le_bytes());
+        for (start, end) in ranges {
+            out.extend_from_slice(&start.to_le_bytes());
+            out.extend_from_slice(&end.to_le_bytes());
+        }
+        out.extend_from_slice(&0u64.to_le_bytes()); // retries
+        out.extend_from_slice(&0u64.to_le_bytes()); // id window
+        out.extend_from_slice(&0u32.to_le_bytes()); // max ids
+        out.extend_from_slice(&0u64.to_le_bytes()); // ids
+        out
+    }
+
+    fn decoded(bytes: &[u8]) -> Result<LogState, FormatError> {
+        LogState::decode(&mut Cursor { buf: bytes, pos: 0 })
+    }
+
+    /// Found by fuzzing (fuzz target `checkpoint`): a checkpoint (with a valid CRC) whose
+    /// settled range ran far past the log's end hung recovery, filling the settled set
+    /// one 4,096-offset chunk at a time; a floor above the end underflowed `unsettled`.
+    #[test]
+    fn a_state_the_writer_cannot_have_written_is_refused() {
+        let ok = decoded(&encoded(100, 10, &[(20, 30), (40, 100)])).unwrap();
+        assert_eq!(
+            (ok.ack_floor, ok.settled.len(), ok.unsettled()),
+            (10, 70, 20)
+        );
+        for (next, floor, ranges) in [
+            (100, 10, vec![(1, u64::MAX)]),      // hung
+            (100, 10, vec![(50, 200)]),          // beyond the end
+            (100, 10, vec![(5, 20)]),            // below the floor
+            (100, 10, vec![(40, 50), (20, 30)]), // out of order
+            (100, 10, vec![(30, 20)]),
+            (5, 10, vec![]), // floor above the end
+        ] {
+            assert_eq!(
+                decoded(&encoded(next, floor, &ranges)),
+                Err(FormatError::BadLength),
+                "{next} {floor} {ranges:?}"
+            );
+        }
     }
 
     #[test]

@@ -11,10 +11,8 @@
 //! last checkpoint, write a snapshot of every log's state, start a new journal file and drop
 //! the old ones. Recovery = last checkpoint + replay of the journals after it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
@@ -27,6 +25,7 @@ use crate::faults::{Faults, FsOp};
 use crate::format::{
     BatchHeader, Cursor, Record, RecordView, check_batch, decode_record, stamp_batch, view_record,
 };
+use crate::fs::{FileRef, Fs, Io, LockGuard, OpenHow, RealFs};
 use crate::journal::{
     Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, decode_entry, encode_entry, journal_header,
 };
@@ -63,6 +62,14 @@ pub struct StoreOptions {
     pub fail_fsync_at: Option<u64>,
     /// Fault injection for tests (nothing armed by default).
     pub faults: Arc<Faults>,
+    /// The file system (chosen once, at open): the real one by default, a simulated disk
+    /// (`crate::sim::SimFs`) in power-loss tests.
+    pub fs: Arc<dyn Fs>,
+    /// For simulations: one request per writer round, and the next round only once the
+    /// syncer's fdatasync of this one returned, so that requests submitted concurrently
+    /// (the broker submits some without waiting) cannot change the order or the number of
+    /// file operations. No group commit: never for production.
+    pub lockstep: bool,
     /// Repair on open: when the checkpoint and journal say a log holds unsettled messages
     /// that no file holds (a lost directory or segment file, a cut segment), settle them
     /// (drop them) and report what was dropped (`Store::repair_report`) instead of refusing
@@ -81,6 +88,8 @@ impl Default for StoreOptions {
             max_round_bytes: 4 << 20,
             fail_fsync_at: None,
             faults: Arc::new(Faults::default()),
+            fs: Arc::new(RealFs),
+            lockstep: false,
             repair_missing: false,
         }
     }
@@ -163,6 +172,10 @@ struct Request {
 
 enum Command {
     Write(Request),
+    /// Checkpoint now (after what is queued before it) and answer.
+    Checkpoint(std::sync::mpsc::Sender<Result<(), WriteError>>),
+    /// Answer once everything queued before it is written (`Store::wait_idle`).
+    Barrier(std::sync::mpsc::Sender<()>),
     Shutdown(std::sync::mpsc::Sender<()>),
 }
 
@@ -177,9 +190,12 @@ struct LogShared {
 }
 
 struct SyncState {
-    journal: Arc<File>,
+    journal: FileRef,
     written_seq: u64,
     synced_seq: u64,
+    /// Synced and published: durable ends applied and completions run (what
+    /// `Store::wait_synced` waits for, so a read after it sees what was synced).
+    applied_seq: u64,
     /// Durable requests waiting for a sync: (seq, completion, results).
     pending: VecDeque<(u64, Completion, Vec<OpResult>)>,
     /// Log ends to publish once synced: (seq, uid, end).
@@ -209,6 +225,23 @@ struct Shared {
 }
 
 impl Shared {
+    /// Waits until everything written so far went through the syncer (or it stopped, or
+    /// the store is poisoned).
+    fn wait_synced(&self) {
+        let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let target = sync.written_seq;
+        while sync.applied_seq < target && !sync.stop && !self.poisoned.load(Ordering::SeqCst) {
+            sync = self.sync_cv.wait(sync).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn io(&self) -> Io {
+        Io {
+            fs: self.opts.fs.clone(),
+            faults: self.opts.faults.clone(),
+        }
+    }
+
     fn poison(&self, what: &str) {
         // The reason is in place before the flag: whoever sees the store poisoned can say why.
         let mut reason = self.poison_reason.lock().unwrap_or_else(|e| e.into_inner());
@@ -282,7 +315,9 @@ pub struct Store {
     tx: SyncSender<Command>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     repair_report: Vec<MissingData>,
-    _lock: File,
+    /// Held until `shutdown` has stopped the threads (not until the last handle goes: a
+    /// completion may keep one a while, and the directory must be free to reopen at once).
+    lock: Mutex<Option<LockGuard>>,
 }
 
 /// Reads one log's records; cheap to clone.
@@ -403,31 +438,36 @@ impl LogReader {
 impl Store {
     /// Opens (recovering) a data directory and starts the writer and syncer threads.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, Vec<RecoveredLog>), OpenError> {
-        let faults = &opts.faults;
+        let io = Io {
+            fs: opts.fs.clone(),
+            faults: opts.faults.clone(),
+        };
         let mut created = false;
         for sub in ["journal", "checkpoint", "logs"] {
             let path = dir.join(sub);
-            if !path.is_dir() {
-                fs::create_dir_all(&path).map_err(|e| OpenError::io(&path, e))?;
-                faults.note(|| FsOp::CreateDir(path.clone()));
+            if !io.fs.is_dir(&path) {
+                io.fs
+                    .create_dir_all(&path)
+                    .map_err(|e| OpenError::io(&path, e))?;
+                io.faults.note(|| FsOp::CreateDir(path.clone()));
                 created = true;
             }
         }
         if created {
-            fsync_dir(dir, faults).map_err(|e| OpenError::io(dir, e))?;
+            fsync_dir(&io, dir).map_err(|e| OpenError::io(dir, e))?;
         }
-        let lock = lock_dir(dir)?;
-        let recovered = recover(dir, faults, opts.repair_missing)?;
+        let lock = lock_dir(&io, dir)?;
+        let recovered = recover(dir, &io, opts.repair_missing)?;
         let Recovered {
             logs,
             next_uid,
             journal_id,
             dropped,
+            obsolete_dirs,
         } = recovered;
 
         let (journal, journal_len) =
-            create_journal(dir, journal_id, faults).map_err(|e| OpenError::io(dir, e))?;
-        let journal = Arc::new(journal);
+            create_journal(&io, dir, journal_id).map_err(|e| OpenError::io(dir, e))?;
         let mut shared_logs = HashMap::new();
         let mut writer_logs = HashMap::new();
         for (state, files) in logs {
@@ -457,6 +497,7 @@ impl Store {
                 journal: journal.clone(),
                 written_seq: 0,
                 synced_seq: 0,
+                applied_seq: 0,
                 pending: VecDeque::new(),
                 ends: VecDeque::new(),
                 stop: false,
@@ -482,7 +523,7 @@ impl Store {
             changed_since_checkpoint: true,
             checkpoint_retry_at: Instant::now(),
             checkpoint_unsynced: false,
-            deleted_dirs: Vec::new(),
+            deleted_dirs: obsolete_dirs,
         };
         // A first checkpoint makes replayed data durable in segments and drops old journals.
         match writer.checkpoint() {
@@ -501,7 +542,10 @@ impl Store {
                 tracing::warn!(error = %e, "initial checkpoint failed; continuing on the journal")
             }
         }
-        let recovered: Vec<RecoveredLog> = writer.logs.values().map(|l| l.state.clone()).collect();
+        // In uid order: the layer above rebuilds (and writes) in the same order every run.
+        let mut recovered: Vec<RecoveredLog> =
+            writer.logs.values().map(|l| l.state.clone()).collect();
+        recovered.sort_unstable_by_key(|l| l.uid);
 
         let (tx, rx) = sync_channel(opts.write_queue_capacity);
         let syncer_shared = shared.clone();
@@ -519,6 +563,8 @@ impl Store {
                 while let Ok(cmd) = rx.try_recv() {
                     match cmd {
                         Command::Write(req) => (req.done)(Err(WriteError::Poisoned)),
+                        Command::Checkpoint(reply) => drop(reply.send(Err(WriteError::Poisoned))),
+                        Command::Barrier(reply) => drop(reply.send(())),
                         Command::Shutdown(reply) => drop(reply.send(())),
                     }
                 }
@@ -529,7 +575,7 @@ impl Store {
             tx,
             threads: Mutex::new(vec![writer_thread, syncer]),
             repair_report: dropped,
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         };
         Ok((store, recovered))
     }
@@ -577,6 +623,50 @@ impl Store {
         }
     }
 
+    /// Checkpoints now, after every request queued before this call, and waits for it:
+    /// segments fsynced, a snapshot of every log's state written, a new journal started
+    /// and the old ones deleted (for tools and tests; the writer checkpoints on its own
+    /// by journal size and time).
+    pub fn checkpoint(&self) -> Result<(), WriteError> {
+        if self.is_poisoned() {
+            return Err(WriteError::Poisoned);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Command::Checkpoint(tx)).is_err() {
+            return Err(WriteError::ShuttingDown);
+        }
+        rx.recv().unwrap_or(Err(WriteError::ShuttingDown))
+    }
+
+    /// Waits until everything written so far has been through the syncer's fdatasync (or
+    /// the store is poisoned or stopping), so that no storage thread is doing I/O for a
+    /// request answered before this call: a simulation whose driver waits for this after
+    /// each answer sees the same file-system operations in the same order every run.
+    pub fn wait_synced(&self) {
+        self.shared.wait_synced();
+    }
+
+    /// Waits until every request submitted before this call is written and through the
+    /// syncer's fdatasync (or refused), answered or not: `wait_synced` for callers that do
+    /// not wait for every answer (the broker submits some writes without waiting).
+    pub fn wait_idle(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Command::Barrier(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+        self.wait_synced();
+    }
+
+    /// The file system this store runs on (`StoreOptions::fs`).
+    pub fn fs(&self) -> &Arc<dyn Fs> {
+        &self.shared.opts.fs
+    }
+
+    /// Free bytes on the file system holding the data directory (statvfs on the real one).
+    pub fn disk_free_bytes(&self) -> std::io::Result<u64> {
+        self.shared.opts.fs.free_bytes(&self.shared.dir)
+    }
+
     /// Submits and blocks the calling thread until done (for tools and tests).
     pub fn submit_wait(&self, ops: Vec<Op>, level: AckLevel) -> Result<Vec<OpResult>, WriteError> {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -612,18 +702,28 @@ impl Store {
 
     /// Finishes queued writes, syncs, checkpoints and stops the threads.
     pub fn shutdown(&self) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        if self.tx.send(Command::Shutdown(tx)).is_ok() {
-            let _ = rx.recv();
-        }
         let threads: Vec<_> = self
             .threads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain(..)
             .collect();
+        // The last handle may be dropped by a completion running on one of the store's own
+        // threads: that thread must neither wait for its own reply nor join itself (it ends
+        // on its own once the shutdown is processed).
+        let me = std::thread::current().id();
+        let on_own_thread = threads.iter().any(|t| t.thread().id() == me);
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Command::Shutdown(tx)).is_ok() && !on_own_thread {
+            let _ = rx.recv();
+        }
         for thread in threads {
-            let _ = thread.join();
+            if thread.thread().id() != me {
+                let _ = thread.join();
+            }
+        }
+        if !on_own_thread {
+            self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
     }
 }
@@ -634,35 +734,20 @@ impl Drop for Store {
     }
 }
 
-/// Free bytes for unprivileged writers on the file system holding `path`.
+/// Free bytes for unprivileged writers on the (real) file system holding `path`.
 pub fn disk_free_bytes(path: &Path) -> std::io::Result<u64> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
-    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    RealFs.free_bytes(path)
 }
 
-fn lock_dir(dir: &Path) -> Result<File, OpenError> {
-    use std::os::fd::AsRawFd;
+fn lock_dir(io: &Io, dir: &Path) -> Result<LockGuard, OpenError> {
     let path = dir.join("LOCK");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| OpenError::io(&path, e))?;
-    // SAFETY: flock on a file descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(OpenError::Locked(dir.to_path_buf()));
+    match io.fs.lock(&path) {
+        Ok(guard) => Ok(guard),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(OpenError::Locked(dir.to_path_buf()))
+        }
+        Err(e) => Err(OpenError::io(&path, e)),
     }
-    Ok(file)
 }
 
 fn journal_path(dir: &Path, id: u64) -> PathBuf {
@@ -673,10 +758,9 @@ fn log_dir(dir: &Path, uid: u64) -> PathBuf {
     dir.join("logs").join(format!("{uid:016x}"))
 }
 
-fn list_ids(dir: &Path, suffix: &str) -> std::io::Result<Vec<u64>> {
+fn list_ids(fs: &dyn Fs, dir: &Path, suffix: &str) -> std::io::Result<Vec<u64>> {
     let mut ids = Vec::new();
-    for item in fs::read_dir(dir)? {
-        let name = item?.file_name();
+    for name in fs.read_dir(dir)? {
         if let Some(stem) = name.to_string_lossy().strip_suffix(suffix)
             && let Ok(id) = stem.parse()
         {
@@ -687,18 +771,13 @@ fn list_ids(dir: &Path, suffix: &str) -> std::io::Result<Vec<u64>> {
     Ok(ids)
 }
 
-fn create_journal(dir: &Path, id: u64, faults: &Faults) -> std::io::Result<(File, u64)> {
+fn create_journal(io: &Io, dir: &Path, id: u64) -> std::io::Result<(FileRef, u64)> {
     let path = journal_path(dir, id);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    faults.note(|| FsOp::CreateFile(path.clone()));
+    let file = io.fs.open(&path, OpenHow::CREATE_TRUNCATE)?;
+    io.faults.note(|| FsOp::CreateFile(path.clone()));
     file.write_all_at(&journal_header(id), 0)?;
     file.sync_all()?;
-    fsync_dir(&dir.join("journal"), faults)?;
+    fsync_dir(io, &dir.join("journal"))?;
     Ok((file, JOURNAL_HEADER_LEN as u64))
 }
 
@@ -708,6 +787,8 @@ struct Recovered {
     journal_id: u64,
     /// Unsettled messages no file held, settled by a repair.
     dropped: Vec<MissingData>,
+    /// Directories of logs deleted since the checkpoint: removed after the next one.
+    obsolete_dirs: Vec<PathBuf>,
 }
 
 /// The offsets of `range` that `state` does not have settled.
@@ -758,15 +839,16 @@ fn corrupt(path: &Path, position: u64, reason: impl ToString) -> OpenError {
 }
 
 /// Loads the newest checkpoint, checks segments and replays the journals after it.
-fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, OpenError> {
+fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
+    let fs = &*io.fs;
     let ckpt_dir = dir.join("checkpoint");
-    let ckpts = list_ids(&ckpt_dir, ".ckpt").map_err(|e| OpenError::io(&ckpt_dir, e))?;
+    let ckpts = list_ids(fs, &ckpt_dir, ".ckpt").map_err(|e| OpenError::io(&ckpt_dir, e))?;
     let mut states: HashMap<u64, LogState> = HashMap::new();
     let mut next_uid = 1;
     let mut replay_from = 0;
     if let Some(&id) = ckpts.last() {
         let path = ckpt_dir.join(format!("{id:020}.ckpt"));
-        let bytes = fs::read(&path).map_err(|e| OpenError::io(&path, e))?;
+        let bytes = fs.read(&path).map_err(|e| OpenError::io(&path, e))?;
         let (uid, logs) = decode_checkpoint(&bytes).map_err(|e| corrupt(&path, 0, e))?;
         next_uid = uid;
         replay_from = id;
@@ -774,6 +856,9 @@ fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, 
             states.insert(log.uid, log);
         }
     }
+    // Logs the checkpoint holds: should the journal delete one, its directory goes only
+    // once a checkpoint without it is durable (as at run time).
+    let checkpointed: HashSet<PathBuf> = states.keys().map(|&uid| log_dir(dir, uid)).collect();
     let mut files: HashMap<u64, LogFiles> = HashMap::new();
     let mut missing = Vec::new();
     let mut dropped = Vec::new();
@@ -786,7 +871,7 @@ fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, 
             log_dir(dir, state.uid),
             state.uid,
             (state.ack_floor, state.next_offset),
-            faults.clone(),
+            io.clone(),
             &hole_ok,
         )?;
         let log_files = match opened {
@@ -828,7 +913,7 @@ fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, 
     }
 
     let jdir = dir.join("journal");
-    let journals: Vec<u64> = list_ids(&jdir, ".jnl")
+    let journals: Vec<u64> = list_ids(fs, &jdir, ".jnl")
         .map_err(|e| OpenError::io(&jdir, e))?
         .into_iter()
         .filter(|&id| id >= replay_from)
@@ -837,11 +922,17 @@ fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, 
     for (idx, &id) in journals.iter().enumerate() {
         let last = idx + 1 == journals.len();
         let path = journal_path(dir, id);
-        let bytes = fs::read(&path).map_err(|e| OpenError::io(&path, e))?;
+        let bytes = fs.read(&path).map_err(|e| OpenError::io(&path, e))?;
         next_journal = id + 1;
         if bytes.len() < JOURNAL_HEADER_LEN || &bytes[..8] != JOURNAL_MAGIC {
             if last {
-                continue; // created but never written: nothing in it was ever acknowledged
+                // Created but never written: nothing in it was ever acknowledged. Removed
+                // (durably, before the next journal is created) so that it is never an
+                // earlier journal with a bad header.
+                tracing::warn!(path = %path.display(), "removing a journal whose header never became durable");
+                fs.remove_file(&path).map_err(|e| OpenError::io(&path, e))?;
+                fsync_dir(io, &jdir).map_err(|e| OpenError::io(&jdir, e))?;
+                continue;
             }
             return Err(corrupt(&path, 0, "bad journal header"));
         }
@@ -849,7 +940,7 @@ fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, 
         while pos < bytes.len() {
             match decode_entry(&bytes[pos..]) {
                 Ok((entry, len)) => {
-                    apply_replayed(dir, faults, &mut states, &mut files, &mut next_uid, entry)
+                    apply_replayed(dir, io, &mut states, &mut files, &mut next_uid, entry)
                         .map_err(|e| match e {
                             ReplayError::Open(e) => e,
                             ReplayError::Corrupt(reason) => corrupt(&path, pos as u64, reason),
@@ -857,7 +948,18 @@ fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, 
                     pos += len;
                 }
                 Err(err) if last => {
+                    // A torn tail: never acknowledged. Cut it, durably, before the next
+                    // journal is created: once that exists this journal is no longer the
+                    // last, and a tear in an earlier journal is corruption (a recovery
+                    // cut by a power loss after creating the next journal used to leave
+                    // a data directory that refused to open).
                     tracing::warn!(path = %path.display(), position = pos, error = %err, "truncating torn journal tail");
+                    let file = fs
+                        .open(&path, OpenHow::READ_WRITE)
+                        .map_err(|e| OpenError::io(&path, e))?;
+                    file.set_len(pos as u64)
+                        .and_then(|()| file.sync_all())
+                        .map_err(|e| OpenError::io(&path, e))?;
                     break;
                 }
                 Err(err) => return Err(corrupt(&path, pos as u64, err)),
@@ -867,6 +969,10 @@ fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, 
     // Segments may hold batches whose journal entries were lost with the page cache: those
     // were never acknowledged, so cut them.
     let mut logs = Vec::new();
+    // (In uid order, as every loop over logs that touches files: a simulated disk sees the
+    // same operations in the same order for the same history.)
+    let mut states: Vec<(u64, LogState)> = states.into_iter().collect();
+    states.sort_unstable_by_key(|(uid, _)| *uid);
     for (uid, state) in states {
         let mut log_files = files.remove(&uid).expect("files for every log");
         if log_files.end() > state.next_offset {
@@ -880,20 +986,33 @@ fn recover(dir: &Path, faults: &Arc<Faults>, repair: bool) -> Result<Recovered, 
         }
         logs.push((state, log_files));
     }
-    // Directories of logs that no longer exist (deleted before the checkpoint).
+    // Directories of logs that no longer exist. Those of logs deleted before the checkpoint
+    // (or never created in it) go now; those of logs the checkpoint holds and the journal
+    // deleted only after the first checkpoint (`Recovered::obsolete_dirs`): a power loss in
+    // the middle of removing one used to leave the checkpoint naming a log without its
+    // files, and the next open refused (`OpenError::Missing`).
     let logs_dir = dir.join("logs");
     let live: HashSet<PathBuf> = logs.iter().map(|(_, f)| f.dir.clone()).collect();
-    for item in fs::read_dir(&logs_dir).map_err(|e| OpenError::io(&logs_dir, e))? {
-        let path = item.map_err(|e| OpenError::io(&logs_dir, e))?.path();
-        if !live.contains(&path) {
-            fs::remove_dir_all(&path).map_err(|e| OpenError::io(&path, e))?;
+    let mut obsolete_dirs = Vec::new();
+    for name in fs
+        .read_dir(&logs_dir)
+        .map_err(|e| OpenError::io(&logs_dir, e))?
+    {
+        let path = logs_dir.join(name);
+        if checkpointed.contains(&path) && !live.contains(&path) {
+            obsolete_dirs.push(path);
+        } else if !live.contains(&path) {
+            fs.remove_dir_all(&path)
+                .map_err(|e| OpenError::io(&path, e))?;
         }
     }
+    obsolete_dirs.sort();
     Ok(Recovered {
         logs,
         next_uid,
         journal_id: next_journal,
         dropped,
+        obsolete_dirs,
     })
 }
 
@@ -904,7 +1023,7 @@ enum ReplayError {
 
 fn apply_replayed(
     dir: &Path,
-    faults: &Arc<Faults>,
+    io: &Io,
     states: &mut HashMap<u64, LogState>,
     files: &mut HashMap<u64, LogFiles>,
     next_uid: &mut u64,
@@ -914,9 +1033,9 @@ fn apply_replayed(
         Entry::CreateLog { uid, name, config } => {
             *next_uid = (*next_uid).max(uid + 1);
             let path = log_dir(dir, uid);
-            let _ = fs::remove_dir_all(&path); // a fresh log starts empty
+            let _ = io.fs.remove_dir_all(&path); // a fresh log starts empty
             let log_files =
-                LogFiles::create(path, uid, 0, faults.clone()).map_err(ReplayError::Open)?;
+                LogFiles::create(path, uid, 0, io.clone()).map_err(ReplayError::Open)?;
             files.insert(uid, log_files);
             states.insert(
                 uid,
@@ -1016,7 +1135,7 @@ fn append_to_segment(files: &mut LogFiles, batches: &[u8], roll_bytes: u64) -> s
     Ok(())
 }
 
-fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
+pub(crate) fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
     let mut payload = Vec::new();
     payload.extend_from_slice(&next_uid.to_le_bytes());
     payload.extend_from_slice(&(logs.len() as u64).to_le_bytes());
@@ -1031,7 +1150,7 @@ fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
     out
 }
 
-fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), FormatError> {
+pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), FormatError> {
     let mut cur = Cursor { buf: bytes, pos: 0 };
     if cur.bytes(8)? != CHECKPOINT_MAGIC {
         return Err(FormatError::BadMagic);
@@ -1069,7 +1188,7 @@ struct Writer {
     shared: Arc<Shared>,
     logs: HashMap<u64, WriterLog>,
     next_uid: u64,
-    journal: Arc<File>,
+    journal: FileRef,
     journal_id: u64,
     journal_len: u64,
     seq: u64,
@@ -1118,6 +1237,22 @@ impl Writer {
                         shutdown_reply = Some(reply);
                         break;
                     }
+                    Command::Checkpoint(reply) => {
+                        self.write_round(std::mem::take(&mut round));
+                        round_bytes = 0;
+                        let result = if self.shared.poisoned.load(Ordering::SeqCst) {
+                            Err(WriteError::Poisoned)
+                        } else {
+                            self.changed_since_checkpoint = true;
+                            self.run_checkpoint()
+                        };
+                        let _ = reply.send(result);
+                    }
+                    Command::Barrier(reply) => {
+                        self.write_round(std::mem::take(&mut round));
+                        round_bytes = 0;
+                        let _ = reply.send(());
+                    }
                     Command::Write(req) => {
                         if req.ops.iter().any(Op::is_meta) {
                             // Meta changes go alone, after what is staged.
@@ -1129,7 +1264,7 @@ impl Writer {
                         }
                     }
                 }
-                if round_bytes < self.shared.opts.max_round_bytes {
+                if round_bytes < self.shared.opts.max_round_bytes && !self.shared.opts.lockstep {
                     match rx.try_recv() {
                         Ok(cmd) => next = Some(cmd),
                         Err(_) => break,
@@ -1137,6 +1272,9 @@ impl Writer {
                 }
             }
             self.write_round(round);
+            if self.shared.opts.lockstep {
+                self.shared.wait_synced();
+            }
             self.maybe_checkpoint();
         }
         // Drain what is left, then a final checkpoint and stop the syncer.
@@ -1145,7 +1283,7 @@ impl Writer {
         }
         if !self.shared.poisoned.load(Ordering::SeqCst) {
             self.changed_since_checkpoint = true;
-            self.run_checkpoint();
+            let _ = self.run_checkpoint();
         }
         {
             let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
@@ -1169,22 +1307,25 @@ impl Writer {
             || (self.changed_since_checkpoint
                 && self.last_checkpoint.elapsed() >= self.shared.opts.checkpoint_interval);
         if due {
-            self.run_checkpoint();
+            let _ = self.run_checkpoint();
         }
     }
 
-    fn run_checkpoint(&mut self) {
+    fn run_checkpoint(&mut self) -> Result<(), WriteError> {
         match self.checkpoint() {
-            Ok(()) => {}
-            Err(CheckpointError::Sync(err)) => self
-                .shared
-                .poison(&format!("checkpoint fsync failed: {err}")),
+            Ok(()) => Ok(()),
+            Err(CheckpointError::Sync(err)) => {
+                self.shared
+                    .poison(&format!("checkpoint fsync failed: {err}"));
+                Err(WriteError::Poisoned)
+            }
             Err(CheckpointError::Io(err)) => {
                 self.shared
                     .checkpoint_failures
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %err, "checkpoint failed; the journal keeps everything, retrying in 1 s");
                 self.checkpoint_retry_at = Instant::now() + Duration::from_secs(1);
+                Err(WriteError::from_io(&err))
             }
         }
     }
@@ -1211,7 +1352,8 @@ impl Writer {
         );
         // Per log: tentative next offset and the batches to write through to its segment.
         let mut next: HashMap<u64, u64> = HashMap::new();
-        let mut seg_bufs: HashMap<u64, Vec<u8>> = HashMap::new();
+        // Ordered by uid: the same round writes its segments in the same order.
+        let mut seg_bufs: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut staged: Vec<Staged> = Vec::with_capacity(round.len());
         for mut req in round {
             match self.stage(&mut req, &mut jbuf, &mut next, &mut seg_bufs) {
@@ -1306,7 +1448,7 @@ impl Writer {
         req: &mut Request,
         jbuf: &mut Vec<u8>,
         next: &mut HashMap<u64, u64>,
-        seg_bufs: &mut HashMap<u64, Vec<u8>>,
+        seg_bufs: &mut BTreeMap<u64, Vec<u8>>,
     ) -> Result<Vec<OpResult>, WriteError> {
         // Validate first so that a refused request leaves no bytes behind.
         let mut tentative: HashMap<u64, u64> = HashMap::new();
@@ -1444,7 +1586,7 @@ impl Writer {
                         log_dir(&self.shared.dir, uid),
                         uid,
                         0,
-                        self.shared.opts.faults.clone(),
+                        self.shared.io(),
                     ) {
                         Ok(files) => files,
                         Err(OpenError::Io { source, .. }) => {
@@ -1517,7 +1659,7 @@ impl Writer {
         if let Err(err) = written {
             let _ = self.journal.set_len(self.journal_len);
             for (_, files) in created {
-                let _ = fs::remove_dir_all(&files.dir);
+                let _ = self.shared.opts.fs.remove_dir_all(&files.dir);
             }
             return (req.done)(Err(WriteError::from_io(&err)));
         }
@@ -1573,7 +1715,10 @@ impl Writer {
             return Ok(());
         }
         let fsync = self.shared.opts.fsync;
-        for log in self.logs.values_mut() {
+        let mut uids: Vec<u64> = self.logs.keys().copied().collect();
+        uids.sort_unstable();
+        for uid in uids {
+            let log = self.logs.get_mut(&uid).expect("listed");
             if log.dirty {
                 let files = log.shared.files.read().unwrap_or_else(|e| e.into_inner());
                 if fsync {
@@ -1588,32 +1733,30 @@ impl Writer {
         let dir = self.shared.dir.clone();
         let ckpt_dir = dir.join("checkpoint");
         let tmp = ckpt_dir.join("checkpoint.tmp");
-        let faults = &self.shared.opts.faults;
+        let io = self.shared.io();
+        let (fs, faults) = (&*io.fs, &io.faults);
         if fsync {
             // Until the new checkpoint's name is durable, recovery may start from the
             // previous one and replay this journal in full: its tail must not be torn.
             self.journal.sync_data().map_err(CheckpointError::Sync)?;
             faults.note(|| FsOp::SyncFile(journal_path(&dir, self.journal_id)));
         }
-        let (journal, journal_len) = create_journal(&dir, new_id, faults).map_err(|e| {
-            let _ = fs::remove_file(journal_path(&dir, new_id));
+        let (journal, journal_len) = create_journal(&io, &dir, new_id).map_err(|e| {
+            let _ = fs.remove_file(&journal_path(&dir, new_id));
             CheckpointError::Io(e)
         })?;
         let mut states: Vec<&LogState> = self.logs.values().map(|l| &l.state).collect();
         states.sort_by_key(|s| s.uid);
         let bytes = encode_checkpoint(self.next_uid, &states);
-        let written = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
+        let written = fs
+            .open(&tmp, OpenHow::CREATE_TRUNCATE)
             .and_then(|file| file.write_all_at(&bytes, 0).map(|()| file));
         let file = match written {
             Ok(file) => file,
             Err(err) => {
                 // Typically ENOSPC: keep the old journal and checkpoint, try again later.
-                let _ = fs::remove_file(&tmp);
-                let _ = fs::remove_file(journal_path(&dir, new_id));
+                let _ = fs.remove_file(&tmp);
+                let _ = fs.remove_file(&journal_path(&dir, new_id));
                 return Err(CheckpointError::Io(err));
             }
         };
@@ -1621,9 +1764,9 @@ impl Writer {
             file.sync_all().map_err(CheckpointError::Sync)?;
         }
         let ckpt_path = ckpt_dir.join(format!("{new_id:020}.ckpt"));
-        if let Err(err) = fs::rename(&tmp, &ckpt_path) {
-            let _ = fs::remove_file(&tmp);
-            let _ = fs::remove_file(journal_path(&dir, new_id));
+        if let Err(err) = fs.rename(&tmp, &ckpt_path) {
+            let _ = fs.remove_file(&tmp);
+            let _ = fs.remove_file(&journal_path(&dir, new_id));
             return Err(CheckpointError::Io(err));
         }
         faults.note(|| FsOp::Rename {
@@ -1634,7 +1777,6 @@ impl Writer {
         // journal; recovery from the one before (should the rename not survive a power
         // loss) replays the old journal and the new one, so both hold until the directory
         // is fsynced and the old files are deleted (`finish_checkpoint`).
-        let journal = Arc::new(journal);
         {
             let mut sync = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
             sync.journal = journal.clone();
@@ -1662,7 +1804,7 @@ impl Writer {
                 if Faults::take_count(&self.shared.opts.faults.checkpoint_dir_open_failures) {
                     Err(std::io::Error::from_raw_os_error(libc::EMFILE))
                 } else {
-                    File::open(&ckpt_dir)
+                    self.shared.opts.fs.open_dir(&ckpt_dir)
                 };
             let handle = handle.map_err(|e| {
                 CheckpointError::Io(std::io::Error::new(
@@ -1685,18 +1827,21 @@ impl Writer {
 
     /// Deletes journals and checkpoints before `current`, settled segments, deleted logs.
     fn remove_obsolete(&mut self, dir: &Path, current: u64) -> std::io::Result<()> {
+        let fs = self.shared.opts.fs.clone();
         let ckpt_dir = dir.join("checkpoint");
-        for id in list_ids(&ckpt_dir, ".ckpt")? {
+        for id in list_ids(&*fs, &ckpt_dir, ".ckpt")? {
             if id < current {
-                fs::remove_file(ckpt_dir.join(format!("{id:020}.ckpt")))?;
+                fs.remove_file(&ckpt_dir.join(format!("{id:020}.ckpt")))?;
             }
         }
-        for id in list_ids(&dir.join("journal"), ".jnl")? {
+        for id in list_ids(&*fs, &dir.join("journal"), ".jnl")? {
             if id < current {
-                fs::remove_file(journal_path(dir, id))?;
+                fs.remove_file(&journal_path(dir, id))?;
             }
         }
-        for log in self.logs.values() {
+        let mut uids: Vec<u64> = self.logs.keys().copied().collect();
+        uids.sort_unstable();
+        for log in uids.iter().map(|uid| &self.logs[uid]) {
             let removed = log
                 .shared
                 .files
@@ -1704,11 +1849,11 @@ impl Writer {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove_settled(log.state.ack_floor);
             for path in removed {
-                fs::remove_file(&path)?;
+                fs.remove_file(&path)?;
             }
         }
         while let Some(path) = self.deleted_dirs.pop() {
-            if let Err(err) = fs::remove_dir_all(&path) {
+            if let Err(err) = fs.remove_dir_all(&path) {
                 self.deleted_dirs.push(path);
                 return Err(err);
             }
@@ -1792,6 +1937,9 @@ fn syncer_loop(shared: &Shared) {
             for (_, done, _) in pending {
                 done(Err(WriteError::SyncFailed));
             }
+            let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+            sync.applied_seq = sync.applied_seq.max(sync.synced_seq);
+            shared.sync_cv.notify_all(); // for `Store::wait_synced`
             continue;
         }
         let mut done = Vec::new();
@@ -1824,5 +1972,8 @@ fn syncer_loop(shared: &Shared) {
         for (completion, results) in done {
             completion(Ok(results));
         }
+        let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+        sync.applied_seq = sync.applied_seq.max(target);
+        shared.sync_cv.notify_all(); // for `Store::wait_synced`
     }
 }
