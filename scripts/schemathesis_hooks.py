@@ -1,8 +1,19 @@
 """Schemathesis hooks for tidewater (scripts/schemathesis, schemathesis.toml).
 
-One hook: `filter_failure`. It excuses "deleted resource still available" (ST301) for redrives
+`map_case` shapes generated schema-valid publishes so that most are accepted and the run
+reaches the broker's logic instead of its input checks: a deliver_at far in the future is
+brought within max_delay_ms of now, and strings are cut to their limits in UTF-8 bytes (the
+document's maxLength counts characters). Only positive cases are touched: a case meant to be
+invalid stays as generated.
+
+`filter_failure` excuses "deleted resource still available" (ST301) for redrives
 only: DELETE /v1/redrives/{id} cancels a redrive, and GET keeps reporting it (state
 "cancelled", or "done" if it had finished) among the last 100, as documented.
+
+It excuses "schema-violating request accepted" (ST201) for one case: a body of only whitespace
+to an operation whose body is optional (PUT queue, receive, redrive). The server takes it as
+no body, as it takes an empty one (`echo | curl --data-binary @-` sends a line feed); no
+schema can say so.
 
 It excuses a "schema-valid request rejected" failure (ST202) only when
 the server refused the request for a rule that JSON Schema cannot state, and only after
@@ -31,6 +42,7 @@ import binascii
 import json
 import os
 import re
+import time
 from typing import Any
 
 import schemathesis
@@ -163,11 +175,64 @@ def _config_rule_broken(request: Any, message: str) -> bool:
     return False
 
 
+def _fit(text: Any, limit: Any) -> Any:
+    """`text` cut to at most `limit` UTF-8 bytes (whole characters)."""
+    if not isinstance(text, str) or not isinstance(limit, int):
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore")
+
+
+@schemathesis.hook
+def map_case(context, case):
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive:
+        return case
+    operation = case.operation
+    if f"{operation.method.upper()} {operation.path}" != "POST /v1/queues/{queue}/messages":
+        return case
+    if not isinstance(case.body, dict):
+        return case
+    schema = _schema(operation, "InMessage").get("properties", {})
+    limit = lambda field: schema.get(field, {}).get("maxLength")  # noqa: E731
+    headers = schema.get("headers", {})
+    name_limit = headers.get("propertyNames", {}).get("maxLength")
+    value_limit = headers.get("additionalProperties", {}).get("maxLength")
+    max_delay = schema.get("delay_ms", {}).get("maximum")
+    now = int(time.time() * 1000)
+    if "tenant" in case.body:
+        case.body["tenant"] = _fit(case.body["tenant"], limit("tenant"))
+    for message in case.body.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        at = message.get("deliver_at")
+        if _number(at) and isinstance(max_delay, int) and at > now + max_delay // 2:
+            message["deliver_at"] = now + int(at) % (max_delay // 2 + 1)
+        for field in ("key", "id", "tenant", "body"):
+            if field in message:
+                message[field] = _fit(message[field], limit(field))
+        if isinstance(message.get("headers"), dict):
+            message["headers"] = {
+                _fit(name, name_limit): _fit(value, value_limit) for name, value in message["headers"].items()
+            }
+    return case
+
+
 @schemathesis.hook
 def filter_failure(context, failure, case, response) -> bool:
     """False (drop the failure) only for what is explained above."""
     if getattr(failure, "code", None) == "ST301":
         return "DELETE /v1/redrives/" not in failure.message or _excuse("redrive cancelled, still reported")
+    if getattr(failure, "code", None) == "ST201" and response is not None:
+        body = getattr(response.request, "body", None)
+        if isinstance(body, str):
+            body = body.encode("utf-8", "surrogatepass")
+        optional = not case.operation.definition.raw.get("requestBody", {}).get("required", False)
+        if body is not None and body.strip(b" \t\r\n") == b"" and optional:
+            return _excuse("a body of only whitespace is no body")
+        return True
     if getattr(failure, "code", None) != "ST202" or response is None:
         return True
     operation = case.operation
