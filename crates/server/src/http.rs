@@ -353,7 +353,10 @@ async fn parse_body<T: DeserializeOwned>(
     max_values: usize,
 ) -> Result<(T, BodyPermit), ApiError> {
     let (bytes, permit) = read_body(state, body).await?;
-    if bytes.iter().all(u8::is_ascii_whitespace)
+    // JSON's whitespace only: a form feed is ASCII whitespace, but no JSON text.
+    if bytes
+        .iter()
+        .all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
         && let Some(default) = default
     {
         return Ok((default, permit));

@@ -1102,3 +1102,23 @@ fn integral_floats_parse_exactly() {
         Some(3_944_916_605_361_726)
     );
 }
+
+/// A body of only whitespace is no body (the defaults) where a body is optional; the check
+/// used ASCII whitespace, so a lone form feed (no JSON text: JSON's whitespace is space, tab,
+/// line feed and carriage return) was taken as no body too (schemathesis found it).
+#[test]
+fn a_form_feed_is_invalid_json_not_an_empty_body() {
+    let (_dir, server) = server(None);
+    server.create_queue("q", json!({}));
+    let url = format!("{}/v1/queues/q/receive", server.url);
+    for blank in [&b""[..], b" \t\r\n"] {
+        let (status, reply) = call_raw(&url, "POST", Some(blank)).unwrap();
+        assert_eq!(status, 200, "{blank:?}: {reply}");
+    }
+    let (status, reply) = call_raw(&url, "POST", Some(b"\x0c")).unwrap();
+    assert_eq!(
+        (status, reply["code"].as_str()),
+        (400, Some("invalid_json")),
+        "{reply}"
+    );
+}
