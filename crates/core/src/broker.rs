@@ -1012,6 +1012,7 @@ impl Broker {
             )),
             Delay::AfterMs(0) => Ok(None),
             Delay::AfterMs(ms) => Ok(Some(now + ms as i64)),
+            // Saturating: a deliver_at far in the past (i64::MIN) is "now", not an overflow.
             Delay::AtMs(at) if at.saturating_sub(now) > limits.max_delay_ms as i64 => bad(format!(
                 "deliver_at is more than max_delay_ms {} ahead",
                 limits.max_delay_ms

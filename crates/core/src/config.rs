@@ -135,6 +135,8 @@ pub struct Quota {
 
 /// Named tenants in one quota, and the length of a tenant name.
 pub const MAX_QUOTA_TENANTS: usize = 1_000;
+/// Values named in one fairness configuration's weights.
+pub const MAX_FAIRNESS_WEIGHTS: usize = 10_000;
 pub const MAX_TENANT_LEN: usize = 128;
 
 impl Quota {
@@ -534,8 +536,10 @@ impl QueueConfig {
                     f.by
                 ));
             }
-            if f.weights.len() > 10_000 {
-                return bad("fairness.weights names at most 10000 values".into());
+            if f.weights.len() > MAX_FAIRNESS_WEIGHTS {
+                return bad(format!(
+                    "fairness.weights names at most {MAX_FAIRNESS_WEIGHTS} values"
+                ));
             }
             if let Some((value, w)) = f
                 .weights

@@ -38,6 +38,8 @@ pub struct AppState {
     pub max_request_bytes_in_flight: usize,
     /// A request body must arrive within this long.
     pub body_timeout: std::time::Duration,
+    /// The broker's limits (known before recovery ends): /v1/openapi.json states them.
+    pub limits: Arc<tidewater_core::Limits>,
 }
 
 impl AppState {
@@ -233,16 +235,24 @@ async fn drain(state: &AppState, body: &mut Body) {
 /// Most bytes of a refused body read and dropped before the connection is closed.
 const DRAIN_BYTES: usize = 64 << 20;
 
-/// Rewrites numbers like `820.0` (a float with no fraction, within i64/u64) as integers.
+/// Rewrites numbers like `820.0` (a float with no fraction) as integers, when that is exact:
+/// below 2^53 in magnitude every integer is a float, so the float is the number written.
+/// Beyond, one float stands for many integers (`-9223372036854775809` parses as the float of
+/// i64::MIN): it stays a float, which an integer field refuses, instead of becoming another
+/// number.
 fn integral_floats_to_integers(value: &mut serde_json::Value) {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
     match value {
         serde_json::Value::Number(n) => {
-            if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0) {
-                if f >= 0.0 && f < u64::MAX as f64 {
-                    *n = serde_json::Number::from(f as u64);
-                } else if f < 0.0 && f >= i64::MIN as f64 {
-                    *n = serde_json::Number::from(f as i64);
-                }
+            if let Some(f) = n
+                .as_f64()
+                .filter(|f| n.is_f64() && f.fract() == 0.0 && f.abs() < EXACT)
+            {
+                *n = if f >= 0.0 {
+                    serde_json::Number::from(f as u64)
+                } else {
+                    serde_json::Number::from(f as i64)
+                };
             }
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
@@ -343,7 +353,10 @@ async fn parse_body<T: DeserializeOwned>(
     max_values: usize,
 ) -> Result<(T, BodyPermit), ApiError> {
     let (bytes, permit) = read_body(state, body).await?;
-    if bytes.iter().all(u8::is_ascii_whitespace)
+    // JSON's whitespace only: a form feed is ASCII whitespace, but no JSON text.
+    if bytes
+        .iter()
+        .all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
         && let Some(default) = default
     {
         return Ok((default, permit));
@@ -373,8 +386,12 @@ fn publish_values(limits: &tidewater_core::Limits) -> usize {
     (limits.max_batch_messages + 1).saturating_mul(24 + 2 * limits.max_headers) + 64
 }
 
-/// JSON values of a queue configuration (weights and per-tenant quotas included).
-const CONFIG_VALUES: usize = 20_000;
+/// JSON values of the largest valid queue configuration: every fairness weight (a key and
+/// a value each), every tenant of a quota with its four limits (ten values each), and a
+/// margin for the other fields.
+const CONFIG_VALUES: usize = 2 * tidewater_core::config::MAX_FAIRNESS_WEIGHTS
+    + 10 * tidewater_core::config::MAX_QUOTA_TENANTS
+    + 1_000;
 /// JSON values of the small request bodies (receive, redrive).
 const SMALL_VALUES: usize = 256;
 
@@ -587,8 +604,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
-    json_body(&crate::openapi::document())
+async fn openapi(State(state): State<AppState>) -> Response {
+    json_body(&crate::openapi::document(&state.limits))
 }
 
 async fn list_queues(State(state): State<AppState>) -> ApiResult {
@@ -688,9 +705,12 @@ async fn peek(
     Path(queue): Path<String>,
     Query(query): Query<PeekQuery>,
 ) -> ApiResult {
-    let peeked = state
-        .broker()?
-        .peek(&queue, query.from.unwrap_or(0), query.max.unwrap_or(10))?;
+    let broker = state.broker()?;
+    // The default page is 10, or max_receive_messages when that is lower.
+    let max = query
+        .max
+        .unwrap_or(10.min(broker.limits().max_receive_messages));
+    let peeked = broker.peek(&queue, query.from.unwrap_or(0), max)?;
     let next_from = peeked.last().map(|p| p.record.offset + 1);
     let messages: Vec<OutMessage> = peeked
         .iter()

@@ -1,139 +1,879 @@
 //! The OpenAPI 3.1 description served at /v1/openapi.json.
+//!
+//! The document is exact: every status an operation can answer, request schemas as strict as
+//! the server (unknown fields refused, ranges from the queue configuration's checks and from
+//! the running server's `Limits`), response schemas as the server writes them, and links
+//! between operations (for clients and for stateful testing: `scripts/schemathesis`).
+//! What JSON Schema cannot say is in the descriptions: byte lengths (`maxLength` counts
+//! characters, the server counts UTF-8 bytes), rules across fields (`backoff.base_ms <=
+//! max_ms` after the patch is applied, `coalesce.window_ms <= max_wait_ms`,
+//! `adaptive.min_per_s <= max_per_s`), `deliver_at` at most `max_delay_ms` ahead of now, and
+//! the request body limit (`max_request_bytes`).
 
-use serde_json::{Value, json};
-use tidewater_core::ErrorCode;
+use serde_json::{Map, Value, json};
+use tidewater_core::config::{
+    MAX_DEDUP_WINDOW_MS, MAX_FAIRNESS_WEIGHTS, MAX_LEASE_MS, MAX_PRIORITY_LEVELS,
+    MAX_QUEUE_NAME_LEN, MAX_QUOTA_TENANTS, MAX_RATE, MAX_TENANT_LEN, MAX_TTL_MS, MIN_RATE,
+};
+use tidewater_core::{ErrorCode, Limits};
 
-fn error_responses(codes: &[u16]) -> Value {
-    let mut out = serde_json::Map::new();
-    for code in codes {
-        out.insert(code.to_string(), json!({"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}));
-    }
-    Value::Object(out)
+/// Longest backoff delay (`QueueConfig::validate`): 7 days.
+const MAX_BACKOFF_MS: u64 = 7 * 86_400_000;
+/// Redrive rates (`Broker::start_redrive`).
+const MAX_REDRIVE_RATE: u64 = 100_000;
+
+/// The error statuses and what each means, in the order they are listed.
+const STATUSES: &[(u16, &str, &str)] = &[
+    (
+        400,
+        "BadRequest",
+        "malformed or invalid input (the message names the field)",
+    ),
+    (404, "NotFound", "unknown queue or redrive"),
+    (
+        408,
+        "RequestTimeout",
+        "the request body did not arrive within body_timeout_ms",
+    ),
+    (
+        409,
+        "Conflict",
+        "conflicts with the queue's or the broker's state",
+    ),
+    (
+        413,
+        "TooLarge",
+        "too large: the body (max_request_bytes), a message (max_message_bytes), a batch (max_batch_messages, max_receive_messages) or more than the queue can ever hold",
+    ),
+    (
+        429,
+        "TooManyRequests",
+        "refused by backpressure or quota; nothing was done: retry after Retry-After",
+    ),
+    (
+        500,
+        "ServerError",
+        "the storage engine failed (the message says whether anything was stored), or a bug",
+    ),
+    (
+        503,
+        "Unavailable",
+        "not ready (recovering), shutting down, or at the HTTP connection cap",
+    ),
+    (
+        507,
+        "InsufficientStorage",
+        "free disk space is below the watermark; publishes wait, everything else works",
+    ),
+];
+
+/// Codes that travel only inside 200 replies (per receipt) or only over the binary protocol.
+fn http_error_code(code: ErrorCode) -> bool {
+    !matches!(
+        code,
+        ErrorCode::InvalidReceipt
+            | ErrorCode::StaleReceipt
+            | ErrorCode::Superseded
+            | ErrorCode::InvalidFrame
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::UnsupportedVersion
+    )
 }
 
-fn op(summary: &str, body: Option<&str>, ok: (u16, &str), errors: &[u16]) -> Value {
-    let mut responses = error_responses(errors);
-    responses[ok.0.to_string()] = json!({"description": "success", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{}", ok.1)}}}});
-    let mut operation = json!({"summary": summary, "responses": responses});
-    if let Some(body) = body {
-        operation["requestBody"] = json!({"content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{body}")}}}});
+/// The error codes an HTTP reply with `status` can carry.
+pub fn error_codes(status: u16) -> Vec<&'static str> {
+    let mut codes: Vec<&str> = ErrorCode::ALL
+        .iter()
+        .filter(|c| c.http_status() == status && http_error_code(**c))
+        .map(|c| c.as_str())
+        .collect();
+    if status == 503 {
+        // A connection over http.max_connections is answered before any request is read.
+        codes.push(ErrorCode::Overloaded.as_str());
+    }
+    codes
+}
+
+fn error_schema(status: u16) -> Value {
+    let retry = matches!(status, 429 | 507);
+    let mut required = vec!["code", "message"];
+    if retry {
+        required.push("retry_after_ms");
+    }
+    json!({"type": "object", "additionalProperties": false, "required": required, "properties": {
+        "code": {"type": "string", "enum": error_codes(status)},
+        "message": {"type": "string"},
+        "retry_after_ms": {"type": "integer", "minimum": 0, "description": "when to retry; also in Retry-After (seconds, rounded up)"}}})
+}
+
+fn error_response(status: u16, description: &str) -> Value {
+    let mut response = json!({"description": description, "content": {"application/json": {
+        "schema": {"$ref": format!("#/components/schemas/Error{status}")}}}});
+    if matches!(status, 429 | 507) {
+        response["headers"] = json!({"Retry-After": {"required": true, "description": "seconds to wait",
+            "schema": {"type": "integer", "minimum": 1}}});
+    }
+    response
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn ok_json(description: &str, schema: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": schema_ref(schema)}}})
+}
+
+/// What an operation can answer besides success.
+#[derive(Clone, Copy, Default)]
+struct Fails {
+    /// Reads a request body: invalid JSON (400), too large (413), too slow (408), the
+    /// broker-wide body budget (429).
+    body: bool,
+    /// 400 for invalid input other than the body (path, query, values).
+    bad: bool,
+    not_found: bool,
+    conflict: bool,
+    /// 413 beyond the body (messages, batches, capacity).
+    too_large: bool,
+    /// Writes to storage: the write queue full (429), a failed write (500), the disk full
+    /// (507).
+    writes: bool,
+    /// 429 beyond the body budget and writes (queue full, quota).
+    refused: bool,
+    /// 500 (a failed read, the store refusing writes).
+    server: bool,
+}
+
+fn operation(id: &str, summary: &str, success: Map<String, Value>, fails: Fails) -> Value {
+    let mut responses = success;
+    let wanted = |status: u16| match status {
+        400 => fails.body || fails.bad,
+        404 => fails.not_found,
+        408 => fails.body,
+        409 => fails.conflict,
+        413 => fails.body || fails.too_large,
+        429 => fails.body || fails.writes || fails.refused,
+        500 => fails.writes || fails.server,
+        503 => true,
+        507 => fails.writes,
+        _ => false,
+    };
+    for &(status, name, _) in STATUSES {
+        if wanted(status) {
+            responses.insert(
+                status.to_string(),
+                json!({"$ref": format!("#/components/responses/{name}")}),
+            );
+        }
+    }
+    json!({"operationId": id, "summary": summary, "responses": responses})
+}
+
+fn responses(list: &[(u16, Value)]) -> Map<String, Value> {
+    list.iter()
+        .map(|(status, response)| (status.to_string(), response.clone()))
+        .collect()
+}
+
+fn with_body(mut operation: Value, schema: &str, required: bool, description: &str) -> Value {
+    operation["requestBody"] = json!({"required": required, "description": description,
+        "content": {"application/json": {"schema": schema_ref(schema)}}});
+    operation
+}
+
+fn with_links(mut operation: Value, statuses: &[u16], links: &Value) -> Value {
+    for status in statuses {
+        operation["responses"][status.to_string()]["links"] = links.clone();
     }
     operation
 }
 
-pub fn document() -> Value {
-    let queue_param = json!([{"name": "queue", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,200}$"}}]);
-    let codes: Vec<Value> = ErrorCode::ALL.iter().map(|c| json!(c.as_str())).collect();
-    // Apart: one json! literal of the whole document exceeds the macro recursion limit.
-    let queue_stats = json!({"type": "object", "properties": {
-                "depth": {"type": "integer"}, "in_flight": {"type": "integer"}, "delayed": {"type": "integer"}, "total": {"type": "integer"},
-                "bytes": {"type": "integer"}, "oldest_age_ms": {"type": "integer"}, "published": {"type": "integer"}, "delivered": {"type": "integer"},
-                "acked": {"type": "integer"}, "nacked": {"type": "integer"}, "expired": {"type": "integer"}, "dead_lettered": {"type": "integer"},
-                "redriven": {"type": "integer"}, "purged": {"type": "integer"}, "ttl_expired": {"type": "integer"}, "deduplicated": {"type": "integer"}, "parked": {"type": "integer", "description": "of delayed: long delays waiting in the delay log"}, "superseded": {"type": "integer"}, "dedup_ids": {"type": "integer", "description": "client ids remembered for deduplication"}, "coalesced_in": {"type": "integer"}, "coalesced_out": {"type": "integer"}, "coalesce_windows": {"type": "integer"},
-                "keys_in_flight": {"type": "integer"}, "keys_blocked": {"type": "integer"},
-                "waiting_by_priority": {"type": "array", "items": {"type": "integer"}, "description": "highest level first"}, "fair_flows": {"type": "integer"},
-                "throttle_cuts": {"type": "integer"}, "throttle_raises": {"type": "integer"},
-                "dispatch_rate_per_s": {"type": "number", "description": "the rate limit in force; absent when unlimited"}}});
+fn link(target: &str, description: &str) -> Value {
+    json!({"operationId": target, "description": description,
+        "parameters": {"queue": "$request.path.queue"}})
+}
+
+fn link_with_body(target: &str, description: &str, body: Value) -> Value {
+    let mut link = link(target, description);
+    link["requestBody"] = body;
+    link
+}
+
+/// An integer in `min..=max`.
+fn int(min: u64, max: u64) -> Value {
+    json!({"type": "integer", "minimum": min, "maximum": max})
+}
+
+/// The same, or null.
+fn int_or_null(min: u64, max: u64) -> Value {
+    json!({"type": ["integer", "null"], "minimum": min, "maximum": max})
+}
+
+fn number_or_null(min: f64, max: f64) -> Value {
+    json!({"type": ["number", "null"], "minimum": min, "maximum": max})
+}
+
+fn described(mut schema: Value, description: &str) -> Value {
+    schema["description"] = json!(description);
+    schema
+}
+
+/// A body sent as text: no control character but tab, line feed and carriage return.
+const PLAIN_TEXT_PATTERN: &str =
+    "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$";
+
+/// Base64 as the server decodes it: the standard alphabet, padded, canonical.
+const BASE64_PATTERN: &str =
+    "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
+
+fn queue_name() -> Value {
+    json!({"type": "string", "pattern": format!("^[A-Za-z0-9._-]{{1,{MAX_QUEUE_NAME_LEN}}}$")})
+}
+
+/// The queue configuration: a patch (PUT) and the whole object (replies).
+fn config_schemas(limits: &Limits) -> (Value, Value) {
+    let rate = || number_or_null(MIN_RATE, 1e12);
+    let burst = || int_or_null(1, u64::MAX);
+    let quota_limits = json!({"type": "object", "additionalProperties": false, "properties": {
+        "msgs_per_s": rate(), "bytes_per_s": rate(), "burst_msgs": burst(), "burst_bytes": burst()}});
+    let quota = json!({"type": "object", "additionalProperties": false,
+        "description": "producer token buckets per tenant: the top level is the default for any tenant, `tenants` overrides it field by field; an absent (or null) field is no limit; a missing burst is one second of the rate",
+        "properties": {
+            "msgs_per_s": rate(), "bytes_per_s": rate(), "burst_msgs": burst(), "burst_bytes": burst(),
+            "tenants": {"type": "object", "maxProperties": MAX_QUOTA_TENANTS,
+                "propertyNames": {"minLength": 1, "maxLength": MAX_TENANT_LEN, "description": "1 to 128 bytes"},
+                "additionalProperties": schema_ref("QuotaLimits")}}});
+    let fairness = json!({"type": "object", "additionalProperties": false,
+        "description": "weighted fair scheduling (deficit round robin) across the values of `by`",
+        "properties": {
+            "by": {"type": "string", "pattern": "^(?:tenant|key|header:[\\s\\S]+)$", "default": "tenant",
+                "description": "tenant | key | header:<name>"},
+            "weights": {"type": "object", "maxProperties": MAX_FAIRNESS_WEIGHTS,
+                "additionalProperties": {"type": "number", "minimum": 0.01, "maximum": 1000},
+                "description": "weight per value (default 1)"}}});
+    let coalesce = json!({"type": "object", "additionalProperties": false, "required": ["window_ms"],
+        "description": "debounce by key; window_ms <= max_wait_ms",
+        "properties": {
+            "window_ms": int(1, 3_600_000),
+            "mode": {"type": "string", "enum": ["latest", "merge"], "default": "latest"},
+            "max_wait_ms": described(int_or_null(1, 86_400_000), "at least window_ms; default (absent or null) 10 x window_ms, at most 86400000")}});
+    let dispatch_rate = json!({"type": "object", "additionalProperties": false, "required": ["per_s"],
+        "description": "deliveries per second (GCRA); `burst` may go at once",
+        "properties": {"per_s": {"type": "number", "minimum": MIN_RATE, "maximum": MAX_RATE},
+            "burst": {"type": "integer", "minimum": 1, "maximum": limits.max_receive_messages, "default": 1}}});
+    let adaptive = json!({"type": "object", "additionalProperties": false, "required": ["min_per_s", "max_per_s"],
+        "description": "AIMD on the dispatch rate, driven by overloaded nacks and expired leases; min_per_s <= max_per_s",
+        "properties": {"min_per_s": {"type": "number", "minimum": MIN_RATE, "maximum": MAX_RATE},
+            "max_per_s": {"type": "number", "minimum": MIN_RATE, "maximum": MAX_RATE}}});
+    let nullable = |schema: &str| json!({"anyOf": [schema_ref(schema), {"type": "null"}]});
+    let patch = json!({"type": "object", "additionalProperties": false,
+        "description": "every field optional: an absent field keeps its value. For `dead_letter_queue`, `quota`, `fairness`, `coalesce`, `key_concurrency`, `dispatch_rate`, `adaptive` and `ttl_ms`, null turns the feature off; for the other fields null is the same as absent. The patched configuration must satisfy backoff.base_ms <= backoff.max_ms, must not name the queue itself as its dead_letter_queue (409), and on_expire dead_letter needs a dead_letter_queue (409).",
+        "properties": {
+            "lease_ms": described(int_or_null(1, MAX_LEASE_MS), "default lease (visibility timeout) of a receive; default 30000"),
+            "max_deliveries": described(int_or_null(0, 1000), "deliveries before a message moves to the dead-letter queue; 0 = unlimited; default 10"),
+            "backoff": {"type": ["object", "null"], "additionalProperties": false,
+                "description": "full jitter: a uniform delay in [0, min(max_ms, base_ms x multiplier^(deliveries-1))]",
+                "properties": {
+                    "base_ms": described(int_or_null(0, MAX_BACKOFF_MS), "default 1000"),
+                    "multiplier": described(number_or_null(1.0, 10.0), "default 2.0"),
+                    "max_ms": described(int_or_null(0, MAX_BACKOFF_MS), "default 300000")}},
+            "dead_letter_queue": {"anyOf": [queue_name(), {"type": "null"}], "description": "default <queue>-dlq (created when needed); null = none (messages are retried forever)"},
+            "max_messages": described(int_or_null(1, limits.max_queue_messages), &format!("capacity in messages; default {}", limits.default_max_messages)),
+            "max_bytes": described(int_or_null(1, limits.max_queue_bytes), &format!("capacity in bytes; default {}", limits.default_max_bytes)),
+            "max_in_flight": described(int_or_null(1, limits.max_in_flight), &format!("messages leased at once; default {}", limits.default_max_in_flight)),
+            "quota": nullable("Quota"),
+            "dedup_window_ms": described(int_or_null(0, MAX_DEDUP_WINDOW_MS), "client-chosen ids accepted this recently are not enqueued again; 0 = off; default 300000"),
+            "supersede": {"type": ["boolean", "null"], "description": "a newer message with a key cancels pending older ones with that key; default false"},
+            "priority_levels": described(int_or_null(1, MAX_PRIORITY_LEVELS.into()), "messages carry priority 0 (lowest) ..levels-1; default 1"),
+            "priority_min_share": described(number_or_null(0.0, 0.5), "share of deliveries kept for lower levels while higher ones wait; default 0.1"),
+            "fairness": nullable("Fairness"),
+            "coalesce": nullable("Coalesce"),
+            "key_concurrency": described(int_or_null(1, 10_000), "messages with one key leased or awaiting a retry at once; 1 = strict per-key order; null = no limit"),
+            "dispatch_rate": nullable("DispatchRate"),
+            "adaptive": nullable("Adaptive"),
+            "ttl_ms": described(int_or_null(1, MAX_TTL_MS), "maximum age of a message; null = forever"),
+            "on_expire": {"type": ["string", "null"], "enum": ["drop", "dead_letter", null], "description": "default drop"}}});
+    let whole = json!({"type": "object", "additionalProperties": false,
+        "required": ["lease_ms", "max_deliveries", "backoff", "dead_letter_queue", "max_messages", "max_bytes", "max_in_flight",
+            "quota", "dedup_window_ms", "supersede", "priority_levels", "priority_min_share", "fairness", "coalesce",
+            "key_concurrency", "dispatch_rate", "adaptive", "ttl_ms", "on_expire"],
+        "properties": {
+            "lease_ms": int(1, MAX_LEASE_MS),
+            "max_deliveries": int(0, 1000),
+            "backoff": {"type": "object", "additionalProperties": false, "required": ["base_ms", "multiplier", "max_ms"], "properties": {
+                "base_ms": int(0, MAX_BACKOFF_MS), "multiplier": {"type": "number", "minimum": 1.0, "maximum": 10.0}, "max_ms": int(0, MAX_BACKOFF_MS)}},
+            "dead_letter_queue": {"anyOf": [queue_name(), {"type": "null"}]},
+            "max_messages": int(1, limits.max_queue_messages),
+            "max_bytes": int(1, limits.max_queue_bytes),
+            "max_in_flight": int(1, limits.max_in_flight),
+            "quota": nullable("Quota"),
+            "dedup_window_ms": int(0, MAX_DEDUP_WINDOW_MS),
+            "supersede": {"type": "boolean"},
+            "priority_levels": int(1, MAX_PRIORITY_LEVELS.into()),
+            "priority_min_share": {"type": "number", "minimum": 0.0, "maximum": 0.5},
+            "fairness": nullable("Fairness"),
+            "coalesce": nullable("Coalesce"),
+            "key_concurrency": int_or_null(1, 10_000),
+            "dispatch_rate": nullable("DispatchRate"),
+            "adaptive": nullable("Adaptive"),
+            "ttl_ms": int_or_null(1, MAX_TTL_MS),
+            "on_expire": {"type": "string", "enum": ["drop", "dead_letter"]}}});
+    let mut schemas = json!({"Quota": quota, "QuotaLimits": quota_limits, "Fairness": fairness,
+        "Coalesce": coalesce, "DispatchRate": dispatch_rate, "Adaptive": adaptive});
+    schemas["QueueConfigPatch"] = patch;
+    (schemas, whole)
+}
+
+fn queue_stats() -> Value {
+    let counters = [
+        "depth",
+        "in_flight",
+        "delayed",
+        "parked",
+        "total",
+        "bytes",
+        "oldest_age_ms",
+        "published",
+        "delivered",
+        "acked",
+        "nacked",
+        "expired",
+        "dead_lettered",
+        "redriven",
+        "purged",
+        "ttl_expired",
+        "deduplicated",
+        "superseded",
+        "dedup_ids",
+        "coalesced_in",
+        "coalesced_out",
+        "throttle_cuts",
+        "throttle_raises",
+    ];
+    let count = json!({"type": "integer", "minimum": 0});
+    let mut properties: Map<String, Value> = counters
+        .iter()
+        .map(|name| (name.to_string(), count.clone()))
+        .collect();
+    let optional = [
+        (
+            "coalesce_windows",
+            "coalescing windows open now (queues that coalesce)",
+        ),
+        (
+            "keys_in_flight",
+            "keys with a message leased or awaiting a retry (queues with key_concurrency)",
+        ),
+        (
+            "keys_blocked",
+            "keys with messages waiting behind them (queues with key_concurrency)",
+        ),
+        (
+            "fair_flows",
+            "values (tenants, keys, ...) with messages waiting (queues with fairness)",
+        ),
+    ];
+    for (name, description) in optional {
+        properties.insert(name.into(), described(count.clone(), description));
+    }
+    properties.insert(
+        "waiting_by_priority".into(),
+        json!({"type": "array", "items": count,
+        "description": "messages waiting per level, highest first (queues with priority levels)"}),
+    );
+    properties.insert("dispatch_rate_per_s".into(), json!({"type": "number", "minimum": 0,
+        "description": "the dispatch rate in force (adaptive throttling moves it); absent when unlimited"}));
+    properties["parked"] = described(
+        count.clone(),
+        "of delayed: long delays waiting in the delay log",
+    );
+    properties["dedup_ids"] = described(count, "client ids remembered for deduplication");
+    json!({"type": "object", "additionalProperties": false, "required": counters, "properties": properties})
+}
+
+fn message_schemas(limits: &Limits) -> Value {
+    let max_id = limits.max_id_bytes.min(255);
+    let max_b64 = limits.max_message_bytes.div_ceil(3) * 4;
+    let headers = json!({"type": "object", "maxProperties": limits.max_headers,
+        "propertyNames": {"minLength": 1, "maxLength": limits.max_header_bytes},
+        "additionalProperties": {"type": "string", "maxLength": limits.max_header_bytes},
+        "description": format!("at most max_headers ({}) headers; names 1 to max_header_bytes ({}) bytes, values at most that many bytes. The headers tidewater-tenant, tidewater-ttl-ms and tidewater-priority are reserved: use the fields", limits.max_headers, limits.max_header_bytes)});
+    let null_only = json!({"type": "null"});
+    let in_message = json!({"type": "object", "additionalProperties": false,
+        "description": "exactly one of body and body_base64; at most one of delay_ms and deliver_at (null is the same as absent)",
+        "oneOf": [
+            {"required": ["body"], "properties": {"body": {"type": "string"}, "body_base64": null_only}},
+            {"required": ["body_base64"], "properties": {"body_base64": {"type": "string"}, "body": null_only}}],
+        "not": {"required": ["delay_ms", "deliver_at"], "properties": {"delay_ms": {"type": "integer"}, "deliver_at": {"type": "integer"}}},
+        "properties": {
+            "body": {"type": ["string", "null"], "maxLength": limits.max_message_bytes,
+                "description": format!("UTF-8 text of at most max_message_bytes ({}) bytes (413 message_too_large)", limits.max_message_bytes)},
+            "body_base64": {"type": ["string", "null"], "maxLength": max_b64, "pattern": BASE64_PATTERN,
+                "description": "standard base64 with padding; at most max_message_bytes once decoded"},
+            "key": {"type": ["string", "null"], "maxLength": limits.max_key_bytes,
+                "description": format!("at most max_key_bytes ({}) bytes", limits.max_key_bytes)},
+            "headers": headers,
+            "delay_ms": described(int_or_null(0, limits.max_delay_ms), "deliver after this long (at most max_delay_ms)"),
+            "deliver_at": {"type": ["integer", "null"], "minimum": i64::MIN, "maximum": i64::MAX,
+                "description": "deliver at this time (ms since the epoch): at most max_delay_ms ahead of now; a past time is now"},
+            "id": {"type": ["string", "null"], "minLength": 1, "maxLength": max_id,
+                "description": format!("client-chosen id, 1 to {max_id} bytes; a repeated id within the queue's dedup_window_ms is acknowledged, not enqueued")},
+            "jitter_ms": described(int_or_null(0, limits.max_delay_ms), "up to this many ms added at random to the delivery time"),
+            "ttl_ms": described(int_or_null(1, MAX_TTL_MS), "this message's time to live (the queue's ttl_ms applies if shorter)"),
+            "tenant": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_TENANT_LEN,
+                "description": "the producer, for quotas and fairness (default: the request's tenant); 1 to 128 bytes"},
+            "priority": described(int_or_null(0, 255), "0 = lowest; clamped to the queue's levels")}});
+    let publish = json!({"type": "object", "additionalProperties": false, "required": ["messages"], "properties": {
+        "messages": {"type": "array", "minItems": 1, "maxItems": limits.max_batch_messages, "items": schema_ref("InMessage"),
+            "description": format!("1 to max_batch_messages ({}) messages, accepted whole or refused whole", limits.max_batch_messages)},
+        "ack": {"type": ["string", "null"], "enum": ["durable", "written", null], "default": "durable",
+            "description": "durable: after fsync; written: after write(2)"},
+        "tenant": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_TENANT_LEN,
+            "description": "tenant of messages that name none"}}});
+    let out_headers = json!({"type": "object", "additionalProperties": {"type": "string"}});
+    let out = |receipt: bool| {
+        let mut required = vec!["id", "headers", "delivery_count", "published_at", "offset"];
+        let mut properties = json!({
+            "id": {"type": "string"},
+            "body": {"type": "string", "pattern": PLAIN_TEXT_PATTERN,
+                "description": "the body, with encoding auto (the default), when its bytes are valid UTF-8 with no control character (U+0000-U+001F, U+007F-U+009F) other than tab, line feed and carriage return; the empty body is \"\""},
+            "body_base64": {"type": "string", "pattern": BASE64_PATTERN,
+                "description": "the body otherwise (standard alphabet, padded), and always with encoding base64"},
+            "key": {"type": "string"},
+            "headers": out_headers.clone(),
+            "delivery_count": {"type": "integer", "minimum": if receipt { 1 } else { 0 }},
+            "published_at": {"type": "integer", "description": "ms since the epoch"},
+            "offset": {"type": "integer", "minimum": 0}});
+        if receipt {
+            required.push("receipt");
+            properties["receipt"] = json!({"type": "string", "description": "names this lease: ack, nack or extend with it"});
+        }
+        json!({"type": "object", "additionalProperties": false, "required": required, "properties": properties,
+            "oneOf": [{"required": ["body"]}, {"required": ["body_base64"]}]})
+    };
+    json!({
+        "InMessage": in_message,
+        "PublishRequest": publish,
+        "PublishReply": {"type": "object", "additionalProperties": false, "required": ["ids", "duplicates"], "properties": {
+            "ids": {"type": "array", "minItems": 1, "items": {"type": "string"}, "description": "in request order"},
+            "duplicates": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                "description": "indexes of messages acknowledged but not enqueued (id seen within dedup_window_ms)"}}},
+        "ReceiveRequest": {"type": "object", "additionalProperties": false, "properties": {
+            "max": {"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_receive_messages, "default": 1},
+            "wait_ms": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_wait_ms, "default": 0,
+                "description": "long-poll for the first message up to this long"},
+            "lease_ms": described(int_or_null(1, MAX_LEASE_MS), "default: the queue's lease_ms"),
+            "encoding": {"type": "string", "enum": ["auto", "base64"], "default": "auto",
+                "description": "how bodies come back: base64 gives body_base64 for every message (see DeliveredMessage)"}}},
+        "DeliveredMessage": out(true),
+        "PeekedMessage": out(false),
+        "Messages": {"type": "object", "additionalProperties": false, "required": ["messages"], "properties": {
+            "messages": {"type": "array", "maxItems": limits.max_receive_messages, "items": schema_ref("DeliveredMessage")}}},
+        "Peeked": {"type": "object", "additionalProperties": false, "required": ["messages", "next_from"], "properties": {
+            "messages": {"type": "array", "maxItems": limits.max_receive_messages, "items": schema_ref("PeekedMessage")},
+            "next_from": {"type": ["integer", "null"], "minimum": 0, "description": "`from` for the next page; null when this one is empty"}}},
+    })
+}
+
+/// The body of ack, nack or extend: one shape on the server, where each takes its own fields
+/// and ignores (without checking) the others'.
+fn settle_request(limits: &Limits, op: &str) -> Value {
+    let receipts = json!({"type": "array", "maxItems": limits.max_receive_messages, "items": {"type": "string"},
+        "description": format!("at most max_receive_messages ({}); each receipt that fails is listed in the reply's `failed`", limits.max_receive_messages)});
+    let ignored = |kind: &str| json!({"type": [kind, "null"], "description": "nack's or extend's field: ignored here"});
+    let unsigned_ignored = || json!({"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX, "description": "nack's or extend's field: ignored here"});
+    let mut properties = json!({
+        "receipts": receipts,
+        "delay_ms": unsigned_ignored(),
+        "error": ignored("string"),
+        "reason": ignored("string"),
+        "lease_ms": unsigned_ignored()});
+    if op == "nack" {
+        properties["delay_ms"] = described(
+            int_or_null(0, limits.max_delay_ms),
+            "deliver again after this long; default: the queue's backoff",
+        );
+        properties["error"] = json!({"type": ["string", "null"], "description": "kept for the dead-letter queue (its first 1024 bytes)"});
+        properties["reason"] = json!({"type": ["string", "null"], "enum": ["failed", "overloaded", null], "default": "failed",
+            "description": "overloaded slows an adaptive queue's dispatch"});
+    }
+    if op == "extend" {
+        properties["lease_ms"] = described(
+            int_or_null(1, MAX_LEASE_MS),
+            "the new lease from now; default: the queue's lease_ms",
+        );
+    }
+    json!({"type": "object", "additionalProperties": false, "required": ["receipts"], "properties": properties})
+}
+
+fn settle_schemas(limits: &Limits) -> Value {
+    json!({
+        "AckRequest": settle_request(limits, "ack"),
+        "NackRequest": settle_request(limits, "nack"),
+        "ExtendRequest": settle_request(limits, "extend"),
+        "SettleReply": {"type": "object", "additionalProperties": false, "required": ["ok", "failed"], "properties": {
+            "ok": {"type": "integer", "minimum": 0},
+            "failed": {"type": "array", "items": {"type": "object", "additionalProperties": false, "required": ["receipt", "code"], "properties": {
+                "receipt": {"type": "string"},
+                "code": {"type": "string", "enum": ["invalid_receipt", "stale_receipt", "superseded"]}}}},
+            "superseded": {"type": "array", "minItems": 1, "items": {"type": "string"},
+                "description": "ack only: receipts whose message a newer one with its key superseded"}}},
+    })
+}
+
+fn redrive_schemas() -> Value {
+    let redrive = json!({"type": "object", "additionalProperties": false,
+        "required": ["id", "queue", "moved", "remaining", "skipped", "state", "error"], "properties": {
+            "id": {"type": "string"}, "queue": {"type": "string", "description": "the dead-letter queue it reads"},
+            "moved": {"type": "integer", "minimum": 0}, "remaining": {"type": "integer", "minimum": 0},
+            "skipped": {"type": "integer", "minimum": 0, "description": "left behind by the filter"},
+            "state": {"type": "string", "enum": ["running", "done", "failed", "cancelled"]},
+            "error": {"type": ["string", "null"]}}});
+    json!({
+        "RedriveRequest": {"type": "object", "additionalProperties": false, "properties": {
+            "to": {"anyOf": [queue_name(), {"type": "null"}],
+                "description": "an existing queue other than this one; default (absent or null): each message's source queue"},
+            "rate_per_s": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_REDRIVE_RATE, "default": 1000},
+            "max": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX, "default": 0, "description": "0 = all"},
+            "filter": {"type": "object", "additionalProperties": false, "properties": {
+                "key": {"type": ["string", "null"], "description": "only messages with this key"},
+                "error_contains": {"type": ["string", "null"], "description": "only messages whose last error contains this text"}}}}},
+        "Redrive": redrive,
+        "RedriveList": {"type": "object", "additionalProperties": false, "required": ["redrives"], "properties": {
+            "redrives": {"type": "array", "maxItems": 100, "items": schema_ref("Redrive")}}},
+    })
+}
+
+pub fn document(limits: &Limits) -> Value {
+    let queue_param =
+        json!([{"name": "queue", "in": "path", "required": true, "schema": queue_name()}]);
+    let (mut schemas, whole_config) = config_schemas(limits);
+    let schemas_map = schemas.as_object_mut().expect("an object");
+    for part in [
+        message_schemas(limits),
+        settle_schemas(limits),
+        redrive_schemas(),
+    ] {
+        schemas_map.extend(part.as_object().expect("an object").clone());
+    }
+    for &(status, _, _) in STATUSES {
+        schemas_map.insert(format!("Error{status}"), error_schema(status));
+    }
+    schemas_map.insert("QueueConfig".into(), whole_config);
+    schemas_map.insert("QueueStats".into(), queue_stats());
+    schemas_map.insert("Queue".into(), json!({"type": "object", "additionalProperties": false, "required": ["name", "config", "stats"], "properties": {
+        "name": {"type": "string"}, "config": schema_ref("QueueConfig"), "stats": schema_ref("QueueStats"),
+        "quota_refused": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "integer", "minimum": 0},
+            "description": "publishes refused by quota per tenant (the top tenants, then \"other\"); absent when none"}}}));
+    schemas_map.insert("QueueList".into(), json!({"type": "object", "additionalProperties": false, "required": ["queues"], "properties": {
+        "queues": {"type": "array", "items": schema_ref("Queue")}}}));
+    schemas_map.insert("PutQueueRequest".into(), json!({
+        "description": "the configuration patch, or {\"config\": patch} as GET returns it",
+        "anyOf": [schema_ref("QueueConfigPatch"),
+            {"type": "object", "additionalProperties": false, "required": ["config"], "properties": {"config": schema_ref("QueueConfigPatch")}}]}));
+    schemas_map.insert("Purged".into(), json!({"type": "object", "additionalProperties": false, "required": ["purged"], "properties": {
+        "purged": {"type": "integer", "minimum": 0}}}));
+    schemas_map.insert("Status".into(), json!({"type": "object", "additionalProperties": false, "required": ["status"], "properties": {
+        "status": {"type": "string", "enum": ["alive", "ready"]}}}));
+
+    let mut components_responses = Map::new();
+    for &(status, name, description) in STATUSES {
+        components_responses.insert(name.into(), error_response(status, description));
+    }
+
+    // Links: what stateful clients (and schemathesis) can do next with a reply's values.
+    let on_queue = json!({
+        "GetQueue": link("getQueue", "the queue just created or updated"),
+        "DeleteQueue": link("deleteQueue", "delete it"),
+        "PurgeQueue": link("purgeQueue", "remove its messages"),
+        "Publish": link("publish", "publish to it"),
+        "Peek": link("peek", "look at its messages"),
+        "Receive": link("receive", "lease its messages"),
+        "Redrive": link("redrive", "redrive it (as a dead-letter queue)"),
+    });
+    let on_published = json!({
+        "Receive": link("receive", "lease what was published"),
+        "Peek": link("peek", "look at what was published"),
+        "GetQueue": link("getQueue", "its stats"),
+    });
+    let receipt = "$response.body#/messages/0/receipt";
+    let on_received = json!({
+        "Ack": link_with_body("ack", "acknowledge the first message received", json!({"receipts": [receipt]})),
+        "Nack": link_with_body("nack", "give the first message received back", json!({"receipts": [receipt]})),
+        "Extend": link_with_body("extend", "extend the first message's lease", json!({"receipts": [receipt]})),
+        "GetQueue": link("getQueue", "its stats"),
+    });
+    let on_redrive = json!({
+        "GetRedrive": {"operationId": "getRedrive", "parameters": {"id": "$response.body#/id"}, "description": "its progress"},
+        "CancelRedrive": {"operationId": "cancelRedrive", "parameters": {"id": "$response.body#/id"}, "description": "cancel it"},
+    });
+
+    let body = Fails {
+        body: true,
+        ..Fails::default()
+    };
+    let queue_missing = Fails {
+        bad: true,
+        not_found: true,
+        ..Fails::default()
+    };
+    let put_queue = with_body(
+        operation(
+            "putQueue",
+            "Create a queue (201) or update its configuration (200); an update that changes nothing writes nothing",
+            responses(&[
+                (201, ok_json("created", "Queue")),
+                (200, ok_json("updated", "Queue")),
+            ]),
+            Fails {
+                conflict: true,
+                writes: true,
+                ..body
+            },
+        ),
+        "PutQueueRequest",
+        false,
+        "no body is {}: a new queue with the defaults, or no change",
+    );
+    let publish = with_body(
+        operation(
+            "publish",
+            "Publish a batch, whole or not at all; replies after fsync (ack durable) or write(2) (ack written)",
+            responses(&[(
+                200,
+                ok_json("published (or recognised as duplicates)", "PublishReply"),
+            )]),
+            Fails {
+                not_found: true,
+                too_large: true,
+                writes: true,
+                refused: true,
+                ..body
+            },
+        ),
+        "PublishRequest",
+        true,
+        "",
+    );
+    let receive = with_body(
+        operation(
+            "receive",
+            "Lease up to max messages, waiting up to wait_ms for the first",
+            responses(&[(
+                200,
+                ok_json(
+                    "the messages leased (none when none was ready in time)",
+                    "Messages",
+                ),
+            )]),
+            Fails {
+                not_found: true,
+                server: true,
+                ..body
+            },
+        ),
+        "ReceiveRequest",
+        false,
+        "no body is {}",
+    );
+    let settle = |id: &str, summary: &str, schema: &str, writes: bool| {
+        with_body(
+            operation(
+                id,
+                summary,
+                responses(&[(
+                    200,
+                    ok_json(
+                        "how many succeeded, and each receipt that failed",
+                        "SettleReply",
+                    ),
+                )]),
+                Fails {
+                    not_found: true,
+                    too_large: true,
+                    writes,
+                    ..body
+                },
+            ),
+            schema,
+            true,
+            "",
+        )
+    };
+    let redrive = with_body(
+        operation(
+            "redrive",
+            "Move dead-lettered messages back at a bounded rate (only those held at the start; never into the source itself; 409 against a redrive running the other way)",
+            responses(&[(202, ok_json("started", "Redrive"))]),
+            Fails {
+                not_found: true,
+                conflict: true,
+                refused: true,
+                ..body
+            },
+        ),
+        "RedriveRequest",
+        false,
+        "no body is {}",
+    );
+    let id_param =
+        json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let max_receive = limits.max_receive_messages;
+    let peek = {
+        let mut op = operation(
+            "peek",
+            "Unleased messages from offset `from` on, without leasing them",
+            responses(&[(200, ok_json("messages", "Peeked"))]),
+            Fails {
+                server: true,
+                ..queue_missing
+            },
+        );
+        op["parameters"] = json!([
+            {"name": "max", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": max_receive, "default": max_receive.min(10)}},
+            {"name": "from", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0}},
+            {"name": "encoding", "in": "query", "schema": {"type": "string", "enum": ["auto", "base64"], "default": "auto"},
+                "description": "base64: body_base64 for every message (see PeekedMessage)"}]);
+        op
+    };
+
     json!({
         "openapi": "3.1.0",
-        "info": {"title": "tidewater", "version": "1", "description": "Durable work queues. Errors are {code, message}; codes are listed in docs/errors.md."},
+        "info": {"title": "tidewater", "version": "1",
+            "description": "Durable work queues. Every error is {code, message} (and retry_after_ms with 429 and 507); codes are listed in docs/errors.md. Ranges that depend on the server's limits are this server's. A request body is at most max_request_bytes."},
         "paths": {
-            "/v1/queues": {"get": op("List queues", None, (200, "QueueList"), &[503])},
+            "/v1/queues": {"get": operation("listQueues", "List queues (by name)", responses(&[(200, ok_json("the queues", "QueueList"))]), Fails::default())},
             "/v1/queues/{queue}": {
                 "parameters": queue_param,
-                "put": op("Create a queue or update its configuration (201 created, 200 updated)", Some("QueueConfig"), (200, "Queue"), &[400, 409, 503]),
-                "get": op("Get a queue with its stats", None, (200, "Queue"), &[404]),
-                "delete": {"summary": "Delete a queue and its messages", "responses": {"204": {"description": "deleted"}, "404": {"description": "unknown queue"}}}
+                "put": with_links(put_queue, &[200, 201], &on_queue),
+                "get": operation("getQueue", "A queue with its configuration and stats", responses(&[(200, ok_json("the queue", "Queue"))]), queue_missing),
+                "delete": operation("deleteQueue", "Delete a queue and its messages", responses(&[(204, json!({"description": "deleted"}))]), Fails {writes: true, ..queue_missing}),
             },
-            "/v1/queues/{queue}/purge": {"parameters": queue_param, "post": op("Remove every message", None, (200, "Purged"), &[404])},
-            "/v1/queues/{queue}/messages": {
-                "parameters": queue_param,
-                "post": op("Publish a batch, whole or not at all", Some("PublishRequest"), (200, "PublishReply"), &[400, 404, 413, 429, 507]),
-                "get": {"summary": "Peek at unleased messages without leasing them", "parameters": [
-                    {"name": "max", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-                    {"name": "from", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                    {"name": "encoding", "in": "query", "schema": {"type": "string", "enum": ["auto", "base64"], "default": "auto"}, "description": "base64: body_base64 for every message (see Messages)"}],
-                    "responses": {"200": {"description": "messages", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Messages"}}}}}}
-            },
-            "/v1/queues/{queue}/receive": {"parameters": queue_param, "post": op("Lease up to max messages, waiting up to wait_ms", Some("ReceiveRequest"), (200, "Messages"), &[400, 404])},
-            "/v1/queues/{queue}/ack": {"parameters": queue_param, "post": op("Acknowledge by receipt", Some("Receipts"), (200, "SettleReply"), &[400, 404])},
-            "/v1/queues/{queue}/nack": {"parameters": queue_param, "post": op("Negatively acknowledge; retry after delay_ms or the backoff", Some("Receipts"), (200, "SettleReply"), &[400, 404])},
-            "/v1/queues/{queue}/extend": {"parameters": queue_param, "post": op("Extend leases to lease_ms from now", Some("Receipts"), (200, "SettleReply"), &[400, 404])},
-            "/v1/queues/{queue}/redrive": {"parameters": queue_param, "post": op("Move dead-lettered messages back at a bounded rate (only those held at the start; never into the source itself)", Some("RedriveRequest"), (202, "Redrive"), &[400, 404, 409, 429])},
-            "/v1/redrives": {"get": op("Redrives kept (the last 100), oldest first", None, (200, "RedriveList"), &[503])},
-            "/v1/redrives/{id}": {"parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
-                "get": op("Redrive progress", None, (200, "Redrive"), &[404]),
-                "delete": op("Cancel a redrive after its current step (what it moved stays moved)", None, (200, "Redrive"), &[404])},
-            "/healthz": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "alive"}}}},
-            "/readyz": {"get": {"summary": "Recovered and serving", "responses": {"200": {"description": "ready"}, "503": {"description": "recovering"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics (OpenMetrics text)", "responses": {"200": {"description": "metrics"}}}}
+            "/v1/queues/{queue}/purge": {"parameters": queue_param,
+                "post": operation("purgeQueue", "Remove every message (leased ones too: their receipts go stale)", responses(&[(200, ok_json("how many were removed", "Purged"))]), Fails {writes: true, ..queue_missing})},
+            "/v1/queues/{queue}/messages": {"parameters": queue_param,
+                "post": with_links(publish, &[200], &on_published),
+                "get": peek},
+            "/v1/queues/{queue}/receive": {"parameters": queue_param, "post": with_links(receive, &[200], &on_received)},
+            "/v1/queues/{queue}/ack": {"parameters": queue_param, "post": settle("ack", "Acknowledge by receipt: settled for good", "AckRequest", true)},
+            "/v1/queues/{queue}/nack": {"parameters": queue_param, "post": settle("nack", "Give back by receipt: delivered again after delay_ms or the backoff, or dead-lettered after max_deliveries", "NackRequest", false)},
+            "/v1/queues/{queue}/extend": {"parameters": queue_param, "post": settle("extend", "Extend leases to lease_ms from now", "ExtendRequest", false)},
+            "/v1/queues/{queue}/redrive": {"parameters": queue_param, "post": with_links(redrive, &[202], &on_redrive)},
+            "/v1/redrives": {"get": operation("listRedrives", "Redrives kept (the last 100), oldest first", responses(&[(200, ok_json("the redrives", "RedriveList"))]), Fails::default())},
+            "/v1/redrives/{id}": {"parameters": id_param,
+                "get": operation("getRedrive", "A redrive's progress", responses(&[(200, ok_json("its progress", "Redrive"))]), queue_missing),
+                "delete": operation("cancelRedrive", "Cancel a redrive after its current step (what it moved stays moved; cancelling a finished one changes nothing)", responses(&[(200, ok_json("its progress", "Redrive"))]), queue_missing)},
+            "/healthz": {"get": operation("healthz", "The process is alive", responses(&[(200, ok_json("alive", "Status"))]), Fails::default())},
+            "/readyz": {"get": operation("readyz", "Recovered, serving, and the store takes writes", responses(&[(200, ok_json("ready", "Status"))]), Fails {server: true, ..Fails::default()})},
+            "/metrics": {"get": operation("metrics", "Prometheus metrics (OpenMetrics text)", responses(&[(200, json!({"description": "metrics",
+                "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}))]), Fails::default())},
+            "/v1/openapi.json": {"get": operation("openapi", "This document", responses(&[(200, json!({"description": "OpenAPI 3.1",
+                "content": {"application/json": {"schema": {"type": "object"}}}}))]), Fails::default())},
         },
-        "components": {"schemas": {
-            "Error": {"type": "object", "required": ["code", "message"], "properties": {
-                "code": {"type": "string", "enum": codes}, "message": {"type": "string"}, "retry_after_ms": {"type": "integer"}}},
-            "QueueConfig": {"type": "object", "additionalProperties": false, "properties": {
-                "lease_ms": {"type": "integer", "minimum": 1, "maximum": 43200000, "default": 30000},
-                "max_deliveries": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 10, "description": "0 = unlimited"},
-                "backoff": {"type": "object", "properties": {"base_ms": {"type": "integer", "default": 1000}, "multiplier": {"type": "number", "default": 2.0}, "max_ms": {"type": "integer", "default": 300000}}},
-                "dead_letter_queue": {"type": ["string", "null"], "description": "default <queue>-dlq; null disables"},
-                "max_messages": {"type": "integer", "minimum": 1}, "max_bytes": {"type": "integer", "minimum": 1},
-                "max_in_flight": {"type": "integer", "minimum": 1},
-                "priority_levels": {"type": "integer", "minimum": 1, "maximum": 10, "default": 1, "description": "messages carry priority 0 (lowest) ..levels-1"},
-                "priority_min_share": {"type": "number", "minimum": 0, "maximum": 0.5, "default": 0.1, "description": "share of deliveries kept for lower levels while higher ones wait"},
-                "fairness": {"type": ["object", "null"], "description": "weighted fair scheduling (deficit round robin)", "properties": {
-                    "by": {"type": "string", "description": "tenant | key | header:<name>", "default": "tenant"},
-                    "weights": {"type": "object", "additionalProperties": {"type": "number"}}}},
-                "coalesce": {"type": ["object", "null"], "description": "debounce by key", "properties": {
-                    "window_ms": {"type": "integer", "minimum": 1}, "mode": {"type": "string", "enum": ["latest", "merge"], "default": "latest"},
-                    "max_wait_ms": {"type": "integer", "description": "default 10 x window_ms"}}},
-                "supersede": {"type": "boolean", "default": false, "description": "a newer message with a key cancels pending older ones with that key; leased ones learn it on extend/ack"},
-                "key_concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000, "description": "messages with one key leased or awaiting a retry at once; 1 = strict per-key order"},
-                "dedup_window_ms": {"type": "integer", "minimum": 0, "maximum": 86400000, "default": 300000, "description": "client-chosen ids accepted this recently are not enqueued again; 0 = off"},
-                "quota": {"type": ["object", "null"], "description": "producer token buckets per tenant; the top level is the default, tenants override it", "properties": {
-                    "msgs_per_s": {"type": "number"}, "bytes_per_s": {"type": "number"}, "burst_msgs": {"type": "integer"}, "burst_bytes": {"type": "integer"},
-                    "tenants": {"type": "object", "additionalProperties": {"type": "object"}}}},
-                "dispatch_rate": {"type": ["object", "null"], "description": "deliveries per second (GCRA); null = unlimited", "properties": {
-                    "per_s": {"type": "number", "minimum": 0.001}, "burst": {"type": "integer", "minimum": 1, "default": 1}}},
-                "adaptive": {"type": ["object", "null"], "description": "AIMD on the dispatch rate, driven by overloaded nacks and expired leases", "properties": {
-                    "min_per_s": {"type": "number"}, "max_per_s": {"type": "number"}}},
-                "ttl_ms": {"type": ["integer", "null"], "minimum": 1, "maximum": 2_592_000_000u64, "description": "maximum age of a message; null = forever"},
-                "on_expire": {"type": "string", "enum": ["drop", "dead_letter"], "default": "drop"}}},
-            "Queue": {"type": "object", "properties": {"name": {"type": "string"}, "config": {"$ref": "#/components/schemas/QueueConfig"}, "stats": {"$ref": "#/components/schemas/QueueStats"}}},
-            "QueueStats": queue_stats,
-            "QueueList": {"type": "object", "properties": {"queues": {"type": "array", "items": {"$ref": "#/components/schemas/Queue"}}}},
-            "Purged": {"type": "object", "properties": {"purged": {"type": "integer"}}},
-            "PublishRequest": {"type": "object", "required": ["messages"], "properties": {
-                "ack": {"type": "string", "enum": ["durable", "written"], "default": "durable"},
-                "tenant": {"type": "string", "description": "tenant of messages that name none"},
-                "messages": {"type": "array", "items": {"type": "object", "additionalProperties": false, "properties": {
-                    "body": {"type": "string"}, "body_base64": {"type": "string"}, "key": {"type": "string"},
-                    "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "delay_ms": {"type": "integer", "minimum": 0}, "deliver_at": {"type": "integer"}, "id": {"type": "string"},
-                    "jitter_ms": {"type": "integer", "minimum": 0, "description": "up to this many ms added at random to the delivery time"},
-                    "ttl_ms": {"type": "integer", "minimum": 1, "description": "this message's time to live"},
-                    "tenant": {"type": "string", "description": "the producer, for quotas and fairness (default: the request's tenant)"},
-                    "priority": {"type": "integer", "minimum": 0, "maximum": 255, "description": "0 = lowest; clamped to the queue's levels"}}}}}},
-            "PublishReply": {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "string"}},
-                "duplicates": {"type": "array", "items": {"type": "integer"}, "description": "indexes of messages acknowledged but not enqueued (id seen within dedup_window_ms)"}}},
-            "ReceiveRequest": {"type": "object", "additionalProperties": false, "properties": {
-                "max": {"type": "integer", "minimum": 1, "default": 1}, "wait_ms": {"type": "integer", "minimum": 0, "default": 0}, "lease_ms": {"type": "integer", "minimum": 1},
-                "encoding": {"type": "string", "enum": ["auto", "base64"], "default": "auto", "description": "base64: body_base64 for every message (see Messages)"}}},
-            "Messages": {"type": "object", "description": "Each message has exactly one of body and body_base64. With encoding auto (the default), body (a JSON string) when the bytes are valid UTF-8 with no control character (U+0000-U+001F, U+007F-U+009F) other than tab, line feed and carriage return, else body_base64 (standard alphabet, padded); the empty body is \"body\": \"\". With encoding base64, body_base64 always.", "properties": {"messages": {"type": "array", "items": {"type": "object", "properties": {
-                "id": {"type": "string"}, "receipt": {"type": "string"}, "body": {"type": "string"}, "body_base64": {"type": "string"},
-                "key": {"type": "string"}, "headers": {"type": "object"}, "delivery_count": {"type": "integer"},
-                "published_at": {"type": "integer"}, "offset": {"type": "integer"}}}}}},
-            "Receipts": {"type": "object", "required": ["receipts"], "properties": {
-                "receipts": {"type": "array", "items": {"type": "string"}}, "delay_ms": {"type": "integer"}, "error": {"type": "string"}, "lease_ms": {"type": "integer"},
-                "reason": {"type": "string", "enum": ["failed", "overloaded"], "description": "nack only: overloaded slows an adaptive queue's dispatch"}}},
-            "SettleReply": {"type": "object", "properties": {"ok": {"type": "integer"}, "failed": {"type": "array", "items": {"type": "object", "properties": {
-                "receipt": {"type": "string"}, "code": {"type": "string", "enum": ["invalid_receipt", "stale_receipt", "superseded"]}}}},
-                "superseded": {"type": "array", "items": {"type": "string"}, "description": "ack only: receipts whose message a newer one with its key superseded"}}},
-            "RedriveRequest": {"type": "object", "properties": {
-                "to": {"type": "string"}, "rate_per_s": {"type": "integer", "default": 1000}, "max": {"type": "integer", "default": 0},
-                "filter": {"type": "object", "properties": {"key": {"type": "string"}, "error_contains": {"type": "string"}}}}},
-            "Redrive": {"type": "object", "properties": {"id": {"type": "string"}, "queue": {"type": "string"}, "moved": {"type": "integer"},
-                "remaining": {"type": "integer"}, "skipped": {"type": "integer"}, "state": {"type": "string", "enum": ["running", "done", "failed", "cancelled"]}, "error": {"type": ["string", "null"]}}},
-            "RedriveList": {"type": "object", "properties": {"redrives": {"type": "array", "items": {"$ref": "#/components/schemas/Redrive"}}}}
-        }}
+        "components": {"schemas": schemas, "responses": components_responses}
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refs(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(target)) = map.get("$ref") {
+                    out.push(target.clone());
+                }
+                map.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_reference_resolves_and_every_operation_has_an_id() {
+        let doc = document(&Limits::default());
+        let mut targets = Vec::new();
+        refs(&doc, &mut targets);
+        assert!(!targets.is_empty());
+        for target in targets {
+            let pointer = target.strip_prefix('#').expect("local reference");
+            assert!(doc.pointer(pointer).is_some(), "{target} does not resolve");
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                if method == "parameters" {
+                    continue;
+                }
+                let id = op["operationId"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{method} {path}"));
+                assert!(ids.insert(id.to_string()), "{id} twice");
+            }
+        }
+        // Links name operations that exist.
+        let mut links = Vec::new();
+        for item in doc["paths"].as_object().unwrap().values() {
+            for op in item.as_object().unwrap().values() {
+                for response in op["responses"]
+                    .as_object()
+                    .into_iter()
+                    .flat_map(|r| r.values())
+                {
+                    for link in response["links"]
+                        .as_object()
+                        .into_iter()
+                        .flat_map(|l| l.values())
+                    {
+                        links.push(link["operationId"].as_str().unwrap().to_string());
+                    }
+                }
+            }
+        }
+        assert!(links.len() >= 10);
+        for target in links {
+            assert!(ids.contains(&target), "a link to {target}");
+        }
+    }
+
+    #[test]
+    fn ranges_follow_the_limits() {
+        let limits = Limits {
+            max_batch_messages: 7,
+            max_receive_messages: 9,
+            max_wait_ms: 250,
+            ..Limits::default()
+        };
+        let doc = document(&limits);
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas["PublishRequest"]["properties"]["messages"]["maxItems"],
+            7
+        );
+        assert_eq!(schemas["ReceiveRequest"]["properties"]["max"]["maximum"], 9);
+        assert_eq!(
+            schemas["ReceiveRequest"]["properties"]["wait_ms"]["maximum"],
+            250
+        );
+        assert_eq!(
+            schemas["AckRequest"]["properties"]["receipts"]["maxItems"],
+            9
+        );
+    }
+
+    #[test]
+    fn error_codes_by_status_cover_every_http_code() {
+        let mut seen = std::collections::HashSet::new();
+        for &(status, _, _) in STATUSES {
+            seen.extend(error_codes(status));
+        }
+        for code in ErrorCode::ALL {
+            if http_error_code(*code) && code.http_status() != 405 {
+                assert!(seen.contains(code.as_str()), "{code} is in no status");
+            }
+        }
+    }
 }

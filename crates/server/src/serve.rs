@@ -292,6 +292,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         )),
         max_request_bytes_in_flight: settings.max_request_bytes_in_flight,
         body_timeout: settings.http.body_timeout,
+        limits: Arc::new(settings.limits.clone()),
     };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await

@@ -971,3 +971,154 @@ fn running_out_of_file_descriptors_backs_off_instead_of_spinning() {
     );
     server.publish("q", json!([{"body": "served again"}]));
 }
+
+/// A `deliver_at` far in the past (i64::MIN) overflowed `deliver_at - now`: the handler
+/// panicked and the client saw the connection close with no reply (schemathesis found it).
+/// A past time means "now", over HTTP and over the binary protocol alike.
+#[test]
+fn a_deliver_at_far_in_the_past_is_now_not_a_dropped_connection() {
+    let (_dir, server) = server(None);
+    server.create_queue("q", json!({}));
+    let ids = server.publish(
+        "q",
+        json!([{"body": "a", "deliver_at": i64::MIN}, {"body": "b", "deliver_at": -1}]),
+    );
+    assert_eq!(ids.len(), 2);
+    let got = server.receive("q", 2, 0, None);
+    assert_eq!(got.len(), 2, "{got:?}");
+    // The server is still there.
+    assert_eq!(server.ok("GET", "/readyz", None)["status"], "ready");
+}
+
+/// The largest valid queue configuration (10,000 fairness weights, 1,000 quota tenants with
+/// their four limits) holds about 30,000 JSON values; the cap on a configuration's values was
+/// 20,000, so a valid configuration was refused 413 request_too_large, and one weight too many
+/// was refused 413 instead of 400 invalid_config (schemathesis found it).
+#[test]
+fn the_largest_valid_queue_configuration_is_accepted() {
+    let (_dir, server) = server(None);
+    let weights: serde_json::Map<String, serde_json::Value> =
+        (0..10_000).map(|i| (format!("w{i}"), json!(2.5))).collect();
+    let tenants: serde_json::Map<String, serde_json::Value> = (0..1_000)
+        .map(|i| {
+            let limits = json!({"msgs_per_s": 10.0, "bytes_per_s": 1000.0, "burst_msgs": 5, "burst_bytes": 500});
+            (format!("t{i}"), limits)
+        })
+        .collect();
+    let config = json!({"config": {
+        "fairness": {"by": "tenant", "weights": weights},
+        "quota": {"msgs_per_s": 100.0, "tenants": tenants},
+    }});
+    let body = serde_json::to_vec(&config).unwrap();
+    let (status, reply) =
+        call_raw(&format!("{}/v1/queues/big", server.url), "PUT", Some(&body)).unwrap();
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(
+        reply["config"]["fairness"]["weights"]
+            .as_object()
+            .unwrap()
+            .len(),
+        10_000
+    );
+    let mut too_many = config;
+    too_many["config"]["fairness"]["weights"]["one-more"] = json!(1.0);
+    let body = serde_json::to_vec(&too_many).unwrap();
+    let (status, reply) =
+        call_raw(&format!("{}/v1/queues/big", server.url), "PUT", Some(&body)).unwrap();
+    assert_eq!(
+        (status, reply["code"].as_str()),
+        (400, Some("invalid_config")),
+        "{reply}"
+    );
+}
+
+/// Peek's default page of 10 was refused (400) by a server whose max_receive_messages is
+/// lower: a request with no parameters failed. The default is now at most that limit.
+#[test]
+fn peek_without_max_works_under_a_low_max_receive_messages() {
+    let (_dir, server) = server(Some("[limits]\nmax_receive_messages = 3\n"));
+    server.create_queue("q", json!({}));
+    server.publish(
+        "q",
+        json!([{"body": "a"}, {"body": "b"}, {"body": "c"}, {"body": "d"}]),
+    );
+    let page = server.ok("GET", "/v1/queues/q/messages", None);
+    assert_eq!(page["messages"].as_array().unwrap().len(), 3, "{page}");
+    assert_eq!(page["next_from"], 3, "{page}");
+    let spec = server.ok("GET", "/v1/openapi.json", None);
+    let max = &spec["paths"]["/v1/queues/{queue}/messages"]["get"]["parameters"][0]["schema"];
+    assert_eq!(
+        (max["maximum"].as_u64(), max["default"].as_u64()),
+        (Some(3), Some(3))
+    );
+}
+
+/// `-9223372036854775809` (one below i64::MIN) parses as a float, and the conversion of
+/// integral floats (`820.0` is 820) turned it into i64::MIN: a number out of range was
+/// accepted as another number (schemathesis found it). Integral floats become integers only
+/// below 2^53 in magnitude, where the conversion is exact.
+#[test]
+fn integers_out_of_range_are_refused_not_rounded_into_range() {
+    let (_dir, server) = server(None);
+    server.create_queue("q", json!({}));
+    let url = format!("{}/v1/queues/q/messages", server.url);
+    for body in [
+        r#"{"messages": [{"body": "a", "deliver_at": -9223372036854775809}]}"#,
+        r#"{"messages": [{"body": "a", "delay_ms": 18446744073709551616}]}"#,
+        r#"{"messages": [{"body": "a", "delay_ms": 9007199254740993.0}]}"#,
+    ] {
+        let (status, reply) = call_raw(&url, "POST", Some(body.as_bytes())).unwrap();
+        assert_eq!(
+            (status, reply["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{body}: {reply}"
+        );
+    }
+    let (status, reply) = call_raw(
+        &url,
+        "POST",
+        Some(br#"{"messages": [{"body": "a", "delay_ms": 1000.0, "deliver_at": null}]}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(server.stats("q")["delayed"], 1);
+}
+
+/// serde_json's default float parsing may be one ULP off: `3944916605361726.0` (an integer
+/// written as a float, below 2^53) was read as 3944916605361726.5 and refused as a
+/// non-integer (schemathesis found it). Floats parse to the nearest double now.
+#[test]
+fn integral_floats_parse_exactly() {
+    let (_dir, server) = server(None);
+    let (status, reply) = call_raw(
+        &format!("{}/v1/queues/q", server.url),
+        "PUT",
+        Some(br#"{"quota": {"msgs_per_s": 10.0, "burst_msgs": 3944916605361726.0}}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(
+        reply["config"]["quota"]["burst_msgs"].as_u64(),
+        Some(3_944_916_605_361_726)
+    );
+}
+
+/// A body of only whitespace is no body (the defaults) where a body is optional; the check
+/// used ASCII whitespace, so a lone form feed (no JSON text: JSON's whitespace is space, tab,
+/// line feed and carriage return) was taken as no body too (schemathesis found it).
+#[test]
+fn a_form_feed_is_invalid_json_not_an_empty_body() {
+    let (_dir, server) = server(None);
+    server.create_queue("q", json!({}));
+    let url = format!("{}/v1/queues/q/receive", server.url);
+    for blank in [&b""[..], b" \t\r\n"] {
+        let (status, reply) = call_raw(&url, "POST", Some(blank)).unwrap();
+        assert_eq!(status, 200, "{blank:?}: {reply}");
+    }
+    let (status, reply) = call_raw(&url, "POST", Some(b"\x0c")).unwrap();
+    assert_eq!(
+        (status, reply["code"].as_str()),
+        (400, Some("invalid_json")),
+        "{reply}"
+    );
+}

@@ -7,5 +7,6 @@ mod cli;
 mod crash;
 mod disk_full;
 mod http_api;
+mod openapi;
 mod policies;
 mod regression;

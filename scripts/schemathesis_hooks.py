@@ -1,0 +1,259 @@
+"""Schemathesis hooks for tidewater (scripts/schemathesis, schemathesis.toml).
+
+`map_case` shapes generated schema-valid publishes so that most are accepted and the run
+reaches the broker's logic instead of its input checks: a deliver_at far in the future is
+brought within max_delay_ms of now, and strings are cut to their limits in UTF-8 bytes (the
+document's maxLength counts characters). Only positive cases are touched: a case meant to be
+invalid stays as generated.
+
+`filter_failure` excuses "deleted resource still available" (ST301) for redrives
+only: DELETE /v1/redrives/{id} cancels a redrive, and GET keeps reporting it (state
+"cancelled", or "done" if it had finished) among the last 100, as documented.
+
+It excuses "schema-violating request accepted" (ST201) for one case: a body of only whitespace
+to an operation whose body is optional (PUT queue, receive, redrive). The server takes it as
+no body, as it takes an empty one (`echo | curl --data-binary @-` sends a line feed); no
+schema can say so.
+
+It excuses a "schema-valid request rejected" failure (ST202) only when
+the server refused the request for a rule that JSON Schema cannot state, and only after
+checking, from the request that was sent, that the rule really was broken. Every other failure
+stands. The rules (each is also in the document's descriptions):
+
+- byte lengths: `maxLength` counts characters, the server counts UTF-8 bytes (keys, ids,
+  tenants, header names and values, bodies, quota tenant names);
+- base64 bodies: `maxLength` allows up to two bytes more than max_message_bytes once decoded;
+- rules across fields: backoff.base_ms <= backoff.max_ms in the configuration after the patch
+  (a patch may give one of them: the other is the queue's), coalesce.window_ms <= max_wait_ms,
+  adaptive.min_per_s <= adaptive.max_per_s;
+- time: deliver_at may be at most max_delay_ms ahead of now;
+- the whole body: at most max_request_bytes;
+- how a number is written: an integer written as a float (`820.0`) is taken below 2^53 in
+  magnitude, where the float is exactly the number written; past that one float stands for
+  many integers, and an integer field refuses it (400; README: write an integer as one);
+- the queue's state: a batch larger than the queue's whole capacity (max_messages, max_bytes:
+  its configuration, which the stateful phase may have set to 1) is 413 exceeds_capacity.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import time
+from typing import Any
+
+import schemathesis
+
+_FLOAT_FOR_INTEGER = re.compile(r"invalid type: floating point `([-+0-9.eE]+)`, expected [ui](?:8|16|32|64|size)")
+
+# Set to a file path to have each excused failure's reason appended there (one per line).
+_LOG = os.environ.get("SCHEMATHESIS_HOOKS_LOG")
+
+
+def _excuse(reason: str) -> bool:
+    if _LOG:
+        with open(_LOG, "a", encoding="utf-8") as log:
+            log.write(reason + "\n")
+    return False
+
+
+def _sent(response: Any) -> Any:
+    body = getattr(response.request, "body", None)
+    if body is None:
+        return None
+    if isinstance(body, str):
+        body = body.encode("utf-8", "surrogatepass")
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _error(response: Any) -> tuple[str, str]:
+    try:
+        reply = json.loads(response.content)
+    except ValueError:
+        return "", ""
+    if not isinstance(reply, dict):
+        return "", ""
+    return str(reply.get("code", "")), str(reply.get("message", ""))
+
+
+def _schema(operation: Any, name: str) -> dict:
+    raw = operation.schema.raw_schema if operation is not None else {}
+    return raw.get("components", {}).get("schemas", {}).get(name, {})
+
+
+def _over(text: Any, limit: Any) -> bool:
+    """More UTF-8 bytes than `limit`, though no more characters."""
+    return (
+        isinstance(text, str)
+        and isinstance(limit, int)
+        and len(text) <= limit < len(text.encode("utf-8", "surrogatepass"))
+    )
+
+
+def _message_bytes_over(operation: Any, request: Any) -> bool:
+    schema = _schema(operation, "InMessage").get("properties", {})
+    limit = lambda field: schema.get(field, {}).get("maxLength")  # noqa: E731
+    headers = schema.get("headers", {})
+    name_limit = headers.get("propertyNames", {}).get("maxLength")
+    value_limit = headers.get("additionalProperties", {}).get("maxLength")
+    if not isinstance(request, dict):
+        return False
+    if _over(request.get("tenant"), _schema(operation, "PublishRequest").get("properties", {}).get("tenant", {}).get("maxLength")):
+        return True
+    for message in request.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        for field in ("key", "id", "tenant"):
+            if _over(message.get(field), limit(field)):
+                return True
+        for name, value in (message.get("headers") or {}).items():
+            if _over(name, name_limit) or _over(value, value_limit):
+                return True
+    return False
+
+
+def _body_over(operation: Any, request: Any) -> bool:
+    """A body longer than max_message_bytes in bytes (text) or once decoded (base64)."""
+    schema = _schema(operation, "InMessage").get("properties", {})
+    max_bytes = schema.get("body", {}).get("maxLength")
+    if not isinstance(request, dict) or not isinstance(max_bytes, int):
+        return False
+    for message in request.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        if _over(message.get("body"), max_bytes):
+            return True
+        encoded = message.get("body_base64")
+        if isinstance(encoded, str):
+            try:
+                if len(base64.b64decode(encoded, validate=True)) > max_bytes:
+                    return True
+            except binascii.Error:
+                pass
+    return False
+
+
+def _number(value: Any) -> bool:
+    """A JSON number (820.0 is the integer 820 to the server, a float to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _patch(request: Any) -> dict:
+    if isinstance(request, dict) and list(request) == ["config"] and isinstance(request["config"], dict):
+        return request["config"]
+    return request if isinstance(request, dict) else {}
+
+
+def _config_rule_broken(request: Any, message: str) -> bool:
+    patch = _patch(request)
+    if message.startswith("backoff needs"):
+        backoff = patch.get("backoff") or {}
+        base, high = backoff.get("base_ms"), backoff.get("max_ms")
+        # Only a patch that gives both, in order, has no excuse: otherwise the queue's own
+        # value takes part.
+        return not (_number(base) and _number(high) and base <= high)
+    if message.startswith("coalesce needs"):
+        coalesce = patch.get("coalesce") or {}
+        window = coalesce.get("window_ms")
+        wait = coalesce.get("max_wait_ms")
+        if wait is None and _number(window):
+            wait = window * 10
+        return _number(window) and _number(wait) and not window <= wait <= 86_400_000
+    if message.startswith("adaptive needs"):
+        adaptive = patch.get("adaptive") or {}
+        low, high = adaptive.get("min_per_s"), adaptive.get("max_per_s")
+        return _number(low) and _number(high) and low > high
+    if message.startswith("quota.tenants: names are"):
+        tenants = (patch.get("quota") or {}).get("tenants") or {}
+        return any(_over(name, 128) for name in tenants)
+    return False
+
+
+def _fit(text: Any, limit: Any) -> Any:
+    """`text` cut to at most `limit` UTF-8 bytes (whole characters)."""
+    if not isinstance(text, str) or not isinstance(limit, int):
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore")
+
+
+@schemathesis.hook
+def map_case(context, case):
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive:
+        return case
+    operation = case.operation
+    if f"{operation.method.upper()} {operation.path}" != "POST /v1/queues/{queue}/messages":
+        return case
+    if not isinstance(case.body, dict):
+        return case
+    schema = _schema(operation, "InMessage").get("properties", {})
+    limit = lambda field: schema.get(field, {}).get("maxLength")  # noqa: E731
+    headers = schema.get("headers", {})
+    name_limit = headers.get("propertyNames", {}).get("maxLength")
+    value_limit = headers.get("additionalProperties", {}).get("maxLength")
+    max_delay = schema.get("delay_ms", {}).get("maximum")
+    now = int(time.time() * 1000)
+    if "tenant" in case.body:
+        case.body["tenant"] = _fit(case.body["tenant"], limit("tenant"))
+    for message in case.body.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        at = message.get("deliver_at")
+        if _number(at) and isinstance(max_delay, int) and at > now + max_delay // 2:
+            message["deliver_at"] = now + int(at) % (max_delay // 2 + 1)
+        for field in ("key", "id", "tenant", "body"):
+            if field in message:
+                message[field] = _fit(message[field], limit(field))
+        if isinstance(message.get("headers"), dict):
+            message["headers"] = {
+                _fit(name, name_limit): _fit(value, value_limit) for name, value in message["headers"].items()
+            }
+    return case
+
+
+@schemathesis.hook
+def filter_failure(context, failure, case, response) -> bool:
+    """False (drop the failure) only for what is explained above."""
+    if getattr(failure, "code", None) == "ST301":
+        return "DELETE /v1/redrives/" not in failure.message or _excuse("redrive cancelled, still reported")
+    if getattr(failure, "code", None) == "ST201" and response is not None:
+        body = getattr(response.request, "body", None)
+        if isinstance(body, str):
+            body = body.encode("utf-8", "surrogatepass")
+        optional = not case.operation.definition.raw.get("requestBody", {}).get("required", False)
+        if body is not None and body.strip(b" \t\r\n") == b"" and optional:
+            return _excuse("a body of only whitespace is no body")
+        return True
+    if getattr(failure, "code", None) != "ST202" or response is None:
+        return True
+    operation = case.operation
+    label = f"{operation.method.upper()} {operation.path}"
+    code, message = _error(response)
+    request = _sent(response)
+    written = _FLOAT_FOR_INTEGER.search(message)
+    if code == "invalid_request" and written and abs(float(written.group(1))) >= 2**53:
+        return _excuse("an integer written as a float past 2^53")
+    if code == "request_too_large" and "exceeds max_request_bytes" in message:
+        return _excuse("body over max_request_bytes")
+    if label == "POST /v1/queues/{queue}/messages":
+        if code == "invalid_message" and "bytes" in message and _message_bytes_over(operation, request):
+            return _excuse("publish: a field's UTF-8 bytes over its limit")
+        if code == "message_too_large" and _body_over(operation, request):
+            return _excuse("publish: a body's bytes over max_message_bytes")
+        if code == "invalid_message" and "deliver_at is more than max_delay_ms" in message:
+            return _excuse("publish: deliver_at too far ahead of now")
+        if code == "exceeds_capacity":
+            return _excuse("publish: batch over the queue's capacity")
+    if label == "PUT /v1/queues/{queue}" and code == "invalid_config":
+        if _config_rule_broken(request, message):
+            return _excuse("put queue: " + message.split(",")[0])
+    return True
