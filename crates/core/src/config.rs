@@ -14,17 +14,19 @@ pub const MAX_RATE: f64 = 10_000_000.0;
 /// Longest time to live: 30 days.
 pub const MAX_TTL_MS: u64 = 30 * 86_400_000;
 
-/// Checks a queue name: 1 to 200 characters of `[A-Za-z0-9._-]`.
+/// Checks a queue name: 1 to 200 characters of `[A-Za-z0-9._-]`, not `.` or `..` (HTTP
+/// clients remove those path segments, so such a queue could not be addressed).
 pub fn validate_queue_name(name: &str) -> Result<(), BrokerError> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if name.is_empty() || name.len() > MAX_QUEUE_NAME_LEN || !ok_chars {
+    let dots = name == "." || name == "..";
+    if name.is_empty() || name.len() > MAX_QUEUE_NAME_LEN || !ok_chars || dots {
         let shown: String = name.chars().take(40).collect();
         return Err(BrokerError::new(
             ErrorCode::InvalidQueueName,
             format!(
-                "invalid queue name '{shown}': use 1 to {MAX_QUEUE_NAME_LEN} characters of A-Z a-z 0-9 . _ -"
+                "invalid queue name '{shown}': use 1 to {MAX_QUEUE_NAME_LEN} characters of A-Z a-z 0-9 . _ - (not . or ..)"
             ),
         ));
     }
@@ -770,7 +772,8 @@ mod tests {
         for good in ["a", "orders.v2", "A_b-c", &"x".repeat(200)] {
             assert!(validate_queue_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "a b", "é", "a/b", &"x".repeat(201)] {
+        // "." and ".." cannot be addressed: HTTP clients remove dot segments from paths.
+        for bad in ["", "a b", "é", "a/b", &"x".repeat(201), ".", ".."] {
             assert!(
                 matches!(validate_queue_name(bad), Err(e) if e.code == ErrorCode::InvalidQueueName),
                 "{bad}"

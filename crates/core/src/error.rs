@@ -139,7 +139,7 @@ impl ErrorCode {
                 "A field is missing, unknown or out of range. The message names it."
             }
             ErrorCode::InvalidQueueName => {
-                "Queue names are 1 to 200 characters of A-Z a-z 0-9 . _ -"
+                "Queue names are 1 to 200 characters of A-Z a-z 0-9 . _ -, and not . or .."
             }
             ErrorCode::InvalidConfig => {
                 "A queue configuration value is invalid. The message names the field and its range."

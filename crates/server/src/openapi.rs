@@ -228,7 +228,14 @@ const BASE64_PATTERN: &str =
     "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
 
 fn queue_name() -> Value {
-    json!({"type": "string", "pattern": format!("^[A-Za-z0-9._-]{{1,{MAX_QUEUE_NAME_LEN}}}$")})
+    // 1 to MAX_QUEUE_NAME_LEN of [A-Za-z0-9._-], but not "." or ".." (without lookaround,
+    // which not every schema tool supports): a first character that is not a dot, or one
+    // dot then a non-dot, or two dots then anything.
+    let n = MAX_QUEUE_NAME_LEN;
+    json!({"type": "string", "pattern": format!(
+        "^([A-Za-z0-9_-][A-Za-z0-9._-]{{0,{}}}|\\.[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{}}}|\\.\\.[A-Za-z0-9._-]{{1,{}}})$",
+        n - 1, n - 2, n - 2
+    )})
 }
 
 /// The queue configuration: a patch (PUT) and the whole object (replies).
