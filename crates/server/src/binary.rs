@@ -12,7 +12,8 @@
 //! what subscriptions lease (only what the outbox can take).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use crate::listener::{Bounds, Stats, accept_loop};
 
 /// Requests one connection may have in flight; beyond, the server stops reading (TCP
 /// backpressure) until some finish.
@@ -57,89 +60,39 @@ pub struct Limits {
     pub shutdown_timeout: Duration,
 }
 
-/// Live figures of a listener (binary or HTTP), for /metrics.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub open: AtomicU64,
-    pub accepted: AtomicU64,
-    pub refused: AtomicU64,
-    pub closed_idle: AtomicU64,
-    pub accept_errors: AtomicU64,
-}
-
-/// Counts a connection open for as long as it lives.
-pub struct OpenGuard(pub Arc<Stats>);
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<OnceLock<Broker>>,
     limits: Limits,
     stats: Arc<Stats>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    let bounds = Bounds {
+        name: "binary protocol",
+        max_connections: limits.max_connections,
+        shutdown_timeout: limits.shutdown_timeout,
+    };
     let limits = Arc::new(limits);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut connections = JoinSet::new();
-    let mut backoff = Duration::ZERO;
-    let mut last_warning: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    backoff = Duration::ZERO;
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        stats.refused.fetch_add(1, Ordering::Relaxed);
-                        refuse(&stream, limits.max_connections);
-                        continue;
-                    };
-                    stats.accepted.fetch_add(1, Ordering::Relaxed);
-                    stats.open.fetch_add(1, Ordering::Relaxed);
-                    let guard = OpenGuard(stats.clone());
-                    let _ = stream.set_nodelay(true);
-                    let (broker, limits, stats, shutdown) =
-                        (broker.clone(), limits.clone(), stats.clone(), shutdown.clone());
-                    connections.spawn(async move {
-                        match connection(stream, broker, &limits, &stats, shutdown).await {
-                            End::Told(frame) => tracing::debug!(%peer, ?frame, "binary connection closed by the server"),
-                            end => tracing::debug!(%peer, ?end, "binary connection ended"),
-                        }
-                        drop((slot, guard));
-                    });
-                }
-                Err(err) => {
-                    stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                    // Out of file descriptors (or a transient error): wait, do not spin.
-                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                    if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-                        last_warning = Some(Instant::now());
-                        tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "binary protocol: accept failed; backing off (further failures are counted in tidewater_connection_accept_errors_total)");
+    let serve_one = {
+        let (stats, shutdown) = (stats.clone(), shutdown.clone());
+        move |stream: TcpStream, peer: SocketAddr| {
+            let (broker, limits, stats, shutdown) = (
+                broker.clone(),
+                limits.clone(),
+                stats.clone(),
+                shutdown.clone(),
+            );
+            async move {
+                match connection(stream, broker, &limits, &stats, shutdown).await {
+                    End::Told(frame) => {
+                        tracing::debug!(%peer, ?frame, "binary connection closed by the server");
                     }
-                    tokio::time::sleep(backoff).await;
+                    end => tracing::debug!(%peer, ?end, "binary connection ended"),
                 }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = shutdown.changed() => break,
+            }
         }
-    }
-    drop(listener);
-    // Each connection saw the signal itself: give them the grace period, then cut them off.
-    let drained = tokio::time::timeout(limits.shutdown_timeout, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            left = connections.len(),
-            "binary protocol: connections still open at the shutdown deadline; closing them"
-        );
-        connections.shutdown().await;
-    }
+    };
+    accept_loop(listener, bounds, stats, shutdown, refuse, serve_one).await;
 }
 
 /// Tells a connection over the cap why it is closed, without waiting for it.

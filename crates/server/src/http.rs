@@ -1,6 +1,6 @@
 //! HTTP API v1 over the broker. Thin glue: parse, call the broker, shape the reply.
 
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -20,11 +20,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::task::JoinSet;
-use tokio::time::Instant;
 
 use crate::api::{self, ErrorBody, OutMessage};
-use crate::binary::{OpenGuard, Stats};
+use crate::listener::{Bounds, Stats, accept_loop};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -412,74 +410,37 @@ pub async fn serve(
     router: Router,
     limits: Limits,
     stats: Arc<Stats>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut connections = JoinSet::new();
-    let mut backoff = Duration::ZERO;
-    let mut last_warning: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    backoff = Duration::ZERO;
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        stats.refused.fetch_add(1, Ordering::Relaxed);
-                        refuse(&stream, limits.max_connections);
-                        continue;
-                    };
-                    stats.accepted.fetch_add(1, Ordering::Relaxed);
-                    stats.open.fetch_add(1, Ordering::Relaxed);
-                    let open = OpenGuard(stats.clone());
-                    let _ = stream.set_nodelay(true);
-                    let service = TowerToHyperService::new(router.clone());
-                    let mut stop = shutdown.clone();
-                    let header_timeout = limits.header_timeout;
-                    connections.spawn(async move {
-                        let mut builder = hyper::server::conn::http1::Builder::new();
-                        builder
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(header_timeout)
-                            .keep_alive(true);
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        tokio::pin!(conn);
-                        tokio::select! {
-                            _ = conn.as_mut() => {}
-                            _ = stop.changed() => {
-                                // Finish the request in progress, then close.
-                                conn.as_mut().graceful_shutdown();
-                                let _ = conn.as_mut().await;
-                            }
-                        }
-                        drop((slot, open));
-                    });
+    let bounds = Bounds {
+        name: "HTTP",
+        max_connections: limits.max_connections,
+        shutdown_timeout: limits.shutdown_timeout,
+    };
+    let header_timeout = limits.header_timeout;
+    let stop = shutdown.clone();
+    let serve_one = move |stream: TcpStream, _peer: SocketAddr| {
+        let service = TowerToHyperService::new(router.clone());
+        let mut stop = stop.clone();
+        async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(true);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => {
+                    // Finish the request in progress, then close.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().await;
                 }
-                Err(err) => {
-                    stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                    if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-                        last_warning = Some(Instant::now());
-                        tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "HTTP: accept failed; backing off (further failures are counted in tidewater_connection_accept_errors_total)");
-                    }
-                    tokio::time::sleep(backoff).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = shutdown.changed() => break,
+            }
         }
-    }
-    drop(listener);
-    let drained = tokio::time::timeout(limits.shutdown_timeout, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            left = connections.len(),
-            "HTTP: connections still open at the shutdown deadline; closing them"
-        );
-        connections.shutdown().await;
-    }
+    };
+    accept_loop(listener, bounds, stats, shutdown, refuse, serve_one).await;
 }
 
 /// Answers a connection over the cap with a 503 and closes it, without waiting for it.

@@ -6,6 +6,7 @@ mod binary;
 mod cli;
 mod client;
 mod http;
+mod listener;
 mod metrics;
 mod openapi;
 mod scenario;

@@ -276,8 +276,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let open_files = raise_open_files_limit();
     check_open_files(&settings, open_files)?;
     let cell: Arc<OnceLock<Broker>> = Arc::new(OnceLock::new());
-    let protocol_stats = Arc::new(crate::binary::Stats::default());
-    let http_stats = Arc::new(crate::binary::Stats::default());
+    let protocol_stats = Arc::new(crate::listener::Stats::default());
+    let http_stats = Arc::new(crate::listener::Stats::default());
     let metrics = Arc::new(Metrics::new(
         cell.clone(),
         protocol_stats.clone(),
