@@ -866,6 +866,7 @@ const FIRST_MESSAGE_GRACE_MS: u64 = 500;
 pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Result<()> {
     use tidewater_client::ConsumerOptions;
     let runtime = runtime()?;
+    let mut stopped_by_signal = false;
     let (done, acked, nacked) = runtime.block_on(async {
         let client = binary_client(protocol);
         // An unreachable server is an error (exit 5), not an empty queue: the consumer
@@ -877,12 +878,28 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
         let mut consumer =
             client.consumer(&args.queue, ConsumerOptions { prefetch, lease_ms: args.lease_ms, max_messages, ..ConsumerOptions::default() });
         let (mut done, mut acked, mut nacked) = (0u64, 0u64, 0u64);
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
         while args.max == 0 || done < args.max {
             // The first message also waits for the connection and subscription: with
             // `--wait-ms 0`, a queue with messages must not look empty.
             let connecting = if done == 0 { FIRST_MESSAGE_GRACE_MS } else { 0 };
             let wait = Duration::from_millis(args.wait_ms.max(1) + connecting);
-            let next = tokio::time::timeout(wait, consumer.next()).await;
+            // Ctrl-C or SIGTERM stops taking messages; the one being handled finishes, and the
+            // acks and releases below still go out (a signal used to drop them: every handled
+            // message came back when its lease expired).
+            let next = tokio::select! {
+                next = tokio::time::timeout(wait, consumer.next()) => next,
+                _ = interrupt.recv() => {
+                    stopped_by_signal = true;
+                    break;
+                }
+                _ = terminate.recv() => {
+                    stopped_by_signal = true;
+                    break;
+                }
+            };
             let delivery = match next {
                 Ok(Some(delivery)) => delivery.map_err(binary_error)?,
                 Ok(None) => break,
@@ -948,8 +965,13 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
     })?;
     if !as_json {
         errln!(
-            "consumed {done} messages from '{}': {acked} acked, {nacked} nacked",
-            args.queue
+            "consumed {done} messages from '{}': {acked} acked, {nacked} nacked{}",
+            args.queue,
+            if stopped_by_signal {
+                " (stopped by a signal)"
+            } else {
+                ""
+            }
         );
     }
     Ok(())

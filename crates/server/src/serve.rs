@@ -421,7 +421,8 @@ fn check_open_files(settings: &Settings, open_files: u64) -> anyhow::Result<()> 
             open_files,
             max_queues = settings.limits.max_queues,
             queues_fit,
-            "each queue holding data keeps 2 files open: with every connection in use, only {queues_fit} such queues fit in the open-files limit; raise `ulimit -Hn` or lower limits.max_queues"
+            "open files: a queue with data keeps about 2 files open (more with a long backlog: one per segment), so with every connection in use about {queues_fit} such queues fit in this limit (max_queues is {}); raise `ulimit -Hn` for more",
+            settings.limits.max_queues
         );
     }
     Ok(())

@@ -598,3 +598,44 @@ fn json_errors_are_one_json_object_on_standard_error() {
     assert_eq!(code, 0);
     assert!(out.contains("Usage"), "{out}");
 }
+
+/// Ctrl-C on `consume` dropped the acks of the messages it had handled (every one came back
+/// when its lease expired): a signal now stops taking messages, then sends the acks and
+/// releases what was prefetched.
+#[test]
+fn a_signal_stops_consume_without_losing_its_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("sig", json!({"lease_ms": 600000}));
+    let messages: Vec<Value> = (0..40).map(|i| json!({"body": format!("m{i}")})).collect();
+    server.publish("sig", json!(messages));
+    let mut child = Command::new(BIN)
+        .args(["consume", "sig", "--follow", "--exec", "cat > /dev/null"])
+        .env("TIDEWATER_SERVER", &server.url)
+        .env("TIDEWATER_PROTOCOL_SERVER", &server.protocol)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until every message was handled (printed), then interrupt.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.lines().filter(|l| l.contains(" m")).count() < 40 {
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "consume ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("40 acked"), "{stderr}");
+    let stats = server.stats("sig");
+    assert_eq!(
+        (stats["acked"].as_u64(), stats["in_flight"].as_u64()),
+        (Some(40), Some(0)),
+        "{stats}"
+    );
+}
