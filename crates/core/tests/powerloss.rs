@@ -103,6 +103,8 @@ fn options(fs: &SimFs, clock: &ManualClock, seed: u64) -> BrokerOptions {
             journal_roll_bytes: u64::MAX,
             checkpoint_interval: Duration::from_secs(86_400 * 365),
             segment_roll_bytes: 4_096,
+            // Few open files: segments leave the cache and are reopened all the time.
+            max_open_segment_files: tidewater_storage::MIN_OPEN_SEGMENT_FILES,
             fs: Arc::new(fs.clone()),
             lockstep: true,
             ..StoreOptions::default()

@@ -404,6 +404,21 @@ impl Collector for QueueCollector {
             prometheus_client::metrics::MetricType::Counter,
         )?;
         ConstCounter::new(broker.store().checkpoint_failures()).encode(family)?;
+        let files = broker.store().segment_files();
+        let family = encoder.encode_descriptor(
+            "segment_files_open",
+            "Segment files held open by the store (at most [storage] max_open_segment_files)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        ConstGauge::new(files.open as i64).encode(family)?;
+        let family = encoder.encode_descriptor(
+            "segment_files_opened",
+            "Segment files opened (created, or reopened after the cache closed them)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(files.opened).encode(family)?;
         Ok(())
     }
 }

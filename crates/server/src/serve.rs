@@ -115,6 +115,8 @@ pub struct StorageConfig {
     pub segment_roll_bytes: u64,
     pub checkpoint_interval_ms: u64,
     pub write_queue_capacity: usize,
+    /// Segment files held open at once (least recently used closed first).
+    pub max_open_segment_files: usize,
 }
 
 impl Default for StorageConfig {
@@ -126,6 +128,7 @@ impl Default for StorageConfig {
             segment_roll_bytes: d.segment_roll_bytes,
             checkpoint_interval_ms: d.checkpoint_interval.as_millis() as u64,
             write_queue_capacity: d.write_queue_capacity,
+            max_open_segment_files: d.max_open_segment_files,
         }
     }
 }
@@ -173,9 +176,11 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
     if s.journal_roll_bytes < 1 << 20
         || s.segment_roll_bytes < 64 << 10
         || s.write_queue_capacity == 0
+        || s.max_open_segment_files < tidewater_storage::MIN_OPEN_SEGMENT_FILES
     {
         bail!(
-            "storage: journal_roll_bytes must be >= 1 MiB, segment_roll_bytes >= 64 KiB, write_queue_capacity >= 1"
+            "storage: journal_roll_bytes must be >= 1 MiB, segment_roll_bytes >= 64 KiB, write_queue_capacity >= 1, max_open_segment_files >= {}",
+            tidewater_storage::MIN_OPEN_SEGMENT_FILES
         );
     }
     let p = &file.protocol;
@@ -246,6 +251,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             segment_roll_bytes: s.segment_roll_bytes,
             checkpoint_interval: Duration::from_millis(s.checkpoint_interval_ms.max(100)),
             write_queue_capacity: s.write_queue_capacity,
+            max_open_segment_files: s.max_open_segment_files,
             // Fault injection for the test suite only; not a configuration setting.
             repair_missing: args.repair_missing,
             fail_fsync_at: std::env::var("TIDEWATER_FAULT_FAIL_FSYNC_AT")
@@ -398,31 +404,26 @@ fn raise_open_files_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// File descriptors kept for the journal, checkpoints, segments being rolled and listeners.
+/// File descriptors kept for the journal, checkpoints, directories being synced, segments
+/// in use by readers after leaving the cache, and listeners.
 const STORAGE_FILES_RESERVE: u64 = 256;
 
-/// Refuses to start when the connection caps cannot fit in the open-files limit (they
-/// would fail at accept, under load, instead of now); warns when the queues may not.
+/// Refuses to start when the connection caps and the segment files held open cannot fit
+/// in the open-files limit: they would fail at accept or at a write, under load, instead of
+/// now. (The number of queues does not matter: segment files beyond
+/// `max_open_segment_files` are closed, least recently used first, and reopened on use.)
 fn check_open_files(settings: &Settings, open_files: u64) -> anyhow::Result<()> {
     let connections = (settings.protocol.max_connections + settings.http.max_connections) as u64;
-    if connections + STORAGE_FILES_RESERVE > open_files {
+    let segments = settings.store.max_open_segment_files as u64;
+    if connections + segments + STORAGE_FILES_RESERVE > open_files {
         bail!(
-            "the open-files limit ({open_files}, `ulimit -Hn`) cannot hold the configured connections: \
-             [protocol] max_connections {} + [http] max_connections {} + {STORAGE_FILES_RESERVE} for storage. \
+            "the open-files limit ({open_files}, `ulimit -Hn`) cannot hold the configured connections and segment files: \
+             [protocol] max_connections {} + [http] max_connections {} + [storage] max_open_segment_files {segments} \
+             + {STORAGE_FILES_RESERVE} for the journal, checkpoints and listeners = {}. \
              Lower them in the config file or raise the hard limit",
             settings.protocol.max_connections,
-            settings.http.max_connections
-        );
-    }
-    let per_queue = 2;
-    let queues_fit = (open_files - connections - STORAGE_FILES_RESERVE) / per_queue;
-    if (settings.limits.max_queues as u64) > queues_fit {
-        tracing::info!(
-            open_files,
-            max_queues = settings.limits.max_queues,
-            queues_fit,
-            "open files: a queue with data keeps about 2 files open (more with a long backlog: one per segment), so with every connection in use about {queues_fit} such queues fit in this limit (max_queues is {}); raise `ulimit -Hn` for more",
-            settings.limits.max_queues
+            settings.http.max_connections,
+            connections + segments + STORAGE_FILES_RESERVE
         );
     }
     Ok(())
@@ -513,6 +514,7 @@ mod docs {
                 "segment_roll_bytes",
                 "checkpoint_interval_ms",
                 "write_queue_capacity",
+                "max_open_segment_files",
                 "max_request_bytes",
                 "max_request_bytes_in_flight",
                 "max_frame_bytes",

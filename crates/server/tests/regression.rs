@@ -1122,3 +1122,47 @@ fn a_form_feed_is_invalid_json_not_an_empty_body() {
         "{reply}"
     );
 }
+
+/// Issue 9, item 15: every segment file stayed open for as long as its queue lived (a
+/// queue with data held two descriptors, more with a backlog), so 10,000 queues needed
+/// 20,000 descriptors and the open-files limit, not `max_queues`, decided how many queues
+/// a server could hold: past it, publishes and the restart's recovery failed with EMFILE.
+/// Under a limit of 400 descriptors, 500 queues with data (1,000 logs) are written, the
+/// server is killed and recovers, and every message is received; the server holds at most
+/// `max_open_segment_files` segment files.
+#[test]
+fn more_queues_than_the_open_files_limit_holds_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[protocol]\nmax_connections = 32\n[http]\nmax_connections = 32\n\
+                  [storage]\nfsync = false\nmax_open_segment_files = 64\n";
+    let mut server = Server::start_with_open_files(&dir.path().join("data"), config, 400);
+    let queues = 500;
+    for i in 0..queues {
+        server.create_queue(&format!("q{i}"), json!({}));
+        server.publish(
+            &format!("q{i}"),
+            json!([{"body": format!("message of q{i}")}, {"body": "delayed", "delay_ms": 3_600_000}]),
+        );
+    }
+    let open = |server: &Server| -> u64 {
+        metrics_text(&server.url)
+            .lines()
+            .find_map(|l| l.strip_prefix("tidewater_segment_files_open "))
+            .and_then(|v| v.parse().ok())
+            .expect("tidewater_segment_files_open")
+    };
+    assert!(open(&server) <= 64);
+    server.kill_and_restart();
+    for i in 0..queues {
+        let got = server.receive(&format!("q{i}"), 10, 0, None);
+        let bodies: Vec<&str> = got.iter().filter_map(|m| m["body"].as_str()).collect();
+        assert_eq!(bodies, [format!("message of q{i}")], "queue q{i}");
+        assert_eq!(server.stats(&format!("q{i}"))["total"], 2, "queue q{i}");
+    }
+    assert!(open(&server) <= 64);
+    assert!(
+        open_fds(server.child.id()) <= 400,
+        "the server holds {} descriptors",
+        open_fds(server.child.id())
+    );
+}

@@ -16,6 +16,8 @@ pub struct Server {
     pub data: PathBuf,
     config: Option<PathBuf>,
     ports: (u16, u16),
+    /// The open-files limit (soft and hard) the server runs under, when one is set.
+    open_files: Option<u64>,
 }
 
 /// A port that is free now, chosen below the kernel's ephemeral range so that
@@ -53,8 +55,26 @@ impl Server {
 
     /// Starts with extra environment variables (fault injection).
     pub fn start_env(data: &Path, config: Option<PathBuf>, env: &[(&str, &str)]) -> Server {
+        Server::start_limited(data, config, env, None)
+    }
+
+    /// Starts under an open-files limit of `open_files` (soft and hard, as `ulimit -n`
+    /// sets them), kept across restarts.
+    pub fn start_with_open_files(data: &Path, config: &str, open_files: u64) -> Server {
+        let path = data.with_extension("toml");
+        std::fs::write(&path, config).unwrap();
+        Server::start_limited(data, Some(path), &[], Some(open_files))
+    }
+
+    fn start_limited(
+        data: &Path,
+        config: Option<PathBuf>,
+        env: &[(&str, &str)],
+        open_files: Option<u64>,
+    ) -> Server {
         for _ in 0..5 {
-            match Server::try_start(data, config.clone(), env, (free_port(), free_port())) {
+            let ports = (free_port(), free_port());
+            match Server::try_start(data, config.clone(), env, ports, open_files) {
                 Ok(server) => return server,
                 // Another test took a port between our check and the bind: new ports.
                 Err(status) => eprintln!("server exited before ready ({status}); new ports"),
@@ -71,8 +91,18 @@ impl Server {
         env: &[(&str, &str)],
         ports: (u16, u16),
     ) -> Server {
+        Server::start_on_limited(data, config, env, ports, None)
+    }
+
+    fn start_on_limited(
+        data: &Path,
+        config: Option<PathBuf>,
+        env: &[(&str, &str)],
+        ports: (u16, u16),
+        open_files: Option<u64>,
+    ) -> Server {
         for _ in 0..50 {
-            match Server::try_start(data, config.clone(), env, ports) {
+            match Server::try_start(data, config.clone(), env, ports, open_files) {
                 Ok(server) => return server,
                 Err(status) => eprintln!("server exited before ready ({status}); retrying"),
             }
@@ -87,9 +117,22 @@ impl Server {
         config: Option<PathBuf>,
         env: &[(&str, &str)],
         ports: (u16, u16),
+        open_files: Option<u64>,
     ) -> Result<Server, std::process::ExitStatus> {
         let (port, protocol_port) = ports;
-        let mut command = Command::new(BIN);
+        let mut command = match open_files {
+            None => Command::new(BIN),
+            Some(limit) => {
+                // The shell sets the limit and becomes the server (its pid is the server's).
+                let mut sh = Command::new("sh");
+                sh.args([
+                    "-c",
+                    &format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
+                    BIN,
+                ]);
+                sh
+            }
+        };
         command.envs(env.iter().copied());
         command
             .args(["serve", "--data"])
@@ -112,6 +155,7 @@ impl Server {
             data: data.to_path_buf(),
             config,
             ports,
+            open_files,
         };
         let mut server = server;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -131,14 +175,16 @@ impl Server {
     pub fn kill_and_restart(&mut self) {
         self.kill9();
         let config = self.config.clone();
-        *self = Server::start_on(&self.data.clone(), config, &[], self.ports);
+        *self =
+            Server::start_on_limited(&self.data.clone(), config, &[], self.ports, self.open_files);
     }
 
     /// SIGTERM, then start again on the same data, config and ports.
     pub fn restart(&mut self) {
         assert_eq!(self.stop(), 0);
         let config = self.config.clone();
-        *self = Server::start_on(&self.data.clone(), config, &[], self.ports);
+        *self =
+            Server::start_on_limited(&self.data.clone(), config, &[], self.ports, self.open_files);
     }
 
     pub fn kill9(&mut self) {

@@ -192,9 +192,12 @@ impl Fs for RealFs {
     }
 }
 
-/// What the store's file operations go through: the file system and the test faults.
+/// What the store's file operations go through: the file system, the test faults and the
+/// cache of open segment files.
 #[derive(Clone)]
 pub(crate) struct Io {
     pub fs: Arc<dyn Fs>,
     pub faults: Arc<crate::faults::Faults>,
+    /// The segment files held open (bounded).
+    pub files: Arc<crate::open_files::OpenFiles>,
 }

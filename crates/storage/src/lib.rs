@@ -13,6 +13,7 @@ pub mod faults;
 pub mod format;
 pub mod fs;
 pub mod journal;
+mod open_files;
 pub mod ranges;
 mod segment;
 pub mod sim;
@@ -23,11 +24,12 @@ pub use error::{FormatError, MissingData, OpenError, ReadError, WriteError};
 pub use faults::{Faults, FsOp};
 pub use format::{BatchBuilder, NewRecord, Record};
 pub use fs::{FileRef, Fs, FsFile, OpenHow, RealFs};
+pub use open_files::MIN_OPEN_SEGMENT_FILES;
 pub use ranges::RangeSet;
 pub use state::{LogState, RetryInfo};
 pub use store::{
     AckLevel, Completion, DurableListener, FatalListener, LogReader, Op, OpResult, RecoveredLog,
-    Store, StoreOptions, disk_free_bytes,
+    SegmentFiles, Store, StoreOptions, disk_free_bytes,
 };
 
 /// Entry points for the fuzz targets (`fuzz/`) that are private to this crate. Not an API.

@@ -3,11 +3,14 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{FormatError, OpenError, ReadError};
 use crate::faults::FsOp;
 use crate::format::{BATCH_HEADER_LEN, BatchHeader};
 use crate::fs::{FileRef, Io, OpenHow};
+use crate::open_files::OpenFiles;
 
 /// Distance in bytes between sparse index entries (Kafka's `index.interval.bytes`).
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;
@@ -23,7 +26,11 @@ pub(crate) struct Segment {
     /// Bytes of valid batches.
     pub len: u64,
     pub path: PathBuf,
-    pub file: FileRef,
+    /// This segment's number in the store's cache of open files (`Segment::file`).
+    id: u64,
+    files: Arc<OpenFiles>,
+    /// Bytes written since the last sync (the checkpoint syncs those segments only).
+    unsynced: AtomicBool,
     /// Sparse index, ascending by offset: batch starts and record marks inside batches.
     index: Vec<Mark>,
     last_indexed_pos: u64,
@@ -42,6 +49,40 @@ struct Mark {
 }
 
 impl Segment {
+    /// A segment whose file was just opened or created (`file`, put in the cache).
+    fn new(io: &Io, base: u64, path: PathBuf, file: FileRef) -> Segment {
+        let id = io.files.next_id();
+        io.files.put(id, file);
+        Segment {
+            base,
+            end: base,
+            len: 0,
+            path,
+            id,
+            files: io.files.clone(),
+            unsynced: AtomicBool::new(false),
+            index: Vec::new(),
+            last_indexed_pos: 0,
+        }
+    }
+
+    /// The segment's file, from the cache of open files (opened again when it left).
+    pub fn file(&self, io: &Io) -> std::io::Result<FileRef> {
+        self.files.get(&*io.fs, self.id, &self.path)
+    }
+
+    /// Syncs the segment's bytes when any were written since the last sync. An open that
+    /// fails is `Err(Ok(_))` (nothing was lost: retry); a sync that fails is `Err(Err(_))`.
+    pub fn sync_if_written(&self, io: &Io) -> Result<(), Result<std::io::Error, std::io::Error>> {
+        if !self.unsynced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let file = self.file(io).map_err(Ok)?;
+        file.sync_data().map_err(Err)?;
+        self.unsynced.store(false, Ordering::Release);
+        Ok(())
+    }
+
     /// Indexes a batch at `pos` whose records are `records` (the bytes after the header).
     fn note_batch(&mut self, header: &BatchHeader, pos: u64, records: &[u8]) {
         if self.index.is_empty() || pos >= self.last_indexed_pos + INDEX_INTERVAL_BYTES {
@@ -88,6 +129,13 @@ impl Segment {
         } else {
             self.index[idx - 1]
         }
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // Gone from its log (removed, replaced): a removed file's space is not held open.
+        self.files.forget(self.id);
     }
 }
 
@@ -313,7 +361,10 @@ impl LogFiles {
                 _ => {}
             }
             let segment = scan_segment(&files.io, &path, uid, base)?;
-            let physical = segment.file.size().map_err(|e| OpenError::io(&path, e))?;
+            let physical = segment
+                .file(&files.io)
+                .and_then(|f| f.size())
+                .map_err(|e| OpenError::io(&path, e))?;
             if physical != segment.len {
                 if segment.end >= floor {
                     tracing::warn!(path = %path.display(), valid = segment.len, physical, "truncating torn segment tail");
@@ -351,13 +402,12 @@ impl LogFiles {
         }
         for (idx, len) in truncate {
             let segment = &files.segments[idx];
-            segment
-                .file
-                .set_len(len)
+            let file = segment
+                .file(&files.io)
                 .map_err(|e| OpenError::io(&segment.path, e))?;
-            segment
-                .file
-                .sync_all()
+            file.set_len(len)
+                .map_err(|e| OpenError::io(&segment.path, e))?;
+            file.sync_all()
                 .map_err(|e| OpenError::io(&segment.path, e))?;
         }
         for path in &remove {
@@ -400,6 +450,11 @@ impl LogFiles {
             .expect("a log always has an active segment")
     }
 
+    /// The active segment's file (from the cache of open files).
+    pub fn active_file(&self) -> std::io::Result<FileRef> {
+        self.active().file(&self.io)
+    }
+
     /// Starts a new active segment at `base` (the current end).
     pub fn roll(&mut self, base: u64) -> std::io::Result<()> {
         let path = segment_path(&self.dir, base);
@@ -407,15 +462,9 @@ impl LogFiles {
         self.io.faults.note(|| FsOp::CreateFile(path.clone()));
         file.set_len(0)?;
         fsync_dir(&self.io, &self.dir)?;
-        self.segments.push(Segment {
-            base,
-            end: base,
-            len: 0,
-            path,
-            file,
-            index: Vec::new(),
-            last_indexed_pos: 0,
-        });
+        let segment = Segment::new(&self.io, base, path, file);
+        segment.unsynced.store(true, Ordering::Release);
+        self.segments.push(segment);
         Ok(())
     }
 
@@ -437,6 +486,7 @@ impl LogFiles {
         }
         active.len = new_len;
         active.end = new_end;
+        active.unsynced.store(true, Ordering::Release);
     }
 
     /// Cuts the log back to end at `offset` (a batch boundary). Used on recovery when a
@@ -464,13 +514,12 @@ impl LogFiles {
                 reason: format!("no batch boundary at offset {offset}"),
             });
         }
-        rescanned
-            .file
-            .set_len(rescanned.len)
+        let file = rescanned
+            .file(&self.io)
             .map_err(|e| OpenError::io(&rescanned.path, e))?;
-        rescanned
-            .file
-            .sync_all()
+        file.set_len(rescanned.len)
+            .map_err(|e| OpenError::io(&rescanned.path, e))?;
+        file.sync_all()
             .map_err(|e| OpenError::io(&rescanned.path, e))?;
         *active = rescanned;
         Ok(())
@@ -480,7 +529,7 @@ impl LogFiles {
     pub fn remove_settled(&mut self, floor: u64) -> Vec<PathBuf> {
         let mut removed = Vec::new();
         while self.segments.len() > 1 && self.segments[0].end <= floor {
-            removed.push(self.segments.remove(0).path);
+            removed.push(self.segments.remove(0).path.clone());
         }
         removed
     }
@@ -507,7 +556,8 @@ impl LogFiles {
         active.end = mark.end;
         active.index.truncate(mark.index_len);
         active.last_indexed_pos = active.index.last().map_or(0, |m| m.pos);
-        active.file.set_len(mark.len)
+        active.unsynced.store(true, Ordering::Release);
+        active.file(&self.io)?.set_len(mark.len)
     }
 
     pub fn disk_bytes(&self) -> u64 {
@@ -530,15 +580,10 @@ fn scan_segment_until(
 ) -> Result<Segment, OpenError> {
     let file = open_rw(io, path, false).map_err(|e| OpenError::io(path, e))?;
     let physical = file.size().map_err(|e| OpenError::io(path, e))?;
-    let mut segment = Segment {
-        base,
-        end: base,
-        len: 0,
-        path: path.to_path_buf(),
-        file,
-        index: Vec::new(),
-        last_indexed_pos: 0,
-    };
+    let mut segment = Segment::new(io, base, path.to_path_buf(), file.clone());
+    // Its bytes may be in the page cache only (the process stopped before a checkpoint
+    // synced them): the first checkpoint syncs them.
+    segment.unsynced.store(true, Ordering::Release);
     let mut header_buf = [0u8; BATCH_HEADER_LEN];
     let mut body = Vec::new();
     while segment.len + BATCH_HEADER_LEN as u64 <= physical {
@@ -546,7 +591,7 @@ fn scan_segment_until(
             break;
         }
         let pos = segment.len;
-        if segment.file.read_exact_at(&mut header_buf, pos).is_err() {
+        if file.read_exact_at(&mut header_buf, pos).is_err() {
             break;
         }
         let Ok(header) = BatchHeader::decode(&header_buf) else {
@@ -559,8 +604,7 @@ fn scan_segment_until(
             break;
         }
         body.resize(header.body_len as usize, 0);
-        if segment
-            .file
+        if file
             .read_exact_at(&mut body, pos + BATCH_HEADER_LEN as u64)
             .is_err()
         {
@@ -638,8 +682,12 @@ pub(crate) fn read_records(
                     None => return Ok(bytes_read.get()),
                 }
             }
+            let file = seg.file(&files.io).map_err(|source| ReadError::Io {
+                path: seg.path.clone(),
+                source,
+            })?;
             (
-                seg.file.clone(),
+                file,
                 seg.path.clone(),
                 seg.mark_before(next),
                 seg.len,

@@ -117,6 +117,10 @@ struct Disk {
     power_losses: u64,
     /// The last operations, for failure reports.
     trace: VecDeque<String>,
+    /// Open file and directory handles now, the most at once, and the limit (EMFILE past it).
+    handles: u64,
+    most_handles: u64,
+    handle_limit: Option<u64>,
 }
 
 const ROOT: u64 = 1;
@@ -422,6 +426,9 @@ impl SimFs {
                 sector,
                 power_losses: 0,
                 trace: VecDeque::new(),
+                handles: 0,
+                most_handles: 0,
+                handle_limit: None,
             })),
         }
     }
@@ -490,6 +497,36 @@ impl SimFs {
     /// The last operations and power losses, oldest first.
     pub fn trace(&self) -> Vec<String> {
         self.lock().trace.iter().cloned().collect()
+    }
+
+    /// Refuses opens past `limit` handles open at once with EMFILE, as a process's
+    /// open-files limit does (`None`: no limit).
+    pub fn set_handle_limit(&self, limit: Option<u64>) {
+        self.lock().handle_limit = limit;
+    }
+
+    /// File and directory handles open now, and the most that were open at once.
+    pub fn handles(&self) -> (u64, u64) {
+        let disk = self.lock();
+        (disk.handles, disk.most_handles)
+    }
+}
+
+impl Disk {
+    /// Counts a new handle, or refuses it past the limit.
+    fn take_handle(&mut self) -> io::Result<()> {
+        if self.handle_limit.is_some_and(|limit| self.handles >= limit) {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        self.handles += 1;
+        self.most_handles = self.most_handles.max(self.handles);
+        Ok(())
+    }
+}
+
+impl Drop for SimFile {
+    fn drop(&mut self) {
+        self.lock().handles -= 1;
     }
 }
 
@@ -598,7 +635,9 @@ impl Fs for SimFs {
         let mut disk = self.lock();
         let generation = disk.generation;
         disk.alive(generation)?;
-        let ino = match disk.lookup(path) {
+        // The handle is counted first: past the limit, the open fails with nothing changed.
+        disk.take_handle()?;
+        let opened = (|| match disk.lookup(path) {
             Ok(ino) => {
                 if how.truncate {
                     disk.step(|| format!("open+truncate {}", path.display()))?;
@@ -609,16 +648,23 @@ impl Fs for SimFs {
                 } else {
                     disk.file_mut(ino)?;
                 }
-                ino
+                Ok(ino)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound && how.create => {
                 let (dir, name) = disk.parent(path)?;
                 disk.step(|| format!("create {}", path.display()))?;
                 let ino = disk.new_node(Node::File(FileNode::default()));
                 disk.dir_mut(dir)?.entries.insert(name, ino);
-                ino
+                Ok(ino)
             }
-            Err(e) => return Err(e),
+            Err(e) => Err(e),
+        })();
+        let ino = match opened {
+            Ok(ino) => ino,
+            Err(e) => {
+                disk.handles -= 1;
+                return Err(e);
+            }
         };
         Ok(Arc::new(SimFile {
             disk: self.disk.clone(),
@@ -732,11 +778,12 @@ impl Fs for SimFs {
     }
 
     fn open_dir(&self, path: &Path) -> io::Result<FileRef> {
-        let disk = self.lock();
+        let mut disk = self.lock();
         let generation = disk.generation;
         disk.alive(generation)?;
         let ino = disk.lookup(path)?;
         disk.dir(ino)?;
+        disk.take_handle()?;
         Ok(Arc::new(SimFile {
             disk: self.disk.clone(),
             ino,

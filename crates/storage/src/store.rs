@@ -30,6 +30,7 @@ use crate::journal::{
     Entry, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, Unit, UnitError, begin_group, decode_unit,
     encode_entry, finish_group, journal_header,
 };
+use crate::open_files::{MIN_OPEN_SEGMENT_FILES, OpenFiles};
 use crate::segment::{Gap, LogFiles, Opened, Sink, fsync_dir, read_records};
 use crate::state::LogState;
 
@@ -81,6 +82,9 @@ pub struct StoreOptions {
     /// (drop them) and report what was dropped (`Store::repair_report`) instead of refusing
     /// to start with `OpenError::Missing`. An operator's choice, never a default.
     pub repair_missing: bool,
+    /// Segment files held open at most (least recently used closed first; see
+    /// `open_files.rs`). At least `MIN_OPEN_SEGMENT_FILES`.
+    pub max_open_segment_files: usize,
 }
 
 impl Default for StoreOptions {
@@ -97,6 +101,7 @@ impl Default for StoreOptions {
             fs: Arc::new(RealFs),
             lockstep: false,
             repair_missing: false,
+            max_open_segment_files: 2048,
         }
     }
 }
@@ -185,6 +190,19 @@ enum Command {
     Shutdown(std::sync::mpsc::Sender<()>),
 }
 
+/// The cache of open segment files (`Store::segment_files`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentFiles {
+    /// Files held open now (at most `capacity`; files in use by a reader or the writer
+    /// when they left the cache stay open until that use ends).
+    pub open: u64,
+    pub capacity: u64,
+    /// Files opened (created, or reopened after leaving the cache) since the store opened.
+    pub opened: u64,
+    /// Files that left the cache (least recently used, or their segment removed).
+    pub closed: u64,
+}
+
 /// A recovered log, handed to the layer above on open.
 pub use crate::state::LogState as RecoveredLog;
 
@@ -228,6 +246,8 @@ struct Shared {
     journal_bytes: AtomicU64,
     /// Checkpoints that failed without poisoning (retried later), for metrics.
     checkpoint_failures: AtomicU64,
+    /// The segment files held open.
+    open_files: Arc<OpenFiles>,
 }
 
 impl Shared {
@@ -245,6 +265,7 @@ impl Shared {
         Io {
             fs: self.opts.fs.clone(),
             faults: self.opts.faults.clone(),
+            files: self.open_files.clone(),
         }
     }
 
@@ -447,6 +468,9 @@ impl Store {
         let io = Io {
             fs: opts.fs.clone(),
             faults: opts.faults.clone(),
+            files: Arc::new(OpenFiles::new(
+                opts.max_open_segment_files.max(MIN_OPEN_SEGMENT_FILES),
+            )),
         };
         let mut created = false;
         for sub in ["journal", "checkpoint", "logs"] {
@@ -516,6 +540,7 @@ impl Store {
             fatal_fired: AtomicBool::new(false),
             journal_bytes: AtomicU64::new(journal_len),
             checkpoint_failures: AtomicU64::new(0),
+            open_files: io.files.clone(),
         });
         let mut writer = Writer {
             shared: shared.clone(),
@@ -696,6 +721,18 @@ impl Store {
     /// file descriptor left to open a directory): logged and retried a second later.
     pub fn checkpoint_failures(&self) -> u64 {
         self.shared.checkpoint_failures.load(Ordering::Relaxed)
+    }
+
+    /// The cache of open segment files: how many it holds, its capacity, and the files
+    /// opened and closed since the store opened.
+    pub fn segment_files(&self) -> SegmentFiles {
+        let files = &self.shared.open_files;
+        SegmentFiles {
+            open: files.open_now(),
+            capacity: files.capacity() as u64,
+            opened: files.opens(),
+            closed: files.closes(),
+        }
     }
 
     /// Bytes in the current journal file.
@@ -1153,8 +1190,9 @@ fn append_to_segment(files: &mut LogFiles, batches: &[u8], roll_bytes: u64) -> s
     }
     let active = files.active();
     let start = active.len;
-    if let Err(err) = active.file.write_all_at(batches, start) {
-        let _ = active.file.set_len(start);
+    let file = files.active_file()?;
+    if let Err(err) = file.write_all_at(batches, start) {
+        let _ = file.set_len(start);
         return Err(err);
     }
     files.note_appended(batches, start + batches.len() as u64, end);
@@ -1767,6 +1805,7 @@ impl Writer {
             return Ok(());
         }
         let fsync = self.shared.opts.fsync;
+        let io = self.shared.io();
         let mut uids: Vec<u64> = self.logs.keys().copied().collect();
         uids.sort_unstable();
         for uid in uids {
@@ -1775,7 +1814,10 @@ impl Writer {
                 let files = log.shared.files.read().unwrap_or_else(|e| e.into_inner());
                 if fsync {
                     for seg in &files.segments {
-                        seg.file.sync_data().map_err(CheckpointError::Sync)?;
+                        seg.sync_if_written(&io).map_err(|e| match e {
+                            Ok(open) => CheckpointError::Io(open),
+                            Err(sync) => CheckpointError::Sync(sync),
+                        })?;
                     }
                 }
                 log.dirty = false;
@@ -1785,7 +1827,6 @@ impl Writer {
         let dir = self.shared.dir.clone();
         let ckpt_dir = dir.join("checkpoint");
         let tmp = ckpt_dir.join("checkpoint.tmp");
-        let io = self.shared.io();
         let (fs, faults) = (&*io.fs, &io.faults);
         if fsync {
             // Until the new checkpoint's name is durable, recovery may start from the

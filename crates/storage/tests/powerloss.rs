@@ -45,6 +45,8 @@ fn options(fs: &SimFs) -> StoreOptions {
         checkpoint_interval: Duration::from_secs(86_400 * 365),
         // Small segments: rolls, and deletion of settled ones, happen often.
         segment_roll_bytes: 2_048,
+        // Few open files: segments leave the cache and are reopened all the time.
+        max_open_segment_files: tidewater_storage::MIN_OPEN_SEGMENT_FILES,
         fs: Arc::new(fs.clone()),
         lockstep: true,
         ..StoreOptions::default()
