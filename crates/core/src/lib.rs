@@ -9,6 +9,7 @@ pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod plan;
 pub mod policy;
 pub mod queue;
 pub mod receipt;

@@ -1,0 +1,139 @@
+//! The delay log: long-delayed messages wait in a hidden log of their own until due.
+
+use std::sync::Arc;
+
+use tidewater_storage::format::RECORD_FLAG_GENERATED_ID;
+use tidewater_storage::{AckLevel, BatchBuilder, LogReader, NewRecord, Op, OpResult};
+
+use super::{Broker, QueueHandle};
+use crate::error::{BrokerError, ErrorCode};
+use crate::plan::to_ranges;
+
+/// A hidden log holding a queue's long-delayed messages until they are due, so that a
+/// message due in a week does not hold the main log's ack floor (and every segment after
+/// it) for a week.
+#[derive(Clone)]
+pub(crate) struct DelayLog {
+    pub(crate) uid: u64,
+    pub(crate) reader: LogReader,
+}
+
+/// The delay log of queue `uid` is named so that no queue can have its name.
+pub(crate) const DELAY_LOG_PREFIX: &str = "#delay/";
+
+pub(crate) fn delay_log_name(queue_uid: u64) -> String {
+    format!("{DELAY_LOG_PREFIX}{queue_uid}")
+}
+
+impl Broker {
+    /// Creates the queue's delay log (new queues, and at first maintenance for queues made
+    /// before delay logs existed). Caller holds the admin lock or owns a new handle.
+    pub(super) async fn create_delay_log(
+        &self,
+        handle: &Arc<QueueHandle>,
+    ) -> Result<(), BrokerError> {
+        if handle.delay.lock().is_some() {
+            return Ok(());
+        }
+        let results = self
+            .write(
+                vec![Op::CreateLog {
+                    name: delay_log_name(handle.uid),
+                    config: "{}".into(),
+                    id_window: None,
+                }],
+                AckLevel::Durable,
+            )
+            .await?;
+        let Some(&OpResult::Created { uid }) = results.first() else {
+            return Err(BrokerError::new(
+                ErrorCode::Internal,
+                "storage did not return the delay log",
+            ));
+        };
+        let reader = self
+            .inner
+            .store
+            .reader(uid)
+            .ok_or_else(|| BrokerError::new(ErrorCode::Internal, "delay log has no reader"))?;
+        *handle.delay.lock() = Some(DelayLog { uid, reader });
+        Ok(())
+    }
+
+    /// Moves parked messages that are due from the delay log to the main log, in one
+    /// journal write (append there, settle here).
+    pub(super) async fn unpark_due(&self, handle: &Arc<QueueHandle>, now: i64) {
+        let Some(delay) = handle.delay.lock().clone() else {
+            return;
+        };
+        let due = handle.state.lock().take_due_parked(now, 5_000);
+        if due.is_empty() {
+            return;
+        }
+        let (first, last) = (due[0], due[due.len() - 1]);
+        let wanted: std::collections::HashSet<u64> = due.iter().copied().collect();
+        let records = match delay
+            .reader
+            .read_where(first.min(last), first.max(last) + 1, &|o| {
+                wanted.contains(&o)
+            }) {
+            Ok(records) => records,
+            Err(err) => {
+                tracing::warn!(queue = %handle.name, error = %err, "could not read due delayed messages; retrying");
+                handle.state.lock().unparked(&due, false);
+                return;
+            }
+        };
+        let mut builder = BatchBuilder::new(handle.uid, now);
+        let mut bytes = 0;
+        for record in &records {
+            builder.push(&NewRecord {
+                id: &record.id,
+                generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,
+                key: record.key.as_deref(),
+                headers: record
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (&k[..], &v[..]))
+                    .collect(),
+                deliver_at_ms: 0,
+                body: &record.body,
+            });
+            bytes += record.size();
+        }
+        let n = records.len() as u64;
+        let mut ops = Vec::new();
+        if n > 0 {
+            handle.state.lock().reserve_unchecked(n, bytes);
+            ops.push(Op::Append {
+                uid: handle.uid,
+                batch: builder.finish(),
+            });
+        }
+        ops.push(Op::Settle {
+            uid: delay.uid,
+            ranges: to_ranges(&due),
+        });
+        let result = self.write(ops, AckLevel::Durable).await;
+        let mut state = handle.state.lock();
+        match result {
+            Ok(results) => {
+                if let Some(&OpResult::Appended { base_offset, .. }) =
+                    results.first().filter(|_| n > 0)
+                {
+                    state.published(n, bytes, Some((base_offset, &[])));
+                }
+                state.unparked(&due, true);
+                drop(state);
+                handle.notify.notify_waiters();
+            }
+            Err(err) => {
+                tracing::warn!(queue = %handle.name, error = %err, "could not move due delayed messages; retrying");
+                if n > 0 {
+                    state.published(n, bytes, None);
+                }
+                state.unparked(&due, false);
+            }
+        }
+    }
+}

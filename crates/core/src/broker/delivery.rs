@@ -1,0 +1,416 @@
+//! Receiving and settling: receive, ack, nack, extend, purge, peek.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tidewater_storage::{AckLevel, Op, Record};
+
+use super::{Broker, QueueHandle, storage_error};
+use crate::error::{BrokerError, ErrorCode};
+use crate::plan::message::check_lease_ms;
+use crate::plan::to_ranges;
+use crate::queue::{Delivery, Unacked};
+
+/// Why a consumer gave a message back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NackReason {
+    /// The handler failed (the default).
+    #[default]
+    Failed,
+    /// The consumer or what is behind it is overloaded: adaptive throttling slows down.
+    Overloaded,
+}
+
+impl NackReason {
+    pub fn parse(reason: Option<&str>) -> Result<Self, BrokerError> {
+        match reason {
+            None | Some("failed") => Ok(NackReason::Failed),
+            Some("overloaded") => Ok(NackReason::Overloaded),
+            Some(other) => Err(BrokerError::invalid(format!(
+                "unknown nack reason '{other}': use \"failed\" or \"overloaded\""
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct SettleReply {
+    pub ok: u64,
+    pub failed: Vec<ReceiptFailure>,
+    /// Acked receipts whose message a newer one with its key had superseded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReceiptFailure {
+    pub receipt: String,
+    pub code: &'static str,
+}
+
+/// A message seen without leasing it.
+#[derive(Debug, Clone)]
+pub struct Peeked {
+    pub record: Record,
+    pub delivery_count: u32,
+}
+
+/// Leases ended by a request (offset, lease) and the receipts it refused.
+type Released = (Vec<(u64, crate::queue::Lease)>, Vec<ReceiptFailure>);
+
+impl Broker {
+    /// Long-polls for up to `max` messages, leased for `lease_ms` (or the queue's default).
+    pub async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait_ms: u64,
+        lease_ms: Option<u64>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let limits = &self.inner.limits;
+        if max == 0 || max > limits.max_receive_messages {
+            return Err(BrokerError::invalid(format!(
+                "max must be 1..={} (max_receive_messages)",
+                limits.max_receive_messages
+            )));
+        }
+        if wait_ms > limits.max_wait_ms {
+            return Err(BrokerError::invalid(format!(
+                "wait_ms must be at most {} (max_wait_ms)",
+                limits.max_wait_ms
+            )));
+        }
+        check_lease_ms(lease_ms)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        loop {
+            let handle = self.queue(queue)?;
+            let notified = handle.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.maintain(&handle).await;
+            let (deliveries, wakeup, too_old) = {
+                let mut state = handle.state.lock();
+                let now = self.now_ms();
+                let lease = lease_ms.unwrap_or(state.config.lease_ms);
+                let deliveries = state
+                    .deliver(&handle.reader, now, max, lease)
+                    .map_err(storage_error)?;
+                (
+                    deliveries,
+                    state.next_wakeup().map(|at| (at - now).max(1) as u64),
+                    state.take_expired(),
+                )
+            };
+            if !too_old.is_empty() {
+                self.settle_expired(&handle, too_old).await;
+                if deliveries.is_empty() {
+                    continue; // look again at once: what followed them may be deliverable
+                }
+            }
+            if !deliveries.is_empty()
+                || tokio::time::Instant::now() >= deadline
+                || self.inner.closing.load(Ordering::SeqCst)
+            {
+                return Ok(deliveries);
+            }
+            let mut sleep_until = deadline;
+            if let Some(ms) = wakeup {
+                sleep_until =
+                    sleep_until.min(tokio::time::Instant::now() + Duration::from_millis(ms));
+            }
+            let _ = tokio::time::timeout_at(sleep_until, notified).await;
+            if handle.deleted.load(Ordering::SeqCst) {
+                return Err(BrokerError::queue_not_found(queue));
+            }
+        }
+    }
+
+    pub(super) fn check_receipt_count<S>(&self, receipts: &[S]) -> Result<(), BrokerError> {
+        let max = self.inner.limits.max_receive_messages;
+        if receipts.len() > max {
+            return Err(BrokerError::new(
+                ErrorCode::BatchTooLarge,
+                format!(
+                    "{} receipts exceed the limit of {max} per request (max_receive_messages)",
+                    receipts.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validates receipts and ends their leases; returns (released, failures).
+    pub(super) fn release_receipts<S: AsRef<str>>(
+        &self,
+        handle: &QueueHandle,
+        receipts: &[S],
+        now: i64,
+    ) -> Result<Released, BrokerError> {
+        self.check_receipt_count(receipts)?;
+        let mut state = handle.state.lock();
+        let mut released = Vec::with_capacity(receipts.len());
+        let mut failed = Vec::new();
+        for receipt in receipts.iter().map(AsRef::as_ref) {
+            match state.check_receipt(receipt, now) {
+                Ok(parsed) => {
+                    if let Some(lease) = state.release(parsed.offset) {
+                        released.push((parsed.offset, lease));
+                    }
+                }
+                Err(code) => failed.push(ReceiptFailure {
+                    receipt: receipt.to_string(),
+                    code: code.as_str(),
+                }),
+            }
+        }
+        Ok((released, failed))
+    }
+
+    /// Settles leased messages for good. Replies after the settle record is durable.
+    /// (Receipts as `String`s or borrowed `&str`s.)
+    pub async fn ack<S: AsRef<str> + Sync>(
+        &self,
+        queue: &str,
+        receipts: &[S],
+    ) -> Result<SettleReply, BrokerError> {
+        let handle = self.queue(queue)?;
+        let now = self.now_ms();
+        let superseded: Vec<String> = {
+            let state = handle.state.lock();
+            if state.config.supersede {
+                receipts
+                    .iter()
+                    .map(AsRef::as_ref)
+                    .filter(|r| {
+                        state
+                            .check_receipt(r, now)
+                            .is_ok_and(|p| state.is_superseded(p.offset))
+                    })
+                    .map(str::to_string)
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        };
+        let (released, failed) = self.release_receipts(&handle, receipts, now)?;
+        if released.is_empty() {
+            return Ok(SettleReply {
+                ok: 0,
+                failed,
+                superseded,
+            });
+        }
+        let offsets: Vec<u64> = released.iter().map(|(o, _)| *o).collect();
+        handle.state.lock().begin_settle(&offsets);
+        let result = self
+            .write(
+                vec![Op::Settle {
+                    uid: handle.uid,
+                    ranges: to_ranges(&offsets),
+                }],
+                AckLevel::Durable,
+            )
+            .await;
+        let sizes: Vec<(u64, u64)> = released.iter().map(|(o, l)| (*o, l.size)).collect();
+        let now = self.now_ms();
+        let mut state = handle.state.lock();
+        state.finish_settle(&sizes, result.is_ok(), now);
+        result?;
+        state.counters.acked += released.len() as u64;
+        state.succeeded(now);
+        // Settling can make messages deliverable: a key's next message, or room under
+        // max_in_flight. Wake long-polls so they do not sleep until their timeout.
+        let unblocked = state.may_deliver_after_settle();
+        drop(state);
+        if unblocked {
+            handle.notify.notify_waiters();
+        }
+        let latencies: Vec<f64> = released
+            .iter()
+            .map(|(_, l)| (now - l.published_at_ms).max(0) as f64 / 1000.0)
+            .collect();
+        self.inner.observer.publish_to_ack(&handle.name, &latencies);
+        Ok(SettleReply {
+            ok: released.len() as u64,
+            failed,
+            superseded,
+        })
+    }
+
+    /// Ends leases without success: another delivery after `delay_ms` (or the queue's
+    /// backoff), or the dead-letter queue once `max_deliveries` is reached.
+    pub async fn nack<S: AsRef<str> + Sync>(
+        &self,
+        queue: &str,
+        receipts: &[S],
+        delay_ms: Option<u64>,
+        error: Option<&str>,
+        reason: NackReason,
+    ) -> Result<SettleReply, BrokerError> {
+        if let Some(delay) = delay_ms
+            && delay > self.inner.limits.max_delay_ms
+        {
+            return Err(BrokerError::invalid(format!(
+                "delay_ms must be at most {} (max_delay_ms)",
+                self.inner.limits.max_delay_ms
+            )));
+        }
+        let handle = self.queue(queue)?;
+        let now = self.now_ms();
+        let (released, failed) = self.release_receipts(&handle, receipts, now)?;
+        let n = released.len() as u64;
+        let (ops, to_dlq) = {
+            let mut state = handle.state.lock();
+            state.counters.nacked += n;
+            if reason == NackReason::Overloaded && n > 0 {
+                state.overloaded(now);
+            }
+            let unacked = released
+                .into_iter()
+                .map(|(offset, l)| Unacked {
+                    offset,
+                    delivery_count: l.delivery_count,
+                    size: l.size,
+                })
+                .collect();
+            self.plan_retries(&mut state, unacked, delay_ms, error, now)
+        };
+        if !ops.is_empty() {
+            // The retry is already scheduled in memory; a failed write only loses history.
+            if let Err(err) = self.write(ops, AckLevel::Durable).await {
+                tracing::warn!(queue, error = %err, "could not journal nack");
+            }
+        }
+        if !to_dlq.is_empty() {
+            self.dead_letter(&handle, to_dlq).await;
+        }
+        handle.notify.notify_waiters();
+        Ok(SettleReply {
+            ok: n,
+            failed,
+            ..SettleReply::default()
+        })
+    }
+
+    /// Extends leases to `lease_ms` from now (or the queue's default).
+    pub fn extend<S: AsRef<str>>(
+        &self,
+        queue: &str,
+        receipts: &[S],
+        lease_ms: Option<u64>,
+    ) -> Result<SettleReply, BrokerError> {
+        check_lease_ms(lease_ms)?;
+        let handle = self.queue(queue)?;
+        self.check_receipt_count(receipts)?;
+        let now = self.now_ms();
+        let mut state = handle.state.lock();
+        let lease = lease_ms.unwrap_or(state.config.lease_ms);
+        let mut reply = SettleReply::default();
+        for receipt in receipts.iter().map(AsRef::as_ref) {
+            match state.check_receipt(receipt, now) {
+                // A newer message replaced it: tell the consumer to stop (CI "cancel in progress").
+                Ok(parsed) if state.is_superseded(parsed.offset) => {
+                    reply.failed.push(ReceiptFailure {
+                        receipt: receipt.to_string(),
+                        code: ErrorCode::Superseded.as_str(),
+                    })
+                }
+                Ok(parsed) => {
+                    state.extend(parsed.offset, now, lease);
+                    reply.ok += 1;
+                }
+                Err(code) => reply.failed.push(ReceiptFailure {
+                    receipt: receipt.to_string(),
+                    code: code.as_str(),
+                }),
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Settles every message accepted so far (leased ones included; their receipts go stale).
+    pub async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let handle = self.queue(queue)?;
+        let ((range, bytes), parked) = {
+            let state = handle.state.lock();
+            (state.purge_range(), state.parked_offsets())
+        };
+        let mut ops = Vec::new();
+        if !range.is_empty() {
+            ops.push(Op::Settle {
+                uid: handle.uid,
+                ranges: vec![range.clone()],
+            });
+        }
+        let delay_uid = handle.delay.lock().as_ref().map(|d| d.uid);
+        if let Some(uid) = delay_uid
+            && !parked.is_empty()
+        {
+            ops.push(Op::Settle {
+                uid,
+                ranges: to_ranges(&parked),
+            });
+        }
+        if !ops.is_empty() {
+            self.write(ops, AckLevel::Durable).await?;
+        }
+        let removed = {
+            let mut state = handle.state.lock();
+            let mut removed = state.apply_purge(range, bytes);
+            if !parked.is_empty() {
+                removed += state.forget_parked();
+                state.counters.purged += parked.len() as u64;
+            }
+            removed
+        };
+        handle.notify.notify_waiters();
+        Ok(removed)
+    }
+
+    /// Up to `max` unleased messages from offset `from` on, without leasing them.
+    pub fn peek(&self, queue: &str, from: u64, max: usize) -> Result<Vec<Peeked>, BrokerError> {
+        let handle = self.queue(queue)?;
+        if max == 0 || max > self.inner.limits.max_receive_messages {
+            return Err(BrokerError::invalid(format!(
+                "max must be 1..={}",
+                self.inner.limits.max_receive_messages
+            )));
+        }
+        let (offsets, counts): (Vec<u64>, Vec<u32>) = {
+            let state = handle.state.lock();
+            let offsets = state.pending_offsets(from, max);
+            let counts = offsets
+                .iter()
+                .map(|o| state.history(*o).map_or(0, |h| h.delivery_count))
+                .collect();
+            (offsets, counts)
+        };
+        // One sequential read over the span, keeping the pending offsets.
+        let mut out = Vec::with_capacity(offsets.len());
+        let (Some(&first), Some(&last)) = (offsets.first(), offsets.last()) else {
+            return Ok(out);
+        };
+        let wanted: HashMap<u64, u32> = offsets.into_iter().zip(counts).collect();
+        let mut from = first;
+        while from <= last {
+            let records = handle
+                .reader
+                .read(from, (last - from + 1) as usize, 16 << 20)
+                .map_err(storage_error)?;
+            let Some(end) = records.last().map(|r| r.offset + 1) else {
+                break;
+            };
+            from = end;
+            for record in records {
+                if let Some(&delivery_count) = wanted.get(&record.offset) {
+                    out.push(Peeked {
+                        record,
+                        delivery_count,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}

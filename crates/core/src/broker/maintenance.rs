@@ -1,0 +1,258 @@
+//! Maintenance of a queue: lease expiry, timers, time to live, coalescing windows.
+
+use base64::Engine;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tidewater_storage::{AckLevel, BatchBuilder, NewRecord, Op, OpResult};
+
+use super::{Broker, QueueHandle};
+use crate::config::OnExpire;
+use crate::plan::message::{header, new_message_id};
+use crate::plan::to_ranges;
+use crate::queue::{HEADER_MERGED, HEADER_TENANT, Unacked};
+
+pub(super) const LEASE_EXPIRED_ERROR: &str = "lease expired";
+const TTL_EXPIRED_ERROR: &str = "expired: older than its ttl_ms";
+
+impl Broker {
+    /// Expires leases and fires timers of one queue; dead-letters what ran out of deliveries.
+    pub(super) async fn maintain(&self, handle: &Arc<QueueHandle>) {
+        let now = self.now_ms();
+        let (retries, to_dlq, woke, too_old) = {
+            let mut state = handle.state.lock();
+            let expired = state.expire_leases(now);
+            if !expired.is_empty() {
+                state.overloaded(now);
+            }
+            if let Err(err) = state.expire_head(&handle.reader, now) {
+                tracing::warn!(queue = %handle.name, error = %err, "could not read the queue head for ttl_ms");
+            }
+            let too_old = state.take_expired();
+            let replaced = state.take_cancelled();
+            let (coalesced, merges) = state.close_windows(now);
+            // An expired lease is deliverable again at once (as with SQS's visibility
+            // timeout): the lease was the wait. Backoff is for nacks.
+            let (retries, to_dlq) =
+                self.plan_retries(&mut state, expired, Some(0), Some(LEASE_EXPIRED_ERROR), now);
+            let before = state.stats(now).depth;
+            state.fire_timers(now);
+            let woke = !retries.is_empty() || state.stats(now).depth > before;
+            let woke = woke || !coalesced.is_empty() || !merges.is_empty();
+            (
+                retries,
+                to_dlq,
+                woke,
+                (too_old, replaced, coalesced, merges),
+            )
+        };
+        let (too_old, replaced, coalesced, merges) = too_old;
+        if handle.delay.lock().is_none()
+            && let Ok(_admin) = self.inner.admin.try_lock()
+            && !handle.deleted.load(Ordering::SeqCst)
+            && let Err(err) = self.create_delay_log(handle).await
+        {
+            tracing::warn!(queue = %handle.name, error = %err, "could not create the delay log; long delays stay in the main log");
+        }
+        self.unpark_due(handle, now).await;
+        self.settle_expired(handle, too_old).await;
+        self.drop_superseded(handle, replaced).await;
+        self.drop_settling(handle, coalesced, "coalesced").await;
+        for window in merges {
+            self.merge_window(handle, window).await;
+        }
+        if !retries.is_empty() {
+            // Best effort: a lost retry record only under-counts deliveries after a crash.
+            self.inner
+                .store
+                .submit(retries, AckLevel::Written, Box::new(|_| {}));
+        }
+        if !to_dlq.is_empty() {
+            self.dead_letter(handle, to_dlq).await;
+        }
+        if woke {
+            handle.notify.notify_waiters();
+        }
+    }
+
+    /// Drops or dead-letters messages past their time to live (already settling).
+    pub(super) async fn settle_expired(&self, handle: &Arc<QueueHandle>, items: Vec<Unacked>) {
+        if items.is_empty() {
+            return;
+        }
+        let n = items.len() as u64;
+        let now = self.now_ms();
+        let on_expire = {
+            let mut state = handle.state.lock();
+            state.counters.ttl_expired += n;
+            for item in &items {
+                state.record_attempt(
+                    item.offset,
+                    item.delivery_count,
+                    Some((now, TTL_EXPIRED_ERROR.to_string())),
+                );
+            }
+            state.config.on_expire
+        };
+        if on_expire == OnExpire::DeadLetter {
+            return self.dead_letter(handle, items).await;
+        }
+        self.drop_settling(handle, items, "expired").await;
+    }
+
+    /// Settles messages already marked settling (expired, superseded), without moving them.
+    pub(super) async fn drop_settling(
+        &self,
+        handle: &Arc<QueueHandle>,
+        items: Vec<Unacked>,
+        why: &str,
+    ) {
+        if items.is_empty() {
+            return;
+        }
+        let offsets: Vec<u64> = items.iter().map(|m| m.offset).collect();
+        let result = self
+            .write(
+                vec![Op::Settle {
+                    uid: handle.uid,
+                    ranges: to_ranges(&offsets),
+                }],
+                AckLevel::Written,
+            )
+            .await;
+        if let Err(err) = &result {
+            tracing::warn!(queue = %handle.name, error = %err, "could not drop {why} messages; they stay queued");
+        }
+        let settle: Vec<(u64, u64)> = items.iter().map(|m| (m.offset, m.size)).collect();
+        handle
+            .state
+            .lock()
+            .finish_settle(&settle, result.is_ok(), self.now_ms());
+    }
+
+    /// Replaces a closed `merge` window's messages by one message whose body is a JSON
+    /// array of their distinct bodies (strings when UTF-8, else `{"base64": ...}`), in one
+    /// journal write: append the merged message, settle the members. If the write fails
+    /// the members are delivered one by one instead.
+    pub(super) async fn merge_window(
+        &self,
+        handle: &Arc<QueueHandle>,
+        window: crate::coalesce::Closed,
+    ) {
+        let members = window.members;
+        let mut bodies: Vec<serde_json::Value> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut tenant = None;
+        for &(offset, _) in &members {
+            let Ok(mut records) = handle.reader.read(offset, 1, 1) else {
+                continue;
+            };
+            let Some(record) = records.pop().filter(|r| r.offset == offset) else {
+                continue;
+            };
+            tenant = header(&record, HEADER_TENANT).or(tenant);
+            if seen.insert(record.body.clone()) {
+                bodies.push(match std::str::from_utf8(&record.body) {
+                    Ok(text) => serde_json::Value::String(text.to_string()),
+                    Err(_) => serde_json::json!({"base64": base64::engine::general_purpose::STANDARD.encode(&record.body)}),
+                });
+            }
+        }
+        let body = serde_json::Value::Array(bodies).to_string().into_bytes();
+        let count = members.len().to_string();
+        let now = self.now_ms();
+        let id = new_message_id(now);
+        let mut headers: Vec<(&[u8], &[u8])> = vec![(HEADER_MERGED.as_bytes(), count.as_bytes())];
+        if let Some(tenant) = &tenant {
+            headers.push((HEADER_TENANT.as_bytes(), tenant.as_bytes()));
+        }
+        let bytes = (body.len()
+            + window.key.len()
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()) as u64;
+        let mut builder = BatchBuilder::new(handle.uid, now);
+        builder.push(&NewRecord {
+            id: &id,
+            generated_id: true,
+            key: Some(&window.key),
+            headers,
+            deliver_at_ms: 0,
+            body: &body,
+        });
+        let offsets: Vec<u64> = members.iter().map(|m| m.0).collect();
+        // A merge replaces accepted messages: it bypasses capacity, like a DLQ move.
+        handle.state.lock().reserve_unchecked(1, bytes);
+        let result = self
+            .write(
+                vec![
+                    Op::Append {
+                        uid: handle.uid,
+                        batch: builder.finish(),
+                    },
+                    Op::Settle {
+                        uid: handle.uid,
+                        ranges: to_ranges(&offsets),
+                    },
+                ],
+                AckLevel::Durable,
+            )
+            .await;
+        let now = self.now_ms();
+        let mut state = handle.state.lock();
+        match result {
+            Ok(results) => {
+                if let Some(&OpResult::Appended { base_offset, .. }) = results.first() {
+                    state.published(1, bytes, Some((base_offset, &[])));
+                    state.make_ready(base_offset);
+                } else {
+                    state.published(1, bytes, None);
+                }
+                state.finish_settle(&members, true, now);
+            }
+            Err(err) => {
+                tracing::warn!(queue = %handle.name, error = %err, "could not merge a coalescing window; its messages go out one by one");
+                state.published(1, bytes, None);
+                state.finish_settle(&members, false, now);
+            }
+        }
+    }
+
+    /// Drops messages superseded by a newer one with their key, and counts them.
+    pub(super) async fn drop_superseded(&self, handle: &Arc<QueueHandle>, items: Vec<Unacked>) {
+        if items.is_empty() {
+            return;
+        }
+        handle.state.lock().counters.superseded += items.len() as u64;
+        self.drop_settling(handle, items, "superseded").await;
+    }
+
+    /// Runs lease expiry, timers and the disk probe for every queue; the server calls
+    /// this periodically (tests call it after moving their clock).
+    pub async fn run_maintenance(&self) {
+        let handles: Vec<_> = self.inner.queues.read().values().cloned().collect();
+        for handle in handles {
+            self.maintain(&handle).await;
+        }
+    }
+
+    /// Starts the periodic maintenance task on the current tokio runtime.
+    pub fn spawn_maintenance(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                broker.run_maintenance().await;
+                n += 1;
+                if n.is_multiple_of(10) {
+                    broker.refresh_disk();
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,133 @@
+//! Record batches as publishes need them: what a batch holds, and copies of part of it.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use tidewater_storage::format::RECORD_FLAG_GENERATED_ID;
+use tidewater_storage::{BatchBuilder, FormatError, NewRecord};
+
+use crate::queue::ANONYMOUS_TENANT;
+
+/// What scanning a client-built batch found.
+#[derive(Default)]
+pub(crate) struct BatchScan {
+    pub(crate) bytes: u64,
+    pub(crate) delays: Vec<(u32, i64)>,
+    pub(crate) demand: Demand,
+    /// (index, id) of the records with a client-chosen id.
+    pub(crate) client_ids: Vec<(usize, Vec<u8>)>,
+    /// (index, key, bytes) of keyed records, on supersede queues.
+    pub(crate) keyed: Vec<(u32, Vec<u8>, u64)>,
+}
+
+/// `n` flags, set at `indexes`.
+pub(crate) fn marks(n: usize, indexes: &[usize]) -> Vec<bool> {
+    let mut out = vec![false; n];
+    for &idx in indexes {
+        out[idx] = true;
+    }
+    out
+}
+
+/// The records of `batch` marked in `take`, as a batch for the delay log `uid`.
+pub(crate) fn parked_part(
+    header: &tidewater_storage::format::BatchHeader,
+    batch: &[u8],
+    take: &[bool],
+    uid: u64,
+    now: i64,
+) -> ParkedPart {
+    let mut part = ParkedPart {
+        uid,
+        batch: select(header, batch, take, uid, now),
+        entries: Vec::new(),
+        n: 0,
+        bytes: 0,
+    };
+    let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
+    let mut idx = 0;
+    let _ = tidewater_storage::format::visit_records::<FormatError>(header, body, |record| {
+        if take[idx] {
+            let size = record.size();
+            part.entries
+                .push((part.n as u32, record.deliver_at_ms, size));
+            part.n += 1;
+            part.bytes += size;
+        }
+        idx += 1;
+        Ok(())
+    });
+    part
+}
+
+/// A copy of `batch` without the records marked in `skip` (already checked).
+pub(crate) fn without(
+    header: &tidewater_storage::format::BatchHeader,
+    batch: &[u8],
+    skip: &[bool],
+    now: i64,
+) -> Vec<u8> {
+    let keep: Vec<bool> = skip.iter().map(|s| !s).collect();
+    select(header, batch, &keep, header.log_uid, now)
+}
+
+/// The records of `batch` marked in `keep` (already checked), as a batch for log `uid`.
+pub(crate) fn select(
+    header: &tidewater_storage::format::BatchHeader,
+    batch: &[u8],
+    keep: &[bool],
+    uid: u64,
+    now: i64,
+) -> Vec<u8> {
+    let mut builder = BatchBuilder::new(uid, now);
+    let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
+    let mut idx = 0;
+    let _ = tidewater_storage::format::visit_records::<FormatError>(header, body, |record| {
+        if keep[idx] {
+            builder.push(&NewRecord {
+                id: record.id,
+                generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,
+                key: record.key,
+                headers: record.headers().collect(),
+                deliver_at_ms: record.deliver_at_ms,
+                body: record.body,
+            });
+        }
+        idx += 1;
+        Ok(())
+    });
+    builder.finish()
+}
+
+/// The part of a publish that goes to the queue's delay log.
+pub(crate) struct ParkedPart {
+    pub(crate) uid: u64,
+    pub(crate) batch: Vec<u8>,
+    /// (index in that batch, due time, bytes)
+    pub(crate) entries: Vec<(u32, i64, u64)>,
+    pub(crate) n: u64,
+    pub(crate) bytes: u64,
+}
+
+/// Messages and bytes per tenant of one publish, for quotas (empty when the queue has none).
+#[derive(Default)]
+pub(crate) struct Demand(HashMap<String, (u64, u64)>);
+
+impl Demand {
+    pub(crate) fn add(&mut self, tenant: Option<&[u8]>, bytes: u64) {
+        let tenant = tenant.map_or(Cow::Borrowed(ANONYMOUS_TENANT), String::from_utf8_lossy);
+        let entry = match self.0.get_mut(tenant.as_ref()) {
+            Some(entry) => entry,
+            None => self.0.entry(tenant.into_owned()).or_default(),
+        };
+        entry.0 += 1;
+        entry.1 += bytes;
+    }
+
+    pub(crate) fn as_slice(&self) -> Vec<(&str, u64, u64)> {
+        self.0
+            .iter()
+            .map(|(t, &(m, b))| (t.as_str(), m, b))
+            .collect()
+    }
+}
