@@ -2,15 +2,12 @@
 
 use std::sync::Arc;
 
-use tidewater_storage::format::RECORD_FLAG_GENERATED_ID;
-use tidewater_storage::{AckLevel, BatchBuilder, NewRecord, Op, OpResult, Record};
+use tidewater_storage::{AckLevel, Op, OpResult, Record};
 
+use super::guard::{Reserved, Settling};
 use super::{Broker, QueueHandle, storage_error};
 use crate::error::BrokerError;
-use crate::plan::dead_letter::{
-    HEADER_DEAD_LETTERED_AT, HEADER_DELIVERY_COUNT, HEADER_ERRORS, HEADER_LAST_ERROR,
-    HEADER_PUBLISHED_AT, HEADER_SOURCE_QUEUE,
-};
+use crate::plan::dead_letter::{MoveBatch, dead_letter_headers, move_batch};
 use crate::plan::to_ranges;
 use crate::queue::{QueueState, Unacked};
 
@@ -57,28 +54,21 @@ impl Broker {
         (ops, to_dlq)
     }
 
-    /// Moves messages to their queue's dead-letter queue with their history.
-    pub(super) async fn dead_letter(&self, handle: &Arc<QueueHandle>, items: Vec<Unacked>) {
-        let settle: Vec<(u64, u64)> = items.iter().map(|m| (m.offset, m.size)).collect();
-        let result = self.try_dead_letter(handle, &items).await;
-        let now = self.now_ms();
-        let mut state = handle.state.lock();
-        match result {
-            Ok(()) => {
-                state.counters.dead_lettered += items.len() as u64;
-                state.finish_settle(&settle, true, now);
-            }
-            Err(err) => {
-                tracing::warn!(queue = %handle.name, error = %err, "dead-lettering failed; the messages stay in the queue");
-                state.finish_settle(&settle, false, now);
-            }
+    /// Moves messages (marked settling) to their queue's dead-letter queue with their
+    /// history. On failure they stay in the queue, deliverable again.
+    pub(super) async fn dead_letter(&self, handle: &Arc<QueueHandle>, items: Settling) {
+        if items.is_empty() {
+            return;
+        }
+        if let Err(err) = self.try_dead_letter(handle, items).await {
+            tracing::warn!(queue = %handle.name, error = %err, "dead-lettering failed; the messages stay in the queue");
         }
     }
 
-    pub(super) async fn try_dead_letter(
+    async fn try_dead_letter(
         &self,
         handle: &Arc<QueueHandle>,
-        items: &[Unacked],
+        items: Settling,
     ) -> Result<(), BrokerError> {
         let dlq_name = handle
             .state
@@ -90,7 +80,7 @@ impl Broker {
         let dlq = self.dead_letter_target(&dlq_name).await?;
         let now = self.now_ms();
         let mut records = Vec::with_capacity(items.len());
-        for item in items {
+        for item in items.items() {
             let Some(record) = handle
                 .reader
                 .read(item.offset, 1, 1)
@@ -99,116 +89,82 @@ impl Broker {
             else {
                 continue;
             };
-            let history = handle
+            let errors: Vec<(i64, String)> = handle
                 .state
                 .lock()
                 .history(item.offset)
-                .cloned()
+                .map(|h| h.errors.iter().cloned().collect())
                 .unwrap_or_default();
-            let mut headers: Vec<(String, String)> = record
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        String::from_utf8_lossy(k).into_owned(),
-                        String::from_utf8_lossy(v).into_owned(),
-                    )
-                })
-                .filter(|(k, _)| !k.starts_with("tidewater-"))
-                .collect();
-            let errors: Vec<serde_json::Value> = history
-                .errors
-                .iter()
-                .map(|(at, text)| serde_json::json!({"at": at, "error": text}))
-                .collect();
-            headers.push((HEADER_SOURCE_QUEUE.into(), handle.name.clone()));
-            headers.push((
-                HEADER_DELIVERY_COUNT.into(),
-                item.delivery_count.to_string(),
-            ));
-            headers.push((
-                HEADER_LAST_ERROR.into(),
-                history
-                    .errors
-                    .back()
-                    .map(|(_, e)| e.clone())
-                    .unwrap_or_default(),
-            ));
-            headers.push((
-                HEADER_ERRORS.into(),
-                serde_json::Value::Array(errors).to_string(),
-            ));
-            headers.push((
-                HEADER_PUBLISHED_AT.into(),
-                record.published_at_ms.to_string(),
-            ));
-            headers.push((HEADER_DEAD_LETTERED_AT.into(), now.to_string()));
+            let headers =
+                dead_letter_headers(&record, &handle.name, item.delivery_count, &errors, now);
             records.push((record, headers));
         }
-        self.move_records(&dlq, handle, records).await
+        self.move_records(&dlq, handle, records, items, |state, n| {
+            state.counters.dead_lettered += n;
+        })
+        .await
     }
 
-    /// Appends records to `target` and settles them in `source`, in one journal write.
+    /// Appends records to `target` and settles them in `source`, in one journal write;
+    /// `moved` (the messages' count in `settling`, whose records may be fewer: a record
+    /// gone is settled with the rest) counts them in the source when it lands. The
+    /// accounting runs when storage answers, awaited or not.
     pub(super) async fn move_records(
         &self,
         target: &Arc<QueueHandle>,
         source: &Arc<QueueHandle>,
         records: Vec<(Record, Vec<(String, String)>)>,
+        settling: Settling,
+        moved: fn(&mut QueueState, u64),
     ) -> Result<(), BrokerError> {
         if records.is_empty() {
+            let mut state = source.state.lock();
+            moved(&mut state, settling.len() as u64);
+            settling.finish(&mut state, true);
             return Ok(());
         }
-        let now = self.now_ms();
-        let mut builder = BatchBuilder::new(target.uid, now);
-        let mut bytes = 0;
-        let mut offsets = Vec::with_capacity(records.len());
-        for (record, headers) in &records {
-            let header_refs: Vec<(&[u8], &[u8])> = headers
-                .iter()
-                .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
-                .collect();
-            builder.push(&NewRecord {
-                id: &record.id,
-                generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,
-                key: record.key.as_deref(),
-                headers: header_refs,
-                deliver_at_ms: 0,
-                body: &record.body,
-            });
-            bytes += (record.body.len()
-                + record.key.as_ref().map_or(0, |k| k.len())
-                + headers
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>()) as u64;
-            offsets.push(record.offset);
-        }
-        let n = records.len() as u64;
+        let MoveBatch {
+            batch,
+            bytes,
+            offsets,
+        } = move_batch(target.uid, &records, self.now_ms());
         // Moves bypass capacity: a message already accepted is never dropped to make room.
-        target.state.lock().reserve_unchecked(n, bytes);
+        let reserved = Reserved::unchecked(target, records.len() as u64, bytes);
         let ops = vec![
             Op::Append {
                 uid: target.uid,
-                batch: builder.finish(),
+                batch,
             },
             Op::Settle {
                 uid: source.uid,
                 ranges: to_ranges(&offsets),
             },
         ];
-        let result = self.write(ops, AckLevel::Durable).await;
-        let mut state = target.state.lock();
-        match result {
-            Ok(results) => {
-                if let Some(&OpResult::Appended { base_offset, .. }) = results.first() {
-                    state.published(n, bytes, Some((base_offset, &[])));
+        let (to, from) = (target.clone(), source.clone());
+        self.submit_then(ops, AckLevel::Durable, move |result| {
+            let results = match result {
+                Ok(results) => results,
+                Err(err) => {
+                    reserved.refused(&mut to.state.lock());
+                    settling.finish(&mut from.state.lock(), false);
+                    return Err(err);
                 }
-                Ok(())
+            };
+            {
+                let mut state = to.state.lock();
+                let (n, bytes) = reserved.stored();
+                let base = match results.first() {
+                    Some(&OpResult::Appended { base_offset, .. }) => Some(base_offset),
+                    _ => None,
+                };
+                state.published(n, bytes, base.map(|b| (b, &[][..])));
             }
-            Err(err) => {
-                state.published(n, bytes, None);
-                Err(err)
-            }
-        }
+            to.notify.notify_waiters();
+            let mut state = from.state.lock();
+            moved(&mut state, settling.len() as u64);
+            settling.finish(&mut state, true);
+            Ok(())
+        })
+        .await?
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tidewater_storage::format::RECORD_FLAG_GENERATED_ID;
 use tidewater_storage::{AckLevel, BatchBuilder, LogReader, NewRecord, Op, OpResult};
 
+use super::guard::{Reserved, Unparking};
 use super::{Broker, QueueHandle};
 use crate::error::{BrokerError, ErrorCode};
 use crate::plan::to_ranges;
@@ -70,8 +71,11 @@ impl Broker {
         if due.is_empty() {
             return;
         }
-        let (first, last) = (due[0], due[due.len() - 1]);
-        let wanted: std::collections::HashSet<u64> = due.iter().copied().collect();
+        // Back in the due set if this stops before its write lands.
+        let due = Unparking::new(handle, due);
+        let offsets = due.offsets();
+        let (first, last) = (offsets[0], offsets[offsets.len() - 1]);
+        let wanted: std::collections::HashSet<u64> = offsets.iter().copied().collect();
         let records = match delay
             .reader
             .read_where(first.min(last), first.max(last) + 1, &|o| {
@@ -80,7 +84,6 @@ impl Broker {
             Ok(records) => records,
             Err(err) => {
                 tracing::warn!(queue = %handle.name, error = %err, "could not read due delayed messages; retrying");
-                handle.state.lock().unparked(&due, false);
                 return;
             }
         };
@@ -103,8 +106,8 @@ impl Broker {
         }
         let n = records.len() as u64;
         let mut ops = Vec::new();
+        let reserved = (n > 0).then(|| Reserved::unchecked(handle, n, bytes));
         if n > 0 {
-            handle.state.lock().reserve_unchecked(n, bytes);
             ops.push(Op::Append {
                 uid: handle.uid,
                 batch: builder.finish(),
@@ -112,28 +115,34 @@ impl Broker {
         }
         ops.push(Op::Settle {
             uid: delay.uid,
-            ranges: to_ranges(&due),
+            ranges: to_ranges(due.offsets()),
         });
-        let result = self.write(ops, AckLevel::Durable).await;
-        let mut state = handle.state.lock();
-        match result {
-            Ok(results) => {
-                if let Some(&OpResult::Appended { base_offset, .. }) =
-                    results.first().filter(|_| n > 0)
-                {
-                    state.published(n, bytes, Some((base_offset, &[])));
+        let queue = handle.clone();
+        let moved = self.submit_then(ops, AckLevel::Durable, move |result| {
+            let mut state = queue.state.lock();
+            match result {
+                Ok(results) => {
+                    if let Some(reserved) = reserved {
+                        let (n, bytes) = reserved.stored();
+                        let base = match results.first() {
+                            Some(&OpResult::Appended { base_offset, .. }) => Some(base_offset),
+                            _ => None,
+                        };
+                        state.published(n, bytes, base.map(|b| (b, &[][..])));
+                    }
+                    due.finish(&mut state, true);
+                    drop(state);
+                    queue.notify.notify_waiters();
                 }
-                state.unparked(&due, true);
-                drop(state);
-                handle.notify.notify_waiters();
-            }
-            Err(err) => {
-                tracing::warn!(queue = %handle.name, error = %err, "could not move due delayed messages; retrying");
-                if n > 0 {
-                    state.published(n, bytes, None);
+                Err(err) => {
+                    tracing::warn!(queue = %queue.name, error = %err, "could not move due delayed messages; retrying");
+                    if let Some(reserved) = reserved {
+                        reserved.refused(&mut state);
+                    }
+                    due.finish(&mut state, false);
                 }
-                state.unparked(&due, false);
             }
-        }
+        });
+        let _ = moved.await;
     }
 }

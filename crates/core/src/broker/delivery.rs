@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use tidewater_storage::{AckLevel, Op, Record};
 
+use super::guard::Settling;
 use super::{Broker, QueueHandle, storage_error};
 use crate::error::{BrokerError, ErrorCode};
 use crate::plan::message::check_lease_ms;
 use crate::plan::to_ranges;
-use crate::queue::{Delivery, Unacked};
+use crate::queue::{Delivery, QueueState, Unacked};
 
 /// Why a consumer gave a message back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -103,6 +104,7 @@ impl Broker {
                 )
             };
             if !too_old.is_empty() {
+                let too_old = Settling::marked(&handle, too_old, &self.inner.clock);
                 self.settle_expired(&handle, too_old).await;
                 if deliveries.is_empty() {
                     continue; // look again at once: what followed them may be deliverable
@@ -167,7 +169,8 @@ impl Broker {
         Ok((released, failed))
     }
 
-    /// Settles leased messages for good. Replies after the settle record is durable.
+    /// Settles leased messages for good. Replies after the settle record is durable; the
+    /// settle is accounted for when storage answers, whether or not the caller still waits.
     /// (Receipts as `String`s or borrowed `&str`s.)
     pub async fn ack<S: AsRef<str> + Sync>(
         &self,
@@ -201,38 +204,53 @@ impl Broker {
                 superseded,
             });
         }
-        let offsets: Vec<u64> = released.iter().map(|(o, _)| *o).collect();
-        handle.state.lock().begin_settle(&offsets);
-        let result = self
-            .write(
-                vec![Op::Settle {
-                    uid: handle.uid,
-                    ranges: to_ranges(&offsets),
-                }],
-                AckLevel::Durable,
-            )
-            .await;
-        let sizes: Vec<(u64, u64)> = released.iter().map(|(o, l)| (*o, l.size)).collect();
-        let now = self.now_ms();
-        let mut state = handle.state.lock();
-        state.finish_settle(&sizes, result.is_ok(), now);
-        result?;
-        state.counters.acked += released.len() as u64;
-        state.succeeded(now);
-        // Settling can make messages deliverable: a key's next message, or room under
-        // max_in_flight. Wake long-polls so they do not sleep until their timeout.
-        let unblocked = state.may_deliver_after_settle();
-        drop(state);
-        if unblocked {
-            handle.notify.notify_waiters();
-        }
-        let latencies: Vec<f64> = released
-            .iter()
-            .map(|(_, l)| (now - l.published_at_ms).max(0) as f64 / 1000.0)
+        let n = released.len() as u64;
+        let published_at: Vec<i64> = released.iter().map(|(_, l)| l.published_at_ms).collect();
+        let items = released
+            .into_iter()
+            .map(|(offset, lease)| Unacked {
+                offset,
+                delivery_count: lease.delivery_count,
+                size: lease.size,
+            })
             .collect();
-        self.inner.observer.publish_to_ack(&handle.name, &latencies);
+        let settling = {
+            let mut state = handle.state.lock();
+            Settling::begin(&handle, &mut state, items, &self.inner.clock)
+        };
+        let ops = vec![Op::Settle {
+            uid: handle.uid,
+            ranges: to_ranges(&settling.offsets()),
+        }];
+        let (queue, clock, observer) = (
+            handle.clone(),
+            self.inner.clock.clone(),
+            self.inner.observer.clone(),
+        );
+        let settled = self.submit_then(ops, AckLevel::Durable, move |result| {
+            let now = clock.now_ms();
+            let mut state = queue.state.lock();
+            settling.finish(&mut state, result.is_ok());
+            result?;
+            state.counters.acked += n;
+            state.succeeded(now);
+            // Settling can make messages deliverable: a key's next message, or room under
+            // max_in_flight. Wake long-polls so they do not sleep until their timeout.
+            let unblocked = state.may_deliver_after_settle();
+            drop(state);
+            if unblocked {
+                queue.notify.notify_waiters();
+            }
+            let latencies: Vec<f64> = published_at
+                .iter()
+                .map(|at| (now - at).max(0) as f64 / 1000.0)
+                .collect();
+            observer.publish_to_ack(&queue.name, &latencies);
+            Ok::<(), BrokerError>(())
+        });
+        settled.await??;
         Ok(SettleReply {
-            ok: released.len() as u64,
+            ok: n,
             failed,
             superseded,
         })
@@ -274,16 +292,17 @@ impl Broker {
                     size: l.size,
                 })
                 .collect();
-            self.plan_retries(&mut state, unacked, delay_ms, error, now)
+            let (ops, to_dlq) = self.plan_retries(&mut state, unacked, delay_ms, error, now);
+            (ops, Settling::marked(&handle, to_dlq, &self.inner.clock))
         };
-        if !ops.is_empty() {
-            // The retry is already scheduled in memory; a failed write only loses history.
-            if let Err(err) = self.write(ops, AckLevel::Durable).await {
-                tracing::warn!(queue, error = %err, "could not journal nack");
-            }
-        }
-        if !to_dlq.is_empty() {
-            self.dead_letter(&handle, to_dlq).await;
+        // The retries are scheduled in memory; their write only keeps their history, so a
+        // failure (or a caller gone) loses history, not messages.
+        let history = (!ops.is_empty()).then(|| self.submit(ops, AckLevel::Durable));
+        self.dead_letter(&handle, to_dlq).await;
+        if let Some(history) = history
+            && let Err(err) = history.await
+        {
+            tracing::warn!(queue, error = %err, "could not journal nack");
         }
         handle.notify.notify_waiters();
         Ok(SettleReply {
@@ -330,6 +349,7 @@ impl Broker {
     }
 
     /// Settles every message accepted so far (leased ones included; their receipts go stale).
+    /// Accounted for when storage answers, whether or not the caller still waits.
     pub async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let handle = self.queue(queue)?;
         let ((range, bytes), parked) = {
@@ -352,17 +372,22 @@ impl Broker {
                 ranges: to_ranges(&parked),
             });
         }
-        if !ops.is_empty() {
-            self.write(ops, AckLevel::Durable).await?;
-        }
-        let removed = {
-            let mut state = handle.state.lock();
+        let apply = move |state: &mut QueueState| {
             let mut removed = state.apply_purge(range, bytes);
             if !parked.is_empty() {
                 removed += state.forget_parked();
                 state.counters.purged += parked.len() as u64;
             }
             removed
+        };
+        let removed = if ops.is_empty() {
+            apply(&mut handle.state.lock())
+        } else {
+            let queue = handle.clone();
+            self.submit_then(ops, AckLevel::Durable, move |result| {
+                result.map(|_| apply(&mut queue.state.lock()))
+            })
+            .await??
         };
         handle.notify.notify_waiters();
         Ok(removed)

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tidewater_storage::{AckLevel, BatchBuilder, NewRecord, Op, OpResult};
 
+use super::guard::{Reserved, Settling};
 use super::{Broker, QueueHandle};
 use crate::config::OnExpire;
 use crate::plan::message::{header, new_message_id};
@@ -18,9 +19,14 @@ const TTL_EXPIRED_ERROR: &str = "expired: older than its ttl_ms";
 
 impl Broker {
     /// Expires leases and fires timers of one queue; dead-letters what ran out of deliveries.
+    ///
+    /// What it takes out of the queue's state is in a guard (`guard.rs`) from the moment it
+    /// is taken: a maintenance dropped half-way (the receive that ran it lost its caller)
+    /// puts back what it did not finish.
     pub(super) async fn maintain(&self, handle: &Arc<QueueHandle>) {
         let now = self.now_ms();
-        let (retries, to_dlq, woke, too_old) = {
+        let clock = &self.inner.clock;
+        let (retries, to_dlq, woke, too_old, replaced, coalesced, merges) = {
             let mut state = handle.state.lock();
             let expired = state.expire_leases(now);
             if !expired.is_empty() {
@@ -29,25 +35,42 @@ impl Broker {
             if let Err(err) = state.expire_head(&handle.reader, now) {
                 tracing::warn!(queue = %handle.name, error = %err, "could not read the queue head for ttl_ms");
             }
-            let too_old = state.take_expired();
-            let replaced = state.take_cancelled();
+            let too_old = Settling::marked(handle, state.take_expired(), clock);
+            let replaced = Settling::marked(handle, state.take_cancelled(), clock);
             let (coalesced, merges) = state.close_windows(now);
+            let coalesced = Settling::marked(handle, coalesced, clock);
+            let merges: Vec<(Vec<u8>, Settling)> = merges
+                .into_iter()
+                .map(|window| {
+                    let members = window
+                        .members
+                        .iter()
+                        .map(|&(offset, size)| Unacked {
+                            offset,
+                            delivery_count: 0,
+                            size,
+                        })
+                        .collect();
+                    (window.key, Settling::marked(handle, members, clock))
+                })
+                .collect();
             // An expired lease is deliverable again at once (as with SQS's visibility
             // timeout): the lease was the wait. Backoff is for nacks.
             let (retries, to_dlq) =
                 self.plan_retries(&mut state, expired, Some(0), Some(LEASE_EXPIRED_ERROR), now);
+            let to_dlq = Settling::marked(handle, to_dlq, clock);
             let before = state.stats(now).depth;
             state.fire_timers(now);
             let woke = !retries.is_empty() || state.stats(now).depth > before;
             let woke = woke || !coalesced.is_empty() || !merges.is_empty();
-            (
-                retries,
-                to_dlq,
-                woke,
-                (too_old, replaced, coalesced, merges),
-            )
+            (retries, to_dlq, woke, too_old, replaced, coalesced, merges)
         };
-        let (too_old, replaced, coalesced, merges) = too_old;
+        if !retries.is_empty() {
+            // Best effort: a lost retry record only under-counts deliveries after a crash.
+            self.inner
+                .store
+                .submit(retries, AckLevel::Written, Box::new(|_| {}));
+        }
         if handle.delay.lock().is_none()
             && let Ok(_admin) = self.inner.admin.try_lock()
             && !handle.deleted.load(Ordering::SeqCst)
@@ -59,25 +82,17 @@ impl Broker {
         self.settle_expired(handle, too_old).await;
         self.drop_superseded(handle, replaced).await;
         self.drop_settling(handle, coalesced, "coalesced").await;
-        for window in merges {
-            self.merge_window(handle, window).await;
+        for (key, members) in merges {
+            self.merge_window(handle, key, members).await;
         }
-        if !retries.is_empty() {
-            // Best effort: a lost retry record only under-counts deliveries after a crash.
-            self.inner
-                .store
-                .submit(retries, AckLevel::Written, Box::new(|_| {}));
-        }
-        if !to_dlq.is_empty() {
-            self.dead_letter(handle, to_dlq).await;
-        }
+        self.dead_letter(handle, to_dlq).await;
         if woke {
             handle.notify.notify_waiters();
         }
     }
 
     /// Drops or dead-letters messages past their time to live (already settling).
-    pub(super) async fn settle_expired(&self, handle: &Arc<QueueHandle>, items: Vec<Unacked>) {
+    pub(super) async fn settle_expired(&self, handle: &Arc<QueueHandle>, items: Settling) {
         if items.is_empty() {
             return;
         }
@@ -86,7 +101,7 @@ impl Broker {
         let on_expire = {
             let mut state = handle.state.lock();
             state.counters.ttl_expired += n;
-            for item in &items {
+            for item in items.items() {
                 state.record_attempt(
                     item.offset,
                     item.delivery_count,
@@ -105,30 +120,24 @@ impl Broker {
     pub(super) async fn drop_settling(
         &self,
         handle: &Arc<QueueHandle>,
-        items: Vec<Unacked>,
-        why: &str,
+        items: Settling,
+        why: &'static str,
     ) {
         if items.is_empty() {
             return;
         }
-        let offsets: Vec<u64> = items.iter().map(|m| m.offset).collect();
-        let result = self
-            .write(
-                vec![Op::Settle {
-                    uid: handle.uid,
-                    ranges: to_ranges(&offsets),
-                }],
-                AckLevel::Written,
-            )
-            .await;
-        if let Err(err) = &result {
-            tracing::warn!(queue = %handle.name, error = %err, "could not drop {why} messages; they stay queued");
-        }
-        let settle: Vec<(u64, u64)> = items.iter().map(|m| (m.offset, m.size)).collect();
-        handle
-            .state
-            .lock()
-            .finish_settle(&settle, result.is_ok(), self.now_ms());
+        let ops = vec![Op::Settle {
+            uid: handle.uid,
+            ranges: to_ranges(&items.offsets()),
+        }];
+        let queue = handle.clone();
+        let settled = self.submit_then(ops, AckLevel::Written, move |result| {
+            if let Err(err) = &result {
+                tracing::warn!(queue = %queue.name, error = %err, "could not drop {why} messages; they stay queued");
+            }
+            items.finish(&mut queue.state.lock(), result.is_ok());
+        });
+        let _ = settled.await;
     }
 
     /// Replaces a closed `merge` window's messages by one message whose body is a JSON
@@ -138,13 +147,14 @@ impl Broker {
     pub(super) async fn merge_window(
         &self,
         handle: &Arc<QueueHandle>,
-        window: crate::coalesce::Closed,
+        key: Vec<u8>,
+        members: Settling,
     ) {
-        let members = window.members;
         let mut bodies: Vec<serde_json::Value> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut tenant = None;
-        for &(offset, _) in &members {
+        for member in members.items() {
+            let offset = member.offset;
             let Ok(mut records) = handle.reader.read(offset, 1, 1) else {
                 continue;
             };
@@ -168,7 +178,7 @@ impl Broker {
             headers.push((HEADER_TENANT.as_bytes(), tenant.as_bytes()));
         }
         let bytes = (body.len()
-            + window.key.len()
+            + key.len()
             + headers
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
@@ -177,51 +187,49 @@ impl Broker {
         builder.push(&NewRecord {
             id: &id,
             generated_id: true,
-            key: Some(&window.key),
+            key: Some(&key),
             headers,
             deliver_at_ms: 0,
             body: &body,
         });
-        let offsets: Vec<u64> = members.iter().map(|m| m.0).collect();
+        let ops = vec![
+            Op::Append {
+                uid: handle.uid,
+                batch: builder.finish(),
+            },
+            Op::Settle {
+                uid: handle.uid,
+                ranges: to_ranges(&members.offsets()),
+            },
+        ];
         // A merge replaces accepted messages: it bypasses capacity, like a DLQ move.
-        handle.state.lock().reserve_unchecked(1, bytes);
-        let result = self
-            .write(
-                vec![
-                    Op::Append {
-                        uid: handle.uid,
-                        batch: builder.finish(),
-                    },
-                    Op::Settle {
-                        uid: handle.uid,
-                        ranges: to_ranges(&offsets),
-                    },
-                ],
-                AckLevel::Durable,
-            )
-            .await;
-        let now = self.now_ms();
-        let mut state = handle.state.lock();
-        match result {
-            Ok(results) => {
-                if let Some(&OpResult::Appended { base_offset, .. }) = results.first() {
-                    state.published(1, bytes, Some((base_offset, &[])));
-                    state.make_ready(base_offset);
-                } else {
-                    state.published(1, bytes, None);
+        let reserved = Reserved::unchecked(handle, 1, bytes);
+        let queue = handle.clone();
+        let merged = self.submit_then(ops, AckLevel::Durable, move |result| {
+            let mut state = queue.state.lock();
+            match result {
+                Ok(results) => {
+                    let (n, bytes) = reserved.stored();
+                    if let Some(&OpResult::Appended { base_offset, .. }) = results.first() {
+                        state.published(n, bytes, Some((base_offset, &[])));
+                        state.make_ready(base_offset);
+                    } else {
+                        state.published(n, bytes, None);
+                    }
+                    members.finish(&mut state, true);
                 }
-                state.finish_settle(&members, true, now);
+                Err(err) => {
+                    tracing::warn!(queue = %queue.name, error = %err, "could not merge a coalescing window; its messages go out one by one");
+                    reserved.refused(&mut state);
+                    members.finish(&mut state, false);
+                }
             }
-            Err(err) => {
-                tracing::warn!(queue = %handle.name, error = %err, "could not merge a coalescing window; its messages go out one by one");
-                state.published(1, bytes, None);
-                state.finish_settle(&members, false, now);
-            }
-        }
+        });
+        let _ = merged.await;
     }
 
     /// Drops messages superseded by a newer one with their key, and counts them.
-    pub(super) async fn drop_superseded(&self, handle: &Arc<QueueHandle>, items: Vec<Unacked>) {
+    pub(super) async fn drop_superseded(&self, handle: &Arc<QueueHandle>, items: Settling) {
         if items.is_empty() {
             return;
         }

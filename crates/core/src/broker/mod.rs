@@ -28,6 +28,7 @@ use registry::id_window_op;
 mod dead_letter;
 mod delay_log;
 mod delivery;
+mod guard;
 mod maintenance;
 mod publish;
 mod redrive;
@@ -320,13 +321,47 @@ impl Broker {
         ops: Vec<Op>,
         level: AckLevel,
     ) -> impl Future<Output = Result<Vec<OpResult>, BrokerError>> + Send + 'static {
+        let answer = self.submit_then(ops, level, |result| result);
+        async move { answer.await? }
+    }
+
+    /// Hands `ops` to the store now (so submissions keep their order) and runs `finish`
+    /// with the outcome when storage answers, on a storage thread, whether or not the
+    /// returned future is still awaited: the accounting of a write never depends on its
+    /// caller waiting (`guard.rs`). The future gives what `finish` returned.
+    ///
+    /// `finish` must be quick and must not write; it may lock queue state, so this is
+    /// never called with a queue's state locked (the store may answer at once, on this
+    /// thread). If the store drops the request unanswered, `finish` is dropped (the guards
+    /// it owns undo their marks) and the future answers `shutting_down`. A panic in
+    /// `finish` is caught (the storage thread must not die of a queue's bug) and answered
+    /// `internal`.
+    pub(super) fn submit_then<T: Send + 'static>(
+        &self,
+        ops: Vec<Op>,
+        level: AckLevel,
+        finish: impl FnOnce(Result<Vec<OpResult>, BrokerError>) -> T + Send + 'static,
+    ) -> impl Future<Output = Result<T, BrokerError>> + Send + 'static {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner
-            .store
-            .submit(ops, level, Box::new(move |result| drop(tx.send(result))));
+        self.inner.store.submit(
+            ops,
+            level,
+            Box::new(move |result| {
+                let result = result.map_err(BrokerError::from);
+                let answer =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| finish(result)))
+                        .map_err(|_| {
+                            tracing::error!(
+                                "a write's accounting panicked (a bug): answered internal"
+                            );
+                            BrokerError::new(ErrorCode::Internal, "the write's accounting failed")
+                        });
+                drop(tx.send(answer));
+            }),
+        );
         async move {
             match rx.await {
-                Ok(result) => result.map_err(BrokerError::from),
+                Ok(answer) => answer,
                 Err(_) => Err(BrokerError::new(
                     ErrorCode::ShuttingDown,
                     "the store stopped before answering",

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tidewater_storage::format::{MAX_BATCH_BODY, RECORD_FLAG_GENERATED_ID};
 use tidewater_storage::{AckLevel, BatchBuilder, NewRecord, Op, OpResult};
 
+use super::guard::{Claims, Reserved, Settling};
 use super::{Broker, QueueHandle};
 use crate::error::{BrokerError, ErrorCode};
 use crate::plan::batch::{BatchScan, Demand, ParkedPart, marks, parked_part, without};
@@ -25,7 +26,7 @@ pub(super) struct Admission {
     n: u64,
     bytes: u64,
     demand: Demand,
-    claimed: Vec<Vec<u8>>,
+    claims: Claims,
     /// (index in batch, key, bytes) of keyed messages, on supersede queues.
     keyed: Vec<(u32, Vec<u8>, u64)>,
     /// Long delays bound for the delay log.
@@ -196,11 +197,14 @@ impl Broker {
             )
         };
         let mut keyed = Vec::new();
-        let claimed: Vec<Vec<u8>> = client_ids
-            .iter()
-            .filter(|(idx, _)| !dups[*idx])
-            .map(|(_, id)| id.to_vec())
-            .collect();
+        let claims = Claims::new(
+            &handle,
+            client_ids
+                .iter()
+                .filter(|(idx, _)| !dups[*idx])
+                .map(|(_, id)| id.to_vec())
+                .collect(),
+        );
         let mut demand = Demand::default();
         let mut builder = BatchBuilder::new(handle.uid, now);
         let delay_uid = handle.delay.lock().as_ref().map(|d| d.uid);
@@ -301,7 +305,6 @@ impl Broker {
             }
             builder.push(&record);
             if builder.encoded_len() > MAX_BATCH_BODY {
-                handle.state.lock().release_ids(&claimed);
                 return Err(BrokerError::new(
                     ErrorCode::RequestTooLarge,
                     "the batch exceeds 256 MiB once encoded",
@@ -321,7 +324,7 @@ impl Broker {
                 n,
                 bytes,
                 demand,
-                claimed,
+                claims,
                 keyed,
                 parked,
             };
@@ -410,13 +413,21 @@ impl Broker {
                 .lock()
                 .claim_ids(&ids, limits.max_dedup_ids, now)
         };
-        let mut claimed = std::mem::take(&mut scan.client_ids);
+        // From here on, any return (an error, or every record a duplicate) gives back the
+        // ids this publish claimed.
+        let skip = marks(header.count as usize, &dups);
+        let claims = Claims::new(
+            &handle,
+            std::mem::take(&mut scan.client_ids)
+                .into_iter()
+                .filter(|(idx, _)| !skip[*idx])
+                .map(|(_, id)| id)
+                .collect(),
+        );
         let count = header.count - dups.len() as u32;
         let mut header = header;
         if !dups.is_empty() {
             // Rare: rebuild the batch without its duplicates (acknowledged, not enqueued).
-            let skip = marks(header.count as usize, &dups);
-            claimed.retain(|(idx, _)| !skip[*idx]);
             if count == 0 {
                 let end = handle.state.lock().visible_end();
                 return Ok(Err(end));
@@ -426,7 +437,6 @@ impl Broker {
                 .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
             scan = self.scan_batch(&header, &batch, with_quota, with_supersede, now)?;
         }
-        let claimed: Vec<Vec<u8>> = claimed.into_iter().map(|(_, id)| id).collect();
         // Long delays go to the delay log (rare on this path: the batch is rebuilt).
         let park_from = now.saturating_add(limits.park_delay_ms as i64);
         let delay_uid = handle.delay.lock().as_ref().map(|d| d.uid);
@@ -462,7 +472,7 @@ impl Broker {
             n: main_n,
             bytes: scan.bytes,
             demand: scan.demand,
-            claimed,
+            claims,
             keyed: scan.keyed,
             parked,
         };
@@ -561,28 +571,27 @@ impl Broker {
             n,
             bytes,
             demand,
-            claimed,
+            claims,
             keyed,
             parked,
         } = admission;
         let (parked_n, parked_bytes) = parked.as_ref().map_or((0, 0), |p| (p.n, p.bytes));
         let (all_n, all_bytes) = (n + parked_n, bytes + parked_bytes);
-        let broker = self.clone();
-        let lanes = {
-            let now = self.now_ms();
+        let now = self.now_ms();
+        let admitted = {
             let mut state = handle.state.lock();
-            let admitted = state.admit(all_n, all_bytes, now).and_then(|()| {
-                state.admit_quota(&demand.as_slice(), now).inspect_err(|_| {
-                    state.published(all_n, all_bytes, None);
+            state
+                .admit(all_n, all_bytes, now)
+                .and_then(|()| {
+                    state.admit_quota(&demand.as_slice(), now).inspect_err(|_| {
+                        state.published(all_n, all_bytes, None);
+                    })
                 })
-            });
-            if let Err(err) = admitted {
-                state.release_ids(&claimed);
-                return Err(err);
-            }
-            // Priority/fairness lanes, resolved while the records are at hand.
-            batch.as_deref().and_then(|b| state.lanes_of_batch(b))
+                // Priority/fairness lanes, resolved while the records are at hand.
+                .map(|()| batch.as_deref().and_then(|b| state.lanes_of_batch(b)))
         };
+        let lanes = admitted?; // (refused: `claims` gives the ids back)
+        let reserved = Reserved::made(&handle, all_n, all_bytes, claims.take());
         let mut ops = Vec::new();
         if let Some(batch) = batch {
             ops.push(Op::Append {
@@ -597,56 +606,61 @@ impl Broker {
             });
             p.entries
         });
-        let written = self.submit(ops, level);
-        let observer = self.inner.observer.clone();
-        Ok(async move {
-            let result = written.await;
-            let outcome = {
-                let mut state = handle.state.lock();
-                match result {
-                    Ok(results) => {
-                        let mut bases = results.iter().filter_map(|r| match r {
-                            OpResult::Appended { base_offset, .. } => Some(*base_offset),
-                            _ => None,
-                        });
-                        let main_base = if n > 0 { bases.next() } else { None };
-                        let parked_base = parked_entries.as_ref().and_then(|_| bases.next());
-                        state.published(n, bytes, main_base.map(|b| (b, &delays[..])));
-                        if let (Some(base), Some(lanes)) = (main_base, lanes) {
-                            state.stage(base, lanes);
-                        }
-                        state.published(parked_n, parked_bytes, None);
-                        if let (Some(base), Some(entries)) = (parked_base, &parked_entries) {
-                            state.park(base, entries);
-                            state.counters.published += parked_n;
-                        }
-                        if let Some(base) = main_base
-                            && !keyed.is_empty()
-                        {
-                            state.supersede(base, &keyed);
-                            state.coalesce(base, &keyed, broker.now_ms());
-                        }
-                        Ok((
-                            main_base.unwrap_or(state.visible_end()),
-                            state.take_cancelled(),
-                        ))
-                    }
-                    Err(err) => {
-                        state.published(all_n, all_bytes, None);
-                        state.release_ids(&claimed);
-                        state.count_refusal(match err.code {
-                            ErrorCode::DiskFull => "disk_full",
-                            ErrorCode::Overloaded => "overloaded",
-                            _ => "storage",
-                        });
-                        Err(err)
-                    }
+        let (queue, clock, observer) = (
+            handle.clone(),
+            self.inner.clock.clone(),
+            self.inner.observer.clone(),
+        );
+        // The accounting runs when storage answers, awaited or not (guard.rs).
+        let appended = self.submit_then(ops, level, move |result| {
+            let mut state = queue.state.lock();
+            let results = match result {
+                Ok(results) => results,
+                Err(err) => {
+                    reserved.refused(&mut state);
+                    state.count_refusal(match err.code {
+                        ErrorCode::DiskFull => "disk_full",
+                        ErrorCode::Overloaded => "overloaded",
+                        _ => "storage",
+                    });
+                    return Err(err);
                 }
             };
-            let (base_offset, replaced) = outcome?;
-            observer.publish_latency(&handle.name, started.elapsed().as_secs_f64());
+            reserved.stored();
+            let mut bases = results.iter().filter_map(|r| match r {
+                OpResult::Appended { base_offset, .. } => Some(*base_offset),
+                _ => None,
+            });
+            let main_base = if n > 0 { bases.next() } else { None };
+            let parked_base = parked_entries.as_ref().and_then(|_| bases.next());
+            state.published(n, bytes, main_base.map(|b| (b, &delays[..])));
+            if let (Some(base), Some(lanes)) = (main_base, lanes) {
+                state.stage(base, lanes);
+            }
+            state.published(parked_n, parked_bytes, None);
+            if let (Some(base), Some(entries)) = (parked_base, &parked_entries) {
+                state.park(base, entries);
+                state.counters.published += parked_n;
+            }
+            if let Some(base) = main_base
+                && !keyed.is_empty()
+            {
+                state.supersede(base, &keyed);
+                state.coalesce(base, &keyed, clock.now_ms());
+            }
+            let base_offset = main_base.unwrap_or(state.visible_end());
+            drop(state);
+            observer.publish_latency(&queue.name, started.elapsed().as_secs_f64());
+            Ok(base_offset)
+        });
+        let broker = self.clone();
+        Ok(async move {
+            let base_offset = appended.await??;
             // The messages it replaced are settled before the publish is answered (one
-            // unsynced write; if a crash loses it, recovery cancels them again).
+            // unsynced write; if a crash loses it, recovery cancels them again; if this
+            // caller went away, maintenance settles them).
+            let replaced = handle.state.lock().take_cancelled();
+            let replaced = Settling::marked(&handle, replaced, &broker.inner.clock);
             broker.drop_superseded(&handle, replaced).await;
             Ok(base_offset)
         })

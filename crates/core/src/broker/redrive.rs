@@ -9,10 +9,13 @@ use parking_lot::Mutex;
 use tidewater_storage::Record;
 use tokio::sync::Notify;
 
+use super::guard::Settling;
 use super::{Broker, QueueHandle, storage_error};
 use crate::error::{BrokerError, ErrorCode};
+use crate::plan::dead_letter::headers_as_text;
 use crate::plan::dead_letter::{HEADER_SOURCE_QUEUE, redrive_matches};
 use crate::plan::message::header;
+use crate::queue::Unacked;
 
 /// Redrives remembered for progress queries.
 const MAX_REDRIVES_KEPT: usize = 100;
@@ -259,32 +262,31 @@ impl Broker {
                     continue;
                 };
                 let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
-                let claimed = dlq.state.lock().claim(&offsets);
+                let claimed: std::collections::HashSet<u64> =
+                    dlq.state.lock().claim(&offsets).into_iter().collect();
                 let records: Vec<(Record, Vec<(String, String)>)> = records
                     .into_iter()
                     .filter(|r| claimed.contains(&r.offset))
                     .map(|r| {
-                        let headers = r
-                            .headers
-                            .iter()
-                            .map(|(k, v)| {
-                                (
-                                    String::from_utf8_lossy(k).into_owned(),
-                                    String::from_utf8_lossy(v).into_owned(),
-                                )
-                            })
-                            .collect();
+                        let headers = headers_as_text(&r);
                         (r, headers)
                     })
                     .collect();
-                let sizes: Vec<(u64, u64)> =
-                    records.iter().map(|(r, _)| (r.offset, r.size())).collect();
-                let result = self.move_records(&target, dlq, records).await;
-                let now = self.now_ms();
-                dlq.state.lock().finish_settle(&sizes, result.is_ok(), now);
-                result?;
-                moved += sizes.len() as u64;
-                target.notify.notify_waiters();
+                let items = records
+                    .iter()
+                    .map(|(r, _)| Unacked {
+                        offset: r.offset,
+                        delivery_count: 0,
+                        size: r.size(),
+                    })
+                    .collect();
+                let settling = Settling::marked(dlq, items, &self.inner.clock);
+                let n = settling.len() as u64;
+                self.move_records(&target, dlq, records, settling, |state, n| {
+                    state.counters.redriven += n;
+                })
+                .await?;
+                moved += n;
             }
             moved_total += moved;
             let remaining = dlq.state.lock().unsettled();
@@ -295,7 +297,6 @@ impl Broker {
             if req.max > 0 {
                 p.remaining = p.remaining.min(req.max - moved_total);
             }
-            dlq.state.lock().counters.redriven += moved;
         }
     }
 }
