@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
-use tidewater_storage::format::{MAX_BATCH_BODY, RECORD_FLAG_GENERATED_ID};
+use tidewater_storage::format::MAX_BATCH_BODY;
 use tidewater_storage::{AckLevel, BatchBuilder, NewRecord, Op, OpResult};
 
 use super::guard::{Claims, Reserved, Settling};
 use super::{Broker, QueueHandle};
 use crate::error::{BrokerError, ErrorCode};
-use crate::plan::batch::{BatchScan, Demand, ParkedPart, marks, parked_part, without};
-use crate::plan::message::{Delay, NewMessage, check_tenant, check_ttl, hex, new_message_id};
+use crate::plan::batch::{Demand, ParkedPart, marks, parked_part, scan_batch, without};
+use crate::plan::message::{NewMessage, hex, new_message_id, validate_message};
 use crate::queue::{HEADER_PRIORITY, HEADER_TENANT, HEADER_TTL_MS};
 
 /// The ids of a publish, in order, and the indexes of duplicates (acknowledged, not
@@ -34,121 +34,6 @@ pub(super) struct Admission {
 }
 
 impl Broker {
-    pub(super) fn validate_message(
-        &self,
-        idx: usize,
-        msg: &NewMessage,
-        now: i64,
-    ) -> Result<Option<i64>, BrokerError> {
-        let headers = msg.headers.iter().map(|(k, v)| (k.len(), v.len()));
-        let limits = &self.inner.limits;
-        let at = self.check_message(
-            idx,
-            msg.body.len(),
-            msg.id.as_ref().map(String::len),
-            msg.key.as_ref().map(String::len),
-            headers,
-            msg.delay,
-            now,
-        )?;
-        if let Some(ttl) = msg.ttl_ms {
-            check_ttl(idx, ttl.to_string().as_bytes())?;
-        }
-        if let Some(tenant) = &msg.tenant {
-            check_tenant(idx, tenant.as_bytes())?;
-        }
-        match msg.jitter_ms {
-            None | Some(0) => Ok(at),
-            Some(jitter) if jitter > limits.max_delay_ms => Err(BrokerError::new(
-                ErrorCode::InvalidMessage,
-                format!(
-                    "message {idx}: jitter_ms {jitter} exceeds max_delay_ms {}",
-                    limits.max_delay_ms
-                ),
-            )),
-            Some(jitter) => {
-                let extra = (jitter as f64 * self.inner.jitter.unit()).round() as i64;
-                Ok(Some(at.unwrap_or(now) + extra).filter(|&at| at > now))
-            }
-        }
-    }
-
-    /// The per-message limits, shared by JSON publishes and binary record batches. Returns
-    /// the delivery time of a delayed message.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn check_message(
-        &self,
-        idx: usize,
-        body_len: usize,
-        id_len: Option<usize>,
-        key_len: Option<usize>,
-        headers: impl ExactSizeIterator<Item = (usize, usize)>,
-        delay: Delay,
-        now: i64,
-    ) -> Result<Option<i64>, BrokerError> {
-        let limits = &self.inner.limits;
-        let bad = |what: String| {
-            Err(BrokerError::new(
-                ErrorCode::InvalidMessage,
-                format!("message {idx}: {what}"),
-            ))
-        };
-        if body_len > limits.max_message_bytes {
-            return Err(BrokerError::new(
-                ErrorCode::MessageTooLarge,
-                format!(
-                    "message {idx}: body of {body_len} bytes exceeds max_message_bytes {}",
-                    limits.max_message_bytes
-                ),
-            ));
-        }
-        let max_id = limits.max_id_bytes.min(255);
-        if let Some(len) = id_len
-            && (len == 0 || len > max_id)
-        {
-            return bad(format!("id must be 1..={max_id} bytes"));
-        }
-        if let Some(len) = key_len
-            && len > limits.max_key_bytes
-        {
-            return bad(format!(
-                "key of {len} bytes exceeds max_key_bytes {}",
-                limits.max_key_bytes
-            ));
-        }
-        if headers.len() > limits.max_headers {
-            return bad(format!(
-                "{} headers exceed max_headers {}",
-                headers.len(),
-                limits.max_headers
-            ));
-        }
-        for (name, value) in headers {
-            if name == 0 || name > limits.max_header_bytes || value > limits.max_header_bytes {
-                return bad(format!(
-                    "header names must be 1..={0} bytes and values at most {0} bytes",
-                    limits.max_header_bytes
-                ));
-            }
-        }
-        match delay {
-            Delay::None => Ok(None),
-            Delay::AfterMs(ms) if ms > limits.max_delay_ms => bad(format!(
-                "delay_ms {ms} exceeds max_delay_ms {}",
-                limits.max_delay_ms
-            )),
-            Delay::AfterMs(0) => Ok(None),
-            Delay::AfterMs(ms) => Ok(Some(now + ms as i64)),
-            // Saturating: a deliver_at far in the past (i64::MIN) is "now", not an overflow.
-            Delay::AtMs(at) if at.saturating_sub(now) > limits.max_delay_ms as i64 => bad(format!(
-                "deliver_at is more than max_delay_ms {} ahead",
-                limits.max_delay_ms
-            )),
-            Delay::AtMs(at) if at <= now => Ok(None),
-            Delay::AtMs(at) => Ok(Some(at)),
-        }
-    }
-
     /// Publishes a batch, whole or not at all; returns the ids in order and which messages
     /// were duplicates (acknowledged, not enqueued again).
     pub async fn publish(
@@ -180,7 +65,13 @@ impl Broker {
         let now = self.now_ms();
         let mut deliver_ats = Vec::with_capacity(messages.len());
         for (idx, msg) in messages.iter().enumerate() {
-            deliver_ats.push(self.validate_message(idx, msg, now)?);
+            deliver_ats.push(validate_message(
+                &self.inner.limits,
+                &*self.inner.jitter,
+                idx,
+                msg,
+                now,
+            )?);
         }
         let client_ids: Vec<(usize, &[u8])> = messages
             .iter()
@@ -399,7 +290,7 @@ impl Broker {
                 state.config.supersede || state.config.coalesce.is_some(),
             )
         };
-        let mut scan = self.scan_batch(&header, &batch, with_quota, with_supersede, now)?;
+        let mut scan = scan_batch(limits, &header, &batch, with_quota, with_supersede, now)?;
         // Tell storage whether to look for ids to remember (clients need not set it).
         tidewater_storage::format::set_client_ids_flag(&mut batch, !scan.client_ids.is_empty());
         let dups = {
@@ -435,7 +326,7 @@ impl Broker {
             batch = without(&header, &batch, &skip, now);
             header = tidewater_storage::format::restamp_batch(&mut batch, handle.uid, now)
                 .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
-            scan = self.scan_batch(&header, &batch, with_quota, with_supersede, now)?;
+            scan = scan_batch(limits, &header, &batch, with_quota, with_supersede, now)?;
         }
         // Long delays go to the delay log (rare on this path: the batch is rebuilt).
         let park_from = now.saturating_add(limits.park_delay_ms as i64);
@@ -457,7 +348,7 @@ impl Broker {
                     tidewater_storage::format::restamp_batch(&mut rest, handle.uid, now)
                         .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
                 let demand = std::mem::take(&mut scan.demand);
-                scan = self.scan_batch(&rest_header, &rest, false, with_supersede, now)?;
+                scan = scan_batch(limits, &rest_header, &rest, false, with_supersede, now)?;
                 scan.demand = demand; // quotas count the parked messages too
                 main = Some(rest);
             } else {
@@ -478,81 +369,6 @@ impl Broker {
         };
         let appended = self.start_append(handle, main, admission, scan.delays, level, started)?;
         Ok(Ok(async move { appended.await.map(|base| (base, count)) }))
-    }
-
-    /// Checks every record of a client-built batch against the limits, and gathers what
-    /// admission needs (sizes, delays, quota demand, client-chosen ids when deduplicating).
-    pub(super) fn scan_batch(
-        &self,
-        header: &tidewater_storage::format::BatchHeader,
-        batch: &[u8],
-        with_quota: bool,
-        with_supersede: bool,
-        now: i64,
-    ) -> Result<BatchScan, BrokerError> {
-        let mut scan = BatchScan::default();
-        let BatchScan {
-            bytes,
-            delays,
-            demand,
-            client_ids,
-            keyed,
-        } = &mut scan;
-        let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
-        let mut idx = 0;
-        tidewater_storage::format::visit_records(header, body, |record| {
-            let delay = if record.deliver_at_ms > 0 {
-                Delay::AtMs(record.deliver_at_ms)
-            } else {
-                Delay::None
-            };
-            let mut headers = Vec::new();
-            let mut tenant = None;
-            for (name, value) in record.headers() {
-                if name == HEADER_TTL_MS.as_bytes() {
-                    check_ttl(idx, value)?;
-                } else if name == HEADER_TENANT.as_bytes() {
-                    check_tenant(idx, value)?;
-                    tenant = Some(value);
-                } else if name == HEADER_PRIORITY.as_bytes()
-                    && std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|v| v.parse::<u8>().ok())
-                        .is_none()
-                {
-                    return Err(BrokerError::new(
-                        ErrorCode::InvalidMessage,
-                        format!("message {idx}: {HEADER_PRIORITY} must be a number 0..=255"),
-                    ));
-                }
-                headers.push((name.len(), value.len()));
-            }
-            if with_quota {
-                demand.add(tenant, record.size());
-            }
-            let at = self.check_message(
-                idx,
-                record.body.len(),
-                Some(record.id.len()),
-                record.key.map(<[u8]>::len),
-                headers.into_iter(),
-                delay,
-                now,
-            )?;
-            if let Some(at) = at {
-                delays.push((idx as u32, at));
-            }
-            if record.flags & RECORD_FLAG_GENERATED_ID == 0 {
-                client_ids.push((idx, record.id.to_vec()));
-            }
-            if with_supersede && let Some(key) = record.key {
-                keyed.push((idx as u32, key.to_vec(), record.size()));
-            }
-            *bytes += record.size();
-            idx += 1;
-            Ok::<(), BrokerError>(())
-        })?;
-        Ok(scan)
     }
 
     /// Admits and submits a batch now (its main-log part, and its long delays for the delay
@@ -670,7 +486,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BrokerOptions, ConfigPatch};
+    use crate::{BrokerOptions, ConfigPatch, Delay};
 
     /// Found by fuzzing (fuzz target `publish`): a JSON publish whose `deliver_at` was far
     /// in the past (i64::MIN) overflowed `at - now`: a panic where overflow is checked, and

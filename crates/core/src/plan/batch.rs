@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use tidewater_storage::format::RECORD_FLAG_GENERATED_ID;
 use tidewater_storage::{BatchBuilder, FormatError, NewRecord};
 
-use crate::queue::ANONYMOUS_TENANT;
+use super::message::{Delay, check_message, check_tenant, check_ttl};
+use crate::config::Limits;
+use crate::error::{BrokerError, ErrorCode};
+use crate::queue::{ANONYMOUS_TENANT, HEADER_PRIORITY, HEADER_TENANT, HEADER_TTL_MS};
 
 /// What scanning a client-built batch found.
 #[derive(Default)]
@@ -130,4 +133,80 @@ impl Demand {
             .map(|(t, &(m, b))| (t.as_str(), m, b))
             .collect()
     }
+}
+
+/// Checks every record of a client-built batch against the limits, and gathers what
+/// admission needs (sizes, delays, quota demand, client-chosen ids when deduplicating).
+pub(crate) fn scan_batch(
+    limits: &Limits,
+    header: &tidewater_storage::format::BatchHeader,
+    batch: &[u8],
+    with_quota: bool,
+    with_supersede: bool,
+    now: i64,
+) -> Result<BatchScan, BrokerError> {
+    let mut scan = BatchScan::default();
+    let BatchScan {
+        bytes,
+        delays,
+        demand,
+        client_ids,
+        keyed,
+    } = &mut scan;
+    let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
+    let mut idx = 0;
+    tidewater_storage::format::visit_records(header, body, |record| {
+        let delay = if record.deliver_at_ms > 0 {
+            Delay::AtMs(record.deliver_at_ms)
+        } else {
+            Delay::None
+        };
+        let mut headers = Vec::new();
+        let mut tenant = None;
+        for (name, value) in record.headers() {
+            if name == HEADER_TTL_MS.as_bytes() {
+                check_ttl(idx, value)?;
+            } else if name == HEADER_TENANT.as_bytes() {
+                check_tenant(idx, value)?;
+                tenant = Some(value);
+            } else if name == HEADER_PRIORITY.as_bytes()
+                && std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u8>().ok())
+                    .is_none()
+            {
+                return Err(BrokerError::new(
+                    ErrorCode::InvalidMessage,
+                    format!("message {idx}: {HEADER_PRIORITY} must be a number 0..=255"),
+                ));
+            }
+            headers.push((name.len(), value.len()));
+        }
+        if with_quota {
+            demand.add(tenant, record.size());
+        }
+        let at = check_message(
+            limits,
+            idx,
+            record.body.len(),
+            Some(record.id.len()),
+            record.key.map(<[u8]>::len),
+            headers.into_iter(),
+            delay,
+            now,
+        )?;
+        if let Some(at) = at {
+            delays.push((idx as u32, at));
+        }
+        if record.flags & RECORD_FLAG_GENERATED_ID == 0 {
+            client_ids.push((idx, record.id.to_vec()));
+        }
+        if with_supersede && let Some(key) = record.key {
+            keyed.push((idx as u32, key.to_vec(), record.size()));
+        }
+        *bytes += record.size();
+        idx += 1;
+        Ok::<(), BrokerError>(())
+    })?;
+    Ok(scan)
 }

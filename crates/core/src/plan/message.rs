@@ -3,7 +3,8 @@
 use tidewater_storage::Record;
 use tidewater_storage::format::RECORD_FLAG_GENERATED_ID;
 
-use crate::config::{MAX_LEASE_MS, MAX_TENANT_LEN, MAX_TTL_MS};
+use crate::clock::Jitter;
+use crate::config::{Limits, MAX_LEASE_MS, MAX_TENANT_LEN, MAX_TTL_MS};
 use crate::error::{BrokerError, ErrorCode};
 use crate::queue::{HEADER_TENANT, HEADER_TTL_MS};
 
@@ -106,5 +107,122 @@ pub(crate) fn check_lease_ms(lease_ms: Option<u64>) -> Result<(), BrokerError> {
             "lease_ms must be 1..={MAX_LEASE_MS} (12 h)"
         ))),
         _ => Ok(()),
+    }
+}
+
+/// Checks a message of a JSON publish: the per-message limits, its ttl, tenant and jitter.
+/// Returns its delivery time when delayed.
+pub fn validate_message(
+    limits: &Limits,
+    random: &dyn Jitter,
+    idx: usize,
+    msg: &NewMessage,
+    now: i64,
+) -> Result<Option<i64>, BrokerError> {
+    let headers = msg.headers.iter().map(|(k, v)| (k.len(), v.len()));
+    let at = check_message(
+        limits,
+        idx,
+        msg.body.len(),
+        msg.id.as_ref().map(String::len),
+        msg.key.as_ref().map(String::len),
+        headers,
+        msg.delay,
+        now,
+    )?;
+    if let Some(ttl) = msg.ttl_ms {
+        check_ttl(idx, ttl.to_string().as_bytes())?;
+    }
+    if let Some(tenant) = &msg.tenant {
+        check_tenant(idx, tenant.as_bytes())?;
+    }
+    match msg.jitter_ms {
+        None | Some(0) => Ok(at),
+        Some(jitter) if jitter > limits.max_delay_ms => Err(BrokerError::new(
+            ErrorCode::InvalidMessage,
+            format!(
+                "message {idx}: jitter_ms {jitter} exceeds max_delay_ms {}",
+                limits.max_delay_ms
+            ),
+        )),
+        Some(jitter) => {
+            let extra = (jitter as f64 * random.unit()).round() as i64;
+            Ok(Some(at.unwrap_or(now) + extra).filter(|&at| at > now))
+        }
+    }
+}
+
+/// The per-message limits, shared by JSON publishes and binary record batches. Returns
+/// the delivery time of a delayed message.
+#[allow(clippy::too_many_arguments)]
+pub fn check_message(
+    limits: &Limits,
+    idx: usize,
+    body_len: usize,
+    id_len: Option<usize>,
+    key_len: Option<usize>,
+    headers: impl ExactSizeIterator<Item = (usize, usize)>,
+    delay: Delay,
+    now: i64,
+) -> Result<Option<i64>, BrokerError> {
+    let bad = |what: String| {
+        Err(BrokerError::new(
+            ErrorCode::InvalidMessage,
+            format!("message {idx}: {what}"),
+        ))
+    };
+    if body_len > limits.max_message_bytes {
+        return Err(BrokerError::new(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "message {idx}: body of {body_len} bytes exceeds max_message_bytes {}",
+                limits.max_message_bytes
+            ),
+        ));
+    }
+    let max_id = limits.max_id_bytes.min(255);
+    if let Some(len) = id_len
+        && (len == 0 || len > max_id)
+    {
+        return bad(format!("id must be 1..={max_id} bytes"));
+    }
+    if let Some(len) = key_len
+        && len > limits.max_key_bytes
+    {
+        return bad(format!(
+            "key of {len} bytes exceeds max_key_bytes {}",
+            limits.max_key_bytes
+        ));
+    }
+    if headers.len() > limits.max_headers {
+        return bad(format!(
+            "{} headers exceed max_headers {}",
+            headers.len(),
+            limits.max_headers
+        ));
+    }
+    for (name, value) in headers {
+        if name == 0 || name > limits.max_header_bytes || value > limits.max_header_bytes {
+            return bad(format!(
+                "header names must be 1..={0} bytes and values at most {0} bytes",
+                limits.max_header_bytes
+            ));
+        }
+    }
+    match delay {
+        Delay::None => Ok(None),
+        Delay::AfterMs(ms) if ms > limits.max_delay_ms => bad(format!(
+            "delay_ms {ms} exceeds max_delay_ms {}",
+            limits.max_delay_ms
+        )),
+        Delay::AfterMs(0) => Ok(None),
+        Delay::AfterMs(ms) => Ok(Some(now + ms as i64)),
+        // Saturating: a deliver_at far in the past (i64::MIN) is "now", not an overflow.
+        Delay::AtMs(at) if at.saturating_sub(now) > limits.max_delay_ms as i64 => bad(format!(
+            "deliver_at is more than max_delay_ms {} ahead",
+            limits.max_delay_ms
+        )),
+        Delay::AtMs(at) if at <= now => Ok(None),
+        Delay::AtMs(at) => Ok(Some(at)),
     }
 }
