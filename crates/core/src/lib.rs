@@ -5,15 +5,13 @@
 
 pub mod broker;
 pub mod clock;
-pub mod coalesce;
 pub mod config;
 pub mod error;
-pub mod keys;
+pub mod offsets;
 pub mod plan;
 pub mod policy;
 pub mod queue;
 pub mod receipt;
-pub mod shaper;
 
 pub use broker::{
     Broker, BrokerOptions, Delay, NackReason, NewMessage, Observer, QueueInfo, RedriveProgress,

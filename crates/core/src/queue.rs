@@ -14,13 +14,13 @@ use tidewater_storage::format::RecordView;
 use tidewater_storage::{LogState, RangeSet, ReadError, Record, RetryInfo};
 
 use crate::clock::{NonceSource, OsNonces};
-use crate::coalesce::{Closed, Coalescer};
 use crate::config::CoalesceMode;
 use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
-use crate::keys::KeyGate;
+use crate::policy::coalesce::{Closed, Coalescer};
+use crate::policy::keys::KeyGate;
+use crate::policy::shaper::{Shaper, Staged, StagedLanes};
 use crate::policy::{Aimd, DedupWindow, Gcra, TenantQuotas};
-use crate::shaper::{Shaper, Staged, StagedLanes};
 
 /// Messages parked behind their key's slots, per queue; at this many the scan waits.
 pub const MAX_PARKED: usize = 100_000;
@@ -44,34 +44,8 @@ struct Supersede {
     /// Leased when superseded: their consumer learns it on extend or ack.
     flagged: OffsetSet,
 }
+use crate::offsets::{OffsetMap, OffsetSet};
 use crate::receipt::Receipt;
-
-/// Hashes broker-assigned offsets cheaply (SipHash showed up in profiles). Keys are never
-/// chosen by clients (receipts are only looked up), so flooding one bucket is not possible.
-#[derive(Default, Clone, Copy)]
-pub struct OffsetHasher(u64);
-
-impl std::hash::Hasher for OffsetHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(self.0 ^ b as u64);
-        }
-    }
-    fn write_u64(&mut self, x: u64) {
-        // Blocks of 64 offsets land in unrelated places, but the offsets of one block land
-        // side by side: walking offsets in order (leases, acks) touches a few cache lines
-        // instead of one per entry.
-        let h = ((x >> 6) ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let h = h ^ (h >> 29);
-        self.0 = (h & !63) | ((h ^ x) & 63);
-    }
-}
-
-pub(crate) type OffsetMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<OffsetHasher>>;
-type OffsetSet = HashSet<u64, std::hash::BuildHasherDefault<OffsetHasher>>;
 
 /// Bytes read ahead per scan step when looking for deliverable messages.
 pub(crate) const SCAN_BYTES: usize = 4 << 20;

@@ -809,7 +809,7 @@ fn fair_scheduling_evens_out_a_tenant_flood() {
             .map(|t| delivered.get(*t).copied().unwrap_or(0.0))
             .collect();
         assert_eq!(shares.iter().sum::<f64>(), 250.0);
-        let jain = tidewater_core::shaper::jain_index(&shares);
+        let jain = tidewater_core::policy::shaper::jain_index(&shares);
         assert!(jain >= 0.95, "Jain {jain:.3} for {shares:?}");
         // Without the policy, delivery follows the backlog: "big" takes 95%.
         h.queue("fifo", json!({})).await;

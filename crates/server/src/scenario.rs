@@ -273,7 +273,7 @@ async fn tenant_skew(scale: usize) -> anyhow::Result<Report> {
         figures[run] = [
             shares[0] / done as f64 * 100.0,
             small,
-            tidewater_core::shaper::jain_index(&shares),
+            tidewater_core::policy::shaper::jain_index(&shares),
         ];
     }
     Ok(Report {

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
-use crate::queue::OffsetMap;
+use crate::offsets::OffsetMap;
 
 /// Maps keyed by a key's hash (already a keyed hash: a cheap mixer is enough).
 type HashKeyed<V> = OffsetMap<V>;

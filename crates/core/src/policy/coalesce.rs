@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
 
-use crate::queue::OffsetMap;
+use crate::offsets::OffsetMap;
 
 /// Open windows per queue; past this, new keys are not coalesced until windows close.
 pub const MAX_WINDOWS: usize = 100_000;
