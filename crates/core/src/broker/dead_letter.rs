@@ -9,51 +9,9 @@ use super::{Broker, QueueHandle, storage_error};
 use crate::error::BrokerError;
 use crate::plan::dead_letter::{MoveBatch, dead_letter_headers, move_batch};
 use crate::plan::to_ranges;
-use crate::queue::{QueueState, Unacked};
+use crate::queue::QueueState;
 
 impl Broker {
-    /// Decides, for each released message, another delivery later or the DLQ.
-    pub(super) fn plan_retries(
-        &self,
-        state: &mut QueueState,
-        released: Vec<Unacked>,
-        delay_ms: Option<u64>,
-        error: Option<&str>,
-        now: i64,
-    ) -> (Vec<Op>, Vec<Unacked>) {
-        let mut ops = Vec::new();
-        let mut to_dlq = Vec::new();
-        let max = state.config.max_deliveries;
-        for msg in released {
-            let error_text = error.unwrap_or("").to_string();
-            let error_entry = (!error_text.is_empty()).then(|| (now, error_text.clone()));
-            if max > 0 && msg.delivery_count >= max && state.config.dead_letter_queue.is_some() {
-                state.record_attempt(msg.offset, msg.delivery_count, error_entry);
-                to_dlq.push(msg);
-                continue;
-            }
-            let wait = delay_ms.unwrap_or_else(|| {
-                state
-                    .config
-                    .backoff
-                    .delay_ms(msg.delivery_count, self.inner.jitter.unit())
-            });
-            let deliver_at = now + wait as i64;
-            state.schedule_retry(msg.offset, msg.delivery_count, deliver_at, error_entry, now);
-            ops.push(Op::Retry {
-                uid: state.uid,
-                offset: msg.offset,
-                deliver_at_ms: deliver_at,
-                delivery_count: msg.delivery_count,
-                at_ms: now,
-                error: error_text,
-            });
-        }
-        let dlq_offsets: Vec<u64> = to_dlq.iter().map(|m| m.offset).collect();
-        state.begin_settle(&dlq_offsets);
-        (ops, to_dlq)
-    }
-
     /// Moves messages (marked settling) to their queue's dead-letter queue with their
     /// history. On failure they stay in the queue, deliverable again.
     pub(super) async fn dead_letter(&self, handle: &Arc<QueueHandle>, items: Settling) {

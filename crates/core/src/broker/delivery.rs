@@ -292,7 +292,8 @@ impl Broker {
                     size: l.size,
                 })
                 .collect();
-            let (ops, to_dlq) = self.plan_retries(&mut state, unacked, delay_ms, error, now);
+            let (ops, to_dlq) =
+                state.plan_retries(&*self.inner.jitter, unacked, delay_ms, error, now);
             (ops, Settling::marked(&handle, to_dlq, &self.inner.clock))
         };
         // The retries are scheduled in memory; their write only keeps their history, so a

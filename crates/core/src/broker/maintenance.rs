@@ -56,8 +56,13 @@ impl Broker {
                 .collect();
             // An expired lease is deliverable again at once (as with SQS's visibility
             // timeout): the lease was the wait. Backoff is for nacks.
-            let (retries, to_dlq) =
-                self.plan_retries(&mut state, expired, Some(0), Some(LEASE_EXPIRED_ERROR), now);
+            let (retries, to_dlq) = state.plan_retries(
+                &*self.inner.jitter,
+                expired,
+                Some(0),
+                Some(LEASE_EXPIRED_ERROR),
+                now,
+            );
             let to_dlq = Settling::marked(handle, to_dlq, clock);
             let before = state.stats(now).depth;
             state.fire_timers(now);
