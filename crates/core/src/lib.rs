@@ -7,6 +7,7 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod harness;
 pub mod offsets;
 pub mod plan;
 pub mod policy;

@@ -4,22 +4,21 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tidewater_core::clock::ManualClock;
-use tidewater_core::{Broker, BrokerOptions, ConfigPatch};
+use tidewater_core::ConfigPatch;
+use tidewater_core::harness::{Harness, HarnessOptions};
 use tidewater_storage::StoreOptions;
 use tidewater_storage::faults::Faults;
 
-fn open(dir: &std::path::Path, faults: Arc<Faults>) -> Broker {
-    let options = BrokerOptions {
+fn open(dir: &std::path::Path, faults: Arc<Faults>) -> Harness {
+    let options = HarnessOptions {
         store: StoreOptions {
             fsync: false,
             faults,
             ..StoreOptions::default()
         },
-        clock: Arc::new(ManualClock::new(1_700_000_000_000)),
-        ..BrokerOptions::default()
+        ..HarnessOptions::default()
     };
-    Broker::open(dir, options).unwrap()
+    Harness::open(dir, options).unwrap()
 }
 
 /// A queue create answered with an error ("nothing was stored") existed after a restart:
@@ -33,14 +32,14 @@ fn a_queue_create_that_fails_leaves_no_queue_behind() {
     for fail_at in 1..=3u64 {
         let dir = tempfile::tempdir().unwrap();
         let faults = Arc::new(Faults::default());
-        let broker = open(dir.path(), faults.clone());
+        let harness = open(dir.path(), faults.clone());
+        let broker = harness.broker();
         faults.fail_meta_write_at.store(fail_at, Ordering::SeqCst);
         let created = rt.block_on(broker.put_queue("q", &ConfigPatch::default()));
         let listed = broker.list_queues().len();
-        broker.shutdown();
-        drop(broker);
+        drop(harness);
         let reopened = open(dir.path(), Arc::new(Faults::default()));
-        let after_restart = reopened.list_queues().len();
+        let after_restart = reopened.broker().list_queues().len();
         match created {
             Ok(_) => assert_eq!((listed, after_restart), (1, 1), "fail at {fail_at}"),
             Err(err) => {
@@ -52,6 +51,5 @@ fn a_queue_create_that_fails_leaves_no_queue_behind() {
                 assert!(err.message.contains("nothing was stored"), "{err:?}");
             }
         }
-        reopened.shutdown();
     }
 }

@@ -11,24 +11,11 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use tidewater_core::clock::ManualClock;
-use tidewater_core::{Broker, BrokerOptions, ConfigPatch, NackReason, NewMessage};
-use tidewater_storage::{AckLevel, StoreOptions};
-
-fn open(dir: &std::path::Path) -> Broker {
-    let options = BrokerOptions {
-        store: StoreOptions {
-            fsync: false,
-            ..StoreOptions::default()
-        },
-        clock: Arc::new(ManualClock::new(1_700_000_000_000)),
-        ..BrokerOptions::default()
-    };
-    Broker::open(dir, options).unwrap()
-}
+use tidewater_core::harness::{Harness, HarnessOptions};
+use tidewater_core::{Broker, ConfigPatch, NackReason, NewMessage};
+use tidewater_storage::AckLevel;
 
 /// Polls `fut` once and drops it; whether it was still waiting (a request that answered
 /// in its first poll tests nothing).
@@ -60,8 +47,8 @@ fn stats(broker: &Broker, queue: &str) -> (u64, u64, u64) {
 #[test]
 fn a_publish_whose_caller_went_away_is_delivered_and_frees_its_reservation() {
     let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open(dir.path());
+    let harness = Harness::temporary(HarnessOptions::default()).unwrap();
+    let broker = harness.broker();
     let patch: ConfigPatch = serde_json::from_str(r#"{"max_messages": 20}"#).unwrap();
     rt.block_on(broker.put_queue("q", &patch)).unwrap();
     let mut dropped = 0;
@@ -87,14 +74,13 @@ fn a_publish_whose_caller_went_away_is_delivered_and_frees_its_reservation() {
     let batch: Vec<NewMessage> = (0..20).map(|i| message(&format!("again {i}"))).collect();
     rt.block_on(broker.publish("q", &batch, AckLevel::Durable))
         .unwrap();
-    broker.shutdown();
 }
 
 #[test]
 fn a_binary_publish_whose_caller_went_away_is_delivered() {
     let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open(dir.path());
+    let harness = Harness::temporary(HarnessOptions::default()).unwrap();
+    let broker = harness.broker();
     rt.block_on(broker.put_queue("q", &ConfigPatch::default()))
         .unwrap();
     let mut builder = tidewater_storage::BatchBuilder::new(0, 0);
@@ -114,14 +100,13 @@ fn a_binary_publish_whose_caller_went_away_is_delivered() {
     let got = rt.block_on(broker.receive("q", 100, 0, None)).unwrap();
     assert_eq!(got.len(), 3);
     assert_eq!(broker.get_queue("q").unwrap().stats.published, 3);
-    broker.shutdown();
 }
 
 #[test]
 fn an_ack_whose_caller_went_away_settles() {
     let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open(dir.path());
+    let harness = Harness::temporary(HarnessOptions::default()).unwrap();
+    let broker = harness.broker();
     rt.block_on(broker.put_queue("q", &ConfigPatch::default()))
         .unwrap();
     let batch: Vec<NewMessage> = (0..20).map(|i| message(&format!("m{i}"))).collect();
@@ -137,15 +122,14 @@ fn an_ack_whose_caller_went_away_settles() {
     }
     assert!(dropped > 0, "every ack answered in its first poll");
     broker.store().wait_idle();
-    assert_eq!(stats(&broker, "q"), (0, 0, 20), "(total, in flight, acked)");
-    broker.shutdown();
+    assert_eq!(stats(broker, "q"), (0, 0, 20), "(total, in flight, acked)");
 }
 
 #[test]
 fn a_nack_to_the_dead_letter_queue_whose_caller_went_away_moves_the_message() {
     let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = open(dir.path());
+    let harness = Harness::temporary(HarnessOptions::default()).unwrap();
+    let broker = harness.broker();
     let patch: ConfigPatch = serde_json::from_str(r#"{"max_deliveries": 1}"#).unwrap();
     rt.block_on(broker.put_queue("q", &patch)).unwrap();
     // The dead-letter queue exists first: the nack's only wait is its move.
@@ -166,10 +150,9 @@ fn a_nack_to_the_dead_letter_queue_whose_caller_went_away_moves_the_message() {
     assert!(dropped > 0, "every nack answered in its first poll");
     broker.store().wait_idle();
     assert_eq!(
-        stats(&broker, "q").0,
+        stats(broker, "q").0,
         0,
         "the source queue still holds messages"
     );
-    assert_eq!(stats(&broker, "q-dlq").0, 20);
-    broker.shutdown();
+    assert_eq!(stats(broker, "q-dlq").0, 20);
 }

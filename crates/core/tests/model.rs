@@ -8,12 +8,10 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use tidewater_core::broker::record_id;
-use tidewater_core::clock::{FixedJitter, ManualClock};
+use tidewater_core::clock::FixedJitter;
 use tidewater_core::config::BackoffPatch;
-use tidewater_core::{
-    AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NackReason, NewMessage, RedriveRequest,
-};
-use tidewater_storage::StoreOptions;
+use tidewater_core::harness::{Harness, HarnessOptions};
+use tidewater_core::{AckLevel, ConfigPatch, Delay, NackReason, NewMessage, RedriveRequest};
 
 const QUEUE: &str = "work";
 const DLQ: &str = "work-dlq";
@@ -183,31 +181,6 @@ impl Model {
     }
 }
 
-struct Harness {
-    dir: tempfile::TempDir,
-    clock: ManualClock,
-    broker: Option<Broker>,
-}
-
-impl Harness {
-    fn open(&mut self) {
-        let options = BrokerOptions {
-            store: StoreOptions {
-                fsync: false,
-                ..StoreOptions::default()
-            },
-            clock: Arc::new(self.clock.clone()),
-            jitter: Arc::new(FixedJitter(1.0)),
-            ..BrokerOptions::default()
-        };
-        self.broker = Some(Broker::open(self.dir.path(), options).expect("open"));
-    }
-
-    fn broker(&self) -> &Broker {
-        self.broker.as_ref().unwrap()
-    }
-}
-
 fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -215,12 +188,11 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let mut h = Harness {
-            dir: tempfile::tempdir().unwrap(),
-            clock: ManualClock::new(1_000_000),
-            broker: None,
-        };
-        h.open();
+        let mut h = Harness::temporary(HarnessOptions {
+            start_ms: 1_000_000,
+            ..HarnessOptions::default()
+        })
+        .unwrap();
         let patch = ConfigPatch {
             lease_ms: Some(LEASE_MS),
             max_deliveries: Some(MAX_DELIVERIES),
@@ -476,8 +448,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                     }
                 }
                 Action::Restart => {
-                    h.broker.take().unwrap().shutdown();
-                    h.open();
+                    h.restart();
                     for msg in &mut model.msgs {
                         if let State::Leased { .. } = msg.state {
                             msg.state = State::Ready { at: now };
@@ -535,7 +506,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                 );
             }
         }
-        h.broker.take().unwrap().shutdown();
+        drop(h);
         Ok(())
     })
 }
@@ -597,24 +568,13 @@ fn history_survives_restart_into_the_dead_letter_queue() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(5_000);
-        let open = || {
-            Broker::open(
-                dir.path(),
-                BrokerOptions {
-                    store: StoreOptions {
-                        fsync: false,
-                        ..StoreOptions::default()
-                    },
-                    clock: Arc::new(clock.clone()),
-                    jitter: Arc::new(FixedJitter(0.0)),
-                    ..BrokerOptions::default()
-                },
-            )
-            .unwrap()
-        };
-        let broker = open();
+        let mut h = Harness::temporary(HarnessOptions {
+            start_ms: 5_000,
+            jitter: Arc::new(FixedJitter(0.0)),
+            ..HarnessOptions::default()
+        })
+        .unwrap();
+        let broker = h.broker();
         broker
             .put_queue(
                 "q",
@@ -647,9 +607,8 @@ fn history_survives_restart_into_the_dead_letter_queue() {
             )
             .await
             .unwrap();
-        broker.shutdown();
-        drop(broker);
-        let broker = open();
+        h.restart();
+        let broker = h.broker();
         let second = broker.receive("q", 1, 0, None).await.unwrap();
         assert_eq!(second[0].delivery_count, 2);
         broker
@@ -672,6 +631,5 @@ fn history_survives_restart_into_the_dead_letter_queue() {
         assert!(header("tidewater-errors").contains("parse error: bad byte"));
         assert_eq!(broker.get_queue("q").unwrap().stats.total, 0);
         assert_eq!(broker.get_queue("q").unwrap().stats.dead_lettered, 1);
-        broker.shutdown();
     });
 }

@@ -8,16 +8,13 @@ use serde_json::json;
 use tidewater_core::broker::Published;
 use tidewater_core::broker::header;
 use tidewater_core::clock::{FixedJitter, ManualClock};
-use tidewater_core::{AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NackReason, NewMessage};
-use tidewater_storage::StoreOptions;
+use tidewater_core::harness::{self, HarnessOptions};
+use tidewater_core::{AckLevel, Broker, ConfigPatch, Delay, NackReason, NewMessage};
 
-const START_MS: i64 = 1_700_000_000_000;
-
+/// The shared harness (`tidewater_core::harness`), with every call expected to succeed.
 struct Harness {
-    dir: tempfile::TempDir,
+    inner: harness::Harness,
     clock: ManualClock,
-    jitter: f64,
-    broker: Option<Broker>,
 }
 
 impl Harness {
@@ -26,36 +23,29 @@ impl Harness {
     }
 
     fn with_jitter(jitter: f64) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(START_MS);
-        let broker = open(&dir, &clock, jitter);
-        Harness {
-            dir,
-            clock,
-            jitter,
-            broker: Some(broker),
-        }
+        let inner = harness::Harness::temporary(HarnessOptions {
+            jitter: Arc::new(FixedJitter(jitter)),
+            ..HarnessOptions::default()
+        })
+        .unwrap();
+        let clock = inner.clock.clone();
+        Harness { inner, clock }
     }
 
     fn broker(&self) -> &Broker {
-        self.broker.as_ref().unwrap()
+        self.inner.broker()
     }
 
     fn restart(&mut self) {
-        self.broker.take().unwrap().shutdown();
-        self.broker = Some(open(&self.dir, &self.clock, self.jitter));
+        self.inner.restart();
     }
 
     async fn queue(&self, name: &str, config: serde_json::Value) {
-        let patch: ConfigPatch = serde_json::from_value(config).unwrap();
-        self.broker().put_queue(name, &patch).await.unwrap();
+        self.inner.queue(name, config).await.unwrap();
     }
 
     async fn publish(&self, queue: &str, messages: Vec<NewMessage>) -> Published {
-        self.broker()
-            .publish(queue, &messages, AckLevel::Durable)
-            .await
-            .unwrap()
+        self.inner.publish(queue, &messages).await.unwrap()
     }
 
     async fn try_publish(
@@ -68,34 +58,16 @@ impl Harness {
     }
 
     async fn receive(&self, queue: &str, max: usize) -> Vec<tidewater_core::queue::Delivery> {
-        self.broker().receive(queue, max, 0, None).await.unwrap()
+        self.inner.receive(queue, max).await.unwrap()
     }
 
     fn stats(&self, queue: &str) -> tidewater_core::queue::QueueStats {
-        self.broker().get_queue(queue).unwrap().stats
+        self.inner.stats(queue).unwrap()
     }
 }
 
-fn open(dir: &tempfile::TempDir, clock: &ManualClock, jitter: f64) -> Broker {
-    let options = BrokerOptions {
-        store: StoreOptions {
-            fsync: false,
-            ..StoreOptions::default()
-        },
-        clock: Arc::new(clock.clone()),
-        jitter: Arc::new(FixedJitter(jitter)),
-        ..BrokerOptions::default()
-    };
-    Broker::open(dir.path(), options).unwrap()
-}
-
 fn msgs(n: usize) -> Vec<NewMessage> {
-    (0..n)
-        .map(|i| NewMessage {
-            body: format!("m{i}").into_bytes(),
-            ..NewMessage::default()
-        })
-        .collect()
+    harness::messages(n)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use serde_json::{Value, json};
-use tidewater_core::clock::{ManualClock, RandomJitter};
+use tidewater_core::clock::RandomJitter;
+use tidewater_core::harness::{Harness, HarnessOptions};
 use tidewater_core::queue::Delivery;
-use tidewater_core::{AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NewMessage};
+use tidewater_core::{AckLevel, Delay, NewMessage};
 
 use crate::client::outln;
 
@@ -144,76 +145,46 @@ pub fn replay(name: Name, scale: usize) -> anyhow::Result<Report> {
     })
 }
 
-/// An embedded broker on a temporary directory with simulated time.
+/// The shared harness (`tidewater_core::harness`): a broker on a temporary directory with
+/// simulated time, and real randomness for jitter.
 struct Sim {
-    dir: std::path::PathBuf,
-    clock: ManualClock,
-    broker: Broker,
+    harness: Harness,
 }
 
 impl Sim {
     fn new() -> anyhow::Result<Sim> {
-        let dir = std::env::temp_dir().join(format!(
-            "tidewater-scenario-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        let clock = ManualClock::new(1_767_225_600_000); // 2026-01-01T00:00:00Z
-        let options = BrokerOptions {
-            // The scenarios measure behaviour, not the disk: skip fsync.
-            store: tidewater_storage::StoreOptions {
-                fsync: false,
-                ..Default::default()
-            },
-            clock: Arc::new(clock.clone()),
+        let harness = Harness::temporary(HarnessOptions {
+            start_ms: 1_767_225_600_000, // 2026-01-01T00:00:00Z
             jitter: Arc::new(RandomJitter),
-            ..BrokerOptions::default()
-        };
-        let broker = Broker::open(&dir, options).context("opening the scenario's broker")?;
-        Ok(Sim { dir, clock, broker })
+            ..HarnessOptions::default()
+        })
+        .context("opening the scenario's broker")?;
+        Ok(Sim { harness })
     }
 
     async fn queue(&self, name: &str, config: Value) -> anyhow::Result<()> {
-        let patch: ConfigPatch = serde_json::from_value(config)?;
-        self.broker.put_queue(name, &patch).await?;
-        Ok(())
+        Ok(self.harness.queue(name, config).await?)
     }
 
-    /// Publishes durably: a message is deliverable once durable, and the simulated clock
-    /// must not run ahead of the (real-time) storage threads.
     async fn publish(&self, queue: &str, messages: Vec<NewMessage>) -> anyhow::Result<()> {
-        for chunk in messages.chunks(5_000) {
-            self.broker.publish(queue, chunk, AckLevel::Durable).await?;
-        }
+        self.harness.publish(queue, &messages).await?;
         Ok(())
     }
 
     async fn receive(&self, queue: &str, max: usize) -> anyhow::Result<Vec<Delivery>> {
-        Ok(self.broker.receive(queue, max, 0, None).await?)
+        Ok(self.harness.receive(queue, max).await?)
     }
 
     async fn ack(&self, queue: &str, deliveries: &[Delivery]) -> anyhow::Result<()> {
-        if !deliveries.is_empty() {
-            let receipts: Vec<String> = deliveries.iter().map(|d| d.receipt.clone()).collect();
-            self.broker.ack(queue, &receipts).await?;
-        }
-        Ok(())
+        Ok(self.harness.ack(queue, deliveries).await?)
     }
 
     async fn advance(&self, ms: i64) {
-        self.clock.advance(ms);
-        self.broker.run_maintenance().await;
+        self.harness.advance(ms).await;
     }
 
     fn stats(&self, queue: &str) -> anyhow::Result<tidewater_core::queue::QueueStats> {
-        Ok(self.broker.get_queue(queue)?.stats)
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        self.broker.shutdown();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(self.harness.stats(queue)?)
     }
 }
 
@@ -471,7 +442,7 @@ async fn ci_supersede(scale: usize) -> anyhow::Result<Report> {
             }
             let mut still = Vec::new();
             for (build, done_at) in running {
-                let extended = sim.broker.extend(
+                let extended = sim.harness.broker().extend(
                     "builds",
                     std::slice::from_ref(&build.receipt),
                     Some(300_000),
@@ -533,7 +504,8 @@ async fn slow_consumer(scale: usize) -> anyhow::Result<Report> {
                 .map(|i| message(format!("order {tick}/{i}")))
                 .collect();
             match sim
-                .broker
+                .harness
+                .broker()
                 .publish("orders", &batch, AckLevel::Durable)
                 .await
             {
