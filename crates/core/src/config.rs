@@ -394,66 +394,42 @@ impl QueueConfig {
         }
     }
 
+    /// This configuration with `patch` applied: each field the patch names replaces this
+    /// one's (`null` clears an optional one), except `backoff`, whose fields are patched one
+    /// by one. (Every field of `ConfigPatch` is listed below; a test fails if one is not.)
     pub fn apply(&self, patch: &ConfigPatch) -> QueueConfig {
         let mut out = self.clone();
-        if let Some(v) = patch.lease_ms {
-            out.lease_ms = v;
+        macro_rules! replace {
+            ($($field:ident),* $(,)?) => {
+                $(if let Some(value) = &patch.$field {
+                    out.$field = value.clone();
+                })*
+            };
         }
-        if let Some(v) = patch.max_deliveries {
-            out.max_deliveries = v;
-        }
+        replace!(
+            lease_ms,
+            max_deliveries,
+            dead_letter_queue,
+            max_messages,
+            max_bytes,
+            max_in_flight,
+            quota,
+            dedup_window_ms,
+            supersede,
+            priority_levels,
+            priority_min_share,
+            fairness,
+            coalesce,
+            key_concurrency,
+            dispatch_rate,
+            adaptive,
+            ttl_ms,
+            on_expire,
+        );
         if let Some(b) = &patch.backoff {
             out.backoff.base_ms = b.base_ms.unwrap_or(out.backoff.base_ms);
             out.backoff.multiplier = b.multiplier.unwrap_or(out.backoff.multiplier);
             out.backoff.max_ms = b.max_ms.unwrap_or(out.backoff.max_ms);
-        }
-        if let Some(v) = &patch.dead_letter_queue {
-            out.dead_letter_queue = v.clone();
-        }
-        if let Some(v) = patch.max_messages {
-            out.max_messages = v;
-        }
-        if let Some(v) = patch.max_bytes {
-            out.max_bytes = v;
-        }
-        if let Some(v) = patch.max_in_flight {
-            out.max_in_flight = v;
-        }
-        if let Some(v) = &patch.quota {
-            out.quota = v.clone();
-        }
-        if let Some(v) = patch.dedup_window_ms {
-            out.dedup_window_ms = v;
-        }
-        if let Some(v) = patch.supersede {
-            out.supersede = v;
-        }
-        if let Some(v) = patch.priority_levels {
-            out.priority_levels = v;
-        }
-        if let Some(v) = patch.priority_min_share {
-            out.priority_min_share = v;
-        }
-        if let Some(v) = &patch.fairness {
-            out.fairness = v.clone();
-        }
-        if let Some(v) = patch.coalesce {
-            out.coalesce = v;
-        }
-        if let Some(v) = patch.key_concurrency {
-            out.key_concurrency = v;
-        }
-        if let Some(v) = patch.dispatch_rate {
-            out.dispatch_rate = v;
-        }
-        if let Some(v) = patch.adaptive {
-            out.adaptive = v;
-        }
-        if let Some(v) = patch.ttl_ms {
-            out.ttl_ms = v;
-        }
-        if let Some(v) = patch.on_expire {
-            out.on_expire = v;
         }
         out
     }
@@ -710,6 +686,67 @@ impl Default for Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `apply` lists the fields it replaces: a field added to `ConfigPatch` and not to that
+    /// list would be accepted and silently ignored. A patch naming every field of a queue's
+    /// configuration (the keys come from the configuration itself, so a new field makes this
+    /// test name it) must change every one of them.
+    #[test]
+    fn a_patch_naming_every_field_changes_every_field() {
+        let limits = Limits::default();
+        let before = QueueConfig::defaults_for("q", &limits);
+        let patch = serde_json::json!({
+            "lease_ms": 1234,
+            "max_deliveries": 7,
+            "backoff": {"base_ms": 10, "multiplier": 3.0, "max_ms": 99},
+            "dead_letter_queue": "elsewhere",
+            "max_messages": 42,
+            "max_bytes": 4242,
+            "max_in_flight": 5,
+            "quota": {"msgs_per_s": 9.0, "tenants": {}},
+            "dedup_window_ms": 1000,
+            "supersede": true,
+            "priority_levels": 3,
+            "priority_min_share": 0.25,
+            "fairness": {"by": "key", "weights": {"a": 2.0}},
+            "coalesce": {"window_ms": 50, "mode": "merge", "max_wait_ms": 500},
+            "key_concurrency": 2,
+            "dispatch_rate": {"per_s": 10.0, "burst": 3},
+            "adaptive": {"min_per_s": 1.0, "max_per_s": 10.0},
+            "ttl_ms": 60000,
+            "on_expire": "dead_letter",
+        });
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            keys
+        };
+        let config_json = serde_json::to_value(&before).unwrap();
+        assert_eq!(keys(&patch), keys(&config_json), "name every field here");
+        let parsed: ConfigPatch = serde_json::from_value(patch.clone()).unwrap();
+        let after = serde_json::to_value(before.apply(&parsed)).unwrap();
+        for key in keys(&patch) {
+            assert_ne!(
+                config_json[&key], patch[&key],
+                "{key}: pick a value that differs"
+            );
+            assert_eq!(after[&key], patch[&key], "{key} was not applied");
+        }
+        // And null clears what may be cleared.
+        let cleared: ConfigPatch = serde_json::from_value(serde_json::json!({
+            "dead_letter_queue": null, "quota": null, "fairness": null, "coalesce": null,
+            "key_concurrency": null, "dispatch_rate": null, "adaptive": null, "ttl_ms": null,
+        }))
+        .unwrap();
+        let cleared = before.apply(&parsed).apply(&cleared);
+        assert_eq!(cleared.dead_letter_queue, None);
+        assert_eq!(
+            (cleared.quota, cleared.key_concurrency, cleared.ttl_ms),
+            (None, None, None)
+        );
+        assert!(cleared.fairness.is_none() && cleared.coalesce.is_none());
+        assert!(cleared.dispatch_rate.is_none() && cleared.adaptive.is_none());
+    }
 
     /// Limits past the format's fields were accepted, then tripped an assert mid-publish
     /// (a key or header count over 65,535) or were cut into an unreadable record (a header
