@@ -2,15 +2,16 @@
 
 use std::sync::Arc;
 
-use tidewater_storage::format::MAX_BATCH_BODY;
-use tidewater_storage::{AckLevel, BatchBuilder, NewRecord, Op, OpResult};
+use tidewater_storage::{AckLevel, Op, OpResult};
 
 use super::guard::{Claims, Reserved, Settling};
 use super::{Broker, QueueHandle};
 use crate::error::{BrokerError, ErrorCode};
-use crate::plan::batch::{Demand, ParkedPart, marks, parked_part, scan_batch, without};
-use crate::plan::message::{NewMessage, hex, new_message_id, validate_message};
-use crate::queue::{HEADER_PRIORITY, HEADER_TENANT, HEADER_TTL_MS};
+use crate::plan::batch::{
+    Batches, Demand, ParkedPart, PublishShape, build_publish, marks, parked_part, scan_batch,
+    without,
+};
+use crate::plan::message::{NewMessage, validate_message};
 
 /// The ids of a publish, in order, and the indexes of duplicates (acknowledged, not
 /// enqueued again: their id was accepted within the queue's dedup window).
@@ -87,7 +88,6 @@ impl Broker {
                 marks(messages.len(), &dups),
             )
         };
-        let mut keyed = Vec::new();
         let claims = Claims::new(
             &handle,
             client_ids
@@ -96,121 +96,32 @@ impl Broker {
                 .map(|(_, id)| id.to_vec())
                 .collect(),
         );
-        let mut demand = Demand::default();
-        let mut builder = BatchBuilder::new(handle.uid, now);
         let delay_uid = handle.delay.lock().as_ref().map(|d| d.uid);
-        let park_from = now.saturating_add(self.inner.limits.park_delay_ms as i64);
-        let mut parked = delay_uid.map(|uid| ParkedPart {
-            uid,
-            batch: Vec::new(),
-            entries: Vec::new(),
-            n: 0,
-            bytes: 0,
-        });
-        let mut parked_builder = delay_uid.map(|uid| BatchBuilder::new(uid, now));
-        let mut ids = Vec::with_capacity(messages.len());
-        let mut duplicates = Vec::new();
-        let mut delays = Vec::new();
-        let mut bytes = 0u64;
-        let mut n = 0u64;
-        for (idx, msg) in messages.iter().enumerate() {
-            if dups[idx] {
-                ids.push(msg.id.clone().expect("only client ids are duplicates"));
-                duplicates.push(idx);
-                continue;
-            }
-            let deliver_at = deliver_ats[idx];
-            // A long delay waits in the delay log, not in the main log.
-            let park = parked.is_some() && deliver_at.is_some_and(|at| at >= park_from);
-            if !park {
-                if let Some(at) = deliver_at {
-                    delays.push((n as u32, at));
-                }
-                n += 1;
-            }
-            let ttl = msg.ttl_ms.map(|ttl| ttl.to_string());
-            let priority = msg.priority.map(|p| p.to_string());
-            let headers: Vec<(&[u8], &[u8])> = msg
-                .headers
-                .iter()
-                .filter(|(k, _)| k != HEADER_TENANT && k != HEADER_TTL_MS && k != HEADER_PRIORITY)
-                .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
-                .chain(
-                    ttl.as_ref()
-                        .map(|v| (HEADER_TTL_MS.as_bytes(), v.as_bytes())),
-                )
-                .chain(
-                    msg.tenant
-                        .as_ref()
-                        .map(|t| (HEADER_TENANT.as_bytes(), t.as_bytes())),
-                )
-                .chain(
-                    priority
-                        .as_ref()
-                        .map(|p| (HEADER_PRIORITY.as_bytes(), p.as_bytes())),
-                )
-                .collect();
-            let generated;
-            let (id, is_generated): (&[u8], bool) = match &msg.id {
-                Some(id) => {
-                    ids.push(id.clone());
-                    (id.as_bytes(), false)
-                }
-                None => {
-                    generated = new_message_id(now);
-                    ids.push(hex(&generated));
-                    (&generated, true)
-                }
-            };
-            let record = NewRecord {
-                id,
-                generated_id: is_generated,
-                key: msg.key.as_deref().map(str::as_bytes),
-                headers,
-                deliver_at_ms: deliver_at.unwrap_or(0),
-                body: &msg.body,
-            };
-            let size = (msg.body.len()
-                + msg.key.as_ref().map_or(0, |k| k.len())
-                + record
-                    .headers
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>()) as u64;
-            if with_quota {
-                demand.add(msg.tenant.as_deref().map(str::as_bytes), size);
-            }
-            if let (true, Some(part), Some(parked_builder)) =
-                (park, parked.as_mut(), parked_builder.as_mut())
-            {
-                part.entries
-                    .push((part.n as u32, deliver_at.unwrap_or(now), size));
-                part.n += 1;
-                part.bytes += size;
-                parked_builder.push(&record);
-                continue;
-            }
-            bytes += size;
-            if with_supersede && let Some(key) = &msg.key {
-                keyed.push((n as u32 - 1, key.as_bytes().to_vec(), size));
-            }
-            builder.push(&record);
-            if builder.encoded_len() > MAX_BATCH_BODY {
-                return Err(BrokerError::new(
-                    ErrorCode::RequestTooLarge,
-                    "the batch exceeds 256 MiB once encoded",
-                ));
-            }
-        }
-        let parked = match (parked, parked_builder) {
-            (Some(mut part), Some(parked_builder)) if part.n > 0 => {
-                part.batch = parked_builder.finish();
-                Some(part)
-            }
-            _ => None,
-        };
+        let Batches {
+            ids,
+            duplicates,
+            main,
+            n,
+            bytes,
+            delays,
+            demand,
+            keyed,
+            parked,
+        } = build_publish(
+            messages,
+            &PublishShape {
+                uid: handle.uid,
+                delay_uid,
+                park_from: now.saturating_add(self.inner.limits.park_delay_ms as i64),
+                duplicates: &dups,
+                deliver_ats: &deliver_ats,
+                with_quota,
+                with_supersede,
+            },
+            now,
+        )?;
         if n > 0 || parked.is_some() {
-            let batch = (n > 0).then(|| builder.finish());
+            let batch = main;
             let admission = Admission {
                 n,
                 bytes,

@@ -6,10 +6,13 @@ use std::collections::HashMap;
 use tidewater_storage::format::RECORD_FLAG_GENERATED_ID;
 use tidewater_storage::{BatchBuilder, FormatError, NewRecord};
 
-use super::message::{Delay, check_message, check_tenant, check_ttl};
+use super::message::{
+    Delay, NewMessage, check_message, check_tenant, check_ttl, hex, new_message_id,
+};
 use crate::config::Limits;
 use crate::error::{BrokerError, ErrorCode};
 use crate::queue::{ANONYMOUS_TENANT, HEADER_PRIORITY, HEADER_TENANT, HEADER_TTL_MS};
+use tidewater_storage::format::MAX_BATCH_BODY;
 
 /// What scanning a client-built batch found.
 #[derive(Default)]
@@ -209,4 +212,170 @@ pub(crate) fn scan_batch(
         Ok::<(), BrokerError>(())
     })?;
     Ok(scan)
+}
+
+/// What shapes the batches of a JSON publish.
+pub(crate) struct PublishShape<'a> {
+    /// The queue's log, and its delay log when it has one.
+    pub uid: u64,
+    pub delay_uid: Option<u64>,
+    /// Messages due at or after this wait in the delay log.
+    pub park_from: i64,
+    /// Per message: a duplicate (acknowledged, not enqueued), and its due time if delayed.
+    pub duplicates: &'a [bool],
+    pub deliver_ats: &'a [Option<i64>],
+    pub with_quota: bool,
+    pub with_supersede: bool,
+}
+
+/// The batches of a JSON publish and what admission needs of them.
+pub(crate) struct Batches {
+    /// Every message's id (client-chosen, or generated), and the indexes of duplicates.
+    pub ids: Vec<String>,
+    pub duplicates: Vec<usize>,
+    /// The main log's batch (`None` when every message is parked or a duplicate).
+    pub main: Option<Vec<u8>>,
+    pub n: u64,
+    pub bytes: u64,
+    /// (index in `main`, due time) of delayed messages.
+    pub delays: Vec<(u32, i64)>,
+    pub demand: Demand,
+    /// (index in `main`, key, bytes) of keyed messages, on supersede or coalesce queues.
+    pub keyed: Vec<(u32, Vec<u8>, u64)>,
+    pub parked: Option<ParkedPart>,
+}
+
+/// Builds the records of a JSON publish (checked before): the main log's batch, the delay
+/// log's part, ids, and the reserved headers (tenant, ttl, priority) set from the message's
+/// fields, never from its own headers.
+pub(crate) fn build_publish(
+    messages: &[NewMessage],
+    shape: &PublishShape<'_>,
+    now: i64,
+) -> Result<Batches, BrokerError> {
+    let mut keyed = Vec::new();
+    let mut demand = Demand::default();
+    let mut builder = BatchBuilder::new(shape.uid, now);
+    let mut parked = shape.delay_uid.map(|uid| ParkedPart {
+        uid,
+        batch: Vec::new(),
+        entries: Vec::new(),
+        n: 0,
+        bytes: 0,
+    });
+    let mut parked_builder = shape.delay_uid.map(|uid| BatchBuilder::new(uid, now));
+    let mut ids = Vec::with_capacity(messages.len());
+    let mut duplicates = Vec::new();
+    let mut delays = Vec::new();
+    let mut bytes = 0u64;
+    let mut n = 0u64;
+    for (idx, msg) in messages.iter().enumerate() {
+        if shape.duplicates[idx] {
+            ids.push(msg.id.clone().expect("only client ids are duplicates"));
+            duplicates.push(idx);
+            continue;
+        }
+        let deliver_at = shape.deliver_ats[idx];
+        // A long delay waits in the delay log, not in the main log.
+        let park = parked.is_some() && deliver_at.is_some_and(|at| at >= shape.park_from);
+        if !park {
+            if let Some(at) = deliver_at {
+                delays.push((n as u32, at));
+            }
+            n += 1;
+        }
+        let ttl = msg.ttl_ms.map(|ttl| ttl.to_string());
+        let priority = msg.priority.map(|p| p.to_string());
+        let headers: Vec<(&[u8], &[u8])> = msg
+            .headers
+            .iter()
+            .filter(|(k, _)| k != HEADER_TENANT && k != HEADER_TTL_MS && k != HEADER_PRIORITY)
+            .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+            .chain(
+                ttl.as_ref()
+                    .map(|v| (HEADER_TTL_MS.as_bytes(), v.as_bytes())),
+            )
+            .chain(
+                msg.tenant
+                    .as_ref()
+                    .map(|t| (HEADER_TENANT.as_bytes(), t.as_bytes())),
+            )
+            .chain(
+                priority
+                    .as_ref()
+                    .map(|p| (HEADER_PRIORITY.as_bytes(), p.as_bytes())),
+            )
+            .collect();
+        let generated;
+        let (id, is_generated): (&[u8], bool) = match &msg.id {
+            Some(id) => {
+                ids.push(id.clone());
+                (id.as_bytes(), false)
+            }
+            None => {
+                generated = new_message_id(now);
+                ids.push(hex(&generated));
+                (&generated, true)
+            }
+        };
+        let record = NewRecord {
+            id,
+            generated_id: is_generated,
+            key: msg.key.as_deref().map(str::as_bytes),
+            headers,
+            deliver_at_ms: deliver_at.unwrap_or(0),
+            body: &msg.body,
+        };
+        let size = (msg.body.len()
+            + msg.key.as_ref().map_or(0, |k| k.len())
+            + record
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()) as u64;
+        if shape.with_quota {
+            demand.add(msg.tenant.as_deref().map(str::as_bytes), size);
+        }
+        if let (true, Some(part), Some(parked_builder)) =
+            (park, parked.as_mut(), parked_builder.as_mut())
+        {
+            part.entries
+                .push((part.n as u32, deliver_at.unwrap_or(now), size));
+            part.n += 1;
+            part.bytes += size;
+            parked_builder.push(&record);
+            continue;
+        }
+        bytes += size;
+        if shape.with_supersede
+            && let Some(key) = &msg.key
+        {
+            keyed.push((n as u32 - 1, key.as_bytes().to_vec(), size));
+        }
+        builder.push(&record);
+        if builder.encoded_len() > MAX_BATCH_BODY {
+            return Err(BrokerError::new(
+                ErrorCode::RequestTooLarge,
+                "the batch exceeds 256 MiB once encoded",
+            ));
+        }
+    }
+    let parked = match (parked, parked_builder) {
+        (Some(mut part), Some(parked_builder)) if part.n > 0 => {
+            part.batch = parked_builder.finish();
+            Some(part)
+        }
+        _ => None,
+    };
+    Ok(Batches {
+        ids,
+        duplicates,
+        main: (n > 0).then(|| builder.finish()),
+        n,
+        bytes,
+        delays,
+        demand,
+        keyed,
+        parked,
+    })
 }
