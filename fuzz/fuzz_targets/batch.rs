@@ -1,4 +1,4 @@
-//! Record batches and records (crates/storage/src/format.rs) as a segment file holds them:
+//! Record batches and records (crates/format/src/lib.rs) as a segment file holds them:
 //! batches back to back, walked as the open-time scan does (header, both CRCs, every
 //! record), decoded as reads do (`decode_records`, `view_record`, `decode_record`).
 //! Whatever decodes must re-encode (`Record::encode`, `BatchBuilder`) to bytes that decode
@@ -7,13 +7,12 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use tidewater_fuzz::{mode, repair_batches};
-use tidewater_storage::FormatError;
-use tidewater_storage::format::{
-    BATCH_HEADER_LEN, BatchBuilder, BatchHeader, NewRecord, RECORD_FLAG_GENERATED_ID, Record,
-    check_batch, decode_record, decode_records, has_client_ids, restamp_batch, stamp_batch,
+use tidewater_format::{
+    BATCH_HEADER_LEN, BatchBuilder, BatchHeader, FormatError, NewRecord, RECORD_FLAG_GENERATED_ID,
+    Record, check_batch, decode_record, decode_records, has_client_ids, restamp_batch, stamp_batch,
     view_record, visit_records,
 };
+use tidewater_fuzz::{mode, repair_batches};
 use tidewater_storage::state::RecentIds;
 
 /// A record as it survives re-encoding: only the generated-id flag bit is kept.

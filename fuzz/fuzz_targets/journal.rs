@@ -9,9 +9,9 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
+use tidewater_format::BatchHeader;
 use tidewater_fuzz::{mode, repair_journal};
 use tidewater_storage::LogState;
-use tidewater_storage::format::BatchHeader;
 use tidewater_storage::fuzzing::{decode_checkpoint, encode_checkpoint};
 use tidewater_storage::journal::{Entry, MAX_ERROR_LEN, decode_entry, encode_entry};
 

@@ -8,9 +8,10 @@
 
 use libfuzzer_sys::fuzz_target;
 use tidewater_core::receipt::Receipt;
+use tidewater_format::{
+    BATCH_HEADER_LEN, FormatError, decode_record, restamp_batch, visit_records,
+};
 use tidewater_proto::{DEFAULT_MAX_FRAME, DeliverWriter, Frame, decode_frame};
-use tidewater_storage::FormatError;
-use tidewater_storage::format::{BATCH_HEADER_LEN, decode_record, restamp_batch, visit_records};
 
 fn check_frame(frame: &Frame, request_id: u32, max: usize) {
     let mut out = Vec::new();

@@ -5,7 +5,7 @@
 //! first (as a writer would have computed them), so the fuzzer explores what lies behind
 //! the check; even first bytes leave the input as it is (what a torn or corrupt file is).
 
-use tidewater_storage::format::BATCH_HEADER_LEN;
+use tidewater_format::BATCH_HEADER_LEN;
 
 /// Splits off the mode byte: (repair checksums?, rest).
 pub fn mode(data: &[u8]) -> Option<(bool, &[u8])> {

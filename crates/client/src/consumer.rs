@@ -263,9 +263,9 @@ fn settled_one(reply: Frame) -> Result<bool, ClientError> {
 }
 
 fn decode(d: tidewater_proto::WireDelivery) -> Result<Delivery, ClientError> {
-    let record = tidewater_storage::format::decode_record(&d.record, d.offset, d.published_at_ms)
+    let record = tidewater_format::decode_record(&d.record, d.offset, d.published_at_ms)
         .map_err(|e| ClientError::Protocol(format!("bad record in a delivery: {e}")))?;
-    let id = if record.flags & tidewater_storage::format::RECORD_FLAG_GENERATED_ID != 0 {
+    let id = if record.flags & tidewater_format::RECORD_FLAG_GENERATED_ID != 0 {
         crate::hex(&record.id)
     } else {
         String::from_utf8_lossy(&record.id).into_owned()

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tidewater_format::{BatchBuilder, NewRecord};
 use tidewater_proto::{Ack, Frame};
-use tidewater_storage::{BatchBuilder, NewRecord};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 

@@ -1,11 +1,16 @@
-//! Stable error codes. A code keeps its meaning forever; a retired code is never reused.
-//! The full list with statuses is documented in docs/errors.md.
+//! Stable error codes of the broker's domain: what the broker itself refuses or fails with,
+//! the same whichever front end asked. A code keeps its meaning forever; a retired code is
+//! never reused.
+//!
+//! Core knows no transport. The server maps each code to an HTTP status and adds the codes
+//! of its listeners (not_found, connection_timeout, ...), proto has the codes of its framing
+//! (invalid_frame, ...); crates/server/src/errors.rs puts them together and generates the
+//! full list, docs/errors.md.
 
 use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
-    InvalidJson,
     InvalidRequest,
     InvalidQueueName,
     InvalidConfig,
@@ -17,28 +22,20 @@ pub enum ErrorCode {
     RequestTooLarge,
     QueueNotFound,
     RedriveNotFound,
-    NotFound,
-    MethodNotAllowed,
     ConfigConflict,
     QueueFull,
     ExceedsCapacity,
     Overloaded,
     DiskFull,
     StorageFailed,
-    NotReady,
     ShuttingDown,
     Internal,
-    InvalidFrame,
-    FrameTooLarge,
-    UnsupportedVersion,
-    ConnectionTimeout,
     QuotaExceeded,
     Superseded,
 }
 
 impl ErrorCode {
     pub const ALL: &'static [ErrorCode] = &[
-        ErrorCode::InvalidJson,
         ErrorCode::InvalidRequest,
         ErrorCode::InvalidQueueName,
         ErrorCode::InvalidConfig,
@@ -50,28 +47,20 @@ impl ErrorCode {
         ErrorCode::RequestTooLarge,
         ErrorCode::QueueNotFound,
         ErrorCode::RedriveNotFound,
-        ErrorCode::NotFound,
-        ErrorCode::MethodNotAllowed,
         ErrorCode::ConfigConflict,
         ErrorCode::QueueFull,
         ErrorCode::ExceedsCapacity,
         ErrorCode::Overloaded,
         ErrorCode::DiskFull,
         ErrorCode::StorageFailed,
-        ErrorCode::NotReady,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
-        ErrorCode::InvalidFrame,
-        ErrorCode::FrameTooLarge,
         ErrorCode::QuotaExceeded,
         ErrorCode::Superseded,
-        ErrorCode::UnsupportedVersion,
-        ErrorCode::ConnectionTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            ErrorCode::InvalidJson => "invalid_json",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::InvalidQueueName => "invalid_queue_name",
             ErrorCode::InvalidConfig => "invalid_config",
@@ -83,8 +72,6 @@ impl ErrorCode {
             ErrorCode::RequestTooLarge => "request_too_large",
             ErrorCode::QueueNotFound => "queue_not_found",
             ErrorCode::RedriveNotFound => "redrive_not_found",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ConfigConflict => "config_conflict",
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::ExceedsCapacity => "exceeds_capacity",
@@ -93,48 +80,14 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::DiskFull => "disk_full",
             ErrorCode::StorageFailed => "storage_failed",
-            ErrorCode::NotReady => "not_ready",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
-            ErrorCode::InvalidFrame => "invalid_frame",
-            ErrorCode::FrameTooLarge => "frame_too_large",
-            ErrorCode::UnsupportedVersion => "unsupported_version",
-            ErrorCode::ConnectionTimeout => "connection_timeout",
-        }
-    }
-
-    /// The HTTP status this code travels with.
-    pub fn http_status(self) -> u16 {
-        match self {
-            ErrorCode::InvalidJson
-            | ErrorCode::InvalidRequest
-            | ErrorCode::InvalidQueueName
-            | ErrorCode::InvalidConfig
-            | ErrorCode::InvalidMessage
-            | ErrorCode::InvalidReceipt
-            | ErrorCode::StaleReceipt => 400,
-            ErrorCode::QueueNotFound | ErrorCode::RedriveNotFound | ErrorCode::NotFound => 404,
-            ErrorCode::MethodNotAllowed => 405,
-            ErrorCode::ConfigConflict => 409,
-            ErrorCode::MessageTooLarge
-            | ErrorCode::BatchTooLarge
-            | ErrorCode::RequestTooLarge
-            | ErrorCode::ExceedsCapacity => 413,
-            ErrorCode::QueueFull | ErrorCode::Overloaded | ErrorCode::QuotaExceeded => 429,
-            ErrorCode::Superseded => 409,
-            ErrorCode::DiskFull => 507,
-            ErrorCode::StorageFailed | ErrorCode::Internal => 500,
-            ErrorCode::NotReady | ErrorCode::ShuttingDown => 503,
-            ErrorCode::InvalidFrame | ErrorCode::UnsupportedVersion => 400,
-            ErrorCode::ConnectionTimeout => 408,
-            ErrorCode::FrameTooLarge => 413,
         }
     }
 
     /// What a person should do about it (for docs/errors.md).
     pub fn meaning(self) -> &'static str {
         match self {
-            ErrorCode::InvalidJson => "The body is not valid JSON. Fix the request body.",
             ErrorCode::InvalidRequest => {
                 "A field is missing, unknown or out of range. The message names it."
             }
@@ -168,8 +121,6 @@ impl ErrorCode {
             ErrorCode::RedriveNotFound => {
                 "No redrive has this id (ids are kept in memory until restart)."
             }
-            ErrorCode::NotFound => "No such endpoint. See /v1/openapi.json.",
-            ErrorCode::MethodNotAllowed => "This endpoint does not take this method.",
             ErrorCode::ConfigConflict => {
                 "The configuration conflicts with the queue's state (for example, a queue cannot be its own dead-letter queue)."
             }
@@ -188,28 +139,15 @@ impl ErrorCode {
             ErrorCode::StorageFailed => {
                 "The storage engine failed. The message says what happened: \"nothing was stored\" when the operation was refused before it was written; \"may or may not be there after a restart\" when it was written and the fsync that would make it durable failed (check after the restart; the server exits with status 74 right after answering). The server log has the cause."
             }
-            ErrorCode::NotReady => "The server is still recovering. Retry shortly.",
             ErrorCode::ShuttingDown => {
                 "The server is shutting down. Retry against the restarted server."
             }
             ErrorCode::Internal => "A bug. The server log has details.",
-            ErrorCode::InvalidFrame => {
-                "Binary protocol: the frame is malformed (docs/protocol.md). The server closes the connection after this error."
-            }
-            ErrorCode::FrameTooLarge => {
-                "Binary protocol: the frame exceeds max_frame_bytes. The server closes the connection after this error."
-            }
             ErrorCode::QuotaExceeded => {
                 "The tenant published faster than the queue's quota allows. Retry after Retry-After (the exact time until enough tokens exist); nothing was stored."
             }
             ErrorCode::Superseded => {
                 "A newer message with the same key was published to this supersede queue: stop working on this one and ack it (extend is refused)."
-            }
-            ErrorCode::ConnectionTimeout => {
-                "The connection sent nothing in time: no Hello within handshake_timeout_ms, or no frame within idle_timeout_ms (send Ping to keep an idle connection open), or over HTTP the request head or body arrived too slowly. The server closes the connection after this error."
-            }
-            ErrorCode::UnsupportedVersion => {
-                "Binary protocol: the client speaks a protocol version this server does not. Upgrade the client or the server."
             }
         }
     }
@@ -295,28 +233,6 @@ impl From<tidewater_storage::WriteError> for BrokerError {
     }
 }
 
-/// The text of docs/errors.md (kept in sync by a test).
-pub fn errors_markdown() -> String {
-    let mut out = String::from(
-        "# Error codes\n\n\
-         Every non-2xx reply of the HTTP API has the body `{\"code\": \"...\", \"message\": \"...\"}`; refusals\n\
-         that should be retried (429, 507) also carry `retry_after_ms` and a `Retry-After` header (seconds).\n\
-         Codes are stable: a code keeps its meaning forever and a retired code is never reused.\n\
-         Per-receipt failures of ack, nack and extend use `invalid_receipt` and `stale_receipt` inside a 200 reply.\n\n\
-         This file is generated from `crates/core/src/error.rs` by `UPDATE_DOCS=1 cargo test -p tidewater-core docs`.\n\n\
-         | code | HTTP status | meaning and what to do |\n|---|---|---|\n",
-    );
-    for code in ErrorCode::ALL {
-        out.push_str(&format!(
-            "| `{}` | {} | {} |\n",
-            code.as_str(),
-            code.http_status(),
-            code.meaning()
-        ));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,19 +248,5 @@ mod tests {
                     .all(|b| b.is_ascii_lowercase() || b == b'_')
             );
         }
-    }
-
-    #[test]
-    fn docs_errors_md_is_up_to_date() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/errors.md");
-        let expected = errors_markdown();
-        if std::env::var_os("UPDATE_DOCS").is_some() {
-            std::fs::write(path, &expected).unwrap();
-        }
-        let actual = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            actual == expected,
-            "docs/errors.md is stale: run `UPDATE_DOCS=1 cargo test -p tidewater-core docs`"
-        );
     }
 }

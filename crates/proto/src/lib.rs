@@ -253,6 +253,69 @@ impl fmt::Display for ProtoError {
 
 impl std::error::Error for ProtoError {}
 
+impl ProtoError {
+    /// The code of the `Error` frame that closes the connection over this error.
+    pub fn code(&self) -> FrameCode {
+        match self {
+            ProtoError::TooLarge { .. } => FrameCode::FrameTooLarge,
+            ProtoError::UnknownKind(_) | ProtoError::Malformed(_) => FrameCode::InvalidFrame,
+        }
+    }
+}
+
+/// The error codes of the protocol itself: an `Error` frame with request id 0 carries one
+/// before the server closes the connection (docs/protocol.md). The strings are stable and
+/// documented with every other code in docs/errors.md; the broker's codes travel in the
+/// same `code` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrameCode {
+    /// A malformed frame, an unknown kind, a server-only frame from a client, or a first
+    /// frame that is not `Hello`.
+    InvalidFrame,
+    /// A frame longer than the limit (`max_frame_bytes`, 4 KiB before `Hello`).
+    FrameTooLarge,
+    /// A `Hello` with a version this side does not speak.
+    UnsupportedVersion,
+}
+
+impl FrameCode {
+    pub const ALL: &'static [FrameCode] = &[
+        FrameCode::InvalidFrame,
+        FrameCode::FrameTooLarge,
+        FrameCode::UnsupportedVersion,
+    ];
+
+    /// The code as it travels in a frame's `code` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameCode::InvalidFrame => "invalid_frame",
+            FrameCode::FrameTooLarge => "frame_too_large",
+            FrameCode::UnsupportedVersion => "unsupported_version",
+        }
+    }
+
+    /// What a person should do about it (for docs/errors.md).
+    pub fn meaning(self) -> &'static str {
+        match self {
+            FrameCode::InvalidFrame => {
+                "Binary protocol: the frame is malformed (docs/protocol.md). The server closes the connection after this error."
+            }
+            FrameCode::FrameTooLarge => {
+                "Binary protocol: the frame exceeds max_frame_bytes. The server closes the connection after this error."
+            }
+            FrameCode::UnsupportedVersion => {
+                "Binary protocol: the client speaks a protocol version this server does not. Upgrade the client or the server."
+            }
+        }
+    }
+}
+
+impl fmt::Display for FrameCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 struct Writer<'a>(&'a mut Vec<u8>);
 
 impl Writer<'_> {
@@ -904,6 +967,25 @@ mod tests {
         assert_eq!(
             decode_frame(&announced, 50),
             Err(ProtoError::TooLarge { len: 100, max: 50 })
+        );
+    }
+
+    #[test]
+    fn a_decoding_error_closes_with_its_frame_code() {
+        let too_large = decode_frame(&(100u32).to_le_bytes(), 50).unwrap_err();
+        assert_eq!(too_large.code(), FrameCode::FrameTooLarge);
+        assert_eq!(too_large.code().as_str(), "frame_too_large");
+        let mut unknown = Vec::new();
+        Frame::Ping.encode(1, &mut unknown);
+        unknown[4] = 0x7f; // the kind byte
+        let unknown = decode_frame(&unknown, DEFAULT_MAX_FRAME).unwrap_err();
+        assert_eq!(unknown, ProtoError::UnknownKind(0x7f));
+        assert_eq!(unknown.code().as_str(), "invalid_frame");
+        assert_eq!(ProtoError::Malformed("x").code(), FrameCode::InvalidFrame);
+        let codes: Vec<&str> = FrameCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            codes,
+            ["invalid_frame", "frame_too_large", "unsupported_version"]
         );
     }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tidewater_core::{AckLevel, Broker, BrokerError, ErrorCode, NackReason};
 use tidewater_proto::{
-    Ack, DEFAULT_MAX_FRAME, DeliverWriter, Failure, Frame, PROTOCOL_VERSION, ProtoError,
+    Ack, DEFAULT_MAX_FRAME, DeliverWriter, Failure, Frame, FrameCode, PROTOCOL_VERSION,
     SUBSCRIPTION_ID_BIT, decode_frame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,6 +29,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::errors::Code;
 use crate::listener::{Bounds, Stats, accept_loop};
 
 /// Requests one connection may have in flight; beyond, the server stops reading (TCP
@@ -134,9 +135,9 @@ fn error_frame(err: &BrokerError) -> Frame {
     }
 }
 
-fn connection_error(code: ErrorCode, message: impl Into<String>) -> Frame {
+fn connection_error(code: impl Into<Code>, message: impl Into<String>) -> Frame {
     Frame::Error {
-        code: code.as_str().into(),
+        code: code.into().as_str().into(),
         message: message.into(),
     }
 }
@@ -280,10 +281,7 @@ async fn connection(
                     Ok(Some(decoded)) => decoded,
                     Ok(None) => break,
                     Err(err) => {
-                        let code = match err {
-                            ProtoError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-                            _ => ErrorCode::InvalidFrame,
-                        };
+                        let code = err.code();
                         let message = if greeted {
                             err.to_string()
                         } else {
@@ -310,9 +308,9 @@ async fn connection(
                             continue;
                         }
                         Frame::Hello { version, .. } => {
-                            return Err(connection_error(ErrorCode::UnsupportedVersion, format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}")));
+                            return Err(connection_error(FrameCode::UnsupportedVersion, format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}")));
                         }
-                        _ => return Err(connection_error(ErrorCode::InvalidFrame, "the first frame must be Hello")),
+                        _ => return Err(connection_error(FrameCode::InvalidFrame, "the first frame must be Hello")),
                     }
                 }
                 match session.serve(frame, request_id).await {
@@ -335,9 +333,9 @@ async fn connection(
                 () = tokio::time::sleep_until(deadline) => {
                     return Err(if greeted {
                         stats.closed_idle.fetch_add(1, Ordering::Relaxed);
-                        connection_error(ErrorCode::ConnectionTimeout, format!("idle for {} ms (idle_timeout_ms): closing; send Ping to keep an idle connection open", limits.idle_timeout.as_millis()))
+                        connection_error(Code::ConnectionTimeout, format!("idle for {} ms (idle_timeout_ms): closing; send Ping to keep an idle connection open", limits.idle_timeout.as_millis()))
                     } else {
-                        connection_error(ErrorCode::ConnectionTimeout, format!("no Hello within {} ms (handshake_timeout_ms)", limits.handshake_timeout.as_millis()))
+                        connection_error(Code::ConnectionTimeout, format!("no Hello within {} ms (handshake_timeout_ms)", limits.handshake_timeout.as_millis()))
                     });
                 }
                 _ = shutdown.changed() => {
@@ -419,7 +417,7 @@ impl Session {
     async fn serve(&mut self, frame: Frame, request_id: u32) -> Result<(), Stop> {
         while self.tasks.try_join_next().is_some() {}
         let Some(broker) = self.broker.get().cloned() else {
-            let frame = connection_error(ErrorCode::NotReady, "the server is still recovering");
+            let frame = connection_error(Code::NotReady, "the server is still recovering");
             return Ok(self.outbox.reply(&frame, request_id).await?);
         };
         match frame {
@@ -528,7 +526,7 @@ impl Session {
             }
             other => {
                 return Err(Stop::Violation(connection_error(
-                    ErrorCode::InvalidFrame,
+                    FrameCode::InvalidFrame,
                     format!(
                         "frame kind 0x{:02x} is sent by servers, not clients",
                         other.kind()

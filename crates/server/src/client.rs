@@ -5,7 +5,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use serde_json::Value;
-use tidewater_core::ErrorCode;
+
+use crate::errors::Code;
 
 /// Exit codes of client commands (documented in the README).
 pub mod exit {
@@ -115,10 +116,10 @@ impl std::fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
-/// The HTTP status a server error code travels with (`ErrorCode::http_status`, the table
-/// of docs/errors.md); None for a code this build does not know (a newer server).
+/// The HTTP status a server error code travels with (`Code::http_status`, the table of
+/// docs/errors.md); None for a code this build does not know (a newer server).
 pub fn status_of_code(code: &str) -> Option<u16> {
-    ErrorCode::ALL
+    Code::ALL
         .iter()
         .find(|c| c.as_str() == code)
         .map(|c| c.http_status())
@@ -289,7 +290,7 @@ mod tests {
     fn server_codes_are_labelled_with_their_real_status_and_exit_alike() {
         // Every code the server can send over the binary protocol gets the status it has
         // over HTTP, and the exit code of that status.
-        for code in ErrorCode::ALL {
+        for code in Code::ALL {
             let err = ClientError::from_server_code(code.as_str().into(), "m".into());
             let shown = err.to_string();
             assert!(

@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::api::{self, ErrorBody, OutMessage};
+use crate::errors::Code;
 use crate::listener::{Bounds, Stats, accept_loop};
 use crate::metrics::Metrics;
 
@@ -42,36 +43,57 @@ pub struct AppState {
 
 impl AppState {
     fn broker(&self) -> Result<&Broker, ApiError> {
-        self.broker.get().ok_or_else(|| {
-            ApiError(BrokerError::new(
-                ErrorCode::NotReady,
-                "the server is still recovering its data",
-            ))
-        })
+        self.broker
+            .get()
+            .ok_or_else(|| ApiError::new(Code::NotReady, "the server is still recovering its data"))
     }
 }
 
-/// A `BrokerError` as an HTTP response: status from its code, JSON body, Retry-After.
-pub struct ApiError(pub BrokerError);
+/// An error as an HTTP response: status from its code, JSON body, Retry-After. Mostly a
+/// `BrokerError`; the listener's own refusals (not ready, no route, a body that is not
+/// JSON or too slow) carry the server's codes.
+pub struct ApiError {
+    pub code: Code,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: impl Into<Code>, message: impl Into<String>) -> Self {
+        ApiError {
+            code: code.into(),
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    pub fn retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
+    }
+}
 
 impl From<BrokerError> for ApiError {
     fn from(err: BrokerError) -> Self {
-        ApiError(err)
+        ApiError {
+            code: Code::Broker(err.code),
+            message: err.message,
+            retry_after_ms: err.retry_after_ms,
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let err = self.0;
-        let status = StatusCode::from_u16(err.code.http_status())
+        let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = ErrorBody {
-            code: err.code.as_str(),
-            message: &err.message,
-            retry_after_ms: err.retry_after_ms,
+            code: self.code.as_str(),
+            message: &self.message,
+            retry_after_ms: self.retry_after_ms,
         };
         let mut response = (status, json_body(&body)).into_response();
-        if let Some(ms) = err.retry_after_ms {
+        if let Some(ms) = self.retry_after_ms {
             let secs = ms.div_ceil(1000).max(1);
             response
                 .headers_mut()
@@ -119,16 +141,14 @@ fn reserve(
         .clone()
         .try_acquire_many_owned(kib)
         .map_err(|_| {
-            ApiError(
-                BrokerError::new(
-                    ErrorCode::Overloaded,
-                    format!(
-                        "request bodies in flight hold the server's budget of {} bytes (max_request_bytes_in_flight); nothing was done, retry shortly",
-                        state.max_request_bytes_in_flight
-                    ),
-                )
-                .retry_after(1_000),
+            ApiError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "request bodies in flight hold the server's budget of {} bytes (max_request_bytes_in_flight); nothing was done, retry shortly",
+                    state.max_request_bytes_in_flight
+                ),
             )
+            .retry_after(1_000)
         })?;
     match held {
         Some(permit) => permit.merge(more),
@@ -141,13 +161,13 @@ fn reserve(
 /// broker-wide budget (all of a declared Content-Length at once, else as it arrives).
 async fn read_body(state: &AppState, body: Body) -> Result<(Bytes, BodyPermit), ApiError> {
     let too_large = || {
-        ApiError(BrokerError::new(
+        ApiError::new(
             ErrorCode::RequestTooLarge,
             format!(
                 "the request body exceeds max_request_bytes ({} bytes)",
                 state.max_request_bytes
             ),
-        ))
+        )
     };
     let kib = |bytes: u64| u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
     let mut held = None;
@@ -167,7 +187,7 @@ async fn read_body(state: &AppState, body: Body) -> Result<(Bytes, BodyPermit), 
         let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
-                ApiError(BrokerError::invalid(format!(
+                ApiError::from(BrokerError::invalid(format!(
                     "the request body could not be read: {e}"
                 )))
             })?;
@@ -193,20 +213,23 @@ async fn read_body(state: &AppState, body: Body) -> Result<(Bytes, BodyPermit), 
     let bytes = tokio::time::timeout(state.body_timeout, read)
         .await
         .map_err(|_| {
-            ApiError(BrokerError::new(
-                ErrorCode::ConnectionTimeout,
+            ApiError::new(
+                Code::ConnectionTimeout,
                 format!(
                     "the request body did not arrive within {} ms (body_timeout_ms)",
                     state.body_timeout.as_millis()
                 ),
-            ))
+            )
         })?;
     let bytes = match bytes {
-        Err(ApiError(err))
-            if matches!(err.code, ErrorCode::Overloaded | ErrorCode::RequestTooLarge) =>
+        Err(err)
+            if matches!(
+                err.code,
+                Code::Broker(ErrorCode::Overloaded | ErrorCode::RequestTooLarge)
+            ) =>
         {
             drain(state, &mut body).await;
-            return Err(ApiError(err));
+            return Err(err);
         }
         other => other?,
     };
@@ -331,12 +354,12 @@ fn check_value_count(bytes: &[u8], max: usize) -> Result<bool, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     match Count(&left, &integral_floats).deserialize(&mut de) {
         Err(e) if left.get() == 0 && e.to_string().starts_with("too many values") => {
-            Err(ApiError(BrokerError::new(
+            Err(ApiError::new(
                 ErrorCode::RequestTooLarge,
                 format!(
                     "the request body holds more than {max} JSON values, more than this request can use (see max_batch_messages, max_headers, max_receive_messages)"
                 ),
-            )))
+            ))
         }
         _ => Ok(integral_floats.get()), // malformed JSON: the parse below says where
     }
@@ -362,10 +385,10 @@ async fn parse_body<T: DeserializeOwned>(
     let integral_floats = check_value_count(&bytes, max_values)?;
     let invalid = |e: serde_json::Error| {
         let code = match e.classify() {
-            serde_json::error::Category::Data => ErrorCode::InvalidRequest,
-            _ => ErrorCode::InvalidJson,
+            serde_json::error::Category::Data => Code::Broker(ErrorCode::InvalidRequest),
+            _ => Code::InvalidJson,
         };
-        ApiError(BrokerError::new(code, format!("request body: {e}")))
+        ApiError::new(code, format!("request body: {e}"))
     };
     let value = if integral_floats {
         // JSON has one number type: 820.0 is the integer 820 (JSON Schema agrees). Rare:
@@ -502,36 +525,36 @@ async fn json_errors(response: Response) -> Response {
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .unwrap_or_default();
     let code = match status.as_u16() {
-        404 => ErrorCode::NotFound,
-        405 => ErrorCode::MethodNotAllowed,
-        408 => ErrorCode::ConnectionTimeout,
-        413 => ErrorCode::RequestTooLarge,
-        503 => ErrorCode::NotReady,
-        500..=599 => ErrorCode::Internal,
-        _ => ErrorCode::InvalidRequest,
+        404 => Code::NotFound,
+        405 => Code::MethodNotAllowed,
+        408 => Code::ConnectionTimeout,
+        413 => Code::Broker(ErrorCode::RequestTooLarge),
+        503 => Code::NotReady,
+        500..=599 => Code::Broker(ErrorCode::Internal),
+        _ => Code::Broker(ErrorCode::InvalidRequest),
     };
     let message = if text.is_empty() {
         status.canonical_reason().unwrap_or("error").to_string()
     } else {
         text
     };
-    let mut response = ApiError(BrokerError::new(code, message)).into_response();
+    let mut response = ApiError::new(code, message).into_response();
     *response.status_mut() = status;
     response
 }
 
 async fn not_found() -> ApiError {
-    ApiError(BrokerError::new(
-        ErrorCode::NotFound,
+    ApiError::new(
+        Code::NotFound,
         "no such endpoint; the API is described at /v1/openapi.json",
-    ))
+    )
 }
 
 async fn method_not_allowed(method: Method) -> ApiError {
-    ApiError(BrokerError::new(
-        ErrorCode::MethodNotAllowed,
+    ApiError::new(
+        Code::MethodNotAllowed,
         format!("this endpoint does not take {method}"),
-    ))
+    )
 }
 
 async fn healthz() -> ApiResult {
@@ -545,10 +568,10 @@ async fn readyz(State(state): State<AppState>) -> ApiResult {
             .store()
             .poison_reason()
             .unwrap_or_else(|| "a storage failure".to_string());
-        return Err(ApiError(BrokerError::new(
+        return Err(ApiError::new(
             ErrorCode::StorageFailed,
             format!("the store refuses writes after {why}"),
-        )));
+        ));
     }
     json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
 }
@@ -596,10 +619,10 @@ async fn put_queue(
         other => other,
     };
     let patch: ConfigPatch = serde_json::from_value(config).map_err(|e| {
-        ApiError(BrokerError::new(
+        ApiError::new(
             ErrorCode::InvalidConfig,
             format!("queue configuration: {e}"),
-        ))
+        )
     })?;
     let (created, info) = broker.put_queue(&queue, &patch).await?;
     json(

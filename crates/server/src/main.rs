@@ -5,6 +5,7 @@ mod bench;
 mod binary;
 mod cli;
 mod client;
+mod errors;
 mod http;
 mod listener;
 mod metrics;

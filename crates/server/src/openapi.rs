@@ -17,6 +17,8 @@ use tidewater_core::config::{
 };
 use tidewater_core::{ErrorCode, Limits};
 
+use crate::errors::Code;
+
 /// Longest backoff delay (`QueueConfig::validate`): 7 days.
 const MAX_BACKOFF_MS: u64 = 7 * 86_400_000;
 /// Redrive rates (`Broker::start_redrive`).
@@ -68,21 +70,17 @@ const STATUSES: &[(u16, &str, &str)] = &[
 ];
 
 /// Codes that travel only inside 200 replies (per receipt) or only over the binary protocol.
-fn http_error_code(code: ErrorCode) -> bool {
+fn http_error_code(code: Code) -> bool {
     !matches!(
         code,
-        ErrorCode::InvalidReceipt
-            | ErrorCode::StaleReceipt
-            | ErrorCode::Superseded
-            | ErrorCode::InvalidFrame
-            | ErrorCode::FrameTooLarge
-            | ErrorCode::UnsupportedVersion
+        Code::Broker(ErrorCode::InvalidReceipt | ErrorCode::StaleReceipt | ErrorCode::Superseded)
+            | Code::Frame(_)
     )
 }
 
 /// The error codes an HTTP reply with `status` can carry.
 pub fn error_codes(status: u16) -> Vec<&'static str> {
-    let mut codes: Vec<&str> = ErrorCode::ALL
+    let mut codes: Vec<&str> = Code::ALL
         .iter()
         .filter(|c| c.http_status() == status && http_error_code(**c))
         .map(|c| c.as_str())
@@ -877,7 +875,7 @@ mod tests {
         for &(status, _, _) in STATUSES {
             seen.extend(error_codes(status));
         }
-        for code in ErrorCode::ALL {
+        for code in Code::ALL {
             if http_error_code(*code) && code.http_status() != 405 {
                 assert!(seen.contains(code.as_str()), "{code} is in no status");
             }

@@ -1,26 +1,8 @@
 use std::io;
 use std::path::PathBuf;
 
-/// Why bytes read from disk are not a valid unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum FormatError {
-    #[error("truncated")]
-    Truncated,
-    #[error("bad magic byte")]
-    BadMagic,
-    #[error("unknown format version {0}")]
-    UnknownVersion(u8),
-    #[error("checksum mismatch")]
-    BadChecksum,
-    #[error("impossible length field")]
-    BadLength,
-    #[error("invalid UTF-8 in a name")]
-    BadUtf8,
-    #[error("unknown record kind {0}")]
-    UnknownKind(u8),
-    #[error("a journal group inside a group")]
-    NestedGroup,
-}
+/// Why bytes read from disk are not a valid unit (defined with the record format).
+pub use tidewater_format::FormatError;
 
 /// Errors of opening (recovering) a data directory.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,6 @@
 
 pub mod error;
 pub mod faults;
-pub mod format;
 pub mod fs;
 pub mod journal;
 mod open_files;
@@ -22,7 +21,6 @@ mod store;
 
 pub use error::{FormatError, MissingData, OpenError, ReadError, WriteError};
 pub use faults::{Faults, FsOp};
-pub use format::{BatchBuilder, NewRecord, Record};
 pub use fs::{FileRef, Fs, FsFile, OpenHow, RealFs};
 pub use open_files::MIN_OPEN_SEGMENT_FILES;
 pub use ranges::RangeSet;
@@ -31,6 +29,9 @@ pub use store::{
     AckLevel, Completion, DurableListener, FatalListener, LogReader, Op, OpResult, RecoveredLog,
     SegmentFiles, Store, StoreOptions, disk_free_bytes,
 };
+/// The record and batch format, a crate of its own (the client speaks it without storage).
+pub use tidewater_format as format;
+pub use tidewater_format::{BatchBuilder, NewRecord, Record};
 
 /// Entry points for the fuzz targets (`fuzz/`) that are private to this crate. Not an API.
 #[doc(hidden)]
@@ -48,12 +49,8 @@ pub mod fuzzing {
     }
 }
 
-/// A length or count into a narrower field of the format. Callers check lengths against the
-/// format first (limits are validated at open), so a failure is a bug: it panics rather than
-/// write a record that cannot be read back.
-pub(crate) fn narrow<T: TryFrom<usize>>(n: usize, what: &str) -> T {
-    T::try_from(n).unwrap_or_else(|_| panic!("{what} of {n} does not fit the storage format"))
-}
+/// A length or count into a narrower field of the format (checked; panics on a bug).
+pub(crate) use tidewater_format::narrow;
 
 // Offsets, sizes and file positions are u64; memory is indexed by usize: 64-bit only.
 const _: () = assert!(usize::BITS >= u64::BITS);

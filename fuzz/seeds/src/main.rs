@@ -7,9 +7,9 @@ use std::path::Path;
 use tidewater_core::Limits;
 use tidewater_core::config::QueueConfig;
 use tidewater_core::receipt::Receipt;
+use tidewater_format::{BatchBuilder, NewRecord, Record, stamp_batch};
 use tidewater_proto::{Ack, DeliverWriter, Frame, Receipts};
 use tidewater_storage::LogState;
-use tidewater_storage::format::{BatchBuilder, NewRecord, Record, stamp_batch};
 use tidewater_storage::fuzzing::encode_checkpoint;
 use tidewater_storage::journal::{Entry, encode_entry};
 
@@ -61,8 +61,8 @@ fn main() {
     let batch0 = batch(3, 0);
     let record = {
         let mut records = Vec::new();
-        let header = tidewater_storage::format::check_batch(&batch0).unwrap();
-        tidewater_storage::format::decode_records(&header, &batch0[48..], &mut records).unwrap();
+        let header = tidewater_format::check_batch(&batch0).unwrap();
+        tidewater_format::decode_records(&header, &batch0[48..], &mut records).unwrap();
         records.pop().unwrap()
     };
     let wire_record = |r: &Record| {

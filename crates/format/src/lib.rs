@@ -1,10 +1,50 @@
-//! Byte layouts of everything tidewater writes to disk (see docs/storage-format.md).
+//! tidewater's record and batch format: the batch header, the record layout, their CRCs,
+//! `BatchBuilder` and the decoders (docs/storage-format.md). No I/O.
+//!
+//! A crate of its own because more than the storage engine speaks it: a produce frame
+//! carries a batch in this layout and a delivery one record, so the client builds and
+//! decodes them, and the Kafka layer to come will hand batches out as stored. None of them
+//! should depend on the storage engine (its threads, files and recovery) to do so.
+//! tidewater-storage re-exports this crate as `tidewater_storage::format`.
 //!
 //! All integers are little endian. Every unit on disk carries a CRC32C (Castagnoli) so
 //! recovery can tell data from a torn or zeroed tail.
 
-use crate::error::FormatError;
+// A narrowing `as` cast silently cuts a length into a record that passes its CRC and cannot
+// be read: every narrowing goes through `narrow` (checked).
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
+
 use bytes::Bytes;
+
+/// Why bytes read from disk or sent by a client are not a valid unit: a batch or record of
+/// this crate, or a journal entry or checkpoint of the storage engine, which shares this error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("truncated")]
+    Truncated,
+    #[error("bad magic byte")]
+    BadMagic,
+    #[error("unknown format version {0}")]
+    UnknownVersion(u8),
+    #[error("checksum mismatch")]
+    BadChecksum,
+    #[error("impossible length field")]
+    BadLength,
+    #[error("invalid UTF-8 in a name")]
+    BadUtf8,
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
+    #[error("a journal group inside a group")]
+    NestedGroup,
+}
+
+/// A length or count into a narrower field of the format. Callers check lengths against the
+/// format first (limits are validated at open), so a failure is a bug: it panics rather than
+/// write a record that cannot be read back. Storage's journal and checkpoint encoders use it
+/// too.
+pub fn narrow<T: TryFrom<usize>>(n: usize, what: &str) -> T {
+    T::try_from(n).unwrap_or_else(|_| panic!("{what} of {n} does not fit the storage format"))
+}
 
 /// First byte of every record batch.
 pub const BATCH_MAGIC: u8 = 0xB7;
@@ -504,8 +544,9 @@ pub fn decode_records(
     Ok(())
 }
 
-/// Little-endian reader over a byte slice that never panics on short input.
-pub(crate) struct Cursor<'a> {
+/// Little-endian reader over a byte slice that never panics on short input (also the reader
+/// of storage's journal and checkpoint formats).
+pub struct Cursor<'a> {
     pub buf: &'a [u8],
     pub pos: usize,
 }
@@ -544,7 +585,8 @@ impl<'a> Cursor<'a> {
     }
 }
 
-pub(crate) fn put_string(out: &mut Vec<u8>, s: &str) {
+/// Appends a u32-prefixed UTF-8 string (the string layout `Cursor::string` reads).
+pub fn put_string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&crate::narrow::<u32>(s.len(), "a string").to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
