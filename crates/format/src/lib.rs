@@ -14,6 +14,8 @@
 // be read: every narrowing goes through `narrow` (checked).
 #![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
 
+pub mod kafka;
+
 use bytes::Bytes;
 
 /// Why bytes read from disk or sent by a client are not a valid unit: a batch or record of
@@ -36,6 +38,8 @@ pub enum FormatError {
     UnknownKind(u8),
     #[error("a journal group inside a group")]
     NestedGroup,
+    #[error("a stream's Kafka batch where tidewater records were expected, or the reverse")]
+    WrongBatchKind,
 }
 
 /// A length or count into a narrower field of the format. Callers check lengths against the
@@ -74,6 +78,8 @@ pub struct BatchHeader {
     pub body_crc: u32,
     /// Partition ownership epoch (fencing token for the scale-out path); 0 on a single node.
     pub epoch: u32,
+    /// `BATCH_FLAG_*` bits.
+    pub flags: u16,
 }
 
 impl BatchHeader {
@@ -81,7 +87,7 @@ impl BatchHeader {
         assert!(out.len() >= BATCH_HEADER_LEN);
         out[0] = BATCH_MAGIC;
         out[1] = FORMAT_VERSION;
-        out[2..4].copy_from_slice(&0u16.to_le_bytes());
+        out[2..4].copy_from_slice(&self.flags.to_le_bytes());
         out[8..16].copy_from_slice(&self.log_uid.to_le_bytes());
         out[16..24].copy_from_slice(&self.base_offset.to_le_bytes());
         out[24..28].copy_from_slice(&self.count.to_le_bytes());
@@ -116,9 +122,11 @@ impl BatchHeader {
             published_at_ms: i64_at(buf, 32),
             body_crc: u32_at(buf, 40),
             epoch: u32_at(buf, 44),
+            flags: u16::from_le_bytes([buf[2], buf[3]]),
         };
         // The last offset must exist: readers compute `base_offset + index`.
         if header.body_len as usize > MAX_BATCH_BODY
+            || (header.is_kafka() && (header.body_len as usize) < kafka::KAFKA_HEADER_LEN)
             || header.count == 0
             || header
                 .base_offset
@@ -133,14 +141,63 @@ impl BatchHeader {
     pub fn total_len(&self) -> usize {
         BATCH_HEADER_LEN + self.body_len as usize
     }
+
+    /// The body is one Kafka record batch (a stream partition's), not tidewater records.
+    pub fn is_kafka(&self) -> bool {
+        self.flags & BATCH_FLAG_KAFKA != 0
+    }
+
+    /// Whether `body` (this batch's) matches its CRC. A Kafka body's CRC leaves out its
+    /// first 16 bytes (base offset, length, leader epoch), which stamping rewrites.
+    pub fn body_matches(&self, body: &[u8]) -> bool {
+        let covered = if self.is_kafka() {
+            body.get(16..).unwrap_or_default()
+        } else {
+            body
+        };
+        crc32c::crc32c(covered) == self.body_crc
+    }
 }
 
 /// Rewrites the offset of an encoded batch (done by the writer thread, which owns offsets).
-/// Only the header changes, so only the header CRC is recomputed.
+/// Only the header changes, so only the header CRC is recomputed (a Kafka body's base
+/// offset too, which neither its CRC nor ours covers).
 pub fn stamp_batch(batch: &mut [u8], base_offset: u64) {
     batch[16..24].copy_from_slice(&base_offset.to_le_bytes());
     let crc = header_crc(batch);
     batch[4..8].copy_from_slice(&crc.to_le_bytes());
+    if u16::from_le_bytes([batch[2], batch[3]]) & BATCH_FLAG_KAFKA != 0 {
+        let inner = &mut batch[BATCH_HEADER_LEN..];
+        inner[0..8].copy_from_slice(&base_offset.to_be_bytes());
+    }
+}
+
+/// Batch header flag: the body is one Kafka record batch (format v2), as a stream
+/// partition stores it; `count` is its offset span (`lastOffsetDelta + 1`: its records may
+/// skip offsets) and `published_at_ms` its max timestamp.
+pub const BATCH_FLAG_KAFKA: u16 = 0b10;
+
+/// Wraps one Kafka record batch (checked here) for log `log_uid`: the tidewater header
+/// storage needs (offsets, length, CRC) around the bytes a fetch hands out unchanged.
+pub fn wrap_kafka_batch(log_uid: u64, kafka_batch: &[u8]) -> Result<Vec<u8>, FormatError> {
+    let inner = kafka::check_kafka_batch(kafka_batch)?;
+    if kafka_batch.len() > MAX_BATCH_BODY {
+        return Err(FormatError::BadLength);
+    }
+    let header = BatchHeader {
+        log_uid,
+        base_offset: 0,
+        count: u32::try_from(inner.offset_span()).map_err(|_| FormatError::BadLength)?,
+        body_len: narrow(kafka_batch.len(), "a batch body"),
+        published_at_ms: inner.max_timestamp,
+        body_crc: crc32c::crc32c(&kafka_batch[16..]),
+        epoch: 0,
+        flags: BATCH_FLAG_KAFKA,
+    };
+    let mut out = vec![0; BATCH_HEADER_LEN];
+    header.encode(&mut out);
+    out.extend_from_slice(kafka_batch);
+    Ok(out)
 }
 
 /// Batch header flag: some record carries a client-chosen id (storage remembers those
@@ -285,6 +342,7 @@ impl BatchBuilder {
             published_at_ms: self.published_at_ms,
             body_crc: crc32c::crc32c(&self.buf[BATCH_HEADER_LEN..]),
             epoch: 0,
+            flags: 0,
         };
         header.encode(&mut self.buf[..BATCH_HEADER_LEN]);
         if self.client_ids {
@@ -516,11 +574,31 @@ pub fn check_batch(batch: &[u8]) -> Result<BatchHeader, FormatError> {
     if batch.len() < header.total_len() {
         return Err(FormatError::Truncated);
     }
-    let body = &batch[BATCH_HEADER_LEN..header.total_len()];
-    if crc32c::crc32c(body) != header.body_crc {
+    check_body(&header, &batch[BATCH_HEADER_LEN..header.total_len()])?;
+    Ok(header)
+}
+
+/// Checks a batch's body against its (decoded) header: the CRC, and for a Kafka batch that
+/// its framing agrees with the header (its length, magic and span; the Kafka batch was
+/// checked whole when wrapped, and its base offset is stamped).
+pub fn check_body(header: &BatchHeader, body: &[u8]) -> Result<(), FormatError> {
+    if body.len() != header.body_len as usize {
+        return Err(FormatError::Truncated);
+    }
+    if !header.body_matches(body) {
         return Err(FormatError::BadChecksum);
     }
-    Ok(header)
+    if header.is_kafka() {
+        let length = i32::from_be_bytes(body[8..12].try_into().expect("4 bytes"));
+        let last_delta = i32::from_be_bytes(body[23..27].try_into().expect("4 bytes"));
+        if usize::try_from(length).ok().and_then(|n| n.checked_add(12)) != Some(body.len())
+            || body[16] as i8 != kafka::KAFKA_MAGIC
+            || i64::from(last_delta) + 1 != i64::from(header.count)
+        {
+            return Err(FormatError::BadLength);
+        }
+    }
+    Ok(())
 }
 
 /// Decodes every record of a checked batch (the records share one copy of `body`).

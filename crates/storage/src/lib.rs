@@ -15,6 +15,7 @@ pub mod journal;
 mod open_files;
 pub mod ranges;
 mod segment;
+pub use segment::StoredBatch;
 pub mod sim;
 pub mod state;
 mod store;

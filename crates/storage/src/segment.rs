@@ -34,6 +34,12 @@ pub(crate) struct Segment {
     /// Sparse index, ascending by offset: batch starts and record marks inside batches.
     index: Vec<Mark>,
     last_indexed_pos: u64,
+    /// Stream segments (Kafka batches): the time index, one entry per `index` batch mark,
+    /// ascending by both fields: (the largest batch timestamp up to and including that
+    /// batch, the batch's position in `index`).
+    times: Vec<(i64, usize)>,
+    /// The largest batch timestamp in the segment (`i64::MIN` when none).
+    max_timestamp: i64,
 }
 
 /// Where reading can start for an offset: a batch header, or a record inside a batch (so
@@ -63,6 +69,8 @@ impl Segment {
             unsynced: AtomicBool::new(false),
             index: Vec::new(),
             last_indexed_pos: 0,
+            times: Vec::new(),
+            max_timestamp: i64::MIN,
         }
     }
 
@@ -85,6 +93,7 @@ impl Segment {
 
     /// Indexes a batch at `pos` whose records are `records` (the bytes after the header).
     fn note_batch(&mut self, header: &BatchHeader, pos: u64, records: &[u8]) {
+        self.max_timestamp = self.max_timestamp.max(header.published_at_ms);
         if self.index.is_empty() || pos >= self.last_indexed_pos + INDEX_INTERVAL_BYTES {
             self.index.push(Mark {
                 offset: header.base_offset,
@@ -93,6 +102,14 @@ impl Segment {
                 published_at_ms: 0,
             });
             self.last_indexed_pos = pos;
+            if header.is_kafka() {
+                self.times.push((self.max_timestamp, self.index.len() - 1));
+            }
+        }
+        if header.is_kafka() {
+            // A stream batch is read whole: no marks inside it (its records are not
+            // length-prefixed as tidewater records are).
+            return;
         }
         // Marks inside a large batch, at record boundaries (each record starts with its
         // length, so walking them reads 4 bytes per record).
@@ -174,6 +191,7 @@ pub(crate) struct SegmentMark {
     len: u64,
     end: u64,
     index_len: usize,
+    max_timestamp: i64,
 }
 
 pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -542,6 +560,7 @@ impl LogFiles {
             len: active.len,
             end: active.end,
             index_len: active.index.len(),
+            max_timestamp: active.max_timestamp,
         }
     }
 
@@ -555,6 +574,8 @@ impl LogFiles {
         active.len = mark.len;
         active.end = mark.end;
         active.index.truncate(mark.index_len);
+        active.times.retain(|&(_, at)| at < mark.index_len);
+        active.max_timestamp = mark.max_timestamp;
         active.last_indexed_pos = active.index.last().map_or(0, |m| m.pos);
         active.unsynced.store(true, Ordering::Release);
         active.file(&self.io)?.set_len(mark.len)
@@ -610,7 +631,7 @@ fn scan_segment_until(
         {
             break;
         }
-        if crc32c::crc32c(&body) != header.body_crc {
+        if crate::format::check_body(&header, &body).is_err() {
             break;
         }
         segment.note_batch(&header, pos, &body);
@@ -711,6 +732,9 @@ pub(crate) fn read_records(
                     count_read(BATCH_HEADER_LEN);
                     let header = BatchHeader::decode(&header_buf)
                         .map_err(|reason| corrupt(&path, pos, reason))?;
+                    if header.is_kafka() {
+                        return Err(corrupt(&path, pos, FormatError::WrongBatchKind));
+                    }
                     let total = header.total_len() as u64;
                     if header.base_offset + header.count as u64 <= next {
                         pos += total; // nothing wanted in this batch
@@ -806,6 +830,155 @@ pub(crate) fn read_records(
         }
     }
     Ok(bytes_read.get())
+}
+
+/// A stream batch as stored: its offsets and max timestamp (from the tidewater header) and
+/// the Kafka record batch a fetch hands out unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBatch {
+    pub base_offset: u64,
+    /// Offsets it spans (its records may skip some).
+    pub span: u32,
+    pub max_timestamp: i64,
+    pub kafka: bytes::Bytes,
+}
+
+/// Whole stream batches holding offsets `[from, limit)`, from the one holding `from` (it may
+/// start before it) on, until about `max_bytes` are taken (at least one batch when one
+/// exists). Returns the bytes read from files.
+pub(crate) fn read_batches(
+    files: &std::sync::RwLock<LogFiles>,
+    from: u64,
+    limit: u64,
+    max_bytes: usize,
+    out: &mut Vec<StoredBatch>,
+) -> Result<u64, ReadError> {
+    let mut bytes_read = 0u64;
+    let mut taken = 0usize;
+    let mut next = from;
+    let mut header_buf = [0u8; BATCH_HEADER_LEN];
+    let start = out.len();
+    while next < limit && (out.len() == start || taken < max_bytes) {
+        let (file, path, mark_pos, seg_len, seg_end) = {
+            let files = files.read().unwrap_or_else(|e| e.into_inner());
+            let idx = files.segments.partition_point(|s| s.base <= next);
+            if idx == 0 {
+                match files.segments.first() {
+                    Some(first) if first.base < limit && first.base > next => {
+                        next = first.base;
+                        continue;
+                    }
+                    _ => return Ok(bytes_read),
+                }
+            }
+            let seg = &files.segments[idx - 1];
+            if next >= seg.end {
+                match files.segments.get(idx) {
+                    Some(following) => {
+                        let between = seg.end..following.base;
+                        if !between.is_empty() && !files.is_hole(&between) {
+                            return Err(ReadError::Missing {
+                                path: seg.path.clone(),
+                                offsets: between,
+                            });
+                        }
+                        next = following.base;
+                        continue;
+                    }
+                    None => return Ok(bytes_read),
+                }
+            }
+            let file = seg.file(&files.io).map_err(|source| ReadError::Io {
+                path: seg.path.clone(),
+                source,
+            })?;
+            let mark = seg.mark_before(next);
+            (file, seg.path.clone(), mark.pos, seg.len, seg.end)
+        };
+        let io = |source| ReadError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut pos = mark_pos;
+        while pos < seg_len && next < limit && (out.len() == start || taken < max_bytes) {
+            file.read_exact_at(&mut header_buf, pos).map_err(io)?;
+            bytes_read += BATCH_HEADER_LEN as u64;
+            let header =
+                BatchHeader::decode(&header_buf).map_err(|reason| corrupt(&path, pos, reason))?;
+            if !header.is_kafka() {
+                return Err(corrupt(&path, pos, FormatError::WrongBatchKind));
+            }
+            let total = header.total_len() as u64;
+            let end = header.base_offset + u64::from(header.count);
+            if end <= next {
+                pos += total; // before `from`
+                continue;
+            }
+            if header.base_offset >= limit {
+                return Ok(bytes_read);
+            }
+            let mut body = vec![0; header.body_len as usize];
+            file.read_exact_at(&mut body, pos + BATCH_HEADER_LEN as u64)
+                .map_err(io)?;
+            bytes_read += body.len() as u64;
+            taken += body.len();
+            out.push(StoredBatch {
+                base_offset: header.base_offset,
+                span: header.count,
+                max_timestamp: header.published_at_ms,
+                kafka: bytes::Bytes::from(body),
+            });
+            next = end;
+            pos += total;
+        }
+        if next < seg_end && pos >= seg_len {
+            return Ok(bytes_read); // being appended: nothing more yet
+        }
+    }
+    Ok(bytes_read)
+}
+
+/// The base offset of the first stream batch whose max timestamp is at least `timestamp`
+/// (its records may hold the first such offset), or `None` when no batch is that late.
+/// (Timestamps need not rise from batch to batch: the time index keeps the largest so far,
+/// as Kafka's does.)
+pub(crate) fn find_time(
+    files: &std::sync::RwLock<LogFiles>,
+    timestamp: i64,
+) -> Result<Option<u64>, ReadError> {
+    let (file, path, from_pos, seg_len) = {
+        let files = files.read().unwrap_or_else(|e| e.into_inner());
+        let Some(seg) = files.segments.iter().find(|s| s.max_timestamp >= timestamp) else {
+            return Ok(None);
+        };
+        // The first time mark at or past the timestamp; the batch is after the one before.
+        let at = seg.times.partition_point(|&(max, _)| max < timestamp);
+        let from_pos = match at {
+            0 => 0,
+            n => seg.index[seg.times[n - 1].1].pos,
+        };
+        let file = seg.file(&files.io).map_err(|source| ReadError::Io {
+            path: seg.path.clone(),
+            source,
+        })?;
+        (file, seg.path.clone(), from_pos, seg.len)
+    };
+    let mut header_buf = [0u8; BATCH_HEADER_LEN];
+    let mut pos = from_pos;
+    while pos < seg_len {
+        file.read_exact_at(&mut header_buf, pos)
+            .map_err(|source| ReadError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let header =
+            BatchHeader::decode(&header_buf).map_err(|reason| corrupt(&path, pos, reason))?;
+        if header.published_at_ms >= timestamp {
+            return Ok(Some(header.base_offset));
+        }
+        pos += header.total_len() as u64;
+    }
+    Ok(None)
 }
 
 thread_local! {

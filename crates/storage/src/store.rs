@@ -31,7 +31,9 @@ use crate::journal::{
     encode_entry, finish_group, journal_header,
 };
 use crate::open_files::{MIN_OPEN_SEGMENT_FILES, OpenFiles};
-use crate::segment::{Gap, LogFiles, Opened, Sink, fsync_dir, read_records};
+use crate::segment::{
+    Gap, LogFiles, Opened, Sink, StoredBatch, find_time, fsync_dir, read_batches, read_records,
+};
 use crate::state::LogState;
 
 /// Version 02 added remembered message ids per log.
@@ -367,6 +369,28 @@ impl LogReader {
     /// Offsets below this are durable and may be delivered.
     pub fn durable_end(&self) -> u64 {
         self.log.durable_end.load(Ordering::Acquire)
+    }
+
+    /// Durable stream batches (Kafka record batches, as stored) from the one holding
+    /// `from` on, about `max_bytes` of them (at least one when one is durable).
+    pub fn read_batches(&self, from: u64, max_bytes: usize) -> Result<Vec<StoredBatch>, ReadError> {
+        let mut out = Vec::new();
+        let read = read_batches(
+            &self.log.files,
+            from,
+            self.durable_end(),
+            max_bytes,
+            &mut out,
+        )?;
+        self.log.bytes_read.fetch_add(read, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// The base offset of the first durable stream batch whose max timestamp is at least
+    /// `timestamp` (the first offset at or after that time is in it), or `None`.
+    pub fn find_time(&self, timestamp: i64) -> Result<Option<u64>, ReadError> {
+        let found = find_time(&self.log.files, timestamp)?;
+        Ok(found.filter(|&offset| offset < self.durable_end()))
     }
 
     /// Reads durable records from `from` on: at most `max_count` records and about

@@ -1189,3 +1189,102 @@ fn many_logs_live_in_a_bounded_number_of_open_files() {
     let (_, most) = fs.handles();
     assert!(most <= 48, "at most {most} handles were open at once");
 }
+
+/// A stream partition's log holds Kafka record batches (wrapped in tidewater's header):
+/// appended with offsets stamped into both headers, read back whole as stored, found by
+/// time through the time index, and the same after a restart's scan (segments roll every
+/// batch or two here). A batch may span more offsets than it holds records (compaction
+/// leaves gaps): offsets follow the span.
+#[test]
+fn stream_batches_are_stored_read_whole_and_found_by_time() {
+    use tidewater_storage::format::kafka::{KafkaBatchBuilder, NewKafkaRecord, check_kafka_batch};
+    use tidewater_storage::format::wrap_kafka_batch;
+    let dir = tempfile::tempdir().unwrap();
+    let options = || StoreOptions {
+        segment_roll_bytes: 300,
+        ..opts()
+    };
+    // (first timestamp, records): timestamps go back in time in the third batch.
+    let plan: [(i64, usize); 4] = [(1_000, 3), (2_000, 2), (1_500, 4), (5_000, 1)];
+    let kafka = |first: i64, n: usize| {
+        let mut builder = KafkaBatchBuilder::new();
+        for i in 0..n {
+            let value = format!("v{first}-{i}");
+            builder.push(&NewKafkaRecord {
+                key: Some(b"k"),
+                value: Some(value.as_bytes()),
+                headers: &[],
+                timestamp: first + i as i64 * 10,
+            });
+        }
+        builder.finish()
+    };
+    let uid;
+    {
+        let (store, _) = Store::open(dir.path(), options()).unwrap();
+        uid = create(&store, "stream-0");
+        let mut expect_base = 0;
+        for &(first, n) in &plan {
+            let batch = wrap_kafka_batch(uid, &kafka(first, n)).unwrap();
+            let result = store
+                .submit_wait(vec![Op::Append { uid, batch }], AckLevel::Durable)
+                .unwrap();
+            assert_eq!(result[0], appended(expect_base, n as u32));
+            expect_base += n as u64;
+        }
+        // Two records spanning four offsets (a compacted batch): the next batch starts 4 on.
+        let mut gappy = kafka(6_000, 2);
+        gappy[23..27].copy_from_slice(&3i32.to_be_bytes());
+        let crc = crc32c::crc32c(&gappy[21..]);
+        gappy[17..21].copy_from_slice(&crc.to_be_bytes());
+        for (batch, base) in [(gappy, 10), (kafka(7_000, 1), 14)] {
+            let batch = wrap_kafka_batch(uid, &batch).unwrap();
+            let result = store
+                .submit_wait(vec![Op::Append { uid, batch }], AckLevel::Durable)
+                .unwrap();
+            assert!(
+                matches!(result[0], OpResult::Appended { base_offset, .. } if base_offset == base)
+            );
+        }
+        check_stream(&store, uid);
+        let err = store.reader(uid).unwrap().read(0, 10, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("Kafka batch"), "{err}");
+    }
+    let (store, _) = Store::open(dir.path(), options()).unwrap();
+    check_stream(&store, uid);
+
+    fn check_stream(store: &Store, uid: u64) {
+        let reader = store.reader(uid).unwrap();
+        let all = reader.read_batches(0, usize::MAX).unwrap();
+        let bases: Vec<u64> = all.iter().map(|b| b.base_offset).collect();
+        assert_eq!(bases, [0, 3, 5, 9, 10, 14]);
+        for batch in &all {
+            let inner = check_kafka_batch(&batch.kafka).unwrap();
+            assert_eq!(
+                inner.base_offset as u64, batch.base_offset,
+                "stamped inside too"
+            );
+            assert_eq!(inner.offset_span(), u64::from(batch.span));
+        }
+        assert_eq!(reader.read_batches(0, 1).unwrap().len(), 1, "at least one");
+        let from_inside = reader.read_batches(6, usize::MAX).unwrap();
+        assert_eq!(from_inside[0].base_offset, 5, "the batch holding offset 6");
+        assert_eq!(
+            reader.read_batches(12, usize::MAX).unwrap()[0].base_offset,
+            10
+        );
+        assert!(reader.read_batches(15, usize::MAX).unwrap().is_empty());
+        // By time: the first batch whose largest timestamp reaches it.
+        assert_eq!(reader.find_time(0).unwrap(), Some(0));
+        assert_eq!(reader.find_time(1_020).unwrap(), Some(0));
+        assert_eq!(reader.find_time(1_021).unwrap(), Some(3));
+        assert_eq!(reader.find_time(2_010).unwrap(), Some(3));
+        assert_eq!(
+            reader.find_time(2_011).unwrap(),
+            Some(9),
+            "batch 3 peaks at 1,530"
+        );
+        assert_eq!(reader.find_time(6_005).unwrap(), Some(10));
+        assert_eq!(reader.find_time(7_001).unwrap(), None);
+    }
+}

@@ -7,6 +7,7 @@ use std::path::Path;
 use tidewater_core::Limits;
 use tidewater_core::config::QueueConfig;
 use tidewater_core::receipt::Receipt;
+use tidewater_format::kafka::{KafkaBatchBuilder, NewKafkaRecord, stamp_kafka_batch};
 use tidewater_format::{BatchBuilder, NewRecord, Record, stamp_batch};
 use tidewater_proto::{Ack, DeliverWriter, Frame, Receipts};
 use tidewater_storage::LogState;
@@ -49,6 +50,26 @@ fn batch(log_uid: u64, base_offset: u64) -> Vec<u8> {
     });
     let mut batch = builder.finish();
     stamp_batch(&mut batch, base_offset);
+    batch
+}
+
+fn kafka_batch(base_offset: u64) -> Vec<u8> {
+    let mut builder = KafkaBatchBuilder::new();
+    let headers: [(&[u8], Option<&[u8]>); 2] = [(b"trace", Some(b"t-1")), (b"none", None)];
+    builder.push(&NewKafkaRecord {
+        key: Some(b"sensor-4"),
+        value: Some(b"21.5"),
+        headers: &headers,
+        timestamp: 1_700_000_000_000,
+    });
+    builder.push(&NewKafkaRecord {
+        key: None,
+        value: None,
+        headers: &[],
+        timestamp: 1_699_999_999_000,
+    });
+    let mut batch = builder.finish();
+    stamp_kafka_batch(&mut batch, base_offset, None);
     batch
 }
 
@@ -170,6 +191,14 @@ fn main() {
     segment.extend_from_slice(&batch(3, 2));
     write_both(dir, "batch", "segment", &segment);
     write_both(dir, "batch", "record", &wire_record(&record));
+
+    // kafka: one batch, a record set of two, an empty one.
+    let kafka = kafka_batch(10);
+    write_both(dir, "kafka", "one", &kafka);
+    let mut set = kafka.clone();
+    set.extend_from_slice(&kafka_batch(12));
+    write_both(dir, "kafka", "two", &set);
+    write_both(dir, "kafka", "empty", &KafkaBatchBuilder::new().finish());
 
     // journal: every entry kind, in an order replay accepts.
     let entries = [

@@ -1,0 +1,581 @@
+//! Kafka's record batch, format v2 ("magic 2"): how a stream partition stores its records.
+//!
+//! A stream batch is stored as one Kafka `RecordBatch` inside a tidewater batch (the
+//! tidewater header's `BATCH_FLAG_KAFKA`), so a fetch hands it out as stored, to a Kafka
+//! client or to tidewater's own, with no per-record work. Offsets inside a batch are deltas
+//! (`offsetDelta`), so a batch may skip offsets (compaction removes records without
+//! renumbering); its offset span is `lastOffsetDelta + 1`.
+//!
+//! Layout (big-endian; Kafka's protocol guide, "Record Batch"):
+//!
+//! ```text
+//!  0 baseOffset i64      8 batchLength i32 (bytes after this field)
+//! 12 partitionLeaderEpoch i32   16 magic i8 = 2   17 crc u32 (CRC32C of bytes 21..)
+//! 21 attributes i16: bits 0-2 compression, 3 timestamp type (1 = LogAppendTime),
+//!    4 transactional, 5 control, 6 delete horizon
+//! 23 lastOffsetDelta i32   27 baseTimestamp i64   35 maxTimestamp i64
+//! 43 producerId i64   51 producerEpoch i16   53 baseSequence i32   57 recordsCount i32
+//! 61 records: length varint, attributes i8, timestampDelta varlong, offsetDelta varint,
+//!    keyLength varint (-1: null), key, valueLength varint (-1: null), value,
+//!    headersCount varint, headers (keyLength varint, key, valueLength varint, value)
+//! ```
+//!
+//! Written by hand rather than with the `kafka-protocol` crate's record codec: checking a
+//! batch reads its 61-byte header and walks the records without allocating, and building
+//! one writes straight into one buffer, on the produce and fetch paths of every stream
+//! record. (Kafka's request and response schemas will come from `kafka-protocol`.)
+
+use crate::FormatError;
+
+/// Bytes before the first record.
+pub const KAFKA_HEADER_LEN: usize = 61;
+/// Where the CRC's coverage starts (the attributes).
+const CRC_FROM: usize = 21;
+pub const KAFKA_MAGIC: i8 = 2;
+
+/// Attribute bits.
+pub const COMPRESSION_MASK: i16 = 0b111;
+pub const TIMESTAMP_LOG_APPEND_TIME: i16 = 1 << 3;
+pub const TRANSACTIONAL: i16 = 1 << 4;
+pub const CONTROL: i16 = 1 << 5;
+
+/// The fields of a batch's header that the broker reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KafkaBatchHeader {
+    pub base_offset: i64,
+    pub attributes: i16,
+    pub last_offset_delta: i32,
+    pub base_timestamp: i64,
+    pub max_timestamp: i64,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+    pub records_count: i32,
+}
+
+impl KafkaBatchHeader {
+    /// Offsets the batch spans (its records may skip some).
+    pub fn offset_span(&self) -> u64 {
+        u64::from(self.last_offset_delta.unsigned_abs()) + 1
+    }
+
+    pub fn compression(&self) -> u8 {
+        (self.attributes & COMPRESSION_MASK) as u8
+    }
+
+    pub fn is_log_append_time(&self) -> bool {
+        self.attributes & TIMESTAMP_LOG_APPEND_TIME != 0
+    }
+}
+
+/// Checks one whole batch (`bytes` holds exactly one): its length, magic, CRC and offset
+/// fields, and, when uncompressed, that its records fit it and their offsets rise within the
+/// span. Allocates nothing.
+pub fn check_kafka_batch(bytes: &[u8]) -> Result<KafkaBatchHeader, FormatError> {
+    if bytes.len() < KAFKA_HEADER_LEN {
+        return Err(FormatError::Truncated);
+    }
+    let batch_length = be_i32(bytes, 8);
+    if batch_length < 0 || batch_length as usize + 12 != bytes.len() {
+        return Err(FormatError::BadLength);
+    }
+    if bytes[16] as i8 != KAFKA_MAGIC {
+        return Err(FormatError::UnknownVersion(bytes[16]));
+    }
+    if crc32c::crc32c(&bytes[CRC_FROM..]) != be_u32(bytes, 17) {
+        return Err(FormatError::BadChecksum);
+    }
+    let header = KafkaBatchHeader {
+        base_offset: be_i64(bytes, 0),
+        attributes: be_i16(bytes, 21),
+        last_offset_delta: be_i32(bytes, 23),
+        base_timestamp: be_i64(bytes, 27),
+        max_timestamp: be_i64(bytes, 35),
+        producer_id: be_i64(bytes, 43),
+        producer_epoch: be_i16(bytes, 51),
+        base_sequence: be_i32(bytes, 53),
+        records_count: be_i32(bytes, 57),
+    };
+    if header.last_offset_delta < 0
+        || header.records_count < 0
+        || header.records_count as i64 > header.last_offset_delta as i64 + 1
+    {
+        return Err(FormatError::BadLength);
+    }
+    if header.compression() == 0 {
+        let mut n = 0;
+        let mut last_delta = -1i64;
+        for record in KafkaRecords::new(&bytes[KAFKA_HEADER_LEN..]) {
+            let record = record?;
+            if record.offset_delta <= last_delta
+                || record.offset_delta > header.last_offset_delta as i64
+            {
+                return Err(FormatError::BadLength);
+            }
+            last_delta = record.offset_delta;
+            n += 1;
+        }
+        if n != header.records_count {
+            return Err(FormatError::BadLength);
+        }
+    }
+    Ok(header)
+}
+
+/// The batches of a record set (Kafka's `records` field: batches back to back), each as
+/// its bytes; an error for a batch cut short (its header says more than is there).
+pub fn split_kafka_batches(set: &[u8]) -> impl Iterator<Item = Result<&[u8], FormatError>> {
+    let mut rest = set;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        if rest.len() < 12 {
+            rest = &[];
+            return Some(Err(FormatError::Truncated));
+        }
+        let len = usize::try_from(be_i32(rest, 8))
+            .ok()
+            .and_then(|n| n.checked_add(12))
+            .filter(|&n| n <= rest.len());
+        match len {
+            Some(len) => {
+                let (batch, after) = rest.split_at(len);
+                rest = after;
+                Some(Ok(batch))
+            }
+            None => {
+                rest = &[];
+                Some(Err(FormatError::Truncated))
+            }
+        }
+    })
+}
+
+/// Sets a checked batch's base offset (and clears its leader epoch); with `append_time`,
+/// marks its timestamps as the broker's (LogAppendTime) and sets its max timestamp to it,
+/// recomputing the CRC.
+pub fn stamp_kafka_batch(bytes: &mut [u8], base_offset: u64, append_time: Option<i64>) {
+    bytes[0..8].copy_from_slice(&base_offset.to_be_bytes());
+    bytes[12..16].copy_from_slice(&0i32.to_be_bytes());
+    if let Some(now) = append_time {
+        let attributes = be_i16(bytes, 21) | TIMESTAMP_LOG_APPEND_TIME;
+        bytes[21..23].copy_from_slice(&attributes.to_be_bytes());
+        bytes[35..43].copy_from_slice(&now.to_be_bytes());
+        let crc = crc32c::crc32c(&bytes[CRC_FROM..]);
+        bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+    }
+}
+
+/// One record of an uncompressed batch, borrowed from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaRecord<'a> {
+    pub timestamp_delta: i64,
+    pub offset_delta: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    /// The headers' bytes (count first); `headers()` walks them.
+    headers: &'a [u8],
+}
+
+impl<'a> KafkaRecord<'a> {
+    pub fn headers(
+        &self,
+    ) -> impl Iterator<Item = Result<(&'a [u8], Option<&'a [u8]>), FormatError>> {
+        let mut cur = Varints(self.headers);
+        let count = cur.varint().unwrap_or(0);
+        (0..count.max(0)).map(move |_| {
+            let key = cur.bytes()?.ok_or(FormatError::BadLength)?;
+            let value = cur.bytes()?;
+            Ok((key, value))
+        })
+    }
+}
+
+/// The records of an uncompressed batch (the bytes after its header).
+pub struct KafkaRecords<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> KafkaRecords<'a> {
+    pub fn new(records: &'a [u8]) -> KafkaRecords<'a> {
+        KafkaRecords { rest: records }
+    }
+}
+
+impl<'a> Iterator for KafkaRecords<'a> {
+    type Item = Result<KafkaRecord<'a>, FormatError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let parsed = (|| {
+            let mut cur = Varints(self.rest);
+            let len = cur.varint()?;
+            let len = usize::try_from(len).map_err(|_| FormatError::BadLength)?;
+            if len > cur.0.len() {
+                return Err(FormatError::BadLength);
+            }
+            let (body, rest) = cur.0.split_at(len);
+            let mut r = Varints(body);
+            let _attributes = r.u8()?;
+            let timestamp_delta = r.varint()?;
+            let offset_delta = r.varint()?;
+            let key = r.bytes()?;
+            let value = r.bytes()?;
+            let headers = r.0;
+            // The headers must parse to the record's end.
+            let mut h = Varints(headers);
+            let count = h.varint()?;
+            if count < 0 {
+                return Err(FormatError::BadLength);
+            }
+            for _ in 0..count {
+                h.bytes()?.ok_or(FormatError::BadLength)?;
+                h.bytes()?;
+            }
+            if !h.0.is_empty() {
+                return Err(FormatError::BadLength);
+            }
+            Ok((
+                KafkaRecord {
+                    timestamp_delta,
+                    offset_delta,
+                    key,
+                    value,
+                    headers,
+                },
+                rest,
+            ))
+        })();
+        match parsed {
+            Ok((record, rest)) => {
+                self.rest = rest;
+                Some(Ok(record))
+            }
+            Err(err) => {
+                self.rest = &[];
+                Some(Err(err))
+            }
+        }
+    }
+}
+
+/// A record to add to a batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NewKafkaRecord<'a> {
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: &'a [(&'a [u8], Option<&'a [u8]>)],
+    pub timestamp: i64,
+}
+
+/// Builds one uncompressed batch, records in offset order with no gaps.
+pub struct KafkaBatchBuilder {
+    buf: Vec<u8>,
+    base_timestamp: Option<i64>,
+    max_timestamp: i64,
+    count: i32,
+    record: Vec<u8>,
+}
+
+impl Default for KafkaBatchBuilder {
+    fn default() -> Self {
+        KafkaBatchBuilder::new()
+    }
+}
+
+impl KafkaBatchBuilder {
+    pub fn new() -> KafkaBatchBuilder {
+        KafkaBatchBuilder {
+            buf: vec![0; KAFKA_HEADER_LEN],
+            base_timestamp: None,
+            max_timestamp: i64::MIN,
+            count: 0,
+            record: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes the batch takes so far.
+    pub fn encoded_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn push(&mut self, record: &NewKafkaRecord<'_>) {
+        let base = *self.base_timestamp.get_or_insert(record.timestamp);
+        self.max_timestamp = self.max_timestamp.max(record.timestamp);
+        let r = &mut self.record;
+        r.clear();
+        r.push(0); // attributes
+        put_varint(r, record.timestamp.wrapping_sub(base));
+        put_varint(r, i64::from(self.count));
+        put_bytes(r, record.key);
+        put_bytes(r, record.value);
+        put_varint(r, record.headers.len() as i64);
+        for (key, value) in record.headers {
+            put_bytes(r, Some(key));
+            put_bytes(r, *value);
+        }
+        put_varint(&mut self.buf, self.record.len() as i64);
+        self.buf.extend_from_slice(&self.record);
+        self.count += 1;
+    }
+
+    /// The batch, with base offset 0 (the broker stamps it when appending).
+    pub fn finish(mut self) -> Vec<u8> {
+        let b = &mut self.buf;
+        let base_timestamp = self.base_timestamp.unwrap_or(0);
+        let max_timestamp = if self.count == 0 {
+            base_timestamp
+        } else {
+            self.max_timestamp
+        };
+        let batch_length = crate::narrow::<i32>(b.len() - 12, "a Kafka batch's length");
+        b[0..8].copy_from_slice(&0i64.to_be_bytes());
+        b[8..12].copy_from_slice(&batch_length.to_be_bytes());
+        b[12..16].copy_from_slice(&0i32.to_be_bytes());
+        b[16] = KAFKA_MAGIC as u8;
+        b[21..23].copy_from_slice(&0i16.to_be_bytes());
+        b[23..27].copy_from_slice(&(self.count - 1).max(0).to_be_bytes());
+        b[27..35].copy_from_slice(&base_timestamp.to_be_bytes());
+        b[35..43].copy_from_slice(&max_timestamp.to_be_bytes());
+        b[43..51].copy_from_slice(&(-1i64).to_be_bytes()); // no producer id
+        b[51..53].copy_from_slice(&(-1i16).to_be_bytes());
+        b[53..57].copy_from_slice(&(-1i32).to_be_bytes());
+        b[57..61].copy_from_slice(&self.count.to_be_bytes());
+        let crc = crc32c::crc32c(&b[CRC_FROM..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        self.buf
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z & 0x7f) as u8 | 0x80);
+        z >>= 7;
+    }
+    out.push((z & 0x7f) as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        None => put_varint(out, -1),
+        Some(b) => {
+            put_varint(out, b.len() as i64);
+            out.extend_from_slice(b);
+        }
+    }
+}
+
+/// A reader of zigzag varints and length-prefixed bytes.
+struct Varints<'a>(&'a [u8]);
+
+impl<'a> Varints<'a> {
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        let (&b, rest) = self.0.split_first().ok_or(FormatError::Truncated)?;
+        self.0 = rest;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<i64, FormatError> {
+        let mut z: u64 = 0;
+        for shift in (0..70).step_by(7) {
+            let b = self.u8()?;
+            if shift == 63 && b > 1 {
+                return Err(FormatError::BadLength); // more than 64 bits
+            }
+            z |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(((z >> 1) as i64) ^ -((z & 1) as i64));
+            }
+        }
+        Err(FormatError::BadLength)
+    }
+
+    fn bytes(&mut self) -> Result<Option<&'a [u8]>, FormatError> {
+        let len = self.varint()?;
+        if len == -1 {
+            return Ok(None);
+        }
+        let len = usize::try_from(len).map_err(|_| FormatError::BadLength)?;
+        if len > self.0.len() {
+            return Err(FormatError::Truncated);
+        }
+        let (b, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Ok(Some(b))
+    }
+}
+
+fn be_i16(b: &[u8], at: usize) -> i16 {
+    i16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be_i32(b: &[u8], at: usize) -> i32 {
+    i32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn be_i64(b: &[u8], at: usize) -> i64 {
+    i64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> Vec<u8> {
+        let mut builder = KafkaBatchBuilder::new();
+        let headers: [(&[u8], Option<&[u8]>); 2] = [(b"h1", Some(b"v1")), (b"h2", None)];
+        builder.push(&NewKafkaRecord {
+            key: Some(b"k0"),
+            value: Some(b"hello"),
+            headers: &headers,
+            timestamp: 1_000,
+        });
+        builder.push(&NewKafkaRecord {
+            key: None,
+            value: Some(b""),
+            headers: &[],
+            timestamp: 990,
+        });
+        builder.push(&NewKafkaRecord {
+            key: Some(b"k2"),
+            value: None,
+            headers: &[],
+            timestamp: 1_500,
+        });
+        builder.finish()
+    }
+
+    #[test]
+    fn a_built_batch_checks_and_reads_back() {
+        let bytes = batch();
+        let header = check_kafka_batch(&bytes).unwrap();
+        assert_eq!(header.records_count, 3);
+        assert_eq!(header.last_offset_delta, 2);
+        assert_eq!(
+            (header.base_timestamp, header.max_timestamp),
+            (1_000, 1_500)
+        );
+        assert_eq!(header.offset_span(), 3);
+        let records: Vec<KafkaRecord<'_>> = KafkaRecords::new(&bytes[KAFKA_HEADER_LEN..])
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(records[0].key, Some(&b"k0"[..]));
+        assert_eq!(records[0].value, Some(&b"hello"[..]));
+        let headers: Vec<_> = records[0].headers().collect::<Result<_, _>>().unwrap();
+        assert_eq!(
+            headers,
+            vec![(&b"h1"[..], Some(&b"v1"[..])), (&b"h2"[..], None)]
+        );
+        assert_eq!((records[1].key, records[1].timestamp_delta), (None, -10));
+        assert_eq!((records[2].value, records[2].offset_delta), (None, 2));
+    }
+
+    #[test]
+    fn stamping_sets_the_offset_and_append_time_and_keeps_the_crc_true() {
+        let mut bytes = batch();
+        stamp_kafka_batch(&mut bytes, 41, None);
+        assert_eq!(check_kafka_batch(&bytes).unwrap().base_offset, 41);
+        stamp_kafka_batch(&mut bytes, 42, Some(9_999));
+        let header = check_kafka_batch(&bytes).unwrap();
+        assert_eq!(header.base_offset, 42);
+        assert!(header.is_log_append_time());
+        assert_eq!(header.max_timestamp, 9_999);
+    }
+
+    #[test]
+    fn damaged_batches_are_refused() {
+        let good = batch();
+        let mut bad_crc = good.clone();
+        let last = bad_crc.len() - 1;
+        bad_crc[last] ^= 1;
+        assert_eq!(check_kafka_batch(&bad_crc), Err(FormatError::BadChecksum));
+        assert_eq!(
+            check_kafka_batch(&good[..good.len() - 1]),
+            Err(FormatError::BadLength)
+        );
+        let mut magic = good.clone();
+        magic[16] = 1;
+        assert_eq!(
+            check_kafka_batch(&magic),
+            Err(FormatError::UnknownVersion(1))
+        );
+        assert_eq!(check_kafka_batch(&good[..10]), Err(FormatError::Truncated));
+        // A record count that does not match the records (CRC recomputed: a forged batch).
+        let mut count = good.clone();
+        count[57..61].copy_from_slice(&2i32.to_be_bytes());
+        let crc = crc32c::crc32c(&count[CRC_FROM..]);
+        count[17..21].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(check_kafka_batch(&count), Err(FormatError::BadLength));
+    }
+
+    #[test]
+    fn varints_round_trip_at_the_edges() {
+        for v in [
+            0i64,
+            1,
+            -1,
+            63,
+            -64,
+            64,
+            300,
+            i32::MAX as i64,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            let mut buf = Vec::new();
+            put_varint(&mut buf, v);
+            assert_eq!(Varints(&buf).varint().unwrap(), v, "{v}");
+        }
+        assert!(Varints(&[0xff; 11]).varint().is_err());
+    }
+
+    #[test]
+    fn a_wrapped_batch_checks_stamps_and_keeps_both_crcs_true() {
+        let inner = batch();
+        let mut wrapped = crate::wrap_kafka_batch(9, &inner).unwrap();
+        let header = crate::check_batch(&wrapped).unwrap();
+        assert!(header.is_kafka());
+        assert_eq!(
+            (header.log_uid, header.count, header.published_at_ms),
+            (9, 3, 1_500)
+        );
+        crate::stamp_batch(&mut wrapped, 1_000);
+        let header = crate::check_batch(&wrapped).unwrap();
+        assert_eq!(header.base_offset, 1_000);
+        let kafka = check_kafka_batch(&wrapped[crate::BATCH_HEADER_LEN..]).unwrap();
+        assert_eq!(
+            kafka.base_offset, 1_000,
+            "the Kafka batch carries the offset too"
+        );
+        // Every byte but the stamped ones is covered by a CRC.
+        for at in crate::BATCH_HEADER_LEN + 16..wrapped.len() {
+            let mut bad = wrapped.clone();
+            bad[at] ^= 0x40;
+            assert_eq!(
+                crate::check_batch(&bad),
+                Err(FormatError::BadChecksum),
+                "byte {at}"
+            );
+        }
+        // A damaged Kafka batch is refused when wrapped.
+        let mut span = inner.clone();
+        span[23..27].copy_from_slice(&7i32.to_be_bytes());
+        assert!(crate::wrap_kafka_batch(9, &span).is_err());
+    }
+}

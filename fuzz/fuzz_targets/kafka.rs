@@ -1,0 +1,102 @@
+//! Kafka record sets (crates/format/src/kafka.rs), as a produce carries them and a stream
+//! partition stores them: batches back to back, each checked (length, magic, CRC, offset
+//! fields, every record of an uncompressed batch), its records walked with their headers.
+//! Whatever checks must rebuild (`KafkaBatchBuilder`) into a batch that checks and holds
+//! the same records, and stamp (base offset, append time) into one that still checks.
+//! First byte odd: each batch's length and CRC are repaired first.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tidewater_format::kafka::{
+    KAFKA_HEADER_LEN, KafkaBatchBuilder, KafkaRecords, NewKafkaRecord, check_kafka_batch,
+    split_kafka_batches, stamp_kafka_batch,
+};
+use tidewater_fuzz::mode;
+
+/// Sets each batch's length to what is there (the last one takes the rest) and its CRC.
+fn repair(buf: &mut [u8]) {
+    let mut at = 0;
+    while buf.len() - at >= KAFKA_HEADER_LEN {
+        let declared = i32::from_be_bytes(buf[at + 8..at + 12].try_into().unwrap());
+        let rest = buf.len() - at;
+        let len = usize::try_from(declared)
+            .ok()
+            .map(|n| n + 12)
+            .filter(|&n| n >= KAFKA_HEADER_LEN && n <= rest)
+            .unwrap_or(rest);
+        let body_len = i32::try_from(len - 12).unwrap();
+        buf[at + 8..at + 12].copy_from_slice(&body_len.to_be_bytes());
+        let crc = crc32c::crc32c(&buf[at + 21..at + len]);
+        buf[at + 17..at + 21].copy_from_slice(&crc.to_be_bytes());
+        at += len;
+    }
+}
+
+type Owned = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+fuzz_target!(|data: &[u8]| {
+    let Some((repair_mode, rest)) = mode(data) else {
+        return;
+    };
+    let mut buf = rest.to_vec();
+    if repair_mode {
+        repair(&mut buf);
+    }
+    for batch in split_kafka_batches(&buf) {
+        let Ok(batch) = batch else { break };
+        let Ok(header) = check_kafka_batch(batch) else {
+            continue;
+        };
+        let mut copy = batch.to_vec();
+        stamp_kafka_batch(&mut copy, 77, Some(1_234));
+        let stamped = check_kafka_batch(&copy).expect("a stamped batch checks");
+        assert_eq!((stamped.base_offset, stamped.max_timestamp), (77, 1_234));
+        assert!(stamped.is_log_append_time());
+        if header.compression() != 0 {
+            continue;
+        }
+        // Checked: every record parses. Rebuilt, the records are the same (offsets close up).
+        let mut owned: Vec<Owned> = Vec::new();
+        for record in KafkaRecords::new(&batch[KAFKA_HEADER_LEN..]) {
+            let record = record.expect("a checked batch's records parse");
+            let headers = record
+                .headers()
+                .map(|h| h.map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))))
+                .collect::<Result<Vec<_>, _>>()
+                .expect("a checked record's headers parse");
+            owned.push((
+                header.base_timestamp.wrapping_add(record.timestamp_delta),
+                record.key.map(<[u8]>::to_vec),
+                record.value.map(<[u8]>::to_vec),
+                headers,
+            ));
+        }
+        let mut builder = KafkaBatchBuilder::new();
+        for (timestamp, key, value, headers) in &owned {
+            let headers: Vec<(&[u8], Option<&[u8]>)> = headers
+                .iter()
+                .map(|(k, v)| (&k[..], v.as_deref()))
+                .collect();
+            builder.push(&NewKafkaRecord {
+                key: key.as_deref(),
+                value: value.as_deref(),
+                headers: &headers,
+                timestamp: *timestamp,
+            });
+        }
+        let rebuilt = builder.finish();
+        let again = check_kafka_batch(&rebuilt).expect("a rebuilt batch checks");
+        assert_eq!(again.records_count as usize, owned.len());
+        for (record, (timestamp, key, value, _)) in
+            KafkaRecords::new(&rebuilt[KAFKA_HEADER_LEN..]).zip(&owned)
+        {
+            let record = record.expect("rebuilt records parse");
+            assert_eq!(
+                again.base_timestamp.wrapping_add(record.timestamp_delta),
+                *timestamp
+            );
+            assert_eq!(record.key, key.as_deref());
+            assert_eq!(record.value, value.as_deref());
+        }
+    }
+});
