@@ -13,6 +13,7 @@ pub mod plan;
 pub mod policy;
 pub mod queue;
 pub mod receipt;
+pub mod stream;
 
 pub use broker::{
     Broker, BrokerOptions, Delay, NackReason, NewMessage, Observer, QueueInfo, RedriveProgress,
