@@ -629,6 +629,11 @@ pub struct Limits {
     /// Messages delayed at least this long wait in the queue's delay log, apart from the
     /// main log, so they do not hold its segments on disk.
     pub park_delay_ms: u64,
+    /// Number of streams, partitions per stream, and bytes one fetch returns at most (a
+    /// fetch returns whole batches: at least one, even when larger).
+    pub max_streams: usize,
+    pub max_partitions: u32,
+    pub max_fetch_bytes: usize,
 }
 
 impl Limits {
@@ -652,6 +657,11 @@ impl Limits {
                     "limits.{name} = {value} is more than the storage format holds ({max})"
                 ));
             }
+        }
+        if self.max_partitions == 0 || self.max_fetch_bytes == 0 {
+            return Err(
+                "limits.max_partitions and limits.max_fetch_bytes must be at least 1".into(),
+            );
         }
         Ok(())
     }
@@ -679,6 +689,9 @@ impl Default for Limits {
             min_free_disk_bytes: 256 << 20,
             max_dedup_ids: 1_000_000,
             park_delay_ms: 15 * 60_000,
+            max_streams: 1_000,
+            max_partitions: 1_024,
+            max_fetch_bytes: 64 << 20,
         }
     }
 }

@@ -32,6 +32,10 @@ pub enum ErrorCode {
     Internal,
     QuotaExceeded,
     Superseded,
+    InvalidStreamName,
+    StreamNotFound,
+    PartitionNotFound,
+    OffsetOutOfRange,
 }
 
 impl ErrorCode {
@@ -57,6 +61,10 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::QuotaExceeded,
         ErrorCode::Superseded,
+        ErrorCode::InvalidStreamName,
+        ErrorCode::StreamNotFound,
+        ErrorCode::PartitionNotFound,
+        ErrorCode::OffsetOutOfRange,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -82,12 +90,28 @@ impl ErrorCode {
             ErrorCode::StorageFailed => "storage_failed",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
+            ErrorCode::InvalidStreamName => "invalid_stream_name",
+            ErrorCode::StreamNotFound => "stream_not_found",
+            ErrorCode::PartitionNotFound => "partition_not_found",
+            ErrorCode::OffsetOutOfRange => "offset_out_of_range",
         }
     }
 
     /// What a person should do about it (for docs/errors.md).
     pub fn meaning(self) -> &'static str {
         match self {
+            ErrorCode::InvalidStreamName => {
+                "Stream names are 1 to 200 characters of A-Z a-z 0-9 . _ -, and not . or .."
+            }
+            ErrorCode::StreamNotFound => {
+                "No stream has this name. Create it with PUT /v1/streams/{stream}."
+            }
+            ErrorCode::PartitionNotFound => {
+                "The stream has no such partition: partitions are numbered from 0 to its partition count - 1."
+            }
+            ErrorCode::OffsetOutOfRange => {
+                "The offset is past the partition's end (or before its start). Fetch from an offset the partition holds: the reply of a fetch or GET of the stream says its range."
+            }
             ErrorCode::InvalidRequest => {
                 "A field is missing, unknown or out of range. The message names it."
             }
@@ -179,6 +203,13 @@ impl BrokerError {
     pub fn retry_after(mut self, ms: u64) -> Self {
         self.retry_after_ms = Some(ms);
         self
+    }
+
+    pub fn stream_not_found(name: &str) -> Self {
+        BrokerError::new(
+            ErrorCode::StreamNotFound,
+            format!("stream '{name}' does not exist"),
+        )
     }
 
     pub fn queue_not_found(name: &str) -> Self {

@@ -61,6 +61,10 @@ impl Code {
         Code::Broker(ErrorCode::Superseded),
         Code::Frame(FrameCode::UnsupportedVersion),
         Code::ConnectionTimeout,
+        Code::Broker(ErrorCode::InvalidStreamName),
+        Code::Broker(ErrorCode::StreamNotFound),
+        Code::Broker(ErrorCode::PartitionNotFound),
+        Code::Broker(ErrorCode::OffsetOutOfRange),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -116,8 +120,13 @@ fn broker_status(code: ErrorCode) -> u16 {
         | ErrorCode::InvalidConfig
         | ErrorCode::InvalidMessage
         | ErrorCode::InvalidReceipt
-        | ErrorCode::StaleReceipt => 400,
-        ErrorCode::QueueNotFound | ErrorCode::RedriveNotFound => 404,
+        | ErrorCode::StaleReceipt
+        | ErrorCode::InvalidStreamName
+        | ErrorCode::OffsetOutOfRange => 400,
+        ErrorCode::QueueNotFound
+        | ErrorCode::RedriveNotFound
+        | ErrorCode::StreamNotFound
+        | ErrorCode::PartitionNotFound => 404,
         ErrorCode::ConfigConflict | ErrorCode::Superseded => 409,
         ErrorCode::MessageTooLarge
         | ErrorCode::BatchTooLarge

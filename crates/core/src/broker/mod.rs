@@ -33,6 +33,7 @@ mod maintenance;
 mod publish;
 mod redrive;
 mod registry;
+mod streams;
 
 pub use crate::plan::dead_letter::{
     HEADER_DEAD_LETTERED_AT, HEADER_DELIVERY_COUNT, HEADER_ERRORS, HEADER_LAST_ERROR,
@@ -43,6 +44,7 @@ pub use delivery::{NackReason, Peeked, ReceiptFailure, SettleReply};
 pub use publish::Published;
 pub use redrive::{RedriveProgress, RedriveRequest};
 pub use registry::QueueInfo;
+pub use streams::{Fetched, PartitionInfo, Produced, StreamInfo};
 
 /// Receives latency observations (the server turns them into histograms).
 pub trait Observer: Send + Sync {
@@ -106,6 +108,9 @@ struct Inner {
     next_redrive: AtomicU64,
     /// Set on shutdown: long-polls answer at once.
     closing: AtomicBool,
+    streams: RwLock<HashMap<String, Arc<streams::StreamHandle>>>,
+    /// Stream partitions by log uid (durable ends wake their fetches).
+    stream_parts: RwLock<HashMap<u64, Arc<streams::PartitionHandle>>>,
 }
 
 #[derive(Clone)]
@@ -131,6 +136,21 @@ impl Broker {
         let now = options.clock.now_ms();
         let mut queues = HashMap::new();
         let mut by_uid = HashMap::new();
+        let (stream_logs, recovered): (Vec<_>, Vec<_>) = recovered
+            .into_iter()
+            .partition(|log| crate::stream::config::parse_partition_log_name(&log.name).is_some());
+        let streams = streams::recover_streams(&store, stream_logs).map_err(|reason| {
+            tidewater_storage::OpenError::Corrupt {
+                path: dir.to_path_buf(),
+                position: 0,
+                reason,
+            }
+        })?;
+        let stream_parts = streams
+            .values()
+            .flat_map(|s| s.partition_handles_now())
+            .map(|p| (p.uid, p))
+            .collect();
         let (delay_logs, recovered): (Vec<_>, Vec<_>) = recovered
             .into_iter()
             .partition(|log| log.name.starts_with(DELAY_LOG_PREFIX));
@@ -230,16 +250,21 @@ impl Broker {
             redrives: Mutex::new(Vec::new()),
             next_redrive: AtomicU64::new(1),
             closing: AtomicBool::new(false),
+            streams: RwLock::new(streams),
+            stream_parts: RwLock::new(stream_parts),
         });
         // Durable data becomes visible to consumers; wake their long-polls.
         let weak = Arc::downgrade(&inner);
         inner.store.set_durable_listener(Arc::new(move |ends| {
             let Some(inner) = weak.upgrade() else { return };
             let by_uid = inner.by_uid.read();
+            let stream_parts = inner.stream_parts.read();
             for &(uid, end) in ends {
                 if let Some(handle) = by_uid.get(&uid) {
                     handle.state.lock().set_visible_end(end);
                     handle.notify.notify_waiters();
+                } else if let Some(part) = stream_parts.get(&uid) {
+                    part.notify.notify_waiters();
                 }
             }
         }));
@@ -384,6 +409,9 @@ impl Broker {
         self.inner.closing.store(true, Ordering::SeqCst);
         for handle in self.inner.queues.read().values() {
             handle.notify.notify_waiters();
+        }
+        for part in self.inner.stream_parts.read().values() {
+            part.notify.notify_waiters();
         }
     }
 

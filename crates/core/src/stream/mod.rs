@@ -5,4 +5,6 @@
 //! - `partition`: which partition a record goes to, as Kafka's default partitioner decides
 //!   (murmur2 of the key), so Kafka clients and tidewater agree.
 
+pub mod config;
 pub mod partition;
+pub mod records;

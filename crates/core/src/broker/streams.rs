@@ -1,0 +1,481 @@
+//! Streams: create, configure (partitions grow), delete, list; produce (one Kafka batch per
+//! partition, every partition of a produce in one journal write); fetch stored batches from
+//! an offset with a long poll; find an offset by time. Consumer groups come next.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tidewater_storage::format::wrap_kafka_batch;
+use tidewater_storage::{AckLevel, LogReader, Op, OpResult, RecoveredLog, Store, StoredBatch};
+use tokio::sync::Notify;
+
+use super::{Broker, storage_error};
+use crate::error::{BrokerError, ErrorCode};
+use crate::stream::config::{
+    StreamConfig, StreamPatch, parse_partition_log_name, partition_log_name, validate_stream_name,
+};
+use crate::stream::partition::Sticky;
+use crate::stream::records::{NewStreamRecord, StreamRecord, decode_batch, plan_produce};
+
+/// A stream and its partitions.
+pub(crate) struct StreamHandle {
+    name: String,
+    config: Mutex<StreamConfig>,
+    partitions: RwLock<Vec<Arc<PartitionHandle>>>,
+    sticky: Sticky,
+    deleted: AtomicBool,
+}
+
+/// One partition: its log, and the long-polls waiting for it to grow.
+pub(crate) struct PartitionHandle {
+    pub uid: u64,
+    partition: u32,
+    reader: LogReader,
+    pub notify: Notify,
+}
+
+/// A stream as shown.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamInfo {
+    pub name: String,
+    pub config: StreamConfig,
+    pub partitions: Vec<PartitionInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    /// The first offset a fetch can return (retention moves it; 0 until then).
+    pub start_offset: u64,
+    /// The offset the next record gets: records below it are durable and fetchable.
+    pub end_offset: u64,
+    /// Bytes of the partition's segment files.
+    pub bytes: u64,
+}
+
+/// Where each record of a produce went, in the order given: (partition, offset).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Produced {
+    pub offsets: Vec<(u32, u64)>,
+}
+
+/// What a fetch found: whole batches as stored (the first may start before the offset
+/// asked), and the partition's range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub batches: Vec<StoredBatch>,
+    pub start_offset: u64,
+    pub end_offset: u64,
+}
+
+/// Streams recovered from their partition logs at open.
+pub(crate) fn recover_streams(
+    store: &Store,
+    logs: Vec<RecoveredLog>,
+) -> Result<HashMap<String, Arc<StreamHandle>>, String> {
+    let mut by_stream: BTreeMap<String, Vec<(u32, RecoveredLog)>> = BTreeMap::new();
+    for log in logs {
+        let (stream, partition) =
+            parse_partition_log_name(&log.name).ok_or_else(|| format!("log '{}'", log.name))?;
+        by_stream
+            .entry(stream.to_string())
+            .or_default()
+            .push((partition, log));
+    }
+    let mut streams = HashMap::new();
+    for (name, mut logs) in by_stream {
+        logs.sort_by_key(|(partition, _)| *partition);
+        let config: StreamConfig = serde_json::from_str(&logs[0].1.config)
+            .map_err(|e| format!("stream '{name}': its stored configuration is unreadable: {e}"))?;
+        let numbered = logs.iter().enumerate().all(|(i, (p, _))| *p as usize == i);
+        if !numbered || logs.len() != config.partitions as usize {
+            return Err(format!(
+                "stream '{name}': its configuration says {} partitions, its logs are partitions {:?}",
+                config.partitions,
+                logs.iter().map(|(p, _)| *p).collect::<Vec<_>>()
+            ));
+        }
+        let partitions = logs
+            .iter()
+            .map(|(partition, log)| {
+                Arc::new(PartitionHandle {
+                    uid: log.uid,
+                    partition: *partition,
+                    reader: store.reader(log.uid).expect("a recovered log has a reader"),
+                    notify: Notify::new(),
+                })
+            })
+            .collect();
+        streams.insert(
+            name.clone(),
+            Arc::new(StreamHandle {
+                name,
+                config: Mutex::new(config),
+                partitions: RwLock::new(partitions),
+                sticky: Sticky::default(),
+                deleted: AtomicBool::new(false),
+            }),
+        );
+    }
+    Ok(streams)
+}
+
+impl StreamHandle {
+    /// Its partitions now.
+    pub(crate) fn partition_handles_now(&self) -> Vec<Arc<PartitionHandle>> {
+        self.partitions.read().clone()
+    }
+}
+
+impl Broker {
+    fn stream(&self, name: &str) -> Result<Arc<StreamHandle>, BrokerError> {
+        self.inner
+            .streams
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::stream_not_found(name))
+    }
+
+    fn partition(
+        &self,
+        stream: &StreamHandle,
+        partition: u32,
+    ) -> Result<Arc<PartitionHandle>, BrokerError> {
+        stream
+            .partitions
+            .read()
+            .get(partition as usize)
+            .cloned()
+            .ok_or_else(|| {
+                BrokerError::new(
+                    ErrorCode::PartitionNotFound,
+                    format!(
+                        "stream '{}' has no partition {partition} (it has {})",
+                        stream.name,
+                        stream.partitions.read().len()
+                    ),
+                )
+            })
+    }
+
+    /// Creates a stream, or changes the configuration of one (its partitions may grow).
+    /// Returns whether it was created. Every partition is created or changed in one
+    /// journal write.
+    pub async fn put_stream(
+        &self,
+        name: &str,
+        patch: &StreamPatch,
+    ) -> Result<(bool, StreamInfo), BrokerError> {
+        validate_stream_name(name)?;
+        let limits = &self.inner.limits;
+        let _admin = self.inner.admin.lock().await;
+        if let Ok(stream) = self.stream(name) {
+            let current = stream.config.lock().clone();
+            let next = current.apply(patch)?;
+            next.validate(limits)?;
+            if next != current {
+                let json = serde_json::to_string(&next).expect("a configuration serializes");
+                let mut ops: Vec<Op> = stream
+                    .partitions
+                    .read()
+                    .iter()
+                    .map(|p| Op::UpdateConfig {
+                        uid: p.uid,
+                        config: json.clone(),
+                    })
+                    .collect();
+                ops.extend(
+                    (current.partitions..next.partitions).map(|p| Op::CreateLog {
+                        name: partition_log_name(name, p),
+                        config: json.clone(),
+                        id_window: None,
+                    }),
+                );
+                let results = self.write(ops, AckLevel::Durable).await?;
+                let created = self.partition_handles(&results, current.partitions)?;
+                stream.partitions.write().extend(created.iter().cloned());
+                let mut by_uid = self.inner.stream_parts.write();
+                for part in created {
+                    by_uid.insert(part.uid, part);
+                }
+                *stream.config.lock() = next;
+            }
+            return Ok((false, self.stream_info(&stream)));
+        }
+        if self.inner.streams.read().len() >= limits.max_streams {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the broker holds its maximum of {} streams (max_streams)",
+                    limits.max_streams
+                ),
+            ));
+        }
+        let config = StreamConfig::new(patch, limits)?;
+        let json = serde_json::to_string(&config).expect("a configuration serializes");
+        let ops = (0..config.partitions)
+            .map(|p| Op::CreateLog {
+                name: partition_log_name(name, p),
+                config: json.clone(),
+                id_window: None,
+            })
+            .collect();
+        let results = self.write(ops, AckLevel::Durable).await?;
+        let partitions = self.partition_handles(&results, 0)?;
+        let stream = Arc::new(StreamHandle {
+            name: name.to_string(),
+            config: Mutex::new(config),
+            partitions: RwLock::new(partitions.clone()),
+            sticky: Sticky::default(),
+            deleted: AtomicBool::new(false),
+        });
+        {
+            let mut by_uid = self.inner.stream_parts.write();
+            for part in partitions {
+                by_uid.insert(part.uid, part);
+            }
+        }
+        self.inner
+            .streams
+            .write()
+            .insert(name.to_string(), stream.clone());
+        Ok((true, self.stream_info(&stream)))
+    }
+
+    /// Handles for the logs a write created (its `Created` results, in order), numbered
+    /// from `first`.
+    fn partition_handles(
+        &self,
+        results: &[OpResult],
+        first: u32,
+    ) -> Result<Vec<Arc<PartitionHandle>>, BrokerError> {
+        let mut out = Vec::new();
+        for result in results {
+            if let OpResult::Created { uid } = *result {
+                let reader = self.inner.store.reader(uid).ok_or_else(|| {
+                    BrokerError::new(ErrorCode::Internal, "a new partition has no reader")
+                })?;
+                out.push(Arc::new(PartitionHandle {
+                    uid,
+                    partition: first + out.len() as u32,
+                    reader,
+                    notify: Notify::new(),
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn delete_stream(&self, name: &str) -> Result<(), BrokerError> {
+        let _admin = self.inner.admin.lock().await;
+        let stream = self.stream(name)?;
+        let uids: Vec<u64> = stream.partitions.read().iter().map(|p| p.uid).collect();
+        let ops = uids.iter().map(|&uid| Op::DeleteLog { uid }).collect();
+        self.write(ops, AckLevel::Durable).await?;
+        self.inner.streams.write().remove(name);
+        {
+            let mut by_uid = self.inner.stream_parts.write();
+            for uid in &uids {
+                by_uid.remove(uid);
+            }
+        }
+        stream.deleted.store(true, Ordering::SeqCst);
+        for part in stream.partitions.read().iter() {
+            part.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    fn stream_info(&self, stream: &StreamHandle) -> StreamInfo {
+        StreamInfo {
+            name: stream.name.clone(),
+            config: stream.config.lock().clone(),
+            partitions: stream
+                .partitions
+                .read()
+                .iter()
+                .map(|p| PartitionInfo {
+                    partition: p.partition,
+                    start_offset: 0,
+                    end_offset: p.reader.durable_end(),
+                    bytes: p.reader.disk_bytes(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn get_stream(&self, name: &str) -> Result<StreamInfo, BrokerError> {
+        let stream = self.stream(name)?;
+        Ok(self.stream_info(&stream))
+    }
+
+    pub fn list_streams(&self) -> Vec<StreamInfo> {
+        let streams: Vec<_> = self.inner.streams.read().values().cloned().collect();
+        let mut out: Vec<StreamInfo> = streams.iter().map(|s| self.stream_info(s)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Appends records: each goes to the partition it names, else its key's (Kafka's
+    /// partitioner), else one partition for all keyless records of this produce, the next
+    /// one for the next produce. All or nothing: every partition's batch is in one journal
+    /// write. Returns each record's (partition, offset), in the order given.
+    pub async fn produce(
+        &self,
+        stream: &str,
+        records: &[NewStreamRecord],
+        level: AckLevel,
+    ) -> Result<Produced, BrokerError> {
+        let handle = self.stream(stream)?;
+        self.check_disk()?;
+        let config = handle.config.lock().clone();
+        let sticky = handle.sticky.next(config.partitions);
+        let (batches, placement) =
+            plan_produce(records, &config, sticky, &self.inner.limits, self.now_ms())?;
+        let parts = handle.partitions.read().clone();
+        let mut ops = Vec::with_capacity(batches.len());
+        for batch in &batches {
+            let part = &parts[batch.partition as usize];
+            let wrapped = wrap_kafka_batch(part.uid, &batch.kafka)
+                .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
+            ops.push(Op::Append {
+                uid: part.uid,
+                batch: wrapped,
+            });
+        }
+        let results = self.write(ops, level).await?;
+        let mut bases: HashMap<u32, u64> = HashMap::new();
+        for (batch, result) in batches.iter().zip(&results) {
+            match *result {
+                OpResult::Appended { base_offset, .. } => {
+                    bases.insert(batch.partition, base_offset);
+                }
+                _ => {
+                    return Err(BrokerError::new(
+                        ErrorCode::Internal,
+                        "storage did not answer an append with its offset",
+                    ));
+                }
+            }
+        }
+        let offsets = placement
+            .into_iter()
+            .map(|(partition, index)| (partition, bases[&partition] + u64::from(index)))
+            .collect();
+        Ok(Produced { offsets })
+    }
+
+    /// Whole batches of a partition from the one holding `offset` on, about `max_bytes` of
+    /// them (at least one when one exists; at most `max_fetch_bytes`). Waits up to `wait_ms`
+    /// for records at `offset` when there are none yet.
+    pub async fn fetch(
+        &self,
+        stream: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: usize,
+        wait_ms: u64,
+    ) -> Result<Fetched, BrokerError> {
+        let limits = &self.inner.limits;
+        if wait_ms > limits.max_wait_ms {
+            return Err(BrokerError::invalid(format!(
+                "wait_ms must be at most {} (max_wait_ms)",
+                limits.max_wait_ms
+            )));
+        }
+        let max_bytes = max_bytes.clamp(1, limits.max_fetch_bytes);
+        let handle = self.stream(stream)?;
+        let part = self.partition(&handle, partition)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        loop {
+            let notified = part.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let end = part.reader.durable_end();
+            if offset > end {
+                return Err(BrokerError::new(
+                    ErrorCode::OffsetOutOfRange,
+                    format!(
+                        "offset {offset} is past the end of partition {partition} of stream '{stream}' (its records are at 0..{end})"
+                    ),
+                ));
+            }
+            let batches = part
+                .reader
+                .read_batches(offset, max_bytes)
+                .map_err(storage_error)?;
+            if !batches.is_empty()
+                || tokio::time::Instant::now() >= deadline
+                || self.inner.closing.load(Ordering::SeqCst)
+            {
+                return Ok(Fetched {
+                    batches,
+                    start_offset: 0,
+                    end_offset: end,
+                });
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+            if handle.deleted.load(Ordering::SeqCst) {
+                return Err(BrokerError::stream_not_found(stream));
+            }
+        }
+    }
+
+    /// As `fetch`, decoded into records from `offset` on (for the JSON API), with the
+    /// offset to fetch next.
+    pub async fn fetch_records(
+        &self,
+        stream: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: usize,
+        wait_ms: u64,
+    ) -> Result<(Vec<StreamRecord>, u64, Fetched), BrokerError> {
+        let fetched = self
+            .fetch(stream, partition, offset, max_bytes, wait_ms)
+            .await?;
+        let mut records = Vec::new();
+        let mut next = offset;
+        for batch in &fetched.batches {
+            records.extend(decode_batch(batch, offset)?);
+            next = next.max(batch.base_offset + u64::from(batch.span));
+        }
+        Ok((records, next, fetched))
+    }
+
+    /// The first offset of a partition whose record's timestamp is at least `timestamp`
+    /// (Kafka's ListOffsets by time), or `None` when every record is older.
+    pub fn offset_for_time(
+        &self,
+        stream: &str,
+        partition: u32,
+        timestamp: i64,
+    ) -> Result<Option<u64>, BrokerError> {
+        let handle = self.stream(stream)?;
+        let part = self.partition(&handle, partition)?;
+        let Some(base) = part.reader.find_time(timestamp).map_err(storage_error)? else {
+            return Ok(None);
+        };
+        // The batch found has a record that late; which one is in its records.
+        for batch in part
+            .reader
+            .read_batches(base, 1)
+            .map_err(storage_error)?
+            .iter()
+            .take(1)
+        {
+            if let Ok(records) = decode_batch(batch, base) {
+                return Ok(records
+                    .iter()
+                    .find(|r| r.timestamp >= timestamp)
+                    .map(|r| r.offset)
+                    .or(Some(base)));
+            }
+        }
+        Ok(Some(base))
+    }
+}

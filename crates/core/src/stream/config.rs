@@ -1,0 +1,167 @@
+//! A stream's configuration and how its partitions are named in storage.
+//!
+//! Each partition is a storage log named `#stream/<name>/<partition>` (a name no queue can
+//! have: queue names have no `#` or `/`), whose configuration string is the stream's
+//! configuration as JSON: every partition carries it, so recovery rebuilds a stream from
+//! its logs alone, and a change rewrites it in every partition in one journal write.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Limits, MAX_QUEUE_NAME_LEN};
+use crate::error::{BrokerError, ErrorCode};
+
+const LOG_PREFIX: &str = "#stream/";
+
+/// Whose time a record carries (Kafka's `message.timestamp.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampType {
+    /// The producer's (a record without one gets the broker's time at append).
+    #[default]
+    CreateTime,
+    /// The broker's, at append, for every record (the producer's is kept in the batch but
+    /// ignored).
+    LogAppendTime,
+}
+
+/// A stream's configuration, as stored and as shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Partitions, numbered from 0. Can grow, never shrink (a key's partition would move).
+    pub partitions: u32,
+    #[serde(default)]
+    pub timestamp_type: TimestampType,
+}
+
+/// A change of configuration (or the configuration of a new stream): fields left out keep
+/// their value (or default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamPatch {
+    pub partitions: Option<u32>,
+    pub timestamp_type: Option<TimestampType>,
+}
+
+impl StreamConfig {
+    /// A new stream's configuration: one partition unless the patch says otherwise.
+    pub fn new(patch: &StreamPatch, limits: &Limits) -> Result<StreamConfig, BrokerError> {
+        let config = StreamConfig {
+            partitions: patch.partitions.unwrap_or(1),
+            timestamp_type: patch.timestamp_type.unwrap_or_default(),
+        };
+        config.validate(limits)?;
+        Ok(config)
+    }
+
+    /// This configuration with `patch` applied; partitions may only grow.
+    pub fn apply(&self, patch: &StreamPatch) -> Result<StreamConfig, BrokerError> {
+        let mut out = self.clone();
+        if let Some(partitions) = patch.partitions {
+            if partitions < self.partitions {
+                return Err(BrokerError::new(
+                    ErrorCode::ConfigConflict,
+                    format!(
+                        "a stream's partitions can grow but never shrink (it has {}, asked {partitions}): keys would move to other partitions and offsets would be lost",
+                        self.partitions
+                    ),
+                ));
+            }
+            out.partitions = partitions;
+        }
+        if let Some(timestamp_type) = patch.timestamp_type {
+            out.timestamp_type = timestamp_type;
+        }
+        Ok(out)
+    }
+
+    pub fn validate(&self, limits: &Limits) -> Result<(), BrokerError> {
+        if !(1..=limits.max_partitions).contains(&self.partitions) {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "partitions must be 1..={} (max_partitions), got {}",
+                    limits.max_partitions, self.partitions
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Stream names follow the rules of queue names.
+pub fn validate_stream_name(name: &str) -> Result<(), BrokerError> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    let dots = name == "." || name == "..";
+    if name.is_empty() || name.len() > MAX_QUEUE_NAME_LEN || !ok_chars || dots {
+        let shown: String = name.chars().take(40).collect();
+        return Err(BrokerError::new(
+            ErrorCode::InvalidStreamName,
+            format!(
+                "invalid stream name '{shown}': use 1 to {MAX_QUEUE_NAME_LEN} characters of A-Z a-z 0-9 . _ - (not . or ..)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The storage log name of a stream's partition.
+pub fn partition_log_name(stream: &str, partition: u32) -> String {
+    format!("{LOG_PREFIX}{stream}/{partition}")
+}
+
+/// (stream, partition) of a partition's log name; `None` for any other log.
+pub fn parse_partition_log_name(log: &str) -> Option<(&str, u32)> {
+    let rest = log.strip_prefix(LOG_PREFIX)?;
+    let (stream, partition) = rest.rsplit_once('/')?;
+    Some((stream, partition.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_grow_but_never_shrink_and_stay_in_bounds() {
+        let limits = Limits::default();
+        let config = StreamConfig::new(&StreamPatch::default(), &limits).unwrap();
+        assert_eq!(config.partitions, 1);
+        let grown = config
+            .apply(&StreamPatch {
+                partitions: Some(8),
+                ..StreamPatch::default()
+            })
+            .unwrap();
+        assert_eq!(grown.partitions, 8);
+        let shrink = grown.apply(&StreamPatch {
+            partitions: Some(4),
+            ..StreamPatch::default()
+        });
+        assert_eq!(shrink.unwrap_err().code, ErrorCode::ConfigConflict);
+        for partitions in [0, limits.max_partitions + 1] {
+            let patch = StreamPatch {
+                partitions: Some(partitions),
+                ..StreamPatch::default()
+            };
+            let err = StreamConfig::new(&patch, &limits).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidConfig, "{partitions}");
+        }
+    }
+
+    #[test]
+    fn partition_logs_are_named_apart_from_queues() {
+        let name = partition_log_name("sensor.readings", 12);
+        assert_eq!(name, "#stream/sensor.readings/12");
+        assert_eq!(
+            parse_partition_log_name(&name),
+            Some(("sensor.readings", 12))
+        );
+        assert_eq!(parse_partition_log_name("orders"), None);
+        assert_eq!(parse_partition_log_name("#delay/3"), None);
+        assert_eq!(parse_partition_log_name("#stream/x/notanumber"), None);
+        assert!(validate_stream_name(&name).is_err());
+        assert!(validate_stream_name("sensor.readings").is_ok());
+    }
+}

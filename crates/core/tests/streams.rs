@@ -1,0 +1,289 @@
+//! Streams through the broker: partitions as Kafka places keys, produce all or nothing,
+//! fetch from an offset (long poll included), lookup by time, growth, deletion, and all of
+//! it the same after a restart.
+
+use std::collections::BTreeMap;
+
+use tidewater_core::harness::{Harness, HarnessOptions, START_MS};
+use tidewater_core::stream::config::{StreamPatch, TimestampType};
+use tidewater_core::stream::partition::partition_for_key;
+use tidewater_core::stream::records::NewStreamRecord;
+use tidewater_core::{AckLevel, Broker, ErrorCode};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn record(key: Option<&str>, value: &str) -> NewStreamRecord {
+    NewStreamRecord {
+        key: key.map(|k| k.as_bytes().to_vec()),
+        value: Some(value.as_bytes().to_vec()),
+        ..NewStreamRecord::default()
+    }
+}
+
+fn patch(partitions: u32) -> StreamPatch {
+    StreamPatch {
+        partitions: Some(partitions),
+        ..StreamPatch::default()
+    }
+}
+
+/// Every record of every partition: partition -> [(offset, key, value)].
+async fn everything(broker: &Broker, stream: &str) -> BTreeMap<u32, Vec<(u64, String, String)>> {
+    let info = broker.get_stream(stream).unwrap();
+    let mut out = BTreeMap::new();
+    for part in info.partitions {
+        let mut next = 0;
+        let mut got = Vec::new();
+        while next < part.end_offset {
+            let (records, after, _) = broker
+                .fetch_records(stream, part.partition, next, 1_000, 0)
+                .await
+                .unwrap();
+            for r in records {
+                let text = |b: Option<bytes::Bytes>| {
+                    b.map(|b| String::from_utf8(b.to_vec()).unwrap())
+                        .unwrap_or_default()
+                };
+                got.push((r.offset, text(r.key), text(r.value)));
+            }
+            next = after;
+        }
+        out.insert(part.partition, got);
+    }
+    out
+}
+
+#[test]
+fn records_go_where_kafka_puts_them_and_read_back_in_order_across_restarts() {
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let (created, info) = h.broker().put_stream("readings", &patch(4)).await.unwrap();
+        assert!(created);
+        assert_eq!(info.partitions.len(), 4);
+        let records: Vec<NewStreamRecord> = (0..100)
+            .map(|i| record(Some(&format!("sensor-{}", i % 10)), &format!("r{i}")))
+            .collect();
+        let produced = h
+            .broker()
+            .produce("readings", &records, AckLevel::Durable)
+            .await
+            .unwrap();
+        let mut next_offset = [0u64; 4];
+        for (i, &(partition, offset)) in produced.offsets.iter().enumerate() {
+            let key = format!("sensor-{}", i % 10);
+            assert_eq!(
+                partition,
+                partition_for_key(key.as_bytes(), 4),
+                "record {i}"
+            );
+            assert_eq!(offset, next_offset[partition as usize], "record {i}");
+            next_offset[partition as usize] += 1;
+        }
+        // Keyless records: one partition per produce, the next produce the next one.
+        let a = h
+            .broker()
+            .produce(
+                "readings",
+                &[record(None, "x"), record(None, "y")],
+                AckLevel::Durable,
+            )
+            .await
+            .unwrap();
+        let b = h
+            .broker()
+            .produce("readings", &[record(None, "z")], AckLevel::Durable)
+            .await
+            .unwrap();
+        assert_eq!(a.offsets[0].0, a.offsets[1].0);
+        assert_ne!(a.offsets[0].0, b.offsets[0].0);
+    });
+    let before = rt.block_on(everything(h.broker(), "readings"));
+    assert_eq!(before.values().map(Vec::len).sum::<usize>(), 103);
+    for records in before.values() {
+        let offsets: Vec<u64> = records.iter().map(|r| r.0).collect();
+        assert_eq!(offsets, (0..offsets.len() as u64).collect::<Vec<_>>());
+    }
+    h.restart();
+    assert_eq!(rt.block_on(everything(h.broker(), "readings")), before);
+    // Appends continue where the partitions ended.
+    let produced = rt
+        .block_on(h.broker().produce(
+            "readings",
+            &[record(Some("sensor-3"), "after restart")],
+            AckLevel::Durable,
+        ))
+        .unwrap();
+    let (partition, offset) = produced.offsets[0];
+    assert_eq!(offset, before[&partition].len() as u64);
+}
+
+#[test]
+fn a_fetch_at_the_end_waits_for_the_next_record() {
+    let rt = runtime();
+    let h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        h.broker().put_stream("s", &patch(1)).await.unwrap();
+        let broker = h.broker();
+        // 30 s is only a bound: the fetch answers when the record is durable.
+        let (fetched, produced) =
+            tokio::join!(broker.fetch_records("s", 0, 0, 1_000, 30_000), async {
+                tokio::task::yield_now().await;
+                broker
+                    .produce("s", &[record(None, "late")], AckLevel::Durable)
+                    .await
+            });
+        produced.unwrap();
+        let (records, next, _) = fetched.unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].value.as_deref(), Some(&b"late"[..]));
+        assert_eq!(next, 1);
+        // Closing the broker ends a waiting fetch at once, empty.
+        let (fetched, ()) = tokio::join!(broker.fetch("s", 0, 1, 1_000, 30_000), async {
+            tokio::task::yield_now().await;
+            broker.close();
+        });
+        assert!(fetched.unwrap().batches.is_empty());
+    });
+}
+
+#[test]
+fn partitions_grow_never_shrink_and_a_deleted_stream_stays_deleted() {
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        h.broker().put_stream("s", &patch(2)).await.unwrap();
+        h.broker()
+            .produce("s", &[record(Some("a"), "1")], AckLevel::Durable)
+            .await
+            .unwrap();
+        let (created, info) = h.broker().put_stream("s", &patch(5)).await.unwrap();
+        assert!(!created);
+        assert_eq!(info.partitions.len(), 5);
+        let err = h.broker().put_stream("s", &patch(3)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::ConfigConflict);
+        // The new partitions take records.
+        let to_four = NewStreamRecord {
+            partition: Some(4),
+            ..record(None, "p4")
+        };
+        let produced = h
+            .broker()
+            .produce("s", &[to_four], AckLevel::Durable)
+            .await
+            .unwrap();
+        assert_eq!(produced.offsets, vec![(4, 0)]);
+        h.broker().put_stream("gone", &patch(3)).await.unwrap();
+        h.broker().delete_stream("gone").await.unwrap();
+    });
+    h.restart();
+    let info = h.broker().get_stream("s").unwrap();
+    assert_eq!(info.config.partitions, 5);
+    let ends: Vec<u64> = info.partitions.iter().map(|p| p.end_offset).collect();
+    assert_eq!(ends.iter().sum::<u64>(), 2);
+    assert_eq!(ends[4], 1);
+    assert_eq!(
+        h.broker().get_stream("gone").unwrap_err().code,
+        ErrorCode::StreamNotFound
+    );
+    assert_eq!(h.broker().list_streams().len(), 1);
+}
+
+#[test]
+fn bad_requests_get_their_code_and_change_nothing() {
+    let rt = runtime();
+    let h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &patch(2)).await.unwrap();
+        fn code<T: std::fmt::Debug>(r: Result<T, tidewater_core::BrokerError>) -> ErrorCode {
+            r.unwrap_err().code
+        }
+        assert_eq!(
+            code(
+                b.produce("nope", &[record(None, "x")], AckLevel::Durable)
+                    .await
+            ),
+            ErrorCode::StreamNotFound
+        );
+        assert_eq!(
+            code(b.fetch("s", 2, 0, 100, 0).await),
+            ErrorCode::PartitionNotFound
+        );
+        assert_eq!(
+            code(b.fetch("s", 0, 1, 100, 0).await),
+            ErrorCode::OffsetOutOfRange
+        );
+        assert_eq!(
+            code(b.put_stream("bad/name", &patch(1)).await),
+            ErrorCode::InvalidStreamName
+        );
+        assert_eq!(
+            code(b.put_stream("zero", &patch(0)).await),
+            ErrorCode::InvalidConfig
+        );
+        let wrong_partition = NewStreamRecord {
+            partition: Some(7),
+            ..record(None, "x")
+        };
+        assert_eq!(
+            code(
+                b.produce(
+                    "s",
+                    &[record(None, "ok"), wrong_partition],
+                    AckLevel::Durable
+                )
+                .await
+            ),
+            ErrorCode::PartitionNotFound
+        );
+        let info = b.get_stream("s").unwrap();
+        assert!(
+            info.partitions.iter().all(|p| p.end_offset == 0),
+            "nothing was stored"
+        );
+    });
+}
+
+#[test]
+fn offsets_are_found_by_time_and_log_append_time_uses_the_brokers_clock() {
+    let rt = runtime();
+    let h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("t", &patch(1)).await.unwrap();
+        for (i, ts) in [1_000i64, 2_000, 1_500, 3_000].into_iter().enumerate() {
+            let r = NewStreamRecord {
+                timestamp: Some(ts),
+                ..record(None, &format!("at {ts}"))
+            };
+            let produced = b.produce("t", &[r], AckLevel::Durable).await.unwrap();
+            assert_eq!(produced.offsets[0].1, i as u64);
+        }
+        assert_eq!(b.offset_for_time("t", 0, 0).unwrap(), Some(0));
+        assert_eq!(b.offset_for_time("t", 0, 1_001).unwrap(), Some(1));
+        assert_eq!(b.offset_for_time("t", 0, 2_001).unwrap(), Some(3));
+        assert_eq!(b.offset_for_time("t", 0, 3_001).unwrap(), None);
+
+        let append_time = StreamPatch {
+            partitions: Some(1),
+            timestamp_type: Some(TimestampType::LogAppendTime),
+        };
+        b.put_stream("u", &append_time).await.unwrap();
+        let r = NewStreamRecord {
+            timestamp: Some(5),
+            ..record(None, "producer says 5")
+        };
+        b.produce("u", &[r], AckLevel::Durable).await.unwrap();
+        let (records, _, _) = b.fetch_records("u", 0, 0, 1_000, 0).await.unwrap();
+        assert_eq!(
+            records[0].timestamp, START_MS,
+            "the broker's clock at append"
+        );
+    });
+}
