@@ -1,7 +1,8 @@
 //! Simulated power losses under the broker: publishes (durable and written, some delayed
 //! into the delay log), receives, acks, nacks, lease expiries, dead-letter moves, delay-log
-//! moves, queue create/configure/delete, checkpoints and clean restarts, on the `SimFs`
-//! disk, with power cuts at random file operations, during recovery too.
+//! moves, queue create/configure/delete, stream produces (keyed and not, across
+//! partitions), checkpoints and clean restarts, on the `SimFs` disk, with power cuts at
+//! random file operations, during recovery too.
 //!
 //! Deterministic per seed: time is a `ManualClock`, jitter fixed, nonces seeded, the runtime
 //! single-threaded, and after each step the driver waits for the store to be idle
@@ -13,7 +14,9 @@
 //! nothing present was never published; no message is present twice, not even after a
 //! power loss during a step that moves messages (finding 3 of RELIABILITY-sim.md, fixed: a
 //! move is one request, a journal group, replayed all or nothing); each queue exists or not
-//! as last acknowledged, with its configuration as last acknowledged.
+//! as last acknowledged, with its configuration as last acknowledged. In the stream: every
+//! record acknowledged as durable is at the partition and offset its produce answered, each
+//! partition's offsets run from 0 with no gap, and no record is there twice or unproduced.
 //!
 //!     SIM_SEEDS=2000 cargo test -p tidewater-core --release --test powerloss -- --nocapture
 //!     SIM_SEED=5 cargo test -p tidewater-core --test powerloss -- --nocapture
@@ -27,6 +30,8 @@ use std::time::Duration;
 use tidewater_core::broker::record_id;
 use tidewater_core::clock::{FixedJitter, ManualClock, SeededNonces};
 use tidewater_core::config::BackoffPatch;
+use tidewater_core::stream::config::StreamPatch;
+use tidewater_core::stream::records::NewStreamRecord;
 use tidewater_core::{AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NackReason, NewMessage};
 use tidewater_storage::StoreOptions;
 use tidewater_storage::sim::{SimFs, SimRng};
@@ -34,6 +39,8 @@ use tidewater_storage::sim::{SimFs, SimRng};
 const DATA: &str = "/data";
 const Q: &str = "q";
 const DLQ: &str = "dlq";
+const STREAM: &str = "st";
+const PARTITIONS: u32 = 3;
 
 fn body(id: &str) -> Vec<u8> {
     format!("body of {id}").into_bytes()
@@ -42,6 +49,7 @@ fn body(id: &str) -> Vec<u8> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
     Publish,
+    Produce,
     Receive,
     Ack,
     Nack,
@@ -88,6 +96,11 @@ struct Run {
     maybe: BTreeSet<String>,
     /// The step in flight at the cut.
     cut_in: Option<Kind>,
+    /// Stream records: every id produced, and those acknowledged durable at (partition,
+    /// offset); ids in flight at the cut.
+    produced: BTreeSet<String>,
+    stream_must: BTreeMap<String, (u32, u64)>,
+    stream_maybe: BTreeSet<String>,
     history: Vec<String>,
     power_losses: u64,
     duplicates_after_moves: u64,
@@ -277,9 +290,76 @@ impl Run {
             return Err(format!("scratch queues {have:?}, expected {want:?}"));
         }
         self.scratch = have;
+        self.check_stream().await?;
         self.must = present.keys().cloned().collect();
         self.cut_in = None;
         self.note(format!("checked: {} messages present", present.len()));
+        Ok(())
+    }
+
+    /// The stream's invariants, after a recovery; then what is present becomes what must be.
+    async fn check_stream(&mut self) -> Result<(), Failure> {
+        let info = self
+            .broker()
+            .get_stream(STREAM)
+            .map_err(|e| format!("the stream is gone: {e}"))?;
+        let mut present: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+        for part in &info.partitions {
+            let mut next = 0;
+            while next < part.end_offset {
+                let (records, after, _) = self
+                    .broker()
+                    .fetch_records(STREAM, part.partition, next, 1 << 20, 0)
+                    .await
+                    .map_err(|e| format!("fetch {}: {e}", part.partition))?;
+                for r in records {
+                    if r.offset != next {
+                        return Err(format!(
+                            "partition {} has a gap: offset {} after {next}",
+                            part.partition, r.offset
+                        ));
+                    }
+                    let value = r.value.map(|v| v.to_vec()).unwrap_or_default();
+                    let id = String::from_utf8_lossy(&value)
+                        .strip_prefix("body of ")
+                        .map(str::to_string)
+                        .ok_or_else(|| format!("a record holds {value:?}"))?;
+                    if !self.produced.contains(&id) {
+                        return Err(format!("stream record {id} was never produced"));
+                    }
+                    if present
+                        .insert(id.clone(), (part.partition, r.offset))
+                        .is_some()
+                    {
+                        return Err(format!("stream record {id} is present twice"));
+                    }
+                    next = r.offset + 1;
+                }
+                if after <= next.saturating_sub(1) && next < part.end_offset {
+                    return Err(format!(
+                        "partition {}: fetch made no progress",
+                        part.partition
+                    ));
+                }
+                next = next.max(after);
+            }
+        }
+        let maybe = std::mem::take(&mut self.stream_maybe);
+        for (id, at) in &self.stream_must {
+            match present.get(id) {
+                Some(found) if found == at => {}
+                Some(found) => {
+                    return Err(format!("stream record {id} moved from {at:?} to {found:?}"));
+                }
+                None if maybe.contains(id) => {}
+                None => {
+                    return Err(format!(
+                        "stream record {id} was produced durably and is gone"
+                    ));
+                }
+            }
+        }
+        self.stream_must = present;
         Ok(())
     }
 
@@ -295,7 +375,8 @@ impl Run {
     async fn step(&mut self) -> Result<bool, Failure> {
         let roll = self.rng.below(100);
         let kind = match roll {
-            0..=34 => Kind::Publish,
+            0..=27 => Kind::Publish,
+            28..=34 => Kind::Produce,
             35..=54 => Kind::Receive,
             55..=69 => Kind::Ack,
             70..=79 => Kind::Nack,
@@ -347,6 +428,43 @@ impl Run {
                         Ok(format!("publish {:?} at {level:?}", published.ids))
                     }
                     Err(e) => Err(format!("publish: {e}")),
+                }
+            }
+            Kind::Produce => {
+                let level = if self.rng.chance(0.7) {
+                    AckLevel::Durable
+                } else {
+                    AckLevel::Written
+                };
+                let n = 1 + self.rng.below(3);
+                let mut records = Vec::new();
+                let mut ids = Vec::new();
+                for _ in 0..n {
+                    let id = format!("r{}", self.next_id);
+                    self.next_id += 1;
+                    let key = (self.rng.below(3) > 0).then(|| format!("k{}", self.rng.below(5)));
+                    self.produced.insert(id.clone());
+                    in_flight.push(id.clone());
+                    ids.push(id.clone());
+                    records.push(NewStreamRecord {
+                        key: key.map(String::into_bytes),
+                        value: Some(body(&id)),
+                        ..NewStreamRecord::default()
+                    });
+                }
+                let result = self.broker().produce(STREAM, &records, level).await;
+                self.idle();
+                match result {
+                    Ok(produced) => {
+                        if level == AckLevel::Durable || !self.fs.is_cut() {
+                            for (id, at) in ids.iter().zip(produced.offsets) {
+                                self.stream_must.insert(id.clone(), at);
+                            }
+                            in_flight.clear();
+                        }
+                        Ok(format!("produce {ids:?} at {level:?}"))
+                    }
+                    Err(e) => Err(format!("produce: {e}")),
                 }
             }
             Kind::Receive => {
@@ -484,7 +602,11 @@ impl Run {
         }
         if cut {
             self.cut_in = Some(kind);
-            self.maybe.extend(in_flight);
+            if kind == Kind::Produce {
+                self.stream_maybe.extend(in_flight);
+            } else {
+                self.maybe.extend(in_flight);
+            }
             return Ok(false);
         }
         self.scratch_in_flight = None;
@@ -520,6 +642,14 @@ impl Run {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        let partitions = StreamPatch {
+            partitions: Some(PARTITIONS),
+            ..StreamPatch::default()
+        };
+        self.broker()
+            .put_stream(STREAM, &partitions)
+            .await
+            .map_err(|e| e.to_string())?;
         self.idle();
         for epoch in 0..epochs {
             let cut = 1 + self.rng.below(steps * 8);
@@ -560,6 +690,9 @@ fn run_seed(seed: u64, epochs: u64, steps: u64) -> (Run, Result<(), Failure>) {
         scratch_in_flight: None,
         maybe: BTreeSet::new(),
         cut_in: None,
+        produced: BTreeSet::new(),
+        stream_must: BTreeMap::new(),
+        stream_maybe: BTreeSet::new(),
         history: Vec::new(),
         power_losses: 0,
         duplicates_after_moves: 0,
