@@ -32,7 +32,12 @@ stands. The rules (each is also in the document's descriptions):
   magnitude, where the float is exactly the number written; past that one float stands for
   many integers, and an integer field refuses it (400; README: write an integer as one);
 - the queue's state: a batch larger than the queue's whole capacity (max_messages, max_bytes:
-  its configuration, which the stateful phase may have set to 1) is 413 exceeds_capacity.
+  its configuration, which the stateful phase may have set to 1) is 413 exceeds_capacity;
+- the stream's state: a fetch from an offset past its partition's end is 400
+  offset_out_of_range (the reply names the end, checked against the offset asked).
+
+`map_case` does for stream produces what it does for publishes: record keys, values and
+header names and values are cut to their limits in UTF-8 bytes.
 """
 
 from __future__ import annotations
@@ -185,13 +190,69 @@ def _fit(text: Any, limit: Any) -> Any:
     return raw[:limit].decode("utf-8", "ignore")
 
 
+def _fit_records(operation: Any, body: dict) -> None:
+    schema = _schema(operation, "InRecord").get("properties", {})
+    limit = lambda field: schema.get(field, {}).get("maxLength")  # noqa: E731
+    headers = schema.get("headers", {})
+    name_limit = headers.get("propertyNames", {}).get("maxLength")
+    value_limit = headers.get("additionalProperties", {}).get("maxLength")
+    for record in body.get("records") or []:
+        if not isinstance(record, dict):
+            continue
+        for field in ("key", "value"):
+            if field in record:
+                record[field] = _fit(record[field], limit(field))
+        if isinstance(record.get("headers"), dict):
+            record["headers"] = {
+                _fit(name, name_limit): _fit(value, value_limit) for name, value in record["headers"].items()
+            }
+
+
+def _decoded_len(text: Any) -> int:
+    if not isinstance(text, str):
+        return 0
+    try:
+        return len(base64.b64decode(text, validate=True))
+    except binascii.Error:
+        return 0
+
+
+def _record_bytes_over(operation: Any, request: Any) -> bool:
+    """A record whose key, value or a header is over its limit in UTF-8 bytes, or, as
+    base64, once decoded (maxLength allows up to two bytes more)."""
+    schema = _schema(operation, "InRecord").get("properties", {})
+    limit = lambda field: schema.get(field, {}).get("maxLength")  # noqa: E731
+    headers = schema.get("headers", {})
+    name_limit = headers.get("propertyNames", {}).get("maxLength")
+    value_limit = headers.get("additionalProperties", {}).get("maxLength")
+    if not isinstance(request, dict):
+        return False
+    for record in request.get("records") or []:
+        if not isinstance(record, dict):
+            continue
+        for field in ("key", "value"):
+            if _over(record.get(field), limit(field)):
+                return True
+            maximum = limit(field)
+            if isinstance(maximum, int) and _decoded_len(record.get(f"{field}_base64")) > maximum:
+                return True
+        for name, value in (record.get("headers") or {}).items():
+            if _over(name, name_limit) or _over(value, value_limit):
+                return True
+    return False
+
+
 @schemathesis.hook
 def map_case(context, case):
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive:
         return case
     operation = case.operation
-    if f"{operation.method.upper()} {operation.path}" != "POST /v1/queues/{queue}/messages":
+    label = f"{operation.method.upper()} {operation.path}"
+    if label == "POST /v1/streams/{stream}/records" and isinstance(case.body, dict):
+        _fit_records(operation, case.body)
+        return case
+    if label != "POST /v1/queues/{queue}/messages":
         return case
     if not isinstance(case.body, dict):
         return case
@@ -253,6 +314,14 @@ def filter_failure(context, failure, case, response) -> bool:
             return _excuse("publish: deliver_at too far ahead of now")
         if code == "exceeds_capacity":
             return _excuse("publish: batch over the queue's capacity")
+    if label == "GET /v1/streams/{stream}/partitions/{partition}/records" and code == "offset_out_of_range":
+        end = re.search(r"its records are at 0\.\.(\d+)", message)
+        asked = re.search(r"^offset (\d+) is past the end", message)
+        if end and asked and int(asked.group(1)) > int(end.group(1)):
+            return _excuse("fetch: offset past the partition's end")
+    if label == "POST /v1/streams/{stream}/records" and code in ("invalid_message", "message_too_large"):
+        if _record_bytes_over(operation, request):
+            return _excuse("produce: a key, value or header over its limit in bytes")
     if label == "PUT /v1/queues/{queue}" and code == "invalid_config":
         if _config_rule_broken(request, message):
             return _excuse("put queue: " + message.split(",")[0])

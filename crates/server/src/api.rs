@@ -8,6 +8,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use tidewater_core::broker::record_id;
 use tidewater_core::queue::Delivery;
+use tidewater_core::stream::records::{NewStreamRecord, StreamRecord};
 use tidewater_core::{AckLevel, BrokerError, Delay, ErrorCode, NewMessage};
 use tidewater_storage::Record;
 
@@ -287,5 +288,102 @@ mod tests {
         assert_eq!(ack_level(None).unwrap(), AckLevel::Durable);
         assert_eq!(ack_level(Some("written")).unwrap(), AckLevel::Written);
         assert!(ack_level(Some("fast")).is_err());
+    }
+}
+
+/// A produce to a stream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProduceRequest {
+    pub records: Vec<InRecord>,
+    #[serde(default)]
+    pub ack: Option<String>,
+}
+
+/// A stream record in a produce: key and value as text or base64 (a record may have no
+/// key, and no value: a tombstone for compaction), text headers, an optional partition and
+/// timestamp (ms since the epoch; the broker's time when absent).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InRecord {
+    pub key: Option<String>,
+    pub key_base64: Option<String>,
+    pub value: Option<String>,
+    pub value_base64: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub partition: Option<u32>,
+    pub timestamp: Option<i64>,
+}
+
+impl InRecord {
+    pub fn into_record(self, idx: usize) -> Result<NewStreamRecord, BrokerError> {
+        let bad = |what: String| {
+            BrokerError::new(ErrorCode::InvalidMessage, format!("record {idx}: {what}"))
+        };
+        let bytes = |field: &str, text: Option<String>, b64: Option<String>| match (text, b64) {
+            (Some(_), Some(_)) => Err(bad(format!(
+                "give either {field} or {field}_base64, not both"
+            ))),
+            (Some(text), None) => Ok(Some(text.into_bytes())),
+            (None, Some(b64)) => BASE64
+                .decode(b64.as_bytes())
+                .map(Some)
+                .map_err(|e| bad(format!("{field}_base64 is not valid base64 ({e})"))),
+            (None, None) => Ok(None),
+        };
+        Ok(NewStreamRecord {
+            key: bytes("key", self.key, self.key_base64)?,
+            value: bytes("value", self.value, self.value_base64)?,
+            headers: self
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k, Some(v.into_bytes())))
+                .collect(),
+            timestamp: self.timestamp,
+            partition: self.partition,
+        })
+    }
+}
+
+/// A stream record in a fetch reply: `key` / `value` as text when their bytes are plain
+/// text (the rule of message bodies, `BodyEncoding`), else `key_base64` / `value_base64`;
+/// a missing key or value is absent.
+pub struct OutRecord<'a> {
+    pub record: &'a StreamRecord,
+    pub encoding: BodyEncoding,
+}
+
+impl Serialize for OutRecord<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let record = self.record;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("offset", &record.offset)?;
+        map.serialize_entry("timestamp", &record.timestamp)?;
+        for (field, bytes) in [("key", &record.key), ("value", &record.value)] {
+            if let Some(bytes) = bytes {
+                match self.encoding.as_text(bytes) {
+                    Some(text) => map.serialize_entry(field, text)?,
+                    None => {
+                        map.serialize_entry(&format!("{field}_base64"), &BASE64.encode(bytes))?
+                    }
+                }
+            }
+        }
+        let headers: BTreeMap<&str, String> = record
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    v.as_deref()
+                        .map(String::from_utf8_lossy)
+                        .unwrap_or_default()
+                        .into_owned(),
+                )
+            })
+            .collect();
+        map.serialize_entry("headers", &headers)?;
+        map.end()
     }
 }

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tidewater_core::stream::config::StreamPatch;
 use tidewater_core::{Broker, BrokerError, ConfigPatch, ErrorCode, NackReason, RedriveRequest};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -413,6 +414,11 @@ fn publish_values(limits: &tidewater_core::Limits) -> usize {
 const CONFIG_VALUES: usize = 2 * tidewater_core::config::MAX_FAIRNESS_WEIGHTS
     + 10 * tidewater_core::config::MAX_QUOTA_TENANTS
     + 1_000;
+/// JSON values of the largest valid produce: per record its fields and headers.
+fn produce_values(limits: &tidewater_core::Limits) -> usize {
+    (limits.max_batch_messages + 1).saturating_mul(20 + 2 * limits.max_headers) + 64
+}
+
 /// JSON values of the small request bodies (receive, redrive).
 const SMALL_VALUES: usize = 256;
 
@@ -497,6 +503,20 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/extend", post(extend))
         .route("/v1/queues/{queue}/redrive", post(redrive))
         .route("/v1/redrives", get(list_redrives))
+        .route("/v1/streams", get(list_streams))
+        .route(
+            "/v1/streams/{stream}",
+            get(get_stream).put(put_stream).delete(delete_stream),
+        )
+        .route("/v1/streams/{stream}/records", post(produce))
+        .route(
+            "/v1/streams/{stream}/partitions/{partition}/records",
+            get(fetch),
+        )
+        .route(
+            "/v1/streams/{stream}/partitions/{partition}/offsets",
+            get(offset_for_time),
+        )
         .route(
             "/v1/redrives/{id}",
             get(redrive_progress).delete(cancel_redrive),
@@ -818,4 +838,148 @@ async fn list_redrives(State(state): State<AppState>) -> ApiResult {
 
 async fn cancel_redrive(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult {
     json(StatusCode::OK, &state.broker()?.cancel_redrive(&id).await?)
+}
+
+// ---- streams ----
+
+async fn list_streams(State(state): State<AppState>) -> ApiResult {
+    let streams = state.broker()?.list_streams();
+    json(StatusCode::OK, &serde_json::json!({ "streams": streams }))
+}
+
+async fn get_stream(State(state): State<AppState>, Path(stream): Path<String>) -> ApiResult {
+    json(StatusCode::OK, &state.broker()?.get_stream(&stream)?)
+}
+
+async fn put_stream(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let (value, _permit): (serde_json::Value, _) =
+        parse_body(&state, body, Some(serde_json::json!({})), SMALL_VALUES).await?;
+    // The patch itself, or {"config": {...}} as GET returns it.
+    let config = match value {
+        serde_json::Value::Object(mut map)
+            if map.len() == 1 && map.get("config").is_some_and(|c| c.is_object()) =>
+        {
+            map.remove("config").unwrap()
+        }
+        other => other,
+    };
+    if !config.is_object() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidConfig,
+            "stream configuration: give a JSON object, like {\"partitions\": 4}",
+        ));
+    }
+    let patch: StreamPatch = serde_json::from_value(config).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidConfig,
+            format!("stream configuration: {e}"),
+        )
+    })?;
+    let (created, info) = broker.put_stream(&stream, &patch).await?;
+    json(
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        &info,
+    )
+}
+
+async fn delete_stream(State(state): State<AppState>, Path(stream): Path<String>) -> ApiResult {
+    state.broker()?.delete_stream(&stream).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn produce(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let (request, _permit): (api::ProduceRequest, _) =
+        parse_body(&state, body, None, produce_values(broker.limits())).await?;
+    let level = api::ack_level(request.ack.as_deref())?;
+    let records = request
+        .records
+        .into_iter()
+        .enumerate()
+        .map(|(idx, r)| r.into_record(idx))
+        .collect::<Result<Vec<_>, _>>()?;
+    let produced = broker.produce(&stream, &records, level).await?;
+    let offsets: Vec<serde_json::Value> = produced
+        .offsets
+        .iter()
+        .map(|(partition, offset)| serde_json::json!({"partition": partition, "offset": offset}))
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "offsets": offsets }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchQuery {
+    offset: Option<u64>,
+    max_bytes: Option<usize>,
+    wait_ms: Option<u64>,
+    encoding: Option<api::BodyEncoding>,
+}
+
+/// Bytes of records a fetch returns unless asked otherwise.
+pub const FETCH_BYTES_DEFAULT: usize = 1 << 20;
+
+async fn fetch(
+    State(state): State<AppState>,
+    Path((stream, partition)): Path<(String, u32)>,
+    Query(query): Query<FetchQuery>,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let offset = query.offset.unwrap_or(0);
+    let max_bytes = query
+        .max_bytes
+        .unwrap_or(FETCH_BYTES_DEFAULT.min(broker.limits().max_fetch_bytes));
+    let (records, next_offset, fetched) = broker
+        .fetch_records(
+            &stream,
+            partition,
+            offset,
+            max_bytes,
+            query.wait_ms.unwrap_or(0),
+        )
+        .await?;
+    let encoding = query.encoding.unwrap_or_default();
+    let out: Vec<api::OutRecord> = records
+        .iter()
+        .map(|record| api::OutRecord { record, encoding })
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "records": out,
+            "next_offset": next_offset,
+            "start_offset": fetched.start_offset,
+            "end_offset": fetched.end_offset,
+        }),
+    )
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OffsetQuery {
+    time: i64,
+}
+
+async fn offset_for_time(
+    State(state): State<AppState>,
+    Path((stream, partition)): Path<(String, u32)>,
+    Query(query): Query<OffsetQuery>,
+) -> ApiResult {
+    let offset = state
+        .broker()?
+        .offset_for_time(&stream, partition, query.time)?;
+    json(StatusCode::OK, &serde_json::json!({ "offset": offset }))
 }

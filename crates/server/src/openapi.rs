@@ -481,6 +481,96 @@ fn message_schemas(limits: &Limits) -> Value {
     })
 }
 
+/// Streams: configuration, produce, fetch.
+fn stream_schemas(limits: &Limits) -> Value {
+    let max_b64 = limits.max_message_bytes.div_ceil(3) * 4;
+    let null_only = json!({"type": "null"});
+    let timestamp_type = json!({"type": "string", "enum": ["create_time", "log_append_time"],
+        "description": "create_time: the producer's timestamp (the broker's when it gives none); log_append_time: the broker's at append, for every record"});
+    let partitions = json!({"type": "integer", "minimum": 1, "maximum": limits.max_partitions,
+        "description": format!("1 to max_partitions ({}); can grow, never shrink (409)", limits.max_partitions)});
+    let mut partitions_or_null = partitions.clone();
+    partitions_or_null["type"] = json!(["integer", "null"]);
+    let mut timestamp_type_or_null = timestamp_type.clone();
+    timestamp_type_or_null["type"] = json!(["string", "null"]);
+    timestamp_type_or_null["enum"] = json!(["create_time", "log_append_time", null]);
+    let headers = json!({"type": "object", "maxProperties": limits.max_headers,
+        "propertyNames": {"minLength": 1, "maxLength": limits.max_header_bytes},
+        "additionalProperties": {"type": "string", "maxLength": limits.max_header_bytes},
+        "description": format!("at most max_headers ({}) headers; names 1 to max_header_bytes ({}) bytes, values at most that many bytes", limits.max_headers, limits.max_header_bytes)});
+    let one_of_pair = |field: &str| {
+        json!([
+            {"properties": {field: {"type": "string"}, format!("{field}_base64"): null_only}},
+            {"properties": {format!("{field}_base64"): {"type": "string"}, field: null_only}},
+            {"properties": {field: null_only, format!("{field}_base64"): null_only}}])
+    };
+    let in_record = json!({"type": "object", "additionalProperties": false,
+        "description": "a key as key (text) or key_base64, or none; a value as value (text) or value_base64, or none (a tombstone); not both forms of either",
+        "allOf": [{"anyOf": one_of_pair("key")}, {"anyOf": one_of_pair("value")}],
+        "properties": {
+            "key": {"type": ["string", "null"], "maxLength": limits.max_key_bytes,
+                "description": format!("at most max_key_bytes ({}) bytes; chooses the partition (Kafka's murmur2) unless partition is given", limits.max_key_bytes)},
+            "key_base64": {"type": ["string", "null"], "maxLength": limits.max_key_bytes.div_ceil(3) * 4, "pattern": BASE64_PATTERN},
+            "value": {"type": ["string", "null"], "maxLength": limits.max_message_bytes,
+                "description": format!("UTF-8 text of at most max_message_bytes ({}) bytes (413 message_too_large)", limits.max_message_bytes)},
+            "value_base64": {"type": ["string", "null"], "maxLength": max_b64, "pattern": BASE64_PATTERN,
+                "description": "standard base64 with padding; at most max_message_bytes once decoded"},
+            "headers": headers,
+            "partition": {"type": ["integer", "null"], "minimum": 0, "maximum": u32::MAX,
+                "description": "this partition (404 partition_not_found past the stream's); default: by key, or one partition per produce for keyless records"},
+            "timestamp": {"type": ["integer", "null"], "minimum": 0, "maximum": i64::MAX,
+                "description": "ms since the epoch (default: now); ignored by log_append_time streams"}}});
+    let out_record = json!({"type": "object", "additionalProperties": false, "required": ["offset", "timestamp", "headers"],
+        "not": {"anyOf": [{"required": ["key", "key_base64"]}, {"required": ["value", "value_base64"]}]},
+        "properties": {
+            "offset": {"type": "integer", "minimum": 0},
+            "timestamp": {"type": "integer", "description": "ms since the epoch"},
+            "key": {"type": "string", "pattern": PLAIN_TEXT_PATTERN, "description": "the key when its bytes are plain text (the rule of message bodies); absent when none"},
+            "key_base64": {"type": "string", "pattern": BASE64_PATTERN, "description": "the key otherwise"},
+            "value": {"type": "string", "pattern": PLAIN_TEXT_PATTERN, "description": "the value when its bytes are plain text; absent when none (a tombstone)"},
+            "value_base64": {"type": "string", "pattern": BASE64_PATTERN, "description": "the value otherwise"},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}}}});
+    json!({
+        "StreamConfig": {"type": "object", "additionalProperties": false, "required": ["partitions", "timestamp_type"], "properties": {
+            "partitions": partitions, "timestamp_type": timestamp_type}},
+        "StreamConfigPatch": {"type": "object", "additionalProperties": false, "properties": {
+            "partitions": partitions_or_null, "timestamp_type": timestamp_type_or_null}},
+        "PutStreamRequest": {
+            "description": "the configuration patch, or {\"config\": patch} as GET returns it",
+            "anyOf": [schema_ref("StreamConfigPatch"),
+                {"type": "object", "additionalProperties": false, "required": ["config"], "properties": {"config": schema_ref("StreamConfigPatch")}}]},
+        "Partition": {"type": "object", "additionalProperties": false, "required": ["partition", "start_offset", "end_offset", "bytes"], "properties": {
+            "partition": {"type": "integer", "minimum": 0},
+            "start_offset": {"type": "integer", "minimum": 0, "description": "the first offset a fetch can return"},
+            "end_offset": {"type": "integer", "minimum": 0, "description": "the offset the next record gets; records below it are durable"},
+            "bytes": {"type": "integer", "minimum": 0}}},
+        "Stream": {"type": "object", "additionalProperties": false, "required": ["name", "config", "partitions"], "properties": {
+            "name": {"type": "string"}, "config": schema_ref("StreamConfig"),
+            "partitions": {"type": "array", "minItems": 1, "items": schema_ref("Partition")}}},
+        "StreamList": {"type": "object", "additionalProperties": false, "required": ["streams"], "properties": {
+            "streams": {"type": "array", "items": schema_ref("Stream")}}},
+        "InRecord": in_record,
+        "ProduceRequest": {"type": "object", "additionalProperties": false, "required": ["records"], "properties": {
+            "records": {"type": "array", "minItems": 1, "maxItems": limits.max_batch_messages, "items": schema_ref("InRecord"),
+                "description": format!("1 to max_batch_messages ({}) records, accepted whole (every partition's in one write) or refused whole", limits.max_batch_messages)},
+            "ack": {"type": ["string", "null"], "enum": ["durable", "written", null], "default": "durable",
+                "description": "durable: after fsync; written: after write(2) (fetches see records once durable)"}}},
+        "ProduceReply": {"type": "object", "additionalProperties": false, "required": ["offsets"], "properties": {
+            "offsets": {"type": "array", "minItems": 1, "description": "each record's partition and offset, in request order",
+                "items": {"type": "object", "additionalProperties": false, "required": ["partition", "offset"], "properties": {
+                    "partition": {"type": "integer", "minimum": 0}, "offset": {"type": "integer", "minimum": 0}}}}}},
+        "OutRecord": out_record,
+        "Records": {"type": "object", "additionalProperties": false, "required": ["records", "next_offset", "start_offset", "end_offset"], "properties": {
+            "records": {"type": "array", "items": schema_ref("OutRecord")},
+            "next_offset": {"type": "integer", "minimum": 0, "description": "the offset to fetch next"},
+            "start_offset": {"type": "integer", "minimum": 0},
+            "end_offset": {"type": "integer", "minimum": 0, "description": "the partition's end: records below it are durable"}}},
+        "OffsetForTime": {"type": "object", "additionalProperties": false, "required": ["offset"], "properties": {
+            "offset": {"type": ["integer", "null"], "minimum": 0,
+                "description": "the first offset whose record's timestamp is at least the time asked; null when every record is older"}}},
+    })
+}
+
 /// The body of ack, nack or extend: one shape on the server, where each takes its own fields
 /// and ignores (without checking) the others'.
 fn settle_request(limits: &Limits, op: &str) -> Value {
@@ -559,6 +649,7 @@ pub fn document(limits: &Limits) -> Value {
         message_schemas(limits),
         settle_schemas(limits),
         redrive_schemas(),
+        stream_schemas(limits),
     ] {
         schemas_map.extend(part.as_object().expect("an object").clone());
     }
@@ -743,10 +834,110 @@ pub fn document(limits: &Limits) -> Value {
         op
     };
 
+    let stream_param =
+        json!([{"name": "stream", "in": "path", "required": true, "schema": queue_name()}]);
+    let partition_params = json!([
+        {"name": "stream", "in": "path", "required": true, "schema": queue_name()},
+        {"name": "partition", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
+            "description": "0 to the stream's partitions - 1 (404 partition_not_found past them)"}]);
+    let stream_link = |target: &str, description: &str| json!({"operationId": target, "description": description, "parameters": {"stream": "$request.path.stream"}});
+    let on_stream = json!({
+        "GetStream": stream_link("getStream", "the stream just created or changed"),
+        "DeleteStream": stream_link("deleteStream", "delete it"),
+        "Produce": stream_link("produce", "produce to it"),
+        "Fetch": {"operationId": "fetch", "description": "fetch its first partition",
+            "parameters": {"stream": "$request.path.stream", "partition": "$response.body#/partitions/0/partition"}},
+    });
+    let on_produced = json!({
+        "Fetch": {"operationId": "fetch", "description": "fetch the first record produced",
+            "parameters": {"stream": "$request.path.stream", "partition": "$response.body#/offsets/0/partition",
+                "offset": "$response.body#/offsets/0/offset"}},
+        "GetStream": stream_link("getStream", "its partitions' ends"),
+    });
+    let put_stream = with_body(
+        operation(
+            "putStream",
+            "Create a stream (201) or change its configuration (200): partitions can grow, never shrink; every partition is created or changed in one write",
+            responses(&[
+                (201, ok_json("created", "Stream")),
+                (200, ok_json("changed (or unchanged)", "Stream")),
+            ]),
+            Fails {
+                bad: true,
+                conflict: true,
+                writes: true,
+                ..body
+            },
+        ),
+        "PutStreamRequest",
+        false,
+        "no body is {}: a new stream of one partition, or no change",
+    );
+    let produce = with_body(
+        operation(
+            "produce",
+            "Append records to a stream, each to its partition (given, else by key with Kafka's partitioner, else one partition per produce); whole or not at all",
+            responses(&[(
+                200,
+                ok_json("each record's partition and offset", "ProduceReply"),
+            )]),
+            Fails {
+                bad: true,
+                not_found: true,
+                too_large: true,
+                writes: true,
+                ..body
+            },
+        ),
+        "ProduceRequest",
+        true,
+        "",
+    );
+    let max_wait = limits.max_wait_ms;
+    let fetch = {
+        let mut op = operation(
+            "fetch",
+            "Records of a partition from offset on (whole stored batches: about max_bytes of them, at least one), waiting up to wait_ms when there are none yet",
+            responses(&[(200, ok_json("the records", "Records"))]),
+            Fails {
+                bad: true,
+                not_found: true,
+                server: true,
+                ..Fails::default()
+            },
+        );
+        op["parameters"] = json!([
+            {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0},
+                "description": "400 offset_out_of_range past the partition's end"},
+            {"name": "max_bytes", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": crate::http::FETCH_BYTES_DEFAULT.min(limits.max_fetch_bytes)},
+                "description": format!("about this many bytes of records (at most max_fetch_bytes, {})", limits.max_fetch_bytes)},
+            {"name": "wait_ms", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": max_wait, "default": 0}},
+            {"name": "encoding", "in": "query", "schema": {"type": "string", "enum": ["auto", "base64"], "default": "auto"},
+                "description": "base64: key_base64 and value_base64 for every record"}]);
+        op
+    };
+    let offset_for_time = {
+        let mut op = operation(
+            "offsetForTime",
+            "The first offset of a partition whose record's timestamp is at least time (null when every record is older)",
+            responses(&[(200, ok_json("the offset", "OffsetForTime"))]),
+            Fails {
+                bad: true,
+                not_found: true,
+                server: true,
+                ..Fails::default()
+            },
+        );
+        op["parameters"] = json!([
+            {"name": "time", "in": "query", "required": true, "schema": {"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX},
+                "description": "ms since the epoch"}]);
+        op
+    };
+
     json!({
         "openapi": "3.1.0",
         "info": {"title": "tidewater", "version": "1",
-            "description": "Durable work queues. Every error is {code, message} (and retry_after_ms with 429 and 507); codes are listed in docs/errors.md. Ranges that depend on the server's limits are this server's. A request body is at most max_request_bytes."},
+            "description": "Durable work queues and streams. Every error is {code, message} (and retry_after_ms with 429 and 507); codes are listed in docs/errors.md. Ranges that depend on the server's limits are this server's. A request body is at most max_request_bytes."},
         "paths": {
             "/v1/queues": {"get": operation("listQueues", "List queues (by name)", responses(&[(200, ok_json("the queues", "QueueList"))]), Fails::default())},
             "/v1/queues/{queue}": {
@@ -769,6 +960,16 @@ pub fn document(limits: &Limits) -> Value {
             "/v1/redrives/{id}": {"parameters": id_param,
                 "get": operation("getRedrive", "A redrive's progress", responses(&[(200, ok_json("its progress", "Redrive"))]), queue_missing),
                 "delete": operation("cancelRedrive", "Cancel a redrive after its current step (what it moved stays moved; cancelling a finished one changes nothing)", responses(&[(200, ok_json("its progress", "Redrive"))]), queue_missing)},
+            "/v1/streams": {"get": operation("listStreams", "List streams (by name)", responses(&[(200, ok_json("the streams", "StreamList"))]), Fails::default())},
+            "/v1/streams/{stream}": {
+                "parameters": stream_param,
+                "put": with_links(put_stream, &[200, 201], &on_stream),
+                "get": operation("getStream", "A stream: its configuration and each partition's range and size", responses(&[(200, ok_json("the stream", "Stream"))]), queue_missing),
+                "delete": operation("deleteStream", "Delete a stream and its records", responses(&[(204, json!({"description": "deleted"}))]), Fails {writes: true, ..queue_missing}),
+            },
+            "/v1/streams/{stream}/records": {"parameters": stream_param, "post": with_links(produce, &[200], &on_produced)},
+            "/v1/streams/{stream}/partitions/{partition}/records": {"parameters": partition_params, "get": fetch},
+            "/v1/streams/{stream}/partitions/{partition}/offsets": {"parameters": partition_params, "get": offset_for_time},
             "/healthz": {"get": operation("healthz", "The process is alive", responses(&[(200, ok_json("alive", "Status"))]), Fails::default())},
             "/readyz": {"get": operation("readyz", "Recovered, serving, and the store takes writes", responses(&[(200, ok_json("ready", "Status"))]), Fails {server: true, ..Fails::default()})},
             "/metrics": {"get": operation("metrics", "Prometheus metrics (OpenMetrics text)", responses(&[(200, json!({"description": "metrics",

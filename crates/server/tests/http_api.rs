@@ -628,3 +628,167 @@ fn bodies_come_back_by_one_documented_rule() {
     let got: Vec<Value> = got.iter().map(body_fields).collect();
     assert_eq!(got, expect_auto[3..]);
 }
+
+/// Streams over HTTP: create with partitions, produce keyed, keyless and binary records,
+/// fetch each partition from an offset (with the documented text-or-base64 rule), wait for
+/// a record with a long poll, find an offset by time, grow, and the refusals, across a
+/// restart.
+#[test]
+fn streams_over_http() {
+    let (_dir, mut server) = server();
+    server.err("GET", "/v1/streams/readings", None, 404, "stream_not_found");
+    let (status, created) = server
+        .try_call(
+            "PUT",
+            "/v1/streams/readings",
+            Some(&json!({"partitions": 3})),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["config"]["partitions"], 3);
+    let produced = server.ok(
+        "POST",
+        "/v1/streams/readings/records",
+        Some(json!({"records": [
+            {"key": "sensor-1", "value": "21.5", "headers": {"unit": "C"}, "timestamp": 1000},
+            {"key": "sensor-1", "value": "21.7", "timestamp": 2000},
+            {"key_base64": "AAE=", "value_base64": "//8=", "partition": 0, "timestamp": 3000},
+            {"partition": 0}
+        ]})),
+    );
+    let offsets = produced["offsets"].as_array().unwrap().clone();
+    assert_eq!(
+        offsets[0]["partition"], offsets[1]["partition"],
+        "one key, one partition"
+    );
+    assert_eq!(
+        offsets[1]["offset"],
+        offsets[0]["offset"].as_u64().unwrap() + 1
+    );
+    assert_eq!(
+        offsets[2],
+        json!({"partition": 0, "offset": offsets[2]["offset"]})
+    );
+    let keyed = offsets[0]["partition"].as_u64().unwrap();
+    let fetched = server.ok(
+        "GET",
+        &format!("/v1/streams/readings/partitions/{keyed}/records?offset=0"),
+        None,
+    );
+    let records = fetched["records"].as_array().unwrap();
+    let ours: Vec<&Value> = records.iter().filter(|r| r["key"] == "sensor-1").collect();
+    assert_eq!(ours.len(), 2);
+    assert_eq!(ours[0]["value"], "21.5");
+    assert_eq!(ours[0]["headers"], json!({"unit": "C"}));
+    assert_eq!(ours[0]["timestamp"], 1000);
+    let zero = server.ok("GET", "/v1/streams/readings/partitions/0/records", None);
+    let binary = zero["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["timestamp"] == 3000)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            binary["key_base64"].as_str(),
+            binary["value_base64"].as_str()
+        ),
+        (Some("AAE="), Some("//8="))
+    );
+    let tombstone = zero["records"].as_array().unwrap().last().unwrap().clone();
+    assert!(
+        tombstone.get("value").is_none() && tombstone.get("key").is_none(),
+        "{tombstone}"
+    );
+    assert_eq!(
+        server.ok(
+            "GET",
+            "/v1/streams/readings/partitions/0/offsets?time=2500",
+            None
+        )["offset"],
+        binary["offset"]
+    );
+
+    // A fetch at the end waits for the next record.
+    let end = zero["end_offset"].as_u64().unwrap();
+    let url = server.url.clone();
+    let waiter = std::thread::spawn(move || {
+        crate::support::call(
+            &url,
+            "GET",
+            &format!("/v1/streams/readings/partitions/0/records?offset={end}&wait_ms=30000"),
+            None,
+        )
+        .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    server.ok(
+        "POST",
+        "/v1/streams/readings/records",
+        Some(json!({"records": [{"value": "late", "partition": 0}]})),
+    );
+    let (status, woke) = waiter.join().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(woke["records"][0]["value"], "late");
+
+    // Refusals.
+    server.err(
+        "GET",
+        &format!(
+            "/v1/streams/readings/partitions/0/records?offset={}",
+            end + 5
+        ),
+        None,
+        400,
+        "offset_out_of_range",
+    );
+    server.err(
+        "GET",
+        "/v1/streams/readings/partitions/7/records",
+        None,
+        404,
+        "partition_not_found",
+    );
+    server.err(
+        "PUT",
+        "/v1/streams/readings",
+        Some(json!({"partitions": 2})),
+        409,
+        "config_conflict",
+    );
+    server.err(
+        "PUT",
+        "/v1/streams/readings",
+        Some(json!([1, 2])),
+        400,
+        "invalid_config",
+    );
+    server.err(
+        "POST",
+        "/v1/streams/readings/records",
+        Some(json!({"records": [{"key": "a", "key_base64": "AA=="}]})),
+        400,
+        "invalid_message",
+    );
+    assert_eq!(
+        server.ok(
+            "PUT",
+            "/v1/streams/readings",
+            Some(json!({"partitions": 4}))
+        )["partitions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+
+    server.restart();
+    let after = server.ok("GET", "/v1/streams", None);
+    let stream = &after["streams"][0];
+    assert_eq!(stream["config"]["partitions"], 4);
+    let again = server.ok("GET", "/v1/streams/readings/partitions/0/records", None);
+    assert_eq!(again["records"].as_array().unwrap().len(), end as usize + 1);
+    server.ok("DELETE", "/v1/streams/readings", None);
+    server.err("GET", "/v1/streams/readings", None, 404, "stream_not_found");
+}

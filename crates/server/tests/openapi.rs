@@ -413,4 +413,85 @@ fn real_replies_match_the_document() {
     go(q("DELETE", "/v1/queues/other"), None);
     go(("GET", "/healthz", "/healthz".into()), None);
     go(("GET", "/readyz", "/readyz".into()), None);
+
+    // Streams.
+    let st = |method: &'static str, template: &'static str, path: &str| {
+        (method, template, path.to_string())
+    };
+    let stream = "/v1/streams/{stream}";
+    assert_eq!(
+        go(
+            st("PUT", stream, "/v1/streams/s"),
+            Some(json!({"partitions": 2}))
+        )
+        .0,
+        201
+    );
+    go(
+        st("PUT", stream, "/v1/streams/s"),
+        Some(json!({"config": {"timestamp_type": "log_append_time"}})),
+    );
+    go(
+        st("PUT", stream, "/v1/streams/s"),
+        Some(json!({"partitions": 1})),
+    );
+    go(
+        st("PUT", stream, "/v1/streams/s"),
+        Some(json!({"partitions": 0})),
+    );
+    go(st("PUT", stream, "/v1/streams/bad%20name"), None);
+    go(st("GET", stream, "/v1/streams/s"), None);
+    go(st("GET", stream, "/v1/streams/nope"), None);
+    go(st("GET", "/v1/streams", "/v1/streams"), None);
+    let records = "/v1/streams/{stream}/records";
+    go(
+        st("POST", records, "/v1/streams/s/records"),
+        Some(json!({"records": [
+            {"key": "k", "value": "v", "headers": {"h": "1"}},
+            {"value_base64": "AAE=", "partition": 1, "timestamp": 5},
+            {}
+        ]})),
+    );
+    go(
+        st("POST", records, "/v1/streams/s/records"),
+        Some(json!({"records": [{"partition": 9}]})),
+    );
+    go(
+        st("POST", records, "/v1/streams/s/records"),
+        Some(json!({"records": []})),
+    );
+    go(
+        st("POST", records, "/v1/streams/nope/records"),
+        Some(json!({"records": [{}]})),
+    );
+    let fetch = "/v1/streams/{stream}/partitions/{partition}/records";
+    for path in [
+        "/v1/streams/s/partitions/0/records",
+        "/v1/streams/s/partitions/1/records?offset=0&encoding=base64&max_bytes=0",
+        "/v1/streams/s/partitions/1/records?offset=99",
+        "/v1/streams/s/partitions/5/records",
+        "/v1/streams/s/partitions/x/records",
+        "/v1/streams/s/partitions/0/records?wait_ms=999999999",
+    ] {
+        go(st("GET", fetch, path), None);
+    }
+    let offsets = "/v1/streams/{stream}/partitions/{partition}/offsets";
+    go(
+        st("GET", offsets, "/v1/streams/s/partitions/1/offsets?time=0"),
+        None,
+    );
+    go(
+        st(
+            "GET",
+            offsets,
+            "/v1/streams/s/partitions/1/offsets?time=9999999999999",
+        ),
+        None,
+    );
+    go(
+        st("GET", offsets, "/v1/streams/s/partitions/1/offsets"),
+        None,
+    );
+    assert_eq!(go(st("DELETE", stream, "/v1/streams/s"), None).0, 204);
+    go(st("DELETE", stream, "/v1/streams/s"), None);
 }
