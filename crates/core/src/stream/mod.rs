@@ -6,5 +6,6 @@
 //!   (murmur2 of the key), so Kafka clients and tidewater agree.
 
 pub mod config;
+pub mod group;
 pub mod partition;
 pub mod records;
