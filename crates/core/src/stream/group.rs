@@ -235,7 +235,7 @@ impl Group {
             }
             // Members keeping the most come first for the `extra` larger shares.
             let mut order: Vec<&String> = subscribed.clone();
-            order.sort_by_key(|id| (std::cmp::Reverse(kept[id].len()), (*id).clone()));
+            order.sort_by_key(|id| (std::cmp::Reverse(kept[id].len()), id.to_string()));
             let mut free: BTreeSet<u32> = (0..n).collect();
             let mut quota: BTreeMap<&String, u32> = BTreeMap::new();
             for (i, id) in order.iter().enumerate() {
@@ -257,7 +257,7 @@ impl Group {
                 let id = order
                     .iter()
                     .filter(|id| taken(id) < quota[*id])
-                    .min_by_key(|id| (taken(id), (*id).clone()))
+                    .min_by_key(|id| (taken(id), id.to_string()))
                     .expect("the shares add up to the partitions");
                 target.insert((stream.clone(), p), (*id).clone());
             }
