@@ -634,6 +634,11 @@ pub struct Limits {
     pub max_streams: usize,
     pub max_partitions: u32,
     pub max_fetch_bytes: usize,
+    /// Consumer groups (with members), members per group, and the longest session a
+    /// member may ask for (a member silent that long is removed).
+    pub max_groups: usize,
+    pub max_group_members: usize,
+    pub max_session_timeout_ms: u64,
 }
 
 impl Limits {
@@ -692,6 +697,9 @@ impl Default for Limits {
             max_streams: 1_000,
             max_partitions: 1_024,
             max_fetch_bytes: 64 << 20,
+            max_groups: 1_000,
+            max_group_members: 1_000,
+            max_session_timeout_ms: 300_000,
         }
     }
 }

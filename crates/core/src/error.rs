@@ -36,6 +36,8 @@ pub enum ErrorCode {
     StreamNotFound,
     PartitionNotFound,
     OffsetOutOfRange,
+    GroupNotFound,
+    UnknownMember,
 }
 
 impl ErrorCode {
@@ -65,6 +67,8 @@ impl ErrorCode {
         ErrorCode::StreamNotFound,
         ErrorCode::PartitionNotFound,
         ErrorCode::OffsetOutOfRange,
+        ErrorCode::GroupNotFound,
+        ErrorCode::UnknownMember,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,12 +98,20 @@ impl ErrorCode {
             ErrorCode::StreamNotFound => "stream_not_found",
             ErrorCode::PartitionNotFound => "partition_not_found",
             ErrorCode::OffsetOutOfRange => "offset_out_of_range",
+            ErrorCode::GroupNotFound => "group_not_found",
+            ErrorCode::UnknownMember => "unknown_member",
         }
     }
 
     /// What a person should do about it (for docs/errors.md).
     pub fn meaning(self) -> &'static str {
         match self {
+            ErrorCode::GroupNotFound => {
+                "No consumer group has this name (a group exists while it has members or committed offsets)."
+            }
+            ErrorCode::UnknownMember => {
+                "The member is not in the group: its session expired (no heartbeat within session_timeout_ms) or it left. Join again; its partitions may have gone to others."
+            }
             ErrorCode::InvalidStreamName => {
                 "Stream names are 1 to 200 characters of A-Z a-z 0-9 . _ -, and not . or .."
             }

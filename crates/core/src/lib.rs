@@ -16,8 +16,8 @@ pub mod receipt;
 pub mod stream;
 
 pub use broker::{
-    Broker, BrokerOptions, Delay, Fetched, NackReason, NewMessage, Observer, PartitionInfo,
-    Produced, QueueInfo, RedriveProgress, RedriveRequest, SettleReply, StreamInfo,
+    Broker, BrokerOptions, Delay, Fetched, GroupInfo, NackReason, NewMessage, Observer,
+    PartitionInfo, Produced, QueueInfo, RedriveProgress, RedriveRequest, SettleReply, StreamInfo,
 };
 pub use config::{ConfigPatch, Limits, QueueConfig};
 pub use error::{BrokerError, ErrorCode};

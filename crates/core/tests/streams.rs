@@ -287,3 +287,91 @@ fn offsets_are_found_by_time_and_log_append_time_uses_the_brokers_clock() {
         );
     });
 }
+
+/// Consumer groups: two members share a stream's partitions, commits are durable across a
+/// restart (a commit replaces the one before: only the latest is kept), lag is exact in
+/// records and in age, and a silent member's session expires.
+#[test]
+fn groups_share_partitions_commit_durably_and_report_lag() {
+    use std::collections::BTreeSet;
+    use tidewater_core::stream::group::TopicPartition;
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions::default()).unwrap();
+    let streams = vec!["events".to_string()];
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("events", &patch(4)).await.unwrap();
+        let records: Vec<NewStreamRecord> = (0..40)
+            .map(|i| NewStreamRecord {
+                partition: Some(i % 4),
+                timestamp: Some(START_MS - 60_000),
+                ..record(None, &format!("e{i}"))
+            })
+            .collect();
+        b.produce("events", &records, AckLevel::Durable)
+            .await
+            .unwrap();
+        let one = b.join_group("etl", None, &streams, 10_000).unwrap();
+        let two = b.join_group("etl", None, &streams, 10_000).unwrap();
+        // Heartbeat until settled: each holds two partitions.
+        let mut held: [BTreeSet<TopicPartition>; 2] = Default::default();
+        for _ in 0..4 {
+            for (i, member) in [&one, &two].into_iter().enumerate() {
+                let a = b.heartbeat("etl", member, &held[i]).unwrap();
+                for r in &a.revoked {
+                    held[i].remove(r);
+                }
+                held[i].extend(a.assigned);
+            }
+        }
+        assert_eq!((held[0].len(), held[1].len()), (2, 2));
+        assert!(held[0].is_disjoint(&held[1]));
+        // Commits: the latest one counts.
+        for (partition, offset) in [(0, 3), (0, 7), (1, 10), (2, 0)] {
+            b.commit("etl", "events", partition, offset, "m")
+                .await
+                .unwrap();
+        }
+        let err = b.commit("etl", "events", 0, 11, "").await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::OffsetOutOfRange);
+        let err = b
+            .heartbeat("etl", "member-99", &BTreeSet::new())
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnknownMember);
+    });
+    h.restart();
+    rt.block_on(async {
+        let b = h.broker();
+        assert_eq!(b.committed("etl", "events", 0).await.unwrap().offset, 7);
+        let info = b.describe_group("etl").await.unwrap();
+        let lag: Vec<(u32, u64, u64)> = info
+            .offsets
+            .iter()
+            .map(|l| (l.partition, l.committed, l.lag))
+            .collect();
+        assert_eq!(lag, vec![(0, 7, 3), (1, 10, 0), (2, 0, 10)]);
+        let p0 = &info.offsets[0];
+        assert_eq!(
+            p0.lag_ms, 60_000,
+            "the oldest unconsumed record is a minute old"
+        );
+        assert_eq!(info.offsets[1].lag_ms, 0);
+        // Members are not durable (as Kafka's): after a restart they join again.
+        assert!(info.members.is_empty());
+        let three = b.join_group("etl", None, &streams, 1_000).unwrap();
+        b.heartbeat("etl", &three, &BTreeSet::new()).unwrap();
+        h.advance(1_001).await;
+        let err = h
+            .broker()
+            .heartbeat("etl", &three, &BTreeSet::new())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err.code,
+                ErrorCode::UnknownMember | ErrorCode::GroupNotFound
+            ),
+            "{err}"
+        );
+        assert_eq!(h.broker().list_groups().await, vec!["etl".to_string()]);
+    });
+}

@@ -65,6 +65,8 @@ impl Code {
         Code::Broker(ErrorCode::StreamNotFound),
         Code::Broker(ErrorCode::PartitionNotFound),
         Code::Broker(ErrorCode::OffsetOutOfRange),
+        Code::Broker(ErrorCode::GroupNotFound),
+        Code::Broker(ErrorCode::UnknownMember),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -126,7 +128,9 @@ fn broker_status(code: ErrorCode) -> u16 {
         ErrorCode::QueueNotFound
         | ErrorCode::RedriveNotFound
         | ErrorCode::StreamNotFound
-        | ErrorCode::PartitionNotFound => 404,
+        | ErrorCode::PartitionNotFound
+        | ErrorCode::GroupNotFound
+        | ErrorCode::UnknownMember => 404,
         ErrorCode::ConfigConflict | ErrorCode::Superseded => 409,
         ErrorCode::MessageTooLarge
         | ErrorCode::BatchTooLarge

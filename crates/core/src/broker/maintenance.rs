@@ -249,6 +249,7 @@ impl Broker {
         for handle in handles {
             self.maintain(&handle).await;
         }
+        self.maintain_groups();
     }
 
     /// Starts the periodic maintenance task on the current tokio runtime.

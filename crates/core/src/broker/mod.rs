@@ -28,6 +28,7 @@ use registry::id_window_op;
 mod dead_letter;
 mod delay_log;
 mod delivery;
+mod groups;
 mod guard;
 mod maintenance;
 mod publish;
@@ -41,6 +42,7 @@ pub use crate::plan::dead_letter::{
 };
 pub use crate::plan::message::{Delay, NewMessage, header, hex, record_id};
 pub use delivery::{NackReason, Peeked, ReceiptFailure, SettleReply};
+pub use groups::{Committed, GroupInfo, MemberInfo, PartitionLag, TopicPartitionInfo};
 pub use publish::Published;
 pub use redrive::{RedriveProgress, RedriveRequest};
 pub use registry::QueueInfo;
@@ -111,6 +113,7 @@ struct Inner {
     streams: RwLock<HashMap<String, Arc<streams::StreamHandle>>>,
     /// Stream partitions by log uid (durable ends wake their fetches).
     stream_parts: RwLock<HashMap<u64, Arc<streams::PartitionHandle>>>,
+    groups: groups::Groups,
 }
 
 #[derive(Clone)]
@@ -136,6 +139,17 @@ impl Broker {
         let now = options.clock.now_ms();
         let mut queues = HashMap::new();
         let mut by_uid = HashMap::new();
+        let (offsets_log, recovered): (Vec<_>, Vec<_>) = recovered
+            .into_iter()
+            .partition(|log| log.name == groups::OFFSETS_LOG);
+        let groups =
+            groups::Groups::recover(&store, offsets_log.into_iter().next()).map_err(|reason| {
+                tidewater_storage::OpenError::Corrupt {
+                    path: dir.to_path_buf(),
+                    position: 0,
+                    reason,
+                }
+            })?;
         let (stream_logs, recovered): (Vec<_>, Vec<_>) = recovered
             .into_iter()
             .partition(|log| crate::stream::config::parse_partition_log_name(&log.name).is_some());
@@ -252,6 +266,7 @@ impl Broker {
             closing: AtomicBool::new(false),
             streams: RwLock::new(streams),
             stream_parts: RwLock::new(stream_parts),
+            groups,
         });
         // Durable data becomes visible to consumers; wake their long-polls.
         let weak = Arc::downgrade(&inner);

@@ -123,6 +123,12 @@ pub(crate) fn recover_streams(
     Ok(streams)
 }
 
+impl PartitionHandle {
+    pub(crate) fn reader(&self) -> &LogReader {
+        &self.reader
+    }
+}
+
 impl StreamHandle {
     /// Its partitions now.
     pub(crate) fn partition_handles_now(&self) -> Vec<Arc<PartitionHandle>> {

@@ -1,0 +1,466 @@
+//! Consumer groups: membership and assignment (`stream::group`, sans-IO), and committed
+//! offsets, durable as records of one hidden log (`#offsets`): a commit appends the group's
+//! new offset for a partition and settles the record it replaces, in one journal write, so
+//! the log's unsettled records are exactly the latest commits (bounded by groups x
+//! partitions) and its settled segments go at checkpoints. Recovery reads them back.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use parking_lot::Mutex;
+use tidewater_storage::{
+    AckLevel, BatchBuilder, LogReader, NewRecord, Op, OpResult, RecoveredLog, Store,
+};
+
+use super::Broker;
+use crate::error::{BrokerError, ErrorCode};
+use crate::plan::to_ranges;
+use crate::stream::group::{Assignment, Group, GroupError, TopicPartition};
+use crate::stream::records::decode_batch;
+
+/// The name of the log holding committed offsets (no queue or stream can have it).
+pub(crate) const OFFSETS_LOG: &str = "#offsets";
+
+/// A committed offset.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Committed {
+    /// The next offset to consume.
+    pub offset: u64,
+    #[serde(default)]
+    pub metadata: String,
+    pub committed_at_ms: i64,
+}
+
+/// The committed-offsets log and what its unsettled records say.
+pub(crate) struct Offsets {
+    log: Option<(u64, LogReader)>,
+    /// (group, stream, partition) -> (the record's offset in the log, what it says).
+    latest: BTreeMap<(String, String, u32), (u64, Committed)>,
+}
+
+/// Groups and their committed offsets.
+pub(crate) struct Groups {
+    groups: Mutex<HashMap<String, Group>>,
+    offsets: tokio::sync::Mutex<Offsets>,
+}
+
+impl Groups {
+    /// From the offsets log found at open (if any): its unsettled records.
+    pub(crate) fn recover(store: &Store, log: Option<RecoveredLog>) -> Result<Groups, String> {
+        let mut offsets = Offsets {
+            log: None,
+            latest: BTreeMap::new(),
+        };
+        if let Some(log) = log {
+            let reader = store.reader(log.uid).expect("a recovered log has a reader");
+            let mut from = log.ack_floor;
+            while from < log.next_offset {
+                let records = reader
+                    .read(from, 10_000, 16 << 20)
+                    .map_err(|e| format!("the offsets log: {e}"))?;
+                let Some(last) = records.last().map(|r| r.offset) else {
+                    break;
+                };
+                for record in records {
+                    if log.settled.contains(record.offset) {
+                        continue;
+                    }
+                    let key = parse_key(&record.id).ok_or_else(|| {
+                        format!("the offsets log: a record at {} has no key", record.offset)
+                    })?;
+                    let committed: Committed = serde_json::from_slice(&record.body)
+                        .map_err(|e| format!("the offsets log: record {}: {e}", record.offset))?;
+                    offsets.latest.insert(key, (record.offset, committed));
+                }
+                from = last + 1;
+            }
+            offsets.log = Some((log.uid, reader));
+        }
+        Ok(Groups {
+            groups: Mutex::new(HashMap::new()),
+            offsets: tokio::sync::Mutex::new(offsets),
+        })
+    }
+}
+
+fn record_key(group: &str, stream: &str, partition: u32) -> Vec<u8> {
+    format!("{group}\0{stream}\0{partition}").into_bytes()
+}
+
+fn parse_key(id: &[u8]) -> Option<(String, String, u32)> {
+    let text = std::str::from_utf8(id).ok()?;
+    let mut parts = text.split('\0');
+    let (group, stream, partition) = (parts.next()?, parts.next()?, parts.next()?);
+    Some((
+        group.to_string(),
+        stream.to_string(),
+        partition.parse().ok()?,
+    ))
+}
+
+/// A group as shown: members and what they hold, and each committed partition's lag.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupInfo {
+    pub name: String,
+    pub generation: u64,
+    pub members: Vec<MemberInfo>,
+    pub offsets: Vec<PartitionLag>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemberInfo {
+    pub member: String,
+    pub assigned: Vec<TopicPartitionInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TopicPartitionInfo {
+    pub stream: String,
+    pub partition: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionLag {
+    pub stream: String,
+    pub partition: u32,
+    pub committed: u64,
+    pub metadata: String,
+    pub end_offset: u64,
+    /// Records not yet consumed: end minus committed.
+    pub lag: u64,
+    /// Age of the oldest record not yet consumed (0 when none).
+    pub lag_ms: u64,
+}
+
+fn group_error(group: &str, err: GroupError) -> BrokerError {
+    BrokerError::new(ErrorCode::UnknownMember, format!("group '{group}': {err}"))
+}
+
+impl Broker {
+    fn partition_counts(&self) -> impl Fn(&str) -> Option<u32> + '_ {
+        move |stream: &str| {
+            self.inner
+                .streams
+                .read()
+                .get(stream)
+                .map(|s| s.partition_handles_now().len() as u32)
+        }
+    }
+
+    /// Joins `group` for `streams` (and with `instance`, takes that static member's place
+    /// back). Returns the member id.
+    pub fn join_group(
+        &self,
+        group: &str,
+        instance: Option<&str>,
+        streams: &[String],
+        session_timeout_ms: u64,
+    ) -> Result<String, BrokerError> {
+        crate::stream::config::validate_stream_name(group).map_err(|_| {
+            BrokerError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "invalid group name '{}': the rules of stream names apply",
+                    group.chars().take(40).collect::<String>()
+                ),
+            )
+        })?;
+        let limits = &self.inner.limits;
+        if !(1_000..=limits.max_session_timeout_ms).contains(&session_timeout_ms) {
+            return Err(BrokerError::invalid(format!(
+                "session_timeout_ms must be 1000..={} (max_session_timeout_ms)",
+                limits.max_session_timeout_ms
+            )));
+        }
+        if streams.is_empty() {
+            return Err(BrokerError::invalid(
+                "a member joins for at least one stream",
+            ));
+        }
+        for stream in streams {
+            self.get_stream(stream)?;
+        }
+        let counts = self.partition_counts();
+        let mut groups = self.inner.groups.groups.lock();
+        if !groups.contains_key(group) && groups.len() >= limits.max_groups {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the broker holds its maximum of {} groups (max_groups)",
+                    limits.max_groups
+                ),
+            ));
+        }
+        let g = groups.entry(group.to_string()).or_default();
+        let known =
+            instance.is_some_and(|i| g.member_ids().any(|m| m.starts_with(&format!("{i}-"))));
+        if !known && g.member_ids().count() >= limits.max_group_members {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "group '{group}' has its maximum of {} members (max_group_members)",
+                    limits.max_group_members
+                ),
+            ));
+        }
+        Ok(g.join(
+            instance,
+            streams,
+            session_timeout_ms,
+            self.now_ms(),
+            &counts,
+        ))
+    }
+
+    /// A member's heartbeat with what it consumes now: what it may consume and what it
+    /// must give up.
+    pub fn heartbeat(
+        &self,
+        group: &str,
+        member: &str,
+        owned: &BTreeSet<TopicPartition>,
+    ) -> Result<Assignment, BrokerError> {
+        let mut groups = self.inner.groups.groups.lock();
+        let g = groups.get_mut(group).ok_or_else(|| {
+            BrokerError::new(
+                ErrorCode::GroupNotFound,
+                format!("group '{group}' has no members"),
+            )
+        })?;
+        g.heartbeat(member, owned, self.now_ms())
+            .map_err(|e| group_error(group, e))
+    }
+
+    pub fn leave_group(&self, group: &str, member: &str) -> Result<(), BrokerError> {
+        let counts = self.partition_counts();
+        let mut groups = self.inner.groups.groups.lock();
+        let g = groups.get_mut(group).ok_or_else(|| {
+            BrokerError::new(
+                ErrorCode::GroupNotFound,
+                format!("group '{group}' has no members"),
+            )
+        })?;
+        if !g.leave(member, &counts) {
+            return Err(group_error(
+                group,
+                GroupError::UnknownMember(member.to_string()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Removes members whose session expired, and reassigns after streams changed
+    /// (maintenance).
+    pub(super) fn maintain_groups(&self) {
+        let counts = self.partition_counts();
+        let now = self.now_ms();
+        let mut groups = self.inner.groups.groups.lock();
+        for (name, g) in groups.iter_mut() {
+            for member in g.expire(now, &counts) {
+                tracing::info!(group = %name, member = %member, "session expired: member removed");
+            }
+            g.streams_changed(&counts);
+        }
+        groups.retain(|_, g| !g.is_empty());
+    }
+
+    /// Commits the offset to consume next in a partition for `group`, durably: one journal
+    /// write appends it and settles the commit it replaces.
+    pub async fn commit(
+        &self,
+        group: &str,
+        stream: &str,
+        partition: u32,
+        offset: u64,
+        metadata: &str,
+    ) -> Result<(), BrokerError> {
+        if metadata.len() > 4096 {
+            return Err(BrokerError::invalid(
+                "commit metadata is at most 4096 bytes",
+            ));
+        }
+        let info = self.get_stream(stream)?;
+        let Some(part) = info.partitions.iter().find(|p| p.partition == partition) else {
+            return Err(BrokerError::new(
+                ErrorCode::PartitionNotFound,
+                format!("stream '{stream}' has no partition {partition}"),
+            ));
+        };
+        if offset > part.end_offset {
+            return Err(BrokerError::new(
+                ErrorCode::OffsetOutOfRange,
+                format!(
+                    "offset {offset} is past the end of partition {partition} of stream '{stream}' (its records are at 0..{})",
+                    part.end_offset
+                ),
+            ));
+        }
+        // One commit at a time: each replaces the record the one before wrote.
+        let mut offsets = self.inner.groups.offsets.lock().await;
+        let uid = match &offsets.log {
+            Some((uid, _)) => *uid,
+            None => {
+                let results = self
+                    .write(
+                        vec![Op::CreateLog {
+                            name: OFFSETS_LOG.into(),
+                            config: "{}".into(),
+                            id_window: None,
+                        }],
+                        AckLevel::Durable,
+                    )
+                    .await?;
+                let Some(&OpResult::Created { uid }) = results.first() else {
+                    return Err(BrokerError::new(
+                        ErrorCode::Internal,
+                        "storage did not create the offsets log",
+                    ));
+                };
+                let reader = self.inner.store.reader(uid).ok_or_else(|| {
+                    BrokerError::new(ErrorCode::Internal, "the offsets log has no reader")
+                })?;
+                offsets.log = Some((uid, reader));
+                uid
+            }
+        };
+        let committed = Committed {
+            offset,
+            metadata: metadata.to_string(),
+            committed_at_ms: self.now_ms(),
+        };
+        let key = (group.to_string(), stream.to_string(), partition);
+        let id = record_key(group, stream, partition);
+        let body = serde_json::to_vec(&committed).expect("a commit serializes");
+        let mut builder = BatchBuilder::new(uid, committed.committed_at_ms);
+        builder.push(&NewRecord {
+            id: &id,
+            body: &body,
+            ..NewRecord::default()
+        });
+        let mut ops = vec![Op::Append {
+            uid,
+            batch: builder.finish(),
+        }];
+        if let Some((previous, _)) = offsets.latest.get(&key) {
+            ops.push(Op::Settle {
+                uid,
+                ranges: to_ranges(&[*previous]),
+            });
+        }
+        let results = self.write(ops, AckLevel::Durable).await?;
+        let Some(&OpResult::Appended { base_offset, .. }) = results.first() else {
+            return Err(BrokerError::new(
+                ErrorCode::Internal,
+                "storage did not answer the commit's offset",
+            ));
+        };
+        offsets.latest.insert(key, (base_offset, committed));
+        Ok(())
+    }
+
+    /// A group: members with what they are assigned, and each committed partition's lag.
+    pub async fn describe_group(&self, group: &str) -> Result<GroupInfo, BrokerError> {
+        let (generation, members) = {
+            let groups = self.inner.groups.groups.lock();
+            match groups.get(group) {
+                Some(g) => {
+                    let mut members: BTreeMap<String, Vec<TopicPartitionInfo>> = g
+                        .member_ids()
+                        .map(|m| (m.to_string(), Vec::new()))
+                        .collect();
+                    for ((stream, partition), owner) in g.target() {
+                        if let Some(list) = members.get_mut(owner) {
+                            list.push(TopicPartitionInfo {
+                                stream: stream.clone(),
+                                partition: *partition,
+                            });
+                        }
+                    }
+                    (g.generation(), members)
+                }
+                None => (0, BTreeMap::new()),
+            }
+        };
+        let committed: Vec<((String, String, u32), Committed)> = {
+            let offsets = self.inner.groups.offsets.lock().await;
+            offsets
+                .latest
+                .range((group.to_string(), String::new(), 0)..)
+                .take_while(|((g, _, _), _)| g == group)
+                .map(|(k, (_, c))| (k.clone(), c.clone()))
+                .collect()
+        };
+        if members.is_empty() && committed.is_empty() {
+            return Err(BrokerError::new(
+                ErrorCode::GroupNotFound,
+                format!("group '{group}' has no members and no committed offsets"),
+            ));
+        }
+        let now = self.now_ms();
+        let mut lags = Vec::new();
+        for ((_, stream, partition), c) in committed {
+            let Ok(info) = self.get_stream(&stream) else {
+                continue;
+            };
+            let Some(part) = info.partitions.iter().find(|p| p.partition == partition) else {
+                continue;
+            };
+            let lag = part.end_offset.saturating_sub(c.offset);
+            let lag_ms = if lag == 0 {
+                0
+            } else {
+                self.record_time(&stream, partition, c.offset)
+                    .map_or(0, |t| now.saturating_sub(t).max(0) as u64)
+            };
+            lags.push(PartitionLag {
+                stream,
+                partition,
+                committed: c.offset,
+                metadata: c.metadata,
+                end_offset: part.end_offset,
+                lag,
+                lag_ms,
+            });
+        }
+        Ok(GroupInfo {
+            name: group.to_string(),
+            generation,
+            members: members
+                .into_iter()
+                .map(|(member, assigned)| MemberInfo { member, assigned })
+                .collect(),
+            offsets: lags,
+        })
+    }
+
+    /// The committed offset of a partition for a group, if any.
+    pub async fn committed(&self, group: &str, stream: &str, partition: u32) -> Option<Committed> {
+        let offsets = self.inner.groups.offsets.lock().await;
+        offsets
+            .latest
+            .get(&(group.to_string(), stream.to_string(), partition))
+            .map(|(_, c)| c.clone())
+    }
+
+    /// The timestamp of the record at `offset` (or the first after it).
+    fn record_time(&self, stream: &str, partition: u32, offset: u64) -> Option<i64> {
+        let handle = self.inner.streams.read().get(stream).cloned()?;
+        let part = handle
+            .partition_handles_now()
+            .get(partition as usize)
+            .cloned()?;
+        let batches = part.reader().read_batches(offset, 1).ok()?;
+        let batch = batches.first()?;
+        decode_batch(batch, offset)
+            .ok()?
+            .first()
+            .map(|r| r.timestamp)
+    }
+
+    /// The names of groups with members or committed offsets.
+    pub async fn list_groups(&self) -> Vec<String> {
+        let mut names: BTreeSet<String> = self.inner.groups.groups.lock().keys().cloned().collect();
+        let offsets = self.inner.groups.offsets.lock().await;
+        names.extend(offsets.latest.keys().map(|(g, _, _)| g.clone()));
+        names.into_iter().collect()
+    }
+}
