@@ -375,3 +375,84 @@ fn groups_share_partitions_commit_durably_and_report_lag() {
         assert_eq!(h.broker().list_groups().await, vec!["etl".to_string()]);
     });
 }
+
+/// Consumer instances (the HTTP members the broker runs): fetch from assigned partitions at
+/// their positions, commit them, and when a second member joins, the partition that moves
+/// is committed by the first and continued by the second from there: nothing is read
+/// twice or skipped.
+#[test]
+fn consumer_instances_continue_where_the_group_left_off() {
+    use std::collections::BTreeSet;
+    use tidewater_core::broker::StartAt;
+    let rt = runtime();
+    let h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("jobs", &patch(2)).await.unwrap();
+        let records: Vec<NewStreamRecord> = (0..20)
+            .map(|i| NewStreamRecord {
+                partition: Some(i % 2),
+                ..record(None, &format!("j{i}"))
+            })
+            .collect();
+        b.produce("jobs", &records, AckLevel::Durable)
+            .await
+            .unwrap();
+        let streams = vec!["jobs".to_string()];
+        let one = b
+            .create_consumer("workers", None, &streams, 10_000, StartAt::Earliest)
+            .unwrap();
+        // Small fetches: one batch of one partition each.
+        let first = b.consumer_fetch("workers", &one, 1, 0).await.unwrap();
+        assert_eq!(first.len(), 10, "one whole batch");
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let value = |r: &tidewater_core::broker::MemberRecord| {
+            String::from_utf8(r.record.value.clone().unwrap().to_vec()).unwrap()
+        };
+        for r in &first {
+            assert!(seen.insert(value(r)));
+        }
+        b.commit_consumer("workers", &one, None).await.unwrap();
+        let two = b
+            .create_consumer("workers", None, &streams, 10_000, StartAt::Earliest)
+            .unwrap();
+        // Both fetch until nothing is left: every record exactly once.
+        for _ in 0..6 {
+            for member in [&one, &two] {
+                for r in b
+                    .consumer_fetch("workers", member, 1 << 20, 0)
+                    .await
+                    .unwrap()
+                {
+                    assert!(seen.insert(value(&r)), "{} read twice", value(&r));
+                }
+                b.commit_consumer("workers", member, None).await.unwrap();
+            }
+        }
+        assert_eq!(seen.len(), 20);
+        let info = b.describe_group("workers").await.unwrap();
+        assert_eq!(info.members.len(), 2);
+        assert!(info.offsets.iter().all(|l| l.lag == 0), "{info:?}");
+        // A fetch waits for new records; one produced wakes it.
+        let (fetched, produced) =
+            tokio::join!(b.consumer_fetch("workers", &one, 1 << 20, 30_000), async {
+                tokio::task::yield_now().await;
+                let to_both: Vec<NewStreamRecord> = (0..2)
+                    .map(|p| NewStreamRecord {
+                        partition: Some(p),
+                        ..record(None, "new")
+                    })
+                    .collect();
+                b.produce("jobs", &to_both, AckLevel::Durable).await
+            });
+        produced.unwrap();
+        assert_eq!(
+            fetched.unwrap().len(),
+            1,
+            "one of the two partitions is one's"
+        );
+        b.delete_consumer("workers", &one).await.unwrap();
+        let err = b.consumer_fetch("workers", &one, 1, 0).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnknownMember);
+    });
+}

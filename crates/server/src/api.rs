@@ -387,3 +387,55 @@ impl Serialize for OutRecord<'_> {
         map.end()
     }
 }
+
+/// A consumer instance to create: the streams its group member reads.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerRequest {
+    pub streams: Vec<String>,
+    /// A stable name (Kafka's group.instance.id): creating it again takes its place back.
+    pub instance: Option<String>,
+    pub session_timeout_ms: Option<u64>,
+    /// Where to start in a partition the group has committed nothing for.
+    pub start_at: Option<tidewater_core::broker::StartAt>,
+}
+
+/// Offsets to commit (all the member's positions when absent).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    pub offsets: Option<Vec<CommitOffset>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitOffset {
+    pub stream: String,
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// A record fetched by a group member: its stream and partition, then the record.
+pub struct OutMemberRecord<'a> {
+    pub record: &'a tidewater_core::broker::MemberRecord,
+    pub encoding: BodyEncoding,
+}
+
+impl Serialize for OutMemberRecord<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let inner = serde_json::to_value(OutRecord {
+            record: &self.record.record,
+            encoding: self.encoding,
+        })
+        .map_err(serde::ser::Error::custom)?;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("stream", &self.record.stream)?;
+        map.serialize_entry("partition", &self.record.partition)?;
+        if let serde_json::Value::Object(fields) = inner {
+            for (k, v) in fields {
+                map.serialize_entry(&k, &v)?;
+            }
+        }
+        map.end()
+    }
+}

@@ -517,6 +517,21 @@ pub fn router(state: AppState) -> Router {
             "/v1/streams/{stream}/partitions/{partition}/offsets",
             get(offset_for_time),
         )
+        .route("/v1/groups", get(list_groups))
+        .route("/v1/groups/{group}", get(describe_group))
+        .route("/v1/groups/{group}/consumers", post(create_consumer))
+        .route(
+            "/v1/groups/{group}/consumers/{member}",
+            axum::routing::delete(delete_consumer),
+        )
+        .route(
+            "/v1/groups/{group}/consumers/{member}/records",
+            get(consumer_fetch),
+        )
+        .route(
+            "/v1/groups/{group}/consumers/{member}/commit",
+            post(consumer_commit),
+        )
         .route(
             "/v1/redrives/{id}",
             get(redrive_progress).delete(cancel_redrive),
@@ -982,4 +997,105 @@ async fn offset_for_time(
         .broker()?
         .offset_for_time(&stream, partition, query.time)?;
     json(StatusCode::OK, &serde_json::json!({ "offset": offset }))
+}
+
+// ---- consumer groups ----
+
+/// A member's session unless it asks for another.
+const SESSION_TIMEOUT_DEFAULT_MS: u64 = 30_000;
+
+async fn list_groups(State(state): State<AppState>) -> ApiResult {
+    let groups = state.broker()?.list_groups().await;
+    json(StatusCode::OK, &serde_json::json!({ "groups": groups }))
+}
+
+async fn describe_group(State(state): State<AppState>, Path(group): Path<String>) -> ApiResult {
+    json(
+        StatusCode::OK,
+        &state.broker()?.describe_group(&group).await?,
+    )
+}
+
+async fn create_consumer(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let (request, _permit): (api::ConsumerRequest, _) =
+        parse_body(&state, body, None, SMALL_VALUES).await?;
+    let session = request
+        .session_timeout_ms
+        .unwrap_or(SESSION_TIMEOUT_DEFAULT_MS.min(broker.limits().max_session_timeout_ms));
+    let member = broker.create_consumer(
+        &group,
+        request.instance.as_deref(),
+        &request.streams,
+        session,
+        request.start_at.unwrap_or_default(),
+    )?;
+    json(
+        StatusCode::CREATED,
+        &serde_json::json!({ "group": group, "member": member, "session_timeout_ms": session }),
+    )
+}
+
+async fn delete_consumer(
+    State(state): State<AppState>,
+    Path((group, member)): Path<(String, String)>,
+) -> ApiResult {
+    state.broker()?.delete_consumer(&group, &member).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumerFetchQuery {
+    max_bytes: Option<usize>,
+    wait_ms: Option<u64>,
+    encoding: Option<api::BodyEncoding>,
+}
+
+async fn consumer_fetch(
+    State(state): State<AppState>,
+    Path((group, member)): Path<(String, String)>,
+    Query(query): Query<ConsumerFetchQuery>,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let max_bytes = query
+        .max_bytes
+        .unwrap_or(FETCH_BYTES_DEFAULT.min(broker.limits().max_fetch_bytes));
+    let records = broker
+        .consumer_fetch(&group, &member, max_bytes, query.wait_ms.unwrap_or(0))
+        .await?;
+    let encoding = query.encoding.unwrap_or_default();
+    let out: Vec<api::OutMemberRecord> = records
+        .iter()
+        .map(|record| api::OutMemberRecord { record, encoding })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "records": out }))
+}
+
+async fn consumer_commit(
+    State(state): State<AppState>,
+    Path((group, member)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let (request, _permit): (api::CommitRequest, _) = parse_body(
+        &state,
+        body,
+        Some(api::CommitRequest::default()),
+        SMALL_VALUES + 4 * broker.limits().max_partitions as usize,
+    )
+    .await?;
+    let offsets: Option<Vec<(String, u32, u64)>> = request.offsets.map(|list| {
+        list.into_iter()
+            .map(|o| (o.stream, o.partition, o.offset))
+            .collect()
+    });
+    broker
+        .commit_consumer(&group, &member, offsets.as_deref())
+        .await?;
+    json(StatusCode::OK, &serde_json::json!({}))
 }

@@ -571,6 +571,53 @@ fn stream_schemas(limits: &Limits) -> Value {
     })
 }
 
+/// Consumer groups: consumer instances, fetch, commit, describe.
+fn group_schemas(limits: &Limits) -> Value {
+    let partition_ref = json!({"type": "object", "additionalProperties": false, "required": ["stream", "partition"], "properties": {
+        "stream": {"type": "string"}, "partition": {"type": "integer", "minimum": 0}}});
+    let mut member_record = stream_schemas(limits)["OutRecord"].clone();
+    member_record["required"] = json!(["stream", "partition", "offset", "timestamp", "headers"]);
+    member_record["properties"]["stream"] = json!({"type": "string"});
+    member_record["properties"]["partition"] = json!({"type": "integer", "minimum": 0});
+    json!({
+        "GroupList": {"type": "object", "additionalProperties": false, "required": ["groups"], "properties": {
+            "groups": {"type": "array", "items": {"type": "string"}, "description": "groups with members or committed offsets"}}},
+        "Group": {"type": "object", "additionalProperties": false, "required": ["name", "generation", "members", "offsets"], "properties": {
+            "name": {"type": "string"},
+            "generation": {"type": "integer", "minimum": 0, "description": "bumped at each change of assignment"},
+            "members": {"type": "array", "items": {"type": "object", "additionalProperties": false, "required": ["member", "assigned"], "properties": {
+                "member": {"type": "string"}, "assigned": {"type": "array", "items": partition_ref}}}},
+            "offsets": {"type": "array", "items": {"type": "object", "additionalProperties": false,
+                "required": ["stream", "partition", "committed", "metadata", "end_offset", "lag", "lag_ms"], "properties": {
+                "stream": {"type": "string"}, "partition": {"type": "integer", "minimum": 0},
+                "committed": {"type": "integer", "minimum": 0, "description": "the next offset the group consumes"},
+                "metadata": {"type": "string"},
+                "end_offset": {"type": "integer", "minimum": 0},
+                "lag": {"type": "integer", "minimum": 0, "description": "records not consumed yet: end_offset - committed"},
+                "lag_ms": {"type": "integer", "minimum": 0, "description": "age of the oldest record not consumed yet (0 when none)"}}}}}},
+        "ConsumerRequest": {"type": "object", "additionalProperties": false, "required": ["streams"], "properties": {
+            "streams": {"type": "array", "minItems": 1, "maxItems": tidewater_core::broker::MAX_MEMBER_STREAMS, "items": queue_name(), "description": "the streams this member reads (each must exist: 404 stream_not_found)"},
+            "instance": {"type": ["string", "null"], "minLength": 1, "maxLength": 200,
+                "description": "a stable name (Kafka's group.instance.id): creating it again takes its place back, partitions included"},
+            "session_timeout_ms": {"type": ["integer", "null"], "minimum": 1000, "maximum": limits.max_session_timeout_ms,
+                "description": "the member is removed after this long without a fetch (default 30000)"},
+            "start_at": {"type": ["string", "null"], "enum": ["earliest", "latest", null],
+                "description": "where to start in a partition the group has committed nothing for (default earliest)"}}},
+        "Consumer": {"type": "object", "additionalProperties": false, "required": ["group", "member", "session_timeout_ms"], "properties": {
+            "group": {"type": "string"}, "member": {"type": "string"}, "session_timeout_ms": {"type": "integer", "minimum": 1000}}},
+        "MemberRecord": member_record,
+        "MemberRecords": {"type": "object", "additionalProperties": false, "required": ["records"], "properties": {
+            "records": {"type": "array", "items": schema_ref("MemberRecord")}}},
+        "CommitRequest": {"type": "object", "additionalProperties": false, "properties": {
+            "offsets": {"type": ["array", "null"], "maxItems": limits.max_partitions,
+                "description": "the offsets to commit (the next offset to consume of each partition); default: the member's positions",
+                "items": {"type": "object", "additionalProperties": false, "required": ["stream", "partition", "offset"], "properties": {
+                    "stream": queue_name(), "partition": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
+                    "offset": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "description": "400 offset_out_of_range past the partition's end"}}}}}},
+        "Empty": {"type": "object", "additionalProperties": false, "properties": {}},
+    })
+}
+
 /// The body of ack, nack or extend: one shape on the server, where each takes its own fields
 /// and ignores (without checking) the others'.
 fn settle_request(limits: &Limits, op: &str) -> Value {
@@ -650,6 +697,7 @@ pub fn document(limits: &Limits) -> Value {
         settle_schemas(limits),
         redrive_schemas(),
         stream_schemas(limits),
+        group_schemas(limits),
     ] {
         schemas_map.extend(part.as_object().expect("an object").clone());
     }
@@ -934,6 +982,71 @@ pub fn document(limits: &Limits) -> Value {
         op
     };
 
+    let group_param =
+        json!([{"name": "group", "in": "path", "required": true, "schema": queue_name()}]);
+    let member_params = json!([
+        {"name": "group", "in": "path", "required": true, "schema": queue_name()},
+        {"name": "member", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let member_link = |target: &str, description: &str| {
+        json!({"operationId": target, "description": description,
+            "parameters": {"group": "$request.path.group", "member": "$response.body#/member"}})
+    };
+    let on_consumer = json!({
+        "ConsumerFetch": member_link("consumerFetch", "fetch as this member"),
+        "ConsumerCommit": member_link("consumerCommit", "commit its positions"),
+        "DeleteConsumer": member_link("deleteConsumer", "leave the group"),
+        "DescribeGroup": {"operationId": "describeGroup", "description": "the group", "parameters": {"group": "$request.path.group"}},
+    });
+    let create_consumer = with_body(
+        operation(
+            "createConsumer",
+            "Join a consumer group as a member the broker runs: fetch and commit with the member id; partitions are assigned by the broker (balanced, sticky) and the member is removed after session_timeout_ms without a fetch",
+            responses(&[(201, ok_json("the member", "Consumer"))]),
+            Fails {
+                bad: true,
+                not_found: true,
+                ..body
+            },
+        ),
+        "ConsumerRequest",
+        true,
+        "",
+    );
+    let consumer_fetch = {
+        let mut op = operation(
+            "consumerFetch",
+            "Records of the member's partitions from its positions (about max_bytes, waiting up to wait_ms for a first record); positions move past what is returned, commit them with consumerCommit; each fetch is a heartbeat",
+            responses(&[(200, ok_json("the records", "MemberRecords"))]),
+            Fails {
+                bad: true,
+                not_found: true,
+                writes: true,
+                ..Fails::default()
+            },
+        );
+        op["parameters"] = json!([
+            {"name": "max_bytes", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": crate::http::FETCH_BYTES_DEFAULT.min(limits.max_fetch_bytes)}},
+            {"name": "wait_ms", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": max_wait, "default": 0}},
+            {"name": "encoding", "in": "query", "schema": {"type": "string", "enum": ["auto", "base64"], "default": "auto"}}]);
+        op
+    };
+    let consumer_commit = with_body(
+        operation(
+            "consumerCommit",
+            "Commit the member's positions (or the offsets given), durably",
+            responses(&[(200, ok_json("committed", "Empty"))]),
+            Fails {
+                bad: true,
+                not_found: true,
+                writes: true,
+                ..body
+            },
+        ),
+        "CommitRequest",
+        false,
+        "no body is {}: the member's positions",
+    );
+
     json!({
         "openapi": "3.1.0",
         "info": {"title": "tidewater", "version": "1",
@@ -970,6 +1083,14 @@ pub fn document(limits: &Limits) -> Value {
             "/v1/streams/{stream}/records": {"parameters": stream_param, "post": with_links(produce, &[200], &on_produced)},
             "/v1/streams/{stream}/partitions/{partition}/records": {"parameters": partition_params, "get": fetch},
             "/v1/streams/{stream}/partitions/{partition}/offsets": {"parameters": partition_params, "get": offset_for_time},
+            "/v1/groups": {"get": operation("listGroups", "Consumer groups with members or committed offsets", responses(&[(200, ok_json("the groups", "GroupList"))]), Fails::default())},
+            "/v1/groups/{group}": {"parameters": group_param,
+                "get": operation("describeGroup", "A group's members and what they are assigned, and each committed partition's lag (records and age)", responses(&[(200, ok_json("the group", "Group"))]), Fails {not_found: true, ..Fails::default()})},
+            "/v1/groups/{group}/consumers": {"parameters": group_param, "post": with_links(create_consumer, &[201], &on_consumer)},
+            "/v1/groups/{group}/consumers/{member}": {"parameters": member_params,
+                "delete": operation("deleteConsumer", "Leave the group, committing the member's positions first", responses(&[(204, json!({"description": "left"}))]), Fails {not_found: true, bad: true, writes: true, ..Fails::default()})},
+            "/v1/groups/{group}/consumers/{member}/records": {"parameters": member_params, "get": consumer_fetch},
+            "/v1/groups/{group}/consumers/{member}/commit": {"parameters": member_params, "post": consumer_commit},
             "/healthz": {"get": operation("healthz", "The process is alive", responses(&[(200, ok_json("alive", "Status"))]), Fails::default())},
             "/readyz": {"get": operation("readyz", "Recovered, serving, and the store takes writes", responses(&[(200, ok_json("ready", "Status"))]), Fails {server: true, ..Fails::default()})},
             "/metrics": {"get": operation("metrics", "Prometheus metrics (OpenMetrics text)", responses(&[(200, json!({"description": "metrics",

@@ -792,3 +792,111 @@ fn streams_over_http() {
     server.ok("DELETE", "/v1/streams/readings", None);
     server.err("GET", "/v1/streams/readings", None, 404, "stream_not_found");
 }
+
+/// Consumer groups over HTTP, as an HTTP consumer uses them: create a consumer instance,
+/// fetch (the broker assigns partitions and keeps positions), commit, and a second
+/// instance continues where the first left its partitions; the group's lag; leaving.
+#[test]
+fn consumer_groups_over_http() {
+    let (_dir, server) = server();
+    server.ok("PUT", "/v1/streams/orders", Some(json!({"partitions": 2})));
+    let records: Vec<Value> = (0..10)
+        .map(|i| json!({"value": format!("o{i}"), "partition": i % 2}))
+        .collect();
+    server.ok(
+        "POST",
+        "/v1/streams/orders/records",
+        Some(json!({ "records": records })),
+    );
+    server.err("GET", "/v1/groups/billing", None, 404, "group_not_found");
+    let (status, one) = server
+        .try_call(
+            "POST",
+            "/v1/groups/billing/consumers",
+            Some(&json!({"streams": ["orders"], "session_timeout_ms": 60000})),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{one}");
+    let one = one["member"].as_str().unwrap().to_string();
+    let fetched = server.ok(
+        "GET",
+        &format!("/v1/groups/billing/consumers/{one}/records"),
+        None,
+    );
+    let got = fetched["records"].as_array().unwrap();
+    assert_eq!(got.len(), 10, "{fetched}");
+    assert!(got.iter().all(|r| r["stream"] == "orders"));
+    server.ok(
+        "POST",
+        &format!("/v1/groups/billing/consumers/{one}/commit"),
+        None,
+    );
+    let group = server.ok("GET", "/v1/groups/billing", None);
+    assert_eq!(group["members"].as_array().unwrap().len(), 1);
+    let lags: Vec<u64> = group["offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["lag"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lags, vec![0, 0]);
+    // New records, and a second member: each gets one partition, no record twice.
+    server.ok(
+        "POST",
+        "/v1/streams/orders/records",
+        Some(
+            json!({"records": [{"value": "n0", "partition": 0}, {"value": "n1", "partition": 1}]}),
+        ),
+    );
+    let two = server.ok(
+        "POST",
+        "/v1/groups/billing/consumers",
+        Some(json!({"streams": ["orders"], "start_at": "latest"})),
+    )["member"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        for member in [&one, &two] {
+            let reply = server.ok(
+                "GET",
+                &format!("/v1/groups/billing/consumers/{member}/records"),
+                None,
+            );
+            for r in reply["records"].as_array().unwrap() {
+                seen.push(r["value"].as_str().unwrap().to_string());
+            }
+            server.ok(
+                "POST",
+                &format!("/v1/groups/billing/consumers/{member}/commit"),
+                Some(json!({})),
+            );
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, vec!["n0", "n1"]);
+    assert_eq!(
+        server.ok("GET", "/v1/groups", None)["groups"],
+        json!(["billing"])
+    );
+    server.ok(
+        "DELETE",
+        &format!("/v1/groups/billing/consumers/{one}"),
+        None,
+    );
+    server.err(
+        "GET",
+        &format!("/v1/groups/billing/consumers/{one}/records"),
+        None,
+        404,
+        "unknown_member",
+    );
+    server.err(
+        "POST",
+        "/v1/groups/billing/consumers",
+        Some(json!({"streams": ["nope"]})),
+        404,
+        "stream_not_found",
+    );
+}

@@ -492,6 +492,78 @@ fn real_replies_match_the_document() {
         st("GET", offsets, "/v1/streams/s/partitions/1/offsets"),
         None,
     );
+
+    // Consumer groups.
+    go(st("GET", "/v1/groups", "/v1/groups"), None);
+    go(st("GET", "/v1/groups/{group}", "/v1/groups/g"), None);
+    let consumers = "/v1/groups/{group}/consumers";
+    let (status, created) = go(
+        st("POST", consumers, "/v1/groups/g/consumers"),
+        Some(json!({"streams": ["s"]})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let member = created["member"].as_str().unwrap().to_string();
+    go(
+        st("POST", consumers, "/v1/groups/g/consumers"),
+        Some(json!({"streams": []})),
+    );
+    go(
+        st("POST", consumers, "/v1/groups/g/consumers"),
+        Some(json!({"streams": ["nope"]})),
+    );
+    go(
+        st("POST", consumers, "/v1/groups/g/consumers"),
+        Some(json!({"streams": ["s"], "session_timeout_ms": 1})),
+    );
+    let fetch_records = "/v1/groups/{group}/consumers/{member}/records";
+    go(
+        st(
+            "GET",
+            fetch_records,
+            &format!("/v1/groups/g/consumers/{member}/records?encoding=base64"),
+        ),
+        None,
+    );
+    go(
+        st(
+            "GET",
+            fetch_records,
+            "/v1/groups/g/consumers/nobody/records",
+        ),
+        None,
+    );
+    let commit = "/v1/groups/{group}/consumers/{member}/commit";
+    go(
+        st(
+            "POST",
+            commit,
+            &format!("/v1/groups/g/consumers/{member}/commit"),
+        ),
+        None,
+    );
+    go(
+        st(
+            "POST",
+            commit,
+            &format!("/v1/groups/g/consumers/{member}/commit"),
+        ),
+        Some(json!({"offsets": [{"stream": "s", "partition": 0, "offset": 99}]})),
+    );
+    go(st("GET", "/v1/groups/{group}", "/v1/groups/g"), None);
+    let one = "/v1/groups/{group}/consumers/{member}";
+    assert_eq!(
+        go(
+            st("DELETE", one, &format!("/v1/groups/g/consumers/{member}")),
+            None
+        )
+        .0,
+        204
+    );
+    go(
+        st("DELETE", one, &format!("/v1/groups/g/consumers/{member}")),
+        None,
+    );
+
     assert_eq!(go(st("DELETE", stream, "/v1/streams/s"), None).0, 204);
     go(st("DELETE", stream, "/v1/streams/s"), None);
 }

@@ -17,6 +17,9 @@ use crate::plan::to_ranges;
 use crate::stream::group::{Assignment, Group, GroupError, TopicPartition};
 use crate::stream::records::decode_batch;
 
+/// Streams one member may read.
+pub const MAX_MEMBER_STREAMS: usize = 100;
+
 /// The name of the log holding committed offsets (no queue or stream can have it).
 pub(crate) const OFFSETS_LOG: &str = "#offsets";
 
@@ -171,10 +174,10 @@ impl Broker {
                 limits.max_session_timeout_ms
             )));
         }
-        if streams.is_empty() {
-            return Err(BrokerError::invalid(
-                "a member joins for at least one stream",
-            ));
+        if streams.is_empty() || streams.len() > MAX_MEMBER_STREAMS {
+            return Err(BrokerError::invalid(format!(
+                "a member joins for 1 to {MAX_MEMBER_STREAMS} streams"
+            )));
         }
         for stream in streams {
             self.get_stream(stream)?;
@@ -261,6 +264,12 @@ impl Broker {
             g.streams_changed(&counts);
         }
         groups.retain(|_, g| !g.is_empty());
+        // Consumer instances whose member is gone go too.
+        self.inner.consumers.lock().retain(|(group, member), _| {
+            groups
+                .get(group)
+                .is_some_and(|g| g.member_ids().any(|m| m == member))
+        });
     }
 
     /// Commits the offset to consume next in a partition for `group`, durably: one journal

@@ -25,6 +25,7 @@ use delay_log::{DELAY_LOG_PREFIX, DelayLog};
 use redrive::RedriveTask;
 use registry::id_window_op;
 
+mod consumers;
 mod dead_letter;
 mod delay_log;
 mod delivery;
@@ -41,8 +42,11 @@ pub use crate::plan::dead_letter::{
     HEADER_PUBLISHED_AT, HEADER_SOURCE_QUEUE,
 };
 pub use crate::plan::message::{Delay, NewMessage, header, hex, record_id};
+pub use consumers::{MemberRecord, StartAt};
 pub use delivery::{NackReason, Peeked, ReceiptFailure, SettleReply};
-pub use groups::{Committed, GroupInfo, MemberInfo, PartitionLag, TopicPartitionInfo};
+pub use groups::{
+    Committed, GroupInfo, MAX_MEMBER_STREAMS, MemberInfo, PartitionLag, TopicPartitionInfo,
+};
 pub use publish::Published;
 pub use redrive::{RedriveProgress, RedriveRequest};
 pub use registry::QueueInfo;
@@ -114,6 +118,10 @@ struct Inner {
     /// Stream partitions by log uid (durable ends wake their fetches).
     stream_parts: RwLock<HashMap<u64, Arc<streams::PartitionHandle>>>,
     groups: groups::Groups,
+    /// Consumer instances the broker runs for HTTP members, by (group, member).
+    consumers: Mutex<HashMap<(String, String), consumers::Instance>>,
+    /// Notified when any stream partition grows (wakes consumer-instance fetches).
+    streams_grew: Notify,
 }
 
 #[derive(Clone)]
@@ -267,6 +275,8 @@ impl Broker {
             streams: RwLock::new(streams),
             stream_parts: RwLock::new(stream_parts),
             groups,
+            consumers: Mutex::new(HashMap::new()),
+            streams_grew: Notify::new(),
         });
         // Durable data becomes visible to consumers; wake their long-polls.
         let weak = Arc::downgrade(&inner);
@@ -280,6 +290,7 @@ impl Broker {
                     handle.notify.notify_waiters();
                 } else if let Some(part) = stream_parts.get(&uid) {
                     part.notify.notify_waiters();
+                    inner.streams_grew.notify_waiters();
                 }
             }
         }));
@@ -428,6 +439,7 @@ impl Broker {
         for part in self.inner.stream_parts.read().values() {
             part.notify.notify_waiters();
         }
+        self.inner.streams_grew.notify_waiters();
     }
 
     /// Stops the store: finishes queued writes, syncs and checkpoints.

@@ -1,0 +1,266 @@
+//! Consumer instances: group members whose client side the broker runs, for consumers that
+//! speak HTTP (as the Confluent REST proxy does): join once, then fetch and commit; the
+//! broker heartbeats for them at each fetch, takes the partitions it assigns, gives up those
+//! it revokes (committing their positions first), and keeps each partition's position.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Broker;
+use crate::error::{BrokerError, ErrorCode};
+use crate::stream::group::TopicPartition;
+use crate::stream::records::{StreamRecord, decode_batch};
+
+/// Where a member starts in a partition its group has committed nothing for (Kafka's
+/// `auto.offset.reset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartAt {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+/// The broker-side client of one HTTP member.
+#[derive(Debug, Clone)]
+pub(crate) struct Instance {
+    start_at: StartAt,
+    /// Partition -> the next offset to fetch.
+    positions: BTreeMap<TopicPartition, u64>,
+}
+
+/// A record as a member fetches it: where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRecord {
+    pub stream: String,
+    pub partition: u32,
+    pub record: StreamRecord,
+}
+
+impl Broker {
+    /// Joins `group` as an instance the broker runs for an HTTP consumer; returns the
+    /// member id.
+    pub fn create_consumer(
+        &self,
+        group: &str,
+        instance: Option<&str>,
+        streams: &[String],
+        session_timeout_ms: u64,
+        start_at: StartAt,
+    ) -> Result<String, BrokerError> {
+        let member = self.join_group(group, instance, streams, session_timeout_ms)?;
+        self.inner
+            .consumers
+            .lock()
+            .entry((group.to_string(), member.clone()))
+            .or_insert(Instance {
+                start_at,
+                positions: BTreeMap::new(),
+            });
+        Ok(member)
+    }
+
+    /// Leaves the group, committing the member's positions first.
+    pub async fn delete_consumer(&self, group: &str, member: &str) -> Result<(), BrokerError> {
+        let instance = self
+            .inner
+            .consumers
+            .lock()
+            .remove(&(group.to_string(), member.to_string()));
+        let Some(instance) = instance else {
+            return Err(unknown(group, member));
+        };
+        self.commit_positions(group, &instance.positions).await?;
+        self.leave_group(group, member)
+    }
+
+    /// Heartbeats for the member, then fetches from the partitions it holds, from each
+    /// one's position, about `max_bytes` in all, waiting up to `wait_ms` for a first record.
+    /// Positions move past what is returned (commit them with `commit_consumer`).
+    pub async fn consumer_fetch(
+        &self,
+        group: &str,
+        member: &str,
+        max_bytes: usize,
+        wait_ms: u64,
+    ) -> Result<Vec<MemberRecord>, BrokerError> {
+        let limits = &self.inner.limits;
+        if wait_ms > limits.max_wait_ms {
+            return Err(BrokerError::invalid(format!(
+                "wait_ms must be at most {} (max_wait_ms)",
+                limits.max_wait_ms
+            )));
+        }
+        let max_bytes = max_bytes.clamp(1, limits.max_fetch_bytes);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        loop {
+            let grew = self.inner.streams_grew.notified();
+            tokio::pin!(grew);
+            grew.as_mut().enable();
+            self.consumer_heartbeat(group, member).await?;
+            let positions = self
+                .inner
+                .consumers
+                .lock()
+                .get(&(group.to_string(), member.to_string()))
+                .map(|i| i.positions.clone())
+                .ok_or_else(|| unknown(group, member))?;
+            let mut out = Vec::new();
+            let mut taken = 0usize;
+            let mut moved = BTreeMap::new();
+            for ((stream, partition), position) in positions {
+                if taken >= max_bytes {
+                    break;
+                }
+                let Ok(fetched) = self
+                    .fetch(&stream, partition, position, max_bytes - taken, 0)
+                    .await
+                else {
+                    continue; // the stream went away: the next heartbeat revokes it
+                };
+                let mut next = position;
+                for batch in &fetched.batches {
+                    taken += batch.kafka.len();
+                    for record in decode_batch(batch, position)? {
+                        out.push(MemberRecord {
+                            stream: stream.clone(),
+                            partition,
+                            record,
+                        });
+                    }
+                    next = next.max(batch.base_offset + u64::from(batch.span));
+                }
+                if next != position {
+                    moved.insert((stream, partition), next);
+                }
+            }
+            if let Some(instance) = self
+                .inner
+                .consumers
+                .lock()
+                .get_mut(&(group.to_string(), member.to_string()))
+            {
+                for (tp, next) in moved {
+                    if let Some(position) = instance.positions.get_mut(&tp) {
+                        *position = next;
+                    }
+                }
+            }
+            if !out.is_empty() || tokio::time::Instant::now() >= deadline || self.is_closing() {
+                return Ok(out);
+            }
+            // Any stream's growth wakes this; a spurious wake looks again.
+            let _ = tokio::time::timeout_at(deadline, grew).await;
+        }
+    }
+
+    /// Commits the member's positions (all of them, or those given).
+    pub async fn commit_consumer(
+        &self,
+        group: &str,
+        member: &str,
+        offsets: Option<&[(String, u32, u64)]>,
+    ) -> Result<(), BrokerError> {
+        let positions = {
+            let consumers = self.inner.consumers.lock();
+            let instance = consumers
+                .get(&(group.to_string(), member.to_string()))
+                .ok_or_else(|| unknown(group, member))?;
+            match offsets {
+                None => instance.positions.clone(),
+                Some(list) => list.iter().map(|(s, p, o)| ((s.clone(), *p), *o)).collect(),
+            }
+        };
+        self.commit_positions(group, &positions).await
+    }
+
+    async fn commit_positions(
+        &self,
+        group: &str,
+        positions: &BTreeMap<TopicPartition, u64>,
+    ) -> Result<(), BrokerError> {
+        for ((stream, partition), offset) in positions {
+            let already = self.committed(group, stream, *partition).await;
+            if already.is_some_and(|c| c.offset == *offset) {
+                continue;
+            }
+            match self.commit(group, stream, *partition, *offset, "").await {
+                Ok(()) => {}
+                // A stream deleted meanwhile: nothing to commit.
+                Err(err) if err.code == ErrorCode::StreamNotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    /// Heartbeats for an instance: gives up what is revoked (committing its position
+    /// first), takes what is assigned (at the committed offset, or where `start_at` says).
+    async fn consumer_heartbeat(&self, group: &str, member: &str) -> Result<(), BrokerError> {
+        let key = (group.to_string(), member.to_string());
+        let (held, start_at) = {
+            let consumers = self.inner.consumers.lock();
+            let instance = consumers.get(&key).ok_or_else(|| unknown(group, member))?;
+            (
+                instance.positions.keys().cloned().collect::<BTreeSet<_>>(),
+                instance.start_at,
+            )
+        };
+        let assignment = match self.heartbeat(group, member, &held) {
+            Ok(assignment) => assignment,
+            Err(err) => {
+                // Expired or gone: this instance is no more.
+                self.inner.consumers.lock().remove(&key);
+                return Err(err);
+            }
+        };
+        if !assignment.revoked.is_empty() {
+            let revoked: BTreeMap<TopicPartition, u64> = {
+                let consumers = self.inner.consumers.lock();
+                let instance = consumers.get(&key).ok_or_else(|| unknown(group, member))?;
+                assignment
+                    .revoked
+                    .iter()
+                    .filter_map(|tp| instance.positions.get(tp).map(|p| (tp.clone(), *p)))
+                    .collect()
+            };
+            self.commit_positions(group, &revoked).await?;
+        }
+        let mut starts = BTreeMap::new();
+        for (stream, partition) in &assignment.assigned {
+            if held.contains(&(stream.clone(), *partition)) {
+                continue;
+            }
+            let start = match self.committed(group, stream, *partition).await {
+                Some(c) => c.offset,
+                None if start_at == StartAt::Latest => self
+                    .get_stream(stream)
+                    .ok()
+                    .and_then(|s| s.partitions.get(*partition as usize).map(|p| p.end_offset))
+                    .unwrap_or(0),
+                None => 0,
+            };
+            starts.insert((stream.clone(), *partition), start);
+        }
+        let mut consumers = self.inner.consumers.lock();
+        let instance = consumers
+            .get_mut(&key)
+            .ok_or_else(|| unknown(group, member))?;
+        for tp in &assignment.revoked {
+            instance.positions.remove(tp);
+        }
+        instance.positions.extend(starts);
+        Ok(())
+    }
+}
+
+fn unknown(group: &str, member: &str) -> BrokerError {
+    BrokerError::new(
+        ErrorCode::UnknownMember,
+        format!(
+            "group '{group}' has no member '{member}' (its session expired, or it left): create a consumer again"
+        ),
+    )
+}
