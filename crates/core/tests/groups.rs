@@ -45,6 +45,9 @@ struct World {
     /// What each member's client holds.
     clients: BTreeMap<String, BTreeSet<TopicPartition>>,
     subscriptions: BTreeMap<String, BTreeSet<String>>,
+    /// Static instance name -> its current member id.
+    instances: BTreeMap<String, String>,
+    next_id: u64,
     now: i64,
 }
 
@@ -154,6 +157,8 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
         partitions: STREAMS.iter().map(|s| (s.to_string(), 3)).collect(),
         clients: BTreeMap::new(),
         subscriptions: BTreeMap::new(),
+        instances: BTreeMap::new(),
+        next_id: 0,
         now: 0,
     };
     for action in actions {
@@ -168,11 +173,28 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                     .collect();
                 let instance = instance.map(|i| format!("host-{i}"));
                 let partitions: BTreeMap<String, u32> = w.partitions.clone();
-                let id = w
-                    .group
-                    .join(instance.as_deref(), &names, SESSION_MS, w.now, &|s| {
-                        partitions.get(s).copied()
-                    });
+                w.next_id += 1;
+                let fresh = format!("m{}", w.next_id);
+                let replaced = instance.as_ref().and_then(|i| w.instances.get(i).cloned());
+                let id = w.group.join(
+                    fresh,
+                    instance.as_deref(),
+                    &names,
+                    SESSION_MS,
+                    w.now,
+                    &|s| partitions.get(s).copied(),
+                );
+                // A static member coming back: its old client is gone (fenced), the new one
+                // starts with nothing and is handed the old one's partitions.
+                if let Some(old) = replaced
+                    && w.clients.contains_key(&old)
+                {
+                    w.clients.remove(&old);
+                    w.subscriptions.remove(&old);
+                }
+                if let Some(i) = instance {
+                    w.instances.insert(i, id.clone());
+                }
                 w.clients.entry(id.clone()).or_default();
                 w.subscriptions.insert(id, names.into_iter().collect());
             }

@@ -456,3 +456,142 @@ fn consumer_instances_continue_where_the_group_left_off() {
         assert_eq!(err.code, ErrorCode::UnknownMember);
     });
 }
+
+/// Defects a newcomer trial found (session 6), each checked here: member ids are never
+/// handed out again (an old client cannot act for a new member); a partition a member gives
+/// up reaches the new member at once; a fetch takes partitions in turns; an explicit commit
+/// to a stream that does not exist is refused; instance names are checked; a deleted and
+/// re-created stream starts with no committed offsets; a refused keyless produce leaves
+/// its turn to the next one.
+#[test]
+fn group_edges_found_by_a_newcomer() {
+    use tidewater_core::broker::StartAt;
+    let rt = runtime();
+    let h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &patch(2)).await.unwrap();
+        let batch: Vec<NewStreamRecord> = (0..8)
+            .map(|i| NewStreamRecord {
+                partition: Some(i % 2),
+                ..record(None, &format!("v{i}"))
+            })
+            .collect();
+        b.produce("s", &batch, AckLevel::Durable).await.unwrap();
+        let streams = vec!["s".to_string()];
+        let one = b
+            .create_consumer("g", None, &streams, 60_000, StartAt::Earliest)
+            .unwrap();
+        // Turns: a one-batch fetch takes partition after partition.
+        let first = b.consumer_fetch("g", &one, 1, 0).await.unwrap();
+        let second = b.consumer_fetch("g", &one, 1, 0).await.unwrap();
+        assert_ne!(first[0].partition, second[0].partition);
+        b.commit_consumer("g", &one, None).await.unwrap();
+        // A second member gets its partition as soon as the first has fetched once.
+        let two = b
+            .create_consumer("g", None, &streams, 60_000, StartAt::Earliest)
+            .unwrap();
+        b.consumer_fetch("g", &one, 1 << 20, 0).await.unwrap();
+        let info = b.describe_group("g").await.unwrap();
+        let mine: Vec<u32> = info
+            .members
+            .iter()
+            .find(|m| m.member == two)
+            .unwrap()
+            .assigned
+            .iter()
+            .map(|p| p.partition)
+            .collect();
+        assert_eq!(mine.len(), 1);
+        b.produce(
+            "s",
+            &[NewStreamRecord {
+                partition: Some(mine[0]),
+                ..record(None, "for two")
+            }],
+            AckLevel::Durable,
+        )
+        .await
+        .unwrap();
+        let got = b.consumer_fetch("g", &two, 1 << 20, 0).await.unwrap();
+        assert!(
+            got.iter()
+                .any(|r| r.record.value.as_deref() == Some(&b"for two"[..])),
+            "{got:?}"
+        );
+        // Ids are never reused: after both leave, a new member has a new id and the old
+        // ones are unknown.
+        b.delete_consumer("g", &one).await.unwrap();
+        b.delete_consumer("g", &two).await.unwrap();
+        let three = b
+            .create_consumer("g", None, &streams, 60_000, StartAt::Earliest)
+            .unwrap();
+        assert!(three != one && three != two);
+        assert_eq!(
+            b.consumer_fetch("g", &one, 1, 0).await.unwrap_err().code,
+            ErrorCode::UnknownMember
+        );
+        // Explicit commits name what exists; instance names are checked.
+        let missing = [("nope".to_string(), 0, 1)];
+        let err = b
+            .commit_consumer("g", &three, Some(&missing))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::StreamNotFound);
+        let err = b
+            .create_consumer("g", Some("bad name"), &streams, 60_000, StartAt::Earliest)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest);
+        // Deleting the stream forgets its committed offsets.
+        b.commit("g", "s", 0, 3, "").await.unwrap();
+        b.delete_consumer("g", &three).await.unwrap();
+        b.delete_stream("s").await.unwrap();
+        b.put_stream("s", &patch(2)).await.unwrap();
+        assert!(b.committed("g", "s", 0).await.is_none());
+        // A refused keyless produce does not take the next turn.
+        let ok = b
+            .produce("s", &[record(None, "a")], AckLevel::Durable)
+            .await
+            .unwrap();
+        let bad = NewStreamRecord {
+            partition: Some(9),
+            ..record(None, "b")
+        };
+        assert!(
+            b.produce("s", &[record(None, "c"), bad], AckLevel::Durable)
+                .await
+                .is_err()
+        );
+        let next = b
+            .produce("s", &[record(None, "d")], AckLevel::Durable)
+            .await
+            .unwrap();
+        assert_eq!(next.offsets[0].0, (ok.offsets[0].0 + 1) % 2);
+    });
+}
+
+/// A long poll longer than the member's session keeps the member: the fetch is its
+/// heartbeat for as long as it waits (before, the member was removed during its own fetch).
+#[test]
+fn a_long_poll_keeps_its_member_alive() {
+    use tidewater_core::broker::StartAt;
+    let rt = runtime();
+    let h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &patch(1)).await.unwrap();
+        let streams = vec!["s".to_string()];
+        let member = b
+            .create_consumer("g", None, &streams, 1_000, StartAt::Earliest)
+            .unwrap();
+        let (fetched, ()) = tokio::join!(b.consumer_fetch("g", &member, 1 << 20, 30_000), async {
+            tokio::task::yield_now().await;
+            // Five sessions pass (simulated) while the fetch waits; maintenance runs.
+            h.advance(5_000).await;
+            b.produce("s", &[record(None, "wake")], AckLevel::Durable)
+                .await
+                .unwrap();
+        });
+        assert_eq!(fetched.unwrap().len(), 1);
+    });
+}

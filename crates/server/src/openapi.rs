@@ -597,8 +597,8 @@ fn group_schemas(limits: &Limits) -> Value {
                 "lag_ms": {"type": "integer", "minimum": 0, "description": "age of the oldest record not consumed yet (0 when none)"}}}}}},
         "ConsumerRequest": {"type": "object", "additionalProperties": false, "required": ["streams"], "properties": {
             "streams": {"type": "array", "minItems": 1, "maxItems": tidewater_core::broker::MAX_MEMBER_STREAMS, "items": queue_name(), "description": "the streams this member reads (each must exist: 404 stream_not_found)"},
-            "instance": {"type": ["string", "null"], "minLength": 1, "maxLength": 200,
-                "description": "a stable name (Kafka's group.instance.id): creating it again takes its place back, partitions included"},
+            "instance": {"type": ["string", "null"], "pattern": queue_name()["pattern"],
+                "description": "a stable name (Kafka's group.instance.id), 1 to 200 characters of A-Z a-z 0-9 . _ - (not . or ..): creating it again gives a new member id that takes the old one's partitions, and fences the old one"},
             "session_timeout_ms": {"type": ["integer", "null"], "minimum": 1000, "maximum": limits.max_session_timeout_ms,
                 "description": "the member is removed after this long without a fetch (default 30000)"},
             "start_at": {"type": ["string", "null"], "enum": ["earliest", "latest", null],

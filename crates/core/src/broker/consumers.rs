@@ -29,6 +29,9 @@ pub(crate) struct Instance {
     start_at: StartAt,
     /// Partition -> the next offset to fetch.
     positions: BTreeMap<TopicPartition, u64>,
+    /// Where the next fetch starts among the partitions (each fetch starts one further, so
+    /// a busy partition cannot starve the others).
+    turn: usize,
 }
 
 /// A record as a member fetches it: where it comes from.
@@ -58,6 +61,7 @@ impl Broker {
             .or_insert(Instance {
                 start_at,
                 positions: BTreeMap::new(),
+                turn: 0,
             });
         Ok(member)
     }
@@ -72,7 +76,8 @@ impl Broker {
         let Some(instance) = instance else {
             return Err(unknown(group, member));
         };
-        self.commit_positions(group, &instance.positions).await?;
+        self.commit_positions(group, &instance.positions, false)
+            .await?;
         self.leave_group(group, member)
     }
 
@@ -97,20 +102,28 @@ impl Broker {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         loop {
             let grew = self.inner.streams_grew.notified();
-            tokio::pin!(grew);
+            let changed = self.inner.groups_changed.notified();
+            tokio::pin!(grew, changed);
             grew.as_mut().enable();
+            changed.as_mut().enable();
             self.consumer_heartbeat(group, member).await?;
-            let positions = self
-                .inner
-                .consumers
-                .lock()
-                .get(&(group.to_string(), member.to_string()))
-                .map(|i| i.positions.clone())
-                .ok_or_else(|| unknown(group, member))?;
+            let (positions, turn) = {
+                let mut consumers = self.inner.consumers.lock();
+                let instance = consumers
+                    .get_mut(&(group.to_string(), member.to_string()))
+                    .ok_or_else(|| unknown(group, member))?;
+                instance.turn = instance.turn.wrapping_add(1);
+                (instance.positions.clone(), instance.turn)
+            };
+            let mut order: Vec<(TopicPartition, u64)> = positions.into_iter().collect();
+            if !order.is_empty() {
+                let start = turn % order.len();
+                order.rotate_left(start);
+            }
             let mut out = Vec::new();
             let mut taken = 0usize;
             let mut moved = BTreeMap::new();
-            for ((stream, partition), position) in positions {
+            for ((stream, partition), position) in order {
                 if taken >= max_bytes {
                     break;
                 }
@@ -148,21 +161,35 @@ impl Broker {
                     }
                 }
             }
-            if !out.is_empty() || tokio::time::Instant::now() >= deadline || self.is_closing() {
+            let now = tokio::time::Instant::now();
+            if !out.is_empty() || now >= deadline || self.is_closing() {
                 return Ok(out);
             }
-            // Any stream's growth wakes this; a spurious wake looks again.
-            let _ = tokio::time::timeout_at(deadline, grew).await;
+            // A long poll is a heartbeat for as long as it waits.
+            let waiting =
+                i64::try_from(deadline.duration_since(now).as_millis()).unwrap_or(i64::MAX);
+            self.touch_member(group, member, self.now_ms().saturating_add(waiting));
+            // A stream's growth, or a change of assignment (partitions to take or give up),
+            // wakes it; a spurious wake looks again.
+            let _ = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    () = &mut grew => {}
+                    () = &mut changed => {}
+                }
+            })
+            .await;
         }
     }
 
-    /// Commits the member's positions (all of them, or those given).
+    /// Commits the member's positions (all of them), or the offsets given (each must name a
+    /// stream and partition that exist, and an offset within it).
     pub async fn commit_consumer(
         &self,
         group: &str,
         member: &str,
         offsets: Option<&[(String, u32, u64)]>,
     ) -> Result<(), BrokerError> {
+        let strict = offsets.is_some();
         let positions = {
             let consumers = self.inner.consumers.lock();
             let instance = consumers
@@ -173,13 +200,15 @@ impl Broker {
                 Some(list) => list.iter().map(|(s, p, o)| ((s.clone(), *p), *o)).collect(),
             }
         };
-        self.commit_positions(group, &positions).await
+        self.commit_positions(group, &positions, strict).await
     }
 
+    /// Commits positions; unless `strict`, a stream deleted meanwhile is skipped.
     async fn commit_positions(
         &self,
         group: &str,
         positions: &BTreeMap<TopicPartition, u64>,
+        strict: bool,
     ) -> Result<(), BrokerError> {
         for ((stream, partition), offset) in positions {
             let already = self.committed(group, stream, *partition).await;
@@ -189,7 +218,7 @@ impl Broker {
             match self.commit(group, stream, *partition, *offset, "").await {
                 Ok(()) => {}
                 // A stream deleted meanwhile: nothing to commit.
-                Err(err) if err.code == ErrorCode::StreamNotFound => {}
+                Err(err) if !strict && err.code == ErrorCode::StreamNotFound => {}
                 Err(err) => return Err(err),
             }
         }
@@ -226,7 +255,7 @@ impl Broker {
                     .filter_map(|tp| instance.positions.get(tp).map(|p| (tp.clone(), *p)))
                     .collect()
             };
-            self.commit_positions(group, &revoked).await?;
+            self.commit_positions(group, &revoked, false).await?;
         }
         let mut starts = BTreeMap::new();
         for (stream, partition) in &assignment.assigned {
@@ -244,14 +273,23 @@ impl Broker {
             };
             starts.insert((stream.clone(), *partition), start);
         }
-        let mut consumers = self.inner.consumers.lock();
-        let instance = consumers
-            .get_mut(&key)
-            .ok_or_else(|| unknown(group, member))?;
-        for tp in &assignment.revoked {
-            instance.positions.remove(tp);
+        let held = {
+            let mut consumers = self.inner.consumers.lock();
+            let instance = consumers
+                .get_mut(&key)
+                .ok_or_else(|| unknown(group, member))?;
+            for tp in &assignment.revoked {
+                instance.positions.remove(tp);
+            }
+            instance.positions.extend(starts);
+            instance.positions.keys().cloned().collect::<BTreeSet<_>>()
+        };
+        if !assignment.revoked.is_empty() {
+            // Say at once what was given up, so its new owner can take it now rather than
+            // at this member's next fetch.
+            let _ = self.heartbeat(group, member, &held);
+            self.inner.groups_changed.notify_waiters();
         }
-        instance.positions.extend(starts);
         Ok(())
     }
 }

@@ -174,6 +174,14 @@ impl Broker {
                 limits.max_session_timeout_ms
             )));
         }
+        if let Some(instance) = instance {
+            crate::stream::config::validate_stream_name(instance).map_err(|_| {
+                BrokerError::invalid(format!(
+                    "invalid instance name '{}': 1 to 200 characters of A-Z a-z 0-9 . _ -",
+                    instance.chars().take(40).collect::<String>()
+                ))
+            })?;
+        }
         if streams.is_empty() || streams.len() > MAX_MEMBER_STREAMS {
             return Err(BrokerError::invalid(format!(
                 "a member joins for 1 to {MAX_MEMBER_STREAMS} streams"
@@ -205,13 +213,26 @@ impl Broker {
                 ),
             ));
         }
-        Ok(g.join(
+        // Member ids are never reused: a client holding an old id (its session expired, the
+        // server restarted) cannot act for a new member.
+        let id = format!(
+            "{}-{:016x}",
+            instance.unwrap_or("member"),
+            self.inner.nonces.nonce()
+        );
+        let before = g.generation();
+        let member = g.join(
+            id,
             instance,
             streams,
             session_timeout_ms,
             self.now_ms(),
             &counts,
-        ))
+        );
+        if g.generation() != before {
+            self.inner.groups_changed.notify_waiters();
+        }
+        Ok(member)
     }
 
     /// A member's heartbeat with what it consumes now: what it may consume and what it
@@ -233,6 +254,44 @@ impl Broker {
             .map_err(|e| group_error(group, e))
     }
 
+    /// Keeps a member alive until `until_ms` (its long poll is waiting).
+    pub(super) fn touch_member(&self, group: &str, member: &str, until_ms: i64) {
+        if let Some(g) = self.inner.groups.groups.lock().get_mut(group) {
+            g.touch(member, until_ms);
+        }
+    }
+
+    /// Forgets the committed offsets of a deleted stream (their records are settled).
+    pub(super) async fn forget_offsets(&self, stream: &str) -> Result<(), BrokerError> {
+        let mut offsets = self.inner.groups.offsets.lock().await;
+        let Some((uid, _)) = &offsets.log else {
+            return Ok(());
+        };
+        let uid = *uid;
+        let gone: Vec<(String, String, u32)> = offsets
+            .latest
+            .keys()
+            .filter(|(_, s, _)| s == stream)
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<u64> = gone.iter().map(|k| offsets.latest[k].0).collect();
+        self.write(
+            vec![Op::Settle {
+                uid,
+                ranges: to_ranges(&records),
+            }],
+            AckLevel::Durable,
+        )
+        .await?;
+        for key in gone {
+            offsets.latest.remove(&key);
+        }
+        Ok(())
+    }
+
     pub fn leave_group(&self, group: &str, member: &str) -> Result<(), BrokerError> {
         let counts = self.partition_counts();
         let mut groups = self.inner.groups.groups.lock();
@@ -248,6 +307,7 @@ impl Broker {
                 GroupError::UnknownMember(member.to_string()),
             ));
         }
+        self.inner.groups_changed.notify_waiters();
         Ok(())
     }
 
@@ -257,11 +317,17 @@ impl Broker {
         let counts = self.partition_counts();
         let now = self.now_ms();
         let mut groups = self.inner.groups.groups.lock();
+        let mut changed = false;
         for (name, g) in groups.iter_mut() {
+            let before = g.generation();
             for member in g.expire(now, &counts) {
                 tracing::info!(group = %name, member = %member, "session expired: member removed");
             }
             g.streams_changed(&counts);
+            changed |= g.generation() != before;
+        }
+        if changed {
+            self.inner.groups_changed.notify_waiters();
         }
         groups.retain(|_, g| !g.is_empty());
         // Consumer instances whose member is gone go too.

@@ -122,6 +122,9 @@ struct Inner {
     consumers: Mutex<HashMap<(String, String), consumers::Instance>>,
     /// Notified when any stream partition grows (wakes consumer-instance fetches).
     streams_grew: Notify,
+    /// Notified when a group's assignment changes (wakes consumer-instance fetches, which
+    /// give up or take partitions at once).
+    groups_changed: Notify,
 }
 
 #[derive(Clone)]
@@ -277,6 +280,7 @@ impl Broker {
             groups,
             consumers: Mutex::new(HashMap::new()),
             streams_grew: Notify::new(),
+            groups_changed: Notify::new(),
         });
         // Durable data becomes visible to consumers; wake their long-polls.
         let weak = Arc::downgrade(&inner);

@@ -282,6 +282,8 @@ impl Broker {
         let uids: Vec<u64> = stream.partitions.read().iter().map(|p| p.uid).collect();
         let ops = uids.iter().map(|&uid| Op::DeleteLog { uid }).collect();
         self.write(ops, AckLevel::Durable).await?;
+        // A stream made again under this name starts with no committed offsets.
+        self.forget_offsets(name).await?;
         self.inner.streams.write().remove(name);
         {
             let mut by_uid = self.inner.stream_parts.write();
@@ -339,7 +341,7 @@ impl Broker {
         let handle = self.stream(stream)?;
         self.check_disk()?;
         let config = handle.config.lock().clone();
-        let sticky = handle.sticky.next(config.partitions);
+        let sticky = handle.sticky.peek(config.partitions);
         let (batches, placement) =
             plan_produce(records, &config, sticky, &self.inner.limits, self.now_ms())?;
         let parts = handle.partitions.read().clone();
@@ -354,6 +356,12 @@ impl Broker {
             });
         }
         let results = self.write(ops, level).await?;
+        if records
+            .iter()
+            .any(|r| r.partition.is_none() && r.key.is_none())
+        {
+            handle.sticky.advance();
+        }
         let mut bases: HashMap<u32, u64> = HashMap::new();
         for (batch, result) in batches.iter().zip(&results) {
             match *result {

@@ -54,7 +54,6 @@ pub struct Group {
     members: BTreeMap<String, Member>,
     /// Partition -> the member it should go to.
     target: BTreeMap<TopicPartition, String>,
-    next_member: u64,
 }
 
 impl Group {
@@ -75,11 +74,15 @@ impl Group {
         &self.target
     }
 
-    /// Adds a member (or, with an `instance` already in the group, takes that member's
-    /// place back: same id, same partitions). Returns its id. `partitions` gives a stream's
-    /// partition count (`None`: the stream does not exist, and has no partitions to assign).
+    /// Adds member `id` (a name never used before: the caller makes it unique, so a client
+    /// holding an old member's id can never act for a new one). With an `instance` already in
+    /// the group, the new id takes that member's place: its partitions and position in the
+    /// assignment, with no rebalance; the old id is no longer a member (fenced, as Kafka's
+    /// static membership does). `partitions` gives a stream's partition count (`None`: the
+    /// stream does not exist, and has no partitions to assign).
     pub fn join(
         &mut self,
+        id: String,
         instance: Option<&str>,
         streams: &[String],
         session_timeout_ms: u64,
@@ -87,26 +90,29 @@ impl Group {
         partitions: &dyn Fn(&str) -> Option<u32>,
     ) -> String {
         let streams: BTreeSet<String> = streams.iter().cloned().collect();
-        if let Some(instance) = instance
-            && let Some((id, member)) = self
-                .members
-                .iter_mut()
+        let previous = instance.and_then(|instance| {
+            self.members
+                .iter()
                 .find(|(_, m)| m.instance.as_deref() == Some(instance))
-        {
+                .map(|(old, _)| old.clone())
+        });
+        if let Some(old) = previous {
+            let mut member = self.members.remove(&old).expect("found above");
             member.last_seen_ms = now_ms;
             member.session_timeout_ms = session_timeout_ms;
-            let id = id.clone();
-            if member.streams != streams {
-                member.streams = streams;
+            let changed = member.streams != streams;
+            member.streams = streams;
+            self.members.insert(id.clone(), member);
+            for owner in self.target.values_mut() {
+                if *owner == old {
+                    *owner = id.clone();
+                }
+            }
+            if changed {
                 self.rebalance(partitions);
             }
             return id;
         }
-        self.next_member += 1;
-        let id = match instance {
-            Some(instance) => format!("{instance}-{}", self.next_member),
-            None => format!("member-{}", self.next_member),
-        };
         self.members.insert(
             id.clone(),
             Member {
@@ -119,6 +125,14 @@ impl Group {
         );
         self.rebalance(partitions);
         id
+    }
+
+    /// Keeps a member alive until `until_ms` at least (a long poll in progress is a
+    /// heartbeat for as long as it waits).
+    pub fn touch(&mut self, member: &str, until_ms: i64) {
+        if let Some(m) = self.members.get_mut(member) {
+            m.last_seen_ms = m.last_seen_ms.max(until_ms);
+        }
     }
 
     /// A member's heartbeat, with what it consumes now: what it may consume, and what it
@@ -284,6 +298,13 @@ mod tests {
         (s.to_string(), p)
     }
 
+    /// A fresh member id, as the broker makes them (unique).
+    fn id() -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        format!("member-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
     /// Heartbeats every member until nothing changes; returns who owns what.
     fn settle(group: &mut Group, now: i64) -> BTreeMap<String, BTreeSet<TopicPartition>> {
         let mut owned: BTreeMap<String, BTreeSet<TopicPartition>> = group
@@ -336,15 +357,15 @@ mod tests {
         let streams = [("a", 6)];
         let p = counts(&streams);
         let mut g = Group::default();
-        let one = g.join(None, &["a".into()], 10_000, 0, &p);
+        let one = g.join(id(), None, &["a".into()], 10_000, 0, &p);
         let owned = settle(&mut g, 0);
         assert_eq!(owned[&one].len(), 6);
-        let two = g.join(None, &["a".into()], 10_000, 0, &p);
+        let two = g.join(id(), None, &["a".into()], 10_000, 0, &p);
         let owned = settle(&mut g, 0);
         check(&owned, &streams);
         assert_eq!((owned[&one].len(), owned[&two].len()), (3, 3));
         let before = owned[&one].clone();
-        let three = g.join(None, &["a".into()], 10_000, 0, &p);
+        let three = g.join(id(), None, &["a".into()], 10_000, 0, &p);
         let owned = settle(&mut g, 0);
         check(&owned, &streams);
         assert!(
@@ -359,10 +380,10 @@ mod tests {
         let streams = [("a", 2)];
         let p = counts(&streams);
         let mut g = Group::default();
-        let one = g.join(None, &["a".into()], 10_000, 0, &p);
+        let one = g.join(id(), None, &["a".into()], 10_000, 0, &p);
         let all = g.heartbeat(&one, &BTreeSet::new(), 0).unwrap().assigned;
         assert_eq!(all.len(), 2);
-        let two = g.join(None, &["a".into()], 10_000, 0, &p);
+        let two = g.join(id(), None, &["a".into()], 10_000, 0, &p);
         // one has not given anything up yet: two gets nothing.
         assert!(
             g.heartbeat(&two, &BTreeSet::new(), 0)
@@ -383,17 +404,39 @@ mod tests {
         let streams = [("a", 4), ("b", 1)];
         let p = counts(&streams);
         let mut g = Group::default();
-        let one = g.join(Some("host-1"), &["a".into(), "b".into()], 1_000, 0, &p);
-        let two = g.join(None, &["a".into()], 1_000, 0, &p);
+        let one = g.join(
+            id(),
+            Some("host-1"),
+            &["a".into(), "b".into()],
+            1_000,
+            0,
+            &p,
+        );
+        let two = g.join(id(), None, &["a".into()], 1_000, 0, &p);
         let owned = settle(&mut g, 0);
         check(&owned, &streams);
         let generation = g.generation();
-        // host-1 restarts and joins again under its name: same id, no rebalance.
-        let again = g.join(Some("host-1"), &["a".into(), "b".into()], 1_000, 500, &p);
-        assert_eq!(again, one);
+        // host-1 restarts and joins again under its name: a new id takes the old one's
+        // partitions with no rebalance, and the old id is fenced.
+        let again = g.join(
+            id(),
+            Some("host-1"),
+            &["a".into(), "b".into()],
+            1_000,
+            500,
+            &p,
+        );
+        assert_ne!(again, one);
         assert_eq!(g.generation(), generation);
+        assert!(
+            g.heartbeat(&one, &owned[&one], 600).is_err(),
+            "the old id is fenced"
+        );
+        let mine = g.heartbeat(&again, &BTreeSet::new(), 600).unwrap();
+        assert_eq!(mine.assigned, owned[&one], "the same partitions");
+        let one = again;
         // two stops heartbeating: gone after its session, its partitions to host-1.
-        g.heartbeat(&one, &owned[&one], 1_400).unwrap();
+        g.heartbeat(&one, &mine.assigned, 1_400).unwrap();
         assert_eq!(g.expire(1_600, &p), vec![two.clone()]);
         assert_eq!(
             g.heartbeat(&two, &BTreeSet::new(), 1_600),
@@ -407,8 +450,8 @@ mod tests {
     fn growth_and_deletion_reassign() {
         let mut counts_now = vec![("a", 2)];
         let mut g = Group::default();
-        let one = g.join(None, &["a".into()], 10_000, 0, &counts(&counts_now));
-        let two = g.join(None, &["a".into()], 10_000, 0, &counts(&counts_now));
+        let one = g.join(id(), None, &["a".into()], 10_000, 0, &counts(&counts_now));
+        let two = g.join(id(), None, &["a".into()], 10_000, 0, &counts(&counts_now));
         settle(&mut g, 0);
         counts_now[0].1 = 5;
         g.streams_changed(&counts(&counts_now));

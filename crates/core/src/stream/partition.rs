@@ -59,6 +59,18 @@ impl Sticky {
         assert!(partitions > 0, "a stream has at least one partition");
         self.next.fetch_add(1, Ordering::Relaxed) % partitions
     }
+
+    /// The partition the next keyless produce takes, without taking the turn (a produce
+    /// that is refused leaves it to the next one).
+    pub fn peek(&self, partitions: u32) -> u32 {
+        assert!(partitions > 0, "a stream has at least one partition");
+        self.next.load(Ordering::Relaxed) % partitions
+    }
+
+    /// Moves on to the next partition (a keyless produce was stored).
+    pub fn advance(&self) {
+        self.next.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
