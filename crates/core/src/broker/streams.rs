@@ -160,9 +160,9 @@ impl Broker {
                 BrokerError::new(
                     ErrorCode::PartitionNotFound,
                     format!(
-                        "stream '{}' has no partition {partition} (it has {})",
+                        "stream '{}' has no partition {partition} (its partitions are 0..={})",
                         stream.name,
-                        stream.partitions.read().len()
+                        stream.partitions.read().len().saturating_sub(1)
                     ),
                 )
             })

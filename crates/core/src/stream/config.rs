@@ -58,6 +58,12 @@ impl StreamConfig {
     pub fn apply(&self, patch: &StreamPatch) -> Result<StreamConfig, BrokerError> {
         let mut out = self.clone();
         if let Some(partitions) = patch.partitions {
+            if partitions == 0 {
+                return Err(BrokerError::new(
+                    ErrorCode::InvalidConfig,
+                    "partitions must be at least 1",
+                ));
+            }
             if partitions < self.partitions {
                 return Err(BrokerError::new(
                     ErrorCode::ConfigConflict,
