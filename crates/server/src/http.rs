@@ -642,23 +642,14 @@ async fn put_queue(
     body: Body,
 ) -> ApiResult {
     let broker = state.broker()?;
-    let (value, _permit): (serde_json::Value, _) =
-        parse_body(&state, body, Some(serde_json::json!({})), CONFIG_VALUES).await?;
-    // Accept the config object itself, or {"config": {...}} as GET returns it.
-    let config = match value {
-        serde_json::Value::Object(mut map)
-            if map.len() == 1 && map.get("config").is_some_and(|c| c.is_object()) =>
-        {
-            map.remove("config").unwrap()
-        }
-        other => other,
-    };
-    let patch: ConfigPatch = serde_json::from_value(config).map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidConfig,
-            format!("queue configuration: {e}"),
-        )
-    })?;
+    let (patch, _permit): (ConfigPatch, _) = config_body(
+        &state,
+        body,
+        CONFIG_VALUES,
+        "queue",
+        "{\"lease_ms\": 30000}",
+    )
+    .await?;
     let (created, info) = broker.put_queue(&queue, &patch).await?;
     json(
         if created {
@@ -668,6 +659,41 @@ async fn put_queue(
         },
         &info,
     )
+}
+
+/// The configuration patch of a PUT: the patch object itself, or `{"config": patch}` as a
+/// GET returns it; no body is `{}`. Anything but an object is `invalid_config` (serde would
+/// take an array for a struct).
+async fn config_body<T: DeserializeOwned>(
+    state: &AppState,
+    body: Body,
+    max_values: usize,
+    what: &str,
+    example: &str,
+) -> Result<(T, BodyPermit), ApiError> {
+    let (value, permit): (serde_json::Value, _) =
+        parse_body(state, body, Some(serde_json::json!({})), max_values).await?;
+    let config = match value {
+        serde_json::Value::Object(mut map)
+            if map.len() == 1 && map.get("config").is_some_and(|c| c.is_object()) =>
+        {
+            map.remove("config").unwrap()
+        }
+        other => other,
+    };
+    if !config.is_object() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidConfig,
+            format!("{what} configuration: give a JSON object, like {example}"),
+        ));
+    }
+    let patch = serde_json::from_value(config).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidConfig,
+            format!("{what} configuration: {e}"),
+        )
+    })?;
+    Ok((patch, permit))
 }
 
 async fn delete_queue(State(state): State<AppState>, Path(queue): Path<String>) -> ApiResult {
@@ -872,29 +898,8 @@ async fn put_stream(
     body: Body,
 ) -> ApiResult {
     let broker = state.broker()?;
-    let (value, _permit): (serde_json::Value, _) =
-        parse_body(&state, body, Some(serde_json::json!({})), SMALL_VALUES).await?;
-    // The patch itself, or {"config": {...}} as GET returns it.
-    let config = match value {
-        serde_json::Value::Object(mut map)
-            if map.len() == 1 && map.get("config").is_some_and(|c| c.is_object()) =>
-        {
-            map.remove("config").unwrap()
-        }
-        other => other,
-    };
-    if !config.is_object() {
-        return Err(ApiError::new(
-            ErrorCode::InvalidConfig,
-            "stream configuration: give a JSON object, like {\"partitions\": 4}",
-        ));
-    }
-    let patch: StreamPatch = serde_json::from_value(config).map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidConfig,
-            format!("stream configuration: {e}"),
-        )
-    })?;
+    let (patch, _permit): (StreamPatch, _) =
+        config_body(&state, body, SMALL_VALUES, "stream", "{\"partitions\": 4}").await?;
     let (created, info) = broker.put_stream(&stream, &patch).await?;
     json(
         if created {

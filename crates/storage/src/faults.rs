@@ -15,6 +15,9 @@ pub struct Faults {
     pub panic_writer: AtomicBool,
     /// The syncer thread panics before its next fdatasync.
     pub panic_syncer: AtomicBool,
+    /// While set, the syncer waits before its next fdatasync: durable requests stay
+    /// unanswered (tests of what a request does while its write is in flight).
+    pub stall_syncer: AtomicBool,
     /// This many next opens of the checkpoint directory (for its fsync) fail with EMFILE.
     pub checkpoint_dir_open_failures: AtomicU64,
     /// The journal write of the Nth next meta request (create, config, delete) fails with

@@ -641,6 +641,46 @@ fn scan_segment_until(
     Ok(segment)
 }
 
+/// Where a read of offset `next` (below `limit`) goes on.
+enum Locate {
+    /// Into this segment (by index), which holds `next`.
+    In(usize),
+    /// On from this offset: `next` was deleted (settled, below the first segment) or is in a
+    /// hole accepted at open.
+    Skip(u64),
+    /// Nowhere: nothing at or after `next` yet.
+    End,
+}
+
+fn locate(files: &LogFiles, next: u64, limit: u64) -> Result<Locate, ReadError> {
+    let idx = files.segments.partition_point(|s| s.base <= next);
+    if idx == 0 {
+        // Below the first segment: those offsets were deleted (settled); skip ahead.
+        return Ok(match files.segments.first() {
+            Some(first) if first.base < limit && first.base > next => Locate::Skip(first.base),
+            _ => Locate::End,
+        });
+    }
+    let seg = &files.segments[idx - 1];
+    if next < seg.end {
+        return Ok(Locate::In(idx - 1));
+    }
+    match files.segments.get(idx) {
+        Some(following) => {
+            let between = seg.end..following.base;
+            if !between.is_empty() && !files.is_hole(&between) {
+                // Never taken for settled: only holes accepted at open are.
+                return Err(ReadError::Missing {
+                    path: seg.path.clone(),
+                    offsets: between,
+                });
+            }
+            Ok(Locate::Skip(following.base))
+        }
+        None => Ok(Locate::End),
+    }
+}
+
 /// What a read does with each wanted record: gets its bytes (length prefix included),
 /// offset and publish time; `Ok(false)` ends the read.
 pub(crate) type Sink<'s> = &'s mut dyn FnMut(&[u8], u64, i64) -> Result<bool, FormatError>;
@@ -674,35 +714,14 @@ pub(crate) fn read_records(
     while next < limit && !full(count, bytes) {
         let (file, path, mark, seg_len, seg_end, seg_records) = {
             let files = files.read().unwrap_or_else(|e| e.into_inner());
-            let idx = files.segments.partition_point(|s| s.base <= next);
-            if idx == 0 {
-                // Below the first segment: those offsets were deleted (settled); skip ahead.
-                match files.segments.first() {
-                    Some(first) if first.base < limit && first.base > next => {
-                        next = first.base;
-                        continue;
-                    }
-                    _ => return Ok(bytes_read.get()),
+            let seg = match locate(&files, next, limit)? {
+                Locate::In(idx) => &files.segments[idx],
+                Locate::Skip(to) => {
+                    next = to;
+                    continue;
                 }
-            }
-            let seg = &files.segments[idx - 1];
-            if next >= seg.end {
-                match files.segments.get(idx) {
-                    Some(following) => {
-                        let between = seg.end..following.base;
-                        if !between.is_empty() && !files.is_hole(&between) {
-                            // Never taken for settled: only holes accepted at open are.
-                            return Err(ReadError::Missing {
-                                path: seg.path.clone(),
-                                offsets: between,
-                            });
-                        }
-                        next = following.base;
-                        continue;
-                    }
-                    None => return Ok(bytes_read.get()),
-                }
-            }
+                Locate::End => return Ok(bytes_read.get()),
+            };
             let file = seg.file(&files.io).map_err(|source| ReadError::Io {
                 path: seg.path.clone(),
                 source,
@@ -861,33 +880,14 @@ pub(crate) fn read_batches(
     while next < limit && (out.len() == start || taken < max_bytes) {
         let (file, path, mark_pos, seg_len, seg_end) = {
             let files = files.read().unwrap_or_else(|e| e.into_inner());
-            let idx = files.segments.partition_point(|s| s.base <= next);
-            if idx == 0 {
-                match files.segments.first() {
-                    Some(first) if first.base < limit && first.base > next => {
-                        next = first.base;
-                        continue;
-                    }
-                    _ => return Ok(bytes_read),
+            let seg = match locate(&files, next, limit)? {
+                Locate::In(idx) => &files.segments[idx],
+                Locate::Skip(to) => {
+                    next = to;
+                    continue;
                 }
-            }
-            let seg = &files.segments[idx - 1];
-            if next >= seg.end {
-                match files.segments.get(idx) {
-                    Some(following) => {
-                        let between = seg.end..following.base;
-                        if !between.is_empty() && !files.is_hole(&between) {
-                            return Err(ReadError::Missing {
-                                path: seg.path.clone(),
-                                offsets: between,
-                            });
-                        }
-                        next = following.base;
-                        continue;
-                    }
-                    None => return Ok(bytes_read),
-                }
-            }
+                Locate::End => return Ok(bytes_read),
+            };
             let file = seg.file(&files.io).map_err(|source| ReadError::Io {
                 path: seg.path.clone(),
                 source,

@@ -2029,6 +2029,9 @@ fn syncer_loop(shared: &Shared) {
         if Faults::take(&shared.opts.faults.panic_syncer) {
             panic!("injected fault: the syncer thread panics");
         }
+        while shared.opts.faults.stall_syncer.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let failed = if shared.poisoned.load(Ordering::SeqCst) {
             true
         } else if shared.opts.fsync
