@@ -358,6 +358,13 @@ fn groups_share_partitions_commit_durably_and_report_lag() {
         assert_eq!(info.offsets[1].lag_ms, 0);
         // Members are not durable (as Kafka's): after a restart they join again.
         assert!(info.members.is_empty());
+        // The metrics' view: per group and stream, summed records and the oldest's age.
+        let lags = b.group_lags();
+        assert_eq!(lags.len(), 1);
+        assert_eq!(
+            (lags[0].lag, lags[0].lag_ms, lags[0].members),
+            (13, 60_000, 0)
+        );
         let three = b.join_group("etl", None, &streams, 1_000).unwrap();
         b.heartbeat("etl", &three, &BTreeSet::new()).unwrap();
         h.advance(1_001).await;

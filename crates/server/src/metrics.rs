@@ -1,6 +1,7 @@
 //! Prometheus metrics. Labels are the queue name (bounded by `max_queues`), for
 //! refusals a fixed set of reasons, and for quota refusals at most 20 tenants per queue
-//! plus "other": never a message id or key.
+//! plus "other"; for streams and groups their names (bounded by `max_streams` and
+//! `max_groups`): never a message id, key or partition.
 
 use std::sync::{Arc, OnceLock};
 
@@ -419,8 +420,114 @@ impl Collector for QueueCollector {
             prometheus_client::metrics::MetricType::Counter,
         )?;
         ConstCounter::new(files.opened).encode(family)?;
-        Ok(())
+        encode_streams(broker, &mut encoder)
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabel {
+    stream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabel {
+    group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupStreamLabel {
+    group: String,
+    stream: String,
+}
+
+/// Streams and consumer groups: labels are stream and group names only (bounded by
+/// `max_streams` and `max_groups`), never a partition.
+fn encode_streams(
+    broker: &Broker,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    let streams = broker.list_streams();
+    type StreamStat = (
+        &'static str,
+        &'static str,
+        fn(&tidewater_core::StreamInfo) -> u64,
+    );
+    let stats: [StreamStat; 3] = [
+        ("stream_partitions", "Partitions of the stream", |s| {
+            s.partitions.len() as u64
+        }),
+        (
+            "stream_end_offset",
+            "Records produced to the stream (the sum of its partitions' end offsets)",
+            |s| s.partitions.iter().map(|p| p.end_offset).sum(),
+        ),
+        ("stream_bytes", "Bytes of the stream's segment files", |s| {
+            s.partitions.iter().map(|p| p.bytes).sum()
+        }),
+    ];
+    for (name, help, value) in stats {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for stream in &streams {
+            let v = value(stream).min(i64::MAX as u64) as i64;
+            ConstGauge::new(v).encode(family.encode_family(&StreamLabel {
+                stream: stream.name.clone(),
+            })?)?;
+        }
+    }
+    let lags = broker.group_lags();
+    let mut family = encoder.encode_descriptor(
+        "group_members",
+        "Members of the consumer group",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    let mut seen = std::collections::BTreeSet::new();
+    for lag in &lags {
+        if seen.insert(lag.group.clone()) {
+            ConstGauge::new(lag.members as i64).encode(family.encode_family(&GroupLabel {
+                group: lag.group.clone(),
+            })?)?;
+        }
+    }
+    type LagStat = (
+        &'static str,
+        &'static str,
+        fn(&tidewater_core::broker::GroupLag) -> u64,
+    );
+    let lag_stats: [LagStat; 2] = [
+        (
+            "group_lag",
+            "Records of the stream the group has not consumed (end offsets minus committed, over its committed partitions)",
+            |l| l.lag,
+        ),
+        (
+            "group_lag_seconds",
+            "Age of the oldest record of the stream the group has not consumed",
+            |l| l.lag_ms / 1000,
+        ),
+    ];
+    for (name, help, value) in lag_stats {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for lag in &lags {
+            ConstGauge::new(value(lag).min(i64::MAX as u64) as i64).encode(
+                family.encode_family(&GroupStreamLabel {
+                    group: lag.group.clone(),
+                    stream: lag.stream.clone(),
+                })?,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

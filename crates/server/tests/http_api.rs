@@ -880,6 +880,15 @@ fn consumer_groups_over_http() {
         server.ok("GET", "/v1/groups", None)["groups"],
         json!(["billing"])
     );
+    let metrics = crate::support::metrics_text(&server.url);
+    for line in [
+        "tidewater_stream_partitions{stream=\"orders\"} 2",
+        "tidewater_stream_end_offset{stream=\"orders\"} 12",
+        "tidewater_group_members{group=\"billing\"} 2",
+        "tidewater_group_lag{group=\"billing\",stream=\"orders\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in the metrics");
+    }
     server.ok(
         "DELETE",
         &format!("/v1/groups/billing/consumers/{one}"),

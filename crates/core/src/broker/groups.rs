@@ -43,7 +43,11 @@ pub(crate) struct Offsets {
 /// Groups and their committed offsets.
 pub(crate) struct Groups {
     groups: Mutex<HashMap<String, Group>>,
+    /// Held across a commit's write: one commit at a time.
     offsets: tokio::sync::Mutex<Offsets>,
+    /// What the committed offsets are now, for readers that must not wait for a commit in
+    /// flight (metrics, describe): updated when a commit lands.
+    view: Mutex<BTreeMap<(String, String, u32), Committed>>,
 }
 
 impl Groups {
@@ -78,9 +82,15 @@ impl Groups {
             }
             offsets.log = Some((log.uid, reader));
         }
+        let view = offsets
+            .latest
+            .iter()
+            .map(|(k, (_, c))| (k.clone(), c.clone()))
+            .collect();
         Ok(Groups {
             groups: Mutex::new(HashMap::new()),
             offsets: tokio::sync::Mutex::new(offsets),
+            view: Mutex::new(view),
         })
     }
 }
@@ -286,7 +296,9 @@ impl Broker {
             AckLevel::Durable,
         )
         .await?;
+        let mut view = self.inner.groups.view.lock();
         for key in gone {
+            view.remove(&key);
             offsets.latest.remove(&key);
         }
         Ok(())
@@ -428,6 +440,11 @@ impl Broker {
                 "storage did not answer the commit's offset",
             ));
         };
+        self.inner
+            .groups
+            .view
+            .lock()
+            .insert(key.clone(), committed.clone());
         offsets.latest.insert(key, (base_offset, committed));
         Ok(())
     }
@@ -455,15 +472,15 @@ impl Broker {
                 None => (0, BTreeMap::new()),
             }
         };
-        let committed: Vec<((String, String, u32), Committed)> = {
-            let offsets = self.inner.groups.offsets.lock().await;
-            offsets
-                .latest
-                .range((group.to_string(), String::new(), 0)..)
-                .take_while(|((g, _, _), _)| g == group)
-                .map(|(k, (_, c))| (k.clone(), c.clone()))
-                .collect()
-        };
+        let committed: Vec<((String, String, u32), Committed)> = self
+            .inner
+            .groups
+            .view
+            .lock()
+            .range((group.to_string(), String::new(), 0)..)
+            .take_while(|((g, _, _), _)| g == group)
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect();
         if members.is_empty() && committed.is_empty() {
             return Err(BrokerError::new(
                 ErrorCode::GroupNotFound,
@@ -509,11 +526,12 @@ impl Broker {
 
     /// The committed offset of a partition for a group, if any.
     pub async fn committed(&self, group: &str, stream: &str, partition: u32) -> Option<Committed> {
-        let offsets = self.inner.groups.offsets.lock().await;
-        offsets
-            .latest
+        self.inner
+            .groups
+            .view
+            .lock()
             .get(&(group.to_string(), stream.to_string(), partition))
-            .map(|(_, c)| c.clone())
+            .cloned()
     }
 
     /// The timestamp of the record at `offset` (or the first after it).
@@ -534,8 +552,90 @@ impl Broker {
     /// The names of groups with members or committed offsets.
     pub async fn list_groups(&self) -> Vec<String> {
         let mut names: BTreeSet<String> = self.inner.groups.groups.lock().keys().cloned().collect();
-        let offsets = self.inner.groups.offsets.lock().await;
-        names.extend(offsets.latest.keys().map(|(g, _, _)| g.clone()));
+        names.extend(
+            self.inner
+                .groups
+                .view
+                .lock()
+                .keys()
+                .map(|(g, _, _)| g.clone()),
+        );
         names.into_iter().collect()
     }
+
+    /// Per group and stream (for metrics): its members, the records not consumed yet over
+    /// its committed partitions, and the age of the oldest of them (found among the
+    /// `LAG_AGE_PARTITIONS` partitions with the most records not consumed, so a scrape
+    /// reads a bounded number of batches).
+    pub fn group_lags(&self) -> Vec<GroupLag> {
+        let members: HashMap<String, u64> = self
+            .inner
+            .groups
+            .groups
+            .lock()
+            .iter()
+            .map(|(name, g)| (name.clone(), g.member_ids().count() as u64))
+            .collect();
+        let committed: Vec<((String, String, u32), u64)> = self
+            .inner
+            .groups
+            .view
+            .lock()
+            .iter()
+            .map(|(k, c)| (k.clone(), c.offset))
+            .collect();
+        let ends: HashMap<String, Vec<u64>> = self
+            .list_streams()
+            .into_iter()
+            .map(|s| (s.name, s.partitions.iter().map(|p| p.end_offset).collect()))
+            .collect();
+        // (group, stream) -> (records behind, partition, committed offset) per partition.
+        type Behind = Vec<(u64, u32, u64)>;
+        let mut by: BTreeMap<(String, String), Behind> = BTreeMap::new();
+        for ((group, stream, partition), offset) in committed {
+            let Some(end) = ends.get(&stream).and_then(|e| e.get(partition as usize)) else {
+                continue;
+            };
+            by.entry((group, stream)).or_default().push((
+                end.saturating_sub(offset),
+                partition,
+                offset,
+            ));
+        }
+        let now = self.now_ms();
+        by.into_iter()
+            .map(|((group, stream), mut parts)| {
+                let lag = parts.iter().map(|(l, _, _)| l).sum();
+                parts.sort_by_key(|part| std::cmp::Reverse(part.0));
+                let lag_ms = parts
+                    .iter()
+                    .take(LAG_AGE_PARTITIONS)
+                    .filter(|(l, _, _)| *l > 0)
+                    .filter_map(|(_, p, offset)| self.record_time(&stream, *p, *offset))
+                    .map(|t| now.saturating_sub(t).max(0) as u64)
+                    .max()
+                    .unwrap_or(0);
+                GroupLag {
+                    members: members.get(&group).copied().unwrap_or(0),
+                    group,
+                    stream,
+                    lag,
+                    lag_ms,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Partitions per group and stream whose oldest record's age a metrics scrape reads.
+pub const LAG_AGE_PARTITIONS: usize = 32;
+
+/// A group's lag on one stream (metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLag {
+    pub group: String,
+    pub stream: String,
+    pub members: u64,
+    pub lag: u64,
+    pub lag_ms: u64,
 }

@@ -45,7 +45,8 @@ pub use crate::plan::message::{Delay, NewMessage, header, hex, record_id};
 pub use consumers::{MemberRecord, StartAt};
 pub use delivery::{NackReason, Peeked, ReceiptFailure, SettleReply};
 pub use groups::{
-    Committed, GroupInfo, MAX_MEMBER_STREAMS, MemberInfo, PartitionLag, TopicPartitionInfo,
+    Committed, GroupInfo, GroupLag, MAX_MEMBER_STREAMS, MemberInfo, PartitionLag,
+    TopicPartitionInfo,
 };
 pub use publish::Published;
 pub use redrive::{RedriveProgress, RedriveRequest};
