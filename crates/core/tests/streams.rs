@@ -334,6 +334,17 @@ fn groups_share_partitions_commit_durably_and_report_lag() {
         }
         let err = b.commit("etl", "events", 0, 11, "").await.unwrap_err();
         assert_eq!(err.code, ErrorCode::OffsetOutOfRange);
+        // Several partitions commit in one write, all or none.
+        let both = [
+            ("events".to_string(), 3, 1, String::new()),
+            ("events".to_string(), 0, 99, String::new()),
+        ];
+        let err = b.commit_many("etl", &both).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::OffsetOutOfRange);
+        assert!(
+            b.committed("etl", "events", 3).await.is_none(),
+            "none of them"
+        );
         let err = b
             .heartbeat("etl", "member-99", &BTreeSet::new())
             .unwrap_err();

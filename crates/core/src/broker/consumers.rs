@@ -210,19 +210,20 @@ impl Broker {
         positions: &BTreeMap<TopicPartition, u64>,
         strict: bool,
     ) -> Result<(), BrokerError> {
+        let mut changed = Vec::new();
         for ((stream, partition), offset) in positions {
             let already = self.committed(group, stream, *partition).await;
             if already.is_some_and(|c| c.offset == *offset) {
                 continue;
             }
-            match self.commit(group, stream, *partition, *offset, "").await {
-                Ok(()) => {}
-                // A stream deleted meanwhile: nothing to commit.
-                Err(err) if !strict && err.code == ErrorCode::StreamNotFound => {}
-                Err(err) => return Err(err),
+            // A stream deleted meanwhile: nothing to commit for it.
+            if !strict && self.get_stream(stream).is_err() {
+                continue;
             }
+            changed.push((stream.clone(), *partition, *offset, String::new()));
         }
-        Ok(())
+        // Every partition's commit in one journal write.
+        self.commit_many(group, &changed).await
     }
 
     /// Heartbeats for an instance: gives up what is revoked (committing its position

@@ -360,28 +360,54 @@ impl Broker {
         offset: u64,
         metadata: &str,
     ) -> Result<(), BrokerError> {
-        if metadata.len() > 4096 {
-            return Err(BrokerError::invalid(
-                "commit metadata is at most 4096 bytes",
-            ));
+        self.commit_many(
+            group,
+            &[(stream.to_string(), partition, offset, metadata.to_string())],
+        )
+        .await
+    }
+
+    /// Commits several partitions' offsets for `group` in one journal write (appends the
+    /// new commits, settles the ones they replace): all or none. Each must name a stream
+    /// and partition that exist and an offset within it; a partition given twice takes
+    /// the last.
+    pub async fn commit_many(
+        &self,
+        group: &str,
+        commits: &[(String, u32, u64, String)],
+    ) -> Result<(), BrokerError> {
+        let mut wanted: BTreeMap<(String, String, u32), (u64, String)> = BTreeMap::new();
+        for (stream, partition, offset, metadata) in commits {
+            if metadata.len() > 4096 {
+                return Err(BrokerError::invalid(
+                    "commit metadata is at most 4096 bytes",
+                ));
+            }
+            let info = self.get_stream(stream)?;
+            let Some(part) = info.partitions.iter().find(|p| p.partition == *partition) else {
+                return Err(BrokerError::new(
+                    ErrorCode::PartitionNotFound,
+                    format!("stream '{stream}' has no partition {partition}"),
+                ));
+            };
+            if *offset > part.end_offset {
+                return Err(BrokerError::new(
+                    ErrorCode::OffsetOutOfRange,
+                    format!(
+                        "offset {offset} is past the end of partition {partition} of stream '{stream}' (its records are at 0..{})",
+                        part.end_offset
+                    ),
+                ));
+            }
+            wanted.insert(
+                (group.to_string(), stream.clone(), *partition),
+                (*offset, metadata.clone()),
+            );
         }
-        let info = self.get_stream(stream)?;
-        let Some(part) = info.partitions.iter().find(|p| p.partition == partition) else {
-            return Err(BrokerError::new(
-                ErrorCode::PartitionNotFound,
-                format!("stream '{stream}' has no partition {partition}"),
-            ));
-        };
-        if offset > part.end_offset {
-            return Err(BrokerError::new(
-                ErrorCode::OffsetOutOfRange,
-                format!(
-                    "offset {offset} is past the end of partition {partition} of stream '{stream}' (its records are at 0..{})",
-                    part.end_offset
-                ),
-            ));
+        if wanted.is_empty() {
+            return Ok(());
         }
-        // One commit at a time: each replaces the record the one before wrote.
+        // One commit at a time: each replaces the records the one before wrote.
         let mut offsets = self.inner.groups.offsets.lock().await;
         let uid = match &offsets.log {
             Some((uid, _)) => *uid,
@@ -409,28 +435,36 @@ impl Broker {
                 uid
             }
         };
-        let committed = Committed {
-            offset,
-            metadata: metadata.to_string(),
-            committed_at_ms: self.now_ms(),
-        };
-        let key = (group.to_string(), stream.to_string(), partition);
-        let id = record_key(group, stream, partition);
-        let body = serde_json::to_vec(&committed).expect("a commit serializes");
-        let mut builder = BatchBuilder::new(uid, committed.committed_at_ms);
-        builder.push(&NewRecord {
-            id: &id,
-            body: &body,
-            ..NewRecord::default()
-        });
+        let now = self.now_ms();
+        let mut builder = BatchBuilder::new(uid, now);
+        let mut replaced = Vec::new();
+        let mut committed = Vec::with_capacity(wanted.len());
+        for (key, (offset, metadata)) in wanted {
+            let c = Committed {
+                offset,
+                metadata,
+                committed_at_ms: now,
+            };
+            let id = record_key(&key.0, &key.1, key.2);
+            let body = serde_json::to_vec(&c).expect("a commit serializes");
+            builder.push(&NewRecord {
+                id: &id,
+                body: &body,
+                ..NewRecord::default()
+            });
+            if let Some((previous, _)) = offsets.latest.get(&key) {
+                replaced.push(*previous);
+            }
+            committed.push((key, c));
+        }
         let mut ops = vec![Op::Append {
             uid,
             batch: builder.finish(),
         }];
-        if let Some((previous, _)) = offsets.latest.get(&key) {
+        if !replaced.is_empty() {
             ops.push(Op::Settle {
                 uid,
-                ranges: to_ranges(&[*previous]),
+                ranges: to_ranges(&replaced),
             });
         }
         let results = self.write(ops, AckLevel::Durable).await?;
@@ -440,12 +474,11 @@ impl Broker {
                 "storage did not answer the commit's offset",
             ));
         };
-        self.inner
-            .groups
-            .view
-            .lock()
-            .insert(key.clone(), committed.clone());
-        offsets.latest.insert(key, (base_offset, committed));
+        let mut view = self.inner.groups.view.lock();
+        for (i, (key, c)) in committed.into_iter().enumerate() {
+            view.insert(key.clone(), c.clone());
+            offsets.latest.insert(key, (base_offset + i as u64, c));
+        }
         Ok(())
     }
 
