@@ -106,6 +106,16 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// A PUT's reply: 201 with the resource when it created it, else 200.
+fn created_or_ok<T: Serialize>(created: bool, value: &T) -> ApiResult {
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    json(status, value)
+}
+
 fn json_body<T: Serialize>(value: &T) -> Response {
     let bytes = serde_json::to_vec(value).expect("replies serialize");
     (
@@ -651,14 +661,7 @@ async fn put_queue(
     )
     .await?;
     let (created, info) = broker.put_queue(&queue, &patch).await?;
-    json(
-        if created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        },
-        &info,
-    )
+    created_or_ok(created, &info)
 }
 
 /// The configuration patch of a PUT: the patch object itself, or `{"config": patch}` as a
@@ -901,14 +904,7 @@ async fn put_stream(
     let (patch, _permit): (StreamPatch, _) =
         config_body(&state, body, SMALL_VALUES, "stream", "{\"partitions\": 4}").await?;
     let (created, info) = broker.put_stream(&stream, &patch).await?;
-    json(
-        if created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        },
-        &info,
-    )
+    created_or_ok(created, &info)
 }
 
 async fn delete_stream(State(state): State<AppState>, Path(stream): Path<String>) -> ApiResult {

@@ -212,8 +212,8 @@ impl Broker {
             ));
         }
         let g = groups.entry(group.to_string()).or_default();
-        let known =
-            instance.is_some_and(|i| g.member_ids().any(|m| m.starts_with(&format!("{i}-"))));
+        // A static member coming back takes its own place: it needs no new one.
+        let known = instance.is_some_and(|i| g.has_instance(i));
         if !known && g.member_ids().count() >= limits.max_group_members {
             return Err(BrokerError::new(
                 ErrorCode::InvalidRequest,

@@ -65,6 +65,13 @@ impl Group {
         self.members.is_empty()
     }
 
+    /// Whether a member joined under this instance name.
+    pub fn has_instance(&self, instance: &str) -> bool {
+        self.members
+            .values()
+            .any(|m| m.instance.as_deref() == Some(instance))
+    }
+
     pub fn member_ids(&self) -> impl Iterator<Item = &str> {
         self.members.keys().map(String::as_str)
     }
@@ -444,6 +451,18 @@ mod tests {
         );
         let owned = settle(&mut g, 1_600);
         assert_eq!(owned[&one].len(), 5);
+    }
+
+    /// The member cap let a member in past it when its instance name was a prefix of a
+    /// present one's ("a" next to "a-b": the check looked at id prefixes).
+    #[test]
+    fn instances_are_told_apart_by_name_not_by_id_prefix() {
+        let streams = [("a", 1)];
+        let p = counts(&streams);
+        let mut g = Group::default();
+        g.join("a-b-1f".into(), Some("a-b"), &["a".into()], 1_000, 0, &p);
+        assert!(g.has_instance("a-b"));
+        assert!(!g.has_instance("a"));
     }
 
     #[test]
