@@ -205,6 +205,17 @@ impl Conn {
         frame: &Frame,
         on_subscribed: Option<mpsc::UnboundedSender<Frame>>,
     ) -> Result<Frame, ClientError> {
+        let wait = self.send_request(frame, on_subscribed).await?;
+        wait.await.map_err(|_| ClientError::Disconnected)
+    }
+
+    /// Queues a request for the socket (requests queued one after another are sent in
+    /// that order) and returns where its reply will come.
+    pub(crate) async fn send_request(
+        &self,
+        frame: &Frame,
+        on_subscribed: Option<mpsc::UnboundedSender<Frame>>,
+    ) -> Result<oneshot::Receiver<Frame>, ClientError> {
         if !self.is_alive() {
             return Err(ClientError::Unavailable("connection closed".into()));
         }
@@ -223,7 +234,7 @@ impl Conn {
             self.waiting.lock().remove(&id);
             return Err(ClientError::Unavailable("connection closed".into()));
         }
-        wait.await.map_err(|_| ClientError::Disconnected)
+        Ok(wait)
     }
 
     /// Sends a frame that has no reply (credit).

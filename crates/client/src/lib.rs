@@ -1,4 +1,5 @@
-//! The Rust client for tidewater's binary protocol (docs/protocol.md).
+//! The Rust client for tidewater's binary protocol (docs/protocol.md): queues (`producer`,
+//! `consumer`) and streams (`stream_producer`, `group_consumer`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tidewater_client::ClientError> {
@@ -28,7 +29,9 @@
 
 mod conn;
 mod consumer;
+mod group_consumer;
 mod producer;
+mod stream_producer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +41,11 @@ use parking_lot::Mutex;
 use tidewater_proto::Frame;
 
 pub use consumer::{Consumer, ConsumerOptions, Delivery};
+pub use group_consumer::{
+    GroupConsumer, GroupConsumerOptions, Rebalance, RebalanceCallback, StartFrom, StreamRecord,
+};
 pub use producer::{Message, Producer, ProducerOptions};
+pub use stream_producer::{Record, RecordMetadata, StreamProducer, StreamProducerOptions};
 
 use crate::conn::Conn;
 
@@ -183,6 +190,36 @@ impl Client {
         Consumer::start(self.clone(), queue.to_string(), opts)
     }
 
+    /// Produces to a stream: records batch per partition; each send resolves to where its
+    /// record went.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), tidewater_client::ClientError> {
+    /// use tidewater_client::{Client, ClientOptions, Record, StreamProducerOptions};
+    ///
+    /// let client = Client::new("127.0.0.1:7071", ClientOptions::default());
+    /// let producer = client.stream_producer("readings", StreamProducerOptions::default());
+    /// // One key, one partition: a sensor's readings stay in order.
+    /// let sent = producer.send(Record::new("21.5").with_key("sensor-7")).await?;
+    /// println!("partition {} offset {}", sent.partition, sent.offset);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn stream_producer(&self, stream: &str, opts: StreamProducerOptions) -> StreamProducer {
+        StreamProducer::start(self.clone(), stream.to_string(), opts)
+    }
+
+    /// Joins consumer group `group` for `streams`: the broker hands this member a share of
+    /// their partitions (see `GroupConsumer`).
+    pub fn group_consumer(
+        &self,
+        group: &str,
+        streams: &[&str],
+        opts: GroupConsumerOptions,
+    ) -> GroupConsumer {
+        GroupConsumer::start(self.clone(), group, streams, opts)
+    }
+
     /// Round trip to the broker.
     pub async fn ping(&self) -> Result<(), ClientError> {
         match self.request(Frame::Ping).await? {
@@ -286,6 +323,61 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+impl Client {
+    /// Sends a request now (requests started one after another reach the broker in that
+    /// order, on one connection) and returns a future for its reply. Waits for a
+    /// connection while the broker is unreachable, as `request` does.
+    pub(crate) async fn start_request(
+        &self,
+        frame: &Frame,
+    ) -> Result<impl Future<Output = Result<Frame, ClientError>> + Send + use<>, ClientError> {
+        let deadline = Instant::now() + self.inner.opts.request_timeout;
+        let mut attempt = 0u32;
+        let wait = loop {
+            self.breaker_admit()?;
+            let sent = match self.connection().await {
+                Ok(conn) => conn.send_request(frame, None).await,
+                Err(err) => Err(err),
+            };
+            match sent {
+                Ok(wait) => break wait,
+                Err(ClientError::Unavailable(why)) => {
+                    self.breaker_result(false);
+                    let pause = backoff(&self.inner.opts, attempt);
+                    attempt += 1;
+                    if Instant::now() + pause >= deadline {
+                        return Err(ClientError::Unavailable(why));
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                Err(err) => {
+                    self.breaker_result(false);
+                    return Err(err);
+                }
+            }
+        };
+        let client = self.clone();
+        Ok(async move {
+            let reply = match tokio::time::timeout_at(deadline.into(), wait).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(_)) => {
+                    client.breaker_result(false);
+                    return Err(ClientError::Disconnected);
+                }
+                Err(_) => {
+                    client.breaker_result(false);
+                    return Err(ClientError::Timeout);
+                }
+            };
+            client.breaker_result(true);
+            match reply {
+                Frame::Error { code, message } => Err(ClientError::Server { code, message }),
+                reply => Ok(reply),
+            }
+        })
     }
 }
 

@@ -129,6 +129,65 @@ impl std::fmt::Debug for Receipts {
     }
 }
 
+/// A partition of a stream, as frames name it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamPartition {
+    pub stream: String,
+    pub partition: u32,
+}
+
+/// One partition a `Fetch` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPartition {
+    pub stream: String,
+    pub partition: u32,
+    pub offset: u64,
+    /// At most this many bytes of this partition (at least one batch when one exists).
+    pub max_bytes: u32,
+}
+
+/// One partition's answer inside `Fetched`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedPartition {
+    pub stream: String,
+    pub partition: u32,
+    /// Empty when the partition was read; else why not (an error code) and `message`.
+    pub code: String,
+    pub message: String,
+    pub start_offset: u64,
+    pub end_offset: u64,
+    /// Whole Kafka v2 record batches as stored, back to back (the first may start before
+    /// the offset asked for).
+    pub records: Vec<u8>,
+}
+
+/// One offset inside `Commit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitOffset {
+    pub stream: String,
+    pub partition: u32,
+    /// The next offset to consume.
+    pub offset: u64,
+    pub metadata: String,
+}
+
+/// One partition's committed offset inside `Committed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedOffset {
+    pub stream: String,
+    pub partition: u32,
+    /// `None`: the group committed nothing for it.
+    pub offset: Option<u64>,
+    pub metadata: String,
+}
+
+/// A partition's range inside `StreamMetadata`'s answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionRange {
+    pub start_offset: u64,
+    pub end_offset: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     // client -> server
@@ -172,6 +231,64 @@ pub enum Frame {
         subscription: u32,
     },
     Ping,
+    /// Appends one Kafka v2 record batch (uncompressed, offset deltas 0, 1, 2, ...) to a
+    /// partition of a stream. Answered by `Produced`.
+    StreamProduce {
+        stream: String,
+        partition: u32,
+        ack: Ack,
+        batch: Vec<u8>,
+    },
+    /// Reads partitions from offsets, waiting up to `wait_ms` until one has records.
+    /// Answered by `Fetched`.
+    Fetch {
+        wait_ms: u32,
+        max_bytes: u32,
+        partitions: Vec<FetchPartition>,
+    },
+    /// A partition's offset at a time: -2 its start, -1 its end, else the first record at
+    /// or after the time (ms since the epoch). Answered by `Offset`.
+    ListOffset {
+        stream: String,
+        partition: u32,
+        at: i64,
+    },
+    /// Joins a consumer group for streams; `instance` (empty: none) names a static member.
+    /// Answered by `Joined`.
+    JoinGroup {
+        group: String,
+        instance: String,
+        session_timeout_ms: u32,
+        streams: Vec<String>,
+    },
+    /// A member's heartbeat with the partitions it consumes now. Answered by `Assignment`.
+    Heartbeat {
+        group: String,
+        member: String,
+        owned: Vec<StreamPartition>,
+    },
+    /// Answered by `Ok`.
+    LeaveGroup {
+        group: String,
+        member: String,
+    },
+    /// Commits offsets for a group, all or none: by a member (only partitions it owns), or
+    /// with an empty `member` by a consumer outside the group's membership. Answered by
+    /// `Ok`.
+    Commit {
+        group: String,
+        member: String,
+        offsets: Vec<CommitOffset>,
+    },
+    /// A group's committed offsets for partitions. Answered by `Committed`.
+    FetchCommitted {
+        group: String,
+        partitions: Vec<StreamPartition>,
+    },
+    /// A stream's partitions and their ranges. Answered by `StreamInfo`.
+    StreamMetadata {
+        stream: String,
+    },
     // server -> client
     HelloOk {
         version: u16,
@@ -204,6 +321,31 @@ pub enum Frame {
     },
     Pong,
     Ok,
+    Fetched {
+        partitions: Vec<FetchedPartition>,
+    },
+    /// `None`: no record is that late.
+    Offset {
+        offset: Option<u64>,
+    },
+    Joined {
+        member: String,
+        /// How often to heartbeat (a third of the session timeout).
+        heartbeat_ms: u32,
+    },
+    Assignment {
+        generation: u64,
+        /// What the member may consume now (it owns them from now on).
+        assigned: Vec<StreamPartition>,
+        /// What it must give up: commit, then leave them out of its next heartbeat.
+        revoked: Vec<StreamPartition>,
+    },
+    Committed {
+        offsets: Vec<CommittedOffset>,
+    },
+    StreamInfo {
+        partitions: Vec<PartitionRange>,
+    },
 }
 
 mod kind {
@@ -216,6 +358,15 @@ mod kind {
     pub const EXTEND: u8 = 0x07;
     pub const UNSUBSCRIBE: u8 = 0x08;
     pub const PING: u8 = 0x09;
+    pub const STREAM_PRODUCE: u8 = 0x0A;
+    pub const FETCH: u8 = 0x0B;
+    pub const LIST_OFFSET: u8 = 0x0C;
+    pub const JOIN_GROUP: u8 = 0x0D;
+    pub const HEARTBEAT: u8 = 0x0E;
+    pub const LEAVE_GROUP: u8 = 0x0F;
+    pub const COMMIT: u8 = 0x10;
+    pub const FETCH_COMMITTED: u8 = 0x11;
+    pub const STREAM_METADATA: u8 = 0x12;
     pub const HELLO_OK: u8 = 0x81;
     pub const PRODUCED: u8 = 0x82;
     pub const SUBSCRIBED: u8 = 0x83;
@@ -225,6 +376,12 @@ mod kind {
     pub const ERROR: u8 = 0x87;
     pub const PONG: u8 = 0x88;
     pub const OK: u8 = 0x89;
+    pub const FETCHED: u8 = 0x8A;
+    pub const OFFSET: u8 = 0x8B;
+    pub const JOINED: u8 = 0x8C;
+    pub const ASSIGNMENT: u8 = 0x8D;
+    pub const COMMITTED: u8 = 0x8E;
+    pub const STREAM_INFO: u8 = 0x8F;
 }
 
 /// Why bytes are not a valid frame. Any of these closes the connection.
@@ -347,6 +504,17 @@ impl Writer<'_> {
         self.u16(u16::try_from(bytes.len()).expect("cut to 65535"));
         self.0.extend_from_slice(bytes);
     }
+    fn partitions(&mut self, partitions: &[StreamPartition]) {
+        self.u32(len_u32(partitions.len()));
+        for p in partitions {
+            self.short(&p.stream);
+            self.u32(p.partition);
+        }
+    }
+    /// An offset that may be absent: -1 when it is.
+    fn maybe(&mut self, offset: Option<u64>) {
+        self.i64(offset.map_or(-1, |o| i64::try_from(o).unwrap_or(i64::MAX)));
+    }
     fn receipts(&mut self, receipts: &Receipts) {
         self.u32(len_u32(receipts.len()));
         for r in receipts.iter() {
@@ -412,6 +580,32 @@ impl<'a> Reader<'a> {
             return Err(ProtoError::Malformed("count larger than the frame"));
         }
         Ok(n)
+    }
+    fn partitions(&mut self) -> R<Vec<StreamPartition>> {
+        let n = self.count(5)?;
+        (0..n)
+            .map(|_| {
+                Ok(StreamPartition {
+                    stream: self.short()?,
+                    partition: self.u32()?,
+                })
+            })
+            .collect()
+    }
+    fn maybe(&mut self) -> R<Option<u64>> {
+        match self.i64()? {
+            -1 => Ok(None),
+            n => u64::try_from(n)
+                .map(Some)
+                .map_err(|_| ProtoError::Malformed("negative offset")),
+        }
+    }
+    fn ack(&mut self) -> R<Ack> {
+        match self.u8()? {
+            1 => Ok(Ack::Durable),
+            2 => Ok(Ack::Written),
+            _ => Err(ProtoError::Malformed("unknown ack level")),
+        }
     }
     fn receipts(&mut self) -> R<Receipts> {
         let n = self.count(1)?;
@@ -499,6 +693,137 @@ impl Frame {
                 w.receipts(receipts);
             }
             Frame::Unsubscribe { subscription } => w.u32(*subscription),
+            Frame::StreamProduce {
+                stream,
+                partition,
+                ack,
+                batch,
+            } => {
+                w.short(stream);
+                w.u32(*partition);
+                w.u8(*ack as u8);
+                w.0.extend_from_slice(batch);
+            }
+            Frame::Fetch {
+                wait_ms,
+                max_bytes,
+                partitions,
+            } => {
+                w.u32(*wait_ms);
+                w.u32(*max_bytes);
+                w.u32(len_u32(partitions.len()));
+                for p in partitions {
+                    w.short(&p.stream);
+                    w.u32(p.partition);
+                    w.u64(p.offset);
+                    w.u32(p.max_bytes);
+                }
+            }
+            Frame::ListOffset {
+                stream,
+                partition,
+                at,
+            } => {
+                w.short(stream);
+                w.u32(*partition);
+                w.i64(*at);
+            }
+            Frame::JoinGroup {
+                group,
+                instance,
+                session_timeout_ms,
+                streams,
+            } => {
+                w.short(group);
+                w.short(instance);
+                w.u32(*session_timeout_ms);
+                w.u32(len_u32(streams.len()));
+                for stream in streams {
+                    w.short(stream);
+                }
+            }
+            Frame::Heartbeat {
+                group,
+                member,
+                owned,
+            } => {
+                w.short(group);
+                w.short(member);
+                w.partitions(owned);
+            }
+            Frame::LeaveGroup { group, member } => {
+                w.short(group);
+                w.short(member);
+            }
+            Frame::Commit {
+                group,
+                member,
+                offsets,
+            } => {
+                w.short(group);
+                w.short(member);
+                w.u32(len_u32(offsets.len()));
+                for o in offsets {
+                    w.short(&o.stream);
+                    w.u32(o.partition);
+                    w.u64(o.offset);
+                    w.text(&o.metadata);
+                }
+            }
+            Frame::FetchCommitted { group, partitions } => {
+                w.short(group);
+                w.partitions(partitions);
+            }
+            Frame::StreamMetadata { stream } => w.short(stream),
+            Frame::Fetched { partitions } => {
+                w.u32(len_u32(partitions.len()));
+                for p in partitions {
+                    FetchedWriter::partition_header(
+                        &mut w,
+                        &p.stream,
+                        p.partition,
+                        &p.code,
+                        &p.message,
+                        p.start_offset,
+                        p.end_offset,
+                        p.records.len(),
+                    );
+                    w.0.extend_from_slice(&p.records);
+                }
+            }
+            Frame::Offset { offset } => w.maybe(*offset),
+            Frame::Joined {
+                member,
+                heartbeat_ms,
+            } => {
+                w.short(member);
+                w.u32(*heartbeat_ms);
+            }
+            Frame::Assignment {
+                generation,
+                assigned,
+                revoked,
+            } => {
+                w.u64(*generation);
+                w.partitions(assigned);
+                w.partitions(revoked);
+            }
+            Frame::Committed { offsets } => {
+                w.u32(len_u32(offsets.len()));
+                for o in offsets {
+                    w.short(&o.stream);
+                    w.u32(o.partition);
+                    w.maybe(o.offset);
+                    w.text(&o.metadata);
+                }
+            }
+            Frame::StreamInfo { partitions } => {
+                w.u32(len_u32(partitions.len()));
+                for p in partitions {
+                    w.u64(p.start_offset);
+                    w.u64(p.end_offset);
+                }
+            }
             Frame::HelloOk {
                 version,
                 max_frame,
@@ -567,6 +892,21 @@ impl Frame {
             Frame::Extend { .. } => kind::EXTEND,
             Frame::Unsubscribe { .. } => kind::UNSUBSCRIBE,
             Frame::Ping => kind::PING,
+            Frame::StreamProduce { .. } => kind::STREAM_PRODUCE,
+            Frame::Fetch { .. } => kind::FETCH,
+            Frame::ListOffset { .. } => kind::LIST_OFFSET,
+            Frame::JoinGroup { .. } => kind::JOIN_GROUP,
+            Frame::Heartbeat { .. } => kind::HEARTBEAT,
+            Frame::LeaveGroup { .. } => kind::LEAVE_GROUP,
+            Frame::Commit { .. } => kind::COMMIT,
+            Frame::FetchCommitted { .. } => kind::FETCH_COMMITTED,
+            Frame::StreamMetadata { .. } => kind::STREAM_METADATA,
+            Frame::Fetched { .. } => kind::FETCHED,
+            Frame::Offset { .. } => kind::OFFSET,
+            Frame::Joined { .. } => kind::JOINED,
+            Frame::Assignment { .. } => kind::ASSIGNMENT,
+            Frame::Committed { .. } => kind::COMMITTED,
+            Frame::StreamInfo { .. } => kind::STREAM_INFO,
             Frame::HelloOk { .. } => kind::HELLO_OK,
             Frame::Produced { .. } => kind::PRODUCED,
             Frame::Subscribed { .. } => kind::SUBSCRIBED,
@@ -636,6 +976,95 @@ impl DeliverWriter {
     }
 }
 
+/// Writes a Fetched frame straight into one buffer, each partition's stored batches copied
+/// once (the server's fetch path). The bytes are those `Frame::Fetched` encodes to.
+pub struct FetchedWriter {
+    out: Vec<u8>,
+    count: u32,
+}
+
+impl FetchedWriter {
+    /// Offset of the partition count: length (4), kind, flags, request id (4).
+    const COUNT_AT: usize = 10;
+
+    pub fn new(request_id: u32, capacity: usize) -> FetchedWriter {
+        let mut out = Vec::with_capacity(Self::COUNT_AT + 4 + capacity);
+        out.extend_from_slice(&[0; 4]);
+        let mut w = Writer(&mut out);
+        w.u8(kind::FETCHED);
+        w.u8(0);
+        w.u32(request_id);
+        w.u32(0);
+        FetchedWriter { out, count: 0 }
+    }
+
+    /// Bytes one partition takes besides its records.
+    pub fn overhead(stream: &str, message: &str) -> usize {
+        1 + stream.len().min(255) + 4 + 1 + 255 + 2 + message.len() + 8 + 8 + 4
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn partition_header(
+        w: &mut Writer<'_>,
+        stream: &str,
+        partition: u32,
+        code: &str,
+        message: &str,
+        start_offset: u64,
+        end_offset: u64,
+        records_len: usize,
+    ) {
+        w.short(stream);
+        w.u32(partition);
+        w.short(code);
+        w.text(message);
+        w.u64(start_offset);
+        w.u64(end_offset);
+        w.u32(len_u32(records_len));
+    }
+
+    /// Adds a partition that was read: its range and its batches.
+    pub fn push<B: AsRef<[u8]>>(
+        &mut self,
+        stream: &str,
+        partition: u32,
+        start_offset: u64,
+        end_offset: u64,
+        batches: &[B],
+    ) {
+        let len = batches.iter().map(|b| b.as_ref().len()).sum();
+        let mut w = Writer(&mut self.out);
+        Self::partition_header(
+            &mut w,
+            stream,
+            partition,
+            "",
+            "",
+            start_offset,
+            end_offset,
+            len,
+        );
+        for b in batches {
+            self.out.extend_from_slice(b.as_ref());
+        }
+        self.count += 1;
+    }
+
+    /// Adds a partition that could not be read, and why.
+    pub fn push_error(&mut self, stream: &str, partition: u32, code: &str, message: &str) {
+        let mut w = Writer(&mut self.out);
+        Self::partition_header(&mut w, stream, partition, code, message, 0, 0, 0);
+        self.count += 1;
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        let len = len_u32(self.out.len() - 4);
+        self.out[..4].copy_from_slice(&len.to_le_bytes());
+        self.out[Self::COUNT_AT..Self::COUNT_AT + 4].copy_from_slice(&self.count.to_le_bytes());
+        self.out
+    }
+}
+
 /// Decodes the first frame of `buf`: `Ok(None)` while it is incomplete, else the frame, its
 /// request id and the bytes it used. A frame announcing more than `max_frame` bytes is an
 /// error at once (before its body arrives).
@@ -681,18 +1110,148 @@ pub fn decode_frame(
                 client: r.text()?,
             }
         }
-        kind::PRODUCE => {
-            let queue = r.short()?;
-            let ack = match r.u8()? {
-                1 => Ack::Durable,
-                2 => Ack::Written,
-                _ => return Err(ProtoError::Malformed("unknown ack level")),
-            };
-            Frame::Produce {
-                queue,
-                ack,
-                batch: r.rest().to_vec(),
+        kind::PRODUCE => Frame::Produce {
+            queue: r.short()?,
+            ack: r.ack()?,
+            batch: r.rest().to_vec(),
+        },
+        kind::STREAM_PRODUCE => Frame::StreamProduce {
+            stream: r.short()?,
+            partition: r.u32()?,
+            ack: r.ack()?,
+            batch: r.rest().to_vec(),
+        },
+        kind::FETCH => {
+            let wait_ms = r.u32()?;
+            let max_bytes = r.u32()?;
+            let n = r.count(1 + 4 + 8 + 4)?;
+            let partitions = (0..n)
+                .map(|_| {
+                    Ok(FetchPartition {
+                        stream: r.short()?,
+                        partition: r.u32()?,
+                        offset: r.u64()?,
+                        max_bytes: r.u32()?,
+                    })
+                })
+                .collect::<R<Vec<_>>>()?;
+            Frame::Fetch {
+                wait_ms,
+                max_bytes,
+                partitions,
             }
+        }
+        kind::LIST_OFFSET => Frame::ListOffset {
+            stream: r.short()?,
+            partition: r.u32()?,
+            at: r.i64()?,
+        },
+        kind::JOIN_GROUP => {
+            let group = r.short()?;
+            let instance = r.short()?;
+            let session_timeout_ms = r.u32()?;
+            let n = r.count(1)?;
+            let streams = (0..n).map(|_| r.short()).collect::<R<Vec<_>>>()?;
+            Frame::JoinGroup {
+                group,
+                instance,
+                session_timeout_ms,
+                streams,
+            }
+        }
+        kind::HEARTBEAT => Frame::Heartbeat {
+            group: r.short()?,
+            member: r.short()?,
+            owned: r.partitions()?,
+        },
+        kind::LEAVE_GROUP => Frame::LeaveGroup {
+            group: r.short()?,
+            member: r.short()?,
+        },
+        kind::COMMIT => {
+            let group = r.short()?;
+            let member = r.short()?;
+            let n = r.count(1 + 4 + 8 + 2)?;
+            let offsets = (0..n)
+                .map(|_| {
+                    Ok(CommitOffset {
+                        stream: r.short()?,
+                        partition: r.u32()?,
+                        offset: r.u64()?,
+                        metadata: r.text()?,
+                    })
+                })
+                .collect::<R<Vec<_>>>()?;
+            Frame::Commit {
+                group,
+                member,
+                offsets,
+            }
+        }
+        kind::FETCH_COMMITTED => Frame::FetchCommitted {
+            group: r.short()?,
+            partitions: r.partitions()?,
+        },
+        kind::STREAM_METADATA => Frame::StreamMetadata { stream: r.short()? },
+        kind::FETCHED => {
+            let n = r.count(1 + 4 + 1 + 2 + 8 + 8 + 4)?;
+            let partitions = (0..n)
+                .map(|_| {
+                    let stream = r.short()?;
+                    let partition = r.u32()?;
+                    let code = r.short()?;
+                    let message = r.text()?;
+                    let start_offset = r.u64()?;
+                    let end_offset = r.u64()?;
+                    let len = r.u32()? as usize;
+                    Ok(FetchedPartition {
+                        stream,
+                        partition,
+                        code,
+                        message,
+                        start_offset,
+                        end_offset,
+                        records: r.bytes(len)?.to_vec(),
+                    })
+                })
+                .collect::<R<Vec<_>>>()?;
+            Frame::Fetched { partitions }
+        }
+        kind::OFFSET => Frame::Offset { offset: r.maybe()? },
+        kind::JOINED => Frame::Joined {
+            member: r.short()?,
+            heartbeat_ms: r.u32()?,
+        },
+        kind::ASSIGNMENT => Frame::Assignment {
+            generation: r.u64()?,
+            assigned: r.partitions()?,
+            revoked: r.partitions()?,
+        },
+        kind::COMMITTED => {
+            let n = r.count(1 + 4 + 8 + 2)?;
+            let offsets = (0..n)
+                .map(|_| {
+                    Ok(CommittedOffset {
+                        stream: r.short()?,
+                        partition: r.u32()?,
+                        offset: r.maybe()?,
+                        metadata: r.text()?,
+                    })
+                })
+                .collect::<R<Vec<_>>>()?;
+            Frame::Committed { offsets }
+        }
+        kind::STREAM_INFO => {
+            let n = r.count(16)?;
+            let partitions = (0..n)
+                .map(|_| {
+                    Ok(PartitionRange {
+                        start_offset: r.u64()?,
+                        end_offset: r.u64()?,
+                    })
+                })
+                .collect::<R<Vec<_>>>()?;
+            Frame::StreamInfo { partitions }
         }
         kind::SUBSCRIBE => Frame::Subscribe {
             queue: r.short()?,
@@ -905,7 +1464,152 @@ mod tests {
             },
             Frame::Pong,
             Frame::Ok,
+            Frame::StreamProduce {
+                stream: s("s"),
+                partition: 3,
+                ack: Ack::Durable,
+                batch: vec![4, 5],
+            },
+            Frame::Fetch {
+                wait_ms: 500,
+                max_bytes: 1 << 20,
+                partitions: vec![FetchPartition {
+                    stream: s("s"),
+                    partition: 1,
+                    offset: 99,
+                    max_bytes: 4096,
+                }],
+            },
+            Frame::ListOffset {
+                stream: s("s"),
+                partition: 0,
+                at: -2,
+            },
+            Frame::JoinGroup {
+                group: s("g"),
+                instance: s(""),
+                session_timeout_ms: 10_000,
+                streams: vec![s("a"), s("b")],
+            },
+            Frame::Heartbeat {
+                group: s("g"),
+                member: s("member-1"),
+                owned: vec![StreamPartition {
+                    stream: s("a"),
+                    partition: 2,
+                }],
+            },
+            Frame::LeaveGroup {
+                group: s("g"),
+                member: s("m"),
+            },
+            Frame::Commit {
+                group: s("g"),
+                member: s(""),
+                offsets: vec![CommitOffset {
+                    stream: s("a"),
+                    partition: 0,
+                    offset: 12,
+                    metadata: s("meta"),
+                }],
+            },
+            Frame::FetchCommitted {
+                group: s("g"),
+                partitions: vec![],
+            },
+            Frame::StreamMetadata { stream: s("a") },
+            Frame::Fetched {
+                partitions: vec![
+                    FetchedPartition {
+                        stream: s("a"),
+                        partition: 0,
+                        code: s(""),
+                        message: s(""),
+                        start_offset: 0,
+                        end_offset: 10,
+                        records: vec![1, 2, 3],
+                    },
+                    FetchedPartition {
+                        stream: s("b"),
+                        partition: 9,
+                        code: s("partition_not_found"),
+                        message: s("no partition 9"),
+                        start_offset: 0,
+                        end_offset: 0,
+                        records: vec![],
+                    },
+                ],
+            },
+            Frame::Offset { offset: None },
+            Frame::Offset { offset: Some(7) },
+            Frame::Joined {
+                member: s("m-1"),
+                heartbeat_ms: 3_000,
+            },
+            Frame::Assignment {
+                generation: 4,
+                assigned: vec![StreamPartition {
+                    stream: s("a"),
+                    partition: 1,
+                }],
+                revoked: vec![],
+            },
+            Frame::Committed {
+                offsets: vec![
+                    CommittedOffset {
+                        stream: s("a"),
+                        partition: 1,
+                        offset: Some(5),
+                        metadata: s(""),
+                    },
+                    CommittedOffset {
+                        stream: s("a"),
+                        partition: 2,
+                        offset: None,
+                        metadata: s(""),
+                    },
+                ],
+            },
+            Frame::StreamInfo {
+                partitions: vec![PartitionRange {
+                    start_offset: 0,
+                    end_offset: 3,
+                }],
+            },
         ]
+    }
+
+    #[test]
+    fn the_fetched_writer_encodes_what_frame_fetched_does() {
+        let batches = [vec![1u8, 2, 3], vec![4, 5]];
+        let mut expected = Vec::new();
+        Frame::Fetched {
+            partitions: vec![
+                FetchedPartition {
+                    stream: "a".into(),
+                    partition: 2,
+                    code: String::new(),
+                    message: String::new(),
+                    start_offset: 1,
+                    end_offset: 9,
+                    records: batches.concat(),
+                },
+                FetchedPartition {
+                    stream: "b".into(),
+                    partition: 0,
+                    code: "stream_not_found".into(),
+                    message: "no stream b".into(),
+                    start_offset: 0,
+                    end_offset: 0,
+                    records: vec![],
+                },
+            ],
+        }
+        .encode(77, &mut expected);
+        let mut writer = FetchedWriter::new(77, 0);
+        writer.push("a", 2, 1, 9, &batches);
+        writer.push_error("b", 0, "stream_not_found", "no stream b");
+        assert_eq!(writer.finish(), expected);
     }
 
     #[test]
@@ -1012,9 +1716,10 @@ mod tests {
         }
 
         #[test]
-        fn corrupted_frames_never_panic(idx in 0usize..18, flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
+        fn corrupted_frames_never_panic(idx in 0usize..37, flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
             let mut buf = Vec::new();
-            samples()[idx].encode(1, &mut buf);
+            let samples = samples();
+            samples[idx % samples.len()].encode(1, &mut buf);
             for (at, byte) in flips {
                 let at = 4 + at % (buf.len() - 4);
                 buf[at] = byte;

@@ -17,10 +17,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use tidewater_core::broker::FetchWant;
 use tidewater_core::{AckLevel, Broker, BrokerError, ErrorCode, NackReason};
 use tidewater_proto::{
-    Ack, DEFAULT_MAX_FRAME, DeliverWriter, Failure, Frame, FrameCode, PROTOCOL_VERSION,
-    SUBSCRIPTION_ID_BIT, decode_frame,
+    Ack, CommittedOffset, DEFAULT_MAX_FRAME, DeliverWriter, Failure, FetchPartition, FetchedWriter,
+    Frame, FrameCode, PROTOCOL_VERSION, PartitionRange, SUBSCRIPTION_ID_BIT, StreamPartition,
+    decode_frame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -37,6 +39,9 @@ use crate::listener::{Bounds, Stats, accept_loop};
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
 /// Subscriptions per connection.
 const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 64;
+/// Fetches one connection may have waiting at once (each may hold a reply of up to half
+/// the outbox); one fetch names every partition a consumer reads.
+const MAX_FETCHES_PER_CONNECTION: usize = 16;
 /// Deliveries per frame.
 const MAX_DELIVER_BATCH: usize = 1000;
 /// Largest frame before `Hello` succeeds (a Hello is a few dozen bytes).
@@ -261,6 +266,7 @@ async fn connection(
         broker,
         outbox: outbox.clone(),
         in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION)),
+        fetches: Arc::new(Semaphore::new(MAX_FETCHES_PER_CONNECTION)),
         tasks: JoinSet::new(),
         subscriptions: HashMap::new(),
         next_subscription: SUBSCRIPTION_ID_BIT | 1,
@@ -397,6 +403,7 @@ struct Session {
     broker: Arc<OnceLock<Broker>>,
     outbox: Outbox,
     in_flight: Arc<Semaphore>,
+    fetches: Arc<Semaphore>,
     tasks: JoinSet<()>,
     subscriptions: HashMap<u32, (Arc<Subscription>, tokio::task::JoinHandle<()>)>,
     next_subscription: u32,
@@ -509,6 +516,89 @@ impl Session {
                     }
                     Err(err) => self.outbox.reply(&error_frame(&err), request_id).await?,
                 }
+            }
+            Frame::StreamProduce {
+                stream,
+                partition,
+                ack,
+                batch,
+            } => {
+                // As Produce: submitted in frame order, only the wait is concurrent.
+                let permit = self
+                    .in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Closed)?;
+                let level = if ack == Ack::Written {
+                    AckLevel::Written
+                } else {
+                    AckLevel::Durable
+                };
+                match broker.start_produce_batch(&stream, partition, batch, level) {
+                    Ok(appended) => {
+                        let outbox = self.outbox.clone();
+                        self.tasks.spawn(async move {
+                            let reply = match appended.await {
+                                Ok((base_offset, count)) => Frame::Produced { base_offset, count },
+                                Err(err) => error_frame(&err),
+                            };
+                            let _ = outbox.reply(&reply, request_id).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(err) => self.outbox.reply(&error_frame(&err), request_id).await?,
+                }
+            }
+            Frame::Fetch {
+                wait_ms,
+                max_bytes,
+                partitions,
+            } => {
+                let Ok(fetch) = self.fetches.clone().try_acquire_owned() else {
+                    let err = BrokerError::invalid(format!(
+                        "at most {MAX_FETCHES_PER_CONNECTION} fetches may wait at once on one connection: name every partition in one fetch"
+                    ));
+                    return Ok(self.outbox.reply(&error_frame(&err), request_id).await?);
+                };
+                let permit = self
+                    .in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Closed)?;
+                // A reply fits half the outbox and a frame.
+                let room = (self.outbox.capacity / 2).min(self.max_frame / 2).max(1);
+                let max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX).min(room);
+                let outbox = self.outbox.clone();
+                self.tasks.spawn(async move {
+                    let reply =
+                        fetch_reply(&broker, partitions, max_bytes, wait_ms, request_id).await;
+                    let _ = outbox.send(reply).await;
+                    drop((permit, fetch));
+                });
+            }
+            Frame::ListOffset { .. }
+            | Frame::JoinGroup { .. }
+            | Frame::Heartbeat { .. }
+            | Frame::LeaveGroup { .. }
+            | Frame::Commit { .. }
+            | Frame::FetchCommitted { .. }
+            | Frame::StreamMetadata { .. } => {
+                let permit = self
+                    .in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Closed)?;
+                let outbox = self.outbox.clone();
+                self.tasks.spawn(async move {
+                    let reply = stream_request(&broker, frame)
+                        .await
+                        .unwrap_or_else(|err| error_frame(&err));
+                    let _ = outbox.reply(&reply, request_id).await;
+                    drop(permit);
+                });
             }
             Frame::Ack { .. } | Frame::Nack { .. } | Frame::Extend { .. } => {
                 let permit = self
@@ -624,6 +714,150 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
         _ => unreachable!("only requests are passed here"),
     };
     result.unwrap_or_else(|err| error_frame(&err))
+}
+
+/// A Fetch's answer, encoded: each partition's stored batches, or why it could not be read.
+async fn fetch_reply(
+    broker: &Broker,
+    partitions: Vec<FetchPartition>,
+    max_bytes: usize,
+    wait_ms: u32,
+    request_id: u32,
+) -> Vec<u8> {
+    let wants: Vec<FetchWant> = partitions
+        .into_iter()
+        .map(|p| FetchWant {
+            stream: p.stream,
+            partition: p.partition,
+            offset: p.offset,
+            max_bytes: usize::try_from(p.max_bytes).unwrap_or(usize::MAX),
+        })
+        .collect();
+    match broker
+        .fetch_many(&wants, max_bytes, u64::from(wait_ms))
+        .await
+    {
+        Ok(answers) => {
+            let size: usize = answers
+                .iter()
+                .flatten()
+                .flat_map(|f| &f.batches)
+                .map(|b| b.kafka.len())
+                .sum();
+            let mut frame = FetchedWriter::new(request_id, size + wants.len() * 64);
+            for (want, answer) in wants.iter().zip(answers) {
+                match answer {
+                    Ok(fetched) => {
+                        let batches: Vec<&[u8]> =
+                            fetched.batches.iter().map(|b| b.kafka.as_ref()).collect();
+                        frame.push(
+                            &want.stream,
+                            want.partition,
+                            fetched.start_offset,
+                            fetched.end_offset,
+                            &batches,
+                        );
+                    }
+                    Err(err) => frame.push_error(
+                        &want.stream,
+                        want.partition,
+                        err.code.as_str(),
+                        &err.message,
+                    ),
+                }
+            }
+            frame.finish()
+        }
+        Err(err) => encode(&error_frame(&err), request_id),
+    }
+}
+
+/// The stream and group requests that answer with one frame.
+async fn stream_request(broker: &Broker, frame: Frame) -> Result<Frame, BrokerError> {
+    let pairs = |partitions: std::collections::BTreeSet<(String, u32)>| {
+        partitions
+            .into_iter()
+            .map(|(stream, partition)| StreamPartition { stream, partition })
+            .collect()
+    };
+    Ok(match frame {
+        Frame::ListOffset {
+            stream,
+            partition,
+            at,
+        } => Frame::Offset {
+            offset: broker.list_offset(&stream, partition, at)?,
+        },
+        Frame::JoinGroup {
+            group,
+            instance,
+            session_timeout_ms,
+            streams,
+        } => {
+            let instance = (!instance.is_empty()).then_some(instance.as_str());
+            let member =
+                broker.join_group(&group, instance, &streams, u64::from(session_timeout_ms))?;
+            Frame::Joined {
+                member,
+                heartbeat_ms: (session_timeout_ms / 3).max(1),
+            }
+        }
+        Frame::Heartbeat {
+            group,
+            member,
+            owned,
+        } => {
+            let owned = owned.into_iter().map(|p| (p.stream, p.partition)).collect();
+            let assignment = broker.heartbeat(&group, &member, &owned)?;
+            Frame::Assignment {
+                generation: assignment.generation,
+                assigned: pairs(assignment.assigned),
+                revoked: pairs(assignment.revoked),
+            }
+        }
+        Frame::LeaveGroup { group, member } => {
+            broker.leave_group(&group, &member)?;
+            Frame::Ok
+        }
+        Frame::Commit {
+            group,
+            member,
+            offsets,
+        } => {
+            let commits: Vec<(String, u32, u64, String)> = offsets
+                .into_iter()
+                .map(|o| (o.stream, o.partition, o.offset, o.metadata))
+                .collect();
+            let member = (!member.is_empty()).then_some(member.as_str());
+            broker.commit_as_member(&group, member, &commits).await?;
+            Frame::Ok
+        }
+        Frame::FetchCommitted { group, partitions } => {
+            let mut offsets = Vec::with_capacity(partitions.len());
+            for p in partitions {
+                let committed = broker.committed(&group, &p.stream, p.partition).await;
+                offsets.push(CommittedOffset {
+                    stream: p.stream,
+                    partition: p.partition,
+                    offset: committed.as_ref().map(|c| c.offset),
+                    metadata: committed.map(|c| c.metadata).unwrap_or_default(),
+                });
+            }
+            Frame::Committed { offsets }
+        }
+        Frame::StreamMetadata { stream } => Frame::StreamInfo {
+            partitions: broker
+                .get_stream(&stream)?
+                .partitions
+                .iter()
+                .map(|p| PartitionRange {
+                    start_offset: p.start_offset,
+                    end_offset: p.end_offset,
+                })
+                .collect(),
+        },
+        _ => unreachable!("only stream and group requests are passed here"),
+    })
 }
 
 /// Pushes deliveries while the consumer has credit and its connection has room: a

@@ -10,3 +10,4 @@ mod http_api;
 mod openapi;
 mod policies;
 mod regression;
+mod stream_client;

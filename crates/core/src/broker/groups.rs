@@ -367,6 +367,54 @@ impl Broker {
         .await
     }
 
+    /// Commits for a member of the group: only the partitions it owns now (a member whose
+    /// session expired, or whose partition moved on, cannot overwrite its new owner's
+    /// progress). Without a member (a consumer that assigns itself partitions), only while
+    /// the group has no members, as Kafka does. All or none, as `commit_many`.
+    pub async fn commit_as_member(
+        &self,
+        group: &str,
+        member: Option<&str>,
+        commits: &[(String, u32, u64, String)],
+    ) -> Result<(), BrokerError> {
+        {
+            let groups = self.inner.groups.groups.lock();
+            let g = groups.get(group).filter(|g| !g.is_empty());
+            match (member, g) {
+                (None, None) => {}
+                (None, Some(g)) => {
+                    return Err(BrokerError::new(
+                        ErrorCode::UnknownMember,
+                        format!(
+                            "group '{group}' has {} members: only they commit its offsets (join it, or use another group)",
+                            g.member_ids().count()
+                        ),
+                    ));
+                }
+                (Some(member), None) => {
+                    return Err(group_error(
+                        group,
+                        GroupError::UnknownMember(member.to_string()),
+                    ));
+                }
+                (Some(member), Some(g)) => {
+                    for (stream, partition, _, _) in commits {
+                        let tp = (stream.clone(), *partition);
+                        if !g.owns(member, &tp).map_err(|e| group_error(group, e))? {
+                            return Err(BrokerError::new(
+                                ErrorCode::UnknownMember,
+                                format!(
+                                    "group '{group}': member '{member}' does not own partition {partition} of stream '{stream}' (it was reassigned): heartbeat for the current assignment"
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        self.commit_many(group, commits).await
+    }
+
     /// Commits several partitions' offsets for `group` in one journal write (appends the
     /// new commits, settles the ones they replace): all or none. Each must name a stream
     /// and partition that exist and an offset within it; a partition given twice takes

@@ -18,7 +18,9 @@ use crate::stream::config::{
     StreamConfig, StreamPatch, parse_partition_log_name, partition_log_name, validate_stream_name,
 };
 use crate::stream::partition::Sticky;
-use crate::stream::records::{NewStreamRecord, StreamRecord, decode_batch, plan_produce};
+use crate::stream::records::{
+    NewStreamRecord, StreamRecord, decode_batch, plan_batch_produce, plan_produce,
+};
 
 /// A stream and its partitions.
 pub(crate) struct StreamHandle {
@@ -69,6 +71,24 @@ pub struct Fetched {
     pub batches: Vec<StoredBatch>,
     pub start_offset: u64,
     pub end_offset: u64,
+}
+
+/// `list_offset`'s time for a partition's end (Kafka's).
+pub const LATEST: i64 = -1;
+/// `list_offset`'s time for a partition's start (Kafka's).
+pub const EARLIEST: i64 = -2;
+
+/// Partitions one fetch may name.
+pub const MAX_FETCH_PARTITIONS: usize = 10_000;
+
+/// One partition a multi-partition fetch asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchWant {
+    pub stream: String,
+    pub partition: u32,
+    pub offset: u64,
+    /// At most this many bytes of this partition (at least one batch when one exists).
+    pub max_bytes: usize,
 }
 
 /// Streams recovered from their partition logs at open.
@@ -383,6 +403,164 @@ impl Broker {
         Ok(Produced { offsets })
     }
 
+    /// Appends one batch a client built (a Kafka v2 record batch, uncompressed; see
+    /// `plan_batch_produce`) to a partition, as is but for its base offset. Checked and
+    /// handed to storage now, so a connection's batches are appended in the order sent;
+    /// the future answers the batch's first offset and record count.
+    pub fn start_produce_batch(
+        &self,
+        stream: &str,
+        partition: u32,
+        mut batch: Vec<u8>,
+        level: AckLevel,
+    ) -> Result<impl Future<Output = Result<(u64, u32), BrokerError>> + Send + 'static, BrokerError>
+    {
+        let handle = self.stream(stream)?;
+        let part = self.partition(&handle, partition)?;
+        self.check_disk()?;
+        let config = handle.config.lock().clone();
+        let count = plan_batch_produce(&mut batch, &config, &self.inner.limits, self.now_ms())?;
+        let wrapped = wrap_kafka_batch(part.uid, &batch)
+            .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
+        let written = self.submit(
+            vec![Op::Append {
+                uid: part.uid,
+                batch: wrapped,
+            }],
+            level,
+        );
+        Ok(async move {
+            match written.await?.first() {
+                Some(&OpResult::Appended { base_offset, .. }) => Ok((base_offset, count)),
+                _ => Err(BrokerError::new(
+                    ErrorCode::Internal,
+                    "storage did not answer an append with its offset",
+                )),
+            }
+        })
+    }
+
+    /// Fetches several partitions at once (a group member's): whole batches from each
+    /// wanted offset, about `max_bytes` in all (at least one batch when any exists; each
+    /// partition at most its own `max_bytes`). Waits up to `wait_ms` until some partition
+    /// has records; a partition's error (it does not exist, the offset is past its end)
+    /// is its answer and ends the wait.
+    pub async fn fetch_many(
+        &self,
+        wants: &[FetchWant],
+        max_bytes: usize,
+        wait_ms: u64,
+    ) -> Result<Vec<Result<Fetched, BrokerError>>, BrokerError> {
+        let limits = &self.inner.limits;
+        if wait_ms > limits.max_wait_ms {
+            return Err(BrokerError::invalid(format!(
+                "wait_ms must be at most {} (max_wait_ms)",
+                limits.max_wait_ms
+            )));
+        }
+        if wants.len() > MAX_FETCH_PARTITIONS {
+            return Err(BrokerError::invalid(format!(
+                "a fetch names at most {MAX_FETCH_PARTITIONS} partitions"
+            )));
+        }
+        let max_bytes = max_bytes.clamp(1, limits.max_fetch_bytes);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        type Found = Result<(Arc<StreamHandle>, Arc<PartitionHandle>), BrokerError>;
+        let parts: Vec<Found> = wants
+            .iter()
+            .map(|want| {
+                let handle = self.stream(&want.stream)?;
+                let part = self.partition(&handle, want.partition)?;
+                Ok((handle, part))
+            })
+            .collect();
+        loop {
+            // Registered before reading: a produce landing between the read and the wait
+            // still wakes it.
+            let mut woken: Vec<_> = parts
+                .iter()
+                .flatten()
+                .map(|(_, part)| Box::pin(part.notify.notified()))
+                .collect();
+            for notified in &mut woken {
+                notified.as_mut().enable();
+            }
+            let mut out = Vec::with_capacity(wants.len());
+            let mut budget = max_bytes;
+            let mut found = false;
+            for (want, part) in wants.iter().zip(&parts) {
+                let answer = match part {
+                    Err(err) => Err(err.clone()),
+                    Ok((handle, part)) => {
+                        let room = (budget > 0).then(|| budget.min(want.max_bytes.max(1)));
+                        self.fetch_one(handle, part, want, room)
+                    }
+                };
+                match &answer {
+                    Ok(fetched) => {
+                        let bytes: usize = fetched.batches.iter().map(|b| b.kafka.len()).sum();
+                        budget = budget.saturating_sub(bytes);
+                        found |= !fetched.batches.is_empty();
+                    }
+                    Err(_) => found = true,
+                }
+                out.push(answer);
+            }
+            if found
+                || woken.is_empty()
+                || tokio::time::Instant::now() >= deadline
+                || self.inner.closing.load(Ordering::SeqCst)
+            {
+                return Ok(out);
+            }
+            let any = std::future::poll_fn(|cx| {
+                for notified in &mut woken {
+                    if notified.as_mut().poll(cx).is_ready() {
+                        return std::task::Poll::Ready(());
+                    }
+                }
+                std::task::Poll::Pending
+            });
+            let _ = tokio::time::timeout_at(deadline, any).await;
+        }
+    }
+
+    /// One partition of a fetch, without waiting: about `max_bytes` of batches (at least
+    /// one when one exists), or none but the partition's range when there is no room left.
+    fn fetch_one(
+        &self,
+        handle: &StreamHandle,
+        part: &PartitionHandle,
+        want: &FetchWant,
+        max_bytes: Option<usize>,
+    ) -> Result<Fetched, BrokerError> {
+        if handle.deleted.load(Ordering::SeqCst) {
+            return Err(BrokerError::stream_not_found(&want.stream));
+        }
+        let end = part.reader.durable_end();
+        if want.offset > end {
+            return Err(BrokerError::new(
+                ErrorCode::OffsetOutOfRange,
+                format!(
+                    "offset {} is past the end of partition {} of stream '{}' (its records are at 0..{end})",
+                    want.offset, want.partition, want.stream
+                ),
+            ));
+        }
+        let batches = match max_bytes {
+            Some(max_bytes) => part
+                .reader
+                .read_batches(want.offset, max_bytes)
+                .map_err(storage_error)?,
+            None => Vec::new(),
+        };
+        Ok(Fetched {
+            batches,
+            start_offset: 0,
+            end_offset: end,
+        })
+    }
+
     /// Whole batches of a partition from the one holding `offset` on, about `max_bytes` of
     /// them (at least one when one exists; at most `max_fetch_bytes`). Waits up to `wait_ms`
     /// for records at `offset` when there are none yet.
@@ -459,6 +637,27 @@ impl Broker {
             next = next.max(batch.base_offset + u64::from(batch.span));
         }
         Ok((records, next, fetched))
+    }
+
+    /// Kafka's ListOffsets for one partition: `EARLIEST` (-2) gives its start offset,
+    /// `LATEST` (-1) its end, any other time the first offset at or after it (`None` when
+    /// every record is older).
+    pub fn list_offset(
+        &self,
+        stream: &str,
+        partition: u32,
+        at: i64,
+    ) -> Result<Option<u64>, BrokerError> {
+        let handle = self.stream(stream)?;
+        let part = self.partition(&handle, partition)?;
+        match at {
+            LATEST => Ok(Some(part.reader.durable_end())),
+            EARLIEST => Ok(Some(0)),
+            time if time < 0 => Err(BrokerError::invalid(format!(
+                "time {time} is neither a timestamp (ms since the epoch) nor -1 (latest) or -2 (earliest)"
+            ))),
+            time => self.offset_for_time(stream, partition, time),
+        }
     }
 
     /// The first offset of a partition whose record's timestamp is at least `timestamp`

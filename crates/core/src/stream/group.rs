@@ -76,6 +76,15 @@ impl Group {
         self.members.keys().map(String::as_str)
     }
 
+    /// Whether `member` owns a partition now (it was handed it, and has not given it up):
+    /// only the owner commits a group's offset for it.
+    pub fn owns(&self, member: &str, tp: &TopicPartition) -> Result<bool, GroupError> {
+        self.members
+            .get(member)
+            .map(|m| m.owned.contains(tp))
+            .ok_or_else(|| GroupError::UnknownMember(member.to_string()))
+    }
+
     /// The target owner of each partition.
     pub fn target(&self) -> &BTreeMap<TopicPartition, String> {
         &self.target

@@ -5,8 +5,8 @@ use bytes::Bytes;
 use tidewater_storage::StoredBatch;
 use tidewater_storage::format::MAX_BATCH_BODY;
 use tidewater_storage::format::kafka::{
-    KAFKA_HEADER_LEN, KafkaBatchBuilder, KafkaRecords, NewKafkaRecord, check_kafka_batch,
-    stamp_kafka_batch,
+    CONTROL, KAFKA_HEADER_LEN, KafkaBatchBuilder, KafkaRecords, NewKafkaRecord, TRANSACTIONAL,
+    check_kafka_batch, stamp_kafka_batch,
 };
 
 use super::config::{StreamConfig, TimestampType};
@@ -75,7 +75,19 @@ pub fn plan_produce(
     let mut placement = Vec::with_capacity(records.len());
     let mut builders: Vec<(u32, KafkaBatchBuilder)> = Vec::new();
     for (idx, record) in records.iter().enumerate() {
-        check_record(idx, record, limits)?;
+        let headers: Vec<(&[u8], Option<&[u8]>)> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), v.as_deref()))
+            .collect();
+        check_fields(
+            idx,
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &headers,
+            record.timestamp,
+            limits,
+        )?;
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p >= config.partitions => {
                 return Err(BrokerError::new(
@@ -98,11 +110,6 @@ pub fn plan_produce(
             }
         };
         let builder = &mut builders[at].1;
-        let headers: Vec<(&[u8], Option<&[u8]>)> = record
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_bytes(), v.as_deref()))
-            .collect();
         placement.push((partition, builder.len() as u32));
         builder.push(&NewKafkaRecord {
             key: record.key.as_deref(),
@@ -135,14 +142,22 @@ pub fn plan_produce(
     Ok((batches, placement))
 }
 
-fn check_record(idx: usize, record: &NewStreamRecord, limits: &Limits) -> Result<(), BrokerError> {
+/// Checks one record's fields against the limits (both produce paths).
+fn check_fields(
+    idx: usize,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[(&[u8], Option<&[u8]>)],
+    timestamp: Option<i64>,
+    limits: &Limits,
+) -> Result<(), BrokerError> {
     let bad = |what: String| {
         Err(BrokerError::new(
             ErrorCode::InvalidMessage,
             format!("record {idx}: {what}"),
         ))
     };
-    let value_len = record.value.as_ref().map_or(0, Vec::len);
+    let value_len = value.map_or(0, <[u8]>::len);
     if value_len > limits.max_message_bytes {
         return Err(BrokerError::new(
             ErrorCode::MessageTooLarge,
@@ -152,7 +167,7 @@ fn check_record(idx: usize, record: &NewStreamRecord, limits: &Limits) -> Result
             ),
         ));
     }
-    if let Some(key) = &record.key
+    if let Some(key) = key
         && key.len() > limits.max_key_bytes
     {
         return bad(format!(
@@ -161,15 +176,15 @@ fn check_record(idx: usize, record: &NewStreamRecord, limits: &Limits) -> Result
             limits.max_key_bytes
         ));
     }
-    if record.headers.len() > limits.max_headers {
+    if headers.len() > limits.max_headers {
         return bad(format!(
             "{} headers exceed max_headers {}",
-            record.headers.len(),
+            headers.len(),
             limits.max_headers
         ));
     }
-    for (name, value) in &record.headers {
-        let value_len = value.as_ref().map_or(0, Vec::len);
+    for (name, value) in headers {
+        let value_len = value.map_or(0, <[u8]>::len);
         if name.is_empty()
             || name.len() > limits.max_header_bytes
             || value_len > limits.max_header_bytes
@@ -179,8 +194,11 @@ fn check_record(idx: usize, record: &NewStreamRecord, limits: &Limits) -> Result
                 limits.max_header_bytes
             ));
         }
+        if std::str::from_utf8(name).is_err() {
+            return bad("header names must be UTF-8".into());
+        }
     }
-    if let Some(timestamp) = record.timestamp
+    if let Some(timestamp) = timestamp
         && timestamp < 0
     {
         return bad(format!(
@@ -188,6 +206,69 @@ fn check_record(idx: usize, record: &NewStreamRecord, limits: &Limits) -> Result
         ));
     }
     Ok(())
+}
+
+/// A batch a client built (the binary protocol's StreamProduce), checked whole and against
+/// the limits: one uncompressed, non-transactional Kafka v2 batch of 1 or more records
+/// with offset deltas 0, 1, 2, ... Its base offset is cleared (storage stamps it) and, on a
+/// LogAppendTime stream, its timestamps become the broker's. Returns its record count.
+pub fn plan_batch_produce(
+    batch: &mut [u8],
+    config: &StreamConfig,
+    limits: &Limits,
+    now_ms: i64,
+) -> Result<u32, BrokerError> {
+    let invalid = |what: String| BrokerError::new(ErrorCode::InvalidMessage, what);
+    if batch.len() > MAX_BATCH_BODY {
+        return Err(BrokerError::new(
+            ErrorCode::RequestTooLarge,
+            format!("a batch of {} bytes exceeds 256 MiB", batch.len()),
+        ));
+    }
+    let header = check_kafka_batch(batch)
+        .map_err(|e| invalid(format!("not a valid Kafka v2 record batch: {e}")))?;
+    if header.compression() != 0 {
+        return Err(invalid(format!(
+            "the batch is compressed (codec {}): send uncompressed batches over this protocol",
+            header.compression()
+        )));
+    }
+    if header.attributes & (TRANSACTIONAL | CONTROL) != 0 {
+        return Err(invalid(
+            "transactional and control batches are not supported".into(),
+        ));
+    }
+    let count = header.records_count;
+    if count == 0 || i64::from(count) != i64::from(header.last_offset_delta) + 1 {
+        return Err(invalid(format!(
+            "a batch holds 1 or more records at offset deltas 0, 1, 2, ... (this one: {count} records, last offset delta {})",
+            header.last_offset_delta
+        )));
+    }
+    let count = count.unsigned_abs();
+    if count as usize > limits.max_batch_messages {
+        return Err(BrokerError::new(
+            ErrorCode::BatchTooLarge,
+            format!(
+                "{count} records exceed max_batch_messages {}",
+                limits.max_batch_messages
+            ),
+        ));
+    }
+    let log_append = config.timestamp_type == TimestampType::LogAppendTime;
+    let mut headers = Vec::new();
+    for (idx, record) in KafkaRecords::new(&batch[KAFKA_HEADER_LEN..]).enumerate() {
+        let record = record.map_err(|e| invalid(format!("record {idx}: {e}")))?;
+        headers.clear();
+        for h in record.headers() {
+            headers.push(h.map_err(|e| invalid(format!("record {idx}: header: {e}")))?);
+        }
+        let timestamp = (!log_append && !header.is_log_append_time())
+            .then(|| header.base_timestamp.wrapping_add(record.timestamp_delta));
+        check_fields(idx, record.key, record.value, &headers, timestamp, limits)?;
+    }
+    stamp_kafka_batch(batch, 0, log_append.then_some(now_ms));
+    Ok(count)
 }
 
 /// The records of a stored batch from offset `from` on. A compressed batch (written by a
@@ -383,6 +464,76 @@ mod tests {
                 got[0].headers,
                 vec![("h".to_string(), Some(Bytes::from_static(b"x")))]
             );
+        }
+    }
+
+    fn client_batch(records: &[NewKafkaRecord<'_>]) -> Vec<u8> {
+        let mut builder = KafkaBatchBuilder::new();
+        for r in records {
+            builder.push(r);
+        }
+        builder.finish()
+    }
+
+    #[test]
+    fn a_client_batch_is_checked_whole_and_stamped() {
+        let limits = Limits::default();
+        let value = |v: &'static [u8]| NewKafkaRecord {
+            value: Some(v),
+            timestamp: 7_000,
+            ..Default::default()
+        };
+        let mut good = client_batch(&[value(b"a"), value(b"b")]);
+        good[0..8].copy_from_slice(&99i64.to_be_bytes()); // a client's base offset is ignored
+        // The CRC does not cover the base offset: still valid.
+        assert_eq!(
+            plan_batch_produce(&mut good, &config(1), &limits, 1_000),
+            Ok(2)
+        );
+        assert_eq!(check_kafka_batch(&good).unwrap().base_offset, 0);
+
+        let mut appended = client_batch(&[value(b"a")]);
+        let log_append = StreamConfig {
+            timestamp_type: TimestampType::LogAppendTime,
+            ..config(1)
+        };
+        plan_batch_produce(&mut appended, &log_append, &limits, 1_234).unwrap();
+        let header = check_kafka_batch(&appended).unwrap();
+        assert!(header.is_log_append_time());
+        assert_eq!(header.max_timestamp, 1_234);
+
+        let big = vec![0u8; limits.max_message_bytes + 1];
+        let non_utf8: &[(&[u8], Option<&[u8]>)] = &[(b"\xff\xfe", None)];
+        let mut compressed = client_batch(&[value(b"a")]);
+        compressed[22] |= 1; // gzip, CRC redone below
+        let crc = crc32c::crc32c(&compressed[21..]);
+        compressed[17..21].copy_from_slice(&crc.to_be_bytes());
+        let cases: Vec<(Vec<u8>, ErrorCode)> = vec![
+            (vec![1, 2, 3], ErrorCode::InvalidMessage),
+            (client_batch(&[]), ErrorCode::InvalidMessage),
+            (compressed, ErrorCode::InvalidMessage),
+            (
+                client_batch(&[NewKafkaRecord {
+                    value: Some(&big),
+                    ..Default::default()
+                }]),
+                ErrorCode::MessageTooLarge,
+            ),
+            (
+                client_batch(&[NewKafkaRecord {
+                    headers: non_utf8,
+                    ..Default::default()
+                }]),
+                ErrorCode::InvalidMessage,
+            ),
+            (
+                client_batch(&vec![value(b"x"); limits.max_batch_messages + 1]),
+                ErrorCode::BatchTooLarge,
+            ),
+        ];
+        for (i, (mut batch, code)) in cases.into_iter().enumerate() {
+            let err = plan_batch_produce(&mut batch, &config(1), &limits, 0).unwrap_err();
+            assert_eq!(err.code, code, "case {i}: {}", err.message);
         }
     }
 }
