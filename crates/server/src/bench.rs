@@ -42,10 +42,19 @@ pub struct BenchArgs {
     /// http (JSON API) or binary (the data-plane protocol through tidewater-client).
     #[arg(long, default_value = "http", value_parser = ["http", "binary"])]
     pub protocol: String,
-    /// throughput (publish a backlog, then drain it) or latency (a fixed publish rate,
-    /// end-to-end latency measured at the consumer; binary protocol).
-    #[arg(long, default_value = "throughput", value_parser = ["throughput", "latency"])]
+    /// throughput (publish a backlog, then drain it), latency (a fixed publish rate,
+    /// end-to-end latency measured at the consumer; binary protocol) or stream (produce
+    /// --messages records to --streams streams of --partitions partitions through one
+    /// stream producer, then read them all with one group consumer committing every
+    /// second; binary protocol).
+    #[arg(long, default_value = "throughput", value_parser = ["throughput", "latency", "stream"])]
     pub workload: String,
+    /// Stream workload: streams to spread the records over.
+    #[arg(long, default_value_t = 1)]
+    pub streams: u32,
+    /// Stream workload: partitions per stream.
+    #[arg(long, default_value_t = 8)]
+    pub partitions: u32,
     /// Latency workload: messages per second.
     #[arg(long, default_value_t = 10_000)]
     pub rate: u64,
@@ -218,6 +227,38 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(config.to_string().as_bytes()),
     )?;
     let cpu_before = pid.and_then(process_usage).map_or(0.0, |u| u.1);
+    if args.workload == "stream" {
+        let _ = client.call("DELETE", &format!("/v1/queues/{queue}"), None);
+        let result = stream_workload(&args, &client, &protocol_addr, pid)?;
+        if args.json {
+            outln!("{}", serde_json::to_string_pretty(&result)?);
+        } else {
+            outln!(
+                "tidewater bench stream: {} records of {} B into {} streams x {} partitions, one producer, one group consumer (commits every second), binary protocol",
+                args.messages,
+                args.size,
+                args.streams,
+                args.partitions
+            );
+            let f = |k: &str| result[k].as_f64().unwrap_or(0.0);
+            outln!("  produce (durable)   {:>10.0} records/s", f("produce_records_per_s"));
+            outln!("  fetch + commit      {:>10.0} records/s", f("fetch_records_per_s"));
+            if pid.is_some() {
+                outln!(
+                    "  server CPU          {:>10.3} us per record produced, {:.3} us per record fetched",
+                    f("server_cpu_us_per_record_produced"),
+                    f("server_cpu_us_per_record_fetched")
+                );
+                outln!(
+                    "  server RSS          {:>10.1} MiB peak, {:.1} MiB at the end (records retained)",
+                    f("server_peak_rss_mib"),
+                    f("server_rss_end_mib")
+                );
+            }
+        }
+        drop(spawned);
+        return Ok(());
+    }
     if args.workload == "latency" {
         let mut latencies = latency_workload(&args, &protocol_addr, &queue)?;
         latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -436,6 +477,132 @@ fn http_consume(args: &BenchArgs, url: &str, queue: &str) -> anyhow::Result<()> 
             .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
     }
     Ok(())
+}
+
+/// RSS now (VmRSS) of a process, from /proc.
+fn current_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The stream workload: produce through one `StreamProducer` per stream (one client, one
+/// connection), then read everything back with one `GroupConsumer` that commits every
+/// second.
+fn stream_workload(
+    args: &BenchArgs,
+    http: &Client,
+    addr: &str,
+    pid: Option<u32>,
+) -> anyhow::Result<Value> {
+    use tidewater_client::{
+        Client as BinaryClient, ClientOptions, GroupConsumerOptions, Record,
+        StreamProducerOptions,
+    };
+    if args.streams == 0 || args.partitions == 0 {
+        bail!("--streams and --partitions must be at least 1");
+    }
+    let run = fastrand::u32(..);
+    let names: Vec<String> = (0..args.streams)
+        .map(|i| format!("bench-{run}-{i}"))
+        .collect();
+    for name in &names {
+        http.call(
+            "PUT",
+            &format!("/v1/streams/{name}"),
+            Some(json!({"partitions": args.partitions}).to_string().as_bytes()),
+        )?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let usage = |pid: Option<u32>| pid.and_then(process_usage);
+    let before = usage(pid);
+    let n = args.messages;
+    let produce_s = runtime.block_on(async {
+        let client = BinaryClient::new(addr, ClientOptions::default());
+        let producers: Vec<_> = names
+            .iter()
+            .map(|name| {
+                client.stream_producer(
+                    name,
+                    StreamProducerOptions {
+                        max_batch_records: args.batch,
+                        max_batch_bytes: 4 << 20,
+                        ..StreamProducerOptions::default()
+                    },
+                )
+            })
+            .collect();
+        let value = vec![b'x'; args.size];
+        let started = Instant::now();
+        let mut window = std::collections::VecDeque::new();
+        for i in 0..n {
+            let producer = &producers[(i % producers.len() as u64) as usize];
+            window.push_back(Box::pin(producer.send(Record::new(value.clone()))));
+            if window.len() >= 50_000 {
+                window.pop_front().unwrap().await?;
+            }
+        }
+        for send in window {
+            send.await?;
+        }
+        Ok::<_, anyhow::Error>(started.elapsed().as_secs_f64())
+    })?;
+    let after_produce = usage(pid);
+    let fetch_s = runtime.block_on(async {
+        let client = BinaryClient::new(addr, ClientOptions::default());
+        let streams: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut consumer = client.group_consumer(
+            &format!("bench-{run}"),
+            &streams,
+            GroupConsumerOptions {
+                auto_commit: Some(Duration::from_secs(1)),
+                ..GroupConsumerOptions::default()
+            },
+        );
+        let started = Instant::now();
+        let mut bytes = 0usize;
+        for _ in 0..n {
+            let record = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+                .await
+                .context("no record for 60 s")?
+                .context("the consumer stopped")??;
+            bytes += record.value.map_or(0, |v| v.len());
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        anyhow::ensure!(bytes == n as usize * args.size, "fetched {bytes} bytes");
+        consumer.close().await?;
+        Ok::<_, anyhow::Error>(elapsed)
+    })?;
+    let end = usage(pid);
+    let rss_end = pid.and_then(current_rss);
+    for name in &names {
+        let _ = http.call("DELETE", &format!("/v1/streams/{name}"), None);
+    }
+    let cpu = |a: Option<(u64, f64)>, b: Option<(u64, f64)>| a.zip(b).map(|(a, b)| b.1 - a.1);
+    let nf = n as f64;
+    Ok(json!({
+        "workload": "stream",
+        "records": n,
+        "size": args.size,
+        "streams": args.streams,
+        "partitions": args.partitions,
+        "batch": args.batch,
+        "produce_records_per_s": (nf / produce_s).round(),
+        "fetch_records_per_s": (nf / fetch_s).round(),
+        "server_cpu_us_per_record_produced": cpu(before, after_produce).map(|s| s * 1e6 / nf),
+        "server_cpu_us_per_record_fetched": cpu(after_produce, end).map(|s| s * 1e6 / nf),
+        "server_peak_rss_mib": end.map(|u| u.0 as f64 / (1 << 20) as f64),
+        "server_rss_end_mib": rss_end.map(|b| b as f64 / (1 << 20) as f64),
+    }))
 }
 
 /// Publishes through tidewater-client: `producers` producers, each sending its share as
