@@ -11,3 +11,4 @@ mod openapi;
 mod policies;
 mod regression;
 mod stream_client;
+mod upgrade;
