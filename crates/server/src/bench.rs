@@ -241,8 +241,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.partitions
             );
             let f = |k: &str| result[k].as_f64().unwrap_or(0.0);
-            outln!("  produce (durable)   {:>10.0} records/s", f("produce_records_per_s"));
-            outln!("  fetch + commit      {:>10.0} records/s", f("fetch_records_per_s"));
+            outln!(
+                "  produce (durable)   {:>10.0} records/s",
+                f("produce_records_per_s")
+            );
+            outln!(
+                "  fetch + commit      {:>10.0} records/s",
+                f("fetch_records_per_s")
+            );
             if pid.is_some() {
                 outln!(
                     "  server CPU          {:>10.3} us per record produced, {:.3} us per record fetched",
@@ -502,8 +508,7 @@ fn stream_workload(
     pid: Option<u32>,
 ) -> anyhow::Result<Value> {
     use tidewater_client::{
-        Client as BinaryClient, ClientOptions, GroupConsumerOptions, Record,
-        StreamProducerOptions,
+        Client as BinaryClient, ClientOptions, GroupConsumerOptions, Record, StreamProducerOptions,
     };
     if args.streams == 0 || args.partitions == 0 {
         bail!("--streams and --partitions must be at least 1");
@@ -516,7 +521,11 @@ fn stream_workload(
         http.call(
             "PUT",
             &format!("/v1/streams/{name}"),
-            Some(json!({"partitions": args.partitions}).to_string().as_bytes()),
+            Some(
+                json!({"partitions": args.partitions})
+                    .to_string()
+                    .as_bytes(),
+            ),
         )?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -669,8 +669,9 @@ async fn iot_lag(scale: usize) -> anyhow::Result<Report> {
     Ok(Report {
         scenario: "iot-lag",
         incident: "sensors produce 200 readings/s; one consumer handles 100/s and falls 15 minutes behind",
-        policy: "a consumer group of 8 on a stream of 8 partitions (the broker assigns, members commit)"
-            .into(),
+        policy:
+            "a consumer group of 8 on a stream of 8 partitions (the broker assigns, members commit)"
+                .into(),
         figures: vec![
             fig5("lag at the incident (records)", figures, 0),
             fig5("lag at the incident (seconds)", figures, 1),
@@ -746,6 +747,10 @@ mod tests {
         assert!((80.0..=130.0).contains(&at.before), "{r:?}");
         let later = r.figure("lag 10 minutes later (records)");
         assert!(later.before > 20_000.0 && later.after == 0.0, "{r:?}");
-        assert_eq!(r.figure("lag 10 minutes later (seconds)").after, 0.0, "{r:?}");
+        assert_eq!(
+            r.figure("lag 10 minutes later (seconds)").after,
+            0.0,
+            "{r:?}"
+        );
     }
 }

@@ -78,7 +78,11 @@ fn a_data_directory_of_the_previous_release_opens_and_its_queues_work() {
             Some(json!({"records": [{"value": "v", "partition": 1}]})),
         );
         server.kill_and_restart();
-        assert_eq!(ids(&server.receive("orders", 10, 0, None)), ["n1"], "{fixture}");
+        assert_eq!(
+            ids(&server.receive("orders", 10, 0, None)),
+            ["n1"],
+            "{fixture}"
+        );
         let info = server.ok("GET", "/v1/streams/s", None);
         assert_eq!(info["partitions"][1]["end_offset"], 1, "{fixture}: {info}");
     }
