@@ -639,6 +639,10 @@ pub struct Limits {
     pub max_groups: usize,
     pub max_group_members: usize,
     pub max_session_timeout_ms: u64,
+    /// Committed offsets of a group without members are removed once its newest commit,
+    /// and the last time it had a member, are this old (Kafka's offsets.retention.minutes);
+    /// 0 keeps them forever.
+    pub group_offsets_retention_ms: u64,
 }
 
 impl Limits {
@@ -700,6 +704,7 @@ impl Default for Limits {
             max_groups: 1_000,
             max_group_members: 1_000,
             max_session_timeout_ms: 300_000,
+            group_offsets_retention_ms: 7 * 86_400_000,
         }
     }
 }

@@ -38,6 +38,7 @@ pub enum ErrorCode {
     OffsetOutOfRange,
     GroupNotFound,
     UnknownMember,
+    GroupNotEmpty,
 }
 
 impl ErrorCode {
@@ -69,6 +70,7 @@ impl ErrorCode {
         ErrorCode::OffsetOutOfRange,
         ErrorCode::GroupNotFound,
         ErrorCode::UnknownMember,
+        ErrorCode::GroupNotEmpty,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,6 +102,7 @@ impl ErrorCode {
             ErrorCode::OffsetOutOfRange => "offset_out_of_range",
             ErrorCode::GroupNotFound => "group_not_found",
             ErrorCode::UnknownMember => "unknown_member",
+            ErrorCode::GroupNotEmpty => "group_not_empty",
         }
     }
 
@@ -111,6 +114,9 @@ impl ErrorCode {
             }
             ErrorCode::UnknownMember => {
                 "The member is not in the group: its session expired (no heartbeat within session_timeout_ms) or it left. Join again; its partitions may have gone to others."
+            }
+            ErrorCode::GroupNotEmpty => {
+                "The group has members: its offsets can be reset, and the group deleted, only while it has none (as Kafka's kafka-consumer-groups). Stop its consumers (a consumer that stops cleanly leaves at once; one that does not is removed when its session times out), then retry."
             }
             ErrorCode::InvalidStreamName => {
                 "Stream names are 1 to 200 characters of A-Z a-z 0-9 . _ -, and not . or .."

@@ -10,7 +10,7 @@ use tidewater_storage::{AckLevel, StoreOptions};
 
 use crate::broker::{Broker, BrokerOptions, NewMessage, Published};
 use crate::clock::{FixedJitter, Jitter, ManualClock};
-use crate::config::ConfigPatch;
+use crate::config::{ConfigPatch, Limits};
 use crate::error::BrokerError;
 use crate::queue::{Delivery, QueueStats};
 
@@ -24,6 +24,8 @@ pub struct HarnessOptions {
     pub jitter: Arc<dyn Jitter>,
     /// The store's options (fsync off by default; tests arm faults here).
     pub store: StoreOptions,
+    /// The broker's limits (the defaults unless a test needs others).
+    pub limits: Limits,
 }
 
 impl Default for HarnessOptions {
@@ -35,6 +37,7 @@ impl Default for HarnessOptions {
                 fsync: false,
                 ..StoreOptions::default()
             },
+            limits: Limits::default(),
         }
     }
 }
@@ -160,6 +163,7 @@ fn broker_options(options: &HarnessOptions, clock: &ManualClock) -> BrokerOption
         store: options.store.clone(),
         clock: Arc::new(clock.clone()),
         jitter: options.jitter.clone(),
+        limits: options.limits.clone(),
         ..BrokerOptions::default()
     }
 }

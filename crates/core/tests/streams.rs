@@ -613,3 +613,294 @@ fn a_long_poll_keeps_its_member_alive() {
         assert_eq!(fetched.unwrap().len(), 1);
     });
 }
+
+/// The committed offsets of a group, by (stream, partition).
+async fn committed_of(broker: &Broker, group: &str) -> BTreeMap<(String, u32), u64> {
+    match broker.describe_group(group).await {
+        Ok(info) => info
+            .offsets
+            .iter()
+            .map(|l| ((l.stream.clone(), l.partition), l.committed))
+            .collect(),
+        Err(err) => {
+            assert_eq!(err.code, ErrorCode::GroupNotFound, "{err}");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// Offset resets as kafka-consumer-groups makes them: each target (earliest, latest, a
+/// time, a shift, an offset) lands within the partition's range; a dry run changes
+/// nothing; a group with members is refused; what was reset survives a restart.
+#[test]
+fn offsets_reset_to_each_target_within_range_and_only_without_members() {
+    use tidewater_core::broker::{OffsetReset, ResetTo};
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions::default()).unwrap();
+    let s = |p: u32| ("s".to_string(), p);
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &patch(2)).await.unwrap();
+        b.put_stream("other", &patch(1)).await.unwrap();
+        // Record i of each partition was made at START_MS - 100_000 + i * 1_000.
+        let records: Vec<NewStreamRecord> = (0..20)
+            .map(|i| NewStreamRecord {
+                partition: Some(i % 2),
+                timestamp: Some(START_MS - 100_000 + i64::from(i / 2) * 1_000),
+                ..record(None, &format!("r{i}"))
+            })
+            .collect();
+        b.produce("s", &records, AckLevel::Durable).await.unwrap();
+        let streams = vec!["s".to_string()];
+        let member = b.join_group("g", None, &streams, 10_000).unwrap();
+        let commits = [
+            ("s".to_string(), 0, 4, "m".to_string()),
+            ("s".to_string(), 1, 6, "m".to_string()),
+        ];
+        b.commit_many("g", &commits).await.unwrap();
+        for dry_run in [true, false] {
+            let err = b
+                .reset_offsets("g", None, ResetTo::Earliest, dry_run)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code, ErrorCode::GroupNotEmpty, "{err}");
+            assert!(err.message.contains("1 member"), "{err}");
+        }
+        let err = b.delete_group("g").await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::GroupNotEmpty);
+        b.leave_group("g", &member).unwrap();
+
+        // A dry run shows the plan and changes nothing.
+        let plan = b
+            .reset_offsets("g", None, ResetTo::Earliest, true)
+            .await
+            .unwrap();
+        let row = |p, from, to| OffsetReset {
+            stream: "s".into(),
+            partition: p,
+            from,
+            to,
+        };
+        assert_eq!(plan, vec![row(0, Some(4), 0), row(1, Some(6), 0)]);
+        assert_eq!(
+            committed_of(b, "g").await,
+            BTreeMap::from([(s(0), 4), (s(1), 6)])
+        );
+        // Each target, executed, in turn.
+        let cases = [
+            (ResetTo::Latest, [10, 10]),
+            // Record 3 of each partition is the first made at or after this time.
+            (ResetTo::Datetime(START_MS - 96_000), [4, 4]),
+            (ResetTo::Datetime(START_MS - 97_500), [3, 3]),
+            (ResetTo::Datetime(START_MS - 97_000), [3, 3]),
+            (ResetTo::Datetime(0), [0, 0]),
+            // Every record is older: the end.
+            (ResetTo::Datetime(START_MS), [10, 10]),
+            (ResetTo::ShiftBy(-3), [7, 7]),
+            (ResetTo::ShiftBy(-100), [0, 0]),
+            (ResetTo::ShiftBy(4), [4, 4]),
+            (ResetTo::ShiftBy(i64::MAX), [10, 10]),
+            (ResetTo::Offset(7), [7, 7]),
+            (ResetTo::Offset(99), [10, 10]),
+            (ResetTo::Earliest, [0, 0]),
+        ];
+        let mut before = [Some(4), Some(6)];
+        for (to, after) in cases {
+            let plan = b.reset_offsets("g", None, to, false).await.unwrap();
+            assert_eq!(
+                plan,
+                vec![row(0, before[0], after[0]), row(1, before[1], after[1])],
+                "{to:?}"
+            );
+            assert_eq!(
+                committed_of(b, "g").await,
+                BTreeMap::from([(s(0), after[0]), (s(1), after[1])]),
+                "{to:?}"
+            );
+            before = [Some(after[0]), Some(after[1])];
+        }
+        // Named streams: every partition of each, committed or not; one that does not
+        // exist refuses the whole reset.
+        let names = vec!["s".to_string(), "nope".to_string()];
+        let err = b
+            .reset_offsets("g", Some(&names), ResetTo::Latest, false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::StreamNotFound);
+        assert_eq!(committed_of(b, "g").await[&s(0)], 0, "nothing changed");
+        let err = b
+            .reset_offsets("g", Some(&[]), ResetTo::Latest, false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest);
+        let err = b
+            .reset_offsets("new", None, ResetTo::Latest, false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::GroupNotFound, "nothing to reset");
+        // A group with no commits yet can be placed: a shift counts from the start.
+        let plan = b
+            .reset_offsets("new", Some(&streams), ResetTo::ShiftBy(3), false)
+            .await
+            .unwrap();
+        assert_eq!(plan, vec![row(0, None, 3), row(1, None, 3)]);
+        let other = vec!["other".to_string()];
+        b.reset_offsets("new", Some(&other), ResetTo::Latest, false)
+            .await
+            .unwrap();
+        let err = b
+            .reset_offsets("bad/name", None, ResetTo::Latest, true)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest);
+        // Names too long together for a commit record are refused, not a panic.
+        let long = "g".repeat(200);
+        b.put_stream(&"s".repeat(100), &patch(1)).await.unwrap();
+        let err = b
+            .commit(&long, &"s".repeat(100), 0, 0, "")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest, "{err}");
+    });
+    h.restart();
+    rt.block_on(async {
+        let b = h.broker();
+        assert_eq!(
+            committed_of(b, "g").await,
+            BTreeMap::from([(s(0), 0), (s(1), 0)])
+        );
+        assert_eq!(
+            committed_of(b, "new").await,
+            BTreeMap::from([(s(0), 3), (s(1), 3), (("other".to_string(), 0), 0)])
+        );
+        // Without streams named: every stream the group committed offsets for.
+        let plan = b
+            .reset_offsets("new", None, ResetTo::Latest, false)
+            .await
+            .unwrap();
+        assert_eq!(plan.len(), 3);
+        assert_eq!(
+            committed_of(b, "new").await,
+            BTreeMap::from([(s(0), 10), (s(1), 10), (("other".to_string(), 0), 0)])
+        );
+    });
+}
+
+/// Deleting a group settles its committed offsets (gone after a restart too) and is
+/// refused while it has members.
+#[test]
+fn a_deleted_group_is_gone_for_good() {
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &patch(3)).await.unwrap();
+        for group in ["doomed", "kept"] {
+            let commits: Vec<(String, u32, u64, String)> = (0..3)
+                .map(|p| ("s".to_string(), p, 0, String::new()))
+                .collect();
+            b.commit_many(group, &commits).await.unwrap();
+        }
+        let streams = vec!["s".to_string()];
+        let member = b.join_group("doomed", None, &streams, 10_000).unwrap();
+        let err = b.delete_group("doomed").await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::GroupNotEmpty);
+        b.leave_group("doomed", &member).unwrap();
+        b.delete_group("doomed").await.unwrap();
+        assert!(committed_of(b, "doomed").await.is_empty());
+        let err = b.delete_group("doomed").await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::GroupNotFound);
+        assert_eq!(b.list_groups().await, vec!["kept".to_string()]);
+    });
+    h.restart();
+    rt.block_on(async {
+        let b = h.broker();
+        assert_eq!(b.list_groups().await, vec!["kept".to_string()]);
+        assert!(b.committed("doomed", "s", 0).await.is_none());
+        assert_eq!(committed_of(b, "kept").await.len(), 3);
+    });
+}
+
+/// Committed offsets of a group without members expire `group_offsets_retention_ms` after
+/// its newest commit, or after it last had a member, whichever is later; a restart counts
+/// as seeing every group (nothing expires early because the broker was down).
+#[test]
+fn offsets_of_groups_without_members_expire_after_the_retention() {
+    const HOUR: i64 = 3_600_000;
+    // Maintenance looks for expired offsets at most once a minute.
+    const SCAN: i64 = 60_000;
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions {
+        limits: tidewater_core::Limits {
+            group_offsets_retention_ms: HOUR as u64,
+            max_session_timeout_ms: 10 * HOUR as u64,
+            ..tidewater_core::Limits::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .unwrap();
+    let streams = vec!["s".to_string()];
+    let commit = |b: &Broker, group: &'static str| {
+        let b = b.clone();
+        async move { b.commit(group, "s", 0, 0, "").await.unwrap() }
+    };
+    let groups = |h: &Harness| {
+        let b = h.broker().clone();
+        async move { b.list_groups().await }
+    };
+    let member = rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &patch(1)).await.unwrap();
+        // idle: commits once, no members. busy: a member for two hours, commits once.
+        commit(b, "idle").await;
+        let member = b
+            .join_group("busy", None, &streams, 3 * HOUR as u64)
+            .unwrap();
+        commit(b, "busy").await;
+        h.advance(HOUR - SCAN).await;
+        assert_eq!(groups(&h).await, vec!["busy", "idle"]);
+        h.advance(SCAN).await;
+        assert_eq!(groups(&h).await, vec!["busy"], "idle's hour has passed");
+        h.advance(HOUR).await;
+        assert_eq!(
+            groups(&h).await,
+            vec!["busy"],
+            "a group with members keeps them"
+        );
+        member
+    });
+    rt.block_on(async {
+        h.broker().leave_group("busy", &member).unwrap();
+        // Two hours after its commit, but it had a member until now.
+        h.advance(HOUR - SCAN).await;
+        assert_eq!(groups(&h).await, vec!["busy"]);
+        h.advance(SCAN).await;
+        assert!(groups(&h).await.is_empty());
+        // A restart half-way: the retention counts from the restart.
+        commit(h.broker(), "restarted").await;
+    });
+    rt.block_on(h.advance(HOUR / 2));
+    h.restart();
+    rt.block_on(async {
+        h.advance(HOUR / 2 + SCAN).await;
+        assert_eq!(groups(&h).await, vec!["restarted"]);
+        h.advance(HOUR / 2).await;
+        assert!(groups(&h).await.is_empty());
+    });
+    // With retention 0, offsets stay.
+    drop(h);
+    let h = Harness::temporary(HarnessOptions {
+        limits: tidewater_core::Limits {
+            group_offsets_retention_ms: 0,
+            ..tidewater_core::Limits::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .unwrap();
+    rt.block_on(async {
+        h.broker().put_stream("s", &patch(1)).await.unwrap();
+        commit(h.broker(), "forever").await;
+        h.advance(1_000 * HOUR).await;
+        assert_eq!(groups(&h).await, vec!["forever"]);
+    });
+}

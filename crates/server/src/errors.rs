@@ -67,6 +67,7 @@ impl Code {
         Code::Broker(ErrorCode::OffsetOutOfRange),
         Code::Broker(ErrorCode::GroupNotFound),
         Code::Broker(ErrorCode::UnknownMember),
+        Code::Broker(ErrorCode::GroupNotEmpty),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -131,7 +132,7 @@ fn broker_status(code: ErrorCode) -> u16 {
         | ErrorCode::PartitionNotFound
         | ErrorCode::GroupNotFound
         | ErrorCode::UnknownMember => 404,
-        ErrorCode::ConfigConflict | ErrorCode::Superseded => 409,
+        ErrorCode::ConfigConflict | ErrorCode::Superseded | ErrorCode::GroupNotEmpty => 409,
         ErrorCode::MessageTooLarge
         | ErrorCode::BatchTooLarge
         | ErrorCode::RequestTooLarge

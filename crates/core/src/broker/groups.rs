@@ -5,6 +5,7 @@
 //! partitions) and its settled segments go at checkpoints. Recovery reads them back.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use parking_lot::Mutex;
 use tidewater_storage::{
@@ -33,11 +34,14 @@ pub struct Committed {
     pub committed_at_ms: i64,
 }
 
+/// A committed offset's place: (group, stream, partition).
+type OffsetKey = (String, String, u32);
+
 /// The committed-offsets log and what its unsettled records say.
 pub(crate) struct Offsets {
     log: Option<(u64, LogReader)>,
     /// (group, stream, partition) -> (the record's offset in the log, what it says).
-    latest: BTreeMap<(String, String, u32), (u64, Committed)>,
+    latest: BTreeMap<OffsetKey, (u64, Committed)>,
 }
 
 /// Groups and their committed offsets.
@@ -47,12 +51,23 @@ pub(crate) struct Groups {
     offsets: tokio::sync::Mutex<Offsets>,
     /// What the committed offsets are now, for readers that must not wait for a commit in
     /// flight (metrics, describe): updated when a commit lands.
-    view: Mutex<BTreeMap<(String, String, u32), Committed>>,
+    view: Mutex<BTreeMap<OffsetKey, Committed>>,
+    /// Per group, the last time maintenance saw it with members (or, for the groups found
+    /// at open, the open): the expiry of committed offsets counts from this or from the
+    /// newest commit, whichever is later, so a group whose members stop after a quiet week
+    /// keeps its offsets, and a restart expires nothing early.
+    seen: Mutex<HashMap<String, i64>>,
+    /// When maintenance looks for expired offsets next (ms, the broker's clock).
+    next_expiry_scan_ms: AtomicI64,
 }
 
 impl Groups {
     /// From the offsets log found at open (if any): its unsettled records.
-    pub(crate) fn recover(store: &Store, log: Option<RecoveredLog>) -> Result<Groups, String> {
+    pub(crate) fn recover(
+        store: &Store,
+        log: Option<RecoveredLog>,
+        now_ms: i64,
+    ) -> Result<Groups, String> {
         let mut offsets = Offsets {
             log: None,
             latest: BTreeMap::new(),
@@ -87,10 +102,17 @@ impl Groups {
             .iter()
             .map(|(k, (_, c))| (k.clone(), c.clone()))
             .collect();
+        let seen = offsets
+            .latest
+            .keys()
+            .map(|(group, _, _)| (group.clone(), now_ms))
+            .collect();
         Ok(Groups {
             groups: Mutex::new(HashMap::new()),
             offsets: tokio::sync::Mutex::new(offsets),
             view: Mutex::new(view),
+            seen: Mutex::new(seen),
+            next_expiry_scan_ms: AtomicI64::new(i64::MIN),
         })
     }
 }
@@ -99,7 +121,7 @@ fn record_key(group: &str, stream: &str, partition: u32) -> Vec<u8> {
     format!("{group}\0{stream}\0{partition}").into_bytes()
 }
 
-fn parse_key(id: &[u8]) -> Option<(String, String, u32)> {
+fn parse_key(id: &[u8]) -> Option<OffsetKey> {
     let text = std::str::from_utf8(id).ok()?;
     let mut parts = text.split('\0');
     let (group, stream, partition) = (parts.next()?, parts.next()?, parts.next()?);
@@ -148,6 +170,48 @@ fn group_error(group: &str, err: GroupError) -> BrokerError {
     BrokerError::new(ErrorCode::UnknownMember, format!("group '{group}': {err}"))
 }
 
+/// Group names follow the rules of stream names.
+fn check_group_name(group: &str) -> Result<(), BrokerError> {
+    crate::stream::config::validate_stream_name(group).map_err(|_| {
+        BrokerError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "invalid group name '{}': the rules of stream names apply",
+                group.chars().take(40).collect::<String>()
+            ),
+        )
+    })
+}
+
+/// Where `reset_offsets` moves a group's committed offsets (kafka-consumer-groups'
+/// `--to-earliest`, `--to-latest`, `--to-datetime`, `--shift-by`, `--to-offset`). Every
+/// target is kept within the partition's range, from its start to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The partition's start.
+    Earliest,
+    /// The partition's end: the group skips everything there is now.
+    Latest,
+    /// The first offset whose record's timestamp is at least this time (ms since the
+    /// epoch), or the end when every record is older.
+    Datetime(i64),
+    /// The committed offset moved by this many (the partition's start when nothing is
+    /// committed: where a member starts by default).
+    ShiftBy(i64),
+    /// This offset.
+    Offset(u64),
+}
+
+/// One partition of a reset: its committed offset before (`None`: nothing committed) and
+/// after.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OffsetReset {
+    pub stream: String,
+    pub partition: u32,
+    pub from: Option<u64>,
+    pub to: u64,
+}
+
 impl Broker {
     fn partition_counts(&self) -> impl Fn(&str) -> Option<u32> + '_ {
         move |stream: &str| {
@@ -168,15 +232,7 @@ impl Broker {
         streams: &[String],
         session_timeout_ms: u64,
     ) -> Result<String, BrokerError> {
-        crate::stream::config::validate_stream_name(group).map_err(|_| {
-            BrokerError::new(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "invalid group name '{}': the rules of stream names apply",
-                    group.chars().take(40).collect::<String>()
-                ),
-            )
-        })?;
+        check_group_name(group)?;
         let limits = &self.inner.limits;
         if !(1_000..=limits.max_session_timeout_ms).contains(&session_timeout_ms) {
             return Err(BrokerError::invalid(format!(
@@ -273,21 +329,37 @@ impl Broker {
 
     /// Forgets the committed offsets of a deleted stream (their records are settled).
     pub(super) async fn forget_offsets(&self, stream: &str) -> Result<(), BrokerError> {
+        self.forget(|latest| {
+            latest
+                .keys()
+                .filter(|(_, s, _)| s == stream)
+                .cloned()
+                .collect()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Forgets the committed offsets `choose` picks (it sees the latest commits, with
+    /// commits held off meanwhile): their records are settled in one journal write, all or
+    /// none. Returns how many were forgotten.
+    async fn forget(
+        &self,
+        choose: impl FnOnce(&BTreeMap<OffsetKey, (u64, Committed)>) -> Vec<OffsetKey>,
+    ) -> Result<usize, BrokerError> {
         let mut offsets = self.inner.groups.offsets.lock().await;
         let Some((uid, _)) = &offsets.log else {
-            return Ok(());
+            return Ok(0);
         };
         let uid = *uid;
-        let gone: Vec<(String, String, u32)> = offsets
-            .latest
-            .keys()
-            .filter(|(_, s, _)| s == stream)
-            .cloned()
+        let gone = choose(&offsets.latest);
+        let records: Vec<u64> = gone
+            .iter()
+            .filter_map(|k| offsets.latest.get(k).map(|(at, _)| *at))
             .collect();
-        if gone.is_empty() {
-            return Ok(());
+        if records.is_empty() {
+            return Ok(0);
         }
-        let records: Vec<u64> = gone.iter().map(|k| offsets.latest[k].0).collect();
         self.write(
             vec![Op::Settle {
                 uid,
@@ -297,11 +369,217 @@ impl Broker {
         )
         .await?;
         let mut view = self.inner.groups.view.lock();
-        for key in gone {
-            view.remove(&key);
-            offsets.latest.remove(&key);
+        for key in &gone {
+            view.remove(key);
+            offsets.latest.remove(key);
+        }
+        Ok(records.len())
+    }
+
+    /// Refuses (`group_not_empty`) while the group has members.
+    fn require_no_members(&self, group: &str, doing: &str) -> Result<(), BrokerError> {
+        let members = self
+            .inner
+            .groups
+            .groups
+            .lock()
+            .get(group)
+            .map_or(0, |g| g.member_ids().count());
+        if members > 0 {
+            return Err(BrokerError::new(
+                ErrorCode::GroupNotEmpty,
+                format!(
+                    "group '{group}' has {members} member{}: {doing} only while it has none. Stop its consumers first (one that stops cleanly leaves at once; one that does not is removed when its session times out)",
+                    if members == 1 { "" } else { "s" }
+                ),
+            ));
         }
         Ok(())
+    }
+
+    /// Moves a group's committed offsets, as kafka-consumer-groups --reset-offsets does:
+    /// for every partition of `streams` (each must exist), or of every stream the group has
+    /// committed offsets for when `None`, to where `to` says within the partition's range.
+    /// Refused while the group has members (`group_not_empty`). Unless `dry_run`, commits
+    /// the new offsets in one journal write (all or none). Returns the plan, by stream and
+    /// partition.
+    pub async fn reset_offsets(
+        &self,
+        group: &str,
+        streams: Option<&[String]>,
+        to: ResetTo,
+        dry_run: bool,
+    ) -> Result<Vec<OffsetReset>, BrokerError> {
+        check_group_name(group)?;
+        self.require_no_members(group, "its offsets can be reset")?;
+        let committed: BTreeMap<(String, u32), u64> = self
+            .inner
+            .groups
+            .view
+            .lock()
+            .range((group.to_string(), String::new(), 0)..)
+            .take_while(|((g, _, _), _)| g == group)
+            .map(|((_, s, p), c)| ((s.clone(), *p), c.offset))
+            .collect();
+        let names: BTreeSet<String> = match streams {
+            Some([]) => {
+                return Err(BrokerError::invalid(
+                    "name at least one stream to reset, or none for every stream the group has committed offsets for",
+                ));
+            }
+            Some(list) => list.iter().cloned().collect(),
+            None if committed.is_empty() => {
+                return Err(BrokerError::new(
+                    ErrorCode::GroupNotFound,
+                    format!("group '{group}' has no committed offsets: name the streams to reset"),
+                ));
+            }
+            None => committed.keys().map(|(s, _)| s.clone()).collect(),
+        };
+        let mut plan = Vec::new();
+        for name in &names {
+            let info = match self.get_stream(name) {
+                Ok(info) => info,
+                // A stream deleted since its commits were listed: nothing to reset.
+                Err(_) if streams.is_none() => continue,
+                Err(err) => return Err(err),
+            };
+            for part in &info.partitions {
+                let from = committed.get(&(name.clone(), part.partition)).copied();
+                let (start, end) = (part.start_offset, part.end_offset.max(part.start_offset));
+                let target = match to {
+                    ResetTo::Earliest => start,
+                    ResetTo::Latest => end,
+                    ResetTo::Datetime(ms) => self
+                        .offset_for_time(name, part.partition, ms)?
+                        .unwrap_or(end),
+                    ResetTo::ShiftBy(by) => from.unwrap_or(start).saturating_add_signed(by),
+                    ResetTo::Offset(offset) => offset,
+                };
+                plan.push(OffsetReset {
+                    stream: name.clone(),
+                    partition: part.partition,
+                    from,
+                    to: target.clamp(start, end),
+                });
+            }
+        }
+        if !dry_run {
+            let limits = &self.inner.limits;
+            if committed.is_empty() && self.list_groups().await.len() >= limits.max_groups {
+                return Err(BrokerError::invalid(format!(
+                    "the broker holds its maximum of {} groups (max_groups)",
+                    limits.max_groups
+                )));
+            }
+            let commits: Vec<(String, u32, u64, String)> = plan
+                .iter()
+                .map(|r| (r.stream.clone(), r.partition, r.to, String::new()))
+                .collect();
+            self.commit_many(group, &commits).await?;
+            // A member that joined meanwhile may have taken a partition at the old offset.
+            if let Err(err) = self.require_no_members(group, "its offsets can be reset") {
+                tracing::warn!(group = %group, error = %err, "a member joined during an offset reset");
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Deletes a group: its committed offsets are settled in one journal write. Refused
+    /// while it has members (`group_not_empty`); `group_not_found` when it has neither
+    /// members nor committed offsets.
+    pub async fn delete_group(&self, group: &str) -> Result<(), BrokerError> {
+        check_group_name(group)?;
+        self.require_no_members(group, "it can be deleted")?;
+        let forgotten = self
+            .forget(|latest| {
+                latest
+                    .range((group.to_string(), String::new(), 0)..)
+                    .take_while(|((g, _, _), _)| g == group)
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .await?;
+        if forgotten == 0 {
+            return Err(BrokerError::new(
+                ErrorCode::GroupNotFound,
+                format!("group '{group}' has no members and no committed offsets"),
+            ));
+        }
+        // Its entry (members gone, not yet swept by maintenance) goes too.
+        let mut groups = self.inner.groups.groups.lock();
+        if groups.get(group).is_some_and(Group::is_empty) {
+            groups.remove(group);
+        }
+        self.inner.groups.seen.lock().remove(group);
+        Ok(())
+    }
+
+    /// Removes the committed offsets of groups without members once their newest commit,
+    /// and the last time they had a member, are both `group_offsets_retention_ms` old
+    /// (maintenance; looks at most once a minute).
+    pub(super) async fn expire_group_offsets(&self) {
+        let retention = self.inner.limits.group_offsets_retention_ms;
+        let now = self.now_ms();
+        let groups = &self.inner.groups;
+        if retention == 0 || now < groups.next_expiry_scan_ms.load(Ordering::Relaxed) {
+            return;
+        }
+        let every = i64::try_from(retention / 10)
+            .unwrap_or(i64::MAX)
+            .clamp(1, 60_000);
+        groups
+            .next_expiry_scan_ms
+            .store(now.saturating_add(every), Ordering::Relaxed);
+        let cutoff = now.saturating_sub(i64::try_from(retention).unwrap_or(i64::MAX));
+        // Per group without members, the time its offsets' retention counts from (before
+        // its commits are looked at).
+        let since: HashMap<String, i64> = {
+            let live = groups.groups.lock();
+            let mut seen = groups.seen.lock();
+            let view = groups.view.lock();
+            let with_offsets: BTreeSet<&str> = view.keys().map(|(g, _, _)| g.as_str()).collect();
+            seen.retain(|g, _| live.contains_key(g) || with_offsets.contains(g.as_str()));
+            with_offsets
+                .into_iter()
+                .filter(|g| live.get(*g).is_none_or(Group::is_empty))
+                .map(|g| (g.to_string(), seen.get(g).copied().unwrap_or(i64::MIN)))
+                .filter(|(_, at)| *at <= cutoff)
+                .collect()
+        };
+        if since.is_empty() {
+            return;
+        }
+        let result = self
+            .forget(|latest| {
+                // Decided under the commit lock: a commit that landed since counts.
+                let mut newest: HashMap<&str, i64> = HashMap::new();
+                for ((group, _, _), (_, c)) in latest {
+                    if let Some(at) = since.get(group) {
+                        let n = newest.entry(group.as_str()).or_insert(*at);
+                        *n = (*n).max(c.committed_at_ms);
+                    }
+                }
+                latest
+                    .keys()
+                    .filter(|(g, _, _)| newest.get(g.as_str()).is_some_and(|at| *at <= cutoff))
+                    .cloned()
+                    .collect()
+            })
+            .await;
+        match result {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(
+                    offsets = n,
+                    retention_ms = retention,
+                    "expired the committed offsets of groups without members"
+                );
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not expire committed offsets; will retry");
+            }
+        }
     }
 
     pub fn leave_group(&self, group: &str, member: &str) -> Result<(), BrokerError> {
@@ -342,6 +620,12 @@ impl Broker {
             self.inner.groups_changed.notify_waiters();
         }
         groups.retain(|_, g| !g.is_empty());
+        // Offsets of a group with members never expire; their retention counts from now.
+        let mut seen = self.inner.groups.seen.lock();
+        for name in groups.keys() {
+            seen.insert(name.clone(), now);
+        }
+        drop(seen);
         // Consumer instances whose member is gone go too.
         self.inner.consumers.lock().retain(|(group, member), _| {
             groups
@@ -430,6 +714,13 @@ impl Broker {
                 return Err(BrokerError::invalid(
                     "commit metadata is at most 4096 bytes",
                 ));
+            }
+            let id_len = record_key(group, stream, *partition).len();
+            if id_len > tidewater_storage::format::MAX_ID_LEN {
+                return Err(BrokerError::invalid(format!(
+                    "group '{group}' and stream '{stream}' have names too long together to commit an offset: {id_len} bytes with the partition number, at most {}",
+                    tidewater_storage::format::MAX_ID_LEN
+                )));
             }
             let info = self.get_stream(stream)?;
             let Some(part) = info.partitions.iter().find(|p| p.partition == *partition) else {

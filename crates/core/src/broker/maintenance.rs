@@ -250,6 +250,7 @@ impl Broker {
             self.maintain(&handle).await;
         }
         self.maintain_groups();
+        self.expire_group_offsets().await;
     }
 
     /// Starts the periodic maintenance task on the current tokio runtime.

@@ -45,8 +45,8 @@ pub use crate::plan::message::{Delay, NewMessage, header, hex, record_id};
 pub use consumers::{MemberRecord, StartAt};
 pub use delivery::{NackReason, Peeked, ReceiptFailure, SettleReply};
 pub use groups::{
-    Committed, GroupInfo, GroupLag, MAX_MEMBER_STREAMS, MemberInfo, PartitionLag,
-    TopicPartitionInfo,
+    Committed, GroupInfo, GroupLag, MAX_MEMBER_STREAMS, MemberInfo, OffsetReset, PartitionLag,
+    ResetTo, TopicPartitionInfo,
 };
 pub use publish::Published;
 pub use redrive::{RedriveProgress, RedriveRequest};
@@ -154,14 +154,16 @@ impl Broker {
         let (offsets_log, recovered): (Vec<_>, Vec<_>) = recovered
             .into_iter()
             .partition(|log| log.name == groups::OFFSETS_LOG);
-        let groups =
-            groups::Groups::recover(&store, offsets_log.into_iter().next()).map_err(|reason| {
-                tidewater_storage::OpenError::Corrupt {
-                    path: dir.to_path_buf(),
-                    position: 0,
-                    reason,
-                }
-            })?;
+        let groups = groups::Groups::recover(
+            &store,
+            offsets_log.into_iter().next(),
+            options.clock.now_ms(),
+        )
+        .map_err(|reason| tidewater_storage::OpenError::Corrupt {
+            path: dir.to_path_buf(),
+            position: 0,
+            reason,
+        })?;
         let (stream_logs, recovered): (Vec<_>, Vec<_>) = recovered
             .into_iter()
             .partition(|log| crate::stream::config::parse_partition_log_name(&log.name).is_some());
