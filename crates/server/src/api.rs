@@ -439,3 +439,71 @@ impl Serialize for OutMemberRecord<'_> {
         map.end()
     }
 }
+
+/// An offset reset of a group (`POST /v1/groups/{group}/offsets/reset`): the streams (all
+/// the group committed offsets for when absent), exactly one target, and whether to only
+/// show the plan.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetOffsetsRequest {
+    pub streams: Option<Vec<String>>,
+    /// "earliest" or "latest".
+    pub to: Option<String>,
+    /// RFC 3339 text, or milliseconds since the epoch (a number or digits).
+    pub to_datetime: Option<serde_json::Value>,
+    pub shift_by: Option<i64>,
+    pub to_offset: Option<u64>,
+    pub dry_run: Option<bool>,
+}
+
+impl ResetOffsetsRequest {
+    /// The one target the request names.
+    pub fn target(&self) -> Result<tidewater_core::broker::ResetTo, BrokerError> {
+        use tidewater_core::broker::ResetTo;
+        let mut targets = Vec::new();
+        if let Some(to) = &self.to {
+            targets.push(match to.as_str() {
+                "earliest" => ResetTo::Earliest,
+                "latest" => ResetTo::Latest,
+                other => {
+                    return Err(BrokerError::invalid(format!(
+                        "to is \"earliest\" or \"latest\", not \"{}\" (a time goes in to_datetime, an offset in to_offset)",
+                        other.chars().take(40).collect::<String>()
+                    )));
+                }
+            });
+        }
+        if let Some(time) = &self.to_datetime {
+            let ms = match time {
+                serde_json::Value::String(text) => crate::time::parse_time(text)
+                    .map_err(|e| BrokerError::invalid(format!("to_datetime: {e}")))?,
+                serde_json::Value::Number(n) => n.as_i64().ok_or_else(|| {
+                    BrokerError::invalid(
+                        "to_datetime: a number is whole milliseconds since the epoch",
+                    )
+                })?,
+                _ => {
+                    return Err(BrokerError::invalid(
+                        "to_datetime is RFC 3339 text (e.g. \"2026-11-30T10:00:00Z\") or milliseconds since the epoch",
+                    ));
+                }
+            };
+            targets.push(ResetTo::Datetime(ms));
+        }
+        if let Some(by) = self.shift_by {
+            targets.push(ResetTo::ShiftBy(by));
+        }
+        if let Some(offset) = self.to_offset {
+            targets.push(ResetTo::Offset(offset));
+        }
+        match targets.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(BrokerError::invalid(
+                "name where to reset: one of to (\"earliest\" or \"latest\"), to_datetime, shift_by or to_offset",
+            )),
+            _ => Err(BrokerError::invalid(
+                "name only one of to, to_datetime, shift_by and to_offset",
+            )),
+        }
+    }
+}

@@ -528,7 +528,11 @@ pub fn router(state: AppState) -> Router {
             get(offset_for_time),
         )
         .route("/v1/groups", get(list_groups))
-        .route("/v1/groups/{group}", get(describe_group))
+        .route(
+            "/v1/groups/{group}",
+            get(describe_group).delete(delete_group),
+        )
+        .route("/v1/groups/{group}/offsets/reset", post(reset_offsets))
         .route("/v1/groups/{group}/consumers", post(create_consumer))
         .route(
             "/v1/groups/{group}/consumers/{member}",
@@ -1014,6 +1018,41 @@ async fn describe_group(State(state): State<AppState>, Path(group): Path<String>
     json(
         StatusCode::OK,
         &state.broker()?.describe_group(&group).await?,
+    )
+}
+
+async fn delete_group(State(state): State<AppState>, Path(group): Path<String>) -> ApiResult {
+    state.broker()?.delete_group(&group).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn reset_offsets(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let max_streams = broker.limits().max_streams;
+    let (request, _permit): (api::ResetOffsetsRequest, _) =
+        parse_body(&state, body, None, SMALL_VALUES + max_streams).await?;
+    let to = request.target()?;
+    if request
+        .streams
+        .as_ref()
+        .is_some_and(|s| s.len() > max_streams)
+    {
+        return Err(BrokerError::invalid(format!(
+            "streams names at most max_streams ({max_streams}) streams"
+        ))
+        .into());
+    }
+    let dry_run = request.dry_run.unwrap_or(false);
+    let offsets = broker
+        .reset_offsets(&group, request.streams.as_deref(), to, dry_run)
+        .await?;
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "group": group, "dry_run": dry_run, "offsets": offsets }),
     )
 }
 

@@ -12,6 +12,7 @@ mod metrics;
 mod openapi;
 mod scenario;
 mod serve;
+mod time;
 
 use clap::{Parser, Subcommand};
 

@@ -614,6 +614,26 @@ fn group_schemas(limits: &Limits) -> Value {
                 "items": {"type": "object", "additionalProperties": false, "required": ["stream", "partition", "offset"], "properties": {
                     "stream": queue_name(), "partition": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
                     "offset": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "description": "400 offset_out_of_range past the partition's end"}}}}}},
+        "ResetOffsetsRequest": {"type": "object", "additionalProperties": false,
+            "description": "exactly one target: to, to_datetime, shift_by or to_offset (else 400 invalid_request); every target is kept within each partition's range",
+            "properties": {
+                "streams": {"type": ["array", "null"], "minItems": 1, "maxItems": limits.max_streams, "items": queue_name(),
+                    "description": "the streams to reset, every partition of each (each must exist: 404 stream_not_found); default: every stream the group has committed offsets for"},
+                "to": {"type": ["string", "null"], "enum": ["earliest", "latest", null], "description": "each partition's start or end"},
+                "to_datetime": {"type": ["string", "integer", "null"],
+                    "description": "RFC 3339 (e.g. 2026-11-30T10:00:00Z) or ms since the epoch: the first offset whose record's timestamp is at least that time, the end when every record is older"},
+                "shift_by": {"type": ["integer", "null"], "minimum": i64::MIN, "maximum": i64::MAX,
+                    "description": "move the committed offset by this many (from the partition's start where nothing is committed)"},
+                "to_offset": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX},
+                "dry_run": {"type": ["boolean", "null"], "default": false, "description": "only answer the plan; commit nothing"}}},
+        "OffsetResetReply": {"type": "object", "additionalProperties": false, "required": ["group", "dry_run", "offsets"], "properties": {
+            "group": {"type": "string"},
+            "dry_run": {"type": "boolean"},
+            "offsets": {"type": "array", "description": "by stream, then partition",
+                "items": {"type": "object", "additionalProperties": false, "required": ["stream", "partition", "from", "to"], "properties": {
+                    "stream": {"type": "string"}, "partition": {"type": "integer", "minimum": 0},
+                    "from": {"type": ["integer", "null"], "minimum": 0, "description": "the committed offset before (null: none)"},
+                    "to": {"type": "integer", "minimum": 0, "description": "the committed offset after (unless dry_run)"}}}}}},
         "Empty": {"type": "object", "additionalProperties": false, "properties": {}},
     })
 }
@@ -1047,6 +1067,27 @@ pub fn document(limits: &Limits) -> Value {
         "no body is {}: the member's positions",
     );
 
+    let reset_offsets = with_body(
+        operation(
+            "resetOffsets",
+            "Move a group's committed offsets (as kafka-consumer-groups --reset-offsets): to each partition's start or end, a time, a shift, or an offset; with dry_run, only the plan. 409 group_not_empty while the group has members; the new offsets are committed in one write, all or none",
+            responses(&[(
+                200,
+                ok_json("the plan, committed unless dry_run", "OffsetResetReply"),
+            )]),
+            Fails {
+                bad: true,
+                not_found: true,
+                conflict: true,
+                writes: true,
+                ..body
+            },
+        ),
+        "ResetOffsetsRequest",
+        true,
+        "",
+    );
+
     json!({
         "openapi": "3.1.0",
         "info": {"title": "tidewater", "version": "1",
@@ -1085,7 +1126,9 @@ pub fn document(limits: &Limits) -> Value {
             "/v1/streams/{stream}/partitions/{partition}/offsets": {"parameters": partition_params, "get": offset_for_time},
             "/v1/groups": {"get": operation("listGroups", "Consumer groups with members or committed offsets", responses(&[(200, ok_json("the groups", "GroupList"))]), Fails::default())},
             "/v1/groups/{group}": {"parameters": group_param,
-                "get": operation("describeGroup", "A group's members and what they are assigned, and each committed partition's lag (records and age)", responses(&[(200, ok_json("the group", "Group"))]), Fails {not_found: true, ..Fails::default()})},
+                "get": operation("describeGroup", "A group's members and what they are assigned, and each committed partition's lag (records and age)", responses(&[(200, ok_json("the group", "Group"))]), Fails {not_found: true, ..Fails::default()}),
+                "delete": operation("deleteGroup", "Delete a group: its committed offsets are removed (409 group_not_empty while it has members)", responses(&[(204, json!({"description": "deleted"}))]), Fails {bad: true, not_found: true, conflict: true, writes: true, ..Fails::default()})},
+            "/v1/groups/{group}/offsets/reset": {"parameters": group_param, "post": reset_offsets},
             "/v1/groups/{group}/consumers": {"parameters": group_param, "post": with_links(create_consumer, &[201], &on_consumer)},
             "/v1/groups/{group}/consumers/{member}": {"parameters": member_params,
                 "delete": operation("deleteConsumer", "Leave the group, committing the member's positions first", responses(&[(204, json!({"description": "left"}))]), Fails {not_found: true, bad: true, writes: true, ..Fails::default()})},

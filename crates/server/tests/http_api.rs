@@ -909,3 +909,126 @@ fn consumer_groups_over_http() {
         "stream_not_found",
     );
 }
+
+/// Offset administration over HTTP (kafka-consumer-groups' --reset-offsets and --delete):
+/// refused while the group has members, a dry run changes nothing, each target, delete.
+#[test]
+fn group_offsets_reset_and_delete_over_http() {
+    let (_dir, server) = server();
+    server.ok("PUT", "/v1/streams/clicks", Some(json!({"partitions": 2})));
+    // Partition p's record i was made at 2026-11-30T10:00:00Z + i minutes.
+    let base: i64 = 1_796_032_800_000;
+    let records: Vec<Value> = (0..10)
+        .map(|i| json!({"value": format!("c{i}"), "partition": i % 2, "timestamp": base + (i / 2) * 60_000}))
+        .collect();
+    server.ok(
+        "POST",
+        "/v1/streams/clicks/records",
+        Some(json!({ "records": records })),
+    );
+    let member = server.ok(
+        "POST",
+        "/v1/groups/web/consumers",
+        Some(json!({"streams": ["clicks"]})),
+    )["member"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    server.ok(
+        "GET",
+        &format!("/v1/groups/web/consumers/{member}/records"),
+        None,
+    );
+    server.ok(
+        "POST",
+        &format!("/v1/groups/web/consumers/{member}/commit"),
+        None,
+    );
+    let refused = server.err(
+        "POST",
+        "/v1/groups/web/offsets/reset",
+        Some(json!({"to": "earliest"})),
+        409,
+        "group_not_empty",
+    );
+    assert!(
+        refused["message"].as_str().unwrap().contains("1 member"),
+        "{refused}"
+    );
+    server.err("DELETE", "/v1/groups/web", None, 409, "group_not_empty");
+    server.ok(
+        "DELETE",
+        &format!("/v1/groups/web/consumers/{member}"),
+        None,
+    );
+
+    let committed = |server: &Server| -> Vec<u64> {
+        server.ok("GET", "/v1/groups/web", None)["offsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["committed"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(committed(&server), vec![5, 5]);
+    let plan = server.ok(
+        "POST",
+        "/v1/groups/web/offsets/reset",
+        Some(json!({"to": "earliest", "dry_run": true})),
+    );
+    assert_eq!(
+        plan,
+        json!({"group": "web", "dry_run": true, "offsets": [
+            {"stream": "clicks", "partition": 0, "from": 5, "to": 0},
+            {"stream": "clicks", "partition": 1, "from": 5, "to": 0}]})
+    );
+    assert_eq!(committed(&server), vec![5, 5], "a dry run changes nothing");
+    for (body, want) in [
+        (json!({"to": "earliest"}), [0, 0]),
+        (json!({"shift_by": 2}), [2, 2]),
+        (json!({"to_datetime": "2026-11-30T11:03:30+01:00"}), [4, 4]),
+        (json!({"to_datetime": base + 60_000}), [1, 1]),
+        (json!({"to_datetime": "2027-01-01T00:00:00Z"}), [5, 5]),
+        (json!({"streams": ["clicks"], "to_offset": 3}), [3, 3]),
+        (json!({"to": "latest"}), [5, 5]),
+    ] {
+        let reply = server.ok("POST", "/v1/groups/web/offsets/reset", Some(body.clone()));
+        assert_eq!(reply["dry_run"], false);
+        assert_eq!(committed(&server), want.to_vec(), "{body}");
+    }
+    for body in [
+        json!({}),
+        json!({"to": "earliest", "shift_by": 1}),
+        json!({"to": "start"}),
+        json!({"to_datetime": "2026-11-30T10:00:00"}),
+        json!({"to_datetime": true}),
+        json!({"to": "earliest", "extra": 1}),
+    ] {
+        server.err(
+            "POST",
+            "/v1/groups/web/offsets/reset",
+            Some(body),
+            400,
+            "invalid_request",
+        );
+    }
+    server.err(
+        "POST",
+        "/v1/groups/web/offsets/reset",
+        Some(json!({"streams": ["clicks", "nope"], "to": "earliest"})),
+        404,
+        "stream_not_found",
+    );
+    server.err(
+        "POST",
+        "/v1/groups/nobody/offsets/reset",
+        Some(json!({"to": "earliest"})),
+        404,
+        "group_not_found",
+    );
+    let (status, _) = server.try_call("DELETE", "/v1/groups/web", None).unwrap();
+    assert_eq!(status, 204);
+    server.err("GET", "/v1/groups/web", None, 404, "group_not_found");
+    server.err("DELETE", "/v1/groups/web", None, 404, "group_not_found");
+    assert_eq!(server.ok("GET", "/v1/groups", None)["groups"], json!([]));
+}

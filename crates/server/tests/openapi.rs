@@ -550,6 +550,14 @@ fn real_replies_match_the_document() {
         Some(json!({"offsets": [{"stream": "s", "partition": 0, "offset": 99}]})),
     );
     go(st("GET", "/v1/groups/{group}", "/v1/groups/g"), None);
+    let reset = "/v1/groups/{group}/offsets/reset";
+    let group = "/v1/groups/{group}";
+    // A group with a member: 409.
+    go(
+        st("POST", reset, "/v1/groups/g/offsets/reset"),
+        Some(json!({"to": "earliest"})),
+    );
+    go(st("DELETE", group, "/v1/groups/g"), None);
     let one = "/v1/groups/{group}/consumers/{member}";
     assert_eq!(
         go(
@@ -564,6 +572,27 @@ fn real_replies_match_the_document() {
         None,
     );
 
+    for body in [
+        json!({"to": "latest", "dry_run": true}),
+        json!({"streams": ["s"], "to_datetime": "2026-11-30T10:00:00Z", "dry_run": null}),
+        json!({"to_datetime": 0, "to": null}),
+        json!({"shift_by": -1}),
+        json!({"to_offset": 1}),
+        json!({"to_offset": 1, "shift_by": 1}),
+        json!({}),
+        json!({"to": "now"}),
+        json!({"to_datetime": "yesterday"}),
+        json!({"streams": ["nope"], "to": "latest"}),
+        json!({"streams": [], "to": "latest"}),
+    ] {
+        go(st("POST", reset, "/v1/groups/g/offsets/reset"), Some(body));
+    }
+    go(
+        st("POST", reset, "/v1/groups/fresh/offsets/reset"),
+        Some(json!({"to": "latest"})),
+    );
+    assert_eq!(go(st("DELETE", group, "/v1/groups/g"), None).0, 204);
+    go(st("DELETE", group, "/v1/groups/g"), None);
     assert_eq!(go(st("DELETE", stream, "/v1/streams/s"), None).0, 204);
     go(st("DELETE", stream, "/v1/streams/s"), None);
 }
