@@ -904,3 +904,78 @@ fn offsets_of_groups_without_members_expire_after_the_retention() {
         assert_eq!(groups(&h).await, vec!["forever"]);
     });
 }
+
+/// A consumer instance's fetch returns at most `max_records` (the position moves past the
+/// last record returned only, so the rest of a batch comes next), and a partition with no
+/// committed offset starts where `start_at` says: an offset or a time; a commit wins.
+#[test]
+fn consumer_instances_take_at_most_max_records_and_start_where_asked() {
+    use tidewater_core::broker::StartAt;
+    let rt = runtime();
+    let h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &patch(1)).await.unwrap();
+        // One produce: one stored batch, records made at START_MS + i seconds.
+        let records: Vec<NewStreamRecord> = (0..10)
+            .map(|i| NewStreamRecord {
+                timestamp: Some(START_MS + i * 1_000),
+                ..record(None, &format!("r{i}"))
+            })
+            .collect();
+        b.produce("s", &records, AckLevel::Durable).await.unwrap();
+        let streams = vec!["s".to_string()];
+        let offsets = |got: Vec<tidewater_core::broker::MemberRecord>| -> Vec<u64> {
+            got.iter().map(|r| r.record.offset).collect()
+        };
+        let start = |group: &'static str, at: StartAt| {
+            let b = b.clone();
+            let streams = streams.clone();
+            async move {
+                let m = b
+                    .create_consumer(group, None, &streams, 60_000, at)
+                    .unwrap();
+                let got = b
+                    .consumer_fetch_records(group, &m, 1 << 20, 100, 0)
+                    .await
+                    .unwrap();
+                b.delete_consumer(group, &m).await.unwrap();
+                offsets(got)
+            }
+        };
+        let m = b
+            .create_consumer("g", None, &streams, 60_000, StartAt::Offset(3))
+            .unwrap();
+        let got = b.consumer_fetch_records("g", &m, 1 << 20, 4, 0).await;
+        assert_eq!(offsets(got.unwrap()), vec![3, 4, 5, 6]);
+        let got = b.consumer_fetch_records("g", &m, 1 << 20, 4, 0).await;
+        assert_eq!(offsets(got.unwrap()), vec![7, 8, 9]);
+        // Leaving commits the position: after the last record returned.
+        b.delete_consumer("g", &m).await.unwrap();
+        assert_eq!(b.committed("g", "s", 0).await.unwrap().offset, 10);
+        let m = b
+            .create_consumer("h", None, &streams, 60_000, StartAt::Earliest)
+            .unwrap();
+        let got = b.consumer_fetch_records("h", &m, 1 << 20, 2, 0).await;
+        assert_eq!(offsets(got.unwrap()), vec![0, 1]);
+        b.delete_consumer("h", &m).await.unwrap();
+        assert_eq!(b.committed("h", "s", 0).await.unwrap().offset, 2);
+
+        assert_eq!(
+            start("t", StartAt::Time(START_MS + 5_500)).await,
+            vec![6, 7, 8, 9]
+        );
+        assert!(
+            start("late", StartAt::Time(START_MS + 60_000))
+                .await
+                .is_empty()
+        );
+        assert!(start("far", StartAt::Offset(99)).await.is_empty());
+        assert_eq!(start("end", StartAt::Latest).await, Vec::<u64>::new());
+        // A committed offset wins over start_at.
+        assert_eq!(
+            start("h", StartAt::Offset(0)).await,
+            (2..10).collect::<Vec<_>>()
+        );
+    });
+}

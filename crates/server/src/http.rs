@@ -1092,6 +1092,7 @@ async fn delete_consumer(
 #[serde(deny_unknown_fields)]
 struct ConsumerFetchQuery {
     max_bytes: Option<usize>,
+    max_records: Option<usize>,
     wait_ms: Option<u64>,
     encoding: Option<api::BodyEncoding>,
 }
@@ -1105,8 +1106,17 @@ async fn consumer_fetch(
     let max_bytes = query
         .max_bytes
         .unwrap_or(FETCH_BYTES_DEFAULT.min(broker.limits().max_fetch_bytes));
+    if query.max_records == Some(0) {
+        return Err(BrokerError::invalid("max_records must be at least 1").into());
+    }
     let records = broker
-        .consumer_fetch(&group, &member, max_bytes, query.wait_ms.unwrap_or(0))
+        .consumer_fetch_records(
+            &group,
+            &member,
+            max_bytes,
+            query.max_records.unwrap_or(usize::MAX),
+            query.wait_ms.unwrap_or(0),
+        )
         .await?;
     let encoding = query.encoding.unwrap_or_default();
     let out: Vec<api::OutMemberRecord> = records

@@ -601,8 +601,11 @@ fn group_schemas(limits: &Limits) -> Value {
                 "description": "a stable name (Kafka's group.instance.id), 1 to 200 characters of A-Z a-z 0-9 . _ - (not . or ..): creating it again gives a new member id that takes the old one's partitions, and fences the old one"},
             "session_timeout_ms": {"type": ["integer", "null"], "minimum": 1000, "maximum": limits.max_session_timeout_ms,
                 "description": "the member is removed after this long without a fetch (default 30000)"},
-            "start_at": {"type": ["string", "null"], "enum": ["earliest", "latest", null],
-                "description": "where to start in a partition the group has committed nothing for (default earliest)"}}},
+            "start_at": {"description": "where to start in a partition the group has committed nothing for (default earliest): its start, its end, an offset (kept within its range), or the first record at or after a time (ms since the epoch; the end when every record is older)",
+                "anyOf": [
+                    {"type": ["string", "null"], "enum": ["earliest", "latest", null]},
+                    {"type": "object", "additionalProperties": false, "required": ["offset"], "properties": {"offset": {"type": "integer", "minimum": 0, "maximum": u64::MAX}}},
+                    {"type": "object", "additionalProperties": false, "required": ["time"], "properties": {"time": {"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX}}}]}}},
         "Consumer": {"type": "object", "additionalProperties": false, "required": ["group", "member", "session_timeout_ms"], "properties": {
             "group": {"type": "string"}, "member": {"type": "string"}, "session_timeout_ms": {"type": "integer", "minimum": 1000}}},
         "MemberRecord": member_record,
@@ -1046,6 +1049,8 @@ pub fn document(limits: &Limits) -> Value {
         );
         op["parameters"] = json!([
             {"name": "max_bytes", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": crate::http::FETCH_BYTES_DEFAULT.min(limits.max_fetch_bytes)}},
+            {"name": "max_records", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": u64::MAX},
+                "description": "at most this many records (default: no limit but max_bytes); positions move past the last one returned"},
             {"name": "wait_ms", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": max_wait, "default": 0}},
             {"name": "encoding", "in": "query", "schema": {"type": "string", "enum": ["auto", "base64"], "default": "auto"}}]);
         op

@@ -515,6 +515,40 @@ fn real_replies_match_the_document() {
         st("POST", consumers, "/v1/groups/g/consumers"),
         Some(json!({"streams": ["s"], "session_timeout_ms": 1})),
     );
+    for (group, start_at) in [
+        ("o1", json!({"offset": 1})),
+        ("o2", json!({"time": 0})),
+        ("o3", json!({"offset": -1})),
+    ] {
+        let (status, other) = go(
+            st("POST", consumers, &format!("/v1/groups/{group}/consumers")),
+            Some(json!({"streams": ["s"], "start_at": start_at})),
+        );
+        if status == 201 {
+            let member = other["member"].as_str().unwrap();
+            let (_, got) = go(
+                st(
+                    "GET",
+                    "/v1/groups/{group}/consumers/{member}/records",
+                    &format!("/v1/groups/{group}/consumers/{member}/records?max_records=1"),
+                ),
+                None,
+            );
+            assert_eq!(
+                got["records"].as_array().unwrap().len(),
+                1,
+                "{start_at}: {got}"
+            );
+            go(
+                st(
+                    "DELETE",
+                    "/v1/groups/{group}/consumers/{member}",
+                    &format!("/v1/groups/{group}/consumers/{member}"),
+                ),
+                None,
+            );
+        }
+    }
     let fetch_records = "/v1/groups/{group}/consumers/{member}/records";
     go(
         st(

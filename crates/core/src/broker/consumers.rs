@@ -14,13 +14,19 @@ use crate::stream::group::TopicPartition;
 use crate::stream::records::{StreamRecord, decode_batch};
 
 /// Where a member starts in a partition its group has committed nothing for (Kafka's
-/// `auto.offset.reset`).
+/// `auto.offset.reset`, and the console consumer's `--offset`). In JSON: `"earliest"`,
+/// `"latest"`, `{"offset": N}` or `{"time": ms}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StartAt {
     #[default]
     Earliest,
     Latest,
+    /// This offset, kept within the partition's range.
+    Offset(u64),
+    /// The first offset whose record's timestamp is at least this time (ms since the
+    /// epoch); the end when every record is older.
+    Time(i64),
 }
 
 /// The broker-side client of one HTTP member.
@@ -91,6 +97,22 @@ impl Broker {
         max_bytes: usize,
         wait_ms: u64,
     ) -> Result<Vec<MemberRecord>, BrokerError> {
+        self.consumer_fetch_records(group, member, max_bytes, usize::MAX, wait_ms)
+            .await
+    }
+
+    /// As `consumer_fetch`, returning at most `max_records` records (Kafka's
+    /// `max.poll.records`): a partition's position moves past the last record returned, so
+    /// what was not returned comes in the next fetch.
+    pub async fn consumer_fetch_records(
+        &self,
+        group: &str,
+        member: &str,
+        max_bytes: usize,
+        max_records: usize,
+        wait_ms: u64,
+    ) -> Result<Vec<MemberRecord>, BrokerError> {
+        let max_records = max_records.max(1);
         let limits = &self.inner.limits;
         if wait_ms > limits.max_wait_ms {
             return Err(BrokerError::invalid(format!(
@@ -124,7 +146,7 @@ impl Broker {
             let mut taken = 0usize;
             let mut moved = BTreeMap::new();
             for ((stream, partition), position) in order {
-                if taken >= max_bytes {
+                if taken >= max_bytes || out.len() >= max_records {
                     break;
                 }
                 let Ok(fetched) = self
@@ -134,9 +156,14 @@ impl Broker {
                     continue; // the stream went away: the next heartbeat revokes it
                 };
                 let mut next = position;
-                for batch in &fetched.batches {
+                'batches: for batch in &fetched.batches {
                     taken += batch.kafka.len();
                     for record in decode_batch(batch, position)? {
+                        if out.len() >= max_records {
+                            // The rest of the batch comes next time.
+                            break 'batches;
+                        }
+                        next = next.max(record.offset + 1);
                         out.push(MemberRecord {
                             stream: stream.clone(),
                             partition,
@@ -265,12 +292,7 @@ impl Broker {
             }
             let start = match self.committed(group, stream, *partition).await {
                 Some(c) => c.offset,
-                None if start_at == StartAt::Latest => self
-                    .get_stream(stream)
-                    .ok()
-                    .and_then(|s| s.partitions.get(*partition as usize).map(|p| p.end_offset))
-                    .unwrap_or(0),
-                None => 0,
+                None => self.start_offset(stream, *partition, start_at),
             };
             starts.insert((stream.clone(), *partition), start);
         }
@@ -292,6 +314,30 @@ impl Broker {
             self.inner.groups_changed.notify_waiters();
         }
         Ok(())
+    }
+}
+
+impl Broker {
+    /// Where a member starts in a partition with no committed offset.
+    fn start_offset(&self, stream: &str, partition: u32, start_at: StartAt) -> u64 {
+        let Some((start, end)) = self.get_stream(stream).ok().and_then(|s| {
+            s.partitions
+                .get(partition as usize)
+                .map(|p| (p.start_offset, p.end_offset.max(p.start_offset)))
+        }) else {
+            return 0;
+        };
+        match start_at {
+            StartAt::Earliest => start,
+            StartAt::Latest => end,
+            StartAt::Offset(offset) => offset.clamp(start, end),
+            StartAt::Time(ms) => self
+                .offset_for_time(stream, partition, ms)
+                .ok()
+                .flatten()
+                .unwrap_or(end)
+                .clamp(start, end),
+        }
     }
 }
 
