@@ -56,7 +56,7 @@ pub struct ConfigFlags {
 }
 
 /// Sets `path` (dotted) in a JSON object, creating objects on the way.
-fn set_path(root: &mut Value, path: &str, value: Value) -> anyhow::Result<()> {
+pub(crate) fn set_path(root: &mut Value, path: &str, value: Value) -> anyhow::Result<()> {
     let mut node = root;
     let parts: Vec<&str> = path.split('.').collect();
     for (i, part) in parts.iter().enumerate() {
@@ -283,7 +283,7 @@ fn queue_path(name: &str) -> String {
 }
 
 /// Prints rows as an aligned table.
-fn table(headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -304,13 +304,13 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn num(v: &Value) -> String {
+pub(crate) fn num(v: &Value) -> String {
     v.as_u64()
         .map(|n| n.to_string())
         .unwrap_or_else(|| v.to_string())
 }
 
-fn age(ms: u64) -> String {
+pub(crate) fn age(ms: u64) -> String {
     match ms {
         0 => "-".into(),
         ms if ms < 1_000 => format!("{ms}ms"),
@@ -320,7 +320,7 @@ fn age(ms: u64) -> String {
     }
 }
 
-fn print_json(value: &Value) {
+pub(crate) fn print_json(value: &Value) {
     outln!("{}", serde_json::to_string_pretty(value).expect("json"));
 }
 
@@ -522,7 +522,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
     }
 }
 
-fn print_config(config: &Value) {
+pub(crate) fn print_config(config: &Value) {
     let Some(map) = config.as_object() else {
         return;
     };
@@ -542,7 +542,7 @@ fn print_config(config: &Value) {
     table(&["SETTING", "VALUE"], &rows);
 }
 
-fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
     if !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }

@@ -83,6 +83,8 @@ pub enum ClientError {
         status: u16,
         code: String,
         message: String,
+        /// When to retry (429, 507 and 503 `overloaded` replies carry it).
+        retry_after_ms: Option<u64>,
     },
     /// No answer (connection refused, timeout, DNS).
     Unreachable(String),
@@ -147,6 +149,7 @@ impl ClientError {
                 status,
                 code,
                 message,
+                retry_after_ms: None,
             },
             None => ClientError::Other(format!("{message} ({code})")),
         }
@@ -249,6 +252,7 @@ impl Client {
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+                retry_after_ms: value["retry_after_ms"].as_u64(),
             });
         }
         Ok((status, bytes))
@@ -317,6 +321,7 @@ mod tests {
             status: 503,
             code: "overloaded".into(),
             message: "m".into(),
+            retry_after_ms: Some(1000),
         };
         assert_eq!(capped.exit_code(), exit::REFUSED);
     }

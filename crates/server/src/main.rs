@@ -4,6 +4,7 @@ mod api;
 mod bench;
 mod binary;
 mod cli;
+mod cli_streams;
 mod client;
 mod errors;
 mod http;
@@ -66,6 +67,17 @@ enum Commands {
     /// Inspect and redrive dead-letter queues.
     #[command(subcommand)]
     Dlq(cli::DlqCommand),
+    /// Create, list, inspect, configure and delete streams.
+    #[command(subcommand)]
+    Stream(cli_streams::StreamCommand),
+    /// Produce records to a stream: an argument, a file or standard input, one record per line.
+    Produce(cli_streams::ProduceArgs),
+    /// Read a stream's records, one per line: from an offset or a time, or as a member of a
+    /// consumer group.
+    Fetch(cli_streams::FetchArgs),
+    /// List, describe, reset the offsets of, and delete consumer groups.
+    #[command(subcommand)]
+    Group(cli_streams::GroupCommand),
     /// Benchmark publish and receive+ack over HTTP (starts its own server unless --target URL).
     Bench(bench::BenchArgs),
     /// Replay an incident without and with the policy that answers it (simulated time).
@@ -120,6 +132,10 @@ fn main() {
                     Commands::Publish(a) => cli::publish(&cli.protocol_server, a, cli.json),
                     Commands::Consume(a) => cli::consume(&cli.protocol_server, a, cli.json),
                     Commands::Dlq(c) => cli::dlq(&client, c, cli.json),
+                    Commands::Stream(c) => cli_streams::stream(&client, c, cli.json),
+                    Commands::Produce(a) => cli_streams::produce(&client, a, cli.json),
+                    Commands::Fetch(a) => cli_streams::fetch(&client, a, cli.json),
+                    Commands::Group(c) => cli_streams::group(&client, c, cli.json),
                     Commands::Serve(_) | Commands::Bench(_) | Commands::Scenario(_) => {
                         unreachable!()
                     }

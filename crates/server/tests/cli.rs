@@ -639,3 +639,487 @@ fn a_signal_stops_consume_without_losing_its_acks() {
         "{stats}"
     );
 }
+
+/// A JSON line per record, as `fetch --json` prints them.
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn streams_produce_and_fetch_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+
+    let (code, out, err) = run(
+        &server,
+        &["stream", "create", "readings", "--partitions", "3"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("created stream 'readings'") && out.contains("partitions"),
+        "{out}"
+    );
+    let (code, out, _) = run(&server, &["stream", "list"], None);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("STREAM") && out.contains("readings"),
+        "{out}"
+    );
+    // Grow, set a field, show the configuration.
+    let (code, out, err) = run(
+        &server,
+        &[
+            "stream",
+            "config",
+            "readings",
+            "--partitions",
+            "4",
+            "--set",
+            "timestamp_type=create_time",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("updated stream 'readings'"), "{out}");
+    let (_, out, _) = run(&server, &["--json", "stream", "config", "readings"], None);
+    let config: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(config["partitions"], 4);
+    let (code, _, err) = run(
+        &server,
+        &["stream", "config", "readings", "--partitions", "2"],
+        None,
+    );
+    assert_eq!(code, 1, "shrinking is a conflict: {err}");
+    assert!(err.contains("config_conflict"), "{err}");
+
+    // stdin, one record per line, with a key and headers: one partition (the key's).
+    let lines: String = (0..120).map(|i| format!("reading {i}\n")).collect();
+    let (code, out, err) = run(
+        &server,
+        &[
+            "--json",
+            "produce",
+            "readings",
+            "--key",
+            "sensor-17",
+            "--header",
+            "unit=C",
+            "--header",
+            "src=cli",
+            "--batch",
+            "50",
+        ],
+        Some(&lines),
+    );
+    assert_eq!(code, 0, "{err}");
+    let produced: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(produced["produced"], 120);
+    let offsets = produced["offsets"].as_array().unwrap();
+    let p = offsets[0]["partition"].as_u64().unwrap();
+    assert!(
+        offsets.iter().all(|o| o["partition"] == p),
+        "one key, one partition"
+    );
+    assert_eq!(offsets[119]["offset"], 119);
+    // An argument to a chosen partition.
+    let other = ((p + 1) % 4).to_string();
+    let third = (p + 2) % 4;
+    let (code, out, _) = run(
+        &server,
+        &[
+            "produce",
+            "readings",
+            "tick",
+            "--partition",
+            &third.to_string(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0);
+    let said = format!("produced 1 record to 'readings': partition {third}, offset 0");
+    assert!(out.contains(&said), "{out}");
+    // A file (CRLF or LF; an empty line is an empty value).
+    let file = dir.path().join("records.txt");
+    std::fs::write(&file, "a\r\nb\n\nd").unwrap();
+    let (code, out, err) = run(
+        &server,
+        &[
+            "produce",
+            "readings",
+            "--file",
+            file.to_str().unwrap(),
+            "--partition",
+            &other,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("produced 4 records to 'readings' (1 partition)"),
+        "{out}"
+    );
+
+    // Every partition from the start: everything, each record with its partition.
+    let (code, out, err) = run(
+        &server,
+        &["--json", "fetch", "readings", "--wait-ms", "0"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let all = json_lines(&out);
+    assert_eq!(all.len(), 125, "{out}");
+    let keyed: Vec<&Value> = all.iter().filter(|r| r["key"] == "sensor-17").collect();
+    assert_eq!(keyed.len(), 120);
+    assert!(keyed.iter().all(|r| r["partition"] == p));
+    assert_eq!(keyed[7]["value"], "reading 7");
+    assert_eq!(keyed[7]["headers"], json!({"unit": "C", "src": "cli"}));
+    let offsets: Vec<u64> = keyed
+        .iter()
+        .map(|r| r["offset"].as_u64().unwrap())
+        .collect();
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "in order");
+    // One partition, for people: one value per line.
+    let (code, out, _) = run(
+        &server,
+        &[
+            "fetch",
+            "readings",
+            "--partition",
+            &other,
+            "--from",
+            "1",
+            "--wait-ms",
+            "0",
+        ],
+        None,
+    );
+    assert_eq!(code, 0);
+    assert_eq!(out, "b\n\nd\n");
+    let (code, out, _) = run(
+        &server,
+        &[
+            "fetch",
+            "readings",
+            "--partition",
+            &p.to_string(),
+            "--from",
+            "earliest",
+            "--max",
+            "2",
+            "--wait-ms",
+            "0",
+        ],
+        None,
+    );
+    assert_eq!(code, 0);
+    assert_eq!(out, "reading 0\nreading 1\n");
+    let (code, out, _) = run(
+        &server,
+        &["fetch", "readings", "--from", "latest", "--wait-ms", "0"],
+        None,
+    );
+    assert_eq!((code, out.as_str()), (0, ""));
+
+    // --from a time: in each partition, the first record at or after it.
+    server.ok("PUT", "/v1/streams/timed", Some(json!({"partitions": 2})));
+    let base: i64 = 1_796_032_800_000; // 2026-11-30T10:00:00Z
+    let records: Vec<Value> = (0..10)
+        .map(|i| json!({"value": format!("t{i}"), "partition": i % 2, "timestamp": base + i * 60_000}))
+        .collect();
+    server.ok(
+        "POST",
+        "/v1/streams/timed/records",
+        Some(json!({ "records": records })),
+    );
+    let (code, out, err) = run(
+        &server,
+        &[
+            "--json",
+            "fetch",
+            "timed",
+            "--from",
+            "2026-11-30T11:05:30+01:00",
+            "--wait-ms",
+            "0",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let mut values: Vec<String> = json_lines(&out)
+        .iter()
+        .map(|r| r["value"].as_str().unwrap().to_string())
+        .collect();
+    values.sort();
+    assert_eq!(values, vec!["t6", "t7", "t8", "t9"]);
+    let (code, out, _) = run(
+        &server,
+        &[
+            "fetch",
+            "timed",
+            "--from",
+            "2027-01-01T00:00:00Z",
+            "--wait-ms",
+            "0",
+        ],
+        None,
+    );
+    assert_eq!((code, out.as_str()), (0, ""), "every record is older");
+
+    // Bad input and missing things get their exit codes.
+    let cases: [(&[&str], i32, &str); 7] = [
+        (&["stream", "stats", "nope"], 3, "stream_not_found"),
+        (&["fetch", "nope"], 3, "stream_not_found"),
+        (
+            &["fetch", "timed", "--partition", "7"],
+            3,
+            "partition_not_found",
+        ),
+        (&["fetch", "timed", "--from", "yesterday"], 2, "RFC 3339"),
+        (
+            &["fetch", "timed", "--from", "2026-11-30T10:00:00"],
+            2,
+            "add Z for UTC",
+        ),
+        (&["produce", "nope", "x"], 3, "stream_not_found"),
+        (
+            &["produce", "timed", "x", "--header", "novalue"],
+            2,
+            "name=value",
+        ),
+    ];
+    for (args, want, text) in cases {
+        let (code, out, err) = run(&server, args, None);
+        assert_eq!(code, want, "{args:?}: {err}");
+        assert!(err.contains(text), "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+    }
+
+    let (code, out, _) = run(&server, &["stream", "stats", "timed"], None);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("PARTITION") && out.contains("START") && out.contains("BYTES"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().count(),
+        4,
+        "a title, a header, two partitions: {out}"
+    );
+    let (code, out, _) = run(&server, &["stream", "delete", "timed"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("deleted stream 'timed'"), "{out}");
+    let (code, _, _) = run(&server, &["stream", "delete", "timed"], None);
+    assert_eq!(code, 3);
+    let (_, out, _) = run(&server, &["--json", "stream", "list"], None);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list["streams"].as_array().unwrap().len(), 1);
+}
+
+/// `fetch --group`: each run continues where the group's last one stopped (it commits what
+/// it printed, and only that: --max stops mid-batch); describe shows the lag; resets are a
+/// dry run until --execute; delete.
+#[test]
+fn groups_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.ok("PUT", "/v1/streams/orders", Some(json!({"partitions": 2})));
+    let lines: String = (0..10).map(|i| format!("o{i}\n")).collect();
+    let (code, _, err) = run(
+        &server,
+        &["produce", "orders", "--partition", "0"],
+        Some(&lines),
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: String = (10..16).map(|i| format!("o{i}\n")).collect();
+    let (code, _, err) = run(
+        &server,
+        &["produce", "orders", "--partition", "1"],
+        Some(&lines),
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let fetch = |args: &[&str]| {
+        let mut all = vec![
+            "--json",
+            "fetch",
+            "orders",
+            "--group",
+            "billing",
+            "--wait-ms",
+            "0",
+        ];
+        all.extend_from_slice(args);
+        let (code, out, err) = run(&server, &all, None);
+        assert_eq!(code, 0, "{err}");
+        json_lines(&out)
+    };
+    let first = fetch(&["--max", "5"]);
+    assert_eq!(first.len(), 5);
+    let second = fetch(&[]);
+    assert_eq!(second.len(), 11, "the rest, nothing twice");
+    let mut seen: Vec<String> = first
+        .iter()
+        .chain(&second)
+        .map(|r| r["value"].as_str().unwrap().to_string())
+        .collect();
+    seen.sort_by_key(|v| v[1..].parse::<u32>().unwrap());
+    assert_eq!(seen, (0..16).map(|i| format!("o{i}")).collect::<Vec<_>>());
+    assert!(fetch(&[]).is_empty(), "caught up");
+
+    // Lag: two new records in partition 0.
+    server.ok(
+        "POST",
+        "/v1/streams/orders/records",
+        Some(
+            json!({"records": [{"value": "n0", "partition": 0}, {"value": "n1", "partition": 0}]}),
+        ),
+    );
+    let (code, out, _) = run(&server, &["group", "describe", "billing"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("has no active members"), "{out}");
+    let header = out.lines().nth(1).unwrap();
+    assert!(
+        header.starts_with("STREAM")
+            && header.contains("CURRENT-OFFSET  END-OFFSET  LAG  LAG-TIME  MEMBER"),
+        "{out}"
+    );
+    let row = |out: &str, partition: &str| -> Vec<String> {
+        out.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(partition) && l.starts_with("orders"))
+            .unwrap_or_else(|| panic!("no row for partition {partition}: {out}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(row(&out, "0")[2..5], ["10", "12", "2"]);
+    assert_eq!(row(&out, "1")[2..5], ["6", "6", "0"]);
+    let (_, out, _) = run(&server, &["--json", "group", "describe", "billing"], None);
+    let info: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["offsets"][0]["lag"], 2);
+    let (code, out, _) = run(&server, &["group", "list"], None);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("GROUP") && out.contains("billing"), "{out}");
+
+    // Reset: a dry run by default, then --execute.
+    let (code, out, err) = run(
+        &server,
+        &["group", "reset-offsets", "billing", "--to-earliest"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("NEW-OFFSET") && err.contains("dry run"),
+        "{out}{err}"
+    );
+    assert_eq!(row(&out, "0")[2..4], ["10", "0"]);
+    let (_, out, _) = run(&server, &["group", "describe", "billing"], None);
+    assert_eq!(row(&out, "0")[2], "10", "a dry run changes nothing");
+    let (code, out, err) = run(
+        &server,
+        &[
+            "--json",
+            "group",
+            "reset-offsets",
+            "billing",
+            "--stream",
+            "orders",
+            "--shift-by",
+            "-3",
+            "--execute",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let plan: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(plan["dry_run"], false);
+    assert_eq!(plan["offsets"][0]["to"], 7);
+    assert_eq!(plan["offsets"][1]["to"], 3);
+    let again = fetch(&[]);
+    assert_eq!(again.len(), 5 + 3, "{again:?}");
+    let cases: [(&[&str], i32, &str); 5] = [
+        (&["group", "reset-offsets", "billing"], 2, "--to-earliest"),
+        (
+            &[
+                "group",
+                "reset-offsets",
+                "billing",
+                "--to-earliest",
+                "--to-latest",
+            ],
+            2,
+            "cannot be used",
+        ),
+        (
+            &["group", "reset-offsets", "billing", "--to-datetime", "noon"],
+            2,
+            "RFC 3339",
+        ),
+        (
+            &[
+                "group",
+                "reset-offsets",
+                "billing",
+                "--stream",
+                "nope",
+                "--to-latest",
+            ],
+            3,
+            "stream_not_found",
+        ),
+        (&["group", "describe", "nobody"], 3, "group_not_found"),
+    ];
+    for (args, want, text) in cases {
+        let (code, _, err) = run(&server, args, None);
+        assert_eq!(code, want, "{args:?}: {err}");
+        assert!(err.contains(text), "{args:?}: {err}");
+    }
+    // A group with a member cannot be reset or deleted.
+    let member = server.ok(
+        "POST",
+        "/v1/groups/billing/consumers",
+        Some(json!({"streams": ["orders"]})),
+    )["member"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for args in [
+        &[
+            "group",
+            "reset-offsets",
+            "billing",
+            "--to-latest",
+            "--execute",
+        ][..],
+        &["group", "delete", "billing"],
+    ] {
+        let (code, _, err) = run(&server, args, None);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(
+            err.contains("group_not_empty") && err.contains("409"),
+            "{err}"
+        );
+    }
+    server.ok(
+        "DELETE",
+        &format!("/v1/groups/billing/consumers/{member}"),
+        None,
+    );
+    let (code, out, _) = run(&server, &["group", "delete", "billing"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("deleted group 'billing'"), "{out}");
+    let (code, out, _) = run(&server, &["group", "list"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("no groups yet"), "{out}");
+    // Without commits, --from applies: a new group starting at offset 9 of each partition.
+    let from = fetch(&["--from", "9"]);
+    let mut values: Vec<&str> = from.iter().map(|r| r["value"].as_str().unwrap()).collect();
+    values.sort();
+    assert_eq!(
+        values,
+        vec!["n0", "n1", "o9"],
+        "partition 1 has 6 records: from its end"
+    );
+}
