@@ -1123,3 +1123,69 @@ fn groups_from_the_command_line() {
         "partition 1 has 6 records: from its end"
     );
 }
+
+/// Ctrl-C on `fetch --group --follow` leaves the group (no member lingers until its
+/// session times out) with what it printed committed; a refused produce exits 4.
+#[test]
+fn a_signal_ends_fetch_group_cleanly_and_refused_produces_exit_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.ok("PUT", "/v1/streams/s", Some(json!({"partitions": 2})));
+    let records: Vec<Value> = (0..30).map(|i| json!({"value": format!("v{i}")})).collect();
+    server.ok(
+        "POST",
+        "/v1/streams/s/records",
+        Some(json!({ "records": records })),
+    );
+    let mut child = Command::new(BIN)
+        .args(["fetch", "s", "--group", "live", "--follow"])
+        .env("TIDEWATER_SERVER", &server.url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.lines().count() < 30 {
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "fetch ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    // Printed, so committed (the commit follows the print): wait for it, then interrupt.
+    let describe = || server.ok("GET", "/v1/groups/live", None);
+    let committed = |info: &Value| -> u64 {
+        info["offsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["committed"].as_u64().unwrap())
+            .sum()
+    };
+    while committed(&describe()) < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("fetched 30 records") && stderr.contains("signal"),
+        "{stderr}"
+    );
+    let info = describe();
+    assert_eq!(info["members"], json!([]), "it left: {info}");
+    assert_eq!(committed(&info), 30);
+    drop(server);
+
+    let server = Server::start(
+        &dir.path().join("full"),
+        Some("[limits]\nmin_free_disk_bytes = 4611686018427387904\n"),
+    );
+    server.ok("PUT", "/v1/streams/s", Some(json!({"partitions": 1})));
+    let (code, _, err) = run(&server, &["produce", "s", "x", "--retry-for-s", "0"], None);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("disk_full") && err.contains("507"), "{err}");
+}
