@@ -462,26 +462,28 @@ pub struct FetchArgs {
 
 /// Where `--from` starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum From {
+enum StartFrom {
     Earliest,
     Latest,
     Offset(u64),
     Time(i64),
 }
 
-fn parse_from(text: &str) -> anyhow::Result<From> {
+fn parse_from(text: &str) -> anyhow::Result<StartFrom> {
     match text {
-        "earliest" => Ok(From::Earliest),
-        "latest" => Ok(From::Latest),
+        "earliest" => Ok(StartFrom::Earliest),
+        "latest" => Ok(StartFrom::Latest),
         t if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => t
             .parse()
-            .map(From::Offset)
+            .map(StartFrom::Offset)
             .map_err(|_| bad_input(format!("--from {t}: the offset is too large"))),
-        t => crate::time::parse_rfc3339(t).map(From::Time).map_err(|e| {
-            bad_input(format!(
-                "--from is earliest, latest, an offset or a time; {e}"
-            ))
-        }),
+        t => crate::time::parse_rfc3339(t)
+            .map(StartFrom::Time)
+            .map_err(|e| {
+                bad_input(format!(
+                    "--from is earliest, latest, an offset or a time; {e}"
+                ))
+            }),
     }
 }
 
@@ -520,7 +522,7 @@ const MAX_POLL_MS: u64 = 30_000;
 fn fetch_partitions(
     client: &Client,
     args: &FetchArgs,
-    from: From,
+    from: StartFrom,
     as_json: bool,
 ) -> anyhow::Result<()> {
     let info = client.get(&stream_path(&args.stream))?;
@@ -549,13 +551,13 @@ fn fetch_partitions(
         let start = part["start_offset"].as_u64().unwrap_or(0);
         let end = part["end_offset"].as_u64().unwrap_or(0).max(start);
         let at = match from {
-            From::Earliest => start,
-            From::Latest => end,
+            StartFrom::Earliest => start,
+            StartFrom::Latest => end,
             // One partition asked: past its end is an error the server explains; over
             // every partition, each is read from there or its end.
-            From::Offset(n) if args.partition.is_some() => n.max(start),
-            From::Offset(n) => n.clamp(start, end),
-            From::Time(ms) => {
+            StartFrom::Offset(n) if args.partition.is_some() => n.max(start),
+            StartFrom::Offset(n) => n.clamp(start, end),
+            StartFrom::Time(ms) => {
                 let reply = client.get(&format!(
                     "{}/partitions/{p}/offsets?time={ms}",
                     stream_path(&args.stream)
@@ -682,14 +684,14 @@ fn fetch_as_member(
     client: &Client,
     args: &FetchArgs,
     group: &str,
-    from: From,
+    from: StartFrom,
     as_json: bool,
 ) -> anyhow::Result<()> {
     let start_at = match from {
-        From::Earliest => json!("earliest"),
-        From::Latest => json!("latest"),
-        From::Offset(n) => json!({"offset": n}),
-        From::Time(ms) => json!({"time": ms}),
+        StartFrom::Earliest => json!("earliest"),
+        StartFrom::Latest => json!("latest"),
+        StartFrom::Offset(n) => json!({"offset": n}),
+        StartFrom::Time(ms) => json!({"time": ms}),
     };
     let created = client.post(
         &format!("{}/consumers", group_path(group)),
