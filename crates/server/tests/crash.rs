@@ -389,12 +389,10 @@ fn acknowledged_stream_records_and_commits_survive_sigkill() {
             while !stop2.load(Ordering::SeqCst) {
                 let target = {
                     let mut ledger = ledger2.lock().unwrap();
-                    let mut target = ledger.committed;
-                    for p in 0..3 {
-                        target[p] = target[p].max(ledger.durable_end[p]);
-                    }
-                    for p in 0..3 {
-                        ledger.commit_sent[p] = ledger.commit_sent[p].max(target[p]);
+                    let target: [u64; 3] =
+                        std::array::from_fn(|p| ledger.committed[p].max(ledger.durable_end[p]));
+                    for (sent, t) in ledger.commit_sent.iter_mut().zip(target) {
+                        *sent = (*sent).max(t);
                     }
                     target
                 };
