@@ -601,6 +601,22 @@ impl Broker {
         Ok(())
     }
 
+    /// Assigns every group's partitions again after a stream grew or went away.
+    pub(super) fn reassign_groups(&self) {
+        let counts = self.partition_counts();
+        let mut groups = self.inner.groups.groups.lock();
+        let mut changed = false;
+        for g in groups.values_mut() {
+            let before = g.generation();
+            g.streams_changed(&counts);
+            changed |= g.generation() != before;
+        }
+        drop(groups);
+        if changed {
+            self.inner.groups_changed.notify_waiters();
+        }
+    }
+
     /// Removes members whose session expired, and reassigns after streams changed
     /// (maintenance).
     pub(super) fn maintain_groups(&self) {

@@ -224,11 +224,18 @@ impl Broker {
                 let results = self.write(ops, AckLevel::Durable).await?;
                 let created = self.partition_handles(&results, current.partitions)?;
                 stream.partitions.write().extend(created.iter().cloned());
-                let mut by_uid = self.inner.stream_parts.write();
-                for part in created {
-                    by_uid.insert(part.uid, part);
+                {
+                    let mut by_uid = self.inner.stream_parts.write();
+                    for part in created {
+                        by_uid.insert(part.uid, part);
+                    }
                 }
+                let grew = next.partitions != current.partitions;
                 *stream.config.lock() = next;
+                if grew {
+                    // Groups reading it take the new partitions at once.
+                    self.reassign_groups();
+                }
             }
             return Ok((false, self.stream_info(&stream)));
         }
@@ -315,6 +322,7 @@ impl Broker {
         for part in stream.partitions.read().iter() {
             part.notify.notify_waiters();
         }
+        self.reassign_groups();
         Ok(())
     }
 
