@@ -322,6 +322,13 @@ def filter_failure(context, failure, case, response) -> bool:
     if label == "POST /v1/streams/{stream}/records" and code in ("invalid_message", "message_too_large"):
         if _record_bytes_over(operation, request):
             return _excuse("produce: a key, value or header over its limit in bytes")
+    if label == "POST /v1/groups/{group}/offsets/reset" and code == "invalid_request":
+        body = request if isinstance(request, dict) else {}
+        targets = [k for k in ("to", "to_datetime", "shift_by", "to_offset") if body.get(k) is not None]
+        if len(targets) != 1 and message.startswith(("name only one of", "name where to reset")):
+            return _excuse("reset offsets: not exactly one target")
+        if message.startswith("to_datetime") and isinstance(body.get("to_datetime"), str):
+            return _excuse("reset offsets: to_datetime text that is not RFC 3339")
     if label == "PUT /v1/queues/{queue}" and code == "invalid_config":
         if _config_rule_broken(request, message):
             return _excuse("put queue: " + message.split(",")[0])

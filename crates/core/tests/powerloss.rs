@@ -1,7 +1,7 @@
 //! Simulated power losses under the broker: publishes (durable and written, some delayed
 //! into the delay log), receives, acks, nacks, lease expiries, dead-letter moves, delay-log
 //! moves, queue create/configure/delete, stream produces (keyed and not, across
-//! partitions), checkpoints and clean restarts, on the `SimFs` disk, with power cuts at
+//! partitions), group offset commits, checkpoints and clean restarts, on the `SimFs` disk, with power cuts at
 //! random file operations, during recovery too.
 //!
 //! Deterministic per seed: time is a `ManualClock`, jitter fixed, nonces seeded, the runtime
@@ -17,6 +17,8 @@
 //! as last acknowledged, with its configuration as last acknowledged. In the stream: every
 //! record acknowledged as durable is at the partition and offset its produce answered, each
 //! partition's offsets run from 0 with no gap, and no record is there twice or unproduced.
+//! A group's committed offset of each partition is the last commit acknowledged, or the one
+//! in flight at the cut.
 //!
 //!     SIM_SEEDS=2000 cargo test -p tidewater-core --release --test powerloss -- --nocapture
 //!     SIM_SEED=5 cargo test -p tidewater-core --test powerloss -- --nocapture
@@ -40,6 +42,7 @@ const DATA: &str = "/data";
 const Q: &str = "q";
 const DLQ: &str = "dlq";
 const STREAM: &str = "st";
+const GROUP: &str = "g";
 const PARTITIONS: u32 = 3;
 
 fn body(id: &str) -> Vec<u8> {
@@ -50,6 +53,7 @@ fn body(id: &str) -> Vec<u8> {
 enum Kind {
     Publish,
     Produce,
+    Commit,
     Receive,
     Ack,
     Nack,
@@ -101,6 +105,10 @@ struct Run {
     produced: BTreeSet<String>,
     stream_must: BTreeMap<String, (u32, u64)>,
     stream_maybe: BTreeSet<String>,
+    /// Group offsets: per partition, the last commit acknowledged, and one in flight at
+    /// the cut.
+    commits_must: BTreeMap<u32, u64>,
+    commit_maybe: Option<(u32, u64)>,
     history: Vec<String>,
     power_losses: u64,
     duplicates_after_moves: u64,
@@ -360,6 +368,24 @@ impl Run {
             }
         }
         self.stream_must = present;
+        // Committed offsets: each the last acknowledged, or the one in flight at the cut.
+        let maybe = self.commit_maybe.take();
+        let partitions = info.partitions.len() as u32;
+        let mut now = BTreeMap::new();
+        for p in 0..partitions {
+            if let Some(c) = self.broker().committed(GROUP, STREAM, p).await {
+                now.insert(p, c.offset);
+            }
+        }
+        for p in 0..partitions {
+            let (got, want) = (now.get(&p), self.commits_must.get(&p));
+            if got != want && maybe.is_none_or(|(mp, mo)| mp != p || got != Some(&mo)) {
+                return Err(format!(
+                    "partition {p}: committed {got:?}, acknowledged {want:?} (in flight: {maybe:?})"
+                ));
+            }
+        }
+        self.commits_must = now;
         Ok(())
     }
 
@@ -376,7 +402,8 @@ impl Run {
         let roll = self.rng.below(100);
         let kind = match roll {
             0..=27 => Kind::Publish,
-            28..=34 => Kind::Produce,
+            28..=31 => Kind::Produce,
+            32..=34 => Kind::Commit,
             35..=54 => Kind::Receive,
             55..=69 => Kind::Ack,
             70..=79 => Kind::Nack,
@@ -465,6 +492,28 @@ impl Run {
                         Ok(format!("produce {ids:?} at {level:?}"))
                     }
                     Err(e) => Err(format!("produce: {e}")),
+                }
+            }
+            Kind::Commit => {
+                let info = self
+                    .broker()
+                    .get_stream(STREAM)
+                    .map_err(|e| format!("the stream is gone: {e}"))?;
+                let part = &info.partitions[self.rng.below(info.partitions.len() as u64) as usize];
+                let offset = self.rng.below(part.end_offset + 1);
+                self.commit_maybe = Some((part.partition, offset));
+                let result = self
+                    .broker()
+                    .commit(GROUP, STREAM, part.partition, offset, "")
+                    .await;
+                self.idle();
+                match result {
+                    Ok(()) => {
+                        self.commits_must.insert(part.partition, offset);
+                        self.commit_maybe = None;
+                        Ok(format!("commit {} at {offset}", part.partition))
+                    }
+                    Err(e) => Err(format!("commit: {e}")),
                 }
             }
             Kind::Receive => {
@@ -693,6 +742,8 @@ fn run_seed(seed: u64, epochs: u64, steps: u64) -> (Run, Result<(), Failure>) {
         produced: BTreeSet::new(),
         stream_must: BTreeMap::new(),
         stream_maybe: BTreeSet::new(),
+        commits_must: BTreeMap::new(),
+        commit_maybe: None,
         history: Vec::new(),
         power_losses: 0,
         duplicates_after_moves: 0,
