@@ -643,6 +643,9 @@ pub struct Limits {
     /// and the last time it had a member, are this old (Kafka's offsets.retention.minutes);
     /// 0 keeps them forever.
     pub group_offsets_retention_ms: u64,
+    /// Metric series labelled by partition (end offset per partition), at most this many
+    /// across all streams (by stream name, then partition); 0 emits none.
+    pub max_partition_metrics: usize,
 }
 
 impl Limits {
@@ -705,6 +708,7 @@ impl Default for Limits {
             max_group_members: 1_000,
             max_session_timeout_ms: 300_000,
             group_offsets_retention_ms: 7 * 86_400_000,
+            max_partition_metrics: 1_024,
         }
     }
 }

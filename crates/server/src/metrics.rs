@@ -430,6 +430,12 @@ struct StreamLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabel {
+    stream: String,
+    partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GroupLabel {
     group: String,
 }
@@ -440,8 +446,9 @@ struct GroupStreamLabel {
     stream: String,
 }
 
-/// Streams and consumer groups: labels are stream and group names only (bounded by
-/// `max_streams` and `max_groups`), never a partition.
+/// Streams and consumer groups: labels are stream and group names (bounded by
+/// `max_streams` and `max_groups`); partitions only in `stream_partition_end_offset`,
+/// at most `max_partition_metrics` series of it.
 fn encode_streams(
     broker: &Broker,
     encoder: &mut DescriptorEncoder<'_>,
@@ -477,6 +484,70 @@ fn encode_streams(
             ConstGauge::new(v).encode(family.encode_family(&StreamLabel {
                 stream: stream.name.clone(),
             })?)?;
+        }
+    }
+    type CounterStat = (
+        &'static str,
+        &'static str,
+        fn(&tidewater_core::broker::StreamCounters) -> u64,
+    );
+    let counters: [CounterStat; 4] = [
+        (
+            "stream_produce_requests",
+            "Produce requests that appended to the stream (HTTP produces and binary StreamProduce frames)",
+            |c| c.produce_requests,
+        ),
+        (
+            "stream_produced_records",
+            "Records produced to the stream since the server started",
+            |c| c.produced_records,
+        ),
+        (
+            "stream_fetch_requests",
+            "Fetches of the stream's partitions (a fetch of several partitions counts each)",
+            |c| c.fetch_requests,
+        ),
+        (
+            "stream_fetched_bytes",
+            "Bytes of stored batches fetched from the stream",
+            |c| c.fetched_bytes,
+        ),
+    ];
+    let stream_counters = broker.stream_counters();
+    for (name, help, value) in counters {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (stream, c) in &stream_counters {
+            ConstCounter::new(value(c)).encode(family.encode_family(&StreamLabel {
+                stream: stream.clone(),
+            })?)?;
+        }
+    }
+    let cap = broker.limits().max_partition_metrics;
+    if cap > 0 {
+        let mut family = encoder.encode_descriptor(
+            "stream_partition_end_offset",
+            "A partition's end offset (the offset its next record gets); at most [limits] max_partition_metrics series, by stream name then partition",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        let mut sorted: Vec<&tidewater_core::StreamInfo> = streams.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let partitions = sorted
+            .iter()
+            .flat_map(|s| s.partitions.iter().map(move |p| (s, p)))
+            .take(cap);
+        for (stream, p) in partitions {
+            ConstGauge::new(p.end_offset.min(i64::MAX as u64) as i64).encode(
+                family.encode_family(&PartitionLabel {
+                    stream: stream.name.clone(),
+                    partition: p.partition,
+                })?,
+            )?;
         }
     }
     let lags = broker.group_lags();

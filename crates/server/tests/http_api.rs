@@ -886,6 +886,10 @@ fn consumer_groups_over_http() {
         "tidewater_stream_end_offset{stream=\"orders\"} 12",
         "tidewater_group_members{group=\"billing\"} 2",
         "tidewater_group_lag{group=\"billing\",stream=\"orders\"} 0",
+        "tidewater_stream_produced_records_total{stream=\"orders\"} 12",
+        "tidewater_stream_fetch_requests_total{stream=\"orders\"} ",
+        "tidewater_stream_fetched_bytes_total{stream=\"orders\"} ",
+        "tidewater_stream_partition_end_offset{stream=\"orders\",partition=\"1\"} ",
     ] {
         assert!(metrics.contains(line), "{line} not in the metrics");
     }
@@ -1031,4 +1035,34 @@ fn group_offsets_reset_and_delete_over_http() {
     server.err("GET", "/v1/groups/web", None, 404, "group_not_found");
     server.err("DELETE", "/v1/groups/web", None, 404, "group_not_found");
     assert_eq!(server.ok("GET", "/v1/groups", None)["groups"], json!([]));
+}
+
+#[test]
+fn partition_metrics_stop_at_their_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        Some("[limits]\nmax_partition_metrics = 3\n"),
+    );
+    for name in ["b", "a"] {
+        server.ok(
+            "PUT",
+            &format!("/v1/streams/{name}"),
+            Some(json!({"partitions": 2})),
+        );
+    }
+    let metrics = crate::support::metrics_text(&server.url);
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tidewater_stream_partition_end_offset{"))
+        .collect();
+    assert_eq!(
+        series,
+        [
+            "tidewater_stream_partition_end_offset{stream=\"a\",partition=\"0\"} 0",
+            "tidewater_stream_partition_end_offset{stream=\"a\",partition=\"1\"} 0",
+            "tidewater_stream_partition_end_offset{stream=\"b\",partition=\"0\"} 0",
+        ],
+        "by stream name, then partition, three at most"
+    );
 }

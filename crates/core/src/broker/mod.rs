@@ -51,7 +51,9 @@ pub use groups::{
 pub use publish::Published;
 pub use redrive::{RedriveProgress, RedriveRequest};
 pub use registry::QueueInfo;
-pub use streams::{EARLIEST, FetchWant, Fetched, LATEST, PartitionInfo, Produced, StreamInfo};
+pub use streams::{
+    EARLIEST, FetchWant, Fetched, LATEST, PartitionInfo, Produced, StreamCounters, StreamInfo,
+};
 
 /// Receives latency observations (the server turns them into histograms).
 pub trait Observer: Send + Sync {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -29,6 +29,28 @@ pub(crate) struct StreamHandle {
     partitions: RwLock<Vec<Arc<PartitionHandle>>>,
     sticky: Sticky,
     deleted: AtomicBool,
+    counters: Counters,
+}
+
+/// What a stream served since the broker started (metrics).
+#[derive(Default)]
+struct Counters {
+    produce_requests: AtomicU64,
+    produced_records: AtomicU64,
+    fetch_requests: AtomicU64,
+    fetched_bytes: AtomicU64,
+}
+
+/// A stream's counters since the broker started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamCounters {
+    /// Produce requests (and binary StreamProduce frames) that appended.
+    pub produce_requests: u64,
+    pub produced_records: u64,
+    /// Fetches of one of its partitions (a multi-partition fetch counts each).
+    pub fetch_requests: u64,
+    /// Bytes of stored batches handed out.
+    pub fetched_bytes: u64,
 }
 
 /// One partition: its log, and the long-polls waiting for it to grow.
@@ -137,6 +159,7 @@ pub(crate) fn recover_streams(
                 partitions: RwLock::new(partitions),
                 sticky: Sticky::default(),
                 deleted: AtomicBool::new(false),
+                counters: Counters::default(),
             }),
         );
     }
@@ -150,6 +173,23 @@ impl PartitionHandle {
 }
 
 impl StreamHandle {
+    fn count_produce(&self, records: u64) {
+        self.counters
+            .produce_requests
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .produced_records
+            .fetch_add(records, Ordering::Relaxed);
+    }
+
+    fn count_fetch(&self, batches: &[StoredBatch]) {
+        let bytes: usize = batches.iter().map(|b| b.kafka.len()).sum();
+        self.counters.fetch_requests.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .fetched_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     /// Its partitions now.
     pub(crate) fn partition_handles_now(&self) -> Vec<Arc<PartitionHandle>> {
         self.partitions.read().clone()
@@ -265,6 +305,7 @@ impl Broker {
             partitions: RwLock::new(partitions.clone()),
             sticky: Sticky::default(),
             deleted: AtomicBool::new(false),
+            counters: Counters::default(),
         });
         {
             let mut by_uid = self.inner.stream_parts.write();
@@ -344,6 +385,30 @@ impl Broker {
         }
     }
 
+    /// Each stream's counters since the broker started, by name.
+    pub fn stream_counters(&self) -> Vec<(String, StreamCounters)> {
+        let mut out: Vec<(String, StreamCounters)> = self
+            .inner
+            .streams
+            .read()
+            .values()
+            .map(|s| {
+                let c = &s.counters;
+                (
+                    s.name.clone(),
+                    StreamCounters {
+                        produce_requests: c.produce_requests.load(Ordering::Relaxed),
+                        produced_records: c.produced_records.load(Ordering::Relaxed),
+                        fetch_requests: c.fetch_requests.load(Ordering::Relaxed),
+                        fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
+                    },
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     pub fn get_stream(&self, name: &str) -> Result<StreamInfo, BrokerError> {
         let stream = self.stream(name)?;
         Ok(self.stream_info(&stream))
@@ -404,10 +469,11 @@ impl Broker {
                 }
             }
         }
-        let offsets = placement
+        let offsets: Vec<(u32, u64)> = placement
             .into_iter()
             .map(|(partition, index)| (partition, bases[&partition] + u64::from(index)))
             .collect();
+        handle.count_produce(offsets.len() as u64);
         Ok(Produced { offsets })
     }
 
@@ -439,7 +505,10 @@ impl Broker {
         );
         Ok(async move {
             match written.await?.first() {
-                Some(&OpResult::Appended { base_offset, .. }) => Ok((base_offset, count)),
+                Some(&OpResult::Appended { base_offset, .. }) => {
+                    handle.count_produce(u64::from(count));
+                    Ok((base_offset, count))
+                }
                 _ => Err(BrokerError::new(
                     ErrorCode::Internal,
                     "storage did not answer an append with its offset",
@@ -562,6 +631,7 @@ impl Broker {
                 .map_err(storage_error)?,
             None => Vec::new(),
         };
+        handle.count_fetch(&batches);
         Ok(Fetched {
             batches,
             start_offset: 0,
@@ -612,6 +682,7 @@ impl Broker {
                 || tokio::time::Instant::now() >= deadline
                 || self.inner.closing.load(Ordering::SeqCst)
             {
+                handle.count_fetch(&batches);
                 return Ok(Fetched {
                     batches,
                     start_offset: 0,
