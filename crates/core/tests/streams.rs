@@ -979,3 +979,61 @@ fn consumer_instances_take_at_most_max_records_and_start_where_asked() {
         );
     });
 }
+
+/// Commits from outside a group's membership (the binary protocol's Commit without a
+/// member) made new groups without limit: max_groups held only for joins.
+#[test]
+fn commits_to_new_groups_stop_at_max_groups() {
+    let rt = runtime();
+    let limits = tidewater_core::Limits {
+        max_groups: 3,
+        ..tidewater_core::Limits::default()
+    };
+    let h = Harness::temporary(HarnessOptions {
+        limits,
+        ..HarnessOptions::default()
+    })
+    .unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &patch(1)).await.unwrap();
+        let commit = vec![("s".to_string(), 0, 0, String::new())];
+        for g in ["a", "b", "c"] {
+            b.commit_as_member(g, None, &commit).await.unwrap();
+        }
+        let err = b.commit_as_member("d", None, &commit).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest, "{}", err.message);
+        assert!(err.message.contains("max_groups"), "{}", err.message);
+        // A group that exists takes more commits.
+        b.commit_as_member("a", None, &commit).await.unwrap();
+        assert_eq!(b.list_groups().await.len(), 3);
+    });
+}
+
+/// A group name is checked on every path that can make a group: a commit from outside the
+/// membership took any name, and a NUL in it made its offsets record unreadable at
+/// recovery.
+#[test]
+fn commits_check_the_group_name() {
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &patch(1)).await.unwrap();
+        let commit = vec![("s".to_string(), 0, 0, String::new())];
+        for bad in ["", "a\0b", "x y", &"g".repeat(201)] {
+            let err = b.commit_as_member(bad, None, &commit).await.unwrap_err();
+            assert_eq!(
+                err.code,
+                ErrorCode::InvalidRequest,
+                "{bad:?}: {}",
+                err.message
+            );
+        }
+        b.commit_as_member("fine", None, &commit).await.unwrap();
+    });
+    h.restart();
+    rt.block_on(async {
+        assert_eq!(h.broker().list_groups().await, vec!["fine".to_string()]);
+    });
+}

@@ -37,6 +37,10 @@ pub const FRAME_HEADER_LEN: usize = 6;
 /// Subscription ids (assigned by the server) have this bit set; request ids (chosen by the
 /// client) never do, so a server frame's id says which of the two it answers.
 pub const SUBSCRIPTION_ID_BIT: u32 = 0x8000_0000;
+/// Partitions (or streams, or offsets) one frame may list: Fetch, Heartbeat, Commit,
+/// FetchCommitted and JoinGroup. A longer list is a malformed frame: decoding it would
+/// make many small allocations out of one frame.
+pub const MAX_LIST: usize = 10_000;
 /// Default largest frame (after the length field) a peer accepts.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 
@@ -581,8 +585,18 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
+    /// A list's length: bounded by the bytes left and by `MAX_LIST`.
+    fn list(&mut self, min_item: usize) -> R<usize> {
+        let n = self.count(min_item)?;
+        if n > MAX_LIST {
+            return Err(ProtoError::Malformed(
+                "a list of more than 10000 partitions, streams or offsets",
+            ));
+        }
+        Ok(n)
+    }
     fn partitions(&mut self) -> R<Vec<StreamPartition>> {
-        let n = self.count(5)?;
+        let n = self.list(5)?;
         (0..n)
             .map(|_| {
                 Ok(StreamPartition {
@@ -1124,7 +1138,7 @@ pub fn decode_frame(
         kind::FETCH => {
             let wait_ms = r.u32()?;
             let max_bytes = r.u32()?;
-            let n = r.count(1 + 4 + 8 + 4)?;
+            let n = r.list(1 + 4 + 8 + 4)?;
             let partitions = (0..n)
                 .map(|_| {
                     Ok(FetchPartition {
@@ -1150,7 +1164,7 @@ pub fn decode_frame(
             let group = r.short()?;
             let instance = r.short()?;
             let session_timeout_ms = r.u32()?;
-            let n = r.count(1)?;
+            let n = r.list(1)?;
             let streams = (0..n).map(|_| r.short()).collect::<R<Vec<_>>>()?;
             Frame::JoinGroup {
                 group,
@@ -1171,7 +1185,7 @@ pub fn decode_frame(
         kind::COMMIT => {
             let group = r.short()?;
             let member = r.short()?;
-            let n = r.count(1 + 4 + 8 + 2)?;
+            let n = r.list(1 + 4 + 8 + 2)?;
             let offsets = (0..n)
                 .map(|_| {
                     Ok(CommitOffset {
@@ -1194,7 +1208,7 @@ pub fn decode_frame(
         },
         kind::STREAM_METADATA => Frame::StreamMetadata { stream: r.short()? },
         kind::FETCHED => {
-            let n = r.count(1 + 4 + 1 + 2 + 8 + 8 + 4)?;
+            let n = r.list(1 + 4 + 1 + 2 + 8 + 8 + 4)?;
             let partitions = (0..n)
                 .map(|_| {
                     let stream = r.short()?;
@@ -1228,7 +1242,7 @@ pub fn decode_frame(
             revoked: r.partitions()?,
         },
         kind::COMMITTED => {
-            let n = r.count(1 + 4 + 8 + 2)?;
+            let n = r.list(1 + 4 + 8 + 2)?;
             let offsets = (0..n)
                 .map(|_| {
                     Ok(CommittedOffset {
@@ -1663,6 +1677,28 @@ mod tests {
             }
             assert_eq!(writer.finish(), expected, "{n} deliveries");
         }
+    }
+
+    #[test]
+    fn lists_longer_than_max_list_are_malformed() {
+        let list = |n: usize| Frame::FetchCommitted {
+            group: "g".into(),
+            partitions: (0..n)
+                .map(|p| StreamPartition {
+                    stream: "s".into(),
+                    partition: u32::try_from(p).unwrap(),
+                })
+                .collect(),
+        };
+        let mut ok = Vec::new();
+        list(MAX_LIST).encode(1, &mut ok);
+        assert!(decode_frame(&ok, DEFAULT_MAX_FRAME).unwrap().is_some());
+        let mut long = Vec::new();
+        list(MAX_LIST + 1).encode(1, &mut long);
+        assert!(matches!(
+            decode_frame(&long, DEFAULT_MAX_FRAME),
+            Err(ProtoError::Malformed(_))
+        ));
     }
 
     #[test]

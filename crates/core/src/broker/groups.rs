@@ -724,7 +724,10 @@ impl Broker {
         group: &str,
         commits: &[(String, u32, u64, String)],
     ) -> Result<(), BrokerError> {
+        // The name goes into the offsets record's key: it must be one a join would take.
+        check_group_name(group)?;
         let mut wanted: BTreeMap<(String, String, u32), (u64, String)> = BTreeMap::new();
+        let mut streams: HashMap<String, crate::broker::StreamInfo> = HashMap::new();
         for (stream, partition, offset, metadata) in commits {
             if metadata.len() > 4096 {
                 return Err(BrokerError::invalid(
@@ -738,8 +741,12 @@ impl Broker {
                     tidewater_storage::format::MAX_ID_LEN
                 )));
             }
-            let info = self.get_stream(stream)?;
-            let Some(part) = info.partitions.iter().find(|p| p.partition == *partition) else {
+            // Each stream looked up once, however many of its partitions are committed.
+            if !streams.contains_key(stream) {
+                streams.insert(stream.clone(), self.get_stream(stream)?);
+            }
+            let info = &streams[stream];
+            let Some(part) = info.partitions.get(*partition as usize) else {
                 return Err(BrokerError::new(
                     ErrorCode::PartitionNotFound,
                     format!("stream '{stream}' has no partition {partition}"),
@@ -764,6 +771,9 @@ impl Broker {
         }
         // One commit at a time: each replaces the records the one before wrote.
         let mut offsets = self.inner.groups.offsets.lock().await;
+        // A commit can make a group (one with neither members nor offsets yet): within
+        // max_groups, as a join is (checked under the commit lock, so two cannot race).
+        self.check_new_group(group)?;
         let uid = match &offsets.log {
             Some((uid, _)) => *uid,
             None => {
@@ -935,6 +945,35 @@ impl Broker {
             .ok()?
             .first()
             .map(|r| r.timestamp)
+    }
+
+    /// Refuses to make one more group past `max_groups`.
+    fn check_new_group(&self, group: &str) -> Result<(), BrokerError> {
+        let max = self.inner.limits.max_groups;
+        let mut names: BTreeSet<String> = self.inner.groups.groups.lock().keys().cloned().collect();
+        if names.contains(group) {
+            return Ok(());
+        }
+        {
+            let view = self.inner.groups.view.lock();
+            if view
+                .range((group.to_string(), String::new(), 0)..)
+                .next()
+                .is_some_and(|((g, _, _), _)| g == group)
+            {
+                return Ok(());
+            }
+            names.extend(view.keys().map(|(g, _, _)| g.clone()));
+        }
+        if names.len() >= max {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the broker holds its maximum of {max} groups (max_groups): delete one, or raise the limit"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The names of groups with members or committed offsets.
