@@ -10,6 +10,9 @@
 #[allow(dead_code)]
 #[path = "../../crates/server/src/api.rs"]
 mod api;
+// api.rs parses RFC 3339 times with the server's own parser.
+#[path = "../../crates/server/src/time.rs"]
+mod time;
 
 use libfuzzer_sys::fuzz_target;
 use tidewater_core::config::{QueueConfig, validate_queue_name};

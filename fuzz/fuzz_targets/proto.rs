@@ -1,7 +1,8 @@
 //! Binary protocol frames: `decode_frame` on arbitrary bytes (pipelined, as a connection's
 //! read buffer), under the server's default limit and the 4 KiB limit before `Hello`.
 //! Every decoded frame must re-encode to bytes that decode to the same frame; a Deliver
-//! frame must encode the same through `DeliverWriter`; prefixes of a whole frame are
+//! frame must encode the same through `DeliverWriter`, a Fetched frame through
+//! `FetchedWriter` (and its record sets through the client's Kafka batch decoding); prefixes of a whole frame are
 //! "incomplete", never an error. The payloads the server and client decode next (a
 //! Produce batch, a delivered record, receipts) go through their decoders too.
 #![no_main]
@@ -11,7 +12,8 @@ use tidewater_core::receipt::Receipt;
 use tidewater_format::{
     BATCH_HEADER_LEN, FormatError, decode_record, restamp_batch, visit_records,
 };
-use tidewater_proto::{DEFAULT_MAX_FRAME, DeliverWriter, Frame, decode_frame};
+use tidewater_format::kafka::{KAFKA_HEADER_LEN, KafkaRecords, check_kafka_batch, split_kafka_batches};
+use tidewater_proto::{DEFAULT_MAX_FRAME, DeliverWriter, FetchedWriter, Frame, decode_frame};
 
 fn check_frame(frame: &Frame, request_id: u32, max: usize) {
     let mut out = Vec::new();
@@ -66,6 +68,32 @@ fn check_frame(frame: &Frame, request_id: u32, max: usize) {
                     Ok(())
                 });
             }
+        }
+        Frame::Fetched { partitions } => {
+            let mut writer = FetchedWriter::new(request_id, 0);
+            for p in partitions {
+                if p.code.is_empty() && p.message.is_empty() {
+                    writer.push(&p.stream, p.partition, p.start_offset, p.end_offset, &[&p.records[..]]);
+                } else if p.start_offset == 0 && p.end_offset == 0 && p.records.is_empty() {
+                    writer.push_error(&p.stream, p.partition, &p.code, &p.message);
+                } else {
+                    return; // not a shape the server writes
+                }
+                // What the client does with a fetched record set.
+                for batch in split_kafka_batches(&p.records).flatten() {
+                    if let Ok(header) = check_kafka_batch(batch)
+                        && header.compression() == 0
+                    {
+                        for record in KafkaRecords::new(&batch[KAFKA_HEADER_LEN..]).flatten() {
+                            let _ = record.headers().count();
+                        }
+                    }
+                }
+            }
+            assert_eq!(writer.finish(), out, "FetchedWriter differs from Frame::Fetched");
+        }
+        Frame::StreamProduce { batch, .. } => {
+            let _ = check_kafka_batch(batch);
         }
         Frame::Ack { receipts, .. }
         | Frame::Nack { receipts, .. }

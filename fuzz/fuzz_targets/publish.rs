@@ -9,6 +9,9 @@
 #[allow(dead_code)]
 #[path = "../../crates/server/src/api.rs"]
 mod api;
+// api.rs parses RFC 3339 times with the server's own parser.
+#[path = "../../crates/server/src/time.rs"]
+mod time;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
