@@ -469,7 +469,7 @@ fn consumer_instances_continue_where_the_group_left_off() {
             1,
             "one of the two partitions is one's"
         );
-        b.delete_consumer("workers", &one).await.unwrap();
+        b.delete_consumer("workers", &one, true).await.unwrap();
         let err = b.consumer_fetch("workers", &one, 1, 0).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::UnknownMember);
     });
@@ -539,8 +539,8 @@ fn group_edges_found_by_a_newcomer() {
         );
         // Ids are never reused: after both leave, a new member has a new id and the old
         // ones are unknown.
-        b.delete_consumer("g", &one).await.unwrap();
-        b.delete_consumer("g", &two).await.unwrap();
+        b.delete_consumer("g", &one, true).await.unwrap();
+        b.delete_consumer("g", &two, true).await.unwrap();
         let three = b
             .create_consumer("g", None, &streams, 60_000, StartAt::Earliest)
             .unwrap();
@@ -562,7 +562,7 @@ fn group_edges_found_by_a_newcomer() {
         assert_eq!(err.code, ErrorCode::InvalidRequest);
         // Deleting the stream forgets its committed offsets.
         b.commit("g", "s", 0, 3, "").await.unwrap();
-        b.delete_consumer("g", &three).await.unwrap();
+        b.delete_consumer("g", &three, true).await.unwrap();
         b.delete_stream("s").await.unwrap();
         b.put_stream("s", &patch(2)).await.unwrap();
         assert!(b.committed("g", "s", 0).await.is_none());
@@ -939,7 +939,7 @@ fn consumer_instances_take_at_most_max_records_and_start_where_asked() {
                     .consumer_fetch_records(group, &m, 1 << 20, 100, 0)
                     .await
                     .unwrap();
-                b.delete_consumer(group, &m).await.unwrap();
+                b.delete_consumer(group, &m, true).await.unwrap();
                 offsets(got)
             }
         };
@@ -951,14 +951,14 @@ fn consumer_instances_take_at_most_max_records_and_start_where_asked() {
         let got = b.consumer_fetch_records("g", &m, 1 << 20, 4, 0).await;
         assert_eq!(offsets(got.unwrap()), vec![7, 8, 9]);
         // Leaving commits the position: after the last record returned.
-        b.delete_consumer("g", &m).await.unwrap();
+        b.delete_consumer("g", &m, true).await.unwrap();
         assert_eq!(b.committed("g", "s", 0).await.unwrap().offset, 10);
         let m = b
             .create_consumer("h", None, &streams, 60_000, StartAt::Earliest)
             .unwrap();
         let got = b.consumer_fetch_records("h", &m, 1 << 20, 2, 0).await;
         assert_eq!(offsets(got.unwrap()), vec![0, 1]);
-        b.delete_consumer("h", &m).await.unwrap();
+        b.delete_consumer("h", &m, true).await.unwrap();
         assert_eq!(b.committed("h", "s", 0).await.unwrap().offset, 2);
 
         assert_eq!(

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -284,7 +284,11 @@ pub fn produce(client: &Client, args: ProduceArgs, as_json: bool) -> anyhow::Res
         if name.is_empty() {
             return Err(bad_input(format!("--header '{h}' has no name")));
         }
-        headers.insert(name.to_string(), json!(value));
+        if headers.insert(name.to_string(), json!(value)).is_some() {
+            return Err(bad_input(format!(
+                "--header {name} is given twice: a record holds one value per header name here"
+            )));
+        }
     }
     let mut template = json!({});
     if let Some(key) = &args.key {
@@ -308,9 +312,9 @@ pub fn produce(client: &Client, args: ProduceArgs, as_json: bool) -> anyhow::Res
         }
         r
     };
-    type Lines = Box<dyn Iterator<Item = std::io::Result<Vec<u8>>>>;
+    type Lines = Box<dyn Iterator<Item = std::io::Result<Vec<u8>>> + Send>;
     /// Lines as bytes (a value need not be UTF-8), without their \n or \r\n.
-    fn byte_lines(read: impl BufRead + 'static) -> Lines {
+    fn byte_lines(read: impl BufRead + Send + 'static) -> Lines {
         Box::new(read.split(b'\n').map(|line| {
             line.map(|mut l| {
                 if l.last() == Some(&b'\r') {
@@ -383,15 +387,49 @@ pub fn produce(client: &Client, args: ProduceArgs, as_json: bool) -> anyhow::Res
         *pending_bytes = 0;
         Ok(())
     };
-    for line in lines {
-        let encoded = serde_json::to_vec(&record(line.context("reading input")?))?;
-        if !pending.is_empty() && pending_bytes + encoded.len() > PRODUCE_REQUEST_BYTES {
-            send(&mut pending, &mut pending_bytes)?;
+    // Lines are read on a thread of their own, so a line from a pipe that stays open (`tail
+    // -f`) goes out within PRODUCE_LINGER instead of waiting for a full batch, and a
+    // signal sends what was read before stopping.
+    let (tx, rx) = std::sync::mpsc::sync_channel(args.batch.clamp(1, 10_000) as usize);
+    std::thread::spawn(move || {
+        for line in lines {
+            let failed = line.is_err();
+            if tx.send(line).is_err() || failed {
+                return;
+            }
         }
-        pending_bytes += encoded.len() + 1;
-        pending.push(encoded);
-        if pending.len() as u64 >= args.batch {
+    });
+    stop_on_signals();
+    let mut oldest: Option<std::time::Instant> = None;
+    loop {
+        let wait = match oldest {
+            Some(at) => PRODUCE_LINGER.saturating_sub(at.elapsed()),
+            None => STOP_POLL,
+        };
+        match rx.recv_timeout(wait.min(STOP_POLL)) {
+            Ok(line) => {
+                let encoded = serde_json::to_vec(&record(line.context("reading input")?))?;
+                if !pending.is_empty() && pending_bytes + encoded.len() > PRODUCE_REQUEST_BYTES {
+                    send(&mut pending, &mut pending_bytes)?;
+                    oldest = None;
+                }
+                pending_bytes += encoded.len() + 1;
+                pending.push(encoded);
+                oldest.get_or_insert_with(std::time::Instant::now);
+                if pending.len() as u64 >= args.batch {
+                    send(&mut pending, &mut pending_bytes)?;
+                    oldest = None;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if oldest.is_some_and(|at| at.elapsed() >= PRODUCE_LINGER) {
             send(&mut pending, &mut pending_bytes)?;
+            oldest = None;
+        }
+        if STOP.load(Ordering::SeqCst) {
+            break;
         }
     }
     send(&mut pending, &mut pending_bytes)?;
@@ -410,12 +448,22 @@ pub fn produce(client: &Client, args: ProduceArgs, as_json: bool) -> anyhow::Res
         );
     } else {
         let partitions: std::collections::BTreeSet<u64> = offsets.iter().map(|(p, _)| *p).collect();
+        let list: Vec<String> = partitions.iter().map(u64::to_string).collect();
         outln!(
-            "produced {n} record{} to '{}' ({} partition{})",
+            "produced {n} record{} to '{}' (partition{}: {}){}",
             if n == 1 { "" } else { "s" },
             args.stream,
-            partitions.len(),
-            if partitions.len() == 1 { "" } else { "s" }
+            if partitions.len() == 1 { "" } else { "s" },
+            match list.len() {
+                0 => "none".to_string(),
+                1..=8 => list.join(", "),
+                many => format!("{many} of them"),
+            },
+            if STOP.load(Ordering::SeqCst) {
+                "; stopped by a signal"
+            } else {
+                ""
+            }
         );
     }
     Ok(())
@@ -481,7 +529,7 @@ fn parse_from(text: &str) -> anyhow::Result<StartFrom> {
             .map(StartFrom::Time)
             .map_err(|e| {
                 bad_input(format!(
-                    "--from is earliest, latest, an offset or a time; {e}"
+                    "--from is earliest, latest, an offset (digits) or an RFC 3339 time; {e}"
                 ))
             }),
     }
@@ -653,27 +701,50 @@ fn fetch_one(
     Ok(count)
 }
 
-/// Set by SIGINT or SIGTERM while `fetch --group` runs: stop after the current batch and
-/// leave the group.
+/// Set by SIGINT or SIGTERM while `fetch --group` or `produce` runs: finish what is in hand
+/// (print and commit the batch, leave the group; send the records read) and stop.
 static STOP: AtomicBool = AtomicBool::new(false);
+/// When the first stop signal came (CLOCK_MONOTONIC, ns).
+static FIRST_SIGNAL_NS: AtomicU64 = AtomicU64::new(0);
 
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime is async-signal-safe and writes only `ts`.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
-/// The first SIGINT or SIGTERM sets STOP (a second one ends the process as usual:
-/// SA_RESETHAND); system calls it interrupts go on (SA_RESTART).
+extern "C" fn on_stop_signal(signal: libc::c_int) {
+    let now = monotonic_ns();
+    if !STOP.swap(true, Ordering::SeqCst) {
+        FIRST_SIGNAL_NS.store(now, Ordering::SeqCst);
+    } else if now.saturating_sub(FIRST_SIGNAL_NS.load(Ordering::SeqCst)) > 1_000_000_000 {
+        // A second signal, a second or more after the first: the user insists. (One
+        // Ctrl-C can arrive twice at once: `timeout` signals the process and its group.)
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + signal) };
+    }
+}
+
+/// The first SIGINT or SIGTERM sets STOP; another one a second later ends the process at
+/// once (128 + the signal); system calls a signal interrupts go on (SA_RESTART).
 fn stop_on_signals() {
-    // SAFETY: sigaction with a handler that only stores to an atomic (async-signal-safe).
+    // SAFETY: sigaction with a handler that only uses atomics, clock_gettime and _exit
+    // (async-signal-safe).
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+        action.sa_flags = libc::SA_RESTART;
         libc::sigemptyset(&mut action.sa_mask);
         libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
         libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
     }
 }
+
+/// How long a line read waits for company before it is sent.
+const PRODUCE_LINGER: Duration = Duration::from_millis(100);
+/// How often a waiting produce looks for a stop signal.
+const STOP_POLL: Duration = Duration::from_millis(100);
 
 /// Records per fetch as a group member.
 const MEMBER_BATCH: u64 = 500;
@@ -703,8 +774,15 @@ fn fetch_as_member(
         .to_string();
     let base = format!("{}/consumers/{}", group_path(group), path_segment(&member));
     stop_on_signals();
-    let leave = |client: &Client| {
-        if let Err(err) = client.delete(&base) {
+    // Leaving commits the member's positions (what was printed); after a failed print,
+    // `leave_uncommitted` does not.
+    let leave_as = |client: &Client, commit: bool| {
+        let path = if commit {
+            base.clone()
+        } else {
+            format!("{base}?commit=false")
+        };
+        if let Err(err) = client.delete(&path) {
             errln!(
                 "warning: could not leave group '{group}' ({err}); the broker removes the member when its session times out"
             );
@@ -738,8 +816,10 @@ fn fetch_as_member(
             for record in records {
                 let line = record_line(record, as_json);
                 if let Err(err) = crate::client::try_write_stdout(format_args!("{line}\n")) {
-                    // Nobody reads any more: commit nothing more; the member's session
-                    // ends and what was fetched and not printed is read again.
+                    // Nobody reads any more: commit nothing more, leave the group (its
+                    // partitions go to the others at once), and what this batch fetched is
+                    // read again from the last commit.
+                    leave_as(client, false);
                     crate::client::stdout_failed(err);
                 }
                 printed += 1;
@@ -755,7 +835,7 @@ fn fetch_as_member(
             if err.downcast_ref::<ClientError>().is_some_and(
                 |e| matches!(e, ClientError::Api { code, .. } if code == "unknown_member"),
             ) => {}
-        _ => leave(client),
+        _ => leave_as(client, true),
     }
     result?;
     if !as_json {

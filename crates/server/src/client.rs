@@ -185,10 +185,15 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(120)))
             .build()
             .into();
-        Client {
-            agent,
-            base: base.trim_end_matches('/').to_string(),
-        }
+        // `--server 127.0.0.1:7070` means the HTTP server there (as `--protocol-server`
+        // takes HOST:PORT).
+        let base = base.trim_end_matches('/');
+        let base = if base.contains("://") {
+            base.to_string()
+        } else {
+            format!("http://{base}")
+        };
+        Client { agent, base }
     }
 
     /// Sends a request with an optional raw JSON body; returns status and parsed reply.

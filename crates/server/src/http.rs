@@ -1080,11 +1080,21 @@ async fn create_consumer(
     )
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteConsumerQuery {
+    commit: Option<bool>,
+}
+
 async fn delete_consumer(
     State(state): State<AppState>,
     Path((group, member)): Path<(String, String)>,
+    Query(query): Query<DeleteConsumerQuery>,
 ) -> ApiResult {
-    state.broker()?.delete_consumer(&group, &member).await?;
+    state
+        .broker()?
+        .delete_consumer(&group, &member, query.commit.unwrap_or(true))
+        .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

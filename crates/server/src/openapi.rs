@@ -1093,6 +1093,23 @@ pub fn document(limits: &Limits) -> Value {
         "",
     );
 
+    let delete_consumer = {
+        let mut op = operation(
+            "deleteConsumer",
+            "Leave the group, committing the member's positions first (unless commit=false)",
+            responses(&[(204, json!({"description": "left"}))]),
+            Fails {
+                not_found: true,
+                bad: true,
+                writes: true,
+                ..Fails::default()
+            },
+        );
+        op["parameters"] = json!([{"name": "commit", "in": "query", "schema": {"type": "boolean", "default": true},
+            "description": "false: leave without committing (a client that could not hand its last records on)"}]);
+        op
+    };
+
     json!({
         "openapi": "3.1.0",
         "info": {"title": "tidewater", "version": "1",
@@ -1136,7 +1153,7 @@ pub fn document(limits: &Limits) -> Value {
             "/v1/groups/{group}/offsets/reset": {"parameters": group_param, "post": reset_offsets},
             "/v1/groups/{group}/consumers": {"parameters": group_param, "post": with_links(create_consumer, &[201], &on_consumer)},
             "/v1/groups/{group}/consumers/{member}": {"parameters": member_params,
-                "delete": operation("deleteConsumer", "Leave the group, committing the member's positions first", responses(&[(204, json!({"description": "left"}))]), Fails {not_found: true, bad: true, writes: true, ..Fails::default()})},
+                "delete": delete_consumer},
             "/v1/groups/{group}/consumers/{member}/records": {"parameters": member_params, "get": consumer_fetch},
             "/v1/groups/{group}/consumers/{member}/commit": {"parameters": member_params, "post": consumer_commit},
             "/healthz": {"get": operation("healthz", "The process is alive", responses(&[(200, ok_json("alive", "Status"))]), Fails::default())},

@@ -11,7 +11,7 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
             .parse()
             .map_err(|_| format!("'{text}' is out of range for milliseconds since the epoch"));
     }
-    parse_rfc3339(text)
+    parse_rfc3339(text).map_err(|e| format!("{e}, or milliseconds since the epoch"))
 }
 
 /// Milliseconds since the epoch of an RFC 3339 date-time (fractions past the millisecond
@@ -19,7 +19,7 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
 pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
     let bad = |why: &str| {
         format!(
-            "'{text}' is not a time: {why}. Use RFC 3339, e.g. 2026-11-30T10:00:00Z or 2026-11-30T11:00:00+01:00, or milliseconds since the epoch"
+            "'{text}' is not a time: {why}. Use RFC 3339, e.g. 2026-11-30T10:00:00Z or 2026-11-30T11:00:00+01:00"
         )
     };
     let b = text.as_bytes();

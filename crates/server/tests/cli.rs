@@ -758,7 +758,7 @@ fn streams_produce_and_fetch_from_the_command_line() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("produced 4 records to 'readings' (1 partition)"),
+        out.contains(&format!("produced 4 records to 'readings' (partition: {other})")),
         "{out}"
     );
 
@@ -1188,4 +1188,82 @@ fn a_signal_ends_fetch_group_cleanly_and_refused_produces_exit_4() {
     let (code, _, err) = run(&server, &["produce", "s", "x", "--retry-for-s", "0"], None);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("disk_full") && err.contains("507"), "{err}");
+}
+
+/// A newcomer's finding: lines from a pipe that stays open (`tail -f | tidewater produce`)
+/// waited for a full batch of 500, and Ctrl-C lost them. Now a line goes out within the
+/// linger, and a signal sends what was read, says so, and exits 0. The same signal sent
+/// twice at once (as `timeout` does, to the process and its group) still stops cleanly.
+#[test]
+fn produce_from_an_open_pipe_sends_each_line_soon_and_a_signal_sends_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.ok("PUT", "/v1/streams/s", Some(json!({"partitions": 1})));
+    let mut child = Command::new(BIN)
+        .args(["produce", "s"])
+        .env("TIDEWATER_SERVER", &server.url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"one\ntwo\n").unwrap();
+    let end = || {
+        server.ok("GET", "/v1/streams/s", None)["partitions"][0]["end_offset"]
+            .as_u64()
+            .unwrap()
+    };
+    // The pipe stays open: the two lines must arrive anyway (no deadline but the test's).
+    while end() < 2 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::io::Write::write_all(&mut stdin, b"three\n").unwrap();
+    std::io::Write::flush(&mut stdin).unwrap();
+    while end() < 3 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signals to our own child, twice at once.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("produced 3 records") && stdout.contains("signal"),
+        "{stdout}"
+    );
+    let (code, values, _) = run(&server, &["fetch", "s", "--from", "earliest"], None);
+    assert_eq!((code, values.as_str()), (0, "one\ntwo\nthree\n"));
+}
+
+/// A newcomer's finding: `fetch --group g | head -2` was ended by SIGPIPE still a member,
+/// holding its partitions until its session timed out. It leaves the group first now
+/// (committing nothing more).
+#[test]
+fn fetch_group_leaves_when_nobody_reads_its_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.ok("PUT", "/v1/streams/s", Some(json!({"partitions": 2})));
+    let records: Vec<Value> = (0..20).map(|i| json!({"value": format!("v{i}")})).collect();
+    server.ok(
+        "POST",
+        "/v1/streams/s/records",
+        Some(json!({ "records": records })),
+    );
+    let (status, err) = run_with_closed_stdout(
+        Some(&server),
+        &["fetch", "s", "--group", "g", "--from", "earliest"],
+    );
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
+    // It left, and committed nothing: the group is gone.
+    server.err("GET", "/v1/groups/g", None, 404, "group_not_found");
 }

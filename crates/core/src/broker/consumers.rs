@@ -73,7 +73,14 @@ impl Broker {
     }
 
     /// Leaves the group, committing the member's positions first.
-    pub async fn delete_consumer(&self, group: &str, member: &str) -> Result<(), BrokerError> {
+    /// Removes a consumer instance and its member; with `commit`, its positions are
+    /// committed first (a client that could not hand its last records on leaves without).
+    pub async fn delete_consumer(
+        &self,
+        group: &str,
+        member: &str,
+        commit: bool,
+    ) -> Result<(), BrokerError> {
         let instance = self
             .inner
             .consumers
@@ -82,8 +89,10 @@ impl Broker {
         let Some(instance) = instance else {
             return Err(unknown(group, member));
         };
-        self.commit_positions(group, &instance.positions, false)
-            .await?;
+        if commit {
+            self.commit_positions(group, &instance.positions, false)
+                .await?;
+        }
         self.leave_group(group, member)
     }
 
