@@ -96,6 +96,7 @@ pub enum StreamCommand {
 }
 
 pub fn stream(client: &Client, command: StreamCommand, as_json: bool) -> anyhow::Result<()> {
+    let creating = matches!(command, StreamCommand::Create { .. });
     match command {
         StreamCommand::Config { name, config } if config.is_empty() => {
             let info = client.get(&stream_path(&name))?;
@@ -107,6 +108,15 @@ pub fn stream(client: &Client, command: StreamCommand, as_json: bool) -> anyhow:
             Ok(())
         }
         StreamCommand::Create { name, config } | StreamCommand::Config { name, config } => {
+            if creating {
+                // As kafka-topics --create: an existing stream is not changed by a create.
+                if let Ok(info) = client.get(&stream_path(&name)) {
+                    anyhow::bail!(
+                        "stream '{name}' exists ({} partitions); `tidewater stream config {name} --partitions N` changes it",
+                        info["config"]["partitions"]
+                    );
+                }
+            }
             let patch = config.patch()?;
             let (status, info) = client.call(
                 "PUT",

@@ -758,7 +758,9 @@ fn streams_produce_and_fetch_from_the_command_line() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains(&format!("produced 4 records to 'readings' (partition: {other})")),
+        out.contains(&format!(
+            "produced 4 records to 'readings' (partition: {other})"
+        )),
         "{out}"
     );
 
@@ -1266,4 +1268,30 @@ fn fetch_group_leaves_when_nobody_reads_its_output() {
     assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
     // It left, and committed nothing: the group is gone.
     server.err("GET", "/v1/groups/g", None, 404, "group_not_found");
+}
+
+/// `stream create` on an existing stream changed it (grew its partitions, switched its
+/// timestamp type) and said "updated"; as `kafka-topics --create`, it is refused now.
+#[test]
+fn stream_create_does_not_change_an_existing_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    let (code, _, err) = run(
+        &server,
+        &["stream", "create", "s", "--partitions", "2"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(
+        &server,
+        &["stream", "create", "s", "--partitions", "4"],
+        None,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("exists") && err.contains("stream config"),
+        "{err}"
+    );
+    let info = server.ok("GET", "/v1/streams/s", None);
+    assert_eq!(info["config"]["partitions"], 2, "unchanged: {info}");
 }
