@@ -926,21 +926,18 @@ pub fn group(client: &Client, command: GroupCommand, as_json: bool) -> anyhow::R
     match command {
         GroupCommand::List => {
             let reply = client.get("/v1/groups")?;
-            if as_json {
-                print_json(&reply);
-                return Ok(());
-            }
             let names: Vec<String> = reply["groups"]
                 .as_array()
                 .map(|g| g.iter().map(text).collect())
                 .unwrap_or_default();
-            if names.is_empty() {
+            if names.is_empty() && !as_json {
                 outln!(
                     "no groups yet: a group appears when a member joins it (`tidewater fetch STREAM --group G`)"
                 );
                 return Ok(());
             }
             let mut rows = Vec::new();
+            let mut json_rows = Vec::new();
             for name in names {
                 let info = match client.get(&group_path(&name)) {
                     Ok(info) => info,
@@ -953,14 +950,26 @@ pub fn group(client: &Client, command: GroupCommand, as_json: bool) -> anyhow::R
                     .map(Vec::as_slice)
                     .unwrap_or_default();
                 let lag: u64 = offsets.iter().filter_map(|o| o["lag"].as_u64()).sum();
+                let members = info["members"].as_array().map_or(0, Vec::len);
+                json_rows.push(json!({
+                    "group": name,
+                    "members": members,
+                    "partitions": offsets.len(),
+                    "lag": lag,
+                }));
                 rows.push(vec![
                     name,
-                    info["members"].as_array().map_or(0, Vec::len).to_string(),
+                    members.to_string(),
                     offsets.len().to_string(),
                     lag.to_string(),
                 ]);
             }
-            table(&["GROUP", "MEMBERS", "PARTITIONS", "LAG"], &rows);
+            if as_json {
+                // The table's columns, one object per group.
+                print_json(&json!({ "groups": json_rows }));
+            } else {
+                table(&["GROUP", "MEMBERS", "PARTITIONS", "LAG"], &rows);
+            }
             Ok(())
         }
         GroupCommand::Describe { group } => {

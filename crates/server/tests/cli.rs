@@ -1004,6 +1004,13 @@ fn groups_from_the_command_line() {
     let (code, out, _) = run(&server, &["group", "list"], None);
     assert_eq!(code, 0);
     assert!(out.starts_with("GROUP") && out.contains("billing"), "{out}");
+    let (_, out, _) = run(&server, &["--json", "group", "list"], None);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        list["groups"][0]["group"], "billing",
+        "the table's columns: {list}"
+    );
+    assert!(list["groups"][0]["lag"].is_u64(), "{list}");
 
     // Reset: a dry run by default, then --execute.
     let (code, out, err) = run(
