@@ -420,6 +420,21 @@ impl Collector for QueueCollector {
             prometheus_client::metrics::MetricType::Counter,
         )?;
         ConstCounter::new(files.opened).encode(family)?;
+        let (index_bytes, thinnings) = broker.store().index_bytes();
+        let family = encoder.encode_descriptor(
+            "index_bytes",
+            "Bytes of the in-memory segment indexes at the last checkpoint (bounded by [storage] max_index_bytes plus the active segments')",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        ConstGauge::new(index_bytes.min(i64::MAX as u64) as i64).encode(family)?;
+        let family = encoder.encode_descriptor(
+            "index_thinnings",
+            "Times a sealed segment's index was halved to stay within max_index_bytes",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(thinnings).encode(family)?;
         encode_streams(broker, &mut encoder)
     }
 }

@@ -117,6 +117,8 @@ pub struct StorageConfig {
     pub write_queue_capacity: usize,
     /// Segment files held open at once (least recently used closed first).
     pub max_open_segment_files: usize,
+    /// Bytes of in-memory segment indexes (sealed segments' are halved past it).
+    pub max_index_bytes: usize,
 }
 
 impl Default for StorageConfig {
@@ -129,6 +131,7 @@ impl Default for StorageConfig {
             checkpoint_interval_ms: d.checkpoint_interval.as_millis() as u64,
             write_queue_capacity: d.write_queue_capacity,
             max_open_segment_files: d.max_open_segment_files,
+            max_index_bytes: d.max_index_bytes,
         }
     }
 }
@@ -252,6 +255,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             checkpoint_interval: Duration::from_millis(s.checkpoint_interval_ms.max(100)),
             write_queue_capacity: s.write_queue_capacity,
             max_open_segment_files: s.max_open_segment_files,
+            max_index_bytes: s.max_index_bytes,
             // Fault injection for the test suite only; not a configuration setting.
             repair_missing: args.repair_missing,
             fail_fsync_at: std::env::var("TIDEWATER_FAULT_FAIL_FSYNC_AT")

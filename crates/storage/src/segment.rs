@@ -133,6 +133,31 @@ impl Segment {
         }
     }
 
+    /// Bytes its in-memory indexes (offset marks and time marks) take.
+    pub(crate) fn index_bytes(&self) -> usize {
+        self.index.len() * std::mem::size_of::<Mark>()
+            + self.times.len() * std::mem::size_of::<(i64, usize)>()
+    }
+
+    /// Halves its indexes: keeps every other offset mark (the first always) and the time
+    /// marks that point at a kept one. Lookups stay correct (a mark is a place to start
+    /// reading at or before an offset, a time mark a batch before the time), and read on
+    /// from an earlier place. Only for sealed segments (the active one indexes as it
+    /// grows). Returns whether anything was dropped.
+    pub(crate) fn thin_index(&mut self) -> bool {
+        if self.index.len() <= 1 {
+            return false;
+        }
+        let index: Vec<Mark> = self.index.iter().step_by(2).copied().collect();
+        self.times.retain(|&(_, at)| at % 2 == 0);
+        for mark in &mut self.times {
+            mark.1 /= 2;
+        }
+        self.index = index;
+        self.times.shrink_to_fit();
+        true
+    }
+
     /// The indexed place at or before `offset` to start reading from.
     fn mark_before(&self, offset: u64) -> Mark {
         let idx = self.index.partition_point(|m| m.offset <= offset);

@@ -87,6 +87,12 @@ pub struct StoreOptions {
     /// Segment files held open at most (least recently used closed first; see
     /// `open_files.rs`). At least `MIN_OPEN_SEGMENT_FILES`.
     pub max_open_segment_files: usize,
+    /// Bytes the in-memory segment indexes (offset and time marks, one per
+    /// `INDEX_INTERVAL_BYTES` of data) may take across all logs. Past it, each checkpoint
+    /// halves the indexes of the most indexed sealed segments until they fit: memory stays
+    /// bounded however much data is kept, and a lookup in a thinned segment reads on from
+    /// an earlier mark. Active segments index in full.
+    pub max_index_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -104,6 +110,7 @@ impl Default for StoreOptions {
             lockstep: false,
             repair_missing: false,
             max_open_segment_files: 2048,
+            max_index_bytes: 64 << 20,
         }
     }
 }
@@ -250,6 +257,10 @@ struct Shared {
     checkpoint_failures: AtomicU64,
     /// The segment files held open.
     open_files: Arc<OpenFiles>,
+    /// Bytes of the segment indexes after the last checkpoint's bounding, and index
+    /// halvings done (metrics).
+    index_bytes: AtomicU64,
+    index_thinnings: AtomicU64,
 }
 
 impl Shared {
@@ -565,6 +576,8 @@ impl Store {
             journal_bytes: AtomicU64::new(journal_len),
             checkpoint_failures: AtomicU64::new(0),
             open_files: io.files.clone(),
+            index_bytes: AtomicU64::new(0),
+            index_thinnings: AtomicU64::new(0),
         });
         let mut writer = Writer {
             shared: shared.clone(),
@@ -749,6 +762,15 @@ impl Store {
 
     /// The cache of open segment files: how many it holds, its capacity, and the files
     /// opened and closed since the store opened.
+    /// Bytes the segment indexes took at the last checkpoint (at most `max_index_bytes`
+    /// plus the active segments'), and how many times a segment's index was halved.
+    pub fn index_bytes(&self) -> (u64, u64) {
+        (
+            self.shared.index_bytes.load(Ordering::Relaxed),
+            self.shared.index_thinnings.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn segment_files(&self) -> SegmentFiles {
         let files = &self.shared.open_files;
         SegmentFiles {
@@ -1818,9 +1840,56 @@ impl Writer {
         self.publish(staged, Vec::new());
     }
 
+    /// Keeps the segment indexes within `max_index_bytes`: halves the indexes of the most
+    /// indexed sealed segments until the total fits (or only one mark each is left).
+    fn bound_indexes(&mut self) {
+        let budget = self.shared.opts.max_index_bytes;
+        let mut total = 0usize;
+        // (bytes, uid, segment number) of every sealed segment.
+        let mut sealed: Vec<(usize, u64, usize)> = Vec::new();
+        for (uid, log) in &self.logs {
+            let files = log.shared.files.read().unwrap_or_else(|e| e.into_inner());
+            let n = files.segments.len();
+            for (i, seg) in files.segments.iter().enumerate() {
+                let bytes = seg.index_bytes();
+                total += bytes;
+                if i + 1 < n {
+                    sealed.push((bytes, *uid, i));
+                }
+            }
+        }
+        if total > budget {
+            // The most indexed first; ties by log and segment, so runs are repeatable.
+            let mut heap: std::collections::BinaryHeap<(usize, std::cmp::Reverse<(u64, usize)>)> =
+                sealed
+                    .into_iter()
+                    .map(|(bytes, uid, i)| (bytes, std::cmp::Reverse((uid, i))))
+                    .collect();
+            while total > budget {
+                let Some((bytes, std::cmp::Reverse((uid, i)))) = heap.pop() else {
+                    break;
+                };
+                let log = self.logs.get(&uid).expect("listed above");
+                let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
+                let seg = &mut files.segments[i];
+                if !seg.thin_index() {
+                    continue;
+                }
+                self.shared.index_thinnings.fetch_add(1, Ordering::Relaxed);
+                let after = seg.index_bytes();
+                total = total - bytes + after;
+                heap.push((after, std::cmp::Reverse((uid, i))));
+            }
+        }
+        self.shared
+            .index_bytes
+            .store(total as u64, Ordering::Relaxed);
+    }
+
     /// Makes everything written so far durable without the journal, then starts a new
     /// journal and deletes the old ones, settled segments and deleted logs.
     fn checkpoint(&mut self) -> Result<(), CheckpointError> {
+        self.bound_indexes();
         if !self.changed_since_checkpoint {
             self.last_checkpoint = Instant::now();
             if self.checkpoint_unsynced {

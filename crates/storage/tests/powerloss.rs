@@ -47,6 +47,8 @@ fn options(fs: &SimFs) -> StoreOptions {
         segment_roll_bytes: 2_048,
         // Few open files: segments leave the cache and are reopened all the time.
         max_open_segment_files: tidewater_storage::MIN_OPEN_SEGMENT_FILES,
+        // No index budget: every checkpoint thins sealed segments to one mark each.
+        max_index_bytes: 0,
         fs: Arc::new(fs.clone()),
         lockstep: true,
         ..StoreOptions::default()

@@ -1288,3 +1288,84 @@ fn stream_batches_are_stored_read_whole_and_found_by_time() {
         assert_eq!(reader.find_time(7_001).unwrap(), None);
     }
 }
+
+/// The in-memory segment indexes grew with the data kept (a mark per 4 KiB: about 1% of it
+/// in RAM), without bound. Past `max_index_bytes`, checkpoints halve the indexes of the
+/// most indexed sealed segments: the total stays within the budget (plus the active
+/// segments'), and every lookup by offset or time still lands exactly, before and after a
+/// restart.
+#[test]
+fn segment_indexes_stay_within_their_budget_and_lookups_stay_exact() {
+    use tidewater_storage::format::kafka::{KafkaBatchBuilder, NewKafkaRecord};
+    use tidewater_storage::format::wrap_kafka_batch;
+    const BUDGET: usize = 1_024;
+    let dir = tempfile::tempdir().unwrap();
+    let options = || StoreOptions {
+        segment_roll_bytes: 64 << 10,
+        max_index_bytes: BUDGET,
+        ..opts()
+    };
+    let (queue, stream);
+    // Stream batches: one record of ~200 bytes each, timestamps rising by 10.
+    let value = "x".repeat(200);
+    let n_batches = 2_000u64;
+    {
+        let (store, _) = Store::open(dir.path(), options()).unwrap();
+        queue = create(&store, "queue");
+        stream = create(&store, "stream-0");
+        for i in 0..n_batches {
+            let mut builder = KafkaBatchBuilder::new();
+            builder.push(&NewKafkaRecord {
+                value: Some(value.as_bytes()),
+                timestamp: 10 * i as i64,
+                ..NewKafkaRecord::default()
+            });
+            let batch = wrap_kafka_batch(stream, &builder.finish()).unwrap();
+            store
+                .submit_wait(vec![Op::Append { uid: stream, batch }], AckLevel::Written)
+                .unwrap();
+        }
+        // Queue batches of 100 records: marks inside batches too.
+        for b in 0..40 {
+            let bodies: Vec<String> = (0..100).map(|i| format!("q{b}-{i}-{value}")).collect();
+            let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+            append(&store, queue, &refs);
+        }
+        store.checkpoint().unwrap();
+        let (bytes, thinnings) = store.index_bytes();
+        assert!(thinnings > 0, "the budget was exceeded: {bytes}");
+        // Each log's active segment (at most 64 KiB: 16 marks of 48 bytes) is not thinned.
+        assert!(
+            bytes as usize <= BUDGET + 2 * 17 * 48,
+            "{bytes} bytes of index"
+        );
+        check(&store, stream, queue, n_batches, &value);
+    }
+    let (store, _) = Store::open(dir.path(), options()).unwrap();
+    check(&store, stream, queue, n_batches, &value);
+    store.checkpoint().unwrap();
+    assert!(store.index_bytes().0 as usize <= BUDGET + 2 * 17 * 48);
+    check(&store, stream, queue, n_batches, &value);
+
+    fn check(store: &Store, stream: u64, queue: u64, n: u64, value: &str) {
+        let reader = store.reader(stream).unwrap();
+        for offset in (0..n).step_by(7) {
+            let got = reader.read_batches(offset, 1).unwrap();
+            assert_eq!(got[0].base_offset, offset, "the batch holding {offset}");
+            assert_eq!(reader.find_time(10 * offset as i64).unwrap(), Some(offset));
+            assert_eq!(
+                reader.find_time(10 * offset as i64 - 5).unwrap(),
+                Some(offset),
+                "between two batches' times"
+            );
+        }
+        assert_eq!(reader.find_time(10 * n as i64).unwrap(), None);
+        let reader = store.reader(queue).unwrap();
+        for offset in (0..4_000u64).step_by(37) {
+            let got = reader.read(offset, 1, usize::MAX).unwrap();
+            let expect = format!("q{}-{}-{value}", offset / 100, offset % 100);
+            assert_eq!(got[0].offset, offset);
+            assert_eq!(String::from_utf8(got[0].body.to_vec()).unwrap(), expect);
+        }
+    }
+}
