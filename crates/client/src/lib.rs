@@ -381,6 +381,33 @@ impl Client {
     }
 }
 
+/// Queues `item` for a producer's batcher at once when its buffer has room, and returns a
+/// future that waits for room otherwise, then for the batcher's answer on `wait`: sends made
+/// together keep their order, and holding many such futures costs no task each. Without an
+/// item (refused before it was queued), the answer is already on `wait`.
+pub(crate) fn enqueue<T: Send + 'static, R: Send + 'static>(
+    tx: &tokio::sync::mpsc::Sender<T>,
+    item: Option<T>,
+    wait: tokio::sync::oneshot::Receiver<Result<R, ClientError>>,
+) -> impl Future<Output = Result<R, ClientError>> + Send + 'static + use<T, R> {
+    use tokio::sync::mpsc::error::TrySendError;
+    let pending = match item.map(|item| tx.try_send(item)) {
+        None | Some(Ok(())) => None,
+        Some(Err(TrySendError::Full(item))) => Some(Ok(item)),
+        Some(Err(TrySendError::Closed(_))) => Some(Err(())),
+    };
+    let tx = tx.clone();
+    async move {
+        let stopped = || ClientError::Unavailable("producer stopped".into());
+        match pending {
+            None => {}
+            Some(Ok(item)) => tx.send(item).await.map_err(|_| stopped())?,
+            Some(Err(())) => return Err(stopped()),
+        }
+        wait.await.map_err(|_| ClientError::Disconnected)?
+    }
+}
+
 /// Lowercase hex of generated ids (a table lookup: this runs once per message).
 pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -162,33 +162,18 @@ impl Producer {
             None
         };
         let (done, wait) = oneshot::channel();
-        // Enqueue eagerly; only a full buffer makes the future wait for room.
-        let pending = match invalid {
-            Some(_) => None,
-            None => match self.tx.try_send((message, done)) {
-                Ok(()) => None,
-                Err(mpsc::error::TrySendError::Full(item)) => Some(Ok(item)),
-                Err(mpsc::error::TrySendError::Closed(_)) => Some(Err(())),
-            },
-        };
-        let tx = self.tx.clone();
-        async move {
-            if let Some(why) = invalid {
-                return Err(ClientError::Server {
+        let item = match invalid {
+            Some(why) => {
+                // Refused here: answered at once, never queued.
+                let _ = done.send(Err(ClientError::Server {
                     code: "invalid_message".into(),
                     message: why.into(),
-                });
+                }));
+                None
             }
-            match pending {
-                None => {}
-                Some(Ok(item)) => tx
-                    .send(item)
-                    .await
-                    .map_err(|_| ClientError::Unavailable("producer stopped".into()))?,
-                Some(Err(())) => return Err(ClientError::Unavailable("producer stopped".into())),
-            }
-            wait.await.map_err(|_| ClientError::Disconnected)?
-        }
+            None => Some((message, done)),
+        };
+        crate::enqueue(&self.tx, item, wait)
     }
 }
 

@@ -127,23 +127,7 @@ impl StreamProducer {
         record: Record,
     ) -> impl Future<Output = Result<RecordMetadata, ClientError>> + Send + 'static {
         let (done, wait) = oneshot::channel();
-        let pending = match self.tx.try_send((record, done)) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(item)) => Some(Ok(item)),
-            Err(mpsc::error::TrySendError::Closed(_)) => Some(Err(())),
-        };
-        let tx = self.tx.clone();
-        async move {
-            match pending {
-                None => {}
-                Some(Ok(item)) => tx
-                    .send(item)
-                    .await
-                    .map_err(|_| ClientError::Unavailable("producer stopped".into()))?,
-                Some(Err(())) => return Err(ClientError::Unavailable("producer stopped".into())),
-            }
-            wait.await.map_err(|_| ClientError::Disconnected)?
-        }
+        crate::enqueue(&self.tx, Some((record, done)), wait)
     }
 }
 

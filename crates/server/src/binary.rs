@@ -113,6 +113,13 @@ fn refuse(stream: &TcpStream, max: usize) {
     let _ = stream.try_write(&encode(&frame, 0));
 }
 
+fn ack_level(ack: Ack) -> AckLevel {
+    match ack {
+        Ack::Written => AckLevel::Written,
+        Ack::Durable => AckLevel::Durable,
+    }
+}
+
 fn encode(frame: &Frame, request_id: u32) -> Vec<u8> {
     let mut out = Vec::new();
     frame.encode(request_id, &mut out);
@@ -491,31 +498,9 @@ impl Session {
             Frame::Produce { queue, ack, batch } => {
                 // Submitted here, in frame order, so a connection's batches are appended in
                 // the order they were sent; only the wait is concurrent.
-                let permit = self
-                    .in_flight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Closed)?;
-                let level = if ack == Ack::Written {
-                    AckLevel::Written
-                } else {
-                    AckLevel::Durable
-                };
-                match broker.start_publish_batch(&queue, batch, level) {
-                    Ok(appended) => {
-                        let outbox = self.outbox.clone();
-                        self.tasks.spawn(async move {
-                            let reply = match appended.await {
-                                Ok((base_offset, count)) => Frame::Produced { base_offset, count },
-                                Err(err) => error_frame(&err),
-                            };
-                            let _ = outbox.reply(&reply, request_id).await;
-                            drop(permit);
-                        });
-                    }
-                    Err(err) => self.outbox.reply(&error_frame(&err), request_id).await?,
-                }
+                let permit = self.request_permit().await?;
+                let started = broker.start_publish_batch(&queue, batch, ack_level(ack));
+                self.answer_produce(started, permit, request_id).await?;
             }
             Frame::StreamProduce {
                 stream,
@@ -523,32 +508,10 @@ impl Session {
                 ack,
                 batch,
             } => {
-                // As Produce: submitted in frame order, only the wait is concurrent.
-                let permit = self
-                    .in_flight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Closed)?;
-                let level = if ack == Ack::Written {
-                    AckLevel::Written
-                } else {
-                    AckLevel::Durable
-                };
-                match broker.start_produce_batch(&stream, partition, batch, level) {
-                    Ok(appended) => {
-                        let outbox = self.outbox.clone();
-                        self.tasks.spawn(async move {
-                            let reply = match appended.await {
-                                Ok((base_offset, count)) => Frame::Produced { base_offset, count },
-                                Err(err) => error_frame(&err),
-                            };
-                            let _ = outbox.reply(&reply, request_id).await;
-                            drop(permit);
-                        });
-                    }
-                    Err(err) => self.outbox.reply(&error_frame(&err), request_id).await?,
-                }
+                // As Produce.
+                let permit = self.request_permit().await?;
+                let started = broker.start_produce_batch(&stream, partition, batch, ack_level(ack));
+                self.answer_produce(started, permit, request_id).await?;
             }
             Frame::Fetch {
                 wait_ms,
@@ -561,12 +524,7 @@ impl Session {
                     ));
                     return Ok(self.outbox.reply(&error_frame(&err), request_id).await?);
                 };
-                let permit = self
-                    .in_flight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Closed)?;
+                let permit = self.request_permit().await?;
                 // A reply fits half the outbox and a frame.
                 let room = (self.outbox.capacity / 2).min(self.max_frame / 2).max(1);
                 let max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX).min(room);
@@ -585,12 +543,7 @@ impl Session {
             | Frame::Commit { .. }
             | Frame::FetchCommitted { .. }
             | Frame::StreamMetadata { .. } => {
-                let permit = self
-                    .in_flight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Closed)?;
+                let permit = self.request_permit().await?;
                 let outbox = self.outbox.clone();
                 self.tasks.spawn(async move {
                     let reply = stream_request(&broker, frame)
@@ -601,12 +554,7 @@ impl Session {
                 });
             }
             Frame::Ack { .. } | Frame::Nack { .. } | Frame::Extend { .. } => {
-                let permit = self
-                    .in_flight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Closed)?;
+                let permit = self.request_permit().await?;
                 let outbox = self.outbox.clone();
                 self.tasks.spawn(async move {
                     let reply = request(&broker, frame).await;
@@ -625,6 +573,43 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// A place among the requests in flight (waits for one: TCP backpressure).
+    async fn request_permit(&self) -> Result<OwnedSemaphorePermit, Closed> {
+        self.in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Closed)
+    }
+
+    /// Answers a produce that was started (or refused) now: the wait for its write is a
+    /// task of its own, holding its place among the requests in flight.
+    async fn answer_produce(
+        &mut self,
+        started: Result<
+            impl Future<Output = Result<(u64, u32), BrokerError>> + Send + 'static,
+            BrokerError,
+        >,
+        permit: OwnedSemaphorePermit,
+        request_id: u32,
+    ) -> Result<(), Closed> {
+        match started {
+            Ok(appended) => {
+                let outbox = self.outbox.clone();
+                self.tasks.spawn(async move {
+                    let reply = match appended.await {
+                        Ok((base_offset, count)) => Frame::Produced { base_offset, count },
+                        Err(err) => error_frame(&err),
+                    };
+                    let _ = outbox.reply(&reply, request_id).await;
+                    drop(permit);
+                });
+                Ok(())
+            }
+            Err(err) => self.outbox.reply(&error_frame(&err), request_id).await,
+        }
     }
 
     async fn stop_subscriptions(&mut self) {
