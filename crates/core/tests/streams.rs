@@ -273,6 +273,7 @@ fn offsets_are_found_by_time_and_log_append_time_uses_the_brokers_clock() {
         let append_time = StreamPatch {
             partitions: Some(1),
             timestamp_type: Some(TimestampType::LogAppendTime),
+            ..StreamPatch::default()
         };
         b.put_stream("u", &append_time).await.unwrap();
         let r = NewStreamRecord {
@@ -1035,5 +1036,105 @@ fn commits_check_the_group_name() {
     h.restart();
     rt.block_on(async {
         assert_eq!(h.broker().list_groups().await, vec!["fine".to_string()]);
+    });
+}
+
+/// Retention (issue 11): whole sealed segments go by size and by age; the partition's start
+/// moves past them, durably; reads below it are told where it starts; consumer instances
+/// go on from there.
+#[test]
+fn retention_deletes_whole_old_segments_by_size_and_age() {
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions {
+        store: tidewater_storage::StoreOptions {
+            fsync: false,
+            segment_roll_bytes: 4_096,
+            ..tidewater_storage::StoreOptions::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .unwrap();
+    let value = "v".repeat(200);
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream(
+            "s",
+            &StreamPatch {
+                partitions: Some(1),
+                retention_bytes: Some(20_000),
+                retention_ms: Some(-1),
+                ..StreamPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+        let member = b
+            .create_consumer(
+                "g",
+                None,
+                &["s".to_string()],
+                30_000,
+                tidewater_core::broker::StartAt::Earliest,
+            )
+            .unwrap();
+        for _ in 0..40 {
+            let records: Vec<NewStreamRecord> = (0..10).map(|_| record(None, &value)).collect();
+            b.produce("s", &records, AckLevel::Durable).await.unwrap();
+        }
+        h.advance(1).await;
+        let info = b.get_stream("s").unwrap();
+        let start = info.partitions[0].start_offset;
+        assert!(start > 0, "retention moved the start: {info:?}");
+        b.store().checkpoint().unwrap();
+        let bytes = b.get_stream("s").unwrap().partitions[0].bytes;
+        assert!(
+            (20_000..20_000 + 4_096 + 512).contains(&bytes),
+            "between the limit and the limit plus a segment: {bytes}"
+        );
+        let err = b.fetch("s", 0, 0, 1 << 20, 0).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::OffsetOutOfRange);
+        assert!(err.message.contains("retention"), "{}", err.message);
+        let (records, _, _) = b.fetch_records("s", 0, start, 1 << 20, 0).await.unwrap();
+        assert_eq!(records[0].offset, start);
+        assert_eq!(
+            b.list_offset("s", 0, tidewater_core::broker::EARLIEST)
+                .unwrap(),
+            Some(start)
+        );
+        // A consumer whose position was deleted goes on from the start.
+        let got = b.consumer_fetch("g", &member, 1 << 20, 0).await.unwrap();
+        assert_eq!(got[0].record.offset, start);
+    });
+    let start_before =
+        rt.block_on(async { h.broker().get_stream("s").unwrap().partitions[0].start_offset });
+    h.restart();
+    rt.block_on(async {
+        let b = h.broker();
+        assert_eq!(
+            b.get_stream("s").unwrap().partitions[0].start_offset,
+            start_before,
+            "the start survives a restart"
+        );
+        // By age: everything sealed is older than a second once ten have passed.
+        b.put_stream(
+            "s",
+            &StreamPatch {
+                retention_ms: Some(1_000),
+                retention_bytes: Some(-1),
+                ..StreamPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+        h.advance(10_000).await;
+        let info = b.get_stream("s").unwrap();
+        let part = &info.partitions[0];
+        assert!(part.start_offset > start_before, "{info:?}");
+        assert!(
+            part.start_offset < part.end_offset,
+            "the active segment stays: {info:?}"
+        );
+        let counters = b.stream_counters();
+        assert!(counters[0].1.deleted_records > 0, "{counters:?}");
     });
 }

@@ -506,7 +506,7 @@ fn encode_streams(
         &'static str,
         fn(&tidewater_core::broker::StreamCounters) -> u64,
     );
-    let counters: [CounterStat; 4] = [
+    let counters: [CounterStat; 6] = [
         (
             "stream_produce_requests",
             "Produce requests that appended to the stream (HTTP produces and binary StreamProduce frames)",
@@ -526,6 +526,16 @@ fn encode_streams(
             "stream_fetched_bytes",
             "Bytes of stored batches fetched from the stream",
             |c| c.fetched_bytes,
+        ),
+        (
+            "stream_retention_deleted_records",
+            "Offsets retention deleted from the stream (whole segments)",
+            |c| c.deleted_records,
+        ),
+        (
+            "stream_retention_deleted_bytes",
+            "Segment bytes retention deleted from the stream (the files go at the next checkpoint)",
+            |c| c.deleted_bytes,
         ),
     ];
     let stream_counters = broker.stream_counters();

@@ -491,6 +491,21 @@ fn stream_schemas(limits: &Limits) -> Value {
         "description": format!("1 to max_partitions ({}); can grow, never shrink (409)", limits.max_partitions)});
     let mut partitions_or_null = partitions.clone();
     partitions_or_null["type"] = json!(["integer", "null"]);
+    // -1 or at least 1: JSON Schema says "not 0 and at least -1".
+    let retention = |what: &str| json!({"type": "integer", "minimum": -1, "maximum": i64::MAX, "not": {"enum": [0]}, "description": what});
+    let retention_ms = retention(
+        "records go once their batch's largest timestamp is this old (ms), whole sealed segments at a time (Kafka's retention.ms; default 7 days); -1 keeps them forever",
+    );
+    let retention_bytes = retention(
+        "bytes a partition keeps: its oldest sealed segments go while what stays is still at least this (Kafka's retention.bytes); -1 (the default): no limit",
+    );
+    let or_null = |schema: &Value| {
+        let mut s = schema.clone();
+        s["type"] = json!(["integer", "null"]);
+        s
+    };
+    let (retention_ms_or_null, retention_bytes_or_null) =
+        (or_null(&retention_ms), or_null(&retention_bytes));
     let mut timestamp_type_or_null = timestamp_type.clone();
     timestamp_type_or_null["type"] = json!(["string", "null"]);
     timestamp_type_or_null["enum"] = json!(["create_time", "log_append_time", null]);
@@ -531,10 +546,12 @@ fn stream_schemas(limits: &Limits) -> Value {
             "value_base64": {"type": "string", "pattern": BASE64_PATTERN, "description": "the value otherwise"},
             "headers": {"type": "object", "additionalProperties": {"type": "string"}}}});
     json!({
-        "StreamConfig": {"type": "object", "additionalProperties": false, "required": ["partitions", "timestamp_type"], "properties": {
-            "partitions": partitions, "timestamp_type": timestamp_type}},
+        "StreamConfig": {"type": "object", "additionalProperties": false, "required": ["partitions", "timestamp_type", "retention_ms", "retention_bytes"], "properties": {
+            "partitions": partitions, "timestamp_type": timestamp_type,
+            "retention_ms": retention_ms, "retention_bytes": retention_bytes}},
         "StreamConfigPatch": {"type": "object", "additionalProperties": false, "properties": {
-            "partitions": partitions_or_null, "timestamp_type": timestamp_type_or_null}},
+            "partitions": partitions_or_null, "timestamp_type": timestamp_type_or_null,
+            "retention_ms": retention_ms_or_null, "retention_bytes": retention_bytes_or_null}},
         "PutStreamRequest": {
             "description": "the configuration patch, or {\"config\": patch} as GET returns it",
             "anyOf": [schema_ref("StreamConfigPatch"),

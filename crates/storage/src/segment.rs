@@ -133,6 +133,11 @@ impl Segment {
         }
     }
 
+    /// The largest batch timestamp in it (`i64::MIN` when none).
+    pub fn max_timestamp(&self) -> i64 {
+        self.max_timestamp
+    }
+
     /// Bytes its in-memory indexes (offset marks and time marks) take.
     pub(crate) fn index_bytes(&self) -> usize {
         self.index.len() * std::mem::size_of::<Mark>()

@@ -376,7 +376,34 @@ fn decode_into(
     }
 }
 
+/// One segment of a log, as retention sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub base: u64,
+    /// The offset after its last record.
+    pub end: u64,
+    pub bytes: u64,
+    /// The largest batch timestamp in it (stream segments; `i64::MIN` when none).
+    pub max_timestamp: i64,
+}
+
 impl LogReader {
+    /// The log's segments, oldest first; the last one is the active segment (appends go
+    /// there, and it is never removed).
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let files = self.log.files.read().unwrap_or_else(|e| e.into_inner());
+        files
+            .segments
+            .iter()
+            .map(|s| SegmentInfo {
+                base: s.base,
+                end: s.end,
+                bytes: s.len,
+                max_timestamp: s.max_timestamp(),
+            })
+            .collect()
+    }
+
     /// Offsets below this are durable and may be delivered.
     pub fn durable_end(&self) -> u64 {
         self.log.durable_end.load(Ordering::Acquire)

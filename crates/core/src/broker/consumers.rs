@@ -158,6 +158,12 @@ impl Broker {
                 if taken >= max_bytes || out.len() >= max_records {
                     break;
                 }
+                // Retention deleted what was below the partition's start: go on from there.
+                let start = self.partition_start(&stream, partition);
+                if position < start {
+                    moved.insert((stream.clone(), partition), start);
+                }
+                let position = position.max(start);
                 let Ok(fetched) = self
                     .fetch(&stream, partition, position, max_bytes - taken, 0)
                     .await

@@ -251,6 +251,7 @@ impl Broker {
         }
         self.maintain_groups();
         self.expire_group_offsets().await;
+        self.apply_retention().await;
     }
 
     /// Starts the periodic maintenance task on the current tokio runtime.

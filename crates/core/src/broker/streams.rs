@@ -21,6 +21,7 @@ use crate::stream::partition::Sticky;
 use crate::stream::records::{
     NewStreamRecord, StreamRecord, decode_batch, plan_batch_produce, plan_produce,
 };
+use crate::stream::retention::plan_retention;
 
 /// A stream and its partitions.
 pub(crate) struct StreamHandle {
@@ -39,6 +40,8 @@ struct Counters {
     produced_records: AtomicU64,
     fetch_requests: AtomicU64,
     fetched_bytes: AtomicU64,
+    deleted_records: AtomicU64,
+    deleted_bytes: AtomicU64,
 }
 
 /// A stream's counters since the broker started.
@@ -51,6 +54,9 @@ pub struct StreamCounters {
     pub fetch_requests: u64,
     /// Bytes of stored batches handed out.
     pub fetched_bytes: u64,
+    /// Offsets and segment bytes retention deleted.
+    pub deleted_records: u64,
+    pub deleted_bytes: u64,
 }
 
 /// One partition: its log, and the long-polls waiting for it to grow.
@@ -59,6 +65,9 @@ pub(crate) struct PartitionHandle {
     partition: u32,
     reader: LogReader,
     pub notify: Notify,
+    /// The first offset a fetch can return: retention moves it (durably: a settle of the
+    /// offsets below, so recovery finds it as the log's ack floor).
+    start: AtomicU64,
 }
 
 /// A stream as shown.
@@ -148,6 +157,7 @@ pub(crate) fn recover_streams(
                     partition: *partition,
                     reader: store.reader(log.uid).expect("a recovered log has a reader"),
                     notify: Notify::new(),
+                    start: AtomicU64::new(log.ack_floor),
                 })
             })
             .collect();
@@ -167,6 +177,25 @@ pub(crate) fn recover_streams(
 }
 
 impl PartitionHandle {
+    pub(crate) fn start(&self) -> u64 {
+        self.start.load(Ordering::Acquire)
+    }
+
+    /// An offset below the partition's start: its records were deleted by retention.
+    fn before_start(&self, stream: &str, offset: u64) -> Option<BrokerError> {
+        let start = self.start();
+        (offset < start).then(|| {
+            BrokerError::new(
+                ErrorCode::OffsetOutOfRange,
+                format!(
+                    "offset {offset} is before the start of partition {} of stream '{stream}': retention deleted the records below {start} (its records are at {start}..{}); read from {start}",
+                    self.partition,
+                    self.reader.durable_end()
+                ),
+            )
+        })
+    }
+
     pub(crate) fn reader(&self) -> &LogReader {
         &self.reader
     }
@@ -338,6 +367,7 @@ impl Broker {
                     partition: first + out.len() as u32,
                     reader,
                     notify: Notify::new(),
+                    start: AtomicU64::new(0),
                 }));
             }
         }
@@ -377,7 +407,7 @@ impl Broker {
                 .iter()
                 .map(|p| PartitionInfo {
                     partition: p.partition,
-                    start_offset: 0,
+                    start_offset: p.start(),
                     end_offset: p.reader.durable_end(),
                     bytes: p.reader.disk_bytes(),
                 })
@@ -401,6 +431,8 @@ impl Broker {
                         produced_records: c.produced_records.load(Ordering::Relaxed),
                         fetch_requests: c.fetch_requests.load(Ordering::Relaxed),
                         fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
+                        deleted_records: c.deleted_records.load(Ordering::Relaxed),
+                        deleted_bytes: c.deleted_bytes.load(Ordering::Relaxed),
                     },
                 )
             })
@@ -619,10 +651,16 @@ impl Broker {
             return Err(BrokerError::new(
                 ErrorCode::OffsetOutOfRange,
                 format!(
-                    "offset {} is past the end of partition {} of stream '{}' (its records are at 0..{end})",
-                    want.offset, want.partition, want.stream
+                    "offset {} is past the end of partition {} of stream '{}' (its records are at {}..{end})",
+                    want.offset,
+                    want.partition,
+                    want.stream,
+                    part.start()
                 ),
             ));
+        }
+        if let Some(err) = part.before_start(&want.stream, want.offset) {
+            return Err(err);
         }
         let batches = match max_bytes {
             Some(max_bytes) => part
@@ -634,7 +672,7 @@ impl Broker {
         handle.count_fetch(&batches);
         Ok(Fetched {
             batches,
-            start_offset: 0,
+            start_offset: part.start(),
             end_offset: end,
         })
     }
@@ -670,9 +708,13 @@ impl Broker {
                 return Err(BrokerError::new(
                     ErrorCode::OffsetOutOfRange,
                     format!(
-                        "offset {offset} is past the end of partition {partition} of stream '{stream}' (its records are at 0..{end})"
+                        "offset {offset} is past the end of partition {partition} of stream '{stream}' (its records are at {}..{end})",
+                        part.start()
                     ),
                 ));
+            }
+            if let Some(err) = part.before_start(stream, offset) {
+                return Err(err);
             }
             let batches = part
                 .reader
@@ -685,7 +727,7 @@ impl Broker {
                 handle.count_fetch(&batches);
                 return Ok(Fetched {
                     batches,
-                    start_offset: 0,
+                    start_offset: part.start(),
                     end_offset: end,
                 });
             }
@@ -718,6 +760,69 @@ impl Broker {
         Ok((records, next, fetched))
     }
 
+    /// A partition's start offset (0 when it does not exist).
+    pub(super) fn partition_start(&self, stream: &str, partition: u32) -> u64 {
+        self.stream(stream)
+            .ok()
+            .and_then(|s| {
+                s.partitions
+                    .read()
+                    .get(partition as usize)
+                    .map(|p| p.start())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Applies each stream's retention (maintenance): deletes the sealed segments that are
+    /// too old or past the partition's byte limit, as a settle of their offsets (one
+    /// journal write per partition, durable before the start moves); the files go at the
+    /// next checkpoint.
+    pub(super) async fn apply_retention(&self) {
+        let streams: Vec<Arc<StreamHandle>> = self.inner.streams.read().values().cloned().collect();
+        let now = self.now_ms();
+        for stream in streams {
+            let config = stream.config.lock().clone();
+            if config.retention_ms < 0 && config.retention_bytes < 0 {
+                continue;
+            }
+            for part in stream.partition_handles_now() {
+                let start = part.start();
+                let segments = part.reader.segments();
+                let Some(new_start) = plan_retention(&segments, start, &config, now) else {
+                    continue;
+                };
+                let bytes: u64 = segments
+                    .iter()
+                    .filter(|s| s.end > start && s.end <= new_start)
+                    .map(|s| s.bytes)
+                    .sum();
+                let written = self
+                    .write(
+                        vec![Op::Settle {
+                            uid: part.uid,
+                            ranges: vec![start..new_start],
+                        }],
+                        AckLevel::Durable,
+                    )
+                    .await;
+                match written {
+                    Ok(_) => {
+                        part.start.fetch_max(new_start, Ordering::AcqRel);
+                        let c = &stream.counters;
+                        c.deleted_records
+                            .fetch_add(new_start - start, Ordering::Relaxed);
+                        c.deleted_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        tracing::debug!(stream = %stream.name, partition = part.partition, start = new_start, "retention deleted segments");
+                    }
+                    // The stream went away meanwhile, or storage refused: next time.
+                    Err(err) => {
+                        tracing::debug!(stream = %stream.name, error = %err, "retention postponed")
+                    }
+                }
+            }
+        }
+    }
+
     /// Kafka's ListOffsets for one partition: `EARLIEST` (-2) gives its start offset,
     /// `LATEST` (-1) its end, any other time the first offset at or after it (`None` when
     /// every record is older).
@@ -731,7 +836,7 @@ impl Broker {
         let part = self.partition(&handle, partition)?;
         match at {
             LATEST => Ok(Some(part.reader.durable_end())),
-            EARLIEST => Ok(Some(0)),
+            EARLIEST => Ok(Some(part.start())),
             time if time < 0 => Err(BrokerError::invalid(format!(
                 "time {time} is neither a timestamp (ms since the epoch) nor -1 (latest) or -2 (earliest)"
             ))),
@@ -752,6 +857,12 @@ impl Broker {
         let Some(base) = part.reader.find_time(timestamp).map_err(storage_error)? else {
             return Ok(None);
         };
+        // Records below the start were deleted by retention (their segment may still be on
+        // disk until the next checkpoint): the first one kept is the answer then.
+        let start = part.start();
+        if base < start {
+            return Ok(Some(start));
+        }
         // The batch found has a record that late; which one is in its records.
         for batch in part
             .reader

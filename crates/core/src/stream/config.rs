@@ -32,6 +32,25 @@ pub struct StreamConfig {
     pub partitions: u32,
     #[serde(default)]
     pub timestamp_type: TimestampType,
+    /// Records are deleted once their batch's largest timestamp is this old (ms), whole
+    /// sealed segments at a time (Kafka's retention.ms); -1 keeps them forever.
+    #[serde(default = "default_retention_ms")]
+    pub retention_ms: i64,
+    /// Bytes a partition keeps at most: its oldest sealed segments are deleted past it
+    /// (Kafka's retention.bytes); -1: no limit.
+    #[serde(default = "unlimited")]
+    pub retention_bytes: i64,
+}
+
+/// Kafka's default: 7 days.
+pub const DEFAULT_RETENTION_MS: i64 = 7 * 86_400_000;
+
+fn default_retention_ms() -> i64 {
+    DEFAULT_RETENTION_MS
+}
+
+fn unlimited() -> i64 {
+    -1
 }
 
 /// A change of configuration (or the configuration of a new stream): fields left out keep
@@ -41,6 +60,8 @@ pub struct StreamConfig {
 pub struct StreamPatch {
     pub partitions: Option<u32>,
     pub timestamp_type: Option<TimestampType>,
+    pub retention_ms: Option<i64>,
+    pub retention_bytes: Option<i64>,
 }
 
 impl StreamConfig {
@@ -49,6 +70,8 @@ impl StreamConfig {
         let config = StreamConfig {
             partitions: patch.partitions.unwrap_or(1),
             timestamp_type: patch.timestamp_type.unwrap_or_default(),
+            retention_ms: patch.retention_ms.unwrap_or(DEFAULT_RETENTION_MS),
+            retention_bytes: patch.retention_bytes.unwrap_or(-1),
         };
         config.validate(limits)?;
         Ok(config)
@@ -78,10 +101,27 @@ impl StreamConfig {
         if let Some(timestamp_type) = patch.timestamp_type {
             out.timestamp_type = timestamp_type;
         }
+        if let Some(ms) = patch.retention_ms {
+            out.retention_ms = ms;
+        }
+        if let Some(bytes) = patch.retention_bytes {
+            out.retention_bytes = bytes;
+        }
         Ok(out)
     }
 
     pub fn validate(&self, limits: &Limits) -> Result<(), BrokerError> {
+        for (name, value) in [
+            ("retention_ms", self.retention_ms),
+            ("retention_bytes", self.retention_bytes),
+        ] {
+            if value < -1 || value == 0 {
+                return Err(BrokerError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("{name} must be -1 (no limit) or at least 1, got {value}"),
+                ));
+            }
+        }
         if !(1..=limits.max_partitions).contains(&self.partitions) {
             return Err(BrokerError::new(
                 ErrorCode::InvalidConfig,

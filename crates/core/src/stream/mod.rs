@@ -9,3 +9,4 @@ pub mod config;
 pub mod group;
 pub mod partition;
 pub mod records;
+pub mod retention;

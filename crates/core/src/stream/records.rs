@@ -343,6 +343,8 @@ mod tests {
         StreamConfig {
             partitions,
             timestamp_type: TimestampType::CreateTime,
+            retention_ms: -1,
+            retention_bytes: -1,
         }
     }
 
@@ -441,8 +443,8 @@ mod tests {
             (TimestampType::LogAppendTime, vec![9_000, 9_000, 9_000]),
         ] {
             let config = StreamConfig {
-                partitions: 1,
                 timestamp_type,
+                ..config(1)
             };
             let (mut batches, _) =
                 plan_produce(&records, &config, 0, &Limits::default(), 9_000).unwrap();
