@@ -16,9 +16,7 @@ pub fn plan_retention(
     config: &StreamConfig,
     now_ms: i64,
 ) -> Option<u64> {
-    let Some((_active, sealed)) = segments.split_last() else {
-        return None;
-    };
+    let (_active, sealed) = segments.split_last()?;
     let live: Vec<&SegmentInfo> = sealed.iter().filter(|s| s.end > start).collect();
     let mut kept_bytes: u64 = segments
         .iter()
