@@ -18,7 +18,9 @@
 //! record acknowledged as durable is at the partition and offset its produce answered, each
 //! partition's offsets run from 0 with no gap, and no record is there twice or unproduced.
 //! A group's committed offset of each partition is the last commit acknowledged, or the one
-//! in flight at the cut.
+//! in flight at the cut. The stream keeps about 2 KiB per partition (retention by size runs
+//! in maintenance): records below a partition's start are gone, and the start never moves
+//! back after a recovery.
 //!
 //!     SIM_SEEDS=2000 cargo test -p tidewater-core --release --test powerloss -- --nocapture
 //!     SIM_SEED=5 cargo test -p tidewater-core --test powerloss -- --nocapture
@@ -109,6 +111,10 @@ struct Run {
     /// the cut.
     commits_must: BTreeMap<u32, u64>,
     commit_maybe: Option<(u32, u64)>,
+    /// Each partition's start offset at the last check (retention only moves it on).
+    stream_starts: BTreeMap<u32, u64>,
+    /// Checks that found a partition whose start retention had moved (the sim exercises it).
+    retained_away: u64,
     history: Vec<String>,
     power_losses: u64,
     duplicates_after_moves: u64,
@@ -315,7 +321,22 @@ impl Run {
             .map_err(|e| format!("the stream is gone: {e}"))?;
         let mut present: BTreeMap<String, (u32, u64)> = BTreeMap::new();
         for part in &info.partitions {
-            let mut next = 0;
+            let seen = self
+                .stream_starts
+                .get(&part.partition)
+                .copied()
+                .unwrap_or(0);
+            if part.start_offset < seen {
+                return Err(format!(
+                    "partition {} starts at {} after recovery, before {seen}, where retention had moved it",
+                    part.partition, part.start_offset
+                ));
+            }
+            self.stream_starts.insert(part.partition, part.start_offset);
+            if part.start_offset > 0 {
+                self.retained_away += 1;
+            }
+            let mut next = part.start_offset;
             while next < part.end_offset {
                 let (records, after, _) = self
                     .broker()
@@ -356,8 +377,11 @@ impl Run {
         }
         let maybe = std::mem::take(&mut self.stream_maybe);
         for (id, at) in &self.stream_must {
+            let start = self.stream_starts.get(&at.0).copied().unwrap_or(0);
             match present.get(id) {
                 Some(found) if found == at => {}
+                // Deleted by retention: below the partition's start.
+                None if at.1 < start => {}
                 Some(found) => {
                     return Err(format!("stream record {id} moved from {at:?} to {found:?}"));
                 }
@@ -465,7 +489,7 @@ impl Run {
                 } else {
                     AckLevel::Written
                 };
-                let n = 1 + self.rng.below(3);
+                let n = 4 + self.rng.below(8);
                 let mut records = Vec::new();
                 let mut ids = Vec::new();
                 for _ in 0..n {
@@ -478,6 +502,8 @@ impl Run {
                     records.push(NewStreamRecord {
                         key: key.map(String::into_bytes),
                         value: Some(body(&id)),
+                        // Bulk, so partitions fill segments and retention has work.
+                        headers: vec![("pad".into(), Some(vec![b'x'; 900]))],
                         ..NewStreamRecord::default()
                     });
                 }
@@ -693,8 +719,11 @@ impl Run {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        // Retention by size keeps about a segment (4 KiB) per partition: maintenance
+        // deletes old segments all the time.
         let partitions = StreamPatch {
             partitions: Some(PARTITIONS),
+            retention_bytes: Some(2_048),
             ..StreamPatch::default()
         };
         self.broker()
@@ -746,6 +775,8 @@ fn run_seed(seed: u64, epochs: u64, steps: u64) -> (Run, Result<(), Failure>) {
         stream_maybe: BTreeSet::new(),
         commits_must: BTreeMap::new(),
         commit_maybe: None,
+        stream_starts: BTreeMap::new(),
+        retained_away: 0,
         history: Vec::new(),
         power_losses: 0,
         duplicates_after_moves: 0,
@@ -827,7 +858,7 @@ fn broker_power_losses_never_lose_acknowledged_messages() {
         }
     };
     let started = std::time::Instant::now();
-    let (mut losses, mut steps, mut dups) = (0, 0, 0);
+    let (mut losses, mut steps, mut dups, mut retained) = (0, 0, 0, 0);
     for &seed in &seeds {
         let (run, result) = run_seed(seed, EPOCHS, STEPS);
         if let Err(failure) = result {
@@ -839,10 +870,17 @@ fn broker_power_losses_never_lose_acknowledged_messages() {
         losses += run.power_losses;
         steps += run.steps;
         dups += run.duplicates_after_moves;
+        retained += run.retained_away;
     }
     println!(
-        "{} seeds: {steps} steps, {losses} power losses, {dups} duplicates after a move in flight, {:.1} s",
+        "{} seeds: {steps} steps, {losses} power losses, {dups} duplicates after a move in flight, {retained} checks after retention moved a start, {:.1} s",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );
+    if seeds.len() >= 100 {
+        assert!(
+            retained > 0,
+            "retention never ran: the simulation does not exercise it"
+        );
+    }
 }
