@@ -33,6 +33,8 @@ pub enum Name {
     SlowConsumer,
     /// IoT readings: one consumer falls 15 minutes behind; a group of 8 catches up.
     IotLag,
+    /// A log flood on a small disk (retention by size).
+    LogFlood,
     /// Every scenario above.
     All,
 }
@@ -83,6 +85,7 @@ pub fn run(args: ScenarioArgs, json_out: bool) -> anyhow::Result<()> {
             Name::CiSupersede,
             Name::SlowConsumer,
             Name::IotLag,
+            Name::LogFlood,
         ],
         one => vec![one],
     };
@@ -144,6 +147,7 @@ pub fn replay(name: Name, scale: usize) -> anyhow::Result<Report> {
             Name::CiSupersede => ci_supersede(scale).await,
             Name::SlowConsumer => slow_consumer(scale).await,
             Name::IotLag => iot_lag(scale).await,
+            Name::LogFlood => log_flood(scale).await,
             Name::All => unreachable!("expanded by the caller"),
         }
     })
@@ -537,6 +541,129 @@ async fn slow_consumer(scale: usize) -> anyhow::Result<Report> {
             fig("largest backlog (messages)", figures, 0),
             fig("publishes refused", figures, 1),
             fig("median Retry-After (s)", figures, 2),
+        ],
+    })
+}
+
+/// Brief incident 1: a service starts logging 1 MB a second into a stream of 4 partitions
+/// on a 32 MiB disk whose watermark is 4 MiB. Without retention (before) the disk fills and
+/// the broker stops taking produces (507 disk_full: the watermark is the only defence);
+/// with retention by size (after: 2 MiB per partition) disk use levels off and every
+/// produce is taken. Disk use is what the broker's files take (its partitions' segments and
+/// the journal), checked at every produce against a simulated disk.
+async fn log_flood(scale: usize) -> anyhow::Result<Report> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tidewater_core::stream::config::StreamPatch;
+    use tidewater_core::stream::records::NewStreamRecord;
+
+    const DISK: u64 = 32 << 20;
+    const RECORD: usize = 1_000;
+    const PER_SECOND: usize = 1_000;
+    let seconds = 120 / scale as u64;
+    let mut figures = [[0.0; 6]; 2];
+    for (run, retention_bytes) in [-1i64, 2 << 20].into_iter().enumerate() {
+        let harness = Harness::temporary(HarnessOptions {
+            start_ms: 1_767_225_600_000,
+            store: tidewater_storage::StoreOptions {
+                fsync: false,
+                segment_roll_bytes: 512 << 10,
+                checkpoint_interval: std::time::Duration::from_secs(3_600),
+                ..tidewater_storage::StoreOptions::default()
+            },
+            limits: tidewater_core::Limits {
+                min_free_disk_bytes: 4 << 20,
+                ..tidewater_core::Limits::default()
+            },
+            ..HarnessOptions::default()
+        })
+        .context("opening the scenario's broker")?;
+        let broker = harness.broker().clone();
+        let used = Arc::new(AtomicU64::new(0));
+        let probe = used.clone();
+        broker.set_disk_probe(Box::new(move || {
+            Ok(DISK.saturating_sub(probe.load(Ordering::Relaxed)))
+        }));
+        broker
+            .put_stream(
+                "logs",
+                &StreamPatch {
+                    partitions: Some(4),
+                    retention_bytes: Some(retention_bytes),
+                    ..StreamPatch::default()
+                },
+            )
+            .await?;
+        // (what the broker's files take, the largest partition's segments)
+        let measure = |broker: &tidewater_core::Broker| -> anyhow::Result<(u64, u64)> {
+            let info = broker.get_stream("logs")?;
+            let segments: u64 = info.partitions.iter().map(|p| p.bytes).sum();
+            let largest = info.partitions.iter().map(|p| p.bytes).max().unwrap_or(0);
+            Ok((segments + broker.store().journal_bytes(), largest))
+        };
+        let line = "x".repeat(RECORD);
+        let (mut peak, mut peak_partition, mut refused, mut taken) = (0u64, 0u64, 0u64, 0u64);
+        for _ in 0..seconds {
+            // Ten produces of 100 lines a second.
+            for _ in 0..10 {
+                let records: Vec<NewStreamRecord> = (0..PER_SECOND / 10)
+                    .map(|i| NewStreamRecord {
+                        key: Some(format!("host-{}", i % 16).into_bytes()),
+                        value: Some(line.clone().into_bytes()),
+                        ..NewStreamRecord::default()
+                    })
+                    .collect();
+                match broker.produce("logs", &records, AckLevel::Written).await {
+                    Ok(_) => taken += records.len() as u64,
+                    Err(_) => refused += 1,
+                }
+                let (now, partition) = measure(&broker)?;
+                used.store(now, Ordering::Relaxed);
+                peak = peak.max(now);
+                peak_partition = peak_partition.max(partition);
+            }
+            harness.advance(1_000).await;
+            // What a real second gives the writer: time to finish the checkpoint retention
+            // asked for.
+            broker.store().wait_idle();
+            used.store(measure(&broker)?.0, Ordering::Relaxed);
+        }
+        let info = broker.get_stream("logs")?;
+        let kept: u64 = info
+            .partitions
+            .iter()
+            .map(|p| p.end_offset - p.start_offset)
+            .sum();
+        let deleted: u64 = broker
+            .stream_counters()
+            .iter()
+            .map(|(_, c)| c.deleted_records)
+            .sum();
+        figures[run] = [
+            peak as f64 / f64::from(1 << 20),
+            peak_partition as f64 / f64::from(1 << 20),
+            refused as f64,
+            taken as f64,
+            deleted as f64,
+            kept as f64,
+        ];
+    }
+    let fig = |what: &'static str, i: usize| Figure {
+        what,
+        before: (figures[0][i] * 10.0).round() / 10.0,
+        after: (figures[1][i] * 10.0).round() / 10.0,
+    };
+    Ok(Report {
+        scenario: "log-flood",
+        incident: "a service logs 1 MB/s into a stream on a 32 MiB disk (watermark 4 MiB); the disk fills and the broker stops taking writes",
+        policy: "retention_bytes 2 MiB per partition (whole sealed segments deleted, oldest first)"
+            .into(),
+        figures: vec![
+            fig("largest disk use, segments and journal (MiB)", 0),
+            fig("largest partition's segments (MiB)", 1),
+            fig("produces refused (disk_full)", 2),
+            fig("records taken", 3),
+            fig("records deleted by retention", 4),
+            fig("records kept at the end", 5),
         ],
     })
 }

@@ -734,6 +734,14 @@ impl Store {
         rx.recv().unwrap_or(Err(WriteError::ShuttingDown))
     }
 
+    /// Asks for a checkpoint soon, without waiting (after requests queued before this call):
+    /// e.g. to remove segments retention deleted. Dropped when the write queue is full (the
+    /// writer checkpoints on its own then, by journal size and time).
+    pub fn request_checkpoint(&self) {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let _ = self.tx.try_send(Command::Checkpoint(tx));
+    }
+
     /// Waits until everything written so far has been through the syncer's fdatasync (or
     /// the store is poisoned or stopping), so that no storage thread is doing I/O for a
     /// request answered before this call: a simulation whose driver waits for this after

@@ -776,10 +776,11 @@ impl Broker {
     /// Applies each stream's retention (maintenance): deletes the sealed segments that are
     /// too old or past the partition's byte limit, as a settle of their offsets (one
     /// journal write per partition, durable before the start moves); the files go at the
-    /// next checkpoint.
+    /// checkpoint this asks for.
     pub(super) async fn apply_retention(&self) {
         let streams: Vec<Arc<StreamHandle>> = self.inner.streams.read().values().cloned().collect();
         let now = self.now_ms();
+        let mut deleted = false;
         for stream in streams {
             let config = stream.config.lock().clone();
             if config.retention_ms < 0 && config.retention_bytes < 0 {
@@ -807,6 +808,7 @@ impl Broker {
                     .await;
                 match written {
                     Ok(_) => {
+                        deleted = true;
                         part.start.fetch_max(new_start, Ordering::AcqRel);
                         let c = &stream.counters;
                         c.deleted_records
@@ -820,6 +822,11 @@ impl Broker {
                     }
                 }
             }
+        }
+        if deleted {
+            // The files go at a checkpoint: ask for one now rather than at the next one due
+            // (30 s or a journal's worth later), so disk use follows retention.
+            self.inner.store.request_checkpoint();
         }
     }
 
