@@ -462,8 +462,8 @@ struct GroupStreamLabel {
 }
 
 /// Streams and consumer groups: labels are stream and group names (bounded by
-/// `max_streams` and `max_groups`); partitions only in `stream_partition_end_offset`,
-/// at most `max_partition_metrics` series of it.
+/// `max_streams` and `max_groups`); partitions only in `stream_partition_end_offset` and
+/// `_start_offset`, at most `max_partition_metrics` series of each.
 fn encode_streams(
     broker: &Broker,
     encoder: &mut DescriptorEncoder<'_>,
@@ -554,25 +554,44 @@ fn encode_streams(
     }
     let cap = broker.limits().max_partition_metrics;
     if cap > 0 {
-        let mut family = encoder.encode_descriptor(
-            "stream_partition_end_offset",
-            "A partition's end offset (the offset its next record gets); at most [limits] max_partition_metrics series, by stream name then partition",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
         let mut sorted: Vec<&tidewater_core::StreamInfo> = streams.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        let partitions = sorted
-            .iter()
-            .flat_map(|s| s.partitions.iter().map(move |p| (s, p)))
-            .take(cap);
-        for (stream, p) in partitions {
-            ConstGauge::new(p.end_offset.min(i64::MAX as u64) as i64).encode(
-                family.encode_family(&PartitionLabel {
-                    stream: stream.name.clone(),
-                    partition: p.partition,
-                })?,
+        type PartitionStat = (
+            &'static str,
+            &'static str,
+            fn(&tidewater_core::PartitionInfo) -> u64,
+        );
+        let stats: [PartitionStat; 2] = [
+            (
+                "stream_partition_end_offset",
+                "A partition's end offset (the offset its next record gets); at most [limits] max_partition_metrics series, by stream name then partition",
+                |p| p.end_offset,
+            ),
+            (
+                "stream_partition_start_offset",
+                "A partition's start offset (retention deletes below it); at most [limits] max_partition_metrics series, by stream name then partition",
+                |p| p.start_offset,
+            ),
+        ];
+        for (name, help, value) in stats {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
             )?;
+            let partitions = sorted
+                .iter()
+                .flat_map(|s| s.partitions.iter().map(move |p| (s, p)))
+                .take(cap);
+            for (stream, p) in partitions {
+                ConstGauge::new(value(p).min(i64::MAX as u64) as i64).encode(
+                    family.encode_family(&PartitionLabel {
+                        stream: stream.name.clone(),
+                        partition: p.partition,
+                    })?,
+                )?;
+            }
         }
     }
     let lags = broker.group_lags();

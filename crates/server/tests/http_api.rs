@@ -890,6 +890,8 @@ fn consumer_groups_over_http() {
         "tidewater_stream_fetch_requests_total{stream=\"orders\"} ",
         "tidewater_stream_fetched_bytes_total{stream=\"orders\"} ",
         "tidewater_stream_partition_end_offset{stream=\"orders\",partition=\"1\"} ",
+        "tidewater_stream_partition_start_offset{stream=\"orders\",partition=\"1\"} 0",
+        "tidewater_stream_retention_deleted_records_total{stream=\"orders\"} 0",
     ] {
         assert!(metrics.contains(line), "{line} not in the metrics");
     }
