@@ -113,6 +113,8 @@ pub struct StorageConfig {
     pub fsync: bool,
     pub journal_roll_bytes: u64,
     pub segment_roll_bytes: u64,
+    /// A segment rolls once a batch comes this long after its oldest (0: never).
+    pub segment_roll_ms: u64,
     pub checkpoint_interval_ms: u64,
     pub write_queue_capacity: usize,
     /// Segment files held open at once (least recently used closed first).
@@ -128,6 +130,7 @@ impl Default for StorageConfig {
             fsync: d.fsync,
             journal_roll_bytes: d.journal_roll_bytes,
             segment_roll_bytes: d.segment_roll_bytes,
+            segment_roll_ms: d.segment_roll_ms,
             checkpoint_interval_ms: d.checkpoint_interval.as_millis() as u64,
             write_queue_capacity: d.write_queue_capacity,
             max_open_segment_files: d.max_open_segment_files,
@@ -252,6 +255,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             fsync: s.fsync,
             journal_roll_bytes: s.journal_roll_bytes,
             segment_roll_bytes: s.segment_roll_bytes,
+            segment_roll_ms: s.segment_roll_ms,
             checkpoint_interval: Duration::from_millis(s.checkpoint_interval_ms.max(100)),
             write_queue_capacity: s.write_queue_capacity,
             max_open_segment_files: s.max_open_segment_files,

@@ -40,6 +40,9 @@ pub(crate) struct Segment {
     times: Vec<(i64, usize)>,
     /// The largest batch timestamp in the segment (`i64::MIN` when none).
     max_timestamp: i64,
+    /// The smallest batch time (publish time; a stream batch's largest timestamp) in the
+    /// segment (`i64::MAX` when none): the active segment rolls on age from it.
+    first_published_ms: i64,
 }
 
 /// Where reading can start for an offset: a batch header, or a record inside a batch (so
@@ -71,6 +74,7 @@ impl Segment {
             last_indexed_pos: 0,
             times: Vec::new(),
             max_timestamp: i64::MIN,
+            first_published_ms: i64::MAX,
         }
     }
 
@@ -93,6 +97,7 @@ impl Segment {
 
     /// Indexes a batch at `pos` whose records are `records` (the bytes after the header).
     fn note_batch(&mut self, header: &BatchHeader, pos: u64, records: &[u8]) {
+        self.first_published_ms = self.first_published_ms.min(header.published_at_ms);
         self.max_timestamp = self.max_timestamp.max(header.published_at_ms);
         if self.index.is_empty() || pos >= self.last_indexed_pos + INDEX_INTERVAL_BYTES {
             self.index.push(Mark {
@@ -136,6 +141,16 @@ impl Segment {
     /// The largest batch timestamp in it (`i64::MIN` when none).
     pub fn max_timestamp(&self) -> i64 {
         self.max_timestamp
+    }
+
+    /// Whether a batch of time `published_at_ms` should start a new segment after this one
+    /// (the active): it is `roll_ms` or more younger than the oldest batch here (Kafka's
+    /// segment.ms, at append). An empty segment never rolls.
+    pub(crate) fn due_to_roll(&self, published_at_ms: i64, roll_ms: u64) -> bool {
+        self.len > 0
+            && roll_ms > 0
+            && published_at_ms.saturating_sub(self.first_published_ms)
+                >= i64::try_from(roll_ms).unwrap_or(i64::MAX)
     }
 
     /// Bytes its in-memory indexes (offset marks and time marks) take.
@@ -222,6 +237,7 @@ pub(crate) struct SegmentMark {
     end: u64,
     index_len: usize,
     max_timestamp: i64,
+    first_published_ms: i64,
 }
 
 pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -591,6 +607,7 @@ impl LogFiles {
             end: active.end,
             index_len: active.index.len(),
             max_timestamp: active.max_timestamp,
+            first_published_ms: active.first_published_ms,
         }
     }
 
@@ -606,6 +623,7 @@ impl LogFiles {
         active.index.truncate(mark.index_len);
         active.times.retain(|&(_, at)| at < mark.index_len);
         active.max_timestamp = mark.max_timestamp;
+        active.first_published_ms = mark.first_published_ms;
         active.last_indexed_pos = active.index.last().map_or(0, |m| m.pos);
         active.unsynced.store(true, Ordering::Release);
         active.file(&self.io)?.set_len(mark.len)

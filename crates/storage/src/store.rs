@@ -61,6 +61,10 @@ pub struct StoreOptions {
     pub journal_roll_bytes: u64,
     /// Start a new segment once the active one holds this many bytes.
     pub segment_roll_bytes: u64,
+    /// Or once a batch comes this much later (its publish time; a stream batch's largest
+    /// timestamp) than the active segment's oldest (Kafka's segment.ms): retention by age
+    /// deletes whole sealed segments, so a segment must not hold data for ever. 0: never.
+    pub segment_roll_ms: u64,
     /// Checkpoint at least this often while anything changed.
     pub checkpoint_interval: Duration,
     /// Requests waiting for the writer; a full queue refuses with `WriteError::Overloaded`.
@@ -101,6 +105,7 @@ impl Default for StoreOptions {
             fsync: true,
             journal_roll_bytes: 64 << 20,
             segment_roll_bytes: 64 << 20,
+            segment_roll_ms: 7 * 86_400_000,
             checkpoint_interval: Duration::from_secs(30),
             write_queue_capacity: 16_384,
             max_round_bytes: 4 << 20,
@@ -1219,7 +1224,7 @@ fn apply_replayed(
             let end = header.base_offset + header.count as u64;
             let seg_end = log_files.end();
             if seg_end == header.base_offset {
-                append_to_segment(log_files, batch, u64::MAX)
+                append_to_segment(log_files, batch, u64::MAX, 0)
                     .map_err(|e| ReplayError::Open(OpenError::io(&log_files.dir, e)))?;
             } else if seg_end < header.base_offset {
                 return Err(ReplayError::Corrupt(format!(
@@ -1257,8 +1262,16 @@ fn apply_replayed(
 
 /// Appends encoded batches (back to back) to a log's active segment, rolling first when the
 /// active segment is over `roll_bytes`.
-fn append_to_segment(files: &mut LogFiles, batches: &[u8], roll_bytes: u64) -> std::io::Result<()> {
-    if files.active().len >= roll_bytes {
+fn append_to_segment(
+    files: &mut LogFiles,
+    batches: &[u8],
+    roll_bytes: u64,
+    roll_ms: u64,
+) -> std::io::Result<()> {
+    let published_at_ms = BatchHeader::decode(batches)
+        .map(|h| h.published_at_ms)
+        .unwrap_or(i64::MIN);
+    if files.active().len >= roll_bytes || files.active().due_to_roll(published_at_ms, roll_ms) {
         let end = files.end();
         files.roll(end)?;
     }
@@ -1527,9 +1540,12 @@ impl Writer {
                 let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
                 marks.push((*uid, files.mark()));
                 log.dirty = true;
-                if let Err(err) =
-                    append_to_segment(&mut files, bytes, self.shared.opts.segment_roll_bytes)
-                {
+                if let Err(err) = append_to_segment(
+                    &mut files,
+                    bytes,
+                    self.shared.opts.segment_roll_bytes,
+                    self.shared.opts.segment_roll_ms,
+                ) {
                     result = Err(err);
                     break;
                 }

@@ -1369,3 +1369,50 @@ fn segment_indexes_stay_within_their_budget_and_lookups_stay_exact() {
         }
     }
 }
+
+/// Retention deletes whole sealed segments, so a segment that never fills would keep its
+/// data for ever: the active segment rolls once a batch comes `segment_roll_ms` after its
+/// oldest (Kafka's segment.ms), and not before; an empty segment never rolls.
+#[test]
+fn the_active_segment_rolls_on_age_at_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(
+        dir.path(),
+        StoreOptions {
+            segment_roll_ms: 1_000,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let uid = create(&store, "q");
+    let at = |published_at_ms: i64, body: &str| {
+        let mut builder = BatchBuilder::new(uid, published_at_ms);
+        builder.push(&NewRecord {
+            id: body.as_bytes(),
+            body: body.as_bytes(),
+            ..Default::default()
+        });
+        store
+            .submit_wait(
+                vec![Op::Append {
+                    uid,
+                    batch: builder.finish(),
+                }],
+                AckLevel::Durable,
+            )
+            .unwrap();
+        store.reader(uid).unwrap().segments()
+    };
+    assert_eq!(at(10_000, "a").len(), 1);
+    assert_eq!(at(10_999, "b").len(), 1, "under a second: same segment");
+    let segments = at(11_000, "c");
+    assert_eq!(
+        segments.len(),
+        2,
+        "a second after the oldest: a new segment"
+    );
+    assert_eq!((segments[0].end, segments[1].base), (2, 2));
+    assert_eq!(at(11_500, "d").len(), 2);
+    assert_eq!(at(12_000, "e").len(), 3);
+    assert_eq!(bodies(&store, uid, 0), ["a", "b", "c", "d", "e"]);
+}
