@@ -315,10 +315,16 @@ def filter_failure(context, failure, case, response) -> bool:
         if code == "exceeds_capacity":
             return _excuse("publish: batch over the queue's capacity")
     if label == "GET /v1/streams/{stream}/partitions/{partition}/records" and code == "offset_out_of_range":
-        end = re.search(r"its records are at 0\.\.(\d+)", message)
+        end = re.search(r"its records are at \d+\.\.(\d+)", message)
         asked = re.search(r"^offset (\d+) is past the end", message)
         if end and asked and int(asked.group(1)) > int(end.group(1)):
             return _excuse("fetch: offset past the partition's end")
+        # A stream made with a small retention_bytes or retention_ms (and records whose
+        # timestamps roll segments on age) has its oldest records deleted.
+        start = re.search(r"retention deleted the records below (\d+)", message)
+        asked = re.search(r"^offset (\d+) is before the start", message)
+        if start and asked and int(asked.group(1)) < int(start.group(1)):
+            return _excuse("fetch: offset before the partition's start (retention)")
     if label == "POST /v1/streams/{stream}/records" and code in ("invalid_message", "message_too_large"):
         if _record_bytes_over(operation, request):
             return _excuse("produce: a key, value or header over its limit in bytes")

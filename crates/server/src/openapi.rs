@@ -640,7 +640,7 @@ fn group_schemas(limits: &Limits) -> Value {
                 "streams": {"type": ["array", "null"], "minItems": 1, "maxItems": limits.max_streams, "items": queue_name(),
                     "description": "the streams to reset, every partition of each (each must exist: 404 stream_not_found); default: every stream the group has committed offsets for"},
                 "to": {"type": ["string", "null"], "enum": ["earliest", "latest", null], "description": "each partition's start or end"},
-                "to_datetime": {"type": ["string", "integer", "null"], "maximum": i64::MAX,
+                "to_datetime": {"type": ["string", "integer", "null"], "minimum": i64::MIN, "maximum": i64::MAX,
                     "description": "RFC 3339 (e.g. 2026-11-30T10:00:00Z) or ms since the epoch: the first offset whose record's timestamp is at least that time, the end when every record is older"},
                 "shift_by": {"type": ["integer", "null"], "minimum": i64::MIN, "maximum": i64::MAX,
                     "description": "move the committed offset by this many (from the partition's start where nothing is committed)"},
