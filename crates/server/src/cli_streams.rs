@@ -616,9 +616,11 @@ fn fetch_partitions(
             StartFrom::Offset(n) if args.partition.is_some() => n.max(start),
             StartFrom::Offset(n) => n.clamp(start, end),
             StartFrom::Time(ms) => {
+                // Before 1970 is before every record (and -1, -2 mean the end, the start).
                 let reply = client.get(&format!(
-                    "{}/partitions/{p}/offsets?time={ms}",
-                    stream_path(&args.stream)
+                    "{}/partitions/{p}/offsets?time={}",
+                    stream_path(&args.stream),
+                    ms.max(0)
                 ))?;
                 reply["offset"].as_u64().unwrap_or(end).clamp(start, end)
             }

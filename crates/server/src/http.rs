@@ -998,9 +998,10 @@ async fn offset_for_time(
     Path((stream, partition)): Path<(String, u32)>,
     Query(query): Query<OffsetQuery>,
 ) -> ApiResult {
+    // Kafka's ListOffsets: -1 the end, -2 the start, else the first record at or after.
     let offset = state
         .broker()?
-        .offset_for_time(&stream, partition, query.time)?;
+        .list_offset(&stream, partition, query.time)?;
     json(StatusCode::OK, &serde_json::json!({ "offset": offset }))
 }
 

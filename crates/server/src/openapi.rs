@@ -1017,8 +1017,8 @@ pub fn document(limits: &Limits) -> Value {
             },
         );
         op["parameters"] = json!([
-            {"name": "time", "in": "query", "required": true, "schema": {"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX},
-                "description": "ms since the epoch"}]);
+            {"name": "time", "in": "query", "required": true, "schema": {"type": "integer", "minimum": -2, "maximum": i64::MAX},
+                "description": "ms since the epoch; -1: the partition's end offset, -2: its start offset (Kafka's ListOffsets)"}]);
         op
     };
 

@@ -709,6 +709,24 @@ fn streams_over_http() {
         )["offset"],
         binary["offset"]
     );
+    // Kafka's special times: -1 the partition's end, -2 its start; no other negative.
+    let at = |time: &str| {
+        server.ok(
+            "GET",
+            &format!("/v1/streams/readings/partitions/0/offsets?time={time}"),
+            None,
+        )["offset"]
+            .clone()
+    };
+    assert_eq!(at("-1"), zero["end_offset"], "latest");
+    assert_eq!(at("-2"), json!(0), "earliest");
+    server.err(
+        "GET",
+        "/v1/streams/readings/partitions/0/offsets?time=-3",
+        None,
+        400,
+        "invalid_request",
+    );
 
     // A fetch at the end waits for the next record.
     let end = zero["end_offset"].as_u64().unwrap();
