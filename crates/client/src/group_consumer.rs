@@ -16,9 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tidewater_format::kafka::{
-    KAFKA_HEADER_LEN, KafkaRecords, check_kafka_batch, split_kafka_batches,
-};
+use tidewater_format::kafka::{BatchRecord, batch_records, check_kafka_batch, split_kafka_batches};
 use tidewater_proto::{CommitOffset, CommittedOffset, FetchPartition, Frame, StreamPartition};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -741,17 +739,12 @@ fn decode(
             )));
         }
         let base = u64::try_from(header.base_offset).map_err(|_| bad("negative offset".into()))?;
-        for record in KafkaRecords::new(&batch[KAFKA_HEADER_LEN..]) {
-            let record = record.map_err(|e| bad(e.to_string()))?;
-            let offset = base + record.offset_delta.unsigned_abs();
-            if offset < from {
-                continue;
-            }
-            let timestamp = if header.is_log_append_time() {
-                header.max_timestamp
-            } else {
-                header.base_timestamp.wrapping_add(record.timestamp_delta)
-            };
+        for found in batch_records(batch, &header, base, from) {
+            let BatchRecord {
+                offset,
+                timestamp,
+                record,
+            } = found.map_err(|e| bad(e.to_string()))?;
             let headers = record
                 .headers()
                 .map(|h| {

@@ -17,6 +17,11 @@ pub const MAX_TTL_MS: u64 = 30 * 86_400_000;
 /// Checks a queue name: 1 to 200 characters of `[A-Za-z0-9._-]`, not `.` or `..` (HTTP
 /// clients remove those path segments, so such a queue could not be addressed).
 pub fn validate_queue_name(name: &str) -> Result<(), BrokerError> {
+    validate_name(name, "queue", ErrorCode::InvalidQueueName)
+}
+
+/// The rule of queue and stream names (see `validate_queue_name`), refused with `code`.
+pub(crate) fn validate_name(name: &str, kind: &str, code: ErrorCode) -> Result<(), BrokerError> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
@@ -24,9 +29,9 @@ pub fn validate_queue_name(name: &str) -> Result<(), BrokerError> {
     if name.is_empty() || name.len() > MAX_QUEUE_NAME_LEN || !ok_chars || dots {
         let shown: String = name.chars().take(40).collect();
         return Err(BrokerError::new(
-            ErrorCode::InvalidQueueName,
+            code,
             format!(
-                "invalid queue name '{shown}': use 1 to {MAX_QUEUE_NAME_LEN} characters of A-Z a-z 0-9 . _ - (not . or ..)"
+                "invalid {kind} name '{shown}': use 1 to {MAX_QUEUE_NAME_LEN} characters of A-Z a-z 0-9 . _ - (not . or ..)"
             ),
         ));
     }

@@ -262,6 +262,47 @@ impl<'a> Iterator for KafkaRecords<'a> {
     }
 }
 
+/// A record of a batch with its place and time worked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRecord<'a> {
+    pub offset: u64,
+    /// The record's time, or the batch's for a LogAppendTime batch.
+    pub timestamp: i64,
+    pub record: KafkaRecord<'a>,
+}
+
+/// The records of an uncompressed batch (`bytes`, with `header` from `check_kafka_batch`)
+/// at offset `from` or later, each with its offset (from `base_offset`, the batch's as
+/// stored) and timestamp: what broker and client both hand out.
+pub fn batch_records<'a>(
+    bytes: &'a [u8],
+    header: &KafkaBatchHeader,
+    base_offset: u64,
+    from: u64,
+) -> impl Iterator<Item = Result<BatchRecord<'a>, FormatError>> + 'a {
+    let header = *header;
+    KafkaRecords::new(&bytes[KAFKA_HEADER_LEN.min(bytes.len())..]).filter_map(move |record| {
+        let record = match record {
+            Ok(record) => record,
+            Err(err) => return Some(Err(err)),
+        };
+        let offset = base_offset + record.offset_delta.unsigned_abs();
+        if offset < from {
+            return None;
+        }
+        let timestamp = if header.is_log_append_time() {
+            header.max_timestamp
+        } else {
+            header.base_timestamp.wrapping_add(record.timestamp_delta)
+        };
+        Some(Ok(BatchRecord {
+            offset,
+            timestamp,
+            record,
+        }))
+    })
+}
+
 /// A record to add to a batch.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NewKafkaRecord<'a> {

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Limits, MAX_QUEUE_NAME_LEN};
+use crate::config::Limits;
 use crate::error::{BrokerError, ErrorCode};
 
 const LOG_PREFIX: &str = "#stream/";
@@ -137,20 +137,7 @@ impl StreamConfig {
 
 /// Stream names follow the rules of queue names.
 pub fn validate_stream_name(name: &str) -> Result<(), BrokerError> {
-    let ok_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    let dots = name == "." || name == "..";
-    if name.is_empty() || name.len() > MAX_QUEUE_NAME_LEN || !ok_chars || dots {
-        let shown: String = name.chars().take(40).collect();
-        return Err(BrokerError::new(
-            ErrorCode::InvalidStreamName,
-            format!(
-                "invalid stream name '{shown}': use 1 to {MAX_QUEUE_NAME_LEN} characters of A-Z a-z 0-9 . _ - (not . or ..)"
-            ),
-        ));
-    }
-    Ok(())
+    crate::config::validate_name(name, "stream", ErrorCode::InvalidStreamName)
 }
 
 /// The storage log name of a stream's partition.

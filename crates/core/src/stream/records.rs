@@ -5,8 +5,8 @@ use bytes::Bytes;
 use tidewater_storage::StoredBatch;
 use tidewater_storage::format::MAX_BATCH_BODY;
 use tidewater_storage::format::kafka::{
-    CONTROL, KAFKA_HEADER_LEN, KafkaBatchBuilder, KafkaRecords, NewKafkaRecord, TRANSACTIONAL,
-    check_kafka_batch, stamp_kafka_batch,
+    BatchRecord, CONTROL, KAFKA_HEADER_LEN, KafkaBatchBuilder, KafkaRecords, NewKafkaRecord,
+    TRANSACTIONAL, batch_records, check_kafka_batch, stamp_kafka_batch,
 };
 
 use super::config::{StreamConfig, TimestampType};
@@ -293,8 +293,12 @@ pub fn decode_batch(batch: &StoredBatch, from: u64) -> Result<Vec<StreamRecord>,
         ));
     }
     let mut out = Vec::new();
-    for record in KafkaRecords::new(&batch.kafka[KAFKA_HEADER_LEN..]) {
-        let record = record.map_err(|e| {
+    for found in batch_records(&batch.kafka, &header, batch.base_offset, from) {
+        let BatchRecord {
+            offset,
+            timestamp,
+            record,
+        } = found.map_err(|e| {
             BrokerError::new(
                 ErrorCode::Internal,
                 format!(
@@ -303,15 +307,6 @@ pub fn decode_batch(batch: &StoredBatch, from: u64) -> Result<Vec<StreamRecord>,
                 ),
             )
         })?;
-        let offset = batch.base_offset + record.offset_delta.unsigned_abs();
-        if offset < from {
-            continue;
-        }
-        let timestamp = if header.is_log_append_time() {
-            header.max_timestamp
-        } else {
-            header.base_timestamp.wrapping_add(record.timestamp_delta)
-        };
         let headers = record
             .headers()
             .map(|h| {
