@@ -168,7 +168,16 @@ impl Consumer {
     /// Stops the subscription, releases deliveries that were pushed but never handed to the
     /// application (so they are not left leased until their lease runs out), and sends
     /// pending acks. Released messages keep the delivery they were counted for.
-    pub async fn close(mut self) {
+    pub async fn close(self) {
+        self.close_giving_back(&[]).await;
+    }
+
+    /// `close`, and gives back at once (no backoff) deliveries the application took but did
+    /// not handle. The pushes stop first, so nothing given back comes back to this consumer.
+    pub async fn close_giving_back(mut self, handed: &[&Delivery]) {
+        for delivery in handed {
+            self.release(delivery);
+        }
         if let Some(close) = self.close.take() {
             let (done, wait) = oneshot::channel();
             if close.send(done).is_ok() {
@@ -176,7 +185,7 @@ impl Consumer {
             }
         }
         self.rx.close();
-        let mut unused = Vec::new();
+        let mut unused: Vec<_> = handed.iter().map(|d| d.receipt.clone()).collect();
         while let Ok(Ok(delivery)) = self.rx.try_recv() {
             unused.push(delivery.receipt);
         }

@@ -929,10 +929,11 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
                 delivery_row(&delivery)
             };
             if let Err(err) = crate::client::try_write_stdout(format_args!("{line}\n")) {
-                // Nobody reads any more (`| head`): this message was not handled. Give it
-                // back at once, send the acks of those that were, release the prefetched.
-                let _ = consumer.nack(&delivery, Some(Duration::ZERO), "tidewater consume: standard output closed").await;
-                consumer.close().await;
+                // Nobody reads any more (`| head`): this message was not handled. Stop the
+                // pushes, give it and the prefetched back at once, send the acks of those
+                // that were handled. (Given back before the pushes stopped, it could come
+                // back to this consumer and stay leased after its exit.)
+                consumer.close_giving_back(&[&delivery]).await;
                 crate::client::stdout_failed(err);
             }
             let verdict = match (&args.exec, args.nack) {
