@@ -38,6 +38,10 @@ pub const COMPRESSION_MASK: i16 = 0b111;
 pub const TIMESTAMP_LOG_APPEND_TIME: i16 = 1 << 3;
 pub const TRANSACTIONAL: i16 = 1 << 4;
 pub const CONTROL: i16 = 1 << 5;
+/// The base timestamp is the batch's delete horizon (KIP-534): set by compaction on a batch
+/// that kept tombstones; they go once it has passed. Record times stay true (their deltas
+/// are taken from it).
+pub const DELETE_HORIZON: i16 = 1 << 6;
 
 /// The fields of a batch's header that the broker reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +69,11 @@ impl KafkaBatchHeader {
 
     pub fn is_log_append_time(&self) -> bool {
         self.attributes & TIMESTAMP_LOG_APPEND_TIME != 0
+    }
+
+    /// When compaction may remove this batch's tombstones (`None`: not yet cleaned).
+    pub fn delete_horizon(&self) -> Option<i64> {
+        (self.attributes & DELETE_HORIZON != 0).then_some(self.base_timestamp)
     }
 }
 
@@ -301,6 +310,82 @@ pub fn batch_records<'a>(
             record,
         }))
     })
+}
+
+/// The batch `bytes` (checked, `header`; its offsets from `stored_base`) rebuilt with the
+/// records `keep` accepts, for compaction: their offsets, times, keys, values and headers
+/// unchanged, in a batch spanning offsets `new_base..new_end`, which may start before and
+/// end after the original's (to cover the offsets of emptied batches beside it, so that a
+/// segment's batches still follow each other with no gap). Attributes, producer fields and
+/// the max timestamp are kept; with `delete_horizon`, the base timestamp becomes it (with
+/// `DELETE_HORIZON`). A batch may come out with no records: it still spans its offsets.
+/// Compressed batches are refused (`FormatError::Compressed`).
+pub fn rebuild_kafka_batch(
+    bytes: &[u8],
+    header: &KafkaBatchHeader,
+    stored_base: u64,
+    (new_base, new_end): (u64, u64),
+    delete_horizon: Option<i64>,
+    keep: &mut dyn FnMut(&BatchRecord<'_>) -> bool,
+) -> Result<Vec<u8>, FormatError> {
+    if header.compression() != 0 {
+        return Err(FormatError::Compressed);
+    }
+    let last_offset_delta = new_end
+        .checked_sub(new_base)
+        .and_then(|span| i32::try_from(span.checked_sub(1)?).ok())
+        .ok_or(FormatError::BadLength)?;
+    let mut attributes = header.attributes;
+    let base_timestamp = match delete_horizon {
+        Some(horizon) => {
+            attributes |= DELETE_HORIZON;
+            horizon
+        }
+        None => header.base_timestamp,
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..KAFKA_HEADER_LEN]);
+    let mut count = 0i32;
+    let mut record = Vec::new();
+    for item in batch_records(bytes, header, stored_base, 0) {
+        let item = item?;
+        if item.offset < new_base || item.offset >= new_end {
+            return Err(FormatError::BadLength);
+        }
+        if !keep(&item) {
+            continue;
+        }
+        // The record's own time: its delta from the original base (a LogAppendTime batch's
+        // records all read the max timestamp whatever their delta says).
+        let timestamp = header
+            .base_timestamp
+            .wrapping_add(item.record.timestamp_delta);
+        let r = &mut record;
+        r.clear();
+        r.push(0); // attributes (unused by format v2)
+        put_varint(r, timestamp.wrapping_sub(base_timestamp));
+        put_varint(
+            r,
+            i64::try_from(item.offset - new_base).map_err(|_| FormatError::BadLength)?,
+        );
+        put_bytes(r, item.record.key);
+        put_bytes(r, item.record.value);
+        r.extend_from_slice(item.record.headers);
+        put_varint(&mut out, r.len() as i64);
+        out.extend_from_slice(r);
+        count += 1;
+    }
+    let batch_length = i32::try_from(out.len() - 12).map_err(|_| FormatError::BadLength)?;
+    let new_base_i64 = i64::try_from(new_base).map_err(|_| FormatError::BadLength)?;
+    out[0..8].copy_from_slice(&new_base_i64.to_be_bytes());
+    out[8..12].copy_from_slice(&batch_length.to_be_bytes());
+    out[21..23].copy_from_slice(&attributes.to_be_bytes());
+    out[23..27].copy_from_slice(&last_offset_delta.to_be_bytes());
+    out[27..35].copy_from_slice(&base_timestamp.to_be_bytes());
+    out[57..61].copy_from_slice(&count.to_be_bytes());
+    let crc = crc32c::crc32c(&out[CRC_FROM..]);
+    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    Ok(out)
 }
 
 /// A record to add to a batch.
@@ -607,6 +692,91 @@ mod tests {
         let crc = crc32c::crc32c(&count[CRC_FROM..]);
         count[17..21].copy_from_slice(&crc.to_be_bytes());
         assert_eq!(check_kafka_batch(&count), Err(FormatError::BadLength));
+    }
+
+    #[test]
+    fn a_rebuilt_batch_keeps_offsets_times_and_bytes_of_the_records_it_keeps() {
+        let mut bytes = batch();
+        stamp_kafka_batch(&mut bytes, 100, None);
+        let header = check_kafka_batch(&bytes).unwrap();
+        let before: Vec<(u64, i64, Option<Vec<u8>>)> = batch_records(&bytes, &header, 100, 0)
+            .map(|r| {
+                let r = r.unwrap();
+                (r.offset, r.timestamp, r.record.key.map(<[u8]>::to_vec))
+            })
+            .collect();
+        // Keep offsets 100 and 102; cover 90..110 (emptied batches on both sides).
+        let rebuilt = rebuild_kafka_batch(&bytes, &header, 100, (90, 110), Some(5_000), &mut |r| {
+            r.offset != 101
+        })
+        .unwrap();
+        let new = check_kafka_batch(&rebuilt).unwrap();
+        assert_eq!(
+            (new.base_offset, new.offset_span(), new.records_count),
+            (90, 20, 2)
+        );
+        assert_eq!(new.delete_horizon(), Some(5_000));
+        assert_eq!(new.max_timestamp, header.max_timestamp);
+        assert_eq!(
+            (new.producer_id, new.producer_epoch, new.base_sequence),
+            (
+                header.producer_id,
+                header.producer_epoch,
+                header.base_sequence
+            )
+        );
+        let after: Vec<(u64, i64, Option<Vec<u8>>)> = batch_records(&rebuilt, &new, 90, 0)
+            .map(|r| {
+                let r = r.unwrap();
+                (r.offset, r.timestamp, r.record.key.map(<[u8]>::to_vec))
+            })
+            .collect();
+        assert_eq!(after, vec![before[0].clone(), before[2].clone()]);
+        let headers: Vec<_> = batch_records(&rebuilt, &new, 90, 0)
+            .next()
+            .unwrap()
+            .unwrap()
+            .record
+            .headers()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            headers,
+            vec![(&b"h1"[..], Some(&b"v1"[..])), (&b"h2"[..], None)]
+        );
+        // Nothing kept: an empty batch that still spans its offsets.
+        let empty =
+            rebuild_kafka_batch(&bytes, &header, 100, (100, 103), None, &mut |_| false).unwrap();
+        let empty_header = check_kafka_batch(&empty).unwrap();
+        assert_eq!(
+            (empty_header.records_count, empty_header.offset_span()),
+            (0, 3)
+        );
+        assert_eq!(empty_header.delete_horizon(), None);
+        // A span that does not hold the records is refused.
+        assert!(
+            rebuild_kafka_batch(&bytes, &header, 100, (101, 103), None, &mut |_| true).is_err()
+        );
+        // A compressed batch is refused (its records are not readable in place).
+        let mut compressed = bytes.clone();
+        compressed[22] |= 1;
+        let crc = crc32c::crc32c(&compressed[CRC_FROM..]);
+        compressed[17..21].copy_from_slice(&crc.to_be_bytes());
+        let compressed_header = KafkaBatchHeader {
+            attributes: 1,
+            ..header
+        };
+        assert_eq!(
+            rebuild_kafka_batch(
+                &compressed,
+                &compressed_header,
+                100,
+                (100, 103),
+                None,
+                &mut |_| true
+            ),
+            Err(FormatError::Compressed)
+        );
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum FormatError {
     NestedGroup,
     #[error("a stream's Kafka batch where tidewater records were expected, or the reverse")]
     WrongBatchKind,
+    #[error("a compressed Kafka batch, which this operation does not take")]
+    Compressed,
 }
 
 /// A length or count into a narrower field of the format. Callers check lengths against the

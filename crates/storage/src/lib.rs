@@ -28,7 +28,7 @@ pub use ranges::RangeSet;
 pub use state::{LogState, RetryInfo};
 pub use store::{
     AckLevel, Completion, DurableListener, FatalListener, LogReader, Op, OpResult, RecoveredLog,
-    SegmentFiles, SegmentInfo, Store, StoreOptions, disk_free_bytes,
+    SegmentFiles, SegmentInfo, SegmentRewrite, Store, StoreOptions, disk_free_bytes,
 };
 /// The record and batch format, a crate of its own (the client speaks it without storage).
 pub use tidewater_format as format;

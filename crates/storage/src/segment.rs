@@ -244,6 +244,96 @@ pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.seg"))
 }
 
+/// Suffix of a compacted segment being written; one found at open is a rewrite that never
+/// took the place of the segments it was for, and is removed.
+const COMPACTING_SUFFIX: &str = ".seg.compacting";
+
+pub(crate) fn compacting_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}{COMPACTING_SUFFIX}"))
+}
+
+/// A new segment file being written beside a log's segments, to take the place of a run of
+/// sealed ones (compaction): stream batches, each starting where the one before ended.
+pub(crate) struct SegmentWriter {
+    pub segment: Segment,
+    uid: u64,
+    buf: Vec<u8>,
+    io: Io,
+}
+
+/// Bytes buffered before a write to the new file.
+const WRITER_CHUNK: usize = 1 << 20;
+
+impl SegmentWriter {
+    pub fn create(io: &Io, dir: &Path, uid: u64, base: u64) -> std::io::Result<SegmentWriter> {
+        let path = compacting_path(dir, base);
+        let file = io.fs.open(&path, OpenHow::CREATE_TRUNCATE)?;
+        io.faults.note(|| FsOp::CreateFile(path.clone()));
+        Ok(SegmentWriter {
+            segment: Segment::new(io, base, path, file),
+            uid,
+            buf: Vec::new(),
+            io: io.clone(),
+        })
+    }
+
+    /// Adds one Kafka batch whose base offset is where the segment so far ends.
+    pub fn push(&mut self, kafka_batch: &[u8]) -> std::io::Result<()> {
+        let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+        let mut wrapped = crate::format::wrap_kafka_batch(self.uid, kafka_batch)
+            .map_err(|e| invalid(format!("a rewritten batch: {e}")))?;
+        let inner = crate::format::kafka::check_kafka_batch(kafka_batch)
+            .map_err(|e| invalid(format!("a rewritten batch: {e}")))?;
+        if u64::try_from(inner.base_offset).ok() != Some(self.segment.end) {
+            return Err(invalid(format!(
+                "a rewritten batch starts at offset {}, the segment so far ends at {}",
+                inner.base_offset, self.segment.end
+            )));
+        }
+        crate::format::stamp_batch(&mut wrapped, self.segment.end);
+        let header = BatchHeader::decode(&wrapped).map_err(|e| invalid(e.to_string()))?;
+        let pos = self.segment.len;
+        self.segment
+            .note_batch(&header, pos, &wrapped[BATCH_HEADER_LEN..]);
+        self.segment.len += wrapped.len() as u64;
+        self.segment.end += u64::from(header.count);
+        self.buf.extend_from_slice(&wrapped);
+        if self.buf.len() >= WRITER_CHUNK {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let at = self.segment.len - self.buf.len() as u64;
+        self.segment.file(&self.io)?.write_all_at(&self.buf, at)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes what is buffered and, with `fsync`, makes the file's bytes durable.
+    pub fn finish(mut self, fsync: bool) -> std::io::Result<Segment> {
+        self.flush()?;
+        if fsync {
+            self.segment.file(&self.io)?.sync_all()?;
+            let path = self.segment.path.clone();
+            self.io.faults.note(|| FsOp::SyncFile(path));
+        }
+        Ok(self.segment)
+    }
+
+    /// Abandons the file.
+    pub fn discard(self) {
+        let path = self.segment.path.clone();
+        let io = self.io.clone();
+        drop(self);
+        let _ = io.fs.remove_file(&path);
+    }
+}
+
 fn open_rw(io: &Io, path: &Path, create: bool) -> Result<FileRef, std::io::Error> {
     let how = if create {
         OpenHow::CREATE
@@ -331,14 +421,18 @@ impl LogFiles {
             return Ok(Opened::Files(files, gaps));
         }
         let mut bases: Vec<u64> = Vec::new();
+        let mut unfinished: Vec<PathBuf> = Vec::new();
         for name in io.fs.read_dir(&dir).map_err(|e| OpenError::io(&dir, e))? {
             let name = name.to_string_lossy();
             if let Some(stem) = name.strip_suffix(".seg")
                 && let Ok(base) = stem.parse::<u64>()
             {
                 bases.push(base);
+            } else if name.ends_with(COMPACTING_SUFFIX) {
+                unfinished.push(dir.join(&*name));
             }
         }
+        unfinished.sort();
         bases.sort_unstable();
         let mut files = LogFiles {
             uid,
@@ -349,7 +443,7 @@ impl LogFiles {
         };
         // Changes are applied only once nothing is refused.
         let mut truncate: Vec<(usize, u64)> = Vec::new();
-        let mut remove: Vec<PathBuf> = Vec::new();
+        let mut remove: Vec<PathBuf> = unfinished;
         let (mut gaps, mut refused) = (Vec::new(), Vec::new());
         let mut note_gap = |gap: Gap| {
             if hole_ok(&gap.offsets) {
@@ -373,6 +467,15 @@ impl LogFiles {
             };
             match files.segments.last() {
                 Some(prev) if base < prev.end => {
+                    // A segment that a compaction merged into the one before, whose
+                    // removal a power loss undid: every offset it holds is there too.
+                    let within = base > prev.base
+                        && scan_segment(&files.io, &path, uid, base)
+                            .is_ok_and(|s| s.end <= prev.end);
+                    if within {
+                        remove.push(path);
+                        continue;
+                    }
                     return Err(OpenError::Corrupt {
                         path,
                         position: 0,
@@ -587,6 +690,43 @@ impl LogFiles {
             .map_err(|e| OpenError::io(&rescanned.path, e))?;
         *active = rescanned;
         Ok(())
+    }
+
+    /// Puts `segment` (written by a `SegmentWriter`, its file synced) in the place of the
+    /// sealed segments that hold exactly its offsets, by renaming its file over the first
+    /// one's. `None` when no such run of sealed segments is here any more (retention removed
+    /// some, say): nothing changed. Otherwise the paths of the other segments replaced, for
+    /// the caller to remove once the rename is durable (a power loss before that keeps the
+    /// old files, which hold the same offsets: the open tells them apart).
+    pub fn replace(&mut self, mut segment: Segment) -> std::io::Result<Option<Vec<PathBuf>>> {
+        let n = self.segments.len();
+        let Some(first) = self.segments.iter().position(|s| s.base == segment.base) else {
+            return Ok(None);
+        };
+        let Some(last) = self.segments[first..]
+            .iter()
+            .position(|s| s.end == segment.end)
+            .map(|i| first + i)
+        else {
+            return Ok(None);
+        };
+        if last + 1 >= n {
+            return Ok(None); // the active segment is never rewritten
+        }
+        let path = segment_path(&self.dir, segment.base);
+        self.io.fs.rename(&segment.path, &path)?;
+        self.io.faults.note(|| FsOp::Rename {
+            from: segment.path.clone(),
+            to: path.clone(),
+        });
+        segment.path = path;
+        let replaced: Vec<Segment> = self
+            .segments
+            .splice(first..=last, std::iter::once(segment))
+            .collect();
+        Ok(Some(
+            replaced.iter().skip(1).map(|s| s.path.clone()).collect(),
+        ))
     }
 
     /// Removes sealed segments whose every offset is below `floor`; returns their paths.

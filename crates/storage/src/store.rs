@@ -32,7 +32,8 @@ use crate::journal::{
 };
 use crate::open_files::{MIN_OPEN_SEGMENT_FILES, OpenFiles};
 use crate::segment::{
-    Gap, LogFiles, Opened, Sink, StoredBatch, find_time, fsync_dir, read_batches, read_records,
+    Gap, LogFiles, Opened, Segment, SegmentWriter, Sink, StoredBatch, find_time, fsync_dir,
+    read_batches, read_records,
 };
 use crate::state::LogState;
 
@@ -202,6 +203,13 @@ enum Command {
     /// Answer once everything queued before it is written (`Store::wait_idle`).
     Barrier(std::sync::mpsc::Sender<()>),
     Shutdown(std::sync::mpsc::Sender<()>),
+    /// Put a rewritten segment in the place of the sealed ones it stands for (compaction);
+    /// answers whether it did.
+    Replace {
+        uid: u64,
+        segment: Segment,
+        reply: std::sync::mpsc::Sender<Result<bool, WriteError>>,
+    },
 }
 
 /// The cache of open segment files (`Store::segment_files`).
@@ -223,6 +231,9 @@ pub use crate::state::LogState as RecoveredLog;
 struct LogShared {
     files: RwLock<LogFiles>,
     durable_end: AtomicU64,
+    /// The log's end in the newest durable checkpoint: recovery never cuts segments below
+    /// it (the journal does not replay them), so only those may be rewritten.
+    checkpointed_end: AtomicU64,
     /// Bytes read from segment files by readers (metrics; tests of read amplification).
     bytes_read: AtomicU64,
 }
@@ -371,6 +382,52 @@ pub struct LogReader {
     log: Arc<LogShared>,
 }
 
+/// A rewrite of sealed segments under way (`Store::rewrite_segments`). Dropped without
+/// `Store::replace_segments`, its file is removed.
+pub struct SegmentRewrite {
+    uid: u64,
+    writer: Option<SegmentWriter>,
+    io: Io,
+    fsync: bool,
+}
+
+impl SegmentRewrite {
+    /// Adds a Kafka batch that starts where the rewrite so far ends (its first batch,
+    /// where the first segment replaced starts).
+    pub fn push(&mut self, kafka_batch: &[u8]) -> Result<(), WriteError> {
+        let writer = self.writer.as_mut().expect("not yet replaced");
+        writer.push(kafka_batch).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => WriteError::Invalid(e.to_string()),
+            _ => WriteError::from_io(&e),
+        })
+    }
+
+    /// The offset after the last batch pushed.
+    pub fn end(&self) -> u64 {
+        self.writer.as_ref().map_or(0, |w| w.segment.end)
+    }
+
+    /// Bytes pushed so far (headers included).
+    pub fn bytes(&self) -> u64 {
+        self.writer.as_ref().map_or(0, |w| w.segment.len)
+    }
+}
+
+impl Drop for SegmentRewrite {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.discard();
+        }
+    }
+}
+
+/// Removes a rewritten segment's file that will not take anyone's place.
+fn discard_rewrite(io: &Io, segment: Segment) {
+    let path = segment.path.clone();
+    drop(segment);
+    let _ = io.fs.remove_file(&path);
+}
+
 /// A read sink that decodes each record into `out`.
 fn decode_into(
     out: &mut Vec<Record>,
@@ -412,6 +469,12 @@ impl LogReader {
     /// Offsets below this are durable and may be delivered.
     pub fn durable_end(&self) -> u64 {
         self.log.durable_end.load(Ordering::Acquire)
+    }
+
+    /// The log's end in the newest durable checkpoint: sealed segments below it may be
+    /// rewritten (`Store::rewrite_segments`).
+    pub fn checkpointed_end(&self) -> u64 {
+        self.log.checkpointed_end.load(Ordering::Acquire)
     }
 
     /// Durable stream batches (Kafka record batches, as stored) from the one holding
@@ -572,6 +635,7 @@ impl Store {
             let log = Arc::new(LogShared {
                 files: RwLock::new(files),
                 durable_end: AtomicU64::new(end),
+                checkpointed_end: AtomicU64::new(0),
                 bytes_read: AtomicU64::new(0),
             });
             shared_logs.insert(state.uid, log.clone());
@@ -625,6 +689,7 @@ impl Store {
             checkpoint_unsynced: false,
             frame_groups: false,
             deleted_dirs: obsolete_dirs,
+            checkpoint_ends: Vec::new(),
         };
         // A first checkpoint makes replayed data durable in segments and drops old journals.
         match writer.checkpoint() {
@@ -667,6 +732,9 @@ impl Store {
                         Command::Checkpoint(reply) => drop(reply.send(Err(WriteError::Poisoned))),
                         Command::Barrier(reply) => drop(reply.send(())),
                         Command::Shutdown(reply) => drop(reply.send(())),
+                        Command::Replace { reply, .. } => {
+                            drop(reply.send(Err(WriteError::Poisoned)))
+                        }
                     }
                 }
             })
@@ -786,6 +854,65 @@ impl Store {
     pub fn reader(&self, uid: u64) -> Option<LogReader> {
         let logs = self.shared.logs.read().unwrap_or_else(|e| e.into_inner());
         logs.get(&uid).map(|log| LogReader { log: log.clone() })
+    }
+
+    /// Starts a rewrite of a stream log's sealed segments from `first_base` (compaction):
+    /// batches pushed to it go to a new file beside them, written on the calling thread;
+    /// `replace_segments` then puts it in their place.
+    pub fn rewrite_segments(
+        &self,
+        uid: u64,
+        first_base: u64,
+    ) -> Result<SegmentRewrite, WriteError> {
+        if self.is_poisoned() {
+            return Err(WriteError::Poisoned);
+        }
+        let log = {
+            let logs = self.shared.logs.read().unwrap_or_else(|e| e.into_inner());
+            logs.get(&uid).cloned().ok_or(WriteError::UnknownLog(uid))?
+        };
+        let dir = log
+            .files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .dir
+            .clone();
+        let io = self.shared.io();
+        let writer = SegmentWriter::create(&io, &dir, uid, first_base)
+            .map_err(|e| WriteError::from_io(&e))?;
+        Ok(SegmentRewrite {
+            uid,
+            writer: Some(writer),
+            io,
+            fsync: self.shared.opts.fsync,
+        })
+    }
+
+    /// Puts a finished rewrite in the place of the sealed segments holding exactly its
+    /// offsets, once its file is durable: readers see either the old files or the new one
+    /// (a read under way finishes on the old one), and a power loss at any point leaves
+    /// one or the other. `Ok(false)` when it can no longer take their place (retention
+    /// removed some of them, the log was deleted, or they are not all in a durable
+    /// checkpoint yet); its file is removed then.
+    pub fn replace_segments(&self, mut rewrite: SegmentRewrite) -> Result<bool, WriteError> {
+        let writer = rewrite.writer.take().expect("a rewrite is replaced once");
+        let segment = match writer.finish(rewrite.fsync) {
+            Ok(segment) => segment,
+            Err(err) => return Err(WriteError::from_io(&err)),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let uid = rewrite.uid;
+        if let Err(err) = self.tx.send(Command::Replace {
+            uid,
+            segment,
+            reply: tx,
+        }) {
+            if let Command::Replace { segment, .. } = err.0 {
+                discard_rewrite(&rewrite.io, segment);
+            }
+            return Err(WriteError::ShuttingDown);
+        }
+        rx.recv().unwrap_or(Err(WriteError::ShuttingDown))
     }
 
     /// What the open dropped as missing, with `StoreOptions::repair_missing` (empty
@@ -1365,6 +1492,8 @@ struct Writer {
     /// as before groups: a torn move may keep its copy without its settle).
     frame_groups: bool,
     deleted_dirs: Vec<PathBuf>,
+    /// Each log's end in the checkpoint written last, until its name is durable.
+    checkpoint_ends: Vec<(u64, u64)>,
 }
 
 /// A request staged for the current round.
@@ -1419,6 +1548,15 @@ impl Writer {
                         round_bytes = 0;
                         let _ = reply.send(());
                     }
+                    Command::Replace {
+                        uid,
+                        segment,
+                        reply,
+                    } => {
+                        self.write_round(std::mem::take(&mut round));
+                        round_bytes = 0;
+                        let _ = reply.send(self.replace_segments(uid, segment));
+                    }
                     Command::Write(req) => {
                         if req.ops.iter().any(Op::is_meta) {
                             // Meta changes go alone, after what is staged.
@@ -1444,8 +1582,15 @@ impl Writer {
             self.maybe_checkpoint();
         }
         // Drain what is left, then a final checkpoint and stop the syncer.
-        while let Ok(Command::Write(req)) = rx.try_recv() {
-            self.write_round(vec![req]);
+        while let Ok(cmd) = rx.try_recv() {
+            match cmd {
+                Command::Write(req) => self.write_round(vec![req]),
+                Command::Replace { segment, reply, .. } => {
+                    discard_rewrite(&self.shared.io(), segment);
+                    let _ = reply.send(Err(WriteError::ShuttingDown));
+                }
+                _ => {}
+            }
         }
         if !self.shared.poisoned.load(Ordering::SeqCst) {
             self.changed_since_checkpoint = true;
@@ -1858,6 +2003,7 @@ impl Writer {
             let shared = Arc::new(LogShared {
                 files: RwLock::new(files),
                 durable_end: AtomicU64::new(0),
+                checkpointed_end: AtomicU64::new(0),
                 bytes_read: AtomicU64::new(0),
             });
             shared_logs.insert(state.uid, shared.clone());
@@ -1937,6 +2083,60 @@ impl Writer {
             .store(total as u64, Ordering::Relaxed);
     }
 
+    /// Renames a rewritten segment over the sealed ones it stands for (`LogFiles::replace`,
+    /// under the log's lock: no reader is between two files), makes the rename durable,
+    /// then removes the other files it replaced. `Ok(false)`, the file removed, when those
+    /// segments are gone or not all in a durable checkpoint yet.
+    fn replace_segments(&mut self, uid: u64, segment: Segment) -> Result<bool, WriteError> {
+        let io = self.shared.io();
+        if self.shared.poisoned.load(Ordering::SeqCst) {
+            discard_rewrite(&io, segment);
+            return Err(WriteError::Poisoned);
+        }
+        let Some(log) = self.logs.get(&uid) else {
+            discard_rewrite(&io, segment);
+            return Ok(false);
+        };
+        if segment.end > log.shared.checkpointed_end.load(Ordering::Acquire) {
+            discard_rewrite(&io, segment);
+            return Ok(false);
+        }
+        let temp = segment.path.clone();
+        let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
+        let dir = files.dir.clone();
+        let replaced = files.replace(segment);
+        drop(files);
+        let old = match replaced {
+            Ok(Some(old)) => old,
+            Ok(None) => {
+                let _ = io.fs.remove_file(&temp);
+                return Ok(false);
+            }
+            Err(err) => {
+                let _ = io.fs.remove_file(&temp);
+                return Err(WriteError::from_io(&err));
+            }
+        };
+        if self.shared.opts.fsync
+            && let Err(err) = fsync_dir(&io, &dir)
+        {
+            self.shared.poison(&format!(
+                "fsync of {} after a compaction failed: {err}",
+                dir.display()
+            ));
+            return Err(WriteError::Poisoned);
+        }
+        for path in old {
+            if let Err(err) = io.fs.remove_file(&path) {
+                // Harmless: the open removes a merged segment's leftover file.
+                tracing::warn!(path = %path.display(), error = %err, "could not remove a compacted segment's old file");
+            } else {
+                io.faults.note(|| FsOp::Remove(path.clone()));
+            }
+        }
+        Ok(true)
+    }
+
     /// Makes everything written so far durable without the journal, then starts a new
     /// journal and deletes the old ones, settled segments and deleted logs.
     fn checkpoint(&mut self) -> Result<(), CheckpointError> {
@@ -1985,6 +2185,7 @@ impl Writer {
         let mut states: Vec<&LogState> = self.logs.values().map(|l| &l.state).collect();
         states.sort_by_key(|s| s.uid);
         let bytes = encode_checkpoint(self.next_uid, &states);
+        self.checkpoint_ends = states.iter().map(|s| (s.uid, s.next_offset)).collect();
         let written = fs
             .open(&tmp, OpenHow::CREATE_TRUNCATE)
             .and_then(|file| file.write_all_at(&bytes, 0).map(|()| file));
@@ -2057,6 +2258,11 @@ impl Writer {
         }
         self.checkpoint_unsynced = false;
         self.frame_groups = true;
+        for (uid, end) in std::mem::take(&mut self.checkpoint_ends) {
+            if let Some(log) = self.logs.get(&uid) {
+                log.shared.checkpointed_end.store(end, Ordering::Release);
+            }
+        }
         if let Err(err) = self.remove_obsolete(&dir, self.journal_id) {
             tracing::warn!(error = %err, "could not remove obsolete files; will retry at the next checkpoint");
         }

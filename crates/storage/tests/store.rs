@@ -1416,3 +1416,189 @@ fn the_active_segment_rolls_on_age_at_append() {
     assert_eq!(at(12_000, "e").len(), 3);
     assert_eq!(bodies(&store, uid, 0), ["a", "b", "c", "d", "e"]);
 }
+
+/// Compaction's storage half: a run of sealed stream segments is rewritten (some records
+/// left out, offsets kept, batches spanning the gaps) and merged into one file in their
+/// place; reads see the new file, a rewrite that no longer fits (the active segment,
+/// segments not in a durable checkpoint, a run that is not whole) changes nothing, and
+/// after a reopen the same holds, with the leftovers of an unfinished rewrite (its temporary
+/// file, a merged segment whose removal was lost) removed.
+#[test]
+fn sealed_stream_segments_are_rewritten_in_place_and_merged() {
+    use tidewater_storage::format::kafka::{
+        KafkaBatchBuilder, NewKafkaRecord, batch_records, check_kafka_batch, rebuild_kafka_batch,
+    };
+    use tidewater_storage::format::wrap_kafka_batch;
+    let dir = tempfile::tempdir().unwrap();
+    let options = || StoreOptions {
+        segment_roll_bytes: 300,
+        ..opts()
+    };
+    let kafka = |first: u64, n: u64| {
+        let mut builder = KafkaBatchBuilder::new();
+        for i in first..first + n {
+            let value = format!("value-{i}");
+            builder.push(&NewKafkaRecord {
+                key: Some(b"k"),
+                value: Some(value.as_bytes()),
+                headers: &[],
+                timestamp: 1_000 + i as i64,
+            });
+        }
+        builder.finish()
+    };
+    // Offsets and values of every record from `from` on.
+    let records = |store: &Store, uid: u64| -> Vec<(u64, String)> {
+        let reader = store.reader(uid).unwrap();
+        let mut out = Vec::new();
+        for batch in reader.read_batches(0, usize::MAX).unwrap() {
+            let header = check_kafka_batch(&batch.kafka).unwrap();
+            for r in batch_records(&batch.kafka, &header, batch.base_offset, 0) {
+                let r = r.unwrap();
+                out.push((
+                    r.offset,
+                    String::from_utf8(r.record.value.unwrap().to_vec()).unwrap(),
+                ));
+            }
+        }
+        out
+    };
+    // Rewrites segments [first, last] keeping the records `keep` accepts.
+    let rewrite = |store: &Store, uid: u64, first: u64, end: u64, keep: &dyn Fn(u64) -> bool| {
+        let reader = store.reader(uid).unwrap();
+        let batches: Vec<_> = reader
+            .read_batches(first, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|b| b.base_offset < end)
+            .collect();
+        let mut rewrite = store.rewrite_segments(uid, first).unwrap();
+        let n = batches.len();
+        for (i, batch) in batches.iter().enumerate() {
+            let header = check_kafka_batch(&batch.kafka).unwrap();
+            let batch_end = if i + 1 == n {
+                end
+            } else {
+                batch.base_offset + u64::from(batch.span)
+            };
+            let rebuilt = rebuild_kafka_batch(
+                &batch.kafka,
+                &header,
+                batch.base_offset,
+                (rewrite.end().max(first), batch_end),
+                None,
+                &mut |r| keep(r.offset),
+            )
+            .unwrap();
+            rewrite.push(&rebuilt).unwrap();
+        }
+        store.replace_segments(rewrite).unwrap()
+    };
+    let uid;
+    let all: Vec<(u64, String)> = (0..36).map(|i| (i, format!("value-{i}"))).collect();
+    let kept: Vec<(u64, String)>;
+    let leftover = dir.path().join("leftover.seg");
+    {
+        let (store, _) = Store::open(dir.path(), options()).unwrap();
+        uid = create(&store, "#stream/s/0");
+        for first in (0..36).step_by(3) {
+            let batch = wrap_kafka_batch(uid, &kafka(first, 3)).unwrap();
+            store
+                .submit_wait(vec![Op::Append { uid, batch }], AckLevel::Durable)
+                .unwrap();
+        }
+        let segments = store.reader(uid).unwrap().segments();
+        assert!(segments.len() >= 5, "{segments:?}");
+        assert_eq!(records(&store, uid), all);
+        // Not in a durable checkpoint yet: refused.
+        assert!(!rewrite(
+            &store,
+            uid,
+            segments[0].base,
+            segments[2].end,
+            &|_| true
+        ));
+        store.checkpoint().unwrap();
+        // The active segment is never rewritten; a run must be whole segments.
+        let active = segments.last().unwrap();
+        assert!(!rewrite(&store, uid, segments[0].base, active.end, &|_| {
+            true
+        }));
+        assert_eq!(
+            segments[1].end - segments[1].base,
+            6,
+            "two batches a segment"
+        );
+        assert!(!rewrite(
+            &store,
+            uid,
+            segments[0].base,
+            segments[1].base + 3,
+            &|_| true
+        ));
+        assert_eq!(
+            store.reader(uid).unwrap().segments(),
+            segments,
+            "nothing changed"
+        );
+        // Keep the even offsets of the first three segments, merged into one.
+        let second = dir
+            .path()
+            .join("logs")
+            .join(format!("{uid:016x}"))
+            .join(format!("{:020}.seg", segments[1].base));
+        fs::copy(&second, &leftover).unwrap();
+        let end = segments[2].end;
+        assert!(rewrite(&store, uid, segments[0].base, end, &|o| o % 2 == 0));
+        assert!(!second.exists(), "the merged segments' files are removed");
+        let after = store.reader(uid).unwrap().segments();
+        assert_eq!(after.len(), segments.len() - 2);
+        assert_eq!((after[0].base, after[0].end), (segments[0].base, end));
+        assert!(after[0].bytes < segments[..3].iter().map(|s| s.bytes).sum::<u64>());
+        kept = all
+            .iter()
+            .filter(|(o, _)| *o >= end || o % 2 == 0)
+            .cloned()
+            .collect();
+        assert_eq!(records(&store, uid), kept);
+        // Reads from inside a gap start at the batch holding it.
+        let from_gap = store
+            .reader(uid)
+            .unwrap()
+            .read_batches(1, usize::MAX)
+            .unwrap();
+        assert_eq!(from_gap[0].base_offset, 0);
+        // A power loss that lost the removal of a merged file, and an unfinished rewrite.
+        fs::copy(&leftover, &second).unwrap();
+        fs::write(
+            second.with_file_name(format!("{:020}.seg.compacting", end)),
+            b"junk",
+        )
+        .unwrap();
+    }
+    let (store, _) = Store::open(dir.path(), options()).unwrap();
+    assert_eq!(records(&store, uid), kept);
+    let names: Vec<String> = walk_names(&dir.path().join("logs"));
+    assert!(
+        !names.iter().any(|n| n.ends_with(".compacting")),
+        "{names:?}"
+    );
+    assert_eq!(
+        names.len(),
+        store.reader(uid).unwrap().segments().len(),
+        "{names:?}"
+    );
+
+    fn walk_names(dir: &std::path::Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(walk_names(&path));
+            } else {
+                out.push(path.file_name().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        out
+    }
+}
