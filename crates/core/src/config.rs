@@ -651,6 +651,12 @@ pub struct Limits {
     /// Metric series labelled by partition (end offset per partition), at most this many
     /// across all streams (by stream name, then partition); 0 emits none.
     pub max_partition_metrics: usize,
+    /// Memory for compaction's map of keys to their latest offset (32 bytes a key): a
+    /// partition with more distinct keys in its dirty part takes several passes.
+    pub compaction_key_map_bytes: usize,
+    /// Bytes compaction reads and writes a second at most (0: no limit), so a pass does
+    /// not take the disk from producers and readers.
+    pub compaction_bytes_per_s: u64,
 }
 
 impl Limits {
@@ -714,6 +720,8 @@ impl Default for Limits {
             max_session_timeout_ms: 300_000,
             group_offsets_retention_ms: 7 * 86_400_000,
             max_partition_metrics: 1_024,
+            compaction_key_map_bytes: 32 << 20,
+            compaction_bytes_per_s: 64 << 20,
         }
     }
 }

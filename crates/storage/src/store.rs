@@ -834,6 +834,11 @@ impl Store {
         self.wait_synced();
     }
 
+    /// The options it was opened with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.shared.opts
+    }
+
     /// The file system this store runs on (`StoreOptions::fs`).
     pub fn fs(&self) -> &Arc<dyn Fs> {
         &self.shared.opts.fs

@@ -267,6 +267,8 @@ impl Broker {
                 n += 1;
                 if n.is_multiple_of(10) {
                     broker.refresh_disk();
+                    // In the background, one pass at a time (`compact_once`).
+                    broker.start_compaction();
                 }
             }
         })

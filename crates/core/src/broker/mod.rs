@@ -25,6 +25,7 @@ use delay_log::{DELAY_LOG_PREFIX, DelayLog};
 use redrive::RedriveTask;
 use registry::id_window_op;
 
+mod compaction;
 mod consumers;
 mod dead_letter;
 mod delay_log;
@@ -128,6 +129,8 @@ struct Inner {
     /// Notified when a group's assignment changes (wakes consumer-instance fetches, which
     /// give up or take partitions at once).
     groups_changed: Notify,
+    /// A compaction pass is running (one at a time).
+    compacting: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -286,6 +289,7 @@ impl Broker {
             consumers: Mutex::new(HashMap::new()),
             streams_grew: Notify::new(),
             groups_changed: Notify::new(),
+            compacting: AtomicBool::new(false),
         });
         // Durable data becomes visible to consumers; wake their long-polls.
         let weak = Arc::downgrade(&inner);

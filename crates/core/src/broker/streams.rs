@@ -25,23 +25,24 @@ use crate::stream::retention::plan_retention;
 
 /// A stream and its partitions.
 pub(crate) struct StreamHandle {
-    name: String,
-    config: Mutex<StreamConfig>,
+    pub(super) name: String,
+    pub(super) config: Mutex<StreamConfig>,
     partitions: RwLock<Vec<Arc<PartitionHandle>>>,
     sticky: Sticky,
-    deleted: AtomicBool,
-    counters: Counters,
+    pub(super) deleted: AtomicBool,
+    pub(super) counters: Counters,
 }
 
 /// What a stream served since the broker started (metrics).
 #[derive(Default)]
-struct Counters {
+pub(super) struct Counters {
     produce_requests: AtomicU64,
     produced_records: AtomicU64,
     fetch_requests: AtomicU64,
     fetched_bytes: AtomicU64,
     deleted_records: AtomicU64,
     deleted_bytes: AtomicU64,
+    pub(super) compaction: super::compaction::CompactionCounters,
 }
 
 /// A stream's counters since the broker started.
@@ -57,21 +58,26 @@ pub struct StreamCounters {
     /// Offsets and segment bytes retention deleted.
     pub deleted_records: u64,
     pub deleted_bytes: u64,
+    /// What compaction did.
+    pub compaction: super::compaction::CompactionStats,
 }
 
 /// One partition: its log, and the long-polls waiting for it to grow.
 pub(crate) struct PartitionHandle {
     pub uid: u64,
-    partition: u32,
-    reader: LogReader,
+    pub(super) partition: u32,
+    pub(super) reader: LogReader,
     pub notify: Notify,
     /// The first offset a fetch can return: retention moves it (durably: a settle of the
     /// offsets below, so recovery finds it as the log's ack floor).
     start: AtomicU64,
+    /// Compaction mapped every key below this (since the broker started): the part after
+    /// it is dirty.
+    pub(super) cleaned_to: AtomicU64,
 }
 
 /// A stream as shown.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StreamInfo {
     pub name: String,
     pub config: StreamConfig,
@@ -158,6 +164,7 @@ pub(crate) fn recover_streams(
                     reader: store.reader(log.uid).expect("a recovered log has a reader"),
                     notify: Notify::new(),
                     start: AtomicU64::new(log.ack_floor),
+                    cleaned_to: AtomicU64::new(log.ack_floor),
                 })
             })
             .collect();
@@ -368,6 +375,7 @@ impl Broker {
                     reader,
                     notify: Notify::new(),
                     start: AtomicU64::new(0),
+                    cleaned_to: AtomicU64::new(0),
                 }));
             }
         }
@@ -433,6 +441,7 @@ impl Broker {
                         fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
                         deleted_records: c.deleted_records.load(Ordering::Relaxed),
                         deleted_bytes: c.deleted_bytes.load(Ordering::Relaxed),
+                        compaction: c.compaction.stats(),
                     },
                 )
             })
@@ -783,7 +792,8 @@ impl Broker {
         let mut deleted = false;
         for stream in streams {
             let config = stream.config.lock().clone();
-            if config.retention_ms < 0 && config.retention_bytes < 0 {
+            if !config.cleanup.deletes() || (config.retention_ms < 0 && config.retention_bytes < 0)
+            {
                 continue;
             }
             for part in stream.partition_handles_now() {

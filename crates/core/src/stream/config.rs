@@ -24,8 +24,43 @@ pub enum TimestampType {
     LogAppendTime,
 }
 
+/// What happens to a stream's old records (Kafka's `cleanup.policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Cleanup {
+    /// Deleted by retention (age, size).
+    #[default]
+    #[serde(rename = "delete")]
+    Delete,
+    /// Compacted: the latest record per key is kept, older ones go; retention deletes
+    /// nothing. Every record needs a key.
+    #[serde(rename = "compact")]
+    Compact,
+    /// Both: compacted, and retention deletes by age and size.
+    #[serde(
+        rename = "compact+delete",
+        alias = "compact,delete",
+        alias = "delete,compact"
+    )]
+    CompactDelete,
+}
+
+impl Cleanup {
+    pub fn compacts(self) -> bool {
+        matches!(self, Cleanup::Compact | Cleanup::CompactDelete)
+    }
+
+    pub fn deletes(self) -> bool {
+        matches!(self, Cleanup::Delete | Cleanup::CompactDelete)
+    }
+}
+
+/// Kafka's default `delete.retention.ms`: a day.
+pub const DEFAULT_DELETE_RETENTION_MS: i64 = 86_400_000;
+/// Kafka's default `min.cleanable.dirty.ratio`.
+pub const DEFAULT_MIN_DIRTY_RATIO: f64 = 0.5;
+
 /// A stream's configuration, as stored and as shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
     /// Partitions, numbered from 0. Can grow, never shrink (a key's partition would move).
@@ -40,6 +75,26 @@ pub struct StreamConfig {
     /// (Kafka's retention.bytes); -1: no limit.
     #[serde(default = "unlimited")]
     pub retention_bytes: i64,
+    /// Delete (retention), compact, or both.
+    #[serde(default)]
+    pub cleanup: Cleanup,
+    /// On a compacted stream: how long a tombstone (a record with a null value) stays
+    /// after compaction first passed over it, for readers to see the delete (Kafka's
+    /// delete.retention.ms).
+    #[serde(default = "default_delete_retention_ms")]
+    pub delete_retention_ms: i64,
+    /// On a compacted stream: a partition is compacted once the share of its sealed bytes
+    /// written since its last compaction reaches this (Kafka's min.cleanable.dirty.ratio).
+    #[serde(default = "default_min_dirty_ratio")]
+    pub min_dirty_ratio: f64,
+}
+
+fn default_delete_retention_ms() -> i64 {
+    DEFAULT_DELETE_RETENTION_MS
+}
+
+fn default_min_dirty_ratio() -> f64 {
+    DEFAULT_MIN_DIRTY_RATIO
 }
 
 /// Kafka's default: 7 days.
@@ -55,13 +110,16 @@ fn unlimited() -> i64 {
 
 /// A change of configuration (or the configuration of a new stream): fields left out keep
 /// their value (or default).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamPatch {
     pub partitions: Option<u32>,
     pub timestamp_type: Option<TimestampType>,
     pub retention_ms: Option<i64>,
     pub retention_bytes: Option<i64>,
+    pub cleanup: Option<Cleanup>,
+    pub delete_retention_ms: Option<i64>,
+    pub min_dirty_ratio: Option<f64>,
 }
 
 impl StreamConfig {
@@ -72,6 +130,11 @@ impl StreamConfig {
             timestamp_type: patch.timestamp_type.unwrap_or_default(),
             retention_ms: patch.retention_ms.unwrap_or(DEFAULT_RETENTION_MS),
             retention_bytes: patch.retention_bytes.unwrap_or(-1),
+            cleanup: patch.cleanup.unwrap_or_default(),
+            delete_retention_ms: patch
+                .delete_retention_ms
+                .unwrap_or(DEFAULT_DELETE_RETENTION_MS),
+            min_dirty_ratio: patch.min_dirty_ratio.unwrap_or(DEFAULT_MIN_DIRTY_RATIO),
         };
         config.validate(limits)?;
         Ok(config)
@@ -107,6 +170,15 @@ impl StreamConfig {
         if let Some(bytes) = patch.retention_bytes {
             out.retention_bytes = bytes;
         }
+        if let Some(cleanup) = patch.cleanup {
+            out.cleanup = cleanup;
+        }
+        if let Some(ms) = patch.delete_retention_ms {
+            out.delete_retention_ms = ms;
+        }
+        if let Some(ratio) = patch.min_dirty_ratio {
+            out.min_dirty_ratio = ratio;
+        }
         Ok(out)
     }
 
@@ -121,6 +193,24 @@ impl StreamConfig {
                     format!("{name} must be -1 (no limit) or at least 1, got {value}"),
                 ));
             }
+        }
+        if self.delete_retention_ms < 0 {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "delete_retention_ms must be 0 or more, got {}",
+                    self.delete_retention_ms
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_dirty_ratio) {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "min_dirty_ratio must be 0..=1 (the share of a partition's sealed bytes written since its last compaction), got {}",
+                    self.min_dirty_ratio
+                ),
+            ));
         }
         if !(1..=limits.max_partitions).contains(&self.partitions) {
             return Err(BrokerError::new(

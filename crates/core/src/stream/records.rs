@@ -88,6 +88,7 @@ pub fn plan_produce(
             record.timestamp,
             limits,
         )?;
+        check_key(idx, record.key.as_deref(), config)?;
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p >= config.partitions => {
                 return Err(BrokerError::new(
@@ -208,6 +209,21 @@ fn check_fields(
     Ok(())
 }
 
+/// A compacted stream keeps the latest record per key: a record without one is refused
+/// (as Kafka refuses it), not kept for ever nor dropped by the next compaction.
+fn check_key(idx: usize, key: Option<&[u8]>, config: &StreamConfig) -> Result<(), BrokerError> {
+    if key.is_none() && config.cleanup.compacts() {
+        return Err(BrokerError::new(
+            ErrorCode::InvalidMessage,
+            format!(
+                "record {idx} has no key: the stream is compacted (cleanup {}), which keeps the latest record per key, so every record needs one",
+                serde_json::to_string(&config.cleanup).unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A batch a client built (the binary protocol's StreamProduce), checked whole and against
 /// the limits: one uncompressed, non-transactional Kafka v2 batch of 1 or more records
 /// with offset deltas 0, 1, 2, ... Its base offset is cleared (storage stamps it) and, on a
@@ -266,6 +282,7 @@ pub fn plan_batch_produce(
         let timestamp = (!log_append && !header.is_log_append_time())
             .then(|| header.base_timestamp.wrapping_add(record.timestamp_delta));
         check_fields(idx, record.key, record.value, &headers, timestamp, limits)?;
+        check_key(idx, record.key, config)?;
     }
     stamp_kafka_batch(batch, 0, log_append.then_some(now_ms));
     Ok(count)
@@ -340,6 +357,8 @@ mod tests {
             timestamp_type: TimestampType::CreateTime,
             retention_ms: -1,
             retention_bytes: -1,
+
+            ..StreamConfig::new(&Default::default(), &Default::default()).unwrap()
         }
     }
 

@@ -60,6 +60,8 @@ mod tests {
             timestamp_type: TimestampType::CreateTime,
             retention_ms,
             retention_bytes,
+
+            ..StreamConfig::new(&Default::default(), &Default::default()).unwrap()
         }
     }
 
