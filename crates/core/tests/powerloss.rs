@@ -20,7 +20,11 @@
 //! A group's committed offset of each partition is the last commit acknowledged, or the one
 //! in flight at the cut. The stream keeps about 2 KiB per partition (retention by size runs
 //! in maintenance): records below a partition's start are gone, and the start never moves
-//! back after a recovery.
+//! back after a recovery. A compacted stream (a few keys, some tombstones) is compacted
+//! now and then, power cuts included: every record in it is one produced, at the offset
+//! its produce answered, once, and each key's last record is its latest acknowledged one or
+//! later (a tombstone may be gone once its horizon passed, with every older record of its
+//! key).
 //!
 //!     SIM_SEEDS=2000 cargo test -p tidewater-core --release --test powerloss -- --nocapture
 //!     SIM_SEED=5 cargo test -p tidewater-core --test powerloss -- --nocapture
@@ -34,7 +38,7 @@ use std::time::Duration;
 use tidewater_core::broker::record_id;
 use tidewater_core::clock::{FixedJitter, ManualClock, SeededNonces};
 use tidewater_core::config::BackoffPatch;
-use tidewater_core::stream::config::StreamPatch;
+use tidewater_core::stream::config::{Cleanup, StreamPatch};
 use tidewater_core::stream::records::NewStreamRecord;
 use tidewater_core::{AckLevel, Broker, BrokerOptions, ConfigPatch, Delay, NackReason, NewMessage};
 use tidewater_storage::StoreOptions;
@@ -46,6 +50,9 @@ const DLQ: &str = "dlq";
 const STREAM: &str = "st";
 const GROUP: &str = "g";
 const PARTITIONS: u32 = 3;
+/// A compacted stream (one partition): records of a few keys, some tombstones.
+const COMPACTED: &str = "ct";
+const COMPACTED_KEYS: u64 = 4;
 
 fn body(id: &str) -> Vec<u8> {
     format!("body of {id}").into_bytes()
@@ -55,6 +62,8 @@ fn body(id: &str) -> Vec<u8> {
 enum Kind {
     Publish,
     Produce,
+    ProduceCompacted,
+    Compact,
     Commit,
     Receive,
     Ack,
@@ -113,6 +122,15 @@ struct Run {
     commit_maybe: Option<(u32, u64)>,
     /// Each partition's start offset at the last check (retention only moves it on).
     stream_starts: BTreeMap<u32, u64>,
+    /// The compacted stream: every record produced (id -> key, tombstone), those
+    /// acknowledged durable by offset, those in flight at the cut.
+    compact_produced: BTreeMap<String, (String, bool)>,
+    compact_must: BTreeMap<u64, String>,
+    compact_maybe: BTreeSet<String>,
+    /// Records compaction removed, and power cuts during a compaction (the sim exercises
+    /// both).
+    compacted_away: u64,
+    cuts_in_compaction: u64,
     /// Checks that found a partition whose start retention had moved (the sim exercises it).
     retained_away: u64,
     history: Vec<String>,
@@ -412,6 +430,86 @@ impl Run {
             }
         }
         self.commits_must = now;
+        self.check_compacted().await
+    }
+
+    /// The compacted stream's invariants: every record read is one produced, at the offset
+    /// its produce answered, once; for each key, the last record read is its latest
+    /// acknowledged one or later (a tombstone may be gone, and then every older record of
+    /// its key too). Then what is present becomes what must be.
+    async fn check_compacted(&mut self) -> Result<(), Failure> {
+        let info = self
+            .broker()
+            .get_stream(COMPACTED)
+            .map_err(|e| format!("the compacted stream is gone: {e}"))?;
+        let part = &info.partitions[0];
+        let mut present: BTreeMap<u64, String> = BTreeMap::new();
+        let mut last_read: BTreeMap<String, u64> = BTreeMap::new();
+        let mut ids = BTreeSet::new();
+        let mut next = part.start_offset;
+        while next < part.end_offset {
+            let (records, after, _) = self
+                .broker()
+                .fetch_records(COMPACTED, 0, next, 4_096, 0)
+                .await
+                .map_err(|e| format!("fetch compacted from {next}: {e}"))?;
+            if after <= next {
+                return Err(format!("compacted: a fetch from {next} made no progress"));
+            }
+            for r in records {
+                let id = r
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "id")
+                    .and_then(|(_, v)| v.clone())
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+                    .ok_or_else(|| format!("compacted offset {} has no id", r.offset))?;
+                let key = String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned();
+                let Some((want_key, tombstone)) = self.compact_produced.get(&id) else {
+                    return Err(format!("compacted record {id} was never produced"));
+                };
+                if *want_key != key || *tombstone != r.value.is_none() {
+                    return Err(format!("compacted record {id} is not as produced"));
+                }
+                if let Some(value) = &r.value
+                    && value[..] != body(&id)[..]
+                {
+                    return Err(format!("compacted record {id} holds another value"));
+                }
+                if !ids.insert(id.clone()) {
+                    return Err(format!("compacted record {id} is present twice"));
+                }
+                if let Some((&at, _)) = self.compact_must.iter().find(|(_, must)| **must == id)
+                    && at != r.offset
+                {
+                    return Err(format!(
+                        "compacted record {id} moved from {at} to {}",
+                        r.offset
+                    ));
+                }
+                present.insert(r.offset, id);
+                last_read.insert(key, r.offset);
+            }
+            next = after;
+        }
+        let mut latest: BTreeMap<&str, (u64, bool)> = BTreeMap::new();
+        for (offset, id) in &self.compact_must {
+            let (key, tombstone) = &self.compact_produced[id];
+            latest.insert(key.as_str(), (*offset, *tombstone));
+        }
+        for (key, (offset, tombstone)) in latest {
+            match last_read.get(key) {
+                Some(read) if *read >= offset => {}
+                None if tombstone => {}
+                other => {
+                    return Err(format!(
+                        "compacted key {key}: its latest acknowledged record is at {offset}, the last read at {other:?}"
+                    ));
+                }
+            }
+        }
+        self.compact_maybe.clear();
+        self.compact_must = present;
         Ok(())
     }
 
@@ -427,7 +525,8 @@ impl Run {
     async fn step(&mut self) -> Result<bool, Failure> {
         let roll = self.rng.below(100);
         let kind = match roll {
-            0..=27 => Kind::Publish,
+            0..=22 => Kind::Publish,
+            23..=27 => Kind::ProduceCompacted,
             28..=31 => Kind::Produce,
             32..=34 => Kind::Commit,
             35..=54 => Kind::Receive,
@@ -436,7 +535,8 @@ impl Run {
             80..=87 => Kind::Time,
             88..=90 => Kind::Configure,
             91..=93 => Kind::Scratch,
-            94..=97 => Kind::Checkpoint,
+            94..=95 => Kind::Checkpoint,
+            96..=97 => Kind::Compact,
             _ => Kind::Restart,
         };
         let kind = match kind {
@@ -520,6 +620,73 @@ impl Run {
                         Ok(format!("produce {ids:?} at {level:?}"))
                     }
                     Err(e) => Err(format!("produce: {e}")),
+                }
+            }
+            Kind::ProduceCompacted => {
+                let level = if self.rng.chance(0.7) {
+                    AckLevel::Durable
+                } else {
+                    AckLevel::Written
+                };
+                let n = 1 + self.rng.below(6);
+                let (mut records, mut ids) = (Vec::new(), Vec::new());
+                for _ in 0..n {
+                    let id = format!("c{}", self.next_id);
+                    self.next_id += 1;
+                    let key = format!("k{}", self.rng.below(COMPACTED_KEYS));
+                    let tombstone = self.rng.chance(0.15);
+                    self.compact_produced
+                        .insert(id.clone(), (key.clone(), tombstone));
+                    in_flight.push(id.clone());
+                    ids.push(id.clone());
+                    records.push(NewStreamRecord {
+                        key: Some(key.into_bytes()),
+                        value: (!tombstone).then(|| body(&id)),
+                        headers: vec![
+                            ("id".into(), Some(id.clone().into_bytes())),
+                            ("pad".into(), Some(vec![b'x'; 300])),
+                        ],
+                        ..NewStreamRecord::default()
+                    });
+                }
+                let result = self.broker().produce(COMPACTED, &records, level).await;
+                self.idle();
+                match result {
+                    Ok(produced) => {
+                        if level == AckLevel::Durable || !self.fs.is_cut() {
+                            for (id, (_, offset)) in ids.iter().zip(produced.offsets) {
+                                self.compact_must.insert(offset, id.clone());
+                            }
+                            in_flight.clear();
+                        }
+                        Ok(format!("produce compacted {ids:?} at {level:?}"))
+                    }
+                    Err(e) => Err(format!("produce compacted: {e}")),
+                }
+            }
+            Kind::Compact => {
+                // Only segments in a durable checkpoint are rewritten: one first.
+                match self.broker().store().checkpoint() {
+                    Err(e) => Err(format!("checkpoint before compaction: {e}")),
+                    Ok(()) => {
+                        let report = self.broker().compact_once().await;
+                        self.idle();
+                        match report {
+                            None => Ok("compaction: nothing to do".into()),
+                            Some(Ok(r)) => {
+                                self.compacted_away += r.superseded + r.tombstones;
+                                Ok(format!(
+                                    "compaction: {} groups, {} superseded, {} tombstones, cleaned to {}{}",
+                                    r.groups,
+                                    r.superseded,
+                                    r.tombstones,
+                                    r.cleaned_to,
+                                    if r.interrupted { " (interrupted)" } else { "" }
+                                ))
+                            }
+                            Some(Err(e)) => Err(format!("compaction: {e}")),
+                        }
+                    }
                 }
             }
             Kind::Commit => {
@@ -679,8 +846,11 @@ impl Run {
         }
         if cut {
             self.cut_in = Some(kind);
+            self.cuts_in_compaction += u64::from(kind == Kind::Compact);
             if kind == Kind::Produce {
                 self.stream_maybe.extend(in_flight);
+            } else if kind == Kind::ProduceCompacted {
+                self.compact_maybe.extend(in_flight);
             } else {
                 self.maybe.extend(in_flight);
             }
@@ -730,6 +900,16 @@ impl Run {
             .put_stream(STREAM, &partitions)
             .await
             .map_err(|e| e.to_string())?;
+        let compacted = StreamPatch {
+            cleanup: Some(Cleanup::Compact),
+            delete_retention_ms: Some(30_000),
+            min_dirty_ratio: Some(0.0),
+            ..StreamPatch::default()
+        };
+        self.broker()
+            .put_stream(COMPACTED, &compacted)
+            .await
+            .map_err(|e| e.to_string())?;
         self.idle();
         for epoch in 0..epochs {
             let cut = 1 + self.rng.below(steps * 8);
@@ -776,6 +956,11 @@ fn run_seed(seed: u64, epochs: u64, steps: u64) -> (Run, Result<(), Failure>) {
         commits_must: BTreeMap::new(),
         commit_maybe: None,
         stream_starts: BTreeMap::new(),
+        compact_produced: BTreeMap::new(),
+        compact_must: BTreeMap::new(),
+        compact_maybe: BTreeSet::new(),
+        compacted_away: 0,
+        cuts_in_compaction: 0,
         retained_away: 0,
         history: Vec::new(),
         power_losses: 0,
@@ -859,6 +1044,7 @@ fn broker_power_losses_never_lose_acknowledged_messages() {
     };
     let started = std::time::Instant::now();
     let (mut losses, mut steps, mut dups, mut retained) = (0, 0, 0, 0);
+    let (mut compacted, mut compaction_cuts) = (0, 0);
     for &seed in &seeds {
         let (run, result) = run_seed(seed, EPOCHS, STEPS);
         if let Err(failure) = result {
@@ -871,9 +1057,11 @@ fn broker_power_losses_never_lose_acknowledged_messages() {
         steps += run.steps;
         dups += run.duplicates_after_moves;
         retained += run.retained_away;
+        compacted += run.compacted_away;
+        compaction_cuts += run.cuts_in_compaction;
     }
     println!(
-        "{} seeds: {steps} steps, {losses} power losses, {dups} duplicates after a move in flight, {retained} checks after retention moved a start, {:.1} s",
+        "{} seeds: {steps} steps, {losses} power losses, {dups} duplicates after a move in flight, {retained} checks after retention moved a start, {compacted} records compacted away, {compaction_cuts} cuts during a compaction, {:.1} s",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );
@@ -881,6 +1069,14 @@ fn broker_power_losses_never_lose_acknowledged_messages() {
         assert!(
             retained > 0,
             "retention never ran: the simulation does not exercise it"
+        );
+        assert!(
+            compacted > 0,
+            "compaction never removed a record: the simulation does not exercise it"
+        );
+        assert!(
+            compaction_cuts > 0,
+            "no power cut during a compaction: the simulation does not exercise it"
         );
     }
 }
