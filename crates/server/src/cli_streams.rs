@@ -43,8 +43,12 @@ pub struct StreamConfigFlags {
     /// Partitions: set at create (default 1), can grow, never shrink.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub partitions: Option<u32>,
+    /// What happens to old records: delete (retention by age and size), compact (the
+    /// latest record per key stays; every record needs a key) or compact+delete.
+    #[arg(long, value_parser = ["delete", "compact", "compact+delete"])]
+    pub cleanup: Option<String>,
     /// Set any field; the value is JSON or else a string, e.g.
-    /// --set timestamp_type=log_append_time.
+    /// --set timestamp_type=log_append_time, --set retention_ms=86400000.
     #[arg(long, value_name = "FIELD=VALUE")]
     pub set: Vec<String>,
 }
@@ -64,18 +68,23 @@ impl StreamConfigFlags {
         if let Some(n) = self.partitions {
             patch["partitions"] = json!(n);
         }
+        if let Some(cleanup) = &self.cleanup {
+            patch["cleanup"] = json!(cleanup);
+        }
         Ok(patch)
     }
 
     fn is_empty(&self) -> bool {
-        self.partitions.is_none() && self.set.is_empty()
+        self.partitions.is_none() && self.cleanup.is_none() && self.set.is_empty()
     }
 }
 
 #[derive(Debug, clap::Subcommand)]
 pub enum StreamCommand {
     /// Create a stream (or change an existing one's configuration).
-    #[command(after_help = "Example: tidewater stream create readings --partitions 8")]
+    #[command(
+        after_help = "Examples:\n  tidewater stream create readings --partitions 8\n  tidewater stream create prices --cleanup compact --set delete_retention_ms=3600000"
+    )]
     Create {
         name: String,
         #[command(flatten)]

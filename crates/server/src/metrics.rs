@@ -506,7 +506,7 @@ fn encode_streams(
         &'static str,
         fn(&tidewater_core::broker::StreamCounters) -> u64,
     );
-    let counters: [CounterStat; 6] = [
+    let counters: [CounterStat; 13] = [
         (
             "stream_produce_requests",
             "Produce requests that appended to the stream (HTTP produces and binary StreamProduce frames)",
@@ -537,6 +537,45 @@ fn encode_streams(
             "Segment bytes retention deleted from the stream (the files go at the next checkpoint)",
             |c| c.deleted_bytes,
         ),
+        (
+            "stream_compaction_passes",
+            "Compaction passes that rewrote segments of the stream",
+            |c| c.compaction.passes,
+        ),
+        (
+            "stream_compaction_reclaimed_bytes",
+            "Segment bytes compaction gave back (bytes rewritten minus what they came to)",
+            |c| {
+                c.compaction
+                    .bytes_before
+                    .saturating_sub(c.compaction.bytes_after)
+            },
+        ),
+        (
+            "stream_compaction_superseded_records",
+            "Records compaction removed because a later record has their key",
+            |c| c.compaction.superseded,
+        ),
+        (
+            "stream_compaction_tombstones_removed",
+            "Tombstones compaction removed once their delete horizon passed",
+            |c| c.compaction.tombstones,
+        ),
+        (
+            "stream_compaction_keyless_removed",
+            "Records without a key compaction removed (written before the stream was compacted)",
+            |c| c.compaction.keyless,
+        ),
+        (
+            "stream_compaction_compressed_batches_kept",
+            "Compressed batches compaction kept whole (it does not decompress them yet)",
+            |c| c.compaction.compressed_batches,
+        ),
+        (
+            "stream_compaction_milliseconds",
+            "Time spent in compaction passes over the stream",
+            |c| c.compaction.pass_ms,
+        ),
     ];
     let stream_counters = broker.stream_counters();
     for (name, help, value) in counters {
@@ -551,6 +590,15 @@ fn encode_streams(
                 stream: stream.clone(),
             })?)?;
         }
+    }
+    let mut family = encoder.encode_descriptor(
+        "stream_compaction_dirty_ratio",
+        "Share of a compacted stream's rewritable bytes written since its partitions were last compacted (a pass runs past the stream's min_dirty_ratio)",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (stream, ratio) in broker.compaction_dirty_ratios() {
+        ConstGauge::new(ratio).encode(family.encode_family(&StreamLabel { stream })?)?;
     }
     let cap = broker.limits().max_partition_metrics;
     if cap > 0 {

@@ -506,6 +506,28 @@ fn stream_schemas(limits: &Limits) -> Value {
     };
     let (retention_ms_or_null, retention_bytes_or_null) =
         (or_null(&retention_ms), or_null(&retention_bytes));
+    let cleanup = json!({"type": "string", "enum": ["delete", "compact", "compact+delete"],
+        "description": "delete (the default): retention deletes old records; compact: the latest record per key stays (every record needs a key; retention deletes nothing); compact+delete: both (Kafka's cleanup.policy; compact,delete is taken too)"});
+    let mut cleanup_or_null = cleanup.clone();
+    cleanup_or_null["type"] = json!(["string", "null"]);
+    cleanup_or_null["enum"] = json!([
+        "delete",
+        "compact",
+        "compact+delete",
+        "compact,delete",
+        "delete,compact",
+        null
+    ]);
+    let delete_retention_ms = json!({"type": "integer", "minimum": 0, "maximum": i64::MAX,
+        "description": "on a compacted stream, how long (ms) a tombstone stays after the compaction that first kept it (Kafka's delete.retention.ms; default a day)"});
+    let min_dirty_ratio = json!({"type": "number", "minimum": 0, "maximum": 1,
+        "description": "on a compacted stream, a partition is compacted once this share of its sealed bytes was written since its last compaction (Kafka's min.cleanable.dirty.ratio; default 0.5)"});
+    let (delete_retention_ms_or_null, min_dirty_ratio_or_null) = {
+        let (mut a, mut b) = (delete_retention_ms.clone(), min_dirty_ratio.clone());
+        a["type"] = json!(["integer", "null"]);
+        b["type"] = json!(["number", "null"]);
+        (a, b)
+    };
     let mut timestamp_type_or_null = timestamp_type.clone();
     timestamp_type_or_null["type"] = json!(["string", "null"]);
     timestamp_type_or_null["enum"] = json!(["create_time", "log_append_time", null]);
@@ -546,12 +568,15 @@ fn stream_schemas(limits: &Limits) -> Value {
             "value_base64": {"type": "string", "pattern": BASE64_PATTERN, "description": "the value otherwise"},
             "headers": {"type": "object", "additionalProperties": {"type": "string"}}}});
     json!({
-        "StreamConfig": {"type": "object", "additionalProperties": false, "required": ["partitions", "timestamp_type", "retention_ms", "retention_bytes"], "properties": {
+        "StreamConfig": {"type": "object", "additionalProperties": false, "required": ["partitions", "timestamp_type", "retention_ms", "retention_bytes", "cleanup", "delete_retention_ms", "min_dirty_ratio"], "properties": {
             "partitions": partitions, "timestamp_type": timestamp_type,
-            "retention_ms": retention_ms, "retention_bytes": retention_bytes}},
+            "retention_ms": retention_ms, "retention_bytes": retention_bytes,
+            "cleanup": cleanup, "delete_retention_ms": delete_retention_ms, "min_dirty_ratio": min_dirty_ratio}},
         "StreamConfigPatch": {"type": "object", "additionalProperties": false, "properties": {
             "partitions": partitions_or_null, "timestamp_type": timestamp_type_or_null,
-            "retention_ms": retention_ms_or_null, "retention_bytes": retention_bytes_or_null}},
+            "retention_ms": retention_ms_or_null, "retention_bytes": retention_bytes_or_null,
+            "cleanup": cleanup_or_null, "delete_retention_ms": delete_retention_ms_or_null,
+            "min_dirty_ratio": min_dirty_ratio_or_null}},
         "PutStreamRequest": {
             "description": "the configuration patch, or {\"config\": patch} as GET returns it",
             "anyOf": [schema_ref("StreamConfigPatch"),
