@@ -691,22 +691,33 @@ async fn fetcher(shared: Arc<Shared>, tx: mpsc::Sender<Chunk>) {
                 continue;
             }
             let stream: Arc<str> = Arc::from(tp.0.as_str());
-            let records = match decode(&stream, tp.1, answer.records, offset) {
-                Ok(records) => records,
+            let (records, next) = match decode(&stream, tp.1, answer.records, offset) {
+                Ok(decoded) => decoded,
                 Err(err) => {
                     shared.fail(err);
                     continue;
                 }
             };
-            let Some(last) = records.last().map(|r| r.offset) else {
-                continue;
-            };
             {
                 let mut state = shared.state.lock();
                 match state.held.get_mut(&tp) {
-                    Some(held) if Arc::ptr_eq(&held.cursor, &cursor) => held.fetch = last + 1,
+                    // On past the batches' offsets, records or not: a compacted partition's
+                    // batches span offsets whose records are gone (the fetch used to stay
+                    // on such a batch for ever).
+                    Some(held) if Arc::ptr_eq(&held.cursor, &cursor) => held.fetch = next,
                     _ => continue, // given up or sought meanwhile
                 }
+            }
+            if records.is_empty() {
+                // Nothing handed out is pending before `offset`: the position moves past
+                // the gap too (what a commit saves).
+                let _ = cursor.consumed.compare_exchange(
+                    offset,
+                    next,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+                continue;
             }
             if tx.send(Chunk { cursor, records }).await.is_err() {
                 return;
@@ -715,13 +726,14 @@ async fn fetcher(shared: Arc<Shared>, tx: mpsc::Sender<Chunk>) {
     }
 }
 
-/// The records of a fetched record set from `from` on, each batch's CRC checked.
+/// The records of a fetched record set from `from` on, each batch's CRC checked, and the
+/// offset after the last batch's (a batch may span offsets past its last record).
 fn decode(
     stream: &Arc<str>,
     partition: u32,
     set: Vec<u8>,
     from: u64,
-) -> Result<Vec<StreamRecord>, ClientError> {
+) -> Result<(Vec<StreamRecord>, u64), ClientError> {
     let bad = |why: String| {
         ClientError::Protocol(format!(
             "partition {partition} of stream '{stream}': a fetched batch is invalid: {why}"
@@ -729,6 +741,7 @@ fn decode(
     };
     let set = Bytes::from(set);
     let mut out = Vec::new();
+    let mut next = from;
     for batch in split_kafka_batches(&set) {
         let batch = batch.map_err(|e| bad(e.to_string()))?;
         let header = check_kafka_batch(batch).map_err(|e| bad(e.to_string()))?;
@@ -739,6 +752,7 @@ fn decode(
             )));
         }
         let base = u64::try_from(header.base_offset).map_err(|_| bad("negative offset".into()))?;
+        next = next.max(base + header.offset_span());
         for found in batch_records(batch, &header, base, from) {
             let BatchRecord {
                 offset,
@@ -768,5 +782,5 @@ fn decode(
             });
         }
     }
-    Ok(out)
+    Ok((out, next))
 }
