@@ -46,8 +46,10 @@ pub struct BenchArgs {
     /// end-to-end latency measured at the consumer; binary protocol) or stream (produce
     /// --messages records to --streams streams of --partitions partitions through one
     /// stream producer, then read them all with one group consumer committing every
-    /// second; binary protocol).
-    #[arg(long, default_value = "throughput", value_parser = ["throughput", "latency", "stream"])]
+    /// second; binary protocol) or compaction (fill a stream with --messages records of
+    /// --keys keys, then produce keyed records at --rate for --duration-s twice: before
+    /// the stream is compacted and while it is; compaction MB/s and produce latency).
+    #[arg(long, default_value = "throughput", value_parser = ["throughput", "latency", "stream", "compaction"])]
     pub workload: String,
     /// Stream workload: streams to spread the records over.
     #[arg(long, default_value_t = 1)]
@@ -55,6 +57,9 @@ pub struct BenchArgs {
     /// Stream workload: partitions per stream.
     #[arg(long, default_value_t = 8)]
     pub partitions: u32,
+    /// Compaction workload: the server's [limits] compaction_bytes_per_s (0: no limit).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub compaction_bytes_per_s: u64,
     /// Latency workload: messages per second.
     #[arg(long, default_value_t = 10_000)]
     pub rate: u64,
@@ -129,13 +134,23 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn spawn_server() -> anyhow::Result<(String, String, Spawned)> {
+    spawn_server_with(None)
+}
+
+/// A server on a new directory, with a configuration file of `config` when given.
+fn spawn_server_with(config: Option<&str>) -> anyhow::Result<(String, String, Spawned)> {
     let dir = tempfile_dir::Dir::new()?;
     let port = free_port()?;
     let protocol_port = free_port()?;
     let exe = std::env::current_exe()?;
-    let child = Command::new(exe)
-        .args(["serve", "--data"])
-        .arg(&dir.0)
+    let mut command = Command::new(exe);
+    command.args(["serve", "--data"]).arg(dir.0.join("data"));
+    if let Some(config) = config {
+        let path = dir.0.join("bench.toml");
+        std::fs::write(&path, config)?;
+        command.arg("--config").arg(path);
+    }
+    let child = command
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--protocol-listen", &format!("127.0.0.1:{protocol_port}")])
         .env("TIDEWATER_LOG", "warn")
@@ -196,6 +211,9 @@ struct ReceivedMessage {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.batch == 0 || args.producers == 0 || args.consumers == 0 || args.receive_batch == 0 {
         bail!("--batch, --producers, --consumers and --receive-batch must be at least 1");
+    }
+    if args.workload == "compaction" {
+        return compaction_workload(&args);
     }
     let (url, protocol_addr, spawned) = match &args.target {
         Some(url) => (url.clone(), args.target_protocol.clone(), None),
@@ -612,6 +630,168 @@ fn stream_workload(
         "server_peak_rss_mib": end.map(|u| u.0 as f64 / (1 << 20) as f64),
         "server_rss_end_mib": rss_end.map(|b| b as f64 / (1 << 20) as f64),
     }))
+}
+
+/// The compaction workload (its own server: 8 MiB segments, checkpoints each second):
+/// fill one partition with `--messages` records of `--size` bytes over `--keys` keys; then
+/// produce keyed records at `--rate` for `--duration-s`, measuring each send-to-ack
+/// latency, twice: with the stream not compacted (`cleanup: delete`, nothing else running)
+/// and right after it is switched to `compact`, while the background pass runs. Reports
+/// the pass's throughput (segment bytes rewritten per second of pass), what it reclaimed,
+/// and both latency distributions.
+fn compaction_workload(args: &BenchArgs) -> anyhow::Result<()> {
+    use tidewater_client::{Client as BinaryClient, ClientOptions, Record, StreamProducerOptions};
+    if args.keys == 0 || args.rate == 0 || args.duration_s == 0 {
+        bail!("the compaction workload needs --keys, --rate and --duration-s of at least 1");
+    }
+    if args.target.is_some() {
+        bail!("the compaction workload starts its own server (it needs small segments)");
+    }
+    let (url, addr, spawned) = spawn_server_with(Some(&format!(
+        "[storage]\nsegment_roll_bytes = 8388608\ncheckpoint_interval_ms = 1000\n[limits]\ncompaction_bytes_per_s = {}\n",
+        args.compaction_bytes_per_s
+    )))?;
+    let http = Client::new(&url);
+    http.call(
+        "PUT",
+        "/v1/streams/table",
+        Some(json!({"partitions": 1, "cleanup": "delete", "retention_ms": -1}).to_string().as_bytes()),
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let keys = args.keys;
+    let size = args.size.max(8);
+    let fill_s = runtime.block_on(async {
+        let client = BinaryClient::new(&addr, ClientOptions::default());
+        let producer = client.stream_producer(
+            "table",
+            StreamProducerOptions {
+                max_batch_records: args.batch,
+                ..StreamProducerOptions::default()
+            },
+        );
+        let started = Instant::now();
+        let mut window = std::collections::VecDeque::new();
+        for i in 0..args.messages {
+            let record = Record::new(vec![b'v'; size]).with_key(format!("key-{}", i % keys));
+            window.push_back(Box::pin(producer.send(record)));
+            if window.len() >= 50_000 {
+                window.pop_front().unwrap().await?;
+            }
+        }
+        for send in window {
+            send.await?;
+        }
+        Ok::<_, anyhow::Error>(started.elapsed().as_secs_f64())
+    })?;
+    let paced = |phase: &str| -> anyhow::Result<Vec<f64>> {
+        runtime.block_on(async {
+            let client = BinaryClient::new(&addr, ClientOptions::default());
+            let producer = client.stream_producer("table", StreamProducerOptions::default());
+            let total = args.rate * args.duration_s;
+            let per_tick = (args.rate / 1000).max(1);
+            let mut interval = tokio::time::interval(Duration::from_millis(1));
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut pending = Vec::with_capacity(total as usize);
+            let mut sent = 0;
+            while sent < total {
+                interval.tick().await;
+                for _ in 0..per_tick.min(total - sent) {
+                    let record = Record::new(vec![b'n'; size])
+                        .with_key(format!("key-{}", fastrand::u64(..keys)));
+                    let started = Instant::now();
+                    let send = producer.send(record);
+                    pending.push(tokio::spawn(async move {
+                        send.await.map(|_| started.elapsed().as_secs_f64())
+                    }));
+                    sent += 1;
+                }
+            }
+            let mut latencies = Vec::with_capacity(pending.len());
+            for send in pending {
+                latencies.push(send.await?.with_context(|| format!("a produce ({phase})"))?);
+            }
+            latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            Ok(latencies)
+        })
+    };
+    let metric = |name: &str| -> f64 {
+        let text = http
+            .call_raw("GET", "/metrics", None)
+            .map(|(_, bytes)| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with(&format!("tidewater_stream_compaction_{name}{{stream=\"table\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    // Twice before: the spread between the two is the noise the third is compared with.
+    let control = paced("before compaction")?;
+    let before = paced("before compaction")?;
+    let bytes_before = http.get("/v1/streams/table")?["partitions"][0]["bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    http.call(
+        "PUT",
+        "/v1/streams/table",
+        Some(json!({"cleanup": "compact"}).to_string().as_bytes()),
+    )?;
+    let during = paced("during compaction")?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while metric("dirty_ratio") > 0.5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let info = http.get("/v1/streams/table")?;
+    let bytes_now = info["partitions"][0]["bytes"].as_u64().unwrap_or(0);
+    let pass_s = metric("milliseconds_total") / 1000.0;
+    let rewritten = metric("reclaimed_bytes_total");
+    let passes = metric("passes_total");
+    drop(spawned);
+    let ms = |l: &[f64], p: f64| percentile(l, p) * 1000.0;
+    let bytes_in = args.messages as f64 * (size as f64 + 20.0);
+    let result = json!({
+        "workload": "compaction",
+        "records": args.messages,
+        "keys": keys,
+        "size": size,
+        "fill_records_per_s": (args.messages as f64 / fill_s).round(),
+        "compaction_passes": passes,
+        "compaction_bytes_per_s_limit": args.compaction_bytes_per_s,
+        "compaction_pass_s": pass_s,
+        "reclaimed_mib": rewritten / (1 << 20) as f64,
+        "compaction_mib_per_s": if pass_s > 0.0 { bytes_before as f64 / (1 << 20) as f64 / pass_s } else { 0.0 },
+        "stream_mib_before": bytes_before as f64 / (1 << 20) as f64,
+        "records_mib": bytes_in / (1 << 20) as f64,
+        "stream_mib_after": bytes_now as f64 / (1 << 20) as f64,
+        "rate": args.rate,
+        "duration_s": args.duration_s,
+        "produce_p99_ms_control": ms(&control, 0.99),
+        "produce_p50_ms_before": ms(&before, 0.5),
+        "produce_p99_ms_before": ms(&before, 0.99),
+        "produce_p50_ms_during": ms(&during, 0.5),
+        "produce_p99_ms_during": ms(&during, 0.99),
+    });
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        let f = |k: &str| result[k].as_f64().unwrap_or(0.0);
+        outln!(
+            "tidewater bench compaction: {} records of {} B over {} keys in one partition, then {} keyed records/s for {} s before and during compaction (durable, binary protocol)",
+            args.messages, size, keys, args.rate, args.duration_s
+        );
+        outln!("  fill                {:>10.0} records/s", f("fill_records_per_s"));
+        outln!(
+            "  compaction          {:>10.1} MiB/s over {:.2} s of passes ({} passes), {:.1} MiB reclaimed",
+            f("compaction_mib_per_s"), f("compaction_pass_s"), f("compaction_passes"), f("reclaimed_mib")
+        );
+        outln!(
+            "  produce latency     p50 {:.2} ms, p99 {:.2} ms before (p99 {:.2} ms in a first run before); p50 {:.2} ms, p99 {:.2} ms during compaction",
+            f("produce_p50_ms_before"), f("produce_p99_ms_before"), f("produce_p99_ms_control"), f("produce_p50_ms_during"), f("produce_p99_ms_during")
+        );
+    }
+    Ok(())
 }
 
 /// Publishes through tidewater-client: `producers` producers, each sending its share as

@@ -204,13 +204,18 @@ enum Command {
     Barrier(std::sync::mpsc::Sender<()>),
     Shutdown(std::sync::mpsc::Sender<()>),
     /// Put a rewritten segment in the place of the sealed ones it stands for (compaction);
-    /// answers whether it did.
+    /// answers the log's directory and the other files it replaced, or `None` when it did
+    /// not take their place.
     Replace {
         uid: u64,
         segment: Segment,
-        reply: std::sync::mpsc::Sender<Result<bool, WriteError>>,
+        reply: std::sync::mpsc::Sender<Result<Option<Replaced>, WriteError>>,
     },
 }
+
+/// A rewritten segment in place: its log's directory, and the other files of the run it
+/// replaced (removed by the caller once the rename is durable).
+type Replaced = (PathBuf, Vec<PathBuf>);
 
 /// The cache of open segment files (`Store::segment_files`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -917,7 +922,30 @@ impl Store {
             }
             return Err(WriteError::ShuttingDown);
         }
-        rx.recv().unwrap_or(Err(WriteError::ShuttingDown))
+        let Some((dir, old)) = rx.recv().unwrap_or(Err(WriteError::ShuttingDown))? else {
+            return Ok(false);
+        };
+        // The rename durable before the other files go: a power loss in between brings
+        // back files whose offsets the new one holds, which the open removes.
+        let io = &rewrite.io;
+        if rewrite.fsync
+            && let Err(err) = fsync_dir(io, &dir)
+        {
+            self.shared.poison(&format!(
+                "fsync of {} after a compaction failed: {err}",
+                dir.display()
+            ));
+            return Err(WriteError::Poisoned);
+        }
+        for path in old {
+            if let Err(err) = io.fs.remove_file(&path) {
+                // Harmless: the open removes a merged segment's leftover file.
+                tracing::warn!(path = %path.display(), error = %err, "could not remove a compacted segment's old file");
+            } else {
+                io.faults.note(|| FsOp::Remove(path.clone()));
+            }
+        }
+        Ok(true)
     }
 
     /// What the open dropped as missing, with `StoreOptions::repair_missing` (empty
@@ -2089,10 +2117,15 @@ impl Writer {
     }
 
     /// Renames a rewritten segment over the sealed ones it stands for (`LogFiles::replace`,
-    /// under the log's lock: no reader is between two files), makes the rename durable,
-    /// then removes the other files it replaced. `Ok(false)`, the file removed, when those
-    /// segments are gone or not all in a durable checkpoint yet.
-    fn replace_segments(&mut self, uid: u64, segment: Segment) -> Result<bool, WriteError> {
+    /// under the log's lock: no reader is between two files); the caller makes the rename
+    /// durable and removes the other files. `Ok(None)`, the file removed, when those
+    /// segments are gone or not all in a durable checkpoint yet. (Only the rename is the
+    /// writer's: the directory's fsync would hold up the appends behind it.)
+    fn replace_segments(
+        &mut self,
+        uid: u64,
+        segment: Segment,
+    ) -> Result<Option<Replaced>, WriteError> {
         let io = self.shared.io();
         if self.shared.poisoned.load(Ordering::SeqCst) {
             discard_rewrite(&io, segment);
@@ -2100,46 +2133,28 @@ impl Writer {
         }
         let Some(log) = self.logs.get(&uid) else {
             discard_rewrite(&io, segment);
-            return Ok(false);
+            return Ok(None);
         };
         if segment.end > log.shared.checkpointed_end.load(Ordering::Acquire) {
             discard_rewrite(&io, segment);
-            return Ok(false);
+            return Ok(None);
         }
         let temp = segment.path.clone();
         let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
         let dir = files.dir.clone();
         let replaced = files.replace(segment);
         drop(files);
-        let old = match replaced {
-            Ok(Some(old)) => old,
+        match replaced {
+            Ok(Some(old)) => Ok(Some((dir, old))),
             Ok(None) => {
                 let _ = io.fs.remove_file(&temp);
-                return Ok(false);
+                Ok(None)
             }
             Err(err) => {
                 let _ = io.fs.remove_file(&temp);
-                return Err(WriteError::from_io(&err));
-            }
-        };
-        if self.shared.opts.fsync
-            && let Err(err) = fsync_dir(&io, &dir)
-        {
-            self.shared.poison(&format!(
-                "fsync of {} after a compaction failed: {err}",
-                dir.display()
-            ));
-            return Err(WriteError::Poisoned);
-        }
-        for path in old {
-            if let Err(err) = io.fs.remove_file(&path) {
-                // Harmless: the open removes a merged segment's leftover file.
-                tracing::warn!(path = %path.display(), error = %err, "could not remove a compacted segment's old file");
-            } else {
-                io.faults.note(|| FsOp::Remove(path.clone()));
+                Err(WriteError::from_io(&err))
             }
         }
-        Ok(true)
     }
 
     /// Makes everything written so far durable without the journal, then starts a new
