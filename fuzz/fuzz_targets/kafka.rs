@@ -2,14 +2,17 @@
 //! partition stores them: batches back to back, each checked (length, magic, CRC, offset
 //! fields, every record of an uncompressed batch), its records walked with their headers.
 //! Whatever checks must rebuild (`KafkaBatchBuilder`) into a batch that checks and holds
-//! the same records, and stamp (base offset, append time) into one that still checks.
+//! the same records, and stamp (base offset, append time) into one that still checks;
+//! compaction's rebuild (`rebuild_kafka_batch`: some records kept, the span widened, a
+//! delete horizon set) must give a batch that checks and holds exactly the records kept, at
+//! their offsets and times.
 //! First byte odd: each batch's length and CRC are repaired first.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tidewater_format::kafka::{
-    KAFKA_HEADER_LEN, KafkaBatchBuilder, KafkaRecords, NewKafkaRecord, check_kafka_batch,
-    split_kafka_batches, stamp_kafka_batch,
+    KAFKA_HEADER_LEN, KafkaBatchBuilder, KafkaRecords, NewKafkaRecord, batch_records,
+    check_kafka_batch, rebuild_kafka_batch, split_kafka_batches, stamp_kafka_batch,
 };
 use tidewater_fuzz::mode;
 
@@ -54,6 +57,41 @@ fuzz_target!(|data: &[u8]| {
         assert!(stamped.is_log_append_time());
         if header.compression() != 0 {
             continue;
+        }
+        // Compaction's rebuild: every other record (from a parity the data chooses) kept,
+        // the span widened by 3 on each side, a delete horizon on odd batches.
+        if let Ok(base) = u64::try_from(header.base_offset)
+            && base >= 3
+            && base < u64::MAX / 4
+        {
+            let parity = u64::from(batch.len() % 2 == 0);
+            let before: Vec<(u64, i64, Option<Vec<u8>>, Option<Vec<u8>>)> =
+                batch_records(batch, &header, base, 0)
+                    .map(|r| {
+                        let r = r.expect("a checked batch's records walk");
+                        (r.offset, r.timestamp, r.record.key.map(<[u8]>::to_vec), r.record.value.map(<[u8]>::to_vec))
+                    })
+                    .collect();
+            let span = (base - 3, base + header.offset_span() + 3);
+            let horizon = (parity == 1).then_some(9_999);
+            let rebuilt = rebuild_kafka_batch(batch, &header, base, span, horizon, &mut |r| {
+                r.offset % 2 == parity
+            })
+            .expect("a checked batch rebuilds");
+            {
+                let again = check_kafka_batch(&rebuilt).expect("a compacted batch checks");
+                assert_eq!(again.offset_span(), span.1 - span.0);
+                assert_eq!(again.delete_horizon(), horizon.or(header.delete_horizon()));
+                let after: Vec<(u64, i64, Option<Vec<u8>>, Option<Vec<u8>>)> =
+                    batch_records(&rebuilt, &again, span.0, 0)
+                        .map(|r| {
+                            let r = r.expect("a compacted batch's records walk");
+                            (r.offset, r.timestamp, r.record.key.map(<[u8]>::to_vec), r.record.value.map(<[u8]>::to_vec))
+                        })
+                        .collect();
+                let kept: Vec<_> = before.into_iter().filter(|r| r.0 % 2 == parity).collect();
+                assert_eq!(after, kept, "the records kept, as they were");
+            }
         }
         // Checked: every record parses. Rebuilt, the records are the same (offsets close up).
         let mut owned: Vec<Owned> = Vec::new();

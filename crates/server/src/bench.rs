@@ -655,7 +655,11 @@ fn compaction_workload(args: &BenchArgs) -> anyhow::Result<()> {
     http.call(
         "PUT",
         "/v1/streams/table",
-        Some(json!({"partitions": 1, "cleanup": "delete", "retention_ms": -1}).to_string().as_bytes()),
+        Some(
+            json!({"partitions": 1, "cleanup": "delete", "retention_ms": -1})
+                .to_string()
+                .as_bytes(),
+        ),
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -711,7 +715,10 @@ fn compaction_workload(args: &BenchArgs) -> anyhow::Result<()> {
             }
             let mut latencies = Vec::with_capacity(pending.len());
             for send in pending {
-                latencies.push(send.await?.with_context(|| format!("a produce ({phase})"))?);
+                latencies.push(
+                    send.await?
+                        .with_context(|| format!("a produce ({phase})"))?,
+                );
             }
             latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
             Ok(latencies)
@@ -723,7 +730,11 @@ fn compaction_workload(args: &BenchArgs) -> anyhow::Result<()> {
             .map(|(_, bytes)| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default();
         text.lines()
-            .find(|l| l.starts_with(&format!("tidewater_stream_compaction_{name}{{stream=\"table\"}}")))
+            .find(|l| {
+                l.starts_with(&format!(
+                    "tidewater_stream_compaction_{name}{{stream=\"table\"}}"
+                ))
+            })
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0.0)
     };
@@ -779,16 +790,30 @@ fn compaction_workload(args: &BenchArgs) -> anyhow::Result<()> {
         let f = |k: &str| result[k].as_f64().unwrap_or(0.0);
         outln!(
             "tidewater bench compaction: {} records of {} B over {} keys in one partition, then {} keyed records/s for {} s before and during compaction (durable, binary protocol)",
-            args.messages, size, keys, args.rate, args.duration_s
+            args.messages,
+            size,
+            keys,
+            args.rate,
+            args.duration_s
         );
-        outln!("  fill                {:>10.0} records/s", f("fill_records_per_s"));
+        outln!(
+            "  fill                {:>10.0} records/s",
+            f("fill_records_per_s")
+        );
         outln!(
             "  compaction          {:>10.1} MiB/s over {:.2} s of passes ({} passes), {:.1} MiB reclaimed",
-            f("compaction_mib_per_s"), f("compaction_pass_s"), f("compaction_passes"), f("reclaimed_mib")
+            f("compaction_mib_per_s"),
+            f("compaction_pass_s"),
+            f("compaction_passes"),
+            f("reclaimed_mib")
         );
         outln!(
             "  produce latency     p50 {:.2} ms, p99 {:.2} ms before (p99 {:.2} ms in a first run before); p50 {:.2} ms, p99 {:.2} ms during compaction",
-            f("produce_p50_ms_before"), f("produce_p99_ms_before"), f("produce_p99_ms_control"), f("produce_p50_ms_during"), f("produce_p99_ms_during")
+            f("produce_p50_ms_before"),
+            f("produce_p99_ms_before"),
+            f("produce_p99_ms_control"),
+            f("produce_p50_ms_during"),
+            f("produce_p99_ms_during")
         );
     }
     Ok(())
