@@ -34,7 +34,9 @@ stands. The rules (each is also in the document's descriptions):
 - the queue's state: a batch larger than the queue's whole capacity (max_messages, max_bytes:
   its configuration, which the stateful phase may have set to 1) is 413 exceeds_capacity;
 - the stream's state: a fetch from an offset past its partition's end is 400
-  offset_out_of_range (the reply names the end, checked against the offset asked).
+  offset_out_of_range (the reply names the end, checked against the offset asked); a
+  record without a key produced to a compacted stream (its configuration, which the stateful
+  phase may have set) is 400 invalid_message (the reply names the record, checked keyless).
 
 `map_case` does for stream produces what it does for publishes: record keys, values and
 header names and values are cut to their limits in UTF-8 bytes.
@@ -328,6 +330,12 @@ def filter_failure(context, failure, case, response) -> bool:
     if label == "POST /v1/streams/{stream}/records" and code in ("invalid_message", "message_too_large"):
         if _record_bytes_over(operation, request):
             return _excuse("produce: a key, value or header over its limit in bytes")
+        keyless = re.match(r"record (\d+) has no key: the stream is compacted", message)
+        records = request.get("records") if isinstance(request, dict) else None
+        if keyless and isinstance(records, list) and int(keyless.group(1)) < len(records):
+            record = records[int(keyless.group(1))]
+            if isinstance(record, dict) and record.get("key") is None and record.get("key_base64") is None:
+                return _excuse("produce: a keyless record to a compacted stream")
     if label == "POST /v1/groups/{group}/offsets/reset" and code == "invalid_request":
         body = request if isinstance(request, dict) else {}
         targets = [k for k in ("to", "to_datetime", "shift_by", "to_offset") if body.get(k) is not None]
