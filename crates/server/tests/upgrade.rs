@@ -1,9 +1,10 @@
-//! Data directories written by the previous release open, and their queues work unchanged.
+//! Data directories written by earlier builds open, and what they hold works unchanged.
 //!
 //! The fixtures were written by `tidewater` at commit c9bac48 (the last release before
-//! streams; see ../fixtures/upgrade-c9bac48/README.md for the commands): `clean` was shut
-//! down with SIGTERM (recovery reads a checkpoint), `killed` with SIGKILL after more work
-//! (recovery also replays the journal).
+//! streams; see ../fixtures/upgrade-c9bac48/README.md for the commands) and at 6bba711
+//! (streams, groups, compaction; scripts/make-upgrade-fixture): `clean` was shut down with
+//! SIGTERM (recovery reads a checkpoint), `killed` with SIGKILL after more work (recovery
+//! also replays the journal).
 
 use std::path::Path;
 
@@ -26,11 +27,16 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// A copy of a fixture, served by this build.
 fn open(fixture: &str) -> (tempfile::TempDir, Server) {
+    open_from("upgrade-c9bac48", fixture)
+}
+
+fn open_from(release: &str, fixture: &str) -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     copy_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/upgrade-c9bac48")
+            .join("tests/fixtures")
+            .join(release)
             .join(fixture),
         &data,
     );
@@ -85,5 +91,91 @@ fn a_data_directory_of_the_previous_release_opens_and_its_queues_work() {
         );
         let info = server.ok("GET", "/v1/streams/s", None);
         assert_eq!(info["partitions"][1]["end_offset"], 1, "{fixture}: {info}");
+    }
+}
+
+#[test]
+fn a_data_directory_with_streams_groups_and_compaction_opens_and_works() {
+    for (fixture, waiting, events) in [
+        ("clean", vec!["o3", "o4"], 6),
+        ("killed", vec!["o3", "o4", "o5"], 7),
+    ] {
+        let (_dir, mut server) = open_from("upgrade-6bba711", fixture);
+        // The queue: o1 in the dead-letter queue with its history, o2 acked, the rest waiting.
+        let dead = server.receive("orders-dlq", 10, 0, None);
+        assert_eq!(ids(&dead), ["o1"], "{fixture}");
+        assert_eq!(
+            dead[0]["headers"]["tidewater-source-queue"], "orders",
+            "{fixture}: {}",
+            dead[0]
+        );
+        assert_eq!(
+            ids(&server.receive("orders", 10, 0, None)),
+            waiting,
+            "{fixture}"
+        );
+        // The stream, its records and the group's commits.
+        let info = server.ok("GET", "/v1/streams/events", None);
+        let ends: u64 = info["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["end_offset"].as_u64().unwrap())
+            .sum();
+        assert_eq!(ends, events, "{fixture}: {info}");
+        let group = server.ok("GET", "/v1/groups/g", None);
+        let committed: u64 = group["offsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["committed"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            committed, 6,
+            "{fixture}: every record of the first run: {group}"
+        );
+        // The compacted stream keeps its configuration and refuses keyless records.
+        let table = server.ok("GET", "/v1/streams/table", None);
+        assert_eq!(table["config"]["cleanup"], "compact", "{fixture}");
+        let records = server.ok("GET", "/v1/streams/table/partitions/0/records", None);
+        let values: Vec<serde_json::Value> = records["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["value"].clone())
+            .collect();
+        assert_eq!(
+            values,
+            [
+                json!("x1"),
+                json!("y1"),
+                json!("x2"),
+                serde_json::Value::Null
+            ],
+            "{fixture}"
+        );
+        server.err(
+            "POST",
+            "/v1/streams/table/records",
+            Some(json!({"records": [{"value": "no key"}]})),
+            400,
+            "invalid_message",
+        );
+        // New work lands beside the old and survives a crash.
+        server.publish("orders", json!([{"id": "n1", "body": "new"}]));
+        server.ok(
+            "POST",
+            "/v1/streams/events/records",
+            Some(json!({"records": [{"key": "k9", "value": "new"}]})),
+        );
+        server.kill_and_restart();
+        let after = server.ok("GET", "/v1/streams/events", None);
+        let ends_after: u64 = after["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["end_offset"].as_u64().unwrap())
+            .sum();
+        assert_eq!(ends_after, events + 1, "{fixture}");
     }
 }
