@@ -474,7 +474,7 @@ fn encode_streams(
         &'static str,
         fn(&tidewater_core::StreamInfo) -> u64,
     );
-    let stats: [StreamStat; 3] = [
+    let stats: [StreamStat; 4] = [
         ("stream_partitions", "Partitions of the stream", |s| {
             s.partitions.len() as u64
         }),
@@ -486,6 +486,11 @@ fn encode_streams(
         ("stream_bytes", "Bytes of the stream's segment files", |s| {
             s.partitions.iter().map(|p| p.bytes).sum()
         }),
+        (
+            "stream_segments",
+            "Segment files of the stream's partitions (each partition's active one included)",
+            |s| s.partitions.iter().map(|p| p.segments).sum(),
+        ),
     ];
     for (name, help, value) in stats {
         let mut family = encoder.encode_descriptor(

@@ -581,11 +581,12 @@ fn stream_schemas(limits: &Limits) -> Value {
             "description": "the configuration patch, or {\"config\": patch} as GET returns it",
             "anyOf": [schema_ref("StreamConfigPatch"),
                 {"type": "object", "additionalProperties": false, "required": ["config"], "properties": {"config": schema_ref("StreamConfigPatch")}}]},
-        "Partition": {"type": "object", "additionalProperties": false, "required": ["partition", "start_offset", "end_offset", "bytes"], "properties": {
+        "Partition": {"type": "object", "additionalProperties": false, "required": ["partition", "start_offset", "end_offset", "bytes", "segments"], "properties": {
             "partition": {"type": "integer", "minimum": 0},
             "start_offset": {"type": "integer", "minimum": 0, "description": "the first offset a fetch can return"},
             "end_offset": {"type": "integer", "minimum": 0, "description": "the offset the next record gets; records below it are durable"},
-            "bytes": {"type": "integer", "minimum": 0}}},
+            "bytes": {"type": "integer", "minimum": 0, "description": "bytes of its segment files"},
+            "segments": {"type": "integer", "minimum": 1, "description": "its segment files, the one being written included (retention and compaction act on the others)"}}},
         "Stream": {"type": "object", "additionalProperties": false, "required": ["name", "config", "partitions"], "properties": {
             "name": {"type": "string"}, "config": schema_ref("StreamConfig"),
             "partitions": {"type": "array", "minItems": 1, "items": schema_ref("Partition")}}},

@@ -1110,6 +1110,7 @@ fn a_compacted_stream_keeps_the_latest_value_per_key_over_http() {
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["config"]["cleanup"], "compact");
     assert_eq!(created["config"]["delete_retention_ms"], 86_400_000);
+    assert_eq!(created["partitions"][0]["segments"], 1, "{created}");
     let refused = server.err(
         "POST",
         "/v1/streams/prices/records",
@@ -1183,6 +1184,16 @@ fn a_compacted_stream_keeps_the_latest_value_per_key_over_http() {
     for (key, (offset, value)) in &latest {
         assert!(value.starts_with("39:"), "{key} at {offset}: {value}");
     }
+    let info = server.ok("GET", "/v1/streams/prices", None);
+    assert!(
+        info["partitions"][0]["segments"].as_u64().unwrap() >= 1,
+        "{info}"
+    );
+    assert!(
+        crate::support::metrics_text(&server.url)
+            .contains("tidewater_stream_segments{stream=\"prices\"}"),
+        "segments per stream in the metrics"
+    );
     server.restart();
     assert_eq!(read_all(&server), all, "the same after a restart");
 }

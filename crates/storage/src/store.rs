@@ -595,6 +595,16 @@ impl LogReader {
             .unwrap_or_else(|e| e.into_inner())
             .disk_bytes()
     }
+
+    /// Segment files of the log (the active one included).
+    pub fn segment_count(&self) -> usize {
+        self.log
+            .files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .segments
+            .len()
+    }
 }
 
 impl Store {

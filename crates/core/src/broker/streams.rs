@@ -91,8 +91,10 @@ pub struct PartitionInfo {
     pub start_offset: u64,
     /// The offset the next record gets: records below it are durable and fetchable.
     pub end_offset: u64,
-    /// Bytes of the partition's segment files.
+    /// Bytes of the partition's segment files, and how many there are (the one being
+    /// written included).
     pub bytes: u64,
+    pub segments: u64,
 }
 
 /// Where each record of a produce went, in the order given: (partition, offset).
@@ -418,6 +420,7 @@ impl Broker {
                     start_offset: p.start(),
                     end_offset: p.reader.durable_end(),
                     bytes: p.reader.disk_bytes(),
+                    segments: p.reader.segment_count() as u64,
                 })
                 .collect(),
         }
