@@ -185,9 +185,10 @@ pub fn stream(client: &Client, command: StreamCommand, as_json: bool) -> anyhow:
             let empty = vec![];
             let parts = info["partitions"].as_array().unwrap_or(&empty);
             outln!(
-                "stream '{name}': {} partitions, timestamp_type {}",
+                "stream '{name}': {} partitions, timestamp_type {}, cleanup {}",
                 parts.len(),
-                text(&info["config"]["timestamp_type"])
+                text(&info["config"]["timestamp_type"]),
+                text(&info["config"]["cleanup"])
             );
             let rows: Vec<Vec<String>> = parts
                 .iter()
@@ -197,10 +198,11 @@ pub fn stream(client: &Client, command: StreamCommand, as_json: bool) -> anyhow:
                         num(&p["start_offset"]),
                         num(&p["end_offset"]),
                         num(&p["bytes"]),
+                        num(&p["segments"]),
                     ]
                 })
                 .collect();
-            table(&["PARTITION", "START", "END", "BYTES"], &rows);
+            table(&["PARTITION", "START", "END", "BYTES", "SEGMENTS"], &rows);
             Ok(())
         }
         StreamCommand::Delete { name } => {

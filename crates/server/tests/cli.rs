@@ -906,9 +906,32 @@ fn streams_produce_and_fetch_from_the_command_line() {
     let (code, out, _) = run(&server, &["stream", "stats", "timed"], None);
     assert_eq!(code, 0);
     assert!(
-        out.contains("PARTITION") && out.contains("START") && out.contains("BYTES"),
+        out.contains("PARTITION")
+            && out.contains("START")
+            && out.contains("BYTES")
+            && out.contains("SEGMENTS")
+            && out.contains("cleanup delete"),
         "{out}"
     );
+    // A compacted stream from the command line: created so, and it refuses keyless records.
+    let (code, json_out, err) = run(
+        &server,
+        &[
+            "--json",
+            "stream",
+            "create",
+            "prices",
+            "--cleanup",
+            "compact",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(created["config"]["cleanup"], "compact", "{json_out}");
+    let (code, _, err) = run(&server, &["produce", "prices"], Some("no key\n"));
+    assert_eq!(code, 2, "bad input (400): {err}");
+    assert!(err.contains("needs one"), "{err}");
     assert_eq!(
         out.lines().count(),
         4,
@@ -921,7 +944,7 @@ fn streams_produce_and_fetch_from_the_command_line() {
     assert_eq!(code, 3);
     let (_, out, _) = run(&server, &["--json", "stream", "list"], None);
     let list: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(list["streams"].as_array().unwrap().len(), 1);
+    assert_eq!(list["streams"].as_array().unwrap().len(), 2, "{list}");
 }
 
 /// `fetch --group`: each run continues where the group's last one stopped (it commits what
