@@ -236,6 +236,61 @@ fn the_latest_record_per_key_stays_at_its_offset_and_reads_cross_the_gaps() {
     });
 }
 
+/// A tombstone goes once its horizon passed even when nothing new was written (the
+/// partition is not dirty): KIP-534's rule.
+#[test]
+fn a_tombstone_goes_after_its_horizon_without_new_writes() {
+    let rt = runtime();
+    let h = harness(1 << 20);
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("t", &compacted(1)).await.unwrap();
+        for round in 0..20 {
+            for key in 0..5 {
+                b.produce(
+                    "t",
+                    &[record(
+                        &format!("k{key}"),
+                        Some(&format!("{round}-{}", "x".repeat(50))),
+                    )],
+                    AckLevel::Durable,
+                )
+                .await
+                .unwrap();
+            }
+        }
+        b.produce("t", &[record("k1", None)], AckLevel::Durable)
+            .await
+            .unwrap();
+        // Filler after the tombstone, so that its segment is sealed.
+        for round in 0..20 {
+            b.produce(
+                "t",
+                &[record(
+                    "k0",
+                    Some(&format!("after-{round}-{}", "y".repeat(50))),
+                )],
+                AckLevel::Durable,
+            )
+            .await
+            .unwrap();
+        }
+        compact_all(b).await;
+        let kept = read_all(b, "t", 1 << 20).await;
+        assert!(
+            kept.iter().any(|(_, k, v)| k == "k1" && v.is_none()),
+            "kept until its horizon"
+        );
+        // Nothing written since: no pass until the horizon passes.
+        assert_eq!(compact_all(b).await, 0);
+        h.clock.advance(60_001);
+        assert!(compact_all(b).await >= 1, "a pass for the tombstone due");
+        let after = read_all(b, "t", 1 << 20).await;
+        assert!(!after.iter().any(|(_, k, _)| k == "k1"), "{after:?}");
+        assert_eq!(compact_all(b).await, 0, "and then no more");
+    });
+}
+
 #[test]
 fn a_small_key_map_takes_several_passes_to_the_same_result() {
     let rt = runtime();

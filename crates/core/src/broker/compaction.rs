@@ -125,6 +125,8 @@ struct Tally {
     keyless: u64,
     /// Batches given a delete horizon (they keep a tombstone seen for the first time).
     horizons: u64,
+    /// The earliest delete horizon of the tombstones kept.
+    next_horizon: i64,
 }
 
 impl Broker {
@@ -223,6 +225,7 @@ impl Broker {
     fn pick_and_compact(&self) -> Option<Result<CompactionReport, BrokerError>> {
         let streams: Vec<Arc<StreamHandle>> = self.inner.streams.read().values().cloned().collect();
         let roll_bytes = self.inner.store.options().segment_roll_bytes;
+        let now = self.now_ms();
         let mut best: Option<(f64, Arc<StreamHandle>, Arc<PartitionHandle>, PassPlan)> = None;
         for stream in streams {
             let config = stream.config.lock().clone();
@@ -233,17 +236,22 @@ impl Broker {
                 let segments = part.reader.segments();
                 let (start, cleaned_to) = (part.start(), part.cleaned_to.load(Ordering::Acquire));
                 let checkpointed = part.reader.checkpointed_end();
+                let due = now >= part.next_horizon.load(Ordering::Acquire);
                 let Some(plan) = plan_pass(
                     &segments,
-                    start,
-                    cleaned_to,
-                    checkpointed,
+                    (start, cleaned_to, checkpointed),
                     config.min_dirty_ratio,
+                    due,
                     roll_bytes,
                 ) else {
                     continue;
                 };
-                let ratio = dirty_ratio(&segments, start, cleaned_to, checkpointed);
+                // A due tombstone ranks as fully dirty.
+                let ratio = if due {
+                    1.0
+                } else {
+                    dirty_ratio(&segments, start, cleaned_to, checkpointed)
+                };
                 if best.as_ref().is_none_or(|(r, ..)| ratio > *r) {
                     best = Some((ratio, stream.clone(), part, plan));
                 }
@@ -307,8 +315,11 @@ impl Broker {
             interrupted: false,
         };
         let segments = part.reader.segments();
+        // The earliest horizon of the tombstones the groups keep; whether every group was seen.
+        let (mut next_horizon, mut all_groups) = (i64::MAX, true);
         for &(base, end) in &plan.groups {
             if base >= mapped_to {
+                all_groups = false;
                 break; // past what the map covers: the next pass
             }
             if stream.deleted.load(Ordering::SeqCst) || self.inner.closing.load(Ordering::SeqCst) {
@@ -324,7 +335,10 @@ impl Broker {
                 .iter()
                 .filter(|s| s.base >= base && s.end <= end)
                 .count();
-            let mut tally = Tally::default();
+            let mut tally = Tally {
+                next_horizon: i64::MAX,
+                ..Tally::default()
+            };
             let mut rewrite = self
                 .inner
                 .store
@@ -392,6 +406,7 @@ impl Broker {
                 let empty = empty_batch(&gap, (rewrite.end().max(base), end))?;
                 rewrite.push(&empty).map_err(storage_error)?;
             }
+            next_horizon = next_horizon.min(tally.next_horizon);
             if tally.superseded + tally.tombstones + tally.keyless + tally.horizons == 0
                 && files == 1
             {
@@ -416,6 +431,11 @@ impl Broker {
             report.keyless += tally.keyless;
         }
         part.cleaned_to.fetch_max(mapped_to, Ordering::AcqRel);
+        if all_groups {
+            part.next_horizon.store(next_horizon, Ordering::Release);
+        } else {
+            part.next_horizon.fetch_min(next_horizon, Ordering::AcqRel);
+        }
         report.cleaned_to = mapped_to;
         Ok(report)
     }
@@ -534,6 +554,9 @@ fn rebuild(
     let horizon = (tombstones_kept && header.delete_horizon().is_none())
         .then(|| now.saturating_add(config.delete_retention_ms));
     tally.horizons += u64::from(horizon.is_some());
+    if tombstones_kept && let Some(at) = horizon.or(header.delete_horizon()) {
+        tally.next_horizon = tally.next_horizon.min(at);
+    }
     let mut at = 0;
     let bytes = rebuild_kafka_batch(
         &batch.kafka,

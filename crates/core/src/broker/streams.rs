@@ -74,6 +74,9 @@ pub(crate) struct PartitionHandle {
     /// Compaction mapped every key below this (since the broker started): the part after
     /// it is dirty.
     pub(super) cleaned_to: AtomicU64,
+    /// The earliest delete horizon of a tombstone compaction kept (`i64::MAX`: none known
+    /// since the broker started): once it passes, a pass runs to remove it.
+    pub(super) next_horizon: std::sync::atomic::AtomicI64,
 }
 
 /// A stream as shown.
@@ -167,6 +170,7 @@ pub(crate) fn recover_streams(
                     notify: Notify::new(),
                     start: AtomicU64::new(log.ack_floor),
                     cleaned_to: AtomicU64::new(log.ack_floor),
+                    next_horizon: std::sync::atomic::AtomicI64::new(i64::MAX),
                 })
             })
             .collect();
@@ -378,6 +382,7 @@ impl Broker {
                     notify: Notify::new(),
                     start: AtomicU64::new(0),
                     cleaned_to: AtomicU64::new(0),
+                    next_horizon: std::sync::atomic::AtomicI64::new(i64::MAX),
                 }));
             }
         }

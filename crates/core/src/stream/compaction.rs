@@ -122,23 +122,22 @@ fn rewritable(
 }
 
 /// The pass to run now, or `None` when the partition's dirty ratio is below `min_dirty_ratio`
-/// (or nothing is dirty). Groups are neighbours of at most `max_segment_bytes` together
-/// (their size before compaction: an upper bound), so files stay few as data shrinks.
+/// (or nothing is dirty), unless `tombstones_due` (a tombstone's delete horizon passed: a
+/// pass removes it, dirty or not, as KIP-534 makes such a partition cleanable). Groups are
+/// neighbours of at most `max_segment_bytes` together (their size before compaction: an
+/// upper bound), so files stay few as data shrinks.
 pub fn plan_pass(
     segments: &[SegmentInfo],
-    start: u64,
-    cleaned_to: u64,
-    checkpointed_end: u64,
+    (start, cleaned_to, checkpointed_end): (u64, u64, u64),
     min_dirty_ratio: f64,
+    tombstones_due: bool,
     max_segment_bytes: u64,
 ) -> Option<PassPlan> {
     let live: Vec<&SegmentInfo> = rewritable(segments, start, checkpointed_end).collect();
     let last = live.last()?;
-    if last.end <= cleaned_to {
-        return None;
-    }
     let ratio = dirty_ratio(segments, start, cleaned_to, checkpointed_end);
-    if ratio < min_dirty_ratio || ratio == 0.0 {
+    let dirty_enough = last.end > cleaned_to && ratio >= min_dirty_ratio && ratio > 0.0;
+    if !(dirty_enough || tombstones_due) {
         return None;
     }
     let mut groups: Vec<(u64, u64)> = Vec::new();
@@ -262,18 +261,22 @@ mod tests {
             seg(40, 45, 50),
         ];
         // All dirty: a pass over everything sealed, two files of at most 250 B.
-        let plan = plan_pass(&segments, 0, 0, 45, 0.5, 250).unwrap();
+        let plan = plan_pass(&segments, (0, 0, 45), 0.5, false, 250).unwrap();
         assert_eq!(plan.map_from, 0);
         assert_eq!(plan.map_until, 40);
         assert_eq!(plan.groups, vec![(0, 20), (20, 40)]);
         // A quarter dirty: below 0.5, nothing to do; above 0.2, a pass from 30 on.
-        assert_eq!(plan_pass(&segments, 0, 30, 45, 0.5, 250), None);
-        let plan = plan_pass(&segments, 0, 30, 45, 0.2, 250).unwrap();
+        assert_eq!(plan_pass(&segments, (0, 30, 45), 0.5, false, 250), None);
+        let plan = plan_pass(&segments, (0, 30, 45), 0.2, false, 250).unwrap();
         assert_eq!((plan.map_from, plan.map_until), (30, 40));
         // Nothing dirty at all.
-        assert_eq!(plan_pass(&segments, 0, 40, 45, 0.0, 250), None);
+        assert_eq!(plan_pass(&segments, (0, 40, 45), 0.0, false, 250), None);
+        // Unless a tombstone is due: a pass over everything, mapping nothing new.
+        let plan = plan_pass(&segments, (0, 40, 45), 0.5, true, 250).unwrap();
+        assert_eq!((plan.map_from, plan.map_until), (40, 40));
+        assert_eq!(plan.groups, vec![(0, 20), (20, 40)]);
         // Only what a durable checkpoint holds, and what retention kept.
-        let plan = plan_pass(&segments, 10, 0, 25, 0.5, 1_000).unwrap();
+        let plan = plan_pass(&segments, (10, 0, 25), 0.5, false, 1_000).unwrap();
         assert_eq!(plan.groups, vec![(10, 20)]);
         assert_eq!(plan.map_from, 10);
         assert!((dirty_ratio(&segments, 0, 20, 45) - 0.5).abs() < 1e-9);
