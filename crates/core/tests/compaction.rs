@@ -27,8 +27,9 @@ fn harness(key_map_keys: usize) -> Harness {
             ..tidewater_storage::StoreOptions::default()
         },
         limits: Limits {
-            compaction_key_map_bytes: key_map_keys
-                * tidewater_core::stream::compaction::KEY_MAP_ENTRY_BYTES,
+            // The table's buckets: a power of two, 7/8 of them usable.
+            compaction_key_map_bytes: (key_map_keys * 8).div_ceil(7).next_power_of_two()
+                * tidewater_core::stream::compaction::KEY_MAP_BUCKET_BYTES,
             compaction_bytes_per_s: 0,
             ..Limits::default()
         },

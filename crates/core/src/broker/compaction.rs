@@ -299,7 +299,17 @@ impl Broker {
             bytes: 0,
         };
         let clean_until = part.cleaned_to.load(Ordering::Acquire);
-        let mut map = KeyMap::with_budget(limits.compaction_key_map_bytes);
+        // A table for the keys the dirty part can hold at most (a record takes 10 bytes or
+        // more), within the budget: a small partition does not take the whole budget.
+        let dirty_bytes: u64 = part
+            .reader
+            .segments()
+            .iter()
+            .filter(|s| s.end > plan.map_from && s.base < plan.map_until)
+            .map(|s| s.bytes)
+            .sum();
+        let expected = usize::try_from(dirty_bytes / 10).unwrap_or(usize::MAX);
+        let mut map = KeyMap::with_budget(limits.compaction_key_map_bytes, expected);
         let mapped_to = self.map_keys(stream, part, plan, &mut map, &mut throttle)?;
         let now = self.now_ms();
         let mut report = CompactionReport {

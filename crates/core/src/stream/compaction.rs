@@ -19,8 +19,10 @@ use std::collections::HashMap;
 
 use tidewater_storage::SegmentInfo;
 
-/// Bytes one entry of the key map takes, the table's overhead included (16 bytes of hash,
-/// 8 of offset, a control byte, and a load factor of 7/8).
+/// Bytes one bucket of the key map's table takes: 16 bytes of hash, 8 of offset, a control
+/// byte. The table has a power of two of buckets, at most 7/8 of them used.
+pub const KEY_MAP_BUCKET_BYTES: usize = 25;
+/// What one key costs at most, the table's slack included (for sizing the budget).
 pub const KEY_MAP_ENTRY_BYTES: usize = 32;
 
 /// Each key's latest offset, by a 128-bit hash of the key, up to a fixed number of keys.
@@ -30,13 +32,23 @@ pub struct KeyMap {
 }
 
 impl KeyMap {
-    /// A map within `budget` bytes (at least one key).
-    pub fn with_budget(budget: usize) -> KeyMap {
-        let capacity = (budget / KEY_MAP_ENTRY_BYTES).max(1);
+    /// A map whose table fits in `budget` bytes (the largest power of two of buckets that
+    /// does, 7/8 of them usable; at least one key), allocated for `expected` keys at most.
+    pub fn with_budget(budget: usize, expected: usize) -> KeyMap {
+        let buckets = match budget / KEY_MAP_BUCKET_BYTES {
+            0 => 1,
+            n => 1usize << n.ilog2(),
+        };
+        let capacity = (buckets * 7 / 8).max(1);
         KeyMap {
-            map: HashMap::with_capacity(capacity),
+            map: HashMap::with_capacity(capacity.min(expected.max(1))),
             capacity,
         }
+    }
+
+    /// The keys it holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Notes that `key`'s latest record so far is at `offset` (offsets come in order).
@@ -211,19 +223,24 @@ mod tests {
 
     #[test]
     fn the_key_map_keeps_the_latest_offset_and_stops_at_its_budget() {
-        let mut map = KeyMap::with_budget(2 * KEY_MAP_ENTRY_BYTES);
+        // 32 MiB holds 2^20 buckets of 25 bytes, 917,504 keys (7/8 of them).
+        assert_eq!(KeyMap::with_budget(32 << 20, 0).capacity(), 917_504);
+        // 100 bytes: 4 buckets, 3 keys.
+        let mut map = KeyMap::with_budget(4 * KEY_MAP_BUCKET_BYTES, usize::MAX);
+        assert_eq!(map.capacity(), 3);
         assert!(map.insert(b"a", 1));
         assert!(map.insert(b"b", 2));
-        assert!(map.insert(b"a", 3), "a known key updates when full");
-        assert!(!map.insert(b"c", 4), "a new key does not fit");
-        assert_eq!(map.latest(b"a"), Some(3));
-        assert_eq!(map.latest(b"c"), None);
-        assert_eq!(map.len(), 2);
+        assert!(map.insert(b"c", 3));
+        assert!(map.insert(b"a", 4), "a known key updates when full");
+        assert!(!map.insert(b"d", 5), "a new key does not fit");
+        assert_eq!(map.latest(b"a"), Some(4));
+        assert_eq!(map.latest(b"d"), None);
+        assert_eq!(map.len(), 3);
     }
 
     #[test]
     fn records_go_when_superseded_and_tombstones_once_clean_and_past_their_horizon() {
-        let mut map = KeyMap::with_budget(1 << 10);
+        let mut map = KeyMap::with_budget(1 << 10, 16);
         map.insert(b"k", 10);
         assert_eq!(
             verdict(Some(b"k"), false, 5, &map, 0, false),
