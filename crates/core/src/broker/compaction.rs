@@ -276,9 +276,18 @@ impl Broker {
             c.tombstones.fetch_add(report.tombstones, Ordering::Relaxed);
             c.keyless.fetch_add(report.keyless, Ordering::Relaxed);
             if report.groups > 0 {
-                // Replaced files go now; the checkpoint is not needed for that, but the
-                // space of the old ones is given back only once no reader holds them.
-                tracing::debug!(stream = %stream.name, partition = part.partition, reclaimed = report.bytes_before.saturating_sub(report.bytes_after), "compacted");
+                // One line a pass that changed files, as Kafka's cleaner logs its passes. (The
+                // old files' space comes back once no reader holds them open.)
+                tracing::info!(
+                    stream = %stream.name,
+                    partition = part.partition,
+                    bytes_before = report.bytes_before,
+                    bytes_after = report.bytes_after,
+                    superseded = report.superseded,
+                    tombstones = report.tombstones,
+                    ms = started.elapsed().as_millis() as u64,
+                    "compacted"
+                );
             }
         }
         Some(result)
