@@ -359,6 +359,20 @@ fn stream_frames_refuse_bad_input_with_codes_and_keep_the_connection() {
         code(&raw.call(&produce(2, batch(&["x"])))),
         "partition_not_found"
     );
+    // A compacted stream refuses a batch with a keyless record, as HTTP does.
+    server.ok(
+        "PUT",
+        "/v1/streams/table",
+        Some(json!({"cleanup": "compact"})),
+    );
+    let keyless = Frame::StreamProduce {
+        stream: "table".into(),
+        partition: 0,
+        ack: Ack::Durable,
+        batch: batch(&["no key"]),
+    };
+    let refused = raw.call(&keyless);
+    assert_eq!(code(&refused), "invalid_message", "{refused:?}");
     let fetch = |offset: u64| Frame::Fetch {
         wait_ms: 0,
         max_bytes: 1 << 20,
