@@ -681,6 +681,12 @@ impl Limits {
                 ));
             }
         }
+        if self.compaction_key_map_bytes < 1024 {
+            return Err(format!(
+                "limits.compaction_key_map_bytes = {} is too small for compaction to map keys: give at least 1024 bytes (the default is 33554432, 32 MiB; 0 does not mean unlimited here)",
+                self.compaction_key_map_bytes
+            ));
+        }
         if self.max_partitions == 0 || self.max_fetch_bytes == 0 {
             return Err(
                 "limits.max_partitions and limits.max_fetch_bytes must be at least 1".into(),

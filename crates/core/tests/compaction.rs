@@ -28,8 +28,9 @@ fn harness(key_map_keys: usize) -> Harness {
         },
         limits: Limits {
             // The table's buckets: a power of two, 7/8 of them usable.
-            compaction_key_map_bytes: (key_map_keys * 8).div_ceil(7).next_power_of_two()
-                * tidewater_core::stream::compaction::KEY_MAP_BUCKET_BYTES,
+            compaction_key_map_bytes: ((key_map_keys * 8).div_ceil(7).next_power_of_two()
+                * tidewater_core::stream::compaction::KEY_MAP_BUCKET_BYTES)
+                .max(1024),
             compaction_bytes_per_s: 0,
             ..Limits::default()
         },
@@ -295,12 +296,13 @@ fn a_tombstone_goes_after_its_horizon_without_new_writes() {
 #[test]
 fn a_small_key_map_takes_several_passes_to_the_same_result() {
     let rt = runtime();
-    let h = harness(3);
+    // The smallest budget (1 KiB): 32 buckets, 28 keys.
+    let h = harness(28);
     rt.block_on(async {
         let b = h.broker();
         b.put_stream("s", &compacted(1)).await.unwrap();
-        for round in 0..20 {
-            for key in 0..8 {
+        for round in 0..5 {
+            for key in 0..100 {
                 b.produce(
                     "s",
                     &[record(&format!("k{key}"), Some(&format!("{round}")))],
@@ -311,13 +313,16 @@ fn a_small_key_map_takes_several_passes_to_the_same_result() {
             }
         }
         let passes = compact_all(b).await;
-        assert!(passes > 2, "a map of 3 keys takes passes for 8: {passes}");
+        assert!(
+            passes > 2,
+            "a map of 28 keys takes passes for 100: {passes}"
+        );
         let all = read_all(b, "s", 1 << 20).await;
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (_, key, _) in &all {
             *seen.entry(key.clone()).or_default() += 1;
         }
-        assert_eq!(seen.len(), 8);
+        assert_eq!(seen.len(), 100);
     });
 }
 
@@ -333,7 +338,7 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => prop::collection::vec((0u8..6, prop::option::weighted(0.85, any::<u16>())), 1..8)
+        6 => prop::collection::vec((0u8..40, prop::option::weighted(0.85, any::<u16>())), 1..12)
             .prop_map(Step::Produce),
         2 => Just(Step::Compact),
         1 => (0u32..120_000).prop_map(Step::Advance),
@@ -351,7 +356,7 @@ proptest! {
     #[test]
     fn compaction_keeps_what_a_model_of_the_log_says(
         steps in prop::collection::vec(step(), 1..40),
-        map_keys in 2usize..10,
+        map_keys in 28usize..60,
     ) {
         let rt = runtime();
         let mut h = harness(map_keys);

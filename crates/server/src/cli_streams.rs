@@ -45,7 +45,7 @@ pub struct StreamConfigFlags {
     pub partitions: Option<u32>,
     /// What happens to old records: delete (retention by age and size), compact (the
     /// latest record per key stays; every record needs a key) or compact+delete.
-    #[arg(long, value_parser = ["delete", "compact", "compact+delete"])]
+    #[arg(long, value_parser = ["delete", "compact", "compact+delete", "compact,delete"])]
     pub cleanup: Option<String>,
     /// Set any field; the value is JSON or else a string, e.g.
     /// --set timestamp_type=log_append_time, --set retention_ms=86400000.
@@ -81,7 +81,7 @@ impl StreamConfigFlags {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum StreamCommand {
-    /// Create a stream (or change an existing one's configuration).
+    /// Create a stream (an existing one is left as it is: `stream config` changes it).
     #[command(
         after_help = "Examples:\n  tidewater stream create readings --partitions 8\n  tidewater stream create prices --cleanup compact --set delete_retention_ms=3600000"
     )]
@@ -94,7 +94,9 @@ pub enum StreamCommand {
     List,
     /// Show each partition of a stream: its first and next offset, and its size.
     Stats { name: String },
-    /// Show a stream's configuration, or change it with flags (partitions can only grow).
+    /// Show an existing stream's configuration, or change it with flags (partitions can only
+    /// grow; on a compacted stream, growing moves keys to other partitions, where their
+    /// older values stay as the latest of their old partition).
     Config {
         name: String,
         #[command(flatten)]
@@ -117,6 +119,10 @@ pub fn stream(client: &Client, command: StreamCommand, as_json: bool) -> anyhow:
             Ok(())
         }
         StreamCommand::Create { name, config } | StreamCommand::Config { name, config } => {
+            if !creating {
+                // Changing a stream that does not exist is a mistake (a typo), not a create.
+                client.get(&stream_path(&name))?;
+            }
             if creating {
                 // As kafka-topics --create: an existing stream is not changed by a create.
                 if let Ok(info) = client.get(&stream_path(&name)) {
@@ -251,6 +257,10 @@ pub struct ProduceArgs {
     /// Give up on backpressure (429/507) after this many seconds of retrying one request.
     #[arg(long, default_value_t = 300)]
     pub retry_for_s: u64,
+    /// Send one tombstone (a record with no value: on a compacted stream it deletes the
+    /// key), e.g. `tidewater produce prices --key SKU-2 --tombstone`.
+    #[arg(long, requires = "key", conflicts_with_all = ["value", "file"])]
+    pub tombstone: bool,
 }
 
 /// Bytes of JSON records one produce request carries at most (well under the server's
@@ -345,8 +355,17 @@ pub fn produce(client: &Client, args: ProduceArgs, as_json: bool) -> anyhow::Res
             })
         }))
     }
-    let one = args.value.is_some();
-    let (lines, len): (Lines, Option<u64>) = if let Some(value) = &args.value {
+    let one = args.value.is_some() || args.tombstone;
+    let record = |line: Vec<u8>| -> Value {
+        if args.tombstone {
+            template.clone() // no value: a tombstone
+        } else {
+            record(line)
+        }
+    };
+    let (lines, len): (Lines, Option<u64>) = if args.tombstone {
+        (Box::new(std::iter::once(Ok(Vec::new()))), Some(1))
+    } else if let Some(value) = &args.value {
         (
             Box::new(std::iter::once(Ok(value.clone().into_bytes()))),
             Some(1),
@@ -504,6 +523,10 @@ no committed offset), commits after printing each batch, and leaves the group on
 (Ctrl-C included).")]
 pub struct FetchArgs {
     pub stream: String,
+    /// Print each record's key before its value, a tab between (a compacted stream is a
+    /// table of keys); `--json` shows keys anyway.
+    #[arg(long)]
+    pub keys: bool,
     /// Where to start: earliest, latest, an offset, or a time (RFC 3339, e.g.
     /// 2026-11-30T10:00:00Z: the first record at or after it, in each partition).
     #[arg(
@@ -557,7 +580,7 @@ fn parse_from(text: &str) -> anyhow::Result<StartFrom> {
 }
 
 /// A record as one output line: the value as text (line breaks escaped), base64:... when
-/// it is not text, null for none.
+/// it is not text, null for none (a tombstone; `--json` tells it from the text "null").
 fn value_line(record: &Value) -> String {
     if let Some(text) = record["value"].as_str() {
         text.replace('\r', "\\r").replace('\n', "\\n")
@@ -568,9 +591,24 @@ fn value_line(record: &Value) -> String {
     }
 }
 
-fn record_line(record: &Value, as_json: bool) -> String {
+/// A record's key as text, base64:... when it is not text, nothing for none.
+fn key_text(record: &Value) -> String {
+    if let Some(text) = record["key"].as_str() {
+        text.replace('\r', "\\r")
+            .replace('\n', "\\n")
+            .replace('\t', "\\t")
+    } else if let Some(b64) = record["key_base64"].as_str() {
+        format!("base64:{b64}")
+    } else {
+        String::new()
+    }
+}
+
+fn record_line(record: &Value, as_json: bool, keys: bool) -> String {
     if as_json {
         serde_json::to_string(record).expect("json")
+    } else if keys {
+        format!("{}\t{}", key_text(record), value_line(record))
     } else {
         value_line(record)
     }
@@ -713,7 +751,7 @@ fn fetch_one(
         }
         let mut record = record.clone();
         record["partition"] = json!(*partition);
-        outln!("{}", record_line(&record, as_json));
+        outln!("{}", record_line(&record, as_json, args.keys));
         *printed += 1;
         count += 1;
         *position = record["offset"].as_u64().map_or(*position, |o| o + 1);
@@ -837,7 +875,7 @@ fn fetch_as_member(
                 break;
             }
             for record in records {
-                let line = record_line(record, as_json);
+                let line = record_line(record, as_json, args.keys);
                 if let Err(err) = crate::client::try_write_stdout(format_args!("{line}\n")) {
                     // Nobody reads any more: commit nothing more, leave the group (its
                     // partitions go to the others at once), and what this batch fetched is

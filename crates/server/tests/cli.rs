@@ -932,6 +932,34 @@ fn streams_produce_and_fetch_from_the_command_line() {
     let (code, _, err) = run(&server, &["produce", "prices"], Some("no key\n"));
     assert_eq!(code, 2, "bad input (400): {err}");
     assert!(err.contains("needs one"), "{err}");
+    // Values and a tombstone by key, read back as a table of keys.
+    for args in [
+        &["produce", "prices", "--key", "SKU-1", "9.99"][..],
+        &["produce", "prices", "--key", "SKU-2", "4.50"],
+        &["produce", "prices", "--key", "SKU-2", "--tombstone"],
+    ] {
+        let (code, _, err) = run(&server, args, None);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+    let (code, table_out, err) = run(&server, &["fetch", "prices", "--keys"], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(table_out, "SKU-1\t9.99\nSKU-2\t4.50\nSKU-2\tnull\n");
+    let (_, json_lines, _) = run(&server, &["--json", "fetch", "prices"], None);
+    let last: Value = serde_json::from_str(json_lines.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["key"].as_str(), last.get("value")),
+        (Some("SKU-2"), None),
+        "{last}"
+    );
+    // Changing a stream that does not exist is an error, not a create.
+    let (code, _, err) = run(
+        &server,
+        &["stream", "config", "typo", "--cleanup", "compact"],
+        None,
+    );
+    assert_eq!(code, 3, "{err}");
+    let (code, _, _) = run(&server, &["stream", "stats", "typo"], None);
+    assert_eq!(code, 3, "nothing was created");
     assert_eq!(
         out.lines().count(),
         4,

@@ -149,9 +149,6 @@ pub fn plan_pass(
     let last = live.last()?;
     let ratio = dirty_ratio(segments, start, cleaned_to, checkpointed_end);
     let dirty_enough = last.end > cleaned_to && ratio >= min_dirty_ratio && ratio > 0.0;
-    if !(dirty_enough || tombstones_due) {
-        return None;
-    }
     let mut groups: Vec<(u64, u64)> = Vec::new();
     let mut group_bytes = 0u64;
     for seg in &live {
@@ -165,6 +162,12 @@ pub fn plan_pass(
                 group_bytes = seg.bytes;
             }
         }
+    }
+    // Neighbours small enough to share a file (a pass shrank them): merged even when
+    // nothing is dirty, so a quiet partition does not keep many small files.
+    let mergeable = groups.len() < live.len();
+    if !(dirty_enough || tombstones_due || mergeable) {
+        return None;
     }
     Some(PassPlan {
         map_from: cleaned_to.max(live[0].base),
@@ -277,17 +280,28 @@ mod tests {
             seg(30, 40, 100),
             seg(40, 45, 50),
         ];
+        // Small files that fit together are merged, dirty or not.
+        let small = [
+            seg(0, 10, 10),
+            seg(10, 20, 10),
+            seg(20, 30, 10),
+            seg(30, 35, 5),
+        ];
+        let plan = plan_pass(&small, (0, 30, 30), 0.5, false, 250).unwrap();
+        assert_eq!(plan.groups, vec![(0, 30)]);
+        assert_eq!(plan_pass(&small[2..], (20, 30, 30), 0.5, false, 250), None);
         // All dirty: a pass over everything sealed, two files of at most 250 B.
         let plan = plan_pass(&segments, (0, 0, 45), 0.5, false, 250).unwrap();
         assert_eq!(plan.map_from, 0);
         assert_eq!(plan.map_until, 40);
         assert_eq!(plan.groups, vec![(0, 20), (20, 40)]);
         // A quarter dirty: below 0.5, nothing to do; above 0.2, a pass from 30 on.
-        assert_eq!(plan_pass(&segments, (0, 30, 45), 0.5, false, 250), None);
-        let plan = plan_pass(&segments, (0, 30, 45), 0.2, false, 250).unwrap();
+        // (Files of 100 B at most: none merge.)
+        assert_eq!(plan_pass(&segments, (0, 30, 45), 0.5, false, 100), None);
+        let plan = plan_pass(&segments, (0, 30, 45), 0.2, false, 100).unwrap();
         assert_eq!((plan.map_from, plan.map_until), (30, 40));
         // Nothing dirty at all.
-        assert_eq!(plan_pass(&segments, (0, 40, 45), 0.0, false, 250), None);
+        assert_eq!(plan_pass(&segments, (0, 40, 45), 0.0, false, 100), None);
         // Unless a tombstone is due: a pass over everything, mapping nothing new.
         let plan = plan_pass(&segments, (0, 40, 45), 0.5, true, 250).unwrap();
         assert_eq!((plan.map_from, plan.map_until), (40, 40));
