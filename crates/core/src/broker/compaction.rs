@@ -11,6 +11,7 @@
 //! a read under way finishes on the old file). A crash at any point leaves the old
 //! segments or the new one, both complete.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -364,57 +365,44 @@ impl Broker {
                 .rewrite_segments(part.uid, base)
                 .map_err(storage_error)?;
             let mut emptied: Option<StoredBatch> = None;
-            let mut next = base;
-            'read: while next < end {
-                let batches = part
-                    .reader
-                    .read_batches(next, READ_CHUNK)
-                    .map_err(storage_error)?;
-                if batches.is_empty() {
-                    break;
+            let next = each_batch(part, (base, end), &mut throttle, &mut |batch, header| {
+                let batch_end = batch.base_offset + u64::from(batch.span);
+                if header.compression() != 0 {
+                    // Kept whole; the offsets of emptied batches before it go in an empty
+                    // batch of their own.
+                    if let Some(gap) = emptied.take() {
+                        let empty =
+                            empty_batch(&gap, (rewrite.end().max(base), batch.base_offset))?;
+                        rewrite.push(&empty).map_err(storage_error)?;
+                    }
+                    stream
+                        .counters
+                        .compaction
+                        .compressed_batches
+                        .fetch_add(1, Ordering::Relaxed);
+                    rewrite.push(&batch.kafka).map_err(storage_error)?;
+                    return Ok(ControlFlow::Continue(()));
                 }
-                for batch in batches {
-                    if batch.base_offset >= end {
-                        break 'read;
+                let span = (rewrite.end().max(base), batch_end);
+                let rebuilt = rebuild(
+                    &batch,
+                    header,
+                    span,
+                    &map,
+                    clean_until,
+                    now,
+                    config,
+                    &mut tally,
+                )?;
+                match rebuilt {
+                    Some(bytes) => {
+                        emptied = None;
+                        rewrite.push(&bytes).map_err(storage_error)?;
                     }
-                    throttle.account(batch.kafka.len());
-                    next = batch.base_offset + u64::from(batch.span);
-                    let header = check_kafka_batch(&batch.kafka).map_err(|e| corrupt(&batch, e))?;
-                    if header.compression() != 0 {
-                        // Kept whole; the offsets of emptied batches before it go in an
-                        // empty batch of their own.
-                        if let Some(gap) = emptied.take() {
-                            let empty =
-                                empty_batch(&gap, (rewrite.end().max(base), batch.base_offset))?;
-                            rewrite.push(&empty).map_err(storage_error)?;
-                        }
-                        stream
-                            .counters
-                            .compaction
-                            .compressed_batches
-                            .fetch_add(1, Ordering::Relaxed);
-                        rewrite.push(&batch.kafka).map_err(storage_error)?;
-                        continue;
-                    }
-                    let rebuilt = rebuild(
-                        &batch,
-                        &header,
-                        (rewrite.end().max(base), next),
-                        &map,
-                        clean_until,
-                        now,
-                        config,
-                        &mut tally,
-                    )?;
-                    match rebuilt {
-                        Some(bytes) => {
-                            emptied = None;
-                            rewrite.push(&bytes).map_err(storage_error)?;
-                        }
-                        None => emptied = Some(batch),
-                    }
+                    None => emptied = Some(batch),
                 }
-            }
+                Ok(ControlFlow::Continue(()))
+            })?;
             if next != end {
                 // Retention removed the start of the group meanwhile, or it ends elsewhere
                 // than planned: leave it.
@@ -469,41 +457,73 @@ impl Broker {
         map: &mut KeyMap,
         throttle: &mut Throttle,
     ) -> Result<u64, BrokerError> {
-        let mut next = plan.map_from;
-        while next < plan.map_until {
-            if stream.deleted.load(Ordering::SeqCst) {
-                return Ok(plan.map_from);
-            }
-            let batches = part
-                .reader
-                .read_batches(next, READ_CHUNK)
-                .map_err(storage_error)?;
-            if batches.is_empty() {
-                break;
-            }
-            for batch in batches {
-                if batch.base_offset >= plan.map_until {
-                    return Ok(next);
+        let from = plan.map_from;
+        let mut full_at = None;
+        let next = each_batch(
+            part,
+            (from, plan.map_until),
+            throttle,
+            &mut |batch, header| {
+                if stream.deleted.load(Ordering::SeqCst) {
+                    full_at = Some(from); // nothing mapped counts
+                    return Ok(ControlFlow::Break(()));
                 }
-                throttle.account(batch.kafka.len());
-                let header = check_kafka_batch(&batch.kafka).map_err(|e| corrupt(&batch, e))?;
+                // (A compressed batch's keys are not mapped: its records stay, and so do the
+                // older records of their keys, until compaction decompresses.)
                 if header.compression() == 0 {
-                    for record in batch_records(&batch.kafka, &header, batch.base_offset, next) {
+                    for record in batch_records(&batch.kafka, header, batch.base_offset, from) {
                         let record = record.map_err(|e| corrupt(&batch, e))?;
                         if let Some(key) = record.record.key
                             && !map.insert(key, record.offset)
                         {
-                            return Ok(record.offset); // full: the rest next pass
+                            full_at = Some(record.offset); // full: the rest next pass
+                            return Ok(ControlFlow::Break(()));
                         }
                     }
                 }
-                // (A compressed batch's keys are not mapped: its records stay, and so do
-                // the older records of their keys, until compaction decompresses.)
-                next = next.max(batch.base_offset + u64::from(batch.span));
-            }
-        }
-        Ok(next.min(plan.map_until))
+                Ok(ControlFlow::Continue(()))
+            },
+        )?;
+        Ok(full_at.unwrap_or(next.min(plan.map_until)))
     }
+}
+
+/// What `each_batch` does with one batch: on, or stop.
+type EachBatch<'a> =
+    dyn FnMut(StoredBatch, &KafkaBatchHeader) -> Result<ControlFlow<()>, BrokerError> + 'a;
+
+/// Hands `each` the stored batches of a partition that start in `from..until`, with their
+/// checked headers, read `READ_CHUNK` at a time, their bytes counted by `throttle`. Returns
+/// the offset after the last batch handed (`from` when none was), or where `each` stopped.
+fn each_batch(
+    part: &PartitionHandle,
+    (from, until): (u64, u64),
+    throttle: &mut Throttle,
+    each: &mut EachBatch<'_>,
+) -> Result<u64, BrokerError> {
+    let mut next = from;
+    while next < until {
+        let batches = part
+            .reader
+            .read_batches(next, READ_CHUNK)
+            .map_err(storage_error)?;
+        if batches.is_empty() {
+            break;
+        }
+        for batch in batches {
+            if batch.base_offset >= until {
+                return Ok(next);
+            }
+            throttle.account(batch.kafka.len());
+            let header = check_kafka_batch(&batch.kafka).map_err(|e| corrupt(&batch, e))?;
+            let batch_end = batch.base_offset + u64::from(batch.span);
+            if each(batch, &header)?.is_break() {
+                return Ok(next);
+            }
+            next = next.max(batch_end);
+        }
+    }
+    Ok(next)
 }
 
 /// The calling thread runs only when the CPU is otherwise idle (Linux's SCHED_IDLE; a
