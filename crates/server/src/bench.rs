@@ -569,19 +569,11 @@ fn stream_workload(
             })
             .collect();
         let value = vec![b'x'; args.size];
-        let started = Instant::now();
-        let mut window = std::collections::VecDeque::new();
-        for i in 0..n {
+        send_all(n, |i| {
             let producer = &producers[(i % producers.len() as u64) as usize];
-            window.push_back(Box::pin(producer.send(Record::new(value.clone()))));
-            if window.len() >= 50_000 {
-                window.pop_front().unwrap().await?;
-            }
-        }
-        for send in window {
-            send.await?;
-        }
-        Ok::<_, anyhow::Error>(started.elapsed().as_secs_f64())
+            producer.send(Record::new(value.clone()))
+        })
+        .await
     })?;
     let after_produce = usage(pid);
     let fetch_s = runtime.block_on(async {
@@ -632,6 +624,28 @@ fn stream_workload(
     }))
 }
 
+/// Sends `n` records (`send(i)` queues the i-th), at most 50,000 unanswered at a time, and
+/// waits for every answer; returns the seconds it took.
+async fn send_all<F>(n: u64, mut send: impl FnMut(u64) -> F) -> anyhow::Result<f64>
+where
+    F: std::future::Future<
+            Output = Result<tidewater_client::RecordMetadata, tidewater_client::ClientError>,
+        >,
+{
+    let started = Instant::now();
+    let mut window = std::collections::VecDeque::new();
+    for i in 0..n {
+        window.push_back(Box::pin(send(i)));
+        if window.len() >= 50_000 {
+            window.pop_front().unwrap().await?;
+        }
+    }
+    for sent in window {
+        sent.await?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// The compaction workload (its own server: 8 MiB segments, checkpoints each second):
 /// fill one partition with `--messages` records of `--size` bytes over `--keys` keys; then
 /// produce keyed records at `--rate` for `--duration-s`, measuring each send-to-ack
@@ -676,19 +690,10 @@ fn compaction_workload(args: &BenchArgs) -> anyhow::Result<()> {
                 ..StreamProducerOptions::default()
             },
         );
-        let started = Instant::now();
-        let mut window = std::collections::VecDeque::new();
-        for i in 0..args.messages {
-            let record = Record::new(vec![b'v'; size]).with_key(format!("key-{}", i % keys));
-            window.push_back(Box::pin(producer.send(record)));
-            if window.len() >= 50_000 {
-                window.pop_front().unwrap().await?;
-            }
-        }
-        for send in window {
-            send.await?;
-        }
-        Ok::<_, anyhow::Error>(started.elapsed().as_secs_f64())
+        send_all(args.messages, |i| {
+            producer.send(Record::new(vec![b'v'; size]).with_key(format!("key-{}", i % keys)))
+        })
+        .await
     })?;
     let paced = |phase: &str| -> anyhow::Result<Vec<f64>> {
         runtime.block_on(async {

@@ -1094,12 +1094,7 @@ fn partition_metrics_stop_at_their_cap() {
 #[test]
 fn a_compacted_stream_keeps_the_latest_value_per_key_over_http() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(
-        &dir.path().join("data"),
-        Some(
-            "[storage]\nsegment_roll_bytes = 65536\ncheckpoint_interval_ms = 100\n[limits]\ncompaction_bytes_per_s = 0\n",
-        ),
-    );
+    let mut server = Server::start(&dir.path().join("data"), Some(crate::support::COMPACTING));
     let (status, created) = server
         .try_call(
             "PUT",
@@ -1123,31 +1118,9 @@ fn a_compacted_stream_keeps_the_latest_value_per_key_over_http() {
         "{refused}"
     );
     for round in 0..40 {
-        let records: Vec<Value> = (0..10)
-            .map(|k| json!({"key": format!("item-{k}"), "value": format!("{round}:{}", "p".repeat(600))}))
-            .collect();
-        server.ok(
-            "POST",
-            "/v1/streams/prices/records",
-            Some(json!({ "records": records })),
-        );
+        server.produce_round("prices", round);
     }
-    let superseded = |server: &Server| -> u64 {
-        crate::support::metrics_text(&server.url)
-            .lines()
-            .find(|l| {
-                l.starts_with(
-                    "tidewater_stream_compaction_superseded_records_total{stream=\"prices\"}",
-                )
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while superseded(&server) == 0 {
-        assert!(Instant::now() < deadline, "no compaction within a minute");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.wait_for_compaction("prices");
     let read_all = |server: &Server| -> Vec<(u64, String, String)> {
         let mut out = Vec::new();
         let mut next = 0;

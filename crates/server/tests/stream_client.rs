@@ -495,42 +495,17 @@ fn stream_frames_refuse_bad_input_with_codes_and_keep_the_connection() {
 #[test]
 fn a_group_consumer_reads_across_the_gaps_of_a_compacted_stream() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        &dir.path().join("data"),
-        Some(
-            "[storage]\nsegment_roll_bytes = 65536\ncheckpoint_interval_ms = 100\n[limits]\ncompaction_bytes_per_s = 0\n",
-        ),
-    );
+    let server = Server::start(&dir.path().join("data"), Some(crate::support::COMPACTING));
     server.ok(
         "PUT",
         "/v1/streams/prices",
         Some(json!({"cleanup": "compact", "min_dirty_ratio": 0.1})),
     );
-    let produce = |round: usize| {
-        let records: Vec<serde_json::Value> = (0..10)
-            .map(|k| json!({"key": format!("item-{k}"), "value": format!("{round}:{}", "p".repeat(600))}))
-            .collect();
-        server.ok(
-            "POST",
-            "/v1/streams/prices/records",
-            Some(json!({ "records": records })),
-        );
-    };
     for round in 0..40 {
-        produce(round);
+        server.produce_round("prices", round);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !crate::support::metrics_text(&server.url).lines().any(|l| {
-        l.starts_with("tidewater_stream_compaction_superseded_records_total{stream=\"prices\"}")
-            && !l.ends_with(" 0")
-    }) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no compaction within a minute"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    produce(40);
+    server.wait_for_compaction("prices");
+    server.produce_round("prices", 40);
     runtime().block_on(async {
         let client = client(&server);
         let mut consumer = client.group_consumer(

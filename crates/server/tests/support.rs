@@ -304,6 +304,43 @@ impl Drop for Server {
     }
 }
 
+/// A server configuration under which compaction runs within a test's time: small
+/// segments, a checkpoint every 100 ms (only checkpointed segments are compacted), no I/O
+/// budget.
+pub const COMPACTING: &str = "[storage]\nsegment_roll_bytes = 65536\ncheckpoint_interval_ms = 100\n[limits]\ncompaction_bytes_per_s = 0\n";
+
+impl Server {
+    /// Produces round `round` of the compaction tests to `stream`: keys item-0..item-9,
+    /// values `"{round}:ppp..."` (600 B, so 40 rounds fill several segments).
+    pub fn produce_round(&self, stream: &str, round: usize) {
+        let records: Vec<Value> = (0..10)
+            .map(|k| json!({"key": format!("item-{k}"), "value": format!("{round}:{}", "p".repeat(600))}))
+            .collect();
+        self.ok(
+            "POST",
+            &format!("/v1/streams/{stream}/records"),
+            Some(json!({ "records": records })),
+        );
+    }
+
+    /// Waits (up to a minute) until the background compaction removed records of `stream`.
+    pub fn wait_for_compaction(&self, stream: &str) {
+        let series =
+            format!("tidewater_stream_compaction_superseded_records_total{{stream=\"{stream}\"}} ");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !metrics_text(&self.url)
+            .lines()
+            .any(|l| l.strip_prefix(&series).is_some_and(|v| v != "0"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no compaction of {stream} within a minute"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// The Prometheus text of a server.
 pub fn metrics_text(base: &str) -> String {
     agent()
