@@ -70,7 +70,12 @@ pub fn repair_checkpoint(buf: &mut [u8]) {
     if buf.len() < 20 {
         return;
     }
-    buf[..8].copy_from_slice(b"TWCKPT02");
+    // Odd length: version 04 (each log has a source: views); even: 02 (as 03).
+    buf[..8].copy_from_slice(if buf.len() % 2 == 1 {
+        b"TWCKPT04"
+    } else {
+        b"TWCKPT02"
+    });
     let len = (buf.len() - 20) as u64;
     buf[8..16].copy_from_slice(&len.to_le_bytes());
     let crc = crc32c::crc32c(&buf[20..]);
@@ -101,7 +106,7 @@ pub fn checkpoint_max_span(buf: &[u8]) -> u64 {
             Some(self.take(1)?[0] as u64)
         }
     }
-    fn walk(w: &mut Walk<'_>, max: &mut u64) -> Option<()> {
+    fn walk(w: &mut Walk<'_>, max: &mut u64, with_source: bool) -> Option<()> {
         w.u64()?; // next uid
         for _ in 0..w.u64()? {
             w.u64()?; // uid
@@ -109,6 +114,9 @@ pub fn checkpoint_max_span(buf: &[u8]) -> u64 {
             w.take(name)?;
             let config = w.u32()?;
             w.take(config)?;
+            if with_source {
+                w.u64()?;
+            }
             let next_offset = w.u64()?;
             let floor = w.u64()?;
             *max = (*max).max(next_offset.saturating_sub(floor));
@@ -134,7 +142,7 @@ pub fn checkpoint_max_span(buf: &[u8]) -> u64 {
     }
     let mut max = 0;
     if let Some(payload) = buf.get(20..) {
-        walk(&mut Walk(payload), &mut max);
+        walk(&mut Walk(payload), &mut max, buf.starts_with(b"TWCKPT04"));
     }
     max
 }

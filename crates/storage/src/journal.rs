@@ -33,6 +33,7 @@ const KIND_SETTLE: u8 = 5;
 const KIND_RETRY: u8 = 6;
 const KIND_ID_WINDOW: u8 = 7;
 const KIND_GROUP: u8 = 8;
+const KIND_CREATE_VIEW: u8 = 9;
 /// A group header's encoded length: prefix, kind, count u32, len u64.
 pub const GROUP_HEADER_LEN: usize = ENTRY_PREFIX_LEN + 1 + 4 + 8;
 
@@ -47,6 +48,14 @@ pub enum Entry<'a> {
     UpdateConfig {
         uid: u64,
         config: &'a str,
+    },
+    /// A view: a log with no files whose offsets are those of log `source`, everything
+    /// below `floor`, and those the source has settled, settled from the start.
+    CreateView {
+        uid: u64,
+        name: &'a str,
+        source: u64,
+        floor: u64,
     },
     DeleteLog {
         uid: u64,
@@ -106,6 +115,18 @@ pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry<'_>) {
             out.push(KIND_UPDATE_CONFIG);
             out.extend_from_slice(&uid.to_le_bytes());
             put_string(out, config);
+        }
+        Entry::CreateView {
+            uid,
+            name,
+            source,
+            floor,
+        } => {
+            out.push(KIND_CREATE_VIEW);
+            out.extend_from_slice(&uid.to_le_bytes());
+            put_string(out, name);
+            out.extend_from_slice(&source.to_le_bytes());
+            out.extend_from_slice(&floor.to_le_bytes());
         }
         Entry::DeleteLog { uid } => {
             out.push(KIND_DELETE_LOG);
@@ -306,6 +327,12 @@ fn parse_body(body: &[u8]) -> Result<Entry<'_>, FormatError> {
                 config: str_from(&mut cur)?,
             }
         }
+        KIND_CREATE_VIEW => Entry::CreateView {
+            uid: cur.u64()?,
+            name: str_from(&mut cur)?,
+            source: cur.u64()?,
+            floor: cur.u64()?,
+        },
         KIND_DELETE_LOG => Entry::DeleteLog { uid: cur.u64()? },
         KIND_ID_WINDOW => Entry::IdWindow {
             uid: cur.u64()?,
@@ -396,6 +423,12 @@ mod tests {
                 delivery_count: 2,
                 at_ms: 70,
                 error: "boom",
+            },
+            Entry::CreateView {
+                uid: 4,
+                name: "#sub/orders/billing/0",
+                source: 3,
+                floor: 7,
             },
             Entry::DeleteLog { uid: 3 },
         ];

@@ -80,6 +80,10 @@ pub struct LogState {
     pub name: String,
     /// Opaque to storage (JSON written by the core).
     pub config: String,
+    /// Set for a view: a log with no files of its own whose offsets are those of the log
+    /// `source` (its end follows the source's). It holds delivery state (settled ranges,
+    /// retry history) over another log's records: a subscription's, per partition.
+    pub source: Option<u64>,
     /// Offset the next appended message gets.
     pub next_offset: u64,
     /// Every offset below is settled.
@@ -96,6 +100,7 @@ impl LogState {
             uid,
             name,
             config,
+            source: None,
             next_offset: 0,
             ack_floor: 0,
             settled: RangeSet::new(),
@@ -151,10 +156,24 @@ impl LogState {
         }
     }
 
+    /// Encodes the state as checkpoints since version 04 hold it.
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_as(out, true);
+    }
+
+    /// Encodes the state as checkpoint versions 02 and 03 hold it (no `source`: not a view).
+    pub(crate) fn encode_03(&self, out: &mut Vec<u8>) {
+        debug_assert!(self.source.is_none(), "a view needs checkpoint version 04");
+        self.encode_as(out, false);
+    }
+
+    fn encode_as(&self, out: &mut Vec<u8>, with_source: bool) {
         out.extend_from_slice(&self.uid.to_le_bytes());
         put_string(out, &self.name);
         put_string(out, &self.config);
+        if with_source {
+            out.extend_from_slice(&self.source.unwrap_or(0).to_le_bytes());
+        }
         out.extend_from_slice(&self.next_offset.to_le_bytes());
         out.extend_from_slice(&self.ack_floor.to_le_bytes());
         out.extend_from_slice(&(self.settled.range_count() as u64).to_le_bytes());
@@ -184,11 +203,21 @@ impl LogState {
         }
     }
 
-    pub(crate) fn decode(cur: &mut Cursor<'_>) -> Result<LogState, FormatError> {
+    /// Decodes a state as `encode` writes it; `with_source`: as checkpoints since version
+    /// 04 write it (02 and 03 have no `source`).
+    pub(crate) fn decode(cur: &mut Cursor<'_>, with_source: bool) -> Result<LogState, FormatError> {
         let uid = cur.u64()?;
         let name = cur.string()?;
         let config = cur.string()?;
         let mut state = LogState::new(uid, name, config);
+        if with_source {
+            // Uids start at 1: 0 is "not a view"; a log is never a view of itself.
+            state.source = match cur.u64()? {
+                0 => None,
+                source if source == uid => return Err(FormatError::BadLength),
+                source => Some(source),
+            };
+        }
         state.next_offset = cur.u64()?;
         state.ack_floor = cur.u64()?;
         if state.ack_floor > state.next_offset {
@@ -272,6 +301,7 @@ mod tests {
         out.extend_from_slice(&3u64.to_le_bytes());
         put_string(&mut out, "q");
         put_string(&mut out, "{}");
+        out.extend_from_slice(&0u64.to_le_bytes()); // source
         out.extend_from_slice(&next_offset.to_le_bytes());
         out.extend_from_slice(&ack_floor.to_le_bytes());
         out.extend_from_slice(&(ranges.len() as u64).to_le_bytes());
@@ -287,7 +317,7 @@ mod tests {
     }
 
     fn decoded(bytes: &[u8]) -> Result<LogState, FormatError> {
-        LogState::decode(&mut Cursor { buf: bytes, pos: 0 })
+        LogState::decode(&mut Cursor { buf: bytes, pos: 0 }, true)
     }
 
     /// Found by fuzzing (fuzz target `checkpoint`): a checkpoint (with a valid CRC) whose
@@ -327,7 +357,25 @@ mod tests {
         let mut buf = Vec::new();
         state.encode(&mut buf);
         let mut cur = Cursor { buf: &buf, pos: 0 };
-        assert_eq!(LogState::decode(&mut cur).unwrap(), state);
+        assert_eq!(LogState::decode(&mut cur, true).unwrap(), state);
         assert!(cur.done());
+
+        let mut view = LogState::new(10, "#sub/orders/billing/0".into(), String::new());
+        view.source = Some(9);
+        view.next_offset = 100;
+        view.settle(&[0..40]);
+        let mut buf = Vec::new();
+        view.encode(&mut buf);
+        let mut cur = Cursor { buf: &buf, pos: 0 };
+        assert_eq!(LogState::decode(&mut cur, true).unwrap(), view);
+        // A view of itself is refused.
+        view.source = Some(10);
+        let mut buf = Vec::new();
+        view.encode(&mut buf);
+        let mut cur = Cursor { buf: &buf, pos: 0 };
+        assert_eq!(
+            LogState::decode(&mut cur, true),
+            Err(FormatError::BadLength)
+        );
     }
 }

@@ -42,6 +42,9 @@ use crate::state::LogState;
 /// (journal entry kind 8), so that a binary that knows only 02 refuses to start ("bad
 /// magic") rather than cut the last journal at the first group as if it were torn. Both
 /// are read.
+/// Written when some log is a view (its payload has each log's `source`); an older binary
+/// refuses it ("bad magic") rather than misread it.
+const CHECKPOINT_MAGIC_04: &[u8; 8] = b"TWCKPT04";
 const CHECKPOINT_MAGIC: &[u8; 8] = b"TWCKPT03";
 const CHECKPOINT_MAGIC_02: &[u8; 8] = b"TWCKPT02";
 
@@ -135,6 +138,16 @@ pub enum Op {
         uid: u64,
         config: String,
     },
+    /// A view of log `source` (an existing log, or one created earlier in the same
+    /// request, by its uid): a log with no files whose offsets are the source's, for
+    /// delivery state over the source's records (`Settle`, `Retry`; never `Append`). Its
+    /// end follows the source's; offsets below `floor` (clamped to the source's end) are
+    /// settled from the start, and so are the offsets the source has settled. A source with views cannot be deleted before them.
+    CreateView {
+        name: String,
+        source: u64,
+        floor: u64,
+    },
     DeleteLog {
         uid: u64,
     },
@@ -169,6 +182,7 @@ impl Op {
         matches!(
             self,
             Op::CreateLog { .. }
+                | Op::CreateView { .. }
                 | Op::UpdateConfig { .. }
                 | Op::DeleteLog { .. }
                 | Op::IdWindow { .. }
@@ -427,6 +441,13 @@ impl Drop for SegmentRewrite {
 }
 
 /// Removes a rewritten segment's file that will not take anyone's place.
+/// Removes the directories of logs a refused meta request had created.
+fn discard_created(fs: &Arc<dyn Fs>, created: Vec<(LogState, Option<LogFiles>)>) {
+    for files in created.into_iter().filter_map(|(_, files)| files) {
+        let _ = fs.remove_dir_all(&files.dir);
+    }
+}
+
 fn discard_rewrite(io: &Io, segment: Segment) {
     let path = segment.path.clone();
     drop(segment);
@@ -647,13 +668,16 @@ impl Store {
         let mut writer_logs = HashMap::new();
         for (state, files) in logs {
             let end = state.next_offset;
-            let log = Arc::new(LogShared {
-                files: RwLock::new(files),
-                durable_end: AtomicU64::new(end),
-                checkpointed_end: AtomicU64::new(0),
-                bytes_read: AtomicU64::new(0),
+            let log = files.map(|files| {
+                let log = Arc::new(LogShared {
+                    files: RwLock::new(files),
+                    durable_end: AtomicU64::new(end),
+                    checkpointed_end: AtomicU64::new(0),
+                    bytes_read: AtomicU64::new(0),
+                });
+                shared_logs.insert(state.uid, log.clone());
+                log
             });
-            shared_logs.insert(state.uid, log.clone());
             // Replayed appends are in the page cache only: the first checkpoint syncs them.
             writer_logs.insert(
                 state.uid,
@@ -690,9 +714,16 @@ impl Store {
             index_bytes: AtomicU64::new(0),
             index_thinnings: AtomicU64::new(0),
         });
+        let mut views: HashMap<u64, Vec<u64>> = HashMap::new();
+        for log in writer_logs.values() {
+            if let Some(source) = log.state.source {
+                views.entry(source).or_default().push(log.state.uid);
+            }
+        }
         let mut writer = Writer {
             shared: shared.clone(),
             logs: writer_logs,
+            views,
             next_uid,
             journal,
             journal_id,
@@ -1082,7 +1113,8 @@ fn create_journal(io: &Io, dir: &Path, id: u64) -> std::io::Result<(FileRef, u64
 }
 
 struct Recovered {
-    logs: Vec<(LogState, LogFiles)>,
+    /// Every log with its files (`None` for a view: it has none).
+    logs: Vec<(LogState, Option<LogFiles>)>,
     next_uid: u64,
     journal_id: u64,
     /// Unsettled messages no file held, settled by a repair.
@@ -1166,6 +1198,9 @@ fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
     uids.sort_unstable();
     for uid in uids {
         let state = &states[&uid];
+        if state.source.is_some() {
+            continue;
+        }
         let hole_ok = |range: &Range<u64>| repair || unsettled_in(state, range).is_empty();
         let opened = LogFiles::open(
             log_dir(dir, state.uid),
@@ -1288,7 +1323,12 @@ fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
     // same operations in the same order for the same history.)
     let mut states: Vec<(u64, LogState)> = states.into_iter().collect();
     states.sort_unstable_by_key(|(uid, _)| *uid);
+    check_views(dir, &mut states, repair, &mut dropped)?;
     for (uid, state) in states {
+        if state.source.is_some() {
+            logs.push((state, None));
+            continue;
+        }
         let mut log_files = files.remove(&uid).expect("files for every log");
         if log_files.end() > state.next_offset {
             tracing::warn!(
@@ -1299,7 +1339,7 @@ fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
             );
             log_files.truncate_to(state.next_offset)?;
         }
-        logs.push((state, log_files));
+        logs.push((state, Some(log_files)));
     }
     // Directories of logs that no longer exist. Those of logs deleted before the checkpoint
     // (or never created in it) go now; those of logs the checkpoint holds and the journal
@@ -1307,7 +1347,10 @@ fn recover(dir: &Path, io: &Io, repair: bool) -> Result<Recovered, OpenError> {
     // the middle of removing one used to leave the checkpoint naming a log without its
     // files, and the next open refused (`OpenError::Missing`).
     let logs_dir = dir.join("logs");
-    let live: HashSet<PathBuf> = logs.iter().map(|(_, f)| f.dir.clone()).collect();
+    let live: HashSet<PathBuf> = logs
+        .iter()
+        .filter_map(|(_, f)| f.as_ref().map(|f| f.dir.clone()))
+        .collect();
     let mut obsolete_dirs = Vec::new();
     for name in fs
         .read_dir(&logs_dir)
@@ -1336,6 +1379,90 @@ enum ReplayError {
     Corrupt(String),
 }
 
+/// After replay: each view's end is its source's, and every offset a view has not settled
+/// is still in its source (at or above the source's floor, not settled by it: retention
+/// and repairs settle the source). The layer above settles views before or with their
+/// source, so an offset that is not there is lost data: refused as missing, or settled and
+/// reported by a repair. A view of a log that does not exist is corruption.
+fn check_views(
+    dir: &Path,
+    states: &mut [(u64, LogState)],
+    repair: bool,
+    dropped: &mut Vec<MissingData>,
+) -> Result<(), OpenError> {
+    let by_uid: HashMap<u64, usize> = states
+        .iter()
+        .enumerate()
+        .map(|(i, (uid, _))| (*uid, i))
+        .collect();
+    let mut missing = Vec::new();
+    for i in 0..states.len() {
+        let Some(source) = states[i].1.source else {
+            continue;
+        };
+        let Some(&at) = by_uid
+            .get(&source)
+            .filter(|&&at| states[at].1.source.is_none())
+        else {
+            return Err(corrupt(
+                &dir.join("checkpoint"),
+                0,
+                format!(
+                    "log {} is a view of log {source}, which does not exist",
+                    states[i].0
+                ),
+            ));
+        };
+        let (next_offset, gone) = {
+            let src = &states[at].1;
+            let mut gone = vec![0..src.ack_floor];
+            gone.extend(src.settled.iter());
+            (src.next_offset, gone)
+        };
+        let view = &mut states[i].1;
+        view.next_offset = next_offset;
+        view.ack_floor = view.ack_floor.min(next_offset);
+        let offsets: Vec<Range<u64>> = gone
+            .iter()
+            .flat_map(|range| unsettled_in(view, range))
+            .collect();
+        if offsets.is_empty() {
+            continue;
+        }
+        let lost = MissingData {
+            log_uid: view.uid,
+            log_name: view.name.clone(),
+            offsets,
+            path: log_dir(dir, source),
+            detail: format!("removed from the log it is a view of (uid {source})"),
+        };
+        if repair {
+            tracing::error!("repair: dropping missing messages: {lost}");
+            view.settle(&lost.offsets);
+            dropped.push(lost);
+        } else {
+            missing.push(lost);
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(OpenError::Missing(missing))
+    }
+}
+
+/// A view's end follows its source's: brought up to date before it is used in replay.
+fn sync_view_end(states: &mut HashMap<u64, LogState>, uid: u64) {
+    let Some(source) = states.get(&uid).and_then(|s| s.source) else {
+        return;
+    };
+    if let Some(end) = states.get(&source).map(|s| s.next_offset)
+        && let Some(view) = states.get_mut(&uid)
+    {
+        view.next_offset = view.next_offset.max(end);
+    }
+}
+
 fn apply_replayed(
     dir: &Path,
     io: &Io,
@@ -1361,6 +1488,25 @@ fn apply_replayed(
             if let Some(state) = states.get_mut(&uid) {
                 state.config = config.to_string();
             }
+        }
+        Entry::CreateView {
+            uid,
+            name,
+            source,
+            floor,
+        } => {
+            let Some(src) = states.get(&source).filter(|s| s.source.is_none()) else {
+                return Err(ReplayError::Corrupt(format!(
+                    "view {uid} of unknown log {source}"
+                )));
+            };
+            *next_uid = (*next_uid).max(uid + 1);
+            let mut state = LogState::new(uid, name.to_string(), String::new());
+            state.source = Some(source);
+            state.next_offset = src.next_offset;
+            state.ack_floor = floor.clamp(src.ack_floor.min(src.next_offset), src.next_offset);
+            state.settle(&src.settled.iter().collect::<Vec<_>>());
+            states.insert(uid, state);
         }
         Entry::DeleteLog { uid } => {
             states.remove(&uid);
@@ -1406,6 +1552,7 @@ fn apply_replayed(
             state.recent_ids.remember_batch(batch);
         }
         Entry::Settle { uid, ranges } => {
+            sync_view_end(states, uid);
             if let Some(state) = states.get_mut(&uid) {
                 state.settle(&ranges);
             }
@@ -1418,6 +1565,7 @@ fn apply_replayed(
             at_ms,
             error,
         } => {
+            sync_view_end(states, uid);
             if let Some(state) = states.get_mut(&uid) {
                 state.record_retry(offset, deliver_at_ms, delivery_count, at_ms, error);
             }
@@ -1463,15 +1611,25 @@ fn append_to_segment(
     Ok(())
 }
 
+/// Version 04 when some log is a view, else 03 (which an older binary still reads).
 pub(crate) fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
+    let views = logs.iter().any(|log| log.source.is_some());
     let mut payload = Vec::new();
     payload.extend_from_slice(&next_uid.to_le_bytes());
     payload.extend_from_slice(&(logs.len() as u64).to_le_bytes());
     for log in logs {
-        log.encode(&mut payload);
+        if views {
+            log.encode(&mut payload);
+        } else {
+            log.encode_03(&mut payload);
+        }
     }
     let mut out = Vec::with_capacity(payload.len() + 20);
-    out.extend_from_slice(CHECKPOINT_MAGIC);
+    out.extend_from_slice(if views {
+        CHECKPOINT_MAGIC_04
+    } else {
+        CHECKPOINT_MAGIC
+    });
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
@@ -1481,9 +1639,10 @@ pub(crate) fn encode_checkpoint(next_uid: u64, logs: &[&LogState]) -> Vec<u8> {
 pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), FormatError> {
     let mut cur = Cursor { buf: bytes, pos: 0 };
     let magic = cur.bytes(8)?;
-    if magic != CHECKPOINT_MAGIC && magic != CHECKPOINT_MAGIC_02 {
+    if magic != CHECKPOINT_MAGIC_04 && magic != CHECKPOINT_MAGIC && magic != CHECKPOINT_MAGIC_02 {
         return Err(FormatError::BadMagic);
     }
+    let with_source = magic == CHECKPOINT_MAGIC_04;
     let len = crate::usize_of(cur.u64()?);
     let crc = cur.u32()?;
     let payload = cur.bytes(len)?;
@@ -1498,7 +1657,7 @@ pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), Fo
     let n = cur.u64()?;
     let mut logs = Vec::new();
     for _ in 0..n {
-        logs.push(LogState::decode(&mut cur)?);
+        logs.push(LogState::decode(&mut cur, with_source)?);
     }
     if !cur.done() {
         return Err(FormatError::BadLength);
@@ -1508,7 +1667,10 @@ pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Vec<LogState>), Fo
 
 struct WriterLog {
     state: LogState,
-    shared: Arc<LogShared>,
+    /// The log's files and reader state; `None` for a view, which has no files: no file
+    /// operation (appends, checkpoint fsyncs, removing settled segments, compaction's
+    /// rewrites, deleting the directory) can reach its source's files through it.
+    shared: Option<Arc<LogShared>>,
     /// Segment bytes written since the last checkpoint (need an fsync then).
     dirty: bool,
 }
@@ -1516,6 +1678,8 @@ struct WriterLog {
 struct Writer {
     shared: Arc<Shared>,
     logs: HashMap<u64, WriterLog>,
+    /// The views of each log that has some (source uid -> view uids).
+    views: HashMap<u64, Vec<u64>>,
     next_uid: u64,
     journal: FileRef,
     journal_id: u64,
@@ -1725,7 +1889,8 @@ impl Writer {
         if result.is_ok() {
             for (uid, bytes) in &seg_bufs {
                 let log = self.logs.get_mut(uid).expect("staged log exists");
-                let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
+                let shared = log.shared.as_ref().expect("appends are refused on views");
+                let mut files = shared.files.write().unwrap_or_else(|e| e.into_inner());
                 marks.push((*uid, files.mark()));
                 log.dirty = true;
                 if let Err(err) = append_to_segment(
@@ -1743,8 +1908,8 @@ impl Writer {
             tracing::error!(error = %err, "write failed; refusing this round's requests");
             let _ = self.journal.set_len(journal_start);
             for (uid, mark) in marks {
-                let log = &self.logs[&uid];
-                let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
+                let shared = self.logs[&uid].shared.as_ref().expect("appended to");
+                let mut files = shared.files.write().unwrap_or_else(|e| e.into_inner());
                 if let Err(undo) = files.rollback(mark) {
                     self.shared
                         .poison(&format!("could not undo a failed write: {undo}"));
@@ -1761,7 +1926,14 @@ impl Writer {
             .journal_bytes
             .store(self.journal_len, Ordering::Relaxed);
         self.changed_since_checkpoint = true;
-        // Apply the durable state in order.
+        // Apply the durable state: ends first (a settle or retry may name offsets appended
+        // in the same round; views' ends follow their sources'), then the ops in order.
+        for (uid, end) in &next {
+            self.logs.get_mut(uid).unwrap().state.next_offset = *end;
+            for view in self.views.get(uid).into_iter().flatten() {
+                self.logs.get_mut(view).unwrap().state.next_offset = *end;
+            }
+        }
         for s in &staged {
             for op in &s.req.ops {
                 match op {
@@ -1793,9 +1965,6 @@ impl Writer {
                 }
             }
         }
-        for (uid, end) in &next {
-            self.logs.get_mut(uid).unwrap().state.next_offset = *end;
-        }
         self.publish(staged, next.into_iter().collect());
     }
 
@@ -1812,10 +1981,17 @@ impl Writer {
         for op in &req.ops {
             let uid = op_uid(op);
             let log = self.logs.get(&uid).ok_or(WriteError::UnknownLog(uid))?;
+            // A view's offsets are its source's.
+            let of = log.state.source.unwrap_or(uid);
             let end = *tentative
-                .entry(uid)
-                .or_insert_with(|| *next.get(&uid).unwrap_or(&log.state.next_offset));
+                .entry(of)
+                .or_insert_with(|| *next.get(&of).unwrap_or(&self.logs[&of].state.next_offset));
             match op {
+                Op::Append { .. } if log.state.source.is_some() => {
+                    return Err(WriteError::Invalid(format!(
+                        "log {uid} is a view: its records are those of log {of}"
+                    )));
+                }
                 Op::Append { batch, .. } => {
                     let header = check_batch(batch)
                         .map_err(|e| WriteError::Invalid(format!("bad batch: {e}")))?;
@@ -1933,7 +2109,8 @@ impl Writer {
         }
         let mut jbuf = Vec::new();
         let mut results = Vec::new();
-        let mut created: Vec<(LogState, LogFiles)> = Vec::new();
+        // Logs created by this request (`None`: a view, no files).
+        let mut created: Vec<(LogState, Option<LogFiles>)> = Vec::new();
         let mut deleted = Vec::new();
         let mut updated = Vec::new();
         let mut windows = Vec::new();
@@ -1978,7 +2155,47 @@ impl Writer {
                         );
                         windows.push((uid, window_ms, max));
                     }
-                    created.push((LogState::new(uid, name.clone(), config.clone()), files));
+                    created.push((
+                        LogState::new(uid, name.clone(), config.clone()),
+                        Some(files),
+                    ));
+                    results.push(OpResult::Created { uid });
+                }
+                Op::CreateView {
+                    name,
+                    source,
+                    floor,
+                } => {
+                    let uid = self.next_uid + created.len() as u64;
+                    let of = self.logs.get(source).map(|l| &l.state).or_else(|| {
+                        created
+                            .iter()
+                            .map(|(state, _)| state)
+                            .find(|state| state.uid == *source)
+                    });
+                    let Some(of) = of.filter(|of| of.source.is_none()) else {
+                        discard_created(&self.shared.opts.fs, created);
+                        return (req.done)(Err(WriteError::Invalid(format!(
+                            "a view needs a log that is not a view; log {source} is not one"
+                        ))));
+                    };
+                    let floor = (*floor).clamp(of.ack_floor, of.next_offset);
+                    encode_entry(
+                        &mut jbuf,
+                        &Entry::CreateView {
+                            uid,
+                            name,
+                            source: *source,
+                            floor,
+                        },
+                    );
+                    let mut state = LogState::new(uid, name.clone(), String::new());
+                    state.source = Some(*source);
+                    state.next_offset = of.next_offset;
+                    state.ack_floor = floor;
+                    // What the source let go is gone for the view too.
+                    state.settle(&of.settled.iter().collect::<Vec<_>>());
+                    created.push((state, None));
                     results.push(OpResult::Created { uid });
                 }
                 Op::UpdateConfig { uid, config } => {
@@ -2010,6 +2227,7 @@ impl Writer {
                 }
                 Op::DeleteLog { uid } => {
                     if !self.logs.contains_key(uid) {
+                        discard_created(&self.shared.opts.fs, created);
                         return (req.done)(Err(WriteError::UnknownLog(*uid)));
                     }
                     encode_entry(&mut jbuf, &Entry::DeleteLog { uid: *uid });
@@ -2023,6 +2241,24 @@ impl Writer {
                 }
             }
         }
+        // A log goes with its views, or after them: never a view without its source.
+        let orphan = deleted.iter().find_map(|uid| {
+            let mut views = self.views.get(uid).into_iter().flatten().copied();
+            let mut new_views = created
+                .iter()
+                .filter(|(state, _)| state.source == Some(*uid))
+                .map(|(state, _)| state.uid);
+            views
+                .find(|view| !deleted.contains(view))
+                .or_else(|| new_views.next())
+                .map(|view| (*uid, view))
+        });
+        if let Some((uid, view)) = orphan {
+            discard_created(&self.shared.opts.fs, created);
+            return (req.done)(Err(WriteError::Invalid(format!(
+                "log {uid} has a view (log {view}): delete the view first, or with it"
+            ))));
+        }
         if let Some(at) = group {
             finish_group(&mut jbuf, at, crate::narrow(entries, "a request's entries"));
         }
@@ -2033,9 +2269,7 @@ impl Writer {
         };
         if let Err(err) = written {
             let _ = self.journal.set_len(self.journal_len);
-            for (_, files) in created {
-                let _ = self.shared.opts.fs.remove_dir_all(&files.dir);
-            }
+            discard_created(&self.shared.opts.fs, created);
             return (req.done)(Err(WriteError::from_io(&err)));
         }
         self.journal_len += jbuf.len() as u64;
@@ -2043,13 +2277,19 @@ impl Writer {
         self.next_uid += created.len() as u64;
         let mut shared_logs = self.shared.logs.write().unwrap_or_else(|e| e.into_inner());
         for (state, files) in created {
-            let shared = Arc::new(LogShared {
-                files: RwLock::new(files),
-                durable_end: AtomicU64::new(0),
-                checkpointed_end: AtomicU64::new(0),
-                bytes_read: AtomicU64::new(0),
+            let shared = files.map(|files| {
+                let shared = Arc::new(LogShared {
+                    files: RwLock::new(files),
+                    durable_end: AtomicU64::new(0),
+                    checkpointed_end: AtomicU64::new(0),
+                    bytes_read: AtomicU64::new(0),
+                });
+                shared_logs.insert(state.uid, shared.clone());
+                shared
             });
-            shared_logs.insert(state.uid, shared.clone());
+            if let Some(source) = state.source {
+                self.views.entry(source).or_default().push(state.uid);
+            }
             self.logs.insert(
                 state.uid,
                 WriterLog {
@@ -2071,8 +2311,17 @@ impl Writer {
         }
         for uid in deleted {
             shared_logs.remove(&uid);
-            if self.logs.remove(&uid).is_some() {
-                self.deleted_dirs.push(log_dir(&self.shared.dir, uid));
+            self.views.remove(&uid);
+            let Some(log) = self.logs.remove(&uid) else {
+                continue;
+            };
+            match log.state.source {
+                Some(source) => {
+                    if let Some(views) = self.views.get_mut(&source) {
+                        views.retain(|&view| view != uid);
+                    }
+                }
+                None => self.deleted_dirs.push(log_dir(&self.shared.dir, uid)),
             }
         }
         drop(shared_logs);
@@ -2088,7 +2337,10 @@ impl Writer {
         // (bytes, uid, segment number) of every sealed segment.
         let mut sealed: Vec<(usize, u64, usize)> = Vec::new();
         for (uid, log) in &self.logs {
-            let files = log.shared.files.read().unwrap_or_else(|e| e.into_inner());
+            let Some(shared) = &log.shared else {
+                continue;
+            };
+            let files = shared.files.read().unwrap_or_else(|e| e.into_inner());
             let n = files.segments.len();
             for (i, seg) in files.segments.iter().enumerate() {
                 let bytes = seg.index_bytes();
@@ -2109,8 +2361,8 @@ impl Writer {
                 let Some((bytes, std::cmp::Reverse((uid, i)))) = heap.pop() else {
                     break;
                 };
-                let log = self.logs.get(&uid).expect("listed above");
-                let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
+                let shared = self.logs[&uid].shared.as_ref().expect("listed above");
+                let mut files = shared.files.write().unwrap_or_else(|e| e.into_inner());
                 let seg = &mut files.segments[i];
                 if !seg.thin_index() {
                     continue;
@@ -2141,16 +2393,16 @@ impl Writer {
             discard_rewrite(&io, segment);
             return Err(WriteError::Poisoned);
         }
-        let Some(log) = self.logs.get(&uid) else {
+        let Some(log) = self.logs.get(&uid).and_then(|log| log.shared.as_ref()) else {
             discard_rewrite(&io, segment);
             return Ok(None);
         };
-        if segment.end > log.shared.checkpointed_end.load(Ordering::Acquire) {
+        if segment.end > log.checkpointed_end.load(Ordering::Acquire) {
             discard_rewrite(&io, segment);
             return Ok(None);
         }
         let temp = segment.path.clone();
-        let mut files = log.shared.files.write().unwrap_or_else(|e| e.into_inner());
+        let mut files = log.files.write().unwrap_or_else(|e| e.into_inner());
         let dir = files.dir.clone();
         let replaced = files.replace(segment);
         drop(files);
@@ -2184,8 +2436,8 @@ impl Writer {
         uids.sort_unstable();
         for uid in uids {
             let log = self.logs.get_mut(&uid).expect("listed");
-            if log.dirty {
-                let files = log.shared.files.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(shared) = log.shared.as_ref().filter(|_| log.dirty) {
+                let files = shared.files.read().unwrap_or_else(|e| e.into_inner());
                 if fsync {
                     for seg in &files.segments {
                         seg.sync_if_written(&io).map_err(|e| match e {
@@ -2289,8 +2541,8 @@ impl Writer {
         self.checkpoint_unsynced = false;
         self.frame_groups = true;
         for (uid, end) in std::mem::take(&mut self.checkpoint_ends) {
-            if let Some(log) = self.logs.get(&uid) {
-                log.shared.checkpointed_end.store(end, Ordering::Release);
+            if let Some(shared) = self.logs.get(&uid).and_then(|log| log.shared.as_ref()) {
+                shared.checkpointed_end.store(end, Ordering::Release);
             }
         }
         if let Err(err) = self.remove_obsolete(&dir, self.journal_id) {
@@ -2316,8 +2568,11 @@ impl Writer {
         let mut uids: Vec<u64> = self.logs.keys().copied().collect();
         uids.sort_unstable();
         for log in uids.iter().map(|uid| &self.logs[uid]) {
-            let removed = log
-                .shared
+            // A view's floor says nothing about its source's files.
+            let Some(shared) = &log.shared else {
+                continue;
+            };
+            let removed = shared
                 .files
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -2356,7 +2611,7 @@ fn op_uid(op: &Op) -> u64 {
     match op {
         Op::Append { uid, .. } | Op::Settle { uid, .. } | Op::Retry { uid, .. } => *uid,
         Op::UpdateConfig { uid, .. } | Op::DeleteLog { uid } | Op::IdWindow { uid, .. } => *uid,
-        Op::CreateLog { .. } => 0,
+        Op::CreateLog { .. } | Op::CreateView { .. } => 0,
     }
 }
 

@@ -93,6 +93,13 @@ enum Effect {
         uid: u64,
         config: String,
     },
+    /// A view of `source` (a subscription's state over a partition).
+    CreateView {
+        uid: u64,
+        name: String,
+        source: u64,
+        floor: u64,
+    },
     Delete {
         uid: u64,
     },
@@ -134,6 +141,14 @@ struct Model {
 }
 
 impl Model {
+    fn views_of(&self, source: u64) -> Vec<u64> {
+        self.logs
+            .values()
+            .filter(|log| log.state.source == Some(source))
+            .map(|log| log.state.uid)
+            .collect()
+    }
+
     fn apply(&mut self, effect: &Effect) {
         match effect {
             Effect::Create { uid, name, config } => {
@@ -148,6 +163,27 @@ impl Model {
             }
             Effect::Config { uid, config } => {
                 self.logs.get_mut(uid).unwrap().state.config = config.clone();
+            }
+            Effect::CreateView {
+                uid,
+                name,
+                source,
+                floor,
+            } => {
+                self.next_uid = self.next_uid.max(uid + 1);
+                let src = &self.logs[source].state;
+                let mut state = LogState::new(*uid, name.clone(), String::new());
+                state.source = Some(*source);
+                state.next_offset = src.next_offset;
+                state.ack_floor = (*floor).clamp(src.ack_floor, src.next_offset);
+                state.settle(&src.settled.iter().collect::<Vec<_>>());
+                self.logs.insert(
+                    *uid,
+                    MLog {
+                        state,
+                        ids: BTreeMap::new(),
+                    },
+                );
             }
             Effect::Delete { uid } => {
                 self.logs.remove(uid);
@@ -176,6 +212,10 @@ impl Model {
                 log.state
                     .recent_ids
                     .remember_batch(&batch(*uid, ids, *published_at_ms));
+                let end = log.state.next_offset;
+                for view in self.views_of(*uid) {
+                    self.logs.get_mut(&view).unwrap().state.next_offset = end;
+                }
             }
             Effect::Settle { uid, ranges } => self.logs.get_mut(uid).unwrap().state.settle(ranges),
             Effect::Retry {
@@ -212,6 +252,9 @@ enum Step {
 
 struct Run {
     seed: u64,
+    /// Views in the workload (off for the regression seeds, which replay runs recorded
+    /// before views: their draws must not change).
+    views: bool,
     fs: SimFs,
     rng: SimRng,
     store: Option<Store>,
@@ -348,6 +391,35 @@ impl Run {
         None
     }
 
+    /// The log that holds `uid`'s records: itself, or a view's source.
+    fn data_log(&self, uid: u64) -> u64 {
+        self.model.logs[&uid].state.source.unwrap_or(uid)
+    }
+
+    /// A settle of a log that has views settles them too, before it in the same request (as
+    /// retention does for a stream's subscriptions): a view never keeps offsets unsettled
+    /// that its source let go.
+    fn with_views(&self, ops: Vec<Op>, effects: Vec<Effect>) -> (Vec<Op>, Vec<Effect>) {
+        let (mut all_ops, mut all_effects) = (Vec::new(), Vec::new());
+        for (op, effect) in ops.into_iter().zip(effects) {
+            if let Op::Settle { uid, ranges } = &op {
+                for view in self.model.views_of(*uid) {
+                    all_ops.push(Op::Settle {
+                        uid: view,
+                        ranges: ranges.clone(),
+                    });
+                    all_effects.push(Effect::Settle {
+                        uid: view,
+                        ranges: ranges.clone(),
+                    });
+                }
+            }
+            all_ops.push(op);
+            all_effects.push(effect);
+        }
+        (all_ops, all_effects)
+    }
+
     fn new_ids(&mut self, n: u64) -> Vec<u64> {
         let ids = (self.next_id..self.next_id + n).collect();
         self.next_id += n;
@@ -413,6 +485,30 @@ impl Run {
             })
         };
         match (roll, log) {
+            (0..=4 | 85..=90, Some(source))
+                if self.views
+                    && self.model.logs[&source].state.source.is_none()
+                    && self.rng.chance(0.6) =>
+            {
+                let uid = self.model.next_uid;
+                let name = format!("#sub/q/s{}/{source}", self.rng.below(1000));
+                let end = self.model.logs[&source].state.next_offset;
+                let floor = self.rng.below(end + 3);
+                request(
+                    vec![Op::CreateView {
+                        name: name.clone(),
+                        source,
+                        floor,
+                    }],
+                    vec![Effect::CreateView {
+                        uid,
+                        name,
+                        source,
+                        floor,
+                    }],
+                    format!("create view {uid} of log {source} from {floor}"),
+                )
+            }
             (_, None) | (0..=4, _) => {
                 let uid = self.model.next_uid;
                 let name = format!("q{}", self.rng.next_u64() % 1000);
@@ -430,11 +526,19 @@ impl Run {
                     format!("create log {uid}"),
                 )
             }
-            (5..=6, Some(uid)) if self.model.logs.len() > 1 => request(
-                vec![Op::DeleteLog { uid }],
-                vec![Effect::Delete { uid }],
-                format!("delete log {uid}"),
-            ),
+            (5..=6, Some(uid)) if self.model.logs.len() > 1 => {
+                // A log goes with its views (in one request, views first).
+                let mut uids = self.model.views_of(uid);
+                uids.push(uid);
+                if uids.len() == self.model.logs.len() {
+                    return Step::Checkpoint;
+                }
+                request(
+                    uids.iter().map(|&uid| Op::DeleteLog { uid }).collect(),
+                    uids.iter().map(|&uid| Effect::Delete { uid }).collect(),
+                    format!("delete logs {uids:?}"),
+                )
+            }
             (7..=10, Some(uid)) => {
                 let config = format!("{{\"v\":{}}}", self.rng.below(1000));
                 request(
@@ -467,21 +571,24 @@ impl Run {
             (19..=52, Some(uid)) => {
                 // One to three appends, maybe to several logs, in one request.
                 let (mut ops, mut effects) = (Vec::new(), Vec::new());
-                let mut target = uid;
+                let mut target = self.data_log(uid);
                 for _ in 0..1 + self.rng.below(3) {
                     let (op, effect) = self.append_op(target);
                     ops.push(op);
                     effects.push(effect);
-                    target = self.pick_log().unwrap_or(uid);
+                    let next = self.pick_log().unwrap_or(uid);
+                    target = self.data_log(next);
                 }
                 let what = format!("append {} batches", ops.len());
                 request(ops, effects, what)
             }
             (53..=74, Some(uid)) => match self.settle_op(uid) {
                 Some((op, effect)) => {
-                    request(vec![op], vec![effect], format!("settle in log {uid}"))
+                    let (ops, effects) = self.with_views(vec![op], vec![effect]);
+                    request(ops, effects, format!("settle in log {uid}"))
                 }
                 None => {
+                    let uid = self.data_log(uid);
                     let (op, effect) = self.append_op(uid);
                     request(vec![op], vec![effect], format!("append to log {uid}"))
                 }
@@ -524,11 +631,12 @@ impl Run {
                     return Step::Checkpoint;
                 };
                 let target = self.pick_log().unwrap_or(uid);
+                let target = self.data_log(target);
                 let end = self.model.logs[&uid].state.next_offset;
                 let ranges = vec![offset..(offset + 1 + self.rng.below(2)).min(end)];
                 let ids = self.new_ids(ranges[0].end - ranges[0].start);
                 let published_at_ms = self.now_ms;
-                request(
+                let (ops, effects) = self.with_views(
                     vec![
                         Op::Append {
                             uid: target,
@@ -547,8 +655,8 @@ impl Run {
                         },
                         Effect::Settle { uid, ranges },
                     ],
-                    format!("move {uid}/{offset} to log {target}"),
-                )
+                );
+                request(ops, effects, format!("move {uid}/{offset} to log {target}"))
             }
         }
     }
@@ -713,11 +821,14 @@ fn check_results(model: &Model, effects: &[Effect], results: &[OpResult]) -> Res
         }
         let result = results.next().expect("counted above");
         let ok = match (effect, result) {
-            (Effect::Create { uid, .. }, OpResult::Created { uid: got }) => uid == got,
+            (
+                Effect::Create { uid, .. } | Effect::CreateView { uid, .. },
+                OpResult::Created { uid: got },
+            ) => uid == got,
             (Effect::Append { uid, ids, .. }, OpResult::Appended { base_offset, count }) => {
                 *base_offset == model.logs[uid].state.next_offset && *count as usize == ids.len()
             }
-            (Effect::Append { .. } | Effect::Create { .. }, _) => false,
+            (Effect::Append { .. } | Effect::Create { .. } | Effect::CreateView { .. }, _) => false,
             _ => matches!(result, OpResult::Done),
         };
         if !ok {
@@ -762,6 +873,18 @@ fn compare(store: &Store, model: &Model, got: &BTreeMap<u64, RecoveredLog>) -> R
                 w.recent_ids.ids.len()
             ));
         }
+        if w.source != g.source {
+            return Err(format!(
+                "log {uid}: view of {:?}, expected {:?}",
+                g.source, w.source
+            ));
+        }
+        if w.source.is_some() {
+            if store.reader(*uid).is_some() {
+                return Err(format!("view {uid} has a reader of its own"));
+            }
+            continue;
+        }
         let reader = store
             .reader(*uid)
             .ok_or_else(|| format!("log {uid}: no reader"))?;
@@ -795,9 +918,10 @@ fn compare(store: &Store, model: &Model, got: &BTreeMap<u64, RecoveredLog>) -> R
     Ok(())
 }
 
-fn run_seed(seed: u64, epochs: u64, steps: u64) -> (Run, Result<(), Failure>) {
+fn run_seed(seed: u64, epochs: u64, steps: u64, views: bool) -> (Run, Result<(), Failure>) {
     let mut run = Run {
         seed,
+        views,
         fs: SimFs::new(seed),
         rng: SimRng::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(1)),
         store: None,
@@ -856,7 +980,7 @@ fn power_losses_never_lose_acknowledged_writes() {
     let (mut partial, mut partial_moves) = (0, 0);
     let started = std::time::Instant::now();
     for &seed in &seeds {
-        match run_seed(seed, EPOCHS, STEPS) {
+        match run_seed(seed, EPOCHS, STEPS, true) {
             (run, Ok(())) => {
                 losses += run.power_losses;
                 recovery_cuts += run.recovery_cuts;
@@ -886,7 +1010,7 @@ fn power_losses_never_lose_acknowledged_writes() {
 /// length field") though nothing acknowledged was lost.
 #[test]
 fn regression_seed_7_a_torn_journal_tail_survives_a_cut_recovery() {
-    if let (run, Err(failure)) = run_seed(7, EPOCHS, STEPS) {
+    if let (run, Err(failure)) = run_seed(7, EPOCHS, STEPS, false) {
         panic!("{}", report(&run, &failure));
     }
 }
@@ -952,7 +1076,7 @@ fn recovery_from_a_torn_journal_tail_can_be_cut_anywhere() {
 /// the next recovery refused to open (`OpenError::Missing`) though the log was deleted.
 #[test]
 fn regression_seed_42_a_deleted_log_cut_half_removed_by_recovery() {
-    if let (run, Err(failure)) = run_seed(42, EPOCHS, STEPS) {
+    if let (run, Err(failure)) = run_seed(42, EPOCHS, STEPS, false) {
         panic!("{}", report(&run, &failure));
     }
 }
@@ -1019,8 +1143,8 @@ fn recovery_of_a_log_deleted_after_the_checkpoint_can_be_cut_anywhere() {
 #[test]
 fn a_seed_reproduces_its_run_exactly() {
     for seed in [3, 7, 42, 1234] {
-        let (a, ra) = run_seed(seed, EPOCHS, STEPS);
-        let (b, rb) = run_seed(seed, EPOCHS, STEPS);
+        let (a, ra) = run_seed(seed, EPOCHS, STEPS, true);
+        let (b, rb) = run_seed(seed, EPOCHS, STEPS, true);
         assert_eq!(ra, rb, "seed {seed}");
         assert_eq!(a.history, b.history, "seed {seed}");
         assert_eq!(a.fs.trace(), b.fs.trace(), "seed {seed}");

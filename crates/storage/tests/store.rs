@@ -4,7 +4,9 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::time::Duration;
 
-use tidewater_storage::{AckLevel, BatchBuilder, NewRecord, Op, OpResult, Store, StoreOptions};
+use tidewater_storage::{
+    AckLevel, BatchBuilder, NewRecord, Op, OpResult, Store, StoreOptions, WriteError,
+};
 
 fn opts() -> StoreOptions {
     StoreOptions {
@@ -1058,16 +1060,22 @@ fn an_intact_entry_of_an_unknown_kind_refuses_the_open_even_in_the_last_journal(
 /// binary knowing only 02 must refuse rather than cut off); version 02 still reads, and so
 /// do the journals written before groups (single entries are unchanged).
 #[test]
-fn checkpoints_are_written_as_03_and_02_still_reads() {
+fn checkpoints_are_written_as_03_or_04_with_views_and_02_still_reads() {
     use tidewater_storage::fuzzing::{decode_checkpoint, encode_checkpoint};
     let log = tidewater_storage::LogState::new(4, "q".into(), "{}".into());
     let mut bytes = encode_checkpoint(5, &[&log]);
     assert_eq!(&bytes[..8], b"TWCKPT03");
     bytes[..8].copy_from_slice(b"TWCKPT02");
     let (next_uid, logs) = decode_checkpoint(&bytes).unwrap();
-    assert_eq!((next_uid, logs), (5, vec![log]));
-    bytes[..8].copy_from_slice(b"TWCKPT04");
+    assert_eq!((next_uid, logs), (5, vec![log.clone()]));
+    bytes[..8].copy_from_slice(b"TWCKPT05");
     assert!(decode_checkpoint(&bytes).is_err());
+    // A view needs version 04 (each log's source); 04 reads back what it wrote.
+    let mut view = tidewater_storage::LogState::new(5, "#sub/q/s/0".into(), String::new());
+    view.source = Some(4);
+    let bytes = encode_checkpoint(6, &[&log, &view]);
+    assert_eq!(&bytes[..8], b"TWCKPT04");
+    assert_eq!(decode_checkpoint(&bytes).unwrap(), (6, vec![log, view]));
 }
 
 /// Until this process has a version 03 checkpoint in place (the open's checkpoint failed:
@@ -1601,4 +1609,310 @@ fn sealed_stream_segments_are_rewritten_in_place_and_merged() {
         }
         out
     }
+}
+
+// Views: logs with no files whose offsets are another log's (a subscription's delivery
+// state per stream partition).
+
+fn create_view(store: &Store, name: &str, source: u64, floor: u64) -> Result<u64, WriteError> {
+    store
+        .submit_wait(
+            vec![Op::CreateView {
+                name: name.into(),
+                source,
+                floor,
+            }],
+            AckLevel::Durable,
+        )
+        .map(|results| match results[0] {
+            OpResult::Created { uid } => uid,
+            ref other => panic!("unexpected {other:?}"),
+        })
+}
+
+fn settle(store: &Store, uid: u64, ranges: Vec<std::ops::Range<u64>>) -> Result<(), WriteError> {
+    store
+        .submit_wait(vec![Op::Settle { uid, ranges }], AckLevel::Durable)
+        .map(drop)
+}
+
+fn retry(store: &Store, uid: u64, offset: u64, count: u32) -> Result<(), WriteError> {
+    store
+        .submit_wait(
+            vec![Op::Retry {
+                uid,
+                offset,
+                deliver_at_ms: 99,
+                delivery_count: count,
+                at_ms: 98,
+                error: format!("attempt {count}"),
+            }],
+            AckLevel::Durable,
+        )
+        .map(drop)
+}
+
+fn state_of(recovered: &[tidewater_storage::LogState], uid: u64) -> &tidewater_storage::LogState {
+    recovered.iter().find(|l| l.uid == uid).expect("recovered")
+}
+
+fn log_dirs(dir: &std::path::Path) -> usize {
+    fs::read_dir(dir.join("logs")).unwrap().count()
+}
+
+#[test]
+fn a_view_keeps_delivery_state_over_its_source_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, view, other);
+    {
+        let (store, _) = Store::open(dir.path(), opts()).unwrap();
+        source = create(&store, "orders");
+        append(&store, source, &["a", "b", "c"]);
+        view = create_view(&store, "#sub/orders/billing/0", source, 1).unwrap();
+        // Views of one log are independent; a floor past the end is the end.
+        other = create_view(&store, "#sub/orders/email/0", source, 100).unwrap();
+        assert_eq!(log_dirs(dir.path()), 1, "a view has no files");
+        assert!(store.reader(view).is_none());
+        // A view's end is its source's: offsets past it are refused, and become valid
+        // once the source grows.
+        assert!(matches!(
+            settle(&store, view, vec![2..4]),
+            Err(WriteError::Invalid(_))
+        ));
+        assert!(matches!(
+            retry(&store, view, 3, 1),
+            Err(WriteError::Invalid(_))
+        ));
+        // A view holds no records of its own.
+        let refused = store.submit_wait(
+            vec![Op::Append {
+                uid: view,
+                batch: batch(view, &["x"]),
+            }],
+            AckLevel::Durable,
+        );
+        assert!(
+            matches!(refused, Err(WriteError::Invalid(ref m)) if m.contains("view")),
+            "{refused:?}"
+        );
+        append(&store, source, &["d", "e"]);
+        settle(&store, view, vec![2..4]).unwrap();
+        retry(&store, view, 1, 2).unwrap();
+        retry(&store, other, 4, 1).unwrap();
+        // Appends and view settles in one request: the settle sees the appended end.
+        store
+            .submit_wait(
+                vec![
+                    Op::Append {
+                        uid: source,
+                        batch: batch(source, &["f"]),
+                    },
+                    Op::Settle {
+                        uid: view,
+                        ranges: vec![5..6],
+                    },
+                ],
+                AckLevel::Durable,
+            )
+            .unwrap();
+        // The source's own state is untouched by its views'.
+        assert_eq!(bodies(&store, source, 0), ["a", "b", "c", "d", "e", "f"]);
+    }
+    let check = |recovered: &[tidewater_storage::LogState]| {
+        let v = state_of(recovered, view);
+        assert_eq!(v.source, Some(source));
+        assert_eq!((v.next_offset, v.ack_floor), (6, 1));
+        assert_eq!(v.settled.iter().collect::<Vec<_>>(), [2..4, 5..6]);
+        assert_eq!(v.retries[&1].delivery_count, 2);
+        assert_eq!(v.unsettled(), 2); // 1 and 4
+        let o = state_of(recovered, other);
+        assert_eq!((o.next_offset, o.ack_floor, o.retries.len()), (6, 3, 1));
+        let s = state_of(recovered, source);
+        assert_eq!((s.source, s.next_offset, s.ack_floor), (None, 6, 0));
+    };
+    // From the journal (the reopen's checkpoint holds it from then on) ...
+    {
+        let (_store, recovered) = Store::open(dir.path(), opts()).unwrap();
+        check(&recovered);
+    }
+    let ckpt = fs::read_dir(dir.path().join("checkpoint"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&fs::read(ckpt.path()).unwrap()[..8], b"TWCKPT04");
+    // ... and from the checkpoint.
+    let (store, recovered) = Store::open(dir.path(), opts()).unwrap();
+    check(&recovered);
+    // After a restart, the view's end still follows the source's.
+    append(&store, source, &["g"]);
+    settle(&store, view, vec![0..7]).unwrap();
+    drop(store);
+    let (_store, recovered) = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(state_of(&recovered, view).unsettled(), 0);
+    assert_eq!(state_of(&recovered, view).next_offset, 7);
+}
+
+#[test]
+fn a_view_starts_within_its_source_and_needs_a_real_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), opts()).unwrap();
+    let source = create(&store, "orders");
+    append(&store, source, &["a", "b", "c", "d"]);
+    settle(&store, source, vec![0..2]).unwrap();
+    // A floor below the source's start is its start (those records are gone).
+    let view = create_view(&store, "v", source, 0).unwrap();
+    assert!(matches!(
+        create_view(&store, "w", view, 0),
+        Err(WriteError::Invalid(_))
+    ));
+    assert!(matches!(
+        create_view(&store, "w", 999, 0),
+        Err(WriteError::Invalid(_))
+    ));
+    // A source and its views in one request (a stream growing a partition).
+    let results = store
+        .submit_wait(
+            vec![
+                Op::CreateLog {
+                    name: "orders/1".into(),
+                    config: "{}".into(),
+                    id_window: None,
+                },
+                Op::CreateView {
+                    name: "v1".into(),
+                    source: view + 1,
+                    floor: 0,
+                },
+            ],
+            AckLevel::Durable,
+        )
+        .unwrap();
+    assert_eq!(
+        results,
+        [
+            OpResult::Created { uid: view + 1 },
+            OpResult::Created { uid: view + 2 }
+        ]
+    );
+    drop(store);
+    let (_store, recovered) = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(state_of(&recovered, view).ack_floor, 2);
+    assert_eq!(state_of(&recovered, view + 2).source, Some(view + 1));
+}
+
+#[test]
+fn a_source_is_deleted_with_or_after_its_views_never_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), opts()).unwrap();
+    let source = create(&store, "orders");
+    append(&store, source, &["a"]);
+    let view = create_view(&store, "v", source, 0).unwrap();
+    let second = create_view(&store, "w", source, 0).unwrap();
+    let delete = |uids: &[u64]| {
+        store.submit_wait(
+            uids.iter().map(|&uid| Op::DeleteLog { uid }).collect(),
+            AckLevel::Durable,
+        )
+    };
+    let refused = delete(&[source, view]);
+    assert!(
+        matches!(refused, Err(WriteError::Invalid(ref m)) if m.contains("view")),
+        "{refused:?}"
+    );
+    // A refused request changed nothing.
+    settle(&store, view, vec![0..1]).unwrap();
+    delete(&[view]).unwrap();
+    assert_eq!(
+        log_dirs(dir.path()),
+        1,
+        "deleting a view leaves its source's files"
+    );
+    assert_eq!(bodies(&store, source, 0), ["a"]);
+    delete(&[second, source]).unwrap();
+    store.checkpoint().unwrap();
+    assert_eq!(log_dirs(dir.path()), 0);
+    drop(store);
+    let (_store, recovered) = Store::open(dir.path(), opts()).unwrap();
+    assert!(recovered.is_empty(), "{recovered:?}");
+}
+
+/// A view's floor says nothing about its source's files: a checkpoint after a view settled
+/// whole segments removes none of them (the source's own floor decides).
+#[test]
+fn a_checkpoint_after_a_view_passes_segments_removes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = StoreOptions {
+        segment_roll_bytes: 1024,
+        ..opts()
+    };
+    let (store, _) = Store::open(dir.path(), small.clone()).unwrap();
+    let source = create(&store, "orders");
+    let body = "x".repeat(200);
+    for _ in 0..40 {
+        append(&store, source, &[&body]);
+    }
+    let view = create_view(&store, "v", source, 0).unwrap();
+    settle(&store, view, vec![0..39]).unwrap();
+    store.checkpoint().unwrap();
+    store.checkpoint().unwrap();
+    assert_eq!(offsets(&store, source), (0..40).collect::<Vec<_>>());
+    drop(store);
+    let (store, recovered) = Store::open(dir.path(), small).unwrap();
+    assert_eq!(state_of(&recovered, view).ack_floor, 39);
+    assert_eq!(offsets(&store, source), (0..40).collect::<Vec<_>>());
+}
+
+/// The layer above settles a view before (or with) a settle of its source that removes the
+/// records (retention). An offset a view has not settled that its source no longer holds is
+/// lost data: the open refuses until repaired, and the repair settles and reports it.
+#[test]
+fn a_view_whose_records_its_source_settled_refuses_the_open_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, view);
+    {
+        let (store, _) = Store::open(dir.path(), opts()).unwrap();
+        source = create(&store, "orders");
+        append(&store, source, &["a", "b", "c", "d", "e"]);
+        view = create_view(&store, "#sub/orders/billing/0", source, 0).unwrap();
+        // Settled together, in one request: fine.
+        store
+            .submit_wait(
+                vec![
+                    Op::Settle {
+                        uid: view,
+                        ranges: vec![0..1],
+                    },
+                    Op::Settle {
+                        uid: source,
+                        ranges: vec![0..1],
+                    },
+                ],
+                AckLevel::Durable,
+            )
+            .unwrap();
+        // The source moves on without the view: 1..3 are lost to it.
+        settle(&store, source, vec![0..3]).unwrap();
+    }
+    let err = match Store::open(dir.path(), opts()) {
+        Err(err) => err,
+        Ok(_) => panic!("opened a view missing its records"),
+    };
+    let text = err.to_string();
+    let tidewater_storage::OpenError::Missing(missing) = err else {
+        panic!("{text}");
+    };
+    assert_eq!(
+        (missing[0].log_uid, missing[0].offsets.clone()),
+        (view, vec![1..3]),
+        "{text}"
+    );
+    assert!(text.contains("#sub/orders/billing/0"), "{text}");
+    {
+        let (store, _) = Store::open(dir.path(), repair_opts()).unwrap();
+        assert_eq!(store.repair_report()[0].offsets, [1..3]);
+    }
+    let (store, recovered) = Store::open(dir.path(), opts()).unwrap();
+    assert!(store.repair_report().is_empty());
+    assert_eq!(state_of(&recovered, view).ack_floor, 3);
 }

@@ -229,6 +229,17 @@ fn main() {
             uid: 3,
             config: "{\"lease_ms\":5000}",
         },
+        Entry::CreateView {
+            uid: 4,
+            name: "#sub/orders/billing/0",
+            source: 3,
+            floor: 1,
+        },
+        Entry::Settle {
+            uid: 4,
+            ranges: vec![1..2],
+        },
+        Entry::DeleteLog { uid: 4 },
         Entry::DeleteLog { uid: 3 },
     ];
     let mut journal = Vec::new();
@@ -252,6 +263,19 @@ fn main() {
         &encode_checkpoint(5, &[&state, &empty]),
     );
     write_both(dir, "checkpoint", "empty", &encode_checkpoint(1, &[]));
+    // A view (version 04): a subscription's state over the log above.
+    let mut view = LogState::new(6, s("#sub/orders/billing/0"), String::new());
+    view.source = Some(3);
+    view.next_offset = 100;
+    view.settle(&[0..40]);
+    view.record_retry(41, 99, 2, 98, "timeout");
+    let mut with_view = encode_checkpoint(7, &[&state, &view]);
+    if with_view.len() % 2 == 0 {
+        // The repaired seed keeps version 04 (see `repair_checkpoint`).
+        view.config = s(" ");
+        with_view = encode_checkpoint(7, &[&state, &view]);
+    }
+    write_both(dir, "checkpoint", "view", &with_view);
 
     // receipt
     write(dir, "receipt", "valid", receipt.as_bytes());
