@@ -8,7 +8,6 @@ use super::guard::{Reserved, Settling};
 use super::{Broker, QueueHandle, storage_error};
 use crate::error::BrokerError;
 use crate::plan::dead_letter::{MoveBatch, dead_letter_headers, move_batch};
-use crate::plan::to_ranges;
 use crate::queue::QueueState;
 
 impl Broker {
@@ -88,16 +87,11 @@ impl Broker {
         } = move_batch(target.uid, &records, self.now_ms());
         // Moves bypass capacity: a message already accepted is never dropped to make room.
         let reserved = Reserved::unchecked(target, records.len() as u64, bytes);
-        let ops = vec![
-            Op::Append {
-                uid: target.uid,
-                batch,
-            },
-            Op::Settle {
-                uid: source.uid,
-                ranges: to_ranges(&offsets),
-            },
-        ];
+        let mut ops = vec![Op::Append {
+            uid: target.uid,
+            batch,
+        }];
+        ops.extend(source.state.lock().settle_ops(&offsets));
         let (to, from) = (target.clone(), source.clone());
         self.submit_then(ops, AckLevel::Durable, move |result| {
             let results = match result {

@@ -155,9 +155,9 @@ impl Broker {
         let mut failed = Vec::new();
         for receipt in receipts.iter().map(AsRef::as_ref) {
             match state.check_receipt(receipt, now) {
-                Ok(parsed) => {
-                    if let Some(lease) = state.release(parsed.offset) {
-                        released.push((parsed.offset, lease));
+                Ok(pos) => {
+                    if let Some(lease) = state.release(pos) {
+                        released.push((pos, lease));
                     }
                 }
                 Err(code) => failed.push(ReceiptFailure {
@@ -188,7 +188,7 @@ impl Broker {
                     .filter(|r| {
                         state
                             .check_receipt(r, now)
-                            .is_ok_and(|p| state.is_superseded(p.offset))
+                            .is_ok_and(|pos| state.is_superseded(pos))
                     })
                     .map(str::to_string)
                     .collect()
@@ -218,10 +218,7 @@ impl Broker {
             let mut state = handle.state.lock();
             Settling::begin(&handle, &mut state, items, &self.inner.clock)
         };
-        let ops = vec![Op::Settle {
-            uid: handle.uid,
-            ranges: to_ranges(&settling.offsets()),
-        }];
+        let ops = handle.state.lock().settle_ops(&settling.offsets());
         let (queue, clock, observer) = (
             handle.clone(),
             self.inner.clock.clone(),
@@ -330,14 +327,12 @@ impl Broker {
         for receipt in receipts.iter().map(AsRef::as_ref) {
             match state.check_receipt(receipt, now) {
                 // A newer message replaced it: tell the consumer to stop (CI "cancel in progress").
-                Ok(parsed) if state.is_superseded(parsed.offset) => {
-                    reply.failed.push(ReceiptFailure {
-                        receipt: receipt.to_string(),
-                        code: ErrorCode::Superseded.as_str(),
-                    })
-                }
-                Ok(parsed) => {
-                    state.extend(parsed.offset, now, lease);
+                Ok(pos) if state.is_superseded(pos) => reply.failed.push(ReceiptFailure {
+                    receipt: receipt.to_string(),
+                    code: ErrorCode::Superseded.as_str(),
+                }),
+                Ok(pos) => {
+                    state.extend(pos, now, lease);
                     reply.ok += 1;
                 }
                 Err(code) => reply.failed.push(ReceiptFailure {
@@ -353,17 +348,12 @@ impl Broker {
     /// Accounted for when storage answers, whether or not the caller still waits.
     pub async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let handle = self.queue(queue)?;
-        let ((range, bytes), parked) = {
+        let ((ranges, bytes), parked, mut ops) = {
             let state = handle.state.lock();
-            (state.purge_range(), state.parked_offsets())
+            let (ranges, bytes) = state.purge_ranges();
+            let ops = state.settle_range_ops(&ranges);
+            ((ranges, bytes), state.parked_offsets(), ops)
         };
-        let mut ops = Vec::new();
-        if !range.is_empty() {
-            ops.push(Op::Settle {
-                uid: handle.uid,
-                ranges: vec![range.clone()],
-            });
-        }
         let delay_uid = handle.delay.lock().as_ref().map(|d| d.uid);
         if let Some(uid) = delay_uid
             && !parked.is_empty()
@@ -374,7 +364,7 @@ impl Broker {
             });
         }
         let apply = move |state: &mut QueueState| {
-            let mut removed = state.apply_purge(range, bytes);
+            let mut removed = state.apply_purge(&ranges, bytes);
             if !parked.is_empty() {
                 removed += state.forget_parked();
                 state.counters.purged += parked.len() as u64;

@@ -11,7 +11,6 @@ use super::guard::{Reserved, Settling};
 use super::{Broker, QueueHandle};
 use crate::config::OnExpire;
 use crate::plan::message::{header, new_message_id};
-use crate::plan::to_ranges;
 use crate::queue::{HEADER_MERGED, HEADER_TENANT, Unacked};
 
 pub(super) const LEASE_EXPIRED_ERROR: &str = "lease expired";
@@ -131,10 +130,7 @@ impl Broker {
         if items.is_empty() {
             return;
         }
-        let ops = vec![Op::Settle {
-            uid: handle.uid,
-            ranges: to_ranges(&items.offsets()),
-        }];
+        let ops = handle.state.lock().settle_ops(&items.offsets());
         let queue = handle.clone();
         let settled = self.submit_then(ops, AckLevel::Written, move |result| {
             if let Err(err) = &result {
@@ -197,16 +193,11 @@ impl Broker {
             deliver_at_ms: 0,
             body: &body,
         });
-        let ops = vec![
-            Op::Append {
-                uid: handle.uid,
-                batch: builder.finish(),
-            },
-            Op::Settle {
-                uid: handle.uid,
-                ranges: to_ranges(&members.offsets()),
-            },
-        ];
+        let mut ops = vec![Op::Append {
+            uid: handle.uid,
+            batch: builder.finish(),
+        }];
+        ops.extend(handle.state.lock().settle_ops(&members.offsets()));
         // A merge replaces accepted messages: it bypasses capacity, like a DLQ move.
         let reserved = Reserved::unchecked(handle, 1, bytes);
         let queue = handle.clone();

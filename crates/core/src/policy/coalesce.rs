@@ -125,11 +125,11 @@ impl Coalescer {
     }
 
     /// Forgets members below `end` (a purge settled them).
-    pub fn forget_below(&mut self, end: u64) {
-        self.held.retain(|&offset, _| offset >= end);
+    pub fn forget_range(&mut self, range: &std::ops::Range<u64>) {
+        self.held.retain(|offset, _| !range.contains(offset));
         let mut emptied = Vec::new();
         for (hash, window) in &mut self.windows {
-            window.members.retain(|&(offset, _)| offset >= end);
+            window.members.retain(|(offset, _)| !range.contains(offset));
             if window.members.is_empty() {
                 emptied.push((window.deadline_ms, *hash));
             }

@@ -171,15 +171,20 @@ impl KeyGate {
     }
 
     /// Forgets everything below `end` (a purge settled it).
-    pub fn forget_below(&mut self, end: u64) {
+    pub fn forget_range(&mut self, range: &std::ops::Range<u64>) {
         // Waiting ones first, so that freed slots do not release them.
         for waiting in self.parked.values_mut() {
-            waiting.retain(|&o| o >= end);
+            waiting.retain(|o| !range.contains(o));
         }
         self.parked.retain(|_, w| !w.is_empty());
         self.parked_len = self.parked.values().map(VecDeque::len).sum();
-        self.released.retain(|&o| o >= end);
-        let gone: Vec<u64> = self.holders.keys().copied().filter(|&o| o < end).collect();
+        self.released.retain(|o| !range.contains(o));
+        let gone: Vec<u64> = self
+            .holders
+            .keys()
+            .copied()
+            .filter(|o| range.contains(o))
+            .collect();
         for offset in gone {
             self.settled(offset);
         }
@@ -234,7 +239,7 @@ mod tests {
         gate.park(9, k);
         gate.set_limit(3);
         assert_eq!(gate.next_released(), Some(2));
-        gate.forget_below(4);
+        gate.forget_range(&(0..4));
         // 9 took a freed slot.
         assert_eq!((gate.keys_in_flight(), gate.parked_len()), (1, 0));
         assert_eq!(gate.drain_waiting(), vec![9]);

@@ -354,25 +354,39 @@ impl Shaper {
     }
 
     /// Forgets offsets below `end` (a purge settled them).
-    pub fn forget_below(&mut self, end: u64) {
+    pub fn forget_range(&mut self, range: &Range<u64>) {
         for level in &mut self.levels {
             for lane in &mut level.lanes {
-                while let Some(run) = lane.runs.front_mut() {
-                    if run.end <= end {
-                        lane.len -= run.end - run.start;
-                        lane.runs.pop_front();
-                        self.runs -= 1;
-                    } else {
-                        if run.start < end {
-                            lane.len -= end - run.start;
-                            run.start = end;
+                if !lane
+                    .runs
+                    .iter()
+                    .any(|run| run.start < range.end && range.start < run.end)
+                {
+                    continue;
+                }
+                // Runs need not be in order (a subscription's lanes mix sources): cut the
+                // range out of each, splitting a run that straddles it.
+                let mut kept = VecDeque::with_capacity(lane.runs.len() + 1);
+                for run in lane.runs.drain(..) {
+                    let before = run.start..run.end.min(range.start);
+                    let after = run.start.max(range.end)..run.end;
+                    for part in [before, after] {
+                        if !part.is_empty() {
+                            kept.push_back(part);
                         }
-                        break;
                     }
                 }
+                lane.runs = kept;
+                lane.len = lane.runs.iter().map(|r| r.end - r.start).sum();
             }
             level.len = level.lanes.iter().map(|l| l.len).sum();
         }
+        self.runs = self
+            .levels
+            .iter()
+            .flat_map(|level| &level.lanes)
+            .map(|lane| lane.runs.len())
+            .sum();
     }
 
     /// Messages waiting per level, highest first (stats).
@@ -531,7 +545,7 @@ mod tests {
         for offset in [1, 2, 3, 7, 8] {
             shaper.push(offset, 0, "t");
         }
-        shaper.forget_below(3);
+        shaper.forget_range(&(0..3));
         assert_eq!(shaper.len(), 3);
         assert_eq!(drain(&mut shaper, 10), vec![3, 7, 8]);
         assert_eq!(shaper.runs, 0);

@@ -168,13 +168,15 @@ impl QueueState {
         self.reserved_messages -= n;
         self.reserved_bytes -= bytes;
         if let Some((base, delays)) = appended {
-            self.accepted_end = self.accepted_end.max(base + n);
+            // (Publishes go to source 0: a queue's log, a subscription's own log.)
+            let src = &mut self.sources[0];
+            src.accepted_end = src.accepted_end.max(base + n);
             self.backlog_bytes += bytes as i64;
             self.counters.published += n;
             for &(idx, at) in delays {
                 // Behind the cursor the scan has seen it already (and timed or delivered it).
                 let offset = base + idx as u64;
-                if offset >= self.cursor && !self.is_settled_or_busy(offset) {
+                if offset >= self.sources[0].cursor && !self.is_settled_or_busy(offset) {
                     self.add_timer(offset, at);
                 }
             }

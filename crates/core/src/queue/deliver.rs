@@ -9,7 +9,8 @@ use crate::policy::shaper::{Shaper, Staged, StagedLanes};
 
 use super::{
     ANONYMOUS_TENANT, Delivery, HEADER_PRIORITY, HEADER_TENANT, HEADER_TTL_MS, Lease, MAX_PARKED,
-    QueueState, RecordSource, SCAN_AHEAD, SCAN_BYTES, SHAPER_SCAN_STEP, Unacked,
+    QueueState, RecordSource, SCAN_AHEAD, SCAN_BYTES, SHAPER_SCAN_STEP, Unacked, offset_of,
+    source_of,
 };
 use crate::receipt::Receipt;
 
@@ -82,7 +83,7 @@ impl QueueState {
             self.timers.pop_first();
             self.timer_at.remove(&offset);
             // Below the cursor it needs the ready queue; above it the scan finds it.
-            if offset < self.cursor && !self.is_settled_or_busy(offset) {
+            if offset < self.src(offset).cursor && !self.is_settled_or_busy(offset) {
                 self.ready.push_back(offset);
             }
         }
@@ -176,30 +177,85 @@ impl QueueState {
                 q.shaper.as_mut().and_then(Shaper::pop)
             })?;
         }
-        // Read about what the room takes at the share of scanned messages recently leased
-        // (the rest were parked behind their key, settled, timed): records read past the
-        // room are read again next time, so a fixed read-ahead costs a consumer taking a
-        // few at a time, and no read-ahead costs a read per leased few behind a hot key.
+        // First deliveries: each source's records in order; sources in turn from a rotating
+        // start, each taking an even share of the room left (one source: all of it).
+        if self.shaper.is_none() {
+            let n = self.sources.len();
+            let start = self.next_source % n;
+            self.next_source = self.next_source.wrapping_add(1);
+            'rounds: while out.len() < room {
+                let active = (0..n)
+                    .filter(|&i| self.sources[i].cursor < self.sources[i].visible_end)
+                    .count();
+                if active == 0 {
+                    break;
+                }
+                let mut moved = false;
+                let share = (room - out.len()).div_ceil(active);
+                for i in (start..n).chain(0..start) {
+                    if out.len() >= room {
+                        break 'rounds;
+                    }
+                    let share = share.min(room - out.len());
+                    let before = self.sources[i].cursor;
+                    let stop = self.scan_source(source, i, share, &mut out, now_ms, lease_ms)?;
+                    moved |= self.sources[i].cursor != before;
+                    if stop {
+                        break 'rounds;
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        self.counters.delivered += out.len() as u64;
+        if let Some(rate) = &mut self.rate {
+            rate.take(now_ms, out.len());
+        }
+        Ok(out)
+    }
+
+    /// Scans source `index` from its cursor for first deliveries, leasing up to `share` into
+    /// `out`; true when the scan must stop for every source (too many messages parked).
+    ///
+    /// Reads about what the share takes at the share of scanned messages recently leased
+    /// (the rest were parked behind their key, settled, timed): records read past the
+    /// share are read again next time, so a fixed read-ahead costs a consumer taking a
+    /// few at a time, and no read-ahead costs a read per leased few behind a hot key.
+    fn scan_source(
+        &mut self,
+        source: &impl RecordSource,
+        index: usize,
+        share: usize,
+        out: &mut Vec<Delivery>,
+        now_ms: i64,
+        lease_ms: u64,
+    ) -> Result<bool, ReadError> {
         let (mut scanned, mut taken) = (0usize, 0usize);
-        'scan: while self.shaper.is_none() && out.len() < room && self.cursor < self.visible_end {
-            let left = room - out.len();
-            let want = ((left as f64 / self.scan_yield).ceil() as usize).min(left + SCAN_AHEAD);
-            let records = source.read(self.cursor, want, SCAN_BYTES)?;
+        let mut stop = false;
+        'scan: while taken < share && self.sources[index].cursor < self.sources[index].visible_end {
+            let src = &self.sources[index];
+            let (cursor, end) = (src.cursor, src.visible_end);
+            let left = share - taken;
+            let want = ((left as f64 / src.scan_yield).ceil() as usize).min(left + SCAN_AHEAD);
+            let records = source.read(cursor, want, SCAN_BYTES)?;
             if records.is_empty() {
                 break;
             }
             for record in records {
-                if record.offset >= self.visible_end {
-                    break;
+                if record.offset >= end {
+                    break 'scan;
                 }
                 if self
                     .keys
                     .as_ref()
                     .is_some_and(|gate| gate.parked_len() >= MAX_PARKED)
                 {
+                    stop = true;
                     break 'scan; // bounded lookahead: wait for parked keys to move
                 }
-                self.cursor = record.offset + 1;
+                self.sources[index].cursor = record.offset + 1;
                 scanned += 1;
                 if self.is_settled_or_busy(record.offset)
                     || self.timer_at.contains_key(&record.offset)
@@ -215,20 +271,17 @@ impl QueueState {
                 };
                 taken += 1;
                 out.push(self.lease(record, now_ms, lease_ms));
-                if out.len() == room {
+                if taken == share {
                     break;
                 }
             }
         }
         if scanned > 0 {
+            let src = &mut self.sources[index];
             let seen = taken as f64 / scanned as f64;
-            self.scan_yield = (0.5 * self.scan_yield + 0.5 * seen).clamp(0.05, 1.0);
+            src.scan_yield = (0.5 * src.scan_yield + 0.5 * seen).clamp(0.05, 1.0);
         }
-        self.counters.delivered += out.len() as u64;
-        if let Some(rate) = &mut self.rate {
-            rate.take(now_ms, out.len());
-        }
-        Ok(out)
+        Ok(stop)
     }
 
     /// Leases the messages `next` hands out (skipping settled, leased and timed ones) until
@@ -272,20 +325,45 @@ impl QueueState {
         now_ms: i64,
     ) -> Result<(), ReadError> {
         let mut budget = SHAPER_SCAN_STEP;
+        let n = self.sources.len();
+        let start = self.next_source % n;
+        self.next_source = self.next_source.wrapping_add(1);
+        // Sources in turn, each up to an even share of the step (what one leaves, the
+        // next may use).
+        for (k, index) in (start..n).chain(0..start).enumerate() {
+            let share = budget.div_ceil(n - k);
+            let left = budget - share;
+            budget = self.fill_shaper_from(source, index, share, now_ms)? + left;
+        }
+        Ok(())
+    }
+
+    /// `fill_shaper` over source `index`, up to `budget` messages; returns what is left.
+    fn fill_shaper_from(
+        &mut self,
+        source: &impl RecordSource,
+        index: usize,
+        mut budget: usize,
+        now_ms: i64,
+    ) -> Result<usize, ReadError> {
         while budget > 0
-            && self.cursor < self.visible_end
+            && self.sources[index].cursor < self.sources[index].visible_end
             && !self.shaper.as_ref().is_some_and(Shaper::is_full)
         {
-            let Some(shaper) = &mut self.shaper else {
-                return Ok(());
+            let (cursor, visible_end) = {
+                let src = &self.sources[index];
+                (src.cursor, src.visible_end)
             };
-            let scan_end = match shaper.staged_at(self.cursor, self.visible_end) {
+            let Some(shaper) = &mut self.shaper else {
+                return Ok(budget);
+            };
+            let scan_end = match shaper.staged_at(cursor, visible_end) {
                 Staged::Here(base, lanes) => {
                     for (offset, lane) in (base..).zip(lanes) {
-                        if offset < self.cursor {
+                        if offset < self.sources[index].cursor {
                             continue;
                         }
-                        self.cursor = offset + 1;
+                        self.sources[index].cursor = offset + 1;
                         budget = budget.saturating_sub(1);
                         // As the scan below: delayed messages wait on their timer (set
                         // at publish), others join their lane. (A staged batch goes in
@@ -299,16 +377,16 @@ impl QueueState {
                     }
                     continue;
                 }
-                Staged::Until(base) => base.min(self.visible_end),
-                Staged::Nothing => self.visible_end,
+                Staged::Until(base) => base.min(visible_end),
+                Staged::Nothing => visible_end,
             };
-            let before = self.cursor;
-            let count = budget.min(4_096).min((scan_end - self.cursor) as usize);
-            source.scan(self.cursor, count, &mut |record| {
+            let before = cursor;
+            let count = budget.min(4_096).min((scan_end - cursor) as usize);
+            source.scan(cursor, count, &mut |record| {
                 if record.offset >= scan_end || self.shaper.as_ref().is_some_and(Shaper::is_full) {
                     return false;
                 }
-                self.cursor = record.offset + 1;
+                self.sources[index].cursor = record.offset + 1;
                 budget = budget.saturating_sub(1);
                 if self.is_settled_or_busy(record.offset)
                     || self.timer_at.contains_key(&record.offset)
@@ -325,11 +403,11 @@ impl QueueState {
                 }
                 true
             })?;
-            if self.cursor == before {
+            if self.sources[index].cursor == before {
                 break;
             }
         }
-        Ok(())
+        Ok(budget)
     }
 
     /// Resolves the lanes of a batch about to be appended (None without lanes, or past
@@ -440,15 +518,19 @@ impl QueueState {
             },
         );
         self.lease_expiry.insert((deadline_ms, record.offset));
+        let pos = record.offset;
         let receipt = Receipt {
-            log_uid: self.uid,
-            offset: record.offset,
+            log_uid: self.src(pos).uid,
+            offset: offset_of(pos),
             nonce,
         }
         .encode();
+        let mut record = record;
+        record.offset = offset_of(pos);
         Delivery {
             receipt,
             delivery_count,
+            source: source_of(pos),
             record,
         }
     }
@@ -505,18 +587,32 @@ impl QueueState {
         let Some(ttl) = self.config.ttl_ms else {
             return Ok(());
         };
-        while self.cursor < self.visible_end {
-            let records = source.read(self.cursor, 1_000, SCAN_BYTES)?;
+        for index in 0..self.sources.len() {
+            self.expire_head_of(source, index, ttl, now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn expire_head_of(
+        &mut self,
+        source: &impl RecordSource,
+        index: usize,
+        ttl: u64,
+        now_ms: i64,
+    ) -> Result<(), ReadError> {
+        while self.sources[index].cursor < self.sources[index].visible_end {
+            let (cursor, end) = (self.sources[index].cursor, self.sources[index].visible_end);
+            let records = source.read(cursor, 1_000, SCAN_BYTES)?;
             if records.is_empty() {
                 break;
             }
             for record in records {
-                if record.offset >= self.visible_end
+                if record.offset >= end
                     || record.published_at_ms.saturating_add(ttl as i64) > now_ms
                 {
                     return Ok(());
                 }
-                self.cursor = record.offset + 1;
+                self.sources[index].cursor = record.offset + 1;
                 if self.is_settled_or_busy(record.offset) {
                     continue;
                 }

@@ -1,7 +1,15 @@
 //! The delivery state of one queue: which messages are ready, leased, delayed or settled.
 //!
 //! Sans-IO: records are read through `RecordSource`, time is passed in, and the caller
-//! writes the durable facts (settle, retry) to storage. Every unsettled message behind the
+//! writes the durable facts (settle, retry) to storage.
+//!
+//! **Sources and positions.** A queue's records come from one log. A subscription on a
+//! stream is the same state over several sources: its own small log and one view per
+//! partition (`Source`). Every map and set here is keyed by a *position*: the source's index
+//! in the top 16 bits, the offset in that source below (`position`). For a queue (source 0)
+//! a position is the offset, so queue state, receipts and storage ops are as they were.
+//! Offsets turn into positions where records are read (`Positioned`) and back where the
+//! state meets storage (`settle_ops`, `plan_retries`) or a consumer (receipts). Every unsettled message behind the
 //! scan cursor is reachable from `leases`, `ready`, `timers`, `settling`, or a policy's
 //! waiting structure (key gate, shaper lanes, coalescing windows); checked by
 //! `debug_check_consistency`.
@@ -64,7 +72,30 @@ pub const HEADER_TENANT: &str = "tidewater-tenant";
 /// The tenant of messages that name none.
 pub const ANONYMOUS_TENANT: &str = "anonymous";
 
-/// Where a queue's records come from (a storage log reader, or a model in tests).
+/// Bits of a position that hold the offset; the source's index is above them. (2^48
+/// offsets: nine years at a million records a second per partition.)
+pub const POSITION_BITS: u32 = 48;
+const OFFSET_MASK: u64 = (1 << POSITION_BITS) - 1;
+
+/// The position of `offset` in source `src`.
+pub fn position(src: usize, offset: u64) -> u64 {
+    debug_assert!(offset <= OFFSET_MASK && src < 1 << (64 - POSITION_BITS));
+    ((src as u64) << POSITION_BITS) | (offset & OFFSET_MASK)
+}
+
+/// The source a position is in.
+pub fn source_of(pos: u64) -> usize {
+    (pos >> POSITION_BITS) as usize
+}
+
+/// The offset of a position in its source.
+pub fn offset_of(pos: u64) -> u64 {
+    pos & OFFSET_MASK
+}
+
+/// Where a queue's records come from (a storage log reader, or a model in tests). Reads
+/// from a position read that position's source only, and records come back with positions
+/// (see `Positioned`; for a single log, positions and offsets are the same).
 pub trait RecordSource {
     /// Records at offsets >= `from`, at most `max_count`, about `max_bytes` of bodies.
     fn read(&self, from: u64, max_count: usize, max_bytes: usize)
@@ -86,6 +117,78 @@ pub trait RecordSource {
         max_count: usize,
         visit: &mut dyn FnMut(&RecordView<'_>) -> bool,
     ) -> Result<(), ReadError>;
+}
+
+/// Several record sources read as one: a read from a position goes to that position's
+/// source (by index), and records come back with positions in place of offsets.
+pub struct Positioned<'a> {
+    pub sources: Vec<&'a dyn RecordSource>,
+}
+
+impl Positioned<'_> {
+    fn part(&self, pos: u64) -> Option<&dyn RecordSource> {
+        self.sources.get(source_of(pos)).copied()
+    }
+}
+
+impl RecordSource for Positioned<'_> {
+    fn read(
+        &self,
+        from: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, ReadError> {
+        let Some(part) = self.part(from) else {
+            return Ok(Vec::new());
+        };
+        let src = source_of(from);
+        let mut records = part.read(offset_of(from), max_count, max_bytes)?;
+        for record in &mut records {
+            record.offset = position(src, record.offset);
+        }
+        Ok(records)
+    }
+
+    fn read_where(
+        &self,
+        from: u64,
+        end: u64,
+        want: &dyn Fn(u64) -> bool,
+    ) -> Result<Vec<Record>, ReadError> {
+        let Some(part) = self.part(from) else {
+            return Ok(Vec::new());
+        };
+        let src = source_of(from);
+        // Within the source of `from` (a position range never spans two).
+        let end = if source_of(end.saturating_sub(1)) == src {
+            offset_of(end.saturating_sub(1)) + 1
+        } else {
+            OFFSET_MASK + 1
+        };
+        let mut records =
+            part.read_where(offset_of(from), end, &|offset| want(position(src, offset)))?;
+        for record in &mut records {
+            record.offset = position(src, record.offset);
+        }
+        Ok(records)
+    }
+
+    fn scan(
+        &self,
+        from: u64,
+        max_count: usize,
+        visit: &mut dyn FnMut(&RecordView<'_>) -> bool,
+    ) -> Result<(), ReadError> {
+        let Some(part) = self.part(from) else {
+            return Ok(());
+        };
+        let src = source_of(from);
+        part.scan(offset_of(from), max_count, &mut |view| {
+            let mut view = *view;
+            view.offset = position(src, view.offset);
+            visit(&view)
+        })
+    }
 }
 
 impl RecordSource for tidewater_storage::LogReader {
@@ -138,6 +241,10 @@ pub struct History {
 pub struct Delivery {
     pub receipt: String,
     pub delivery_count: u32,
+    /// The source it came from (0 for a queue; a subscription's partition is its source
+    /// index minus one).
+    pub source: usize,
+    /// `record.offset` is the offset in its source.
     pub record: Record,
 }
 
@@ -224,25 +331,81 @@ pub struct QueueStats {
     pub dispatch_rate_per_s: Option<f64>,
 }
 
+/// One source of a state's records (a queue's log, or a subscription's log or partition
+/// view). Every field is a position in this source's range.
+#[derive(Debug)]
+pub(super) struct Source {
+    /// The storage log whose settles and retries hold this source's durable state.
+    pub(super) uid: u64,
+    /// Positions below are durable and deliverable.
+    pub(super) visible_end: u64,
+    /// Positions below were assigned to accepted publishes.
+    pub(super) accepted_end: u64,
+    pub(super) ack_floor: u64,
+    /// Settled positions at or above the floor.
+    pub(super) settled: RangeSet,
+    /// Next position never looked at for a first delivery.
+    pub(super) cursor: u64,
+    /// Share of recently scanned messages that were leased (sizes the scan's reads).
+    pub(super) scan_yield: f64,
+    /// (ack floor, published_at of the message there), cached for oldest-age.
+    pub(super) oldest: Option<(u64, i64)>,
+}
+
+impl Source {
+    fn new(index: usize, uid: u64) -> Self {
+        let start = position(index, 0);
+        Source {
+            uid,
+            visible_end: start,
+            accepted_end: start,
+            ack_floor: start,
+            settled: RangeSet::new(),
+            cursor: start,
+            scan_yield: 1.0,
+            oldest: None,
+        }
+    }
+
+    /// Restores the durable state of its log.
+    fn restore(&mut self, index: usize, log: &LogState) {
+        let at = |offset| position(index, offset);
+        self.visible_end = at(log.next_offset);
+        self.accepted_end = at(log.next_offset);
+        self.ack_floor = at(log.ack_floor);
+        self.cursor = at(log.ack_floor);
+        self.settled = RangeSet::new();
+        for range in log.settled.iter() {
+            self.settled.insert(at(range.start)..at(range.end));
+        }
+    }
+
+    fn end(&self) -> u64 {
+        self.accepted_end.max(self.visible_end)
+    }
+
+    fn unsettled(&self) -> u64 {
+        self.end()
+            .saturating_sub(self.ack_floor)
+            .saturating_sub(self.settled.len())
+    }
+}
+
 pub struct QueueState {
     /// Lease nonces (a CSPRNG unless a simulation injects one).
     nonces: Arc<dyn NonceSource>,
+    /// The log of source 0 (a queue's log; a subscription's own log).
     pub uid: u64,
     pub name: String,
     pub config: QueueConfig,
-    /// Offsets below are durable and deliverable.
-    visible_end: u64,
-    /// Offsets below were assigned to accepted publishes.
-    accepted_end: u64,
-    ack_floor: u64,
-    /// Settled offsets at or above the floor.
-    settled: RangeSet,
+    /// Where records come from; a queue has one.
+    sources: Vec<Source>,
+    /// Source index by storage uid (receipts name the uid).
+    source_by_uid: HashMap<u64, usize>,
+    /// The source the next scan starts from (round robin over sources).
+    next_source: usize,
     /// Settlements written but not yet confirmed by storage.
     settling: OffsetSet,
-    /// Next offset never looked at for a first delivery.
-    cursor: u64,
-    /// Share of recently scanned messages that were leased (sizes the scan's reads).
-    scan_yield: f64,
     leases: OffsetMap<Lease>,
     lease_expiry: BTreeSet<(i64, u64)>,
     timers: BTreeSet<(i64, u64)>,
@@ -255,8 +418,6 @@ pub struct QueueState {
     reserved_bytes: u64,
     pub counters: Counters,
     drain: DrainMeter,
-    /// (ack floor, published_at of the message there), cached for oldest-age.
-    oldest: Option<(u64, i64)>,
     /// Dispatch rate limit and its adaptive controller (None when unused: no cost).
     rate: Option<Gcra>,
     aimd: Option<Aimd>,
@@ -297,13 +458,10 @@ impl QueueState {
             uid,
             name,
             config,
-            visible_end: 0,
-            accepted_end: 0,
-            ack_floor: 0,
-            settled: RangeSet::new(),
+            sources: vec![Source::new(0, uid)],
+            source_by_uid: HashMap::from([(uid, 0)]),
+            next_source: 0,
             settling: OffsetSet::default(),
-            cursor: 0,
-            scan_yield: 1.0,
             leases: OffsetMap::default(),
             lease_expiry: BTreeSet::new(),
             timers: BTreeSet::new(),
@@ -315,7 +473,6 @@ impl QueueState {
             reserved_bytes: 0,
             counters: Counters::default(),
             drain: DrainMeter::default(),
-            oldest: None,
             rate: None,
             aimd: None,
             rate_wakeup: None,
@@ -354,55 +511,98 @@ impl QueueState {
         source: &impl RecordSource,
         now_ms: i64,
     ) -> Result<Self, ReadError> {
-        let mut state = QueueState::new(log.uid, log.name.clone(), config);
+        Self::recover_sources(&log.name, &[log], config, source, now_ms)
+    }
+
+    /// Rebuilds a state over several recovered logs (source `i` is `logs[i]`; `source`
+    /// reads by position). The ids remembered for deduplication are source 0's.
+    pub fn recover_sources(
+        name: &str,
+        logs: &[&LogState],
+        config: QueueConfig,
+        source: &impl RecordSource,
+        now_ms: i64,
+    ) -> Result<Self, ReadError> {
+        let first = logs.first().expect("a state has a source");
+        let mut state = QueueState::new(first.uid, name.to_string(), config);
         if state.config.dedup_window_ms > 0 {
-            for (at, id) in &log.recent_ids.ids {
+            for (at, id) in &first.recent_ids.ids {
                 state.dedup.restore(*at, id);
             }
         }
-        state.visible_end = log.next_offset;
-        state.accepted_end = log.next_offset;
-        state.ack_floor = log.ack_floor;
-        state.settled = log.settled.clone();
-        state.cursor = log.ack_floor;
-        for (&offset, info) in &log.retries {
-            let RetryInfo {
-                delivery_count,
-                deliver_at_ms,
-                errors,
-            } = info;
-            state.history.insert(
-                offset,
-                History {
-                    delivery_count: *delivery_count,
-                    errors: errors.clone(),
-                },
-            );
-            if *deliver_at_ms > now_ms {
-                state.add_timer(offset, *deliver_at_ms);
+        for (index, log) in logs.iter().enumerate() {
+            if index > 0 {
+                state.add_source(log.uid);
+            }
+            state.sources[index].restore(index, log);
+        }
+        for (index, log) in logs.iter().enumerate() {
+            for (&offset, info) in &log.retries {
+                let RetryInfo {
+                    delivery_count,
+                    deliver_at_ms,
+                    errors,
+                } = info;
+                let pos = position(index, offset);
+                state.history.insert(
+                    pos,
+                    History {
+                        delivery_count: *delivery_count,
+                        errors: errors.clone(),
+                    },
+                );
+                if *deliver_at_ms > now_ms {
+                    state.add_timer(pos, *deliver_at_ms);
+                }
             }
         }
         // Messages awaiting a retry keep their key's slot across the restart.
         if state.keys.is_some() {
-            for &offset in log.retries.keys() {
-                if let Some(record) = source.read(offset, 1, 1)?.pop()
-                    && record.offset == offset
-                {
-                    let key = state.key_hash(&record);
-                    if let Some(gate) = &mut state.keys {
-                        gate.hold(offset, key);
+            for (index, log) in logs.iter().enumerate() {
+                for &offset in log.retries.keys() {
+                    let pos = position(index, offset);
+                    if let Some(record) = source.read(pos, 1, 1)?.pop()
+                        && record.offset == pos
+                    {
+                        let key = state.key_hash(&record);
+                        if let Some(gate) = &mut state.keys {
+                            gate.hold(pos, key);
+                        }
                     }
                 }
             }
         }
         // One pass over the backlog for its size and its delayed messages.
-        let mut from = log.ack_floor;
-        while from < log.next_offset {
-            let records = source.read(from, usize::MAX, SCAN_BYTES)?;
-            let Some(last) = records.last() else { break };
-            from = last.offset + 1;
+        for index in 0..logs.len() {
+            let (mut from, end) = {
+                let src = &state.sources[index];
+                (src.ack_floor, src.visible_end)
+            };
+            while from < end {
+                let records = source.read(from, usize::MAX, SCAN_BYTES)?;
+                let Some(last) = records.last() else { break };
+                from = last.offset + 1;
+                state.recover_backlog(records, now_ms);
+            }
+        }
+        Ok(state)
+    }
+
+    /// Adds a source of records whose durable state is in storage log `uid`; returns its
+    /// index (positions `position(index, offset)`).
+    pub fn add_source(&mut self, uid: u64) -> usize {
+        let index = self.sources.len();
+        self.sources.push(Source::new(index, uid));
+        self.source_by_uid.insert(uid, index);
+        index
+    }
+
+    /// The backlog pass of a recovery, over records read from one source.
+    fn recover_backlog(&mut self, records: Vec<Record>, now_ms: i64) {
+        let state = self;
+        {
             for record in records {
-                if state.settled.contains(record.offset) {
+                if state.src(record.offset).settled.contains(record.offset) {
                     continue;
                 }
                 state.backlog_bytes += record.size() as i64;
@@ -415,30 +615,62 @@ impl QueueState {
                 }
             }
         }
-        Ok(state)
     }
 
-    pub(super) fn log_end(&self) -> u64 {
-        self.accepted_end.max(self.visible_end)
+    /// The source of a position.
+    pub(super) fn src(&self, pos: u64) -> &Source {
+        &self.sources[source_of(pos)]
+    }
+
+    pub(super) fn src_mut(&mut self, pos: u64) -> &mut Source {
+        &mut self.sources[source_of(pos)]
+    }
+
+    /// Number of sources (1 for a queue).
+    pub fn source_count(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// The source whose durable state is in storage log `uid`.
+    pub fn source_index(&self, uid: u64) -> Option<usize> {
+        self.source_by_uid.get(&uid).copied()
+    }
+
+    /// The storage log of source `index`.
+    pub fn source_uid(&self, index: usize) -> u64 {
+        self.sources[index].uid
     }
 
     /// Messages accepted and not settled.
     pub fn unsettled(&self) -> u64 {
-        self.log_end()
-            .saturating_sub(self.ack_floor)
-            .saturating_sub(self.settled.len())
+        self.sources.iter().map(Source::unsettled).sum()
     }
 
+    /// Source 0's end moved (a queue's log): offsets below `end` are durable.
     pub fn set_visible_end(&mut self, end: u64) {
-        self.visible_end = self.visible_end.max(end);
+        self.set_source_end(0, end);
     }
 
+    /// Source `index`'s durable end moved to offset `end`.
+    pub fn set_source_end(&mut self, index: usize, end: u64) {
+        let src = &mut self.sources[index];
+        src.visible_end = src.visible_end.max(position(index, end));
+    }
+
+    /// Source 0's durable end (a queue's log).
     pub fn visible_end(&self) -> u64 {
-        self.visible_end
+        offset_of(self.sources[0].visible_end)
     }
 
+    /// Source 0's ack floor (a queue's log).
     pub fn ack_floor(&self) -> u64 {
-        self.ack_floor
+        offset_of(self.sources[0].ack_floor)
+    }
+
+    /// Source `index`'s (ack floor, durable end), as offsets.
+    pub fn source_range(&self, index: usize) -> (u64, u64) {
+        let src = &self.sources[index];
+        (offset_of(src.ack_floor), offset_of(src.visible_end))
     }
 
     pub(super) fn with_policies(mut self) -> Self {
@@ -531,10 +763,14 @@ impl QueueState {
     }
 
     pub(super) fn is_settled_or_busy(&self, offset: u64) -> bool {
-        offset < self.ack_floor
-            || self.settled.contains(offset)
+        let src = self.src(offset);
+        offset < src.ack_floor
+            || src.settled.contains(offset)
             || self.settling.contains(&offset)
             || self.leases.contains_key(&offset)
             || self.coalescer.as_ref().is_some_and(|c| c.is_held(offset))
     }
 }
+
+#[cfg(test)]
+mod sources_tests;

@@ -4,7 +4,7 @@ use crate::config::CoalesceMode;
 use crate::policy::coalesce::Closed;
 use crate::policy::keys::KeyGate;
 
-use super::{MAX_SUPERSEDE_KEYS, QueueState, Unacked};
+use super::{MAX_SUPERSEDE_KEYS, QueueState, Unacked, source_of};
 
 impl QueueState {
     /// Records that a batch with these keyed messages (index in batch, key, bytes) was
@@ -20,9 +20,11 @@ impl QueueState {
         let Some(s) = &mut self.supersede else { return };
         let hash = std::hash::BuildHasher::hash_one(&s.hasher, key);
         if s.latest.len() >= MAX_SUPERSEDE_KEYS && !s.latest.contains_key(&hash) {
-            let (floor, settled) = (self.ack_floor, &self.settled);
-            s.latest
-                .retain(|_, (o, _)| *o >= floor && !settled.contains(*o));
+            let sources = &self.sources;
+            s.latest.retain(|_, (o, _)| {
+                let src = &sources[source_of(*o)];
+                *o >= src.ack_floor && !src.settled.contains(*o)
+            });
             if s.latest.len() >= MAX_SUPERSEDE_KEYS {
                 return;
             }
@@ -30,9 +32,11 @@ impl QueueState {
         let Some((older, older_size)) = s.latest.insert(hash, (offset, size)) else {
             return;
         };
-        if older >= offset
-            || older < self.ack_floor
-            || self.settled.contains(older)
+        // (Across sources, the later call is the newer message.)
+        let src = &self.sources[source_of(older)];
+        if (source_of(older) == source_of(offset) && older >= offset)
+            || older < src.ack_floor
+            || src.settled.contains(older)
             || self.settling.contains(&older)
         {
             return;

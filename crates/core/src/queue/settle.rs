@@ -8,20 +8,42 @@ use tidewater_storage::Op;
 use crate::clock::Jitter;
 use crate::error::ErrorCode;
 
-use super::{History, Lease, QueueState, Unacked};
+use super::{History, Lease, QueueState, Unacked, offset_of, position, source_of};
 use crate::receipt::Receipt;
 
 impl QueueState {
-    /// Checks a receipt against the current lease of its message.
-    pub fn check_receipt(&self, receipt: &str, now_ms: i64) -> Result<Receipt, ErrorCode> {
+    /// Checks a receipt against the current lease of its message; returns the message's
+    /// position.
+    pub fn check_receipt(&self, receipt: &str, now_ms: i64) -> Result<u64, ErrorCode> {
         let parsed = Receipt::decode(receipt).ok_or(ErrorCode::InvalidReceipt)?;
-        if parsed.log_uid != self.uid {
+        let index = self
+            .source_index(parsed.log_uid)
+            .ok_or(ErrorCode::InvalidReceipt)?;
+        if parsed.offset > offset_of(u64::MAX) {
             return Err(ErrorCode::InvalidReceipt);
         }
-        match self.leases.get(&parsed.offset) {
-            Some(lease) if lease.nonce == parsed.nonce && lease.deadline_ms > now_ms => Ok(parsed),
+        let pos = position(index, parsed.offset);
+        match self.leases.get(&pos) {
+            Some(lease) if lease.nonce == parsed.nonce && lease.deadline_ms > now_ms => Ok(pos),
             _ => Err(ErrorCode::StaleReceipt),
         }
+    }
+
+    /// The storage ops that settle these positions for good: one `Settle` per source.
+    pub fn settle_ops(&self, positions: &[u64]) -> Vec<Op> {
+        let mut by_source: Vec<Vec<u64>> = vec![Vec::new(); self.sources.len()];
+        for &pos in positions {
+            by_source[source_of(pos)].push(offset_of(pos));
+        }
+        by_source
+            .into_iter()
+            .enumerate()
+            .filter(|(_, offsets)| !offsets.is_empty())
+            .map(|(index, offsets)| Op::Settle {
+                uid: self.sources[index].uid,
+                ranges: crate::plan::to_ranges(&offsets),
+            })
+            .collect()
     }
 
     /// Ends a valid lease; the message is now being settled or rescheduled by the caller.
@@ -49,7 +71,8 @@ impl QueueState {
         for &(offset, size) in offsets {
             self.settling.remove(&offset);
             if ok {
-                if offset >= self.ack_floor && self.settled.insert_one(offset) {
+                let src = self.src_mut(offset);
+                if offset >= src.ack_floor && src.settled.insert_one(offset) {
                     self.backlog_bytes -= size as i64;
                 }
                 self.history.remove(&offset);
@@ -70,11 +93,13 @@ impl QueueState {
     }
 
     pub(super) fn advance_floor(&mut self) {
-        let floor = self.settled.end_of_run(self.ack_floor);
-        if floor != self.ack_floor {
-            self.ack_floor = floor;
-            self.settled.remove_below(floor);
-            self.cursor = self.cursor.max(floor);
+        for src in &mut self.sources {
+            let floor = src.settled.end_of_run(src.ack_floor);
+            if floor != src.ack_floor {
+                src.ack_floor = floor;
+                src.settled.remove_below(floor);
+                src.cursor = src.cursor.max(floor);
+            }
         }
     }
 
@@ -136,16 +161,54 @@ impl QueueState {
         self.history.get(&offset)
     }
 
-    /// Everything accepted so far, to settle for a purge, with the bytes it holds now.
-    pub fn purge_range(&self) -> (Range<u64>, i64) {
-        (self.ack_floor..self.log_end(), self.backlog_bytes)
+    /// Everything accepted so far, to settle for a purge (position ranges, one per source
+    /// with messages), with the bytes it holds now.
+    pub fn purge_ranges(&self) -> (Vec<Range<u64>>, i64) {
+        let ranges = self
+            .sources
+            .iter()
+            .map(|src| src.ack_floor..src.end())
+            .filter(|range| !range.is_empty())
+            .collect();
+        (ranges, self.backlog_bytes)
+    }
+
+    /// The storage ops that settle position ranges (each within one source).
+    pub fn settle_range_ops(&self, ranges: &[Range<u64>]) -> Vec<Op> {
+        ranges
+            .iter()
+            .filter(|range| !range.is_empty())
+            .map(|range| Op::Settle {
+                uid: self.src(range.start).uid,
+                ranges: vec![
+                    offset_of(range.start)..offset_of(range.start) + (range.end - range.start),
+                ],
+            })
+            .collect()
     }
 
     /// Applies a purge that storage confirmed; returns how many messages it removed.
-    /// `bytes` is the backlog size taken with the range: later publishes keep theirs.
-    pub fn apply_purge(&mut self, range: Range<u64>, bytes: i64) -> u64 {
-        let removed = (range.end.saturating_sub(self.ack_floor))
-            .saturating_sub(self.settled.count_in(self.ack_floor..range.end));
+    /// `bytes` is the backlog size taken with the ranges: later publishes keep theirs.
+    pub fn apply_purge(&mut self, ranges: &[Range<u64>], bytes: i64) -> u64 {
+        let mut removed = 0;
+        for range in ranges {
+            removed += self.purge_one(range.clone());
+        }
+        self.backlog_bytes = if self.unsettled() == 0 {
+            0
+        } else {
+            (self.backlog_bytes - bytes).max(0)
+        };
+        self.counters.purged += removed;
+        removed
+    }
+
+    /// Takes the messages of one position range (within one source) out of the state, as
+    /// settled; returns how many were unsettled.
+    fn purge_one(&mut self, range: Range<u64>) -> u64 {
+        let src = self.src(range.start);
+        let removed = (range.end.saturating_sub(src.ack_floor))
+            .saturating_sub(src.settled.count_in(src.ack_floor..range.end));
         let offsets: Vec<u64> = self
             .leases
             .keys()
@@ -167,40 +230,42 @@ impl QueueState {
         }
         self.ready.retain(|o| !range.contains(o));
         self.history.retain(|o, _| !range.contains(o));
+        // Only this range: the waiting messages of other sources stay.
         if let Some(gate) = &mut self.keys {
-            gate.forget_below(range.end);
+            gate.forget_range(&range);
         }
         if let Some(shaper) = &mut self.shaper {
-            shaper.forget_below(range.end);
+            shaper.forget_range(&range);
         }
         if let Some(coalescer) = &mut self.coalescer {
-            coalescer.forget_below(range.end);
+            coalescer.forget_range(&range);
         }
-        self.settled.insert(range.clone());
+        let src = self.src_mut(range.start);
+        let start = range.start.max(src.ack_floor);
+        if start < range.end {
+            src.settled.insert(start..range.end);
+        }
+        src.cursor = src.cursor.max(range.end);
         self.advance_floor();
-        self.cursor = self.cursor.max(range.end);
-        self.backlog_bytes = if self.unsettled() == 0 {
-            0
-        } else {
-            (self.backlog_bytes - bytes).max(0)
-        };
-        self.counters.purged += removed;
         removed
     }
 
-    /// Unsettled, unleased offsets from `from` on, oldest first (for peek and redrive).
+    /// Unsettled, unleased positions from `from` on, oldest first, source by source (for
+    /// peek and redrive).
     pub fn pending_offsets(&self, from: u64, max: usize) -> Vec<u64> {
         let mut out = Vec::new();
-        let mut offset = from.max(self.ack_floor);
-        while out.len() < max && offset < self.visible_end {
-            offset = self.settled.next_absent(offset);
-            if offset >= self.visible_end {
-                break;
+        for src in self.sources.iter().skip(source_of(from)) {
+            let mut offset = from.max(src.ack_floor);
+            while out.len() < max && offset < src.visible_end {
+                offset = src.settled.next_absent(offset);
+                if offset >= src.visible_end {
+                    break;
+                }
+                if !self.settling.contains(&offset) && !self.leases.contains_key(&offset) {
+                    out.push(offset);
+                }
+                offset += 1;
             }
-            if !self.settling.contains(&offset) && !self.leases.contains_key(&offset) {
-                out.push(offset);
-            }
-            offset += 1;
         }
         out
     }
@@ -209,7 +274,10 @@ impl QueueState {
     pub fn claim(&mut self, offsets: &[u64]) -> Vec<u64> {
         let mut claimed = Vec::new();
         for &offset in offsets {
-            if self.is_settled_or_busy(offset) || offset >= self.visible_end {
+            if source_of(offset) >= self.sources.len()
+                || self.is_settled_or_busy(offset)
+                || offset >= self.src(offset).visible_end
+            {
                 continue;
             }
             if let Some(at) = self.timer_at.remove(&offset) {
@@ -251,8 +319,8 @@ impl QueueState {
             let deliver_at = now + wait as i64;
             self.schedule_retry(msg.offset, msg.delivery_count, deliver_at, error_entry, now);
             ops.push(Op::Retry {
-                uid: self.uid,
-                offset: msg.offset,
+                uid: self.src(msg.offset).uid,
+                offset: offset_of(msg.offset),
                 deliver_at_ms: deliver_at,
                 delivery_count: msg.delivery_count,
                 at_ms: now,

@@ -17,12 +17,17 @@ impl QueueState {
             .map_or(0, |c| c.held_offsets().count() as u64);
         let waiting = self.timers.len() as u64 + held;
         let parked = self.parked_info.len() as u64;
-        let oldest_age_ms = match self.oldest {
-            Some((floor, at)) if floor == self.ack_floor && unsettled > 0 => {
-                (now_ms - at).max(0) as u64
-            }
-            _ => 0,
-        };
+        let oldest_age_ms = self
+            .sources
+            .iter()
+            .filter_map(|src| match src.oldest {
+                Some((floor, at)) if floor == src.ack_floor && src.unsettled() > 0 => {
+                    Some((now_ms - at).max(0) as u64)
+                }
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
         QueueStats {
             depth: unsettled.saturating_sub(in_flight + waiting + self.settling.len() as u64),
             in_flight,
@@ -66,17 +71,15 @@ impl QueueState {
 
     /// Refreshes the cached publish time of the oldest unsettled message.
     pub fn refresh_oldest(&mut self, source: &impl RecordSource) {
-        if self
-            .oldest
-            .is_some_and(|(floor, _)| floor == self.ack_floor)
-            || self.unsettled() == 0
-        {
-            return;
-        }
-        if let Ok(records) = source.read(self.ack_floor, 1, 1)
-            && let Some(record) = records.first()
-        {
-            self.oldest = Some((self.ack_floor, record.published_at_ms));
+        for src in &mut self.sources {
+            if src.oldest.is_some_and(|(floor, _)| floor == src.ack_floor) || src.unsettled() == 0 {
+                continue;
+            }
+            if let Ok(records) = source.read(src.ack_floor, 1, 1)
+                && let Some(record) = records.first()
+            {
+                src.oldest = Some((src.ack_floor, record.published_at_ms));
+            }
         }
     }
 
@@ -87,14 +90,17 @@ impl QueueState {
                 !self.timer_at.contains_key(offset),
                 "leased message {offset} also has a timer"
             );
+            let src = self.src(*offset);
             assert!(
-                !self.settled.contains(*offset) && *offset >= self.ack_floor,
+                !src.settled.contains(*offset) && *offset >= src.ack_floor,
                 "leased message {offset} is settled"
             );
         }
         assert_eq!(self.timers.len(), self.timer_at.len());
         assert_eq!(self.lease_expiry.len(), self.leases.len());
-        assert!(self.cursor >= self.ack_floor);
+        for src in &self.sources {
+            assert!(src.cursor >= src.ack_floor);
+        }
         // Behind the cursor, an unsettled message must be reachable.
         let mut ready: HashSet<u64> = self.ready.iter().copied().collect();
         if let Some(gate) = &self.keys {
@@ -106,22 +112,24 @@ impl QueueState {
         if let Some(coalescer) = &self.coalescer {
             ready.extend(coalescer.held_offsets());
         }
-        let mut offset = self.ack_floor;
-        while offset < self.cursor.min(self.visible_end) {
-            offset = self.settled.next_absent(offset);
-            if offset >= self.cursor.min(self.visible_end) {
-                break;
+        for src in &self.sources {
+            let mut offset = src.ack_floor;
+            while offset < src.cursor.min(src.visible_end) {
+                offset = src.settled.next_absent(offset);
+                if offset >= src.cursor.min(src.visible_end) {
+                    break;
+                }
+                let reachable = self.leases.contains_key(&offset)
+                    || ready.contains(&offset)
+                    || self.timer_at.contains_key(&offset)
+                    || self.settling.contains(&offset);
+                assert!(
+                    reachable,
+                    "message {offset} behind the cursor {} is lost from scheduling",
+                    src.cursor
+                );
+                offset += 1;
             }
-            let reachable = self.leases.contains_key(&offset)
-                || ready.contains(&offset)
-                || self.timer_at.contains_key(&offset)
-                || self.settling.contains(&offset);
-            assert!(
-                reachable,
-                "message {offset} behind the cursor {} is lost from scheduling",
-                self.cursor
-            );
-            offset += 1;
         }
     }
 }
