@@ -151,8 +151,12 @@ impl QueueState {
             for (offset, record) in picked.into_iter().zip(records) {
                 let record = match record {
                     Some(record) if !self.is_settled_or_busy(offset) => record,
-                    _ => {
-                        // Gone meanwhile (settled): free its slot for the next in line.
+                    gone => {
+                        // Gone meanwhile (settled, or compacted away): free its slot for
+                        // the next in line.
+                        if gone.is_none() {
+                            self.record_gone(offset);
+                        }
                         if let Some(gate) = &mut self.keys {
                             gate.settled(offset);
                         }
@@ -241,12 +245,20 @@ impl QueueState {
             let want = ((left as f64 / src.scan_yield).ceil() as usize).min(left + SCAN_AHEAD);
             let records = source.read(cursor, want, SCAN_BYTES)?;
             if records.is_empty() {
+                // Nothing durable from the cursor on: a hole to the end (never for a queue).
+                if self.sources[index].holes {
+                    self.skip_hole(cursor..end);
+                    self.sources[index].cursor = end;
+                }
                 break;
             }
             for record in records {
                 if record.offset >= end {
+                    self.skip_hole(self.sources[index].cursor..end);
+                    self.sources[index].cursor = self.sources[index].cursor.max(end);
                     break 'scan;
                 }
+                self.skip_hole(self.sources[index].cursor..record.offset);
                 if self
                     .keys
                     .as_ref()
@@ -308,7 +320,12 @@ impl QueueState {
             if picked.is_empty() {
                 return Ok(());
             }
-            for record in read_offsets(source, &picked)?.into_iter().flatten() {
+            let records = read_offsets(source, &picked)?;
+            for (pos, record) in picked.into_iter().zip(records) {
+                let Some(record) = record else {
+                    self.record_gone(pos);
+                    continue;
+                };
                 if let Some(record) = self.screen(record, now_ms) {
                     out.push(self.lease(record, now_ms, lease_ms));
                 }
@@ -382,9 +399,13 @@ impl QueueState {
             };
             let before = cursor;
             let count = budget.min(4_096).min((scan_end - cursor) as usize);
+            let mut holes = Vec::new();
             source.scan(cursor, count, &mut |record| {
                 if record.offset >= scan_end || self.shaper.as_ref().is_some_and(Shaper::is_full) {
                     return false;
+                }
+                if record.offset > self.sources[index].cursor && self.sources[index].holes {
+                    holes.push(self.sources[index].cursor..record.offset);
                 }
                 self.sources[index].cursor = record.offset + 1;
                 budget = budget.saturating_sub(1);
@@ -403,7 +424,16 @@ impl QueueState {
                 }
                 true
             })?;
+            for hole in holes {
+                self.skip_hole(hole);
+            }
             if self.sources[index].cursor == before {
+                // Nothing durable from the cursor on (a source with holes): a hole to the
+                // end of what the scan may see.
+                if self.sources[index].holes && scan_end == visible_end {
+                    self.skip_hole(before..visible_end);
+                    self.sources[index].cursor = visible_end;
+                }
                 break;
             }
         }
@@ -612,6 +642,7 @@ impl QueueState {
                 {
                     return Ok(());
                 }
+                self.skip_hole(self.sources[index].cursor..record.offset);
                 self.sources[index].cursor = record.offset + 1;
                 if self.is_settled_or_busy(record.offset) {
                     continue;

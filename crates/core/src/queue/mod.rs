@@ -350,6 +350,9 @@ pub(super) struct Source {
     pub(super) scan_yield: f64,
     /// (ack floor, published_at of the message there), cached for oldest-age.
     pub(super) oldest: Option<(u64, i64)>,
+    /// Offsets may hold no record (a compacted stream partition): the scan settles those
+    /// it passes (`QueueState::take_skipped`). A queue's log has none.
+    pub(super) holes: bool,
 }
 
 impl Source {
@@ -364,6 +367,7 @@ impl Source {
             cursor: start,
             scan_yield: 1.0,
             oldest: None,
+            holes: false,
         }
     }
 
@@ -444,6 +448,9 @@ pub struct QueueState {
     parked_bytes: u64,
     /// Pending messages superseded by a newer one, being settled by the caller.
     cancelled: Vec<Unacked>,
+    /// Offsets found to hold no record (holes of a source with holes), settled here and
+    /// to be settled in storage by the caller (`take_skipped`).
+    skipped: Vec<std::ops::Range<u64>>,
 }
 
 impl QueueState {
@@ -487,6 +494,7 @@ impl QueueState {
             parked_info: OffsetMap::default(),
             parked_bytes: 0,
             cancelled: Vec::new(),
+            skipped: Vec::new(),
         }
         .with_policies()
     }
@@ -597,6 +605,63 @@ impl QueueState {
         index
     }
 
+    /// Marks source `index` as one whose offsets may hold no record (a stream partition).
+    pub fn set_source_holes(&mut self, index: usize) {
+        self.sources[index].holes = true;
+    }
+
+    /// Positions `range` (in one source with holes) hold no record: settled now in memory,
+    /// and handed to the caller to settle in storage. A position already settled or busy
+    /// is left alone (a busy one had a record when it was taken).
+    pub(super) fn skip_hole(&mut self, range: std::ops::Range<u64>) {
+        if range.is_empty() || !self.src(range.start).holes {
+            return;
+        }
+        let src = self.src(range.start);
+        let start = range.start.max(src.ack_floor);
+        if start >= range.end {
+            return;
+        }
+        // Fast path: nothing there is settled or busy (the scan ahead of everything).
+        let clean = src.settled.count_in(start..range.end) == 0
+            && (start..range.end).all(|pos| !self.is_settled_or_busy(pos));
+        if clean {
+            self.src_mut(start).settled.insert(start..range.end);
+            self.skipped.push(start..range.end);
+        } else {
+            for pos in start..range.end {
+                if !self.is_settled_or_busy(pos) {
+                    self.src_mut(pos).settled.insert_one(pos);
+                    self.skipped.push(pos..pos + 1);
+                }
+            }
+        }
+        self.advance_floor();
+    }
+
+    /// A picked message's record is gone (a source with holes: compaction removed it after
+    /// it was first seen): settled like a hole, its history and key slot let go.
+    pub(super) fn record_gone(&mut self, pos: u64) {
+        if !self.src(pos).holes || self.is_settled_or_busy(pos) {
+            return;
+        }
+        if let Some(at) = self.timer_at.remove(&pos) {
+            self.timers.remove(&(at, pos));
+        }
+        self.history.remove(&pos);
+        if let Some(gate) = &mut self.keys {
+            gate.settled(pos);
+        }
+        self.skip_hole(pos..pos + 1);
+    }
+
+    /// Position ranges found to hold no record since the last call (settled in memory):
+    /// the caller settles them in storage (`settle_range_ops`; a loss of that write only
+    /// means they are found again after a restart).
+    pub fn take_skipped(&mut self) -> Vec<std::ops::Range<u64>> {
+        std::mem::take(&mut self.skipped)
+    }
+
     /// The backlog pass of a recovery, over records read from one source.
     fn recover_backlog(&mut self, records: Vec<Record>, now_ms: i64) {
         let state = self;
@@ -633,7 +698,11 @@ impl QueueState {
 
     /// The source whose durable state is in storage log `uid`.
     pub fn source_index(&self, uid: u64) -> Option<usize> {
-        self.source_by_uid.get(&uid).copied()
+        // (A queue: one compare, no hashing, on every receipt.)
+        match &self.sources[..] {
+            [only] => (only.uid == uid).then_some(0),
+            _ => self.source_by_uid.get(&uid).copied(),
+        }
     }
 
     /// The storage log of source `index`.

@@ -31,6 +31,13 @@ impl QueueState {
 
     /// The storage ops that settle these positions for good: one `Settle` per source.
     pub fn settle_ops(&self, positions: &[u64]) -> Vec<Op> {
+        if let [only] = &self.sources[..] {
+            // A queue: positions are offsets.
+            return vec![Op::Settle {
+                uid: only.uid,
+                ranges: crate::plan::to_ranges(positions),
+            }];
+        }
         let mut by_source: Vec<Vec<u64>> = vec![Vec::new(); self.sources.len()];
         for &pos in positions {
             by_source[source_of(pos)].push(offset_of(pos));

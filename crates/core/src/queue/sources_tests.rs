@@ -323,3 +323,62 @@ fn a_state_over_several_logs_recovers_positions_and_history() {
     );
     q.debug_check_consistency();
 }
+
+#[test]
+fn holes_in_a_source_are_settled_as_the_scan_passes_and_records_gone_later_too() {
+    // Source 1 lost offsets 1, 2 and 5..8 to compaction; 8 is its end.
+    let local = Mem::of(0, |_| None);
+    let mut part = Mem::of(8, |_| None);
+    for gone in [1, 2, 5, 6, 7] {
+        part.0.remove(&gone);
+    }
+    let part_end = 8;
+    let reader = Positioned {
+        sources: vec![&local, &part],
+    };
+    let mut q = state(&[&local], |c| c.max_deliveries = 0);
+    let index = q.add_source(11);
+    q.set_source_holes(index);
+    q.set_source_end(index, part_end);
+    assert_eq!(q.unsettled(), 8);
+    let out = q.deliver(&reader, 2_000, 10, 30_000).unwrap();
+    assert_eq!(
+        delivered(&out).iter().map(|d| d.1).collect::<Vec<_>>(),
+        [0, 3, 4]
+    );
+    // The holes are settled in memory and handed over for storage, once.
+    assert_eq!(q.unsettled(), 3);
+    let skipped = q.take_skipped();
+    assert_eq!(
+        skipped,
+        [
+            position(1, 1)..position(1, 3),
+            position(1, 5)..position(1, 8)
+        ]
+    );
+    let ops = q.settle_range_ops(&skipped);
+    assert!(
+        matches!(&ops[..], [Op::Settle { uid: 11, ranges: a }, Op::Settle { uid: 11, ranges: b }]
+        if a == &[1..3] && b == &[5..8])
+    );
+    assert!(q.take_skipped().is_empty());
+    q.debug_check_consistency();
+    // Offset 3 is nacked, then compacted away before its retry: settled when picked.
+    let d = out.iter().find(|d| d.record.offset == 3).unwrap();
+    let pos = q.check_receipt(&d.receipt, 2_000).unwrap();
+    let lease = q.release(pos).unwrap();
+    let unacked = vec![super::Unacked {
+        offset: pos,
+        delivery_count: lease.delivery_count,
+        size: lease.size,
+    }];
+    q.plan_retries(&NoJitter, unacked, Some(0), None, 2_000);
+    part.0.remove(&3);
+    let reader = Positioned {
+        sources: vec![&local, &part],
+    };
+    assert!(q.deliver(&reader, 2_000, 10, 30_000).unwrap().is_empty());
+    assert_eq!(q.take_skipped(), [position(1, 3)..position(1, 4)]);
+    assert_eq!(q.unsettled(), 2);
+    q.debug_check_consistency();
+}

@@ -11,3 +11,4 @@ pub mod group;
 pub mod partition;
 pub mod records;
 pub mod retention;
+pub mod source;
