@@ -639,6 +639,9 @@ pub struct Limits {
     pub max_streams: usize,
     pub max_partitions: u32,
     pub max_fetch_bytes: usize,
+    /// Work-queue subscriptions on streams: in all, and on one stream.
+    pub max_subscriptions: usize,
+    pub max_stream_subscriptions: usize,
     /// Consumer groups (with members), members per group, and the longest session a
     /// member may ask for (a member silent that long is removed).
     pub max_groups: usize,
@@ -721,6 +724,8 @@ impl Default for Limits {
             max_streams: 1_000,
             max_partitions: 1_024,
             max_fetch_bytes: 64 << 20,
+            max_subscriptions: 1_000,
+            max_stream_subscriptions: 100,
             max_groups: 1_000,
             max_group_members: 1_000,
             max_session_timeout_ms: 300_000,

@@ -39,6 +39,8 @@ pub enum ErrorCode {
     GroupNotFound,
     UnknownMember,
     GroupNotEmpty,
+    InvalidSubscriptionName,
+    SubscriptionNotFound,
 }
 
 impl ErrorCode {
@@ -71,6 +73,8 @@ impl ErrorCode {
         ErrorCode::GroupNotFound,
         ErrorCode::UnknownMember,
         ErrorCode::GroupNotEmpty,
+        ErrorCode::InvalidSubscriptionName,
+        ErrorCode::SubscriptionNotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +107,8 @@ impl ErrorCode {
             ErrorCode::GroupNotFound => "group_not_found",
             ErrorCode::UnknownMember => "unknown_member",
             ErrorCode::GroupNotEmpty => "group_not_empty",
+            ErrorCode::InvalidSubscriptionName => "invalid_subscription_name",
+            ErrorCode::SubscriptionNotFound => "subscription_not_found",
         }
     }
 
@@ -117,6 +123,12 @@ impl ErrorCode {
             }
             ErrorCode::GroupNotEmpty => {
                 "The group has members: its offsets can be reset, and the group deleted, only while it has none (as Kafka's kafka-consumer-groups). Stop its consumers (a consumer that stops cleanly leaves at once; one that does not is removed when its session times out), then retry."
+            }
+            ErrorCode::InvalidSubscriptionName => {
+                "Subscription names are 1 to 200 characters of A-Z a-z 0-9 . _ -, not . or .., and with their stream's name at most 254 bytes (consumers name a subscription stream/subscription)."
+            }
+            ErrorCode::SubscriptionNotFound => {
+                "The stream has no subscription of this name. Create it with PUT /v1/streams/{stream}/subscriptions/{subscription}."
             }
             ErrorCode::InvalidStreamName => {
                 "Stream names are 1 to 200 characters of A-Z a-z 0-9 . _ -, and not . or .."
@@ -234,6 +246,13 @@ impl BrokerError {
         BrokerError::new(
             ErrorCode::QueueNotFound,
             format!("queue '{name}' does not exist"),
+        )
+    }
+
+    pub fn subscription_not_found(stream: &str, sub: &str) -> Self {
+        BrokerError::new(
+            ErrorCode::SubscriptionNotFound,
+            format!("stream '{stream}' has no subscription '{sub}'"),
         )
     }
 

@@ -68,6 +68,8 @@ impl Code {
         Code::Broker(ErrorCode::GroupNotFound),
         Code::Broker(ErrorCode::UnknownMember),
         Code::Broker(ErrorCode::GroupNotEmpty),
+        Code::Broker(ErrorCode::InvalidSubscriptionName),
+        Code::Broker(ErrorCode::SubscriptionNotFound),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -125,12 +127,14 @@ fn broker_status(code: ErrorCode) -> u16 {
         | ErrorCode::InvalidReceipt
         | ErrorCode::StaleReceipt
         | ErrorCode::InvalidStreamName
+        | ErrorCode::InvalidSubscriptionName
         | ErrorCode::OffsetOutOfRange => 400,
         ErrorCode::QueueNotFound
         | ErrorCode::RedriveNotFound
         | ErrorCode::StreamNotFound
         | ErrorCode::PartitionNotFound
         | ErrorCode::GroupNotFound
+        | ErrorCode::SubscriptionNotFound
         | ErrorCode::UnknownMember => 404,
         ErrorCode::ConfigConflict | ErrorCode::Superseded | ErrorCode::GroupNotEmpty => 409,
         ErrorCode::MessageTooLarge

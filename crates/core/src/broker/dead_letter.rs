@@ -1,5 +1,6 @@
 //! Retries and moves to the dead-letter queue.
 
+use crate::queue::RecordSource as _;
 use std::sync::Arc;
 
 use tidewater_storage::{AckLevel, Op, OpResult, Record};

@@ -1,5 +1,6 @@
 //! Receiving and settling: receive, ack, nack, extend, purge, peek.
 
+use crate::queue::RecordSource as _;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -85,24 +86,27 @@ impl Broker {
         check_lease_ms(lease_ms)?;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         loop {
-            let handle = self.queue(queue)?;
+            let handle = self.resolve(queue)?;
             let notified = handle.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.maintain(&handle).await;
-            let (deliveries, wakeup, too_old) = {
+            let (deliveries, wakeup, too_old, skipped) = {
                 let mut state = handle.state.lock();
                 let now = self.now_ms();
                 let lease = lease_ms.unwrap_or(state.config.lease_ms);
                 let deliveries = state
                     .deliver(&handle.reader, now, max, lease)
                     .map_err(storage_error)?;
+                let skipped = state.take_skipped();
                 (
                     deliveries,
                     state.next_wakeup().map(|at| (at - now).max(1) as u64),
                     state.take_expired(),
+                    state.settle_range_ops(&skipped),
                 )
             };
+            self.settle_skipped(skipped);
             if !too_old.is_empty() {
                 let too_old = Settling::marked(&handle, too_old, &self.inner.clock);
                 self.settle_expired(&handle, too_old).await;
@@ -123,7 +127,11 @@ impl Broker {
             }
             let _ = tokio::time::timeout_at(sleep_until, notified).await;
             if handle.deleted.load(Ordering::SeqCst) {
-                return Err(BrokerError::queue_not_found(queue));
+                // (Its stream or subscription gone: say which.)
+                return Err(match self.resolve(queue) {
+                    Err(err) => err,
+                    Ok(_) => BrokerError::queue_not_found(queue),
+                });
             }
         }
     }
@@ -177,7 +185,7 @@ impl Broker {
         queue: &str,
         receipts: &[S],
     ) -> Result<SettleReply, BrokerError> {
-        let handle = self.queue(queue)?;
+        let handle = self.resolve(queue)?;
         let now = self.now_ms();
         let superseded: Vec<String> = {
             let state = handle.state.lock();
@@ -271,7 +279,7 @@ impl Broker {
                 self.inner.limits.max_delay_ms
             )));
         }
-        let handle = self.queue(queue)?;
+        let handle = self.resolve(queue)?;
         let now = self.now_ms();
         let (released, failed) = self.release_receipts(&handle, receipts, now)?;
         let n = released.len() as u64;
@@ -318,7 +326,7 @@ impl Broker {
         lease_ms: Option<u64>,
     ) -> Result<SettleReply, BrokerError> {
         check_lease_ms(lease_ms)?;
-        let handle = self.queue(queue)?;
+        let handle = self.resolve(queue)?;
         self.check_receipt_count(receipts)?;
         let now = self.now_ms();
         let mut state = handle.state.lock();
@@ -347,7 +355,7 @@ impl Broker {
     /// Settles every message accepted so far (leased ones included; their receipts go stale).
     /// Accounted for when storage answers, whether or not the caller still waits.
     pub async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let handle = self.queue(queue)?;
+        let handle = self.resolve(queue)?;
         let ((ranges, bytes), parked, mut ops) = {
             let state = handle.state.lock();
             let (ranges, bytes) = state.purge_ranges();

@@ -1,5 +1,6 @@
 //! Maintenance of a queue: lease expiry, timers, time to live, coalescing windows.
 
+use crate::queue::RecordSource as _;
 use base64::Engine;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,7 +26,7 @@ impl Broker {
     pub(super) async fn maintain(&self, handle: &Arc<QueueHandle>) {
         let now = self.now_ms();
         let clock = &self.inner.clock;
-        let (retries, to_dlq, woke, too_old, replaced, coalesced, merges) = {
+        let (retries, to_dlq, woke, too_old, replaced, coalesced, merges, skipped) = {
             let mut state = handle.state.lock();
             let expired = state.expire_leases(now);
             if !expired.is_empty() {
@@ -67,15 +68,22 @@ impl Broker {
             state.fire_timers(now);
             let woke = !retries.is_empty() || state.stats(now).depth > before;
             let woke = woke || !coalesced.is_empty() || !merges.is_empty();
-            (retries, to_dlq, woke, too_old, replaced, coalesced, merges)
+            let skipped = state.take_skipped();
+            let skipped = state.settle_range_ops(&skipped);
+            (
+                retries, to_dlq, woke, too_old, replaced, coalesced, merges, skipped,
+            )
         };
+        self.settle_skipped(skipped);
         if !retries.is_empty() {
             // Best effort: a lost retry record only under-counts deliveries after a crash.
             self.inner
                 .store
                 .submit(retries, AckLevel::Written, Box::new(|_| {}));
         }
+        // (A subscription has no delay log: nothing is published to it with a delay.)
         if handle.delay.lock().is_none()
+            && handle.subscription.is_none()
             && let Ok(_admin) = self.inner.admin.try_lock()
             && !handle.deleted.load(Ordering::SeqCst)
             && let Err(err) = self.create_delay_log(handle).await
@@ -224,6 +232,16 @@ impl Broker {
         let _ = merged.await;
     }
 
+    /// Settles in storage the holes a subscription's scan passed (offsets with no record: a
+    /// compacted partition). Best effort: after a crash the scan finds them again.
+    pub(super) fn settle_skipped(&self, ops: Vec<tidewater_storage::Op>) {
+        if !ops.is_empty() {
+            self.inner
+                .store
+                .submit(ops, AckLevel::Written, Box::new(|_| {}));
+        }
+    }
+
     /// Drops messages superseded by a newer one with their key, and counts them.
     pub(super) async fn drop_superseded(&self, handle: &Arc<QueueHandle>, items: Settling) {
         if items.is_empty() {
@@ -236,7 +254,8 @@ impl Broker {
     /// Runs lease expiry, timers and the disk probe for every queue; the server calls
     /// this periodically (tests call it after moving their clock).
     pub async fn run_maintenance(&self) {
-        let handles: Vec<_> = self.inner.queues.read().values().cloned().collect();
+        let mut handles: Vec<_> = self.inner.queues.read().values().cloned().collect();
+        handles.extend(self.subscription_handles());
         for handle in handles {
             self.maintain(&handle).await;
         }

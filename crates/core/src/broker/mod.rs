@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
-use tidewater_storage::{AckLevel, LogReader, Op, OpResult, Store, StoreOptions};
+use tidewater_storage::{AckLevel, Op, OpResult, Store, StoreOptions};
 use tokio::sync::Notify;
 
 use crate::clock::{Clock, Jitter, NonceSource, OsNonces, RandomJitter, SystemClock};
@@ -37,6 +37,7 @@ mod publish;
 mod redrive;
 mod registry;
 mod streams;
+mod subscriptions;
 
 pub use crate::plan::dead_letter::{
     HEADER_DEAD_LETTERED_AT, HEADER_DELIVERY_COUNT, HEADER_ERRORS, HEADER_LAST_ERROR,
@@ -55,6 +56,8 @@ pub use registry::QueueInfo;
 pub use streams::{
     EARLIEST, FetchWant, Fetched, LATEST, PartitionInfo, Produced, StreamCounters, StreamInfo,
 };
+pub(crate) use subscriptions::Records;
+pub use subscriptions::{SubscriptionInfo, SubscriptionPartition};
 
 /// Receives latency observations (the server turns them into histograms).
 pub trait Observer: Send + Sync {
@@ -90,15 +93,21 @@ impl Default for BrokerOptions {
     }
 }
 
+/// A queue, or a subscription on a stream (`subscription` set): a delivery state, its
+/// records and the long-polls waiting on it.
 pub struct QueueHandle {
+    /// Its own log (a queue's; a subscription's local log).
     pub uid: u64,
+    /// The queue's name, or `stream/subscription`.
     pub name: String,
     state: Mutex<QueueState>,
     notify: Notify,
-    reader: LogReader,
+    reader: Records,
     deleted: AtomicBool,
     /// The queue's delay log, where long delays wait apart from the main log.
     delay: Mutex<Option<DelayLog>>,
+    /// Set for a subscription.
+    subscription: Option<subscriptions::SubscriptionOf>,
 }
 
 struct Inner {
@@ -187,6 +196,22 @@ impl Broker {
         let (delay_logs, recovered): (Vec<_>, Vec<_>) = recovered
             .into_iter()
             .partition(|log| log.name.starts_with(DELAY_LOG_PREFIX));
+        let (subscription_logs, recovered): (Vec<_>, Vec<_>) =
+            recovered.into_iter().partition(|log| {
+                log.name
+                    .starts_with(crate::stream::subscription::SUBSCRIPTION_LOG_PREFIX)
+            });
+        let subscriptions =
+            subscriptions::recover_subscriptions(&store, &streams, subscription_logs, now)
+                .map_err(|reason| tidewater_storage::OpenError::Corrupt {
+                    path: dir.to_path_buf(),
+                    position: 0,
+                    reason,
+                })?;
+        for handle in subscriptions {
+            handle.state.lock().set_nonce_source(options.nonces.clone());
+            by_uid.insert(handle.uid, handle);
+        }
         for log in recovered {
             let config: QueueConfig = match serde_json::from_str(&log.config) {
                 Ok(config) => config,
@@ -218,9 +243,10 @@ impl Broker {
                 name: log.name.clone(),
                 state: Mutex::new(state),
                 notify: Notify::new(),
-                reader,
+                reader: Records::Log(reader),
                 deleted: AtomicBool::new(false),
                 delay: Mutex::new(None),
+                subscription: None,
             });
             queues.insert(log.name.clone(), handle.clone());
             by_uid.insert(log.uid, handle);
@@ -304,6 +330,14 @@ impl Broker {
                 } else if let Some(part) = stream_parts.get(&uid) {
                     part.notify.notify_waiters();
                     inner.streams_grew.notify_waiters();
+                    // Its subscriptions may deliver what became durable.
+                    for handle in part.subscribers.read().iter() {
+                        handle
+                            .state
+                            .lock()
+                            .set_source_end(part.partition as usize + 1, end);
+                        handle.notify.notify_waiters();
+                    }
                 }
             }
         }));
@@ -449,6 +483,9 @@ impl Broker {
         for handle in self.inner.queues.read().values() {
             handle.notify.notify_waiters();
         }
+        for handle in self.subscription_handles() {
+            handle.notify.notify_waiters();
+        }
         for part in self.inner.stream_parts.read().values() {
             part.notify.notify_waiters();
         }
@@ -463,6 +500,9 @@ impl Broker {
     /// Checks every queue's internal invariants (tests).
     pub fn debug_check_consistency(&self) {
         for handle in self.inner.queues.read().values() {
+            handle.state.lock().debug_check_consistency();
+        }
+        for handle in self.subscription_handles() {
             handle.state.lock().debug_check_consistency();
         }
     }

@@ -1,5 +1,6 @@
 //! Redrive: moving messages out of a dead-letter queue at a bounded rate.
 
+use crate::queue::RecordSource as _;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -121,9 +121,10 @@ impl Broker {
                 state
             }),
             notify: Notify::new(),
-            reader,
+            reader: super::Records::Log(reader),
             deleted: AtomicBool::new(false),
             delay: Mutex::new(None),
+            subscription: None,
         });
         // The queue exists from here on (its log is durable): a delay log that cannot be
         // made now is made at a later maintenance, and long delays wait in the main log
@@ -191,8 +192,8 @@ impl Broker {
             stats: state.stats(self.now_ms()),
             refused,
             quota_refused: state.quota_refusals(),
-            disk_bytes: handle.reader.disk_bytes(),
-            read_bytes: handle.reader.bytes_read(),
+            disk_bytes: handle.reader.log().disk_bytes(),
+            read_bytes: handle.reader.log().bytes_read(),
         }
     }
 

@@ -31,6 +31,8 @@ pub(crate) struct StreamHandle {
     sticky: Sticky,
     pub(super) deleted: AtomicBool,
     pub(super) counters: Counters,
+    /// Its work-queue subscriptions, by name.
+    pub(super) subscriptions: RwLock<BTreeMap<String, Arc<super::QueueHandle>>>,
 }
 
 /// What a stream served since the broker started (metrics).
@@ -77,6 +79,8 @@ pub(crate) struct PartitionHandle {
     /// The earliest delete horizon of a tombstone compaction kept (`i64::MAX`: none known
     /// since the broker started): once it passes, a pass runs to remove it.
     pub(super) next_horizon: std::sync::atomic::AtomicI64,
+    /// Subscriptions reading it (its durable end wakes them).
+    pub(super) subscribers: RwLock<Vec<Arc<super::QueueHandle>>>,
 }
 
 /// A stream as shown.
@@ -171,6 +175,7 @@ pub(crate) fn recover_streams(
                     start: AtomicU64::new(log.ack_floor),
                     cleaned_to: AtomicU64::new(log.ack_floor),
                     next_horizon: std::sync::atomic::AtomicI64::new(i64::MAX),
+                    subscribers: RwLock::new(Vec::new()),
                 })
             })
             .collect();
@@ -183,6 +188,7 @@ pub(crate) fn recover_streams(
                 sticky: Sticky::default(),
                 deleted: AtomicBool::new(false),
                 counters: Counters::default(),
+                subscriptions: RwLock::new(BTreeMap::new()),
             }),
         );
     }
@@ -239,7 +245,7 @@ impl StreamHandle {
 }
 
 impl Broker {
-    fn stream(&self, name: &str) -> Result<Arc<StreamHandle>, BrokerError> {
+    pub(super) fn stream(&self, name: &str) -> Result<Arc<StreamHandle>, BrokerError> {
         self.inner
             .streams
             .read()
@@ -308,9 +314,13 @@ impl Broker {
                 stream.partitions.write().extend(created.iter().cloned());
                 {
                     let mut by_uid = self.inner.stream_parts.write();
-                    for part in created {
-                        by_uid.insert(part.uid, part);
+                    for part in &created {
+                        by_uid.insert(part.uid, part.clone());
                     }
+                }
+                if let Err(err) = self.grow_subscriptions(&stream, &created).await {
+                    // The partitions exist; the next open makes the views that are missing.
+                    tracing::warn!(stream = %name, error = %err, "could not add the new partitions to the stream's subscriptions");
                 }
                 let grew = next.partitions != current.partitions;
                 *stream.config.lock() = next;
@@ -348,6 +358,7 @@ impl Broker {
             sticky: Sticky::default(),
             deleted: AtomicBool::new(false),
             counters: Counters::default(),
+            subscriptions: RwLock::new(BTreeMap::new()),
         });
         {
             let mut by_uid = self.inner.stream_parts.write();
@@ -383,6 +394,7 @@ impl Broker {
                     start: AtomicU64::new(0),
                     cleaned_to: AtomicU64::new(0),
                     next_horizon: std::sync::atomic::AtomicI64::new(i64::MAX),
+                    subscribers: RwLock::new(Vec::new()),
                 }));
             }
         }
@@ -393,8 +405,18 @@ impl Broker {
         let _admin = self.inner.admin.lock().await;
         let stream = self.stream(name)?;
         let uids: Vec<u64> = stream.partitions.read().iter().map(|p| p.uid).collect();
-        let ops = uids.iter().map(|&uid| Op::DeleteLog { uid }).collect();
+        // Its subscriptions go with it, in the same write (views before their partitions).
+        let subs: Vec<Arc<super::QueueHandle>> =
+            stream.subscriptions.read().values().cloned().collect();
+        let mut ops: Vec<Op> = subs
+            .iter()
+            .flat_map(|h| super::subscriptions::subscription_delete_ops(h))
+            .collect();
+        ops.extend(uids.iter().map(|&uid| Op::DeleteLog { uid }));
         self.write(ops, AckLevel::Durable).await?;
+        for handle in &subs {
+            self.forget_subscription(&stream, handle);
+        }
         // A stream made again under this name starts with no committed offsets.
         self.forget_offsets(name).await?;
         self.inner.streams.write().remove(name);
@@ -815,17 +837,19 @@ impl Broker {
                     .filter(|s| s.end > start && s.end <= new_start)
                     .map(|s| s.bytes)
                     .sum();
-                let written = self
-                    .write(
-                        vec![Op::Settle {
-                            uid: part.uid,
-                            ranges: vec![start..new_start],
-                        }],
-                        AckLevel::Durable,
-                    )
-                    .await;
+                // Subscriptions' views of the range are settled in the same write (what
+                // they had not settled there is dropped and counted).
+                let views = self.retention_view_ops(&part, &(start..new_start));
+                let mut ops: Vec<Op> = views.iter().map(|(_, op)| op.clone()).collect();
+                ops.push(Op::Settle {
+                    uid: part.uid,
+                    ranges: vec![start..new_start],
+                });
+                let written = self.write(ops, AckLevel::Durable).await;
                 match written {
                     Ok(_) => {
+                        let handles: Vec<_> = views.into_iter().map(|(h, _)| h).collect();
+                        Broker::retention_expired(&handles, &part, &(start..new_start));
                         deleted = true;
                         part.start.fetch_max(new_start, Ordering::AcqRel);
                         let c = &stream.counters;

@@ -260,6 +260,8 @@ pub struct Counters {
     pub purged: u64,
     /// Messages older than their time to live, dropped or dead-lettered.
     pub ttl_expired: u64,
+    /// Subscriptions: messages whose records retention deleted before they were settled.
+    pub retention_expired: u64,
     /// Publishes acknowledged but not enqueued: their id was seen within the dedup window.
     pub deduplicated: u64,
     /// Pending messages cancelled by a newer one with their key (supersede).
@@ -734,6 +736,11 @@ impl QueueState {
     /// Source 0's ack floor (a queue's log).
     pub fn ack_floor(&self) -> u64 {
         offset_of(self.sources[0].ack_floor)
+    }
+
+    /// Messages of source `index` accepted and not settled.
+    pub fn source_unsettled(&self, index: usize) -> u64 {
+        self.sources[index].unsettled()
     }
 
     /// Source `index`'s (ack floor, durable end), as offsets.

@@ -210,6 +210,13 @@ impl QueueState {
         removed
     }
 
+    /// Takes the unsettled messages of a position range (within one source) out of the
+    /// state, as settled, without counting them as purged (retention deleted their records);
+    /// returns how many there were.
+    pub fn expire_range(&mut self, range: Range<u64>) -> u64 {
+        self.purge_one(range)
+    }
+
     /// Takes the messages of one position range (within one source) out of the state, as
     /// settled; returns how many were unsettled.
     fn purge_one(&mut self, range: Range<u64>) -> u64 {

@@ -12,3 +12,4 @@ pub mod partition;
 pub mod records;
 pub mod retention;
 pub mod source;
+pub mod subscription;

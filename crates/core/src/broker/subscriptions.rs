@@ -1,0 +1,658 @@
+//! Work-queue subscriptions on streams: create, configure, list, delete; recovery at open;
+//! the stream's growth and deletion; retention over what subscriptions have not settled.
+//!
+//! A subscription is a `QueueHandle` named `stream/subscription` whose state has one source
+//! per partition (a storage view of the partition) besides its own log (source 0), and
+//! whose records come from `Records::Subscription`. Every queue entry point that takes a
+//! name (receive, ack, nack, extend, purge) resolves it (`Broker::resolve`); maintenance
+//! runs over subscriptions as over queues.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use tidewater_storage::format::RecordView;
+use tidewater_storage::{AckLevel, LogReader, LogState, Op, OpResult, ReadError, Record, Store};
+use tokio::sync::Notify;
+
+use super::streams::{PartitionHandle, StreamHandle};
+use super::{Broker, QueueHandle};
+use crate::config::QueueConfig;
+use crate::error::{BrokerError, ErrorCode};
+use crate::queue::{Positioned, QueueState, QueueStats, RecordSource, position};
+use crate::stream::source::KafkaSource;
+use crate::stream::subscription::{
+    SubscriptionLog, SubscriptionPatch, SubscriptionStart, check_subscription_patch,
+    local_log_name, parse_subscription_log_name, split_subscription_path, subscription_defaults,
+    subscription_path, validate_subscription_name, view_log_name,
+};
+
+/// Where a queue handle's records come from.
+pub(crate) enum Records {
+    /// A queue: its log.
+    Log(LogReader),
+    /// A subscription: its own log (source 0) and the stream's partitions (source p + 1).
+    Subscription {
+        local: LogReader,
+        parts: RwLock<Arc<Vec<KafkaSource>>>,
+    },
+}
+
+impl Records {
+    /// The handle's own log (a queue's; a subscription's local log).
+    pub(crate) fn log(&self) -> &LogReader {
+        match self {
+            Records::Log(reader) => reader,
+            Records::Subscription { local, .. } => local,
+        }
+    }
+
+    fn positioned<T>(&self, f: impl FnOnce(&dyn RecordSource) -> T) -> T {
+        match self {
+            Records::Log(reader) => f(reader),
+            Records::Subscription { local, parts } => {
+                let parts = parts.read().clone();
+                let mut sources: Vec<&dyn RecordSource> = Vec::with_capacity(parts.len() + 1);
+                sources.push(local);
+                sources.extend(parts.iter().map(|p| p as &dyn RecordSource));
+                f(&Positioned { sources })
+            }
+        }
+    }
+}
+
+impl RecordSource for Records {
+    fn read(
+        &self,
+        from: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, ReadError> {
+        self.positioned(|s| s.read(from, max_count, max_bytes))
+    }
+
+    fn read_where(
+        &self,
+        from: u64,
+        end: u64,
+        want: &dyn Fn(u64) -> bool,
+    ) -> Result<Vec<Record>, ReadError> {
+        self.positioned(|s| s.read_where(from, end, want))
+    }
+
+    fn scan(
+        &self,
+        from: u64,
+        max_count: usize,
+        visit: &mut dyn FnMut(&RecordView<'_>) -> bool,
+    ) -> Result<(), ReadError> {
+        self.positioned(|s| s.scan(from, max_count, visit))
+    }
+}
+
+/// A subscription as shown.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SubscriptionInfo {
+    pub stream: String,
+    pub name: String,
+    pub config: QueueConfig,
+    pub stats: QueueStats,
+    /// Messages dropped unsettled because retention deleted their records.
+    pub retention_expired: u64,
+    pub partitions: Vec<SubscriptionPartition>,
+}
+
+/// A subscription's place in one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SubscriptionPartition {
+    pub partition: u32,
+    /// Every offset below is settled (delivered and acked, dead-lettered, expired).
+    pub floor: u64,
+    /// The partition's durable end.
+    pub end: u64,
+    /// Offsets from the floor to the end not settled yet (a compacted partition's holes
+    /// count until the subscription passes them).
+    pub pending: u64,
+}
+
+/// The subscription's link to its stream.
+pub(crate) struct SubscriptionOf {
+    pub(crate) stream: String,
+    pub(crate) sub: String,
+}
+
+fn kafka_sources(parts: &[Arc<PartitionHandle>]) -> Vec<KafkaSource> {
+    parts
+        .iter()
+        .map(|p| KafkaSource::new(p.reader.clone(), p.partition))
+        .collect()
+}
+
+/// A subscription's handle over its recovered or new logs: `local` (source 0) and one view
+/// per partition, in partition order.
+fn subscription_handle(
+    stream: &StreamHandle,
+    sub: &str,
+    local: &LogState,
+    views: &[LogState],
+    config: QueueConfig,
+    store: &Store,
+    now_ms: i64,
+) -> Result<Arc<QueueHandle>, String> {
+    let parts = stream.partition_handles_now();
+    let local_reader = store
+        .reader(local.uid)
+        .ok_or_else(|| format!("subscription log {} has no reader", local.uid))?;
+    let records = Records::Subscription {
+        local: local_reader,
+        parts: RwLock::new(Arc::new(kafka_sources(&parts))),
+    };
+    let name = subscription_path(&stream.name, sub);
+    let mut logs: Vec<&LogState> = vec![local];
+    logs.extend(views.iter());
+    let mut state = QueueState::recover_sources(&name, &logs, config, &records, now_ms)
+        .map_err(|e| format!("subscription '{name}': {e}"))?;
+    for index in 1..logs.len() {
+        state.set_source_holes(index);
+    }
+    Ok(Arc::new(QueueHandle {
+        uid: local.uid,
+        name,
+        state: Mutex::new(state),
+        notify: Notify::new(),
+        reader: records,
+        deleted: AtomicBool::new(false),
+        delay: Mutex::new(None),
+        subscription: Some(SubscriptionOf {
+            stream: stream.name.clone(),
+            sub: sub.to_string(),
+        }),
+    }))
+}
+
+/// Subscriptions recovered at open, with the views a crash kept from being made (a stream
+/// grew and the broker stopped before its subscriptions' views were written): made here,
+/// at the partition's start.
+pub(crate) fn recover_subscriptions(
+    store: &Store,
+    streams: &std::collections::HashMap<String, Arc<StreamHandle>>,
+    logs: Vec<LogState>,
+    now_ms: i64,
+) -> Result<Vec<Arc<QueueHandle>>, String> {
+    // (stream, sub) -> (local log, views by partition)
+    type Logs = (Option<LogState>, BTreeMap<u32, LogState>);
+    let mut by_sub: BTreeMap<(String, String), Logs> = BTreeMap::new();
+    let mut orphans = Vec::new();
+    for log in logs {
+        match parse_subscription_log_name(&log.name) {
+            Some(SubscriptionLog::Local { stream, sub }) => {
+                let key = (stream.to_string(), sub.to_string());
+                by_sub.entry(key).or_default().0 = Some(log);
+            }
+            Some(SubscriptionLog::View {
+                stream,
+                sub,
+                partition,
+            }) => {
+                let key = (stream.to_string(), sub.to_string());
+                by_sub.entry(key).or_default().1.insert(partition, log);
+            }
+            None => orphans.push(log.uid),
+        }
+    }
+    let mut out = Vec::new();
+    for ((stream_name, sub), (local, mut views)) in by_sub {
+        let (Some(local), Some(stream)) = (local, streams.get(&stream_name)) else {
+            // Its stream (or its own log) is gone: a delete that a crash cut short cannot
+            // happen (one write), so this is a leftover of corruption; drop the views.
+            tracing::warn!(stream = %stream_name, subscription = %sub, "removing the logs of a subscription whose stream or own log is missing");
+            orphans.extend(views.values().map(|v| v.uid));
+            continue;
+        };
+        let parts = stream.partition_handles_now();
+        let missing: Vec<&Arc<PartitionHandle>> = parts
+            .iter()
+            .filter(|p| !views.contains_key(&p.partition))
+            .collect();
+        if !missing.is_empty() {
+            let ops = missing
+                .iter()
+                .map(|p| Op::CreateView {
+                    name: view_log_name(&stream_name, &sub, p.partition),
+                    source: p.uid,
+                    floor: p.start(),
+                })
+                .collect();
+            let results = store
+                .submit_wait(ops, AckLevel::Durable)
+                .map_err(|e| format!("creating the missing views of '{stream_name}/{sub}': {e}"))?;
+            for (p, result) in missing.iter().zip(results) {
+                let OpResult::Created { uid } = result else {
+                    return Err("storage did not return a new view".into());
+                };
+                let mut view = LogState::new(
+                    uid,
+                    view_log_name(&stream_name, &sub, p.partition),
+                    String::new(),
+                );
+                view.source = Some(p.uid);
+                view.ack_floor = p.start();
+                view.next_offset = p.reader.durable_end().max(p.start());
+                views.insert(p.partition, view);
+            }
+        }
+        let views: Vec<LogState> = parts
+            .iter()
+            .map(|p| {
+                views
+                    .remove(&p.partition)
+                    .expect("every partition has its view now")
+            })
+            .collect();
+        let config: QueueConfig = serde_json::from_str(&local.config).map_err(|e| {
+            format!(
+                "subscription '{stream_name}/{sub}': its stored configuration is unreadable: {e}"
+            )
+        })?;
+        let handle = subscription_handle(stream, &sub, &local, &views, config, store, now_ms)?;
+        for (part, _) in parts.iter().zip(&views) {
+            part.subscribers.write().push(handle.clone());
+        }
+        stream
+            .subscriptions
+            .write()
+            .insert(sub.clone(), handle.clone());
+        out.push(handle);
+    }
+    if !orphans.is_empty() {
+        let ops = orphans
+            .into_iter()
+            .map(|uid| Op::DeleteLog { uid })
+            .collect();
+        store.submit(ops, AckLevel::Written, Box::new(|_| {}));
+    }
+    Ok(out)
+}
+
+impl Broker {
+    /// The handle of a queue (`name`) or of a subscription (`stream/subscription`): what
+    /// receive, ack, nack, extend and purge act on.
+    pub(super) fn resolve(&self, name: &str) -> Result<Arc<QueueHandle>, BrokerError> {
+        let Some((stream, sub)) = split_subscription_path(name) else {
+            return self.queue(name);
+        };
+        let stream = self.stream(stream)?;
+        stream
+            .subscriptions
+            .read()
+            .get(sub)
+            .cloned()
+            .ok_or_else(|| BrokerError::subscription_not_found(&stream.name, sub))
+    }
+
+    fn subscription(&self, stream: &str, sub: &str) -> Result<Arc<QueueHandle>, BrokerError> {
+        let stream = self.stream(stream)?;
+        stream
+            .subscriptions
+            .read()
+            .get(sub)
+            .cloned()
+            .ok_or_else(|| BrokerError::subscription_not_found(&stream.name, sub))
+    }
+
+    /// Every subscription's handle (maintenance, metrics).
+    pub(super) fn subscription_handles(&self) -> Vec<Arc<QueueHandle>> {
+        let streams: Vec<_> = self.inner.streams.read().values().cloned().collect();
+        streams
+            .iter()
+            .flat_map(|s| s.subscriptions.read().values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Creates a subscription on a stream, or changes its configuration. Returns whether
+    /// it was created. A create writes its own log and a view of every partition in one
+    /// journal write; `start` applies to a create only (a different one on an existing
+    /// subscription is a conflict: delete and make it again to start elsewhere).
+    pub async fn put_subscription(
+        &self,
+        stream_name: &str,
+        sub: &str,
+        patch: &SubscriptionPatch,
+    ) -> Result<(bool, SubscriptionInfo), BrokerError> {
+        validate_subscription_name(stream_name, sub)?;
+        check_subscription_patch(&patch.config)?;
+        let limits = &self.inner.limits;
+        let _admin = self.inner.admin.lock().await;
+        let stream = self.stream(stream_name)?;
+        let path = subscription_path(stream_name, sub);
+        if let Ok(handle) = self.subscription(stream_name, sub) {
+            if patch
+                .start
+                .is_some_and(|s| s != SubscriptionStart::Earliest)
+            {
+                return Err(BrokerError::new(
+                    ErrorCode::ConfigConflict,
+                    format!(
+                        "subscription '{path}' exists and keeps its place: start applies when it is created (delete it and create it again to start elsewhere)"
+                    ),
+                ));
+            }
+            let current = handle.state.lock().config.clone();
+            let next = current.apply(&patch.config);
+            next.validate(&path, limits)?;
+            if next != current {
+                let config = serde_json::to_string(&next).expect("config serializes");
+                self.write(
+                    vec![Op::UpdateConfig {
+                        uid: handle.uid,
+                        config,
+                    }],
+                    AckLevel::Durable,
+                )
+                .await?;
+                handle.state.lock().set_config(next);
+                handle.notify.notify_waiters();
+            }
+            return Ok((false, self.subscription_info(&handle)));
+        }
+        let count: usize = self
+            .inner
+            .streams
+            .read()
+            .values()
+            .map(|s| s.subscriptions.read().len())
+            .sum();
+        if count >= limits.max_subscriptions {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the broker holds its maximum of {} subscriptions (max_subscriptions)",
+                    limits.max_subscriptions
+                ),
+            ));
+        }
+        if stream.subscriptions.read().len() >= limits.max_stream_subscriptions {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "stream '{stream_name}' has its maximum of {} subscriptions (max_stream_subscriptions)",
+                    limits.max_stream_subscriptions
+                ),
+            ));
+        }
+        let config = subscription_defaults(stream_name, sub, limits).apply(&patch.config);
+        config.validate(&path, limits)?;
+        let parts = stream.partition_handles_now();
+        let start = patch.start.unwrap_or_default();
+        let mut floors = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let end = part.reader.durable_end();
+            floors.push(match start {
+                SubscriptionStart::Earliest => part.start(),
+                SubscriptionStart::Latest => end,
+                SubscriptionStart::Time { time } => self
+                    .offset_for_time(stream_name, part.partition, time)?
+                    .unwrap_or(end),
+            });
+        }
+        let json = serde_json::to_string(&config).expect("config serializes");
+        let mut ops = vec![Op::CreateLog {
+            name: local_log_name(stream_name, sub),
+            config: json,
+            id_window: None,
+        }];
+        for (part, &floor) in parts.iter().zip(&floors) {
+            ops.push(Op::CreateView {
+                name: view_log_name(stream_name, sub, part.partition),
+                source: part.uid,
+                floor,
+            });
+        }
+        let results = self.write(ops, AckLevel::Durable).await?;
+        let uids: Vec<u64> = results
+            .iter()
+            .filter_map(|r| match r {
+                OpResult::Created { uid } => Some(*uid),
+                _ => None,
+            })
+            .collect();
+        if uids.len() != parts.len() + 1 {
+            return Err(BrokerError::new(
+                ErrorCode::Internal,
+                "storage did not return the subscription's logs",
+            ));
+        }
+        let local = LogState::new(uids[0], local_log_name(stream_name, sub), String::new());
+        let views: Vec<LogState> = parts
+            .iter()
+            .zip(&floors)
+            .zip(&uids[1..])
+            .map(|((part, &floor), &uid)| {
+                let mut view = LogState::new(
+                    uid,
+                    view_log_name(stream_name, sub, part.partition),
+                    String::new(),
+                );
+                view.source = Some(part.uid);
+                // As storage made it: within the partition's start and end.
+                let end = part.reader.durable_end();
+                view.ack_floor = floor.clamp(part.start().min(end), end);
+                view.next_offset = end;
+                view
+            })
+            .collect();
+        let handle = subscription_handle(
+            &stream,
+            sub,
+            &local,
+            &views,
+            config,
+            &self.inner.store,
+            self.now_ms(),
+        )
+        .map_err(|e| BrokerError::new(ErrorCode::Internal, e))?;
+        handle
+            .state
+            .lock()
+            .set_nonce_source(self.inner.nonces.clone());
+        for part in &parts {
+            part.subscribers.write().push(handle.clone());
+        }
+        stream
+            .subscriptions
+            .write()
+            .insert(sub.to_string(), handle.clone());
+        self.inner.by_uid.write().insert(handle.uid, handle.clone());
+        Ok((true, self.subscription_info(&handle)))
+    }
+
+    pub fn get_subscription(
+        &self,
+        stream: &str,
+        sub: &str,
+    ) -> Result<SubscriptionInfo, BrokerError> {
+        let handle = self.subscription(stream, sub)?;
+        Ok(self.subscription_info(&handle))
+    }
+
+    /// Subscriptions of one stream (or of all), by stream then name.
+    pub fn list_subscriptions(
+        &self,
+        stream: Option<&str>,
+    ) -> Result<Vec<SubscriptionInfo>, BrokerError> {
+        let handles: Vec<Arc<QueueHandle>> = match stream {
+            Some(name) => self
+                .stream(name)?
+                .subscriptions
+                .read()
+                .values()
+                .cloned()
+                .collect(),
+            None => self.subscription_handles(),
+        };
+        let mut out: Vec<SubscriptionInfo> =
+            handles.iter().map(|h| self.subscription_info(h)).collect();
+        out.sort_by(|a, b| (&a.stream, &a.name).cmp(&(&b.stream, &b.name)));
+        Ok(out)
+    }
+
+    /// Deletes a subscription: its own log and views, in one journal write (the stream and
+    /// every other reader of it are untouched). Leased messages' receipts go invalid.
+    pub async fn delete_subscription(
+        &self,
+        stream_name: &str,
+        sub: &str,
+    ) -> Result<(), BrokerError> {
+        let _admin = self.inner.admin.lock().await;
+        let stream = self.stream(stream_name)?;
+        let handle = self.subscription(stream_name, sub)?;
+        let ops = subscription_delete_ops(&handle);
+        self.write(ops, AckLevel::Durable).await?;
+        self.forget_subscription(&stream, &handle);
+        Ok(())
+    }
+
+    /// Takes a deleted subscription out of every map and wakes its long-polls.
+    pub(super) fn forget_subscription(&self, stream: &StreamHandle, handle: &Arc<QueueHandle>) {
+        if let Some(of) = &handle.subscription {
+            stream.subscriptions.write().remove(&of.sub);
+        }
+        for part in stream.partition_handles_now() {
+            part.subscribers.write().retain(|h| !Arc::ptr_eq(h, handle));
+        }
+        self.inner.by_uid.write().remove(&handle.uid);
+        handle.deleted.store(true, Ordering::SeqCst);
+        handle.notify.notify_waiters();
+        self.inner.observer.queue_deleted(&handle.name);
+    }
+
+    /// A stream grew: each subscription gets a view of each new partition (at its start:
+    /// everything produced to it), in one journal write; then reads them.
+    pub(super) async fn grow_subscriptions(
+        &self,
+        stream: &StreamHandle,
+        new: &[Arc<PartitionHandle>],
+    ) -> Result<(), BrokerError> {
+        let subs: Vec<Arc<QueueHandle>> = stream.subscriptions.read().values().cloned().collect();
+        if subs.is_empty() || new.is_empty() {
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        for handle in &subs {
+            let sub = &handle.subscription.as_ref().expect("a subscription").sub;
+            for part in new {
+                ops.push(Op::CreateView {
+                    name: view_log_name(&stream.name, sub, part.partition),
+                    source: part.uid,
+                    floor: 0,
+                });
+            }
+        }
+        // (Should this fail, the next open makes the missing views.)
+        let results = self.write(ops, AckLevel::Durable).await?;
+        let mut uids = results.iter().filter_map(|r| match r {
+            OpResult::Created { uid } => Some(*uid),
+            _ => None,
+        });
+        let sources = kafka_sources(&stream.partition_handles_now());
+        for handle in &subs {
+            let mut state = handle.state.lock();
+            for part in new {
+                let Some(uid) = uids.next() else { break };
+                let index = state.add_source(uid);
+                state.set_source_holes(index);
+                state.set_source_end(index, part.reader.durable_end());
+                part.subscribers.write().push(handle.clone());
+            }
+            if let super::Records::Subscription { parts, .. } = &handle.reader {
+                *parts.write() = Arc::new(sources.clone());
+            }
+            drop(state);
+            handle.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    pub(super) fn subscription_info(&self, handle: &QueueHandle) -> SubscriptionInfo {
+        let of = handle.subscription.as_ref().expect("a subscription");
+        let mut state = handle.state.lock();
+        state.refresh_oldest(&handle.reader);
+        let partitions = (1..state.source_count())
+            .map(|index| {
+                let (floor, end) = state.source_range(index);
+                SubscriptionPartition {
+                    partition: (index - 1) as u32,
+                    floor,
+                    end,
+                    pending: state.source_unsettled(index),
+                }
+            })
+            .collect();
+        SubscriptionInfo {
+            stream: of.stream.clone(),
+            name: of.sub.clone(),
+            config: state.config.clone(),
+            stats: state.stats(self.now_ms()),
+            retention_expired: state.counters.retention_expired,
+            partitions,
+        }
+    }
+
+    /// Before retention settles `start..new_start` of a partition: the settles of every
+    /// subscription's view of it over that range (written with the partition's, so a
+    /// view never keeps offsets its partition let go).
+    pub(super) fn retention_view_ops(
+        &self,
+        part: &PartitionHandle,
+        range: &std::ops::Range<u64>,
+    ) -> Vec<(Arc<QueueHandle>, Op)> {
+        part.subscribers
+            .read()
+            .iter()
+            .map(|handle| {
+                let index = part.partition as usize + 1;
+                let uid = handle.state.lock().source_uid(index);
+                (
+                    handle.clone(),
+                    Op::Settle {
+                        uid,
+                        ranges: vec![range.clone()],
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Retention deleted `range` of a partition: each subscription drops what it had not
+    /// settled there, counted as `retention_expired` (leases there go stale).
+    pub(super) fn retention_expired(
+        handles: &[Arc<QueueHandle>],
+        part: &PartitionHandle,
+        range: &std::ops::Range<u64>,
+    ) {
+        let index = part.partition as usize + 1;
+        for handle in handles {
+            let mut state = handle.state.lock();
+            let removed =
+                state.expire_range(position(index, range.start)..position(index, range.end));
+            state.counters.retention_expired += removed;
+            drop(state);
+            if removed > 0 {
+                tracing::info!(subscription = %handle.name, partition = part.partition, messages = removed, "retention deleted records the subscription had not settled");
+            }
+        }
+    }
+}
+
+/// The ops that delete a subscription's logs: its views, then its own log.
+pub(super) fn subscription_delete_ops(handle: &QueueHandle) -> Vec<Op> {
+    let state = handle.state.lock();
+    let mut ops: Vec<Op> = (1..state.source_count())
+        .map(|index| Op::DeleteLog {
+            uid: state.source_uid(index),
+        })
+        .collect();
+    ops.push(Op::DeleteLog { uid: handle.uid });
+    ops
+}

@@ -1,0 +1,422 @@
+//! Work-queue subscriptions on streams through the broker: every record delivered per
+//! subscription, independently of other subscriptions and of consumer groups; leases, acks,
+//! nacks with retries and the dead-letter queue; where a subscription starts; growth,
+//! deletion, retention and compaction; and all of it across restarts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tidewater_core::harness::{Harness, HarnessOptions};
+use tidewater_core::queue::Delivery;
+use tidewater_core::stream::config::StreamPatch;
+use tidewater_core::stream::records::NewStreamRecord;
+use tidewater_core::stream::subscription::{SubscriptionPatch, SubscriptionStart};
+use tidewater_core::{AckLevel, Broker, ErrorCode, NackReason};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn stream(partitions: u32) -> StreamPatch {
+    StreamPatch {
+        partitions: Some(partitions),
+        ..StreamPatch::default()
+    }
+}
+
+fn sub(json: &str) -> SubscriptionPatch {
+    SubscriptionPatch::from_json(json.as_bytes()).unwrap()
+}
+
+/// Produces `values` keyed `k<i % keys>` (durably).
+async fn produce(broker: &Broker, stream: &str, values: &[String], keys: usize) {
+    let records: Vec<NewStreamRecord> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| NewStreamRecord {
+            key: Some(format!("k{}", i % keys).into_bytes()),
+            value: Some(v.clone().into_bytes()),
+            ..NewStreamRecord::default()
+        })
+        .collect();
+    broker
+        .produce(stream, &records, AckLevel::Durable)
+        .await
+        .unwrap();
+}
+
+fn values(range: std::ops::Range<usize>, prefix: &str) -> Vec<String> {
+    range.map(|i| format!("{prefix}{i}")).collect()
+}
+
+fn body(d: &Delivery) -> String {
+    String::from_utf8(d.record.body.to_vec()).unwrap()
+}
+
+/// Receives everything deliverable now (no wait), at most `max` at a time.
+async fn drain(broker: &Broker, name: &str, max: usize) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    loop {
+        let got = broker.receive(name, max, 0, None).await.unwrap();
+        if got.is_empty() {
+            return out;
+        }
+        out.extend(got);
+    }
+}
+
+async fn ack(broker: &Broker, name: &str, deliveries: &[Delivery]) {
+    let receipts: Vec<String> = deliveries.iter().map(|d| d.receipt.clone()).collect();
+    let reply = broker.ack(name, &receipts).await.unwrap();
+    assert_eq!(reply.ok as usize, deliveries.len(), "{:?}", reply.failed);
+}
+
+#[test]
+fn each_subscription_gets_every_record_independently_across_restarts() {
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("orders", &stream(3)).await.unwrap();
+        produce(b, "orders", &values(0..60, "o"), 7).await;
+        let (created, info) = b
+            .put_subscription("orders", "billing", &sub("{}"))
+            .await
+            .unwrap();
+        assert!(created);
+        assert_eq!(info.partitions.len(), 3);
+        assert_eq!(info.stats.total, 60);
+        assert_eq!(
+            info.config.dead_letter_queue.as_deref(),
+            Some("orders.billing-dlq")
+        );
+        b.put_subscription("orders", "email", &sub("{}"))
+            .await
+            .unwrap();
+        // Billing takes and acks 40; email takes 10 and acks none.
+        let billing = drain(b, "orders/billing", 40).await;
+        assert_eq!(billing.len(), 60);
+        ack(b, "orders/billing", &billing[..40]).await;
+        let email = b.receive("orders/email", 10, 0, None).await.unwrap();
+        assert_eq!(email.len(), 10);
+        // Each delivery says where it came from; the same record for both subscriptions.
+        for d in &billing {
+            assert!(d.source >= 1 && d.source <= 3, "{}", d.source);
+        }
+        let billing_stats = b.get_subscription("orders", "billing").unwrap().stats;
+        assert_eq!(
+            (
+                billing_stats.acked,
+                billing_stats.in_flight,
+                billing_stats.total
+            ),
+            (40, 20, 20)
+        );
+        let email_stats = b.get_subscription("orders", "email").unwrap().stats;
+        assert_eq!(
+            (email_stats.acked, email_stats.in_flight, email_stats.total),
+            (0, 10, 60)
+        );
+        // A receipt of one subscription means nothing to another.
+        let foreign = b
+            .ack("orders/email", &[billing[45].receipt.clone()])
+            .await
+            .unwrap();
+        assert_eq!(foreign.failed[0].code, "invalid_receipt");
+        // The stream itself is untouched: a fetch from 0 still sees every record.
+        assert_eq!(
+            b.get_stream("orders")
+                .unwrap()
+                .partitions
+                .iter()
+                .map(|p| p.start_offset)
+                .sum::<u64>(),
+            0
+        );
+    });
+    h.restart();
+    rt.block_on(async {
+        let b = h.broker();
+        b.debug_check_consistency();
+        // Acks survived; leases did not (redelivered now, as a queue's after any restart:
+        // leases are not journaled, so the lost one is not counted).
+        let billing = drain(b, "orders/billing", 100).await;
+        assert_eq!(billing.len(), 20);
+        assert!(billing.iter().all(|d| d.delivery_count == 1));
+        ack(b, "orders/billing", &billing).await;
+        let email = drain(b, "orders/email", 100).await;
+        assert_eq!(email.len(), 60);
+        ack(b, "orders/email", &email).await;
+        // New records reach both.
+        produce(b, "orders", &values(60..66, "o"), 7).await;
+        let more = drain(b, "orders/billing", 100).await;
+        assert_eq!(
+            more.iter().map(body).collect::<BTreeSet<_>>(),
+            values(60..66, "o").into_iter().collect()
+        );
+        assert_eq!(drain(b, "orders/email", 100).await.len(), 6);
+        let info = b.get_subscription("orders", "billing").unwrap();
+        assert_eq!(info.stats.total, 6);
+        assert_eq!(info.partitions.iter().map(|p| p.end).sum::<u64>(), 66);
+        b.debug_check_consistency();
+    });
+}
+
+#[test]
+fn nacks_retry_and_max_deliveries_dead_letter_with_the_subscriptions_name() {
+    let rt = runtime();
+    let h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("orders", &stream(2)).await.unwrap();
+        produce(b, "orders", &values(0..4, "o"), 4).await;
+        b.put_subscription(
+            "orders",
+            "billing",
+            &sub(r#"{"max_deliveries":2,"backoff":{"base_ms":0}}"#),
+        )
+        .await
+        .unwrap();
+        for attempt in 1..=2 {
+            let got = drain(b, "orders/billing", 10).await;
+            assert_eq!(got.len(), 4, "attempt {attempt}");
+            let receipts: Vec<String> = got.iter().map(|d| d.receipt.clone()).collect();
+            b.nack(
+                "orders/billing",
+                &receipts,
+                Some(0),
+                Some("boom"),
+                NackReason::Failed,
+            )
+            .await
+            .unwrap();
+        }
+        let stats = b.get_subscription("orders", "billing").unwrap().stats;
+        assert_eq!((stats.dead_lettered, stats.total), (4, 0));
+        let dlq = drain(b, "orders.billing-dlq", 10).await;
+        assert_eq!(dlq.len(), 4);
+        let header = |d: &Delivery, name: &str| {
+            d.record
+                .headers
+                .iter()
+                .find(|(k, _)| &k[..] == name.as_bytes())
+                .map(|(_, v)| String::from_utf8(v.to_vec()).unwrap())
+        };
+        for d in &dlq {
+            assert_eq!(
+                header(d, "tidewater-source-queue").as_deref(),
+                Some("orders/billing")
+            );
+            assert_eq!(header(d, "tidewater-last-error").as_deref(), Some("boom"));
+            // The id names the record's partition and offset.
+            let id = String::from_utf8(d.record.id.to_vec()).unwrap();
+            assert!(id.contains('-'), "{id}");
+        }
+    });
+}
+
+#[test]
+fn a_subscription_starts_at_earliest_latest_or_a_time_and_keeps_its_place() {
+    let rt = runtime();
+    let h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &stream(2)).await.unwrap();
+        produce(b, "s", &values(0..10, "old"), 10).await;
+        h.clock.advance(60_000);
+        let cut = b.now_ms();
+        produce(b, "s", &values(0..4, "new"), 10).await;
+        // Records carry the producer's time: set explicitly to the harness clock here.
+        b.put_subscription("s", "all", &sub(r#"{"start":"earliest"}"#))
+            .await
+            .unwrap();
+        b.put_subscription("s", "new", &sub(r#"{"start":"latest"}"#))
+            .await
+            .unwrap();
+        let at = format!(r#"{{"start":{{"time":{cut}}}}}"#);
+        b.put_subscription("s", "since", &sub(&at)).await.unwrap();
+        assert_eq!(drain(b, "s/all", 100).await.len(), 14);
+        assert_eq!(drain(b, "s/new", 100).await.len(), 0);
+        let since = drain(b, "s/since", 100).await;
+        assert_eq!(
+            since.iter().map(body).collect::<BTreeSet<_>>(),
+            values(0..4, "new").into_iter().collect()
+        );
+        produce(b, "s", &values(0..3, "later"), 10).await;
+        assert_eq!(drain(b, "s/new", 100).await.len(), 3);
+        // Configuration changes keep the place; a different start is a conflict.
+        let (created, info) = b
+            .put_subscription("s", "new", &sub(r#"{"lease_ms":5000}"#))
+            .await
+            .unwrap();
+        assert!(!created);
+        assert_eq!(info.config.lease_ms, 5_000);
+        let err = b
+            .put_subscription("s", "new", &sub(r#"{"start":"latest"}"#))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::ConfigConflict);
+        // Errors that say what is wrong.
+        let err = b
+            .put_subscription("nope", "x", &sub("{}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::StreamNotFound);
+        let err = b.receive("s/nope", 1, 0, None).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::SubscriptionNotFound);
+        let err = b
+            .put_subscription("s", "a/b", &sub("{}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidSubscriptionName);
+        let err = b
+            .put_subscription("s", "q", &sub(r#"{"supersede":true}"#))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidConfig);
+        let names: Vec<String> = b
+            .list_subscriptions(Some("s"))
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["all", "new", "since"]);
+        // Subscriptions are not queues.
+        assert!(b.list_queues().iter().all(|q| !q.name.contains('/')));
+        let _ = SubscriptionStart::Earliest;
+    });
+}
+
+#[test]
+fn growth_deletion_and_policies_across_partitions() {
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("s", &stream(2)).await.unwrap();
+        // One message per key at a time, whatever partition it is in.
+        b.put_subscription("s", "one", &sub(r#"{"key_concurrency":1}"#))
+            .await
+            .unwrap();
+        produce(b, "s", &values(0..8, "a"), 2).await;
+        let first = drain(b, "s/one", 100).await;
+        assert_eq!(first.len(), 2, "one per key");
+        // The stream grows: its new partition reaches the subscription.
+        b.put_stream("s", &stream(4)).await.unwrap();
+        let info = b.get_subscription("s", "one").unwrap();
+        assert_eq!(info.partitions.len(), 4);
+        ack(b, "s/one", &first).await;
+        produce(b, "s", &values(8..40, "a"), 40).await;
+        let mut by_partition: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut seen = 0;
+        loop {
+            let got = drain(b, "s/one", 1000).await;
+            if got.is_empty() {
+                break;
+            }
+            for d in &got {
+                *by_partition.entry(d.source).or_default() += 1;
+            }
+            seen += got.len();
+            ack(b, "s/one", &got).await;
+        }
+        assert_eq!(seen, 38);
+        assert_eq!(by_partition.len(), 4, "{by_partition:?}");
+    });
+    h.restart();
+    rt.block_on(async {
+        let b = h.broker();
+        assert_eq!(b.get_subscription("s", "one").unwrap().partitions.len(), 4);
+        // Deleting a subscription leaves the stream; deleting the stream takes the rest.
+        b.put_subscription("s", "two", &sub("{}")).await.unwrap();
+        b.delete_subscription("s", "one").await.unwrap();
+        assert_eq!(
+            b.get_subscription("s", "one").unwrap_err().code,
+            ErrorCode::SubscriptionNotFound
+        );
+        assert_eq!(drain(b, "s/two", 1000).await.len(), 40);
+        b.delete_stream("s").await.unwrap();
+        assert_eq!(
+            b.receive("s/two", 1, 0, None).await.unwrap_err().code,
+            ErrorCode::StreamNotFound
+        );
+    });
+    h.restart();
+    rt.block_on(async {
+        let b = h.broker();
+        assert!(b.list_subscriptions(None).unwrap().is_empty());
+        b.put_stream("s", &stream(1)).await.unwrap();
+        assert!(b.list_subscriptions(Some("s")).unwrap().is_empty());
+    });
+}
+
+#[test]
+fn retention_drops_what_a_subscription_left_unsettled_and_counts_it() {
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions {
+        store: tidewater_storage::StoreOptions {
+            fsync: false,
+            segment_roll_bytes: 4_096,
+            ..tidewater_storage::StoreOptions::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .unwrap();
+    let big = "v".repeat(200);
+    rt.block_on(async {
+        let b = h.broker();
+        let patch = StreamPatch {
+            partitions: Some(1),
+            retention_bytes: Some(8_192),
+            retention_ms: Some(-1),
+            ..StreamPatch::default()
+        };
+        b.put_stream("logs", &patch).await.unwrap();
+        b.put_subscription("logs", "slow", &sub("{}"))
+            .await
+            .unwrap();
+        b.put_subscription("logs", "fast", &sub("{}"))
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            produce(b, "logs", &vec![big.clone(); 5], 5).await;
+            // Fast keeps up: nothing of it is ever dropped.
+            let got = drain(b, "logs/fast", 100).await;
+            ack(b, "logs/fast", &got).await;
+        }
+        let leased = b.receive("logs/slow", 3, 0, None).await.unwrap();
+        assert_eq!(leased.len(), 3);
+        h.advance(1).await;
+        let start = b.get_stream("logs").unwrap().partitions[0].start_offset;
+        assert!(start > 3, "retention moved the start: {start}");
+        let slow = b.get_subscription("logs", "slow").unwrap();
+        // Everything below the start, leased or not, was dropped and counted.
+        assert_eq!(slow.retention_expired, start);
+        assert_eq!(slow.partitions[0].floor, start);
+        assert_eq!(slow.stats.total, 100 - start);
+        assert_eq!(
+            b.get_subscription("logs", "fast")
+                .unwrap()
+                .retention_expired,
+            0
+        );
+        // The leases there are gone: their acks fail.
+        let receipts: Vec<String> = leased.iter().map(|d| d.receipt.clone()).collect();
+        let reply = b.ack("logs/slow", &receipts).await.unwrap();
+        assert_eq!(reply.ok, 0);
+        let rest = drain(b, "logs/slow", 1000).await;
+        assert_eq!(rest.len() as u64, 100 - start);
+        assert_eq!(rest[0].record.offset, start);
+        b.debug_check_consistency();
+    });
+    // Storage's recovery check agrees: the views were settled with the partition.
+    h.restart();
+    rt.block_on(async {
+        let b = h.broker();
+        let info = b.get_subscription("logs", "slow").unwrap();
+        let start = b.get_stream("logs").unwrap().partitions[0].start_offset;
+        assert_eq!(info.partitions[0].floor, start);
+    });
+}
