@@ -166,15 +166,23 @@ pub struct OutMessage<'a> {
     pub receipt: Option<&'a str>,
     pub delivery_count: u32,
     pub encoding: BodyEncoding,
+    /// A subscription's delivery from a stream partition: which one (`offset` is in it).
+    pub partition: Option<u32>,
 }
 
 impl<'a> OutMessage<'a> {
-    pub fn delivered(delivery: &'a Delivery, encoding: BodyEncoding) -> Self {
+    /// A delivery from a queue, or from a subscription (`subscription`: its sources past
+    /// the first are the stream's partitions).
+    pub fn delivered(delivery: &'a Delivery, encoding: BodyEncoding, subscription: bool) -> Self {
         OutMessage {
             record: &delivery.record,
             receipt: Some(&delivery.receipt),
             delivery_count: delivery.delivery_count,
             encoding,
+            partition: subscription
+                .then(|| delivery.source.checked_sub(1))
+                .flatten()
+                .map(|p| p as u32),
         }
     }
 }
@@ -198,6 +206,9 @@ impl Serialize for OutMessage<'_> {
         map.serialize_entry("delivery_count", &self.delivery_count)?;
         map.serialize_entry("published_at", &record.published_at_ms)?;
         map.serialize_entry("offset", &record.offset)?;
+        if let Some(partition) = self.partition {
+            map.serialize_entry("partition", &partition)?;
+        }
         map.end()
     }
 }

@@ -448,7 +448,7 @@ impl Session {
                 } else {
                     broker
                         .check_lease_ms(lease)
-                        .and_then(|()| broker.get_queue(&queue).map(|_| ()))
+                        .and_then(|()| broker.check_receivable(&queue))
                 };
                 if let Err(err) = checked {
                     return Ok(self.outbox.reply(&error_frame(&err), request_id).await?);

@@ -550,6 +550,37 @@ pub fn router(state: AppState) -> Router {
             "/v1/redrives/{id}",
             get(redrive_progress).delete(cancel_redrive),
         )
+        .route("/v1/subscriptions", get(list_all_subscriptions))
+        .route(
+            "/v1/streams/{stream}/subscriptions",
+            get(list_subscriptions),
+        )
+        .route(
+            "/v1/streams/{stream}/subscriptions/{sub}",
+            get(get_subscription)
+                .put(put_subscription)
+                .delete(delete_subscription),
+        )
+        .route(
+            "/v1/streams/{stream}/subscriptions/{sub}/receive",
+            post(subscription_receive),
+        )
+        .route(
+            "/v1/streams/{stream}/subscriptions/{sub}/ack",
+            post(subscription_ack),
+        )
+        .route(
+            "/v1/streams/{stream}/subscriptions/{sub}/nack",
+            post(subscription_nack),
+        )
+        .route(
+            "/v1/streams/{stream}/subscriptions/{sub}/extend",
+            post(subscription_extend),
+        )
+        .route(
+            "/v1/streams/{stream}/subscriptions/{sub}/purge",
+            post(subscription_purge),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::map_response(json_errors))
@@ -771,6 +802,7 @@ async fn peek(
             receipt: None,
             delivery_count: p.delivery_count,
             encoding: query.encoding.unwrap_or_default(),
+            partition: None,
         })
         .collect();
     json(
@@ -784,9 +816,14 @@ async fn receive(
     Path(queue): Path<String>,
     body: Body,
 ) -> ApiResult {
+    receive_from(&state, &queue, body, false).await
+}
+
+/// Receive from a queue, or from a subscription (`stream/subscription`).
+async fn receive_from(state: &AppState, queue: &str, body: Body, subscription: bool) -> ApiResult {
     let broker = state.broker()?;
     let (request, _permit): (api::ReceiveRequest, _) = parse_body(
-        &state,
+        state,
         body,
         Some(api::ReceiveRequest::default()),
         SMALL_VALUES,
@@ -794,7 +831,7 @@ async fn receive(
     .await?;
     let deliveries = broker
         .receive(
-            &queue,
+            queue,
             request.max.unwrap_or(1),
             request.wait_ms.unwrap_or(0),
             request.lease_ms,
@@ -802,7 +839,7 @@ async fn receive(
         .await?;
     let messages: Vec<OutMessage> = deliveries
         .iter()
-        .map(|d| OutMessage::delivered(d, request.encoding))
+        .map(|d| OutMessage::delivered(d, request.encoding, subscription))
         .collect();
     json(StatusCode::OK, &serde_json::json!({ "messages": messages }))
 }
@@ -817,20 +854,25 @@ async fn receipts_body(
 }
 
 async fn ack(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
+    ack_in(&state, &queue, body).await
+}
+
+async fn ack_in(state: &AppState, queue: &str, body: Body) -> ApiResult {
     let broker = state.broker()?;
-    let (request, _permit) = receipts_body(&state, broker, body).await?;
-    json(
-        StatusCode::OK,
-        &broker.ack(&queue, &request.receipts).await?,
-    )
+    let (request, _permit) = receipts_body(state, broker, body).await?;
+    json(StatusCode::OK, &broker.ack(queue, &request.receipts).await?)
 }
 
 async fn nack(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
+    nack_in(&state, &queue, body).await
+}
+
+async fn nack_in(state: &AppState, queue: &str, body: Body) -> ApiResult {
     let broker = state.broker()?;
-    let (request, _permit) = receipts_body(&state, broker, body).await?;
+    let (request, _permit) = receipts_body(state, broker, body).await?;
     let reply = broker
         .nack(
-            &queue,
+            queue,
             &request.receipts,
             request.delay_ms,
             request.error.as_deref(),
@@ -841,11 +883,15 @@ async fn nack(State(state): State<AppState>, Path(queue): Path<String>, body: Bo
 }
 
 async fn extend(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
+    extend_in(&state, &queue, body).await
+}
+
+async fn extend_in(state: &AppState, queue: &str, body: Body) -> ApiResult {
     let broker = state.broker()?;
-    let (request, _permit) = receipts_body(&state, broker, body).await?;
+    let (request, _permit) = receipts_body(state, broker, body).await?;
     json(
         StatusCode::OK,
-        &broker.extend(&queue, &request.receipts, request.lease_ms)?,
+        &broker.extend(queue, &request.receipts, request.lease_ms)?,
     )
 }
 
@@ -886,6 +932,112 @@ async fn list_redrives(State(state): State<AppState>) -> ApiResult {
 
 async fn cancel_redrive(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult {
     json(StatusCode::OK, &state.broker()?.cancel_redrive(&id).await?)
+}
+
+// ---- subscriptions ----
+
+/// The name a subscription is received, acked and nacked by.
+fn subscription_name(stream: &str, sub: &str) -> String {
+    tidewater_core::stream::subscription::subscription_path(stream, sub)
+}
+
+async fn list_all_subscriptions(State(state): State<AppState>) -> ApiResult {
+    let subscriptions = state.broker()?.list_subscriptions(None)?;
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "subscriptions": subscriptions }),
+    )
+}
+
+async fn list_subscriptions(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+) -> ApiResult {
+    let subscriptions = state.broker()?.list_subscriptions(Some(&stream))?;
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "subscriptions": subscriptions }),
+    )
+}
+
+async fn get_subscription(
+    State(state): State<AppState>,
+    Path((stream, sub)): Path<(String, String)>,
+) -> ApiResult {
+    json(
+        StatusCode::OK,
+        &state.broker()?.get_subscription(&stream, &sub)?,
+    )
+}
+
+async fn put_subscription(
+    State(state): State<AppState>,
+    Path((stream, sub)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let (value, _permit): (serde_json::Value, _) = config_body(
+        &state,
+        body,
+        CONFIG_VALUES,
+        "subscription",
+        "{\"start\": \"earliest\", \"key_concurrency\": 1}",
+    )
+    .await?;
+    let patch = tidewater_core::stream::subscription::SubscriptionPatch::from_value(value)?;
+    let (created, info) = broker.put_subscription(&stream, &sub, &patch).await?;
+    created_or_ok(created, &info)
+}
+
+async fn delete_subscription(
+    State(state): State<AppState>,
+    Path((stream, sub)): Path<(String, String)>,
+) -> ApiResult {
+    state.broker()?.delete_subscription(&stream, &sub).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn subscription_receive(
+    State(state): State<AppState>,
+    Path((stream, sub)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    receive_from(&state, &subscription_name(&stream, &sub), body, true).await
+}
+
+async fn subscription_ack(
+    State(state): State<AppState>,
+    Path((stream, sub)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    ack_in(&state, &subscription_name(&stream, &sub), body).await
+}
+
+async fn subscription_nack(
+    State(state): State<AppState>,
+    Path((stream, sub)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    nack_in(&state, &subscription_name(&stream, &sub), body).await
+}
+
+async fn subscription_extend(
+    State(state): State<AppState>,
+    Path((stream, sub)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    extend_in(&state, &subscription_name(&stream, &sub), body).await
+}
+
+async fn subscription_purge(
+    State(state): State<AppState>,
+    Path((stream, sub)): Path<(String, String)>,
+) -> ApiResult {
+    let purged = state
+        .broker()?
+        .purge(&subscription_name(&stream, &sub))
+        .await?;
+    json(StatusCode::OK, &serde_json::json!({ "purged": purged }))
 }
 
 // ---- streams ----

@@ -453,6 +453,8 @@ fn message_schemas(limits: &Limits) -> Value {
         if receipt {
             required.push("receipt");
             properties["receipt"] = json!({"type": "string", "description": "names this lease: ack, nack or extend with it"});
+            properties["partition"] = json!({"type": "integer", "minimum": 0,
+                "description": "a subscription's delivery from a stream partition: which one (offset is in it); absent for a queue's, and for a subscription's merged or redriven messages"});
         }
         json!({"type": "object", "additionalProperties": false, "required": required, "properties": properties,
             "oneOf": [{"required": ["body"]}, {"required": ["body_base64"]}]})
@@ -782,6 +784,44 @@ pub fn document(limits: &Limits) -> Value {
         "description": "the configuration patch, or {\"config\": patch} as GET returns it",
         "anyOf": [schema_ref("QueueConfigPatch"),
             {"type": "object", "additionalProperties": false, "required": ["config"], "properties": {"config": schema_ref("QueueConfigPatch")}}]}));
+    // Subscriptions: the queue patch without what acts at publish, plus `start`.
+    let mut sub_patch = schemas_map["QueueConfigPatch"].clone();
+    if let Some(props) = sub_patch["properties"].as_object_mut() {
+        for refused in [
+            "quota",
+            "dedup_window_ms",
+            "max_messages",
+            "max_bytes",
+            "supersede",
+            "coalesce",
+        ] {
+            props.remove(refused);
+        }
+        props.insert("start".into(), json!({"description": "where a new subscription starts on every partition (create only: a different start on an existing subscription is 409 config_conflict)",
+            "anyOf": [{"type": "string", "enum": ["earliest", "latest"]},
+                {"type": "object", "additionalProperties": false, "required": ["time"], "properties": {"time": {"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX, "description": "ms since the epoch: each partition's first record at or after it"}}}],
+            "default": "earliest"}));
+    }
+    sub_patch["description"] = json!(
+        "a queue configuration patch (quota, dedup_window_ms, max_messages, max_bytes, supersede and coalesce do not apply to subscriptions: 400 invalid_config), and start"
+    );
+    schemas_map.insert("SubscriptionPatch".into(), sub_patch);
+    schemas_map.insert("PutSubscriptionRequest".into(), json!({
+        "description": "the configuration patch, or {\"config\": patch} as GET returns it",
+        "anyOf": [schema_ref("SubscriptionPatch"),
+            {"type": "object", "additionalProperties": false, "required": ["config"], "properties": {"config": schema_ref("SubscriptionPatch")}}]}));
+    schemas_map.insert("Subscription".into(), json!({"type": "object", "additionalProperties": false,
+        "required": ["stream", "name", "config", "stats", "retention_expired", "partitions"], "properties": {
+        "stream": {"type": "string"}, "name": {"type": "string"},
+        "config": schema_ref("QueueConfig"), "stats": schema_ref("QueueStats"),
+        "retention_expired": {"type": "integer", "minimum": 0, "description": "messages dropped unsettled because retention deleted their records"},
+        "partitions": {"type": "array", "items": {"type": "object", "additionalProperties": false, "required": ["partition", "floor", "end", "pending"], "properties": {
+            "partition": {"type": "integer", "minimum": 0},
+            "floor": {"type": "integer", "minimum": 0, "description": "every offset below is settled"},
+            "end": {"type": "integer", "minimum": 0, "description": "the partition's durable end"},
+            "pending": {"type": "integer", "minimum": 0, "description": "offsets from the floor to the end not settled yet"}}}}}}));
+    schemas_map.insert("SubscriptionList".into(), json!({"type": "object", "additionalProperties": false, "required": ["subscriptions"], "properties": {
+        "subscriptions": {"type": "array", "items": schema_ref("Subscription")}}}));
     schemas_map.insert("Purged".into(), json!({"type": "object", "additionalProperties": false, "required": ["purged"], "properties": {
         "purged": {"type": "integer", "minimum": 0}}}));
     schemas_map.insert("Status".into(), json!({"type": "object", "additionalProperties": false, "required": ["status"], "properties": {
@@ -1048,6 +1088,64 @@ pub fn document(limits: &Limits) -> Value {
         op
     };
 
+    let sub_params = json!([
+        {"name": "stream", "in": "path", "required": true, "schema": queue_name()},
+        {"name": "sub", "in": "path", "required": true, "schema": queue_name(),
+            "description": "the subscription's name; with its stream's at most 254 bytes (consumers name it stream/sub)"}]);
+    let sub_link = |target: &str, description: &str| {
+        json!({"operationId": target, "description": description,
+        "parameters": {"stream": "$request.path.stream", "sub": "$request.path.sub"}})
+    };
+    let on_subscription = json!({
+        "GetSubscription": sub_link("getSubscription", "the subscription just created or changed"),
+        "DeleteSubscription": sub_link("deleteSubscription", "delete it"),
+        "SubscriptionReceive": sub_link("subscriptionReceive", "lease its messages"),
+    });
+    let on_sub_received = json!({
+        "SubscriptionAck": {"operationId": "subscriptionAck", "description": "acknowledge the first message received",
+            "parameters": {"stream": "$request.path.stream", "sub": "$request.path.sub"}, "requestBody": {"receipts": [receipt]}},
+        "SubscriptionNack": {"operationId": "subscriptionNack", "description": "give the first message received back",
+            "parameters": {"stream": "$request.path.stream", "sub": "$request.path.sub"}, "requestBody": {"receipts": [receipt]}},
+    });
+    let sub_missing = Fails {
+        bad: true,
+        not_found: true,
+        ..Fails::default()
+    };
+    let put_subscription = with_body(
+        operation(
+            "putSubscription",
+            "Create a work-queue subscription on a stream (201: its own log and a view of every partition, in one write) or change its configuration (200); it delivers every record of the stream from its start as a queue does, independently of other subscriptions and of consumer groups",
+            responses(&[
+                (201, ok_json("created", "Subscription")),
+                (200, ok_json("changed (or unchanged)", "Subscription")),
+            ]),
+            Fails {
+                bad: true,
+                not_found: true,
+                conflict: true,
+                writes: true,
+                ..body
+            },
+        ),
+        "PutSubscriptionRequest",
+        false,
+        "no body is {}: a new subscription at earliest with the defaults, or no change",
+    );
+    let sub_receive = {
+        let mut op = receive.clone();
+        op["operationId"] = json!("subscriptionReceive");
+        op["summary"] = json!(
+            "Lease up to max of the subscription's messages (each names its partition and offset), waiting up to wait_ms for the first"
+        );
+        op
+    };
+    let sub_settle = |id: &str, summary: &str, schema: &str, writes: bool| {
+        let mut op = settle(id, summary, schema, writes);
+        op["operationId"] = json!(id);
+        op
+    };
+
     let group_param =
         json!([{"name": "group", "in": "path", "required": true, "schema": queue_name()}]);
     let member_params = json!([
@@ -1153,7 +1251,23 @@ pub fn document(limits: &Limits) -> Value {
         op
     };
 
-    json!({
+    let subscription_paths = json!({
+            "/v1/subscriptions": {"get": operation("listAllSubscriptions", "Every stream's subscriptions (by stream, then name)", responses(&[(200, ok_json("the subscriptions", "SubscriptionList"))]), Fails::default())},
+            "/v1/streams/{stream}/subscriptions": {"parameters": stream_param,
+                "get": operation("listSubscriptions", "A stream's subscriptions (by name)", responses(&[(200, ok_json("the subscriptions", "SubscriptionList"))]), queue_missing)},
+            "/v1/streams/{stream}/subscriptions/{sub}": {"parameters": sub_params,
+                "put": with_links(put_subscription, &[200, 201], &on_subscription),
+                "get": operation("getSubscription", "A subscription: its configuration, stats and place in each partition", responses(&[(200, ok_json("the subscription", "Subscription"))]), sub_missing),
+                "delete": operation("deleteSubscription", "Delete a subscription (the stream and its other readers are untouched; leased messages' receipts go invalid)", responses(&[(204, json!({"description": "deleted"}))]), Fails {writes: true, ..sub_missing})},
+            "/v1/streams/{stream}/subscriptions/{sub}/receive": {"parameters": sub_params, "post": with_links(sub_receive, &[200], &on_sub_received)},
+            "/v1/streams/{stream}/subscriptions/{sub}/ack": {"parameters": sub_params, "post": sub_settle("subscriptionAck", "Acknowledge by receipt: settled for good in this subscription", "AckRequest", true)},
+            "/v1/streams/{stream}/subscriptions/{sub}/nack": {"parameters": sub_params, "post": sub_settle("subscriptionNack", "Give back by receipt: delivered again after delay_ms or the backoff, or dead-lettered after max_deliveries", "NackRequest", false)},
+            "/v1/streams/{stream}/subscriptions/{sub}/extend": {"parameters": sub_params, "post": sub_settle("subscriptionExtend", "Extend leases to lease_ms from now", "ExtendRequest", false)},
+            "/v1/streams/{stream}/subscriptions/{sub}/purge": {"parameters": sub_params,
+                "post": operation("purgeSubscription", "Settle everything the subscription has not (leased messages too: their receipts go stale); the stream keeps its records", responses(&[(200, ok_json("how many were settled", "Purged"))]), Fails {writes: true, ..sub_missing})},
+    });
+
+    let mut document = json!({
         "openapi": "3.1.0",
         "info": {"title": "tidewater", "version": "1",
             "description": "Durable work queues and streams. Every error is {code, message} (and retry_after_ms with 429 and 507); codes are listed in docs/errors.md. Ranges that depend on the server's limits are this server's. A request body is at most max_request_bytes."},
@@ -1207,7 +1321,12 @@ pub fn document(limits: &Limits) -> Value {
                 "content": {"application/json": {"schema": {"type": "object"}}}}))]), Fails::default())},
         },
         "components": {"schemas": schemas, "responses": components_responses}
-    })
+    });
+    let paths = document["paths"].as_object_mut().expect("an object");
+    for (path, item) in subscription_paths.as_object().expect("an object") {
+        paths.insert(path.clone(), item.clone());
+    }
+    document
 }
 
 #[cfg(test)]

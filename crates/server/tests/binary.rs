@@ -699,3 +699,69 @@ fn settled_replies_index_the_refused_receipts() {
     // The repeat of the first receipt is stale: its lease ended with the first ack.
     assert_eq!(failed, [(1, "invalid_receipt"), (3, "stale_receipt")]);
 }
+
+/// A subscription is consumed through the binary protocol by its `stream/subscription` name
+/// (today's frames, unchanged): every record once, each subscription on its own.
+#[test]
+fn the_client_consumes_a_subscription_by_its_stream_and_name() {
+    let (_dir, server) = server();
+    server.ok("PUT", "/v1/streams/events", Some(json!({"partitions": 3})));
+    let records: Vec<serde_json::Value> = (0..300)
+        .map(|i| json!({"key": format!("k{}", i % 11), "value": format!("event {i}")}))
+        .collect();
+    server.ok(
+        "POST",
+        "/v1/streams/events/records",
+        Some(json!({ "records": records })),
+    );
+    server.ok("PUT", "/v1/streams/events/subscriptions/a", None);
+    server.ok("PUT", "/v1/streams/events/subscriptions/b", None);
+    runtime().block_on(async {
+        let client = Client::new(&server.protocol, quick_options());
+        for name in ["events/a", "events/b"] {
+            let mut consumer = client.consumer(name, ConsumerOptions::default());
+            let mut seen = std::collections::BTreeSet::new();
+            while seen.len() < 300 {
+                let delivery = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+                    .await
+                    .expect("deliveries keep coming")
+                    .unwrap()
+                    .unwrap();
+                // The id names the partition and offset.
+                let (partition, offset) = delivery.id.split_once('-').unwrap();
+                assert!(partition.parse::<u32>().unwrap() < 3 && offset.parse::<u64>().is_ok());
+                assert!(seen.insert(String::from_utf8(delivery.body.clone()).unwrap()));
+                consumer.ack(&delivery);
+            }
+            consumer.flush().await;
+            consumer.close().await;
+        }
+        // A subscription that does not exist is refused with its own code.
+        let mut missing = client.consumer("events/nope", ConsumerOptions::default());
+        let err = tokio::time::timeout(Duration::from_secs(20), missing.next())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("subscription_not_found")
+                || err.to_string().contains("no subscription"),
+            "{err}"
+        );
+    });
+    for sub in ["a", "b"] {
+        let info = server.ok(
+            "GET",
+            &format!("/v1/streams/events/subscriptions/{sub}"),
+            None,
+        );
+        assert_eq!(
+            (
+                info["stats"]["acked"].as_u64(),
+                info["stats"]["total"].as_u64()
+            ),
+            (Some(300), Some(0)),
+            "{info}"
+        );
+    }
+}

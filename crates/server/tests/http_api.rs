@@ -1169,4 +1169,240 @@ fn a_compacted_stream_keeps_the_latest_value_per_key_over_http() {
     );
     server.restart();
     assert_eq!(read_all(&server), all, "the same after a restart");
+    // A subscription from the start delivers what compaction kept, and passes its holes:
+    // once every record is acked nothing is pending, though offsets 0..400 were produced.
+    server.ok("PUT", "/v1/streams/prices/subscriptions/s", None);
+    let mut delivered = 0;
+    for _ in 0..50 {
+        let got = server.ok(
+            "POST",
+            "/v1/streams/prices/subscriptions/s/receive",
+            Some(json!({"max": 1000, "wait_ms": 50})),
+        );
+        let messages = got["messages"].as_array().unwrap();
+        if messages.is_empty() && delivered > 0 {
+            break;
+        }
+        delivered += messages.len();
+        if !messages.is_empty() {
+            server.ok(
+                "POST",
+                "/v1/streams/prices/subscriptions/s/ack",
+                Some(json!({"receipts": crate::support::receipts(messages)})),
+            );
+        }
+    }
+    assert_eq!(delivered, all.len());
+    let sub = server.ok("GET", "/v1/streams/prices/subscriptions/s", None);
+    assert_eq!(sub["partitions"][0]["pending"], 0, "{sub}");
+    assert_eq!(
+        sub["partitions"][0]["floor"], sub["partitions"][0]["end"],
+        "{sub}"
+    );
+}
+
+/// Work-queue subscriptions on a stream over HTTP: create, receive (each message names its
+/// partition and offset), ack, nack, stats per partition, list, errors, delete, restart; a
+/// subscription on a compacted stream passes the holes compaction left.
+#[test]
+fn subscriptions_over_http() {
+    let (_dir, mut server) = server();
+    server.ok("PUT", "/v1/streams/orders", Some(json!({"partitions": 2})));
+    let records: Vec<Value> = (0..10)
+        .map(|i| json!({"key": format!("acct-{}", i % 3), "value": format!("order {i}")}))
+        .collect();
+    server.ok(
+        "POST",
+        "/v1/streams/orders/records",
+        Some(json!({ "records": records })),
+    );
+    let base = "/v1/streams/orders/subscriptions";
+    // Errors first: each says what is wrong.
+    server.err(
+        "GET",
+        &format!("{base}/billing"),
+        None,
+        404,
+        "subscription_not_found",
+    );
+    server.err(
+        "PUT",
+        "/v1/streams/nope/subscriptions/billing",
+        None,
+        404,
+        "stream_not_found",
+    );
+    server.err(
+        "PUT",
+        &format!("{base}/billing"),
+        Some(json!({"supersede": true})),
+        400,
+        "invalid_config",
+    );
+    server.err(
+        "PUT",
+        &format!("{base}/billing"),
+        Some(json!({"start": "soon"})),
+        400,
+        "invalid_config",
+    );
+    server.err(
+        "PUT",
+        &format!("{base}/{}", "x".repeat(250)),
+        None,
+        400,
+        "invalid_subscription_name",
+    );
+    let (status, created) = server
+        .try_call(
+            "PUT",
+            &format!("{base}/billing"),
+            Some(&json!({"key_concurrency": 1})),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["stream"], "orders");
+    assert_eq!(created["stats"]["total"], 10);
+    assert_eq!(created["partitions"].as_array().unwrap().len(), 2);
+    let (status, same) = server
+        .try_call("PUT", &format!("{base}/billing"), None)
+        .unwrap();
+    assert_eq!((status, &same["config"]), (200, &created["config"]));
+    server.err(
+        "PUT",
+        &format!("{base}/billing"),
+        Some(json!({"start": "latest"})),
+        409,
+        "config_conflict",
+    );
+    server.ok(
+        "PUT",
+        &format!("{base}/audit"),
+        Some(json!({"start": "latest"})),
+    );
+
+    // One message per account at a time (key_concurrency 1), from both partitions.
+    let got = server.ok(
+        "POST",
+        &format!("{base}/billing/receive"),
+        Some(json!({"max": 100})),
+    );
+    let messages = got["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 3, "{got}");
+    for m in messages {
+        assert!(m["partition"].as_u64().unwrap() < 2, "{m}");
+        assert!(m["offset"].is_u64() && m["receipt"].is_string(), "{m}");
+        assert!(m["body"].as_str().unwrap().starts_with("order "), "{m}");
+        let id = m["id"].as_str().unwrap();
+        assert_eq!(id, format!("{}-{}", m["partition"], m["offset"]), "{m}");
+    }
+    let nacked = server.ok(
+        "POST",
+        &format!("{base}/billing/nack"),
+        Some(
+            json!({"receipts": [messages[0]["receipt"]], "delay_ms": 0, "error": "card declined"}),
+        ),
+    );
+    assert_eq!(nacked["ok"], 1);
+    let acked = server.ok(
+        "POST",
+        &format!("{base}/billing/ack"),
+        Some(json!({"receipts": receipts(&messages[1..])})),
+    );
+    assert_eq!(acked["ok"], 2);
+    // A receipt of a queue or another subscription is invalid here.
+    let wrong = server.ok(
+        "POST",
+        &format!("{base}/audit/ack"),
+        Some(json!({"receipts": [messages[0]["receipt"]]})),
+    );
+    assert_eq!(wrong["failed"][0]["code"], "invalid_receipt");
+    let info = server.ok("GET", &format!("{base}/billing"), None);
+    assert_eq!(
+        (
+            info["stats"]["acked"].as_u64(),
+            info["stats"]["total"].as_u64()
+        ),
+        (Some(2), Some(8))
+    );
+    let pending: u64 = info["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pending"].as_u64().unwrap())
+        .sum();
+    assert_eq!(pending, 8);
+    let listed = server.ok("GET", base, None);
+    let names: Vec<&str> = listed["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["audit", "billing"]);
+    assert_eq!(
+        server.ok("GET", "/v1/subscriptions", None)["subscriptions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(
+        server.ok("GET", "/v1/queues", None)["queues"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "subscriptions are not queues"
+    );
+
+    server.restart();
+    let info = server.ok("GET", &format!("{base}/billing"), None);
+    assert_eq!(info["stats"]["total"], 8, "{info}");
+    let mut left = 0;
+    for _ in 0..20 {
+        let got = server.ok(
+            "POST",
+            &format!("{base}/billing/receive"),
+            Some(json!({"max": 100, "wait_ms": 100})),
+        );
+        let messages = got["messages"].as_array().unwrap();
+        left += messages.len();
+        if !messages.is_empty() {
+            server.ok(
+                "POST",
+                &format!("{base}/billing/ack"),
+                Some(json!({"receipts": receipts(messages)})),
+            );
+        }
+        if left == 8 {
+            break;
+        }
+    }
+    assert_eq!(left, 8);
+    assert_eq!(
+        server.ok("GET", &format!("{base}/billing"), None)["stats"]["total"],
+        0
+    );
+    let purged = server.ok("POST", &format!("{base}/audit/purge"), None);
+    assert_eq!(purged["purged"], 0);
+    let (status, _) = server
+        .try_call("DELETE", &format!("{base}/billing"), None)
+        .unwrap();
+    assert_eq!(status, 204);
+    server.err(
+        "POST",
+        &format!("{base}/billing/receive"),
+        None,
+        404,
+        "subscription_not_found",
+    );
+    // The stream is untouched by all of it.
+    let stream = server.ok("GET", "/v1/streams/orders", None);
+    let ends: u64 = stream["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["end_offset"].as_u64().unwrap())
+        .sum();
+    assert_eq!(ends, 10);
 }

@@ -291,6 +291,12 @@ impl Broker {
             .ok_or_else(|| BrokerError::subscription_not_found(&stream.name, sub))
     }
 
+    /// Whether `name` names a queue or a subscription that can be received from (the
+    /// binary protocol's Subscribe checks this before it confirms).
+    pub fn check_receivable(&self, name: &str) -> Result<(), BrokerError> {
+        self.resolve(name).map(|_| ())
+    }
+
     fn subscription(&self, stream: &str, sub: &str) -> Result<Arc<QueueHandle>, BrokerError> {
         let stream = self.stream(stream)?;
         stream

@@ -110,12 +110,22 @@ pub struct SubscriptionPatch {
 impl SubscriptionPatch {
     /// Parses a JSON body: the fields of a queue configuration patch, and `start`.
     pub fn from_json(body: &[u8]) -> Result<Self, BrokerError> {
-        let invalid =
-            |e: serde_json::Error| BrokerError::new(ErrorCode::InvalidConfig, e.to_string());
-        let mut value: serde_json::Value = if body.is_empty() {
+        let value: serde_json::Value = if body.is_empty() {
             serde_json::Value::Object(Default::default())
         } else {
-            serde_json::from_slice(body).map_err(invalid)?
+            serde_json::from_slice(body)
+                .map_err(|e| BrokerError::new(ErrorCode::InvalidConfig, e.to_string()))?
+        };
+        Self::from_value(value)
+    }
+
+    /// As `from_json`, from a parsed JSON value.
+    pub fn from_value(mut value: serde_json::Value) -> Result<Self, BrokerError> {
+        let invalid = |e: serde_json::Error| {
+            BrokerError::new(
+                ErrorCode::InvalidConfig,
+                format!("subscription configuration: {e}"),
+            )
         };
         let Some(object) = value.as_object_mut() else {
             return Err(BrokerError::new(
