@@ -33,6 +33,8 @@ stands. The rules (each is also in the document's descriptions):
   many integers, and an integer field refuses it (400; README: write an integer as one);
 - the queue's state: a batch larger than the queue's whole capacity (max_messages, max_bytes:
   its configuration, which the stateful phase may have set to 1) is 413 exceeds_capacity;
+- names across fields: a subscription's stream and subscription names together are at most
+  254 bytes (consumers name it stream/subscription, a binary frame's name);
 - the stream's state: a fetch from an offset past its partition's end is 400
   offset_out_of_range (the reply names the end, checked against the offset asked); a
   record without a key produced to a compacted stream (its configuration, which the stateful
@@ -346,4 +348,12 @@ def filter_failure(context, failure, case, response) -> bool:
     if label == "PUT /v1/queues/{queue}" and code == "invalid_config":
         if _config_rule_broken(request, message):
             return _excuse("put queue: " + message.split(",")[0])
+    if label == "PUT /v1/streams/{stream}/subscriptions/{sub}" and code == "invalid_config":
+        if _config_rule_broken(request, message):
+            return _excuse("put subscription: " + message.split(",")[0])
+    if "/subscriptions/{sub}" in label and code == "invalid_subscription_name":
+        params = case.path_parameters or {}
+        stream, sub = str(params.get("stream", "")), str(params.get("sub", ""))
+        if len(stream.encode()) + 1 + len(sub.encode()) > 255:
+            return _excuse("subscription: stream and subscription names over 254 bytes together")
     return True

@@ -9,7 +9,7 @@ use tidewater_core::harness::{Harness, HarnessOptions};
 use tidewater_core::queue::Delivery;
 use tidewater_core::stream::config::StreamPatch;
 use tidewater_core::stream::records::NewStreamRecord;
-use tidewater_core::stream::subscription::{SubscriptionPatch, SubscriptionStart};
+use tidewater_core::stream::subscription::SubscriptionPatch;
 use tidewater_core::{AckLevel, Broker, ErrorCode, NackReason};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -285,7 +285,6 @@ fn a_subscription_starts_at_earliest_latest_or_a_time_and_keeps_its_place() {
         assert_eq!(names, ["all", "new", "since"]);
         // Subscriptions are not queues.
         assert!(b.list_queues().iter().all(|q| !q.name.contains('/')));
-        let _ = SubscriptionStart::Earliest;
     });
 }
 

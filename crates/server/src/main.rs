@@ -5,6 +5,7 @@ mod bench;
 mod binary;
 mod cli;
 mod cli_streams;
+mod cli_subscriptions;
 mod client;
 mod errors;
 mod http;
@@ -78,6 +79,10 @@ enum Commands {
     /// List, describe, reset the offsets of, and delete consumer groups.
     #[command(subcommand)]
     Group(cli_streams::GroupCommand),
+    /// Create, list, inspect, configure and delete work-queue subscriptions on streams
+    /// (consume one with `tidewater consume STREAM/SUBSCRIPTION`).
+    #[command(subcommand)]
+    Subscription(cli_subscriptions::SubscriptionCommand),
     /// Benchmark publish and receive+ack over HTTP (starts its own server unless --target URL).
     Bench(bench::BenchArgs),
     /// Replay an incident without and with the policy that answers it (simulated time).
@@ -136,6 +141,9 @@ fn main() {
                     Commands::Produce(a) => cli_streams::produce(&client, a, cli.json),
                     Commands::Fetch(a) => cli_streams::fetch(&client, a, cli.json),
                     Commands::Group(c) => cli_streams::group(&client, c, cli.json),
+                    Commands::Subscription(c) => {
+                        cli_subscriptions::subscription(&client, c, cli.json)
+                    }
                     Commands::Serve(_) | Commands::Bench(_) | Commands::Scenario(_) => {
                         unreachable!()
                     }

@@ -1,7 +1,8 @@
 //! Prometheus metrics. Labels are the queue name (bounded by `max_queues`), for
 //! refusals a fixed set of reasons, and for quota refusals at most 20 tenants per queue
-//! plus "other"; for streams and groups their names (bounded by `max_streams` and
-//! `max_groups`): never a message id, key or partition.
+//! plus "other"; for streams, groups and subscriptions their names (bounded by
+//! `max_streams`, `max_groups` and `max_subscriptions`): never a message id or key, and
+//! partitions only in the series capped by `max_partition_metrics`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -691,6 +692,150 @@ fn encode_streams(
                 family.encode_family(&GroupStreamLabel {
                     group: lag.group.clone(),
                     stream: lag.stream.clone(),
+                })?,
+            )?;
+        }
+    }
+    encode_subscriptions(broker, encoder)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubscriptionLabel {
+    stream: String,
+    subscription: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubscriptionPartitionLabel {
+    stream: String,
+    subscription: String,
+    partition: u32,
+}
+
+/// Work-queue subscriptions: the queue figures under `tidewater_subscription_*`, labelled
+/// by stream and subscription (bounded by `max_subscriptions`); per partition only
+/// `subscription_pending`, at most `max_partition_metrics` series.
+fn encode_subscriptions(
+    broker: &Broker,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    let Ok(subs) = broker.list_subscriptions(None) else {
+        return Ok(());
+    };
+    type SubStat = (
+        &'static str,
+        &'static str,
+        fn(&tidewater_core::broker::SubscriptionInfo) -> u64,
+    );
+    let label = |s: &tidewater_core::broker::SubscriptionInfo| SubscriptionLabel {
+        stream: s.stream.clone(),
+        subscription: s.name.clone(),
+    };
+    let gauges: [SubStat; 5] = [
+        (
+            "subscription_depth",
+            "Messages of the subscription ready for delivery",
+            |s| s.stats.depth,
+        ),
+        (
+            "subscription_in_flight",
+            "Messages of the subscription leased to consumers",
+            |s| s.stats.in_flight,
+        ),
+        (
+            "subscription_delayed",
+            "Messages of the subscription waiting for a retry",
+            |s| s.stats.delayed,
+        ),
+        (
+            "subscription_messages",
+            "Records of the stream the subscription has not settled (ready, in flight and delayed)",
+            |s| s.stats.total,
+        ),
+        (
+            "subscription_oldest_age_ms",
+            "Age of the subscription's oldest unsettled record in milliseconds (by its timestamp)",
+            |s| s.stats.oldest_age_ms,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for sub in &subs {
+            ConstGauge::new(value(sub).min(i64::MAX as u64) as i64)
+                .encode(family.encode_family(&label(sub))?)?;
+        }
+    }
+    let counters: [SubStat; 7] = [
+        (
+            "subscription_delivered",
+            "Deliveries of the subscription (first and repeated)",
+            |s| s.stats.delivered,
+        ),
+        (
+            "subscription_acked",
+            "Messages of the subscription acknowledged",
+            |s| s.stats.acked,
+        ),
+        (
+            "subscription_nacked",
+            "Messages of the subscription negatively acknowledged",
+            |s| s.stats.nacked,
+        ),
+        (
+            "subscription_expired",
+            "Leases of the subscription that ran out",
+            |s| s.stats.expired,
+        ),
+        (
+            "subscription_dead_lettered",
+            "Messages of the subscription moved to its dead-letter queue",
+            |s| s.stats.dead_lettered,
+        ),
+        (
+            "subscription_ttl_expired",
+            "Messages of the subscription older than its ttl_ms",
+            |s| s.stats.ttl_expired,
+        ),
+        (
+            "subscription_retention_expired",
+            "Records the subscription had not settled when retention deleted them",
+            |s| s.retention_expired,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for sub in &subs {
+            ConstCounter::new(value(sub)).encode(family.encode_family(&label(sub))?)?;
+        }
+    }
+    let cap = broker.limits().max_partition_metrics;
+    if cap > 0 {
+        let mut family = encoder.encode_descriptor(
+            "subscription_pending",
+            "Offsets of a partition the subscription has not settled; at most [limits] max_partition_metrics series, by stream, subscription, partition",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        let series = subs
+            .iter()
+            .flat_map(|s| s.partitions.iter().map(move |p| (s, p)))
+            .take(cap);
+        for (sub, p) in series {
+            ConstGauge::new(p.pending.min(i64::MAX as u64) as i64).encode(
+                family.encode_family(&SubscriptionPartitionLabel {
+                    stream: sub.stream.clone(),
+                    subscription: sub.name.clone(),
+                    partition: p.partition,
                 })?,
             )?;
         }

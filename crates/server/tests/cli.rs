@@ -1357,3 +1357,147 @@ fn stream_create_does_not_change_an_existing_stream() {
     let info = server.ok("GET", "/v1/streams/s", None);
     assert_eq!(info["config"]["partitions"], 2, "unchanged: {info}");
 }
+
+/// Subscriptions as a newcomer uses them: create one on a stream, consume it by
+/// STREAM/SUBSCRIPTION, see its stats per partition, change it, purge and delete it.
+#[test]
+fn subscriptions_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    let (code, _, err) = run(
+        &server,
+        &["stream", "create", "orders", "--partitions", "2"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: String = (0..20).map(|i| format!("order {i}\n")).collect();
+    let (code, _, err) = run(&server, &["produce", "orders"], Some(&lines));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(
+        &server,
+        &[
+            "subscription",
+            "create",
+            "orders/billing",
+            "--set",
+            "key_concurrency=1",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("20 messages") && out.contains("tidewater consume orders/billing"),
+        "{out}"
+    );
+    // A create of one that exists changes nothing and says how to change it.
+    let (code, _, err) = run(&server, &["subscription", "create", "orders/billing"], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("subscription config"), "{err}");
+    // Names are STREAM/SUBSCRIPTION; a missing one is 404 (exit 3).
+    let (code, _, err) = run(&server, &["subscription", "stats", "billing"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("STREAM/SUBSCRIPTION"), "{err}");
+    let (code, _, err) = run(&server, &["subscription", "stats", "orders/nope"], None);
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = run(
+        &server,
+        &[
+            "subscription",
+            "create",
+            "orders/late",
+            "--start",
+            "not-a-time",
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(
+        &server,
+        &["subscription", "create", "orders/late", "--start", "latest"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let (code, out, err) = run(
+        &server,
+        &[
+            "consume",
+            "orders/billing",
+            "--max",
+            "20",
+            "--wait-ms",
+            "1000",
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let consumed = json_lines(&out);
+    assert_eq!(consumed.len(), 20, "{out}");
+    let (code, out, err) = run(&server, &["subscription", "stats", "orders/billing"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("0 to deliver") && out.contains("20 acked"),
+        "{out}"
+    );
+    assert!(
+        out.contains("PARTITION") && out.contains("FLOOR") && out.contains("PENDING"),
+        "{out}"
+    );
+    let (code, out, err) = run(&server, &["subscription", "list"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("orders/billing") && out.contains("orders/late"),
+        "{out}"
+    );
+    let (code, out, err) = run(&server, &["subscription", "list", "orders", "--json"], None);
+    assert_eq!(code, 0, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["subscriptions"].as_array().unwrap().len(), 2);
+    let (code, _, err) = run(
+        &server,
+        &[
+            "subscription",
+            "config",
+            "orders/billing",
+            "--set",
+            "lease_ms=5000",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(
+        &server,
+        &["subscription", "config", "orders/billing", "--json"],
+        None,
+    );
+    assert_eq!(code, 0);
+    let config: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            config["lease_ms"].as_u64(),
+            config["key_concurrency"].as_u64()
+        ),
+        (Some(5000), Some(1))
+    );
+    let (code, _, err) = run(
+        &server,
+        &[
+            "subscription",
+            "config",
+            "orders/billing",
+            "--set",
+            "supersede=true",
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "invalid_config is a 400: {err}");
+    run(&server, &["produce", "orders"], Some("one more\n"));
+    let (code, out, err) = run(&server, &["subscription", "purge", "orders/late"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("purged 1"), "{out}");
+    let (code, _, err) = run(&server, &["subscription", "delete", "orders/late"], None);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, _) = run(&server, &["subscription", "stats", "orders/late"], None);
+    assert_eq!(code, 3);
+}

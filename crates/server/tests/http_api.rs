@@ -1379,10 +1379,20 @@ fn subscriptions_over_http() {
         }
     }
     assert_eq!(left, 8);
-    assert_eq!(
-        server.ok("GET", &format!("{base}/billing"), None)["stats"]["total"],
-        0
-    );
+    let billing = server.ok("GET", &format!("{base}/billing"), None);
+    assert_eq!(billing["stats"]["total"], 0);
+    let metrics = crate::support::metrics_text(&server.url);
+    for series in [
+        format!(
+            "tidewater_subscription_acked_total{{stream=\"orders\",subscription=\"billing\"}} {}",
+            billing["stats"]["acked"]
+        ),
+        "tidewater_subscription_messages{stream=\"orders\",subscription=\"billing\"} 0".into(),
+        "tidewater_subscription_pending{stream=\"orders\",subscription=\"billing\",partition=\"1\"} 0".into(),
+        "tidewater_subscription_retention_expired_total{stream=\"orders\",subscription=\"audit\"} 0".into(),
+    ] {
+        assert!(metrics.contains(&series), "{series} in:\n{metrics}");
+    }
     let purged = server.ok("POST", &format!("{base}/audit/purge"), None);
     assert_eq!(purged["purged"], 0);
     let (status, _) = server

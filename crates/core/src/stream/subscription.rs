@@ -7,8 +7,6 @@
 //! `#sub/T/S/<p>` (source `p + 1`). Consumers name it `T/S` wherever they name a queue
 //! (queue names cannot hold `/`).
 
-use serde::Deserialize;
-
 use crate::config::{ConfigPatch, Limits, MAX_QUEUE_NAME_LEN, QueueConfig, validate_name};
 use crate::error::{BrokerError, ErrorCode};
 
@@ -86,7 +84,7 @@ pub fn validate_subscription_name(stream: &str, sub: &str) -> Result<(), BrokerE
 }
 
 /// Where a new subscription starts, on every partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SubscriptionStart {
     /// Every record the stream holds.
@@ -97,6 +95,20 @@ pub enum SubscriptionStart {
     /// The first record of each partition at or after this time (ms since the epoch).
     #[serde(untagged)]
     Time { time: i64 },
+}
+
+impl SubscriptionStart {
+    /// `"earliest"`, `"latest"` or `{"time": <ms>}` (nothing else in the object).
+    pub fn from_value(value: &serde_json::Value) -> Option<SubscriptionStart> {
+        match value {
+            serde_json::Value::String(s) if s == "earliest" => Some(SubscriptionStart::Earliest),
+            serde_json::Value::String(s) if s == "latest" => Some(SubscriptionStart::Latest),
+            serde_json::Value::Object(map) if map.len() == 1 => Some(SubscriptionStart::Time {
+                time: map.get("time")?.as_i64()?,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// A subscription create or change: the queue settings a subscription takes, and (at
@@ -135,10 +147,12 @@ impl SubscriptionPatch {
         };
         let start = match object.remove("start") {
             None => None,
-            Some(start) => Some(serde_json::from_value(start).map_err(|_| {
+            Some(start) => Some(SubscriptionStart::from_value(&start).ok_or_else(|| {
                 BrokerError::new(
                     ErrorCode::InvalidConfig,
-                    "start must be \"earliest\", \"latest\" or {\"time\": <ms since the epoch>}",
+                    format!(
+                        "start must be \"earliest\", \"latest\" or {{\"time\": <ms since the epoch>}}, got {start}"
+                    ),
                 )
             })?),
         };
