@@ -214,6 +214,64 @@ fn nacks_retry_and_max_deliveries_dead_letter_with_the_subscriptions_name() {
             let id = String::from_utf8(d.record.id.to_vec()).unwrap();
             assert!(id.contains('-'), "{id}");
         }
+        // Give them back, then redrive: by default each goes back to its source, here the
+        // subscription (into its own log: the stream and other subscriptions do not see
+        // them again).
+        let receipts: Vec<String> = dlq.iter().map(|d| d.receipt.clone()).collect();
+        b.nack(
+            "orders.billing-dlq",
+            &receipts,
+            Some(0),
+            None,
+            NackReason::Failed,
+        )
+        .await
+        .unwrap();
+        b.put_subscription("orders", "other", &sub("{}"))
+            .await
+            .unwrap();
+        let other_before = b.get_subscription("orders", "other").unwrap().stats.total;
+        let redrive = |to: Option<&str>| tidewater_core::RedriveRequest {
+            to: to.map(str::to_string),
+            rate_per_s: 1_000,
+            max: 0,
+            key: None,
+            error_contains: None,
+        };
+        let started = b
+            .start_redrive("orders.billing-dlq", redrive(None))
+            .unwrap();
+        for _ in 0..500 {
+            if b.redrive_progress(&started.id).unwrap().state != "running" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let progress = b.redrive_progress(&started.id).unwrap();
+        assert_eq!(
+            (progress.state, progress.moved),
+            ("done", 4),
+            "{progress:?}"
+        );
+        let back = drain(b, "orders/billing", 10).await;
+        assert_eq!(back.len(), 4);
+        assert!(
+            back.iter().all(|d| d.source == 0),
+            "from the subscription's own log"
+        );
+        let mut bodies: Vec<String> = back.iter().map(body).collect();
+        bodies.sort();
+        assert_eq!(bodies, values(0..4, "o"));
+        ack(b, "orders/billing", &back).await;
+        assert_eq!(
+            b.get_subscription("orders", "other").unwrap().stats.total,
+            other_before
+        );
+        // An explicit target may name a subscription too; one that does not exist is refused.
+        let err = b
+            .start_redrive("orders.billing-dlq", redrive(Some("orders/nope")))
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::SubscriptionNotFound);
     });
 }
 

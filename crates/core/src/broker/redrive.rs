@@ -74,7 +74,9 @@ impl Broker {
             return Err(BrokerError::invalid("rate_per_s must be 1..=100000"));
         }
         if let Some(to) = &req.to {
-            self.queue(to)?;
+            // A queue, or a subscription (`stream/subscription`: into its own log, so only
+            // it sees the messages again).
+            self.resolve(to)?;
             if to == dlq {
                 return Err(BrokerError::new(
                     ErrorCode::ConfigConflict,
@@ -258,7 +260,7 @@ impl Broker {
             }
             let mut moved = 0;
             for (target_name, records) in by_target {
-                let Ok(target) = self.queue(&target_name) else {
+                let Ok(target) = self.resolve(&target_name) else {
                     skipped += records.len() as u64;
                     continue;
                 };
