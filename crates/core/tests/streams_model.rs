@@ -672,8 +672,8 @@ async fn check_subscriptions(
         prop_assert_eq!(info.stats.dead_lettered, model.dead);
         prop_assert_eq!(info.stats.acked, model.acked);
     }
-    for i in 0..SUBS.len() {
-        let dlq = format!("{STREAM}.{}-dlq", SUBS[i]);
+    for (i, sub) in SUBS.iter().enumerate() {
+        let dlq = format!("{STREAM}.{sub}-dlq");
         let dead = b.get_queue(&dlq).map_or(0, |q| q.stats.total);
         prop_assert_eq!(dead, m.dead_lettered[i], "step {}: {}", step, dlq);
     }
