@@ -24,7 +24,11 @@
 //! now and then, power cuts included: every record in it is one produced, at the offset
 //! its produce answered, once, and each key's last record is its latest acknowledged one or
 //! later (a tombstone may be gone once its horizon passed, with every older record of its
-//! key).
+//! key). A work-queue subscription on the stream (3 deliveries, then its dead-letter queue)
+//! is received from, acked and nacked, its leases expire, retention deletes under it: after
+//! each recovery every record the stream holds is, for the subscription, acked (never back)
+//! or deliverable or in its dead-letter queue, exactly once across the two (a dead-letter
+//! move is one journal group), and nothing it delivers was never produced.
 //!
 //!     SIM_SEEDS=2000 cargo test -p tidewater-core --release --test powerloss -- --nocapture
 //!     SIM_SEED=5 cargo test -p tidewater-core --test powerloss -- --nocapture
@@ -53,6 +57,9 @@ const PARTITIONS: u32 = 3;
 /// A compacted stream (one partition): records of a few keys, some tombstones.
 const COMPACTED: &str = "ct";
 const COMPACTED_KEYS: u64 = 4;
+/// A work-queue subscription on `STREAM`, and its dead-letter queue.
+const SUB: &str = "st/w";
+const SUB_DLQ: &str = "st.w-dlq";
 
 fn body(id: &str) -> Vec<u8> {
     format!("body of {id}").into_bytes()
@@ -133,6 +140,12 @@ struct Run {
     cuts_in_compaction: u64,
     /// Checks that found a partition whose start retention had moved (the sim exercises it).
     retained_away: u64,
+    /// The subscription: records it acked ("partition-offset", as its deliveries' ids), an
+    /// ack in flight at the cut; records found in its dead-letter queue at checks.
+    sub_acked: BTreeSet<String>,
+    sub_in_flight: Vec<String>,
+    sub_maybe: BTreeSet<String>,
+    sub_dead_seen: u64,
     history: Vec<String>,
     power_losses: u64,
     duplicates_after_moves: u64,
@@ -317,7 +330,10 @@ impl Run {
         }
         let have: BTreeSet<String> = queues
             .iter()
-            .filter(|n| n.starts_with('s'))
+            .filter(|n| {
+                n.strip_prefix('s')
+                    .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+            })
             .cloned()
             .collect();
         if have != want {
@@ -430,7 +446,110 @@ impl Run {
             }
         }
         self.commits_must = now;
-        self.check_compacted().await
+        self.check_compacted().await?;
+        self.check_subscription().await
+    }
+
+    /// The subscription's invariants (after the stream's, whose present records are in
+    /// `stream_must` now): every record the stream holds is acked (and not delivered
+    /// again), or deliverable, or in the dead-letter queue, once across the two; nothing
+    /// delivered or dead-lettered is unknown. Receives everything it may deliver (the
+    /// leases stay for the steps to come).
+    async fn check_subscription(&mut self) -> Result<(), Failure> {
+        let info = self
+            .broker()
+            .get_subscription(STREAM, "w")
+            .map_err(|e| format!("the subscription is gone: {e}"))?;
+        let mut found: BTreeMap<String, &'static str> = BTreeMap::new();
+        loop {
+            let got = self
+                .broker()
+                .receive(SUB, 100, 0, None)
+                .await
+                .map_err(|e| format!("receive {SUB}: {e}"))?;
+            if got.is_empty() {
+                break;
+            }
+            for d in got {
+                let id = record_id(&d.record);
+                let at = format!("{}-{}", d.source.wrapping_sub(1), d.record.offset);
+                if id != at {
+                    return Err(format!("{SUB}: delivery {id} came from {at}"));
+                }
+                if found.insert(id.clone(), SUB).is_some() {
+                    return Err(format!("{SUB}: {id} delivered twice at once"));
+                }
+                self.leases.push((SUB.to_string(), d.receipt, id));
+            }
+        }
+        let mut from = 0;
+        loop {
+            let page = match self.broker().peek(SUB_DLQ, from, 1_000) {
+                Ok(page) => page,
+                Err(_) => break, // not made yet: nothing was dead-lettered
+            };
+            let Some(last) = page.last() else { break };
+            from = last.record.offset + 1;
+            for p in page {
+                let id = record_id(&p.record);
+                if let Some(other) = found.insert(id.clone(), SUB_DLQ) {
+                    return Err(format!(
+                        "{id} is in {SUB_DLQ} and in {other} (half a dead-letter move)"
+                    ));
+                }
+                self.sub_dead_seen += 1;
+            }
+        }
+        self.broker().debug_check_consistency();
+        self.note(format!("check {SUB}: {} found", found.len()));
+        let maybe = std::mem::take(&mut self.sub_maybe);
+        let held: BTreeMap<String, String> = self
+            .stream_must
+            .iter()
+            .map(|(id, (p, offset))| (format!("{p}-{offset}"), id.clone()))
+            .collect();
+        for (at, record) in &held {
+            let acked = self.sub_acked.contains(at);
+            match (acked, found.get(at)) {
+                (true, Some(place)) if !maybe.contains(at) => {
+                    return Err(format!(
+                        "{SUB}: {record} at {at} was acked and is back (in {place})"
+                    ));
+                }
+                (false, None) if !maybe.contains(at) => {
+                    return Err(format!(
+                        "{SUB}: {record} at {at} is in the stream, not acked, and neither deliverable nor dead-lettered ({} unsettled; partitions {:?})",
+                        info.stats.total, info.partitions
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for at in found.keys() {
+            // Below a partition's start (retention) a record is gone from the stream: a
+            // dead-lettered copy may outlive it.
+            let (p, offset) = at.split_once('-').expect("partition-offset");
+            let start = self
+                .stream_starts
+                .get(&p.parse().unwrap_or(u32::MAX))
+                .copied();
+            let below = start.is_some_and(|s| offset.parse::<u64>().unwrap_or(0) < s);
+            if !held.contains_key(at) && !(below && found[at] == SUB_DLQ) {
+                return Err(format!(
+                    "{SUB}: {at} ({}) was never produced, or is gone",
+                    found[at]
+                ));
+            }
+        }
+        // An ack in flight at the cut landed if its record is not found now: acked.
+        for at in &maybe {
+            if !found.contains_key(at) {
+                self.sub_acked.insert(at.clone());
+            }
+        }
+        // Acks of records retention deleted are history now.
+        self.sub_acked.retain(|at| held.contains_key(at));
+        Ok(())
     }
 
     /// The compacted stream's invariants: every record read is one produced, at the offset
@@ -712,7 +831,11 @@ impl Run {
                 }
             }
             Kind::Receive => {
-                let queue = if self.rng.chance(0.8) { Q } else { DLQ };
+                let queue = match self.rng.below(10) {
+                    0..=5 => Q,
+                    6..=8 => SUB,
+                    _ => DLQ,
+                };
                 let max = 1 + self.rng.below(3) as usize;
                 let got = self.broker().receive(queue, max, 0, None).await;
                 self.idle();
@@ -731,10 +854,18 @@ impl Run {
             Kind::Ack => match self.lease() {
                 None => Ok("ack: nothing leased".into()),
                 Some((queue, receipt, id)) => {
-                    in_flight.push(id.clone());
+                    if queue == SUB {
+                        self.sub_in_flight.push(id.clone());
+                    } else {
+                        in_flight.push(id.clone());
+                    }
                     let result = self.broker().ack(&queue, &[receipt]).await;
                     self.idle();
                     match result {
+                        Ok(reply) if reply.ok == 1 && queue == SUB => {
+                            self.sub_acked.insert(id.clone());
+                            Ok(format!("ack {queue} {id}"))
+                        }
                         Ok(reply) if reply.ok == 1 => {
                             self.acked.insert(id.clone());
                             self.must.remove(&id);
@@ -854,8 +985,11 @@ impl Run {
             } else {
                 self.maybe.extend(in_flight);
             }
+            self.sub_maybe
+                .extend(std::mem::take(&mut self.sub_in_flight));
             return Ok(false);
         }
+        self.sub_in_flight.clear();
         self.scratch_in_flight = None;
         Ok(true)
     }
@@ -898,6 +1032,14 @@ impl Run {
         };
         self.broker()
             .put_stream(STREAM, &partitions)
+            .await
+            .map_err(|e| e.to_string())?;
+        let sub = tidewater_core::stream::subscription::SubscriptionPatch::from_json(
+            br#"{"max_deliveries":3,"lease_ms":2000,"backoff":{"base_ms":100,"max_ms":1000}}"#,
+        )
+        .map_err(|e| e.to_string())?;
+        self.broker()
+            .put_subscription(STREAM, "w", &sub)
             .await
             .map_err(|e| e.to_string())?;
         let compacted = StreamPatch {
@@ -962,6 +1104,10 @@ fn run_seed(seed: u64, epochs: u64, steps: u64) -> (Run, Result<(), Failure>) {
         compacted_away: 0,
         cuts_in_compaction: 0,
         retained_away: 0,
+        sub_acked: BTreeSet::new(),
+        sub_in_flight: Vec::new(),
+        sub_maybe: BTreeSet::new(),
+        sub_dead_seen: 0,
         history: Vec::new(),
         power_losses: 0,
         duplicates_after_moves: 0,
@@ -993,7 +1139,7 @@ fn report(run: &Run, failure: &str) -> String {
         .history
         .iter()
         .rev()
-        .take(40)
+        .take(env("SIM_HISTORY").unwrap_or(40) as usize)
         .rev()
         .map(|s| s.as_str())
         .collect();
@@ -1044,7 +1190,7 @@ fn broker_power_losses_never_lose_acknowledged_messages() {
     };
     let started = std::time::Instant::now();
     let (mut losses, mut steps, mut dups, mut retained) = (0, 0, 0, 0);
-    let (mut compacted, mut compaction_cuts) = (0, 0);
+    let (mut compacted, mut compaction_cuts, mut sub_dead) = (0, 0, 0);
     for &seed in &seeds {
         let (run, result) = run_seed(seed, EPOCHS, STEPS);
         if let Err(failure) = result {
@@ -1059,9 +1205,10 @@ fn broker_power_losses_never_lose_acknowledged_messages() {
         retained += run.retained_away;
         compacted += run.compacted_away;
         compaction_cuts += run.cuts_in_compaction;
+        sub_dead += run.sub_dead_seen;
     }
     println!(
-        "{} seeds: {steps} steps, {losses} power losses, {dups} duplicates after a move in flight, {retained} checks after retention moved a start, {compacted} records compacted away, {compaction_cuts} cuts during a compaction, {:.1} s",
+        "{} seeds: {steps} steps, {losses} power losses, {dups} duplicates after a move in flight, {retained} checks after retention moved a start, {compacted} records compacted away, {compaction_cuts} cuts during a compaction, {sub_dead} subscription records seen dead-lettered, {:.1} s",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );
@@ -1077,6 +1224,10 @@ fn broker_power_losses_never_lose_acknowledged_messages() {
         assert!(
             compaction_cuts > 0,
             "no power cut during a compaction: the simulation does not exercise it"
+        );
+        assert!(
+            sub_dead > 0,
+            "the subscription never dead-lettered: the simulation does not exercise it"
         );
     }
 }
