@@ -534,7 +534,7 @@ impl Run {
                 .get(&p.parse().unwrap_or(u32::MAX))
                 .copied();
             let below = start.is_some_and(|s| offset.parse::<u64>().unwrap_or(0) < s);
-            if !held.contains_key(at) && !(below && found[at] == SUB_DLQ) {
+            if !(held.contains_key(at) || below && found[at] == SUB_DLQ) {
                 return Err(format!(
                     "{SUB}: {at} ({}) was never produced, or is gone",
                     found[at]
