@@ -88,6 +88,11 @@ fn each_subscription_gets_every_record_independently_across_restarts() {
         assert!(created);
         assert_eq!(info.partitions.len(), 3);
         assert_eq!(info.stats.total, 60);
+        assert!(
+            info.stats.bytes > 60 * 2,
+            "its partitions' bytes: {}",
+            info.stats.bytes
+        );
         assert_eq!(
             info.config.dead_letter_queue.as_deref(),
             Some("orders.billing-dlq")
@@ -159,6 +164,10 @@ fn each_subscription_gets_every_record_independently_across_restarts() {
         assert_eq!(drain(b, "orders/email", 100).await.len(), 6);
         let info = b.get_subscription("orders", "billing").unwrap();
         assert_eq!(info.stats.total, 6);
+        assert_eq!(
+            info.stats.published, 6,
+            "records that reached it since the restart"
+        );
         assert_eq!(info.partitions.iter().map(|p| p.end).sum::<u64>(), 66);
         b.debug_check_consistency();
     });

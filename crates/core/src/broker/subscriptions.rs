@@ -151,11 +151,8 @@ fn subscription_handle(
     let name = subscription_path(&stream.name, sub);
     let mut logs: Vec<&LogState> = vec![local];
     logs.extend(views.iter());
-    let mut state = QueueState::recover_sources(&name, &logs, config, &records, now_ms)
+    let state = QueueState::recover_sources(&name, &logs, views.len(), config, &records, now_ms)
         .map_err(|e| format!("subscription '{name}': {e}"))?;
-    for index in 1..logs.len() {
-        state.set_source_holes(index);
-    }
     Ok(Arc::new(QueueHandle {
         uid: local.uid,
         name,
@@ -584,7 +581,7 @@ impl Broker {
         let of = handle.subscription.as_ref().expect("a subscription");
         let mut state = handle.state.lock();
         state.refresh_oldest(&handle.reader);
-        let partitions = (1..state.source_count())
+        let partitions: Vec<SubscriptionPartition> = (1..state.source_count())
             .map(|index| {
                 let (floor, end) = state.source_range(index);
                 SubscriptionPartition {
@@ -595,11 +592,28 @@ impl Broker {
                 }
             })
             .collect();
+        let mut stats = state.stats(self.now_ms());
+        drop(state);
+        // Bytes: its own log's backlog, and the partitions' segments from its floor on
+        // (whole segments: at most one segment per partition more than it holds).
+        if let Ok(stream) = self.stream(&of.stream) {
+            for (part, p) in stream.partition_handles_now().iter().zip(&partitions) {
+                let floor = p.floor;
+                stats.bytes += part
+                    .reader
+                    .segments()
+                    .iter()
+                    .filter(|s| s.end > floor)
+                    .map(|s| s.bytes)
+                    .sum::<u64>();
+            }
+        }
+        let state = handle.state.lock();
         SubscriptionInfo {
             stream: of.stream.clone(),
             name: of.sub.clone(),
             config: state.config.clone(),
-            stats: state.stats(self.now_ms()),
+            stats,
             retention_expired: state.counters.retention_expired,
             partitions,
         }

@@ -521,14 +521,20 @@ impl QueueState {
         source: &impl RecordSource,
         now_ms: i64,
     ) -> Result<Self, ReadError> {
-        Self::recover_sources(&log.name, &[log], config, source, now_ms)
+        Self::recover_sources(&log.name, &[log], 0, config, source, now_ms)
     }
 
     /// Rebuilds a state over several recovered logs (source `i` is `logs[i]`; `source`
-    /// reads by position). The ids remembered for deduplication are source 0's.
+    /// reads by position). The ids remembered for deduplication are source 0's. The first
+    /// `logs.len() - with_holes` sources are logs of the state's own (read once for their
+    /// backlog's size and delayed messages); the last `with_holes` are stream partitions,
+    /// whose offsets may hold no record, and which are not read here (their records are
+    /// never delayed, and their size is their segments': a subscription's creation or a
+    /// restart must not read a whole stream).
     pub fn recover_sources(
         name: &str,
         logs: &[&LogState],
+        with_holes: usize,
         config: QueueConfig,
         source: &impl RecordSource,
         now_ms: i64,
@@ -545,6 +551,7 @@ impl QueueState {
                 state.add_source(log.uid);
             }
             state.sources[index].restore(index, log);
+            state.sources[index].holes = index >= logs.len() - with_holes.min(logs.len());
         }
         for (index, log) in logs.iter().enumerate() {
             for (&offset, info) in &log.retries {
@@ -583,7 +590,10 @@ impl QueueState {
             }
         }
         // One pass over the backlog for its size and its delayed messages.
-        for index in 0..logs.len() {
+        let own: Vec<usize> = (0..logs.len())
+            .filter(|&i| !state.sources[i].holes)
+            .collect();
+        for index in own {
             let (mut from, end) = {
                 let src = &state.sources[index];
                 (src.ack_floor, src.visible_end)
@@ -722,10 +732,15 @@ impl QueueState {
         self.set_source_end(0, end);
     }
 
-    /// Source `index`'s durable end moved to offset `end`.
+    /// Source `index`'s durable end moved to offset `end`. For a stream partition, the
+    /// offsets it moved over count as published (records reaching the subscription).
     pub fn set_source_end(&mut self, index: usize, end: u64) {
         let src = &mut self.sources[index];
-        src.visible_end = src.visible_end.max(position(index, end));
+        let end = position(index, end);
+        if src.holes && end > src.visible_end {
+            self.counters.published += end - src.visible_end;
+        }
+        src.visible_end = src.visible_end.max(end);
     }
 
     /// Source 0's durable end (a queue's log).

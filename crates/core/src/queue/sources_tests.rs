@@ -306,9 +306,15 @@ fn a_state_over_several_logs_recovers_positions_and_history() {
     view.settle(&[0..1, 2..3]);
     view.record_retry(1, 0, 3, 1_500, "boom");
     let config = QueueConfig::defaults_for("orders/billing", &Limits::default());
-    let mut q =
-        QueueState::recover_sources("orders/billing", &[&local, &view], config, &reader, 2_000)
-            .unwrap();
+    let mut q = QueueState::recover_sources(
+        "orders/billing",
+        &[&local, &view],
+        1,
+        config,
+        &reader,
+        2_000,
+    )
+    .unwrap();
     assert_eq!(q.unsettled(), 2);
     assert_eq!(q.source_index(11), Some(1));
     let out = q.deliver(&reader, 2_000, 10, 30_000).unwrap();
