@@ -339,7 +339,7 @@ fn a_subscription_starts_at_earliest_latest_or_a_time_and_keeps_its_place() {
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidSubscriptionName);
         let err = b
-            .put_subscription("s", "q", &sub(r#"{"supersede":true}"#))
+            .put_subscription("s", "q", &sub(r#"{"dedup_window_ms":1000}"#))
             .await
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidConfig);
@@ -484,5 +484,83 @@ fn retention_drops_what_a_subscription_left_unsettled_and_counts_it() {
         let info = b.get_subscription("logs", "slow").unwrap();
         let start = b.get_stream("logs").unwrap().partitions[0].start_offset;
         assert_eq!(info.partitions[0].floor, start);
+    });
+}
+
+/// Policies that act when a record arrives work on subscriptions too: supersede cancels a
+/// key's older pending records (whatever partition they are in), coalesce holds records in
+/// their key's window; a restart rebuilds each key's newest under supersede.
+#[test]
+fn supersede_and_coalesce_act_on_records_as_they_arrive() {
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("prices", &stream(2)).await.unwrap();
+        b.put_subscription("prices", "latest", &sub(r#"{"supersede":true}"#))
+            .await
+            .unwrap();
+        b.put_subscription(
+            "prices",
+            "digest",
+            &sub(r#"{"coalesce":{"window_ms":1000,"mode":"merge"}}"#),
+        )
+        .await
+        .unwrap();
+        b.put_subscription("prices", "all", &sub("{}"))
+            .await
+            .unwrap();
+        // Three rounds of five keys.
+        for round in 0..3 {
+            produce(b, "prices", &values(round * 5..round * 5 + 5, "p"), 5).await;
+        }
+        // Supersede: only each key's newest is left to deliver.
+        let latest = drain(b, "prices/latest", 100).await;
+        let mut got: Vec<String> = latest.iter().map(body).collect();
+        got.sort();
+        assert_eq!(got, values(10..15, "p"));
+        let stats = b.get_subscription("prices", "latest").unwrap().stats;
+        assert_eq!((stats.superseded, stats.total), (10, 5));
+        // A newer record cancels the older one even while it is leased (flagged on ack).
+        produce(b, "prices", &values(15..16, "p"), 5).await;
+        let receipts: Vec<String> = latest.iter().map(|d| d.receipt.clone()).collect();
+        let reply = b.ack("prices/latest", &receipts).await.unwrap();
+        assert_eq!(reply.superseded.len(), 1, "{reply:?}");
+        // Coalesce: nothing until the window closes, then one merged message per key,
+        // from the subscription's own log.
+        assert!(drain(b, "prices/digest", 100).await.is_empty());
+        h.advance(1_500).await;
+        let digest = drain(b, "prices/digest", 100).await;
+        // (Each key's window holds three or four records: each becomes one message.)
+        assert_eq!(
+            digest.len(),
+            5,
+            "{:?}",
+            digest.iter().map(body).collect::<Vec<_>>()
+        );
+        for d in &digest {
+            assert_eq!(d.source, 0, "merged into the subscription's own log");
+            assert!(body(d).starts_with("[\"p"), "{}", body(d));
+        }
+        // A subscription without the policies sees every record.
+        assert_eq!(drain(b, "prices/all", 100).await.len(), 16);
+        let receipts: Vec<String> = digest.iter().map(|d| d.receipt.clone()).collect();
+        b.ack("prices/digest", &receipts).await.unwrap();
+        let digest = b.get_subscription("prices", "digest").unwrap().stats;
+        assert_eq!(
+            (digest.total, digest.coalesced_in, digest.coalesced_out),
+            (0, 16, 5)
+        );
+    });
+    h.restart();
+    rt.block_on(async {
+        let b = h.broker();
+        // After a restart, a newer record still supersedes the pending one of its key.
+        produce(b, "prices", &values(16..21, "p"), 5).await;
+        let latest = drain(b, "prices/latest", 100).await;
+        let mut got: Vec<String> = latest.iter().map(body).collect();
+        got.sort();
+        assert_eq!(got, values(16..21, "p"));
+        b.debug_check_consistency();
     });
 }

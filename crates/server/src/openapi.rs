@@ -787,14 +787,7 @@ pub fn document(limits: &Limits) -> Value {
     // Subscriptions: the queue patch without what acts at publish, plus `start`.
     let mut sub_patch = schemas_map["QueueConfigPatch"].clone();
     if let Some(props) = sub_patch["properties"].as_object_mut() {
-        for refused in [
-            "quota",
-            "dedup_window_ms",
-            "max_messages",
-            "max_bytes",
-            "supersede",
-            "coalesce",
-        ] {
+        for refused in ["quota", "dedup_window_ms", "max_messages", "max_bytes"] {
             props.remove(refused);
         }
         props.insert("start".into(), json!({"description": "where a new subscription starts on every partition (create only: a different start on an existing subscription is 409 config_conflict)",
@@ -803,7 +796,7 @@ pub fn document(limits: &Limits) -> Value {
             "default": "earliest"}));
     }
     sub_patch["description"] = json!(
-        "a queue configuration patch (quota, dedup_window_ms, max_messages, max_bytes, supersede and coalesce do not apply to subscriptions: 400 invalid_config), and start"
+        "a queue configuration patch (quota, dedup_window_ms, max_messages and max_bytes act at publish and do not apply to subscriptions: 400 invalid_config), and start"
     );
     schemas_map.insert("SubscriptionPatch".into(), sub_patch);
     schemas_map.insert("PutSubscriptionRequest".into(), json!({

@@ -1487,7 +1487,7 @@ fn subscriptions_from_the_command_line() {
             "config",
             "orders/billing",
             "--set",
-            "supersede=true",
+            "max_messages=5",
         ],
         None,
     );

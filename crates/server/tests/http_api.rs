@@ -1235,7 +1235,7 @@ fn subscriptions_over_http() {
     server.err(
         "PUT",
         &format!("{base}/billing"),
-        Some(json!({"supersede": true})),
+        Some(json!({"quota": {"msgs_per_s": 10}})),
         400,
         "invalid_config",
     );

@@ -12,6 +12,7 @@ use tidewater_storage::format::wrap_kafka_batch;
 use tidewater_storage::{AckLevel, LogReader, Op, OpResult, RecoveredLog, Store, StoredBatch};
 use tokio::sync::Notify;
 
+use super::subscriptions::ArrivalHooks;
 use super::{Broker, storage_error};
 use crate::error::{BrokerError, ErrorCode};
 use crate::stream::config::{
@@ -22,6 +23,17 @@ use crate::stream::records::{
     NewStreamRecord, StreamRecord, decode_batch, plan_batch_produce, plan_produce,
 };
 use crate::stream::retention::plan_retention;
+
+/// The base offset of each op's append (`None` for an op that appended nothing).
+fn appended_bases(results: &[OpResult]) -> Vec<Option<u64>> {
+    results
+        .iter()
+        .map(|r| match r {
+            OpResult::Appended { base_offset, .. } => Some(*base_offset),
+            _ => None,
+        })
+        .collect()
+}
 
 /// A stream and its partitions.
 pub(crate) struct StreamHandle {
@@ -519,7 +531,24 @@ impl Broker {
                 batch: wrapped,
             });
         }
-        let results = self.write(ops, level).await?;
+        let hooks = self.arrival_hooks(
+            &batches
+                .iter()
+                .map(|b| (&*parts[b.partition as usize], &b.kafka[..]))
+                .collect::<Vec<_>>(),
+        );
+        let touched = hooks.as_ref().map(ArrivalHooks::handles);
+        let results = self
+            .submit_then(ops, level, move |result| {
+                if let (Ok(results), Some(hooks)) = (&result, &hooks) {
+                    hooks.landed(&appended_bases(results));
+                }
+                result
+            })
+            .await??;
+        if let Some(touched) = touched {
+            self.settle_superseded(touched).await;
+        }
         if records
             .iter()
             .any(|r| r.partition.is_none() && r.key.is_none())
@@ -567,15 +596,28 @@ impl Broker {
         let count = plan_batch_produce(&mut batch, &config, &self.inner.limits, self.now_ms())?;
         let wrapped = wrap_kafka_batch(part.uid, &batch)
             .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
-        let written = self.submit(
+        let hooks = self.arrival_hooks(&[(&*part, &batch[..])]);
+        let touched = hooks.as_ref().map(ArrivalHooks::handles);
+        let written = self.submit_then(
             vec![Op::Append {
                 uid: part.uid,
                 batch: wrapped,
             }],
             level,
+            move |result| {
+                if let (Ok(results), Some(hooks)) = (&result, &hooks) {
+                    hooks.landed(&appended_bases(results));
+                }
+                result
+            },
         );
+        let broker = self.clone();
         Ok(async move {
-            match written.await?.first() {
+            let written = written.await?;
+            if let Some(touched) = touched {
+                broker.settle_superseded(touched).await;
+            }
+            match written?.first() {
                 Some(&OpResult::Appended { base_offset, .. }) => {
                     handle.count_produce(u64::from(count));
                     Ok((base_offset, count))

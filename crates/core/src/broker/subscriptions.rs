@@ -665,6 +665,119 @@ impl Broker {
     }
 }
 
+/// The keyed records of a Kafka batch as produced (base offset 0): (offset in the batch,
+/// key, bytes), as supersede and coalesce take them.
+fn keyed_records(kafka: &[u8]) -> Vec<(u32, Vec<u8>, u64)> {
+    use tidewater_storage::format::kafka::{batch_records, check_kafka_batch};
+    let Ok(header) = check_kafka_batch(kafka) else {
+        return Vec::new();
+    };
+    batch_records(kafka, &header, 0, 0)
+        .filter_map(Result::ok)
+        .filter_map(|r| {
+            let key = r.record.key?;
+            let headers: usize = r
+                .record
+                .headers()
+                .filter_map(Result::ok)
+                .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len))
+                .sum();
+            let size = key.len() + r.record.value.map_or(0, <[u8]>::len) + headers;
+            Some((u32::try_from(r.offset).ok()?, key.to_vec(), size as u64))
+        })
+        .collect()
+}
+
+/// One batch of an append for arrival hooks: its op index, the subscriptions, the
+/// partition's source index in them, its keyed records (offset in batch, key, bytes).
+type ArrivingBatch = (usize, Vec<Arc<QueueHandle>>, usize, Vec<(u32, Vec<u8>, u64)>);
+
+/// What arriving records do to the subscriptions that act when a record arrives (supersede
+/// cancels a key's older pending records, coalesce holds records in their key's window):
+/// prepared before an append (keys read from the batches, only when such a subscription
+/// exists), applied when it lands, on the storage thread, whether or not the producer
+/// still waits (as a queue's publish).
+pub(super) struct ArrivalHooks {
+    /// Per batch of the append (by its index among the ops): the subscriptions, the
+    /// partition's source index in them, the batch's keyed records.
+    batches: Vec<ArrivingBatch>,
+    clock: Arc<dyn crate::clock::Clock>,
+}
+
+impl ArrivalHooks {
+    /// The append landed: `bases[i]` is the base offset of op `i`.
+    pub(super) fn landed(&self, bases: &[Option<u64>]) {
+        let now = self.clock.now_ms();
+        for (op, handles, index, keyed) in &self.batches {
+            let Some(Some(base)) = bases.get(*op) else {
+                continue;
+            };
+            let at = position(*index, *base);
+            for handle in handles {
+                let mut state = handle.state.lock();
+                state.supersede(at, keyed);
+                state.coalesce(at, keyed, now);
+            }
+        }
+    }
+
+    /// The subscriptions it touched (their superseded records are settled next).
+    pub(super) fn handles(&self) -> Vec<Arc<QueueHandle>> {
+        let mut out: Vec<Arc<QueueHandle>> = Vec::new();
+        for (_, handles, _, _) in &self.batches {
+            for h in handles {
+                if !out.iter().any(|o| Arc::ptr_eq(o, h)) {
+                    out.push(h.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Broker {
+    /// Hooks for an append of `batches` (each a partition and its Kafka batch, in op
+    /// order); `None` when no subscription of those partitions acts on arrival.
+    pub(super) fn arrival_hooks(
+        &self,
+        batches: &[(&PartitionHandle, &[u8])],
+    ) -> Option<ArrivalHooks> {
+        let mut out = Vec::new();
+        for (op, (part, kafka)) in batches.iter().enumerate() {
+            let handles: Vec<Arc<QueueHandle>> = part
+                .subscribers
+                .read()
+                .iter()
+                .filter(|h| {
+                    let state = h.state.lock();
+                    state.config.supersede || state.config.coalesce.is_some()
+                })
+                .cloned()
+                .collect();
+            if handles.is_empty() {
+                continue;
+            }
+            let keyed = keyed_records(kafka);
+            if !keyed.is_empty() {
+                out.push((op, handles, part.partition as usize + 1, keyed));
+            }
+        }
+        (!out.is_empty()).then(|| ArrivalHooks {
+            batches: out,
+            clock: self.inner.clock.clone(),
+        })
+    }
+
+    /// After arrival hooks ran: settle what supersede cancelled (maintenance would too).
+    pub(super) async fn settle_superseded(&self, handles: Vec<Arc<QueueHandle>>) {
+        for handle in handles {
+            let replaced = handle.state.lock().take_cancelled();
+            let replaced = super::guard::Settling::marked(&handle, replaced, &self.inner.clock);
+            self.drop_superseded(&handle, replaced).await;
+        }
+    }
+}
+
 /// The ops that delete a subscription's logs: its views, then its own log.
 pub(super) fn subscription_delete_ops(handle: &QueueHandle) -> Vec<Op> {
     let state = handle.state.lock();

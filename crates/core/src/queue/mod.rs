@@ -530,7 +530,7 @@ impl QueueState {
     /// backlog's size and delayed messages); the last `with_holes` are stream partitions,
     /// whose offsets may hold no record, and which are not read here (their records are
     /// never delayed, and their size is their segments': a subscription's creation or a
-    /// restart must not read a whole stream).
+    /// restart must not read a whole stream), unless `supersede` needs each key's newest.
     pub fn recover_sources(
         name: &str,
         logs: &[&LogState],
@@ -590,8 +590,9 @@ impl QueueState {
             }
         }
         // One pass over the backlog for its size and its delayed messages.
+        // (Stream partitions too under supersede: the newest record per key is rebuilt.)
         let own: Vec<usize> = (0..logs.len())
-            .filter(|&i| !state.sources[i].holes)
+            .filter(|&i| !state.sources[i].holes || state.supersede.is_some())
             .collect();
         for index in own {
             let (mut from, end) = {

@@ -198,12 +198,6 @@ pub fn check_subscription_patch(patch: &ConfigPatch) -> Result<(), BrokerError> 
             "a subscription holds what the stream holds; the stream's retention bounds it",
         );
     }
-    if patch.supersede == Some(true) || patch.coalesce.as_ref().is_some_and(Option::is_some) {
-        return refuse(
-            "supersede/coalesce",
-            "not supported on subscriptions yet (they act when a message arrives); use a queue",
-        );
-    }
     Ok(())
 }
 
@@ -284,7 +278,6 @@ mod tests {
             r#"{"quota":{"messages_per_s":1}}"#,
             r#"{"dedup_window_ms":1000}"#,
             r#"{"max_messages":5}"#,
-            r#"{"supersede":true}"#,
         ] {
             let p = SubscriptionPatch::from_json(refused.as_bytes());
             let err = p.and_then(|p| check_subscription_patch(&p.config));
