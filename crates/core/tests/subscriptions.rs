@@ -564,3 +564,109 @@ fn supersede_and_coalesce_act_on_records_as_they_arrive() {
         b.debug_check_consistency();
     });
 }
+
+/// The shaping policies on a subscription over several partitions: priorities (the
+/// reserved header on stream records), fair scheduling by tenant, a dispatch rate, and a
+/// time to live measured from each record's timestamp.
+#[test]
+fn priorities_fairness_rate_and_ttl_shape_a_subscription() {
+    let rt = runtime();
+    let h = Harness::temporary(HarnessOptions::default()).unwrap();
+    rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("jobs", &stream(3)).await.unwrap();
+        let record = |i: usize, tenant: &str, priority: Option<u8>, ts: Option<i64>| {
+            let mut headers = vec![(
+                "tidewater-tenant".to_string(),
+                Some(tenant.as_bytes().to_vec()),
+            )];
+            if let Some(p) = priority {
+                headers.push((
+                    "tidewater-priority".into(),
+                    Some(p.to_string().into_bytes()),
+                ));
+            }
+            NewStreamRecord {
+                key: Some(format!("k{i}").into_bytes()),
+                value: Some(format!("{tenant}-{i}").into_bytes()),
+                headers,
+                timestamp: ts,
+                partition: None,
+            }
+        };
+        // A flood from tenant "big" first, then a few from "small"; one urgent record.
+        let mut records: Vec<NewStreamRecord> =
+            (0..60).map(|i| record(i, "big", None, None)).collect();
+        records.extend((60..66).map(|i| record(i, "small", None, None)));
+        records.push(record(66, "big", Some(2), None));
+        b.produce("jobs", &records, AckLevel::Durable)
+            .await
+            .unwrap();
+        b.put_subscription("jobs", "fair", &sub(r#"{"fairness":{"by":"tenant"}}"#))
+            .await
+            .unwrap();
+        b.put_subscription("jobs", "urgent", &sub(r#"{"priority_levels":3}"#))
+            .await
+            .unwrap();
+        b.put_subscription(
+            "jobs",
+            "slow",
+            &sub(r#"{"dispatch_rate":{"per_s":5,"burst":5}}"#),
+        )
+        .await
+        .unwrap();
+        // Fairness: the small tenant is not stuck behind the flood.
+        let first = b.receive("jobs/fair", 12, 0, None).await.unwrap();
+        let small = first
+            .iter()
+            .filter(|d| body(d).starts_with("small"))
+            .count();
+        assert_eq!(small, 6, "{:?}", first.iter().map(body).collect::<Vec<_>>());
+        // Priorities: the urgent record first.
+        let first = b.receive("jobs/urgent", 1, 0, None).await.unwrap();
+        assert_eq!(body(&first[0]), "big-66");
+        // Rate: at most the burst now, more as time passes.
+        assert_eq!(b.receive("jobs/slow", 100, 0, None).await.unwrap().len(), 5);
+        assert!(
+            b.receive("jobs/slow", 100, 0, None)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        h.clock.advance(1_000);
+        assert_eq!(b.receive("jobs/slow", 100, 0, None).await.unwrap().len(), 5);
+        // Time to live from the record's timestamp: old records are dropped, counted.
+        let now = b.now_ms();
+        let old = vec![
+            record(100, "big", None, Some(now - 120_000)),
+            record(101, "big", None, Some(now)),
+        ];
+        b.produce("jobs", &old, AckLevel::Durable).await.unwrap();
+        b.put_subscription(
+            "jobs",
+            "fresh",
+            &sub(r#"{"ttl_ms":60000,"start":"latest"}"#),
+        )
+        .await
+        .unwrap();
+        produce(b, "jobs", &["new".to_string()], 1).await;
+        let got = drain(b, "jobs/fresh", 100).await;
+        assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["new"]);
+        b.put_subscription("jobs", "aged", &sub(r#"{"ttl_ms":60000}"#))
+            .await
+            .unwrap();
+        let got = drain(b, "jobs/aged", 1000).await;
+        assert!(
+            got.iter().all(|d| body(d) != "big-100"),
+            "the old record expired"
+        );
+        assert_eq!(
+            b.get_subscription("jobs", "aged")
+                .unwrap()
+                .stats
+                .ttl_expired,
+            1
+        );
+        b.debug_check_consistency();
+    });
+}

@@ -690,7 +690,12 @@ fn keyed_records(kafka: &[u8]) -> Vec<(u32, Vec<u8>, u64)> {
 
 /// One batch of an append for arrival hooks: its op index, the subscriptions, the
 /// partition's source index in them, its keyed records (offset in batch, key, bytes).
-type ArrivingBatch = (usize, Vec<Arc<QueueHandle>>, usize, Vec<(u32, Vec<u8>, u64)>);
+type ArrivingBatch = (
+    usize,
+    Vec<Arc<QueueHandle>>,
+    usize,
+    Vec<(u32, Vec<u8>, u64)>,
+);
 
 /// What arriving records do to the subscriptions that act when a record arrives (supersede
 /// cancels a key's older pending records, coalesce holds records in their key's window):
