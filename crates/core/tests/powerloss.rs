@@ -1035,7 +1035,7 @@ impl Run {
             .await
             .map_err(|e| e.to_string())?;
         let sub = tidewater_core::stream::subscription::SubscriptionPatch::from_json(
-            br#"{"max_deliveries":3,"lease_ms":2000,"backoff":{"base_ms":100,"max_ms":1000}}"#,
+            br#"{"max_deliveries":3,"lease_ms":2000,"backoff":{"base_ms":100,"max_ms":1000},"pin_max_bytes":6000,"on_retention":"dead_letter"}"#,
         )
         .map_err(|e| e.to_string())?;
         self.broker()

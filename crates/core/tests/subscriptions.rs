@@ -94,7 +94,7 @@ fn each_subscription_gets_every_record_independently_across_restarts() {
             info.stats.bytes
         );
         assert_eq!(
-            info.config.dead_letter_queue.as_deref(),
+            info.config.queue.dead_letter_queue.as_deref(),
             Some("orders.billing-dlq")
         );
         b.put_subscription("orders", "email", &sub("{}"))
@@ -319,7 +319,7 @@ fn a_subscription_starts_at_earliest_latest_or_a_time_and_keeps_its_place() {
             .await
             .unwrap();
         assert!(!created);
-        assert_eq!(info.config.lease_ms, 5_000);
+        assert_eq!(info.config.queue.lease_ms, 5_000);
         let err = b
             .put_subscription("s", "new", &sub(r#"{"start":"latest"}"#))
             .await
@@ -419,7 +419,7 @@ fn growth_deletion_and_policies_across_partitions() {
 }
 
 #[test]
-fn retention_drops_what_a_subscription_left_unsettled_and_counts_it() {
+fn retention_wins_over_a_subscription_with_no_pin_and_counts_what_it_drops() {
     let rt = runtime();
     let mut h = Harness::temporary(HarnessOptions {
         store: tidewater_storage::StoreOptions {
@@ -440,7 +440,8 @@ fn retention_drops_what_a_subscription_left_unsettled_and_counts_it() {
             ..StreamPatch::default()
         };
         b.put_stream("logs", &patch).await.unwrap();
-        b.put_subscription("logs", "slow", &sub("{}"))
+        // pin_max_bytes 0: retention wins (as Kafka's consumers live with).
+        b.put_subscription("logs", "slow", &sub(r#"{"pin_max_bytes":0}"#))
             .await
             .unwrap();
         b.put_subscription("logs", "fast", &sub("{}"))
@@ -668,5 +669,102 @@ fn priorities_fairness_rate_and_ttl_shape_a_subscription() {
             1
         );
         b.debug_check_consistency();
+    });
+}
+
+/// A stalled subscription pins what it has not settled, up to its caps (by default the
+/// stream's own retention: the partition holds at most about twice its limit); past them
+/// its oldest records go (dropped, or into its dead-letter queue), counted. Producers are
+/// never refused for it.
+#[test]
+fn a_stalled_subscription_pins_retention_up_to_its_cap() {
+    let rt = runtime();
+    let mut h = Harness::temporary(HarnessOptions {
+        store: tidewater_storage::StoreOptions {
+            fsync: false,
+            segment_roll_bytes: 4_096,
+            ..tidewater_storage::StoreOptions::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .unwrap();
+    let big = "v".repeat(200);
+    rt.block_on(async {
+        let b = h.broker();
+        let patch = StreamPatch {
+            partitions: Some(1),
+            retention_bytes: Some(8_192),
+            retention_ms: Some(-1),
+            ..StreamPatch::default()
+        };
+        b.put_stream("logs", &patch).await.unwrap();
+        // Default caps: the stream's retention (8 KiB more at most).
+        b.put_subscription("logs", "stalled", &sub("{}"))
+            .await
+            .unwrap();
+        // No cap: holds everything (a disk to watch).
+        b.put_subscription("logs", "forever", &sub(r#"{"pin_max_bytes":-1}"#))
+            .await
+            .unwrap();
+        // A small cap into the dead-letter queue.
+        b.put_subscription(
+            "logs",
+            "archive",
+            &sub(r#"{"pin_max_bytes":4096,"on_retention":"dead_letter"}"#),
+        )
+        .await
+        .unwrap();
+        // About 46 KiB: retention would keep about 8 KiB of it.
+        for _ in 0..40 {
+            produce(b, "logs", &vec![big.clone(); 5], 5).await;
+            h.advance(1).await;
+        }
+        // Nothing consumed: the partition is held at its start by "forever".
+        let part = b.get_stream("logs").unwrap().partitions[0].clone();
+        assert_eq!(part.start_offset, 0, "{part:?}");
+        assert_eq!(
+            b.get_subscription("logs", "stalled")
+                .unwrap()
+                .retention_expired,
+            0
+        );
+        assert_eq!(
+            b.get_subscription("logs", "forever")
+                .unwrap()
+                .retention_expired,
+            0
+        );
+        // Without it, the stalled one holds up to its cap; the archive one moves its oldest
+        // records to its dead-letter queue (a step per tick) and then lets go.
+        b.delete_subscription("logs", "forever").await.unwrap();
+        for _ in 0..5 {
+            h.advance(1).await;
+        }
+        let part = b.get_stream("logs").unwrap().partitions[0].clone();
+        assert!(part.start_offset > 0, "{part:?}");
+        let stalled = b.get_subscription("logs", "stalled").unwrap();
+        let archive = b.get_subscription("logs", "archive").unwrap();
+        // The stalled one lost what is past its cap, counted, and nothing else.
+        let floor = stalled.partitions[0].floor;
+        assert!(floor >= part.start_offset, "{floor} {part:?}");
+        assert_eq!(stalled.retention_expired, floor);
+        assert_eq!(stalled.stats.total, 200 - floor);
+        // It holds more than retention would keep, at most twice that and a segment.
+        let held = stalled.stats.bytes;
+        assert!(held > 8_192 && held <= 2 * 8_192 + 4_096 + 512, "{held}");
+        // The archive one's released records are in its dead-letter queue, counted.
+        let dlq = b.get_queue("logs.archive-dlq").unwrap().stats.total;
+        assert!(dlq > 0);
+        assert_eq!(archive.retention_expired, dlq);
+        assert_eq!(archive.stats.total + dlq, 200);
+        b.debug_check_consistency();
+    });
+    h.restart();
+    rt.block_on(async {
+        let b = h.broker();
+        let stalled = b.get_subscription("logs", "stalled").unwrap();
+        let got = drain(b, "logs/stalled", 1000).await;
+        assert_eq!(got.len() as u64, stalled.stats.total);
+        assert_eq!(got[0].record.offset, stalled.partitions[0].floor);
     });
 }

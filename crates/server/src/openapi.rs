@@ -330,6 +330,27 @@ fn config_schemas(limits: &Limits) -> (Value, Value) {
     (schemas, whole)
 }
 
+/// A subscription's retention settings (how it holds back the stream's retention).
+fn subscription_retention_schemas() -> [(&'static str, Value); 3] {
+    [
+        (
+            "pin_max_ms",
+            json!({"type": ["integer", "null"], "minimum": -1, "maximum": i64::MAX,
+            "description": "how much older than the stream's retention_ms a record it has not settled may be held; null: the stream's retention_ms; 0: retention wins; -1: no cap"}),
+        ),
+        (
+            "pin_max_bytes",
+            json!({"type": ["integer", "null"], "minimum": -1, "maximum": i64::MAX,
+            "description": "bytes per partition retention would delete that it may hold; null: the stream's retention_bytes; 0: retention wins; -1: no cap"}),
+        ),
+        (
+            "on_retention",
+            json!({"type": "string", "enum": ["drop", "dead_letter"],
+            "description": "past its caps, its oldest records are dropped or moved to its dead-letter queue (counted in retention_expired either way); default drop"}),
+        ),
+    ]
+}
+
 fn queue_stats() -> Value {
     let counters = [
         "depth",
@@ -790,6 +811,9 @@ pub fn document(limits: &Limits) -> Value {
         for refused in ["quota", "dedup_window_ms", "max_messages", "max_bytes"] {
             props.remove(refused);
         }
+        for (name, props_of) in subscription_retention_schemas() {
+            props.insert(name.into(), props_of);
+        }
         props.insert("start".into(), json!({"description": "where a new subscription starts on every partition (create only: a different start on an existing subscription is 409 config_conflict)",
             "anyOf": [{"type": "string", "enum": ["earliest", "latest"]},
                 {"type": "object", "additionalProperties": false, "required": ["time"], "properties": {"time": {"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX, "description": "ms since the epoch: each partition's first record at or after it"}}}],
@@ -803,10 +827,24 @@ pub fn document(limits: &Limits) -> Value {
         "description": "the configuration patch, or {\"config\": patch} as GET returns it",
         "anyOf": [schema_ref("SubscriptionPatch"),
             {"type": "object", "additionalProperties": false, "required": ["config"], "properties": {"config": schema_ref("SubscriptionPatch")}}]}));
+    let mut sub_config = schemas_map["QueueConfig"].clone();
+    if let Some(props) = sub_config["properties"].as_object_mut() {
+        for (name, schema) in subscription_retention_schemas() {
+            props.insert(name.into(), schema);
+        }
+    }
+    if let Some(required) = sub_config["required"].as_array_mut() {
+        required.extend([
+            json!("pin_max_ms"),
+            json!("pin_max_bytes"),
+            json!("on_retention"),
+        ]);
+    }
+    schemas_map.insert("SubscriptionConfig".into(), sub_config);
     schemas_map.insert("Subscription".into(), json!({"type": "object", "additionalProperties": false,
         "required": ["stream", "name", "config", "stats", "retention_expired", "partitions"], "properties": {
         "stream": {"type": "string"}, "name": {"type": "string"},
-        "config": schema_ref("QueueConfig"), "stats": schema_ref("QueueStats"),
+        "config": schema_ref("SubscriptionConfig"), "stats": schema_ref("QueueStats"),
         "retention_expired": {"type": "integer", "minimum": 0, "description": "messages dropped unsettled because retention deleted their records"},
         "partitions": {"type": "array", "items": {"type": "object", "additionalProperties": false, "required": ["partition", "floor", "end", "pending"], "properties": {
             "partition": {"type": "integer", "minimum": 0},

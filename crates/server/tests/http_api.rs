@@ -1262,6 +1262,14 @@ fn subscriptions_over_http() {
         .unwrap();
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["stream"], "orders");
+    assert_eq!(
+        (
+            &created["config"]["on_retention"],
+            &created["config"]["pin_max_bytes"]
+        ),
+        (&json!("drop"), &json!(null)),
+        "pins what it has not settled, capped by the stream's retention: {created}"
+    );
     assert_eq!(created["stats"]["total"], 10);
     assert_eq!(created["partitions"].as_array().unwrap().len(), 2);
     let (status, same) = server

@@ -22,7 +22,6 @@ use crate::stream::partition::Sticky;
 use crate::stream::records::{
     NewStreamRecord, StreamRecord, decode_batch, plan_batch_produce, plan_produce,
 };
-use crate::stream::retention::plan_retention;
 
 /// The base offset of each op's append (`None` for an op that appended nothing).
 fn appended_bases(results: &[OpResult]) -> Vec<Option<u64>> {
@@ -870,28 +869,11 @@ impl Broker {
             }
             for part in stream.partition_handles_now() {
                 let start = part.start();
-                let segments = part.reader.segments();
-                let Some(new_start) = plan_retention(&segments, start, &config, now) else {
-                    continue;
-                };
-                let bytes: u64 = segments
-                    .iter()
-                    .filter(|s| s.end > start && s.end <= new_start)
-                    .map(|s| s.bytes)
-                    .sum();
-                // Subscriptions' views of the range are settled in the same write (what
-                // they had not settled there is dropped and counted).
-                let views = self.retention_view_ops(&part, &(start..new_start));
-                let mut ops: Vec<Op> = views.iter().map(|(_, op)| op.clone()).collect();
-                ops.push(Op::Settle {
-                    uid: part.uid,
-                    ranges: vec![start..new_start],
-                });
-                let written = self.write(ops, AckLevel::Durable).await;
+                // (With subscriptions: what they pin stays, within their caps.)
+                let written = self.retain_partition(&part, &config, now).await;
                 match written {
-                    Ok(_) => {
-                        let handles: Vec<_> = views.into_iter().map(|(h, _)| h).collect();
-                        Broker::retention_expired(&handles, &part, &(start..new_start));
+                    Ok(None) => {}
+                    Ok(Some((new_start, bytes))) => {
                         deleted = true;
                         part.start.fetch_max(new_start, Ordering::AcqRel);
                         let c = &stream.counters;

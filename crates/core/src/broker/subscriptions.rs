@@ -18,14 +18,16 @@ use tokio::sync::Notify;
 
 use super::streams::{PartitionHandle, StreamHandle};
 use super::{Broker, QueueHandle};
-use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
 use crate::queue::{Positioned, QueueState, QueueStats, RecordSource, position};
+use crate::stream::config::StreamConfig;
+use crate::stream::retention::{Pin, plan_pinned};
 use crate::stream::source::KafkaSource;
 use crate::stream::subscription::{
-    SubscriptionLog, SubscriptionPatch, SubscriptionStart, check_subscription_patch,
-    local_log_name, parse_subscription_log_name, split_subscription_path, subscription_defaults,
-    subscription_path, validate_subscription_name, view_log_name,
+    OnRetention, SubscriptionConfig, SubscriptionLog, SubscriptionPatch, SubscriptionRetention,
+    SubscriptionStart, check_subscription_patch, local_log_name, parse_subscription_log_name,
+    split_subscription_path, subscription_defaults, subscription_path, validate_subscription_name,
+    view_log_name,
 };
 
 /// Where a queue handle's records come from.
@@ -96,7 +98,7 @@ impl RecordSource for Records {
 pub struct SubscriptionInfo {
     pub stream: String,
     pub name: String,
-    pub config: QueueConfig,
+    pub config: SubscriptionConfig,
     pub stats: QueueStats,
     /// Messages dropped unsettled because retention deleted their records.
     pub retention_expired: u64,
@@ -120,6 +122,8 @@ pub struct SubscriptionPartition {
 pub(crate) struct SubscriptionOf {
     pub(crate) stream: String,
     pub(crate) sub: String,
+    /// How it holds back the stream's retention.
+    pub(crate) retention: Mutex<SubscriptionRetention>,
 }
 
 fn kafka_sources(parts: &[Arc<PartitionHandle>]) -> Vec<KafkaSource> {
@@ -136,10 +140,14 @@ fn subscription_handle(
     sub: &str,
     local: &LogState,
     views: &[LogState],
-    config: QueueConfig,
+    config: SubscriptionConfig,
     store: &Store,
     now_ms: i64,
 ) -> Result<Arc<QueueHandle>, String> {
+    let SubscriptionConfig {
+        queue: config,
+        retention,
+    } = config;
     let parts = stream.partition_handles_now();
     let local_reader = store
         .reader(local.uid)
@@ -164,6 +172,7 @@ fn subscription_handle(
         subscription: Some(SubscriptionOf {
             stream: stream.name.clone(),
             sub: sub.to_string(),
+            retention: Mutex::new(retention),
         }),
     }))
 }
@@ -247,7 +256,7 @@ pub(crate) fn recover_subscriptions(
                     .expect("every partition has its view now")
             })
             .collect();
-        let config: QueueConfig = serde_json::from_str(&local.config).map_err(|e| {
+        let config: SubscriptionConfig = serde_json::from_str(&local.config).map_err(|e| {
             format!(
                 "subscription '{stream_name}/{sub}': its stored configuration is unreadable: {e}"
             )
@@ -341,9 +350,17 @@ impl Broker {
                     ),
                 ));
             }
-            let current = handle.state.lock().config.clone();
-            let next = current.apply(&patch.config);
-            next.validate(&path, limits)?;
+            let of = handle.subscription.as_ref().expect("a subscription");
+            let current = SubscriptionConfig {
+                queue: handle.state.lock().config.clone(),
+                retention: *of.retention.lock(),
+            };
+            let next = SubscriptionConfig {
+                queue: current.queue.apply(&patch.config),
+                retention: patch.retention.apply(&current.retention),
+            };
+            next.queue.validate(&path, limits)?;
+            next.retention.validate()?;
             if next != current {
                 let config = serde_json::to_string(&next).expect("config serializes");
                 self.write(
@@ -354,7 +371,8 @@ impl Broker {
                     AckLevel::Durable,
                 )
                 .await?;
-                handle.state.lock().set_config(next);
+                *of.retention.lock() = next.retention;
+                handle.state.lock().set_config(next.queue);
                 handle.notify.notify_waiters();
             }
             return Ok((false, self.subscription_info(&handle)));
@@ -384,8 +402,12 @@ impl Broker {
                 ),
             ));
         }
-        let config = subscription_defaults(stream_name, sub, limits).apply(&patch.config);
-        config.validate(&path, limits)?;
+        let config = SubscriptionConfig {
+            queue: subscription_defaults(stream_name, sub, limits).apply(&patch.config),
+            retention: patch.retention.apply(&SubscriptionRetention::default()),
+        };
+        config.queue.validate(&path, limits)?;
+        config.retention.validate()?;
         let parts = stream.partition_handles_now();
         let start = patch.start.unwrap_or_default();
         let mut floors = Vec::with_capacity(parts.len());
@@ -612,57 +634,169 @@ impl Broker {
         SubscriptionInfo {
             stream: of.stream.clone(),
             name: of.sub.clone(),
-            config: state.config.clone(),
+            config: SubscriptionConfig {
+                queue: state.config.clone(),
+                retention: *of.retention.lock(),
+            },
             stats,
             retention_expired: state.counters.retention_expired,
             partitions,
         }
     }
 
-    /// Before retention settles `start..new_start` of a partition: the settles of every
-    /// subscription's view of it over that range (written with the partition's, so a
-    /// view never keeps offsets its partition let go).
-    pub(super) fn retention_view_ops(
+    /// Retention on a partition with subscriptions (maintenance): what it would delete
+    /// (`plan_retention`) goes, but not past a subscription's floor while it is within its
+    /// caps (`plan_pinned`). A subscription over its caps lets go of its oldest records:
+    /// `drop` settles them in the same write as the partition's (counted as
+    /// `retention_expired`); `dead_letter` moves them to its dead-letter queue first, a
+    /// bounded step per tick, and retention waits for its floor. Every view of the deleted
+    /// range is settled with the partition, so a view never keeps offsets its partition let
+    /// go (recovery refuses that as missing data). Returns (new start, bytes deleted) when
+    /// the partition's start moved.
+    pub(super) async fn retain_partition(
         &self,
         part: &PartitionHandle,
-        range: &std::ops::Range<u64>,
-    ) -> Vec<(Arc<QueueHandle>, Op)> {
-        part.subscribers
-            .read()
+        config: &StreamConfig,
+        now: i64,
+    ) -> Result<Option<(u64, u64)>, BrokerError> {
+        let start = part.start();
+        let segments = part.reader.segments();
+        let subs: Vec<Arc<QueueHandle>> = part.subscribers.read().clone();
+        let index = part.partition as usize + 1;
+        let pins: Vec<(Pin, OnRetention)> = subs
             .iter()
-            .map(|handle| {
-                let index = part.partition as usize + 1;
-                let uid = handle.state.lock().source_uid(index);
+            .map(|h| {
+                let retention = *h
+                    .subscription
+                    .as_ref()
+                    .expect("a subscription")
+                    .retention
+                    .lock();
+                let (max_bytes, max_age_ms) =
+                    retention.caps(config.retention_ms, config.retention_bytes);
+                let floor = h.state.lock().source_range(index).0;
                 (
-                    handle.clone(),
-                    Op::Settle {
-                        uid,
-                        ranges: vec![range.clone()],
+                    Pin {
+                        floor,
+                        max_bytes,
+                        max_age_ms,
                     },
+                    retention.on_retention,
                 )
             })
-            .collect()
-    }
-
-    /// Retention deleted `range` of a partition: each subscription drops what it had not
-    /// settled there, counted as `retention_expired` (leases there go stale).
-    pub(super) fn retention_expired(
-        handles: &[Arc<QueueHandle>],
-        part: &PartitionHandle,
-        range: &std::ops::Range<u64>,
-    ) {
-        let index = part.partition as usize + 1;
-        for handle in handles {
-            let mut state = handle.state.lock();
-            let removed =
-                state.expire_range(position(index, range.start)..position(index, range.end));
+            .collect();
+        let plain: Vec<Pin> = pins.iter().map(|(p, _)| *p).collect();
+        let Some(plan) = plan_pinned(&segments, start, config, now, &plain) else {
+            return Ok(None);
+        };
+        let mut new_start = plan.new_start;
+        // (sub index, released to) of those that drop now.
+        let mut drops: Vec<(usize, u64)> = Vec::new();
+        for &(i, to) in &plan.releases {
+            let (pin, on_retention) = pins[i];
+            match on_retention {
+                OnRetention::Drop => drops.push((i, to)),
+                OnRetention::DeadLetter => {
+                    // Retention waits at its floor while its records move.
+                    new_start = new_start.min(segment_end_at_or_below(&segments, start, pin.floor));
+                    self.dead_letter_released(&subs[i], index, pin.floor..to)
+                        .await;
+                }
+            }
+        }
+        if new_start <= start && drops.is_empty() {
+            return Ok(None);
+        }
+        let mut ops: Vec<Op> = Vec::new();
+        // (sub index, settled to)
+        let mut settled: Vec<(usize, u64)> = Vec::new();
+        for (i, handle) in subs.iter().enumerate() {
+            let dropped_to = drops.iter().find(|d| d.0 == i).map(|d| d.1);
+            let to = dropped_to.unwrap_or(0).max(new_start);
+            if to > start {
+                let uid = handle.state.lock().source_uid(index);
+                ops.push(Op::Settle {
+                    uid,
+                    ranges: vec![start..to],
+                });
+                settled.push((i, to));
+            }
+        }
+        if new_start > start {
+            ops.push(Op::Settle {
+                uid: part.uid,
+                ranges: vec![start..new_start],
+            });
+        }
+        self.write(ops, AckLevel::Durable).await?;
+        for (i, to) in settled {
+            let mut state = subs[i].state.lock();
+            let removed = state.expire_range(position(index, start)..position(index, to));
             state.counters.retention_expired += removed;
             drop(state);
             if removed > 0 {
-                tracing::info!(subscription = %handle.name, partition = part.partition, messages = removed, "retention deleted records the subscription had not settled");
+                tracing::info!(subscription = %subs[i].name, partition = part.partition, messages = removed, "retention deleted records the subscription had not settled (past its pin_max_ms/pin_max_bytes, or they were never pinned)");
             }
         }
+        if new_start <= start {
+            return Ok(None);
+        }
+        let bytes = segments
+            .iter()
+            .filter(|s| s.end > start && s.end <= new_start)
+            .map(|s| s.bytes)
+            .sum();
+        Ok(Some((new_start, bytes)))
     }
+
+    /// A subscription with `on_retention: dead_letter` over its caps: its unsettled, unleased
+    /// records of `range` (offsets) go to its dead-letter queue, at most 1,000 a tick, counted
+    /// as `retention_expired` too. Leased ones wait for their ack or their lease's end.
+    async fn dead_letter_released(
+        &self,
+        handle: &Arc<QueueHandle>,
+        index: usize,
+        range: std::ops::Range<u64>,
+    ) {
+        let items = {
+            let mut state = handle.state.lock();
+            let from = position(index, range.start);
+            let end = position(index, range.end);
+            let mut wanted = state.pending_offsets(from, 1_000);
+            wanted.retain(|&p| p < end);
+            let claimed = state.claim(&wanted);
+            state.counters.retention_expired += claimed.len() as u64;
+            claimed
+                .into_iter()
+                .map(|offset| crate::queue::Unacked {
+                    offset,
+                    delivery_count: state.history(offset).map_or(0, |h| h.delivery_count),
+                    size: 0,
+                })
+                .collect::<Vec<_>>()
+        };
+        if items.is_empty() {
+            return;
+        }
+        tracing::info!(subscription = %handle.name, messages = items.len(), "retention: moving records the subscription held past its caps to its dead-letter queue");
+        let settling = super::guard::Settling::marked(handle, items, &self.inner.clock);
+        self.dead_letter(handle, settling).await;
+    }
+}
+
+/// The end of the last segment of `segments` (from `start` on) ending at or below `limit`,
+/// else `start`.
+fn segment_end_at_or_below(
+    segments: &[tidewater_storage::SegmentInfo],
+    start: u64,
+    limit: u64,
+) -> u64 {
+    segments
+        .iter()
+        .map(|s| s.end)
+        .filter(|&end| end > start && end <= limit)
+        .max()
+        .unwrap_or(start)
 }
 
 /// The keyed records of a Kafka batch as produced (base offset 0): (offset in the batch,

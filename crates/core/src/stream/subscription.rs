@@ -111,11 +111,101 @@ impl SubscriptionStart {
     }
 }
 
-/// A subscription create or change: the queue settings a subscription takes, and (at
-/// create) where it starts.
+/// What happens to records a subscription has not settled when retention deletes them
+/// past its caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRetention {
+    /// Dropped (counted as `retention_expired`): retention exists to free the disk.
+    #[default]
+    Drop,
+    /// Moved to the subscription's dead-letter queue first (counted too); retention
+    /// waits for the moves.
+    DeadLetter,
+}
+
+/// How a subscription holds back the stream's retention (see `stream::retention`): it
+/// pins what it has not settled, up to these caps past what retention keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SubscriptionRetention {
+    /// How much older than the stream's retention_ms a held record may be; null = the
+    /// stream's retention_ms (so at most twice as old); 0 = retention wins; -1 = no cap.
+    #[serde(default)]
+    pub pin_max_ms: Option<i64>,
+    /// Bytes of segments retention would delete it may hold per partition; null = the
+    /// stream's retention_bytes; 0 = retention wins; -1 = no cap.
+    #[serde(default)]
+    pub pin_max_bytes: Option<i64>,
+    #[serde(default)]
+    pub on_retention: OnRetention,
+}
+
+impl SubscriptionRetention {
+    /// The caps in force on a stream with this retention: (max bytes, max age ms), `None`
+    /// for no cap.
+    pub fn caps(&self, retention_ms: i64, retention_bytes: i64) -> (Option<u64>, Option<u64>) {
+        let cap = |own: Option<i64>, stream: i64| match own.unwrap_or(stream) {
+            n if n < 0 => None,
+            n => Some(n as u64),
+        };
+        (
+            cap(self.pin_max_bytes, retention_bytes),
+            cap(self.pin_max_ms, retention_ms),
+        )
+    }
+
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        for (name, value) in [
+            ("pin_max_ms", self.pin_max_ms),
+            ("pin_max_bytes", self.pin_max_bytes),
+        ] {
+            if value.is_some_and(|v| v < -1) {
+                return Err(BrokerError::new(
+                    ErrorCode::InvalidConfig,
+                    format!(
+                        "{name} must be -1 (no cap), 0 (retention wins), a positive number, or null (the stream's retention)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A subscription's configuration as stored and shown: a queue's settings and how it holds
+/// back retention.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SubscriptionConfig {
+    #[serde(flatten)]
+    pub queue: QueueConfig,
+    #[serde(flatten)]
+    pub retention: SubscriptionRetention,
+}
+
+/// A change of a subscription's retention settings (absent: unchanged; null: the default).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RetentionPatch {
+    pub pin_max_ms: Option<Option<i64>>,
+    pub pin_max_bytes: Option<Option<i64>>,
+    pub on_retention: Option<OnRetention>,
+}
+
+impl RetentionPatch {
+    pub fn apply(&self, to: &SubscriptionRetention) -> SubscriptionRetention {
+        SubscriptionRetention {
+            pin_max_ms: self.pin_max_ms.unwrap_or(to.pin_max_ms),
+            pin_max_bytes: self.pin_max_bytes.unwrap_or(to.pin_max_bytes),
+            on_retention: self.on_retention.unwrap_or(to.on_retention),
+        }
+    }
+}
+
+/// A subscription create or change: the queue settings a subscription takes, how it holds
+/// back retention, and (at create) where it starts.
 #[derive(Debug, Clone, Default)]
 pub struct SubscriptionPatch {
     pub config: ConfigPatch,
+    pub retention: RetentionPatch,
     pub start: Option<SubscriptionStart>,
 }
 
@@ -156,8 +246,45 @@ impl SubscriptionPatch {
                 )
             })?),
         };
+        let object = value.as_object_mut().expect("an object");
+        let cap = |name: &str, v: serde_json::Value| -> Result<Option<i64>, BrokerError> {
+            match v {
+                serde_json::Value::Null => Ok(None),
+                v => v.as_i64().map(Some).ok_or_else(|| {
+                    BrokerError::new(
+                        ErrorCode::InvalidConfig,
+                        format!("{name} must be an integer or null, got {v}"),
+                    )
+                }),
+            }
+        };
+        let retention = RetentionPatch {
+            pin_max_ms: object
+                .remove("pin_max_ms")
+                .map(|v| cap("pin_max_ms", v))
+                .transpose()?,
+            pin_max_bytes: object
+                .remove("pin_max_bytes")
+                .map(|v| cap("pin_max_bytes", v))
+                .transpose()?,
+            on_retention: object
+                .remove("on_retention")
+                .map(|v| {
+                    serde_json::from_value(v.clone()).map_err(|_| {
+                        BrokerError::new(
+                            ErrorCode::InvalidConfig,
+                            format!("on_retention must be \"drop\" or \"dead_letter\", got {v}"),
+                        )
+                    })
+                })
+                .transpose()?,
+        };
         let config = serde_json::from_value(value).map_err(invalid)?;
-        Ok(SubscriptionPatch { config, start })
+        Ok(SubscriptionPatch {
+            config,
+            retention,
+            start,
+        })
     }
 }
 
