@@ -642,6 +642,9 @@ pub struct Limits {
     /// Work-queue subscriptions on streams: in all, and on one stream.
     pub max_subscriptions: usize,
     pub max_stream_subscriptions: usize,
+    /// Bytes of stream batches the partitions' caches keep for their subscriptions, in all
+    /// (each partition at most 8 batches and 8 MiB); 0 = no cache.
+    pub subscription_cache_bytes: u64,
     /// Consumer groups (with members), members per group, and the longest session a
     /// member may ask for (a member silent that long is removed).
     pub max_groups: usize,
@@ -726,6 +729,7 @@ impl Default for Limits {
             max_fetch_bytes: 64 << 20,
             max_subscriptions: 1_000,
             max_stream_subscriptions: 100,
+            subscription_cache_bytes: 64 << 20,
             max_groups: 1_000,
             max_group_members: 1_000,
             max_session_timeout_ms: 300_000,

@@ -210,6 +210,12 @@ impl<'a> KafkaRecords<'a> {
     pub fn new(records: &'a [u8]) -> KafkaRecords<'a> {
         KafkaRecords { rest: records }
     }
+
+    /// Bytes not read yet (the position of the next record is the records' length minus
+    /// this).
+    pub fn remaining(&self) -> usize {
+        self.rest.len()
+    }
 }
 
 impl<'a> Iterator for KafkaRecords<'a> {
@@ -289,8 +295,21 @@ pub fn batch_records<'a>(
     base_offset: u64,
     from: u64,
 ) -> impl Iterator<Item = Result<BatchRecord<'a>, FormatError>> + 'a {
+    batch_records_at(bytes, header, base_offset, from, 0)
+}
+
+/// `batch_records`, reading from byte `position` of the records (where a record starts, as
+/// `record_positions` found it) instead of the first.
+pub fn batch_records_at<'a>(
+    bytes: &'a [u8],
+    header: &KafkaBatchHeader,
+    base_offset: u64,
+    from: u64,
+    position: usize,
+) -> impl Iterator<Item = Result<BatchRecord<'a>, FormatError>> + 'a {
     let header = *header;
-    KafkaRecords::new(&bytes[KAFKA_HEADER_LEN.min(bytes.len())..]).filter_map(move |record| {
+    let records = &bytes[KAFKA_HEADER_LEN.min(bytes.len())..];
+    KafkaRecords::new(&records[position.min(records.len())..]).filter_map(move |record| {
         let record = match record {
             Ok(record) => record,
             Err(err) => return Some(Err(err)),
@@ -310,6 +329,26 @@ pub fn batch_records<'a>(
             record,
         }))
     })
+}
+
+/// (offset, byte position among the records) of every `every`-th record of an uncompressed
+/// batch, from its first: where `batch_records_at` may start to reach an offset without
+/// decoding the records before it.
+pub fn record_positions(bytes: &[u8], base_offset: u64, every: usize) -> Vec<(u64, usize)> {
+    let records = &bytes[KAFKA_HEADER_LEN.min(bytes.len())..];
+    let mut iter = KafkaRecords::new(records);
+    let mut out = Vec::new();
+    let mut i = 0usize;
+    loop {
+        let position = records.len() - iter.remaining();
+        let Some(Ok(record)) = iter.next() else {
+            return out;
+        };
+        if i.is_multiple_of(every.max(1)) {
+            out.push((base_offset + record.offset_delta.unsigned_abs(), position));
+        }
+        i += 1;
+    }
 }
 
 /// The batch `bytes` (checked, `header`; its offsets from `stored_base`) rebuilt with the

@@ -48,9 +48,16 @@ pub struct BenchArgs {
     /// stream producer, then read them all with one group consumer committing every
     /// second; binary protocol) or compaction (fill a stream with --messages records of
     /// --keys keys, then produce keyed records at --rate for --duration-s twice: before
-    /// the stream is compacted and while it is; compaction MB/s and produce latency).
-    #[arg(long, default_value = "throughput", value_parser = ["throughput", "latency", "stream", "compaction"])]
+    /// the stream is compacted and while it is; compaction MB/s and produce latency) or
+    /// subscriptions (produce --messages records to one stream of --partitions partitions,
+    /// then for each N of --subs drain N work-queue subscriptions at once, one binary
+    /// consumer each; baselines in the same run: a group consumer reading the stream, and
+    /// a queue of the same messages consumed and acked).
+    #[arg(long, default_value = "throughput", value_parser = ["throughput", "latency", "stream", "compaction", "subscriptions"])]
     pub workload: String,
+    /// Subscriptions workload: the numbers of subscriptions to drain at once.
+    #[arg(long, default_value = "1,2,4,8", value_name = "N,N,...")]
+    pub subs: String,
     /// Stream workload: streams to spread the records over.
     #[arg(long, default_value_t = 1)]
     pub streams: u32,
@@ -214,6 +221,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.workload == "compaction" {
         return compaction_workload(&args);
+    }
+    if args.workload == "subscriptions" {
+        return subscriptions_workload(&args);
     }
     let (url, protocol_addr, spawned) = match &args.target {
         Some(url) => (url.clone(), args.target_protocol.clone(), None),
@@ -644,6 +654,227 @@ where
         sent.await?;
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// The subscriptions workload (its own server): what each extra work-queue subscription on
+/// one stream costs. Produces `--messages` records of `--size` bytes to a stream of
+/// `--partitions` partitions; then, for each N of `--subs`, creates N subscriptions at
+/// earliest and drains them all at once (N binary consumers, one connection each,
+/// prefetch 5,000, batched acks), measuring deliveries per second and server CPU per
+/// delivery; the subscriptions are deleted between rounds. Baselines in the same run: one
+/// group consumer reading the stream once (fetch + commit), and a queue holding the same
+/// number of messages consumed and acked by one binary consumer.
+fn subscriptions_workload(args: &BenchArgs) -> anyhow::Result<()> {
+    use tidewater_client::{
+        Client as BinaryClient, ClientOptions, ConsumerOptions, GroupConsumerOptions, Message,
+        ProducerOptions, Record, StreamProducerOptions,
+    };
+    let subs: Vec<usize> = args
+        .subs
+        .split(',')
+        .map(|n| n.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .context("--subs takes numbers, e.g. 1,2,4,8")?;
+    if subs.is_empty() || subs.contains(&0) || args.partitions == 0 {
+        bail!("--subs needs numbers of at least 1, --partitions at least 1");
+    }
+    if args.target.is_some() {
+        bail!("the subscriptions workload starts its own server (it measures its CPU)");
+    }
+    let (url, addr, spawned) = spawn_server()?;
+    let pid = spawned.child.id();
+    let http = Client::new(&url);
+    let cpu = || process_usage(pid).map_or(0.0, |u| u.1);
+    let n = args.messages;
+    let stream = "bench-fanout";
+    http.call(
+        "PUT",
+        &format!("/v1/streams/{stream}"),
+        Some(
+            json!({"partitions": args.partitions})
+                .to_string()
+                .as_bytes(),
+        ),
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let value = vec![b'x'; args.size];
+    let produce_s = runtime.block_on(async {
+        let client = BinaryClient::new(&addr, ClientOptions::default());
+        let producer = client.stream_producer(
+            stream,
+            StreamProducerOptions {
+                max_batch_records: args.batch,
+                max_batch_bytes: 4 << 20,
+                ..StreamProducerOptions::default()
+            },
+        );
+        send_all(n, |_| producer.send(Record::new(value.clone()))).await
+    })?;
+    // Baseline: one group consumer reads the stream once.
+    let before = cpu();
+    let group_s = runtime.block_on(async {
+        let client = BinaryClient::new(&addr, ClientOptions::default());
+        let mut consumer = client.group_consumer(
+            "bench-fanout-group",
+            &[stream],
+            GroupConsumerOptions {
+                auto_commit: Some(Duration::from_secs(1)),
+                ..GroupConsumerOptions::default()
+            },
+        );
+        let started = Instant::now();
+        for _ in 0..n {
+            tokio::time::timeout(Duration::from_secs(60), consumer.next())
+                .await
+                .context("no record for 60 s")?
+                .context("the consumer stopped")??;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        consumer.close().await?;
+        Ok::<_, anyhow::Error>(elapsed)
+    })?;
+    let group_cpu = cpu() - before;
+    // Drains `names` at once, one consumer (connection) each; returns the seconds.
+    let drain = |names: Vec<String>| -> anyhow::Result<f64> {
+        runtime.block_on(async {
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for name in names {
+                let addr = addr.clone();
+                tasks.push(tokio::spawn(async move {
+                    let client = BinaryClient::new(&addr, ClientOptions::default());
+                    let mut consumer = client.consumer(
+                        &name,
+                        ConsumerOptions {
+                            prefetch: 5_000,
+                            ack_batch: 5_000,
+                            ..ConsumerOptions::default()
+                        },
+                    );
+                    for _ in 0..n {
+                        let delivery =
+                            tokio::time::timeout(Duration::from_secs(60), consumer.next())
+                                .await
+                                .context("no delivery for 60 s")?
+                                .context("the consumer stopped")??;
+                        consumer.ack(&delivery);
+                    }
+                    consumer.flush().await;
+                    consumer.close().await;
+                    Ok::<_, anyhow::Error>(())
+                }));
+            }
+            for task in tasks {
+                task.await??;
+            }
+            Ok(started.elapsed().as_secs_f64())
+        })
+    };
+    // Baseline: a queue of the same messages, consumed and acked.
+    let queue = "bench-fanout-queue";
+    http.call(
+        "PUT",
+        &format!("/v1/queues/{queue}"),
+        Some(
+            json!({"max_messages": n.max(1) * 2, "max_bytes": 1u64 << 40})
+                .to_string()
+                .as_bytes(),
+        ),
+    )?;
+    runtime.block_on(async {
+        let client = BinaryClient::new(&addr, ClientOptions::default());
+        let producer = client.producer(queue, ProducerOptions::default());
+        // At most 50,000 unanswered at a time (as `send_all`).
+        let mut window = std::collections::VecDeque::new();
+        for _ in 0..n {
+            window.push_back(producer.send(Message::new(value.clone())));
+            if window.len() >= 50_000 {
+                window.pop_front().expect("not empty").await?;
+            }
+        }
+        for sent in window {
+            sent.await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let before = cpu();
+    let queue_s = drain(vec![queue.to_string()])?;
+    let queue_cpu = cpu() - before;
+    let mut rounds = Vec::new();
+    for &count in &subs {
+        let names: Vec<String> = (0..count).map(|i| format!("s{count}-{i}")).collect();
+        for name in &names {
+            http.call(
+                "PUT",
+                &format!("/v1/streams/{stream}/subscriptions/{name}"),
+                Some(b"{}"),
+            )?;
+        }
+        let before = cpu();
+        let seconds = drain(names.iter().map(|s| format!("{stream}/{s}")).collect())?;
+        let used = cpu() - before;
+        for name in &names {
+            let _ = http.call(
+                "DELETE",
+                &format!("/v1/streams/{stream}/subscriptions/{name}"),
+                None,
+            );
+        }
+        let delivered = (n * count as u64) as f64;
+        rounds.push(json!({
+            "subscriptions": count,
+            "deliveries_per_s": (delivered / seconds).round(),
+            "seconds": seconds,
+            "server_cpu_s": used,
+            "server_cpu_us_per_delivery": used * 1e6 / delivered,
+        }));
+    }
+    let nf = n as f64;
+    let result = json!({
+        "workload": "subscriptions",
+        "records": n,
+        "size": args.size,
+        "partitions": args.partitions,
+        "produce_records_per_s": (nf / produce_s).round(),
+        "group_records_per_s": (nf / group_s).round(),
+        "group_server_cpu_us_per_record": group_cpu * 1e6 / nf,
+        "queue_deliveries_per_s": (nf / queue_s).round(),
+        "queue_server_cpu_us_per_delivery": queue_cpu * 1e6 / nf,
+        "rounds": rounds,
+    });
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        outln!(
+            "tidewater bench subscriptions: {n} records of {} B in one stream of {} partitions (produced at {:.0}/s), binary protocol",
+            args.size,
+            args.partitions,
+            nf / produce_s
+        );
+        outln!(
+            "  baseline: one group consumer   {:>9.0} records/s, {:.3} us server CPU per record",
+            nf / group_s,
+            group_cpu * 1e6 / nf
+        );
+        outln!(
+            "  baseline: a queue, consume+ack {:>9.0} msgs/s,    {:.3} us server CPU per message",
+            nf / queue_s,
+            queue_cpu * 1e6 / nf
+        );
+        for r in &rounds {
+            outln!(
+                "  {:>2} subscriptions drained at once: {:>9.0} deliveries/s, {:.3} us server CPU per delivery",
+                r["subscriptions"],
+                r["deliveries_per_s"].as_f64().unwrap_or(0.0),
+                r["server_cpu_us_per_delivery"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    drop(spawned);
+    Ok(())
 }
 
 /// The compaction workload (its own server: 8 MiB segments, checkpoints each second):

@@ -140,6 +140,8 @@ struct Inner {
     groups_changed: Notify,
     /// A compaction pass is running (one at a time).
     compacting: AtomicBool,
+    /// What the partitions' batch caches (for subscriptions) may hold together.
+    cache_budget: Arc<crate::stream::source::CacheBudget>,
 }
 
 #[derive(Clone)]
@@ -181,13 +183,16 @@ impl Broker {
         let (stream_logs, recovered): (Vec<_>, Vec<_>) = recovered
             .into_iter()
             .partition(|log| crate::stream::config::parse_partition_log_name(&log.name).is_some());
-        let streams = streams::recover_streams(&store, stream_logs).map_err(|reason| {
-            tidewater_storage::OpenError::Corrupt {
-                path: dir.to_path_buf(),
-                position: 0,
-                reason,
-            }
-        })?;
+        let cache_budget =
+            crate::stream::source::CacheBudget::new(options.limits.subscription_cache_bytes);
+        let streams =
+            streams::recover_streams(&store, stream_logs, &cache_budget).map_err(|reason| {
+                tidewater_storage::OpenError::Corrupt {
+                    path: dir.to_path_buf(),
+                    position: 0,
+                    reason,
+                }
+            })?;
         let stream_parts = streams
             .values()
             .flat_map(|s| s.partition_handles_now())
@@ -316,6 +321,7 @@ impl Broker {
             streams_grew: Notify::new(),
             groups_changed: Notify::new(),
             compacting: AtomicBool::new(false),
+            cache_budget,
         });
         // Durable data becomes visible to consumers; wake their long-polls.
         let weak = Arc::downgrade(&inner);

@@ -92,6 +92,8 @@ pub(crate) struct PartitionHandle {
     pub(super) next_horizon: std::sync::atomic::AtomicI64,
     /// Subscriptions reading it (its durable end wakes them).
     pub(super) subscribers: RwLock<Vec<Arc<super::QueueHandle>>>,
+    /// The last batches its subscriptions read (shared by them).
+    pub(super) cache: Arc<crate::stream::source::BatchCache>,
 }
 
 /// A stream as shown.
@@ -152,6 +154,7 @@ pub struct FetchWant {
 pub(crate) fn recover_streams(
     store: &Store,
     logs: Vec<RecoveredLog>,
+    budget: &Arc<crate::stream::source::CacheBudget>,
 ) -> Result<HashMap<String, Arc<StreamHandle>>, String> {
     let mut by_stream: BTreeMap<String, Vec<(u32, RecoveredLog)>> = BTreeMap::new();
     for log in logs {
@@ -187,6 +190,7 @@ pub(crate) fn recover_streams(
                     cleaned_to: AtomicU64::new(log.ack_floor),
                     next_horizon: std::sync::atomic::AtomicI64::new(i64::MAX),
                     subscribers: RwLock::new(Vec::new()),
+                    cache: crate::stream::source::BatchCache::new(budget.clone()),
                 })
             })
             .collect();
@@ -406,6 +410,7 @@ impl Broker {
                     cleaned_to: AtomicU64::new(0),
                     next_horizon: std::sync::atomic::AtomicI64::new(i64::MAX),
                     subscribers: RwLock::new(Vec::new()),
+                    cache: crate::stream::source::BatchCache::new(self.inner.cache_budget.clone()),
                 }));
             }
         }

@@ -129,7 +129,7 @@ pub(crate) struct SubscriptionOf {
 fn kafka_sources(parts: &[Arc<PartitionHandle>]) -> Vec<KafkaSource> {
     parts
         .iter()
-        .map(|p| KafkaSource::new(p.reader.clone(), p.partition))
+        .map(|p| KafkaSource::new(p.reader.clone(), p.partition).with_cache(p.cache.clone()))
         .collect()
 }
 

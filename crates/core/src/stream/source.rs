@@ -14,7 +14,9 @@
 
 use bytes::Bytes;
 use tidewater_storage::format::RecordView;
-use tidewater_storage::format::kafka::{BatchRecord, batch_records, check_kafka_batch};
+use tidewater_storage::format::kafka::{
+    BatchRecord, batch_records_at, check_kafka_batch, record_positions,
+};
 use tidewater_storage::format::{FormatError, NewRecord, encode_record, view_record};
 use tidewater_storage::{LogReader, ReadError, Record, StoredBatch};
 
@@ -23,8 +25,160 @@ use crate::queue::RecordSource;
 /// Header marking a delivered tombstone (a record whose value is null).
 pub const HEADER_TOMBSTONE: &str = "tidewater-tombstone";
 
-/// Bytes of stored batches read at a time.
-const READ_BYTES: usize = 1 << 20;
+/// Bytes of stored batches read at first in one read (doubling while it reads on, up to
+/// `MAX_READ_BYTES`): a delivery that wants a few records reads little.
+const FIRST_READ_BYTES: usize = 64 << 10;
+const MAX_READ_BYTES: usize = 4 << 20;
+
+/// A checked batch keeps where every this many records start, once it is read from the
+/// middle (so a read from the middle of a large batch does not decode the records before
+/// it).
+const MARK_EVERY: usize = 32;
+
+/// Batches a partition's cache keeps at most (and `CACHE_BYTES_PER_PARTITION` bytes).
+const CACHE_BATCHES: usize = 8;
+const CACHE_BYTES_PER_PARTITION: u64 = 8 << 20;
+
+/// A stored batch with its Kafka header checked (its CRC once, not at every read) and,
+/// found when first needed, where some of its records start.
+#[derive(Debug)]
+pub struct CheckedBatch {
+    batch: StoredBatch,
+    header: tidewater_storage::format::kafka::KafkaBatchHeader,
+    marks: std::sync::OnceLock<Vec<(u64, usize)>>,
+}
+
+impl CheckedBatch {
+    fn check(batch: StoredBatch) -> Result<CheckedBatch, FormatError> {
+        let header = check_kafka_batch(&batch.kafka)?;
+        Ok(CheckedBatch {
+            batch,
+            header,
+            marks: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn holds(&self, offset: u64) -> bool {
+        self.batch.base_offset <= offset
+            && offset < self.batch.base_offset + u64::from(self.batch.span)
+    }
+
+    /// Where to start decoding to reach `offset`: a record at or before it.
+    fn position_for(&self, offset: u64) -> usize {
+        if offset <= self.batch.base_offset {
+            return 0;
+        }
+        let marks = self.marks.get_or_init(|| {
+            record_positions(&self.batch.kafka, self.batch.base_offset, MARK_EVERY)
+        });
+        let i = marks.partition_point(|(o, _)| *o <= offset);
+        if i == 0 { 0 } else { marks[i - 1].1 }
+    }
+}
+
+/// The bytes all partitions' batch caches may hold together (`[limits]
+/// subscription_cache_bytes`): past it, batches are read and not kept.
+#[derive(Debug)]
+pub struct CacheBudget {
+    used: std::sync::atomic::AtomicU64,
+    max: u64,
+}
+
+impl CacheBudget {
+    pub fn new(max: u64) -> std::sync::Arc<CacheBudget> {
+        std::sync::Arc::new(CacheBudget {
+            used: std::sync::atomic::AtomicU64::new(0),
+            max,
+        })
+    }
+
+    /// Bytes held by caches now.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn take(&self, bytes: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= self.max).then_some(used + bytes)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: u64) {
+        self.used
+            .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The last stored batches read from one partition, shared by every subscription of it:
+/// subscriptions near the head read (and check) each batch from the file once whatever
+/// their number, and a delivery that takes part of a large batch does not read it again
+/// for the rest. Bounded per partition and by a broker-wide budget.
+#[derive(Debug)]
+pub struct BatchCache {
+    batches: parking_lot::Mutex<std::collections::VecDeque<std::sync::Arc<CheckedBatch>>>,
+    budget: std::sync::Arc<CacheBudget>,
+}
+
+impl BatchCache {
+    pub fn new(budget: std::sync::Arc<CacheBudget>) -> std::sync::Arc<BatchCache> {
+        std::sync::Arc::new(BatchCache {
+            batches: parking_lot::Mutex::new(std::collections::VecDeque::new()),
+            budget,
+        })
+    }
+
+    /// The cached batch holding `offset`, if any.
+    fn holding(&self, offset: u64) -> Option<std::sync::Arc<CheckedBatch>> {
+        self.batches
+            .lock()
+            .iter()
+            .find(|b| b.holds(offset))
+            .cloned()
+    }
+
+    /// Keeps a batch just read, evicting the oldest, when the budget allows.
+    fn keep(&self, batch: &std::sync::Arc<CheckedBatch>) {
+        let size = batch.batch.kafka.len() as u64;
+        let mut batches = self.batches.lock();
+        if batches
+            .iter()
+            .any(|b| b.batch.base_offset == batch.batch.base_offset)
+        {
+            return;
+        }
+        while !batches.is_empty()
+            && (batches.len() >= CACHE_BATCHES
+                || batches
+                    .iter()
+                    .map(|b| b.batch.kafka.len() as u64)
+                    .sum::<u64>()
+                    + size
+                    > CACHE_BYTES_PER_PARTITION)
+        {
+            if let Some(old) = batches.pop_front() {
+                self.budget.give_back(old.batch.kafka.len() as u64);
+            }
+        }
+        if size <= CACHE_BYTES_PER_PARTITION && self.budget.take(size) {
+            batches.push_back(batch.clone());
+        }
+    }
+}
+
+impl Drop for BatchCache {
+    fn drop(&mut self) {
+        let held: u64 = self
+            .batches
+            .get_mut()
+            .iter()
+            .map(|b| b.batch.kafka.len() as u64)
+            .sum();
+        self.budget.give_back(held);
+    }
+}
 
 /// Where a partition's stored batches come from (its log reader; a list in tests).
 pub trait BatchRead {
@@ -44,11 +198,22 @@ impl BatchRead for LogReader {
 pub struct KafkaSource<R = LogReader> {
     reader: R,
     partition: u32,
+    cache: Option<std::sync::Arc<BatchCache>>,
 }
 
 impl<R: BatchRead> KafkaSource<R> {
     pub fn new(reader: R, partition: u32) -> Self {
-        KafkaSource { reader, partition }
+        KafkaSource {
+            reader,
+            partition,
+            cache: None,
+        }
+    }
+
+    /// Reads through `cache` (the partition's, shared by its subscriptions).
+    pub fn with_cache(mut self, cache: std::sync::Arc<BatchCache>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     pub fn reader(&self) -> &R {
@@ -59,31 +224,53 @@ impl<R: BatchRead> KafkaSource<R> {
     /// false or the durable records end.
     fn each(&self, from: u64, visit: &mut dyn FnMut(Record) -> bool) -> Result<(), ReadError> {
         let mut at = from;
+        let mut chunk = FIRST_READ_BYTES;
         loop {
-            let batches = self.reader.read_batches(at, READ_BYTES)?;
+            let batches = match self.cache.as_ref().and_then(|c| c.holding(at)) {
+                Some(batch) => vec![batch],
+                None => {
+                    let read = self.reader.read_batches(at, chunk)?;
+                    chunk = (chunk * 2).min(MAX_READ_BYTES);
+                    let mut checked = Vec::with_capacity(read.len());
+                    for batch in read {
+                        let base = batch.base_offset;
+                        let batch = std::sync::Arc::new(
+                            CheckedBatch::check(batch).map_err(|e| self.corrupt(base, e))?,
+                        );
+                        if let Some(cache) = &self.cache {
+                            cache.keep(&batch);
+                        }
+                        checked.push(batch);
+                    }
+                    checked
+                }
+            };
             if batches.is_empty() {
                 return Ok(());
             }
             let mut moved = false;
-            for batch in batches {
+            for checked in batches {
+                let batch = &checked.batch;
                 let end = batch.base_offset + batch.span as u64;
                 if end <= at {
                     continue;
                 }
-                let corrupt = |reason: FormatError| ReadError::Corrupt {
-                    path: format!("partition {} of a stream", self.partition).into(),
-                    position: batch.base_offset,
-                    reason,
-                };
-                let header = check_kafka_batch(&batch.kafka).map_err(corrupt)?;
-                if header.compression() != 0 {
+                if checked.header.compression() != 0 {
                     // Produce refuses compressed batches today; a subscription cannot
                     // deliver records it cannot read (the Kafka protocol will bring a
                     // decompressor here).
-                    return Err(corrupt(FormatError::Compressed));
+                    return Err(self.corrupt(batch.base_offset, FormatError::Compressed));
                 }
-                for record in batch_records(&batch.kafka, &header, batch.base_offset, at) {
-                    let record = record.map_err(corrupt)?;
+                let position = checked.position_for(at);
+                let records = batch_records_at(
+                    &batch.kafka,
+                    &checked.header,
+                    batch.base_offset,
+                    at,
+                    position,
+                );
+                for record in records {
+                    let record = record.map_err(|e| self.corrupt(batch.base_offset, e))?;
                     if !visit(self.to_record(&batch.kafka, record)) {
                         return Ok(());
                     }
@@ -94,6 +281,14 @@ impl<R: BatchRead> KafkaSource<R> {
             if !moved {
                 return Ok(());
             }
+        }
+    }
+
+    fn corrupt(&self, position: u64, reason: FormatError) -> ReadError {
+        ReadError::Corrupt {
+            path: format!("partition {} of a stream", self.partition).into(),
+            position,
+            reason,
         }
     }
 
@@ -342,5 +537,45 @@ mod tests {
                 (3, Some(b"d".to_vec()), 2)
             ]
         );
+    }
+
+    #[test]
+    fn a_cache_serves_reads_from_inside_large_batches_as_the_file_does() {
+        let records: Vec<(u64, &str, Option<&str>)> =
+            (0..500).map(|i| (i, "k", Some("value"))).collect();
+        let big = || {
+            Batches(vec![
+                batch(0, 500, &records),
+                batch(500, 1, &[(0, "z", Some("end"))]),
+            ])
+        };
+        let plain = KafkaSource::new(big(), 0);
+        let budget = CacheBudget::new(1 << 20);
+        let cached = KafkaSource::new(big(), 0).with_cache(BatchCache::new(budget.clone()));
+        for from in [0, 1, 31, 32, 33, 250, 499, 500, 501] {
+            for count in [1, 7, 100, 1_000] {
+                let want = offsets(&plain.read(from, count, usize::MAX).unwrap());
+                // Twice: the first read fills the cache, the second is served from it.
+                for _ in 0..2 {
+                    assert_eq!(
+                        offsets(&cached.read(from, count, usize::MAX).unwrap()),
+                        want,
+                        "{from} {count}"
+                    );
+                }
+            }
+        }
+        assert!(budget.used() > 0);
+        // The budget bounds what is kept (and a dropped cache gives its bytes back).
+        let small = CacheBudget::new(100);
+        let tiny = KafkaSource::new(big(), 0).with_cache(BatchCache::new(small.clone()));
+        assert_eq!(tiny.read(10, 5, usize::MAX).unwrap().len(), 5);
+        assert!(
+            small.used() <= 100,
+            "the large batch was not kept: {}",
+            small.used()
+        );
+        drop(cached);
+        assert_eq!(budget.used(), 0);
     }
 }
