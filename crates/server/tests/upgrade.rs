@@ -177,5 +177,43 @@ fn a_data_directory_with_streams_groups_and_compaction_opens_and_works() {
             .map(|p| p["end_offset"].as_u64().unwrap())
             .sum();
         assert_eq!(ends_after, events + 1, "{fixture}");
+        // A work-queue subscription over the old stream, from its start, delivers every
+        // record once (and the tombstone of the old compacted stream, marked); it survives
+        // a crash (the first checkpoint with a view is version 04).
+        server.ok("PUT", "/v1/streams/events/subscriptions/work", None);
+        server.ok("PUT", "/v1/streams/table/subscriptions/work", None);
+        let mut delivered = 0;
+        for _ in 0..20 {
+            let got = server.ok(
+                "POST",
+                "/v1/streams/events/subscriptions/work/receive",
+                Some(json!({"max": 100, "wait_ms": 50})),
+            );
+            let messages = got["messages"].as_array().unwrap();
+            if messages.is_empty() {
+                break;
+            }
+            delivered += messages.len() as u64;
+            let receipts: Vec<&str> = messages.iter().map(|m| m["receipt"].as_str().unwrap()).collect();
+            server.ok(
+                "POST",
+                "/v1/streams/events/subscriptions/work/ack",
+                Some(json!({"receipts": receipts})),
+            );
+        }
+        assert_eq!(delivered, events + 1, "{fixture}");
+        let table = server.ok(
+            "POST",
+            "/v1/streams/table/subscriptions/work/receive",
+            Some(json!({"max": 100})),
+        );
+        let table = table["messages"].as_array().unwrap();
+        assert_eq!(table.len(), 4, "{fixture}: {table:?}");
+        assert_eq!(table[3]["headers"]["tidewater-tombstone"], "1", "{fixture}");
+        server.kill_and_restart();
+        let work = server.ok("GET", "/v1/streams/events/subscriptions/work", None);
+        assert_eq!(work["stats"]["total"], 0, "{fixture}: {work}");
+        let table = server.ok("GET", "/v1/streams/table/subscriptions/work", None);
+        assert_eq!(table["stats"]["total"], 4, "{fixture}: leases are not durable: {table}");
     }
 }
