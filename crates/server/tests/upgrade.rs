@@ -194,7 +194,10 @@ fn a_data_directory_with_streams_groups_and_compaction_opens_and_works() {
                 break;
             }
             delivered += messages.len() as u64;
-            let receipts: Vec<&str> = messages.iter().map(|m| m["receipt"].as_str().unwrap()).collect();
+            let receipts: Vec<&str> = messages
+                .iter()
+                .map(|m| m["receipt"].as_str().unwrap())
+                .collect();
             server.ok(
                 "POST",
                 "/v1/streams/events/subscriptions/work/ack",
@@ -214,6 +217,9 @@ fn a_data_directory_with_streams_groups_and_compaction_opens_and_works() {
         let work = server.ok("GET", "/v1/streams/events/subscriptions/work", None);
         assert_eq!(work["stats"]["total"], 0, "{fixture}: {work}");
         let table = server.ok("GET", "/v1/streams/table/subscriptions/work", None);
-        assert_eq!(table["stats"]["total"], 4, "{fixture}: leases are not durable: {table}");
+        assert_eq!(
+            table["stats"]["total"], 4,
+            "{fixture}: leases are not durable: {table}"
+        );
     }
 }
