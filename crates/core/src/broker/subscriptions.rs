@@ -21,7 +21,7 @@ use super::{Broker, QueueHandle};
 use crate::error::{BrokerError, ErrorCode};
 use crate::queue::{Positioned, QueueState, QueueStats, RecordSource, position};
 use crate::stream::config::StreamConfig;
-use crate::stream::retention::{Pin, plan_pinned};
+use crate::stream::retention::{Pin, PinnedPlan, plan_pinned};
 use crate::stream::source::KafkaSource;
 use crate::stream::subscription::{
     OnRetention, SubscriptionConfig, SubscriptionLog, SubscriptionPatch, SubscriptionRetention,
@@ -644,21 +644,13 @@ impl Broker {
         }
     }
 
-    /// Retention on a partition with subscriptions (maintenance): what it would delete
-    /// (`plan_retention`) goes, but not past a subscription's floor while it is within its
-    /// caps (`plan_pinned`). A subscription over its caps lets go of its oldest records:
-    /// `drop` settles them in the same write as the partition's (counted as
-    /// `retention_expired`); `dead_letter` moves them to its dead-letter queue first, a
-    /// bounded step per tick, and retention waits for its floor. Every view of the deleted
-    /// range is settled with the partition, so a view never keeps offsets its partition let
-    /// go (recovery refuses that as missing data). Returns (new start, bytes deleted) when
-    /// the partition's start moved.
-    pub(super) async fn retain_partition(
-        &self,
+    /// The partition's subscriptions, their pins, and retention's plan with them.
+    #[allow(clippy::type_complexity)]
+    fn pinned_plan(
         part: &PartitionHandle,
         config: &StreamConfig,
         now: i64,
-    ) -> Result<Option<(u64, u64)>, BrokerError> {
+    ) -> Option<(Vec<Arc<QueueHandle>>, Vec<(Pin, OnRetention)>, PinnedPlan)> {
         let start = part.start();
         let segments = part.reader.segments();
         let subs: Vec<Arc<QueueHandle>> = part.subscribers.read().clone();
@@ -686,7 +678,45 @@ impl Broker {
             })
             .collect();
         let plain: Vec<Pin> = pins.iter().map(|(p, _)| *p).collect();
-        let Some(plan) = plan_pinned(&segments, start, config, now, &plain) else {
+        let plan = plan_pinned(&segments, start, config, now, &plain)?;
+        Some((subs, pins, plan))
+    }
+
+    /// Retention on a partition with subscriptions (maintenance): what it would delete
+    /// (`plan_retention`) goes, but not past a subscription's floor while it is within its
+    /// caps (`plan_pinned`). A subscription over its caps lets go of its oldest records:
+    /// `drop` settles them in the same write as the partition's (counted as
+    /// `retention_expired`); `dead_letter` moves them to its dead-letter queue first, a
+    /// bounded step per tick, and retention waits for its floor. Every view of the deleted
+    /// range is settled with the partition, so a view never keeps offsets its partition let
+    /// go (recovery refuses that as missing data). Returns (new start, bytes deleted) when
+    /// the partition's start moved.
+    pub(super) async fn retain_partition(
+        &self,
+        part: &PartitionHandle,
+        config: &StreamConfig,
+        now: i64,
+    ) -> Result<Option<(u64, u64)>, BrokerError> {
+        // Dead-letter moves first, outside the admin lock (a move may create the
+        // dead-letter queue, which takes it).
+        if let Some((subs, pins, plan)) = Self::pinned_plan(part, config, now) {
+            for &(i, to) in &plan.releases {
+                let (pin, on_retention) = pins[i];
+                if on_retention == OnRetention::DeadLetter {
+                    let index = part.partition as usize + 1;
+                    self.dead_letter_released(&subs[i], index, pin.floor..to)
+                        .await;
+                }
+            }
+        }
+        // Then the plan again, under the admin lock: the partition's subscriptions cannot
+        // change until the write lands (a subscription made meanwhile would have a view
+        // this write does not settle, which recovery refuses).
+        let _admin = self.inner.admin.lock().await;
+        let start = part.start();
+        let segments = part.reader.segments();
+        let index = part.partition as usize + 1;
+        let Some((subs, pins, plan)) = Self::pinned_plan(part, config, now) else {
             return Ok(None);
         };
         let mut new_start = plan.new_start;
@@ -697,10 +727,8 @@ impl Broker {
             match on_retention {
                 OnRetention::Drop => drops.push((i, to)),
                 OnRetention::DeadLetter => {
-                    // Retention waits at its floor while its records move.
+                    // Retention waits at its floor while its records move (above).
                     new_start = new_start.min(segment_end_at_or_below(&segments, start, pin.floor));
-                    self.dead_letter_released(&subs[i], index, pin.floor..to)
-                        .await;
                 }
             }
         }
