@@ -53,8 +53,21 @@ pub struct Delivery {
     pub key: Option<String>,
     pub headers: Vec<(String, String)>,
     pub delivery_count: u32,
+    /// The offset in its queue, or in its partition (a subscription's).
     pub offset: u64,
     pub published_at_ms: i64,
+}
+
+impl Delivery {
+    /// The stream partition a subscription's delivery came from (its id is
+    /// `<partition>-<offset>`); `None` for a queue's message, and for a subscription's
+    /// merged or redriven ones.
+    pub fn partition(&self) -> Option<u32> {
+        let (partition, offset) = self.id.split_once('-')?;
+        (offset.parse::<u64>().ok()? == self.offset)
+            .then(|| partition.parse().ok())
+            .flatten()
+    }
 }
 
 enum AckCmd {

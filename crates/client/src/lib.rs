@@ -190,6 +190,33 @@ impl Client {
         Consumer::start(self.clone(), queue.to_string(), opts)
     }
 
+    /// Consumes a work-queue subscription on a stream (the broker names it
+    /// `stream/subscription`): a consumer as for a queue, whose deliveries say their
+    /// partition (`Delivery::partition`).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), tidewater_client::ClientError> {
+    /// use tidewater_client::{Client, ClientOptions, ConsumerOptions};
+    ///
+    /// let client = Client::new("127.0.0.1:7071", ClientOptions::default());
+    /// let mut billing = client.subscription("orders", "billing", ConsumerOptions::default());
+    /// while let Some(delivery) = billing.next().await {
+    ///     let delivery = delivery?;
+    ///     println!("partition {:?} offset {}", delivery.partition(), delivery.offset);
+    ///     billing.ack(&delivery);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn subscription(
+        &self,
+        stream: &str,
+        subscription: &str,
+        opts: ConsumerOptions,
+    ) -> Consumer {
+        self.consumer(&format!("{stream}/{subscription}"), opts)
+    }
+
     /// Produces to a stream: records batch per partition; each send resolves to where its
     /// record went.
     ///
