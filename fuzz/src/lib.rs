@@ -71,11 +71,12 @@ pub fn repair_checkpoint(buf: &mut [u8]) {
         return;
     }
     // Odd length: version 04 (each log has a source: views); even: 02 (as 03).
-    buf[..8].copy_from_slice(if buf.len() % 2 == 1 {
+    let magic = if buf.len() % 2 == 1 {
         b"TWCKPT04"
     } else {
         b"TWCKPT02"
-    });
+    };
+    buf[..8].copy_from_slice(magic);
     let len = (buf.len() - 20) as u64;
     buf[8..16].copy_from_slice(&len.to_le_bytes());
     let crc = crc32c::crc32c(&buf[20..]);
