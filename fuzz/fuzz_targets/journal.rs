@@ -25,6 +25,25 @@ fn replay(states: &mut BTreeMap<u64, LogState>, entry: &Entry<'_>) {
                 s.config = config.into();
             }
         }
+        Entry::CreateView {
+            uid,
+            name,
+            source,
+            floor,
+        } => {
+            // As replay: a view of an existing log that is not a view (never of itself).
+            let Some(src) = states.get(&source).filter(|s| s.source.is_none()) else {
+                return;
+            };
+            if uid == source || uid == 0 {
+                return;
+            }
+            let mut view = LogState::new(uid, name.into(), String::new());
+            view.source = Some(source);
+            view.next_offset = src.next_offset;
+            view.ack_floor = floor.clamp(src.ack_floor.min(src.next_offset), src.next_offset);
+            states.insert(uid, view);
+        }
         Entry::DeleteLog { uid } => {
             states.remove(&uid);
         }

@@ -569,7 +569,7 @@ fn binary_error(err: tidewater_client::ClientError) -> anyhow::Error {
     anyhow::Error::new(match err {
         E::Server { code, message } => ClientError::from_server_code(code, message),
         E::Unavailable(_) | E::CircuitOpen => ClientError::Unreachable(format!(
-            "{err}. Is `tidewater serve` running, with its binary protocol at --protocol-server?"
+            "{err}. Is `tidewater serve` running, with its binary protocol at this address? (--protocol-server or TIDEWATER_PROTOCOL_SERVER)"
         )),
         other => ClientError::Other(other.to_string()),
     })
@@ -817,6 +817,10 @@ fn delivery_json(d: &tidewater_client::Delivery) -> Value {
         "offset": d.offset,
         "headers": Value::Object(d.headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
     });
+    // A subscription's delivery from a stream partition.
+    if let Some(partition) = d.partition() {
+        m["partition"] = json!(partition);
+    }
     // The HTTP API's rule (api::BodyEncoding), so both protocols print a body alike.
     match crate::api::BodyEncoding::Auto.as_text(&d.body) {
         Some(text) => m["body"] = json!(text),

@@ -254,6 +254,20 @@ pub fn subscription(
                 })
                 .collect();
             table(&["PARTITION", "FLOOR", "END", "PENDING"], &rows);
+            // Redriven and merged messages wait in the subscription's own log.
+            let in_partitions: u64 = info["partitions"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .filter_map(|p| p["pending"].as_u64())
+                .sum();
+            let own = st["total"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(in_partitions);
+            if own > 0 {
+                outln!("and {own} redriven or merged messages in its own log");
+            }
             Ok(())
         }
         SubscriptionCommand::Purge { name } => {

@@ -107,6 +107,9 @@ impl std::fmt::Display for ClientError {
                 message,
                 ..
             } => write!(f, "{message} ({code}, HTTP {status})"),
+            ClientError::Unreachable(what) if what.contains("--protocol-server") => {
+                write!(f, "cannot reach the server: {what}")
+            }
             ClientError::Unreachable(what) => write!(
                 f,
                 "cannot reach the server: {what}. Is `tidewater serve` running? (--server or TIDEWATER_SERVER)"

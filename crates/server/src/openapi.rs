@@ -828,12 +828,17 @@ pub fn document(limits: &Limits) -> Value {
         "anyOf": [schema_ref("SubscriptionPatch"),
             {"type": "object", "additionalProperties": false, "required": ["config"], "properties": {"config": schema_ref("SubscriptionPatch")}}]}));
     let mut sub_config = schemas_map["QueueConfig"].clone();
+    let not_for = tidewater_core::stream::subscription::NOT_FOR_SUBSCRIPTIONS;
     if let Some(props) = sub_config["properties"].as_object_mut() {
+        for field in not_for {
+            props.remove(field);
+        }
         for (name, schema) in subscription_retention_schemas() {
             props.insert(name.into(), schema);
         }
     }
     if let Some(required) = sub_config["required"].as_array_mut() {
+        required.retain(|f| !not_for.contains(&f.as_str().unwrap_or("")));
         required.extend([
             json!("pin_max_ms"),
             json!("pin_max_bytes"),

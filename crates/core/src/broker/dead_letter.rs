@@ -23,7 +23,7 @@ impl Broker {
         }
     }
 
-    async fn try_dead_letter(
+    pub(super) async fn try_dead_letter(
         &self,
         handle: &Arc<QueueHandle>,
         items: Settling,

@@ -402,6 +402,12 @@ impl Broker {
     }
 
     pub(super) fn queue(&self, name: &str) -> Result<Arc<QueueHandle>, BrokerError> {
+        if let Some((stream, _)) = name.split_once('/') {
+            // A subscription's name where only a queue goes (publish, peek, redrive from).
+            return Err(BrokerError::invalid(format!(
+                "'{name}' names a subscription (stream/subscription), not a queue: records are produced to the stream '{stream}', and a subscription is received from, acked and purged"
+            )));
+        }
         self.inner
             .queues
             .read()

@@ -30,6 +30,10 @@ use crate::stream::subscription::{
     view_log_name,
 };
 
+/// The error a record dead-lettered by retention carries in its history.
+const RETENTION_ERROR: &str =
+    "retention: the stream deleted it past the subscription's pin_max_ms/pin_max_bytes";
+
 /// Where a queue handle's records come from.
 pub(crate) enum Records {
     /// A queue: its log.
@@ -98,7 +102,8 @@ impl RecordSource for Records {
 pub struct SubscriptionInfo {
     pub stream: String,
     pub name: String,
-    pub config: SubscriptionConfig,
+    /// Its configuration (`SubscriptionConfig::shown`).
+    pub config: serde_json::Value,
     pub stats: QueueStats,
     /// Messages dropped unsettled because retention deleted their records.
     pub retention_expired: u64,
@@ -360,7 +365,7 @@ impl Broker {
                 retention: patch.retention.apply(&current.retention),
             };
             next.queue.validate(&path, limits)?;
-            next.retention.validate()?;
+            next.retention.validate(&next.queue)?;
             if next != current {
                 let config = serde_json::to_string(&next).expect("config serializes");
                 self.write(
@@ -407,7 +412,7 @@ impl Broker {
             retention: patch.retention.apply(&SubscriptionRetention::default()),
         };
         config.queue.validate(&path, limits)?;
-        config.retention.validate()?;
+        config.retention.validate(&config.queue)?;
         let parts = stream.partition_handles_now();
         let start = patch.start.unwrap_or_default();
         let mut floors = Vec::with_capacity(parts.len());
@@ -637,7 +642,8 @@ impl Broker {
             config: SubscriptionConfig {
                 queue: state.config.clone(),
                 retention: *of.retention.lock(),
-            },
+            }
+            .shown(),
             stats,
             retention_expired: state.counters.retention_expired,
             partitions,
@@ -732,6 +738,14 @@ impl Broker {
                 }
             }
         }
+        if new_start < plan.new_start {
+            // A dead-letter move holds retention back: the others drop only as far as it
+            // goes now (records still stored free no disk).
+            for drop in &mut drops {
+                drop.1 = drop.1.min(new_start);
+            }
+            drops.retain(|&(i, to)| to > pins[i].0.floor);
+        }
         if new_start <= start && drops.is_empty() {
             return Ok(None);
         }
@@ -793,22 +807,33 @@ impl Broker {
             let mut wanted = state.pending_offsets(from, 1_000);
             wanted.retain(|&p| p < end);
             let claimed = state.claim(&wanted);
-            state.counters.retention_expired += claimed.len() as u64;
+            let now = self.now_ms();
             claimed
                 .into_iter()
-                .map(|offset| crate::queue::Unacked {
-                    offset,
-                    delivery_count: state.history(offset).map_or(0, |h| h.delivery_count),
-                    size: 0,
+                .map(|offset| {
+                    // Why it is in the dead-letter queue, in its history.
+                    state.record_attempt(offset, 0, Some((now, RETENTION_ERROR.to_string())));
+                    crate::queue::Unacked {
+                        offset,
+                        delivery_count: state.history(offset).map_or(0, |h| h.delivery_count),
+                        size: 0,
+                    }
                 })
                 .collect::<Vec<_>>()
         };
         if items.is_empty() {
             return;
         }
-        tracing::info!(subscription = %handle.name, messages = items.len(), "retention: moving records the subscription held past its caps to its dead-letter queue");
+        let n = items.len() as u64;
+        tracing::info!(subscription = %handle.name, messages = n, "retention: moving records the subscription held past its caps to its dead-letter queue");
         let settling = super::guard::Settling::marked(handle, items, &self.inner.clock);
-        self.dead_letter(handle, settling).await;
+        match self.try_dead_letter(handle, settling).await {
+            // Counted once moved (a failed move is tried again at the next tick).
+            Ok(()) => handle.state.lock().counters.retention_expired += n,
+            Err(err) => {
+                tracing::warn!(subscription = %handle.name, error = %err, "retention: moving records to the dead-letter queue failed; retention waits and tries again")
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! `#sub/T/S/<p>` (source `p + 1`). Consumers name it `T/S` wherever they name a queue
 //! (queue names cannot hold `/`).
 
-use crate::config::{ConfigPatch, Limits, MAX_QUEUE_NAME_LEN, QueueConfig, validate_name};
+use crate::config::{ConfigPatch, Limits, QueueConfig, validate_name};
 use crate::error::{BrokerError, ErrorCode};
 
 /// Prefix of the storage logs of subscriptions.
@@ -154,7 +154,14 @@ impl SubscriptionRetention {
         )
     }
 
-    pub fn validate(&self) -> Result<(), BrokerError> {
+    /// Checks the settings, with the queue settings they go with.
+    pub fn validate(&self, queue: &QueueConfig) -> Result<(), BrokerError> {
+        if self.on_retention == OnRetention::DeadLetter && queue.dead_letter_queue.is_none() {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidConfig,
+                "on_retention \"dead_letter\" needs a dead_letter_queue: name one, or use on_retention \"drop\"",
+            ));
+        }
         for (name, value) in [
             ("pin_max_ms", self.pin_max_ms),
             ("pin_max_bytes", self.pin_max_bytes),
@@ -172,14 +179,31 @@ impl SubscriptionRetention {
     }
 }
 
-/// A subscription's configuration as stored and shown: a queue's settings and how it holds
-/// back retention.
+/// A subscription's configuration as stored: a queue's settings and how it holds back
+/// retention (shown without the queue settings a subscription does not take: `shown`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SubscriptionConfig {
     #[serde(flatten)]
     pub queue: QueueConfig,
     #[serde(flatten)]
     pub retention: SubscriptionRetention,
+}
+
+/// Queue settings that act at publish: stored, never shown nor taken for a subscription.
+pub const NOT_FOR_SUBSCRIPTIONS: [&str; 4] =
+    ["quota", "dedup_window_ms", "max_messages", "max_bytes"];
+
+impl SubscriptionConfig {
+    /// As the API shows it (and takes it back in a PUT): without `NOT_FOR_SUBSCRIPTIONS`.
+    pub fn shown(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("a configuration serializes");
+        if let Some(map) = value.as_object_mut() {
+            for field in NOT_FOR_SUBSCRIPTIONS {
+                map.remove(field);
+            }
+        }
+        value
+    }
 }
 
 /// A change of a subscription's retention settings (absent: unchanged; null: the default).
@@ -236,7 +260,7 @@ impl SubscriptionPatch {
             ));
         };
         let start = match object.remove("start") {
-            None => None,
+            None | Some(serde_json::Value::Null) => None,
             Some(start) => Some(SubscriptionStart::from_value(&start).ok_or_else(|| {
                 BrokerError::new(
                     ErrorCode::InvalidConfig,
@@ -279,7 +303,15 @@ impl SubscriptionPatch {
                 })
                 .transpose()?,
         };
-        let config = serde_json::from_value(value).map_err(invalid)?;
+        let config = serde_json::from_value(value).map_err(|e| {
+            let mut err = invalid(e);
+            if err.message.contains("unknown field") {
+                // (serde lists a queue's fields: a subscription takes these too.)
+                err.message
+                    .push_str(", start, pin_max_ms, pin_max_bytes, on_retention");
+            }
+            err
+        })?;
         Ok(SubscriptionPatch {
             config,
             retention,
@@ -292,8 +324,8 @@ impl SubscriptionPatch {
 /// named `<stream>.<subscription>-dlq` and no deduplication (nothing is published to it).
 pub fn subscription_defaults(stream: &str, sub: &str, limits: &Limits) -> QueueConfig {
     let mut config = QueueConfig::defaults_for(&subscription_path(stream, sub), limits);
-    let dlq = format!("{stream}.{sub}-dlq");
-    config.dead_letter_queue = (dlq.len() <= MAX_QUEUE_NAME_LEN).then_some(dlq);
+    // (A name past the limit is refused by validation, naming the fix: an explicit one.)
+    config.dead_letter_queue = Some(format!("{stream}.{sub}-dlq"));
     config.dedup_window_ms = 0;
     config
 }
