@@ -815,7 +815,7 @@ pub fn document(limits: &Limits) -> Value {
             props.insert(name.into(), props_of);
         }
         props.insert("start".into(), json!({"description": "where a new subscription starts on every partition (create only: a different start on an existing subscription is 409 config_conflict)",
-            "anyOf": [{"type": "string", "enum": ["earliest", "latest"]},
+            "anyOf": [{"type": "null"}, {"type": "string", "enum": ["earliest", "latest"]},
                 {"type": "object", "additionalProperties": false, "required": ["time"], "properties": {"time": {"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX, "description": "ms since the epoch: each partition's first record at or after it"}}}],
             "default": "earliest"}));
     }

@@ -274,12 +274,21 @@ impl SubscriptionPatch {
         let cap = |name: &str, v: serde_json::Value| -> Result<Option<i64>, BrokerError> {
             match v {
                 serde_json::Value::Null => Ok(None),
-                v => v.as_i64().map(Some).ok_or_else(|| {
-                    BrokerError::new(
-                        ErrorCode::InvalidConfig,
-                        format!("{name} must be an integer or null, got {v}"),
-                    )
-                }),
+                // (An integer written as a float is the integer, below 2^53: the API's rule.)
+                v => v
+                    .as_i64()
+                    .or_else(|| {
+                        v.as_f64()
+                            .filter(|f| f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0)
+                            .map(|f| f as i64)
+                    })
+                    .map(Some)
+                    .ok_or_else(|| {
+                        BrokerError::new(
+                            ErrorCode::InvalidConfig,
+                            format!("{name} must be an integer or null, got {v}"),
+                        )
+                    }),
             }
         };
         let retention = RetentionPatch {
@@ -416,6 +425,13 @@ mod tests {
             (p.start, p.config.lease_ms),
             (Some(SubscriptionStart::Latest), Some(5))
         );
+        let p =
+            SubscriptionPatch::from_json(br#"{"pin_max_ms":219.0,"pin_max_bytes":null}"#).unwrap();
+        assert_eq!(
+            (p.retention.pin_max_ms, p.retention.pin_max_bytes),
+            (Some(Some(219)), Some(None))
+        );
+        assert!(SubscriptionPatch::from_json(br#"{"pin_max_ms":1.5}"#).is_err());
         let p = SubscriptionPatch::from_json(br#"{"start":{"time":1700000000000}}"#).unwrap();
         assert_eq!(
             p.start,
