@@ -26,6 +26,19 @@ fn stream(partitions: u32) -> StreamPatch {
     }
 }
 
+/// A harness whose segments roll at 4 KiB (retention has whole segments to delete).
+fn small_segments() -> Harness {
+    Harness::temporary(HarnessOptions {
+        store: tidewater_storage::StoreOptions {
+            fsync: false,
+            segment_roll_bytes: 4_096,
+            ..tidewater_storage::StoreOptions::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .unwrap()
+}
+
 fn sub(json: &str) -> SubscriptionPatch {
     SubscriptionPatch::from_json(json.as_bytes()).unwrap()
 }
@@ -470,15 +483,7 @@ fn growth_deletion_and_policies_across_partitions() {
 #[test]
 fn retention_wins_over_a_subscription_with_no_pin_and_counts_what_it_drops() {
     let rt = runtime();
-    let mut h = Harness::temporary(HarnessOptions {
-        store: tidewater_storage::StoreOptions {
-            fsync: false,
-            segment_roll_bytes: 4_096,
-            ..tidewater_storage::StoreOptions::default()
-        },
-        ..HarnessOptions::default()
-    })
-    .unwrap();
+    let mut h = small_segments();
     let big = "v".repeat(200);
     rt.block_on(async {
         let b = h.broker();
@@ -728,15 +733,7 @@ fn priorities_fairness_rate_and_ttl_shape_a_subscription() {
 #[test]
 fn a_stalled_subscription_pins_retention_up_to_its_cap() {
     let rt = runtime();
-    let mut h = Harness::temporary(HarnessOptions {
-        store: tidewater_storage::StoreOptions {
-            fsync: false,
-            segment_roll_bytes: 4_096,
-            ..tidewater_storage::StoreOptions::default()
-        },
-        ..HarnessOptions::default()
-    })
-    .unwrap();
+    let mut h = small_segments();
     let big = "v".repeat(200);
     rt.block_on(async {
         let b = h.broker();

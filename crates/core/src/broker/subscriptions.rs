@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use super::streams::{PartitionHandle, StreamHandle};
 use super::{Broker, QueueHandle};
+use crate::config::QueueConfig;
 use crate::error::{BrokerError, ErrorCode};
 use crate::queue::{Positioned, QueueState, QueueStats, RecordSource, position};
 use crate::stream::config::StreamConfig;
@@ -129,6 +130,14 @@ pub(crate) struct SubscriptionOf {
     pub(crate) sub: String,
     /// How it holds back the stream's retention.
     pub(crate) retention: Mutex<SubscriptionRetention>,
+    /// Its configuration acts when a record arrives (supersede, coalesce): read on every
+    /// produce, so without taking its state's lock.
+    pub(crate) on_arrival: AtomicBool,
+}
+
+/// Whether a configuration acts when a record arrives.
+fn acts_on_arrival(config: &QueueConfig) -> bool {
+    config.supersede || config.coalesce.is_some()
 }
 
 fn kafka_sources(parts: &[Arc<PartitionHandle>]) -> Vec<KafkaSource> {
@@ -153,6 +162,7 @@ fn subscription_handle(
         queue: config,
         retention,
     } = config;
+    let on_arrival = acts_on_arrival(&config);
     let parts = stream.partition_handles_now();
     let local_reader = store
         .reader(local.uid)
@@ -178,6 +188,7 @@ fn subscription_handle(
             stream: stream.name.clone(),
             sub: sub.to_string(),
             retention: Mutex::new(retention),
+            on_arrival: AtomicBool::new(on_arrival),
         }),
     }))
 }
@@ -377,6 +388,8 @@ impl Broker {
                 )
                 .await?;
                 *of.retention.lock() = next.retention;
+                of.on_arrival
+                    .store(acts_on_arrival(&next.queue), Ordering::Relaxed);
                 handle.state.lock().set_config(next.queue);
                 handle.notify.notify_waiters();
             }
@@ -941,8 +954,9 @@ impl Broker {
                 .read()
                 .iter()
                 .filter(|h| {
-                    let state = h.state.lock();
-                    state.config.supersede || state.config.coalesce.is_some()
+                    h.subscription
+                        .as_ref()
+                        .is_some_and(|of| of.on_arrival.load(Ordering::Relaxed))
                 })
                 .cloned()
                 .collect();
