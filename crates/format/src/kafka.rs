@@ -331,6 +331,26 @@ pub fn batch_records_at<'a>(
     })
 }
 
+/// A compressed batch (`bytes`, checked) made uncompressed: its header over `records` (its
+/// records, decompressed), with the compression bits cleared and the length and CRC
+/// computed again; every other field (offsets, timestamps, producer id, epoch and
+/// sequence, record count) is kept. The caller checks the result with `check_kafka_batch`.
+pub fn uncompressed_kafka_batch(bytes: &[u8], records: &[u8]) -> Result<Vec<u8>, FormatError> {
+    if bytes.len() < KAFKA_HEADER_LEN {
+        return Err(FormatError::Truncated);
+    }
+    let mut out = Vec::with_capacity(KAFKA_HEADER_LEN + records.len());
+    out.extend_from_slice(&bytes[..KAFKA_HEADER_LEN]);
+    out.extend_from_slice(records);
+    let batch_length = i32::try_from(out.len() - 12).map_err(|_| FormatError::BadLength)?;
+    out[8..12].copy_from_slice(&batch_length.to_be_bytes());
+    let attributes = be_i16(&out, 21) & !COMPRESSION_MASK;
+    out[21..23].copy_from_slice(&attributes.to_be_bytes());
+    let crc = crc32c::crc32c(&out[CRC_FROM..]);
+    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    Ok(out)
+}
+
 /// (offset, byte position among the records) of every `every`-th record of an uncompressed
 /// batch, from its first: where `batch_records_at` may start to reach an offset without
 /// decoding the records before it.

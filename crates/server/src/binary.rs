@@ -510,7 +510,11 @@ impl Session {
             } => {
                 // As Produce.
                 let permit = self.request_permit().await?;
-                let started = broker.start_produce_batch(&stream, partition, batch, ack_level(ack));
+                let started = broker
+                    .start_produce_batch(&stream, partition, batch, ack_level(ack))
+                    .map(|appending| async move {
+                        appending.await.map(|(base, count, _)| (base, count))
+                    });
                 self.answer_produce(started, permit, request_id).await?;
             }
             Frame::Fetch {
@@ -719,7 +723,7 @@ async fn fetch_reply(
         })
         .collect();
     match broker
-        .fetch_many(&wants, max_bytes, u64::from(wait_ms))
+        .fetch_many(&wants, max_bytes, 1, u64::from(wait_ms))
         .await
     {
         Ok(answers) => {

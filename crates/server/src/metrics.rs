@@ -63,6 +63,7 @@ impl Metrics {
         broker: Arc<OnceLock<Broker>>,
         protocol: Arc<ListenerStats>,
         http: Arc<ListenerStats>,
+        kafka: Arc<ListenerStats>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("tidewater");
         let publish_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
@@ -79,7 +80,7 @@ impl Metrics {
         );
         registry.register_collector(Box::new(QueueCollector { broker }));
         registry.register_collector(Box::new(ListenerCollector {
-            listeners: [("binary", protocol), ("http", http)],
+            listeners: [("binary", protocol), ("http", http), ("kafka", kafka)],
         }));
         Metrics {
             registry,
@@ -848,10 +849,11 @@ struct ListenerLabel {
     listener: &'static str,
 }
 
-/// Connections of the two listeners (a fixed label set: `binary`, `http`).
+/// Connections of the listeners (a fixed label set: `binary`, `http`, `kafka`; the Kafka
+/// listener's are 0 while it is off).
 #[derive(Debug)]
 struct ListenerCollector {
-    listeners: [(&'static str, Arc<ListenerStats>); 2],
+    listeners: [(&'static str, Arc<ListenerStats>); 3],
 }
 
 impl Collector for ListenerCollector {

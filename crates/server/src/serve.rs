@@ -34,6 +34,14 @@ pub struct ServeArgs {
     /// Address of the binary protocol (docs/protocol.md). Loopback by default.
     #[arg(long, env = "TIDEWATER_PROTOCOL_LISTEN")]
     pub protocol_listen: Option<String>,
+    /// Address of the Kafka protocol listener (docs/kafka.md), for Kafka clients and tools:
+    /// off unless given, e.g. 127.0.0.1:9092.
+    #[arg(long, env = "TIDEWATER_KAFKA_LISTEN")]
+    pub kafka_listen: Option<String>,
+    /// The host:port Kafka clients are told to connect to (Metadata), when it differs
+    /// from --kafka-listen (a container, NAT, a proxy, or listening on 0.0.0.0).
+    #[arg(long, env = "TIDEWATER_KAFKA_ADVERTISED")]
+    pub kafka_advertised: Option<String>,
     /// Open even though data the checkpoints and journal know of is missing from the files:
     /// the missing messages are dropped (settled) and each dropped range is printed. Without
     /// it, the server refuses to start and names what is missing (docs/storage-format.md).
@@ -51,6 +59,7 @@ pub struct FileConfig {
     pub data: Option<PathBuf>,
     pub listen: Option<String>,
     pub protocol_listen: Option<String>,
+    pub kafka_listen: Option<String>,
     pub log_format: Option<String>,
     /// Largest HTTP request body in bytes.
     pub max_request_bytes: Option<usize>,
@@ -64,6 +73,40 @@ pub struct FileConfig {
     pub storage: StorageConfig,
     pub protocol: ProtocolConfig,
     pub http: HttpConfig,
+    pub kafka: KafkaFileConfig,
+}
+
+/// The Kafka listener (docs/configuration.md, docs/kafka.md).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaFileConfig {
+    /// host:port clients are told to connect to (default: the listen address).
+    pub advertised: Option<String>,
+    pub node_id: i32,
+    pub max_connections: usize,
+    pub max_request_bytes: usize,
+    pub max_requests_in_flight: usize,
+    pub max_request_bytes_in_flight: usize,
+    pub idle_timeout_ms: u64,
+    pub max_uncompressed_batch_bytes: usize,
+    pub max_producer_states: usize,
+}
+
+impl Default for KafkaFileConfig {
+    fn default() -> Self {
+        let d = tidewater_kafka::KafkaConfig::new(([127, 0, 0, 1], 9092).into());
+        KafkaFileConfig {
+            advertised: None,
+            node_id: d.node_id,
+            max_connections: d.max_connections,
+            max_request_bytes: d.max_request_bytes,
+            max_requests_in_flight: d.max_requests_in_flight,
+            max_request_bytes_in_flight: d.max_request_bytes_in_flight,
+            idle_timeout_ms: d.idle_timeout.as_millis() as u64,
+            max_uncompressed_batch_bytes: d.max_uncompressed_batch_bytes,
+            max_producer_states: d.max_producer_states,
+        }
+    }
 }
 
 /// Bounds of the binary protocol listener (docs/configuration.md).
@@ -145,6 +188,8 @@ pub struct Settings {
     pub protocol_listen: SocketAddr,
     pub protocol: crate::binary::Limits,
     pub http: crate::http::Limits,
+    /// The Kafka listener, when on.
+    pub kafka: Option<tidewater_kafka::KafkaConfig>,
     pub log_format: String,
     pub max_request_bytes: usize,
     pub max_request_bytes_in_flight: usize,
@@ -162,6 +207,11 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
+    let kafka = kafka_settings(
+        args,
+        &file,
+        Duration::from_millis(file.shutdown_timeout_ms.unwrap_or(10_000)),
+    )?;
     let listen_text = args
         .listen
         .clone()
@@ -173,7 +223,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
     let protocol_text = args
         .protocol_listen
         .clone()
-        .or(file.protocol_listen)
+        .or(file.protocol_listen.clone())
         .unwrap_or_else(|| "127.0.0.1:7071".to_string());
     let protocol_listen: SocketAddr = protocol_text.parse().with_context(|| {
         format!("--protocol-listen '{protocol_text}' is not an address like 127.0.0.1:7071")
@@ -243,6 +293,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             body_timeout: Duration::from_millis(h.body_timeout_ms),
             shutdown_timeout,
         },
+        kafka,
         log_format: args
             .log_format
             .clone()
@@ -270,6 +321,61 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
     })
 }
 
+/// The Kafka listener's settings: on when --kafka-listen (or `kafka_listen`) names an
+/// address.
+fn kafka_settings(
+    args: &ServeArgs,
+    file: &FileConfig,
+    shutdown_timeout: Duration,
+) -> anyhow::Result<Option<tidewater_kafka::KafkaConfig>> {
+    let Some(text) = args.kafka_listen.clone().or(file.kafka_listen.clone()) else {
+        return Ok(None);
+    };
+    let listen: SocketAddr = text.parse().with_context(|| {
+        format!("--kafka-listen '{text}' is not an address like 127.0.0.1:9092")
+    })?;
+    let k = &file.kafka;
+    let mut config = tidewater_kafka::KafkaConfig::new(listen);
+    if let Some(advertised) = args.kafka_advertised.clone().or(k.advertised.clone()) {
+        let (host, port) = advertised
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+            .filter(|(h, p)| !h.is_empty() && *p != 0)
+            .with_context(|| {
+                format!("--kafka-advertised '{advertised}' is not host:port, like kafka.example.com:9092")
+            })?;
+        config.advertised_host = host.to_string();
+        config.advertised_port = port;
+    } else if listen.ip().is_unspecified() {
+        bail!(
+            "--kafka-listen {listen} listens on every interface: say with --kafka-advertised which host:port clients should connect to"
+        );
+    }
+    if k.node_id < 0
+        || k.max_connections == 0
+        || k.max_requests_in_flight == 0
+        || !(1 << 20..=1 << 30).contains(&k.max_request_bytes)
+        || k.max_request_bytes_in_flight < k.max_request_bytes
+        || k.idle_timeout_ms < 1000
+        || k.max_uncompressed_batch_bytes < 1 << 20
+        || k.max_producer_states == 0
+    {
+        bail!(
+            "kafka: node_id must be >= 0, max_connections, max_requests_in_flight and max_producer_states >= 1, max_request_bytes 1 MiB..=1 GiB, max_request_bytes_in_flight >= max_request_bytes, idle_timeout_ms >= 1000, max_uncompressed_batch_bytes >= 1 MiB"
+        );
+    }
+    config.node_id = k.node_id;
+    config.max_connections = k.max_connections;
+    config.max_request_bytes = k.max_request_bytes;
+    config.max_requests_in_flight = k.max_requests_in_flight;
+    config.max_request_bytes_in_flight = k.max_request_bytes_in_flight;
+    config.idle_timeout = Duration::from_millis(k.idle_timeout_ms);
+    config.max_uncompressed_batch_bytes = k.max_uncompressed_batch_bytes;
+    config.max_producer_states = k.max_producer_states;
+    config.shutdown_timeout = shutdown_timeout;
+    Ok(Some(config))
+}
+
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEWATER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -292,10 +398,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cell: Arc<OnceLock<Broker>> = Arc::new(OnceLock::new());
     let protocol_stats = Arc::new(crate::listener::Stats::default());
     let http_stats = Arc::new(crate::listener::Stats::default());
+    let kafka_stats = Arc::new(crate::listener::Stats::default());
     let metrics = Arc::new(Metrics::new(
         cell.clone(),
         protocol_stats.clone(),
         http_stats.clone(),
+        kafka_stats.clone(),
     ));
     let state = AppState {
         broker: cell.clone(),
@@ -324,8 +432,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 settings.protocol_listen
             )
         })?;
-    tracing::info!(listen = %settings.listen, protocol = %settings.protocol_listen, data = %settings.data.display(), "tidewater listening; recovering data");
+    // Bound now, so a port in use fails the start; served once recovery is done.
+    let kafka_listener = match &settings.kafka {
+        Some(kafka) => Some(
+            tokio::net::TcpListener::bind(kafka.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} for the Kafka protocol (in use? try --kafka-listen)",
+                        kafka.listen
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    tracing::info!(listen = %settings.listen, protocol = %settings.protocol_listen, kafka = ?settings.kafka.as_ref().map(|k| k.listen), data = %settings.data.display(), "tidewater listening; recovering data");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let kafka_stop = stop_rx.clone();
     let binary = tokio::spawn(crate::binary::serve(
         protocol,
         cell.clone(),
@@ -375,17 +498,60 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let queues = broker.list_queues().len();
     let _ = cell.set(broker.clone());
     let maintenance = broker.spawn_maintenance(Duration::from_millis(100));
+    let kafka = match (kafka_listener, settings.kafka.clone()) {
+        (Some(listener), Some(config)) => Some(tokio::spawn(serve_kafka(
+            listener,
+            broker.clone(),
+            config,
+            kafka_stats,
+            kafka_stop,
+        ))),
+        _ => None,
+    };
     tracing::info!(queues, "ready");
 
     // Both listeners end within the shutdown deadline, whatever their clients do.
     let _ = serving.await;
     let _ = binary.await;
+    if let Some(kafka) = kafka {
+        let _ = kafka.await;
+    }
     signal.abort();
     maintenance.abort();
     tracing::info!("stopped accepting requests; syncing and checkpointing");
     tokio::task::spawn_blocking(move || broker.shutdown()).await?;
     tracing::info!("clean shutdown");
     Ok(())
+}
+
+/// The Kafka listener: Kafka clients against the broker (docs/kafka.md).
+async fn serve_kafka(
+    listener: tokio::net::TcpListener,
+    broker: Broker,
+    config: tidewater_kafka::KafkaConfig,
+    stats: Arc<crate::listener::Stats>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let bounds = crate::listener::Bounds {
+        name: "Kafka",
+        max_connections: config.max_connections,
+        shutdown_timeout: config.shutdown_timeout,
+    };
+    let kafka = tidewater_kafka::Kafka::new(broker, config);
+    let stop = shutdown.clone();
+    crate::listener::accept_loop(
+        listener,
+        bounds,
+        stats,
+        shutdown,
+        // Kafka has no frame to say why: the client sees the connection close and tries
+        // again later.
+        |_, _| {},
+        move |stream, peer| {
+            tidewater_kafka::serve_connection(kafka.clone(), stream, peer, stop.clone())
+        },
+    )
+    .await;
 }
 
 /// Raises the soft limit of open files to the hard limit; returns the limit in force.
@@ -464,6 +630,8 @@ mod tests {
             data: Some("/tmp/y".into()),
             listen: None,
             protocol_listen: None,
+            kafka_listen: None,
+            kafka_advertised: None,
             config: Some(path),
             log_format: None,
             repair_missing: false,
@@ -485,6 +653,8 @@ mod tests {
             data: None,
             listen: None,
             protocol_listen: None,
+            kafka_listen: None,
+            kafka_advertised: None,
             config: None,
             log_format: None,
             repair_missing: false,
@@ -498,6 +668,8 @@ mod tests {
             data: None,
             listen: None,
             protocol_listen: None,
+            kafka_listen: None,
+            kafka_advertised: None,
             config: Some(path),
             log_format: None,
             repair_missing: false,
@@ -534,6 +706,12 @@ mod docs {
                 "header_timeout_ms",
                 "body_timeout_ms",
                 "shutdown_timeout_ms",
+                "kafka_listen",
+                "advertised",
+                "node_id",
+                "max_requests_in_flight",
+                "max_uncompressed_batch_bytes",
+                "max_producer_states",
             ]
             .map(String::from),
         );

@@ -54,7 +54,8 @@ pub use publish::Published;
 pub use redrive::{RedriveProgress, RedriveRequest};
 pub use registry::QueueInfo;
 pub use streams::{
-    EARLIEST, FetchWant, Fetched, LATEST, PartitionInfo, Produced, StreamCounters, StreamInfo,
+    Appended, EARLIEST, FetchWant, Fetched, LATEST, PartitionInfo, Produced, StreamCounters,
+    StreamInfo,
 };
 pub(crate) use subscriptions::Records;
 pub use subscriptions::{SubscriptionInfo, SubscriptionPartition};

@@ -117,6 +117,10 @@ pub struct PartitionInfo {
     pub segments: u64,
 }
 
+/// A batch appended: its first offset, its record count, and the time stamped on its
+/// records when the stream keeps LogAppendTime.
+pub type Appended = (u64, u32, Option<i64>);
+
 /// Where each record of a produce went, in the order given: (partition, offset).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Produced {
@@ -584,20 +588,25 @@ impl Broker {
     /// Appends one batch a client built (a Kafka v2 record batch, uncompressed; see
     /// `plan_batch_produce`) to a partition, as is but for its base offset. Checked and
     /// handed to storage now, so a connection's batches are appended in the order sent;
-    /// the future answers the batch's first offset and record count.
+    /// the future answers the batch's first offset, record count and append time (the
+    /// time stamped on its records when the stream keeps LogAppendTime, else `None`).
     pub fn start_produce_batch(
         &self,
         stream: &str,
         partition: u32,
         mut batch: Vec<u8>,
         level: AckLevel,
-    ) -> Result<impl Future<Output = Result<(u64, u32), BrokerError>> + Send + 'static, BrokerError>
+    ) -> Result<impl Future<Output = Result<Appended, BrokerError>> + Send + 'static, BrokerError>
     {
         let handle = self.stream(stream)?;
         let part = self.partition(&handle, partition)?;
         self.check_disk()?;
         let config = handle.config.lock().clone();
-        let count = plan_batch_produce(&mut batch, &config, &self.inner.limits, self.now_ms())?;
+        let now = self.now_ms();
+        let count = plan_batch_produce(&mut batch, &config, &self.inner.limits, now)?;
+        let append_time = (config.timestamp_type
+            == crate::stream::config::TimestampType::LogAppendTime)
+            .then_some(now);
         let wrapped = wrap_kafka_batch(part.uid, &batch)
             .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
         let hooks = self.arrival_hooks(&[(&*part, &batch[..])]);
@@ -624,7 +633,7 @@ impl Broker {
             match written?.first() {
                 Some(&OpResult::Appended { base_offset, .. }) => {
                     handle.count_produce(u64::from(count));
-                    Ok((base_offset, count))
+                    Ok((base_offset, count, append_time))
                 }
                 _ => Err(BrokerError::new(
                     ErrorCode::Internal,
@@ -636,13 +645,14 @@ impl Broker {
 
     /// Fetches several partitions at once (a group member's): whole batches from each
     /// wanted offset, about `max_bytes` in all (at least one batch when any exists; each
-    /// partition at most its own `max_bytes`). Waits up to `wait_ms` until some partition
-    /// has records; a partition's error (it does not exist, the offset is past its end)
-    /// is its answer and ends the wait.
+    /// partition at most its own `max_bytes`). Waits up to `wait_ms` until the partitions
+    /// have `min_bytes` of batches in all (1: any record); a partition's error (it does not
+    /// exist, the offset is past its end) is its answer and ends the wait.
     pub async fn fetch_many(
         &self,
         wants: &[FetchWant],
         max_bytes: usize,
+        min_bytes: usize,
         wait_ms: u64,
     ) -> Result<Vec<Result<Fetched, BrokerError>>, BrokerError> {
         let limits = &self.inner.limits;
@@ -681,7 +691,8 @@ impl Broker {
             }
             let mut out = Vec::with_capacity(wants.len());
             let mut budget = max_bytes;
-            let mut found = false;
+            let mut failed = false;
+            let mut total = 0;
             for (want, part) in wants.iter().zip(&parts) {
                 let answer = match part {
                     Err(err) => Err(err.clone()),
@@ -694,13 +705,14 @@ impl Broker {
                     Ok(fetched) => {
                         let bytes: usize = fetched.batches.iter().map(|b| b.kafka.len()).sum();
                         budget = budget.saturating_sub(bytes);
-                        found |= !fetched.batches.is_empty();
+                        total += bytes;
                     }
-                    Err(_) => found = true,
+                    Err(_) => failed = true,
                 }
                 out.push(answer);
             }
-            if found
+            if failed
+                || total >= min_bytes.max(1)
                 || woken.is_empty()
                 || tokio::time::Instant::now() >= deadline
                 || self.inner.closing.load(Ordering::SeqCst)
@@ -930,6 +942,19 @@ impl Broker {
         partition: u32,
         timestamp: i64,
     ) -> Result<Option<u64>, BrokerError> {
+        Ok(self
+            .record_for_time(stream, partition, timestamp)?
+            .map(|(offset, _)| offset))
+    }
+
+    /// As `offset_for_time`, with that record's timestamp (Kafka's ListOffsets answers
+    /// both; -1 when it is not known: a batch that cannot be decoded here).
+    pub fn record_for_time(
+        &self,
+        stream: &str,
+        partition: u32,
+        timestamp: i64,
+    ) -> Result<Option<(u64, i64)>, BrokerError> {
         let handle = self.stream(stream)?;
         let part = self.partition(&handle, partition)?;
         let Some(base) = part.reader.find_time(timestamp).map_err(storage_error)? else {
@@ -937,26 +962,31 @@ impl Broker {
         };
         // Records below the start were deleted by retention (their segment may still be on
         // disk until the next checkpoint): the first one kept is the answer then.
-        let start = part.start();
-        if base < start {
-            return Ok(Some(start));
-        }
+        let from = base.max(part.start());
         // The batch found has a record that late; which one is in its records.
         for batch in part
             .reader
-            .read_batches(base, 1)
+            .read_batches(from, 1)
             .map_err(storage_error)?
             .iter()
             .take(1)
         {
-            if let Ok(records) = decode_batch(batch, base) {
+            if let Ok(records) = decode_batch(batch, from) {
                 return Ok(records
                     .iter()
-                    .find(|r| r.timestamp >= timestamp)
-                    .map(|r| r.offset)
-                    .or(Some(base)));
+                    .find(|r| r.timestamp >= timestamp || from > base)
+                    .map(|r| (r.offset, r.timestamp))
+                    .or(Some((from, -1))));
             }
         }
-        Ok(Some(base))
+        Ok(Some((from, -1)))
+    }
+
+    /// A stable id of a stream for as long as it lives (a stream deleted and made again
+    /// gets another): its first partition's log uid (Kafka's topic ids are made of it).
+    pub fn stream_uid(&self, name: &str) -> Result<u64, BrokerError> {
+        let handle = self.stream(name)?;
+        let part = self.partition(&handle, 0)?;
+        Ok(part.uid)
     }
 }

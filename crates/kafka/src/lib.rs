@@ -1,0 +1,174 @@
+//! tidewater's Kafka protocol listener: Kafka's clients and tools against tidewater's
+//! streams (topics), committed offsets and groups, through the same `Broker` every other
+//! front end calls ([docs/kafka.md](../../../docs/kafka.md)).
+//!
+//! - `conn.rs`: one connection: frames read in order, each request started in order (so a
+//!   connection's produces append in the order sent), answered in order by a writer task.
+//! - `versions.rs`: the APIs and versions served (ApiVersions), and the dispatch.
+//! - `metadata.rs`, `produce.rs`, `fetch.rs`, `offsets.rs`, `admin.rs`: the APIs.
+//! - `codec.rs` and `producers.rs`: what needs no I/O: produced batches checked and
+//!   decompressed within a bound; idempotent producers' sequence state.
+//! - `errors.rs`: broker errors as Kafka error codes.
+//!
+//! Schemas come from the `kafka-protocol` crate (generated from Kafka's own JSON message
+//! definitions); record batches are tidewater-format's, as stored.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tidewater_core::Broker;
+use tokio::sync::{Semaphore, watch};
+
+mod admin;
+pub mod codec;
+mod conn;
+mod errors;
+mod fetch;
+mod metadata;
+mod offsets;
+mod produce;
+pub mod producers;
+mod versions;
+
+pub use conn::serve_connection;
+pub use versions::{SUPPORTED, supported_versions};
+
+/// The Kafka listener's settings (docs/configuration.md, `[kafka]`).
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The host and port clients are told to connect to (Metadata, FindCoordinator): the
+    /// listen address unless set.
+    pub advertised_host: String,
+    pub advertised_port: u16,
+    /// This node's id in Metadata (the leader of every partition).
+    pub node_id: i32,
+    pub max_connections: usize,
+    /// Largest request (Kafka's `socket.request.max.bytes`); a bigger one closes the
+    /// connection, as in Kafka.
+    pub max_request_bytes: usize,
+    /// Requests of one connection being handled or answered at once; the connection is
+    /// not read past it.
+    pub max_requests_in_flight: usize,
+    /// Bytes of requests being handled across connections (Kafka's
+    /// `queued.max.request.bytes`); past it connections wait to be read.
+    pub max_request_bytes_in_flight: usize,
+    /// A connection with no request this long is closed (Kafka's
+    /// `connections.max.idle.ms`).
+    pub idle_timeout: Duration,
+    /// The most bytes a compressed batch's records may take once decompressed.
+    pub max_uncompressed_batch_bytes: usize,
+    /// Idempotent producer states kept (per producer and partition).
+    pub max_producer_states: usize,
+    pub shutdown_timeout: Duration,
+}
+
+impl KafkaConfig {
+    pub fn new(listen: SocketAddr) -> KafkaConfig {
+        KafkaConfig {
+            listen,
+            advertised_host: listen.ip().to_string(),
+            advertised_port: listen.port(),
+            node_id: 1,
+            max_connections: 4096,
+            max_request_bytes: 100 << 20,
+            max_requests_in_flight: 16,
+            max_request_bytes_in_flight: 256 << 20,
+            idle_timeout: Duration::from_secs(600),
+            max_uncompressed_batch_bytes: 64 << 20,
+            max_producer_states: 100_000,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What an append answered: its base offset and the append time (-1 unless the stream
+/// stamps LogAppendTime), or a Kafka error code and message.
+pub(crate) type Landed = Result<(i64, i64), (i16, String)>;
+
+/// Live figures of the listener, for /metrics.
+#[derive(Debug, Default)]
+pub struct KafkaStats {
+    pub requests: AtomicU64,
+    pub request_errors: AtomicU64,
+    pub closed_malformed: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub out_of_order: AtomicU64,
+}
+
+/// The listener's shared state.
+pub struct Kafka {
+    pub(crate) broker: Broker,
+    pub(crate) config: KafkaConfig,
+    pub(crate) producers: Mutex<producers::Producers<watch::Receiver<Option<Landed>>>>,
+    next_producer_id: AtomicI64,
+    /// Topic ids of the streams seen, for requests that name topics by id.
+    topic_ids: Mutex<HashMap<uuid::Uuid, String>>,
+    /// KiB of requests being handled across connections.
+    pub(crate) memory: Arc<Semaphore>,
+    pub stats: KafkaStats,
+}
+
+impl Kafka {
+    pub fn new(broker: Broker, config: KafkaConfig) -> Arc<Kafka> {
+        // Producer ids unique across restarts without storing anything: they start from
+        // the time (ms << 12), so a restart starts past any id handed out before it unless
+        // more than 4,096 a millisecond were taken.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Arc::new(Kafka {
+            producers: Mutex::new(producers::Producers::new(config.max_producer_states)),
+            next_producer_id: AtomicI64::new(now_ms << 12),
+            topic_ids: Mutex::new(HashMap::new()),
+            memory: Arc::new(Semaphore::new(
+                config.max_request_bytes_in_flight.div_ceil(1024),
+            )),
+            stats: KafkaStats::default(),
+            broker,
+            config,
+        })
+    }
+
+    /// A new producer id (InitProducerId).
+    pub(crate) fn new_producer_id(&self) -> i64 {
+        self.next_producer_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The topic id of a stream: its name's hash and its first partition's log uid, so a
+    /// stream deleted and made again under the same name gets another id.
+    pub(crate) fn topic_id(&self, stream: &str) -> uuid::Uuid {
+        let Ok(uid) = self.broker.stream_uid(stream) else {
+            return uuid::Uuid::nil();
+        };
+        let hash = xxhash_rust::xxh3::xxh3_64(stream.as_bytes());
+        let id = uuid::Uuid::from_u64_pair(hash, uid);
+        let mut ids = self.topic_ids.lock();
+        if ids.len() > 100_000 {
+            ids.clear();
+        }
+        ids.insert(id, stream.to_string());
+        id
+    }
+
+    /// The stream a topic id names, if it still exists.
+    pub(crate) fn topic_name(&self, id: &uuid::Uuid) -> Option<String> {
+        let known = self.topic_ids.lock().get(id).cloned();
+        if let Some(name) = known
+            && self.topic_id(&name) == *id
+        {
+            return Some(name);
+        }
+        // Not seen yet (a client with ids from before a restart): look through them all.
+        self.broker
+            .list_streams()
+            .into_iter()
+            .map(|s| s.name)
+            .find(|name| self.topic_id(name) == *id)
+    }
+}

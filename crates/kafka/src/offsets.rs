@@ -1,0 +1,300 @@
+//! ListOffsets, FindCoordinator, OffsetCommit and OffsetFetch. Committed offsets are
+//! tidewater's own (`tidewater group describe` shows what a Kafka client committed, and a
+//! Kafka client fetches what tidewater's consumers committed): one durable log of commits.
+
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::find_coordinator_response::Coordinator;
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+    OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::StrBytes;
+use tidewater_core::broker::{EARLIEST, LATEST};
+
+use crate::Kafka;
+use crate::versions::text;
+
+/// Kafka's FindCoordinator key types.
+const GROUP_KEY: i8 = 0;
+
+pub(crate) fn list_offsets(kafka: &Kafka, req: ListOffsetsRequest) -> ListOffsetsResponse {
+    let mut response = ListOffsetsResponse::default();
+    for topic in req.topics {
+        let stream = topic.name.0.to_string();
+        let mut out = ListOffsetsTopicResponse::default();
+        out.name = topic.name;
+        for part in topic.partitions {
+            let mut answer = ListOffsetsPartitionResponse::default();
+            answer.partition_index = part.partition_index;
+            answer.timestamp = -1;
+            answer.offset = -1;
+            answer.leader_epoch = -1;
+            let Ok(partition) = u32::try_from(part.partition_index) else {
+                answer.error_code = ResponseError::UnknownTopicOrPartition.code();
+                out.partitions.push(answer);
+                continue;
+            };
+            let found = match part.timestamp {
+                LATEST | EARLIEST => kafka
+                    .broker
+                    .list_offset(&stream, partition, part.timestamp)
+                    .map(|o| o.map(|o| (o, -1))),
+                time if time >= 0 => kafka.broker.record_for_time(&stream, partition, time),
+                other => {
+                    answer.error_code = ResponseError::UnsupportedVersion.code();
+                    tracing::debug!(
+                        timestamp = other,
+                        "ListOffsets: a special timestamp not served"
+                    );
+                    out.partitions.push(answer);
+                    continue;
+                }
+            };
+            match found {
+                Ok(Some((offset, timestamp))) => {
+                    answer.offset = offset as i64;
+                    answer.timestamp = timestamp;
+                }
+                Ok(None) => {}
+                Err(err) => answer.error_code = crate::errors::code(&err),
+            }
+            out.partitions.push(answer);
+        }
+        response.topics.push(out);
+    }
+    response
+}
+
+/// This node coordinates every group. Transaction coordinators are refused: tidewater has
+/// no transactions.
+pub(crate) fn find_coordinator(
+    kafka: &Kafka,
+    req: FindCoordinatorRequest,
+    version: i16,
+) -> FindCoordinatorResponse {
+    let node = BrokerId(kafka.config.node_id);
+    let host = StrBytes::from_string(kafka.config.advertised_host.clone());
+    let port = i32::from(kafka.config.advertised_port);
+    let (error_code, message) = if req.key_type == GROUP_KEY {
+        (0, None)
+    } else {
+        (
+            ResponseError::TransactionalIdAuthorizationFailed.code(),
+            text("tidewater coordinates consumer groups only: transactions are not supported"),
+        )
+    };
+    let mut response = FindCoordinatorResponse::default();
+    if version >= 4 {
+        response.coordinators = req
+            .coordinator_keys
+            .into_iter()
+            .map(|key| {
+                let mut c = Coordinator::default();
+                c.key = key;
+                c.error_code = error_code;
+                c.error_message = message.clone();
+                if error_code == 0 {
+                    c.node_id = node;
+                    c.host = host.clone();
+                    c.port = port;
+                } else {
+                    c.node_id = BrokerId(-1);
+                    c.port = -1;
+                }
+                c
+            })
+            .collect();
+    } else {
+        response.error_code = error_code;
+        if version >= 1 {
+            response.error_message = message;
+        }
+        if error_code == 0 {
+            response.node_id = node;
+            response.host = host;
+            response.port = port;
+        } else {
+            response.node_id = BrokerId(-1);
+            response.port = -1;
+        }
+    }
+    response
+}
+
+/// OffsetCommit of a consumer that assigns itself partitions (generation -1, no member):
+/// taken while the group has no members, as Kafka does. All the request's partitions are
+/// committed in one durable write, or none.
+pub(crate) async fn offset_commit(kafka: &Kafka, req: OffsetCommitRequest) -> OffsetCommitResponse {
+    let group = req.group_id.0.to_string();
+    let mut commits = Vec::new();
+    let mut error: Option<i16> = None;
+    for topic in &req.topics {
+        for part in &topic.partitions {
+            match (
+                u32::try_from(part.partition_index),
+                u64::try_from(part.committed_offset),
+            ) {
+                (Ok(partition), Ok(offset)) => commits.push((
+                    topic.name.0.to_string(),
+                    partition,
+                    offset,
+                    part.committed_metadata
+                        .as_ref()
+                        .map(|m| m.to_string())
+                        .unwrap_or_default(),
+                )),
+                _ => error = Some(ResponseError::InvalidRequest.code()),
+            }
+        }
+    }
+    let member = req.member_id.to_string();
+    if error.is_none() {
+        error = if req.generation_id_or_member_epoch >= 0 || !member.is_empty() {
+            // Kafka's classic and consumer groups are not served yet: a member of one
+            // cannot be known here.
+            Some(ResponseError::UnknownMemberId.code())
+        } else {
+            match kafka.broker.commit_as_member(&group, None, &commits).await {
+                Ok(()) => None,
+                Err(err) => {
+                    tracing::debug!(group, error = %err, "Kafka OffsetCommit refused");
+                    Some(crate::errors::code(&err))
+                }
+            }
+        };
+    }
+    let mut response = OffsetCommitResponse::default();
+    for topic in req.topics {
+        let mut out = OffsetCommitResponseTopic::default();
+        out.name = topic.name;
+        out.partitions = topic
+            .partitions
+            .iter()
+            .map(|p| {
+                let mut r = OffsetCommitResponsePartition::default();
+                r.partition_index = p.partition_index;
+                r.error_code = error.unwrap_or(0);
+                r
+            })
+            .collect();
+        response.topics.push(out);
+    }
+    response
+}
+
+/// A topic's committed offsets: (partition, offset or -1, metadata) each.
+type TopicOffsets = (String, Vec<(i32, i64, String)>);
+
+/// A group's committed offsets: the partitions asked, or all it has committed.
+async fn committed(
+    kafka: &Kafka,
+    group: &str,
+    asked: Option<Vec<(String, Vec<i32>)>>,
+) -> Vec<TopicOffsets> {
+    match asked {
+        Some(topics) => {
+            let mut out = Vec::with_capacity(topics.len());
+            for (topic, partitions) in topics {
+                let mut parts = Vec::with_capacity(partitions.len());
+                for p in partitions {
+                    let found = match u32::try_from(p) {
+                        Ok(partition) => kafka.broker.committed(group, &topic, partition).await,
+                        Err(_) => None,
+                    };
+                    parts.push(match found {
+                        Some(c) => (p, c.offset as i64, c.metadata),
+                        None => (p, -1, String::new()),
+                    });
+                }
+                out.push((topic, parts));
+            }
+            out
+        }
+        None => {
+            let Ok(info) = kafka.broker.describe_group(group).await else {
+                return Vec::new();
+            };
+            let mut out: Vec<TopicOffsets> = Vec::new();
+            for lag in info.offsets {
+                let entry = (lag.partition as i32, lag.committed as i64, lag.metadata);
+                match out.last_mut() {
+                    Some((topic, parts)) if *topic == lag.stream => parts.push(entry),
+                    _ => out.push((lag.stream, vec![entry])),
+                }
+            }
+            out
+        }
+    }
+}
+
+pub(crate) async fn offset_fetch(
+    kafka: &Kafka,
+    req: OffsetFetchRequest,
+    version: i16,
+) -> OffsetFetchResponse {
+    let mut response = OffsetFetchResponse::default();
+    if version >= 8 {
+        for group in req.groups {
+            let name = group.group_id.0.to_string();
+            let asked = group.topics.map(|topics| {
+                topics
+                    .into_iter()
+                    .map(|t| (t.name.0.to_string(), t.partition_indexes))
+                    .collect()
+            });
+            let mut out = OffsetFetchResponseGroup::default();
+            out.group_id = group.group_id;
+            for (topic, parts) in committed(kafka, &name, asked).await {
+                let mut t = OffsetFetchResponseTopics::default();
+                t.name = TopicName(StrBytes::from_string(topic));
+                t.partitions = parts
+                    .into_iter()
+                    .map(|(index, offset, metadata)| {
+                        let mut p = OffsetFetchResponsePartitions::default();
+                        p.partition_index = index;
+                        p.committed_offset = offset;
+                        p.committed_leader_epoch = -1;
+                        p.metadata = Some(StrBytes::from_string(metadata));
+                        p
+                    })
+                    .collect();
+                out.topics.push(t);
+            }
+            response.groups.push(out);
+        }
+        return response;
+    }
+    let name = req.group_id.0.to_string();
+    let asked = req.topics.map(|topics| {
+        topics
+            .into_iter()
+            .map(|t| (t.name.0.to_string(), t.partition_indexes))
+            .collect()
+    });
+    for (topic, parts) in committed(kafka, &name, asked).await {
+        let mut t = OffsetFetchResponseTopic::default();
+        t.name = TopicName(StrBytes::from_string(topic));
+        t.partitions = parts
+            .into_iter()
+            .map(|(index, offset, metadata)| {
+                let mut p = OffsetFetchResponsePartition::default();
+                p.partition_index = index;
+                p.committed_offset = offset;
+                if version >= 5 {
+                    p.committed_leader_epoch = -1;
+                }
+                p.metadata = Some(StrBytes::from_string(metadata));
+                p
+            })
+            .collect();
+        response.topics.push(t);
+    }
+    response
+}

@@ -1,0 +1,319 @@
+//! Produce and InitProducerId.
+//!
+//! acks 0 and 1 are written at `written` (after write(2); acks 0 is not answered), acks
+//! all (-1) at `durable` (after the fdatasync that covers it: tidewater's default). Each
+//! partition's batches are checked (CRC), decompressed within a bound, checked against the
+//! stream (keys on a compacted stream, sizes) and handed to storage on the connection's
+//! reader, in order; the answer waits in a task. An idempotent producer's batch is first
+//! checked against its sequence state (`producers.rs`): a batch sent again is answered with
+//! its first append's offset, not written twice.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::*;
+use tidewater_core::{AckLevel, BrokerError};
+use tokio::sync::watch;
+
+use crate::codec::{BatchError, ready_batches};
+use crate::producers::Sequenced;
+use crate::versions::{Reply, encode, text};
+use crate::{Kafka, Landed};
+
+type Appending = Pin<Box<dyn Future<Output = Result<(u64, u32, Option<i64>), BrokerError>> + Send>>;
+
+/// Who to tell how an idempotent producer's batch went: its duplicates' waiters, and the
+/// producer state to drop if it failed.
+type Tell = (
+    watch::Sender<Option<Landed>>,
+    crate::producers::PartitionKey,
+    i64,
+);
+
+/// One batch on its way.
+enum Wait {
+    /// Its append, and (for an idempotent producer's batch) who to tell how it went.
+    Append {
+        appending: Appending,
+        tell: Option<Tell>,
+    },
+    /// A batch sent again: the first one's answer.
+    Duplicate(watch::Receiver<Option<Landed>>),
+}
+
+/// A partition's answer, or what it waits for.
+enum Partition {
+    Done(i16, String),
+    Waiting(Vec<Wait>),
+}
+
+/// Starts a Produce on the connection's reader (its batches reach storage in order) and
+/// returns the wait for its answer.
+pub(crate) fn start(kafka: &Arc<Kafka>, header: RequestHeader, req: ProduceRequest) -> Reply {
+    let version = header.request_api_version;
+    let acks = req.acks;
+    let level = match acks {
+        0 | 1 => Some(AckLevel::Written),
+        -1 => Some(AckLevel::Durable),
+        _ => None,
+    };
+    let mut topics = Vec::with_capacity(req.topic_data.len());
+    for topic in req.topic_data {
+        let name = topic.name.0.to_string();
+        let mut parts = Vec::with_capacity(topic.partition_data.len());
+        for part in topic.partition_data {
+            let state = match (level, &req.transactional_id) {
+                (None, _) => Partition::Done(
+                    ResponseError::InvalidRequiredAcks.code(),
+                    format!("acks must be 0, 1 or -1 (all), not {acks}"),
+                ),
+                (_, Some(_)) => Partition::Done(
+                    ResponseError::TransactionalIdAuthorizationFailed.code(),
+                    "transactions are not supported by tidewater: produce without a transactional.id (idempotence is supported)".into(),
+                ),
+                (Some(level), None) => {
+                    start_partition(kafka, &name, part.index, part.records.as_deref(), level)
+                }
+            };
+            parts.push((part.index, state));
+        }
+        topics.push((topic.name, parts));
+    }
+    let kafka = kafka.clone();
+    Box::pin(async move {
+        let mut response = ProduceResponse::default();
+        for (name, parts) in topics {
+            let mut topic = TopicProduceResponse::default();
+            topic.name = name.clone();
+            for (index, state) in parts {
+                let mut part = PartitionProduceResponse::default();
+                part.index = index;
+                part.log_append_time_ms = -1;
+                let (code, message) = match state {
+                    Partition::Done(code, message) => (code, message),
+                    Partition::Waiting(waits) => match finish(&kafka, waits).await {
+                        Ok((base, append_time)) => {
+                            part.base_offset = base;
+                            part.log_append_time_ms = append_time;
+                            (0, String::new())
+                        }
+                        Err(err) => err,
+                    },
+                };
+                part.error_code = code;
+                if code != 0 {
+                    part.base_offset = -1;
+                    kafka
+                        .stats
+                        .request_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if version >= 8 {
+                        part.error_message = text(message);
+                    }
+                } else if version >= 5 {
+                    part.log_start_offset = kafka
+                        .broker
+                        .list_offset(
+                            &name.0,
+                            index.max(0) as u32,
+                            tidewater_core::broker::EARLIEST,
+                        )
+                        .ok()
+                        .flatten()
+                        .map_or(-1, |o| o as i64);
+                }
+                topic.partition_responses.push(part);
+            }
+            response.responses.push(topic);
+        }
+        if acks == 0 {
+            return Ok(None);
+        }
+        encode(&header, version, &response)
+    })
+}
+
+/// Checks a partition's records and starts each batch's append (or finds it already
+/// taken).
+fn start_partition(
+    kafka: &Kafka,
+    stream: &str,
+    index: i32,
+    records: Option<&[u8]>,
+    level: AckLevel,
+) -> Partition {
+    let Ok(partition) = u32::try_from(index) else {
+        return Partition::Done(
+            ResponseError::UnknownTopicOrPartition.code(),
+            format!("no partition {index}"),
+        );
+    };
+    let batches = match ready_batches(
+        records.unwrap_or_default(),
+        kafka.config.max_uncompressed_batch_bytes,
+    ) {
+        Ok(batches) => batches,
+        Err(err) => {
+            let code = match err {
+                BatchError::Corrupt(_) | BatchError::Decompress { .. } => {
+                    ResponseError::CorruptMessage
+                }
+                BatchError::UnknownCodec(_) => ResponseError::UnsupportedCompressionType,
+                BatchError::TooLarge { .. } => ResponseError::RecordListTooLarge,
+                BatchError::Transactional => ResponseError::InvalidRecord,
+            };
+            return Partition::Done(code.code(), err.to_string());
+        }
+    };
+    let stream_uid = match kafka.broker.stream_uid(stream) {
+        Ok(uid) => uid,
+        Err(err) => return Partition::Done(crate::errors::code(&err), err.message),
+    };
+    let at = (stream_uid, partition);
+    let mut waits = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let header = batch.header;
+        let mut producers = kafka.producers.lock();
+        let mut sender = None;
+        let sequenced = producers.begin(at, &header, || {
+            let (tx, rx) = watch::channel(None);
+            sender = Some(tx);
+            rx
+        });
+        let tell = match sequenced {
+            Sequenced::Plain => None,
+            Sequenced::Fresh => sender.map(|tx| (tx, at, header.producer_id)),
+            Sequenced::Duplicate(rx) => {
+                kafka
+                    .stats
+                    .duplicates
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                waits.push(Wait::Duplicate(rx));
+                continue;
+            }
+            Sequenced::OutOfOrder { expected, got } => {
+                kafka
+                    .stats
+                    .out_of_order
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Partition::Done(
+                    ResponseError::OutOfOrderSequenceNumber.code(),
+                    format!(
+                        "producer {}: sequence {got} where {expected} was expected",
+                        header.producer_id
+                    ),
+                );
+            }
+            Sequenced::StaleEpoch { current, got } => {
+                return Partition::Done(
+                    ResponseError::InvalidProducerEpoch.code(),
+                    format!(
+                        "producer {}: epoch {got} is older than its current epoch {current}",
+                        header.producer_id
+                    ),
+                );
+            }
+        };
+        match kafka
+            .broker
+            .start_produce_batch(stream, partition, batch.bytes, level)
+        {
+            Ok(appending) => waits.push(Wait::Append {
+                appending: Box::pin(appending),
+                tell,
+            }),
+            Err(err) => {
+                if let Some((tx, at, pid)) = tell {
+                    producers.abandon(at, pid);
+                    let _ = tx.send(Some(Err((crate::errors::code(&err), err.message.clone()))));
+                }
+                drop(producers);
+                if waits.is_empty() {
+                    return Partition::Done(crate::errors::code(&err), err.message);
+                }
+                // Earlier batches of the partition were started: they are answered; this
+                // one's refusal is the partition's answer.
+                waits.push(Wait::Append {
+                    appending: Box::pin(std::future::ready(Err(err))),
+                    tell: None,
+                });
+                break;
+            }
+        }
+    }
+    Partition::Waiting(waits)
+}
+
+/// Waits for a partition's batches: the first one's offset (and append time), or the first
+/// error.
+async fn finish(kafka: &Kafka, waits: Vec<Wait>) -> Result<(i64, i64), (i16, String)> {
+    let mut first: Option<(i64, i64)> = None;
+    let mut failed: Option<(i16, String)> = None;
+    for wait in waits {
+        let landed: Landed = match wait {
+            Wait::Append { appending, tell } => {
+                let landed = appending
+                    .await
+                    .map(|(base, _, append_time)| (base as i64, append_time.unwrap_or(-1)))
+                    .map_err(|err| (crate::errors::code(&err), err.message));
+                if let Some((tx, at, pid)) = tell {
+                    if landed.is_err() {
+                        kafka.producers.lock().abandon(at, pid);
+                    }
+                    let _ = tx.send(Some(landed.clone()));
+                }
+                landed
+            }
+            Wait::Duplicate(mut rx) => match rx.wait_for(Option::is_some).await {
+                Ok(landed) => landed.clone().expect("waited for Some"),
+                Err(_) => Err((
+                    ResponseError::RequestTimedOut.code(),
+                    "the first copy of this batch was not answered; send it again".into(),
+                )),
+            },
+        };
+        match landed {
+            Ok(at) => {
+                first.get_or_insert(at);
+            }
+            Err(err) => {
+                failed.get_or_insert(err);
+            }
+        }
+    }
+    match (failed, first) {
+        (Some(err), _) => Err(err),
+        (None, Some(at)) => Ok(at),
+        (None, None) => Err((
+            ResponseError::CorruptMessage.code(),
+            "no record batch".into(),
+        )),
+    }
+}
+
+/// InitProducerId for idempotent producers: a new producer id, or the same one with its
+/// epoch bumped when the producer names its id and epoch (KIP-360, after an error).
+/// Transactional ids are refused: tidewater has no transactions.
+pub(crate) fn init_producer_id(
+    kafka: &Kafka,
+    req: InitProducerIdRequest,
+) -> InitProducerIdResponse {
+    let mut response = InitProducerIdResponse::default();
+    if req.transactional_id.is_some() {
+        response.error_code = ResponseError::TransactionalIdAuthorizationFailed.code();
+        response.producer_id = ProducerId(-1);
+        response.producer_epoch = -1;
+        return response;
+    }
+    if req.producer_id.0 >= 0 && req.producer_epoch >= 0 && req.producer_epoch < i16::MAX - 1 {
+        response.producer_id = req.producer_id;
+        response.producer_epoch = req.producer_epoch + 1;
+    } else {
+        response.producer_id = ProducerId(kafka.new_producer_id());
+        response.producer_epoch = 0;
+    }
+    response
+}

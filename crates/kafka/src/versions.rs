@@ -1,0 +1,215 @@
+//! The APIs and versions served, and the dispatch of a request to its handler.
+//!
+//! A request is decoded and *started* on the connection's reader, in the order received
+//! (a produce hands its batches to storage there, so a connection's appends keep their
+//! order), and finished in a task; the writer answers in the same order. An API or version
+//! not listed here is absent from ApiVersions; a request for one closes its connection, as
+//! Kafka's broker does (ApiVersions excepted: an unsupported version of it is answered with
+//! the versions supported, KIP-511).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+
+use crate::Kafka;
+
+/// (API, lowest version, highest version) served. Highest versions stop where a later one
+/// needs what tidewater does not have yet (ListOffsets 7: the max-timestamp lookup;
+/// Produce 13: topic ids in produce requests).
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 12),
+    (ApiKey::Fetch, 4, 17),
+    (ApiKey::ListOffsets, 1, 6),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::OffsetCommit, 2, 9),
+    (ApiKey::OffsetFetch, 1, 9),
+    (ApiKey::FindCoordinator, 0, 5),
+    (ApiKey::ApiVersions, 0, 4),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::InitProducerId, 0, 5),
+    (ApiKey::DescribeCluster, 0, 1),
+];
+
+/// The versions of `api` served, if any.
+pub fn supported_versions(api: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED
+        .iter()
+        .find(|(k, _, _)| *k == api)
+        .map(|&(_, min, max)| (min, max))
+}
+
+/// A request's answer: the response frame (length prefix included), none (a produce with
+/// acks 0), or a reason to close the connection.
+pub(crate) type Answer = Result<Option<Bytes>, String>;
+pub(crate) type Reply = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// Decodes a request frame (without its length) and starts it.
+pub(crate) fn start(kafka: &Arc<Kafka>, mut frame: Bytes) -> Result<Reply, String> {
+    if frame.len() < 4 {
+        return Err(format!(
+            "a request of {} bytes is shorter than a request header",
+            frame.len()
+        ));
+    }
+    let key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let api = ApiKey::try_from(key).map_err(|_| format!("unknown API key {key}"))?;
+    let header = RequestHeader::decode(&mut frame, api.request_header_version(version))
+        .map_err(|e| format!("malformed request header ({api:?} v{version}): {e}"))?;
+    let Some((min, max)) = supported_versions(api) else {
+        return Err(format!("{api:?} (API key {key}) is not supported"));
+    };
+    if !(min..=max).contains(&version) {
+        if api == ApiKey::ApiVersions {
+            let response = api_versions_response(ResponseError::UnsupportedVersion.code());
+            return Ok(ready(encode(&header, 0, &response)));
+        }
+        return Err(format!(
+            "{api:?} version {version} is not supported (versions {min}..={max})"
+        ));
+    }
+    macro_rules! decode {
+        ($t:ty) => {
+            <$t>::decode(&mut frame, version)
+                .map_err(|e| format!("malformed {api:?} v{version} request: {e}"))?
+        };
+    }
+    let k = kafka.clone();
+    Ok(match api {
+        ApiKey::ApiVersions => {
+            let _ = decode!(ApiVersionsRequest);
+            ready(encode(&header, version, &api_versions_response(0)))
+        }
+        ApiKey::Metadata => {
+            let req = decode!(MetadataRequest);
+            respond(header, async move {
+                crate::metadata::metadata(&k, req, version)
+            })
+        }
+        ApiKey::DescribeCluster => {
+            let req = decode!(DescribeClusterRequest);
+            respond(
+                header,
+                async move { crate::metadata::describe_cluster(&k, req) },
+            )
+        }
+        ApiKey::Produce => {
+            let req = decode!(ProduceRequest);
+            crate::produce::start(kafka, header, req)
+        }
+        ApiKey::Fetch => {
+            let req = decode!(FetchRequest);
+            respond(header, async move {
+                crate::fetch::fetch(&k, req, version).await
+            })
+        }
+        ApiKey::ListOffsets => {
+            let req = decode!(ListOffsetsRequest);
+            respond(header, async move { crate::offsets::list_offsets(&k, req) })
+        }
+        ApiKey::InitProducerId => {
+            let req = decode!(InitProducerIdRequest);
+            respond(
+                header,
+                async move { crate::produce::init_producer_id(&k, req) },
+            )
+        }
+        ApiKey::FindCoordinator => {
+            let req = decode!(FindCoordinatorRequest);
+            respond(header, async move {
+                crate::offsets::find_coordinator(&k, req, version)
+            })
+        }
+        ApiKey::OffsetCommit => {
+            let req = decode!(OffsetCommitRequest);
+            respond(header, async move {
+                crate::offsets::offset_commit(&k, req).await
+            })
+        }
+        ApiKey::OffsetFetch => {
+            let req = decode!(OffsetFetchRequest);
+            respond(header, async move {
+                crate::offsets::offset_fetch(&k, req, version).await
+            })
+        }
+        ApiKey::CreateTopics => {
+            let req = decode!(CreateTopicsRequest);
+            respond(
+                header,
+                async move { crate::admin::create_topics(&k, req).await },
+            )
+        }
+        ApiKey::DeleteTopics => {
+            let req = decode!(DeleteTopicsRequest);
+            respond(header, async move {
+                crate::admin::delete_topics(&k, req, version).await
+            })
+        }
+        other => return Err(format!("{other:?} is not supported")),
+    })
+}
+
+fn ready(answer: Answer) -> Reply {
+    Box::pin(std::future::ready(answer))
+}
+
+/// A handler's response, encoded at the request's version once it is ready.
+pub(crate) fn respond<R, F>(header: RequestHeader, response: F) -> Reply
+where
+    R: Encodable + Send,
+    F: Future<Output = R> + Send + 'static,
+{
+    Box::pin(async move {
+        let response = response.await;
+        encode(&header, header.request_api_version, &response)
+    })
+}
+
+/// The response frame: length, response header, body at `version`.
+pub(crate) fn encode<R: Encodable>(header: &RequestHeader, version: i16, response: &R) -> Answer {
+    let api = ApiKey::try_from(header.request_api_key)
+        .map_err(|_| "a response for an unknown API".to_string())?;
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_i32(0);
+    let mut response_header = ResponseHeader::default();
+    response_header.correlation_id = header.correlation_id;
+    let failed = |e: anyhow::Error| {
+        tracing::error!(api = ?api, version, error = %e, "a Kafka response failed to encode");
+        format!("{api:?} v{version}: the response failed to encode: {e}")
+    };
+    response_header
+        .encode(&mut buf, api.response_header_version(version))
+        .map_err(failed)?;
+    response.encode(&mut buf, version).map_err(failed)?;
+    let len = i32::try_from(buf.len() - 4).map_err(|_| "a response over 2 GiB".to_string())?;
+    buf[0..4].copy_from_slice(&len.to_be_bytes());
+    Ok(Some(buf.freeze()))
+}
+
+fn api_versions_response(error_code: i16) -> ApiVersionsResponse {
+    let mut response = ApiVersionsResponse::default();
+    response.error_code = error_code;
+    response.api_keys = SUPPORTED
+        .iter()
+        .map(|&(api, min, max)| {
+            let mut v = ApiVersion::default();
+            v.api_key = api as i16;
+            v.min_version = min;
+            v.max_version = max;
+            v
+        })
+        .collect();
+    response
+}
+
+/// An optional text for a response's error message field.
+pub(crate) fn text(message: impl Into<String>) -> Option<StrBytes> {
+    Some(StrBytes::from_string(message.into()))
+}
