@@ -88,7 +88,7 @@ pub async fn serve_connection(
             break;
         }
         kafka.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let reply = match crate::versions::start(&kafka, frame.freeze()) {
+        let reply = match crate::versions::start(&kafka, frame.freeze(), peer) {
             Ok(reply) => reply,
             Err(reason) => {
                 kafka.stats.closed_malformed.fetch_add(1, Ordering::Relaxed);

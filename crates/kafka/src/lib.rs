@@ -5,7 +5,8 @@
 //! - `conn.rs`: one connection: frames read in order, each request started in order (so a
 //!   connection's produces append in the order sent), answered in order by a writer task.
 //! - `versions.rs`: the APIs and versions served (ApiVersions), and the dispatch.
-//! - `metadata.rs`, `produce.rs`, `fetch.rs`, `offsets.rs`, `admin.rs`: the APIs.
+//! - `metadata.rs`, `produce.rs`, `fetch.rs`, `offsets.rs`, `groups.rs`, `admin.rs`: the
+//!   APIs.
 //! - `codec.rs` and `producers.rs`: what needs no I/O: produced batches checked and
 //!   decompressed within a bound; idempotent producers' sequence state.
 //! - `errors.rs`: broker errors as Kafka error codes.
@@ -28,6 +29,7 @@ pub mod codec;
 mod conn;
 mod errors;
 mod fetch;
+mod groups;
 mod metadata;
 mod offsets;
 mod produce;

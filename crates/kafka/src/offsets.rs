@@ -128,9 +128,10 @@ pub(crate) fn find_coordinator(
     response
 }
 
-/// OffsetCommit of a consumer that assigns itself partitions (generation -1, no member):
-/// taken while the group has no members, as Kafka does. All the request's partitions are
-/// committed in one durable write, or none.
+/// OffsetCommit: a classic group member's (for its current generation), or that of a
+/// consumer that assigns itself partitions (generation -1, no member: taken while the
+/// group has no members, as Kafka does). All the request's partitions are committed in
+/// one durable write, or none.
 pub(crate) async fn offset_commit(kafka: &Kafka, req: OffsetCommitRequest) -> OffsetCommitResponse {
     let group = req.group_id.0.to_string();
     let mut commits = Vec::new();
@@ -156,17 +157,16 @@ pub(crate) async fn offset_commit(kafka: &Kafka, req: OffsetCommitRequest) -> Of
     }
     let member = req.member_id.to_string();
     if error.is_none() {
-        error = if req.generation_id_or_member_epoch >= 0 || !member.is_empty() {
-            // Kafka's classic and consumer groups are not served yet: a member of one
-            // cannot be known here.
-            Some(ResponseError::UnknownMemberId.code())
-        } else {
-            match kafka.broker.commit_as_member(&group, None, &commits).await {
-                Ok(()) => None,
-                Err(err) => {
-                    tracing::debug!(group, error = %err, "Kafka OffsetCommit refused");
-                    Some(crate::errors::code(&err))
-                }
+        error = match kafka
+            .broker
+            .classic_commit(&group, &member, req.generation_id_or_member_epoch, &commits)
+            .await
+        {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(crate::groups::classic_code(e)),
+            Err(err) => {
+                tracing::debug!(group, error = %err, "Kafka OffsetCommit refused");
+                Some(crate::errors::code(&err))
             }
         };
     }

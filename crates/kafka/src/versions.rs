@@ -35,6 +35,14 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DeleteTopics, 1, 6),
     (ApiKey::InitProducerId, 0, 5),
     (ApiKey::DescribeCluster, 0, 1),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::ListGroups, 0, 5),
+    (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::OffsetDelete, 0, 0),
 ];
 
 /// The versions of `api` served, if any.
@@ -51,7 +59,11 @@ pub(crate) type Answer = Result<Option<Bytes>, String>;
 pub(crate) type Reply = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
 /// Decodes a request frame (without its length) and starts it.
-pub(crate) fn start(kafka: &Arc<Kafka>, mut frame: Bytes) -> Result<Reply, String> {
+pub(crate) fn start(
+    kafka: &Arc<Kafka>,
+    mut frame: Bytes,
+    peer: std::net::SocketAddr,
+) -> Result<Reply, String> {
     if frame.len() < 4 {
         return Err(format!(
             "a request of {} bytes is shorter than a request header",
@@ -150,6 +162,59 @@ pub(crate) fn start(kafka: &Arc<Kafka>, mut frame: Bytes) -> Result<Reply, Strin
             let req = decode!(DeleteTopicsRequest);
             respond(header, async move {
                 crate::admin::delete_topics(&k, req, version).await
+            })
+        }
+        ApiKey::JoinGroup => {
+            let req = decode!(JoinGroupRequest);
+            let client_id = header
+                .client_id
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_default();
+            let host = format!("/{}", peer.ip());
+            respond(header, async move {
+                crate::groups::join_group(&k, req, version, client_id, host).await
+            })
+        }
+        ApiKey::SyncGroup => {
+            let req = decode!(SyncGroupRequest);
+            respond(header, async move {
+                crate::groups::sync_group(&k, req, version).await
+            })
+        }
+        ApiKey::Heartbeat => {
+            let req = decode!(HeartbeatRequest);
+            respond(header, async move { crate::groups::heartbeat(&k, req) })
+        }
+        ApiKey::LeaveGroup => {
+            let req = decode!(LeaveGroupRequest);
+            respond(header, async move {
+                crate::groups::leave_group(&k, req, version)
+            })
+        }
+        ApiKey::ListGroups => {
+            let req = decode!(ListGroupsRequest);
+            respond(
+                header,
+                async move { crate::groups::list_groups(&k, req).await },
+            )
+        }
+        ApiKey::DescribeGroups => {
+            let req = decode!(DescribeGroupsRequest);
+            respond(header, async move {
+                crate::groups::describe_groups(&k, req, version).await
+            })
+        }
+        ApiKey::DeleteGroups => {
+            let req = decode!(DeleteGroupsRequest);
+            respond(header, async move {
+                crate::groups::delete_groups(&k, req).await
+            })
+        }
+        ApiKey::OffsetDelete => {
+            let req = decode!(OffsetDeleteRequest);
+            respond(header, async move {
+                crate::groups::offset_delete(&k, req).await
             })
         }
         other => return Err(format!("{other:?} is not supported")),

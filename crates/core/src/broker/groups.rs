@@ -171,7 +171,7 @@ fn group_error(group: &str, err: GroupError) -> BrokerError {
 }
 
 /// Group names follow the rules of stream names.
-fn check_group_name(group: &str) -> Result<(), BrokerError> {
+pub(super) fn check_group_name(group: &str) -> Result<(), BrokerError> {
     crate::stream::config::validate_stream_name(group).map_err(|_| {
         BrokerError::new(
             ErrorCode::InvalidRequest,
@@ -255,6 +255,11 @@ impl Broker {
         }
         for stream in streams {
             self.get_stream(stream)?;
+        }
+        if self.classic_has_members(group) {
+            return Err(BrokerError::invalid(format!(
+                "group '{group}' is a Kafka consumer group with members (classic protocol, assigned by its clients): use another group name"
+            )));
         }
         let counts = self.partition_counts();
         let mut groups = self.inner.groups.groups.lock();
@@ -340,6 +345,29 @@ impl Broker {
         .map(|_| ())
     }
 
+    /// Deletes a group's committed offsets of some partitions (Kafka's OffsetDelete):
+    /// refused while the group has members. Returns how many there were.
+    pub async fn delete_offsets(
+        &self,
+        group: &str,
+        partitions: &[(String, u32)],
+    ) -> Result<usize, BrokerError> {
+        check_group_name(group)?;
+        self.require_no_members(group, "its offsets can be deleted")?;
+        let wanted: BTreeSet<OffsetKey> = partitions
+            .iter()
+            .map(|(s, p)| (group.to_string(), s.clone(), *p))
+            .collect();
+        self.forget(|latest| {
+            wanted
+                .iter()
+                .filter(|k| latest.contains_key(*k))
+                .cloned()
+                .collect()
+        })
+        .await
+    }
+
     /// Forgets the committed offsets `choose` picks (it sees the latest commits, with
     /// commits held off meanwhile): their records are settled in one journal write, all or
     /// none. Returns how many were forgotten.
@@ -384,7 +412,10 @@ impl Broker {
             .groups
             .lock()
             .get(group)
-            .map_or(0, |g| g.member_ids().count());
+            .map_or(0, |g| g.member_ids().count())
+            + self
+                .classic_describe(group)
+                .map_or(0, |info| info.members.len());
         if members > 0 {
             return Err(BrokerError::new(
                 ErrorCode::GroupNotEmpty,
@@ -617,6 +648,16 @@ impl Broker {
         }
     }
 
+    /// Whether a tidewater group of that name has members.
+    pub(super) fn group_has_members(&self, group: &str) -> bool {
+        self.inner
+            .groups
+            .groups
+            .lock()
+            .get(group)
+            .is_some_and(|g| !g.is_empty())
+    }
+
     /// Removes members whose session expired, and reassigns after streams changed
     /// (maintenance).
     pub(super) fn maintain_groups(&self) {
@@ -681,6 +722,14 @@ impl Broker {
             let groups = self.inner.groups.groups.lock();
             let g = groups.get(group).filter(|g| !g.is_empty());
             match (member, g) {
+                (None, None) if self.classic_has_members(group) => {
+                    return Err(BrokerError::new(
+                        ErrorCode::UnknownMember,
+                        format!(
+                            "group '{group}' is a Kafka consumer group with members: only they commit its offsets"
+                        ),
+                    ));
+                }
                 (None, None) => {}
                 (None, Some(g)) => {
                     return Err(BrokerError::new(
@@ -867,7 +916,26 @@ impl Broker {
                     }
                     (g.generation(), members)
                 }
-                None => (0, BTreeMap::new()),
+                None => match self.classic_assigned(group) {
+                    // A Kafka classic group: what its leader assigned each member.
+                    Some((generation, members)) => (
+                        generation,
+                        members
+                            .into_iter()
+                            .map(|(member, assigned)| {
+                                let assigned = assigned
+                                    .into_iter()
+                                    .map(|(stream, partition)| TopicPartitionInfo {
+                                        stream,
+                                        partition,
+                                    })
+                                    .collect();
+                                (member, assigned)
+                            })
+                            .collect(),
+                    ),
+                    None => (0, BTreeMap::new()),
+                },
             }
         };
         let committed: Vec<((String, String, u32), Committed)> = self
@@ -979,6 +1047,7 @@ impl Broker {
     /// The names of groups with members or committed offsets.
     pub async fn list_groups(&self) -> Vec<String> {
         let mut names: BTreeSet<String> = self.inner.groups.groups.lock().keys().cloned().collect();
+        names.extend(self.inner.classic.names());
         names.extend(
             self.inner
                 .groups

@@ -260,6 +260,7 @@ impl Broker {
             self.maintain(&handle).await;
         }
         self.maintain_groups();
+        self.maintain_classic_groups();
         self.expire_group_offsets().await;
         self.apply_retention().await;
     }

@@ -25,6 +25,7 @@ use delay_log::{DELAY_LOG_PREFIX, DelayLog};
 use redrive::RedriveTask;
 use registry::id_window_op;
 
+mod classic;
 mod compaction;
 mod consumers;
 mod dead_letter;
@@ -44,6 +45,7 @@ pub use crate::plan::dead_letter::{
     HEADER_PUBLISHED_AT, HEADER_SOURCE_QUEUE,
 };
 pub use crate::plan::message::{Delay, NewMessage, header, hex, record_id};
+pub use classic::{ClassicInfo, ClassicMemberInfo, ClassicRefusal};
 pub use consumers::{MemberRecord, StartAt};
 pub use delivery::{NackReason, Peeked, ReceiptFailure, SettleReply};
 pub use groups::{
@@ -132,6 +134,8 @@ struct Inner {
     /// Stream partitions by log uid (durable ends wake their fetches).
     stream_parts: RwLock<HashMap<u64, Arc<streams::PartitionHandle>>>,
     groups: groups::Groups,
+    /// Kafka's classic consumer groups (JoinGroup/SyncGroup).
+    classic: classic::ClassicGroups,
     /// Consumer instances the broker runs for HTTP members, by (group, member).
     consumers: Mutex<HashMap<(String, String), consumers::Instance>>,
     /// Notified when any stream partition grows (wakes consumer-instance fetches).
@@ -318,6 +322,7 @@ impl Broker {
             streams: RwLock::new(streams),
             stream_parts: RwLock::new(stream_parts),
             groups,
+            classic: classic::ClassicGroups::default(),
             consumers: Mutex::new(HashMap::new()),
             streams_grew: Notify::new(),
             groups_changed: Notify::new(),

@@ -5,6 +5,7 @@
 //! - `partition`: which partition a record goes to, as Kafka's default partitioner decides
 //!   (murmur2 of the key), so Kafka clients and tidewater agree.
 
+pub mod classic;
 pub mod compaction;
 pub mod config;
 pub mod group;

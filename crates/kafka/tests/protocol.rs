@@ -1,0 +1,698 @@
+//! The Kafka listener against requests encoded by an independent implementation of Kafka's
+//! schemas (the `kafka-protocol` crate's client side): every API at every version it
+//! serves answers with a response that decodes at that version, produce and fetch round
+//! trip (compressed batches included), an idempotent producer's retry is not written
+//! twice, and a malformed or hostile request closes only its own connection. Real Kafka
+//! clients are run against it by scripts/kafka-clients-test.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use tidewater_core::broker::BrokerOptions;
+use tidewater_core::{Broker, stream::config::StreamPatch};
+use tidewater_kafka::{Kafka, KafkaConfig, SUPPORTED};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    broker: Broker,
+    addr: SocketAddr,
+}
+
+async fn start() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::open(dir.path(), BrokerOptions::default()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let kafka = Kafka::new(broker.clone(), KafkaConfig::new(addr));
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _stop = _stop;
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(tidewater_kafka::serve_connection(
+                kafka.clone(),
+                stream,
+                peer,
+                shutdown.clone(),
+            ));
+        }
+    });
+    broker.spawn_maintenance(Duration::from_millis(50));
+    Fixture {
+        _dir: dir,
+        broker,
+        addr,
+    }
+}
+
+struct Client {
+    stream: TcpStream,
+    correlation: i32,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        Client {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            correlation: 0,
+        }
+    }
+
+    fn frame<R: Encodable>(&mut self, api: ApiKey, version: i16, req: &R) -> BytesMut {
+        self.correlation += 1;
+        let mut header = RequestHeader::default();
+        header.request_api_key = api as i16;
+        header.request_api_version = version;
+        header.correlation_id = self.correlation;
+        header.client_id = Some(StrBytes::from_static_str("protocol-test"));
+        let mut buf = BytesMut::new();
+        buf.put_i32(0);
+        header
+            .encode(&mut buf, api.request_header_version(version))
+            .unwrap();
+        req.encode(&mut buf, version)
+            .unwrap_or_else(|e| panic!("{api:?} v{version}: {e}"));
+        let len = (buf.len() - 4) as i32;
+        buf[0..4].copy_from_slice(&len.to_be_bytes());
+        buf
+    }
+
+    async fn read_response<P: Decodable>(&mut self, api: ApiKey, version: i16) -> P {
+        let len = tokio::time::timeout(Duration::from_secs(20), self.stream.read_i32())
+            .await
+            .unwrap_or_else(|_| panic!("{api:?} v{version}: no answer"))
+            .unwrap_or_else(|e| panic!("{api:?} v{version}: connection closed: {e}"));
+        let mut body = vec![0; len as usize];
+        self.stream.read_exact(&mut body).await.unwrap();
+        let mut body = Bytes::from(body);
+        let header =
+            ResponseHeader::decode(&mut body, api.response_header_version(version)).unwrap();
+        assert_eq!(
+            header.correlation_id, self.correlation,
+            "{api:?} v{version}"
+        );
+        let response = P::decode(&mut body, version)
+            .unwrap_or_else(|e| panic!("{api:?} v{version}: the response does not decode: {e}"));
+        assert!(
+            body.is_empty(),
+            "{api:?} v{version}: {} bytes left over",
+            body.len()
+        );
+        response
+    }
+
+    async fn call<R: Encodable, P: Decodable>(&mut self, api: ApiKey, version: i16, req: &R) -> P {
+        let frame = self.frame(api, version, req);
+        self.stream.write_all(&frame).await.unwrap();
+        self.read_response(api, version).await
+    }
+
+    /// Whether the broker closed the connection (within a few seconds).
+    async fn closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut byte)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+fn name(s: &str) -> TopicName {
+    TopicName(StrBytes::from_string(s.to_string()))
+}
+
+fn text(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+fn record(i: i64, producer: (i64, i16, i32)) -> Record {
+    let mut headers = kafka_protocol::indexmap::IndexMap::new();
+    headers.insert(text("h"), Some(Bytes::from(format!("v{i}"))));
+    Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: 0,
+        producer_id: producer.0,
+        producer_epoch: producer.1,
+        timestamp_type: TimestampType::Creation,
+        offset: i,
+        sequence: producer.2 + i as i32,
+        timestamp: 1_700_000_000_000 + i,
+        key: Some(Bytes::from(format!("key-{i}"))),
+        value: Some(Bytes::from(format!("value-{i}"))),
+        headers,
+    }
+}
+
+fn batch(n: i64, compression: Compression, producer: (i64, i16, i32)) -> Bytes {
+    let records: Vec<Record> = (0..n).map(|i| record(i, producer)).collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression,
+        },
+    )
+    .unwrap();
+    buf.freeze()
+}
+
+fn produce_request(topic: &str, partition: i32, records: Bytes, acks: i16) -> ProduceRequest {
+    let mut part = produce_request::PartitionProduceData::default();
+    part.index = partition;
+    part.records = Some(records);
+    let mut t = produce_request::TopicProduceData::default();
+    t.name = name(topic);
+    t.partition_data = vec![part];
+    let mut req = ProduceRequest::default();
+    req.acks = acks;
+    req.timeout_ms = 30_000;
+    req.topic_data = vec![t];
+    req
+}
+
+fn fetch_request(version: i16, topic: &str, id: uuid::Uuid, offset: i64) -> FetchRequest {
+    let mut part = fetch_request::FetchPartition::default();
+    part.partition = 0;
+    part.fetch_offset = offset;
+    part.partition_max_bytes = 1 << 20;
+    let mut t = fetch_request::FetchTopic::default();
+    if version >= 13 {
+        t.topic_id = id;
+    } else {
+        t.topic = name(topic);
+    }
+    t.partitions = vec![part];
+    let mut req = FetchRequest::default();
+    req.replica_id = BrokerId(-1);
+    req.max_wait_ms = 0;
+    req.min_bytes = 1;
+    req.max_bytes = 1 << 20;
+    req.topics = vec![t];
+    req
+}
+
+async fn create_stream(broker: &Broker, stream: &str, partitions: u32) {
+    broker
+        .put_stream(
+            stream,
+            &StreamPatch {
+                partitions: Some(partitions),
+                ..StreamPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+fn versions(api: ApiKey) -> std::ops::RangeInclusive<i16> {
+    let (_, min, max) = SUPPORTED.iter().find(|(k, _, _)| *k == api).unwrap();
+    *min..=*max
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_answers_at_every_version_it_serves() {
+    let f = start().await;
+    create_stream(&f.broker, "t", 2).await;
+    let mut c = Client::connect(f.addr).await;
+
+    for v in versions(ApiKey::ApiVersions) {
+        let r: ApiVersionsResponse = c
+            .call(ApiKey::ApiVersions, v, &ApiVersionsRequest::default())
+            .await;
+        assert_eq!(r.error_code, 0);
+        assert_eq!(r.api_keys.len(), SUPPORTED.len());
+    }
+    let mut topic_id = uuid::Uuid::nil();
+    for v in versions(ApiKey::Metadata) {
+        let mut req = MetadataRequest::default();
+        req.topics = if v == 0 { Some(vec![]) } else { None };
+        let r: MetadataResponse = c.call(ApiKey::Metadata, v, &req).await;
+        let t = r.topics.iter().find(|t| t.name == Some(name("t"))).unwrap();
+        assert_eq!(t.partitions.len(), 2, "v{v}");
+        if v >= 10 {
+            assert!(!t.topic_id.is_nil());
+            topic_id = t.topic_id;
+        }
+    }
+    let mut expected_base = 0;
+    for v in versions(ApiKey::Produce) {
+        let req = produce_request("t", 0, batch(3, Compression::None, (-1, -1, -1)), -1);
+        let r: ProduceResponse = c.call(ApiKey::Produce, v, &req).await;
+        let p = &r.responses[0].partition_responses[0];
+        assert_eq!((p.error_code, p.base_offset), (0, expected_base), "v{v}");
+        expected_base += 3;
+    }
+    for v in versions(ApiKey::Fetch) {
+        let r: FetchResponse = c
+            .call(ApiKey::Fetch, v, &fetch_request(v, "t", topic_id, 4))
+            .await;
+        let p = &r.responses[0].partitions[0];
+        assert_eq!(p.error_code, 0, "v{v}");
+        assert_eq!(p.high_watermark, expected_base);
+        let sets = RecordBatchDecoder::decode_all(&mut p.records.clone().unwrap()).unwrap();
+        // Whole batches: the one holding offset 4 starts at 3.
+        assert_eq!(sets[0].records[0].offset, 3, "v{v}");
+    }
+    for v in versions(ApiKey::ListOffsets) {
+        for (time, want) in [(-2, 0), (-1, expected_base), (1_700_000_000_001, 1)] {
+            let mut part = list_offsets_request::ListOffsetsPartition::default();
+            part.partition_index = 0;
+            part.timestamp = time;
+            let mut t = list_offsets_request::ListOffsetsTopic::default();
+            t.name = name("t");
+            t.partitions = vec![part];
+            let mut req = ListOffsetsRequest::default();
+            req.replica_id = BrokerId(-1);
+            req.topics = vec![t];
+            let r: ListOffsetsResponse = c.call(ApiKey::ListOffsets, v, &req).await;
+            let p = &r.topics[0].partitions[0];
+            assert_eq!((p.error_code, p.offset), (0, want), "v{v} time {time}");
+        }
+    }
+    for v in versions(ApiKey::InitProducerId) {
+        let mut req = InitProducerIdRequest::default();
+        req.transactional_id = None;
+        req.transaction_timeout_ms = 60_000;
+        req.producer_id = ProducerId(-1);
+        req.producer_epoch = -1;
+        let r: InitProducerIdResponse = c.call(ApiKey::InitProducerId, v, &req).await;
+        assert_eq!(r.error_code, 0);
+        assert!(r.producer_id.0 > 0);
+    }
+    for v in versions(ApiKey::FindCoordinator) {
+        let mut req = FindCoordinatorRequest::default();
+        if v >= 4 {
+            req.coordinator_keys = vec![text("g")];
+        } else {
+            req.key = text("g");
+        }
+        let r: FindCoordinatorResponse = c.call(ApiKey::FindCoordinator, v, &req).await;
+        let port = if v >= 4 {
+            r.coordinators[0].port
+        } else {
+            r.port
+        };
+        assert_eq!(port, i32::from(f.addr.port()), "v{v}");
+    }
+    for v in versions(ApiKey::OffsetCommit) {
+        let mut part = offset_commit_request::OffsetCommitRequestPartition::default();
+        part.partition_index = 0;
+        part.committed_offset = 2 + i64::from(v);
+        let mut t = offset_commit_request::OffsetCommitRequestTopic::default();
+        t.name = name("t");
+        t.partitions = vec![part];
+        let mut req = OffsetCommitRequest::default();
+        req.group_id = GroupId(text("committer"));
+        req.generation_id_or_member_epoch = -1;
+        req.topics = vec![t];
+        let r: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, v, &req).await;
+        assert_eq!(r.topics[0].partitions[0].error_code, 0, "v{v}");
+    }
+    let last_commit = 2 + i64::from(*versions(ApiKey::OffsetCommit).end());
+    for v in versions(ApiKey::OffsetFetch) {
+        let mut req = OffsetFetchRequest::default();
+        let offset = if v >= 8 {
+            let mut g = offset_fetch_request::OffsetFetchRequestGroup::default();
+            g.group_id = GroupId(text("committer"));
+            g.topics = None;
+            req.groups = vec![g];
+            let r: OffsetFetchResponse = c.call(ApiKey::OffsetFetch, v, &req).await;
+            r.groups[0].topics[0].partitions[0].committed_offset
+        } else {
+            req.group_id = GroupId(text("committer"));
+            let mut t = offset_fetch_request::OffsetFetchRequestTopic::default();
+            t.name = name("t");
+            t.partition_indexes = vec![0];
+            req.topics = Some(vec![t]);
+            let r: OffsetFetchResponse = c.call(ApiKey::OffsetFetch, v, &req).await;
+            r.topics[0].partitions[0].committed_offset
+        };
+        assert_eq!(offset, last_commit, "v{v}");
+    }
+    for v in versions(ApiKey::CreateTopics) {
+        let topic = format!("created-{v}");
+        let mut t = create_topics_request::CreatableTopic::default();
+        t.name = name(&topic);
+        t.num_partitions = 3;
+        t.replication_factor = -1;
+        let mut config = create_topics_request::CreatableTopicConfig::default();
+        config.name = text("cleanup.policy");
+        config.value = Some(text("compact"));
+        t.configs = vec![config];
+        let mut req = CreateTopicsRequest::default();
+        req.topics = vec![t.clone()];
+        req.timeout_ms = 10_000;
+        let r: CreateTopicsResponse = c.call(ApiKey::CreateTopics, v, &req).await;
+        assert_eq!(
+            r.topics[0].error_code, 0,
+            "v{v}: {:?}",
+            r.topics[0].error_message
+        );
+        let info = f.broker.get_stream(&topic).unwrap();
+        assert_eq!(info.partitions.len(), 3);
+        assert!(info.config.cleanup.compacts());
+        let again: CreateTopicsResponse = c.call(ApiKey::CreateTopics, v, &req).await;
+        assert_eq!(
+            again.topics[0].error_code,
+            kafka_protocol::ResponseError::TopicAlreadyExists.code()
+        );
+        // A setting tidewater does not have is refused by name.
+        let mut bad = t.clone();
+        bad.name = name(&format!("bad-{v}"));
+        let mut config = create_topics_request::CreatableTopicConfig::default();
+        config.name = text("unclean.leader.election.enable");
+        config.value = Some(text("true"));
+        bad.configs = vec![config];
+        req.topics = vec![bad];
+        let r: CreateTopicsResponse = c.call(ApiKey::CreateTopics, v, &req).await;
+        assert_eq!(
+            r.topics[0].error_code,
+            kafka_protocol::ResponseError::InvalidConfig.code()
+        );
+    }
+    for v in versions(ApiKey::DeleteTopics) {
+        let topic = format!("created-{}", 1 + v);
+        let mut req = DeleteTopicsRequest::default();
+        if v >= 6 {
+            let mut t = delete_topics_request::DeleteTopicState::default();
+            t.name = Some(name(&topic));
+            req.topics = vec![t];
+        } else {
+            req.topic_names = vec![name(&topic)];
+        }
+        let r: DeleteTopicsResponse = c.call(ApiKey::DeleteTopics, v, &req).await;
+        assert_eq!(r.responses[0].error_code, 0, "v{v}");
+        assert!(f.broker.get_stream(&topic).is_err());
+    }
+    for v in versions(ApiKey::DescribeCluster) {
+        let r: DescribeClusterResponse = c
+            .call(
+                ApiKey::DescribeCluster,
+                v,
+                &DescribeClusterRequest::default(),
+            )
+            .await;
+        assert_eq!(r.brokers.len(), 1);
+    }
+    // The classic group protocol, one group per JoinGroup version.
+    for v in versions(ApiKey::JoinGroup) {
+        let group = format!("join-{v}");
+        let mut req = JoinGroupRequest::default();
+        req.group_id = GroupId(text(&group));
+        req.session_timeout_ms = 10_000;
+        req.rebalance_timeout_ms = 10_000;
+        req.protocol_type = text("consumer");
+        let mut p = join_group_request::JoinGroupRequestProtocol::default();
+        p.name = text("range");
+        p.metadata = Bytes::from_static(b"meta");
+        req.protocols = vec![p];
+        let mut r: JoinGroupResponse = c.call(ApiKey::JoinGroup, v, &req).await;
+        if v >= 4 {
+            assert_eq!(
+                r.error_code,
+                kafka_protocol::ResponseError::MemberIdRequired.code()
+            );
+            req.member_id = r.member_id.clone();
+            r = c.call(ApiKey::JoinGroup, v, &req).await;
+        }
+        assert_eq!(r.error_code, 0, "v{v}");
+        assert_eq!(r.generation_id, 1);
+        assert_eq!(r.leader, r.member_id);
+        assert_eq!(r.members.len(), 1);
+        let sv = v.min(*versions(ApiKey::SyncGroup).end());
+        let mut sync = SyncGroupRequest::default();
+        sync.group_id = GroupId(text(&group));
+        sync.generation_id = 1;
+        sync.member_id = r.member_id.clone();
+        let mut a = sync_group_request::SyncGroupRequestAssignment::default();
+        a.member_id = r.member_id.clone();
+        a.assignment = Bytes::from_static(b"mine");
+        sync.assignments = vec![a];
+        if sv >= 5 {
+            sync.protocol_type = Some(text("consumer"));
+            sync.protocol_name = Some(text("range"));
+        }
+        let s: SyncGroupResponse = c.call(ApiKey::SyncGroup, sv, &sync).await;
+        assert_eq!((s.error_code, &s.assignment[..]), (0, &b"mine"[..]), "v{v}");
+        let hv = v.min(*versions(ApiKey::Heartbeat).end());
+        let mut hb = HeartbeatRequest::default();
+        hb.group_id = GroupId(text(&group));
+        hb.generation_id = 1;
+        hb.member_id = r.member_id.clone();
+        let h: HeartbeatResponse = c.call(ApiKey::Heartbeat, hv, &hb).await;
+        assert_eq!(h.error_code, 0);
+        hb.generation_id = 7;
+        let h: HeartbeatResponse = c.call(ApiKey::Heartbeat, hv, &hb).await;
+        assert_eq!(
+            h.error_code,
+            kafka_protocol::ResponseError::IllegalGeneration.code()
+        );
+        for dv in versions(ApiKey::DescribeGroups) {
+            let mut req = DescribeGroupsRequest::default();
+            req.groups = vec![GroupId(text(&group))];
+            let d: DescribeGroupsResponse = c.call(ApiKey::DescribeGroups, dv, &req).await;
+            assert_eq!(d.groups[0].members.len(), 1);
+            assert_eq!(&d.groups[0].group_state[..], "Stable");
+        }
+        let lv = v.min(*versions(ApiKey::LeaveGroup).end());
+        let mut leave = LeaveGroupRequest::default();
+        leave.group_id = GroupId(text(&group));
+        if lv >= 3 {
+            let mut m = leave_group_request::MemberIdentity::default();
+            m.member_id = r.member_id.clone();
+            leave.members = vec![m];
+        } else {
+            leave.member_id = r.member_id.clone();
+        }
+        let l: LeaveGroupResponse = c.call(ApiKey::LeaveGroup, lv, &leave).await;
+        assert_eq!(l.error_code, 0);
+        assert!(!f.broker.classic_has_members(&group));
+    }
+    for v in versions(ApiKey::ListGroups) {
+        let r: ListGroupsResponse = c
+            .call(ApiKey::ListGroups, v, &ListGroupsRequest::default())
+            .await;
+        assert!(
+            r.groups.iter().any(|g| &g.group_id.0[..] == "committer"),
+            "v{v}"
+        );
+    }
+    for v in versions(ApiKey::OffsetDelete) {
+        let mut p = offset_delete_request::OffsetDeleteRequestPartition::default();
+        p.partition_index = 0;
+        let mut t = offset_delete_request::OffsetDeleteRequestTopic::default();
+        t.name = name("t");
+        t.partitions = vec![p];
+        let mut req = OffsetDeleteRequest::default();
+        req.group_id = GroupId(text("committer"));
+        req.topics = vec![t];
+        let r: OffsetDeleteResponse = c.call(ApiKey::OffsetDelete, v, &req).await;
+        assert_eq!(r.error_code, 0);
+    }
+    assert!(f.broker.committed("committer", "t", 0).await.is_none());
+    for v in versions(ApiKey::DeleteGroups) {
+        let mut req = DeleteGroupsRequest::default();
+        req.groups_names = vec![GroupId(text("nobody"))];
+        let r: DeleteGroupsResponse = c.call(ApiKey::DeleteGroups, v, &req).await;
+        assert_eq!(
+            r.results[0].error_code,
+            kafka_protocol::ResponseError::GroupIdNotFound.code()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_batches_are_stored_uncompressed_with_their_records() {
+    let f = start().await;
+    create_stream(&f.broker, "z", 1).await;
+    let mut c = Client::connect(f.addr).await;
+    let mut at = 0;
+    for codec in [
+        Compression::Gzip,
+        Compression::Snappy,
+        Compression::Lz4,
+        Compression::Zstd,
+    ] {
+        let r: ProduceResponse = c
+            .call(
+                ApiKey::Produce,
+                9,
+                &produce_request("z", 0, batch(50, codec, (-1, -1, -1)), -1),
+            )
+            .await;
+        let p = &r.responses[0].partition_responses[0];
+        assert_eq!((p.error_code, p.base_offset), (0, at), "{codec:?}");
+        at += 50;
+    }
+    let r: FetchResponse = c
+        .call(
+            ApiKey::Fetch,
+            12,
+            &fetch_request(12, "z", uuid::Uuid::nil(), 0),
+        )
+        .await;
+    let sets =
+        RecordBatchDecoder::decode_all(&mut r.responses[0].partitions[0].records.clone().unwrap())
+            .unwrap();
+    assert_eq!(sets.len(), 4);
+    for (i, set) in sets.iter().enumerate() {
+        assert_eq!(set.compression, Compression::None);
+        assert_eq!(set.records.len(), 50);
+        for (j, rec) in set.records.iter().enumerate() {
+            assert_eq!(rec.offset, (i * 50 + j) as i64);
+            assert_eq!(rec.value.as_deref(), Some(format!("value-{j}").as_bytes()));
+            assert_eq!(
+                rec.headers[&text("h")].as_deref(),
+                Some(format!("v{j}").as_bytes())
+            );
+        }
+    }
+    // A batch whose CRC does not match is refused, and nothing is written.
+    let mut bad = BytesMut::from(&batch(2, Compression::None, (-1, -1, -1))[..]);
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    let r: ProduceResponse = c
+        .call(
+            ApiKey::Produce,
+            9,
+            &produce_request("z", 0, bad.freeze(), -1),
+        )
+        .await;
+    assert_eq!(
+        r.responses[0].partition_responses[0].error_code,
+        kafka_protocol::ResponseError::CorruptMessage.code()
+    );
+    assert_eq!(
+        f.broker.get_stream("z").unwrap().partitions[0].end_offset,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_producers_retry_is_answered_not_written_twice() {
+    let f = start().await;
+    create_stream(&f.broker, "i", 1).await;
+    let mut c = Client::connect(f.addr).await;
+    let mut init = InitProducerIdRequest::default();
+    init.transactional_id = None;
+    init.producer_id = ProducerId(-1);
+    init.producer_epoch = -1;
+    let id: InitProducerIdResponse = c.call(ApiKey::InitProducerId, 4, &init).await;
+    let pid = (id.producer_id.0, id.producer_epoch);
+    let first = batch(5, Compression::Lz4, (pid.0, pid.1, 0));
+    let second = batch(5, Compression::None, (pid.0, pid.1, 5));
+    let produce = |b: &Bytes| produce_request("i", 0, b.clone(), -1);
+    let r1: ProduceResponse = c.call(ApiKey::Produce, 9, &produce(&first)).await;
+    // Pipelined: the second batch and a retry of the first, on one connection.
+    let f2 = c.frame(ApiKey::Produce, 9, &produce(&second));
+    c.stream.write_all(&f2).await.unwrap();
+    let r2: ProduceResponse = c.read_response(ApiKey::Produce, 9).await;
+    let r3: ProduceResponse = c.call(ApiKey::Produce, 9, &produce(&first)).await;
+    let base = |r: &ProduceResponse| {
+        let p = &r.responses[0].partition_responses[0];
+        (p.error_code, p.base_offset)
+    };
+    assert_eq!(base(&r1), (0, 0));
+    assert_eq!(base(&r2), (0, 5));
+    assert_eq!(
+        base(&r3),
+        (0, 0),
+        "the retry is answered with the first append's offset"
+    );
+    // A gap in the sequence is refused.
+    let gap = batch(1, Compression::None, (pid.0, pid.1, 42));
+    let r4: ProduceResponse = c.call(ApiKey::Produce, 9, &produce(&gap)).await;
+    assert_eq!(
+        base(&r4).0,
+        kafka_protocol::ResponseError::OutOfOrderSequenceNumber.code()
+    );
+    // From another connection too (a producer reconnecting).
+    let mut c2 = Client::connect(f.addr).await;
+    let r5: ProduceResponse = c2.call(ApiKey::Produce, 9, &produce(&second)).await;
+    assert_eq!(base(&r5), (0, 5));
+    assert_eq!(
+        f.broker.get_stream("i").unwrap().partitions[0].end_offset,
+        10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_or_hostile_request_closes_only_its_own_connection() {
+    let f = start().await;
+    create_stream(&f.broker, "m", 1).await;
+    let mut healthy = Client::connect(f.addr).await;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("an unknown API key", {
+            let mut b = vec![0, 0, 0, 10, 0x7f, 0x00, 0, 0, 0, 0, 0, 1, 0xff, 0xff];
+            b.truncate(14);
+            b
+        }),
+        ("a negative size", vec![0xff, 0xff, 0xff, 0xf0]),
+        (
+            "a size over max_request_bytes",
+            (200u32 << 20).to_be_bytes().to_vec(),
+        ),
+        ("a request cut short", {
+            // Metadata v1 whose topic array says two billion entries, in 14 bytes: the
+            // decoder must not try to make room for them.
+            let mut b = BytesMut::new();
+            b.put_i32(14);
+            b.put_i16(3);
+            b.put_i16(1);
+            b.put_i32(9);
+            b.put_i16(-1);
+            b.put_i32(0x7fff_ffff);
+            b.to_vec()
+        }),
+        ("an unsupported version", {
+            let mut b = BytesMut::new();
+            b.put_i32(10);
+            b.put_i16(3);
+            b.put_i16(99);
+            b.put_i32(1);
+            b.put_i16(-1);
+            b.to_vec()
+        }),
+    ];
+    for (what, bytes) in cases {
+        let mut bad = Client::connect(f.addr).await;
+        bad.stream.write_all(&bytes).await.unwrap();
+        assert!(bad.closed().await, "{what}: the connection stays open");
+        let mut all = MetadataRequest::default();
+        all.topics = None;
+        let r: MetadataResponse = healthy.call(ApiKey::Metadata, 9, &all).await;
+        assert_eq!(r.topics.len(), 1, "{what}");
+    }
+    // ApiVersions at a version the broker does not serve is answered (KIP-511), at v0.
+    let mut probe = Client::connect(f.addr).await;
+    let mut frame = BytesMut::new();
+    // Header version 2 (flexible), as a client sends for ApiVersions 3 and later.
+    frame.put_i32(11);
+    frame.put_i16(ApiKey::ApiVersions as i16);
+    frame.put_i16(99);
+    frame.put_i32(1);
+    frame.put_i16(-1);
+    frame.put_u8(0);
+    probe.correlation = 1;
+    probe.stream.write_all(&frame).await.unwrap();
+    let r: ApiVersionsResponse = probe.read_response(ApiKey::ApiVersions, 0).await;
+    assert_eq!(
+        r.error_code,
+        kafka_protocol::ResponseError::UnsupportedVersion.code()
+    );
+    assert!(!r.api_keys.is_empty());
+}
