@@ -3,11 +3,17 @@
 //! refused by name rather than taken and ignored.
 
 use kafka_protocol::ResponseError;
+use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::describe_configs_response::{
+    DescribeConfigsResourceResult, DescribeConfigsResult,
+};
+use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse;
 use kafka_protocol::messages::*;
+use kafka_protocol::protocol::StrBytes;
 use tidewater_core::BrokerError;
-use tidewater_core::stream::config::{Cleanup, StreamPatch, TimestampType};
+use tidewater_core::stream::config::{Cleanup, StreamConfig, StreamPatch, TimestampType};
 
 use crate::Kafka;
 use crate::versions::text;
@@ -20,6 +26,21 @@ pub const TOPIC_CONFIGS: &[(&str, &str)] = &[
     ("message.timestamp.type", "timestamp_type"),
     ("delete.retention.ms", "delete_retention_ms"),
     ("min.cleanable.dirty.ratio", "min_dirty_ratio"),
+    ("segment.bytes", "segment_bytes"),
+    ("segment.ms", "segment_ms"),
+    ("max.message.bytes", "max_message_bytes"),
+];
+
+/// Kafka topic configurations tidewater has no setting for because it always behaves one
+/// way: taken with that value (tools set them), refused with any other.
+pub const FIXED_TOPIC_CONFIGS: &[(&str, &str)] = &[
+    // Compaction has no lag: a record may be compacted once its segment is sealed.
+    ("min.compaction.lag.ms", "0"),
+    // Batches are stored uncompressed (readers, compaction and subscriptions decode them).
+    ("compression.type", "uncompressed"),
+    // One node: its durability is fsync, not replicas.
+    ("min.insync.replicas", "1"),
+    ("unclean.leader.election.enable", "false"),
 ];
 
 /// Applies one Kafka topic configuration to a stream patch.
@@ -36,7 +57,15 @@ pub(crate) fn apply_config(
             .parse::<i64>()
             .map_err(|_| format!("{name}: '{v}' is not an integer"))
     };
+    let unsigned = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{name}: '{v}' is not a non-negative integer"))
+    };
     match name {
+        "segment.bytes" => patch.segment_bytes = Some(unsigned(value)?),
+        "segment.ms" => patch.segment_ms = Some(unsigned(value)?),
+        "max.message.bytes" => patch.max_message_bytes = Some(unsigned(value)?),
         "retention.ms" => patch.retention_ms = Some(int(value)?),
         "retention.bytes" => patch.retention_bytes = Some(int(value)?),
         "delete.retention.ms" => patch.delete_retention_ms = Some(int(value)?),
@@ -73,6 +102,17 @@ pub(crate) fn apply_config(
                     ));
                 }
             })
+        }
+        other if FIXED_TOPIC_CONFIGS.iter().any(|(k, _)| *k == other) => {
+            let (_, fixed) = FIXED_TOPIC_CONFIGS
+                .iter()
+                .find(|(k, _)| *k == other)
+                .expect("found");
+            if value.trim() != *fixed {
+                return Err(format!(
+                    "{other}: tidewater always works as {other}={fixed}; '{value}' cannot be honoured"
+                ));
+            }
         }
         other => {
             let known: Vec<&str> = TOPIC_CONFIGS.iter().map(|(k, _)| *k).collect();
@@ -211,6 +251,319 @@ pub(crate) async fn delete_topics(
             }
         }
         response.responses.push(result);
+    }
+    response
+}
+
+/// Kafka's config resource types.
+const TOPIC_RESOURCE: i8 = 2;
+const BROKER_RESOURCE: i8 = 4;
+/// Kafka's config sources.
+const DYNAMIC_TOPIC_CONFIG: i8 = 1;
+const DEFAULT_CONFIG: i8 = 5;
+/// Kafka's config types.
+const TYPE_STRING: i8 = 2;
+const TYPE_LONG: i8 = 5;
+const TYPE_DOUBLE: i8 = 6;
+const TYPE_LIST: i8 = 7;
+const TYPE_INT: i8 = 3;
+
+/// A stream's configuration as Kafka topic configs: (name, value, is the default, type).
+fn topic_configs(kafka: &Kafka, config: &StreamConfig) -> Vec<(&'static str, String, bool, i8)> {
+    let default = StreamConfig::new(&StreamPatch::default(), kafka.broker.limits())
+        .expect("the defaults are valid");
+    let store = kafka.broker.store().options();
+    let cleanup = |c: Cleanup| match c {
+        Cleanup::Delete => "delete",
+        Cleanup::Compact => "compact",
+        Cleanup::CompactDelete => "compact,delete",
+    };
+    let timestamp = |t: TimestampType| match t {
+        TimestampType::CreateTime => "CreateTime",
+        TimestampType::LogAppendTime => "LogAppendTime",
+    };
+    let or = |own: u64, server: u64| if own == 0 { server } else { own };
+    let max_message = |own: u64| or(own, tidewater_core::stream::records::MAX_STREAM_BATCH_BYTES);
+    vec![
+        (
+            "cleanup.policy",
+            cleanup(config.cleanup).into(),
+            config.cleanup == default.cleanup,
+            TYPE_LIST,
+        ),
+        (
+            "retention.ms",
+            config.retention_ms.to_string(),
+            config.retention_ms == default.retention_ms,
+            TYPE_LONG,
+        ),
+        (
+            "retention.bytes",
+            config.retention_bytes.to_string(),
+            config.retention_bytes == default.retention_bytes,
+            TYPE_LONG,
+        ),
+        (
+            "message.timestamp.type",
+            timestamp(config.timestamp_type).into(),
+            config.timestamp_type == default.timestamp_type,
+            TYPE_STRING,
+        ),
+        (
+            "delete.retention.ms",
+            config.delete_retention_ms.to_string(),
+            config.delete_retention_ms == default.delete_retention_ms,
+            TYPE_LONG,
+        ),
+        (
+            "min.cleanable.dirty.ratio",
+            config.min_dirty_ratio.to_string(),
+            config.min_dirty_ratio == default.min_dirty_ratio,
+            TYPE_DOUBLE,
+        ),
+        (
+            "segment.bytes",
+            or(config.segment_bytes, store.segment_roll_bytes).to_string(),
+            config.segment_bytes == 0,
+            TYPE_INT,
+        ),
+        (
+            "segment.ms",
+            or(config.segment_ms, store.segment_roll_ms).to_string(),
+            config.segment_ms == 0,
+            TYPE_LONG,
+        ),
+        (
+            "max.message.bytes",
+            max_message(config.max_message_bytes).to_string(),
+            config.max_message_bytes == 0,
+            TYPE_INT,
+        ),
+    ]
+}
+
+pub(crate) fn describe_configs(
+    kafka: &Kafka,
+    req: DescribeConfigsRequest,
+    version: i16,
+) -> DescribeConfigsResponse {
+    let mut response = DescribeConfigsResponse::default();
+    for resource in req.resources {
+        let mut out = DescribeConfigsResult::default();
+        out.resource_type = resource.resource_type;
+        out.resource_name = resource.resource_name.clone();
+        match resource.resource_type {
+            TOPIC_RESOURCE => match kafka.broker.get_stream(&resource.resource_name) {
+                Ok(info) => {
+                    let wanted = resource.configuration_keys.as_ref();
+                    for (name, value, default, kind) in topic_configs(kafka, &info.config) {
+                        if wanted.is_some_and(|keys| !keys.iter().any(|k| &**k == name)) {
+                            continue;
+                        }
+                        let mut c = DescribeConfigsResourceResult::default();
+                        c.name = StrBytes::from_static_str(name);
+                        c.value = Some(StrBytes::from_string(value));
+                        c.config_source = if default {
+                            DEFAULT_CONFIG
+                        } else {
+                            DYNAMIC_TOPIC_CONFIG
+                        };
+                        if version >= 3 {
+                            c.config_type = kind;
+                        }
+                        out.configs.push(c);
+                    }
+                    for (name, value) in FIXED_TOPIC_CONFIGS {
+                        if wanted.is_some_and(|keys| !keys.iter().any(|k| &**k == *name)) {
+                            continue;
+                        }
+                        let mut c = DescribeConfigsResourceResult::default();
+                        c.name = StrBytes::from_static_str(name);
+                        c.value = Some(StrBytes::from_static_str(value));
+                        c.read_only = true;
+                        c.config_source = DEFAULT_CONFIG;
+                        if version >= 3 {
+                            c.config_type = TYPE_STRING;
+                        }
+                        out.configs.push(c);
+                    }
+                }
+                Err(err) => {
+                    out.error_code = crate::errors::code(&err);
+                    out.error_message = text(err.message);
+                }
+            },
+            // The broker's own settings are tidewater's configuration file, not Kafka's.
+            BROKER_RESOURCE => {}
+            other => {
+                out.error_code = ResponseError::InvalidRequest.code();
+                out.error_message = text(format!(
+                    "config resource type {other}: tidewater describes topics (2) and brokers (4)"
+                ));
+            }
+        }
+        response.results.push(out);
+    }
+    response
+}
+
+/// IncrementalAlterConfigs' operations.
+const SET: i8 = 0;
+const DELETE: i8 = 1;
+const APPEND: i8 = 2;
+const SUBTRACT: i8 = 3;
+
+/// The patch an IncrementalAlterConfigs asks of a stream.
+fn incremental_patch(
+    current: &StreamConfig,
+    configs: &[incremental_alter_configs_request::AlterableConfig],
+) -> Result<StreamPatch, String> {
+    let mut patch = StreamPatch::default();
+    for c in configs {
+        let name: &str = &c.name;
+        match c.config_operation {
+            SET => apply_config(&mut patch, name, c.value.as_deref())?,
+            DELETE => {
+                let default = match name {
+                    "retention.ms" => "604800000",
+                    "retention.bytes" => "-1",
+                    "cleanup.policy" => "delete",
+                    "message.timestamp.type" => "CreateTime",
+                    "delete.retention.ms" => "86400000",
+                    "min.cleanable.dirty.ratio" => "0.5",
+                    "segment.bytes" | "segment.ms" | "max.message.bytes" => "0",
+                    fixed if FIXED_TOPIC_CONFIGS.iter().any(|(k, _)| *k == fixed) => continue,
+                    other => {
+                        return Err(format!(
+                            "topic config '{other}' has no tidewater stream setting"
+                        ));
+                    }
+                };
+                apply_config(&mut patch, name, Some(default))?;
+            }
+            APPEND | SUBTRACT if name == "cleanup.policy" => {
+                let mut policies: Vec<&str> = match patch.cleanup.unwrap_or(current.cleanup) {
+                    Cleanup::Delete => vec!["delete"],
+                    Cleanup::Compact => vec!["compact"],
+                    Cleanup::CompactDelete => vec!["compact", "delete"],
+                };
+                let value = c.value.as_deref().unwrap_or_default();
+                for v in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                    if c.config_operation == APPEND {
+                        policies.push(v);
+                    } else {
+                        policies.retain(|p| p != &v);
+                    }
+                }
+                if policies.is_empty() {
+                    return Err(
+                        "cleanup.policy: at least one of delete and compact must stay".into(),
+                    );
+                }
+                apply_config(&mut patch, name, Some(&policies.join(",")))?;
+            }
+            APPEND | SUBTRACT => {
+                return Err(format!(
+                    "{name} is not a list: APPEND and SUBTRACT do not apply"
+                ));
+            }
+            other => return Err(format!("unknown config operation {other}")),
+        }
+    }
+    Ok(patch)
+}
+
+pub(crate) async fn incremental_alter_configs(
+    kafka: &Kafka,
+    req: IncrementalAlterConfigsRequest,
+) -> IncrementalAlterConfigsResponse {
+    let mut response = IncrementalAlterConfigsResponse::default();
+    for resource in req.resources {
+        let mut out = AlterConfigsResourceResponse::default();
+        out.resource_type = resource.resource_type;
+        out.resource_name = resource.resource_name.clone();
+        let result: Result<(), (i16, String)> = async {
+            if resource.resource_type != TOPIC_RESOURCE {
+                return Err((
+                    ResponseError::InvalidRequest.code(),
+                    "tidewater alters topic configs only (the broker's are in its configuration file)".to_string(),
+                ));
+            }
+            let name = resource.resource_name.to_string();
+            let info = kafka.broker.get_stream(&name).map_err(|e| broker_error(&e))?;
+            let patch = incremental_patch(&info.config, &resource.configs)
+                .map_err(|m| (ResponseError::InvalidConfig.code(), m))?;
+            let next = info.config.apply(&patch).map_err(|e| broker_error(&e))?;
+            next.validate(kafka.broker.limits()).map_err(|e| broker_error(&e))?;
+            if !req.validate_only {
+                kafka.broker.put_stream(&name, &patch).await.map_err(|e| broker_error(&e))?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err((code, message)) = result {
+            out.error_code = code;
+            out.error_message = text(message);
+        }
+        response.responses.push(out);
+    }
+    response
+}
+
+pub(crate) async fn create_partitions(
+    kafka: &Kafka,
+    req: CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
+    let mut response = CreatePartitionsResponse::default();
+    for topic in req.topics {
+        let mut out = CreatePartitionsTopicResult::default();
+        out.name = topic.name.clone();
+        let name = topic.name.0.to_string();
+        let result: Result<(), (i16, String)> = async {
+            if topic.assignments.as_ref().is_some_and(|a| !a.is_empty()) {
+                return Err((
+                    ResponseError::InvalidReplicaAssignment.code(),
+                    "manual replica assignments are not supported: tidewater is one node"
+                        .to_string(),
+                ));
+            }
+            let info = kafka
+                .broker
+                .get_stream(&name)
+                .map_err(|e| broker_error(&e))?;
+            let count = u32::try_from(topic.count).unwrap_or(0);
+            if count <= info.config.partitions {
+                return Err((
+                    ResponseError::InvalidPartitions.code(),
+                    format!(
+                        "topic '{name}' has {} partitions: the count can only grow",
+                        info.config.partitions
+                    ),
+                ));
+            }
+            let patch = StreamPatch {
+                partitions: Some(count),
+                ..StreamPatch::default()
+            };
+            info.config
+                .apply(&patch)
+                .and_then(|c| c.validate(kafka.broker.limits()))
+                .map_err(|e| (ResponseError::InvalidPartitions.code(), e.message))?;
+            if !req.validate_only {
+                kafka
+                    .broker
+                    .put_stream(&name, &patch)
+                    .await
+                    .map_err(|e| broker_error(&e))?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err((code, message)) = result {
+            out.error_code = code;
+            out.error_message = text(message);
+        }
+        response.results.push(out);
     }
     response
 }

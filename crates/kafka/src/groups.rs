@@ -193,21 +193,22 @@ pub(crate) fn leave_group(
 pub(crate) async fn list_groups(kafka: &Kafka, req: ListGroupsRequest) -> ListGroupsResponse {
     let mut response = ListGroupsResponse::default();
     for name in kafka.broker.list_groups().await {
-        let (state, members) = match kafka.broker.classic_describe(&name) {
-            Some(info) => (info.state.to_string(), info.members.len()),
+        let (state, kind) = match kafka.broker.classic_describe(&name) {
+            Some(info) => (info.state.to_string(), "classic"),
             None => {
                 let members = kafka
                     .broker
                     .describe_group(&name)
                     .await
                     .map_or(0, |g| g.members.len());
+                let state = if members == 0 { "Empty" } else { "Stable" };
+                // A group with committed offsets only is shown as Kafka shows one: classic.
                 (
-                    (if members == 0 { "Empty" } else { "Stable" }).to_string(),
-                    members,
+                    state.to_string(),
+                    if members == 0 { "classic" } else { "consumer" },
                 )
             }
         };
-        let _ = members;
         if !req.states_filter.is_empty() && !req.states_filter.iter().any(|s| **s == *state) {
             continue;
         }
@@ -215,7 +216,7 @@ pub(crate) async fn list_groups(kafka: &Kafka, req: ListGroupsRequest) -> ListGr
             && !req
                 .types_filter
                 .iter()
-                .any(|t| t.eq_ignore_ascii_case("classic"))
+                .any(|t| t.eq_ignore_ascii_case(kind))
         {
             continue;
         }
@@ -223,7 +224,7 @@ pub(crate) async fn list_groups(kafka: &Kafka, req: ListGroupsRequest) -> ListGr
         g.group_id = GroupId(str_bytes(name));
         g.protocol_type = str_bytes("consumer");
         g.group_state = str_bytes(state);
-        g.group_type = str_bytes("classic");
+        g.group_type = str_bytes(kind);
         response.groups.push(g);
     }
     response

@@ -5,8 +5,8 @@
 //! - `conn.rs`: one connection: frames read in order, each request started in order (so a
 //!   connection's produces append in the order sent), answered in order by a writer task.
 //! - `versions.rs`: the APIs and versions served (ApiVersions), and the dispatch.
-//! - `metadata.rs`, `produce.rs`, `fetch.rs`, `offsets.rs`, `groups.rs`, `admin.rs`: the
-//!   APIs.
+//! - `metadata.rs`, `produce.rs`, `fetch.rs`, `offsets.rs`, `groups.rs` (classic
+//!   groups), `consumer.rs` (KIP-848 groups), `admin.rs`: the APIs.
 //! - `codec.rs` and `producers.rs`: what needs no I/O: produced batches checked and
 //!   decompressed within a bound; idempotent producers' sequence state.
 //! - `errors.rs`: broker errors as Kafka error codes.
@@ -27,6 +27,7 @@ use tokio::sync::{Semaphore, watch};
 mod admin;
 pub mod codec;
 mod conn;
+mod consumer;
 mod errors;
 mod fetch;
 mod groups;
@@ -67,6 +68,11 @@ pub struct KafkaConfig {
     pub max_uncompressed_batch_bytes: usize,
     /// Idempotent producer states kept (per producer and partition).
     pub max_producer_states: usize,
+    /// Consumer-protocol groups (KIP-848): how often members heartbeat, and how long one
+    /// may go without before it is removed (Kafka's group.consumer.heartbeat.interval.ms
+    /// and group.consumer.session.timeout.ms).
+    pub consumer_heartbeat_interval_ms: u64,
+    pub consumer_session_timeout_ms: u64,
     pub shutdown_timeout: Duration,
 }
 
@@ -84,6 +90,8 @@ impl KafkaConfig {
             idle_timeout: Duration::from_secs(600),
             max_uncompressed_batch_bytes: 64 << 20,
             max_producer_states: 100_000,
+            consumer_heartbeat_interval_ms: 5_000,
+            consumer_session_timeout_ms: 45_000,
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -109,6 +117,8 @@ pub struct Kafka {
     pub(crate) config: KafkaConfig,
     pub(crate) producers: Mutex<producers::Producers<watch::Receiver<Option<Landed>>>>,
     next_producer_id: AtomicI64,
+    /// Consumer-protocol members' last heartbeats.
+    pub(crate) members: Mutex<consumer::MemberViews>,
     /// Topic ids of the streams seen, for requests that name topics by id.
     topic_ids: Mutex<HashMap<uuid::Uuid, String>>,
     /// KiB of requests being handled across connections.
@@ -128,6 +138,7 @@ impl Kafka {
             producers: Mutex::new(producers::Producers::new(config.max_producer_states)),
             next_producer_id: AtomicI64::new(now_ms << 12),
             topic_ids: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
             memory: Arc::new(Semaphore::new(
                 config.max_request_bytes_in_flight.div_ceil(1024),
             )),

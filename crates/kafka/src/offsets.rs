@@ -21,6 +21,10 @@ use tidewater_core::broker::{EARLIEST, LATEST};
 use crate::Kafka;
 use crate::versions::text;
 
+/// ListOffsets' special times (beside -1 latest and -2 earliest).
+const MAX_TIMESTAMP: i64 = -3;
+const EARLIEST_LOCAL: i64 = -4;
+
 /// Kafka's FindCoordinator key types.
 const GROUP_KEY: i8 = 0;
 
@@ -47,6 +51,12 @@ pub(crate) fn list_offsets(kafka: &Kafka, req: ListOffsetsRequest) -> ListOffset
                     .list_offset(&stream, partition, part.timestamp)
                     .map(|o| o.map(|o| (o, -1))),
                 time if time >= 0 => kafka.broker.record_for_time(&stream, partition, time),
+                MAX_TIMESTAMP => kafka.broker.max_timestamp_record(&stream, partition),
+                // No tiered storage: the earliest local offset is the earliest.
+                EARLIEST_LOCAL => kafka
+                    .broker
+                    .list_offset(&stream, partition, EARLIEST)
+                    .map(|o| o.map(|o| (o, -1))),
                 other => {
                     answer.error_code = ResponseError::UnsupportedVersion.code();
                     tracing::debug!(
@@ -157,11 +167,20 @@ pub(crate) async fn offset_commit(kafka: &Kafka, req: OffsetCommitRequest) -> Of
     }
     let member = req.member_id.to_string();
     if error.is_none() {
-        error = match kafka
-            .broker
-            .classic_commit(&group, &member, req.generation_id_or_member_epoch, &commits)
-            .await
-        {
+        // A member of a consumer-protocol group (KIP-848) commits what it owns.
+        let outcome = if !member.is_empty() && kafka.broker.group_has_member(&group, &member) {
+            kafka
+                .broker
+                .commit_as_member(&group, Some(&member), &commits)
+                .await
+                .map(Ok)
+        } else {
+            kafka
+                .broker
+                .classic_commit(&group, &member, req.generation_id_or_member_epoch, &commits)
+                .await
+        };
+        error = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(crate::groups::classic_code(e)),
             Err(err) => {

@@ -20,12 +20,12 @@ use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use crate::Kafka;
 
 /// (API, lowest version, highest version) served. Highest versions stop where a later one
-/// needs what tidewater does not have yet (ListOffsets 7: the max-timestamp lookup;
-/// Produce 13: topic ids in produce requests).
+/// needs what tidewater does not have yet (ListOffsets 9: tiered storage's latest tiered
+/// offset; Produce 13: topic ids in produce requests).
 pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Produce, 3, 12),
     (ApiKey::Fetch, 4, 17),
-    (ApiKey::ListOffsets, 1, 6),
+    (ApiKey::ListOffsets, 1, 8),
     (ApiKey::Metadata, 0, 12),
     (ApiKey::OffsetCommit, 2, 9),
     (ApiKey::OffsetFetch, 1, 9),
@@ -43,6 +43,11 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::ConsumerGroupHeartbeat, 0, 1),
+    (ApiKey::ConsumerGroupDescribe, 0, 1),
 ];
 
 /// The versions of `api` served, if any.
@@ -216,6 +221,35 @@ pub(crate) fn start(
             respond(header, async move {
                 crate::groups::offset_delete(&k, req).await
             })
+        }
+        ApiKey::DescribeConfigs => {
+            let req = decode!(DescribeConfigsRequest);
+            respond(header, async move {
+                crate::admin::describe_configs(&k, req, version)
+            })
+        }
+        ApiKey::IncrementalAlterConfigs => {
+            let req = decode!(IncrementalAlterConfigsRequest);
+            respond(header, async move {
+                crate::admin::incremental_alter_configs(&k, req).await
+            })
+        }
+        ApiKey::CreatePartitions => {
+            let req = decode!(CreatePartitionsRequest);
+            respond(header, async move {
+                crate::admin::create_partitions(&k, req).await
+            })
+        }
+        ApiKey::ConsumerGroupHeartbeat => {
+            let req = decode!(ConsumerGroupHeartbeatRequest);
+            respond(header, async move { crate::consumer::heartbeat(&k, req) })
+        }
+        ApiKey::ConsumerGroupDescribe => {
+            let req = decode!(ConsumerGroupDescribeRequest);
+            respond(
+                header,
+                async move { crate::consumer::describe(&k, req).await },
+            )
         }
         other => return Err(format!("{other:?} is not supported")),
     })

@@ -268,7 +268,15 @@ async fn every_api_answers_at_every_version_it_serves() {
         assert_eq!(sets[0].records[0].offset, 3, "v{v}");
     }
     for v in versions(ApiKey::ListOffsets) {
-        for (time, want) in [(-2, 0), (-1, expected_base), (1_700_000_000_001, 1)] {
+        let mut cases = vec![(-2, 0), (-1, expected_base), (1_700_000_000_001, 1)];
+        if v >= 7 {
+            // The first record with the largest timestamp (each batch's third).
+            cases.push((-3, 2));
+        }
+        if v >= 8 {
+            cases.push((-4, 0));
+        }
+        for (time, want) in cases {
             let mut part = list_offsets_request::ListOffsetsPartition::default();
             part.partition_index = 0;
             part.timestamp = time;
@@ -504,6 +512,125 @@ async fn every_api_answers_at_every_version_it_serves() {
         assert_eq!(r.error_code, 0);
     }
     assert!(f.broker.committed("committer", "t", 0).await.is_none());
+    for v in versions(ApiKey::IncrementalAlterConfigs) {
+        let mut set = incremental_alter_configs_request::AlterableConfig::default();
+        set.name = text("retention.ms");
+        set.config_operation = 0;
+        set.value = Some(text(&format!("{}", 3_600_000 + i64::from(v))));
+        let mut append = incremental_alter_configs_request::AlterableConfig::default();
+        append.name = text("cleanup.policy");
+        append.config_operation = 2;
+        append.value = Some(text("compact"));
+        let mut r = incremental_alter_configs_request::AlterConfigsResource::default();
+        r.resource_type = 2;
+        r.resource_name = text("t");
+        r.configs = vec![set, append];
+        let mut req = IncrementalAlterConfigsRequest::default();
+        req.resources = vec![r];
+        let resp: IncrementalAlterConfigsResponse =
+            c.call(ApiKey::IncrementalAlterConfigs, v, &req).await;
+        assert_eq!(
+            resp.responses[0].error_code, 0,
+            "v{v}: {:?}",
+            resp.responses[0].error_message
+        );
+        let config = f.broker.get_stream("t").unwrap().config;
+        assert_eq!(config.retention_ms, 3_600_000 + i64::from(v));
+        assert_eq!(
+            config.cleanup,
+            tidewater_core::stream::config::Cleanup::CompactDelete
+        );
+    }
+    for v in versions(ApiKey::DescribeConfigs) {
+        let mut r = describe_configs_request::DescribeConfigsResource::default();
+        r.resource_type = 2;
+        r.resource_name = text("t");
+        r.configuration_keys = None;
+        let mut req = DescribeConfigsRequest::default();
+        req.resources = vec![r];
+        let resp: DescribeConfigsResponse = c.call(ApiKey::DescribeConfigs, v, &req).await;
+        let configs = &resp.results[0].configs;
+        let get = |n: &str| {
+            configs
+                .iter()
+                .find(|c| &*c.name == n)
+                .and_then(|c| c.value.as_ref())
+                .map(|v| v.to_string())
+        };
+        assert_eq!(
+            get("cleanup.policy").as_deref(),
+            Some("compact,delete"),
+            "v{v}"
+        );
+        assert_eq!(get("retention.ms").as_deref(), Some("3600001"), "v{v}");
+        assert_eq!(get("segment.bytes").as_deref(), Some("67108864"), "v{v}");
+    }
+    for v in versions(ApiKey::CreatePartitions) {
+        let mut t = create_partitions_request::CreatePartitionsTopic::default();
+        t.name = name("t");
+        t.count = 3 + i32::from(v);
+        t.assignments = None;
+        let mut req = CreatePartitionsRequest::default();
+        req.topics = vec![t];
+        req.timeout_ms = 10_000;
+        let resp: CreatePartitionsResponse = c.call(ApiKey::CreatePartitions, v, &req).await;
+        assert_eq!(resp.results[0].error_code, 0, "v{v}");
+        assert_eq!(
+            f.broker.get_stream("t").unwrap().partitions.len(),
+            3 + v as usize
+        );
+    }
+    for v in versions(ApiKey::ConsumerGroupHeartbeat) {
+        let group = format!("kip848-{v}");
+        let mut req = ConsumerGroupHeartbeatRequest::default();
+        req.group_id = GroupId(text(&group));
+        req.member_id = text(if v >= 1 { "client-made-id" } else { "" });
+        req.member_epoch = 0;
+        req.rebalance_timeout_ms = 30_000;
+        req.subscribed_topic_names = Some(vec![name("t")]);
+        req.topic_partitions = Some(vec![]);
+        let r: ConsumerGroupHeartbeatResponse =
+            c.call(ApiKey::ConsumerGroupHeartbeat, v, &req).await;
+        assert_eq!(r.error_code, 0, "v{v}: {:?}", r.error_message);
+        assert!(r.member_epoch > 0);
+        let member = r.member_id.clone().unwrap();
+        let assigned = &r.assignment.as_ref().unwrap().topic_partitions;
+        assert_eq!(
+            assigned[0].partitions.len(),
+            f.broker.get_stream("t").unwrap().partitions.len(),
+            "v{v}: the only member gets every partition"
+        );
+        for dv in versions(ApiKey::ConsumerGroupDescribe) {
+            let mut d = ConsumerGroupDescribeRequest::default();
+            d.group_ids = vec![GroupId(text(&group))];
+            let resp: ConsumerGroupDescribeResponse =
+                c.call(ApiKey::ConsumerGroupDescribe, dv, &d).await;
+            assert_eq!(resp.groups[0].members.len(), 1);
+        }
+        // It commits as a member, then leaves.
+        let mut part = offset_commit_request::OffsetCommitRequestPartition::default();
+        part.partition_index = 1;
+        part.committed_offset = 0;
+        let mut t = offset_commit_request::OffsetCommitRequestTopic::default();
+        t.name = name("t");
+        t.partitions = vec![part];
+        let mut commit = OffsetCommitRequest::default();
+        commit.group_id = GroupId(text(&group));
+        commit.generation_id_or_member_epoch = r.member_epoch;
+        commit.member_id = member.clone();
+        commit.topics = vec![t];
+        let cr: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, 9, &commit).await;
+        assert_eq!(cr.topics[0].partitions[0].error_code, 0);
+        let mut leave = ConsumerGroupHeartbeatRequest::default();
+        leave.group_id = GroupId(text(&group));
+        leave.member_id = member;
+        leave.member_epoch = -1;
+        leave.subscribed_topic_names = None;
+        leave.topic_partitions = None;
+        let r: ConsumerGroupHeartbeatResponse =
+            c.call(ApiKey::ConsumerGroupHeartbeat, v, &leave).await;
+        assert_eq!((r.error_code, r.member_epoch), (0, -1));
+    }
     for v in versions(ApiKey::DeleteGroups) {
         let mut req = DeleteGroupsRequest::default();
         req.groups_names = vec![GroupId(text("nobody"))];

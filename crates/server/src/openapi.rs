@@ -551,6 +551,12 @@ fn stream_schemas(limits: &Limits) -> Value {
         b["type"] = json!(["number", "null"]);
         (a, b)
     };
+    let segment_bytes = json!({"type": "integer", "anyOf": [{"const": 0}, {"minimum": 1_048_576, "maximum": 1_073_741_824}],
+        "description": "bytes at which a partition's segment rolls (Kafka's segment.bytes): 1 MiB to 1 GiB, or 0 (the default) for the server's segment_roll_bytes"});
+    let segment_ms = json!({"type": "integer", "minimum": 0, "maximum": u64::MAX,
+        "description": "age (ms) at which a partition's segment rolls, at its next append (Kafka's segment.ms); 0 (the default): the server's segment_roll_ms"});
+    let max_message_bytes = json!({"type": "integer", "minimum": 0, "maximum": tidewater_core::stream::records::MAX_STREAM_BATCH_BYTES,
+        "description": "the largest record batch a produce may append, uncompressed (Kafka's max.message.bytes); 0 (the default): no limit but the server's"});
     let mut timestamp_type_or_null = timestamp_type.clone();
     timestamp_type_or_null["type"] = json!(["string", "null"]);
     timestamp_type_or_null["enum"] = json!(["create_time", "log_append_time", null]);
@@ -594,12 +600,15 @@ fn stream_schemas(limits: &Limits) -> Value {
         "StreamConfig": {"type": "object", "additionalProperties": false, "required": ["partitions", "timestamp_type", "retention_ms", "retention_bytes", "cleanup", "delete_retention_ms", "min_dirty_ratio"], "properties": {
             "partitions": partitions, "timestamp_type": timestamp_type,
             "retention_ms": retention_ms, "retention_bytes": retention_bytes,
-            "cleanup": cleanup, "delete_retention_ms": delete_retention_ms, "min_dirty_ratio": min_dirty_ratio}},
+            "cleanup": cleanup, "delete_retention_ms": delete_retention_ms, "min_dirty_ratio": min_dirty_ratio,
+            "segment_bytes": segment_bytes, "segment_ms": segment_ms, "max_message_bytes": max_message_bytes}},
         "StreamConfigPatch": {"type": "object", "additionalProperties": false, "properties": {
             "partitions": partitions_or_null, "timestamp_type": timestamp_type_or_null,
             "retention_ms": retention_ms_or_null, "retention_bytes": retention_bytes_or_null,
             "cleanup": cleanup_or_null, "delete_retention_ms": delete_retention_ms_or_null,
-            "min_dirty_ratio": min_dirty_ratio_or_null}},
+            "min_dirty_ratio": min_dirty_ratio_or_null,
+            "segment_bytes": or_null(&segment_bytes), "segment_ms": or_null(&segment_ms),
+            "max_message_bytes": or_null(&max_message_bytes)}},
         "PutStreamRequest": {
             "description": "the configuration patch, or {\"config\": patch} as GET returns it",
             "anyOf": [schema_ref("StreamConfigPatch"),

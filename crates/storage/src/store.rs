@@ -255,6 +255,10 @@ struct LogShared {
     checkpointed_end: AtomicU64,
     /// Bytes read from segment files by readers (metrics; tests of read amplification).
     bytes_read: AtomicU64,
+    /// This log's own segment roll size and age (0: the store's), set by the layer above
+    /// from the log's configuration (`Store::set_segment_roll`); not durable.
+    roll_bytes: AtomicU64,
+    roll_ms: AtomicU64,
 }
 
 struct SyncState {
@@ -674,6 +678,8 @@ impl Store {
                     durable_end: AtomicU64::new(end),
                     checkpointed_end: AtomicU64::new(0),
                     bytes_read: AtomicU64::new(0),
+                    roll_bytes: AtomicU64::new(0),
+                    roll_ms: AtomicU64::new(0),
                 });
                 shared_logs.insert(state.uid, log.clone());
                 log
@@ -900,6 +906,17 @@ impl Store {
         let (tx, rx) = std::sync::mpsc::channel();
         self.submit(ops, level, Box::new(move |result| drop(tx.send(result))));
         rx.recv().unwrap_or(Err(WriteError::ShuttingDown))
+    }
+
+    /// Sets a log's own segment roll size and age (0: the store's `segment_roll_bytes`
+    /// and `segment_roll_ms`), for its next appends. Not durable: the layer above sets it
+    /// again from the log's configuration at open.
+    pub fn set_segment_roll(&self, uid: u64, bytes: u64, ms: u64) {
+        let logs = self.shared.logs.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = logs.get(&uid) {
+            log.roll_bytes.store(bytes, Ordering::Relaxed);
+            log.roll_ms.store(ms, Ordering::Relaxed);
+        }
     }
 
     pub fn reader(&self, uid: u64) -> Option<LogReader> {
@@ -1893,12 +1910,13 @@ impl Writer {
                 let mut files = shared.files.write().unwrap_or_else(|e| e.into_inner());
                 marks.push((*uid, files.mark()));
                 log.dirty = true;
-                if let Err(err) = append_to_segment(
-                    &mut files,
-                    bytes,
-                    self.shared.opts.segment_roll_bytes,
-                    self.shared.opts.segment_roll_ms,
-                ) {
+                let own = |v: &AtomicU64, store: u64| match v.load(Ordering::Relaxed) {
+                    0 => store,
+                    own => own,
+                };
+                let roll_bytes = own(&shared.roll_bytes, self.shared.opts.segment_roll_bytes);
+                let roll_ms = own(&shared.roll_ms, self.shared.opts.segment_roll_ms);
+                if let Err(err) = append_to_segment(&mut files, bytes, roll_bytes, roll_ms) {
                     result = Err(err);
                     break;
                 }
@@ -2283,6 +2301,8 @@ impl Writer {
                     durable_end: AtomicU64::new(0),
                     checkpointed_end: AtomicU64::new(0),
                     bytes_read: AtomicU64::new(0),
+                    roll_bytes: AtomicU64::new(0),
+                    roll_ms: AtomicU64::new(0),
                 });
                 shared_logs.insert(state.uid, shared.clone());
                 shared

@@ -232,7 +232,33 @@ impl Broker {
         streams: &[String],
         session_timeout_ms: u64,
     ) -> Result<String, BrokerError> {
+        self.join_group_as(group, None, instance, streams, session_timeout_ms)
+    }
+
+    /// As `join_group`, under a member id the client chose (Kafka's consumer protocol,
+    /// KIP-848: a random id of its own, 1 to 64 characters of A-Z a-z 0-9 _ - + / = .). A member
+    /// already there under that id joins again: it is replaced.
+    pub fn join_group_as(
+        &self,
+        group: &str,
+        member_id: Option<&str>,
+        instance: Option<&str>,
+        streams: &[String],
+        session_timeout_ms: u64,
+    ) -> Result<String, BrokerError> {
         check_group_name(group)?;
+        if let Some(id) = member_id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id.bytes().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b'_' | b'-' | b'+' | b'/' | b'=' | b'.')
+                }))
+        {
+            return Err(BrokerError::invalid(
+                "a member id is 1 to 64 characters of A-Z a-z 0-9 _ - + / = .",
+            ));
+        }
         let limits = &self.inner.limits;
         if !(1_000..=limits.max_session_timeout_ms).contains(&session_timeout_ms) {
             return Err(BrokerError::invalid(format!(
@@ -285,12 +311,21 @@ impl Broker {
             ));
         }
         // Member ids are never reused: a client holding an old id (its session expired, the
-        // server restarted) cannot act for a new member.
-        let id = format!(
-            "{}-{:016x}",
-            instance.unwrap_or("member"),
-            self.inner.nonces.nonce()
-        );
+        // server restarted) cannot act for a new member. A client's own id (KIP-848) is a
+        // random one it made.
+        let id = match member_id {
+            Some(id) => {
+                if g.member_ids().any(|m| m == id) {
+                    g.leave(id, &counts);
+                }
+                id.to_string()
+            }
+            None => format!(
+                "{}-{:016x}",
+                instance.unwrap_or("member"),
+                self.inner.nonces.nonce()
+            ),
+        };
         let before = g.generation();
         let member = g.join(
             id,
@@ -646,6 +681,16 @@ impl Broker {
         if changed {
             self.inner.groups_changed.notify_waiters();
         }
+    }
+
+    /// Whether `member` is a member of tidewater group `group`.
+    pub fn group_has_member(&self, group: &str, member: &str) -> bool {
+        self.inner
+            .groups
+            .groups
+            .lock()
+            .get(group)
+            .is_some_and(|g| g.member_ids().any(|m| m == member))
     }
 
     /// Whether a tidewater group of that name has members.

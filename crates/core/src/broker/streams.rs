@@ -154,6 +154,11 @@ pub struct FetchWant {
     pub max_bytes: usize,
 }
 
+/// A partition's own segment roll, from its stream's configuration (0: the store's).
+fn set_segment_roll(store: &Store, uid: u64, config: &StreamConfig) {
+    store.set_segment_roll(uid, config.segment_bytes, config.segment_ms);
+}
+
 /// Streams recovered from their partition logs at open.
 pub(crate) fn recover_streams(
     store: &Store,
@@ -185,6 +190,7 @@ pub(crate) fn recover_streams(
         let partitions = logs
             .iter()
             .map(|(partition, log)| {
+                set_segment_roll(store, log.uid, &config);
                 Arc::new(PartitionHandle {
                     uid: log.uid,
                     partition: *partition,
@@ -342,6 +348,9 @@ impl Broker {
                     tracing::warn!(stream = %name, error = %err, "could not add the new partitions to the stream's subscriptions");
                 }
                 let grew = next.partitions != current.partitions;
+                for part in stream.partition_handles_now() {
+                    set_segment_roll(&self.inner.store, part.uid, &next);
+                }
                 *stream.config.lock() = next;
                 if grew {
                     // Groups reading it take the new partitions at once.
@@ -370,6 +379,9 @@ impl Broker {
             .collect();
         let results = self.write(ops, AckLevel::Durable).await?;
         let partitions = self.partition_handles(&results, 0)?;
+        for part in &partitions {
+            set_segment_roll(&self.inner.store, part.uid, &config);
+        }
         let stream = Arc::new(StreamHandle {
             name: name.to_string(),
             config: Mutex::new(config),
@@ -980,6 +992,30 @@ impl Broker {
             }
         }
         Ok(Some((from, -1)))
+    }
+
+    /// The first record with the largest timestamp of a partition (Kafka's ListOffsets
+    /// `MAX_TIMESTAMP`), or `None` when it has none: the segment with the largest
+    /// timestamp is found from the segments' own maxima, the record in it by time.
+    pub fn max_timestamp_record(
+        &self,
+        stream: &str,
+        partition: u32,
+    ) -> Result<Option<(u64, i64)>, BrokerError> {
+        let handle = self.stream(stream)?;
+        let part = self.partition(&handle, partition)?;
+        let start = part.start();
+        let max = part
+            .reader
+            .segments()
+            .iter()
+            .filter(|s| s.end > start && s.end > s.base)
+            .map(|s| s.max_timestamp)
+            .max();
+        match max {
+            Some(max) if max != i64::MIN => self.record_for_time(stream, partition, max),
+            _ => Ok(None),
+        }
     }
 
     /// A stable id of a stream for as long as it lives (a stream deleted and made again

@@ -87,7 +87,22 @@ pub struct StreamConfig {
     /// written since its last compaction reaches this (Kafka's min.cleanable.dirty.ratio).
     #[serde(default = "default_min_dirty_ratio")]
     pub min_dirty_ratio: f64,
+    /// Bytes at which a partition's segment rolls (Kafka's segment.bytes); 0: the server's
+    /// `segment_roll_bytes`.
+    #[serde(default)]
+    pub segment_bytes: u64,
+    /// Age at which a partition's segment rolls, at the next append (Kafka's segment.ms);
+    /// 0: the server's `segment_roll_ms`.
+    #[serde(default)]
+    pub segment_ms: u64,
+    /// The largest record batch a produce may append, uncompressed (Kafka's
+    /// max.message.bytes); 0: no limit but the server's.
+    #[serde(default)]
+    pub max_message_bytes: u64,
 }
+
+/// The smallest `segment_bytes` (Kafka 4's smallest segment.bytes).
+pub const MIN_SEGMENT_BYTES: u64 = 1 << 20;
 
 fn default_delete_retention_ms() -> i64 {
     DEFAULT_DELETE_RETENTION_MS
@@ -120,6 +135,9 @@ pub struct StreamPatch {
     pub cleanup: Option<Cleanup>,
     pub delete_retention_ms: Option<i64>,
     pub min_dirty_ratio: Option<f64>,
+    pub segment_bytes: Option<u64>,
+    pub segment_ms: Option<u64>,
+    pub max_message_bytes: Option<u64>,
 }
 
 impl StreamConfig {
@@ -135,6 +153,9 @@ impl StreamConfig {
                 .delete_retention_ms
                 .unwrap_or(DEFAULT_DELETE_RETENTION_MS),
             min_dirty_ratio: patch.min_dirty_ratio.unwrap_or(DEFAULT_MIN_DIRTY_RATIO),
+            segment_bytes: patch.segment_bytes.unwrap_or(0),
+            segment_ms: patch.segment_ms.unwrap_or(0),
+            max_message_bytes: patch.max_message_bytes.unwrap_or(0),
         };
         config.validate(limits)?;
         Ok(config)
@@ -179,6 +200,15 @@ impl StreamConfig {
         if let Some(ratio) = patch.min_dirty_ratio {
             out.min_dirty_ratio = ratio;
         }
+        if let Some(bytes) = patch.segment_bytes {
+            out.segment_bytes = bytes;
+        }
+        if let Some(ms) = patch.segment_ms {
+            out.segment_ms = ms;
+        }
+        if let Some(bytes) = patch.max_message_bytes {
+            out.max_message_bytes = bytes;
+        }
         Ok(out)
     }
 
@@ -209,6 +239,25 @@ impl StreamConfig {
                 format!(
                     "min_dirty_ratio must be 0..=1 (the share of a partition's sealed bytes written since its last compaction), got {}",
                     self.min_dirty_ratio
+                ),
+            ));
+        }
+        if self.segment_bytes != 0 && !(MIN_SEGMENT_BYTES..=1 << 30).contains(&self.segment_bytes) {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "segment_bytes must be 0 (the server's segment_roll_bytes) or 1048576..=1073741824 (1 MiB to 1 GiB), got {}",
+                    self.segment_bytes
+                ),
+            ));
+        }
+        if self.max_message_bytes > tidewater_storage::format::MAX_BATCH_BODY as u64 {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "max_message_bytes must be 0 (no limit but the server's) or at most {} (256 MiB), got {}",
+                    tidewater_storage::format::MAX_BATCH_BODY,
+                    self.max_message_bytes
                 ),
             ));
         }

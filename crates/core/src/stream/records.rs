@@ -125,21 +125,20 @@ pub fn plan_produce(
             ));
         }
     }
-    let batches = builders
-        .into_iter()
-        .map(|(partition, builder)| {
-            let count = builder.len() as u32;
-            let mut kafka = builder.finish();
-            if config.timestamp_type == TimestampType::LogAppendTime {
-                stamp_kafka_batch(&mut kafka, 0, Some(now_ms));
-            }
-            PartitionBatch {
-                partition,
-                kafka,
-                count,
-            }
-        })
-        .collect();
+    let mut batches = Vec::with_capacity(builders.len());
+    for (partition, builder) in builders {
+        let count = builder.len() as u32;
+        let mut kafka = builder.finish();
+        check_max_message_bytes(kafka.len(), config)?;
+        if config.timestamp_type == TimestampType::LogAppendTime {
+            stamp_kafka_batch(&mut kafka, 0, Some(now_ms));
+        }
+        batches.push(PartitionBatch {
+            partition,
+            kafka,
+            count,
+        });
+    }
     Ok((batches, placement))
 }
 
@@ -241,6 +240,7 @@ pub fn plan_batch_produce(
             format!("a batch of {} bytes exceeds 256 MiB", batch.len()),
         ));
     }
+    check_max_message_bytes(batch.len(), config)?;
     let header = check_kafka_batch(batch)
         .map_err(|e| invalid(format!("not a valid Kafka v2 record batch: {e}")))?;
     if header.compression() != 0 {
@@ -286,6 +286,23 @@ pub fn plan_batch_produce(
     }
     stamp_kafka_batch(batch, 0, log_append.then_some(now_ms));
     Ok(count)
+}
+
+/// The largest batch a stream takes (the format's limit).
+pub const MAX_STREAM_BATCH_BYTES: u64 = MAX_BATCH_BODY as u64;
+
+/// Refuses a batch over the stream's `max_message_bytes`.
+fn check_max_message_bytes(len: usize, config: &StreamConfig) -> Result<(), BrokerError> {
+    if config.max_message_bytes > 0 && len as u64 > config.max_message_bytes {
+        return Err(BrokerError::new(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "a batch of {len} bytes exceeds the stream's max_message_bytes {} (Kafka's max.message.bytes)",
+                config.max_message_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The records of a stored batch from offset `from` on. A compressed batch (written by a
