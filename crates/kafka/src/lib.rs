@@ -38,7 +38,7 @@ pub mod producers;
 mod versions;
 
 pub use conn::serve_connection;
-pub use versions::{SUPPORTED, supported_versions};
+pub use versions::{Decoded, SUPPORTED, decode_request, supported_versions};
 
 /// The Kafka listener's settings (docs/configuration.md, `[kafka]`).
 #[derive(Debug, Clone)]

@@ -63,12 +63,18 @@ pub fn supported_versions(api: ApiKey) -> Option<(i16, i16)> {
 pub(crate) type Answer = Result<Option<Bytes>, String>;
 pub(crate) type Reply = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
-/// Decodes a request frame (without its length) and starts it.
-pub(crate) fn start(
-    kafka: &Arc<Kafka>,
-    mut frame: Bytes,
-    peer: std::net::SocketAddr,
-) -> Result<Reply, String> {
+/// A request decoded: its header and body, at a version served.
+#[derive(Debug)]
+pub enum Decoded {
+    Request(RequestHeader, RequestKind),
+    /// ApiVersions at a version not served: answered with the versions that are (KIP-511).
+    UnsupportedApiVersions(RequestHeader),
+}
+
+/// Decodes a request frame (without its length prefix): the header, then the body at the
+/// header's version, for an API and version served. No I/O: the fuzz target `kafka_request`
+/// drives it. An error is a reason to close the connection.
+pub fn decode_request(mut frame: Bytes) -> Result<Decoded, String> {
     if frame.len() < 4 {
         return Err(format!(
             "a request of {} bytes is shorter than a request header",
@@ -85,92 +91,91 @@ pub(crate) fn start(
     };
     if !(min..=max).contains(&version) {
         if api == ApiKey::ApiVersions {
-            let response = api_versions_response(ResponseError::UnsupportedVersion.code());
-            return Ok(ready(encode(&header, 0, &response)));
+            return Ok(Decoded::UnsupportedApiVersions(header));
         }
         return Err(format!(
             "{api:?} version {version} is not supported (versions {min}..={max})"
         ));
     }
-    macro_rules! decode {
-        ($t:ty) => {
-            <$t>::decode(&mut frame, version)
-                .map_err(|e| format!("malformed {api:?} v{version} request: {e}"))?
-        };
-    }
+    let request = RequestKind::decode(api, &mut frame, version)
+        .map_err(|e| format!("malformed {api:?} v{version} request: {e}"))?;
+    Ok(Decoded::Request(header, request))
+}
+
+/// Decodes a request frame (without its length) and starts it.
+pub(crate) fn start(
+    kafka: &Arc<Kafka>,
+    frame: Bytes,
+    peer: std::net::SocketAddr,
+) -> Result<Reply, String> {
+    let (header, request) = match decode_request(frame)? {
+        Decoded::Request(header, request) => (header, request),
+        Decoded::UnsupportedApiVersions(header) => {
+            let response = api_versions_response(ResponseError::UnsupportedVersion.code());
+            return Ok(ready(encode(&header, 0, &response)));
+        }
+    };
+    let version = header.request_api_version;
     let k = kafka.clone();
-    Ok(match api {
-        ApiKey::ApiVersions => {
-            let _ = decode!(ApiVersionsRequest);
+    Ok(match request {
+        RequestKind::ApiVersions(_) => {
             ready(encode(&header, version, &api_versions_response(0)))
         }
-        ApiKey::Metadata => {
-            let req = decode!(MetadataRequest);
+        RequestKind::Metadata(req) => {
             respond(header, async move {
                 crate::metadata::metadata(&k, req, version)
             })
         }
-        ApiKey::DescribeCluster => {
-            let req = decode!(DescribeClusterRequest);
+        RequestKind::DescribeCluster(req) => {
             respond(
                 header,
                 async move { crate::metadata::describe_cluster(&k, req) },
             )
         }
-        ApiKey::Produce => {
-            let req = decode!(ProduceRequest);
+        RequestKind::Produce(req) => {
             crate::produce::start(kafka, header, req)
         }
-        ApiKey::Fetch => {
-            let req = decode!(FetchRequest);
+        RequestKind::Fetch(req) => {
             respond(header, async move {
                 crate::fetch::fetch(&k, req, version).await
             })
         }
-        ApiKey::ListOffsets => {
-            let req = decode!(ListOffsetsRequest);
+        RequestKind::ListOffsets(req) => {
             respond(header, async move { crate::offsets::list_offsets(&k, req) })
         }
-        ApiKey::InitProducerId => {
-            let req = decode!(InitProducerIdRequest);
+        RequestKind::InitProducerId(req) => {
             respond(
                 header,
                 async move { crate::produce::init_producer_id(&k, req) },
             )
         }
-        ApiKey::FindCoordinator => {
-            let req = decode!(FindCoordinatorRequest);
+        RequestKind::FindCoordinator(req) => {
             respond(header, async move {
                 crate::offsets::find_coordinator(&k, req, version)
             })
         }
-        ApiKey::OffsetCommit => {
-            let req = decode!(OffsetCommitRequest);
+        RequestKind::OffsetCommit(req) => {
             respond(header, async move {
                 crate::offsets::offset_commit(&k, req).await
             })
         }
-        ApiKey::OffsetFetch => {
-            let req = decode!(OffsetFetchRequest);
+        RequestKind::OffsetFetch(req) => {
             respond(header, async move {
                 crate::offsets::offset_fetch(&k, req, version).await
             })
         }
-        ApiKey::CreateTopics => {
-            let req = decode!(CreateTopicsRequest);
+        RequestKind::CreateTopics(req) => {
             respond(
                 header,
                 async move { crate::admin::create_topics(&k, req).await },
             )
         }
-        ApiKey::DeleteTopics => {
-            let req = decode!(DeleteTopicsRequest);
+        RequestKind::DeleteTopics(req) => {
             respond(header, async move {
                 crate::admin::delete_topics(&k, req, version).await
             })
         }
-        ApiKey::JoinGroup => {
-            let req = decode!(JoinGroupRequest);
+        RequestKind::JoinGroup(req) => {
             let client_id = header
                 .client_id
                 .as_ref()
@@ -181,77 +186,65 @@ pub(crate) fn start(
                 crate::groups::join_group(&k, req, version, client_id, host).await
             })
         }
-        ApiKey::SyncGroup => {
-            let req = decode!(SyncGroupRequest);
+        RequestKind::SyncGroup(req) => {
             respond(header, async move {
                 crate::groups::sync_group(&k, req, version).await
             })
         }
-        ApiKey::Heartbeat => {
-            let req = decode!(HeartbeatRequest);
+        RequestKind::Heartbeat(req) => {
             respond(header, async move { crate::groups::heartbeat(&k, req) })
         }
-        ApiKey::LeaveGroup => {
-            let req = decode!(LeaveGroupRequest);
+        RequestKind::LeaveGroup(req) => {
             respond(header, async move {
                 crate::groups::leave_group(&k, req, version)
             })
         }
-        ApiKey::ListGroups => {
-            let req = decode!(ListGroupsRequest);
+        RequestKind::ListGroups(req) => {
             respond(
                 header,
                 async move { crate::groups::list_groups(&k, req).await },
             )
         }
-        ApiKey::DescribeGroups => {
-            let req = decode!(DescribeGroupsRequest);
+        RequestKind::DescribeGroups(req) => {
             respond(header, async move {
                 crate::groups::describe_groups(&k, req, version).await
             })
         }
-        ApiKey::DeleteGroups => {
-            let req = decode!(DeleteGroupsRequest);
+        RequestKind::DeleteGroups(req) => {
             respond(header, async move {
                 crate::groups::delete_groups(&k, req).await
             })
         }
-        ApiKey::OffsetDelete => {
-            let req = decode!(OffsetDeleteRequest);
+        RequestKind::OffsetDelete(req) => {
             respond(header, async move {
                 crate::groups::offset_delete(&k, req).await
             })
         }
-        ApiKey::DescribeConfigs => {
-            let req = decode!(DescribeConfigsRequest);
+        RequestKind::DescribeConfigs(req) => {
             respond(header, async move {
                 crate::admin::describe_configs(&k, req, version)
             })
         }
-        ApiKey::IncrementalAlterConfigs => {
-            let req = decode!(IncrementalAlterConfigsRequest);
+        RequestKind::IncrementalAlterConfigs(req) => {
             respond(header, async move {
                 crate::admin::incremental_alter_configs(&k, req).await
             })
         }
-        ApiKey::CreatePartitions => {
-            let req = decode!(CreatePartitionsRequest);
+        RequestKind::CreatePartitions(req) => {
             respond(header, async move {
                 crate::admin::create_partitions(&k, req).await
             })
         }
-        ApiKey::ConsumerGroupHeartbeat => {
-            let req = decode!(ConsumerGroupHeartbeatRequest);
+        RequestKind::ConsumerGroupHeartbeat(req) => {
             respond(header, async move { crate::consumer::heartbeat(&k, req) })
         }
-        ApiKey::ConsumerGroupDescribe => {
-            let req = decode!(ConsumerGroupDescribeRequest);
+        RequestKind::ConsumerGroupDescribe(req) => {
             respond(
                 header,
                 async move { crate::consumer::describe(&k, req).await },
             )
         }
-        other => return Err(format!("{other:?} is not supported")),
+        _ => return Err(format!("API key {} is not supported", header.request_api_key)),
     })
 }
 

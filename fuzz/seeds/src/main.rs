@@ -199,6 +199,7 @@ fn main() {
     set.extend_from_slice(&kafka_batch(12));
     write_both(dir, "kafka", "two", &set);
     write_both(dir, "kafka", "empty", &KafkaBatchBuilder::new().finish());
+    kafka_request_seeds(dir);
 
     // journal: every entry kind, in an order replay accepts.
     let entries = [
@@ -344,4 +345,112 @@ fn main() {
     let mut produce = vec![1u8];
     produce.extend_from_slice(&batch(0, 0));
     write(dir, "publish", "batch", &produce);
+}
+
+/// kafka_request: request frames as Kafka clients send them (even first byte), and record
+/// sets with each codec (odd first byte).
+fn kafka_request_seeds(dir: &Path) {
+    use bytes::{Bytes, BytesMut};
+    use kafka_protocol::messages::*;
+    use kafka_protocol::protocol::{Encodable, StrBytes};
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+    fn frame<R: Encodable>(api: ApiKey, version: i16, req: &R) -> Vec<u8> {
+        let mut header = RequestHeader::default();
+        header.request_api_key = api as i16;
+        header.request_api_version = version;
+        header.correlation_id = 7;
+        header.client_id = Some(StrBytes::from_static_str("seed"));
+        let mut buf = BytesMut::new();
+        header
+            .encode(&mut buf, api.request_header_version(version))
+            .unwrap();
+        req.encode(&mut buf, version).unwrap();
+        let mut out = vec![0u8];
+        out.extend_from_slice(&buf);
+        out
+    }
+    let records: Vec<Record> = (0..5)
+        .map(|i| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id: 1000,
+            producer_epoch: 0,
+            timestamp_type: TimestampType::Creation,
+            offset: i,
+            sequence: i as i32,
+            timestamp: 1_700_000_000_000 + i,
+            key: Some(Bytes::from(format!("key-{i}"))),
+            value: Some(Bytes::from(format!("value-{i}"))),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut sets = Vec::new();
+    for (name, compression) in [
+        ("none", Compression::None),
+        ("gzip", Compression::Gzip),
+        ("snappy", Compression::Snappy),
+        ("lz4", Compression::Lz4),
+        ("zstd", Compression::Zstd),
+    ] {
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            &records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression,
+            },
+        )
+        .unwrap();
+        let mut seed = vec![1u8];
+        seed.extend_from_slice(&buf);
+        write(dir, "kafka_request", &format!("set-{name}"), &seed);
+        sets.push(buf.freeze());
+    }
+    let mut part = produce_request::PartitionProduceData::default();
+    part.index = 0;
+    part.records = Some(sets[3].clone());
+    let mut topic = produce_request::TopicProduceData::default();
+    topic.name = TopicName(StrBytes::from_static_str("orders"));
+    topic.partition_data = vec![part];
+    let mut produce = ProduceRequest::default();
+    produce.acks = -1;
+    produce.topic_data = vec![topic];
+    write(dir, "kafka_request", "produce-v9", &frame(ApiKey::Produce, 9, &produce));
+    write(dir, "kafka_request", "produce-v3", &frame(ApiKey::Produce, 3, &produce));
+    let mut metadata = MetadataRequest::default();
+    metadata.topics = None;
+    write(dir, "kafka_request", "metadata-v12", &frame(ApiKey::Metadata, 12, &metadata));
+    write(dir, "kafka_request", "metadata-v1", &frame(ApiKey::Metadata, 1, &metadata));
+    write(dir, "kafka_request", "apiversions-v3", &frame(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default()));
+    let mut fp = fetch_request::FetchPartition::default();
+    fp.fetch_offset = 10;
+    fp.partition_max_bytes = 1 << 20;
+    let mut ft = fetch_request::FetchTopic::default();
+    ft.topic = TopicName(StrBytes::from_static_str("orders"));
+    ft.partitions = vec![fp];
+    let mut fetch = FetchRequest::default();
+    fetch.replica_id = BrokerId(-1);
+    fetch.max_wait_ms = 500;
+    fetch.topics = vec![ft];
+    write(dir, "kafka_request", "fetch-v12", &frame(ApiKey::Fetch, 12, &fetch));
+    let mut join = JoinGroupRequest::default();
+    join.group_id = GroupId(StrBytes::from_static_str("g"));
+    join.session_timeout_ms = 45_000;
+    join.rebalance_timeout_ms = 300_000;
+    join.protocol_type = StrBytes::from_static_str("consumer");
+    let mut p = join_group_request::JoinGroupRequestProtocol::default();
+    p.name = StrBytes::from_static_str("range");
+    p.metadata = Bytes::from_static(&[0, 1, 0, 0, 0, 1, 0, 6, b'o', b'r', b'd', b'e', b'r', b's']);
+    join.protocols = vec![p];
+    write(dir, "kafka_request", "joingroup-v9", &frame(ApiKey::JoinGroup, 9, &join));
+    let mut hb = ConsumerGroupHeartbeatRequest::default();
+    hb.group_id = GroupId(StrBytes::from_static_str("g"));
+    hb.member_id = StrBytes::from_static_str("m");
+    hb.subscribed_topic_names = Some(vec![TopicName(StrBytes::from_static_str("orders"))]);
+    write(dir, "kafka_request", "consumerheartbeat-v1", &frame(ApiKey::ConsumerGroupHeartbeat, 1, &hb));
 }
