@@ -258,6 +258,7 @@ pub(crate) async fn delete_topics(
 /// Kafka's config resource types.
 const TOPIC_RESOURCE: i8 = 2;
 const BROKER_RESOURCE: i8 = 4;
+const GROUP_RESOURCE: i8 = 32;
 /// Kafka's config sources.
 const DYNAMIC_TOPIC_CONFIG: i8 = 1;
 const DEFAULT_CONFIG: i8 = 5;
@@ -394,7 +395,7 @@ pub(crate) fn describe_configs(
                 }
             },
             // The broker's own settings are tidewater's configuration file, not Kafka's.
-            BROKER_RESOURCE => {}
+            BROKER_RESOURCE | GROUP_RESOURCE => {}
             other => {
                 out.error_code = ResponseError::InvalidRequest.code();
                 out.error_message = text(format!(
@@ -483,6 +484,9 @@ pub(crate) async fn incremental_alter_configs(
         out.resource_type = resource.resource_type;
         out.resource_name = resource.resource_name.clone();
         let result: Result<(), (i16, String)> = async {
+            if resource.resource_type == GROUP_RESOURCE {
+                return alter_group_configs(kafka, &resource, req.validate_only);
+            }
             if resource.resource_type != TOPIC_RESOURCE {
                 return Err((
                     ResponseError::InvalidRequest.code(),
@@ -508,6 +512,34 @@ pub(crate) async fn incremental_alter_configs(
         response.responses.push(out);
     }
     response
+}
+
+/// A group's configs: `share.auto.offset.reset` (where a share group's subscriptions start
+/// when they are made) is the one tidewater takes.
+fn alter_group_configs(
+    kafka: &Kafka,
+    resource: &incremental_alter_configs_request::AlterConfigsResource,
+    validate_only: bool,
+) -> Result<(), (i16, String)> {
+    let invalid = |m: String| (ResponseError::InvalidConfig.code(), m);
+    for c in &resource.configs {
+        if &*c.name != "share.auto.offset.reset" {
+            return Err(invalid(format!(
+                "group config '{}': tidewater takes share.auto.offset.reset only (the other settings of a share group are its subscription's: lease_ms, max_deliveries, ...)",
+                c.name
+            )));
+        }
+        let value = match c.config_operation {
+            SET => c.value.as_deref(),
+            DELETE => None,
+            _ => return Err(invalid("share.auto.offset.reset is not a list".into())),
+        };
+        if !validate_only {
+            crate::share::set_share_start(kafka, &resource.resource_name, value)
+                .map_err(invalid)?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) async fn create_partitions(

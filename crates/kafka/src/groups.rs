@@ -227,6 +227,26 @@ pub(crate) async fn list_groups(kafka: &Kafka, req: ListGroupsRequest) -> ListGr
         g.group_type = str_bytes(kind);
         response.groups.push(g);
     }
+    // Share groups with members (their subscriptions are tidewater's own to list).
+    let shares = kafka.shares.lock().groups();
+    for name in shares {
+        let wanted_type = req.types_filter.is_empty()
+            || req
+                .types_filter
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case("share"));
+        let wanted_state =
+            req.states_filter.is_empty() || req.states_filter.iter().any(|s| &**s == "Stable");
+        if !wanted_type || !wanted_state {
+            continue;
+        }
+        let mut g = ListedGroup::default();
+        g.group_id = GroupId(str_bytes(name));
+        g.protocol_type = str_bytes("share");
+        g.group_state = str_bytes("Stable");
+        g.group_type = str_bytes("share");
+        response.groups.push(g);
+    }
     response
 }
 

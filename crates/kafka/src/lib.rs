@@ -6,7 +6,8 @@
 //!   connection's produces append in the order sent), answered in order by a writer task.
 //! - `versions.rs`: the APIs and versions served (ApiVersions), and the dispatch.
 //! - `metadata.rs`, `produce.rs`, `fetch.rs`, `offsets.rs`, `groups.rs` (classic
-//!   groups), `consumer.rs` (KIP-848 groups), `admin.rs`: the APIs.
+//!   groups), `consumer.rs` (KIP-848 groups), `share.rs` (share groups, KIP-932), `admin.rs`:
+//!   the APIs.
 //! - `codec.rs` and `producers.rs`: what needs no I/O: produced batches checked and
 //!   decompressed within a bound; idempotent producers' sequence state.
 //! - `errors.rs`: broker errors as Kafka error codes.
@@ -35,6 +36,7 @@ mod metadata;
 mod offsets;
 mod produce;
 pub mod producers;
+mod share;
 mod versions;
 
 pub use conn::serve_connection;
@@ -117,6 +119,8 @@ pub struct Kafka {
     pub(crate) config: KafkaConfig,
     pub(crate) producers: Mutex<producers::Producers<watch::Receiver<Option<Landed>>>>,
     next_producer_id: AtomicI64,
+    /// Share groups' members, sessions and acquired records.
+    pub(crate) shares: Mutex<share::Shares>,
     /// Consumer-protocol members' last heartbeats.
     pub(crate) members: Mutex<consumer::MemberViews>,
     /// Topic ids of the streams seen, for requests that name topics by id.
@@ -139,6 +143,7 @@ impl Kafka {
             next_producer_id: AtomicI64::new(now_ms << 12),
             topic_ids: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
+            shares: Mutex::new(share::Shares::default()),
             memory: Arc::new(Semaphore::new(
                 config.max_request_bytes_in_flight.div_ceil(1024),
             )),

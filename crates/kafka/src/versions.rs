@@ -48,6 +48,11 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::ConsumerGroupHeartbeat, 0, 1),
     (ApiKey::ConsumerGroupDescribe, 0, 1),
+    (ApiKey::ShareGroupHeartbeat, 1, 1),
+    (ApiKey::ShareGroupDescribe, 1, 1),
+    (ApiKey::ShareFetch, 1, 1),
+    (ApiKey::ShareAcknowledge, 1, 1),
+    (ApiKey::DescribeShareGroupOffsets, 0, 0),
 ];
 
 /// The versions of `api` served, if any.
@@ -66,7 +71,7 @@ pub(crate) type Reply = Pin<Box<dyn Future<Output = Answer> + Send>>;
 /// A request decoded: its header and body, at a version served.
 #[derive(Debug)]
 pub enum Decoded {
-    Request(RequestHeader, RequestKind),
+    Request(RequestHeader, Box<RequestKind>),
     /// ApiVersions at a version not served: answered with the versions that are (KIP-511).
     UnsupportedApiVersions(RequestHeader),
 }
@@ -99,7 +104,7 @@ pub fn decode_request(mut frame: Bytes) -> Result<Decoded, String> {
     }
     let request = RequestKind::decode(api, &mut frame, version)
         .map_err(|e| format!("malformed {api:?} v{version} request: {e}"))?;
-    Ok(Decoded::Request(header, request))
+    Ok(Decoded::Request(header, Box::new(request)))
 }
 
 /// Decodes a request frame (without its length) and starts it.
@@ -109,7 +114,7 @@ pub(crate) fn start(
     peer: std::net::SocketAddr,
 ) -> Result<Reply, String> {
     let (header, request) = match decode_request(frame)? {
-        Decoded::Request(header, request) => (header, request),
+        Decoded::Request(header, request) => (header, *request),
         Decoded::UnsupportedApiVersions(header) => {
             let response = api_versions_response(ResponseError::UnsupportedVersion.code());
             return Ok(ready(encode(&header, 0, &response)));
@@ -118,28 +123,20 @@ pub(crate) fn start(
     let version = header.request_api_version;
     let k = kafka.clone();
     Ok(match request {
-        RequestKind::ApiVersions(_) => {
-            ready(encode(&header, version, &api_versions_response(0)))
-        }
-        RequestKind::Metadata(req) => {
-            respond(header, async move {
-                crate::metadata::metadata(&k, req, version)
-            })
-        }
+        RequestKind::ApiVersions(_) => ready(encode(&header, version, &api_versions_response(0))),
+        RequestKind::Metadata(req) => respond(header, async move {
+            crate::metadata::metadata(&k, req, version)
+        }),
         RequestKind::DescribeCluster(req) => {
             respond(
                 header,
                 async move { crate::metadata::describe_cluster(&k, req) },
             )
         }
-        RequestKind::Produce(req) => {
-            crate::produce::start(kafka, header, req)
-        }
-        RequestKind::Fetch(req) => {
-            respond(header, async move {
-                crate::fetch::fetch(&k, req, version).await
-            })
-        }
+        RequestKind::Produce(req) => crate::produce::start(kafka, header, req),
+        RequestKind::Fetch(req) => respond(header, async move {
+            crate::fetch::fetch(&k, req, version).await
+        }),
         RequestKind::ListOffsets(req) => {
             respond(header, async move { crate::offsets::list_offsets(&k, req) })
         }
@@ -149,32 +146,24 @@ pub(crate) fn start(
                 async move { crate::produce::init_producer_id(&k, req) },
             )
         }
-        RequestKind::FindCoordinator(req) => {
-            respond(header, async move {
-                crate::offsets::find_coordinator(&k, req, version)
-            })
-        }
-        RequestKind::OffsetCommit(req) => {
-            respond(header, async move {
-                crate::offsets::offset_commit(&k, req).await
-            })
-        }
-        RequestKind::OffsetFetch(req) => {
-            respond(header, async move {
-                crate::offsets::offset_fetch(&k, req, version).await
-            })
-        }
+        RequestKind::FindCoordinator(req) => respond(header, async move {
+            crate::offsets::find_coordinator(&k, req, version)
+        }),
+        RequestKind::OffsetCommit(req) => respond(header, async move {
+            crate::offsets::offset_commit(&k, req).await
+        }),
+        RequestKind::OffsetFetch(req) => respond(header, async move {
+            crate::offsets::offset_fetch(&k, req, version).await
+        }),
         RequestKind::CreateTopics(req) => {
             respond(
                 header,
                 async move { crate::admin::create_topics(&k, req).await },
             )
         }
-        RequestKind::DeleteTopics(req) => {
-            respond(header, async move {
-                crate::admin::delete_topics(&k, req, version).await
-            })
-        }
+        RequestKind::DeleteTopics(req) => respond(header, async move {
+            crate::admin::delete_topics(&k, req, version).await
+        }),
         RequestKind::JoinGroup(req) => {
             let client_id = header
                 .client_id
@@ -186,55 +175,39 @@ pub(crate) fn start(
                 crate::groups::join_group(&k, req, version, client_id, host).await
             })
         }
-        RequestKind::SyncGroup(req) => {
-            respond(header, async move {
-                crate::groups::sync_group(&k, req, version).await
-            })
-        }
+        RequestKind::SyncGroup(req) => respond(header, async move {
+            crate::groups::sync_group(&k, req, version).await
+        }),
         RequestKind::Heartbeat(req) => {
             respond(header, async move { crate::groups::heartbeat(&k, req) })
         }
-        RequestKind::LeaveGroup(req) => {
-            respond(header, async move {
-                crate::groups::leave_group(&k, req, version)
-            })
-        }
+        RequestKind::LeaveGroup(req) => respond(header, async move {
+            crate::groups::leave_group(&k, req, version)
+        }),
         RequestKind::ListGroups(req) => {
             respond(
                 header,
                 async move { crate::groups::list_groups(&k, req).await },
             )
         }
-        RequestKind::DescribeGroups(req) => {
-            respond(header, async move {
-                crate::groups::describe_groups(&k, req, version).await
-            })
-        }
-        RequestKind::DeleteGroups(req) => {
-            respond(header, async move {
-                crate::groups::delete_groups(&k, req).await
-            })
-        }
-        RequestKind::OffsetDelete(req) => {
-            respond(header, async move {
-                crate::groups::offset_delete(&k, req).await
-            })
-        }
-        RequestKind::DescribeConfigs(req) => {
-            respond(header, async move {
-                crate::admin::describe_configs(&k, req, version)
-            })
-        }
-        RequestKind::IncrementalAlterConfigs(req) => {
-            respond(header, async move {
-                crate::admin::incremental_alter_configs(&k, req).await
-            })
-        }
-        RequestKind::CreatePartitions(req) => {
-            respond(header, async move {
-                crate::admin::create_partitions(&k, req).await
-            })
-        }
+        RequestKind::DescribeGroups(req) => respond(header, async move {
+            crate::groups::describe_groups(&k, req, version).await
+        }),
+        RequestKind::DeleteGroups(req) => respond(header, async move {
+            crate::groups::delete_groups(&k, req).await
+        }),
+        RequestKind::OffsetDelete(req) => respond(header, async move {
+            crate::groups::offset_delete(&k, req).await
+        }),
+        RequestKind::DescribeConfigs(req) => respond(header, async move {
+            crate::admin::describe_configs(&k, req, version)
+        }),
+        RequestKind::IncrementalAlterConfigs(req) => respond(header, async move {
+            crate::admin::incremental_alter_configs(&k, req).await
+        }),
+        RequestKind::CreatePartitions(req) => respond(header, async move {
+            crate::admin::create_partitions(&k, req).await
+        }),
         RequestKind::ConsumerGroupHeartbeat(req) => {
             respond(header, async move { crate::consumer::heartbeat(&k, req) })
         }
@@ -244,7 +217,33 @@ pub(crate) fn start(
                 async move { crate::consumer::describe(&k, req).await },
             )
         }
-        _ => return Err(format!("API key {} is not supported", header.request_api_key)),
+        RequestKind::ShareGroupHeartbeat(req) => {
+            respond(
+                header,
+                async move { crate::share::heartbeat(&k, req).await },
+            )
+        }
+        RequestKind::ShareGroupDescribe(req) => {
+            respond(header, async move { crate::share::describe(&k, req) })
+        }
+        RequestKind::ShareFetch(req) => {
+            respond(header, async move { crate::share::fetch(&k, req).await })
+        }
+        RequestKind::ShareAcknowledge(req) => respond(header, async move {
+            crate::share::acknowledge_request(&k, req).await
+        }),
+        RequestKind::DescribeShareGroupOffsets(req) => {
+            respond(
+                header,
+                async move { crate::share::describe_offsets(&k, req) },
+            )
+        }
+        _ => {
+            return Err(format!(
+                "API key {} is not supported",
+                header.request_api_key
+            ));
+        }
     })
 }
 

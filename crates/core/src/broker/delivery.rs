@@ -318,6 +318,45 @@ impl Broker {
         })
     }
 
+    /// Ends leases for good without success (Kafka share groups' REJECT): the messages go
+    /// to the dead-letter queue when there is one, whatever their delivery count, and are
+    /// settled (dropped) otherwise; never delivered again.
+    pub async fn reject<S: AsRef<str> + Sync>(
+        &self,
+        queue: &str,
+        receipts: &[S],
+        error: Option<&str>,
+    ) -> Result<SettleReply, BrokerError> {
+        let handle = self.resolve(queue)?;
+        if handle.state.lock().config.dead_letter_queue.is_none() {
+            return self.ack(queue, receipts).await;
+        }
+        let now = self.now_ms();
+        let (released, failed) = self.release_receipts(&handle, receipts, now)?;
+        let n = released.len() as u64;
+        let to_dlq = {
+            let mut state = handle.state.lock();
+            state.counters.nacked += n;
+            let unacked = released
+                .into_iter()
+                .map(|(offset, l)| Unacked {
+                    offset,
+                    delivery_count: l.delivery_count,
+                    size: l.size,
+                })
+                .collect();
+            let to_dlq = state.plan_rejects(unacked, error.unwrap_or("rejected"), now);
+            Settling::marked(&handle, to_dlq, &self.inner.clock)
+        };
+        self.dead_letter(&handle, to_dlq).await;
+        handle.notify.notify_waiters();
+        Ok(SettleReply {
+            ok: n,
+            failed,
+            ..SettleReply::default()
+        })
+    }
+
     /// Extends leases to `lease_ms` from now (or the queue's default).
     pub fn extend<S: AsRef<str>>(
         &self,

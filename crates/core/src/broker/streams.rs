@@ -1018,6 +1018,26 @@ impl Broker {
         }
     }
 
+    /// Whole stored batches of a partition from the one holding `from` (or the partition's
+    /// start, if later) on, about `max_bytes` of them, without waiting (Kafka's share fetch
+    /// answers the batches holding the records it hands out).
+    pub fn read_partition_batches(
+        &self,
+        stream: &str,
+        partition: u32,
+        from: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredBatch>, BrokerError> {
+        let handle = self.stream(stream)?;
+        let part = self.partition(&handle, partition)?;
+        part.reader
+            .read_batches(
+                from.max(part.start()),
+                max_bytes.clamp(1, self.inner.limits.max_fetch_bytes),
+            )
+            .map_err(storage_error)
+    }
+
     /// A stable id of a stream for as long as it lives (a stream deleted and made again
     /// gets another): its first partition's log uid (Kafka's topic ids are made of it).
     pub fn stream_uid(&self, name: &str) -> Result<u64, BrokerError> {

@@ -303,6 +303,22 @@ impl QueueState {
         claimed
     }
 
+    /// Marks released messages for the dead-letter queue now, whatever their delivery count
+    /// (a consumer rejected them), with `error` in their history; returns them for the
+    /// caller to move.
+    pub fn plan_rejects(&mut self, released: Vec<Unacked>, error: &str, now: i64) -> Vec<Unacked> {
+        for msg in &released {
+            self.record_attempt(
+                msg.offset,
+                msg.delivery_count,
+                Some((now, error.to_string())),
+            );
+        }
+        let offsets: Vec<u64> = released.iter().map(|m| m.offset).collect();
+        self.begin_settle(&offsets);
+        released
+    }
+
     /// Decides, for each released message, another delivery later (scheduled here; the
     /// returned `Op::Retry`s keep its history) or the dead-letter queue (marked settling,
     /// returned for the caller to move).
