@@ -60,6 +60,7 @@ pub async fn serve_connection(
                 Ok(Ok(size)) => size,
                 Ok(Err(_)) => break,
                 Err(_) => {
+                    kafka.stats.closed_idle.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, "Kafka connection idle past idle_timeout_ms; closing");
                     break;
                 }

@@ -106,10 +106,17 @@ pub(crate) type Landed = Result<(i64, i64), (i16, String)>;
 /// Live figures of the listener, for /metrics.
 #[derive(Debug, Default)]
 pub struct KafkaStats {
+    /// Requests read.
     pub requests: AtomicU64,
+    /// Produced partitions answered with an error.
     pub request_errors: AtomicU64,
+    /// Connections closed for a request the listener cannot read.
     pub closed_malformed: AtomicU64,
+    /// Connections closed for sending nothing within `idle_timeout`.
+    pub closed_idle: AtomicU64,
+    /// Idempotent producers' batches sent again and answered, not written.
     pub duplicates: AtomicU64,
+    /// Idempotent producers' batches refused out of sequence.
     pub out_of_order: AtomicU64,
 }
 
@@ -127,11 +134,11 @@ pub struct Kafka {
     topic_ids: Mutex<HashMap<uuid::Uuid, String>>,
     /// KiB of requests being handled across connections.
     pub(crate) memory: Arc<Semaphore>,
-    pub stats: KafkaStats,
+    pub stats: Arc<KafkaStats>,
 }
 
 impl Kafka {
-    pub fn new(broker: Broker, config: KafkaConfig) -> Arc<Kafka> {
+    pub fn new(broker: Broker, config: KafkaConfig, stats: Arc<KafkaStats>) -> Arc<Kafka> {
         // Producer ids unique across restarts without storing anything: they start from
         // the time (ms << 12), so a restart starts past any id handed out before it unless
         // more than 4,096 a millisecond were taken.
@@ -147,7 +154,7 @@ impl Kafka {
             memory: Arc::new(Semaphore::new(
                 config.max_request_bytes_in_flight.div_ceil(1024),
             )),
-            stats: KafkaStats::default(),
+            stats,
             broker,
             config,
         })

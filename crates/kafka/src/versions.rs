@@ -304,3 +304,37 @@ fn api_versions_response(error_code: i16) -> ApiVersionsResponse {
 pub(crate) fn text(message: impl Into<String>) -> Option<StrBytes> {
     Some(StrBytes::from_string(message.into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/kafka.md's table of APIs is the list served, version ranges included.
+    #[test]
+    fn docs_list_every_api_served() {
+        let doc = include_str!("../../../docs/kafka.md");
+        let mut listed = Vec::new();
+        for line in doc.lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            if cells.len() == 5
+                && let Ok(key) = cells[2].parse::<i16>()
+            {
+                let (min, max) = match cells[3].split_once('-') {
+                    Some((a, b)) => (a.parse::<i16>().unwrap(), b.parse::<i16>().unwrap()),
+                    None => {
+                        let v = cells[3].parse::<i16>().unwrap();
+                        (v, v)
+                    }
+                };
+                listed.push((cells[1].to_string(), key, min, max));
+            }
+        }
+        let mut served: Vec<(String, i16, i16, i16)> = SUPPORTED
+            .iter()
+            .map(|&(api, min, max)| (format!("{api:?}"), api as i16, min, max))
+            .collect();
+        served.sort_by_key(|s| s.1);
+        listed.sort_by_key(|s| s.1);
+        assert_eq!(listed, served, "docs/kafka.md's table of APIs served");
+    }
+}

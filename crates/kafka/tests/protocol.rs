@@ -31,7 +31,7 @@ async fn start() -> Fixture {
     let broker = Broker::open(dir.path(), BrokerOptions::default()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let kafka = Kafka::new(broker.clone(), KafkaConfig::new(addr));
+    let kafka = Kafka::new(broker.clone(), KafkaConfig::new(addr), Default::default());
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let _stop = _stop;

@@ -64,6 +64,7 @@ impl Metrics {
         protocol: Arc<ListenerStats>,
         http: Arc<ListenerStats>,
         kafka: Arc<ListenerStats>,
+        kafka_requests: Arc<tidewater_kafka::KafkaStats>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("tidewater");
         let publish_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
@@ -81,6 +82,10 @@ impl Metrics {
         registry.register_collector(Box::new(QueueCollector { broker }));
         registry.register_collector(Box::new(ListenerCollector {
             listeners: [("binary", protocol), ("http", http), ("kafka", kafka)],
+            kafka: kafka_requests.clone(),
+        }));
+        registry.register_collector(Box::new(KafkaCollector {
+            stats: kafka_requests,
         }));
         Metrics {
             registry,
@@ -854,6 +859,8 @@ struct ListenerLabel {
 #[derive(Debug)]
 struct ListenerCollector {
     listeners: [(&'static str, Arc<ListenerStats>); 3],
+    /// The Kafka listener counts its idle closes itself (its connections are its crate's).
+    kafka: Arc<tidewater_kafka::KafkaStats>,
 }
 
 impl Collector for ListenerCollector {
@@ -904,9 +911,63 @@ impl Collector for ListenerCollector {
                 prometheus_client::metrics::MetricType::Counter,
             )?;
             for (listener, stats) in &self.listeners {
-                ConstCounter::new(read(stats))
+                let mut value = read(stats);
+                if *listener == "kafka" && name == "connections_idle_closed" {
+                    value = self.kafka.closed_idle.load(Relaxed);
+                }
+                ConstCounter::new(value)
                     .encode(family.encode_family(&ListenerLabel { listener })?)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// The Kafka listener's request counters (0 while it is off).
+#[derive(Debug)]
+struct KafkaCollector {
+    stats: Arc<tidewater_kafka::KafkaStats>,
+}
+
+impl Collector for KafkaCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.stats;
+        let counters: [(&str, &str, u64); 5] = [
+            (
+                "kafka_requests",
+                "Kafka protocol requests read",
+                s.requests.load(Relaxed),
+            ),
+            (
+                "kafka_produce_partition_errors",
+                "Produced partitions answered with an error code",
+                s.request_errors.load(Relaxed),
+            ),
+            (
+                "kafka_connections_closed_malformed",
+                "Kafka connections closed for a request that could not be read (unknown API or version, malformed, oversized)",
+                s.closed_malformed.load(Relaxed),
+            ),
+            (
+                "kafka_duplicate_batches",
+                "Idempotent producers' batches sent again, answered with the first append's offset and not written",
+                s.duplicates.load(Relaxed),
+            ),
+            (
+                "kafka_out_of_order_batches",
+                "Idempotent producers' batches refused for a sequence gap",
+                s.out_of_order.load(Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            ConstCounter::new(value).encode(family)?;
         }
         Ok(())
     }

@@ -90,6 +90,8 @@ pub struct KafkaFileConfig {
     pub idle_timeout_ms: u64,
     pub max_uncompressed_batch_bytes: usize,
     pub max_producer_states: usize,
+    pub consumer_heartbeat_interval_ms: u64,
+    pub consumer_session_timeout_ms: u64,
 }
 
 impl Default for KafkaFileConfig {
@@ -105,6 +107,8 @@ impl Default for KafkaFileConfig {
             idle_timeout_ms: d.idle_timeout.as_millis() as u64,
             max_uncompressed_batch_bytes: d.max_uncompressed_batch_bytes,
             max_producer_states: d.max_producer_states,
+            consumer_heartbeat_interval_ms: d.consumer_heartbeat_interval_ms,
+            consumer_session_timeout_ms: d.consumer_session_timeout_ms,
         }
     }
 }
@@ -359,9 +363,12 @@ fn kafka_settings(
         || k.idle_timeout_ms < 1000
         || k.max_uncompressed_batch_bytes < 1 << 20
         || k.max_producer_states == 0
+        || k.consumer_heartbeat_interval_ms == 0
+        || !(1_000..=file.limits.max_session_timeout_ms).contains(&k.consumer_session_timeout_ms)
+        || k.consumer_heartbeat_interval_ms >= k.consumer_session_timeout_ms
     {
         bail!(
-            "kafka: node_id must be >= 0, max_connections, max_requests_in_flight and max_producer_states >= 1, max_request_bytes 1 MiB..=1 GiB, max_request_bytes_in_flight >= max_request_bytes, idle_timeout_ms >= 1000, max_uncompressed_batch_bytes >= 1 MiB"
+            "kafka: node_id must be >= 0, max_connections, max_requests_in_flight and max_producer_states >= 1, max_request_bytes 1 MiB..=1 GiB, max_request_bytes_in_flight >= max_request_bytes, idle_timeout_ms >= 1000, max_uncompressed_batch_bytes >= 1 MiB, consumer_session_timeout_ms 1000..=max_session_timeout_ms and above consumer_heartbeat_interval_ms >= 1"
         );
     }
     config.node_id = k.node_id;
@@ -372,6 +379,8 @@ fn kafka_settings(
     config.idle_timeout = Duration::from_millis(k.idle_timeout_ms);
     config.max_uncompressed_batch_bytes = k.max_uncompressed_batch_bytes;
     config.max_producer_states = k.max_producer_states;
+    config.consumer_heartbeat_interval_ms = k.consumer_heartbeat_interval_ms;
+    config.consumer_session_timeout_ms = k.consumer_session_timeout_ms;
     config.shutdown_timeout = shutdown_timeout;
     Ok(Some(config))
 }
@@ -399,11 +408,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let protocol_stats = Arc::new(crate::listener::Stats::default());
     let http_stats = Arc::new(crate::listener::Stats::default());
     let kafka_stats = Arc::new(crate::listener::Stats::default());
+    let kafka_requests = Arc::new(tidewater_kafka::KafkaStats::default());
     let metrics = Arc::new(Metrics::new(
         cell.clone(),
         protocol_stats.clone(),
         http_stats.clone(),
         kafka_stats.clone(),
+        kafka_requests.clone(),
     ));
     let state = AppState {
         broker: cell.clone(),
@@ -503,7 +514,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             listener,
             broker.clone(),
             config,
-            kafka_stats,
+            (kafka_stats, kafka_requests),
             kafka_stop,
         ))),
         _ => None,
@@ -529,7 +540,10 @@ async fn serve_kafka(
     listener: tokio::net::TcpListener,
     broker: Broker,
     config: tidewater_kafka::KafkaConfig,
-    stats: Arc<crate::listener::Stats>,
+    (stats, requests): (
+        Arc<crate::listener::Stats>,
+        Arc<tidewater_kafka::KafkaStats>,
+    ),
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let bounds = crate::listener::Bounds {
@@ -537,7 +551,7 @@ async fn serve_kafka(
         max_connections: config.max_connections,
         shutdown_timeout: config.shutdown_timeout,
     };
-    let kafka = tidewater_kafka::Kafka::new(broker, config);
+    let kafka = tidewater_kafka::Kafka::new(broker, config, requests);
     let stop = shutdown.clone();
     crate::listener::accept_loop(
         listener,
@@ -712,6 +726,8 @@ mod docs {
                 "max_requests_in_flight",
                 "max_uncompressed_batch_bytes",
                 "max_producer_states",
+                "consumer_heartbeat_interval_ms",
+                "consumer_session_timeout_ms",
             ]
             .map(String::from),
         );
