@@ -297,7 +297,7 @@ pub(crate) async fn heartbeat(
 }
 
 /// What acknowledging a partition's batches asks of the broker: receipts by type.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Acks {
     accept: Vec<String>,
     release: Vec<String>,
@@ -963,4 +963,54 @@ pub(crate) fn set_share_start(
     }
     shares.starts.insert(group.to_string(), start);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(offsets: &[u64]) -> Session {
+        let mut s = Session::default();
+        for o in offsets {
+            s.acquired.insert(("t".into(), 0, *o), format!("r{o}"));
+        }
+        s
+    }
+
+    #[test]
+    fn acquired_offsets_are_runs_of_one_delivery_count() {
+        let r = runs(&[(3, 1), (4, 1), (5, 2), (7, 2), (8, 2)]);
+        let got: Vec<(i64, i64, i16)> = r
+            .iter()
+            .map(|r| (r.first_offset, r.last_offset, r.delivery_count))
+            .collect();
+        assert_eq!(got, vec![(3, 4, 1), (5, 5, 2), (7, 8, 2)]);
+    }
+
+    #[test]
+    fn acknowledgements_take_the_receipts_they_name() {
+        let mut s = session(&[1, 2, 3, 4, 6]);
+        // One type for a range: every acquired offset in it (5 was never acquired: a gap).
+        let acks = take_acks(&mut s, "t", 0, &[(1, 3, vec![ACCEPT])]).unwrap();
+        assert_eq!(acks.accept, vec!["r1", "r2", "r3"]);
+        // One type per offset.
+        let acks = take_acks(&mut s, "t", 0, &[(4, 6, vec![RELEASE, GAP, REJECT])]).unwrap();
+        assert_eq!((acks.release, acks.reject), (vec!["r4".to_string()], vec!["r6".to_string()]));
+        assert!(s.acquired.is_empty());
+    }
+
+    #[test]
+    fn renewals_keep_the_receipt_and_strangers_are_refused() {
+        let mut s = session(&[10]);
+        let acks = take_acks(&mut s, "t", 0, &[(10, 10, vec![RENEW])]).unwrap();
+        assert_eq!(acks.renew, vec!["r10"]);
+        assert_eq!(s.acquired.len(), 1, "a renewed record stays acquired");
+        let err = take_acks(&mut s, "t", 0, &[(11, 11, vec![ACCEPT])]).unwrap_err();
+        assert_eq!(err.0, ResponseError::InvalidRecordState.code());
+        let err = take_acks(&mut s, "t", 0, &[(10, 12, vec![ACCEPT, ACCEPT])]).unwrap_err();
+        assert_eq!(err.0, ResponseError::InvalidRequest.code(), "types must be one or one per offset");
+        // A huge range with one type walks only what is acquired.
+        let acks = take_acks(&mut s, "t", 0, &[(0, i64::MAX - 1, vec![ACCEPT])]).unwrap();
+        assert_eq!(acks.accept, vec!["r10"]);
+    }
 }
