@@ -125,6 +125,8 @@ pub struct Kafka {
     pub(crate) broker: Broker,
     pub(crate) config: KafkaConfig,
     pub(crate) producers: Mutex<producers::Producers<watch::Receiver<Option<Landed>>>>,
+    /// Partitions whose producer state was rebuilt since the start (`produce::restore_partition`).
+    pub(crate) restored: Mutex<std::collections::HashSet<producers::PartitionKey>>,
     next_producer_id: AtomicI64,
     /// Share groups' members, sessions and acquired records.
     pub(crate) shares: Mutex<share::Shares>,
@@ -147,6 +149,7 @@ impl Kafka {
             .map_or(0, |d| d.as_millis() as i64);
         Arc::new(Kafka {
             producers: Mutex::new(producers::Producers::new(config.max_producer_states)),
+            restored: Mutex::new(std::collections::HashSet::new()),
             next_producer_id: AtomicI64::new(now_ms << 12),
             topic_ids: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),

@@ -177,6 +177,9 @@ fn start_partition(
     for batch in batches {
         let header = batch.header;
         let mut producers = kafka.producers.lock();
+        if header.producer_id >= 0 {
+            restore_partition(kafka, &mut producers, at, stream, partition);
+        }
         let mut sender = None;
         let sequenced = producers.begin(at, &header, || {
             let (tx, rx) = watch::channel(None);
@@ -245,6 +248,57 @@ fn start_partition(
         }
     }
     Partition::Waiting(waits)
+}
+
+/// Offsets back from a partition's end that the producer state is rebuilt from after a
+/// restart, and the bytes read for it at most.
+const RESTORE_OFFSETS: u64 = 100_000;
+const RESTORE_BYTES: usize = 32 << 20;
+
+/// The first idempotent batch for a partition since the listener started: rebuild its
+/// producers' state from the partition's last batches (under the producers' lock, once).
+fn restore_partition(
+    kafka: &Kafka,
+    producers: &mut crate::producers::Producers<watch::Receiver<Option<Landed>>>,
+    at: crate::producers::PartitionKey,
+    stream: &str,
+    partition: u32,
+) {
+    if !kafka.restored.lock().insert(at) {
+        return;
+    }
+    let end = kafka
+        .broker
+        .list_offset(stream, partition, tidewater_core::broker::LATEST)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let mut from = end.saturating_sub(RESTORE_OFFSETS);
+    let mut read = 0usize;
+    while from < end && read < RESTORE_BYTES {
+        let Ok(batches) = kafka
+            .broker
+            .read_partition_batches(stream, partition, from, 1 << 20)
+        else {
+            return;
+        };
+        let Some(last) = batches.last() else { return };
+        from = last.base_offset + u64::from(last.span);
+        for batch in batches {
+            read += batch.kafka.len();
+            let Ok(header) = tidewater_storage::format::kafka::check_kafka_batch(&batch.kafka)
+            else {
+                continue;
+            };
+            let append_time = if header.is_log_append_time() {
+                header.max_timestamp
+            } else {
+                -1
+            };
+            let (_, rx) = watch::channel(Some(Ok((batch.base_offset as i64, append_time))));
+            producers.restore(at, &header, rx);
+        }
+    }
 }
 
 /// Waits for a partition's batches: the first one's offset (and append time), or the first

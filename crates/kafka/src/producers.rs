@@ -5,9 +5,11 @@
 //! of order is refused. As Kafka's broker does (`ProducerStateManager`), five batches are
 //! kept: a client has at most five in flight per partition when idempotent.
 //!
-//! The state is in memory: after a restart, a producer's next batch on a partition is taken
-//! as it comes (its sequence starts the state again), so a batch sent before the restart
-//! and again after it could be written twice (docs/kafka.md).
+//! The state is in memory, and rebuilt after a restart from the batches a partition holds
+//! (their headers keep producer id, epoch and sequences): the first idempotent batch a
+//! partition gets after a restart first reads the partition's last batches (`RESTORE_*`) and
+//! `restore`s what they say, as Kafka rebuilds its producer state from its log. A retry of a
+//! batch older than that window is taken as new.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -169,6 +171,43 @@ impl<W: Clone> Producers<W> {
         Sequenced::Fresh
     }
 
+    /// Records a batch found in the partition (rebuilding the state after a restart), in
+    /// offset order: whatever the state said, this batch is the producer's latest there.
+    pub fn restore(&mut self, at: PartitionKey, header: &KafkaBatchHeader, waiter: W) {
+        if header.producer_id < 0 {
+            return;
+        }
+        self.tick += 1;
+        let first = header.base_sequence;
+        let last = increment_sequence(first, header.last_offset_delta.max(0));
+        let entry = self
+            .entries
+            .entry((at, header.producer_id))
+            .or_insert_with(|| Entry {
+                epoch: header.producer_epoch,
+                next: first,
+                recent: VecDeque::with_capacity(RECENT_BATCHES),
+                used: 0,
+            });
+        if header.producer_epoch < entry.epoch {
+            return;
+        }
+        if header.producer_epoch > entry.epoch || entry.next != first {
+            entry.recent.clear();
+        }
+        entry.epoch = header.producer_epoch;
+        entry.next = increment_sequence(last, 1);
+        entry.used = self.tick;
+        if entry.recent.len() == RECENT_BATCHES {
+            entry.recent.pop_front();
+        }
+        entry.recent.push_back(Recent {
+            first,
+            last,
+            waiter,
+        });
+    }
+
     /// A `Fresh` batch's append was refused or failed: forget the producer on this
     /// partition, so that its retry (or its next batch) is taken as it comes rather than
     /// refused as out of order or answered as a duplicate of what was not written.
@@ -269,6 +308,28 @@ mod tests {
         );
         assert_eq!(p.begin((1, 0), &batch(7, 3, 0, 1), || 1), Sequenced::Fresh);
         assert_eq!(p.begin((1, 0), &batch(7, 3, 1, 1), || 2), Sequenced::Fresh);
+    }
+
+    #[test]
+    fn a_restored_state_answers_retries_from_before_a_restart() {
+        let mut p = Producers::new(10);
+        // The partition holds producer 7's batches 0..3 and 3..5, then producer 8's.
+        p.restore((1, 0), &batch(7, 0, 0, 3), 100);
+        p.restore((1, 0), &batch(7, 0, 3, 2), 103);
+        p.restore((1, 0), &batch(8, 2, 40, 1), 105);
+        assert_eq!(
+            p.begin((1, 0), &batch(7, 0, 3, 2), || 0),
+            Sequenced::Duplicate(103)
+        );
+        assert_eq!(p.begin((1, 0), &batch(7, 0, 5, 1), || 1), Sequenced::Fresh);
+        assert_eq!(
+            p.begin((1, 0), &batch(8, 2, 40, 1), || 0),
+            Sequenced::Duplicate(105)
+        );
+        assert!(matches!(
+            p.begin((1, 0), &batch(8, 1, 41, 1), || 0),
+            Sequenced::StaleEpoch { current: 2, got: 1 }
+        ));
     }
 
     #[test]

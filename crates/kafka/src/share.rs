@@ -995,7 +995,10 @@ mod tests {
         assert_eq!(acks.accept, vec!["r1", "r2", "r3"]);
         // One type per offset.
         let acks = take_acks(&mut s, "t", 0, &[(4, 6, vec![RELEASE, GAP, REJECT])]).unwrap();
-        assert_eq!((acks.release, acks.reject), (vec!["r4".to_string()], vec!["r6".to_string()]));
+        assert_eq!(
+            (acks.release, acks.reject),
+            (vec!["r4".to_string()], vec!["r6".to_string()])
+        );
         assert!(s.acquired.is_empty());
     }
 
@@ -1008,7 +1011,11 @@ mod tests {
         let err = take_acks(&mut s, "t", 0, &[(11, 11, vec![ACCEPT])]).unwrap_err();
         assert_eq!(err.0, ResponseError::InvalidRecordState.code());
         let err = take_acks(&mut s, "t", 0, &[(10, 12, vec![ACCEPT, ACCEPT])]).unwrap_err();
-        assert_eq!(err.0, ResponseError::InvalidRequest.code(), "types must be one or one per offset");
+        assert_eq!(
+            err.0,
+            ResponseError::InvalidRequest.code(),
+            "types must be one or one per offset"
+        );
         // A huge range with one type walks only what is acquired.
         let acks = take_acks(&mut s, "t", 0, &[(0, i64::MAX - 1, vec![ACCEPT])]).unwrap();
         assert_eq!(acks.accept, vec!["r10"]);

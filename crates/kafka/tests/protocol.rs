@@ -27,7 +27,10 @@ struct Fixture {
 }
 
 async fn start() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap()).await
+}
+
+async fn start_in(dir: tempfile::TempDir) -> Fixture {
     let broker = Broker::open(dir.path(), BrokerOptions::default()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -822,4 +825,51 @@ async fn a_malformed_or_hostile_request_closes_only_its_own_connection() {
         kafka_protocol::ResponseError::UnsupportedVersion.code()
     );
     assert!(!r.api_keys.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_producers_retry_after_a_restart_is_not_written_twice() {
+    let f = start().await;
+    create_stream(&f.broker, "r", 1).await;
+    let mut c = Client::connect(f.addr).await;
+    let first = batch(4, Compression::Zstd, (4242, 3, 0));
+    let r: ProduceResponse = c
+        .call(
+            ApiKey::Produce,
+            9,
+            &produce_request("r", 0, first.clone(), -1),
+        )
+        .await;
+    assert_eq!(r.responses[0].partition_responses[0].base_offset, 0);
+    // The server stops (its answer may not have reached the producer), and starts again.
+    let Fixture {
+        _dir: dir, broker, ..
+    } = f;
+    drop(c);
+    tokio::task::spawn_blocking(move || broker.shutdown())
+        .await
+        .unwrap();
+    let f = start_in(dir).await;
+    let mut c = Client::connect(f.addr).await;
+    let r: ProduceResponse = c
+        .call(ApiKey::Produce, 9, &produce_request("r", 0, first, -1))
+        .await;
+    let p = &r.responses[0].partition_responses[0];
+    assert_eq!(
+        (p.error_code, p.base_offset),
+        (0, 0),
+        "the retry is the batch written before the restart"
+    );
+    let next = batch(1, Compression::None, (4242, 3, 4));
+    let r: ProduceResponse = c
+        .call(ApiKey::Produce, 9, &produce_request("r", 0, next, -1))
+        .await;
+    assert_eq!(
+        r.responses[0].partition_responses[0].base_offset, 4,
+        "the sequence goes on"
+    );
+    assert_eq!(
+        f.broker.get_stream("r").unwrap().partitions[0].end_offset,
+        5
+    );
 }
