@@ -168,10 +168,15 @@ impl Kafka {
         self.next_producer_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The topic id of a stream: its name's hash and its first partition's log uid, so a
-    /// stream deleted and made again under the same name gets another id.
+    /// The topic id of a stream (or a queue): its name's hash and its first partition's (the
+    /// queue's) log uid, so one deleted and made again under the same name gets another id.
     pub(crate) fn topic_id(&self, stream: &str) -> uuid::Uuid {
-        let Ok(uid) = self.broker.stream_uid(stream) else {
+        // A stream, else a queue (a one-partition topic for share consumers).
+        let Ok(uid) = self
+            .broker
+            .stream_uid(stream)
+            .or_else(|_| self.broker.queue_uid(stream))
+        else {
             return uuid::Uuid::nil();
         };
         let hash = xxhash_rust::xxh3::xxh3_64(stream.as_bytes());
@@ -197,6 +202,7 @@ impl Kafka {
             .list_streams()
             .into_iter()
             .map(|s| s.name)
+            .chain(self.broker.list_queues().into_iter().map(|q| q.name))
             .find(|name| self.topic_id(name) == *id)
     }
 }

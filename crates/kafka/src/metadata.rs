@@ -1,7 +1,9 @@
 //! Metadata and DescribeCluster: one node (this one, at its advertised address), the leader
 //! of every partition of every stream. Streams are topics; no topic is made by asking for
 //! it (Kafka's `auto.create.topics.enable` is off here: create them with CreateTopics, the
-//! CLI or the HTTP API).
+//! CLI or the HTTP API). A queue asked for by name is a one-partition topic, for share
+//! consumers (it is not listed among all topics: Kafka consumers of other kinds cannot read
+//! it).
 
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
@@ -72,6 +74,15 @@ pub(crate) fn metadata(kafka: &Kafka, req: MetadataRequest, version: i16) -> Met
                         part
                     })
                     .collect();
+            }
+            // A queue asked for by name: a one-partition topic that share consumers read.
+            Err(_) if kafka.broker.get_queue(&name).is_ok() => {
+                topic.topic_id = kafka.topic_id(&name);
+                let mut part = MetadataResponsePartition::default();
+                part.leader_id = node;
+                part.replica_nodes = vec![node];
+                part.isr_nodes = vec![node];
+                topic.partitions = vec![part];
             }
             Err(err) => topic.error_code = crate::errors::code(&err),
         }

@@ -79,8 +79,14 @@ impl Shares {
 /// Receipts to release, by subscription path.
 type Releases = BTreeMap<String, Vec<String>>;
 
-fn path(stream: &str, group: &str) -> String {
-    format!("{stream}/{group}")
+/// What a share group reads for a topic: subscription `T/G` of a stream, or the queue T
+/// itself (a queue is a one-partition topic for share consumers).
+fn path(kafka: &Kafka, topic: &str, group: &str) -> String {
+    if kafka.broker.get_stream(topic).is_err() && kafka.broker.get_queue(topic).is_ok() {
+        topic.to_string()
+    } else {
+        format!("{topic}/{group}")
+    }
 }
 
 impl Kafka {
@@ -97,7 +103,7 @@ impl Kafka {
         for key in gone {
             shares.members.remove(&key);
             if let Some(session) = shares.sessions.remove(&key) {
-                collect(&key.0, session, &mut releases);
+                collect(self, &key.0, session, &mut releases);
             }
         }
         releases
@@ -139,9 +145,9 @@ impl Kafka {
         }
     }
 
-    /// Every partition of the member's topics that exist.
+    /// Every partition of the member's topics that exist (a queue's one).
     fn share_assignment(&self, topics: &[String]) -> BTreeSet<Partition> {
-        topics
+        let mut out: BTreeSet<Partition> = topics
             .iter()
             .filter_map(|t| self.broker.get_stream(t).ok())
             .flat_map(|info| {
@@ -150,14 +156,20 @@ impl Kafka {
                     .into_iter()
                     .map(move |p| (name.clone(), p.partition))
             })
-            .collect()
+            .collect();
+        for t in topics {
+            if self.broker.get_stream(t).is_err() && self.broker.get_queue(t).is_ok() {
+                out.insert((t.clone(), 0));
+            }
+        }
+        out
     }
 }
 
-fn collect(group: &str, session: Session, releases: &mut Releases) {
+fn collect(kafka: &Kafka, group: &str, session: Session, releases: &mut Releases) {
     for ((stream, _, _), receipt) in session.acquired {
         releases
-            .entry(path(&stream, group))
+            .entry(path(kafka, &stream, group))
             .or_default()
             .push(receipt);
     }
@@ -197,7 +209,7 @@ pub(crate) async fn heartbeat(
         };
         if let Some(session) = session {
             let mut releases = Releases::new();
-            collect(&group, session, &mut releases);
+            collect(kafka, &group, session, &mut releases);
             kafka.release(releases).await;
         }
         response.member_id = Some(req.member_id);
@@ -470,7 +482,7 @@ async fn acknowledge(
             }
         };
         let result = match taken {
-            Ok(acks) => apply_acks(kafka, &path(&stream, &key.0), acks).await,
+            Ok(acks) => apply_acks(kafka, &path(kafka, &stream, &key.0), acks).await,
             Err((code, message)) => (code, Some(message)),
         };
         out.insert((topic_id, partition), result);
@@ -573,12 +585,14 @@ pub(crate) async fn fetch(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRe
     }
     let ack_results = acknowledge(kafka, &key, ack_requests).await;
     let mut acquired: BTreeMap<Partition, Vec<(u64, u32)>> = BTreeMap::new();
+    // Batches made for records of queues, by queue.
+    let mut queued: BTreeMap<String, Vec<Bytes>> = BTreeMap::new();
     let mut lock_ms = 0u64;
     if req.share_session_epoch == -1 {
         let session = kafka.shares.lock().sessions.remove(&key);
         if let Some(session) = session {
             let mut releases = Releases::new();
-            collect(&key.0, session, &mut releases);
+            collect(kafka, &key.0, session, &mut releases);
             kafka.release(releases).await;
         }
     } else {
@@ -606,13 +620,15 @@ pub(crate) async fn fetch(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRe
                 if round == 1 && i > 0 {
                     break;
                 }
-                let p = path(stream, &key.0);
+                let p = path(kafka, stream, &key.0);
                 if let Ok(info) = kafka.broker.get_subscription(stream, &key.0) {
                     lock_ms = info
                         .config
                         .get("lease_ms")
                         .and_then(|v| v.as_u64())
                         .unwrap_or(30_000);
+                } else if let Ok(queue) = kafka.broker.get_queue(stream) {
+                    lock_ms = queue.config.lease_ms;
                 }
                 match kafka
                     .broker
@@ -637,12 +653,22 @@ pub(crate) async fn fetch(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRe
             let mut shares = kafka.shares.lock();
             let session = shares.sessions.entry(key.clone()).or_default();
             for (stream, d) in deliveries {
-                // A record from the subscription's own log (one redriven into it) has no
+                let queue = path(kafka, &stream, &key.0) == stream;
+                // A queue's records are its partition 0, at their offsets, in batches made
+                // here. A record from a subscription's own log (one redriven into it) has no
                 // partition offset a share consumer could name: it goes back.
-                let Some(partition) = d.source.checked_sub(1).and_then(|p| u32::try_from(p).ok())
-                else {
+                let partition = if queue {
+                    queued
+                        .entry(stream.clone())
+                        .or_default()
+                        .push(queue_batch(&d.record));
+                    Some(0)
+                } else {
+                    d.source.checked_sub(1).and_then(|p| u32::try_from(p).ok())
+                };
+                let Some(partition) = partition else {
                     strays
-                        .entry(path(&stream, &key.0))
+                        .entry(path(kafka, &stream, &key.0))
                         .or_default()
                         .push(d.receipt);
                     continue;
@@ -679,7 +705,10 @@ pub(crate) async fn fetch(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRe
         let topic_id = kafka.topic_id(&stream);
         let p = partitions.entry((topic_id, partition as i32)).or_default();
         p.partition_index = partition as i32;
-        p.records = Some(batches_holding(kafka, &stream, partition, &offsets));
+        p.records = Some(match queued.remove(&stream) {
+            Some(batches) => batches.concat().into(),
+            None => batches_holding(kafka, &stream, partition, &offsets),
+        });
         p.acquired_records = runs(&offsets);
     }
     let mut by_topic: BTreeMap<uuid::Uuid, Vec<share_fetch_response::PartitionData>> =
@@ -697,6 +726,27 @@ pub(crate) async fn fetch(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRe
         })
         .collect();
     response
+}
+
+/// A queue's record as a Kafka batch of one, at its offset: its key, its body as the value,
+/// its headers, its publish time.
+fn queue_batch(record: &tidewater_storage::Record) -> Bytes {
+    use tidewater_storage::format::kafka::{KafkaBatchBuilder, NewKafkaRecord, stamp_kafka_batch};
+    let headers: Vec<(&[u8], Option<&[u8]>)> = record
+        .headers
+        .iter()
+        .map(|(k, v)| (&k[..], Some(&v[..])))
+        .collect();
+    let mut builder = KafkaBatchBuilder::new();
+    builder.push(&NewKafkaRecord {
+        key: record.key.as_deref(),
+        value: Some(&record.body),
+        headers: &headers,
+        timestamp: record.published_at_ms,
+    });
+    let mut batch = builder.finish();
+    stamp_kafka_batch(&mut batch, record.offset, None);
+    Bytes::from(batch)
 }
 
 /// Acquired offsets as Kafka's acquired-record ranges: runs of consecutive offsets with
@@ -795,7 +845,7 @@ pub(crate) async fn acknowledge_request(
         let session = kafka.shares.lock().sessions.remove(&key);
         if let Some(session) = session {
             let mut releases = Releases::new();
-            collect(&key.0, session, &mut releases);
+            collect(kafka, &key.0, session, &mut releases);
             kafka.release(releases).await;
         }
     }

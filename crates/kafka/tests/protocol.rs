@@ -873,3 +873,105 @@ async fn an_idempotent_producers_retry_after_a_restart_is_not_written_twice() {
         5
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_consumer_reads_a_queue_as_a_one_partition_topic() {
+    use tidewater_core::broker::NewMessage;
+    let f = start().await;
+    f.broker
+        .put_queue("jobs", &tidewater_core::ConfigPatch::default())
+        .await
+        .unwrap();
+    let messages: Vec<NewMessage> = (0..3)
+        .map(|i| NewMessage {
+            body: format!("job-{i}").into_bytes(),
+            key: Some(format!("k{i}")),
+            headers: vec![("trace".into(), format!("t{i}"))],
+            ..NewMessage::default()
+        })
+        .collect();
+    f.broker
+        .publish("jobs", &messages, tidewater_core::AckLevel::Durable)
+        .await
+        .unwrap();
+    let mut c = Client::connect(f.addr).await;
+    // The queue is a topic when asked for by name (not among all topics).
+    let mut req = MetadataRequest::default();
+    let mut t = metadata_request::MetadataRequestTopic::default();
+    t.name = Some(name("jobs"));
+    req.topics = Some(vec![t]);
+    let m: MetadataResponse = c.call(ApiKey::Metadata, 12, &req).await;
+    assert_eq!(
+        (m.topics[0].error_code, m.topics[0].partitions.len()),
+        (0, 1)
+    );
+    let topic_id = m.topics[0].topic_id;
+    let mut hb = ShareGroupHeartbeatRequest::default();
+    hb.group_id = GroupId(text("workers"));
+    hb.member_id = text("member-1");
+    hb.member_epoch = 0;
+    hb.subscribed_topic_names = Some(vec![name("jobs")]);
+    let r: ShareGroupHeartbeatResponse = c.call(ApiKey::ShareGroupHeartbeat, 1, &hb).await;
+    assert_eq!(r.error_code, 0, "{:?}", r.error_message);
+    assert_eq!(r.assignment.unwrap().topic_partitions[0].topic_id, topic_id);
+    let mut fetch = ShareFetchRequest::default();
+    fetch.group_id = Some(GroupId(text("workers")));
+    fetch.member_id = Some(text("member-1"));
+    fetch.share_session_epoch = 0;
+    fetch.max_wait_ms = 0;
+    fetch.max_records = 10;
+    let mut fp = share_fetch_request::FetchPartition::default();
+    fp.partition_index = 0;
+    let mut ft = share_fetch_request::FetchTopic::default();
+    ft.topic_id = topic_id;
+    ft.partitions = vec![fp];
+    fetch.topics = vec![ft];
+    let r: ShareFetchResponse = c.call(ApiKey::ShareFetch, 1, &fetch).await;
+    let p = &r.responses[0].partitions[0];
+    let sets = RecordBatchDecoder::decode_all(&mut p.records.clone().unwrap()).unwrap();
+    let records: Vec<&Record> = sets.iter().flat_map(|s| &s.records).collect();
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[1].value.as_deref(), Some(&b"job-1"[..]));
+    assert_eq!(records[1].key.as_deref(), Some(&b"k1"[..]));
+    assert_eq!(
+        records[1].headers[&text("trace")].as_deref(),
+        Some(&b"t1"[..])
+    );
+    let acquired: Vec<(i64, i64, i16)> = p
+        .acquired_records
+        .iter()
+        .map(|a| (a.first_offset, a.last_offset, a.delivery_count))
+        .collect();
+    assert_eq!(acquired, vec![(records[0].offset, records[2].offset, 1)]);
+    // Accept two, reject one: the queue is empty, its dead-letter queue holds one.
+    let batch = |offset: i64, kind: i8| {
+        let mut b = share_acknowledge_request::AcknowledgementBatch::default();
+        b.first_offset = offset;
+        b.last_offset = offset;
+        b.acknowledge_types = vec![kind];
+        b
+    };
+    let mut ack = ShareAcknowledgeRequest::default();
+    ack.group_id = Some(GroupId(text("workers")));
+    ack.member_id = Some(text("member-1"));
+    ack.share_session_epoch = 1;
+    let mut ap = share_acknowledge_request::AcknowledgePartition::default();
+    ap.partition_index = 0;
+    ap.acknowledgement_batches = vec![
+        batch(records[0].offset, 1),
+        batch(records[1].offset, 3),
+        batch(records[2].offset, 1),
+    ];
+    let mut at = share_acknowledge_request::AcknowledgeTopic::default();
+    at.topic_id = topic_id;
+    at.partitions = vec![ap];
+    ack.topics = vec![at];
+    let r: ShareAcknowledgeResponse = c.call(ApiKey::ShareAcknowledge, 1, &ack).await;
+    assert_eq!(
+        r.responses[0].partitions[0].error_code, 0,
+        "{:?}",
+        r.responses[0].partitions[0].error_message
+    );
+    assert_eq!(f.broker.get_queue("jobs").unwrap().stats.depth, 0);
+    assert_eq!(f.broker.get_queue("jobs-dlq").unwrap().stats.depth, 1);
+}

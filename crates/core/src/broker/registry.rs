@@ -197,6 +197,11 @@ impl Broker {
         }
     }
 
+    /// A queue's log uid: stable for as long as it lives (one made again gets another).
+    pub fn queue_uid(&self, name: &str) -> Result<u64, BrokerError> {
+        Ok(self.queue(name)?.uid)
+    }
+
     pub fn get_queue(&self, name: &str) -> Result<QueueInfo, BrokerError> {
         let handle = self.queue(name)?;
         Ok(self.info(&handle))
