@@ -7,6 +7,8 @@
 // before the member may rebalance (BlockRebalanceOnPoll), so no record is delivered twice after
 // a successful commit; all records seen with matching key/value/headers; lag 0 through kadm.
 // TestGroupKIP848: the same flow, 10,000 records, on the KIP-848 consumer group protocol.
+// TestFilebeatStyleProducer (filebeat_test.go): Sarama's AsyncProducer configured like Filebeat's
+// Kafka output (gzip, acks=1, protocol 2.1.0), 200,000 JSON events, read back with franz-go.
 package kafkatest
 
 import (
