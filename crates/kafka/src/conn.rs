@@ -39,7 +39,7 @@ pub async fn serve_connection(
         while let Some(queued) = answers.recv().await {
             match queued.answer.await {
                 Ok(Ok(Some(frame))) => {
-                    if writer.write_all(&frame).await.is_err() {
+                    if writer.write_all(&frame.bytes).await.is_err() {
                         break;
                     }
                 }

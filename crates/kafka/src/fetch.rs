@@ -17,7 +17,26 @@ use crate::Kafka;
 /// partitions asked (index, offset, max bytes).
 type Asked = (TopicName, uuid::Uuid, Option<String>, Vec<(i32, i64, i32)>);
 
-pub(crate) async fn fetch(kafka: &Kafka, req: FetchRequest, version: i16) -> FetchResponse {
+/// A fetch, and the share of the listener's memory budget its response holds until
+/// written (as many bytes as it may return: the batches are read into memory).
+pub(crate) async fn fetch(
+    kafka: &Kafka,
+    req: FetchRequest,
+    version: i16,
+) -> (FetchResponse, Option<tokio::sync::OwnedSemaphorePermit>) {
+    let budget = usize::try_from(req.max_bytes)
+        .unwrap_or(0)
+        .clamp(1, kafka.broker.limits().max_fetch_bytes);
+    let (budget, held) = kafka.hold(budget);
+    (fetch_within(kafka, req, version, budget).await, held)
+}
+
+async fn fetch_within(
+    kafka: &Kafka,
+    req: FetchRequest,
+    version: i16,
+    max_bytes: usize,
+) -> FetchResponse {
     let mut response = FetchResponse::default();
     if req.replica_id.0 >= 0 || req.replica_state.replica_id.0 >= 0 {
         response.error_code = ResponseError::UnknownServerError.code();
@@ -62,7 +81,6 @@ pub(crate) async fn fetch(kafka: &Kafka, req: FetchRequest, version: i16) -> Fet
     let wait_ms = u64::try_from(req.max_wait_ms)
         .unwrap_or(0)
         .min(limits.max_wait_ms);
-    let max_bytes = usize::try_from(req.max_bytes).unwrap_or(usize::MAX).max(1);
     let min_bytes = usize::try_from(req.min_bytes).unwrap_or(1);
     let fetched = if wants.is_empty() {
         Vec::new()

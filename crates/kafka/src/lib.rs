@@ -168,6 +168,25 @@ impl Kafka {
         self.next_producer_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Takes up to `bytes` of the listener's memory budget for a response, without waiting
+    /// (a response waiting for room held by requests queued behind it on its own connection
+    /// would wait for ever): what is free, if less. Returns the bytes the response may use
+    /// (at least 1 KiB: a fetch answers at least one batch) and the permit.
+    pub(crate) fn hold(&self, bytes: usize) -> (usize, Option<tokio::sync::OwnedSemaphorePermit>) {
+        let free = self.memory.available_permits();
+        let kib = bytes.div_ceil(1024).min(free);
+        if kib == 0 {
+            return (1024, None);
+        }
+        let permit = self
+            .memory
+            .clone()
+            .try_acquire_many_owned(u32::try_from(kib).unwrap_or(u32::MAX))
+            .ok();
+        let granted = if permit.is_some() { kib * 1024 } else { 1024 };
+        (granted.min(bytes.max(1)), permit)
+    }
+
     /// The topic id of a stream (or a queue): its name's hash and its first partition's (the
     /// queue's) log uid, so one deleted and made again under the same name gets another id.
     pub(crate) fn topic_id(&self, stream: &str) -> uuid::Uuid {

@@ -537,7 +537,26 @@ fn session_for(
     }
 }
 
-pub(crate) async fn fetch(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchResponse {
+/// Bytes a share fetch's response may hold (its batches are read into memory), for the
+/// listener's memory budget.
+const SHARE_FETCH_BYTES: usize = 8 << 20;
+
+/// A share fetch, and the share of the listener's memory budget its response holds.
+pub(crate) async fn fetch(
+    kafka: &Kafka,
+    req: ShareFetchRequest,
+) -> (
+    ShareFetchResponse,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    // Counted, not enforced: every acquired record's batch is sent (an acquired record
+    // without its batch would sit unseen until its lease ran out); a response holds at most
+    // `max_records` batches.
+    let (_, held) = kafka.hold(SHARE_FETCH_BYTES);
+    (fetch_within(kafka, req).await, held)
+}
+
+async fn fetch_within(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchResponse {
     let mut response = ShareFetchResponse::default();
     let (Some(group), Some(member)) = (req.group_id.as_ref(), req.member_id.as_ref()) else {
         response.error_code = ResponseError::InvalidRequest.code();

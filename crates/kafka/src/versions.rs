@@ -65,7 +65,14 @@ pub fn supported_versions(api: ApiKey) -> Option<(i16, i16)> {
 
 /// A request's answer: the response frame (length prefix included), none (a produce with
 /// acks 0), or a reason to close the connection.
-pub(crate) type Answer = Result<Option<Bytes>, String>;
+pub(crate) type Answer = Result<Option<Frame>, String>;
+
+/// A response frame, and the share of the listener's memory budget it holds until written
+/// (a fetch's: its batches are read into memory).
+pub(crate) struct Frame {
+    pub bytes: Bytes,
+    pub held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 pub(crate) type Reply = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
 /// A request decoded: its header and body, at a version served.
@@ -134,7 +141,7 @@ pub(crate) fn start(
             )
         }
         RequestKind::Produce(req) => crate::produce::start(kafka, header, req),
-        RequestKind::Fetch(req) => respond(header, async move {
+        RequestKind::Fetch(req) => respond_holding(header, async move {
             crate::fetch::fetch(&k, req, version).await
         }),
         RequestKind::ListOffsets(req) => {
@@ -227,7 +234,7 @@ pub(crate) fn start(
             respond(header, async move { crate::share::describe(&k, req) })
         }
         RequestKind::ShareFetch(req) => {
-            respond(header, async move { crate::share::fetch(&k, req).await })
+            respond_holding(header, async move { crate::share::fetch(&k, req).await })
         }
         RequestKind::ShareAcknowledge(req) => respond(header, async move {
             crate::share::acknowledge_request(&k, req).await
@@ -281,7 +288,26 @@ pub(crate) fn encode<R: Encodable>(header: &RequestHeader, version: i16, respons
     response.encode(&mut buf, version).map_err(failed)?;
     let len = i32::try_from(buf.len() - 4).map_err(|_| "a response over 2 GiB".to_string())?;
     buf[0..4].copy_from_slice(&len.to_be_bytes());
-    Ok(Some(buf.freeze()))
+    Ok(Some(Frame {
+        bytes: buf.freeze(),
+        held: None,
+    }))
+}
+
+/// As `respond`, for a handler that holds part of the memory budget for its response.
+pub(crate) fn respond_holding<R, F>(header: RequestHeader, response: F) -> Reply
+where
+    R: Encodable + Send,
+    F: Future<Output = (R, Option<tokio::sync::OwnedSemaphorePermit>)> + Send + 'static,
+{
+    Box::pin(async move {
+        let (response, held) = response.await;
+        let mut frame = encode(&header, header.request_api_version, &response)?;
+        if let Some(frame) = &mut frame {
+            frame.held = held;
+        }
+        Ok(frame)
+    })
 }
 
 fn api_versions_response(error_code: i16) -> ApiVersionsResponse {
