@@ -21,7 +21,9 @@ pub enum BatchError {
     UnknownCodec(u8),
     #[error("the batch does not decompress ({codec}): {reason}")]
     Decompress { codec: &'static str, reason: String },
-    #[error("the batch decompresses to more than {max} bytes (max_uncompressed_batch_bytes)")]
+    #[error(
+        "the produce's batches decompress to more than {max} bytes (max_uncompressed_produce_bytes)"
+    )]
     TooLarge { max: usize },
     #[error("transactional and control batches are not supported (tidewater has no transactions)")]
     Transactional,
@@ -32,6 +34,8 @@ pub enum BatchError {
 pub struct ReadyBatch {
     pub bytes: Vec<u8>,
     pub header: KafkaBatchHeader,
+    /// It arrived compressed (its bytes were made here).
+    pub compressed: bool,
 }
 
 /// The batches of a Produce's record set, each checked and uncompressed. Any bad batch
@@ -62,12 +66,17 @@ pub fn ready_batch(bytes: &[u8], max_uncompressed: usize) -> Result<ReadyBatch, 
         return Ok(ReadyBatch {
             bytes: bytes.to_vec(),
             header,
+            compressed: false,
         });
     }
     let records = decompress(codec, &bytes[KAFKA_HEADER_LEN..], max_uncompressed)?;
     let bytes = uncompressed_kafka_batch(bytes, &records).map_err(BatchError::Corrupt)?;
     let header = check_kafka_batch(&bytes).map_err(BatchError::Corrupt)?;
-    Ok(ReadyBatch { bytes, header })
+    Ok(ReadyBatch {
+        bytes,
+        header,
+        compressed: true,
+    })
 }
 
 /// The name Kafka gives a codec.

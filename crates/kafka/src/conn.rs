@@ -1,7 +1,10 @@
 //! One Kafka connection. The reader reads a size-prefixed request, waits for room in the
 //! listener's memory budget (`max_request_bytes_in_flight`), decodes and starts it, and
 //! queues its answer; the writer task writes answers in the order the requests came, as
-//! Kafka's protocol requires. At most `max_requests_in_flight` answers are queued: past
+//! Kafka's protocol requires. Requests are also *handled* in order, as Kafka's broker
+//! handles them: a request starts once the one before it is done (a commit of offset 200
+//! after one of 100 is never applied first). A produce is done once its batches are handed
+//! to storage, so a producer's pipelined produces still wait for their writes together. At most `max_requests_in_flight` answers are queued: past
 //! it the reader waits, and the writer drains only to the socket, so the connection cannot
 //! wait on itself. A malformed request, an unknown API or an oversized frame closes only
 //! this connection (Kafka does the same); a refusal is an error code in a response.
@@ -13,11 +16,11 @@ use std::sync::atomic::Ordering;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::Kafka;
-use crate::versions::Answer;
+use crate::versions::{Answer, Started};
 
 /// An answer on its way, and the memory its request holds until it is written.
 struct Queued {
@@ -34,12 +37,16 @@ pub async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (mut reader, mut writer) = stream.into_split();
+    let idle = kafka.config.idle_timeout;
     let (queue, mut answers) = mpsc::channel::<Queued>(kafka.config.max_requests_in_flight.max(1));
     let writing = tokio::spawn(async move {
         while let Some(queued) = answers.recv().await {
             match queued.answer.await {
                 Ok(Ok(Some(frame))) => {
-                    if writer.write_all(&frame.bytes).await.is_err() {
+                    // A client that stops reading holds its answers (and their memory) no
+                    // longer than the idle timeout.
+                    let written = tokio::time::timeout(idle, writer.write_all(&frame.bytes)).await;
+                    if !matches!(written, Ok(Ok(()))) {
                         break;
                     }
                 }
@@ -54,6 +61,7 @@ pub async fn serve_connection(
         let _ = writer.shutdown().await;
     });
     let max = kafka.config.max_request_bytes;
+    let mut previous: Option<oneshot::Receiver<()>> = None;
     loop {
         let size = tokio::select! {
             read = tokio::time::timeout(kafka.config.idle_timeout, reader.read_i32()) => match read {
@@ -89,8 +97,24 @@ pub async fn serve_connection(
             break;
         }
         kafka.stats.requests.fetch_add(1, Ordering::Relaxed);
+        // The request before must be done first (Kafka's order of handling).
+        if let Some(done) = previous.take() {
+            tokio::select! {
+                _ = done => {}
+                _ = shutdown.changed() => break,
+            }
+        }
         let reply = match crate::versions::start(&kafka, frame.freeze(), peer) {
-            Ok(reply) => reply,
+            Ok(Started::Handed(reply)) => reply,
+            Ok(Started::Later(reply)) => {
+                let (done, wait) = oneshot::channel();
+                previous = Some(wait);
+                Box::pin(async move {
+                    let answer = reply.await;
+                    let _ = done.send(());
+                    answer
+                })
+            }
             Err(reason) => {
                 kafka.stats.closed_malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%peer, reason, "Kafka request refused; closing the connection");
@@ -101,8 +125,9 @@ pub async fn serve_connection(
             answer: tokio::spawn(reply),
             _memory: memory,
         };
-        if queue.send(queued).await.is_err() {
-            break;
+        tokio::select! {
+            sent = queue.send(queued) => if sent.is_err() { break },
+            _ = shutdown.changed() => break,
         }
     }
     // Answers already started are still written (a produce's outcome reaches its client).

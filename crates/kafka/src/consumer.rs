@@ -22,6 +22,12 @@ use crate::versions::text;
 
 type Partitions = BTreeSet<(String, u32)>;
 
+/// Topic names as a set (a client may list them in any order), sorted.
+fn set_of(names: &[String]) -> Vec<String> {
+    let set: BTreeSet<&String> = names.iter().collect();
+    set.into_iter().cloned().collect()
+}
+
 /// What the listener remembers of a member between heartbeats (a heartbeat may leave out
 /// what did not change).
 #[derive(Debug, Clone, Default)]
@@ -95,12 +101,7 @@ pub(crate) fn heartbeat(
     });
     let mut views = kafka.members.lock();
     let known = views.get(&key).cloned();
-    let rejoin = req.member_epoch == 0
-        || known.is_none()
-        || names
-            .as_ref()
-            .zip(known.as_ref())
-            .is_some_and(|(n, k)| *n != k.streams);
+    let rejoin = req.member_epoch == 0 || known.is_none();
     let mut view = known.unwrap_or_default();
     let mut member_id = member.clone();
     if rejoin {
@@ -131,23 +132,8 @@ pub(crate) fn heartbeat(
             );
             return response;
         }
-        // Topics that do not exist (yet) have no partitions to assign.
-        let streams: Vec<String> = names
-            .iter()
-            .filter(|n| kafka.broker.get_stream(n).is_ok())
-            .cloned()
-            .collect();
-        if streams.is_empty() {
-            error(
-                &mut response,
-                ResponseError::UnknownTopicOrPartition,
-                format!(
-                    "none of the topics subscribed to exist: {}",
-                    names.join(", ")
-                ),
-            );
-            return response;
-        }
+        // Topics that do not exist (yet) have no partitions until they do, as in Kafka.
+        let streams = set_of(&names);
         // Version 1 clients make their own id; an empty one gets one made here.
         let id = (!member.is_empty()).then_some(member.as_str());
         let instance = req.instance_id.as_ref().map(|i| i.to_string());
@@ -170,11 +156,27 @@ pub(crate) fn heartbeat(
                 return response;
             }
         }
-        view.streams = names;
+        view.streams = set_of(&names);
         view.owned = Partitions::new();
         view.sent = None;
-    } else if let Some(owned) = owned {
-        view.owned = owned;
+    } else {
+        if let Some(owned) = owned {
+            view.owned = owned;
+        }
+        // A new subscription: the member keeps what it owns while partitions move.
+        if let Some(names) = names
+            && set_of(&names) != view.streams
+        {
+            if let Err(err) = kafka
+                .broker
+                .resubscribe(&group, &member_id, &set_of(&names))
+            {
+                views.remove(&key);
+                error(&mut response, ResponseError::UnknownMemberId, err.message);
+                return response;
+            }
+            view.streams = set_of(&names);
+        }
     }
     let assignment = match kafka.broker.heartbeat(&group, &member_id, &view.owned) {
         Ok(a) => a,

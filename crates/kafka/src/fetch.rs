@@ -18,17 +18,27 @@ use crate::Kafka;
 type Asked = (TopicName, uuid::Uuid, Option<String>, Vec<(i32, i64, i32)>);
 
 /// A fetch, and the share of the listener's memory budget its response holds until
-/// written (as many bytes as it may return: the batches are read into memory).
+/// written (the bytes of the batches read).
 pub(crate) async fn fetch(
     kafka: &Kafka,
     req: FetchRequest,
     version: i16,
 ) -> (FetchResponse, Option<tokio::sync::OwnedSemaphorePermit>) {
+    // What is free of the budget bounds what this fetch reads; it is taken once the batches
+    // are read (not during the long poll, when nothing is held).
     let budget = usize::try_from(req.max_bytes)
         .unwrap_or(0)
-        .clamp(1, kafka.broker.limits().max_fetch_bytes);
-    let (budget, held) = kafka.hold(budget);
-    (fetch_within(kafka, req, version, budget).await, held)
+        .clamp(1, kafka.broker.limits().max_fetch_bytes)
+        .min(kafka.memory.available_permits().saturating_mul(1024).max(1024));
+    let response = fetch_within(kafka, req, version, budget).await;
+    let bytes: usize = response
+        .responses
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+        .sum();
+    let (_, held) = kafka.hold(bytes);
+    (response, held)
 }
 
 async fn fetch_within(

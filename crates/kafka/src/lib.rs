@@ -66,8 +66,9 @@ pub struct KafkaConfig {
     /// A connection with no request this long is closed (Kafka's
     /// `connections.max.idle.ms`).
     pub idle_timeout: Duration,
-    /// The most bytes a compressed batch's records may take once decompressed.
-    pub max_uncompressed_batch_bytes: usize,
+    /// The most bytes one produce request's compressed batches may take once decompressed,
+    /// all together (they also count against the memory budget until appended).
+    pub max_uncompressed_produce_bytes: usize,
     /// Idempotent producer states kept (per producer and partition).
     pub max_producer_states: usize,
     /// Consumer-protocol groups (KIP-848): how often members heartbeat, and how long one
@@ -90,7 +91,7 @@ impl KafkaConfig {
             max_requests_in_flight: 16,
             max_request_bytes_in_flight: 256 << 20,
             idle_timeout: Duration::from_secs(600),
-            max_uncompressed_batch_bytes: 64 << 20,
+            max_uncompressed_produce_bytes: 64 << 20,
             max_producer_states: 100_000,
             consumer_heartbeat_interval_ms: 5_000,
             consumer_session_timeout_ms: 45_000,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::*;
-use tidewater_core::{AckLevel, BrokerError};
+use tidewater_core::{AckLevel, BrokerError, ErrorCode};
 use tokio::sync::watch;
 
 use crate::codec::{BatchError, ready_batches};
@@ -31,6 +31,7 @@ type Tell = (
     watch::Sender<Option<Landed>>,
     crate::producers::PartitionKey,
     i64,
+    i32,
 );
 
 /// One batch on its way.
@@ -39,15 +40,18 @@ enum Wait {
     Append {
         appending: Appending,
         tell: Option<Tell>,
+        /// The Kafka error code of a refusal made here (else the broker error's).
+        code: Option<i16>,
     },
     /// A batch sent again: the first one's answer.
     Duplicate(watch::Receiver<Option<Landed>>),
 }
 
-/// A partition's answer, or what it waits for.
+/// A partition's answer, or what it waits for (and the memory budget its decompressed
+/// records hold until then).
 enum Partition {
     Done(i16, String),
-    Waiting(Vec<Wait>),
+    Waiting(Vec<Wait>, Option<tokio::sync::OwnedSemaphorePermit>),
 }
 
 /// Starts a Produce on the connection's reader (its batches reach storage in order) and
@@ -60,6 +64,8 @@ pub(crate) fn start(kafka: &Arc<Kafka>, header: RequestHeader, req: ProduceReque
         -1 => Some(AckLevel::Durable),
         _ => None,
     };
+    // What the whole request may decompress (a few bytes of zstd can claim gigabytes).
+    let mut allowance = kafka.config.max_uncompressed_produce_bytes;
     let mut topics = Vec::with_capacity(req.topic_data.len());
     for topic in req.topic_data {
         let name = topic.name.0.to_string();
@@ -74,9 +80,14 @@ pub(crate) fn start(kafka: &Arc<Kafka>, header: RequestHeader, req: ProduceReque
                     ResponseError::TransactionalIdAuthorizationFailed.code(),
                     "transactions are not supported by tidewater: produce without a transactional.id (idempotence is supported)".into(),
                 ),
-                (Some(level), None) => {
-                    start_partition(kafka, &name, part.index, part.records.as_deref(), level)
-                }
+                (Some(level), None) => start_partition(
+                    kafka,
+                    &name,
+                    part.index,
+                    part.records.as_deref(),
+                    level,
+                    &mut allowance,
+                ),
             };
             parts.push((part.index, state));
         }
@@ -94,7 +105,7 @@ pub(crate) fn start(kafka: &Arc<Kafka>, header: RequestHeader, req: ProduceReque
                 part.log_append_time_ms = -1;
                 let (code, message) = match state {
                     Partition::Done(code, message) => (code, message),
-                    Partition::Waiting(waits) => match finish(&kafka, waits).await {
+                    Partition::Waiting(waits, _memory) => match finish(&kafka, waits).await {
                         Ok((base, append_time)) => {
                             part.base_offset = base;
                             part.log_append_time_ms = append_time;
@@ -130,6 +141,19 @@ pub(crate) fn start(kafka: &Arc<Kafka>, header: RequestHeader, req: ProduceReque
             response.responses.push(topic);
         }
         if acks == 0 {
+            // No answer to carry an error: Kafka closes the connection so that the client
+            // notices (and its metadata refresh and retries start).
+            let refused = response
+                .responses
+                .iter()
+                .flat_map(|t| &t.partition_responses)
+                .find(|p| p.error_code != 0);
+            if let Some(p) = refused {
+                return Err(format!(
+                    "an acks=0 produce was refused (error code {}); closing the connection",
+                    p.error_code
+                ));
+            }
             return Ok(None);
         }
         encode(&header, version, &response)
@@ -137,13 +161,15 @@ pub(crate) fn start(kafka: &Arc<Kafka>, header: RequestHeader, req: ProduceReque
 }
 
 /// Checks a partition's records and starts each batch's append (or finds it already
-/// taken).
+/// taken). `allowance` is what the request may still decompress (bytes, shared by its
+/// partitions).
 fn start_partition(
     kafka: &Kafka,
     stream: &str,
     index: i32,
     records: Option<&[u8]>,
     level: AckLevel,
+    allowance: &mut usize,
 ) -> Partition {
     let Ok(partition) = u32::try_from(index) else {
         return Partition::Done(
@@ -151,10 +177,7 @@ fn start_partition(
             format!("no partition {index}"),
         );
     };
-    let batches = match ready_batches(
-        records.unwrap_or_default(),
-        kafka.config.max_uncompressed_batch_bytes,
-    ) {
+    let batches = match ready_batches(records.unwrap_or_default(), *allowance) {
         Ok(batches) => batches,
         Err(err) => {
             let code = match err {
@@ -168,18 +191,50 @@ fn start_partition(
             return Partition::Done(code.code(), err.to_string());
         }
     };
+    let decompressed: usize = batches
+        .iter()
+        .filter(|b| b.compressed)
+        .map(|b| b.bytes.len())
+        .sum();
+    *allowance = allowance.saturating_sub(decompressed);
+    // Decompressed records count against the listener's memory budget until their append is
+    // answered; when the budget is in use the partition is refused, retriably.
+    let memory = if decompressed > 0 {
+        let (granted, permit) = kafka.hold(decompressed);
+        if permit.is_none() || granted < decompressed {
+            return Partition::Done(
+                ResponseError::RequestTimedOut.code(),
+                "the Kafka listener's memory budget (max_request_bytes_in_flight) is in use: send again".into(),
+            );
+        }
+        permit
+    } else {
+        None
+    };
     let stream_uid = match kafka.broker.stream_uid(stream) {
         Ok(uid) => uid,
         Err(err) => return Partition::Done(crate::errors::code(&err), err.message),
     };
     let at = (stream_uid, partition);
+    if batches.iter().any(|b| b.header.producer_id >= 0) {
+        restore_partition(kafka, at, stream, partition);
+    }
     let mut waits = Vec::with_capacity(batches.len());
+    // A refusal after earlier batches of the partition were started: they are answered
+    // (their duplicates wait on them), the refusal is the partition's answer.
+    let refuse = |waits: &mut Vec<Wait>, code: ResponseError, message: String| {
+        waits.push(Wait::Append {
+            appending: Box::pin(std::future::ready(Err(BrokerError::new(
+                ErrorCode::InvalidMessage,
+                message,
+            )))),
+            tell: None,
+            code: Some(code.code()),
+        });
+    };
     for batch in batches {
         let header = batch.header;
         let mut producers = kafka.producers.lock();
-        if header.producer_id >= 0 {
-            restore_partition(kafka, &mut producers, at, stream, partition);
-        }
         let mut sender = None;
         let sequenced = producers.begin(at, &header, || {
             let (tx, rx) = watch::channel(None);
@@ -188,7 +243,7 @@ fn start_partition(
         });
         let tell = match sequenced {
             Sequenced::Plain => None,
-            Sequenced::Fresh => sender.map(|tx| (tx, at, header.producer_id)),
+            Sequenced::Fresh => sender.map(|tx| (tx, at, header.producer_id, header.base_sequence)),
             Sequenced::Duplicate(rx) => {
                 kafka
                     .stats
@@ -202,22 +257,26 @@ fn start_partition(
                     .stats
                     .out_of_order
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Partition::Done(
-                    ResponseError::OutOfOrderSequenceNumber.code(),
+                refuse(
+                    &mut waits,
+                    ResponseError::OutOfOrderSequenceNumber,
                     format!(
                         "producer {}: sequence {got} where {expected} was expected",
                         header.producer_id
                     ),
                 );
+                break;
             }
             Sequenced::StaleEpoch { current, got } => {
-                return Partition::Done(
-                    ResponseError::InvalidProducerEpoch.code(),
+                refuse(
+                    &mut waits,
+                    ResponseError::InvalidProducerEpoch,
                     format!(
                         "producer {}: epoch {got} is older than its current epoch {current}",
                         header.producer_id
                     ),
                 );
+                break;
             }
         };
         match kafka
@@ -227,27 +286,26 @@ fn start_partition(
             Ok(appending) => waits.push(Wait::Append {
                 appending: Box::pin(appending),
                 tell,
+                code: None,
             }),
             Err(err) => {
-                if let Some((tx, at, pid)) = tell {
-                    producers.abandon(at, pid);
+                if let Some((tx, at, pid, first)) = tell {
+                    // Nothing was written: the producer's next sequence is this batch's
+                    // first again (its retry is taken; the batches after it are out of
+                    // order until it is, as in Kafka).
+                    producers.rollback(at, pid, first);
                     let _ = tx.send(Some(Err((crate::errors::code(&err), err.message.clone()))));
                 }
-                drop(producers);
-                if waits.is_empty() {
-                    return Partition::Done(crate::errors::code(&err), err.message);
-                }
-                // Earlier batches of the partition were started: they are answered; this
-                // one's refusal is the partition's answer.
                 waits.push(Wait::Append {
                     appending: Box::pin(std::future::ready(Err(err))),
                     tell: None,
+                    code: None,
                 });
                 break;
             }
         }
     }
-    Partition::Waiting(waits)
+    Partition::Waiting(waits, memory)
 }
 
 /// Offsets back from a partition's end that the producer state is rebuilt from after a
@@ -256,10 +314,12 @@ const RESTORE_OFFSETS: u64 = 100_000;
 const RESTORE_BYTES: usize = 32 << 20;
 
 /// The first idempotent batch for a partition since the listener started: rebuild its
-/// producers' state from the partition's last batches (under the producers' lock, once).
+/// producers' state from the partition's last batches (at most `RESTORE_OFFSETS` back and
+/// `RESTORE_BYTES`: the window ends at the partition's end), read without the producers'
+/// lock. Only producers with no state yet take what is found: state made by batches taken
+/// since the start is newer.
 fn restore_partition(
     kafka: &Kafka,
-    producers: &mut crate::producers::Producers<watch::Receiver<Option<Landed>>>,
     at: crate::producers::PartitionKey,
     stream: &str,
     partition: u32,
@@ -273,31 +333,72 @@ fn restore_partition(
         .ok()
         .flatten()
         .unwrap_or(0);
-    let mut from = end.saturating_sub(RESTORE_OFFSETS);
-    let mut read = 0usize;
-    while from < end && read < RESTORE_BYTES {
-        let Ok(batches) = kafka
-            .broker
-            .read_partition_batches(stream, partition, from, 1 << 20)
-        else {
-            return;
-        };
-        let Some(last) = batches.last() else { return };
-        from = last.base_offset + u64::from(last.span);
-        for batch in batches {
-            read += batch.kafka.len();
-            let Ok(header) = tidewater_storage::format::kafka::check_kafka_batch(&batch.kafka)
-            else {
-                continue;
-            };
-            let append_time = if header.is_log_append_time() {
-                header.max_timestamp
-            } else {
-                -1
-            };
-            let (_, rx) = watch::channel(Some(Ok((batch.base_offset as i64, append_time))));
-            producers.restore(at, &header, rx);
+    let read = |from: u64| -> Option<Vec<tidewater_storage::StoredBatch>> {
+        let mut out = Vec::new();
+        let mut from = from;
+        let mut bytes = 0usize;
+        while from < end {
+            let batches = kafka
+                .broker
+                .read_partition_batches(stream, partition, from, 1 << 20)
+                .ok()?;
+            let last = batches.last()?;
+            from = last.base_offset + u64::from(last.span);
+            bytes += batches.iter().map(|b| b.kafka.len()).sum::<usize>();
+            if bytes > RESTORE_BYTES {
+                return None;
+            }
+            out.extend(batches);
         }
+        Some(out)
+    };
+    let mut from = end.saturating_sub(RESTORE_OFFSETS);
+    let mut found = read(from);
+    if found.is_none() {
+        // Too many bytes in the window: estimate bytes per offset from its end's size and
+        // take the offsets that fit.
+        let segments = kafka
+            .broker
+            .read_partition_batches(stream, partition, end.saturating_sub(1_000), 1 << 20)
+            .unwrap_or_default();
+        let (bytes, span) = segments.iter().fold((0u64, 0u64), |(b, s), batch| {
+            (b + batch.kafka.len() as u64, s + u64::from(batch.span))
+        });
+        if bytes > 0 && span > 0 {
+            let fit = (RESTORE_BYTES as u64 / 2) * span / bytes;
+            from = end.saturating_sub(fit.min(RESTORE_OFFSETS));
+            found = read(from);
+        }
+    }
+    let Some(batches) = found else {
+        tracing::debug!(
+            stream,
+            partition,
+            "idempotent producers' state not rebuilt: the partition's tail is too large"
+        );
+        return;
+    };
+    let mut producers = kafka.producers.lock();
+    let fresh = |producers: &crate::producers::Producers<_>, pid| !producers.knows(at, pid);
+    let mut restorable: std::collections::HashMap<i64, bool> = std::collections::HashMap::new();
+    for batch in batches {
+        let Ok(header) = tidewater_storage::format::kafka::check_kafka_batch(&batch.kafka) else {
+            continue;
+        };
+        if header.producer_id < 0
+            || !*restorable
+                .entry(header.producer_id)
+                .or_insert_with(|| fresh(&producers, header.producer_id))
+        {
+            continue;
+        }
+        let append_time = if header.is_log_append_time() {
+            header.max_timestamp
+        } else {
+            -1
+        };
+        let (_, rx) = watch::channel(Some(Ok((batch.base_offset as i64, append_time))));
+        producers.restore(at, &header, rx);
     }
 }
 
@@ -308,14 +409,25 @@ async fn finish(kafka: &Kafka, waits: Vec<Wait>) -> Result<(i64, i64), (i16, Str
     let mut failed: Option<(i16, String)> = None;
     for wait in waits {
         let landed: Landed = match wait {
-            Wait::Append { appending, tell } => {
+            Wait::Append {
+                appending,
+                tell,
+                code,
+            } => {
                 let landed = appending
                     .await
                     .map(|(base, _, append_time)| (base as i64, append_time.unwrap_or(-1)))
-                    .map_err(|err| (crate::errors::code(&err), err.message));
-                if let Some((tx, at, pid)) = tell {
+                    .map_err(|err| {
+                        (
+                            code.unwrap_or_else(|| crate::errors::code(&err)),
+                            err.message,
+                        )
+                    });
+                if let Some((tx, at, pid, first)) = tell {
                     if landed.is_err() {
-                        kafka.producers.lock().abandon(at, pid);
+                        // A write that failed in storage (the store refuses every write
+                        // after it): its retry is taken as new.
+                        kafka.producers.lock().rollback(at, pid, first);
                     }
                     let _ = tx.send(Some(landed.clone()));
                 }

@@ -208,11 +208,22 @@ impl<W: Clone> Producers<W> {
         });
     }
 
-    /// A `Fresh` batch's append was refused or failed: forget the producer on this
-    /// partition, so that its retry (or its next batch) is taken as it comes rather than
-    /// refused as out of order or answered as a duplicate of what was not written.
-    pub fn abandon(&mut self, at: PartitionKey, producer_id: i64) {
-        self.entries.remove(&(at, producer_id));
+    /// A `Fresh` batch (first sequence `first`) was refused or failed, so nothing of it was
+    /// written: it and the batches recorded after it are forgotten, and the producer's next
+    /// sequence is `first` again, so its retry is taken and the batches after it are out of
+    /// order until then (as in Kafka, where a failed append leaves the state as it was).
+    pub fn rollback(&mut self, at: PartitionKey, producer_id: i64, first: i32) {
+        if let Some(entry) = self.entries.get_mut(&(at, producer_id))
+            && let Some(pos) = entry.recent.iter().position(|r| r.first == first)
+        {
+            entry.recent.truncate(pos);
+            entry.next = first;
+        }
+    }
+
+    /// Whether a producer has state on a partition.
+    pub fn knows(&self, at: PartitionKey, producer_id: i64) -> bool {
+        self.entries.contains_key(&(at, producer_id))
     }
 
     /// Drops the least recently used eighth of the states.
@@ -333,11 +344,28 @@ mod tests {
     }
 
     #[test]
-    fn an_abandoned_batch_is_taken_again_and_states_are_bounded() {
+    fn a_failed_batch_is_taken_again_and_the_ones_after_it_wait_for_it() {
         let mut p = Producers::new(8);
-        assert_eq!(p.begin((1, 0), &batch(7, 0, 0, 1), || 0), Sequenced::Fresh);
-        p.abandon((1, 0), 7);
-        assert_eq!(p.begin((1, 0), &batch(7, 0, 0, 1), || 1), Sequenced::Fresh);
+        assert_eq!(p.begin((1, 0), &batch(7, 0, 0, 2), || 0), Sequenced::Fresh);
+        assert_eq!(p.begin((1, 0), &batch(7, 0, 2, 2), || 1), Sequenced::Fresh);
+        assert_eq!(p.begin((1, 0), &batch(7, 0, 4, 2), || 2), Sequenced::Fresh);
+        // Batch 2..4 is refused (nothing written): 4..6, pipelined after it, was not taken.
+        p.rollback((1, 0), 7, 2);
+        assert!(matches!(
+            p.begin((1, 0), &batch(7, 0, 4, 2), || 9),
+            Sequenced::OutOfOrder { expected: 2, .. }
+        ));
+        assert_eq!(
+            p.begin((1, 0), &batch(7, 0, 0, 2), || 9),
+            Sequenced::Duplicate(0)
+        );
+        assert_eq!(p.begin((1, 0), &batch(7, 0, 2, 2), || 3), Sequenced::Fresh);
+        assert_eq!(p.begin((1, 0), &batch(7, 0, 4, 2), || 4), Sequenced::Fresh);
+    }
+
+    #[test]
+    fn states_are_bounded() {
+        let mut p = Producers::new(8);
         for pid in 100..200 {
             p.begin((1, 0), &batch(pid, 0, 0, 1), || 2);
             assert!(p.len() <= 8);

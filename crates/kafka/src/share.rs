@@ -35,6 +35,9 @@ type Partition = (String, u32);
 
 /// Members and sessions kept at most (the oldest silent ones go first).
 const MAX_MEMBERS: usize = 10_000;
+/// Records one member's share session may hold acquired at once: past it, its fetches
+/// acquire nothing more until it acknowledges.
+const MAX_ACQUIRED: usize = 10_000;
 /// Offsets one acknowledgement batch may list types for, one by one.
 const MAX_TYPED_OFFSETS: i64 = 100_000;
 
@@ -318,35 +321,39 @@ struct Acks {
 }
 
 /// Takes the receipts a partition's acknowledgement batches name out of the session (renewed
-/// ones stay). An offset not acquired by this member is an error for the partition.
+/// ones stay). Every batch is checked before anything is taken: an offset not acquired by
+/// this member, or a malformed batch, refuses the partition's acknowledgements whole. A GAP
+/// on an acquired offset (the client saw no record there) releases it.
 fn take_acks(
     session: &mut Session,
     stream: &str,
     partition: u32,
     batches: &[(i64, i64, Vec<i8>)],
 ) -> Result<Acks, (i16, String)> {
-    let mut acks = Acks::default();
     let invalid = |m: String| (ResponseError::InvalidRecordState.code(), m);
+    let malformed = |m: String| (ResponseError::InvalidRequest.code(), m);
+    let mut plan: Vec<(u64, i8)> = Vec::new();
     for (first, last, types) in batches {
-        if first < &0 || last < first || types.is_empty() {
-            return Err((
-                ResponseError::InvalidRequest.code(),
-                format!(
-                    "acknowledgement batch {first}..={last} with {} types",
-                    types.len()
-                ),
-            ));
+        let span = last.checked_sub(*first).and_then(|d| d.checked_add(1));
+        if *first < 0 || span.is_none_or(|n| n <= 0) || types.is_empty() {
+            return Err(malformed(format!(
+                "acknowledgement batch {first}..={last} with {} types",
+                types.len()
+            )));
         }
         if types.len() > 1
-            && (last - first + 1 != types.len() as i64 || types.len() as i64 > MAX_TYPED_OFFSETS)
+            && (span != Some(types.len() as i64) || types.len() as i64 > MAX_TYPED_OFFSETS)
         {
-            return Err((
-                ResponseError::InvalidRequest.code(),
-                format!(
-                    "acknowledgement batch {first}..={last} has {} types: one, or one per offset",
-                    types.len()
-                ),
-            ));
+            return Err(malformed(format!(
+                "acknowledgement batch {first}..={last} has {} types: one, or one per offset",
+                types.len()
+            )));
+        }
+        if let Some(t) = types
+            .iter()
+            .find(|t| !matches!(**t, GAP | ACCEPT | RELEASE | REJECT | RENEW))
+        {
+            return Err(malformed(format!("unknown acknowledge type {t}")));
         }
         let range = (stream.to_string(), partition, *first as u64)
             ..=(stream.to_string(), partition, *last as u64);
@@ -358,11 +365,7 @@ fn take_acks(
         if types.len() > 1 {
             for (i, t) in types.iter().enumerate() {
                 let offset = *first as u64 + i as u64;
-                if *t != GAP
-                    && !session
-                        .acquired
-                        .contains_key(&(stream.to_string(), partition, offset))
-                {
+                if *t != GAP && offsets.binary_search(&offset).is_err() {
                     return Err(invalid(format!(
                         "offset {offset} of partition {partition} of '{stream}' is not acquired by this member"
                     )));
@@ -379,38 +382,46 @@ fn take_acks(
             } else {
                 types[(offset - *first as u64) as usize]
             };
-            let key = (stream.to_string(), partition, offset);
-            match t {
-                GAP => {}
-                RENEW => acks.renew.push(session.acquired[&key].clone()),
-                ACCEPT | RELEASE | REJECT => {
-                    let receipt = session.acquired.remove(&key).expect("listed above");
-                    match t {
-                        ACCEPT => acks.accept.push(receipt),
-                        RELEASE => acks.release.push(receipt),
-                        _ => acks.reject.push(receipt),
-                    }
-                }
-                other => {
-                    return Err((
-                        ResponseError::InvalidRequest.code(),
-                        format!("unknown acknowledge type {other}"),
-                    ));
-                }
+            plan.push((offset, t));
+        }
+    }
+    let mut acks = Acks::default();
+    for (offset, t) in plan {
+        let key = (stream.to_string(), partition, offset);
+        if t == RENEW {
+            if let Some(receipt) = session.acquired.get(&key) {
+                acks.renew.push(receipt.clone());
             }
+            continue;
+        }
+        let Some(receipt) = session.acquired.remove(&key) else {
+            continue;
+        };
+        match t {
+            ACCEPT => acks.accept.push(receipt),
+            REJECT => acks.reject.push(receipt),
+            _ => acks.release.push(receipt),
         }
     }
     Ok(acks)
 }
 
-/// Performs a partition's acknowledgements; the partition's error code (0: done).
+/// Performs a partition's acknowledgements, every kind of them; the partition's error code
+/// (0: all done) and message.
 async fn apply_acks(kafka: &Kafka, path: &str, acks: Acks) -> (i16, Option<String>) {
-    let results = [
-        (!acks.accept.is_empty()).then_some(("accept", &acks.accept)),
-        (!acks.release.is_empty()).then_some(("release", &acks.release)),
-        (!acks.reject.is_empty()).then_some(("reject", &acks.reject)),
+    let mut error: Option<(i16, String)> = None;
+    let mut note = |code: i16, message: String| {
+        error.get_or_insert((code, message));
+    };
+    let kinds = [
+        ("accept", &acks.accept),
+        ("release", &acks.release),
+        ("reject", &acks.reject),
     ];
-    for (kind, receipts) in results.into_iter().flatten() {
+    for (kind, receipts) in kinds {
+        if receipts.is_empty() {
+            continue;
+        }
         let outcome = match kind {
             "accept" => kafka.broker.ack(path, receipts).await,
             "release" => {
@@ -428,25 +439,34 @@ async fn apply_acks(kafka: &Kafka, path: &str, acks: Acks) -> (i16, Option<Strin
         };
         match outcome {
             Ok(reply) if reply.failed.is_empty() => {}
-            Ok(reply) => {
-                return (
-                    ResponseError::InvalidRecordState.code(),
-                    Some(format!(
-                        "{} of the records to {kind} were no longer acquired (their acquisition lock ran out): {}",
-                        reply.failed.len(),
-                        reply.failed[0].code
-                    )),
-                );
-            }
-            Err(err) => return (crate::errors::code(&err), Some(err.message)),
+            Ok(reply) => note(
+                ResponseError::InvalidRecordState.code(),
+                format!(
+                    "{} of the records to {kind} were no longer acquired (their acquisition lock ran out): {}",
+                    reply.failed.len(),
+                    reply.failed[0].code
+                ),
+            ),
+            Err(err) => note(crate::errors::code(&err), err.message),
         }
     }
-    if !acks.renew.is_empty()
-        && let Err(err) = kafka.broker.extend(path, &acks.renew, None)
-    {
-        return (crate::errors::code(&err), Some(err.message));
+    if !acks.renew.is_empty() {
+        match kafka.broker.extend(path, &acks.renew, None) {
+            Ok(reply) if reply.failed.is_empty() => {}
+            Ok(reply) => note(
+                ResponseError::InvalidRecordState.code(),
+                format!(
+                    "{} of the records to renew were no longer acquired (their acquisition lock ran out)",
+                    reply.failed.len()
+                ),
+            ),
+            Err(err) => note(crate::errors::code(&err), err.message),
+        }
     }
-    (0, None)
+    match error {
+        None => (0, None),
+        Some((code, message)) => (code, Some(message)),
+    }
 }
 
 /// Acknowledgements of a request: (topic id, partition, batches).
@@ -471,10 +491,17 @@ async fn acknowledge(
             );
             continue;
         };
+        let Ok(index) = u32::try_from(partition) else {
+            out.insert(
+                (topic_id, partition),
+                (ResponseError::UnknownTopicOrPartition.code(), None),
+            );
+            continue;
+        };
         let taken = {
             let mut shares = kafka.shares.lock();
             match shares.sessions.get_mut(key) {
-                Some(session) => take_acks(session, &stream, partition.max(0) as u32, &batches),
+                Some(session) => take_acks(session, &stream, index, &batches),
                 None => Err((
                     ResponseError::ShareSessionNotFound.code(),
                     "no share session: open one (epoch 0)".into(),
@@ -564,6 +591,8 @@ async fn fetch_within(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRespon
         return response;
     };
     let key = (group.0.to_string(), member.to_string());
+    let releases = kafka.sweep_shares(&mut kafka.shares.lock());
+    kafka.release(releases).await;
     if let Err((code, message)) = session_for(kafka, &key, req.share_session_epoch) {
         response.error_code = code.code();
         response.error_message = text(message);
@@ -604,8 +633,8 @@ async fn fetch_within(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRespon
     }
     let ack_results = acknowledge(kafka, &key, ack_requests).await;
     let mut acquired: BTreeMap<Partition, Vec<(u64, u32)>> = BTreeMap::new();
-    // Batches made for records of queues, by queue.
-    let mut queued: BTreeMap<String, Vec<Bytes>> = BTreeMap::new();
+    // Batches made for records of queues, by queue, with their offsets.
+    let mut queued: BTreeMap<String, Vec<(u64, Bytes)>> = BTreeMap::new();
     let mut lock_ms = 0u64;
     if req.share_session_epoch == -1 {
         let session = kafka.shares.lock().sessions.remove(&key);
@@ -623,16 +652,26 @@ async fn fetch_within(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRespon
             .map(|s| s.partitions.iter().map(|(t, _)| t.clone()).collect())
             .unwrap_or_default();
         let limits = kafka.broker.limits();
+        let held = kafka
+            .shares
+            .lock()
+            .sessions
+            .get(&key)
+            .map_or(0, |s| s.acquired.len());
         let max = usize::try_from(req.max_records)
             .ok()
             .filter(|m| *m > 0)
             .unwrap_or(500)
-            .min(limits.max_receive_messages);
+            .min(limits.max_receive_messages)
+            .min(MAX_ACQUIRED.saturating_sub(held));
         let wait = u64::try_from(req.max_wait_ms)
             .unwrap_or(0)
             .min(limits.max_wait_ms);
         let mut deliveries = Vec::new();
         for round in 0..2 {
+            if max == 0 {
+                break;
+            }
             for (i, stream) in streams.iter().enumerate() {
                 // First a look at every topic; then, with nothing found, a long poll on the first.
                 let wait = if round == 1 && i == 0 { wait } else { 0 };
@@ -668,10 +707,20 @@ async fn fetch_within(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRespon
             }
         }
         let mut strays = Releases::new();
+        let mut gone = Releases::new();
         {
             let mut shares = kafka.shares.lock();
-            let session = shares.sessions.entry(key.clone()).or_default();
+            // The member may have left (or its session closed) during the long poll: what it
+            // got goes back at once.
+            let here = shares.members.contains_key(&key);
+            let mut session = shares.sessions.get_mut(&key).filter(|_| here);
             for (stream, d) in deliveries {
+                let Some(session) = session.as_deref_mut() else {
+                    gone.entry(path(kafka, &stream, &key.0))
+                        .or_default()
+                        .push(d.receipt);
+                    continue;
+                };
                 let queue = path(kafka, &stream, &key.0) == stream;
                 // A queue's records are its partition 0, at their offsets, in batches made
                 // here. A record from a subscription's own log (one redriven into it) has no
@@ -680,7 +729,7 @@ async fn fetch_within(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRespon
                     queued
                         .entry(stream.clone())
                         .or_default()
-                        .push(queue_batch(&d.record));
+                        .push((d.record.offset, queue_batch(&d.record)));
                     Some(0)
                 } else {
                     d.source.checked_sub(1).and_then(|p| u32::try_from(p).ok())
@@ -702,7 +751,16 @@ async fn fetch_within(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRespon
                     .push((offset, d.delivery_count));
             }
         }
-        kafka.release(strays).await;
+        kafka.release(gone).await;
+        // Records redriven into a subscription's own log have no partition offset a share
+        // consumer can be given: they wait a minute each time (for tidewater's own
+        // consumers of the subscription), and count their deliveries.
+        for (path, receipts) in strays {
+            let _ = kafka
+                .broker
+                .nack(&path, &receipts, Some(60_000), None, NackReason::Failed)
+                .await;
+        }
     }
     response.acquisition_lock_timeout_ms = i32::try_from(lock_ms).unwrap_or(i32::MAX);
     // One entry per partition asked, with records, or acknowledged.
@@ -725,7 +783,16 @@ async fn fetch_within(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRespon
         let p = partitions.entry((topic_id, partition as i32)).or_default();
         p.partition_index = partition as i32;
         p.records = Some(match queued.remove(&stream) {
-            Some(batches) => batches.concat().into(),
+            // In offset order, as clients walk batches and acquired ranges together.
+            Some(mut batches) => {
+                batches.sort_unstable_by_key(|(offset, _)| *offset);
+                batches
+                    .into_iter()
+                    .map(|(_, b)| b)
+                    .collect::<Vec<_>>()
+                    .concat()
+                    .into()
+            }
             None => batches_holding(kafka, &stream, partition, &offsets),
         });
         p.acquired_records = runs(&offsets);
@@ -1069,6 +1136,28 @@ mod tests {
             (vec!["r4".to_string()], vec!["r6".to_string()])
         );
         assert!(s.acquired.is_empty());
+    }
+
+    #[test]
+    fn acknowledgements_are_all_or_none() {
+        let mut s = session(&[1, 2]);
+        let err = take_acks(
+            &mut s,
+            "t",
+            0,
+            &[(1, 1, vec![ACCEPT]), (9, 9, vec![ACCEPT])],
+        )
+        .unwrap_err();
+        assert_eq!(err.0, ResponseError::InvalidRecordState.code());
+        assert_eq!(s.acquired.len(), 2, "nothing taken when a batch is refused");
+        let err = take_acks(&mut s, "t", 0, &[(1, 1, vec![ACCEPT]), (2, 2, vec![9])]).unwrap_err();
+        assert_eq!(err.0, ResponseError::InvalidRequest.code());
+        assert_eq!(s.acquired.len(), 2);
+        // A gap on an acquired offset releases it; an overflowing range is refused.
+        let acks = take_acks(&mut s, "t", 0, &[(1, 1, vec![GAP])]).unwrap();
+        assert_eq!(acks.release, vec!["r1"]);
+        let err = take_acks(&mut s, "t", 0, &[(0, i64::MAX, vec![ACCEPT, REJECT])]).unwrap_err();
+        assert_eq!(err.0, ResponseError::InvalidRequest.code());
     }
 
     #[test]

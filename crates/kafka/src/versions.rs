@@ -114,22 +114,34 @@ pub fn decode_request(mut frame: Bytes) -> Result<Decoded, String> {
     Ok(Decoded::Request(header, Box::new(request)))
 }
 
+/// How a request was started.
+pub(crate) enum Started {
+    /// Its work was done or handed off on the reader (a produce's batches to storage): the
+    /// next request may start now; the reply only waits.
+    Handed(Reply),
+    /// Its work is in the reply: the next request starts once it is done.
+    Later(Reply),
+}
+
 /// Decodes a request frame (without its length) and starts it.
 pub(crate) fn start(
     kafka: &Arc<Kafka>,
     frame: Bytes,
     peer: std::net::SocketAddr,
-) -> Result<Reply, String> {
+) -> Result<Started, String> {
     let (header, request) = match decode_request(frame)? {
         Decoded::Request(header, request) => (header, *request),
         Decoded::UnsupportedApiVersions(header) => {
             let response = api_versions_response(ResponseError::UnsupportedVersion.code());
-            return Ok(ready(encode(&header, 0, &response)));
+            return Ok(Started::Handed(ready(encode(&header, 0, &response))));
         }
     };
     let version = header.request_api_version;
     let k = kafka.clone();
-    Ok(match request {
+    if let RequestKind::Produce(req) = request {
+        return Ok(Started::Handed(crate::produce::start(kafka, header, req)));
+    }
+    Ok(Started::Later(match request {
         RequestKind::ApiVersions(_) => ready(encode(&header, version, &api_versions_response(0))),
         RequestKind::Metadata(req) => respond(header, async move {
             crate::metadata::metadata(&k, req, version)
@@ -140,7 +152,6 @@ pub(crate) fn start(
                 async move { crate::metadata::describe_cluster(&k, req) },
             )
         }
-        RequestKind::Produce(req) => crate::produce::start(kafka, header, req),
         RequestKind::Fetch(req) => respond_holding(header, async move {
             crate::fetch::fetch(&k, req, version).await
         }),
@@ -251,7 +262,7 @@ pub(crate) fn start(
                 header.request_api_key
             ));
         }
-    })
+    }))
 }
 
 fn ready(answer: Answer) -> Reply {

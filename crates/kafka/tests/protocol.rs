@@ -975,3 +975,56 @@ async fn a_share_consumer_reads_a_queue_as_a_one_partition_topic() {
     assert_eq!(f.broker.get_queue("jobs").unwrap().stats.depth, 0);
     assert_eq!(f.broker.get_queue("jobs-dlq").unwrap().stats.depth, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_protocol_member_waits_for_a_topic_made_later() {
+    let f = start().await;
+    let mut c = Client::connect(f.addr).await;
+    let heartbeat = |epoch: i32, topics: Option<Vec<TopicName>>| {
+        let mut hb = ConsumerGroupHeartbeatRequest::default();
+        hb.group_id = GroupId(text("waiting"));
+        hb.member_id = text("m-1");
+        hb.member_epoch = epoch;
+        hb.rebalance_timeout_ms = 30_000;
+        hb.subscribed_topic_names = topics;
+        hb.topic_partitions = Some(vec![]);
+        hb
+    };
+    let r: ConsumerGroupHeartbeatResponse = c
+        .call(
+            ApiKey::ConsumerGroupHeartbeat,
+            1,
+            &heartbeat(0, Some(vec![name("later")])),
+        )
+        .await;
+    assert_eq!(r.error_code, 0, "{:?}", r.error_message);
+    let no_partitions = r
+        .assignment
+        .as_ref()
+        .is_none_or(|a| a.topic_partitions.iter().all(|t| t.partitions.is_empty()));
+    assert!(no_partitions, "nothing to assign yet");
+    create_stream(&f.broker, "later", 2).await;
+    // Maintenance (every 50 ms here) assigns the new stream's partitions.
+    let mut assigned = 0;
+    for _ in 0..100 {
+        let r: ConsumerGroupHeartbeatResponse = c
+            .call(
+                ApiKey::ConsumerGroupHeartbeat,
+                1,
+                &heartbeat(r.member_epoch, None),
+            )
+            .await;
+        assert_eq!(r.error_code, 0);
+        if let Some(a) = &r.assignment {
+            assigned = a.topic_partitions.iter().map(|t| t.partitions.len()).sum();
+        }
+        if assigned == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        assigned, 2,
+        "the member gets the topic's partitions once it exists"
+    );
+}

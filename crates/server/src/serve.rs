@@ -88,7 +88,7 @@ pub struct KafkaFileConfig {
     pub max_requests_in_flight: usize,
     pub max_request_bytes_in_flight: usize,
     pub idle_timeout_ms: u64,
-    pub max_uncompressed_batch_bytes: usize,
+    pub max_uncompressed_produce_bytes: usize,
     pub max_producer_states: usize,
     pub consumer_heartbeat_interval_ms: u64,
     pub consumer_session_timeout_ms: u64,
@@ -105,7 +105,7 @@ impl Default for KafkaFileConfig {
             max_requests_in_flight: d.max_requests_in_flight,
             max_request_bytes_in_flight: d.max_request_bytes_in_flight,
             idle_timeout_ms: d.idle_timeout.as_millis() as u64,
-            max_uncompressed_batch_bytes: d.max_uncompressed_batch_bytes,
+            max_uncompressed_produce_bytes: d.max_uncompressed_produce_bytes,
             max_producer_states: d.max_producer_states,
             consumer_heartbeat_interval_ms: d.consumer_heartbeat_interval_ms,
             consumer_session_timeout_ms: d.consumer_session_timeout_ms,
@@ -361,14 +361,14 @@ fn kafka_settings(
         || !(1 << 20..=1 << 30).contains(&k.max_request_bytes)
         || k.max_request_bytes_in_flight < k.max_request_bytes
         || k.idle_timeout_ms < 1000
-        || k.max_uncompressed_batch_bytes < 1 << 20
+        || k.max_uncompressed_produce_bytes < 1 << 20
         || k.max_producer_states == 0
         || k.consumer_heartbeat_interval_ms == 0
         || !(1_000..=file.limits.max_session_timeout_ms).contains(&k.consumer_session_timeout_ms)
         || k.consumer_heartbeat_interval_ms >= k.consumer_session_timeout_ms
     {
         bail!(
-            "kafka: node_id must be >= 0, max_connections, max_requests_in_flight and max_producer_states >= 1, max_request_bytes 1 MiB..=1 GiB, max_request_bytes_in_flight >= max_request_bytes, idle_timeout_ms >= 1000, max_uncompressed_batch_bytes >= 1 MiB, consumer_session_timeout_ms 1000..=max_session_timeout_ms and above consumer_heartbeat_interval_ms >= 1"
+            "kafka: node_id must be >= 0, max_connections, max_requests_in_flight and max_producer_states >= 1, max_request_bytes 1 MiB..=1 GiB, max_request_bytes_in_flight >= max_request_bytes, idle_timeout_ms >= 1000, max_uncompressed_produce_bytes >= 1 MiB, consumer_session_timeout_ms 1000..=max_session_timeout_ms and above consumer_heartbeat_interval_ms >= 1"
         );
     }
     config.node_id = k.node_id;
@@ -377,7 +377,7 @@ fn kafka_settings(
     config.max_requests_in_flight = k.max_requests_in_flight;
     config.max_request_bytes_in_flight = k.max_request_bytes_in_flight;
     config.idle_timeout = Duration::from_millis(k.idle_timeout_ms);
-    config.max_uncompressed_batch_bytes = k.max_uncompressed_batch_bytes;
+    config.max_uncompressed_produce_bytes = k.max_uncompressed_produce_bytes;
     config.max_producer_states = k.max_producer_states;
     config.consumer_heartbeat_interval_ms = k.consumer_heartbeat_interval_ms;
     config.consumer_session_timeout_ms = k.consumer_session_timeout_ms;
@@ -724,7 +724,7 @@ mod docs {
                 "advertised",
                 "node_id",
                 "max_requests_in_flight",
-                "max_uncompressed_batch_bytes",
+                "max_uncompressed_produce_bytes",
                 "max_producer_states",
                 "consumer_heartbeat_interval_ms",
                 "consumer_session_timeout_ms",

@@ -236,8 +236,9 @@ impl Broker {
     }
 
     /// As `join_group`, under a member id the client chose (Kafka's consumer protocol,
-    /// KIP-848: a random id of its own, 1 to 64 characters of A-Z a-z 0-9 _ - + / = .). A member
-    /// already there under that id joins again: it is replaced.
+    /// KIP-848: a random id of its own, 1 to 64 characters of A-Z a-z 0-9 _ - + / = .), for
+    /// streams that need not exist yet. A member already there under that id joins again:
+    /// it is replaced.
     pub fn join_group_as(
         &self,
         group: &str,
@@ -279,8 +280,12 @@ impl Broker {
                 "a member joins for 1 to {MAX_MEMBER_STREAMS} streams"
             )));
         }
-        for stream in streams {
-            self.get_stream(stream)?;
+        // A Kafka consumer (client-chosen id) may subscribe to topics not made yet, as in
+        // Kafka: they have no partitions until they exist (maintenance assigns them then).
+        if member_id.is_none() {
+            for stream in streams {
+                self.get_stream(stream)?;
+            }
         }
         if self.classic_has_members(group) {
             return Err(BrokerError::invalid(format!(
@@ -681,6 +686,37 @@ impl Broker {
         if changed {
             self.inner.groups_changed.notify_waiters();
         }
+    }
+
+    /// Changes the streams a member reads (Kafka's consumer protocol: a new subscription),
+    /// keeping what it owns while the rebalance moves partitions cooperatively.
+    pub fn resubscribe(
+        &self,
+        group: &str,
+        member: &str,
+        streams: &[String],
+    ) -> Result<(), BrokerError> {
+        if streams.is_empty() || streams.len() > MAX_MEMBER_STREAMS {
+            return Err(BrokerError::invalid(format!(
+                "a member joins for 1 to {MAX_MEMBER_STREAMS} streams"
+            )));
+        }
+        let counts = self.partition_counts();
+        let mut groups = self.inner.groups.groups.lock();
+        let g = groups
+            .get_mut(group)
+            .ok_or_else(|| group_error(group, GroupError::UnknownMember(member.to_string())))?;
+        let before = g.generation();
+        if !g.resubscribe(member, streams, &counts) {
+            return Err(group_error(
+                group,
+                GroupError::UnknownMember(member.to_string()),
+            ));
+        }
+        if g.generation() != before {
+            self.inner.groups_changed.notify_waiters();
+        }
+        Ok(())
     }
 
     /// Whether `member` is a member of tidewater group `group`.

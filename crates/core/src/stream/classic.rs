@@ -256,6 +256,15 @@ impl ClassicGroup {
                 }
             }
         } else if !self.members.contains_key(&member_id) && !self.pending.contains_key(&member_id) {
+            // An old id with a static member's instance: another process has that instance
+            // now (this one is a zombie).
+            if req.instance.as_ref().is_some_and(|i| {
+                self.members
+                    .values()
+                    .any(|m| m.instance.as_ref() == Some(i))
+            }) {
+                return refuse(ClassicError::FencedInstanceId, None);
+            }
             return refuse(ClassicError::UnknownMemberId, None);
         } else if let Some(instance) = &req.instance
             && let Some(m) = self.members.get(&member_id)
@@ -313,7 +322,8 @@ impl ClassicGroup {
         self.prepare_rebalance(now_ms, &mut done);
         self.try_complete_join(now_ms, &mut done);
         // The answer may be among those just completed.
-        if let Some(pos) = done.joins.iter().position(|(m, _)| *m == member_id) {
+        // (The last one: a superseded copy of this member's join was answered first.)
+        if let Some(pos) = done.joins.iter().rposition(|(m, _)| *m == member_id) {
             let (_, result) = done.joins.remove(pos);
             return (Answer::Now(result.map_err(|e| (e, None))), done);
         }
@@ -457,8 +467,11 @@ impl ClassicGroup {
             .members
             .iter()
             .filter(|(_, m)| {
-                // A member parked in a JoinGroup is waiting on the others, not gone.
-                !m.joining && m.last_seen_ms.saturating_add(m.session_timeout_ms as i64) <= now_ms
+                // A member parked in a JoinGroup or a SyncGroup is waiting on the others,
+                // not gone (the rebalance's own deadlines bound the wait).
+                !m.joining
+                    && !m.syncing
+                    && m.last_seen_ms.saturating_add(m.session_timeout_ms as i64) <= now_ms
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -874,6 +887,14 @@ mod tests {
             g.heartbeat(&old, Some("worker-1"), 2, 6),
             Err(ClassicError::FencedInstanceId)
         );
+        // The old process joining with its old id is fenced too.
+        let mut zombie = req(&old, &["range"]);
+        zombie.instance = Some("worker-1".into());
+        let (answer, _) = g.join(zombie, 3, 7);
+        assert!(matches!(
+            answer,
+            Answer::Now(Err((ClassicError::FencedInstanceId, _)))
+        ));
     }
 
     #[test]

@@ -200,6 +200,26 @@ impl Group {
         }
     }
 
+    /// A member's streams change (Kafka's consumer protocol: it subscribed to others): it
+    /// keeps what it owns of those it still reads until the rebalance moves it, cooperatively.
+    /// Returns false for a member not in the group.
+    pub fn resubscribe(
+        &mut self,
+        member: &str,
+        streams: &[String],
+        partitions: &dyn Fn(&str) -> Option<u32>,
+    ) -> bool {
+        let Some(m) = self.members.get_mut(member) else {
+            return false;
+        };
+        let streams: BTreeSet<String> = streams.iter().cloned().collect();
+        if m.streams != streams {
+            m.streams = streams;
+            self.rebalance(partitions);
+        }
+        true
+    }
+
     /// Removes a member; its partitions go to the others.
     pub fn leave(&mut self, member: &str, partitions: &dyn Fn(&str) -> Option<u32>) -> bool {
         let left = self.members.remove(member).is_some();
