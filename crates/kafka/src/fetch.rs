@@ -29,7 +29,13 @@ pub(crate) async fn fetch(
     let budget = usize::try_from(req.max_bytes)
         .unwrap_or(0)
         .clamp(1, kafka.broker.limits().max_fetch_bytes)
-        .min(kafka.memory.available_permits().saturating_mul(1024).max(1024));
+        .min(
+            kafka
+                .memory
+                .available_permits()
+                .saturating_mul(1024)
+                .max(1024),
+        );
     let response = fetch_within(kafka, req, version, budget).await;
     let bytes: usize = response
         .responses

@@ -31,10 +31,16 @@ async fn start() -> Fixture {
 }
 
 async fn start_in(dir: tempfile::TempDir) -> Fixture {
+    start_with(dir, |_| {}).await
+}
+
+async fn start_with(dir: tempfile::TempDir, configure: impl FnOnce(&mut KafkaConfig)) -> Fixture {
     let broker = Broker::open(dir.path(), BrokerOptions::default()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let kafka = Kafka::new(broker.clone(), KafkaConfig::new(addr), Default::default());
+    let mut config = KafkaConfig::new(addr);
+    configure(&mut config);
+    let kafka = Kafka::new(broker.clone(), config, Default::default());
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let _stop = _stop;
@@ -1026,5 +1032,134 @@ async fn a_consumer_protocol_member_waits_for_a_topic_made_later() {
     assert_eq!(
         assigned, 2,
         "the member gets the topic's partitions once it exists"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_requests_are_handled_in_the_order_sent() {
+    let f = start().await;
+    create_stream(&f.broker, "o", 1).await;
+    let mut c = Client::connect(f.addr).await;
+    let r: ProduceResponse = c
+        .call(
+            ApiKey::Produce,
+            9,
+            &produce_request("o", 0, batch(50, Compression::None, (-1, -1, -1)), -1),
+        )
+        .await;
+    assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
+    let commit = |offset: i64| {
+        let mut part = offset_commit_request::OffsetCommitRequestPartition::default();
+        part.partition_index = 0;
+        part.committed_offset = offset;
+        let mut t = offset_commit_request::OffsetCommitRequestTopic::default();
+        t.name = name("o");
+        t.partitions = vec![part];
+        let mut req = OffsetCommitRequest::default();
+        req.group_id = GroupId(text("ordered"));
+        req.generation_id_or_member_epoch = -1;
+        req.topics = vec![t];
+        req
+    };
+    // Many commits pipelined on one connection: the last one sent is the one that stays.
+    let mut frames = BytesMut::new();
+    for offset in 1..=50 {
+        frames.extend_from_slice(&c.frame(ApiKey::OffsetCommit, 8, &commit(offset)));
+    }
+    c.stream.write_all(&frames).await.unwrap();
+    let last = c.correlation;
+    c.correlation -= 50;
+    for _ in 0..50 {
+        c.correlation += 1;
+        let r: OffsetCommitResponse = c.read_response(ApiKey::OffsetCommit, 8).await;
+        assert_eq!(r.topics[0].partitions[0].error_code, 0);
+    }
+    assert_eq!(c.correlation, last);
+    assert_eq!(
+        f.broker.committed("ordered", "o", 0).await.unwrap().offset,
+        50
+    );
+
+    // A long-polling fetch, then a produce that would answer it, pipelined: the produce is
+    // handled only once the fetch is done, so the fetch finds nothing (as in Kafka).
+    let mut fetch = fetch_request(12, "o", uuid::Uuid::nil(), 50);
+    fetch.max_wait_ms = 300;
+    let mut frames = BytesMut::new();
+    frames.extend_from_slice(&c.frame(ApiKey::Fetch, 12, &fetch));
+    let produce = produce_request("o", 0, batch(1, Compression::None, (-1, -1, -1)), -1);
+    frames.extend_from_slice(&c.frame(ApiKey::Produce, 9, &produce));
+    c.stream.write_all(&frames).await.unwrap();
+    c.correlation -= 1;
+    let fetched: FetchResponse = c.read_response(ApiKey::Fetch, 12).await;
+    c.correlation += 1;
+    let produced: ProduceResponse = c.read_response(ApiKey::Produce, 9).await;
+    let got = fetched.responses[0].partitions[0]
+        .records
+        .as_ref()
+        .map_or(0, |r| r.len());
+    assert_eq!(got, 0, "the fetch saw the produce sent after it");
+    assert_eq!(produced.responses[0].partition_responses[0].base_offset, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_decompresses_within_its_bound_as_a_whole() {
+    let f = start_with(tempfile::tempdir().unwrap(), |c| {
+        c.max_uncompressed_produce_bytes = 2 << 20;
+    })
+    .await;
+    create_stream(&f.broker, "z", 3).await;
+    // One record of a MiB of zeros, zstd: a few hundred bytes on the wire.
+    let big = |partition: i32| {
+        let mut r = record(0, (-1, -1, -1));
+        r.value = Some(Bytes::from(vec![0u8; 1 << 20]));
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            &[r],
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::Zstd,
+            },
+        )
+        .unwrap();
+        let mut part = produce_request::PartitionProduceData::default();
+        part.index = partition;
+        part.records = Some(buf.freeze());
+        part
+    };
+    let mut t = produce_request::TopicProduceData::default();
+    t.name = name("z");
+    t.partition_data = vec![big(0), big(1), big(2)];
+    let mut req = ProduceRequest::default();
+    req.acks = -1;
+    req.timeout_ms = 30_000;
+    req.topic_data = vec![t];
+    assert!(
+        req.topic_data[0].partition_data[0]
+            .records
+            .as_ref()
+            .unwrap()
+            .len()
+            < 64 << 10
+    );
+    let mut c = Client::connect(f.addr).await;
+    let r: ProduceResponse = c.call(ApiKey::Produce, 9, &req).await;
+    let codes: Vec<i16> = r.responses[0]
+        .partition_responses
+        .iter()
+        .map(|p| p.error_code)
+        .collect();
+    // The first MiB fits, the second leaves the allowance a few bytes short, the third is
+    // refused before it is made.
+    assert_eq!(codes[0], 0);
+    assert_eq!(
+        codes[2],
+        kafka_protocol::ResponseError::RecordListTooLarge.code()
+    );
+    let info = f.broker.get_stream("z").unwrap();
+    assert_eq!(info.partitions[0].end_offset, 1);
+    assert_eq!(
+        info.partitions[2].end_offset, 0,
+        "nothing of a refused partition is written"
     );
 }
