@@ -706,6 +706,17 @@ async fn fetch_within(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRespon
                 break;
             }
         }
+        // A subscription's dispatch rate holding records back: the client is told to wait
+        // (Kafka's throttle_time_ms, which clients obey before their next request).
+        if deliveries.is_empty() {
+            let throttle = streams
+                .iter()
+                .filter_map(|t| kafka.broker.dispatch_wait_ms(&path(kafka, t, &key.0)))
+                .min();
+            if let Some(ms) = throttle {
+                response.throttle_time_ms = i32::try_from(ms).unwrap_or(i32::MAX);
+            }
+        }
         let mut strays = Releases::new();
         let mut gone = Releases::new();
         {

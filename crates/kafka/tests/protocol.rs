@@ -1163,3 +1163,63 @@ async fn a_produce_decompresses_within_its_bound_as_a_whole() {
         "nothing of a refused partition is written"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_fetch_held_back_by_the_dispatch_rate_tells_the_client_to_wait() {
+    use tidewater_core::broker::NewMessage;
+    let f = start().await;
+    let patch = tidewater_core::ConfigPatch {
+        dispatch_rate: Some(Some(tidewater_core::config::DispatchRate {
+            per_s: 0.05,
+            burst: 1,
+        })),
+        ..tidewater_core::ConfigPatch::default()
+    };
+    f.broker.put_queue("slow", &patch).await.unwrap();
+    let messages: Vec<NewMessage> = (0..3)
+        .map(|i| NewMessage {
+            body: format!("m{i}").into_bytes(),
+            ..NewMessage::default()
+        })
+        .collect();
+    f.broker
+        .publish("slow", &messages, tidewater_core::AckLevel::Durable)
+        .await
+        .unwrap();
+    let mut c = Client::connect(f.addr).await;
+    let mut hb = ShareGroupHeartbeatRequest::default();
+    hb.group_id = GroupId(text("g"));
+    hb.member_id = text("m");
+    hb.subscribed_topic_names = Some(vec![name("slow")]);
+    let r: ShareGroupHeartbeatResponse = c.call(ApiKey::ShareGroupHeartbeat, 1, &hb).await;
+    let topic_id = r.assignment.unwrap().topic_partitions[0].topic_id;
+    let fetch = |epoch: i32| {
+        let mut fetch = ShareFetchRequest::default();
+        fetch.group_id = Some(GroupId(text("g")));
+        fetch.member_id = Some(text("m"));
+        fetch.share_session_epoch = epoch;
+        fetch.max_wait_ms = 0;
+        fetch.max_records = 10;
+        let mut fp = share_fetch_request::FetchPartition::default();
+        fp.partition_index = 0;
+        let mut ft = share_fetch_request::FetchTopic::default();
+        ft.topic_id = topic_id;
+        ft.partitions = vec![fp];
+        fetch.topics = vec![ft];
+        fetch
+    };
+    let first: ShareFetchResponse = c.call(ApiKey::ShareFetch, 1, &fetch(0)).await;
+    let got = first.responses[0].partitions[0].acquired_records.len();
+    assert_eq!(got, 1, "the burst lets one through");
+    let second: ShareFetchResponse = c.call(ApiKey::ShareFetch, 1, &fetch(1)).await;
+    assert!(
+        second.responses[0].partitions[0]
+            .acquired_records
+            .is_empty()
+    );
+    assert!(
+        (1..=20_000).contains(&second.throttle_time_ms),
+        "throttle_time_ms {} says when the rate lets the next one go",
+        second.throttle_time_ms
+    );
+}

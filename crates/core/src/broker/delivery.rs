@@ -318,6 +318,14 @@ impl Broker {
         })
     }
 
+    /// How long a queue's (or subscription's) dispatch rate holds its next delivery back,
+    /// when it does (Kafka share fetches answer it as `throttle_time_ms`).
+    pub fn dispatch_wait_ms(&self, queue: &str) -> Option<u64> {
+        let handle = self.resolve(queue).ok()?;
+        let at = handle.state.lock().rate_wakeup()?;
+        u64::try_from(at - self.now_ms()).ok().filter(|ms| *ms > 0)
+    }
+
     /// Ends leases for good without success (Kafka share groups' REJECT): the messages go
     /// to the dead-letter queue when there is one, whatever their delivery count, and are
     /// settled (dropped) otherwise; never delivered again.

@@ -456,6 +456,12 @@ pub struct QueueState {
 }
 
 impl QueueState {
+    /// When the dispatch rate lets the next delivery go, if it is what holds deliveries back
+    /// (set by the last `deliver`).
+    pub fn rate_wakeup(&self) -> Option<i64> {
+        self.rate_wakeup
+    }
+
     /// Draws lease nonces from `nonces` from now on (the broker passes its own).
     pub fn set_nonce_source(&mut self, nonces: Arc<dyn NonceSource>) {
         self.nonces = nonces;
