@@ -231,7 +231,9 @@ pub(crate) async fn describe(
         let name = group.0.to_string();
         let mut out = DescribedGroup::default();
         out.group_id = group;
-        if kafka.broker.classic_describe(&name).is_some() {
+        // A classic group (members of the classic protocol now or last), or one of offsets
+        // alone: Kafka answers "not a consumer group", and admin clients ask DescribeGroups.
+        if kafka.broker.group_kind(&name) != Some(tidewater_core::broker::GroupKind::Consumer) {
             out.error_code = ResponseError::GroupIdNotFound.code();
             out.error_message = text(format!(
                 "group '{name}' is not a consumer group (it is a classic group)"

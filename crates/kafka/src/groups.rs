@@ -203,10 +203,11 @@ pub(crate) async fn list_groups(kafka: &Kafka, req: ListGroupsRequest) -> ListGr
                     .map_or(0, |g| g.members.len());
                 let state = if members == 0 { "Empty" } else { "Stable" };
                 // A group with committed offsets only is shown as Kafka shows one: classic.
-                (
-                    state.to_string(),
-                    if members == 0 { "classic" } else { "consumer" },
-                )
+                let kind = match kafka.broker.group_kind(&name) {
+                    Some(tidewater_core::broker::GroupKind::Consumer) => "consumer",
+                    _ => "classic",
+                };
+                (state.to_string(), kind)
             }
         };
         if !req.states_filter.is_empty() && !req.states_filter.iter().any(|s| **s == *state) {

@@ -130,6 +130,7 @@ impl Broker {
         req: JoinRequest,
     ) -> Result<JoinResult, ClassicRefusal> {
         self.check_classic(group, Some(req.session_timeout_ms))?;
+        self.set_group_kind(group, super::groups::GroupKind::Classic);
         let wait = Duration::from_millis(req.rebalance_timeout_ms.max(req.session_timeout_ms))
             + Duration::from_secs(5);
         let rx = {

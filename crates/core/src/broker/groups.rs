@@ -24,6 +24,14 @@ pub const MAX_MEMBER_STREAMS: usize = 100;
 /// The name of the log holding committed offsets (no queue or stream can have it).
 pub(crate) const OFFSETS_LOG: &str = "#offsets";
 
+/// Which protocol a group's members use: Kafka's classic one (the clients assign), or
+/// tidewater's server-side assignment (its own consumers and Kafka's consumer protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKind {
+    Classic,
+    Consumer,
+}
+
 /// A committed offset.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Committed {
@@ -57,6 +65,11 @@ pub(crate) struct Groups {
     /// newest commit, whichever is later, so a group whose members stop after a quiet week
     /// keeps its offsets, and a restart expires nothing early.
     seen: Mutex<HashMap<String, i64>>,
+    /// The kind of each group last seen with members (Kafka tools tell a classic group from a
+    /// consumer-protocol one even when it is empty); kept while the group has offsets. In
+    /// memory: after a restart an empty group is shown as classic, as Kafka shows a group
+    /// of offsets alone.
+    kinds: Mutex<HashMap<String, GroupKind>>,
     /// When maintenance looks for expired offsets next (ms, the broker's clock).
     next_expiry_scan_ms: AtomicI64,
 }
@@ -111,6 +124,7 @@ impl Groups {
             groups: Mutex::new(HashMap::new()),
             offsets: tokio::sync::Mutex::new(offsets),
             view: Mutex::new(view),
+            kinds: Mutex::new(HashMap::new()),
             seen: Mutex::new(seen),
             next_expiry_scan_ms: AtomicI64::new(i64::MIN),
         })
@@ -343,6 +357,8 @@ impl Broker {
         if g.generation() != before {
             self.inner.groups_changed.notify_waiters();
         }
+        drop(groups);
+        self.set_group_kind(group, GroupKind::Consumer);
         Ok(member)
     }
 
@@ -583,6 +599,7 @@ impl Broker {
             groups.remove(group);
         }
         self.inner.groups.seen.lock().remove(group);
+        self.inner.groups.kinds.lock().remove(group);
         Ok(())
     }
 
@@ -611,6 +628,10 @@ impl Broker {
             let view = groups.view.lock();
             let with_offsets: BTreeSet<&str> = view.keys().map(|(g, _, _)| g.as_str()).collect();
             seen.retain(|g, _| live.contains_key(g) || with_offsets.contains(g.as_str()));
+            let classic: BTreeSet<String> = self.inner.classic.names().into_iter().collect();
+            groups.kinds.lock().retain(|g, _| {
+                live.contains_key(g) || with_offsets.contains(g.as_str()) || classic.contains(g)
+            });
             with_offsets
                 .into_iter()
                 .filter(|g| live.get(*g).is_none_or(Group::is_empty))
@@ -717,6 +738,25 @@ impl Broker {
             self.inner.groups_changed.notify_waiters();
         }
         Ok(())
+    }
+
+    /// Which kind of group a name is: by its members, else by the last ones it had (while it
+    /// keeps offsets).
+    pub fn group_kind(&self, group: &str) -> Option<GroupKind> {
+        if self.classic_has_members(group) {
+            return Some(GroupKind::Classic);
+        }
+        if self.group_has_members(group) {
+            return Some(GroupKind::Consumer);
+        }
+        self.inner.groups.kinds.lock().get(group).copied()
+    }
+
+    pub(super) fn set_group_kind(&self, group: &str, kind: GroupKind) {
+        let mut kinds = self.inner.groups.kinds.lock();
+        if kinds.len() < 4 * self.inner.limits.max_groups || kinds.contains_key(group) {
+            kinds.insert(group.to_string(), kind);
+        }
     }
 
     /// Whether `member` is a member of tidewater group `group`.

@@ -49,8 +49,8 @@ pub use classic::{ClassicInfo, ClassicMemberInfo, ClassicRefusal};
 pub use consumers::{MemberRecord, StartAt};
 pub use delivery::{NackReason, Peeked, ReceiptFailure, SettleReply};
 pub use groups::{
-    Committed, GroupInfo, GroupLag, MAX_MEMBER_STREAMS, MemberInfo, OffsetReset, PartitionLag,
-    ResetTo, TopicPartitionInfo,
+    Committed, GroupInfo, GroupKind, GroupLag, MAX_MEMBER_STREAMS, MemberInfo, OffsetReset,
+    PartitionLag, ResetTo, TopicPartitionInfo,
 };
 pub use publish::Published;
 pub use redrive::{RedriveProgress, RedriveRequest};
