@@ -14,28 +14,14 @@ use tidewater_format::kafka::{
     KAFKA_HEADER_LEN, KafkaBatchBuilder, KafkaRecords, NewKafkaRecord, batch_records,
     check_kafka_batch, rebuild_kafka_batch, split_kafka_batches, stamp_kafka_batch,
 };
-use tidewater_fuzz::mode;
+use tidewater_fuzz::{mode, repair_kafka_batches};
 
-/// Sets each batch's length to what is there (the last one takes the rest) and its CRC.
-fn repair(buf: &mut [u8]) {
-    let mut at = 0;
-    while buf.len() - at >= KAFKA_HEADER_LEN {
-        let declared = i32::from_be_bytes(buf[at + 8..at + 12].try_into().unwrap());
-        let rest = buf.len() - at;
-        let len = usize::try_from(declared)
-            .ok()
-            .map(|n| n + 12)
-            .filter(|&n| n >= KAFKA_HEADER_LEN && n <= rest)
-            .unwrap_or(rest);
-        let body_len = i32::try_from(len - 12).unwrap();
-        buf[at + 8..at + 12].copy_from_slice(&body_len.to_be_bytes());
-        let crc = crc32c::crc32c(&buf[at + 21..at + len]);
-        buf[at + 17..at + 21].copy_from_slice(&crc.to_be_bytes());
-        at += len;
-    }
-}
-
-type Owned = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(Vec<u8>, Option<Vec<u8>>)>);
+type Owned = (
+    i64,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Vec<(Vec<u8>, Option<Vec<u8>>)>,
+);
 
 fuzz_target!(|data: &[u8]| {
     let Some((repair_mode, rest)) = mode(data) else {
@@ -43,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut buf = rest.to_vec();
     if repair_mode {
-        repair(&mut buf);
+        repair_kafka_batches(&mut buf);
     }
     for batch in split_kafka_batches(&buf) {
         let Ok(batch) = batch else { break };
@@ -69,7 +55,12 @@ fuzz_target!(|data: &[u8]| {
                 batch_records(batch, &header, base, 0)
                     .map(|r| {
                         let r = r.expect("a checked batch's records walk");
-                        (r.offset, r.timestamp, r.record.key.map(<[u8]>::to_vec), r.record.value.map(<[u8]>::to_vec))
+                        (
+                            r.offset,
+                            r.timestamp,
+                            r.record.key.map(<[u8]>::to_vec),
+                            r.record.value.map(<[u8]>::to_vec),
+                        )
                     })
                     .collect();
             let span = (base - 3, base + header.offset_span() + 3);
@@ -86,7 +77,12 @@ fuzz_target!(|data: &[u8]| {
                     batch_records(&rebuilt, &again, span.0, 0)
                         .map(|r| {
                             let r = r.expect("a compacted batch's records walk");
-                            (r.offset, r.timestamp, r.record.key.map(<[u8]>::to_vec), r.record.value.map(<[u8]>::to_vec))
+                            (
+                                r.offset,
+                                r.timestamp,
+                                r.record.key.map(<[u8]>::to_vec),
+                                r.record.value.map(<[u8]>::to_vec),
+                            )
                         })
                         .collect();
                 let kept: Vec<_> = before.into_iter().filter(|r| r.0 % 2 == parity).collect();

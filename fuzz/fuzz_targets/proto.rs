@@ -9,10 +9,12 @@
 
 use libfuzzer_sys::fuzz_target;
 use tidewater_core::receipt::Receipt;
+use tidewater_format::kafka::{
+    KAFKA_HEADER_LEN, KafkaRecords, check_kafka_batch, split_kafka_batches,
+};
 use tidewater_format::{
     BATCH_HEADER_LEN, FormatError, decode_record, restamp_batch, visit_records,
 };
-use tidewater_format::kafka::{KAFKA_HEADER_LEN, KafkaRecords, check_kafka_batch, split_kafka_batches};
 use tidewater_proto::{DEFAULT_MAX_FRAME, DeliverWriter, FetchedWriter, Frame, decode_frame};
 
 fn check_frame(frame: &Frame, request_id: u32, max: usize) {
@@ -73,7 +75,13 @@ fn check_frame(frame: &Frame, request_id: u32, max: usize) {
             let mut writer = FetchedWriter::new(request_id, 0);
             for p in partitions {
                 if p.code.is_empty() && p.message.is_empty() {
-                    writer.push(&p.stream, p.partition, p.start_offset, p.end_offset, &[&p.records[..]]);
+                    writer.push(
+                        &p.stream,
+                        p.partition,
+                        p.start_offset,
+                        p.end_offset,
+                        &[&p.records[..]],
+                    );
                 } else if p.start_offset == 0 && p.end_offset == 0 && p.records.is_empty() {
                     writer.push_error(&p.stream, p.partition, &p.code, &p.message);
                 } else {
@@ -90,7 +98,11 @@ fn check_frame(frame: &Frame, request_id: u32, max: usize) {
                     }
                 }
             }
-            assert_eq!(writer.finish(), out, "FetchedWriter differs from Frame::Fetched");
+            assert_eq!(
+                writer.finish(),
+                out,
+                "FetchedWriter differs from Frame::Fetched"
+            );
         }
         Frame::StreamProduce { batch, .. } => {
             let _ = check_kafka_batch(batch);

@@ -147,3 +147,24 @@ pub fn checkpoint_max_span(buf: &[u8]) -> u64 {
     }
     max
 }
+
+/// Sets each Kafka batch's length to what is there (the last one takes the rest) and its
+/// CRC, for a record set of Kafka batches back to back.
+pub fn repair_kafka_batches(buf: &mut [u8]) {
+    use tidewater_format::kafka::KAFKA_HEADER_LEN;
+    let mut at = 0;
+    while buf.len() - at >= KAFKA_HEADER_LEN {
+        let declared = i32::from_be_bytes(buf[at + 8..at + 12].try_into().unwrap());
+        let rest = buf.len() - at;
+        let len = usize::try_from(declared)
+            .ok()
+            .map(|n| n + 12)
+            .filter(|&n| n >= KAFKA_HEADER_LEN && n <= rest)
+            .unwrap_or(rest);
+        let body_len = i32::try_from(len - 12).unwrap();
+        buf[at + 8..at + 12].copy_from_slice(&body_len.to_be_bytes());
+        let crc = crc32c::crc32c(&buf[at + 21..at + len]);
+        buf[at + 17..at + 21].copy_from_slice(&crc.to_be_bytes());
+        at += len;
+    }
+}

@@ -420,13 +420,38 @@ fn kafka_request_seeds(dir: &Path) {
     let mut produce = ProduceRequest::default();
     produce.acks = -1;
     produce.topic_data = vec![topic];
-    write(dir, "kafka_request", "produce-v9", &frame(ApiKey::Produce, 9, &produce));
-    write(dir, "kafka_request", "produce-v3", &frame(ApiKey::Produce, 3, &produce));
+    write(
+        dir,
+        "kafka_request",
+        "produce-v9",
+        &frame(ApiKey::Produce, 9, &produce),
+    );
+    write(
+        dir,
+        "kafka_request",
+        "produce-v3",
+        &frame(ApiKey::Produce, 3, &produce),
+    );
     let mut metadata = MetadataRequest::default();
     metadata.topics = None;
-    write(dir, "kafka_request", "metadata-v12", &frame(ApiKey::Metadata, 12, &metadata));
-    write(dir, "kafka_request", "metadata-v1", &frame(ApiKey::Metadata, 1, &metadata));
-    write(dir, "kafka_request", "apiversions-v3", &frame(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default()));
+    write(
+        dir,
+        "kafka_request",
+        "metadata-v12",
+        &frame(ApiKey::Metadata, 12, &metadata),
+    );
+    write(
+        dir,
+        "kafka_request",
+        "metadata-v1",
+        &frame(ApiKey::Metadata, 1, &metadata),
+    );
+    write(
+        dir,
+        "kafka_request",
+        "apiversions-v3",
+        &frame(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default()),
+    );
     let mut fp = fetch_request::FetchPartition::default();
     fp.fetch_offset = 10;
     fp.partition_max_bytes = 1 << 20;
@@ -437,7 +462,12 @@ fn kafka_request_seeds(dir: &Path) {
     fetch.replica_id = BrokerId(-1);
     fetch.max_wait_ms = 500;
     fetch.topics = vec![ft];
-    write(dir, "kafka_request", "fetch-v12", &frame(ApiKey::Fetch, 12, &fetch));
+    write(
+        dir,
+        "kafka_request",
+        "fetch-v12",
+        &frame(ApiKey::Fetch, 12, &fetch),
+    );
     let mut join = JoinGroupRequest::default();
     join.group_id = GroupId(StrBytes::from_static_str("g"));
     join.session_timeout_ms = 45_000;
@@ -447,10 +477,20 @@ fn kafka_request_seeds(dir: &Path) {
     p.name = StrBytes::from_static_str("range");
     p.metadata = Bytes::from_static(&[0, 1, 0, 0, 0, 1, 0, 6, b'o', b'r', b'd', b'e', b'r', b's']);
     join.protocols = vec![p];
-    write(dir, "kafka_request", "joingroup-v9", &frame(ApiKey::JoinGroup, 9, &join));
+    write(
+        dir,
+        "kafka_request",
+        "joingroup-v9",
+        &frame(ApiKey::JoinGroup, 9, &join),
+    );
     let mut hb = ConsumerGroupHeartbeatRequest::default();
     hb.group_id = GroupId(StrBytes::from_static_str("g"));
     hb.member_id = StrBytes::from_static_str("m");
     hb.subscribed_topic_names = Some(vec![TopicName(StrBytes::from_static_str("orders"))]);
-    write(dir, "kafka_request", "consumerheartbeat-v1", &frame(ApiKey::ConsumerGroupHeartbeat, 1, &hb));
+    write(
+        dir,
+        "kafka_request",
+        "consumerheartbeat-v1",
+        &frame(ApiKey::ConsumerGroupHeartbeat, 1, &hb),
+    );
 }
