@@ -214,6 +214,23 @@ fn fetch_request(version: i16, topic: &str, id: uuid::Uuid, offset: i64) -> Fetc
     req
 }
 
+/// A share fetch of partition 0 of a topic, without waiting, in session `epoch`.
+fn share_fetch(group: &str, member: &str, topic_id: uuid::Uuid, epoch: i32) -> ShareFetchRequest {
+    let mut fetch = ShareFetchRequest::default();
+    fetch.group_id = Some(GroupId(text(group)));
+    fetch.member_id = Some(text(member));
+    fetch.share_session_epoch = epoch;
+    fetch.max_wait_ms = 0;
+    fetch.max_records = 10;
+    let mut fp = share_fetch_request::FetchPartition::default();
+    fp.partition_index = 0;
+    let mut ft = share_fetch_request::FetchTopic::default();
+    ft.topic_id = topic_id;
+    ft.partitions = vec![fp];
+    fetch.topics = vec![ft];
+    fetch
+}
+
 async fn create_stream(broker: &Broker, stream: &str, partitions: u32) {
     broker
         .put_stream(
@@ -920,18 +937,7 @@ async fn a_share_consumer_reads_a_queue_as_a_one_partition_topic() {
     let r: ShareGroupHeartbeatResponse = c.call(ApiKey::ShareGroupHeartbeat, 1, &hb).await;
     assert_eq!(r.error_code, 0, "{:?}", r.error_message);
     assert_eq!(r.assignment.unwrap().topic_partitions[0].topic_id, topic_id);
-    let mut fetch = ShareFetchRequest::default();
-    fetch.group_id = Some(GroupId(text("workers")));
-    fetch.member_id = Some(text("member-1"));
-    fetch.share_session_epoch = 0;
-    fetch.max_wait_ms = 0;
-    fetch.max_records = 10;
-    let mut fp = share_fetch_request::FetchPartition::default();
-    fp.partition_index = 0;
-    let mut ft = share_fetch_request::FetchTopic::default();
-    ft.topic_id = topic_id;
-    ft.partitions = vec![fp];
-    fetch.topics = vec![ft];
+    let fetch = share_fetch("workers", "member-1", topic_id, 0);
     let r: ShareFetchResponse = c.call(ApiKey::ShareFetch, 1, &fetch).await;
     let p = &r.responses[0].partitions[0];
     let sets = RecordBatchDecoder::decode_all(&mut p.records.clone().unwrap()).unwrap();
@@ -1193,21 +1199,7 @@ async fn a_share_fetch_held_back_by_the_dispatch_rate_tells_the_client_to_wait()
     hb.subscribed_topic_names = Some(vec![name("slow")]);
     let r: ShareGroupHeartbeatResponse = c.call(ApiKey::ShareGroupHeartbeat, 1, &hb).await;
     let topic_id = r.assignment.unwrap().topic_partitions[0].topic_id;
-    let fetch = |epoch: i32| {
-        let mut fetch = ShareFetchRequest::default();
-        fetch.group_id = Some(GroupId(text("g")));
-        fetch.member_id = Some(text("m"));
-        fetch.share_session_epoch = epoch;
-        fetch.max_wait_ms = 0;
-        fetch.max_records = 10;
-        let mut fp = share_fetch_request::FetchPartition::default();
-        fp.partition_index = 0;
-        let mut ft = share_fetch_request::FetchTopic::default();
-        ft.topic_id = topic_id;
-        ft.partitions = vec![fp];
-        fetch.topics = vec![ft];
-        fetch
-    };
+    let fetch = |epoch: i32| share_fetch("g", "m", topic_id, epoch);
     let first: ShareFetchResponse = c.call(ApiKey::ShareFetch, 1, &fetch(0)).await;
     let got = first.responses[0].partitions[0].acquired_records.len();
     assert_eq!(got, 1, "the burst lets one through");

@@ -61,6 +61,18 @@ pub struct Peeked {
 /// Leases ended by a request (offset, lease) and the receipts it refused.
 type Released = (Vec<(u64, crate::queue::Lease)>, Vec<ReceiptFailure>);
 
+/// Released leases as the messages they held.
+fn unacked(released: Vec<(u64, crate::queue::Lease)>) -> Vec<Unacked> {
+    released
+        .into_iter()
+        .map(|(offset, lease)| Unacked {
+            offset,
+            delivery_count: lease.delivery_count,
+            size: lease.size,
+        })
+        .collect()
+}
+
 impl Broker {
     /// Long-polls for up to `max` messages, leased for `lease_ms` (or the queue's default).
     pub async fn receive(
@@ -214,14 +226,7 @@ impl Broker {
         }
         let n = released.len() as u64;
         let published_at: Vec<i64> = released.iter().map(|(_, l)| l.published_at_ms).collect();
-        let items = released
-            .into_iter()
-            .map(|(offset, lease)| Unacked {
-                offset,
-                delivery_count: lease.delivery_count,
-                size: lease.size,
-            })
-            .collect();
+        let items = unacked(released);
         let settling = {
             let mut state = handle.state.lock();
             Settling::begin(&handle, &mut state, items, &self.inner.clock)
@@ -289,14 +294,7 @@ impl Broker {
             if reason == NackReason::Overloaded && n > 0 {
                 state.overloaded(now);
             }
-            let unacked = released
-                .into_iter()
-                .map(|(offset, l)| Unacked {
-                    offset,
-                    delivery_count: l.delivery_count,
-                    size: l.size,
-                })
-                .collect();
+            let unacked = unacked(released);
             let (ops, to_dlq) =
                 state.plan_retries(&*self.inner.jitter, unacked, delay_ms, error, now);
             (ops, Settling::marked(&handle, to_dlq, &self.inner.clock))
@@ -345,14 +343,7 @@ impl Broker {
         let to_dlq = {
             let mut state = handle.state.lock();
             state.counters.nacked += n;
-            let unacked = released
-                .into_iter()
-                .map(|(offset, l)| Unacked {
-                    offset,
-                    delivery_count: l.delivery_count,
-                    size: l.size,
-                })
-                .collect();
+            let unacked = unacked(released);
             let to_dlq = state.plan_rejects(unacked, error.unwrap_or("rejected"), now);
             Settling::marked(&handle, to_dlq, &self.inner.clock)
         };

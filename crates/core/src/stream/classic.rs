@@ -548,15 +548,19 @@ impl ClassicGroup {
                     .push((id.clone(), Err(ClassicError::RebalanceInProgress)));
             }
         }
-        let timeout = self
-            .members
-            .values()
-            .map(|m| m.rebalance_timeout_ms)
-            .max()
-            .unwrap_or(0);
+        let timeout = self.rebalance_timeout_ms();
         self.state = State::PreparingRebalance {
             deadline_ms: now_ms.saturating_add(timeout as i64),
         };
+    }
+
+    /// How long a rebalance phase may take: the longest any member asked for.
+    fn rebalance_timeout_ms(&self) -> u64 {
+        self.members
+            .values()
+            .map(|m| m.rebalance_timeout_ms)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Completes the join phase once every member has joined again.
@@ -585,12 +589,7 @@ impl ClassicGroup {
         {
             self.leader = self.members.keys().next().cloned();
         }
-        let timeout = self
-            .members
-            .values()
-            .map(|m| m.rebalance_timeout_ms)
-            .max()
-            .unwrap_or(0);
+        let timeout = self.rebalance_timeout_ms();
         self.state = State::CompletingRebalance {
             deadline_ms: now_ms.saturating_add(timeout as i64),
         };
