@@ -41,7 +41,9 @@ stands. The rules (each is also in the document's descriptions):
 - the stream's state: a fetch from an offset past its partition's end is 400
   offset_out_of_range (the reply names the end, checked against the offset asked); a
   record without a key produced to a compacted stream (its configuration, which the stateful
-  phase may have set) is 400 invalid_message (the reply names the record, checked keyless).
+  phase may have set) is 400 invalid_message (the reply names the record, checked keyless);
+  a produce whose batch is larger than the stream's max_message_bytes (its configuration, set
+  by an earlier PUT) is 413 message_too_large (the reply names both sizes, checked).
 
 `map_case` does for stream produces what it does for publishes: record keys, values and
 header names and values are cut to their limits in UTF-8 bytes.
@@ -351,6 +353,9 @@ def filter_failure(context, failure, case, response) -> bool:
     if label == "POST /v1/streams/{stream}/records" and code in ("invalid_message", "message_too_large"):
         if _record_bytes_over(operation, request):
             return _excuse("produce: a key, value or header over its limit in bytes")
+        over = re.match(r"a batch of (\d+) bytes exceeds the stream's max_message_bytes (\d+)", message)
+        if code == "message_too_large" and over and int(over.group(1)) > int(over.group(2)) > 0:
+            return _excuse("produce: a batch over the stream's max_message_bytes (its configuration)")
         keyless = re.match(r"record (\d+) has no key: the stream is compacted", message)
         records = request.get("records") if isinstance(request, dict) else None
         if keyless and isinstance(records, list) and int(keyless.group(1)) < len(records):
