@@ -51,6 +51,11 @@ impl Conn {
         Frame::Hello {
             version: PROTOCOL_VERSION,
             client: opts.client_name.clone(),
+            credentials: opts
+                .credentials
+                .as_ref()
+                .map(|c| c.as_str().to_string())
+                .unwrap_or_default(),
         }
         .encode(0, &mut hello);
         stream

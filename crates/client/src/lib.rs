@@ -64,6 +64,30 @@ pub struct ClientOptions {
     /// A connection that sent nothing for this long sends a Ping, so the server's
     /// `idle_timeout_ms` (5 min by default, at least 1 s) never closes a quiet subscriber.
     pub heartbeat_interval: Duration,
+    /// An API key's token, `<key id>.<secret>`, sent in Hello, for a server with
+    /// authentication on. Never logged, nor shown by `Debug`.
+    pub credentials: Option<Credentials>,
+}
+
+/// A secret the client presents; `Debug` shows only the key id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials(String);
+
+impl Credentials {
+    pub fn token(token: impl Into<String>) -> Credentials {
+        Credentials(token.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let id = self.0.split_once('.').map_or("?", |(id, _)| id);
+        write!(f, "Credentials({id}.***)")
+    }
 }
 
 impl Default for ClientOptions {
@@ -77,6 +101,7 @@ impl Default for ClientOptions {
             breaker_open_for: Duration::from_secs(5),
             client_name: format!("tidewater-client {}", env!("CARGO_PKG_VERSION")),
             heartbeat_interval: Duration::from_secs(10),
+            credentials: None,
         }
     }
 }

@@ -663,6 +663,9 @@ pub struct Limits {
     /// Bytes compaction reads and writes a second at most (0: no limit), so a pass does
     /// not take the disk from producers and readers.
     pub compaction_bytes_per_s: u64,
+    /// API keys and grants the server holds at most.
+    pub max_api_keys: usize,
+    pub max_acls: usize,
 }
 
 impl Limits {
@@ -737,6 +740,8 @@ impl Default for Limits {
             max_partition_metrics: 1_024,
             compaction_key_map_bytes: 32 << 20,
             compaction_bytes_per_s: 64 << 20,
+            max_api_keys: 10_000,
+            max_acls: 10_000,
         }
     }
 }

@@ -41,6 +41,10 @@ pub enum ErrorCode {
     GroupNotEmpty,
     InvalidSubscriptionName,
     SubscriptionNotFound,
+    Unauthenticated,
+    Forbidden,
+    KeyNotFound,
+    AclNotFound,
 }
 
 impl ErrorCode {
@@ -75,6 +79,10 @@ impl ErrorCode {
         ErrorCode::GroupNotEmpty,
         ErrorCode::InvalidSubscriptionName,
         ErrorCode::SubscriptionNotFound,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::KeyNotFound,
+        ErrorCode::AclNotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,12 +117,24 @@ impl ErrorCode {
             ErrorCode::GroupNotEmpty => "group_not_empty",
             ErrorCode::InvalidSubscriptionName => "invalid_subscription_name",
             ErrorCode::SubscriptionNotFound => "subscription_not_found",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::KeyNotFound => "key_not_found",
+            ErrorCode::AclNotFound => "acl_not_found",
         }
     }
 
     /// What a person should do about it (for docs/errors.md).
     pub fn meaning(self) -> &'static str {
         match self {
+            ErrorCode::Unauthenticated => {
+                "Authentication is on and the request carried no valid credentials: none, a malformed token, an unknown or revoked key, a wrong secret, or an expired key (the message says which only when the secret was right). HTTP: `Authorization: Bearer <key id>.<secret>`; see docs/security.md. Too many failures from one address are refused for a while (Retry-After)."
+            }
+            ErrorCode::Forbidden => {
+                "The principal has no grant for this operation on this resource (everything is denied unless granted), or settles a receipt delivered to another principal, or sets a tenant without the set_tenant grant. The message names the operation and resource; an admin grants it with `tidewater auth acl grant`."
+            }
+            ErrorCode::KeyNotFound => "No API key has this id (it was never made, or was revoked).",
+            ErrorCode::AclNotFound => "No grant has this id (it was never made, or was revoked).",
             ErrorCode::GroupNotFound => {
                 "No consumer group has this name (a group exists while it has members or committed offsets)."
             }

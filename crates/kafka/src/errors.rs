@@ -42,5 +42,10 @@ pub(crate) fn kafka_error(code: ErrorCode) -> ResponseError {
         | E::InvalidSubscriptionName
         | E::SubscriptionNotFound => ResponseError::InvalidRequest,
         E::Internal => ResponseError::UnknownServerError,
+        E::Unauthenticated => ResponseError::SaslAuthenticationFailed,
+        // The listener answers a denied topic or group with its own code (TOPIC_ or
+        // GROUP_AUTHORIZATION_FAILED); the broker's refusals are about receipts.
+        E::Forbidden => ResponseError::TopicAuthorizationFailed,
+        E::KeyNotFound | E::AclNotFound => ResponseError::InvalidRequest,
     }
 }

@@ -195,9 +195,12 @@ pub struct PartitionRange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     // client -> server
+    /// `credentials`: an optional trailing `text`, the API key token `<key id>.<secret>`
+    /// when the server has authentication on (empty: none; then not written at all).
     Hello {
         version: u16,
         client: String,
+        credentials: String,
     },
     Produce {
         queue: String,
@@ -652,10 +655,17 @@ impl Frame {
         w.u8(0);
         w.u32(request_id);
         match self {
-            Frame::Hello { version, client } => {
+            Frame::Hello {
+                version,
+                client,
+                credentials,
+            } => {
                 w.0.extend_from_slice(HELLO_MAGIC);
                 w.u16(*version);
                 w.text(client);
+                if !credentials.is_empty() {
+                    w.text(credentials);
+                }
             }
             Frame::Produce { queue, ack, batch } => {
                 w.short(queue);
@@ -1122,6 +1132,11 @@ pub fn decode_frame(
             Frame::Hello {
                 version: r.u16()?,
                 client: r.text()?,
+                credentials: if r.pos < r.buf.len() {
+                    r.text()?
+                } else {
+                    String::new()
+                },
             }
         }
         kind::PRODUCE => Frame::Produce {
@@ -1401,6 +1416,12 @@ mod tests {
             Frame::Hello {
                 version: 1,
                 client: s("test"),
+                credentials: String::new(),
+            },
+            Frame::Hello {
+                version: 1,
+                client: s("test"),
+                credentials: s("tw0123456789abcdef.secret"),
             },
             Frame::Produce {
                 queue: s("q"),

@@ -518,3 +518,104 @@ impl ResetOffsetsRequest {
         }
     }
 }
+
+/// An API key to make (`POST /v1/auth/keys`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequest {
+    pub principal: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    /// When it stops working (ms since the epoch), or how long from now.
+    pub expires_at_ms: Option<i64>,
+    pub expires_in_ms: Option<u64>,
+}
+
+impl KeyRequest {
+    pub fn into_spec(self, now_ms: i64) -> Result<tidewater_auth::KeySpec, BrokerError> {
+        let expires_at_ms = match (self.expires_at_ms, self.expires_in_ms) {
+            (Some(_), Some(_)) => {
+                return Err(BrokerError::invalid(
+                    "give expires_at_ms or expires_in_ms, not both",
+                ));
+            }
+            (Some(at), None) => Some(at),
+            (None, Some(ms)) => Some(now_ms.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX))),
+            (None, None) => None,
+        };
+        Ok(tidewater_auth::KeySpec {
+            principal: self.principal,
+            roles: self.roles,
+            tenant: self.tenant,
+            description: self.description,
+            expires_at_ms,
+        })
+    }
+}
+
+/// A grant to make (`POST /v1/auth/acls`): a principal or a role, a kind of resource, a
+/// name pattern and operations.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRequest {
+    pub principal: Option<String>,
+    pub role: Option<String>,
+    pub resource: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matching: Option<String>,
+    pub operations: Vec<String>,
+}
+
+impl AclRequest {
+    pub fn into_spec(self) -> Result<tidewater_auth::AclSpec, BrokerError> {
+        use tidewater_auth::{Match, Operation, ResourceKind, Subject};
+        let subject = match (self.principal, self.role) {
+            (Some(p), None) => Subject::Principal(p),
+            (None, Some(r)) => Subject::Role(r),
+            _ => {
+                return Err(BrokerError::invalid(
+                    "a grant names one principal or one role",
+                ));
+            }
+        };
+        let resource = ResourceKind::parse(&self.resource).ok_or_else(|| {
+            BrokerError::invalid(format!(
+                "resource '{}' is not one of {}",
+                self.resource,
+                ResourceKind::ALL.map(ResourceKind::as_str).join(", ")
+            ))
+        })?;
+        let matching = match self.matching.as_deref() {
+            None => Match::Exact,
+            Some(m) => Match::parse(m).ok_or_else(|| {
+                BrokerError::invalid(format!("match '{m}' is not one of exact, prefix, glob"))
+            })?,
+        };
+        let operations = self
+            .operations
+            .iter()
+            .map(|o| {
+                Operation::parse(o).ok_or_else(|| {
+                    BrokerError::invalid(format!(
+                        "operation '{o}' is not one of {}",
+                        Operation::ALL.map(Operation::as_str).join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let spec = tidewater_auth::AclSpec {
+            subject,
+            resource,
+            name: self.name,
+            matching,
+            operations,
+        };
+        spec.validate().map_err(BrokerError::invalid)?;
+        Ok(spec)
+    }
+}

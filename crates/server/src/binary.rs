@@ -31,8 +31,13 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::auth::{Caller, Guard, frame_needs};
 use crate::errors::Code;
 use crate::listener::{Bounds, Stats, accept_loop};
+
+/// How often a connection with authentication on checks that its key still holds (not
+/// revoked, not expired) and its subscriptions are still granted, when no frame arrives.
+pub const AUTH_RECHECK: Duration = Duration::from_secs(1);
 
 /// Requests one connection may have in flight; beyond, the server stops reading (TCP
 /// backpressure) until some finish.
@@ -70,6 +75,7 @@ pub async fn serve(
     listener: TcpListener,
     broker: Arc<OnceLock<Broker>>,
     limits: Limits,
+    guard: Arc<Guard>,
     stats: Arc<Stats>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -82,14 +88,15 @@ pub async fn serve(
     let serve_one = {
         let (stats, shutdown) = (stats.clone(), shutdown.clone());
         move |stream: TcpStream, peer: SocketAddr| {
-            let (broker, limits, stats, shutdown) = (
+            let (broker, limits, guard, stats, shutdown) = (
                 broker.clone(),
                 limits.clone(),
+                guard.clone(),
                 stats.clone(),
                 shutdown.clone(),
             );
             async move {
-                match connection(stream, broker, &limits, &stats, shutdown).await {
+                match connection(stream, peer, broker, &limits, &guard, &stats, shutdown).await {
                     End::Told(frame) => {
                         tracing::debug!(%peer, ?frame, "binary connection closed by the server");
                     }
@@ -249,8 +256,10 @@ enum End {
 
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     broker: Arc<OnceLock<Broker>>,
     limits: &Limits,
+    guard: &Guard,
     stats: &Stats,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
@@ -278,9 +287,12 @@ async fn connection(
         subscriptions: HashMap::new(),
         next_subscription: SUBSCRIPTION_ID_BIT | 1,
         max_frame: limits.max_frame,
+        caller: Caller::Open,
     };
 
     let handshake_deadline = Instant::now() + limits.handshake_timeout;
+    let mut recheck = tokio::time::interval(AUTH_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut greeted = false;
     let mut last_frame = Instant::now();
     let mut buf: Vec<u8> = Vec::with_capacity(HANDSHAKE_MAX_FRAME);
@@ -307,7 +319,19 @@ async fn connection(
                 last_frame = Instant::now();
                 if !greeted {
                     match frame {
-                        Frame::Hello { version: PROTOCOL_VERSION, .. } => {
+                        Frame::Hello { version: PROTOCOL_VERSION, credentials, .. } => {
+                            if guard.enabled {
+                                let Some(broker) = session.broker.get() else {
+                                    return Err(connection_error(Code::NotReady, "the server is still recovering; authentication needs its keys"));
+                                };
+                                let token = (!credentials.is_empty()).then_some(credentials.as_str());
+                                match guard.authenticate(broker, token, peer.ip(), "binary") {
+                                    Ok((state, identity)) => {
+                                        session.caller = Caller::Known { state, identity: Arc::new(identity) };
+                                    }
+                                    Err(err) => return Err(error_frame(&err)),
+                                }
+                            }
                             greeted = true;
                             buf.reserve(64 << 10);
                             let ok = Frame::HelloOk {
@@ -343,6 +367,9 @@ async fn connection(
                     Ok(_) => {}
                     Err(_) => return Ok(End::Broken),
                 },
+                _ = recheck.tick(), if greeted && guard.enabled => {
+                    session.recheck_auth()?;
+                }
                 () = tokio::time::sleep_until(deadline) => {
                     return Err(if greeted {
                         stats.closed_idle.fetch_add(1, Ordering::Relaxed);
@@ -412,28 +439,75 @@ struct Session {
     in_flight: Arc<Semaphore>,
     fetches: Arc<Semaphore>,
     tasks: JoinSet<()>,
-    subscriptions: HashMap<u32, (Arc<Subscription>, tokio::task::JoinHandle<()>)>,
+    /// Each subscription's state, task and queue (or `stream/subscription`).
+    subscriptions: HashMap<u32, (Arc<Subscription>, tokio::task::JoinHandle<()>, String)>,
     next_subscription: u32,
     max_frame: usize,
+    /// Who authenticated in Hello (`Open` with authentication off).
+    caller: Caller,
 }
 
 impl Drop for Session {
     /// Subscriptions lease messages: none may outlive its connection (the connection's task
     /// is aborted at the shutdown deadline).
     fn drop(&mut self) {
-        for (_, (_, task)) in self.subscriptions.drain() {
+        for (_, (_, task, _)) in self.subscriptions.drain() {
             task.abort();
         }
     }
 }
 
 impl Session {
+    /// With authentication on: the key still holds (else the connection ends), and takes
+    /// the grants in force now; a subscription whose grant went is ended with the
+    /// connection.
+    fn recheck_auth(&mut self) -> Result<(), Frame> {
+        let Caller::Known { state, identity } = &self.caller else {
+            return Ok(());
+        };
+        let Some(broker) = self.broker.get() else {
+            return Ok(());
+        };
+        let now = broker.auth();
+        if now.epoch() == state.epoch() && identity.expires_at_ms.is_none() {
+            return Ok(());
+        }
+        if !now.still_valid(identity, broker.now_ms()) {
+            return Err(connection_error(
+                ErrorCode::Unauthenticated,
+                "the connection's key was revoked or expired: closing",
+            ));
+        }
+        let caller = Caller::Known {
+            state: now,
+            identity: identity.clone(),
+        };
+        for (_, _, queue) in self.subscriptions.values() {
+            let (op, resource) = crate::auth::subscription_needs(queue);
+            if !caller.may(op, &resource) {
+                return Err(error_frame(&caller.denied(op, &resource)));
+            }
+        }
+        self.caller = caller;
+        Ok(())
+    }
+
     async fn serve(&mut self, frame: Frame, request_id: u32) -> Result<(), Stop> {
         while self.tasks.try_join_next().is_some() {}
         let Some(broker) = self.broker.get().cloned() else {
             let frame = connection_error(Code::NotReady, "the server is still recovering");
             return Ok(self.outbox.reply(&frame, request_id).await?);
         };
+        if !matches!(self.caller, Caller::Open) {
+            self.recheck_auth().map_err(Stop::Violation)?;
+            let denied = frame_needs(&frame)
+                .into_iter()
+                .find(|(op, r)| !self.caller.may(*op, r))
+                .map(|(op, r)| self.caller.denied(op, &r));
+            if let Some(err) = denied {
+                return Ok(self.outbox.reply(&error_frame(&err), request_id).await?);
+            }
+        }
         match frame {
             Frame::Subscribe {
                 queue,
@@ -465,20 +539,20 @@ impl Session {
                     .await?;
                 let task = tokio::spawn(subscription(
                     broker,
-                    queue,
+                    queue.clone(),
                     lease,
                     id,
                     sub.clone(),
                     self.outbox.clone(),
                     self.max_frame,
                 ));
-                self.subscriptions.insert(id, (sub, task));
+                self.subscriptions.insert(id, (sub, task, queue));
             }
             Frame::Credit {
                 subscription,
                 credit,
             } => {
-                if let Some((sub, _)) = self.subscriptions.get(&subscription) {
+                if let Some((sub, _, _)) = self.subscriptions.get(&subscription) {
                     // Saturates: a client granting "everything" twice does not wrap to little.
                     let _ = sub
                         .credit
@@ -489,13 +563,23 @@ impl Session {
                 }
             }
             Frame::Unsubscribe { subscription } => {
-                if let Some((_, task)) = self.subscriptions.remove(&subscription) {
+                if let Some((_, task, _)) = self.subscriptions.remove(&subscription) {
                     task.abort();
                 }
                 self.outbox.reply(&Frame::Ok, request_id).await?;
             }
             Frame::Ping => self.outbox.reply(&Frame::Pong, request_id).await?,
             Frame::Produce { queue, ack, batch } => {
+                // A tenant other than the principal's own needs set_tenant on the queue.
+                if let Caller::Known { identity, .. } = &self.caller
+                    && let Some(tenant) = crate::auth::foreign_tenant(&batch, &identity.tenant)
+                {
+                    let resource =
+                        tidewater_auth::Resource::new(tidewater_auth::ResourceKind::Queue, &queue);
+                    if let Err(err) = self.caller.tenant_for(Some(&tenant), &resource) {
+                        return Ok(self.outbox.reply(&error_frame(&err), request_id).await?);
+                    }
+                }
                 // Submitted here, in frame order, so a connection's batches are appended in
                 // the order they were sent; only the wait is concurrent.
                 let permit = self.request_permit().await?;
@@ -617,7 +701,7 @@ impl Session {
     }
 
     async fn stop_subscriptions(&mut self) {
-        for (_, (_, task)) in self.subscriptions.drain() {
+        for (_, (_, task, _)) in self.subscriptions.drain() {
             task.abort();
             let _ = task.await;
         }

@@ -587,6 +587,7 @@ fn binary_client(addr: &str) -> tidewater_client::Client {
         tidewater_client::ClientOptions {
             request_timeout: Duration::from_secs(30),
             breaker_failures: 3,
+            credentials: crate::client::token().map(tidewater_client::Credentials::token),
             ..Default::default()
         },
     )

@@ -16,6 +16,7 @@ pub mod exit {
     pub const NOT_FOUND: i32 = 3;
     pub const REFUSED: i32 = 4;
     pub const UNREACHABLE: i32 = 5;
+    pub const DENIED: i32 = 6;
 }
 
 /// Standard output for client commands, `scenario` and `bench` (never `println!`, which
@@ -138,6 +139,8 @@ pub fn exit_code_of_status(status: u16) -> i32 {
         // Backpressure and a full disk: nothing was stored, retry later.
         429 | 507 => exit::REFUSED,
         400 | 413 => exit::USAGE,
+        // No credentials, bad ones, or no grant: --token, or ask an admin.
+        401 | 403 => exit::DENIED,
         _ => exit::FAILED,
     }
 }
@@ -179,6 +182,18 @@ pub struct Client {
 }
 
 const MAX_REPLY_BYTES: u64 = 1 << 30;
+
+/// The CLI's `--token` (`TIDEWATER_TOKEN`), for every request it makes.
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+pub fn set_token(token: Option<String>) {
+    let _ = TOKEN.set(token.filter(|t| !t.is_empty()));
+}
+
+/// The token the CLI presents, if any.
+pub fn token() -> Option<&'static str> {
+    TOKEN.get().and_then(|t| t.as_deref())
+}
 
 impl Client {
     pub fn new(base: &str) -> Client {
@@ -223,19 +238,35 @@ impl Client {
         body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), ClientError> {
         let url = format!("{}{}", self.base, path);
+        let bearer = token().map(|t| format!("Bearer {t}"));
         let result = match (method, body) {
-            ("GET", _) => self.agent.get(&url).call(),
-            ("DELETE", _) => self.agent.delete(&url).call(),
-            ("PUT", body) => self
-                .agent
-                .put(&url)
-                .header("content-type", "application/json")
-                .send(body.unwrap_or(b"")),
-            (_, body) => self
-                .agent
-                .post(&url)
-                .header("content-type", "application/json")
-                .send(body.unwrap_or(b"")),
+            ("GET", _) => {
+                let mut request = self.agent.get(&url);
+                if let Some(bearer) = &bearer {
+                    request = request.header("authorization", bearer);
+                }
+                request.call()
+            }
+            ("DELETE", _) => {
+                let mut request = self.agent.delete(&url);
+                if let Some(bearer) = &bearer {
+                    request = request.header("authorization", bearer);
+                }
+                request.call()
+            }
+            (method, body) => {
+                let mut request = if method == "PUT" {
+                    self.agent.put(&url)
+                } else {
+                    self.agent.post(&url)
+                };
+                if let Some(bearer) = &bearer {
+                    request = request.header("authorization", bearer);
+                }
+                request
+                    .header("content-type", "application/json")
+                    .send(body.unwrap_or(b""))
+            }
         };
         let mut response = result.map_err(|e| match e {
             ureq::Error::Io(_)

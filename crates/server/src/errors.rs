@@ -70,6 +70,10 @@ impl Code {
         Code::Broker(ErrorCode::GroupNotEmpty),
         Code::Broker(ErrorCode::InvalidSubscriptionName),
         Code::Broker(ErrorCode::SubscriptionNotFound),
+        Code::Broker(ErrorCode::Unauthenticated),
+        Code::Broker(ErrorCode::Forbidden),
+        Code::Broker(ErrorCode::KeyNotFound),
+        Code::Broker(ErrorCode::AclNotFound),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -135,7 +139,11 @@ fn broker_status(code: ErrorCode) -> u16 {
         | ErrorCode::PartitionNotFound
         | ErrorCode::GroupNotFound
         | ErrorCode::SubscriptionNotFound
+        | ErrorCode::KeyNotFound
+        | ErrorCode::AclNotFound
         | ErrorCode::UnknownMember => 404,
+        ErrorCode::Unauthenticated => 401,
+        ErrorCode::Forbidden => 403,
         ErrorCode::ConfigConflict | ErrorCode::Superseded | ErrorCode::GroupNotEmpty => 409,
         ErrorCode::MessageTooLarge
         | ErrorCode::BatchTooLarge

@@ -7,22 +7,23 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tidewater_auth::{Operation, Resource, ResourceKind};
 use tidewater_core::stream::config::StreamPatch;
 use tidewater_core::{Broker, BrokerError, ConfigPatch, ErrorCode, NackReason, RedriveRequest};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::api::{self, ErrorBody, OutMessage};
+use crate::auth::{Caller, Guard, Need, Target};
 use crate::errors::Code;
 use crate::listener::{Bounds, Stats, accept_loop};
 use crate::metrics::Metrics;
@@ -40,7 +41,13 @@ pub struct AppState {
     pub body_timeout: std::time::Duration,
     /// The broker's limits (known before recovery ends): /v1/openapi.json states them.
     pub limits: Arc<tidewater_core::Limits>,
+    /// Authentication, shared with the other listeners.
+    pub guard: Arc<Guard>,
 }
+
+/// The client's address, put in each request by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
 
 impl AppState {
     fn broker(&self) -> Result<&Broker, ApiError> {
@@ -458,8 +465,15 @@ pub async fn serve(
     };
     let header_timeout = limits.header_timeout;
     let stop = shutdown.clone();
-    let serve_one = move |stream: TcpStream, _peer: SocketAddr| {
-        let service = TowerToHyperService::new(router.clone());
+    let serve_one = move |stream: TcpStream, peer: SocketAddr| {
+        let router = router.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(Peer(peer));
+                let mut router = router.clone();
+                async move { tower::Service::call(&mut router, request).await }
+            },
+        );
         let mut stop = stop.clone();
         async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -581,10 +595,116 @@ pub fn router(state: AppState) -> Router {
             "/v1/streams/{stream}/subscriptions/{sub}/purge",
             post(subscription_purge),
         )
+        .route("/v1/auth/whoami", get(whoami))
+        .route("/v1/auth/keys", get(list_keys).post(create_key))
+        .route("/v1/auth/keys/{id}", axum::routing::delete(revoke_key))
+        .route("/v1/auth/acls", get(list_acls).post(grant))
+        .route("/v1/auth/acls/{id}", axum::routing::delete(revoke_acl))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Authenticates the request (a bearer token, or none: the anonymous principal) and
+/// checks what its route needs (`auth::ROUTES`) before the handler runs; the handler
+/// finds the `Caller` in the request's extensions. A route missing from the table is
+/// refused to everyone.
+async fn authorize(
+    State(state): State<AppState>,
+    matched: axum::extract::MatchedPath,
+    params: axum::extract::RawPathParams,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !state.guard.enabled {
+        request.extensions_mut().insert(Caller::Open);
+        return next.run(request).await;
+    }
+    let method = request.method().as_str().to_string();
+    let Some(route) = crate::auth::route_of(&method, matched.as_str()) else {
+        return ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "{method} {} has no permission defined: refused while authentication is on",
+                matched.as_str()
+            ),
+        )
+        .into_response();
+    };
+    if route.need == Need::Open {
+        return next.run(request).await;
+    }
+    let broker = match state.broker() {
+        Ok(broker) => broker,
+        Err(err) => return err.into_response(),
+    };
+    let peer = request
+        .extensions()
+        .get::<Peer>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.0.ip());
+    let token = match bearer(request.headers()) {
+        Ok(token) => token,
+        Err(err) => return err.into_response(),
+    };
+    let (auth, identity) = match state.guard.authenticate(broker, token, peer, "http") {
+        Ok(found) => found,
+        Err(err) => return ApiError::from(err).into_response(),
+    };
+    let caller = Caller::Known {
+        state: auth,
+        identity: Arc::new(identity),
+    };
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+            .unwrap_or_default()
+    };
+    let checked = match route.need {
+        Need::Open | Need::List(_) => Ok(()),
+        Need::Op(op, Target::Cluster) => caller.check(op, &tidewater_auth::Resource::CLUSTER),
+        Need::Op(op, Target::Param(kind, name)) => {
+            caller.check(op, &tidewater_auth::Resource::new(kind, &param(name)))
+        }
+        Need::Op(op, Target::Subscription) => {
+            let name = subscription_name(&param("stream"), &param("sub"));
+            caller.check(
+                op,
+                &tidewater_auth::Resource::new(tidewater_auth::ResourceKind::Subscription, &name),
+            )
+        }
+    };
+    if let Err(err) = checked {
+        if let Some(identity) = caller.identity() {
+            tracing::warn!(target: "tidewater::audit", %peer, listener = "http", principal = %identity.principal, method = %method, path = %request.uri().path(), reason = %err.message, "request denied");
+        }
+        return ApiError::from(err).into_response();
+    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+/// The bearer token of `Authorization`, if any.
+fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let text = value.to_str().ok().and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    text.map(Some).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unauthenticated,
+            "the Authorization header is not 'Bearer <key id>.<secret>'",
+        )
+    })
 }
 
 /// Every error is `{code, message}`: rejections made before a handler runs (a query string
@@ -672,8 +792,17 @@ async fn openapi(State(state): State<AppState>) -> Response {
     json_body(&crate::openapi::document(&state.limits))
 }
 
-async fn list_queues(State(state): State<AppState>) -> ApiResult {
-    let queues = state.broker()?.list_queues();
+/// Whether the caller may see the resource in a listing.
+fn visible(caller: &Caller, kind: ResourceKind, name: &str) -> bool {
+    caller.may(Operation::Describe, &Resource::new(kind, name))
+}
+
+async fn list_queues(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    let mut queues = state.broker()?.list_queues();
+    queues.retain(|q| visible(&caller, ResourceKind::Queue, &q.name));
     json(StatusCode::OK, &serde_json::json!({ "queues": queues }))
 }
 
@@ -746,6 +875,7 @@ async fn purge(State(state): State<AppState>, Path(queue): Path<String>) -> ApiR
 
 async fn publish(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(queue): Path<String>,
     body: Body,
 ) -> ApiResult {
@@ -753,16 +883,17 @@ async fn publish(
     let (request, _permit): (api::PublishRequest, _) =
         parse_body(&state, body, None, publish_values(broker.limits())).await?;
     let level = api::ack_level(request.ack.as_deref())?;
+    let resource = Resource::new(ResourceKind::Queue, &queue);
     let messages = request
         .messages
         .into_iter()
         .enumerate()
         .map(|(idx, m)| m.into_message(idx))
         .map(|m| {
-            m.map(|mut m| {
-                m.tenant = m.tenant.or_else(|| request.tenant.clone());
-                m
-            })
+            let mut m = m?;
+            let asked = m.tenant.take().or_else(|| request.tenant.clone());
+            m.tenant = caller.tenant_for(asked.as_deref(), &resource)?;
+            Ok::<_, ApiError>(m)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let published = broker.publish(&queue, &messages, level).await?;
@@ -897,6 +1028,7 @@ async fn extend_in(state: &AppState, queue: &str, body: Body) -> ApiResult {
 
 async fn redrive(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(queue): Path<String>,
     body: Body,
 ) -> ApiResult {
@@ -908,6 +1040,9 @@ async fn redrive(
         SMALL_VALUES,
     )
     .await?;
+    if let Some(to) = &request.to {
+        caller.check(Operation::Produce, &Resource::new(ResourceKind::Queue, to))?;
+    }
     let progress = broker.start_redrive(
         &queue,
         RedriveRequest {
@@ -941,8 +1076,18 @@ fn subscription_name(stream: &str, sub: &str) -> String {
     tidewater_core::stream::subscription::subscription_path(stream, sub)
 }
 
-async fn list_all_subscriptions(State(state): State<AppState>) -> ApiResult {
-    let subscriptions = state.broker()?.list_subscriptions(None)?;
+async fn list_all_subscriptions(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    let mut subscriptions = state.broker()?.list_subscriptions(None)?;
+    subscriptions.retain(|s| {
+        visible(
+            &caller,
+            ResourceKind::Subscription,
+            &subscription_name(&s.stream, &s.name),
+        )
+    });
     json(
         StatusCode::OK,
         &serde_json::json!({ "subscriptions": subscriptions }),
@@ -951,9 +1096,17 @@ async fn list_all_subscriptions(State(state): State<AppState>) -> ApiResult {
 
 async fn list_subscriptions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(stream): Path<String>,
 ) -> ApiResult {
-    let subscriptions = state.broker()?.list_subscriptions(Some(&stream))?;
+    let mut subscriptions = state.broker()?.list_subscriptions(Some(&stream))?;
+    subscriptions.retain(|s| {
+        visible(
+            &caller,
+            ResourceKind::Subscription,
+            &subscription_name(&s.stream, &s.name),
+        )
+    });
     json(
         StatusCode::OK,
         &serde_json::json!({ "subscriptions": subscriptions }),
@@ -1042,8 +1195,12 @@ async fn subscription_purge(
 
 // ---- streams ----
 
-async fn list_streams(State(state): State<AppState>) -> ApiResult {
-    let streams = state.broker()?.list_streams();
+async fn list_streams(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    let mut streams = state.broker()?.list_streams();
+    streams.retain(|s| visible(&caller, ResourceKind::Stream, &s.name));
     json(StatusCode::OK, &serde_json::json!({ "streams": streams }))
 }
 
@@ -1162,8 +1319,12 @@ async fn offset_for_time(
 /// A member's session unless it asks for another.
 const SESSION_TIMEOUT_DEFAULT_MS: u64 = 30_000;
 
-async fn list_groups(State(state): State<AppState>) -> ApiResult {
-    let groups = state.broker()?.list_groups().await;
+async fn list_groups(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    let mut groups = state.broker()?.list_groups().await;
+    groups.retain(|g| visible(&caller, ResourceKind::Group, g));
     json(StatusCode::OK, &serde_json::json!({ "groups": groups }))
 }
 
@@ -1211,12 +1372,19 @@ async fn reset_offsets(
 
 async fn create_consumer(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(group): Path<String>,
     body: Body,
 ) -> ApiResult {
     let broker = state.broker()?;
     let (request, _permit): (api::ConsumerRequest, _) =
         parse_body(&state, body, None, SMALL_VALUES).await?;
+    for stream in &request.streams {
+        caller.check(
+            Operation::Consume,
+            &Resource::new(ResourceKind::Stream, stream),
+        )?;
+    }
     let session = request
         .session_timeout_ms
         .unwrap_or(SESSION_TIMEOUT_DEFAULT_MS.min(broker.limits().max_session_timeout_ms));
@@ -1311,4 +1479,97 @@ async fn consumer_commit(
         .commit_consumer(&group, &member, offsets.as_deref())
         .await?;
     json(StatusCode::OK, &serde_json::json!({}))
+}
+
+// ---- auth ----
+
+/// Who the caller is, and its grants (or that authentication is off).
+async fn whoami(Extension(caller): Extension<Caller>) -> ApiResult {
+    let Caller::Known { state, identity } = &caller else {
+        return json(
+            StatusCode::OK,
+            &serde_json::json!({ "authentication": false }),
+        );
+    };
+    let grants: Vec<_> = state.grants_of(identity).cloned().collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "authentication": true,
+            "principal": identity.principal,
+            "roles": identity.roles,
+            "tenant": identity.tenant,
+            "key_id": identity.key_id,
+            "anonymous": identity.is_anonymous(),
+            "grants": grants,
+        }),
+    )
+}
+
+async fn list_keys(State(state): State<AppState>) -> ApiResult {
+    let auth = state.broker()?.auth();
+    let keys: Vec<_> = auth.keys().map(tidewater_auth::ApiKey::info).collect();
+    json(StatusCode::OK, &serde_json::json!({ "keys": keys }))
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let (request, _permit): (api::KeyRequest, _) =
+        parse_body(&state, body, None, SMALL_VALUES).await?;
+    let spec = request.into_spec(broker.now_ms())?;
+    let made = broker.create_key(spec, None).await?;
+    audit(&caller, "key.create", &made.info.id);
+    json(
+        StatusCode::CREATED,
+        &serde_json::json!({ "key": made.info, "secret": made.secret, "token": made.token() }),
+    )
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let key = state.broker()?.revoke_key(&id).await?;
+    audit(&caller, "key.revoke", &id);
+    json(StatusCode::OK, &serde_json::json!({ "revoked": key }))
+}
+
+async fn list_acls(State(state): State<AppState>) -> ApiResult {
+    let auth = state.broker()?.auth();
+    let acls: Vec<_> = auth.acls().cloned().collect();
+    json(StatusCode::OK, &serde_json::json!({ "acls": acls }))
+}
+
+async fn grant(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let (request, _permit): (api::AclRequest, _) =
+        parse_body(&state, body, None, SMALL_VALUES).await?;
+    let acl = broker.grant(request.into_spec()?).await?;
+    audit(&caller, "acl.grant", &acl.id);
+    json(StatusCode::CREATED, &serde_json::json!({ "acl": acl }))
+}
+
+async fn revoke_acl(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let acl = state.broker()?.revoke_acl(&id).await?;
+    audit(&caller, "acl.revoke", &id);
+    json(StatusCode::OK, &serde_json::json!({ "revoked": acl }))
+}
+
+/// An admin change, in the audit log.
+fn audit(caller: &Caller, action: &str, target: &str) {
+    let principal = caller.identity().map_or("-", |i| i.principal.as_str());
+    tracing::info!(target: "tidewater::audit", principal, action, target, "admin change");
 }

@@ -1,9 +1,11 @@
 //! The `tidewater` binary: the server (`serve`) and the client commands.
 
 mod api;
+mod auth;
 mod bench;
 mod binary;
 mod cli;
+mod cli_auth;
 mod cli_streams;
 mod cli_subscriptions;
 mod client;
@@ -28,7 +30,7 @@ use crate::client::{Client, ClientError, errln, exit};
 )]
 #[command(
     after_help = "Start a server with `tidewater serve`, then use the client commands against it.\n\
-Client exit codes: 0 ok, 1 failed, 2 bad input, 3 not found, 4 refused by backpressure (retry later), 5 server unreachable."
+Client exit codes: 0 ok, 1 failed, 2 bad input, 3 not found, 4 refused by backpressure (retry later), 5 server unreachable, 6 denied (no or bad credentials, or no grant)."
 )]
 struct Cli {
     /// Server URL for client commands.
@@ -47,6 +49,10 @@ struct Cli {
         default_value = "127.0.0.1:7071"
     )]
     protocol_server: String,
+    /// An API key's token, `<key id>.<secret>`, for a server with authentication on (sent
+    /// as `Authorization: Bearer` and in the binary protocol's Hello).
+    #[arg(long, global = true, env = "TIDEWATER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
@@ -83,6 +89,9 @@ enum Commands {
     /// (consume one with `tidewater consume STREAM/SUBSCRIPTION`).
     #[command(subcommand)]
     Subscription(cli_subscriptions::SubscriptionCommand),
+    /// API keys and grants (authentication and authorization, docs/security.md).
+    #[command(subcommand)]
+    Auth(cli_auth::AuthCommand),
     /// Benchmark publish and receive+ack over HTTP (starts its own server unless --target URL).
     Bench(bench::BenchArgs),
     /// Replay an incident without and with the policy that answers it (simulated time).
@@ -130,6 +139,7 @@ fn main() {
             // `tidewater queue list | head` ends quietly: every command writes standard
             // output through client::write_stdout, which ends the process by SIGPIPE when
             // the reader went away. SIGPIPE itself stays ignored (see write_stdout).
+            client::set_token(cli.token.clone());
             let client = Client::new(&cli.server);
             report(
                 match command {
@@ -141,6 +151,7 @@ fn main() {
                     Commands::Produce(a) => cli_streams::produce(&client, a, cli.json),
                     Commands::Fetch(a) => cli_streams::fetch(&client, a, cli.json),
                     Commands::Group(c) => cli_streams::group(&client, c, cli.json),
+                    Commands::Auth(c) => cli_auth::auth(&client, c, cli.json),
                     Commands::Subscription(c) => {
                         cli_subscriptions::subscription(&client, c, cli.json)
                     }

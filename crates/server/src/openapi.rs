@@ -31,6 +31,16 @@ const STATUSES: &[(u16, &str, &str)] = &[
         "BadRequest",
         "malformed or invalid input (the message names the field)",
     ),
+    (
+        401,
+        "Unauthenticated",
+        "authentication is on and the request has no valid credentials (Authorization: Bearer <key id>.<secret>), or its address failed too often (Retry-After)",
+    ),
+    (
+        403,
+        "Forbidden",
+        "the principal has no grant for this operation on this resource (x-tidewater-permission says which)",
+    ),
     (404, "NotFound", "unknown queue or redrive"),
     (
         408,
@@ -762,6 +772,109 @@ fn settle_schemas(limits: &Limits) -> Value {
     })
 }
 
+fn auth_schemas() -> Value {
+    let names = |v: &[&str]| json!({"type": "string", "enum": v});
+    let operations: Vec<&str> = tidewater_auth::Operation::ALL.map(|o| o.as_str()).to_vec();
+    let resources: Vec<&str> = tidewater_auth::ResourceKind::ALL
+        .map(|k| k.as_str())
+        .to_vec();
+    let name = json!({"type": "string", "minLength": 1, "maxLength": tidewater_auth::acl::MAX_NAME_LEN,
+            "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$", "description": "at most 256 bytes of UTF-8, no control characters"});
+    let key = json!({"type": "object", "additionalProperties": false,
+        "required": ["id", "principal", "roles", "tenant", "description", "created_at_ms", "expires_at_ms"], "properties": {
+            "id": {"type": "string"}, "principal": {"type": "string"},
+            "roles": {"type": "array", "items": {"type": "string"}},
+            "tenant": {"type": ["string", "null"], "description": "the tenant its requests count against; null: the principal"},
+            "description": {"type": "string"}, "created_at_ms": {"type": "integer"},
+            "expires_at_ms": {"type": ["integer", "null"]}}});
+    let acl = json!({"type": "object", "additionalProperties": false,
+        "required": ["id", "resource", "name", "match", "operations", "created_at_ms"], "properties": {
+            "id": {"type": "string"}, "principal": {"type": "string"}, "role": {"type": "string"},
+            "resource": names(&resources), "name": {"type": "string"},
+            "match": names(&["exact", "prefix", "glob"]),
+            "operations": {"type": "array", "items": names(&operations)},
+            "created_at_ms": {"type": "integer"}}});
+    json!({
+        "KeyRequest": {"type": "object", "additionalProperties": false, "required": ["principal"],
+            "not": {"required": ["expires_at_ms", "expires_in_ms"]}, "properties": {
+            "principal": {"allOf": [name.clone(), {"not": {"const": tidewater_auth::ANONYMOUS}}]},
+            "roles": {"type": "array", "maxItems": tidewater_auth::keys::MAX_ROLES, "items": name.clone()},
+            "tenant": {"anyOf": [name.clone(), {"type": "null"}]},
+            "description": {"type": "string", "maxLength": tidewater_auth::keys::MAX_DESCRIPTION_LEN},
+            "expires_at_ms": {"type": ["integer", "null"], "description": "ms since the epoch, in the future"},
+            "expires_in_ms": {"type": ["integer", "null"], "minimum": 1}}},
+        "Key": key,
+        "KeyCreated": {"type": "object", "additionalProperties": false, "required": ["key", "secret", "token"], "properties": {
+            "key": schema_ref("Key"), "secret": {"type": "string", "description": "shown once, never stored"},
+            "token": {"type": "string", "description": "<key id>.<secret>: Authorization: Bearer <token>"}}},
+        "KeyList": {"type": "object", "additionalProperties": false, "required": ["keys"], "properties": {
+            "keys": {"type": "array", "items": schema_ref("Key")}}},
+        "KeyRevoked": {"type": "object", "additionalProperties": false, "required": ["revoked"], "properties": {"revoked": schema_ref("Key")}},
+        "AclRequest": {"type": "object", "additionalProperties": false, "required": ["resource", "operations"],
+            "description": "one of principal or role; the operations must mean something on the resource kind, and the name must be given unless match is prefix (docs/security.md)",
+            "oneOf": [{"required": ["principal"], "not": {"required": ["role"]}}, {"required": ["role"], "not": {"required": ["principal"]}}],
+            "properties": {
+            "principal": name.clone(), "role": name,
+            "resource": names(&resources),
+            "name": {"type": "string", "maxLength": tidewater_auth::acl::MAX_PATTERN_LEN},
+            "match": names(&["exact", "prefix", "glob"]),
+            "operations": {"type": "array", "minItems": 1, "items": names(&operations)}}},
+        "Acl": acl,
+        "AclCreated": {"type": "object", "additionalProperties": false, "required": ["acl"], "properties": {"acl": schema_ref("Acl")}},
+        "AclList": {"type": "object", "additionalProperties": false, "required": ["acls"], "properties": {
+            "acls": {"type": "array", "items": schema_ref("Acl")}}},
+        "AclRevoked": {"type": "object", "additionalProperties": false, "required": ["revoked"], "properties": {"revoked": schema_ref("Acl")}},
+        "Whoami": {"type": "object", "required": ["authentication"], "properties": {
+            "authentication": {"type": "boolean"}, "principal": {"type": "string"},
+            "roles": {"type": "array", "items": {"type": "string"}}, "tenant": {"type": "string"},
+            "key_id": {"type": ["string", "null"]}, "anonymous": {"type": "boolean"},
+            "grants": {"type": "array", "items": schema_ref("Acl")}}},
+    })
+}
+
+/// Marks each operation with what it needs once authentication is on
+/// (`x-tidewater-permission`, from `auth::ROUTES`) and the 401 and 403 it may answer.
+fn add_permissions(document: &mut Value) {
+    use crate::auth::{Need, Target};
+    let paths = document["paths"].as_object_mut().expect("an object");
+    for (path, item) in paths.iter_mut() {
+        let item = item.as_object_mut().expect("an object");
+        for (method, operation) in item.iter_mut() {
+            if method == "parameters" {
+                continue;
+            }
+            let route = crate::auth::route_of(&method.to_uppercase(), path);
+            let permission = match route.map(|r| r.need) {
+                None => json!("none: refused while authentication is on"),
+                Some(Need::Open) => json!("open"),
+                Some(Need::List(kind)) => json!({"list": kind.as_str(),
+                    "note": "any caller; the reply holds only what it may describe"}),
+                Some(Need::Op(op, target)) => {
+                    let (resource, from) = match target {
+                        Target::Cluster => ("cluster", Value::Null),
+                        Target::Param(kind, param) => (kind.as_str(), json!(param)),
+                        Target::Subscription => ("subscription", json!("{stream}/{sub}")),
+                    };
+                    json!({"operation": op.as_str(), "resource": resource, "name": from})
+                }
+            };
+            operation["x-tidewater-permission"] = permission;
+            if !matches!(route.map(|r| r.need), Some(Need::Open)) {
+                let responses = operation["responses"].as_object_mut().expect("an object");
+                responses.insert(
+                    "401".into(),
+                    json!({"$ref": "#/components/responses/Unauthenticated"}),
+                );
+                responses.insert(
+                    "403".into(),
+                    json!({"$ref": "#/components/responses/Forbidden"}),
+                );
+                operation["security"] = json!([{}, {"bearer": []}]);
+            }
+        }
+    }
+}
+
 fn redrive_schemas() -> Value {
     let redrive = json!({"type": "object", "additionalProperties": false,
         "required": ["id", "queue", "moved", "remaining", "skipped", "state", "error"], "properties": {
@@ -796,6 +909,7 @@ pub fn document(limits: &Limits) -> Value {
         redrive_schemas(),
         stream_schemas(limits),
         group_schemas(limits),
+        auth_schemas(),
     ] {
         schemas_map.extend(part.as_object().expect("an object").clone());
     }
@@ -1371,6 +1485,34 @@ pub fn document(limits: &Limits) -> Value {
     for (path, item) in subscription_paths.as_object().expect("an object") {
         paths.insert(path.clone(), item.clone());
     }
+    let id_param = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "minLength": 1}}]);
+    let admin = Fails {
+        body: true,
+        bad: true,
+        conflict: true,
+        writes: true,
+        ..Fails::default()
+    };
+    let auth_paths = json!({
+        "/v1/auth/whoami": {"get": operation("whoami", "Who the credentials are, and their grants (authentication: false when it is off)",
+            responses(&[(200, ok_json("the caller", "Whoami"))]), Fails::default())},
+        "/v1/auth/keys": {
+            "get": operation("listKeys", "The API keys in force (never their secrets)", responses(&[(200, ok_json("the keys", "KeyList"))]), Fails::default()),
+            "post": with_body(operation("createKey", "Make an API key: the secret is in this reply only", responses(&[(201, ok_json("the key, its secret and token", "KeyCreated"))]), admin), "KeyRequest", true, "the key to make")},
+        "/v1/auth/keys/{id}": {"parameters": id_param.clone(),
+            "delete": operation("revokeKey", "Revoke a key: refused from its next request on", responses(&[(200, ok_json("the key revoked", "KeyRevoked"))]), Fails { not_found: true, writes: true, ..Fails::default() })},
+        "/v1/auth/acls": {
+            "get": operation("listAcls", "The grants in force", responses(&[(200, ok_json("the grants", "AclList"))]), Fails::default()),
+            "post": with_body(operation("grant", "Grant a principal or a role operations on resources (the same grant twice is one)", responses(&[(201, ok_json("the grant", "AclCreated"))]), admin), "AclRequest", true, "the grant to make")},
+        "/v1/auth/acls/{id}": {"parameters": id_param,
+            "delete": operation("revokeAcl", "Revoke a grant", responses(&[(200, ok_json("the grant revoked", "AclRevoked"))]), Fails { not_found: true, writes: true, ..Fails::default() })},
+    });
+    for (path, item) in auth_paths.as_object().expect("an object") {
+        paths.insert(path.clone(), item.clone());
+    }
+    document["components"]["securitySchemes"] = json!({"bearer": {"type": "http", "scheme": "bearer",
+        "description": "an API key's token, <key id>.<secret>; only when [auth] enabled = true (docs/security.md)"}});
+    add_permissions(&mut document);
     document
 }
 
@@ -1461,6 +1603,35 @@ mod tests {
             schemas["AckRequest"]["properties"]["receipts"]["maxItems"],
             9
         );
+    }
+
+    /// Every operation of the document has a permission in `auth::ROUTES`, and every
+    /// route there is an operation of the document: the auth test walks the document.
+    #[test]
+    fn every_operation_has_a_permission_and_every_permission_an_operation() {
+        let doc = document(&Limits::default());
+        let mut documented = std::collections::BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if method == "parameters" {
+                    continue;
+                }
+                let method = method.to_uppercase();
+                assert!(
+                    crate::auth::route_of(&method, path).is_some(),
+                    "{method} {path} has no entry in auth::ROUTES"
+                );
+                documented.insert((method, path.clone()));
+            }
+        }
+        for route in crate::auth::ROUTES {
+            assert!(
+                documented.contains(&(route.method.to_string(), route.path.to_string())),
+                "{} {} is in auth::ROUTES but not in the document",
+                route.method,
+                route.path
+            );
+        }
     }
 
     #[test]

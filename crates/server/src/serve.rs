@@ -74,6 +74,7 @@ pub struct FileConfig {
     pub protocol: ProtocolConfig,
     pub http: HttpConfig,
     pub kafka: KafkaFileConfig,
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// The Kafka listener (docs/configuration.md, docs/kafka.md).
@@ -195,6 +196,7 @@ pub struct Settings {
     /// The Kafka listener, when on.
     pub kafka: Option<tidewater_kafka::KafkaConfig>,
     pub log_format: String,
+    pub auth: crate::auth::AuthConfig,
     pub max_request_bytes: usize,
     pub max_request_bytes_in_flight: usize,
     pub limits: Limits,
@@ -211,6 +213,11 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
+    if file.auth.enabled && (file.kafka_listen.is_some() || args.kafka_listen.is_some()) {
+        anyhow::bail!(
+            "[auth] enabled = true and the Kafka listener cannot be on together yet: the Kafka listener has no SASL authentication in this build, and would let anyone in. Turn one of them off."
+        );
+    }
     let kafka = kafka_settings(
         args,
         &file,
@@ -303,6 +310,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             .clone()
             .or(file.log_format)
             .unwrap_or_else(|| "text".to_string()),
+        auth: file.auth.clone(),
         max_request_bytes,
         max_request_bytes_in_flight,
         limits: file.limits,
@@ -416,6 +424,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         kafka_stats.clone(),
         kafka_requests.clone(),
     ));
+    let guard = Arc::new(crate::auth::Guard::new(&settings.auth));
     let state = AppState {
         broker: cell.clone(),
         metrics: metrics.clone(),
@@ -426,6 +435,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_request_bytes_in_flight: settings.max_request_bytes_in_flight,
         body_timeout: settings.http.body_timeout,
         limits: Arc::new(settings.limits.clone()),
+        guard: guard.clone(),
     };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -464,6 +474,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         protocol,
         cell.clone(),
         settings.protocol.clone(),
+        guard.clone(),
         protocol_stats,
         stop_rx.clone(),
     ));
@@ -506,6 +517,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("--repair-missing dropped: {dropped}");
         eprintln!("tidewater: --repair-missing dropped: {dropped}");
     }
+    if settings.auth.enabled {
+        bootstrap_from_env(&broker).await?;
+    }
     let queues = broker.list_queues().len();
     let _ = cell.set(broker.clone());
     let maintenance = broker.spawn_maintenance(Duration::from_millis(100));
@@ -532,6 +546,40 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("stopped accepting requests; syncing and checkpointing");
     tokio::task::spawn_blocking(move || broker.shutdown()).await?;
     tracing::info!("clean shutdown");
+    Ok(())
+}
+
+/// With authentication on: the first admin key from `TIDEWATER_ADMIN_KEY` (a token
+/// `<key id>.<secret>` the operator chose) when the server has no key yet; a loud warning
+/// when it has none and no such variable (every request would be refused).
+async fn bootstrap_from_env(broker: &Broker) -> anyhow::Result<()> {
+    let has_keys = broker.auth().keys().next().is_some();
+    let token = std::env::var(crate::auth::ADMIN_KEY_ENV).ok();
+    match (has_keys, token) {
+        (true, Some(_)) => tracing::info!(
+            "{} is set but the server has keys already: ignored (it only makes the first key)",
+            crate::auth::ADMIN_KEY_ENV
+        ),
+        (true, None) => {}
+        (false, Some(token)) => {
+            let Some((id, secret)) = token.split_once('.') else {
+                anyhow::bail!(
+                    "{} must be <key id>.<secret> (the secret at least 32 characters)",
+                    crate::auth::ADMIN_KEY_ENV
+                );
+            };
+            let id = crate::auth::bootstrap(broker, Some((id.to_string(), secret.to_string())))
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {}", crate::auth::ADMIN_KEY_ENV, e.message))?
+                .info
+                .id;
+            tracing::info!(key = %id, principal = crate::auth::BOOTSTRAP_PRINCIPAL, "made the first admin key from {}", crate::auth::ADMIN_KEY_ENV);
+        }
+        (false, None) => tracing::warn!(
+            "authentication is on and no API key exists: every request is refused. Make the first admin key with `tidewater auth bootstrap --data <dir>` (server stopped) or start with {}=<key id>.<secret>",
+            crate::auth::ADMIN_KEY_ENV
+        ),
+    }
     Ok(())
 }
 

@@ -168,6 +168,7 @@ fn raw_connection(addr: &str, version: u16) -> (std::net::TcpStream, Vec<u8>) {
     Frame::Hello {
         version,
         client: "raw".into(),
+        credentials: String::new(),
     }
     .encode(1, &mut out);
     (stream, out)
@@ -255,6 +256,7 @@ fn bad_frames_close_only_their_own_connection() {
         Frame::Hello {
             version: PROTOCOL_VERSION,
             client: "raw".into(),
+            credentials: String::new(),
         }
         .encode(1, &mut hello);
         stream.write_all(&hello).unwrap();

@@ -260,6 +260,7 @@ fn commit_raw(addr: &str, offsets: [u64; 3]) -> Result<(), ()> {
     Frame::Hello {
         version: PROTOCOL_VERSION,
         client: "crash".into(),
+        credentials: String::new(),
     }
     .encode(1, &mut out);
     Frame::Commit {

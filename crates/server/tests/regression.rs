@@ -31,6 +31,7 @@ fn greeted(addr: &str) -> TcpStream {
         &Frame::Hello {
             version: PROTOCOL_VERSION,
             client: "regression".into(),
+            credentials: String::new(),
         },
         1,
         &mut hello,
@@ -267,6 +268,7 @@ fn binary_connections_are_capped_and_timed_out() {
                 &Frame::Hello {
                     version: PROTOCOL_VERSION,
                     client: "again".into(),
+                    credentials: String::new(),
                 },
                 1,
                 &mut hello,
@@ -340,6 +342,7 @@ fn a_subscriber_that_stops_reading_is_leased_only_what_its_connection_takes() {
             &Frame::Hello {
                 version: PROTOCOL_VERSION,
                 client: "greedy".into(),
+                credentials: String::new(),
             },
             1,
             &mut out,

@@ -285,6 +285,7 @@ impl Raw {
         let reply = raw.call(&Frame::Hello {
             version: PROTOCOL_VERSION,
             client: "raw".into(),
+            credentials: String::new(),
         });
         assert!(matches!(reply, Frame::HelloOk { .. }), "{reply:?}");
         raw

@@ -18,6 +18,8 @@ pub struct Server {
     ports: (u16, u16),
     /// The open-files limit (soft and hard) the server runs under, when one is set.
     open_files: Option<u64>,
+    /// Where its standard error goes (appended; info level), when not the test's own.
+    pub log: Option<PathBuf>,
 }
 
 /// A port that is free now, chosen below the kernel's ephemeral range so that
@@ -133,7 +135,11 @@ impl Server {
                 sh
             }
         };
-        command.envs(env.iter().copied());
+        let log = env
+            .iter()
+            .find(|(k, _)| *k == LOG_TO)
+            .map(|(_, v)| PathBuf::from(v));
+        command.envs(env.iter().copied().filter(|(k, _)| *k != LOG_TO));
         command
             .args(["serve", "--data"])
             .arg(data)
@@ -142,10 +148,25 @@ impl Server {
         if let Some(path) = &config {
             command.arg("--config").arg(path);
         }
+        let stderr = match &log {
+            Some(path) => {
+                command.env("TIDEWATER_LOG", "info");
+                Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .unwrap(),
+                )
+            }
+            None => {
+                command.env("TIDEWATER_LOG", "warn");
+                Stdio::inherit()
+            }
+        };
         let child = command
-            .env("TIDEWATER_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let server = Server {
@@ -156,6 +177,7 @@ impl Server {
             config,
             ports,
             open_files,
+            log,
         };
         let mut server = server;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -175,16 +197,30 @@ impl Server {
     pub fn kill_and_restart(&mut self) {
         self.kill9();
         let config = self.config.clone();
-        *self =
-            Server::start_on_limited(&self.data.clone(), config, &[], self.ports, self.open_files);
+        let log = self.log.as_ref().map(|p| p.to_string_lossy().into_owned());
+        let env: Vec<(&str, &str)> = log.iter().map(|p| (LOG_TO, p.as_str())).collect();
+        *self = Server::start_on_limited(
+            &self.data.clone(),
+            config,
+            &env,
+            self.ports,
+            self.open_files,
+        );
     }
 
     /// SIGTERM, then start again on the same data, config and ports.
     pub fn restart(&mut self) {
         assert_eq!(self.stop(), 0);
         let config = self.config.clone();
-        *self =
-            Server::start_on_limited(&self.data.clone(), config, &[], self.ports, self.open_files);
+        let log = self.log.as_ref().map(|p| p.to_string_lossy().into_owned());
+        let env: Vec<(&str, &str)> = log.iter().map(|p| (LOG_TO, p.as_str())).collect();
+        *self = Server::start_on_limited(
+            &self.data.clone(),
+            config,
+            &env,
+            self.ports,
+            self.open_files,
+        );
     }
 
     pub fn kill9(&mut self) {
@@ -350,6 +386,47 @@ pub fn metrics_text(base: &str) -> String {
         .body_mut()
         .read_to_string()
         .unwrap()
+}
+
+/// An environment entry for `Server::start_env`: the server's standard error goes to this
+/// file (appended, info level) instead of the test's.
+pub const LOG_TO: &str = "TIDEWATER_TEST_LOG_TO";
+
+/// A call with a bearer token (None: no Authorization header). Replies that are not JSON
+/// come back as a string.
+pub fn call_as(
+    base: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let url = format!("{base}{path}");
+    let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
+    AGENT.with(|agent| {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        macro_rules! go {
+            ($request:expr, $send:ident $(, $arg:expr)?) => {{
+                let mut request = $request;
+                if let Some(bearer) = &bearer {
+                    request = request.header("authorization", bearer);
+                }
+                request.$send($($arg)?)
+            }};
+        }
+        let result = match method {
+            "GET" => go!(agent.get(&url), call),
+            "DELETE" => go!(agent.delete(&url), call),
+            "PUT" => go!(agent.put(&url), send, bytes.as_deref().unwrap_or(b"")),
+            _ => go!(agent.post(&url), send, bytes.as_deref().unwrap_or(b"")),
+        };
+        let mut response = result.unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_vec().unwrap();
+        let value = serde_json::from_slice(&text)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&text).into_owned()));
+        (status, value)
+    })
 }
 
 pub fn agent() -> ureq::Agent {

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod auth;
 mod binary;
 mod cli;
 mod crash;

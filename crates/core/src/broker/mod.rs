@@ -25,6 +25,7 @@ use delay_log::{DELAY_LOG_PREFIX, DelayLog};
 use redrive::RedriveTask;
 use registry::id_window_op;
 
+mod auth;
 mod classic;
 mod compaction;
 mod consumers;
@@ -45,6 +46,7 @@ pub use crate::plan::dead_letter::{
     HEADER_PUBLISHED_AT, HEADER_SOURCE_QUEUE,
 };
 pub use crate::plan::message::{Delay, NewMessage, header, hex, record_id};
+pub use auth::NewKey;
 pub use classic::{ClassicInfo, ClassicMemberInfo, ClassicRefusal};
 pub use consumers::{MemberRecord, StartAt};
 pub use delivery::{NackReason, Peeked, ReceiptFailure, SettleReply};
@@ -134,6 +136,8 @@ struct Inner {
     /// Stream partitions by log uid (durable ends wake their fetches).
     stream_parts: RwLock<HashMap<u64, Arc<streams::PartitionHandle>>>,
     groups: groups::Groups,
+    /// API keys and grants.
+    auth: auth::Auth,
     /// Kafka's classic consumer groups (JoinGroup/SyncGroup).
     classic: classic::ClassicGroups,
     /// Consumer instances the broker runs for HTTP members, by (group, member).
@@ -184,6 +188,16 @@ impl Broker {
             path: dir.to_path_buf(),
             position: 0,
             reason,
+        })?;
+        let (auth_log, recovered): (Vec<_>, Vec<_>) = recovered
+            .into_iter()
+            .partition(|log| log.name == auth::AUTH_LOG);
+        let auth = auth::Auth::recover(&store, auth_log.into_iter().next()).map_err(|reason| {
+            tidewater_storage::OpenError::Corrupt {
+                path: dir.to_path_buf(),
+                position: 0,
+                reason,
+            }
         })?;
         let (stream_logs, recovered): (Vec<_>, Vec<_>) = recovered
             .into_iter()
@@ -322,6 +336,7 @@ impl Broker {
             streams: RwLock::new(streams),
             stream_parts: RwLock::new(stream_parts),
             groups,
+            auth,
             classic: classic::ClassicGroups::default(),
             consumers: Mutex::new(HashMap::new()),
             streams_grew: Notify::new(),

@@ -1,0 +1,342 @@
+//! API keys and grants, durable as records of one hidden log (`#auth`), as committed
+//! offsets are in `#offsets`: a key or a grant is one record (its id as the record's id,
+//! its JSON as the body); revoking it settles the record. So the log's unsettled records
+//! are exactly the keys and grants in force, recovery reads them back, and the settled
+//! ones go with their segments. What they mean is tidewater-auth's (`AuthState`); the
+//! listeners read a snapshot of it per request (`Broker::auth`), so a change applies to
+//! the next request of every connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use rand::Rng;
+use tidewater_auth::keys::{self, KeyInfo, KeySpec};
+use tidewater_auth::{Acl, AclSpec, ApiKey, AuthState, Change};
+use tidewater_storage::{
+    AckLevel, BatchBuilder, LogReader, NewRecord, Op, OpResult, RecoveredLog, Store,
+};
+
+use super::Broker;
+use crate::error::{BrokerError, ErrorCode};
+
+/// The name of the log holding keys and grants (no queue or stream can have it).
+pub(crate) const AUTH_LOG: &str = "#auth";
+
+const KEY_PREFIX: &str = "key:";
+const ACL_PREFIX: &str = "acl:";
+
+/// The log and where each key's and grant's record is in it.
+struct AuthLog {
+    log: Option<(u64, LogReader)>,
+    /// Record id ("key:<id>", "acl:<id>") -> offset.
+    records: HashMap<String, u64>,
+}
+
+pub(crate) struct Auth {
+    /// Held across a change's write: one change at a time.
+    log: tokio::sync::Mutex<AuthLog>,
+    /// What is in force, replaced whole at each change (readers keep the `Arc` they took).
+    state: RwLock<Arc<AuthState>>,
+}
+
+/// A key just made: its secret exists only here, to be shown once.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub info: KeyInfo,
+    pub secret: String,
+}
+
+impl NewKey {
+    /// The token that presents it: `<id>.<secret>`.
+    pub fn token(&self) -> String {
+        format!("{}.{}", self.info.id, self.secret)
+    }
+}
+
+impl Auth {
+    pub(crate) fn recover(store: &Store, log: Option<RecoveredLog>) -> Result<Auth, String> {
+        let mut state = AuthState::default();
+        let mut records = HashMap::new();
+        let mut found = None;
+        if let Some(log) = log {
+            let reader = store.reader(log.uid).expect("a recovered log has a reader");
+            let mut from = log.ack_floor;
+            while from < log.next_offset {
+                let batch = reader
+                    .read(from, 10_000, 16 << 20)
+                    .map_err(|e| format!("the auth log: {e}"))?;
+                let Some(last) = batch.last().map(|r| r.offset) else {
+                    break;
+                };
+                for record in batch {
+                    if log.settled.contains(record.offset) {
+                        continue;
+                    }
+                    let id = String::from_utf8(record.id.to_vec()).map_err(|_| {
+                        format!("the auth log: the record at {} has no id", record.offset)
+                    })?;
+                    let bad = |e: serde_json::Error| {
+                        format!("the auth log: record {} ({id}): {e}", record.offset)
+                    };
+                    let change = if id.starts_with(KEY_PREFIX) {
+                        Change::AddKey(serde_json::from_slice::<ApiKey>(&record.body).map_err(bad)?)
+                    } else if id.starts_with(ACL_PREFIX) {
+                        Change::AddAcl(serde_json::from_slice::<Acl>(&record.body).map_err(bad)?)
+                    } else {
+                        return Err(format!(
+                            "the auth log: record {} has an unknown id '{id}'",
+                            record.offset
+                        ));
+                    };
+                    state.apply(change);
+                    records.insert(id, record.offset);
+                }
+                from = last + 1;
+            }
+            found = Some((log.uid, reader));
+        }
+        Ok(Auth {
+            log: tokio::sync::Mutex::new(AuthLog {
+                log: found,
+                records,
+            }),
+            state: RwLock::new(Arc::new(state)),
+        })
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes
+}
+
+impl Broker {
+    /// The keys and grants in force now.
+    pub fn auth(&self) -> Arc<AuthState> {
+        self.inner.auth.state.read().clone()
+    }
+
+    /// Makes an API key for `spec`: a random id and secret, or the ones `chosen` (a
+    /// bootstrap key from the environment). The secret is in the reply only.
+    pub async fn create_key(
+        &self,
+        spec: KeySpec,
+        chosen: Option<(String, String)>,
+    ) -> Result<NewKey, BrokerError> {
+        let now = self.now_ms();
+        spec.validate(now).map_err(BrokerError::invalid)?;
+        let (id, secret) = match chosen {
+            Some((id, secret)) => {
+                keys::check_key_id(&id).map_err(BrokerError::invalid)?;
+                keys::check_secret(&secret).map_err(BrokerError::invalid)?;
+                (id, secret)
+            }
+            None => (keys::new_key_id(random()), keys::new_secret(random())),
+        };
+        // Two PBKDF2 derivations (a few milliseconds), off the runtime's threads.
+        let derive_secret = secret.clone();
+        let derive_id = id.clone();
+        let key = tokio::task::spawn_blocking(move || {
+            spec.into_key(
+                derive_id,
+                &derive_secret,
+                [random(), random()],
+                tidewater_auth::scram::ITERATIONS,
+                now,
+            )
+        })
+        .await
+        .map_err(|e| BrokerError::new(ErrorCode::Internal, format!("deriving the key: {e}")))?;
+        let mut log = self.inner.auth.log.lock().await;
+        let state = self.auth();
+        if state.key(&id).is_some() {
+            return Err(BrokerError::new(
+                ErrorCode::ConfigConflict,
+                format!("a key with id '{id}' exists"),
+            ));
+        }
+        let max = self.inner.limits.max_api_keys;
+        if state.keys().count() >= max {
+            return Err(BrokerError::new(
+                ErrorCode::ConfigConflict,
+                format!(
+                    "the server holds its maximum of {max} API keys (max_api_keys); revoke unused ones first"
+                ),
+            ));
+        }
+        let body = serde_json::to_vec(&key).expect("a key serializes");
+        let info = key.info();
+        self.auth_write(
+            &mut log,
+            format!("{KEY_PREFIX}{id}"),
+            Some(body),
+            Change::AddKey(key),
+        )
+        .await?;
+        Ok(NewKey { info, secret })
+    }
+
+    /// Revokes a key: requests presenting it are refused from the next one on.
+    pub async fn revoke_key(&self, id: &str) -> Result<KeyInfo, BrokerError> {
+        let mut log = self.inner.auth.log.lock().await;
+        let Some(key) = self.auth().key(id).map(ApiKey::info) else {
+            return Err(BrokerError::new(
+                ErrorCode::KeyNotFound,
+                format!("no API key has id '{id}'"),
+            ));
+        };
+        self.auth_write(
+            &mut log,
+            format!("{KEY_PREFIX}{id}"),
+            None,
+            Change::RemoveKey(id.to_string()),
+        )
+        .await?;
+        Ok(key)
+    }
+
+    /// Grants what `spec` says; the same grant asked twice is one grant.
+    pub async fn grant(&self, spec: AclSpec) -> Result<Acl, BrokerError> {
+        spec.validate().map_err(BrokerError::invalid)?;
+        let mut log = self.inner.auth.log.lock().await;
+        let state = self.auth();
+        let now = self.now_ms();
+        let acl = spec.into_acl(format!("acl-{}", tidewater_auth_hex(&random::<6>())), now);
+        if let Some(same) = state.acls().find(|a| {
+            a.subject == acl.subject
+                && a.resource == acl.resource
+                && a.name == acl.name
+                && a.matching == acl.matching
+                && a.operations == acl.operations
+        }) {
+            return Ok(same.clone());
+        }
+        let max = self.inner.limits.max_acls;
+        if state.acls().count() >= max {
+            return Err(BrokerError::new(
+                ErrorCode::ConfigConflict,
+                format!(
+                    "the server holds its maximum of {max} grants (max_acls); revoke unused ones first"
+                ),
+            ));
+        }
+        let body = serde_json::to_vec(&acl).expect("a grant serializes");
+        self.auth_write(
+            &mut log,
+            format!("{ACL_PREFIX}{}", acl.id),
+            Some(body),
+            Change::AddAcl(acl.clone()),
+        )
+        .await?;
+        Ok(acl)
+    }
+
+    /// Revokes a grant.
+    pub async fn revoke_acl(&self, id: &str) -> Result<Acl, BrokerError> {
+        let mut log = self.inner.auth.log.lock().await;
+        let Some(acl) = self.auth().acl(id).cloned() else {
+            return Err(BrokerError::new(
+                ErrorCode::AclNotFound,
+                format!("no grant has id '{id}'"),
+            ));
+        };
+        self.auth_write(
+            &mut log,
+            format!("{ACL_PREFIX}{id}"),
+            None,
+            Change::RemoveAcl(id.to_string()),
+        )
+        .await?;
+        Ok(acl)
+    }
+
+    /// Writes one change (a record to add, or the record of `record_id` to settle),
+    /// durably, then puts it in force.
+    async fn auth_write(
+        &self,
+        log: &mut AuthLog,
+        record_id: String,
+        body: Option<Vec<u8>>,
+        change: Change,
+    ) -> Result<(), BrokerError> {
+        let uid = match &log.log {
+            Some((uid, _)) => *uid,
+            None => {
+                let results = self
+                    .write(
+                        vec![Op::CreateLog {
+                            name: AUTH_LOG.into(),
+                            config: "{}".into(),
+                            id_window: None,
+                        }],
+                        AckLevel::Durable,
+                    )
+                    .await?;
+                let Some(&OpResult::Created { uid }) = results.first() else {
+                    return Err(BrokerError::new(
+                        ErrorCode::Internal,
+                        "storage did not create the auth log",
+                    ));
+                };
+                let reader = self.inner.store.reader(uid).ok_or_else(|| {
+                    BrokerError::new(ErrorCode::Internal, "the auth log has no reader")
+                })?;
+                log.log = Some((uid, reader));
+                uid
+            }
+        };
+        match body {
+            Some(body) => {
+                let mut builder = BatchBuilder::new(uid, self.now_ms());
+                builder.push(&NewRecord {
+                    id: record_id.as_bytes(),
+                    body: &body,
+                    ..NewRecord::default()
+                });
+                let results = self
+                    .write(
+                        vec![Op::Append {
+                            uid,
+                            batch: builder.finish(),
+                        }],
+                        AckLevel::Durable,
+                    )
+                    .await?;
+                let Some(&OpResult::Appended { base_offset, .. }) = results.first() else {
+                    return Err(BrokerError::new(
+                        ErrorCode::Internal,
+                        "storage did not answer the record's offset",
+                    ));
+                };
+                log.records.insert(record_id, base_offset);
+            }
+            None => {
+                let Some(&offset) = log.records.get(&record_id) else {
+                    return Err(BrokerError::new(
+                        ErrorCode::Internal,
+                        format!("the auth log has no record '{record_id}'"),
+                    ));
+                };
+                self.write(
+                    vec![Op::Settle {
+                        uid,
+                        ranges: vec![offset..offset + 1],
+                    }],
+                    AckLevel::Durable,
+                )
+                .await?;
+                log.records.remove(&record_id);
+            }
+        }
+        let mut next = (*self.auth()).clone();
+        next.apply(change);
+        *self.inner.auth.state.write() = Arc::new(next);
+        Ok(())
+    }
+}
+
+fn tidewater_auth_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

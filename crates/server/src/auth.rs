@@ -1,0 +1,518 @@
+//! Authentication and authorization at the listeners: the `[auth]` settings, the checks
+//! every listener shares (`Guard`: credentials, failed attempts per address, the audit of
+//! refusals), what a caller may do (`Caller`), and what each HTTP route and each binary
+//! frame needs (`ROUTES`, `frame_needs`). The keys and grants are the broker's; what they
+//! mean is tidewater-auth's.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::Deserialize;
+use tidewater_auth::{
+    AuthError, AuthState, FailureLimiter, Identity, Operation, Resource, ResourceKind,
+};
+use tidewater_core::{Broker, BrokerError, ErrorCode};
+use tidewater_proto::Frame;
+
+/// `[auth]` in the configuration file (docs/configuration.md, docs/security.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Every request needs credentials (or an anonymous grant); off by default, for a
+    /// server on loopback.
+    pub enabled: bool,
+    /// Failed attempts one address may make at once, then one per `failed_refill_ms`.
+    pub failed_burst: u32,
+    pub failed_refill_ms: u64,
+    /// Addresses whose failures are remembered at most (the oldest forgotten first).
+    pub failed_max_addresses: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: false,
+            failed_burst: 10,
+            failed_refill_ms: 6_000,
+            failed_max_addresses: 10_000,
+        }
+    }
+}
+
+/// The principal and grant a bootstrap key gets (`tidewater auth bootstrap`,
+/// `TIDEWATER_ADMIN_KEY`).
+pub const BOOTSTRAP_PRINCIPAL: &str = "admin";
+
+/// The environment variable that makes the first admin key at a start with no key.
+pub const ADMIN_KEY_ENV: &str = "TIDEWATER_ADMIN_KEY";
+
+/// Makes an admin key (principal `admin`) and grants it every operation on everything.
+pub async fn bootstrap(
+    broker: &Broker,
+    chosen: Option<(String, String)>,
+) -> Result<tidewater_core::broker::NewKey, BrokerError> {
+    let made = broker
+        .create_key(
+            tidewater_auth::KeySpec {
+                principal: BOOTSTRAP_PRINCIPAL.into(),
+                description: "bootstrap admin key".into(),
+                ..tidewater_auth::KeySpec::default()
+            },
+            chosen,
+        )
+        .await?;
+    broker
+        .grant(tidewater_auth::AclSpec {
+            subject: tidewater_auth::Subject::Principal(BOOTSTRAP_PRINCIPAL.into()),
+            resource: ResourceKind::Any,
+            name: "*".into(),
+            matching: tidewater_auth::Match::Glob,
+            operations: Operation::ALL.into_iter().collect(),
+        })
+        .await?;
+    Ok(made)
+}
+
+/// What every listener shares: whether auth is on, and the failures per address.
+pub struct Guard {
+    pub enabled: bool,
+    failures: Mutex<FailureLimiter>,
+}
+
+impl Guard {
+    pub fn new(config: &AuthConfig) -> Guard {
+        Guard {
+            enabled: config.enabled,
+            failures: Mutex::new(FailureLimiter::new(
+                config.failed_burst,
+                config.failed_refill_ms,
+                config.failed_max_addresses,
+            )),
+        }
+    }
+
+    /// Who presents `token` (None: no credentials, the anonymous principal), refused while
+    /// `peer` has used up its failed attempts. A failure is counted and logged with the key
+    /// id at most, never the secret.
+    pub fn authenticate(
+        &self,
+        broker: &Broker,
+        token: Option<&str>,
+        peer: IpAddr,
+        listener: &'static str,
+    ) -> Result<(Arc<AuthState>, Identity), BrokerError> {
+        let state = broker.auth();
+        let Some(token) = token else {
+            return Ok((state, Identity::anonymous()));
+        };
+        let now = broker.now_ms();
+        if let Err(wait_ms) = self.failures.lock().check(peer, now) {
+            tracing::warn!(target: "tidewater::audit", %peer, listener, "authentication refused: too many failed attempts from this address");
+            return Err(BrokerError::new(
+                ErrorCode::Unauthenticated,
+                "too many failed authentication attempts from this address; wait and retry",
+            )
+            .retry_after(wait_ms));
+        }
+        match state.authenticate(token, now) {
+            Ok(identity) => Ok((state, identity)),
+            Err(err) => Err(self.failed(&state, token, peer, listener, err, now)),
+        }
+    }
+
+    /// Counts and logs a failed attempt; the error to answer.
+    pub fn failed(
+        &self,
+        _state: &AuthState,
+        token: &str,
+        peer: IpAddr,
+        listener: &'static str,
+        err: AuthError,
+        now_ms: i64,
+    ) -> BrokerError {
+        self.failures.lock().failed(peer, now_ms);
+        // The id part of a well-formed token only: never a byte of the secret.
+        let key = tidewater_auth::keys::parse_token(token)
+            .map(|(id, _)| id)
+            .unwrap_or("-");
+        tracing::warn!(target: "tidewater::audit", %peer, listener, key, reason = %err, "authentication failed");
+        BrokerError::new(ErrorCode::Unauthenticated, unauthenticated_message(err))
+    }
+}
+
+fn unauthenticated_message(err: AuthError) -> String {
+    match err {
+        AuthError::Malformed => {
+            "credentials are not of the form <key id>.<secret> (HTTP: Authorization: Bearer <key id>.<secret>)".into()
+        }
+        AuthError::Invalid => "invalid credentials: unknown or revoked key, or wrong secret".into(),
+        AuthError::Expired => "the key has expired: ask an admin for a new one".into(),
+    }
+}
+
+/// Who is calling, and what they may do. `Open` when authentication is off: everything.
+#[derive(Clone)]
+pub enum Caller {
+    Open,
+    Known {
+        state: Arc<AuthState>,
+        identity: Arc<Identity>,
+    },
+}
+
+impl Caller {
+    pub fn may(&self, op: Operation, resource: &Resource<'_>) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Known { state, identity } => state.allows(identity, op, resource),
+        }
+    }
+
+    /// Refuses what no grant allows: `unauthenticated` to a caller without credentials
+    /// (it should present some), `forbidden` to one with.
+    pub fn check(&self, op: Operation, resource: &Resource<'_>) -> Result<(), BrokerError> {
+        if self.may(op, resource) {
+            return Ok(());
+        }
+        Err(self.denied(op, resource))
+    }
+
+    pub fn denied(&self, op: Operation, resource: &Resource<'_>) -> BrokerError {
+        match self {
+            Caller::Known { identity, .. } if identity.is_anonymous() => BrokerError::new(
+                ErrorCode::Unauthenticated,
+                format!(
+                    "authentication is on: {} on {resource} needs credentials (HTTP: Authorization: Bearer <key id>.<secret>)",
+                    op.as_str()
+                ),
+            ),
+            Caller::Known { identity, .. } => BrokerError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "principal '{}' has no grant of {} on {resource}",
+                    identity.principal,
+                    op.as_str()
+                ),
+            ),
+            Caller::Open => BrokerError::new(ErrorCode::Internal, "an open caller was denied"),
+        }
+    }
+
+    /// The identity, when authentication is on.
+    pub fn identity(&self) -> Option<&Identity> {
+        match self {
+            Caller::Open => None,
+            Caller::Known { identity, .. } => Some(identity),
+        }
+    }
+
+    /// The tenant a publish or produce counts against: the one asked for when the caller
+    /// may set tenants on `resource` (or auth is off), else the caller's own; asking for
+    /// another without the grant is refused.
+    pub fn tenant_for(
+        &self,
+        asked: Option<&str>,
+        resource: &Resource<'_>,
+    ) -> Result<Option<String>, BrokerError> {
+        let Caller::Known { identity, .. } = self else {
+            return Ok(asked.map(str::to_string));
+        };
+        match asked {
+            None => Ok(Some(identity.tenant.clone())),
+            Some(t) if t == identity.tenant => Ok(Some(identity.tenant.clone())),
+            Some(t) => {
+                if self.may(Operation::SetTenant, resource) {
+                    Ok(Some(t.to_string()))
+                } else {
+                    Err(BrokerError::new(
+                        ErrorCode::Forbidden,
+                        format!(
+                            "principal '{}' publishes as tenant '{}'; setting tenant '{t}' on {resource} needs the set_tenant grant",
+                            identity.principal, identity.tenant
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// The first tenant a record batch names (the `tidewater-tenant` header) other than
+/// `own`, if any. A batch that does not decode names none: the broker refuses it.
+pub fn foreign_tenant(batch: &[u8], own: &str) -> Option<String> {
+    use tidewater_storage::format::{BATCH_HEADER_LEN, FormatError, check_batch, visit_records};
+    let header = check_batch(batch).ok()?;
+    let mut found = None;
+    let _ = visit_records::<FormatError>(&header, &batch[BATCH_HEADER_LEN..], |record| {
+        for (name, value) in record.headers() {
+            if name == tidewater_core::queue::HEADER_TENANT.as_bytes() && value != own.as_bytes() {
+                found.get_or_insert_with(|| String::from_utf8_lossy(value).into_owned());
+            }
+        }
+        Ok(())
+    });
+    found
+}
+
+/// What an HTTP route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing: health, readiness, the API's description.
+    Open,
+    /// `op` on the resource its path names (`param`, or for a subscription the stream's and
+    /// the subscription's params), or on the cluster.
+    Op(Operation, Target),
+    /// A listing: any caller; the reply holds only what it may describe.
+    List(ResourceKind),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Cluster,
+    Param(ResourceKind, &'static str),
+    /// `stream/subscription` from the `stream` and `sub` params.
+    Subscription,
+}
+
+/// One route of the HTTP API and what it needs. Every route the router serves is here: a
+/// route missing from this table is refused to everyone once auth is on (and the auth
+/// test, which walks the OpenAPI document, fails).
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub need: Need,
+}
+
+const fn route(method: &'static str, path: &'static str, need: Need) -> Route {
+    Route { method, path, need }
+}
+
+use Operation::{Admin, Consume, Describe, Produce};
+use ResourceKind as K;
+const Q: Target = Target::Param(K::Queue, "queue");
+const S: Target = Target::Param(K::Stream, "stream");
+const G: Target = Target::Param(K::Group, "group");
+const SUB: Target = Target::Subscription;
+const CLUSTER: Target = Target::Cluster;
+
+pub const ROUTES: &[Route] = &[
+    route("GET", "/healthz", Need::Open),
+    route("GET", "/readyz", Need::Open),
+    route("GET", "/v1/openapi.json", Need::Open),
+    route("GET", "/metrics", Need::Op(Describe, CLUSTER)),
+    route("GET", "/v1/queues", Need::List(K::Queue)),
+    route("GET", "/v1/queues/{queue}", Need::Op(Describe, Q)),
+    route("PUT", "/v1/queues/{queue}", Need::Op(Admin, Q)),
+    route("DELETE", "/v1/queues/{queue}", Need::Op(Admin, Q)),
+    route("POST", "/v1/queues/{queue}/purge", Need::Op(Admin, Q)),
+    route("POST", "/v1/queues/{queue}/messages", Need::Op(Produce, Q)),
+    route("GET", "/v1/queues/{queue}/messages", Need::Op(Describe, Q)),
+    route("POST", "/v1/queues/{queue}/receive", Need::Op(Consume, Q)),
+    route("POST", "/v1/queues/{queue}/ack", Need::Op(Consume, Q)),
+    route("POST", "/v1/queues/{queue}/nack", Need::Op(Consume, Q)),
+    route("POST", "/v1/queues/{queue}/extend", Need::Op(Consume, Q)),
+    route("POST", "/v1/queues/{queue}/redrive", Need::Op(Admin, Q)),
+    route("GET", "/v1/redrives", Need::Op(Describe, CLUSTER)),
+    route("GET", "/v1/redrives/{id}", Need::Op(Describe, CLUSTER)),
+    route("DELETE", "/v1/redrives/{id}", Need::Op(Admin, CLUSTER)),
+    route("GET", "/v1/streams", Need::List(K::Stream)),
+    route("GET", "/v1/streams/{stream}", Need::Op(Describe, S)),
+    route("PUT", "/v1/streams/{stream}", Need::Op(Admin, S)),
+    route("DELETE", "/v1/streams/{stream}", Need::Op(Admin, S)),
+    route("POST", "/v1/streams/{stream}/records", Need::Op(Produce, S)),
+    route(
+        "GET",
+        "/v1/streams/{stream}/partitions/{partition}/records",
+        Need::Op(Consume, S),
+    ),
+    route(
+        "GET",
+        "/v1/streams/{stream}/partitions/{partition}/offsets",
+        Need::Op(Describe, S),
+    ),
+    route("GET", "/v1/groups", Need::List(K::Group)),
+    route("GET", "/v1/groups/{group}", Need::Op(Describe, G)),
+    route("DELETE", "/v1/groups/{group}", Need::Op(Admin, G)),
+    route(
+        "POST",
+        "/v1/groups/{group}/offsets/reset",
+        Need::Op(Admin, G),
+    ),
+    route("POST", "/v1/groups/{group}/consumers", Need::Op(Consume, G)),
+    route(
+        "DELETE",
+        "/v1/groups/{group}/consumers/{member}",
+        Need::Op(Consume, G),
+    ),
+    route(
+        "GET",
+        "/v1/groups/{group}/consumers/{member}/records",
+        Need::Op(Consume, G),
+    ),
+    route(
+        "POST",
+        "/v1/groups/{group}/consumers/{member}/commit",
+        Need::Op(Consume, G),
+    ),
+    route("GET", "/v1/subscriptions", Need::List(K::Subscription)),
+    route(
+        "GET",
+        "/v1/streams/{stream}/subscriptions",
+        Need::List(K::Subscription),
+    ),
+    route(
+        "GET",
+        "/v1/streams/{stream}/subscriptions/{sub}",
+        Need::Op(Describe, SUB),
+    ),
+    route(
+        "PUT",
+        "/v1/streams/{stream}/subscriptions/{sub}",
+        Need::Op(Admin, SUB),
+    ),
+    route(
+        "DELETE",
+        "/v1/streams/{stream}/subscriptions/{sub}",
+        Need::Op(Admin, SUB),
+    ),
+    route(
+        "POST",
+        "/v1/streams/{stream}/subscriptions/{sub}/receive",
+        Need::Op(Consume, SUB),
+    ),
+    route(
+        "POST",
+        "/v1/streams/{stream}/subscriptions/{sub}/ack",
+        Need::Op(Consume, SUB),
+    ),
+    route(
+        "POST",
+        "/v1/streams/{stream}/subscriptions/{sub}/nack",
+        Need::Op(Consume, SUB),
+    ),
+    route(
+        "POST",
+        "/v1/streams/{stream}/subscriptions/{sub}/extend",
+        Need::Op(Consume, SUB),
+    ),
+    route(
+        "POST",
+        "/v1/streams/{stream}/subscriptions/{sub}/purge",
+        Need::Op(Admin, SUB),
+    ),
+    route("GET", "/v1/auth/whoami", Need::List(K::Cluster)),
+    route("GET", "/v1/auth/keys", Need::Op(Admin, CLUSTER)),
+    route("POST", "/v1/auth/keys", Need::Op(Admin, CLUSTER)),
+    route("DELETE", "/v1/auth/keys/{id}", Need::Op(Admin, CLUSTER)),
+    route("GET", "/v1/auth/acls", Need::Op(Admin, CLUSTER)),
+    route("POST", "/v1/auth/acls", Need::Op(Admin, CLUSTER)),
+    route("DELETE", "/v1/auth/acls/{id}", Need::Op(Admin, CLUSTER)),
+];
+
+/// The route of a method and a matched path template.
+pub fn route_of(method: &str, path: &str) -> Option<&'static Route> {
+    ROUTES.iter().find(|r| r.method == method && r.path == path)
+}
+
+/// What a subscription to `queue` (or `stream/subscription`) needs.
+pub fn subscription_needs(queue: &str) -> (Operation, Resource<'_>) {
+    if queue.contains('/') {
+        (Consume, Resource::new(K::Subscription, queue))
+    } else {
+        (Consume, Resource::new(K::Queue, queue))
+    }
+}
+
+/// What a binary protocol frame needs: each (operation, resource) must be allowed.
+/// Exhaustive on purpose: a new frame kind does not compile until it says what it needs.
+pub fn frame_needs(frame: &Frame) -> Vec<(Operation, Resource<'_>)> {
+    fn queue_or_subscription(name: &str) -> Resource<'_> {
+        if name.contains('/') {
+            Resource::new(K::Subscription, name)
+        } else {
+            Resource::new(K::Queue, name)
+        }
+    }
+    match frame {
+        Frame::Hello { .. } | Frame::Ping | Frame::Credit { .. } | Frame::Unsubscribe { .. } => {
+            Vec::new()
+        }
+        Frame::Produce { queue, .. } => vec![(Produce, Resource::new(K::Queue, queue))],
+        Frame::Subscribe { queue, .. }
+        | Frame::Ack { queue, .. }
+        | Frame::Nack { queue, .. }
+        | Frame::Extend { queue, .. } => vec![(Consume, queue_or_subscription(queue))],
+        Frame::StreamProduce { stream, .. } => vec![(Produce, Resource::new(K::Stream, stream))],
+        Frame::Fetch { partitions, .. } => {
+            let mut needs: Vec<(Operation, Resource<'_>)> = Vec::new();
+            for p in partitions {
+                let r = Resource::new(K::Stream, &p.stream);
+                if !needs.contains(&(Consume, r)) {
+                    needs.push((Consume, r));
+                }
+            }
+            needs
+        }
+        Frame::ListOffset { stream, .. } | Frame::StreamMetadata { stream } => {
+            vec![(Describe, Resource::new(K::Stream, stream))]
+        }
+        Frame::JoinGroup { group, streams, .. } => {
+            let mut needs = vec![(Consume, Resource::new(K::Group, group))];
+            needs.extend(
+                streams
+                    .iter()
+                    .map(|s| (Consume, Resource::new(K::Stream, s))),
+            );
+            needs
+        }
+        Frame::Heartbeat { group, .. }
+        | Frame::LeaveGroup { group, .. }
+        | Frame::Commit { group, .. } => vec![(Consume, Resource::new(K::Group, group))],
+        Frame::FetchCommitted { group, .. } => vec![(Describe, Resource::new(K::Group, group))],
+        // Server -> client frames: a client sending one is refused by the dispatch; nothing
+        // to allow.
+        Frame::HelloOk { .. }
+        | Frame::Produced { .. }
+        | Frame::Subscribed { .. }
+        | Frame::Deliver { .. }
+        | Frame::Settled { .. }
+        | Frame::Throttle { .. }
+        | Frame::Error { .. }
+        | Frame::Pong
+        | Frame::Ok
+        | Frame::Fetched { .. }
+        | Frame::Offset { .. }
+        | Frame::Joined { .. }
+        | Frame::Assignment { .. }
+        | Frame::Committed { .. }
+        | Frame::StreamInfo { .. } => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_listed_once() {
+        for (i, a) in ROUTES.iter().enumerate() {
+            for b in &ROUTES[i + 1..] {
+                assert!(
+                    !(a.method == b.method && a.path == b.path),
+                    "{} {} twice",
+                    a.method,
+                    a.path
+                );
+            }
+            if let Need::Op(_, Target::Param(_, param)) = a.need {
+                assert!(
+                    a.path.contains(&format!("{{{param}}}")),
+                    "{} {} names no {{{param}}}",
+                    a.method,
+                    a.path
+                );
+            }
+        }
+    }
+}
