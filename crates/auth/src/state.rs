@@ -43,6 +43,17 @@ impl Identity {
         }
     }
 
+    /// The principal a verified TLS client certificate names (its tenant too).
+    pub fn of_certificate(principal: &str) -> Identity {
+        Identity {
+            principal: principal.to_string(),
+            roles: Vec::new(),
+            tenant: principal.to_string(),
+            key_id: None,
+            expires_at_ms: None,
+        }
+    }
+
     pub fn is_anonymous(&self) -> bool {
         self.key_id.is_none() && self.principal == ANONYMOUS
     }

@@ -15,6 +15,10 @@ use tidewater_proto::SUBSCRIPTION_ID_BIT;
 
 use crate::{ClientError, ClientOptions};
 
+/// A connection's byte stream: TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 struct Waiting {
     reply: oneshot::Sender<Frame>,
     /// For a Subscribe: where the subscription's deliveries go once it is confirmed.
@@ -40,13 +44,24 @@ impl Conn {
     ) -> Result<Arc<Conn>, ClientError> {
         let unavailable =
             |e: &dyn std::fmt::Display| ClientError::Unavailable(format!("{addr}: {e}"));
-        let mut stream =
-            match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(unavailable(&e)),
-                Err(_) => return Err(unavailable(&"connect timed out")),
-            };
-        let _ = stream.set_nodelay(true);
+        let tcp = match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(unavailable(&e)),
+            Err(_) => return Err(unavailable(&"connect timed out")),
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut stream: Box<dyn Io> = match &opts.tls {
+            None => Box::new(tcp),
+            Some(tls) => {
+                let name = tls.name_for(addr).map_err(ClientError::Protocol)?;
+                let handshake = tls.connector.connect(name, tcp);
+                match tokio::time::timeout(opts.connect_timeout, handshake).await {
+                    Ok(Ok(stream)) => Box::new(stream),
+                    Ok(Err(e)) => return Err(unavailable(&format!("TLS handshake: {e}"))),
+                    Err(_) => return Err(unavailable(&"TLS handshake timed out")),
+                }
+            }
+        };
         let mut hello = Vec::new();
         Frame::Hello {
             version: PROTOCOL_VERSION,
@@ -88,7 +103,7 @@ impl Conn {
                 return Err(unavailable(&"closed during the handshake"));
             }
         };
-        let (mut reader, mut writer) = stream.into_split();
+        let (mut reader, mut writer) = tokio::io::split(stream);
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
         let conn = Arc::new(Conn {
             tx,

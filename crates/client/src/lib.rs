@@ -32,6 +32,7 @@ mod consumer;
 mod group_consumer;
 mod producer;
 mod stream_producer;
+mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +47,7 @@ pub use group_consumer::{
 };
 pub use producer::{Message, Producer, ProducerOptions};
 pub use stream_producer::{Record, RecordMetadata, StreamProducer, StreamProducerOptions};
+pub use tls::{ClientTls, Roots, TlsOptions};
 
 use crate::conn::Conn;
 
@@ -67,6 +69,8 @@ pub struct ClientOptions {
     /// An API key's token, `<key id>.<secret>`, sent in Hello, for a server with
     /// authentication on. Never logged, nor shown by `Debug`.
     pub credentials: Option<Credentials>,
+    /// TLS to the server (`ClientTls::new`); None: plain TCP.
+    pub tls: Option<ClientTls>,
 }
 
 /// A secret the client presents; `Debug` shows only the key id.
@@ -102,6 +106,7 @@ impl Default for ClientOptions {
             client_name: format!("tidewater-client {}", env!("CARGO_PKG_VERSION")),
             heartbeat_interval: Duration::from_secs(10),
             credentials: None,
+            tls: None,
         }
     }
 }

@@ -15,7 +15,6 @@ use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -30,13 +29,15 @@ struct Queued {
 
 /// Serves one connection until the client closes it, it idles past `idle_timeout`, it
 /// sends something malformed, or the listener shuts down.
-pub async fn serve_connection(
+pub async fn serve_connection<S>(
     kafka: Arc<Kafka>,
-    stream: TcpStream,
+    stream: S,
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let (mut reader, mut writer) = stream.into_split();
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let idle = kafka.config.idle_timeout;
     let (queue, mut answers) = mpsc::channel::<Queued>(kafka.config.max_requests_in_flight.max(1));
     let writing = tokio::spawn(async move {

@@ -92,19 +92,22 @@ impl Guard {
         }
     }
 
-    /// Who presents `token` (None: no credentials, the anonymous principal), refused while
+    /// Who presents `token`; without one, the principal of the connection's verified
+    /// client certificate (`certificate`), else the anonymous principal. Refused while
     /// `peer` has used up its failed attempts. A failure is counted and logged with the key
     /// id at most, never the secret.
     pub fn authenticate(
         &self,
         broker: &Broker,
         token: Option<&str>,
+        certificate: Option<&str>,
         peer: IpAddr,
         listener: &'static str,
     ) -> Result<(Arc<AuthState>, Identity), BrokerError> {
         let state = broker.auth();
         let Some(token) = token else {
-            return Ok((state, Identity::anonymous()));
+            let identity = certificate.map_or_else(Identity::anonymous, Identity::of_certificate);
+            return Ok((state, identity));
         };
         let now = broker.now_ms();
         if let Err(wait_ms) = self.failures.lock().check(peer, now) {

@@ -25,7 +25,6 @@ use tidewater_proto::{
     decode_frame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -76,6 +75,7 @@ pub async fn serve(
     broker: Arc<OnceLock<Broker>>,
     limits: Limits,
     guard: Arc<Guard>,
+    tls: Option<Arc<crate::tls::Tls>>,
     stats: Arc<Stats>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -85,18 +85,42 @@ pub async fn serve(
         shutdown_timeout: limits.shutdown_timeout,
     };
     let limits = Arc::new(limits);
+    let tls_on = tls.is_some();
     let serve_one = {
         let (stats, shutdown) = (stats.clone(), shutdown.clone());
         move |stream: TcpStream, peer: SocketAddr| {
-            let (broker, limits, guard, stats, shutdown) = (
+            let (broker, limits, guard, stats, shutdown, tls) = (
                 broker.clone(),
                 limits.clone(),
                 guard.clone(),
                 stats.clone(),
                 shutdown.clone(),
+                tls.clone(),
             );
             async move {
-                match connection(stream, peer, broker, &limits, &guard, &stats, shutdown).await {
+                let ended = match tls {
+                    None => {
+                        let who = Who {
+                            peer,
+                            certificate: None,
+                        };
+                        connection(stream, who, broker, &limits, &guard, &stats, shutdown).await
+                    }
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => {
+                            let who = Who {
+                                peer,
+                                certificate: crate::tls::peer_principal(&stream),
+                            };
+                            connection(stream, who, broker, &limits, &guard, &stats, shutdown).await
+                        }
+                        Err(err) => {
+                            tracing::debug!(%peer, error = %err, "binary protocol TLS handshake failed");
+                            return;
+                        }
+                    },
+                };
+                match ended {
                     End::Told(frame) => {
                         tracing::debug!(%peer, ?frame, "binary connection closed by the server");
                     }
@@ -105,7 +129,8 @@ pub async fn serve(
             }
         }
     };
-    accept_loop(listener, bounds, stats, shutdown, refuse, serve_one).await;
+    let refusal: fn(&TcpStream, usize) = if tls_on { |_, _| {} } else { refuse };
+    accept_loop(listener, bounds, stats, shutdown, refusal, serve_one).await;
 }
 
 /// Tells a connection over the cap why it is closed, without waiting for it.
@@ -209,8 +234,8 @@ impl Outbox {
 /// The only drain of the outbox: writes what is queued, gives the room back, and ends the
 /// socket (FIN) when every sender is gone. A client that takes nothing for `stalled` is
 /// cut off (its connection fails: whoever waits for room is woken with `Closed`).
-async fn write_loop(
-    mut writer: OwnedWriteHalf,
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    mut writer: W,
     mut frames: mpsc::UnboundedReceiver<(Vec<u8>, OwnedSemaphorePermit)>,
     room: Arc<Semaphore>,
     stalled: Duration,
@@ -254,16 +279,27 @@ enum End {
     Told(Frame),
 }
 
-async fn connection(
-    stream: TcpStream,
+/// Who is at the other end of a connection.
+struct Who {
     peer: SocketAddr,
+    /// The principal its verified TLS client certificate names.
+    certificate: Option<String>,
+}
+
+async fn connection<S>(
+    stream: S,
+    who: Who,
     broker: Arc<OnceLock<Broker>>,
     limits: &Limits,
     guard: &Guard,
     stats: &Stats,
     mut shutdown: watch::Receiver<bool>,
-) -> End {
-    let (mut reader, writer) = stream.into_split();
+) -> End
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Who { peer, certificate } = who;
+    let (mut reader, writer) = tokio::io::split(stream);
     let (frames, frames_rx) = mpsc::unbounded_channel();
     let room = Arc::new(Semaphore::new(limits.outbox_bytes.max(1)));
     // Aborted if this task is (at the shutdown deadline), so nothing outlives the connection.
@@ -325,7 +361,7 @@ async fn connection(
                                     return Err(connection_error(Code::NotReady, "the server is still recovering; authentication needs its keys"));
                                 };
                                 let token = (!credentials.is_empty()).then_some(credentials.as_str());
-                                match guard.authenticate(broker, token, peer.ip(), "binary") {
+                                match guard.authenticate(broker, token, certificate.as_deref(), peer.ip(), "binary") {
                                     Ok((state, identity)) => {
                                         session.caller = Caller::Known { state, identity: Arc::new(identity) };
                                     }

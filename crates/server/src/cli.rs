@@ -581,16 +581,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn binary_client(addr: &str) -> tidewater_client::Client {
-    tidewater_client::Client::new(
+fn binary_client(addr: &str) -> anyhow::Result<tidewater_client::Client> {
+    Ok(tidewater_client::Client::new(
         addr,
         tidewater_client::ClientOptions {
             request_timeout: Duration::from_secs(30),
             breaker_failures: 3,
             credentials: crate::client::token().map(tidewater_client::Credentials::token),
+            tls: crate::client::binary_tls()?,
             ..Default::default()
         },
-    )
+    ))
 }
 
 /// Publishes over the binary protocol; the client batches and waits out throttle replies
@@ -727,7 +728,7 @@ pub fn publish(protocol: &str, args: PublishArgs, as_json: bool) -> anyhow::Resu
     };
     let runtime = runtime()?;
     let ids: Vec<String> = runtime.block_on(async {
-        let client = binary_client(protocol);
+        let client = binary_client(protocol)?;
         let producer = client.producer(&args.queue, opts);
         let mut window = std::collections::VecDeque::new();
         let mut ids = Vec::new();
@@ -873,7 +874,7 @@ pub fn consume(protocol: &str, args: ConsumeArgs, as_json: bool) -> anyhow::Resu
     let runtime = runtime()?;
     let mut stopped_by_signal = false;
     let (done, acked, nacked) = runtime.block_on(async {
-        let client = binary_client(protocol);
+        let client = binary_client(protocol)?;
         // An unreachable server is an error (exit 5), not an empty queue: the consumer
         // itself would keep reconnecting quietly.
         client.ping().await.map_err(binary_error)?;

@@ -195,9 +195,94 @@ pub fn token() -> Option<&'static str> {
     TOKEN.get().and_then(|t| t.as_deref())
 }
 
+/// The CLI's TLS flags (`--cacert`, `--insecure`, `--client-cert`, `--client-key`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsFlags {
+    pub cacert: Option<std::path::PathBuf>,
+    pub insecure: bool,
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
+    /// The server's URL is https://: the binary protocol speaks TLS too (one `[tls]`
+    /// serves every listener).
+    pub https: bool,
+}
+
+static TLS: std::sync::OnceLock<TlsFlags> = std::sync::OnceLock::new();
+
+pub fn set_tls(flags: TlsFlags) {
+    let _ = TLS.set(flags);
+}
+
+fn tls_flags() -> TlsFlags {
+    TLS.get().cloned().unwrap_or_default()
+}
+
+/// The binary protocol client's TLS, when the server is reached over https.
+pub fn binary_tls() -> anyhow::Result<Option<tidewater_client::ClientTls>> {
+    let flags = tls_flags();
+    if !flags.https {
+        return Ok(None);
+    }
+    let roots = match (&flags.cacert, flags.insecure) {
+        (_, true) => tidewater_client::Roots::Insecure,
+        (Some(path), false) => tidewater_client::Roots::CaFile(path.clone()),
+        (None, false) => tidewater_client::Roots::System,
+    };
+    let mut options = tidewater_client::TlsOptions::new(roots);
+    if let (Some(cert), Some(key)) = (&flags.client_cert, &flags.client_key) {
+        options.client_certificate = Some((cert.clone(), key.clone()));
+    }
+    tidewater_client::ClientTls::new(&options)
+        .map(Some)
+        .map_err(|e| anyhow::Error::new(ClientError::Usage(format!("TLS: {e}"))))
+}
+
+/// ureq's TLS settings from the flags.
+fn ureq_tls(flags: &TlsFlags) -> Result<ureq::tls::TlsConfig, String> {
+    use ureq::tls::{
+        Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig, parse_pem,
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let mut builder = TlsConfig::builder().disable_verification(flags.insecure);
+    if let Some(path) = &flags.cacert {
+        let pem = read(path)?;
+        let certs: Vec<Certificate<'static>> = parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(PemItem::Certificate(cert)) => Some(cert),
+                _ => None,
+            })
+            .collect();
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate in it", path.display()));
+        }
+        builder = builder.root_certs(RootCerts::new_with_certs(&certs));
+    }
+    if let (Some(cert), Some(key)) = (&flags.client_cert, &flags.client_key) {
+        let pem = read(cert)?;
+        let chain: Vec<Certificate<'static>> = parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(PemItem::Certificate(cert)) => Some(cert),
+                _ => None,
+            })
+            .collect();
+        let key =
+            PrivateKey::from_pem(&read(key)?).map_err(|e| format!("{}: {e}", key.display()))?;
+        builder = builder.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+    }
+    Ok(builder.build())
+}
+
 impl Client {
     pub fn new(base: &str) -> Client {
+        let flags = tls_flags();
+        let tls = ureq_tls(&flags).unwrap_or_else(|e| {
+            crate::client::errln!("error: TLS: {e}");
+            std::process::exit(exit::USAGE);
+        });
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(tls)
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(Duration::from_secs(120)))

@@ -45,9 +45,13 @@ pub struct AppState {
     pub guard: Arc<Guard>,
 }
 
-/// The client's address, put in each request by the listener.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+/// The client's address, and the principal its verified TLS client certificate names, put
+/// in each request by the listener.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub certificate: Option<Arc<str>>,
+}
 
 impl AppState {
     fn broker(&self) -> Result<&Broker, ApiError> {
@@ -455,6 +459,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<Arc<crate::tls::Tls>>,
     stats: Arc<Stats>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -465,35 +470,69 @@ pub async fn serve(
     };
     let header_timeout = limits.header_timeout;
     let stop = shutdown.clone();
-    let serve_one = move |stream: TcpStream, peer: SocketAddr| {
-        let router = router.clone();
-        let service = hyper::service::service_fn(
-            move |mut request: hyper::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(Peer(peer));
-                let mut router = router.clone();
-                async move { tower::Service::call(&mut router, request).await }
-            },
-        );
-        let mut stop = stop.clone();
+    let refusal: fn(&TcpStream, usize) = if tls.is_some() {
+        |_, _| {} // a plain-text refusal means nothing to a TLS client: just close
+    } else {
+        refuse
+    };
+    let serve_one = move |stream: TcpStream, addr: SocketAddr| {
+        let (router, stop, tls) = (router.clone(), stop.clone(), tls.clone());
         async move {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(true);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {
-                    // Finish the request in progress, then close.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.as_mut().await;
+            match tls {
+                None => {
+                    let peer = Peer {
+                        addr,
+                        certificate: None,
+                    };
+                    serve_connection(stream, peer, router, header_timeout, stop).await;
                 }
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => {
+                        let peer = Peer {
+                            addr,
+                            certificate: crate::tls::peer_principal(&stream).map(Arc::from),
+                        };
+                        serve_connection(stream, peer, router, header_timeout, stop).await;
+                    }
+                    Err(err) => tracing::debug!(%addr, error = %err, "HTTP TLS handshake failed"),
+                },
             }
         }
     };
-    accept_loop(listener, bounds, stats, shutdown, refuse, serve_one).await;
+    accept_loop(listener, bounds, stats, shutdown, refusal, serve_one).await;
+}
+
+/// Serves one connection (plain or TLS) until it closes or the listener shuts down.
+async fn serve_connection<S>(
+    stream: S,
+    peer: Peer,
+    router: Router,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(peer.clone());
+            let mut router = router.clone();
+            async move { tower::Service::call(&mut router, request).await }
+        });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.changed() => {
+            // Finish the request in progress, then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.as_mut().await;
+        }
+    }
 }
 
 /// Answers a connection over the cap with a 503 and closes it, without waiting for it.
@@ -643,18 +682,24 @@ async fn authorize(
         Ok(broker) => broker,
         Err(err) => return err.into_response(),
     };
-    let peer = request
+    let (peer, certificate) = request
         .extensions()
         .get::<Peer>()
-        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.0.ip());
+        .map_or((std::net::IpAddr::from([0, 0, 0, 0]), None), |p| {
+            (p.addr.ip(), p.certificate.clone())
+        });
     let token = match bearer(request.headers()) {
         Ok(token) => token,
         Err(err) => return err.into_response(),
     };
-    let (auth, identity) = match state.guard.authenticate(broker, token, peer, "http") {
-        Ok(found) => found,
-        Err(err) => return ApiError::from(err).into_response(),
-    };
+    let (auth, identity) =
+        match state
+            .guard
+            .authenticate(broker, token, certificate.as_deref(), peer, "http")
+        {
+            Ok(found) => found,
+            Err(err) => return ApiError::from(err).into_response(),
+        };
     let caller = Caller::Known {
         state: auth,
         identity: Arc::new(identity),

@@ -17,6 +17,7 @@ mod openapi;
 mod scenario;
 mod serve;
 mod time;
+mod tls;
 
 use clap::{Parser, Subcommand};
 
@@ -53,6 +54,31 @@ struct Cli {
     /// as `Authorization: Bearer` and in the binary protocol's Hello).
     #[arg(long, global = true, env = "TIDEWATER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM file of the CA that signed the server's certificate (for https:// servers;
+    /// default: the system's roots).
+    #[arg(long, global = true, env = "TIDEWATER_CACERT", value_name = "FILE")]
+    cacert: Option<std::path::PathBuf>,
+    /// Do not check the server's certificate at all (anyone in the middle can read and
+    /// change the traffic): only for tests and throwaway setups.
+    #[arg(long, global = true)]
+    insecure: bool,
+    /// PEM client certificate and key, for a server that takes client certificates.
+    #[arg(
+        long,
+        global = true,
+        env = "TIDEWATER_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    client_cert: Option<std::path::PathBuf>,
+    #[arg(
+        long,
+        global = true,
+        env = "TIDEWATER_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    client_key: Option<std::path::PathBuf>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
@@ -140,6 +166,13 @@ fn main() {
             // output through client::write_stdout, which ends the process by SIGPIPE when
             // the reader went away. SIGPIPE itself stays ignored (see write_stdout).
             client::set_token(cli.token.clone());
+            client::set_tls(client::TlsFlags {
+                cacert: cli.cacert.clone(),
+                insecure: cli.insecure,
+                client_cert: cli.client_cert.clone(),
+                client_key: cli.client_key.clone(),
+                https: cli.server.starts_with("https://"),
+            });
             let client = Client::new(&cli.server);
             report(
                 match command {

@@ -75,6 +75,7 @@ pub struct FileConfig {
     pub http: HttpConfig,
     pub kafka: KafkaFileConfig,
     pub auth: crate::auth::AuthConfig,
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// The Kafka listener (docs/configuration.md, docs/kafka.md).
@@ -197,6 +198,8 @@ pub struct Settings {
     pub kafka: Option<tidewater_kafka::KafkaConfig>,
     pub log_format: String,
     pub auth: crate::auth::AuthConfig,
+    /// Set when every listener speaks TLS.
+    pub tls: Option<crate::tls::TlsConfig>,
     pub max_request_bytes: usize,
     pub max_request_bytes_in_flight: usize,
     pub limits: Limits,
@@ -311,6 +314,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             .or(file.log_format)
             .unwrap_or_else(|| "text".to_string()),
         auth: file.auth.clone(),
+        tls: file.tls.enabled()?.then(|| file.tls.clone()),
         max_request_bytes,
         max_request_bytes_in_flight,
         limits: file.limits,
@@ -425,6 +429,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         kafka_requests.clone(),
     ));
     let guard = Arc::new(crate::auth::Guard::new(&settings.auth));
+    let tls = match &settings.tls {
+        Some(config) => {
+            let tls = crate::tls::Tls::load(config).context("[tls]")?;
+            tls.spawn_reloader();
+            Some(tls)
+        }
+        None => None,
+    };
     let state = AppState {
         broker: cell.clone(),
         metrics: metrics.clone(),
@@ -475,6 +487,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         cell.clone(),
         settings.protocol.clone(),
         guard.clone(),
+        tls.clone(),
         protocol_stats,
         stop_rx.clone(),
     ));
@@ -482,6 +495,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         listener,
         router(state),
         settings.http.clone(),
+        tls.clone(),
         http_stats,
         stop_rx,
     ));
@@ -528,6 +542,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             listener,
             broker.clone(),
             config,
+            tls.clone(),
             (kafka_stats, kafka_requests),
             kafka_stop,
         ))),
@@ -588,6 +603,7 @@ async fn serve_kafka(
     listener: tokio::net::TcpListener,
     broker: Broker,
     config: tidewater_kafka::KafkaConfig,
+    tls: Option<Arc<crate::tls::Tls>>,
     (stats, requests): (
         Arc<crate::listener::Stats>,
         Arc<tidewater_kafka::KafkaStats>,
@@ -610,7 +626,20 @@ async fn serve_kafka(
         // again later.
         |_, _| {},
         move |stream, peer| {
-            tidewater_kafka::serve_connection(kafka.clone(), stream, peer, stop.clone())
+            let (kafka, stop, tls) = (kafka.clone(), stop.clone(), tls.clone());
+            async move {
+                match tls {
+                    None => tidewater_kafka::serve_connection(kafka, stream, peer, stop).await,
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => {
+                            tidewater_kafka::serve_connection(kafka, stream, peer, stop).await;
+                        }
+                        Err(err) => {
+                            tracing::debug!(%peer, error = %err, "Kafka TLS handshake failed");
+                        }
+                    },
+                }
+            }
         },
     )
     .await;

@@ -20,6 +20,8 @@ pub struct Server {
     open_files: Option<u64>,
     /// Where its standard error goes (appended; info level), when not the test's own.
     pub log: Option<PathBuf>,
+    /// The CA its TLS certificate is checked against, when it speaks TLS (`TLS_CA`).
+    pub ca: Option<PathBuf>,
 }
 
 /// A port that is free now, chosen below the kernel's ephemeral range so that
@@ -139,7 +141,15 @@ impl Server {
             .iter()
             .find(|(k, _)| *k == LOG_TO)
             .map(|(_, v)| PathBuf::from(v));
-        command.envs(env.iter().copied().filter(|(k, _)| *k != LOG_TO));
+        let ca = env
+            .iter()
+            .find(|(k, _)| *k == TLS_CA)
+            .map(|(_, v)| PathBuf::from(v));
+        command.envs(
+            env.iter()
+                .copied()
+                .filter(|(k, _)| *k != LOG_TO && *k != TLS_CA),
+        );
         command
             .args(["serve", "--data"])
             .arg(data)
@@ -171,13 +181,17 @@ impl Server {
             .unwrap();
         let server = Server {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!(
+                "{}://127.0.0.1:{port}",
+                if ca.is_some() { "https" } else { "http" }
+            ),
             protocol: format!("127.0.0.1:{protocol_port}"),
             data: data.to_path_buf(),
             config,
             ports,
             open_files,
             log,
+            ca,
         };
         let mut server = server;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -198,7 +212,9 @@ impl Server {
         self.kill9();
         let config = self.config.clone();
         let log = self.log.as_ref().map(|p| p.to_string_lossy().into_owned());
-        let env: Vec<(&str, &str)> = log.iter().map(|p| (LOG_TO, p.as_str())).collect();
+        let ca = self.ca.as_ref().map(|p| p.to_string_lossy().into_owned());
+        let mut env: Vec<(&str, &str)> = log.iter().map(|p| (LOG_TO, p.as_str())).collect();
+        env.extend(ca.iter().map(|p| (TLS_CA, p.as_str())));
         *self = Server::start_on_limited(
             &self.data.clone(),
             config,
@@ -213,7 +229,9 @@ impl Server {
         assert_eq!(self.stop(), 0);
         let config = self.config.clone();
         let log = self.log.as_ref().map(|p| p.to_string_lossy().into_owned());
-        let env: Vec<(&str, &str)> = log.iter().map(|p| (LOG_TO, p.as_str())).collect();
+        let ca = self.ca.as_ref().map(|p| p.to_string_lossy().into_owned());
+        let mut env: Vec<(&str, &str)> = log.iter().map(|p| (LOG_TO, p.as_str())).collect();
+        env.extend(ca.iter().map(|p| (TLS_CA, p.as_str())));
         *self = Server::start_on_limited(
             &self.data.clone(),
             config,
@@ -240,7 +258,18 @@ impl Server {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), String> {
-        call(&self.url, method, path, body)
+        match &self.ca {
+            None => call(&self.url, method, path, body),
+            Some(ca) => {
+                let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
+                call_with(
+                    &tls_agent(ca),
+                    &format!("{}{path}", self.url),
+                    method,
+                    bytes.as_deref(),
+                )
+            }
+        }
     }
 
     /// A call that must succeed with a 2xx.
@@ -388,6 +417,32 @@ pub fn metrics_text(base: &str) -> String {
         .unwrap()
 }
 
+/// An environment entry for `Server::start_env`: the server speaks TLS (its configuration
+/// says so) with a certificate this CA file signed; calls go over https.
+pub const TLS_CA: &str = "TIDEWATER_TEST_TLS_CA";
+
+/// An HTTP agent that trusts the CA in `ca` (PEM).
+pub fn tls_agent(ca: &Path) -> ureq::Agent {
+    use ureq::tls::{PemItem, RootCerts, TlsConfig, parse_pem};
+    let pem = std::fs::read(ca).unwrap();
+    let certs: Vec<_> = parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(PemItem::Certificate(cert)) => Some(cert),
+            _ => None,
+        })
+        .collect();
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .tls_config(
+            TlsConfig::builder()
+                .root_certs(RootCerts::new_with_certs(&certs))
+                .build(),
+        )
+        .build()
+        .into()
+}
+
 /// An environment entry for `Server::start_env`: the server's standard error goes to this
 /// file (appended, info level) instead of the test's.
 pub const LOG_TO: &str = "TIDEWATER_TEST_LOG_TO";
@@ -453,7 +508,16 @@ pub fn call(
 }
 
 pub fn call_raw(url: &str, method: &str, body: Option<&[u8]>) -> Result<(u16, Value), String> {
-    AGENT.with(|agent| {
+    AGENT.with(|agent| call_with(agent, url, method, body))
+}
+
+pub fn call_with(
+    agent: &ureq::Agent,
+    url: &str,
+    method: &str,
+    body: Option<&[u8]>,
+) -> Result<(u16, Value), String> {
+    {
         let result = match method {
             "GET" => agent.get(url).call(),
             "DELETE" => agent.delete(url).call(),
@@ -476,7 +540,7 @@ pub fn call_raw(url: &str, method: &str, body: Option<&[u8]>) -> Result<(u16, Va
                 .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&text)))?
         };
         Ok((status, value))
-    })
+    }
 }
 
 pub fn receipts(messages: &[Value]) -> Vec<String> {

@@ -1,6 +1,7 @@
 //! Integration tests against real `tidewater serve` processes (one test binary).
 
 mod support;
+mod tls;
 
 mod auth;
 mod binary;
