@@ -4,12 +4,14 @@
 //! broker keeps keys and grants durable; the listeners authenticate and ask `allows`.
 
 pub mod acl;
+pub mod guard;
 pub mod keys;
 pub mod limiter;
 pub mod scram;
 pub mod state;
 
 pub use acl::{Acl, AclSpec, Match, Operation, Resource, ResourceKind, Subject};
+pub use guard::{Guard, Refused};
 pub use keys::{ApiKey, KeyInfo, KeySpec};
 pub use limiter::FailureLimiter;
 pub use state::{ANONYMOUS, AuthError, AuthState, Change, Identity};

@@ -81,6 +81,15 @@ impl Mechanism {
     }
 }
 
+/// The salt an unknown user is given: the same at each try (derived from the name and a
+/// secret of the process), so the exchange does not tell known ids from unknown ones.
+pub fn fake_salt(process_secret: &[u8; 32], user: &str) -> [u8; 16] {
+    let mac = Mechanism::Sha256.hmac(process_secret, user.as_bytes());
+    let mut salt = [0u8; 16];
+    salt.copy_from_slice(&mac[..16]);
+    salt
+}
+
 /// Iterations of a derived credential: Kafka's minimum for both mechanisms.
 pub const ITERATIONS: u32 = 4096;
 
@@ -148,14 +157,14 @@ pub struct ServerFirst {
 }
 
 /// Reads client-first and answers server-first. `lookup` finds the user's credential;
-/// `server_nonce` is fresh random printable text (no commas); `fake_salt` stands in for an
-/// unknown user's (derived from the name, so it is the same at each try).
+/// `server_nonce` is fresh random printable text (no commas); `fake_salt` gives an unknown
+/// user's salt from the name (the same at each try: `fake_salt` below).
 pub fn server_first(
     mechanism: Mechanism,
     client_first: &[u8],
     lookup: impl FnOnce(&str) -> Option<ScramCredential>,
     server_nonce: &str,
-    fake_salt: [u8; 16],
+    fake_salt: impl FnOnce(&str) -> [u8; 16],
 ) -> Result<ServerFirst, ScramError> {
     let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
     // gs2-header: cbind-flag "," [authzid] ","
@@ -198,7 +207,7 @@ pub fn server_first(
     let credential = lookup(&user).filter(|c| c.mechanism == mechanism);
     let (salt, iterations) = match &credential {
         Some(c) => (c.salt.clone(), c.iterations),
-        None => (STANDARD.encode(fake_salt), ITERATIONS),
+        None => (STANDARD.encode(fake_salt(&user)), ITERATIONS),
     };
     let nonce = format!("{client_nonce}{server_nonce}");
     let message = format!("r={nonce},s={salt},i={iterations}");
@@ -318,7 +327,7 @@ mod tests {
             b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO",
             |user| (user == "user").then(|| credential.clone()),
             "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0",
-            [0; 16],
+            |_| [0; 16],
         )
         .unwrap();
         assert_eq!(
@@ -339,7 +348,7 @@ mod tests {
             format!("n,,n={user},r=abc").as_bytes(),
             |u| (u == "tw1").then(|| credential.clone()),
             "xyz",
-            [9; 16],
+            |_| [9; 16],
         )?;
         let salt = STANDARD
             .decode(
@@ -375,8 +384,9 @@ mod tests {
 
     #[test]
     fn malformed_and_unsupported_first_messages_are_refused() {
-        let refuse =
-            |msg: &[u8]| server_first(Mechanism::Sha256, msg, |_| None, "s", [0; 16]).unwrap_err();
+        let refuse = |msg: &[u8]| {
+            server_first(Mechanism::Sha256, msg, |_| None, "s", |_| [0; 16]).unwrap_err()
+        };
         assert_eq!(refuse(b"p=tls-unique,,n=u,r=a"), ScramError::ChannelBinding);
         assert_eq!(refuse(b"n,a=other,n=u,r=a"), ScramError::AuthzId);
         assert_eq!(refuse(b"n,,n=u,r=a,tokenauth=true"), ScramError::Token);

@@ -12,6 +12,7 @@ use kafka_protocol::messages::describe_configs_response::{
 use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
+use tidewater_auth::{Operation, ResourceKind};
 use tidewater_core::BrokerError;
 use tidewater_core::stream::config::{Cleanup, StreamConfig, StreamPatch, TimestampType};
 
@@ -131,7 +132,14 @@ pub(crate) async fn create_topics(kafka: &Kafka, req: CreateTopicsRequest) -> Cr
         let name = topic.name.0.to_string();
         let mut result = CreatableTopicResult::default();
         result.name = topic.name.clone();
-        let outcome = create_topic(kafka, &name, &topic, req.validate_only).await;
+        let outcome = if crate::access::topic(Operation::Admin, &name) {
+            create_topic(kafka, &name, &topic, req.validate_only).await
+        } else {
+            Err((
+                ResponseError::TopicAuthorizationFailed.code(),
+                format!("no grant of admin on stream '{name}'"),
+            ))
+        };
         match outcome {
             Ok(partitions) => {
                 result.num_partitions = partitions as i32;
@@ -240,6 +248,10 @@ pub(crate) async fn delete_topics(
         }
         match name {
             None => result.error_code = ResponseError::UnknownTopicId.code(),
+            Some(name) if !crate::access::topic(Operation::Admin, &name) => {
+                result.name = Some(TopicName(name.clone().into()));
+                result.error_code = ResponseError::TopicAuthorizationFailed.code();
+            }
             Some(name) => {
                 result.name = Some(TopicName(name.clone().into()));
                 if let Err(err) = kafka.broker.delete_stream(&name).await {
@@ -253,6 +265,29 @@ pub(crate) async fn delete_topics(
         response.responses.push(result);
     }
     response
+}
+
+/// The authorization error for `op` on a config resource the principal may not touch:
+/// a topic is a stream, a group a group, the broker the cluster.
+fn config_denied(resource_type: i8, name: &str, op: Operation) -> Option<i16> {
+    let (kind, code) = match resource_type {
+        TOPIC_RESOURCE => (
+            ResourceKind::Stream,
+            ResponseError::TopicAuthorizationFailed,
+        ),
+        GROUP_RESOURCE => (ResourceKind::Group, ResponseError::GroupAuthorizationFailed),
+        BROKER_RESOURCE => (
+            ResourceKind::Cluster,
+            ResponseError::ClusterAuthorizationFailed,
+        ),
+        _ => return None,
+    };
+    let name = if kind == ResourceKind::Cluster {
+        ""
+    } else {
+        name
+    };
+    (!crate::access::may(op, kind, name)).then(|| code.code())
 }
 
 /// Kafka's config resource types.
@@ -353,6 +388,16 @@ pub(crate) fn describe_configs(
         let mut out = DescribeConfigsResult::default();
         out.resource_type = resource.resource_type;
         out.resource_name = resource.resource_name.clone();
+        if let Some(code) = config_denied(
+            resource.resource_type,
+            &resource.resource_name,
+            Operation::Describe,
+        ) {
+            out.error_code = code;
+            out.error_message = text("no grant of describe on this resource");
+            response.results.push(out);
+            continue;
+        }
         match resource.resource_type {
             TOPIC_RESOURCE => match kafka.broker.get_stream(&resource.resource_name) {
                 Ok(info) => {
@@ -484,6 +529,9 @@ pub(crate) async fn incremental_alter_configs(
         out.resource_type = resource.resource_type;
         out.resource_name = resource.resource_name.clone();
         let result: Result<(), (i16, String)> = async {
+            if let Some(code) = config_denied(resource.resource_type, &resource.resource_name, Operation::Admin) {
+                return Err((code, "no grant of admin on this resource".to_string()));
+            }
             if resource.resource_type == GROUP_RESOURCE {
                 return alter_group_configs(kafka, &resource, req.validate_only);
             }
@@ -552,6 +600,12 @@ pub(crate) async fn create_partitions(
         out.name = topic.name.clone();
         let name = topic.name.0.to_string();
         let result: Result<(), (i16, String)> = async {
+            if !crate::access::topic(Operation::Admin, &name) {
+                return Err((
+                    ResponseError::TopicAuthorizationFailed.code(),
+                    format!("no grant of admin on stream '{name}'"),
+                ));
+            }
             if topic.assignments.as_ref().is_some_and(|a| !a.is_empty()) {
                 return Err((
                     ResponseError::InvalidReplicaAssignment.code(),

@@ -62,6 +62,7 @@ pub async fn serve_connection<S>(
         let _ = writer.shutdown().await;
     });
     let max = kafka.config.max_request_bytes;
+    let mut session = crate::sasl::Session::new(&kafka, peer);
     let mut previous: Option<oneshot::Receiver<()>> = None;
     loop {
         let size = tokio::select! {
@@ -105,7 +106,7 @@ pub async fn serve_connection<S>(
                 _ = shutdown.changed() => break,
             }
         }
-        let reply = match crate::versions::start(&kafka, frame.freeze(), peer) {
+        let reply = match crate::versions::start(&kafka, frame.freeze(), &mut session) {
             Ok(Started::Handed(reply)) => reply,
             Ok(Started::Later(reply)) => {
                 let (done, wait) = oneshot::channel();

@@ -15,6 +15,7 @@ use kafka_protocol::messages::consumer_group_describe_response::{
 use kafka_protocol::messages::consumer_group_heartbeat_response::{Assignment, TopicPartitions};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
+use tidewater_auth::Operation;
 use tidewater_core::ErrorCode;
 
 use crate::Kafka;
@@ -60,6 +61,14 @@ pub(crate) fn heartbeat(
         i32::try_from(kafka.config.consumer_heartbeat_interval_ms).unwrap_or(i32::MAX);
     let member = req.member_id.to_string();
     let key = (group.clone(), member.clone());
+    if !crate::access::group(Operation::Consume, &group) {
+        error(
+            &mut response,
+            ResponseError::GroupAuthorizationFailed,
+            format!("no grant of consume on group '{group}'"),
+        );
+        return response;
+    }
     if req.member_epoch < 0 {
         // -1: leaving; -2: a static member leaving for a while (it is removed all the same
         // and takes its partitions back when it joins again under its instance id).
@@ -84,6 +93,18 @@ pub(crate) fn heartbeat(
     let names: Option<Vec<String>> = req
         .subscribed_topic_names
         .map(|names| names.into_iter().map(|n| n.0.to_string()).collect());
+    if let Some(denied) = names
+        .iter()
+        .flatten()
+        .find(|t| !crate::access::topic(Operation::Consume, t))
+    {
+        error(
+            &mut response,
+            ResponseError::TopicAuthorizationFailed,
+            format!("no grant of consume on stream '{denied}'"),
+        );
+        return response;
+    }
     let owned: Option<Partitions> = req.topic_partitions.map(|topics| {
         topics
             .into_iter()
@@ -231,6 +252,11 @@ pub(crate) async fn describe(
         let name = group.0.to_string();
         let mut out = DescribedGroup::default();
         out.group_id = group;
+        if !crate::access::group(Operation::Describe, &name) {
+            out.error_code = ResponseError::GroupAuthorizationFailed.code();
+            response.groups.push(out);
+            continue;
+        }
         // A classic group (members of the classic protocol now or last), or one of offsets
         // alone: Kafka answers "not a consumer group", and admin clients ask DescribeGroups.
         if kafka.broker.group_kind(&name) != Some(tidewater_core::broker::GroupKind::Consumer) {

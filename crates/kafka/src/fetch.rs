@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::*;
+use tidewater_auth::Operation;
 use tidewater_core::broker::FetchWant;
 
 use crate::Kafka;
@@ -76,9 +77,18 @@ async fn fetch_within(
                 .collect(),
         ));
     }
+    // Topics the principal may not consume: answered TOPIC_AUTHORIZATION_FAILED, not read.
+    let allowed: Vec<bool> = asked
+        .iter()
+        .map(|(_, _, stream, _)| {
+            stream
+                .as_deref()
+                .is_none_or(|s| crate::access::topic(Operation::Consume, s))
+        })
+        .collect();
     let mut wants = Vec::new();
-    for (_, _, stream, parts) in &asked {
-        if let Some(stream) = stream {
+    for ((_, _, stream, parts), allowed) in asked.iter().zip(&allowed) {
+        if let Some(stream) = stream.as_ref().filter(|_| *allowed) {
             for &(partition, offset, max_bytes) in parts {
                 if let (Ok(partition), Ok(offset)) =
                     (u32::try_from(partition), u64::try_from(offset))
@@ -114,7 +124,7 @@ async fn fetch_within(
         }
     };
     let mut fetched = fetched.into_iter();
-    for (name, topic_id, stream, parts) in asked {
+    for ((name, topic_id, stream, parts), allowed) in asked.into_iter().zip(allowed) {
         let mut topic = FetchableTopicResponse::default();
         topic.topic = name;
         topic.topic_id = topic_id;
@@ -125,7 +135,9 @@ async fn fetch_within(
             part.last_stable_offset = -1;
             part.log_start_offset = -1;
             part.aborted_transactions = Some(Vec::new());
-            if stream.is_none() {
+            if !allowed {
+                part.error_code = ResponseError::TopicAuthorizationFailed.code();
+            } else if stream.is_none() {
                 part.error_code = if version >= 13 {
                     ResponseError::UnknownTopicId.code()
                 } else {

@@ -16,6 +16,7 @@ use kafka_protocol::messages::offset_delete_response::{
 };
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
+use tidewater_auth::Operation;
 use tidewater_core::broker::ClassicRefusal;
 use tidewater_core::stream::classic::{ClassicError, JoinRequest};
 
@@ -58,6 +59,10 @@ pub(crate) async fn join_group(
     let group = req.group_id.0.to_string();
     let mut response = JoinGroupResponse::default();
     response.generation_id = -1;
+    if !crate::access::group(Operation::Consume, &group) {
+        response.error_code = ResponseError::GroupAuthorizationFailed.code();
+        return response;
+    }
     let join = JoinRequest {
         member_id: req.member_id.to_string(),
         instance: req.group_instance_id.map(|i| i.to_string()),
@@ -123,6 +128,10 @@ pub(crate) async fn sync_group(
 ) -> SyncGroupResponse {
     let group = req.group_id.0.to_string();
     let mut response = SyncGroupResponse::default();
+    if !crate::access::group(Operation::Consume, &group) {
+        response.error_code = ResponseError::GroupAuthorizationFailed.code();
+        return response;
+    }
     let assignments = req
         .assignments
         .into_iter()
@@ -150,6 +159,10 @@ pub(crate) async fn sync_group(
 
 pub(crate) fn heartbeat(kafka: &Kafka, req: HeartbeatRequest) -> HeartbeatResponse {
     let mut response = HeartbeatResponse::default();
+    if !crate::access::group(Operation::Consume, &req.group_id.0) {
+        response.error_code = ResponseError::GroupAuthorizationFailed.code();
+        return response;
+    }
     if let Err(e) = kafka.broker.classic_heartbeat(
         &req.group_id.0,
         &req.member_id,
@@ -168,6 +181,10 @@ pub(crate) fn leave_group(
 ) -> LeaveGroupResponse {
     let group = req.group_id.0.to_string();
     let mut response = LeaveGroupResponse::default();
+    if !crate::access::group(Operation::Consume, &group) {
+        response.error_code = ResponseError::GroupAuthorizationFailed.code();
+        return response;
+    }
     if version < 3 {
         if let Err(e) = kafka.broker.classic_leave(&group, &req.member_id, None) {
             response.error_code = classic_code(e);
@@ -193,6 +210,9 @@ pub(crate) fn leave_group(
 pub(crate) async fn list_groups(kafka: &Kafka, req: ListGroupsRequest) -> ListGroupsResponse {
     let mut response = ListGroupsResponse::default();
     for name in kafka.broker.list_groups().await {
+        if !crate::access::group(Operation::Describe, &name) {
+            continue;
+        }
         let (state, kind) = match kafka.broker.classic_describe(&name) {
             Some(info) => (info.state.to_string(), "classic"),
             None => {
@@ -282,6 +302,11 @@ pub(crate) async fn describe_groups(
         let name = group.0.to_string();
         let mut out = DescribedGroup::default();
         out.group_id = group;
+        if !crate::access::group(Operation::Describe, &name) {
+            out.error_code = ResponseError::GroupAuthorizationFailed.code();
+            response.groups.push(out);
+            continue;
+        }
         if let Some(info) = kafka.broker.classic_describe(&name) {
             out.group_state = str_bytes(info.state);
             out.protocol_type = str_bytes(info.protocol_type);
@@ -348,7 +373,9 @@ pub(crate) async fn delete_groups(kafka: &Kafka, req: DeleteGroupsRequest) -> De
     let mut response = DeleteGroupsResponse::default();
     for group in req.groups_names {
         let mut out = DeletableGroupResult::default();
-        if let Err(err) = kafka.broker.delete_group(&group.0).await {
+        if !crate::access::group(Operation::Admin, &group.0) {
+            out.error_code = ResponseError::GroupAuthorizationFailed.code();
+        } else if let Err(err) = kafka.broker.delete_group(&group.0).await {
             out.error_code = crate::errors::code(&err);
         }
         out.group_id = group;
@@ -368,6 +395,10 @@ pub(crate) async fn offset_delete(kafka: &Kafka, req: OffsetDeleteRequest) -> Of
         }
     }
     let mut response = OffsetDeleteResponse::default();
+    if !crate::access::group(Operation::Admin, &group) {
+        response.error_code = ResponseError::GroupAuthorizationFailed.code();
+        return response;
+    }
     if let Err(err) = kafka.broker.delete_offsets(&group, &parts).await {
         response.error_code = crate::errors::code(&err);
         return response;

@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 use tidewater_core::Broker;
 use tokio::sync::{Semaphore, watch};
 
+mod access;
 mod admin;
 pub mod codec;
 mod conn;
@@ -36,6 +37,7 @@ mod metadata;
 mod offsets;
 mod produce;
 pub mod producers;
+mod sasl;
 mod share;
 mod versions;
 
@@ -77,6 +79,9 @@ pub struct KafkaConfig {
     pub consumer_heartbeat_interval_ms: u64,
     pub consumer_session_timeout_ms: u64,
     pub shutdown_timeout: Duration,
+    /// Authentication on: clients authenticate with SASL (PLAIN, SCRAM-SHA-256/512) and
+    /// each request is checked against the principal's grants. None: off.
+    pub auth: Option<Arc<tidewater_auth::Guard>>,
 }
 
 impl KafkaConfig {
@@ -96,6 +101,7 @@ impl KafkaConfig {
             consumer_heartbeat_interval_ms: 5_000,
             consumer_session_timeout_ms: 45_000,
             shutdown_timeout: Duration::from_secs(10),
+            auth: None,
         }
     }
 }
@@ -138,6 +144,8 @@ pub struct Kafka {
     /// KiB of requests being handled across connections.
     pub(crate) memory: Arc<Semaphore>,
     pub stats: Arc<KafkaStats>,
+    /// Random at start: SCRAM's salts for unknown users derive from it.
+    pub(crate) process_secret: [u8; 32],
 }
 
 impl Kafka {
@@ -161,6 +169,11 @@ impl Kafka {
             stats,
             broker,
             config,
+            process_secret: {
+                let mut secret = [0u8; 32];
+                rand::Rng::fill_bytes(&mut rand::rng(), &mut secret);
+                secret
+            },
         })
     }
 

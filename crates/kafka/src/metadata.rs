@@ -12,6 +12,7 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
+use tidewater_auth::{Operation, ResourceKind};
 
 use crate::Kafka;
 
@@ -40,10 +41,12 @@ pub(crate) fn metadata(kafka: &Kafka, req: MetadataRequest, version: i16) -> Met
     };
     let streams: Vec<(Option<String>, uuid::Uuid)> = match wanted {
         Some(wanted) => wanted,
+        // Every topic: those the principal may describe.
         None => kafka
             .broker
             .list_streams()
             .into_iter()
+            .filter(|s| crate::access::topic(Operation::Describe, &s.name))
             .map(|s| (Some(s.name), uuid::Uuid::nil()))
             .collect(),
     };
@@ -58,6 +61,13 @@ pub(crate) fn metadata(kafka: &Kafka, req: MetadataRequest, version: i16) -> Met
             continue;
         };
         topic.name = Some(TopicName(StrBytes::from_string(name.clone())));
+        if !(crate::access::topic(Operation::Describe, &name)
+            || crate::access::may(Operation::Describe, ResourceKind::Queue, &name))
+        {
+            topic.error_code = ResponseError::TopicAuthorizationFailed.code();
+            response.topics.push(topic);
+            continue;
+        }
         match kafka.broker.get_stream(&name) {
             Ok(info) => {
                 topic.topic_id = kafka.topic_id(&name);
@@ -97,6 +107,11 @@ pub(crate) fn describe_cluster(
 ) -> DescribeClusterResponse {
     let node = BrokerId(kafka.config.node_id);
     let mut response = DescribeClusterResponse::default();
+    if !crate::access::may(Operation::Describe, ResourceKind::Cluster, "") {
+        response.error_code = ResponseError::ClusterAuthorizationFailed.code();
+        response.error_message = crate::versions::text("no grant of describe on the cluster");
+        return response;
+    }
     response.cluster_id = StrBytes::from_static_str(CLUSTER_ID);
     response.controller_id = node;
     let mut broker = DescribeClusterBroker::default();

@@ -16,6 +16,7 @@ use kafka_protocol::messages::offset_fetch_response::{
 };
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
+use tidewater_auth::Operation;
 use tidewater_core::broker::{EARLIEST, LATEST};
 
 use crate::Kafka;
@@ -34,12 +35,18 @@ pub(crate) fn list_offsets(kafka: &Kafka, req: ListOffsetsRequest) -> ListOffset
         let stream = topic.name.0.to_string();
         let mut out = ListOffsetsTopicResponse::default();
         out.name = topic.name;
+        let allowed = crate::access::topic(Operation::Describe, &stream);
         for part in topic.partitions {
             let mut answer = ListOffsetsPartitionResponse::default();
             answer.partition_index = part.partition_index;
             answer.timestamp = -1;
             answer.offset = -1;
             answer.leader_epoch = -1;
+            if !allowed {
+                answer.error_code = ResponseError::TopicAuthorizationFailed.code();
+                out.partitions.push(answer);
+                continue;
+            }
             let Ok(partition) = u32::try_from(part.partition_index) else {
                 answer.error_code = ResponseError::UnknownTopicOrPartition.code();
                 out.partitions.push(answer);
@@ -92,6 +99,7 @@ pub(crate) fn find_coordinator(
     let node = BrokerId(kafka.config.node_id);
     let host = StrBytes::from_string(kafka.config.advertised_host.clone());
     let port = i32::from(kafka.config.advertised_port);
+    let denied = |key: &str| !crate::access::group(Operation::Describe, key);
     let (error_code, message) = if req.key_type == GROUP_KEY {
         (0, None)
     } else {
@@ -107,9 +115,17 @@ pub(crate) fn find_coordinator(
             .into_iter()
             .map(|key| {
                 let mut c = Coordinator::default();
+                let (error_code, message) = if error_code == 0 && denied(&key) {
+                    (
+                        ResponseError::GroupAuthorizationFailed.code(),
+                        text(format!("no grant of describe on group '{key}'")),
+                    )
+                } else {
+                    (error_code, message.clone())
+                };
                 c.key = key;
                 c.error_code = error_code;
-                c.error_message = message.clone();
+                c.error_message = message;
                 if error_code == 0 {
                     c.node_id = node;
                     c.host = host.clone();
@@ -122,6 +138,14 @@ pub(crate) fn find_coordinator(
             })
             .collect();
     } else {
+        let (error_code, message) = if error_code == 0 && denied(&req.key) {
+            (
+                ResponseError::GroupAuthorizationFailed.code(),
+                text(format!("no grant of describe on group '{}'", req.key)),
+            )
+        } else {
+            (error_code, message)
+        };
         response.error_code = error_code;
         if version >= 1 {
             response.error_message = message;
@@ -146,7 +170,22 @@ pub(crate) async fn offset_commit(kafka: &Kafka, req: OffsetCommitRequest) -> Of
     let group = req.group_id.0.to_string();
     let mut commits = Vec::new();
     let mut error: Option<i16> = None;
-    for topic in &req.topics {
+    if !crate::access::group(Operation::Consume, &group) {
+        error = Some(ResponseError::GroupAuthorizationFailed.code());
+    }
+    // Topics the principal may not consume: answered TOPIC_AUTHORIZATION_FAILED, not
+    // committed (the others are, in one write).
+    let denied: std::collections::HashSet<String> = req
+        .topics
+        .iter()
+        .map(|t| t.name.0.to_string())
+        .filter(|t| !crate::access::topic(Operation::Consume, t))
+        .collect();
+    for topic in req
+        .topics
+        .iter()
+        .filter(|t| !denied.contains(t.name.0.as_str()))
+    {
         for part in &topic.partitions {
             match (
                 u32::try_from(part.partition_index),
@@ -166,7 +205,7 @@ pub(crate) async fn offset_commit(kafka: &Kafka, req: OffsetCommitRequest) -> Of
         }
     }
     let member = req.member_id.to_string();
-    if error.is_none() {
+    if error.is_none() && !commits.is_empty() {
         // A member of a consumer-protocol group (KIP-848) commits what it owns.
         let outcome = if !member.is_empty() && kafka.broker.group_has_member(&group, &member) {
             kafka
@@ -192,6 +231,11 @@ pub(crate) async fn offset_commit(kafka: &Kafka, req: OffsetCommitRequest) -> Of
     let mut response = OffsetCommitResponse::default();
     for topic in req.topics {
         let mut out = OffsetCommitResponseTopic::default();
+        let code = if error.is_none() && denied.contains(topic.name.0.as_str()) {
+            ResponseError::TopicAuthorizationFailed.code()
+        } else {
+            error.unwrap_or(0)
+        };
         out.name = topic.name;
         out.partitions = topic
             .partitions
@@ -199,7 +243,7 @@ pub(crate) async fn offset_commit(kafka: &Kafka, req: OffsetCommitRequest) -> Of
             .map(|p| {
                 let mut r = OffsetCommitResponsePartition::default();
                 r.partition_index = p.partition_index;
-                r.error_code = error.unwrap_or(0);
+                r.error_code = code;
                 r
             })
             .collect();
@@ -213,6 +257,17 @@ type TopicOffsets = (String, Vec<(i32, i64, String)>);
 
 /// A group's committed offsets: the partitions asked, or all it has committed.
 async fn committed(
+    kafka: &Kafka,
+    group: &str,
+    asked: Option<Vec<(String, Vec<i32>)>>,
+) -> Vec<TopicOffsets> {
+    let mut found = committed_all(kafka, group, asked).await;
+    // Only the topics the principal may describe.
+    found.retain(|(topic, _)| crate::access::topic(Operation::Describe, topic));
+    found
+}
+
+async fn committed_all(
     kafka: &Kafka,
     group: &str,
     asked: Option<Vec<(String, Vec<i32>)>>,
@@ -270,6 +325,11 @@ pub(crate) async fn offset_fetch(
             });
             let mut out = OffsetFetchResponseGroup::default();
             out.group_id = group.group_id;
+            if !crate::access::group(Operation::Describe, &name) {
+                out.error_code = ResponseError::GroupAuthorizationFailed.code();
+                response.groups.push(out);
+                continue;
+            }
             for (topic, parts) in committed(kafka, &name, asked).await {
                 let mut t = OffsetFetchResponseTopics::default();
                 t.name = TopicName(StrBytes::from_string(topic));
@@ -291,6 +351,10 @@ pub(crate) async fn offset_fetch(
         return response;
     }
     let name = req.group_id.0.to_string();
+    if !crate::access::group(Operation::Describe, &name) {
+        response.error_code = ResponseError::GroupAuthorizationFailed.code();
+        return response;
+    }
     let asked = req.topics.map(|topics| {
         topics
             .into_iter()

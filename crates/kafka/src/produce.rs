@@ -15,6 +15,7 @@ use std::sync::Arc;
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::*;
+use tidewater_auth::Operation;
 use tidewater_core::{AckLevel, BrokerError, ErrorCode};
 use tokio::sync::watch;
 
@@ -80,6 +81,12 @@ pub(crate) fn start(kafka: &Arc<Kafka>, header: RequestHeader, req: ProduceReque
                     ResponseError::TransactionalIdAuthorizationFailed.code(),
                     "transactions are not supported by tidewater: produce without a transactional.id (idempotence is supported)".into(),
                 ),
+                (Some(_), None) if !crate::access::topic(Operation::Produce, &name) => {
+                    Partition::Done(
+                        ResponseError::TopicAuthorizationFailed.code(),
+                        format!("no grant of produce on stream '{name}'"),
+                    )
+                }
                 (Some(level), None) => start_partition(
                     kafka,
                     &name,

@@ -24,6 +24,7 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
+use tidewater_auth::Operation;
 use tidewater_core::broker::NackReason;
 use tidewater_core::stream::subscription::{SubscriptionPatch, SubscriptionStart};
 
@@ -248,6 +249,19 @@ pub(crate) async fn heartbeat(
         }
         (_, Some(known), names) => names.unwrap_or(known),
     };
+    if let Some(denied) = topics
+        .iter()
+        .find(|t| !crate::access::share(kafka, Operation::Consume, t, &group))
+    {
+        fail(
+            &mut response,
+            ResponseError::TopicAuthorizationFailed,
+            format!(
+                "no grant of consume on what share group '{group}' reads of '{denied}' (the queue, or the subscription '{denied}/{group}')"
+            ),
+        );
+        return response;
+    }
     if kafka.broker.classic_has_members(&group) || kafka.broker.group_has_member(&group, &member) {
         fail(
             &mut response,
@@ -569,6 +583,19 @@ fn session_for(
 const SHARE_FETCH_BYTES: usize = 8 << 20;
 
 /// A share fetch, and the share of the listener's memory budget its response holds.
+/// The refusal of a share fetch or acknowledgement naming a topic whose share the
+/// principal may not consume (nothing is acquired or settled then).
+fn share_denied(
+    kafka: &Kafka,
+    group: &str,
+    topic_ids: impl Iterator<Item = uuid::Uuid>,
+) -> Option<String> {
+    topic_ids
+        .filter_map(|id| kafka.topic_name(&id))
+        .find(|t| !crate::access::share(kafka, Operation::Consume, t, group))
+        .map(|t| format!("no grant of consume on what share group '{group}' reads of '{t}'"))
+}
+
 pub(crate) async fn fetch(
     kafka: &Kafka,
     req: ShareFetchRequest,
@@ -591,6 +618,11 @@ async fn fetch_within(kafka: &Kafka, req: ShareFetchRequest) -> ShareFetchRespon
         return response;
     };
     let key = (group.0.to_string(), member.to_string());
+    if let Some(message) = share_denied(kafka, &key.0, req.topics.iter().map(|t| t.topic_id)) {
+        response.error_code = ResponseError::TopicAuthorizationFailed.code();
+        response.error_message = text(message);
+        return response;
+    }
     let releases = kafka.sweep_shares(&mut kafka.shares.lock());
     kafka.release(releases).await;
     if let Err((code, message)) = session_for(kafka, &key, req.share_session_epoch) {
@@ -913,6 +945,11 @@ pub(crate) async fn acknowledge_request(
         return response;
     };
     let key = (group.0.to_string(), member.to_string());
+    if let Some(message) = share_denied(kafka, &key.0, req.topics.iter().map(|t| t.topic_id)) {
+        response.error_code = ResponseError::TopicAuthorizationFailed.code();
+        response.error_message = text(message);
+        return response;
+    }
     if req.share_session_epoch == 0 {
         response.error_code = ResponseError::InvalidShareSessionEpoch.code();
         response.error_message =
@@ -977,6 +1014,11 @@ pub(crate) fn describe(
         let name = group.0.to_string();
         let mut out = share_group_describe_response::DescribedGroup::default();
         out.group_id = group;
+        if !crate::access::group(Operation::Describe, &name) {
+            out.error_code = ResponseError::GroupAuthorizationFailed.code();
+            response.groups.push(out);
+            continue;
+        }
         let members: Vec<(&String, &Member)> = shares
             .members
             .iter()
@@ -1048,6 +1090,11 @@ pub(crate) fn describe_offsets(
             describe_share_group_offsets_response::DescribeShareGroupOffsetsResponseGroup::default(
             );
         out.group_id = group.group_id;
+        if !crate::access::group(Operation::Describe, &name) {
+            out.error_code = ResponseError::GroupAuthorizationFailed.code();
+            response.groups.push(out);
+            continue;
+        }
         let subs: Vec<_> = kafka
             .broker
             .list_subscriptions(None)

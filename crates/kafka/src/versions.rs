@@ -18,6 +18,8 @@ use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 use crate::Kafka;
+use crate::access::Access;
+use crate::sasl::Session;
 
 /// (API, lowest version, highest version) served. Highest versions stop where a later one
 /// needs what tidewater does not have yet (ListOffsets 9: tiered storage's latest tiered
@@ -53,6 +55,8 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ShareFetch, 1, 1),
     (ApiKey::ShareAcknowledge, 1, 1),
     (ApiKey::DescribeShareGroupOffsets, 0, 0),
+    (ApiKey::SaslHandshake, 1, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
 ];
 
 /// The versions of `api` served, if any.
@@ -123,11 +127,12 @@ pub(crate) enum Started {
     Later(Reply),
 }
 
-/// Decodes a request frame (without its length) and starts it.
+/// Decodes a request frame (without its length) and starts it, within what the
+/// connection's principal may do (`access`).
 pub(crate) fn start(
     kafka: &Arc<Kafka>,
     frame: Bytes,
-    peer: std::net::SocketAddr,
+    session: &mut Session,
 ) -> Result<Started, String> {
     let (header, request) = match decode_request(frame)? {
         Decoded::Request(header, request) => (header, *request),
@@ -137,12 +142,81 @@ pub(crate) fn start(
         }
     };
     let version = header.request_api_version;
+    let access = match request {
+        RequestKind::ApiVersions(_) => {
+            return Ok(Started::Handed(ready(encode(
+                &header,
+                version,
+                &api_versions_response(0),
+            ))));
+        }
+        RequestKind::SaslHandshake(req) => {
+            let response = crate::sasl::handshake(kafka, session, req);
+            return Ok(Started::Handed(ready(encode(&header, version, &response))));
+        }
+        RequestKind::SaslAuthenticate(req) => {
+            let response = crate::sasl::authenticate(kafka, session, req);
+            return Ok(Started::Handed(ready(encode(&header, version, &response))));
+        }
+        _ => gate(kafka, session, &header)?,
+    };
+    Ok(
+        match start_request(kafka, header, request, session.peer, access.clone())? {
+            Started::Handed(reply) => {
+                Started::Handed(Box::pin(crate::access::scope(access, reply)))
+            }
+            Started::Later(reply) => Started::Later(Box::pin(crate::access::scope(access, reply))),
+        },
+    )
+}
+
+/// What a request (other than ApiVersions and SASL's) may do: everything with
+/// authentication off; with it on, what the SASL-authenticated principal's grants allow
+/// now. A connection that has not authenticated, failed to, or whose key went (revoked or
+/// expired) is closed, as Kafka's broker closes it.
+fn gate(kafka: &Kafka, session: &mut Session, header: &RequestHeader) -> Result<Access, String> {
+    if matches!(session.sasl, crate::sasl::Sasl::Failed) {
+        return Err("SASL authentication failed on this connection".into());
+    }
+    let Some(access) = &session.access else {
+        return Err(format!(
+            "SASL authentication is required before API key {} (the listener has authentication on: security.protocol SASL_PLAINTEXT or SASL_SSL)",
+            header.request_api_key
+        ));
+    };
+    if let Access::Known { state, identity } = access {
+        let now = kafka.broker.auth();
+        if now.epoch() != state.epoch() || identity.expires_at_ms.is_some() {
+            if !now.still_valid(identity, kafka.broker.now_ms()) {
+                return Err(format!(
+                    "the key of principal '{}' was revoked or expired: closing",
+                    identity.principal
+                ));
+            }
+            session.access = Some(Access::Known {
+                state: now,
+                identity: identity.clone(),
+            });
+        }
+    }
+    Ok(session.access.clone().unwrap_or(Access::Open))
+}
+
+fn start_request(
+    kafka: &Arc<Kafka>,
+    header: RequestHeader,
+    request: RequestKind,
+    peer: std::net::SocketAddr,
+    access: Access,
+) -> Result<Started, String> {
+    let version = header.request_api_version;
     let k = kafka.clone();
     if let RequestKind::Produce(req) = request {
-        return Ok(Started::Handed(crate::produce::start(kafka, header, req)));
+        return Ok(Started::Handed(crate::access::sync_scope(access, || {
+            crate::produce::start(kafka, header, req)
+        })));
     }
     Ok(Started::Later(match request {
-        RequestKind::ApiVersions(_) => ready(encode(&header, version, &api_versions_response(0))),
         RequestKind::Metadata(req) => respond(header, async move {
             crate::metadata::metadata(&k, req, version)
         }),

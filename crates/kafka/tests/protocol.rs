@@ -1215,3 +1215,187 @@ async fn a_share_fetch_held_back_by_the_dispatch_rate_tells_the_client_to_wait()
         second.throttle_time_ms
     );
 }
+
+/// SASL/PLAIN `\0<id>\0<secret>`.
+fn plain(id: &str, secret: &str) -> Bytes {
+    Bytes::from(format!("\0{id}\0{secret}"))
+}
+
+/// A connection that authenticated with SASL/PLAIN (handshake v1, authenticate v2).
+async fn sasl_plain(
+    addr: SocketAddr,
+    id: &str,
+    secret: &str,
+) -> (Client, SaslAuthenticateResponse) {
+    let mut c = Client::connect(addr).await;
+    let mut hs = SaslHandshakeRequest::default();
+    hs.mechanism = text("PLAIN");
+    let r: SaslHandshakeResponse = c.call(ApiKey::SaslHandshake, 1, &hs).await;
+    assert_eq!(r.error_code, 0);
+    assert!(
+        r.mechanisms.iter().any(|m| &**m == "SCRAM-SHA-512"),
+        "{r:?}"
+    );
+    let mut auth = SaslAuthenticateRequest::default();
+    auth.auth_bytes = plain(id, secret);
+    let r: SaslAuthenticateResponse = c.call(ApiKey::SaslAuthenticate, 2, &auth).await;
+    (c, r)
+}
+
+fn metadata_of(topic: &str) -> MetadataRequest {
+    let mut t = metadata_request::MetadataRequestTopic::default();
+    t.name = Some(name(topic));
+    let mut req = MetadataRequest::default();
+    req.topics = Some(vec![t]);
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_authenticates_and_grants_decide_what_each_request_may_do() {
+    let guard = std::sync::Arc::new(tidewater_auth::Guard::new(true, 3, 600_000, 100));
+    let f = start_with(tempfile::tempdir().unwrap(), |c| c.auth = Some(guard)).await;
+    create_stream(&f.broker, "t", 1).await;
+    let key = f
+        .broker
+        .create_key(
+            tidewater_auth::KeySpec {
+                principal: "alice".into(),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let id = key.info.id.clone();
+    let grant =
+        |resource: tidewater_auth::ResourceKind, name: &str, op: tidewater_auth::Operation| {
+            tidewater_auth::AclSpec {
+                subject: tidewater_auth::Subject::Principal("alice".into()),
+                resource,
+                name: name.into(),
+                matching: tidewater_auth::Match::Exact,
+                operations: [op].into_iter().collect(),
+            }
+        };
+    use tidewater_auth::Operation::{Consume, Describe, Produce};
+    use tidewater_auth::ResourceKind::{Group, Stream};
+
+    // Without SASL: ApiVersions is answered, anything else closes the connection.
+    let mut c = Client::connect(f.addr).await;
+    let r: ApiVersionsResponse = c
+        .call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())
+        .await;
+    assert!(
+        r.api_keys
+            .iter()
+            .any(|k| k.api_key == ApiKey::SaslAuthenticate as i16)
+    );
+    let frame = c.frame(ApiKey::Metadata, 12, &metadata_of("t"));
+    c.stream.write_all(&frame).await.unwrap();
+    assert!(
+        c.closed().await,
+        "a request before SASL must close the connection"
+    );
+
+    // A wrong secret: refused, and the connection closes at its next request.
+    let (mut c, r) = sasl_plain(f.addr, &id, "not-the-secret").await;
+    assert_eq!(
+        r.error_code,
+        kafka_protocol::ResponseError::SaslAuthenticationFailed.code()
+    );
+    let frame = c.frame(ApiKey::Metadata, 12, &metadata_of("t"));
+    c.stream.write_all(&frame).await.unwrap();
+    assert!(c.closed().await);
+
+    // The right one: in, but nothing is granted yet.
+    let (mut c, r) = sasl_plain(f.addr, &id, &key.secret).await;
+    assert_eq!(r.error_code, 0, "{r:?}");
+    let topic_denied = kafka_protocol::ResponseError::TopicAuthorizationFailed.code();
+    let group_denied = kafka_protocol::ResponseError::GroupAuthorizationFailed.code();
+    let m: MetadataResponse = c.call(ApiKey::Metadata, 12, &metadata_of("t")).await;
+    assert_eq!(m.topics[0].error_code, topic_denied);
+    let m: MetadataResponse = c
+        .call(ApiKey::Metadata, 12, &MetadataRequest::default())
+        .await;
+    assert!(m.topics.is_empty(), "listed a topic not granted: {m:?}");
+    let produce = || produce_request("t", 0, batch(2, Compression::None, (-1, -1, -1)), -1);
+    let p: ProduceResponse = c.call(ApiKey::Produce, 9, &produce()).await;
+    assert_eq!(
+        p.responses[0].partition_responses[0].error_code,
+        topic_denied
+    );
+
+    // Granted on the open connection: applies to its next request.
+    f.broker.grant(grant(Stream, "t", Produce)).await.unwrap();
+    let p: ProduceResponse = c.call(ApiKey::Produce, 9, &produce()).await;
+    assert_eq!(p.responses[0].partition_responses[0].error_code, 0);
+    let m: MetadataResponse = c.call(ApiKey::Metadata, 12, &metadata_of("t")).await;
+    assert_eq!(m.topics[0].error_code, 0, "produce implies describe");
+    let fetched: FetchResponse = c
+        .call(
+            ApiKey::Fetch,
+            12,
+            &fetch_request(12, "t", uuid::Uuid::nil(), 0),
+        )
+        .await;
+    assert_eq!(fetched.responses[0].partitions[0].error_code, topic_denied);
+    f.broker.grant(grant(Stream, "t", Consume)).await.unwrap();
+    let fetched: FetchResponse = c
+        .call(
+            ApiKey::Fetch,
+            12,
+            &fetch_request(12, "t", uuid::Uuid::nil(), 0),
+        )
+        .await;
+    assert_eq!(fetched.responses[0].partitions[0].error_code, 0);
+
+    // Groups: denied until granted.
+    let mut find = FindCoordinatorRequest::default();
+    find.key = text("g");
+    let r: FindCoordinatorResponse = c.call(ApiKey::FindCoordinator, 3, &find).await;
+    assert_eq!(r.error_code, group_denied);
+    let mut commit = OffsetCommitRequest::default();
+    commit.group_id = GroupId(text("g"));
+    commit.generation_id_or_member_epoch = -1;
+    let mut cp = offset_commit_request::OffsetCommitRequestPartition::default();
+    cp.partition_index = 0;
+    cp.committed_offset = 1;
+    let mut ct = offset_commit_request::OffsetCommitRequestTopic::default();
+    ct.name = name("t");
+    ct.partitions = vec![cp];
+    commit.topics = vec![ct];
+    let r: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, 8, &commit).await;
+    assert_eq!(r.topics[0].partitions[0].error_code, group_denied);
+    f.broker.grant(grant(Group, "g", Consume)).await.unwrap();
+    let r: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, 8, &commit).await;
+    assert_eq!(r.topics[0].partitions[0].error_code, 0);
+    let r: FindCoordinatorResponse = c.call(ApiKey::FindCoordinator, 3, &find).await;
+    assert_eq!(r.error_code, 0, "consume implies describe");
+    let mut describe = DescribeGroupsRequest::default();
+    describe.groups = vec![GroupId(text("g")), GroupId(text("other"))];
+    let r: DescribeGroupsResponse = c.call(ApiKey::DescribeGroups, 5, &describe).await;
+    assert_eq!(r.groups[0].error_code, 0);
+    assert_eq!(r.groups[1].error_code, group_denied);
+    let _ = Describe;
+
+    // Admin calls need admin.
+    let mut create = CreateTopicsRequest::default();
+    let mut ct = create_topics_request::CreatableTopic::default();
+    ct.name = name("u");
+    ct.num_partitions = 1;
+    ct.replication_factor = 1;
+    create.topics = vec![ct];
+    let r: CreateTopicsResponse = c.call(ApiKey::CreateTopics, 7, &create).await;
+    assert_eq!(r.topics[0].error_code, topic_denied);
+
+    // The key revoked: the connection closes at its next request.
+    f.broker.revoke_key(&id).await.unwrap();
+    let frame = c.frame(ApiKey::Metadata, 12, &metadata_of("t"));
+    c.stream.write_all(&frame).await.unwrap();
+    assert!(c.closed().await, "a revoked key's connection must close");
+    let (_, r) = sasl_plain(f.addr, &id, &key.secret).await;
+    assert_eq!(
+        r.error_code,
+        kafka_protocol::ResponseError::SaslAuthenticationFailed.code()
+    );
+}

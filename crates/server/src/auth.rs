@@ -7,11 +7,8 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use serde::Deserialize;
-use tidewater_auth::{
-    AuthError, AuthState, FailureLimiter, Identity, Operation, Resource, ResourceKind,
-};
+use tidewater_auth::{AuthState, Identity, Operation, Resource, ResourceKind};
 use tidewater_core::{Broker, BrokerError, ErrorCode};
 use tidewater_proto::Frame;
 
@@ -75,16 +72,19 @@ pub async fn bootstrap(
 }
 
 /// What every listener shares: whether auth is on, and the failures per address.
+/// The listeners' shared authentication (tidewater-auth's `Guard`), answering in the
+/// broker's error codes.
 pub struct Guard {
     pub enabled: bool,
-    failures: Mutex<FailureLimiter>,
+    pub inner: Arc<tidewater_auth::Guard>,
 }
 
 impl Guard {
     pub fn new(config: &AuthConfig) -> Guard {
         Guard {
             enabled: config.enabled,
-            failures: Mutex::new(FailureLimiter::new(
+            inner: Arc::new(tidewater_auth::Guard::new(
+                config.enabled,
                 config.failed_burst,
                 config.failed_refill_ms,
                 config.failed_max_addresses,
@@ -94,8 +94,7 @@ impl Guard {
 
     /// Who presents `token`; without one, the principal of the connection's verified
     /// client certificate (`certificate`), else the anonymous principal. Refused while
-    /// `peer` has used up its failed attempts. A failure is counted and logged with the key
-    /// id at most, never the secret.
+    /// `peer` has used up its failed attempts.
     pub fn authenticate(
         &self,
         broker: &Broker,
@@ -105,52 +104,21 @@ impl Guard {
         listener: &'static str,
     ) -> Result<(Arc<AuthState>, Identity), BrokerError> {
         let state = broker.auth();
-        let Some(token) = token else {
-            let identity = certificate.map_or_else(Identity::anonymous, Identity::of_certificate);
-            return Ok((state, identity));
-        };
-        let now = broker.now_ms();
-        if let Err(wait_ms) = self.failures.lock().check(peer, now) {
-            tracing::warn!(target: "tidewater::audit", %peer, listener, "authentication refused: too many failed attempts from this address");
-            return Err(BrokerError::new(
-                ErrorCode::Unauthenticated,
-                "too many failed authentication attempts from this address; wait and retry",
-            )
-            .retry_after(wait_ms));
-        }
-        match state.authenticate(token, now) {
+        match self
+            .inner
+            .authenticate(&state, broker.now_ms(), token, certificate, peer, listener)
+        {
             Ok(identity) => Ok((state, identity)),
-            Err(err) => Err(self.failed(&state, token, peer, listener, err, now)),
+            Err(refused) => {
+                let err = BrokerError::new(ErrorCode::Unauthenticated, refused.to_string());
+                Err(match refused {
+                    tidewater_auth::Refused::Blocked { retry_after_ms } => {
+                        err.retry_after(retry_after_ms)
+                    }
+                    tidewater_auth::Refused::Failed(_) => err,
+                })
+            }
         }
-    }
-
-    /// Counts and logs a failed attempt; the error to answer.
-    pub fn failed(
-        &self,
-        _state: &AuthState,
-        token: &str,
-        peer: IpAddr,
-        listener: &'static str,
-        err: AuthError,
-        now_ms: i64,
-    ) -> BrokerError {
-        self.failures.lock().failed(peer, now_ms);
-        // The id part of a well-formed token only: never a byte of the secret.
-        let key = tidewater_auth::keys::parse_token(token)
-            .map(|(id, _)| id)
-            .unwrap_or("-");
-        tracing::warn!(target: "tidewater::audit", %peer, listener, key, reason = %err, "authentication failed");
-        BrokerError::new(ErrorCode::Unauthenticated, unauthenticated_message(err))
-    }
-}
-
-fn unauthenticated_message(err: AuthError) -> String {
-    match err {
-        AuthError::Malformed => {
-            "credentials are not of the form <key id>.<secret> (HTTP: Authorization: Bearer <key id>.<secret>)".into()
-        }
-        AuthError::Invalid => "invalid credentials: unknown or revoked key, or wrong secret".into(),
-        AuthError::Expired => "the key has expired: ask an admin for a new one".into(),
     }
 }
 

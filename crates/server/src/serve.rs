@@ -216,11 +216,6 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
-    if file.auth.enabled && (file.kafka_listen.is_some() || args.kafka_listen.is_some()) {
-        anyhow::bail!(
-            "[auth] enabled = true and the Kafka listener cannot be on together yet: the Kafka listener has no SASL authentication in this build, and would let anyone in. Turn one of them off."
-        );
-    }
     let kafka = kafka_settings(
         args,
         &file,
@@ -538,10 +533,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = cell.set(broker.clone());
     let maintenance = broker.spawn_maintenance(Duration::from_millis(100));
     let kafka = match (kafka_listener, settings.kafka.clone()) {
-        (Some(listener), Some(config)) => Some(tokio::spawn(serve_kafka(
+        (Some(listener), Some(mut config)) => Some(tokio::spawn(serve_kafka(
             listener,
             broker.clone(),
-            config,
+            {
+                config.auth = guard.enabled.then(|| guard.inner.clone());
+                config
+            },
             tls.clone(),
             (kafka_stats, kafka_requests),
             kafka_stop,

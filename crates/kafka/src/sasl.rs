@@ -1,0 +1,240 @@
+//! SASL on the Kafka listener, as Kafka's broker speaks it: SaslHandshake v1 (KIP-43) picks a
+//! mechanism, then SaslAuthenticate (KIP-152) carries its messages. Mechanisms: PLAIN and
+//! SCRAM-SHA-256/512 (RFC 5802/7677, tidewater-auth's `scram`), with API keys: the username
+//! is the key id, the password its secret. A connection that fails is answered
+//! SASL_AUTHENTICATION_FAILED and closed at its next request; one that has not
+//! authenticated may send nothing but ApiVersions and SASL's own requests. Failed attempts
+//! count against the address, as on every listener.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::{
+    SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
+};
+use kafka_protocol::protocol::StrBytes;
+use rand::Rng;
+use tidewater_auth::scram::{self, Mechanism as Scram, ServerFirst};
+use tidewater_auth::{Identity, Refused};
+
+use crate::Kafka;
+use crate::access::Access;
+use crate::versions::text;
+
+const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
+/// Where a connection's SASL exchange is.
+pub(crate) enum Sasl {
+    Start,
+    Chosen(Mechanism),
+    /// SCRAM: server-first sent, client-final awaited.
+    Scram(Box<ServerFirst>),
+    Done,
+    /// Refused: the connection closes at its next request.
+    Failed,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum Mechanism {
+    Plain,
+    Scram(Scram),
+}
+
+/// A connection's identity and SASL state.
+pub(crate) struct Session {
+    pub peer: SocketAddr,
+    pub sasl: Sasl,
+    /// What its requests may do: `Open` with authentication off, else set once SASL
+    /// succeeds (None before).
+    pub access: Option<Access>,
+}
+
+impl Session {
+    pub(crate) fn new(kafka: &Kafka, peer: SocketAddr) -> Session {
+        Session {
+            peer,
+            sasl: Sasl::Start,
+            access: if kafka.config.auth.is_some() {
+                None
+            } else {
+                Some(Access::Open)
+            },
+        }
+    }
+}
+
+pub(crate) fn handshake(
+    kafka: &Kafka,
+    session: &mut Session,
+    req: SaslHandshakeRequest,
+) -> SaslHandshakeResponse {
+    let mut response = SaslHandshakeResponse::default();
+    response.mechanisms = MECHANISMS
+        .iter()
+        .map(|m| StrBytes::from_static_str(m))
+        .collect();
+    let chosen = match req.mechanism.as_str() {
+        "PLAIN" => Some(Mechanism::Plain),
+        name => Scram::parse(name).map(Mechanism::Scram),
+    };
+    response.error_code = match (&kafka.config.auth, &session.sasl, chosen) {
+        // Authentication is off: nothing to authenticate with (Kafka's PLAINTEXT listener).
+        (None, _, _) => ResponseError::UnsupportedSaslMechanism.code(),
+        (Some(_), Sasl::Start, Some(chosen)) => {
+            session.sasl = Sasl::Chosen(chosen);
+            0
+        }
+        (Some(_), Sasl::Start, None) => ResponseError::UnsupportedSaslMechanism.code(),
+        (Some(_), _, _) => ResponseError::IllegalSaslState.code(),
+    };
+    response
+}
+
+pub(crate) fn authenticate(
+    kafka: &Kafka,
+    session: &mut Session,
+    req: SaslAuthenticateRequest,
+) -> SaslAuthenticateResponse {
+    let mut response = SaslAuthenticateResponse::default();
+    let Some(guard) = kafka.config.auth.clone() else {
+        response.error_code = ResponseError::IllegalSaslState.code();
+        response.error_message = text("authentication is off on this listener");
+        return response;
+    };
+    let state = kafka.broker.auth();
+    let now = kafka.broker.now_ms();
+    let peer = session.peer.ip();
+    let outcome: Result<Option<Identity>, String> = match std::mem::replace(
+        &mut session.sasl,
+        Sasl::Failed,
+    ) {
+        Sasl::Chosen(Mechanism::Plain) => {
+            plain(&guard, &state, now, peer, &req.auth_bytes).map(Some)
+        }
+        Sasl::Chosen(Mechanism::Scram(mechanism)) => match guard.check_peer(peer, now, "kafka") {
+            Err(refused) => Err(refused.to_string()),
+            Ok(()) => {
+                let first = scram::server_first(
+                    mechanism,
+                    &req.auth_bytes,
+                    |user| state.key(user).and_then(|k| k.scram(mechanism).cloned()),
+                    &nonce(),
+                    |user| scram::fake_salt(&kafka.process_secret, user),
+                );
+                match first {
+                    Ok(first) => {
+                        response.auth_bytes = Bytes::from(first.message.clone().into_bytes());
+                        session.sasl = Sasl::Scram(Box::new(first));
+                        return response;
+                    }
+                    Err(err) => {
+                        guard.failed(peer, now, "kafka", "-", &err);
+                        Err(format!("Authentication failed: {err}"))
+                    }
+                }
+            }
+        },
+        Sasl::Scram(first) => {
+            let user = first.user.clone();
+            match first.client_final(&req.auth_bytes) {
+                Ok((last, user)) => match state.key(&user) {
+                    Some(key) if !key.expired(now) => {
+                        response.auth_bytes = Bytes::from(last.into_bytes());
+                        Ok(Some(Identity::of_key(key)))
+                    }
+                    _ => {
+                        guard.failed(peer, now, "kafka", &user, &"the key has expired");
+                        Err("Authentication failed: the key has expired".into())
+                    }
+                },
+                Err(err) => {
+                    let key = if tidewater_auth::keys::check_key_id(&user).is_ok() {
+                        user.as_str()
+                    } else {
+                        "-"
+                    };
+                    guard.failed(peer, now, "kafka", key, &err);
+                    Err(format!(
+                        "Authentication failed during authentication due to invalid credentials with SASL mechanism {}",
+                        "SCRAM"
+                    ))
+                }
+            }
+        }
+        Sasl::Start | Sasl::Done | Sasl::Failed => {
+            Err("SaslAuthenticate out of turn: send SaslHandshake first".into())
+        }
+    };
+    match outcome {
+        Ok(Some(identity)) => {
+            tracing::debug!(peer = %session.peer, principal = %identity.principal, "Kafka connection authenticated");
+            session.access = Some(Access::Known {
+                state,
+                identity: Arc::new(identity),
+            });
+            session.sasl = Sasl::Done;
+        }
+        Ok(None) => {}
+        Err(message) => {
+            session.sasl = Sasl::Failed;
+            response.error_code = ResponseError::SaslAuthenticationFailed.code();
+            response.error_message = text(message);
+            response.auth_bytes = Bytes::new();
+        }
+    }
+    response
+}
+
+/// PLAIN: `authzid \0 authcid \0 password`; the authzid, if any, must be the authcid.
+fn plain(
+    guard: &tidewater_auth::Guard,
+    state: &tidewater_auth::AuthState,
+    now: i64,
+    peer: std::net::IpAddr,
+    bytes: &[u8],
+) -> Result<Identity, String> {
+    let mut parts = bytes.split(|&b| b == 0);
+    let (Some(authzid), Some(user), Some(password), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        guard.failed(peer, now, "kafka", "-", &"malformed PLAIN message");
+        return Err("Authentication failed: malformed SASL/PLAIN message".into());
+    };
+    let (Ok(authzid), Ok(user), Ok(password)) = (
+        std::str::from_utf8(authzid),
+        std::str::from_utf8(user),
+        std::str::from_utf8(password),
+    ) else {
+        guard.failed(peer, now, "kafka", "-", &"PLAIN message not UTF-8");
+        return Err("Authentication failed: SASL/PLAIN message not UTF-8".into());
+    };
+    if !authzid.is_empty() && authzid != user {
+        guard.failed(
+            peer,
+            now,
+            "kafka",
+            "-",
+            &"authorization id other than the user",
+        );
+        return Err(
+            "Authentication failed: an authorization id other than the user is not supported"
+                .into(),
+        );
+    }
+    guard
+        .authenticate_key(state, now, user, password, peer, "kafka")
+        .map_err(|refused| match refused {
+            Refused::Blocked { .. } => format!("Authentication failed: {refused}"),
+            Refused::Failed(_) => "Authentication failed: Invalid username or password".into(),
+        })
+}
+
+/// A fresh server nonce: 24 random bytes as base64 (no commas).
+fn nonce() -> String {
+    use base64::Engine;
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
