@@ -13,6 +13,8 @@ pub struct Guard {
     /// Authentication is on.
     pub enabled: bool,
     failures: Mutex<FailureLimiter>,
+    /// Binds receipts to the principal they are delivered to.
+    pub receipts: crate::receipts::ReceiptBinder,
 }
 
 impl std::fmt::Debug for Guard {
@@ -51,10 +53,18 @@ impl std::fmt::Display for Refused {
 }
 
 impl Guard {
-    pub fn new(enabled: bool, burst: u32, refill_ms: u64, max_addresses: usize) -> Guard {
+    /// `receipt_key`: random, for the process's receipt bindings.
+    pub fn new(
+        enabled: bool,
+        burst: u32,
+        refill_ms: u64,
+        max_addresses: usize,
+        receipt_key: [u8; 32],
+    ) -> Guard {
         Guard {
             enabled,
             failures: Mutex::new(FailureLimiter::new(burst, refill_ms, max_addresses)),
+            receipts: crate::receipts::ReceiptBinder::new(receipt_key),
         }
     }
 

@@ -7,6 +7,7 @@ pub mod acl;
 pub mod guard;
 pub mod keys;
 pub mod limiter;
+pub mod receipts;
 pub mod scram;
 pub mod state;
 
@@ -14,4 +15,5 @@ pub use acl::{Acl, AclSpec, Match, Operation, Resource, ResourceKind, Subject};
 pub use guard::{Guard, Refused};
 pub use keys::{ApiKey, KeyInfo, KeySpec};
 pub use limiter::FailureLimiter;
+pub use receipts::{NotYours, ReceiptBinder};
 pub use state::{ANONYMOUS, AuthError, AuthState, Change, Identity};

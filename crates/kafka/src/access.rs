@@ -75,3 +75,14 @@ pub(crate) fn share(kafka: &crate::Kafka, op: Operation, topic: &str, group: &st
         may(op, ResourceKind::Subscription, &format!("{topic}/{group}"))
     }
 }
+
+/// The principal of the request in scope (None with authentication off).
+pub(crate) fn principal() -> Option<String> {
+    ACCESS
+        .try_with(|a| match a {
+            Access::Open => None,
+            Access::Known { identity, .. } => Some(identity.principal.clone()),
+        })
+        .ok()
+        .flatten()
+}

@@ -51,6 +51,9 @@ const RENEW: i8 = 4;
 
 #[derive(Debug)]
 struct Member {
+    /// The principal that joined it (authentication on): only it may use the member's
+    /// session, so one principal cannot settle what another acquired.
+    principal: Option<String>,
     topics: Vec<String>,
     epoch: i32,
     last_seen: Instant,
@@ -290,7 +293,21 @@ pub(crate) async fn heartbeat(
         );
         return response;
     }
+    let principal = crate::access::principal();
+    if shares
+        .members
+        .get(&key)
+        .is_some_and(|m| m.principal != principal)
+    {
+        fail(
+            &mut response,
+            ResponseError::UnknownMemberId,
+            format!("member '{member}' of share group '{group}' belongs to another principal"),
+        );
+        return response;
+    }
     let m = shares.members.entry(key).or_insert(Member {
+        principal,
         topics: Vec::new(),
         epoch: 0,
         last_seen: Instant::now(),
@@ -538,7 +555,12 @@ fn session_for(
     epoch: i32,
 ) -> Result<(), (ResponseError, String)> {
     let mut shares = kafka.shares.lock();
-    if !shares.members.contains_key(key) {
+    let principal = crate::access::principal();
+    if shares
+        .members
+        .get(key)
+        .is_none_or(|m| m.principal != principal)
+    {
         return Err((
             ResponseError::UnknownMemberId,
             format!(

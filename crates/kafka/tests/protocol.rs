@@ -1252,7 +1252,7 @@ fn metadata_of(topic: &str) -> MetadataRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sasl_authenticates_and_grants_decide_what_each_request_may_do() {
-    let guard = std::sync::Arc::new(tidewater_auth::Guard::new(true, 3, 600_000, 100));
+    let guard = std::sync::Arc::new(tidewater_auth::Guard::new(true, 3, 600_000, 100, [9; 32]));
     let f = start_with(tempfile::tempdir().unwrap(), |c| c.auth = Some(guard)).await;
     create_stream(&f.broker, "t", 1).await;
     let key = f

@@ -88,6 +88,11 @@ impl Guard {
                 config.failed_burst,
                 config.failed_refill_ms,
                 config.failed_max_addresses,
+                {
+                    let mut key = [0u8; 32];
+                    rand::Rng::fill_bytes(&mut rand::rng(), &mut key);
+                    key
+                },
             )),
         }
     }
@@ -168,6 +173,44 @@ impl Caller {
             ),
             Caller::Open => BrokerError::new(ErrorCode::Internal, "an open caller was denied"),
         }
+    }
+
+    /// A receipt as handed to this caller: bound to its principal with authentication on.
+    pub fn bind_receipt(&self, binder: &tidewater_auth::ReceiptBinder, receipt: &mut String) {
+        if let Caller::Known { identity, .. } = self {
+            *receipt = binder.bind(receipt, &identity.principal);
+        }
+    }
+
+    /// Receipts presented to settle on `resource`: (index, receipt as the broker knows it)
+    /// of those this caller may settle (its own; any with admin on the resource), and the
+    /// indexes of the others.
+    pub fn unbind_receipts<'a, S: AsRef<str>>(
+        &self,
+        binder: &tidewater_auth::ReceiptBinder,
+        resource: &Resource<'_>,
+        receipts: &'a [S],
+    ) -> (Vec<(usize, &'a str)>, Vec<usize>) {
+        let Caller::Known { identity, .. } = self else {
+            return (
+                receipts.iter().map(AsRef::as_ref).enumerate().collect(),
+                Vec::new(),
+            );
+        };
+        let admin = self.may(Operation::Admin, resource);
+        let mut mine = Vec::with_capacity(receipts.len());
+        let mut others = Vec::new();
+        for (i, bound) in receipts.iter().map(AsRef::as_ref).enumerate() {
+            if admin {
+                mine.push((i, tidewater_auth::ReceiptBinder::strip(bound)));
+                continue;
+            }
+            match binder.check(bound, &identity.principal) {
+                Ok(raw) => mine.push((i, raw)),
+                Err(_) => others.push(i),
+            }
+        }
+        (mine, others)
     }
 
     /// The identity, when authentication is on.

@@ -324,6 +324,7 @@ where
         next_subscription: SUBSCRIPTION_ID_BIT | 1,
         max_frame: limits.max_frame,
         caller: Caller::Open,
+        guard: guard.inner.clone(),
     };
 
     let handshake_deadline = Instant::now() + limits.handshake_timeout;
@@ -481,6 +482,8 @@ struct Session {
     max_frame: usize,
     /// Who authenticated in Hello (`Open` with authentication off).
     caller: Caller,
+    /// The listeners' authentication (receipt bindings).
+    guard: Arc<tidewater_auth::Guard>,
 }
 
 impl Drop for Session {
@@ -581,6 +584,7 @@ impl Session {
                     sub.clone(),
                     self.outbox.clone(),
                     self.max_frame,
+                    (self.caller.clone(), self.guard.clone()),
                 ));
                 self.subscriptions.insert(id, (sub, task, queue));
             }
@@ -680,8 +684,9 @@ impl Session {
             Frame::Ack { .. } | Frame::Nack { .. } | Frame::Extend { .. } => {
                 let permit = self.request_permit().await?;
                 let outbox = self.outbox.clone();
+                let (caller, guard) = (self.caller.clone(), self.guard.clone());
                 self.tasks.spawn(async move {
-                    let reply = request(&broker, frame).await;
+                    let reply = request(&broker, frame, &caller, &guard.receipts).await;
                     let _ = outbox.reply(&reply, request_id).await;
                     drop(permit);
                 });
@@ -755,39 +760,64 @@ impl Session {
     }
 }
 
-async fn request(broker: &Broker, frame: Frame) -> Frame {
-    // Failures come in receipt order: find each one's index from the previous one on.
-    let settled = |reply: tidewater_core::SettleReply, receipts: &[&str]| {
+async fn request(
+    broker: &Broker,
+    frame: Frame,
+    caller: &Caller,
+    binder: &tidewater_auth::ReceiptBinder,
+) -> Frame {
+    // The receipts the caller may settle go to the broker (as it knows them); the others
+    // fail as forbidden. Failures are reported by index into the frame's receipts.
+    let settle = |queue: &str, receipts: &tidewater_proto::Receipts| {
+        let sent: Vec<&str> = receipts.iter().collect();
+        let resource = crate::auth::subscription_needs(queue).1;
+        let (mine, others) = caller.unbind_receipts(binder, &resource, &sent);
+        let mine: Vec<(usize, String)> =
+            mine.into_iter().map(|(i, r)| (i, r.to_string())).collect();
+        (mine, others)
+    };
+    let settled = |reply: tidewater_core::SettleReply,
+                   mine: &[(usize, String)],
+                   others: &[usize]| {
+        // Failures come in receipt order: find each one's index from the previous one on.
         let mut from = 0;
-        let failed = reply
+        let mut failed: Vec<Failure> = reply
             .failed
             .iter()
             .map(|f| {
-                let at = receipts[from..]
+                let at = mine[from..]
                     .iter()
-                    .position(|r| *r == f.receipt)
+                    .position(|(_, r)| *r == f.receipt)
                     .map(|i| from + i)
-                    .or_else(|| receipts.iter().position(|r| *r == f.receipt))
+                    .or_else(|| mine.iter().position(|(_, r)| *r == f.receipt))
                     .unwrap_or(0);
                 from = at + 1;
                 Failure {
-                    index: u32::try_from(at).unwrap_or(u32::MAX),
+                    index: u32::try_from(mine.get(at).map_or(0, |(i, _)| *i)).unwrap_or(u32::MAX),
                     code: f.code.into(),
                 }
             })
             .collect();
+        failed.extend(others.iter().map(|&i| Failure {
+            index: u32::try_from(i).unwrap_or(u32::MAX),
+            code: ErrorCode::Forbidden.as_str().into(),
+        }));
+        failed.sort_by_key(|f| f.index);
         Frame::Settled {
             ok: u32::try_from(reply.ok).unwrap_or(u32::MAX),
             failed,
         }
     };
+    let raw =
+        |mine: &[(usize, String)]| -> Vec<String> { mine.iter().map(|(_, r)| r.clone()).collect() };
     let result = match frame {
         Frame::Ack { queue, receipts } => {
-            let receipts: Vec<&str> = receipts.iter().collect();
+            let (mine, others) = settle(&queue, &receipts);
+            let receipts = raw(&mine);
             broker
                 .ack(&queue, &receipts)
                 .await
-                .map(|r| settled(r, &receipts))
+                .map(|r| settled(r, &mine, &others))
         }
         Frame::Nack {
             queue,
@@ -803,11 +833,12 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
             } else {
                 NackReason::Failed
             };
-            let receipts: Vec<&str> = receipts.iter().collect();
+            let (mine, others) = settle(&queue, &receipts);
+            let receipts = raw(&mine);
             broker
                 .nack(&queue, &receipts, delay, error, reason)
                 .await
-                .map(|r| settled(r, &receipts))
+                .map(|r| settled(r, &mine, &others))
         }
         Frame::Extend {
             queue,
@@ -815,10 +846,11 @@ async fn request(broker: &Broker, frame: Frame) -> Frame {
             receipts,
         } => {
             let lease = (lease_ms > 0).then_some(lease_ms);
-            let receipts: Vec<&str> = receipts.iter().collect();
+            let (mine, others) = settle(&queue, &receipts);
+            let receipts = raw(&mine);
             broker
                 .extend(&queue, &receipts, lease)
-                .map(|r| settled(r, &receipts))
+                .map(|r| settled(r, &mine, &others))
         }
         _ => unreachable!("only requests are passed here"),
     };
@@ -974,6 +1006,7 @@ async fn stream_request(broker: &Broker, frame: Frame) -> Result<Frame, BrokerEr
 /// messages seen so far), so a client that grants endless credit and never reads holds at
 /// most about one outbox of messages, not the queue. Ends with an error frame if the queue
 /// goes away.
+#[allow(clippy::too_many_arguments)]
 async fn subscription(
     broker: Broker,
     queue: String,
@@ -982,6 +1015,7 @@ async fn subscription(
     sub: Arc<Subscription>,
     outbox: Outbox,
     max_frame: usize,
+    (caller, guard): (Caller, Arc<tidewater_auth::Guard>),
 ) {
     let window = (outbox.capacity / 2).clamp(1, max_frame);
     // Average encoded delivery size seen so far; starts small so the first batch is full.
@@ -1005,7 +1039,11 @@ async fn subscription(
             .min(by_room);
         match broker.receive(&queue, max, 1_000, lease_ms).await {
             Ok(deliveries) if deliveries.is_empty() => continue,
-            Ok(deliveries) => {
+            Ok(mut deliveries) => {
+                // Receipts bound to the principal (authentication on).
+                for d in &mut deliveries {
+                    caller.bind_receipt(&guard.receipts, &mut d.receipt);
+                }
                 let n = u32::try_from(deliveries.len()).unwrap_or(u32::MAX);
                 let _ = sub
                     .credit

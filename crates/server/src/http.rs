@@ -989,14 +989,21 @@ async fn peek(
 
 async fn receive(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(queue): Path<String>,
     body: Body,
 ) -> ApiResult {
-    receive_from(&state, &queue, body, false).await
+    receive_from(&state, &caller, &queue, body, false).await
 }
 
 /// Receive from a queue, or from a subscription (`stream/subscription`).
-async fn receive_from(state: &AppState, queue: &str, body: Body, subscription: bool) -> ApiResult {
+async fn receive_from(
+    state: &AppState,
+    caller: &Caller,
+    queue: &str,
+    body: Body,
+    subscription: bool,
+) -> ApiResult {
     let broker = state.broker()?;
     let (request, _permit): (api::ReceiveRequest, _) = parse_body(
         state,
@@ -1005,7 +1012,7 @@ async fn receive_from(state: &AppState, queue: &str, body: Body, subscription: b
         SMALL_VALUES,
     )
     .await?;
-    let deliveries = broker
+    let mut deliveries = broker
         .receive(
             queue,
             request.max.unwrap_or(1),
@@ -1013,6 +1020,9 @@ async fn receive_from(state: &AppState, queue: &str, body: Body, subscription: b
             request.lease_ms,
         )
         .await?;
+    for d in &mut deliveries {
+        caller.bind_receipt(&state.guard.inner.receipts, &mut d.receipt);
+    }
     let messages: Vec<OutMessage> = deliveries
         .iter()
         .map(|d| OutMessage::delivered(d, request.encoding, subscription))
@@ -1029,46 +1039,122 @@ async fn receipts_body(
     parse_body(state, body, None, max).await
 }
 
-async fn ack(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
-    ack_in(&state, &queue, body).await
+async fn ack(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> ApiResult {
+    ack_in(&state, &caller, &queue, body).await
 }
 
-async fn ack_in(state: &AppState, queue: &str, body: Body) -> ApiResult {
+/// The queue or subscription a settle names, as a resource.
+fn settle_resource(queue: &str) -> Resource<'_> {
+    if queue.contains('/') {
+        Resource::new(ResourceKind::Subscription, queue)
+    } else {
+        Resource::new(ResourceKind::Queue, queue)
+    }
+}
+
+/// Settles the receipts the caller may settle (`settle` gets them as the broker knows
+/// them); the others fail as `forbidden`, each reply names receipts as the caller sent them.
+async fn settle_receipts<F, Fut>(
+    state: &AppState,
+    caller: &Caller,
+    queue: &str,
+    receipts: &[String],
+    settle: F,
+) -> Result<tidewater_core::SettleReply, ApiError>
+where
+    F: FnOnce(Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<tidewater_core::SettleReply, BrokerError>>,
+{
+    let (mine, others) = caller.unbind_receipts(
+        &state.guard.inner.receipts,
+        &settle_resource(queue),
+        receipts,
+    );
+    let raw: Vec<String> = mine.iter().map(|(_, r)| (*r).to_string()).collect();
+    let mut reply = if raw.is_empty() && !receipts.is_empty() {
+        tidewater_core::SettleReply::default()
+    } else {
+        settle(raw).await?
+    };
+    if matches!(caller, Caller::Known { .. }) {
+        // Name receipts as the caller sent them.
+        let sent: std::collections::HashMap<&str, usize> =
+            mine.iter().map(|(i, raw)| (*raw, *i)).collect();
+        let shown = |raw: &str| {
+            sent.get(raw)
+                .map_or_else(|| raw.to_string(), |&i| receipts[i].clone())
+        };
+        for f in &mut reply.failed {
+            f.receipt = shown(&f.receipt);
+        }
+        for s in &mut reply.superseded {
+            *s = shown(s);
+        }
+        for i in others {
+            reply.failed.push(tidewater_core::broker::ReceiptFailure {
+                receipt: receipts[i].clone(),
+                code: ErrorCode::Forbidden.as_str(),
+            });
+        }
+    }
+    Ok(reply)
+}
+
+async fn ack_in(state: &AppState, caller: &Caller, queue: &str, body: Body) -> ApiResult {
     let broker = state.broker()?;
     let (request, _permit) = receipts_body(state, broker, body).await?;
-    json(StatusCode::OK, &broker.ack(queue, &request.receipts).await?)
-}
-
-async fn nack(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
-    nack_in(&state, &queue, body).await
-}
-
-async fn nack_in(state: &AppState, queue: &str, body: Body) -> ApiResult {
-    let broker = state.broker()?;
-    let (request, _permit) = receipts_body(state, broker, body).await?;
-    let reply = broker
-        .nack(
-            queue,
-            &request.receipts,
-            request.delay_ms,
-            request.error.as_deref(),
-            NackReason::parse(request.reason.as_deref())?,
-        )
-        .await?;
+    let reply = settle_receipts(state, caller, queue, &request.receipts, |raw| async move {
+        broker.ack(queue, &raw).await
+    })
+    .await?;
     json(StatusCode::OK, &reply)
 }
 
-async fn extend(State(state): State<AppState>, Path(queue): Path<String>, body: Body) -> ApiResult {
-    extend_in(&state, &queue, body).await
+async fn nack(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> ApiResult {
+    nack_in(&state, &caller, &queue, body).await
 }
 
-async fn extend_in(state: &AppState, queue: &str, body: Body) -> ApiResult {
+async fn nack_in(state: &AppState, caller: &Caller, queue: &str, body: Body) -> ApiResult {
     let broker = state.broker()?;
     let (request, _permit) = receipts_body(state, broker, body).await?;
-    json(
-        StatusCode::OK,
-        &broker.extend(queue, &request.receipts, request.lease_ms)?,
-    )
+    let reason = NackReason::parse(request.reason.as_deref())?;
+    let error = request.error.as_deref();
+    let delay = request.delay_ms;
+    let reply = settle_receipts(state, caller, queue, &request.receipts, |raw| async move {
+        broker.nack(queue, &raw, delay, error, reason).await
+    })
+    .await?;
+    json(StatusCode::OK, &reply)
+}
+
+async fn extend(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> ApiResult {
+    extend_in(&state, &caller, &queue, body).await
+}
+
+async fn extend_in(state: &AppState, caller: &Caller, queue: &str, body: Body) -> ApiResult {
+    let broker = state.broker()?;
+    let (request, _permit) = receipts_body(state, broker, body).await?;
+    let lease = request.lease_ms;
+    let reply = settle_receipts(state, caller, queue, &request.receipts, |raw| async move {
+        broker.extend(queue, &raw, lease)
+    })
+    .await?;
+    json(StatusCode::OK, &reply)
 }
 
 async fn redrive(
@@ -1197,34 +1283,45 @@ async fn delete_subscription(
 
 async fn subscription_receive(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((stream, sub)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult {
-    receive_from(&state, &subscription_name(&stream, &sub), body, true).await
+    receive_from(
+        &state,
+        &caller,
+        &subscription_name(&stream, &sub),
+        body,
+        true,
+    )
+    .await
 }
 
 async fn subscription_ack(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((stream, sub)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult {
-    ack_in(&state, &subscription_name(&stream, &sub), body).await
+    ack_in(&state, &caller, &subscription_name(&stream, &sub), body).await
 }
 
 async fn subscription_nack(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((stream, sub)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult {
-    nack_in(&state, &subscription_name(&stream, &sub), body).await
+    nack_in(&state, &caller, &subscription_name(&stream, &sub), body).await
 }
 
 async fn subscription_extend(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((stream, sub)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult {
-    extend_in(&state, &subscription_name(&stream, &sub), body).await
+    extend_in(&state, &caller, &subscription_name(&stream, &sub), body).await
 }
 
 async fn subscription_purge(

@@ -633,3 +633,137 @@ fn failed_attempts_are_limited_per_address_and_no_secret_is_logged() {
         assert!(!log.contains(secret), "a secret in the log:\n{log}");
     }
 }
+
+#[test]
+fn a_receipt_is_settled_only_by_the_principal_it_was_delivered_to_or_an_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = secured(dir.path(), "");
+    admin(&server, "PUT", "/v1/queues/q", Some(json!({})));
+    admin(
+        &server,
+        "POST",
+        "/v1/queues/q/messages",
+        Some(json!({"messages": [{"body": "a"}, {"body": "b"}, {"body": "c"}]})),
+    );
+    let alice = key(&server, "alice", &["workers"]);
+    let bob = key(&server, "bob", &["workers"]);
+    admin(
+        &server,
+        "POST",
+        "/v1/auth/acls",
+        Some(
+            json!({"role": "workers", "resource": "queue", "name": "q", "operations": ["consume"]}),
+        ),
+    );
+    let (status, got) = call_as(
+        &server.url,
+        Some(&alice),
+        "POST",
+        "/v1/queues/q/receive",
+        Some(&json!({"max": 2})),
+    );
+    assert_eq!(status, 200, "{got}");
+    let receipts: Vec<String> = got["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["receipt"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(receipts.len(), 2);
+    let ack = |token: &str, receipts: &[&str]| {
+        call_as(
+            &server.url,
+            Some(token),
+            "POST",
+            "/v1/queues/q/ack",
+            Some(&json!({ "receipts": receipts })),
+        )
+    };
+    // bob holds alice's receipt (and its bare form): refused per receipt, nothing settled.
+    let bare = receipts[0].rsplit_once('.').unwrap().0;
+    let (status, reply) = ack(&bob, &[&receipts[0], bare]);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["ok"], 0, "{reply}");
+    let codes: Vec<&str> = reply["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["forbidden", "forbidden"], "{reply}");
+    assert_eq!(reply["failed"][0]["receipt"], receipts[0].as_str());
+    // alice settles her own; an admin of the queue may settle anyone's.
+    let (_, reply) = ack(&alice, &[&receipts[0]]);
+    assert_eq!(
+        (
+            reply["ok"].as_u64(),
+            reply["failed"].as_array().map(Vec::len)
+        ),
+        (Some(1), Some(0)),
+        "{reply}"
+    );
+    let (_, reply) = ack(ADMIN, &[&receipts[1]]);
+    assert_eq!(reply["ok"], 1, "{reply}");
+
+    // Over the binary protocol: alice's delivery, bob's ack refused at its index.
+    let (mut conn, mut buf, _) = hello(&server.protocol, Some(&alice));
+    let subscribe = Frame::Subscribe {
+        queue: "q".into(),
+        lease_ms: 0,
+        credit: 1,
+    };
+    assert!(matches!(
+        request(&mut conn, &mut buf, &subscribe, 2),
+        Some(Frame::Subscribed { .. })
+    ));
+    let receipt = loop {
+        match decode_frame(&buf, DEFAULT_MAX_FRAME) {
+            Ok(Some((Frame::Deliver { deliveries }, _, used))) => {
+                buf.drain(..used);
+                break deliveries[0].receipt.clone();
+            }
+            Ok(Some((_, _, used))) => {
+                buf.drain(..used);
+            }
+            _ => {
+                let mut chunk = [0u8; 4096];
+                let n = conn.read(&mut chunk).unwrap();
+                assert!(n > 0, "closed before a delivery");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    };
+    let (mut other, mut other_buf, _) = hello(&server.protocol, Some(&bob));
+    let mut receipts = Receipts::default();
+    receipts.push(&receipt);
+    let reply = request(
+        &mut other,
+        &mut other_buf,
+        &Frame::Ack {
+            queue: "q".into(),
+            receipts: receipts.clone(),
+        },
+        3,
+    );
+    match reply {
+        Some(Frame::Settled { ok, failed }) => {
+            assert_eq!(ok, 0);
+            assert_eq!(failed.len(), 1);
+            assert_eq!((failed[0].index, failed[0].code.as_str()), (0, "forbidden"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let reply = request(
+        &mut conn,
+        &mut buf,
+        &Frame::Ack {
+            queue: "q".into(),
+            receipts,
+        },
+        4,
+    );
+    assert!(
+        matches!(reply, Some(Frame::Settled { ok: 1, .. })),
+        "{reply:?}"
+    );
+}
