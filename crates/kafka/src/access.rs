@@ -51,8 +51,19 @@ pub(crate) fn sync_scope<R>(access: Access, work: impl FnOnce() -> R) -> R {
     ACCESS.sync_scope(access, work)
 }
 
-/// Whether the request in scope may do `op` on the resource (false outside any scope).
+/// Whether the request in scope may do `op` on the resource (false outside any scope); a
+/// refusal is audited.
 pub(crate) fn may(op: Operation, kind: ResourceKind, name: &str) -> bool {
+    let allowed = visible(op, kind, name);
+    if !allowed {
+        let principal = principal().unwrap_or_else(|| "-".into());
+        tracing::warn!(target: "tidewater::audit", listener = "kafka", principal = %principal, operation = op.as_str(), resource = %Resource::new(kind, name), "request denied");
+    }
+    allowed
+}
+
+/// `may` without auditing a refusal: for what a listing leaves out.
+pub(crate) fn visible(op: Operation, kind: ResourceKind, name: &str) -> bool {
     ACCESS.try_with(|a| a.may(op, kind, name)).unwrap_or(false)
 }
 
@@ -85,4 +96,10 @@ pub(crate) fn principal() -> Option<String> {
         })
         .ok()
         .flatten()
+}
+
+/// An admin operation of the Kafka listener, for the audit log (target `tidewater::audit`).
+pub(crate) fn audit(action: &str, resource: &str, error_code: i16) {
+    let principal = principal().unwrap_or_else(|| "-".into());
+    tracing::info!(target: "tidewater::audit", listener = "kafka", principal = %principal, action, resource, error_code, "admin operation");
 }

@@ -155,6 +155,9 @@ pub(crate) async fn create_topics(kafka: &Kafka, req: CreateTopicsRequest) -> Cr
                 result.configs = None;
             }
         }
+        if !req.validate_only {
+            crate::access::audit("CreateTopics", &name, result.error_code);
+        }
         response.topics.push(result);
     }
     response
@@ -262,6 +265,11 @@ pub(crate) async fn delete_topics(
                 }
             }
         }
+        crate::access::audit(
+            "DeleteTopics",
+            result.name.as_ref().map_or("?", |n| n.0.as_str()),
+            result.error_code,
+        );
         response.responses.push(result);
     }
     response
@@ -557,6 +565,13 @@ pub(crate) async fn incremental_alter_configs(
             out.error_code = code;
             out.error_message = text(message);
         }
+        if !req.validate_only {
+            crate::access::audit(
+                "IncrementalAlterConfigs",
+                &out.resource_name,
+                out.error_code,
+            );
+        }
         response.responses.push(out);
     }
     response
@@ -648,6 +663,9 @@ pub(crate) async fn create_partitions(
         if let Err((code, message)) = result {
             out.error_code = code;
             out.error_message = text(message);
+        }
+        if !req.validate_only {
+            crate::access::audit("CreatePartitions", &name, out.error_code);
         }
         response.results.push(out);
     }

@@ -210,7 +210,11 @@ pub(crate) fn leave_group(
 pub(crate) async fn list_groups(kafka: &Kafka, req: ListGroupsRequest) -> ListGroupsResponse {
     let mut response = ListGroupsResponse::default();
     for name in kafka.broker.list_groups().await {
-        if !crate::access::group(Operation::Describe, &name) {
+        if !crate::access::visible(
+            Operation::Describe,
+            tidewater_auth::ResourceKind::Group,
+            &name,
+        ) {
             continue;
         }
         let (state, kind) = match kafka.broker.classic_describe(&name) {
@@ -378,6 +382,7 @@ pub(crate) async fn delete_groups(kafka: &Kafka, req: DeleteGroupsRequest) -> De
         } else if let Err(err) = kafka.broker.delete_group(&group.0).await {
             out.error_code = crate::errors::code(&err);
         }
+        crate::access::audit("DeleteGroups", &group.0, out.error_code);
         out.group_id = group;
         response.results.push(out);
     }
@@ -401,8 +406,10 @@ pub(crate) async fn offset_delete(kafka: &Kafka, req: OffsetDeleteRequest) -> Of
     }
     if let Err(err) = kafka.broker.delete_offsets(&group, &parts).await {
         response.error_code = crate::errors::code(&err);
+        crate::access::audit("OffsetDelete", &group, response.error_code);
         return response;
     }
+    crate::access::audit("OffsetDelete", &group, 0);
     for topic in req.topics {
         let mut out = OffsetDeleteResponseTopic::default();
         out.name = topic.name;

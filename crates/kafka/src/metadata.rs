@@ -46,7 +46,7 @@ pub(crate) fn metadata(kafka: &Kafka, req: MetadataRequest, version: i16) -> Met
             .broker
             .list_streams()
             .into_iter()
-            .filter(|s| crate::access::topic(Operation::Describe, &s.name))
+            .filter(|s| crate::access::visible(Operation::Describe, ResourceKind::Stream, &s.name))
             .map(|s| (Some(s.name), uuid::Uuid::nil()))
             .collect(),
     };

@@ -263,7 +263,13 @@ async fn committed(
 ) -> Vec<TopicOffsets> {
     let mut found = committed_all(kafka, group, asked).await;
     // Only the topics the principal may describe.
-    found.retain(|(topic, _)| crate::access::topic(Operation::Describe, topic));
+    found.retain(|(topic, _)| {
+        crate::access::visible(
+            Operation::Describe,
+            tidewater_auth::ResourceKind::Stream,
+            topic,
+        )
+    });
     found
 }
 

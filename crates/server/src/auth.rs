@@ -24,6 +24,11 @@ pub struct AuthConfig {
     pub failed_refill_ms: u64,
     /// Addresses whose failures are remembered at most (the oldest forgotten first).
     pub failed_max_addresses: usize,
+    /// Where the audit events also go, as JSON lines (they always reach the server's log
+    /// under the target `tidewater::audit`).
+    pub audit_file: Option<std::path::PathBuf>,
+    /// The audit file's bound: past it, it becomes `<file>.1` and a new one begins.
+    pub audit_max_bytes: u64,
 }
 
 impl Default for AuthConfig {
@@ -33,6 +38,8 @@ impl Default for AuthConfig {
             failed_burst: 10,
             failed_refill_ms: 6_000,
             failed_max_addresses: 10_000,
+            audit_file: None,
+            audit_max_bytes: 64 << 20,
         }
     }
 }

@@ -544,6 +544,8 @@ impl Session {
                 .find(|(op, r)| !self.caller.may(*op, r))
                 .map(|(op, r)| self.caller.denied(op, &r));
             if let Some(err) = denied {
+                let principal = self.caller.identity().map_or("-", |i| i.principal.as_str());
+                tracing::warn!(target: "tidewater::audit", listener = "binary", principal, reason = %err.message, "request denied");
                 return Ok(self.outbox.reply(&error_frame(&err), request_id).await?);
             }
         }

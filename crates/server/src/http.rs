@@ -660,12 +660,25 @@ async fn authorize(
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let method = request.method().as_str().to_string();
+    let route = crate::auth::route_of(&method, matched.as_str());
+    // Admin operations are audited with their outcome (key and grant changes by their
+    // handlers, which name what they made).
+    let audited = route.is_some_and(|r| {
+        matches!(r.need, Need::Op(tidewater_auth::Operation::Admin, _))
+            && !r.path.starts_with("/v1/auth/")
+    });
+    let path = request.uri().path().to_string();
+    let peer = request.extensions().get::<Peer>().map(|p| p.addr);
     if !state.guard.enabled {
         request.extensions_mut().insert(Caller::Open);
-        return next.run(request).await;
+        let response = next.run(request).await;
+        if audited {
+            tracing::info!(target: "tidewater::audit", peer = ?peer, principal = "-", method = %method, path = %path, status = response.status().as_u16(), "admin operation");
+        }
+        return response;
     }
-    let method = request.method().as_str().to_string();
-    let Some(route) = crate::auth::route_of(&method, matched.as_str()) else {
+    let Some(route) = route else {
         return ApiError::new(
             ErrorCode::Forbidden,
             format!(
@@ -731,8 +744,16 @@ async fn authorize(
         }
         return ApiError::from(err).into_response();
     }
+    let principal = caller
+        .identity()
+        .map(|i| i.principal.clone())
+        .unwrap_or_default();
     request.extensions_mut().insert(caller);
-    next.run(request).await
+    let response = next.run(request).await;
+    if audited {
+        tracing::info!(target: "tidewater::audit", %peer, principal = %principal, method = %method, path = %path, status = response.status().as_u16(), "admin operation");
+    }
+    response
 }
 
 /// The bearer token of `Authorization`, if any.

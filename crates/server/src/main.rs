@@ -1,6 +1,7 @@
 //! The `tidewater` binary: the server (`serve`) and the client commands.
 
 mod api;
+mod audit;
 mod auth;
 mod bench;
 mod binary;

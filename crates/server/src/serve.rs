@@ -392,23 +392,46 @@ fn kafka_settings(
     Ok(Some(config))
 }
 
-fn init_logging(format: &str) {
+fn init_logging(format: &str, audit: Option<crate::audit::AuditFile>) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEWATER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
+    let stderr = if format == "json" {
+        stderr.json().with_filter(filter).boxed()
     } else {
-        builder.init();
-    }
+        stderr.with_filter(filter).boxed()
+    };
+    // The audit file takes the audit target's events whatever TIDEWATER_LOG says.
+    let audit = audit.map(|file| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(file)
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(crate::audit::TARGET, tracing::Level::INFO),
+            )
+    });
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(audit)
+        .init();
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let settings = settings(&args)?;
-    init_logging(&settings.log_format);
+    let audit = match &settings.auth.audit_file {
+        Some(path) => Some(
+            crate::audit::AuditFile::open(path, settings.auth.audit_max_bytes)
+                .with_context(|| format!("opening the audit file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    init_logging(&settings.log_format, audit);
     let open_files = raise_open_files_limit();
     check_open_files(&settings, open_files)?;
     let cell: Arc<OnceLock<Broker>> = Arc::new(OnceLock::new());

@@ -767,3 +767,59 @@ fn a_receipt_is_settled_only_by_the_principal_it_was_delivered_to_or_an_admin() 
         "{reply:?}"
     );
 }
+
+#[test]
+fn the_audit_file_records_admin_operations_key_changes_denials_and_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let server = secured(dir.path(), &format!("audit_file = {audit:?}\n"));
+    admin(&server, "PUT", "/v1/queues/q", Some(json!({})));
+    let worker = key(&server, "worker", &[]);
+    let (status, _) = call_as(&server.url, Some(&worker), "DELETE", "/v1/queues/q", None);
+    assert_eq!(status, 403);
+    let (status, _) = call_as(
+        &server.url,
+        Some("twnobody.wrong-secret"),
+        "GET",
+        "/v1/queues",
+        None,
+    );
+    assert_eq!(status, 401);
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let find = |message: &str| {
+        events
+            .iter()
+            .find(|e| e["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no '{message}' in the audit file:\n{text}"))
+            .clone()
+    };
+    let op = find("admin operation");
+    assert_eq!(
+        (
+            op["fields"]["principal"].as_str(),
+            op["fields"]["method"].as_str(),
+            op["fields"]["path"].as_str()
+        ),
+        (Some("admin"), Some("PUT"), Some("/v1/queues/q"))
+    );
+    assert_eq!(find("admin change")["fields"]["action"], "key.create");
+    let denied = find("request denied");
+    assert_eq!(denied["fields"]["principal"], "worker");
+    assert!(
+        denied["fields"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1")
+    );
+    assert_eq!(find("authentication failed")["fields"]["key"], "twnobody");
+    for secret in [ADMIN, worker.as_str()] {
+        assert!(
+            !text.contains(secret.split_once('.').unwrap().1),
+            "a secret in the audit file"
+        );
+    }
+}
