@@ -15,6 +15,8 @@ pub struct Guard {
     failures: Mutex<FailureLimiter>,
     /// Binds receipts to the principal they are delivered to.
     pub receipts: crate::receipts::ReceiptBinder,
+    /// JWT bearer tokens, when an identity provider's keys are configured.
+    pub jwt: Option<crate::jwt::JwtVerifier>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -65,7 +67,14 @@ impl Guard {
             enabled,
             failures: Mutex::new(FailureLimiter::new(burst, refill_ms, max_addresses)),
             receipts: crate::receipts::ReceiptBinder::new(receipt_key),
+            jwt: None,
         }
+    }
+
+    /// Takes JWT bearer tokens checked by `verifier` too.
+    pub fn with_jwt(mut self, verifier: crate::jwt::JwtVerifier) -> Guard {
+        self.jwt = Some(verifier);
+        self
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, FailureLimiter> {
@@ -113,6 +122,14 @@ impl Guard {
             return Ok(certificate.map_or_else(Identity::anonymous, Identity::of_certificate));
         };
         self.check_peer(peer, now_ms, listener)?;
+        if let Some(jwt) = &self.jwt
+            && crate::jwt::JwtVerifier::looks_like_jwt(token)
+        {
+            return jwt.verify(token).map_err(|err| {
+                self.failed(peer, now_ms, listener, "jwt", &err);
+                Refused::Failed(err)
+            });
+        }
         state.authenticate(token, now_ms).map_err(|err| {
             // The id part of a well-formed token only: never a byte of the secret.
             let key = crate::keys::parse_token(token).map_or("-", |(id, _)| id);

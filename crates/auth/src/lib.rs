@@ -5,6 +5,7 @@
 
 pub mod acl;
 pub mod guard;
+pub mod jwt;
 pub mod keys;
 pub mod limiter;
 pub mod receipts;

@@ -29,6 +29,8 @@ pub struct AuthConfig {
     pub audit_file: Option<std::path::PathBuf>,
     /// The audit file's bound: past it, it becomes `<file>.1` and a new one begins.
     pub audit_max_bytes: u64,
+    /// JWT bearer tokens from an identity provider (`[auth.jwt]`; off without jwks_file).
+    pub jwt: tidewater_auth::jwt::JwtConfig,
 }
 
 impl Default for AuthConfig {
@@ -40,6 +42,7 @@ impl Default for AuthConfig {
             failed_max_addresses: 10_000,
             audit_file: None,
             audit_max_bytes: 64 << 20,
+            jwt: tidewater_auth::jwt::JwtConfig::default(),
         }
     }
 }
@@ -87,21 +90,29 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub fn new(config: &AuthConfig) -> Guard {
-        Guard {
-            enabled: config.enabled,
-            inner: Arc::new(tidewater_auth::Guard::new(
-                config.enabled,
-                config.failed_burst,
-                config.failed_refill_ms,
-                config.failed_max_addresses,
-                {
-                    let mut key = [0u8; 32];
-                    rand::Rng::fill_bytes(&mut rand::rng(), &mut key);
-                    key
-                },
-            )),
+    pub fn new(config: &AuthConfig) -> anyhow::Result<Guard> {
+        let mut inner = tidewater_auth::Guard::new(
+            config.enabled,
+            config.failed_burst,
+            config.failed_refill_ms,
+            config.failed_max_addresses,
+            {
+                let mut key = [0u8; 32];
+                rand::Rng::fill_bytes(&mut rand::rng(), &mut key);
+                key
+            },
+        );
+        if let Some(path) = &config.jwt.jwks_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("[auth.jwt] jwks_file {}: {e}", path.display()))?;
+            let verifier = tidewater_auth::jwt::JwtVerifier::new(&text, config.jwt.clone())
+                .map_err(|e| anyhow::anyhow!("[auth.jwt] jwks_file {}: {e}", path.display()))?;
+            inner = inner.with_jwt(verifier);
         }
+        Ok(Guard {
+            enabled: config.enabled,
+            inner: Arc::new(inner),
+        })
     }
 
     /// Who presents `token`; without one, the principal of the connection's verified

@@ -446,7 +446,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         kafka_stats.clone(),
         kafka_requests.clone(),
     ));
-    let guard = Arc::new(crate::auth::Guard::new(&settings.auth));
+    let guard = Arc::new(crate::auth::Guard::new(&settings.auth)?);
     let tls = match &settings.tls {
         Some(config) => {
             let tls = crate::tls::Tls::load(config).context("[tls]")?;

@@ -823,3 +823,87 @@ fn the_audit_file_records_admin_operations_key_changes_denials_and_failures() {
         );
     }
 }
+
+#[test]
+fn jwt_bearer_tokens_from_an_identity_providers_keys_name_the_principal() {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let dir = tempfile::tempdir().unwrap();
+    // The provider's signing key (ES256) and its JWKS, as an identity provider publishes it.
+    let signing = rcgen::KeyPair::generate().unwrap();
+    let point = signing.public_key_raw();
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "idp-1", "alg": "ES256", "use": "sig",
+        "x": b64(&point[1..33]), "y": b64(&point[33..65])}]});
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks.to_string()).unwrap();
+    let server = secured(
+        dir.path(),
+        &format!(
+            "[auth.jwt]\njwks_file = {jwks_file:?}\nissuer = \"https://idp.example\"\naudience = \"tidewater\"\ntenant_claim = \"org\"\nroles_claim = \"groups\"\n"
+        ),
+    );
+    admin(&server, "PUT", "/v1/queues/q", Some(json!({})));
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let token = |claims: Value| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("idp-1".into());
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    };
+    let good = token(json!({"sub": "carol", "org": "acme", "groups": ["readers"],
+        "iss": "https://idp.example", "aud": "tidewater", "exp": now + 600}));
+    let (status, me) = call_as(&server.url, Some(&good), "GET", "/v1/auth/whoami", None);
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(
+        (
+            me["principal"].as_str(),
+            me["tenant"].as_str(),
+            me["roles"][0].as_str()
+        ),
+        (Some("carol"), Some("acme"), Some("readers"))
+    );
+    assert_eq!(
+        call_as(&server.url, Some(&good), "GET", "/v1/queues/q", None).0,
+        403
+    );
+    admin(
+        &server,
+        "POST",
+        "/v1/auth/acls",
+        Some(
+            json!({"role": "readers", "resource": "queue", "name": "q", "operations": ["describe"]}),
+        ),
+    );
+    assert_eq!(
+        call_as(&server.url, Some(&good), "GET", "/v1/queues/q", None).0,
+        200
+    );
+    // Expired, another audience, another issuer: refused.
+    for claims in [
+        json!({"sub": "carol", "iss": "https://idp.example", "aud": "tidewater", "exp": now - 600}),
+        json!({"sub": "carol", "iss": "https://idp.example", "aud": "other", "exp": now + 600}),
+        json!({"sub": "carol", "iss": "https://evil.example", "aud": "tidewater", "exp": now + 600}),
+    ] {
+        let (status, reply) = call_as(
+            &server.url,
+            Some(&token(claims.clone())),
+            "GET",
+            "/v1/queues/q",
+            None,
+        );
+        assert_eq!(status, 401, "{claims}: {reply}");
+    }
+    // The binary protocol takes it in Hello.
+    let (mut conn, mut buf, reply) = hello(&server.protocol, Some(&good));
+    assert!(matches!(reply, Some(Frame::HelloOk { .. })), "{reply:?}");
+    let reply = request(
+        &mut conn,
+        &mut buf,
+        &Frame::StreamMetadata { stream: "s".into() },
+        2,
+    );
+    assert_eq!(code(&reply), Some("forbidden"));
+}
