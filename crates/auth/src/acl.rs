@@ -271,9 +271,9 @@ pub struct AclSpec {
 pub const MAX_PATTERN_LEN: usize = 512;
 
 /// Longest principal or role name.
-pub const MAX_NAME_LEN: usize = 256;
+pub const MAX_NAME_LEN: usize = 128;
 
-/// Checks a name of a principal or a role: 1 to 256 characters, no control characters.
+/// Checks a name of a principal, a role or a tenant: 1 to 128 bytes, no control characters.
 pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(format!(

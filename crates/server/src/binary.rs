@@ -625,7 +625,11 @@ impl Session {
                 // Submitted here, in frame order, so a connection's batches are appended in
                 // the order they were sent; only the wait is concurrent.
                 let permit = self.request_permit().await?;
-                let started = broker.start_publish_batch(&queue, batch, ack_level(ack));
+                // With authentication on, records naming no tenant count against the
+                // principal's.
+                let tenant = self.caller.identity().map(|i| i.tenant.clone());
+                let started =
+                    broker.start_publish_batch_as(&queue, batch, ack_level(ack), tenant.as_deref());
                 self.answer_produce(started, permit, request_id).await?;
             }
             Frame::StreamProduce {

@@ -779,7 +779,7 @@ fn auth_schemas() -> Value {
         .map(|k| k.as_str())
         .to_vec();
     let name = json!({"type": "string", "minLength": 1, "maxLength": tidewater_auth::acl::MAX_NAME_LEN,
-            "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$", "description": "at most 256 bytes of UTF-8, no control characters"});
+            "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$", "description": "at most 128 bytes of UTF-8, no control characters"});
     let key = json!({"type": "object", "additionalProperties": false,
         "required": ["id", "principal", "roles", "tenant", "description", "created_at_ms", "expires_at_ms"], "properties": {
             "id": {"type": "string"}, "principal": {"type": "string"},

@@ -520,21 +520,25 @@ fn tenants_come_from_identity_unless_granted_set_tenant() {
     );
     // Over the binary protocol: a record naming another tenant is refused without the
     // grant.
-    let batch = |tenant: &str| {
+    let batch = |tenant: Option<&str>| {
         let mut builder = tidewater_storage::BatchBuilder::new(0, 0);
         builder.push(&tidewater_storage::NewRecord {
             id: b"x",
             generated_id: true,
-            headers: vec![(b"tidewater-tenant", tenant.as_bytes())],
+            headers: tenant
+                .map(|t| vec![(&b"tidewater-tenant"[..], t.as_bytes())])
+                .unwrap_or_default(),
             body: b"e",
             ..Default::default()
         });
         builder.finish()
     };
+    // A record naming no tenant counts against the principal's.
     for (token, tenant, refused) in [
-        (&worker, "acme", true),
-        (&worker, "worker", false),
-        (&gateway, "acme", false),
+        (&worker, Some("acme"), true),
+        (&worker, Some("worker"), false),
+        (&gateway, Some("acme"), false),
+        (&worker, None, false),
     ] {
         let (mut conn, mut buf, _) = hello(&server.protocol, Some(token));
         let produce = Frame::Produce {
@@ -546,7 +550,7 @@ fn tenants_come_from_identity_unless_granted_set_tenant() {
         assert_eq!(
             code(&reply) == Some("forbidden"),
             refused,
-            "{tenant}: {reply:?}"
+            "{tenant:?}: {reply:?}"
         );
         if !refused {
             assert!(matches!(reply, Some(Frame::Produced { .. })), "{reply:?}");
@@ -561,7 +565,7 @@ fn tenants_come_from_identity_unless_granted_set_tenant() {
         .collect();
     assert_eq!(
         tenants,
-        ["worker", "worker", "acme", "worker", "acme"],
+        ["worker", "worker", "acme", "worker", "acme", "worker"],
         "{peek}"
     );
 }

@@ -149,7 +149,20 @@ impl Broker {
         level: AckLevel,
     ) -> Result<impl Future<Output = Result<(u64, u32), BrokerError>> + Send + 'static, BrokerError>
     {
-        let started = self.admit_batch(queue, batch, level)?;
+        self.start_publish_batch_as(queue, batch, level, None)
+    }
+
+    /// `start_publish_batch` with `tenant` as the tenant of the records that name none
+    /// (the principal's, with authentication on: quotas and fairness count them against it).
+    pub fn start_publish_batch_as(
+        &self,
+        queue: &str,
+        batch: Vec<u8>,
+        level: AckLevel,
+        tenant: Option<&str>,
+    ) -> Result<impl Future<Output = Result<(u64, u32), BrokerError>> + Send + 'static, BrokerError>
+    {
+        let started = self.admit_batch(queue, batch, level, tenant)?;
         Ok(async move {
             match started {
                 Ok(appended) => appended.await,
@@ -166,6 +179,7 @@ impl Broker {
         queue: &str,
         mut batch: Vec<u8>,
         level: AckLevel,
+        tenant: Option<&str>,
     ) -> Result<
         Result<impl Future<Output = Result<(u64, u32), BrokerError>> + Send + 'static, u64>,
         BrokerError,
@@ -184,6 +198,14 @@ impl Broker {
                     format!("the record batch is invalid: {e}"),
                 )
             })?;
+        let mut header = header;
+        if let Some(tenant) = tenant
+            && let Some(stamped) = crate::plan::batch::with_tenant(&header, &batch, tenant, now)
+        {
+            batch = stamped;
+            header = tidewater_storage::format::restamp_batch(&mut batch, handle.uid, now)
+                .map_err(|e| BrokerError::new(ErrorCode::Internal, e.to_string()))?;
+        }
         let limits = &self.inner.limits;
         if header.count as usize > limits.max_batch_messages {
             return Err(BrokerError::new(

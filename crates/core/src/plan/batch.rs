@@ -105,6 +105,42 @@ pub(crate) fn select(
     builder.finish()
 }
 
+/// The batch with `tenant` as the tenant of each record that names none (the principal's,
+/// with authentication on), or None when every record names one already.
+pub(crate) fn with_tenant(
+    header: &tidewater_storage::format::BatchHeader,
+    batch: &[u8],
+    tenant: &str,
+    now: i64,
+) -> Option<Vec<u8>> {
+    let body = &batch[tidewater_storage::format::BATCH_HEADER_LEN..];
+    let mut missing = false;
+    let _ = tidewater_storage::format::visit_records::<FormatError>(header, body, |record| {
+        missing |= !record.headers().any(|(k, _)| k == HEADER_TENANT.as_bytes());
+        Ok(())
+    });
+    if !missing {
+        return None;
+    }
+    let mut builder = BatchBuilder::new(header.log_uid, now);
+    let _ = tidewater_storage::format::visit_records::<FormatError>(header, body, |record| {
+        let mut headers: Vec<(&[u8], &[u8])> = record.headers().collect();
+        if !headers.iter().any(|(k, _)| *k == HEADER_TENANT.as_bytes()) {
+            headers.push((HEADER_TENANT.as_bytes(), tenant.as_bytes()));
+        }
+        builder.push(&NewRecord {
+            id: record.id,
+            generated_id: record.flags & RECORD_FLAG_GENERATED_ID != 0,
+            key: record.key,
+            headers,
+            deliver_at_ms: record.deliver_at_ms,
+            body: record.body,
+        });
+        Ok(())
+    });
+    Some(builder.finish())
+}
+
 /// The part of a publish that goes to the queue's delay log.
 pub(crate) struct ParkedPart {
     pub(crate) uid: u64,
