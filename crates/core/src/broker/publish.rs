@@ -249,7 +249,6 @@ impl Broker {
                 .collect(),
         );
         let count = header.count - dups.len() as u32;
-        let mut header = header;
         if !dups.is_empty() {
             // Rare: rebuild the batch without its duplicates (acknowledged, not enqueued).
             if count == 0 {
