@@ -86,15 +86,73 @@ pub struct BenchArgs {
     /// With --target: the binary protocol address of that server.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7071")]
     pub target_protocol: String,
+    /// Security of the server bench starts (throughput and latency workloads): off, auth
+    /// (API keys and grants: every request authenticated and authorized, receipts bound to
+    /// the principal), tls (every listener over TLS, a certificate made for the run), or
+    /// tls+auth; the clients present the admin key and trust the run's CA.
+    #[arg(long, default_value = "off", value_parser = ["off", "auth", "tls", "tls+auth"])]
+    pub security: String,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The admin token a secured bench server is started with.
+const BENCH_ADMIN: &str = "twbench.bench-admin-secret-0123456789abcdefghij";
+
+/// Options of the benchmark's binary clients: the run's token and TLS, if any.
+fn client_options() -> tidewater_client::ClientOptions {
+    tidewater_client::ClientOptions {
+        credentials: crate::client::token().map(tidewater_client::Credentials::token),
+        tls: crate::client::binary_tls().ok().flatten(),
+        ..tidewater_client::ClientOptions::default()
+    }
+}
+
+/// The configuration and environment of a server with `security`, with what clients must
+/// present; a certificate for 127.0.0.1 is made in `dir` for TLS.
+fn security_setup(
+    security: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<(String, Vec<(String, String)>)> {
+    let mut config = String::new();
+    let mut env = Vec::new();
+    let mut tls = crate::client::TlsFlags::default();
+    if security.contains("auth") {
+        config.push_str("[auth]\nenabled = true\n");
+        env.push(("TIDEWATER_ADMIN_KEY".to_string(), BENCH_ADMIN.to_string()));
+        crate::client::set_token(Some(BENCH_ADMIN.to_string()));
+    }
+    if security.contains("tls") {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?
+                .signed_by(&key, &ca, &ca_key)?;
+        std::fs::write(dir.join("ca.pem"), ca.pem())?;
+        std::fs::write(dir.join("server.pem"), cert.pem())?;
+        std::fs::write(dir.join("server.key"), key.serialize_pem())?;
+        config.push_str(&format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            dir.join("server.pem"),
+            dir.join("server.key")
+        ));
+        tls.cacert = Some(dir.join("ca.pem"));
+        tls.https = true;
+    }
+    crate::client::set_tls(tls);
+    Ok((config, env))
 }
 
 /// Server process started for the run (killed on drop).
 struct Spawned {
     child: Child,
     _dir: tempfile_dir::Dir,
+    /// The run's certificates, for a TLS server.
+    _pki: Option<tempfile_dir::Dir>,
 }
 
 impl Drop for Spawned {
@@ -144,8 +202,27 @@ fn spawn_server() -> anyhow::Result<(String, String, Spawned)> {
     spawn_server_with(None)
 }
 
+/// A server with `security` (see `BenchArgs::security`).
+fn spawn_secured(security: &str) -> anyhow::Result<(String, String, Spawned)> {
+    if security == "off" {
+        return spawn_server();
+    }
+    let dir = tempfile_dir::Dir::new()?;
+    let (config, env) = security_setup(security, &dir.0)?;
+    let (url, addr, mut spawned) = spawn_server_env(Some(&config), &env)?;
+    spawned._pki = Some(dir);
+    Ok((url, addr, spawned))
+}
+
 /// A server on a new directory, with a configuration file of `config` when given.
 fn spawn_server_with(config: Option<&str>) -> anyhow::Result<(String, String, Spawned)> {
+    spawn_server_env(config, &[])
+}
+
+fn spawn_server_env(
+    config: Option<&str>,
+    env: &[(String, String)],
+) -> anyhow::Result<(String, String, Spawned)> {
     let dir = tempfile_dir::Dir::new()?;
     let port = free_port()?;
     let protocol_port = free_port()?;
@@ -161,10 +238,16 @@ fn spawn_server_with(config: Option<&str>) -> anyhow::Result<(String, String, Sp
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--protocol-listen", &format!("127.0.0.1:{protocol_port}")])
         .env("TIDEWATER_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .spawn()
         .context("starting the server")?;
-    let url = format!("http://127.0.0.1:{port}");
+    let scheme = if config.is_some_and(|c| c.contains("[tls]")) {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://127.0.0.1:{port}");
     let client = Client::new(&url);
     let deadline = Instant::now() + Duration::from_secs(30);
     while client.get("/readyz").is_err() {
@@ -176,7 +259,11 @@ fn spawn_server_with(config: Option<&str>) -> anyhow::Result<(String, String, Sp
     Ok((
         url,
         format!("127.0.0.1:{protocol_port}"),
-        Spawned { child, _dir: dir },
+        Spawned {
+            child,
+            _dir: dir,
+            _pki: None,
+        },
     ))
 }
 
@@ -228,7 +315,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (url, protocol_addr, spawned) = match &args.target {
         Some(url) => (url.clone(), args.target_protocol.clone(), None),
         None => {
-            let (url, protocol_addr, spawned) = spawn_server()?;
+            let (url, protocol_addr, spawned) = spawn_secured(&args.security)?;
             (url, protocol_addr, Some(spawned))
         }
     };
@@ -358,6 +445,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .zip(usage_end)
         .map(|(after, end)| end.1 - after.1);
     let result = json!({
+        "security": args.security,
         "messages": args.messages,
         "size": args.size,
         "batch": args.batch,
@@ -378,13 +466,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         outln!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         outln!(
-            "tidewater bench: {} messages of {} B, publish batches of {}, {} producers, {} consumers (receive {})",
+            "tidewater bench: {} messages of {} B, publish batches of {}, {} producers, {} consumers (receive {}), security {}",
             args.messages,
             args.size,
             args.batch,
             args.producers,
             args.consumers,
-            args.receive_batch
+            args.receive_batch,
+            args.security
         );
         outln!(
             "  publish (durable)   {:>10.0} msgs/s   request p50 {:.1} ms  p99 {:.1} ms",
@@ -536,7 +625,7 @@ fn stream_workload(
     pid: Option<u32>,
 ) -> anyhow::Result<Value> {
     use tidewater_client::{
-        Client as BinaryClient, ClientOptions, GroupConsumerOptions, Record, StreamProducerOptions,
+        Client as BinaryClient, GroupConsumerOptions, Record, StreamProducerOptions,
     };
     if args.streams == 0 || args.partitions == 0 {
         bail!("--streams and --partitions must be at least 1");
@@ -564,7 +653,7 @@ fn stream_workload(
     let before = usage(pid);
     let n = args.messages;
     let produce_s = runtime.block_on(async {
-        let client = BinaryClient::new(addr, ClientOptions::default());
+        let client = BinaryClient::new(addr, client_options());
         let producers: Vec<_> = names
             .iter()
             .map(|name| {
@@ -587,7 +676,7 @@ fn stream_workload(
     })?;
     let after_produce = usage(pid);
     let fetch_s = runtime.block_on(async {
-        let client = BinaryClient::new(addr, ClientOptions::default());
+        let client = BinaryClient::new(addr, client_options());
         let streams: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut consumer = client.group_consumer(
             &format!("bench-{run}"),
@@ -666,8 +755,8 @@ where
 /// number of messages consumed and acked by one binary consumer.
 fn subscriptions_workload(args: &BenchArgs) -> anyhow::Result<()> {
     use tidewater_client::{
-        Client as BinaryClient, ClientOptions, ConsumerOptions, GroupConsumerOptions, Message,
-        ProducerOptions, Record, StreamProducerOptions,
+        Client as BinaryClient, ConsumerOptions, GroupConsumerOptions, Message, ProducerOptions,
+        Record, StreamProducerOptions,
     };
     let subs: Vec<usize> = args
         .subs
@@ -702,7 +791,7 @@ fn subscriptions_workload(args: &BenchArgs) -> anyhow::Result<()> {
         .build()?;
     let value = vec![b'x'; args.size];
     let produce_s = runtime.block_on(async {
-        let client = BinaryClient::new(&addr, ClientOptions::default());
+        let client = BinaryClient::new(&addr, client_options());
         let producer = client.stream_producer(
             stream,
             StreamProducerOptions {
@@ -716,7 +805,7 @@ fn subscriptions_workload(args: &BenchArgs) -> anyhow::Result<()> {
     // Baseline: one group consumer reads the stream once.
     let before = cpu();
     let group_s = runtime.block_on(async {
-        let client = BinaryClient::new(&addr, ClientOptions::default());
+        let client = BinaryClient::new(&addr, client_options());
         let mut consumer = client.group_consumer(
             "bench-fanout-group",
             &[stream],
@@ -745,7 +834,7 @@ fn subscriptions_workload(args: &BenchArgs) -> anyhow::Result<()> {
             for name in names {
                 let addr = addr.clone();
                 tasks.push(tokio::spawn(async move {
-                    let client = BinaryClient::new(&addr, ClientOptions::default());
+                    let client = BinaryClient::new(&addr, client_options());
                     let mut consumer = client.consumer(
                         &name,
                         ConsumerOptions {
@@ -785,7 +874,7 @@ fn subscriptions_workload(args: &BenchArgs) -> anyhow::Result<()> {
         ),
     )?;
     runtime.block_on(async {
-        let client = BinaryClient::new(&addr, ClientOptions::default());
+        let client = BinaryClient::new(&addr, client_options());
         let producer = client.producer(queue, ProducerOptions::default());
         // At most 50,000 unanswered at a time (as `send_all`).
         let mut window = std::collections::VecDeque::new();
@@ -885,7 +974,7 @@ fn subscriptions_workload(args: &BenchArgs) -> anyhow::Result<()> {
 /// the pass's throughput (segment bytes rewritten per second of pass), what it reclaimed,
 /// and both latency distributions.
 fn compaction_workload(args: &BenchArgs) -> anyhow::Result<()> {
-    use tidewater_client::{Client as BinaryClient, ClientOptions, Record, StreamProducerOptions};
+    use tidewater_client::{Client as BinaryClient, Record, StreamProducerOptions};
     if args.keys == 0 || args.rate == 0 || args.duration_s == 0 {
         bail!("the compaction workload needs --keys, --rate and --duration-s of at least 1");
     }
@@ -913,7 +1002,7 @@ fn compaction_workload(args: &BenchArgs) -> anyhow::Result<()> {
     let keys = args.keys;
     let size = args.size.max(8);
     let fill_s = runtime.block_on(async {
-        let client = BinaryClient::new(&addr, ClientOptions::default());
+        let client = BinaryClient::new(&addr, client_options());
         let producer = client.stream_producer(
             "table",
             StreamProducerOptions {
@@ -928,7 +1017,7 @@ fn compaction_workload(args: &BenchArgs) -> anyhow::Result<()> {
     })?;
     let paced = |phase: &str| -> anyhow::Result<Vec<f64>> {
         runtime.block_on(async {
-            let client = BinaryClient::new(&addr, ClientOptions::default());
+            let client = BinaryClient::new(&addr, client_options());
             let producer = client.stream_producer("table", StreamProducerOptions::default());
             let total = args.rate * args.duration_s;
             let per_tick = (args.rate / 1000).max(1);
@@ -1058,13 +1147,13 @@ fn compaction_workload(args: &BenchArgs) -> anyhow::Result<()> {
 /// Publishes through tidewater-client: `producers` producers, each sending its share as
 /// individual messages (the client batches them); returns per-message send-to-ack latencies.
 fn binary_publish(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result<Vec<f64>> {
-    use tidewater_client::{Client as BinaryClient, ClientOptions, Message, ProducerOptions};
+    use tidewater_client::{Client as BinaryClient, Message, ProducerOptions};
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let client = BinaryClient::new(addr, ClientOptions::default());
+        let client = BinaryClient::new(addr, client_options());
         let body = vec![b'x'; args.size];
         let per_producer = args.messages / args.producers as u64;
         let mut tasks = Vec::new();
@@ -1117,13 +1206,13 @@ fn binary_publish(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result<V
 
 /// Consumes through tidewater-client with `consumers` consumers until everything is acked.
 fn binary_consume(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result<()> {
-    use tidewater_client::{Client as BinaryClient, ClientOptions, ConsumerOptions};
+    use tidewater_client::{Client as BinaryClient, ConsumerOptions};
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let client = BinaryClient::new(addr, ClientOptions::default());
+        let client = BinaryClient::new(addr, client_options());
         let received = Arc::new(AtomicU64::new(0));
         let total = args.messages;
         let mut tasks = Vec::new();
@@ -1160,9 +1249,7 @@ fn binary_consume(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result<(
 /// Publishes at a fixed rate (a burst of rate/1000 every 1 ms tick, each body starting with
 /// its send time) and measures publish-to-delivery latency at one consumer that acks all.
 fn latency_workload(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result<Vec<f64>> {
-    use tidewater_client::{
-        Client as BinaryClient, ClientOptions, ConsumerOptions, Message, ProducerOptions,
-    };
+    use tidewater_client::{Client as BinaryClient, ConsumerOptions, Message, ProducerOptions};
     if args.rate == 0 || args.duration_s == 0 || args.size < 8 {
         bail!("--rate and --duration-s must be at least 1 and --size at least 8");
     }
@@ -1171,7 +1258,7 @@ fn latency_workload(args: &BenchArgs, addr: &str, queue: &str) -> anyhow::Result
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let client = BinaryClient::new(addr, ClientOptions::default());
+        let client = BinaryClient::new(addr, client_options());
         let epoch = Instant::now();
         let total = args.rate * args.duration_s;
         let mut consumer = client.consumer(
