@@ -298,6 +298,25 @@ pub fn batch_records<'a>(
     batch_records_at(bytes, header, base_offset, from, 0)
 }
 
+/// The first value of header `name` in an uncompressed batch's records that is not
+/// `allowed` (a record naming a tenant other than its producer's), if any.
+pub fn header_other_than<'a>(
+    bytes: &'a [u8],
+    name: &[u8],
+    allowed: &[u8],
+) -> Result<Option<&'a [u8]>, FormatError> {
+    let header = check_kafka_batch(bytes)?;
+    for record in batch_records(bytes, &header, 0, 0) {
+        for pair in record?.record.headers() {
+            let (key, value) = pair?;
+            if key == name && value != Some(allowed) {
+                return Ok(Some(value.unwrap_or_default()));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// `batch_records`, reading from byte `position` of the records (where a record starts, as
 /// `record_positions` found it) instead of the first.
 pub fn batch_records_at<'a>(

@@ -103,3 +103,14 @@ pub(crate) fn audit(action: &str, resource: &str, error_code: i16) {
     let principal = principal().unwrap_or_else(|| "-".into());
     tracing::info!(target: "tidewater::audit", listener = "kafka", principal = %principal, action, resource, error_code, "admin operation");
 }
+
+/// The tenant of the request in scope's principal (None with authentication off).
+pub(crate) fn tenant() -> Option<String> {
+    ACCESS
+        .try_with(|a| match a {
+            Access::Open => None,
+            Access::Known { identity, .. } => Some(identity.tenant.clone()),
+        })
+        .ok()
+        .flatten()
+}

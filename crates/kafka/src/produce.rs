@@ -198,6 +198,34 @@ fn start_partition(
             return Partition::Done(code.code(), err.to_string());
         }
     };
+    // A record naming a tenant other than the principal's needs set_tenant on the stream
+    // (work-queue subscriptions count it against that tenant).
+    if let Some(own) = crate::access::tenant() {
+        let foreign = batches.iter().find_map(|b| {
+            tidewater_storage::format::kafka::header_other_than(
+                &b.bytes,
+                tidewater_core::queue::HEADER_TENANT.as_bytes(),
+                own.as_bytes(),
+            )
+            .ok()
+            .flatten()
+        });
+        if let Some(tenant) = foreign
+            && !crate::access::may(
+                Operation::SetTenant,
+                tidewater_auth::ResourceKind::Stream,
+                stream,
+            )
+        {
+            return Partition::Done(
+                ResponseError::TopicAuthorizationFailed.code(),
+                format!(
+                    "a record names tenant '{}'; the principal's is '{own}' (naming another needs set_tenant on stream '{stream}')",
+                    String::from_utf8_lossy(tenant)
+                ),
+            );
+        }
+    }
     let decompressed: usize = batches
         .iter()
         .filter(|b| b.compressed)

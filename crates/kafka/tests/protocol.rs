@@ -1329,6 +1329,32 @@ async fn sasl_authenticates_and_grants_decide_what_each_request_may_do() {
     f.broker.grant(grant(Stream, "t", Produce)).await.unwrap();
     let p: ProduceResponse = c.call(ApiKey::Produce, 9, &produce()).await;
     assert_eq!(p.responses[0].partition_responses[0].error_code, 0);
+    // A record naming another tenant needs set_tenant.
+    let mut spoofed = record(0, (-1, -1, -1));
+    spoofed
+        .headers
+        .insert(text("tidewater-tenant"), Some(Bytes::from_static(b"acme")));
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &[spoofed],
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .unwrap();
+    let p: ProduceResponse = c
+        .call(
+            ApiKey::Produce,
+            9,
+            &produce_request("t", 0, buf.freeze(), -1),
+        )
+        .await;
+    assert_eq!(
+        p.responses[0].partition_responses[0].error_code,
+        topic_denied
+    );
     let m: MetadataResponse = c.call(ApiKey::Metadata, 12, &metadata_of("t")).await;
     assert_eq!(m.topics[0].error_code, 0, "produce implies describe");
     let fetched: FetchResponse = c

@@ -638,6 +638,23 @@ impl Session {
                 ack,
                 batch,
             } => {
+                // A record naming a tenant other than the principal's needs set_tenant.
+                if let Caller::Known { identity, .. } = &self.caller
+                    && let Ok(Some(tenant)) = tidewater_storage::format::kafka::header_other_than(
+                        &batch,
+                        tidewater_core::queue::HEADER_TENANT.as_bytes(),
+                        identity.tenant.as_bytes(),
+                    )
+                {
+                    let tenant = String::from_utf8_lossy(tenant).into_owned();
+                    let resource = tidewater_auth::Resource::new(
+                        tidewater_auth::ResourceKind::Stream,
+                        &stream,
+                    );
+                    if let Err(err) = self.caller.tenant_for(Some(&tenant), &resource) {
+                        return Ok(self.outbox.reply(&error_frame(&err), request_id).await?);
+                    }
+                }
                 // As Produce.
                 let permit = self.request_permit().await?;
                 let started = broker

@@ -1390,6 +1390,7 @@ async fn delete_stream(State(state): State<AppState>, Path(stream): Path<String>
 
 async fn produce(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(stream): Path<String>,
     body: Body,
 ) -> ApiResult {
@@ -1403,6 +1404,17 @@ async fn produce(
         .enumerate()
         .map(|(idx, r)| r.into_record(idx))
         .collect::<Result<Vec<_>, _>>()?;
+    // A record naming a tenant other than the principal's needs set_tenant on the stream
+    // (work-queue subscriptions count it against that tenant).
+    let resource = Resource::new(ResourceKind::Stream, &stream);
+    for record in &records {
+        for (name, value) in &record.headers {
+            if name == tidewater_core::queue::HEADER_TENANT {
+                let asked = value.as_deref().map(String::from_utf8_lossy);
+                caller.tenant_for(asked.as_deref(), &resource)?;
+            }
+        }
+    }
     let produced = broker.produce(&stream, &records, level).await?;
     let offsets: Vec<serde_json::Value> = produced
         .offsets

@@ -24,14 +24,16 @@ fn secured(dir: &Path, extra: &str) -> Server {
     let config = dir.join("auth.toml");
     std::fs::write(&config, format!("[auth]\nenabled = true\n{extra}")).unwrap();
     let log = dir.join("server.log");
-    Server::start_env(
+    let server = Server::start_env(
         &dir.join("data"),
         Some(config),
         &[
             ("TIDEWATER_ADMIN_KEY", ADMIN),
             (LOG_TO, log.to_str().unwrap()),
         ],
-    )
+    );
+    server.remember_secret(ADMIN.split_once('.').unwrap().1);
+    server
 }
 
 fn admin(server: &Server, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -51,6 +53,7 @@ fn key(server: &Server, principal: &str, roles: &[&str]) -> String {
         "/v1/auth/keys",
         Some(json!({"principal": principal, "roles": roles})),
     );
+    server.remember_secret(made["secret"].as_str().unwrap());
     made["token"].as_str().unwrap().to_string()
 }
 
@@ -556,6 +559,35 @@ fn tenants_come_from_identity_unless_granted_set_tenant() {
             assert!(matches!(reply, Some(Frame::Produced { .. })), "{reply:?}");
         }
     }
+    // Streams: a record naming another tenant (subscriptions would count it there).
+    admin(
+        &server,
+        "PUT",
+        "/v1/streams/s",
+        Some(json!({"partitions": 1})),
+    );
+    grant(&server, "worker", "stream", "s", &["produce"]);
+    grant(
+        &server,
+        "gateway",
+        "stream",
+        "s",
+        &["produce", "set_tenant"],
+    );
+    let produce = |token: &str, tenant: &str| {
+        let body = json!({"records": [{"value": "v", "headers": {"tidewater-tenant": tenant}}]});
+        call_as(
+            &server.url,
+            Some(token),
+            "POST",
+            "/v1/streams/s/records",
+            Some(&body),
+        )
+        .0
+    };
+    assert_eq!(produce(&worker, "acme"), 403);
+    assert_eq!(produce(&worker, "worker"), 200);
+    assert_eq!(produce(&gateway, "acme"), 200);
     let peek = admin(&server, "GET", "/v1/queues/q/messages?max=10", None);
     let tenants: Vec<&str> = peek["messages"]
         .as_array()

@@ -366,6 +366,38 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+        // A server logging to a file: no secret the test made (registered with
+        // `remember_secret`) may appear in it.
+        if let Some(log) = &self.log
+            && !std::thread::panicking()
+        {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let secrets =
+                std::fs::read_to_string(log.with_extension("secrets")).unwrap_or_default();
+            for secret in secrets.lines().filter(|s| !s.is_empty()) {
+                assert!(
+                    !text.contains(secret),
+                    "a secret appears in the server's log {}",
+                    log.display()
+                );
+            }
+        }
+    }
+}
+
+impl Server {
+    /// Registers a secret the server's log (with `LOG_TO`) must never contain: checked
+    /// when the server is dropped.
+    pub fn remember_secret(&self, secret: &str) {
+        if let Some(log) = &self.log {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log.with_extension("secrets"))
+                .unwrap();
+            writeln!(file, "{secret}").unwrap();
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use tidewater_client::{
 };
 
 use crate::binary::runtime;
-use crate::support::{Server, TLS_CA};
+use crate::support::{LOG_TO, Server, TLS_CA};
 
 /// A CA and what it signs, as PEM files in a directory.
 struct Pki {
@@ -79,14 +79,18 @@ fn tls_server(dir: &Path, pki: &Pki, extra: &str) -> Server {
     )
     .unwrap();
     let ca = pki.ca_file("main");
-    Server::start_env(
+    let log = dir.join("server.log");
+    let server = Server::start_env(
         &dir.join("data"),
         Some(config),
         &[
             ("TIDEWATER_ADMIN_KEY", ADMIN),
             (TLS_CA, ca.to_str().unwrap()),
+            (LOG_TO, log.to_str().unwrap()),
         ],
-    )
+    );
+    server.remember_secret(ADMIN.split_once('.').unwrap().1);
+    server
 }
 
 /// curl's answer: (HTTP status, body as JSON), or None when curl itself failed (a TLS
