@@ -255,6 +255,13 @@ pub(crate) async fn list_groups(kafka: &Kafka, req: ListGroupsRequest) -> ListGr
     // Share groups with members (their subscriptions are tidewater's own to list).
     let shares = kafka.shares.lock().groups();
     for name in shares {
+        if !crate::access::visible(
+            Operation::Describe,
+            tidewater_auth::ResourceKind::Group,
+            &name,
+        ) {
+            continue;
+        }
         let wanted_type = req.types_filter.is_empty()
             || req
                 .types_filter

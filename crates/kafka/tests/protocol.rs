@@ -1425,3 +1425,315 @@ async fn sasl_authenticates_and_grants_decide_what_each_request_may_do() {
         kafka_protocol::ResponseError::SaslAuthenticationFailed.code()
     );
 }
+
+/// One request of each API the table test sends, aimed at stream `t`, group `g`,
+/// consumer-protocol group `k`, share group `s` (share topic `t`), topic id `id`; the
+/// response's Debug text. Panics for an API with no entry: a new API makes the table test
+/// fail until it says what to send.
+async fn any_request(c: &mut Client, api: ApiKey, id: uuid::Uuid, send_only: bool) -> String {
+    let v = *versions(api).end();
+    macro_rules! call {
+        ($req:expr, $resp:ty) => {{
+            if send_only {
+                let frame = c.frame(api, v, &$req);
+                c.stream.write_all(&frame).await.unwrap();
+                return String::new();
+            }
+            let r: $resp = c.call(api, v, &$req).await;
+            format!("{r:?}")
+        }};
+    }
+    match api {
+        ApiKey::Produce => call!(
+            produce_request("t", 0, batch(1, Compression::None, (-1, -1, -1)), -1),
+            ProduceResponse
+        ),
+        ApiKey::Fetch => call!(fetch_request(v, "t", id, 0), FetchResponse),
+        ApiKey::ListOffsets => {
+            let mut p = list_offsets_request::ListOffsetsPartition::default();
+            p.timestamp = -1;
+            let mut t = list_offsets_request::ListOffsetsTopic::default();
+            t.name = name("t");
+            t.partitions = vec![p];
+            let mut req = ListOffsetsRequest::default();
+            req.replica_id = BrokerId(-1);
+            req.topics = vec![t];
+            call!(req, ListOffsetsResponse)
+        }
+        ApiKey::Metadata => call!(metadata_of("t"), MetadataResponse),
+        ApiKey::OffsetCommit => {
+            let mut p = offset_commit_request::OffsetCommitRequestPartition::default();
+            p.committed_offset = 0;
+            let mut t = offset_commit_request::OffsetCommitRequestTopic::default();
+            t.name = name("t");
+            t.partitions = vec![p];
+            let mut req = OffsetCommitRequest::default();
+            req.group_id = GroupId(text("g"));
+            req.generation_id_or_member_epoch = -1;
+            req.topics = vec![t];
+            call!(req, OffsetCommitResponse)
+        }
+        ApiKey::OffsetFetch => {
+            let mut g = offset_fetch_request::OffsetFetchRequestGroup::default();
+            g.group_id = GroupId(text("g"));
+            g.topics = None;
+            let mut req = OffsetFetchRequest::default();
+            req.groups = vec![g];
+            call!(req, OffsetFetchResponse)
+        }
+        ApiKey::FindCoordinator => {
+            let mut req = FindCoordinatorRequest::default();
+            req.coordinator_keys = vec![text("g")];
+            call!(req, FindCoordinatorResponse)
+        }
+        ApiKey::JoinGroup => {
+            let mut req = JoinGroupRequest::default();
+            req.group_id = GroupId(text("g"));
+            req.session_timeout_ms = 10_000;
+            req.rebalance_timeout_ms = 10_000;
+            req.protocol_type = text("consumer");
+            let mut p = join_group_request::JoinGroupRequestProtocol::default();
+            p.name = text("range");
+            req.protocols = vec![p];
+            call!(req, JoinGroupResponse)
+        }
+        ApiKey::SyncGroup => {
+            let mut req = SyncGroupRequest::default();
+            req.group_id = GroupId(text("g"));
+            req.generation_id = 1;
+            req.member_id = text("m");
+            call!(req, SyncGroupResponse)
+        }
+        ApiKey::Heartbeat => {
+            let mut req = HeartbeatRequest::default();
+            req.group_id = GroupId(text("g"));
+            req.member_id = text("m");
+            call!(req, HeartbeatResponse)
+        }
+        ApiKey::LeaveGroup => {
+            let mut req = LeaveGroupRequest::default();
+            req.group_id = GroupId(text("g"));
+            let mut m = leave_group_request::MemberIdentity::default();
+            m.member_id = text("m");
+            req.members = vec![m];
+            call!(req, LeaveGroupResponse)
+        }
+        ApiKey::ListGroups => call!(ListGroupsRequest::default(), ListGroupsResponse),
+        ApiKey::DescribeGroups => {
+            let mut req = DescribeGroupsRequest::default();
+            req.groups = vec![GroupId(text("g"))];
+            call!(req, DescribeGroupsResponse)
+        }
+        ApiKey::DeleteGroups => {
+            let mut req = DeleteGroupsRequest::default();
+            req.groups_names = vec![GroupId(text("gone"))];
+            call!(req, DeleteGroupsResponse)
+        }
+        ApiKey::OffsetDelete => {
+            let mut p = offset_delete_request::OffsetDeleteRequestPartition::default();
+            p.partition_index = 0;
+            let mut t = offset_delete_request::OffsetDeleteRequestTopic::default();
+            t.name = name("t");
+            t.partitions = vec![p];
+            let mut req = OffsetDeleteRequest::default();
+            req.group_id = GroupId(text("gone"));
+            req.topics = vec![t];
+            call!(req, OffsetDeleteResponse)
+        }
+        ApiKey::CreateTopics => {
+            let mut t = create_topics_request::CreatableTopic::default();
+            t.name = name("made");
+            t.num_partitions = 1;
+            t.replication_factor = -1;
+            let mut req = CreateTopicsRequest::default();
+            req.topics = vec![t];
+            req.validate_only = true;
+            call!(req, CreateTopicsResponse)
+        }
+        ApiKey::DeleteTopics => {
+            let mut t = delete_topics_request::DeleteTopicState::default();
+            t.name = Some(name("doomed"));
+            let mut req = DeleteTopicsRequest::default();
+            req.topics = vec![t];
+            call!(req, DeleteTopicsResponse)
+        }
+        ApiKey::InitProducerId => {
+            let mut req = InitProducerIdRequest::default();
+            req.transaction_timeout_ms = 60_000;
+            req.producer_id = ProducerId(-1);
+            req.producer_epoch = -1;
+            call!(req, InitProducerIdResponse)
+        }
+        ApiKey::DescribeCluster => {
+            call!(DescribeClusterRequest::default(), DescribeClusterResponse)
+        }
+        ApiKey::DescribeConfigs => {
+            let mut r = describe_configs_request::DescribeConfigsResource::default();
+            r.resource_type = 2;
+            r.resource_name = text("t");
+            let mut req = DescribeConfigsRequest::default();
+            req.resources = vec![r];
+            call!(req, DescribeConfigsResponse)
+        }
+        ApiKey::IncrementalAlterConfigs => {
+            let mut r = incremental_alter_configs_request::AlterConfigsResource::default();
+            r.resource_type = 2;
+            r.resource_name = text("t");
+            let mut req = IncrementalAlterConfigsRequest::default();
+            req.resources = vec![r];
+            req.validate_only = true;
+            call!(req, IncrementalAlterConfigsResponse)
+        }
+        ApiKey::CreatePartitions => {
+            let mut t = create_partitions_request::CreatePartitionsTopic::default();
+            t.name = name("t");
+            t.count = 2;
+            t.assignments = None;
+            let mut req = CreatePartitionsRequest::default();
+            req.topics = vec![t];
+            req.validate_only = true;
+            call!(req, CreatePartitionsResponse)
+        }
+        ApiKey::ConsumerGroupHeartbeat => {
+            let mut req = ConsumerGroupHeartbeatRequest::default();
+            req.group_id = GroupId(text("k"));
+            req.member_id = text("kip848-member");
+            req.rebalance_timeout_ms = 30_000;
+            req.subscribed_topic_names = Some(vec![name("t")]);
+            req.topic_partitions = Some(vec![]);
+            call!(req, ConsumerGroupHeartbeatResponse)
+        }
+        ApiKey::ConsumerGroupDescribe => {
+            let mut req = ConsumerGroupDescribeRequest::default();
+            req.group_ids = vec![GroupId(text("k"))];
+            call!(req, ConsumerGroupDescribeResponse)
+        }
+        ApiKey::ShareGroupHeartbeat => {
+            let mut req = ShareGroupHeartbeatRequest::default();
+            req.group_id = GroupId(text("s"));
+            req.member_id = text("share-member");
+            req.subscribed_topic_names = Some(vec![name("t")]);
+            call!(req, ShareGroupHeartbeatResponse)
+        }
+        ApiKey::ShareGroupDescribe => {
+            let mut req = ShareGroupDescribeRequest::default();
+            req.group_ids = vec![GroupId(text("s"))];
+            call!(req, ShareGroupDescribeResponse)
+        }
+        ApiKey::ShareFetch => call!(share_fetch("s", "share-member", id, 0), ShareFetchResponse),
+        ApiKey::ShareAcknowledge => {
+            let mut req = ShareAcknowledgeRequest::default();
+            req.group_id = Some(GroupId(text("s")));
+            req.member_id = Some(text("share-member"));
+            req.share_session_epoch = 1;
+            let mut t = share_acknowledge_request::AcknowledgeTopic::default();
+            t.topic_id = id;
+            req.topics = vec![t];
+            call!(req, ShareAcknowledgeResponse)
+        }
+        ApiKey::DescribeShareGroupOffsets => {
+            let mut g = describe_share_group_offsets_request::DescribeShareGroupOffsetsRequestGroup::default();
+            g.group_id = GroupId(text("s"));
+            let mut req = DescribeShareGroupOffsetsRequest::default();
+            req.groups = vec![g];
+            call!(req, DescribeShareGroupOffsetsResponse)
+        }
+        other => panic!("{other:?} has no entry in the table test: say what it sends"),
+    }
+}
+
+/// Whether a response carries one of Kafka's authorization failures (29, 30, 31).
+fn denied(debug: &str) -> bool {
+    ["error_code: 29", "error_code: 30", "error_code: 31"]
+        .iter()
+        .any(|code| debug.contains(code))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kafka_request_is_refused_without_sasl_and_without_grants_and_allowed_with_them() {
+    let guard = std::sync::Arc::new(tidewater_auth::Guard::new(true, 100, 1, 100, [9; 32]));
+    let f = start_with(tempfile::tempdir().unwrap(), |c| c.auth = Some(guard)).await;
+    create_stream(&f.broker, "t", 1).await;
+    create_stream(&f.broker, "doomed", 1).await;
+    let key = |principal: &str| {
+        let broker = f.broker.clone();
+        let principal = principal.to_string();
+        async move {
+            broker
+                .create_key(
+                    tidewater_auth::KeySpec {
+                        principal,
+                        ..Default::default()
+                    },
+                    None,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let nobody = key("nobody").await;
+    let root = key("root").await;
+    f.broker
+        .grant(tidewater_auth::AclSpec {
+            subject: tidewater_auth::Subject::Principal("root".into()),
+            resource: tidewater_auth::ResourceKind::Any,
+            name: "*".into(),
+            matching: tidewater_auth::Match::Glob,
+            operations: tidewater_auth::Operation::ALL.into_iter().collect(),
+        })
+        .await
+        .unwrap();
+    let (mut granted, r) = sasl_plain(f.addr, &root.info.id, &root.secret).await;
+    assert_eq!(r.error_code, 0);
+    let m: MetadataResponse = granted.call(ApiKey::Metadata, 12, &metadata_of("t")).await;
+    let id = m.topics[0].topic_id;
+    let (mut refused, r) = sasl_plain(f.addr, &nobody.info.id, &nobody.secret).await;
+    assert_eq!(r.error_code, 0);
+    let free = [
+        ApiKey::ApiVersions,
+        ApiKey::SaslHandshake,
+        ApiKey::SaslAuthenticate,
+    ];
+    // Answered to anyone authenticated: no resource of its own (ListGroups lists what may
+    // be described; InitProducerId hands out an id).
+    let open = [ApiKey::ListGroups, ApiKey::InitProducerId];
+    let mut checked = 0;
+    for &(api, _, _) in SUPPORTED {
+        if free.contains(&api) {
+            continue;
+        }
+        // Without SASL: the connection closes.
+        let mut anonymous = Client::connect(f.addr).await;
+        any_request(&mut anonymous, api, id, true).await;
+        assert!(
+            anonymous.closed().await,
+            "{api:?} before SASL: the connection stays open"
+        );
+        let without = any_request(&mut refused, api, id, false).await;
+        let with = any_request(&mut granted, api, id, false).await;
+        assert!(!denied(&with), "{api:?} with every grant: {with}");
+        if open.contains(&api) {
+            assert!(!denied(&without), "{api:?}: {without}");
+        } else {
+            assert!(
+                denied(&without),
+                "{api:?} without a grant answered no authorization failure: {without}"
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        SUPPORTED.len() - free.len(),
+        "every API but ApiVersions and SASL's is checked"
+    );
+    // What ListGroups shows: only the groups one may describe.
+    let mine: ListGroupsResponse = granted
+        .call(ApiKey::ListGroups, 5, &ListGroupsRequest::default())
+        .await;
+    assert!(!mine.groups.is_empty());
+    let theirs: ListGroupsResponse = refused
+        .call(ApiKey::ListGroups, 5, &ListGroupsRequest::default())
+        .await;
+    assert!(theirs.groups.is_empty(), "{theirs:?}");
+}
