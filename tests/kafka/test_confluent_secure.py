@@ -7,6 +7,7 @@ key from TIDEWATER_ADMIN_KEY, and sets:
   TW_SECURE_HTTP       its HTTP listener (https://host:port)
   TW_SECURE_CA         the CA's PEM file
   TW_SECURE_ADMIN      the admin key's token (<key id>.<secret>)
+  TW_SECURE_CLIENT_CERT, TW_SECURE_CLIENT_KEY  a client certificate (CN=cert-app) the CA signed
 
 What it shows: SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN over TLS with API keys; a wrong
 secret refused; a principal without the grant refused with Kafka's authorization errors; a
@@ -151,3 +152,34 @@ def test_without_the_grant_requests_are_refused_with_kafkas_authorization_errors
     consumer.close()
     assert error is not None and error.code() == KafkaError.GROUP_AUTHORIZATION_FAILED, error
     print("without the grant: produce", failures[0].name(), "and join", error.name())
+
+
+def test_a_client_certificate_authenticates_over_ssl_without_sasl():
+    cert, key_file = os.environ.get("TW_SECURE_CLIENT_CERT"), os.environ.get("TW_SECURE_CLIENT_KEY")
+    if not (cert and key_file):
+        pytest.skip("no client certificate")
+    topic = uniq("t")
+    make_topic(topic, 1)
+    ssl_conf = {
+        "bootstrap.servers": BOOTSTRAP,
+        "security.protocol": "SSL",
+        "ssl.ca.location": CA,
+        "ssl.certificate.location": cert,
+        "ssl.key.location": key_file,
+    }
+    # May see the topic, may not write to it yet.
+    grant("cert-app", "stream", topic, ["describe"])
+    failures = []
+    producer = Producer(dict(ssl_conf, on_delivery=lambda err, msg: failures.append(err)))
+    producer.produce(topic, value=b"before the grant")
+    producer.flush(30)
+    assert failures and failures[0] is not None and failures[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, failures
+    grant("cert-app", "stream", topic, ["produce"])
+    failures.clear()
+    # A new producer (librdkafka remembers the topic's authorization error until its next
+    # metadata refresh).
+    producer = Producer(dict(ssl_conf, on_delivery=lambda err, msg: failures.append(err)))
+    producer.produce(topic, value=b"after the grant")
+    producer.flush(30)
+    assert failures == [None], failures
+    print("client certificate CN=cert-app over SSL: refused, then produced once granted")

@@ -29,10 +29,14 @@ struct Queued {
 
 /// Serves one connection until the client closes it, it idles past `idle_timeout`, it
 /// sends something malformed, or the listener shuts down.
+/// `certificate`: the principal a verified TLS client certificate names, if the listener
+/// speaks TLS and the client showed one (with authentication on, it authenticates the
+/// connection as SASL would: `security.protocol=SSL` with a client certificate).
 pub async fn serve_connection<S>(
     kafka: Arc<Kafka>,
     stream: S,
     peer: SocketAddr,
+    certificate: Option<String>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -62,7 +66,7 @@ pub async fn serve_connection<S>(
         let _ = writer.shutdown().await;
     });
     let max = kafka.config.max_request_bytes;
-    let mut session = crate::sasl::Session::new(&kafka, peer);
+    let mut session = crate::sasl::Session::new(&kafka, peer, certificate);
     let mut previous: Option<oneshot::Receiver<()>> = None;
     loop {
         let size = tokio::select! {

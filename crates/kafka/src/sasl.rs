@@ -52,15 +52,19 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(kafka: &Kafka, peer: SocketAddr) -> Session {
+    pub(crate) fn new(kafka: &Kafka, peer: SocketAddr, certificate: Option<String>) -> Session {
+        let access = match (&kafka.config.auth, certificate) {
+            (None, _) => Some(Access::Open),
+            (Some(_), Some(principal)) => Some(Access::Known {
+                state: kafka.broker.auth(),
+                identity: Arc::new(Identity::of_certificate(&principal)),
+            }),
+            (Some(_), None) => None,
+        };
         Session {
             peer,
             sasl: Sasl::Start,
-            access: if kafka.config.auth.is_some() {
-                None
-            } else {
-                Some(Access::Open)
-            },
+            access,
         }
     }
 }

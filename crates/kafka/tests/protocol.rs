@@ -52,6 +52,7 @@ async fn start_with(dir: tempfile::TempDir, configure: impl FnOnce(&mut KafkaCon
                 kafka.clone(),
                 stream,
                 peer,
+                None,
                 shutdown.clone(),
             ));
         }

@@ -650,10 +650,20 @@ async fn serve_kafka(
             let (kafka, stop, tls) = (kafka.clone(), stop.clone(), tls.clone());
             async move {
                 match tls {
-                    None => tidewater_kafka::serve_connection(kafka, stream, peer, stop).await,
+                    None => {
+                        tidewater_kafka::serve_connection(kafka, stream, peer, None, stop).await
+                    }
                     Some(tls) => match tls.accept(stream).await {
                         Ok(stream) => {
-                            tidewater_kafka::serve_connection(kafka, stream, peer, stop).await;
+                            let certificate = crate::tls::peer_principal(&stream);
+                            tidewater_kafka::serve_connection(
+                                kafka,
+                                stream,
+                                peer,
+                                certificate,
+                                stop,
+                            )
+                            .await;
                         }
                         Err(err) => {
                             tracing::debug!(%peer, error = %err, "Kafka TLS handshake failed");
