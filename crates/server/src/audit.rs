@@ -25,7 +25,13 @@ struct Rotating {
 }
 
 fn open(path: &Path) -> std::io::Result<(File, u64)> {
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Who did what, from where: readable by the server's user only.
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
     let written = file.metadata()?.len();
     Ok((file, written))
 }

@@ -177,7 +177,7 @@ impl Caller {
             Caller::Known { identity, .. } if identity.is_anonymous() => BrokerError::new(
                 ErrorCode::Unauthenticated,
                 format!(
-                    "authentication is on: {} on {resource} needs credentials (HTTP: Authorization: Bearer <key id>.<secret>)",
+                    "authentication is on: {} on {resource} needs credentials (an API key's token <key id>.<secret>: --token or TIDEWATER_TOKEN for the CLI, Authorization: Bearer over HTTP)",
                     op.as_str()
                 ),
             ),

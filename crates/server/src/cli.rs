@@ -771,6 +771,9 @@ fn run_handler(
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(command)
+        // The consumer's credentials are not the handler's business.
+        .env_remove("TIDEWATER_TOKEN")
+        .env_remove("TIDEWATER_CLIENT_KEY")
         .env("TIDEWATER_QUEUE", queue)
         .env("TIDEWATER_MESSAGE_ID", &delivery.id)
         .env(

@@ -158,7 +158,12 @@ pub fn auth(client: &Client, command: AuthCommand, as_json: bool) -> anyhow::Res
                         text(&k["id"]),
                         text(&k["principal"]),
                         list(&k["roles"]),
-                        text(&k["tenant"]),
+                        // No tenant of its own: the principal's.
+                        if k["tenant"].is_null() {
+                            text(&k["principal"])
+                        } else {
+                            text(&k["tenant"])
+                        },
                         time(&k["expires_at_ms"]),
                         text(&k["description"]),
                     ]

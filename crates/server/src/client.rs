@@ -357,8 +357,8 @@ impl Client {
             ureq::Error::Io(_)
             | ureq::Error::ConnectionFailed
             | ureq::Error::HostNotFound
-            | ureq::Error::Timeout(_) => ClientError::Unreachable(format!("{url}: {e}")),
-            other => ClientError::Other(format!("{url}: {other}")),
+            | ureq::Error::Timeout(_) => ClientError::Unreachable(tls_hint(&url, &e.to_string())),
+            other => ClientError::Other(tls_hint(&url, &other.to_string())),
         })?;
         let status = response.status().as_u16();
         let bytes = response
@@ -394,6 +394,25 @@ impl Client {
         Ok(self
             .call("POST", path, Some(&serde_json::to_vec(body).expect("json")))?
             .1)
+    }
+}
+
+/// An error's text, with what to do when it is about TLS: a certificate not trusted, or
+/// plain HTTP sent to a TLS listener.
+fn tls_hint(url: &str, error: &str) -> String {
+    if error.contains("certificate")
+        || error.contains("UnknownIssuer")
+        || error.contains("NotValidForName")
+    {
+        format!(
+            "{url}: {error} (TLS: the server's certificate is not trusted; give its CA with --cacert FILE or TIDEWATER_CACERT)"
+        )
+    } else if url.starts_with("http://")
+        && (error.contains("invalid HTTP version") || error.contains("http parse fail"))
+    {
+        format!("{url}: {error} (the server speaks TLS? use --server https://...)")
+    } else {
+        format!("{url}: {error}")
     }
 }
 

@@ -725,6 +725,18 @@ async fn authorize(
             .unwrap_or_default()
     };
     let checked = match route.need {
+        // A listing by a caller without credentials, when nothing is granted to
+        // `anonymous`: tell it to authenticate rather than answer an empty list.
+        Need::List(kind)
+            if kind != tidewater_auth::ResourceKind::Cluster
+                && matches!(&caller, Caller::Known { state, identity }
+                if identity.is_anonymous() && state.grants_of(identity).next().is_none()) =>
+        {
+            Err(BrokerError::new(
+                ErrorCode::Unauthenticated,
+                "authentication is on: listing needs credentials (an API key's token <key id>.<secret>: --token or TIDEWATER_TOKEN for the CLI, Authorization: Bearer over HTTP)",
+            ))
+        }
         Need::Open | Need::List(_) => Ok(()),
         Need::Op(op, Target::Cluster) => caller.check(op, &tidewater_auth::Resource::CLUSTER),
         Need::Op(op, Target::Param(kind, name)) => {
@@ -748,10 +760,14 @@ async fn authorize(
         .identity()
         .map(|i| i.principal.clone())
         .unwrap_or_default();
+    let key = caller
+        .identity()
+        .and_then(|i| i.key_id.clone())
+        .unwrap_or_else(|| "-".into());
     request.extensions_mut().insert(caller);
     let response = next.run(request).await;
     if audited {
-        tracing::info!(target: "tidewater::audit", %peer, principal = %principal, method = %method, path = %path, status = response.status().as_u16(), "admin operation");
+        tracing::info!(target: "tidewater::audit", %peer, principal = %principal, key = %key, method = %method, path = %path, status = response.status().as_u16(), "admin operation");
     }
     response
 }
@@ -1697,7 +1713,12 @@ async fn create_key(
         parse_body(&state, body, None, SMALL_VALUES).await?;
     let spec = request.into_spec(broker.now_ms())?;
     let made = broker.create_key(spec, None).await?;
-    audit(&caller, "key.create", &made.info.id);
+    audit(
+        &caller,
+        "key.create",
+        &made.info.id,
+        &format!("principal {}", made.info.principal),
+    );
     json(
         StatusCode::CREATED,
         &serde_json::json!({ "key": made.info, "secret": made.secret, "token": made.token() }),
@@ -1710,7 +1731,12 @@ async fn revoke_key(
     Path(id): Path<String>,
 ) -> ApiResult {
     let key = state.broker()?.revoke_key(&id).await?;
-    audit(&caller, "key.revoke", &id);
+    audit(
+        &caller,
+        "key.revoke",
+        &id,
+        &format!("principal {}", key.principal),
+    );
     json(StatusCode::OK, &serde_json::json!({ "revoked": key }))
 }
 
@@ -1729,7 +1755,12 @@ async fn grant(
     let (request, _permit): (api::AclRequest, _) =
         parse_body(&state, body, None, SMALL_VALUES).await?;
     let acl = broker.grant(request.into_spec()?).await?;
-    audit(&caller, "acl.grant", &acl.id);
+    audit(
+        &caller,
+        "acl.grant",
+        &acl.id,
+        &serde_json::to_string(&acl).unwrap_or_default(),
+    );
     json(StatusCode::CREATED, &serde_json::json!({ "acl": acl }))
 }
 
@@ -1739,12 +1770,21 @@ async fn revoke_acl(
     Path(id): Path<String>,
 ) -> ApiResult {
     let acl = state.broker()?.revoke_acl(&id).await?;
-    audit(&caller, "acl.revoke", &id);
+    audit(
+        &caller,
+        "acl.revoke",
+        &id,
+        &serde_json::to_string(&acl).unwrap_or_default(),
+    );
     json(StatusCode::OK, &serde_json::json!({ "revoked": acl }))
 }
 
 /// An admin change, in the audit log.
-fn audit(caller: &Caller, action: &str, target: &str) {
+fn audit(caller: &Caller, action: &str, target: &str, detail: &str) {
     let principal = caller.identity().map_or("-", |i| i.principal.as_str());
-    tracing::info!(target: "tidewater::audit", principal, action, target, "admin change");
+    let key = caller
+        .identity()
+        .and_then(|i| i.key_id.as_deref())
+        .unwrap_or("-");
+    tracing::info!(target: "tidewater::audit", principal, key, action, target, detail, "admin change");
 }

@@ -63,7 +63,8 @@ struct Cli {
     /// change the traffic): only for tests and throwaway setups.
     #[arg(long, global = true)]
     insecure: bool,
-    /// PEM client certificate and key, for a server that takes client certificates.
+    /// PEM client certificate (with --client-key, its PEM key), for a server that takes
+    /// client certificates (mutual TLS).
     #[arg(
         long,
         global = true,

@@ -551,6 +551,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if settings.auth.enabled {
         bootstrap_from_env(&broker).await?;
+        tracing::info!(
+            keys = broker.auth().keys().count(),
+            grants = broker.auth().acls().count(),
+            jwt = settings.auth.jwt.jwks_file.is_some(),
+            "authentication on: everything not granted is refused"
+        );
+    } else {
+        tracing::info!(
+            "authentication off: every request is allowed (keep the listeners on loopback or a trusted network)"
+        );
+    }
+    if settings.tls.is_some() {
+        tracing::info!("TLS on every listener");
     }
     let queues = broker.list_queues().len();
     let _ = cell.set(broker.clone());
@@ -590,11 +603,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 /// when it has none and no such variable (every request would be refused).
 async fn bootstrap_from_env(broker: &Broker) -> anyhow::Result<()> {
     let has_keys = broker.auth().keys().next().is_some();
+    let used = broker.auth_ever_used();
     let token = std::env::var(crate::auth::ADMIN_KEY_ENV).ok();
-    match (has_keys, token) {
+    match (has_keys || used, token) {
+        // Only at the first start: a key revoked since must not come back at a restart.
         (true, Some(_)) => tracing::info!(
-            "{} is set but the server has keys already: ignored (it only makes the first key)",
+            "{} is set but this data directory has had keys: ignored (it only makes the first key; unset it)",
             crate::auth::ADMIN_KEY_ENV
+        ),
+        (true, None) if !has_keys => tracing::warn!(
+            "authentication is on and every API key was revoked: only client certificates, JWTs or anonymous grants get in. Make an admin key with `tidewater auth bootstrap --data <dir>` (server stopped)"
         ),
         (true, None) => {}
         (false, Some(token)) => {

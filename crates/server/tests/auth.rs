@@ -943,3 +943,22 @@ fn jwt_bearer_tokens_from_an_identity_providers_keys_name_the_principal() {
     );
     assert_eq!(code(&reply), Some("forbidden"));
 }
+
+/// A bootstrap key from the environment is made at the first start only: revoked, it does
+/// not come back when the server restarts with the variable still set.
+#[test]
+fn a_revoked_bootstrap_key_stays_revoked_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = secured(dir.path(), "");
+    admin(&server, "DELETE", "/v1/auth/keys/twadmin", None);
+    assert_eq!(
+        call_as(&server.url, Some(ADMIN), "GET", "/v1/auth/whoami", None).0,
+        401
+    );
+    server.restart();
+    assert_eq!(
+        call_as(&server.url, Some(ADMIN), "GET", "/v1/auth/whoami", None).0,
+        401,
+        "the revoked bootstrap key came back"
+    );
+}

@@ -22,6 +22,8 @@ pub struct Server {
     pub log: Option<PathBuf>,
     /// The CA its TLS certificate is checked against, when it speaks TLS (`TLS_CA`).
     pub ca: Option<PathBuf>,
+    /// The environment it was started with (restarts get it again).
+    env: Vec<(String, String)>,
 }
 
 /// A port that is free now, chosen below the kernel's ephemeral range so that
@@ -192,6 +194,10 @@ impl Server {
             open_files,
             log,
             ca,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let mut server = server;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -211,10 +217,11 @@ impl Server {
     pub fn kill_and_restart(&mut self) {
         self.kill9();
         let config = self.config.clone();
-        let log = self.log.as_ref().map(|p| p.to_string_lossy().into_owned());
-        let ca = self.ca.as_ref().map(|p| p.to_string_lossy().into_owned());
-        let mut env: Vec<(&str, &str)> = log.iter().map(|p| (LOG_TO, p.as_str())).collect();
-        env.extend(ca.iter().map(|p| (TLS_CA, p.as_str())));
+        let saved = self.env.clone();
+        let env: Vec<(&str, &str)> = saved
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         *self = Server::start_on_limited(
             &self.data.clone(),
             config,
@@ -228,10 +235,11 @@ impl Server {
     pub fn restart(&mut self) {
         assert_eq!(self.stop(), 0);
         let config = self.config.clone();
-        let log = self.log.as_ref().map(|p| p.to_string_lossy().into_owned());
-        let ca = self.ca.as_ref().map(|p| p.to_string_lossy().into_owned());
-        let mut env: Vec<(&str, &str)> = log.iter().map(|p| (LOG_TO, p.as_str())).collect();
-        env.extend(ca.iter().map(|p| (TLS_CA, p.as_str())));
+        let saved = self.env.clone();
+        let env: Vec<(&str, &str)> = saved
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         *self = Server::start_on_limited(
             &self.data.clone(),
             config,

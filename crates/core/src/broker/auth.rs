@@ -118,6 +118,16 @@ impl Broker {
         self.inner.auth.state.read().clone()
     }
 
+    /// Whether a key or grant was ever made in this data directory (even if all were
+    /// revoked since): a bootstrap key from the environment is made only before that.
+    pub fn auth_ever_used(&self) -> bool {
+        self.inner
+            .auth
+            .log
+            .try_lock()
+            .map_or(true, |log| log.log.is_some())
+    }
+
     /// Makes an API key for `spec`: a random id and secret, or the ones `chosen` (a
     /// bootstrap key from the environment). The secret is in the reply only.
     pub async fn create_key(
