@@ -568,8 +568,13 @@ fn binary_error(err: tidewater_client::ClientError) -> anyhow::Error {
     use tidewater_client::ClientError as E;
     anyhow::Error::new(match err {
         E::Server { code, message } => ClientError::from_server_code(code, message),
+        E::Unavailable(ref why) if why.contains("TLS") || why.contains("certificate") => {
+            ClientError::Unreachable(format!(
+                "{err}. The server speaks TLS: give its CA with --cacert FILE (or TIDEWATER_CACERT), and --server https://..."
+            ))
+        }
         E::Unavailable(_) | E::CircuitOpen => ClientError::Unreachable(format!(
-            "{err}. Is `tidewater serve` running, with its binary protocol at this address? (--protocol-server or TIDEWATER_PROTOCOL_SERVER)"
+            "{err}. Is `tidewater serve` running, with its binary protocol at this address? (--protocol-server or TIDEWATER_PROTOCOL_SERVER; a server with TLS on also needs --server https://... and --cacert)"
         )),
         other => ClientError::Other(other.to_string()),
     })
