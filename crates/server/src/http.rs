@@ -668,7 +668,12 @@ async fn authorize(
         matches!(r.need, Need::Op(tidewater_auth::Operation::Admin, _))
             && !r.path.starts_with("/v1/auth/")
     });
-    let path = request.uri().path().to_string();
+    // Kept only for what is audited (no copy on the hot path of publishes and receives).
+    let path = if audited {
+        request.uri().path().to_string()
+    } else {
+        String::new()
+    };
     let peer = request.extensions().get::<Peer>().map(|p| p.addr);
     if !state.guard.enabled {
         request.extensions_mut().insert(Caller::Open);

@@ -274,25 +274,7 @@ impl Broker {
         let uid = match &log.log {
             Some((uid, _)) => *uid,
             None => {
-                let results = self
-                    .write(
-                        vec![Op::CreateLog {
-                            name: AUTH_LOG.into(),
-                            config: "{}".into(),
-                            id_window: None,
-                        }],
-                        AckLevel::Durable,
-                    )
-                    .await?;
-                let Some(&OpResult::Created { uid }) = results.first() else {
-                    return Err(BrokerError::new(
-                        ErrorCode::Internal,
-                        "storage did not create the auth log",
-                    ));
-                };
-                let reader = self.inner.store.reader(uid).ok_or_else(|| {
-                    BrokerError::new(ErrorCode::Internal, "the auth log has no reader")
-                })?;
+                let (uid, reader) = self.create_hidden_log(AUTH_LOG).await?;
                 log.log = Some((uid, reader));
                 uid
             }

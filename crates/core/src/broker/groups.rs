@@ -947,25 +947,7 @@ impl Broker {
         let uid = match &offsets.log {
             Some((uid, _)) => *uid,
             None => {
-                let results = self
-                    .write(
-                        vec![Op::CreateLog {
-                            name: OFFSETS_LOG.into(),
-                            config: "{}".into(),
-                            id_window: None,
-                        }],
-                        AckLevel::Durable,
-                    )
-                    .await?;
-                let Some(&OpResult::Created { uid }) = results.first() else {
-                    return Err(BrokerError::new(
-                        ErrorCode::Internal,
-                        "storage did not create the offsets log",
-                    ));
-                };
-                let reader = self.inner.store.reader(uid).ok_or_else(|| {
-                    BrokerError::new(ErrorCode::Internal, "the offsets log has no reader")
-                })?;
+                let (uid, reader) = self.create_hidden_log(OFFSETS_LOG).await?;
                 offsets.log = Some((uid, reader));
                 uid
             }

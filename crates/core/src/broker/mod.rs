@@ -437,6 +437,34 @@ impl Broker {
             .ok_or_else(|| BrokerError::queue_not_found(name))
     }
 
+    /// Makes one of the broker's own logs (`#offsets`, `#auth`: names no queue or stream
+    /// can have), durably; its uid and reader.
+    pub(super) async fn create_hidden_log(
+        &self,
+        name: &str,
+    ) -> Result<(u64, tidewater_storage::LogReader), BrokerError> {
+        let results = self
+            .write(
+                vec![Op::CreateLog {
+                    name: name.into(),
+                    config: "{}".into(),
+                    id_window: None,
+                }],
+                AckLevel::Durable,
+            )
+            .await?;
+        let Some(&OpResult::Created { uid }) = results.first() else {
+            return Err(BrokerError::new(
+                ErrorCode::Internal,
+                format!("storage did not create the log {name}"),
+            ));
+        };
+        let reader = self.inner.store.reader(uid).ok_or_else(|| {
+            BrokerError::new(ErrorCode::Internal, format!("the log {name} has no reader"))
+        })?;
+        Ok((uid, reader))
+    }
+
     pub(super) async fn write(
         &self,
         ops: Vec<Op>,
