@@ -342,8 +342,13 @@ impl Client {
     ) -> Result<(Frame, Arc<Conn>), ClientError> {
         let deadline = Instant::now() + self.inner.opts.request_timeout;
         let mut attempt = 0u32;
+        // Why the last try failed: a breaker that opens on this call's own failures says
+        // that, not only that it is open (a TLS handshake refused, say).
+        let mut last: Option<String> = None;
         loop {
-            self.breaker_admit()?;
+            if let Err(open) = self.breaker_admit() {
+                return Err(last.map_or(open, ClientError::Unavailable));
+            }
             let result = match self.connection().await {
                 Ok(conn) => match tokio::time::timeout_at(
                     deadline.into(),
@@ -372,6 +377,7 @@ impl Client {
                     if Instant::now() + wait >= deadline {
                         return Err(ClientError::Unavailable(why));
                     }
+                    last = Some(why);
                     tokio::time::sleep(wait).await;
                 }
                 Err(err) => {
@@ -393,8 +399,11 @@ impl Client {
     ) -> Result<impl Future<Output = Result<Frame, ClientError>> + Send + use<>, ClientError> {
         let deadline = Instant::now() + self.inner.opts.request_timeout;
         let mut attempt = 0u32;
+        let mut last: Option<String> = None;
         let wait = loop {
-            self.breaker_admit()?;
+            if let Err(open) = self.breaker_admit() {
+                return Err(last.map_or(open, ClientError::Unavailable));
+            }
             let sent = match self.connection().await {
                 Ok(conn) => conn.send_request(frame, None).await,
                 Err(err) => Err(err),
@@ -408,6 +417,7 @@ impl Client {
                     if Instant::now() + pause >= deadline {
                         return Err(ClientError::Unavailable(why));
                     }
+                    last = Some(why);
                     tokio::time::sleep(pause).await;
                 }
                 Err(err) => {
