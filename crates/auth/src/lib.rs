@@ -11,6 +11,7 @@ pub mod limiter;
 pub mod receipts;
 pub mod scram;
 pub mod state;
+pub mod webhook;
 
 pub use acl::{Acl, AclSpec, Match, Operation, Resource, ResourceKind, Subject};
 pub use guard::{Guard, Refused};
