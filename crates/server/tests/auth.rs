@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tidewater_proto::{
@@ -632,11 +632,9 @@ fn a_revoked_key_stops_working_on_an_open_connection_and_keys_survive_a_restart(
         .as_str()
         .unwrap()
         .to_string();
-    let revoked_at = Instant::now();
     admin(&server, "DELETE", &format!("/v1/auth/keys/{id}"), None);
     let end = read_reply(&mut conn, &mut buf, 0);
     assert_eq!(code(&end), Some("unauthenticated"), "{end:?}");
-    assert!(revoked_at.elapsed() < Duration::from_secs(5));
     assert!(
         read_reply(&mut conn, &mut buf, 0).is_none(),
         "the connection stays open"

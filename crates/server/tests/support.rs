@@ -216,25 +216,17 @@ impl Server {
     /// SIGKILL, then start again on the same data, config and ports.
     pub fn kill_and_restart(&mut self) {
         self.kill9();
-        let config = self.config.clone();
-        let saved = self.env.clone();
-        let env: Vec<(&str, &str)> = saved
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        *self = Server::start_on_limited(
-            &self.data.clone(),
-            config,
-            &env,
-            self.ports,
-            self.open_files,
-        );
+        self.start_again();
     }
 
     /// SIGTERM, then start again on the same data, config and ports.
     pub fn restart(&mut self) {
         assert_eq!(self.stop(), 0);
-        let config = self.config.clone();
+        self.start_again();
+    }
+
+    /// Starts a stopped server again as it was: data, config, environment, ports, limits.
+    fn start_again(&mut self) {
         let saved = self.env.clone();
         let env: Vec<(&str, &str)> = saved
             .iter()
@@ -242,7 +234,7 @@ impl Server {
             .collect();
         *self = Server::start_on_limited(
             &self.data.clone(),
-            config,
+            self.config.clone(),
             &env,
             self.ports,
             self.open_files,

@@ -274,7 +274,7 @@ impl Broker {
         let uid = match &log.log {
             Some((uid, _)) => *uid,
             None => {
-                let (uid, reader) = self.create_hidden_log(AUTH_LOG).await?;
+                let (uid, reader) = self.create_internal_log(AUTH_LOG).await?;
                 log.log = Some((uid, reader));
                 uid
             }

@@ -7,7 +7,7 @@ use tidewater_storage::{AckLevel, BatchBuilder, LogReader, NewRecord, Op, OpResu
 
 use super::guard::{Reserved, Unparking};
 use super::{Broker, QueueHandle};
-use crate::error::{BrokerError, ErrorCode};
+use crate::error::BrokerError;
 use crate::plan::to_ranges;
 
 /// A hidden log holding a queue's long-delayed messages until they are due, so that a
@@ -36,27 +36,9 @@ impl Broker {
         if handle.delay.lock().is_some() {
             return Ok(());
         }
-        let results = self
-            .write(
-                vec![Op::CreateLog {
-                    name: delay_log_name(handle.uid),
-                    config: "{}".into(),
-                    id_window: None,
-                }],
-                AckLevel::Durable,
-            )
+        let (uid, reader) = self
+            .create_internal_log(&delay_log_name(handle.uid))
             .await?;
-        let Some(&OpResult::Created { uid }) = results.first() else {
-            return Err(BrokerError::new(
-                ErrorCode::Internal,
-                "storage did not return the delay log",
-            ));
-        };
-        let reader = self
-            .inner
-            .store
-            .reader(uid)
-            .ok_or_else(|| BrokerError::new(ErrorCode::Internal, "delay log has no reader"))?;
         *handle.delay.lock() = Some(DelayLog { uid, reader });
         Ok(())
     }

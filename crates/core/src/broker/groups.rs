@@ -947,7 +947,7 @@ impl Broker {
         let uid = match &offsets.log {
             Some((uid, _)) => *uid,
             None => {
-                let (uid, reader) = self.create_hidden_log(OFFSETS_LOG).await?;
+                let (uid, reader) = self.create_internal_log(OFFSETS_LOG).await?;
                 offsets.log = Some((uid, reader));
                 uid
             }

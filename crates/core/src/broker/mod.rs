@@ -437,9 +437,9 @@ impl Broker {
             .ok_or_else(|| BrokerError::queue_not_found(name))
     }
 
-    /// Makes one of the broker's own logs (`#offsets`, `#auth`: names no queue or stream
-    /// can have), durably; its uid and reader.
-    pub(super) async fn create_hidden_log(
+    /// Makes one of the broker's own logs (`#offsets`, `#auth`, a queue's delay log: names
+    /// no queue or stream can have), durably; its uid and reader.
+    pub(super) async fn create_internal_log(
         &self,
         name: &str,
     ) -> Result<(u64, tidewater_storage::LogReader), BrokerError> {
