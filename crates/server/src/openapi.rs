@@ -801,8 +801,8 @@ fn auth_schemas() -> Value {
             "roles": {"type": "array", "maxItems": tidewater_auth::keys::MAX_ROLES, "items": name.clone()},
             "tenant": {"anyOf": [name.clone(), {"type": "null"}]},
             "description": {"type": "string", "maxLength": tidewater_auth::keys::MAX_DESCRIPTION_LEN},
-            "expires_at_ms": {"type": ["integer", "null"], "description": "ms since the epoch, in the future"},
-            "expires_in_ms": {"type": ["integer", "null"], "minimum": 1}}},
+            "expires_at_ms": {"type": ["integer", "null"], "minimum": 0, "maximum": i64::MAX, "description": "ms since the epoch, in the future"},
+            "expires_in_ms": {"type": ["integer", "null"], "minimum": 1, "maximum": u64::MAX}}},
         "Key": key,
         "KeyCreated": {"type": "object", "additionalProperties": false, "required": ["key", "secret", "token"], "properties": {
             "key": schema_ref("Key"), "secret": {"type": "string", "description": "shown once, never stored"},
