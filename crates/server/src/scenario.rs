@@ -739,8 +739,11 @@ async fn iot_lag(scale: usize) -> anyhow::Result<Report> {
                     ..NewStreamRecord::default()
                 })
                 .collect();
+            // Durable before the members read: fetches see durable records only, and a
+            // written-only produce could still be syncing when they read (under load, the
+            // last tick's records were left behind and the lag was not 0).
             broker
-                .produce("readings", &readings, AckLevel::Written)
+                .produce("readings", &readings, AckLevel::Durable)
                 .await?;
             // Each member: heartbeat (give up what is revoked, committing it first), then
             // read what it can this tick from what it holds, then commit.
