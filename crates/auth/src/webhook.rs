@@ -10,7 +10,9 @@
 //! - Standard Webhooks (Svix and others): `webhook-id`, `webhook-timestamp`,
 //!   `webhook-signature: v1,<base64 HMAC-SHA256(key, "<id>.<ts>.<body>")> ...`, the key the
 //!   base64 after `whsec_`; delivery id `webhook-id`.
-//! - Generic HMAC: a header, SHA-256/SHA-512/SHA-1, hex or base64, an optional prefix.
+//! - Generic HMAC: a header, SHA-256/SHA-512, hex or base64, an optional prefix.
+//! - Slack's delivery id is the Events API's `event_id` in the JSON body.
+//! - `none`: unsigned (the ingress asks for an API key instead when auth is on).
 //!
 //! Several secrets may be in force at once (rotation): a signature by any of them passes.
 //! Every comparison is constant-time.
@@ -26,6 +28,9 @@ use subtle::ConstantTimeEq;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "preset")]
 pub enum Scheme {
+    /// No signature: for senders that cannot sign (the ingress then asks for other proof).
+    #[serde(rename = "none")]
+    Unsigned,
     Github,
     Stripe,
     Slack,
@@ -41,6 +46,35 @@ pub enum Scheme {
         #[serde(default)]
         prefix: String,
     },
+}
+
+impl Scheme {
+    /// The headers (lower case) a sender of this scheme signs with and names its deliveries
+    /// by: kept with each event, so the signature stays verifiable downstream.
+    pub fn headers(&self) -> Vec<String> {
+        let names: &[&str] = match self {
+            Scheme::Unsigned => &[],
+            Scheme::Github => &[
+                "x-github-event",
+                "x-github-delivery",
+                "x-github-hook-id",
+                "x-hub-signature-256",
+            ],
+            Scheme::Stripe => &["stripe-signature"],
+            Scheme::Slack => &["x-slack-signature", "x-slack-request-timestamp"],
+            Scheme::StandardWebhooks => &["webhook-id", "webhook-timestamp", "webhook-signature"],
+            Scheme::Hmac { header, .. } => return vec![header.to_ascii_lowercase()],
+        };
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// Whether a signature has a timestamp the tolerance applies to.
+    pub fn has_timestamp(&self) -> bool {
+        matches!(
+            self,
+            Scheme::Stripe | Scheme::Slack | Scheme::StandardWebhooks
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +169,12 @@ fn fresh(
     Ok(())
 }
 
+/// A top-level string field of a JSON body (Stripe's event `id`, Slack's `event_id`).
+fn body_field(body: &[u8], field: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.get(field)?.as_str().map(str::to_string)
+}
+
 /// The secrets of a hook as keys: a Standard Webhooks secret `whsec_<base64>` is the bytes
 /// the base64 gives; any other secret its own bytes.
 pub fn keys(scheme: &Scheme, secrets: &[String]) -> Result<Vec<Vec<u8>>, String> {
@@ -160,6 +200,7 @@ pub fn verify(
 ) -> Result<Verified, Rejected> {
     let header = request.header;
     match scheme {
+        Scheme::Unsigned => Ok(Verified { delivery_id: None }),
         Scheme::Github => {
             let given =
                 header("x-hub-signature-256").ok_or(Rejected::Missing("X-Hub-Signature-256"))?;
@@ -195,10 +236,9 @@ pub fn verify(
             if !signed {
                 return Err(Rejected::Mismatch);
             }
-            let id = serde_json::from_slice::<serde_json::Value>(request.body)
-                .ok()
-                .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
-            Ok(Verified { delivery_id: id })
+            Ok(Verified {
+                delivery_id: body_field(request.body, "id"),
+            })
         }
         Scheme::Slack => {
             let given =
@@ -214,7 +254,9 @@ pub fn verify(
             if !any_signs(Algorithm::Sha256, keys, &parts, &given) {
                 return Err(Rejected::Mismatch);
             }
-            Ok(Verified { delivery_id: None })
+            Ok(Verified {
+                delivery_id: body_field(request.body, "event_id"),
+            })
         }
         Scheme::StandardWebhooks => {
             let id = header("webhook-id").ok_or(Rejected::Missing("webhook-id"))?;

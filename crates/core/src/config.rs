@@ -357,7 +357,7 @@ pub struct BackoffPatch {
 }
 
 /// Tells "absent" (None) from "null" (Some(None)) in a patch.
-fn explicit_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+pub(crate) fn explicit_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     d: D,
 ) -> Result<Option<Option<T>>, D::Error> {
     Ok(Some(Option::deserialize(d)?))
@@ -666,6 +666,8 @@ pub struct Limits {
     /// API keys and grants the server holds at most.
     pub max_api_keys: usize,
     pub max_acls: usize,
+    /// Webhook hooks the server holds at most.
+    pub max_hooks: usize,
 }
 
 impl Limits {
@@ -742,6 +744,7 @@ impl Default for Limits {
             compaction_bytes_per_s: 64 << 20,
             max_api_keys: 10_000,
             max_acls: 10_000,
+            max_hooks: 1_000,
         }
     }
 }

@@ -45,6 +45,10 @@ pub enum ErrorCode {
     Forbidden,
     KeyNotFound,
     AclNotFound,
+    InvalidHookName,
+    HookNotFound,
+    InvalidSignature,
+    TargetUnavailable,
 }
 
 impl ErrorCode {
@@ -83,6 +87,10 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::KeyNotFound,
         ErrorCode::AclNotFound,
+        ErrorCode::InvalidHookName,
+        ErrorCode::HookNotFound,
+        ErrorCode::InvalidSignature,
+        ErrorCode::TargetUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -121,6 +129,10 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::KeyNotFound => "key_not_found",
             ErrorCode::AclNotFound => "acl_not_found",
+            ErrorCode::InvalidHookName => "invalid_hook_name",
+            ErrorCode::HookNotFound => "hook_not_found",
+            ErrorCode::InvalidSignature => "invalid_signature",
+            ErrorCode::TargetUnavailable => "target_unavailable",
         }
     }
 
@@ -135,6 +147,18 @@ impl ErrorCode {
             }
             ErrorCode::KeyNotFound => "No API key has this id (it was never made, or was revoked).",
             ErrorCode::AclNotFound => "No grant has this id (it was never made, or was revoked).",
+            ErrorCode::InvalidHookName => {
+                "Hook names are 1 to 200 characters of A-Z a-z 0-9 . _ -, and not . or .."
+            }
+            ErrorCode::HookNotFound => {
+                "No hook has this name. Create it with PUT /v1/hooks/{hook} (docs/edges.md)."
+            }
+            ErrorCode::InvalidSignature => {
+                "A webhook's signature is missing, malformed, made with a secret the hook does not hold, or its timestamp is outside the hook's tolerance (a replay or a clock off by minutes). The message says which. Nothing was stored; the sender should check the secret it signs with."
+            }
+            ErrorCode::TargetUnavailable => {
+                "The queue or stream a hook delivers to does not exist (deleted after the hook was made). Nothing was stored; Retry-After asks the sender to retry, so no event is lost while an operator recreates it or points the hook elsewhere."
+            }
             ErrorCode::GroupNotFound => {
                 "No consumer group has this name (a group exists while it has members or committed offsets)."
             }

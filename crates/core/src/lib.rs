@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod harness;
+pub mod hook;
 pub mod offsets;
 pub mod plan;
 pub mod policy;
@@ -16,8 +17,9 @@ pub mod receipt;
 pub mod stream;
 
 pub use broker::{
-    Broker, BrokerOptions, Delay, Fetched, GroupInfo, NackReason, NewMessage, Observer,
-    PartitionInfo, Produced, QueueInfo, RedriveProgress, RedriveRequest, SettleReply, StreamInfo,
+    Broker, BrokerOptions, Delay, Fetched, GroupInfo, HookInfo, Ingested, NackReason, NewMessage,
+    Observer, PartitionInfo, Produced, QueueInfo, RedriveProgress, RedriveRequest, SettleReply,
+    StreamInfo,
 };
 pub use config::{ConfigPatch, Limits, QueueConfig};
 pub use error::{BrokerError, ErrorCode};

@@ -74,6 +74,10 @@ impl Code {
         Code::Broker(ErrorCode::Forbidden),
         Code::Broker(ErrorCode::KeyNotFound),
         Code::Broker(ErrorCode::AclNotFound),
+        Code::Broker(ErrorCode::InvalidHookName),
+        Code::Broker(ErrorCode::HookNotFound),
+        Code::Broker(ErrorCode::InvalidSignature),
+        Code::Broker(ErrorCode::TargetUnavailable),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -132,6 +136,7 @@ fn broker_status(code: ErrorCode) -> u16 {
         | ErrorCode::StaleReceipt
         | ErrorCode::InvalidStreamName
         | ErrorCode::InvalidSubscriptionName
+        | ErrorCode::InvalidHookName
         | ErrorCode::OffsetOutOfRange => 400,
         ErrorCode::QueueNotFound
         | ErrorCode::RedriveNotFound
@@ -141,8 +146,9 @@ fn broker_status(code: ErrorCode) -> u16 {
         | ErrorCode::SubscriptionNotFound
         | ErrorCode::KeyNotFound
         | ErrorCode::AclNotFound
+        | ErrorCode::HookNotFound
         | ErrorCode::UnknownMember => 404,
-        ErrorCode::Unauthenticated => 401,
+        ErrorCode::Unauthenticated | ErrorCode::InvalidSignature => 401,
         ErrorCode::Forbidden => 403,
         ErrorCode::ConfigConflict | ErrorCode::Superseded | ErrorCode::GroupNotEmpty => 409,
         ErrorCode::MessageTooLarge
@@ -152,7 +158,7 @@ fn broker_status(code: ErrorCode) -> u16 {
         ErrorCode::QueueFull | ErrorCode::Overloaded | ErrorCode::QuotaExceeded => 429,
         ErrorCode::DiskFull => 507,
         ErrorCode::StorageFailed | ErrorCode::Internal => 500,
-        ErrorCode::ShuttingDown => 503,
+        ErrorCode::ShuttingDown | ErrorCode::TargetUnavailable => 503,
     }
 }
 

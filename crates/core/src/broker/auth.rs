@@ -1,23 +1,18 @@
-//! API keys and grants, durable as records of one hidden log (`#auth`), as committed
-//! offsets are in `#offsets`: a key or a grant is one record (its id as the record's id,
-//! its JSON as the body); revoking it settles the record. So the log's unsettled records
-//! are exactly the keys and grants in force, recovery reads them back, and the settled
-//! ones go with their segments. What they mean is tidewater-auth's (`AuthState`); the
-//! listeners read a snapshot of it per request (`Broker::auth`), so a change applies to
-//! the next request of every connection.
+//! API keys and grants, durable in the `#auth` catalog (`catalog.rs`): a key or a grant is
+//! one entry ("key:<id>", "acl:<id>"); revoking it removes the entry. What they mean is
+//! tidewater-auth's (`AuthState`); the listeners read a snapshot of it per request
+//! (`Broker::auth`), so a change applies to the next request of every connection.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 use rand::Rng;
 use tidewater_auth::keys::{self, KeyInfo, KeySpec};
 use tidewater_auth::{Acl, AclSpec, ApiKey, AuthState, Change};
-use tidewater_storage::{
-    AckLevel, BatchBuilder, LogReader, NewRecord, Op, OpResult, RecoveredLog, Store,
-};
+use tidewater_storage::{RecoveredLog, Store};
 
 use super::Broker;
+use super::catalog::Catalog;
 use crate::error::{BrokerError, ErrorCode};
 
 /// The name of the log holding keys and grants (no queue or stream can have it).
@@ -26,16 +21,9 @@ pub(crate) const AUTH_LOG: &str = "#auth";
 const KEY_PREFIX: &str = "key:";
 const ACL_PREFIX: &str = "acl:";
 
-/// The log and where each key's and grant's record is in it.
-struct AuthLog {
-    log: Option<(u64, LogReader)>,
-    /// Record id ("key:<id>", "acl:<id>") -> offset.
-    records: HashMap<String, u64>,
-}
-
 pub(crate) struct Auth {
     /// Held across a change's write: one change at a time.
-    log: tokio::sync::Mutex<AuthLog>,
+    log: tokio::sync::Mutex<Catalog>,
     /// What is in force, replaced whole at each change (readers keep the `Arc` they took).
     state: RwLock<Arc<AuthState>>,
 }
@@ -56,51 +44,22 @@ impl NewKey {
 
 impl Auth {
     pub(crate) fn recover(store: &Store, log: Option<RecoveredLog>) -> Result<Auth, String> {
+        let (catalog, entries) = Catalog::recover(AUTH_LOG, store, log)?;
         let mut state = AuthState::default();
-        let mut records = HashMap::new();
-        let mut found = None;
-        if let Some(log) = log {
-            let reader = store.reader(log.uid).expect("a recovered log has a reader");
-            let mut from = log.ack_floor;
-            while from < log.next_offset {
-                let batch = reader
-                    .read(from, 10_000, 16 << 20)
-                    .map_err(|e| format!("the auth log: {e}"))?;
-                let Some(last) = batch.last().map(|r| r.offset) else {
-                    break;
-                };
-                for record in batch {
-                    if log.settled.contains(record.offset) {
-                        continue;
-                    }
-                    let id = String::from_utf8(record.id.to_vec()).map_err(|_| {
-                        format!("the auth log: the record at {} has no id", record.offset)
-                    })?;
-                    let bad = |e: serde_json::Error| {
-                        format!("the auth log: record {} ({id}): {e}", record.offset)
-                    };
-                    let change = if id.starts_with(KEY_PREFIX) {
-                        Change::AddKey(serde_json::from_slice::<ApiKey>(&record.body).map_err(bad)?)
-                    } else if id.starts_with(ACL_PREFIX) {
-                        Change::AddAcl(serde_json::from_slice::<Acl>(&record.body).map_err(bad)?)
-                    } else {
-                        return Err(format!(
-                            "the auth log: record {} has an unknown id '{id}'",
-                            record.offset
-                        ));
-                    };
-                    state.apply(change);
-                    records.insert(id, record.offset);
-                }
-                from = last + 1;
-            }
-            found = Some((log.uid, reader));
+        for entry in entries {
+            let id = &entry.id;
+            let bad = |e: serde_json::Error| format!("the auth log: entry {id}: {e}");
+            let change = if id.starts_with(KEY_PREFIX) {
+                Change::AddKey(serde_json::from_slice::<ApiKey>(&entry.body).map_err(bad)?)
+            } else if id.starts_with(ACL_PREFIX) {
+                Change::AddAcl(serde_json::from_slice::<Acl>(&entry.body).map_err(bad)?)
+            } else {
+                return Err(format!("the auth log: an entry has an unknown id '{id}'"));
+            };
+            state.apply(change);
         }
         Ok(Auth {
-            log: tokio::sync::Mutex::new(AuthLog {
-                log: found,
-                records,
-            }),
+            log: tokio::sync::Mutex::new(catalog),
             state: RwLock::new(Arc::new(state)),
         })
     }
@@ -125,7 +84,7 @@ impl Broker {
             .auth
             .log
             .try_lock()
-            .map_or(true, |log| log.log.is_some())
+            .map_or(true, |log| log.ever_used())
     }
 
     /// Makes an API key for `spec`: a random id and secret, or the ones `chosen` (a
@@ -262,65 +221,18 @@ impl Broker {
         Ok(acl)
     }
 
-    /// Writes one change (a record to add, or the record of `record_id` to settle),
-    /// durably, then puts it in force.
+    /// Writes one change (an entry to put, or the entry `id` to remove), durably, then
+    /// puts it in force.
     async fn auth_write(
         &self,
-        log: &mut AuthLog,
-        record_id: String,
+        log: &mut Catalog,
+        id: String,
         body: Option<Vec<u8>>,
         change: Change,
     ) -> Result<(), BrokerError> {
-        let uid = match &log.log {
-            Some((uid, _)) => *uid,
-            None => {
-                let (uid, reader) = self.create_internal_log(AUTH_LOG).await?;
-                log.log = Some((uid, reader));
-                uid
-            }
-        };
         match body {
-            Some(body) => {
-                let mut builder = BatchBuilder::new(uid, self.now_ms());
-                builder.push(&NewRecord {
-                    id: record_id.as_bytes(),
-                    body: &body,
-                    ..NewRecord::default()
-                });
-                let results = self
-                    .write(
-                        vec![Op::Append {
-                            uid,
-                            batch: builder.finish(),
-                        }],
-                        AckLevel::Durable,
-                    )
-                    .await?;
-                let Some(&OpResult::Appended { base_offset, .. }) = results.first() else {
-                    return Err(BrokerError::new(
-                        ErrorCode::Internal,
-                        "storage did not answer the record's offset",
-                    ));
-                };
-                log.records.insert(record_id, base_offset);
-            }
-            None => {
-                let Some(&offset) = log.records.get(&record_id) else {
-                    return Err(BrokerError::new(
-                        ErrorCode::Internal,
-                        format!("the auth log has no record '{record_id}'"),
-                    ));
-                };
-                self.write(
-                    vec![Op::Settle {
-                        uid,
-                        ranges: vec![offset..offset + 1],
-                    }],
-                    AckLevel::Durable,
-                )
-                .await?;
-                log.records.remove(&record_id);
-            }
+            Some(body) => self.catalog_put(log, &id, &body).await?,
+            None => self.catalog_remove(log, &id).await?,
         }
         let mut next = (*self.auth()).clone();
         next.apply(change);

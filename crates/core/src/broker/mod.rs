@@ -26,6 +26,7 @@ use redrive::RedriveTask;
 use registry::id_window_op;
 
 mod auth;
+mod catalog;
 mod classic;
 mod compaction;
 mod consumers;
@@ -34,6 +35,7 @@ mod delay_log;
 mod delivery;
 mod groups;
 mod guard;
+mod hooks;
 mod maintenance;
 mod publish;
 mod redrive;
@@ -54,6 +56,7 @@ pub use groups::{
     Committed, GroupInfo, GroupKind, GroupLag, MAX_MEMBER_STREAMS, MemberInfo, OffsetReset,
     PartitionLag, ResetTo, TopicPartitionInfo,
 };
+pub use hooks::{HookInfo, Ingested};
 pub use publish::Published;
 pub use redrive::{RedriveProgress, RedriveRequest};
 pub use registry::QueueInfo;
@@ -70,6 +73,10 @@ pub trait Observer: Send + Sync {
     fn publish_to_ack(&self, _queue: &str, _seconds: &[f64]) {}
     /// The queue is gone: forget what is kept per queue (its metric series).
     fn queue_deleted(&self, _queue: &str) {}
+    /// Time from a webhook's arrival to its event being durable.
+    fn hook_latency(&self, _hook: &str, _seconds: f64) {}
+    /// The hook is gone: forget its series.
+    fn hook_deleted(&self, _hook: &str) {}
 }
 
 pub struct NoopObserver;
@@ -138,6 +145,8 @@ struct Inner {
     groups: groups::Groups,
     /// API keys and grants.
     auth: auth::Auth,
+    /// Webhook hooks.
+    hooks: hooks::Hooks,
     /// Kafka's classic consumer groups (JoinGroup/SyncGroup).
     classic: classic::ClassicGroups,
     /// Consumer instances the broker runs for HTTP members, by (group, member).
@@ -199,6 +208,17 @@ impl Broker {
                 reason,
             }
         })?;
+        let (hooks_log, recovered): (Vec<_>, Vec<_>) = recovered
+            .into_iter()
+            .partition(|log| log.name == hooks::HOOKS_LOG);
+        let hooks =
+            hooks::Hooks::recover(&store, hooks_log.into_iter().next()).map_err(|reason| {
+                tidewater_storage::OpenError::Corrupt {
+                    path: dir.to_path_buf(),
+                    position: 0,
+                    reason,
+                }
+            })?;
         let (stream_logs, recovered): (Vec<_>, Vec<_>) = recovered
             .into_iter()
             .partition(|log| crate::stream::config::parse_partition_log_name(&log.name).is_some());
@@ -337,6 +357,7 @@ impl Broker {
             stream_parts: RwLock::new(stream_parts),
             groups,
             auth,
+            hooks,
             classic: classic::ClassicGroups::default(),
             consumers: Mutex::new(HashMap::new()),
             streams_grew: Notify::new(),
