@@ -46,6 +46,12 @@ pub(crate) fn kafka_error(code: ErrorCode) -> ResponseError {
         // The listener answers a denied topic or group with its own code (TOPIC_ or
         // GROUP_AUTHORIZATION_FAILED); the broker's refusals are about receipts.
         E::Forbidden => ResponseError::TopicAuthorizationFailed,
-        E::KeyNotFound | E::AclNotFound => ResponseError::InvalidRequest,
+        // Hooks are HTTP's: no Kafka request reaches them.
+        E::KeyNotFound
+        | E::AclNotFound
+        | E::InvalidHookName
+        | E::HookNotFound
+        | E::InvalidSignature
+        | E::TargetUnavailable => ResponseError::InvalidRequest,
     }
 }
