@@ -311,7 +311,7 @@ pub fn fingerprint(secret: &str) -> String {
 
 /// A request to a hook: its headers (by lower-case name) and raw body.
 pub struct HookRequest<'a> {
-    pub header: &'a dyn Fn(&str) -> Option<&'a str>,
+    pub header: &'a (dyn Fn(&str) -> Option<&'a str> + Sync),
     pub body: &'a [u8],
 }
 

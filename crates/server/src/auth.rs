@@ -297,6 +297,9 @@ pub enum Need {
     Op(Operation, Target),
     /// A listing: any caller; the reply holds only what it may describe.
     List(ResourceKind),
+    /// A webhook to a hook: its signature authenticates it; a hook with no signature
+    /// (preset `none`) needs produce on the hook instead.
+    Hook,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,6 +330,7 @@ const S: Target = Target::Param(K::Stream, "stream");
 const G: Target = Target::Param(K::Group, "group");
 const SUB: Target = Target::Subscription;
 const CLUSTER: Target = Target::Cluster;
+const HOOK: Target = Target::Param(K::Hook, "hook");
 
 pub const ROUTES: &[Route] = &[
     route("GET", "/healthz", Need::Open),
@@ -433,6 +437,11 @@ pub const ROUTES: &[Route] = &[
         "/v1/streams/{stream}/subscriptions/{sub}/purge",
         Need::Op(Admin, SUB),
     ),
+    route("GET", "/v1/hooks", Need::List(K::Hook)),
+    route("GET", "/v1/hooks/{hook}", Need::Op(Describe, HOOK)),
+    route("PUT", "/v1/hooks/{hook}", Need::Op(Admin, HOOK)),
+    route("DELETE", "/v1/hooks/{hook}", Need::Op(Admin, HOOK)),
+    route("POST", "/v1/hooks/{hook}", Need::Hook),
     route("GET", "/v1/auth/whoami", Need::List(K::Cluster)),
     route("GET", "/v1/auth/keys", Need::Op(Admin, CLUSTER)),
     route("POST", "/v1/auth/keys", Need::Op(Admin, CLUSTER)),

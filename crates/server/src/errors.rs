@@ -186,7 +186,8 @@ pub fn errors_markdown() -> String {
     let mut out = String::from(
         "# Error codes\n\n\
          Every non-2xx reply of the HTTP API has the body `{\"code\": \"...\", \"message\": \"...\"}`; refusals\n\
-         that should be retried (429, 507) also carry `retry_after_ms` and a `Retry-After` header (seconds).\n\
+         that should be retried (429, 507, and 503 `not_ready`, `shutting_down` and `target_unavailable`) also carry `retry_after_ms`\n\
+         and a `Retry-After` header (seconds).\n\
          Codes are stable: a code keeps its meaning forever and a retired code is never reused.\n\
          Per-receipt failures of ack, nack and extend use `invalid_receipt` and `stale_receipt` inside a 200 reply.\n\n\
          This file is generated from `crates/server/src/errors.rs` by `UPDATE_DOCS=1 cargo test -p tidewater docs`.\n\n\

@@ -24,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::api::{self, ErrorBody, OutMessage};
 use crate::auth::{Caller, Guard, Need, Target};
+use crate::edges;
 use crate::errors::Code;
 use crate::listener::{Bounds, Stats, accept_loop};
 use crate::metrics::Metrics;
@@ -54,10 +55,11 @@ pub struct Peer {
 }
 
 impl AppState {
-    fn broker(&self) -> Result<&Broker, ApiError> {
-        self.broker
-            .get()
-            .ok_or_else(|| ApiError::new(Code::NotReady, "the server is still recovering its data"))
+    pub(crate) fn broker(&self) -> Result<&Broker, ApiError> {
+        self.broker.get().ok_or_else(|| {
+            ApiError::new(Code::NotReady, "the server is still recovering its data")
+                .retry_after(1_000)
+        })
     }
 }
 
@@ -115,10 +117,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// A PUT's reply: 201 with the resource when it created it, else 200.
-fn created_or_ok<T: Serialize>(created: bool, value: &T) -> ApiResult {
+pub(crate) fn created_or_ok<T: Serialize>(created: bool, value: &T) -> ApiResult {
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -139,7 +141,7 @@ fn json_body<T: Serialize>(value: &T) -> Response {
         .into_response()
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> ApiResult {
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> ApiResult {
     let mut response = json_body(value);
     *response.status_mut() = status;
     Ok(response)
@@ -181,7 +183,10 @@ fn reserve(
 
 /// Reads a body within max_request_bytes and body_timeout_ms, holding its size of the
 /// broker-wide budget (all of a declared Content-Length at once, else as it arrives).
-async fn read_body(state: &AppState, body: Body) -> Result<(Bytes, BodyPermit), ApiError> {
+pub(crate) async fn read_body(
+    state: &AppState,
+    body: Body,
+) -> Result<(Bytes, BodyPermit), ApiError> {
     let too_large = || {
         ApiError::new(
             ErrorCode::RequestTooLarge,
@@ -432,7 +437,7 @@ fn publish_values(limits: &tidewater_core::Limits) -> usize {
 /// JSON values of the largest valid queue configuration: every fairness weight (a key and
 /// a value each), every tenant of a quota with its four limits (ten values each), and a
 /// margin for the other fields.
-const CONFIG_VALUES: usize = 2 * tidewater_core::config::MAX_FAIRNESS_WEIGHTS
+pub(crate) const CONFIG_VALUES: usize = 2 * tidewater_core::config::MAX_FAIRNESS_WEIGHTS
     + 10 * tidewater_core::config::MAX_QUOTA_TENANTS
     + 1_000;
 /// JSON values of the largest valid produce: per record its fields and headers.
@@ -634,6 +639,14 @@ pub fn router(state: AppState) -> Router {
             "/v1/streams/{stream}/subscriptions/{sub}/purge",
             post(subscription_purge),
         )
+        .route("/v1/hooks", get(edges::list_hooks))
+        .route(
+            "/v1/hooks/{hook}",
+            get(edges::get_hook)
+                .put(edges::put_hook)
+                .delete(edges::delete_hook)
+                .post(edges::ingest),
+        )
         .route("/v1/auth/whoami", get(whoami))
         .route("/v1/auth/keys", get(list_keys).post(create_key))
         .route("/v1/auth/keys/{id}", axum::routing::delete(revoke_key))
@@ -696,6 +709,22 @@ async fn authorize(
     if route.need == Need::Open {
         return next.run(request).await;
     }
+    if route.need == Need::Hook {
+        // The signature is the sender's credential, checked by the handler.
+        let name = params
+            .iter()
+            .find(|(k, _)| *k == "hook")
+            .map(|(_, v)| v.to_string())
+            .unwrap_or_default();
+        let unsigned = state
+            .broker()
+            .ok()
+            .and_then(|b| b.hook_config(&name).ok())
+            .is_some_and(|c| c.signature.scheme == tidewater_auth::webhook::Scheme::Unsigned);
+        if !unsigned {
+            return next.run(request).await;
+        }
+    }
     let broker = match state.broker() {
         Ok(broker) => broker,
         Err(err) => return err.into_response(),
@@ -743,6 +772,10 @@ async fn authorize(
             ))
         }
         Need::Open | Need::List(_) => Ok(()),
+        Need::Hook => caller.check(
+            tidewater_auth::Operation::Produce,
+            &tidewater_auth::Resource::new(tidewater_auth::ResourceKind::Hook, &param("hook")),
+        ),
         Need::Op(op, Target::Cluster) => caller.check(op, &tidewater_auth::Resource::CLUSTER),
         Need::Op(op, Target::Param(kind, name)) => {
             caller.check(op, &tidewater_auth::Resource::new(kind, &param(name)))
@@ -880,7 +913,7 @@ async fn openapi(State(state): State<AppState>) -> Response {
 }
 
 /// Whether the caller may see the resource in a listing.
-fn visible(caller: &Caller, kind: ResourceKind, name: &str) -> bool {
+pub(crate) fn visible(caller: &Caller, kind: ResourceKind, name: &str) -> bool {
     caller.may(Operation::Describe, &Resource::new(kind, name))
 }
 
@@ -918,7 +951,7 @@ async fn put_queue(
 /// The configuration patch of a PUT: the patch object itself, or `{"config": patch}` as a
 /// GET returns it; no body is `{}`. Anything but an object is `invalid_config` (serde would
 /// take an array for a struct).
-async fn config_body<T: DeserializeOwned>(
+pub(crate) async fn config_body<T: DeserializeOwned>(
     state: &AppState,
     body: Body,
     max_values: usize,

@@ -10,6 +10,7 @@ mod cli_auth;
 mod cli_streams;
 mod cli_subscriptions;
 mod client;
+mod edges;
 mod errors;
 mod http;
 mod listener;

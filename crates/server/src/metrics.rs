@@ -40,12 +40,24 @@ struct TenantLabel {
     tenant: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookLabel {
+    hook: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookRefusedLabel {
+    hook: String,
+    reason: String,
+}
+
 type HistogramFamily = Family<QueueLabel, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
     registry: Registry,
     publish_latency: HistogramFamily,
     publish_to_ack: HistogramFamily,
+    hook_latency: Family<HookLabel, Histogram, fn() -> Histogram>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -79,6 +91,16 @@ impl Metrics {
             "Time from a message's publish to its ack",
             publish_to_ack.clone(),
         );
+        let hook_latency: Family<HookLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "hook_durable_seconds",
+            "Time from a webhook's arrival to its event being durable (accepted events)",
+            hook_latency.clone(),
+        );
+        registry.register_collector(Box::new(HookCollector {
+            broker: broker.clone(),
+        }));
         registry.register_collector(Box::new(QueueCollector { broker }));
         registry.register_collector(Box::new(ListenerCollector {
             listeners: [("binary", protocol), ("http", http), ("kafka", kafka)],
@@ -91,6 +113,7 @@ impl Metrics {
             registry,
             publish_latency,
             publish_to_ack,
+            hook_latency,
         }
     }
 
@@ -111,6 +134,20 @@ impl Observer for Metrics {
         self.publish_to_ack.remove(&label);
     }
 
+    fn hook_latency(&self, hook: &str, seconds: f64) {
+        self.hook_latency
+            .get_or_create(&HookLabel {
+                hook: hook.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    fn hook_deleted(&self, hook: &str) {
+        self.hook_latency.remove(&HookLabel {
+            hook: hook.to_string(),
+        });
+    }
+
     fn publish_latency(&self, queue: &str, seconds: f64) {
         self.publish_latency
             .get_or_create(&QueueLabel {
@@ -129,12 +166,74 @@ impl Observer for Metrics {
     }
 }
 
-/// (metric name, help, how to read it from a queue).
-type Stat<T> = (
-    &'static str,
-    &'static str,
-    fn(&tidewater_core::QueueInfo) -> T,
-);
+/// (metric name, help, how to read it from a queue, or another resource `R`).
+type Stat<T, R = tidewater_core::QueueInfo> = (&'static str, &'static str, fn(&R) -> T);
+
+/// Reads every hook's counters at scrape time (labels: hook names, bounded by
+/// `max_hooks`, and error codes).
+struct HookCollector {
+    broker: Arc<OnceLock<Broker>>,
+}
+
+impl std::fmt::Debug for HookCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HookCollector")
+    }
+}
+
+impl Collector for HookCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(broker) = self.broker.get() else {
+            return Ok(());
+        };
+        let hooks = broker.hooks();
+        let counters: [Stat<u64, tidewater_core::HookInfo>; 3] = [
+            (
+                "hook_accepted",
+                "Webhooks stored durably in the hook's target",
+                |h| h.stats.accepted,
+            ),
+            (
+                "hook_duplicates",
+                "Webhooks whose delivery id was already stored (answered 2xx, not stored again)",
+                |h| h.stats.duplicates,
+            ),
+            (
+                "hook_signature_failures",
+                "Webhooks refused for a missing, malformed, wrong or stale signature",
+                |h| h.stats.signature_failures,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for h in &hooks {
+                ConstCounter::new(value(h)).encode(family.encode_family(&HookLabel {
+                    hook: h.name.clone(),
+                })?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "hook_refused",
+            "Webhooks refused (nothing stored), by reason: the error code answered",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for h in &hooks {
+            for (reason, n) in &h.stats.refused {
+                ConstCounter::new(*n).encode(family.encode_family(&HookRefusedLabel {
+                    hook: h.name.clone(),
+                    reason: reason.to_string(),
+                })?)?;
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Reads every queue's stats at scrape time.
 struct QueueCollector {

@@ -832,6 +832,71 @@ fn auth_schemas() -> Value {
     })
 }
 
+fn hook_schemas(limits: &Limits) -> Value {
+    use tidewater_core::hook::{
+        MAX_HEADER_NAME, MAX_KEPT_HEADERS, MAX_SECRET_BYTES, MAX_SECRETS, MAX_TOLERANCE_S,
+    };
+    let header = json!({"type": "string", "minLength": 1, "maxLength": MAX_HEADER_NAME,
+        "pattern": "^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"});
+    let header_or_null = json!({"anyOf": [header.clone(), {"type": "null"}]});
+    let target = json!({"type": "object", "additionalProperties": false, "minProperties": 1, "maxProperties": 1,
+        "description": "where accepted events go: {\"queue\": name} or {\"stream\": name}; it must exist",
+        "properties": {"queue": queue_name(), "stream": queue_name()}});
+    let presets = [
+        "github",
+        "stripe",
+        "slack",
+        "standard_webhooks",
+        "hmac",
+        "none",
+    ];
+    let signature = json!({"type": "object", "required": ["preset"],
+        "description": "github, stripe, slack and standard_webhooks take secrets (standard_webhooks: whsec_<base64> as Svix shows them); hmac also header, algorithm, encoding, prefix; none takes no secrets (and needs produce on the hook once authentication is on)",
+        "properties": {
+            "preset": {"type": "string", "enum": presets},
+            "secrets": {"type": "array", "maxItems": MAX_SECRETS, "description": "several while rotating: a signature by any passes; never shown again",
+                "items": {"type": "string", "minLength": 1, "maxLength": MAX_SECRET_BYTES}},
+            "tolerance_s": int(1, MAX_TOLERANCE_S),
+            "header": header.clone(),
+            "algorithm": {"type": "string", "enum": ["sha256", "sha512"]},
+            "encoding": {"type": "string", "enum": ["hex", "base64"]},
+            "prefix": {"type": "string", "maxLength": 64}}});
+    let shown_signature = json!({"type": "object", "required": ["preset", "tolerance_s", "secret_fingerprints"], "properties": {
+            "preset": {"type": "string", "enum": presets},
+            "secret_fingerprints": {"type": "array", "items": {"type": "string"}, "description": "the first 8 hex digits of each secret's SHA-256"},
+            "tolerance_s": {"type": "integer"},
+            "header": {"type": "string"}, "algorithm": {"type": "string"}, "encoding": {"type": "string"}, "prefix": {"type": "string"}}});
+    let fields = |signature: Value| {
+        json!({
+        "target": target.clone(),
+        "signature": signature,
+        "id_header": header_or_null.clone(),
+        "key_header": header_or_null.clone(),
+        "headers": {"type": "array", "maxItems": MAX_KEPT_HEADERS, "items": header.clone()},
+        "max_body_bytes": int(1, limits.max_message_bytes as u64),
+        "tenant": {"type": ["string", "null"], "minLength": 1, "maxLength": tidewater_core::config::MAX_TENANT_LEN}})
+    };
+    json!({
+        "HookPut": {"type": "object", "additionalProperties": false, "properties": fields(signature),
+            "description": "a new hook needs target and signature; an update changes the fields given (signature whole, secrets included)"},
+        "Hook": {"type": "object", "additionalProperties": false, "required": ["name", "config", "created_at_ms", "stats"], "properties": {
+            "name": {"type": "string"},
+            "config": {"type": "object", "additionalProperties": false, "required": ["target", "signature", "headers", "max_body_bytes"],
+                "properties": fields(shown_signature)},
+            "created_at_ms": {"type": "integer"},
+            "stats": {"type": "object", "additionalProperties": false, "required": ["accepted", "duplicates", "signature_failures", "refused"], "properties": {
+                "accepted": {"type": "integer", "minimum": 0}, "duplicates": {"type": "integer", "minimum": 0},
+                "signature_failures": {"type": "integer", "minimum": 0},
+                "refused": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}, "description": "refusals by error code since the server started"}}}}},
+        "HookList": {"type": "object", "additionalProperties": false, "required": ["hooks"], "properties": {
+            "hooks": {"type": "array", "items": schema_ref("Hook")}}},
+        "Ingested": {"type": "object", "additionalProperties": false, "properties": {
+            "id": {"type": "string", "description": "the message id (the sender's delivery id when it names one), or partition:offset for a stream"},
+            "duplicate": {"type": "boolean", "description": "true: this delivery id was already stored; nothing was stored again"},
+            "challenge": {"type": "string", "description": "Slack's url_verification: the challenge, echoed"}}},
+    })
+}
+
 /// Marks each operation with what it needs once authentication is on
 /// (`x-tidewater-permission`, from `auth::ROUTES`) and the 401 and 403 it may answer.
 fn add_permissions(document: &mut Value) {
@@ -849,6 +914,10 @@ fn add_permissions(document: &mut Value) {
                 Some(Need::Open) => json!("open"),
                 Some(Need::List(kind)) => json!({"list": kind.as_str(),
                     "note": "any caller; the reply holds only what it may describe"}),
+                Some(Need::Hook) => {
+                    json!({"operation": "produce", "resource": "hook", "name": "hook",
+                    "note": "a signed hook's webhooks need no credentials: the signature authenticates them; a hook with preset none needs produce on the hook"})
+                }
                 Some(Need::Op(op, target)) => {
                     let (resource, from) = match target {
                         Target::Cluster => ("cluster", Value::Null),
@@ -910,6 +979,7 @@ pub fn document(limits: &Limits) -> Value {
         stream_schemas(limits),
         group_schemas(limits),
         auth_schemas(),
+        hook_schemas(limits),
     ] {
         schemas_map.extend(part.as_object().expect("an object").clone());
     }
@@ -1508,6 +1578,38 @@ pub fn document(limits: &Limits) -> Value {
             "delete": operation("revokeAcl", "Revoke a grant", responses(&[(200, ok_json("the grant revoked", "AclRevoked"))]), Fails { not_found: true, writes: true, ..Fails::default() })},
     });
     for (path, item) in auth_paths.as_object().expect("an object") {
+        paths.insert(path.clone(), item.clone());
+    }
+    let hook_param =
+        json!([{"name": "hook", "in": "path", "required": true, "schema": queue_name()}]);
+    let hook_missing = Fails {
+        bad: true,
+        not_found: true,
+        ..Fails::default()
+    };
+    let mut ingest = operation(
+        "ingestWebhook",
+        "A sender's webhook: checked against the hook's signature, stored byte for byte with its headers, answered 200 once durable (a replayed delivery id: 200, duplicate). Nothing is stored unless the answer is 200.",
+        responses(&[(200, ok_json("stored, or already stored", "Ingested"))]),
+        Fails {
+            body: true,
+            too_large: true,
+            writes: true,
+            refused: true,
+            ..hook_missing
+        },
+    );
+    ingest["requestBody"] = json!({"required": false, "description": "the event, as the sender signs it (any content type)",
+        "content": {"*/*": {"schema": {}}}});
+    let hook_paths = json!({
+        "/v1/hooks": {"get": operation("listHooks", "Webhook hooks (by name), with their counters; never their secrets", responses(&[(200, ok_json("the hooks", "HookList"))]), Fails::default())},
+        "/v1/hooks/{hook}": {"parameters": hook_param,
+            "get": operation("getHook", "A hook: its configuration (secrets as fingerprints) and counters", responses(&[(200, ok_json("the hook", "Hook"))]), hook_missing),
+            "put": with_body(operation("putHook", "Create a hook (201) or change it (200); its target must exist", responses(&[(201, ok_json("created", "Hook")), (200, ok_json("updated", "Hook"))]), Fails { not_found: true, ..admin }), "HookPut", false, "the hook's configuration"),
+            "delete": operation("deleteHook", "Delete a hook (its events already stored stay)", responses(&[(204, json!({"description": "deleted"}))]), Fails { writes: true, ..hook_missing }),
+            "post": ingest},
+    });
+    for (path, item) in hook_paths.as_object().expect("an object") {
         paths.insert(path.clone(), item.clone());
     }
     document["components"]["securitySchemes"] = json!({"bearer": {"type": "http", "scheme": "bearer",

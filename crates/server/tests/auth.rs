@@ -74,7 +74,7 @@ fn revoke_grant(server: &Server, id: &str) {
 }
 
 /// The resources the table test acts on: queue `q`, stream `s`, subscription `s/sub`,
-/// group `g` with member `m`.
+/// hook `h`, group `g` with member `m`.
 fn resources(server: &Server) -> String {
     admin(server, "PUT", "/v1/queues/q", Some(json!({})));
     admin(server, "PUT", "/v1/queues/q2", Some(json!({})));
@@ -89,6 +89,13 @@ fn resources(server: &Server) -> String {
         "PUT",
         "/v1/streams/s/subscriptions/sub",
         Some(json!({})),
+    );
+    // Unsigned, so its webhooks need produce on the hook (a signed one's need none).
+    admin(
+        server,
+        "PUT",
+        "/v1/hooks/h",
+        Some(json!({"target": {"queue": "q"}, "signature": {"preset": "none"}})),
     );
     let member = admin(
         server,
@@ -106,6 +113,7 @@ fn concrete(template: &str, member: &str) -> String {
         .replace("{stream}", "s")
         .replace("{sub}", "sub")
         .replace("{group}", "g")
+        .replace("{hook}", "h")
         .replace("{partition}", "0")
         .replace("{member}", member)
         .replace("{id}", "missing");
@@ -184,6 +192,7 @@ fn every_route_is_refused_without_credentials_and_without_a_grant_and_allowed_wi
             "stream" => "s",
             "group" => "g",
             "subscription" => "s/sub",
+            "hook" => "h",
             other => panic!("{what}: resource {other}"),
         };
         assert_eq!(

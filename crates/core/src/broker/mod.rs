@@ -545,7 +545,8 @@ impl Broker {
                 Err(_) => Err(BrokerError::new(
                     ErrorCode::ShuttingDown,
                     "the store stopped before answering",
-                )),
+                )
+                .retry_after(1_000)),
             }
         }
     }

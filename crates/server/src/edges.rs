@@ -1,0 +1,102 @@
+//! The HTTP edges: webhook hooks (`/v1/hooks`): their management, and the ingress senders
+//! POST to, which answers 2xx only once the event is durable (docs/edges.md).
+
+use axum::body::Body;
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use tidewater_auth::{Operation, Resource, ResourceKind};
+use tidewater_core::Ingested;
+use tidewater_core::hook::{HookPatch, HookRequest, HookTarget};
+
+use crate::auth::Caller;
+use crate::http::{
+    ApiResult, AppState, CONFIG_VALUES, config_body, created_or_ok, json, read_body, visible,
+};
+
+pub(crate) async fn list_hooks(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    let mut hooks = state.broker()?.hooks();
+    hooks.retain(|h| visible(&caller, ResourceKind::Hook, &h.name));
+    json(StatusCode::OK, &serde_json::json!({ "hooks": hooks }))
+}
+
+pub(crate) async fn get_hook(State(state): State<AppState>, Path(hook): Path<String>) -> ApiResult {
+    json(StatusCode::OK, &state.broker()?.hook(&hook)?)
+}
+
+fn target_resource(target: &HookTarget) -> Resource<'_> {
+    match target {
+        HookTarget::Queue(name) => Resource::new(ResourceKind::Queue, name),
+        HookTarget::Stream(name) => Resource::new(ResourceKind::Stream, name),
+    }
+}
+
+pub(crate) async fn put_hook(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(hook): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let (patch, _permit): (HookPatch, _) = config_body(
+        &state,
+        body,
+        CONFIG_VALUES,
+        "hook",
+        r#"{"target": {"queue": "orders"}, "signature": {"preset": "github", "secrets": ["..."]}}"#,
+    )
+    .await?;
+    // A hook produces to its target for its senders: whoever points one at a queue or
+    // stream must be allowed to produce there.
+    if let Some(target) = &patch.target
+        && broker.hook_config(&hook).ok().map(|c| c.target).as_ref() != Some(target)
+    {
+        caller.check(Operation::Produce, &target_resource(target))?;
+    }
+    let (created, info) = broker.put_hook(&hook, &patch).await?;
+    created_or_ok(created, &info)
+}
+
+pub(crate) async fn delete_hook(
+    State(state): State<AppState>,
+    Path(hook): Path<String>,
+) -> ApiResult {
+    state.broker()?.delete_hook(&hook).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A sender's request: the raw body and headers, checked and stored by the broker. 200
+/// once durable (or a duplicate of a delivery already stored); 401 for a bad signature;
+/// 413 past the hook's size; 429/503/507 with Retry-After when the target cannot take it
+/// now: nothing is stored unless the answer is 2xx.
+pub(crate) async fn ingest(
+    State(state): State<AppState>,
+    Path(hook): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let (bytes, _permit) = read_body(&state, body).await?;
+    let lookup = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let request = HookRequest {
+        header: &lookup,
+        body: &bytes,
+    };
+    match broker.ingest(&hook, &request).await? {
+        Ingested::Accepted { id } => json(
+            StatusCode::OK,
+            &serde_json::json!({ "id": id, "duplicate": false }),
+        ),
+        Ingested::Duplicate { id } => json(
+            StatusCode::OK,
+            &serde_json::json!({ "id": id, "duplicate": true }),
+        ),
+        Ingested::Challenge(challenge) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "challenge": challenge }),
+        ),
+    }
+}
