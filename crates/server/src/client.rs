@@ -382,6 +382,11 @@ impl Client {
         Ok((status, bytes))
     }
 
+    /// The full URL of `path` on this server.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     pub fn get(&self, path: &str) -> Result<Value, ClientError> {
         Ok(self.call("GET", path, None)?.1)
     }

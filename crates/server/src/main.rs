@@ -7,6 +7,7 @@ mod bench;
 mod binary;
 mod cli;
 mod cli_auth;
+mod cli_hooks;
 mod cli_streams;
 mod cli_subscriptions;
 mod client;
@@ -118,6 +119,10 @@ enum Commands {
     /// (consume one with `tidewater consume STREAM/SUBSCRIPTION`).
     #[command(subcommand)]
     Subscription(cli_subscriptions::SubscriptionCommand),
+    /// Webhook hooks: signed webhooks in, stored durably before the sender hears 200
+    /// (docs/edges.md).
+    #[command(subcommand)]
+    Hook(cli_hooks::HookCommand),
     /// API keys and grants (authentication and authorization, docs/security.md).
     #[command(subcommand)]
     Auth(cli_auth::AuthCommand),
@@ -188,6 +193,7 @@ fn main() {
                     Commands::Fetch(a) => cli_streams::fetch(&client, a, cli.json),
                     Commands::Group(c) => cli_streams::group(&client, c, cli.json),
                     Commands::Auth(c) => cli_auth::auth(&client, c, cli.json),
+                    Commands::Hook(c) => cli_hooks::hook(&client, c, cli.json),
                     Commands::Subscription(c) => {
                         cli_subscriptions::subscription(&client, c, cli.json)
                     }

@@ -271,7 +271,7 @@ struct Sender {
 /// refused connection land it), and every delivery is stored exactly once (one offset per
 /// delivery id among everything consumed and left). The defaults suit a debug build on a
 /// shared machine; scripts/webhook-flood runs it at 10,000 a second for 10 s on a release
-/// build.
+/// build (BENCHMARKS.md).
 #[test]
 fn a_webhook_flood_killed_mid_way_loses_nothing_it_acknowledged() {
     let env = |name: &str, default: u64| {
@@ -300,9 +300,12 @@ fn a_webhook_flood_killed_mid_way_loses_nothing_it_acknowledged() {
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let flood_done = Arc::new(AtomicBool::new(false));
+    // When the last delivery was first sent: the flood's length as paced.
+    let last_first_send: Arc<Mutex<Option<Duration>>> = Arc::default();
     let mut threads = Vec::new();
     for s in 0..senders {
         let (state, next, base) = (state.clone(), next.clone(), base.clone());
+        let last_first_send = last_first_send.clone();
         threads.push(std::thread::spawn(move || {
             let agent = ureq::Agent::config_builder()
                 .http_status_as_error(false)
@@ -322,6 +325,9 @@ fn a_webhook_flood_killed_mid_way_loses_nothing_it_acknowledged() {
                     again.swap_remove(i).1
                 } else {
                     let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n + 1 == total {
+                        *last_first_send.lock().unwrap() = Some(started.elapsed());
+                    }
                     if n >= total {
                         next.fetch_sub(1, Ordering::Relaxed);
                         if again.is_empty() {
@@ -467,9 +473,13 @@ fn a_webhook_flood_killed_mid_way_loses_nothing_it_acknowledged() {
         0
     );
     let duplicates = acked.values().filter(|d| **d).count();
+    let paced_s = last_first_send
+        .lock()
+        .unwrap()
+        .map_or(f64::NAN, |d| d.as_secs_f64());
     eprintln!(
-        "webhook flood: {total} deliveries at {rate}/s from {senders} senders ({} sent before the kill), done in {flood_s:.1} s; {} refusals with Retry-After, {} unreachable during the restart, {duplicates} acknowledged as duplicates; 0 lost, 0 stored twice",
-        sent_before_kill,
+        "webhook flood: {total} deliveries asked at {rate}/s from {senders} senders, first sent in {paced_s:.1} s ({:.0}/s; {sent_before_kill} before the kill), all acknowledged after {flood_s:.1} s; {} refusals with Retry-After, {} unreachable during the restart, {duplicates} acknowledged as duplicates; 0 lost, 0 stored twice",
+        total as f64 / paced_s,
         state.refusals.load(Ordering::Relaxed),
         state.unreachable.load(Ordering::Relaxed),
     );
