@@ -484,3 +484,154 @@ fn a_webhook_flood_killed_mid_way_loses_nothing_it_acknowledged() {
         state.unreachable.load(Ordering::Relaxed),
     );
 }
+
+#[test]
+fn hooks_from_the_command_line() {
+    use crate::cli::run;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("gh-events", json!({}));
+    let secret_file = dir.path().join("gh.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let secret_arg = secret_file.to_str().unwrap();
+    let (code, out, err) = run(
+        &server,
+        &[
+            "hook",
+            "create",
+            "github",
+            "--queue",
+            "gh-events",
+            "--preset",
+            "github",
+            "--secret-file",
+            secret_arg,
+            "--header",
+            "X-Request-Id",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("senders POST to http://") && out.contains("/v1/hooks/github"),
+        "{out}"
+    );
+    // A second create is refused; no signature without secrets.
+    let (code, _, err) = run(
+        &server,
+        &[
+            "hook",
+            "create",
+            "github",
+            "--queue",
+            "gh-events",
+            "--preset",
+            "github",
+            "--secret",
+            "x",
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("exists"), "{err}");
+    let (code, _, err) = run(
+        &server,
+        &[
+            "hook",
+            "create",
+            "other",
+            "--queue",
+            "gh-events",
+            "--preset",
+            "stripe",
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "usage error: {err}");
+    assert!(err.contains("secrets"), "{err}");
+
+    let agent = agent();
+    assert_eq!(
+        send(&agent, &server.url, "github", "d-1", SECRET, b"{}")
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        send(&agent, &server.url, "github", "d-2", "guess", b"{}")
+            .unwrap()
+            .status,
+        401
+    );
+    let (code, out, _) = run(&server, &["hook", "list"], None);
+    assert_eq!(code, 0);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("github"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("queue gh-events") && row.contains("invalid_signature 1"),
+        "{out}"
+    );
+    let (code, out, _) = run(&server, &["hook", "stats", "github"], None);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("1 accepted") && out.contains("1 bad signatures"),
+        "{out}"
+    );
+
+    // Rotation: the new secret and the old one, then the new only; the preset is kept.
+    let (code, out, err) = run(
+        &server,
+        &[
+            "hook",
+            "config",
+            "github",
+            "--secret",
+            "new-secret",
+            "--secret-file",
+            secret_arg,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("updated hook 'github'") && !out.contains(SECRET),
+        "{out}"
+    );
+    assert_eq!(
+        send(&agent, &server.url, "github", "d-3", "new-secret", b"{}")
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        send(&agent, &server.url, "github", "d-4", SECRET, b"{}")
+            .unwrap()
+            .status,
+        200
+    );
+    let (code, _, err) = run(
+        &server,
+        &["hook", "config", "github", "--secret", "new-secret"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        send(&agent, &server.url, "github", "d-5", SECRET, b"{}")
+            .unwrap()
+            .status,
+        401
+    );
+    let (code, out, _) = run(&server, &["--json", "hook", "config", "github"], None);
+    assert_eq!(code, 0);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["config"]["signature"]["preset"], "github");
+    assert_eq!(shown["config"]["headers"], json!(["x-request-id"]));
+    assert!(!out.contains("new-secret"), "{out}");
+
+    let (code, _, _) = run(&server, &["hook", "delete", "github"], None);
+    assert_eq!(code, 0);
+    let (code, _, err) = run(&server, &["hook", "stats", "github"], None);
+    assert_eq!(code, 3, "not found exits 3: {err}");
+}
