@@ -35,6 +35,9 @@ pub enum Name {
     IotLag,
     /// A log flood on a small disk (retention by size).
     LogFlood,
+    /// A webhook flood into a slow receiver that restarts mid-way (signed ingress, durable
+    /// before 200, Retry-After, deduplication by delivery id).
+    WebhookFlood,
     /// Every scenario above.
     All,
 }
@@ -86,6 +89,7 @@ pub fn run(args: ScenarioArgs, json_out: bool) -> anyhow::Result<()> {
             Name::SlowConsumer,
             Name::IotLag,
             Name::LogFlood,
+            Name::WebhookFlood,
         ],
         one => vec![one],
     };
@@ -148,6 +152,7 @@ pub fn replay(name: Name, scale: usize) -> anyhow::Result<Report> {
             Name::SlowConsumer => slow_consumer(scale).await,
             Name::IotLag => iot_lag(scale).await,
             Name::LogFlood => log_flood(scale).await,
+            Name::WebhookFlood => webhook_flood(scale).await,
             Name::All => unreachable!("expanded by the caller"),
         }
     })
@@ -545,6 +550,172 @@ async fn slow_consumer(scale: usize) -> anyhow::Result<Report> {
     })
 }
 
+/// Brief incident 15: a provider floods a receiver with 2,000 signed webhooks a second for
+/// 10 s; the receiver handles 500 a second and restarts 5 s in (a deploy, a crash). Before:
+/// a typical receiver answers 200 at once and keeps the events in memory for its workers;
+/// the restart loses what was waiting, and the provider, told 200, never sends them again.
+/// After: a tidewater hook (GitHub's signature) in front of a queue of 5,000: 200 only once
+/// the event is durable, 429 with Retry-After when the queue is full (the provider retries
+/// then), and a delivery id seen before answered 200 without storing it twice. The
+/// provider retries any answer but 2xx, at Retry-After (or after 1 s), as providers do.
+async fn webhook_flood(scale: usize) -> anyhow::Result<Report> {
+    use std::collections::{BTreeMap, VecDeque};
+
+    use hmac::{Hmac, Mac};
+    use tidewater_core::hook::{HookPatch, HookRequest};
+    use tidewater_core::{ErrorCode, Ingested};
+
+    const SECRET: &str = "webhook-flood-secret";
+    let per_tick = 200 / scale as u64; // 2,000/s (small: 200/s), in ticks of 100 ms
+    let handled_per_tick = per_tick / 4; // the receiver: a quarter of the rate
+    let flood_ticks = 100u64; // 10 s
+    let restart_tick = 50;
+    let total = per_tick * flood_ticks;
+    let sign = |body: &[u8]| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).expect("any key");
+        mac.update(body);
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("sha256={hex}")
+    };
+    let mut figures = [[0.0; 5]; 2];
+    for (run, figure) in figures.iter_mut().enumerate() {
+        let tidewater = run == 1;
+        let mut sim = Sim::new()?;
+        if tidewater {
+            sim.queue("github", json!({"max_messages": 5_000 / scale}))
+                .await?;
+            let patch: HookPatch = serde_json::from_value(json!({
+                "target": {"queue": "github"},
+                "signature": {"preset": "github", "secrets": [SECRET]}
+            }))?;
+            sim.harness.broker().put_hook("github", &patch).await?;
+        }
+        // The naive receiver's memory: events answered 200 and not yet handled.
+        let mut memory: VecDeque<u64> = VecDeque::new();
+        let mut acknowledged = vec![false; total as usize];
+        let mut attempts = vec![0u32; total as usize];
+        let mut handled: BTreeMap<u64, u32> = BTreeMap::new();
+        // (tick due, delivery) the provider sends again.
+        let mut retries: Vec<(u64, u64)> = Vec::new();
+        let (mut refusals, mut lost_in_restart) = (0u64, 0u64);
+        let mut tick = 0u64;
+        while tick < flood_ticks || !retries.is_empty() || (!tidewater && !memory.is_empty()) {
+            anyhow::ensure!(tick < 100_000, "the scenario did not settle");
+            let mut sends: Vec<u64> = Vec::new();
+            if tick < flood_ticks {
+                sends.extend(tick * per_tick..(tick + 1) * per_tick);
+            }
+            retries.retain(|&(due, d)| {
+                if due <= tick {
+                    sends.push(d);
+                    false
+                } else {
+                    true
+                }
+            });
+            for delivery in sends {
+                if !tidewater {
+                    memory.push_back(delivery);
+                    acknowledged[delivery as usize] = true;
+                    continue;
+                }
+                let body = format!(r#"{{"delivery":{delivery}}}"#);
+                let signature = sign(body.as_bytes());
+                let id = format!("{delivery}");
+                let headers = [
+                    ("x-hub-signature-256", signature.as_str()),
+                    ("x-github-delivery", id.as_str()),
+                ];
+                let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+                let request = HookRequest {
+                    header: &lookup,
+                    body: body.as_bytes(),
+                };
+                match sim.harness.broker().ingest("github", &request).await {
+                    Ok(Ingested::Accepted { .. } | Ingested::Duplicate { .. }) => {
+                        acknowledged[delivery as usize] = true;
+                    }
+                    Ok(Ingested::Challenge(_)) => anyhow::bail!("no challenge was sent"),
+                    Err(err) => {
+                        anyhow::ensure!(
+                            err.code != ErrorCode::InvalidSignature,
+                            "the scenario signs every webhook: {err}"
+                        );
+                        refusals += 1;
+                        // Providers back off exponentially, never sooner than Retry-After.
+                        let attempt = &mut attempts[delivery as usize];
+                        *attempt += 1;
+                        let backoff_ms = 1_000u64 << (*attempt).min(6);
+                        let wait_ms = err.retry_after_ms.unwrap_or(0).max(backoff_ms);
+                        retries.push((tick + wait_ms.div_ceil(100), delivery));
+                    }
+                }
+            }
+            // The receiver's workers.
+            if tidewater {
+                let got = sim.receive("github", handled_per_tick as usize).await?;
+                for d in &got {
+                    let n: u64 = std::str::from_utf8(&d.record.id)?.parse()?;
+                    *handled.entry(n).or_default() += 1;
+                }
+                sim.ack("github", &got).await?;
+            } else {
+                for _ in 0..handled_per_tick {
+                    let Some(n) = memory.pop_front() else { break };
+                    *handled.entry(n).or_default() += 1;
+                }
+            }
+            if tick == restart_tick {
+                if tidewater {
+                    sim.harness.restart();
+                } else {
+                    lost_in_restart = memory.len() as u64;
+                    memory.clear();
+                }
+            }
+            sim.advance(100).await;
+            tick += 1;
+        }
+        // After the flood, the receiver drains what it holds.
+        while tidewater {
+            let got = sim.receive("github", 1_000).await?;
+            if got.is_empty() && sim.stats("github")?.total == 0 {
+                break;
+            }
+            for d in &got {
+                let n: u64 = std::str::from_utf8(&d.record.id)?.parse()?;
+                *handled.entry(n).or_default() += 1;
+            }
+            sim.ack("github", &got).await?;
+            sim.advance(100).await;
+        }
+        let acked = acknowledged.iter().filter(|a| **a).count() as f64;
+        let lost = (0..total)
+            .filter(|d| acknowledged[*d as usize] && !handled.contains_key(d))
+            .count() as f64;
+        let twice = handled.values().filter(|n| **n > 1).count() as f64;
+        *figure = [acked, lost, twice, refusals as f64, lost_in_restart as f64];
+        sim.harness.restart(); // the store's threads end before the directory goes
+    }
+    Ok(Report {
+        scenario: "webhook-flood",
+        incident: "a provider sends 2,000 webhooks/s for 10 s to a receiver that handles 500/s and restarts 5 s in",
+        policy: r#"a hook (preset github) into a queue of 5,000: 200 only once durable, 429 + Retry-After when full, replays deduplicated by X-GitHub-Delivery"#.into(),
+        figures: vec![
+            fig5("webhooks answered 200", figures, 0),
+            fig5("answered 200 and never handled (lost)", figures, 1),
+            fig5("handled more than once", figures, 2),
+            fig5("refused with Retry-After (sent again later)", figures, 3),
+            fig5("waiting in memory at the restart", figures, 4),
+        ],
+    })
+}
+
 /// Brief incident 1: a service starts logging 1 MB a second into a stream of 4 partitions
 /// on a 32 MiB disk whose watermark is 4 MiB. Without retention (before) the disk fills and
 /// the broker stops taking produces (507 disk_full: the watermark is the only defence);
@@ -880,6 +1051,23 @@ mod tests {
         assert_eq!(
             r.figure("lag 10 minutes later (seconds)").after,
             0.0,
+            "{r:?}"
+        );
+
+        let r = replay(Name::WebhookFlood, 10).unwrap();
+        let lost = r.figure("answered 200 and never handled (lost)");
+        assert!(lost.before > 0.0 && lost.after == 0.0, "{r:?}");
+        let answered = r.figure("webhooks answered 200");
+        assert_eq!(
+            (answered.before, answered.after),
+            (2_000.0, 2_000.0),
+            "{r:?}"
+        );
+        assert_eq!(r.figure("handled more than once").after, 0.0, "{r:?}");
+        assert!(
+            r.figure("refused with Retry-After (sent again later)")
+                .after
+                > 0.0,
             "{r:?}"
         );
     }
