@@ -10,8 +10,11 @@ use tidewater_core::Ingested;
 use tidewater_core::hook::{HookPatch, HookRequest, HookTarget};
 
 use crate::auth::Caller;
+use tidewater_core::ErrorCode;
+
 use crate::http::{
-    ApiResult, AppState, CONFIG_VALUES, config_body, created_or_ok, json, read_body, visible,
+    ApiError, ApiResult, AppState, CONFIG_VALUES, config_body, created_or_ok, json, read_body,
+    visible,
 };
 
 pub(crate) async fn list_hooks(
@@ -78,14 +81,47 @@ pub(crate) async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
+    ingest_checked(&state, &hook, &headers, body).await
+}
+
+/// `ingest` on the webhook listener ([hooks] listen): signed hooks only while
+/// authentication is on.
+pub(crate) async fn ingest_public(
+    State(state): State<AppState>,
+    Path(hook): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    if state.guard.enabled
+        && state
+            .broker()?
+            .hook_config(&hook)
+            .is_ok_and(|c| c.signature.scheme == tidewater_auth::webhook::Scheme::Unsigned)
+    {
+        return Err(ApiError::new(
+            ErrorCode::Unauthenticated,
+            format!(
+                "hook '{hook}' is unsigned (preset none): with authentication on it takes webhooks only at POST /v1/hooks/{hook} on the API listener, with an API key granted produce on it"
+            ),
+        ));
+    }
+    ingest_checked(&state, &hook, &headers, body).await
+}
+
+async fn ingest_checked(
+    state: &AppState,
+    hook: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult {
     let broker = state.broker()?;
-    let (bytes, _permit) = read_body(&state, body).await?;
+    let (bytes, _permit) = read_body(state, body).await?;
     let lookup = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let request = HookRequest {
         header: &lookup,
         body: &bytes,
     };
-    match broker.ingest(&hook, &request).await? {
+    match broker.ingest(hook, &request).await? {
         Ingested::Accepted { id } => json(
             StatusCode::OK,
             &serde_json::json!({ "id": id, "duplicate": false }),

@@ -662,6 +662,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The webhook ingress listener's routes: POST {prefix}/{hook} and /healthz, nothing else
+/// (the API stays on its own listener). A hook with preset none is refused here while
+/// authentication is on: it needs an API key, which only the API listener checks.
+pub fn hooks_router(state: AppState, prefix: &str) -> Router {
+    Router::new()
+        .route(&format!("{prefix}/{{hook}}"), post(edges::ingest_public))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(json_errors))
+        .with_state(state)
+}
+
 /// Authenticates the request (a bearer token, or none: the anonymous principal) and
 /// checks what its route needs (`auth::ROUTES`) before the handler runs; the handler
 /// finds the `Caller` in the request's extensions. A route missing from the table is

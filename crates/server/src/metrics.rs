@@ -76,6 +76,7 @@ impl Metrics {
         protocol: Arc<ListenerStats>,
         http: Arc<ListenerStats>,
         kafka: Arc<ListenerStats>,
+        hooks: Arc<ListenerStats>,
         kafka_requests: Arc<tidewater_kafka::KafkaStats>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("tidewater");
@@ -103,7 +104,12 @@ impl Metrics {
         }));
         registry.register_collector(Box::new(QueueCollector { broker }));
         registry.register_collector(Box::new(ListenerCollector {
-            listeners: [("binary", protocol), ("http", http), ("kafka", kafka)],
+            listeners: [
+                ("binary", protocol),
+                ("http", http),
+                ("kafka", kafka),
+                ("hooks", hooks),
+            ],
             kafka: kafka_requests.clone(),
         }));
         registry.register_collector(Box::new(KafkaCollector {
@@ -957,7 +963,7 @@ struct ListenerLabel {
 /// listener's are 0 while it is off).
 #[derive(Debug)]
 struct ListenerCollector {
-    listeners: [(&'static str, Arc<ListenerStats>); 3],
+    listeners: [(&'static str, Arc<ListenerStats>); 4],
     /// The Kafka listener counts its idle closes itself (its connections are its crate's).
     kafka: Arc<tidewater_kafka::KafkaStats>,
 }

@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// from --kafka-listen (a container, NAT, a proxy, or listening on 0.0.0.0).
     #[arg(long, env = "TIDEWATER_KAFKA_ADVERTISED")]
     pub kafka_advertised: Option<String>,
+    /// Address of a listener that takes only webhooks (POST {path_prefix}/HOOK, [hooks] in
+    /// the configuration): off unless given. Senders on the internet can reach it while
+    /// the API stays on loopback.
+    #[arg(long, env = "TIDEWATER_HOOKS_LISTEN")]
+    pub hooks_listen: Option<String>,
     /// Open even though data the checkpoints and journal know of is missing from the files:
     /// the missing messages are dropped (settled) and each dropped range is printed. Without
     /// it, the server refuses to start and names what is missing (docs/storage-format.md).
@@ -76,6 +81,59 @@ pub struct FileConfig {
     pub kafka: KafkaFileConfig,
     pub auth: crate::auth::AuthConfig,
     pub tls: crate::tls::TlsConfig,
+    pub hooks: HooksFileConfig,
+}
+
+/// The webhook ingress listener (docs/edges.md).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HooksFileConfig {
+    /// Off unless set.
+    pub listen: Option<String>,
+    /// Webhooks arrive at POST {path_prefix}/{hook}.
+    pub path_prefix: String,
+}
+
+impl Default for HooksFileConfig {
+    fn default() -> Self {
+        HooksFileConfig {
+            listen: None,
+            path_prefix: "/hooks".into(),
+        }
+    }
+}
+
+/// Where the webhook ingress listener listens, and its path prefix.
+#[derive(Debug, Clone)]
+pub struct HooksListener {
+    pub listen: SocketAddr,
+    pub path_prefix: String,
+}
+
+fn hooks_listener(args: &ServeArgs, file: &FileConfig) -> anyhow::Result<Option<HooksListener>> {
+    let Some(text) = args.hooks_listen.clone().or(file.hooks.listen.clone()) else {
+        return Ok(None);
+    };
+    let listen: SocketAddr = text
+        .parse()
+        .with_context(|| format!("--hooks-listen '{text}' is not an address like 0.0.0.0:8080"))?;
+    let prefix = file.hooks.path_prefix.trim_end_matches('/').to_string();
+    let valid = prefix.starts_with('/')
+        && prefix.len() <= 100
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'))
+        && !prefix.contains("//");
+    if !valid {
+        anyhow::bail!(
+            "[hooks] path_prefix '{}' must start with / and hold only A-Z a-z 0-9 / - _ . (e.g. /hooks)",
+            file.hooks.path_prefix
+        );
+    }
+    Ok(Some(HooksListener {
+        listen,
+        path_prefix: prefix,
+    }))
 }
 
 /// The Kafka listener (docs/configuration.md, docs/kafka.md).
@@ -196,6 +254,8 @@ pub struct Settings {
     pub http: crate::http::Limits,
     /// The Kafka listener, when on.
     pub kafka: Option<tidewater_kafka::KafkaConfig>,
+    /// The webhook ingress listener, when on.
+    pub hooks: Option<HooksListener>,
     pub log_format: String,
     pub auth: crate::auth::AuthConfig,
     /// Set when every listener speaks TLS.
@@ -221,6 +281,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         &file,
         Duration::from_millis(file.shutdown_timeout_ms.unwrap_or(10_000)),
     )?;
+    let hooks = hooks_listener(args, &file)?;
     let listen_text = args
         .listen
         .clone()
@@ -303,6 +364,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             shutdown_timeout,
         },
         kafka,
+        hooks,
         log_format: args
             .log_format
             .clone()
@@ -438,12 +500,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let protocol_stats = Arc::new(crate::listener::Stats::default());
     let http_stats = Arc::new(crate::listener::Stats::default());
     let kafka_stats = Arc::new(crate::listener::Stats::default());
+    let hooks_stats = Arc::new(crate::listener::Stats::default());
     let kafka_requests = Arc::new(tidewater_kafka::KafkaStats::default());
     let metrics = Arc::new(Metrics::new(
         cell.clone(),
         protocol_stats.clone(),
         http_stats.clone(),
         kafka_stats.clone(),
+        hooks_stats.clone(),
         kafka_requests.clone(),
     ));
     let guard = Arc::new(crate::auth::Guard::new(&settings.auth)?);
@@ -497,7 +561,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    tracing::info!(listen = %settings.listen, protocol = %settings.protocol_listen, kafka = ?settings.kafka.as_ref().map(|k| k.listen), data = %settings.data.display(), "tidewater listening; recovering data");
+    let hooks_listener = match &settings.hooks {
+        Some(hooks) => Some(
+            tokio::net::TcpListener::bind(hooks.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} for webhooks (in use? try --hooks-listen)",
+                        hooks.listen
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    tracing::info!(listen = %settings.listen, protocol = %settings.protocol_listen, kafka = ?settings.kafka.as_ref().map(|k| k.listen), hooks = ?settings.hooks.as_ref().map(|h| h.listen), data = %settings.data.display(), "tidewater listening; recovering data");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let kafka_stop = stop_rx.clone();
     let binary = tokio::spawn(crate::binary::serve(
@@ -509,6 +586,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         protocol_stats,
         stop_rx.clone(),
     ));
+    let hooks_serving = match (hooks_listener, &settings.hooks) {
+        (Some(listener), Some(hooks)) => Some(tokio::spawn(crate::http::serve(
+            listener,
+            crate::http::hooks_router(state.clone(), &hooks.path_prefix),
+            settings.http.clone(),
+            tls.clone(),
+            hooks_stats,
+            stop_rx.clone(),
+        ))),
+        _ => None,
+    };
     let serving = tokio::spawn(crate::http::serve(
         listener,
         router(state),
@@ -587,6 +675,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Both listeners end within the shutdown deadline, whatever their clients do.
     let _ = serving.await;
     let _ = binary.await;
+    if let Some(hooks) = hooks_serving {
+        let _ = hooks.await;
+    }
     if let Some(kafka) = kafka {
         let _ = kafka.await;
     }
@@ -772,6 +863,7 @@ mod tests {
             protocol_listen: None,
             kafka_listen: None,
             kafka_advertised: None,
+            hooks_listen: None,
             config: Some(path),
             log_format: None,
             repair_missing: false,
@@ -795,6 +887,7 @@ mod tests {
             protocol_listen: None,
             kafka_listen: None,
             kafka_advertised: None,
+            hooks_listen: None,
             config: None,
             log_format: None,
             repair_missing: false,
@@ -810,6 +903,7 @@ mod tests {
             protocol_listen: None,
             kafka_listen: None,
             kafka_advertised: None,
+            hooks_listen: None,
             config: Some(path),
             log_format: None,
             repair_missing: false,
@@ -854,6 +948,7 @@ mod docs {
                 "max_producer_states",
                 "consumer_heartbeat_interval_ms",
                 "consumer_session_timeout_ms",
+                "path_prefix",
             ]
             .map(String::from),
         );

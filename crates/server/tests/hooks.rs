@@ -635,3 +635,48 @@ fn hooks_from_the_command_line() {
     let (code, _, err) = run(&server, &["hook", "stats", "github"], None);
     assert_eq!(code, 3, "not found exits 3: {err}");
 }
+
+#[test]
+fn a_listener_of_its_own_takes_webhooks_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::support::free_port();
+    let server = Server::start(
+        &dir.path().join("data"),
+        Some(&format!(
+            "[hooks]\nlisten = \"127.0.0.1:{port}\"\npath_prefix = \"/in/\"\n"
+        )),
+    );
+    server.create_queue("q", json!({}));
+    github_hook(&server, "gh", "q");
+    let agent = agent();
+    let ingress = format!("http://127.0.0.1:{port}");
+    let signature = github_signature(SECRET, b"{}");
+    let mut response = agent
+        .post(&format!("{ingress}/in/gh"))
+        .header("x-hub-signature-256", &signature)
+        .header("x-github-delivery", "d-1")
+        .send(b"{}".as_slice())
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = serde_json::from_slice(&response.body_mut().read_to_vec().unwrap()).unwrap();
+    assert_eq!(body, json!({"id": "d-1", "duplicate": false}));
+    // The API is not there.
+    for path in ["/v1/queues", "/v1/hooks/gh", "/metrics"] {
+        let (status, value) =
+            crate::support::call_with(&agent, &format!("{ingress}{path}"), "GET", None).unwrap();
+        assert_eq!(
+            (status, value["code"].as_str()),
+            (404, Some("not_found")),
+            "{path}"
+        );
+    }
+    let (status, _) =
+        crate::support::call_with(&agent, &format!("{ingress}/healthz"), "GET", None).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(server.peek_all("q").len(), 1);
+    let metrics = metrics_text(&server.url);
+    assert!(
+        metrics.contains("tidewater_connections_accepted_total{listener=\"hooks\"}"),
+        "the listener's connections are counted"
+    );
+}
