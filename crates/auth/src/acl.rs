@@ -72,19 +72,22 @@ pub enum ResourceKind {
     Subscription,
     /// A webhook ingress.
     Hook,
+    /// A push endpoint (delivery to a URL).
+    Push,
     /// In a grant only: every kind.
     #[serde(rename = "*")]
     Any,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 7] = [
+    pub const ALL: [ResourceKind; 8] = [
         ResourceKind::Cluster,
         ResourceKind::Queue,
         ResourceKind::Stream,
         ResourceKind::Group,
         ResourceKind::Subscription,
         ResourceKind::Hook,
+        ResourceKind::Push,
         ResourceKind::Any,
     ];
 
@@ -96,6 +99,7 @@ impl ResourceKind {
             ResourceKind::Group => "group",
             ResourceKind::Subscription => "subscription",
             ResourceKind::Hook => "hook",
+            ResourceKind::Push => "push",
             ResourceKind::Any => "*",
         }
     }
@@ -114,6 +118,7 @@ impl ResourceKind {
             }
             ResourceKind::Group | ResourceKind::Subscription => &[Consume, Describe, Admin],
             ResourceKind::Hook => &[Produce, Describe, Admin, SetTenant],
+            ResourceKind::Push => &[Describe, Admin],
             ResourceKind::Any => &Operation::ALL,
         }
     }

@@ -169,6 +169,19 @@ fn fresh(
     Ok(())
 }
 
+/// Signs a request as Standard Webhooks does (push delivery's outgoing requests): the
+/// `webhook-signature` header's value for message `id` at `timestamp_s` with `key` (the
+/// bytes of a `whsec_` secret).
+pub fn sign_standard(key: &[u8], id: &str, timestamp_s: i64, body: &[u8]) -> String {
+    let ts = timestamp_s.to_string();
+    let mac = mac(
+        Algorithm::Sha256,
+        key,
+        &[id.as_bytes(), b".", ts.as_bytes(), b".", body],
+    );
+    format!("v1,{}", STANDARD.encode(mac))
+}
+
 /// A top-level string field of a JSON body (Stripe's event `id`, Slack's `event_id`).
 fn body_field(body: &[u8], field: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
@@ -368,6 +381,12 @@ mod tests {
         ];
         let body = br#"{"test": 2432232314}"#;
         let secret = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"];
+        // Signing gives the specification's signature.
+        let key = &keys(&Scheme::StandardWebhooks, &[secret[0].to_string()]).unwrap()[0];
+        assert_eq!(
+            sign_standard(key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
         let ok = check(
             &Scheme::StandardWebhooks,
             &secret,

@@ -668,6 +668,8 @@ pub struct Limits {
     pub max_acls: usize,
     /// Webhook hooks the server holds at most.
     pub max_hooks: usize,
+    /// Push endpoints the server holds at most.
+    pub max_pushes: usize,
 }
 
 impl Limits {
@@ -745,6 +747,7 @@ impl Default for Limits {
             max_api_keys: 10_000,
             max_acls: 10_000,
             max_hooks: 1_000,
+            max_pushes: 1_000,
         }
     }
 }

@@ -49,6 +49,8 @@ pub enum ErrorCode {
     HookNotFound,
     InvalidSignature,
     TargetUnavailable,
+    InvalidPushName,
+    PushNotFound,
 }
 
 impl ErrorCode {
@@ -91,6 +93,8 @@ impl ErrorCode {
         ErrorCode::HookNotFound,
         ErrorCode::InvalidSignature,
         ErrorCode::TargetUnavailable,
+        ErrorCode::InvalidPushName,
+        ErrorCode::PushNotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -133,6 +137,8 @@ impl ErrorCode {
             ErrorCode::HookNotFound => "hook_not_found",
             ErrorCode::InvalidSignature => "invalid_signature",
             ErrorCode::TargetUnavailable => "target_unavailable",
+            ErrorCode::InvalidPushName => "invalid_push_name",
+            ErrorCode::PushNotFound => "push_not_found",
         }
     }
 
@@ -155,6 +161,12 @@ impl ErrorCode {
             }
             ErrorCode::InvalidSignature => {
                 "A webhook's signature is missing, malformed, made with a secret the hook does not hold, or its timestamp is outside the hook's tolerance (a replay or a clock off by minutes). The message says which. Nothing was stored; the sender should check the secret it signs with."
+            }
+            ErrorCode::InvalidPushName => {
+                "Push endpoint names are 1 to 200 characters of A-Z a-z 0-9 . _ -, and not . or .."
+            }
+            ErrorCode::PushNotFound => {
+                "No push endpoint has this name. Create it with PUT /v1/pushes/{push} (docs/edges.md)."
             }
             ErrorCode::TargetUnavailable => {
                 "The queue or stream a hook delivers to does not exist (deleted after the hook was made). Nothing was stored; Retry-After asks the sender to retry, so no event is lost while an operator recreates it or points the hook elsewhere."

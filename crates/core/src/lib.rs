@@ -12,14 +12,15 @@ pub mod hook;
 pub mod offsets;
 pub mod plan;
 pub mod policy;
+pub mod push;
 pub mod queue;
 pub mod receipt;
 pub mod stream;
 
 pub use broker::{
     Broker, BrokerOptions, Delay, Fetched, GroupInfo, HookInfo, Ingested, NackReason, NewMessage,
-    Observer, PartitionInfo, Produced, QueueInfo, RedriveProgress, RedriveRequest, SettleReply,
-    StreamInfo,
+    Observer, PartitionInfo, Produced, PushHandle, PushInfo, QueueInfo, RedriveProgress,
+    RedriveRequest, SettleReply, StreamInfo,
 };
 pub use config::{ConfigPatch, Limits, QueueConfig};
 pub use error::{BrokerError, ErrorCode};

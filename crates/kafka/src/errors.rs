@@ -46,12 +46,14 @@ pub(crate) fn kafka_error(code: ErrorCode) -> ResponseError {
         // The listener answers a denied topic or group with its own code (TOPIC_ or
         // GROUP_AUTHORIZATION_FAILED); the broker's refusals are about receipts.
         E::Forbidden => ResponseError::TopicAuthorizationFailed,
-        // Hooks are HTTP's: no Kafka request reaches them.
+        // Hooks and push endpoints are HTTP's: no Kafka request reaches them.
         E::KeyNotFound
         | E::AclNotFound
         | E::InvalidHookName
         | E::HookNotFound
         | E::InvalidSignature
-        | E::TargetUnavailable => ResponseError::InvalidRequest,
+        | E::TargetUnavailable
+        | E::InvalidPushName
+        | E::PushNotFound => ResponseError::InvalidRequest,
     }
 }

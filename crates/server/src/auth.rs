@@ -331,6 +331,7 @@ const G: Target = Target::Param(K::Group, "group");
 const SUB: Target = Target::Subscription;
 const CLUSTER: Target = Target::Cluster;
 const HOOK: Target = Target::Param(K::Hook, "hook");
+const PUSH: Target = Target::Param(K::Push, "push");
 
 pub const ROUTES: &[Route] = &[
     route("GET", "/healthz", Need::Open),
@@ -442,6 +443,10 @@ pub const ROUTES: &[Route] = &[
     route("PUT", "/v1/hooks/{hook}", Need::Op(Admin, HOOK)),
     route("DELETE", "/v1/hooks/{hook}", Need::Op(Admin, HOOK)),
     route("POST", "/v1/hooks/{hook}", Need::Hook),
+    route("GET", "/v1/pushes", Need::List(K::Push)),
+    route("GET", "/v1/pushes/{push}", Need::Op(Describe, PUSH)),
+    route("PUT", "/v1/pushes/{push}", Need::Op(Admin, PUSH)),
+    route("DELETE", "/v1/pushes/{push}", Need::Op(Admin, PUSH)),
     route("GET", "/v1/auth/whoami", Need::List(K::Cluster)),
     route("GET", "/v1/auth/keys", Need::Op(Admin, CLUSTER)),
     route("POST", "/v1/auth/keys", Need::Op(Admin, CLUSTER)),

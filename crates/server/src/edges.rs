@@ -1,5 +1,6 @@
-//! The HTTP edges: webhook hooks (`/v1/hooks`): their management, and the ingress senders
-//! POST to, which answers 2xx only once the event is durable (docs/edges.md).
+//! The HTTP edges (docs/edges.md): webhook hooks (`/v1/hooks`), their management and the
+//! ingress senders POST to, which answers 2xx only once the event is durable; and push
+//! endpoints (`/v1/pushes`), whose workers are `crate::push`.
 
 use axum::body::Body;
 use axum::extract::{Extension, Path, State};
@@ -8,6 +9,7 @@ use axum::response::IntoResponse;
 use tidewater_auth::{Operation, Resource, ResourceKind};
 use tidewater_core::Ingested;
 use tidewater_core::hook::{HookPatch, HookRequest, HookTarget};
+use tidewater_core::push::{PushPatch, PushSource};
 
 use crate::auth::Caller;
 use tidewater_core::ErrorCode;
@@ -135,4 +137,68 @@ async fn ingest_checked(
             &serde_json::json!({ "challenge": challenge }),
         ),
     }
+}
+
+pub(crate) async fn list_pushes(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    let mut pushes = state.broker()?.pushes();
+    pushes.retain(|p| visible(&caller, ResourceKind::Push, &p.name));
+    json(StatusCode::OK, &serde_json::json!({ "pushes": pushes }))
+}
+
+pub(crate) async fn get_push(State(state): State<AppState>, Path(push): Path<String>) -> ApiResult {
+    json(StatusCode::OK, &state.broker()?.push(&push)?)
+}
+
+fn source_resource(source: &PushSource) -> Resource<'_> {
+    match source {
+        PushSource::Queue(name) => Resource::new(ResourceKind::Queue, name),
+        PushSource::Subscription(name) => Resource::new(ResourceKind::Subscription, name),
+    }
+}
+
+/// Creates (201, with the signing secret, shown this once) or changes (200) a push
+/// endpoint.
+pub(crate) async fn put_push(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(push): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let (patch, _permit): (PushPatch, _) = config_body(
+        &state,
+        body,
+        CONFIG_VALUES,
+        "push endpoint",
+        r#"{"source": {"queue": "emails"}, "url": "https://mail.example.com/send"}"#,
+    )
+    .await?;
+    // A push endpoint consumes its source for whoever made it.
+    if let Some(source) = &patch.source
+        && broker
+            .push_handle(&push)
+            .ok()
+            .map(|p| p.config().source)
+            .as_ref()
+            != Some(source)
+    {
+        caller.check(Operation::Consume, &source_resource(source))?;
+    }
+    let (created, info, secret) = broker.put_push(&push, &patch).await?;
+    let mut value = serde_json::to_value(&info).expect("serializes");
+    if let Some(secret) = secret {
+        value["secret"] = secret.into();
+    }
+    created_or_ok(created, &value)
+}
+
+pub(crate) async fn delete_push(
+    State(state): State<AppState>,
+    Path(push): Path<String>,
+) -> ApiResult {
+    state.broker()?.delete_push(&push).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

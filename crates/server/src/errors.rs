@@ -78,6 +78,8 @@ impl Code {
         Code::Broker(ErrorCode::HookNotFound),
         Code::Broker(ErrorCode::InvalidSignature),
         Code::Broker(ErrorCode::TargetUnavailable),
+        Code::Broker(ErrorCode::InvalidPushName),
+        Code::Broker(ErrorCode::PushNotFound),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -137,6 +139,7 @@ fn broker_status(code: ErrorCode) -> u16 {
         | ErrorCode::InvalidStreamName
         | ErrorCode::InvalidSubscriptionName
         | ErrorCode::InvalidHookName
+        | ErrorCode::InvalidPushName
         | ErrorCode::OffsetOutOfRange => 400,
         ErrorCode::QueueNotFound
         | ErrorCode::RedriveNotFound
@@ -147,6 +150,7 @@ fn broker_status(code: ErrorCode) -> u16 {
         | ErrorCode::KeyNotFound
         | ErrorCode::AclNotFound
         | ErrorCode::HookNotFound
+        | ErrorCode::PushNotFound
         | ErrorCode::UnknownMember => 404,
         ErrorCode::Unauthenticated | ErrorCode::InvalidSignature => 401,
         ErrorCode::Forbidden => 403,

@@ -647,6 +647,13 @@ pub fn router(state: AppState) -> Router {
                 .delete(edges::delete_hook)
                 .post(edges::ingest),
         )
+        .route("/v1/pushes", get(edges::list_pushes))
+        .route(
+            "/v1/pushes/{push}",
+            get(edges::get_push)
+                .put(edges::put_push)
+                .delete(edges::delete_push),
+        )
         .route("/v1/auth/whoami", get(whoami))
         .route("/v1/auth/keys", get(list_keys).post(create_key))
         .route("/v1/auth/keys/{id}", axum::routing::delete(revoke_key))

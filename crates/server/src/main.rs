@@ -17,6 +17,7 @@ mod http;
 mod listener;
 mod metrics;
 mod openapi;
+mod push;
 mod scenario;
 mod serve;
 mod time;

@@ -53,11 +53,23 @@ struct HookRefusedLabel {
 
 type HistogramFamily = Family<QueueLabel, Histogram, fn() -> Histogram>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PushLabel {
+    push: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PushReplyLabel {
+    push: String,
+    class: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     publish_latency: HistogramFamily,
     publish_to_ack: HistogramFamily,
     hook_latency: Family<HookLabel, Histogram, fn() -> Histogram>,
+    push_latency: Family<PushLabel, Histogram, fn() -> Histogram>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -102,6 +114,16 @@ impl Metrics {
         registry.register_collector(Box::new(HookCollector {
             broker: broker.clone(),
         }));
+        let push_latency: Family<PushLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "push_request_seconds",
+            "Time of a push endpoint's requests, from send to reply (or timeout)",
+            push_latency.clone(),
+        );
+        registry.register_collector(Box::new(PushCollector {
+            broker: broker.clone(),
+        }));
         registry.register_collector(Box::new(QueueCollector { broker }));
         registry.register_collector(Box::new(ListenerCollector {
             listeners: [
@@ -120,7 +142,17 @@ impl Metrics {
             publish_latency,
             publish_to_ack,
             hook_latency,
+            push_latency,
         }
+    }
+
+    /// A push endpoint's request ended after `seconds`.
+    pub fn push_latency(&self, push: &str, seconds: f64) {
+        self.push_latency
+            .get_or_create(&PushLabel {
+                push: push.to_string(),
+            })
+            .observe(seconds);
     }
 
     pub fn render(&self) -> String {
@@ -234,6 +266,94 @@ impl Collector for HookCollector {
                 ConstCounter::new(*n).encode(family.encode_family(&HookRefusedLabel {
                     hook: h.name.clone(),
                     reason: reason.to_string(),
+                })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads every push endpoint's counters and breaker at scrape time (labels: endpoint names,
+/// bounded by `max_pushes`, and reply classes).
+struct PushCollector {
+    broker: Arc<OnceLock<Broker>>,
+}
+
+impl std::fmt::Debug for PushCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PushCollector")
+    }
+}
+
+impl Collector for PushCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(broker) = self.broker.get() else {
+            return Ok(());
+        };
+        let pushes = broker.pushes();
+        let label = |p: &tidewater_core::PushInfo| PushLabel {
+            push: p.name.clone(),
+        };
+        let counters: [Stat<u64, tidewater_core::PushInfo>; 3] = [
+            (
+                "push_delivered",
+                "Messages a push endpoint's receiver acknowledged (2xx)",
+                |p| p.stats.delivered,
+            ),
+            ("push_requests", "Requests a push endpoint sent", |p| {
+                p.stats.requests
+            }),
+            (
+                "push_breaker_opens",
+                "Times a push endpoint's circuit breaker opened",
+                |p| p.breaker_opens,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for p in &pushes {
+                ConstCounter::new(value(p)).encode(family.encode_family(&label(p))?)?;
+            }
+        }
+        let gauges: [Stat<i64, tidewater_core::PushInfo>; 2] = [
+            (
+                "push_in_flight",
+                "Messages a push endpoint has sent and not yet settled",
+                |p| p.stats.in_flight.min(i64::MAX as u64) as i64,
+            ),
+            (
+                "push_breaker_state",
+                "A push endpoint's circuit breaker: 0 closed, 1 half-open, 2 open",
+                |p| p.breaker.as_gauge(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for p in &pushes {
+                ConstGauge::new(value(p)).encode(family.encode_family(&label(p))?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "push_replies",
+            "A push endpoint's replies by class: 2xx, 3xx, 4xx, 429, 5xx, timeout, connect_error",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for p in &pushes {
+            for (class, n) in &p.stats.replies {
+                ConstCounter::new(*n).encode(family.encode_family(&PushReplyLabel {
+                    push: p.name.clone(),
+                    class: class.to_string(),
                 })?)?;
             }
         }

@@ -82,6 +82,7 @@ pub struct FileConfig {
     pub auth: crate::auth::AuthConfig,
     pub tls: crate::tls::TlsConfig,
     pub hooks: HooksFileConfig,
+    pub push: crate::push::PushSettings,
 }
 
 /// The webhook ingress listener (docs/edges.md).
@@ -256,6 +257,7 @@ pub struct Settings {
     pub kafka: Option<tidewater_kafka::KafkaConfig>,
     /// The webhook ingress listener, when on.
     pub hooks: Option<HooksListener>,
+    pub push: crate::push::PushSettings,
     pub log_format: String,
     pub auth: crate::auth::AuthConfig,
     /// Set when every listener speaks TLS.
@@ -365,6 +367,10 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         },
         kafka,
         hooks,
+        push: {
+            file.push.check().context("[push]")?;
+            file.push.clone()
+        },
         log_format: args
             .log_format
             .clone()
@@ -577,6 +583,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %settings.listen, protocol = %settings.protocol_listen, kafka = ?settings.kafka.as_ref().map(|k| k.listen), hooks = ?settings.hooks.as_ref().map(|h| h.listen), data = %settings.data.display(), "tidewater listening; recovering data");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let kafka_stop = stop_rx.clone();
+    let push_stop = stop_rx.clone();
     let binary = tokio::spawn(crate::binary::serve(
         protocol,
         cell.clone(),
@@ -670,7 +677,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ))),
         _ => None,
     };
-    tracing::info!(queues, "ready");
+    let pusher = crate::push::Pusher::new(broker.clone(), &settings.push, metrics.clone())
+        .context("[push]")?;
+    let pushing = tokio::spawn(pusher.run(push_stop));
+    tracing::info!(queues, pushes = broker.push_handles().len(), "ready");
 
     // Both listeners end within the shutdown deadline, whatever their clients do.
     let _ = serving.await;
@@ -678,6 +688,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(hooks) = hooks_serving {
         let _ = hooks.await;
     }
+    let _ = pushing.await;
     if let Some(kafka) = kafka {
         let _ = kafka.await;
     }

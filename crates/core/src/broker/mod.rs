@@ -38,6 +38,7 @@ mod guard;
 mod hooks;
 mod maintenance;
 mod publish;
+mod pushes;
 mod redrive;
 mod registry;
 mod streams;
@@ -58,6 +59,7 @@ pub use groups::{
 };
 pub use hooks::{HookInfo, Ingested};
 pub use publish::Published;
+pub use pushes::{PushHandle, PushInfo};
 pub use redrive::{RedriveProgress, RedriveRequest};
 pub use registry::QueueInfo;
 pub use streams::{
@@ -147,6 +149,8 @@ struct Inner {
     auth: auth::Auth,
     /// Webhook hooks.
     hooks: hooks::Hooks,
+    /// Push endpoints.
+    pushes: pushes::Pushes,
     /// Kafka's classic consumer groups (JoinGroup/SyncGroup).
     classic: classic::ClassicGroups,
     /// Consumer instances the broker runs for HTTP members, by (group, member).
@@ -213,6 +217,17 @@ impl Broker {
             .partition(|log| log.name == hooks::HOOKS_LOG);
         let hooks =
             hooks::Hooks::recover(&store, hooks_log.into_iter().next()).map_err(|reason| {
+                tidewater_storage::OpenError::Corrupt {
+                    path: dir.to_path_buf(),
+                    position: 0,
+                    reason,
+                }
+            })?;
+        let (pushes_log, recovered): (Vec<_>, Vec<_>) = recovered
+            .into_iter()
+            .partition(|log| log.name == pushes::PUSHES_LOG);
+        let pushes =
+            pushes::Pushes::recover(&store, pushes_log.into_iter().next()).map_err(|reason| {
                 tidewater_storage::OpenError::Corrupt {
                     path: dir.to_path_buf(),
                     position: 0,
@@ -358,6 +373,7 @@ impl Broker {
             groups,
             auth,
             hooks,
+            pushes,
             classic: classic::ClassicGroups::default(),
             consumers: Mutex::new(HashMap::new()),
             streams_grew: Notify::new(),
