@@ -305,13 +305,14 @@ impl PushConfig {
             }
         }
         let b = &self.breaker;
-        if b.consecutive_failures == 0
-            || !(b.failure_rate > 0.0 && b.failure_rate <= 1.0)
-            || !(1_000..=3_600_000).contains(&b.window_ms)
-            || b.min_requests == 0
-            || !(100..=MAX_LEASE_MS).contains(&b.open_ms)
-            || !(1..=MAX_PUSH_CONCURRENCY).contains(&b.probes)
-        {
+        let valid = b.consecutive_failures > 0
+            && b.failure_rate > 0.0
+            && b.failure_rate <= 1.0
+            && (1_000..=3_600_000).contains(&b.window_ms)
+            && b.min_requests > 0
+            && (100..=MAX_LEASE_MS).contains(&b.open_ms)
+            && (1..=MAX_PUSH_CONCURRENCY).contains(&b.probes);
+        if !valid {
             return Err(invalid(
                 "breaker: consecutive_failures and min_requests at least 1, failure_rate in (0, 1], window_ms 1000 to 3600000, open_ms 100 to 43200000, probes 1 to 256",
             ));

@@ -897,6 +897,72 @@ fn hook_schemas(limits: &Limits) -> Value {
     })
 }
 
+fn push_schemas(limits: &Limits) -> Value {
+    use tidewater_core::push::{MAX_PUSH_BATCH, MAX_PUSH_CONCURRENCY, MAX_TIMEOUT_MS, MAX_URL_LEN};
+    let source = json!({"type": "object", "additionalProperties": false, "minProperties": 1, "maxProperties": 1,
+        "description": "where messages come from: {\"queue\": name} or {\"subscription\": \"stream/name\"}; it must exist",
+        "properties": {"queue": queue_name(), "subscription": {"type": "string", "minLength": 3, "maxLength": 254}}});
+    let breaker = |required: bool| {
+        let mut b = json!({"type": "object", "additionalProperties": false, "properties": {
+            "consecutive_failures": int(1, u32::MAX as u64),
+            "failure_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "window_ms": int(1_000, 3_600_000),
+            "min_requests": int(1, u32::MAX as u64),
+            "open_ms": int(100, tidewater_core::config::MAX_LEASE_MS),
+            "probes": int(1, MAX_PUSH_CONCURRENCY as u64)}});
+        if required {
+            b["required"] = json!([
+                "consecutive_failures",
+                "failure_rate",
+                "window_ms",
+                "min_requests",
+                "open_ms",
+                "probes"
+            ]);
+        }
+        b
+    };
+    let max_batch = (MAX_PUSH_BATCH as u64).min(limits.max_receive_messages as u64);
+    let fields = |breaker: Value| {
+        json!({
+        "source": source.clone(),
+        "url": {"type": "string", "minLength": 8, "maxLength": MAX_URL_LEN, "pattern": "^https?://[^\\s@/?#]+",
+            "description": "http(s); addresses that are not public are refused unless [push] allows them"},
+        "format": {"type": "string", "enum": ["raw", "json"]},
+        "batch": int(1, max_batch),
+        "concurrency": int(1, MAX_PUSH_CONCURRENCY as u64),
+        "connect_timeout_ms": int(1, MAX_TIMEOUT_MS),
+        "timeout_ms": int(1, MAX_TIMEOUT_MS),
+        "on_client_error": {"type": "string", "enum": ["retry", "dead_letter"]},
+        "breaker": breaker})
+    };
+    let mut put = fields(breaker(false));
+    put["secret"] = json!({"type": "string", "pattern": "^whsec_[A-Za-z0-9+/]{32,88}={0,2}$",
+        "description": "the Standard Webhooks secret requests are signed with; made when left out (and shown once)"});
+    let mut shown = fields(breaker(true));
+    shown["secret_fingerprint"] = json!({"type": "string"});
+    json!({
+        "PushPut": {"type": "object", "additionalProperties": false, "properties": put,
+            "description": "a new endpoint needs source and url (raw format: batch 1); an update changes the fields given"},
+        "Push": {"type": "object", "additionalProperties": false,
+            "required": ["name", "config", "created_at_ms", "breaker", "breaker_opens", "stats"], "properties": {
+            "name": {"type": "string"},
+            "config": {"type": "object", "additionalProperties": false, "properties": shown},
+            "created_at_ms": {"type": "integer"},
+            "breaker": {"type": "string", "enum": ["closed", "half_open", "open"]},
+            "breaker_opens": {"type": "integer", "minimum": 0},
+            "secret": {"type": "string", "description": "in the reply that created it only"},
+            "stats": {"type": "object", "additionalProperties": false, "required": ["delivered", "requests", "in_flight", "held", "replies"], "properties": {
+                "delivered": {"type": "integer", "minimum": 0}, "requests": {"type": "integer", "minimum": 0},
+                "in_flight": {"type": "integer", "minimum": 0},
+                "held": {"type": "integer", "minimum": 0, "description": "messages held (leases extended) while a Retry-After runs or the breaker is open"},
+                "replies": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                    "description": "by class: 2xx, 3xx, 4xx, 429, 5xx, timeout, connect_error"}}}}},
+        "PushList": {"type": "object", "additionalProperties": false, "required": ["pushes"], "properties": {
+            "pushes": {"type": "array", "items": schema_ref("Push")}}},
+    })
+}
+
 /// Marks each operation with what it needs once authentication is on
 /// (`x-tidewater-permission`, from `auth::ROUTES`) and the 401 and 403 it may answer.
 fn add_permissions(document: &mut Value) {
@@ -980,6 +1046,7 @@ pub fn document(limits: &Limits) -> Value {
         group_schemas(limits),
         auth_schemas(),
         hook_schemas(limits),
+        push_schemas(limits),
     ] {
         schemas_map.extend(part.as_object().expect("an object").clone());
     }
@@ -1610,6 +1677,23 @@ pub fn document(limits: &Limits) -> Value {
             "post": ingest},
     });
     for (path, item) in hook_paths.as_object().expect("an object") {
+        paths.insert(path.clone(), item.clone());
+    }
+    let push_param =
+        json!([{"name": "push", "in": "path", "required": true, "schema": queue_name()}]);
+    let push_missing = Fails {
+        bad: true,
+        not_found: true,
+        ..Fails::default()
+    };
+    let push_paths = json!({
+        "/v1/pushes": {"get": operation("listPushes", "Push endpoints (by name): breaker state and counters; never their secrets", responses(&[(200, ok_json("the endpoints", "PushList"))]), Fails::default())},
+        "/v1/pushes/{push}": {"parameters": push_param,
+            "get": operation("getPush", "A push endpoint: configuration (secret as a fingerprint), breaker, counters", responses(&[(200, ok_json("the endpoint", "Push"))]), push_missing),
+            "put": with_body(operation("putPush", "Create a push endpoint (201, with its signing secret, shown this once) or change it (200); its source must exist", responses(&[(201, ok_json("created", "Push")), (200, ok_json("updated", "Push"))]), Fails { not_found: true, ..admin }), "PushPut", false, "the endpoint's configuration"),
+            "delete": operation("deletePush", "Delete a push endpoint: its worker stops; messages it held go back to the source", responses(&[(204, json!({"description": "deleted"}))]), Fails { writes: true, ..push_missing })},
+    });
+    for (path, item) in push_paths.as_object().expect("an object") {
         paths.insert(path.clone(), item.clone());
     }
     document["components"]["securitySchemes"] = json!({"bearer": {"type": "http", "scheme": "bearer",

@@ -288,7 +288,11 @@ impl Pusher {
             let now = self.broker.now_ms();
             // While the breaker is not closed, held messages go first as probes: new ones
             // stay in the queue.
-            if push.counters.held.load(std::sync::atomic::Ordering::Relaxed) > 0
+            if push
+                .counters
+                .held
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
                 && push.breaker.lock().state(now) != BreakerState::Closed
             {
                 tokio::select! {
@@ -326,8 +330,26 @@ impl Pusher {
             let lease_ms = config.timeout_ms + 10_000;
             let received = tokio::select! {
                 got = self.broker.receive(&source, config.batch as usize, 1_000, Some(lease_ms)) => got,
+                _ = push.changed.notified() => Ok(Vec::new()),
                 _ = stop.changed() => Ok(Vec::new()),
             };
+            if push.is_deleted()
+                && let Ok(deliveries) = &received
+                && !deliveries.is_empty()
+            {
+                let receipts: Vec<&str> = deliveries.iter().map(|d| d.receipt.as_str()).collect();
+                let _ = self
+                    .broker
+                    .nack(
+                        &source,
+                        &receipts,
+                        Some(0),
+                        Some("push: endpoint deleted"),
+                        NackReason::Failed,
+                    )
+                    .await;
+                break;
+            }
             let deliveries = match received {
                 Ok(d) => {
                     missing_logged = false;
@@ -469,12 +491,31 @@ impl Pusher {
             _ => return false,
         }
         push.counters.held.fetch_add(receipts.len() as u64, Relaxed);
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
-            _ = push.changed.notified() => {}
+        let changed = push.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if !push.is_deleted() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                _ = changed => {}
+            }
         }
         push.counters.held.fetch_sub(receipts.len() as u64, Relaxed);
-        !push.is_deleted()
+        if push.is_deleted() {
+            // Given back at once for the source's other consumers (or a new endpoint).
+            let _ = self
+                .broker
+                .nack(
+                    source,
+                    receipts,
+                    Some(0),
+                    Some("push: endpoint deleted"),
+                    NackReason::Failed,
+                )
+                .await;
+            return false;
+        }
+        true
     }
 
     /// Waits until the breaker lets a request go (Some(true): as a probe), holding the

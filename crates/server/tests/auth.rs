@@ -74,7 +74,7 @@ fn revoke_grant(server: &Server, id: &str) {
 }
 
 /// The resources the table test acts on: queue `q`, stream `s`, subscription `s/sub`,
-/// hook `h`, group `g` with member `m`.
+/// hook `h`, push endpoint `p` (on `pq`), group `g` with member `m`.
 fn resources(server: &Server) -> String {
     admin(server, "PUT", "/v1/queues/q", Some(json!({})));
     admin(server, "PUT", "/v1/queues/q2", Some(json!({})));
@@ -97,6 +97,13 @@ fn resources(server: &Server) -> String {
         "/v1/hooks/h",
         Some(json!({"target": {"queue": "q"}, "signature": {"preset": "none"}})),
     );
+    admin(server, "PUT", "/v1/queues/pq", Some(json!({})));
+    admin(
+        server,
+        "PUT",
+        "/v1/pushes/p",
+        Some(json!({"source": {"queue": "pq"}, "url": "https://push.example/x"})),
+    );
     let member = admin(
         server,
         "POST",
@@ -114,6 +121,7 @@ fn concrete(template: &str, member: &str) -> String {
         .replace("{sub}", "sub")
         .replace("{group}", "g")
         .replace("{hook}", "h")
+        .replace("{push}", "p")
         .replace("{partition}", "0")
         .replace("{member}", member)
         .replace("{id}", "missing");
@@ -193,6 +201,7 @@ fn every_route_is_refused_without_credentials_and_without_a_grant_and_allowed_wi
             "group" => "g",
             "subscription" => "s/sub",
             "hook" => "h",
+            "push" => "p",
             other => panic!("{what}: resource {other}"),
         };
         assert_eq!(
