@@ -8,6 +8,7 @@ mod binary;
 mod cli;
 mod cli_auth;
 mod cli_hooks;
+mod cli_pushes;
 mod cli_streams;
 mod cli_subscriptions;
 mod client;
@@ -124,6 +125,10 @@ enum Commands {
     /// (docs/edges.md).
     #[command(subcommand)]
     Hook(cli_hooks::HookCommand),
+    /// Push endpoints: a queue's (or subscription's) messages POSTed to a URL, settled by
+    /// the reply, behind a circuit breaker (docs/edges.md).
+    #[command(subcommand)]
+    Push(cli_pushes::PushCommand),
     /// API keys and grants (authentication and authorization, docs/security.md).
     #[command(subcommand)]
     Auth(cli_auth::AuthCommand),
@@ -195,6 +200,7 @@ fn main() {
                     Commands::Group(c) => cli_streams::group(&client, c, cli.json),
                     Commands::Auth(c) => cli_auth::auth(&client, c, cli.json),
                     Commands::Hook(c) => cli_hooks::hook(&client, c, cli.json),
+                    Commands::Push(c) => cli_pushes::push(&client, c, cli.json),
                     Commands::Subscription(c) => {
                         cli_subscriptions::subscription(&client, c, cli.json)
                     }

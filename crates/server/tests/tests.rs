@@ -12,6 +12,7 @@ mod hooks;
 mod http_api;
 mod openapi;
 mod policies;
+mod pushes;
 mod regression;
 mod stream_client;
 mod upgrade;

@@ -1,0 +1,270 @@
+//! Client commands for push endpoints: create, list, stats, config, delete (over HTTP,
+//! `/v1/pushes`). Tables for people, `--json` for scripts.
+// Output goes through `outln!`/`errln!`: `println!` panics on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
+use serde_json::{Value, json};
+
+use crate::cli::{print_json, set_path, table};
+use crate::client::{Client, bad_input, outln, path_segment};
+
+#[derive(Debug, clap::Args)]
+pub struct PushFlags {
+    /// Where requests go (http or https).
+    #[arg(long)]
+    url: Option<String>,
+    /// raw (one message per request, its body as the body) or json ({"messages": [...]}).
+    #[arg(long, value_parser = ["raw", "json"])]
+    format: Option<String>,
+    /// Messages per request (json format).
+    #[arg(long)]
+    batch: Option<u32>,
+    /// Requests in flight at once.
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// A request's whole time, reply included, in ms.
+    #[arg(long, value_name = "MS")]
+    timeout_ms: Option<u64>,
+    /// retry (with the queue's backoff, then the DLQ) or dead_letter (at once): what a 4xx
+    /// other than 408 and 429 does.
+    #[arg(long, value_parser = ["retry", "dead_letter"])]
+    on_client_error: Option<String>,
+    /// Any other field, as FIELD=VALUE (JSON or a string), e.g. --set breaker.open_ms=10000.
+    #[arg(long, value_name = "FIELD=VALUE")]
+    set: Vec<String>,
+}
+
+impl PushFlags {
+    fn patch(&self, patch: &mut Value) -> anyhow::Result<()> {
+        if let Some(url) = &self.url {
+            patch["url"] = json!(url);
+        }
+        if let Some(format) = &self.format {
+            patch["format"] = json!(format);
+        }
+        if let Some(batch) = self.batch {
+            patch["batch"] = json!(batch);
+        }
+        if let Some(concurrency) = self.concurrency {
+            patch["concurrency"] = json!(concurrency);
+        }
+        if let Some(ms) = self.timeout_ms {
+            patch["timeout_ms"] = json!(ms);
+        }
+        if let Some(on) = &self.on_client_error {
+            patch["on_client_error"] = json!(on);
+        }
+        for item in &self.set {
+            let Some((path, text)) = item.split_once('=') else {
+                return Err(bad_input(format!(
+                    "--set takes FIELD=VALUE, e.g. --set breaker.open_ms=10000; got '{item}'"
+                )));
+            };
+            let value = serde_json::from_str(text).unwrap_or_else(|_| json!(text));
+            set_path(patch, path, value).map_err(|e| bad_input(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PushCommand {
+    /// Create a push endpoint: the broker POSTs a queue's (or a subscription's) messages
+    /// to a URL, signed (Standard Webhooks), and settles each by the reply; the signing
+    /// secret is shown once.
+    #[command(
+        after_help = "Examples:\n  tidewater push create mailer --queue emails --url https://mail.example.com/send --concurrency 8\n  tidewater push create billing --subscription orders/billing --url https://billing.internal/events --format json --batch 50"
+    )]
+    Create {
+        name: String,
+        /// Push this queue's messages.
+        #[arg(
+            long,
+            conflicts_with = "subscription",
+            required_unless_present = "subscription"
+        )]
+        queue: Option<String>,
+        /// Push this work-queue subscription's records (STREAM/SUBSCRIPTION).
+        #[arg(long)]
+        subscription: Option<String>,
+        #[command(flatten)]
+        flags: PushFlags,
+    },
+    /// List push endpoints: source, URL, breaker, counters.
+    List,
+    /// Show an endpoint's breaker and counters: delivered, requests, replies by class.
+    Stats { name: String },
+    /// Show an endpoint's configuration, or change it.
+    Config {
+        name: String,
+        #[command(flatten)]
+        flags: PushFlags,
+    },
+    /// Delete a push endpoint (its worker stops; messages it held go back to the source).
+    Delete { name: String },
+}
+
+fn push_path(name: &str) -> String {
+    format!("/v1/pushes/{}", path_segment(name))
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+fn source_text(source: &Value) -> String {
+    match source.as_object().and_then(|s| s.iter().next()) {
+        Some((kind, name)) => format!("{kind} {}", text(name)),
+        None => "-".into(),
+    }
+}
+
+fn replies_text(replies: &Value) -> String {
+    let Some(map) = replies.as_object().filter(|m| !m.is_empty()) else {
+        return "-".into();
+    };
+    map.iter()
+        .map(|(class, n)| format!("{class} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn push(client: &Client, command: PushCommand, as_json: bool) -> anyhow::Result<()> {
+    match command {
+        PushCommand::Create {
+            name,
+            queue,
+            subscription,
+            flags,
+        } => {
+            let path = push_path(&name);
+            if client.get(&path).is_ok() {
+                anyhow::bail!(
+                    "push endpoint '{name}' exists; `tidewater push config {name} ...` changes it"
+                );
+            }
+            if flags.url.is_none() {
+                return Err(bad_input("--url is required"));
+            }
+            let mut patch = match (queue, subscription) {
+                (Some(queue), _) => json!({ "source": { "queue": queue } }),
+                (None, Some(sub)) => json!({ "source": { "subscription": sub } }),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            flags.patch(&mut patch)?;
+            let (_, info) = client.call("PUT", &path, Some(&serde_json::to_vec(&patch)?))?;
+            if as_json {
+                print_json(&info);
+            } else {
+                outln!(
+                    "created push endpoint '{name}': {} -> {}",
+                    source_text(&info["config"]["source"]),
+                    text(&info["config"]["url"])
+                );
+                outln!(
+                    "signing secret (shown once; receivers verify webhook-signature with it): {}",
+                    text(&info["secret"])
+                );
+            }
+            Ok(())
+        }
+        PushCommand::Config { name, flags } => {
+            let path = push_path(&name);
+            let mut patch = json!({});
+            flags.patch(&mut patch)?;
+            let info = if patch.as_object().is_some_and(|p| p.is_empty()) {
+                client.get(&path)?
+            } else {
+                client
+                    .call("PUT", &path, Some(&serde_json::to_vec(&patch)?))?
+                    .1
+            };
+            if as_json {
+                print_json(&info);
+                return Ok(());
+            }
+            let mut config = info["config"].clone();
+            if let Some(map) = config.as_object_mut() {
+                map.insert(
+                    "source".into(),
+                    json!(source_text(&info["config"]["source"])),
+                );
+            }
+            crate::cli::print_config(&config);
+            Ok(())
+        }
+        PushCommand::List => {
+            let reply = client.get("/v1/pushes")?;
+            if as_json {
+                print_json(&reply);
+                return Ok(());
+            }
+            let empty = vec![];
+            let pushes = reply["pushes"].as_array().unwrap_or(&empty);
+            if pushes.is_empty() {
+                outln!(
+                    "no push endpoints yet: create one with `tidewater push create NAME --queue QUEUE --url URL`"
+                );
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = pushes
+                .iter()
+                .map(|p| {
+                    let st = &p["stats"];
+                    vec![
+                        text(&p["name"]),
+                        source_text(&p["config"]["source"]),
+                        text(&p["config"]["url"]),
+                        text(&p["breaker"]),
+                        text(&st["delivered"]),
+                        text(&st["in_flight"]),
+                        replies_text(&st["replies"]),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "PUSH",
+                    "SOURCE",
+                    "URL",
+                    "BREAKER",
+                    "DELIVERED",
+                    "IN FLIGHT",
+                    "REPLIES",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+        PushCommand::Stats { name } => {
+            let info = client.get(&push_path(&name))?;
+            if as_json {
+                print_json(&info);
+                return Ok(());
+            }
+            let st = &info["stats"];
+            outln!(
+                "push endpoint '{name}' ({} -> {}): breaker {} (opened {} times); {} delivered in {} requests, {} in flight, {} held; replies: {} (since the server started)",
+                source_text(&info["config"]["source"]),
+                text(&info["config"]["url"]),
+                text(&info["breaker"]),
+                text(&info["breaker_opens"]),
+                text(&st["delivered"]),
+                text(&st["requests"]),
+                text(&st["in_flight"]),
+                text(&st["held"]),
+                replies_text(&st["replies"]),
+            );
+            Ok(())
+        }
+        PushCommand::Delete { name } => {
+            client.call("DELETE", &push_path(&name), None)?;
+            if as_json {
+                print_json(&json!({ "deleted": name }));
+            } else {
+                outln!("deleted push endpoint '{name}'");
+            }
+            Ok(())
+        }
+    }
+}
