@@ -18,7 +18,8 @@ use crate::error::{BrokerError, ErrorCode};
 
 /// Secrets in force at once (rotation keeps the old ones a while).
 pub const MAX_SECRETS: usize = 8;
-pub const MAX_SECRET_BYTES: usize = 512;
+pub const MAX_SECRET_CHARS: usize = 512;
+pub const MAX_PREFIX_CHARS: usize = 64;
 /// Request headers a hook keeps besides its preset's.
 pub const MAX_KEPT_HEADERS: usize = 32;
 pub const MAX_HEADER_NAME: usize = 64;
@@ -26,9 +27,7 @@ pub const DEFAULT_TOLERANCE_S: u64 = 300;
 pub const MAX_TOLERANCE_S: u64 = 86_400;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1 << 20;
 /// The header a stored event carries its delivery id in (a stream record has no id).
-pub const HEADER_DELIVERY_ID: &str = "tw-delivery-id";
-/// The header naming the hook an event came through.
-pub const HEADER_HOOK: &str = "tw-hook";
+pub const HEADER_DELIVERY_ID: &str = "tidewater-delivery-id";
 
 /// Where a hook's accepted events go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,17 +226,22 @@ impl HookConfig {
         if let Some(long) = signature
             .secrets
             .iter()
-            .find(|s| s.is_empty() || s.len() > MAX_SECRET_BYTES)
+            .find(|s| s.is_empty() || s.chars().count() > MAX_SECRET_CHARS)
         {
             return Err(invalid(format!(
-                "signature.secrets: a secret of {} bytes; each is 1 to {MAX_SECRET_BYTES} bytes",
-                long.len()
+                "signature.secrets: a secret of {} characters; each is 1 to {MAX_SECRET_CHARS}",
+                long.chars().count()
             )));
         }
         webhook::keys(&signature.scheme, &signature.secrets)
             .map_err(|e| invalid(format!("signature.secrets: {e}")))?;
-        if let Scheme::Hmac { header, .. } = &signature.scheme {
+        if let Scheme::Hmac { header, prefix, .. } = &signature.scheme {
             check_header_name("signature.header", header)?;
+            if prefix.chars().count() > MAX_PREFIX_CHARS {
+                return Err(invalid(format!(
+                    "signature.prefix: at most {MAX_PREFIX_CHARS} characters"
+                )));
+            }
         }
         if !(1..=MAX_TOLERANCE_S).contains(&signature.tolerance_s) {
             return Err(invalid(format!(

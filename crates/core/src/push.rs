@@ -143,7 +143,9 @@ pub fn validate_push_name(name: &str) -> Result<(), BrokerError> {
     validate_name(name, "push endpoint", ErrorCode::InvalidPushName)
 }
 
-/// The scheme, host and port of an http(s) URL, or why it is not one.
+/// The scheme, host and port of an http(s) URL, or why it is not one. Strict, as the API
+/// document's pattern says: a host of A-Z a-z 0-9 . - (or an IPv6 address in brackets), a
+/// port of at most 65535, then printable ASCII only; no credentials.
 pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     let (https, rest) = if let Some(rest) = url.strip_prefix("https://") {
         (true, rest)
@@ -152,20 +154,29 @@ pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     } else {
         return Err("the URL must start with https:// or http://".into());
     };
-    if url.len() > MAX_URL_LEN || url.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err(format!(
-            "the URL must be at most {MAX_URL_LEN} bytes without spaces or control characters"
-        ));
+    if url.len() > MAX_URL_LEN {
+        return Err(format!("the URL must be at most {MAX_URL_LEN} bytes"));
     }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.contains('@') {
-        return Err("the URL must not carry credentials (user@host)".into());
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if !tail.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(
+            "the URL's path must be printable ASCII, without spaces (percent-encode the rest)"
+                .into(),
+        );
     }
     let (host, port) = match authority.strip_prefix('[') {
-        Some(rest) => {
-            let (host, after) = rest
+        Some(inside) => {
+            let (host, after) = inside
                 .split_once(']')
                 .ok_or("the URL's [IPv6 address] is not closed")?;
+            if host.is_empty()
+                || !host
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            {
+                return Err("the URL's [IPv6 address] is not one".into());
+            }
             match after {
                 "" => (host, None),
                 _ => (
@@ -174,21 +185,37 @@ pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
                 ),
             }
         }
-        None => match authority.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (authority, None),
-        },
+        None => {
+            let (host, port) = match authority.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            };
+            if host.is_empty()
+                || !host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            {
+                return Err(
+                    "the URL's host must be A-Z a-z 0-9 . - (an IPv6 address in brackets; user@host is refused)"
+                        .into(),
+                );
+            }
+            (host, port)
+        }
     };
     let port = match port {
-        Some(text) => text
-            .parse()
-            .map_err(|_| format!("the URL's port '{text}' is not a number"))?,
+        Some(text) => {
+            let digits =
+                !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit());
+            let five_without_zero = text.len() < 5 || !text.starts_with('0');
+            match text.parse::<u16>() {
+                Ok(port) if digits && five_without_zero => port,
+                _ => return Err(format!("the URL's port '{text}' is not 0 to 65535")),
+            }
+        }
         None if https => 443,
         None => 80,
     };
-    if host.is_empty() {
-        return Err("the URL has no host".into());
-    }
     Ok((https, host.to_ascii_lowercase(), port))
 }
 
@@ -317,17 +344,17 @@ impl PushConfig {
                 "breaker: consecutive_failures and min_requests at least 1, failure_rate in (0, 1], window_ms 1000 to 3600000, open_ms 100 to 43200000, probes 1 to 256",
             ));
         }
-        tidewater_auth::webhook::keys(
+        // whsec_ and 32 to 88 characters of canonical base64: a key of 22 to 66 bytes.
+        let encoded = self.secret.strip_prefix("whsec_").unwrap_or("");
+        let decodes = tidewater_auth::webhook::keys(
             &tidewater_auth::webhook::Scheme::StandardWebhooks,
             std::slice::from_ref(&self.secret),
         )
-        .ok()
-        .filter(|keys| self.secret.starts_with("whsec_") && keys[0].len() >= 24)
-        .ok_or_else(|| {
-            invalid("secret: a Standard Webhooks secret, whsec_ and the base64 of 24 to 64 random bytes (leave it out to have one made)")
-        })?;
-        if self.secret.len() > 100 {
-            return Err(invalid("secret: at most 64 bytes of key"));
+        .is_ok();
+        if !decodes || !(32..=88).contains(&encoded.len()) {
+            return Err(invalid(
+                "secret: a Standard Webhooks secret, whsec_ and the base64 of 24 to 64 random bytes (leave it out to have one made)",
+            ));
         }
         Ok(())
     }
@@ -803,6 +830,11 @@ mod tests {
             "https://user:pw@host/",
             "https://host:port/",
             "https://ho st/",
+            "https://host:65536/",
+            "https://host:01234/",
+            "https://hôst/",
+            "https://host/pa th",
+            "https://[zz]/",
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }

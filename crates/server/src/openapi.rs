@@ -235,6 +235,18 @@ const PLAIN_TEXT_PATTERN: &str =
 const BASE64_PATTERN: &str =
     "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
 
+/// `stream/subscription`: two names of the queue name's rule (together at most 254 bytes:
+/// past that the server refuses it, which the schema cannot say).
+fn subscription_path() -> Value {
+    let name = queue_name()["pattern"]
+        .as_str()
+        .expect("a pattern")
+        .trim_start_matches('^')
+        .trim_end_matches('$')
+        .to_string();
+    json!({"type": "string", "pattern": format!("^{name}/{name}$")})
+}
+
 fn queue_name() -> Value {
     // 1 to MAX_QUEUE_NAME_LEN of [A-Za-z0-9._-], but not "." or ".." (without lookaround,
     // which not every schema tool supports): a first character that is not a dot, or one
@@ -834,7 +846,8 @@ fn auth_schemas() -> Value {
 
 fn hook_schemas(limits: &Limits) -> Value {
     use tidewater_core::hook::{
-        MAX_HEADER_NAME, MAX_KEPT_HEADERS, MAX_SECRET_BYTES, MAX_SECRETS, MAX_TOLERANCE_S,
+        MAX_HEADER_NAME, MAX_KEPT_HEADERS, MAX_PREFIX_CHARS, MAX_SECRET_CHARS, MAX_SECRETS,
+        MAX_TOLERANCE_S,
     };
     let header = json!({"type": "string", "minLength": 1, "maxLength": MAX_HEADER_NAME,
         "pattern": "^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"});
@@ -850,17 +863,44 @@ fn hook_schemas(limits: &Limits) -> Value {
         "hmac",
         "none",
     ];
-    let signature = json!({"type": "object", "required": ["preset"],
-        "description": "github, stripe, slack and standard_webhooks take secrets (standard_webhooks: whsec_<base64> as Svix shows them); hmac also header, algorithm, encoding, prefix; none takes no secrets (and needs produce on the hook once authentication is on)",
-        "properties": {
-            "preset": {"type": "string", "enum": presets},
-            "secrets": {"type": "array", "maxItems": MAX_SECRETS, "description": "several while rotating: a signature by any passes; never shown again",
-                "items": {"type": "string", "minLength": 1, "maxLength": MAX_SECRET_BYTES}},
-            "tolerance_s": int(1, MAX_TOLERANCE_S),
-            "header": header.clone(),
-            "algorithm": {"type": "string", "enum": ["sha256", "sha512"]},
-            "encoding": {"type": "string", "enum": ["hex", "base64"]},
-            "prefix": {"type": "string", "maxLength": 64}}});
+    let secret = json!({"type": "string", "minLength": 1, "maxLength": MAX_SECRET_CHARS});
+    let secrets = |item: Value| {
+        json!({"type": "array", "minItems": 1, "maxItems": MAX_SECRETS,
+        "description": "several while rotating: a signature by any passes; never shown again", "items": item})
+    };
+    // A whsec_ secret is the base64 of its key (canonical, as the server decodes it); any
+    // other text is the key's own bytes.
+    let whsec = json!({"anyOf": [
+        {"allOf": [secret.clone(), {"pattern": format!("^whsec_{}", &BASE64_PATTERN[1..])}]},
+        {"allOf": [secret.clone(), {"not": {"pattern": "^whsec_"}}]}]});
+    let tolerance = int(1, MAX_TOLERANCE_S);
+    let variant = |names: &[&str], extra: Value| {
+        let mut properties =
+            json!({"preset": {"type": "string", "enum": names}, "tolerance_s": tolerance.clone()});
+        for (k, v) in extra.as_object().expect("an object") {
+            properties[k] = v.clone();
+        }
+        json!({"type": "object", "additionalProperties": false, "required": ["preset"], "properties": properties})
+    };
+    let mut hmac = variant(
+        &["hmac"],
+        json!({"secrets": secrets(secret.clone()), "header": header.clone(),
+        "algorithm": {"type": "string", "enum": ["sha256", "sha512"]},
+        "encoding": {"type": "string", "enum": ["hex", "base64"]},
+        "prefix": {"type": "string", "maxLength": MAX_PREFIX_CHARS}}),
+    );
+    hmac["required"] = json!(["preset", "secrets", "header"]);
+    let signed = |names: &[&str], item: Value| {
+        let mut v = variant(names, json!({"secrets": secrets(item)}));
+        v["required"] = json!(["preset", "secrets"]);
+        v
+    };
+    let signature = json!({"oneOf": [
+            signed(&["github", "stripe", "slack"], secret.clone()),
+            signed(&["standard_webhooks"], whsec),
+            hmac,
+            variant(&["none"], json!({"secrets": {"type": "array", "maxItems": 0}}))],
+        "description": "github, stripe, slack and standard_webhooks take secrets (standard_webhooks: whsec_<base64> as Svix shows them); hmac also header, algorithm, encoding, prefix; none takes no secrets (and needs produce on the hook once authentication is on)"});
     let shown_signature = json!({"type": "object", "required": ["preset", "tolerance_s", "secret_fingerprints"], "properties": {
             "preset": {"type": "string", "enum": presets},
             "secret_fingerprints": {"type": "array", "items": {"type": "string"}, "description": "the first 8 hex digits of each secret's SHA-256"},
@@ -901,7 +941,7 @@ fn push_schemas(limits: &Limits) -> Value {
     use tidewater_core::push::{MAX_PUSH_BATCH, MAX_PUSH_CONCURRENCY, MAX_TIMEOUT_MS, MAX_URL_LEN};
     let source = json!({"type": "object", "additionalProperties": false, "minProperties": 1, "maxProperties": 1,
         "description": "where messages come from: {\"queue\": name} or {\"subscription\": \"stream/name\"}; it must exist",
-        "properties": {"queue": queue_name(), "subscription": {"type": "string", "minLength": 3, "maxLength": 254}}});
+        "properties": {"queue": queue_name(), "subscription": subscription_path()}});
     let breaker = |required: bool| {
         let mut b = json!({"type": "object", "additionalProperties": false, "properties": {
             "consecutive_failures": int(1, u32::MAX as u64),
@@ -926,7 +966,8 @@ fn push_schemas(limits: &Limits) -> Value {
     let fields = |breaker: Value| {
         json!({
         "source": source.clone(),
-        "url": {"type": "string", "minLength": 8, "maxLength": MAX_URL_LEN, "pattern": "^https?://[^\\s@/?#]+",
+        "url": {"type": "string", "maxLength": MAX_URL_LEN,
+            "pattern": "^https?://([A-Za-z0-9.-]+|\\[[0-9A-Fa-f:.]+\\])(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?([/?#][!-~]*)?$",
             "description": "http(s); addresses that are not public are refused unless [push] allows them"},
         "format": {"type": "string", "enum": ["raw", "json"]},
         "batch": int(1, max_batch),
@@ -937,7 +978,7 @@ fn push_schemas(limits: &Limits) -> Value {
         "breaker": breaker})
     };
     let mut put = fields(breaker(false));
-    put["secret"] = json!({"type": "string", "pattern": "^whsec_[A-Za-z0-9+/]{32,88}={0,2}$",
+    put["secret"] = json!({"type": "string", "minLength": 38, "maxLength": 94, "pattern": format!("^whsec_{}", &BASE64_PATTERN[1..]),
         "description": "the Standard Webhooks secret requests are signed with; made when left out (and shown once)"});
     let mut shown = fields(breaker(true));
     shown["secret_fingerprint"] = json!({"type": "string"});

@@ -960,6 +960,9 @@ mod docs {
                 "consumer_heartbeat_interval_ms",
                 "consumer_session_timeout_ms",
                 "path_prefix",
+                "allow",
+                "allow_private",
+                "ca_file",
             ]
             .map(String::from),
         );

@@ -260,6 +260,8 @@ fn signed_hooks_need_no_credentials_when_auth_is_on_and_unsigned_ones_need_a_gra
 /// server cannot be reached.
 struct Sender {
     acked: Mutex<BTreeMap<u64, bool>>,
+    /// Requests the server answered (any status).
+    answered: AtomicU64,
     refusals: AtomicU64,
     refusals_without_retry_after: AtomicU64,
     unreachable: AtomicU64,
@@ -293,6 +295,7 @@ fn a_webhook_flood_killed_mid_way_loses_nothing_it_acknowledged() {
 
     let state = Arc::new(Sender {
         acked: Mutex::new(BTreeMap::new()),
+        answered: AtomicU64::new(0),
         refusals: AtomicU64::new(0),
         refusals_without_retry_after: AtomicU64::new(0),
         unreachable: AtomicU64::new(0),
@@ -344,14 +347,18 @@ fn a_webhook_flood_killed_mid_way_loses_nothing_it_acknowledged() {
                     n
                 };
                 let body = format!(r#"{{"delivery":{delivery},"pad":"{}"}}"#, "x".repeat(200));
-                match send(
+                let answer = send(
                     &agent,
                     &base,
                     "gh",
                     &format!("d-{delivery}"),
                     SECRET,
                     body.as_bytes(),
-                ) {
+                );
+                if answer.is_ok() {
+                    state.answered.fetch_add(1, Ordering::Relaxed);
+                }
+                match answer {
                     Ok(answer) if answer.status == 200 => {
                         state
                             .acked
@@ -477,9 +484,11 @@ fn a_webhook_flood_killed_mid_way_loses_nothing_it_acknowledged() {
         .lock()
         .unwrap()
         .map_or(f64::NAN, |d| d.as_secs_f64());
+    let answered = state.answered.load(Ordering::Relaxed);
     eprintln!(
-        "webhook flood: {total} deliveries asked at {rate}/s from {senders} senders, first sent in {paced_s:.1} s ({:.0}/s; {sent_before_kill} before the kill), all acknowledged after {flood_s:.1} s; {} refusals with Retry-After, {} unreachable during the restart, {duplicates} acknowledged as duplicates; 0 lost, 0 stored twice",
+        "webhook flood: {total} deliveries asked at {rate}/s from {senders} senders, first sent in {paced_s:.1} s ({:.0}/s; {sent_before_kill} before the kill), all acknowledged after {flood_s:.1} s; {answered} requests answered ({:.0}/s), {} of them refusals with Retry-After; {} unreachable during the restart, {duplicates} acknowledged as duplicates; 0 lost, 0 stored twice",
         total as f64 / paced_s,
+        answered as f64 / flood_s,
         state.refusals.load(Ordering::Relaxed),
         state.unreachable.load(Ordering::Relaxed),
     );
