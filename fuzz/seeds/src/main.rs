@@ -103,6 +103,7 @@ fn main() {
         Frame::Hello {
             version: 1,
             client: s("seed"),
+            credentials: s("twseed.secret"),
         },
         Frame::Produce {
             queue: s("orders"),
@@ -281,6 +282,42 @@ fn main() {
     // receipt
     write(dir, "receipt", "valid", receipt.as_bytes());
     write(dir, "receipt", "raw", &[1u8; 24]);
+
+    // webhook: a preset byte, header lines, an empty line, the body (fuzz_targets/webhook.rs).
+    let webhooks: [(&str, u8, &str, &str); 5] = [
+        (
+            "github",
+            0,
+            "X-Hub-Signature-256: sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17\nX-GitHub-Delivery: 72d3162e\nX-Key: push",
+            "Hello, World!",
+        ),
+        (
+            "stripe",
+            1,
+            "Stripe-Signature: t=1614265330,v1=5257a869e7ecebeda32affa62cdca3fa51cad7e77a0e56ff536d0ce8e108d8bd,v1=00",
+            r#"{"id": "evt_1", "object": "event"}"#,
+        ),
+        (
+            "slack",
+            2,
+            "X-Slack-Signature: v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503\nX-Slack-Request-Timestamp: 1614265330",
+            r#"{"type": "url_verification", "challenge": "c", "event_id": "Ev1"}"#,
+        ),
+        (
+            "standard",
+            3,
+            "webhook-id: msg_p5jXN8AQM9LWM0D4loKWxJek\nwebhook-timestamp: 1614265330\nwebhook-signature: v1,bm9ub3RoZXJzaWc= v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+            r#"{"test": 2432232314}"#,
+        ),
+        ("hmac", 4, "X-Sig: sha256=aGVsbG8=\nx-a: kept", "body"),
+    ];
+    for (name, preset, headers, body) in webhooks {
+        let mut seed = vec![preset];
+        seed.extend_from_slice(headers.as_bytes());
+        seed.extend_from_slice(b"\n\n");
+        seed.extend_from_slice(body.as_bytes());
+        write(dir, "webhook", name, &seed);
+    }
 
     // json: every request body, and a full queue configuration.
     let limits = Limits::default();
