@@ -272,7 +272,11 @@ impl Pusher {
         let mut config = push.config();
         let mut permits = Arc::new(Semaphore::new(config.concurrency as usize));
         let mut missing_logged = false;
-        tracing::info!(push = %push.name, source = %config.source.name(), url = %config.url, "push endpoint started");
+        // The host only: a URL's path or query may hold a token (Slack's incoming webhooks).
+        let host = tidewater_core::push::parse_url(&config.url)
+            .map(|(_, host, port)| format!("{host}:{port}"))
+            .unwrap_or_default();
+        tracing::info!(push = %push.name, source = %config.source.name(), host = %host, "push endpoint started");
         loop {
             if push.is_deleted() || *stop.borrow() {
                 break;
@@ -583,7 +587,9 @@ impl Pusher {
         match connect.await {
             Err(_) => Outcome::Timeout,
             Ok(Err(err)) if err.is_timeout() => Outcome::Timeout,
-            Ok(Err(err)) => Outcome::Connect(error_chain(&err)),
+            // Without the URL: the error goes into the message's history and the logs, and
+            // a URL's path or query may hold a token.
+            Ok(Err(err)) => Outcome::Connect(error_chain(&err.without_url())),
             Ok(Ok(mut response)) => {
                 let status = response.status().as_u16();
                 let retry_after = response

@@ -251,3 +251,30 @@ fn push_endpoints_from_the_command_line() {
     let (code, _, _) = run(&server, &["push", "stats", "mailer"], None);
     assert_eq!(code, 3);
 }
+
+#[test]
+fn a_failed_push_names_no_url_in_the_message_history() {
+    // A URL's path may hold a token (Slack's incoming webhooks): errors kept with the
+    // message (and logged) must not carry it.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), Some(ALLOW_LOOPBACK));
+    server.create_queue("alerts-dlq", json!({}));
+    server.create_queue(
+        "alerts",
+        json!({"max_deliveries": 1, "dead_letter_queue": "alerts-dlq"}),
+    );
+    let closed = crate::support::free_port();
+    server.ok(
+        "PUT",
+        "/v1/pushes/slack",
+        Some(json!({"source": {"queue": "alerts"}, "url": format!("http://127.0.0.1:{closed}/services/T000/B000/s3cr3tT0k3n")})),
+    );
+    server.publish("alerts", json!([{"body": "disk full"}]));
+    wait_for("the dead letter", || {
+        !server.peek_all("alerts-dlq").is_empty()
+    });
+    let dead = &server.peek_all("alerts-dlq")[0];
+    let error = dead["headers"]["tidewater-last-error"].as_str().unwrap();
+    assert!(error.starts_with("push: "), "{error}");
+    assert!(!error.contains("s3cr3tT0k3n"), "{error}");
+}
