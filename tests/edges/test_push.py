@@ -7,29 +7,17 @@ Run by scripts/edges-test (TIDEWATER_URL names the server)."""
 
 import base64
 import json
-import os
 import secrets
 import socket
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 import standardwebhooks
 
-URL = os.environ.get("TIDEWATER_URL", "http://127.0.0.1:7070")
-
-
-def api(method, path, body=None, expect=(200, 201, 204)):
-    response = requests.request(method, URL + path, json=body, timeout=30)
-    assert response.status_code in expect, f"{method} {path}: {response.status_code} {response.text}"
-    return response.json() if response.content else None
-
-
-def fresh(name):
-    return f"{name}-{uuid.uuid4().hex[:8]}"
+from tidewater_api import URL, api, fresh
 
 
 def free_port():

@@ -500,15 +500,7 @@ mod tests {
     }
 
     fn github(secret: &str, body: &[u8]) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-        mac.update(body);
-        let hex: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("sha256={hex}")
+        webhook::sign_github(secret.as_bytes(), body)
     }
 
     fn plan(

@@ -461,47 +461,6 @@ pub fn settlement(outcome: &Outcome, on_client_error: OnClientError) -> Settleme
     }
 }
 
-/// A Retry-After header's value (seconds, or an HTTP date) in ms from `now_ms`.
-pub fn retry_after_ms(value: &str, now_ms: i64) -> Option<u64> {
-    let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(seconds.saturating_mul(1_000));
-    }
-    let at = httpdate_ms(value)?;
-    Some(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0))
-}
-
-/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) in ms since the epoch.
-fn httpdate_ms(text: &str) -> Option<i64> {
-    let parts: Vec<&str> = text.split_whitespace().collect();
-    let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == month)? as i64
-        + 1;
-    let (day, year): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
-    let hms: Vec<i64> = time
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    let [h, m, s] = hms.as_slice() else {
-        return None;
-    };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400) + h * 3_600 + m * 60 + s) * 1_000)
-}
-
 /// The breaker's state, as shown and as a metric (0, 1, 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -743,22 +702,6 @@ mod tests {
         assert_eq!(status(429, Some(1)).health(), None);
         assert_eq!(status(422, None).health(), None);
         assert_eq!(status(200, None).health(), Some(true));
-    }
-
-    #[test]
-    fn retry_after_takes_seconds_and_http_dates() {
-        assert_eq!(retry_after_ms("3", 0), Some(3_000));
-        // 1994-11-06T08:49:37Z = 784111777 s.
-        let at = 784_111_777_000;
-        assert_eq!(
-            retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", at - 5_000),
-            Some(5_000)
-        );
-        assert_eq!(
-            retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", at + 1),
-            Some(0)
-        );
-        assert_eq!(retry_after_ms("soon", 0), None);
     }
 
     #[test]

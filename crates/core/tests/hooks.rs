@@ -2,8 +2,6 @@
 //! byte for byte with their headers, replays of a delivery id deduplicated (across a
 //! restart too), secrets rotated, refusals that store nothing, and stream targets.
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use tidewater_core::harness::{Harness, HarnessOptions};
 use tidewater_core::hook::{HEADER_DELIVERY_ID, HookPatch, HookRequest};
 use tidewater_core::stream::config::StreamPatch;
@@ -21,15 +19,7 @@ fn patch(json: serde_json::Value) -> HookPatch {
 }
 
 fn github_signature(secret: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(body);
-    let hex: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256={hex}")
+    tidewater_auth::webhook::sign_github(secret.as_bytes(), body)
 }
 
 /// A GitHub delivery signed with `secret`.

@@ -522,6 +522,45 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
     }
 }
 
+/// A JSON value as a person reads it: a string without its quotes, anything else as JSON.
+pub(crate) fn text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+/// `--set FIELD=VALUE` items into `patch`: dotted fields for nested ones, the value JSON or
+/// else a string; `example` shows the form in the error.
+pub(crate) fn apply_sets(patch: &mut Value, items: &[String], example: &str) -> anyhow::Result<()> {
+    for item in items {
+        let Some((path, text)) = item.split_once('=') else {
+            return Err(crate::client::bad_input(format!(
+                "--set takes FIELD=VALUE, e.g. --set {example}; got '{item}'"
+            )));
+        };
+        let value = serde_json::from_str(text).unwrap_or_else(|_| json!(text));
+        set_path(patch, path, value).map_err(|e| crate::client::bad_input(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// `{"kind": "name"}` as `kind name` (a hook's target, a push endpoint's source).
+pub(crate) fn tagged(v: &Value) -> String {
+    match v.as_object().and_then(|o| o.iter().next()) {
+        Some((kind, name)) => format!("{kind} {}", text(name)),
+        None => "-".into(),
+    }
+}
+
+/// Counts by name (`{"a": 1, "b": 2}`) as `a 1, b 2`, or `empty` when there are none.
+pub(crate) fn counts(v: &Value, empty: &str) -> String {
+    let Some(map) = v.as_object().filter(|m| !m.is_empty()) else {
+        return empty.into();
+    };
+    map.iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(crate) fn print_config(config: &Value) {
     let Some(map) = config.as_object() else {
         return;

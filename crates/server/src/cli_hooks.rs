@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use crate::cli::{print_json, set_path, table};
+use crate::cli::{apply_sets, counts, print_json, table, tagged, text};
 use crate::client::{Client, bad_input, outln, path_segment};
 
 #[derive(Debug, clap::Args)]
@@ -167,15 +167,7 @@ impl HookFlags {
         if let Some(tenant) = &self.tenant {
             patch["tenant"] = json!(tenant);
         }
-        for item in &self.set {
-            let Some((path, text)) = item.split_once('=') else {
-                return Err(bad_input(format!(
-                    "--set takes FIELD=VALUE, e.g. --set max_body_bytes=65536; got '{item}'"
-                )));
-            };
-            let value = serde_json::from_str(text).unwrap_or_else(|_| json!(text));
-            set_path(patch, path, value).map_err(|e| bad_input(e.to_string()))?;
-        }
+        apply_sets(patch, &self.set, "max_body_bytes=65536")?;
         Ok(())
     }
 }
@@ -237,33 +229,12 @@ fn hook_path(name: &str) -> String {
     format!("/v1/hooks/{}", path_segment(name))
 }
 
-fn text(v: &Value) -> String {
-    v.as_str().map_or_else(|| v.to_string(), str::to_string)
-}
-
-fn target_text(target: &Value) -> String {
-    match target.as_object().and_then(|t| t.iter().next()) {
-        Some((kind, name)) => format!("{kind} {}", text(name)),
-        None => "-".into(),
-    }
-}
-
-fn refused_text(refused: &Value) -> String {
-    let Some(map) = refused.as_object().filter(|m| !m.is_empty()) else {
-        return "0".into();
-    };
-    map.iter()
-        .map(|(reason, n)| format!("{reason} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 fn print_hook(client: &Client, info: &Value) {
     let config = &info["config"];
     let signature = &config["signature"];
     let rows = vec![
         vec!["url".into(), client.url(&hook_path(&text(&info["name"])))],
-        vec!["target".into(), target_text(&config["target"])],
+        vec!["target".into(), tagged(&config["target"])],
         vec!["preset".into(), text(&signature["preset"])],
         vec![
             "secrets".into(),
@@ -313,7 +284,7 @@ pub fn hook(client: &Client, command: HookCommand, as_json: bool) -> anyhow::Res
             } else {
                 outln!(
                     "created hook '{name}' -> {}; senders POST to {}",
-                    target_text(&info["config"]["target"]),
+                    tagged(&info["config"]["target"]),
                     client.url(&path)
                 );
             }
@@ -376,12 +347,12 @@ pub fn hook(client: &Client, command: HookCommand, as_json: bool) -> anyhow::Res
                     let st = &h["stats"];
                     vec![
                         text(&h["name"]),
-                        target_text(&h["config"]["target"]),
+                        tagged(&h["config"]["target"]),
                         text(&h["config"]["signature"]["preset"]),
                         text(&st["accepted"]),
                         text(&st["duplicates"]),
                         text(&st["signature_failures"]),
-                        refused_text(&st["refused"]),
+                        counts(&st["refused"], "0"),
                     ]
                 })
                 .collect();
@@ -408,11 +379,11 @@ pub fn hook(client: &Client, command: HookCommand, as_json: bool) -> anyhow::Res
             let st = &info["stats"];
             outln!(
                 "hook '{name}' -> {}: {} accepted, {} duplicates, {} bad signatures; refused: {} (since the server started)",
-                target_text(&info["config"]["target"]),
+                tagged(&info["config"]["target"]),
                 text(&st["accepted"]),
                 text(&st["duplicates"]),
                 text(&st["signature_failures"]),
-                refused_text(&st["refused"]),
+                counts(&st["refused"], "0"),
             );
             Ok(())
         }

@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use crate::cli::{print_json, set_path, table};
+use crate::cli::{apply_sets, counts, print_json, table, tagged, text};
 use crate::client::{Client, bad_input, outln, path_segment};
 
 #[derive(Debug, clap::Args)]
@@ -54,15 +54,7 @@ impl PushFlags {
         if let Some(on) = &self.on_client_error {
             patch["on_client_error"] = json!(on);
         }
-        for item in &self.set {
-            let Some((path, text)) = item.split_once('=') else {
-                return Err(bad_input(format!(
-                    "--set takes FIELD=VALUE, e.g. --set breaker.open_ms=10000; got '{item}'"
-                )));
-            };
-            let value = serde_json::from_str(text).unwrap_or_else(|_| json!(text));
-            set_path(patch, path, value).map_err(|e| bad_input(e.to_string()))?;
-        }
+        apply_sets(patch, &self.set, "breaker.open_ms=10000")?;
         Ok(())
     }
 }
@@ -108,27 +100,6 @@ fn push_path(name: &str) -> String {
     format!("/v1/pushes/{}", path_segment(name))
 }
 
-fn text(v: &Value) -> String {
-    v.as_str().map_or_else(|| v.to_string(), str::to_string)
-}
-
-fn source_text(source: &Value) -> String {
-    match source.as_object().and_then(|s| s.iter().next()) {
-        Some((kind, name)) => format!("{kind} {}", text(name)),
-        None => "-".into(),
-    }
-}
-
-fn replies_text(replies: &Value) -> String {
-    let Some(map) = replies.as_object().filter(|m| !m.is_empty()) else {
-        return "-".into();
-    };
-    map.iter()
-        .map(|(class, n)| format!("{class} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 pub fn push(client: &Client, command: PushCommand, as_json: bool) -> anyhow::Result<()> {
     match command {
         PushCommand::Create {
@@ -158,7 +129,7 @@ pub fn push(client: &Client, command: PushCommand, as_json: bool) -> anyhow::Res
             } else {
                 outln!(
                     "created push endpoint '{name}': {} -> {}",
-                    source_text(&info["config"]["source"]),
+                    tagged(&info["config"]["source"]),
                     text(&info["config"]["url"])
                 );
                 outln!(
@@ -185,10 +156,7 @@ pub fn push(client: &Client, command: PushCommand, as_json: bool) -> anyhow::Res
             }
             let mut config = info["config"].clone();
             if let Some(map) = config.as_object_mut() {
-                map.insert(
-                    "source".into(),
-                    json!(source_text(&info["config"]["source"])),
-                );
+                map.insert("source".into(), json!(tagged(&info["config"]["source"])));
             }
             crate::cli::print_config(&config);
             Ok(())
@@ -213,12 +181,12 @@ pub fn push(client: &Client, command: PushCommand, as_json: bool) -> anyhow::Res
                     let st = &p["stats"];
                     vec![
                         text(&p["name"]),
-                        source_text(&p["config"]["source"]),
+                        tagged(&p["config"]["source"]),
                         text(&p["config"]["url"]),
                         text(&p["breaker"]),
                         text(&st["delivered"]),
                         text(&st["in_flight"]),
-                        replies_text(&st["replies"]),
+                        counts(&st["replies"], "-"),
                     ]
                 })
                 .collect();
@@ -245,7 +213,7 @@ pub fn push(client: &Client, command: PushCommand, as_json: bool) -> anyhow::Res
             let st = &info["stats"];
             outln!(
                 "push endpoint '{name}' ({} -> {}): breaker {} (opened {} times); {} delivered in {} requests, {} in flight, {} held; replies: {} (since the server started)",
-                source_text(&info["config"]["source"]),
+                tagged(&info["config"]["source"]),
                 text(&info["config"]["url"]),
                 text(&info["breaker"]),
                 text(&info["breaker_opens"]),
@@ -253,7 +221,7 @@ pub fn push(client: &Client, command: PushCommand, as_json: bool) -> anyhow::Res
                 text(&st["requests"]),
                 text(&st["in_flight"]),
                 text(&st["held"]),
-                replies_text(&st["replies"]),
+                counts(&st["replies"], "-"),
             );
             Ok(())
         }

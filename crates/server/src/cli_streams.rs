@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::cli::{age, num, print_config, print_json, progress_bar, set_path, table};
+use crate::cli::{age, apply_sets, num, print_config, print_json, progress_bar, table, text};
 use crate::client::{Client, ClientError, bad_input, errln, outln, path_segment};
 
 fn stream_path(name: &str) -> String {
@@ -20,10 +20,6 @@ fn stream_path(name: &str) -> String {
 
 fn group_path(name: &str) -> String {
     format!("/v1/groups/{}", path_segment(name))
-}
-
-fn text(v: &Value) -> String {
-    v.as_str().map_or_else(|| v.to_string(), str::to_string)
 }
 
 /// A not-found error for something the server did not name itself.
@@ -56,15 +52,7 @@ pub struct StreamConfigFlags {
 impl StreamConfigFlags {
     fn patch(&self) -> anyhow::Result<Value> {
         let mut patch = json!({});
-        for item in &self.set {
-            let Some((path, text)) = item.split_once('=') else {
-                return Err(bad_input(format!(
-                    "--set takes FIELD=VALUE, e.g. --set timestamp_type=log_append_time; got '{item}'"
-                )));
-            };
-            let value = serde_json::from_str(text).unwrap_or_else(|_| json!(text));
-            set_path(&mut patch, path, value).map_err(|e| bad_input(e.to_string()))?;
-        }
+        apply_sets(&mut patch, &self.set, "timestamp_type=log_append_time")?;
         if let Some(n) = self.partitions {
             patch["partitions"] = json!(n);
         }

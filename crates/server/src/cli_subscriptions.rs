@@ -6,7 +6,7 @@
 
 use serde_json::{Value, json};
 
-use crate::cli::{age, num, print_config, print_json, set_path, table};
+use crate::cli::{age, apply_sets, num, print_config, print_json, table, text};
 use crate::client::{Client, bad_input, outln, path_segment};
 
 /// `STREAM/SUBSCRIPTION` split, or a usage error that shows the form.
@@ -30,10 +30,6 @@ fn sub_path(name: &str) -> anyhow::Result<String> {
     ))
 }
 
-fn text(v: &Value) -> String {
-    v.as_str().map_or_else(|| v.to_string(), str::to_string)
-}
-
 #[derive(Debug, clap::Args)]
 pub struct SubscriptionConfigFlags {
     /// Set any queue setting of the subscription; the value is JSON or else a string, e.g.
@@ -46,15 +42,7 @@ pub struct SubscriptionConfigFlags {
 impl SubscriptionConfigFlags {
     fn patch(&self) -> anyhow::Result<Value> {
         let mut patch = json!({});
-        for item in &self.set {
-            let Some((path, text)) = item.split_once('=') else {
-                return Err(bad_input(format!(
-                    "--set takes FIELD=VALUE, e.g. --set key_concurrency=1; got '{item}'"
-                )));
-            };
-            let value = serde_json::from_str(text).unwrap_or_else(|_| json!(text));
-            set_path(&mut patch, path, value).map_err(|e| bad_input(e.to_string()))?;
-        }
+        apply_sets(&mut patch, &self.set, "key_concurrency=1")?;
         Ok(patch)
     }
 }

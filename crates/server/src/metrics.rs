@@ -207,6 +207,39 @@ impl Observer for Metrics {
 /// (metric name, help, how to read it from a queue, or another resource `R`).
 type Stat<T, R = tidewater_core::QueueInfo> = (&'static str, &'static str, fn(&R) -> T);
 
+/// A count as a metric's i64 (saturating: no count reaches it).
+fn saturate(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A family per stat (counters, or gauges), a series per item labelled by `label`.
+fn encode_families<R, L, T>(
+    encoder: &mut DescriptorEncoder<'_>,
+    kind: prometheus_client::metrics::MetricType,
+    stats: &[Stat<T, R>],
+    items: &[R],
+    label: impl Fn(&R) -> L,
+) -> Result<(), std::fmt::Error>
+where
+    L: EncodeLabelSet + Clone + std::fmt::Debug + std::hash::Hash + Eq,
+    T: Into<i64>,
+{
+    for (name, help, value) in stats {
+        let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+        for item in items {
+            let v: i64 = value(item).into();
+            let labels = label(item);
+            let series = family.encode_family(&labels)?;
+            if matches!(kind, prometheus_client::metrics::MetricType::Counter) {
+                ConstCounter::new(v.max(0) as u64).encode(series)?;
+            } else {
+                ConstGauge::new(v).encode(series)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads every hook's counters at scrape time (labels: hook names, bounded by
 /// `max_hooks`, and error codes).
 struct HookCollector {
@@ -225,36 +258,32 @@ impl Collector for HookCollector {
             return Ok(());
         };
         let hooks = broker.hooks();
-        let counters: [Stat<u64, tidewater_core::HookInfo>; 3] = [
+        let counters: [Stat<i64, tidewater_core::HookInfo>; 3] = [
             (
                 "hook_accepted",
                 "Webhooks stored durably in the hook's target",
-                |h| h.stats.accepted,
+                |h| saturate(h.stats.accepted),
             ),
             (
                 "hook_duplicates",
                 "Webhooks whose delivery id was already stored (answered 2xx, not stored again)",
-                |h| h.stats.duplicates,
+                |h| saturate(h.stats.duplicates),
             ),
             (
                 "hook_signature_failures",
                 "Webhooks refused for a missing, malformed, wrong or stale signature",
-                |h| h.stats.signature_failures,
+                |h| saturate(h.stats.signature_failures),
             ),
         ];
-        for (name, help, value) in counters {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for h in &hooks {
-                ConstCounter::new(value(h)).encode(family.encode_family(&HookLabel {
-                    hook: h.name.clone(),
-                })?)?;
-            }
-        }
+        encode_families(
+            &mut encoder,
+            prometheus_client::metrics::MetricType::Counter,
+            &counters,
+            &hooks,
+            |h| HookLabel {
+                hook: h.name.clone(),
+            },
+        )?;
         let mut family = encoder.encode_descriptor(
             "hook_refused",
             "Webhooks refused (nothing stored), by reason: the error code answered",
@@ -294,37 +323,28 @@ impl Collector for PushCollector {
         let label = |p: &tidewater_core::PushInfo| PushLabel {
             push: p.name.clone(),
         };
-        let counters: [Stat<u64, tidewater_core::PushInfo>; 3] = [
+        let counters: [Stat<i64, tidewater_core::PushInfo>; 3] = [
             (
                 "push_delivered",
                 "Messages a push endpoint's receiver acknowledged (2xx)",
-                |p| p.stats.delivered,
+                |p| saturate(p.stats.delivered),
             ),
             ("push_requests", "Requests a push endpoint sent", |p| {
-                p.stats.requests
+                saturate(p.stats.requests)
             }),
             (
                 "push_breaker_opens",
                 "Times a push endpoint's circuit breaker opened",
-                |p| p.breaker_opens,
+                |p| saturate(p.breaker_opens),
             ),
         ];
-        for (name, help, value) in counters {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for p in &pushes {
-                ConstCounter::new(value(p)).encode(family.encode_family(&label(p))?)?;
-            }
-        }
+        let counter = prometheus_client::metrics::MetricType::Counter;
+        encode_families(&mut encoder, counter, &counters, &pushes, label)?;
         let gauges: [Stat<i64, tidewater_core::PushInfo>; 2] = [
             (
                 "push_in_flight",
                 "Messages a push endpoint has sent and not yet settled",
-                |p| p.stats.in_flight.min(i64::MAX as u64) as i64,
+                |p| saturate(p.stats.in_flight),
             ),
             (
                 "push_breaker_state",
@@ -332,17 +352,8 @@ impl Collector for PushCollector {
                 |p| p.breaker.as_gauge(),
             ),
         ];
-        for (name, help, value) in gauges {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for p in &pushes {
-                ConstGauge::new(value(p)).encode(family.encode_family(&label(p))?)?;
-            }
-        }
+        let gauge = prometheus_client::metrics::MetricType::Gauge;
+        encode_families(&mut encoder, gauge, &gauges, &pushes, label)?;
         let mut family = encoder.encode_descriptor(
             "push_replies",
             "A push endpoint's replies by class: 2xx, 3xx, 4xx, 429, 5xx, timeout, connect_error",

@@ -22,7 +22,7 @@ use base64::Engine;
 use serde::Deserialize;
 use tidewater_auth::webhook::{Scheme, keys, sign_standard};
 use tidewater_core::push::{
-    Allow, BreakerState, Outcome, PushConfig, PushFormat, Settlement, retry_after_ms, settlement,
+    Allow, BreakerState, Outcome, PushConfig, PushFormat, Settlement, settlement,
 };
 use tidewater_core::queue::Delivery;
 use tidewater_core::{Broker, NackReason, PushHandle};
@@ -614,6 +614,16 @@ impl Pusher {
     }
 }
 
+/// A Retry-After header's value (seconds, or an HTTP date) in ms from `now_ms`.
+fn retry_after_ms(value: &str, now_ms: i64) -> Option<u64> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(seconds.saturating_mul(1_000));
+    }
+    let at = crate::time::parse_http_date(value)?;
+    Some(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0))
+}
+
 /// An error and its causes, on one line (reqwest's own message is often just "error
 /// sending request").
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -753,6 +763,21 @@ fn request_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        assert_eq!(retry_after_ms("3", 0), Some(3_000));
+        let at = 784_111_777_000;
+        assert_eq!(
+            retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", at - 5_000),
+            Some(5_000)
+        );
+        assert_eq!(
+            retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", at + 1),
+            Some(0)
+        );
+        assert_eq!(retry_after_ms("soon", 0), None);
+    }
 
     #[test]
     fn private_addresses_are_refused_unless_allowed() {

@@ -561,7 +561,6 @@ async fn slow_consumer(scale: usize) -> anyhow::Result<Report> {
 async fn webhook_flood(scale: usize) -> anyhow::Result<Report> {
     use std::collections::{BTreeMap, VecDeque};
 
-    use hmac::{Hmac, Mac};
     use tidewater_core::hook::{HookPatch, HookRequest};
     use tidewater_core::{ErrorCode, Ingested};
 
@@ -571,17 +570,7 @@ async fn webhook_flood(scale: usize) -> anyhow::Result<Report> {
     let flood_ticks = 100u64; // 10 s
     let restart_tick = 50;
     let total = per_tick * flood_ticks;
-    let sign = |body: &[u8]| {
-        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).expect("any key");
-        mac.update(body);
-        let hex: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("sha256={hex}")
-    };
+    let sign = |body: &[u8]| tidewater_auth::webhook::sign_github(SECRET.as_bytes(), body);
     let mut figures = [[0.0; 5]; 2];
     for (run, figure) in figures.iter_mut().enumerate() {
         let tidewater = run == 1;

@@ -108,7 +108,7 @@ fn push_endpoints_survive_a_restart_and_push_subscriptions_too() {
     assert_eq!(info["config"]["url"], url.as_str());
     assert_eq!(
         info["config"]["secret_fingerprint"],
-        tidewater_fingerprint(&secret)
+        tidewater_core::hook::fingerprint(&secret)
     );
     server.publish(
         "emails",
@@ -157,13 +157,6 @@ fn push_endpoints_survive_a_restart_and_push_subscriptions_too() {
             .len(),
         1
     );
-}
-
-/// The fingerprint the server shows of a secret (the first 8 hex digits of its SHA-256).
-fn tidewater_fingerprint(secret: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(secret.as_bytes());
-    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

@@ -82,6 +82,27 @@ impl Catalog {
         Ok((catalog, entries))
     }
 
+    /// The entries read back at recovery whose ids are `<prefix><name>`, as `T`s by name;
+    /// an entry of another id, or one that does not decode, is an error naming it.
+    pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        entries: Vec<Entry>,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, String> {
+        let log = self.name;
+        entries
+            .into_iter()
+            .map(|entry| {
+                let name = entry.id.strip_prefix(prefix).ok_or_else(|| {
+                    format!("the {log} log: an entry has an unknown id '{}'", entry.id)
+                })?;
+                let value = serde_json::from_slice(&entry.body)
+                    .map_err(|e| format!("the {log} log: entry {}: {e}", entry.id))?;
+                Ok((name.to_string(), value))
+            })
+            .collect()
+    }
+
     /// Whether the log exists (an entry was ever made, even if all were removed since).
     pub(crate) fn ever_used(&self) -> bool {
         self.log.is_some()

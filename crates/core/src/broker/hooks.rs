@@ -89,18 +89,10 @@ impl Hooks {
     pub(crate) fn recover(store: &Store, log: Option<RecoveredLog>) -> Result<Hooks, String> {
         let (catalog, entries) = Catalog::recover(HOOKS_LOG, store, log)?;
         let mut map = HashMap::new();
-        for entry in entries {
-            let Some(name) = entry.id.strip_prefix(HOOK_PREFIX) else {
-                return Err(format!(
-                    "the hooks log: an entry has an unknown id '{}'",
-                    entry.id
-                ));
-            };
-            let stored: StoredHook = serde_json::from_slice(&entry.body)
-                .map_err(|e| format!("the hooks log: hook {name}: {e}"))?;
+        for (name, stored) in catalog.decode::<StoredHook>(entries, HOOK_PREFIX)? {
             let hook = handle(stored, Arc::default())
-                .map_err(|e| format!("the hooks log: hook {name}: {e}"))?;
-            map.insert(name.to_string(), Arc::new(hook));
+                .map_err(|e| format!("the {HOOKS_LOG} log: hook {name}: {e}"))?;
+            map.insert(name, Arc::new(hook));
         }
         Ok(Hooks {
             log: tokio::sync::Mutex::new(catalog),

@@ -101,18 +101,14 @@ fn new_handle(name: &str, stored: StoredPush) -> PushHandle {
 impl Pushes {
     pub(crate) fn recover(store: &Store, log: Option<RecoveredLog>) -> Result<Pushes, String> {
         let (catalog, entries) = Catalog::recover(PUSHES_LOG, store, log)?;
-        let mut map = HashMap::new();
-        for entry in entries {
-            let Some(name) = entry.id.strip_prefix(PUSH_PREFIX) else {
-                return Err(format!(
-                    "the pushes log: an entry has an unknown id '{}'",
-                    entry.id
-                ));
-            };
-            let stored: StoredPush = serde_json::from_slice(&entry.body)
-                .map_err(|e| format!("the pushes log: push {name}: {e}"))?;
-            map.insert(name.to_string(), Arc::new(new_handle(name, stored)));
-        }
+        let map = catalog
+            .decode::<StoredPush>(entries, PUSH_PREFIX)?
+            .into_iter()
+            .map(|(name, stored)| {
+                let handle = Arc::new(new_handle(&name, stored));
+                (name, handle)
+            })
+            .collect();
         Ok(Pushes {
             log: tokio::sync::Mutex::new(catalog),
             map: RwLock::new(map),
