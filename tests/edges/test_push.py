@@ -38,14 +38,15 @@ def wait_for(what, check, timeout=30.0):
 
 class Receiver:
     """An HTTP receiver: verifies every request's Standard Webhooks signature and answers as
-    its mode says: ok, fail (500), reject (422), or retry-once (429 with Retry-After the
-    first time it sees an id)."""
+    its mode says: ok, slow (answers after slow_s), fail (500), reject (422), or retry-once
+    (429 with Retry-After the first time it sees an id)."""
 
     def __init__(self, port=None):
         self.port = port or free_port()
         self.secret = None
         self.mode = "ok"
         self.retry_after = 2
+        self.slow_s = 1.5
         self.lock = threading.Lock()
         self.arrivals = []  # (monotonic time, webhook-id, headers, body, status)
         self.bad_signatures = []
@@ -74,6 +75,8 @@ class Receiver:
                     receiver.bad_signatures.append(repr(e))
                 id_ = headers.get("webhook-id")
                 extra = {}
+                if receiver.mode == "slow":
+                    time.sleep(receiver.slow_s)
                 with receiver.lock:
                     mode = receiver.mode
                     if mode == "retry-once" and id_ not in receiver.refused_once:
@@ -237,6 +240,44 @@ def test_the_queue_dispatch_rate_keeps_the_receiver_under_its_limit(receiver):
     busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
     assert busiest <= 100, f"{busiest} requests arrived within one second"
     assert busiest >= 80, f"only {busiest} in the busiest second: the rate is far below what was asked"
+
+
+def test_a_slow_receiver_times_out_and_gets_the_message_again(receiver):
+    queue = fresh("slow-receiver")
+    api("PUT", f"/v1/queues/{queue}", {"backoff": {"base_ms": 200, "max_ms": 200}})
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    receiver.secret, receiver.mode, receiver.slow_s = secret, "slow", 1.5
+    name = fresh("push")
+    push(name, queue, receiver.url, secret=secret, timeout_ms=500)
+    publish(queue, 1)
+    wait_for("a timeout", lambda: api("GET", f"/v1/pushes/{name}")["stats"]["replies"].get("timeout"))
+    receiver.mode = "ok"
+    wait_for("the delivery", lambda: api("GET", f"/v1/pushes/{name}")["stats"]["delivered"] == 1)
+    assert wait_for("an empty queue", lambda: api("GET", f"/v1/queues/{queue}")["stats"]["total"] == 0)
+    # The slow request is recorded when its handler wakes, after the one sent again.
+    def both():
+        tries = [a for a in receiver.arrivals if a[1] == "m0"]
+        return tries if len(tries) >= 2 else None
+
+    tries = wait_for("both requests", both)
+    counts = sorted(int(a[2]["tidewater-delivery-count"]) for a in tries)
+    assert counts[0] == 1 and counts[-1] >= 2, counts
+
+
+def test_server_errors_are_retried_with_backoff_then_dead_lettered(receiver):
+    queue, dlq = fresh("failing"), fresh("failing-dlq")
+    api("PUT", f"/v1/queues/{dlq}", {})
+    api("PUT", f"/v1/queues/{queue}", {"dead_letter_queue": dlq, "max_deliveries": 3,
+                                       "backoff": {"base_ms": 100, "max_ms": 200}})
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    receiver.secret, receiver.mode = secret, "fail"
+    name = fresh("push")
+    push(name, queue, receiver.url, secret=secret, breaker={"consecutive_failures": 100})
+    publish(queue, 1)
+    dead = wait_for("the dead letter", lambda: api("GET", f"/v1/queues/{dlq}/messages")["messages"])
+    assert "HTTP 500" in dead[0]["headers"]["tidewater-last-error"]
+    assert [a[4] for a in receiver.arrivals] == [500, 500, 500], "max_deliveries 3: three tries"
+    assert api("GET", f"/v1/pushes/{name}")["stats"]["replies"] == {"5xx": 3}
 
 
 def test_client_errors_can_go_straight_to_the_dead_letter_queue(receiver):

@@ -94,12 +94,7 @@ pub(crate) async fn ingest_public(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    if state.guard.enabled
-        && state
-            .broker()?
-            .hook_config(&hook)
-            .is_ok_and(|c| c.signature.scheme == tidewater_auth::webhook::Scheme::Unsigned)
-    {
+    if state.guard.enabled && state.broker()?.hook_unsigned(&hook) == Some(true) {
         return Err(ApiError::new(
             ErrorCode::Unauthenticated,
             format!(

@@ -739,8 +739,8 @@ async fn authorize(
         let unsigned = state
             .broker()
             .ok()
-            .and_then(|b| b.hook_config(&name).ok())
-            .is_some_and(|c| c.signature.scheme == tidewater_auth::webhook::Scheme::Unsigned);
+            .and_then(|b| b.hook_unsigned(&name))
+            .unwrap_or(false);
         if !unsigned {
             return next.run(request).await;
         }

@@ -146,6 +146,13 @@ impl Metrics {
         }
     }
 
+    /// A push endpoint is gone: forget its series.
+    pub fn push_deleted(&self, push: &str) {
+        self.push_latency.remove(&PushLabel {
+            push: push.to_string(),
+        });
+    }
+
     /// A push endpoint's request ended after `seconds`.
     pub fn push_latency(&self, push: &str, seconds: f64) {
         self.push_latency

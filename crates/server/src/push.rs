@@ -385,6 +385,9 @@ impl Pusher {
                 drop(permit);
             });
         }
+        if push.is_deleted() {
+            self.metrics.push_deleted(&push.name);
+        }
         tracing::info!(push = %push.name, "push endpoint stopped");
     }
 

@@ -207,6 +207,14 @@ impl Broker {
         Ok(self.hook_handle(name)?.stored.config.clone())
     }
 
+    /// Whether a hook takes unsigned webhooks (preset none); None when there is no such
+    /// hook. Asked per webhook by the listeners, so it copies nothing.
+    pub fn hook_unsigned(&self, name: &str) -> Option<bool> {
+        let hooks = self.inner.hooks.map.read();
+        let hook = hooks.get(name)?;
+        Some(hook.stored.config.signature.scheme == tidewater_auth::webhook::Scheme::Unsigned)
+    }
+
     /// Every hook, by name.
     pub fn hooks(&self) -> Vec<HookInfo> {
         let map = self.inner.hooks.map.read();
