@@ -20,6 +20,10 @@ pub const MAX_TIMEOUT_MS: u64 = 300_000;
 /// A Retry-After up to this long is waited out holding the lease (the delivery is not
 /// counted again); a longer one gives the message back with that delay.
 pub const MAX_HELD_RETRY_AFTER_MS: u64 = 60_000;
+/// A Retry-After is taken as at least a second (0, or a date past, would resend at once
+/// in a loop) and at most a week (the endpoint pauses that long at most).
+pub const MIN_RETRY_AFTER_MS: u64 = 1_000;
+pub const MAX_RETRY_AFTER_MS: u64 = 7 * 86_400_000;
 
 /// Where an endpoint's messages come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,6 +401,8 @@ pub enum Settlement {
     Delay(u64, String),
     /// Give them back with the queue's backoff (counted; max_deliveries, then the DLQ).
     Nack(String),
+    /// The same, as overloaded (the receiver said so: adaptive throttling slows down).
+    NackOverloaded(String),
     /// Straight to the dead-letter queue.
     Reject(String),
 }
@@ -426,7 +432,11 @@ impl Outcome {
                 status: 429 | 503,
                 retry_after_ms: Some(_),
             } => None,
-            Outcome::Status { status, .. } if (400..500).contains(status) && *status != 408 => None,
+            Outcome::Status { status, .. }
+                if (400..500).contains(status) && !matches!(status, 408 | 429) =>
+            {
+                None
+            }
             _ => Some(false),
         }
     }
@@ -440,12 +450,17 @@ pub fn settlement(outcome: &Outcome, on_client_error: OnClientError) -> Settleme
             status: status @ (429 | 503),
             retry_after_ms: Some(ms),
         } => {
-            if *ms <= MAX_HELD_RETRY_AFTER_MS {
-                Settlement::RetryAfter(*ms)
+            let ms = (*ms).clamp(MIN_RETRY_AFTER_MS, MAX_RETRY_AFTER_MS);
+            if ms <= MAX_HELD_RETRY_AFTER_MS {
+                Settlement::RetryAfter(ms)
             } else {
-                Settlement::Delay(*ms, format!("push: HTTP {status} with Retry-After {ms} ms"))
+                Settlement::Delay(ms, format!("push: HTTP {status} with Retry-After {ms} ms"))
             }
         }
+        Outcome::Status {
+            status: status @ (429 | 503),
+            retry_after_ms: None,
+        } => Settlement::NackOverloaded(format!("push: HTTP {status} without Retry-After")),
         Outcome::Status { status, .. }
             if (400..500).contains(status) && !matches!(status, 408 | 429) =>
         {
@@ -670,10 +685,20 @@ mod tests {
             settlement(&status(429, Some(3_600_000)), retry),
             Settlement::Delay(3_600_000, _)
         ));
-        // 429 without Retry-After: a failure with the backoff.
+        // Without Retry-After: a failure with the backoff, as overloaded.
         assert!(matches!(
             settlement(&status(429, None), retry),
-            Settlement::Nack(_)
+            Settlement::NackOverloaded(_)
+        ));
+        assert_eq!(status(429, None).health(), Some(false));
+        // Retry-After 0 (or a date past) waits a second; a year waits a week.
+        assert_eq!(
+            settlement(&status(429, Some(0)), retry),
+            Settlement::RetryAfter(MIN_RETRY_AFTER_MS)
+        );
+        assert!(matches!(
+            settlement(&status(503, Some(u64::MAX)), retry),
+            Settlement::Delay(MAX_RETRY_AFTER_MS, _)
         ));
         assert!(matches!(
             settlement(&status(404, None), retry),

@@ -283,7 +283,7 @@ pub fn hook(client: &Client, command: HookCommand, as_json: bool) -> anyhow::Res
                 print_json(&info);
             } else {
                 outln!(
-                    "created hook '{name}' -> {}; senders POST to {}",
+                    "created hook '{name}' -> {}; senders POST to {} (or to {{path_prefix}}/{name} on a [hooks] listener)",
                     tagged(&info["config"]["target"]),
                     client.url(&path)
                 );

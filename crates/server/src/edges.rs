@@ -54,12 +54,20 @@ pub(crate) async fn put_hook(
         r#"{"target": {"queue": "orders"}, "signature": {"preset": "github", "secrets": ["..."]}}"#,
     )
     .await?;
-    // A hook produces to its target for its senders: whoever points one at a queue or
-    // stream must be allowed to produce there.
-    if let Some(target) = &patch.target
-        && broker.hook_config(&hook).ok().map(|c| c.target).as_ref() != Some(target)
+    // A hook produces to its target for its senders: whoever decides what reaches it
+    // (the target, who may post: the signature, the tenant events count against) must be
+    // allowed to produce there (and to name a tenant: set_tenant). An admin of the hook
+    // alone may change only what does not (headers kept, sizes, ids).
+    let current = broker.hook_config(&hook).ok().map(|c| c.target);
+    if let Some(target) = patch.target.as_ref().or(current.as_ref())
+        && (patch.target.is_some() || patch.signature.is_some() || current.is_none())
     {
         caller.check(Operation::Produce, &target_resource(target))?;
+    }
+    if let (Some(target), Some(Some(_))) =
+        (patch.target.as_ref().or(current.as_ref()), &patch.tenant)
+    {
+        caller.check(Operation::SetTenant, &target_resource(target))?;
     }
     let (created, info) = broker.put_hook(&hook, &patch).await?;
     created_or_ok(created, &info)
@@ -171,14 +179,15 @@ pub(crate) async fn put_push(
         r#"{"source": {"queue": "emails"}, "url": "https://mail.example.com/send"}"#,
     )
     .await?;
-    // A push endpoint consumes its source for whoever made it.
-    if let Some(source) = &patch.source
-        && broker
-            .push_handle(&push)
-            .ok()
-            .map(|p| p.config().source)
-            .as_ref()
-            != Some(source)
+    // A push endpoint consumes its source for whoever made it: deciding where its
+    // messages go (the source, the URL, the secret receivers check) needs consume there. An
+    // admin of the endpoint alone may tune it (concurrency, timeouts, the breaker).
+    let current = broker.push_handle(&push).ok().map(|p| p.config().source);
+    if let Some(source) = patch.source.as_ref().or(current.as_ref())
+        && (patch.source.is_some()
+            || patch.url.is_some()
+            || patch.secret.is_some()
+            || current.is_none())
     {
         caller.check(Operation::Consume, &source_resource(source))?;
     }

@@ -22,7 +22,8 @@ use base64::Engine;
 use serde::Deserialize;
 use tidewater_auth::webhook::{Scheme, keys, sign_standard};
 use tidewater_core::push::{
-    Allow, BreakerState, Outcome, PushConfig, PushFormat, Settlement, settlement,
+    Allow, BreakerState, MAX_PUSH_CONCURRENCY, Outcome, PushConfig, PushFormat, Settlement,
+    settlement,
 };
 use tidewater_core::queue::Delivery;
 use tidewater_core::{Broker, NackReason, PushHandle};
@@ -130,8 +131,24 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
+            let segments = v6.segments();
+            let embedded = |a: u16, b: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::new(
+                    (a >> 8) as u8,
+                    a as u8,
+                    (b >> 8) as u8,
+                    b as u8,
+                ))
+            };
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
+            }
+            // IPv4 inside IPv6: compatible (::a.b.c.d), NAT64 (64:ff9b::/96), 6to4 (2002::/16).
+            if segments[..6] == [0; 6] || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public(embedded(segments[6], segments[7]));
+            }
+            if segments[0] == 0x2002 {
+                return is_public(embedded(segments[1], segments[2]));
             }
             let first = v6.segments()[0];
             !(v6.is_loopback()
@@ -145,6 +162,29 @@ pub fn is_public(ip: IpAddr) -> bool {
 }
 
 impl Policy {
+    /// An address the URL names itself is connected to without asking the resolver: check
+    /// it here, as the client will read it (the URL parser turns `2130706433`, `0x7f.1` or
+    /// `127.1` into 127.0.0.1).
+    fn check_url(&self, url: &str) -> Result<(), String> {
+        let parsed =
+            reqwest::Url::parse(url).map_err(|e| format!("the URL does not parse: {e}"))?;
+        let host = parsed.host_str().ok_or("the URL has no host")?;
+        // Addresses come out of the parser normalized: dotted IPv4, bracketed IPv6.
+        let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        else {
+            return Ok(()); // a name: the resolver checks what it resolves to
+        };
+        if self.allows(&ip.to_string(), ip) {
+            return Ok(());
+        }
+        Err(format!(
+            "{ip} is not a public address: refused ([push] allow_private or allow)"
+        ))
+    }
+
     fn allows(&self, host: &str, ip: IpAddr) -> bool {
         self.allow_private
             || is_public(ip)
@@ -212,10 +252,11 @@ fn rustls_pemfile_certs(
         .map_err(|e| anyhow::anyhow!("not PEM certificates: {e}"))
 }
 
-/// What the workers share: the broker, the HTTP client, the address policy, metrics.
+/// What the workers share: the broker, the TLS configuration, the address policy,
+/// metrics. Each worker has an HTTP client of its own (its connect timeout, its pool).
 pub struct Pusher {
     broker: Broker,
-    client: reqwest::Client,
+    tls: rustls::ClientConfig,
     policy: Arc<Policy>,
     metrics: Arc<Metrics>,
 }
@@ -226,22 +267,26 @@ impl Pusher {
         settings: &PushSettings,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Pusher>> {
-        let policy = Arc::new(settings.policy()?);
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config(settings)?)
-            .dns_resolver(CheckedResolver(policy.clone()))
+        Ok(Arc::new(Pusher {
+            broker,
+            tls: tls_config(settings)?,
+            policy: Arc::new(settings.policy()?),
+            metrics,
+        }))
+    }
+
+    /// An endpoint's client: TLS ours, DNS answers checked, no redirects, no proxy.
+    fn client(&self, connect_timeout_ms: u64) -> reqwest::Client {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(self.tls.clone())
+            .dns_resolver(CheckedResolver(self.policy.clone()))
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .user_agent(concat!("tidewater/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(64)
-            .build()?;
-        Ok(Arc::new(Pusher {
-            broker,
-            client,
-            policy,
-            metrics,
-        }))
+            .connect_timeout(Duration::from_millis(connect_timeout_ms))
+            .pool_max_idle_per_host(MAX_PUSH_CONCURRENCY as usize)
+            .build()
+            .expect("a client of a checked TLS configuration builds")
     }
 
     /// Runs a worker per endpoint until `stop`: started when an endpoint is made, ended
@@ -270,6 +315,7 @@ impl Pusher {
 
     async fn worker(self: Arc<Self>, push: Arc<PushHandle>, mut stop: watch::Receiver<bool>) {
         let mut config = push.config();
+        let mut client = self.client(config.connect_timeout_ms);
         let mut permits = Arc::new(Semaphore::new(config.concurrency as usize));
         let mut missing_logged = false;
         // The host only: a URL's path or query may hold a token (Slack's incoming webhooks).
@@ -286,6 +332,9 @@ impl Pusher {
                 if current.concurrency != config.concurrency {
                     // Requests in flight keep their permits of the old semaphore.
                     permits = Arc::new(Semaphore::new(current.concurrency as usize));
+                }
+                if current.connect_timeout_ms != config.connect_timeout_ms {
+                    client = self.client(current.connect_timeout_ms);
                 }
                 config = current;
             }
@@ -379,9 +428,10 @@ impl Pusher {
                 continue;
             }
             let this = self.clone();
-            let (push, config) = (push.clone(), config.clone());
+            let (push, config, client) = (push.clone(), config.clone(), client.clone());
             tokio::spawn(async move {
-                this.deliver(&push, &config, deliveries, probe).await;
+                this.deliver(&client, &push, &config, deliveries, probe)
+                    .await;
                 drop(permit);
             });
         }
@@ -404,6 +454,7 @@ impl Pusher {
     /// burned as failed deliveries while the receiver is down.
     async fn deliver(
         &self,
+        client: &reqwest::Client,
         push: &PushHandle,
         config: &PushConfig,
         deliveries: Vec<Delivery>,
@@ -417,26 +468,31 @@ impl Pusher {
         let settled = loop {
             let started = std::time::Instant::now();
             push.counters.requests.fetch_add(1, Relaxed);
-            let outcome = self.send(config, source, &deliveries).await;
+            let outcome = self.send(client, config, source, &deliveries).await;
             self.metrics
                 .push_latency(&push.name, started.elapsed().as_secs_f64());
             push.counters.reply(&outcome);
             let now = self.broker.now_ms();
             push.breaker.lock().record(now, probe, outcome.health());
             probe = false;
-            match settlement(&outcome, config.on_client_error) {
+            let settled = settlement(&outcome, config.on_client_error);
+            let overloaded = matches!(settled, Settlement::NackOverloaded(_));
+            match settled {
                 Settlement::Ack => {
                     push.counters.delivered.fetch_add(n, Relaxed);
                     break self.broker.ack(source, &receipts).await.map(|_| ());
                 }
                 Settlement::RetryAfter(ms) => {
-                    push.breaker.lock().pause(now + ms as i64);
-                    if !self.hold(push, config, &receipts, now + ms as i64).await {
+                    push.breaker.lock().pause(now.saturating_add(ms as i64));
+                    if !self
+                        .hold(push, config, &receipts, now.saturating_add(ms as i64))
+                        .await
+                    {
                         break Ok(());
                     }
                 }
                 Settlement::Delay(ms, error) => {
-                    push.breaker.lock().pause(now + ms as i64);
+                    push.breaker.lock().pause(now.saturating_add(ms as i64));
                     let max = self.broker.limits().max_delay_ms;
                     break self
                         .broker
@@ -450,12 +506,17 @@ impl Pusher {
                         .await
                         .map(|_| ());
                 }
-                Settlement::Nack(error) => {
+                Settlement::Nack(error) | Settlement::NackOverloaded(error) => {
                     let state = push.breaker.lock().state(now);
                     if state == BreakerState::Closed {
+                        let reason = if overloaded {
+                            NackReason::Overloaded
+                        } else {
+                            NackReason::Failed
+                        };
                         break self
                             .broker
-                            .nack(source, &receipts, None, Some(&error), NackReason::Failed)
+                            .nack(source, &receipts, None, Some(&error), reason)
                             .await
                             .map(|_| ());
                     }
@@ -464,6 +525,14 @@ impl Pusher {
                         Some(as_probe) => probe = as_probe,
                         None => break Ok(()),
                     }
+                }
+                // Without a dead-letter queue a reject would drop them: given back instead.
+                Settlement::Reject(error) if !self.broker.has_dead_letter_queue(source) => {
+                    break self
+                        .broker
+                        .nack(source, &receipts, None, Some(&error), NackReason::Failed)
+                        .await
+                        .map(|_| ());
                 }
                 Settlement::Reject(error) => {
                     break self
@@ -549,17 +618,15 @@ impl Pusher {
     }
 
     /// One POST of `deliveries` to the endpoint.
-    async fn send(&self, config: &PushConfig, source: &str, deliveries: &[Delivery]) -> Outcome {
-        let Ok((_, host, _)) = tidewater_core::push::parse_url(&config.url) else {
-            return Outcome::Connect("the URL does not parse".into());
-        };
-        // An address in the URL: the resolver never sees it.
-        if let Ok(ip) = host.parse::<IpAddr>()
-            && !self.policy.allows(&host, ip)
-        {
-            return Outcome::Connect(format!(
-                "{ip} is not a public address: refused ([push] allow_private or allow)"
-            ));
+    async fn send(
+        &self,
+        client: &reqwest::Client,
+        config: &PushConfig,
+        source: &str,
+        deliveries: &[Delivery],
+    ) -> Outcome {
+        if let Err(refused) = self.policy.check_url(&config.url) {
+            return Outcome::Connect(refused);
         }
         let Ok(keys) = keys(
             &Scheme::StandardWebhooks,
@@ -570,8 +637,7 @@ impl Pusher {
         let now_s = self.broker.now_ms().div_euclid(1_000);
         let (id, body, content_type, headers) = request_of(config, source, deliveries);
         let signature = sign_standard(&keys[0], &id, now_s, &body);
-        let mut request = self
-            .client
+        let mut request = client
             .post(&config.url)
             .timeout(Duration::from_millis(config.timeout_ms))
             .header("content-type", content_type)
@@ -582,18 +648,14 @@ impl Pusher {
         for (name, value) in headers {
             request = request.header(name, value);
         }
-        let request = request.body(body);
-        let connect = tokio::time::timeout(
-            Duration::from_millis(config.connect_timeout_ms + config.timeout_ms),
-            request.send(),
-        );
-        match connect.await {
-            Err(_) => Outcome::Timeout,
-            Ok(Err(err)) if err.is_timeout() => Outcome::Timeout,
+        // timeout_ms bounds the whole request (connecting included); connect_timeout_ms
+        // the connection alone (the client's).
+        match request.body(body).send().await {
+            Err(err) if err.is_timeout() => Outcome::Timeout,
             // Without the URL: the error goes into the message's history and the logs, and
             // a URL's path or query may hold a token.
-            Ok(Err(err)) => Outcome::Connect(error_chain(&err.without_url())),
-            Ok(Ok(mut response)) => {
+            Err(err) => Outcome::Connect(error_chain(&err.without_url())),
+            Ok(mut response) => {
                 let status = response.status().as_u16();
                 let retry_after = response
                     .headers()
@@ -799,6 +861,23 @@ mod tests {
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
+        for embedded in ["::127.0.0.1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1"] {
+            assert!(!is_public(embedded.parse().unwrap()), "{embedded}");
+        }
+        let strict = PushSettings::default().policy().unwrap();
+        for url in [
+            "http://2130706433/",
+            "http://0x7f000001/",
+            "http://127.1/",
+            "http://0177.0.0.1/",
+            "http://169.254.169.254./latest",
+            "http://[::ffff:127.0.0.1]/",
+            "http://[::1]:8080/",
+        ] {
+            assert!(strict.check_url(url).is_err(), "{url}");
+        }
+        assert!(strict.check_url("https://93.184.216.34/").is_ok());
+        assert!(strict.check_url("https://mail.example.com/x").is_ok());
         for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }

@@ -118,8 +118,9 @@ fn hooks_listener(args: &ServeArgs, file: &FileConfig) -> anyhow::Result<Option<
     let listen: SocketAddr = text
         .parse()
         .with_context(|| format!("--hooks-listen '{text}' is not an address like 0.0.0.0:8080"))?;
+    // `/` (webhooks at /{hook}) leaves an empty prefix.
     let prefix = file.hooks.path_prefix.trim_end_matches('/').to_string();
-    let valid = prefix.starts_with('/')
+    let valid = file.hooks.path_prefix.starts_with('/')
         && prefix.len() <= 100
         && prefix
             .bytes()

@@ -244,6 +244,63 @@ fn signed_hooks_need_no_credentials_when_auth_is_on_and_unsigned_ones_need_a_gra
         (403, Some("forbidden")),
         "{value}"
     );
+
+    // An admin of a hook alone may tune it, not decide what reaches its target: who may
+    // post (the signature) or the tenant events count against.
+    as_admin(
+        "POST",
+        "/v1/auth/acls",
+        Some(
+            json!({"principal": "sender", "resource": "hook", "name": "gh", "operations": ["admin"]}),
+        ),
+    );
+    for (change, allowed) in [
+        (json!({"headers": ["x-request-id"]}), true),
+        (json!({"max_body_bytes": 4096}), true),
+        (json!({"signature": {"preset": "none"}}), false),
+        (json!({"tenant": "someone-else"}), false),
+        (json!({"target": {"queue": "q"}}), false),
+    ] {
+        let (status, value) = call_as(
+            &server.url,
+            Some(&key),
+            "PUT",
+            "/v1/hooks/gh",
+            Some(&change),
+        );
+        assert_eq!(status == 200, allowed, "{change}: {status} {value}");
+    }
+    // The same for a push endpoint: where its messages go needs consume on its source.
+    as_admin(
+        "PUT",
+        "/v1/pushes/out",
+        Some(json!({"source": {"queue": "q"}, "url": "https://push.example/x"})),
+    );
+    as_admin(
+        "POST",
+        "/v1/auth/acls",
+        Some(
+            json!({"principal": "sender", "resource": "push", "name": "out", "operations": ["admin"]}),
+        ),
+    );
+    for (change, allowed) in [
+        (json!({"concurrency": 2}), true),
+        (json!({"breaker": {"open_ms": 5000}}), true),
+        (json!({"url": "https://elsewhere.example/steal"}), false),
+        (
+            json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}),
+            false,
+        ),
+    ] {
+        let (status, value) = call_as(
+            &server.url,
+            Some(&key),
+            "PUT",
+            "/v1/pushes/out",
+            Some(&change),
+        );
+        assert_eq!(status == 200, allowed, "{change}: {status} {value}");
+    }
 }
 
 /// Retries of one delivery, as a sender does: after Retry-After, or shortly when the

@@ -356,6 +356,13 @@ impl Broker {
         })
     }
 
+    /// Whether a queue (or subscription) has a dead-letter queue (a reject would drop
+    /// messages otherwise).
+    pub fn has_dead_letter_queue(&self, queue: &str) -> bool {
+        self.resolve(queue)
+            .is_ok_and(|h| h.state.lock().config.dead_letter_queue.is_some())
+    }
+
     /// Extends leases to `lease_ms` from now (or the queue's default).
     pub fn extend<S: AsRef<str>>(
         &self,
