@@ -542,6 +542,29 @@ pub(crate) fn apply_sets(patch: &mut Value, items: &[String], example: &str) -> 
     Ok(())
 }
 
+/// A listing: with `--json` the reply as it came; else a table of `reply[key]`, a row an
+/// item, or `empty` (a hint to make the first one) when there is none.
+pub(crate) fn print_listing(
+    reply: &Value,
+    key: &str,
+    as_json: bool,
+    empty: &str,
+    headers: &[&str],
+    row: impl Fn(&Value) -> Vec<String>,
+) {
+    if as_json {
+        print_json(reply);
+        return;
+    }
+    let items = reply[key].as_array().map_or(&[][..], Vec::as_slice);
+    if items.is_empty() {
+        crate::client::outln!("{empty}");
+        return;
+    }
+    let rows: Vec<Vec<String>> = items.iter().map(row).collect();
+    table(headers, &rows);
+}
+
 /// `{"kind": "name"}` as `kind name` (a hook's target, a push endpoint's source).
 pub(crate) fn tagged(v: &Value) -> String {
     match v.as_object().and_then(|o| o.iter().next()) {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use crate::cli::{apply_sets, counts, print_json, table, tagged, text};
+use crate::cli::{apply_sets, counts, print_json, print_listing, table, tagged, text};
 use crate::client::{Client, bad_input, outln, path_segment};
 
 #[derive(Debug, clap::Args)]
@@ -329,21 +329,21 @@ pub fn hook(client: &Client, command: HookCommand, as_json: bool) -> anyhow::Res
         }
         HookCommand::List => {
             let reply = client.get("/v1/hooks")?;
-            if as_json {
-                print_json(&reply);
-                return Ok(());
-            }
-            let empty = vec![];
-            let hooks = reply["hooks"].as_array().unwrap_or(&empty);
-            if hooks.is_empty() {
-                outln!(
-                    "no hooks yet: create one with `tidewater hook create NAME --queue QUEUE --preset github --secret-env VAR`"
-                );
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = hooks
-                .iter()
-                .map(|h| {
+            print_listing(
+                &reply,
+                "hooks",
+                as_json,
+                "no hooks yet: create one with `tidewater hook create NAME --queue QUEUE --preset github --secret-env VAR`",
+                &[
+                    "HOOK",
+                    "TARGET",
+                    "PRESET",
+                    "ACCEPTED",
+                    "DUPLICATES",
+                    "BAD SIGNATURES",
+                    "REFUSED",
+                ],
+                |h| {
                     let st = &h["stats"];
                     vec![
                         text(&h["name"]),
@@ -354,19 +354,7 @@ pub fn hook(client: &Client, command: HookCommand, as_json: bool) -> anyhow::Res
                         text(&st["signature_failures"]),
                         counts(&st["refused"], "0"),
                     ]
-                })
-                .collect();
-            table(
-                &[
-                    "HOOK",
-                    "TARGET",
-                    "PRESET",
-                    "ACCEPTED",
-                    "DUPLICATES",
-                    "BAD SIGNATURES",
-                    "REFUSED",
-                ],
-                &rows,
+                },
             );
             Ok(())
         }

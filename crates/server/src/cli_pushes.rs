@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use crate::cli::{apply_sets, counts, print_json, table, tagged, text};
+use crate::cli::{apply_sets, counts, print_json, print_listing, tagged, text};
 use crate::client::{Client, bad_input, outln, path_segment};
 
 #[derive(Debug, clap::Args)]
@@ -163,21 +163,21 @@ pub fn push(client: &Client, command: PushCommand, as_json: bool) -> anyhow::Res
         }
         PushCommand::List => {
             let reply = client.get("/v1/pushes")?;
-            if as_json {
-                print_json(&reply);
-                return Ok(());
-            }
-            let empty = vec![];
-            let pushes = reply["pushes"].as_array().unwrap_or(&empty);
-            if pushes.is_empty() {
-                outln!(
-                    "no push endpoints yet: create one with `tidewater push create NAME --queue QUEUE --url URL`"
-                );
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = pushes
-                .iter()
-                .map(|p| {
+            print_listing(
+                &reply,
+                "pushes",
+                as_json,
+                "no push endpoints yet: create one with `tidewater push create NAME --queue QUEUE --url URL`",
+                &[
+                    "PUSH",
+                    "SOURCE",
+                    "URL",
+                    "BREAKER",
+                    "DELIVERED",
+                    "IN FLIGHT",
+                    "REPLIES",
+                ],
+                |p| {
                     let st = &p["stats"];
                     vec![
                         text(&p["name"]),
@@ -188,19 +188,7 @@ pub fn push(client: &Client, command: PushCommand, as_json: bool) -> anyhow::Res
                         text(&st["in_flight"]),
                         counts(&st["replies"], "-"),
                     ]
-                })
-                .collect();
-            table(
-                &[
-                    "PUSH",
-                    "SOURCE",
-                    "URL",
-                    "BREAKER",
-                    "DELIVERED",
-                    "IN FLIGHT",
-                    "REPLIES",
-                ],
-                &rows,
+                },
             );
             Ok(())
         }
