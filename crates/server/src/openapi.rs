@@ -808,7 +808,9 @@ fn auth_schemas() -> Value {
             "created_at_ms": {"type": "integer"}}});
     json!({
         "KeyRequest": {"type": "object", "additionalProperties": false, "required": ["principal"],
-            "not": {"required": ["expires_at_ms", "expires_in_ms"]}, "properties": {
+            "not": {"required": ["expires_at_ms", "expires_in_ms"],
+                "properties": {"expires_at_ms": {"type": "integer"}, "expires_in_ms": {"type": "integer"}}},
+            "description": "expires_at_ms or expires_in_ms, not both (null is not given)", "properties": {
             "principal": {"allOf": [name.clone(), {"not": {"const": tidewater_auth::ANONYMOUS}}]},
             "roles": {"type": "array", "maxItems": tidewater_auth::keys::MAX_ROLES, "items": name.clone()},
             "tenant": {"anyOf": [name.clone(), {"type": "null"}]},
