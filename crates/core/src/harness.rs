@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tidewater_storage::{AckLevel, StoreOptions};
 
-use crate::broker::{Broker, BrokerOptions, NewMessage, Published};
+use crate::broker::{Broker, BrokerOptions, ForecastOptions, NewMessage, Published};
 use crate::clock::{FixedJitter, Jitter, ManualClock};
 use crate::config::{ConfigPatch, Limits};
 use crate::error::BrokerError;
@@ -26,6 +26,8 @@ pub struct HarnessOptions {
     pub store: StoreOptions,
     /// The broker's limits (the defaults unless a test needs others).
     pub limits: Limits,
+    /// Forecast sampling (every 15 s of simulated time by default).
+    pub forecast: ForecastOptions,
 }
 
 impl Default for HarnessOptions {
@@ -38,6 +40,7 @@ impl Default for HarnessOptions {
                 ..StoreOptions::default()
             },
             limits: Limits::default(),
+            forecast: ForecastOptions::default(),
         }
     }
 }
@@ -128,6 +131,17 @@ impl Harness {
         self.broker().receive(queue, max, 0, None).await
     }
 
+    /// `receive` as the consumer named `consumer` (counted in the queue's forecast).
+    pub async fn receive_as(
+        &self,
+        consumer: &str,
+        queue: &str,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let id = crate::forecast::consumer_id(consumer.as_bytes());
+        self.broker().receive_as(id, queue, max, 0, None).await
+    }
+
     pub async fn ack(&self, queue: &str, deliveries: &[Delivery]) -> Result<(), BrokerError> {
         if !deliveries.is_empty() {
             let receipts: Vec<String> = deliveries.iter().map(|d| d.receipt.clone()).collect();
@@ -164,6 +178,7 @@ fn broker_options(options: &HarnessOptions, clock: &ManualClock) -> BrokerOption
         clock: Arc::new(clock.clone()),
         jitter: options.jitter.clone(),
         limits: options.limits.clone(),
+        forecast: options.forecast,
         ..BrokerOptions::default()
     }
 }

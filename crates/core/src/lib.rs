@@ -7,6 +7,7 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod forecast;
 pub mod harness;
 pub mod hook;
 pub mod offsets;
@@ -18,9 +19,9 @@ pub mod receipt;
 pub mod stream;
 
 pub use broker::{
-    Broker, BrokerOptions, Delay, Fetched, GroupInfo, HookInfo, Ingested, NackReason, NewMessage,
-    Observer, PartitionInfo, Produced, PushHandle, PushInfo, QueueInfo, RedriveProgress,
-    RedriveRequest, SettleReply, StreamInfo,
+    Broker, BrokerOptions, Delay, Fetched, ForecastOptions, GroupInfo, HookInfo, Ingested,
+    NackReason, NewMessage, Observer, PartitionInfo, Produced, PushHandle, PushInfo, QueueInfo,
+    RedriveProgress, RedriveRequest, SettleReply, StreamInfo, Subject,
 };
 pub use config::{ConfigPatch, Limits, QueueConfig};
 pub use error::{BrokerError, ErrorCode};

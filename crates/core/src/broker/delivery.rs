@@ -58,6 +58,9 @@ pub struct Peeked {
     pub delivery_count: u32,
 }
 
+/// The consumer identity of `receive`.
+pub const ANONYMOUS_CONSUMER: u64 = 0;
+
 /// Leases ended by a request (offset, lease) and the receipts it refused.
 type Released = (Vec<(u64, crate::queue::Lease)>, Vec<ReceiptFailure>);
 
@@ -74,9 +77,24 @@ fn unacked(released: Vec<(u64, crate::queue::Lease)>) -> Vec<Unacked> {
 }
 
 impl Broker {
-    /// Long-polls for up to `max` messages, leased for `lease_ms` (or the queue's default).
+    /// Long-polls for up to `max` messages, leased for `lease_ms` (or the queue's default),
+    /// for an anonymous consumer (all of them count as one in the forecast: `receive_as`).
     pub async fn receive(
         &self,
+        queue: &str,
+        max: usize,
+        wait_ms: u64,
+        lease_ms: Option<u64>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        self.receive_as(ANONYMOUS_CONSUMER, queue, max, wait_ms, lease_ms)
+            .await
+    }
+
+    /// `receive` for `consumer` (`forecast::consumer_id` of a name, or of a connection),
+    /// which the queue counts among its consumers while it is seen.
+    pub async fn receive_as(
+        &self,
+        consumer: u64,
         queue: &str,
         max: usize,
         wait_ms: u64,
@@ -96,6 +114,7 @@ impl Broker {
             )));
         }
         check_lease_ms(lease_ms)?;
+        self.seen_consumer(&self.resolve(queue)?, consumer);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         loop {
             let handle = self.resolve(queue)?;

@@ -1149,6 +1149,11 @@ impl Broker {
 
     /// The names of groups with members or committed offsets.
     pub async fn list_groups(&self) -> Vec<String> {
+        self.group_names()
+    }
+
+    /// `list_groups`, for callers outside a runtime.
+    pub fn group_names(&self) -> Vec<String> {
         let mut names: BTreeSet<String> = self.inner.groups.groups.lock().keys().cloned().collect();
         names.extend(self.inner.classic.names());
         names.extend(
@@ -1188,8 +1193,8 @@ impl Broker {
             .into_iter()
             .map(|s| (s.name, s.partitions.iter().map(|p| p.end_offset).collect()))
             .collect();
-        // (group, stream) -> (records behind, partition, committed offset) per partition.
-        type Behind = Vec<(u64, u32, u64)>;
+        // (group, stream) -> (records behind, partition, committed offset, end) per partition.
+        type Behind = Vec<(u64, u32, u64, u64)>;
         let mut by: BTreeMap<(String, String), Behind> = BTreeMap::new();
         for ((group, stream, partition), offset) in committed {
             let Some(end) = ends.get(&stream).and_then(|e| e.get(partition as usize)) else {
@@ -1199,18 +1204,20 @@ impl Broker {
                 end.saturating_sub(offset),
                 partition,
                 offset,
+                *end,
             ));
         }
         let now = self.now_ms();
         by.into_iter()
             .map(|((group, stream), mut parts)| {
-                let lag = parts.iter().map(|(l, _, _)| l).sum();
+                let lag = parts.iter().map(|(l, _, _, _)| l).sum();
+                let ends = parts.iter().map(|(_, _, _, end)| end).sum();
                 parts.sort_by_key(|part| std::cmp::Reverse(part.0));
                 let lag_ms = parts
                     .iter()
                     .take(LAG_AGE_PARTITIONS)
-                    .filter(|(l, _, _)| *l > 0)
-                    .filter_map(|(_, p, offset)| self.record_time(&stream, *p, *offset))
+                    .filter(|(l, _, _, _)| *l > 0)
+                    .filter_map(|(_, p, offset, _)| self.record_time(&stream, *p, *offset))
                     .map(|t| now.saturating_sub(t).max(0) as u64)
                     .max()
                     .unwrap_or(0);
@@ -1220,6 +1227,7 @@ impl Broker {
                     stream,
                     lag,
                     lag_ms,
+                    ends,
                 }
             })
             .collect()
@@ -1237,4 +1245,6 @@ pub struct GroupLag {
     pub members: u64,
     pub lag: u64,
     pub lag_ms: u64,
+    /// The sum of the committed partitions' ends (what arrived, for the forecast).
+    pub ends: u64,
 }

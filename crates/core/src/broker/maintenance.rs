@@ -263,6 +263,7 @@ impl Broker {
         self.maintain_classic_groups();
         self.expire_group_offsets().await;
         self.apply_retention().await;
+        self.sample_forecasts();
     }
 
     /// Starts the periodic maintenance task on the current tokio runtime.

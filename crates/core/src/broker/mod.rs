@@ -33,6 +33,7 @@ mod consumers;
 mod dead_letter;
 mod delay_log;
 mod delivery;
+mod forecasts;
 mod groups;
 mod guard;
 mod hooks;
@@ -53,6 +54,7 @@ pub use auth::NewKey;
 pub use classic::{ClassicInfo, ClassicMemberInfo, ClassicRefusal};
 pub use consumers::{MemberRecord, StartAt};
 pub use delivery::{NackReason, Peeked, ReceiptFailure, SettleReply};
+pub use forecasts::{ForecastOptions, Subject};
 pub use groups::{
     Committed, GroupInfo, GroupKind, GroupLag, MAX_MEMBER_STREAMS, MemberInfo, OffsetReset,
     PartitionLag, ResetTo, TopicPartitionInfo,
@@ -92,6 +94,8 @@ pub struct BrokerOptions {
     pub observer: Arc<dyn Observer>,
     /// Lease nonces: receipts are capabilities, so a CSPRNG by default (`OsNonces`).
     pub nonces: Arc<dyn NonceSource>,
+    /// Sampling for the backlog forecasts.
+    pub forecast: ForecastOptions,
 }
 
 impl Default for BrokerOptions {
@@ -103,6 +107,7 @@ impl Default for BrokerOptions {
             jitter: Arc::new(RandomJitter),
             observer: Arc::new(NoopObserver),
             nonces: Arc::new(OsNonces),
+            forecast: ForecastOptions::default(),
         }
     }
 }
@@ -122,6 +127,8 @@ pub struct QueueHandle {
     delay: Mutex<Option<DelayLog>>,
     /// Set for a subscription.
     subscription: Option<subscriptions::SubscriptionOf>,
+    /// Its consumers seen lately (the forecast's consumer count).
+    consumers: Mutex<crate::forecast::Seen>,
 }
 
 struct Inner {
@@ -164,6 +171,9 @@ struct Inner {
     compacting: AtomicBool,
     /// What the partitions' batch caches (for subscriptions) may hold together.
     cache_budget: Arc<crate::stream::source::CacheBudget>,
+    forecast: ForecastOptions,
+    /// Each subject's samples (`forecasts.rs`).
+    forecasts: Mutex<forecasts::Forecasts>,
 }
 
 #[derive(Clone)]
@@ -185,6 +195,10 @@ impl Broker {
             .limits
             .validate()
             .map_err(tidewater_storage::OpenError::Config)?;
+        options
+            .forecast
+            .validate()
+            .map_err(|e| tidewater_storage::OpenError::Config(format!("forecast: {e}")))?;
         let (store, recovered) = Store::open(dir, options.store.clone())?;
         let now = options.clock.now_ms();
         let mut queues = HashMap::new();
@@ -304,6 +318,7 @@ impl Broker {
                 notify: Notify::new(),
                 reader: Records::Log(reader),
                 deleted: AtomicBool::new(false),
+                consumers: Mutex::new(crate::forecast::Seen::default()),
                 delay: Mutex::new(None),
                 subscription: None,
             });
@@ -380,6 +395,8 @@ impl Broker {
             groups_changed: Notify::new(),
             compacting: AtomicBool::new(false),
             cache_budget,
+            forecast: options.forecast,
+            forecasts: Mutex::new(forecasts::Forecasts::default()),
         });
         // Durable data becomes visible to consumers; wake their long-polls.
         let weak = Arc::downgrade(&inner);

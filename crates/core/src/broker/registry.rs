@@ -123,6 +123,7 @@ impl Broker {
             notify: Notify::new(),
             reader: super::Records::Log(reader),
             deleted: AtomicBool::new(false),
+            consumers: Mutex::new(crate::forecast::Seen::default()),
             delay: Mutex::new(None),
             subscription: None,
         });

@@ -183,6 +183,7 @@ fn subscription_handle(
         notify: Notify::new(),
         reader: records,
         deleted: AtomicBool::new(false),
+        consumers: Mutex::new(crate::forecast::Seen::default()),
         delay: Mutex::new(None),
         subscription: Some(SubscriptionOf {
             stream: stream.name.clone(),

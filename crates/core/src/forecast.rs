@@ -1,0 +1,577 @@
+//! Backlog forecasts (sans-IO): from periodic samples of a queue's, subscription's or
+//! group's counters, the arrival and service rates, the time to drain, the time until the
+//! oldest message crosses an age objective, and the consumers needed to drain within a
+//! target time.
+//!
+//! The broker samples every subject at a fixed interval into a bounded ring (`History`);
+//! the console draws the ring, and a forecast reads the rates over the last `rate_window_ms`
+//! of it plus a sample taken at the moment it is asked.
+//!
+//! The model, all of it here so it can be checked by hand:
+//! - arrival rate λ: messages that arrived per second over the window;
+//! - service rate μ: messages that left the backlog per second, whatever took them (acks,
+//!   dead-lettering, expiry), found by conservation: μ = λ − Δbacklog/Δt;
+//! - drain time: backlog / (μ − λ) when μ > λ; "growing" when λ ≥ μ with a backlog;
+//! - the oldest message's age A grows by one second a second and falls as the head is
+//!   served: the backlog B arrived over about A seconds (B/A a second), so serving μ a
+//!   second moves the head's arrival time on by μ·A/B seconds a second; the age then moves
+//!   at 1 − μ·A/B a second, and crosses the objective O after (O − A)/(1 − μ·A/B) seconds
+//!   when that is positive;
+//! - consumers needed (Little's law, consumers as servers): a consumer serves r messages a
+//!   second, so keeping up with arrivals takes λ/r consumers and draining B within T
+//!   seconds B/(T·r) more: ⌈(λ + B/T)/r⌉. r is the per-consumer rate measured the last time
+//!   the consumers were busy (a backlog ready for them throughout the window, the same
+//!   consumers throughout, and some served in every interval), which is their capacity;
+//!   until such a window, the current per-consumer rate, a lower bound.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::Serialize;
+
+/// What the broker reads of a subject at one moment. Counters are cumulative since the
+/// process started (a restart starts them again, and the ring with them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Sample {
+    pub at_ms: i64,
+    /// Every message not settled yet (ready, in flight, delayed), or a group's lag.
+    pub backlog: u64,
+    /// Deliverable now.
+    pub ready: u64,
+    pub in_flight: u64,
+    pub delayed: u64,
+    pub oldest_age_ms: u64,
+    /// Messages that arrived (published, produced) since the start.
+    pub arrived: u64,
+    /// Consumers seen within the idle window (a group's members).
+    pub consumers: u32,
+}
+
+/// How the forecast is asked: its objectives and the window its rates are read over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Objectives {
+    /// Rates are read over this much of the history (and at least one sample interval).
+    pub rate_window_ms: u64,
+    /// The oldest message should not be older than this.
+    pub age_objective_ms: u64,
+    /// The backlog should drain within this (what `consumers_needed` is for).
+    pub drain_target_ms: u64,
+}
+
+impl Default for Objectives {
+    fn default() -> Self {
+        Objectives {
+            rate_window_ms: 60_000,
+            age_objective_ms: 300_000,
+            drain_target_ms: 300_000,
+        }
+    }
+}
+
+/// Where the backlog is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trend {
+    /// Nothing waits.
+    Empty,
+    /// Served faster than it arrives: it drains in `drain_ms`.
+    Draining,
+    /// Arrivals outpace service (or nothing is served): it does not drain at these rates.
+    Growing,
+    /// Not enough history yet to measure rates (less than one sample interval).
+    Unknown,
+}
+
+/// Where the per-consumer rate comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateSource {
+    /// Measured over a window in which a backlog was ready for the same consumers
+    /// throughout: their capacity.
+    Busy,
+    /// Measured while consumers sometimes waited for messages: a lower bound on capacity.
+    Idle,
+}
+
+/// A subject's forecast.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Forecast {
+    pub at_ms: i64,
+    /// The span the rates were measured over (0: none yet).
+    pub window_ms: u64,
+    pub backlog: u64,
+    pub ready: u64,
+    pub in_flight: u64,
+    pub delayed: u64,
+    pub oldest_age_ms: u64,
+    /// Messages arriving per second (None: no window yet).
+    pub arrival_per_s: Option<f64>,
+    /// Messages leaving the backlog per second.
+    pub service_per_s: Option<f64>,
+    pub consumers: u32,
+    /// Messages a second one consumer serves (see `per_consumer_source`).
+    pub per_consumer_per_s: Option<f64>,
+    pub per_consumer_source: Option<RateSource>,
+    pub trend: Trend,
+    /// Time to drain at the current rates: 0 when empty, None when growing or unknown.
+    pub drain_ms: Option<u64>,
+    pub age_objective_ms: u64,
+    /// Time until the oldest message is older than the objective: 0 when it already is,
+    /// None when its age is not heading there at the current rates.
+    pub age_objective_breach_ms: Option<u64>,
+    pub drain_target_ms: u64,
+    /// Consumers that would drain the backlog within `drain_target_ms` while keeping up
+    /// with arrivals. None when no consumer has served anything yet; 1 when there is a
+    /// backlog and no rate to go by (scale from zero).
+    pub consumers_needed: Option<u32>,
+}
+
+/// The rates between two samples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Rates {
+    window_ms: u64,
+    arrival: f64,
+    service: f64,
+    /// Time-weighted mean of the consumers seen over the window.
+    consumers: f64,
+    /// A backlog was ready for the consumers at every sample of the window, the same
+    /// consumers were there throughout, and each interval served some: what they served
+    /// is what they can.
+    busy: bool,
+}
+
+/// A subject's bounded ring of samples, and the per-consumer capacity last measured.
+#[derive(Debug, Clone)]
+pub struct History {
+    samples: VecDeque<Sample>,
+    capacity: usize,
+    interval_ms: u64,
+    /// Per-consumer rate over the last busy window, and when.
+    busy_rate: Option<(f64, i64)>,
+}
+
+impl History {
+    /// A ring of `capacity` samples taken every `interval_ms`.
+    pub fn new(capacity: usize, interval_ms: u64) -> History {
+        History {
+            samples: VecDeque::with_capacity(capacity.min(4096)),
+            capacity: capacity.max(2),
+            interval_ms: interval_ms.max(1),
+            busy_rate: None,
+        }
+    }
+
+    pub fn samples(&self) -> impl ExactSizeIterator<Item = &Sample> {
+        self.samples.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Keeps `sample` as the newest, dropping the oldest when full. A sample earlier than
+    /// half an interval after the newest is ignored (two sweeps close together), and one
+    /// earlier than the newest clears the ring (the clock went back). A counter lower than
+    /// before (the subject was deleted and made again) starts the ring again too.
+    pub fn record(&mut self, sample: Sample, rate_window_ms: u64) {
+        if let Some(last) = self.samples.back() {
+            if sample.at_ms < last.at_ms || sample.arrived < last.arrived {
+                self.samples.clear();
+                self.busy_rate = None;
+            } else if ((sample.at_ms - last.at_ms) as u64) < self.interval_ms / 2 {
+                return;
+            }
+        }
+        if self.samples.len() == self.capacity {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(sample);
+        if let Some(rates) = self.rates(&sample, rate_window_ms)
+            && rates.busy
+            && rates.consumers > 0.0
+            && rates.service > 0.0
+            && rates.window_ms >= self.interval_ms
+        {
+            self.busy_rate = Some((rates.service / rates.consumers, sample.at_ms));
+        }
+    }
+
+    /// Rates from the oldest sample within `window_ms` of `now` (at least one interval
+    /// back, so a window shorter than the interval still has two points) to `now`.
+    fn rates(&self, now: &Sample, window_ms: u64) -> Option<Rates> {
+        let window = window_ms.max(self.interval_ms) as i64;
+        let from = self
+            .samples
+            .iter()
+            .find(|s| s.at_ms >= now.at_ms - window && s.at_ms < now.at_ms)?;
+        let span = (now.at_ms - from.at_ms) as f64 / 1000.0;
+        if span <= 0.0 || now.arrived < from.arrived {
+            return None;
+        }
+        let arrived = (now.arrived - from.arrived) as f64;
+        let arrival = arrived / span;
+        // Conservation: what arrived and is not in the backlog any more was served.
+        let served = (arrived + from.backlog as f64 - now.backlog as f64).max(0.0);
+        let service = served / span;
+        // Time-weighted mean consumers: each sample's count holds until the next.
+        let mut weighted = 0.0;
+        let mut previous: Option<&Sample> = None;
+        let mut busy = true;
+        let mut served_each = true;
+        for s in self
+            .samples
+            .iter()
+            .filter(|s| s.at_ms >= from.at_ms && s.at_ms < now.at_ms)
+            .chain(std::iter::once(now))
+        {
+            if let Some(p) = previous {
+                weighted += p.consumers as f64 * (s.at_ms - p.at_ms) as f64 / 1000.0;
+                busy &= p.consumers == s.consumers;
+                served_each &= s.arrived + p.backlog > p.arrived + s.backlog;
+            }
+            busy &= s.ready > 0;
+            previous = Some(s);
+        }
+        Some(Rates {
+            window_ms: (now.at_ms - from.at_ms) as u64,
+            arrival,
+            service,
+            consumers: weighted / span,
+            busy: busy && served_each,
+        })
+    }
+
+    /// The forecast at `now` (a sample taken as it is asked).
+    pub fn forecast(&self, now: &Sample, objectives: &Objectives) -> Forecast {
+        let rates = self.rates(now, objectives.rate_window_ms);
+        let backlog = now.backlog as f64;
+        let per_consumer = match (self.busy_rate, rates) {
+            (_, Some(r)) if r.busy && r.consumers > 0.0 && r.service > 0.0 => {
+                Some((r.service / r.consumers, RateSource::Busy))
+            }
+            (Some((rate, _)), _) => Some((rate, RateSource::Busy)),
+            (None, Some(r)) if r.consumers > 0.0 && r.service > 0.0 => {
+                Some((r.service / r.consumers, RateSource::Idle))
+            }
+            _ => None,
+        };
+        let (trend, drain_ms) = match rates {
+            _ if now.backlog == 0 => (Trend::Empty, Some(0)),
+            None => (Trend::Unknown, None),
+            Some(r) if r.service > r.arrival => (
+                Trend::Draining,
+                Some(seconds_to_ms(backlog / (r.service - r.arrival))),
+            ),
+            Some(_) => (Trend::Growing, None),
+        };
+        let age = now.oldest_age_ms as f64 / 1000.0;
+        let objective = objectives.age_objective_ms as f64 / 1000.0;
+        let age_objective_breach_ms = if now.backlog == 0 {
+            None
+        } else if age >= objective {
+            Some(0)
+        } else {
+            // Without rates, assume no service: the age grows a second a second.
+            let service = rates.map_or(0.0, |r| r.service);
+            let ageing = if age > 0.0 {
+                1.0 - service * age / backlog
+            } else {
+                1.0
+            };
+            (ageing > 0.0).then(|| seconds_to_ms((objective - age) / ageing))
+        };
+        let target = (objectives.drain_target_ms as f64 / 1000.0).max(0.001);
+        let consumers_needed = match (rates, per_consumer) {
+            (Some(r), Some((rate, _))) => {
+                let needed = (r.arrival + backlog / target) / rate;
+                Some(needed.ceil().clamp(0.0, u32::MAX as f64) as u32)
+            }
+            _ if now.backlog > 0 => Some(now.consumers.max(1)),
+            _ => None,
+        };
+        Forecast {
+            at_ms: now.at_ms,
+            window_ms: rates.map_or(0, |r| r.window_ms),
+            backlog: now.backlog,
+            ready: now.ready,
+            in_flight: now.in_flight,
+            delayed: now.delayed,
+            oldest_age_ms: now.oldest_age_ms,
+            arrival_per_s: rates.map(|r| r.arrival),
+            service_per_s: rates.map(|r| r.service),
+            consumers: now.consumers,
+            per_consumer_per_s: per_consumer.map(|(rate, _)| rate),
+            per_consumer_source: per_consumer.map(|(_, source)| source),
+            trend,
+            drain_ms,
+            age_objective_ms: objectives.age_objective_ms,
+            age_objective_breach_ms,
+            drain_target_ms: objectives.drain_target_ms,
+            consumers_needed,
+        }
+    }
+}
+
+fn seconds_to_ms(seconds: f64) -> u64 {
+    (seconds * 1000.0).round().clamp(0.0, u64::MAX as f64) as u64
+}
+
+/// Consumers of a queue seen recently, by an identity the caller gives (a name the client
+/// sends, or its connection). Bounded: past `max` identities the one seen longest ago goes.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    last: HashMap<u64, i64>,
+}
+
+/// Identities a queue remembers for its consumer count.
+pub const MAX_SEEN_CONSUMERS: usize = 1024;
+
+impl Seen {
+    pub fn see(&mut self, consumer: u64, now_ms: i64) {
+        if self.last.len() >= MAX_SEEN_CONSUMERS
+            && !self.last.contains_key(&consumer)
+            && let Some((&stalest, _)) = self.last.iter().min_by_key(|(_, at)| **at)
+        {
+            self.last.remove(&stalest);
+        }
+        self.last.insert(consumer, now_ms);
+    }
+
+    /// Consumers seen within `idle_ms` of `now_ms`; forgets the others.
+    pub fn active(&mut self, now_ms: i64, idle_ms: u64) -> u32 {
+        self.last
+            .retain(|_, at| now_ms.saturating_sub(*at) <= idle_ms as i64);
+        self.last.len() as u32
+    }
+}
+
+/// A consumer's identity from what names it (hashed; the name is not kept).
+pub fn consumer_id(name: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: i64 = 1000;
+
+    /// A queue served by `consumers` at `per_consumer` a second each, with arrivals at
+    /// `arrival` a second, sampled every 10 s from a backlog of `backlog`.
+    fn steady(
+        history: &mut History,
+        start: Sample,
+        seconds: i64,
+        arrival: u64,
+        served_per_s: u64,
+        consumers: u32,
+    ) -> Sample {
+        let mut s = start;
+        for _ in 0..seconds / 10 {
+            s.at_ms += 10 * SEC;
+            s.arrived += arrival * 10;
+            s.backlog = (s.backlog + arrival * 10).saturating_sub(served_per_s * 10);
+            s.ready = s.backlog;
+            s.consumers = consumers;
+            history.record(s, 60_000);
+        }
+        s
+    }
+
+    fn objectives() -> Objectives {
+        Objectives {
+            rate_window_ms: 60_000,
+            age_objective_ms: 600_000,
+            drain_target_ms: 60_000,
+        }
+    }
+
+    #[test]
+    fn a_draining_backlog_forecasts_its_drain_and_the_consumers_to_drain_it_in_time() {
+        let mut h = History::new(360, 10_000);
+        let start = Sample {
+            at_ms: 0,
+            backlog: 120_000,
+            ready: 120_000,
+            consumers: 4,
+            ..Sample::default()
+        };
+        h.record(start, 60_000);
+        // 4 consumers at 250/s each against 200/s arriving: 800 - 200 = 600/s net.
+        let now = steady(&mut h, start, 60, 200, 1000, 4);
+        let f = h.forecast(&now, &objectives());
+        assert_eq!(f.trend, Trend::Draining);
+        assert_eq!(f.window_ms, 60_000);
+        assert_eq!(f.arrival_per_s, Some(200.0));
+        assert_eq!(f.service_per_s, Some(1000.0));
+        assert_eq!(f.per_consumer_per_s, Some(250.0));
+        assert_eq!(f.per_consumer_source, Some(RateSource::Busy));
+        // 120,000 + 60·200 − 60·1000 = 72,000 left, at 800/s net: 90 s.
+        assert_eq!(now.backlog, 72_000);
+        assert_eq!(f.drain_ms, Some(90_000));
+        // Within 60 s: (200 + 72,000/60) / 250 = 5.6 -> 6 consumers.
+        assert_eq!(f.consumers_needed, Some(6));
+    }
+
+    #[test]
+    fn arrivals_outpacing_service_are_growing_and_need_more_consumers() {
+        let mut h = History::new(360, 10_000);
+        let start = Sample {
+            at_ms: 0,
+            backlog: 1_000,
+            ready: 1_000,
+            oldest_age_ms: 10_000,
+            consumers: 2,
+            ..Sample::default()
+        };
+        h.record(start, 60_000);
+        let mut now = steady(&mut h, start, 60, 500, 200, 2);
+        now.oldest_age_ms = 70_000;
+        let f = h.forecast(&now, &objectives());
+        assert_eq!(f.trend, Trend::Growing);
+        assert_eq!(f.drain_ms, None);
+        assert_eq!(f.per_consumer_per_s, Some(100.0));
+        // (500 + 19,000/60) / 100 = 8.17 -> 9.
+        assert_eq!(f.consumers_needed, Some(9));
+        // Age 70 s, backlog 19,000, service 200/s: the age moves at 1 − 200·70/19,000 =
+        // 0.263 s/s, so 530 s to the 600 s objective take 2,014 s.
+        let breach = f
+            .age_objective_breach_ms
+            .expect("heading for the objective");
+        assert!((2_000_000..2_030_000).contains(&breach), "{breach}");
+    }
+
+    #[test]
+    fn idle_consumers_give_a_lower_bound_and_busy_ones_are_remembered() {
+        let mut h = History::new(360, 10_000);
+        let start = Sample {
+            at_ms: 0,
+            backlog: 100_000,
+            ready: 100_000,
+            consumers: 5,
+            ..Sample::default()
+        };
+        h.record(start, 60_000);
+        // Busy: 5 consumers serve 1,000/s (200 each) with no arrivals.
+        let mut now = steady(&mut h, start, 60, 0, 1000, 5);
+        assert_eq!(
+            h.forecast(&now, &objectives()).per_consumer_per_s,
+            Some(200.0)
+        );
+        // Then the backlog is gone and they keep up with 100/s arriving: 20 each, idle.
+        now.backlog = 0;
+        now.ready = 0;
+        h.record(now, 60_000);
+        let now = steady(&mut h, now, 120, 100, 100, 5);
+        let f = h.forecast(&now, &objectives());
+        assert_eq!(f.trend, Trend::Empty);
+        assert_eq!(f.drain_ms, Some(0));
+        assert_eq!(f.age_objective_breach_ms, None);
+        // Capacity 200/s each is what was measured busy: 100/s needs one consumer.
+        assert_eq!(f.per_consumer_per_s, Some(200.0));
+        assert_eq!(f.per_consumer_source, Some(RateSource::Busy));
+        assert_eq!(f.consumers_needed, Some(1));
+
+        // A fresh history that never saw its consumers busy says so.
+        let mut fresh = History::new(360, 10_000);
+        let start = Sample {
+            consumers: 5,
+            ..Sample::default()
+        };
+        fresh.record(start, 60_000);
+        let now = steady(&mut fresh, start, 60, 100, 100, 5);
+        let f = fresh.forecast(&now, &objectives());
+        assert_eq!(f.per_consumer_per_s, Some(20.0));
+        assert_eq!(f.per_consumer_source, Some(RateSource::Idle));
+        assert_eq!(f.consumers_needed, Some(5));
+    }
+
+    #[test]
+    fn without_history_or_consumers_the_forecast_says_so() {
+        let h = History::new(360, 10_000);
+        let now = Sample {
+            at_ms: 5,
+            backlog: 10,
+            ready: 10,
+            oldest_age_ms: 1_000,
+            ..Sample::default()
+        };
+        let f = h.forecast(&now, &objectives());
+        assert_eq!(f.trend, Trend::Unknown);
+        assert_eq!(f.arrival_per_s, None);
+        assert_eq!(f.drain_ms, None);
+        // No service known: the age grows a second a second to the 600 s objective.
+        assert_eq!(f.age_objective_breach_ms, Some(599_000));
+        // A backlog and nobody to serve it: scale from zero to one.
+        assert_eq!(f.consumers_needed, Some(1));
+        let empty = Sample::default();
+        assert_eq!(h.forecast(&empty, &objectives()).consumers_needed, None);
+        // Past the objective already: 0.
+        let old = Sample {
+            oldest_age_ms: 700_000,
+            ..now
+        };
+        assert_eq!(
+            h.forecast(&old, &objectives()).age_objective_breach_ms,
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn the_ring_is_bounded_and_starts_again_when_time_or_counters_go_back() {
+        let mut h = History::new(3, 10_000);
+        for i in 0..10 {
+            h.record(
+                Sample {
+                    at_ms: i * 10 * SEC,
+                    arrived: i as u64,
+                    ..Sample::default()
+                },
+                60_000,
+            );
+        }
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.samples().next().unwrap().at_ms, 70 * SEC);
+        // Too soon after the last: ignored.
+        h.record(
+            Sample {
+                at_ms: 91 * SEC,
+                arrived: 9,
+                ..Sample::default()
+            },
+            60_000,
+        );
+        assert_eq!(h.len(), 3);
+        // Counters lower (deleted and made again): the ring starts again.
+        h.record(
+            Sample {
+                at_ms: 100 * SEC,
+                arrived: 0,
+                ..Sample::default()
+            },
+            60_000,
+        );
+        assert_eq!(h.len(), 1);
+        // The clock went back: again.
+        h.record(Sample::default(), 60_000);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.samples().next().unwrap().at_ms, 0);
+    }
+
+    #[test]
+    fn consumers_are_counted_within_the_idle_window_and_bounded() {
+        let mut seen = Seen::default();
+        seen.see(consumer_id(b"a"), 0);
+        seen.see(consumer_id(b"b"), 5_000);
+        seen.see(consumer_id(b"a"), 10_000);
+        assert_eq!(seen.active(10_000, 60_000), 2);
+        assert_eq!(seen.active(66_000, 60_000), 1);
+        for i in 0..(MAX_SEEN_CONSUMERS as u64 + 10) {
+            seen.see(i, 70_000 + i as i64);
+        }
+        assert_eq!(seen.active(80_000, 60_000), MAX_SEEN_CONSUMERS as u32);
+    }
+}
