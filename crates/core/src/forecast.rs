@@ -281,7 +281,10 @@ impl History {
             } else {
                 1.0
             };
-            (ageing > 0.0).then(|| seconds_to_ms((objective - age) / ageing))
+            (ageing > 0.0)
+                .then(|| seconds_to_ms((objective - age) / ageing))
+                // Drained before then: the objective holds.
+                .filter(|breach| drain_ms.is_none_or(|drain| drain > *breach))
         };
         let target = (objectives.drain_target_ms as f64 / 1000.0).max(0.001);
         let consumers_needed = match (rates, per_consumer) {
@@ -414,6 +417,8 @@ mod tests {
         assert_eq!(f.drain_ms, Some(90_000));
         // Within 60 s: (200 + 72,000/60) / 250 = 5.6 -> 6 consumers.
         assert_eq!(f.consumers_needed, Some(6));
+        // The age objective (600 s) holds: the backlog is gone in 90 s.
+        assert_eq!(f.age_objective_breach_ms, None);
     }
 
     #[test]

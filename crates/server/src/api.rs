@@ -101,6 +101,9 @@ pub struct ReceiveRequest {
     pub max: Option<usize>,
     pub wait_ms: Option<u64>,
     pub lease_ms: Option<u64>,
+    /// Who receives (1 to 200 characters), for the forecast's consumer count; without it
+    /// each connection counts as a consumer.
+    pub consumer: Option<String>,
     #[serde(default)]
     pub encoding: BodyEncoding,
 }

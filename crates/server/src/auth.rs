@@ -340,6 +340,8 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/metrics", Need::Op(Describe, CLUSTER)),
     route("GET", "/v1/queues", Need::List(K::Queue)),
     route("GET", "/v1/queues/{queue}", Need::Op(Describe, Q)),
+    route("GET", "/v1/queues/{queue}/forecast", Need::Op(Describe, Q)),
+    route("GET", "/v1/queues/{queue}/history", Need::Op(Describe, Q)),
     route("PUT", "/v1/queues/{queue}", Need::Op(Admin, Q)),
     route("DELETE", "/v1/queues/{queue}", Need::Op(Admin, Q)),
     route("POST", "/v1/queues/{queue}/purge", Need::Op(Admin, Q)),
@@ -370,6 +372,8 @@ pub const ROUTES: &[Route] = &[
     ),
     route("GET", "/v1/groups", Need::List(K::Group)),
     route("GET", "/v1/groups/{group}", Need::Op(Describe, G)),
+    route("GET", "/v1/groups/{group}/forecast", Need::Op(Describe, G)),
+    route("GET", "/v1/groups/{group}/history", Need::Op(Describe, G)),
     route("DELETE", "/v1/groups/{group}", Need::Op(Admin, G)),
     route(
         "POST",
@@ -401,6 +405,16 @@ pub const ROUTES: &[Route] = &[
     route(
         "GET",
         "/v1/streams/{stream}/subscriptions/{sub}",
+        Need::Op(Describe, SUB),
+    ),
+    route(
+        "GET",
+        "/v1/streams/{stream}/subscriptions/{sub}/forecast",
+        Need::Op(Describe, SUB),
+    ),
+    route(
+        "GET",
+        "/v1/streams/{stream}/subscriptions/{sub}/history",
         Need::Op(Describe, SUB),
     ),
     route(

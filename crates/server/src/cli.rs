@@ -161,6 +161,17 @@ pub enum QueueCommand {
     Delete { name: String },
     /// Remove every message of a queue (leased ones included).
     Purge { name: String },
+    /// Forecast the queue's backlog: arrival and service rates, time to drain, when the
+    /// oldest message crosses the age objective, and the consumers needed to drain it in
+    /// time (docs/autoscaling.md says how each is computed).
+    #[command(after_help = "Examples:
+  tidewater queue forecast orders
+  tidewater queue forecast orders --drain-target-ms 60000 --json")]
+    Forecast {
+        name: String,
+        #[command(flatten)]
+        objectives: crate::cli_forecast::ObjectiveFlags,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -481,6 +492,7 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
                 .as_object()
                 .map(|o| o.keys().map(String::as_str).collect())
                 .unwrap_or_default();
+            let extra: Vec<&str> = extra.into_iter().filter(|k| *k != "forecast").collect();
             let rows: Vec<Vec<String>> = order
                 .iter()
                 .copied()
@@ -499,8 +511,21 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
                 .collect();
             outln!("queue '{name}'");
             table(&["STAT", "VALUE"], &rows);
+            if stats["forecast"].is_object() {
+                outln!(
+                    "forecast: {} (tidewater queue forecast {name})",
+                    crate::cli_forecast::summary(&stats["forecast"])
+                );
+            }
             Ok(())
         }
+        QueueCommand::Forecast { name, objectives } => crate::cli_forecast::show(
+            client,
+            &queue_path(&name),
+            &format!("queue '{name}'"),
+            &objectives,
+            as_json,
+        ),
         QueueCommand::Delete { name } => {
             client.call("DELETE", &queue_path(&name), None)?;
             if as_json {

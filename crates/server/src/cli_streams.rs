@@ -909,6 +909,13 @@ pub enum GroupCommand {
     List,
     /// Show a group's partitions: committed offset, end, lag (records and age) and member.
     Describe { group: String },
+    /// Forecast the group's lag over its committed partitions (as `tidewater queue
+    /// forecast`; its consumers are its members).
+    Forecast {
+        group: String,
+        #[command(flatten)]
+        objectives: crate::cli_forecast::ObjectiveFlags,
+    },
     /// Move a group's committed offsets (a dry run unless --execute). The group must have
     /// no members.
     #[command(after_help = "Examples:\n  \
@@ -1011,6 +1018,13 @@ pub fn group(client: &Client, command: GroupCommand, as_json: bool) -> anyhow::R
             }
             Ok(())
         }
+        GroupCommand::Forecast { group, objectives } => crate::cli_forecast::show(
+            client,
+            &group_path(&group),
+            &format!("group '{group}'"),
+            &objectives,
+            as_json,
+        ),
         GroupCommand::Describe { group } => {
             let info = client.get(&group_path(&group))?;
             if as_json {

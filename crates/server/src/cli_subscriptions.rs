@@ -94,6 +94,13 @@ pub enum SubscriptionCommand {
         /// STREAM/SUBSCRIPTION
         name: String,
     },
+    /// Forecast the subscription's backlog (as `tidewater queue forecast`).
+    Forecast {
+        /// STREAM/SUBSCRIPTION
+        name: String,
+        #[command(flatten)]
+        objectives: crate::cli_forecast::ObjectiveFlags,
+    },
 }
 
 fn start_json(start: &str) -> anyhow::Result<Value> {
@@ -113,6 +120,13 @@ pub fn subscription(
     as_json: bool,
 ) -> anyhow::Result<()> {
     match command {
+        SubscriptionCommand::Forecast { name, objectives } => crate::cli_forecast::show(
+            client,
+            &sub_path(&name)?,
+            &format!("subscription '{name}'"),
+            &objectives,
+            as_json,
+        ),
         SubscriptionCommand::Create {
             name,
             start,

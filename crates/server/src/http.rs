@@ -15,8 +15,11 @@ use http_body_util::BodyExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tidewater_auth::{Operation, Resource, ResourceKind};
+use tidewater_core::forecast::consumer_id;
 use tidewater_core::stream::config::StreamPatch;
 use tidewater_core::{Broker, BrokerError, ConfigPatch, ErrorCode, NackReason, RedriveRequest};
+
+use crate::observe;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -563,6 +566,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/queues/{queue}",
             get(get_queue).put(put_queue).delete(delete_queue),
         )
+        .route("/v1/queues/{queue}/forecast", get(observe::queue_forecast))
+        .route("/v1/queues/{queue}/history", get(observe::queue_history))
         .route("/v1/queues/{queue}/purge", post(purge))
         .route("/v1/queues/{queue}/messages", post(publish).get(peek))
         .route("/v1/queues/{queue}/receive", post(receive))
@@ -590,6 +595,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/groups/{group}",
             get(describe_group).delete(delete_group),
         )
+        .route("/v1/groups/{group}/forecast", get(observe::group_forecast))
+        .route("/v1/groups/{group}/history", get(observe::group_history))
         .route("/v1/groups/{group}/offsets/reset", post(reset_offsets))
         .route("/v1/groups/{group}/consumers", post(create_consumer))
         .route(
@@ -618,6 +625,14 @@ pub fn router(state: AppState) -> Router {
             get(get_subscription)
                 .put(put_subscription)
                 .delete(delete_subscription),
+        )
+        .route(
+            "/v1/streams/{stream}/subscriptions/{sub}/forecast",
+            get(observe::subscription_forecast),
+        )
+        .route(
+            "/v1/streams/{stream}/subscriptions/{sub}/history",
+            get(observe::subscription_history),
         )
         .route(
             "/v1/streams/{stream}/subscriptions/{sub}/receive",
@@ -1085,16 +1100,18 @@ async fn peek(
 async fn receive(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    peer: Option<Extension<Peer>>,
     Path(queue): Path<String>,
     body: Body,
 ) -> ApiResult {
-    receive_from(&state, &caller, &queue, body, false).await
+    receive_from(&state, &caller, peer, &queue, body, false).await
 }
 
 /// Receive from a queue, or from a subscription (`stream/subscription`).
 async fn receive_from(
     state: &AppState,
     caller: &Caller,
+    peer: Option<Extension<Peer>>,
     queue: &str,
     body: Body,
     subscription: bool,
@@ -1107,8 +1124,17 @@ async fn receive_from(
         SMALL_VALUES,
     )
     .await?;
+    let consumer = match (&request.consumer, peer) {
+        (Some(name), _) if name.is_empty() || name.chars().count() > 200 => {
+            return Err(BrokerError::invalid("consumer must be 1 to 200 characters").into());
+        }
+        (Some(name), _) => consumer_id(format!("name:{name}").as_bytes()),
+        (None, Some(Extension(peer))) => consumer_id(format!("peer:{}", peer.addr).as_bytes()),
+        (None, None) => tidewater_core::broker::ANONYMOUS_CONSUMER,
+    };
     let mut deliveries = broker
-        .receive(
+        .receive_as(
+            consumer,
             queue,
             request.max.unwrap_or(1),
             request.wait_ms.unwrap_or(0),
@@ -1379,12 +1405,14 @@ async fn delete_subscription(
 async fn subscription_receive(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    peer: Option<Extension<Peer>>,
     Path((stream, sub)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult {
     receive_from(
         &state,
         &caller,
+        peer,
         &subscription_name(&stream, &sub),
         body,
         true,

@@ -124,6 +124,9 @@ impl Metrics {
         registry.register_collector(Box::new(PushCollector {
             broker: broker.clone(),
         }));
+        registry.register_collector(Box::new(ForecastCollector {
+            broker: broker.clone(),
+        }));
         registry.register_collector(Box::new(QueueCollector { broker }));
         registry.register_collector(Box::new(ListenerCollector {
             listeners: [
@@ -1214,4 +1217,139 @@ impl Collector for KafkaCollector {
         }
         Ok(())
     }
+}
+
+/// Backlog forecasts at scrape time, with the server's default objectives (`[forecast]`):
+/// `queue_*{queue}`, `subscription_*{stream, subscription}` and `group_*{group}`, bounded
+/// by the limits on queues, subscriptions and groups. A figure with no value yet (no rates
+/// measured) has no series.
+struct ForecastCollector {
+    broker: Arc<OnceLock<Broker>>,
+}
+
+impl std::fmt::Debug for ForecastCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ForecastCollector")
+    }
+}
+
+type ForecastStat = (
+    &'static str,
+    &'static str,
+    fn(&tidewater_core::forecast::Forecast) -> Option<f64>,
+);
+
+/// The forecast's figures as metrics (suffixes of `queue_`, `subscription_` and `group_`).
+const FORECAST_STATS: [ForecastStat; 6] = [
+    (
+        "arrival_rate",
+        "Messages arriving per second, over the forecast's rate window",
+        |f| f.arrival_per_s,
+    ),
+    (
+        "service_rate",
+        "Messages leaving the backlog per second (acked, dead-lettered, expired; a group's commits), over the rate window",
+        |f| f.service_per_s,
+    ),
+    (
+        "consumers",
+        "Consumers seen within forecast.consumer_idle_ms (a group's members)",
+        |f| Some(f.consumers as f64),
+    ),
+    (
+        "drain_seconds",
+        "Seconds to drain the backlog at the current rates (+Inf while it grows)",
+        |f| match f.trend {
+            tidewater_core::forecast::Trend::Growing => Some(f64::INFINITY),
+            _ => f.drain_ms.map(|ms| ms as f64 / 1000.0),
+        },
+    ),
+    (
+        "age_objective_breach_seconds",
+        "Seconds until the oldest message is older than forecast.age_objective_ms (0: it is; no series: not heading there)",
+        |f| f.age_objective_breach_ms.map(|ms| ms as f64 / 1000.0),
+    ),
+    (
+        "consumers_needed",
+        "Consumers that would drain the backlog within forecast.drain_target_ms while keeping up with arrivals",
+        |f| f.consumers_needed.map(f64::from),
+    ),
+];
+
+impl Collector for ForecastCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use tidewater_core::Subject;
+        let Some(broker) = self.broker.get() else {
+            return Ok(());
+        };
+        let forecasts = broker.forecasts();
+        let queues: Vec<_> = forecasts
+            .iter()
+            .filter_map(|(s, f)| match s {
+                Subject::Queue(name) if !name.contains('/') => Some((
+                    QueueLabel {
+                        queue: name.clone(),
+                    },
+                    f,
+                )),
+                _ => None,
+            })
+            .collect();
+        let subscriptions: Vec<_> = forecasts
+            .iter()
+            .filter_map(|(s, f)| match s {
+                Subject::Queue(name) => {
+                    let (stream, sub) = name.split_once('/')?;
+                    Some((
+                        SubscriptionLabel {
+                            stream: stream.to_string(),
+                            subscription: sub.to_string(),
+                        },
+                        f,
+                    ))
+                }
+                Subject::Group(_) => None,
+            })
+            .collect();
+        let groups: Vec<_> = forecasts
+            .iter()
+            .filter_map(|(s, f)| match s {
+                Subject::Group(name) => Some((
+                    GroupLabel {
+                        group: name.clone(),
+                    },
+                    f,
+                )),
+                Subject::Queue(_) => None,
+            })
+            .collect();
+        encode_forecasts(&mut encoder, "queue", &queues)?;
+        encode_forecasts(&mut encoder, "subscription", &subscriptions)?;
+        encode_forecasts(&mut encoder, "group", &groups)
+    }
+}
+
+fn encode_forecasts<L>(
+    encoder: &mut DescriptorEncoder<'_>,
+    prefix: &str,
+    items: &[(L, &tidewater_core::forecast::Forecast)],
+) -> Result<(), std::fmt::Error>
+where
+    L: EncodeLabelSet + Clone + std::fmt::Debug + std::hash::Hash + Eq,
+{
+    for (suffix, help, value) in FORECAST_STATS {
+        let name = format!("{prefix}_{suffix}");
+        let mut family = encoder.encode_descriptor(
+            &name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (label, forecast) in items {
+            if let Some(v) = value(forecast) {
+                ConstGauge::new(v).encode(family.encode_family(label)?)?;
+            }
+        }
+    }
+    Ok(())
 }

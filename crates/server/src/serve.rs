@@ -83,6 +83,57 @@ pub struct FileConfig {
     pub tls: crate::tls::TlsConfig,
     pub hooks: HooksFileConfig,
     pub push: crate::push::PushSettings,
+    pub forecast: ForecastFileConfig,
+}
+
+/// Backlog forecasts (docs/autoscaling.md): how often every queue, subscription and group
+/// is sampled, how much history is kept, and the default objectives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForecastFileConfig {
+    pub sample_interval_ms: u64,
+    pub history_ms: u64,
+    /// A queue's consumer is counted while it received within this.
+    pub consumer_idle_ms: u64,
+    /// Rates are measured over this much of the history.
+    pub rate_window_ms: u64,
+    /// The oldest message should be younger than this.
+    pub age_objective_ms: u64,
+    /// `consumers_needed` drains the backlog within this.
+    pub drain_target_ms: u64,
+}
+
+impl Default for ForecastFileConfig {
+    fn default() -> Self {
+        let d = tidewater_core::ForecastOptions::default();
+        ForecastFileConfig {
+            sample_interval_ms: d.sample_interval_ms,
+            history_ms: d.history_ms,
+            consumer_idle_ms: d.consumer_idle_ms,
+            rate_window_ms: d.objectives.rate_window_ms,
+            age_objective_ms: d.objectives.age_objective_ms,
+            drain_target_ms: d.objectives.drain_target_ms,
+        }
+    }
+}
+
+impl ForecastFileConfig {
+    pub fn options(&self) -> anyhow::Result<tidewater_core::ForecastOptions> {
+        let options = tidewater_core::ForecastOptions {
+            sample_interval_ms: self.sample_interval_ms,
+            history_ms: self.history_ms,
+            consumer_idle_ms: self.consumer_idle_ms,
+            objectives: tidewater_core::forecast::Objectives {
+                rate_window_ms: self.rate_window_ms,
+                age_objective_ms: self.age_objective_ms,
+                drain_target_ms: self.drain_target_ms,
+            },
+        };
+        options
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[forecast] {e}"))?;
+        Ok(options)
+    }
 }
 
 /// The webhook ingress listener (docs/edges.md).
@@ -259,6 +310,7 @@ pub struct Settings {
     /// The webhook ingress listener, when on.
     pub hooks: Option<HooksListener>,
     pub push: crate::push::PushSettings,
+    pub forecast: tidewater_core::ForecastOptions,
     pub log_format: String,
     pub auth: crate::auth::AuthConfig,
     /// Set when every listener speaks TLS.
@@ -372,6 +424,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             file.push.check().context("[push]")?;
             file.push.clone()
         },
+        forecast: file.forecast.options()?,
         log_format: args
             .log_format
             .clone()
@@ -620,6 +673,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         limits: settings.limits.clone(),
         store: settings.store.clone(),
         observer: metrics.clone(),
+        forecast: settings.forecast,
         ..BrokerOptions::default()
     };
     let data = settings.data.clone();

@@ -224,6 +224,18 @@ impl Broker {
         })
     }
 
+    /// A queue's or subscription's forecast with the default objectives (its stats).
+    pub(super) fn forecast_of(&self, handle: &QueueHandle) -> Forecast {
+        let now = self.queue_sample(handle, self.now_ms());
+        let subject = Subject::Queue(handle.name.clone());
+        let objectives = self.inner.forecast.objectives;
+        let f = self.inner.forecasts.lock();
+        match f.histories.get(&subject) {
+            Some(history) => history.forecast(&now, &objectives),
+            None => History::new(2, 1).forecast(&now, &objectives),
+        }
+    }
+
     /// Every subject's forecast with the default objectives (metrics), by subject.
     pub fn forecasts(&self) -> Vec<(Subject, Forecast)> {
         let now = self.now_ms();

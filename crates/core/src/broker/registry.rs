@@ -178,6 +178,7 @@ impl Broker {
     }
 
     pub(super) fn info(&self, handle: &QueueHandle) -> QueueInfo {
+        let forecast = self.forecast_of(handle);
         let mut state = handle.state.lock();
         state.refresh_oldest(&handle.reader);
         let mut refused: Vec<_> = state
@@ -190,7 +191,10 @@ impl Broker {
         QueueInfo {
             name: handle.name.clone(),
             config: state.config.clone(),
-            stats: state.stats(self.now_ms()),
+            stats: QueueStats {
+                forecast: Some(forecast),
+                ..state.stats(self.now_ms())
+            },
             refused,
             quota_refused: state.quota_refusals(),
             disk_bytes: handle.reader.log().disk_bytes(),

@@ -620,6 +620,7 @@ impl Broker {
 
     pub(super) fn subscription_info(&self, handle: &QueueHandle) -> SubscriptionInfo {
         let of = handle.subscription.as_ref().expect("a subscription");
+        let forecast = self.forecast_of(handle);
         let mut state = handle.state.lock();
         state.refresh_oldest(&handle.reader);
         let partitions: Vec<SubscriptionPartition> = (1..state.source_count())
@@ -634,6 +635,7 @@ impl Broker {
             })
             .collect();
         let mut stats = state.stats(self.now_ms());
+        stats.forecast = Some(forecast);
         drop(state);
         // Bytes: its own log's backlog, and the partitions' segments from its floor on
         // (whole segments: at most one segment per partition more than it holds).

@@ -331,6 +331,10 @@ pub struct QueueStats {
     /// The dispatch rate in force (messages/s; adaptive throttling moves it), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dispatch_rate_per_s: Option<f64>,
+    /// The backlog forecast with the server's default objectives (`crate::forecast`): set
+    /// when the broker shows a queue or subscription.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<crate::forecast::Forecast>,
 }
 
 /// One source of a state's records (a queue's log, or a subscription's log or partition

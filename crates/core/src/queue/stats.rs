@@ -66,6 +66,7 @@ impl QueueState {
             throttle_cuts: self.counters.throttle_cuts,
             throttle_raises: self.counters.throttle_raises,
             dispatch_rate_per_s: self.dispatch_limit().map(|(per_s, _)| per_s),
+            forecast: None,
         }
     }
 
