@@ -437,6 +437,13 @@ fn queue_stats() -> Value {
         "of delayed: long delays waiting in the delay log",
     );
     properties["dedup_ids"] = described(count, "client ids remembered for deduplication");
+    properties.insert(
+        "forecast".into(),
+        described(
+            schema_ref("Forecast"),
+            "the backlog forecast with the server's default objectives ([forecast])",
+        ),
+    );
     json!({"type": "object", "additionalProperties": false, "required": counters, "properties": properties})
 }
 
@@ -514,6 +521,8 @@ fn message_schemas(limits: &Limits) -> Value {
             "wait_ms": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_wait_ms, "default": 0,
                 "description": "long-poll for the first message up to this long"},
             "lease_ms": described(int_or_null(1, MAX_LEASE_MS), "default: the queue's lease_ms"),
+            "consumer": {"type": ["string", "null"], "minLength": 1, "maxLength": 200,
+                "description": "who receives, for the forecast's consumer count (without it, each connection counts as a consumer)"},
             "encoding": {"type": "string", "enum": ["auto", "base64"], "default": "auto",
                 "description": "how bodies come back: base64 gives body_base64 for every message (see DeliveredMessage)"}}},
         "DeliveredMessage": out(true),
@@ -1163,6 +1172,46 @@ pub fn document(limits: &Limits) -> Value {
         "subscriptions": {"type": "array", "items": schema_ref("Subscription")}}}));
     schemas_map.insert("Purged".into(), json!({"type": "object", "additionalProperties": false, "required": ["purged"], "properties": {
         "purged": {"type": "integer", "minimum": 0}}}));
+    let rate = json!({"type": ["number", "null"], "minimum": 0});
+    let ms_or_null = json!({"type": ["integer", "null"], "minimum": 0});
+    let count = json!({"type": "integer", "minimum": 0});
+    schemas_map.insert("Forecast".into(), json!({"type": "object", "additionalProperties": false,
+        "description": "A backlog forecast (docs/autoscaling.md says how each figure is computed)",
+        "required": ["at_ms", "window_ms", "backlog", "ready", "in_flight", "delayed", "oldest_age_ms", "arrival_per_s", "service_per_s",
+            "consumers", "per_consumer_per_s", "per_consumer_source", "trend", "drain_ms", "age_objective_ms", "age_objective_breach_ms",
+            "drain_target_ms", "consumers_needed"],
+        "properties": {
+            "at_ms": {"type": "integer"},
+            "window_ms": described(count.clone(), "the span the rates were measured over (0: none yet)"),
+            "backlog": described(count.clone(), "unsettled messages (a group: its lag)"),
+            "ready": count.clone(), "in_flight": count.clone(), "delayed": count.clone(), "oldest_age_ms": count.clone(),
+            "arrival_per_s": described(rate.clone(), "messages arriving a second (null: no window yet)"),
+            "service_per_s": described(rate.clone(), "messages leaving the backlog a second"),
+            "consumers": described(count.clone(), "consumers seen within forecast.consumer_idle_ms (a group: its members)"),
+            "per_consumer_per_s": rate.clone(),
+            "per_consumer_source": {"type": ["string", "null"], "enum": ["busy", "idle", null],
+                "description": "busy: measured while a backlog was ready for the same consumers throughout (their capacity); idle: a lower bound"},
+            "trend": {"type": "string", "enum": ["empty", "draining", "growing", "unknown"]},
+            "drain_ms": described(ms_or_null.clone(), "time to drain at the current rates (null: growing or unknown)"),
+            "age_objective_ms": count.clone(),
+            "age_objective_breach_ms": described(ms_or_null.clone(), "time until the oldest message is older than the objective (0: it is; null: not heading there)"),
+            "drain_target_ms": count.clone(),
+            "consumers_needed": described(json!({"type": ["integer", "null"], "minimum": 0}),
+                "consumers to drain within drain_target_ms while keeping up with arrivals: ceil((arrival + backlog/target) / per consumer)")}}));
+    let kind = json!({"type": "string", "enum": ["queue", "subscription", "group"]});
+    schemas_map.insert("ForecastReply".into(), json!({"type": "object", "additionalProperties": false, "required": ["kind", "name", "forecast"], "properties": {
+        "kind": kind.clone(), "name": {"type": "string"}, "forecast": schema_ref("Forecast")}}));
+    schemas_map.insert("History".into(), json!({"type": "object", "additionalProperties": false, "required": ["kind", "name", "interval_ms", "samples"], "properties": {
+        "kind": kind, "name": {"type": "string"}, "interval_ms": count.clone(),
+        "samples": {"type": "array", "description": "oldest first, one every interval_ms (forecast.history_ms of them at most)",
+            "items": {"type": "object", "additionalProperties": false,
+                "required": ["at_ms", "backlog", "ready", "in_flight", "delayed", "oldest_age_ms", "arrived", "consumers", "arrival_per_s", "service_per_s"],
+                "properties": {"at_ms": {"type": "integer"}, "backlog": count.clone(), "ready": count.clone(), "in_flight": count.clone(),
+                    "delayed": count.clone(), "oldest_age_ms": count.clone(),
+                    "arrived": described(count.clone(), "messages arrived since the server started"),
+                    "consumers": count,
+                    "arrival_per_s": described(rate.clone(), "since the sample before (null for the first)"),
+                    "service_per_s": rate}}}}}));
     schemas_map.insert("Status".into(), json!({"type": "object", "additionalProperties": false, "required": ["status"], "properties": {
         "status": {"type": "string", "enum": ["alive", "ready"]}}}));
 
@@ -1327,6 +1376,23 @@ pub fn document(limits: &Limits) -> Value {
         op
     };
 
+    let forecast_op = |id: &str, summary: &str, fails: Fails| {
+        let mut op = operation(
+            id,
+            summary,
+            responses(&[(200, ok_json("the forecast", "ForecastReply"))]),
+            Fails { bad: true, ..fails },
+        );
+        let ms = json!({"type": "integer", "minimum": 1, "maximum": 604_800_000u64});
+        op["parameters"] = json!([
+            {"name": "rate_window_ms", "in": "query", "schema": ms, "description": "measure the rates over this window (default: forecast.rate_window_ms)"},
+            {"name": "age_objective_ms", "in": "query", "schema": ms, "description": "default: forecast.age_objective_ms"},
+            {"name": "drain_target_ms", "in": "query", "schema": ms, "description": "consumers_needed drains within this (default: forecast.drain_target_ms)"}]);
+        op
+    };
+    let history_op = |id: &str, summary: &str, fails: Fails| {
+        operation(id, summary, responses(&[(200, ok_json("the samples", "History"))]), fails)
+    };
     let stream_param =
         json!([{"name": "stream", "in": "path", "required": true, "schema": queue_name()}]);
     let partition_params = json!([
@@ -1661,8 +1727,25 @@ pub fn document(limits: &Limits) -> Value {
         },
         "components": {"schemas": schemas, "responses": components_responses}
     });
+    let forecast_paths = json!({
+            "/v1/queues/{queue}/forecast": {"parameters": queue_param,
+                "get": forecast_op("queueForecast", "The queue's backlog forecast", queue_missing)},
+            "/v1/queues/{queue}/history": {"parameters": queue_param,
+                "get": history_op("queueHistory", "The queue's samples over the last forecast.history_ms (the console's charts)", queue_missing)},
+            "/v1/streams/{stream}/subscriptions/{sub}/forecast": {"parameters": sub_params,
+                "get": forecast_op("subscriptionForecast", "The subscription's backlog forecast", sub_missing)},
+            "/v1/streams/{stream}/subscriptions/{sub}/history": {"parameters": sub_params,
+                "get": history_op("subscriptionHistory", "The subscription's samples over the last forecast.history_ms", sub_missing)},
+            "/v1/groups/{group}/forecast": {"parameters": group_param,
+                "get": forecast_op("groupForecast", "The group's lag forecast over its committed partitions (its consumers are its members)", Fails {not_found: true, ..Fails::default()})},
+            "/v1/groups/{group}/history": {"parameters": group_param,
+                "get": history_op("groupHistory", "The group's samples over the last forecast.history_ms", Fails {not_found: true, ..Fails::default()})}
+    });
     let paths = document["paths"].as_object_mut().expect("an object");
     for (path, item) in subscription_paths.as_object().expect("an object") {
+        paths.insert(path.clone(), item.clone());
+    }
+    for (path, item) in forecast_paths.as_object().expect("an object") {
         paths.insert(path.clone(), item.clone());
     }
     let id_param = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "minLength": 1}}]);
