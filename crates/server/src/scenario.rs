@@ -38,6 +38,9 @@ pub enum Name {
     /// A webhook flood into a slow receiver that restarts mid-way (signed ingress, durable
     /// before 200, Retry-After, deduplication by delivery id).
     WebhookFlood,
+    /// An order spike leaves a backlog of 120,000 with too few consumers; the forecast says
+    /// how many to add and when it drains (backlog forecast).
+    OrderSpike,
     /// Every scenario above.
     All,
 }
@@ -90,6 +93,7 @@ pub fn run(args: ScenarioArgs, json_out: bool) -> anyhow::Result<()> {
             Name::IotLag,
             Name::LogFlood,
             Name::WebhookFlood,
+            Name::OrderSpike,
         ],
         one => vec![one],
     };
@@ -153,6 +157,7 @@ pub fn replay(name: Name, scale: usize) -> anyhow::Result<Report> {
             Name::IotLag => iot_lag(scale).await,
             Name::LogFlood => log_flood(scale).await,
             Name::WebhookFlood => webhook_flood(scale).await,
+            Name::OrderSpike => order_spike(scale).await,
             Name::All => unreachable!("expanded by the caller"),
         }
     })
@@ -166,10 +171,14 @@ struct Sim {
 
 impl Sim {
     fn new() -> anyhow::Result<Sim> {
+        Sim::with(HarnessOptions::default())
+    }
+
+    fn with(options: HarnessOptions) -> anyhow::Result<Sim> {
         let harness = Harness::temporary(HarnessOptions {
             start_ms: 1_767_225_600_000, // 2026-01-01T00:00:00Z
             jitter: Arc::new(RandomJitter),
-            ..HarnessOptions::default()
+            ..options
         })
         .context("opening the scenario's broker")?;
         Ok(Sim { harness })
@@ -548,6 +557,131 @@ async fn slow_consumer(scale: usize) -> anyhow::Result<Report> {
             fig("median Retry-After (s)", figures, 2),
         ],
     })
+}
+
+/// Brief incidents 2 and 6: an order spike leaves 120,000 orders waiting for 4 workers
+/// (each handles about 100 a second, every order taking 5 to 15 ms at random) while 100 a
+/// second keep arriving. After 20 s of measuring, the forecast says when the backlog drains
+/// with these 4, and how many workers drain it within 2 minutes. Before: the pool stays at
+/// 4. After: it grows to the forecast's `consumers_needed` at once. Each run measures when
+/// the backlog is first empty and compares it with what the forecast said at the start of
+/// the drain (with the new pool: backlog / (consumers × per-consumer rate − arrivals)).
+async fn order_spike(scale: usize) -> anyhow::Result<Report> {
+    use tidewater_core::forecast::Objectives;
+    use tidewater_core::{ForecastOptions, Subject};
+    let backlog = 120_000 / scale;
+    let warm_up_ms = 20_000;
+    let drain_target_ms = 120_000 / scale as u64;
+    let mut figures = [[0.0; 4]; 2];
+    for (run, scale_up) in [false, true].into_iter().enumerate() {
+        let sim = Sim::with(HarnessOptions {
+            forecast: ForecastOptions {
+                sample_interval_ms: 1_000,
+                history_ms: 3_600_000,
+                consumer_idle_ms: 5_000,
+                objectives: Objectives {
+                    rate_window_ms: 15_000,
+                    age_objective_ms: 600_000,
+                    drain_target_ms,
+                },
+            },
+            ..HarnessOptions::default()
+        })?;
+        sim.queue("orders", json!({})).await?;
+        let orders: Vec<NewMessage> = (0..backlog)
+            .map(|i| message(format!("order {i}")))
+            .collect();
+        sim.publish("orders", orders).await?;
+        let mut rng = fastrand::Rng::with_seed(7 + run as u64);
+        // Each worker's time left over from the last tick (ms), and its next order's time.
+        let mut workers: Vec<(f64, f64)> = Vec::new();
+        let service_ms = |rng: &mut fastrand::Rng| 5.0 + rng.f64() * 10.0;
+        let (mut now_ms, mut forecast, mut needed) = (0u64, 0.0, 4usize);
+        let mut published = backlog;
+        let drained_at = loop {
+            let pool = if scale_up && now_ms >= warm_up_ms {
+                needed
+            } else {
+                4
+            };
+            while workers.len() < pool {
+                workers.push((0.0, service_ms(&mut rng)));
+            }
+            // 100 a second arrive: 5 to 15 each 100 ms.
+            let arriving = 5 + rng.usize(0..=10);
+            let batch: Vec<NewMessage> = (0..arriving)
+                .map(|i| message(format!("order {published}+{i}")))
+                .collect();
+            published += arriving;
+            sim.publish("orders", batch).await?;
+            for (i, (budget, next)) in workers.iter_mut().enumerate() {
+                *budget += 100.0;
+                let mut can = 0;
+                while *budget >= *next {
+                    *budget -= *next;
+                    *next = service_ms(&mut rng);
+                    can += 1;
+                }
+                if can > 0 {
+                    let got = sim
+                        .harness
+                        .receive_as(&format!("worker-{i}"), "orders", can)
+                        .await?;
+                    if got.len() < can {
+                        *budget = 0.0; // idle: time does not bank up
+                    }
+                    sim.ack("orders", &got).await?;
+                }
+            }
+            sim.advance(100).await;
+            now_ms += 100;
+            if now_ms == warm_up_ms {
+                let f = sim
+                    .harness
+                    .broker()
+                    .forecast(&Subject::Queue("orders".into()), None)?;
+                let per_consumer = f.per_consumer_per_s.context("a per-consumer rate")?;
+                let arrival = f.arrival_per_s.context("an arrival rate")?;
+                needed = f.consumers_needed.context("consumers needed")? as usize;
+                forecast = if scale_up {
+                    f.backlog as f64 / (needed as f64 * per_consumer - arrival)
+                } else {
+                    f.drain_ms.context("a drain time")? as f64 / 1000.0
+                };
+                figures[run][0] = if scale_up { needed as f64 } else { 4.0 };
+            }
+            if now_ms > warm_up_ms && sim.stats("orders")?.depth == 0 {
+                break now_ms;
+            }
+            anyhow::ensure!(now_ms < 3_600_000, "the backlog did not drain in an hour");
+        };
+        let measured = (drained_at - warm_up_ms) as f64 / 1000.0;
+        figures[run][1] = forecast.round();
+        figures[run][2] = measured.round();
+        figures[run][3] = ((forecast - measured) / measured * 100.0).round();
+    }
+    Ok(Report {
+        scenario: "order-spike",
+        incident: "an order spike leaves 120,000 orders to 4 workers while 100/s keep arriving",
+        policy: format!(
+            "forecast after 20 s: workers scaled to consumers_needed (drain within {} s)",
+            drain_target_ms / 1000
+        ),
+        figures: vec![
+            fig4("workers", figures, 0),
+            fig4("forecast drain at its start (s)", figures, 1),
+            fig4("measured drain (s)", figures, 2),
+            fig4("forecast error (%)", figures, 3),
+        ],
+    })
+}
+
+fn fig4(what: &'static str, values: [[f64; 4]; 2], i: usize) -> Figure {
+    Figure {
+        what,
+        before: values[0][i],
+        after: values[1][i],
+    }
 }
 
 /// Brief incident 15: a provider floods a receiver with 2,000 signed webhooks a second for
@@ -1039,6 +1173,15 @@ mod tests {
             0.0,
             "{r:?}"
         );
+
+        let r = replay(Name::OrderSpike, 10).unwrap();
+        for run in [r.figure("forecast error (%)").before, r.figure("forecast error (%)").after] {
+            assert!(run.abs() <= 20.0, "{r:?}");
+        }
+        let workers = r.figure("workers");
+        assert!(workers.after > workers.before, "{r:?}");
+        let drain = r.figure("measured drain (s)");
+        assert!(drain.after < drain.before, "{r:?}");
 
         let r = replay(Name::WebhookFlood, 10).unwrap();
         let lost = r.figure("answered 200 and never handled (lost)");
