@@ -1041,6 +1041,8 @@ async fn subscription(
     (caller, guard): (Caller, Arc<tidewater_auth::Guard>),
 ) {
     let window = (outbox.capacity / 2).clamp(1, max_frame);
+    // Each subscription of a connection is one consumer in the queue's forecast.
+    let consumer = fastrand::u64(1..);
     // Average encoded delivery size seen so far; starts small so the first batch is full.
     let mut average = 256usize;
     loop {
@@ -1060,7 +1062,10 @@ async fn subscription(
             .unwrap_or(usize::MAX)
             .min(MAX_DELIVER_BATCH)
             .min(by_room);
-        match broker.receive(&queue, max, 1_000, lease_ms).await {
+        match broker
+            .receive_as(consumer, &queue, max, 1_000, lease_ms)
+            .await
+        {
             Ok(deliveries) if deliveries.is_empty() => continue,
             Ok(mut deliveries) => {
                 // Receipts bound to the principal (authentication on).

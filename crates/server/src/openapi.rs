@@ -1391,7 +1391,12 @@ pub fn document(limits: &Limits) -> Value {
         op
     };
     let history_op = |id: &str, summary: &str, fails: Fails| {
-        operation(id, summary, responses(&[(200, ok_json("the samples", "History"))]), fails)
+        operation(
+            id,
+            summary,
+            responses(&[(200, ok_json("the samples", "History"))]),
+            fails,
+        )
     };
     let stream_param =
         json!([{"name": "stream", "in": "path", "required": true, "schema": queue_name()}]);

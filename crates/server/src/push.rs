@@ -382,7 +382,9 @@ impl Pusher {
             let source = config.source.name().to_string();
             let lease_ms = config.timeout_ms + 10_000;
             let received = tokio::select! {
-                got = self.broker.receive(&source, config.batch as usize, 1_000, Some(lease_ms)) => got,
+                got = self.broker.receive_as(
+                    tidewater_core::forecast::consumer_id(format!("push:{}", push.name).as_bytes()),
+                    &source, config.batch as usize, 1_000, Some(lease_ms)) => got,
                 _ = push.changed.notified() => Ok(Vec::new()),
                 _ = stop.changed() => Ok(Vec::new()),
             };

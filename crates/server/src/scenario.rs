@@ -1175,7 +1175,10 @@ mod tests {
         );
 
         let r = replay(Name::OrderSpike, 10).unwrap();
-        for run in [r.figure("forecast error (%)").before, r.figure("forecast error (%)").after] {
+        for run in [
+            r.figure("forecast error (%)").before,
+            r.figure("forecast error (%)").after,
+        ] {
             assert!(run.abs() <= 20.0, "{r:?}");
         }
         let workers = r.figure("workers");

@@ -8,6 +8,7 @@ mod binary;
 mod cli;
 mod crash;
 mod disk_full;
+mod forecast;
 mod hooks;
 mod http_api;
 mod openapi;
