@@ -16,6 +16,7 @@ mod client;
 mod edges;
 mod errors;
 mod http;
+mod keda;
 mod listener;
 mod metrics;
 mod observe;

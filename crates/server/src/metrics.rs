@@ -89,6 +89,7 @@ impl Metrics {
         http: Arc<ListenerStats>,
         kafka: Arc<ListenerStats>,
         hooks: Arc<ListenerStats>,
+        keda: Arc<ListenerStats>,
         kafka_requests: Arc<tidewater_kafka::KafkaStats>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("tidewater");
@@ -134,6 +135,7 @@ impl Metrics {
                 ("http", http),
                 ("kafka", kafka),
                 ("hooks", hooks),
+                ("keda", keda),
             ],
             kafka: kafka_requests.clone(),
         }));
@@ -1104,7 +1106,7 @@ struct ListenerLabel {
 /// listener's are 0 while it is off).
 #[derive(Debug)]
 struct ListenerCollector {
-    listeners: [(&'static str, Arc<ListenerStats>); 4],
+    listeners: [(&'static str, Arc<ListenerStats>); 5],
     /// The Kafka listener counts its idle closes itself (its connections are its crate's).
     kafka: Arc<tidewater_kafka::KafkaStats>,
 }

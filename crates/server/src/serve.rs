@@ -84,6 +84,7 @@ pub struct FileConfig {
     pub hooks: HooksFileConfig,
     pub push: crate::push::PushSettings,
     pub forecast: ForecastFileConfig,
+    pub keda: crate::keda::KedaConfig,
 }
 
 /// Backlog forecasts (docs/autoscaling.md): how often every queue, subscription and group
@@ -311,6 +312,8 @@ pub struct Settings {
     pub hooks: Option<HooksListener>,
     pub push: crate::push::PushSettings,
     pub forecast: tidewater_core::ForecastOptions,
+    /// The KEDA external scaler's listener, when on.
+    pub keda: Option<(SocketAddr, crate::keda::KedaConfig)>,
     pub log_format: String,
     pub auth: crate::auth::AuthConfig,
     /// Set when every listener speaks TLS.
@@ -425,6 +428,10 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             file.push.clone()
         },
         forecast: file.forecast.options()?,
+        keda: file
+            .keda
+            .listen(file.auth.enabled)?
+            .map(|addr| (addr, file.keda.clone())),
         log_format: args
             .log_format
             .clone()
@@ -561,6 +568,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let http_stats = Arc::new(crate::listener::Stats::default());
     let kafka_stats = Arc::new(crate::listener::Stats::default());
     let hooks_stats = Arc::new(crate::listener::Stats::default());
+    let keda_stats = Arc::new(crate::listener::Stats::default());
     let kafka_requests = Arc::new(tidewater_kafka::KafkaStats::default());
     let metrics = Arc::new(Metrics::new(
         cell.clone(),
@@ -568,6 +576,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         http_stats.clone(),
         kafka_stats.clone(),
         hooks_stats.clone(),
+        keda_stats.clone(),
         kafka_requests.clone(),
     ));
     let guard = Arc::new(crate::auth::Guard::new(&settings.auth)?);
@@ -634,10 +643,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let keda_listener = match &settings.keda {
+        Some((addr, _)) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for the KEDA scaler (in use? see [keda] listen)")
+        })?),
+        None => None,
+    };
     tracing::info!(listen = %settings.listen, protocol = %settings.protocol_listen, kafka = ?settings.kafka.as_ref().map(|k| k.listen), hooks = ?settings.hooks.as_ref().map(|h| h.listen), data = %settings.data.display(), "tidewater listening; recovering data");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let kafka_stop = stop_rx.clone();
     let push_stop = stop_rx.clone();
+    let keda_stop = stop_rx.clone();
     let binary = tokio::spawn(crate::binary::serve(
         protocol,
         cell.clone(),
@@ -732,6 +748,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ))),
         _ => None,
     };
+    let keda = match (keda_listener, settings.keda.clone()) {
+        (Some(listener), Some((addr, config))) => {
+            tracing::info!(listen = %addr, "KEDA external scaler listening");
+            Some(tokio::spawn(crate::keda::serve(
+                listener,
+                broker.clone(),
+                crate::keda::KedaConfig {
+                    principal: config.principal.filter(|_| settings.auth.enabled),
+                    ..config
+                },
+                tls.clone(),
+                keda_stats,
+                keda_stop,
+                settings.http.shutdown_timeout,
+            )))
+        }
+        _ => None,
+    };
     let pusher = crate::push::Pusher::new(broker.clone(), &settings.push, metrics.clone())
         .context("[push]")?;
     let pushing = tokio::spawn(pusher.run(push_stop));
@@ -746,6 +780,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = pushing.await;
     if let Some(kafka) = kafka {
         let _ = kafka.await;
+    }
+    if let Some(keda) = keda {
+        let _ = keda.await;
     }
     signal.abort();
     maintenance.abort();

@@ -148,7 +148,25 @@ impl Tls {
         &self,
         stream: TcpStream,
     ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.config.read().clone());
+        self.accept_alpn(stream, None).await
+    }
+
+    /// `accept`, offering one ALPN protocol (gRPC clients insist on `h2`).
+    pub async fn accept_alpn(
+        &self,
+        stream: TcpStream,
+        alpn: Option<&[u8]>,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+        let config = self.config.read().clone();
+        let config = match alpn {
+            None => config,
+            Some(protocol) => {
+                let mut config = (*config).clone();
+                config.alpn_protocols = vec![protocol.to_vec()];
+                Arc::new(config)
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let timeout = Duration::from_millis(self.settings.handshake_timeout_ms);
         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
             Ok(result) => result,
