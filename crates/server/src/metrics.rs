@@ -660,6 +660,19 @@ impl Collector for QueueCollector {
             prometheus_client::metrics::MetricType::Counter,
         )?;
         ConstCounter::new(broker.store().checkpoint_failures()).encode(family)?;
+        let fsyncs = broker.store().fsync_latency();
+        let mut family = encoder.encode_descriptor(
+            "storage_fsync_seconds",
+            "Time of the journal's fsyncs (fdatasync), each making a round of writes durable",
+            None,
+            prometheus_client::metrics::MetricType::Histogram,
+        )?;
+        family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            fsyncs.sum_seconds,
+            fsyncs.count,
+            &fsyncs.buckets,
+            None,
+        )?;
         let files = broker.store().segment_files();
         let family = encoder.encode_descriptor(
             "segment_files_open",

@@ -27,8 +27,9 @@ pub use open_files::MIN_OPEN_SEGMENT_FILES;
 pub use ranges::RangeSet;
 pub use state::{LogState, RetryInfo};
 pub use store::{
-    AckLevel, Completion, DurableListener, FatalListener, LogReader, Op, OpResult, RecoveredLog,
-    SegmentFiles, SegmentInfo, SegmentRewrite, Store, StoreOptions, disk_free_bytes,
+    AckLevel, Completion, DurableListener, FSYNC_BUCKETS, FatalListener, LatencySnapshot,
+    LogReader, Op, OpResult, RecoveredLog, SegmentFiles, SegmentInfo, SegmentRewrite, Store,
+    StoreOptions, disk_free_bytes,
 };
 /// The record and batch format, a crate of its own (the client speaks it without storage).
 pub use tidewater_format as format;

@@ -294,6 +294,8 @@ struct Shared {
     journal_bytes: AtomicU64,
     /// Checkpoints that failed without poisoning (retried later), for metrics.
     checkpoint_failures: AtomicU64,
+    /// How long the journal's fsyncs took (metrics).
+    fsync_latency: FsyncLatency,
     /// The segment files held open.
     open_files: Arc<OpenFiles>,
     /// Bytes of the segment indexes after the last checkpoint's bounding, and index
@@ -716,6 +718,7 @@ impl Store {
             fatal_fired: AtomicBool::new(false),
             journal_bytes: AtomicU64::new(journal_len),
             checkpoint_failures: AtomicU64::new(0),
+            fsync_latency: FsyncLatency::default(),
             open_files: io.files.clone(),
             index_bytes: AtomicU64::new(0),
             index_thinnings: AtomicU64::new(0),
@@ -1037,6 +1040,11 @@ impl Store {
             opened: files.opens(),
             closed: files.closes(),
         }
+    }
+
+    /// How long the journal's fsyncs took since the store opened.
+    pub fn fsync_latency(&self) -> LatencySnapshot {
+        self.shared.fsync_latency.snapshot()
     }
 
     /// Bytes in the current journal file.
@@ -2670,7 +2678,12 @@ fn syncer_loop(shared: &Shared) {
                 n_syncs += 1;
                 match shared.opts.fail_fsync_at {
                     Some(at) if at == n_syncs => Err(std::io::Error::from_raw_os_error(libc::EIO)),
-                    _ => journal.sync_data(),
+                    _ => {
+                        let started = std::time::Instant::now();
+                        let synced = journal.sync_data();
+                        shared.fsync_latency.record(started.elapsed());
+                        synced
+                    }
                 }
             }
         {
@@ -2727,5 +2740,76 @@ fn syncer_loop(shared: &Shared) {
         let mut sync = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
         sync.applied_seq = sync.applied_seq.max(target);
         shared.sync_cv.notify_all(); // for `Store::wait_synced`
+    }
+}
+
+/// Upper bounds (seconds) of the fsync latency buckets; a last one catches the rest.
+pub const FSYNC_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A histogram of durations in fixed buckets, recorded without a lock.
+#[derive(Debug, Default)]
+struct FsyncLatency {
+    buckets: [AtomicU64; FSYNC_BUCKETS.len() + 1],
+    count: AtomicU64,
+    micros: AtomicU64,
+}
+
+/// What `Store::fsync_latency` shows: per bucket (upper bound in seconds, infinity for the
+/// last) how many fell in it (not cumulative), their count and their sum in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencySnapshot {
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+impl FsyncLatency {
+    fn record(&self, took: std::time::Duration) {
+        let seconds = took.as_secs_f64();
+        let i = FSYNC_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(FSYNC_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.micros.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn snapshot(&self) -> LatencySnapshot {
+        let buckets = FSYNC_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect::<Vec<_>>();
+        LatencySnapshot {
+            count: buckets.iter().map(|(_, n)| n).sum(),
+            buckets,
+            sum_seconds: self.micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+#[cfg(test)]
+mod fsync_latency_tests {
+    use super::*;
+
+    #[test]
+    fn durations_land_in_their_buckets() {
+        let h = FsyncLatency::default();
+        h.record(std::time::Duration::from_micros(50));
+        h.record(std::time::Duration::from_millis(3));
+        h.record(std::time::Duration::from_secs(10));
+        let s = h.snapshot();
+        assert_eq!(s.count, 3);
+        assert_eq!(s.buckets[0], (0.0001, 1));
+        assert_eq!(s.buckets[5], (0.005, 1));
+        assert_eq!(s.buckets.last(), Some(&(f64::INFINITY, 1)));
+        assert!((s.sum_seconds - 10.00305).abs() < 1e-9);
     }
 }
