@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod disk_full;
 mod forecast;
+mod grafana;
 mod hooks;
 mod http_api;
 mod openapi;
