@@ -300,6 +300,7 @@ impl Default for StorageConfig {
     }
 }
 
+#[derive(Debug)]
 pub struct Settings {
     pub data: PathBuf,
     pub listen: SocketAddr,
@@ -1063,6 +1064,130 @@ mod docs {
                 doc.contains(&format!("`{key}`")),
                 "docs/configuration.md does not document `{key}`"
             );
+        }
+    }
+}
+
+/// deploy/tidewater.toml: every setting with its default, each commented out (uncomment
+/// what you change). Checked against the real parser: the file parses as it is and with
+/// every setting uncommented, uncommented it gives the defaults, and every key the parser
+/// takes (asked of it through its unknown-field error) is in the file.
+#[cfg(test)]
+mod example {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../deploy/tidewater.toml");
+
+    /// The file with `# key = value` lines uncommented (section headers are never commented);
+    /// with `examples`, the `## key = value` ones too.
+    fn uncommented(examples: bool) -> String {
+        EXAMPLE
+            .lines()
+            .map(|line| {
+                line.strip_prefix("#")
+                    .filter(|_| examples && line.starts_with("## "))
+                    .unwrap_or(line)
+            })
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    }) =>
+                {
+                    rest
+                }
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Section ("" for the top) -> its keys, and the order sections come in.
+    fn sections(text: &str) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut section = String::new();
+        out.entry(String::new()).or_default();
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                // A table is a key of its parent.
+                let (parent, key) = name.rsplit_once('.').unwrap_or(("", name));
+                out.entry(parent.to_string())
+                    .or_default()
+                    .insert(key.to_string());
+                section = name.to_string();
+                out.entry(section.clone()).or_default();
+            } else if let Some((key, _)) = line.split_once(" = ")
+                && !key.starts_with('#')
+            {
+                out.get_mut(&section).unwrap().insert(key.to_string());
+            }
+        }
+        out
+    }
+
+    fn parse(text: &str) -> Result<FileConfig, String> {
+        toml::from_str::<FileConfig>(text).map_err(|e| e.to_string())
+    }
+
+    /// What the parser takes in `section`: a probe key there, and its error's list.
+    fn expected(text: &str, section: &str) -> BTreeSet<String> {
+        let probed = if section.is_empty() {
+            format!("zzz_probe = 1\n{text}")
+        } else {
+            text.replacen(
+                &format!("[{section}]\n"),
+                &format!("[{section}]\nzzz_probe = 1\n"),
+                1,
+            )
+        };
+        let err = parse(&probed).expect_err("the probe key is refused");
+        let list = err
+            .split("expected one of ")
+            .nth(1)
+            .or_else(|| err.split("expected ").nth(1))
+            .unwrap_or_else(|| panic!("[{section}]: {err}"));
+        list.split(',')
+            .filter_map(|item| item.split('`').nth(1))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn args(config: Option<PathBuf>) -> ServeArgs {
+        ServeArgs {
+            data: None,
+            listen: None,
+            protocol_listen: None,
+            kafka_listen: None,
+            kafka_advertised: None,
+            hooks_listen: None,
+            config,
+            log_format: None,
+            repair_missing: false,
+        }
+    }
+
+    #[test]
+    fn the_example_has_every_setting_at_its_default() {
+        parse(EXAMPLE).expect("the example parses as it is");
+        let text = uncommented(false);
+        parse(&text).expect("the example parses with every default uncommented");
+        let all = uncommented(true);
+        parse(&all).expect("the example parses with the examples uncommented too");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tidewater.toml");
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(
+            format!("{:?}", settings(&args(Some(path))).unwrap()),
+            format!("{:?}", settings(&args(None)).unwrap()),
+            "uncommented, deploy/tidewater.toml must give the defaults"
+        );
+        let present = sections(&all);
+        for (section, keys) in &present {
+            let wanted = expected(&all, section);
+            let missing: Vec<_> = wanted.difference(keys).collect();
+            assert!(missing.is_empty(), "[{section}] lacks {missing:?}");
         }
     }
 }
