@@ -31,10 +31,18 @@ use clap::{Parser, Subcommand};
 
 use crate::client::{Client, ClientError, errln, exit};
 
+/// `tidewater --version`: the crate's version and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TIDEWATER_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "tidewater",
-    version,
+    version = VERSION,
     about = "A durable message broker for the moment producers outrun consumers."
 )]
 #[command(

@@ -93,6 +93,22 @@ impl Metrics {
         kafka_requests: Arc<tidewater_kafka::KafkaStats>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("tidewater");
+        let commit = env!("TIDEWATER_COMMIT");
+        registry.register(
+            "build",
+            "The running build: its version and the commit it was built from (value 1)",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION").to_string()),
+                (
+                    "commit",
+                    commit
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or(commit)
+                        .to_string(),
+                ),
+            ]),
+        );
         let publish_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let publish_to_ack: HistogramFamily = Family::new_with_constructor(age_histogram);
         registry.register(

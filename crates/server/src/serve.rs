@@ -922,16 +922,36 @@ const STORAGE_FILES_RESERVE: u64 = 256;
 /// now. (The number of queues does not matter: segment files beyond
 /// `max_open_segment_files` are closed, least recently used first, and reopened on use.)
 fn check_open_files(settings: &Settings, open_files: u64) -> anyhow::Result<()> {
-    let connections = (settings.protocol.max_connections + settings.http.max_connections) as u64;
+    // Every listener that is on, by its connection cap.
+    let mut caps = vec![
+        (
+            "[protocol] max_connections",
+            settings.protocol.max_connections,
+        ),
+        ("[http] max_connections", settings.http.max_connections),
+    ];
+    if settings.hooks.is_some() {
+        caps.push((
+            "[http] max_connections (webhooks)",
+            settings.http.max_connections,
+        ));
+    }
+    if let Some(kafka) = &settings.kafka {
+        caps.push(("[kafka] max_connections", kafka.max_connections));
+    }
+    if let Some((_, keda)) = &settings.keda {
+        caps.push(("[keda] max_connections", keda.max_connections));
+    }
+    let connections: u64 = caps.iter().map(|(_, n)| *n as u64).sum();
     let segments = settings.store.max_open_segment_files as u64;
     if connections + segments + STORAGE_FILES_RESERVE > open_files {
+        let listed: Vec<String> = caps.iter().map(|(k, n)| format!("{k} {n}")).collect();
         bail!(
             "the open-files limit ({open_files}, `ulimit -Hn`) cannot hold the configured connections and segment files: \
-             [protocol] max_connections {} + [http] max_connections {} + [storage] max_open_segment_files {segments} \
+             {} + [storage] max_open_segment_files {segments} \
              + {STORAGE_FILES_RESERVE} for the journal, checkpoints and listeners = {}. \
              Lower them in the config file or raise the hard limit",
-            settings.protocol.max_connections,
-            settings.http.max_connections,
+            listed.join(" + "),
             connections + segments + STORAGE_FILES_RESERVE
         );
     }
@@ -942,9 +962,20 @@ async fn shutdown_signal(broker: Arc<OnceLock<Broker>>, stop: tokio::sync::watch
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    // SIGHUP (`systemctl reload`) reloads the TLS files when TLS is on (`tls.rs` listens
+    // too); it must never stop the server, whose default action it would be.
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let hangups = async {
+        while hup.recv().await.is_some() {
+            tracing::info!(
+                "SIGHUP: the TLS certificate is reloaded when TLS is on; nothing else to reload"
+            );
+        }
+    };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = hangups => {}
     }
     if let Some(broker) = broker.get() {
         broker.close();
@@ -1165,6 +1196,69 @@ mod example {
             config,
             log_format: None,
             repair_missing: false,
+        }
+    }
+
+    const UNIT: &str = include_str!("../../../deploy/tidewater.service");
+
+    /// deploy/tidewater.service starts the server as the CLI's own parser takes it, with
+    /// the configuration file the unit's comments install, and enough open files for every
+    /// listener of the example configuration turned on.
+    #[test]
+    fn the_systemd_unit_starts_what_the_parser_takes() {
+        use clap::Parser as _;
+        let exec = UNIT
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("an ExecStart");
+        let mut words: Vec<&str> = exec.split_whitespace().collect();
+        assert_eq!(words[0], "/usr/local/bin/tidewater");
+        words[0] = "tidewater";
+        let cli = crate::Cli::try_parse_from(&words).expect("ExecStart parses");
+        let crate::Commands::Serve(args) = cli.command else {
+            panic!("ExecStart runs `tidewater serve`");
+        };
+        assert_eq!(
+            args.config.as_deref(),
+            Some(std::path::Path::new("/etc/tidewater/tidewater.toml"))
+        );
+        assert!(UNIT.contains("deploy/tidewater.toml /etc/tidewater/tidewater.toml"));
+        let nofile: u64 = UNIT
+            .lines()
+            .find_map(|l| l.strip_prefix("LimitNOFILE="))
+            .expect("a LimitNOFILE")
+            .parse()
+            .unwrap();
+        // Every listener on: the example's examples uncommented.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tidewater.toml");
+        let all: String = uncommented(true)
+            .lines()
+            .filter(|l| {
+                // Files that do not exist here, and auth (which would need a principal).
+                ![
+                    "cert_file",
+                    "key_file",
+                    "client_ca_file",
+                    "client_auth",
+                    "jwks_file",
+                    "ca_file",
+                    "audit_file",
+                ]
+                .iter()
+                .any(|k| l.starts_with(&format!("{k} =")))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&path, all).unwrap();
+        let settings = settings(&args_with(Some(path), Some("0.0.0.0:9092"))).unwrap();
+        check_open_files(&settings, nofile).expect("LimitNOFILE holds every listener");
+    }
+
+    fn args_with(config: Option<PathBuf>, kafka: Option<&str>) -> ServeArgs {
+        ServeArgs {
+            kafka_listen: kafka.map(str::to_string),
+            ..args(config)
         }
     }
 

@@ -1169,3 +1169,24 @@ fn more_queues_than_the_open_files_limit_holds_files() {
         open_fds(server.child.id())
     );
 }
+
+/// `systemctl reload` (deploy/tidewater.service) sends SIGHUP. Without TLS nothing handled
+/// it, and its default action ended the server.
+#[test]
+fn sighup_without_tls_does_not_stop_the_server() {
+    let (_dir, mut server) = server(None);
+    server.create_queue("kept", json!({}));
+    let pid = server.child.id() as libc::pid_t;
+    // SAFETY: a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    // Still there, answering, a moment later (an exit would show by then).
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        assert!(
+            server.child.try_wait().unwrap().is_none(),
+            "the server exited on SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.ok("GET", "/v1/queues/kept", None);
+}
