@@ -259,6 +259,7 @@ fn nacks_retry_and_max_deliveries_dead_letter_with_the_subscriptions_name() {
             max: 0,
             key: None,
             error_contains: None,
+            ids: None,
         };
         let started = b
             .start_redrive("orders.billing-dlq", redrive(None))

@@ -161,6 +161,8 @@ pub struct RedriveBody {
 pub struct RedriveFilter {
     pub key: Option<String>,
     pub error_contains: Option<String>,
+    /// Only these messages, by id.
+    pub ids: Option<Vec<String>>,
 }
 
 /// A message in a receive or peek reply.

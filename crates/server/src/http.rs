@@ -1303,6 +1303,7 @@ async fn redrive(
             max: request.max.unwrap_or(0),
             key: request.filter.key,
             error_contains: request.filter.error_contains,
+            ids: request.filter.ids,
         },
     )?;
     json(StatusCode::ACCEPTED, &progress)

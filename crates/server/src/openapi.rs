@@ -1062,7 +1062,7 @@ fn add_permissions(document: &mut Value) {
     }
 }
 
-fn redrive_schemas() -> Value {
+fn redrive_schemas(limits: &Limits) -> Value {
     let redrive = json!({"type": "object", "additionalProperties": false,
         "required": ["id", "queue", "moved", "remaining", "skipped", "state", "error"], "properties": {
             "id": {"type": "string"}, "queue": {"type": "string", "description": "the dead-letter queue it reads"},
@@ -1078,7 +1078,9 @@ fn redrive_schemas() -> Value {
             "max": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX, "default": 0, "description": "0 = all"},
             "filter": {"type": "object", "additionalProperties": false, "properties": {
                 "key": {"type": ["string", "null"], "description": "only messages with this key"},
-                "error_contains": {"type": ["string", "null"], "description": "only messages whose last error contains this text"}}}}},
+                "error_contains": {"type": ["string", "null"], "description": "only messages whose last error contains this text"},
+                "ids": {"type": ["array", "null"], "minItems": 1, "maxItems": limits.max_receive_messages, "items": {"type": "string"},
+                    "description": "only these messages, by id"}}}}},
         "Redrive": redrive,
         "RedriveList": {"type": "object", "additionalProperties": false, "required": ["redrives"], "properties": {
             "redrives": {"type": "array", "maxItems": 100, "items": schema_ref("Redrive")}}},
@@ -1093,7 +1095,7 @@ pub fn document(limits: &Limits) -> Value {
     for part in [
         message_schemas(limits),
         settle_schemas(limits),
-        redrive_schemas(),
+        redrive_schemas(limits),
         stream_schemas(limits),
         group_schemas(limits),
         auth_schemas(),

@@ -32,6 +32,9 @@ pub struct RedriveRequest {
     pub key: Option<String>,
     /// Only messages whose last error contains this text.
     pub error_contains: Option<String>,
+    /// Only these messages, by id (the console's "redrive selected"); at most
+    /// `max_receive_messages` of them.
+    pub ids: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -72,6 +75,14 @@ impl Broker {
         let handle = self.queue(dlq)?;
         if req.rate_per_s == 0 || req.rate_per_s > 100_000 {
             return Err(BrokerError::invalid("rate_per_s must be 1..=100000"));
+        }
+        if let Some(ids) = &req.ids {
+            let max = self.inner.limits.max_receive_messages;
+            if ids.is_empty() || ids.len() > max {
+                return Err(BrokerError::invalid(format!(
+                    "ids must name 1 to {max} messages (max_receive_messages)"
+                )));
+            }
         }
         if let Some(to) = &req.to {
             // A queue, or a subscription (`stream/subscription`: into its own log, so only
@@ -122,10 +133,10 @@ impl Broker {
                 id: id.clone(),
                 queue: dlq.to_string(),
                 moved: 0,
-                remaining: if req.max > 0 {
-                    total.min(req.max)
-                } else {
-                    total
+                remaining: match (req.max, &req.ids) {
+                    (_, Some(ids)) => total.min(ids.len() as u64),
+                    (0, None) => total,
+                    (max, None) => total.min(max),
                 },
                 skipped: 0,
                 state: "running",

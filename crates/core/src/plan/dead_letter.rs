@@ -25,6 +25,10 @@ pub(crate) fn redrive_matches(record: &Record, req: &RedriveRequest) -> bool {
     {
         return false;
     }
+    if let Some(ids) = &req.ids {
+        let id = crate::plan::message::record_id(record);
+        return ids.iter().any(|wanted| *wanted == id);
+    }
     true
 }
 
