@@ -75,8 +75,10 @@ pub enum Trend {
     Empty,
     /// Served faster than it arrives: it drains in `drain_ms`.
     Draining,
-    /// Arrivals outpace service (or nothing is served): it does not drain at these rates.
+    /// Arrivals outpace service: it does not drain at these rates.
     Growing,
+    /// A backlog, and nothing arrives or is served: it waits for consumers.
+    Stalled,
     /// Not enough history yet to measure rates (less than one sample interval).
     Unknown,
 }
@@ -112,7 +114,8 @@ pub struct Forecast {
     pub per_consumer_per_s: Option<f64>,
     pub per_consumer_source: Option<RateSource>,
     pub trend: Trend,
-    /// Time to drain at the current rates: 0 when empty, None when growing or unknown.
+    /// Time to drain at the current rates: 0 when empty, None when growing, stalled or
+    /// unknown.
     pub drain_ms: Option<u64>,
     pub age_objective_ms: u64,
     /// Time until the oldest message is older than the objective: 0 when it already is,
@@ -265,6 +268,7 @@ impl History {
                 Trend::Draining,
                 Some(seconds_to_ms(backlog / (r.service - r.arrival))),
             ),
+            Some(r) if r.service == 0.0 && r.arrival == 0.0 => (Trend::Stalled, None),
             Some(_) => (Trend::Growing, None),
         };
         let age = now.oldest_age_ms as f64 / 1000.0;
@@ -523,6 +527,23 @@ mod tests {
             h.forecast(&old, &objectives()).age_objective_breach_ms,
             Some(0)
         );
+    }
+
+    #[test]
+    fn a_backlog_nobody_serves_or_adds_to_is_stalled() {
+        let mut h = History::new(360, 10_000);
+        let start = Sample {
+            backlog: 50,
+            ready: 50,
+            ..Sample::default()
+        };
+        h.record(start, 60_000);
+        let now = steady(&mut h, start, 30, 0, 0, 0);
+        let f = h.forecast(&now, &objectives());
+        assert_eq!((f.trend, f.drain_ms), (Trend::Stalled, None));
+        assert_eq!(f.consumers_needed, Some(1));
+        let now = steady(&mut h, now, 30, 1, 0, 0);
+        assert_eq!(h.forecast(&now, &objectives()).trend, Trend::Growing);
     }
 
     #[test]

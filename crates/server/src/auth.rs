@@ -334,6 +334,9 @@ const HOOK: Target = Target::Param(K::Hook, "hook");
 const PUSH: Target = Target::Param(K::Push, "push");
 
 pub const ROUTES: &[Route] = &[
+    // The console's page and files: no data in them (what it shows, it asks the API for).
+    route("GET", "/", Need::Open),
+    route("GET", "/console/{file}", Need::Open),
     route("GET", "/healthz", Need::Open),
     route("GET", "/readyz", Need::Open),
     route("GET", "/v1/openapi.json", Need::Open),

@@ -64,6 +64,7 @@ pub(crate) fn summary(f: &Value) -> String {
         "empty" => "empty".into(),
         "draining" => format!("draining, empty in {}", ms(&f["drain_ms"])),
         "growing" => "growing: arrivals outpace service".into(),
+        "stalled" => "stalled: nothing is served (no consumers?)".into(),
         _ => "not enough history yet to measure rates".into(),
     }
 }

@@ -47,6 +47,8 @@ pub struct AppState {
     pub limits: Arc<tidewater_core::Limits>,
     /// Authentication, shared with the other listeners.
     pub guard: Arc<Guard>,
+    /// Serve the web console at `/` (`[console] enabled`).
+    pub console: bool,
 }
 
 /// The client's address, and the principal its verified TLS client certificate names, put
@@ -557,6 +559,8 @@ fn refuse(stream: &TcpStream, max: usize) {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(crate::console::index))
+        .route("/console/{file}", get(crate::console::asset))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

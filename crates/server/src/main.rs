@@ -13,6 +13,7 @@ mod cli_pushes;
 mod cli_streams;
 mod cli_subscriptions;
 mod client;
+mod console;
 mod edges;
 mod errors;
 mod http;

@@ -90,6 +90,7 @@ impl Metrics {
         kafka: Arc<ListenerStats>,
         hooks: Arc<ListenerStats>,
         keda: Arc<ListenerStats>,
+        console: Arc<ListenerStats>,
         kafka_requests: Arc<tidewater_kafka::KafkaStats>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("tidewater");
@@ -152,6 +153,7 @@ impl Metrics {
                 ("kafka", kafka),
                 ("hooks", hooks),
                 ("keda", keda),
+                ("console", console),
             ],
             kafka: kafka_requests.clone(),
         }));
@@ -1135,7 +1137,7 @@ struct ListenerLabel {
 /// listener's are 0 while it is off).
 #[derive(Debug)]
 struct ListenerCollector {
-    listeners: [(&'static str, Arc<ListenerStats>); 5],
+    listeners: [(&'static str, Arc<ListenerStats>); 6],
     /// The Kafka listener counts its idle closes itself (its connections are its crate's).
     kafka: Arc<tidewater_kafka::KafkaStats>,
 }
@@ -1289,9 +1291,11 @@ const FORECAST_STATS: [ForecastStat; 6] = [
     ),
     (
         "drain_seconds",
-        "Seconds to drain the backlog at the current rates (+Inf while it grows)",
+        "Seconds to drain the backlog at the current rates (+Inf while it grows or nothing serves it)",
         |f| match f.trend {
-            tidewater_core::forecast::Trend::Growing => Some(f64::INFINITY),
+            tidewater_core::forecast::Trend::Growing | tidewater_core::forecast::Trend::Stalled => {
+                Some(f64::INFINITY)
+            }
             _ => f.drain_ms.map(|ms| ms as f64 / 1000.0),
         },
     ),

@@ -1193,8 +1193,9 @@ pub fn document(limits: &Limits) -> Value {
             "per_consumer_per_s": rate.clone(),
             "per_consumer_source": {"type": ["string", "null"], "enum": ["busy", "idle", null],
                 "description": "busy: measured while a backlog was ready for the same consumers throughout (their capacity); idle: a lower bound"},
-            "trend": {"type": "string", "enum": ["empty", "draining", "growing", "unknown"]},
-            "drain_ms": described(ms_or_null.clone(), "time to drain at the current rates (null: growing or unknown)"),
+            "trend": {"type": "string", "enum": ["empty", "draining", "growing", "stalled", "unknown"],
+                "description": "stalled: a backlog, and nothing arrives or is served"},
+            "drain_ms": described(ms_or_null.clone(), "time to drain at the current rates (null: growing, stalled or unknown)"),
             "age_objective_ms": count.clone(),
             "age_objective_breach_ms": described(ms_or_null.clone(), "time until the oldest message is older than the objective (0: it is; null: not heading there)"),
             "drain_target_ms": count.clone(),
@@ -1734,6 +1735,16 @@ pub fn document(limits: &Limits) -> Value {
         },
         "components": {"schemas": schemas, "responses": components_responses}
     });
+    let console_paths = json!({
+        "/": {"get": operation("console", "The web console's page (text/html; [console] enabled; 404 when off)",
+            responses(&[(200, json!({"description": "the page", "content": {"text/html": {"schema": {"type": "string"}}}}))]),
+            Fails {not_found: true, ..Fails::default()})},
+        "/console/{file}": {
+            "parameters": [{"name": "file", "in": "path", "required": true, "schema": {"type": "string", "minLength": 1}}],
+            "get": operation("consoleFile", "The console's script (app.js) and style sheet (app.css); 404 for any other name",
+                responses(&[(200, json!({"description": "the file", "content": {"text/javascript": {"schema": {"type": "string"}}, "text/css": {"schema": {"type": "string"}}}}))]),
+                Fails {not_found: true, ..Fails::default()})},
+    });
     let forecast_paths = json!({
             "/v1/queues/{queue}/forecast": {"parameters": queue_param,
                 "get": forecast_op("queueForecast", "The queue's backlog forecast", queue_missing)},
@@ -1750,6 +1761,9 @@ pub fn document(limits: &Limits) -> Value {
     });
     let paths = document["paths"].as_object_mut().expect("an object");
     for (path, item) in subscription_paths.as_object().expect("an object") {
+        paths.insert(path.clone(), item.clone());
+    }
+    for (path, item) in console_paths.as_object().expect("an object") {
         paths.insert(path.clone(), item.clone());
     }
     for (path, item) in forecast_paths.as_object().expect("an object") {

@@ -85,6 +85,7 @@ pub struct FileConfig {
     pub push: crate::push::PushSettings,
     pub forecast: ForecastFileConfig,
     pub keda: crate::keda::KedaConfig,
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// Backlog forecasts (docs/autoscaling.md): how often every queue, subscription and group
@@ -154,6 +155,13 @@ impl Default for HooksFileConfig {
             path_prefix: "/hooks".into(),
         }
     }
+}
+
+/// The web console's settings.
+#[derive(Debug, Clone)]
+pub struct ConsoleSettings {
+    pub enabled: bool,
+    pub listen: Option<SocketAddr>,
 }
 
 /// Where the webhook ingress listener listens, and its path prefix.
@@ -315,6 +323,8 @@ pub struct Settings {
     pub forecast: tidewater_core::ForecastOptions,
     /// The KEDA external scaler's listener, when on.
     pub keda: Option<(SocketAddr, crate::keda::KedaConfig)>,
+    /// The web console: on the HTTP listener, and a listener of its own when set.
+    pub console: ConsoleSettings,
     pub log_format: String,
     pub auth: crate::auth::AuthConfig,
     /// Set when every listener speaks TLS.
@@ -429,6 +439,18 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             file.push.clone()
         },
         forecast: file.forecast.options()?,
+        console: ConsoleSettings {
+            enabled: file.console.enabled,
+            listen: match &file.console.listen {
+                Some(_) if !file.console.enabled => {
+                    bail!("[console] listen is set but enabled is false: remove one of them")
+                }
+                Some(text) => Some(text.parse().with_context(|| {
+                    format!("[console] listen '{text}' is not an address like 127.0.0.1:7080")
+                })?),
+                None => None,
+            },
+        },
         keda: file
             .keda
             .listen(file.auth.enabled)?
@@ -570,6 +592,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let kafka_stats = Arc::new(crate::listener::Stats::default());
     let hooks_stats = Arc::new(crate::listener::Stats::default());
     let keda_stats = Arc::new(crate::listener::Stats::default());
+    let console_stats = Arc::new(crate::listener::Stats::default());
     let kafka_requests = Arc::new(tidewater_kafka::KafkaStats::default());
     let metrics = Arc::new(Metrics::new(
         cell.clone(),
@@ -578,6 +601,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         kafka_stats.clone(),
         hooks_stats.clone(),
         keda_stats.clone(),
+        console_stats.clone(),
         kafka_requests.clone(),
     ));
     let guard = Arc::new(crate::auth::Guard::new(&settings.auth)?);
@@ -600,6 +624,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         body_timeout: settings.http.body_timeout,
         limits: Arc::new(settings.limits.clone()),
         guard: guard.clone(),
+        console: settings.console.enabled,
     };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -644,6 +669,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let console_listener = match settings.console.listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for the console (in use? see [console] listen)")
+        })?),
+        None => None,
+    };
     let keda_listener = match &settings.keda {
         Some((addr, _)) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("cannot listen on {addr} for the KEDA scaler (in use? see [keda] listen)")
@@ -675,6 +706,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ))),
         _ => None,
     };
+    // The console's own listener serves the API too: the page calls it on its own origin.
+    let console_serving = console_listener.map(|listener| {
+        tokio::spawn(crate::http::serve(
+            listener,
+            router(state.clone()),
+            settings.http.clone(),
+            tls.clone(),
+            console_stats,
+            stop_rx.clone(),
+        ))
+    });
     let serving = tokio::spawn(crate::http::serve(
         listener,
         router(state),
@@ -777,6 +819,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = binary.await;
     if let Some(hooks) = hooks_serving {
         let _ = hooks.await;
+    }
+    if let Some(console) = console_serving {
+        let _ = console.await;
     }
     let _ = pushing.await;
     if let Some(kafka) = kafka {
