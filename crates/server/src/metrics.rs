@@ -85,12 +85,7 @@ fn age_histogram() -> Histogram {
 impl Metrics {
     pub fn new(
         broker: Arc<OnceLock<Broker>>,
-        protocol: Arc<ListenerStats>,
-        http: Arc<ListenerStats>,
-        kafka: Arc<ListenerStats>,
-        hooks: Arc<ListenerStats>,
-        keda: Arc<ListenerStats>,
-        console: Arc<ListenerStats>,
+        listeners: Listeners,
         kafka_requests: Arc<tidewater_kafka::KafkaStats>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("tidewater");
@@ -147,14 +142,7 @@ impl Metrics {
         }));
         registry.register_collector(Box::new(QueueCollector { broker }));
         registry.register_collector(Box::new(ListenerCollector {
-            listeners: [
-                ("binary", protocol),
-                ("http", http),
-                ("kafka", kafka),
-                ("hooks", hooks),
-                ("keda", keda),
-                ("console", console),
-            ],
+            listeners,
             kafka: kafka_requests.clone(),
         }));
         registry.register_collector(Box::new(KafkaCollector {
@@ -236,6 +224,10 @@ impl Observer for Metrics {
 
 /// (metric name, help, how to read it from a queue, or another resource `R`).
 type Stat<T, R = tidewater_core::QueueInfo> = (&'static str, &'static str, fn(&R) -> T);
+
+/// Each listener's figures by its `listener` label: binary, http, kafka, hooks, keda,
+/// console.
+pub type Listeners = [(&'static str, Arc<ListenerStats>); 6];
 
 /// A count as a metric's i64 (saturating: no count reaches it).
 fn saturate(n: u64) -> i64 {
@@ -1137,7 +1129,7 @@ struct ListenerLabel {
 /// listener's are 0 while it is off).
 #[derive(Debug)]
 struct ListenerCollector {
-    listeners: [(&'static str, Arc<ListenerStats>); 6],
+    listeners: Listeners,
     /// The Kafka listener counts its idle closes itself (its connections are its crate's).
     kafka: Arc<tidewater_kafka::KafkaStats>,
 }

@@ -596,12 +596,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let kafka_requests = Arc::new(tidewater_kafka::KafkaStats::default());
     let metrics = Arc::new(Metrics::new(
         cell.clone(),
-        protocol_stats.clone(),
-        http_stats.clone(),
-        kafka_stats.clone(),
-        hooks_stats.clone(),
-        keda_stats.clone(),
-        console_stats.clone(),
+        [
+            ("binary", protocol_stats.clone()),
+            ("http", http_stats.clone()),
+            ("kafka", kafka_stats.clone()),
+            ("hooks", hooks_stats.clone()),
+            ("keda", keda_stats.clone()),
+            ("console", console_stats.clone()),
+        ],
         kafka_requests.clone(),
     ));
     let guard = Arc::new(crate::auth::Guard::new(&settings.auth)?);

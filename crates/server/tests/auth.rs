@@ -124,7 +124,8 @@ fn concrete(template: &str, member: &str) -> String {
         .replace("{push}", "p")
         .replace("{partition}", "0")
         .replace("{member}", member)
-        .replace("{id}", "missing");
+        .replace("{id}", "missing")
+        .replace("{file}", "app.js");
     if path.ends_with("/records") {
         format!("{path}?wait_ms=0") // no long poll
     } else {

@@ -61,8 +61,9 @@ fn queues_subscriptions_and_groups_have_forecasts() {
         f["arrival_per_s"].is_number() && f["service_per_s"].is_number(),
         "{f}"
     );
+    // Which, depends on when the samples fell (the rates are the core tests' business).
     assert!(
-        ["draining", "growing"].contains(&f["trend"].as_str().unwrap()),
+        ["draining", "growing", "stalled"].contains(&f["trend"].as_str().unwrap()),
         "{f}"
     );
     // The server's objectives, and others on request.

@@ -27,7 +27,7 @@ pub(crate) fn redrive_matches(record: &Record, req: &RedriveRequest) -> bool {
     }
     if let Some(ids) = &req.ids {
         let id = crate::plan::message::record_id(record);
-        return ids.iter().any(|wanted| *wanted == id);
+        return ids.contains(&id);
     }
     true
 }
