@@ -123,9 +123,9 @@ pub struct Forecast {
     pub age_objective_breach_ms: Option<u64>,
     pub drain_target_ms: u64,
     /// Consumers that would drain the backlog within `drain_target_ms` while keeping up
-    /// with arrivals. None when no consumer has served anything yet; 1 when there is a
-    /// backlog and no rate to go by (scale from zero).
-    pub consumers_needed: Option<u32>,
+    /// with arrivals. Without a per-consumer rate to go by: the consumers there are, at
+    /// least 1, while there is a backlog (scale from zero); 0 without one.
+    pub consumers_needed: u32,
 }
 
 /// The rates between two samples.
@@ -210,10 +210,11 @@ impl History {
             .samples
             .iter()
             .find(|s| s.at_ms >= now.at_ms - window && s.at_ms < now.at_ms)?;
-        let span = (now.at_ms - from.at_ms) as f64 / 1000.0;
-        if span <= 0.0 || now.arrived < from.arrived {
+        // Less than an interval apart (the first sweep after a start): too short to tell.
+        if now.at_ms - from.at_ms < self.interval_ms as i64 || now.arrived < from.arrived {
             return None;
         }
+        let span = (now.at_ms - from.at_ms) as f64 / 1000.0;
         let arrived = (now.arrived - from.arrived) as f64;
         let arrival = arrived / span;
         // Conservation: what arrived and is not in the backlog any more was served.
@@ -294,10 +295,10 @@ impl History {
         let consumers_needed = match (rates, per_consumer) {
             (Some(r), Some((rate, _))) => {
                 let needed = (r.arrival + backlog / target) / rate;
-                Some(needed.ceil().clamp(0.0, u32::MAX as f64) as u32)
+                needed.ceil().clamp(0.0, u32::MAX as f64) as u32
             }
-            _ if now.backlog > 0 => Some(now.consumers.max(1)),
-            _ => None,
+            _ if now.backlog > 0 => now.consumers.max(1),
+            _ => 0,
         };
         Forecast {
             at_ms: now.at_ms,
@@ -420,7 +421,7 @@ mod tests {
         assert_eq!(now.backlog, 72_000);
         assert_eq!(f.drain_ms, Some(90_000));
         // Within 60 s: (200 + 72,000/60) / 250 = 5.6 -> 6 consumers.
-        assert_eq!(f.consumers_needed, Some(6));
+        assert_eq!(f.consumers_needed, 6);
         // The age objective (600 s) holds: the backlog is gone in 90 s.
         assert_eq!(f.age_objective_breach_ms, None);
     }
@@ -444,7 +445,7 @@ mod tests {
         assert_eq!(f.drain_ms, None);
         assert_eq!(f.per_consumer_per_s, Some(100.0));
         // (500 + 19,000/60) / 100 = 8.17 -> 9.
-        assert_eq!(f.consumers_needed, Some(9));
+        assert_eq!(f.consumers_needed, 9);
         // Age 70 s, backlog 19,000, service 200/s: the age moves at 1 − 200·70/19,000 =
         // 0.263 s/s, so 530 s to the 600 s objective take 2,014 s.
         let breach = f
@@ -482,7 +483,7 @@ mod tests {
         // Capacity 200/s each is what was measured busy: 100/s needs one consumer.
         assert_eq!(f.per_consumer_per_s, Some(200.0));
         assert_eq!(f.per_consumer_source, Some(RateSource::Busy));
-        assert_eq!(f.consumers_needed, Some(1));
+        assert_eq!(f.consumers_needed, 1);
 
         // A fresh history that never saw its consumers busy says so.
         let mut fresh = History::new(360, 10_000);
@@ -495,7 +496,7 @@ mod tests {
         let f = fresh.forecast(&now, &objectives());
         assert_eq!(f.per_consumer_per_s, Some(20.0));
         assert_eq!(f.per_consumer_source, Some(RateSource::Idle));
-        assert_eq!(f.consumers_needed, Some(5));
+        assert_eq!(f.consumers_needed, 5);
     }
 
     #[test]
@@ -515,9 +516,9 @@ mod tests {
         // No service known: the age grows a second a second to the 600 s objective.
         assert_eq!(f.age_objective_breach_ms, Some(599_000));
         // A backlog and nobody to serve it: scale from zero to one.
-        assert_eq!(f.consumers_needed, Some(1));
+        assert_eq!(f.consumers_needed, 1);
         let empty = Sample::default();
-        assert_eq!(h.forecast(&empty, &objectives()).consumers_needed, None);
+        assert_eq!(h.forecast(&empty, &objectives()).consumers_needed, 0);
         // Past the objective already: 0.
         let old = Sample {
             oldest_age_ms: 700_000,
@@ -541,7 +542,7 @@ mod tests {
         let now = steady(&mut h, start, 30, 0, 0, 0);
         let f = h.forecast(&now, &objectives());
         assert_eq!((f.trend, f.drain_ms), (Trend::Stalled, None));
-        assert_eq!(f.consumers_needed, Some(1));
+        assert_eq!(f.consumers_needed, 1);
         let now = steady(&mut h, now, 30, 1, 0, 0);
         assert_eq!(h.forecast(&now, &objectives()).trend, Trend::Growing);
     }

@@ -50,7 +50,7 @@ fn a_queue_forecasts_from_its_rates_and_counts_its_consumers() {
             .unwrap();
         assert_eq!(f.trend, Trend::Unknown);
         assert_eq!(f.backlog, 6_000);
-        assert_eq!(f.consumers_needed, Some(1));
+        assert_eq!(f.consumers_needed, 1);
 
         // Three consumers take 20 a second each; 15 a second arrive.
         for _ in 0..20 {
@@ -78,7 +78,7 @@ fn a_queue_forecasts_from_its_rates_and_counts_its_consumers() {
         let drain = f.drain_ms.unwrap() as f64;
         assert!((drain - 5_100.0 / 45.0 * 1000.0).abs() < 2_000.0, "{f:?}");
         // Within 60 s: (15 + 5,100/60) / 20 = 5 consumers.
-        assert_eq!(f.consumers_needed, Some(5));
+        assert_eq!(f.consumers_needed, 5);
         // Other objectives on request.
         let f = h
             .broker()
@@ -91,7 +91,7 @@ fn a_queue_forecasts_from_its_rates_and_counts_its_consumers() {
                 }),
             )
             .unwrap();
-        assert_eq!(f.consumers_needed, Some(2));
+        assert_eq!(f.consumers_needed, 2);
         assert_eq!(f.age_objective_breach_ms, Some(0));
 
         // The consumers stop: after the idle window they are not counted, and the backlog
@@ -177,7 +177,7 @@ fn a_subscription_and_a_group_have_forecasts_too() {
         assert_eq!(sub.trend, Trend::Growing);
         // (100 + 900/60) / 40 = 2.9 -> 3.
         assert_eq!(sub.backlog, 900);
-        assert_eq!(sub.consumers_needed, Some(3));
+        assert_eq!(sub.consumers_needed, 3);
 
         let group = b.forecast(&Subject::Group("readers".into()), None).unwrap();
         assert_eq!(group.consumers, 1);
@@ -186,7 +186,7 @@ fn a_subscription_and_a_group_have_forecasts_too() {
         assert!(close(group.service_per_s, 60.0), "{group:?}");
         assert_eq!(group.trend, Trend::Growing);
         // (100 + 600/60) / 60 = 1.83 -> 2.
-        assert_eq!(group.consumers_needed, Some(2));
+        assert_eq!(group.consumers_needed, 2);
 
         // Every subject is in the list the metrics read.
         let all = b.forecasts();

@@ -6,6 +6,8 @@
 // #/subscriptions/STREAM/NAME, #/groups/NAME. Every page refreshes itself every 2 s.
 
 const REFRESH_MS = 2000;
+// Queues with a sparkline, and groups with their lag and forecast, on the overview.
+const MAX_DETAILED = 50;
 const TOKEN_KEY = "tidewater.token";
 
 // ---- DOM helpers: text is always set as text, never parsed as HTML ----
@@ -288,7 +290,11 @@ async function overview() {
       api("GET", "/v1/groups").catch(() => ({ groups: [] })),
     ]);
     const byName = new Map(queues.queues.map((q) => [q.name, q]));
-    const histories = await Promise.all(queues.queues.map((q) => api("GET", `${queuePath(q.name)}/history`).catch(() => ({ samples: [] }))));
+    // Sparklines and group details for the first MAX_DETAILED only: a refresh every 2 s
+    // must not become thousands of requests.
+    const histories = await Promise.all(queues.queues.map((q, i) => i < MAX_DETAILED
+      ? api("GET", `${queuePath(q.name)}/history`).catch(() => ({ samples: [] }))
+      : Promise.resolve({ samples: [] })));
     fill("queues", queues.queues.length === 0 ? h("p", { class: "muted" }, "No queues yet.") : h("table", {},
       h("thead", {}, h("tr", {}, ["queue", "depth", "in flight", "delayed", "oldest", "in", "out", "DLQ", "forecast", "last hour"].map((c, i) => h("th", { class: i && i < 8 ? "num" : "" }, c)))),
       h("tbody", {}, queues.queues.map((q, i) => {
@@ -321,7 +327,7 @@ async function overview() {
         h("td", { class: "num" }, fmt.n(sub.stats.in_flight)),
         h("td", { class: "num" }, fmt.ms(sub.stats.oldest_age_ms)),
         h("td", {}, forecastTag(sub.stats.forecast)))))));
-    const described = await Promise.all(groups.groups.map((g) => Promise.all([
+    const described = await Promise.all(groups.groups.map((g, i) => i >= MAX_DETAILED ? [null, null] : Promise.all([
       api("GET", `/v1/groups/${enc(g)}`).catch(() => null),
       api("GET", `/v1/groups/${enc(g)}/forecast`).catch(() => null),
     ])));

@@ -210,7 +210,7 @@ impl Trigger {
         match self.metric {
             Metric::Backlog => forecast.backlog as f64,
             Metric::OldestAgeSeconds => forecast.oldest_age_ms as f64 / 1000.0,
-            Metric::ConsumersNeeded => forecast.consumers_needed.map_or(0.0, f64::from),
+            Metric::ConsumersNeeded => f64::from(forecast.consumers_needed),
         }
     }
 

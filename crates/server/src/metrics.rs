@@ -1299,7 +1299,7 @@ const FORECAST_STATS: [ForecastStat; 6] = [
     (
         "consumers_needed",
         "Consumers that would drain the backlog within forecast.drain_target_ms while keeping up with arrivals",
-        |f| f.consumers_needed.map(f64::from),
+        |f| Some(f64::from(f.consumers_needed)),
     ),
 ];
 

@@ -1199,8 +1199,8 @@ pub fn document(limits: &Limits) -> Value {
             "age_objective_ms": count.clone(),
             "age_objective_breach_ms": described(ms_or_null.clone(), "time until the oldest message is older than the objective (0: it is; null: not heading there)"),
             "drain_target_ms": count.clone(),
-            "consumers_needed": described(json!({"type": ["integer", "null"], "minimum": 0}),
-                "consumers to drain within drain_target_ms while keeping up with arrivals: ceil((arrival + backlog/target) / per consumer)")}}));
+            "consumers_needed": described(json!({"type": "integer", "minimum": 0}),
+                "consumers to drain within drain_target_ms while keeping up with arrivals: ceil((arrival + backlog/target) / per consumer); without a per-consumer rate, the consumers there are (at least 1) while there is a backlog, else 0")}}));
     let kind = json!({"type": "string", "enum": ["queue", "subscription", "group"]});
     schemas_map.insert("ForecastReply".into(), json!({"type": "object", "additionalProperties": false, "required": ["kind", "name", "forecast"], "properties": {
         "kind": kind.clone(), "name": {"type": "string"}, "forecast": schema_ref("Forecast")}}));

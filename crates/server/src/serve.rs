@@ -983,6 +983,12 @@ fn check_open_files(settings: &Settings, open_files: u64) -> anyhow::Result<()> 
             settings.http.max_connections,
         ));
     }
+    if settings.console.listen.is_some() {
+        caps.push((
+            "[http] max_connections (console)",
+            settings.http.max_connections,
+        ));
+    }
     if let Some(kafka) = &settings.kafka {
         caps.push(("[kafka] max_connections", kafka.max_connections));
     }

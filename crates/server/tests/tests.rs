@@ -6,6 +6,7 @@ mod tls;
 mod auth;
 mod binary;
 mod cli;
+mod console;
 mod crash;
 mod disk_full;
 mod forecast;
