@@ -114,7 +114,7 @@ def test_subscriptions_and_groups(scaler):
     api("POST", f"/v1/groups/{group}/consumers/{member}/commit", {})
     trigger = ref(group=group, metric="lag")
     lag = scaler.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=trigger), timeout=10).metricValues[0]
-    assert lag.metricName == f"tidewater-group-{group}-backlog"
+    assert lag.metricName == f"tidewater-group-{group}-lag"
     assert 0 <= lag.metricValue <= 30
 
 

@@ -18,7 +18,7 @@
 //!   at 1 − μ·A/B a second, and crosses the objective O after (O − A)/(1 − μ·A/B) seconds
 //!   when that is positive;
 //! - consumers needed (Little's law, consumers as servers): a consumer serves r messages a
-//!   second, so keeping up with arrivals takes λ/r consumers and draining B within T
+//!   second (the service rate over the consumers that were handed messages in the window), so keeping up with arrivals takes λ/r consumers and draining B within T
 //!   seconds B/(T·r) more: ⌈(λ + B/T)/r⌉. r is the per-consumer rate measured the last time
 //!   the consumers were busy (a backlog ready for them throughout the window, the same
 //!   consumers throughout, and some served in every interval), which is their capacity;
@@ -44,6 +44,10 @@ pub struct Sample {
     pub arrived: u64,
     /// Consumers seen within the idle window (a group's members).
     pub consumers: u32,
+    /// Of them, those that were handed messages within the rate window: the ones serving
+    /// (a group: its members). The per-consumer rate divides by these, so a consumer that
+    /// stopped does not count as capacity while it is still "seen".
+    pub serving: u32,
 }
 
 /// How the forecast is asked: its objectives and the window its rates are read over.
@@ -134,7 +138,7 @@ struct Rates {
     window_ms: u64,
     arrival: f64,
     service: f64,
-    /// Time-weighted mean of the consumers seen over the window.
+    /// Time-weighted mean of the consumers serving over the window.
     consumers: f64,
     /// A backlog was ready for the consumers at every sample of the window, the same
     /// consumers were there throughout, and each interval served some: what they served
@@ -232,8 +236,8 @@ impl History {
             .chain(std::iter::once(now))
         {
             if let Some(p) = previous {
-                weighted += p.consumers as f64 * (s.at_ms - p.at_ms) as f64 / 1000.0;
-                busy &= p.consumers == s.consumers;
+                weighted += p.serving as f64 * (s.at_ms - p.at_ms) as f64 / 1000.0;
+                busy &= p.serving == s.serving;
                 served_each &= s.arrived + p.backlog > p.arrived + s.backlog;
             }
             busy &= s.ready > 0;
@@ -328,31 +332,53 @@ fn seconds_to_ms(seconds: f64) -> u64 {
 }
 
 /// Consumers of a queue seen recently, by an identity the caller gives (a name the client
-/// sends, or its connection). Bounded: past `max` identities the one seen longest ago goes.
+/// sends, or its connection): when each last asked for messages, and when it was last
+/// handed some. Bounded: past `MAX_SEEN_CONSUMERS` identities the one seen longest ago goes.
 #[derive(Debug, Clone, Default)]
 pub struct Seen {
-    last: HashMap<u64, i64>,
+    /// Identity -> (last asked, last handed messages; `i64::MIN` for never).
+    last: HashMap<u64, (i64, i64)>,
 }
 
 /// Identities a queue remembers for its consumer count.
 pub const MAX_SEEN_CONSUMERS: usize = 1024;
 
 impl Seen {
+    /// `consumer` asks for messages.
     pub fn see(&mut self, consumer: u64, now_ms: i64) {
         if self.last.len() >= MAX_SEEN_CONSUMERS
             && !self.last.contains_key(&consumer)
-            && let Some((&stalest, _)) = self.last.iter().min_by_key(|(_, at)| **at)
+            && let Some((&stalest, _)) = self.last.iter().min_by_key(|(_, (at, _))| *at)
         {
             self.last.remove(&stalest);
         }
-        self.last.insert(consumer, now_ms);
+        self.last
+            .entry(consumer)
+            .and_modify(|(seen, _)| *seen = now_ms)
+            .or_insert((now_ms, i64::MIN));
     }
 
-    /// Consumers seen within `idle_ms` of `now_ms`; forgets the others.
-    pub fn active(&mut self, now_ms: i64, idle_ms: u64) -> u32 {
+    /// `consumer` was handed messages.
+    pub fn served(&mut self, consumer: u64, now_ms: i64) {
+        self.see(consumer, now_ms);
+        if let Some((_, served)) = self.last.get_mut(&consumer) {
+            *served = now_ms;
+        }
+    }
+
+    /// Consumers seen within `idle_ms` of `now_ms` (forgetting the others), and of them
+    /// those handed messages within `window_ms`.
+    pub fn active(&mut self, now_ms: i64, idle_ms: u64, window_ms: u64) -> (u32, u32) {
         self.last
-            .retain(|_, at| now_ms.saturating_sub(*at) <= idle_ms as i64);
-        self.last.len() as u32
+            .retain(|_, (seen, _)| now_ms.saturating_sub(*seen) <= idle_ms as i64);
+        let serving = self
+            .last
+            .values()
+            .filter(|(_, served)| {
+                *served != i64::MIN && now_ms.saturating_sub(*served) <= window_ms as i64
+            })
+            .count();
+        (self.last.len() as u32, serving as u32)
     }
 }
 
@@ -384,6 +410,7 @@ mod tests {
             s.backlog = (s.backlog + arrival * 10).saturating_sub(served_per_s * 10);
             s.ready = s.backlog;
             s.consumers = consumers;
+            s.serving = consumers;
             history.record(s, 60_000);
         }
         s
@@ -405,6 +432,7 @@ mod tests {
             backlog: 120_000,
             ready: 120_000,
             consumers: 4,
+            serving: 4,
             ..Sample::default()
         };
         h.record(start, 60_000);
@@ -435,6 +463,7 @@ mod tests {
             ready: 1_000,
             oldest_age_ms: 10_000,
             consumers: 2,
+            serving: 2,
             ..Sample::default()
         };
         h.record(start, 60_000);
@@ -462,6 +491,7 @@ mod tests {
             backlog: 100_000,
             ready: 100_000,
             consumers: 5,
+            serving: 5,
             ..Sample::default()
         };
         h.record(start, 60_000);
@@ -489,6 +519,7 @@ mod tests {
         let mut fresh = History::new(360, 10_000);
         let start = Sample {
             consumers: 5,
+            serving: 5,
             ..Sample::default()
         };
         fresh.record(start, 60_000);
@@ -591,14 +622,49 @@ mod tests {
     #[test]
     fn consumers_are_counted_within_the_idle_window_and_bounded() {
         let mut seen = Seen::default();
-        seen.see(consumer_id(b"a"), 0);
+        seen.served(consumer_id(b"a"), 0);
         seen.see(consumer_id(b"b"), 5_000);
         seen.see(consumer_id(b"a"), 10_000);
-        assert_eq!(seen.active(10_000, 60_000), 2);
-        assert_eq!(seen.active(66_000, 60_000), 1);
+        // Both seen; only a was handed messages, 10 s ago.
+        assert_eq!(seen.active(10_000, 60_000, 30_000), (2, 1));
+        assert_eq!(seen.active(40_000, 60_000, 30_000), (2, 0));
+        assert_eq!(seen.active(66_000, 60_000, 30_000), (1, 0));
         for i in 0..(MAX_SEEN_CONSUMERS as u64 + 10) {
-            seen.see(i, 70_000 + i as i64);
+            seen.served(i, 70_000 + i as i64);
         }
-        assert_eq!(seen.active(80_000, 60_000), MAX_SEEN_CONSUMERS as u32);
+        assert_eq!(
+            seen.active(80_000, 60_000, 30_000),
+            (MAX_SEEN_CONSUMERS as u32, MAX_SEEN_CONSUMERS as u32)
+        );
+    }
+
+    #[test]
+    fn consumers_that_stopped_do_not_lower_the_per_consumer_rate() {
+        // Six seen, one serving 68/s: the rate per consumer is 68, not 68/6.
+        let mut h = History::new(360, 1_000);
+        let mut s = Sample {
+            backlog: 100_000,
+            ready: 100_000,
+            consumers: 6,
+            serving: 1,
+            ..Sample::default()
+        };
+        h.record(s, 10_000);
+        for _ in 0..10 {
+            s.at_ms += 1_000;
+            s.backlog -= 68;
+            s.ready = s.backlog;
+            h.record(s, 10_000);
+        }
+        let f = h.forecast(
+            &s,
+            &Objectives {
+                rate_window_ms: 10_000,
+                ..objectives()
+            },
+        );
+        assert_eq!(f.consumers, 6);
+        assert_eq!(f.per_consumer_per_s, Some(68.0));
+        assert_eq!(f.per_consumer_source, Some(RateSource::Busy));
     }
 }

@@ -296,7 +296,7 @@ async function overview() {
       ? api("GET", `${queuePath(q.name)}/history`).catch(() => ({ samples: [] }))
       : Promise.resolve({ samples: [] })));
     fill("queues", queues.queues.length === 0 ? h("p", { class: "muted" }, "No queues yet.") : h("table", {},
-      h("thead", {}, h("tr", {}, ["queue", "depth", "in flight", "delayed", "oldest", "in", "out", "DLQ", "forecast", "last hour"].map((c, i) => h("th", { class: i && i < 8 ? "num" : "" }, c)))),
+      h("thead", {}, h("tr", {}, ["queue", "depth", "in flight", "delayed", "oldest", "arrival", "service", "DLQ", "forecast", "last hour"].map((c, i) => h("th", { class: i && i < 8 ? "num" : "" }, c)))),
       h("tbody", {}, queues.queues.map((q, i) => {
         const f = q.stats.forecast || {};
         const dlq = q.config.dead_letter_queue && byName.get(q.config.dead_letter_queue);
@@ -368,7 +368,7 @@ function historyCharts(history) {
     ], { label: "backlog" }), legend(["backlog", "in flight", "delayed"])),
     h("div", {}, h("h2", {}, "Rates, last hour"), chart(samples, [
       { value: (p) => p.arrival_per_s }, { value: (p) => p.service_per_s },
-    ], { unit: "rate", label: "rates" }), legend(["in", "out"])));
+    ], { unit: "rate", label: "rates" }), legend(["arrival", "service"])));
 }
 
 // A dead letter's history header, readable: times as times, the error list one a line.

@@ -168,6 +168,7 @@ pub enum QueueCommand {
   tidewater queue forecast orders
   tidewater queue forecast orders --drain-target-ms 60000 --json")]
     Forecast {
+        /// The queue.
         name: String,
         #[command(flatten)]
         objectives: crate::cli_forecast::ObjectiveFlags,

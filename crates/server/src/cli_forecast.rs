@@ -10,13 +10,16 @@ use crate::client::{Client, outln};
 /// otherwise).
 #[derive(Debug, Default, clap::Args)]
 pub struct ObjectiveFlags {
-    /// Measure the rates over this window (ms).
+    /// Measure the rates over this window (ms; default: the server's [forecast]
+    /// rate_window_ms, 60000).
     #[arg(long, value_name = "MS")]
     rate_window_ms: Option<u64>,
-    /// The oldest message should be younger than this (ms).
+    /// The oldest message should be younger than this (ms; default: [forecast]
+    /// age_objective_ms, 300000).
     #[arg(long, value_name = "MS")]
     age_objective_ms: Option<u64>,
-    /// Consumers needed to drain the backlog within this (ms).
+    /// Consumers needed to drain the backlog within this (ms; default: [forecast]
+    /// drain_target_ms, 300000).
     #[arg(long, value_name = "MS")]
     drain_target_ms: Option<u64>,
 }
@@ -54,7 +57,7 @@ pub fn show(
     }
     let f = &reply["forecast"];
     outln!("{what}: {}", summary(f));
-    table(&["FIGURE", "VALUE"], &rows(f));
+    table(&["FIGURE", "VALUE"], &rows(f, reply["kind"] == "group"));
     Ok(())
 }
 
@@ -64,7 +67,7 @@ pub(crate) fn summary(f: &Value) -> String {
         "empty" => "empty".into(),
         "draining" => format!("draining, empty in {}", ms(&f["drain_ms"])),
         "growing" => "growing: arrivals outpace service".into(),
-        "stalled" => "stalled: nothing is served (no consumers?)".into(),
+        "stalled" => "stalled: nothing arrives and nothing is served".into(),
         _ => "not enough history yet to measure rates".into(),
     }
 }
@@ -81,7 +84,7 @@ fn rate(v: &Value) -> String {
     v.as_f64().map_or("-".into(), |r| format!("{r:.1}/s"))
 }
 
-fn rows(f: &Value) -> Vec<Vec<String>> {
+fn rows(f: &Value, group: bool) -> Vec<Vec<String>> {
     let n = |k: &str| f[k].as_u64().map_or("-".into(), |n| n.to_string());
     let per_consumer = match (
         f["per_consumer_per_s"].as_f64(),
@@ -96,16 +99,29 @@ fn rows(f: &Value) -> Vec<Vec<String>> {
         Some(ms) => format!("crossed in {}", age(ms)),
         None => "not heading there".into(),
     };
-    vec![
-        vec!["backlog".into(), n("backlog")],
-        vec!["ready".into(), n("ready")],
-        vec!["in flight".into(), n("in_flight")],
-        vec!["delayed".into(), n("delayed")],
-        vec!["oldest age".into(), ms(&f["oldest_age_ms"])],
+    // A group has lag: no leases, no delays; its oldest is the oldest record not consumed.
+    let head = if group {
+        vec![
+            vec!["lag".into(), n("backlog")],
+            vec!["oldest not consumed".into(), ms(&f["oldest_age_ms"])],
+        ]
+    } else {
+        vec![
+            vec!["backlog".into(), n("backlog")],
+            vec!["ready".into(), n("ready")],
+            vec!["in flight".into(), n("in_flight")],
+            vec!["delayed".into(), n("delayed")],
+            vec!["oldest age".into(), ms(&f["oldest_age_ms"])],
+        ]
+    };
+    let tail = vec![
         vec!["arrival rate".into(), rate(&f["arrival_per_s"])],
         vec!["service rate".into(), rate(&f["service_per_s"])],
         vec!["rate window".into(), ms(&f["window_ms"])],
-        vec!["consumers".into(), n("consumers")],
+        vec![
+            if group { "members" } else { "consumers" }.into(),
+            n("consumers"),
+        ],
         vec!["per consumer".into(), per_consumer],
         vec!["drain time".into(), ms(&f["drain_ms"])],
         vec![
@@ -116,5 +132,6 @@ fn rows(f: &Value) -> Vec<Vec<String>> {
             format!("consumers needed (drain in {})", ms(&f["drain_target_ms"])),
             n("consumers_needed"),
         ],
-    ]
+    ];
+    head.into_iter().chain(tail).collect()
 }

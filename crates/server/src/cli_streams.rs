@@ -911,7 +911,9 @@ pub enum GroupCommand {
     Describe { group: String },
     /// Forecast the group's lag over its committed partitions (as `tidewater queue
     /// forecast`; its consumers are its members).
+    #[command(after_help = "Example:\n  tidewater group forecast readers --drain-target-ms 120000")]
     Forecast {
+        /// The group.
         group: String,
         #[command(flatten)]
         objectives: crate::cli_forecast::ObjectiveFlags,

@@ -95,6 +95,7 @@ pub enum SubscriptionCommand {
         name: String,
     },
     /// Forecast the subscription's backlog (as `tidewater queue forecast`).
+    #[command(after_help = "Example:\n  tidewater subscription forecast orders/billing --json")]
     Forecast {
         /// STREAM/SUBSCRIPTION
         name: String,

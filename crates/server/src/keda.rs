@@ -90,6 +90,8 @@ impl KedaConfig {
 pub enum Metric {
     /// Unsettled messages (a group: its lag).
     Backlog,
+    /// The same, asked for as `lag` (and so named).
+    Lag,
     /// The oldest message's age, in seconds.
     OldestAgeSeconds,
     /// The forecast's consumers needed to drain within `drain_target_ms`.
@@ -100,6 +102,7 @@ impl Metric {
     fn name(self) -> &'static str {
         match self {
             Metric::Backlog => "backlog",
+            Metric::Lag => "lag",
             Metric::OldestAgeSeconds => "oldest_age_seconds",
             Metric::ConsumersNeeded => "consumers_needed",
         }
@@ -108,7 +111,7 @@ impl Metric {
     /// The per-replica target when the trigger gives none.
     fn default_target(self) -> f64 {
         match self {
-            Metric::Backlog => 100.0,
+            Metric::Backlog | Metric::Lag => 100.0,
             Metric::OldestAgeSeconds => 60.0,
             Metric::ConsumersNeeded => 1.0,
         }
@@ -159,7 +162,8 @@ pub fn trigger(metadata: &HashMap<String, String>) -> Result<Trigger, String> {
         [(key, name)] => return Err(format!("{key} '{name}' is not a valid name")),
     };
     let metric = match metadata.get("metric").map(String::as_str) {
-        None | Some("backlog" | "lag") => Metric::Backlog,
+        None | Some("backlog") => Metric::Backlog,
+        Some("lag") => Metric::Lag,
         Some("oldest_age_seconds") => Metric::OldestAgeSeconds,
         Some("consumers_needed") => Metric::ConsumersNeeded,
         Some(other) => {
@@ -173,7 +177,7 @@ pub fn trigger(metadata: &HashMap<String, String>) -> Result<Trigger, String> {
             None => Ok(default),
             Some(text) => match text.trim().parse::<f64>() {
                 Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-                _ => Err(format!("{key} '{text}' is not a number >= 0")),
+                _ => Err(format!("{key} '{text}' must be a number (0 or more)")),
             },
         }
     };
@@ -191,7 +195,7 @@ pub fn trigger(metadata: &HashMap<String, String>) -> Result<Trigger, String> {
     };
     let target = number("target", metric.default_target())?;
     if target <= 0.0 {
-        return Err("target must be above 0".into());
+        return Err("target must be a number above 0".into());
     }
     Ok(Trigger {
         subject,
@@ -208,7 +212,7 @@ impl Trigger {
     /// The metric's value in a forecast.
     pub fn value(&self, forecast: &Forecast) -> f64 {
         match self.metric {
-            Metric::Backlog => forecast.backlog as f64,
+            Metric::Backlog | Metric::Lag => forecast.backlog as f64,
             Metric::OldestAgeSeconds => forecast.oldest_age_ms as f64 / 1000.0,
             Metric::ConsumersNeeded => f64::from(forecast.consumers_needed),
         }

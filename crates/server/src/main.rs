@@ -55,6 +55,7 @@ struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Connection",
         env = "TIDEWATER_SERVER",
         default_value = "http://127.0.0.1:7070"
     )]
@@ -63,27 +64,41 @@ struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Connection",
         env = "TIDEWATER_PROTOCOL_SERVER",
         default_value = "127.0.0.1:7071"
     )]
     protocol_server: String,
     /// An API key's token, `<key id>.<secret>`, for a server with authentication on (sent
     /// as `Authorization: Bearer` and in the binary protocol's Hello).
-    #[arg(long, global = true, env = "TIDEWATER_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "TIDEWATER_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
     /// PEM file of the CA that signed the server's certificate (for https:// servers;
     /// default: the system's roots).
-    #[arg(long, global = true, env = "TIDEWATER_CACERT", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "TIDEWATER_CACERT",
+        value_name = "FILE"
+    )]
     cacert: Option<std::path::PathBuf>,
     /// Do not check the server's certificate at all (anyone in the middle can read and
     /// change the traffic): only for tests and throwaway setups.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Connection")]
     insecure: bool,
     /// PEM client certificate (with --client-key, its PEM key), for a server that takes
     /// client certificates (mutual TLS).
     #[arg(
         long,
         global = true,
+        help_heading = "Connection",
         env = "TIDEWATER_CLIENT_CERT",
         value_name = "FILE",
         requires = "client_key"
@@ -92,6 +107,7 @@ struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Connection",
         env = "TIDEWATER_CLIENT_KEY",
         value_name = "FILE",
         requires = "client_cert"

@@ -1265,7 +1265,7 @@ type ForecastStat = (
 );
 
 /// The forecast's figures as metrics (suffixes of `queue_`, `subscription_` and `group_`).
-const FORECAST_STATS: [ForecastStat; 6] = [
+const FORECAST_STATS: [ForecastStat; 7] = [
     (
         "arrival_rate",
         "Messages arriving per second, over the forecast's rate window",
@@ -1283,12 +1283,18 @@ const FORECAST_STATS: [ForecastStat; 6] = [
     ),
     (
         "drain_seconds",
-        "Seconds to drain the backlog at the current rates (+Inf while it grows or nothing serves it)",
+        "Seconds to drain the backlog at the current rates (no series while it grows or nothing serves it: see growing)",
+        |f| f.drain_ms.map(|ms| ms as f64 / 1000.0),
+    ),
+    (
+        "growing",
+        "1 while the backlog does not drain at the current rates (arrivals outpace service, or nothing is served), else 0",
         |f| match f.trend {
             tidewater_core::forecast::Trend::Growing | tidewater_core::forecast::Trend::Stalled => {
-                Some(f64::INFINITY)
+                Some(1.0)
             }
-            _ => f.drain_ms.map(|ms| ms as f64 / 1000.0),
+            tidewater_core::forecast::Trend::Unknown => None,
+            _ => Some(0.0),
         },
     ),
     (

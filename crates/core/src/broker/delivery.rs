@@ -145,9 +145,11 @@ impl Broker {
                     continue; // look again at once: what followed them may be deliverable
                 }
             }
-            if !deliveries.is_empty()
-                || tokio::time::Instant::now() >= deadline
-                || self.inner.closing.load(Ordering::SeqCst)
+            if !deliveries.is_empty() {
+                self.served_consumer(&handle, consumer);
+                return Ok(deliveries);
+            }
+            if tokio::time::Instant::now() >= deadline || self.inner.closing.load(Ordering::SeqCst)
             {
                 return Ok(deliveries);
             }

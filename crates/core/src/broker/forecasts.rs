@@ -153,10 +153,11 @@ impl Broker {
             state.refresh_oldest(&handle.reader);
             state.stats(now)
         };
-        let consumers = handle
-            .consumers
-            .lock()
-            .active(now, self.inner.forecast.consumer_idle_ms);
+        let (consumers, serving) = handle.consumers.lock().active(
+            now,
+            self.inner.forecast.consumer_idle_ms,
+            self.inner.forecast.objectives.rate_window_ms,
+        );
         Sample {
             at_ms: now,
             backlog: stats.total,
@@ -166,6 +167,7 @@ impl Broker {
             oldest_age_ms: stats.oldest_age_ms,
             arrived: stats.published,
             consumers,
+            serving,
         }
     }
 
@@ -174,9 +176,11 @@ impl Broker {
     fn group_samples(&self, now: i64) -> BTreeMap<String, Sample> {
         let mut out: BTreeMap<String, Sample> = BTreeMap::new();
         for lag in self.group_lags() {
+            let members = lag.members.min(u32::MAX as u64) as u32;
             let sample = out.entry(lag.group.clone()).or_insert(Sample {
                 at_ms: now,
-                consumers: lag.members.min(u32::MAX as u64) as u32,
+                consumers: members,
+                serving: members,
                 ..Sample::default()
             });
             sample.backlog += lag.lag;
@@ -267,6 +271,11 @@ impl Broker {
             .get(subject)
             .map(|h| h.samples().copied().collect())
             .unwrap_or_default())
+    }
+
+    /// Notes that `consumer` was handed messages from a queue or subscription.
+    pub(super) fn served_consumer(&self, handle: &Arc<QueueHandle>, consumer: u64) {
+        handle.consumers.lock().served(consumer, self.now_ms());
     }
 
     /// Notes a receive by `consumer` (an identity: `forecast::consumer_id`) on a queue or
