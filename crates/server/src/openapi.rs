@@ -1208,11 +1208,12 @@ pub fn document(limits: &Limits) -> Value {
         "kind": kind, "name": {"type": "string"}, "interval_ms": count.clone(),
         "samples": {"type": "array", "description": "oldest first, one every interval_ms (forecast.history_ms of them at most)",
             "items": {"type": "object", "additionalProperties": false,
-                "required": ["at_ms", "backlog", "ready", "in_flight", "delayed", "oldest_age_ms", "arrived", "consumers", "arrival_per_s", "service_per_s"],
+                "required": ["at_ms", "backlog", "ready", "in_flight", "delayed", "oldest_age_ms", "arrived", "consumers", "serving", "arrival_per_s", "service_per_s"],
                 "properties": {"at_ms": {"type": "integer"}, "backlog": count.clone(), "ready": count.clone(), "in_flight": count.clone(),
                     "delayed": count.clone(), "oldest_age_ms": count.clone(),
                     "arrived": described(count.clone(), "messages arrived since the server started"),
-                    "consumers": count,
+                    "consumers": count.clone(),
+                    "serving": described(count, "of the consumers, those handed messages within the rate window (a group: its members)"),
                     "arrival_per_s": described(rate.clone(), "since the sample before (null for the first)"),
                     "service_per_s": rate}}}}}));
     schemas_map.insert("Status".into(), json!({"type": "object", "additionalProperties": false, "required": ["status"], "properties": {

@@ -281,7 +281,8 @@ async fn tenant_skew(scale: usize) -> anyhow::Result<Report> {
     })
 }
 
-fn fig(what: &'static str, values: [[f64; 3]; 2], i: usize) -> Figure {
+/// Figure `i` of a scenario's two runs (before, after).
+fn fig<const N: usize>(what: &'static str, values: [[f64; N]; 2], i: usize) -> Figure {
     Figure {
         what,
         before: values[0][i],
@@ -669,20 +670,12 @@ async fn order_spike(scale: usize) -> anyhow::Result<Report> {
             drain_target_ms / 1000
         ),
         figures: vec![
-            fig4("workers", figures, 0),
-            fig4("forecast drain at its start (s)", figures, 1),
-            fig4("measured drain (s)", figures, 2),
-            fig4("forecast error (%)", figures, 3),
+            fig("workers", figures, 0),
+            fig("forecast drain at its start (s)", figures, 1),
+            fig("measured drain (s)", figures, 2),
+            fig("forecast error (%)", figures, 3),
         ],
     })
-}
-
-fn fig4(what: &'static str, values: [[f64; 4]; 2], i: usize) -> Figure {
-    Figure {
-        what,
-        before: values[0][i],
-        after: values[1][i],
-    }
 }
 
 /// Brief incident 15: a provider floods a receiver with 2,000 signed webhooks a second for
@@ -828,11 +821,11 @@ async fn webhook_flood(scale: usize) -> anyhow::Result<Report> {
         incident: "a provider sends 2,000 webhooks/s for 10 s to a receiver that handles 500/s and restarts 5 s in",
         policy: r#"a hook (preset github) into a queue of 5,000: 200 only once durable, 429 + Retry-After when full, replays deduplicated by X-GitHub-Delivery"#.into(),
         figures: vec![
-            fig5("webhooks answered 200", figures, 0),
-            fig5("answered 200 and never handled (lost)", figures, 1),
-            fig5("handled more than once", figures, 2),
-            fig5("refused with Retry-After (sent again later)", figures, 3),
-            fig5("waiting in memory at the restart", figures, 4),
+            fig("webhooks answered 200", figures, 0),
+            fig("answered 200 and never handled (lost)", figures, 1),
+            fig("handled more than once", figures, 2),
+            fig("refused with Retry-After (sent again later)", figures, 3),
+            fig("waiting in memory at the restart", figures, 4),
         ],
     })
 }
@@ -1095,21 +1088,13 @@ async fn iot_lag(scale: usize) -> anyhow::Result<Report> {
             "a consumer group of 8 on a stream of 8 partitions (the broker assigns, members commit)"
                 .into(),
         figures: vec![
-            fig5("lag at the incident (records)", figures, 0),
-            fig5("lag at the incident (seconds)", figures, 1),
-            fig5("lag 10 minutes later (records)", figures, 2),
-            fig5("lag 10 minutes later (seconds)", figures, 3),
-            fig5("records consumed per second since", figures, 4),
+            fig("lag at the incident (records)", figures, 0),
+            fig("lag at the incident (seconds)", figures, 1),
+            fig("lag 10 minutes later (records)", figures, 2),
+            fig("lag 10 minutes later (seconds)", figures, 3),
+            fig("records consumed per second since", figures, 4),
         ],
     })
-}
-
-fn fig5(what: &'static str, values: [[f64; 5]; 2], i: usize) -> Figure {
-    Figure {
-        what,
-        before: values[0][i],
-        after: values[1][i],
-    }
 }
 
 /// Commits where a member is in each partition it holds.

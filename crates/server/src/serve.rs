@@ -628,59 +628,34 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         guard: guard.clone(),
         console: settings.console.enabled,
     };
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (in use? try --listen 127.0.0.1:7071)",
-                settings.listen
-            )
-        })?;
-    let protocol = tokio::net::TcpListener::bind(settings.protocol_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} for the binary protocol (in use? try --protocol-listen)",
-                settings.protocol_listen
-            )
-        })?;
-    // Bound now, so a port in use fails the start; served once recovery is done.
+    // Every listener bound now, so a port in use fails the start; the Kafka and KEDA ones
+    // are served once recovery is done.
+    let listener = bind(
+        settings.listen,
+        "the HTTP API",
+        "try --listen 127.0.0.1:7071",
+    )
+    .await?;
+    let protocol = bind(
+        settings.protocol_listen,
+        "the binary protocol",
+        "try --protocol-listen",
+    )
+    .await?;
     let kafka_listener = match &settings.kafka {
-        Some(kafka) => Some(
-            tokio::net::TcpListener::bind(kafka.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot listen on {} for the Kafka protocol (in use? try --kafka-listen)",
-                        kafka.listen
-                    )
-                })?,
-        ),
+        Some(kafka) => Some(bind(kafka.listen, "the Kafka protocol", "try --kafka-listen").await?),
         None => None,
     };
     let hooks_listener = match &settings.hooks {
-        Some(hooks) => Some(
-            tokio::net::TcpListener::bind(hooks.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot listen on {} for webhooks (in use? try --hooks-listen)",
-                        hooks.listen
-                    )
-                })?,
-        ),
+        Some(hooks) => Some(bind(hooks.listen, "webhooks", "try --hooks-listen").await?),
         None => None,
     };
     let console_listener = match settings.console.listen {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!("cannot listen on {addr} for the console (in use? see [console] listen)")
-        })?),
+        Some(addr) => Some(bind(addr, "the console", "see [console] listen").await?),
         None => None,
     };
     let keda_listener = match &settings.keda {
-        Some((addr, _)) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!("cannot listen on {addr} for the KEDA scaler (in use? see [keda] listen)")
-        })?),
+        Some((addr, _)) => Some(bind(*addr, "the KEDA scaler", "see [keda] listen").await?),
         None => None,
     };
     tracing::info!(listen = %settings.listen, protocol = %settings.protocol_listen, kafka = ?settings.kafka.as_ref().map(|k| k.listen), hooks = ?settings.hooks.as_ref().map(|h| h.listen), data = %settings.data.display(), "tidewater listening; recovering data");
@@ -968,6 +943,13 @@ const STORAGE_FILES_RESERVE: u64 = 256;
 /// in the open-files limit: they would fail at accept or at a write, under load, instead of
 /// now. (The number of queues does not matter: segment files beyond
 /// `max_open_segment_files` are closed, least recently used first, and reopened on use.)
+/// Binds a listener, saying what it is for and what to try when the address is taken.
+async fn bind(addr: SocketAddr, what: &str, hint: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for {what} (in use? {hint})"))
+}
+
 fn check_open_files(settings: &Settings, open_files: u64) -> anyhow::Result<()> {
     // Every listener that is on, by its connection cap.
     let mut caps = vec![

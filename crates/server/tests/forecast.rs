@@ -149,19 +149,7 @@ fn queues_subscriptions_and_groups_have_forecasts() {
     );
     assert_eq!(sub["kind"], "subscription");
     assert_eq!(sub["forecast"]["consumers"], 1);
-    let member = server.ok(
-        "POST",
-        "/v1/groups/readers/consumers",
-        Some(json!({"streams": ["events"]})),
-    );
-    let member = member["member"].as_str().expect("a member id").to_string();
-    let base = format!("/v1/groups/readers/consumers/{member}");
-    let fetched = server.ok("GET", &format!("{base}/records"), None);
-    assert!(
-        !fetched["records"].as_array().unwrap().is_empty(),
-        "{fetched}"
-    );
-    server.ok("POST", &format!("{base}/commit"), Some(json!({})));
+    server.join_fetch_commit("readers", "events");
     let group = until(&server, "/v1/groups/readers/forecast", |v| {
         v["forecast"]["consumers"] == 1
     });

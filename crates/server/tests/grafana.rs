@@ -114,24 +114,7 @@ fn every_metric_and_label_the_dashboard_queries_exists() {
         "/v1/streams/events/records",
         Some(json!({"records": [{"value": "x"}]})),
     );
-    let member = server.ok(
-        "POST",
-        "/v1/groups/readers/consumers",
-        Some(json!({"streams": ["events"]})),
-    )["member"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    server.ok(
-        "GET",
-        &format!("/v1/groups/readers/consumers/{member}/records"),
-        None,
-    );
-    server.ok(
-        "POST",
-        &format!("/v1/groups/readers/consumers/{member}/commit"),
-        Some(json!({})),
-    );
+    server.join_fetch_commit("readers", "events");
 
     let families = families(&metrics_text(&server.url));
     let dashboard: Value = serde_json::from_str(DASHBOARD).unwrap();

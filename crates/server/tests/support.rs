@@ -304,6 +304,29 @@ impl Server {
         value
     }
 
+    /// Joins `group` on `stream` as an HTTP consumer, fetches once and commits what it
+    /// fetched (the member stays); returns the member id.
+    pub fn join_fetch_commit(&self, group: &str, stream: &str) -> String {
+        let member = self.ok(
+            "POST",
+            &format!("/v1/groups/{group}/consumers"),
+            Some(serde_json::json!({"streams": [stream]})),
+        );
+        let member = member["member"].as_str().expect("a member id").to_string();
+        let base = format!("/v1/groups/{group}/consumers/{member}");
+        let fetched = self.ok("GET", &format!("{base}/records"), None);
+        assert!(
+            !fetched["records"].as_array().unwrap().is_empty(),
+            "{fetched}"
+        );
+        self.ok(
+            "POST",
+            &format!("{base}/commit"),
+            Some(serde_json::json!({})),
+        );
+        member
+    }
+
     pub fn create_queue(&self, name: &str, config: Value) {
         self.ok("PUT", &format!("/v1/queues/{name}"), Some(config));
     }
