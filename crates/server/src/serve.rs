@@ -20,7 +20,7 @@ pub const EXIT_STORAGE_FAILED: i32 = 74;
 /// storage error.
 const FATAL_EXIT_GRACE: Duration = Duration::from_millis(300);
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Default, clap::Args)]
 pub struct ServeArgs {
     /// Data directory (created if missing).
     #[arg(long, env = "TIDEWATER_DATA")]
@@ -1029,14 +1029,8 @@ mod tests {
         std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata = \"/tmp/x\"\n[limits]\nmax_batch_messages = 5\n[storage]\nsegment_roll_bytes = 1048576\n").unwrap();
         let args = ServeArgs {
             data: Some("/tmp/y".into()),
-            listen: None,
-            protocol_listen: None,
-            kafka_listen: None,
-            kafka_advertised: None,
-            hooks_listen: None,
             config: Some(path),
-            log_format: None,
-            repair_missing: false,
+            ..ServeArgs::default()
         };
         let s = settings(&args).unwrap();
         assert_eq!(s.data, PathBuf::from("/tmp/y"));
@@ -1051,32 +1045,14 @@ mod tests {
 
     #[test]
     fn defaults_are_loopback_and_unknown_keys_are_errors() {
-        let s = settings(&ServeArgs {
-            data: None,
-            listen: None,
-            protocol_listen: None,
-            kafka_listen: None,
-            kafka_advertised: None,
-            hooks_listen: None,
-            config: None,
-            log_format: None,
-            repair_missing: false,
-        })
-        .unwrap();
+        let s = settings(&ServeArgs::default()).unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:7070");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.toml");
         std::fs::write(&path, "listn = \"x\"\n").unwrap();
         let err = settings(&ServeArgs {
-            data: None,
-            listen: None,
-            protocol_listen: None,
-            kafka_listen: None,
-            kafka_advertised: None,
-            hooks_listen: None,
             config: Some(path),
-            log_format: None,
-            repair_missing: false,
+            ..ServeArgs::default()
         })
         .err()
         .unwrap();
@@ -1222,15 +1198,8 @@ mod example {
 
     fn args(config: Option<PathBuf>) -> ServeArgs {
         ServeArgs {
-            data: None,
-            listen: None,
-            protocol_listen: None,
-            kafka_listen: None,
-            kafka_advertised: None,
-            hooks_listen: None,
             config,
-            log_format: None,
-            repair_missing: false,
+            ..ServeArgs::default()
         }
     }
 

@@ -114,10 +114,13 @@ impl Broker {
             )));
         }
         check_lease_ms(lease_ms)?;
-        self.seen_consumer(&self.resolve(queue)?, consumer);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        let mut first = true;
         loop {
             let handle = self.resolve(queue)?;
+            if std::mem::take(&mut first) {
+                self.seen_consumer(&handle, consumer);
+            }
             let notified = handle.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
