@@ -5,14 +5,15 @@
 //! the same records, and stamp (base offset, append time) into one that still checks;
 //! compaction's rebuild (`rebuild_kafka_batch`: some records kept, the span widened, a
 //! delete horizon set) must give a batch that checks and holds exactly the records kept, at
-//! their offsets and times.
+//! their offsets and times, or be refused when the span is wider than a batch can span.
 //! First byte odd: each batch's length and CRC are repaired first.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use tidewater_format::FormatError;
 use tidewater_format::kafka::{
-    KAFKA_HEADER_LEN, KafkaBatchBuilder, KafkaRecords, NewKafkaRecord, batch_records,
-    check_kafka_batch, rebuild_kafka_batch, split_kafka_batches, stamp_kafka_batch,
+    KAFKA_HEADER_LEN, KafkaBatchBuilder, KafkaRecords, MAX_KAFKA_BATCH_SPAN, NewKafkaRecord,
+    batch_records, check_kafka_batch, rebuild_kafka_batch, split_kafka_batches, stamp_kafka_batch,
 };
 use tidewater_fuzz::{mode, repair_kafka_batches};
 
@@ -67,9 +68,15 @@ fuzz_target!(|data: &[u8]| {
             let horizon = (parity == 1).then_some(9_999);
             let rebuilt = rebuild_kafka_batch(batch, &header, base, span, horizon, &mut |r| {
                 r.offset % 2 == parity
-            })
-            .expect("a checked batch rebuilds");
-            {
+            });
+            // Wider than a batch can span (lastOffsetDelta is an i32): refused, as it says.
+            if span.1 - span.0 > MAX_KAFKA_BATCH_SPAN {
+                assert!(
+                    matches!(rebuilt, Err(FormatError::BadLength)),
+                    "{rebuilt:?}"
+                );
+            } else {
+                let rebuilt = rebuilt.expect("a checked batch rebuilds");
                 let again = check_kafka_batch(&rebuilt).expect("a compacted batch checks");
                 assert_eq!(again.offset_span(), span.1 - span.0);
                 assert_eq!(again.delete_horizon(), horizon.or(header.delete_horizon()));

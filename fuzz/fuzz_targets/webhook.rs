@@ -52,7 +52,8 @@ fuzz_target!(|data: &[u8]| {
         header: &lookup,
         body,
     };
-    if let Ok(Planned::Event(event)) = plan_event(&config, &keys, &request, 1_614_265_330, &limits) {
+    if let Ok(Planned::Event(event)) = plan_event(&config, &keys, &request, 1_614_265_330, &limits)
+    {
         if let Some(id) = &event.message_id {
             assert!(!id.is_empty() && id.len() <= limits.max_id_bytes, "{id}");
         }
@@ -61,7 +62,9 @@ fuzz_target!(|data: &[u8]| {
         }
         assert!(event.headers.len() < limits.max_headers);
         for (name, value) in &event.headers {
-            assert!(name.len() <= limits.max_header_bytes && value.len() <= limits.max_header_bytes);
+            assert!(
+                name.len() <= limits.max_header_bytes && value.len() <= limits.max_header_bytes
+            );
         }
     }
 

@@ -407,3 +407,87 @@ proptest! {
         }
     }
 }
+
+/// A batch of one record at offset 0 whose offsets span `span` (as compaction leaves a kept
+/// batch that covers the superseded ones before it).
+fn sparse_batch(key: &str, value: &str, span: u64) -> Vec<u8> {
+    use tidewater_storage::format::kafka::{
+        KafkaBatchBuilder, NewKafkaRecord, check_kafka_batch, rebuild_kafka_batch,
+    };
+    let mut builder = KafkaBatchBuilder::new();
+    builder.push(&NewKafkaRecord {
+        key: Some(key.as_bytes()),
+        value: Some(value.as_bytes()),
+        headers: &[],
+        timestamp: 1_000,
+    });
+    let dense = builder.finish();
+    let header = check_kafka_batch(&dense).unwrap();
+    rebuild_kafka_batch(&dense, &header, 0, (0, span), None, &mut |_| true).unwrap()
+}
+
+/// Offsets emptied by compaction over a stream's life add up past what one Kafka batch can
+/// span (lastOffsetDelta is an i32): the gap before a kept batch goes into empty batches
+/// of their own, and compaction goes on. It used to fail the pass on every tick, as a
+/// corrupt batch, once a key had been superseded 2^31 offsets' worth.
+#[test]
+fn a_gap_wider_than_one_batch_can_span_is_split() {
+    let rt = runtime();
+    let mut h = harness(1 << 20);
+    let after = rt.block_on(async {
+        let b = h.broker();
+        b.put_stream("wide", &compacted(1)).await.unwrap();
+        let uid = 1; // the stream's only partition: the first log
+        const QUARTER: u64 = 1 << 30;
+        for (value, span) in [("v1", QUARTER), ("v2", QUARTER), ("v3", QUARTER), ("v4", 1)] {
+            let wrapped =
+                tidewater_storage::format::wrap_kafka_batch(uid, &sparse_batch("k", value, span))
+                    .unwrap();
+            b.store()
+                .submit_wait(
+                    vec![tidewater_storage::Op::Append {
+                        uid,
+                        batch: wrapped,
+                    }],
+                    AckLevel::Durable,
+                )
+                .unwrap();
+        }
+        // Something after it, so the batch of v4 is in a sealed segment.
+        b.produce(
+            "wide",
+            &[record("other", Some(&"x".repeat(2_000)))],
+            AckLevel::Durable,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            b.get_stream("wide").unwrap().partitions[0].end_offset,
+            3 * QUARTER + 2
+        );
+        assert!(compact_all(b).await >= 1);
+        let after = read_all(b, "wide", 1 << 20).await;
+        assert_eq!(
+            after,
+            vec![
+                (3 * QUARTER, "k".to_string(), Some("v4".to_string())),
+                (
+                    3 * QUARTER + 1,
+                    "other".to_string(),
+                    Some("x".repeat(2_000))
+                ),
+            ]
+        );
+        let stats = b.stream_counters()[0].1.compaction;
+        assert_eq!(stats.superseded, 3, "{stats:?}");
+        assert_eq!(b.get_stream("wide").unwrap().partitions[0].start_offset, 0);
+        after
+    });
+    h.restart();
+    let b = h.broker();
+    assert_eq!(
+        rt.block_on(read_all(b, "wide", 1 << 20)),
+        after,
+        "the same after a restart"
+    );
+}

@@ -43,6 +43,9 @@ pub const CONTROL: i16 = 1 << 5;
 /// are taken from it).
 pub const DELETE_HORIZON: i16 = 1 << 6;
 
+/// The most offsets one batch can span: `lastOffsetDelta` is an i32.
+pub const MAX_KAFKA_BATCH_SPAN: u64 = 1 << 31;
+
 /// The fields of a batch's header that the broker reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KafkaBatchHeader {
@@ -397,7 +400,9 @@ pub fn record_positions(bytes: &[u8], base_offset: u64, every: usize) -> Vec<(u6
 /// segment's batches still follow each other with no gap). Attributes, producer fields and
 /// the max timestamp are kept; with `delete_horizon`, the base timestamp becomes it (with
 /// `DELETE_HORIZON`). A batch may come out with no records: it still spans its offsets.
-/// Compressed batches are refused (`FormatError::Compressed`).
+/// The span must hold the records kept and be at most `MAX_KAFKA_BATCH_SPAN` offsets
+/// (else `FormatError::BadLength`). Compressed batches are refused
+/// (`FormatError::Compressed`).
 pub fn rebuild_kafka_batch(
     bytes: &[u8],
     header: &KafkaBatchHeader,
@@ -427,11 +432,11 @@ pub fn rebuild_kafka_batch(
     let mut record = Vec::new();
     for item in batch_records(bytes, header, stored_base, 0) {
         let item = item?;
-        if item.offset < new_base || item.offset >= new_end {
-            return Err(FormatError::BadLength);
-        }
         if !keep(&item) {
             continue;
+        }
+        if item.offset < new_base || item.offset >= new_end {
+            return Err(FormatError::BadLength);
         }
         // The record's own time: its delta from the original base (a LogAppendTime batch's
         // records all read the max timestamp whatever their delta says).

@@ -6,7 +6,8 @@
 //! the partition's sealed segments from its start, group by group (neighbours merged up to
 //! the roll size). Each rewritten batch keeps the records that stay, with their offsets;
 //! batches emptied are dropped, and the next batch kept spans their offsets (or an empty
-//! batch does, at a group's end), so a segment's batches still follow each other. Readers
+//! batch does, at a group's end), so a segment's batches still follow each other; a run of
+//! emptied offsets wider than one batch can span (2^31) gets empty batches of its own. Readers
 //! see the old files or the new one, never a mix (storage swaps them under the log's lock;
 //! a read under way finishes on the old file). A crash at any point leaves the old
 //! segments or the new one, both complete.
@@ -16,10 +17,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tidewater_storage::StoredBatch;
 use tidewater_storage::format::kafka::{
-    KafkaBatchHeader, batch_records, check_kafka_batch, rebuild_kafka_batch,
+    KafkaBatchHeader, MAX_KAFKA_BATCH_SPAN, batch_records, check_kafka_batch, rebuild_kafka_batch,
 };
+use tidewater_storage::{SegmentRewrite, StoredBatch};
 
 use super::streams::{PartitionHandle, StreamHandle};
 use super::{Broker, storage_error};
@@ -371,9 +372,8 @@ impl Broker {
                     // Kept whole; the offsets of emptied batches before it go in an empty
                     // batch of their own.
                     if let Some(gap) = emptied.take() {
-                        let empty =
-                            empty_batch(&gap, (rewrite.end().max(base), batch.base_offset))?;
-                        rewrite.push(&empty).map_err(storage_error)?;
+                        let from = rewrite.end().max(base);
+                        push_empty(&mut rewrite, &gap, (from, batch.base_offset))?;
                     }
                     stream
                         .counters
@@ -383,7 +383,11 @@ impl Broker {
                     rewrite.push(&batch.kafka).map_err(storage_error)?;
                     return Ok(ControlFlow::Continue(()));
                 }
-                let span = (rewrite.end().max(base), batch_end);
+                // The kept batch covers the emptied offsets before it, unless that would
+                // span more than a batch can: then they get empty batches of their own.
+                let from = rewrite.end().max(base);
+                let wide = batch_end - from > MAX_KAFKA_BATCH_SPAN;
+                let span = (if wide { batch.base_offset } else { from }, batch_end);
                 let rebuilt = rebuild(
                     &batch,
                     header,
@@ -396,6 +400,9 @@ impl Broker {
                 )?;
                 match rebuilt {
                     Some(bytes) => {
+                        if wide {
+                            push_empty(&mut rewrite, &batch, (from, batch.base_offset))?;
+                        }
                         emptied = None;
                         rewrite.push(&bytes).map_err(storage_error)?;
                     }
@@ -410,8 +417,8 @@ impl Broker {
                 return Ok(report);
             }
             if let Some(gap) = emptied.take() {
-                let empty = empty_batch(&gap, (rewrite.end().max(base), end))?;
-                rewrite.push(&empty).map_err(storage_error)?;
+                let from = rewrite.end().max(base);
+                push_empty(&mut rewrite, &gap, (from, end))?;
             }
             next_horizon = next_horizon.min(tally.next_horizon);
             if tally.superseded + tally.tombstones + tally.keyless + tally.horizons == 0
@@ -612,18 +619,30 @@ fn rebuild(
     Ok(Some(bytes))
 }
 
-/// An empty batch spanning `span`, made from an emptied one (its header fields).
-fn empty_batch(model: &StoredBatch, span: (u64, u64)) -> Result<Vec<u8>, BrokerError> {
+/// Empty batches spanning `from..to` (made from `model`'s header fields), as few as can
+/// span it: one unless it is wider than `MAX_KAFKA_BATCH_SPAN`.
+fn push_empty(
+    rewrite: &mut SegmentRewrite,
+    model: &StoredBatch,
+    (from, to): (u64, u64),
+) -> Result<(), BrokerError> {
     let header = check_kafka_batch(&model.kafka).map_err(|e| corrupt(model, e))?;
-    rebuild_kafka_batch(
-        &model.kafka,
-        &header,
-        model.base_offset,
-        span,
-        None,
-        &mut |_| false,
-    )
-    .map_err(|e| corrupt(model, e))
+    let mut at = from;
+    while at < to {
+        let end = to.min(at + MAX_KAFKA_BATCH_SPAN);
+        let empty = rebuild_kafka_batch(
+            &model.kafka,
+            &header,
+            model.base_offset,
+            (at, end),
+            None,
+            &mut |_| false,
+        )
+        .map_err(|e| corrupt(model, e))?;
+        rewrite.push(&empty).map_err(storage_error)?;
+        at = end;
+    }
+    Ok(())
 }
 
 fn corrupt(batch: &StoredBatch, err: impl std::fmt::Display) -> BrokerError {
