@@ -4,7 +4,7 @@
 //! of the secret (target `tidewater::audit`).
 
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::limiter::FailureLimiter;
 use crate::state::{AuthError, AuthState, Identity};
@@ -15,8 +15,9 @@ pub struct Guard {
     failures: Mutex<FailureLimiter>,
     /// Binds receipts to the principal they are delivered to.
     pub receipts: crate::receipts::ReceiptBinder,
-    /// JWT bearer tokens, when an identity provider's keys are configured.
-    pub jwt: Option<crate::jwt::JwtVerifier>,
+    /// JWT bearer tokens, when an identity provider's keys are configured (replaced whole
+    /// when its JWKS is loaded again).
+    jwt: RwLock<Option<Arc<crate::jwt::JwtVerifier>>>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -67,14 +68,27 @@ impl Guard {
             enabled,
             failures: Mutex::new(FailureLimiter::new(burst, refill_ms, max_addresses)),
             receipts: crate::receipts::ReceiptBinder::new(receipt_key),
-            jwt: None,
+            jwt: RwLock::new(None),
         }
     }
 
     /// Takes JWT bearer tokens checked by `verifier` too.
-    pub fn with_jwt(mut self, verifier: crate::jwt::JwtVerifier) -> Guard {
-        self.jwt = Some(verifier);
+    pub fn with_jwt(self, verifier: crate::jwt::JwtVerifier) -> Guard {
+        self.set_jwt(verifier);
         self
+    }
+
+    /// Puts `verifier` in force (an identity provider's rotated keys): the tokens checked
+    /// from now on use its keys; a check under way finishes with the previous ones.
+    pub fn set_jwt(&self, verifier: crate::jwt::JwtVerifier) {
+        *self.jwt.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(verifier));
+    }
+
+    fn jwt(&self) -> Option<Arc<crate::jwt::JwtVerifier>> {
+        self.jwt
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, FailureLimiter> {
@@ -122,7 +136,7 @@ impl Guard {
             return Ok(certificate.map_or_else(Identity::anonymous, Identity::of_certificate));
         };
         self.check_peer(peer, now_ms, listener)?;
-        if let Some(jwt) = &self.jwt
+        if let Some(jwt) = self.jwt()
             && crate::jwt::JwtVerifier::looks_like_jwt(token)
         {
             return jwt.verify(token).map_err(|err| {

@@ -31,6 +31,9 @@ pub struct JwtConfig {
     pub roles_claim: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     pub leeway_s: u64,
+    /// How often the JWKS file is checked for a change (loaded again when it changed, and
+    /// on SIGHUP); 0 = on SIGHUP only.
+    pub reload_check_ms: u64,
 }
 
 impl Default for JwtConfig {
@@ -43,6 +46,7 @@ impl Default for JwtConfig {
             tenant_claim: None,
             roles_claim: None,
             leeway_s: 60,
+            reload_check_ms: 10_000,
         }
     }
 }
@@ -112,6 +116,11 @@ impl JwtVerifier {
             return Err("the JWKS holds no usable key".into());
         }
         Ok(JwtVerifier { keys, config })
+    }
+
+    /// The keys it checks signatures with.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
     }
 
     /// Whether `token` has a JWT's shape (three base64url parts, a header that decodes).

@@ -22,7 +22,13 @@
 //!   seconds B/(T·r) more: ⌈(λ + B/T)/r⌉. r is the per-consumer rate measured the last time
 //!   the consumers were busy (a backlog ready for them throughout the window, the same
 //!   consumers throughout, and some served in every interval), which is their capacity;
-//!   until such a window, the current per-consumer rate, a lower bound.
+//!   until such a window, the current per-consumer rate, a lower bound;
+//! - limits: a queue whose dispatch rate (adaptive throttling's, when on) or max_in_flight
+//!   caps its service hands more consumers nothing more. A window in which the service
+//!   reached 90% of the dispatch rate, or the leases reached max_in_flight, measures the
+//!   policy, not the consumers: it is not a busy window. The consumers needed are at most
+//!   those the dispatch rate keeps busy (⌈rate/r⌉), and while every lease max_in_flight
+//!   allows is held, at most the consumers there are; `limited_by` says which limit holds.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -30,7 +36,7 @@ use serde::Serialize;
 
 /// What the broker reads of a subject at one moment. Counters are cumulative since the
 /// process started (a restart starts them again, and the ring with them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct Sample {
     pub at_ms: i64,
     /// Every message not settled yet (ready, in flight, delayed), or a group's lag.
@@ -48,6 +54,33 @@ pub struct Sample {
     /// (a group: its members). The per-consumer rate divides by these, so a consumer that
     /// stopped does not count as capacity while it is still "seen".
     pub serving: u32,
+    /// A queue's dispatch rate in force (messages/s), if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispatch_rate_per_s: Option<f64>,
+    /// A queue's max_in_flight (leases held at once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u64>,
+}
+
+impl Sample {
+    /// Messages wait while every lease max_in_flight allows is held.
+    fn at_in_flight_cap(&self) -> bool {
+        self.ready > 0 && self.max_in_flight.is_some_and(|max| self.in_flight >= max)
+    }
+}
+
+/// A service at this share of the dispatch rate is the rate's doing (a token bucket with a
+/// burst lets a window run a little over or under it).
+const AT_RATE: f64 = 0.9;
+
+/// What caps a queue's service whatever its consumers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// Messages wait and the service runs at the queue's dispatch rate.
+    DispatchRate,
+    /// Messages wait and every lease the queue's max_in_flight allows is held.
+    MaxInFlight,
 }
 
 /// How the forecast is asked: its objectives and the window its rates are read over.
@@ -127,9 +160,15 @@ pub struct Forecast {
     pub age_objective_breach_ms: Option<u64>,
     pub drain_target_ms: u64,
     /// Consumers that would drain the backlog within `drain_target_ms` while keeping up
-    /// with arrivals. Without a per-consumer rate to go by: the consumers there are, at
-    /// least 1, while there is a backlog (scale from zero); 0 without one.
+    /// with arrivals, at most those a limit lets serve (see `limited_by`). Without a
+    /// per-consumer rate to go by: the consumers there are, at least 1, while there is a
+    /// backlog (scale from zero); 0 without one.
     pub consumers_needed: u32,
+    /// The dispatch rate in force: no more is served a second, whatever the consumers.
+    pub service_ceiling_per_s: Option<f64>,
+    /// A limit of the queue's own that holds the service now: more consumers would be
+    /// handed nothing more.
+    pub limited_by: Option<Limit>,
 }
 
 /// The rates between two samples.
@@ -141,9 +180,11 @@ struct Rates {
     /// Time-weighted mean of the consumers serving over the window.
     consumers: f64,
     /// A backlog was ready for the consumers at every sample of the window, the same
-    /// consumers were there throughout, and each interval served some: what they served
-    /// is what they can.
+    /// consumers were there throughout, and each interval served some, and no limit of
+    /// the queue's held: what they served is what they can.
     busy: bool,
+    /// The service reached `AT_RATE` of the lowest dispatch rate in force in the window.
+    at_rate: bool,
 }
 
 /// A subject's bounded ring of samples, and the per-consumer capacity last measured.
@@ -229,6 +270,7 @@ impl History {
         let mut previous: Option<&Sample> = None;
         let mut busy = true;
         let mut served_each = true;
+        let mut ceiling: Option<f64> = None;
         for s in self
             .samples
             .iter()
@@ -240,15 +282,20 @@ impl History {
                 busy &= p.serving == s.serving;
                 served_each &= s.arrived + p.backlog > p.arrived + s.backlog;
             }
-            busy &= s.ready > 0;
+            busy &= s.ready > 0 && !s.at_in_flight_cap();
+            if let Some(rate) = s.dispatch_rate_per_s {
+                ceiling = Some(ceiling.map_or(rate, |c: f64| c.min(rate)));
+            }
             previous = Some(s);
         }
+        let at_rate = ceiling.is_some_and(|c| service >= AT_RATE * c);
         Some(Rates {
             window_ms: (now.at_ms - from.at_ms) as u64,
             arrival,
             service,
             consumers: weighted / span,
-            busy: busy && served_each,
+            busy: busy && served_each && !at_rate,
+            at_rate,
         })
     }
 
@@ -296,14 +343,26 @@ impl History {
                 .filter(|breach| drain_ms.is_none_or(|drain| drain > *breach))
         };
         let target = (objectives.drain_target_ms as f64 / 1000.0).max(0.001);
-        let consumers_needed = match (rates, per_consumer) {
-            (Some(r), Some((rate, _))) => {
-                let needed = (r.arrival + backlog / target) / rate;
-                needed.ceil().clamp(0.0, u32::MAX as f64) as u32
-            }
+        let limited_by = if now.at_in_flight_cap() {
+            Some(Limit::MaxInFlight)
+        } else if now.ready > 0 && rates.is_some_and(|r| r.at_rate) {
+            Some(Limit::DispatchRate)
+        } else {
+            None
+        };
+        let mut consumers_needed = match (rates, per_consumer) {
+            (Some(r), Some((rate, _))) => ceil_u32((r.arrival + backlog / target) / rate),
             _ if now.backlog > 0 => now.consumers.max(1),
             _ => 0,
         };
+        // No more than the dispatch rate keeps busy; while the leases are all held, no more
+        // than there are.
+        if let (Some(ceiling), Some((rate, _))) = (now.dispatch_rate_per_s, per_consumer) {
+            consumers_needed = consumers_needed.min(ceil_u32(ceiling / rate).max(1));
+        }
+        if limited_by == Some(Limit::MaxInFlight) {
+            consumers_needed = consumers_needed.min(now.consumers.max(1));
+        }
         Forecast {
             at_ms: now.at_ms,
             window_ms: rates.map_or(0, |r| r.window_ms),
@@ -323,8 +382,14 @@ impl History {
             age_objective_breach_ms,
             drain_target_ms: objectives.drain_target_ms,
             consumers_needed,
+            service_ceiling_per_s: now.dispatch_rate_per_s,
+            limited_by,
         }
     }
+}
+
+fn ceil_u32(x: f64) -> u32 {
+    x.ceil().clamp(0.0, u32::MAX as f64) as u32
 }
 
 fn seconds_to_ms(seconds: f64) -> u64 {
@@ -452,6 +517,81 @@ mod tests {
         assert_eq!(f.consumers_needed, 6);
         // The age objective (600 s) holds: the backlog is gone in 90 s.
         assert_eq!(f.age_objective_breach_ms, None);
+    }
+
+    /// Consumers served at a dispatch rate of 400/s: the rate, not the consumers, sets the
+    /// service, so the window is not a measure of their capacity and the consumers needed
+    /// stay at what the rate keeps busy, however many are added.
+    #[test]
+    fn a_dispatch_rate_caps_the_consumers_needed_at_what_it_keeps_busy() {
+        let mut h = History::new(360, 10_000);
+        let mut now = Sample {
+            at_ms: 0,
+            backlog: 100_000,
+            ready: 100_000,
+            consumers: 4,
+            serving: 4,
+            dispatch_rate_per_s: Some(400.0),
+            ..Sample::default()
+        };
+        h.record(now, 60_000);
+        for consumers in [4, 8, 16] {
+            // Two windows: the last holds these consumers only.
+            now = steady(&mut h, now, 120, 500, 400, consumers);
+            let f = h.forecast(&now, &objectives());
+            assert_eq!(f.limited_by, Some(Limit::DispatchRate));
+            assert_eq!(f.service_ceiling_per_s, Some(400.0));
+            assert_eq!(f.trend, Trend::Growing);
+            assert_eq!(f.per_consumer_source, Some(RateSource::Idle));
+            // 400/s over `consumers`: ⌈400 / (400/consumers)⌉ = consumers, never more.
+            assert_eq!(f.consumers_needed, consumers, "{f:?}");
+        }
+        // A rate the consumers do not reach holds nothing: they are measured busy.
+        let mut h = History::new(360, 10_000);
+        let mut now = Sample {
+            dispatch_rate_per_s: Some(10_000.0),
+            consumers: 4,
+            serving: 4,
+            ..now
+        };
+        h.record(now, 60_000);
+        now = steady(&mut h, now, 60, 500, 400, 4);
+        let f = h.forecast(&now, &objectives());
+        assert_eq!(f.limited_by, None);
+        assert_eq!(f.per_consumer_source, Some(RateSource::Busy));
+        assert_eq!(f.per_consumer_per_s, Some(100.0));
+        // (500 + backlog/60) / 100, at most ⌈10,000/100⌉ = 100.
+        assert_eq!(
+            f.consumers_needed,
+            100.min(ceil_u32((500.0 + now.backlog as f64 / 60.0) / 100.0))
+        );
+    }
+
+    /// Every lease max_in_flight allows held with messages waiting: no more consumers than
+    /// there are, and the window measures the cap, not the consumers.
+    #[test]
+    fn max_in_flight_caps_the_consumers_needed_at_those_there_are() {
+        let mut h = History::new(360, 10_000);
+        let mut now = Sample {
+            at_ms: 0,
+            backlog: 100_000,
+            ready: 99_900,
+            in_flight: 100,
+            consumers: 4,
+            serving: 4,
+            max_in_flight: Some(100),
+            ..Sample::default()
+        };
+        h.record(now, 60_000);
+        now = steady(&mut h, now, 60, 500, 400, 4);
+        now.ready = now.backlog - 100;
+        let f = h.forecast(&now, &objectives());
+        assert_eq!(f.limited_by, Some(Limit::MaxInFlight));
+        assert_eq!(f.per_consumer_source, Some(RateSource::Idle));
+        assert_eq!(f.consumers_needed, 4);
+        // Below the cap, nothing limits.
+        now.in_flight = 99;
+        assert_eq!(h.forecast(&now, &objectives()).limited_by, None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Backlog forecasts through the broker, in simulated time: rates, consumers, drain time
 //! and consumers needed for a queue, a subscription and a consumer group; and the errors.
 
-use tidewater_core::forecast::{Objectives, RateSource, Trend};
+use tidewater_core::forecast::{Limit, Objectives, RateSource, Trend};
 use tidewater_core::harness::{Harness, HarnessOptions, messages};
 use tidewater_core::stream::config::StreamPatch;
 use tidewater_core::stream::records::NewStreamRecord;
@@ -117,6 +117,99 @@ fn a_queue_forecasts_from_its_rates_and_counts_its_consumers() {
             .unwrap();
         assert!(samples.len() >= 30, "{}", samples.len());
         assert!(samples.windows(2).all(|w| w[0].at_ms < w[1].at_ms));
+    });
+}
+
+/// A queue whose dispatch rate caps its service: more consumers would be handed nothing
+/// more, so the forecast says what limits it and asks for no more consumers than the rate
+/// can keep busy (not a runaway: the rate each consumer is measured at falls as consumers
+/// are added, and the consumers "needed" would grow without end).
+#[test]
+fn a_dispatch_rate_limits_the_consumers_needed() {
+    runtime().block_on(async {
+        let h = harness();
+        h.queue(
+            "mail",
+            serde_json::json!({"dispatch_rate": {"per_s": 40, "burst": 40}}),
+        )
+        .await
+        .unwrap();
+        h.publish("mail", &messages(6_000)).await.unwrap();
+        // Four consumers could take 20 a second each; the rate hands out 40 a second.
+        for _ in 0..20 {
+            for c in ["a", "b", "c", "d"] {
+                let got = h.receive_as(c, "mail", 20).await.unwrap();
+                h.ack("mail", &got).await.unwrap();
+            }
+            h.publish("mail", &messages(60)).await.unwrap();
+            h.advance(1_000).await;
+        }
+        let f = h
+            .broker()
+            .forecast(&Subject::Queue("mail".into()), None)
+            .unwrap();
+        assert_eq!(f.limited_by, Some(Limit::DispatchRate), "{f:?}");
+        assert_eq!(f.service_ceiling_per_s, Some(40.0), "{f:?}");
+        assert!(close(f.service_per_s, 40.0), "{f:?}");
+        assert_eq!(f.trend, Trend::Growing);
+        assert!(
+            (1..=4).contains(&f.consumers_needed),
+            "no more consumers than the rate keeps busy: {f:?}"
+        );
+        // Without the rate, the same consumers are measured at what they can do.
+        h.queue("mail", serde_json::json!({"dispatch_rate": null}))
+            .await
+            .unwrap();
+        for _ in 0..12 {
+            for c in ["a", "b", "c", "d"] {
+                let got = h.receive_as(c, "mail", 20).await.unwrap();
+                h.ack("mail", &got).await.unwrap();
+            }
+            h.publish("mail", &messages(60)).await.unwrap();
+            h.advance(1_000).await;
+        }
+        let f = h
+            .broker()
+            .forecast(&Subject::Queue("mail".into()), None)
+            .unwrap();
+        assert_eq!(f.limited_by, None, "{f:?}");
+        assert_eq!(f.service_ceiling_per_s, None);
+        assert!(close(f.per_consumer_per_s, 20.0), "{f:?}");
+        assert_eq!(f.trend, Trend::Draining);
+    });
+}
+
+/// A queue at its max_in_flight: consumers beyond those holding the leases get nothing.
+#[test]
+fn max_in_flight_limits_the_consumers_needed() {
+    runtime().block_on(async {
+        let h = harness();
+        h.queue("jobs", serde_json::json!({"max_in_flight": 8}))
+            .await
+            .unwrap();
+        h.publish("jobs", &messages(6_000)).await.unwrap();
+        // Each consumer acks what it held a second, then asks for 5 more: 8 are handed out
+        // a second, whatever the consumers.
+        let mut held: Vec<Vec<_>> = (0..4).map(|_| Vec::new()).collect();
+        for _ in 0..20 {
+            for (i, c) in ["a", "b", "c", "d"].into_iter().enumerate() {
+                h.ack("jobs", &held[i]).await.unwrap();
+                held[i] = h.receive_as(c, "jobs", 5).await.unwrap();
+            }
+            h.publish("jobs", &messages(20)).await.unwrap();
+            h.advance(1_000).await;
+        }
+        let f = h
+            .broker()
+            .forecast(&Subject::Queue("jobs".into()), None)
+            .unwrap();
+        assert_eq!(f.in_flight, 8);
+        assert_eq!(f.limited_by, Some(Limit::MaxInFlight), "{f:?}");
+        assert_eq!(f.trend, Trend::Growing);
+        assert!(
+            (1..=4).contains(&f.consumers_needed),
+            "no more consumers than there are: {f:?}"
+        );
     });
 }
 

@@ -81,12 +81,65 @@ pub async fn bootstrap(
     Ok(made)
 }
 
-/// What every listener shares: whether auth is on, and the failures per address.
-/// The listeners' shared authentication (tidewater-auth's `Guard`), answering in the
-/// broker's error codes.
+/// The listeners' shared authentication (tidewater-auth's `Guard`: whether auth is on,
+/// the failures per address, the JWKS in force), answering in the broker's error codes.
 pub struct Guard {
     pub enabled: bool,
     pub inner: Arc<tidewater_auth::Guard>,
+    /// The identity provider's JWKS file, when `[auth.jwt] jwks_file` is set.
+    jwks: Option<Arc<Jwks>>,
+}
+
+/// The JWKS file, loaded again on SIGHUP and when it changes (as the TLS files are): an
+/// identity provider rotates its keys without a restart here. A file that does not load
+/// keeps the keys in force, and the error is logged.
+struct Jwks {
+    config: tidewater_auth::jwt::JwtConfig,
+    path: std::path::PathBuf,
+    /// (modification time, length) at the last load.
+    stamp: std::sync::Mutex<Option<(std::time::SystemTime, u64)>>,
+}
+
+impl Jwks {
+    fn stamp(&self) -> Option<(std::time::SystemTime, u64)> {
+        let meta = std::fs::metadata(&self.path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    }
+
+    fn load(&self) -> anyhow::Result<tidewater_auth::jwt::JwtVerifier> {
+        let path = self.path.display();
+        let text = std::fs::read_to_string(&self.path)
+            .map_err(|e| anyhow::anyhow!("[auth.jwt] jwks_file {path}: {e}"))?;
+        tidewater_auth::jwt::JwtVerifier::new(&text, self.config.clone())
+            .map_err(|e| anyhow::anyhow!("[auth.jwt] jwks_file {path}: {e}"))
+    }
+
+    /// Loads the file again into `guard`; on failure keeps the keys in force and says why.
+    fn reload(&self, guard: &tidewater_auth::Guard) {
+        let stamp = self.stamp();
+        // Not again until the file changes once more, whatever the outcome.
+        *self
+            .stamp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = stamp;
+        match self.load() {
+            Ok(verifier) => {
+                tracing::info!(keys = verifier.key_count(), "JWKS reloaded");
+                guard.set_jwt(verifier);
+            }
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "JWKS reload failed; the keys in force stay");
+            }
+        }
+    }
+
+    fn changed(&self) -> bool {
+        self.stamp()
+            != *self
+                .stamp
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl Guard {
@@ -102,17 +155,56 @@ impl Guard {
                 key
             },
         );
-        if let Some(path) = &config.jwt.jwks_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("[auth.jwt] jwks_file {}: {e}", path.display()))?;
-            let verifier = tidewater_auth::jwt::JwtVerifier::new(&text, config.jwt.clone())
-                .map_err(|e| anyhow::anyhow!("[auth.jwt] jwks_file {}: {e}", path.display()))?;
-            inner = inner.with_jwt(verifier);
+        let jwks = config.jwt.jwks_file.as_ref().map(|path| Jwks {
+            config: config.jwt.clone(),
+            path: path.clone(),
+            stamp: std::sync::Mutex::new(None),
+        });
+        if let Some(jwks) = &jwks {
+            *jwks
+                .stamp
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = jwks.stamp();
+            inner = inner.with_jwt(jwks.load()?);
         }
         Ok(Guard {
             enabled: config.enabled,
             inner: Arc::new(inner),
+            jwks: jwks.map(Arc::new),
         })
+    }
+
+    /// With a JWKS file: loads it again on SIGHUP and when it changes (checked every
+    /// `[auth.jwt] reload_check_ms`), until the process ends.
+    pub fn spawn_jwks_reloader(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let jwks = self.jwks.clone()?;
+        let guard = self.inner.clone();
+        Some(tokio::spawn(async move {
+            let mut hangup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let every = (jwks.config.reload_check_ms > 0)
+                .then(|| std::time::Duration::from_millis(jwks.config.reload_check_ms.max(100)));
+            loop {
+                let hup = async {
+                    match hangup.as_mut() {
+                        Some(signal) => {
+                            signal.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                let tick = async {
+                    match every {
+                        Some(every) => tokio::time::sleep(every).await,
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    () = hup => jwks.reload(&guard),
+                    () = tick => if jwks.changed() { jwks.reload(&guard) },
+                }
+            }
+        }))
     }
 
     /// Who presents `token`; without one, the principal of the connection's verified

@@ -72,6 +72,22 @@ pub(crate) fn summary(f: &Value) -> String {
     }
 }
 
+/// What holds the service, when a limit of the queue's own does: more consumers would not
+/// help.
+fn limit(f: &Value) -> Option<String> {
+    match f["limited_by"].as_str()? {
+        "dispatch_rate" => Some(format!(
+            "dispatch rate {}: more consumers would be handed nothing more",
+            rate(&f["service_ceiling_per_s"])
+        )),
+        "max_in_flight" => Some(
+            "max_in_flight: every lease it allows is held; more consumers would be handed nothing more"
+                .into(),
+        ),
+        other => Some(other.into()),
+    }
+}
+
 fn ms(v: &Value) -> String {
     match v.as_u64() {
         Some(0) => "0s".into(),
@@ -133,5 +149,31 @@ fn rows(f: &Value, group: bool) -> Vec<Vec<String>> {
             n("consumers_needed"),
         ],
     ];
-    head.into_iter().chain(tail).collect()
+    let limited = limit(f).map(|why| vec!["limited by".into(), why]);
+    head.into_iter().chain(tail).chain(limited).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn a_limit_has_a_row_that_says_more_consumers_would_not_help() {
+        let mut f = json!({"trend": "growing", "backlog": 10, "limited_by": null,
+            "service_ceiling_per_s": 40.0, "consumers_needed": 4});
+        assert!(!super::rows(&f, false).iter().any(|r| r[0] == "limited by"));
+        f["limited_by"] = json!("dispatch_rate");
+        let rows = super::rows(&f, false);
+        let row = rows.iter().find(|r| r[0] == "limited by").unwrap();
+        assert_eq!(
+            row[1],
+            "dispatch rate 40.0/s: more consumers would be handed nothing more"
+        );
+        f["limited_by"] = json!("max_in_flight");
+        assert!(
+            super::limit(&f)
+                .unwrap()
+                .starts_with("max_in_flight: every lease")
+        );
+    }
 }

@@ -1265,7 +1265,7 @@ type ForecastStat = (
 );
 
 /// The forecast's figures as metrics (suffixes of `queue_`, `subscription_` and `group_`).
-const FORECAST_STATS: [ForecastStat; 7] = [
+const FORECAST_STATS: [ForecastStat; 8] = [
     (
         "arrival_rate",
         "Messages arriving per second, over the forecast's rate window",
@@ -1306,6 +1306,11 @@ const FORECAST_STATS: [ForecastStat; 7] = [
         "consumers_needed",
         "Consumers that would drain the backlog within forecast.drain_target_ms while keeping up with arrivals",
         |f| Some(f64::from(f.consumers_needed)),
+    ),
+    (
+        "service_limited",
+        "1 while a limit of the queue's own holds its service (its dispatch rate, or every lease max_in_flight allows is held): more consumers would be handed nothing more; else 0",
+        |f| Some(f64::from(u8::from(f.limited_by.is_some()))),
     ),
 ];
 

@@ -1181,7 +1181,7 @@ pub fn document(limits: &Limits) -> Value {
         "description": "A backlog forecast (docs/autoscaling.md says how each figure is computed)",
         "required": ["at_ms", "window_ms", "backlog", "ready", "in_flight", "delayed", "oldest_age_ms", "arrival_per_s", "service_per_s",
             "consumers", "per_consumer_per_s", "per_consumer_source", "trend", "drain_ms", "age_objective_ms", "age_objective_breach_ms",
-            "drain_target_ms", "consumers_needed"],
+            "drain_target_ms", "consumers_needed", "service_ceiling_per_s", "limited_by"],
         "properties": {
             "at_ms": {"type": "integer"},
             "window_ms": described(count.clone(), "the span the rates were measured over (0: none yet)"),
@@ -1200,7 +1200,10 @@ pub fn document(limits: &Limits) -> Value {
             "age_objective_breach_ms": described(ms_or_null.clone(), "time until the oldest message is older than the objective (0: it is; null: not heading there)"),
             "drain_target_ms": count.clone(),
             "consumers_needed": described(json!({"type": "integer", "minimum": 0}),
-                "consumers to drain within drain_target_ms while keeping up with arrivals: ceil((arrival + backlog/target) / per consumer); without a per-consumer rate, the consumers there are (at least 1) while there is a backlog, else 0")}}));
+                "consumers to drain within drain_target_ms while keeping up with arrivals: ceil((arrival + backlog/target) / per consumer), at most ceil(service_ceiling_per_s / per consumer), and at most the consumers there are while limited_by is max_in_flight; without a per-consumer rate, the consumers there are (at least 1) while there is a backlog, else 0"),
+            "service_ceiling_per_s": described(rate.clone(), "the queue's dispatch rate in force: no more is served a second, whatever the consumers (null: none)"),
+            "limited_by": {"type": ["string", "null"], "enum": ["dispatch_rate", "max_in_flight", null],
+                "description": "a limit of the queue's own holding its service now (messages wait, and the service runs at the dispatch rate or every lease max_in_flight allows is held): more consumers would be handed nothing more"}}}));
     let kind = json!({"type": "string", "enum": ["queue", "subscription", "group"]});
     schemas_map.insert("ForecastReply".into(), json!({"type": "object", "additionalProperties": false, "required": ["kind", "name", "forecast"], "properties": {
         "kind": kind.clone(), "name": {"type": "string"}, "forecast": schema_ref("Forecast")}}));
@@ -1213,7 +1216,9 @@ pub fn document(limits: &Limits) -> Value {
                     "delayed": count.clone(), "oldest_age_ms": count.clone(),
                     "arrived": described(count.clone(), "messages arrived since the server started"),
                     "consumers": count.clone(),
-                    "serving": described(count, "of the consumers, those handed messages within the rate window (a group: its members)"),
+                    "serving": described(count.clone(), "of the consumers, those handed messages within the rate window (a group: its members)"),
+                    "dispatch_rate_per_s": described(json!({"type": "number", "minimum": 0}), "the queue's dispatch rate in force (absent: none)"),
+                    "max_in_flight": described(count, "the queue's max_in_flight (absent for a group)"),
                     "arrival_per_s": described(rate.clone(), "since the sample before (null for the first)"),
                     "service_per_s": rate}}}}}));
     schemas_map.insert("Status".into(), json!({"type": "object", "additionalProperties": false, "required": ["status"], "properties": {

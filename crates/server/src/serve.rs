@@ -607,6 +607,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         kafka_requests.clone(),
     ));
     let guard = Arc::new(crate::auth::Guard::new(&settings.auth)?);
+    guard.spawn_jwks_reloader();
     let tls = match &settings.tls {
         Some(config) => {
             let tls = crate::tls::Tls::load(config).context("[tls]")?;
@@ -997,13 +998,13 @@ async fn shutdown_signal(broker: Arc<OnceLock<Broker>>, stop: tokio::sync::watch
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    // SIGHUP (`systemctl reload`) reloads the TLS files when TLS is on (`tls.rs` listens
+    // SIGHUP (`systemctl reload`) reloads the TLS files and the JWKS (`tls.rs`, `auth.rs` listen
     // too); it must never stop the server, whose default action it would be.
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     let hangups = async {
         while hup.recv().await.is_some() {
             tracing::info!(
-                "SIGHUP: the TLS certificate is reloaded when TLS is on; nothing else to reload"
+                "SIGHUP: the TLS certificate and the JWKS file are reloaded when configured"
             );
         }
     };

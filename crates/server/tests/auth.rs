@@ -979,3 +979,76 @@ fn a_revoked_bootstrap_key_stays_revoked_across_a_restart() {
         "the revoked bootstrap key came back"
     );
 }
+
+/// An identity provider rotates its keys: the JWKS saved over the file is in force after
+/// SIGHUP (`systemctl reload`), with no restart; a file that does not load leaves the keys
+/// in force, and says why in the log.
+#[test]
+fn a_rotated_jwks_is_taken_on_sighup_and_a_bad_one_keeps_the_keys_in_force() {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = |signing: &rcgen::KeyPair, kid: &str| {
+        let point = signing.public_key_raw();
+        json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+            "x": b64(&point[1..33]), "y": b64(&point[33..65])}]})
+        .to_string()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let token = |signing: &rcgen::KeyPair, kid: &str| {
+        let key =
+            jsonwebtoken::EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes()).unwrap();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, &json!({"sub": "carol", "exp": now + 600}), &key).unwrap()
+    };
+    let (old, new) = (
+        rcgen::KeyPair::generate().unwrap(),
+        rcgen::KeyPair::generate().unwrap(),
+    );
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&old, "idp-1")).unwrap();
+    // SIGHUP only: no check for changes that could race the test.
+    let server = secured(
+        dir.path(),
+        &format!("[auth.jwt]\njwks_file = {jwks_file:?}\nreload_check_ms = 0\n"),
+    );
+    let whoami = |t: &str| call_as(&server.url, Some(t), "GET", "/v1/auth/whoami", None).0;
+    let (old_token, new_token) = (token(&old, "idp-1"), token(&new, "idp-2"));
+    assert_eq!(whoami(&old_token), 200);
+    assert_eq!(whoami(&new_token), 401);
+
+    let log = dir.path().join("server.log");
+    let hangup_until = |what: &str, times: usize| {
+        // SAFETY: a signal to the child this test started.
+        assert_eq!(
+            unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGHUP) },
+            0
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.matches(what).count() >= times {
+                return text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no '{what}' in the log: {text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // The provider's new JWKS, saved over the file: in force after SIGHUP.
+    std::fs::write(&jwks_file, jwks(&new, "idp-2")).unwrap();
+    hangup_until("JWKS reloaded", 1);
+    assert_eq!(whoami(&new_token), 200);
+    assert_eq!(whoami(&old_token), 401, "the key the provider removed");
+    // A half-written file: the keys in force stay, and the log says why.
+    std::fs::write(&jwks_file, "{\"keys\": [").unwrap();
+    let text = hangup_until("JWKS reload failed", 1);
+    assert!(text.contains("jwks.json"), "{text}");
+    assert_eq!(whoami(&new_token), 200);
+}

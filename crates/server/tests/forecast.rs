@@ -167,6 +167,7 @@ fn queues_subscriptions_and_groups_have_forecasts() {
         "tidewater_queue_service_rate{queue=\"orders\"}",
         "tidewater_queue_consumers{queue=\"orders\"} 3",
         "tidewater_queue_consumers_needed{queue=\"orders\"}",
+        "tidewater_queue_service_limited{queue=\"orders\"} 0",
         "tidewater_subscription_consumers{stream=\"events\",subscription=\"billing\"} 1",
     ] {
         assert!(metrics.contains(family), "{family} missing");

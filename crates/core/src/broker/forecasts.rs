@@ -148,11 +148,12 @@ impl Broker {
     }
 
     fn queue_sample(&self, handle: &QueueHandle, now: i64) -> Sample {
-        let stats = {
+        let (stats, max_in_flight) = {
             let mut state = handle.state.lock();
             state.refresh_oldest(&handle.reader);
-            state.stats(now)
+            (state.stats(now), state.config.max_in_flight)
         };
+        let max_in_flight = Some(max_in_flight);
         let (consumers, serving) = handle.consumers.lock().active(
             now,
             self.inner.forecast.consumer_idle_ms,
@@ -168,6 +169,8 @@ impl Broker {
             arrived: stats.published,
             consumers,
             serving,
+            dispatch_rate_per_s: stats.dispatch_rate_per_s,
+            max_in_flight,
         }
     }
 
