@@ -108,6 +108,20 @@ def test_a_queue_from_creation_to_redrive(page, server):
     assert page.console_errors == [], page.console_errors
 
 
+def test_a_queue_held_by_its_own_limit_says_so(page, server):
+    """Every lease max_in_flight allows is held and messages wait: the forecast says more
+    consumers would not help, and asks for none beyond the one there is."""
+    queue = fresh("capped")
+    server.api("PUT", f"/v1/queues/{queue}", {"max_in_flight": 1})
+    server.api("POST", f"/v1/queues/{queue}/messages", {"messages": [{"body": f"job {i}"} for i in range(3)]})
+    assert len(server.api("POST", f"/v1/queues/{queue}/receive", {"max": 5, "consumer": "w1"})["messages"]) == 1
+    page.goto(f"{server.url}/#/queues/{queue}")
+    expect(stat(page, "limited_by")).to_have_text("max in flight")
+    expect(stat(page, "consumers_needed")).to_have_text("1")
+    shot(page, "07-limited")
+    assert page.console_errors == [], page.console_errors
+
+
 def test_dead_letters_redrive_all_and_purge_with_confirmation(page, server):
     queue = fresh("jobs")
     server.api("PUT", f"/v1/queues/{queue}", {"max_deliveries": 1})
