@@ -1243,6 +1243,127 @@ async fn sasl_plain(
     (c, r)
 }
 
+/// SASL/OAUTHBEARER's client response (RFC 7628) as Kafka's clients send it.
+fn bearer(token: &str) -> Bytes {
+    Bytes::from(format!("n,,\x01auth=Bearer {token}\x01\x01"))
+}
+
+/// SASL on connection `c` with `mechanism` (handshake v1) and one authenticate (v2).
+async fn sasl_once(c: &mut Client, mechanism: &str, bytes: Bytes) -> SaslAuthenticateResponse {
+    let mut hs = SaslHandshakeRequest::default();
+    hs.mechanism = text(mechanism);
+    let r: SaslHandshakeResponse = c.call(ApiKey::SaslHandshake, 1, &hs).await;
+    assert_eq!(r.error_code, 0, "{r:?}");
+    let mut auth = SaslAuthenticateRequest::default();
+    auth.auth_bytes = bytes;
+    c.call(ApiKey::SaslAuthenticate, 2, &auth).await
+}
+
+/// OAUTHBEARER takes a bearer token as HTTP does (here an API key's); a credential that
+/// expires gives the session its lifetime, and the client authenticates again on the same
+/// connection (KIP-368) as the same principal, never another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauthbearer_takes_a_bearer_token_and_reauthentication_keeps_the_principal() {
+    let guard = std::sync::Arc::new(tidewater_auth::Guard::new(true, 20, 600_000, 100, [9; 32]));
+    let f = start_with(tempfile::tempdir().unwrap(), |c| c.auth = Some(guard)).await;
+    create_stream(&f.broker, "t", 1).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut keys = Vec::new();
+    for (principal, expires_at_ms) in [("alice", Some(now + 3_600_000)), ("bob", None)] {
+        let made = f
+            .broker
+            .create_key(
+                tidewater_auth::KeySpec {
+                    principal: principal.into(),
+                    expires_at_ms,
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        keys.push(format!("{}.{}", made.info.id, made.secret));
+    }
+    f.broker
+        .grant(tidewater_auth::AclSpec {
+            subject: tidewater_auth::Subject::Principal("alice".into()),
+            resource: tidewater_auth::ResourceKind::Stream,
+            name: "t".into(),
+            matching: tidewater_auth::Match::Exact,
+            operations: [tidewater_auth::Operation::Describe].into_iter().collect(),
+        })
+        .await
+        .unwrap();
+    let (alice, bob) = (&keys[0], &keys[1]);
+
+    let mut c = Client::connect(f.addr).await;
+    let r = sasl_once(&mut c, "OAUTHBEARER", bearer(alice)).await;
+    assert_eq!(r.error_code, 0, "{r:?}");
+    assert!(
+        (3_500_000..=3_600_000).contains(&r.session_lifetime_ms),
+        "the key's expiry is the session's: {}",
+        r.session_lifetime_ms
+    );
+    let m: MetadataResponse = c.call(ApiKey::Metadata, 12, &metadata_of("t")).await;
+    assert_eq!(m.topics[0].error_code, 0);
+    // Again, as the same principal (any mechanism): the connection goes on.
+    let r = sasl_once(&mut c, "OAUTHBEARER", bearer(alice)).await;
+    assert_eq!(r.error_code, 0, "{r:?}");
+    let m: MetadataResponse = c.call(ApiKey::Metadata, 12, &metadata_of("t")).await;
+    assert_eq!(m.topics[0].error_code, 0);
+    // Again as someone else: refused, and the connection closes at its next request.
+    let r = sasl_once(&mut c, "OAUTHBEARER", bearer(bob)).await;
+    assert_eq!(
+        r.error_code,
+        kafka_protocol::ResponseError::SaslAuthenticationFailed.code()
+    );
+    assert!(
+        r.error_message
+            .as_deref()
+            .unwrap()
+            .contains("keep the principal ('alice')"),
+        "{r:?}"
+    );
+    let frame = c.frame(ApiKey::Metadata, 12, &metadata_of("t"));
+    c.stream.write_all(&frame).await.unwrap();
+    assert!(c.closed().await);
+
+    // A key that does not expire: no lifetime. Bad messages and tokens: refused, saying why.
+    let mut c = Client::connect(f.addr).await;
+    let r = sasl_once(&mut c, "OAUTHBEARER", bearer(bob)).await;
+    assert_eq!((r.error_code, r.session_lifetime_ms), (0, 0), "{r:?}");
+    for (bytes, says) in [
+        (Bytes::from_static(b"auth=Bearer x"), "no GS2 header"),
+        (
+            Bytes::from_static(b"n,,\x01auth=Bearer\x01\x01"),
+            "no auth=Bearer",
+        ),
+        (Bytes::from_static(b"n,,\x01\x01"), "not \\x01-separated"),
+        (bearer("twnobody.secret"), "invalid credentials"),
+        (
+            Bytes::from(format!("n,a=mallory,\x01auth=Bearer {alice}\x01\x01")),
+            "authorization id",
+        ),
+    ] {
+        let mut c = Client::connect(f.addr).await;
+        let r = sasl_once(&mut c, "OAUTHBEARER", bytes.clone()).await;
+        assert_eq!(
+            r.error_code,
+            kafka_protocol::ResponseError::SaslAuthenticationFailed.code(),
+            "{bytes:?}"
+        );
+        let message = r.error_message.unwrap();
+        assert!(message.contains(says), "{bytes:?}: {message}");
+        assert!(
+            !message.contains(alice.split_once('.').unwrap().1),
+            "a secret in {message}"
+        );
+    }
+}
+
 fn metadata_of(topic: &str) -> MetadataRequest {
     let mut t = metadata_request::MetadataRequestTopic::default();
     t.name = Some(name(topic));
