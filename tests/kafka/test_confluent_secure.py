@@ -8,9 +8,13 @@ key from TIDEWATER_ADMIN_KEY, and sets:
   TW_SECURE_CA         the CA's PEM file
   TW_SECURE_ADMIN      the admin key's token (<key id>.<secret>)
   TW_SECURE_CLIENT_CERT, TW_SECURE_CLIENT_KEY  a client certificate (CN=cert-app) the CA signed
+  TW_SECURE_IDP_KEY    an identity provider's ES256 signing key (tests/kafka/idp.py), whose
+                       JWKS the server has as [auth.jwt] (issuer https://idp.tidewater.test,
+                       audience tidewater)
 
-What it shows: SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN over TLS with API keys; a wrong
-secret refused; a principal without the grant refused with Kafka's authorization errors; a
+What it shows: SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN over TLS with API keys; OAUTHBEARER
+with the identity provider's JWTs, re-authenticating on the connection as tokens expire
+(KIP-368), and tokens it did not sign refused; a wrong secret refused; a principal without the grant refused with Kafka's authorization errors; a
 consumer group of an authorized principal reads everything produced and commits.
 """
 
@@ -72,6 +76,35 @@ def conf(user, password, mechanism, **extra):
     return base
 
 
+IDP_ISSUER, IDP_AUDIENCE = "https://idp.tidewater.test", "tidewater"
+
+
+def idp_token(principal, lifetime_s=600, key_file=None, **claims):
+    """A JWT the identity provider signs (ES256, key id idp-1): (token, expiry in epoch s)."""
+    import jwt
+
+    now = int(time.time())
+    with open(key_file or os.environ["TW_SECURE_IDP_KEY"]) as f:
+        pem = f.read()
+    body = {"sub": principal, "iss": IDP_ISSUER, "aud": IDP_AUDIENCE, "iat": now,
+            "exp": now + lifetime_s, **claims}
+    return jwt.encode(body, pem, algorithm="ES256", headers={"kid": "idp-1"}), float(now + lifetime_s)
+
+
+def bearer_conf(token, **extra):
+    """SASL_SSL with OAUTHBEARER, the token from `token()` (librdkafka's oauth_cb, called
+    again to refresh it before it expires)."""
+    base = {
+        "bootstrap.servers": BOOTSTRAP,
+        "security.protocol": "SASL_SSL",
+        "ssl.ca.location": CA,
+        "sasl.mechanism": "OAUTHBEARER",
+        "oauth_cb": lambda _config: token(),
+    }
+    base.update(extra)
+    return base
+
+
 def uniq(name):
     return f"tw-sec-{name}-{uuid.uuid4().hex[:8]}"
 
@@ -112,6 +145,89 @@ def test_a_granted_principal_produces_and_its_group_consumes(mechanism):
     consumer.close()
     assert len(seen) == n, f"{mechanism}: read {len(seen)} of {n}"
     print(f"{mechanism}: produced and consumed {n} over SASL_SSL")
+
+
+def test_oauthbearer_tokens_from_an_identity_provider_and_reauthentication():
+    """The identity provider's JWTs over SASL/OAUTHBEARER: a principal granted by its `sub`
+    produces and consumes. Its tokens live 6 s: the server gives the session that lifetime,
+    and the client authenticates again on the same connection with a fresh token (KIP-368)
+    rather than being disconnected when the first one expires."""
+    if not os.environ.get("TW_SECURE_IDP_KEY"):
+        pytest.skip("no identity provider key")
+    topic, group = uniq("t"), uniq("g")
+    make_topic(topic, 1)
+    principal = uniq("idp-app")
+    grant(principal, "stream", topic, ["produce", "consume"])
+    grant(principal, "group", group, ["consume"])
+    issued = []
+
+    def token():
+        made = idp_token(principal, lifetime_s=6)
+        issued.append(made[1])
+        return made
+
+    stats = []
+    producer = Producer(bearer_conf(token, **{
+        "statistics.interval.ms": 1000, "stats_cb": lambda s: stats.append(json.loads(s)),
+    }))
+    delivered = []
+    sent = 0
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        producer.produce(topic, value=f"v{sent}".encode(), on_delivery=lambda err, msg: delivered.append(err))
+        sent += 1
+        producer.poll(0.25)
+    assert producer.flush(30) == 0
+    assert delivered == [None] * sent, [e for e in delivered if e is not None][:3]
+    assert len(issued) >= 2, f"the token was not refreshed: {issued}"
+    brokers = [b for b in stats[-1]["brokers"].values() if b["nodeid"] >= 0]
+    assert brokers, stats[-1]["brokers"].keys()
+    assert sum(b["disconnects"] for b in brokers) == 0, [(b["name"], b["connects"], b["disconnects"]) for b in brokers]
+    consumer = Consumer(bearer_conf(lambda: idp_token(principal), **{
+        "group.id": group, "auto.offset.reset": "earliest", "enable.auto.commit": False,
+    }))
+    consumer.subscribe([topic])
+    seen = set()
+    deadline = time.time() + 60
+    while len(seen) < sent and time.time() < deadline:
+        msg = consumer.poll(1.0)
+        if msg is not None:
+            assert msg.error() is None, msg.error()
+            seen.add(msg.value())
+    consumer.commit(asynchronous=False)
+    consumer.close()
+    assert len(seen) == sent, f"read {len(seen)} of {sent}"
+    print(f"OAUTHBEARER: {sent} produced over {len(issued)} tokens of 6 s, no disconnect; consumed")
+
+
+def test_oauthbearer_tokens_the_identity_provider_did_not_sign_are_refused(tmp_path):
+    if not os.environ.get("TW_SECURE_IDP_KEY"):
+        pytest.skip("no identity provider key")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    forged_key = tmp_path / "forged.pem"
+    forged_key.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    # (An expired token librdkafka will not send: the server's own tests cover expiry.)
+    for name, token in [
+        ("another key", lambda: idp_token("mallory", key_file=forged_key)),
+        ("another audience", lambda: idp_token("mallory", aud="elsewhere")),
+        ("another issuer", lambda: idp_token("mallory", iss="https://evil.example")),
+    ]:
+        errors = []
+        producer = Producer(bearer_conf(token, **{"error_cb": lambda e: errors.append(e)}))
+        producer.produce(uniq("t"), value=b"x")
+        # The first refusal is enough: the client would retry, each a failed attempt
+        # counted against this address.
+        deadline = time.time() + 10
+        while not errors and time.time() < deadline:
+            producer.poll(0.05)
+        assert errors and errors[0].code() == KafkaError._AUTHENTICATION, (name, errors)
+        assert "invalid credentials" in errors[0].str(), (name, errors[0])
+        producer.purge()
+        del producer
+        print(f"OAUTHBEARER {name}: refused", errors[0])
 
 
 def test_a_wrong_secret_is_refused():
