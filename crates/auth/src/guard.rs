@@ -34,6 +34,8 @@ pub enum Refused {
         retry_after_ms: u64,
     },
     Failed(AuthError),
+    /// A JWT the identity provider's keys and the `[auth.jwt]` checks did not accept.
+    Token(AuthError),
 }
 
 impl std::fmt::Display for Refused {
@@ -50,6 +52,13 @@ impl std::fmt::Display for Refused {
             }
             Refused::Failed(AuthError::Expired) => {
                 f.write_str("the key has expired: ask an admin for a new one")
+            }
+            Refused::Token(AuthError::Malformed) => f.write_str("malformed JWT"),
+            Refused::Token(AuthError::Invalid) => f.write_str(
+                "invalid token: not signed by a key of the identity provider's JWKS, or its issuer, audience or principal claim is not the one expected",
+            ),
+            Refused::Token(AuthError::Expired) => {
+                f.write_str("the token has expired: get a new one from the identity provider")
             }
         }
     }
@@ -141,7 +150,7 @@ impl Guard {
         {
             return jwt.verify(token).map_err(|err| {
                 self.failed(peer, now_ms, listener, "jwt", &err);
-                Refused::Failed(err)
+                Refused::Token(err)
             });
         }
         state.authenticate(token, now_ms).map_err(|err| {

@@ -277,7 +277,9 @@ fn plain(
         .authenticate_key(state, now, user, password, peer, "kafka")
         .map_err(|refused| match refused {
             Refused::Blocked { .. } => format!("Authentication failed: {refused}"),
-            Refused::Failed(_) => "Authentication failed: Invalid username or password".into(),
+            Refused::Failed(_) | Refused::Token(_) => {
+                "Authentication failed: Invalid username or password".into()
+            }
         })
 }
 

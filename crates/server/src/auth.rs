@@ -230,7 +230,7 @@ impl Guard {
                     tidewater_auth::Refused::Blocked { retry_after_ms } => {
                         err.retry_after(retry_after_ms)
                     }
-                    tidewater_auth::Refused::Failed(_) => err,
+                    tidewater_auth::Refused::Failed(_) | tidewater_auth::Refused::Token(_) => err,
                 })
             }
         }

@@ -948,6 +948,14 @@ fn jwt_bearer_tokens_from_an_identity_providers_keys_name_the_principal() {
             None,
         );
         assert_eq!(status, 401, "{claims}: {reply}");
+        // Says what is wrong with the token, not with an API key.
+        let message = reply["message"].as_str().unwrap_or_default();
+        let says = if claims["exp"].as_i64() < Some(now) {
+            "the token has expired"
+        } else {
+            "invalid token"
+        };
+        assert!(message.contains(says), "{claims}: {reply}");
     }
     // The binary protocol takes it in Hello.
     let (mut conn, mut buf, reply) = hello(&server.protocol, Some(&good));
