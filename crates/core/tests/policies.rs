@@ -486,6 +486,80 @@ fn keyed(keys: &[&str]) -> Vec<NewMessage> {
         .collect()
 }
 
+/// Where messages wait, by key and by fairness value: the busiest first, each key named as
+/// published (UTF-8 or not), nothing where the policy is off, and a bounded listing.
+#[test]
+fn the_busiest_keys_and_flows_say_where_messages_wait() {
+    runtime().block_on(async {
+        let h = Harness::new();
+        h.queue("plain", json!({})).await;
+        assert_eq!(
+            h.broker().busiest("plain", 10).unwrap(),
+            tidewater_core::broker::Busiest::default()
+        );
+        h.queue(
+            "k",
+            json!({"key_concurrency": 1, "fairness": {"by": "tenant", "weights": {"acme": 2}}}),
+        )
+        .await;
+        let mut messages = keyed(&["hot", "hot", "hot", "warm", "warm", "idle"]);
+        for (i, m) in messages.iter_mut().enumerate() {
+            m.tenant = Some(if i < 4 { "acme" } else { "globex" }.into());
+        }
+        h.publish("k", messages).await;
+        // One of each key leased: two hot and one warm wait.
+        assert_eq!(h.receive("k", 10).await.len(), 3);
+        let busiest = h.broker().busiest("k", 10).unwrap();
+        let keys: Vec<(Option<&str>, u32, u64)> = busiest
+            .keys
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|k| (k.key.as_deref(), k.in_flight, k.waiting))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (Some("hot"), 1, 2),
+                (Some("warm"), 1, 1),
+                (Some("idle"), 1, 0)
+            ]
+        );
+        assert_eq!(busiest.keys.as_ref().unwrap()[0].key_base64, "aG90");
+        assert_eq!(busiest.fair_by.as_deref(), Some("tenant"));
+        assert_eq!(h.broker().busiest("k", 1).unwrap().keys.unwrap().len(), 1);
+        let err = h.broker().busiest("k", 0).unwrap_err();
+        assert_eq!(err.code, tidewater_core::ErrorCode::InvalidRequest);
+        assert!(h.broker().busiest("nope", 1).is_err());
+        // Fairness: waiting messages per tenant, with its weight.
+        h.queue(
+            "f",
+            json!({"fairness": {"by": "tenant", "weights": {"acme": 2}}}),
+        )
+        .await;
+        let mut messages = msgs(5);
+        for (i, m) in messages.iter_mut().enumerate() {
+            m.tenant = Some(if i < 3 { "acme" } else { "globex" }.into());
+        }
+        h.publish("f", messages).await;
+        // (The scheduler sorts messages as it looks ahead for a receive.)
+        assert_eq!(h.receive("f", 1).await.len(), 1);
+        let flows: Vec<(String, u64, f64)> = h
+            .broker()
+            .busiest("f", 10)
+            .unwrap()
+            .flows
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.flow, f.waiting, f.weight))
+            .collect();
+        assert_eq!(
+            flows,
+            [("acme".to_string(), 2, 2.0), ("globex".to_string(), 2, 1.0)]
+        );
+    });
+}
+
 #[test]
 fn key_concurrency_one_keeps_per_key_order_across_retries_and_lets_other_keys_pass() {
     runtime().block_on(async {

@@ -58,6 +58,38 @@ pub struct Peeked {
     pub delivery_count: u32,
 }
 
+/// A queue's busiest keys and fair-scheduling flows (`Broker::busiest`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Busiest {
+    /// With `key_concurrency`: keys by messages waiting for a slot, then slots held.
+    pub keys: Option<Vec<KeyBusy>>,
+    /// With `fairness`: what it is by (`tenant`, `key`, `header:<name>`)...
+    pub fair_by: Option<String>,
+    /// ...and its values by messages waiting.
+    pub flows: Option<Vec<FlowBusy>>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KeyBusy {
+    /// The key as UTF-8 (None when it is not).
+    pub key: Option<String>,
+    pub key_base64: String,
+    /// Messages leased or awaiting a retry (at most `key_concurrency`).
+    pub in_flight: u32,
+    /// Messages waiting for one of its slots.
+    pub waiting: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FlowBusy {
+    pub flow: String,
+    pub waiting: u64,
+    pub weight: f64,
+}
+
+/// Most keys or flows `Broker::busiest` lists.
+pub const MAX_BUSIEST: usize = 1_000;
+
 /// The consumer identity of `receive`.
 pub const ANONYMOUS_CONSUMER: u64 = 0;
 
@@ -459,6 +491,63 @@ impl Broker {
         };
         handle.notify.notify_waiters();
         Ok(removed)
+    }
+
+    /// A queue's `limit` busiest keys (with `key_concurrency`) and fair-scheduling values
+    /// (with `fairness`): where messages wait, and on what.
+    pub fn busiest(&self, queue: &str, limit: usize) -> Result<Busiest, BrokerError> {
+        let handle = self.queue(queue)?;
+        if limit == 0 || limit > MAX_BUSIEST {
+            return Err(BrokerError::invalid(format!(
+                "limit must be 1..={MAX_BUSIEST}"
+            )));
+        }
+        let ((keys, flows), fair_by) = {
+            let state = handle.state.lock();
+            (
+                state.busiest(limit),
+                state.config.fairness.as_ref().map(|f| f.by.clone()),
+            )
+        };
+        // Each key by one of its messages (a key is kept as a hash).
+        let keys = keys
+            .map(|loads| {
+                loads
+                    .into_iter()
+                    .filter_map(|load| {
+                        let record = match handle.reader.read(load.offset, 1, 1 << 20) {
+                            Ok(records) => records.into_iter().next()?,
+                            Err(err) => return Some(Err(storage_error(err))),
+                        };
+                        let key = record.key.unwrap_or_default();
+                        Some(Ok(KeyBusy {
+                            key: std::str::from_utf8(&key).ok().map(str::to_string),
+                            key_base64: base64::Engine::encode(
+                                &base64::engine::general_purpose::STANDARD,
+                                &key,
+                            ),
+                            in_flight: load.held,
+                            waiting: load.waiting,
+                        }))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let flows = flows.map(|flows| {
+            flows
+                .into_iter()
+                .map(|(flow, waiting, weight)| FlowBusy {
+                    flow,
+                    waiting,
+                    weight,
+                })
+                .collect()
+        });
+        Ok(Busiest {
+            keys,
+            fair_by: flows.as_ref().and(fair_by),
+            flows,
+        })
     }
 
     /// Up to `max` unleased messages from offset `from` on, without leasing them.

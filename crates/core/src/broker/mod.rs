@@ -53,7 +53,10 @@ pub use crate::plan::message::{Delay, NewMessage, header, hex, record_id};
 pub use auth::NewKey;
 pub use classic::{ClassicInfo, ClassicMemberInfo, ClassicRefusal};
 pub use consumers::{MemberRecord, StartAt};
-pub use delivery::{ANONYMOUS_CONSUMER, NackReason, Peeked, ReceiptFailure, SettleReply};
+pub use delivery::{
+    ANONYMOUS_CONSUMER, Busiest, FlowBusy, KeyBusy, MAX_BUSIEST, NackReason, Peeked,
+    ReceiptFailure, SettleReply,
+};
 pub use forecasts::{ForecastOptions, Subject};
 pub use groups::{
     Committed, GroupInfo, GroupKind, GroupLag, MAX_MEMBER_STREAMS, MemberInfo, OffsetReset,

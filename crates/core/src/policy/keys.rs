@@ -13,6 +13,17 @@ use crate::offsets::OffsetMap;
 /// Maps keyed by a key's hash (already a keyed hash: a cheap mixer is enough).
 type HashKeyed<V> = OffsetMap<V>;
 
+/// One key's load (`KeyGate::busiest`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLoad {
+    /// A message with the key (waiting, else holding a slot): its key names it.
+    pub offset: u64,
+    /// Its messages leased or awaiting a retry.
+    pub held: u32,
+    /// Its messages waiting for a slot.
+    pub waiting: u64,
+}
+
 #[derive(Debug)]
 pub struct KeyGate {
     limit: u32,
@@ -161,6 +172,50 @@ impl KeyGate {
         self.parked.len()
     }
 
+    /// The `n` keys with the most messages waiting behind their slots, then the most slots
+    /// held: (an offset whose message has the key, to name it by; slots held; waiting).
+    pub fn busiest(&self, n: usize) -> Vec<KeyLoad> {
+        let mut loads: Vec<(u64, u32, usize)> = self
+            .active
+            .iter()
+            .map(|(&key, &held)| (key, held, self.parked.get(&key).map_or(0, VecDeque::len)))
+            .chain(
+                self.parked
+                    .iter()
+                    .filter(|(key, _)| !self.active.contains_key(key))
+                    .map(|(&key, waiting)| (key, 0, waiting.len())),
+            )
+            .collect();
+        loads.sort_unstable_by(|a, b| (b.2, b.1).cmp(&(a.2, a.1)));
+        loads.truncate(n);
+        // A holder names a key with no message waiting.
+        let mut holder: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        if loads.iter().any(|l| l.2 == 0) {
+            let wanted: std::collections::HashSet<u64> =
+                loads.iter().filter(|l| l.2 == 0).map(|l| l.0).collect();
+            for (&offset, key) in &self.holders {
+                if wanted.contains(key) {
+                    let at = holder.entry(*key).or_insert(offset);
+                    *at = (*at).min(offset);
+                }
+            }
+        }
+        loads
+            .into_iter()
+            .filter_map(|(key, held, waiting)| {
+                let offset = match self.parked.get(&key).and_then(|p| p.front()) {
+                    Some(&front) => front,
+                    None => *holder.get(&key)?,
+                };
+                Some(KeyLoad {
+                    offset,
+                    held,
+                    waiting: waiting as u64,
+                })
+            })
+            .collect()
+    }
+
     /// Every offset the gate keeps out of the ready queue (parked or released).
     pub fn waiting_offsets(&self) -> impl Iterator<Item = u64> + '_ {
         self.parked
@@ -243,5 +298,45 @@ mod tests {
         // 9 took a freed slot.
         assert_eq!((gate.keys_in_flight(), gate.parked_len()), (1, 0));
         assert_eq!(gate.drain_waiting(), vec![9]);
+    }
+
+    #[test]
+    fn the_busiest_keys_come_first_each_named_by_one_of_its_messages() {
+        let mut gate = KeyGate::new(1);
+        let (hot, warm, idle) = (gate.hash(b"hot"), gate.hash(b"warm"), gate.hash(b"idle"));
+        assert!(gate.try_hold(5, hot));
+        for offset in [6, 7, 8] {
+            gate.park(offset, hot);
+        }
+        assert!(gate.try_hold(10, warm));
+        gate.park(11, warm);
+        assert!(gate.try_hold(20, idle));
+        let KeyLoad {
+            offset,
+            held,
+            waiting,
+        } = gate.busiest(10)[0];
+        assert_eq!((offset, held, waiting), (6, 1, 3));
+        assert_eq!(
+            gate.busiest(10),
+            vec![
+                KeyLoad {
+                    offset: 6,
+                    held: 1,
+                    waiting: 3
+                },
+                KeyLoad {
+                    offset: 11,
+                    held: 1,
+                    waiting: 1
+                },
+                KeyLoad {
+                    offset: 20,
+                    held: 1,
+                    waiting: 0
+                },
+            ]
+        );
+        assert_eq!(gate.busiest(1).len(), 1);
     }
 }

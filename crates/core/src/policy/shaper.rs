@@ -394,6 +394,32 @@ impl Shaper {
         self.levels.iter().rev().map(|l| l.len).collect()
     }
 
+    /// The `n` flows with the most messages waiting (over all levels), with their weight.
+    pub fn busiest_flows(&self, n: usize) -> Vec<(String, u64, f64)> {
+        let mut waiting: HashMap<&str, u64> = HashMap::new();
+        for level in &self.levels {
+            for (flow, &lane) in &level.flows {
+                let len = level.lanes[lane].len;
+                if len > 0 {
+                    *waiting.entry(flow.as_str()).or_default() += len;
+                }
+            }
+        }
+        let mut out: Vec<(String, u64, f64)> = waiting
+            .into_iter()
+            .map(|(flow, n)| {
+                (
+                    flow.to_string(),
+                    n,
+                    self.weights.get(flow).copied().unwrap_or(1.0),
+                )
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.truncate(n);
+        out
+    }
+
     /// Flows with messages waiting, over all levels (stats).
     pub fn active_flows(&self) -> usize {
         self.levels.iter().map(|l| l.active.len()).sum()
@@ -416,6 +442,25 @@ mod tests {
 
     fn drain(shaper: &mut Shaper, n: usize) -> Vec<u64> {
         (0..n).map_while(|_| shaper.pop()).collect()
+    }
+
+    #[test]
+    fn the_busiest_flows_over_every_level_with_their_weights() {
+        let mut shaper = Shaper::new(2, 0.0, HashMap::from([("acme".to_string(), 3.0)]));
+        for offset in 0..5 {
+            shaper.push(offset, 0, "acme");
+        }
+        for offset in 5..8 {
+            shaper.push(offset, 1, "acme");
+        }
+        for offset in 8..10 {
+            shaper.push(offset, 0, "globex");
+        }
+        assert_eq!(
+            shaper.busiest_flows(10),
+            vec![("acme".to_string(), 8, 3.0), ("globex".to_string(), 2, 1.0)]
+        );
+        assert_eq!(shaper.busiest_flows(1).len(), 1);
     }
 
     #[test]

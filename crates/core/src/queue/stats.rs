@@ -2,11 +2,24 @@
 
 use std::collections::HashSet;
 
+use crate::policy::keys::KeyLoad;
 use crate::policy::shaper::Shaper;
 
 use super::{QueueState, QueueStats, RecordSource};
 
 impl QueueState {
+    /// The `n` busiest keys (per-key concurrency) and flows (fair scheduling); None where
+    /// the policy is off.
+    pub fn busiest(&self, n: usize) -> (Option<Vec<KeyLoad>>, Option<Vec<(String, u64, f64)>>) {
+        (
+            self.keys.as_ref().map(|g| g.busiest(n)),
+            self.shaper
+                .as_ref()
+                .filter(|_| self.config.fairness.is_some())
+                .map(|s| s.busiest_flows(n)),
+        )
+    }
+
     pub fn stats(&self, now_ms: i64) -> QueueStats {
         let unsettled = self.unsettled();
         let in_flight = self.leases.len() as u64;
