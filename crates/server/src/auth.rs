@@ -436,6 +436,7 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/v1/queues", Need::List(K::Queue)),
     route("GET", "/v1/queues/{queue}", Need::Op(Describe, Q)),
     route("GET", "/v1/queues/{queue}/forecast", Need::Op(Describe, Q)),
+    route("GET", "/v1/queues/{queue}/busiest", Need::Op(Describe, Q)),
     route("GET", "/v1/queues/{queue}/history", Need::Op(Describe, Q)),
     route("PUT", "/v1/queues/{queue}", Need::Op(Admin, Q)),
     route("DELETE", "/v1/queues/{queue}", Need::Op(Admin, Q)),

@@ -173,6 +173,19 @@ pub enum QueueCommand {
         #[command(flatten)]
         objectives: crate::cli_forecast::ObjectiveFlags,
     },
+    /// Where the queue's messages wait: the keys with the most messages waiting for a slot
+    /// (with key_concurrency) and the fair-scheduling values with the most waiting (with
+    /// fairness).
+    #[command(after_help = "Examples:
+  tidewater queue busiest orders
+  tidewater queue busiest orders --limit 5 --json")]
+    Busiest {
+        /// The queue.
+        name: String,
+        /// At most this many keys, and this many values.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -527,6 +540,54 @@ pub fn queue(client: &Client, command: QueueCommand, as_json: bool) -> anyhow::R
             &objectives,
             as_json,
         ),
+        QueueCommand::Busiest { name, limit } => {
+            let reply = client.get(&format!("{}/busiest?limit={limit}", queue_path(&name)))?;
+            if as_json {
+                print_json(&reply);
+                return Ok(());
+            }
+            if reply["keys"].is_null() && reply["flows"].is_null() {
+                outln!(
+                    "queue '{name}' has neither key_concurrency nor fairness: nothing waits by key or value"
+                );
+                return Ok(());
+            }
+            if let Some(keys) = reply["keys"].as_array() {
+                outln!("keys (key_concurrency), most waiting first:");
+                let rows: Vec<Vec<String>> = keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k["key"].as_str().map_or_else(
+                                || format!("base64:{}", k["key_base64"].as_str().unwrap_or("")),
+                                str::to_string,
+                            ),
+                            k["in_flight"].to_string(),
+                            k["waiting"].to_string(),
+                        ]
+                    })
+                    .collect();
+                table(&["KEY", "IN FLIGHT", "WAITING"], &rows);
+            }
+            if let Some(flows) = reply["flows"].as_array() {
+                outln!(
+                    "fairness by {}, most waiting first:",
+                    reply["fair_by"].as_str().unwrap_or("-")
+                );
+                let rows: Vec<Vec<String>> = flows
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            f["flow"].as_str().unwrap_or("").to_string(),
+                            f["waiting"].to_string(),
+                            f["weight"].to_string(),
+                        ]
+                    })
+                    .collect();
+                table(&["VALUE", "WAITING", "WEIGHT"], &rows);
+            }
+            Ok(())
+        }
         QueueCommand::Delete { name } => {
             client.call("DELETE", &queue_path(&name), None)?;
             if as_json {

@@ -572,6 +572,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/queues/{queue}/forecast", get(observe::queue_forecast))
         .route("/v1/queues/{queue}/history", get(observe::queue_history))
+        .route("/v1/queues/{queue}/busiest", get(observe::queue_busiest))
         .route("/v1/queues/{queue}/purge", post(purge))
         .route("/v1/queues/{queue}/messages", post(publish).get(peek))
         .route("/v1/queues/{queue}/receive", post(receive))

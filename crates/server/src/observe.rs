@@ -1,5 +1,6 @@
 //! Forecasts and sample histories over HTTP: `GET .../forecast` and `GET .../history` for
-//! queues, subscriptions and groups (the model is `tidewater_core::forecast`).
+//! queues, subscriptions and groups (the model is `tidewater_core::forecast`); and where a
+//! queue's messages wait, by key and fairness value (`GET /v1/queues/{q}/busiest`).
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -109,6 +110,23 @@ pub(crate) async fn queue_forecast(
     Query(query): Query<ObjectivesQuery>,
 ) -> ApiResult {
     forecast_of(&state, queue(name)?, &query)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BusiestQuery {
+    limit: Option<usize>,
+}
+
+/// The keys and fair-scheduling values of a queue with the most messages waiting.
+pub(crate) async fn queue_busiest(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<BusiestQuery>,
+) -> ApiResult {
+    let broker = state.broker()?;
+    let busiest = broker.busiest(queue(name)?.name(), query.limit.unwrap_or(20))?;
+    json(StatusCode::OK, &busiest)
 }
 
 pub(crate) async fn queue_history(

@@ -1204,6 +1204,18 @@ pub fn document(limits: &Limits) -> Value {
             "service_ceiling_per_s": described(rate.clone(), "the queue's dispatch rate in force: no more is served a second, whatever the consumers (null: none)"),
             "limited_by": {"type": ["string", "null"], "enum": ["dispatch_rate", "max_in_flight", null],
                 "description": "a limit of the queue's own holding its service now (messages wait, and the service runs at the dispatch rate or every lease max_in_flight allows is held): more consumers would be handed nothing more"}}}));
+    schemas_map.insert("Busiest".into(), json!({"type": "object", "additionalProperties": false,
+        "required": ["keys", "fair_by", "flows"], "properties": {
+        "keys": {"type": ["array", "null"], "description": "with key_concurrency (else null): keys by messages waiting for a slot, then by slots held",
+            "items": {"type": "object", "additionalProperties": false, "required": ["key", "key_base64", "in_flight", "waiting"], "properties": {
+                "key": {"type": ["string", "null"], "description": "the key as UTF-8 (null when it is not UTF-8)"},
+                "key_base64": {"type": "string"},
+                "in_flight": described(count.clone(), "its messages leased or awaiting a retry (at most key_concurrency)"),
+                "waiting": described(count.clone(), "its messages waiting for one of its slots")}}},
+        "fair_by": {"type": ["string", "null"], "description": "what fairness is by: tenant, key or header:<name> (null without fairness)"},
+        "flows": {"type": ["array", "null"], "description": "with fairness (else null): values by messages waiting, of those the scheduler has looked ahead at",
+            "items": {"type": "object", "additionalProperties": false, "required": ["flow", "waiting", "weight"], "properties": {
+                "flow": {"type": "string"}, "waiting": count.clone(), "weight": {"type": "number", "minimum": 0}}}}}}));
     let kind = json!({"type": "string", "enum": ["queue", "subscription", "group"]});
     schemas_map.insert("ForecastReply".into(), json!({"type": "object", "additionalProperties": false, "required": ["kind", "name", "forecast"], "properties": {
         "kind": kind.clone(), "name": {"type": "string"}, "forecast": schema_ref("Forecast")}}));
@@ -1382,6 +1394,23 @@ pub fn document(limits: &Limits) -> Value {
             {"name": "from", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0}},
             {"name": "encoding", "in": "query", "schema": {"type": "string", "enum": ["auto", "base64"], "default": "auto"},
                 "description": "base64: body_base64 for every message (see PeekedMessage)"}]);
+        op
+    };
+
+    let busiest_op = {
+        let mut op = operation(
+            "queueBusiest",
+            "Where the queue's messages wait: its keys with the most messages waiting for a slot (with key_concurrency) and its fair-scheduling values with the most waiting (with fairness)",
+            responses(&[(200, ok_json("the busiest keys and values", "Busiest"))]),
+            Fails {
+                bad: true,
+                server: true,
+                ..queue_missing
+            },
+        );
+        op["parameters"] = json!([
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": tidewater_core::broker::MAX_BUSIEST, "default": 20},
+                "description": "at most this many keys, and this many values"}]);
         op
     };
 
@@ -1756,6 +1785,7 @@ pub fn document(limits: &Limits) -> Value {
                 "get": forecast_op("queueForecast", "The queue's backlog forecast", queue_missing)},
             "/v1/queues/{queue}/history": {"parameters": queue_param,
                 "get": history_op("queueHistory", "The queue's samples over the last forecast.history_ms (the console's charts)", queue_missing)},
+            "/v1/queues/{queue}/busiest": {"parameters": queue_param, "get": busiest_op},
             "/v1/streams/{stream}/subscriptions/{sub}/forecast": {"parameters": sub_params,
                 "get": forecast_op("subscriptionForecast", "The subscription's backlog forecast", sub_missing)},
             "/v1/streams/{stream}/subscriptions/{sub}/history": {"parameters": sub_params,

@@ -362,3 +362,49 @@ fn long_delays_from_the_client_are_parked_and_survive_a_crash() {
     let queues = server.ok("GET", "/v1/queues", None);
     assert_eq!(queues["queues"].as_array().unwrap().len(), 1);
 }
+
+/// Where a queue's messages wait, by key: over HTTP (a key that is not UTF-8 by its
+/// base64), as a CLI table, and nothing for a queue without the policies.
+#[test]
+fn the_busiest_keys_over_http_and_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None);
+    server.create_queue("plain", json!({}));
+    assert_eq!(
+        server.ok("GET", "/v1/queues/plain/busiest", None),
+        json!({"keys": null, "fair_by": null, "flows": null})
+    );
+    let (code, out, err) = run(&server, &["queue", "busiest", "plain"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("neither key_concurrency nor fairness"),
+        "{out}"
+    );
+
+    server.create_queue("orders", json!({"key_concurrency": 1}));
+    server.ok(
+        "POST",
+        "/v1/queues/orders/messages",
+        Some(json!({"messages": [
+            {"body": "1", "key": "customer-7"}, {"body": "2", "key": "customer-7"},
+            {"body": "3", "key": "customer-7"}, {"body": "4", "key": "customer-9"}]})),
+    );
+    assert_eq!(server.receive("orders", 10, 0, None).len(), 2);
+    let busiest = server.ok("GET", "/v1/queues/orders/busiest?limit=1", None);
+    assert_eq!(
+        busiest["keys"],
+        json!([{"key": "customer-7", "key_base64": "Y3VzdG9tZXItNw==", "in_flight": 1, "waiting": 2}])
+    );
+    let err = server.err(
+        "GET",
+        "/v1/queues/orders/busiest?limit=0",
+        None,
+        400,
+        "invalid_request",
+    );
+    assert!(err["message"].as_str().unwrap().contains("limit"), "{err}");
+    let (code, out, err) = run(&server, &["queue", "busiest", "orders"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("KEY") && out.contains("customer-7"), "{out}");
+    assert!(out.contains("customer-9"), "{out}");
+}
