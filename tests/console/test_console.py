@@ -122,6 +122,23 @@ def test_a_queue_held_by_its_own_limit_says_so(page, server):
     assert page.console_errors == [], page.console_errors
 
 
+def test_a_queue_shows_where_its_messages_wait_by_key_and_by_tenant(page, server):
+    """With key_concurrency and fairness, the queue page lists the busiest keys and the
+    tenants with the most messages waiting."""
+    queue = fresh("keyed")
+    server.api("PUT", f"/v1/queues/{queue}", {"key_concurrency": 1, "fairness": {"by": "tenant", "weights": {"acme": 2}}})
+    server.api("POST", f"/v1/queues/{queue}/messages", {"tenant": "acme", "messages": [{"body": f"a{i}", "key": "customer-7"} for i in range(4)]})
+    server.api("POST", f"/v1/queues/{queue}/messages", {"tenant": "globex", "messages": [{"body": "g", "key": "customer-9"}]})
+    assert len(server.api("POST", f"/v1/queues/{queue}/receive", {"max": 10})["messages"]) == 2
+    page.goto(f"{server.url}/#/queues/{queue}")
+    hot = page.locator('#busiest-keys tr[data-key="Y3VzdG9tZXItNw=="]')
+    expect(hot).to_contain_text("customer-7")
+    expect(hot.locator("td").nth(2)).to_have_text("3")
+    expect(page.locator("#busiest-flows")).to_contain_text("Waiting by tenant")
+    shot(page, "08-busiest")
+    assert page.console_errors == [], page.console_errors
+
+
 def test_dead_letters_redrive_all_and_purge_with_confirmation(page, server):
     queue = fresh("jobs")
     server.api("PUT", f"/v1/queues/{queue}", {"max_deliveries": 1})

@@ -563,6 +563,13 @@ async function queuePage(name) {
     if (st.dispatch_rate_per_s !== undefined) policy.push(card("dispatch rate", fmt.rate(st.dispatch_rate_per_s), "dispatch_rate"));
     const tenants = Object.entries(q.quota_refused || {});
     const dlqName = q.config.dead_letter_queue;
+    // Where messages wait, by key and by fairness value (only with those policies).
+    const busiest = st.keys_in_flight !== undefined || st.fair_flows !== undefined
+      ? await api("GET", `${queuePath(name)}/busiest?limit=10`).catch(() => null) : null;
+    const keyLabel = (k) => k.key !== null ? k.key : h("span", { class: "mono" }, `base64:${k.key_base64}`);
+    const waitTable = (id, title, heads, rows, none) => h("div", { class: "panel", id },
+      h("h2", {}, title), rows.length === 0 ? h("p", { class: "muted" }, none) : h("table", {},
+        h("thead", {}, h("tr", {}, heads.map((c, i) => h("th", { class: i ? "num" : "" }, c)))), h("tbody", {}, rows)));
     fill("stats",
       h("div", { class: "grid" },
         card("depth", fmt.n(st.depth), "depth"), card("in flight", fmt.n(st.in_flight), "in_flight"),
@@ -573,6 +580,11 @@ async function queuePage(name) {
         dlqName ? h("span", {}, "dead letters go to ", h("a", { href: `#/queues/${enc(dlqName)}` }, dlqName)) : null),
       forecastCards(st.forecast),
       policy.length ? h("div", {}, h("h2", {}, "Policies at work"), h("div", { class: "grid" }, policy)) : null,
+      busiest && busiest.keys ? waitTable("busiest-keys", "Busiest keys (key_concurrency)", ["key", "in flight", "waiting"],
+        busiest.keys.map((k) => h("tr", { "data-key": k.key_base64 }, h("td", {}, keyLabel(k)), h("td", { class: "num" }, fmt.n(k.in_flight)), h("td", { class: "num" }, fmt.n(k.waiting)))), "No key holds a message.") : null,
+      busiest && busiest.flows ? waitTable("busiest-flows", `Waiting by ${busiest.fair_by} (fairness)`, [busiest.fair_by, "waiting", "weight"],
+        busiest.flows.map((f) => h("tr", { "data-flow": f.flow }, h("td", {}, f.flow), h("td", { class: "num" }, fmt.n(f.waiting)), h("td", { class: "num" }, String(f.weight)))),
+        "Nothing sorted for fair scheduling now: messages are sorted as receives look ahead, and those held behind their key wait there.") : null,
       tenants.length ? h("div", { class: "panel" }, h("h2", {}, "Publishes refused by quota, per tenant"),
         h("table", {}, h("tbody", {}, tenants.map(([t, n]) => h("tr", { "data-tenant": t }, h("td", {}, t), h("td", { class: "num" }, fmt.n(n))))))) : null);
     fill("charts", h("section", { class: "panel" }, historyCharts(history)));
