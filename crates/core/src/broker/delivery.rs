@@ -66,7 +66,7 @@ pub struct Busiest {
     /// With `fairness`: what it is by (`tenant`, `key`, `header:<name>`)...
     pub fair_by: Option<String>,
     /// ...and its values by messages waiting.
-    pub flows: Option<Vec<FlowBusy>>,
+    pub flows: Option<Vec<crate::policy::shaper::FlowLoad>>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -78,13 +78,6 @@ pub struct KeyBusy {
     pub in_flight: u32,
     /// Messages waiting for one of its slots.
     pub waiting: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct FlowBusy {
-    pub flow: String,
-    pub waiting: u64,
-    pub weight: f64,
 }
 
 /// Most keys or flows `Broker::busiest` lists.
@@ -533,16 +526,6 @@ impl Broker {
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?;
-        let flows = flows.map(|flows| {
-            flows
-                .into_iter()
-                .map(|(flow, waiting, weight)| FlowBusy {
-                    flow,
-                    waiting,
-                    weight,
-                })
-                .collect()
-        });
         Ok(Busiest {
             keys,
             fair_by: flows.as_ref().and(fair_by),

@@ -54,8 +54,8 @@ pub use auth::NewKey;
 pub use classic::{ClassicInfo, ClassicMemberInfo, ClassicRefusal};
 pub use consumers::{MemberRecord, StartAt};
 pub use delivery::{
-    ANONYMOUS_CONSUMER, Busiest, FlowBusy, KeyBusy, MAX_BUSIEST, NackReason, Peeked,
-    ReceiptFailure, SettleReply,
+    ANONYMOUS_CONSUMER, Busiest, KeyBusy, MAX_BUSIEST, NackReason, Peeked, ReceiptFailure,
+    SettleReply,
 };
 pub use forecasts::{ForecastOptions, Subject};
 pub use groups::{

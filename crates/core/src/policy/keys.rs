@@ -186,7 +186,7 @@ impl KeyGate {
                     .map(|(&key, waiting)| (key, 0, waiting.len())),
             )
             .collect();
-        loads.sort_unstable_by(|a, b| (b.2, b.1).cmp(&(a.2, a.1)));
+        loads.sort_unstable_by_key(|&(_, held, waiting)| std::cmp::Reverse((waiting, held)));
         loads.truncate(n);
         // A holder names a key with no message waiting.
         let mut holder: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();

@@ -84,6 +84,15 @@ impl Lane {
     }
 }
 
+/// One flow's load (`Shaper::busiest_flows`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FlowLoad {
+    pub flow: String,
+    /// Its messages sorted and waiting, over every priority level.
+    pub waiting: u64,
+    pub weight: f64,
+}
+
 #[derive(Debug, Default)]
 struct Level {
     /// Lanes by flow; a flow keeps its lane (bounded by `MAX_FLOWS`).
@@ -395,7 +404,7 @@ impl Shaper {
     }
 
     /// The `n` flows with the most messages waiting (over all levels), with their weight.
-    pub fn busiest_flows(&self, n: usize) -> Vec<(String, u64, f64)> {
+    pub fn busiest_flows(&self, n: usize) -> Vec<FlowLoad> {
         let mut waiting: HashMap<&str, u64> = HashMap::new();
         for level in &self.levels {
             for (flow, &lane) in &level.flows {
@@ -405,17 +414,15 @@ impl Shaper {
                 }
             }
         }
-        let mut out: Vec<(String, u64, f64)> = waiting
+        let mut out: Vec<FlowLoad> = waiting
             .into_iter()
-            .map(|(flow, n)| {
-                (
-                    flow.to_string(),
-                    n,
-                    self.weights.get(flow).copied().unwrap_or(1.0),
-                )
+            .map(|(flow, waiting)| FlowLoad {
+                flow: flow.to_string(),
+                waiting,
+                weight: self.weights.get(flow).copied().unwrap_or(1.0),
             })
             .collect();
-        out.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.sort_unstable_by(|a, b| b.waiting.cmp(&a.waiting).then_with(|| a.flow.cmp(&b.flow)));
         out.truncate(n);
         out
     }
@@ -456,8 +463,13 @@ mod tests {
         for offset in 8..10 {
             shaper.push(offset, 0, "globex");
         }
+        let got: Vec<(String, u64, f64)> = shaper
+            .busiest_flows(10)
+            .into_iter()
+            .map(|f| (f.flow, f.waiting, f.weight))
+            .collect();
         assert_eq!(
-            shaper.busiest_flows(10),
+            got,
             vec![("acme".to_string(), 8, 3.0), ("globex".to_string(), 2, 1.0)]
         );
         assert_eq!(shaper.busiest_flows(1).len(), 1);

@@ -3,14 +3,14 @@
 use std::collections::HashSet;
 
 use crate::policy::keys::KeyLoad;
-use crate::policy::shaper::Shaper;
+use crate::policy::shaper::{FlowLoad, Shaper};
 
 use super::{QueueState, QueueStats, RecordSource};
 
 impl QueueState {
     /// The `n` busiest keys (per-key concurrency) and flows (fair scheduling); None where
     /// the policy is off.
-    pub fn busiest(&self, n: usize) -> (Option<Vec<KeyLoad>>, Option<Vec<(String, u64, f64)>>) {
+    pub fn busiest(&self, n: usize) -> (Option<Vec<KeyLoad>>, Option<Vec<FlowLoad>>) {
         (
             self.keys.as_ref().map(|g| g.busiest(n)),
             self.shaper
