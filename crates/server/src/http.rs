@@ -414,6 +414,18 @@ async fn parse_body<T: DeserializeOwned>(
     {
         return Ok((default, permit));
     }
+    // Every request body is a JSON object; serde would also fill a struct from an array
+    // of its fields in order.
+    if let Some(&first) = bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        && first == b'['
+    {
+        return Err(ApiError::new(
+            Code::Broker(ErrorCode::InvalidRequest),
+            "request body: must be a JSON object ({...}), not an array",
+        ));
+    }
     let integral_floats = check_value_count(&bytes, max_values)?;
     let invalid = |e: serde_json::Error| {
         let code = match e.classify() {
