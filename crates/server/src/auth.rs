@@ -178,33 +178,18 @@ impl Guard {
     /// `[auth.jwt] reload_check_ms`), until the process ends.
     pub fn spawn_jwks_reloader(&self) -> Option<tokio::task::JoinHandle<()>> {
         let jwks = self.jwks.clone()?;
-        let guard = self.inner.clone();
-        Some(tokio::spawn(async move {
-            let mut hangup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-            let every = (jwks.config.reload_check_ms > 0)
-                .then(|| std::time::Duration::from_millis(jwks.config.reload_check_ms.max(100)));
-            loop {
-                let hup = async {
-                    match hangup.as_mut() {
-                        Some(signal) => {
-                            signal.recv().await;
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                let tick = async {
-                    match every {
-                        Some(every) => tokio::time::sleep(every).await,
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    () = hup => jwks.reload(&guard),
-                    () = tick => if jwks.changed() { jwks.reload(&guard) },
+        let every = (jwks.config.reload_check_ms > 0)
+            .then(|| std::time::Duration::from_millis(jwks.config.reload_check_ms.max(100)));
+        let (on_hup, guard) = ((jwks.clone(), self.inner.clone()), self.inner.clone());
+        Some(crate::reload::spawn(
+            every,
+            move || on_hup.0.reload(&on_hup.1),
+            move || {
+                if jwks.changed() {
+                    jwks.reload(&guard);
                 }
-            }
-        }))
+            },
+        ))
     }
 
     /// Who presents `token`; without one, the principal of the connection's verified

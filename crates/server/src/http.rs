@@ -397,13 +397,25 @@ fn check_value_count(bytes: &[u8], max: usize) -> Result<bool, ApiError> {
     }
 }
 
-/// Reads a bounded body and parses it; an empty body parses as `default`. `max_values`
-/// bounds the JSON values the body may hold (what the request can use, plus a margin).
+/// Reads a bounded body and parses it as a JSON object; an empty body parses as `default`.
+/// `max_values` bounds the JSON values the body may hold (what the request can use, plus a
+/// margin).
 async fn parse_body<T: DeserializeOwned>(
     state: &AppState,
     body: Body,
     default: Option<T>,
     max_values: usize,
+) -> Result<(T, BodyPermit), ApiError> {
+    parse_json(state, body, default, max_values, true).await
+}
+
+/// `parse_body`; `objects_only`: an array is refused as `invalid_request`.
+async fn parse_json<T: DeserializeOwned>(
+    state: &AppState,
+    body: Body,
+    default: Option<T>,
+    max_values: usize,
+    objects_only: bool,
 ) -> Result<(T, BodyPermit), ApiError> {
     let (bytes, permit) = read_body(state, body).await?;
     // JSON's whitespace only: a form feed is ASCII whitespace, but no JSON text.
@@ -420,6 +432,7 @@ async fn parse_body<T: DeserializeOwned>(
         .iter()
         .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
         && first == b'['
+        && objects_only
     {
         return Err(ApiError::new(
             Code::Broker(ErrorCode::InvalidRequest),
@@ -1010,8 +1023,9 @@ pub(crate) async fn config_body<T: DeserializeOwned>(
     what: &str,
     example: &str,
 ) -> Result<(T, BodyPermit), ApiError> {
+    // (An array is refused below, as invalid_config.)
     let (value, permit): (serde_json::Value, _) =
-        parse_body(state, body, Some(serde_json::json!({})), max_values).await?;
+        parse_json(state, body, Some(serde_json::json!({})), max_values, false).await?;
     let config = match value {
         serde_json::Value::Object(mut map)
             if map.len() == 1 && map.get("config").is_some_and(|c| c.is_object()) =>

@@ -23,6 +23,7 @@ mod metrics;
 mod observe;
 mod openapi;
 mod push;
+mod reload;
 mod scenario;
 mod serve;
 mod time;

@@ -121,26 +121,13 @@ impl Tls {
 
     /// Reloads on SIGHUP and when the files change, until the process ends.
     pub fn spawn_reloader(self: &Arc<Tls>) -> tokio::task::JoinHandle<()> {
-        let tls = self.clone();
-        tokio::spawn(async move {
-            let mut hangup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-            let every = Duration::from_millis(tls.settings.reload_check_ms.max(100));
-            loop {
-                let hup = async {
-                    match hangup.as_mut() {
-                        Some(signal) => {
-                            signal.recv().await;
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    () = hup => tls.reload(),
-                    () = tokio::time::sleep(every) => tls.reload_if_changed(),
-                }
-            }
-        })
+        let every = Duration::from_millis(self.settings.reload_check_ms.max(100));
+        let (tls, changed) = (self.clone(), self.clone());
+        crate::reload::spawn(
+            Some(every),
+            move || tls.reload(),
+            move || changed.reload_if_changed(),
+        )
     }
 
     /// The handshake on an accepted connection, within `handshake_timeout_ms`.
