@@ -762,14 +762,14 @@ async fn authorize(
         return response;
     }
     let Some(route) = route else {
-        return ApiError::new(
+        let refusal = ApiError::new(
             ErrorCode::Forbidden,
             format!(
                 "{method} {} has no permission defined: refused while authentication is on",
                 matched.as_str()
             ),
-        )
-        .into_response();
+        );
+        return refuse_unread(&state, request, refusal.into_response()).await;
     };
     if route.need == Need::Open {
         return next.run(request).await;
@@ -792,7 +792,7 @@ async fn authorize(
     }
     let broker = match state.broker() {
         Ok(broker) => broker,
-        Err(err) => return err.into_response(),
+        Err(err) => return refuse_unread(&state, request, err.into_response()).await,
     };
     let (peer, certificate) = request
         .extensions()
@@ -800,18 +800,16 @@ async fn authorize(
         .map_or((std::net::IpAddr::from([0, 0, 0, 0]), None), |p| {
             (p.addr.ip(), p.certificate.clone())
         });
-    let token = match bearer(request.headers()) {
-        Ok(token) => token,
-        Err(err) => return err.into_response(),
-    };
-    let (auth, identity) =
-        match state
+    let authenticated = bearer(request.headers()).and_then(|token| {
+        state
             .guard
             .authenticate(broker, token, certificate.as_deref(), peer, "http")
-        {
-            Ok(found) => found,
-            Err(err) => return ApiError::from(err).into_response(),
-        };
+            .map_err(ApiError::from)
+    });
+    let (auth, identity) = match authenticated {
+        Ok(found) => found,
+        Err(err) => return refuse_unread(&state, request, err.into_response()).await,
+    };
     let caller = Caller::Known {
         state: auth,
         identity: Arc::new(identity),
@@ -857,7 +855,7 @@ async fn authorize(
         if let Some(identity) = caller.identity() {
             tracing::warn!(target: "tidewater::audit", %peer, listener = "http", principal = %identity.principal, method = %method, path = %request.uri().path(), reason = %err.message, "request denied");
         }
-        return ApiError::from(err).into_response();
+        return refuse_unread(&state, request, ApiError::from(err).into_response()).await;
     }
     let principal = caller
         .identity()
@@ -872,6 +870,17 @@ async fn authorize(
     if audited {
         tracing::info!(target: "tidewater::audit", %peer, principal = %principal, key = %key, method = %method, path = %path, status = response.status().as_u16(), "admin operation");
     }
+    response
+}
+
+/// A refusal before the handler read the request's body: the body is drained first, as
+/// for a body refused while read (`drain`).
+async fn refuse_unread(
+    state: &AppState,
+    request: axum::extract::Request,
+    response: Response,
+) -> Response {
+    drain(state, &mut request.into_body()).await;
     response
 }
 

@@ -1060,3 +1060,45 @@ fn a_rotated_jwks_is_taken_on_sighup_and_a_bad_one_keeps_the_keys_in_force() {
     assert!(text.contains("jwks.json"), "{text}");
     assert_eq!(whoami(&new_token), 200);
 }
+
+/// A request refused before its body was read (401 here) still has its body read: a
+/// client that sends the body after the headers gets the answer and keeps its connection
+/// for the next request. The connection used to close at once: the client met a broken
+/// pipe writing the body, and a pooled connection failed the next request (a flaky test).
+#[test]
+fn a_refused_request_with_a_body_keeps_its_connection() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = secured(dir.path(), "");
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let body = vec![b' '; 200_000];
+    write!(
+        conn,
+        "POST /v1/queues/q/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    // The headers alone reach the server first, as a client writing them apart sends them.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    conn.write_all(&body)
+        .expect("the body is read, not refused by a closed connection");
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("HTTP/1.1 200") {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(
+        text.contains("HTTP/1.1 200"),
+        "the next request on the connection: {text}"
+    );
+}
