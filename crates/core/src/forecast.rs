@@ -28,7 +28,8 @@
 //!   reached 90% of the dispatch rate, or the leases reached max_in_flight, measures the
 //!   policy, not the consumers: it is not a busy window. The consumers needed are at most
 //!   those the dispatch rate keeps busy (⌈rate/r⌉), and while every lease max_in_flight
-//!   allows is held, at most the consumers there are; `limited_by` says which limit holds.
+//!   allows is held, or every ready message waits for a slot of its key (key_concurrency),
+//!   at most the consumers there are; `limited_by` says which limit holds.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -60,12 +61,23 @@ pub struct Sample {
     /// A queue's max_in_flight (leases held at once).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u64>,
+    /// With key_concurrency: of the ready messages, those waiting for a slot of their key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_waiting: Option<u64>,
 }
 
 impl Sample {
     /// Messages wait while every lease max_in_flight allows is held.
     fn at_in_flight_cap(&self) -> bool {
         self.ready > 0 && self.max_in_flight.is_some_and(|max| self.in_flight >= max)
+    }
+
+    /// Every ready message waits for a slot of its key (key_concurrency).
+    fn behind_keys(&self) -> bool {
+        self.ready > 0
+            && self
+                .key_waiting
+                .is_some_and(|waiting| waiting >= self.ready)
     }
 }
 
@@ -81,6 +93,9 @@ pub enum Limit {
     DispatchRate,
     /// Messages wait and every lease the queue's max_in_flight allows is held.
     MaxInFlight,
+    /// Every message ready waits for a slot of its key (key_concurrency): the keys, not
+    /// the consumers, set the pace.
+    KeyConcurrency,
 }
 
 /// How the forecast is asked: its objectives and the window its rates are read over.
@@ -282,7 +297,7 @@ impl History {
                 busy &= p.serving == s.serving;
                 served_each &= s.arrived + p.backlog > p.arrived + s.backlog;
             }
-            busy &= s.ready > 0 && !s.at_in_flight_cap();
+            busy &= s.ready > 0 && !s.at_in_flight_cap() && !s.behind_keys();
             if let Some(rate) = s.dispatch_rate_per_s {
                 ceiling = Some(ceiling.map_or(rate, |c: f64| c.min(rate)));
             }
@@ -345,6 +360,8 @@ impl History {
         let target = (objectives.drain_target_ms as f64 / 1000.0).max(0.001);
         let limited_by = if now.at_in_flight_cap() {
             Some(Limit::MaxInFlight)
+        } else if now.behind_keys() {
+            Some(Limit::KeyConcurrency)
         } else if now.ready > 0 && rates.is_some_and(|r| r.at_rate) {
             Some(Limit::DispatchRate)
         } else {
@@ -360,7 +377,7 @@ impl History {
         if let (Some(ceiling), Some((rate, _))) = (now.dispatch_rate_per_s, per_consumer) {
             consumers_needed = consumers_needed.min(ceil_u32(ceiling / rate).max(1));
         }
-        if limited_by == Some(Limit::MaxInFlight) {
+        if matches!(limited_by, Some(Limit::MaxInFlight | Limit::KeyConcurrency)) {
             consumers_needed = consumers_needed.min(now.consumers.max(1));
         }
         Forecast {

@@ -213,6 +213,42 @@ fn max_in_flight_limits_the_consumers_needed() {
     });
 }
 
+/// A queue whose backlog is one hot key under key_concurrency 1: one message at a time,
+/// whatever the consumers.
+#[test]
+fn key_concurrency_limits_the_consumers_needed() {
+    runtime().block_on(async {
+        let h = harness();
+        h.queue("orders", serde_json::json!({"key_concurrency": 1}))
+            .await
+            .unwrap();
+        let mut hot = messages(600);
+        for m in &mut hot {
+            m.key = Some("customer-7".into());
+        }
+        h.publish("orders", &hot).await.unwrap();
+        for _ in 0..20 {
+            for c in ["a", "b", "c", "d"] {
+                let got = h.receive_as(c, "orders", 10).await.unwrap();
+                h.ack("orders", &got).await.unwrap();
+            }
+            h.advance(1_000).await;
+        }
+        // One is leased at the sample: take it, so every ready message waits behind it.
+        let held = h.receive_as("a", "orders", 10).await.unwrap();
+        assert_eq!(held.len(), 1);
+        let f = h
+            .broker()
+            .forecast(&Subject::Queue("orders".into()), None)
+            .unwrap();
+        assert_eq!(f.limited_by, Some(Limit::KeyConcurrency), "{f:?}");
+        assert!(
+            (1..=4).contains(&f.consumers_needed),
+            "no more consumers than there are: {f:?}"
+        );
+    });
+}
+
 #[test]
 fn a_subscription_and_a_group_have_forecasts_too() {
     runtime().block_on(async {

@@ -358,7 +358,7 @@ function forecastCards(f) {
     card("drain", f.trend === "growing" || f.trend === "stalled" ? f.trend : fmt.ms(f.drain_ms), "drain"),
     card(`age objective ${fmt.ms(f.age_objective_ms)}`, f.age_objective_breach_ms === null ? "holds" : f.age_objective_breach_ms === 0 ? "crossed" : `in ${fmt.ms(f.age_objective_breach_ms)}`, "age_objective"),
     card(`consumers needed (${fmt.ms(f.drain_target_ms)})`, fmt.n(f.consumers_needed), "consumers_needed"),
-    f.limited_by ? card("limited by", f.limited_by === "dispatch_rate" ? `dispatch rate ${fmt.rate(f.service_ceiling_per_s)}` : "max in flight", "limited_by") : null);
+    f.limited_by ? card("limited by", f.limited_by === "dispatch_rate" ? `dispatch rate ${fmt.rate(f.service_ceiling_per_s)}` : f.limited_by === "key_concurrency" ? "keys (key concurrency)" : "max in flight", "limited_by") : null);
 }
 
 function historyCharts(history) {

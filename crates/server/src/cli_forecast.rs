@@ -84,6 +84,10 @@ fn limit(f: &Value) -> Option<String> {
             "max_in_flight: every lease it allows is held; more consumers would be handed nothing more"
                 .into(),
         ),
+        "key_concurrency" => Some(
+            "key_concurrency: every ready message waits for a slot of its key; more consumers would be handed nothing more (tidewater queue busiest)"
+                .into(),
+        ),
         other => Some(other.into()),
     }
 }

@@ -1309,7 +1309,7 @@ const FORECAST_STATS: [ForecastStat; 8] = [
     ),
     (
         "service_limited",
-        "1 while a limit of the queue's own holds its service (its dispatch rate, or every lease max_in_flight allows is held): more consumers would be handed nothing more; else 0",
+        "1 while a limit of the queue's own holds its service (its dispatch rate, every lease max_in_flight allows held, or every ready message behind its key's slots): more consumers would be handed nothing more; else 0",
         |f| Some(f64::from(u8::from(f.limited_by.is_some()))),
     ),
 ];

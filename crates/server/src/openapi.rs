@@ -1200,10 +1200,10 @@ pub fn document(limits: &Limits) -> Value {
             "age_objective_breach_ms": described(ms_or_null.clone(), "time until the oldest message is older than the objective (0: it is; null: not heading there)"),
             "drain_target_ms": count.clone(),
             "consumers_needed": described(json!({"type": "integer", "minimum": 0}),
-                "consumers to drain within drain_target_ms while keeping up with arrivals: ceil((arrival + backlog/target) / per consumer), at most ceil(service_ceiling_per_s / per consumer), and at most the consumers there are while limited_by is max_in_flight; without a per-consumer rate, the consumers there are (at least 1) while there is a backlog, else 0"),
+                "consumers to drain within drain_target_ms while keeping up with arrivals: ceil((arrival + backlog/target) / per consumer), at most ceil(service_ceiling_per_s / per consumer), and at most the consumers there are while limited_by is max_in_flight or key_concurrency; without a per-consumer rate, the consumers there are (at least 1) while there is a backlog, else 0"),
             "service_ceiling_per_s": described(rate.clone(), "the queue's dispatch rate in force: no more is served a second, whatever the consumers (null: none)"),
-            "limited_by": {"type": ["string", "null"], "enum": ["dispatch_rate", "max_in_flight", null],
-                "description": "a limit of the queue's own holding its service now (messages wait, and the service runs at the dispatch rate or every lease max_in_flight allows is held): more consumers would be handed nothing more"}}}));
+            "limited_by": {"type": ["string", "null"], "enum": ["dispatch_rate", "max_in_flight", "key_concurrency", null],
+                "description": "a limit of the queue's own holding its service now (messages wait, and the service runs at the dispatch rate, or every lease max_in_flight allows is held, or every ready message waits for a slot of its key): more consumers would be handed nothing more"}}}));
     schemas_map.insert("Busiest".into(), json!({"type": "object", "additionalProperties": false,
         "required": ["keys", "fair_by", "flows"], "properties": {
         "keys": {"type": ["array", "null"], "description": "with key_concurrency (else null): keys by messages waiting for a slot, then by slots held",
@@ -1230,7 +1230,8 @@ pub fn document(limits: &Limits) -> Value {
                     "consumers": count.clone(),
                     "serving": described(count.clone(), "of the consumers, those handed messages within the rate window (a group: its members)"),
                     "dispatch_rate_per_s": described(json!({"type": "number", "minimum": 0}), "the queue's dispatch rate in force (absent: none)"),
-                    "max_in_flight": described(count, "the queue's max_in_flight (absent for a group)"),
+                    "max_in_flight": described(count.clone(), "the queue's max_in_flight (absent for a group)"),
+                    "key_waiting": described(count, "with key_concurrency: of the ready messages, those waiting for a slot of their key"),
                     "arrival_per_s": described(rate.clone(), "since the sample before (null for the first)"),
                     "service_per_s": rate}}}}}));
     schemas_map.insert("Status".into(), json!({"type": "object", "additionalProperties": false, "required": ["status"], "properties": {

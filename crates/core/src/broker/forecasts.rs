@@ -148,10 +148,14 @@ impl Broker {
     }
 
     fn queue_sample(&self, handle: &QueueHandle, now: i64) -> Sample {
-        let (stats, max_in_flight) = {
+        let (stats, max_in_flight, key_waiting) = {
             let mut state = handle.state.lock();
             state.refresh_oldest(&handle.reader);
-            (state.stats(now), state.config.max_in_flight)
+            (
+                state.stats(now),
+                state.config.max_in_flight,
+                state.key_waiting(),
+            )
         };
         let max_in_flight = Some(max_in_flight);
         let (consumers, serving) = handle.consumers.lock().active(
@@ -171,6 +175,7 @@ impl Broker {
             serving,
             dispatch_rate_per_s: stats.dispatch_rate_per_s,
             max_in_flight,
+            key_waiting,
         }
     }
 

@@ -20,6 +20,11 @@ impl QueueState {
         )
     }
 
+    /// With key_concurrency: messages waiting for a slot of their key.
+    pub fn key_waiting(&self) -> Option<u64> {
+        self.keys.as_ref().map(|g| g.parked_len() as u64)
+    }
+
     pub fn stats(&self, now_ms: i64) -> QueueStats {
         let unsettled = self.unsettled();
         let in_flight = self.leases.len() as u64;
