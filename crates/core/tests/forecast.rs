@@ -33,6 +33,28 @@ fn harness() -> Harness {
     .unwrap()
 }
 
+/// `seconds` simulated seconds of work on `queue`: each second every consumer receives up
+/// to `take` and acks them, then `arrive` more are published.
+async fn serve(
+    h: &Harness,
+    queue: &str,
+    consumers: &[&str],
+    take: usize,
+    arrive: usize,
+    seconds: usize,
+) {
+    for _ in 0..seconds {
+        for c in consumers {
+            let got = h.receive_as(c, queue, take).await.unwrap();
+            h.ack(queue, &got).await.unwrap();
+        }
+        if arrive > 0 {
+            h.publish(queue, &messages(arrive)).await.unwrap();
+        }
+        h.advance(1_000).await;
+    }
+}
+
 fn close(got: Option<f64>, want: f64) -> bool {
     got.is_some_and(|g| (g - want).abs() <= want * 0.01 + 1e-9)
 }
@@ -136,14 +158,7 @@ fn a_dispatch_rate_limits_the_consumers_needed() {
         .unwrap();
         h.publish("mail", &messages(6_000)).await.unwrap();
         // Four consumers could take 20 a second each; the rate hands out 40 a second.
-        for _ in 0..20 {
-            for c in ["a", "b", "c", "d"] {
-                let got = h.receive_as(c, "mail", 20).await.unwrap();
-                h.ack("mail", &got).await.unwrap();
-            }
-            h.publish("mail", &messages(60)).await.unwrap();
-            h.advance(1_000).await;
-        }
+        serve(&h, "mail", &["a", "b", "c", "d"], 20, 60, 20).await;
         let f = h
             .broker()
             .forecast(&Subject::Queue("mail".into()), None)
@@ -160,14 +175,7 @@ fn a_dispatch_rate_limits_the_consumers_needed() {
         h.queue("mail", serde_json::json!({"dispatch_rate": null}))
             .await
             .unwrap();
-        for _ in 0..12 {
-            for c in ["a", "b", "c", "d"] {
-                let got = h.receive_as(c, "mail", 20).await.unwrap();
-                h.ack("mail", &got).await.unwrap();
-            }
-            h.publish("mail", &messages(60)).await.unwrap();
-            h.advance(1_000).await;
-        }
+        serve(&h, "mail", &["a", "b", "c", "d"], 20, 60, 12).await;
         let f = h
             .broker()
             .forecast(&Subject::Queue("mail".into()), None)
@@ -227,13 +235,7 @@ fn key_concurrency_limits_the_consumers_needed() {
             m.key = Some("customer-7".into());
         }
         h.publish("orders", &hot).await.unwrap();
-        for _ in 0..20 {
-            for c in ["a", "b", "c", "d"] {
-                let got = h.receive_as(c, "orders", 10).await.unwrap();
-                h.ack("orders", &got).await.unwrap();
-            }
-            h.advance(1_000).await;
-        }
+        serve(&h, "orders", &["a", "b", "c", "d"], 10, 0, 20).await;
         // One is leased at the sample: take it, so every ready message waits behind it.
         let held = h.receive_as("a", "orders", 10).await.unwrap();
         assert_eq!(held.len(), 1);

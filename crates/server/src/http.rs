@@ -8,7 +8,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
@@ -937,18 +937,23 @@ async fn json_errors(response: Response) -> Response {
     response
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(
+async fn not_found(State(state): State<AppState>, request: axum::extract::Request) -> Response {
+    let refusal = ApiError::new(
         Code::NotFound,
         "no such endpoint; the API is described at /v1/openapi.json",
-    )
+    );
+    refuse_unread(&state, request, refusal.into_response()).await
 }
 
-async fn method_not_allowed(method: Method) -> ApiError {
-    ApiError::new(
+async fn method_not_allowed(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+) -> Response {
+    let refusal = ApiError::new(
         Code::MethodNotAllowed,
-        format!("this endpoint does not take {method}"),
-    )
+        format!("this endpoint does not take {}", request.method()),
+    );
+    refuse_unread(&state, request, refusal.into_response()).await
 }
 
 async fn healthz() -> ApiResult {

@@ -1101,4 +1101,31 @@ fn a_refused_request_with_a_body_keeps_its_connection() {
         text.contains("HTTP/1.1 200"),
         "the next request on the connection: {text}"
     );
+    // The same for a path that does not exist (404) and a method a path does not take
+    // (405, or 403 when authentication finds no permission for it first).
+    for (line, status) in [
+        ("POST /v1/nowhere", "HTTP/1.1 404"),
+        ("PATCH /v1/queues/q", "HTTP/1.1 40"),
+    ] {
+        write!(
+            conn,
+            "{line} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        conn.write_all(&body).expect("the body is read");
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        while String::from_utf8_lossy(&got).matches("HTTP/1.1 ").count() < 2 {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with(status), "{line}: {text}");
+        assert!(text.contains("HTTP/1.1 200"), "{line}, then: {text}");
+    }
 }
