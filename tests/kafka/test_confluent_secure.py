@@ -105,6 +105,23 @@ def bearer_conf(token, **extra):
     return base
 
 
+def read_all(base, group, topic, n, seconds=90):
+    """The distinct values a consumer in `group` reads of `topic` from the start, until it has
+    `n` or `seconds` pass; commits them."""
+    consumer = Consumer({**base, "group.id": group, "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    seen = set()
+    deadline = time.time() + seconds
+    while len(seen) < n and time.time() < deadline:
+        msg = consumer.poll(1.0)
+        if msg is not None:
+            assert msg.error() is None, msg.error()
+            seen.add(msg.value())
+    consumer.commit(asynchronous=False)
+    consumer.close()
+    return seen
+
+
 def uniq(name):
     return f"tw-sec-{name}-{uuid.uuid4().hex[:8]}"
 
@@ -129,20 +146,7 @@ def test_a_granted_principal_produces_and_its_group_consumes(mechanism):
         if i % 500 == 0:
             producer.poll(0)
     assert producer.flush(60) == 0
-    consumer = Consumer(conf(user, password, mechanism, **{
-        "group.id": group, "auto.offset.reset": "earliest", "enable.auto.commit": False,
-    }))
-    consumer.subscribe([topic])
-    seen = set()
-    deadline = time.time() + 90
-    while len(seen) < n and time.time() < deadline:
-        msg = consumer.poll(1.0)
-        if msg is None:
-            continue
-        assert msg.error() is None, msg.error()
-        seen.add(msg.value())
-    consumer.commit(asynchronous=False)
-    consumer.close()
+    seen = read_all(conf(user, password, mechanism), group, topic, n)
     assert len(seen) == n, f"{mechanism}: read {len(seen)} of {n}"
     print(f"{mechanism}: produced and consumed {n} over SASL_SSL")
 
@@ -183,19 +187,7 @@ def test_oauthbearer_tokens_from_an_identity_provider_and_reauthentication():
     brokers = [b for b in stats[-1]["brokers"].values() if b["nodeid"] >= 0]
     assert brokers, stats[-1]["brokers"].keys()
     assert sum(b["disconnects"] for b in brokers) == 0, [(b["name"], b["connects"], b["disconnects"]) for b in brokers]
-    consumer = Consumer(bearer_conf(lambda: idp_token(principal), **{
-        "group.id": group, "auto.offset.reset": "earliest", "enable.auto.commit": False,
-    }))
-    consumer.subscribe([topic])
-    seen = set()
-    deadline = time.time() + 60
-    while len(seen) < sent and time.time() < deadline:
-        msg = consumer.poll(1.0)
-        if msg is not None:
-            assert msg.error() is None, msg.error()
-            seen.add(msg.value())
-    consumer.commit(asynchronous=False)
-    consumer.close()
+    seen = read_all(bearer_conf(lambda: idp_token(principal)), group, topic, sent)
     assert len(seen) == sent, f"read {len(seen)} of {sent}"
     print(f"OAUTHBEARER: {sent} produced over {len(issued)} tokens of 6 s, no disconnect; consumed")
 
